@@ -1,0 +1,61 @@
+# seqserve: two commands on a fresh machine, `make serve` and `make test`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data
+HOST ?= 127.0.0.1
+PORT ?= 50051
+
+.PHONY: venv sysdeps serve test lint proto proto-check bench train train-sentiment train-charlm train-forecast clean
+
+# The venv is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[train,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Servers the integration tests talk to for real (Prometheus + promtool, redis-server), from Debian's packages.
+sysdeps:
+	@bash .ci/install-sysdeps
+
+serve: $(STAMP)
+	$(BIN)/seqserve serve --host $(HOST) --port $(PORT) --models models
+
+test: $(STAMP) sysdeps
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory proto-check
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check service training tests bench proto
+	$(BIN)/ruff format --check service training tests bench proto
+	$(BIN)/mypy service training
+
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py
+
+# Regenerates the protobuf code into a scratch folder and fails if it differs from what is committed.
+proto-check: $(STAMP)
+	$(BIN)/python proto/generate.py --check
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+train: train-sentiment train-charlm train-forecast
+
+train-sentiment: $(STAMP)
+	$(BIN)/seqserve-train sentiment --data $(DATA)/sst2 --out models/sentiment/1
+
+train-charlm: $(STAMP)
+	$(BIN)/seqserve-train charlm --data $(DATA)/tinyshakespeare/input.txt --out models/charlm/1
+
+train-forecast: $(STAMP)
+	$(BIN)/seqserve-train forecast --data $(DATA)/etth1/ETTh1.csv --out models/forecaster/1
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,173 @@
+"""The contract between training and serving: `models/<name>/<version>/manifest.json`.
+
+Training writes it (``training/export.py``) next to ``model.onnx``; serving reads and validates it
+(``service/core/registry.py``). This module imports neither torch nor grpc so both sides can share it.
+
+Tensor shapes use ints for fixed sizes and strings for symbolic (dynamic) axes, e.g.
+``["batch", "time"]`` or ``[2, "batch", 512]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+
+Task = Literal["sentiment", "charlm", "forecast"]
+Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
+DType = Literal["float32", "int64", "int32", "bool"]
+Dim = int | str
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One named graph input or output."""
+
+    name: str
+    dtype: DType
+    shape: list[Dim]
+    description: str = ""
+
+
+class StateSpec(_Strict):
+    """A recurrent state carried between calls: fed as ``input``, returned as ``output``.
+
+    ``shape`` is ``[layers * directions, "batch", hidden]``; batching concatenates on axis 1.
+    """
+
+    name: str  # logical name, e.g. "h" or "c"
+    input: str  # graph input name, e.g. "h0"
+    output: str  # graph output name, e.g. "hn"
+    shape: list[Dim]
+    dtype: DType = "float32"
+
+
+class Architecture(_Strict):
+    cell: Cell
+    layers: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    directions: Literal[1, 2] = 1
+    embedding: int | None = None
+    dropout: float = 0.0
+    parameters: int = Field(ge=0, description="Trainable parameter count.")
+    notes: str = ""
+
+
+class Tokenizer(_Strict):
+    """Index -> token table. ``kind="char"``: one token per character; ``kind="word"``: whitespace/punct words."""
+
+    kind: Literal["char", "word"]
+    vocab: list[str]
+    unk_token: str | None = None
+    pad_token: str | None = None
+    lowercase: bool = False
+    max_length: int | None = Field(default=None, description="Longest token sequence the model accepts.")
+
+
+class Normalization(_Strict):
+    """Per-feature z-score statistics from the training split: ``x_norm = (x - mean) / std``."""
+
+    columns: list[str]
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalization:
+        if not (len(self.columns) == len(self.mean) == len(self.std)):
+            raise ValueError("normalization columns, mean and std must have the same length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("normalization std must be positive")
+        return self
+
+
+class ForecastSpec(_Strict):
+    """How the forecaster consumes history and what it returns.
+
+    ``state_mode="window"``: a session keeps the last ``window`` rows beside the state and re-runs the
+    (short) encoder on every update; ``state_mode="recurrent"``: the recurrent state advances row by row.
+    ``quantile_offsets[q][h][f]`` is added to the point forecast (normalized scale) for quantile ``quantiles[q]``.
+    """
+
+    window: int = Field(ge=1)
+    horizon: int = Field(ge=1)
+    features: int = Field(ge=1)
+    state_mode: Literal["window", "recurrent"]
+    update_cost: str = Field(description="What one Observe costs, in recurrent steps, e.g. '8 GRU steps'.")
+    quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    quantile_offsets: list[list[list[float]]] = Field(default_factory=list)
+
+
+class Metric(_Strict):
+    name: str  # e.g. "accuracy", "val_loss_nats_per_char", "test_mse"
+    value: float
+    dataset: str
+    split: str
+    command: str = Field(description="Shell command that reproduces this number.")
+    target: float | None = None
+    higher_is_better: bool = True
+
+
+class Manifest(_Strict):
+    name: str
+    version: int = Field(ge=1)
+    task: Task
+    description: str = ""
+    architecture: Architecture
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    states: list[StateSpec]
+    stateful: bool = Field(description="True when a returned state may be fed back to continue a sequence.")
+    tokenizer: Tokenizer | None = None
+    labels: list[str] | None = None
+    normalization: Normalization | None = None
+    forecast: ForecastSpec | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: list[Metric] = Field(default_factory=list)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int = Field(ge=17)
+    torch_version: str
+    onnx_version: str
+    created_at: str
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> Manifest:
+        names = {t.name for t in self.inputs} | {t.name for t in self.outputs}
+        for s in self.states:
+            if s.input not in names or s.output not in names:
+                raise ValueError(f"state {s.name!r} refers to unknown tensors {s.input!r}/{s.output!r}")
+        if self.task in ("sentiment", "charlm") and self.tokenizer is None:
+            raise ValueError(f"task {self.task!r} needs a tokenizer")
+        if self.task == "sentiment" and not self.labels:
+            raise ValueError("task 'sentiment' needs labels")
+        if self.task == "forecast" and (self.normalization is None or self.forecast is None):
+            raise ValueError("task 'forecast' needs normalization and forecast sections")
+        return self
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        return cls.model_validate_json(path.read_text(encoding="utf-8"))
+
+    def dump(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
