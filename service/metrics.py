@@ -21,8 +21,9 @@ class Metrics:
         """In-flight gauge -1; request counter and latency histogram (labels: service, method, model, code)."""
 
     # --- core: inference -----------------------------------------------------------------------------
-    def inference(self, model: str, version: int, queue_seconds: float, compute_seconds: float,
-                  batch_size: int) -> None:
+    def inference(
+        self, model: str, version: int, queue_seconds: float, compute_seconds: float, batch_size: int
+    ) -> None:
         """One executed batch: queue wait, compute and total time per request; batch size histogram."""
 
     def queue_depth(self, model: str, depth: int) -> None:

@@ -121,7 +121,13 @@ class DataPlane(Protocol):
         ...
 
     async def suggest(
-        self, session_id: str, appended: str, *, reset: bool = False, n: int = 3, max_chars: int = 10,
+        self,
+        session_id: str,
+        appended: str,
+        *,
+        reset: bool = False,
+        n: int = 3,
+        max_chars: int = 10,
         beam: bool = True,
     ) -> SuggestResult:
         """Advances the session by ``appended`` only (O(appended)), then returns the ``n`` most likely
