@@ -32,7 +32,7 @@ def proto_files() -> list[Path]:
 
 def _run_protoc(out: Path, protos: list[Path]) -> None:
     import grpc_tools  # type: ignore[import-untyped]  # dev-only dependency, imported lazily
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")  # google/protobuf/*.proto
     bindir = Path(sys.executable).parent  # mypy-protobuf's plugins live beside the venv's python
