@@ -1,51 +1,253 @@
 """Prometheus metrics. Every metric is defined here, on an injected registry (no global state).
 
 INTERFACE FROZEN for the other modules: the method names and signatures below are what the core and the
-API layer call. Implementation: see issue 5.
+API layer call (methods may be added, never renamed). The table of every metric is in ``docs/metrics.md``.
+
+Naming: prefix ``seqserve_``, base units (seconds, bytes), counters end in ``_total``. Labels are low-cardinality
+only: service/method/code come from the server's own method table, model names are the loaded models (any other
+name a client sends is reported as ``model="_other"``), never a session id or any text.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+# Latency buckets: 50 µs .. 10 s, roughly 1-2.5-5 per decade, so a CPU RNN step (~100 µs) is resolved as well as
+# a long streamed completion. 18 buckets (+Inf) per label set keeps the series count modest.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Batch sizes are integers: powers of two up to the largest sensible max_batch_size.
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+SESSION_EVENTS: frozenset[str] = frozenset({"created", "expired", "evicted", "deleted", "forked"})
+OTHER_MODEL = "_other"  # label value for model names that are not loaded (typos, probes): bounds cardinality
+NO_MODEL = ""  # RPCs that name no model (health, ListModels): the label is empty, i.e. absent in PromQL
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, runtime_collectors: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if runtime_collectors:
+            # process_* (cpu, rss, fds, start time), python_info, python_gc_* on *our* registry, not the global one.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self._lock = threading.Lock()
+        self._models: set[str] = set()  # names seen by model_loaded: the only model label values besides _other
+        self._model_info: dict[tuple[str, str], str] = {}  # (model, version) -> provider currently exported
+
+        # --- API layer --------------------------------------------------------------------------------
+        rpc = ("service", "method", "model", "code")
+        self.rpc_requests = Counter(
+            "seqserve_rpc_requests", "Finished RPCs by gRPC service, method, model and status code.", rpc, registry=r
+        )
+        self.rpc_duration = Histogram(
+            "seqserve_rpc_duration_seconds",
+            "RPC latency from receipt to the last response message (whole stream for streaming RPCs).",
+            rpc,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rpc_in_flight = Gauge(
+            "seqserve_rpc_in_flight", "RPCs started and not yet finished.", ("service", "method"), registry=r
+        )
+
+        # --- core: inference --------------------------------------------------------------------------
+        mv = ("model", "version")
+        self.inference_queue = Histogram(
+            "seqserve_inference_queue_seconds",
+            "Per request: time waiting in the model's batch queue before its batch ran.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_compute = Histogram(
+            "seqserve_inference_compute_seconds",
+            "Per request: ONNX Runtime time of the batch the request ran in.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_total = Histogram(
+            "seqserve_inference_seconds",
+            "Per request: queue wait plus compute.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "seqserve_inference_batch_size",
+            "Requests (or sessions' steps) merged into one ONNX Runtime run, one observation per batch.",
+            mv,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge(
+            "seqserve_queue_depth", "Requests waiting in the model's batch queue now.", ("model",), registry=r
+        )
+
+        # --- core: models -----------------------------------------------------------------------------
+        self.model_info = Gauge(
+            "seqserve_model_info",
+            "Always 1 for each loaded model version; labels carry its execution provider.",
+            ("model", "version", "provider"),
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "seqserve_model_ready", "1 when the model version is loaded and serving, else 0.", mv, registry=r
+        )
+        self.model_load = Gauge(
+            "seqserve_model_load_seconds", "Seconds it took to load the model version.", mv, registry=r
+        )
+
+        # --- core: sessions ---------------------------------------------------------------------------
+        self.sessions = Gauge("seqserve_sessions_active", "Live streaming sessions per model.", ("model",), registry=r)
+        self.session_events = Counter(
+            "seqserve_session_events",
+            "Session lifecycle events: created, expired (TTL), evicted (store full), deleted, forked.",
+            ("model", "event"),
+            registry=r,
+        )
+        self.store_sessions = Gauge("seqserve_session_store_sessions", "Sessions held in the store.", registry=r)
+        self.store_capacity = Gauge(
+            "seqserve_session_store_capacity_sessions", "Most sessions the store holds (max_sessions).", registry=r
+        )
+        self.store_bytes = Gauge(
+            "seqserve_session_store_bytes", "Bytes of recurrent state and context held in the store.", registry=r
+        )
+        self.store_capacity_bytes = Gauge(
+            "seqserve_session_store_capacity_bytes", "Most bytes the store holds (max_session_bytes).", registry=r
+        )
+
+        # --- core: streaming --------------------------------------------------------------------------
+        self.chars = Counter(
+            "seqserve_generated_chars", "Characters generated by completions and suggestions.", ("model",), registry=r
+        )
+        self.first_chunk = Histogram(
+            "seqserve_time_to_first_chunk_seconds",
+            "Streamed completions: time from request start to the first chunk sent.",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def _model(self, model: str) -> str:
+        """The label value for a model name: itself when loaded, "" when none, else OTHER_MODEL."""
+        if model == NO_MODEL or model in self._models:
+            return model
+        return OTHER_MODEL
 
     # --- API layer (interceptor) -------------------------------------------------------------------
     def rpc_started(self, service: str, method: str) -> None:
         """In-flight gauge +1."""
+        self.rpc_in_flight.labels(service, method).inc()
 
     def rpc_finished(self, service: str, method: str, model: str, code: str, seconds: float) -> None:
         """In-flight gauge -1; request counter and latency histogram (labels: service, method, model, code)."""
+        self.rpc_in_flight.labels(service, method).dec()
+        labels = (service, method, self._model(model), code)
+        self.rpc_requests.labels(*labels).inc()
+        self.rpc_duration.labels(*labels).observe(max(seconds, 0.0))
 
     # --- core: inference -----------------------------------------------------------------------------
     def inference(
         self, model: str, version: int, queue_seconds: float, compute_seconds: float, batch_size: int
     ) -> None:
-        """One executed batch: queue wait, compute and total time per request; batch size histogram."""
+        """One executed batch: queue wait, compute and total time per request; batch size histogram.
+
+        The batcher calls this once per batch; the per-request histograms get ``batch_size`` observations (every
+        request of the batch saw the same compute time; ``queue_seconds`` is the batch's mean wait).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        labels = (self._model(model), str(version))
+        q, c = max(queue_seconds, 0.0), max(compute_seconds, 0.0)
+        queue, compute, total = (
+            self.inference_queue.labels(*labels),
+            self.inference_compute.labels(*labels),
+            self.inference_total.labels(*labels),
+        )
+        for _ in range(batch_size):
+            queue.observe(q)
+            compute.observe(c)
+            total.observe(q + c)
+        self.batch_size.labels(*labels).observe(batch_size)
 
     def queue_depth(self, model: str, depth: int) -> None:
         """Requests waiting in the model's batch queue now."""
+        self.queue.labels(self._model(model)).set(depth)
 
     # --- core: models ---------------------------------------------------------------------------------
     def model_loaded(self, model: str, version: int, provider: str, load_seconds: float, ready: bool) -> None:
-        """Model info gauge (name, version, execution provider) and load time."""
+        """Model info gauge (name, version, execution provider) and load time.
+
+        Also registers ``model`` as a known label value and creates its zero-valued series (session events,
+        queue depth, active sessions) so that ``rate()`` and alerts see them before the first event.
+        """
+        v = str(version)
+        with self._lock:
+            self._models.add(model)
+            old = self._model_info.get((model, v))
+            if old is not None and old != provider:
+                self.model_info.remove(model, v, old)  # reloaded on another provider: one info series per version
+            self._model_info[(model, v)] = provider
+        self.model_info.labels(model, v, provider).set(1)
+        self.model_ready.labels(model, v).set(1 if ready else 0)
+        self.model_load.labels(model, v).set(max(load_seconds, 0.0))
+        for event in sorted(SESSION_EVENTS):
+            self.session_events.labels(model, event)
+        self.queue.labels(model)
+        self.sessions.labels(model)
+        self.chars.labels(model)
 
     # --- core: sessions -------------------------------------------------------------------------------
     def sessions_active(self, model: str, count: int) -> None:
         """Live sessions of a model now."""
+        self.sessions.labels(self._model(model)).set(count)
 
     def session_event(self, model: str, event: str) -> None:
         """event in {"created", "expired", "evicted", "deleted", "forked"}: counter +1."""
+        if event not in SESSION_EVENTS:
+            raise ValueError(f"session event must be one of {sorted(SESSION_EVENTS)}, got {event!r}")
+        self.session_events.labels(self._model(model), event).inc()
 
     def session_store_usage(self, sessions: int, capacity: int, bytes_used: int, bytes_capacity: int) -> None:
         """Store fill level, for the 'near capacity' alert."""
+        self.store_sessions.set(sessions)
+        self.store_capacity.set(capacity)
+        self.store_bytes.set(bytes_used)
+        self.store_capacity_bytes.set(bytes_capacity)
 
     # --- core: streaming ------------------------------------------------------------------------------
     def chars_generated(self, model: str, count: int) -> None:
         """Characters produced by Complete/Suggest/KServe completions."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        self.chars.labels(self._model(model)).inc(count)
 
     def time_to_first_chunk(self, model: str, seconds: float) -> None:
         """Complete: from request start to the first streamed chunk."""
+        self.first_chunk.labels(self._model(model)).observe(max(seconds, 0.0))

@@ -1,0 +1,185 @@
+"""Metrics module: values after calls, label sets, bucket bounds, cardinality guard."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, OTHER_MODEL, SESSION_EVENTS, Metrics
+
+SVC = "seqserve.v1.Inference"
+
+
+@pytest.fixture
+def m() -> Metrics:
+    metrics = Metrics(CollectorRegistry())
+    metrics.model_loaded("charlm", 1, "CPUExecutionProvider", 0.25, ready=True)
+    return metrics
+
+
+def value(m: Metrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_registry_is_injected_and_separate() -> None:
+    reg = CollectorRegistry()
+    m = Metrics(reg)
+    assert m.registry is reg
+    # A second instance on its own registry does not clash (no global state, no duplicate-timeseries error).
+    Metrics(CollectorRegistry())
+    assert reg.get_sample_value("process_start_time_seconds") is not None
+    assert reg.get_sample_value("python_info", {**_python_info_labels(reg)}) == 1.0
+
+
+def _python_info_labels(reg: CollectorRegistry) -> dict[str, str]:
+    for family in reg.collect():
+        if family.name == "python_info":
+            return dict(family.samples[0].labels)
+    raise AssertionError("python_info missing")
+
+
+def test_rpc_counter_histogram_and_in_flight(m: Metrics) -> None:
+    m.rpc_started(SVC, "Classify")
+    m.rpc_started(SVC, "Classify")
+    assert value(m, "seqserve_rpc_in_flight", service=SVC, method="Classify") == 2.0
+    m.rpc_finished(SVC, "Classify", "charlm", "OK", 0.0003)
+    m.rpc_finished(SVC, "Classify", "charlm", "INVALID_ARGUMENT", 0.02)
+    assert value(m, "seqserve_rpc_in_flight", service=SVC, method="Classify") == 0.0
+    ok = {"service": SVC, "method": "Classify", "model": "charlm", "code": "OK"}
+    assert value(m, "seqserve_rpc_requests_total", **ok) == 1.0
+    assert value(m, "seqserve_rpc_duration_seconds_count", **ok) == 1.0
+    assert value(m, "seqserve_rpc_duration_seconds_sum", **ok) == pytest.approx(0.0003)
+    # 0.3 ms falls in the 0.5 ms bucket, not in the 0.25 ms one: sub-millisecond latencies are resolved.
+    assert value(m, "seqserve_rpc_duration_seconds_bucket", **ok, le="0.00025") == 0.0
+    assert value(m, "seqserve_rpc_duration_seconds_bucket", **ok, le="0.0005") == 1.0
+    bad = {**ok, "code": "INVALID_ARGUMENT"}
+    assert value(m, "seqserve_rpc_requests_total", **bad) == 1.0
+
+
+def test_unknown_model_names_collapse_to_one_label(m: Metrics) -> None:
+    for name in ("typo1", "typo2", "x" * 100):
+        m.rpc_finished(SVC, "Complete", name, "NOT_FOUND", 0.001)
+    labels = {"service": SVC, "method": "Complete", "code": "NOT_FOUND"}
+    assert value(m, "seqserve_rpc_requests_total", **labels, model=OTHER_MODEL) == 3.0
+    assert value(m, "seqserve_rpc_requests_total", **labels, model="typo1") is None
+    # RPCs without a model (health, ListModels) keep an empty label.
+    m.rpc_finished("grpc.health.v1.Health", "Check", "", "OK", 0.0001)
+    assert value(m, "seqserve_rpc_requests_total", service="grpc.health.v1.Health", method="Check", model="", code="OK")
+
+
+def test_inference_observes_per_request_and_batch_size(m: Metrics) -> None:
+    m.inference("charlm", 1, queue_seconds=0.001, compute_seconds=0.0002, batch_size=4)
+    m.inference("charlm", 1, queue_seconds=0.0, compute_seconds=0.0001, batch_size=1)
+    mv = {"model": "charlm", "version": "1"}
+    assert value(m, "seqserve_inference_queue_seconds_count", **mv) == 5.0
+    assert value(m, "seqserve_inference_compute_seconds_count", **mv) == 5.0
+    assert value(m, "seqserve_inference_seconds_count", **mv) == 5.0
+    assert value(m, "seqserve_inference_seconds_sum", **mv) == pytest.approx(4 * 0.0012 + 0.0001)
+    assert value(m, "seqserve_inference_queue_seconds_sum", **mv) == pytest.approx(0.004)
+    assert value(m, "seqserve_inference_batch_size_count", **mv) == 2.0
+    assert value(m, "seqserve_inference_batch_size_sum", **mv) == 5.0
+    assert value(m, "seqserve_inference_batch_size_bucket", **mv, le="2.0") == 1.0
+    assert value(m, "seqserve_inference_batch_size_bucket", **mv, le="4.0") == 2.0
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        m.inference("charlm", 1, 0.0, 0.0, 0)
+
+
+def test_queue_depth_sessions_and_store(m: Metrics) -> None:
+    assert value(m, "seqserve_queue_depth", model="charlm") == 0.0  # created at load, before any request
+    m.queue_depth("charlm", 7)
+    assert value(m, "seqserve_queue_depth", model="charlm") == 7.0
+    m.sessions_active("charlm", 3)
+    assert value(m, "seqserve_sessions_active", model="charlm") == 3.0
+    m.session_store_usage(sessions=3, capacity=10, bytes_used=4096, bytes_capacity=1 << 20)
+    assert value(m, "seqserve_session_store_sessions") == 3.0
+    assert value(m, "seqserve_session_store_capacity_sessions") == 10.0
+    assert value(m, "seqserve_session_store_bytes") == 4096.0
+    assert value(m, "seqserve_session_store_capacity_bytes") == float(1 << 20)
+
+
+def test_session_events_preinitialised_and_validated(m: Metrics) -> None:
+    for event in SESSION_EVENTS:
+        assert value(m, "seqserve_session_events_total", model="charlm", event=event) == 0.0
+    m.session_event("charlm", "created")
+    m.session_event("charlm", "created")
+    m.session_event("charlm", "evicted")
+    assert value(m, "seqserve_session_events_total", model="charlm", event="created") == 2.0
+    assert value(m, "seqserve_session_events_total", model="charlm", event="evicted") == 1.0
+    with pytest.raises(ValueError, match="session event must be one of"):
+        m.session_event("charlm", "exploded")
+
+
+def test_streaming_chars_and_first_chunk(m: Metrics) -> None:
+    m.chars_generated("charlm", 120)
+    m.chars_generated("charlm", 5)
+    assert value(m, "seqserve_generated_chars_total", model="charlm") == 125.0
+    m.time_to_first_chunk("charlm", 0.004)
+    assert value(m, "seqserve_time_to_first_chunk_seconds_count", model="charlm") == 1.0
+    assert value(m, "seqserve_time_to_first_chunk_seconds_bucket", model="charlm", le="0.005") == 1.0
+    assert value(m, "seqserve_time_to_first_chunk_seconds_bucket", model="charlm", le="0.0025") == 0.0
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        m.chars_generated("charlm", -1)
+
+
+def test_model_info_ready_and_load_time(m: Metrics) -> None:
+    assert value(m, "seqserve_model_info", model="charlm", version="1", provider="CPUExecutionProvider") == 1.0
+    assert value(m, "seqserve_model_ready", model="charlm", version="1") == 1.0
+    assert value(m, "seqserve_model_load_seconds", model="charlm", version="1") == 0.25
+    # Reloaded on another provider: the old info series goes away, one per (model, version).
+    m.model_loaded("charlm", 1, "CUDAExecutionProvider", 0.5, ready=False)
+    assert value(m, "seqserve_model_info", model="charlm", version="1", provider="CPUExecutionProvider") is None
+    assert value(m, "seqserve_model_info", model="charlm", version="1", provider="CUDAExecutionProvider") == 1.0
+    assert value(m, "seqserve_model_ready", model="charlm", version="1") == 0.0
+
+
+def test_bucket_bounds() -> None:
+    assert LATENCY_BUCKETS[0] == pytest.approx(50e-6)
+    assert LATENCY_BUCKETS[-1] == 10.0
+    assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
+    assert sum(1 for b in LATENCY_BUCKETS if b < 0.001) >= 4  # sub-millisecond resolution
+    assert BATCH_SIZE_BUCKETS[0] == 1
+    m = Metrics(CollectorRegistry(), runtime_collectors=False)
+    m.model_loaded("a", 1, "CPUExecutionProvider", 0.0, ready=True)
+    m.rpc_finished(SVC, "Classify", "a", "OK", 0.001)
+    bounds = [
+        s.labels["le"]
+        for fam in m.registry.collect()
+        if fam.name == "seqserve_rpc_duration_seconds"
+        for s in fam.samples
+        if s.name.endswith("_bucket")
+    ]
+    assert [float(b) for b in bounds] == [*LATENCY_BUCKETS, float("inf")]
+
+
+def test_names_follow_conventions(m: Metrics) -> None:
+    families = {fam.name: fam.type for fam in m.registry.collect()}
+    ours = {n: t for n, t in families.items() if n.startswith("seqserve_")}
+    assert set(ours) == {
+        "seqserve_rpc_requests",
+        "seqserve_rpc_duration_seconds",
+        "seqserve_rpc_in_flight",
+        "seqserve_inference_queue_seconds",
+        "seqserve_inference_compute_seconds",
+        "seqserve_inference_seconds",
+        "seqserve_inference_batch_size",
+        "seqserve_queue_depth",
+        "seqserve_model_info",
+        "seqserve_model_ready",
+        "seqserve_model_load_seconds",
+        "seqserve_sessions_active",
+        "seqserve_session_events",
+        "seqserve_session_store_sessions",
+        "seqserve_session_store_capacity_sessions",
+        "seqserve_session_store_bytes",
+        "seqserve_session_store_capacity_bytes",
+        "seqserve_generated_chars",
+        "seqserve_time_to_first_chunk_seconds",
+    }
+    for name, kind in ours.items():
+        if kind == "histogram" and name != "seqserve_inference_batch_size":
+            assert name.endswith("_seconds"), name
+        # Counter family names are stored without _total; the exposition adds it.
+        assert not name.endswith("_total"), name
+    for fam in m.registry.collect():
+        for sample in fam.samples:
+            assert not {"session", "session_id", "text", "request_id"} & set(sample.labels), sample
