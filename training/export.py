@@ -1,0 +1,281 @@
+"""ONNX export with explicit recurrent state I/O, the manifest beside it, and a parity check.
+
+Tensor names follow the serving contract (see service/core/manifest.py):
+  charlm:    input_ids (B, T) int64, h0 [, c0]            -> logits (B, T, V), hn [, cn]
+  sentiment: input_ids (B, T) int64, lengths (B,), h0 [, c0] -> logits (B, 2), hn [, cn]
+  forecast:  history (B, T, F) float32, h0 [, c0] (channel-major, batch*features) -> forecast (B, H, F), hn [, cn]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from service.core.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Architecture,
+    ForecastSpec,
+    Manifest,
+    Metric,
+    Normalization,
+    StateSpec,
+    TensorSpec,
+    Tokenizer,
+    sha256_file,
+)
+from training.nets import NetConfig, build_net, count_parameters, state_names
+
+OPSET = 17
+NATIVE_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+DEFAULT_NAMES = {"sentiment": "sentiment", "charlm": "charlm", "forecast": "forecaster"}
+
+
+@dataclass
+class GraphIO:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    states: list[StateSpec]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+def graph_io(cfg: NetConfig) -> GraphIO:
+    """Names, dtypes, shapes and dynamic axes of the exported graph for ``cfg.task``."""
+    dirs = 2 if (cfg.bidirectional and cfg.task == "sentiment") else 1
+    sbatch = "batch*features" if cfg.task == "forecast" else "batch"
+    sshape: list[int | str] = [cfg.layers * dirs, sbatch, cfg.hidden]
+    states = [StateSpec(name=n, input=f"{n}0", output=f"{n}n", shape=sshape) for n in state_names(cfg.cell)]
+    axes: dict[str, dict[int, str]] = {}
+    for s in states:
+        axes[s.input] = {1: sbatch}
+        axes[s.output] = {1: sbatch}
+    if cfg.task == "charlm":
+        ins = [TensorSpec(name="input_ids", dtype="int64", shape=["batch", "time"], description="char ids")]
+        outs = [TensorSpec(name="logits", dtype="float32", shape=["batch", "time", cfg.vocab])]
+        axes |= {"input_ids": {0: "batch", 1: "time"}, "logits": {0: "batch", 1: "time"}}
+    elif cfg.task == "sentiment":
+        ins = [
+            TensorSpec(
+                name="input_ids", dtype="int64", shape=["batch", "time"], description="word ids, right-padded with 0"
+            ),
+            TensorSpec(name="lengths", dtype="int64", shape=["batch"], description="valid tokens per row (>= 1)"),
+        ]
+        outs = [TensorSpec(name="logits", dtype="float32", shape=["batch", 2])]
+        axes |= {"input_ids": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"}}
+    elif cfg.task == "forecast":
+        ins = [
+            TensorSpec(
+                name="history",
+                dtype="float32",
+                shape=["batch", "time", cfg.features],
+                description=f"z-scored rows, time a multiple of {cfg.segment}",
+            )
+        ]
+        outs = [TensorSpec(name="forecast", dtype="float32", shape=["batch", cfg.horizon, cfg.features])]
+        axes |= {"history": {0: "batch", 1: "time"}, "forecast": {0: "batch"}}
+    else:
+        raise ValueError(f"task: unknown task {cfg.task!r}")
+    ins += [TensorSpec(name=s.input, dtype="float32", shape=sshape) for s in states]
+    outs += [TensorSpec(name=s.output, dtype="float32", shape=sshape) for s in states]
+    return GraphIO(ins, outs, states, axes)
+
+
+def example_inputs(cfg: NetConfig, batch: int, time: int, seed: int = 0) -> tuple[Tensor, ...]:
+    """Random inputs in the graph's input order (states random too, so state plumbing is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    if cfg.task == "forecast":
+        xs: tuple[Tensor, ...] = (torch.randn(batch, time, cfg.features, generator=g),)
+    else:
+        ids = torch.randint(1, cfg.vocab, (batch, time), generator=g)
+        xs = (ids,)
+        if cfg.task == "sentiment":
+            lengths = torch.randint(1, time + 1, (batch,), generator=g)
+            lengths[0] = time
+            ids.masked_fill_(torch.arange(time).unsqueeze(0) >= lengths.unsqueeze(1), 0)
+            xs = (ids, lengths)
+    dirs = 2 if (cfg.bidirectional and cfg.task == "sentiment") else 1
+    rows = batch * cfg.features if cfg.task == "forecast" else batch
+    st = tuple(0.1 * torch.randn(cfg.layers * dirs, rows, cfg.hidden, generator=g) for _ in state_names(cfg.cell))
+    return xs + st
+
+
+def export_onnx(net: nn.Module, path: Path, cfg: NetConfig, example_time: int = 7) -> GraphIO:
+    """Trace ``net`` to ONNX (opset 17) with named, dynamic inputs and explicit state; check native cells."""
+    io = graph_io(cfg)
+    net = net.eval().cpu()
+    args = example_inputs(cfg, batch=2, time=example_time)
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch warns that batch > 1 with variable length needs explicit h0/c0: we do pass them as inputs.
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
+        # nn.RNN's Python-side shape checks become trace constants: harmless, state shapes are inputs.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # legacy exporter notice
+        torch.onnx.export(
+            net,
+            args,
+            str(path),
+            input_names=[t.name for t in io.inputs],
+            output_names=[t.name for t in io.outputs],
+            dynamic_axes=dict(io.dynamic_axes),
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    op = NATIVE_OPS[cfg.cell]
+    if not any(n.op_type == op for n in model.graph.node):
+        raise RuntimeError(f"{path}: exported graph has no native {op} node for cell {cfg.cell!r}")
+    return io
+
+
+def ort_run(path: Path, feeds: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return list(sess.run(None, feeds))
+
+
+def parity(net: nn.Module, path: Path, cfg: NetConfig, time: int, batch: int = 3, seed: int = 1) -> float:
+    """Max |ORT - PyTorch| over every output, at a (batch, time) different from the export example."""
+    io = graph_io(cfg)
+    args = example_inputs(cfg, batch=batch, time=time, seed=seed)
+    with torch.no_grad():
+        want = net.eval()(*args)
+    got = ort_run(path, {t.name: a.numpy() for t, a in zip(io.inputs, args, strict=True)})
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
+
+
+def write_model(
+    net: nn.Module,
+    cfg: NetConfig,
+    out: Path,
+    *,
+    name: str,
+    version: int,
+    description: str = "",
+    tokenizer: Tokenizer | None = None,
+    labels: list[str] | None = None,
+    normalization: Normalization | None = None,
+    forecast: ForecastSpec | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: list[Metric] | None = None,
+    notes: str = "",
+) -> Path:
+    """Export ``net`` to ``out/model.onnx``, verify parity (<= 1e-4), write ``out/manifest.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / MODEL_FILE
+    example_time = cfg.window if cfg.task == "forecast" else 7
+    io = export_onnx(net, onnx_path, cfg, example_time)
+    check_time = example_time + cfg.segment if cfg.task == "forecast" else 11
+    diff = parity(net, onnx_path, cfg, check_time)
+    if not diff <= 1e-4:
+        raise RuntimeError(f"{onnx_path}: ORT vs PyTorch max abs diff {diff:.2e} exceeds 1e-4")
+    dirs = 2 if (cfg.bidirectional and cfg.task == "sentiment") else 1
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task=cfg.task,  # type: ignore[arg-type]
+        description=description,
+        architecture=Architecture(
+            cell=cfg.cell,  # type: ignore[arg-type]
+            layers=cfg.layers,
+            hidden=cfg.hidden,
+            directions=dirs,  # type: ignore[arg-type]
+            embedding=None if cfg.task == "forecast" else cfg.embedding,
+            dropout=cfg.dropout,
+            parameters=count_parameters(net),
+            notes=notes,
+        ),
+        inputs=io.inputs,
+        outputs=io.outputs,
+        states=io.states,
+        stateful=cfg.task == "charlm",
+        tokenizer=tokenizer,
+        labels=labels,
+        normalization=normalization,
+        forecast=forecast,
+        training={"net": cfg.to_dict(), "parity_max_abs_diff": diff, **(training or {})},
+        metrics=metrics or [],
+        sha256=sha256_file(onnx_path),
+        opset=OPSET,
+        torch_version=torch.__version__,
+        onnx_version=onnx.__version__,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    manifest.dump(out / MANIFEST_FILE)
+    return out
+
+
+# --- tiny untrained models for service tests -------------------------------------------------------------------
+
+CHAR_VOCAB = [chr(i) for i in range(32, 127)] + ["\n"]  # printable ASCII + newline
+TINY_WORDS = ["<pad>", "<unk>", ".", ",", "!", "?", "the", "a", "an", "and", "is", "was", "it", "this", "i", "not"]
+TINY_WORDS += ["movie", "film", "good", "great", "fun", "love", "bad", "terrible", "boring", "hate", "very", "n't"]
+ETT_COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+
+
+def tiny_forecast_spec(window: int, horizon: int, features: int, segment: int, cell: str) -> ForecastSpec:
+    z = [-1.2816, 0.0, 1.2816]  # standard-normal quantiles for 0.1 / 0.5 / 0.9
+    offsets = [[[zq * 0.3 * math.sqrt(1 + h) for _ in range(features)] for h in range(horizon)] for zq in z]
+    return ForecastSpec(
+        window=window,
+        horizon=horizon,
+        features=features,
+        state_mode="window",
+        update_cost=f"{window // segment} {cell.upper()} steps",
+        quantiles=[0.1, 0.5, 0.9],
+        quantile_offsets=offsets,
+    )
+
+
+def export_tiny(
+    task: str, root: Path, *, cell: str = "lstm", name: str | None = None, version: int = 1, seed: int = 0
+) -> Path:
+    """Untrained tiny model for ``task`` in ``root/<name>/<version>/`` (model.onnx + manifest.json); returns it.
+
+    charlm: vocab = printable ASCII + "\\n", 2 layers x 16; sentiment: 28-word vocab (pad=0, unk=1), 1 layer x 16;
+    forecast: window 24, horizon 12, 7 ETTh1-like features, 4 segments of 6 rows.
+    """
+    torch.manual_seed(seed)
+    name = name or DEFAULT_NAMES.get(task, task)
+    out = Path(root) / name / str(version)
+    tokenizer, labels, norm, spec = None, None, None, None
+    if task == "charlm":
+        cfg = NetConfig(task=task, cell=cell, hidden=16, layers=2, vocab=len(CHAR_VOCAB), embedding=8)
+        tokenizer = Tokenizer(kind="char", vocab=CHAR_VOCAB)
+    elif task == "sentiment":
+        cfg = NetConfig(task=task, cell=cell, hidden=16, layers=1, vocab=len(TINY_WORDS), embedding=8)
+        tokenizer = Tokenizer(
+            kind="word", vocab=TINY_WORDS, unk_token="<unk>", pad_token="<pad>", lowercase=True, max_length=64
+        )
+        labels = ["negative", "positive"]
+    elif task == "forecast":
+        cfg = NetConfig(task=task, cell=cell, hidden=16, layers=1, features=7, window=24, horizon=12, segment=6)
+        norm = Normalization(
+            columns=ETT_COLUMNS, mean=[7.9, 2.1, 5.0, 0.7, 3.0, 0.9, 13.3], std=[5.8, 2.0, 5.6, 1.9, 1.2, 0.6, 8.6]
+        )
+        spec = tiny_forecast_spec(cfg.window, cfg.horizon, cfg.features, cfg.segment, cell)
+    else:
+        raise ValueError(f"task: unknown task {task!r}; choose sentiment, charlm or forecast")
+    net = build_net(cfg)
+    return write_model(
+        net,
+        cfg,
+        out,
+        name=name,
+        version=version,
+        description=f"UNTRAINED tiny {task} model for tests (seed {seed})",
+        tokenizer=tokenizer,
+        labels=labels,
+        normalization=norm,
+        forecast=spec,
+        training={"untrained": True, "seed": seed},
+    )

@@ -1,0 +1,263 @@
+"""Recurrent networks: a cell-agnostic encoder, the three task heads, and a plain-math Elman reference cell.
+
+Recurrent state is always a tuple of tensors shaped (layers * directions, batch, hidden): ``(h,)`` for
+RNN/GRU, ``(h, c)`` for LSTM. That is the layout ONNX exports with explicit state I/O and that serving batches
+on axis 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+State = tuple[Tensor, ...]
+
+
+def make_rnn(cell: str, input_size: int, hidden: int, layers: int = 1, dropout: float = 0.0) -> nn.RNNBase:
+    """A native unidirectional torch RNN picked by name (exports to native ONNX RNN/LSTM/GRU nodes)."""
+    drop = dropout if layers > 1 else 0.0  # torch warns about dropout on a single layer
+    if cell == "lstm":
+        return nn.LSTM(input_size, hidden, layers, batch_first=True, dropout=drop)
+    if cell == "gru":
+        return nn.GRU(input_size, hidden, layers, batch_first=True, dropout=drop)
+    if cell in ("rnn_tanh", "rnn_relu"):
+        return nn.RNN(input_size, hidden, layers, nonlinearity=cell[4:], batch_first=True, dropout=drop)
+    raise ValueError(f"cell: unknown recurrent cell {cell!r}; choose one of {', '.join(CELLS)}")
+
+
+def state_names(cell: str) -> list[str]:
+    """Logical state names: LSTM carries (h, c), the others only h."""
+    return ["h", "c"] if cell == "lstm" else ["h"]
+
+
+def _run(rnn: nn.Module, x: Tensor, state: State) -> tuple[Tensor, State]:
+    assert isinstance(rnn, nn.RNNBase)
+    if isinstance(rnn, nn.LSTM):
+        out, (h, c) = rnn(x, (state[0], state[1]))
+        return out, (h, c)
+    out, h = rnn(x, state[0])
+    return out, (h,)
+
+
+def reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse each sequence of x (B, T, C) within its own length; padding stays in place. Self-inverse."""
+    t = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # (1, T)
+    n = lengths.unsqueeze(1)  # (B, 1)
+    idx = torch.where(t < n, n - 1 - t, t)  # (B, T)
+    return torch.gather(x, 1, idx.unsqueeze(2).expand(-1, -1, x.shape[2]))
+
+
+class RecurrentEncoder(nn.Module):
+    """RNN/LSTM/GRU over (B, T, C) batch-first input, any number of layers, optional bidirectional.
+
+    Bidirectional runs, per layer, a forward RNN and a backward RNN over a *length-aware* reversed copy, so
+    right-padding never reaches a valid position in either direction (a padded text's result is exact).
+    """
+
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden: int,
+        layers: int = 1,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers: must be >= 1, got {layers}")
+        self.cell, self.hidden, self.layers = cell, hidden, layers
+        self.directions = 2 if bidirectional else 1
+        self.dropout = nn.Dropout(dropout)
+        if bidirectional:
+            mods: list[nn.RNNBase] = []
+            for i in range(layers):
+                size = input_size if i == 0 else 2 * hidden
+                mods += [make_rnn(cell, size, hidden), make_rnn(cell, size, hidden)]
+            self.rnns = nn.ModuleList(mods)  # [l0 fwd, l0 bwd, l1 fwd, ...], torch's state order
+        else:
+            self.rnns = nn.ModuleList([make_rnn(cell, input_size, hidden, layers, dropout)])
+
+    def zero_state(self, batch: int, device: torch.device | None = None) -> State:
+        shape = (self.layers * self.directions, batch, self.hidden)
+        return tuple(torch.zeros(shape, device=device) for _ in state_names(self.cell))
+
+    def forward(self, x: Tensor, state: State, lengths: Tensor | None = None) -> tuple[Tensor, State]:
+        """x (B, T, C), state each (L*D, B, H) -> out (B, T, D*H), new state each (L*D, B, H)."""
+        if self.directions == 1:
+            return _run(self.rnns[0], x, state)
+        if lengths is None:
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        finals: list[State] = []
+        for i in range(self.layers):
+            if i > 0:
+                x = self.dropout(x)
+            fwd, sf = _run(self.rnns[2 * i], x, tuple(s[2 * i : 2 * i + 1] for s in state))
+            bwd, sb = _run(
+                self.rnns[2 * i + 1], reverse_padded(x, lengths), tuple(s[2 * i + 1 : 2 * i + 2] for s in state)
+            )
+            x = torch.cat([fwd, reverse_padded(bwd, lengths)], dim=2)  # (B, T, 2H)
+            finals += [sf, sb]
+        new_state = tuple(torch.cat([f[k] for f in finals], dim=0) for k in range(len(state)))
+        return x, new_state
+
+
+@dataclass
+class NetConfig:
+    """Everything needed to rebuild a net (checkpoints carry it, nanoGPT-style)."""
+
+    task: str  # "sentiment" | "charlm" | "forecast"
+    cell: str = "lstm"
+    hidden: int = 128
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+    vocab: int = 0  # sentiment / charlm
+    embedding: int = 64  # sentiment / charlm
+    features: int = 7  # forecast
+    window: int = 96  # forecast
+    horizon: int = 96  # forecast
+    segment: int = 12  # forecast: rows per encoder step
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SentimentNet(nn.Module):
+    """ids (B, T) right-padded with 0, lengths (B,) -> logits (B, 2); mean+max pooling over valid steps."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab, cfg.embedding, padding_idx=0)
+        self.encoder = RecurrentEncoder(cfg.cell, cfg.embedding, cfg.hidden, cfg.layers, cfg.bidirectional, cfg.dropout)
+        d = cfg.hidden * self.encoder.directions
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(2 * d, 2)
+
+    def forward(self, ids: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        x = self.drop(self.embed(ids))  # (B, T, E)
+        out, new_state = self.encoder(x, state, lengths)  # (B, T, D)
+        mask = (torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
+        n = lengths.clamp(min=1).unsqueeze(1).to(out.dtype)  # (B, 1)
+        mean = (out * mask).sum(dim=1) / n  # (B, D)
+        mx = out.masked_fill(~mask, -1e4).amax(dim=1)  # (B, D)
+        logits = self.head(self.drop(torch.cat([mean, mx], dim=1)))  # (B, 2)
+        return (logits, *new_state)
+
+
+class CharLM(nn.Module):
+    """ids (B, T), state -> logits (B, T, V), new state. Unidirectional so state can be carried forward."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab, cfg.embedding)
+        self.encoder = RecurrentEncoder(cfg.cell, cfg.embedding, cfg.hidden, cfg.layers, False, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab)
+
+    def forward(self, ids: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        out, new_state = self.encoder(self.drop(self.embed(ids)), state)  # (B, T, H)
+        return (self.head(self.drop(out)), *new_state)
+
+
+class Forecaster(nn.Module):
+    """Channel-independent segment RNN: history (B, L, F) z-scored -> forecast (B, H, F) z-scored.
+
+    Each channel's window is cut into L/S segments of S rows, embedded by Linear(S->hidden)+ReLU and fed to the
+    RNN (so a window of 96 rows costs 8 recurrent steps); Linear(hidden->horizon) reads the last hidden state.
+    The window's last value is subtracted before and added back after (robust to level shifts).
+    State is (layers, B*F, hidden): every channel of every series is its own sequence.
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        if cfg.window % cfg.segment:
+            raise ValueError(f"window: {cfg.window} must be a multiple of segment {cfg.segment}")
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.segment, cfg.hidden)
+        self.encoder = RecurrentEncoder(cfg.cell, cfg.hidden, cfg.hidden, cfg.layers, False, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.hidden, cfg.horizon)
+
+    def forward(self, history: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        b, _, f = history.shape
+        x = history.permute(0, 2, 1).reshape(b * f, -1)  # (B*F, L)
+        last = x[:, -1:]  # (B*F, 1)
+        seg = (x - last).reshape(b * f, -1, self.cfg.segment)  # (B*F, L/S, S)
+        out, new_state = self.encoder(F.relu(self.embed(seg)), state)  # (B*F, L/S, hidden)
+        y = self.head(self.drop(out[:, -1])) + last  # (B*F, horizon)
+        return (y.reshape(b, f, -1).permute(0, 2, 1), *new_state)  # (B, horizon, F)
+
+
+def build_net(cfg: NetConfig) -> nn.Module:
+    if cfg.cell not in CELLS:
+        raise ValueError(f"cell: unknown recurrent cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
+    if cfg.task == "sentiment":
+        return SentimentNet(cfg)
+    if cfg.task == "charlm":
+        return CharLM(cfg)
+    if cfg.task == "forecast":
+        return Forecaster(cfg)
+    raise ValueError(f"task: unknown task {cfg.task!r}; choose sentiment, charlm or forecast")
+
+
+def zero_state(net: nn.Module, batch: int) -> State:
+    """Zero recurrent state for ``batch`` sequences (forecast: batch * features channel sequences)."""
+    enc = net.encoder
+    assert isinstance(enc, RecurrentEncoder)
+    cfg: NetConfig = net.cfg  # type: ignore[assignment]
+    return enc.zero_state(batch * cfg.features if cfg.task == "forecast" else batch)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+class ElmanCell:
+    """Plain-math reference: ``h_t = f(W_xh x_t + W_hh h_{t-1} + b_h)``, ``y_t = g(W_hy h_t + b_y)``.
+
+    Written with explicit matrix products so it can be checked against torch.nn.RNN with copied weights
+    (torch has two biases, b_ih + b_hh, whose sum is b_h).
+    """
+
+    def __init__(
+        self,
+        w_xh: Tensor,
+        w_hh: Tensor,
+        b_h: Tensor,
+        w_hy: Tensor | None = None,
+        b_y: Tensor | None = None,
+        f: str = "tanh",
+        g: str = "identity",
+    ) -> None:
+        acts: dict[str, Callable[[Tensor], Tensor]] = {
+            "tanh": torch.tanh,
+            "relu": torch.relu,
+            "identity": lambda t: t,
+            "sigmoid": torch.sigmoid,
+        }
+        if f not in acts or g not in acts:
+            raise ValueError(f"activation: choose from {sorted(acts)}, got f={f!r}, g={g!r}")
+        self.w_xh, self.w_hh, self.b_h, self.w_hy, self.b_y = w_xh, w_hh, b_h, w_hy, b_y
+        self.f, self.g = acts[f], acts[g]
+
+    def run(self, xs: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+        """xs (T, input), h0 (hidden,) -> hs (T, hidden), ys (T, out) (= hs when there is no output layer)."""
+        h, hs, ys = h0, [], []
+        for x in xs:
+            h = self.f(self.w_xh @ x + self.w_hh @ h + self.b_h)
+            hs.append(h)
+            if self.w_hy is not None:
+                b_y = self.b_y if self.b_y is not None else torch.zeros(self.w_hy.shape[0])
+                ys.append(self.g(self.w_hy @ h + b_y))
+            else:
+                ys.append(h)
+        return torch.stack(hs), torch.stack(ys)
