@@ -1,0 +1,31 @@
+"""Thin gRPC servicers, one module per proto service: protobuf -> domain types -> one data-plane call -> back.
+
+``REGISTRARS`` is the list the server walks at start-up. Each registrar adds its servicer(s) to the server and
+returns the full service names it registered (for health and reflection). Add a transport by appending here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from service.api.servicers import autocomplete, forecast, sentiment, sessions
+from service.core.types import DataPlane
+from service.settings import Settings
+
+Registrar = Callable[[grpc.aio.Server, DataPlane, Settings], list[str]]
+
+REGISTRARS: list[Registrar] = [
+    sentiment.register,
+    autocomplete.register,
+    forecast.register,
+    sessions.register,
+]
+
+# Which task a service needs a ready model of before its health status says SERVING (others: any model).
+SERVICE_TASKS: dict[str, str] = {
+    sentiment.SERVICE: "sentiment",
+    autocomplete.SERVICE: "charlm",
+    forecast.SERVICE: "forecast",
+}

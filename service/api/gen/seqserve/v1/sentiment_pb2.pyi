@@ -86,12 +86,6 @@ class ClassifyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
-    MODEL_NAME_FIELD_NUMBER: _builtins.int
-    MODEL_VERSION_FIELD_NUMBER: _builtins.int
-    model_name: _builtins.str
-    """Model that served the request."""
-    model_version: _builtins.int
-    """Its version."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___Classification]:
         """One result per request text, same order."""
@@ -100,12 +94,10 @@ class ClassifyResponse(_message.Message):
         self,
         *,
         results: _abc.Iterable[Global___Classification] | None = ...,
-        model_name: _builtins.str = ...,
-        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "model_version", b"model_version", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

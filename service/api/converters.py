@@ -1,0 +1,209 @@
+"""Protobuf <-> data-plane types, both directions (the servicers use pb -> domain -> pb, the client the reverse).
+
+Shape checks that only make sense on the wire (ragged rows, a missing required id) happen here and raise
+``InvalidInput`` naming the field; every other rule (limits, finiteness, feature counts) lives in the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.api.gen.seqserve.v1 import (
+    autocomplete_pb2,
+    common_pb2,
+    forecast_pb2,
+    sentiment_pb2,
+    sessions_pb2,
+)
+from service.core.types import (
+    CompletionChunk,
+    FloatArray,
+    ForecastResult,
+    ModelRef,
+    SamplingParams,
+    SentimentResult,
+    SessionInfo,
+    Suggestion,
+    SuggestResult,
+)
+from service.errors import InvalidInput
+
+# Defaults of the proto3 fields whose zero value would be a bad default (see the .proto comments).
+DEFAULT_MAX_CHARS = 200
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_SUGGESTIONS = 3
+DEFAULT_SUGGEST_CHARS = 10
+
+FinishReason = Literal["length", "stop", "cancelled"]
+_FINISH_TO_PB: dict[str | None, autocomplete_pb2.FinishReason.ValueType] = {
+    None: autocomplete_pb2.FINISH_REASON_UNSPECIFIED,
+    "length": autocomplete_pb2.FINISH_REASON_LENGTH,
+    "stop": autocomplete_pb2.FINISH_REASON_STOP,
+    "cancelled": autocomplete_pb2.FINISH_REASON_CANCELLED,
+}
+_FINISH_FROM_PB: dict[int, FinishReason | None] = {int(v): k for k, v in _FINISH_TO_PB.items()}  # type: ignore[misc]
+
+
+# --- requests: pb -> domain -----------------------------------------------------------------------------
+
+
+def require_id(value: str, field: str) -> str:
+    if not value:
+        raise InvalidInput(f"{field} is empty: pass the id returned by Sessions.Create or Sessions.Fork")
+    return value
+
+
+def model_ref(selector: common_pb2.ModelSelector, default: str | None, field: str = "model.name") -> ModelRef:
+    """``default=None``: the name is required."""
+    name = selector.name or default
+    if not name:
+        raise InvalidInput(f"{field} is required: name the model (e.g. 'charlm')")
+    version = selector.version if selector.HasField("version") else None
+    if version is not None and version < 1:
+        raise InvalidInput(f"model.version must be >= 1 (got {version}); leave it unset for the newest")
+    return ModelRef(name, version)
+
+
+def sampling_params(request: autocomplete_pb2.CompleteRequest) -> SamplingParams:
+    return SamplingParams(
+        max_chars=request.max_chars if request.HasField("max_chars") else DEFAULT_MAX_CHARS,
+        temperature=request.temperature if request.HasField("temperature") else DEFAULT_TEMPERATURE,
+        top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+    )
+
+
+def rows_to_array(rows: Sequence[common_pb2.Row], field: str) -> FloatArray:
+    """(rows, features) float32; every row must have the same, non-zero number of values."""
+    if not rows:
+        raise InvalidInput(f"{field} is empty: send at least one row")
+    width = len(rows[0].values)
+    if width == 0:
+        raise InvalidInput(f"{field}[0] has no values: each row needs one value per feature")
+    for i, row in enumerate(rows):
+        if len(row.values) != width:
+            raise InvalidInput(
+                f"{field}[{i}] has {len(row.values)} values but {field}[0] has {width}: "
+                "every row needs one value per feature"
+            )
+    return np.asarray([list(r.values) for r in rows], dtype=np.float32).reshape(len(rows), width)
+
+
+def ttl(has: bool, value: float, field: str = "ttl_seconds") -> float | None:
+    if not has:
+        return None
+    if not value > 0:  # also catches NaN
+        raise InvalidInput(f"{field} must be > 0 seconds (got {value}); leave it unset for the server default")
+    return value
+
+
+# --- responses: domain -> pb ----------------------------------------------------------------------------
+
+
+def classify_response(results: Iterable[SentimentResult]) -> sentiment_pb2.ClassifyResponse:
+    return sentiment_pb2.ClassifyResponse(
+        results=[
+            sentiment_pb2.Classification(label=r.label, labels=r.labels, probabilities=r.probabilities) for r in results
+        ]
+    )
+
+
+def chunk_to_pb(chunk: CompletionChunk) -> autocomplete_pb2.CompleteChunk:
+    return autocomplete_pb2.CompleteChunk(text=chunk.text, finish_reason=_FINISH_TO_PB[chunk.finish_reason])
+
+
+def suggest_to_pb(result: SuggestResult) -> autocomplete_pb2.SuggestResponse:
+    return autocomplete_pb2.SuggestResponse(
+        suggestions=[autocomplete_pb2.Suggestion(text=s.text, logprob=s.logprob) for s in result.suggestions],
+        steps=result.steps,
+    )
+
+
+def array_to_rows(array: FloatArray) -> list[common_pb2.Row]:
+    return [common_pb2.Row(values=row) for row in np.asarray(array, dtype=np.float32).tolist()]
+
+
+def forecast_to_pb(result: ForecastResult) -> forecast_pb2.ForecastResponse:
+    return forecast_pb2.ForecastResponse(
+        columns=result.columns,
+        point=array_to_rows(result.point),
+        quantiles=[
+            forecast_pb2.QuantileForecast(level=level, rows=array_to_rows(result.quantiles[i]))
+            for i, level in enumerate(result.quantile_levels)
+        ],
+        rows_seen=result.rows_seen,
+    )
+
+
+def _timestamp(unix_seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(unix_seconds * 1e9))
+    return ts
+
+
+def session_to_pb(info: SessionInfo) -> sessions_pb2.SessionInfo:
+    return sessions_pb2.SessionInfo(
+        session_id=info.id,
+        model=info.model,
+        version=info.version,
+        steps=info.steps,
+        created_at=_timestamp(info.created_at),
+        last_used_at=_timestamp(info.last_used_at),
+        expires_at=_timestamp(info.expires_at),
+        ttl_seconds=info.ttl_seconds,
+        metadata=info.metadata,
+    )
+
+
+# --- client side: pb -> domain --------------------------------------------------------------------------
+
+
+def sentiment_from_pb(pb: sentiment_pb2.Classification) -> SentimentResult:
+    return SentimentResult(label=pb.label, labels=list(pb.labels), probabilities=list(pb.probabilities))
+
+
+def chunk_from_pb(pb: autocomplete_pb2.CompleteChunk) -> CompletionChunk:
+    return CompletionChunk(text=pb.text, finish_reason=_FINISH_FROM_PB.get(int(pb.finish_reason)))
+
+
+def suggest_from_pb(pb: autocomplete_pb2.SuggestResponse) -> SuggestResult:
+    return SuggestResult(suggestions=[Suggestion(s.text, s.logprob) for s in pb.suggestions], steps=pb.steps)
+
+
+def rows_from_pb(rows: Sequence[common_pb2.Row]) -> FloatArray:
+    return np.asarray([list(r.values) for r in rows], dtype=np.float32).reshape(len(rows), -1)
+
+
+def forecast_from_pb(pb: forecast_pb2.ForecastResponse) -> ForecastResult:
+    point = rows_from_pb(pb.point)
+    quantiles = np.stack([rows_from_pb(q.rows) for q in pb.quantiles]) if pb.quantiles else np.zeros((0, *point.shape))
+    return ForecastResult(
+        columns=list(pb.columns),
+        point=point,
+        quantile_levels=[q.level for q in pb.quantiles],
+        quantiles=quantiles.astype(np.float32),
+        rows_seen=pb.rows_seen,
+    )
+
+
+def session_from_pb(pb: sessions_pb2.SessionInfo) -> SessionInfo:
+    return SessionInfo(
+        id=pb.session_id,
+        model=pb.model,
+        version=pb.version,
+        steps=pb.steps,
+        created_at=pb.created_at.ToNanoseconds() / 1e9,
+        last_used_at=pb.last_used_at.ToNanoseconds() / 1e9,
+        expires_at=pb.expires_at.ToNanoseconds() / 1e9,
+        ttl_seconds=pb.ttl_seconds,
+        metadata=dict(pb.metadata),
+    )
+
+
+def rows_to_pb(rows: Sequence[Sequence[float]] | FloatArray) -> list[common_pb2.Row]:
+    return [common_pb2.Row(values=[float(v) for v in row]) for row in rows]

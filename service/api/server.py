@@ -1,0 +1,134 @@
+"""The composition root: settings -> metrics -> data plane -> grpc.aio server (+ health, reflection, HTTP metrics).
+
+server = Server(settings)
+await server.start()          # binds (port 0 = a free port), loads models, health -> SERVING
+... server.port, server.metrics_port, server.dataplane ...
+await server.stop()           # health -> NOT_SERVING, in-flight calls get settings.grace_seconds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from service.api.interceptors import build_interceptors
+from service.api.servicers import REGISTRARS, SERVICE_TASKS
+from service.metrics import Metrics
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.core.dataplane import CoreDataPlane
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.port = 0  # bound gRPC port, set by start()
+        self.metrics_port: int | None = None  # bound HTTP port, None when the HTTP server is not available
+        self.services: list[str] = []  # full names of the registered services (ours + plug-ins)
+        self._dataplane: CoreDataPlane | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._http: Any = None
+        self._serving = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def dataplane(self) -> CoreDataPlane:
+        if self._dataplane is None:
+            raise RuntimeError("Server.start() has not run")
+        return self._dataplane
+
+    @property
+    def serving(self) -> bool:
+        """True between a successful start and the beginning of shutdown (the HTTP /readyz answer)."""
+        return self._serving
+
+    async def start(self) -> None:
+        from service.core.dataplane import CoreDataPlane  # the core is built here, in the composition root
+
+        s = self.settings
+        self._dataplane = CoreDataPlane(s, self.metrics)
+        limits = [("grpc.max_receive_message_length", s.max_message_bytes)]
+        limits.append(("grpc.max_send_message_length", s.max_message_bytes))
+        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s.api_key), options=limits)
+        self.services = [name for register in REGISTRARS for name in register(server, self._dataplane, s)]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+        address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot bind gRPC to {address}: {exc} (port in use? set SEQSERVE_PORT)") from exc
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC to {address} (port in use? set SEQSERVE_PORT)")
+        await self._set_all(NOT_SERVING)  # reachable now, but not ready until the models are loaded
+        await server.start()
+        self._grpc = server
+        self._start_http()
+        log.info("gRPC listening on %s:%d (%d services)", s.host, self.port, len(self.services))
+        await self._dataplane.start()
+        await self.refresh_health()
+
+    async def refresh_health(self) -> None:
+        """SERVING for the whole server when the data plane is ready; per service when a model of its task is."""
+        ready = self.dataplane.ready()
+        tasks = {m.task for m in self.dataplane.models() if m.ready}
+        for name in self.services:
+            task = SERVICE_TASKS.get(name)
+            await self._health.set(name, SERVING if ready and (task is None or task in tasks) else NOT_SERVING)
+        await self._health.set("", SERVING if ready else NOT_SERVING)
+        await self._health.set(HEALTH_SERVICE, SERVING)
+        self._serving = ready
+        for m in self.dataplane.models():
+            if not m.ready:
+                log.warning("model %s/%d is not ready: %s", m.name, m.version, m.error)
+        log.info("health: %s (models ready: %s)", "SERVING" if ready else "NOT_SERVING", sorted(tasks) or "none")
+
+    async def _set_all(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ["", *self.services]:
+            await self._health.set(name, status)
+
+    def _start_http(self) -> None:
+        try:
+            from service.api.http import MetricsHttpServer
+        except ImportError:  # the HTTP endpoint is optional for the gRPC server to work
+            log.warning("service.api.http is not available: no /metrics endpoint")
+            return
+        s = self.settings
+        self._http = MetricsHttpServer(s.host, s.metrics_port, self.metrics, lambda: self._serving)
+        self.metrics_port = int(self._http.start())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health -> NOT_SERVING (watchers are told at once), new calls are refused, in-flight calls get
+        ``grace`` seconds (default settings.grace_seconds) to finish, then the data plane and HTTP stop."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        self._serving = False
+        await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            log.info("shutting down: in-flight calls get %.1fs", grace)
+            await self._grpc.stop(grace)
+        if self._dataplane is not None:
+            await self._dataplane.stop()
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        """Returns once ``stop()`` has finished."""
+        await self._stopped.wait()

@@ -1,0 +1,37 @@
+"""seqserve.v1.Forecast: stateless Predict and session-backed Observe."""
+
+from __future__ import annotations
+
+import grpc
+
+from service.api import converters as cv
+from service.api.gen.seqserve.v1 import forecast_pb2, forecast_pb2_grpc
+from service.core.types import DataPlane
+from service.settings import Settings
+
+SERVICE = forecast_pb2.DESCRIPTOR.services_by_name["Forecast"].full_name
+DEFAULT_MODEL = "forecaster"
+
+
+class ForecastServicer(forecast_pb2_grpc.ForecastServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def Predict(
+        self, request: forecast_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> forecast_pb2.ForecastResponse:
+        history = cv.rows_to_array(request.history, "history")  # (rows, features)
+        result = await self.dataplane.forecast(cv.model_ref(request.model, DEFAULT_MODEL), history)
+        return cv.forecast_to_pb(result)
+
+    async def Observe(
+        self, request: forecast_pb2.ObserveRequest, context: grpc.aio.ServicerContext
+    ) -> forecast_pb2.ForecastResponse:
+        session_id = cv.require_id(request.session_id, "session_id")
+        result = await self.dataplane.observe(session_id, cv.rows_to_array(request.rows, "rows"))
+        return cv.forecast_to_pb(result)
+
+
+def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:
+    forecast_pb2_grpc.add_ForecastServicer_to_server(ForecastServicer(dataplane), server)
+    return [SERVICE]

@@ -1,0 +1,47 @@
+"""seqserve.v1.Sessions: create / get / fork / delete server-side recurrent-state sessions."""
+
+from __future__ import annotations
+
+import grpc
+
+from service.api import converters as cv
+from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
+from service.core.types import DataPlane
+from service.settings import Settings
+
+SERVICE = sessions_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name
+
+
+class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def Create(
+        self, request: sessions_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.SessionInfo:
+        model = cv.model_ref(request.model, default=None)
+        ttl = cv.ttl(request.HasField("ttl_seconds"), request.ttl_seconds)
+        return cv.session_to_pb(await self.dataplane.create_session(model, ttl_seconds=ttl))
+
+    async def Get(
+        self, request: sessions_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.SessionInfo:
+        return cv.session_to_pb(await self.dataplane.get_session(cv.require_id(request.session_id, "session_id")))
+
+    async def Fork(
+        self, request: sessions_pb2.ForkSessionRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.SessionInfo:
+        session_id = cv.require_id(request.session_id, "session_id")
+        ttl = cv.ttl(request.HasField("ttl_seconds"), request.ttl_seconds)
+        return cv.session_to_pb(await self.dataplane.fork_session(session_id, ttl_seconds=ttl))
+
+    async def Delete(
+        self, request: sessions_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.DeleteSessionResponse:
+        await self.dataplane.delete_session(cv.require_id(request.session_id, "session_id"))
+        return sessions_pb2.DeleteSessionResponse()
+
+
+def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:
+    sessions_pb2_grpc.add_SessionsServicer_to_server(SessionsServicer(dataplane), server)
+    return [SERVICE]

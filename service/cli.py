@@ -1,0 +1,235 @@
+"""``seqserve``: run the server, or call it.
+
+    seqserve serve [--host H] [--port P] [--metrics-port M] [--models DIR] [--device auto|cpu|cuda] [--ready-file F]
+    seqserve classify "a fine film" "a dull one"
+    seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
+    seqserve forecast --csv ETTh1.csv [--rows 96] [--plot forecast.png]
+
+Every serve option also comes from ``SEQSERVE_*`` env vars (the flags win). Client commands take ``--target``
+(env SEQSERVE_TARGET, default 127.0.0.1:50051) and ``--api-key`` (env SEQSERVE_API_KEY).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.client import ApiError, Client
+from service.core.types import ForecastResult
+from service.settings import Settings
+
+log = logging.getLogger("seqserve")
+
+
+# --- serve -------------------------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port, "models": args.models}
+    flags["device"] = args.device
+    return Settings(**{k: v for k, v in flags.items() if v is not None})  # env < flags
+
+
+def _write_ready_file(path: Path, grpc_port: int, metrics_port: int | None) -> None:
+    """Atomically (write + rename), so a reader polling for the file never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port}), encoding="utf-8")
+    tmp.replace(path)
+
+
+async def _serve(settings: Settings, ready_file: Path | None) -> None:
+    from service.api.server import Server
+
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    log.info("serving gRPC on %s:%d, metrics on %s:%s", settings.host, server.port, settings.host, server.metrics_port)
+    if ready_file is not None:
+        _write_ready_file(ready_file, server.port, server.metrics_port)
+    await stop.wait()
+    log.info("signal received: draining (grace %.1fs)", settings.grace_seconds)
+    await server.stop(settings.grace_seconds)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(settings, args.ready_file))
+    return 0
+
+
+# --- client commands -----------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, api_key=args.api_key, timeout=args.timeout)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        for text, r in zip(args.texts, c.classify(args.texts, model=args.model), strict=True):
+            probs = " ".join(f"{lab}={p:.3f}" for lab, p in zip(r.labels, r.probabilities, strict=True))
+            print(f"{r.label}\t{probs}\t{text}")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        chunks = c.complete(
+            args.prompt,
+            model=args.model,
+            max_chars=args.max_chars,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop or (),
+        )
+        sys.stdout.write(args.prompt)
+        for chunk in chunks:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            if chunk.finish_reason:
+                print(f"\n[finish: {chunk.finish_reason}]", file=sys.stderr)
+        sys.stdout.write("\n")
+    return 0
+
+
+def read_csv(path: Path, rows: int) -> tuple[list[str], np.ndarray[Any, np.dtype[np.float32]]]:
+    """The numeric columns of a CSV with a header (a date column is dropped) and its last ``rows`` rows."""
+    with path.open(newline="", encoding="utf-8") as f:
+        table = list(csv.reader(f))
+    if len(table) < 2:
+        raise ValueError(f"{path}: needs a header row and at least one data row")
+    header, body = table[0], table[1:]
+
+    def numeric(v: str) -> bool:
+        try:
+            float(v)
+        except ValueError:
+            return False
+        return True
+
+    keep = [i for i, v in enumerate(body[-1]) if numeric(v)]
+    if not keep:
+        raise ValueError(f"{path}: no numeric columns")
+    data = np.asarray([[float(r[i]) for i in keep] for r in body[-rows:]], dtype=np.float32)
+    return [header[i] for i in keep], data
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    columns, history = read_csv(args.csv, args.rows)
+    with _client(args) as c:
+        result = c.forecast(history, model=args.model)
+    print("step\t" + "\t".join(result.columns))
+    for h, row in enumerate(result.point, start=1):
+        print(f"{h}\t" + "\t".join(f"{v:.4f}" for v in row))
+    if args.plot is not None:
+        plot_forecast(args.plot, columns, history, result)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def plot_forecast(path: Path, columns: list[str], history: np.ndarray[Any, Any], result: ForecastResult) -> None:
+    """One panel per feature: history, the point forecast and the lowest-highest quantile band (p10-p90)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the 'train' extra)") from exc
+    n, t = len(result.columns), history.shape[0]
+    fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n), sharex=True, squeeze=False)
+    steps = np.arange(t, t + result.point.shape[0])
+    for f, ax in enumerate(axes[:, 0]):
+        hist_col = columns.index(result.columns[f]) if result.columns[f] in columns else f
+        ax.plot(np.arange(t), history[:, hist_col], color="black", lw=1, label="history")
+        ax.plot(steps, result.point[:, f], color="tab:blue", lw=1, label="forecast")
+        if len(result.quantile_levels) >= 2:
+            lo, hi = result.quantiles[0, :, f], result.quantiles[-1, :, f]
+            band = f"p{round(100 * result.quantile_levels[0])}-p{round(100 * result.quantile_levels[-1])}"
+            ax.fill_between(steps, lo, hi, color="tab:blue", alpha=0.25, label=band)
+        ax.set_ylabel(result.columns[f])
+    axes[0, 0].legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- parser ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seqserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server (+ HTTP /metrics)")
+    s.add_argument("--host", help="interface to bind (env SEQSERVE_HOST; default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="gRPC port, 0 = free port (env SEQSERVE_PORT; default 50051)")
+    s.add_argument("--metrics-port", type=int, help="HTTP metrics port, 0 = free (env SEQSERVE_METRICS_PORT)")
+    s.add_argument("--models", type=Path, help="model repository (env SEQSERVE_MODELS; default models)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (env SEQSERVE_DEVICE)")
+    s.add_argument("--ready-file", type=Path, help='write {"grpc_port":..,"metrics_port":..} here once serving')
+    s.set_defaults(func=cmd_serve)
+
+    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--target", default=os.environ.get("SEQSERVE_TARGET", "127.0.0.1:50051"), help="host:port")
+        c.add_argument("--api-key", default=os.environ.get("SEQSERVE_API_KEY"), help="sent as Bearer token")
+        c.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds")
+        c.add_argument("--model", default="", help="model name (default: the service's default model)")
+        return c
+
+    c = client_parser("classify", "classify texts by sentiment")
+    c.add_argument("texts", nargs="+", help="texts to classify")
+    c.set_defaults(func=cmd_classify)
+
+    c = client_parser("complete", "stream a completion from the char LM")
+    c.add_argument("prompt")
+    c.add_argument("--max-chars", type=int, default=200)
+    c.add_argument("--temperature", type=float, help="0 = greedy (default 1.0)")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--stop", action="append", help="stop string (repeatable)")
+    c.set_defaults(func=cmd_complete)
+
+    c = client_parser("forecast", "forecast from the last rows of a CSV")
+    c.add_argument("--csv", type=Path, required=True, help="CSV with a header; numeric columns are the features")
+    c.add_argument("--rows", type=int, default=96, help="history rows to send (the last ones)")
+    c.add_argument("--plot", type=Path, help="write a PNG: history, forecast and the p10-p90 band")
+    c.set_defaults(func=cmd_forecast)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ApiError as err:
+        print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""Typed, synchronous Python client for the seqserve.v1 API. Returns the data-plane dataclasses, not protobuf.
+
+    with Client("127.0.0.1:50051") as c:
+        print(c.classify(["a fine film"])[0].label)
+        for chunk in c.complete("ROMEO:", max_chars=100, seed=1):
+            print(chunk.text, end="")
+        with c.session("charlm") as s:
+            print(c.suggest_once(s.id, "To be or no").suggestions)
+
+Every failed call raises ``ApiError`` with the status code, the server's message and its request id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from service.api import converters as cv
+from service.api.gen.seqserve.v1 import (
+    autocomplete_pb2,
+    autocomplete_pb2_grpc,
+    common_pb2,
+    forecast_pb2,
+    forecast_pb2_grpc,
+    sentiment_pb2,
+    sentiment_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+)
+from service.core.types import (
+    CompletionChunk,
+    FloatArray,
+    ForecastResult,
+    SentimentResult,
+    SessionInfo,
+    SuggestResult,
+)
+
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """A failed RPC: ``code`` (grpc.StatusCode), ``message``, ``reason`` (ErrorInfo, e.g. MODEL_NOT_FOUND)
+    and the server's ``request_id`` (also in its log)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None, request_id: str | None) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.request_id = request_id
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> ApiError:
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        message = (err.details() if hasattr(err, "details") else None) or str(err)
+        trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
+        request_id = trailing.get("x-request-id")
+        reason = None
+        status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+        for detail in status.details if status is not None else ():
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason = info.reason
+        return cls(code, message, reason, request_id if isinstance(request_id, str) else None)
+
+
+@dataclass(frozen=True)
+class SuggestEvent:
+    """One typing event for ``Client.suggest``: text typed since the previous event."""
+
+    appended: str
+    reset: bool = False
+    n: int = 3
+    max_chars: int = 10
+    beam: bool = True
+
+
+class Client:
+    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = 30.0) -> None:
+        """``timeout``: default deadline in seconds per call (for streams: the whole stream); None = none."""
+        self.target = target
+        self.timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._channel = grpc.insecure_channel(target)
+        self._sentiment = sentiment_pb2_grpc.SentimentStub(self._channel)
+        self._autocomplete = autocomplete_pb2_grpc.AutocompleteStub(self._channel)
+        self._forecast = forecast_pb2_grpc.ForecastStub(self._channel)
+        self._sessions = sessions_pb2_grpc.SessionsStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unary(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        try:
+            return method(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise ApiError.from_rpc_error(err) from None
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    # --- Sentiment ------------------------------------------------------------------------------------
+
+    def classify(
+        self, texts: Sequence[str], model: str = "", version: int | None = None, timeout: float | None = None
+    ) -> list[SentimentResult]:
+        request = sentiment_pb2.ClassifyRequest(model=_selector(model, version), texts=list(texts))
+        response = self._unary(self._sentiment.Classify, request, timeout)
+        return [cv.sentiment_from_pb(r) for r in response.results]
+
+    # --- Autocomplete ---------------------------------------------------------------------------------
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        model: str = "",
+        version: int | None = None,
+        session_id: str | None = None,
+        max_chars: int | None = None,
+        temperature: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Iterator[CompletionChunk]:
+        """Yields chunks as the server streams them; leaving the loop early cancels the call on the server."""
+        request = autocomplete_pb2.CompleteRequest(
+            model=_selector(model, version),
+            prompt=prompt,
+            session_id=session_id,
+            max_chars=max_chars,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            stop=list(stop),
+        )
+        call = self._autocomplete.Complete(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        return (cv.chunk_from_pb(pb) for pb in _stream(call))
+
+    def suggest(
+        self, session_id: str, events: Iterable[SuggestEvent | str], timeout: float | None = None
+    ) -> Iterator[SuggestResult]:
+        """One bidirectional stream: one result per event, in order (a ``str`` event = ``SuggestEvent(str)``)."""
+
+        def requests() -> Iterator[autocomplete_pb2.SuggestRequest]:
+            for e in events:
+                ev = SuggestEvent(e) if isinstance(e, str) else e
+                yield autocomplete_pb2.SuggestRequest(
+                    session_id=session_id,
+                    appended=ev.appended,
+                    reset=ev.reset,
+                    n=ev.n,
+                    max_chars=ev.max_chars,
+                    beam=ev.beam,
+                )
+
+        call = self._autocomplete.Suggest(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
+        return (cv.suggest_from_pb(pb) for pb in _stream(call))
+
+    def suggest_once(self, session_id: str, appended: str, **event: Any) -> SuggestResult:
+        return next(iter(self.suggest(session_id, [SuggestEvent(appended, **event)])))
+
+    # --- Forecast -------------------------------------------------------------------------------------
+
+    def forecast(
+        self,
+        rows: Sequence[Sequence[float]] | FloatArray,
+        model: str = "",
+        version: int | None = None,
+        timeout: float | None = None,
+    ) -> ForecastResult:
+        """``rows``: (time, features) history in original units, oldest first."""
+        request = forecast_pb2.PredictRequest(model=_selector(model, version), history=cv.rows_to_pb(rows))
+        return cv.forecast_from_pb(self._unary(self._forecast.Predict, request, timeout))
+
+    def observe(
+        self, session_id: str, rows: Sequence[Sequence[float]] | FloatArray, timeout: float | None = None
+    ) -> ForecastResult:
+        request = forecast_pb2.ObserveRequest(session_id=session_id, rows=cv.rows_to_pb(rows))
+        return cv.forecast_from_pb(self._unary(self._forecast.Observe, request, timeout))
+
+    # --- Sessions -------------------------------------------------------------------------------------
+
+    def create_session(
+        self, model: str, version: int | None = None, ttl_seconds: float | None = None, timeout: float | None = None
+    ) -> SessionInfo:
+        request = sessions_pb2.CreateSessionRequest(model=_selector(model, version), ttl_seconds=ttl_seconds)
+        return cv.session_from_pb(self._unary(self._sessions.Create, request, timeout))
+
+    def get_session(self, session_id: str, timeout: float | None = None) -> SessionInfo:
+        request = sessions_pb2.GetSessionRequest(session_id=session_id)
+        return cv.session_from_pb(self._unary(self._sessions.Get, request, timeout))
+
+    def fork_session(
+        self, session_id: str, ttl_seconds: float | None = None, timeout: float | None = None
+    ) -> SessionInfo:
+        request = sessions_pb2.ForkSessionRequest(session_id=session_id, ttl_seconds=ttl_seconds)
+        return cv.session_from_pb(self._unary(self._sessions.Fork, request, timeout))
+
+    def delete_session(self, session_id: str, timeout: float | None = None) -> None:
+        self._unary(self._sessions.Delete, sessions_pb2.DeleteSessionRequest(session_id=session_id), timeout)
+
+    @contextmanager
+    def session(
+        self, model: str, version: int | None = None, ttl_seconds: float | None = None
+    ) -> Iterator[SessionInfo]:
+        """A session that is deleted on exit (already-expired sessions are fine)."""
+        info = self.create_session(model, version, ttl_seconds)
+        try:
+            yield info
+        finally:
+            try:
+                self.delete_session(info.id)
+            except ApiError as err:
+                if err.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+
+
+def _selector(name: str, version: int | None) -> common_pb2.ModelSelector:
+    return common_pb2.ModelSelector(name=name, version=version)
+
+
+def _stream(call: Any) -> Iterator[Any]:
+    """Iterates a streaming call, turning grpc errors into ApiError and cancelling the call when the caller
+    stops early (the generator is closed)."""
+    try:
+        yield from call
+    except grpc.RpcError as err:
+        raise ApiError.from_rpc_error(err) from None
+    finally:
+        call.cancel()  # no-op when the call already finished
