@@ -10,6 +10,7 @@ name a client sends is reported as ``model="_other"``), never a session id or an
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -44,6 +45,19 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SESSION_EVENTS: frozenset[str] = frozenset({"created", "expired", "evicted", "deleted", "forked"})
 OTHER_MODEL = "_other"  # label value for model names that are not loaded (typos, probes): bounds cardinality
 NO_MODEL = ""  # RPCs that name no model (health, ListModels): the label is empty, i.e. absent in PromQL
+
+
+def _observe_many(child: Histogram, value: float, n: int) -> None:
+    """``n`` observations of the same value. prometheus_client has no weighted observe and a loop costs ~2 µs per
+    observation (0.6 ms for a 256-row batch), so bump the matching bucket by ``n`` directly; the private fields
+    are checked and the public loop is the fallback if a future prometheus_client changes them."""
+    buckets, bounds, total = (getattr(child, a, None) for a in ("_buckets", "_upper_bounds", "_sum"))
+    if buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
+        for _ in range(n):
+            child.observe(value)
+        return
+    total.inc(value * n)
+    buckets[bisect.bisect_left(bounds, value)].inc(n)  # first bound >= value, as Histogram.observe does
 
 
 class Metrics:
@@ -181,19 +195,13 @@ class Metrics:
         The batcher calls this once per batch; the per-request histograms get ``batch_size`` observations (every
         request of the batch saw the same compute time; ``queue_seconds`` is the batch's mean wait).
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1:  # nothing ran; never let a metrics call fail the batch
+            return
         labels = (self._model(model), str(version))
         q, c = max(queue_seconds, 0.0), max(compute_seconds, 0.0)
-        queue, compute, total = (
-            self.inference_queue.labels(*labels),
-            self.inference_compute.labels(*labels),
-            self.inference_total.labels(*labels),
-        )
-        for _ in range(batch_size):
-            queue.observe(q)
-            compute.observe(c)
-            total.observe(q + c)
+        _observe_many(self.inference_queue.labels(*labels), q, batch_size)
+        _observe_many(self.inference_compute.labels(*labels), c, batch_size)
+        _observe_many(self.inference_total.labels(*labels), q + c, batch_size)
         self.batch_size.labels(*labels).observe(batch_size)
 
     def queue_depth(self, model: str, depth: int) -> None:

@@ -80,8 +80,43 @@ def test_inference_observes_per_request_and_batch_size(m: Metrics) -> None:
     assert value(m, "seqserve_inference_batch_size_sum", **mv) == 5.0
     assert value(m, "seqserve_inference_batch_size_bucket", **mv, le="2.0") == 1.0
     assert value(m, "seqserve_inference_batch_size_bucket", **mv, le="4.0") == 2.0
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        m.inference("charlm", 1, 0.0, 0.0, 0)
+    m.inference("charlm", 1, 0.0, 0.0, 0)  # an empty batch records nothing and never raises into the batcher
+    assert value(m, "seqserve_inference_batch_size_count", **mv) == 2.0
+
+
+def test_batched_observations_match_one_by_one_observations() -> None:
+    batched = Metrics(CollectorRegistry(), runtime_collectors=False)
+    single = Metrics(CollectorRegistry(), runtime_collectors=False)
+    for m in (batched, single):
+        m.model_loaded("a", 1, "CPUExecutionProvider", 0.0, ready=True)
+    for q, c, n in [(0.0, 0.00005, 3), (0.0001, 0.0004, 7), (0.003, 20.0, 2), (1.0, 0.0, 1)]:
+        batched.inference("a", 1, q, c, n)
+        for _ in range(n):
+            single.inference("a", 1, q, c, 1)
+
+    def histograms(m: Metrics) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for fam in m.registry.collect()
+            if fam.name in {"seqserve_inference_queue_seconds", "seqserve_inference_compute_seconds"}
+            for s in fam.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert histograms(batched) == pytest.approx(histograms(single))
+    # Values on a bucket bound land in that bucket (le is inclusive: 3 x 50 µs + 1 x 0 s); 20 s lands only in +Inf.
+    assert (
+        batched.registry.get_sample_value(
+            "seqserve_inference_compute_seconds_bucket", {"model": "a", "version": "1", "le": "5e-05"}
+        )
+        == 4.0
+    )
+    assert (
+        batched.registry.get_sample_value(
+            "seqserve_inference_compute_seconds_bucket", {"model": "a", "version": "1", "le": "10.0"}
+        )
+        == 11.0
+    )
 
 
 def test_queue_depth_sessions_and_store(m: Metrics) -> None:
