@@ -1,0 +1,205 @@
+"""Dynamic batching, MLServer/TGI style: per model version one queue, one task that flushes a batch when it
+holds ``max_batch_size`` rows or its oldest request has waited ``max_batch_delay_ms``, one Future per request.
+
+Requests are merged only when their ``key`` is equal. Stateful steps use the time length as key, so every
+generation step (length 1) of concurrent streams shares one ORT run: their states are concatenated on the
+batch axis (axis 1 of ``[layers*dirs, batch, hidden]``), run once, and split back (TGI's ``concatenate`` /
+``filter``). A failed batch fails every Future in it. ORT runs in a worker thread so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.core.runtime import Array, Runtime
+from service.errors import ModelUnavailable, Overloaded
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInput:
+    """One request's rows. ``inputs``: model inputs with batch axis 0 (``rows`` long). ``states``: by graph
+    input name, batch axis 1 (``rows * state_rows`` long); None = zero states. Inputs named in ``pad`` are
+    right-padded on axis 1 (time) with that value to the longest in the batch."""
+
+    inputs: dict[str, Array]
+    rows: int
+    states: dict[str, Array] | None = None
+    key: Hashable = None
+    pad: dict[str, int | float] = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    """One request's share of the batch result: non-state outputs (batch axis 0) and the new states keyed by
+    their graph *input* names, ready to be fed back (batch axis 1)."""
+
+    outputs: dict[str, Array]
+    states: dict[str, Array]
+
+
+@dataclass
+class _Pending:
+    item: StepInput
+    future: asyncio.Future[StepOutput]
+    enqueued: float
+
+
+def concatenate(items: list[StepInput], runtime: Runtime) -> tuple[dict[str, Array], int]:
+    """Feeds for one ORT run over all ``items``, and the total row count."""
+    feeds: dict[str, Array] = {}
+    for name in items[0].inputs:
+        parts = [it.inputs[name] for it in items]
+        if name in items[0].pad:
+            longest = max(p.shape[1] for p in parts)
+            value = items[0].pad[name]
+            parts = [
+                np.pad(p, [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2), constant_values=value)
+                for p in parts
+            ]
+        feeds[name] = np.concatenate(parts, axis=0)
+    if any(it.states is not None for it in items):
+        for name in runtime.state_rows:
+            parts = [it.states[name] if it.states is not None else runtime.zero_states(it.rows)[name] for it in items]
+            feeds[name] = np.concatenate(parts, axis=1)
+    return feeds, sum(it.rows for it in items)
+
+
+def split(outputs: dict[str, Array], items: list[StepInput], runtime: Runtime) -> list[StepOutput]:
+    """Inverse of ``concatenate``: each item's rows of every output (copies, so nothing aliases the batch)."""
+    state_out = {s.output: s.input for s in runtime.states}
+    results: list[StepOutput] = []
+    start = 0
+    for it in items:
+        stop = start + it.rows
+        outs = {k: v[start:stop].copy() for k, v in outputs.items() if k not in state_out}
+        states = {}
+        for out_name, in_name in state_out.items():
+            r = runtime.state_rows[in_name]
+            states[in_name] = outputs[out_name][:, start * r : stop * r].copy()
+        results.append(StepOutput(outs, states))
+        start = stop
+    return results
+
+
+class Batcher:
+    """The queue and flush task of one model version."""
+
+    def __init__(self, name: str, version: int, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
+        self.name, self.version, self.runtime = name, version, runtime
+        self.max_rows = settings.max_batch_size
+        self.delay = settings.max_batch_delay_ms / 1000.0
+        self.max_queue = settings.max_queue_size
+        self.metrics = metrics
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}-{self.version}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._pending:
+            p = self._pending.popleft()
+            if not p.future.done():
+                p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} was unloaded"))
+
+    async def submit(self, item: StepInput) -> StepOutput:
+        """Queues one request and waits for its share of a batch result."""
+        if self._task is None:
+            raise ModelUnavailable(f"model {self.name} version {self.version} is not serving (stopped)")
+        if len(self._pending) >= self.max_queue:
+            raise Overloaded(
+                f"model {self.name}: {len(self._pending)} requests are queued, the limit is max_queue_size="
+                f"{self.max_queue}; retry with backoff"
+            )
+        fut: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(item, fut, time.perf_counter()))
+        self.metrics.queue_depth(self.name, len(self._pending))
+        self._wake.set()
+        return await fut
+
+    def _take(self) -> list[_Pending]:
+        """The oldest request plus queued ones with the same key, up to ``max_rows`` rows (never splits one)."""
+        first = self._pending.popleft()
+        batch, rows, keep = [first], first.item.rows, deque[_Pending]()
+        while self._pending:
+            p = self._pending.popleft()
+            if p.future.done():  # cancelled while queued
+                continue
+            if p.item.key == first.item.key and rows + p.item.rows <= self.max_rows:
+                batch.append(p)
+                rows += p.item.rows
+            else:
+                keep.append(p)
+        self._pending = keep
+        return batch
+
+    def _rows_ready(self, key: Hashable) -> int:
+        return sum(p.item.rows for p in self._pending if p.item.key == key)
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            head = self._pending[0]
+            if head.future.done():
+                self._pending.popleft()
+                continue
+            # Wait for company until the batch is full or the oldest request has waited `delay`.
+            while self._rows_ready(head.item.key) < self.max_rows:
+                remaining = head.enqueued + self.delay - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+            batch = [p for p in self._take() if not p.future.done()]
+            self.metrics.queue_depth(self.name, len(self._pending))
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        items = [p.item for p in batch]
+        started = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(self._run_sync, items)
+        except asyncio.CancelledError:  # stop() during a run: nobody may wait forever
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} stopped"))
+            raise
+        except Exception as exc:
+            log.exception("batch of %d requests failed on model %s version %d", len(batch), self.name, self.version)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        compute = time.perf_counter() - started
+        queue_wait = sum(started - p.enqueued for p in batch) / len(batch)
+        self.metrics.inference(self.name, self.version, queue_wait, compute, sum(it.rows for it in items))
+        for p, r in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(r)
+
+    def _run_sync(self, items: list[StepInput]) -> list[StepOutput]:
+        feeds, rows = concatenate(items, self.runtime)
+        return split(self.runtime.run(feeds, rows), items, self.runtime)

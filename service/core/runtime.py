@@ -1,0 +1,134 @@
+"""One model version on ONNX Runtime: execution-provider choice, state shapes, and one ``run`` per batch.
+
+The runtime knows the manifest's tensor names and fills zero states for every declared state input the
+caller leaves out. It knows nothing about queues or sessions (``batching.py`` concatenates requests into a
+batch; ``sessions.py`` keeps states between calls).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from service.core.manifest import Dim, Manifest, StateSpec
+from service.errors import ModelUnavailable
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]  # any dtype: int64 ids, float32 features and states
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_DTYPES: dict[str, type[np.generic]] = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+
+
+def select_providers(device: str, available: list[str] | None = None) -> list[str]:
+    """ORT providers for ``settings.device``: auto = CUDA when this onnxruntime build has it, else CPU."""
+    available = list(ort.get_available_providers()) if available is None else available
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise ModelUnavailable(
+            f"device='cuda' was requested but onnxruntime offers only {available}; install onnxruntime-gpu "
+            "(instead of onnxruntime) on a machine with a GPU, or set SEQSERVE_DEVICE=cpu or auto"
+        )
+    return [CPU]
+
+
+def resolve_shape(shape: list[Dim], sizes: dict[str, int]) -> tuple[int, ...]:
+    """``[2, "batch*features", 64]`` with ``{"batch": 3, "features": 7}`` -> ``(2, 21, 64)``."""
+    out: list[int] = []
+    for dim in shape:
+        if isinstance(dim, int):
+            out.append(dim)
+            continue
+        size = 1
+        for sym in dim.split("*"):
+            sym = sym.strip()
+            if sym not in sizes:
+                raise ValueError(f"state dimension {dim!r} uses unknown symbol {sym!r} (known: {sorted(sizes)})")
+            size *= sizes[sym]
+        out.append(size)
+    return tuple(out)
+
+
+class Runtime:
+    """An ``ort.InferenceSession`` plus the manifest that names its tensors."""
+
+    def __init__(self, manifest: Manifest, path: Path, settings: Settings, providers: list[str]) -> None:
+        self.manifest = manifest
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = settings.intra_op_threads
+        opts.inter_op_num_threads = settings.inter_op_threads
+        opts.log_severity_level = 3  # errors only; ORT's warnings about unused initializers are noise here
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.provider: str = self.session.get_providers()[0]
+        self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
+        self._check_graph()
+        self.states: list[StateSpec] = list(manifest.states)
+        # Rows of state axis 1 per batch item: 1 for [L, "batch", H], features for [L, "batch*features", H].
+        self.state_rows: dict[str, int] = {s.input: self._state_shape(s, 1)[1] for s in self.states}
+
+    def _check_graph(self) -> None:
+        """The graph must have every tensor the manifest declares (a mismatched export fails at load time)."""
+        graph_in = {i.name for i in self.session.get_inputs()}
+        graph_out = set(self.output_names)
+        missing = [t.name for t in self.manifest.inputs if t.name not in graph_in]
+        missing += [t.name for t in self.manifest.outputs if t.name not in graph_out]
+        if missing:
+            raise ValueError(
+                f"model.onnx lacks tensors declared in manifest.json: {missing} "
+                f"(graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)}); re-export the model"
+            )
+
+    def _sizes(self, batch: int) -> dict[str, int]:
+        sizes = {"batch": batch}
+        if self.manifest.forecast is not None:
+            sizes["features"] = self.manifest.forecast.features
+        return sizes
+
+    def _state_shape(self, spec: StateSpec, batch: int) -> tuple[int, ...]:
+        return resolve_shape(spec.shape, self._sizes(batch))
+
+    def zero_states(self, batch: int) -> dict[str, Array]:
+        """Initial state of every declared state input: zeros, ``[layers*dirs, batch(*features), hidden]``."""
+        return {s.input: np.zeros(self._state_shape(s, batch), dtype=_DTYPES[s.dtype]) for s in self.states}
+
+    def state_nbytes(self, batch: int = 1) -> int:
+        return sum(int(z.nbytes) for z in self.zero_states(batch).values())
+
+    def run(self, feeds: dict[str, Array], batch: int) -> dict[str, Array]:
+        """Runs one batch. ``feeds`` holds the model inputs; missing state inputs get zeros for ``batch`` rows.
+
+        Returns every graph output by name (state outputs under their output names, e.g. ``hn``).
+        """
+        feeds = dict(feeds)
+        for name, zero in self.zero_states(batch).items():
+            feeds.setdefault(name, zero)
+        outputs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def load_runtime(manifest: Manifest, path: Path, settings: Settings) -> Runtime:
+    """Builds the runtime, turning ORT's exceptions into a readable ``ModelUnavailable`` reason."""
+    providers = select_providers(settings.device)
+    try:
+        runtime = Runtime(manifest, path, settings, providers)
+    except ValueError:
+        raise
+    except Exception as exc:  # ORT raises its own exception types for broken graphs
+        raise ValueError(f"onnxruntime could not load {path}: {exc}") from exc
+    if settings.device == "cuda" and runtime.provider != CUDA:
+        # onnxruntime-gpu silently falls back to CPU when CUDA/cuDNN libraries are missing.
+        raise ModelUnavailable(
+            f"device='cuda' was requested but ONNX Runtime placed the model on {runtime.provider}; check the "
+            "CUDA and cuDNN libraries onnxruntime-gpu needs, or set SEQSERVE_DEVICE=auto"
+        )
+    return runtime
