@@ -1,0 +1,210 @@
+"""KServe v2 through our own generated stubs: typed ``contents`` (tritonclient always sends raw), uint64
+sequence ids, malformed raw payloads and status codes. Same real server process as the tritonclient tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve_tensors import serialize_bytes
+
+Input = pb.ModelInferRequest.InferInputTensor
+
+
+@pytest.fixture(scope="module")
+def stub(kserve_server: dict[str, int]) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{kserve_server['grpc_port']}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _outputs(r: pb.ModelInferResponse) -> dict[str, np.ndarray | list[bytes]]:
+    """Decodes raw outputs: numeric as float32 arrays in their shape, BYTES as lists."""
+    out: dict[str, np.ndarray | list[bytes]] = {}
+    for t, raw in zip(r.outputs, r.raw_output_contents, strict=True):
+        if t.datatype == "BYTES":
+            items, pos = [], 0
+            while pos < len(raw):
+                n = int.from_bytes(raw[pos : pos + 4], "little")
+                items.append(raw[pos + 4 : pos + 4 + n])
+                pos += 4 + n
+            out[t.name] = items
+        else:
+            assert t.datatype == "FP32"
+            out[t.name] = np.frombuffer(raw, dtype="<f4").reshape(tuple(t.shape))
+    return out
+
+
+def _seq(request: pb.ModelInferRequest, seq_id: int, *, start: bool = False, end: bool = False) -> None:
+    request.parameters["sequence_id"].uint64_param = seq_id
+    request.parameters["sequence_start"].bool_param = start
+    request.parameters["sequence_end"].bool_param = end
+
+
+def _charlm_typed(text: str, num_chars: int | None = None) -> pb.ModelInferRequest:
+    inputs = [
+        Input(name="TEXT", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[text.encode()]))
+    ]
+    if num_chars is not None:
+        inputs.append(
+            Input(
+                name="NUM_CHARS", datatype="INT32", shape=[1], contents=pb.InferTensorContents(int_contents=[num_chars])
+            )
+        )
+    return pb.ModelInferRequest(model_name="charlm", inputs=inputs)
+
+
+def _charlm_raw(text: str) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(
+        model_name="charlm",
+        inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])],
+        raw_input_contents=[serialize_bytes([text.encode()])],
+    )
+
+
+def _status(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=60)
+    return info.value.code(), info.value.details()
+
+
+def test_typed_and_raw_encodings_agree(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    typed = _outputs(stub.ModelInfer(_charlm_typed("Hello there", num_chars=5), timeout=60))
+    raw = _outputs(stub.ModelInfer(_charlm_raw("Hello there"), timeout=60))
+    np.testing.assert_allclose(typed["NEXT_CHAR_PROBS"], raw["NEXT_CHAR_PROBS"], atol=1e-6)
+    assert len(typed["COMPLETION"][0]) == 5 and raw["COMPLETION"] == [b""]
+
+    texts = [b"great fun", b"dull and awful"]
+    sent_typed = pb.ModelInferRequest(
+        model_name="sentiment",
+        inputs=[Input(name="TEXT", datatype="BYTES", shape=[2], contents=pb.InferTensorContents(bytes_contents=texts))],
+    )
+    sent_raw = pb.ModelInferRequest(
+        model_name="sentiment",
+        inputs=[Input(name="TEXT", datatype="BYTES", shape=[2])],
+        raw_input_contents=[serialize_bytes(texts)],
+    )
+    a, b = _outputs(stub.ModelInfer(sent_typed, timeout=60)), _outputs(stub.ModelInfer(sent_raw, timeout=60))
+    assert a["LABEL"] == b["LABEL"]
+    np.testing.assert_allclose(a["PROBABILITIES"], b["PROBABILITIES"], atol=1e-6)
+
+    rows = np.random.default_rng(1).normal(10, 3, size=(30, 7)).astype(np.float32)
+    fc_typed = pb.ModelInferRequest(
+        model_name="forecaster",
+        inputs=[
+            Input(
+                name="HISTORY",
+                datatype="FP32",
+                shape=[30, 7],
+                contents=pb.InferTensorContents(fp32_contents=rows.ravel()),
+            )
+        ],
+    )
+    fc_raw = pb.ModelInferRequest(
+        model_name="forecaster",
+        inputs=[Input(name="HISTORY", datatype="FP32", shape=[30, 7])],
+        raw_input_contents=[rows.tobytes()],
+    )
+    f1, f2 = _outputs(stub.ModelInfer(fc_typed, timeout=60)), _outputs(stub.ModelInfer(fc_raw, timeout=60))
+    assert f1["FORECAST"].shape == (12, 7)
+    np.testing.assert_allclose(f1["FORECAST"], f2["FORECAST"], atol=1e-6)
+    np.testing.assert_allclose(f1["QUANTILES"], f2["QUANTILES"], atol=1e-6)
+
+
+def test_uint64_sequence_matches_whole_text(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    whole = _outputs(stub.ModelInfer(_charlm_raw("abc def ghi"), timeout=60))["NEXT_CHAR_PROBS"]
+    seq_id = 2**63 + 5  # only representable as uint64
+    pieces = ["abc", " def", " ghi"]
+    last = None
+    for i, piece in enumerate(pieces):
+        request = _charlm_typed(piece)
+        _seq(request, seq_id, start=i == 0, end=i == len(pieces) - 1)
+        last = _outputs(stub.ModelInfer(request, timeout=60))["NEXT_CHAR_PROBS"]
+    assert last is not None
+    np.testing.assert_allclose(last, whole, atol=1e-5)
+    after = _charlm_typed("x")
+    _seq(after, seq_id)
+    code, details = _status(stub, after)
+    assert code == grpc.StatusCode.NOT_FOUND and str(seq_id) in details and "sequence_start" in details
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "needle"),
+    [
+        (pb.ModelInferRequest(model_name="nope", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])]),
+         grpc.StatusCode.NOT_FOUND, "nope"),
+        (pb.ModelInferRequest(model_name="charlm", model_version="x"), grpc.StatusCode.INVALID_ARGUMENT, "version"),
+        (pb.ModelInferRequest(model_name="charlm", model_version="9"), grpc.StatusCode.NOT_FOUND, "charlm"),
+        # typed contents whose length does not match the shape
+        (pb.ModelInferRequest(model_name="sentiment", inputs=[Input(name="TEXT", datatype="BYTES", shape=[3],
+         contents=pb.InferTensorContents(bytes_contents=[b"a"]))]), grpc.StatusCode.INVALID_ARGUMENT, "TEXT"),
+        # raw BYTES with a length prefix that overruns the buffer
+        (pb.ModelInferRequest(model_name="charlm", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])],
+         raw_input_contents=[b"\xff\x00\x00\x00ab"]), grpc.StatusCode.INVALID_ARGUMENT, "TEXT"),
+        # raw FP32 of the wrong byte length
+        (pb.ModelInferRequest(model_name="forecaster", inputs=[Input(name="HISTORY", datatype="FP32", shape=[2, 7])],
+         raw_input_contents=[b"\x00" * 12]), grpc.StatusCode.INVALID_ARGUMENT, "HISTORY"),
+        # fewer raw entries than inputs
+        (pb.ModelInferRequest(model_name="charlm", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1]),
+         Input(name="NUM_CHARS", datatype="INT32", shape=[1])], raw_input_contents=[serialize_bytes([b"a"])]),
+         grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents"),
+        # invalid UTF-8
+        (pb.ModelInferRequest(model_name="charlm", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])],
+         raw_input_contents=[serialize_bytes([b"\xff\xfe"])]), grpc.StatusCode.INVALID_ARGUMENT, "UTF-8"),
+        # NaN history
+        (pb.ModelInferRequest(model_name="forecaster", inputs=[Input(name="HISTORY", datatype="FP32", shape=[1, 7],
+         contents=pb.InferTensorContents(fp32_contents=[float("nan")] * 7))]), grpc.StatusCode.INVALID_ARGUMENT,
+         "HISTORY"),
+    ],
+)  # fmt: skip
+def test_bad_requests(
+    stub: pb_grpc.GRPCInferenceServiceStub, request_: pb.ModelInferRequest, code: grpc.StatusCode, needle: str
+) -> None:
+    got, details = _status(stub, request_)
+    assert got == code, details
+    assert needle in details
+
+
+def test_bad_sequence_parameters(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = _charlm_typed("a")
+    request.parameters["sequence_start"].bool_param = True  # start without an id
+    code, details = _status(stub, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sequence_id" in details
+    request = _charlm_typed("a")
+    request.parameters["sequence_id"].double_param = 1.5
+    code, details = _status(stub, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sequence_id" in details
+
+
+def test_stream_reports_errors_inline(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    bad = pb.ModelInferRequest(model_name="charlm", id="bad", inputs=[Input(name="TEXT", datatype="FP32", shape=[1])],
+                               raw_input_contents=[b"\x00" * 4])  # fmt: skip
+    good = _charlm_raw("hi")
+    good.id = "good"
+    responses = list(stub.ModelStreamInfer(iter([bad, good]), timeout=60))
+    assert [r.infer_response.id for r in responses] == ["bad", "good"]
+    assert "TEXT" in responses[0].error_message and "BYTES" in responses[0].error_message
+    assert responses[1].error_message == "" and len(responses[1].infer_response.outputs) == 3
+
+
+def test_statistics_for_one_model(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="forecaster"), timeout=60).model_stats[0]
+    rows = np.zeros((30, 7), dtype=np.float32)
+    request = pb.ModelInferRequest(
+        model_name="forecaster", inputs=[Input(name="HISTORY", datatype="FP32", shape=[30, 7])],
+        raw_input_contents=[rows.tobytes()],
+    )  # fmt: skip
+    stub.ModelInfer(request, timeout=60)
+    (after,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="forecaster", version="1"), timeout=60).model_stats
+    assert after.name == "forecaster" and after.version == "1"
+    assert after.execution_count - before.execution_count == 1
+    assert after.inference_count - before.inference_count == 1
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 1
+    assert after.inference_stats.success.ns > before.inference_stats.success.ns
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelStatistics(pb.ModelStatisticsRequest(name="nope"), timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,90 @@
+"""KServe v2 tensor codecs: raw and typed inputs decode to the same values; errors name the tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.kserve_sequences import parse_sequence
+from service.api.kserve_tensors import decode_inputs, deserialize_bytes, encode_output, serialize_bytes
+from service.errors import InvalidInput
+
+Input = pb.ModelInferRequest.InferInputTensor
+
+
+def test_bytes_round_trip_including_empty_and_non_ascii() -> None:
+    items = [b"", "héllo".encode(), b"\x00\x01"]
+    assert deserialize_bytes("T", serialize_bytes(items), 3) == items
+
+
+@pytest.mark.parametrize(
+    ("buf", "count", "needle"),
+    [(b"\x01\x00", 1, "length prefix"), (b"\x05\x00\x00\x00ab", 1, "declares 5 bytes"), (b"", 1, "holds 0")],
+)
+def test_bytes_errors_name_tensor(buf: bytes, count: int, needle: str) -> None:
+    with pytest.raises(InvalidInput, match=needle) as info:
+        deserialize_bytes("TEXT", buf, count)
+    assert "input TEXT" in info.value.message
+
+
+def test_raw_and_typed_decode_alike() -> None:
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    typed = pb.ModelInferRequest(
+        inputs=[
+            Input(
+                name="X", datatype="FP32", shape=[2, 3], contents=pb.InferTensorContents(fp32_contents=values.ravel())
+            )
+        ]
+    )
+    raw = pb.ModelInferRequest(
+        inputs=[Input(name="X", datatype="FP32", shape=[2, 3])], raw_input_contents=[values.tobytes()]
+    )
+    a, b = decode_inputs(typed)["X"], decode_inputs(raw)["X"]
+    assert a.array is not None and b.array is not None
+    np.testing.assert_array_equal(a.array, values)
+    np.testing.assert_array_equal(b.array, values)
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (pb.ModelInferRequest(inputs=[Input(name="X", datatype="FP16", shape=[1])]), "input X: unsupported datatype"),
+        (pb.ModelInferRequest(inputs=[Input(name="X", datatype="INT32", shape=[-1])]), "input X: shape"),
+        (pb.ModelInferRequest(inputs=[Input(name="X", datatype="INT32", shape=[2])]), "input X: contents.int_contents"),
+        (
+            pb.ModelInferRequest(
+                inputs=[Input(name="X", datatype="INT32", shape=[1], contents=pb.InferTensorContents(int_contents=[1]))]
+                * 2
+            ),
+            "input X appears twice",
+        ),
+    ],
+)
+def test_decode_errors(request_: pb.ModelInferRequest, needle: str) -> None:
+    with pytest.raises(InvalidInput, match=needle):
+        decode_inputs(request_)
+
+
+def test_encode_output_is_raw_little_endian() -> None:
+    response = pb.ModelInferResponse()
+    encode_output(response, "P", "FP32", np.array([[0.5, 1.5]], dtype=np.float32))
+    encode_output(response, "L", "BYTES", [b"ab"])
+    assert [(o.name, list(o.shape)) for o in response.outputs] == [("P", [1, 2]), ("L", [1])]
+    assert np.frombuffer(response.raw_output_contents[0], dtype="<f4").tolist() == [0.5, 1.5]
+    assert response.raw_output_contents[1] == b"\x02\x00\x00\x00ab"
+
+
+def test_sequence_parameters() -> None:
+    request = pb.ModelInferRequest()
+    assert parse_sequence(request.parameters) is None
+    request.parameters["sequence_id"].int64_param = 0  # 0 = not part of a sequence
+    assert parse_sequence(request.parameters) is None
+    request.parameters["sequence_id"].string_param = "abc"
+    request.parameters["sequence_start"].bool_param = True
+    seq = parse_sequence(request.parameters)
+    assert seq is not None and seq.id == "abc" and seq.start and not seq.end
+    assert seq.session_id("charlm") == "kserve:charlm:abc"
+    request.parameters["sequence_end"].string_param = "yes"
+    with pytest.raises(InvalidInput, match="sequence_end must be a bool"):
+        parse_sequence(request.parameters)

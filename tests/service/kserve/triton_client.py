@@ -1,0 +1,206 @@
+"""Drives seqserve's KServe v2 endpoint with the stock ``tritonclient[grpc]``; prints one JSON report.
+
+Run in its OWN interpreter (``python triton_client.py --url 127.0.0.1:PORT``): tritonclient registers the
+upstream ``inference`` protos in protobuf's default pool, which clashes with our generated ones, so the
+pytest process must never import it. ``test_tritonclient.py`` asserts on the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+Report = dict[str, Any]
+
+
+def _error(fn: Callable[[], object]) -> dict[str, str]:
+    """Runs ``fn`` expecting a server error; returns its status and message."""
+    try:
+        fn()
+    except InferenceServerException as e:
+        return {"status": str(e.status()), "message": str(e.message())}
+    return {"status": "OK", "message": ""}
+
+
+def _text(values: list[str], shape: list[int] | None = None) -> grpcclient.InferInput:
+    data = np.array([v.encode() for v in values], dtype=np.object_)
+    t = grpcclient.InferInput("TEXT", shape or [len(values)], "BYTES")
+    t.set_data_from_numpy(data.reshape(shape or [len(values)]))
+    return t
+
+
+def _int32(name: str, value: int) -> grpcclient.InferInput:
+    t = grpcclient.InferInput(name, [1], "INT32")
+    t.set_data_from_numpy(np.array([value], dtype=np.int32))
+    return t
+
+
+def _history(rows: np.ndarray) -> grpcclient.InferInput:
+    t = grpcclient.InferInput("HISTORY", list(rows.shape), "FP32")
+    t.set_data_from_numpy(rows.astype(np.float32))
+    return t
+
+
+def _charlm(c: grpcclient.InferenceServerClient, text: str, **seq: Any) -> grpcclient.InferResult:
+    return c.infer("charlm", [_text([text], [1])], **seq)
+
+
+def health(c: grpcclient.InferenceServerClient) -> Report:
+    return {
+        "live": c.is_server_live(),
+        "ready": c.is_server_ready(),
+        "models_ready": {m: c.is_model_ready(m) for m in ("sentiment", "charlm", "forecaster")},
+        "unknown_ready": c.is_model_ready("no-such-model"),
+        "server_metadata": c.get_server_metadata(as_json=True),
+        "metadata": {m: c.get_model_metadata(m, as_json=True) for m in ("sentiment", "charlm", "forecaster")},
+        "config": {m: c.get_model_config(m, as_json=True) for m in ("sentiment", "charlm")},
+        "index": c.get_model_repository_index(as_json=True),
+        "metadata_unknown": _error(lambda: c.get_model_metadata("no-such-model")),
+    }
+
+
+def sentiment(c: grpcclient.InferenceServerClient) -> Report:
+    before = c.get_inference_statistics("sentiment", as_json=True)
+    texts = ["a great and wonderful film", "awful boring mess", "fine"]
+    r = c.infer(
+        "sentiment",
+        [_text(texts)],
+        outputs=[grpcclient.InferRequestedOutput("LABEL"), grpcclient.InferRequestedOutput("PROBABILITIES")],
+        request_id="req-1",
+    )
+    only = c.infer("sentiment", [_text(texts[:2])], outputs=[grpcclient.InferRequestedOutput("PROBABILITIES")])
+    bad = grpcclient.InferInput("TEXT", [1], "FP32")
+    bad.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    errors = {  # each fails after the model is resolved, so each counts as a failed sentiment request
+        "bad_dtype": _error(lambda: c.infer("sentiment", [bad])),
+        "unknown_input": _error(lambda: c.infer("sentiment", [_int32("NUM_CHARS", 1)])),
+        "unknown_output": _error(
+            lambda: c.infer("sentiment", [_text(["x"])], outputs=[grpcclient.InferRequestedOutput("NOPE")])
+        ),
+        "with_sequence": _error(lambda: c.infer("sentiment", [_text(["x"])], sequence_id=5, sequence_start=True)),
+    }
+    after = c.get_inference_statistics("sentiment", as_json=True)
+    response = r.get_response(as_json=True)
+    return {
+        "labels": [x.decode() for x in r.as_numpy("LABEL")],
+        "probs": r.as_numpy("PROBABILITIES").tolist(),
+        "id": response["id"],
+        "model_version": response["model_version"],
+        "only_outputs": [o["name"] for o in only.get_response(as_json=True)["outputs"]],
+        "only_probs_shape": list(only.as_numpy("PROBABILITIES").shape),
+        **errors,
+        "unknown_model": _error(lambda: c.infer("no-such-model", [_text(["x"])])),
+        "stats_before": before,
+        "stats_after": after,
+        "texts_sent": len(texts) + 2,
+        "ok_requests_sent": 2,
+        "failed_requests_sent": len(errors),
+    }
+
+
+def charlm(c: grpcclient.InferenceServerClient) -> Report:
+    text = "To be, or not to be"
+    pieces = ["To be", ", or not", " to be"]
+    whole = _charlm(c, text)
+    out: Report = {
+        "whole_probs": whole.as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "vocab": [v.decode() for v in whole.as_numpy("VOCAB")],
+        "completion_default": [v.decode() for v in whole.as_numpy("COMPLETION")],
+    }
+    gen = c.infer("charlm", [_text([text], [1]), _int32("NUM_CHARS", 12)])
+    out["completion_12"] = gen.as_numpy("COMPLETION")[0].decode()
+    out["too_many_chars"] = _error(lambda: c.infer("charlm", [_text(["a"], [1]), _int32("NUM_CHARS", 10**6)]))
+    out["bad_shape"] = _error(lambda: c.infer("charlm", [_text(["a", "b"])]))
+    out["missing_input"] = _error(lambda: c.infer("charlm", [_int32("NUM_CHARS", 3)]))
+    for key, seq_id in (("int", 42), ("string", "user-7:chat")):
+        last = None
+        for i, piece in enumerate(pieces):
+            last = _charlm(c, piece, sequence_id=seq_id, sequence_start=i == 0, sequence_end=i == len(pieces) - 1)
+        assert last is not None
+        out[f"seq_{key}_probs"] = last.as_numpy("NEXT_CHAR_PROBS").tolist()
+        # The sequence ended: continuing it must fail, saying why.
+        out[f"seq_{key}_after_end"] = _error(lambda seq_id=seq_id: _charlm(c, "x", sequence_id=seq_id))
+    # A new start on a live id resets it.
+    _charlm(c, "garbage that will be dropped", sequence_id=77, sequence_start=True)
+    _charlm(c, "To be, or not", sequence_id=77, sequence_start=True)
+    restarted = _charlm(c, " to be", sequence_id=77, sequence_end=True)
+    out["restart_probs"] = restarted.as_numpy("NEXT_CHAR_PROBS").tolist()
+    out["unknown_sequence"] = _error(lambda: _charlm(c, "hi", sequence_id=999_999))
+    out["unknown_string_sequence"] = _error(lambda: _charlm(c, "hi", sequence_id="never-started"))
+    return out
+
+
+def stream(c: grpcclient.InferenceServerClient) -> Report:
+    """Triton's bidirectional stream: a sequence step by step, with a failing request in the middle."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    pieces = ["To be", ", or not", " to be"]
+    for i, piece in enumerate(pieces):
+        c.async_stream_infer(
+            "charlm",
+            [_text([piece], [1])],
+            request_id=f"s{i}",
+            sequence_id=4242,
+            sequence_start=i == 0,
+            sequence_end=i == len(pieces) - 1,
+        )
+        if i == 1:
+            c.async_stream_infer("no-such-model", [_text(["x"], [1])], request_id="bad")
+    got = [results.get(timeout=60) for _ in range(len(pieces) + 1)]
+    # The stream is still open after the error: one more (stateless) request.
+    c.async_stream_infer("charlm", [_text(["To be, or not to be"], [1])], request_id="after")
+    got.append(results.get(timeout=60))
+    c.stop_stream()
+    report: Report = {"order": [], "errors": []}
+    for result, error in got:
+        if error is not None:
+            report["errors"].append(str(error.message()))
+            report["order"].append("error")
+        else:
+            report["order"].append(result.get_response().id)
+            report["last_probs" if result.get_response().id == "s2" else "other_probs"] = result.as_numpy(
+                "NEXT_CHAR_PROBS"
+            ).tolist()
+    return report
+
+
+def forecaster(c: grpcclient.InferenceServerClient) -> Report:
+    meta = c.get_model_metadata("forecaster", as_json=True)
+    features = int(meta["inputs"][0]["shape"][1])
+    rng = np.random.default_rng(0)
+    rows = (rng.normal(size=(40, features)) * 3 + 10).astype(np.float32)  # (rows, features), original units
+    whole = c.infer("forecaster", [_history(rows)])
+    last = None
+    for i, (a, b) in enumerate([(0, 25), (25, 33), (33, 40)]):
+        last = c.infer("forecaster", [_history(rows[a:b])], sequence_id="fc-1", sequence_start=i == 0)
+    assert last is not None
+    bad = rng.normal(size=(10, features + 1)).astype(np.float32)
+    return {
+        "forecast": whole.as_numpy("FORECAST").tolist(),
+        "quantiles_shape": list(whole.as_numpy("QUANTILES").shape),
+        "forecast_shape": list(whole.as_numpy("FORECAST").shape),
+        "seq_forecast": last.as_numpy("FORECAST").tolist(),
+        "bad_features": _error(lambda: c.infer("forecaster", [_history(bad)])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    args = parser.parse_args()
+    with grpcclient.InferenceServerClient(args.url) as c:
+        report = {"health": health(c), "sentiment": sentiment(c), "charlm": charlm(c), "stream": stream(c)}
+        report["forecaster"] = forecaster(c)
+        report["stats_all"] = c.get_inference_statistics(as_json=True)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
