@@ -94,12 +94,8 @@ def rows_to_array(rows: Sequence[common_pb2.Row], field: str) -> FloatArray:
     return np.asarray([list(r.values) for r in rows], dtype=np.float32).reshape(len(rows), width)
 
 
-def ttl(has: bool, value: float, field: str = "ttl_seconds") -> float | None:
-    if not has:
-        return None
-    if not value > 0:  # also catches NaN
-        raise InvalidInput(f"{field} must be > 0 seconds (got {value}); leave it unset for the server default")
-    return value
+def optional_ttl(has: bool, value: float) -> float | None:
+    return value if has else None  # limits are checked by the session manager
 
 
 # --- responses: domain -> pb ----------------------------------------------------------------------------
@@ -175,18 +171,22 @@ def suggest_from_pb(pb: autocomplete_pb2.SuggestResponse) -> SuggestResult:
     return SuggestResult(suggestions=[Suggestion(s.text, s.logprob) for s in pb.suggestions], steps=pb.steps)
 
 
-def rows_from_pb(rows: Sequence[common_pb2.Row]) -> FloatArray:
-    return np.asarray([list(r.values) for r in rows], dtype=np.float32).reshape(len(rows), -1)
+def rows_from_pb(rows: Sequence[common_pb2.Row], width: int) -> FloatArray:
+    """(len(rows), width); ``width`` keeps the shape of an empty table (a warming-up session's forecast)."""
+    return np.asarray([list(r.values) for r in rows], dtype=np.float32).reshape(len(rows), width)
 
 
 def forecast_from_pb(pb: forecast_pb2.ForecastResponse) -> ForecastResult:
-    point = rows_from_pb(pb.point)
-    quantiles = np.stack([rows_from_pb(q.rows) for q in pb.quantiles]) if pb.quantiles else np.zeros((0, *point.shape))
+    width = len(pb.columns)
+    point = rows_from_pb(pb.point, width)  # (horizon, features), or (0, features) while warming up
+    quantiles = np.zeros((len(pb.quantiles), *point.shape), dtype=np.float32)  # (levels, horizon, features)
+    for i, q in enumerate(pb.quantiles):
+        quantiles[i] = rows_from_pb(q.rows, width)
     return ForecastResult(
         columns=list(pb.columns),
         point=point,
         quantile_levels=[q.level for q in pb.quantiles],
-        quantiles=quantiles.astype(np.float32),
+        quantiles=quantiles,
         rows_seen=pb.rows_seen,
     )
 

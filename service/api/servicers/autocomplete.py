@@ -23,10 +23,10 @@ class AutocompleteServicer(autocomplete_pb2_grpc.AutocompleteServicer):
         self, request: autocomplete_pb2.CompleteRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[autocomplete_pb2.CompleteChunk]:
         session_id = cv.require_id(request.session_id, "session_id") if request.HasField("session_id") else None
-        if session_id is not None and not request.model.name:
-            # No model named: continue with the session's own model rather than the default one.
-            info = await self.dataplane.get_session(session_id)
-            model = ModelRef(info.model, info.version)
+        if session_id is not None:
+            # Continue with the session's own model; a model named here must match it (checked by the core).
+            sel = request.model
+            model = ModelRef(sel.name, sel.version if sel.HasField("version") else None)
         else:
             model = cv.model_ref(request.model, DEFAULT_MODEL)
         stream = self.dataplane.complete(model, request.prompt, cv.sampling_params(request), session_id)

@@ -20,7 +20,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         self, request: sessions_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> sessions_pb2.SessionInfo:
         model = cv.model_ref(request.model, default=None)
-        ttl = cv.ttl(request.HasField("ttl_seconds"), request.ttl_seconds)
+        ttl = cv.optional_ttl(request.HasField("ttl_seconds"), request.ttl_seconds)
         return cv.session_to_pb(await self.dataplane.create_session(model, ttl_seconds=ttl))
 
     async def Get(
@@ -32,7 +32,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         self, request: sessions_pb2.ForkSessionRequest, context: grpc.aio.ServicerContext
     ) -> sessions_pb2.SessionInfo:
         session_id = cv.require_id(request.session_id, "session_id")
-        ttl = cv.ttl(request.HasField("ttl_seconds"), request.ttl_seconds)
+        ttl = cv.optional_ttl(request.HasField("ttl_seconds"), request.ttl_seconds)
         return cv.session_to_pb(await self.dataplane.fork_session(session_id, ttl_seconds=ttl))
 
     async def Delete(

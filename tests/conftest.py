@@ -1,0 +1,131 @@
+"""Shared fixtures: a tiny model repository (untrained models exported through the real ONNX path), an
+in-process gRPC server on 127.0.0.1 port 0 (its own event loop on a background thread), and a Client for it.
+
+    def test_x(client): client.classify(["good film"])
+    def test_y(start_server): handle = start_server(api_key="k")   # a second server with other settings
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from service.client import Client
+from service.settings import Settings
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<root>/{charlm,sentiment,forecaster}/1/`` (model.onnx + manifest.json), untrained, seed 0.
+
+    charlm: LSTM 2x16, printable-ASCII vocab; sentiment: LSTM 1x16, 28 words; forecaster: window 24, horizon 12,
+    7 ETTh1 columns. Exported once per test session (torch is imported here, never by ``service``)."""
+    from training.export import export_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    for task in ("charlm", "sentiment", "forecast"):
+        export_tiny(task, root)
+    return root
+
+
+def server_settings(models: Path, **overrides: Any) -> Settings:
+    """Settings for a test server: loopback, free ports, CPU, short batching delay."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "models": models,
+        "device": "cpu",
+        "max_batch_delay_ms": 1.0,
+        "grace_seconds": 5.0,
+        "api_key": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class ServerHandle:
+    """A real ``service.api.server.Server`` running on its own event loop in a daemon thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        from service.api.server import Server
+
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-server", daemon=True)
+        self._thread.start()
+
+        async def build() -> Server:
+            return Server(settings)
+
+        self.server = self.run(build())
+        self.stopped = False
+        try:
+            self.run(self.server.start())
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+        return self.submit(coro).result(timeout)
+
+    def stop(self, grace: float = 0.0) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.run(self.server.stop(grace))
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=30)
+            self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_models: Path) -> Iterator[ServerHandle]:
+    """One shared server over the tiny models (default settings). Tests must not stop it."""
+    handle = ServerHandle(server_settings(tiny_models))
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def client(server: ServerHandle) -> Iterator[Client]:
+    with Client(server.target, timeout=60.0) as c:
+        yield c
+
+
+@pytest.fixture
+def start_server(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
+    """Factory for extra servers with other settings; each is stopped when the test ends."""
+    handles: list[ServerHandle] = []
+
+    def start(**overrides: Any) -> ServerHandle:
+        handle = ServerHandle(server_settings(tiny_models, **overrides))
+        handles.append(handle)
+        return handle
+
+    yield start
+    for h in handles:
+        h.close()

@@ -1,0 +1,118 @@
+"""Happy path of every seqserve.v1 RPC, through real stubs against a real server over the tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.client import Client, SuggestEvent
+
+TINY_WINDOW, TINY_HORIZON, FEATURES = 24, 12, 7  # export_tiny's forecaster
+
+
+def history(rows: int, seed: int = 0) -> np.ndarray:
+    """(rows, 7) plausible ETTh1-like values in original units."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(rows)[:, None]
+    return (10 + 3 * np.sin(t / 4.0) + rng.normal(0, 0.5, (rows, FEATURES))).astype(np.float32)
+
+
+def test_classify_returns_one_distribution_per_text(client: Client) -> None:
+    texts = ["a good fun film", "this movie was terrible and boring", "it"]
+    results = client.classify(texts)
+    assert len(results) == len(texts)
+    for r in results:
+        assert r.labels == ["negative", "positive"]
+        assert r.label == r.labels[int(np.argmax(r.probabilities))]
+        assert abs(sum(r.probabilities) - 1.0) < 1e-4
+
+
+def test_classify_result_does_not_depend_on_batch(client: Client) -> None:
+    alone = client.classify(["a good film"])[0]
+    batched = client.classify(["a good film", "this was a very very very long and boring terrible movie"])[0]
+    np.testing.assert_allclose(alone.probabilities, batched.probabilities, atol=1e-5)
+
+
+def test_complete_streams_chunks_and_finishes_with_length(client: Client) -> None:
+    chunks = list(client.complete("ROMEO:", max_chars=40, temperature=0.0))
+    assert chunks, "no chunks streamed"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].finish_reason == "length"
+    assert len("".join(c.text for c in chunks)) == 40
+
+
+def test_complete_same_seed_same_text(client: Client) -> None:
+    a = "".join(c.text for c in client.complete("To be", max_chars=30, seed=7, top_k=5))
+    b = "".join(c.text for c in client.complete("To be", max_chars=30, seed=7, top_k=5))
+    assert a == b and len(a) == 30
+
+
+def test_complete_with_session_continues_it(client: Client) -> None:
+    with client.session("charlm") as s:
+        text = "".join(c.text for c in client.complete("Hello", session_id=s.id, max_chars=10, temperature=0.0))
+        assert client.get_session(s.id).steps == len("Hello") + len(text)
+
+
+def test_complete_stop_string(client: Client) -> None:
+    # Greedy text from an untrained model: find a character it does produce, then stop on it.
+    free = "".join(c.text for c in client.complete("abc", max_chars=20, temperature=0.0))
+    stop = free[5]
+    chunks = list(client.complete("abc", max_chars=20, temperature=0.0, stop=[stop]))
+    text = "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason == "stop"
+    assert text.endswith(stop) and text == free[: free.index(stop) + 1]
+
+
+def test_suggest_stream_one_result_per_event(client: Client) -> None:
+    with client.session("charlm") as s:
+        results = list(client.suggest(s.id, ["To", " be", SuggestEvent(" or", n=2, max_chars=4)]))
+    assert [r.steps for r in results] == [2, 5, 8]
+    assert len(results[2].suggestions) == 2
+    for r in results:
+        assert r.suggestions
+        assert all(len(x.text) <= 10 and x.logprob <= 0 for x in r.suggestions)
+        logprobs = [x.logprob for x in r.suggestions]
+        assert logprobs == sorted(logprobs, reverse=True)
+
+
+def test_suggest_reset(client: Client) -> None:
+    with client.session("charlm") as s:
+        fresh = client.suggest_once(s.id, "abc")
+        client.suggest_once(s.id, "something else")
+        again = client.suggest_once(s.id, "abc", reset=True)
+    assert again.steps == 3
+    assert [x.text for x in again.suggestions] == [x.text for x in fresh.suggestions]
+
+
+def test_forecast_predict_shapes_and_quantile_order(client: Client) -> None:
+    result = client.forecast(history(TINY_WINDOW))
+    assert result.columns == ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    assert result.point.shape == (TINY_HORIZON, FEATURES)
+    assert result.quantile_levels == [0.1, 0.5, 0.9]
+    assert result.quantiles.shape == (3, TINY_HORIZON, FEATURES)
+    assert np.all(np.isfinite(result.point))
+    assert result.rows_seen == TINY_WINDOW
+
+
+def test_forecast_observe_in_pieces_equals_predict(client: Client) -> None:
+    rows = history(TINY_WINDOW + 6, seed=1)
+    with client.session("forecaster") as s:
+        warming = client.observe(s.id, rows[:10])  # fewer rows than the window: no forecast yet
+        assert warming.rows_seen == 10 and warming.point.shape == (0, FEATURES)
+        last = client.observe(s.id, rows[10:])
+        assert client.get_session(s.id).steps == len(rows)
+    whole = client.forecast(rows[-TINY_WINDOW:])
+    assert last.rows_seen == len(rows)
+    np.testing.assert_allclose(last.point, whole.point, rtol=1e-4, atol=1e-4)
+
+
+def test_sessions_create_get_fork_delete(client: Client) -> None:
+    info = client.create_session("charlm", version=1, ttl_seconds=30)
+    assert len(info.id) >= 22 and info.model == "charlm" and info.version == 1 and info.steps == 0
+    assert info.ttl_seconds == 30 and info.expires_at >= info.created_at
+    client.suggest_once(info.id, "abcd")
+    got = client.get_session(info.id)
+    assert got.steps == 4 and got.last_used_at >= info.created_at
+    fork = client.fork_session(info.id)
+    assert fork.id != info.id and fork.steps == 4
+    client.delete_session(info.id)
+    client.delete_session(fork.id)

@@ -1,0 +1,84 @@
+"""Server-side sessions through the API: feeding text in chunks equals feeding it whole, concurrent calls on
+one session are serialized (no lost steps), and forks evolve independently."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
+
+import numpy as np
+
+from service.client import Client, SuggestEvent
+
+TEXT = "To be, or not to be: that is the question."
+
+
+def texts(result_suggestions: list[object]) -> list[tuple[str, float]]:
+    return [(s.text, round(s.logprob, 4)) for s in result_suggestions]  # type: ignore[attr-defined]
+
+
+def test_suggest_in_chunks_equals_whole(client: Client) -> None:
+    with client.session("charlm") as whole, client.session("charlm") as pieces:
+        once = client.suggest_once(whole.id, TEXT, n=3, max_chars=6)
+        cuts = [0, 1, 7, 8, 20, 33, len(TEXT)]
+        events = [SuggestEvent(TEXT[a:b], n=3, max_chars=6) for a, b in pairwise(cuts)]
+        last = list(client.suggest(pieces.id, events))[-1]
+    assert once.steps == last.steps == len(TEXT)
+    assert texts(once.suggestions) == texts(last.suggestions)
+
+
+def test_complete_after_chunked_session_equals_stateless_prompt(client: Client) -> None:
+    stateless = "".join(c.text for c in client.complete(TEXT, max_chars=25, temperature=0.0))
+    with client.session("charlm") as s:
+        for piece in (TEXT[:5], TEXT[5:30], TEXT[30:]):
+            client.suggest_once(s.id, piece)
+        stateful = "".join(c.text for c in client.complete("", session_id=s.id, max_chars=25, temperature=0.0))
+    assert stateful == stateless
+
+
+def test_concurrent_calls_on_one_session_lose_no_steps(client: Client) -> None:
+    with client.session("charlm") as s:
+
+        def feed(i: int) -> int:
+            return client.suggest_once(s.id, "ab", n=1, max_chars=2).steps
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            seen = sorted(pool.map(feed, range(16)))
+        # Each call saw the session after its own 2 characters and nobody else's in between.
+        assert seen == [2 * (i + 1) for i in range(16)]
+        assert client.get_session(s.id).steps == 32
+
+
+def test_fork_is_independent(client: Client) -> None:
+    with client.session("charlm") as parent:
+        client.suggest_once(parent.id, "Hello, ")
+        with client.session("charlm") as reference:
+            client.suggest_once(reference.id, "Hello, ")
+            child = client.fork_session(parent.id)
+            try:
+                # Advance only the child; the parent must still match an identical, untouched session.
+                client.suggest_once(child.id, "zzzzzz")
+                p = client.suggest_once(parent.id, "wor")
+                r = client.suggest_once(reference.id, "wor")
+                c = client.get_session(child.id)
+            finally:
+                client.delete_session(child.id)
+    assert p.steps == r.steps == len("Hello, wor")
+    assert texts(p.suggestions) == texts(r.suggestions)
+    assert c.steps == len("Hello, zzzzzz")
+
+
+def test_forecast_fork_is_independent(client: Client) -> None:
+    rng = np.random.default_rng(3)
+    rows = (10 + rng.normal(0, 1, (30, 7))).astype(np.float32)
+    with client.session("forecaster") as s, client.session("forecaster") as reference:
+        client.observe(s.id, rows[:24])
+        fork = client.fork_session(s.id)
+        try:
+            moved = client.observe(fork.id, rows[24:])  # only the fork sees rows 24..29
+            parent = client.observe(s.id, rows[24:25])
+            expected = client.observe(reference.id, rows[:25])
+        finally:
+            client.delete_session(fork.id)
+    assert moved.rows_seen == 30 and parent.rows_seen == expected.rows_seen == 25
+    np.testing.assert_allclose(parent.point, expected.point, rtol=1e-5, atol=1e-5)
