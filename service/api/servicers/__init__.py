@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import grpc
 
-from service.api.servicers import autocomplete, forecast, sentiment, sessions
+from service.api.servicers import autocomplete, forecast, kserve, sentiment, sessions
 from service.core.types import DataPlane
 from service.settings import Settings
 
@@ -21,6 +21,7 @@ REGISTRARS: list[Registrar] = [
     autocomplete.register,
     forecast.register,
     sessions.register,
+    kserve.register,
 ]
 
 # Which task a service needs a ready model of before its health status says SERVING (others: any model).
