@@ -18,6 +18,8 @@ from service.core.types import DataPlane, ModelRef
 from service.errors import InvalidInput, SessionNotFound
 from service.settings import Settings
 
+MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<model>:"; the store allows 256 characters
+
 
 @dataclass(frozen=True)
 class Sequence:
@@ -53,8 +55,10 @@ def parse_sequence(params: Mapping[str, pb.InferParameter]) -> Sequence | None:
             seq_id = str(p.uint64_param) if p.uint64_param else ""
         elif kind == "string_param":
             seq_id = p.string_param
-            if len(seq_id) > 256:
-                raise InvalidInput(f"parameter sequence_id is {len(seq_id)} characters, at most 256")
+            if len(seq_id) > MAX_SEQUENCE_ID_CHARS:
+                raise InvalidInput(
+                    f"parameter sequence_id is {len(seq_id)} characters, at most {MAX_SEQUENCE_ID_CHARS}"
+                )
         else:
             raise InvalidInput(f"parameter sequence_id must be an integer or a string, got {kind}")
     if not seq_id:
@@ -83,7 +87,8 @@ class Sequences:
     def unknown(self, name: str, seq: Sequence) -> SessionNotFound:
         return SessionNotFound(
             f"sequence {seq.id!r} of model {name} is unknown or expired (sequences expire after "
-            f"{self._idle_seconds:g}s idle, and end with sequence_end); send sequence_start=true to begin it"
+            f"{self._idle_seconds:g}s idle, end with sequence_end, and may be evicted when the session store is "
+            "full); send sequence_start=true to begin it"
         )
 
     async def end(self, sid: str) -> None:
