@@ -88,10 +88,14 @@ class ServerHandle:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return self.submit(coro).result(timeout)
 
+    def begin_stop(self, grace: float) -> Future[None]:
+        """Starts a graceful stop (as SIGTERM does) without waiting for it."""
+        self.stopped = True
+        return self.submit(self.server.stop(grace))
+
     def stop(self, grace: float = 0.0) -> None:
         if not self.stopped:
-            self.stopped = True
-            self.run(self.server.stop(grace))
+            self.begin_stop(grace).result(120)
 
     def close(self) -> None:
         try:
@@ -122,7 +126,7 @@ def start_server(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
     handles: list[ServerHandle] = []
 
     def start(**overrides: Any) -> ServerHandle:
-        handle = ServerHandle(server_settings(tiny_models, **overrides))
+        handle = ServerHandle(server_settings(overrides.pop("models", tiny_models), **overrides))
         handles.append(handle)
         return handle
 

@@ -1,0 +1,162 @@
+"""Every caller mistake gets its status code and a message naming the field and the limit; each error carries
+a google.rpc.ErrorInfo reason and the request id (also echoed when the caller sends one)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from service.api.gen.seqserve.v1 import common_pb2, sentiment_pb2, sentiment_pb2_grpc
+from service.client import ApiError, Client
+from tests.conftest import ServerHandle
+
+Code = grpc.StatusCode
+
+
+def fails(code: grpc.StatusCode, *words: str, from_server: bool = True) -> Callable[[Callable[[], Any]], ApiError]:
+    """Runs the call, asserts it fails with ``code`` and a message containing every word; returns the error.
+    ``from_server``: the status came from our server (not the client library), so it has a request id."""
+
+    def run(call: Callable[[], Any]) -> ApiError:
+        with pytest.raises(ApiError) as info:
+            result = call()
+            if hasattr(result, "__next__"):
+                list(result)  # streaming calls fail while iterating
+        err = info.value
+        assert err.code == code, f"{err.code}: {err.message}"
+        for w in words:
+            assert w in err.message, f"{w!r} not in {err.message!r}"
+        if from_server:
+            assert err.request_id, "every server error carries the request id"
+        return err
+
+    return run
+
+
+def test_unknown_model(client: Client) -> None:
+    err = fails(Code.NOT_FOUND, "nosuch")(lambda: client.classify(["good"], model="nosuch"))
+    assert err.reason == "MODEL_NOT_FOUND"
+
+
+def test_unknown_version(client: Client) -> None:
+    fails(Code.NOT_FOUND, "sentiment", "7")(lambda: client.classify(["good"], version=7))
+
+
+def test_model_of_the_wrong_task(client: Client) -> None:
+    fails(Code.INVALID_ARGUMENT, "charlm", "sentiment")(lambda: client.classify(["good"], model="charlm"))
+
+
+def test_unknown_session(client: Client) -> None:
+    err = fails(Code.NOT_FOUND, "nope")(lambda: client.get_session("nope"))
+    assert err.reason == "SESSION_NOT_FOUND"
+    fails(Code.NOT_FOUND)(lambda: client.suggest_once("nope", "abc"))
+    fails(Code.NOT_FOUND)(lambda: client.delete_session("nope"))
+
+
+def test_empty_session_id_names_the_field(client: Client) -> None:
+    fails(Code.INVALID_ARGUMENT, "session_id")(lambda: client.get_session(""))
+
+
+def test_session_of_the_wrong_task(client: Client) -> None:
+    with client.session("charlm") as s:
+        err = fails(Code.FAILED_PRECONDITION, s.id, "forecast")(lambda: client.observe(s.id, np.ones((3, 7))))
+    assert err.reason == "FAILED_PRECONDITION"
+
+
+def test_stateless_model_has_no_sessions(client: Client) -> None:
+    fails(Code.FAILED_PRECONDITION, "sentiment")(lambda: client.create_session("sentiment"))
+
+
+def test_session_needs_a_model_name(client: Client) -> None:
+    fails(Code.INVALID_ARGUMENT, "model.name")(lambda: client.create_session(""))
+
+
+def test_empty_inputs(client: Client) -> None:
+    fails(Code.INVALID_ARGUMENT, "texts", "256")(lambda: client.classify([]))
+    fails(Code.INVALID_ARGUMENT, "texts[0]")(lambda: client.classify(["   "]))
+    fails(Code.INVALID_ARGUMENT, "history", "empty")(lambda: client.forecast(np.zeros((0, 7))))
+
+
+def test_oversized_inputs(client: Client) -> None:
+    fails(Code.INVALID_ARGUMENT, "texts", "256")(lambda: client.classify(["good"] * 257))
+    fails(Code.INVALID_ARGUMENT, "4096")(lambda: client.classify(["good " * 1000]))
+    fails(Code.INVALID_ARGUMENT, "max_chars", "2000")(lambda: client.complete("a", max_chars=2001))
+    fails(Code.INVALID_ARGUMENT, "history", "10000")(lambda: client.forecast(np.ones((10001, 7))))
+    with client.session("charlm") as s:
+        fails(Code.INVALID_ARGUMENT, "n", "10")(lambda: client.suggest_once(s.id, "a", n=11))
+
+
+def test_non_finite_inputs(client: Client) -> None:
+    rows = np.ones((24, 7), dtype=np.float32)
+    rows[5, 2] = math.nan
+    fails(Code.INVALID_ARGUMENT, "history[5][2]", "finite")(lambda: client.forecast(rows))
+    fails(Code.INVALID_ARGUMENT, "temperature")(lambda: client.complete("a", temperature=math.inf))
+
+
+def test_wrong_shapes(client: Client) -> None:
+    fails(Code.INVALID_ARGUMENT, "history", "7")(lambda: client.forecast(np.ones((24, 5))))
+    ragged = [[1.0] * 7, [1.0] * 6]
+    fails(Code.INVALID_ARGUMENT, "history[1]", "6 values")(lambda: client.forecast(ragged))
+
+
+def test_client_deadline_exceeded(client: Client) -> None:
+    # A long completion with a deadline far shorter than generating 2000 characters takes.
+    with client.session("charlm") as s:
+        call = lambda: client.complete("a", session_id=s.id, max_chars=2000, timeout=0.05)  # noqa: E731
+        fails(Code.DEADLINE_EXCEEDED, from_server=False)(call)
+        # The server stopped generating: the session is no longer locked by the abandoned call.
+        assert client.suggest_once(s.id, "b").steps < 2000
+    client.classify(["the server is still fine"])
+
+
+def test_rich_status_details_and_request_id_through_raw_stub(server: ServerHandle) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = sentiment_pb2_grpc.SentimentStub(channel)
+        request = sentiment_pb2.ClassifyRequest(model=common_pb2.ModelSelector(name="nosuch"), texts=["good"])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(request, metadata=(("x-request-id", "req-123"),))
+    err: Any = info.value
+    assert err.code() == Code.NOT_FOUND
+    assert dict(err.trailing_metadata())["x-request-id"] == "req-123"
+    status = rpc_status.from_call(err)
+    assert status is not None and status.message == err.details()
+    detail = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(detail)
+    assert (detail.reason, detail.domain, detail.metadata["request_id"]) == ("MODEL_NOT_FOUND", "seqserve", "req-123")
+
+
+def test_successful_call_returns_request_id(server: ServerHandle) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = sentiment_pb2_grpc.SentimentStub(channel)
+        _, call = stub.Classify.with_call(sentiment_pb2.ClassifyRequest(texts=["good"]))
+    assert len(dict(call.trailing_metadata())["x-request-id"]) == 32
+
+
+def test_store_full_with_reject_policy(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(max_sessions=2, session_full_policy="reject")
+    with Client(handle.target) as c:
+        c.create_session("charlm")
+        c.create_session("charlm")
+        err = fails(Code.RESOURCE_EXHAUSTED, "full")(lambda: c.create_session("charlm"))
+        assert err.reason == "OVERLOADED"
+
+
+def test_auth_missing_wrong_and_right(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_key="s3cret")
+    with Client(handle.target) as anonymous:
+        err = fails(Code.UNAUTHENTICATED, "authorization", "Bearer")(lambda: anonymous.classify(["good"]))
+        assert err.reason == "UNAUTHENTICATED"
+        fails(Code.UNAUTHENTICATED, "authorization")(lambda: anonymous.complete("a", max_chars=3))
+    with Client(handle.target, api_key="wrong") as wrong:
+        fails(Code.UNAUTHENTICATED, "wrong API key")(lambda: wrong.create_session("charlm"))
+    with Client(handle.target, api_key="s3cret") as right:
+        assert right.classify(["good"])[0].label in ("negative", "positive")
+        with right.session("charlm") as s:
+            assert list(right.suggest(s.id, ["ab", "c"]))[-1].steps == 3

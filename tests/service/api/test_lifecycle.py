@@ -1,0 +1,177 @@
+"""Health transitions, graceful shutdown, reflection, metrics, and the error interceptor's INTERNAL path."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from service.api.gen.seqserve.v1 import autocomplete_pb2
+from service.api.interceptors import build_interceptors
+from service.client import ApiError, Client
+from service.metrics import Metrics
+from tests.conftest import ServerHandle
+
+OURS = ["seqserve.v1.Sentiment", "seqserve.v1.Autocomplete", "seqserve.v1.Forecast", "seqserve.v1.Sessions"]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+def test_health_serving_overall_and_per_service(server: ServerHandle) -> None:
+    assert health(server.target) == SERVING
+    for name in [*OURS, *server.server.services]:
+        assert health(server.target, name) == SERVING, name
+
+
+def test_health_not_serving_without_models(start_server: Callable[..., ServerHandle], tmp_path: Path) -> None:
+    handle = start_server(models=tmp_path)
+    assert health(handle.target) == NOT_SERVING
+    assert health(handle.target, "seqserve.v1.Sentiment") == NOT_SERVING
+
+
+def test_health_per_service_follows_the_loaded_tasks(
+    start_server: Callable[..., ServerHandle], tiny_models: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(tiny_models / "charlm", tmp_path / "charlm")  # only the char LM
+    handle = start_server(models=tmp_path)
+    assert health(handle.target) == SERVING
+    assert health(handle.target, "seqserve.v1.Autocomplete") == SERVING
+    assert health(handle.target, "seqserve.v1.Sessions") == SERVING
+    assert health(handle.target, "seqserve.v1.Sentiment") == NOT_SERVING
+    assert health(handle.target, "seqserve.v1.Forecast") == NOT_SERVING
+
+
+def test_graceful_shutdown_finishes_in_flight_calls(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server()
+    events: queue.Queue[autocomplete_pb2.SuggestRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[autocomplete_pb2.SuggestRequest]:
+        while (event := events.get(timeout=60)) is not None:
+            yield event
+
+    with Client(handle.target) as client, grpc.insecure_channel(handle.target) as channel:
+        session = client.create_session("charlm")
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == SERVING
+        suggest = client._autocomplete.Suggest(requests(), timeout=60)  # a raw bidi call we keep open
+        events.put(autocomplete_pb2.SuggestRequest(session_id=session.id, appended="To be"))
+        assert next(suggest).steps == 5
+
+        stopping = handle.begin_stop(grace=30)  # what SIGTERM does
+        assert next(watch).status == NOT_SERVING  # watchers hear it at once
+        watch.cancel()
+        # The in-flight stream keeps working during the grace period...
+        events.put(autocomplete_pb2.SuggestRequest(session_id=session.id, appended=", or"))
+        assert next(suggest).steps == 9
+        # ...while new calls are refused.
+        with pytest.raises(ApiError) as refused:
+            client.classify(["good"], timeout=10)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        events.put(None)  # the client finishes its stream normally
+        assert list(suggest) == []
+        assert suggest.code() == grpc.StatusCode.OK
+        stopping.result(60)
+
+
+def test_reflection_lists_and_describes_every_service(server: ServerHandle) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        listed = {s.name for s in reply.list_services_response.service}
+        assert {*OURS, "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= listed
+        assert "grpc.reflection.v1alpha.ServerReflection" in listed
+        # What grpcurl does: rebuild the descriptors from the server alone.
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        autocomplete = pool.FindServiceByName("seqserve.v1.Autocomplete")
+        assert {m.name for m in autocomplete.methods} == {"Complete", "Suggest"}
+        complete = autocomplete.methods_by_name["Complete"]
+        assert complete.server_streaming and not complete.client_streaming
+        assert "seed" in pool.FindMessageTypeByName("seqserve.v1.CompleteRequest").fields_by_name
+
+
+def test_health_and_reflection_need_no_api_key(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_key="k")
+    assert health(handle.target) == SERVING
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert reply.list_services_response.service
+
+
+def test_rpc_metrics_and_http_endpoint(server: ServerHandle, client: Client) -> None:
+    with pytest.raises(ApiError):
+        client.classify(["good"], model="metrics-probe")
+    client.classify(["good"])
+    client.classify(["good"], model="sentiment")
+    registry = server.server.metrics.registry
+    labels = {"service": "seqserve.v1.Sentiment", "method": "Classify"}
+    failed = registry.get_sample_value(
+        "seqserve_rpc_requests_total",
+        {**labels, "model": "_other", "code": "NOT_FOUND"},  # unknown names share one label
+    )
+    assert failed is not None and failed >= 1.0
+    for model in ("", "sentiment"):  # "" = the request named no model (the service default served it)
+        ok = registry.get_sample_value("seqserve_rpc_requests_total", {**labels, "model": model, "code": "OK"})
+        assert ok is not None and ok >= 1.0
+    assert server.server.metrics_port
+    base = f"http://127.0.0.1:{server.server.metrics_port}"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+        assert b'seqserve_rpc_requests_total{code="NOT_FOUND"' in r.read()
+    with urllib.request.urlopen(f"{base}/readyz", timeout=10) as r:
+        assert r.status == 200
+
+
+async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    """A real aio server with the real interceptor chain and handlers that fail in ways the core never should."""
+
+    async def boom(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise RuntimeError("secret internals")
+
+    async def boom_later(request: bytes, context: grpc.aio.ServicerContext) -> Iterator[bytes]:
+        yield b"first"
+        raise KeyError("secret internals")
+
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(boom),
+        "Stream": grpc.unary_stream_rpc_method_handler(boom_later),
+    }
+    metrics = Metrics()
+    server = grpc.aio.server(interceptors=build_interceptors(metrics, None))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Boom", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with caplog.at_level(logging.ERROR, logger="service.api.interceptors"):
+                with pytest.raises(grpc.aio.AioRpcError) as unary:
+                    await channel.unary_unary("/test.Boom/Unary")(b"x")
+                stream = channel.unary_stream("/test.Boom/Stream")(b"x")
+                assert await stream.read() == b"first"
+                with pytest.raises(grpc.aio.AioRpcError) as streamed:
+                    await stream.read()
+    finally:
+        await server.stop(0)
+    for err in (unary.value, streamed.value):
+        assert err.code() == grpc.StatusCode.INTERNAL
+        request_id = dict(err.trailing_metadata())["x-request-id"]
+        assert err.details() == f"internal error (request id {request_id})"
+        assert "secret" not in err.details()
+        assert any(request_id in r.getMessage() and r.exc_info for r in caplog.records)
+    code = {"service": "test.Boom", "method": "Unary", "model": "", "code": "INTERNAL"}
+    assert metrics.registry.get_sample_value("seqserve_rpc_requests_total", code) == 1.0
