@@ -1,0 +1,259 @@
+"""End to end: a real seqserve process, a real Prometheus scraping it every second, traffic through every API,
+then checks through Prometheus's HTTP API: the target is up, counters equal the traffic sent, latency quantiles
+are finite, and every PromQL expression of the Grafana dashboard and of the alert rules evaluates and returns
+series."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from service.client import ApiError, Client
+from tests.integration.conftest import ROOT, Prometheus, SeqServe, http_get, wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "seqserve.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+RATE_WINDOW = "1m"
+MODEL_METHODS = (
+    'method=~"Classify|Complete|Predict"'  # covers the whole test: both rounds of traffic and the scrapes between them
+)
+
+
+def query(prom: Prometheus, expr: str) -> list[dict[str, Any]]:
+    status, body = http_get(prom.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    data = json.loads(body or b"{}")
+    assert status == 200 and data.get("status") == "success", f"{expr}\n-> HTTP {status}: {data.get('error')}"
+    result: list[dict[str, Any]] = data["data"]["result"]
+    return result
+
+
+def scalar(prom: Prometheus, expr: str) -> float:
+    result = query(prom, expr)
+    assert len(result) == 1, f"{expr} -> {result}"
+    return float(result[0]["value"][1])
+
+
+@dataclass
+class Traffic:
+    calls: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, code) -> RPCs sent
+    texts: int = 0  # sentiment texts classified (Classify + KServe ModelInfer)
+    completes: int = 0
+    completion_chars: int = 0
+    kserve: bool = False
+
+
+def one_round(c: Client, kserve: Any, max_sessions: int, t: Traffic) -> None:
+    """One of every API call, plus two failures: an unknown model (client error) and a full session store
+    (RESOURCE_EXHAUSTED, a server-side code). Sessions are deleted at the end, so rounds repeat identically."""
+    t.texts += len(c.classify(["a fine film", "a dull one"], model="sentiment"))
+    t.calls["Classify", "OK"] += 1
+    with pytest.raises(ApiError) as err:
+        c.classify(["x"], model="no-such-model")
+    assert err.value.code.name == "NOT_FOUND"
+    t.calls["Classify", "NOT_FOUND"] += 1
+    t.completion_chars += sum(len(ch.text) for ch in c.complete("ROMEO:", model="charlm", max_chars=16, seed=1))
+    t.completes += 1
+    t.calls["Complete", "OK"] += 1
+
+    s1 = c.create_session("charlm")
+    assert len(list(c.suggest(s1.id, ["To be", " or"]))) == 2
+    s2 = c.fork_session(s1.id)
+    assert c.get_session(s2.id).id == s2.id
+    s3 = c.create_session("forecaster")
+    rows = np.linspace(0.0, 5.0, 24 * 7, dtype=np.float32).reshape(24, 7)
+    c.forecast(rows, model="forecaster")
+    c.observe(s3.id, rows[:6])
+    t.calls.update({("Create", "OK"): 2, ("Suggest", "OK"): 1, ("Fork", "OK"): 1, ("Get", "OK"): 1})
+    t.calls.update({("Predict", "OK"): 1, ("Observe", "OK"): 1})
+    assert max_sessions == 3  # the store is full now
+    with pytest.raises(ApiError) as err:
+        c.create_session("charlm")
+    assert err.value.code.name == "RESOURCE_EXHAUSTED"
+    t.calls["Create", "RESOURCE_EXHAUSTED"] += 1
+    for s in (s1, s2, s3):
+        c.delete_session(s.id)
+    t.calls["Delete", "OK"] += 3
+
+    if kserve is not None:  # KServe v2 / Triton protocol, through the stock tritonclient
+        from tritonclient.grpc import InferInput
+
+        assert kserve.is_server_live()
+        text = InferInput("TEXT", [2], "BYTES")
+        text.set_data_from_numpy(np.array([b"a fine film", b"a dull one"], dtype=np.object_))
+        out = kserve.infer("sentiment", [text]).as_numpy("LABEL")
+        assert out is not None and len(out) == 2
+        t.texts += 2
+        t.calls.update({("ServerLive", "OK"): 1, ("ModelInfer", "OK"): 1})
+
+
+def kserve_client(target: str) -> Any:
+    """A tritonclient when the server registers the KServe v2 service, else None."""
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
+
+    client = InferenceServerClient(url=target)
+    try:
+        client.is_server_live()
+    except InferenceServerException as e:
+        if "UNIMPLEMENTED" in str(e.status()):
+            client.close()
+            return None
+        raise
+    return client
+
+
+def requests_seen(prom: Prometheus, n: int) -> bool:
+    """Prometheus's latest scrape holds exactly ``n`` finished RPCs."""
+    result = query(prom, "sum(seqserve_rpc_requests_total)")
+    return bool(result) and float(result[0]["value"][1]) == n
+
+
+@pytest.fixture(scope="module")
+def traffic(seqserve: SeqServe, prometheus: Prometheus) -> Traffic:
+    wait_for(
+        "a first successful scrape",
+        lambda: [r for r in query(prometheus, 'up{job="seqserve"}') if r["value"][1] == "1"],
+    )
+    t = Traffic()
+    kserve = kserve_client(seqserve.grpc_target)
+    if kserve is not None:
+        t.calls["ServerLive", "OK"] += 1  # the probe above
+    t.kserve = kserve is not None
+    with Client(seqserve.grpc_target) as c:
+        # Two rounds with a scrape between them: series exist before the second round, so rate() sees it grow.
+        for _ in range(2):
+            one_round(c, kserve, seqserve.max_sessions, t)
+            sent = sum(t.calls.values())
+            wait_for(f"Prometheus to see {sent} RPCs", partial(requests_seen, prometheus, sent), timeout=60)
+    if kserve is not None:
+        kserve.close()
+    return t
+
+
+def test_target_is_up(prometheus: Prometheus, traffic: Traffic) -> None:
+    status, body = http_get(prometheus.url + "/api/v1/targets")
+    targets = json.loads(body)["data"]["activeTargets"]
+    assert status == 200 and len(targets) == 1
+    assert targets[0]["health"] == "up", targets[0]["lastError"]
+    assert targets[0]["lastError"] == ""
+    assert scalar(prometheus, 'up{job="seqserve"}') == 1.0
+
+
+def test_request_counters_match_the_traffic(prometheus: Prometheus, traffic: Traffic) -> None:
+    got = {
+        (r["metric"]["method"], r["metric"]["code"]): float(r["value"][1])
+        for r in query(prometheus, "sum by (method, code) (seqserve_rpc_requests_total)")
+    }
+    assert got == {k: float(v) for k, v in traffic.calls.items()}
+    by_model = {
+        (r["metric"]["method"], r["metric"].get("model", "")): float(r["value"][1])
+        for r in query(
+            prometheus, 'sum by (method, model) (seqserve_rpc_requests_total{method=~"Classify|Complete|Predict"})'
+        )
+    }
+    assert by_model == {
+        ("Classify", "sentiment"): 2.0,
+        ("Classify", "_other"): 2.0,
+        ("Complete", "charlm"): 2.0,
+        ("Predict", "forecaster"): 2.0,
+    }
+    assert scalar(prometheus, "sum(seqserve_rpc_in_flight)") == 0.0
+
+
+def test_latency_quantiles_are_finite(prometheus: Prometheus, traffic: Traffic) -> None:
+    buckets = f'rate(seqserve_rpc_duration_seconds_bucket{{model!=""}}[{RATE_WINDOW}])'
+    expr = f"histogram_quantile(0.99, sum by (model, le) ({buckets}))"
+    p99 = {r["metric"]["model"]: float(r["value"][1]) for r in query(prometheus, expr)}
+    for model in ("sentiment", "charlm", "forecaster"):
+        assert math.isfinite(p99[model]) and 0 < p99[model] <= 10.0, (model, p99)
+    expr = (
+        f"histogram_quantile(0.5, sum by (model, le) (rate(seqserve_inference_compute_seconds_bucket[{RATE_WINDOW}])))"
+    )
+    p50 = {r["metric"]["model"]: float(r["value"][1]) for r in query(prometheus, expr)}
+    assert all(math.isfinite(v) and v > 0 for v in p50.values()) and set(p50) == {"sentiment", "charlm", "forecaster"}
+
+
+def test_core_metrics_match_the_traffic(prometheus: Prometheus, traffic: Traffic) -> None:
+    # Per request (text), not per batch: the inference histograms count every classified text once.
+    assert scalar(prometheus, 'sum(seqserve_inference_seconds_count{model="sentiment"})') == traffic.texts
+    assert scalar(prometheus, 'sum(seqserve_inference_batch_size_sum{model="sentiment"})') == traffic.texts
+    events = {
+        (r["metric"]["model"], r["metric"]["event"]): float(r["value"][1])
+        for r in query(prometheus, "seqserve_session_events_total > 0")
+    }
+    # Per round: charlm created + forked (a fork is also a creation), forecaster created; all three deleted.
+    assert events == {
+        ("charlm", "created"): 4.0,
+        ("charlm", "forked"): 2.0,
+        ("charlm", "deleted"): 4.0,
+        ("forecaster", "created"): 2.0,
+        ("forecaster", "deleted"): 2.0,
+    }
+    assert scalar(prometheus, "sum(seqserve_sessions_active)") == 0.0
+    assert scalar(prometheus, "seqserve_session_store_capacity_sessions") == 3.0
+    assert scalar(prometheus, 'seqserve_time_to_first_chunk_seconds_count{model="charlm"}') == traffic.completes
+    assert scalar(prometheus, 'seqserve_generated_chars_total{model="charlm"}') >= traffic.completion_chars > 0
+    info = query(prometheus, "seqserve_model_info")
+    assert {(r["metric"]["model"], r["metric"]["version"]) for r in info} == {
+        ("sentiment", "1"),
+        ("charlm", "1"),
+        ("forecaster", "1"),
+    }
+    assert all(r["metric"]["provider"] == "CPUExecutionProvider" for r in info)
+    assert scalar(prometheus, "min(seqserve_model_ready)") == 1.0
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    # Grafana's variables, as Grafana would expand them for "All" models and a short time range.
+    return [(title, e.replace("$__rate_interval", RATE_WINDOW).replace("$model", ".*")) for title, e in exprs]
+
+
+def test_every_dashboard_query_returns_series(prometheus: Prometheus, traffic: Traffic) -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 25
+    empty = [(title, e) for title, e in exprs if not query(prometheus, e)]
+    assert not empty, f"dashboard queries with no series after traffic: {empty}"
+
+
+def with_bool(expr: str) -> str:
+    """``x > 0.9`` filters series out; ``x > bool 0.9`` keeps them as 0/1, so 'returns series' is testable."""
+    return re.sub(r"(==|!=|>=|<=|>|<)\s*(?=[-+]?[0-9.])", r"\1 bool ", expr)
+
+
+def test_every_alert_rule_evaluates_and_returns_series(prometheus: Prometheus, traffic: Traffic) -> None:
+    rules = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    assert len(rules) == 8
+    for name, expr in rules.items():
+        assert query(prometheus, with_bool(expr)), f"{name}: no series for {with_bool(expr)}"
+
+    # Prometheus itself loaded the file and evaluates every rule without error (rule health "ok").
+    def evaluated() -> list[dict[str, Any]] | None:
+        loaded = [
+            r for g in json.loads(http_get(prometheus.url + "/api/v1/rules")[1])["data"]["groups"] for r in g["rules"]
+        ]
+        return loaded if loaded and all(r["health"] != "unknown" for r in loaded) else None
+
+    loaded = wait_for("every alert rule to be evaluated once", evaluated, timeout=30)
+    assert {r["name"] for r in loaded} == set(rules)
+    for r in loaded:
+        assert r["health"] == "ok" and not r.get("lastError"), (r["name"], r.get("lastError"))
+
+
+def test_with_bool_keeps_label_matchers() -> None:
+    assert with_bool('up{job="x"} == 0') == 'up{job="x"} == bool 0'
+    assert with_bool('a{code!="OK"} > 0.05') == 'a{code!="OK"} > bool 0.05'
+    assert with_bool("(a / b > 0.9) or (c > 1)") == "(a / b > bool 0.9) or (c > bool 1)"
