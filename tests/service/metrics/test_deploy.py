@@ -5,14 +5,20 @@ Docker itself is not available here, so the images are not built."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+
+from service.api.http import MetricsHttpServer
+from service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
@@ -133,3 +139,31 @@ def test_dockerfile_serving_only_non_root_with_healthcheck() -> None:
         for path in src.split():
             assert (ROOT / path).exists(), path
             assert path not in ignored, path
+
+
+def _probe(argv: list[str], port: int) -> int:
+    """Runs a container healthcheck command here, against a local /readyz on ``port``."""
+    assert argv[0] == "CMD"
+    cmd = [sys.executable if a == "python" else a.replace("8002", str(port)) for a in argv[1:]]
+    env = {**os.environ, "SEQSERVE_METRICS_PORT": str(port)}
+    return subprocess.run(cmd, env=env, capture_output=True, timeout=60).returncode
+
+
+@pytest.mark.parametrize("source", ["Dockerfile", "docker-compose.yml"])
+def test_healthcheck_commands_follow_readiness(source: str) -> None:
+    if source == "Dockerfile":
+        line = re.search(r"CMD (\[.*\])\s*$", (ROOT / "Dockerfile").read_text().split("HEALTHCHECK", 1)[1], re.M)
+        assert line is not None
+        argv = ["CMD", *json.loads(line.group(1))]
+    else:
+        argv = load_yaml(ROOT / "docker-compose.yml")["services"]["seqserve"]["healthcheck"]["test"]
+    ready = {"now": False}
+    server = MetricsHttpServer("127.0.0.1", 0, Metrics(CollectorRegistry()), lambda: ready["now"])
+    port = server.start()
+    try:
+        assert _probe(argv, port) != 0  # 503 while models load
+        ready["now"] = True
+        assert _probe(argv, port) == 0
+    finally:
+        server.stop()
+    assert _probe(argv, port) != 0  # nothing listening
