@@ -149,7 +149,7 @@ class Client:
             stop=list(stop),
         )
         call = self._autocomplete.Complete(request, timeout=self._timeout(timeout), metadata=self._metadata)
-        return (cv.chunk_from_pb(pb) for pb in _stream(call))
+        return _stream(call, cv.chunk_from_pb)
 
     def suggest(
         self, session_id: str, events: Iterable[SuggestEvent | str], timeout: float | None = None
@@ -169,7 +169,7 @@ class Client:
                 )
 
         call = self._autocomplete.Suggest(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
-        return (cv.suggest_from_pb(pb) for pb in _stream(call))
+        return _stream(call, cv.suggest_from_pb)
 
     def suggest_once(self, session_id: str, appended: str, **event: Any) -> SuggestResult:
         return next(iter(self.suggest(session_id, [SuggestEvent(appended, **event)])))
@@ -234,11 +234,12 @@ def _selector(name: str, version: int | None) -> common_pb2.ModelSelector:
     return common_pb2.ModelSelector(name=name, version=version)
 
 
-def _stream(call: Any) -> Iterator[Any]:
-    """Iterates a streaming call, turning grpc errors into ApiError and cancelling the call when the caller
-    stops early (the generator is closed)."""
+def _stream(call: Any, convert: Callable[[Any], T]) -> Iterator[T]:
+    """Iterates a streaming call, converting each message, turning grpc errors into ApiError and cancelling
+    the call when the caller stops early (closes the iterator or drops it)."""
     try:
-        yield from call
+        for message in call:
+            yield convert(message)
     except grpc.RpcError as err:
         raise ApiError.from_rpc_error(err) from None
     finally:

@@ -52,6 +52,17 @@ def test_complete_with_session_continues_it(client: Client) -> None:
         assert client.get_session(s.id).steps == len("Hello") + len(text)
 
 
+def test_cancelled_complete_stops_generating(client: Client) -> None:
+    with client.session("charlm") as s:
+        stream = client.complete("a", session_id=s.id, max_chars=2000, temperature=0.0)
+        first = next(stream)
+        stream.close()  # cancels the call on the server
+        # The session is free again (the generation released it) and did not run on to 2000 characters.
+        after = client.suggest_once(s.id, "b", n=1, max_chars=1)
+        assert first.text and after.steps < 1 + 2000 + 1
+        assert client.get_session(s.id).steps == after.steps
+
+
 def test_complete_stop_string(client: Client) -> None:
     # Greedy text from an untrained model: find a character it does produce, then stop on it.
     free = "".join(c.text for c in client.complete("abc", max_chars=20, temperature=0.0))

@@ -1,0 +1,128 @@
+"""The ``seqserve`` CLI: ``serve`` as a real subprocess (ready file, env + flags, SIGTERM -> exit 0), and the
+client subcommands against it (in-process through ``main()``, plus once through the console script)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.cli import main
+
+SEQSERVE = Path(sys.executable).parent / "seqserve"
+COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+
+
+class ServeProcess:
+    def __init__(self, models: Path, workdir: Path, *args: str, **env: str) -> None:
+        self.ready_file = workdir / "ready.json"
+        self.log_path = workdir / "serve.log"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | env
+        cmd = [str(SEQSERVE), "serve", "--port", "0", "--metrics-port", "0", "--models", str(models), *args]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*cmd, "--ready-file", str(self.ready_file)], stdout=log, stderr=log, env=environ
+            )
+        deadline = time.monotonic() + 120
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"seqserve serve did not become ready:\n{self.log()}")
+            time.sleep(0.1)
+        self.ports: dict[str, int] = json.loads(self.ready_file.read_text())
+        self.target = f"127.0.0.1:{self.ports['grpc_port']}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    # SEQSERVE_PORT in the environment is overridden by --port 0; SEQSERVE_GRACE_SECONDS is read from it.
+    p = ServeProcess(tiny_models, tmp_path_factory.mktemp("serve"), SEQSERVE_PORT="1", SEQSERVE_GRACE_SECONDS="3")
+    yield p
+    p.terminate()
+
+
+def test_ready_file_and_logged_addresses(serve: ServeProcess) -> None:
+    assert serve.ports["grpc_port"] > 0 and serve.ports["metrics_port"] > 0
+    assert f"127.0.0.1:{serve.ports['grpc_port']}" in serve.log()
+
+
+def test_classify(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classify", "--target", serve.target, "a good fun film", "a terrible boring movie"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    for line, text in zip(lines, ["a good fun film", "a terrible boring movie"], strict=True):
+        label, probs, echoed = line.split("\t")
+        assert label in ("negative", "positive") and "negative=" in probs and echoed == text
+
+
+def test_complete_streams_to_stdout(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["complete", "ROMEO:", "--target", serve.target, "--max-chars", "30", "--temperature", "0", "--seed", "1"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ROMEO:") and out.endswith("\n")
+    assert len(out) == len("ROMEO:") + 30 + 1  # prompt, 30 generated characters, final newline
+    assert "[finish: length]" in err
+
+
+def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv_path, png = tmp_path / "ett.csv", tmp_path / "forecast.png"
+    rng = np.random.default_rng(0)
+    lines = ["date," + ",".join(COLUMNS)]
+    for t in range(40):
+        values = 10 + 3 * np.sin(t / 5) + rng.normal(0, 0.3, 7)
+        lines.append(f"2016-07-01 {t % 24:02d}:00:00," + ",".join(f"{v:.3f}" for v in values))
+    csv_path.write_text("\n".join(lines) + "\n")
+    assert main(["forecast", "--target", serve.target, "--csv", str(csv_path), "--rows", "24", "--plot", str(png)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split("\t") == ["step", *COLUMNS]
+    assert len(rows) == 1 + 12  # header + tiny horizon
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_print_one_line_and_exit_non_zero(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classify", "--target", serve.target, "--model", "nosuch", "text"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: NOT_FOUND: ") and "nosuch" in err and "\n" not in err
+    assert main(["forecast", "--target", serve.target, "--csv", "/nonexistent.csv"]) == 1
+    assert "/nonexistent.csv" in capsys.readouterr().err
+
+
+def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classify", "--target", "127.0.0.1:1", "--timeout", "5", "x"]) == 1
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def test_console_script_with_api_key(tiny_models: Path, tmp_path: Path) -> None:
+    server = ServeProcess(tiny_models, tmp_path, SEQSERVE_API_KEY="k1")
+    try:
+        cmd = [str(SEQSERVE), "classify", "--target", server.target, "good"]
+        denied = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "SEQSERVE_API_KEY": ""}
+        )
+        assert denied.returncode == 1 and denied.stderr.startswith("error: UNAUTHENTICATED: ")
+        ok = subprocess.run([*cmd, "--api-key", "k1"], capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.split("\t")[0] in ("negative", "positive")
+    finally:
+        assert server.terminate() == 0, server.log()
+    assert "stopped" in server.log()
