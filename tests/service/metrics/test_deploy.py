@@ -93,6 +93,13 @@ def test_dashboard_covers_the_required_panels() -> None:
         assert needle in exprs, needle
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}  # panels tile the 24-column grid without overlapping
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        for cell in ((x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])):
+            assert cell not in cells, f"{p['title']} overlaps {cells[cell]}"
+            cells[cell] = p["title"]
     # Every panel queries the provisioned datasource by its fixed uid.
     ds = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
     assert ds["url"] == "http://prometheus:9090"
