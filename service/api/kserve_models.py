@@ -26,6 +26,13 @@ Outputs = dict[str, tuple[str, npt.NDArray[Any] | list[bytes]]]  # name -> (data
 
 
 @dataclass(frozen=True)
+class Result:
+    outputs: Outputs
+    inferences: int  # texts for sentiment, 1 otherwise (Triton's inference_count)
+    steps: int | None = None  # characters (charlm) or rows (forecast) behind this answer, a sequence's total
+
+
+@dataclass(frozen=True)
 class TensorDef:
     name: str
     datatype: str
@@ -112,9 +119,8 @@ async def run(
     inputs: dict[str, Tensor],
     settings: Settings,
     session_id: str | None,
-) -> tuple[Outputs, int]:
-    """One data-plane call for a checked request. Returns the outputs and the inference count
-    (texts for sentiment, 1 otherwise)."""
+) -> Result:
+    """One data-plane call for a checked request."""
     if manifest.task == "sentiment":
         texts = _utf8("TEXT", inputs["TEXT"].items or [])
         if not texts:
@@ -123,10 +129,11 @@ async def run(
             raise InvalidInput(f"input TEXT: {len(texts)} texts, at most {settings.max_texts_per_request} per request")
         results = await dataplane.classify(ref, texts)
         probs = np.asarray([r.probabilities for r in results], dtype=np.float32).reshape(len(results), -1)
-        return {
+        outputs: Outputs = {
             "LABEL": ("BYTES", [r.label.encode() for r in results]),
             "PROBABILITIES": ("FP32", probs),  # (texts, labels), labels in manifest order
-        }, len(texts)
+        }
+        return Result(outputs, len(texts))
     if manifest.task == "charlm":
         (text,) = _utf8("TEXT", inputs["TEXT"].items or [])
         num_chars = 0
@@ -135,11 +142,12 @@ async def run(
         if not 0 <= num_chars <= settings.max_generate_chars:
             raise InvalidInput(f"input NUM_CHARS: must be between 0 and {settings.max_generate_chars}, got {num_chars}")
         step = await dataplane.char_step(ref, text, session_id=session_id, num_chars=num_chars)
-        return {
+        outputs = {
             "NEXT_CHAR_PROBS": ("FP32", np.asarray(step.probabilities, dtype=np.float32).reshape(-1)),  # (vocab,)
             "VOCAB": ("BYTES", [c.encode() for c in step.vocab]),
             "COMPLETION": ("BYTES", [step.completion.encode()]),
-        }, 1
+        }
+        return Result(outputs, 1, step.steps)
     history = inputs["HISTORY"].array
     assert history is not None
     if history.shape[0] > settings.max_forecast_rows:
@@ -151,7 +159,8 @@ async def run(
         result = await dataplane.forecast(ref, rows)
     else:
         result = await dataplane.observe(session_id, rows)
-    return {
+    outputs = {
         "FORECAST": ("FP32", result.point),  # (horizon, features)
         "QUANTILES": ("FP32", result.quantiles),  # (quantiles, horizon, features)
-    }, 1
+    }
+    return Result(outputs, 1, result.rows_seen)

@@ -78,9 +78,7 @@ class Sequences:
     async def begin(self, model: ModelRef, name: str, seq: Sequence) -> str:
         """Returns the session id to run the request on; a start replaces any earlier state of that id."""
         sid = seq.session_id(name)
-        if seq.start:
-            with contextlib.suppress(SessionNotFound):
-                await self._dataplane.delete_session(sid)
+        if seq.start:  # creating under an existing caller-chosen id replaces that session (the core's contract)
             await self._dataplane.create_session(model, ttl_seconds=self._idle_seconds, session_id=sid)
         return sid
 

@@ -30,6 +30,8 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 SERVICE_NAME = "inference.GRPCInferenceService"
 EXTENSIONS = ["sequence", "sequence(string_id)", "model_configuration", "statistics", "parameters"]
+# Response parameter: characters (charlm) or rows (forecaster) consumed, a sequence's running total.
+STEPS_PARAMETER = "seqserve_steps"
 _CONFIG_TYPES = {"BYTES": pb.TYPE_STRING, "FP32": pb.TYPE_FP32, "INT32": pb.TYPE_INT32}
 Context: TypeAlias = grpc.aio.ServicerContext  # grpc ships no type stubs: this is Any to mypy
 
@@ -198,17 +200,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         sid = None if seq is None else await self._sequences.begin(ref, ref.name, seq)
         try:
-            outputs, count = await run(self._dataplane, ref, manifest, inputs, self._settings, sid)
+            result = await run(self._dataplane, ref, manifest, inputs, self._settings, sid)
         except SessionNotFound as e:
             raise (self._sequences.unknown(ref.name, seq) if seq is not None else e) from None
         finally:
             if seq is not None and seq.end and sid is not None:
                 await self._sequences.end(sid)
         response = pb.ModelInferResponse(model_name=ref.name, model_version=str(ref.version), id=request.id)
+        if result.steps is not None:
+            response.parameters[STEPS_PARAMETER].int64_param = result.steps
         for name in wanted:
-            datatype, value = outputs[name]
+            datatype, value = result.outputs[name]
             encode_output(response, name, datatype, value)
-        return response, count
+        return response, result.inferences
 
 
 def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:

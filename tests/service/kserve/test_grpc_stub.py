@@ -208,3 +208,24 @@ def test_statistics_for_one_model(stub: pb_grpc.GRPCInferenceServiceStub) -> Non
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelStatistics(pb.ModelStatisticsRequest(name="nope"), timeout=60)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_concurrent_requests_of_one_sequence_are_serialized(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Eight requests of one sequence in flight at once, each appending "ab": whatever order they run in, the
+    sequence must have consumed all of them (no lost update): its step count and state match the whole text."""
+    start = _charlm_raw("ab")
+    _seq(start, 515, start=True)
+    stub.ModelInfer(start, timeout=60)
+    futures = []
+    for _ in range(8):
+        request = _charlm_raw("ab")
+        _seq(request, 515)
+        futures.append(stub.ModelInfer.future(request, timeout=60))
+    for f in futures:
+        f.result()
+    last = _charlm_raw("ab")
+    _seq(last, 515, end=True)
+    response = stub.ModelInfer(last, timeout=60)
+    assert response.parameters["seqserve_steps"].int64_param == 20  # 10 requests x 2 characters, none lost
+    whole = _outputs(stub.ModelInfer(_charlm_raw("ab" * 10), timeout=60))["NEXT_CHAR_PROBS"]
+    np.testing.assert_allclose(_outputs(response)["NEXT_CHAR_PROBS"], whole, atol=1e-5)

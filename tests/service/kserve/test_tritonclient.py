@@ -102,6 +102,8 @@ def test_charlm_sequences_match_whole_text(report: Report) -> None:
     assert abs(sum(c["whole_probs"]) - 1.0) < 1e-4
     assert c["completion_default"] == [""]
     assert len(c["completion_12"]) == 12
+    # Every piece reached the state: the sequence consumed exactly the whole text's characters.
+    assert c["seq_int_steps"] == c["seq_string_steps"] == c["text_chars"]
     _close(c["seq_int_probs"], c["whole_probs"])
     _close(c["seq_string_probs"], c["whole_probs"])
     _close(c["restart_probs"], c["whole_probs"])  # sequence_start on a live id dropped its old state
@@ -120,6 +122,7 @@ def test_stream_sequence_and_error_keeps_stream_open(report: Report) -> None:
     st = report["stream"]
     assert st["order"] == ["s0", "s1", "error", "s2", "after"]
     assert len(st["errors"]) == 1 and "no-such-model" in st["errors"][0]
+    assert [st["steps_s0"], st["steps_s1"], st["steps_s2"]] == [5, 13, 19]  # "To be", ", or not", " to be"
     _close(st["last_probs"], report["charlm"]["whole_probs"])
     _close(st["other_probs"], report["charlm"]["whole_probs"])
 
@@ -128,6 +131,7 @@ def test_forecaster_stateless_and_sequence(report: Report) -> None:
     f = report["forecaster"]
     assert f["forecast_shape"] == [12, 7] and f["quantiles_shape"] == [3, 12, 7]
     # Rows fed in three chunks on a sequence forecast the same as all rows at once.
+    assert f["seq_rows"] == 40
     _close(np.ravel(f["seq_forecast"]).tolist(), np.ravel(f["forecast"]).tolist(), tol=1e-4)
 
 

@@ -110,6 +110,7 @@ def charlm(c: grpcclient.InferenceServerClient) -> Report:
     pieces = ["To be", ", or not", " to be"]
     whole = _charlm(c, text)
     out: Report = {
+        "text_chars": len(text),
         "whole_probs": whole.as_numpy("NEXT_CHAR_PROBS").tolist(),
         "vocab": [v.decode() for v in whole.as_numpy("VOCAB")],
         "completion_default": [v.decode() for v in whole.as_numpy("COMPLETION")],
@@ -125,6 +126,7 @@ def charlm(c: grpcclient.InferenceServerClient) -> Report:
             last = _charlm(c, piece, sequence_id=seq_id, sequence_start=i == 0, sequence_end=i == len(pieces) - 1)
         assert last is not None
         out[f"seq_{key}_probs"] = last.as_numpy("NEXT_CHAR_PROBS").tolist()
+        out[f"seq_{key}_steps"] = last.get_response().parameters["seqserve_steps"].int64_param
         # The sequence ended: continuing it must fail, saying why.
         out[f"seq_{key}_after_end"] = _error(lambda seq_id=seq_id: _charlm(c, "x", sequence_id=seq_id))
     # A new start on a live id resets it.
@@ -165,6 +167,7 @@ def stream(c: grpcclient.InferenceServerClient) -> Report:
             report["order"].append("error")
         else:
             report["order"].append(result.get_response().id)
+            report[f"steps_{result.get_response().id}"] = result.get_response().parameters["seqserve_steps"].int64_param
             report["last_probs" if result.get_response().id == "s2" else "other_probs"] = result.as_numpy(
                 "NEXT_CHAR_PROBS"
             ).tolist()
@@ -187,6 +190,7 @@ def forecaster(c: grpcclient.InferenceServerClient) -> Report:
         "quantiles_shape": list(whole.as_numpy("QUANTILES").shape),
         "forecast_shape": list(whole.as_numpy("FORECAST").shape),
         "seq_forecast": last.as_numpy("FORECAST").tolist(),
+        "seq_rows": last.get_response().parameters["seqserve_steps"].int64_param,
         "bad_features": _error(lambda: c.infer("forecaster", [_history(bad)])),
     }
 
