@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
@@ -257,3 +259,12 @@ def test_with_bool_keeps_label_matchers() -> None:
     assert with_bool('up{job="x"} == 0') == 'up{job="x"} == bool 0'
     assert with_bool('a{code!="OK"} > 0.05') == 'a{code!="OK"} > bool 0.05'
     assert with_bool("(a / b > 0.9) or (c > 1)") == "(a / b > bool 0.9) or (c > bool 1)"
+
+
+def test_promtool_lints_the_live_server_exposition(seqserve: SeqServe, traffic: Traffic) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool is not None  # installed with prometheus (the fixtures skip or install before this runs)
+    status, body = http_get(f"http://127.0.0.1:{seqserve.metrics_port}/metrics")
+    assert status == 200 and b"seqserve_rpc_requests_total" in body
+    proc = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
+    assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), (proc.stdout + proc.stderr).decode()
