@@ -214,7 +214,8 @@ def zero_state(net: nn.Module, batch: int) -> State:
     enc = net.encoder
     assert isinstance(enc, RecurrentEncoder)
     cfg: NetConfig = net.cfg  # type: ignore[assignment]
-    return enc.zero_state(batch * cfg.features if cfg.task == "forecast" else batch)
+    device = next(net.parameters()).device
+    return enc.zero_state(batch * cfg.features if cfg.task == "forecast" else batch, device)
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -1,0 +1,142 @@
+"""``seqserve-train {sentiment,charlm,forecast,evaluate,sample}``.
+
+Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line
+naming the file and the problem and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from training.data import DataError
+
+# Per-task defaults: the committed models' settings.
+DEFAULTS: dict[str, dict[str, object]] = {
+    "charlm": dict(cell="lstm", hidden=256, layers=2, embedding=64, dropout=0.2, epochs=100, batch_size=128,
+                   lr=2e-3, weight_decay=0.01, patience=5, max_minutes=32.0, bptt=128, eval_every=100),
+    "sentiment": dict(cell="lstm", hidden=128, layers=1, embedding=128, dropout=0.4, epochs=6, batch_size=64,
+                      lr=2e-3, weight_decay=0.01, patience=3, max_minutes=10.0, bidirectional=True, eval_every=0),
+    "forecast": dict(cell="gru", hidden=256, layers=1, embedding=0, dropout=0.0, epochs=10, batch_size=64,
+                     lr=1e-3, weight_decay=0.01, patience=3, max_minutes=5.0, eval_every=0),
+}  # fmt: skip
+
+
+def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task: str, help_: str) -> None:
+    p = sub.add_parser(task, help=help_)
+    p.add_argument("--data", type=Path, required=True, help="data file or folder")
+    p.add_argument("--out", type=Path, required=True, help="output models/NAME/VERSION directory")
+    p.add_argument("--cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"])
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--embedding", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--patience", type=int, help="evaluations without improvement before early stop")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (0 = once per epoch)")
+    p.add_argument("--max-minutes", type=float, help="wall-clock training budget (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--run-dir", type=Path, help="checkpoint folder (default runs/NAME-VERSION)")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    if task == "charlm":
+        p.add_argument("--bptt", type=int, help="characters per truncated-BPTT window")
+    if task == "sentiment":
+        p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction)
+        p.add_argument("--heldout-fraction", type=float, default=0.05, help="train slice used to pick the checkpoint")
+        p.add_argument("--min-count", type=int, default=1, help="drop train words seen fewer times (-> unk)")
+        p.add_argument("--max-length", type=int, default=128, help="longest token sequence")
+    if task == "forecast":
+        p.add_argument("--window", type=int, default=96)
+        p.add_argument("--horizon", type=int, default=96)
+        p.add_argument("--segment", type=int, default=12, help="rows per recurrent step")
+    p.set_defaults(**{k: v for k, v in DEFAULTS[task].items()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="seqserve-train", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = ap.add_subparsers(dest="command", required=True)
+    _train_parser(sub, "sentiment", "train the SST-2 sentiment classifier")
+    _train_parser(sub, "charlm", "train the Tiny Shakespeare char LM")
+    _train_parser(sub, "forecast", "train the ETTh1 forecaster")
+    ev = sub.add_parser("evaluate", help="recompute a model's metric from its exported ONNX")
+    ev.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
+    ev.add_argument("--data", type=Path, required=True)
+    sp = sub.add_parser("sample", help="generate text from a char LM (ONNX)")
+    sp.add_argument("--model", type=Path, required=True)
+    sp.add_argument("--prompt", default="ROMEO:")
+    sp.add_argument("--length", type=int, default=300)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def _job(args: argparse.Namespace, argv: list[str]) -> object:
+    from training.nets import NetConfig
+    from training.pipelines import Job
+    from training.train import TrainConfig
+
+    out: Path = args.out
+    run_dir = args.run_dir or Path("runs") / f"{out.parent.name}-{out.name}"
+    tc = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, clip=args.clip, patience=args.patience, eval_every=args.eval_every,
+        max_minutes=args.max_minutes, seed=args.seed, device=args.device, threads=args.threads,
+        run_dir=run_dir, resume=args.resume, progress=not args.no_progress,
+    )  # fmt: skip
+    nc = NetConfig(
+        task=args.command, cell=args.cell, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
+        embedding=args.embedding, bidirectional=bool(getattr(args, "bidirectional", False)),
+        window=getattr(args, "window", 96), horizon=getattr(args, "horizon", 96), segment=getattr(args, "segment", 12),
+    )  # fmt: skip
+    extra = {k: getattr(args, k) for k in ("bptt", "heldout_fraction", "min_count", "max_length") if hasattr(args, k)}
+    return Job(args.data, out, tc, nc, shlex.join(["seqserve-train", *argv]), extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "evaluate":
+            from training.evaluate import evaluate_model
+
+            print(json.dumps(evaluate_model(args.model, args.data), indent=2))
+            return 0
+        if args.command == "sample":
+            from training.evaluate import sample
+
+            print(sample(args.model, args.prompt, args.length, args.temperature, args.top_k, args.seed))
+            return 0
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                print("seqserve-train: error: --device cuda: torch.cuda.is_available() is False", file=sys.stderr)
+                return 2
+        from training import pipelines
+
+        job = _job(args, argv)
+        run = {"charlm": pipelines.train_charlm, "sentiment": pipelines.train_sentiment}
+        run.get(args.command, pipelines.train_forecast)(job)  # type: ignore[arg-type]
+        return 0
+    except DataError as e:
+        print(f"seqserve-train: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad hyper-parameters (unknown cell, window not a multiple of segment, ...)
+        print(f"seqserve-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

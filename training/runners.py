@@ -1,0 +1,161 @@
+"""Per-task batches, losses and validation for ``training.train.fit`` (the ``Runner`` protocol)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.data import FloatArray, IntArray, char_streams, pad_batch, windows
+from training.nets import State, zero_state
+
+
+class CharLMRunner:
+    """Truncated BPTT: B parallel contiguous streams, windows of ``bptt`` chars, state carried across consecutive
+    windows and detached between them (gradients stop at the window edge, the memory does not)."""
+
+    metric = "val_loss"
+    higher_is_better = False
+
+    def __init__(self, net: nn.Module, train: IntArray, val: IntArray, bptt: int, device: str = "cpu") -> None:
+        self.net, self.train, self.val, self.bptt, self.device = net, train, val, bptt, device
+        self.state: State = ()
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return (len(self.train) // batch_size - 1) // self.bptt
+
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        offset = int(rng.integers(0, self.bptt))  # window edges move every epoch
+        streams = torch.from_numpy(char_streams(self.train[offset:], batch_size)).to(self.device)  # (B, N)
+        self.state = tuple(s.to(self.device) for s in zero_state(self.net, batch_size))
+        for i in range(0, streams.shape[1] - 1 - self.bptt + 1, self.bptt):
+            yield streams[:, i : i + self.bptt], streams[:, i + 1 : i + 1 + self.bptt]
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch  # (B, T) each; y is x shifted by one char
+        logits, *state = self.net(x, *self.state)  # (B, T, V)
+        self.state = tuple(s.detach() for s in state)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def evaluate(self) -> dict[str, float]:
+        nats = char_nll(lambda x, st: self.net(x, *st), self.val, zero_state(self.net, VAL_STREAMS), self.device)
+        return {"val_loss": nats}
+
+
+VAL_STREAMS = 32  # validation text is cut into this many contiguous streams, state carried within each
+VAL_CHUNK = 512
+
+
+def char_nll(step: object, ids: IntArray, state0: State, device: str = "cpu") -> float:
+    """Mean next-char NLL (nats) over ``ids`` split into len(state0[0][0]) streams with carried state.
+
+    ``step(x (B, T) tensor, state tuple) -> (logits (B, T, V), *state)``. Shared by training and the ONNX
+    evaluator so both report the same number.
+    """
+    streams = torch.from_numpy(char_streams(ids, state0[0].shape[1])).to(device)  # (B, N)
+    state = tuple(s.to(device) for s in state0)
+    total, count = 0.0, 0
+    for i in range(0, streams.shape[1] - 1, VAL_CHUNK):
+        x = streams[:, i : min(i + VAL_CHUNK, streams.shape[1] - 1)]
+        y = streams[:, i + 1 : i + 1 + x.shape[1]]
+        logits, *st = step(x, state)  # type: ignore[operator]
+        state = tuple(st)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+        count += y.numel()
+    return total / count
+
+
+class SentimentRunner:
+    """Length-bucketed batches of (ids, lengths, label); selection on a slice held out from train."""
+
+    metric = "heldout_accuracy"
+    higher_is_better = True
+
+    def __init__(
+        self,
+        net: nn.Module,
+        train: list[tuple[IntArray, int]],
+        heldout: list[tuple[IntArray, int]],
+        dev: list[tuple[IntArray, int]],
+        max_length: int,
+        device: str = "cpu",
+    ) -> None:
+        self.net, self.train, self.heldout, self.dev = net, train, heldout, dev
+        self.max_length, self.device = max_length, device
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return (len(self.train) + batch_size - 1) // batch_size
+
+    def _tensors(self, items: list[tuple[IntArray, int]]) -> tuple[Tensor, Tensor, Tensor]:
+        ids, lengths = pad_batch([s for s, _ in items], self.max_length)
+        y = torch.tensor([lab for _, lab in items])
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(lengths).to(self.device), y.to(self.device)
+
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        order = rng.permutation(len(self.train))
+        # Sort within chunks of 50 batches by length: little padding, still random batches.
+        chunk = 50 * batch_size
+        batches = []
+        for c in range(0, len(order), chunk):
+            part = sorted(order[c : c + chunk], key=lambda i: len(self.train[i][0]))
+            batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+        for j in rng.permutation(len(batches)):
+            yield self._tensors([self.train[i] for i in batches[j]])
+
+    def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        ids, lengths, y = batch
+        logits, *_ = self.net(ids, lengths, *zero_state(self.net, ids.shape[0]))
+        return F.cross_entropy(logits, y)
+
+    def _score(self, items: list[tuple[IntArray, int]]) -> tuple[float, float]:
+        correct, loss = 0, 0.0
+        for i in range(0, len(items), 256):
+            ids, lengths, y = self._tensors(items[i : i + 256])
+            logits, *_ = self.net(ids, lengths, *zero_state(self.net, ids.shape[0]))
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        return correct / len(items), loss / len(items)
+
+    def evaluate(self) -> dict[str, float]:
+        acc, loss = self._score(self.heldout)
+        dev_acc, _ = self._score(self.dev)  # reported only; never used for selection
+        return {"heldout_accuracy": acc, "val_loss": loss, "dev_accuracy": dev_acc}
+
+
+class ForecastRunner:
+    """Every stride-1 (window, horizon) pair of the z-scored train split; MSE loss; selection on val MSE."""
+
+    metric = "val_mse"
+    higher_is_better = False
+
+    def __init__(
+        self, net: nn.Module, train: FloatArray, val: FloatArray, window: int, horizon: int, device: str = "cpu"
+    ):
+        self.net, self.device = net, device
+        self.x, self.y = (torch.from_numpy(a).to(device) for a in windows(train, window, horizon))
+        self.vx, self.vy = (torch.from_numpy(a).to(device) for a in windows(val, window, horizon))
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return (len(self.x) + batch_size - 1) // batch_size
+
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.from_numpy(rng.permutation(len(self.x)))
+        for i in range(0, len(order), batch_size):
+            j = order[i : i + batch_size]
+            yield self.x[j], self.y[j]
+
+    def predict(self, x: Tensor) -> Tensor:
+        out = [self.net(x[i : i + 512], *zero_state(self.net, len(x[i : i + 512])))[0] for i in range(0, len(x), 512)]
+        return torch.cat(out)
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        pred, *_ = self.net(x, *zero_state(self.net, x.shape[0]))
+        return F.mse_loss(pred, y)
+
+    def evaluate(self) -> dict[str, float]:
+        pred = self.predict(self.vx)
+        return {"val_mse": float(F.mse_loss(pred, self.vy)), "val_mae": float((pred - self.vy).abs().mean())}
