@@ -74,8 +74,8 @@ class CompleteRequest(_message.Message):
     """Random seed; the same seed and inputs give the same text. Unset = random."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelSelector:
-        """Model to use (default name "charlm", newest version). Ignored in favour of the session's model
-        when it names the same model; a different model than the session's is FAILED_PRECONDITION.
+        """Model to use (default name "charlm", newest version). With a session: leave unset to use the
+        session's model; naming a different model than the session's is FAILED_PRECONDITION.
         """
 
     @_builtins.property
