@@ -37,10 +37,13 @@ Context: TypeAlias = grpc.aio.ServicerContext  # grpc ships no type stubs: this 
 
 
 @runtime_checkable
-class ManifestSource(Protocol):
-    """What KServe needs beyond ``DataPlane``: the manifest of a loaded model (``CoreDataPlane`` has it)."""
+class CoreExtras(Protocol):
+    """What KServe needs beyond ``DataPlane`` (``CoreDataPlane`` has both): a loaded model's manifest, and
+    whether the data plane is serving at all (false before start-up finished and while shutting down)."""
 
     def model_manifest(self, model: ModelRef) -> Manifest: ...
+
+    def ready(self) -> bool: ...
 
 
 def _ref(name: str, version: str) -> ModelRef:
@@ -61,9 +64,9 @@ def _server_version() -> str:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, manifests: ManifestSource, settings: Settings) -> None:
+    def __init__(self, dataplane: DataPlane, core: CoreExtras, settings: Settings) -> None:
         self._dataplane = dataplane
-        self._manifests = manifests
+        self._core = core
         self._settings = settings
         self._sequences = Sequences(dataplane, settings)
         self._stats = ModelStatsBook()
@@ -74,7 +77,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         models = self._dataplane.models()
-        return pb.ServerReadyResponse(ready=bool(models) and all(m.ready for m in models))
+        return pb.ServerReadyResponse(ready=self._core.ready() and bool(models) and all(m.ready for m in models))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
@@ -168,7 +171,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _resolve(self, ref: ModelRef) -> tuple[ModelInfo, Manifest]:
         info = self._dataplane.model_info(ref)  # raises ModelNotFound naming the model
-        return info, self._manifests.model_manifest(ModelRef(info.name, info.version))
+        return info, self._core.model_manifest(ModelRef(info.name, info.version))
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         info, manifest = self._resolve(_ref(request.model_name, request.model_version))
@@ -217,7 +220,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:
     """Adds the KServe v2 service to ``server``; returns its full name for health and reflection."""
-    if not isinstance(dataplane, ManifestSource):
-        raise TypeError("the KServe v2 endpoint needs a data plane with model_manifest(ModelRef) -> Manifest")
+    if not isinstance(dataplane, CoreExtras):
+        raise TypeError("the KServe v2 endpoint needs a data plane with model_manifest() and ready() (CoreDataPlane)")
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dataplane, dataplane, settings), server)
     return [SERVICE_NAME]
