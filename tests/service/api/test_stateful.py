@@ -9,12 +9,13 @@ from itertools import pairwise
 import numpy as np
 
 from service.client import Client, SuggestEvent
+from service.core.types import Suggestion
 
 TEXT = "To be, or not to be: that is the question."
 
 
-def texts(result_suggestions: list[object]) -> list[tuple[str, float]]:
-    return [(s.text, round(s.logprob, 4)) for s in result_suggestions]  # type: ignore[attr-defined]
+def texts(suggestions: list[Suggestion]) -> list[tuple[str, float]]:
+    return [(s.text, round(s.logprob, 4)) for s in suggestions]
 
 
 def test_suggest_in_chunks_equals_whole(client: Client) -> None:
