@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from tritonclient.grpc import InferenceServerClient, InferInput
 
 from service.client import ApiError, Client
 from tests.integration.conftest import ROOT, Prometheus, SeqServe, http_get, wait_for
@@ -27,10 +28,8 @@ pytestmark = pytest.mark.timeout(600)
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "seqserve.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-RATE_WINDOW = "1m"
-MODEL_METHODS = (
-    'method=~"Classify|Complete|Predict"'  # covers the whole test: both rounds of traffic and the scrapes between them
-)
+RATE_WINDOW = "1m"  # covers the whole test: both rounds of traffic and the scrapes between them
+MODEL_METHODS = 'method=~"Classify|Complete|Predict|ModelInfer"'
 
 
 def query(prom: Prometheus, expr: str) -> list[dict[str, Any]]:
@@ -53,12 +52,12 @@ class Traffic:
     texts: int = 0  # sentiment texts classified (Classify + KServe ModelInfer)
     completes: int = 0
     completion_chars: int = 0
-    kserve: bool = False
 
 
-def one_round(c: Client, kserve: Any, max_sessions: int, t: Traffic) -> None:
+def one_round(c: Client, kserve: InferenceServerClient, max_sessions: int, t: Traffic) -> None:
     """One of every API call, plus two failures: an unknown model (client error) and a full session store
-    (RESOURCE_EXHAUSTED, a server-side code). Sessions are deleted at the end, so rounds repeat identically."""
+    (RESOURCE_EXHAUSTED, a server-side code), then the KServe v2 endpoint through tritonclient. Sessions are
+    deleted at the end, so rounds repeat identically."""
     t.texts += len(c.classify(["a fine film", "a dull one"], model="sentiment"))
     t.calls["Classify", "OK"] += 1
     with pytest.raises(ApiError) as err:
@@ -88,32 +87,13 @@ def one_round(c: Client, kserve: Any, max_sessions: int, t: Traffic) -> None:
         c.delete_session(s.id)
     t.calls["Delete", "OK"] += 3
 
-    if kserve is not None:  # KServe v2 / Triton protocol, through the stock tritonclient
-        from tritonclient.grpc import InferInput
-
-        assert kserve.is_server_live()
-        text = InferInput("TEXT", [2], "BYTES")
-        text.set_data_from_numpy(np.array([b"a fine film", b"a dull one"], dtype=np.object_))
-        out = kserve.infer("sentiment", [text]).as_numpy("LABEL")
-        assert out is not None and len(out) == 2
-        t.texts += 2
-        t.calls.update({("ServerLive", "OK"): 1, ("ModelInfer", "OK"): 1})
-
-
-def kserve_client(target: str) -> Any:
-    """A tritonclient when the server registers the KServe v2 service, else None."""
-    from tritonclient.grpc import InferenceServerClient
-    from tritonclient.utils import InferenceServerException
-
-    client = InferenceServerClient(url=target)
-    try:
-        client.is_server_live()
-    except InferenceServerException as e:
-        if "UNIMPLEMENTED" in str(e.status()):
-            client.close()
-            return None
-        raise
-    return client
+    assert kserve.is_server_live()
+    text = InferInput("TEXT", [2], "BYTES")
+    text.set_data_from_numpy(np.array([b"a fine film", b"a dull one"], dtype=np.object_))
+    labels = kserve.infer("sentiment", [text]).as_numpy("LABEL")
+    assert labels is not None and len(labels) == 2
+    t.texts += 2
+    t.calls.update({("ServerLive", "OK"): 1, ("ModelInfer", "OK"): 1})
 
 
 def requests_seen(prom: Prometheus, n: int) -> bool:
@@ -129,18 +109,14 @@ def traffic(seqserve: SeqServe, prometheus: Prometheus) -> Traffic:
         lambda: [r for r in query(prometheus, 'up{job="seqserve"}') if r["value"][1] == "1"],
     )
     t = Traffic()
-    kserve = kserve_client(seqserve.grpc_target)
-    if kserve is not None:
-        t.calls["ServerLive", "OK"] += 1  # the probe above
-    t.kserve = kserve is not None
+    kserve = InferenceServerClient(url=seqserve.grpc_target)  # KServe v2 / Triton protocol, stock client
     with Client(seqserve.grpc_target) as c:
         # Two rounds with a scrape between them: series exist before the second round, so rate() sees it grow.
         for _ in range(2):
             one_round(c, kserve, seqserve.max_sessions, t)
             sent = sum(t.calls.values())
             wait_for(f"Prometheus to see {sent} RPCs", partial(requests_seen, prometheus, sent), timeout=60)
-    if kserve is not None:
-        kserve.close()
+    kserve.close()
     return t
 
 
@@ -161,15 +137,14 @@ def test_request_counters_match_the_traffic(prometheus: Prometheus, traffic: Tra
     assert got == {k: float(v) for k, v in traffic.calls.items()}
     by_model = {
         (r["metric"]["method"], r["metric"].get("model", "")): float(r["value"][1])
-        for r in query(
-            prometheus, 'sum by (method, model) (seqserve_rpc_requests_total{method=~"Classify|Complete|Predict"})'
-        )
+        for r in query(prometheus, f"sum by (method, model) (seqserve_rpc_requests_total{{{MODEL_METHODS}}})")
     }
     assert by_model == {
         ("Classify", "sentiment"): 2.0,
         ("Classify", "_other"): 2.0,
         ("Complete", "charlm"): 2.0,
         ("Predict", "forecaster"): 2.0,
+        ("ModelInfer", "sentiment"): 2.0,
     }
     assert scalar(prometheus, "sum(seqserve_rpc_in_flight)") == 0.0
 
