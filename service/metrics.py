@@ -11,6 +11,7 @@ name a client sends is reported as ``model="_other"``), never a session id or an
 from __future__ import annotations
 
 import bisect
+import importlib.metadata
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -47,6 +48,14 @@ OTHER_MODEL = "_other"  # label value for model names that are not loaded (typos
 NO_MODEL = ""  # RPCs that name no model (health, ListModels): the label is empty, i.e. absent in PromQL
 
 
+def _version(package: str) -> str:
+    """Installed version of ``package`` without importing it ("unknown" when not installed)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _observe_many(child: Histogram, value: float, n: int) -> None:
     """``n`` observations of the same value. prometheus_client has no weighted observe and a loop costs ~2 µs per
     observation (0.6 ms for a 256-row batch), so bump the matching bucket by ``n`` directly; the private fields
@@ -70,6 +79,13 @@ class Metrics:
             PlatformCollector(registry=r)
             GCCollector(registry=r)
         self._lock = threading.Lock()
+        self.build_info = Gauge(
+            "seqserve_build_info",
+            "Always 1; labels carry the seqserve and ONNX Runtime versions of this process.",
+            ("version", "onnxruntime"),
+            registry=r,
+        )
+        self.build_info.labels(_version("seqserve"), _version("onnxruntime")).set(1)
         self._models: set[str] = set()  # names seen by model_loaded: the only model label values besides _other
         self._model_info: dict[tuple[str, str], str] = {}  # (model, version) -> provider currently exported
 

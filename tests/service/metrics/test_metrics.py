@@ -167,6 +167,14 @@ def test_model_info_ready_and_load_time(m: Metrics) -> None:
     assert value(m, "seqserve_model_ready", model="charlm", version="1") == 0.0
 
 
+def test_build_info(m: Metrics) -> None:
+    (family,) = (f for f in m.registry.collect() if f.name == "seqserve_build_info")
+    (sample,) = family.samples
+    assert sample.value == 1.0
+    assert sample.labels["version"] not in {"", "unknown"}  # the package is installed (editable) in the venv
+    assert sample.labels["onnxruntime"][0].isdigit()
+
+
 def test_bucket_bounds() -> None:
     assert LATENCY_BUCKETS[0] == pytest.approx(50e-6)
     assert LATENCY_BUCKETS[-1] == 10.0
@@ -190,6 +198,7 @@ def test_names_follow_conventions(m: Metrics) -> None:
     families = {fam.name: fam.type for fam in m.registry.collect()}
     ours = {n: t for n, t in families.items() if n.startswith("seqserve_")}
     assert set(ours) == {
+        "seqserve_build_info",
         "seqserve_rpc_requests",
         "seqserve_rpc_duration_seconds",
         "seqserve_rpc_in_flight",
