@@ -7,17 +7,14 @@ tritonclient's ``inference`` protos and ours must never meet in one protobuf des
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-SEQSERVE = Path(sys.executable).parent / "seqserve"
-CLIENT_SCRIPT = Path(__file__).parent / "triton_client.py"
+from tests.service.kserve.procs import CLIENT_SCRIPT, start_server, stop_server
 
 
 @pytest.fixture(scope="session")
@@ -29,33 +26,6 @@ def kserve_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for task, name in (("sentiment", "sentiment"), ("charlm", "charlm"), ("forecast", "forecaster")):
         export_tiny(task, root, name=name)
     return root
-
-
-def start_server(repo: Path, workdir: Path, **env: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-    """Starts ``seqserve serve`` on free ports (127.0.0.1) and waits for its ready file."""
-    ready = workdir / "ready.json"
-    log = (workdir / "server.log").open("wb")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | env
-    cmd = [str(SEQSERVE), "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
-    proc = subprocess.Popen(
-        [*cmd, "--models", str(repo), "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT, env=environ
-    )
-    deadline = time.monotonic() + 120
-    while not (ready.exists() and ready.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"seqserve did not start:\n{(workdir / 'server.log').read_text()[-4000:]}")
-        time.sleep(0.1)
-    return proc, json.loads(ready.read_text())
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -195,11 +195,45 @@ def forecaster(c: grpcclient.InferenceServerClient) -> Report:
     }
 
 
+def trained(c: grpcclient.InferenceServerClient) -> Report:
+    """The committed (trained) models: clear-cut sentiment, a charlm sequence, real forecast shapes."""
+    r = c.infer("sentiment", [_text(["a wonderful , moving and beautifully acted film", "a dull , tedious mess"])])
+    text = "ROMEO:\nBut soft, what light through yonder window breaks"
+    whole = _charlm(c, text)
+    cut = [0, 7, 20, 33, len(text)]
+    last = None
+    for i in range(len(cut) - 1):
+        last = _charlm(c, text[cut[i] : cut[i + 1]], sequence_id="trained", sequence_start=i == 0)
+    assert last is not None
+    meta = c.get_model_metadata("forecaster", as_json=True)
+    window = 96
+    features = int(meta["inputs"][0]["shape"][1])
+    t = np.arange(2 * window, dtype=np.float32)[:, None]
+    rows = (10 + 3 * np.sin(2 * np.pi * t / 24) + np.zeros((1, features), dtype=np.float32)).astype(np.float32)
+    fc = c.infer("forecaster", [_history(rows)])
+    return {
+        "labels": [x.decode() for x in r.as_numpy("LABEL")],
+        "whole_probs": whole.as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "seq_probs": last.as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "seq_steps": last.get_response().parameters["seqserve_steps"].int64_param,
+        "text_chars": len(text),
+        "prefix_probs": _charlm(c, text[cut[-2] :]).as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "forecast_shape": list(fc.as_numpy("FORECAST").shape),
+        "quantiles": fc.as_numpy("QUANTILES").tolist(),
+        "forecast_finite": bool(np.isfinite(fc.as_numpy("FORECAST")).all()),
+        "metadata": meta,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
+    parser.add_argument("--trained", action="store_true", help="only the checks for the committed models")
     args = parser.parse_args()
     with grpcclient.InferenceServerClient(args.url) as c:
+        if args.trained:
+            print(json.dumps(trained(c)))
+            return
         report = {"health": health(c), "sentiment": sentiment(c), "charlm": charlm(c), "stream": stream(c)}
         report["forecaster"] = forecaster(c)
         report["stats_all"] = c.get_inference_statistics(as_json=True)
