@@ -34,7 +34,7 @@ test: $(STAMP) sysdeps
 lint: $(STAMP)
 	$(BIN)/ruff check service training tests bench proto
 	$(BIN)/ruff format --check service training tests bench proto
-	$(BIN)/mypy service training
+	$(BIN)/mypy service training bench
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py

@@ -1,0 +1,262 @@
+"""``make bench``: latency and throughput of a real ``seqserve serve`` process on the committed models.
+
+Starts the server as a subprocess on loopback ports, drives it through the real gRPC client, prints a table
+and writes ``bench/results/latest.json`` (git-ignored). Every number in the README comes from this command.
+
+What it measures, and why:
+- ``keystroke``: one typed character through a session (``Suggest``, n=1, 1 char of lookahead) at growing
+  prefix lengths. A stateful session costs O(appended); the stateless alternative (``Complete`` with the whole
+  prefix as prompt and 1 generated char, what a server without sequence state must do) costs O(prefix).
+- ``streams``: concurrent generation streams; the dynamic batcher merges their one-character steps.
+- ``classify`` / ``forecast`` / ``observe``: request latency of the other APIs.
+- ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
+
+    python -m bench.run [--models models] [--repeats 50] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.client import Client, SuggestEvent
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+) * 40
+
+
+@contextmanager
+def running_server(models: Path) -> Iterator[tuple[str, int]]:
+    """A real server subprocess; yields (grpc target, pid)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready.json"
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0"]
+        cmd += ["--models", str(models), "--device", "cpu", "--ready-file", str(ready)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read() if proc.stderr else ""
+                    raise SystemExit(f"bench: server did not start:\n{err[-2000:]}")
+                time.sleep(0.1)
+            ports = json.loads(ready.read_text())
+            yield f"127.0.0.1:{ports['grpc_port']}", proc.pid
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples) * 1e3  # ms
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "n": len(samples),
+    }
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+class TypingStream:
+    """One long-lived bidirectional Suggest stream, as a typing client keeps: ``step`` sends one event and
+    waits for its answer."""
+
+    def __init__(self, client: Client, session_id: str) -> None:
+        self._events: list[SuggestEvent | None] = []
+        self._cond = threading.Condition()
+        self._answers = client.suggest(session_id, self._source(), timeout=600)
+
+    def _source(self) -> Iterator[SuggestEvent]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._events))
+                ev = self._events.pop(0)
+            if ev is None:
+                return
+            yield ev
+
+    def _send(self, ev: SuggestEvent | None) -> None:
+        with self._cond:
+            self._events.append(ev)
+            self._cond.notify()
+
+    def step(self, appended: str) -> None:
+        self._send(SuggestEvent(appended, n=1, max_chars=1, beam=False))
+        next(self._answers)
+
+    def close(self) -> None:
+        self._send(None)
+
+
+def bench_keystroke(client: Client, prefixes: list[int], repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in prefixes:
+        prefix = TEXT[:n]
+        with client.session("charlm") as s:
+            typing = TypingStream(client, s.id)
+            typing.step(prefix)  # the session now holds the prefix's state
+            stateful = timed(lambda t=typing: t.step("e"), repeats)  # type: ignore[misc]
+            typing.close()
+        recompute = timed(lambda p=prefix: complete_one(client, p), repeats)  # type: ignore[misc]
+        rows.append({"prefix_chars": n, "session_step": percentiles(stateful), "recompute": percentiles(recompute)})
+    return rows
+
+
+def complete_one(client: Client, prompt: str) -> None:
+    """What a stateless server must do per keystroke: re-read the whole prefix, then predict one char."""
+    for _ in client.complete(prompt, max_chars=1, temperature=0.0):
+        pass
+
+
+def stream_rate(client: Client, seed: int, chars: int, out: list[float]) -> None:
+    got = 0
+    t0 = time.perf_counter()
+    for chunk in client.complete("ROMEO:", max_chars=chars, temperature=0.8, seed=seed, timeout=600):
+        got += len(chunk.text)
+    out.append(got / (time.perf_counter() - t0))
+
+
+def bench_streams(client: Client, concurrency: list[int], chars: int) -> list[dict[str, Any]]:
+    rows = []
+    for c in concurrency:
+        rates: list[float] = []
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=stream_rate, args=(client, i, chars, rates)) for i in range(c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        rows.append(
+            {
+                "streams": c,
+                "chars_per_stream": chars,
+                "total_chars_per_s": c * chars / wall,
+                "per_stream_chars_per_s": float(np.mean(rates)),
+            }
+        )
+    return rows
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_memory(client: Client, pid: int, sessions: int) -> dict[str, Any]:
+    before = rss_bytes(pid)
+    ids = []
+    for _ in range(sessions):
+        info = client.create_session("charlm")
+        client.suggest_once(info.id, "To be", n=1, max_chars=1)
+        ids.append(info.id)
+    after = rss_bytes(pid)
+    for i in ids:
+        client.delete_session(i)
+    return {
+        "sessions": sessions,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "bytes_per_session": (after - before) / sessions,
+    }
+
+
+def etth1_rows(n: int) -> np.ndarray:
+    path = ROOT.parent / "shared" / "data" / "etth1" / "ETTh1.csv"
+    if path.exists():
+        return np.loadtxt(path, delimiter=",", skiprows=1, usecols=range(1, 8), max_rows=n, dtype=np.float32)
+    return np.random.default_rng(0).normal(size=(n, 7)).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = ap.parse_args(argv)
+    repeats = 5 if args.quick else args.repeats
+    prefixes = [16, 256] if args.quick else [16, 256, 1024, 4000]
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "repeats": repeats,
+    }
+    with running_server(args.models) as (target, pid), Client(target, timeout=120) as client:
+        results["keystroke"] = bench_keystroke(client, prefixes, repeats)
+        results["streams"] = bench_streams(client, [1, 4] if args.quick else [1, 4, 16], 50 if args.quick else 200)
+        texts = ["a gripping , beautifully acted film", "dull and far too long"] * 8
+        results["classify"] = {
+            "batch_1": percentiles(timed(lambda: client.classify(texts[:1]), repeats)),
+            "batch_16": percentiles(timed(lambda: client.classify(texts), repeats)),
+        }
+        hist = etth1_rows(200)
+        results["forecast"] = {"predict_96_rows": percentiles(timed(lambda: client.forecast(hist[:96]), repeats))}
+        with client.session("forecaster") as s:
+            client.observe(s.id, hist[:96])
+            rows = iter(range(96, 96 + 10_000))
+            results["forecast"]["observe_1_row"] = percentiles(
+                timed(lambda: client.observe(s.id, hist[[next(rows) % 200]]), repeats)
+            )
+        results["memory"] = bench_memory(client, pid, 50 if args.quick else 500)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"seqserve bench  ({r['machine']['cpus']} CPUs, {r['repeats']} repeats, CPU execution provider)\n")
+    print("One keystroke on the char LM (p50 / p99 ms):")
+    print(f"  {'prefix chars':>12}  {'session step':>20}  {'recompute prefix':>20}  {'speed-up':>8}")
+    for row in r["keystroke"]:
+        s, c = row["session_step"], row["recompute"]
+        print(
+            f"  {row['prefix_chars']:>12}  {s['p50_ms']:>9.2f} / {s['p99_ms']:>7.2f}  "
+            f"{c['p50_ms']:>9.2f} / {c['p99_ms']:>7.2f}  {c['p50_ms'] / s['p50_ms']:>7.1f}x"
+        )
+    print("\nConcurrent Complete streams (dynamic batching of one-char steps):")
+    print(f"  {'streams':>8}  {'total chars/s':>14}  {'per stream':>11}")
+    for row in r["streams"]:
+        print(f"  {row['streams']:>8}  {row['total_chars_per_s']:>14.0f}  {row['per_stream_chars_per_s']:>11.0f}")
+    print("\nOther APIs (p50 / p99 ms):")
+    for name, p in [*r["classify"].items(), *r["forecast"].items()]:
+        print(f"  {name:>16}  {p['p50_ms']:>8.2f} / {p['p99_ms']:>8.2f}")
+    m = r["memory"]
+    added = (m["rss_after_bytes"] - m["rss_before_bytes"]) / 2**20
+    print(f"\nMemory: {m['sessions']} char-LM sessions add {added:.1f} MiB RSS")
+    print(f"        ({m['bytes_per_session'] / 1024:.1f} KiB per session)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
