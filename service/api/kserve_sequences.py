@@ -82,6 +82,13 @@ class Sequences:
             await self._dataplane.create_session(model, ttl_seconds=self._idle_seconds, session_id=sid)
         return sid
 
+    async def version(self, name: str, seq: Sequence) -> int:
+        """The model version a running sequence is pinned to; a clear error when there is no such sequence."""
+        try:
+            return (await self._dataplane.get_session(seq.session_id(name))).version
+        except SessionNotFound:
+            raise self.unknown(name, seq) from None
+
     def unknown(self, name: str, seq: Sequence) -> SessionNotFound:
         return SessionNotFound(
             f"sequence {seq.id!r} of model {name} is unknown or expired (sequences expire after "

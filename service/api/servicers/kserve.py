@@ -19,7 +19,7 @@ import grpc
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve_models import check_inputs, contract, run
-from service.api.kserve_sequences import Sequences, parse_sequence
+from service.api.kserve_sequences import Sequence, Sequences, parse_sequence
 from service.api.kserve_stats import ModelStatsBook
 from service.api.kserve_tensors import decode_inputs, encode_output
 from service.core.manifest import Manifest
@@ -174,19 +174,29 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return info, self._core.model_manifest(ModelRef(info.name, info.version))
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        info, manifest = self._resolve(_ref(request.model_name, request.model_version))
-        ref = ModelRef(info.name, info.version)
+        requested = _ref(request.model_name, request.model_version)
+        info, manifest = self._resolve(requested)
         t0 = time.perf_counter()
         ok, count = False, 0
         try:
-            response, count = await self._run(request, ref, manifest)
+            seq = parse_sequence(request.parameters)
+            if seq is not None and not contract(manifest).sequences:
+                raise InvalidInput(
+                    f"model {info.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
+                )
+            if seq is not None and not seq.start and requested.version is None:
+                # A running sequence stays on the version it started with, even when a newer one loaded since.
+                version = await self._sequences.version(info.name, seq)
+                if version != info.version:
+                    info, manifest = self._resolve(ModelRef(info.name, version))
+            response, count = await self._run(request, ModelRef(info.name, info.version), manifest, seq)
             ok = True
             return response
         finally:
             self._stats.record(info.name, info.version, ok=ok, seconds=time.perf_counter() - t0, inferences=count)
 
     async def _run(
-        self, request: pb.ModelInferRequest, ref: ModelRef, manifest: Manifest
+        self, request: pb.ModelInferRequest, ref: ModelRef, manifest: Manifest, seq: Sequence | None
     ) -> tuple[pb.ModelInferResponse, int]:
         c = contract(manifest)
         known_outputs = [d.name for d in c.outputs]
@@ -196,11 +206,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInput(f"model {ref.name} has no output {name}; outputs are {', '.join(known_outputs)}")
         inputs = decode_inputs(request)
         check_inputs(ref.name, c, inputs)
-        seq = parse_sequence(request.parameters)
-        if seq is not None and not c.sequences:
-            raise InvalidInput(
-                f"model {ref.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
-            )
         sid = None if seq is None else await self._sequences.begin(ref, ref.name, seq)
         try:
             result = await run(self._dataplane, ref, manifest, inputs, self._settings, sid)

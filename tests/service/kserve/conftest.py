@@ -19,12 +19,14 @@ from tests.service.kserve.procs import CLIENT_SCRIPT, start_server, stop_server
 
 @pytest.fixture(scope="session")
 def kserve_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Untrained tiny sentiment/charlm/forecaster models under the names the KServe contract uses."""
+    """Untrained tiny sentiment/charlm/forecaster models under the names the KServe contract uses; charlm has
+    versions 1 and 2."""
     from training.export import export_tiny
 
     root = tmp_path_factory.mktemp("kserve-models")
     for task, name in (("sentiment", "sentiment"), ("charlm", "charlm"), ("forecast", "forecaster")):
         export_tiny(task, root, name=name)
+    export_tiny("charlm", root, name="charlm", version=2, seed=1)  # newest version, other weights
     return root
 
 

@@ -229,3 +229,26 @@ def test_concurrent_requests_of_one_sequence_are_serialized(stub: pb_grpc.GRPCIn
     assert response.parameters["seqserve_steps"].int64_param == 20  # 10 requests x 2 characters, none lost
     whole = _outputs(stub.ModelInfer(_charlm_raw("ab" * 10), timeout=60))["NEXT_CHAR_PROBS"]
     np.testing.assert_allclose(_outputs(response)["NEXT_CHAR_PROBS"], whole, atol=1e-5)
+
+
+def test_sequence_stays_on_its_model_version(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Started on charlm version 1, a sequence continues on version 1 although 2 is newest."""
+    v1_whole = _charlm_raw("one two")
+    v1_whole.model_version = "1"
+    expected = _outputs(stub.ModelInfer(v1_whole, timeout=60))["NEXT_CHAR_PROBS"]
+    newest = _outputs(stub.ModelInfer(_charlm_raw("one two"), timeout=60))["NEXT_CHAR_PROBS"]
+    assert float(np.max(np.abs(newest - expected))) > 1e-4  # the versions really differ
+    start = _charlm_raw("one")
+    start.model_version = "1"
+    _seq(start, 616, start=True)
+    stub.ModelInfer(start, timeout=60)
+    step = _charlm_raw(" two")  # no version named
+    _seq(step, 616)
+    response = stub.ModelInfer(step, timeout=60)
+    assert response.model_version == "1"
+    np.testing.assert_allclose(_outputs(response)["NEXT_CHAR_PROBS"], expected, atol=1e-5)
+    wrong = _charlm_raw("x")
+    wrong.model_version = "2"
+    _seq(wrong, 616, end=True)
+    code, details = _status(stub, wrong)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "version 1" in details

@@ -62,7 +62,13 @@ def test_model_config_and_repository_index(report: Report) -> None:
     assert "sequence_batching" not in cfg["sentiment"]["config"]  # stateless
     assert [i["name"] for i in cfg["sentiment"]["config"]["input"]] == ["TEXT"]
     index = {(m["name"], m["version"], m["state"]) for m in report["health"]["index"]["models"]}
-    assert index == {("sentiment", "1", "READY"), ("charlm", "1", "READY"), ("forecaster", "1", "READY")}
+    assert index == {
+        ("sentiment", "1", "READY"),
+        ("charlm", "1", "READY"),
+        ("charlm", "2", "READY"),
+        ("forecaster", "1", "READY"),
+    }
+    assert sorted(report["health"]["metadata"]["charlm"]["versions"]) == ["1", "2"]
 
 
 def test_sentiment_infer(report: Report) -> None:
