@@ -95,7 +95,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=info.name,
-            versions=[str(m.version) for m in self._dataplane.models() if m.name == info.name],
+            versions=[str(v) for v in sorted(m.version for m in self._dataplane.models() if m.name == info.name)],
             platform="onnxruntime_onnx",
             inputs=[T(name=d.name, datatype=d.datatype, shape=d.shape) for d in c.inputs],
             outputs=[T(name=d.name, datatype=d.datatype, shape=d.shape) for d in c.outputs],
@@ -108,7 +108,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=info.name,
             platform="onnxruntime_onnx",
             backend="onnxruntime",
-            max_batch_size=0,  # batching is the server's business; shapes above are per request
+            max_batch_size=0,  # dims below are per request; the server batches requests internally
             input=[
                 pb.ModelInput(name=d.name, data_type=_CONFIG_TYPES[d.datatype], dims=d.shape, optional=d.optional)
                 for d in c.inputs
