@@ -1,0 +1,103 @@
+"""Fixtures for the core tests: a started ``CoreDataPlane`` over the tiny model repository (``tiny_models`` in
+tests/conftest.py), a metrics object that also records what the core reported, and repository copies that a
+test may change (add a version, corrupt a file)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.core.dataplane import CoreDataPlane
+from service.core.manifest import MANIFEST_FILE
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+class RecordingMetrics(Metrics):
+    """The real metrics, plus a log of the calls the tests check (batch sizes, session events)."""
+
+    def __init__(self) -> None:
+        super().__init__(runtime_collectors=False)
+        self.batches: list[tuple[str, int]] = []
+        self.events: list[tuple[str, str]] = []
+        self.loaded: list[tuple[str, int, str, bool]] = []
+        self.generated = 0
+
+    def inference(
+        self, model: str, version: int, queue_seconds: float, compute_seconds: float, batch_size: int
+    ) -> None:
+        super().inference(model, version, queue_seconds, compute_seconds, batch_size)
+        self.batches.append((model, batch_size))
+
+    def session_event(self, model: str, event: str) -> None:
+        super().session_event(model, event)
+        self.events.append((model, event))
+
+    def model_loaded(self, model: str, version: int, provider: str, load_seconds: float, ready: bool) -> None:
+        super().model_loaded(model, version, provider, load_seconds, ready)
+        self.loaded.append((model, version, provider, ready))
+
+    def chars_generated(self, model: str, count: int) -> None:
+        super().chars_generated(model, count)
+        self.generated += count
+
+    def batch_sizes(self, model: str) -> list[int]:
+        return [n for m, n in self.batches if m == model]
+
+
+def core_settings(models: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"models": models, "device": "cpu", "max_batch_delay_ms": 1.0}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def recorded(dp: CoreDataPlane) -> RecordingMetrics:
+    assert isinstance(dp.metrics, RecordingMetrics)
+    return dp.metrics
+
+
+MakeDP = Callable[..., Awaitable[CoreDataPlane]]
+
+
+@pytest.fixture
+async def make_dp(tiny_models: Path) -> AsyncIterator[MakeDP]:
+    """``await make_dp(models=..., **settings)``: a started data plane, stopped when the test ends."""
+    made: list[CoreDataPlane] = []
+
+    async def make(models: Path | None = None, **overrides: Any) -> CoreDataPlane:
+        dp = CoreDataPlane(core_settings(models or tiny_models, **overrides), RecordingMetrics())
+        made.append(dp)
+        await dp.start()
+        return dp
+
+    yield make
+    for dp in made:
+        await dp.stop()
+
+
+@pytest.fixture
+async def dp(make_dp: MakeDP) -> CoreDataPlane:
+    return await make_dp()
+
+
+@pytest.fixture
+def repo(tiny_models: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny repository that the test may modify."""
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models, root)
+    return root
+
+
+def add_version(root: Path, name: str, src: int, dst: int) -> Path:
+    """Copies ``name/src`` to ``name/dst`` with the manifest's version updated (same weights, valid sha256)."""
+    out = root / name / str(dst)
+    shutil.copytree(root / name / str(src), out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["version"] = dst
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return out

@@ -1,0 +1,102 @@
+"""Dynamic batching: concurrent requests merge into one ORT run (checked through the recorded batch sizes),
+merged results equal solo results, a failing batch fails every request in it, and a full queue refuses."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.core.batching import StepInput
+from service.core.dataplane import CoreDataPlane
+from service.core.types import ModelRef, SamplingParams
+from service.errors import ModelUnavailable, Overloaded
+from tests.service.core.conftest import MakeDP, recorded
+
+LM = ModelRef("charlm")
+
+
+async def test_concurrent_classify_requests_share_one_run(make_dp: MakeDP) -> None:
+    # A long delay and a batch size of 5: the batch flushes when full, so the 5 requests must share it.
+    dp = await make_dp(max_batch_size=5, max_batch_delay_ms=60_000)
+    texts = ["good film", "a very boring movie", "bad", "i love this great fun film !", "not good"]
+    merged = await asyncio.gather(*(dp.classify(ModelRef("sentiment"), [t]) for t in texts))
+    assert recorded(dp).batch_sizes("sentiment") == [5]
+    # Padding to the batch's longest text does not change any text's result.
+    solo = await make_dp()
+    for text, result in zip(texts, merged, strict=True):
+        alone = (await solo.classify(ModelRef("sentiment"), [text]))[0]
+        np.testing.assert_allclose(result[0].probabilities, alone.probabilities, atol=1e-5)
+        assert result[0].label == alone.label
+
+
+async def test_concurrent_streams_share_generation_steps(dp: CoreDataPlane) -> None:
+    prompts = ["abc", "xyz", "Hel", "q q"]  # equal lengths: prompt runs merge too
+    params = SamplingParams(max_chars=6, temperature=0.0)
+
+    async def run(prompt: str) -> str:
+        return "".join([c.text async for c in dp.complete(LM, prompt, params)])
+
+    together = await asyncio.gather(*(run(p) for p in prompts))
+    sizes = recorded(dp).batch_sizes("charlm")
+    assert max(sizes) == 4  # every step of the 4 streams ran as one batch of 4
+    assert sum(sizes) == 4 * 6  # prompt (1 run) + 5 steps (the last character needs no step without a session)
+    recorded(dp).batches.clear()
+    alone = [await run(p) for p in prompts]
+    assert together == alone
+    assert recorded(dp).batch_sizes("charlm") == [1] * 24
+
+
+async def test_merged_session_states_split_back_correctly(dp: CoreDataPlane) -> None:
+    texts = ["first text", "other text", "third one!"]  # same length: they merge
+    ids = [(await dp.create_session(LM)).id for _ in texts]
+    together = await asyncio.gather(*(dp.char_step(LM, t, session_id=s) for t, s in zip(texts, ids, strict=True)))
+    assert max(recorded(dp).batch_sizes("charlm")) == 3
+    for text, step in zip(texts, together, strict=True):
+        alone = await dp.char_step(LM, text)
+        np.testing.assert_allclose(step.probabilities, alone.probabilities, atol=1e-6)
+
+
+async def test_failing_batch_fails_every_request_in_it(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_batch_size=3, max_batch_delay_ms=60_000)
+    batcher = dp._served[("charlm", 1)].batcher
+    good = StepInput(inputs={"input_ids": np.array([[1, 2]], dtype=np.int64)}, rows=1, key=2)
+    bad = StepInput(inputs={"input_ids": np.array([[1.5, 2.5]], dtype=np.float32)}, rows=1, key=2)  # wrong dtype
+    results = await asyncio.gather(
+        batcher.submit(good), batcher.submit(bad), batcher.submit(good), return_exceptions=True
+    )
+    assert all(isinstance(r, Exception) for r in results)
+    assert len({id(r) for r in results}) == 1  # the same failure, delivered to each
+    assert recorded(dp).batch_sizes("charlm") == []
+    # The batcher survives: the next batch runs.
+    outs = await asyncio.gather(*(batcher.submit(good) for _ in range(3)))
+    assert [o.outputs["logits"].shape for o in outs] == [(1, 2, 96)] * 3
+    assert recorded(dp).batch_sizes("charlm") == [3]
+
+
+async def test_full_queue_is_refused(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_queue_size=2, max_batch_size=2, max_batch_delay_ms=60_000)
+    results = await asyncio.gather(*(dp.classify(ModelRef("sentiment"), ["good"]) for _ in range(3)), return_exceptions=True)
+    assert not isinstance(results[0], Exception) and not isinstance(results[1], Exception)
+    assert isinstance(results[2], Overloaded)
+    assert "max_queue_size=2" in str(results[2])
+
+
+async def test_requests_of_different_lengths_do_not_merge(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_batch_size=4, max_batch_delay_ms=1.0)
+    texts = ["ab", "abc", "ab", "abc"]
+    steps = await asyncio.gather(*(dp.char_step(LM, t) for t in texts))
+    assert sorted(recorded(dp).batch_sizes("charlm")) == [2, 2]
+    np.testing.assert_allclose(steps[0].probabilities, steps[2].probabilities, atol=1e-6)
+
+
+async def test_stopped_batcher_refuses_and_fails_waiters(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_batch_size=8, max_batch_delay_ms=60_000)
+    pending = asyncio.ensure_future(dp.classify(ModelRef("sentiment"), ["good"]))
+    await asyncio.sleep(0)  # let it queue
+    await dp.stop()
+    with pytest.raises(ModelUnavailable, match="unloaded|stopped"):
+        await pending
+    with pytest.raises(ModelUnavailable, match="not serving"):
+        await dp.classify(ModelRef("sentiment"), ["good"])

@@ -1,0 +1,160 @@
+"""Registry and runtime: loading, sha256 and broken-model reporting, versions, providers, zero states."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.core.dataplane import CoreDataPlane
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
+from service.core.runtime import CPU, CUDA, resolve_shape, select_providers
+from service.core.types import ModelRef, SamplingParams
+from service.errors import InvalidInput, ModelNotFound, ModelUnavailable
+from tests.service.core.conftest import MakeDP, add_version, core_settings, recorded
+
+HAS_CUDA = CUDA in ort.get_available_providers()
+
+
+async def test_loads_every_model_and_reports_it(dp: CoreDataPlane) -> None:
+    infos = {m.name: m for m in dp.models()}
+    assert set(infos) == {"charlm", "sentiment", "forecaster"}
+    assert all(m.ready and m.error is None and m.provider == CPU and m.version == 1 for m in infos.values())
+    assert infos["forecaster"].task == "forecast"
+    assert dp.ready()
+    assert sorted(name for name, _, _, ready in recorded(dp).loaded if ready) == ["charlm", "forecaster", "sentiment"]
+    assert dp.model_manifest(ModelRef("charlm")).tokenizer is not None
+
+
+async def test_not_ready_before_start_and_with_empty_repository(tiny_models: Path, make_dp: MakeDP, tmp_path: Path) -> None:
+    from service.metrics import Metrics
+
+    assert not CoreDataPlane(core_settings(tiny_models), Metrics(runtime_collectors=False)).ready()
+    empty = await make_dp(models=tmp_path / "nothing-here")
+    assert not empty.ready()
+    assert empty.models() == []
+
+
+async def test_sha256_mismatch_is_reported_and_others_still_load(repo: Path, make_dp: MakeDP) -> None:
+    with (repo / "charlm" / "1" / MODEL_FILE).open("ab") as f:
+        f.write(b"\0")
+    dp = await make_dp(models=repo)
+    info = dp.model_info(ModelRef("charlm"))
+    assert not info.ready and info.error is not None and "sha256" in info.error
+    assert dp.ready()  # the others serve
+    assert len(await dp.classify(ModelRef("sentiment"), ["good film"])) == 1
+    with pytest.raises(ModelUnavailable, match="sha256"):
+        [c async for c in dp.complete(ModelRef("charlm"), "hi", SamplingParams(max_chars=2))]
+    with pytest.raises(ModelUnavailable, match="sha256"):
+        await dp.create_session(ModelRef("charlm"))
+    assert ("charlm", 1, "", False) in recorded(dp).loaded
+
+
+async def test_broken_onnx_is_reported_and_others_still_load(repo: Path, make_dp: MakeDP) -> None:
+    vdir = repo / "sentiment" / "1"
+    (vdir / MODEL_FILE).write_bytes(b"this is not an onnx graph")
+    manifest = json.loads((vdir / MANIFEST_FILE).read_text())
+    manifest["sha256"] = sha256_file(vdir / MODEL_FILE)  # the hash matches; ORT still cannot load it
+    (vdir / MANIFEST_FILE).write_text(json.dumps(manifest))
+    dp = await make_dp(models=repo)
+    info = dp.model_info(ModelRef("sentiment"))
+    assert not info.ready and info.error is not None and "onnxruntime could not load" in info.error
+    with pytest.raises(ModelUnavailable, match="failed to load"):
+        await dp.classify(ModelRef("sentiment"), ["good film"])
+    assert dp.model_info(ModelRef("charlm")).ready
+
+
+async def test_invalid_manifest_and_misplaced_version_are_reported(repo: Path, make_dp: MakeDP) -> None:
+    (repo / "forecaster" / "1" / MANIFEST_FILE).write_text("{not json")
+    shutil.copytree(repo / "charlm" / "1", repo / "charlm" / "7")  # manifest still says version 1
+    (repo / "charlm" / "latest").mkdir()  # not a version number: ignored
+    dp = await make_dp(models=repo)
+    bad = dp.model_info(ModelRef("forecaster"))
+    assert not bad.ready and bad.task == "unknown" and "not a valid manifest" in (bad.error or "")
+    moved = dp.model_info(ModelRef("charlm", 7))
+    assert not moved.ready and "lives in charlm/7" in (moved.error or "")
+    # The newest *ready* version serves by default.
+    assert dp.model_info(ModelRef("charlm")).version == 1
+    with pytest.raises(ModelUnavailable, match="version 7"):
+        await dp.char_step(ModelRef("charlm", 7), "abc")
+    with pytest.raises(ModelUnavailable):
+        dp.model_manifest(ModelRef("forecaster"))
+
+
+async def test_unknown_model_or_version_lists_what_exists(dp: CoreDataPlane) -> None:
+    with pytest.raises(ModelNotFound, match=r"'nope'.*\['charlm', 'forecaster', 'sentiment'\]"):
+        dp.model_info(ModelRef("nope"))
+    with pytest.raises(ModelNotFound, match=r"no version 9; available versions: \[1\]"):
+        await dp.classify(ModelRef("sentiment", 9), ["good"])
+
+
+async def test_model_of_the_wrong_task_is_invalid_input(dp: CoreDataPlane) -> None:
+    with pytest.raises(InvalidInput, match="'charlm' model; this call needs a 'sentiment' model"):
+        await dp.classify(ModelRef("charlm"), ["good"])
+    with pytest.raises(InvalidInput, match="needs a 'forecast' model"):
+        await dp.forecast(ModelRef("sentiment"), np.zeros((24, 7), np.float32))
+
+
+async def test_newest_version_serves_by_default_and_versions_can_be_named(repo: Path, make_dp: MakeDP) -> None:
+    add_version(repo, "sentiment", 1, 2)
+    dp = await make_dp(models=repo)
+    assert dp.model_info(ModelRef("sentiment")).version == 2
+    assert dp.model_info(ModelRef("sentiment", 1)).version == 1
+    a = await dp.classify(ModelRef("sentiment", 1), ["good film"])
+    b = await dp.classify(ModelRef("sentiment"), ["good film"])
+    assert a == b  # same weights in both versions
+    assert [(m.name, m.version) for m in dp.models() if m.name == "sentiment"] == [("sentiment", 1), ("sentiment", 2)]
+
+
+def test_provider_selection() -> None:
+    assert select_providers("cpu", [CUDA, CPU]) == [CPU]
+    assert select_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert select_providers("auto", [CPU]) == [CPU]
+    assert select_providers("cuda", [CUDA, CPU]) == [CUDA, CPU]
+    with pytest.raises(ModelUnavailable, match="onnxruntime-gpu.*SEQSERVE_DEVICE=cpu"):
+        select_providers("cuda", [CPU])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA")
+async def test_cuda_requested_without_cuda_fails_start(tiny_models: Path) -> None:
+    from service.metrics import Metrics
+
+    dp = CoreDataPlane(core_settings(tiny_models, device="cuda"), Metrics(runtime_collectors=False))
+    with pytest.raises(ModelUnavailable, match="device='cuda'"):
+        await dp.start()
+    await dp.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu with CUDAExecutionProvider")
+async def test_cuda_provider_serves(make_dp: MakeDP) -> None:
+    dp = await make_dp(device="cuda")
+    assert {m.provider for m in dp.models()} == {CUDA}
+    assert len(await dp.classify(ModelRef("sentiment"), ["good film", "bad"])) == 2
+    step = await dp.char_step(ModelRef("charlm"), "hello", num_chars=3)
+    assert len(step.completion) == 3
+
+
+def test_resolve_shape() -> None:
+    assert resolve_shape([2, "batch", 16], {"batch": 3}) == (2, 3, 16)
+    assert resolve_shape([1, "batch*features", 8], {"batch": 3, "features": 7}) == (1, 21, 8)
+    with pytest.raises(ValueError, match="unknown symbol 'time'"):
+        resolve_shape(["time"], {"batch": 1})
+
+
+async def test_zero_states_follow_the_manifest(dp: CoreDataPlane) -> None:
+    lm = dp.registry.resolve(ModelRef("charlm")).runtime
+    fc = dp.registry.resolve(ModelRef("forecaster")).runtime
+    assert lm is not None and fc is not None
+    assert {k: v.shape for k, v in lm.zero_states(3).items()} == {"h0": (2, 3, 16), "c0": (2, 3, 16)}
+    assert {k: v.shape for k, v in fc.zero_states(2).items()} == {"h0": (1, 14, 16), "c0": (1, 14, 16)}
+    # Leaving the states out is the same as passing zeros.
+    ids = np.array([[5, 6, 7]], dtype=np.int64)
+    implicit = lm.run({"input_ids": ids}, 1)
+    explicit = lm.run({"input_ids": ids, **lm.zero_states(1)}, 1)
+    np.testing.assert_array_equal(implicit["logits"], explicit["logits"])
+    assert implicit["logits"].shape == (1, 3, 96)
