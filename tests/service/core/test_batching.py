@@ -77,7 +77,9 @@ async def test_failing_batch_fails_every_request_in_it(make_dp: MakeDP) -> None:
 
 async def test_full_queue_is_refused(make_dp: MakeDP) -> None:
     dp = await make_dp(max_queue_size=2, max_batch_size=2, max_batch_delay_ms=60_000)
-    results = await asyncio.gather(*(dp.classify(ModelRef("sentiment"), ["good"]) for _ in range(3)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(dp.classify(ModelRef("sentiment"), ["good"]) for _ in range(3)), return_exceptions=True
+    )
     assert not isinstance(results[0], Exception) and not isinstance(results[1], Exception)
     assert isinstance(results[2], Overloaded)
     assert "max_queue_size=2" in str(results[2])

@@ -30,7 +30,9 @@ async def test_loads_every_model_and_reports_it(dp: CoreDataPlane) -> None:
     assert dp.model_manifest(ModelRef("charlm")).tokenizer is not None
 
 
-async def test_not_ready_before_start_and_with_empty_repository(tiny_models: Path, make_dp: MakeDP, tmp_path: Path) -> None:
+async def test_not_ready_before_start_and_with_empty_repository(
+    tiny_models: Path, make_dp: MakeDP, tmp_path: Path
+) -> None:
     from service.metrics import Metrics
 
     assert not CoreDataPlane(core_settings(tiny_models), Metrics(runtime_collectors=False)).ready()

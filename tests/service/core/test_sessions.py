@@ -1,0 +1,280 @@
+"""Sessions: chunked == whole, serialized concurrent calls, fork independence, TTL expiry, LRU eviction and the
+reject policy, version pinning, wrong task / model / unknown id, caller-chosen ids, reset."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.core.dataplane import CoreDataPlane
+from service.core.types import ModelRef, SamplingParams
+from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, Overloaded, SessionNotFound
+from tests.service.core.conftest import MakeDP, add_version, recorded
+
+LM = ModelRef("charlm")
+FC = ModelRef("forecaster")
+TEXT = "The quick brown fox jumps over the lazy dog.\nAnd then it naps."
+
+
+async def distribution(dp: CoreDataPlane, session_id: str) -> np.ndarray:
+    return (await dp.char_step(LM, "", session_id=session_id)).probabilities
+
+
+async def test_chunked_feeding_equals_whole_feeding(dp: CoreDataPlane) -> None:
+    whole = await dp.create_session(LM)
+    await dp.char_step(LM, TEXT, session_id=whole.id)
+    for cuts in ([1] * 12, [3, 7, 1, 20], [len(TEXT) - 1]):
+        chunked = await dp.create_session(LM)
+        pos = 0
+        for n in cuts:
+            await dp.char_step(LM, TEXT[pos : pos + n], session_id=chunked.id)
+            pos += n
+        await dp.suggest(chunked.id, TEXT[pos:], n=2, max_chars=3)  # Suggest advances by `appended` too
+        np.testing.assert_allclose(await distribution(dp, chunked.id), await distribution(dp, whole.id), atol=1e-5)
+        assert (await dp.get_session(chunked.id)).steps == len(TEXT)
+    stateless = await dp.char_step(LM, TEXT)
+    np.testing.assert_allclose(stateless.probabilities, await distribution(dp, whole.id), atol=1e-5)
+
+
+async def test_suggest_does_not_advance_the_session(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    first = await dp.suggest(s.id, "Hello wor", n=3, max_chars=4)
+    assert first.steps == 9
+    before = await distribution(dp, s.id)
+    again = await dp.suggest(s.id, "", n=3, max_chars=4)
+    assert again == first
+    np.testing.assert_array_equal(await distribution(dp, s.id), before)
+    assert (await dp.get_session(s.id)).steps == 9
+
+
+async def test_concurrent_calls_on_one_session_are_serialized(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    await asyncio.gather(*(dp.char_step(LM, "ab", session_id=s.id) for _ in range(20)))
+    assert (await dp.get_session(s.id)).steps == 40
+    ref = await dp.create_session(LM)
+    await dp.char_step(LM, "ab" * 20, session_id=ref.id)
+    np.testing.assert_allclose(await distribution(dp, s.id), await distribution(dp, ref.id), atol=1e-5)
+
+
+async def test_concurrent_completions_on_one_session_do_not_interleave(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    params = SamplingParams(max_chars=8, temperature=0.0)
+
+    async def run(prompt: str) -> str:
+        return "".join([c.text async for c in dp.complete(LM, prompt, params, session_id=s.id)])
+
+    a, b = await asyncio.gather(run("one "), run("two "))
+    assert (await dp.get_session(s.id)).steps == 4 + 8 + 4 + 8
+    ref = await dp.create_session(LM)  # the lock is FIFO: "one " ran first, then "two "
+    await dp.char_step(LM, "one " + a + "two " + b, session_id=ref.id)
+    np.testing.assert_allclose(await distribution(dp, s.id), await distribution(dp, ref.id), atol=1e-5)
+
+
+async def test_fork_is_independent(dp: CoreDataPlane) -> None:
+    src = await dp.create_session(LM)
+    await dp.char_step(LM, "abc", session_id=src.id)
+    fork = await dp.fork_session(src.id, ttl_seconds=30)
+    assert fork.id != src.id and fork.steps == 3 and fork.ttl_seconds == 30 and fork.version == src.version
+    await dp.char_step(LM, "xyz", session_id=src.id)
+    fresh = await dp.char_step(LM, "abc")
+    np.testing.assert_allclose(await distribution(dp, fork.id), fresh.probabilities, atol=1e-6)
+    await dp.char_step(LM, "123", session_id=fork.id)
+    np.testing.assert_allclose(
+        await distribution(dp, src.id), (await dp.char_step(LM, "abcxyz")).probabilities, atol=1e-5
+    )
+    assert ("charlm", "forked") in recorded(dp).events
+
+
+async def test_idle_sessions_expire_and_the_reaper_sweeps_them(make_dp: MakeDP) -> None:
+    dp = await make_dp(reaper_interval_seconds=0.02)
+    s = await dp.create_session(LM, ttl_seconds=0.05)
+    keep = await dp.create_session(LM, ttl_seconds=600)
+    for _ in range(500):  # bounded wait for the background reaper (no timing assertion)
+        if dp.sessions.count == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert dp.sessions.count == 1
+    assert ("charlm", "expired") in recorded(dp).events
+    with pytest.raises(SessionNotFound, match="does not exist or has expired"):
+        await dp.get_session(s.id)
+    assert (await dp.get_session(keep.id)).id == keep.id
+
+
+async def test_expired_session_is_not_found_even_before_the_reaper_runs(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM, ttl_seconds=5)
+    now = dp.sessions.clock()
+    dp.sessions.clock = lambda: now + 6
+    with pytest.raises(SessionNotFound):
+        await dp.char_step(LM, "a", session_id=s.id)
+    assert dp.sessions.count == 0
+
+
+async def test_full_store_evicts_the_least_recently_used(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_sessions=3, session_full_policy="evict_lru")
+    s1, s2, s3 = [await dp.create_session(LM) for _ in range(3)]
+    await dp.char_step(LM, "a", session_id=s1.id)  # s2 is now the least recently used
+    s4 = await dp.create_session(LM)
+    with pytest.raises(SessionNotFound):
+        await dp.get_session(s2.id)
+    for s in (s1, s3, s4):
+        assert (await dp.get_session(s.id)).id == s.id
+    assert recorded(dp).events.count(("charlm", "evicted")) == 1
+
+
+async def test_byte_limit_evicts_too(make_dp: MakeDP, dp: CoreDataPlane) -> None:
+    one = (await dp.create_session(LM)).id
+    size = dp.sessions.get(one).nbytes
+    small = await make_dp(max_session_bytes=2 * size)
+    a, _b = await small.create_session(LM), await small.create_session(LM)
+    await small.create_session(LM)
+    assert small.sessions.count == 2 and small.sessions.bytes_used == 2 * size
+    with pytest.raises(SessionNotFound):
+        await small.get_session(a.id)
+    tiny = await make_dp(max_session_bytes=size - 1)
+    with pytest.raises(Overloaded, match="max_session_bytes"):
+        await tiny.create_session(LM)
+
+
+async def test_full_store_rejects_under_the_reject_policy(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_sessions=2, session_full_policy="reject")
+    a = await dp.create_session(LM)
+    await dp.create_session(FC)
+    with pytest.raises(Overloaded, match=r"max_sessions=2"):
+        await dp.create_session(LM)
+    with pytest.raises(Overloaded):
+        await dp.fork_session(a.id)
+    await dp.delete_session(a.id)
+    assert (await dp.create_session(LM)).model == "charlm"
+
+
+async def test_session_keeps_its_version_and_fails_when_it_is_removed(repo: Path, make_dp: MakeDP) -> None:
+    dp = await make_dp(models=repo)
+    old = await dp.create_session(LM)
+    await dp.char_step(LM, "abc", session_id=old.id)
+    add_version(repo, "charlm", 1, 2)
+    await dp.reload()
+    assert dp.model_info(LM).version == 2
+    assert (await dp.create_session(LM)).version == 2
+    step = await dp.char_step(LM, "d", session_id=old.id)  # still served by version 1
+    assert step.steps == 4 and (await dp.get_session(old.id)).version == 1
+    with pytest.raises(FailedPrecondition, match="names charlm version 2"):
+        await dp.char_step(ModelRef("charlm", 2), "e", session_id=old.id)
+    shutil.rmtree(repo / "charlm" / "1")
+    await dp.reload()
+    with pytest.raises(FailedPrecondition, match="pinned to model charlm version 1, which is no longer loaded"):
+        await dp.suggest(old.id, "e")
+    with pytest.raises(ModelNotFound):
+        await dp.char_step(ModelRef("charlm", 1), "e")
+
+
+async def test_wrong_task_model_or_id(dp: CoreDataPlane) -> None:
+    lm = await dp.create_session(LM)
+    fc = await dp.create_session(FC)
+    with pytest.raises(FailedPrecondition, match="needs a 'forecast' session"):
+        await dp.observe(lm.id, np.zeros((3, 7), np.float32))
+    with pytest.raises(FailedPrecondition, match="needs a 'charlm' session"):
+        await dp.suggest(fc.id, "abc")
+    with pytest.raises(FailedPrecondition, match="needs a 'charlm' session"):
+        [c async for c in dp.complete(LM, "a", SamplingParams(), session_id=fc.id)]
+    with pytest.raises(FailedPrecondition, match="stateless 'sentiment' model"):
+        await dp.create_session(ModelRef("sentiment"))
+    for call in (dp.get_session("nope"), dp.delete_session("nope"), dp.fork_session("nope"), dp.reset_session("nope")):
+        with pytest.raises(SessionNotFound, match="'nope'"):
+            await call
+    with pytest.raises(SessionNotFound):
+        await dp.suggest("nope", "a")
+
+
+async def test_ttl_limits(dp: CoreDataPlane) -> None:
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 86400.5):
+        with pytest.raises(InvalidInput, match=r"ttl_seconds must be > 0 and <= 86400"):
+            await dp.create_session(LM, ttl_seconds=bad)
+    s = await dp.create_session(LM)
+    assert s.ttl_seconds == 600 and s.expires_at == pytest.approx(s.last_used_at + 600)
+    with pytest.raises(InvalidInput, match="ttl_seconds"):
+        await dp.fork_session(s.id, ttl_seconds=-5)
+
+
+async def test_ids_are_random_and_caller_chosen_ids_replace(dp: CoreDataPlane) -> None:
+    ids = {(await dp.create_session(LM)).id for _ in range(20)}
+    assert len(ids) == 20 and all(len(i) >= 32 for i in ids)  # token_urlsafe(24): 192 bits
+    seq = await dp.create_session(LM, ttl_seconds=60, session_id="corr-42")
+    assert seq.id == "corr-42"
+    await dp.char_step(LM, "abc", session_id="corr-42")
+    again = await dp.create_session(LM, session_id="corr-42")  # a restarted sequence starts over
+    assert again.steps == 0 and dp.sessions.count == 21
+    with pytest.raises(InvalidInput, match="session_id must have 1 to 256"):
+        await dp.create_session(LM, session_id="")
+
+
+async def test_reset_and_delete(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    await dp.char_step(LM, "abc", session_id=s.id)
+    info = await dp.reset_session(s.id)
+    assert info.id == s.id and info.steps == 0 and info.version == s.version
+    with pytest.raises(InvalidInput, match="no text to continue"):
+        await dp.char_step(LM, "", session_id=s.id)
+    np.testing.assert_allclose(
+        (await dp.char_step(LM, "x", session_id=s.id)).probabilities,
+        (await dp.char_step(LM, "x")).probabilities,
+        atol=1e-6,
+    )
+    await dp.delete_session(s.id)
+    with pytest.raises(SessionNotFound):
+        await dp.get_session(s.id)
+    assert dp.sessions.count == 0 and dp.sessions.bytes_used == 0
+    assert ("charlm", "deleted") in recorded(dp).events
+
+
+async def test_complete_with_a_session_appends_prompt_and_generated_text(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    params = SamplingParams(max_chars=12, temperature=0.7, seed=3)
+    text = "".join([c.text async for c in dp.complete(LM, "Once ", params, session_id=s.id)])
+    assert len(text) == 12 and (await dp.get_session(s.id)).steps == 5 + 12
+    np.testing.assert_allclose(
+        await distribution(dp, s.id), (await dp.char_step(LM, "Once " + text)).probabilities, atol=1e-5
+    )
+    # An empty prompt continues from the session.
+    more = "".join([c.text async for c in dp.complete(LM, "", SamplingParams(max_chars=3), session_id=s.id)])
+    assert (await dp.get_session(s.id)).steps == 5 + 12 + len(more)
+
+
+async def test_closing_a_stream_stops_generation_and_keeps_what_was_sent(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    stream = dp.complete(LM, "abc", SamplingParams(max_chars=500, seed=1), session_id=s.id)
+    got = ""
+    async for chunk in stream:
+        got += chunk.text
+        if len(got) == 4:
+            break
+    await stream.aclose()
+    info = await dp.get_session(s.id)
+    assert info.steps == 3 + 4  # exactly the text the client received
+    np.testing.assert_allclose(
+        await distribution(dp, s.id), (await dp.char_step(LM, "abc" + got)).probabilities, atol=1e-5
+    )
+    assert recorded(dp).generated >= 4
+
+
+async def test_cancelling_the_consumer_task_stops_generation(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in dp.complete(LM, "abc", SamplingParams(max_chars=2000, seed=1), session_id=s.id):
+            received.append(chunk.text)
+
+    task = asyncio.create_task(consume())
+    while len(received) < 5:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    steps = (await dp.get_session(s.id)).steps  # the lock was released
+    assert 3 + 5 <= steps == 3 + len(received) < 3 + 2000
+    await asyncio.sleep(0.05)
+    assert (await dp.get_session(s.id)).steps == steps  # nothing runs on after cancellation
