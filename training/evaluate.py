@@ -28,9 +28,14 @@ def _session(model_dir: Path) -> tuple[Manifest, ort.InferenceSession]:
     return m, ort.InferenceSession(str(model_dir / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
 
 
-def zero_states(m: Manifest, rows: int) -> dict[str, np.ndarray[Any, Any]]:
-    """Zero state for every declared state input; symbolic dims become ``rows``."""
-    return {s.input: np.zeros([rows if isinstance(d, str) else d for d in s.shape], np.float32) for s in m.states}
+def zero_states(m: Manifest, batch: int) -> dict[str, np.ndarray[Any, Any]]:
+    """Zero state for every declared state input: "batch" -> batch, "batch*features" -> batch * features."""
+    features = m.forecast.features if m.forecast is not None else 1
+
+    def dim(d: int | str) -> int:
+        return d if isinstance(d, int) else batch * features if d == "batch*features" else batch
+
+    return {s.input: np.zeros([dim(d) for d in s.shape], np.float32) for s in m.states}
 
 
 def eval_charlm(m: Manifest, sess: ort.InferenceSession, path: Path, val_fraction: float = 0.1) -> dict[str, float]:
