@@ -98,7 +98,7 @@ async def test_stopped_batcher_refuses_and_fails_waiters(make_dp: MakeDP) -> Non
     pending = asyncio.ensure_future(dp.classify(ModelRef("sentiment"), ["good"]))
     await asyncio.sleep(0)  # let it queue
     await dp.stop()
-    with pytest.raises(ModelUnavailable, match="unloaded|stopped"):
+    with pytest.raises(ModelUnavailable, match=r"unloaded|stopped"):
         await pending
     with pytest.raises(ModelUnavailable, match="not serving"):
         await dp.classify(ModelRef("sentiment"), ["good"])

@@ -117,7 +117,7 @@ def test_provider_selection() -> None:
     assert select_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
     assert select_providers("auto", [CPU]) == [CPU]
     assert select_providers("cuda", [CUDA, CPU]) == [CUDA, CPU]
-    with pytest.raises(ModelUnavailable, match="onnxruntime-gpu.*SEQSERVE_DEVICE=cpu"):
+    with pytest.raises(ModelUnavailable, match=r"onnxruntime-gpu.*SEQSERVE_DEVICE=cpu"):
         select_providers("cuda", [CPU])
 
 

@@ -1,0 +1,276 @@
+"""Tasks: every validation error (naming the field and the limit), sampling (seeded, greedy, top-k, stop
+strings), suggestions (beam / greedy, log-probabilities), and forecasting (normalization, quantiles, warm-up)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.core.dataplane import CoreDataPlane
+from service.core.types import CompletionChunk, ModelRef, SamplingParams
+from service.errors import FailedPrecondition, InvalidInput
+from tests.service.core.conftest import MakeDP
+
+LM = ModelRef("charlm")
+SENT = ModelRef("sentiment")
+FC = ModelRef("forecaster")
+WINDOW, HORIZON, FEATURES = 24, 12, 7
+
+
+async def chunks(dp: CoreDataPlane, prompt: str, session_id: str | None = None, **params: Any) -> list[CompletionChunk]:
+    return [c async for c in dp.complete(LM, prompt, SamplingParams(**params), session_id)]
+
+
+async def text(dp: CoreDataPlane, prompt: str, **params: Any) -> str:
+    return "".join(c.text for c in await chunks(dp, prompt, **params))
+
+
+# --- sentiment -------------------------------------------------------------------------------------------------
+
+
+async def test_classify_returns_a_distribution_per_text(dp: CoreDataPlane) -> None:
+    results = await dp.classify(SENT, ["a good film", "this movie was n't fun !", "zzz unknown words"])
+    assert len(results) == 3
+    for r in results:
+        assert r.labels == ["negative", "positive"]
+        assert math.isclose(sum(r.probabilities), 1.0, rel_tol=1e-6)
+        assert r.label == r.labels[int(np.argmax(r.probabilities))]
+
+
+async def test_classify_validation(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_texts_per_request=3, max_chars_per_text=400)
+    cases = [
+        ([], "texts is empty"),
+        (["a"] * 4, r"texts has 4 items; the limit is 3 \(max_texts_per_request\)"),
+        (["good", "   "], r"texts\[1\] is empty"),
+        (["good", "x" * 401], r"texts\[1\] has 401 characters; the limit is 400 \(max_chars_per_text\)"),
+        (["good " * 65], r"texts\[0\] has 65 tokens; .* at most 64 \(tokenizer.max_length\)"),
+    ]
+    for texts, message in cases:
+        with pytest.raises(InvalidInput, match=message):
+            await dp.classify(SENT, texts)
+
+
+# --- char LM: sampling -----------------------------------------------------------------------------------------
+
+
+async def test_seeded_sampling_is_reproducible(dp: CoreDataPlane) -> None:
+    a = await text(dp, "Hello", max_chars=40, temperature=1.0, seed=7)
+    b = await text(dp, "Hello", max_chars=40, temperature=1.0, seed=7)
+    c = await text(dp, "Hello", max_chars=40, temperature=1.0, seed=8)
+    assert a == b and len(a) == 40
+    assert a != c  # 40 characters from a near-uniform untrained model
+
+
+async def test_temperature_zero_is_greedy(dp: CoreDataPlane) -> None:
+    greedy = (await dp.char_step(LM, "Hello", num_chars=15)).completion
+    assert await text(dp, "Hello", max_chars=15, temperature=0.0, seed=1) == greedy
+    assert await text(dp, "Hello", max_chars=15, temperature=0.0, seed=2) == greedy
+    assert await text(dp, "Hello", max_chars=15, temperature=1.0, top_k=1, seed=3) == greedy
+
+
+async def test_top_k_only_samples_the_k_most_likely(dp: CoreDataPlane) -> None:
+    step = await dp.char_step(LM, "Hello")
+    top3 = {step.vocab[i] for i in np.argsort(-step.probabilities)[:3]}
+    firsts = {(await text(dp, "Hello", max_chars=1, temperature=5.0, top_k=3, seed=s)) for s in range(30)}
+    assert firsts <= top3 and len(firsts) > 1
+
+
+async def test_finish_reasons_and_stop_strings(dp: CoreDataPlane) -> None:
+    out = await chunks(dp, "Hello", max_chars=30, temperature=0.0)
+    assert [c.finish_reason for c in out] == [None] * 29 + ["length"]
+    greedy = "".join(c.text for c in out)
+    stop = greedy[6:8]
+    end = greedy.find(stop) + len(stop)
+    stopped = await chunks(dp, "Hello", max_chars=30, temperature=0.0, stop=("@@@@", stop))
+    assert "".join(c.text for c in stopped) == greedy[:end]  # the stop string is included
+    assert stopped[-1].finish_reason == "stop" and all(c.finish_reason is None for c in stopped[:-1])
+
+
+async def test_sampling_validation(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_generate_chars=300, max_chars_per_text=100)
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("a", {"max_chars": 0}, r"max_chars must be between 1 and 300 \(max_generate_chars\); got 0"),
+        ("a", {"max_chars": 301}, r"max_chars must be between 1 and 300"),
+        ("a", {"temperature": -0.5}, r"temperature must be a finite number between 0 and 100; got -0.5"),
+        ("a", {"temperature": float("nan")}, r"temperature must be a finite number"),
+        ("a", {"top_k": 97}, r"top_k must be between 0 and 96 \(0 = no cut"),
+        ("a", {"top_k": -1}, r"top_k must be between 0 and 96"),
+        ("a", {"stop": ("x",) * 9}, r"stop has 9 strings; the limit is 8"),
+        ("a", {"stop": ("ok", "")}, r"stop\[1\] must have 1 to 64 characters; got 0"),
+        ("a" * 101, {}, r"prompt has 101 characters; the limit is 100 \(max_chars_per_text\)"),
+        ("caf\u00e9", {}, r"prompt: character 'é' is not in the model's vocabulary of 96"),
+        ("", {}, r"prompt is empty and there is no text to continue"),
+    ]
+    for prompt, params, message in cases:
+        with pytest.raises(InvalidInput, match=message):
+            await chunks(dp, prompt, **params)
+    s = await dp.create_session(LM)
+    with pytest.raises(InvalidInput, match="prompt is empty and there is no text to continue"):
+        await chunks(dp, "", session_id=s.id)
+
+
+# --- char LM: suggestions and char_step ------------------------------------------------------------------------
+
+
+async def logprob_of(dp: CoreDataPlane, session_id: str, continuation: str) -> float:
+    """log P(continuation | session) computed one character at a time, on a fork."""
+    fork = await dp.fork_session(session_id)
+    total = 0.0
+    for ch in continuation:
+        step = await dp.char_step(LM, "", session_id=fork.id)
+        total += math.log(float(step.probabilities[step.vocab.index(ch)]))
+        await dp.char_step(LM, ch, session_id=fork.id)
+    await dp.delete_session(fork.id)
+    return total
+
+
+async def test_beam_suggestions_are_ranked_with_true_logprobs(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    result = await dp.suggest(s.id, "The cat sat on the ", n=4, max_chars=5)
+    texts = [x.text for x in result.suggestions]
+    assert len(texts) == 4 == len(set(texts)) and all(len(t) == 5 for t in texts)
+    logprobs = [x.logprob for x in result.suggestions]
+    assert logprobs == sorted(logprobs, reverse=True)
+    for x in result.suggestions[:2]:
+        assert x.logprob == pytest.approx(await logprob_of(dp, s.id, x.text), abs=1e-4)
+    assert result.steps == 19
+
+
+async def test_greedy_suggestions(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    greedy = (await dp.char_step(LM, "Hello", num_chars=6)).completion
+    one = await dp.suggest(s.id, "Hello", n=1, max_chars=6)
+    assert [x.text for x in one.suggestions] == [greedy]
+    # beam=False: the n most likely first characters, each continued greedily.
+    step = await dp.char_step(LM, "", session_id=s.id)
+    branches = await dp.suggest(s.id, "", n=3, max_chars=4, beam=False)
+    firsts = {step.vocab[i] for i in np.argsort(-step.probabilities)[:3]}
+    assert {x.text[0] for x in branches.suggestions} == firsts
+    assert branches.suggestions[0].logprob == pytest.approx(
+        await logprob_of(dp, s.id, branches.suggestions[0].text), abs=1e-4
+    )
+
+
+async def test_reset_in_suggest_starts_over(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    await dp.suggest(s.id, "some earlier text")
+    fresh = await dp.create_session(LM)
+    a = await dp.suggest(s.id, "Hi", reset=True)
+    b = await dp.suggest(fresh.id, "Hi")
+    assert a.steps == 2 and [x.text for x in a.suggestions] == [x.text for x in b.suggestions]
+
+
+async def test_suggest_and_char_step_validation(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_suggestions=5, max_generate_chars=20, max_chars_per_text=50)
+    s = await dp.create_session(LM)
+    await dp.char_step(LM, "abc", session_id=s.id)
+    for n, max_chars, message in [
+        (0, 10, r"n must be between 1 and 5 \(max_suggestions\); got 0"),
+        (6, 10, r"n must be between 1 and 5"),
+        (3, 0, r"max_chars must be between 1 and 20 \(max_generate_chars\)"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            await dp.suggest(s.id, "d", n=n, max_chars=max_chars)
+    with pytest.raises(InvalidInput, match=r"appended has 51 characters; the limit is 50"):
+        await dp.suggest(s.id, "d" * 51)
+    with pytest.raises(InvalidInput, match=r"appended: character '€'"):
+        await dp.suggest(s.id, "ok €", reset=True)
+    assert (await dp.get_session(s.id)).steps == 3  # the rejected call changed nothing
+    with pytest.raises(InvalidInput, match=r"num_chars must be between 0 and 20"):
+        await dp.char_step(LM, "abc", num_chars=21)
+    with pytest.raises(InvalidInput, match=r"text is empty and there is no text to continue"):
+        await dp.char_step(LM, "")
+    with pytest.raises(InvalidInput, match=r"appended is empty and there is no text to continue"):
+        await dp.suggest((await dp.create_session(LM)).id, "")
+
+
+async def test_char_step_reports_distribution_and_does_not_advance_with_completion(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(LM)
+    step = await dp.char_step(LM, "Hello", session_id=s.id, num_chars=8)
+    assert step.probabilities.shape == (len(step.vocab),) and step.probabilities.dtype == np.float32
+    assert math.isclose(float(step.probabilities.sum()), 1.0, rel_tol=1e-5)
+    assert len(step.completion) == 8 and step.steps == 5
+    assert (await dp.get_session(s.id)).steps == 5
+
+
+# --- forecasting -----------------------------------------------------------------------------------------------
+
+
+def series(rows: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.array([7.9, 2.1, 5.0, 0.7, 3.0, 0.9, 13.3], dtype=np.float32)
+    return (base + rng.normal(size=(rows, FEATURES))).astype(np.float32)
+
+
+async def test_forecast_normalizes_runs_the_window_and_denormalizes(dp: CoreDataPlane) -> None:
+    history = series(40)
+    result = await dp.forecast(FC, history)
+    assert result.point.shape == (HORIZON, FEATURES) and result.quantiles.shape == (3, HORIZON, FEATURES)
+    assert result.quantile_levels == [0.1, 0.5, 0.9] and result.rows_seen == 40
+    manifest = dp.model_manifest(FC)
+    assert manifest.normalization is not None and result.columns == manifest.normalization.columns
+    # The same computation by hand, straight on the runtime.
+    mean, std = np.array(manifest.normalization.mean), np.array(manifest.normalization.std)
+    runtime = dp.registry.resolve(FC).runtime
+    assert runtime is not None
+    z = ((history[-WINDOW:] - mean) / std).astype(np.float32)[None]
+    point_z = runtime.run({"history": z}, 1)["forecast"][0]
+    np.testing.assert_allclose(result.point, point_z * std + mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.quantiles[1], result.point, atol=1e-5)  # the 0.5 offsets are 0
+    assert np.all(result.quantiles[0] < result.point) and np.all(result.point < result.quantiles[2])
+    # Only the last window rows matter.
+    np.testing.assert_allclose((await dp.forecast(FC, history[-WINDOW:])).point, result.point, atol=1e-6)
+
+
+async def test_forecast_validation(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_forecast_rows=100)
+    nan = series(30)
+    nan[3, 2] = np.nan
+    cases = [
+        (np.zeros(24, np.float32), r"history must be 2-D \(rows, features\); got shape \[24\]"),
+        (np.zeros((30, 5), np.float32), r"history has 5 features per row; model forecaster/1 expects 7"),
+        (series(10), r"history has 10 rows; model forecaster/1 needs at least window=24 rows"),
+        (series(101), r"history has 101 rows; send 1 to 100 rows \(max_forecast_rows\)"),
+        (nan, r"history\[3\]\[2\] \(column 'MUFL'\) is nan; every value must be a finite number"),
+    ]
+    for history, message in cases:
+        with pytest.raises(InvalidInput, match=message):
+            await dp.forecast(FC, history)
+    s = await dp.create_session(FC)
+    with pytest.raises(InvalidInput, match=r"rows has 0 rows; send 1 to 100"):
+        await dp.observe(s.id, np.zeros((0, FEATURES), np.float32))
+    with pytest.raises(InvalidInput, match=r"rows\[0\]\[0\] \(column 'HUFL'\) is inf"):
+        await dp.observe(s.id, np.full((2, FEATURES), np.inf, np.float32))
+    assert (await dp.get_session(s.id)).steps == 0
+
+
+async def test_observe_warms_up_then_forecasts_from_the_last_window(dp: CoreDataPlane) -> None:
+    history = series(50, seed=1)
+    s = await dp.create_session(FC)
+    warm = await dp.observe(s.id, history[:10])
+    assert warm.point.shape == (0, FEATURES) and warm.quantiles.shape == (3, 0, FEATURES) and warm.rows_seen == 10
+    full = await dp.observe(s.id, history[10:30])
+    assert full.rows_seen == 30 and full.point.shape == (HORIZON, FEATURES)
+    np.testing.assert_allclose(full.point, (await dp.forecast(FC, history[:30])).point, atol=1e-5)
+    later = await dp.observe(s.id, history[30:])
+    np.testing.assert_allclose(later.point, (await dp.forecast(FC, history)).point, atol=1e-5)
+    assert later.rows_seen == 50 and (await dp.get_session(s.id)).steps == 50
+    fork = await dp.fork_session(s.id)
+    one = await dp.observe(fork.id, history[:1])
+    np.testing.assert_allclose(
+        one.point, (await dp.forecast(FC, np.concatenate([history, history[:1]]))).point, atol=1e-5
+    )
+
+
+async def test_forecast_session_of_unsupported_state_mode(dp: CoreDataPlane) -> None:
+    served = dp._served[("forecaster", 1)]
+    assert served.manifest.forecast is not None
+    served.manifest = served.manifest.model_copy(
+        update={"forecast": served.manifest.forecast.model_copy(update={"state_mode": "recurrent"})}
+    )
+    with pytest.raises(FailedPrecondition, match="supports 'window' only"):
+        await dp.create_session(FC)
