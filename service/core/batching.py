@@ -1,6 +1,11 @@
 """Dynamic batching, MLServer/TGI style: per model version one queue, one task that flushes a batch when it
 holds ``max_batch_size`` rows or its oldest request has waited ``max_batch_delay_ms``, one Future per request.
 
+The wait is adaptive: a batch also flushes as soon as it holds as many rows as the previous batch of the same
+key. A lone stream therefore never waits (each generation step runs at once), while N concurrent streams keep
+meeting in batches of N; ``max_batch_delay_ms`` bounds the wait when some of them are late. Requests that
+arrive while a batch runs form the next one (continuous batching).
+
 Requests are merged only when their ``key`` is equal. Stateful steps use the time length as key, so every
 generation step (length 1) of concurrent streams shares one ORT run: their states are concatenated on the
 batch axis (axis 1 of ``[layers*dirs, batch, hidden]``), run once, and split back (TGI's ``concatenate`` /
@@ -105,6 +110,7 @@ class Batcher:
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._last_rows: dict[Hashable, int] = {}  # rows of the previous batch per key: how much company to expect
 
     def start(self) -> None:
         if self._task is None:
@@ -165,7 +171,8 @@ class Batcher:
                 self._pending.popleft()
                 continue
             # Wait for company until the batch is full or the oldest request has waited `delay`.
-            while self._rows_ready(head.item.key) < self.max_rows:
+            expect = min(self.max_rows, self._last_rows.get(head.item.key, 1))
+            while self._rows_ready(head.item.key) < expect:
                 remaining = head.enqueued + self.delay - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -175,6 +182,7 @@ class Batcher:
             batch = [p for p in self._take() if not p.future.done()]
             self.metrics.queue_depth(self.name, len(self._pending))
             if batch:
+                self._last_rows[head.item.key] = sum(p.item.rows for p in batch)
                 await self._run(batch)
 
     async def _run(self, batch: list[_Pending]) -> None:

@@ -94,11 +94,21 @@ async def test_requests_of_different_lengths_do_not_merge(make_dp: MakeDP) -> No
 
 
 async def test_stopped_batcher_refuses_and_fails_waiters(make_dp: MakeDP) -> None:
-    dp = await make_dp(max_batch_size=8, max_batch_delay_ms=60_000)
-    pending = asyncio.ensure_future(dp.classify(ModelRef("sentiment"), ["good"]))
-    await asyncio.sleep(0)  # let it queue
+    dp = await make_dp(max_batch_size=4, max_batch_delay_ms=60_000)
+    await asyncio.gather(*(dp.classify(ModelRef("sentiment"), ["good"]) for _ in range(4)))  # a full batch of 4
+    pending = asyncio.ensure_future(dp.classify(ModelRef("sentiment"), ["good"]))  # now waits for 3 more
+    for _ in range(5):
+        await asyncio.sleep(0)  # let it queue
+    assert recorded(dp).batch_sizes("sentiment") == [4]
     await dp.stop()
     with pytest.raises(ModelUnavailable, match=r"unloaded|stopped"):
         await pending
     with pytest.raises(ModelUnavailable, match="not serving"):
         await dp.classify(ModelRef("sentiment"), ["good"])
+
+
+async def test_a_lone_request_does_not_wait_for_company(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_batch_size=8, max_batch_delay_ms=60_000)
+    # With nothing else in flight each step runs at once (this would take minutes if it waited the delay).
+    out = "".join([c.text async for c in dp.complete(LM, "abc", SamplingParams(max_chars=5, temperature=0.0))])
+    assert len(out) == 5 and recorded(dp).batch_sizes("charlm") == [1] * 5
