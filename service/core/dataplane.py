@@ -49,6 +49,7 @@ class CoreDataPlane:
         self.sessions = SessionManager(settings, metrics)
         self._served: dict[tuple[str, int], Served] = {}
         self._started = False
+        self._reload_lock = asyncio.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -60,20 +61,21 @@ class CoreDataPlane:
     async def reload(self) -> None:
         """Rescans the repository: loads new (or previously failed) versions, unloads removed ones.
         Sessions pinned to a removed version then get FAILED_PRECONDITION."""
-        added, removed = await asyncio.to_thread(self.registry.scan)
-        for mv in removed:
-            served = self._served.pop((mv.name, mv.version), None)
-            if served is not None:
-                await served.batcher.stop()
-        for mv in added:
-            if mv.runtime is None or mv.manifest is None:
-                continue
-            batcher = Batcher(mv.name, mv.version, mv.runtime, self.settings, self.metrics)
-            batcher.start()
-            tok = mv.manifest.tokenizer
-            self._served[(mv.name, mv.version)] = Served(
-                mv.name, mv.version, mv.manifest, mv.runtime, batcher, Encoder(tok) if tok is not None else None
-            )
+        async with self._reload_lock:
+            added, removed = await asyncio.to_thread(self.registry.scan)
+            for mv in removed:
+                served = self._served.pop((mv.name, mv.version), None)
+                if served is not None:
+                    await served.batcher.stop()
+            for mv in added:
+                if mv.runtime is None or mv.manifest is None:
+                    continue
+                batcher = Batcher(mv.name, mv.version, mv.runtime, self.settings, self.metrics)
+                batcher.start()
+                tok = mv.manifest.tokenizer
+                self._served[(mv.name, mv.version)] = Served(
+                    mv.name, mv.version, mv.manifest, mv.runtime, batcher, Encoder(tok) if tok is not None else None
+                )
 
     async def stop(self) -> None:
         self._started = False
@@ -180,6 +182,8 @@ class CoreDataPlane:
         check_int(n, "n", 1, self.settings.max_suggestions, " (max_suggestions)")
         check_int(max_chars, "max_chars", 1, self.settings.max_generate_chars, " (max_generate_chars)")
         check_text(appended, "appended", self.settings.max_chars_per_text, allow_empty=True)
+        if reset and not appended:
+            raise InvalidInput("appended is empty while reset is set: after a reset there is no text to continue")
         async with self._session(session_id, "charlm") as (s, served):
             assert served.encoder is not None
             served.encoder.encode(appended, field="appended")  # reject bad characters before touching the session

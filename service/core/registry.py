@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.runtime import Runtime, load_runtime, select_providers
 from service.core.types import ModelInfo, ModelRef
@@ -56,6 +58,40 @@ class ModelVersion:
         return self.manifest, self.runtime
 
 
+# The tensors serving relies on, per task (the rest of the contract is checked by ``Manifest`` itself).
+REQUIRED = {
+    "charlm": (["input_ids"], ["logits"]),
+    "sentiment": (["input_ids"], ["logits"]),
+    "forecast": (["history"], ["forecast"]),
+}
+
+
+def check_contract(m: Manifest) -> None:
+    """Raises ValueError when the manifest cannot be served: missing tensors, inconsistent sizes."""
+    ins, outs = {t.name for t in m.inputs}, {t.name for t in m.outputs}
+    need_in, need_out = REQUIRED[m.task]
+    missing = [n for n in need_in if n not in ins] + [n for n in need_out if n not in outs]
+    if missing:
+        raise ValueError(f"a {m.task!r} model must declare tensors {missing} in manifest.json (see the ONNX contract)")
+    last = m.output("logits").shape[-1] if "logits" in outs else None
+    if m.task == "charlm" and m.tokenizer and isinstance(last, int) and last != len(m.tokenizer.vocab):
+        raise ValueError(f"logits have {last} classes but the tokenizer vocab has {len(m.tokenizer.vocab)} entries")
+    if m.task == "sentiment" and m.labels and isinstance(last, int) and last != len(m.labels):
+        raise ValueError(f"logits have {last} classes but manifest.labels has {len(m.labels)}")
+    if m.task == "forecast" and m.forecast is not None and m.normalization is not None:
+        f = m.forecast
+        if len(m.normalization.columns) != f.features:
+            raise ValueError(
+                f"normalization has {len(m.normalization.columns)} columns, forecast.features={f.features}"
+            )
+        shape = list(np.asarray(f.quantile_offsets, dtype=np.float64).shape)
+        if f.quantile_offsets and shape != [len(f.quantiles), f.horizon, f.features]:
+            raise ValueError(
+                f"forecast.quantile_offsets has shape {shape}; expected [quantiles={len(f.quantiles)}, "
+                f"horizon={f.horizon}, features={f.features}]"
+            )
+
+
 def load_version(name: str, version: int, path: Path, settings: Settings) -> ModelVersion:
     """Validates and loads one version directory; never raises for a broken model (records ``error``)."""
     mv = ModelVersion(name=name, version=version, path=path)
@@ -74,6 +110,7 @@ def load_version(name: str, version: int, path: Path, settings: Settings) -> Mod
                 f"{manifest_path} says {manifest.name}/{manifest.version} but lives in {name}/{version}; "
                 "the directory names are authoritative, fix one of them"
             )
+        check_contract(manifest)
         digest = sha256_file(model_path)
         if digest != manifest.sha256:
             raise ValueError(

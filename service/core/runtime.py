@@ -110,8 +110,9 @@ class Runtime:
         Returns every graph output by name (state outputs under their output names, e.g. ``hn``).
         """
         feeds = dict(feeds)
-        for name, zero in self.zero_states(batch).items():
-            feeds.setdefault(name, zero)
+        for s in self.states:
+            if s.input not in feeds:
+                feeds[s.input] = np.zeros(self._state_shape(s, batch), dtype=_DTYPES[s.dtype])
         outputs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outputs, strict=True))
 

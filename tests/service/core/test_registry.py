@@ -13,15 +13,20 @@ import pytest
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
 from service.core.runtime import CPU, CUDA, resolve_shape, select_providers
-from service.core.types import ModelRef, SamplingParams
+from service.core.types import DataPlane, ModelRef, SamplingParams
 from service.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from tests.service.core.conftest import MakeDP, add_version, core_settings, recorded
 
 HAS_CUDA = CUDA in ort.get_available_providers()
 
 
+def as_dataplane(dp: CoreDataPlane) -> DataPlane:
+    """mypy checks here that ``CoreDataPlane`` implements the ``DataPlane`` protocol exactly."""
+    return dp
+
+
 async def test_loads_every_model_and_reports_it(dp: CoreDataPlane) -> None:
-    infos = {m.name: m for m in dp.models()}
+    infos = {m.name: m for m in as_dataplane(dp).models()}
     assert set(infos) == {"charlm", "sentiment", "forecaster"}
     assert all(m.ready and m.error is None and m.provider == CPU and m.version == 1 for m in infos.values())
     assert infos["forecaster"].task == "forecast"
@@ -160,3 +165,36 @@ async def test_zero_states_follow_the_manifest(dp: CoreDataPlane) -> None:
     explicit = lm.run({"input_ids": ids, **lm.zero_states(1)}, 1)
     np.testing.assert_array_equal(implicit["logits"], explicit["logits"])
     assert implicit["logits"].shape == (1, 3, 96)
+
+
+async def test_manifest_that_breaks_the_serving_contract_is_reported(repo: Path, make_dp: MakeDP) -> None:
+    def edit(model: str, **changes: object) -> None:
+        path = repo / model / "1" / MANIFEST_FILE
+        manifest = json.loads(path.read_text())
+        for key, value in changes.items():
+            if "." in key:
+                outer, inner = key.split(".")
+                manifest[outer][inner] = value
+            else:
+                manifest[key] = value
+        path.write_text(json.dumps(manifest))
+
+    edit("sentiment", labels=["negative", "neutral", "positive"])
+    offsets = json.loads((repo / "forecaster" / "1" / MANIFEST_FILE).read_text())["forecast"]["quantile_offsets"]
+    edit("forecaster", **{"forecast.quantile_offsets": offsets[:2]})
+    edit(
+        "charlm",
+        inputs=[
+            t
+            for t in json.loads((repo / "charlm" / "1" / MANIFEST_FILE).read_text())["inputs"]
+            if t["name"] != "input_ids"
+        ],
+    )
+    dp = await make_dp(models=repo)
+    errors = {m.name: m.error or "" for m in dp.models()}
+    assert "logits have 2 classes but manifest.labels has 3" in errors["sentiment"]
+    assert (
+        "quantile_offsets has shape [2, 12, 7]; expected [quantiles=3, horizon=12, features=7]" in errors["forecaster"]
+    )
+    assert "must declare tensors ['input_ids']" in errors["charlm"]
+    assert not dp.ready()

@@ -184,6 +184,9 @@ async def test_suggest_and_char_step_validation(make_dp: MakeDP) -> None:
         await dp.char_step(LM, "abc", num_chars=21)
     with pytest.raises(InvalidInput, match=r"text is empty and there is no text to continue"):
         await dp.char_step(LM, "")
+    with pytest.raises(InvalidInput, match=r"appended is empty while reset is set"):
+        await dp.suggest(s.id, "", reset=True)
+    assert (await dp.get_session(s.id)).steps == 3
     with pytest.raises(InvalidInput, match=r"appended is empty and there is no text to continue"):
         await dp.suggest((await dp.create_session(LM)).id, "")
 
