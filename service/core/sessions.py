@@ -182,7 +182,7 @@ class SessionManager:
             raise InvalidInput(f"ttl_seconds must be > 0 and <= {limit:g} (session_max_ttl_seconds); got {ttl_seconds}")
         return float(ttl_seconds)
 
-    def _make_room(self, nbytes: int) -> None:
+    def _make_room(self, nbytes: int, keep: str | None = None) -> None:
         """Evicts LRU idle sessions (or refuses) until one more session of ``nbytes`` fits."""
         max_n, max_b = self.settings.max_sessions, self.settings.max_session_bytes
         if nbytes > max_b:
@@ -192,7 +192,7 @@ class SessionManager:
             what = f"{self.count} sessions (max_sessions={max_n}), {self.bytes_used} bytes (max_session_bytes={max_b})"
             if self.settings.session_full_policy == "reject":
                 raise Overloaded(f"session store is full: {what}; delete sessions you no longer need or retry later")
-            victim = next((s for s in victims if not s.lock.locked()), None)
+            victim = next((s for s in victims if not s.lock.locked() and s.id != keep), None)
             if victim is None:
                 raise Overloaded(f"session store is full and every session is in use: {what}; retry later")
             self.store.pop(victim.id)
@@ -207,13 +207,13 @@ class SessionManager:
             raise InvalidInput(f"session_id must have 1 to {MAX_SESSION_ID_CHARS} characters; got {len(session_id)}")
         return session_id
 
-    def add(self, session: Session) -> Session:
+    def add(self, session: Session, keep: str | None = None) -> Session:
         """Stores a new session. A caller-chosen id that exists replaces the old session (a KServe sequence
         restarted with the same correlation id)."""
         old = self.store.pop(session.id)
         if old is not None:
             self._removed(old, "deleted")
-        self._make_room(session.nbytes)
+        self._make_room(session.nbytes, keep)
         self.store.put(session)
         self._added(session)
         self.metrics.session_event(session.model, "created")
@@ -249,8 +249,7 @@ class SessionManager:
         ttl = self.ttl(ttl_seconds)
         async with self.use(session_id) as src:
             twin = src.clone(self.new_id(None), ttl, self.clock())
-        # The source is now the most recently used; make room without evicting it if possible.
-        self.add(twin)
+        self.add(twin, keep=src.id)  # making room never evicts the session being forked
         self.metrics.session_event(twin.model, "forked")
         return twin
 

@@ -123,6 +123,12 @@ async def test_full_store_evicts_the_least_recently_used(make_dp: MakeDP) -> Non
     for s in (s1, s3, s4):
         assert (await dp.get_session(s.id)).id == s.id
     assert recorded(dp).events.count(("charlm", "evicted")) == 1
+    # A fork evicts others, never its source.
+    one = await make_dp(max_sessions=1)
+    src = await one.create_session(LM)
+    with pytest.raises(Overloaded, match="max_sessions=1"):
+        await one.fork_session(src.id)
+    assert (await one.get_session(src.id)).id == src.id
 
 
 async def test_byte_limit_evicts_too(make_dp: MakeDP, dp: CoreDataPlane) -> None:
