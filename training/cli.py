@@ -19,7 +19,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "charlm": dict(cell="lstm", hidden=256, layers=2, embedding=64, dropout=0.2, epochs=100, batch_size=128,
                    lr=2e-3, weight_decay=0.01, patience=5, max_minutes=32.0, bptt=128, eval_every=100),
     "sentiment": dict(cell="lstm", hidden=128, layers=1, embedding=128, dropout=0.4, epochs=6, batch_size=64,
-                      lr=2e-3, weight_decay=0.01, patience=3, max_minutes=10.0, bidirectional=True, eval_every=0),
+                      lr=2e-3, weight_decay=0.01, patience=6, max_minutes=10.0, bidirectional=True, eval_every=250),
     "forecast": dict(cell="gru", hidden=256, layers=1, embedding=0, dropout=0.0, epochs=10, batch_size=64,
                      lr=1e-3, weight_decay=0.01, patience=3, max_minutes=5.0, eval_every=0),
 }  # fmt: skip
@@ -56,6 +56,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--heldout-fraction", type=float, default=0.05, help="train slice used to pick the checkpoint")
         p.add_argument("--min-count", type=int, default=1, help="drop train words seen fewer times (-> unk)")
         p.add_argument("--max-length", type=int, default=128, help="longest token sequence")
+        p.add_argument("--word-dropout", type=float, default=0.1, help="train-time chance a word becomes unk")
     if task == "forecast":
         p.add_argument("--window", type=int, default=96)
         p.add_argument("--horizon", type=int, default=96)
@@ -100,7 +101,11 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
         embedding=args.embedding, bidirectional=bool(getattr(args, "bidirectional", False)),
         window=getattr(args, "window", 96), horizon=getattr(args, "horizon", 96), segment=getattr(args, "segment", 12),
     )  # fmt: skip
-    extra = {k: getattr(args, k) for k in ("bptt", "heldout_fraction", "min_count", "max_length") if hasattr(args, k)}
+    extra = {
+        k: getattr(args, k)
+        for k in ("bptt", "heldout_fraction", "min_count", "max_length", "word_dropout")
+        if hasattr(args, k)
+    }
     return Job(args.data, out, tc, nc, shlex.join(["seqserve-train", *argv]), extra)
 
 

@@ -118,7 +118,10 @@ def train_sentiment(job: Job) -> None:
         return [(enc.encode(t), y) for t, y in rows]
 
     print(f"sentiment: {len(fit_rows)} train / {n_held} held-out / {len(dev_rows)} dev, vocab {len(tok.vocab)}")
-    runner = SentimentRunner(net, encode(fit_rows), encode(held_rows), encode(dev_rows), tok.max_length or 128)
+    runner = SentimentRunner(
+        net, encode(fit_rows), encode(held_rows), encode(dev_rows), tok.max_length or 128,
+        job.train.device, job.extra["word_dropout"],
+    )  # fmt: skip
     res = fit(runner, job.train)
     write_model(
         net.cpu(), job.net, job.out, name=job.name, version=job.version,

@@ -82,9 +82,10 @@ class SentimentRunner:
         dev: list[tuple[IntArray, int]],
         max_length: int,
         device: str = "cpu",
+        word_dropout: float = 0.0,
     ) -> None:
         self.net, self.train, self.heldout, self.dev = net, train, heldout, dev
-        self.max_length, self.device = max_length, device
+        self.max_length, self.device, self.word_dropout = max_length, device, word_dropout
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return (len(self.train) + batch_size - 1) // batch_size
@@ -107,6 +108,9 @@ class SentimentRunner:
 
     def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         ids, lengths, y = batch
+        if self.word_dropout > 0:  # replace random words by unk (id 1): teaches the model to read around unknowns
+            drop = (torch.rand(ids.shape, device=ids.device) < self.word_dropout) & (ids > 0)
+            ids = ids.masked_fill(drop, 1)
         logits, *_ = self.net(ids, lengths, *zero_state(self.net, ids.shape[0]))
         return F.cross_entropy(logits, y)
 
