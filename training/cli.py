@@ -57,6 +57,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--min-count", type=int, default=1, help="drop train words seen fewer times (-> unk)")
         p.add_argument("--max-length", type=int, default=128, help="longest token sequence")
         p.add_argument("--word-dropout", type=float, default=0.1, help="train-time chance a word becomes unk")
+        p.add_argument("--ensemble", type=int, default=3, help="members averaged inside one graph")
     if task == "forecast":
         p.add_argument("--window", type=int, default=96)
         p.add_argument("--horizon", type=int, default=96)
@@ -99,6 +100,7 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
     nc = NetConfig(
         task=args.command, cell=args.cell, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
         embedding=args.embedding, bidirectional=bool(getattr(args, "bidirectional", False)),
+        ensemble=getattr(args, "ensemble", 1),
         window=getattr(args, "window", 96), horizon=getattr(args, "horizon", 96), segment=getattr(args, "segment", 12),
     )  # fmt: skip
     extra = {

@@ -34,7 +34,7 @@ from service.core.manifest import (
     Tokenizer,
     sha256_file,
 )
-from training.nets import NetConfig, build_net, count_parameters, state_names
+from training.nets import NetConfig, build_net, count_parameters, state_names, state_shape
 
 OPSET = 17
 NATIVE_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
@@ -51,9 +51,8 @@ class GraphIO:
 
 def graph_io(cfg: NetConfig) -> GraphIO:
     """Names, dtypes, shapes and dynamic axes of the exported graph for ``cfg.task``."""
-    dirs = 2 if (cfg.bidirectional and cfg.task == "sentiment") else 1
     sbatch = "batch*features" if cfg.task == "forecast" else "batch"
-    sshape: list[int | str] = [cfg.layers * dirs, sbatch, cfg.hidden]
+    sshape: list[int | str] = [state_shape(cfg, 1)[0], sbatch, cfg.hidden]
     states = [StateSpec(name=n, input=f"{n}0", output=f"{n}n", shape=sshape) for n in state_names(cfg.cell)]
     axes: dict[str, dict[int, str]] = {}
     for s in states:
@@ -103,9 +102,7 @@ def example_inputs(cfg: NetConfig, batch: int, time: int, seed: int = 0) -> tupl
             lengths[0] = time
             ids.masked_fill_(torch.arange(time).unsqueeze(0) >= lengths.unsqueeze(1), 0)
             xs = (ids, lengths)
-    dirs = 2 if (cfg.bidirectional and cfg.task == "sentiment") else 1
-    rows = batch * cfg.features if cfg.task == "forecast" else batch
-    st = tuple(0.1 * torch.randn(cfg.layers * dirs, rows, cfg.hidden, generator=g) for _ in state_names(cfg.cell))
+    st = tuple(0.1 * torch.randn(state_shape(cfg, batch), generator=g) for _ in state_names(cfg.cell))
     return xs + st
 
 

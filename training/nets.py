@@ -124,32 +124,51 @@ class NetConfig:
     window: int = 96  # forecast
     horizon: int = 96  # forecast
     segment: int = 12  # forecast: rows per encoder step
+    ensemble: int = 1  # sentiment: members averaged inside one graph
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class SentimentNet(nn.Module):
-    """ids (B, T) right-padded with 0, lengths (B,) -> logits (B, 2); mean+max pooling over valid steps."""
+    """ids (B, T) right-padded with 0, lengths (B,) -> logits (B, 2); mean+max pooling over valid steps.
+
+    ``cfg.ensemble`` > 1 puts K encoders + heads over one shared embedding and averages their logits; each
+    member is trained on its own loss (``member_logits``), so they differ only by initialization (a cheap ensemble
+    inside one graph). Member k's state is rows [k*L*D, (k+1)*L*D) of the state tensors.
+    """
 
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.embedding, padding_idx=0)
-        self.encoder = RecurrentEncoder(cfg.cell, cfg.embedding, cfg.hidden, cfg.layers, cfg.bidirectional, cfg.dropout)
-        d = cfg.hidden * self.encoder.directions
+        self.encoders = nn.ModuleList(
+            RecurrentEncoder(cfg.cell, cfg.embedding, cfg.hidden, cfg.layers, cfg.bidirectional, cfg.dropout)
+            for _ in range(cfg.ensemble)
+        )
+        d = cfg.hidden * (2 if cfg.bidirectional else 1)
         self.drop = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(2 * d, 2)
+        self.heads = nn.ModuleList(nn.Linear(2 * d, 2) for _ in range(cfg.ensemble))
+
+    def member_logits(self, ids: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, State]:
+        """-> logits (K, B, 2) of every member, new state (K*L*D, B, H) each."""
+        x = self.drop(self.embed(ids))  # (B, T, E)
+        mask = (torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
+        n = lengths.clamp(min=1).unsqueeze(1).to(x.dtype)  # (B, 1)
+        rows = state[0].shape[0] // len(self.encoders)
+        logits, states = [], []
+        for k, (enc, head) in enumerate(zip(self.encoders, self.heads, strict=True)):
+            out, st = enc(x, tuple(s[k * rows : (k + 1) * rows] for s in state), lengths)  # (B, T, D)
+            mean = (out * mask).sum(dim=1) / n  # (B, D)
+            mx = out.masked_fill(~mask, -1e4).amax(dim=1)  # (B, D)
+            logits.append(head(self.drop(torch.cat([mean, mx], dim=1))))  # (B, 2)
+            states.append(st)
+        new_state = tuple(torch.cat([st[i] for st in states], dim=0) for i in range(len(state)))
+        return torch.stack(logits), new_state
 
     def forward(self, ids: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        x = self.drop(self.embed(ids))  # (B, T, E)
-        out, new_state = self.encoder(x, state, lengths)  # (B, T, D)
-        mask = (torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
-        n = lengths.clamp(min=1).unsqueeze(1).to(out.dtype)  # (B, 1)
-        mean = (out * mask).sum(dim=1) / n  # (B, D)
-        mx = out.masked_fill(~mask, -1e4).amax(dim=1)  # (B, D)
-        logits = self.head(self.drop(torch.cat([mean, mx], dim=1)))  # (B, 2)
-        return (logits, *new_state)
+        logits, new_state = self.member_logits(ids, lengths, *state)
+        return (logits.mean(dim=0), *new_state)
 
 
 class CharLM(nn.Module):
@@ -209,13 +228,19 @@ def build_net(cfg: NetConfig) -> nn.Module:
     raise ValueError(f"task: unknown task {cfg.task!r}; choose sentiment, charlm or forecast")
 
 
+def state_shape(cfg: NetConfig, batch: int) -> tuple[int, int, int]:
+    """(layers * directions [* ensemble], rows, hidden); forecast rows are batch * features channel sequences."""
+    rows = batch * cfg.features if cfg.task == "forecast" else batch
+    if cfg.task == "sentiment":
+        return (cfg.ensemble * cfg.layers * (2 if cfg.bidirectional else 1), rows, cfg.hidden)
+    return (cfg.layers, rows, cfg.hidden)
+
+
 def zero_state(net: nn.Module, batch: int) -> State:
-    """Zero recurrent state for ``batch`` sequences (forecast: batch * features channel sequences)."""
-    enc = net.encoder
-    assert isinstance(enc, RecurrentEncoder)
+    """Zero recurrent state for ``batch`` sequences."""
     cfg: NetConfig = net.cfg  # type: ignore[assignment]
     device = next(net.parameters()).device
-    return enc.zero_state(batch * cfg.features if cfg.task == "forecast" else batch, device)
+    return tuple(torch.zeros(state_shape(cfg, batch), device=device) for _ in state_names(cfg.cell))
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -127,7 +127,8 @@ def train_sentiment(job: Job) -> None:
         net.cpu(), job.net, job.out, name=job.name, version=job.version,
         description="SST-2 binary sentiment: word embeddings + recurrent encoder, masked mean+max pooling.",
         tokenizer=tok, labels=["negative", "positive"], training=_training_info(job, res),
-        notes="backward direction runs on a length-aware reversed copy: padding never changes a text's result",
+        notes=f"{job.net.ensemble} member(s) averaged over one shared embedding (state rows = members x layers x "
+        "directions); the backward direction runs on a length-aware reversed copy: padding never changes a result",
     )  # fmt: skip
     ev = evaluate_model(job.out, job.data)
     metric = Metric(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.data import FloatArray, IntArray, char_streams, pad_batch, windows
-from training.nets import State, zero_state
+from training.nets import SentimentNet, State, zero_state
 
 
 class CharLMRunner:
@@ -111,8 +111,9 @@ class SentimentRunner:
         if self.word_dropout > 0:  # replace random words by unk (id 1): teaches the model to read around unknowns
             drop = (torch.rand(ids.shape, device=ids.device) < self.word_dropout) & (ids > 0)
             ids = ids.masked_fill(drop, 1)
-        logits, *_ = self.net(ids, lengths, *zero_state(self.net, ids.shape[0]))
-        return F.cross_entropy(logits, y)
+        assert isinstance(self.net, SentimentNet)
+        logits, _ = self.net.member_logits(ids, lengths, *zero_state(self.net, ids.shape[0]))  # (K, B, 2)
+        return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))  # each member on its own
 
     def _score(self, items: list[tuple[IntArray, int]]) -> tuple[float, float]:
         correct, loss = 0, 0.0

@@ -129,6 +129,24 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
         rng = np.random.default_rng(cfg.seed + start_epoch)
         print(f"resumed {ckpt} at step {step}, epoch {start_epoch}, best {runner.metric}={best_value}")
     t0 = time.monotonic() - spent
+
+    def validate(epoch: int) -> None:
+        """Evaluate, keep the best weights, checkpoint."""
+        nonlocal best_value, best, bad, best_state
+        net.eval()
+        with torch.no_grad():
+            ev = {"step": float(step), "epoch": float(epoch), **runner.evaluate()}
+        net.train()
+        evals.append(ev)
+        if _better(ev[runner.metric], best_value, runner.higher_is_better):
+            best_value, best, bad = ev[runner.metric], ev, 0
+            best_state = copy.deepcopy(net.state_dict())
+        else:
+            bad += 1
+        shown = " ".join(f"{k}={v:.4f}" for k, v in ev.items() if k not in ("step", "epoch"))
+        bar.write(f"step {step} epoch {epoch} {shown} ({time.monotonic() - t0:.0f}s)")
+        _save(ckpt, net, opt, step, epoch, bad, time.monotonic() - t0, best_value, best_state, best, hist, evals)
+
     stopped = "epochs"
     bar = tqdm(total=total, initial=step, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
     done = False
@@ -154,22 +172,7 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
             bar.set_postfix(loss=f"{loss_value:.4f}", gnorm=f"{norm:.2f}", best=best_value, refresh=False)
             out_of_time = bool(budget) and time.monotonic() - t0 >= budget
             if step % eval_every == 0 or out_of_time:
-                net.eval()
-                with torch.no_grad():
-                    ev = {"step": float(step), "epoch": float(epoch), **runner.evaluate()}
-                net.train()
-                evals.append(ev)
-                value = ev[runner.metric]
-                if _better(value, best_value, runner.higher_is_better):
-                    best_value, best, bad = value, ev, 0
-                    best_state = copy.deepcopy(net.state_dict())
-                else:
-                    bad += 1
-                shown = " ".join(f"{k}={v:.4f}" for k, v in ev.items() if k not in ("step", "epoch"))
-                bar.write(f"step {step} epoch {epoch} {shown} ({time.monotonic() - t0:.0f}s)")
-                _save(
-                    ckpt, net, opt, step, epoch, bad, time.monotonic() - t0, best_value, best_state, best, hist, evals
-                )
+                validate(epoch)
                 if bad >= cfg.patience:
                     stopped, done = f"early stop: {bad} evaluations without improvement", True
                 elif out_of_time:
@@ -178,6 +181,8 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
                 break
         if done:
             break
+    if not evals or evals[-1]["step"] != step:  # the last steps always get a validation
+        validate(cfg.epochs - 1)
     bar.close()
     net.load_state_dict(best_state)
     best_step = int(best.get("step", step))
