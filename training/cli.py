@@ -49,6 +49,8 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
     p.add_argument("--run-dir", type=Path, help="checkpoint folder (default runs/NAME-VERSION)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--download", metavar="URL", help="fetch the data file to --data first when it is missing")
+    p.add_argument("--sha256", help="expected sha256 of the --download file (required with --download)")
     if task == "charlm":
         p.add_argument("--bptt", type=int, help="characters per truncated-BPTT window")
     if task == "sentiment":
@@ -133,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         from training import pipelines
 
+        if args.download:
+            from training.data import download
+
+            if not args.sha256:
+                print("seqserve-train: error: --download needs --sha256 to check the file", file=sys.stderr)
+                return 2
+            download(args.download, args.data, args.sha256)
         job = _job(args, argv)
         run = {"charlm": pipelines.train_charlm, "sentiment": pipelines.train_sentiment}
         run.get(args.command, pipelines.train_forecast)(job)  # type: ignore[arg-type]
