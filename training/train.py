@@ -111,6 +111,7 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
     hist: dict[str, list[float]] = {"loss": [], "grad_norm": [], "lr": []}
     evals: list[dict[str, float]] = []
     step, start_epoch, bad, spent = 0, 0, 0, 0.0
+    completed = 0
     best_value: float | None = None
     best_state = copy.deepcopy(net.state_dict())
     best: dict[str, float] = {}
@@ -127,6 +128,7 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
             st["evals"],
         )
         rng = np.random.default_rng(cfg.seed + start_epoch)
+        completed = start_epoch
         print(f"resumed {ckpt} at step {step}, epoch {start_epoch}, best {runner.metric}={best_value}")
     t0 = time.monotonic() - spent
 
@@ -145,7 +147,11 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
             bad += 1
         shown = " ".join(f"{k}={v:.4f}" for k, v in ev.items() if k not in ("step", "epoch"))
         bar.write(f"step {step} epoch {epoch} {shown} ({time.monotonic() - t0:.0f}s)")
-        _save(ckpt, net, opt, step, epoch, bad, time.monotonic() - t0, best_value, best_state, best, hist, evals)
+        save()
+
+    def save() -> None:
+        # "epoch" = completed epochs: a resume restarts a partly done epoch from its beginning.
+        _save(ckpt, net, opt, step, completed, bad, time.monotonic() - t0, best_value, best_state, best, hist, evals)
 
     stopped = "epochs"
     bar = tqdm(total=total, initial=step, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
@@ -181,6 +187,8 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
                 break
         if done:
             break
+        completed = epoch + 1
+        save()
     if not evals or evals[-1]["step"] != step:  # the last steps always get a validation
         validate(cfg.epochs - 1)
     bar.close()
