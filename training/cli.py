@@ -60,6 +60,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--max-length", type=int, default=128, help="longest token sequence")
         p.add_argument("--word-dropout", type=float, default=0.1, help="train-time chance a word becomes unk")
         p.add_argument("--ensemble", type=int, default=3, help="members averaged inside one graph")
+        p.add_argument("--subword-buckets", type=int, default=0, help="hashed char n-gram buckets (0 = off)")
     if task == "forecast":
         p.add_argument("--window", type=int, default=96)
         p.add_argument("--horizon", type=int, default=96)
@@ -102,7 +103,7 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
     nc = NetConfig(
         task=args.command, cell=args.cell, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
         embedding=args.embedding, bidirectional=bool(getattr(args, "bidirectional", False)),
-        ensemble=getattr(args, "ensemble", 1),
+        ensemble=getattr(args, "ensemble", 1), subword_buckets=getattr(args, "subword_buckets", 0),
         window=getattr(args, "window", 96), horizon=getattr(args, "horizon", 96), segment=getattr(args, "segment", 12),
     )  # fmt: skip
     extra = {

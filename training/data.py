@@ -10,6 +10,7 @@ import csv
 import hashlib
 import math
 import urllib.request
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,24 @@ def word_tokenizer(texts: list[str], min_count: int = 1, max_size: int = 50_000,
     words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
     vocab = [PAD, UNK, *words[: max_size - 2]]
     return Tokenizer(kind="word", vocab=vocab, unk_token=UNK, pad_token=PAD, lowercase=True, max_length=max_length)
+
+
+def char_ngrams(word: str, n_min: int = 3, n_max: int = 5) -> list[str]:
+    """fastText-style n-grams of ``<word>``."""
+    w = f"<{word}>"
+    return [w[i : i + n] for n in range(n_min, n_max + 1) for i in range(len(w) - n + 1)]
+
+
+def ngram_table(vocab: list[str], buckets: int, specials: int = 2) -> IntArray:
+    """(V, N) 1-based hashed n-gram bucket ids per vocab word, 0-padded; the first ``specials`` rows stay empty."""
+    rows = [
+        [] if i < specials else [zlib.crc32(g.encode()) % buckets + 1 for g in char_ngrams(w)]
+        for i, w in enumerate(vocab)
+    ]
+    out = np.zeros((len(vocab), max(1, max(len(r) for r in rows))), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def pad_batch(seqs: list[IntArray], max_length: int) -> tuple[IntArray, IntArray]:

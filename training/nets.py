@@ -125,6 +125,7 @@ class NetConfig:
     horizon: int = 96  # forecast
     segment: int = 12  # forecast: rows per encoder step
     ensemble: int = 1  # sentiment: members averaged inside one graph
+    subword_buckets: int = 0  # sentiment: hashed char n-gram buckets (0 = off); folded into the table at export
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,10 +150,35 @@ class SentimentNet(nn.Module):
         d = cfg.hidden * (2 if cfg.bidirectional else 1)
         self.drop = nn.Dropout(cfg.dropout)
         self.heads = nn.ModuleList(nn.Linear(2 * d, 2) for _ in range(cfg.ensemble))
+        # Optional fastText-style sub-word vectors: word vector = own vector + mean of its hashed char n-grams.
+        # Training-time only: ``bake_subwords`` folds them into the plain embedding table before export.
+        self.subword: nn.EmbeddingBag | None = None
+        if cfg.subword_buckets > 0:
+            self.subword = nn.EmbeddingBag(cfg.subword_buckets + 1, cfg.embedding, mode="mean", padding_idx=0)
+            self.register_buffer("ngram_ids", torch.zeros(cfg.vocab, 1, dtype=torch.long))  # (V, N), 0 = none
+
+    def set_ngrams(self, ngram_ids: Tensor) -> None:
+        """(V, N) bucket ids (1-based, 0 = padding) of every vocab word's char n-grams."""
+        self.ngram_ids = ngram_ids.to(self.embed.weight.device)
+
+    def table(self) -> Tensor:
+        """The (V, E) word-vector table actually used."""
+        if self.subword is None:
+            return self.embed.weight
+        sub: Tensor = self.subword(self.ngram_ids)  # (V, E)
+        return self.embed.weight + sub
+
+    def bake_subwords(self) -> None:
+        """Fold the sub-word vectors into ``embed`` and drop them: the exported graph is a plain lookup."""
+        if self.subword is not None:
+            with torch.no_grad():
+                self.embed.weight.copy_(self.table())
+            self.subword = None
 
     def member_logits(self, ids: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, State]:
         """-> logits (K, B, 2) of every member, new state (K*L*D, B, H) each."""
-        x = self.drop(self.embed(ids))  # (B, T, E)
+        emb = self.embed(ids) if self.subword is None else F.embedding(ids, self.table())
+        x = self.drop(emb)  # (B, T, E)
         mask = (torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
         n = lengths.clamp(min=1).unsqueeze(1).to(x.dtype)  # (B, 1)
         rows = state[0].shape[0] // len(self.encoders)

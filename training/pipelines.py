@@ -11,10 +11,10 @@ import torch
 
 from service.core.manifest import MANIFEST_FILE, ForecastSpec, Manifest, Metric, Normalization
 from service.core.tokenizers import Encoder
-from training.data import load_chars, load_ett, load_sst2, windows, word_tokenizer
+from training.data import load_chars, load_ett, load_sst2, ngram_table, windows, word_tokenizer
 from training.evaluate import evaluate_model
 from training.export import write_model
-from training.nets import NetConfig, build_net, count_parameters
+from training.nets import NetConfig, SentimentNet, build_net, count_parameters
 from training.runners import CharLMRunner, ForecastRunner, SentimentRunner
 from training.train import FitResult, TrainConfig, fit, write_report
 
@@ -113,6 +113,9 @@ def train_sentiment(job: Job) -> None:
     enc = Encoder(tok)
     job.net.vocab = len(tok.vocab)
     net = build_net(job.net)
+    if job.net.subword_buckets:
+        assert isinstance(net, SentimentNet)
+        net.set_ngrams(torch.from_numpy(ngram_table(tok.vocab, job.net.subword_buckets)))
 
     def encode(rows: list[tuple[str, int]]) -> list[tuple[Any, int]]:
         return [(enc.encode(t), y) for t, y in rows]
@@ -123,6 +126,8 @@ def train_sentiment(job: Job) -> None:
         job.train.device, job.extra["word_dropout"],
     )  # fmt: skip
     res = fit(runner, job.train)
+    if isinstance(net, SentimentNet):
+        net.bake_subwords()
     write_model(
         net.cpu(), job.net, job.out, name=job.name, version=job.version,
         description="SST-2 binary sentiment: word embeddings + recurrent encoder, masked mean+max pooling.",

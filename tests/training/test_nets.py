@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.nets import CELLS, ElmanCell, NetConfig, RecurrentEncoder, build_net, make_rnn, reverse_padded, zero_state
+from training.nets import (
+    CELLS,
+    ElmanCell,
+    NetConfig,
+    RecurrentEncoder,
+    SentimentNet,
+    build_net,
+    make_rnn,
+    reverse_padded,
+    zero_state,
+)
 
 
 def test_unknown_cell_is_a_clear_value_error() -> None:
@@ -144,3 +154,21 @@ def test_forecaster_shapes_and_level_shift() -> None:
     torch.testing.assert_close(shifted, y + 5.0, atol=1e-4, rtol=1e-4)  # last value subtracted / added back
     with pytest.raises(ValueError, match="window: 25 must be a multiple of segment 6"):
         build_net(NetConfig(task="forecast", window=25, segment=6))
+
+
+def test_subwords_fold_into_a_plain_embedding() -> None:
+    from training.data import ngram_table
+
+    torch.manual_seed(0)
+    vocab = ["<pad>", "<unk>", "good", "goodness", "bad"]
+    cfg = NetConfig(task="sentiment", cell="gru", hidden=6, vocab=len(vocab), embedding=4, subword_buckets=50)
+    net = build_net(cfg).eval()
+    assert isinstance(net, SentimentNet)
+    net.set_ngrams(torch.from_numpy(ngram_table(vocab, 50)))
+    ids, lengths = torch.tensor([[2, 3, 4]]), torch.tensor([3])
+    with torch.no_grad():
+        before = net(ids, lengths, *zero_state(net, 1))[0]
+        net.bake_subwords()
+        after = net(ids, lengths, *zero_state(net, 1))[0]
+    assert net.subword is None
+    torch.testing.assert_close(after, before)
