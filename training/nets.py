@@ -177,7 +177,11 @@ class SentimentNet(nn.Module):
 
     def member_logits(self, ids: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, State]:
         """-> logits (K, B, 2) of every member, new state (K*L*D, B, H) each."""
-        emb = self.embed(ids) if self.subword is None else F.embedding(ids, self.table())
+        if self.subword is None:
+            emb = self.embed(ids)
+        else:  # sub-word vectors only for the batch's distinct words, not the whole vocabulary
+            uniq, inv = torch.unique(ids, return_inverse=True)
+            emb = (self.embed(uniq) + self.subword(self.ngram_ids[uniq]))[inv]
         x = self.drop(emb)  # (B, T, E)
         mask = (torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
         n = lengths.clamp(min=1).unsqueeze(1).to(x.dtype)  # (B, 1)
