@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import yaml
-from tritonclient.grpc import InferenceServerClient, InferInput
 
+from service.api.gen.inference import grpc_service_pb2 as v2
+from service.api.gen.inference import grpc_service_pb2_grpc as v2_grpc
 from service.client import ApiError, Client
 from tests.integration.conftest import ROOT, Prometheus, SeqServe, http_get, wait_for
 
@@ -54,10 +56,11 @@ class Traffic:
     completion_chars: int = 0
 
 
-def one_round(c: Client, kserve: InferenceServerClient, max_sessions: int, t: Traffic) -> None:
+def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, max_sessions: int, t: Traffic) -> None:
     """One of every API call, plus two failures: an unknown model (client error) and a full session store
-    (RESOURCE_EXHAUSTED, a server-side code), then the KServe v2 endpoint through tritonclient. Sessions are
-    deleted at the end, so rounds repeat identically."""
+    (RESOURCE_EXHAUSTED, a server-side code), then the KServe v2 endpoint. Sessions are deleted at the end, so
+    rounds repeat identically. (The KServe stub is our generated one: tritonclient's protos clash with ours in
+    one process; tests/service/kserve drives tritonclient itself in its own interpreter.)"""
     t.texts += len(c.classify(["a fine film", "a dull one"], model="sentiment"))
     t.calls["Classify", "OK"] += 1
     with pytest.raises(ApiError) as err:
@@ -87,11 +90,12 @@ def one_round(c: Client, kserve: InferenceServerClient, max_sessions: int, t: Tr
         c.delete_session(s.id)
     t.calls["Delete", "OK"] += 3
 
-    assert kserve.is_server_live()
-    text = InferInput("TEXT", [2], "BYTES")
-    text.set_data_from_numpy(np.array([b"a fine film", b"a dull one"], dtype=np.object_))
-    labels = kserve.infer("sentiment", [text]).as_numpy("LABEL")
-    assert labels is not None and len(labels) == 2
+    assert kserve.ServerLive(v2.ServerLiveRequest(), timeout=30).live
+    text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[2])
+    text.contents.bytes_contents.extend([b"a fine film", b"a dull one"])
+    response = kserve.ModelInfer(v2.ModelInferRequest(model_name="sentiment", inputs=[text]), timeout=30)
+    assert [o.name for o in response.outputs] == ["LABEL", "PROBABILITIES"]
+    assert len(response.raw_output_contents) == 2
     t.texts += 2
     t.calls.update({("ServerLive", "OK"): 1, ("ModelInfer", "OK"): 1})
 
@@ -109,14 +113,15 @@ def traffic(seqserve: SeqServe, prometheus: Prometheus) -> Traffic:
         lambda: [r for r in query(prometheus, 'up{job="seqserve"}') if r["value"][1] == "1"],
     )
     t = Traffic()
-    kserve = InferenceServerClient(url=seqserve.grpc_target)  # KServe v2 / Triton protocol, stock client
+    channel = grpc.insecure_channel(seqserve.grpc_target)
+    kserve = v2_grpc.GRPCInferenceServiceStub(channel)  # KServe v2 / Open Inference Protocol
     with Client(seqserve.grpc_target) as c:
         # Two rounds with a scrape between them: series exist before the second round, so rate() sees it grow.
         for _ in range(2):
             one_round(c, kserve, seqserve.max_sessions, t)
             sent = sum(t.calls.values())
             wait_for(f"Prometheus to see {sent} RPCs", partial(requests_seen, prometheus, sent), timeout=60)
-    kserve.close()
+    channel.close()
     return t
 
 
