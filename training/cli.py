@@ -60,7 +60,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--max-length", type=int, default=128, help="longest token sequence")
         p.add_argument("--word-dropout", type=float, default=0.1, help="train-time chance a word becomes unk")
         p.add_argument("--ensemble", type=int, default=3, help="members averaged inside one graph")
-        p.add_argument("--subword-buckets", type=int, default=0, help="hashed char n-gram buckets (0 = off)")
+        p.add_argument("--subword-buckets", type=int, default=20000, help="hashed char n-gram buckets (0 = off)")
     if task == "forecast":
         p.add_argument("--window", type=int, default=96)
         p.add_argument("--horizon", type=int, default=96)
