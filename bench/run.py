@@ -4,9 +4,10 @@ Starts the server as a subprocess on loopback ports, drives it through the real 
 and writes ``bench/results/latest.json`` (git-ignored). Every number in the README comes from this command.
 
 What it measures, and why:
-- ``keystroke``: one typed character through a session (``Suggest``, n=1, 1 char of lookahead) at growing
-  prefix lengths. A stateful session costs O(appended); the stateless alternative (``Complete`` with the whole
-  prefix as prompt and 1 generated char, what a server without sequence state must do) costs O(prefix).
+- ``keystroke``: one typed character through a session (``Suggest`` on an open stream, n=1, 1 char of
+  lookahead) at growing prefix lengths. A stateful session costs O(appended); the stateless alternative, what a
+  server without sequence state must do (the same stream, but reset and re-fed the whole prefix each time),
+  costs O(prefix).
 - ``streams``: concurrent generation streams; the dynamic batcher merges their one-character steps.
 - ``classify`` / ``forecast`` / ``observe``: request latency of the other APIs.
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
@@ -107,8 +108,8 @@ class TypingStream:
             self._events.append(ev)
             self._cond.notify()
 
-    def step(self, appended: str) -> None:
-        self._send(SuggestEvent(appended, n=1, max_chars=1, beam=False))
+    def step(self, appended: str, reset: bool = False) -> None:
+        self._send(SuggestEvent(appended, reset=reset, n=1, max_chars=1, beam=False))
         next(self._answers)
 
     def close(self) -> None:
@@ -123,16 +124,12 @@ def bench_keystroke(client: Client, prefixes: list[int], repeats: int) -> list[d
             typing = TypingStream(client, s.id)
             typing.step(prefix)  # the session now holds the prefix's state
             stateful = timed(lambda t=typing: t.step("e"), repeats)  # type: ignore[misc]
+            # What a server without sequence state must do per keystroke: re-read the whole prefix. Same stream,
+            # same answer size; only the state handling differs (reset + the whole text every time).
+            recompute = timed(lambda t=typing, p=prefix: t.step(p + "e", reset=True), repeats)  # type: ignore[misc]
             typing.close()
-        recompute = timed(lambda p=prefix: complete_one(client, p), repeats)  # type: ignore[misc]
         rows.append({"prefix_chars": n, "session_step": percentiles(stateful), "recompute": percentiles(recompute)})
     return rows
-
-
-def complete_one(client: Client, prompt: str) -> None:
-    """What a stateless server must do per keystroke: re-read the whole prefix, then predict one char."""
-    for _ in client.complete(prompt, max_chars=1, temperature=0.0):
-        pass
 
 
 def stream_rate(client: Client, seed: int, chars: int, out: list[float]) -> None:

@@ -1,0 +1,24 @@
+"""`make bench` must keep working: a quick run against a real server on the tiny models writes the JSON the
+README's numbers come from. (No timing is asserted here; speed lives in the benchmark, not in tests.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.run import main
+
+
+def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["--models", str(tiny_models), "--quick", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["prefix_chars"] for row in r["keystroke"]] == [16, 256]
+    for row in r["keystroke"]:
+        for side in ("session_step", "recompute"):
+            assert row[side]["n"] == r["repeats"] and row[side]["p50_ms"] > 0
+    assert [row["streams"] for row in r["streams"]] == [1, 4]
+    assert all(row["total_chars_per_s"] > 0 for row in r["streams"])
+    assert set(r["classify"]) == {"batch_1", "batch_16"}
+    assert set(r["forecast"]) == {"predict_96_rows", "observe_1_row"}
+    assert r["memory"]["sessions"] == 50 and r["memory"]["rss_after_bytes"] > 0
