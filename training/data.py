@@ -47,7 +47,7 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
-def _read(path: Path) -> str:
+def read_text(path: Path) -> str:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if not path.is_file():
@@ -68,7 +68,7 @@ def _read(path: Path) -> str:
 
 def load_chars(path: Path, val_fraction: float = 0.1) -> tuple[Tokenizer, IntArray, IntArray]:
     """Tiny Shakespeare: vocab = sorted distinct chars; train = first 90%, val = last 10% (as ids)."""
-    text = _read(path)
+    text = read_text(path)
     if len(text) < 1000:
         raise DataError(f"{path}: only {len(text)} characters; need at least 1000 for a train/val split")
     tok = Tokenizer(kind="char", vocab=sorted(set(text)))
@@ -82,7 +82,7 @@ def load_chars(path: Path, val_fraction: float = 0.1) -> tuple[Tokenizer, IntArr
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:
     """GLUE SST-2 ``sentence\\tlabel`` rows (label 0/1); the trailing space GLUE leaves is stripped."""
-    lines = _read(path).splitlines()
+    lines = read_text(path).splitlines()
     if lines[0].split("\t") != ["sentence", "label"]:
         raise DataError(f"{path}: header must be 'sentence<TAB>label', got {lines[0][:60]!r}")
     rows = []
@@ -151,7 +151,7 @@ class EttData:
 
 def read_ett(path: Path) -> tuple[list[str], FloatArray]:
     """``date,<7 numeric columns>`` CSV -> (column names, values (rows, F))."""
-    lines = _read(path).splitlines()
+    lines = read_text(path).splitlines()
     header = lines[0].split(",")
     if len(header) < 2 or header[0] != "date":
         raise DataError(f"{path}: header must start with 'date' followed by numeric columns, got {lines[0][:60]!r}")

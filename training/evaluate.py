@@ -15,7 +15,7 @@ import torch
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.core.tokenizers import Encoder
-from training.data import DataError, _read, load_ett, read_tsv, windows
+from training.data import DataError, load_ett, read_text, read_tsv, windows
 from training.runners import VAL_STREAMS, char_nll
 
 
@@ -40,7 +40,7 @@ def zero_states(m: Manifest, batch: int) -> dict[str, np.ndarray[Any, Any]]:
 
 def eval_charlm(m: Manifest, sess: ort.InferenceSession, path: Path, val_fraction: float = 0.1) -> dict[str, float]:
     assert m.tokenizer is not None
-    text = _read(path)
+    text = read_text(path)
     val = Encoder(m.tokenizer).encode(text[int(len(text) * (1 - val_fraction)) :], field=str(path))
     names = [s.input for s in m.states]
 
