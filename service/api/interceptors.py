@@ -26,6 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service import errors
+from service.core.context import call_scope
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class MetricsInterceptor(_Wrapping):
     async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         service, name = split_method(method)
         self.metrics.rpc_started(service, name)
+        resolved = call_scope()  # the core notes the model it served (session calls, default model)
         start, code = time.perf_counter(), "OK"
         try:
             yield
@@ -186,7 +188,8 @@ class MetricsInterceptor(_Wrapping):
             code = _code_name(context, "UNKNOWN")
             raise
         finally:
-            self.metrics.rpc_finished(service, name, _model_label(request), code, time.perf_counter() - start)
+            model = _model_label(request) or (resolved[0] if resolved else "")
+            self.metrics.rpc_finished(service, name, model, code, time.perf_counter() - start)
 
 
 def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from service.core.batching import Batcher
+from service.core.context import note_model
 from service.core.manifest import Manifest
 from service.core.registry import ModelRegistry
 from service.core.sessions import Session, SessionManager
@@ -102,6 +103,7 @@ class CoreDataPlane:
 
     def _serve(self, model: ModelRef, task: str) -> Served:
         mv = self.registry.resolve(model)
+        note_model(mv.name)
         served = self._served.get((mv.name, mv.version))
         if served is None:
             raise ModelUnavailable(f"model {mv.name} version {mv.version} is not serving (unloaded or stopping)")
@@ -117,6 +119,7 @@ class CoreDataPlane:
     ) -> AsyncIterator[tuple[Session, Served]]:
         """Locks the session and checks it fits the call: task, model (when named) and pinned version."""
         async with self.sessions.use(session_id) as s:
+            note_model(s.model)
             if s.task != task:
                 raise FailedPrecondition(
                     f"session {session_id!r} belongs to {s.task!r} model {s.model}; this call needs a {task!r} session"
@@ -224,6 +227,7 @@ class CoreDataPlane:
         ttl = self.sessions.ttl(ttl_seconds)
         sid = self.sessions.new_id(session_id)
         mv = self.registry.resolve(model)
+        note_model(mv.name)
         served = self._served.get((mv.name, mv.version))
         if served is None:
             raise ModelUnavailable(f"model {mv.name} version {mv.version} is not serving (unloaded or stopping)")
@@ -254,13 +258,17 @@ class CoreDataPlane:
         return self.sessions.add(session).info()
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        return self.sessions.get(session_id).info()
+        s = self.sessions.get(session_id)
+        note_model(s.model)
+        return s.info()
 
     async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo:
-        return (await self.sessions.fork(session_id, ttl_seconds)).info()
+        twin = await self.sessions.fork(session_id, ttl_seconds)
+        note_model(twin.model)
+        return twin.info()
 
     async def delete_session(self, session_id: str) -> None:
-        self.sessions.delete(session_id)
+        note_model(self.sessions.delete(session_id).model)
 
     async def reset_session(self, session_id: str) -> SessionInfo:
         async with self.sessions.use(session_id) as s:

@@ -253,10 +253,12 @@ class SessionManager:
         self.metrics.session_event(twin.model, "forked")
         return twin
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str) -> Session:
+        """Removes the session and returns it (``SessionNotFound`` when unknown or expired)."""
         s = self.get(session_id)
         self.store.pop(s.id)
         self._removed(s, "deleted")
+        return s
 
     def sweep(self) -> int:
         """Drops every expired idle session; returns how many."""

@@ -126,15 +126,35 @@ def test_rpc_metrics_and_http_endpoint(server: ServerHandle, client: Client) -> 
         {**labels, "model": "_other", "code": "NOT_FOUND"},  # unknown names share one label
     )
     assert failed is not None and failed >= 1.0
-    for model in ("", "sentiment"):  # "" = the request named no model (the service default served it)
-        ok = registry.get_sample_value("seqserve_rpc_requests_total", {**labels, "model": model, "code": "OK"})
-        assert ok is not None and ok >= 1.0
+    # The request that named no model is labelled with the model that served it (the default).
+    ok = registry.get_sample_value("seqserve_rpc_requests_total", {**labels, "model": "sentiment", "code": "OK"})
+    assert ok is not None and ok >= 2.0
     assert server.server.metrics_port
     base = f"http://127.0.0.1:{server.server.metrics_port}"
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
         assert b'seqserve_rpc_requests_total{code="NOT_FOUND"' in r.read()
     with urllib.request.urlopen(f"{base}/readyz", timeout=10) as r:
         assert r.status == 200
+
+
+def test_session_addressed_rpcs_carry_the_sessions_model(server: ServerHandle, client: Client) -> None:
+    registry = server.server.metrics.registry
+
+    def count(service: str, method: str, model: str) -> float:
+        labels = {"service": f"seqserve.v1.{service}", "method": method, "model": model, "code": "OK"}
+        return registry.get_sample_value("seqserve_rpc_requests_total", labels) or 0.0
+
+    calls = [("Sessions", "Get", "charlm"), ("Autocomplete", "Suggest", "charlm"), ("Sessions", "Fork", "charlm"),
+             ("Sessions", "Delete", "charlm"), ("Forecast", "Observe", "forecaster")]  # fmt: skip
+    before = {c: count(*c) for c in calls}
+    s = client.create_session("charlm")
+    client.get_session(s.id)
+    client.suggest_once(s.id, "To be")
+    client.delete_session(client.fork_session(s.id).id)
+    f = client.create_session("forecaster")
+    client.observe(f.id, [[1.0] * 7])
+    for c in calls:
+        assert count(*c) >= before[c] + 1, c  # never model="" for a call that reached a session
 
 
 async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: pytest.LogCaptureFixture) -> None:
