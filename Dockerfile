@@ -1,5 +1,5 @@
 # seqserve serving image: ONNX Runtime (CPU) + gRPC + /metrics. No torch: the train extra is not installed.
-#   docker build -t seqserve .            (models/ must hold trained models: make train, or copy them in)
+#   docker build -t seqserve .            (bakes in the committed models/; retrain with `make train`)
 #   docker run -p 50051:50051 -p 8002:8002 seqserve
 FROM python:3.11-slim
 

@@ -46,16 +46,17 @@ proto-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+# The exact commands recorded in models/*/1/metrics.json (see docs/models.md).
 train: train-sentiment train-charlm train-forecast
 
 train-sentiment: $(STAMP)
-	$(BIN)/seqserve-train sentiment --data $(DATA)/sst2 --out models/sentiment/1
+	$(BIN)/seqserve-train sentiment --data $(DATA)/sst2 --out models/sentiment/1 --threads 1 --subword-buckets 20000
 
 train-charlm: $(STAMP)
-	$(BIN)/seqserve-train charlm --data $(DATA)/tinyshakespeare/input.txt --out models/charlm/1
+	$(BIN)/seqserve-train charlm --data $(DATA)/tinyshakespeare/input.txt --out models/charlm/1 --threads 1
 
 train-forecast: $(STAMP)
-	$(BIN)/seqserve-train forecast --data $(DATA)/etth1/ETTh1.csv --out models/forecaster/1
+	$(BIN)/seqserve-train forecast --data $(DATA)/etth1/ETTh1.csv --out models/forecaster/1 --threads 1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
