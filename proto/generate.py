@@ -44,8 +44,8 @@ def _run_protoc(out: Path, protos: list[Path]) -> None:
         f"-I{include}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
-        f"--mypy_out={out}",
-        f"--mypy_grpc_out={out}",
+        f"--mypy_out=quiet:{out}",
+        f"--mypy_grpc_out=quiet:{out}",
         *[str(p) for p in protos],
     ]
     if protoc.main(args) != 0:
