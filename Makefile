@@ -53,7 +53,7 @@ train-sentiment: $(STAMP)
 	$(BIN)/seqserve-train sentiment --data $(DATA)/sst2 --out models/sentiment/1 --threads 1 --subword-buckets 20000
 
 train-charlm: $(STAMP)
-	$(BIN)/seqserve-train charlm --data $(DATA)/tinyshakespeare/input.txt --out models/charlm/1 --threads 1
+	$(BIN)/seqserve-train charlm --data $(DATA)/tinyshakespeare/input.txt --out models/charlm/1 --threads 2 --max-minutes 60
 
 train-forecast: $(STAMP)
 	$(BIN)/seqserve-train forecast --data $(DATA)/etth1/ETTh1.csv --out models/forecaster/1 --threads 1
