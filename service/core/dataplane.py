@@ -189,10 +189,10 @@ class CoreDataPlane:
             raise InvalidInput("appended is empty while reset is set: after a reset there is no text to continue")
         async with self._session(session_id, "charlm") as (s, served):
             assert served.encoder is not None
-            served.encoder.encode(appended, field="appended")  # reject bad characters before touching the session
+            ids = served.encoder.encode(appended, field="appended")  # bad characters fail before the session changes
             if reset:
                 s.reset()
-            await autocomplete.advance(served, s, appended, "appended")
+            await autocomplete.advance_ids(served, s, ids)
             suggestions = await autocomplete.suggest(served, s, n, max_chars, beam)
             steps = s.steps
         self.metrics.chars_generated(served.name, sum(len(x.text) for x in suggestions))

@@ -67,13 +67,17 @@ async def step_rows(m: Served, state: dict[str, Array], ids: np.ndarray) -> tupl
 
 async def advance(m: Served, cur: CharCursor, text: str, field: str) -> None:
     """Consumes ``text`` (one ORT run over all its characters) and updates the cursor in place."""
-    if not text:
-        return
     assert m.encoder is not None
-    ids = m.encoder.encode(text, field=field)[None, :]  # (1, time)
-    cur.state, logits = await step_rows(m, cur.state, ids)
+    await advance_ids(m, cur, m.encoder.encode(text, field=field))
+
+
+async def advance_ids(m: Served, cur: CharCursor, ids: np.ndarray) -> None:
+    """``advance`` for already-encoded text: ``ids`` (time,) int64."""
+    if ids.size == 0:
+        return
+    cur.state, logits = await step_rows(m, cur.state, ids[None, :])  # (1, time)
     cur.logits = logits[0]
-    cur.steps += ids.shape[1]
+    cur.steps += ids.shape[0]
 
 
 def _need_logits(cur: CharCursor, field: str) -> FloatArray:

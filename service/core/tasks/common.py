@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +17,14 @@ from service.core.tokenizers import Encoder
 from service.errors import InvalidInput
 
 F64 = npt.NDArray[np.float64]
+
+
+class ForecastArrays(NamedTuple):
+    """A forecaster manifest's numbers as float32 arrays, converted once per model, not per request."""
+
+    mean: npt.NDArray[np.float32]  # (features,)
+    std: npt.NDArray[np.float32]  # (features,)
+    quantile_offsets: npt.NDArray[np.float32]  # (quantiles, horizon, features), z-scored; (0,) when absent
 
 
 @dataclass
@@ -31,6 +41,16 @@ class Served:
     @property
     def label(self) -> str:
         return f"{self.name}/{self.version}"
+
+    @cached_property
+    def forecast_arrays(self) -> ForecastArrays:
+        norm, spec = self.manifest.normalization, self.manifest.forecast
+        assert norm is not None and spec is not None, f"{self.label} is not a forecaster"
+        return ForecastArrays(
+            mean=np.asarray(norm.mean, dtype=np.float32),
+            std=np.asarray(norm.std, dtype=np.float32),
+            quantile_offsets=np.asarray(spec.quantile_offsets, dtype=np.float32),
+        )
 
 
 def log_softmax(logits: npt.NDArray[np.floating], axis: int = -1) -> F64:

@@ -52,13 +52,12 @@ def check_rows(m: Served, rows: FloatArray, field: str, settings: Settings) -> F
 async def _run(m: Served, window_rows: FloatArray, rows_seen: int) -> ForecastResult:
     """Forecast from exactly ``window`` rows ``(window, features)`` in original units."""
     spec, norm = _spec(m)
-    mean = np.asarray(norm.mean, dtype=np.float32)  # (features,)
-    std = np.asarray(norm.std, dtype=np.float32)
+    mean, std, offsets = m.forecast_arrays  # (features,), (features,), (quantiles, horizon, features)
     z = ((window_rows - mean) / std).astype(np.float32)[None]  # (1, window, features)
     out = await m.batcher.submit(StepInput(inputs={"history": z}, rows=1, key=("window", spec.window)))
     point_z = out.outputs["forecast"][0]  # (horizon, features), z-scored
-    if spec.quantile_offsets:
-        quant_z = point_z[None] + np.asarray(spec.quantile_offsets, dtype=np.float32)  # (quantiles, horizon, feat)
+    if offsets.size:
+        quant_z = point_z[None] + offsets  # (quantiles, horizon, features)
         levels = list(spec.quantiles)
     else:
         quant_z, levels = np.zeros((0, *point_z.shape), dtype=np.float32), []
