@@ -103,6 +103,22 @@ class ForecastSpec(_Strict):
     update_cost: str = Field(description="What one Observe costs, in recurrent steps, e.g. '8 GRU steps'.")
     quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
     quantile_offsets: list[list[list[float]]] = Field(default_factory=list)
+    targets: list[str] = Field(
+        default_factory=list,
+        description="Columns the model forecasts, a subset of normalization.columns in the same order; empty = "
+        "every column. The others are covariates: read from the history, never forecast. The graph's 'forecast' "
+        "output and quantile_offsets then have len(targets) on their last axis.",
+    )
+    frequency: str | None = Field(default=None, description="Sampling interval of the rows, e.g. '1h', '15min', 'MS'.")
+    time_column: str | None = Field(default=None, description="The CSV column holding timestamps, when there is one.")
+    split: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Rows [start, stop) of each split of the training data, e.g. {'test': [a, b]}.",
+    )
+
+    @property
+    def target_count(self) -> int:
+        return len(self.targets) or self.features
 
 
 class Metric(_Strict):
@@ -113,6 +129,15 @@ class Metric(_Strict):
     command: str = Field(description="Shell command that reproduces this number.")
     target: float | None = None
     higher_is_better: bool = True
+
+
+class ModelCard(_Strict):
+    """A short model card (Mitchell et al. 2019): what the model is for, what it was trained on, where it fails."""
+
+    intended_use: str
+    data: str = Field(description="Data set, its provenance and license.")
+    license: str = Field(description="License of the model weights (and of anything folded into them).")
+    limits: list[str] = Field(default_factory=list, description="Known limits, one per item.")
 
 
 class Manifest(_Strict):
@@ -131,6 +156,7 @@ class Manifest(_Strict):
     forecast: ForecastSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: list[Metric] = Field(default_factory=list)
+    card: ModelCard | None = None
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     opset: int = Field(ge=17)
     torch_version: str
