@@ -3,11 +3,24 @@
 
 from __future__ import annotations
 
+ECHO_CHARS = 64
+
+
+def echo(value: str, limit: int = ECHO_CHARS) -> str:
+    """A caller-supplied value, quoted, fit to repeat in a message or a log line: at most ``limit``
+    characters (then its length), control characters escaped."""
+    shown = repr(value[:limit])
+    return shown if len(value) <= limit else f"{shown[:-1]}...{shown[-1]} ({len(value)} characters)"
+
+
+def short(value: str, limit: int = ECHO_CHARS) -> str:
+    """Like ``echo`` without the quotes, for names inside a message ("input TEXT: ...")."""
+    shown = repr(value[:limit])[1:-1]
+    return shown if len(value) <= limit else f"{shown}...({len(value)} characters)"
+
 
 class SeqServeError(Exception):
-    """Base class of every error a caller may see. ``code`` names the kind, independent of transport."""
-
-    code: str = "internal"
+    """Base class of every error a caller may see."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -17,53 +30,27 @@ class SeqServeError(Exception):
 class InvalidInput(SeqServeError):
     """Empty, oversized, non-finite or wrongly shaped input (gRPC INVALID_ARGUMENT)."""
 
-    code = "invalid_argument"
-
 
 class ModelNotFound(SeqServeError):
     """Unknown model name or version (gRPC NOT_FOUND)."""
 
-    code = "not_found"
-
 
 class ModelUnavailable(SeqServeError):
-    """The model exists but failed to load or is still loading (gRPC UNAVAILABLE)."""
-
-    code = "unavailable"
+    """The model exists but failed to load, is unloading or was unloaded (gRPC UNAVAILABLE)."""
 
 
 class SessionNotFound(SeqServeError):
     """Unknown or expired session / sequence id (gRPC NOT_FOUND)."""
-
-    code = "not_found"
 
 
 class FailedPrecondition(SeqServeError):
     """The request is well-formed but the system is not in a state to run it, e.g. a session used with
     another model, or a session whose model version was unloaded (gRPC FAILED_PRECONDITION)."""
 
-    code = "failed_precondition"
-
 
 class Overloaded(SeqServeError):
     """A bounded resource is full: session store, batch queue (gRPC RESOURCE_EXHAUSTED)."""
 
-    code = "resource_exhausted"
-
-
-class DeadlineExceeded(SeqServeError):
-    """The caller's deadline passed before the work finished (gRPC DEADLINE_EXCEEDED)."""
-
-    code = "deadline_exceeded"
-
-
-class Cancelled(SeqServeError):
-    """The caller went away (gRPC CANCELLED)."""
-
-    code = "cancelled"
-
 
 class Unauthenticated(SeqServeError):
     """Missing or wrong credentials (gRPC UNAUTHENTICATED)."""
-
-    code = "unauthenticated"

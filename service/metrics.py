@@ -1,7 +1,6 @@
 """Prometheus metrics. Every metric is defined here, on an injected registry (no global state).
 
-INTERFACE FROZEN for the other modules: the method names and signatures below are what the core and the
-API layer call (methods may be added, never renamed). The table of every metric is in ``docs/metrics.md``.
+The methods below are what the core and the API layer call. The table of every metric is in ``docs/metrics.md``.
 
 Naming: prefix ``seqserve_``, base units (seconds, bytes), counters end in ``_total``. Labels are low-cardinality
 only: service/method/code come from the server's own method table, model names are the loaded models (any other
@@ -11,6 +10,7 @@ name a client sends is reported as ``model="_other"``), never a session id or an
 from __future__ import annotations
 
 import bisect
+import contextlib
 import importlib.metadata
 import threading
 
@@ -246,6 +246,17 @@ class Metrics:
         self.queue.labels(model)
         self.sessions.labels(model)
         self.chars.labels(model)
+
+    def model_unloaded(self, model: str, version: int) -> None:
+        """A version left the server: its info, ready and load-time series go away (dashboards stop showing it)."""
+        v = str(version)
+        with self._lock:
+            provider = self._model_info.pop((model, v), None)
+        for gauge, labels in ((self.model_info, (model, v, provider)), (self.model_ready, (model, v)),
+                              (self.model_load, (model, v))):  # fmt: skip
+            if None not in labels:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
 
     # --- core: sessions -------------------------------------------------------------------------------
     def sessions_active(self, model: str, count: int) -> None:

@@ -6,10 +6,10 @@ Built once in ``service.cli`` (``seqserve serve``) and passed down through const
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     """Model repository: ``<models>/<name>/<version>/{model.onnx,manifest.json}``."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU."""
+    watch_models_seconds: float = Field(default=0.0, ge=0)
+    """Poll the repository this often (0 = never): new version folders load and become the default, removed
+    ones unload, a changed model.onnx reloads (``seqserve serve --watch-models``)."""
+    plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Python modules imported at start-up that register extra tasks or session stores (comma-separated in the
+    environment: ``SEQSERVE_PLUGINS=mypkg.tasks``)."""
     intra_op_threads: int = Field(default=0, ge=0)
     """ONNX Runtime threads per session (0 = ORT's default)."""
     inter_op_threads: int = Field(default=1, ge=0)
@@ -47,6 +53,8 @@ class Settings(BaseSettings):
     """Requests waiting per model beyond which new ones get RESOURCE_EXHAUSTED."""
 
     # --- sessions --------------------------------------------------------------------------------------
+    session_store: str = "memory://"
+    """Where sessions live: ``memory://`` (this process). Other schemes come from stores that register them."""
     session_ttl_seconds: float = Field(default=600.0, gt=0)
     """Default idle TTL of a session (a request may ask for another, up to ``session_max_ttl_seconds``)."""
     session_max_ttl_seconds: float = Field(default=86400.0, gt=0)
@@ -70,3 +78,10 @@ class Settings(BaseSettings):
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

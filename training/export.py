@@ -179,7 +179,7 @@ def write_model(
     manifest = Manifest(
         name=name,
         version=version,
-        task=cfg.task,  # type: ignore[arg-type]
+        task=cfg.task,
         description=description,
         architecture=Architecture(
             cell=cfg.cell,  # type: ignore[arg-type]

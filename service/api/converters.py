@@ -7,7 +7,6 @@ Shape checks that only make sense on the wire (ragged rows, a missing required i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,6 +20,7 @@ from service.api.gen.seqserve.v1 import (
 )
 from service.core.types import (
     CompletionChunk,
+    FinishReason,
     FloatArray,
     ForecastResult,
     ModelRef,
@@ -38,12 +38,10 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_SUGGESTIONS = 3
 DEFAULT_SUGGEST_CHARS = 10
 
-FinishReason = Literal["length", "stop", "cancelled"]
 _FINISH_TO_PB: dict[str | None, autocomplete_pb2.FinishReason.ValueType] = {
     None: autocomplete_pb2.FINISH_REASON_UNSPECIFIED,
     "length": autocomplete_pb2.FINISH_REASON_LENGTH,
     "stop": autocomplete_pb2.FINISH_REASON_STOP,
-    "cancelled": autocomplete_pb2.FINISH_REASON_CANCELLED,
 }
 _FINISH_FROM_PB: dict[int, FinishReason | None] = {int(v): k for k, v in _FINISH_TO_PB.items()}  # type: ignore[misc]
 
@@ -78,10 +76,13 @@ def sampling_params(request: autocomplete_pb2.CompleteRequest) -> SamplingParams
     )
 
 
-def rows_to_array(rows: Sequence[common_pb2.Row], field: str) -> FloatArray:
-    """(rows, features) float32; every row must have the same, non-zero number of values."""
+def rows_to_array(rows: Sequence[common_pb2.Row], field: str, max_rows: int) -> FloatArray:
+    """(rows, features) float32; 1..``max_rows`` rows (checked before any row is read), each with the same,
+    non-zero number of values."""
     if not rows:
         raise InvalidInput(f"{field} is empty: send at least one row")
+    if len(rows) > max_rows:
+        raise InvalidInput(f"{field} has {len(rows)} rows; send 1 to {max_rows} rows (max_forecast_rows)")
     width = len(rows[0].values)
     if width == 0:
         raise InvalidInput(f"{field}[0] has no values: each row needs one value per feature")
@@ -91,7 +92,7 @@ def rows_to_array(rows: Sequence[common_pb2.Row], field: str) -> FloatArray:
                 f"{field}[{i}] has {len(row.values)} values but {field}[0] has {width}: "
                 "every row needs one value per feature"
             )
-    return np.asarray([list(r.values) for r in rows], dtype=np.float32).reshape(len(rows), width)
+    return rows_from_pb(rows, width)
 
 
 def optional_ttl(has: bool, value: float) -> float | None:
@@ -120,16 +121,19 @@ def suggest_to_pb(result: SuggestResult) -> autocomplete_pb2.SuggestResponse:
     )
 
 
-def array_to_rows(array: FloatArray) -> list[common_pb2.Row]:
-    return [common_pb2.Row(values=row) for row in np.asarray(array, dtype=np.float32).tolist()]
+def rows_to_pb(rows: Sequence[Sequence[float]] | FloatArray) -> list[common_pb2.Row]:
+    """A table (rows, features) as repeated Row messages (both directions use this). Rows may differ in length
+    (the client sends what it is given; the server says what is wrong)."""
+    table = rows.tolist() if isinstance(rows, np.ndarray) else [[float(v) for v in row] for row in rows]
+    return [common_pb2.Row(values=row) for row in table]
 
 
 def forecast_to_pb(result: ForecastResult) -> forecast_pb2.ForecastResponse:
     return forecast_pb2.ForecastResponse(
         columns=result.columns,
-        point=array_to_rows(result.point),
+        point=rows_to_pb(result.point),
         quantiles=[
-            forecast_pb2.QuantileForecast(level=level, rows=array_to_rows(result.quantiles[i]))
+            forecast_pb2.QuantileForecast(level=level, rows=rows_to_pb(result.quantiles[i]))
             for i, level in enumerate(result.quantile_levels)
         ],
         rows_seen=result.rows_seen,
@@ -203,7 +207,3 @@ def session_from_pb(pb: sessions_pb2.SessionInfo) -> SessionInfo:
         ttl_seconds=pb.ttl_seconds,
         metadata=dict(pb.metadata),
     )
-
-
-def rows_to_pb(rows: Sequence[Sequence[float]] | FloatArray) -> list[common_pb2.Row]:
-    return [common_pb2.Row(values=[float(v) for v in row]) for row in rows]

@@ -18,7 +18,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from service.api.interceptors import build_interceptors
-from service.api.servicers import REGISTRARS, SERVICE_TASKS
+from service.api.servicers import REGISTRARS, SERVICE_CAPABILITIES
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -44,6 +44,7 @@ class Server:
         self._health = health_aio.HealthServicer()
         self._http: Any = None
         self._serving = False
+        self._stopping = False
         self._stopped = asyncio.Event()
 
     @property
@@ -81,22 +82,30 @@ class Server:
         self._start_http()
         log.info("gRPC listening on %s:%d (%d services)", s.host, self.port, len(self.services))
         await self._dataplane.start()
+        # Health follows every later load, reload and unload (RepositoryModelLoad/Unload, --watch-models).
+        self._dataplane.registry.subscribe(on_load=self._model_changed, on_unload=self._model_changed)
         await self.refresh_health()
 
+    async def _model_changed(self, entry: object, replaced: bool) -> None:
+        if not self._stopping:
+            await self.refresh_health()
+
     async def refresh_health(self) -> None:
-        """SERVING for the whole server when the data plane is ready; per service when a model of its task is."""
+        """SERVING for the whole server when the data plane is ready; per service when some ready model offers
+        the capability the service needs."""
         ready = self.dataplane.ready()
-        tasks = {m.task for m in self.dataplane.models() if m.ready}
+        capabilities = self.dataplane.capabilities()
         for name in self.services:
-            task = SERVICE_TASKS.get(name)
-            await self._health.set(name, SERVING if ready and (task is None or task in tasks) else NOT_SERVING)
+            need = SERVICE_CAPABILITIES.get(name)
+            ok = ready and (need is None or need in capabilities)
+            await self._health.set(name, SERVING if ok else NOT_SERVING)
         await self._health.set("", SERVING if ready else NOT_SERVING)
         await self._health.set(HEALTH_SERVICE, SERVING)
         self._serving = ready
         for m in self.dataplane.models():
             if not m.ready:
                 log.warning("model %s/%d is not ready: %s", m.name, m.version, m.error)
-        log.info("health: %s (models ready: %s)", "SERVING" if ready else "NOT_SERVING", sorted(tasks) or "none")
+        log.info("health: %s (serving: %s)", "SERVING" if ready else "NOT_SERVING", sorted(capabilities) or "nothing")
 
     async def _set_all(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ["", *self.services]:
@@ -116,7 +125,7 @@ class Server:
         """Health -> NOT_SERVING (watchers are told at once), new calls are refused, in-flight calls get
         ``grace`` seconds (default settings.grace_seconds) to finish, then the data plane and HTTP stop."""
         grace = self.settings.grace_seconds if grace is None else grace
-        self._serving = False
+        self._serving, self._stopping = False, True
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             log.info("shutting down: in-flight calls get %.1fs", grace)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.core.runtime import Array, Runtime
+from service.core.stats import StatsBook
 from service.errors import ModelUnavailable, Overloaded
 from service.metrics import Metrics
 from service.settings import Settings
@@ -101,8 +102,10 @@ def split(outputs: dict[str, Array], items: list[StepInput], runtime: Runtime) -
 class Batcher:
     """The queue and flush task of one model version."""
 
-    def __init__(self, name: str, version: int, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
-        self.name, self.version, self.runtime = name, version, runtime
+    def __init__(
+        self, name: str, version: int, runtime: Runtime, settings: Settings, metrics: Metrics, stats: StatsBook
+    ) -> None:
+        self.name, self.version, self.runtime, self.stats = name, version, runtime, stats
         self.max_rows = settings.max_batch_size
         self.delay = settings.max_batch_delay_ms / 1000.0
         self.max_queue = settings.max_queue_size
@@ -111,6 +114,11 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_rows: dict[Hashable, int] = {}  # rows of the previous batch per key: how much company to expect
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting in the queue now."""
+        return len(self._pending)
 
     def start(self) -> None:
         if self._task is None:
@@ -189,7 +197,7 @@ class Batcher:
         items = [p.item for p in batch]
         started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self._run_sync, items)
+            results, times = await asyncio.to_thread(self._run_sync, items)
         except asyncio.CancelledError:  # stop() during a run: nobody may wait forever
             for p in batch:
                 if not p.future.done():
@@ -202,12 +210,20 @@ class Batcher:
                     p.future.set_exception(exc)
             return
         compute = time.perf_counter() - started
-        queue_wait = sum(started - p.enqueued for p in batch) / len(batch)
-        self.metrics.inference(self.name, self.version, queue_wait, compute, sum(it.rows for it in items))
+        waited = sum(started - p.enqueued for p in batch)
+        rows = sum(it.rows for it in items)
+        self.metrics.inference(self.name, self.version, waited / len(batch), compute, rows)
+        self.stats.batch(len(batch), rows, int(waited * 1e9), *times)
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
 
-    def _run_sync(self, items: list[StepInput]) -> list[StepOutput]:
+    def _run_sync(self, items: list[StepInput]) -> tuple[list[StepOutput], tuple[int, int, int]]:
+        """Runs in a worker thread: the batch's results and its (input, infer, output) nanoseconds."""
+        t0 = time.perf_counter_ns()
         feeds, rows = concatenate(items, self.runtime)
-        return split(self.runtime.run(feeds, rows), items, self.runtime)
+        t1 = time.perf_counter_ns()
+        outputs = self.runtime.run(feeds, rows)
+        t2 = time.perf_counter_ns()
+        results = split(outputs, items, self.runtime)
+        return results, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)

@@ -1,7 +1,9 @@
 """``CoreDataPlane``: the one object every transport calls (our gRPC API, KServe v2, the CLI).
 
-It wires the registry (models), one batcher per ready model version, the session manager, and the tasks.
-Each public method validates, resolves the model or session, and hands over to a task function.
+It wires the registry (one entry per loaded model version: runtime, batcher, task), the session manager and
+the tasks. Each public method resolves the model or the session, checks the model's task offers what the call
+needs (a capability, never a task name), counts the request in the model's statistics and hands over to the
+task. Sessions are loaded, advanced by the task and saved back by the session manager.
 """
 
 from __future__ import annotations
@@ -10,171 +12,304 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from typing import cast
 
-from service.core.batching import Batcher
 from service.core.context import note_model
-from service.core.manifest import Manifest
-from service.core.registry import ModelRegistry
-from service.core.sessions import Session, SessionManager
-from service.core.tasks import autocomplete, forecast, sentiment
-from service.core.tasks.autocomplete import CharCursor
-from service.core.tasks.common import Served, check_int, check_text
-from service.core.tokenizers import Encoder
+from service.core.registry import ModelEntry, ModelRegistry
+from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
+from service.core.tasks import TASKS, load_plugins
+from service.core.tasks.base import Classifier, Forecaster, Generator, TaskResult, check_inputs, needs
 from service.core.types import (
     CharStep,
     CompletionChunk,
     FloatArray,
     ForecastResult,
+    InferResult,
+    InputTensor,
     ModelInfo,
+    ModelMetadata,
     ModelRef,
+    ModelStats,
     SamplingParams,
     SentimentResult,
+    SequenceRef,
     SessionInfo,
     SuggestResult,
+    Tensor,
 )
-from service.errors import FailedPrecondition, InvalidInput, ModelUnavailable
+from service.errors import FailedPrecondition, InvalidInput, SessionNotFound, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+PLATFORM = "onnxruntime_onnx"
+
+
+class _Request:
+    __slots__ = ("inferences",)
+
+    def __init__(self, inferences: int) -> None:
+        self.inferences = inferences
 
 
 class CoreDataPlane:
     """Implements ``service.core.types.DataPlane``. Build once in main; ``await start()`` before serving."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        store: SessionStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        load_plugins(settings.plugins)  # tasks and stores from outside this package register themselves
         self.registry = ModelRegistry(settings, metrics)
-        self.sessions = SessionManager(settings, metrics)
-        self._served: dict[tuple[str, int], Served] = {}
+        self.registry.subscribe(on_load=self._loaded, on_unload=self._unloaded)
+        store = store if store is not None else open_store(settings.session_store)
+        self.sessions = SessionManager(settings, metrics, store, clock)
         self._started = False
-        self._reload_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Loads every model in ``settings.models`` and starts the session reaper."""
-        await self.reload()
+        """Loads every model in ``settings.models``, starts the session reaper and the repository watcher."""
+        await self.registry.sync()
         self.sessions.start()
+        if self.settings.watch_models_seconds:
+            self._watcher = asyncio.create_task(self._watch(self.settings.watch_models_seconds), name="model-watch")
         self._started = True
 
-    async def reload(self) -> None:
-        """Rescans the repository: loads new (or previously failed) versions, unloads removed ones.
-        Sessions pinned to a removed version then get FAILED_PRECONDITION."""
-        async with self._reload_lock:
-            added, removed = await asyncio.to_thread(self.registry.scan)
-            for mv in removed:
-                served = self._served.pop((mv.name, mv.version), None)
-                if served is not None:
-                    await served.batcher.stop()
-            for mv in added:
-                if mv.runtime is None or mv.manifest is None:
-                    continue
-                batcher = Batcher(mv.name, mv.version, mv.runtime, self.settings, self.metrics)
-                batcher.start()
-                tok = mv.manifest.tokenizer
-                self._served[(mv.name, mv.version)] = Served(
-                    mv.name, mv.version, mv.manifest, mv.runtime, batcher, Encoder(tok) if tok is not None else None
-                )
+    async def _watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.registry.sync()
+            except Exception:  # the watcher must survive anything (a half-copied folder, a permission error)
+                log.exception("model repository poll failed")
 
     async def stop(self) -> None:
         self._started = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self.sessions.stop()
-        for served in list(self._served.values()):
-            await served.batcher.stop()
-        self._served.clear()
+        await self.registry.stop()
+
+    def _loaded(self, entry: ModelEntry, replaced: bool) -> None:
+        self.metrics.model_loaded(entry.name, entry.version, entry.runtime.provider, entry.load_seconds, True)
+
+    def _unloaded(self, entry: ModelEntry, replaced: bool) -> None:
+        if not replaced:
+            self.metrics.model_unloaded(entry.name, entry.version)
 
     def ready(self) -> bool:
-        return self._started and bool(self._served)
+        return self._started and any(e.ready for e in self.registry.versions())
+
+    def capabilities(self) -> set[str]:
+        return {c for e in self.registry.versions() if e.ready for c in e.capabilities}
 
     # --- models ---------------------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
-        return [mv.info() for mv in self.registry.versions()]
+        return [e.info() for e in self.registry.versions()]
+
+    def unloaded(self) -> list[str]:
+        return self.registry.unloaded()
 
     def model_info(self, model: ModelRef) -> ModelInfo:
         return self.registry.find(model).info()
 
-    def model_manifest(self, model: ModelRef) -> Manifest:
-        mv = self.registry.find(model)
-        if mv.manifest is None:
-            raise ModelUnavailable(f"model {mv.name} version {mv.version} has no valid manifest: {mv.error}")
-        return mv.manifest
+    def model_metadata(self, model: ModelRef) -> ModelMetadata:
+        entry = self.registry.resolve(model)
+        return ModelMetadata(
+            name=entry.name,
+            version=entry.version,
+            versions=sorted(e.version for e in self.registry.versions() if e.name == entry.name),
+            task=entry.task.name,
+            platform=PLATFORM,
+            contract=entry.task.contract(),
+            parameters={"task": entry.task.name, "version": str(entry.version), "sha256": entry.sha256},
+        )
 
-    def _serve(self, model: ModelRef, task: str) -> Served:
-        mv = self.registry.resolve(model)
-        note_model(mv.name)
-        served = self._served.get((mv.name, mv.version))
-        if served is None:
-            raise ModelUnavailable(f"model {mv.name} version {mv.version} is not serving (unloaded or stopping)")
-        if served.manifest.task != task:
+    def statistics(self, model: ModelRef | None) -> list[ModelStats]:
+        if model is None:
+            entries = self.registry.versions()
+        elif model.version is not None:
+            entries = [self.registry.find(model)]
+        else:
+            name = self.registry.find(model).name
+            entries = [e for e in self.registry.versions() if e.name == name]
+        return [e.stats.snapshot(e.name, e.version) for e in entries]
+
+    async def load_model(self, name: str) -> None:
+        await self.registry.load_model(name)
+
+    async def unload_model(self, name: str) -> None:
+        await self.registry.unload_model(name)
+
+    # --- resolving ----------------------------------------------------------------------------------------
+    def _serve(self, model: ModelRef, capability: str) -> ModelEntry:
+        entry = self.registry.resolve(model)
+        note_model(entry.name)
+        if capability not in entry.capabilities:
             raise InvalidInput(
-                f"model {served.label} is a {served.manifest.task!r} model; this call needs a {task!r} model"
+                f"model {entry.label} is a {entry.task.name!r} model; this call needs {needs(capability)}"
             )
-        return served
+        return entry
+
+    @contextlib.contextmanager
+    def _request(self, entry: ModelEntry, inferences: int = 1) -> Iterator[_Request]:
+        """One request on ``entry``: counted in flight (unload drains it) and in the model's statistics."""
+        req, t0, ok = _Request(inferences), time.perf_counter_ns(), False
+        with entry.busy():
+            try:
+                yield req
+                ok = True
+            finally:
+                entry.stats.request(ok, time.perf_counter_ns() - t0, req.inferences)
+
+    def _pinned(self, s: SessionState) -> ModelEntry:
+        """The loaded model a session belongs to: the same version and the same weights, else a clear error."""
+        entry = self.registry.get(s.model, s.version)
+        if entry is None or not entry.ready:
+            raise FailedPrecondition(
+                f"session {echo(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "
+                "create a new session"
+            )
+        if entry.sha256 != s.model_sha256:
+            raise FailedPrecondition(
+                f"session {echo(s.id)} is pinned to model {s.model} version {s.version} with weights "
+                f"{s.model_sha256[:12]}, which were replaced by {entry.sha256[:12]}; create a new session"
+            )
+        return entry
 
     @contextlib.asynccontextmanager
     async def _session(
-        self, session_id: str, task: str, model: ModelRef | None = None
-    ) -> AsyncIterator[tuple[Session, Served]]:
-        """Locks the session and checks it fits the call: task, model (when named) and pinned version."""
+        self, session_id: str, capability: str | None, model: ModelRef | None = None, count: bool = True
+    ) -> AsyncIterator[tuple[SessionState, ModelEntry]]:
+        """Leases the session and checks it fits the call: capability, model (when named), pinned weights.
+        ``count``: the call is one request of the model's statistics (False when the caller counts it)."""
         async with self.sessions.use(session_id) as s:
             note_model(s.model)
-            if s.task != task:
+            entry = self._pinned(s)
+            if capability is not None and capability not in entry.capabilities:
                 raise FailedPrecondition(
-                    f"session {session_id!r} belongs to {s.task!r} model {s.model}; this call needs a {task!r} session"
+                    f"session {echo(session_id)} belongs to {s.task!r} model {s.model}; this call needs a session "
+                    f"of {needs(capability)}"
                 )
-            if (
-                model is not None
-                and model.name
-                and (model.name != s.model or (model.version is not None and model.version != s.version))
-            ):
-                named = model.name + (f" version {model.version}" if model.version is not None else "")
+            if model is not None and model.name and (model.name != s.model or model.version not in (None, s.version)):
+                named = echo(model.name) + (f" version {model.version}" if model.version is not None else "")
                 raise FailedPrecondition(
-                    f"session {session_id!r} belongs to model {s.model} version {s.version}, but the request names "
-                    f"{named}; omit the model or name the session's"
+                    f"session {echo(session_id)} belongs to model {s.model} version {s.version}, but the request "
+                    f"names {named}; omit the model or name the session's"
                 )
-            served = self._served.get((s.model, s.version))
-            if served is None:
-                raise FailedPrecondition(
-                    f"session {session_id!r} is pinned to model {s.model} version {s.version}, which is no longer "
-                    "loaded; create a new session"
-                )
-            yield s, served
+            if not count:
+                yield s, entry
+                return
+            with self._request(entry):
+                yield s, entry
 
-    # --- sentiment ------------------------------------------------------------------------------------
+    # --- v2 inference -------------------------------------------------------------------------------------
+    def _sequence_id(self, model: str, seq: SequenceRef) -> str:
+        return f"kserve:{model}:{seq.id}"
+
+    def _unknown_sequence(self, model: str, seq: SequenceRef) -> SessionNotFound:
+        return SessionNotFound(
+            f"sequence {echo(seq.id)} of model {model} is unknown or expired (sequences expire after "
+            f"{self.settings.sequence_idle_seconds:g}s idle, end with sequence_end, and may be evicted when the "
+            "session store is full); send sequence_start=true to begin it"
+        )
+
+    async def infer(
+        self,
+        model: ModelRef,
+        inputs: Sequence[InputTensor],
+        outputs: list[str] | None = None,
+        sequence: SequenceRef | None = None,
+    ) -> InferResult:
+        if sequence is not None and not sequence.start and model.version is None:
+            # A running sequence stays on the version it started with, even when a newer one loaded since.
+            entry = self.registry.find(model)
+            try:
+                s = await self.sessions.get(self._sequence_id(entry.name, sequence))
+            except SessionNotFound:
+                raise self._unknown_sequence(entry.name, sequence) from None
+            model = ModelRef(entry.name, s.version)
+        entry = self.registry.resolve(model)
+        note_model(entry.name)
+        with self._request(entry) as req:
+            contract = entry.task.contract()
+            names = [d.name for d in contract.outputs]
+            wanted = outputs or names
+            for name in wanted:
+                if name not in names:
+                    raise InvalidInput(f"model {entry.name} has no output {echo(name)}; outputs are {', '.join(names)}")
+            if sequence is not None and not contract.sequences:
+                raise InvalidInput(
+                    f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
+                )
+            tensors = check_inputs(entry.name, contract, inputs)
+            if sequence is None:
+                result = await entry.task.infer(tensors, None)
+            else:
+                result = await self._infer_sequence(entry, tensors, sequence)
+            req.inferences = result.inferences
+        return InferResult(
+            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps
+        )
+
+    async def _infer_sequence(self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef) -> TaskResult:
+        sid = self._sequence_id(entry.name, seq)
+        if seq.start:  # (re)starts the sequence: a start on a running id replaces its state
+            await self._new_session(entry, self.settings.sequence_idle_seconds, sid)
+        try:
+            async with self._session(sid, None, ModelRef(entry.name, entry.version), count=False) as (s, _):
+                return await entry.task.infer(tensors, s)
+        except SessionNotFound:
+            raise self._unknown_sequence(entry.name, seq) from None
+        finally:
+            if seq.end:
+                with contextlib.suppress(SessionNotFound):
+                    await self.sessions.delete(sid)
+
+    # --- our API: sentiment -------------------------------------------------------------------------------
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:
-        return await sentiment.classify(self._serve(model, "sentiment"), texts, self.settings)
+        entry = self._serve(model, "classify")
+        with self._request(entry, len(texts)):
+            return await _classifier(entry).classify(texts)
 
-    # --- char LM --------------------------------------------------------------------------------------
-    async def _stream(
-        self, served: Served, cur: CharCursor, prompt: str, params: SamplingParams, keep_state: bool, t0: float
+    # --- our API: char LM ---------------------------------------------------------------------------------
+    async def _metered(
+        self, entry: ModelEntry, stream: AsyncGenerator[CompletionChunk, None], t0: float
     ) -> AsyncGenerator[CompletionChunk, None]:
         chars = 0
-        gen = autocomplete.complete(served, cur, prompt, params, self.settings, keep_state)
         try:
-            async with contextlib.aclosing(gen):
-                async for chunk in gen:
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
                     if chars == 0:
-                        self.metrics.time_to_first_chunk(served.name, time.perf_counter() - t0)
+                        self.metrics.time_to_first_chunk(entry.name, time.perf_counter() - t0)
                     chars += len(chunk.text)
                     yield chunk
         finally:
-            self.metrics.chars_generated(served.name, chars)
+            self.metrics.chars_generated(entry.name, chars)
 
     async def complete(
         self, model: ModelRef, prompt: str, params: SamplingParams, session_id: str | None = None
     ) -> AsyncGenerator[CompletionChunk, None]:
         t0 = time.perf_counter()
         if session_id is None:
-            served = self._serve(model, "charlm")
-            stream = self._stream(served, autocomplete.fresh_cursor(served), prompt, params, False, t0)
-            async with contextlib.aclosing(stream):
-                async for chunk in stream:
-                    yield chunk
+            entry = self._serve(model, "generate")
+            with self._request(entry):
+                stream = self._metered(entry, _generator(entry).complete(None, prompt, params), t0)
+                async with contextlib.aclosing(stream):
+                    async for chunk in stream:
+                        yield chunk
             return
-        async with self._session(session_id, "charlm", model) as (s, served):
-            stream = self._stream(served, s, prompt, params, True, t0)
+        async with self._session(session_id, "generate", model) as (s, entry):
+            stream = self._metered(entry, _generator(entry).complete(s, prompt, params), t0)
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
                     yield chunk
@@ -182,83 +317,70 @@ class CoreDataPlane:
     async def suggest(
         self, session_id: str, appended: str, *, reset: bool = False, n: int = 3, max_chars: int = 10, beam: bool = True
     ) -> SuggestResult:
-        check_int(n, "n", 1, self.settings.max_suggestions, " (max_suggestions)")
-        check_int(max_chars, "max_chars", 1, self.settings.max_generate_chars, " (max_generate_chars)")
-        check_text(appended, "appended", self.settings.max_chars_per_text, allow_empty=True)
-        if reset and not appended:
-            raise InvalidInput("appended is empty while reset is set: after a reset there is no text to continue")
-        async with self._session(session_id, "charlm") as (s, served):
-            assert served.encoder is not None
-            ids = served.encoder.encode(appended, field="appended")  # bad characters fail before the session changes
-            if reset:
-                s.reset()
-            await autocomplete.advance_ids(served, s, ids)
-            suggestions = await autocomplete.suggest(served, s, n, max_chars, beam)
-            steps = s.steps
-        self.metrics.chars_generated(served.name, sum(len(x.text) for x in suggestions))
-        return SuggestResult(suggestions=suggestions, steps=steps)
+        async with self._session(session_id, "generate") as (s, entry):
+            result = await _generator(entry).suggest(s, appended, reset, n, max_chars, beam)
+        self.metrics.chars_generated(entry.name, sum(len(x.text) for x in result.suggestions))
+        return result
 
     async def char_step(
         self, model: ModelRef, text: str, *, session_id: str | None = None, num_chars: int = 0
     ) -> CharStep:
         if session_id is None:
-            served = self._serve(model, "charlm")
-            result = await autocomplete.char_step(
-                served, autocomplete.fresh_cursor(served), text, num_chars, self.settings
-            )
+            entry = self._serve(model, "generate")
+            with self._request(entry):
+                result = await _generator(entry).char_step(None, text, num_chars)
         else:
-            async with self._session(session_id, "charlm", model) as (s, served):
-                result = await autocomplete.char_step(served, s, text, num_chars, self.settings)
-        self.metrics.chars_generated(served.name, len(result.completion))
+            async with self._session(session_id, "generate", model) as (s, entry):
+                result = await _generator(entry).char_step(s, text, num_chars)
+        self.metrics.chars_generated(entry.name, len(result.completion))
         return result
 
-    # --- forecasting ----------------------------------------------------------------------------------
+    # --- our API: forecasting -----------------------------------------------------------------------------
     async def forecast(self, model: ModelRef, history: FloatArray) -> ForecastResult:
-        return await forecast.predict(self._serve(model, "forecast"), history, self.settings)
+        entry = self._serve(model, "forecast")
+        with self._request(entry):
+            return await _forecaster(entry).predict(history)
 
     async def observe(self, session_id: str, rows: FloatArray) -> ForecastResult:
-        async with self._session(session_id, "forecast") as (s, served):
-            return await forecast.observe(served, s, rows, self.settings)
+        async with self._session(session_id, "forecast") as (s, entry):
+            return await _forecaster(entry).observe(s, rows)
 
     # --- sessions -------------------------------------------------------------------------------------
-    async def create_session(
-        self, model: ModelRef, ttl_seconds: float | None = None, session_id: str | None = None
-    ) -> SessionInfo:
-        ttl = self.sessions.ttl(ttl_seconds)
-        sid = self.sessions.new_id(session_id)
-        mv = self.registry.resolve(model)
-        note_model(mv.name)
-        served = self._served.get((mv.name, mv.version))
-        if served is None:
-            raise ModelUnavailable(f"model {mv.name} version {mv.version} is not serving (unloaded or stopping)")
-        m = served.manifest
-        if m.task == "charlm":
-            state = served.runtime.zero_states(1)
-            context = 4 * len(m.tokenizer.vocab) if m.tokenizer else 0  # next-char logits, float32
-        elif m.task == "forecast" and m.forecast is not None:
-            forecast.check_mode(served)
-            state, context = {}, 4 * m.forecast.window * m.forecast.features  # last window rows, float32
-        else:
+    async def _new_session(self, entry: ModelEntry, ttl: float, session_id: str | None) -> SessionState:
+        task = entry.task
+        if not task.stateful:
+            stateful = sorted(name for name, cls in TASKS.items() if cls.stateful)
             raise FailedPrecondition(
-                f"model {served.label} is a stateless {m.task!r} model; sessions are for 'charlm' and 'forecast' models"
+                f"model {entry.label} is a stateless {task.name!r} model; sessions are for models of the "
+                f"stateful tasks ({', '.join(stateful)})"
             )
+        task.check_session()
         now = self.sessions.clock()
-        session = Session(
-            id=sid,
-            model=served.name,
-            version=served.version,
-            task=m.task,
-            state=state,
-            nbytes=sum(int(v.nbytes) for v in state.values()) + context,
+        s = SessionState(
+            id=self.sessions.new_id(session_id),
+            model=entry.name,
+            version=entry.version,
+            model_sha256=entry.sha256,
+            task=task.name,
+            state=task.initial_state(),
+            context={},
+            steps=0,
             ttl_seconds=ttl,
             created_at=now,
             last_used_at=now,
-            metadata={"task": m.task},
+            nbytes=task.session_nbytes(),
+            metadata={"task": task.name},
         )
-        return self.sessions.add(session).info()
+        return await self.sessions.add(s)
+
+    async def create_session(self, model: ModelRef, ttl_seconds: float | None = None) -> SessionInfo:
+        ttl = self.sessions.ttl(ttl_seconds)
+        entry = self.registry.resolve(model)
+        note_model(entry.name)
+        return (await self._new_session(entry, ttl, None)).info()
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        s = self.sessions.get(session_id)
+        s = await self.sessions.get(session_id)
         note_model(s.model)
         return s.info()
 
@@ -268,9 +390,20 @@ class CoreDataPlane:
         return twin.info()
 
     async def delete_session(self, session_id: str) -> None:
-        note_model(self.sessions.delete(session_id).model)
+        note_model((await self.sessions.delete(session_id)).model)
 
-    async def reset_session(self, session_id: str) -> SessionInfo:
-        async with self.sessions.use(session_id) as s:
-            s.reset()
-        return s.info()
+
+# The capability was checked by _serve/_session (entry.capabilities, computed once at load): no isinstance here.
+def _classifier(entry: ModelEntry) -> Classifier:
+    return cast(Classifier, entry.task)
+
+
+def _generator(entry: ModelEntry) -> Generator:
+    return cast(Generator, entry.task)
+
+
+def _forecaster(entry: ModelEntry) -> Forecaster:
+    return cast(Forecaster, entry.task)
+
+
+__all__ = ["CoreDataPlane", "unknown_session"]

@@ -4,7 +4,8 @@ Training writes it (``training/export.py``) next to ``model.onnx``; serving read
 (``service/core/registry.py``). This module imports neither torch nor grpc so both sides can share it.
 
 Tensor shapes use ints for fixed sizes and strings for symbolic (dynamic) axes, e.g.
-``["batch", "time"]`` or ``[2, "batch", 512]``.
+``["batch", "time"]`` or ``[2, "batch", 512]``. What each task needs beyond this generic schema (a tokenizer,
+labels, normalization...) is checked by the task itself at load (``service/core/tasks``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 
-Task = Literal["sentiment", "charlm", "forecast"]
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 DType = Literal["float32", "int64", "int32", "bool"]
 Dim = int | str
@@ -143,7 +143,10 @@ class ModelCard(_Strict):
 class Manifest(_Strict):
     name: str
     version: int = Field(ge=1)
-    task: Task
+    task: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,63}$",
+        description="The serving task that runs this model (service/core/tasks: sentiment, charlm, forecast, ...).",
+    )
     description: str = ""
     architecture: Architecture
     inputs: list[TensorSpec]
@@ -164,21 +167,15 @@ class Manifest(_Strict):
     created_at: str
 
     @model_validator(mode="after")
-    def _task_fields(self) -> Manifest:
+    def _states_refer_to_tensors(self) -> Manifest:
         names = {t.name for t in self.inputs} | {t.name for t in self.outputs}
         for s in self.states:
             if s.input not in names or s.output not in names:
                 raise ValueError(f"state {s.name!r} refers to unknown tensors {s.input!r}/{s.output!r}")
-        if self.task in ("sentiment", "charlm") and self.tokenizer is None:
-            raise ValueError(f"task {self.task!r} needs a tokenizer")
-        if self.task == "sentiment" and not self.labels:
-            raise ValueError("task 'sentiment' needs labels")
-        if self.task == "forecast" and (self.normalization is None or self.forecast is None):
-            raise ValueError("task 'forecast' needs normalization and forecast sections")
         return self
 
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
+    def has_input(self, name: str) -> bool:
+        return any(t.name == name for t in self.inputs)
 
     def output(self, name: str) -> TensorSpec:
         return next(t for t in self.outputs if t.name == name)

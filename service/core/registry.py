@@ -1,137 +1,252 @@
 """The model repository: ``<settings.models>/<name>/<version>/{model.onnx,manifest.json}`` (Triton-style).
 
-Every version directory becomes a ``ModelVersion``: loaded (manifest valid, sha256 matches, ORT session built)
-or failed (the reason is kept and reported; a failed model never stops the others from loading). The newest
-*ready* version serves requests that name no version.
+One ``ModelEntry`` per version: loaded (manifest valid, task accepts it, sha256 matches, ORT session built,
+batcher running) or failed (the reason is kept and reported; a failed model never stops the others). The
+newest *ready* version serves requests that name no version.
+
+Live management: ``load_model(name)`` (re)loads every version of a model from disk, ``unload_model(name)``
+drains and frees it, ``sync()`` polls the whole repository (``--watch-models``): a new version folder is
+loaded and becomes the default, a removed folder is unloaded, a changed ``model.onnx`` (sha256) is reloaded.
+Unloading stops new requests at once, lets in-flight ones finish (``grace_seconds`` at most), then frees the
+model. Batching lives in the entry; metrics and health subscribe to the load/unload hooks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
-
+from service.core.batching import Batcher
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.runtime import Runtime, load_runtime, select_providers
+from service.core.stats import StatsBook
+from service.core.tasks import Task, task_class
+from service.core.tasks.base import capabilities_of
 from service.core.types import ModelInfo, ModelRef
-from service.errors import ModelNotFound, ModelUnavailable
+from service.errors import ModelNotFound, ModelUnavailable, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+_VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
+Hook = Callable[["ModelEntry", bool], Awaitable[None] | None]  # (entry, replaced by a reload)
+State = Literal["READY", "UNAVAILABLE", "UNLOADING"]
 
 
-@dataclass
-class ModelVersion:
-    """One ``<name>/<version>`` directory. ``runtime`` is None when it failed to load (see ``error``)."""
+def _signature(path: Path) -> tuple[tuple[int, int], ...]:
+    """(mtime_ns, size) of the two files: a cheap test for "changed on disk" before hashing anything."""
+    out = []
+    for name in (MODEL_FILE, MANIFEST_FILE):
+        try:
+            st = (path / name).stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((0, -1))
+    return tuple(out)
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    """One ``<name>/<version>`` directory, loaded or failed. The task, runtime and batcher exist when ready."""
 
     name: str
     version: int
     path: Path
-    manifest: Manifest | None = None
-    runtime: Runtime | None = None
+    loaded_manifest: Manifest | None = None  # None when the manifest itself failed to load
+    sha256: str = ""
+    signature: tuple[tuple[int, int], ...] = ()
     error: str | None = None
     load_seconds: float = 0.0
+    state: State = "UNAVAILABLE"
+    stats: StatsBook = field(default_factory=StatsBook)
+    capabilities: frozenset[str] = frozenset()
+    _runtime: Runtime | None = None
+    _batcher: Batcher | None = None
+    _task: Task | None = None
+    _inflight: int = 0
+    _drained: asyncio.Event | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
 
     @property
     def ready(self) -> bool:
-        return self.runtime is not None
+        return self.state == "READY"
+
+    @property
+    def manifest(self) -> Manifest:
+        assert self.loaded_manifest is not None, f"{self.label} has no valid manifest"
+        return self.loaded_manifest
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None, f"{self.label} is not loaded"
+        return self._runtime
+
+    @property
+    def batcher(self) -> Batcher:
+        assert self._batcher is not None, f"{self.label} is not loaded"
+        return self._batcher
+
+    @property
+    def task(self) -> Task:
+        assert self._task is not None, f"{self.label} is not loaded"
+        return self._task
 
     def info(self) -> ModelInfo:
         return ModelInfo(
             name=self.name,
             version=self.version,
-            task=self.manifest.task if self.manifest is not None else "unknown",
+            task=self.loaded_manifest.task if self.loaded_manifest is not None else "unknown",
             ready=self.ready,
-            provider=self.runtime.provider if self.runtime is not None else "",
+            provider=self._runtime.provider if self._runtime is not None else "",
             error=self.error,
             load_seconds=self.load_seconds,
         )
 
-    def loaded(self) -> tuple[Manifest, Runtime]:
-        """Manifest and runtime of a ready model; ``ModelUnavailable`` with the load error otherwise."""
-        if self.runtime is None or self.manifest is None:
-            raise ModelUnavailable(f"model {self.name} version {self.version} failed to load: {self.error}")
-        return self.manifest, self.runtime
+    def check_ready(self) -> None:
+        if self.state == "UNLOADING":
+            raise ModelUnavailable(f"model {self.label} is being unloaded; retry to reach another version")
+        if not self.ready:
+            raise ModelUnavailable(f"model {self.label} failed to load: {self.error}")
 
-
-# The tensors serving relies on, per task (the rest of the contract is checked by ``Manifest`` itself).
-REQUIRED = {
-    "charlm": (["input_ids"], ["logits"]),
-    "sentiment": (["input_ids"], ["logits"]),
-    "forecast": (["history"], ["forecast"]),
-}
-
-
-def check_contract(m: Manifest) -> None:
-    """Raises ValueError when the manifest cannot be served: missing tensors, inconsistent sizes."""
-    ins, outs = {t.name for t in m.inputs}, {t.name for t in m.outputs}
-    need_in, need_out = REQUIRED[m.task]
-    missing = [n for n in need_in if n not in ins] + [n for n in need_out if n not in outs]
-    if missing:
-        raise ValueError(f"a {m.task!r} model must declare tensors {missing} in manifest.json (see the ONNX contract)")
-    last = m.output("logits").shape[-1] if "logits" in outs else None
-    if m.task == "charlm" and m.tokenizer and isinstance(last, int) and last != len(m.tokenizer.vocab):
-        raise ValueError(f"logits have {last} classes but the tokenizer vocab has {len(m.tokenizer.vocab)} entries")
-    if m.task == "sentiment" and m.labels and isinstance(last, int) and last != len(m.labels):
-        raise ValueError(f"logits have {last} classes but manifest.labels has {len(m.labels)}")
-    if m.task == "forecast" and m.forecast is not None and m.normalization is not None:
-        f = m.forecast
-        if len(m.normalization.columns) != f.features:
-            raise ValueError(
-                f"normalization has {len(m.normalization.columns)} columns, forecast.features={f.features}"
-            )
-        shape = list(np.asarray(f.quantile_offsets, dtype=np.float64).shape)
-        if f.quantile_offsets and shape != [len(f.quantiles), f.horizon, f.features]:
-            raise ValueError(
-                f"forecast.quantile_offsets has shape {shape}; expected [quantiles={len(f.quantiles)}, "
-                f"horizon={f.horizon}, features={f.features}]"
-            )
-
-
-def load_version(name: str, version: int, path: Path, settings: Settings) -> ModelVersion:
-    """Validates and loads one version directory; never raises for a broken model (records ``error``)."""
-    mv = ModelVersion(name=name, version=version, path=path)
-    t0 = time.perf_counter()
-    try:
-        manifest_path, model_path = path / MANIFEST_FILE, path / MODEL_FILE
-        if not manifest_path.is_file() or not model_path.is_file():
-            raise ValueError(f"{path} must contain {MODEL_FILE} and {MANIFEST_FILE}")
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Counts a request in flight; unloading waits for the count to reach zero."""
+        self._inflight += 1
         try:
-            manifest = Manifest.load(manifest_path)
-        except ValueError as exc:  # pydantic.ValidationError and JSON errors are ValueErrors
-            raise ValueError(f"{manifest_path} is not a valid manifest: {exc}") from exc
-        mv.manifest = manifest
-        if (manifest.name, manifest.version) != (name, version):
-            raise ValueError(
-                f"{manifest_path} says {manifest.name}/{manifest.version} but lives in {name}/{version}; "
-                "the directory names are authoritative, fix one of them"
-            )
-        check_contract(manifest)
-        digest = sha256_file(model_path)
-        if digest != manifest.sha256:
-            raise ValueError(
-                f"sha256 of {model_path} is {digest} but manifest.json says {manifest.sha256}; "
-                "the file is corrupt or from another export: re-export or copy both files together"
-            )
-        mv.runtime = load_runtime(manifest, model_path, settings)
-    except (ValueError, OSError, ModelUnavailable) as exc:
-        mv.error = str(exc)
-    mv.load_seconds = time.perf_counter() - t0
-    return mv
+            yield
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0 and self._drained is not None:
+                self._drained.set()
+
+    # --- load / unload (registry only) ------------------------------------------------------------------
+    def load_files(self, settings: Settings) -> None:
+        """Validates and builds the ORT session (blocking: call in a thread); records ``error`` on failure."""
+        t0 = time.perf_counter()
+        self.signature = _signature(self.path)
+        try:
+            manifest_path, model_path = self.path / MANIFEST_FILE, self.path / MODEL_FILE
+            if not manifest_path.is_file() or not model_path.is_file():
+                raise ValueError(f"{self.path} must contain {MODEL_FILE} and {MANIFEST_FILE}")
+            try:
+                manifest = Manifest.load(manifest_path)
+            except ValueError as exc:  # pydantic.ValidationError and JSON errors are ValueErrors
+                raise ValueError(f"{manifest_path} is not a valid manifest: {exc}") from exc
+            self.loaded_manifest = manifest
+            if (manifest.name, manifest.version) != (self.name, self.version):
+                raise ValueError(
+                    f"{manifest_path} says {manifest.name}/{manifest.version} but lives in {self.label}; "
+                    "the directory names are authoritative, fix one of them"
+                )
+            cls = task_class(manifest.task)
+            cls.check(manifest)
+            self.sha256 = sha256_file(model_path)
+            if self.sha256 != manifest.sha256:
+                raise ValueError(
+                    f"sha256 of {model_path} is {self.sha256} but manifest.json says {manifest.sha256}; "
+                    "the file is corrupt or from another export: re-export or copy both files together"
+                )
+            self._runtime = load_runtime(manifest, model_path, settings, cls.symbols(manifest))
+        except (ValueError, OSError, ModelUnavailable) as exc:
+            self.error = str(exc)
+        self.load_seconds = time.perf_counter() - t0
+
+    def start(self, settings: Settings, metrics: Metrics) -> None:
+        """On the event loop, after ``load_files`` succeeded: the batcher and the task instance."""
+        self._batcher = Batcher(self.name, self.version, self.runtime, settings, metrics, self.stats)
+        self._batcher.start()
+        self._task = task_class(self.manifest.task)(self, settings)
+        self.capabilities = capabilities_of(self._task)
+        self.state = "READY"
+
+    async def stop(self, grace: float) -> None:
+        """Refuses new requests, waits up to ``grace`` seconds for in-flight ones, then frees the model."""
+        self.state = "UNLOADING"
+        if self._inflight:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except TimeoutError:
+                log.warning(
+                    "%s: %d requests still running after %.1fs; unloading anyway", self.label, self._inflight, grace
+                )
+        if self._batcher is not None:
+            await self._batcher.stop()
+        self._task, self._batcher, self._runtime = None, None, None
 
 
 class ModelRegistry:
-    """All model versions found in the repository, loaded or failed. Sync: call ``scan`` from a thread."""
+    """All model versions, loaded or failed, with load/unload hooks. Operations are serialized."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._versions: dict[tuple[str, int], ModelVersion] = {}
+        self._entries: dict[tuple[str, int], ModelEntry] = {}
+        self._unloaded: set[str] = set()  # unloaded on request: not reloaded by sync() until load_model()
+        self._lock = asyncio.Lock()
+        self._on_load: list[Hook] = []
+        self._on_unload: list[Hook] = []
 
+    def subscribe(self, on_load: Hook | None = None, on_unload: Hook | None = None) -> None:
+        if on_load is not None:
+            self._on_load.append(on_load)
+        if on_unload is not None:
+            self._on_unload.append(on_unload)
+
+    async def _fire(self, hooks: list[Hook], entry: ModelEntry, replaced: bool) -> None:
+        for hook in hooks:
+            try:
+                result = hook(entry, replaced)
+                if result is not None:
+                    await result
+            except Exception:  # a subscriber's bug must not break loading
+                log.exception("model hook failed for %s", entry.label)
+
+    # --- reading ----------------------------------------------------------------------------------------
+    def versions(self) -> list[ModelEntry]:
+        return [self._entries[k] for k in sorted(self._entries)]
+
+    def unloaded(self) -> list[str]:
+        return sorted(self._unloaded - {name for name, _ in self._entries})
+
+    def get(self, name: str, version: int) -> ModelEntry | None:
+        return self._entries.get((name, version))
+
+    def find(self, ref: ModelRef) -> ModelEntry:
+        """The version ``ref`` names (ready or not); without a version, the newest ready one, else the newest."""
+        mine = sorted((e for e in self._entries.values() if e.name == ref.name), key=lambda e: e.version)
+        if not mine:
+            if ref.name in self._unloaded:
+                raise ModelUnavailable(f"model {echo(ref.name)} was unloaded; load it again (RepositoryModelLoad)")
+            names = sorted({e.name for e in self._entries.values()})
+            raise ModelNotFound(f"model {echo(ref.name)} is not in the repository; available models: {names}")
+        if ref.version is None:
+            ready = [e for e in mine if e.ready]
+            return (ready or mine)[-1]
+        for e in mine:
+            if e.version == ref.version:
+                return e
+        raise ModelNotFound(
+            f"model {echo(ref.name)} has no version {ref.version}; available versions: {[e.version for e in mine]}"
+        )
+
+    def resolve(self, ref: ModelRef) -> ModelEntry:
+        """Like ``find`` but the version must be ready (``ModelUnavailable`` with the reason otherwise)."""
+        entry = self.find(ref)
+        entry.check_ready()
+        return entry
+
+    # --- changing -----------------------------------------------------------------------------------------
     def _discover(self) -> dict[tuple[str, int], Path]:
         root = self.settings.models
         if not root.is_dir():
@@ -139,69 +254,92 @@ class ModelRegistry:
             return {}
         found: dict[tuple[str, int], Path] = {}
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-                if not vdir.name.isdigit() or int(vdir.name) < 1:
+            for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if not _VERSION_DIR.fullmatch(vdir.name):
                     log.warning("ignoring %s: version directories must be positive integers", vdir)
                     continue
                 found[(model_dir.name, int(vdir.name))] = vdir
         return found
 
-    def scan(self) -> tuple[list[ModelVersion], list[ModelVersion]]:
-        """Loads versions that appeared (or failed before), drops versions whose directory is gone.
-
-        Returns ``(added, removed)``. Raises ``ModelUnavailable`` only when ``device='cuda'`` cannot be had,
-        since then no model could load as configured.
-        """
+    async def sync(self, names: set[str] | None = None) -> None:
+        """Brings the table in line with the disk, for ``names`` (None = every model not unloaded on request)."""
         select_providers(self.settings.device)  # fail fast on an impossible device setting
-        found = self._discover()
-        # Build the new table aside and swap it in at the end: readers on the event loop never see it half done.
-        table = dict(self._versions)
-        removed = [mv for key, mv in table.items() if key not in found]
-        for mv in removed:
-            del table[(mv.name, mv.version)]
-            log.info("model %s version %d removed from the repository; unloaded", mv.name, mv.version)
-        added: list[ModelVersion] = []
-        for (name, version), path in found.items():
-            old = table.get((name, version))
-            if old is not None and old.ready:
-                continue
-            mv = load_version(name, version, path, self.settings)
-            table[(name, version)] = mv
-            added.append(mv)
-            if mv.ready:
-                log.info(
-                    "loaded model %s version %d on %s in %.2fs", name, version, mv.info().provider, mv.load_seconds
-                )
-            else:
-                log.error("model %s version %d failed to load: %s", name, version, mv.error)
-            self.metrics.model_loaded(name, version, mv.info().provider, mv.load_seconds, mv.ready)
-        self._versions = table
-        return added, removed
+        async with self._lock:
+            found = await asyncio.to_thread(self._discover)
 
-    def versions(self) -> list[ModelVersion]:
-        return [self._versions[k] for k in sorted(self._versions)]
+            def wanted(name: str) -> bool:
+                return (name in names) if names is not None else name not in self._unloaded
 
-    def get(self, name: str, version: int) -> ModelVersion | None:
-        return self._versions.get((name, version))
+            for key, entry in list(self._entries.items()):
+                if wanted(key[0]) and key not in found:
+                    log.info("model %s removed from the repository; unloading", entry.label)
+                    await self._unload(entry)
+            for (name, version), path in found.items():
+                if not wanted(name):
+                    continue
+                old = self._entries.get((name, version))
+                if old is not None and old.signature == _signature(path):
+                    continue  # unchanged on disk
+                await self._load(name, version, path, old)
 
-    def find(self, ref: ModelRef) -> ModelVersion:
-        """The version ``ref`` names (ready or not); without a version, the newest ready one, else the newest."""
-        mine = sorted((mv for mv in self._versions.values() if mv.name == ref.name), key=lambda m: m.version)
-        if not mine:
-            names = sorted({mv.name for mv in self._versions.values()})
-            raise ModelNotFound(f"model {ref.name!r} is not in the repository; available models: {names}")
-        if ref.version is None:
-            ready = [mv for mv in mine if mv.ready]
-            return (ready or mine)[-1]
-        for mv in mine:
-            if mv.version == ref.version:
-                return mv
-        raise ModelNotFound(
-            f"model {ref.name!r} has no version {ref.version}; available versions: {[m.version for m in mine]}"
-        )
+    async def _load(self, name: str, version: int, path: Path, old: ModelEntry | None) -> None:
+        entry = ModelEntry(name, version, path)
+        await asyncio.to_thread(entry.load_files, self.settings)
+        if old is not None and old.ready:
+            if entry.error is None and entry.sha256 == old.sha256:
+                old.signature = entry.signature  # touched, same weights: keep serving the loaded one
+                return
+            if entry.error is not None:
+                old.signature = entry.signature  # retry only when the files change again
+                log.error("model %s changed on disk but failed to load; still serving the old one: %s", old.label,
+                          entry.error)  # fmt: skip
+                return
+        if entry.error is not None:
+            self._entries[(name, version)] = entry
+            log.error("model %s failed to load: %s", entry.label, entry.error)
+            self.metrics.model_loaded(name, version, "", entry.load_seconds, False)
+            return
+        entry.start(self.settings, self.metrics)
+        self._entries[(name, version)] = entry
+        replaced = old is not None and old.ready
+        log.info(
+            "%s model %s on %s in %.2fs (sha256 %s)", "reloaded" if replaced else "loaded", entry.label,
+            entry.info().provider, entry.load_seconds, entry.sha256[:12],
+        )  # fmt: skip
+        if old is not None and old.ready:
+            await self._fire(self._on_load, entry, True)
+            await old.stop(self.settings.grace_seconds)
+            await self._fire(self._on_unload, old, True)
+        else:
+            await self._fire(self._on_load, entry, False)
 
-    def resolve(self, ref: ModelRef) -> ModelVersion:
-        """Like ``find`` but the version must be ready (``ModelUnavailable`` with the load error otherwise)."""
-        mv = self.find(ref)
-        mv.loaded()
-        return mv
+    async def _unload(self, entry: ModelEntry) -> None:
+        del self._entries[(entry.name, entry.version)]
+        if entry.ready:
+            await entry.stop(self.settings.grace_seconds)
+        await self._fire(self._on_unload, entry, False)
+
+    async def load_model(self, name: str) -> None:
+        """Triton's load_model: (re)loads every version of ``name`` found on disk."""
+        if not any(n == name for n, _ in await asyncio.to_thread(self._discover)):
+            raise ModelNotFound(f"model {echo(name)} is not in the repository {self.settings.models}")
+        self._unloaded.discard(name)
+        await self.sync({name})
+
+    async def unload_model(self, name: str) -> None:
+        """Triton's unload_model: every version stops taking requests, drains, and is freed."""
+        async with self._lock:
+            mine = [e for e in self._entries.values() if e.name == name]
+            if not mine and name not in self._unloaded:
+                raise ModelNotFound(f"model {echo(name)} is not loaded")
+            self._unloaded.add(name)
+            for entry in mine:
+                log.info("unloading model %s on request", entry.label)
+                await self._unload(entry)
+
+    async def stop(self) -> None:
+        async with self._lock:
+            for entry in list(self._entries.values()):
+                if entry.ready:
+                    await entry.stop(0.0)
+            self._entries.clear()

@@ -15,7 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from service.core.manifest import Dim, Manifest, StateSpec
+from service.core.arrays import DTYPES, resolve_shape, zero_states
+from service.core.manifest import Manifest, StateSpec
 from service.errors import ModelUnavailable
 from service.settings import Settings
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]  # any dtype: int64 ids, float32 features and states
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-_DTYPES: dict[str, type[np.generic]] = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
 def select_providers(device: str, available: list[str] | None = None) -> list[str]:
@@ -42,28 +42,15 @@ def select_providers(device: str, available: list[str] | None = None) -> list[st
     return [CPU]
 
 
-def resolve_shape(shape: list[Dim], sizes: dict[str, int]) -> tuple[int, ...]:
-    """``[2, "batch*features", 64]`` with ``{"batch": 3, "features": 7}`` -> ``(2, 21, 64)``."""
-    out: list[int] = []
-    for dim in shape:
-        if isinstance(dim, int):
-            out.append(dim)
-            continue
-        size = 1
-        for sym in dim.split("*"):
-            sym = sym.strip()
-            if sym not in sizes:
-                raise ValueError(f"state dimension {dim!r} uses unknown symbol {sym!r} (known: {sorted(sizes)})")
-            size *= sizes[sym]
-        out.append(size)
-    return tuple(out)
-
-
 class Runtime:
-    """An ``ort.InferenceSession`` plus the manifest that names its tensors."""
+    """An ``ort.InferenceSession`` plus the manifest that names its tensors. ``symbols`` sizes the symbolic
+    state dimensions besides "batch" (a forecaster's ``"batch*features"`` needs ``{"features": 7}``)."""
 
-    def __init__(self, manifest: Manifest, path: Path, settings: Settings, providers: list[str]) -> None:
+    def __init__(
+        self, manifest: Manifest, path: Path, settings: Settings, providers: list[str], symbols: dict[str, int]
+    ) -> None:
         self.manifest = manifest
+        self.symbols = dict(symbols)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = settings.intra_op_threads
         opts.inter_op_num_threads = settings.inter_op_threads
@@ -88,21 +75,12 @@ class Runtime:
                 f"(graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)}); re-export the model"
             )
 
-    def _sizes(self, batch: int) -> dict[str, int]:
-        sizes = {"batch": batch}
-        if self.manifest.forecast is not None:
-            sizes["features"] = self.manifest.forecast.features
-        return sizes
-
     def _state_shape(self, spec: StateSpec, batch: int) -> tuple[int, ...]:
-        return resolve_shape(spec.shape, self._sizes(batch))
+        return resolve_shape(spec.shape, {**self.symbols, "batch": batch})
 
     def zero_states(self, batch: int) -> dict[str, Array]:
         """Initial state of every declared state input: zeros, ``[layers*dirs, batch(*features), hidden]``."""
-        return {s.input: np.zeros(self._state_shape(s, batch), dtype=_DTYPES[s.dtype]) for s in self.states}
-
-    def state_nbytes(self, batch: int = 1) -> int:
-        return sum(int(z.nbytes) for z in self.zero_states(batch).values())
+        return zero_states(self.states, {**self.symbols, "batch": batch})
 
     def run(self, feeds: dict[str, Array], batch: int) -> dict[str, Array]:
         """Runs one batch. ``feeds`` holds the model inputs; missing state inputs get zeros for ``batch`` rows.
@@ -112,16 +90,16 @@ class Runtime:
         feeds = dict(feeds)
         for s in self.states:
             if s.input not in feeds:
-                feeds[s.input] = np.zeros(self._state_shape(s, batch), dtype=_DTYPES[s.dtype])
+                feeds[s.input] = np.zeros(self._state_shape(s, batch), dtype=DTYPES[s.dtype])
         outputs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outputs, strict=True))
 
 
-def load_runtime(manifest: Manifest, path: Path, settings: Settings) -> Runtime:
+def load_runtime(manifest: Manifest, path: Path, settings: Settings, symbols: dict[str, int]) -> Runtime:
     """Builds the runtime, turning ORT's exceptions into a readable ``ModelUnavailable`` reason."""
     providers = select_providers(settings.device)
     try:
-        runtime = Runtime(manifest, path, settings, providers)
+        runtime = Runtime(manifest, path, settings, providers, symbols)
     except ValueError:
         raise
     except Exception as exc:  # ORT raises its own exception types for broken graphs

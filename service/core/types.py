@@ -6,14 +6,15 @@ types, await one ``DataPlane`` call, and convert back. Nothing here knows about 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
+FinishReason = Literal["length", "stop"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class CompletionChunk:
     """One piece of a streamed completion. The last chunk has ``finish_reason`` set (and may be empty)."""
 
     text: str
-    finish_reason: Literal["length", "stop", "cancelled"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 @dataclass(frozen=True)
@@ -103,19 +104,179 @@ class SessionInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Tensor:
+    """A named tensor in Open Inference Protocol (KServe v2) terms, free of any transport.
+
+    ``datatype`` is a v2 datatype name ("FP32", "INT64", "BYTES", ...). Numeric tensors carry ``array``
+    (already shaped); BYTES tensors carry ``items`` (flat, row-major) and their ``shape``."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    array: npt.NDArray[Any] | None = None
+    items: list[bytes] | None = None
+
+    def decode(self) -> Tensor:
+        return self
+
+
+class InputTensor(Protocol):
+    """An input as a transport hands it over: the header is read first (name, datatype, shape are checked
+    against the model's contract), the data is decoded only after that (``decode``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def datatype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def decode(self) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class TensorDef:
+    """One tensor of a task's v2 contract. ``-1`` in ``shape`` = any size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    optional: bool = False
+    also_accepts: tuple[str, ...] = ()  # other datatypes taken for this input (e.g. INT64 for an INT32 count)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.datatype} {list(self.shape)})"
+
+
+@dataclass(frozen=True)
+class TensorContract:
+    """What a task's model takes and returns over the v2 protocol, and whether it keeps sequences."""
+
+    inputs: tuple[TensorDef, ...]
+    outputs: tuple[TensorDef, ...]
+    sequences: bool
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """A loaded model version as a protocol adapter describes it (v2 ModelMetadata / ModelConfig)."""
+
+    name: str
+    version: int
+    versions: list[int]  # every loaded version of this model, ascending
+    task: str
+    platform: str  # "onnxruntime_onnx"
+    contract: TensorContract
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SequenceRef:
+    """Triton's sequence extension: ``id`` (as text), start and end flags."""
+
+    id: str
+    start: bool = False
+    end: bool = False
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One v2 inference: the outputs asked for, how many inferences it counted (texts for a batch of texts)
+    and, for stateful models, the steps behind the answer (a sequence's running total)."""
+
+    model: str
+    version: int
+    outputs: list[Tensor]
+    inferences: int
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    batch_size: int
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Triton's statistics extension for one model version (cumulative since it loaded)."""
+
+    name: str
+    version: int
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+    batches: list[BatchStats]
+
+
 class DataPlane(Protocol):
     """Everything a transport may ask of the core. Raises only ``service.errors.SeqServeError`` subclasses
     for caller mistakes; anything else is a bug and becomes INTERNAL at the edge."""
 
+    def ready(self) -> bool:
+        """True once started with at least one model loaded, false again while stopping."""
+        ...
+
+    def capabilities(self) -> set[str]:
+        """What the ready models can do ("classify", "generate", "forecast"): per-service health."""
+        ...
+
     def models(self) -> list[ModelInfo]: ...
 
+    def unloaded(self) -> list[str]:
+        """Models unloaded on request (shown as UNAVAILABLE by a repository index)."""
+        ...
+
     def model_info(self, model: ModelRef) -> ModelInfo: ...
+
+    def model_metadata(self, model: ModelRef) -> ModelMetadata: ...
+
+    def statistics(self, model: ModelRef | None) -> list[ModelStats]:
+        """All versions of ``model`` (or one when it names a version); every loaded version when None."""
+        ...
+
+    async def load_model(self, name: str) -> None:
+        """(Re)loads every version of ``name`` from the repository; changed weights are reloaded."""
+        ...
+
+    async def unload_model(self, name: str) -> None:
+        """Stops new requests to ``name``, lets in-flight ones finish, then frees every version."""
+        ...
+
+    async def infer(
+        self,
+        model: ModelRef,
+        inputs: Sequence[InputTensor],
+        outputs: list[str] | None = None,
+        sequence: SequenceRef | None = None,
+    ) -> InferResult:
+        """The v2 inference: inputs checked against the task's contract (then decoded), ``outputs`` (None = all,
+        in the contract's order). With ``sequence`` the model's state lives on between calls (Triton's sequence
+        extension)."""
+        ...
 
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]: ...
 
     def complete(
         self, model: ModelRef, prompt: str, params: SamplingParams, session_id: str | None = None
-    ) -> AsyncIterator[CompletionChunk]:
+    ) -> AsyncGenerator[CompletionChunk, None]:
         """Streams generated text. With a session, the prompt advances the session's state first and the
         generated text is appended to it too, so the next call continues the conversation."""
         ...
@@ -146,11 +307,8 @@ class DataPlane(Protocol):
         """Appends rows (original units) to a forecasting session and forecasts from its newest row."""
         ...
 
-    async def create_session(
-        self, model: ModelRef, ttl_seconds: float | None = None, session_id: str | None = None
-    ) -> SessionInfo:
-        """``session_id`` lets internal callers (KServe sequences) choose the key; the public API never
-        passes it, so public ids are always random (>= 128 bits)."""
+    async def create_session(self, model: ModelRef, ttl_seconds: float | None = None) -> SessionInfo:
+        """A new session with a random id (192 bits)."""
         ...
 
     async def get_session(self, session_id: str) -> SessionInfo: ...
@@ -158,7 +316,3 @@ class DataPlane(Protocol):
     async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo: ...
 
     async def delete_session(self, session_id: str) -> None: ...
-
-    async def reset_session(self, session_id: str) -> SessionInfo:
-        """Back to the initial state, same id and model version."""
-        ...

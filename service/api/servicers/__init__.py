@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import grpc
 
-from service.api.servicers import autocomplete, forecast, kserve, sentiment, sessions
+from service.api import kserve
+from service.api.servicers import autocomplete, forecast, sentiment, sessions
 from service.core.types import DataPlane
 from service.settings import Settings
 
@@ -24,9 +25,9 @@ REGISTRARS: list[Registrar] = [
     kserve.register,
 ]
 
-# Which task a service needs a ready model of before its health status says SERVING (others: any model).
-SERVICE_TASKS: dict[str, str] = {
-    sentiment.SERVICE: "sentiment",
-    autocomplete.SERVICE: "charlm",
-    forecast.SERVICE: "forecast",
+# The capability a service needs from some ready model before its health status says SERVING (others: any).
+SERVICE_CAPABILITIES: dict[str, str] = {
+    sentiment.SERVICE: sentiment.CAPABILITY,
+    autocomplete.SERVICE: autocomplete.CAPABILITY,
+    forecast.SERVICE: forecast.CAPABILITY,
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,6 +13,7 @@ from service.core.types import DataPlane, ModelRef
 from service.settings import Settings
 
 SERVICE = autocomplete_pb2.DESCRIPTOR.services_by_name["Autocomplete"].full_name
+CAPABILITY = "generate"  # what the served model must offer (service/core/tasks/base.py)
 DEFAULT_MODEL = "charlm"
 
 
@@ -30,15 +32,11 @@ class AutocompleteServicer(autocomplete_pb2_grpc.AutocompleteServicer):
         else:
             model = cv.model_ref(request.model, DEFAULT_MODEL)
         stream = self.dataplane.complete(model, request.prompt, cv.sampling_params(request), session_id)
-        try:
+        # When the client cancels, grpc cancels this task: closing the core generator at once stops generation
+        # now instead of whenever the generator is garbage collected.
+        async with contextlib.aclosing(stream):
             async for chunk in stream:
                 yield cv.chunk_to_pb(chunk)
-        finally:
-            # When the client cancels, grpc cancels this task: close the core generator at once so generation
-            # stops now instead of whenever the generator is garbage collected.
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     async def Suggest(
         self, request_iterator: AsyncIterator[autocomplete_pb2.SuggestRequest], context: grpc.aio.ServicerContext

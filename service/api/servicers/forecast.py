@@ -10,17 +10,19 @@ from service.core.types import DataPlane
 from service.settings import Settings
 
 SERVICE = forecast_pb2.DESCRIPTOR.services_by_name["Forecast"].full_name
+CAPABILITY = "forecast"  # what the served model must offer (service/core/tasks/base.py)
 DEFAULT_MODEL = "forecaster"
 
 
 class ForecastServicer(forecast_pb2_grpc.ForecastServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
         self.dataplane = dataplane
+        self.max_rows = settings.max_forecast_rows
 
     async def Predict(
         self, request: forecast_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> forecast_pb2.ForecastResponse:
-        history = cv.rows_to_array(request.history, "history")  # (rows, features)
+        history = cv.rows_to_array(request.history, "history", self.max_rows)  # (rows, features)
         result = await self.dataplane.forecast(cv.model_ref(request.model, DEFAULT_MODEL), history)
         return cv.forecast_to_pb(result)
 
@@ -28,10 +30,10 @@ class ForecastServicer(forecast_pb2_grpc.ForecastServicer):
         self, request: forecast_pb2.ObserveRequest, context: grpc.aio.ServicerContext
     ) -> forecast_pb2.ForecastResponse:
         session_id = cv.require_id(request.session_id, "session_id")
-        result = await self.dataplane.observe(session_id, cv.rows_to_array(request.rows, "rows"))
+        result = await self.dataplane.observe(session_id, cv.rows_to_array(request.rows, "rows", self.max_rows))
         return cv.forecast_to_pb(result)
 
 
 def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:
-    forecast_pb2_grpc.add_ForecastServicer_to_server(ForecastServicer(dataplane), server)
+    forecast_pb2_grpc.add_ForecastServicer_to_server(ForecastServicer(dataplane, settings), server)
     return [SERVICE]

@@ -10,6 +10,7 @@ from service.core.types import DataPlane
 from service.settings import Settings
 
 SERVICE = sentiment_pb2.DESCRIPTOR.services_by_name["Sentiment"].full_name
+CAPABILITY = "classify"  # what the served model must offer (service/core/tasks/base.py)
 DEFAULT_MODEL = "sentiment"
 
 

@@ -1,0 +1,26 @@
+"""Tasks as plugins: one module per task, each registering one ``Task`` subclass under its name.
+
+The registry picks a model's task from ``manifest.task`` through ``TASKS``; nothing else branches on task
+names. A plugin module outside this package registers its task the same way and is imported at start-up
+(``SEQSERVE_PLUGINS=package.module``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from service.core.tasks import charlm, forecast, sentiment
+from service.core.tasks.base import TASKS, Task, register_task, task_class
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Imports each module (which registers its tasks or stores); ValueError naming a module that fails."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"plugin module {name!r} could not be imported: {exc}") from exc
+
+
+BUILTIN = (charlm.CharLMTask, forecast.ForecastTask, sentiment.SentimentTask)
+__all__ = ["BUILTIN", "TASKS", "Task", "load_plugins", "register_task", "task_class"]

@@ -1,62 +1,110 @@
-"""Sentiment classification: validate texts, tokenize words, one batched run, softmax over labels.
+"""Sentiment classification (many-to-one): validate texts, tokenize words, one batched run, softmax over labels.
 
-The model takes ``input_ids`` (batch, time) right-padded with the pad id and ``lengths`` (batch,), so a
-text's probabilities do not depend on how much padding its batch carries.
+The model takes ``input_ids`` (batch, time) right-padded with the pad id and, when declared, ``lengths``
+(batch,), so a text's probabilities do not depend on how much padding its batch carries.
+
+v2 contract: TEXT BYTES [-1] -> LABEL BYTES [-1], PROBABILITIES FP32 [-1, labels] (labels in manifest order).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from service.core.arrays import I64, right_pad, softmax
 from service.core.batching import StepInput
-from service.core.tasks.common import Served, check_text, softmax
-from service.core.types import SentimentResult
+from service.core.manifest import Manifest
+from service.core.sessions.state import SessionState
+from service.core.tasks.base import (
+    ModelHandle,
+    Task,
+    TaskResult,
+    bytes_tensor,
+    check_text,
+    fp32_tensor,
+    register_task,
+    utf8_items,
+)
+from service.core.tokenizers import Encoder
+from service.core.types import SentimentResult, Tensor, TensorContract, TensorDef
 from service.errors import InvalidInput
 from service.settings import Settings
 
 
-def encode_texts(m: Served, texts: list[str], settings: Settings) -> list[np.ndarray]:
-    """Validates every text and returns its word ids (int64, (time,))."""
-    assert m.encoder is not None and m.manifest.tokenizer is not None
-    if not texts:
-        raise InvalidInput(f"texts is empty; send between 1 and {settings.max_texts_per_request} texts")
-    if len(texts) > settings.max_texts_per_request:
-        raise InvalidInput(
-            f"texts has {len(texts)} items; the limit is {settings.max_texts_per_request} (max_texts_per_request)"
+@register_task
+class SentimentTask(Task):
+    name = "sentiment"
+
+    @classmethod
+    def check(cls, manifest: Manifest) -> None:
+        if manifest.tokenizer is None or not manifest.labels:
+            raise ValueError("a 'sentiment' model needs tokenizer and labels sections in manifest.json")
+        if not manifest.has_input("input_ids") or "logits" not in {t.name for t in manifest.outputs}:
+            raise ValueError("a 'sentiment' model must declare input 'input_ids' and output 'logits' in manifest.json")
+        last = manifest.output("logits").shape[-1]
+        if isinstance(last, int) and last != len(manifest.labels):
+            raise ValueError(f"logits have {last} classes but manifest.labels has {len(manifest.labels)}")
+
+    def __init__(self, model: ModelHandle, settings: Settings) -> None:
+        super().__init__(model, settings)
+        m = model.manifest
+        assert m.tokenizer is not None and m.labels is not None  # check() ran at load
+        self.encoder = Encoder(m.tokenizer)
+        self.labels = list(m.labels)
+        self.pad = self.encoder.pad_id if self.encoder.pad_id is not None else 0
+        self.max_tokens = m.tokenizer.max_length
+        self.with_lengths = m.has_input("lengths")
+
+    def contract(self) -> TensorContract:
+        return TensorContract(
+            inputs=(TensorDef("TEXT", "BYTES", (-1,)),),
+            outputs=(TensorDef("LABEL", "BYTES", (-1,)), TensorDef("PROBABILITIES", "FP32", (-1, len(self.labels)))),
+            sequences=False,
         )
-    max_tokens = m.manifest.tokenizer.max_length
-    ids: list[np.ndarray] = []
-    for i, text in enumerate(texts):
-        field = f"texts[{i}]"
-        check_text(text, field, settings.max_chars_per_text)
-        x = m.encoder.encode(text, field=field)
-        if len(x) == 0:
-            raise InvalidInput(f"{field} has no words the tokenizer recognizes; send some words")
-        if max_tokens is not None and len(x) > max_tokens:
-            raise InvalidInput(
-                f"{field} has {len(x)} tokens; model {m.label} accepts at most {max_tokens} (tokenizer.max_length); "
-                "shorten it"
-            )
-        ids.append(x)
-    return ids
 
+    async def infer(self, inputs: dict[str, Tensor], session: SessionState | None) -> TaskResult:
+        texts = utf8_items(inputs["TEXT"])
+        results = await self._classify(texts, "input TEXT")
+        probs = np.asarray([r.probabilities for r in results], dtype=np.float32)  # (texts, labels)
+        outputs = {
+            "LABEL": bytes_tensor("LABEL", [r.label for r in results]),
+            "PROBABILITIES": fp32_tensor("PROBABILITIES", probs),
+        }
+        return TaskResult(outputs, inferences=len(texts))
 
-async def classify(m: Served, texts: list[str], settings: Settings) -> list[SentimentResult]:
-    ids = encode_texts(m, texts, settings)
-    assert m.encoder is not None
-    pad = m.encoder.pad_id if m.encoder.pad_id is not None else 0
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)  # (batch,)
-    batch = np.full((len(ids), int(lengths.max())), pad, dtype=np.int64)  # (batch, time), right-padded
-    for row, x in enumerate(ids):
-        batch[row, : len(x)] = x
-    inputs = {"input_ids": batch}
-    if any(t.name == "lengths" for t in m.manifest.inputs):
-        inputs["lengths"] = lengths
-    # Every classify request merges with every other (key None); the batcher pads input_ids to the longest.
-    out = await m.batcher.submit(StepInput(inputs=inputs, rows=len(ids), pad={"input_ids": pad}))
-    probs = softmax(out.outputs["logits"])  # (batch, labels)
-    labels = list(m.manifest.labels or [])
-    return [
-        SentimentResult(label=labels[int(p.argmax())], labels=labels, probabilities=[float(v) for v in p])
-        for p in probs
-    ]
+    async def classify(self, texts: list[str]) -> list[SentimentResult]:
+        return await self._classify(texts, "texts")
+
+    def encode(self, texts: list[str], field: str) -> list[I64]:
+        """Validates every text and returns its word ids (int64, (time,))."""
+        limit = self.settings.max_texts_per_request
+        if not texts:
+            raise InvalidInput(f"{field} is empty; send between 1 and {limit} texts")
+        if len(texts) > limit:
+            raise InvalidInput(f"{field} has {len(texts)} texts; the limit is {limit} (max_texts_per_request)")
+        ids: list[I64] = []
+        for i, text in enumerate(texts):
+            name = f"{field}[{i}]"
+            check_text(text, name, self.settings.max_chars_per_text)
+            x = self.encoder.encode(text, field=name)
+            if len(x) == 0:
+                raise InvalidInput(f"{name} has no words the tokenizer recognizes; send some words")
+            if self.max_tokens is not None and len(x) > self.max_tokens:
+                raise InvalidInput(
+                    f"{name} has {len(x)} tokens; model {self.model.label} accepts at most {self.max_tokens} "
+                    "(tokenizer.max_length); shorten it"
+                )
+            ids.append(x)
+        return ids
+
+    async def _classify(self, texts: list[str], field: str) -> list[SentimentResult]:
+        batch, lengths = right_pad(self.encode(texts, field), self.pad)  # (batch, time), (batch,)
+        inputs = {"input_ids": batch}
+        if self.with_lengths:
+            inputs["lengths"] = lengths
+        # Every classify request merges with every other (key None); the batcher pads input_ids to the longest.
+        out = await self.model.batcher.submit(StepInput(inputs=inputs, rows=len(texts), pad={"input_ids": self.pad}))
+        probs = softmax(out.outputs["logits"])  # (batch, labels)
+        return [
+            SentimentResult(label=self.labels[int(p.argmax())], labels=self.labels, probabilities=[float(v) for v in p])
+            for p in probs
+        ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,19 @@ def recorded(dp: CoreDataPlane) -> RecordingMetrics:
     return dp.metrics
 
 
+class FakeClock:
+    """An injectable wall clock (unix seconds) that moves only when a test says so."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 MakeDP = Callable[..., Awaitable[CoreDataPlane]]
 
 
@@ -69,8 +83,9 @@ async def make_dp(tiny_models: Path) -> AsyncIterator[MakeDP]:
     """``await make_dp(models=..., **settings)``: a started data plane, stopped when the test ends."""
     made: list[CoreDataPlane] = []
 
-    async def make(models: Path | None = None, **overrides: Any) -> CoreDataPlane:
-        dp = CoreDataPlane(core_settings(models or tiny_models, **overrides), RecordingMetrics())
+    async def make(models: Path | None = None, clock: FakeClock | None = None, **overrides: Any) -> CoreDataPlane:
+        settings = core_settings(models or tiny_models, **overrides)
+        dp = CoreDataPlane(settings, RecordingMetrics(), clock=clock or time.time)
         made.append(dp)
         await dp.start()
         return dp

@@ -60,7 +60,7 @@ async def test_merged_session_states_split_back_correctly(dp: CoreDataPlane) -> 
 
 async def test_failing_batch_fails_every_request_in_it(make_dp: MakeDP) -> None:
     dp = await make_dp(max_batch_size=3, max_batch_delay_ms=60_000)
-    batcher = dp._served[("charlm", 1)].batcher
+    batcher = dp.registry.resolve(LM).batcher
     good = StepInput(inputs={"input_ids": np.array([[1, 2]], dtype=np.int64)}, rows=1, key=2)
     bad = StepInput(inputs={"input_ids": np.array([[1.5, 2.5]], dtype=np.float32)}, rows=1, key=2)  # wrong dtype
     results = await asyncio.gather(
@@ -93,18 +93,20 @@ async def test_requests_of_different_lengths_do_not_merge(make_dp: MakeDP) -> No
     np.testing.assert_allclose(steps[0].probabilities, steps[2].probabilities, atol=1e-6)
 
 
-async def test_stopped_batcher_refuses_and_fails_waiters(make_dp: MakeDP) -> None:
-    dp = await make_dp(max_batch_size=4, max_batch_delay_ms=60_000)
-    await asyncio.gather(*(dp.classify(ModelRef("sentiment"), ["good"]) for _ in range(4)))  # a full batch of 4
-    pending = asyncio.ensure_future(dp.classify(ModelRef("sentiment"), ["good"]))  # now waits for 3 more
-    for _ in range(5):
-        await asyncio.sleep(0)  # let it queue
+async def test_unloading_fails_queued_waiters_after_the_grace_and_refuses_new_requests(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_batch_size=4, max_batch_delay_ms=60_000, grace_seconds=0.05)
+    sentiment = ModelRef("sentiment")
+    await asyncio.gather(*(dp.classify(sentiment, ["good"]) for _ in range(4)))  # a full batch of 4
+    batcher = dp.registry.resolve(sentiment).batcher
+    pending = asyncio.ensure_future(dp.classify(sentiment, ["good"]))  # now waits for 3 more
+    while batcher.pending == 0:
+        await asyncio.sleep(0)  # runs the request up to its queue wait
     assert recorded(dp).batch_sizes("sentiment") == [4]
-    await dp.stop()
-    with pytest.raises(ModelUnavailable, match=r"unloaded|stopped"):
+    await dp.unload_model("sentiment")  # drains for grace_seconds, then stops the batcher
+    with pytest.raises(ModelUnavailable, match="sentiment version 1 was unloaded"):
         await pending
-    with pytest.raises(ModelUnavailable, match="not serving"):
-        await dp.classify(ModelRef("sentiment"), ["good"])
+    with pytest.raises(ModelUnavailable, match="sentiment' was unloaded; load it again"):
+        await dp.classify(sentiment, ["good"])
 
 
 async def test_a_lone_request_does_not_wait_for_company(make_dp: MakeDP) -> None:

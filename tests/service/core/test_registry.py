@@ -32,7 +32,9 @@ async def test_loads_every_model_and_reports_it(dp: CoreDataPlane) -> None:
     assert infos["forecaster"].task == "forecast"
     assert dp.ready()
     assert sorted(name for name, _, _, ready in recorded(dp).loaded if ready) == ["charlm", "forecaster", "sentiment"]
-    assert dp.model_manifest(ModelRef("charlm")).tokenizer is not None
+    meta = dp.model_metadata(ModelRef("charlm"))
+    assert (meta.task, meta.versions, meta.contract.sequences) == ("charlm", [1], True)
+    assert dp.capabilities() == {"classify", "generate", "forecast"}
 
 
 async def test_not_ready_before_start_and_with_empty_repository(
@@ -86,10 +88,10 @@ async def test_invalid_manifest_and_misplaced_version_are_reported(repo: Path, m
     assert not moved.ready and "lives in charlm/7" in (moved.error or "")
     # The newest *ready* version serves by default.
     assert dp.model_info(ModelRef("charlm")).version == 1
-    with pytest.raises(ModelUnavailable, match="version 7"):
+    with pytest.raises(ModelUnavailable, match="charlm/7 failed to load"):
         await dp.char_step(ModelRef("charlm", 7), "abc")
-    with pytest.raises(ModelUnavailable):
-        dp.model_manifest(ModelRef("forecaster"))
+    with pytest.raises(ModelUnavailable, match="not a valid manifest"):
+        dp.model_metadata(ModelRef("forecaster"))
 
 
 async def test_unknown_model_or_version_lists_what_exists(dp: CoreDataPlane) -> None:
@@ -100,9 +102,9 @@ async def test_unknown_model_or_version_lists_what_exists(dp: CoreDataPlane) -> 
 
 
 async def test_model_of_the_wrong_task_is_invalid_input(dp: CoreDataPlane) -> None:
-    with pytest.raises(InvalidInput, match="'charlm' model; this call needs a 'sentiment' model"):
+    with pytest.raises(InvalidInput, match="charlm/1 is a 'charlm' model; this call needs a text classifier"):
         await dp.classify(ModelRef("charlm"), ["good"])
-    with pytest.raises(InvalidInput, match="needs a 'forecast' model"):
+    with pytest.raises(InvalidInput, match="'sentiment' model; this call needs a forecaster"):
         await dp.forecast(ModelRef("sentiment"), np.zeros((24, 7), np.float32))
 
 
@@ -194,7 +196,7 @@ async def test_manifest_that_breaks_the_serving_contract_is_reported(repo: Path,
     errors = {m.name: m.error or "" for m in dp.models()}
     assert "logits have 2 classes but manifest.labels has 3" in errors["sentiment"]
     assert (
-        "quantile_offsets has shape [2, 12, 7]; expected [quantiles=3, horizon=12, features=7]" in errors["forecaster"]
+        "quantile_offsets has shape [2, 12, 7]; expected [quantiles=3, horizon=12, targets=7]" in errors["forecaster"]
     )
-    assert "must declare tensors ['input_ids']" in errors["charlm"]
+    assert "must declare input 'input_ids' and output 'logits'" in errors["charlm"]
     assert not dp.ready()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from service.core.dataplane import CoreDataPlane
-from service.core.types import ModelRef, SamplingParams
+from service.core.types import ModelRef, SamplingParams, SequenceRef, Tensor
 from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, Overloaded, SessionNotFound
-from tests.service.core.conftest import MakeDP, add_version, recorded
+from tests.service.core.conftest import FakeClock, MakeDP, add_version, recorded
 
 LM = ModelRef("charlm")
 FC = ModelRef("forecaster")
@@ -89,28 +89,47 @@ async def test_fork_is_independent(dp: CoreDataPlane) -> None:
     assert ("charlm", "forked") in recorded(dp).events
 
 
-async def test_idle_sessions_expire_and_the_reaper_sweeps_them(make_dp: MakeDP) -> None:
-    dp = await make_dp(reaper_interval_seconds=0.02)
-    s = await dp.create_session(LM, ttl_seconds=0.05)
-    keep = await dp.create_session(LM, ttl_seconds=600)
-    for _ in range(500):  # bounded wait for the background reaper (no timing assertion)
-        if dp.sessions.count == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert dp.sessions.count == 1
-    assert ("charlm", "expired") in recorded(dp).events
-    with pytest.raises(SessionNotFound, match="does not exist or has expired"):
-        await dp.get_session(s.id)
-    assert (await dp.get_session(keep.id)).id == keep.id
-
-
-async def test_expired_session_is_not_found_even_before_the_reaper_runs(dp: CoreDataPlane) -> None:
+async def test_idle_sessions_expire_and_the_sweep_removes_them(make_dp: MakeDP) -> None:
+    clock = FakeClock()
+    dp = await make_dp(clock=clock)
     s = await dp.create_session(LM, ttl_seconds=5)
-    now = dp.sessions.clock()
-    dp.sessions.clock = lambda: now + 6
+    used = await dp.create_session(LM, ttl_seconds=5)
+    keep = await dp.create_session(LM, ttl_seconds=600)
+    clock.advance(4)
+    await dp.char_step(LM, "a", session_id=used.id)  # used at t=4: expires at t=9
+    clock.advance(2)  # t=6: only `s` is idle past its TTL
+    assert await dp.sessions.sweep() == 1
+    assert (await dp.sessions.usage()).count == 2
+    assert recorded(dp).events.count(("charlm", "expired")) == 1
+    with pytest.raises(SessionNotFound, match="is unknown, expired or was lost in a restart"):
+        await dp.get_session(s.id)
+    clock.advance(3.5)  # t=9.5
+    assert await dp.sessions.sweep() == 1
+    assert (await dp.get_session(keep.id)).id == keep.id
+    assert (await dp.sessions.usage()).count == 1
+
+
+async def test_the_background_reaper_sweeps_on_its_own(make_dp: MakeDP) -> None:
+    clock = FakeClock()
+    dp = await make_dp(clock=clock, reaper_interval_seconds=0.01)
+    await dp.create_session(LM, ttl_seconds=5)
+    clock.advance(6)
+    for _ in range(1000):  # bounded wait for the background task; nothing here depends on how long it takes
+        if (await dp.sessions.usage()).count == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert (await dp.sessions.usage()).count == 0
+    assert ("charlm", "expired") in recorded(dp).events
+
+
+async def test_expired_session_is_not_found_even_before_the_reaper_runs(make_dp: MakeDP) -> None:
+    clock = FakeClock()
+    dp = await make_dp(clock=clock)
+    s = await dp.create_session(LM, ttl_seconds=5)
+    clock.advance(6)
     with pytest.raises(SessionNotFound):
         await dp.char_step(LM, "a", session_id=s.id)
-    assert dp.sessions.count == 0
+    assert (await dp.sessions.usage()).count == 0
 
 
 async def test_full_store_evicts_the_least_recently_used(make_dp: MakeDP) -> None:
@@ -133,11 +152,12 @@ async def test_full_store_evicts_the_least_recently_used(make_dp: MakeDP) -> Non
 
 async def test_byte_limit_evicts_too(make_dp: MakeDP, dp: CoreDataPlane) -> None:
     one = (await dp.create_session(LM)).id
-    size = dp.sessions.get(one).nbytes
+    size = (await dp.sessions.get(one)).nbytes
     small = await make_dp(max_session_bytes=2 * size)
     a, _b = await small.create_session(LM), await small.create_session(LM)
     await small.create_session(LM)
-    assert small.sessions.count == 2 and small.sessions.bytes_used == 2 * size
+    usage = await small.sessions.usage()
+    assert (usage.count, usage.bytes) == (2, 2 * size)
     with pytest.raises(SessionNotFound):
         await small.get_session(a.id)
     tiny = await make_dp(max_session_bytes=size - 1)
@@ -162,15 +182,15 @@ async def test_session_keeps_its_version_and_fails_when_it_is_removed(repo: Path
     old = await dp.create_session(LM)
     await dp.char_step(LM, "abc", session_id=old.id)
     add_version(repo, "charlm", 1, 2)
-    await dp.reload()
+    await dp.registry.sync()  # what --watch-models runs
     assert dp.model_info(LM).version == 2
     assert (await dp.create_session(LM)).version == 2
     step = await dp.char_step(LM, "d", session_id=old.id)  # still served by version 1
     assert step.steps == 4 and (await dp.get_session(old.id)).version == 1
-    with pytest.raises(FailedPrecondition, match="names charlm version 2"):
+    with pytest.raises(FailedPrecondition, match="names 'charlm' version 2"):
         await dp.char_step(ModelRef("charlm", 2), "e", session_id=old.id)
     shutil.rmtree(repo / "charlm" / "1")
-    await dp.reload()
+    await dp.registry.sync()
     with pytest.raises(FailedPrecondition, match="pinned to model charlm version 1, which is no longer loaded"):
         await dp.suggest(old.id, "e")
     with pytest.raises(ModelNotFound):
@@ -180,15 +200,15 @@ async def test_session_keeps_its_version_and_fails_when_it_is_removed(repo: Path
 async def test_wrong_task_model_or_id(dp: CoreDataPlane) -> None:
     lm = await dp.create_session(LM)
     fc = await dp.create_session(FC)
-    with pytest.raises(FailedPrecondition, match="needs a 'forecast' session"):
+    with pytest.raises(FailedPrecondition, match="'charlm' model charlm; this call needs a session of a forecaster"):
         await dp.observe(lm.id, np.zeros((3, 7), np.float32))
-    with pytest.raises(FailedPrecondition, match="needs a 'charlm' session"):
+    with pytest.raises(FailedPrecondition, match="needs a session of a character language model"):
         await dp.suggest(fc.id, "abc")
-    with pytest.raises(FailedPrecondition, match="needs a 'charlm' session"):
+    with pytest.raises(FailedPrecondition, match="needs a session of a character language model"):
         [c async for c in dp.complete(LM, "a", SamplingParams(), session_id=fc.id)]
     with pytest.raises(FailedPrecondition, match="stateless 'sentiment' model"):
         await dp.create_session(ModelRef("sentiment"))
-    for call in (dp.get_session("nope"), dp.delete_session("nope"), dp.fork_session("nope"), dp.reset_session("nope")):
+    for call in (dp.get_session("nope"), dp.delete_session("nope"), dp.fork_session("nope")):
         with pytest.raises(SessionNotFound, match="'nope'"):
             await call
     with pytest.raises(SessionNotFound):
@@ -205,34 +225,37 @@ async def test_ttl_limits(dp: CoreDataPlane) -> None:
         await dp.fork_session(s.id, ttl_seconds=-5)
 
 
-async def test_ids_are_random_and_caller_chosen_ids_replace(dp: CoreDataPlane) -> None:
+def text(value: str) -> list[Tensor]:
+    return [Tensor("TEXT", "BYTES", (1,), items=[value.encode()])]
+
+
+async def test_ids_are_random_and_a_restarted_sequence_replaces_its_session(dp: CoreDataPlane) -> None:
     ids = {(await dp.create_session(LM)).id for _ in range(20)}
     assert len(ids) == 20 and all(len(i) >= 32 for i in ids)  # token_urlsafe(24): 192 bits
-    seq = await dp.create_session(LM, ttl_seconds=60, session_id="corr-42")
-    assert seq.id == "corr-42"
-    await dp.char_step(LM, "abc", session_id="corr-42")
-    again = await dp.create_session(LM, session_id="corr-42")  # a restarted sequence starts over
-    assert again.steps == 0 and dp.sessions.count == 21
-    with pytest.raises(InvalidInput, match="session_id must have 1 to 256"):
-        await dp.create_session(LM, session_id="")
+    first = await dp.infer(LM, text("abc"), sequence=SequenceRef("corr-42", start=True))
+    assert first.steps == 3 and (await dp.get_session("kserve:charlm:corr-42")).steps == 3
+    again = await dp.infer(LM, text("x"), sequence=SequenceRef("corr-42", start=True))  # starts over
+    assert again.steps == 1 and (await dp.sessions.usage()).count == 21
+    await dp.infer(LM, text("y"), sequence=SequenceRef("corr-42", end=True))
+    with pytest.raises(SessionNotFound, match="sequence 'corr-42' of model charlm is unknown or expired"):
+        await dp.infer(LM, text("z"), sequence=SequenceRef("corr-42"))
 
 
 async def test_reset_and_delete(dp: CoreDataPlane) -> None:
     s = await dp.create_session(LM)
     await dp.char_step(LM, "abc", session_id=s.id)
-    info = await dp.reset_session(s.id)
-    assert info.id == s.id and info.steps == 0 and info.version == s.version
-    with pytest.raises(InvalidInput, match="no text to continue"):
-        await dp.char_step(LM, "", session_id=s.id)
+    reset = await dp.suggest(s.id, "x", reset=True, n=1, max_chars=2)  # back to the zero state, then "x"
+    assert reset.steps == 1 and (await dp.get_session(s.id)).version == s.version
     np.testing.assert_allclose(
-        (await dp.char_step(LM, "x", session_id=s.id)).probabilities,
+        (await dp.char_step(LM, "", session_id=s.id)).probabilities,
         (await dp.char_step(LM, "x")).probabilities,
         atol=1e-6,
     )
     await dp.delete_session(s.id)
     with pytest.raises(SessionNotFound):
         await dp.get_session(s.id)
-    assert dp.sessions.count == 0 and dp.sessions.bytes_used == 0
+    usage = await dp.sessions.usage()
+    assert (usage.count, usage.bytes) == (0, 0)
     assert ("charlm", "deleted") in recorded(dp).events
 
 

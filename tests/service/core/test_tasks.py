@@ -3,13 +3,16 @@ strings), suggestions (beam / greedy, log-probabilities), and forecasting (norma
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from service.core.dataplane import CoreDataPlane
+from service.core.manifest import MANIFEST_FILE
 from service.core.types import CompletionChunk, ModelRef, SamplingParams
 from service.errors import FailedPrecondition, InvalidInput
 from tests.service.core.conftest import MakeDP
@@ -44,7 +47,7 @@ async def test_classify_validation(make_dp: MakeDP) -> None:
     dp = await make_dp(max_texts_per_request=3, max_chars_per_text=400)
     cases = [
         ([], "texts is empty"),
-        (["a"] * 4, r"texts has 4 items; the limit is 3 \(max_texts_per_request\)"),
+        (["a"] * 4, r"texts has 4 texts; the limit is 3 \(max_texts_per_request\)"),
         (["good", "   "], r"texts\[1\] is empty"),
         (["good", "x" * 401], r"texts\[1\] has 401 characters; the limit is 400 \(max_chars_per_text\)"),
         (["good " * 65], r"texts\[0\] has 65 tokens; .* at most 64 \(tokenizer.max_length\)"),
@@ -214,7 +217,7 @@ async def test_forecast_normalizes_runs_the_window_and_denormalizes(dp: CoreData
     result = await dp.forecast(FC, history)
     assert result.point.shape == (HORIZON, FEATURES) and result.quantiles.shape == (3, HORIZON, FEATURES)
     assert result.quantile_levels == [0.1, 0.5, 0.9] and result.rows_seen == 40
-    manifest = dp.model_manifest(FC)
+    manifest = dp.registry.resolve(FC).manifest
     assert manifest.normalization is not None and result.columns == manifest.normalization.columns
     # The same computation by hand, straight on the runtime.
     mean, std = np.array(manifest.normalization.mean), np.array(manifest.normalization.std)
@@ -269,11 +272,11 @@ async def test_observe_warms_up_then_forecasts_from_the_last_window(dp: CoreData
     )
 
 
-async def test_forecast_session_of_unsupported_state_mode(dp: CoreDataPlane) -> None:
-    served = dp._served[("forecaster", 1)]
-    assert served.manifest.forecast is not None
-    served.manifest = served.manifest.model_copy(
-        update={"forecast": served.manifest.forecast.model_copy(update={"state_mode": "recurrent"})}
-    )
-    with pytest.raises(FailedPrecondition, match="supports 'window' only"):
+async def test_forecast_session_of_unsupported_state_mode(repo: Path, make_dp: MakeDP) -> None:
+    path = repo / "forecaster" / "1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["forecast"]["state_mode"] = "recurrent"
+    path.write_text(json.dumps(manifest))
+    dp = await make_dp(models=repo)
+    with pytest.raises(FailedPrecondition, match=r"declares forecast\.state_mode='recurrent'; this server supports"):
         await dp.create_session(FC)

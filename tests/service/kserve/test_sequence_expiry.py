@@ -9,7 +9,7 @@ import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.kserve_tensors import serialize_bytes
+from service.api.kserve.tensors import serialize_bytes
 
 
 def _step(text: str, seq_id: str, *, start: bool = False) -> pb.ModelInferRequest:

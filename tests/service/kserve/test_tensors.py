@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.api.kserve_sequences import parse_sequence
-from service.api.kserve_tensors import decode_inputs, deserialize_bytes, encode_output, serialize_bytes
+from service.api.kserve.params import parse_sequence
+from service.api.kserve.tensors import decode_inputs, deserialize_bytes, encode_output, serialize_bytes
+from service.core.types import Tensor
 from service.errors import InvalidInput
 
 Input = pb.ModelInferRequest.InferInputTensor
@@ -68,8 +69,8 @@ def test_decode_errors(request_: pb.ModelInferRequest, needle: str) -> None:
 
 def test_encode_output_is_raw_little_endian() -> None:
     response = pb.ModelInferResponse()
-    encode_output(response, "P", "FP32", np.array([[0.5, 1.5]], dtype=np.float32))
-    encode_output(response, "L", "BYTES", [b"ab"])
+    encode_output(response, Tensor("P", "FP32", (1, 2), array=np.array([[0.5, 1.5]], dtype=np.float32)))
+    encode_output(response, Tensor("L", "BYTES", (1,), items=[b"ab"]))
     assert [(o.name, list(o.shape)) for o in response.outputs] == [("P", [1, 2]), ("L", [1])]
     assert np.frombuffer(response.raw_output_contents[0], dtype="<f4").tolist() == [0.5, 1.5]
     assert response.raw_output_contents[1] == b"\x02\x00\x00\x00ab"
@@ -84,7 +85,6 @@ def test_sequence_parameters() -> None:
     request.parameters["sequence_start"].bool_param = True
     seq = parse_sequence(request.parameters)
     assert seq is not None and seq.id == "abc" and seq.start and not seq.end
-    assert seq.session_id("charlm") == "kserve:charlm:abc"
     request.parameters["sequence_end"].string_param = "yes"
     with pytest.raises(InvalidInput, match="sequence_end must be a bool"):
         parse_sequence(request.parameters)

@@ -7,15 +7,14 @@ element as a 4-byte little-endian length followed by its bytes. Every error name
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from math import prod
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.errors import InvalidInput
+from service.core.types import Tensor
+from service.errors import InvalidInput, short
 
 # Numeric datatypes: numpy dtype (little-endian) and the typed-contents field that carries them.
 NUMERIC: dict[str, tuple[np.dtype[Any], str]] = {
@@ -32,17 +31,8 @@ NUMERIC: dict[str, tuple[np.dtype[Any], str]] = {
     "FP64": (np.dtype("<f8"), "fp64_contents"),
 }
 _LEN = struct.Struct("<I")
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """A decoded input. ``array`` is set for numeric datatypes (already reshaped), ``items`` for BYTES."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    array: npt.NDArray[Any] | None = None
-    items: list[bytes] | None = None
+MAX_DIMS = 16
+MAX_DIM = 2**31 - 1
 
 
 def deserialize_bytes(name: str, buf: bytes, count: int) -> list[bytes]:
@@ -70,8 +60,12 @@ def serialize_bytes(items: list[bytes]) -> bytes:
 
 
 def _shape(t: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
-    if any(d < 0 for d in t.shape):
-        raise InvalidInput(f"input {t.name}: shape {list(t.shape)} has a negative dimension")
+    """The declared shape, checked before anything is decoded: at most 16 dimensions, each 0..2**31-1."""
+    if len(t.shape) > MAX_DIMS:
+        raise InvalidInput(f"input {short(t.name)}: shape has {len(t.shape)} dimensions, at most {MAX_DIMS}")
+    for d in t.shape:
+        if not 0 <= d <= MAX_DIM:
+            raise InvalidInput(f"input {short(t.name)}: shape {list(t.shape)[:8]} has a dimension outside 0..{MAX_DIM}")
     return tuple(int(d) for d in t.shape)
 
 
@@ -111,33 +105,50 @@ def _decode_one(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
     return Tensor(t.name, t.datatype, shape, array=array.reshape(shape))
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
-    """All inputs of a request by name. Raw contents, when present, must cover every input, in order."""
+class WireInput:
+    """One input of a request: its header (checked against the model's contract by the core) and the data,
+    decoded only when ``decode`` is called, after the header passed."""
+
+    __slots__ = ("_pb", "_raw", "datatype", "name", "shape")
+
+    def __init__(self, t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> None:
+        self._pb, self._raw = t, raw
+        self.name: str = t.name
+        self.datatype: str = t.datatype
+        self.shape = _shape(t)
+
+    def decode(self) -> Tensor:
+        return _decode_one(self._pb, self._raw)
+
+
+def read_inputs(request: pb.ModelInferRequest) -> list[WireInput]:
+    """The request's inputs, headers only. Raw contents, when present, must cover every input, in order."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries but the request has {len(request.inputs)} "
             "inputs; send one raw entry per input or use typed contents for all"
         )
+    return [WireInput(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)]
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
+    """Every input decoded, by name (no contract: for tools and tests)."""
     out: dict[str, Tensor] = {}
-    for i, t in enumerate(request.inputs):
-        if t.name in out:
-            raise InvalidInput(f"input {t.name} appears twice")
-        out[t.name] = _decode_one(t, raw[i] if raw else None)
+    for w in read_inputs(request):
+        if w.name in out:
+            raise InvalidInput(f"input {w.name} appears twice")
+        out[w.name] = w.decode()
     return out
 
 
-def encode_output(
-    response: pb.ModelInferResponse, name: str, datatype: str, value: npt.NDArray[Any] | list[bytes]
-) -> None:
+def encode_output(response: pb.ModelInferResponse, t: Tensor) -> None:
     """Appends one output to ``response`` as raw contents (numeric arrays row-major little-endian)."""
-    tensor = response.outputs.add(name=name, datatype=datatype)
-    if datatype == "BYTES":
-        assert isinstance(value, list)
-        tensor.shape.append(len(value))
-        response.raw_output_contents.append(serialize_bytes(value))
+    tensor = response.outputs.add(name=t.name, datatype=t.datatype)
+    tensor.shape.extend(t.shape)
+    if t.datatype == "BYTES":
+        response.raw_output_contents.append(serialize_bytes(t.items or []))
         return
-    assert isinstance(value, np.ndarray)
-    dtype, _ = NUMERIC[datatype]
-    tensor.shape.extend(int(d) for d in value.shape)
-    response.raw_output_contents.append(np.ascontiguousarray(value, dtype=dtype).tobytes())
+    assert t.array is not None
+    dtype, _ = NUMERIC[t.datatype]
+    response.raw_output_contents.append(np.ascontiguousarray(t.array, dtype=dtype).tobytes())

@@ -1,0 +1,89 @@
+"""Core (transport-free) model descriptions and statistics -> v2 protobuf messages."""
+
+from __future__ import annotations
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.core.types import Duration, ModelInfo, ModelMetadata, ModelStats
+
+_CONFIG_TYPES = {
+    "BOOL": pb.TYPE_BOOL,
+    "INT32": pb.TYPE_INT32,
+    "INT64": pb.TYPE_INT64,
+    "FP32": pb.TYPE_FP32,
+    "FP64": pb.TYPE_FP64,
+    "BYTES": pb.TYPE_STRING,
+}
+
+
+def metadata_to_pb(m: ModelMetadata) -> pb.ModelMetadataResponse:
+    T = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=m.name,
+        versions=[str(v) for v in m.versions],
+        platform=m.platform,
+        inputs=[T(name=d.name, datatype=d.datatype, shape=d.shape) for d in m.contract.inputs],
+        outputs=[T(name=d.name, datatype=d.datatype, shape=d.shape) for d in m.contract.outputs],
+    )
+
+
+def config_to_pb(m: ModelMetadata, sequence_idle_seconds: float) -> pb.ModelConfig:
+    c = m.contract
+    config = pb.ModelConfig(
+        name=m.name,
+        platform=m.platform,
+        backend="onnxruntime",
+        max_batch_size=0,  # dims below are per request; the server batches requests internally
+        input=[
+            pb.ModelInput(name=d.name, data_type=_CONFIG_TYPES[d.datatype], dims=d.shape, optional=d.optional)
+            for d in c.inputs
+        ],
+        output=[pb.ModelOutput(name=d.name, data_type=_CONFIG_TYPES[d.datatype], dims=d.shape) for d in c.outputs],
+        parameters={k: pb.ModelParameter(string_value=v) for k, v in m.parameters.items()},
+    )
+    if c.sequences:
+        idle_us = int(sequence_idle_seconds * 1e6)
+        config.sequence_batching.CopyFrom(pb.ModelSequenceBatching(max_sequence_idle_microseconds=idle_us))
+    return config
+
+
+def _d(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def stats_to_pb(s: ModelStats) -> pb.ModelStatistics:
+    return pb.ModelStatistics(
+        name=s.name,
+        version=str(s.version),
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_d(s.success),
+            fail=_d(s.fail),
+            queue=_d(s.queue),
+            compute_input=_d(s.compute_input),
+            compute_infer=_d(s.compute_infer),
+            compute_output=_d(s.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=b.batch_size,
+                compute_input=_d(b.compute_input),
+                compute_infer=_d(b.compute_infer),
+                compute_output=_d(b.compute_output),
+            )
+            for b in s.batches
+        ],
+    )
+
+
+def index_to_pb(models: list[ModelInfo], unloaded: list[str], ready_only: bool) -> pb.RepositoryIndexResponse:
+    M = pb.RepositoryIndexResponse.ModelIndex
+    out = [
+        M(name=m.name, version=str(m.version), state="READY" if m.ready else "UNAVAILABLE", reason=m.error or "")
+        for m in models
+        if m.ready or not ready_only
+    ]
+    if not ready_only:
+        out += [M(name=name, version="", state="UNAVAILABLE", reason="unloaded") for name in unloaded]
+    return pb.RepositoryIndexResponse(models=out)

@@ -1,0 +1,65 @@
+"""Request fields of the v2 protocol that are not tensors: model references and Triton's sequence parameters.
+
+A request joins a sequence with the parameters ``sequence_id`` (uint64/int64 or string; 0 or "" = none),
+``sequence_start`` and ``sequence_end`` (bool). What a sequence *is* (a session keyed per model and id,
+pinned to the version it started on) is the core's business; this module only parses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.core.types import ModelRef, SequenceRef
+from service.errors import InvalidInput, echo
+
+MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<model>:"; the store allows 256 characters
+_VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²" and "١" are not versions
+
+
+def model_ref(name: str, version: str) -> ModelRef:
+    if not name:
+        raise InvalidInput("model name is empty")
+    if not version:
+        return ModelRef(name)
+    if not _VERSION.fullmatch(version) or int(version) < 1:
+        raise InvalidInput(f"model version must be a positive integer or empty (newest), got {echo(version)}")
+    return ModelRef(name, int(version))
+
+
+def _bool(params: Mapping[str, pb.InferParameter], key: str) -> bool:
+    if key not in params:
+        return False
+    p = params[key]
+    if p.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidInput(f"parameter {key} must be a bool, got {p.WhichOneof('parameter_choice')}")
+    return p.bool_param
+
+
+def parse_sequence(params: Mapping[str, pb.InferParameter]) -> SequenceRef | None:
+    """The request's sequence, or None when it is not part of one."""
+    start, end = _bool(params, "sequence_start"), _bool(params, "sequence_end")
+    seq_id = ""
+    if "sequence_id" in params:
+        p = params["sequence_id"]
+        kind = p.WhichOneof("parameter_choice")
+        if kind == "int64_param":
+            if p.int64_param < 0:
+                raise InvalidInput(f"parameter sequence_id must be >= 0, got {p.int64_param}")
+            seq_id = str(p.int64_param) if p.int64_param else ""
+        elif kind == "uint64_param":
+            seq_id = str(p.uint64_param) if p.uint64_param else ""
+        elif kind == "string_param":
+            seq_id = p.string_param
+            if len(seq_id) > MAX_SEQUENCE_ID_CHARS:
+                raise InvalidInput(
+                    f"parameter sequence_id is {len(seq_id)} characters, at most {MAX_SEQUENCE_ID_CHARS}"
+                )
+        else:
+            raise InvalidInput(f"parameter sequence_id must be an integer or a string, got {kind}")
+    if not seq_id:
+        if start or end:
+            raise InvalidInput("sequence_start/sequence_end need a non-zero, non-empty sequence_id")
+        return None
+    return SequenceRef(seq_id, start, end)

@@ -1,0 +1,138 @@
+"""Open Inference Protocol (KServe v2) gRPC endpoint: ``inference.GRPCInferenceService``, with Triton's
+sequence, statistics, model-configuration and model-repository (index, load, unload) extensions. Works with
+stock tritonclient.
+
+Thin: protobuf -> tensors (``tensors``) and parameters (``params``) -> one DataPlane call -> protobuf
+(``convert``). Validation lives in the core. ModelInfer raises ``service.errors`` types (the interceptor maps
+them to status codes); ModelStreamInfer reports a failed request in ``error_message`` and keeps the stream
+open, as Triton does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import TypeAlias
+
+import grpc
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve.convert import config_to_pb, index_to_pb, metadata_to_pb, stats_to_pb
+from service.api.kserve.params import model_ref, parse_sequence
+from service.api.kserve.tensors import encode_output, read_inputs
+from service.core.types import DataPlane
+from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+EXTENSIONS = [
+    "sequence",
+    "sequence(string_id)",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "parameters",
+]
+# Response parameter: characters (charlm) or rows (forecaster) consumed, a sequence's running total.
+STEPS_PARAMETER = "seqserve_steps"
+Context: TypeAlias = grpc.aio.ServicerContext  # grpc ships no type stubs: this is Any to mypy
+
+
+def _server_version() -> str:
+    try:
+        return version("seqserve")
+    except PackageNotFoundError:
+        return "0"
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
+        self._dataplane = dataplane
+        self._settings = settings
+
+    # --- health and metadata --------------------------------------------------------------------------
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        models = self._dataplane.models()
+        return pb.ServerReadyResponse(ready=self._dataplane.ready() and all(m.ready for m in models))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        try:
+            info = self._dataplane.model_info(model_ref(request.name, request.version))
+        except (ModelNotFound, ModelUnavailable):
+            return pb.ModelReadyResponse(ready=False)  # the protocol answers "not ready" for unknown models
+        return pb.ModelReadyResponse(ready=info.ready)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="seqserve", version=_server_version(), extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        return metadata_to_pb(self._dataplane.model_metadata(model_ref(request.name, request.version)))
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        meta = self._dataplane.model_metadata(model_ref(request.name, request.version))
+        return pb.ModelConfigResponse(config=config_to_pb(meta, self._settings.sequence_idle_seconds))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
+        ref = model_ref(request.name, request.version) if request.name else None
+        return pb.ModelStatisticsResponse(model_stats=[stats_to_pb(s) for s in self._dataplane.statistics(ref)])
+
+    # --- model repository -----------------------------------------------------------------------------
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+        return index_to_pb(self._dataplane.models(), self._dataplane.unloaded(), request.ready)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        if not request.model_name:
+            raise InvalidInput("model_name is empty: name the model to load")
+        await self._dataplane.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        if not request.model_name:
+            raise InvalidInput("model_name is empty: name the model to unload")
+        await self._dataplane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # --- inference ------------------------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Requests of one stream run in order, so a sequence sent on a stream advances step by step.
+        async for request in request_iterator:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except SeqServeError as e:
+                yield self._stream_error(request, e.message)
+            except Exception:
+                log.exception("ModelStreamInfer: unexpected error")
+                yield self._stream_error(request, "internal error; see the server log")
+
+    @staticmethod
+    def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+        echo = pb.ModelInferResponse(
+            model_name=request.model_name[:256], model_version=request.model_version[:16], id=request.id[:256]
+        )
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        ref = model_ref(request.model_name, request.model_version)
+        sequence = parse_sequence(request.parameters)
+        outputs = [o.name for o in request.outputs] or None
+        result = await self._dataplane.infer(ref, read_inputs(request), outputs, sequence)
+        response = pb.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=request.id)
+        if result.steps is not None:
+            response.parameters[STEPS_PARAMETER].int64_param = result.steps
+        for tensor in result.outputs:
+            encode_output(response, tensor)
+        return response

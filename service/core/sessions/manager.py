@@ -1,0 +1,191 @@
+"""``SessionManager``: ids, TTLs, limits, eviction, expiry and metrics on top of any ``SessionStore``.
+
+A session is pinned to the model version and weights that created it. The store is bounded by count
+(``max_sessions``) and bytes (``max_session_bytes``); when full it evicts the least recently used session that
+is not in use, or refuses (``session_full_policy``). Idle sessions expire after their TTL: a call finds them
+gone at once, and a background reaper removes them from the store.
+
+``use(id)`` is how every call that reads or advances a session runs: it takes the session's lease (calls on
+one session take turns, in arrival order), loads a working copy, hands it to the caller, and saves it back
+when the call ends, so the store always holds the last committed state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+from service.core.sessions.state import SessionState
+from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
+from service.errors import InvalidInput, Overloaded, SessionNotFound, echo
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+MAX_SESSION_ID_CHARS = 256
+REAP_BATCH = 1000  # sessions expired per reaper step before it yields the event loop
+
+
+def unknown_session(session_id: str) -> SessionNotFound:
+    return SessionNotFound(f"session {echo(session_id)} is unknown, expired or was lost in a restart; create a new one")
+
+
+class SessionManager:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, store: SessionStore, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = store
+        self.clock = clock
+        self._reaper: asyncio.Task[None] | None = None
+        self._models: set[str] = set()  # models whose active-sessions gauge we have set
+
+    # --- limits -----------------------------------------------------------------------------------------
+    def ttl(self, ttl_seconds: float | None) -> float:
+        """The TTL to use: the default when None; InvalidInput outside (0, session_max_ttl_seconds]."""
+        if ttl_seconds is None:
+            return min(self.settings.session_ttl_seconds, self.settings.session_max_ttl_seconds)
+        limit = self.settings.session_max_ttl_seconds
+        if not math.isfinite(ttl_seconds) or ttl_seconds <= 0 or ttl_seconds > limit:
+            raise InvalidInput(f"ttl_seconds must be > 0 and <= {limit:g} (session_max_ttl_seconds); got {ttl_seconds}")
+        return float(ttl_seconds)
+
+    def new_id(self, session_id: str | None = None) -> str:
+        if session_id is None:
+            return secrets.token_urlsafe(24)  # 192 random bits
+        if not session_id or len(session_id) > MAX_SESSION_ID_CHARS:
+            raise InvalidInput(f"session_id must have 1 to {MAX_SESSION_ID_CHARS} characters; got {len(session_id)}")
+        return session_id
+
+    async def _make_room(self, nbytes: int, keep: str | None) -> None:
+        """Evicts least recently used idle sessions (or refuses) until one more session of ``nbytes`` fits."""
+        max_n, max_b = self.settings.max_sessions, self.settings.max_session_bytes
+        if nbytes > max_b:
+            raise Overloaded(f"a session of this model needs {nbytes} bytes, more than max_session_bytes={max_b}")
+        usage = await self.store.usage()
+        while usage.count + 1 > max_n or usage.bytes + nbytes > max_b:
+            what = f"{usage.count} sessions (max_sessions={max_n}), {usage.bytes} bytes (max_session_bytes={max_b})"
+            if self.settings.session_full_policy == "reject":
+                raise Overloaded(f"session store is full: {what}; delete sessions you no longer need or retry later")
+            victim = await self.store.evict_lru(keep)
+            if victim is None:
+                raise Overloaded(f"session store is full and every session is in use: {what}; retry later")
+            self.metrics.session_event(victim.model, "evicted")
+            log.info("evicted a session of %s (least recently used) to make room", victim.model)
+            usage = await self.store.usage()
+
+    async def usage(self) -> StoreUsage:
+        return await self.store.usage()
+
+    async def _report(self) -> None:
+        usage = await self.store.usage()
+        for model in self._models | set(usage.per_model):
+            self.metrics.sessions_active(model, usage.per_model.get(model, 0))
+        self._models |= set(usage.per_model)
+        s = self.settings
+        self.metrics.session_store_usage(usage.count, s.max_sessions, usage.bytes, s.max_session_bytes)
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    async def add(self, session: SessionState, keep: str | None = None, event: str = "created") -> SessionState:
+        """Stores a new session. A caller-chosen id that exists replaces the old session (a KServe sequence
+        restarted with the same correlation id)."""
+        old = await self.store.delete(session.id)
+        if old is not None:
+            self.metrics.session_event(old.model, "deleted")
+        await self._make_room(session.nbytes, keep)
+        await self.store.add(session)
+        self.metrics.session_event(session.model, "created")  # a fork is a creation too
+        if event != "created":
+            self.metrics.session_event(session.model, event)
+        await self._report()
+        return session
+
+    async def _live(self, session_id: str) -> SessionState:
+        s = await self.store.load(session_id)
+        if s is not None and s.expires_at <= self.clock():
+            await self.store.delete(session_id)
+            self.metrics.session_event(s.model, "expired")
+            await self._report()
+            s = None
+        if s is None:
+            raise unknown_session(session_id)
+        return s
+
+    async def get(self, session_id: str) -> SessionState:
+        """A copy of the live session, or ``SessionNotFound`` (unknown, deleted or expired)."""
+        async with self.store.lease(session_id):
+            return await self._live(session_id)
+
+    @contextlib.asynccontextmanager
+    async def use(self, session_id: str) -> AsyncIterator[SessionState]:
+        """Leases the session and yields a working copy; whatever the caller left in it is saved when the call
+        ends (also when it failed or was cancelled: tasks change a session only at consistent points)."""
+        async with self.store.lease(session_id):
+            s = await self._live(session_id)
+            try:
+                yield s
+            finally:
+                s.last_used_at = self.clock()
+                try:
+                    await self.store.save(s)
+                except StaleSession:
+                    raise SessionNotFound(
+                        f"session {echo(session_id)} was deleted or replaced while this call used it"
+                    ) from None
+
+    async def fork(self, session_id: str, ttl_seconds: float | None) -> SessionState:
+        ttl = self.ttl(ttl_seconds)
+        async with self.use(session_id) as src:
+            twin = src.clone(self.new_id(), ttl, self.clock())
+        return await self.add(twin, keep=src.id, event="forked")  # making room never evicts the source
+
+    async def delete(self, session_id: str) -> SessionState:
+        """Removes the session and returns it (``SessionNotFound`` when unknown or expired)."""
+        async with self.store.lease(session_id):
+            s = await self._live(session_id)
+            await self.store.delete(session_id)
+        self.metrics.session_event(s.model, "deleted")
+        await self._report()
+        return s
+
+    async def sweep(self) -> int:
+        """Removes every session idle past its TTL; returns how many."""
+        n = 0
+        while True:
+            expired = await self.store.pop_expired(self.clock(), REAP_BATCH)
+            for s in expired:
+                self.metrics.session_event(s.model, "expired")
+            n += len(expired)
+            if len(expired) < REAP_BATCH:
+                break
+            await asyncio.sleep(0)  # a big sweep never holds the event loop for long
+        if n:
+            await self._report()
+        return n
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_seconds)
+            try:
+                if n := await self.sweep():
+                    log.info("expired %d idle sessions", n)
+            except Exception:  # the reaper must survive anything
+                log.exception("session reaper failed")
+
+    def start(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap(), name="session-reaper")
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        await self.store.close()

@@ -1,0 +1,207 @@
+"""Where sessions live: the async ``SessionStore`` protocol, and the in-memory store.
+
+The protocol is what a network store (Redis) implements too. Callers pop, change and set: ``load`` returns a
+working copy, ``save`` writes it back and fails (``StaleSession``) when the stored revision moved on (the
+session was deleted or replaced meanwhile). ``lease`` makes calls on one session take turns, in arrival order;
+eviction never takes a leased session. Counts and bytes are the store's own (``usage``), so limits hold for
+every process sharing it.
+
+In memory, every operation is O(1) or O(log n): an ``OrderedDict`` in recency order gives the LRU victim,
+an expiry heap (one entry per session, lazily refreshed) gives the expired ones, and nothing is serialized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from service.core.sessions.state import SessionState
+
+
+class StaleSession(Exception):
+    """``save`` of a session whose stored revision differs (deleted or replaced while it was in use)."""
+
+
+@dataclass(frozen=True)
+class StoreUsage:
+    count: int
+    bytes: int
+    per_model: dict[str, int] = field(default_factory=dict)
+
+
+class SessionStore(Protocol):
+    async def load(self, session_id: str) -> SessionState | None:
+        """A working copy of the session (the caller may change it and ``save`` it), or None."""
+        ...
+
+    async def add(self, session: SessionState) -> SessionState | None:
+        """Stores a new session; a session with the same id is replaced and returned."""
+        ...
+
+    async def save(self, session: SessionState) -> None:
+        """Writes back a loaded session and bumps its revision; ``StaleSession`` when the stored revision is
+        not the one it was loaded with."""
+        ...
+
+    async def delete(self, session_id: str) -> SessionState | None: ...
+
+    def lease(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        """Exclusive use of one session; waiters are served in arrival order."""
+        ...
+
+    async def evict_lru(self, keep: str | None = None) -> SessionState | None:
+        """Removes and returns the least recently used session that is not leased (nor ``keep``)."""
+        ...
+
+    async def pop_expired(self, now: float, limit: int) -> list[SessionState]:
+        """Removes and returns up to ``limit`` sessions idle past their TTL (never a leased one)."""
+        ...
+
+    async def usage(self) -> StoreUsage: ...
+
+    async def close(self) -> None: ...
+
+
+class _Lease:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0  # holders plus waiters; the lease is dropped when it reaches 0
+
+
+@dataclass(slots=True)
+class _Meta:
+    revision: int
+    expires_at: float
+    nbytes: int
+    model: str
+    incarnation: int  # which add() created this session: tells stale heap entries apart
+
+
+R = TypeVar("R")
+
+
+class InMemorySessionStore(Generic[R]):
+    """Sessions in this process. ``R`` is how a record is kept: ``SessionState`` here (a private copy);
+    a subclass may keep bytes instead (``_pack``/``_unpack``)."""
+
+    def __init__(self) -> None:
+        self._records: OrderedDict[str, R] = OrderedDict()  # least recently used first
+        self._meta: dict[str, _Meta] = {}
+        self._expiry: list[tuple[float, int, str]] = []  # (expires_at, incarnation, id), lazily refreshed
+        self._leases: dict[str, _Lease] = {}
+        self._incarnations = itertools.count(1)
+        self._bytes = 0
+        self._per_model: dict[str, int] = {}
+
+    # --- how a record is kept ---------------------------------------------------------------------------
+    def _pack(self, s: SessionState) -> R:
+        return s.copy()  # type: ignore[return-value]
+
+    def _unpack(self, record: R) -> SessionState:
+        assert isinstance(record, SessionState)
+        return record.copy()
+
+    # --- protocol -------------------------------------------------------------------------------------
+    async def load(self, session_id: str) -> SessionState | None:
+        record = self._records.get(session_id)
+        return None if record is None else self._unpack(record)
+
+    async def add(self, session: SessionState) -> SessionState | None:
+        old = self._remove(session.id)
+        session.revision = 0
+        incarnation = next(self._incarnations)
+        self._records[session.id] = self._pack(session)
+        self._meta[session.id] = _Meta(0, session.expires_at, session.nbytes, session.model, incarnation)
+        heapq.heappush(self._expiry, (session.expires_at, incarnation, session.id))
+        if len(self._expiry) > 2 * len(self._meta) + 1024:  # mostly deleted sessions' entries: rebuild, O(n)
+            self._expiry = [(m.expires_at, m.incarnation, sid) for sid, m in self._meta.items()]
+            heapq.heapify(self._expiry)
+        self._bytes += session.nbytes
+        self._per_model[session.model] = self._per_model.get(session.model, 0) + 1
+        return old
+
+    async def save(self, session: SessionState) -> None:
+        meta = self._meta.get(session.id)
+        if meta is None or meta.revision != session.revision:
+            raise StaleSession(session.id)
+        session.revision += 1
+        meta.revision, meta.expires_at = session.revision, session.expires_at
+        self._records[session.id] = self._pack(session)
+        self._records.move_to_end(session.id)
+
+    async def delete(self, session_id: str) -> SessionState | None:
+        return self._remove(session_id)
+
+    def lease(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        return self._lease(session_id)
+
+    @asynccontextmanager
+    async def _lease(self, session_id: str) -> AsyncIterator[None]:
+        lease = self._leases.get(session_id)
+        if lease is None:
+            lease = self._leases[session_id] = _Lease()
+        lease.users += 1
+        try:
+            async with lease.lock:
+                yield
+        finally:
+            lease.users -= 1
+            if lease.users == 0:
+                del self._leases[session_id]
+
+    def leased(self, session_id: str) -> bool:
+        return session_id in self._leases
+
+    async def evict_lru(self, keep: str | None = None) -> SessionState | None:
+        for sid in self._records:  # oldest first; leased sessions are few, so this stops early
+            if sid != keep and sid not in self._leases:
+                return self._remove(sid)
+        return None
+
+    async def pop_expired(self, now: float, limit: int) -> list[SessionState]:
+        out: list[SessionState] = []
+        later: list[tuple[float, int, str]] = []
+        while self._expiry and self._expiry[0][0] <= now and len(out) < limit:
+            _, incarnation, sid = heapq.heappop(self._expiry)
+            meta = self._meta.get(sid)
+            if meta is None or meta.incarnation != incarnation:
+                continue  # deleted or replaced since: a stale entry
+            if meta.expires_at > now or sid in self._leases:
+                later.append((max(meta.expires_at, now + 1.0), incarnation, sid))  # used since, or in use now
+                continue
+            s = self._remove(sid)
+            if s is not None:
+                out.append(s)
+        for entry in later:
+            heapq.heappush(self._expiry, entry)
+        return out
+
+    async def usage(self) -> StoreUsage:
+        return StoreUsage(len(self._records), self._bytes, dict(self._per_model))
+
+    async def close(self) -> None:
+        self._records.clear()
+        self._meta.clear()
+        self._expiry.clear()
+
+    def _remove(self, session_id: str) -> SessionState | None:
+        record = self._records.pop(session_id, None)
+        if record is None:
+            return None
+        meta = self._meta.pop(session_id)
+        self._bytes -= meta.nbytes
+        self._per_model[meta.model] -= 1
+        if not self._per_model[meta.model]:
+            del self._per_model[meta.model]
+        return self._unpack(record)
+
+
+StoreFactory = Callable[[str], SessionStore]

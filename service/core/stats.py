@@ -1,0 +1,94 @@
+"""Per-model-version inference statistics, as Triton's statistics extension reports them (transport-free).
+
+Request level (``inference_stats``): success and fail (count, ns of the whole request), queue (time in the
+batch queue), compute_input (building the batch's feeds), compute_infer (the ONNX Runtime run) and
+compute_output (splitting the results): each request of a batch is charged the batch's compute time, as
+Triton does. Batch level (``batch_stats``): per batch size, how many batches ran and their compute times.
+A request that needs several model runs (a generation) is queued and computed once per run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from service.core.types import BatchStats, Duration, ModelStats
+
+
+@dataclass
+class _Acc:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, n: int = 1) -> None:
+        self.count += n
+        self.ns += ns
+
+    def frozen(self) -> Duration:
+        return Duration(self.count, self.ns)
+
+
+@dataclass
+class _Batch:
+    input: _Acc = field(default_factory=_Acc)
+    infer: _Acc = field(default_factory=_Acc)
+    output: _Acc = field(default_factory=_Acc)
+
+
+class StatsBook:
+    """Counters of one model version. Thread-safe: the batcher records from its worker thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self.success, self.fail, self.queue = _Acc(), _Acc(), _Acc()
+        self.compute_input, self.compute_infer, self.compute_output = _Acc(), _Acc(), _Acc()
+        self._batches: dict[int, _Batch] = {}
+
+    def request(self, ok: bool, ns: int, inferences: int) -> None:
+        """One finished request (any API): its outcome, duration and the inferences it counted."""
+        with self._lock:
+            if ok:
+                self.success.add(ns)
+                self.inference_count += inferences
+            else:
+                self.fail.add(ns)
+            self.last_inference_ms = int(time.time() * 1000)
+
+    def batch(self, requests: int, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One model run over ``requests`` requests (``rows`` batch rows); ``queue_ns`` summed over them."""
+        with self._lock:
+            self.execution_count += 1
+            self.queue.add(queue_ns, requests)
+            self.compute_input.add(input_ns * requests, requests)
+            self.compute_infer.add(infer_ns * requests, requests)
+            self.compute_output.add(output_ns * requests, requests)
+            b = self._batches.get(rows)
+            if b is None:
+                b = self._batches[rows] = _Batch()
+            b.input.add(input_ns)
+            b.infer.add(infer_ns)
+            b.output.add(output_ns)
+
+    def snapshot(self, name: str, version: int) -> ModelStats:
+        with self._lock:
+            return ModelStats(
+                name=name,
+                version=version,
+                last_inference_ms=self.last_inference_ms,
+                inference_count=self.inference_count,
+                execution_count=self.execution_count,
+                success=self.success.frozen(),
+                fail=self.fail.frozen(),
+                queue=self.queue.frozen(),
+                compute_input=self.compute_input.frozen(),
+                compute_infer=self.compute_infer.frozen(),
+                compute_output=self.compute_output.frozen(),
+                batches=[
+                    BatchStats(size, b.input.frozen(), b.infer.frozen(), b.output.frozen())
+                    for size, b in sorted(self._batches.items())
+                ],
+            )

@@ -1,0 +1,250 @@
+"""The task protocol: what one kind of model (sentiment, charlm, forecast, ...) must provide to be served.
+
+A task module defines one ``Task`` subclass and registers it (``service/core/tasks/__init__.py``). The registry
+builds one instance per loaded model version, after ``check`` accepted its manifest; everything else in the
+server looks the task up through ``manifest.task`` and never branches on its name (MLServer picks an ``MLModel``
+by ``implementation`` the same way). A task:
+
+- checks the manifest/graph contract at load (``check``) and names the symbolic state sizes (``symbols``);
+- sizes a session's state and context (``session_nbytes``) and creates, advances and resets it: the context is
+  a dict of named arrays that ``SessionState.to_bytes`` serializes like the recurrent state;
+- runs requests: ``infer`` for the Open Inference Protocol, plus the typed calls of the capabilities it offers
+  (``Classifier``, ``Generator``, ``Forecaster``) for our own API;
+- describes its v2 tensor contract in transport-free terms (``contract``), which the KServe package maps to
+  protobuf; inputs are checked against it here, once (``check_inputs``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from service.core.manifest import Manifest
+from service.core.types import (
+    CharStep,
+    CompletionChunk,
+    FloatArray,
+    ForecastResult,
+    InputTensor,
+    SamplingParams,
+    SentimentResult,
+    SuggestResult,
+    Tensor,
+    TensorContract,
+)
+from service.errors import InvalidInput, echo, short
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.core.batching import Batcher
+    from service.core.runtime import Runtime
+    from service.core.sessions.state import SessionState
+
+Array = npt.NDArray[Any]
+
+
+class ModelHandle(Protocol):
+    """The loaded model version a task runs on (``service.core.registry.ModelEntry``)."""
+
+    name: str
+    version: int
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def batcher(self) -> Batcher: ...
+
+
+class TaskResult:
+    """What ``Task.infer`` returns: every output of the contract by name, the inferences it counts (texts for a
+    batch of texts) and, for stateful tasks, the steps behind the answer."""
+
+    __slots__ = ("inferences", "outputs", "steps")
+
+    def __init__(self, outputs: dict[str, Tensor], inferences: int = 1, steps: int | None = None) -> None:
+        self.outputs = outputs
+        self.inferences = inferences
+        self.steps = steps
+
+
+class Task:
+    """Base class of every task. Subclasses set ``name`` and implement ``contract`` and ``infer``."""
+
+    name: ClassVar[str] = ""
+    stateful: ClassVar[bool] = False  # whether sessions (and v2 sequences) can carry this task's state
+
+    def __init__(self, model: ModelHandle, settings: Settings) -> None:
+        self.model = model
+        self.settings = settings
+
+    # --- load ---------------------------------------------------------------------------------------------
+    @classmethod
+    def check(cls, manifest: Manifest) -> None:
+        """Raises ValueError (with what to fix) when ``manifest`` cannot be served by this task."""
+
+    @classmethod
+    def symbols(cls, manifest: Manifest) -> dict[str, int]:
+        """Sizes of symbolic state dimensions besides "batch" (e.g. ``{"features": 7}``)."""
+        return {}
+
+    # --- v2 inference ---------------------------------------------------------------------------------
+    def contract(self) -> TensorContract:
+        raise NotImplementedError
+
+    async def infer(self, inputs: dict[str, Tensor], session: SessionState | None) -> TaskResult:
+        """Runs one checked request; with ``session``, advances it in place (the caller saves it)."""
+        raise NotImplementedError
+
+    # --- sessions -----------------------------------------------------------------------------------------
+    def session_nbytes(self) -> int:
+        """Bytes a session of this model reserves: its state plus the largest context it can hold."""
+        return sum(int(v.nbytes) for v in self.model.runtime.zero_states(1).values())
+
+    def initial_state(self) -> dict[str, Array]:
+        """The state of a new (or reset) session: zeros, batch of one."""
+        return self.model.runtime.zero_states(1)
+
+    def check_session(self) -> None:
+        """Raises FailedPrecondition when this model version cannot hold sessions (stateless or unsupported)."""
+
+
+# --- capabilities: the typed calls of our own API -------------------------------------------------------------
+@runtime_checkable
+class Classifier(Protocol):
+    async def classify(self, texts: list[str]) -> list[SentimentResult]: ...
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A character language model: streamed completion, keystroke suggestions, one step with its distribution."""
+
+    def complete(
+        self, session: SessionState | None, prompt: str, params: SamplingParams
+    ) -> AsyncGenerator[CompletionChunk, None]: ...
+
+    async def suggest(
+        self, session: SessionState, appended: str, reset: bool, n: int, max_chars: int, beam: bool
+    ) -> SuggestResult: ...
+
+    async def char_step(self, session: SessionState | None, text: str, num_chars: int) -> CharStep: ...
+
+
+@runtime_checkable
+class Forecaster(Protocol):
+    async def predict(self, history: FloatArray) -> ForecastResult: ...
+
+    async def observe(self, session: SessionState, rows: FloatArray) -> ForecastResult: ...
+
+
+# Capability name -> protocol. Servicers name the capability they need; health and errors use these names.
+CAPABILITIES: dict[str, type] = {"classify": Classifier, "generate": Generator, "forecast": Forecaster}
+CAPABILITY_NOUNS = {
+    "classify": "a text classifier",
+    "generate": "a character language model",
+    "forecast": "a forecaster",
+}
+
+
+def capabilities_of(task: Task) -> frozenset[str]:
+    return frozenset(name for name, proto in CAPABILITIES.items() if isinstance(task, proto))
+
+
+def needs(capability: str) -> str:
+    """ "a text classifier (task 'sentiment')": what a call needs, naming the registered tasks that offer it."""
+    offering = sorted(name for name, cls in TASKS.items() if issubclass(cls, CAPABILITIES[capability]))
+    tasks = ", ".join(repr(t) for t in offering) or "none loaded"
+    return f"{CAPABILITY_NOUNS[capability]} (task {tasks})"
+
+
+# --- validation shared by every task: one message per rule ----------------------------------------------------
+def check_inputs(model: str, contract: TensorContract, inputs: Sequence[InputTensor]) -> dict[str, Tensor]:
+    """Names, datatypes and shapes of v2 inputs against ``contract`` (before any data is decoded), then the
+    decoded tensors by name. Every error names the tensor."""
+    known = {d.name: d for d in contract.inputs}
+    seen: dict[str, InputTensor] = {}
+    for t in inputs:
+        if t.name not in known:
+            expected = ", ".join(d.describe() for d in contract.inputs)
+            raise InvalidInput(f"model {model} has no input {echo(t.name)}; inputs are {expected}")
+        if t.name in seen:
+            raise InvalidInput(f"input {t.name} appears twice")
+        seen[t.name] = t
+    for d in contract.inputs:
+        found = seen.get(d.name)
+        if found is None:
+            if d.optional:
+                continue
+            raise InvalidInput(f"model {model}: missing input {d.describe()}")
+        t = found
+        if t.datatype != d.datatype and t.datatype not in d.also_accepts:
+            raise InvalidInput(f"input {d.name}: datatype must be {d.datatype}, got {short(t.datatype, 16)}")
+        ok = len(t.shape) == len(d.shape) and all(w in (-1, s) for w, s in zip(d.shape, t.shape, strict=True))
+        if not ok:
+            raise InvalidInput(f"input {d.name}: shape must be {list(d.shape)} (-1 = any), got {list(t.shape)[:8]}")
+    return {name: t.decode() for name, t in seen.items()}
+
+
+def utf8_items(t: Tensor) -> list[str]:
+    try:
+        return [b.decode("utf-8") for b in t.items or []]
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"input {t.name}: element is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+
+
+def bytes_tensor(name: str, values: list[str]) -> Tensor:
+    return Tensor(name, "BYTES", (len(values),), items=[v.encode() for v in values])
+
+
+def fp32_tensor(name: str, value: npt.NDArray[Any]) -> Tensor:
+    array = np.ascontiguousarray(value, dtype=np.float32)
+    return Tensor(name, "FP32", tuple(int(d) for d in array.shape), array=array)
+
+
+def check_int(value: int, field: str, lo: int, hi: int, hint: str = "") -> None:
+    if not lo <= value <= hi:
+        raise InvalidInput(f"{field} must be between {lo} and {hi}{hint}; got {value}")
+
+
+def check_float(value: float, field: str, lo: float, hi: float) -> None:
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise InvalidInput(f"{field} must be a finite number between {lo:g} and {hi:g}; got {value}")
+
+
+def check_text(text: str, field: str, max_chars: int, allow_empty: bool = False) -> None:
+    if len(text) > max_chars:
+        raise InvalidInput(f"{field} has {len(text)} characters; the limit is {max_chars} (max_chars_per_text)")
+    if not allow_empty and not text.strip():
+        raise InvalidInput(f"{field} is empty; send at least one non-blank character")
+
+
+# --- the table: manifest.task -> Task class ----------------------------------------------------------------
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: makes ``cls`` serve manifests whose ``task`` is ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a non-empty name")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def task_class(name: str) -> type[Task]:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(
+            f"manifest.task {name!r} is not a task this server knows ({', '.join(sorted(TASKS))}); "
+            "fix the manifest, or load the module that registers it (SEQSERVE_PLUGINS)"
+        ) from None

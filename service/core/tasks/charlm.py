@@ -1,0 +1,269 @@
+"""Character language model (many-to-many): advance a state by text, sample, stream completions, suggest.
+
+A ``Cursor`` is where the model stands: its recurrent state (graph input name -> ``[layers, rows, hidden]``),
+the logits of the next character ``(vocab,)`` and the characters consumed. A session stores the same three
+(the logits as its context), so a session call reads a cursor from it and writes the cursor back at every
+consistent point. Text is fed once: advancing by ``appended`` costs O(len(appended)), never O(prefix).
+
+v2 contract: TEXT BYTES [1], NUM_CHARS INT32 [1] (optional) -> NEXT_CHAR_PROBS FP32 [vocab], VOCAB BYTES
+[vocab], COMPLETION BYTES [1]; with a sequence, TEXT advances the sequence's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.arrays import F64, I64, log_softmax, sample, softmax
+from service.core.batching import StepInput
+from service.core.manifest import Manifest
+from service.core.sessions.state import SessionState
+from service.core.tasks.base import (
+    Array,
+    ModelHandle,
+    Task,
+    TaskResult,
+    bytes_tensor,
+    check_float,
+    check_int,
+    check_text,
+    fp32_tensor,
+    register_task,
+    utf8_items,
+)
+from service.core.tokenizers import Encoder
+from service.core.types import (
+    CharStep,
+    CompletionChunk,
+    FloatArray,
+    SamplingParams,
+    Suggestion,
+    SuggestResult,
+    Tensor,
+    TensorContract,
+    TensorDef,
+)
+from service.errors import InvalidInput
+from service.settings import Settings
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**64 - 1
+
+
+@dataclass
+class Cursor:
+    state: dict[str, Array]
+    logits: FloatArray | None = None
+    steps: int = 0
+
+    @classmethod
+    def of(cls, s: SessionState) -> Cursor:
+        return cls(state=s.state, logits=s.context.get("logits"), steps=s.steps)
+
+    def commit(self, s: SessionState) -> None:
+        s.state, s.steps = self.state, self.steps
+        s.context = {} if self.logits is None else {"logits": self.logits}
+
+
+def _take(state: dict[str, Array], rows: I64) -> dict[str, Array]:
+    """Selects batch rows (axis 1) of every state: beams inherit their parent's state."""
+    return {k: np.take(v, rows, axis=1) for k, v in state.items()}
+
+
+@register_task
+class CharLMTask(Task):
+    name = "charlm"
+    stateful = True
+
+    @classmethod
+    def check(cls, manifest: Manifest) -> None:
+        if manifest.tokenizer is None:
+            raise ValueError("a 'charlm' model needs a tokenizer section in manifest.json")
+        if not manifest.has_input("input_ids") or "logits" not in {t.name for t in manifest.outputs}:
+            raise ValueError("a 'charlm' model must declare input 'input_ids' and output 'logits' in manifest.json")
+        last = manifest.output("logits").shape[-1]
+        if isinstance(last, int) and last != len(manifest.tokenizer.vocab):
+            raise ValueError(
+                f"logits have {last} classes but the tokenizer vocab has {len(manifest.tokenizer.vocab)} entries"
+            )
+
+    def __init__(self, model: ModelHandle, settings: Settings) -> None:
+        super().__init__(model, settings)
+        assert model.manifest.tokenizer is not None  # check() ran at load
+        self.encoder = Encoder(model.manifest.tokenizer)
+        self.vocab = self.encoder.vocab
+
+    def session_nbytes(self) -> int:
+        return super().session_nbytes() + 4 * len(self.vocab)  # + next-character logits, float32
+
+    def contract(self) -> TensorContract:
+        v = len(self.vocab)
+        return TensorContract(
+            inputs=(
+                TensorDef("TEXT", "BYTES", (1,)),
+                TensorDef("NUM_CHARS", "INT32", (1,), optional=True, also_accepts=("INT64",)),
+            ),
+            outputs=(
+                TensorDef("NEXT_CHAR_PROBS", "FP32", (v,)),
+                TensorDef("VOCAB", "BYTES", (v,)),
+                TensorDef("COMPLETION", "BYTES", (1,)),
+            ),
+            sequences=True,
+        )
+
+    async def infer(self, inputs: dict[str, Tensor], session: SessionState | None) -> TaskResult:
+        (text,) = utf8_items(inputs["TEXT"])
+        num_chars = 0
+        if "NUM_CHARS" in inputs and inputs["NUM_CHARS"].array is not None:
+            num_chars = int(inputs["NUM_CHARS"].array.reshape(-1)[0])
+        step = await self._char_step(session, text, num_chars, "input TEXT", "input NUM_CHARS")
+        outputs = {
+            "NEXT_CHAR_PROBS": fp32_tensor("NEXT_CHAR_PROBS", step.probabilities),  # (vocab,)
+            "VOCAB": bytes_tensor("VOCAB", step.vocab),
+            "COMPLETION": bytes_tensor("COMPLETION", [step.completion]),
+        }
+        return TaskResult(outputs, inferences=1, steps=step.steps)
+
+    # --- steps ----------------------------------------------------------------------------------------
+    def _cursor(self, session: SessionState | None) -> Cursor:
+        return Cursor(state=self.initial_state()) if session is None else Cursor.of(session)
+
+    async def step_rows(self, state: dict[str, Array], ids: I64) -> tuple[dict[str, Array], FloatArray]:
+        """Feeds ``ids`` (rows, time) with ``state`` (axis 1 = rows); returns the new state and the last logits
+        (rows, vocab). Requests with equal time length merge in the batcher (every generation step is length 1)."""
+        rows, time = ids.shape
+        out = await self.model.batcher.submit(
+            StepInput(inputs={"input_ids": ids}, rows=rows, states=state, key=("step", time))
+        )
+        logits: FloatArray = out.outputs["logits"][:, -1, :]  # (rows, vocab)
+        return out.states, logits
+
+    async def advance(self, cur: Cursor, ids: I64) -> None:
+        """Consumes ``ids`` (time,) in one ORT run and moves the cursor (only once the run succeeded)."""
+        if ids.size == 0:
+            return
+        state, logits = await self.step_rows(cur.state, ids[None, :])  # (1, time)
+        cur.state, cur.logits, cur.steps = state, logits[0], cur.steps + ids.shape[0]
+
+    @staticmethod
+    def _need_logits(cur: Cursor, field: str) -> FloatArray:
+        if cur.logits is None:
+            raise InvalidInput(
+                f"{field} is empty and there is no text to continue (the session, if any, has consumed none); "
+                "send at least one character"
+            )
+        return cur.logits
+
+    def _check_params(self, p: SamplingParams) -> None:
+        check_int(p.max_chars, "max_chars", 1, self.settings.max_generate_chars, " (max_generate_chars)")
+        check_float(p.temperature, "temperature", 0.0, MAX_TEMPERATURE)
+        v = len(self.vocab)
+        check_int(p.top_k, "top_k", 0, v, f" (0 = no cut; the vocabulary has {v} characters)")
+        if p.seed is not None:
+            check_int(p.seed, "seed", 0, MAX_SEED)
+        if len(p.stop) > MAX_STOP_STRINGS:
+            raise InvalidInput(f"stop has {len(p.stop)} strings; the limit is {MAX_STOP_STRINGS}")
+        for i, s in enumerate(p.stop):
+            if not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise InvalidInput(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters; got {len(s)}")
+
+    # --- Generator capability ---------------------------------------------------------------------------
+    async def complete(
+        self, session: SessionState | None, prompt: str, params: SamplingParams
+    ) -> AsyncGenerator[CompletionChunk, None]:
+        """Streams one chunk per generated character; the last chunk carries ``finish_reason`` ("length" or
+        "stop"; a matched stop string is included in the text, as the proto says).
+
+        The cursor consumes the prompt, then every generated character *before* that character is yielded,
+        and the session is written after every step, so when the consumer stops early (cancellation) the
+        session holds exactly the text it was sent. Without a session the final step nobody needs is skipped.
+        """
+        self._check_params(params)
+        check_text(prompt, "prompt", self.settings.max_chars_per_text, allow_empty=True)
+        ids = self.encoder.encode(prompt, field="prompt")
+        cur = self._cursor(session)
+        await self.advance(cur, ids)
+        logits = self._need_logits(cur, "prompt")
+        if session is not None:
+            cur.commit(session)
+        rng = np.random.default_rng(params.seed)
+        generated = ""
+        for i in range(params.max_chars):
+            idx = sample(logits, params.temperature, params.top_k, rng)
+            generated += self.vocab[idx]
+            stopped = any(generated.endswith(s) for s in params.stop)
+            last = stopped or i == params.max_chars - 1
+            if session is not None or not last:
+                cur.state, step_logits = await self.step_rows(cur.state, np.array([[idx]], dtype=np.int64))
+                logits = cur.logits = step_logits[0]
+                cur.steps += 1
+                if session is not None:
+                    cur.commit(session)
+            if last:
+                yield CompletionChunk(self.vocab[idx], "stop" if stopped else "length")
+                return
+            yield CompletionChunk(self.vocab[idx])
+
+    async def suggest(
+        self, session: SessionState, appended: str, reset: bool, n: int, max_chars: int, beam: bool
+    ) -> SuggestResult:
+        check_int(n, "n", 1, self.settings.max_suggestions, " (max_suggestions)")
+        check_int(max_chars, "max_chars", 1, self.settings.max_generate_chars, " (max_generate_chars)")
+        check_text(appended, "appended", self.settings.max_chars_per_text, allow_empty=True)
+        if reset and not appended:
+            raise InvalidInput("appended is empty while reset is set: after a reset there is no text to continue")
+        ids = self.encoder.encode(appended, field="appended")  # bad characters fail before the session changes
+        cur = Cursor(state=self.initial_state()) if reset else Cursor.of(session)
+        await self.advance(cur, ids)
+        cur.commit(session)
+        return SuggestResult(suggestions=await self._suggest(cur, n, max_chars, beam, "appended"), steps=cur.steps)
+
+    async def char_step(self, session: SessionState | None, text: str, num_chars: int) -> CharStep:
+        return await self._char_step(session, text, num_chars, "text", "num_chars")
+
+    async def _char_step(
+        self, session: SessionState | None, text: str, num_chars: int, text_field: str, num_field: str
+    ) -> CharStep:
+        """Appends ``text``; returns the next-character distribution and a greedy completion."""
+        check_int(num_chars, num_field, 0, self.settings.max_generate_chars, " (max_generate_chars)")
+        check_text(text, text_field, self.settings.max_chars_per_text, allow_empty=True)
+        ids = self.encoder.encode(text, field=text_field)
+        cur = self._cursor(session)
+        await self.advance(cur, ids)
+        probs = softmax(self._need_logits(cur, text_field)).astype(np.float32)  # (vocab,)
+        if session is not None:
+            cur.commit(session)
+        completion = "" if num_chars == 0 else (await self._suggest(cur, 1, num_chars, False, text_field))[0].text
+        return CharStep(probabilities=probs, vocab=list(self.vocab), completion=completion, steps=cur.steps)
+
+    async def _suggest(self, cur: Cursor, n: int, max_chars: int, beam: bool, field: str) -> list[Suggestion]:
+        """The ``n`` most likely continuations of ``max_chars`` characters, without advancing ``cur``.
+
+        beam=True: beam search of width ``n`` (n=1 is greedy). beam=False: the ``n`` most likely next characters,
+        each continued greedily. All candidates advance together as one batch of ``n`` rows per character.
+        """
+        vocab = self.vocab
+        logp: F64 = log_softmax(self._need_logits(cur, field))[None, :]  # (1, vocab)
+        state = cur.state  # rows = 1 for now; never mutated (np.take copies)
+        texts, scores = [""], np.zeros(1)
+        for t in range(max_chars):
+            if beam or t == 0:
+                total = (scores[:, None] + logp).ravel()  # (rows*vocab,) score of every one-char extension
+                best = np.argsort(-total, kind="stable")[:n]
+                parents, chars = best // len(vocab), best % len(vocab)
+                scores = total[best]
+            else:  # greedy continuation of each row
+                parents = np.arange(len(texts))
+                chars = logp.argmax(axis=1)
+                scores = scores + logp[parents, chars]
+            texts = [texts[p] + vocab[c] for p, c in zip(parents, chars, strict=True)]
+            if t == max_chars - 1:
+                break
+            state, logits = await self.step_rows(_take(state, parents), chars.astype(np.int64)[:, None])
+            logp = log_softmax(logits)  # (rows, vocab)
+        order = np.argsort(-scores, kind="stable")
+        return [Suggestion(text=texts[i], logprob=float(scores[i])) for i in order]
