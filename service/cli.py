@@ -37,6 +37,9 @@ log = logging.getLogger("seqserve")
 def _settings(args: argparse.Namespace) -> Settings:
     flags = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port, "models": args.models}
     flags["device"] = args.device
+    flags["watch_models_seconds"] = args.watch_models
+    if args.plugin:
+        flags["plugins"] = args.plugin
     return Settings(**{k: v for k, v in flags.items() if v is not None})  # env < flags
 
 
@@ -187,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", type=Path, help="model repository (env SEQSERVE_MODELS; default models)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (env SEQSERVE_DEVICE)")
     s.add_argument("--ready-file", type=Path, help='write {"grpc_port":..,"metrics_port":..} here once serving')
+    s.add_argument(
+        "--watch-models",
+        type=float,
+        nargs="?",
+        const=5.0,
+        metavar="SECONDS",
+        help="poll the repository every SECONDS (default 5): new versions load, removed ones unload, changed "
+        "weights reload (env SEQSERVE_WATCH_MODELS_SECONDS)",
+    )
+    s.add_argument(
+        "--plugin", action="append", metavar="MODULE", help="import MODULE at start (registers tasks or stores)"
+    )
     s.set_defaults(func=cmd_serve)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import pytest
 
 from service.client import Client
 from service.settings import Settings
+from tests.stores import STORES
 
 T = TypeVar("T")
 
@@ -34,6 +35,13 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for task in ("charlm", "sentiment", "forecast"):
         export_tiny(task, root)
     return root
+
+
+@pytest.fixture(scope="session", params=STORES)
+def session_store(request: pytest.FixtureRequest) -> str:
+    """Every test that serves sessions runs twice: on the in-memory store and on a bytes-only store."""
+    value: str = request.param
+    return value
 
 
 def server_settings(models: Path, **overrides: Any) -> Settings:
@@ -107,9 +115,9 @@ class ServerHandle:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_models: Path) -> Iterator[ServerHandle]:
-    """One shared server over the tiny models (default settings). Tests must not stop it."""
-    handle = ServerHandle(server_settings(tiny_models))
+def server(tiny_models: Path, session_store: str) -> Iterator[ServerHandle]:
+    """One shared server over the tiny models (default settings) per session store. Tests must not stop it."""
+    handle = ServerHandle(server_settings(tiny_models, session_store=session_store))
     yield handle
     handle.close()
 
@@ -121,11 +129,12 @@ def client(server: ServerHandle) -> Iterator[Client]:
 
 
 @pytest.fixture
-def start_server(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
+def start_server(tiny_models: Path, session_store: str) -> Iterator[Callable[..., ServerHandle]]:
     """Factory for extra servers with other settings; each is stopped when the test ends."""
     handles: list[ServerHandle] = []
 
     def start(**overrides: Any) -> ServerHandle:
+        overrides.setdefault("session_store", session_store)
         handle = ServerHandle(server_settings(overrides.pop("models", tiny_models), **overrides))
         handles.append(handle)
         return handle

@@ -79,11 +79,13 @@ MakeDP = Callable[..., Awaitable[CoreDataPlane]]
 
 
 @pytest.fixture
-async def make_dp(tiny_models: Path) -> AsyncIterator[MakeDP]:
-    """``await make_dp(models=..., **settings)``: a started data plane, stopped when the test ends."""
+async def make_dp(tiny_models: Path, session_store: str) -> AsyncIterator[MakeDP]:
+    """``await make_dp(models=..., **settings)``: a started data plane (on each session store), stopped when the
+    test ends."""
     made: list[CoreDataPlane] = []
 
     async def make(models: Path | None = None, clock: FakeClock | None = None, **overrides: Any) -> CoreDataPlane:
+        overrides.setdefault("session_store", session_store)
         settings = core_settings(models or tiny_models, **overrides)
         dp = CoreDataPlane(settings, RecordingMetrics(), clock=clock or time.time)
         made.append(dp)

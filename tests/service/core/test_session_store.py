@@ -1,0 +1,168 @@
+"""SessionState's binary form (round trip, every corruption refused) and the store protocol's bookkeeping:
+leases in arrival order, optimistic revisions, LRU eviction that skips leased sessions, expiry from the heap,
+usage counters, and that the bytes-only store really keeps bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from service.core.dataplane import CoreDataPlane
+from service.core.sessions import InMemorySessionStore, SessionDecodeError, SessionState, StaleSession
+from service.core.types import ModelRef
+from tests.stores import BytesSessionStore
+
+
+def state(sid: str = "s1", model: str = "charlm", last_used: float = 100.0, ttl: float = 10.0) -> SessionState:
+    rng = np.random.default_rng(0)
+    return SessionState(
+        id=sid,
+        model=model,
+        version=3,
+        model_sha256="ab" * 32,
+        task="charlm",
+        state={"h0": rng.normal(size=(2, 1, 16)).astype(np.float32), "c0": np.zeros((2, 1, 16), np.float32)},
+        context={"logits": rng.normal(size=(65,)).astype(np.float32), "ids": np.arange(5, dtype=np.int64)},
+        steps=42,
+        ttl_seconds=ttl,
+        created_at=50.0,
+        last_used_at=last_used,
+        nbytes=1234,
+        metadata={"task": "charlm", "note": "é\n"},
+        owner="alice",
+        revision=7,
+    )
+
+
+def test_round_trip_keeps_every_field_and_array_exactly() -> None:
+    s = state()
+    back = SessionState.from_bytes(s.to_bytes())
+    for name in ("id", "model", "version", "model_sha256", "task", "steps", "ttl_seconds", "created_at"):
+        assert getattr(back, name) == getattr(s, name)
+    assert (back.last_used_at, back.nbytes, back.metadata, back.owner, back.revision) == (
+        100.0,
+        1234,
+        {"task": "charlm", "note": "é\n"},
+        "alice",
+        7,
+    )
+    for group in ("state", "context"):
+        mine, theirs = getattr(s, group), getattr(back, group)
+        assert list(mine) == list(theirs)
+        for k in mine:
+            assert theirs[k].dtype == mine[k].dtype and theirs[k].shape == mine[k].shape
+            np.testing.assert_array_equal(theirs[k], mine[k])
+            assert theirs[k].flags.writeable  # a private copy, not a view of the bytes
+
+
+def test_layout_is_a_small_header_and_aligned_little_endian_arrays() -> None:
+    data = state().to_bytes()
+    magic, fmt, flags, head_len = struct.unpack_from("<4sHHI", data)
+    assert (magic, fmt, flags) == (b"SQSS", 1, 0)
+    header = json.loads(data[12 : 12 + head_len])
+    start = 12 + head_len + (-(12 + head_len)) % 8
+    first = header["arrays"][0]
+    assert first["dtype"] == "<f4" and first["offset"] % 8 == 0
+    raw = np.frombuffer(data[start + first["offset"] : start + first["offset"] + first["nbytes"]], "<f4")
+    np.testing.assert_array_equal(raw.reshape(first["shape"]), state().state["h0"])
+    assert b"pickle" not in data and len(data) < 2 * sum(a["nbytes"] for a in header["arrays"]) + 1024
+
+
+def _array(dtype: str = "<f4", shape: int = 2, offset: int = 0) -> dict[str, object]:
+    return {
+        "arrays": [{"group": "state", "name": "h", "dtype": dtype, "shape": [shape], "offset": offset, "nbytes": 8}]
+    }
+
+
+def _with_header(data: bytes, edit: dict[str, object]) -> bytes:
+    _, _, _, head_len = struct.unpack_from("<4sHHI", data)
+    header = json.loads(data[12 : 12 + head_len])
+    header.update(edit)
+    head = json.dumps(header).encode()
+    pad = (-(12 + len(head))) % 8
+    old_start = 12 + head_len + (-(12 + head_len)) % 8
+    return struct.pack("<4sHHI", b"SQSS", 1, 0, len(head)) + head + b"\0" * pad + data[old_start:]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda d: d[:5], "at least 12 bytes"),
+        (lambda d: b"XXXX" + d[4:], "bad magic"),
+        (lambda d: d[:4] + struct.pack("<H", 9) + d[6:], "format 9 is not supported"),
+        (lambda d: d[:8] + struct.pack("<I", 10**9) + d[12:], "does not fit"),
+        (lambda d: d[:12] + b"}" + d[13:], "not valid JSON"),
+        (lambda d: _with_header(d, {"version": "3"}), "'version' must be an integer"),
+        (lambda d: _with_header(d, {"ttl_seconds": float("inf")}), "finite number"),
+        (lambda d: _with_header(d, {"metadata": {"a": 1}}), "metadata must map strings"),
+        (lambda d: _with_header(d, _array(dtype="|O")), "unsupported group"),
+        (lambda d: _with_header(d, _array(shape=3)), "does not match 8 bytes"),
+        (lambda d: _with_header(d, _array(offset=10**6)), "lies outside"),
+        (lambda d: _with_header(d, {"owner": None}), "'owner' must be a string"),
+        (lambda d: _with_header(d, {"arrays": "nope"}), "malformed"),
+    ],
+)
+def test_corrupt_bytes_are_refused_with_a_reason(corrupt: object, message: str) -> None:
+    assert callable(corrupt)
+    with pytest.raises(SessionDecodeError, match=message):
+        SessionState.from_bytes(corrupt(state().to_bytes()))
+
+
+@pytest.mark.parametrize("kind", [InMemorySessionStore, BytesSessionStore])
+async def test_store_revisions_leases_eviction_expiry_and_usage(kind: type[InMemorySessionStore[object]]) -> None:
+    store = kind()
+    for i in range(4):
+        await store.add(state(f"s{i}", model="a" if i < 3 else "b", last_used=100.0 + i))
+    assert await store.usage() == type(await store.usage())(4, 4 * 1234, {"a": 3, "b": 1})
+    # Optimistic revisions: a copy loaded before someone else saved is stale.
+    one, two = await store.load("s0"), await store.load("s0")
+    assert one is not None and two is not None and one is not two
+    one.steps = 43
+    await store.save(one)
+    with pytest.raises(StaleSession):
+        await store.save(two)
+    again = await store.load("s0")
+    assert again is not None and again.steps == 43 and again.revision == 1
+    # Leases: the second holder waits for the first; eviction skips leased sessions and `keep`.
+    order: list[str] = []
+
+    async def hold(tag: str, pause: float) -> None:
+        async with store.lease("s1"):
+            order.append(tag)
+            await asyncio.sleep(pause)
+
+    first = asyncio.create_task(hold("first", 0.05))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(hold("second", 0))
+    await asyncio.sleep(0.01)
+    victim = await store.evict_lru(keep="s2")  # LRU order: s1 (leased), s2 (kept), s3, s0 (saved last)
+    assert victim is not None and victim.id == "s3"
+    await asyncio.gather(first, second)
+    assert order == ["first", "second"]
+    # Expiry: s1 expired at 111, s2 at 112; s0 was saved with last_used 100 -> 110.
+    assert [s.id for s in await store.pop_expired(111.5, 10)] == ["s0", "s1"]
+    assert [s.id for s in await store.pop_expired(111.5, 10)] == []
+    assert (await store.usage()).count == 1
+    assert await store.delete("s2") is not None and await store.delete("s2") is None
+    assert await store.usage() == type(await store.usage())(0, 0, {})
+
+
+async def test_expiry_heap_stays_bounded_under_create_delete_churn() -> None:
+    store: InMemorySessionStore[SessionState] = InMemorySessionStore()
+    for i in range(5000):
+        await store.add(state(f"s{i}"))
+        await store.delete(f"s{i}")
+    assert len(store._expiry) <= 1024 + 1  # rebuilt when stale entries dominate
+
+
+async def test_the_bytes_store_really_serializes(dp: CoreDataPlane) -> None:
+    s = await dp.create_session(ModelRef("charlm"))
+    await dp.char_step(ModelRef("charlm"), "abc", session_id=s.id)
+    store = dp.sessions.store
+    if isinstance(store, BytesSessionStore):
+        assert store.encoded >= 2  # created, then saved after the step
+    assert (await dp.get_session(s.id)).steps == 3
