@@ -1,0 +1,77 @@
+"""The task seam: a task defined only in ``tests/toy_task.py`` (a GRU character tagger) is loaded as a plugin
+and served over KServe v2 — metadata, config, inference and a sequence — by an unchanged server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve.tensors import deserialize_bytes, serialize_bytes
+from tests.conftest import ServerHandle
+from tests.toy_task import TAGS, export_toy, reference_tags
+
+Input = pb.ModelInferRequest.InferInputTensor
+
+
+@pytest.fixture
+def toy_stub(
+    tmp_path: Path, start_server: Callable[..., ServerHandle]
+) -> Iterator[tuple[pb_grpc.GRPCInferenceServiceStub, Path]]:
+    model_dir = export_toy(tmp_path / "models")
+    handle = start_server(models=tmp_path / "models", plugins=["tests.toy_task"])
+    with grpc.insecure_channel(handle.target) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel), model_dir
+
+
+def tag(stub: pb_grpc.GRPCInferenceServiceStub, text: str, **seq: object) -> tuple[list[str], np.ndarray, int]:
+    request = pb.ModelInferRequest(model_name="tagger", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])])
+    request.raw_input_contents.append(serialize_bytes([text.encode()]))
+    for key, value in seq.items():
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        else:
+            assert isinstance(value, str)
+            request.parameters[key].string_param = value
+    response = stub.ModelInfer(request, timeout=30)
+    (tags_meta, scores_meta) = response.outputs
+    tags = [t.decode() for t in deserialize_bytes("TAGS", response.raw_output_contents[0], tags_meta.shape[0])]
+    scores = np.frombuffer(response.raw_output_contents[1], "<f4").reshape(tuple(scores_meta.shape))
+    return tags, scores, response.parameters["seqserve_steps"].int64_param
+
+
+def test_a_plugin_task_is_served_over_kserve_v2(toy_stub: tuple[pb_grpc.GRPCInferenceServiceStub, Path]) -> None:
+    stub, model_dir = toy_stub
+    meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="tagger"), timeout=30)
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("TEXT", "BYTES", [1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("TAGS", "BYTES", [-1]),
+        ("SCORES", "FP32", [-1, len(TAGS)]),
+    ]
+    config = stub.ModelConfig(pb.ModelConfigRequest(name="tagger"), timeout=30).config
+    assert config.parameters["task"].string_value == "toy-tagger"
+    assert config.sequence_batching.max_sequence_idle_microseconds > 0
+    index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
+    assert [(m.name, m.version, m.state) for m in index.models] == [("tagger", "1", "READY")]
+
+    tags, scores, _ = tag(stub, "hello world")
+    assert tags == reference_tags(model_dir, "hello world") and scores.shape == (11, len(TAGS))
+
+    # A sequence carries the GRU state: "hello " then "world" tags "world" as the whole text does.
+    first, _, steps = tag(stub, "hello ", sequence_id="s1", sequence_start=True)
+    assert first == reference_tags(model_dir, "hello world")[:6] and steps == 6
+    rest, _, steps = tag(stub, "world", sequence_id="s1", sequence_end=True)
+    assert rest == reference_tags(model_dir, "hello world")[6:] and steps == 11
+    with pytest.raises(grpc.RpcError) as e:
+        tag(stub, "x", sequence_id="s1")  # ended
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        tag(stub, "HELLO")  # outside the vocabulary: the shared tokenizer's message
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not in the model's vocabulary" in str(
+        e.value.details()
+    )
