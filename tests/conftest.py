@@ -63,7 +63,7 @@ def server_settings(models: Path, **overrides: Any) -> Settings:
 class ServerHandle:
     """A real ``service.api.server.Server`` running on its own event loop in a daemon thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
         from service.api.server import Server
 
         self.settings = settings
@@ -72,7 +72,7 @@ class ServerHandle:
         self._thread.start()
 
         async def build() -> Server:
-            return Server(settings)
+            return Server(settings) if clock is None else Server(settings, clock=clock)
 
         self.server = self.run(build())
         self.stopped = False
@@ -133,9 +133,9 @@ def start_server(tiny_models: Path, session_store: str) -> Iterator[Callable[...
     """Factory for extra servers with other settings; each is stopped when the test ends."""
     handles: list[ServerHandle] = []
 
-    def start(**overrides: Any) -> ServerHandle:
+    def start(clock: Callable[[], float] | None = None, **overrides: Any) -> ServerHandle:
         overrides.setdefault("session_store", session_store)
-        handle = ServerHandle(server_settings(overrides.pop("models", tiny_models), **overrides))
+        handle = ServerHandle(server_settings(overrides.pop("models", tiny_models), **overrides), clock)
         handles.append(handle)
         return handle
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -33,9 +35,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Server:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
+        self._clock = clock  # the sessions' wall clock; tests inject one that moves when they say
         self.port = 0  # bound gRPC port, set by start()
         self.metrics_port: int | None = None  # bound HTTP port, None when the HTTP server is not available
         self.services: list[str] = []  # full names of the registered services (ours + plug-ins)
@@ -62,7 +67,7 @@ class Server:
         from service.core.dataplane import CoreDataPlane  # the core is built here, in the composition root
 
         s = self.settings
-        self._dataplane = CoreDataPlane(s, self.metrics)
+        self._dataplane = CoreDataPlane(s, self.metrics, clock=self._clock)
         limits = [("grpc.max_receive_message_length", s.max_message_bytes)]
         limits.append(("grpc.max_send_message_length", s.max_message_bytes))
         server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s.api_key), options=limits)

@@ -177,12 +177,13 @@ class CoreDataPlane:
         if entry is None or not entry.ready:
             raise FailedPrecondition(
                 f"session {echo(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "
-                "create a new session"
+                "create a new session (KServe: start a new sequence)"
             )
         if entry.sha256 != s.model_sha256:
             raise FailedPrecondition(
                 f"session {echo(s.id)} is pinned to model {s.model} version {s.version} with weights "
-                f"{s.model_sha256[:12]}, which were replaced by {entry.sha256[:12]}; create a new session"
+                f"{s.model_sha256[:12]}, which were replaced by {entry.sha256[:12]}; create a new session (KServe: start "
+                "a new sequence)"
             )
         return entry
 
@@ -231,14 +232,16 @@ class CoreDataPlane:
         sequence: SequenceRef | None = None,
     ) -> InferResult:
         if sequence is not None and not sequence.start and model.version is None:
-            # A running sequence stays on the version it started with, even when a newer one loaded since.
-            entry = self.registry.find(model)
+            # A running sequence stays on the version (and weights) it started with, even when a newer one loaded
+            # since; FAILED_PRECONDITION when that version is gone or its weights changed.
+            name = self.registry.find(model).name
             try:
-                s = await self.sessions.get(self._sequence_id(entry.name, sequence))
+                s = await self.sessions.get(self._sequence_id(name, sequence))
             except SessionNotFound:
-                raise self._unknown_sequence(entry.name, sequence) from None
-            model = ModelRef(entry.name, s.version)
-        entry = self.registry.resolve(model)
+                raise self._unknown_sequence(name, sequence) from None
+            entry = self._pinned(s)
+        else:
+            entry = self.registry.resolve(model)
         note_model(entry.name)
         with self._request(entry) as req:
             contract = entry.task.contract()

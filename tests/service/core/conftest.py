@@ -17,6 +17,7 @@ from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE
 from service.metrics import Metrics
 from service.settings import Settings
+from tests.clock import FakeClock
 
 
 class RecordingMetrics(Metrics):
@@ -60,19 +61,6 @@ def core_settings(models: Path, **overrides: Any) -> Settings:
 def recorded(dp: CoreDataPlane) -> RecordingMetrics:
     assert isinstance(dp.metrics, RecordingMetrics)
     return dp.metrics
-
-
-class FakeClock:
-    """An injectable wall clock (unix seconds) that moves only when a test says so."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 MakeDP = Callable[..., Awaitable[CoreDataPlane]]

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
+from service.core.arrays import resolve_shape
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
-from service.core.runtime import CPU, CUDA, resolve_shape, select_providers
+from service.core.runtime import CPU, CUDA, select_providers
 from service.core.types import DataPlane, ModelRef, SamplingParams
-from service.errors import InvalidInput, ModelNotFound, ModelUnavailable
+from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, ModelUnavailable
 from tests.service.core.conftest import MakeDP, add_version, core_settings, recorded
 
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -200,3 +203,44 @@ async def test_manifest_that_breaks_the_serving_contract_is_reported(repo: Path,
     )
     assert "must declare input 'input_ids' and output 'logits'" in errors["charlm"]
     assert not dp.ready()
+
+
+async def test_unload_lets_in_flight_requests_finish_then_refuses(make_dp: MakeDP) -> None:
+    dp = await make_dp(grace_seconds=30)
+    lm = ModelRef("charlm")
+    long_call = asyncio.ensure_future(dp.char_step(lm, "abc", num_chars=300))  # 300 steps: still running below
+    while not recorded(dp).batch_sizes("charlm"):
+        await asyncio.sleep(0)  # its first step has run: the request is in flight
+    await dp.unload_model("charlm")  # waits for it (30 s grace at most)
+    assert long_call.done() and len(long_call.result().completion) == 300
+    with pytest.raises(ModelUnavailable, match="'charlm' was unloaded; load it again"):
+        await dp.char_step(lm, "abc")
+    assert "charlm" in dp.unloaded() and all(m.name != "charlm" for m in dp.models())
+    await dp.load_model("charlm")
+    assert (await dp.char_step(lm, "abc")).steps == 3 and dp.unloaded() == []
+
+
+async def test_changed_weights_reload_and_pinned_sessions_say_so(
+    repo: Path, make_dp: MakeDP, tiny_models: Path
+) -> None:
+    dp = await make_dp(models=repo)
+    lm = ModelRef("charlm")
+    s = await dp.create_session(lm)
+    await dp.char_step(lm, "abc", session_id=s.id)
+    other = await dp.create_session(ModelRef("forecaster"))
+    model = repo / "charlm" / "1" / MODEL_FILE
+    model.write_bytes(model.read_bytes())  # touched, same bytes: no reload
+    await dp.registry.sync()
+    assert (await dp.char_step(lm, "d", session_id=s.id)).steps == 4
+    graph = onnx.load(str(model))
+    graph.doc_string = "re-exported"  # a real change of the file (and its sha256), the graph still loads
+    onnx.save(graph, str(model))
+    manifest = json.loads((repo / "charlm" / "1" / MANIFEST_FILE).read_text())
+    manifest["sha256"] = sha256_file(model)
+    (repo / "charlm" / "1" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    await dp.registry.sync()
+    assert dp.model_metadata(lm).parameters["sha256"] == manifest["sha256"]
+    with pytest.raises(FailedPrecondition, match=r"version 1 with weights .* which were replaced"):
+        await dp.char_step(lm, "e", session_id=s.id)
+    assert (await dp.char_step(lm, "e", session_id=(await dp.create_session(lm)).id)).steps == 1
+    assert (await dp.get_session(other.id)).model == "forecaster"  # other sessions are untouched

@@ -50,14 +50,3 @@ def triton_report(kserve_server: dict[str, int]) -> dict[str, object]:
     assert done.returncode == 0, f"tritonclient script failed:\n{done.stderr[-4000:]}"
     report: dict[str, object] = json.loads(done.stdout)
     return report
-
-
-@pytest.fixture(scope="module")
-def short_idle_server(kserve_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
-    """A second server whose sequences expire after 1 s idle (Triton's max_sequence_idle_microseconds)."""
-    env = {"SEQSERVE_SEQUENCE_IDLE_SECONDS": "1", "SEQSERVE_REAPER_INTERVAL_SECONDS": "0.2"}
-    proc, ports = start_server(kserve_repo, tmp_path_factory.mktemp("kserve-short-idle"), **env)
-    try:
-        yield ports
-    finally:
-        stop_server(proc)

@@ -225,12 +225,31 @@ def trained(c: grpcclient.InferenceServerClient) -> Report:
     }
 
 
+def repository(c: grpcclient.InferenceServerClient, op: str, model: str) -> Report:
+    """tritonclient's load_model / unload_model, then what the server says about the model."""
+    action = c.load_model if op == "load" else c.unload_model
+    error = _error(lambda: action(model))
+    infer = _error(lambda: c.infer(model, [_text(["a fine film"])])) if model == "sentiment" else {}
+    return {
+        "error": error,
+        "ready": c.is_model_ready(model),
+        "index": c.get_model_repository_index(as_json=True),
+        "infer": infer,
+        "extensions": c.get_server_metadata(as_json=True).get("extensions", []),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--trained", action="store_true", help="only the checks for the committed models")
+    parser.add_argument("--repository", metavar="OP:MODEL", help="load:NAME or unload:NAME, then report")
     args = parser.parse_args()
     with grpcclient.InferenceServerClient(args.url) as c:
+        if args.repository:
+            op, _, model = args.repository.partition(":")
+            print(json.dumps(repository(c, op, model)))
+            return
         if args.trained:
             print(json.dumps(trained(c)))
             return

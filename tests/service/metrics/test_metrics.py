@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, OTHER_MODEL, SESSION_EVENTS, Metrics
+from service.metrics import LATENCY_BUCKETS, OTHER_MODEL, SESSION_EVENTS, Metrics
 
 SVC = "seqserve.v1.Inference"
 
@@ -175,23 +175,32 @@ def test_build_info(m: Metrics) -> None:
     assert sample.labels["onnxruntime"][0].isdigit()
 
 
-def test_bucket_bounds() -> None:
-    assert LATENCY_BUCKETS[0] == pytest.approx(50e-6)
-    assert LATENCY_BUCKETS[-1] == 10.0
-    assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
-    assert sum(1 for b in LATENCY_BUCKETS if b < 0.001) >= 4  # sub-millisecond resolution
-    assert BATCH_SIZE_BUCKETS[0] == 1
+def test_buckets_resolve_sub_millisecond_latencies_and_batch_sizes() -> None:
     m = Metrics(CollectorRegistry(), runtime_collectors=False)
     m.model_loaded("a", 1, "CPUExecutionProvider", 0.0, ready=True)
-    m.rpc_finished(SVC, "Classify", "a", "OK", 0.001)
+    m.rpc_finished(SVC, "Classify", "a", "OK", 0.00007)  # a 70 µs call (one CPU RNN step)
+    m.rpc_finished(SVC, "Classify", "a", "OK", 0.0003)
+    m.inference("a", 1, 0.0, 0.0, 3)
+
+    def bucket(name: str, le: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(name + "_bucket", {**labels, "le": le})
+
+    rpc = {"service": SVC, "method": "Classify", "model": "a", "code": "OK"}
+    # 70 µs and 300 µs land in different buckets below 1 ms: the histogram tells them apart.
+    assert [bucket("seqserve_rpc_duration_seconds", le, **rpc) for le in ("5e-05", "0.0001", "0.00025", "0.0005")] == [
+        0.0, 1.0, 1.0, 2.0,
+    ]  # fmt: skip
+    assert bucket("seqserve_rpc_duration_seconds", "+Inf", **rpc) == 2.0
+    batch = {"model": "a", "version": "1"}
+    assert [bucket("seqserve_inference_batch_size", le, **batch) for le in ("2.0", "4.0")] == [0.0, 1.0]
     bounds = [
-        s.labels["le"]
+        float(s.labels["le"])
         for fam in m.registry.collect()
         if fam.name == "seqserve_rpc_duration_seconds"
         for s in fam.samples
-        if s.name.endswith("_bucket")
+        if s.name.endswith("_bucket") and s.labels["code"] == "OK"
     ]
-    assert [float(b) for b in bounds] == [*LATENCY_BUCKETS, float("inf")]
+    assert bounds == [*LATENCY_BUCKETS, float("inf")] and bounds == sorted(bounds)
 
 
 def test_names_follow_conventions(m: Metrics) -> None:

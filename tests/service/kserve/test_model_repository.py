@@ -1,0 +1,151 @@
+"""Live model management against a real ``seqserve serve --watch-models`` process: tritonclient's
+``unload_model``/``load_model``; a new version folder becomes the default; changed weights reload; a removed
+folder unloads. Running sequences keep their version, and get FAILED_PRECONDITION once it is gone or its
+weights changed; health, the repository index and the metrics follow every change."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve.tensors import serialize_bytes
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE
+from tests.service.kserve.procs import CLIENT_SCRIPT, start_server, stop_server
+
+Input = pb.ModelInferRequest.InferInputTensor
+SENTIMENT_SERVICE = "seqserve.v1.Sentiment"
+
+
+class Live:
+    def __init__(self, repo: Path, ports: dict[str, int], channel: grpc.Channel) -> None:
+        self.repo, self.ports = repo, ports
+        self.url = f"127.0.0.1:{ports['grpc_port']}"
+        self.v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+    def tritonclient(self, op: str, model: str) -> dict[str, object]:
+        done = subprocess.run(
+            [sys.executable, str(CLIENT_SCRIPT), "--url", self.url, "--repository", f"{op}:{model}"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        report: dict[str, object] = json.loads(done.stdout)
+        return report
+
+    def step(self, text: str, **seq: object) -> pb.ModelInferResponse:
+        request = pb.ModelInferRequest(model_name="charlm", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])])
+        request.raw_input_contents.append(serialize_bytes([text.encode()]))
+        for key, value in seq.items():
+            if isinstance(value, bool):
+                request.parameters[key].bool_param = value
+            else:
+                request.parameters[key].string_param = str(value)
+        response: pb.ModelInferResponse = self.v2.ModelInfer(request, timeout=30)
+        return response
+
+    def versions(self) -> list[str]:
+        return list(self.v2.ModelMetadata(pb.ModelMetadataRequest(name="charlm"), timeout=30).versions)
+
+    def sha(self, version: str) -> str:
+        config = self.v2.ModelConfig(pb.ModelConfigRequest(name="charlm", version=version), timeout=30).config
+        return config.parameters["sha256"].string_value
+
+    def serving(self, service: str) -> bool:
+        status = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics_port']}/metrics", timeout=30) as r:
+            text: str = r.read().decode()
+            return text
+
+
+def wait_for(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None:
+    """Polls ``condition`` (the watcher runs every 0.2 s); fails naming ``what`` after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def live(kserve_repo: Path, tmp_path: Path) -> Iterator[Live]:
+    repo = tmp_path / "models"
+    shutil.copytree(kserve_repo, repo)
+    shutil.move(repo / "charlm" / "2", tmp_path / "charlm-2")  # added later, by the test
+    proc, ports = start_server(repo, tmp_path, SEQSERVE_WATCH_MODELS_SECONDS="0.2", SEQSERVE_GRACE_SECONDS="2")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc_port']}") as channel:
+            yield Live(repo, ports, channel)
+    finally:
+        stop_server(proc)
+
+
+def _code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code(), str(e.value.details())
+
+
+def test_unload_and_load_with_tritonclient(live: Live) -> None:
+    assert live.serving(SENTIMENT_SERVICE)
+    out = live.tritonclient("unload", "sentiment")
+    assert out["error"] == {"status": "OK", "message": ""} and out["ready"] is False
+    infer = out["infer"]
+    assert isinstance(infer, dict) and infer["status"] == "StatusCode.UNAVAILABLE" and "unloaded" in infer["message"]
+    index = {(m["name"], m.get("version", "")): m for m in out["index"]["models"]}  # type: ignore[index]
+    assert index[("sentiment", "")]["state"] == "UNAVAILABLE" and index[("sentiment", "")]["reason"] == "unloaded"
+    assert "model_repository" in out["extensions"]  # type: ignore[operator]
+    assert not live.serving(SENTIMENT_SERVICE) and live.serving("")  # the others still serve
+    assert 'seqserve_model_info{model="sentiment"' not in live.metrics()
+    back = live.tritonclient("load", "sentiment")
+    assert back["error"] == {"status": "OK", "message": ""} and back["ready"] is True
+    assert back["infer"] == {"status": "OK", "message": ""}
+    assert live.serving(SENTIMENT_SERVICE)
+    assert 'seqserve_model_info{model="sentiment",provider="CPUExecutionProvider",version="1"} 1.0' in live.metrics()
+    missing = live.tritonclient("load", "no-such-model")
+    assert missing["error"]["status"] == "StatusCode.NOT_FOUND"  # type: ignore[index]
+
+
+def test_watch_new_version_changed_weights_and_removed_folder(live: Live, tmp_path: Path) -> None:
+    assert live.versions() == ["1"]
+    assert live.step("ab", sequence_id="old", sequence_start=True).model_version == "1"
+    # A new version folder loads and becomes the default; the running sequence stays on version 1.
+    shutil.copytree(tmp_path / "charlm-2", live.repo / "charlm" / "2")
+    wait_for(lambda: live.versions() == ["1", "2"], "charlm/2 to load")
+    assert live.step("x").model_version == "2"
+    kept = live.step("c", sequence_id="old")
+    assert kept.model_version == "1" and kept.parameters["seqserve_steps"].int64_param == 3
+    assert live.step("ab", sequence_id="new", sequence_start=True).model_version == "2"
+    # Changed weights in version 1 reload it; the sequence pinned to the old weights fails with what to do.
+    before = live.sha("1")
+    v1 = live.repo / "charlm" / "1"
+    manifest = json.loads((tmp_path / "charlm-2" / MANIFEST_FILE).read_text())
+    manifest["version"] = 1
+    shutil.copy(tmp_path / "charlm-2" / MODEL_FILE, v1 / MODEL_FILE)
+    (v1 / MANIFEST_FILE).write_text(json.dumps(manifest))
+    wait_for(lambda: live.sha("1") not in ("", before), "charlm/1 to reload")
+    code, message = _code(lambda: live.step("d", sequence_id="old"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "version 1 with weights" in message
+    assert "start a new sequence" in message
+    # Removing the version-2 folder unloads it; its sequence gets FAILED_PRECONDITION, version 1 serves again.
+    shutil.rmtree(live.repo / "charlm" / "2")
+    wait_for(lambda: live.versions() == ["1"], "charlm/2 to unload")
+    code, message = _code(lambda: live.step("d", sequence_id="new"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "version 2, which is no longer loaded" in message
+    assert live.step("x").model_version == "1"
+    assert 'version="2"' not in "\n".join(
+        line for line in live.metrics().splitlines() if line.startswith('seqserve_model_info{model="charlm"')
+    )
