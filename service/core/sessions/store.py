@@ -55,8 +55,9 @@ class SessionStore(Protocol):
         """Exclusive use of one session; waiters are served in arrival order."""
         ...
 
-    async def evict_lru(self, keep: str | None = None) -> SessionState | None:
-        """Removes and returns the least recently used session that is not leased (nor ``keep``)."""
+    async def evict_lru(self, keep: str | None = None, owner: str | None = None) -> SessionState | None:
+        """Removes and returns the least recently used session that is not leased (nor ``keep``); with ``owner``,
+        only among that owner's sessions (quotas never evict another principal's session)."""
         ...
 
     async def pop_expired(self, now: float, limit: int) -> list[SessionState]:
@@ -64,6 +65,10 @@ class SessionStore(Protocol):
         ...
 
     async def usage(self) -> StoreUsage: ...
+
+    async def owner_usage(self, owner: str) -> StoreUsage:
+        """Sessions and bytes of one owner (``per_model`` may be left empty)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -82,6 +87,7 @@ class _Meta:
     expires_at: float
     nbytes: int
     model: str
+    owner: str
     incarnation: int  # which add() created this session: tells stale heap entries apart
 
 
@@ -100,6 +106,8 @@ class InMemorySessionStore(Generic[R]):
         self._incarnations = itertools.count(1)
         self._bytes = 0
         self._per_model: dict[str, int] = {}
+        self._owners: dict[str, OrderedDict[str, None]] = {}  # owner -> its sessions, least recently used first
+        self._owner_bytes: dict[str, int] = {}
 
     # --- how a record is kept ---------------------------------------------------------------------------
     def _pack(self, s: SessionState) -> R:
@@ -119,7 +127,9 @@ class InMemorySessionStore(Generic[R]):
         session.revision = 0
         incarnation = next(self._incarnations)
         self._records[session.id] = self._pack(session)
-        self._meta[session.id] = _Meta(0, session.expires_at, session.nbytes, session.model, incarnation)
+        self._meta[session.id] = _Meta(0, session.expires_at, session.nbytes, session.model, session.owner, incarnation)
+        self._owners.setdefault(session.owner, OrderedDict())[session.id] = None
+        self._owner_bytes[session.owner] = self._owner_bytes.get(session.owner, 0) + session.nbytes
         heapq.heappush(self._expiry, (session.expires_at, incarnation, session.id))
         if len(self._expiry) > 2 * len(self._meta) + 1024:  # mostly deleted sessions' entries: rebuild, O(n)
             self._expiry = [(m.expires_at, m.incarnation, sid) for sid, m in self._meta.items()]
@@ -136,6 +146,7 @@ class InMemorySessionStore(Generic[R]):
         meta.revision, meta.expires_at = session.revision, session.expires_at
         self._records[session.id] = self._pack(session)
         self._records.move_to_end(session.id)
+        self._owners[meta.owner].move_to_end(session.id)
 
     async def delete(self, session_id: str) -> SessionState | None:
         return self._remove(session_id)
@@ -160,8 +171,9 @@ class InMemorySessionStore(Generic[R]):
     def leased(self, session_id: str) -> bool:
         return session_id in self._leases
 
-    async def evict_lru(self, keep: str | None = None) -> SessionState | None:
-        for sid in self._records:  # oldest first; leased sessions are few, so this stops early
+    async def evict_lru(self, keep: str | None = None, owner: str | None = None) -> SessionState | None:
+        order = self._records if owner is None else self._owners.get(owner, OrderedDict())
+        for sid in order:  # oldest first; leased sessions are few, so this stops early
             if sid != keep and sid not in self._leases:
                 return self._remove(sid)
         return None
@@ -187,10 +199,15 @@ class InMemorySessionStore(Generic[R]):
     async def usage(self) -> StoreUsage:
         return StoreUsage(len(self._records), self._bytes, dict(self._per_model))
 
+    async def owner_usage(self, owner: str) -> StoreUsage:
+        return StoreUsage(len(self._owners.get(owner, ())), self._owner_bytes.get(owner, 0))
+
     async def close(self) -> None:
         self._records.clear()
         self._meta.clear()
         self._expiry.clear()
+        self._owners.clear()
+        self._owner_bytes.clear()
 
     def _remove(self, session_id: str) -> SessionState | None:
         record = self._records.pop(session_id, None)
@@ -201,6 +218,11 @@ class InMemorySessionStore(Generic[R]):
         self._per_model[meta.model] -= 1
         if not self._per_model[meta.model]:
             del self._per_model[meta.model]
+        mine = self._owners[meta.owner]
+        del mine[session_id]
+        self._owner_bytes[meta.owner] -= meta.nbytes
+        if not mine:
+            del self._owners[meta.owner], self._owner_bytes[meta.owner]
         return self._unpack(record)
 
 

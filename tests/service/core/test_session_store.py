@@ -151,6 +151,23 @@ async def test_store_revisions_leases_eviction_expiry_and_usage(kind: type[InMem
     assert await store.usage() == type(await store.usage())(0, 0, {})
 
 
+async def test_usage_and_eviction_per_owner() -> None:
+    store: InMemorySessionStore[SessionState] = InMemorySessionStore()
+    for i, owner in enumerate(["alice", "bob", "alice", "bob"]):
+        s = state(f"s{i}")
+        s.owner = owner
+        await store.add(s)
+    alice = await store.owner_usage("alice")
+    assert (alice.count, alice.bytes) == (2, 2 * 1234) and (await store.owner_usage("carol")).count == 0
+    victim = await store.evict_lru(owner="bob")  # bob's least recently used, although alice's s0 is older
+    assert victim is not None and victim.id == "s1"
+    loaded = await store.load("s3")
+    assert loaded is not None
+    await store.save(loaded)  # s3 is now bob's most recent... and his only one
+    assert (await store.evict_lru(owner="bob", keep="s3")) is None
+    assert (await store.owner_usage("bob")).count == 1 and (await store.usage()).count == 3
+
+
 async def test_expiry_heap_stays_bounded_under_create_delete_churn() -> None:
     store: InMemorySessionStore[SessionState] = InMemorySessionStore()
     for i in range(5000):
