@@ -182,8 +182,8 @@ class CoreDataPlane:
         if entry.sha256 != s.model_sha256:
             raise FailedPrecondition(
                 f"session {echo(s.id)} is pinned to model {s.model} version {s.version} with weights "
-                f"{s.model_sha256[:12]}, which were replaced by {entry.sha256[:12]}; create a new session (KServe: start "
-                "a new sequence)"
+                f"{s.model_sha256[:12]}, which were replaced by {entry.sha256[:12]}; create a new session "
+                "(KServe: start a new sequence)"
             )
         return entry
 
