@@ -52,5 +52,14 @@ class Overloaded(SeqServeError):
     """A bounded resource is full: session store, batch queue (gRPC RESOURCE_EXHAUSTED)."""
 
 
+class StoreUnavailable(SeqServeError):
+    """The session store (Redis) does not answer; calls that need no session still work (gRPC UNAVAILABLE)."""
+
+
+class SessionConflict(SeqServeError):
+    """Another replica took the session over while this call used it; nothing was written (gRPC ABORTED:
+    retry the call)."""
+
+
 class Unauthenticated(SeqServeError):
     """Missing or wrong credentials (gRPC UNAUTHENTICATED)."""

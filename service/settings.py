@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -54,7 +54,31 @@ class Settings(BaseSettings):
 
     # --- sessions --------------------------------------------------------------------------------------
     session_store: str = "memory://"
-    """Where sessions live: ``memory://`` (this process). Other schemes come from stores that register them."""
+    """Where sessions live: ``memory://`` (this process), ``redis://host:port/db``, ``rediss://`` (TLS) or
+    ``redis+cluster://host:port`` (Redis Cluster; any node): shared by every replica, sessions survive restarts.
+    Other schemes come from stores that register them."""
+    session_durability: Literal["step", "idle"] = "step"
+    """Redis stores only. ``step``: a step is acknowledged after its new state is in Redis (a crash loses
+    nothing acknowledged). ``idle``: hot sessions stay in this process and are written back when idle
+    (``session_idle_seconds``), at least every ``session_flush_seconds``, when another replica asks for them and
+    on SIGTERM; a crash (kill -9, power loss) loses up to that many seconds of steps per session."""
+    session_flush_seconds: float = Field(default=5.0, gt=0)
+    """``idle`` durability: the longest a step stays only in this process's memory."""
+    session_idle_seconds: float = Field(default=0.5, gt=0)
+    """``idle`` durability: a session unused this long is written back."""
+    session_lease_seconds: float = Field(default=5.0, gt=0)
+    """Redis stores: a replica owns a session it used within this time (it reads nothing from Redis before a
+    step); another replica asks it to hand over. After a crash its sessions move on once this has passed."""
+    session_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Redis stores: bytes of recently used sessions each replica keeps in memory (hot cache)."""
+    session_store_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Redis stores: a command that gets no answer this soon fails the call with UNAVAILABLE."""
+    session_index_shards: int = Field(default=16, ge=1, le=4096)
+    """Redis stores: keys the session index (counts, bytes, expiry order) is spread over; in a cluster at
+    least the number of primaries, so no node holds the whole index."""
+    session_signing_key: SecretStr | None = None
+    """HMAC-SHA256 key that signs ``Sessions.Export`` blobs (at least 32 characters; the same on every replica
+    and cluster that should accept each other's blobs). Unset: Export and Import are refused."""
     session_ttl_seconds: float = Field(default=600.0, gt=0)
     """Default idle TTL of a session (a request may ask for another, up to ``session_max_ttl_seconds``)."""
     session_max_ttl_seconds: float = Field(default=86400.0, gt=0)
@@ -78,6 +102,13 @@ class Settings(BaseSettings):
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("session_signing_key")
+    @classmethod
+    def _long_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("session_signing_key must have at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return value
 
     @field_validator("plugins", mode="before")
     @classmethod

@@ -45,6 +45,8 @@ STATUS_CODES: dict[type[errors.SeqServeError], grpc.StatusCode] = {
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.SessionConflict: grpc.StatusCode.ABORTED,
 }
 
 # Methods that never need credentials: load balancers and grpcurl must reach them.

@@ -68,7 +68,7 @@ class CoreDataPlane:
         load_plugins(settings.plugins)  # tasks and stores from outside this package register themselves
         self.registry = ModelRegistry(settings, metrics)
         self.registry.subscribe(on_load=self._loaded, on_unload=self._unloaded)
-        store = store if store is not None else open_store(settings.session_store)
+        store = store if store is not None else open_store(settings.session_store, settings)
         self.sessions = SessionManager(settings, metrics, store, clock)
         self._started = False
         self._watcher: asyncio.Task[None] | None = None
