@@ -214,6 +214,18 @@ class Client:
     def delete_session(self, session_id: str, timeout: float | None = None) -> None:
         self._unary(self._sessions.Delete, sessions_pb2.DeleteSessionRequest(session_id=session_id), timeout)
 
+    def export_session(self, session_id: str, timeout: float | None = None) -> bytes:
+        """The session as an opaque signed blob (the server needs SEQSERVE_SESSION_SIGNING_KEY)."""
+        request = sessions_pb2.ExportSessionRequest(session_id=session_id)
+        return bytes(self._unary(self._sessions.Export, request, timeout).blob)
+
+    def import_session(
+        self, blob: bytes, ttl_seconds: float | None = None, timeout: float | None = None
+    ) -> SessionInfo:
+        """A new session holding what ``blob`` holds (on any server with the same key and model version)."""
+        request = sessions_pb2.ImportSessionRequest(blob=blob, ttl_seconds=ttl_seconds)
+        return cv.session_from_pb(self._unary(self._sessions.Import, request, timeout))
+
     @contextmanager
     def session(
         self, model: str, version: int | None = None, ttl_seconds: float | None = None

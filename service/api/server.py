@@ -89,7 +89,12 @@ class Server:
         await self._dataplane.start()
         # Health follows every later load, reload and unload (RepositoryModelLoad/Unload, --watch-models).
         self._dataplane.registry.subscribe(on_load=self._model_changed, on_unload=self._model_changed)
+        self._dataplane.on_store_change(self._store_changed)
         await self.refresh_health()
+
+    async def _store_changed(self, ok: bool) -> None:
+        if not self._stopping:
+            await self.refresh_health()
 
     async def _model_changed(self, entry: object, replaced: bool) -> None:
         if not self._stopping:
@@ -99,7 +104,8 @@ class Server:
         """SERVING for the whole server when the data plane is ready; per service when some ready model offers
         the capability the service needs."""
         ready = self.dataplane.ready()
-        capabilities = self.dataplane.capabilities()
+        # "sessions": the session store answers (the Sessions service; stateless calls never need it)
+        capabilities = self.dataplane.capabilities() | ({"sessions"} if self.dataplane.store_ok else set())
         for name in self.services:
             need = SERVICE_CAPABILITIES.get(name)
             ok = ready and (need is None or need in capabilities)

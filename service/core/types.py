@@ -180,6 +180,8 @@ class SequenceRef:
     id: str
     start: bool = False
     end: bool = False
+    import_blob: bytes | None = None  # start from this signed session blob (Sessions.Export) instead of zeros
+    export: bool = False  # return the signed blob of the state after this request
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ class InferResult:
     outputs: list[Tensor]
     inferences: int
     steps: int | None = None
+    session_blob: bytes | None = None  # the sequence's state after the request, signed (when asked to export)
 
 
 @dataclass(frozen=True)
@@ -316,3 +319,11 @@ class DataPlane(Protocol):
     async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo: ...
 
     async def delete_session(self, session_id: str) -> None: ...
+
+    async def export_session(self, session_id: str) -> tuple[bytes, SessionInfo]:
+        """The session as a signed blob (and its info); FailedPrecondition when no signing key is set."""
+        ...
+
+    async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
+        """A new session from a blob ``export_session`` made here or on a server with the same key and model."""
+        ...
