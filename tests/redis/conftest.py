@@ -11,6 +11,7 @@ import pytest
 
 from service.core.sessions.redis_store import RedisSessionStore
 from service.settings import Settings
+from tests.conftest import ServerHandle, server_settings
 from tests.redis.servers import RedisServer
 
 
@@ -63,3 +64,21 @@ async def make_store(redis_server: RedisServer) -> AsyncIterator[MakeStore]:
     yield make
     for store in made:
         await store.close()
+
+
+@pytest.fixture
+def start_replica(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
+    """``start_replica(url, **settings)``: an in-process server whose sessions live in Redis at ``url`` (a short
+    lease, so a dead replica's sessions move on within a second); stopped when the test ends."""
+    handles: list[ServerHandle] = []
+
+    def start(url: str, **overrides: Any) -> ServerHandle:
+        values: dict[str, Any] = {"session_store": url, "session_lease_seconds": 1.0}
+        values.update(overrides)
+        handle = ServerHandle(server_settings(overrides.pop("models", tiny_models), **values))
+        handles.append(handle)
+        return handle
+
+    yield start
+    for h in handles:
+        h.close()
