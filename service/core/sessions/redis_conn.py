@@ -1,6 +1,7 @@
 """One connection to Redis (a server, or a cluster through any node), its scripts, and the one place where
 Redis errors become domain errors: no answer -> ``StoreUnavailable`` naming the store (gRPC UNAVAILABLE), out
-of memory -> ``Overloaded``. Nothing is retried here: a call fails fast and the client decides.
+of memory -> ``Overloaded``. A command is retried once, at once, on a broken connection, never on a timeout: a
+call fails fast and the client decides.
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ class RedisConn:
         self.name = name  # the URL without a password, for messages
         client_url, self.cluster = _client_url(url)
         options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        # One immediate retry on a broken connection (a pooled connection to a Redis that restarted since);
+        # none on a timeout, so a Redis that does not answer costs one timeout, not several.
+        options["retry"] = Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,))
         if self.cluster:
-            self.client: Any = RedisCluster.from_url(
-                client_url, retry=Retry(NoBackoff(), 0), cluster_error_retry_attempts=1, **options
-            )
+            self.client: Any = RedisCluster.from_url(client_url, **options)
         else:
-            self.client = aioredis.Redis.from_url(client_url, retry=Retry(NoBackoff(), 0), **options)
+            self.client = aioredis.Redis.from_url(client_url, **options)
         self._scripts = {name: self.client.register_script(lua) for name, lua in SCRIPTS.items()}
         self.up = True  # the last command got an answer; flips are logged once
 
