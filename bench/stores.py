@@ -89,6 +89,15 @@ def server(models: Path, env: dict[str, str]) -> Iterator[str]:
 
 
 def _typist(client: Client, steps: int, out: list[float], start: threading.Barrier, end: threading.Barrier) -> None:
+    try:
+        _type(client, steps, out, start, end)
+    except BaseException:
+        start.abort()  # the others (and the bench) stop waiting instead of hanging
+        end.abort()
+        raise
+
+
+def _type(client: Client, steps: int, out: list[float], start: threading.Barrier, end: threading.Barrier) -> None:
     from bench.run import TypingStream
 
     with client.session("charlm") as s:

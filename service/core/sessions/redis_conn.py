@@ -37,6 +37,7 @@ UNAVAILABLE = (
     asyncio.TimeoutError,
 )
 Arg = str | bytes | int
+MAX_CONNECTIONS = 256  # per Redis node, per replica
 
 
 def tag(text: str) -> str:
@@ -61,9 +62,12 @@ class RedisConn:
         # none on a timeout, so a Redis that does not answer costs one timeout, not several.
         options["retry"] = Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,))
         if self.cluster:
-            self.client: Any = RedisCluster.from_url(client_url, **options)
-        else:
-            self.client = aioredis.Redis.from_url(client_url, **options)
+            self.client: Any = RedisCluster.from_url(client_url, max_connections=MAX_CONNECTIONS, **options)
+        else:  # a call waits (up to the timeout) for a free connection rather than failing when all are busy
+            pool = aioredis.BlockingConnectionPool.from_url(
+                client_url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
+            )
+            self.client = aioredis.Redis(connection_pool=pool)
         self._scripts = {name: self.client.register_script(lua) for name, lua in SCRIPTS.items()}
         self.up = True  # the last command got an answer; flips are logged once
 
@@ -96,6 +100,25 @@ class RedisConn:
     async def command(self, *args: Arg) -> Any:
         async with self.guard():
             return await self.client.execute_command(*args)
+
+    async def batch(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Several commands in one pipeline (one round trip per node they touch); answers in order."""
+        async with self.guard():
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute())
+
+    async def scripts(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
+        """One script over many key sets, pipelined (the index shards)."""
+        sha = self._scripts[name].sha
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        try:
+            return await self.batch(commands)
+        except rex.NoScriptError:  # a node that has not seen the script yet (a fresh or restarted Redis)
+            async with self.guard():
+                await self.client.script_load(SCRIPTS[name])
+            return await self.batch(commands)
 
     async def publish(self, channel: str, message: str) -> None:
         async with self.guard():

@@ -71,9 +71,7 @@ class SessionIndex:
 
     async def trim(self, now_ms: int, limit: int) -> list[Indexed]:
         """Forgets up to ``limit`` sessions per shard whose deadline has passed; returns them."""
-        replies = await asyncio.gather(
-            *(self.conn.script("index_trim", keys, [now_ms, limit]) for keys in self._shard_keys)
-        )
+        replies = await self.conn.scripts("index_trim", [(keys, [now_ms, limit]) for keys in self._shard_keys])
         gone: list[Indexed] = []
         for flat in replies:
             for i in range(0, len(flat), 2):
@@ -85,7 +83,7 @@ class SessionIndex:
 
     async def usage(self, owner: str | None = None) -> StoreUsage:
         shards = self._shard_keys if not owner else [self.owner_keys(owner)]
-        totals = await asyncio.gather(*(self.conn.command("HGETALL", keys[2]) for keys in shards))
+        totals = await self.conn.batch([("HGETALL", keys[2]) for keys in shards])
         count = nbytes = 0
         per_model: dict[str, int] = {}
         for t in totals:
@@ -101,9 +99,7 @@ class SessionIndex:
     async def oldest(self, n: int, owner: str | None = None) -> list[tuple[float, str]]:
         """Up to ``n`` (deadline, id) per shard, the soonest to expire first across shards."""
         shards = self._shard_keys if not owner else [self.owner_keys(owner)]
-        replies = await asyncio.gather(
-            *(self.conn.command("ZRANGE", keys[0], 0, n - 1, "WITHSCORES") for keys in shards)
-        )
+        replies = await self.conn.batch([("ZRANGE", keys[0], 0, n - 1, "WITHSCORES") for keys in shards])
         out: list[tuple[float, str]] = []
         for flat in replies:
             for k, v in _pairs(flat):
