@@ -120,6 +120,13 @@ def _commands(r: redis.Redis | None) -> tuple[int, int]:
     return int(r.info("stats")["total_commands_processed"]), int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
+def _usec_per_script(r: redis.Redis | None) -> float:
+    """Redis CPU per script call (commandstats), scripts' inner commands included."""
+    if r is None:
+        return 0.0
+    return float(r.info("commandstats").get("cmdstat_evalsha", {}).get("usec_per_call", 0.0))
+
+
 def step_cost(client: Client, sessions: int, steps: int, r: redis.Redis | None) -> dict[str, float]:
     """``sessions`` clients type ``steps`` characters each, all at once. Redis commands per step leave out the
     replica's background commands (reaper, health check), measured over an idle second before."""
@@ -133,6 +140,8 @@ def step_cost(client: Client, sessions: int, steps: int, r: redis.Redis | None) 
     time.sleep(1.0)
     idle1 = _commands(r)
     rate = [(x1 - x0) / (time.perf_counter() - t_idle) for x0, x1 in zip(idle0, idle1, strict=True)]
+    if r is not None:
+        r.config_resetstat()  # commandstats (Redis CPU per script call) cover the measured window only
     before = _commands(r)
     start.wait()
     t0 = time.perf_counter()
@@ -152,6 +161,7 @@ def step_cost(client: Client, sessions: int, steps: int, r: redis.Redis | None) 
         "redis_commands_per_step": per_step[0],
         "redis_scripts_per_step": per_step[1],
         "redis_background_commands_per_s": rate[0],
+        "redis_usec_per_script": _usec_per_script(r),
     }
 
 
@@ -168,12 +178,14 @@ def redis_memory(client: Client, r: redis.Redis, sessions: int) -> dict[str, flo
     after = int(r.info("memory")["used_memory"])
     key = next(r.scan_iter(match="ss:{*}:v", count=1000))
     value = int(r.memory_usage(key) or 0)
+    index = sum(int(r.memory_usage(k) or 0) for k in r.scan_iter(match="ss:{ix*", count=1000))
     state = len(r.get(key) or b"") - 32
     for i in ids:
         client.delete_session(i)
     freed = after - int(r.info("memory")["used_memory"])
     return {"sessions": sessions, "bytes_per_session": (after - before) / sessions,
-            "freed_per_session": freed / sessions, "value_key_bytes": value, "state_bytes": state}  # fmt: skip
+            "freed_per_session": freed / sessions, "value_key_bytes": value, "state_bytes": state,
+            "index_bytes_per_session": index / sessions}  # fmt: skip
 
 
 def run_stores(models: Path, steps: int = 200, quick: bool = False) -> dict[str, Any]:
@@ -211,8 +223,11 @@ def print_stores(result: dict[str, Any]) -> None:
     m = result["memory"]
     print(
         f"  Redis memory per charlm session: {m['bytes_per_session']:.0f} bytes added, {m['freed_per_session']:.0f} "
-        f"freed on delete ({m['sessions']} sessions; value key {m['value_key_bytes']} bytes, state {m['state_bytes']})"
+        f"freed on delete ({m['sessions']} sessions); value key {m['value_key_bytes']} bytes (state "
+        f"{m['state_bytes']}), index {m['index_bytes_per_session']:.0f} bytes"
     )
+    usec = [row["redis_usec_per_script"] for row in result["rows"] if row["store"] == "redis step"]
+    print(f"  Redis CPU per step (redis step): {', '.join(f'{u:.1f}' for u in usec)} µs per script call")
 
 
 def main(argv: list[str] | None = None) -> int:
