@@ -198,7 +198,9 @@ def run_stores(models: Path, steps: int = 200, quick: bool = False) -> dict[str,
     with redis_server() as r:
         url = f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}/0"
         for name, env in STORES:
-            env = {**env, "SEQSERVE_SESSION_STORE": url} if name != "memory" else {}
+            # A generous store timeout: 64 clients, the server and Redis share the bench machine's cores.
+            redis_env = {"SEQSERVE_SESSION_STORE": url, "SEQSERVE_SESSION_STORE_TIMEOUT_SECONDS": "10"}
+            env = {**env, **redis_env} if name != "memory" else {}
             with server(models, env) as target, Client(target, timeout=600) as client:
                 for c in concurrency:
                     out["rows"].append({"store": name, **step_cost(client, c, steps, r if name != "memory" else None)})
