@@ -135,6 +135,12 @@ class RedisSessionStore:
             await asyncio.sleep(delay)
             delay = min(2 * delay, POLL_MAX)
 
+    def _disown(self, session_id: str) -> None:
+        """Redis says another replica holds the lease: stop believing this one does."""
+        e = self.cache.get(session_id)
+        if e is not None:
+            e.owned_until = 0.0
+
     def _forget(self, session_id: str) -> None:
         e = self.cache.pop(session_id)
         if e is not None and e.dirty_since is not None:
@@ -214,6 +220,7 @@ class RedisSessionStore:
             r = await self.conn.script("add", self.keys(sid), args)
             if int(r[0]) == 1:
                 break
+            self._disown(sid)
             await self._own(sid, create=True)
         self.counts["write"] += 1
         await self.index.put(Indexed(sid, session.nbytes, session.model, session.owner), deadline)
@@ -243,6 +250,7 @@ class RedisSessionStore:
             r = await self.conn.script("delete", self.keys(session_id), [self.replica])
             if int(r[0]) == 1:
                 break
+            self._disown(session_id)
             await self._own(session_id, create=True)
         e = self.cache.pop(session_id)
         if len(r) == 1:
