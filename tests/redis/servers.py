@@ -3,6 +3,7 @@ three-node cluster. Each lives in its own temporary folder and is stopped when t
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -21,6 +22,21 @@ def free_port() -> int:
         return port
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too; Redis Cluster needs it at most 55535."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 class RedisServer:
     """``redis-server`` on 127.0.0.1:<port>; ``aof`` turns on the append-only file (``appendfsync everysec``)."""
 
@@ -29,7 +45,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aof = aof
         self.cluster = cluster
-        self.port = port or free_port()
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
