@@ -40,24 +40,44 @@ def free_cluster_port() -> int:
 class RedisServer:
     """``redis-server`` on 127.0.0.1:<port>; ``aof`` turns on the append-only file (``appendfsync everysec``)."""
 
-    def __init__(self, workdir: Path, aof: bool = False, cluster: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, aof: bool = False, cluster: bool = False, port: int | None = None, tls: bool = False
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aof = aof
         self.cluster = cluster
+        self.cert = self.workdir / "cert.pem" if tls else None  # self-signed for 127.0.0.1 (also the CA)
+        if self.cert is not None:
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                 "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(self.workdir / "key.pem"),
+                 "-out", str(self.cert)],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
         self.port = port or (free_cluster_port() if cluster else free_port())
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
+        if self.cert is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        if self.cert is not None:
+            return redis.Redis(
+                host="127.0.0.1", port=self.port, socket_timeout=5, ssl=True, ssl_ca_certs=str(self.cert)
+            )
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self) -> None:
         cmd = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
+        if self.cert is not None:  # TLS only: the plain port is off
+            cmd[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            cmd += ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.workdir / "key.pem")]
+            cmd += ["--tls-ca-cert-file", str(self.cert), "--tls-auth-clients", "no"]
         cmd += ["--save", "", "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec"]
         if self.cluster:
             cmd += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]

@@ -88,3 +88,14 @@ def test_aof_restart_and_an_outage_mid_load(
     steps = c.get_session(sid).steps
     assert acked == sorted(acked) and acked[-1] == steps
     assert steps - 20 <= len(acked) - 1 + len(failures)
+
+
+def test_rediss_tls(private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]) -> None:
+    r = private_redis(tls=True)  # TLS only, a self-signed certificate given as ssl_ca_certs in the URL
+    assert r.url.startswith("rediss://")
+    a, b = Client(start_replica(r.url).target), Client(start_replica(r.url).target)
+    ref = Client(start_replica("memory://").target)
+    sid, rid = a.create_session("charlm").id, ref.create_session("charlm").id
+    assert suggestions(a, sid, TEXT[:8]) == suggestions(ref, rid, TEXT[:8])
+    assert suggestions(b, sid, TEXT[8:16]) == suggestions(ref, rid, TEXT[8:16])  # the other replica
+    assert r.client().dbsize() > 0
