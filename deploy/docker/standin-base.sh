@@ -46,6 +46,7 @@ CFG
   ln -sf python3 "$root/usr/bin/python"  # the official image has `python`; so does this one
   tar --numeric-owner -C "$root" -cf "$tarball.tmp" .
   mv "$tarball.tmp" "$tarball"
+  find "$CACHE" -maxdepth 1 -name 'standin-base-*.tar' ! -name "${tarball##*/}" -delete  # older recipes
 fi
 echo "standin-base: importing $tarball as $tag" >&2
 docker import \
