@@ -32,15 +32,6 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps . \
 
 # --- runtime: the base image + the venv + the models; no compiler, no pip, no pip cache -----------------------
 FROM ${BASE_IMAGE}
-ARG BASE_IMAGE
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="seqserve" \
-      org.opencontainers.image.description="gRPC inference server for recurrent models (ONNX Runtime, CPU): stateful streaming sessions, KServe v2, Prometheus metrics" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 COPY --from=builder /opt/venv /opt/venv
 # Trained models: models/<name>/<version>/{model.onnx,manifest.json}, whatever versions are committed.
@@ -70,5 +61,15 @@ HEALTHCHECK --interval=5s --timeout=4s --start-period=60s --retries=3 \
 # SIGTERM (docker stop, Kubernetes): health NOT_SERVING, in-flight calls get SEQSERVE_GRACE_SECONDS (10) to
 # finish, exit 0. Give the container more than that before SIGKILL (docker stop -t 15, stop_grace_period).
 STOPSIGNAL SIGTERM
+# Labels last: a new VERSION/REVISION changes only metadata, never the venv and model layers above.
+ARG BASE_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="seqserve" \
+      org.opencontainers.image.description="gRPC inference server for recurrent models (ONNX Runtime, CPU): stateful streaming sessions, KServe v2, Prometheus metrics" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 ENTRYPOINT ["seqserve"]
 CMD ["serve"]
