@@ -27,11 +27,12 @@ sysdeps:
 serve: $(STAMP)
 	$(BIN)/seqserve serve --host $(HOST) --port $(PORT) --models models
 
-# The suite without Docker, then the image built and run for real (make image-test).
+# The suite without Docker, then the image built and run for real (make image-test). SEQSERVE_STRICT_DEPLOY=1: a
+# missing deploy tool (hadolint, kubectl, promtool, ...) or Docker fails its tests instead of skipping them.
 test: $(STAMP) sysdeps
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
-	$(BIN)/python -m pytest -q -m "not docker"
+	SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q -m "not docker"
 	$(MAKE) --no-print-directory image-test
 
 lint: $(STAMP)
@@ -42,7 +43,7 @@ lint: $(STAMP)
 # Dockerfiles (hadolint), YAML (yamllint), compose (schema + compose config), Kubernetes (kustomize + strict
 # schema validation), the Grafana dashboard (SDK + promtool). Part of the suite; this runs just them.
 deploy-lint: $(STAMP) sysdeps
-	$(BIN)/python -m pytest -q -m "not docker" tests/deploy tests/service/metrics/test_deploy.py
+	SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q -m "not docker" tests/deploy tests/service/metrics/test_deploy.py
 
 # Builds the image on a stand-in base, runs it, brings up the compose stack's seqserve + Redis part, and cleans up
 # (private dockerd if none is running; stand-in base cached in /var/cache/seqserve). See docs/deploy.md.

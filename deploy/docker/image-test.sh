@@ -3,7 +3,7 @@
 #   1. installs docker.io + debootstrap when missing (.ci/install-sysdeps),
 #   2. uses the Docker daemon at $DOCKER_HOST (or the default socket) if one answers; otherwise starts a private
 #      dockerd (data-root, exec-root and socket in a scratch dir under /var/tmp, no default bridge network),
-#   3. runs the docker tests with SEQSERVE_REQUIRE_DOCKER=1 (a missing daemon fails them instead of skipping),
+#   3. runs the docker tests with SEQSERVE_STRICT_DEPLOY=1 (a missing daemon fails them instead of skipping),
 #   4. stops its private daemon and deletes its scratch dir (images, containers, volumes with it). The stand-in
 #      base image's root filesystem stays cached in $SEQSERVE_CACHE (default /var/cache/seqserve).
 # Fails loudly when Docker cannot work here (no root to start a daemon, dockerd refusing to start).
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 export SEQSERVE_CACHE=${SEQSERVE_CACHE:-/var/cache/seqserve}
-export SEQSERVE_REQUIRE_DOCKER=1
+export SEQSERVE_STRICT_DEPLOY=1
 export SEQSERVE_IMAGE_REPORT=${SEQSERVE_IMAGE_REPORT:-$PWD/build/image-test.json}
 
 say() { echo "image-test: $*" >&2; }

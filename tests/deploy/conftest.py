@@ -1,8 +1,9 @@
 """Shared parts of the deploy tests: the repo's tools (hadolint, kubectl, promtool, docker compose), and for the
 tests marked ``docker`` a real Docker daemon, the stand-in base image and our image built from ./Dockerfile.
 
-A tool or daemon that is missing skips its tests with the reason, except under ``make test`` / ``make
-image-test`` (SEQSERVE_REQUIRE_DOCKER=1), where it fails them: CI has Docker and must prove the image."""
+A tool or daemon that is missing skips its tests with the reason, except under ``make test``, ``make
+deploy-lint`` and ``make image-test`` (SEQSERVE_STRICT_DEPLOY=1), where it fails them: CI has Docker and the
+tools, and must prove the image and the files."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STRICT = os.environ.get("SEQSERVE_REQUIRE_DOCKER") == "1"
+STRICT = os.environ.get("SEQSERVE_STRICT_DEPLOY") == "1"
 MB = 1000 * 1000
 
 
