@@ -48,7 +48,6 @@ def host_network_override(redis_port: int, ports: dict[str, tuple[int, int]]) ->
             "      SEQSERVE_HOST: 127.0.0.1",
             f'      SEQSERVE_PORT: "{grpc_port}"',
             f'      SEQSERVE_METRICS_PORT: "{metrics_port}"',
-            f"      SEQSERVE_SESSION_STORE: redis://127.0.0.1:{redis_port}/0",
         ]
         if name == "seqserve-1":
             lines += ["    build:", "      network: host"]
@@ -139,9 +138,6 @@ def test_redis_keeps_an_append_only_file_and_replicas_point_at_it(docker: Docker
     assert (config("appendonly"), config("appendfsync"), config("dir")) == ("yes", "everysec", "/data")
     mounts = docker.inspect(f"{stack.project}-redis-1")["Mounts"]
     assert [(m["Type"], m["Destination"]) for m in mounts] == [("volume", "/data")]
-    for replica in REPLICAS:
-        env = docker.inspect(f"{stack.project}-{replica}-1")["Config"]["Env"]
-        assert f"SEQSERVE_SESSION_STORE=redis://127.0.0.1:{stack.redis_port}/0" in env
 
 
 def test_override_is_needed_only_for_host_networking(stack: Stack) -> None:
