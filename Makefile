@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: venv sysdeps serve test lint proto proto-check bench train train-sentiment train-charlm train-forecast clean
+.PHONY: venv sysdeps serve test lint deploy-lint image image-test proto proto-check bench train train-sentiment train-charlm train-forecast clean
 
 # The venv is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
 $(STAMP): pyproject.toml
@@ -19,22 +19,40 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Servers the integration tests talk to for real (Prometheus + promtool, redis-server), from Debian's packages.
+# Servers the integration tests talk to for real (Prometheus + promtool, redis-server), and docker.io + debootstrap
+# for the image test, from Debian's packages.
 sysdeps:
 	@bash .ci/install-sysdeps
 
 serve: $(STAMP)
 	$(BIN)/seqserve serve --host $(HOST) --port $(PORT) --models models
 
+# The suite without Docker, then the image built and run for real (make image-test). SEQSERVE_STRICT_DEPLOY=1: a
+# missing deploy tool (hadolint, kubectl, promtool, ...) or Docker fails its tests instead of skipping them.
 test: $(STAMP) sysdeps
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
-	$(BIN)/python -m pytest -q
+	SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q -m "not docker"
+	$(MAKE) --no-print-directory image-test
 
 lint: $(STAMP)
 	$(BIN)/ruff check service training tests bench proto
 	$(BIN)/ruff format --check service training tests bench proto
 	$(BIN)/mypy service training bench
+
+# Dockerfiles (hadolint), YAML (yamllint), compose (schema + compose config), Kubernetes (kustomize + strict
+# schema validation), the Grafana dashboard (SDK + promtool). Part of the suite; this runs just them.
+deploy-lint: $(STAMP) sysdeps
+	SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q -m "not docker" tests/deploy tests/service/metrics/test_deploy.py
+
+# Builds the image on a stand-in base, runs it, brings up the compose stack's seqserve + Redis part, and cleans up
+# (private dockerd if none is running; stand-in base cached in /var/cache/seqserve). See docs/deploy.md.
+image-test: $(STAMP) sysdeps
+	PY=$(BIN)/python bash deploy/docker/image-test.sh
+
+# The image for users (needs Docker Hub for python:3.11-slim): docker run -p 50051:50051 -p 8002:8002 seqserve:0.1.0
+image:
+	docker build -t seqserve:0.1.0 --build-arg REVISION=$$(git rev-parse HEAD) .
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
