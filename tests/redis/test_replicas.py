@@ -1,6 +1,6 @@
 """Two replicas (in-process servers), one Redis: a client that alternates replicas step by step gets exactly what
 one replica gives; two replicas racing on one session end in the state of the calls run in the order they
-committed; counts are shared."""
+committed; max_sessions holds across replicas (the counts live in Redis)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import grpc
 import numpy as np
+import pytest
 
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.client import Client
+from service.client import ApiError, Client
 from tests.conftest import ServerHandle
 from tests.redis.servers import RedisServer
 from tests.service.sessions.v2 import charlm_request, probs
@@ -77,3 +78,17 @@ def test_racing_replicas_end_as_the_calls_in_commit_order(
     rid = ref.create_session("charlm").id
     ref.suggest_once(rid, order, n=1, max_chars=1)
     assert suggestions(clients[1], sid, "") == suggestions(ref, rid, "")
+
+
+def test_limits_hold_across_replicas(redis_server: RedisServer, start_replica: Callable[..., ServerHandle]) -> None:
+    limits = {"max_sessions": 3, "session_full_policy": "reject"}
+    a, b = (
+        Client(start_replica(redis_server.url, **limits).target),
+        Client(start_replica(redis_server.url, **limits).target),
+    )
+    first = [a.create_session("charlm").id, a.create_session("charlm").id, b.create_session("charlm").id]
+    with pytest.raises(ApiError, match=r"3 sessions \(max_sessions=3\)") as err:
+        b.create_session("charlm")  # b holds one session, but the store holds three
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    a.delete_session(first[2])  # a deletes b's session: room again, for either replica
+    assert b.create_session("charlm").steps == 0
