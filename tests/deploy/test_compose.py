@@ -1,7 +1,8 @@
 """docker-compose.yml brought up for real (make image-test): its seqserve + Redis part, with local stand-in
 images and an override that switches to host networking on free ports (this machine forbids Docker's bridge
 addresses as traffic targets; Prometheus and Grafana cannot be pulled here). Both replicas and Redis become
-healthy, each replica answers a Classify and a Complete, Redis runs with the AOF settings, then `down -v`
+healthy, each replica answers a Classify and a Complete, a session moves from one replica to the other through
+Redis, Redis runs with the AOF settings, then `down -v`
 leaves nothing behind."""
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def host_network_override(redis_port: int, ports: dict[str, tuple[int, int]]) ->
             "      SEQSERVE_HOST: 127.0.0.1",
             f'      SEQSERVE_PORT: "{grpc_port}"',
             f'      SEQSERVE_METRICS_PORT: "{metrics_port}"',
+            f"      SEQSERVE_SESSION_STORE: redis://127.0.0.1:{redis_port}/0",
         ]
         if name == "seqserve-1":
             lines += ["    build:", "      network: host"]
@@ -130,6 +132,16 @@ def test_each_replica_serves_classify_and_complete(stack: Stack, replica: str) -
     assert sum(len(ch.text) for ch in chunks) == 24 and chunks[-1].finish_reason == "length"
 
 
+def test_a_session_started_on_one_replica_continues_on_the_other(stack: Stack) -> None:
+    first, second = (f"127.0.0.1:{stack.ports[r][0]}" for r in REPLICAS)
+    with Client(first) as a, Client(second) as b:
+        s = a.create_session("charlm")
+        assert a.suggest_once(s.id, "To be, or not").steps == 13
+        resumed = b.suggest_once(s.id, " to be")  # the state lives in Redis, not in the replica
+        assert resumed.steps == 19 and b.get_session(s.id).steps == 19
+        b.delete_session(s.id)
+
+
 def test_redis_keeps_an_append_only_file_and_replicas_point_at_it(docker: Docker, stack: Stack) -> None:
     def config(key: str) -> str:
         out = stack("exec", "-T", "redis", "redis-cli", "-p", str(stack.redis_port), "config", "get", key)
@@ -138,6 +150,9 @@ def test_redis_keeps_an_append_only_file_and_replicas_point_at_it(docker: Docker
     assert (config("appendonly"), config("appendfsync"), config("dir")) == ("yes", "everysec", "/data")
     mounts = docker.inspect(f"{stack.project}-redis-1")["Mounts"]
     assert [(m["Type"], m["Destination"]) for m in mounts] == [("volume", "/data")]
+    for replica in REPLICAS:
+        env = docker.inspect(f"{stack.project}-{replica}-1")["Config"]["Env"]
+        assert f"SEQSERVE_SESSION_STORE=redis://127.0.0.1:{stack.redis_port}/0" in env
 
 
 def test_override_is_needed_only_for_host_networking(stack: Stack) -> None:

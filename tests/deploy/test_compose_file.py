@@ -58,7 +58,8 @@ def test_replicas_are_hardened_and_drain_before_sigkill(model: dict[str, Any]) -
         assert svc["read_only"] is True and svc["tmpfs"] == ["/tmp"]
         grace = float(env["SEQSERVE_GRACE_SECONDS"])
         assert float(svc["stop_grace_period"].rstrip("s")) > grace
-        assert "SEQSERVE_SESSION_STORE" not in env  # memory until the build has a Redis store
+        assert env["SEQSERVE_SESSION_STORE"] == "redis://redis:6379/0"
+        assert env["SEQSERVE_SESSION_DURABILITY"] == "step"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert "test" not in svc["healthcheck"]  # the image's gRPC HEALTHCHECK, with compose's timing
         assert svc["restart"] == "unless-stopped"

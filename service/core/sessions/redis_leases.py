@@ -59,6 +59,7 @@ class Leases:
         self.counts: dict[str, int] = dict.fromkeys(("acquire", "read", "write", "handoff", "flush"), 0)
         self.tasks: list[asyncio.Task[None]] = []
         self._handing: set[str] = set()
+        self._stopping = False
 
     # --- keys -----------------------------------------------------------------------------------------
     @staticmethod
@@ -190,6 +191,7 @@ class Leases:
 
     # --- background: hand-over requests, lease renewal, write-back ----------------------------------------
     def start(self) -> None:
+        self._stopping = False
         if not self.tasks:
             self.tasks = [
                 asyncio.create_task(self.listen(), name="session-handoff"),
@@ -212,12 +214,12 @@ class Leases:
 
     async def listen(self) -> None:
         delay = 0.05
-        while True:
+        while not self._stopping:
             pubsub = self.conn.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel(self.replica))
                 delay = 0.05
-                while True:
+                while not self._stopping:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
                         data = msg["data"]
@@ -254,7 +256,7 @@ class Leases:
 
     async def maintain(self) -> None:
         tick = min(self.lease_s / 4, self.idle_s / 2 if self.idle_mode else 1.0, 0.5)
-        while True:
+        while not self._stopping:
             await asyncio.sleep(tick)
             try:
                 await self.maintain_once()
@@ -289,11 +291,14 @@ class Leases:
 
     async def stop(self) -> None:
         """Stops the background tasks, writes back what this replica kept and hands every lease back."""
-        for t in self.tasks:
+        # The flag ends the loops even when a cancel is swallowed: redis-py's get_message timeout can turn a
+        # cancellation that races its own timeout into a TimeoutError, which the listener would retry forever.
+        self._stopping = True
+        tasks = list(self.tasks)
+        for t in tasks:
             t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
         self.tasks.clear()
         owned = [sid for sid, e in self.cache.items() if e.owned_until > 0 or e.dirty_since is not None]
         results = await asyncio.gather(*(self.flush(sid, release=True) for sid in owned), return_exceptions=True)
