@@ -72,8 +72,10 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.logs import configure
+
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(settings)
     asyncio.run(_serve(settings, args.ready_file))
     return 0
 

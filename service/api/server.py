@@ -70,7 +70,7 @@ class Server:
         self._dataplane = CoreDataPlane(s, self.metrics, clock=self._clock)
         limits = [("grpc.max_receive_message_length", s.max_message_bytes)]
         limits.append(("grpc.max_send_message_length", s.max_message_bytes))
-        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s.api_key), options=limits)
+        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s), options=limits)
         self.services = [name for register in REGISTRARS for name in register(server, self._dataplane, s)]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)

@@ -1,0 +1,301 @@
+"""Request decoding at the edge: bytes -> protobuf inside the interceptors' scope, bounded in size and memory.
+
+gRPC decodes a request before any interceptor runs, so a corrupt message would fail outside our error
+mapping (UNKNOWN or INTERNAL, and no metrics). ``DecodeInterceptor`` (innermost) swaps every handler's request
+deserializer for one that keeps the bytes (``Undecoded``) and decodes them inside the call, where:
+
+- a request larger than its method accepts is refused before it is parsed (``method_limit``: the methods that
+  carry no bulk data take ``max_small_message_bytes``, the rest ``max_message_bytes``);
+- a corrupt message or invalid UTF-8 in a string field is ``InvalidInput`` (INVALID_ARGUMENT), counted in the
+  RPC metrics like any other error; streams decode each message as it is read;
+- large requests (``large_request_bytes``) share a budget of bytes in flight (``ByteBudget``): a burst of
+  near-limit requests waits its turn instead of pinning hundreds of MiB, and the allocator returns freed
+  memory to the system when the last large request is done (``malloc_trim``);
+- the caller's request rate is charged (``RateLimiter``): a unary call over the rate is refused, the messages
+  of a client stream are paced to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from service.api.principals import RateLimiter
+from service.core.context import principal
+from service.errors import InvalidInput, TooLarge, echo
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Methods whose requests carry no bulk data: ids, names, a prompt or a keystroke's text. Any method not named
+# here (including services added later) gets max_message_bytes.
+SMALL_METHODS: frozenset[str] = frozenset(
+    [f"/seqserve.v1.Sessions/{m}" for m in ("Create", "Get", "Fork", "Delete")]
+    + ["/seqserve.v1.Autocomplete/Complete", "/seqserve.v1.Autocomplete/Suggest"]
+    + [
+        f"/inference.GRPCInferenceService/{m}"
+        for m in (
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelConfig",
+            "ModelStatistics",
+            "RepositoryIndex",
+            "RepositoryModelLoad",
+            "RepositoryModelUnload",
+        )
+    ]
+    + ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+    + [f"/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo" for v in ("v1alpha", "v1")]
+)
+# Methods that need no principal: they are never rate-limited.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                   "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
+
+
+def method_limit(method: str, settings: Settings) -> tuple[int, str]:
+    """The largest request ``method`` accepts, and the setting that says so."""
+    if method in SMALL_METHODS:
+        return min(settings.max_small_message_bytes, settings.max_message_bytes), "max_small_message_bytes"
+    return settings.max_message_bytes, "max_message_bytes"
+
+
+class Undecoded:
+    """A request as gRPC received it; ``message`` is set once decoded (the metrics read its model name)."""
+
+    __slots__ = ("data", "message")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.message: Any = None
+
+
+def _keep(data: bytes) -> Undecoded:
+    return Undecoded(data)
+
+
+def _type_name(deserializer: Callable[[bytes], Any]) -> str:
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request"))
+
+
+async def drive(result: Any) -> AsyncIterator[Any]:
+    """Iterates what a streaming behaviour returned: an async generator, a sync iterator, or an awaitable
+    (a handler that writes through ``context.write`` and returns None)."""
+    if hasattr(result, "__aiter__"):
+        async with aclosing(result) as gen:  # closes the inner generator promptly on cancellation
+            async for item in gen:
+                yield item
+    elif inspect.isawaitable(result):
+        await result
+    else:
+        for item in result:
+            yield item
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+def _malloc_trim() -> Callable[[], None] | None:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def run() -> None:
+        trim(0)
+
+    return run
+
+
+class ByteBudget:
+    """At most ``capacity`` bytes held at once; waiters are served in arrival order. ``on_idle`` runs when the
+    last holder leaves."""
+
+    def __init__(self, capacity: int, on_idle: Callable[[], None] | None = None) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._on_idle = on_idle
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        n = min(nbytes, self.capacity)  # one request larger than the budget runs alone
+        await self._acquire(n)
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    async def _acquire(self, n: int) -> None:
+        if not self._waiters and self.used + n <= self.capacity:
+            self.used += n
+            return
+        entry = (n, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except BaseException:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            elif entry[1].done() and not entry[1].cancelled():
+                self._release(n)  # granted, but the caller went away before it could use it
+            raise
+
+    def _release(self, n: int) -> None:
+        self.used -= n
+        while self._waiters and self.used + self._waiters[0][0] <= self.capacity:
+            m, fut = self._waiters.popleft()
+            if not fut.done():
+                self.used += m
+                fut.set_result(None)
+        if self.used == 0 and self._on_idle is not None:
+            self._on_idle()
+
+
+class _Trimmer:
+    """Returns freed heap to the system after a burst of large requests: at most once a second, off the loop."""
+
+    def __init__(self) -> None:
+        self._trim = _malloc_trim()
+        self._last = 0.0
+        self._pending = False
+
+    def __call__(self) -> None:
+        if self._trim is None or self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        self._pending = True
+        delay = max(0.0, self._last + 1.0 - time.monotonic())
+        loop.call_later(delay, self._run, loop)
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._last, self._pending = time.monotonic(), False
+        assert self._trim is not None
+        loop.run_in_executor(None, self._trim)
+
+
+# --- the interceptor ------------------------------------------------------------------------------------------
+class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Innermost interceptor: decodes requests inside the call (see the module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.budget = ByteBudget(settings.max_large_bytes_in_flight, on_idle=_Trimmer())
+        rate = settings.quota_requests_per_second
+        self.limiter = RateLimiter(rate, settings.quota_request_burst) if rate > 0 else None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _Method(self, details.method, handler).handler()
+
+    # --- per request ----------------------------------------------------------------------------------
+    def charge(self, method: str) -> None:
+        if self.limiter is not None and not method.startswith(PUBLIC_PREFIXES):
+            self.limiter.take(principal())
+
+    async def pace(self, method: str) -> None:
+        if self.limiter is None or method.startswith(PUBLIC_PREFIXES):
+            return
+        while (wait := self.limiter.wait_time(principal())) > 0:
+            await asyncio.sleep(wait)
+
+    @contextlib.asynccontextmanager
+    async def admit(self, method: str, request: Undecoded) -> AsyncIterator[None]:
+        """Checks the size; large requests hold their bytes of the budget until the caller is done."""
+        size = len(request.data)
+        limit, setting = method_limit(method, self.settings)
+        if size > limit:
+            raise TooLarge(f"the request is {size} bytes; {method} accepts at most {limit} ({setting})")
+        if size < self.settings.large_request_bytes:
+            yield
+            return
+        async with self.budget.hold(size):
+            yield
+
+
+class _Method:
+    """One method's handler with decoding wrapped around its behaviour."""
+
+    def __init__(self, edge: DecodeInterceptor, method: str, handler: grpc.RpcMethodHandler) -> None:
+        self.edge, self.method, self.h = edge, method, handler
+        self.deserialize: Callable[[bytes], Any] = handler.request_deserializer
+
+    def decode(self, request: Undecoded) -> Any:
+        try:
+            request.message = self.deserialize(request.data)
+        except DecodeError as exc:
+            raise InvalidInput(
+                f"the request is not a valid {_type_name(self.deserialize)} message ({echo(str(exc), 120)}); "
+                "check that the client uses this server's .proto files and sends UTF-8 in string fields"
+            ) from None
+        return request.message
+
+    async def messages(self, requests: AsyncIterator[Undecoded]) -> AsyncGenerator[Any, None]:
+        """A client stream, decoded message by message; a large message holds its budget until the next read."""
+        async for raw in requests:
+            await self.edge.pace(self.method)
+            async with self.edge.admit(self.method, raw):
+                yield self.decode(raw)
+
+    def handler(self) -> grpc.RpcMethodHandler:
+        h, edge, method = self.h, self.edge, self.method
+        kw = {"request_deserializer": _keep, "response_serializer": h.response_serializer}
+        if h.unary_unary is not None:
+            uu = h.unary_unary
+
+            async def unary_unary(request: Undecoded, context: grpc.aio.ServicerContext) -> Any:
+                edge.charge(method)
+                async with edge.admit(method, request):
+                    result = uu(self.decode(request), context)
+                    return await result if inspect.isawaitable(result) else result
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+        if h.unary_stream is not None:
+            us = h.unary_stream
+
+            async def unary_stream(request: Undecoded, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                edge.charge(method)
+                async with edge.admit(method, request):
+                    async for item in drive(us(self.decode(request), context)):
+                        yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+        if h.stream_unary is not None:
+            su = h.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Undecoded], context: grpc.aio.ServicerContext) -> Any:
+                async with aclosing(self.messages(requests)) as decoded:
+                    result = su(decoded, context)
+                    return await result if inspect.isawaitable(result) else result
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+        ss = h.stream_stream
+
+        async def stream_stream(
+            requests: AsyncIterator[Undecoded], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            async with aclosing(self.messages(requests)) as decoded:
+                async for item in drive(ss(decoded, context)):
+                    yield item
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
