@@ -14,7 +14,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.core.types import ModelRef, SequenceRef
 from service.errors import InvalidInput, echo
 
-MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<model>:"; the store allows 256 characters
+MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<principal tag>:<model>:"; the store allows 320
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²" and "١" are not versions
 
 
