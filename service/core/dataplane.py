@@ -20,7 +20,7 @@ from service.core.context import note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
 from service.core.tasks import TASKS, load_plugins
-from service.core.tasks.base import Classifier, Forecaster, Generator, TaskResult, check_inputs, needs
+from service.core.tasks.base import Classifier, Forecaster, Generator, TaskResult, check_and_decode, needs
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -266,7 +266,7 @@ class CoreDataPlane:
                 raise InvalidInput(
                     f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
                 )
-            tensors = check_inputs(entry.name, contract, inputs)
+            tensors = await check_and_decode(entry.name, contract, inputs)
             if sequence is None:
                 result = await entry.task.infer(tensors, None)
             else:
