@@ -121,7 +121,9 @@ def classify_response(results: Iterable[SentimentResult]) -> sentiment_pb2.Class
 
 
 def chunk_to_pb(chunk: CompletionChunk) -> autocomplete_pb2.CompleteChunk:
-    return autocomplete_pb2.CompleteChunk(text=chunk.text, finish_reason=_FINISH_TO_PB[chunk.finish_reason])
+    return autocomplete_pb2.CompleteChunk(
+        text=chunk.text, finish_reason=_FINISH_TO_PB[chunk.finish_reason], steps=chunk.steps
+    )
 
 
 def suggest_to_pb(result: SuggestResult) -> autocomplete_pb2.SuggestResponse:
@@ -178,7 +180,7 @@ def sentiment_from_pb(pb: sentiment_pb2.Classification) -> SentimentResult:
 
 
 def chunk_from_pb(pb: autocomplete_pb2.CompleteChunk) -> CompletionChunk:
-    return CompletionChunk(text=pb.text, finish_reason=_FINISH_FROM_PB.get(int(pb.finish_reason)))
+    return CompletionChunk(text=pb.text, finish_reason=_FINISH_FROM_PB.get(int(pb.finish_reason)), steps=pb.steps)
 
 
 def suggest_from_pb(pb: autocomplete_pb2.SuggestResponse) -> SuggestResult:

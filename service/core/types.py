@@ -54,10 +54,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class CompletionChunk:
-    """One piece of a streamed completion. The last chunk has ``finish_reason`` set (and may be empty)."""
+    """One piece of a streamed completion. The last chunk has ``finish_reason`` set (and may be empty).
+    ``steps``: with a session, what the session has consumed in total once this chunk is in it (0 without)."""
 
     text: str
     finish_reason: FinishReason | None = None
+    steps: int = 0
 
 
 @dataclass(frozen=True)
