@@ -73,6 +73,12 @@ def method_limit(method: str, settings: Settings) -> tuple[int, str]:
     return settings.max_message_bytes, "max_message_bytes"
 
 
+# When a client cancels a stream while the server waits for its next message, grpc ends the request iterator as
+# if the client had half-closed, and cancels the handler a moment later. Pausing this long at the end of every
+# client stream lets that cancellation land, so the call is counted CANCELLED and not OK.
+END_OF_STREAM_GRACE = 0.002
+
+
 class Undecoded:
     """A request as gRPC received it; ``message`` is set once decoded (the metrics read its model name)."""
 
@@ -256,6 +262,7 @@ class _Method:
             await self.edge.pace(self.method)
             async with self.edge.admit(self.method, raw):
                 yield self.decode(raw)
+        await asyncio.sleep(END_OF_STREAM_GRACE)
 
     def handler(self) -> grpc.RpcMethodHandler:
         h, edge, method = self.h, self.edge, self.method
