@@ -36,6 +36,14 @@ def serve(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
 
 
 @pytest.fixture(scope="session")
+def plain(tiny_models: Path) -> Iterator[ServerHandle]:
+    """One shared server with default settings on the in-memory store (tests must not stop it)."""
+    handle = ServerHandle(server_settings(tiny_models, session_store="memory://"))
+    yield handle
+    handle.close()
+
+
+@pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 

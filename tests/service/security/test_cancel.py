@@ -7,7 +7,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.seqserve.v1 import autocomplete_pb2
 from service.client import Client
-from tests.conftest import ServerHandle, server_settings
+from tests.conftest import ServerHandle
 from tests.service.security.conftest import eventually, infer_request, rpc_count, text_input
 
 COMPLETE = ("seqserve.v1.Autocomplete", "Complete")
@@ -23,11 +22,9 @@ SUGGEST = ("seqserve.v1.Autocomplete", "Suggest")
 STREAM_INFER = ("inference.GRPCInferenceService", "ModelStreamInfer")
 
 
-@pytest.fixture(scope="module")
-def handle(tiny_models: Path) -> Iterator[ServerHandle]:
-    h = ServerHandle(server_settings(tiny_models, session_store="memory://"))
-    yield h
-    h.close()
+@pytest.fixture
+def handle(plain: ServerHandle) -> ServerHandle:
+    return plain
 
 
 def codes(handle: ServerHandle, call: tuple[str, str]) -> dict[str, float]:

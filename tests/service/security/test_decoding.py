@@ -7,7 +7,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.seqserve.v1 import autocomplete_pb2, sessions_pb2
 from service.client import Client
-from tests.conftest import ServerHandle, server_settings
+from tests.conftest import ServerHandle
 from tests.service.security.conftest import KSERVE, eventually, infer_request, raw_unary, rpc_count, text_input
 
 CORRUPT = b"\n\x01\xff"  # field 1, length 1, then a byte that is not valid UTF-8 (and a truncated message)
@@ -23,11 +22,9 @@ SUGGEST = ("seqserve.v1.Autocomplete", "Suggest")
 BAD_UTF8 = sessions_pb2.GetSessionRequest(session_id="x").SerializeToString().replace(b"x", b"\xff")
 
 
-@pytest.fixture(scope="module")
-def handle(tiny_models: Path) -> Iterator[ServerHandle]:
-    h = ServerHandle(server_settings(tiny_models, session_store="memory://"))
-    yield h
-    h.close()
+@pytest.fixture
+def handle(plain: ServerHandle) -> ServerHandle:
+    return plain
 
 
 def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
