@@ -36,6 +36,7 @@ REQUEST_SECONDS_PER_IDLE = 3  # a whole request (headers, TLS handshake) gets at
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck scrape never blocks shutdown
+    request_queue_size = 128  # listen backlog: a burst of connections is accepted (and refused) fast, not dropped
 
     def __init__(
         self,
