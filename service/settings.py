@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     """Largest request of the methods that carry no bulk data (sessions, Complete, Suggest, metadata, health)."""
     large_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Requests above this size count against ``max_large_bytes_in_flight``."""
-    max_large_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_large_bytes_in_flight: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Bytes of large requests being decoded and served at once; more wait their turn (bounded by their
     deadline). Bounds the memory a burst of near-limit requests can pin."""
 

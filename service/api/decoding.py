@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import inspect
 import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -33,7 +35,7 @@ from google.protobuf.message import DecodeError
 
 from service.api.principals import RateLimiter
 from service.core.context import principal
-from service.errors import InvalidInput, TooLarge, echo
+from service.errors import InvalidInput, Overloaded, TooLarge, echo
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,10 +68,19 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRe
                    "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
 
 
+CLASSIFY = "/seqserve.v1.Sentiment/Classify"
+
+
 def method_limit(method: str, settings: Settings) -> tuple[int, str]:
     """The largest request ``method`` accepts, and the setting that says so."""
     if method in SMALL_METHODS:
         return min(settings.max_small_message_bytes, settings.max_message_bytes), "max_small_message_bytes"
+    if method == CLASSIFY:  # the largest valid request: every text at its longest, 4 UTF-8 bytes a character
+        texts = (
+            settings.max_texts_per_request * (4 * settings.max_chars_per_text + 16) + settings.max_small_message_bytes
+        )
+        if texts < settings.max_message_bytes:
+            return texts, "max_texts_per_request x max_chars_per_text"
     return settings.max_message_bytes, "max_message_bytes"
 
 
@@ -77,16 +88,27 @@ def method_limit(method: str, settings: Settings) -> tuple[int, str]:
 # if the client had half-closed, and cancels the handler a moment later. Pausing this long at the end of every
 # client stream lets that cancellation land, so the call is counted CANCELLED and not OK.
 END_OF_STREAM_GRACE = 0.002
+TRIM_DELAY = 0.05
 
 
 class Undecoded:
-    """A request as gRPC received it; ``message`` is set once decoded (the metrics read its model name)."""
+    """A request as gRPC received it. Once decoded, ``data`` is dropped (the message is the servicer's to hold,
+    not the interceptors') and ``model`` is the model it names, for the metrics."""
 
-    __slots__ = ("data", "message")
+    __slots__ = ("data", "model")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        self.message: Any = None
+        self.model = ""
+
+
+def model_label(message: Any) -> str:
+    """The model a request names (ours: ``model.name``; KServe: ``model_name``), else ""."""
+    model = getattr(message, "model", None)
+    if isinstance(model, str):
+        return model
+    name = getattr(model, "name", None) or getattr(message, "model_name", None)
+    return name if isinstance(name, str) else ""
 
 
 def _keep(data: bytes) -> Undecoded:
@@ -128,18 +150,25 @@ def _malloc_trim() -> Callable[[], None] | None:
 
 
 class ByteBudget:
-    """At most ``capacity`` bytes held at once; waiters are served in arrival order. ``on_idle`` runs when the
+    """At most ``capacity`` bytes held at once; waiters are served in arrival order, and at most ``capacity``
+    bytes may wait (more is refused at once: a waiting request pins its bytes too). ``on_idle`` runs when the
     last holder leaves."""
 
     def __init__(self, capacity: int, on_idle: Callable[[], None] | None = None) -> None:
         self.capacity = capacity
         self.used = 0
+        self.waiting = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._on_idle = on_idle
 
     @contextlib.asynccontextmanager
     async def hold(self, nbytes: int) -> AsyncIterator[None]:
         n = min(nbytes, self.capacity)  # one request larger than the budget runs alone
+        if (self._waiters or self.used + n > self.capacity) and self.waiting + n > self.capacity:
+            raise Overloaded(
+                f"{self.used + self.waiting} bytes of large requests are in flight or waiting, the limit is "
+                f"{self.capacity} (max_large_bytes_in_flight); retry with backoff"
+            )
         await self._acquire(n)
         try:
             yield
@@ -152,11 +181,13 @@ class ByteBudget:
             return
         entry = (n, asyncio.get_running_loop().create_future())
         self._waiters.append(entry)
+        self.waiting += n
         try:
             await entry[1]
         except BaseException:
             if entry in self._waiters:
                 self._waiters.remove(entry)
+                self.waiting -= n
             elif entry[1].done() and not entry[1].cancelled():
                 self._release(n)  # granted, but the caller went away before it could use it
             raise
@@ -165,6 +196,7 @@ class ByteBudget:
         self.used -= n
         while self._waiters and self.used + self._waiters[0][0] <= self.capacity:
             m, fut = self._waiters.popleft()
+            self.waiting -= m
             if not fut.done():
                 self.used += m
                 fut.set_result(None)
@@ -173,7 +205,8 @@ class ByteBudget:
 
 
 class _Trimmer:
-    """Returns freed heap to the system after a burst of large requests: at most once a second, off the loop."""
+    """Returns freed heap to the system after a burst of large requests: at most once a second, a moment after
+    the last one ended (its call finished and dropped the decoded message), off the loop."""
 
     def __init__(self) -> None:
         self._trim = _malloc_trim()
@@ -185,11 +218,12 @@ class _Trimmer:
             return
         loop = asyncio.get_running_loop()
         self._pending = True
-        delay = max(0.0, self._last + 1.0 - time.monotonic())
+        delay = max(TRIM_DELAY, self._last + 1.0 - time.monotonic())
         loop.call_later(delay, self._run, loop)
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         self._last, self._pending = time.monotonic(), False
+        gc.collect(1)  # the young generation only: frames and tracebacks of failed calls that still hold a message
         assert self._trim is not None
         loop.run_in_executor(None, self._trim)
 
@@ -232,11 +266,18 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         limit, setting = method_limit(method, self.settings)
         if size > limit:
             raise TooLarge(f"the request is {size} bytes; {method} accepts at most {limit} ({setting})")
-        if size < self.settings.large_request_bytes:
-            yield
-            return
-        async with self.budget.hold(size):
-            yield
+        try:
+            if size < self.settings.large_request_bytes:
+                yield
+                return
+            async with self.budget.hold(size):
+                yield
+        except BaseException as exc:
+            # The finished frames of a failed call (the servicer's, holding the decoded message) live on in the
+            # exception's traceback, which asyncio and contextlib tie into reference cycles: only a full garbage
+            # collection would free them. Clearing their locals frees a large message now.
+            traceback.clear_frames(exc.__traceback__)
+            raise
 
 
 class _Method:
@@ -248,13 +289,14 @@ class _Method:
 
     def decode(self, request: Undecoded) -> Any:
         try:
-            request.message = self.deserialize(request.data)
+            message = self.deserialize(request.data)
         except DecodeError as exc:
             raise InvalidInput(
                 f"the request is not a valid {_type_name(self.deserialize)} message ({echo(str(exc), 120)}); "
                 "check that the client uses this server's .proto files and sends UTF-8 in string fields"
             ) from None
-        return request.message
+        request.data, request.model = b"", model_label(message)
+        return message
 
     async def messages(self, requests: AsyncIterator[Undecoded]) -> AsyncGenerator[Any, None]:
         """A client stream, decoded message by message; a large message holds its budget until the next read."""

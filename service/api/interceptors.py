@@ -3,7 +3,7 @@ decoding (``service.api.decoding``: size limits, corrupt messages, memory budget
 
 Every interceptor wraps all four handler kinds (unary/streaming request x unary/streaming response) the same
 way: the call runs inside an async context manager (``scope``) that sees the request (unary requests only, as
-``Undecoded`` bytes whose ``message`` is set once decoded), the context, and any exception the call raises.
+``Undecoded`` bytes that name their model once decoded), the context, and any exception the call raises.
 Domain errors (``service.errors``) become gRPC status codes here and nowhere else (``STATUS_CODES``).
 """
 
@@ -25,7 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service import errors
-from service.api.decoding import PUBLIC_PREFIXES, DecodeInterceptor, Undecoded, drive
+from service.api.decoding import PUBLIC_PREFIXES, DecodeInterceptor, Undecoded, drive, model_label
 from service.api.principals import KeyTable, load_keys, subject_of
 from service.core.context import call_scope, principal, set_principal
 from service.logs import ACCESS_LOGGER, CALL
@@ -142,14 +142,8 @@ class _Wrapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def _model_label(request: Any) -> str:
-    """The model a request names (ours: ``model.name``; KServe: ``model_name``), else ""."""
-    if isinstance(request, Undecoded):
-        request = request.message  # None when it could not be decoded
-    model = getattr(request, "model", None)
-    if isinstance(model, str):
-        return model
-    name = getattr(model, "name", None) or getattr(request, "model_name", None)
-    return name if isinstance(name, str) else ""
+    """The model a request names ("" for streams, and for a request that could not be decoded)."""
+    return request.model if isinstance(request, Undecoded) else model_label(request)
 
 
 class MetricsInterceptor(_Wrapping):

@@ -176,14 +176,18 @@ async def check_and_decode(model: str, contract: TensorContract, inputs: Sequenc
     """``check_inputs`` with the decoding of large inputs moved off the event loop."""
     checked = check_header(model, contract, inputs)
     if sum(math.prod(t.shape) for t in checked.values()) <= DECODE_INLINE_ELEMENTS:
-        return {name: t.decode() for name, t in checked.items()}
-    return await asyncio.to_thread(lambda: {name: t.decode() for name, t in checked.items()})
+        return _decode_all(checked)
+    return await asyncio.to_thread(_decode_all, checked)  # no closure: a failed decode must not pin the inputs
+
+
+def _decode_all(checked: dict[str, InputTensor]) -> dict[str, Tensor]:
+    return {name: t.decode() for name, t in checked.items()}
 
 
 def check_inputs(model: str, contract: TensorContract, inputs: Sequence[InputTensor]) -> dict[str, Tensor]:
     """Names, datatypes and shapes of v2 inputs against ``contract`` (before any data is decoded), then the
     decoded tensors by name. Every error names the tensor."""
-    return {name: t.decode() for name, t in check_header(model, contract, inputs).items()}
+    return _decode_all(check_header(model, contract, inputs))
 
 
 def check_header(model: str, contract: TensorContract, inputs: Sequence[InputTensor]) -> dict[str, InputTensor]:
