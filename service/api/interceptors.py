@@ -237,6 +237,11 @@ class ErrorInterceptor(_Wrapping):
             await context.abort_with_status(rich_status(code, message, error_reason(exc), request_id))
         except grpc.aio.AbortError:
             raise  # the servicer already chose a status
+        except NotImplementedError:  # a generated servicer base for a method this server does not offer
+            log.info("%s -> UNIMPLEMENTED (request id %s)", method, request_id, extra={"code": "UNIMPLEMENTED"})
+            status = rich_status(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server",
+                                 "UNIMPLEMENTED", request_id)  # fmt: skip
+            await context.abort_with_status(status)
         except Exception:
             log.exception("internal error in %s (request id %s)", method, request_id, extra={"code": "INTERNAL"})
             message = f"internal error (request id {request_id})"
