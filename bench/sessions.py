@@ -88,7 +88,9 @@ def idle_cpu(pid: int, seconds: float) -> float:
     return 100.0 * (cpu_seconds(pid) - before) / (time.perf_counter() - t0)
 
 
-def bench(models: Path, levels: tuple[int, ...] = LEVELS, window: int = WINDOW) -> dict[str, Any]:
+def bench(
+    models: Path, levels: tuple[int, ...] = LEVELS, window: int = WINDOW, idle_seconds: float = IDLE_SECONDS
+) -> dict[str, Any]:
     env = {
         "SEQSERVE_MAX_SESSIONS": str(max(levels) + 2 * window),
         "SEQSERVE_MAX_SESSION_BYTES": str(64 << 30),
@@ -111,9 +113,14 @@ def bench(models: Path, levels: tuple[int, ...] = LEVELS, window: int = WINDOW) 
                 "p99_ms": float(np.percentile(ms, 99)),
                 "rss_mib": rss_mib(server.pid),
             })  # fmt: skip
-        cpu = idle_cpu(server.pid, IDLE_SECONDS)
+        cpu = idle_cpu(server.pid, idle_seconds)
     core = asyncio.run(core_rates(models, levels, window))
     return {"create": rows, "core": core, "idle_cpu_percent": cpu, "idle_live_sessions": live, "in_flight": IN_FLIGHT}
+
+
+def quick(models: Path) -> dict[str, Any]:
+    """A smoke run: 1k sessions, a short window."""
+    return bench(models, (1_000,), 500, idle_seconds=1.0)
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1k sessions only (a smoke run)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sessions.json")
     args = ap.parse_args(argv)
-    result = bench(args.models, (1_000,), 500) if args.quick else bench(args.models)
+    result = quick(args.models) if args.quick else bench(args.models)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
