@@ -6,9 +6,9 @@ It binds to the configured host only (127.0.0.1 by default, 0.0.0.0 inside a con
 Hostile clients cannot pin it: at most ``max_connections`` connections are served at once (more are closed at
 once), a connection that sends nothing for ``idle_timeout`` seconds is closed, and one request may take at most
 ``REQUEST_SECONDS_PER_IDLE`` idle timeouts in all (a client dripping one byte at a time is cut off too). A
-client that goes away mid-response is logged at DEBUG, never as a traceback. With ``ssl_context`` (TLS, and
-mTLS when it requires client certificates) the handshake runs on the connection's own thread, under the same
-limits.
+client that goes away mid-response is logged at DEBUG, never as a traceback. With ``ssl_context`` (TLS) the
+handshake runs on the connection's own thread, under the same limits; when it checks client certificates
+(mTLS), ``/metrics`` answers 403 to a connection without one, while ``/healthz`` and ``/readyz`` stay open.
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, head: bool) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path == "/metrics" and not self._certified():
+            self._send(403, b"client certificate required for /metrics (mTLS)\n", "text/plain; charset=utf-8", head)
+        elif path == "/metrics":
             # text/plain 0.0.4 by default; OpenMetrics when the scraper asks for it (Accept header).
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             try:
@@ -165,6 +167,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(503, b"not ready\n", "text/plain; charset=utf-8", head)
         else:
             self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8", head)
+
+    def _certified(self) -> bool:
+        """False only when the port checks client certificates (mTLS) and this connection has none."""
+        context = self.server.ssl_context
+        if context is None or context.verify_mode == ssl.CERT_NONE:
+            return True
+        return isinstance(self.connection, ssl.SSLSocket) and bool(self.connection.getpeercert())
 
     def _send(self, status: int, body: bytes, content_type: str, head: bool) -> None:
         self.send_response(status)

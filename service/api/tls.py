@@ -1,7 +1,9 @@
 """TLS for both ports, from ``SEQSERVE_TLS_CERT`` / ``SEQSERVE_TLS_KEY`` (and ``SEQSERVE_TLS_CLIENT_CA`` for mTLS).
 
 The gRPC port gets ``grpc.ssl_server_credentials``; the metrics port an ``ssl.SSLContext`` with the same files.
-With a client CA, both ports require a client certificate it signed. Unreadable or mismatched files fail the
+With a client CA, the gRPC port requires a client certificate it signed for every call (health included: gRPC
+Python cannot make it optional), and the metrics port requires one for ``/metrics`` while ``/healthz`` and
+``/readyz`` stay open to probes. Unreadable or mismatched files fail the
 start with a message naming the setting.
 """
 
@@ -34,7 +36,8 @@ def grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The metrics port's server context (TLS 1.2+), or None when TLS is off."""
+    """The metrics port's server context (TLS 1.2+), or None when TLS is off. With a client CA, a client
+    certificate is requested and verified; ``/metrics`` requires one (``service.api.http``)."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -51,5 +54,7 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
             context.load_verify_locations(cafile=str(settings.tls_client_ca))
         except (OSError, ssl.SSLError) as exc:
             raise RuntimeError(f"SEQSERVE_TLS_CLIENT_CA={settings.tls_client_ca}: not a PEM CA bundle ({exc})") from exc
-        context.verify_mode = ssl.CERT_REQUIRED
+        # Optional at the handshake (a certificate that is presented must verify): probes without one still reach
+        # /healthz and /readyz; the HTTP server refuses /metrics to a connection without a verified certificate.
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context

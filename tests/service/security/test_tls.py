@@ -94,8 +94,14 @@ def test_mtls_refuses_clients_without_a_certificate_of_its_ca(
         sessions_pb2_grpc.SessionsStub(channel).Get(sessions_pb2.GetSessionRequest(session_id="x"), timeout=5)
     assert info.value.code() == Code.UNAVAILABLE  # type: ignore[attr-defined]
     port = handle.server.metrics_port or 0
-    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError, OSError)):
-        https_get(port, pki, None if who == "nobody" else (pki.stranger.cert, pki.stranger.key))
+    if who == "nobody":  # probes without a certificate reach health and readiness, never the metrics
+        assert https_get(port, pki, None, "/healthz") == https_get(port, pki, None, "/readyz") == 200
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            https_get(port, pki, None)
+        assert denied.value.code == 403
+    else:  # a certificate from another CA fails the handshake
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            https_get(port, pki, (pki.stranger.cert, pki.stranger.key), "/healthz")
     assert https_get(port, pki, (pki.alice.cert, pki.alice.key)) == 200
 
 
