@@ -1,6 +1,7 @@
 """Defect 1: creating a session, making room, evicting and expiring never walk the store. The in-memory store's
-records (and its per-owner order) are counted as they are walked: with 20,000 live sessions, creating more walks none of them, an idle
-sweep walks none, and an eviction walks only as far as its victim. (The rates: ``bench/sessions.py``.)"""
+records (and its per-owner order) are counted as they are walked: with 20,000 live sessions, creating more walks
+none of them, an idle sweep walks none, and an eviction walks only as far as its victim. (The rates:
+``bench/sessions.py``.)"""
 
 from __future__ import annotations
 
