@@ -18,10 +18,10 @@ import grpc
 import pytest
 
 from service.api import converters as cv
-from service.api.decoding import ByteBudget
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.gen.seqserve.v1 import common_pb2
+from service.api.memory import ByteBudget
 from service.errors import InvalidInput, Overloaded
 from tests.conftest import ServerHandle
 
