@@ -163,12 +163,8 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await asyncio.sleep(wait)
 
     @contextlib.asynccontextmanager
-    async def admit(self, method: str, request: Undecoded) -> AsyncIterator[None]:
-        """Checks the size; large requests hold their bytes of the budget until the caller is done."""
-        size = len(request.data)
-        limit, setting = method_limit(method, self.settings)
-        if size > limit:
-            raise TooLarge(f"the request is {size} bytes; {method} accepts at most {limit} ({setting})")
+    async def admit(self, size: int) -> AsyncIterator[None]:
+        """Large requests hold their bytes of the budget until the caller is done."""
         try:
             if size < self.settings.large_request_bytes:
                 yield
@@ -189,6 +185,14 @@ class _Method:
     def __init__(self, edge: DecodeInterceptor, method: str, handler: grpc.RpcMethodHandler) -> None:
         self.edge, self.method, self.h = edge, method, handler
         self.deserialize: Callable[[bytes], Any] = handler.request_deserializer
+        self.limit, self.setting = method_limit(method, edge.settings)
+
+    def size(self, request: Undecoded) -> int:
+        """The request's size, or ``TooLarge`` before anything is parsed."""
+        size = len(request.data)
+        if size > self.limit:
+            raise TooLarge(f"the request is {size} bytes; {self.method} accepts at most {self.limit} ({self.setting})")
+        return size
 
     def decode(self, request: Undecoded) -> Any:
         try:
@@ -205,7 +209,7 @@ class _Method:
         """A client stream, decoded message by message; a large message holds its budget until the next read."""
         async for raw in requests:
             await self.edge.pace(self.method)
-            async with self.edge.admit(self.method, raw):
+            async with self.edge.admit(self.size(raw)):
                 yield self.decode(raw)
         await asyncio.sleep(END_OF_STREAM_GRACE)
 
@@ -217,7 +221,15 @@ class _Method:
 
             async def unary_unary(request: Undecoded, context: grpc.aio.ServicerContext) -> Any:
                 edge.charge(method)
-                async with edge.admit(method, request):
+                size = self.size(request)
+                if size < edge.settings.large_request_bytes:  # the common case, without the budget's bookkeeping
+                    try:
+                        result = uu(self.decode(request), context)
+                        return await result if inspect.isawaitable(result) else result
+                    except BaseException as exc:
+                        traceback.clear_frames(exc.__traceback__)  # see admit()
+                        raise
+                async with edge.admit(size):
                     result = uu(self.decode(request), context)
                     return await result if inspect.isawaitable(result) else result
 
@@ -227,7 +239,7 @@ class _Method:
 
             async def unary_stream(request: Undecoded, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 edge.charge(method)
-                async with edge.admit(method, request):
+                async with edge.admit(self.size(request)):
                     async for item in drive(us(self.decode(request), context)):
                         yield item
 
