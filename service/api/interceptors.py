@@ -176,6 +176,7 @@ class MetricsInterceptor(_Wrapping):
             seconds = time.perf_counter() - start
             self.metrics.rpc_finished(service, name, model, code, seconds)
             if self.access:
+                model = errors.short(model)  # a name the caller sent: bounded
                 fields = {"model": model, "code": code, "duration_ms": round(seconds * 1e3, 3)}
                 access_log.info("%s %s %s %.1fms", method, model or "-", code, seconds * 1e3,
                                 extra={**fields, "principal": principal()})  # fmt: skip

@@ -19,7 +19,7 @@ from service.client import ApiError, Client
 from service.logs import TextFormatter, configure, escape
 from service.settings import Settings
 from tests.conftest import ServerHandle
-from tests.service.security.conftest import infer_request, raw_unary, text_input
+from tests.service.security.conftest import eventually, infer_request, raw_unary, text_input
 
 FORGED = "X\n1999-01-01 00:00:00,000 ERROR service.api: FORGED\r\x1b[2J\u2028\x85"
 
@@ -110,6 +110,10 @@ def test_json_logs_carry_request_id_method_model_code_and_duration(
         c.classify(["good"])
         with pytest.raises(ApiError):
             c.get_session("nope\nFORGED")
+        with pytest.raises(ApiError):
+            c.classify(["x"], model="m" * 5000)
+    # The last call's access line is written a moment after its status reached the client.
+    assert eventually(lambda: out.getvalue().count('"seqserve.access"') >= 3)
     records = [json.loads(line) for line in out.getvalue().splitlines()]  # every line is one JSON object
     access = [r for r in records if r["logger"] == "seqserve.access"]
     ok = next(r for r in access if r["method"] == "/seqserve.v1.Sentiment/Classify")
@@ -117,6 +121,8 @@ def test_json_logs_carry_request_id_method_model_code_and_duration(
     failed = [r for r in records if r.get("method") == "/seqserve.v1.Sessions/Get"]
     assert {r["code"] for r in failed} == {"NOT_FOUND"} and len({r["request_id"] for r in failed}) == 1
     assert "\n" not in out.getvalue().strip().replace("}\n{", "}{")
+    long = next(r for r in access if r["code"] == "NOT_FOUND" and r["model"].startswith("mmm"))
+    assert "(5000 characters)" in long["model"] and len(long["model"]) < 120
 
 
 def test_escape_covers_every_control_character() -> None:
