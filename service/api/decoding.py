@@ -84,7 +84,7 @@ def method_limit(method: str, settings: Settings) -> tuple[int, str]:
 # When a client cancels a stream while the server waits for its next message, grpc ends the request iterator as
 # if the client had half-closed, and cancels the handler a moment later. Pausing this long at the end of every
 # client stream lets that cancellation land, so the call is counted CANCELLED and not OK.
-END_OF_STREAM_GRACE = 0.002
+END_OF_STREAM_GRACE = 0.01  # seconds: only the final status of a client stream waits this long
 
 
 class Undecoded:
