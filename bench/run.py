@@ -229,10 +229,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         results["memory"] = bench_memory(client, pid, 50 if args.quick else 500)
     results["stores"] = run_stores(args.models, quick=args.quick)  # per-step cost of each session store
+    from bench import sessions  # session create rate at 1k/50k/250k live sessions (its own server; not --quick)
+
+    if not args.quick:
+        results["sessions"] = sessions.bench(args.models)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print_stores(results["stores"])
+    if "sessions" in results:
+        sessions.print_table(results["sessions"])
     print(f"\nwritten: {args.out}")
     return 0
 

@@ -6,7 +6,9 @@
     seqserve forecast --csv ETTh1.csv [--rows 96] [--plot forecast.png]
 
 Every serve option also comes from ``SEQSERVE_*`` env vars (the flags win). Client commands take ``--target``
-(env SEQSERVE_TARGET, default 127.0.0.1:50051) and ``--api-key`` (env SEQSERVE_API_KEY).
+(env SEQSERVE_TARGET, default 127.0.0.1:50051), ``--api-key`` (env SEQSERVE_API_KEY) and, for a TLS server,
+``--tls-ca`` (env SEQSERVE_TLS_CA), with ``--tls-cert``/``--tls-key`` for mTLS (env SEQSERVE_TLS_CLIENT_CERT,
+SEQSERVE_TLS_CLIENT_KEY).
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.logs import configure
+
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(settings)
     asyncio.run(_serve(settings, args.ready_file))
     return 0
 
@@ -82,7 +86,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, api_key=args.api_key, timeout=args.timeout)
+    return Client(
+        args.target,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls=args.tls,
+    )
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -209,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--target", default=os.environ.get("SEQSERVE_TARGET", "127.0.0.1:50051"), help="host:port")
         c.add_argument("--api-key", default=os.environ.get("SEQSERVE_API_KEY"), help="sent as Bearer token")
         c.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds")
+        env = os.environ.get
+        c.add_argument("--tls", action="store_true", help="TLS with the system's CA roots (implied by --tls-*)")
+        c.add_argument("--tls-ca", default=env("SEQSERVE_TLS_CA"), help="PEM CA that signed the server's certificate")
+        c.add_argument("--tls-cert", default=env("SEQSERVE_TLS_CLIENT_CERT"), help="PEM client certificate (mTLS)")
+        c.add_argument("--tls-key", default=env("SEQSERVE_TLS_CLIENT_KEY"), help="PEM key of --tls-cert (mTLS)")
         c.add_argument("--model", default="", help="model name (default: the service's default model)")
         return c
 

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from service.api import tls
 from service.api.interceptors import build_interceptors
 from service.api.servicers import REGISTRARS, SERVICE_CAPABILITIES
 from service.metrics import Metrics
@@ -70,13 +71,17 @@ class Server:
         self._dataplane = CoreDataPlane(s, self.metrics, clock=self._clock)
         limits = [("grpc.max_receive_message_length", s.max_message_bytes)]
         limits.append(("grpc.max_send_message_length", s.max_message_bytes))
-        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s.api_key), options=limits)
+        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s), options=limits)
         self.services = [name for register in REGISTRARS for name in register(server, self._dataplane, s)]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+        credentials = tls.grpc_credentials(s)  # None: plaintext
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise RuntimeError(f"cannot bind gRPC to {address}: {exc} (port in use? set SEQSERVE_PORT)") from exc
         if self.port == 0:
@@ -85,7 +90,8 @@ class Server:
         await server.start()
         self._grpc = server
         self._start_http()
-        log.info("gRPC listening on %s:%d (%d services)", s.host, self.port, len(self.services))
+        log.info("gRPC listening on %s:%d (%d services%s)", s.host, self.port, len(self.services),
+                 ", TLS" + (" + client certificates" if s.tls_client_ca else "") if credentials else "")  # fmt: skip
         await self._dataplane.start()
         # Health follows every later load, reload and unload (RepositoryModelLoad/Unload, --watch-models).
         self._dataplane.registry.subscribe(on_load=self._model_changed, on_unload=self._model_changed)
@@ -129,7 +135,15 @@ class Server:
             log.warning("service.api.http is not available: no /metrics endpoint")
             return
         s = self.settings
-        self._http = MetricsHttpServer(s.host, s.metrics_port, self.metrics, lambda: self._serving)
+        self._http = MetricsHttpServer(
+            s.host,
+            s.metrics_port,
+            self.metrics,
+            lambda: self._serving,
+            ssl_context=tls.ssl_context(s),
+            idle_timeout=s.metrics_idle_timeout_seconds,
+            max_connections=s.metrics_max_connections,
+        )
         self.metrics_port = int(self._http.start())
 
     async def stop(self, grace: float | None = None) -> None:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import cast
 
-from service.core.context import note_model
+from service.core.context import note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
 from service.core.sessions.export import Exported, seal, unseal
 from service.core.tasks import TASKS, load_plugins
-from service.core.tasks.base import Classifier, Forecaster, Generator, TaskResult, check_inputs, needs
+from service.core.tasks.base import Classifier, Forecaster, Generator, TaskResult, check_and_decode, needs
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -39,7 +40,7 @@ from service.core.types import (
     SuggestResult,
     Tensor,
 )
-from service.errors import FailedPrecondition, InvalidInput, SessionNotFound, echo
+from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -248,9 +249,20 @@ class CoreDataPlane:
 
     # --- v2 inference -------------------------------------------------------------------------------------
     def _sequence_id(self, model: str, seq: SequenceRef) -> str:
-        return f"kserve:{model}:{seq.id}"
+        """The session key of a v2 sequence, namespaced per principal: two callers' sequence 1 never meet.
+        (The session records its owner too; the namespace keeps a ``sequence_start`` from replacing another
+        principal's sequence.)"""
+        owner = principal()
+        if not owner:
+            return f"kserve:{model}:{seq.id}"
+        return f"kserve:{hashlib.sha256(owner.encode()).hexdigest()[:24]}:{model}:{seq.id}"
 
-    def _unknown_sequence(self, model: str, seq: SequenceRef) -> SessionNotFound:
+    def _unknown_sequence(self, model: str, seq: SequenceRef, cause: SessionNotFound) -> SessionNotFound:
+        if isinstance(cause, SessionEvicted):
+            return SessionEvicted(
+                f"sequence {echo(seq.id)} of model {model} was evicted to make room (the session store was full and "
+                "it was the least recently used); send sequence_start=true to begin it again"
+            )
         return SessionNotFound(
             f"sequence {echo(seq.id)} of model {model} is unknown or expired (sequences expire after "
             f"{self.settings.sequence_idle_seconds:g}s idle, end with sequence_end, and may be evicted when the "
@@ -282,8 +294,8 @@ class CoreDataPlane:
             name = self.registry.find(model).name
             try:
                 s = await self.sessions.get(self._sequence_id(name, sequence))
-            except SessionNotFound:
-                raise self._unknown_sequence(name, sequence) from None
+            except SessionNotFound as exc:
+                raise self._unknown_sequence(name, sequence, exc) from None
             entry = self._pinned(s)
         else:
             entry = self.registry.resolve(model)
@@ -299,7 +311,7 @@ class CoreDataPlane:
                 raise InvalidInput(
                     f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
                 )
-            tensors = check_inputs(entry.name, contract, inputs)
+            tensors = await check_and_decode(entry.name, contract, inputs)
             blob = None
             if sequence is None:
                 result = await entry.task.infer(tensors, None)
@@ -325,8 +337,8 @@ class CoreDataPlane:
                 result = await entry.task.infer(tensors, s)
                 blob = seal(s, self._signing_key(), self.sessions.clock()) if seq.export else None
             return result, blob
-        except SessionNotFound:
-            raise self._unknown_sequence(entry.name, seq) from None
+        except SessionNotFound as exc:
+            raise self._unknown_sequence(entry.name, seq, exc) from None
         finally:
             if seq.end:
                 with contextlib.suppress(SessionNotFound):

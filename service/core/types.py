@@ -54,10 +54,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class CompletionChunk:
-    """One piece of a streamed completion. The last chunk has ``finish_reason`` set (and may be empty)."""
+    """One piece of a streamed completion. The last chunk has ``finish_reason`` set (and may be empty).
+    ``steps``: with a session, what the session has consumed in total once this chunk is in it (0 without)."""
 
     text: str
     finish_reason: FinishReason | None = None
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,13 +141,16 @@ class InputTensor(Protocol):
 
 @dataclass(frozen=True)
 class TensorDef:
-    """One tensor of a task's v2 contract. ``-1`` in ``shape`` = any size."""
+    """One tensor of a task's v2 contract. ``-1`` in ``shape`` = any size, up to ``max_shape`` (same length;
+    0 = no limit) when given: inputs are checked against both before any data is decoded."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     optional: bool = False
     also_accepts: tuple[str, ...] = ()  # other datatypes taken for this input (e.g. INT64 for an INT32 count)
+    max_shape: tuple[int, ...] = ()
+    limit_name: str = ""  # the setting behind max_shape, named in the error message
 
     def describe(self) -> str:
         return f"{self.name} ({self.datatype} {list(self.shape)})"

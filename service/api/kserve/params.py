@@ -23,7 +23,7 @@ from service.errors import InvalidInput, echo
 EXPORT = "seqserve_export"
 IMPORT = "seqserve_import"
 SESSION_PARAMETER = "seqserve_session"
-MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<model>:"; the store allows 256 characters
+MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<principal tag>:<model>:"; the store allows 320
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²" and "١" are not versions
 
 

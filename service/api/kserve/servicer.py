@@ -24,7 +24,7 @@ from service.api.kserve.convert import config_to_pb, index_to_pb, metadata_to_pb
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence
 from service.api.kserve.tensors import encode_output, read_inputs
 from service.core.types import DataPlane
-from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError
+from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except SeqServeError as e:
-                yield self._stream_error(request, e.message)
+                yield self._stream_error(request, clip(e.message))
             except Exception:
                 log.exception("ModelStreamInfer: unexpected error")
                 yield self._stream_error(request, "internal error; see the server log")
