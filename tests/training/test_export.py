@@ -1,4 +1,4 @@
-"""export_tiny and the ONNX contract: names, dynamic axes, native cells, ORT parity, streaming identity."""
+"""The ONNX contract on export_tiny (tests/tiny_models.py): names, dynamic axes, native cells, ORT parity, streaming."""
 
 from __future__ import annotations
 
@@ -10,21 +10,19 @@ import onnx
 import pytest
 import torch
 
+from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.tokenizers import Encoder
-from training.export import CHAR_VOCAB, NATIVE_OPS, export_tiny, ort_run, parity
+from tests.tiny_models import CHAR_VOCAB, export_tiny
+from training.export import NATIVE_OPS, ort_run, parity
 from training.nets import CELLS, NetConfig, build_net
 
 TASKS = ("sentiment", "charlm", "forecast")
 
 
 def _zeros(m: Manifest, batch: int) -> dict[str, np.ndarray[Any, Any]]:
-    rows = batch * m.forecast.features if m.forecast is not None else batch
-    out = {}
-    for s in m.states:
-        shape = [rows if isinstance(d, str) else d for d in s.shape]
-        out[s.input] = np.zeros(shape, dtype=np.float32)
-    return out
+    features = m.forecast.features if m.forecast is not None else 1
+    return zero_states(m.states, {"batch": batch, "features": features})
 
 
 @pytest.mark.parametrize("cell", CELLS)
