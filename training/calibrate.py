@@ -43,6 +43,42 @@ def conformal_offsets(residuals: npt.ArrayLike, levels: Sequence[float], pooled:
     return np.stack([s[conformal_rank(len(s), tau) - 1] for tau in levels])  # (Q, H, T)
 
 
+def weighted_offsets(residuals: npt.ArrayLike, levels: Sequence[float], half_life: float) -> F64:
+    """Non-exchangeable split conformal (Barber, Candes, Ramdas & Tibshirani 2023): residuals (N, H, T) in time
+    order, window i weighted ``0.5 ** ((N - 1 - i) / half_life)`` (the newest weighs 1), plus weight 1 at +inf for
+    the point to cover. An infinite half-life gives ``conformal_offsets`` exactly. -> offsets (Q, H, T)."""
+    r = np.asarray(residuals, dtype=np.float64)
+    n = r.shape[0]
+    w = 0.5 ** ((n - 1 - np.arange(n)) / half_life) if np.isfinite(half_life) else np.ones(n)
+
+    def upper(values: F64, tau: float) -> F64:
+        order = np.argsort(values, axis=0, kind="stable")  # (N, H, T)
+        cum = np.cumsum(w[order], axis=0) / (w.sum() + 1.0)  # weight 1 stays at +inf
+        k = np.minimum((cum < tau - 1e-12).sum(axis=0), n - 1)  # first rank reaching tau (clamped to the max)
+        out: F64 = np.take_along_axis(np.sort(values, axis=0), k[None], axis=0)[0]
+        return out
+
+    return np.stack([upper(r, tau) if tau >= 0.5 else -upper(-r, 1 - tau) for tau in levels])
+
+
+def choose_half_life(residuals: npt.ArrayLike, levels: Sequence[float], gap: int, blocks: int = 5) -> float:
+    """The half-life (in windows; inf = unweighted) whose offsets, fitted on the windows before each of the last
+    ``blocks - 1`` consecutive blocks of the calibration windows, miss the levels least on that block (rolling
+    origin inside the validation split; ``gap`` windows that overlap the block's targets are skipped)."""
+    r = np.asarray(residuals, dtype=np.float64)
+    size = len(r) // blocks
+    candidates = [np.inf, len(r) / 2, len(r) / 4, len(r) / 8]
+    errors = []
+    for half_life in candidates:
+        miss = []
+        for b in range(1, blocks):
+            past, block = r[: b * size - gap], r[b * size : (b + 1) * size]
+            off = weighted_offsets(past, levels, half_life)
+            miss += [abs(float((block <= o).mean()) - tau) for tau, o in zip(levels, off, strict=True)]
+        errors.append(float(np.mean(miss)))
+    return float(candidates[int(np.argmin(errors))])
+
+
 def coverage(y: npt.ArrayLike, quantile: npt.ArrayLike) -> float:
     """Share of targets at or below the quantile forecast (should be close to its level)."""
     return float((np.asarray(y) <= np.asarray(quantile)).mean())

@@ -7,6 +7,7 @@ is unchanged): that is how the v1 models got theirs.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -80,6 +81,15 @@ CARDS: dict[str, ModelCard] = {
         license="Weights: Apache-2.0 (this project). Training data: CC BY-ND 4.0, see data.",
         limits=FORECAST_LIMITS,
     ),
+    "forecaster/1": ModelCard(
+        intended_use=FORECAST_USE.format(what="hourly transformer load and oil temperature, 96 hours ahead"),
+        data=ETT.format(file="ETTh1.csv (hourly, 7 columns; Informer's 12/4/4-month split)"),
+        license="Weights: Apache-2.0 (this project). Training data: CC BY-ND 4.0, see data.",
+        limits=[
+            *FORECAST_LIMITS,
+            "Its p10-p90 band is too wide on the test split (covers 88%, not 80%): use forecaster/2.",
+        ],
+    ),
     "forecaster-ettm1": ModelCard(
         intended_use=FORECAST_USE.format(what="15-minute transformer load and oil temperature, 24 hours ahead"),
         data=ETT.format(file="ETTm1.csv (15-minute, 7 columns; Informer's 12/4/4-month split)"),
@@ -119,10 +129,18 @@ def card_for(name: str, task: str, version: int = 1) -> ModelCard:
 
 
 def stamp(model_dir: Path) -> ModelCard:
-    """Writes the card into ``model_dir/manifest.json`` (nothing else changes)."""
-    m = Manifest.load(model_dir / MANIFEST_FILE)
+    """Writes the card into ``model_dir/manifest.json`` before ``sha256``; no other key changes (edited as JSON, so
+    fields added to the schema since the file was written are not filled in)."""
+    path = model_dir / MANIFEST_FILE
+    m = Manifest.load(path)
     card = card_for(m.name, m.task, m.version)
-    m.model_copy(update={"card": card}).dump(model_dir / MANIFEST_FILE)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw.pop("card", None)
+    at = list(raw).index("sha256")
+    items = list(raw.items())
+    items.insert(at, ("card", card.model_dump()))
+    path.write_text(json.dumps(dict(items), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    Manifest.load(path)  # still valid
     return card
 
 

@@ -88,9 +88,9 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--linear", action="store_true", help="add a linear window->horizon path beside the RNN")
         p.add_argument(
             "--calibration",
-            choices=["per-step", "pooled"],
+            choices=["per-step", "pooled", "recent"],
             default="per-step",
-            help="conformal offsets per horizon step, or pooled over steps (small data)",
+            help="conformal offsets per horizon step; pooled over steps (small data); recent: weighted to the newest",
         )
     p.set_defaults(**{k: v for k, v in DEFAULTS[task].items()})
 

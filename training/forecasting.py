@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.core.manifest import ForecastSpec, Metric, Normalization
-from training.calibrate import conformal_offsets
+from training.calibrate import choose_half_life, conformal_offsets, weighted_offsets
 from training.cards import TARGETS, card_for
 from training.evaluate import evaluate_model
 from training.export import write_model
@@ -41,13 +42,21 @@ def options(extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def calibrate(runner: ForecastRunner, pooled: bool) -> list[list[list[float]]]:
-    """Conformal offsets (Q, H, T) from the validation windows' residuals (z-scored): see training/calibrate.py."""
+def calibrate(runner: ForecastRunner, mode: str) -> tuple[list[list[list[float]]], dict[str, Any]]:
+    """Conformal offsets (Q, H, T) from the validation windows' residuals (z-scored), see training/calibrate.py:
+    "per-step" (exchangeable), "pooled" over steps (small data), or "recent" (weighted towards the newest
+    windows, the half-life picked by a rolling-origin check inside the validation split; inf = per-step)."""
     with torch.no_grad():
         pred = runner.predict(runner.vx).cpu().numpy()
-    residuals = runner.vy.cpu().numpy() - pred  # (N, H, T)
-    offsets: list[list[list[float]]] = conformal_offsets(residuals, LEVELS, pooled=pooled).tolist()
-    return offsets
+    residuals = runner.vy.cpu().numpy() - pred  # (N, H, T), windows in time order
+    info: dict[str, Any] = {"calibration": mode, "calibration_windows": len(residuals)}
+    if mode == "recent":
+        half_life = choose_half_life(residuals, LEVELS, gap=residuals.shape[1])
+        offsets = weighted_offsets(residuals, LEVELS, half_life)
+        info["calibration_half_life_windows"] = half_life if np.isfinite(half_life) else "inf"
+    else:
+        offsets = conformal_offsets(residuals, LEVELS, pooled=mode == "pooled")
+    return offsets.tolist(), info
 
 
 def train_forecast(job: Job) -> None:
@@ -68,11 +77,11 @@ def train_forecast(job: Job) -> None:
     res = fit(runner, job.train)
     net.cpu()
     runner.to("cpu")
-    pooled = bool(job.extra.get("calibration") == "pooled")
+    offsets, calibration = calibrate(runner, job.extra.get("calibration") or "per-step")
     spec = ForecastSpec(
         window=cfg.window, horizon=cfg.horizon, features=cfg.features, state_mode="window",
         update_cost=f"{cfg.window // cfg.segment} {cfg.cell.upper()} steps (the window is re-encoded per update)",
-        quantiles=LEVELS, quantile_offsets=calibrate(runner, pooled),
+        quantiles=LEVELS, quantile_offsets=offsets,
         targets=s.targets if cfg.targets is not None else [], frequency=s.frequency, time_column=s.time_column,
         split={k: [a, b] for k, (a, b) in s.split.items()},
     )  # fmt: skip
@@ -85,7 +94,7 @@ def train_forecast(job: Job) -> None:
         + (f" of {len(s.columns)} columns (covariates: {', '.join(covariates)})" if covariates else "")
         + "; channel-independent segment RNN, conformal p10/p50/p90 from the validation split.",
         normalization=norm, forecast=spec,
-        training={**training_info(job, res), "calibration": "pooled" if pooled else "per-step", **opts},
+        training={**training_info(job, res), **calibration, **opts},
         notes=f"segment RNN: each channel's window cut into {cfg.window // cfg.segment} segments of {cfg.segment} "
         f"rows; per-window re-referencing '{cfg.revin}' inside the graph",
     )  # fmt: skip

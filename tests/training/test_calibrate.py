@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.calibrate import conformal_offsets, conformal_rank, coverage, interval_scores, pinball
+from training.calibrate import (
+    choose_half_life,
+    conformal_offsets,
+    conformal_rank,
+    coverage,
+    interval_scores,
+    pinball,
+    weighted_offsets,
+)
 from training.scores import ece, fit_temperature, mape, mase, mase_scale, seasonal_naive
 
 LEVELS = [0.1, 0.5, 0.9]
@@ -79,7 +87,6 @@ def test_seasonal_naive_mase_mape() -> None:
 
 def test_ece_and_temperature() -> None:
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 5000)
     true_logit = rng.normal(0, 2, 5000)
     p1 = 1 / (1 + np.exp(-true_logit))
     labels = (rng.random(5000) < p1).astype(int)
@@ -89,3 +96,17 @@ def test_ece_and_temperature() -> None:
     probs = np.exp(over) / np.exp(over).sum(1, keepdims=True)
     assert ece(probs, labels) > 0.08
     assert fit_temperature(over, labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_weighted_offsets_reduce_to_conformal_and_follow_drift() -> None:
+    rng = np.random.default_rng(2)
+    r = rng.standard_normal((500, 3, 2))
+    np.testing.assert_allclose(weighted_offsets(r, LEVELS, np.inf), conformal_offsets(r, LEVELS))
+    # Spread grows over time: weighting the newest windows widens the band towards what comes next.
+    drift = rng.standard_normal((2000, 2, 1)) * np.linspace(0.5, 2.0, 2000)[:, None, None]
+    plain, recent = conformal_offsets(drift, LEVELS), weighted_offsets(drift, LEVELS, half_life=100)
+    assert (recent[2] > plain[2]).all() and (recent[0] < plain[0]).all()
+    nxt = rng.standard_normal((1000, 2, 1)) * 2.0
+    assert abs(coverage(nxt, recent[2]) - 0.9) < abs(coverage(nxt, plain[2]) - 0.9)
+    assert choose_half_life(drift, LEVELS, gap=2) < np.inf  # the rolling-origin check sees the drift
+    assert choose_half_life(rng.standard_normal((2000, 2, 1)), LEVELS, gap=2) >= 250  # stationary: long memory
