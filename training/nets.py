@@ -177,12 +177,17 @@ class SentimentNet(nn.Module):
         """(V, N) bucket ids (1-based, 0 = padding) of every vocab word's char n-grams."""
         self.ngram_ids = ngram_ids.to(self.embed.weight.device)
 
-    def set_glove(self, table: Tensor, learned_rows: int) -> None:
+    def set_glove(self, table: Tensor, learned_rows: int, init: bool = False) -> None:
         """(V, glove) pretrained vectors. Rows from ``learned_rows`` on are words never seen in training: their own
-        vector starts (and, never receiving a gradient, stays) at zero, so they read as GloVe (+ sub-words) only."""
+        vector starts (and, never receiving a gradient, stays) at zero, so they read as GloVe (+ sub-words) only.
+        ``init``: the train words' own vectors start from their GloVe vector (first dims) instead of noise."""
         assert self.glove is not None, "cfg.glove is 0"
         self.glove = table.to(self.embed.weight.device)
         with torch.no_grad():
+            if init:
+                k = min(table.shape[1], self.embed.weight.shape[1])
+                known = table[:learned_rows, :k].abs().sum(dim=1) > 0  # train words GloVe knows
+                self.embed.weight[:learned_rows, :k][known] = table[:learned_rows, :k][known]
             self.embed.weight[learned_rows:] = 0.0
 
     def table(self) -> Tensor:

@@ -46,7 +46,7 @@ def train_sentiment(job: Job) -> None:
         net.set_ngrams(torch.from_numpy(ngram_table(tok.vocab, job.net.subword_buckets)))
     if glove is not None:
         table, found = glove_table(tok.vocab, glove)
-        net.set_glove(torch.from_numpy(table), learned_rows)
+        net.set_glove(torch.from_numpy(table), learned_rows, init=job.extra.get("glove_init", False))
         glove_info = {"glove_words_added": len(tok.vocab) - learned_rows, "glove_rows_with_vector": found}
 
     def encode(rows: list[tuple[str, int]]) -> list[tuple[Any, int]]:

@@ -114,3 +114,17 @@ def test_train_sentiment_with_glove(tmp_path: Path, tiny_sst2: Path, glove_dir: 
     assert 0 <= report["onnx_metrics"]["dev_ece"] <= 1
     ids = Encoder(m.tokenizer).encode("a superb film")
     assert 1 not in ids.tolist()[1:2]
+
+
+def test_glove_init_starts_train_words_from_their_vectors(glove_dir: Path) -> None:
+    g = load_glove(glove_dir)
+    vocab = extend_vocab(["<pad>", "<unk>", "good", "zzz"], g, top=10)
+    table = torch.from_numpy(glove_table(vocab, g)[0])
+    torch.manual_seed(0)
+    net = build_net(NetConfig(task="sentiment", vocab=len(vocab), embedding=8, glove=g.dim, hidden=4))
+    assert isinstance(net, SentimentNet)
+    net.set_glove(table, learned_rows=4, init=True)
+    w = net.embed.weight.detach()
+    torch.testing.assert_close(w[2, :6], table[2])  # 'good': its GloVe vector in the first dims
+    assert w[3].abs().sum() > 0 and not torch.equal(w[3, :6], table[3])  # 'zzz': GloVe lacks it, noise stays
+    assert float(w[4:].abs().sum()) == 0.0  # GloVe-only words: no own vector
