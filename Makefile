@@ -75,6 +75,10 @@ train-forecast-ettm1: $(STAMP)
 	$(BIN)/seqserve-train forecast --data $(DATA)/etth1/ETTm1.csv --preset ett-m --out models/forecaster-ettm1/1 \
 		--threads 1 --revin last --linear --epochs 12 --batch-size 128 --lr 1e-3 --patience 4 --max-minutes 20 \
 		--calibration recent --no-progress
+train-forecast-air: $(STAMP)
+	$(BIN)/seqserve-train forecast --data $(DATA)/airpassengers/airline-passengers.csv --split 96,24,24 --window 36 \
+		--horizon 12 --segment 12 --revin last --linear --hidden 32 --lr 3e-3 --epochs 300 --batch-size 16 \
+		--patience 40 --max-minutes 3 --calibration pooled --no-progress --out models/forecaster-air/1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
