@@ -114,3 +114,17 @@ def test_streaming_identity_charlm(tmp_path: Path, cell: str) -> None:
     np.testing.assert_allclose(np.concatenate([first[0], second[0]], axis=1), whole[0], atol=1e-5)
     for i in range(len(m.states)):
         np.testing.assert_allclose(second[1 + i], whole[1 + i], atol=1e-5)
+
+
+def test_export_tiny_covariate_forecaster(tmp_path: Path) -> None:
+    """targets=["OT"]: the 6 other columns are inputs only; the graph returns (batch, horizon, 1)."""
+    d = export_tiny("forecast", tmp_path, cell="gru", name="cov", targets=["OT"])
+    m = Manifest.load(d / MANIFEST_FILE)
+    assert m.forecast is not None and m.forecast.targets == ["OT"] and m.forecast.target_count == 1
+    assert m.outputs[0].shape == ["batch", 12, 1] and np.asarray(m.forecast.quantile_offsets).shape == (3, 12, 1)
+    hist = np.random.default_rng(0).standard_normal((2, 24, 7)).astype(np.float32)
+    fc = ort_run(d / MODEL_FILE, {"history": hist, **_zeros(m, 2)})[0]
+    assert fc.shape == (2, 12, 1)
+    cfg = NetConfig(**m.training["net"])
+    torch.manual_seed(0)
+    assert parity(build_net(cfg), d / MODEL_FILE, cfg, time=36, batch=3, seed=5) <= 1e-4
