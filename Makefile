@@ -65,7 +65,7 @@ train-forecast: $(STAMP)
 
 train-sentiment2: $(STAMP)
 	$(BIN)/seqserve-train sentiment --data $(DATA)/sst2 --out models/sentiment/2 --threads 1 --subword-buckets 20000 \
-		--glove --glove-top 35000 --half-table --max-minutes 20 --no-progress
+		--glove --glove-top 35000 --glove-init --half-table --max-minutes 20 --no-progress --run-dir runs/sentiment-2b
 train-forecast2: $(STAMP)
 	$(BIN)/seqserve-train forecast --data $(DATA)/etth1/ETTh1.csv --preset ett-h --out models/forecaster/2 --threads 1 \
 		--revin last --linear --epochs 12 --batch-size 64 --lr 1e-3 --patience 4 --max-minutes 10 --calibration recent \
