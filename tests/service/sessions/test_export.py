@@ -71,7 +71,7 @@ def test_tampered_foreign_or_unkeyed_blobs_are_refused(
 def test_a_blob_of_other_weights_is_a_failed_precondition(
     tiny_models: Path, tmp_path: Path, start_server: Callable[..., ServerHandle]
 ) -> None:
-    from training.export import export_tiny
+    from tests.tiny_models import export_tiny
 
     other = tmp_path / "other"
     export_tiny("charlm", other, name="charlm", seed=7)  # same name and version, other weights
