@@ -8,12 +8,20 @@ split), per horizon step ``h`` and target ``t``. With ``n`` calibration windows,
 exchangeability ``P(y <= point + offset)`` is then within ``1 / (n + 1)`` of ``tau`` (Vovk et al. 2005; Romano,
 Patterson & Candes 2019). ``pooled=True`` (for small data) shares one set of quantiles across horizon steps after
 dividing each step's residuals by its RMS, then scales back per step: ``n * horizon`` residuals instead of ``n``.
+
+Normalized conformal (Papadopoulos et al. 2002; Lei et al. 2018): when the error level drifts, a constant band is
+right for no period. ``window_scale`` measures each window's own volatility from its history (the mean absolute
+or the std of the last ``k`` row-to-row changes of each target, floored); the offsets are then conformal
+quantiles of ``residual / scale`` and serving forms ``point + offset * scale``. ``choose_interval`` picks the
+volatility measure, ``k`` and per-step vs pooled offsets by a check inside the calibration (validation) windows
+only: calibrate on the first half, score on the second, and vice versa.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -91,12 +99,18 @@ def pinball(y: npt.ArrayLike, quantile: npt.ArrayLike, tau: float) -> float:
 
 
 def interval_scores(
-    y: npt.ArrayLike, point: npt.ArrayLike, offsets: npt.ArrayLike, levels: Sequence[float]
+    y: npt.ArrayLike,
+    point: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    levels: Sequence[float],
+    scale: npt.ArrayLike | None = None,
 ) -> dict[str, float]:
     """Coverage and pinball loss per level, and the coverage of the outer band (e.g. p10-p90), for ``y`` and
-    ``point`` (N, H, T) z-scored and ``offsets`` (Q, H, T)."""
+    ``point`` (N, H, T) z-scored, ``offsets`` (Q, H, T) and, when the model has one, each window's ``scale``
+    (N, 1 or H, T) multiplying the offsets (as serving does)."""
     y, point, off = np.asarray(y), np.asarray(point), np.asarray(offsets)
-    q = point[None] + off[:, None]  # (Q, N, H, T)
+    spread = off[:, None] if scale is None else off[:, None] * np.asarray(scale)[None]  # (Q, 1 or N, H, T)
+    q = point[None] + spread  # (Q, N, H, T)
     out: dict[str, float] = {}
     for tau, qi in zip(levels, q, strict=True):
         out[f"coverage_q{tau:g}"] = coverage(y, qi)
@@ -105,3 +119,111 @@ def interval_scores(
     band = f"band_p{round(100 * lo)}_p{round(100 * hi)}"
     out[f"coverage_{band}"] = float(((y >= q[0]) & (y <= q[-1])).mean())
     return out
+
+
+# --- normalized conformal: a per-window scale -------------------------------------------------------------------
+SCALE_KINDS = ("mad", "std")  # mean absolute / standard deviation of the last k row-to-row changes
+SCALE_KS = (4, 8, 12, 24, 48)  # candidate k (those below the window, and window - 1: the whole window)
+FLOOR_FRACTION = 0.1  # the scale never drops below this share of its median over the calibration windows
+
+
+@dataclass(frozen=True)
+class IntervalChoice:
+    """How intervals are formed: ``kind`` "none" (constant offsets) or a ``SCALE_KINDS`` volatility over the last
+    ``k`` changes; offsets per horizon step or ``pooled``. The half-split check's scores, each the mean over both
+    halves: ``miss``, sum_q |coverage_q - level_q|, and ``pinball``, the mean pinball loss over the levels."""
+
+    kind: str
+    k: int
+    pooled: bool
+    miss: float = float("nan")
+    pinball: float = float("nan")
+
+    @property
+    def label(self) -> str:
+        scale = "constant" if self.kind == "none" else f"{self.kind} of the last {self.k} changes"
+        return f"{scale}, {'pooled' if self.pooled else 'per-step'}"
+
+
+def volatility(history: npt.ArrayLike, kind: str, k: int) -> F64:
+    """history (N, L, T) z-scored -> (N, T): the mean absolute ("mad") or the standard deviation ("std", ddof 0)
+    of each target's last ``k`` row-to-row changes (needs ``k < L``)."""
+    x = np.asarray(history, dtype=np.float64)
+    if kind not in SCALE_KINDS or not 1 <= k < x.shape[1]:
+        raise ValueError(f"scale: kind must be one of {SCALE_KINDS} and 1 <= k < window {x.shape[1]}, got {kind}:{k}")
+    d = np.diff(x[:, -(k + 1) :], axis=1)  # (N, k, T)
+    out: F64 = np.abs(d).mean(axis=1) if kind == "mad" else d.std(axis=1)
+    return out
+
+
+def scale_floor(vol: npt.ArrayLike) -> F64:
+    """(N, T) volatilities of the calibration windows -> the per-target floor (T,) (> 0 for any non-flat target)."""
+    v = np.asarray(vol, dtype=np.float64)
+    out: F64 = np.maximum(FLOOR_FRACTION * np.median(v, axis=0), 1e-6)
+    return out
+
+
+def window_scale(history: npt.ArrayLike, kind: str, k: int, floor: npt.ArrayLike) -> F64:
+    """history (N, L, T) -> the scale (N, 1, T) that multiplies the offsets: ``max(volatility, floor)``."""
+    out: F64 = np.maximum(volatility(history, kind, k), np.asarray(floor))[:, None, :]
+    return out
+
+
+def _half_split(
+    history: F64, residuals: F64, levels: Sequence[float], choice: IntervalChoice, gap: int
+) -> IntervalChoice:
+    """Calibrate on one half of the windows (time order), score the other half, both ways; ``gap`` windows whose
+    targets overlap the other half's are left out between them. -> ``choice`` with its ``miss`` and ``pinball``."""
+    n, t = len(residuals), residuals.shape[2]
+    cut = n // 2
+    first, second = np.arange(0, max(cut - gap // 2, 1)), np.arange(min(cut + (gap - gap // 2), n - 1), n)
+    misses, losses = [], []
+    for cal, ev in ((first, second), (second, first)):
+        s_cal, s_ev = np.ones((len(cal), 1, t)), np.ones((len(ev), 1, t))
+        if choice.kind != "none":
+            floor = scale_floor(volatility(history[cal], choice.kind, choice.k))
+            s_cal = window_scale(history[cal], choice.kind, choice.k, floor)
+            s_ev = window_scale(history[ev], choice.kind, choice.k, floor)
+        off = conformal_offsets(residuals[cal] / s_cal, levels, pooled=choice.pooled)  # (Q, H, T)
+        q = off[:, None] * s_ev[None]  # (Q, M, H, T) quantiles of the residual: point + q
+        misses.append(sum(abs(coverage(residuals[ev], qi) - tau) for tau, qi in zip(levels, q, strict=True)))
+        losses.append(np.mean([pinball(residuals[ev], qi, tau) for tau, qi in zip(levels, q, strict=True)]))
+    return IntervalChoice(choice.kind, choice.k, choice.pooled, float(np.mean(misses)), float(np.mean(losses)))
+
+
+PINBALL_TOLERANCE = 0.01  # a scaled band may lose at most 1% pinball loss against the constant band
+
+
+def choose_interval(
+    history: npt.ArrayLike,
+    residuals: npt.ArrayLike,
+    levels: Sequence[float],
+    kinds: Sequence[str] = ("none", *SCALE_KINDS),
+    ks: Sequence[int] | None = None,
+    pooled: Sequence[bool] = (False, True),
+    gap: int = 0,
+) -> tuple[IntervalChoice, list[IntervalChoice]]:
+    """Picks how to form intervals by the half-split check on the calibration windows: ``history`` (N, L, T) their
+    targets' z-scored rows, ``residuals`` (N, H, T) y - point, in time order. Candidates: constant or a volatility
+    kind x k (default ``SCALE_KS`` and window - 1), each per-step or pooled. Admissible: a candidate whose
+    held-out pinball loss is within ``PINBALL_TOLERANCE`` of the best constant band's (a scale that only moves the
+    band's width at random, worse as a forecast, is refused); the admissible one with the smallest coverage
+    ``miss`` wins (ties: the earlier). Returns it and every candidate scored."""
+    x, r = np.asarray(history, dtype=np.float64), np.asarray(residuals, dtype=np.float64)
+    if len(r) < 4:
+        raise ValueError(f"choose_interval: needs at least 4 calibration windows, got {len(r)}")
+    gap = min(gap, len(r) // 4)
+    ks = sorted({k for k in (ks or (*SCALE_KS, x.shape[1] - 1)) if 1 <= k < x.shape[1]})
+    candidates = [
+        IntervalChoice(kind, k if kind != "none" else 0, p)
+        for kind in kinds
+        for k in (ks if kind != "none" else [0])
+        for p in pooled
+    ]
+    if not candidates:
+        raise ValueError(f"choose_interval: no candidate; the scale's k must be below the window ({x.shape[1]})")
+    scored = [_half_split(x, r, levels, c, gap) for c in candidates]
+    constant = [c.pinball for c in scored if c.kind == "none"]
+    limit = (1 + PINBALL_TOLERANCE) * min(constant) if constant else np.inf
+    admissible = [c for c in scored if c.kind == "none" or c.pinball <= limit]
+    return min(admissible, key=lambda c: c.miss), scored

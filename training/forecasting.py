@@ -7,23 +7,38 @@ in ``Job.extra``; the manifest records what they resolved to (columns, targets, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from service.core.manifest import ForecastSpec, Metric, Normalization
-from training.calibrate import choose_half_life, conformal_offsets, weighted_offsets
+from service.core.manifest import MANIFEST_FILE, ForecastSpec, Manifest, Metric, Normalization
+from training.calibrate import (
+    SCALE_KINDS,
+    IntervalChoice,
+    choose_half_life,
+    choose_interval,
+    conformal_offsets,
+    scale_floor,
+    volatility,
+    weighted_offsets,
+    window_scale,
+)
 from training.cards import TARGETS, card_for
 from training.evaluate import evaluate_model
 from training.export import write_model
 from training.nets import build_net, count_parameters
 from training.pipelines import Job, finish, training_info
 from training.runners import ForecastRunner
+from training.scale import add_scale_output
 from training.series import DEFAULT_SPLIT, PRESETS, Series, load_series
 from training.train import fit
 
 LEVELS = [0.1, 0.5, 0.9]
+F64 = npt.NDArray[np.float64]
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -42,21 +57,58 @@ def options(extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def calibrate(runner: ForecastRunner, mode: str) -> tuple[list[list[list[float]]], dict[str, Any]]:
-    """Conformal offsets (Q, H, T) from the validation windows' residuals (z-scored), see training/calibrate.py:
-    "per-step" (exchangeable), "pooled" over steps (small data), or "recent" (weighted towards the newest
-    windows, the half-life picked by a rolling-origin check inside the validation split; inf = per-step)."""
-    with torch.no_grad():
-        pred = runner.predict(runner.vx).cpu().numpy()
-    residuals = runner.vy.cpu().numpy() - pred  # (N, H, T), windows in time order
-    info: dict[str, Any] = {"calibration": mode, "calibration_windows": len(residuals)}
+def scale_candidates(text: str) -> tuple[tuple[str, ...], list[int] | None]:
+    """``--interval-scale``: "auto" (constant or any volatility, chosen), "none", or KIND[:K] (e.g. "mad:24")."""
+    if text == "auto":
+        return ("none", *SCALE_KINDS), None
+    if text == "none":
+        return ("none",), None
+    kind, _, k = text.partition(":")
+    if kind not in SCALE_KINDS or (k and not k.isdigit()):
+        raise ValueError(f"--interval-scale: expected auto, none or KIND[:K] with KIND in {SCALE_KINDS}, got {text!r}")
+    return (kind,), ([int(k)] if k else None)
+
+
+@dataclass
+class Intervals:
+    """Calibrated intervals: offsets (Q, H, T) on the z-scored scale, the choice behind them, the scale's floor
+    (T,) when there is a scale, and what to record in the manifest's training section."""
+
+    offsets: F64
+    choice: IntervalChoice
+    floor: list[float] | None
+    info: dict[str, Any]
+
+
+def calibrate(history: F64, residuals: F64, mode: str = "auto", scale: str = "auto") -> Intervals:
+    """Conformal offsets from the calibration (validation) windows: ``history`` (N, L, T) their targets' z-scored
+    rows, ``residuals`` (N, H, T) = y - point, in time order. The per-window scale (``--interval-scale``) and
+    per-step vs pooled offsets (``mode`` "auto") are chosen by ``choose_interval``'s half-split check on these
+    windows; "recent" weights the newest windows (half-life by a rolling-origin check, inf = unweighted). See
+    training/calibrate.py."""
+    kinds, ks = scale_candidates(scale)
+    pooled = {"auto": (False, True), "pooled": (True,)}.get(mode, (False,))
+    if len(residuals) >= 4:
+        choice, table = choose_interval(history, residuals, LEVELS, kinds, ks, pooled, gap=residuals.shape[1])
+    else:  # too few windows to check anything: the first candidate (constant offsets under "auto")
+        k = 0 if kinds[0] == "none" else (ks or [history.shape[1] - 1])[0]
+        choice, table = IntervalChoice(kinds[0], k, pooled[0]), []
+    floor = None if choice.kind == "none" else scale_floor(volatility(history, choice.kind, choice.k))
+    z = residuals if floor is None else residuals / window_scale(history, choice.kind, choice.k, floor)
+    info: dict[str, Any] = {
+        "calibration": mode, "calibration_windows": len(residuals), "interval_scale": choice.label,
+        "interval_choice": {"kind": choice.kind, "k": choice.k, "pooled": choice.pooled},
+        "interval_check": {c.label: {"miss": round(c.miss, 4), "pinball": round(c.pinball, 5)} for c in table},
+    }  # fmt: skip
     if mode == "recent":
-        half_life = choose_half_life(residuals, LEVELS, gap=residuals.shape[1])
-        offsets = weighted_offsets(residuals, LEVELS, half_life)
+        half_life = choose_half_life(z, LEVELS, gap=residuals.shape[1])
+        offsets = weighted_offsets(z, LEVELS, half_life)
         info["calibration_half_life_windows"] = half_life if np.isfinite(half_life) else "inf"
     else:
-        offsets = conformal_offsets(residuals, LEVELS, pooled=mode == "pooled")
-    return offsets.tolist(), info
+        offsets = conformal_offsets(z, LEVELS, pooled=choice.pooled)
+    if floor is not None:
+        info["interval_scale_floor"] = floor.tolist()
+    return Intervals(offsets, choice, None if floor is None else floor.tolist(), info)
 
 
 def train_forecast(job: Job) -> None:
@@ -77,11 +129,16 @@ def train_forecast(job: Job) -> None:
     res = fit(runner, job.train)
     net.cpu()
     runner.to("cpu")
-    offsets, calibration = calibrate(runner, job.extra.get("calibration") or "per-step")
+    with torch.no_grad():
+        residuals = (runner.vy - runner.predict(runner.vx)).numpy().astype(np.float64)  # (N, H, T), time order
+    history = runner.vx.numpy()[:, :, s.target_index].astype(np.float64)  # (N, L, T)
+    iv = calibrate(
+        history, residuals, job.extra.get("calibration") or "auto", job.extra.get("interval_scale") or "auto"
+    )
     spec = ForecastSpec(
         window=cfg.window, horizon=cfg.horizon, features=cfg.features, state_mode="window",
         update_cost=f"{cfg.window // cfg.segment} {cfg.cell.upper()} steps (the window is re-encoded per update)",
-        quantiles=LEVELS, quantile_offsets=offsets,
+        quantiles=LEVELS, quantile_offsets=iv.offsets.tolist(),
         targets=s.targets if cfg.targets is not None else [], frequency=s.frequency, time_column=s.time_column,
         split={k: [a, b] for k, (a, b) in s.split.items()},
     )  # fmt: skip
@@ -94,28 +151,33 @@ def train_forecast(job: Job) -> None:
         + (f" of {len(s.columns)} columns (covariates: {', '.join(covariates)})" if covariates else "")
         + "; channel-independent segment RNN, conformal p10/p50/p90 from the validation split.",
         normalization=norm, forecast=spec,
-        training={**training_info(job, res), **calibration, **opts},
+        training={**training_info(job, res), **iv.info, **opts},
         notes=f"segment RNN: each channel's window cut into {cfg.window // cfg.segment} segments of {cfg.segment} "
         f"rows; per-window re-referencing '{cfg.revin}' inside the graph",
     )  # fmt: skip
+    if iv.floor is not None:
+        add_scale_output(job.out, iv.choice.kind, iv.choice.k, iv.floor)
     ev = evaluate_model(job.out, job.data)
     card = card_for(job.name, "forecast", job.version)
-    finish(job, res, forecast_metrics(job, s, ev), ev, {"task": "forecast"}, card)
+    metrics = forecast_metrics(job.name, job.out, job.data, s, ev)
+    finish(job, res, metrics, ev, {"task": "forecast", "intervals": iv.info}, card)
 
 
-def forecast_metrics(job: Job, s: Series, ev: dict[str, float]) -> list[Metric]:
+def forecast_metrics(name: str, out: Path, data: Path, s: Series, ev: dict[str, float]) -> list[Metric]:
     """The manifest's metrics: test MSE first (the headline), then MAE, interval scores, MASE/MAPE when known.
     Coverage metrics carry their nominal level as target; the issue's goal is on the metric it names."""
     a, b = s.split["test"]
-    goal = TARGETS.get(job.name)
+    goal = TARGETS.get(name)
+    m = Manifest.load(out / MANIFEST_FILE)
+    assert m.forecast is not None
     base = Metric(
         name="test_mse", value=ev["test_mse"], higher_is_better=False,
         dataset=f"{s.path.name} ({', '.join(s.targets)}; z-scored with train-split statistics)",
-        split=f"test rows [{a}, {b}), every stride-1 window (history from the {job.net.window} rows before), "
-        f"horizon {job.net.horizon}",
-        command=f"seqserve-train evaluate --model {job.out} --data {job.data}",
+        split=f"test rows [{a}, {b}), every stride-1 window (history from the {m.forecast.window} rows before), "
+        f"horizon {m.forecast.horizon}",
+        command=f"seqserve-train evaluate --model {out} --data {data}",
     )  # fmt: skip
-    out = []
+    metrics = []
     for key, value in ev.items():
         if not key.startswith("test_") or key == "test_windows":
             continue
@@ -126,5 +188,7 @@ def forecast_metrics(job: Job, s: Series, ev: dict[str, float]) -> list[Metric]:
         elif key.startswith("test_coverage_band_p"):
             lo, hi = (int(v) for v in key.removeprefix("test_coverage_band_p").split("_p"))
             target = (hi - lo) / 100
-        out.append(base.model_copy(update={"name": key, "value": value, "target": target, "higher_is_better": higher}))
-    return out
+        metrics.append(
+            base.model_copy(update={"name": key, "value": value, "target": target, "higher_is_better": higher})
+        )
+    return metrics
