@@ -93,7 +93,8 @@ class ForecastSpec(_Strict):
 
     ``state_mode="window"``: a session keeps the last ``window`` rows beside the state and re-runs the
     (short) encoder on every update; ``state_mode="recurrent"``: the recurrent state advances row by row.
-    ``quantile_offsets[q][h][f]`` is added to the point forecast (normalized scale) for quantile ``quantiles[q]``.
+    ``quantile_offsets[q][h][f]`` is added to the point forecast (normalized scale) for quantile ``quantiles[q]``,
+    multiplied first by the window's ``scale_output`` when the graph has one.
     """
 
     window: int = Field(ge=1)
@@ -114,6 +115,12 @@ class ForecastSpec(_Strict):
     split: dict[str, list[int]] = Field(
         default_factory=dict,
         description="Rows [start, stop) of each split of the training data, e.g. {'test': [a, b]}.",
+    )
+    scale_output: str | None = Field(
+        default=None,
+        description="Name of a graph output shaped (batch, 1 or horizon, targets), z-scored units, > 0: a per-window "
+        "scale (e.g. the recent volatility of each target) that multiplies quantile_offsets, so quantile q is "
+        "point + quantile_offsets[q] * scale. None: the offsets are added as they are.",
     )
 
     @property

@@ -6,6 +6,11 @@ columns when empty), the rest are covariates. Sessions (``state_mode="window"``)
 as their context; each Observe appends rows and re-runs the short encoder on the window (its cost is the
 manifest's ``update_cost``, independent of how long the series is).
 
+Quantile ``q`` is ``point + quantile_offsets[q]`` on the z-scored scale; a graph that declares a
+``forecast.scale_output`` (shape ``(batch, 1 or horizon, targets)``, e.g. each target's recent volatility computed
+from the window inside the graph) gets ``point + quantile_offsets[q] * scale`` instead, so its band widens and
+narrows with the window it was given (normalized conformal calibration, ``training/calibrate.py``).
+
 v2 contract: HISTORY FP32 [-1, features] -> FORECAST FP32 [horizon, targets], QUANTILES FP32 [quantiles,
 horizon, targets]; with a sequence, HISTORY rows are appended to the sequence's window.
 """
@@ -49,6 +54,31 @@ class ForecastTask(Task):
                 f"forecast.quantile_offsets has shape {shape}; expected [quantiles={len(f.quantiles)}, "
                 f"horizon={f.horizon}, targets={f.target_count}]"
             )
+        if f.scale_output is not None:
+            cls._check_scale(manifest, f.scale_output)
+
+    @staticmethod
+    def _check_scale(manifest: Manifest, name: str) -> None:
+        """The scale output multiplies the offsets: declared, float32, (batch, 1 or horizon, targets), not the
+        forecast or a state, and there must be offsets to multiply."""
+        f = manifest.forecast
+        assert f is not None
+        outputs = {t.name: t for t in manifest.outputs}
+        states = {s.output for s in manifest.states}
+        if name not in outputs or name == "forecast" or name in states:
+            raise ValueError(
+                f"forecast.scale_output {name!r} must name a graph output other than 'forecast' and the states; "
+                f"manifest.json declares outputs {sorted(outputs)}"
+            )
+        spec = outputs[name]
+        ok = len(spec.shape) == 3 and spec.shape[1] in (1, f.horizon) and spec.shape[2] == f.target_count
+        if spec.dtype != "float32" or not ok or isinstance(spec.shape[0], int):
+            raise ValueError(
+                f"output {name!r} (forecast.scale_output) is {spec.dtype} {spec.shape}; expected float32 "
+                f"['batch', 1 or horizon={f.horizon}, targets={f.target_count}]"
+            )
+        if not f.quantile_offsets:
+            raise ValueError(f"forecast.scale_output {name!r} is set but forecast.quantile_offsets is empty")
 
     @classmethod
     def symbols(cls, manifest: Manifest) -> dict[str, int]:
@@ -68,6 +98,7 @@ class ForecastTask(Task):
         self.target_mean, self.target_std = self.mean[pick], self.std[pick]  # (targets,)
         self.offsets = np.asarray(spec.quantile_offsets, dtype=np.float32)  # (quantiles, horizon, targets) z-scored
         self.levels = list(spec.quantiles) if self.offsets.size else []
+        self.scale_name = spec.scale_output  # graph output multiplying the offsets per window, or None
 
     # --- sessions -------------------------------------------------------------------------------------
     def session_nbytes(self) -> int:
@@ -151,7 +182,18 @@ class ForecastTask(Task):
         z = ((window_rows - self.mean) / self.std).astype(np.float32)[None]  # (1, window, features)
         out = await self.model.batcher.submit(StepInput(inputs={"history": z}, rows=1, key=("window", len(z[0]))))
         point_z = out.outputs["forecast"][0]  # (horizon, targets), z-scored
-        quant_z = point_z[None] + self.offsets if self.offsets.size else np.zeros((0, *point_z.shape), np.float32)
+        if self.scale_name is not None:
+            scale = out.outputs[self.scale_name][0]  # (1 or horizon, targets), z-scored units
+            if scale.ndim != 2 or scale.shape[0] not in (1, point_z.shape[0]) or scale.shape[1] != point_z.shape[1]:
+                raise RuntimeError(
+                    f"model {self.model.label}: graph output {self.scale_name!r} has shape {list(scale.shape)} per "
+                    f"window; its manifest promises (1 or {point_z.shape[0]}, {point_z.shape[1]})"
+                )
+            quant_z = point_z[None] + self.offsets * scale[None]  # (quantiles, horizon, targets)
+        elif self.offsets.size:
+            quant_z = point_z[None] + self.offsets
+        else:
+            quant_z = np.zeros((0, *point_z.shape), np.float32)
         return ForecastResult(
             columns=list(self.targets),
             point=(point_z * self.target_std + self.target_mean).astype(np.float32),
