@@ -1,4 +1,4 @@
-"""``seqserve-train {sentiment,charlm,forecast,evaluate,sample}``.
+"""``seqserve-train {sentiment,charlm,forecast,calibrate,evaluate,sample}``.
 
 Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line
 naming the file and the problem and exit 2.
@@ -87,13 +87,25 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--segment", type=int, default=12, help="rows per recurrent step (divides --window)")
         p.add_argument("--revin", choices=REVIN, default="last", help="per-window re-referencing inside the graph")
         p.add_argument("--linear", action="store_true", help="add a linear window->horizon path beside the RNN")
-        p.add_argument(
-            "--calibration",
-            choices=["per-step", "pooled", "recent"],
-            default="per-step",
-            help="conformal offsets per horizon step; pooled over steps (small data); recent: weighted to the newest",
-        )
+        _interval_options(p)
     p.set_defaults(**{k: v for k, v in DEFAULTS[task].items()})
+
+
+def _interval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration",
+        choices=["auto", "per-step", "pooled", "recent"],
+        default="auto",
+        help="conformal offsets per horizon step or pooled over steps (auto: chosen inside the validation split); "
+        "recent: per step, weighted to the newest validation windows",
+    )
+    p.add_argument(
+        "--interval-scale",
+        default="auto",
+        help="per-window scale of the offsets, computed in the graph from the history: none, mad[:K] (mean "
+        "absolute change over the last K rows), std[:K], or auto (none or any of them, chosen inside the "
+        "validation split)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="recompute a model's metric from its exported ONNX")
     ev.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
     ev.add_argument("--data", type=Path, required=True)
+    ca = sub.add_parser("calibrate", help="recalibrate a trained forecaster's intervals into a new version")
+    ca.add_argument("--model", type=Path, required=True, help="the trained models/NAME/N (left unchanged)")
+    ca.add_argument("--data", type=Path, required=True, help="the file it was trained on")
+    ca.add_argument("--out", type=Path, required=True, help="the new models/NAME/M")
+    _interval_options(ca)
     sp = sub.add_parser("sample", help="generate text from a char LM (ONNX)")
     sp.add_argument("--model", type=Path, required=True)
     sp.add_argument("--prompt", default="ROMEO:")
@@ -137,7 +154,7 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
     )  # fmt: skip
     keys = ["bptt", "heldout_fraction", "min_count", "max_length", "word_dropout", "preset", "time_column", "glove"]
     keys += ["glove_top", "glove_dropout", "glove_dir", "glove_init", "half_table", "calibrate"]
-    keys += ["columns", "targets", "split", "freq", "calibration"]
+    keys += ["columns", "targets", "split", "freq", "calibration", "interval_scale"]
     extra = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return Job(args.data, out, tc, nc, shlex.join(["seqserve-train", *argv]), extra)
 
@@ -150,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
             from training.evaluate import evaluate_model
 
             print(json.dumps(evaluate_model(args.model, args.data), indent=2))
+            return 0
+        if args.command in ("forecast", "calibrate"):
+            from training.forecasting import scale_candidates
+
+            scale_candidates(args.interval_scale)  # a bad value fails now, not after training
+        if args.command == "calibrate":
+            from training.recalibrate import recalibrate
+
+            command = shlex.join(["seqserve-train", *argv])
+            recalibrate(args.model, args.data, args.out, command, args.calibration, args.interval_scale)
             return 0
         if args.command == "sample":
             from training.evaluate import sample

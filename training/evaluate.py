@@ -25,7 +25,7 @@ from training.scores import ece, mape, mase, mase_scale, seasonal_naive
 from training.series import SEASON, Series, series_for, windows
 
 
-def _session(model_dir: Path) -> tuple[Manifest, ort.InferenceSession]:
+def open_model(model_dir: Path) -> tuple[Manifest, ort.InferenceSession]:
     if not (model_dir / MANIFEST_FILE).exists():
         raise DataError(f"{model_dir / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
     m = Manifest.load(model_dir / MANIFEST_FILE)
@@ -82,11 +82,21 @@ def eval_sentiment(m: Manifest, sess: ort.InferenceSession, folder: Path) -> dic
 
 def forecast_windows(m: Manifest, sess: ort.InferenceSession, x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """x (N, window, F) z-scored -> point forecasts (N, horizon, T) z-scored (T = target columns)."""
-    out = [
-        sess.run(["forecast"], {"history": x[i : i + 512], **states0(m, len(x[i : i + 512]))})[0]
-        for i in range(0, len(x), 512)
+    return forecast_and_scale(m, sess, x)[0]
+
+
+def forecast_and_scale(
+    m: Manifest, sess: ort.InferenceSession, x: npt.NDArray[Any]
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
+    """x (N, window, F) z-scored -> point forecasts (N, horizon, T) and, when the graph has a
+    ``forecast.scale_output``, the scale multiplying the offsets (N, 1 or horizon, T); else None."""
+    assert m.forecast is not None
+    names = ["forecast"] + ([m.forecast.scale_output] if m.forecast.scale_output else [])
+    runs = [
+        sess.run(names, {"history": x[i : i + 512], **states0(m, len(x[i : i + 512]))}) for i in range(0, len(x), 512)
     ]
-    return np.concatenate(out)
+    point = np.concatenate([r[0] for r in runs])
+    return point, (np.concatenate([r[1] for r in runs]) if len(names) > 1 else None)
 
 
 def eval_forecast(m: Manifest, sess: ort.InferenceSession, path: Path) -> dict[str, float]:
@@ -96,10 +106,10 @@ def eval_forecast(m: Manifest, sess: ort.InferenceSession, path: Path) -> dict[s
     f = m.forecast
     s = series_for(m, path)
     x, y = windows(s.part("test", f.window), f.window, f.horizon, s.target_index)
-    pred = forecast_windows(m, sess, x)
+    pred, scale = forecast_and_scale(m, sess, x)
     res = {"test_mse": float(((pred - y) ** 2).mean()), "test_mae": float(np.abs(pred - y).mean())}
     if f.quantile_offsets:
-        scores = interval_scores(y, pred, np.asarray(f.quantile_offsets), f.quantiles)
+        scores = interval_scores(y, pred, np.asarray(f.quantile_offsets), f.quantiles, scale)
         res |= {f"test_{k}": v for k, v in scores.items()}
     res |= _baseline_scores(s, f.window, f.horizon, x, y, pred)
     res["test_windows"] = float(len(x))
@@ -128,7 +138,7 @@ def _baseline_scores(
 
 
 def evaluate_model(model_dir: Path, data: Path) -> dict[str, float]:
-    m, sess = _session(model_dir)
+    m, sess = open_model(model_dir)
     if m.task == "charlm":
         return eval_charlm(m, sess, data)
     if m.task == "sentiment":
@@ -138,7 +148,7 @@ def evaluate_model(model_dir: Path, data: Path) -> dict[str, float]:
 
 def sample(model_dir: Path, prompt: str, length: int, temperature: float, top_k: int, seed: int) -> str:
     """Char LM sampling from the ONNX model: feed the prompt once, then one char at a time carrying state."""
-    m, sess = _session(model_dir)
+    m, sess = open_model(model_dir)
     if m.task != "charlm" or m.tokenizer is None:
         raise DataError(f"{model_dir}: sampling needs a charlm model, this one is {m.task!r}")
     enc, rng = Encoder(m.tokenizer), np.random.default_rng(seed)

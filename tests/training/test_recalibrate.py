@@ -1,0 +1,93 @@
+"""``seqserve-train calibrate``: a trained forecaster's intervals recalibrated into a new version, the point
+forecast bit for bit the same, the old version untouched, every number reproduced by ``evaluate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.core.arrays import zero_states
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from training.cli import main
+
+FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
+
+
+def outputs(model: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    m = Manifest.load(model / MANIFEST_FILE)
+    sess = ort.InferenceSession(str(model / MODEL_FILE), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {"history": x, **zero_states(m.states, {"batch": len(x), "features": 3})}
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def evaluate(capsys: pytest.CaptureFixture[str], model: Path, data: Path) -> dict[str, float]:
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), "--data", str(data)]) == 0
+    result: dict[str, float] = json.loads(capsys.readouterr().out)
+    return result
+
+
+@pytest.mark.slow
+def test_calibrate_a_trained_forecaster_into_a_new_version(
+    tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    v1, v2 = tmp_path / "models" / "sales" / "1", tmp_path / "models" / "sales" / "2"
+    args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
+    args += ["--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "2"]
+    assert main([*args, "--interval-scale", "none"]) == 0  # constant offsets, no scale output
+    first = Manifest.load(v1 / MANIFEST_FILE)
+    assert first.forecast is not None and first.forecast.scale_output is None
+    files = {p.name: p.read_bytes() for p in v1.iterdir()}
+
+    calibrate = ["calibrate", "--model", str(v1), "--data", str(tiny_csv), "--out", str(v2)]
+    assert main([*calibrate, "--interval-scale", "std:8", "--calibration", "pooled"]) == 0
+    assert {p.name: p.read_bytes() for p in v1.iterdir()} == files  # the trained version is left as it was
+    m = Manifest.load(v2 / MANIFEST_FILE)
+    assert m.forecast is not None and (m.name, m.version, m.forecast.scale_output) == ("sales", 2, "scale")
+    assert m.sha256 == sha256_file(v2 / MODEL_FILE) and m.card is not None
+    assert m.training["point_model"] == "sales/1" and m.training["command"].startswith("seqserve-train calibrate")
+    assert m.training["interval_scale"] == "std of the last 8 changes, pooled"
+    assert m.forecast.quantile_offsets != first.forecast.quantile_offsets
+    report = json.loads((v2 / "metrics.json").read_text())
+    assert report["point_model"] == str(v1) and report["evaluate_command"].endswith(f"--data {tiny_csv}")
+    assert (v2 / "training_curve.png").read_bytes() == files["training_curve.png"]
+
+    x = np.random.default_rng(0).standard_normal((5, 24, 3)).astype(np.float32)
+    old, new = outputs(v1, x), outputs(v2, x)
+    np.testing.assert_array_equal(new["forecast"], old["forecast"])  # the point forecast is the trained one
+    assert new["scale"].shape == (5, 1, 3) and (new["scale"] > 0).all()
+    ev1, ev2 = evaluate(capsys, v1, tiny_csv), evaluate(capsys, v2, tiny_csv)
+    assert ev2["test_mse"] == ev1["test_mse"]
+    metrics = {x.name: x.value for x in m.metrics}
+    for key in ("test_mse", "test_coverage_band_p10_p90", "test_pinball_q0.9"):
+        assert ev2[key] == pytest.approx(metrics[key], rel=1e-9)
+    assert ev2["test_coverage_band_p10_p90"] != ev1["test_coverage_band_p10_p90"]
+
+
+@pytest.mark.slow
+def test_calibrate_refusals_exit_2_with_one_line(
+    tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    v1, v2 = tmp_path / "m" / "fc" / "1", tmp_path / "m" / "fc" / "2"
+    args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
+    assert main([*args, "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "1"]) == 0
+    calibrate = ["calibrate", "--model", str(v1), "--data", str(tiny_csv)]
+    cases = [
+        (["--out", str(v1)], "--out must differ from --model (a committed model is never rewritten)"),
+        (["--out", str(v2), "--interval-scale", "range:4"], "--interval-scale: expected auto, none or KIND[:K]"),
+        (["--out", str(v2), "--interval-scale", "mad:24"], "the scale's k must be below the window (24)"),
+    ]
+    capsys.readouterr()
+    for extra, message in cases:
+        assert main([*calibrate, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("seqserve-train: error: ") and message in err
+    assert main([*calibrate, "--out", str(v2), "--interval-scale", "mad:6"]) == 0
+    assert main(["calibrate", "--model", str(v2), "--data", str(tiny_csv), "--out", str(v2.parent / "3")]) == 2
+    assert "already has a scale output ('scale'); calibrate its point model instead" in capsys.readouterr().err
+    assert not (v2.parent / "3").exists()

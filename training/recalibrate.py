@@ -1,0 +1,92 @@
+"""``seqserve-train calibrate``: new intervals for an already trained forecaster, without retraining it.
+
+Reads ``models/NAME/N`` (ONNX + manifest), runs it with onnxruntime on its own validation windows, calibrates
+the intervals (``training.forecasting.calibrate``: per-window scale and per-step vs pooled chosen inside the
+validation split), and writes ``models/NAME/M``: the same graph (the point forecast is bit for bit the same)
+plus the ``scale`` output when one was chosen, the new offsets, the test metrics and the model card. Seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from training.cards import card_for
+from training.data import DataError
+from training.evaluate import evaluate_model, forecast_windows, open_model
+from training.forecasting import calibrate, forecast_metrics
+from training.scale import add_scale_output
+from training.series import series_for, windows
+
+
+def _name_version(out: Path) -> tuple[str, int]:
+    return (out.parent.name, int(out.name)) if out.name.isdigit() else (out.name, 1)
+
+
+def recalibrate(src: Path, data: Path, out: Path, command: str, mode: str = "auto", scale: str = "auto") -> None:
+    """``src`` (models/NAME/N) -> ``out`` (models/NAME/M) with intervals calibrated on ``src``'s validation split."""
+    m, sess = open_model(src)
+    f = m.forecast
+    if f is None or m.task != "forecast":
+        raise DataError(f"{src}: calibrate needs a forecast model, this one is {m.task!r}")
+    if f.scale_output is not None:
+        raise DataError(f"{src}: already has a scale output ({f.scale_output!r}); calibrate its point model instead")
+    if out.resolve() == src.resolve():
+        raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
+    s = series_for(m, data)
+    x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
+    residuals = (y - forecast_windows(m, sess, x)).astype(np.float64)  # (N, H, T), windows in time order
+    iv = calibrate(x[:, :, s.target_index].astype(np.float64), residuals, mode, scale)
+    name, version = _name_version(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / MODEL_FILE, out / MODEL_FILE)
+    extra = "" if iv.floor is None else f", offsets x each window's scale ({iv.choice.label})"
+    new = m.model_copy(
+        update={
+            "name": name, "version": version, "metrics": [], "card": None,
+            "description": m.description.rstrip(".") + f"{extra}; intervals recalibrated from {m.name}/{m.version}.",
+            "forecast": f.model_copy(update={"quantile_offsets": iv.offsets.tolist()}),
+            "training": {**m.training, "command": command, "point_model": f"{m.name}/{m.version}",
+                         "point_model_command": m.training.get("command"), **iv.info},
+            "sha256": sha256_file(out / MODEL_FILE),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    )  # fmt: skip
+    new.dump(out / MANIFEST_FILE)
+    if iv.floor is not None:
+        add_scale_output(out, iv.choice.kind, iv.choice.k, iv.floor)
+    ev = evaluate_model(out, data)
+    final = Manifest.load(out / MANIFEST_FILE)
+    card = card_for(name, "forecast", version)
+    final.model_copy(update={"metrics": forecast_metrics(name, out, data, s, ev), "card": card}).dump(
+        out / MANIFEST_FILE
+    )
+    _report(src, out, data, command, ev, iv.info)
+    band = ev.get("test_coverage_band_p10_p90", float("nan"))
+    print(f"{name}/{version}: {iv.choice.label}; test_mse={ev['test_mse']:.4f}, p10-p90 band {band:.3f} -> {out}")
+
+
+def _report(src: Path, out: Path, data: Path, command: str, ev: dict[str, float], info: dict[str, Any]) -> None:
+    """metrics.json: the point model's training report (its curve copied beside it) plus the new intervals."""
+    old = src / "metrics.json"
+    report: dict[str, Any] = json.loads(old.read_text(encoding="utf-8")) if old.exists() else {}
+    name, version = _name_version(out)
+    point_command = report.get("command")
+    report |= {
+        "model": f"{name}/{version}",
+        "command": command,
+        "evaluate_command": f"seqserve-train evaluate --model {out} --data {data}",
+        "onnx_metrics": ev,
+        "point_model": str(src),
+        "point_model_command": point_command,
+        "intervals": info,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if (src / "training_curve.png").exists():
+        shutil.copyfile(src / "training_curve.png", out / "training_curve.png")
