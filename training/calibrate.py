@@ -131,13 +131,15 @@ FLOOR_FRACTION = 0.1  # the scale never drops below this share of its median ove
 class IntervalChoice:
     """How intervals are formed: ``kind`` "none" (constant offsets) or a ``SCALE_KINDS`` volatility over the last
     ``k`` changes; offsets per horizon step or ``pooled``. The half-split check's scores, each the mean over both
-    halves: ``miss``, sum_q |coverage_q - level_q|, and ``pinball``, the mean pinball loss over the levels."""
+    halves: ``miss``, sum_q |coverage_q - level_q|, and ``pinball``, the mean pinball loss over the levels; and
+    ``halves``, each direction's coverage per level and of the outer band."""
 
     kind: str
     k: int
     pooled: bool
     miss: float = float("nan")
     pinball: float = float("nan")
+    halves: tuple[tuple[float, ...], ...] = ()  # first -> second half, second -> first: coverage per level, band
 
     @property
     def label(self) -> str:
@@ -177,7 +179,7 @@ def _half_split(
     n, t = len(residuals), residuals.shape[2]
     cut = n // 2
     first, second = np.arange(0, max(cut - gap // 2, 1)), np.arange(min(cut + (gap - gap // 2), n - 1), n)
-    misses, losses = [], []
+    misses, losses, halves = [], [], []
     for cal, ev in ((first, second), (second, first)):
         s_cal, s_ev = np.ones((len(cal), 1, t)), np.ones((len(ev), 1, t))
         if choice.kind != "none":
@@ -186,9 +188,13 @@ def _half_split(
             s_ev = window_scale(history[ev], choice.kind, choice.k, floor)
         off = conformal_offsets(residuals[cal] / s_cal, levels, pooled=choice.pooled)  # (Q, H, T)
         q = off[:, None] * s_ev[None]  # (Q, M, H, T) quantiles of the residual: point + q
-        misses.append(sum(abs(coverage(residuals[ev], qi) - tau) for tau, qi in zip(levels, q, strict=True)))
+        below = [coverage(residuals[ev], qi) for qi in q]
+        band = float(((residuals[ev] >= q[0]) & (residuals[ev] <= q[-1])).mean())
+        halves.append((*below, band))
+        misses.append(sum(abs(c - tau) for c, tau in zip(below, levels, strict=True)))
         losses.append(np.mean([pinball(residuals[ev], qi, tau) for tau, qi in zip(levels, q, strict=True)]))
-    return IntervalChoice(choice.kind, choice.k, choice.pooled, float(np.mean(misses)), float(np.mean(losses)))
+    miss, loss = float(np.mean(misses)), float(np.mean(losses))
+    return IntervalChoice(choice.kind, choice.k, choice.pooled, miss, loss, (halves[0], halves[1]))
 
 
 PINBALL_TOLERANCE = 0.01  # a scaled band may lose at most 1% pinball loss against the constant band

@@ -99,6 +99,7 @@ def calibrate(history: F64, residuals: F64, mode: str = "auto", scale: str = "au
         "calibration": mode, "calibration_windows": len(residuals), "interval_scale": choice.label,
         "interval_choice": {"kind": choice.kind, "k": choice.k, "pooled": choice.pooled},
         "interval_check": {c.label: {"miss": round(c.miss, 4), "pinball": round(c.pinball, 5)} for c in table},
+        "interval_check_halves": {c.label: [[round(v, 4) for v in h] for h in c.halves] for c in table if c.halves},
     }  # fmt: skip
     if mode == "recent":
         half_life = choose_half_life(z, LEVELS, gap=residuals.shape[1])

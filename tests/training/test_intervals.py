@@ -51,6 +51,10 @@ def test_a_scale_keeps_coverage_when_the_next_period_is_calmer() -> None:
     history, residuals = volatile_windows(3000, 1.5, rng)
     choice, table = choose_interval(history, residuals, LEVELS, gap=6)
     assert choice.kind != "none" and len(table) == 2 * (1 + 2 * 5)  # constant, 2 kinds x k 4..24 + 47; x 2 modes
+    for c in table:  # miss: the mean over both directions of sum_q |coverage_q - q|; halves hold the coverages
+        assert len(c.halves) == 2 and all(len(h) == 4 for h in c.halves)
+        per_half = [sum(abs(h[i] - tau) for i, tau in enumerate(LEVELS)) for h in c.halves]
+        assert c.miss == pytest.approx(np.mean(per_half))
     constant = [c for c in table if c.kind == "none"]
     assert min(c.miss for c in constant) > choice.miss and min(c.pinball for c in constant) > choice.pinball
     iv = calibrate(history, residuals, "auto", "auto")
