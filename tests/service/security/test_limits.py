@@ -35,15 +35,18 @@ predict = forecast_pb2.PredictRequest(history=[common_pb2.Row(values=[1.0] * 7)]
 infer = pb.ModelInferRequest(model_name="forecaster", inputs=[pb.ModelInferRequest.InferInputTensor(
     name="HISTORY", datatype="FP32", shape=[10_000, 7])], raw_input_contents=[bytes(16_000_000)]).SerializeToString()
 channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 32 << 20)])
+codes = []
 def send(method, payload):
     try:
         channel.unary_unary(method)(payload, timeout=60)
+        codes.append("OK")
     except grpc.RpcError as err:
-        print(err.code().name)
+        codes.append(err.code().name)  # list.append is atomic; printing from threads would interleave
 calls = [("/seqserve.v1.Forecast/Predict", predict), ("/inference.GRPCInferenceService/ModelInfer", infer)] * n
 threads = [threading.Thread(target=send, args=call) for call in calls]
 for t in threads: t.start()
 for t in threads: t.join()
+print("\n".join(codes))
 """
 
 
