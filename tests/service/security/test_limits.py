@@ -46,7 +46,7 @@ calls = [("/seqserve.v1.Forecast/Predict", predict), ("/inference.GRPCInferenceS
 threads = [threading.Thread(target=send, args=call) for call in calls]
 for t in threads: t.start()
 for t in threads: t.join()
-print("\n".join(codes))
+print(" ".join(codes))
 """
 
 
