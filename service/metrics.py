@@ -13,6 +13,7 @@ import bisect
 import contextlib
 import importlib.metadata
 import threading
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
@@ -183,6 +184,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def know_models(self, names: Iterable[str]) -> None:
+        """Allows ``names`` as model label values without creating any series (a frontend process labels the
+        RPCs of models that its engine loaded)."""
+        with self._lock:
+            self._models.update(names)
 
     def _model(self, model: str) -> str:
         """The label value for a model name: itself when loaded, "" when none, else OTHER_MODEL."""

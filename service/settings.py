@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=0)
     """gRPC frontend processes sharing ``port`` (SO_REUSEPORT), plus one engine process that owns the models,
     sessions and batchers (0 = one per core). 1 = everything in one process."""
+    frontend_ports: bool = False
+    """With workers > 1: each frontend also listens on a free port of its own, listed in the ready file (tests
+    and debugging reach one frontend by it)."""
 
     # --- models ----------------------------------------------------------------------------------------
     models: Path = Path("models")

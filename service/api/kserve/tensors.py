@@ -140,6 +140,14 @@ class WireInput:
     def decode(self) -> Tensor:
         return _decode_one(self._pb, self._raw)
 
+    def to_wire(self) -> tuple[bytes, bytes | None]:
+        """What crosses to the engine process: the tensor message (header and typed contents) and the raw bytes."""
+        return self._pb.SerializeToString(), self._raw
+
+    @classmethod
+    def from_wire(cls, message: bytes, raw: bytes | None) -> WireInput:
+        return cls(pb.ModelInferRequest.InferInputTensor.FromString(message), raw)
+
 
 def read_inputs(request: pb.ModelInferRequest) -> list[WireInput]:
     """The request's inputs, headers only. Raw contents, when present, must cover every input, in order."""
