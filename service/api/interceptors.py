@@ -153,6 +153,15 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return self._wrap(method, handler)
+
+    def registering(self, server: grpc.aio.Server) -> Any:
+        """A stand-in for ``server`` to register services on: every method handler is wrapped once, at
+        registration, so the server needs no interceptor at all (grpc.aio runs an interceptor chain per RPC as
+        coroutines; wrapped handlers skip that). Everything else passes through to ``server``."""
+        return _WrappingServer(server, self)
+
     # --- the layers -----------------------------------------------------------------------------------
     def _enter(self, context: grpc.aio.ServicerContext) -> tuple[str, str | None]:
         """The request id (set on the call) and the ``authorization`` value sent, in one pass over the metadata."""
@@ -273,6 +282,36 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if unary_in:
             return grpc.unary_stream_rpc_method_handler(stream_response, **kw)
         return grpc.stream_stream_rpc_method_handler(stream_response, **kw)
+
+
+class _WrappingGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
+    def __init__(self, inner: grpc.GenericRpcHandler, edge: EdgeInterceptor) -> None:
+        self._inner, self._edge = inner, edge
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(details)
+        if handler is None:
+            return None
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[details.method] = (handler, self._edge.wrap(details.method, handler))
+        return cached[1]
+
+
+class _WrappingServer:
+    def __init__(self, server: grpc.aio.Server, edge: EdgeInterceptor) -> None:
+        self._server, self._edge = server, edge
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappingGeneric(h, self._edge) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: self._edge.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
 
 
 def build_interceptors(metrics: Metrics, api_key: str | None) -> list[grpc.aio.ServerInterceptor]:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from service.api.interceptors import build_interceptors
+from service.api.interceptors import EdgeInterceptor
 from service.api.servicers import REGISTRARS, SERVICE_CAPABILITIES
 from service.core.types import DataPlane
 from service.metrics import Metrics
@@ -106,10 +106,13 @@ class Server:
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", s.max_message_bytes)]
         options.append(("grpc.max_send_message_length", s.max_message_bytes))
         options.append(("grpc.so_reuseport", 1))  # frontends of one server share the port (the default on Linux)
-        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s.api_key), options=options)
-        self.services = [name for register in REGISTRARS for name in register(server, plane, s)]
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+        server = grpc.aio.server(options=options)
+        # Metrics, errors and auth wrap every method handler once, as it is registered (no per-RPC interceptor chain).
+        target = EdgeInterceptor(self.metrics, s.api_key).registering(server)
+        self.services = [name for register in REGISTRARS for name in register(target, plane, s)]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, target)
+        names = [*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME]  # (enable_server_reflection wants the Server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), target)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         try:
             self.port = server.add_insecure_port(address)
