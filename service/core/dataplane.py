@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import cast
 
@@ -37,6 +38,7 @@ from service.core.types import (
     SessionInfo,
     SuggestResult,
     Tensor,
+    TensorContract,
 )
 from service.errors import FailedPrecondition, InvalidInput, SessionNotFound, echo
 from service.metrics import Metrics
@@ -72,6 +74,9 @@ class CoreDataPlane:
         self.sessions = SessionManager(settings, metrics, store, clock)
         self._started = False
         self._watcher: asyncio.Task[None] | None = None
+        self._contracts: weakref.WeakKeyDictionary[ModelEntry, tuple[TensorContract, list[str]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -187,33 +192,43 @@ class CoreDataPlane:
             )
         return entry
 
+    def _fits(self, s: SessionState, capability: str | None, model: ModelRef | None) -> ModelEntry:
+        """The session's pinned model entry, once the session fits the call: capability, model (when named)."""
+        note_model(s.model)
+        entry = self._pinned(s)
+        if capability is not None and capability not in entry.capabilities:
+            raise FailedPrecondition(
+                f"session {echo(s.id)} belongs to {s.task!r} model {s.model}; this call needs a session "
+                f"of {needs(capability)}"
+            )
+        if model is not None and model.name and (model.name != s.model or model.version not in (None, s.version)):
+            named = echo(model.name) + (f" version {model.version}" if model.version is not None else "")
+            raise FailedPrecondition(
+                f"session {echo(s.id)} belongs to model {s.model} version {s.version}, but the request "
+                f"names {named}; omit the model or name the session's"
+            )
+        return entry
+
     @contextlib.asynccontextmanager
     async def _session(
-        self, session_id: str, capability: str | None, model: ModelRef | None = None, count: bool = True
+        self, session_id: str, capability: str | None, model: ModelRef | None = None
     ) -> AsyncIterator[tuple[SessionState, ModelEntry]]:
-        """Leases the session and checks it fits the call: capability, model (when named), pinned weights.
-        ``count``: the call is one request of the model's statistics (False when the caller counts it)."""
+        """Leases the session, checks it fits the call (``_fits``) and counts the call as one request of the
+        model's statistics."""
         async with self.sessions.use(session_id) as s:
-            note_model(s.model)
-            entry = self._pinned(s)
-            if capability is not None and capability not in entry.capabilities:
-                raise FailedPrecondition(
-                    f"session {echo(session_id)} belongs to {s.task!r} model {s.model}; this call needs a session "
-                    f"of {needs(capability)}"
-                )
-            if model is not None and model.name and (model.name != s.model or model.version not in (None, s.version)):
-                named = echo(model.name) + (f" version {model.version}" if model.version is not None else "")
-                raise FailedPrecondition(
-                    f"session {echo(session_id)} belongs to model {s.model} version {s.version}, but the request "
-                    f"names {named}; omit the model or name the session's"
-                )
-            if not count:
-                yield s, entry
-                return
+            entry = self._fits(s, capability, model)
             with self._request(entry):
                 yield s, entry
 
     # --- v2 inference -------------------------------------------------------------------------------------
+    def _contract(self, entry: ModelEntry) -> tuple[TensorContract, list[str]]:
+        """The task's v2 contract and output names, built once per loaded version (not once per request)."""
+        found = self._contracts.get(entry)
+        if found is None:
+            contract = entry.task.contract()
+            found = self._contracts[entry] = (contract, [d.name for d in contract.outputs])
+        return found
+
     def _sequence_id(self, model: str, seq: SequenceRef) -> str:
         return f"kserve:{model}:{seq.id}"
 
@@ -235,17 +250,21 @@ class CoreDataPlane:
             # A running sequence stays on the version (and weights) it started with, even when a newer one loaded
             # since; FAILED_PRECONDITION when that version is gone or its weights changed.
             name = self.registry.find(model).name
-            try:
-                s = await self.sessions.get(self._sequence_id(name, sequence))
-            except SessionNotFound:
-                raise self._unknown_sequence(name, sequence) from None
+            sid = self._sequence_id(name, sequence)
+            # Only the pinned version is needed here: a plain read of the live session, without its lease (the
+            # step itself takes it below). Missing or expired: the manager's read handles it, as it always did.
+            s = await self.sessions.store.load(sid)
+            if s is None or s.expires_at <= self.sessions.clock():
+                try:
+                    s = await self.sessions.get(sid)
+                except SessionNotFound:
+                    raise self._unknown_sequence(name, sequence) from None
             entry = self._pinned(s)
         else:
             entry = self.registry.resolve(model)
         note_model(entry.name)
         with self._request(entry) as req:
-            contract = entry.task.contract()
-            names = [d.name for d in contract.outputs]
+            contract, names = self._contract(entry)
             wanted = outputs or names
             for name in wanted:
                 if name not in names:
@@ -269,7 +288,8 @@ class CoreDataPlane:
         if seq.start:  # (re)starts the sequence: a start on a running id replaces its state
             await self._new_session(entry, self.settings.sequence_idle_seconds, sid)
         try:
-            async with self._session(sid, None, ModelRef(entry.name, entry.version), count=False) as (s, _):
+            async with self.sessions.use(sid) as s:  # the request is counted by infer()
+                self._fits(s, None, ModelRef(entry.name, entry.version))
                 return await entry.task.infer(tensors, s)
         except SessionNotFound:
             raise self._unknown_sequence(entry.name, seq) from None
