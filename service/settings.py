@@ -30,9 +30,10 @@ class Settings(BaseSettings):
     """Largest gRPC message accepted or sent."""
 
     # --- processes -------------------------------------------------------------------------------------
-    workers: int = Field(default=1, ge=0)
+    workers: int = Field(default=0, ge=0)
     """gRPC frontend processes sharing ``port`` (SO_REUSEPORT), plus one engine process that owns the models,
-    sessions and batchers (0 = one per core). 1 = everything in one process."""
+    sessions and batchers. 0 (default) = one per available core (affinity and cgroup quota); 1 = everything in
+    one process, no engine."""
     frontend_ports: bool = False
     """With workers > 1: each frontend also listens on a free port of its own, listed in the ready file (tests
     and debugging reach one frontend by it)."""

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -47,8 +48,21 @@ class Frontend:
     metrics_port: int = 0
 
 
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's limit)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def worker_count(settings: Settings) -> int:
-    return settings.workers or os.cpu_count() or 1
+    """Frontend processes: ``settings.workers``, or one per available core when 0."""
+    return settings.workers or available_cpus()
 
 
 def write_ready_file(path: Path, info: dict[str, Any]) -> None:
