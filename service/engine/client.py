@@ -1,23 +1,20 @@
 """The frontend side: ``RemoteDataPlane`` implements ``service.core.types.DataPlane`` by calling the engine.
 
-Asynchronous calls share one DEALER socket: each gets a call id and a Future, one reader task resolves them.
-A cancelled caller (the gRPC client went away) sends CANCEL so the engine stops the work too. ``complete``
-streams: the engine pushes one message per chunk into a queue the generator reads. The synchronous calls of
-the protocol (model table, statistics) are answered by the engine's control socket while this frontend waits,
-with a timeout: they are rare (health, metadata, statistics), never on the inference path.
+Asynchronous calls share one Unix socket connection: each gets a call id and a Future that the reading side
+resolves. A cancelled caller (the gRPC client went away) sends CANCEL so the engine stops the work too.
+``complete`` streams: the engine pushes one message per chunk into a queue the generator reads. The
+synchronous calls of the protocol (model table, statistics) go over a second, blocking connection with a
+timeout: they are rare (health, metadata, statistics), never on the inference path.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
+import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
-
-import zmq
-import zmq.asyncio
 
 from service.core.context import note_model
 from service.core.types import (
@@ -45,79 +42,102 @@ log = logging.getLogger(__name__)
 Reply = tuple[int, Any, str | None]  # status, payload, model noted
 
 
+class _Link(asyncio.Protocol):
+    def __init__(self, plane: RemoteDataPlane) -> None:
+        self.plane = plane
+        self.framer = wire.Framer()
+
+    def data_received(self, data: bytes) -> None:
+        for payload in self.framer.feed(data):
+            for call_id, status, body, model in unpack(payload):
+                self.plane._answer(call_id, status, body, model)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.plane._lost()
+
+
 class RemoteDataPlane:
-    def __init__(self, addresses: wire.EngineAddresses, control_timeout: float = 10.0) -> None:
-        self.addresses = addresses
+    def __init__(self, path: str, control_timeout: float = 10.0) -> None:
+        self.path = path
         self.control_timeout = control_timeout
-        self._ctx = zmq.asyncio.Context()
-        self._sync_ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._events = self._ctx.socket(zmq.SUB)
-        self._control: zmq.Socket[bytes] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._control: socket.socket | None = None
+        self._control_framer = wire.Framer()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._streams: dict[int, asyncio.Queue[Reply]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
         self._hooks: list[Callable[[], Awaitable[None]]] = []
+        self._outbox: list[list[Any]] = []  # calls of this loop iteration, sent as one frame
+        self._closing = False
+        self._hook_tasks: set[asyncio.Future[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        for sock in (self._sock, self._events):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-        self._sock.connect(self.addresses.calls)
-        self._events.setsockopt(zmq.SUBSCRIBE, wire.MODELS_CHANGED)
-        self._events.connect(self.addresses.events)
-        self._tasks = [
-            asyncio.create_task(self._read(), name="engine-replies"),
-            asyncio.create_task(self._watch(), name="engine-events"),
-        ]
+        transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self), self.path)
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+        self._lost()
+        if self._control is not None:
+            self._control.close()
+
+    def _lost(self) -> None:
+        """The engine connection closed: every waiting call fails (UNAVAILABLE) instead of waiting forever."""
+        if not self._closing:
+            log.error("the engine connection was lost")
+        gone = ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(ModelUnavailable("the server is shutting down"))
-        if self._control is not None:
-            self._control.close(linger=0)
-        self._ctx.destroy(linger=0)
-        self._sync_ctx.destroy(linger=0)
+                fut.set_exception(gone)
+        self._pending.clear()
+        for queue in self._streams.values():
+            queue.put_nowait((wire.ERROR, ["ModelUnavailable", gone.message], None))
 
     def on_models_changed(self, hook: Callable[[], Awaitable[None]]) -> None:
         """``hook`` runs after the engine loaded, reloaded or unloaded a model (health follows it)."""
         self._hooks.append(hook)
 
-    async def _watch(self) -> None:
-        while True:
-            await self._events.recv()
+    def _answer(self, call_id: int, status: int, payload: Any, model: str | None) -> None:
+        fut = self._pending.pop(call_id, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result((status, payload, model))
+            return
+        queue = self._streams.get(call_id)
+        if queue is not None:
+            queue.put_nowait((status, payload, model))
+        elif status == wire.EVENT:
             for hook in self._hooks:
-                try:
-                    await hook()
-                except Exception:
-                    log.exception("models-changed hook failed")
+                task = asyncio.ensure_future(self._run_hook(hook))
+                self._hook_tasks.add(task)  # held until done (the loop keeps only weak references)
+                task.add_done_callback(self._hook_tasks.discard)
 
-    async def _read(self) -> None:
-        while True:
-            frame = await self._sock.recv()
-            call_id, status, payload, model = unpack(frame)
-            fut = self._pending.pop(call_id, None)
-            if fut is not None:
-                if not fut.done():
-                    fut.set_result((status, payload, model))
-                continue
-            queue = self._streams.get(call_id)
-            if queue is not None:
-                queue.put_nowait((status, payload, model))
+    @staticmethod
+    async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await hook()
+        except Exception:
+            log.exception("models-changed hook failed")
 
     # --- calling --------------------------------------------------------------------------------------
     def _send(self, message: list[Any]) -> None:
-        self._sock.send(pack(message), flags=zmq.NOBLOCK)  # never blocks: no high-water mark
+        """Queues a call; the calls of one loop iteration leave together in one frame."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(message)
+
+    def _flush(self) -> None:
+        calls, self._outbox = self._outbox, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(wire.frame(pack(calls)))
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._transport is None or self._transport.is_closing():
+            raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
         call_id = next(self._ids)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = fut
@@ -135,16 +155,28 @@ class RemoteDataPlane:
         return payload
 
     def _sync(self, method: str, *args: Any) -> Any:
-        if self._control is None:
-            self._control = self._sync_ctx.socket(zmq.REQ)
-            self._control.setsockopt(zmq.LINGER, 0)
-            self._control.connect(self.addresses.control)
-        self._control.send(pack([method, args, {}]))
-        if not self._control.poll(int(self.control_timeout * 1000)):
-            self._control.close(linger=0)
-            self._control = None  # a REQ socket that missed its answer cannot send again
-            raise ModelUnavailable(f"the engine did not answer within {self.control_timeout:g}s")
-        status, payload = unpack(self._control.recv())
+        """A synchronous call on the blocking control connection (reconnected after any failure)."""
+        call_id = next(self._ids)
+        try:
+            if self._control is None:
+                self._control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._control.settimeout(self.control_timeout)
+                self._control.connect(self.path)
+                self._control_framer = wire.Framer()
+            self._control.sendall(wire.frame(pack([[wire.SYNC, call_id, method, args, {}]])))
+            while True:
+                data = self._control.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("engine closed the connection")
+                frames = list(self._control_framer.feed(data))
+                if frames:
+                    break
+        except OSError as exc:
+            if self._control is not None:
+                self._control.close()
+            self._control = None
+            raise ModelUnavailable(f"the engine did not answer: {exc}") from None
+        (_, status, payload, _), *_ = unpack(frames[0])
         if status == wire.ERROR:
             raise_error(*payload)
         return payload
@@ -199,6 +231,8 @@ class RemoteDataPlane:
     async def complete(
         self, model: ModelRef, prompt: str, params: SamplingParams, session_id: str | None = None
     ) -> AsyncGenerator[CompletionChunk, None]:
+        if self._transport is None or self._transport.is_closing():
+            raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
         call_id = next(self._ids)
         queue: asyncio.Queue[Reply] = asyncio.Queue()
         self._streams[call_id] = queue

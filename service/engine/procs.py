@@ -2,7 +2,7 @@
 
     clients ──gRPC──▶ frontend 1..N (one port, SO_REUSEPORT: the kernel spreads connections)
                         transport, protobuf, interceptors, validation of the wire format, response encoding
-                              │  ZeroMQ (ipc://, msgpack): one DEALER per frontend
+                              │  msgpack frames over a Unix socket (service/engine/wire.py)
                               ▼
                       engine (this process): CoreDataPlane = registry, tasks, batchers (ORT), SessionManager
                         + HTTP /metrics (its own metrics and the frontends' RPC metrics, summed)
@@ -31,7 +31,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from service.engine.wire import EngineAddresses
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,15 +72,15 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
 
 
 # --- a frontend process --------------------------------------------------------------------------------------
-def frontend_main(values: dict[str, Any], index: int, addresses: EngineAddresses, conn: Connection) -> None:
+def frontend_main(values: dict[str, Any], index: int, socket_path: str, conn: Connection) -> None:
     settings = Settings(**values)
     logging.basicConfig(
         level=settings.log_level, format=f"%(asctime)s %(levelname)s frontend-{index} %(name)s: %(message)s"
     )
-    asyncio.run(_frontend(settings, addresses, conn))
+    asyncio.run(_frontend(settings, socket_path, conn))
 
 
-async def _frontend(settings: Settings, addresses: EngineAddresses, conn: Connection) -> None:
+async def _frontend(settings: Settings, socket_path: str, conn: Connection) -> None:
     from service.api.server import Server
     from service.engine.client import RemoteDataPlane
     from service.metrics import Metrics
@@ -90,7 +89,7 @@ async def _frontend(settings: Settings, addresses: EngineAddresses, conn: Connec
     server = Server(
         settings,
         Metrics(runtime_collectors=False),
-        plane=RemoteDataPlane(addresses),
+        plane=RemoteDataPlane(socket_path),
         own_port=settings.frontend_ports,
         http_host="127.0.0.1",
     )
@@ -124,10 +123,10 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
 
     n = worker_count(settings)
     folder = Path(tempfile.mkdtemp(prefix="seqserve-engine-"))
-    addresses = EngineAddresses.in_folder(folder)
+    socket_path = str(folder / "engine.sock")
     metrics = Metrics()
     dataplane = CoreDataPlane(settings, metrics)
-    engine = EngineServer(dataplane, addresses)
+    engine = EngineServer(dataplane, socket_path)
     frontends: list[Frontend] = []
     http: MetricsHttpServer | None = None
     stop = asyncio.Event()
@@ -138,9 +137,9 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     try:
         await engine.start()
         await dataplane.start()
-        first = await _spawn(settings, 0, settings.port, addresses)
+        first = await _spawn(settings, 0, settings.port, socket_path)
         frontends.append(first)
-        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, addresses) for i in range(1, n)))
+        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path) for i in range(1, n)))
         serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends])
 
         def ready() -> bool:
@@ -181,12 +180,12 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     return code
 
 
-async def _spawn(settings: Settings, index: int, port: int, addresses: EngineAddresses) -> Frontend:
+async def _spawn(settings: Settings, index: int, port: int, socket_path: str) -> Frontend:
     ctx = mp.get_context("spawn")  # a fresh interpreter: no gRPC state crosses a fork
     parent, child = ctx.Pipe(duplex=False)
     values = settings.model_dump() | {"port": port}
     process = ctx.Process(
-        target=frontend_main, args=(values, index, addresses, child), name=f"seqserve-frontend-{index}", daemon=False
+        target=frontend_main, args=(values, index, socket_path, child), name=f"seqserve-frontend-{index}", daemon=False
     )
     process.start()
     child.close()

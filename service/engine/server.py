@@ -1,4 +1,4 @@
-"""The engine side: serves one ``CoreDataPlane`` (models, sessions, batchers) to every frontend over ZeroMQ.
+"""The engine side: serves one ``CoreDataPlane`` (models, sessions, batchers) to every frontend.
 
 Each call runs as its own task on the engine's event loop, so the batchers see the calls of all frontends at
 once and merge their steps into one ONNX Runtime run. The model a call served (``note_model``) travels back
@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any
-
-import zmq
-import zmq.asyncio
 
 from service.core.context import call_scope
 from service.core.dataplane import CoreDataPlane
@@ -26,71 +24,103 @@ from service.errors import SeqServeError
 log = logging.getLogger(__name__)
 
 
+class _Connection(asyncio.Protocol):
+    """One frontend connection: frames in, calls dispatched; answers of one loop iteration out in one write."""
+
+    def __init__(self, engine: EngineServer) -> None:
+        self.engine = engine
+        self.framer = wire.Framer()
+        self.transport: asyncio.Transport | None = None
+        self.outbox: list[list[Any]] = []
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.engine.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.engine.connections.discard(self)
+        self.transport = None
+        for task in self.tasks.values():  # the frontend is gone: nobody waits for these answers
+            task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for payload in self.framer.feed(data):
+                for message in unpack(payload):
+                    self.dispatch(*message)
+        except Exception:
+            log.exception("engine: unreadable message from a frontend; closing its connection")
+            if self.transport is not None:
+                self.transport.close()
+
+    def dispatch(self, kind: int, call_id: int, method: str, args: Any, kwargs: Any) -> None:
+        if kind == wire.CANCEL:
+            task = self.tasks.pop(call_id, None)
+            if task is not None:
+                task.cancel()
+            return
+        if kind == wire.SYNC and method in wire.SYNC_METHODS:
+            self.send_now(self.engine.sync(call_id, method, args, kwargs))
+            return
+        if kind == wire.CALL and method in wire.ASYNC_METHODS:
+            run = self.engine.call(self, call_id, method, args, kwargs)
+        elif kind == wire.STREAM and method in wire.STREAM_METHODS:
+            run = self.engine.stream(self, call_id, method, args, kwargs)
+        else:
+            self.send([call_id, wire.ERROR, ["", f"engine: no such call {method!r}"], None])
+            return
+        self.tasks[call_id] = asyncio.create_task(run)
+
+    def send(self, message: list[Any]) -> None:
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.outbox.append(message)
+
+    def send_now(self, message: list[Any]) -> None:
+        if self.transport is not None:
+            self.transport.write(wire.frame(pack([message])))
+
+    def flush(self) -> None:
+        messages, self.outbox = self.outbox, []
+        if self.transport is not None and messages:
+            self.transport.write(wire.frame(pack(messages)))
+
+
 class EngineServer:
-    def __init__(self, dataplane: CoreDataPlane, addresses: wire.EngineAddresses) -> None:
+    def __init__(self, dataplane: CoreDataPlane, path: str) -> None:
         self.dataplane = dataplane
-        self.addresses = addresses
-        self._ctx = zmq.asyncio.Context()
-        self._calls = self._ctx.socket(zmq.ROUTER)
-        self._control = self._ctx.socket(zmq.ROUTER)
-        self._events = self._ctx.socket(zmq.PUB)
-        for sock in (self._calls, self._control, self._events):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)  # never drop an answer
-            sock.setsockopt(zmq.RCVHWM, 0)
-        self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
-        self._loops: list[asyncio.Task[None]] = []
+        self.path = path
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        """Binds the sockets (frontends may connect before the models are loaded) and starts serving."""
-        self._calls.bind(self.addresses.calls)
-        self._control.bind(self.addresses.control)
-        self._events.bind(self.addresses.events)
-        self._loops = [
-            asyncio.create_task(self._serve_calls(), name="engine-calls"),
-            asyncio.create_task(self._serve_control(), name="engine-control"),
-        ]
+        """Listens (frontends may connect before the models are loaded) and follows the model table."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), self.path)
+        os.chmod(self.path, 0o600)  # only this user's processes may call the engine
         self.dataplane.registry.subscribe(on_load=self._changed, on_unload=self._changed)
 
-    async def _changed(self, entry: object, replaced: bool) -> None:
-        await self._events.send(wire.MODELS_CHANGED)
+    def _changed(self, entry: object, replaced: bool) -> None:
+        for conn in list(self.connections):
+            conn.send([0, wire.EVENT, wire.MODELS_CHANGED, None])
 
     async def stop(self) -> None:
-        for task in [*self._loops, *self._tasks.values()]:
-            task.cancel()
-        for task in [*self._loops, *self._tasks.values()]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._ctx.destroy(linger=0)
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+            for task in conn.tasks.values():
+                task.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
-    # --- asynchronous calls -----------------------------------------------------------------------------
-    async def _serve_calls(self) -> None:
-        while True:
-            ident, frame = await self._calls.recv_multipart(copy=True)
-            try:
-                kind, call_id, method, args, kwargs = unpack(frame)
-            except Exception:
-                log.exception("engine: unreadable message from a frontend")
-                continue
-            key = (ident, call_id)
-            if kind == wire.CANCEL:
-                task = self._tasks.pop(key, None)
-                if task is not None:
-                    task.cancel()
-                continue
-            if kind == wire.CALL and method in wire.ASYNC_METHODS:
-                run = self._call(ident, call_id, method, args, kwargs)
-            elif kind == wire.STREAM and method in wire.STREAM_METHODS:
-                run = self._stream(ident, call_id, method, args, kwargs)
-            else:
-                await self._send(ident, [call_id, wire.ERROR, ["", f"engine: no such call {method!r}"], None])
-                continue
-            self._tasks[key] = asyncio.create_task(run)
-
-    async def _send(self, ident: bytes, message: list[Any]) -> None:
-        await self._calls.send_multipart([ident, pack(message)])
-
-    async def _call(self, ident: bytes, call_id: int, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    # --- calls ------------------------------------------------------------------------------------------
+    async def call(self, conn: _Connection, call_id: int, method: str, args: Any, kwargs: dict[str, Any]) -> None:
         noted = call_scope()
         reply: list[Any]
         try:
@@ -103,17 +133,17 @@ class EngineServer:
                 log.exception("engine: %s failed", method)
             reply = [call_id, wire.ERROR, error_payload(exc), noted[0] if noted else None]
         finally:
-            self._tasks.pop((ident, call_id), None)
-        await self._send(ident, reply)
+            conn.tasks.pop(call_id, None)
+        conn.send(reply)
 
-    async def _stream(self, ident: bytes, call_id: int, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    async def stream(self, conn: _Connection, call_id: int, method: str, args: Any, kwargs: dict[str, Any]) -> None:
         noted = call_scope()
         reply: list[Any]
         gen = getattr(self.dataplane, method)(*args, **kwargs)
         try:
             async with contextlib.aclosing(gen):
                 async for item in gen:
-                    await self._send(ident, [call_id, wire.ITEM, item, noted[0] if noted else None])
+                    conn.send([call_id, wire.ITEM, item, noted[0] if noted else None])
             reply = [call_id, wire.END, None, noted[0] if noted else None]
         except asyncio.CancelledError:
             return
@@ -122,21 +152,13 @@ class EngineServer:
                 log.exception("engine: %s failed", method)
             reply = [call_id, wire.ERROR, error_payload(exc), noted[0] if noted else None]
         finally:
-            self._tasks.pop((ident, call_id), None)
-        await self._send(ident, reply)
+            conn.tasks.pop(call_id, None)
+        conn.send(reply)
 
-    # --- synchronous control calls (model table, statistics) --------------------------------------------
-    async def _serve_control(self) -> None:
-        while True:
-            ident, empty, frame = await self._control.recv_multipart()
-            reply: list[Any]
-            try:
-                method, args, kwargs = unpack(frame)
-                if method not in wire.SYNC_METHODS:
-                    raise ValueError(f"no such control call {method!r}")
-                reply = [wire.OK, getattr(self.dataplane, method)(*args, **kwargs)]
-            except Exception as exc:
-                if not isinstance(exc, SeqServeError):
-                    log.exception("engine: control call failed")
-                reply = [wire.ERROR, error_payload(exc)]
-            await self._control.send_multipart([ident, empty, pack(reply)])
+    def sync(self, call_id: int, method: str, args: Any, kwargs: dict[str, Any]) -> list[Any]:
+        try:
+            return [call_id, wire.OK, getattr(self.dataplane, method)(*args, **kwargs), None]
+        except Exception as exc:
+            if not isinstance(exc, SeqServeError):
+                log.exception("engine: %s failed", method)
+            return [call_id, wire.ERROR, error_payload(exc), None]

@@ -1,19 +1,30 @@
-"""Message shapes and addresses shared by the engine and its frontends (one msgpack frame per message).
+"""The frontend <-> engine transport: msgpack frames over one Unix domain socket per frontend.
 
-frontend -> engine (DEALER -> ROUTER):   [kind, call id, method, args, kwargs]     kind: CALL | STREAM | CANCEL
-engine -> frontend (ROUTER -> DEALER):   [call id, status, payload, model noted]   status: OK | ITEM | END | ERROR
-control (REQ -> ROUTER, synchronous):    [method, args, kwargs] -> [status, payload]
-events (PUB -> SUB):                     b"models" after every load, reload or unload
+A frame is a 4-byte little-endian length and a msgpack list of messages: everything one side produced during
+one event-loop iteration travels in one write (a batch's answers leave together).
+
+    frontend -> engine:   [kind, call id, method, args, kwargs]      kind: CALL | STREAM | CANCEL | SYNC
+    engine -> frontend:   [call id, status, payload, model noted]    status: OK | ITEM | END | ERROR | EVENT
+
+SYNC calls (the data plane's synchronous methods: model table, statistics) come on a second, blocking
+connection and are answered at once. EVENT (call id 0, payload "models") tells every frontend that a model was
+loaded, reloaded or unloaded.
+
+Why not ZeroMQ: measured on the 2-core box, a ping-pong between two asyncio processes costs 113-180 µs p50 and
+67-73 µs of client CPU per round trip with pyzmq's asyncio sockets (every message passes through libzmq's I/O
+thread on both sides), and 54 µs p50, 29 µs of CPU with a plain asyncio Unix socket.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import struct
+from collections.abc import Iterator
 
-CALL, STREAM, CANCEL = 0, 1, 2
-OK, ITEM, END, ERROR = 0, 1, 2, 3
-MODELS_CHANGED = b"models"
+CALL, STREAM, CANCEL, SYNC = 0, 1, 2, 3
+OK, ITEM, END, ERROR, EVENT = 0, 1, 2, 3, 4
+MODELS_CHANGED = "models"
+_LEN = struct.Struct("<I")
+MAX_FRAME = 1 << 30
 
 # The data plane methods a frontend may call, by how they are called.
 ASYNC_METHODS = frozenset(
@@ -36,14 +47,26 @@ STREAM_METHODS = frozenset({"complete"})
 SYNC_METHODS = frozenset({"ready", "capabilities", "models", "unloaded", "model_info", "model_metadata", "statistics"})
 
 
-@dataclass(frozen=True)
-class EngineAddresses:
-    """ZeroMQ endpoints of one engine (ipc:// sockets in a private folder)."""
+def frame(payload: bytes) -> bytes:
+    return _LEN.pack(len(payload)) + payload
 
-    calls: str
-    control: str
-    events: str
 
-    @classmethod
-    def in_folder(cls, folder: Path) -> EngineAddresses:
-        return cls(f"ipc://{folder}/calls", f"ipc://{folder}/control", f"ipc://{folder}/events")
+class Framer:
+    """Splits a byte stream into frames (``feed`` returns the complete ones)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        buf = self._buf
+        buf += data
+        pos = 0
+        while len(buf) - pos >= 4:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if n > MAX_FRAME:
+                raise ValueError(f"frame of {n} bytes is larger than {MAX_FRAME}")
+            if len(buf) - pos - 4 < n:
+                break
+            yield bytes(buf[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        del buf[:pos]
