@@ -84,6 +84,13 @@ def floor(canned: Path, folder: Path) -> Any:
     return process(cmd, folder / "floor.json")
 
 
+def available_workers() -> int:
+    """The worker count ``seqserve serve`` picks by default (one per available core)."""
+    from service.engine.procs import available_cpus
+
+    return available_cpus()
+
+
 def canned_requests() -> dict[str, Any]:
     from service.api.gen.inference import grpc_service_pb2 as pb
 
@@ -97,12 +104,19 @@ def canned_requests() -> dict[str, Any]:
 
 
 def measure(
-    label: str, target: str, pids: list[int], workloads: list[str], conc: list[int], folder: Path, env: dict[str, str]
+    label: str,
+    target: str,
+    pids: list[int],
+    workloads: list[str],
+    conc: list[int],
+    folder: Path,
+    env: dict[str, str],
+    window_ms: int,
 ) -> list[dict[str, Any]]:
     rows = []
     for name in workloads:
         for c in conc:
-            r = pa.run(target, pa.WORKLOADS[name], c, folder, env, lambda: pids)
+            r = pa.run(target, pa.WORKLOADS[name], c, folder, env, lambda: pids, window_ms=window_ms)
             row = {"server": label, **r.as_dict()}
             rows.append(row)
             print(
@@ -121,9 +135,12 @@ def run(
     workers: list[int],
     extra: dict[str, str] | None = None,
     with_floor: bool = True,
+    window_ms: int = 2000,
 ) -> dict[str, Any]:
+    """Each seqserve worker count, then the floor, over every workload and concurrency; a dict of rows."""
     env = pa.environment()
-    results: dict[str, Any] = {"concurrency": conc, "workloads": workloads, "rows": []}
+    results: dict[str, Any] = {"concurrency": conc, "workloads": workloads, "workers": workers, "rows": []}
+    results["load_before"] = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for w in workers:
@@ -134,11 +151,12 @@ def run(
 
                     record(target, canned_requests(), folder / "canned")
                 pids = _children(pid)
-                results["rows"] += measure(f"seqserve w={w}", target, pids, workloads, conc, folder, env)
+                results["rows"] += measure(f"seqserve w={w}", target, pids, workloads, conc, folder, env, window_ms)
         if with_floor:
             with floor(folder / "canned", folder) as (info, pid):
                 target = f"127.0.0.1:{info['grpc_port']}"
-                results["rows"] += measure("floor", target, [pid], workloads, conc, folder, env)
+                results["rows"] += measure("floor", target, [pid], workloads, conc, folder, env, window_ms)
+    results["load_after"] = os.getloadavg()
     return results
 
 
@@ -154,7 +172,10 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def print_table(results: dict[str, Any]) -> None:
+    before, after = results.get("load_before", ()), results.get("load_after", ())
     print("\nperf_analyzer (client on the same cores; throughput/s, p50 ms, ratio to the floor, CPU s per 1k req):")
+    if before and after:
+        print(f"  load average before {before[0]:.2f}, after {after[0]:.2f} (1 min)")
     print(f"  {'server':>14} {'workload':>14} {'c':>3} {'thr/s':>8} {'p50':>6} {'p99':>6} {'xfloor':>6} "
           f"{'srv cpu':>7} {'cli cpu':>7}")  # fmt: skip
     with_ratio = {(r["server"], r["workload"], r["concurrency"]): r["ratio"] for r in ratios(results)}
@@ -172,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, default=ROOT / "models")
     ap.add_argument("--workloads", nargs="+", default=list(pa.WORKLOADS), choices=list(pa.WORKLOADS))
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
-    ap.add_argument("--workers", nargs="+", type=int, default=[1, os.cpu_count() or 1])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, available_workers()])
     ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="extra SEQSERVE_* for the server")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor server (tuning runs)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "perf.json")

@@ -22,3 +22,11 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     assert set(r["classify"]) == {"batch_1", "batch_16"}
     assert set(r["forecast"]) == {"predict_96_rows", "observe_1_row"}
     assert r["memory"]["sessions"] == 50 and r["memory"]["rss_after_bytes"] > 0
+    # perf_analyzer section: seqserve with 1 worker and the default count, and the floor, on the same workload.
+    perf = r["perf"]
+    servers = {row["server"] for row in perf["rows"]}
+    assert "floor" in servers and "seqserve w=1" in servers
+    assert {row["workload"] for row in perf["rows"]} == {"charlm-stream"}
+    for row in perf["rows"]:
+        assert row["throughput"] > 0 and row["p50_us"] > 0
+        assert row["server_cpu_s_per_1k"] > 0 and row["client_cpu_s_per_1k"] > 0
