@@ -36,7 +36,7 @@ from service.core.types import (
 )
 from service.engine import wire
 from service.engine.codec import pack, raise_error, unpack
-from service.errors import ModelUnavailable
+from service.errors import ModelUnavailable, Overloaded
 
 log = logging.getLogger(__name__)
 Reply = tuple[int, Any, str | None]  # status, payload, model noted
@@ -57,8 +57,9 @@ class _Link(asyncio.Protocol):
 
 
 class RemoteDataPlane:
-    def __init__(self, path: str, control_timeout: float = 10.0) -> None:
+    def __init__(self, path: str, max_pending: int = 1024, control_timeout: float = 10.0) -> None:
         self.path = path
+        self.max_pending = max_pending  # calls waiting for the engine beyond which new ones fail at once
         self.control_timeout = control_timeout
         self._transport: asyncio.Transport | None = None
         self._control: socket.socket | None = None
@@ -138,6 +139,11 @@ class RemoteDataPlane:
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._transport is None or self._transport.is_closing():
             raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
+        if len(self._pending) >= self.max_pending:
+            raise Overloaded(
+                f"{len(self._pending)} requests of this frontend are waiting for the engine, the limit is "
+                f"max_queue_size={self.max_pending}; retry with backoff"
+            )
         call_id = next(self._ids)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = fut

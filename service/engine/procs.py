@@ -89,7 +89,7 @@ async def _frontend(settings: Settings, socket_path: str, conn: Connection) -> N
     server = Server(
         settings,
         Metrics(runtime_collectors=False),
-        plane=RemoteDataPlane(socket_path),
+        plane=RemoteDataPlane(socket_path, max_pending=settings.max_queue_size),
         own_port=settings.frontend_ports,
         http_host="127.0.0.1",
     )
