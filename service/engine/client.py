@@ -77,6 +77,7 @@ class RemoteDataPlane:
         transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self), self.path)
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._send([wire.HELLO, 0, "", (), {}])
 
     async def stop(self) -> None:
         self._closing = True
@@ -112,17 +113,17 @@ class RemoteDataPlane:
         if queue is not None:
             queue.put_nowait((status, payload, model))
         elif status == wire.EVENT:
-            for hook in self._hooks:
-                task = asyncio.ensure_future(self._run_hook(hook))
-                self._hook_tasks.add(task)  # held until done (the loop keeps only weak references)
-                task.add_done_callback(self._hook_tasks.discard)
+            task = asyncio.ensure_future(self._run_hooks(payload[1]))
+            self._hook_tasks.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(self._hook_tasks.discard)
 
-    @staticmethod
-    async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await hook()
-        except Exception:
-            log.exception("models-changed hook failed")
+    async def _run_hooks(self, event: int) -> None:
+        for hook in self._hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("models-changed hook failed")
+        self._send([wire.ACK, event, "", (), {}])
 
     # --- calling --------------------------------------------------------------------------------------
     def _send(self, message: list[Any]) -> None:
@@ -170,19 +171,19 @@ class RemoteDataPlane:
                 self._control.connect(self.path)
                 self._control_framer = wire.Framer()
             self._control.sendall(wire.frame(pack([[wire.SYNC, call_id, method, args, {}]])))
-            while True:
+            answer = None
+            while answer is None:
                 data = self._control.recv(1 << 16)
                 if not data:
                     raise ConnectionError("engine closed the connection")
-                frames = list(self._control_framer.feed(data))
-                if frames:
-                    break
+                for payload in self._control_framer.feed(data):
+                    answer = next((m for m in unpack(payload) if m[0] == call_id), answer)
         except OSError as exc:
             if self._control is not None:
                 self._control.close()
             self._control = None
             raise ModelUnavailable(f"the engine did not answer: {exc}") from None
-        (_, status, payload, _), *_ = unpack(frames[0])
+        _, status, payload, _ = answer
         if status == wire.ERROR:
             raise_error(*payload)
         return payload

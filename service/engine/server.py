@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 from typing import Any
@@ -33,6 +34,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.outbox: list[list[Any]] = []
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.link = False  # a frontend's main connection (said HELLO): gets events
+        self.acks: dict[int, asyncio.Future[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -42,6 +45,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.engine.connections.discard(self)
         self.transport = None
+        for fut in self.acks.values():  # a frontend that is gone acknowledges nothing: stop waiting for it
+            if not fut.done():
+                fut.set_result(None)
         for task in self.tasks.values():  # the frontend is gone: nobody waits for these answers
             task.cancel()
 
@@ -60,6 +66,14 @@ class _Connection(asyncio.Protocol):
             task = self.tasks.pop(call_id, None)
             if task is not None:
                 task.cancel()
+            return
+        if kind == wire.HELLO:
+            self.link = True
+            return
+        if kind == wire.ACK:
+            fut = self.acks.pop(call_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
             return
         if kind == wire.SYNC and method in wire.SYNC_METHODS:
             self.send_now(self.engine.sync(call_id, method, args, kwargs))
@@ -94,6 +108,7 @@ class EngineServer:
         self.path = path
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._events = itertools.count(1)
 
     async def start(self) -> None:
         """Listens (frontends may connect before the models are loaded) and follows the model table."""
@@ -104,9 +119,19 @@ class EngineServer:
         os.chmod(self.path, 0o600)  # only this user's processes may call the engine
         self.dataplane.registry.subscribe(on_load=self._changed, on_unload=self._changed)
 
-    def _changed(self, entry: object, replaced: bool) -> None:
-        for conn in list(self.connections):
-            conn.send([0, wire.EVENT, wire.MODELS_CHANGED, None])
+    async def _changed(self, entry: object, replaced: bool) -> None:
+        """Tells every frontend; returns when each has acknowledged (its health follows), or after a timeout."""
+        event = next(self._events)
+        waiting = []
+        for conn in [c for c in self.connections if c.link]:
+            fut = conn.acks[event] = asyncio.get_running_loop().create_future()
+            waiting.append(fut)
+            conn.send([0, wire.EVENT, [wire.MODELS_CHANGED, event], None])
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=wire.EVENT_ACK_SECONDS)
+            if late:
+                log.warning("%d frontends did not acknowledge a model change within %.0fs", len(late),
+                            wire.EVENT_ACK_SECONDS)  # fmt: skip
 
     async def stop(self) -> None:
         if self._server is not None:
