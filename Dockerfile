@@ -1,41 +1,75 @@
-# seqserve serving image: ONNX Runtime (CPU) + gRPC + /metrics. No torch: the train extra is not installed.
-#   docker build -t seqserve .            (bakes in the committed models/; retrain with `make train`)
-#   docker run -p 50051:50051 -p 8002:8002 seqserve
-FROM python:3.11-slim
+# seqserve serving image (CPU): ONNX Runtime + gRPC (our API, KServe v2, health, reflection) + HTTP /metrics.
+#   docker build -t seqserve:0.1.0 .                 # bakes in every model under models/ (retrain: make train)
+#   docker run --read-only --tmpfs /tmp -p 50051:50051 -p 8002:8002 seqserve:0.1.0
+# BASE_IMAGE is any Debian-like image with python3.11 + venv: the official one by default; `make image-test` passes
+# a local stand-in built from Debian's packages (deploy/docker/standin-base.sh) where Docker Hub is unreachable.
+# The CUDA variant is Dockerfile.cuda. Deployment guide: docs/deploy.md.
+ARG BASE_IMAGE=python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-RUN groupadd --system --gid 10001 seqserve \
-    && useradd --system --uid 10001 --gid seqserve --home-dir /app --shell /usr/sbin/nologin seqserve
-
-WORKDIR /app
-
-# Dependencies first (layer cached until pyproject.toml or the code changes). Only the `service` package is copied:
-# pyproject's package discovery then finds no `training`, and without the train extra nothing pulls torch.
-COPY pyproject.toml README.md ./
+# --- builder: a venv with the serving dependencies and our `service` package, byte-compiled ------------------
+FROM ${BASE_IMAGE} AS builder
+# Lets a test (or you) remove the intermediate image this stage leaves: docker image prune --filter label=...
+LABEL io.seqserve.stage=builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+RUN python3 -m venv /opt/venv
+# Dependencies first, read from pyproject.toml (serving only: no train extra, so no torch): this layer is reused
+# until pyproject.toml changes, whatever happens to the code.
+COPY pyproject.toml ./
+RUN /opt/venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --no-compile -r requirements.txt
+# Only `service` is copied: pyproject's package discovery then finds no `training`.
+COPY README.md ./
 COPY service ./service
-RUN pip install . && pip check
+# Then: no pip/setuptools left in the runtime venv, and every module compiled once here. `unchecked-hash` .pyc
+# files are used as they are, whatever the files' timestamps, so the server starts fast and never needs to
+# write one (the container runs with a read-only root filesystem).
+RUN /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps . \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/pip uninstall --yes pip setuptools \
+    && /opt/venv/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/venv/lib
 
-# Trained models: models/<name>/<version>/{model.onnx,manifest.json}. Read-only for the server user.
-COPY models ./models
+# --- runtime: the base image + the venv + the models; no compiler, no pip, no pip cache -----------------------
+FROM ${BASE_IMAGE}
 
-# Settings come from SEQSERVE_* env vars (service/settings.py); the CLI flags below only pin the container layout.
-ENV SEQSERVE_HOST=0.0.0.0 \
+COPY --from=builder /opt/venv /opt/venv
+# Trained models: models/<name>/<version>/{model.onnx,manifest.json}, whatever versions are committed.
+# Owned by root and world-readable: the server (uid 10001) reads them and cannot change them.
+COPY models /app/models
+
+# Settings come from SEQSERVE_* env vars (service/settings.py); these pin the container layout only.
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    SEQSERVE_HOST=0.0.0.0 \
     SEQSERVE_PORT=50051 \
     SEQSERVE_METRICS_PORT=8002 \
     SEQSERVE_MODELS=/app/models \
     SEQSERVE_DEVICE=cpu
-
-USER seqserve:seqserve
+WORKDIR /app
+# A numeric user that exists in no passwd file: nothing in the image belongs to it, so it can write nowhere but
+# /tmp (mount a tmpfs there with --read-only).
+USER 10001:10001
 EXPOSE 50051 8002
 
-# Ready = every model loaded and the gRPC server serving (/readyz answers 200), checked from inside the container.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('SEQSERVE_METRICS_PORT', '8002'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2).status == 200 else 1)"]
+# Healthy = the gRPC health service answers SERVING for the whole server (every model loaded, not draining).
+HEALTHCHECK --interval=5s --timeout=4s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc; stub = rpc.HealthStub(grpc.insecure_channel('127.0.0.1:' + os.environ.get('SEQSERVE_PORT', '50051'))); sys.exit(0 if stub.Check(pb.HealthCheckRequest(), timeout=3).status == pb.HealthCheckResponse.SERVING else 1)"]
 
-# SIGTERM (docker stop) -> health NOT_SERVING, in-flight calls get SEQSERVE_GRACE_SECONDS to finish.
+# SIGTERM (docker stop, Kubernetes): health NOT_SERVING, in-flight calls get SEQSERVE_GRACE_SECONDS (10) to
+# finish, exit 0. Give the container more than that before SIGKILL (docker stop -t 15, stop_grace_period).
 STOPSIGNAL SIGTERM
-CMD ["seqserve", "serve", "--host", "0.0.0.0"]
+# Labels last: a new VERSION/REVISION changes only metadata, never the venv and model layers above.
+ARG BASE_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="seqserve" \
+      org.opencontainers.image.description="gRPC inference server for recurrent models (ONNX Runtime, CPU): stateful streaming sessions, KServe v2, Prometheus metrics" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+ENTRYPOINT ["seqserve"]
+CMD ["serve"]

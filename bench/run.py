@@ -11,6 +11,8 @@ What it measures, and why:
 - ``streams``: concurrent generation streams; the dynamic batcher merges their one-character steps.
 - ``classify`` / ``forecast`` / ``observe``: request latency of the other APIs.
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
+- ``stores``: per-step cost of each session store (memory, Redis ``step``, Redis ``idle``) at c=1 and c=64, and
+  Redis memory per session (``bench/stores.py``).
 - ``perf``: Triton's perf_analyzer on the KServe endpoint, seqserve with 1 worker and with the default worker
   count against the canned-response floor (``bench/perf.py``), with ratios and CPU seconds per 1,000 requests.
 
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.stores import print_stores, run_stores
 from service.client import Client, SuggestEvent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                 timed(lambda: client.observe(s.id, hist[[next(rows) % 200]]), repeats)
             )
         results["memory"] = bench_memory(client, pid, 50 if args.quick else 500)
+    results["stores"] = run_stores(args.models, quick=args.quick)  # per-step cost of each session store
+    from bench import sessions  # session create rate at 1k/50k/250k live sessions (its own server; not --quick)
+
+    if not args.quick:
+        results["sessions"] = sessions.bench(args.models)
     if not args.no_perf:
         from bench import pa, perf
 
@@ -239,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
+    print_stores(results["stores"])
+    if "sessions" in results:
+        sessions.print_table(results["sessions"])
     if "perf" in results:
-        from bench import perf
-
         perf.print_table(results["perf"])
     print(f"\nwritten: {args.out}")
     return 0

@@ -6,27 +6,26 @@
     seqserve forecast --csv ETTh1.csv [--rows 96] [--plot forecast.png]
 
 Every serve option also comes from ``SEQSERVE_*`` env vars (the flags win). Client commands take ``--target``
-(env SEQSERVE_TARGET, default 127.0.0.1:50051) and ``--api-key`` (env SEQSERVE_API_KEY).
+(env SEQSERVE_TARGET, default 127.0.0.1:50051), ``--api-key`` (env SEQSERVE_API_KEY) and, for a TLS server,
+``--tls-ca`` (env SEQSERVE_TLS_CA), with ``--tls-cert``/``--tls-key`` for mTLS (env SEQSERVE_TLS_CLIENT_CERT,
+SEQSERVE_TLS_CLIENT_KEY).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from service.client import ApiError, Client
-from service.core.types import ForecastResult
+from service.plots import plot_forecast
 from service.settings import Settings
+from service.tables import read_history
 
 log = logging.getLogger("seqserve")
 
@@ -74,9 +73,10 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.engine.procs import serve, worker_count
+    from service.logs import configure
 
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(settings)
     if worker_count(settings) > 1:  # N frontend processes + this one as the engine
         return asyncio.run(serve(settings, args.ready_file))
     asyncio.run(_serve(settings, args.ready_file))
@@ -87,7 +87,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, api_key=args.api_key, timeout=args.timeout)
+    return Client(
+        args.target,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls=args.tls,
+    )
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -119,30 +127,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_csv(path: Path, rows: int) -> tuple[list[str], np.ndarray[Any, np.dtype[np.float32]]]:
-    """The numeric columns of a CSV with a header (a date column is dropped) and its last ``rows`` rows."""
-    with path.open(newline="", encoding="utf-8") as f:
-        table = list(csv.reader(f))
-    if len(table) < 2:
-        raise ValueError(f"{path}: needs a header row and at least one data row")
-    header, body = table[0], table[1:]
-
-    def numeric(v: str) -> bool:
-        try:
-            float(v)
-        except ValueError:
-            return False
-        return True
-
-    keep = [i for i, v in enumerate(body[-1]) if numeric(v)]
-    if not keep:
-        raise ValueError(f"{path}: no numeric columns")
-    data = np.asarray([[float(r[i]) for i in keep] for r in body[-rows:]], dtype=np.float32)
-    return [header[i] for i in keep], data
-
-
 def cmd_forecast(args: argparse.Namespace) -> int:
-    columns, history = read_csv(args.csv, args.rows)
+    columns, history = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
     with _client(args) as c:
         result = c.forecast(history, model=args.model)
     print("step\t" + "\t".join(result.columns))
@@ -152,33 +138,6 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         plot_forecast(args.plot, columns, history, result)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
-
-
-def plot_forecast(path: Path, columns: list[str], history: np.ndarray[Any, Any], result: ForecastResult) -> None:
-    """One panel per feature: history, the point forecast and the lowest-highest quantile band (p10-p90)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the 'train' extra)") from exc
-    n, t = len(result.columns), history.shape[0]
-    fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n), sharex=True, squeeze=False)
-    steps = np.arange(t, t + result.point.shape[0])
-    for f, ax in enumerate(axes[:, 0]):
-        hist_col = columns.index(result.columns[f]) if result.columns[f] in columns else f
-        ax.plot(np.arange(t), history[:, hist_col], color="black", lw=1, label="history")
-        ax.plot(steps, result.point[:, f], color="tab:blue", lw=1, label="forecast")
-        if len(result.quantile_levels) >= 2:
-            lo, hi = result.quantiles[0, :, f], result.quantiles[-1, :, f]
-            band = f"p{round(100 * result.quantile_levels[0])}-p{round(100 * result.quantile_levels[-1])}"
-            ax.fill_between(steps, lo, hi, color="tab:blue", alpha=0.25, label=band)
-        ax.set_ylabel(result.columns[f])
-    axes[0, 0].legend(loc="upper left", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- parser ------------------------------------------------------------------------------------------------
@@ -221,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--target", default=os.environ.get("SEQSERVE_TARGET", "127.0.0.1:50051"), help="host:port")
         c.add_argument("--api-key", default=os.environ.get("SEQSERVE_API_KEY"), help="sent as Bearer token")
         c.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds")
+        env = os.environ.get
+        c.add_argument("--tls", action="store_true", help="TLS with the system's CA roots (implied by --tls-*)")
+        c.add_argument("--tls-ca", default=env("SEQSERVE_TLS_CA"), help="PEM CA that signed the server's certificate")
+        c.add_argument("--tls-cert", default=env("SEQSERVE_TLS_CLIENT_CERT"), help="PEM client certificate (mTLS)")
+        c.add_argument("--tls-key", default=env("SEQSERVE_TLS_CLIENT_KEY"), help="PEM key of --tls-cert (mTLS)")
         c.add_argument("--model", default="", help="model name (default: the service's default model)")
         return c
 
@@ -239,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = client_parser("forecast", "forecast from the last rows of a CSV")
     c.add_argument("--csv", type=Path, required=True, help="CSV with a header; numeric columns are the features")
+    c.add_argument("--columns", help="comma-separated columns to send, in the model's order (default: all numeric)")
     c.add_argument("--rows", type=int, default=96, help="history rows to send (the last ones)")
     c.add_argument("--plot", type=Path, help="write a PNG: history, forecast and the p10-p90 band")
     c.set_defaults(func=cmd_forecast)

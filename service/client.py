@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -82,13 +83,42 @@ class SuggestEvent:
     beam: bool = True
 
 
+def channel_credentials(
+    tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: ``tls_ca`` (PEM) verifies the server (None = the system's roots); ``tls_cert`` and
+    ``tls_key`` (PEM) are this client's certificate for mTLS."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together (the client certificate and its private key)")
+
+    def read(path: str | Path | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+
+
 class Client:
-    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = 30.0) -> None:
-        """``timeout``: default deadline in seconds per call (for streams: the whole stream); None = none."""
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        *,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls: bool = False,
+    ) -> None:
+        """``timeout``: default deadline in seconds per call (for streams: the whole stream); None = none.
+        TLS when ``tls`` or any ``tls_*`` file is given: ``tls_ca`` verifies the server (default: the system's
+        roots), ``tls_cert``/``tls_key`` are the client certificate (mTLS)."""
         self.target = target
         self.timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.insecure_channel(target)
+        if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
+            self._channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._sentiment = sentiment_pb2_grpc.SentimentStub(self._channel)
         self._autocomplete = autocomplete_pb2_grpc.AutocompleteStub(self._channel)
         self._forecast = forecast_pb2_grpc.ForecastStub(self._channel)
@@ -213,6 +243,18 @@ class Client:
 
     def delete_session(self, session_id: str, timeout: float | None = None) -> None:
         self._unary(self._sessions.Delete, sessions_pb2.DeleteSessionRequest(session_id=session_id), timeout)
+
+    def export_session(self, session_id: str, timeout: float | None = None) -> bytes:
+        """The session as an opaque signed blob (the server needs SEQSERVE_SESSION_SIGNING_KEY)."""
+        request = sessions_pb2.ExportSessionRequest(session_id=session_id)
+        return bytes(self._unary(self._sessions.Export, request, timeout).blob)
+
+    def import_session(
+        self, blob: bytes, ttl_seconds: float | None = None, timeout: float | None = None
+    ) -> SessionInfo:
+        """A new session holding what ``blob`` holds (on any server with the same key and model version)."""
+        request = sessions_pb2.ImportSessionRequest(blob=blob, ttl_seconds=ttl_seconds)
+        return cv.session_from_pb(self._unary(self._sessions.Import, request, timeout))
 
     @contextmanager
     def session(

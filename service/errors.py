@@ -19,6 +19,14 @@ def short(value: str, limit: int = ECHO_CHARS) -> str:
     return shown if len(value) <= limit else f"{shown}...({len(value)} characters)"
 
 
+MAX_MESSAGE_CHARS = 1024  # the edge's last resort: no status message is longer, whatever the core wrote
+
+
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut to ``limit`` characters (messages are built with ``echo``; this bounds any that is not)."""
+    return message if len(message) <= limit else f"{message[: limit - 40]}... ({len(message)} characters, cut)"
+
+
 class SeqServeError(Exception):
     """Base class of every error a caller may see."""
 
@@ -48,8 +56,30 @@ class FailedPrecondition(SeqServeError):
     another model, or a session whose model version was unloaded (gRPC FAILED_PRECONDITION)."""
 
 
+class SessionEvicted(SessionNotFound):
+    """The session was evicted to make room (gRPC NOT_FOUND, ErrorInfo reason SESSION_EVICTED)."""
+
+
 class Overloaded(SeqServeError):
     """A bounded resource is full: session store, batch queue (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class StoreUnavailable(SeqServeError):
+    """The session store (Redis) does not answer; calls that need no session still work (gRPC UNAVAILABLE)."""
+
+
+class SessionConflict(SeqServeError):
+    """Another replica took the session over while this call used it; nothing was written (gRPC ABORTED:
+    retry the call)."""
+
+
+class QuotaExceeded(Overloaded):
+    """The caller's own quota (sessions, session bytes, request rate) is used up; the message names the quota
+    (gRPC RESOURCE_EXHAUSTED, ErrorInfo reason QUOTA_EXCEEDED)."""
+
+
+class TooLarge(SeqServeError):
+    """A request larger than its method accepts (gRPC RESOURCE_EXHAUSTED, as gRPC's own size limit)."""
 
 
 class Unauthenticated(SeqServeError):

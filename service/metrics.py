@@ -45,7 +45,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 # Batch sizes are integers: powers of two up to the largest sensible max_batch_size.
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-SESSION_EVENTS: frozenset[str] = frozenset({"created", "expired", "evicted", "deleted", "forked"})
+SESSION_EVENTS: frozenset[str] = frozenset({"created", "expired", "evicted", "deleted", "forked", "imported"})
 OTHER_MODEL = "_other"  # label value for model names that are not loaded (typos, probes): bounds cardinality
 NO_MODEL = ""  # RPCs that name no model (health, ListModels): the label is empty, i.e. absent in PromQL
 
@@ -160,7 +160,7 @@ class Metrics:
         self.sessions = Gauge("seqserve_sessions_active", "Live streaming sessions per model.", ("model",), registry=r)
         self.session_events = Counter(
             "seqserve_session_events",
-            "Session lifecycle events: created, expired (TTL), evicted (store full), deleted, forked.",
+            "Session lifecycle events: created, expired (TTL), evicted (store full), deleted, forked, imported.",
             ("model", "event"),
             registry=r,
         )
@@ -173,6 +173,10 @@ class Metrics:
         )
         self.store_capacity_bytes = Gauge(
             "seqserve_session_store_capacity_bytes", "Most bytes the store holds (max_session_bytes).", registry=r
+        )
+
+        self.store_up = Gauge(
+            "seqserve_session_store_up", "1 when the session store answers (Redis reachable), else 0.", registry=r
         )
 
         # --- core: streaming --------------------------------------------------------------------------
@@ -293,6 +297,10 @@ class Metrics:
         self.store_capacity.set(capacity)
         self.store_bytes.set(bytes_used)
         self.store_capacity_bytes.set(bytes_capacity)
+
+    def session_store_up(self, up: bool) -> None:
+        """Whether the session store answered its last health check."""
+        self.store_up.set(1 if up else 0)
 
     # --- core: streaming ------------------------------------------------------------------------------
     def chars_generated(self, model: str, count: int) -> None:

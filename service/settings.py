@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -23,11 +23,30 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=8002, ge=0, le=65535)
     """HTTP port for /metrics, /healthz and /readyz. 0 picks a free port."""
     api_key: str | None = None
-    """When set, every RPC except health must send ``authorization: Bearer <api_key>``."""
+    """When set, every RPC except health and reflection must send ``authorization: Bearer <api_key>``; its
+    principal is named ``default``."""
+    api_keys: str | None = None
+    """Named API keys, one principal each: a file (one ``name:key`` per line, ``#`` comments) or a list of
+    ``name:key`` pairs separated by commas. Names: 1-64 of ``A-Za-z0-9._@-``; keys: at least 16 characters."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server: with ``tls_key`` the gRPC and metrics ports speak TLS only."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mTLS, both ports). Without API keys the
+    certificate's subject is the caller's principal."""
     grace_seconds: float = Field(default=10.0, ge=0)
     """On SIGTERM: health goes NOT_SERVING, in-flight calls get this long to finish."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    """Largest gRPC message accepted or sent."""
+    """Largest gRPC message accepted or sent (by the methods that carry bulk data: Classify, Predict, Observe,
+    ModelInfer, ModelStreamInfer, and methods this server does not list as small)."""
+    max_small_message_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest request of the methods that carry no bulk data (sessions, Complete, Suggest, metadata, health)."""
+    large_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Requests above this size count against ``max_large_bytes_in_flight``."""
+    max_large_bytes_in_flight: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Bytes of large requests being decoded and served at once; more wait their turn (bounded by their
+    deadline). Bounds the memory a burst of near-limit requests can pin."""
 
     # --- processes -------------------------------------------------------------------------------------
     workers: int = Field(default=0, ge=0)
@@ -67,7 +86,31 @@ class Settings(BaseSettings):
 
     # --- sessions --------------------------------------------------------------------------------------
     session_store: str = "memory://"
-    """Where sessions live: ``memory://`` (this process). Other schemes come from stores that register them."""
+    """Where sessions live: ``memory://`` (this process), ``redis://host:port/db``, ``rediss://`` (TLS) or
+    ``redis+cluster://host:port`` (Redis Cluster; any node): shared by every replica, sessions survive restarts.
+    Other schemes come from stores that register them."""
+    session_durability: Literal["step", "idle"] = "step"
+    """Redis stores only. ``step``: a step is acknowledged after its new state is in Redis (a crash loses
+    nothing acknowledged). ``idle``: hot sessions stay in this process and are written back when idle
+    (``session_idle_seconds``), at least every ``session_flush_seconds``, when another replica asks for them and
+    on SIGTERM; a crash (kill -9, power loss) loses up to that many seconds of steps per session."""
+    session_flush_seconds: float = Field(default=5.0, gt=0)
+    """``idle`` durability: the longest a step stays only in this process's memory."""
+    session_idle_seconds: float = Field(default=0.5, gt=0)
+    """``idle`` durability: a session unused this long is written back."""
+    session_lease_seconds: float = Field(default=5.0, gt=0)
+    """Redis stores: a replica owns a session it used within this time (it reads nothing from Redis before a
+    step); another replica asks it to hand over. After a crash its sessions move on once this has passed."""
+    session_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Redis stores: bytes of recently used sessions each replica keeps in memory (hot cache)."""
+    session_store_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Redis stores: a command that gets no answer this soon fails the call with UNAVAILABLE."""
+    session_index_shards: int = Field(default=16, ge=1, le=4096)
+    """Redis stores: keys the session index (counts, bytes, expiry order) is spread over; in a cluster at
+    least the number of primaries, so no node holds the whole index."""
+    session_signing_key: SecretStr | None = None
+    """HMAC-SHA256 key that signs ``Sessions.Export`` blobs (at least 32 characters; the same on every replica
+    and cluster that should accept each other's blobs). Unset: Export and Import are refused."""
     session_ttl_seconds: float = Field(default=600.0, gt=0)
     """Default idle TTL of a session (a request may ask for another, up to ``session_max_ttl_seconds``)."""
     session_max_ttl_seconds: float = Field(default=86400.0, gt=0)
@@ -82,6 +125,17 @@ class Settings(BaseSettings):
     sequence_idle_seconds: float = Field(default=60.0, gt=0)
     """KServe v2 sequences (Triton's max_sequence_idle_microseconds) expire after this idle time."""
 
+    # --- per-principal quotas (0 = no limit) ------------------------------------------------------------
+    quota_sessions: int = Field(default=0, ge=0)
+    """Live sessions (and v2 sequences) one principal may hold."""
+    quota_session_bytes: int = Field(default=0, ge=0)
+    """Bytes of session state one principal may hold."""
+    quota_requests_per_second: float = Field(default=0.0, ge=0)
+    """Requests per second per principal (token bucket). Unary calls over it get RESOURCE_EXHAUSTED; messages
+    of client streams (Suggest, ModelStreamInfer) are paced to it."""
+    quota_request_burst: int = Field(default=0, ge=0)
+    """Bucket size of ``quota_requests_per_second`` (0 = one second's worth, at least 1)."""
+
     # --- request limits --------------------------------------------------------------------------------
     max_texts_per_request: int = Field(default=256, ge=1)
     max_chars_per_text: int = Field(default=4096, ge=1)
@@ -91,6 +145,30 @@ class Settings(BaseSettings):
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """text: one escaped line per record; json: one JSON object per line with request_id, method, model, code
+    and duration_ms where known."""
+    access_log: bool = False
+    """Log one line per finished RPC (logger ``seqserve.access``, INFO)."""
+    metrics_idle_timeout_seconds: float = Field(default=10.0, gt=0)
+    """The metrics port closes a connection that sends nothing for this long (a half-sent request included)."""
+    metrics_max_connections: int = Field(default=64, ge=1)
+    """Connections the metrics port serves at once; more are closed at once."""
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both (SEQSERVE_TLS_CERT, SEQSERVE_TLS_KEY)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key: the server must speak TLS first")
+        return self
+
+    @field_validator("session_signing_key")
+    @classmethod
+    def _long_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("session_signing_key must have at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return value
 
     @field_validator("plugins", mode="before")
     @classmethod

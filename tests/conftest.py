@@ -29,7 +29,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     charlm: LSTM 2x16, printable-ASCII vocab; sentiment: LSTM 1x16, 28 words; forecaster: window 24, horizon 12,
     7 ETTh1 columns. Exported once per test session (torch is imported here, never by ``service``)."""
-    from training.export import export_tiny
+    from tests.tiny_models import export_tiny
 
     root = tmp_path_factory.mktemp("models")
     for task in ("charlm", "sentiment", "forecast"):

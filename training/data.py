@@ -1,4 +1,4 @@
-"""Data loaders: Tiny Shakespeare (chars), SST-2 (words), ETTh1 (z-scored windows).
+"""Data loaders: Tiny Shakespeare (chars), SST-2 (words); forecasting CSVs are in ``training/series.py``.
 
 Every problem with a data file raises ``DataError`` with ONE line naming the file and what is wrong; the CLI
 prints it and exits 2. Tokenization goes through ``service.core.tokenizers`` so serving matches training.
@@ -12,7 +12,6 @@ import math
 import urllib.request
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from service.core.manifest import Tokenizer
 from service.core.tokenizers import Encoder, split_words
 
 PAD, UNK = "<pad>", "<unk>"
-ETT_SPLITS = (8640, 11520, 14400)  # Informer's 12/4/4 months of 30 days; the last ~4 months are unused
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
@@ -125,73 +123,6 @@ def ngram_table(vocab: list[str], buckets: int, specials: int = 2) -> IntArray:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
-
-
-def pad_batch(seqs: list[IntArray], max_length: int) -> tuple[IntArray, IntArray]:
-    """Right-pad with 0 to the batch's longest (cut at max_length) -> ids (B, T), lengths (B,) >= 1."""
-    lengths = np.array([max(1, min(len(s), max_length)) for s in seqs], dtype=np.int64)
-    ids = np.zeros((len(seqs), int(lengths.max())), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : min(len(s), max_length)] = s[:max_length]
-    return ids, lengths
-
-
-# --- ETTh1 --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EttData:
-    columns: list[str]
-    mean: FloatArray  # (F,) train-split statistics
-    std: FloatArray  # (F,)
-    train: FloatArray  # (rows, F) z-scored
-    val: FloatArray
-    test: FloatArray
-
-
-def read_ett(path: Path) -> tuple[list[str], FloatArray]:
-    """``date,<7 numeric columns>`` CSV -> (column names, values (rows, F))."""
-    lines = read_text(path).splitlines()
-    header = lines[0].split(",")
-    if len(header) < 2 or header[0] != "date":
-        raise DataError(f"{path}: header must start with 'date' followed by numeric columns, got {lines[0][:60]!r}")
-    values = np.empty((len(lines) - 1, len(header) - 1), dtype=np.float64)
-    for n, line in enumerate(lines[1:], start=2):
-        fields = line.split(",")
-        if len(fields) != len(header):
-            raise DataError(f"{path}: line {n}: {len(fields)} fields, header has {len(header)}")
-        try:
-            values[n - 2] = [float(v) for v in fields[1:]]
-        except ValueError:
-            raise DataError(f"{path}: line {n}: non-numeric value in {line[:80]!r}") from None
-    if not np.isfinite(values).all():
-        raise DataError(f"{path}: contains NaN or infinite values")
-    return header[1:], values.astype(np.float32)
-
-
-def load_ett(path: Path, window: int = 96, splits: tuple[int, int, int] = ETT_SPLITS) -> EttData:
-    """Standard split: train [0, a), val [a - L, b), test [b - L, c); z-scored with train stats."""
-    columns, values = read_ett(path)
-    a, b, c = splits
-    if len(values) < c:
-        raise DataError(f"{path}: {len(values)} data rows; the standard split needs at least {c}")
-    mean = values[:a].mean(axis=0)
-    std = values[:a].std(axis=0)
-    if (std <= 0).any():
-        raise DataError(f"{path}: a column is constant over the training rows (std 0)")
-    z = ((values - mean) / std).astype(np.float32)
-    return EttData(columns, mean, std, z[:a], z[a - window : b], z[b - window : c])
-
-
-def windows(series: FloatArray, window: int, horizon: int) -> tuple[FloatArray, FloatArray]:
-    """Every (history, target) pair, stride 1 -> x (N, window, F), y (N, horizon, F)."""
-    n = len(series) - window - horizon + 1
-    if n < 1:
-        raise DataError(f"series of {len(series)} rows is too short for window {window} + horizon {horizon}")
-    idx = np.arange(n)[:, None]
-    x = series[idx + np.arange(window)[None, :]]
-    y = series[idx + window + np.arange(horizon)[None, :]]
-    return x, y
 
 
 def char_streams(ids: IntArray, batch: int) -> IntArray:

@@ -10,13 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 import torch
 
+from service.core import arrays
+from service.core.arrays import right_pad, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.core.tokenizers import Encoder
-from training.data import DataError, load_ett, read_text, read_tsv, windows
+from training.calibrate import interval_scores
+from training.data import DataError, read_text, read_tsv
 from training.runners import VAL_STREAMS, char_nll
+from training.scores import ece, mape, mase, mase_scale, seasonal_naive
+from training.series import SEASON, Series, series_for, windows
 
 
 def _session(model_dir: Path) -> tuple[Manifest, ort.InferenceSession]:
@@ -28,14 +34,10 @@ def _session(model_dir: Path) -> tuple[Manifest, ort.InferenceSession]:
     return m, ort.InferenceSession(str(model_dir / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
 
 
-def zero_states(m: Manifest, batch: int) -> dict[str, np.ndarray[Any, Any]]:
-    """Zero state for every declared state input: "batch" -> batch, "batch*features" -> batch * features."""
+def states0(m: Manifest, batch: int) -> dict[str, npt.NDArray[Any]]:
+    """Zero state for every declared state input (serving's own ``zero_states``)."""
     features = m.forecast.features if m.forecast is not None else 1
-
-    def dim(d: int | str) -> int:
-        return d if isinstance(d, int) else batch * features if d == "batch*features" else batch
-
-    return {s.input: np.zeros([dim(d) for d in s.shape], np.float32) for s in m.states}
+    return zero_states(m.states, {"batch": batch, "features": features})
 
 
 def eval_charlm(m: Manifest, sess: ort.InferenceSession, path: Path, val_fraction: float = 0.1) -> dict[str, float]:
@@ -49,22 +51,18 @@ def eval_charlm(m: Manifest, sess: ort.InferenceSession, path: Path, val_fractio
         return tuple(torch.from_numpy(o) for o in sess.run(None, feeds))
 
     rows = VAL_STREAMS
-    state0 = tuple(torch.from_numpy(v) for v in zero_states(m, rows).values())
+    state0 = tuple(torch.from_numpy(v) for v in states0(m, rows).values())
     nats = char_nll(step, val, state0)
     return {"val_loss_nats_per_char": nats, "val_bits_per_char": nats / np.log(2)}
 
 
-def sentiment_logits(m: Manifest, sess: ort.InferenceSession, texts: list[str]) -> np.ndarray[Any, Any]:
+def sentiment_logits(m: Manifest, sess: ort.InferenceSession, texts: list[str]) -> npt.NDArray[Any]:
     assert m.tokenizer is not None
     enc, limit = Encoder(m.tokenizer), m.tokenizer.max_length or 10**9
     out = []
     for i in range(0, len(texts), 256):
-        seqs = [enc.encode(t)[:limit] for t in texts[i : i + 256]]
-        lengths = np.array([max(1, len(s)) for s in seqs], dtype=np.int64)
-        ids = np.zeros((len(seqs), int(lengths.max())), dtype=np.int64)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = s
-        feeds = {"input_ids": ids, "lengths": lengths, **zero_states(m, len(seqs))}
+        ids, lengths = right_pad([enc.encode(t)[:limit] for t in texts[i : i + 256]], pad=enc.pad_id or 0)
+        feeds = {"input_ids": ids, "lengths": lengths, **states0(m, len(ids))}
         out.append(sess.run(["logits"], feeds)[0])
     return np.concatenate(out)
 
@@ -73,36 +71,60 @@ def eval_sentiment(m: Manifest, sess: ort.InferenceSession, folder: Path) -> dic
     dev = read_tsv(folder / "dev.tsv")
     logits = sentiment_logits(m, sess, [t for t, _ in dev])
     y = np.array([lab for _, lab in dev])
-    return {"dev_accuracy": float((logits.argmax(1) == y).mean()), "dev_examples": float(len(y))}
+    probs = arrays.softmax(logits)  # what serving returns
+    return {
+        "dev_accuracy": float((logits.argmax(1) == y).mean()),
+        "dev_ece": ece(probs, y),
+        "dev_nll": float(-np.log(probs[np.arange(len(y)), y]).mean()),
+        "dev_examples": float(len(y)),
+    }
 
 
-def forecast_windows(m: Manifest, sess: ort.InferenceSession, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """x (N, window, F) z-scored -> point forecasts (N, horizon, F) z-scored."""
+def forecast_windows(m: Manifest, sess: ort.InferenceSession, x: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """x (N, window, F) z-scored -> point forecasts (N, horizon, T) z-scored (T = target columns)."""
     out = [
-        sess.run(["forecast"], {"history": x[i : i + 512], **zero_states(m, len(x[i : i + 512]))})[0]
+        sess.run(["forecast"], {"history": x[i : i + 512], **states0(m, len(x[i : i + 512]))})[0]
         for i in range(0, len(x), 512)
     ]
     return np.concatenate(out)
 
 
 def eval_forecast(m: Manifest, sess: ort.InferenceSession, path: Path) -> dict[str, float]:
-    assert m.forecast is not None and m.normalization is not None
+    """Test-split MSE/MAE (z-scored, target columns), quantile coverage and pinball loss (z-scored), and, in
+    original units, MASE (and MAPE when no target is 0) of the model and of the seasonal-naive baseline."""
+    assert m.forecast is not None
     f = m.forecast
-    data = load_ett(path, window=f.window)
-    # The standard split's train statistics must be the ones the model was trained with.
-    if not np.allclose(data.mean, m.normalization.mean, rtol=1e-4) or not np.allclose(
-        data.std, m.normalization.std, rtol=1e-4
-    ):
-        raise DataError(f"{path}: train-split statistics differ from the model's manifest.normalization")
-    x, y = windows(data.test, f.window, f.horizon)
+    s = series_for(m, path)
+    x, y = windows(s.part("test", f.window), f.window, f.horizon, s.target_index)
     pred = forecast_windows(m, sess, x)
     res = {"test_mse": float(((pred - y) ** 2).mean()), "test_mae": float(np.abs(pred - y).mean())}
     if f.quantile_offsets:
-        q = pred[None] + np.asarray(f.quantile_offsets, np.float32)[:, None]  # (Q, N, H, F)
-        for level, qi in zip(f.quantiles, q, strict=True):
-            res[f"test_coverage_q{level:g}"] = float((y <= qi).mean())  # should be close to the level
+        scores = interval_scores(y, pred, np.asarray(f.quantile_offsets), f.quantiles)
+        res |= {f"test_{k}": v for k, v in scores.items()}
+    res |= _baseline_scores(s, f.window, f.horizon, x, y, pred)
     res["test_windows"] = float(len(x))
     return res
+
+
+def _baseline_scores(
+    s: Series, window: int, horizon: int, x: npt.NDArray[Any], y: npt.NDArray[Any], pred: npt.NDArray[Any]
+) -> dict[str, float]:
+    """MASE / MAPE of the model vs seasonal naive, in original units (needs a known season <= window)."""
+    season = SEASON.get(s.frequency or "")
+    if season is None or season > window:
+        return {}
+    t = s.target_index
+    mean, std = s.mean[t], s.std[t]
+    y_raw, pred_raw = y * std + mean, pred * std + mean  # (N, H, T)
+    naive = seasonal_naive(x[:, :, t] * std + mean, horizon, season)
+    a, b = s.split["train"]
+    scale = mase_scale(s.raw()[a:b, t], season)
+    out = {"test_mase": mase(y_raw, pred_raw, scale), "test_snaive_mase": mase(y_raw, naive, scale)}
+    if (np.abs(y_raw) > 0).all():
+        out |= {"test_mape": mape(y_raw, pred_raw), "test_snaive_mape": mape(y_raw, naive)}
+        out["test_mape_gain_vs_snaive"] = 1 - out["test_mape"] / out["test_snaive_mape"]
+    out["season"] = float(season)
+    return out
 
 
 def evaluate_model(model_dir: Path, data: Path) -> dict[str, float]:
@@ -121,19 +143,11 @@ def sample(model_dir: Path, prompt: str, length: int, temperature: float, top_k:
         raise DataError(f"{model_dir}: sampling needs a charlm model, this one is {m.task!r}")
     enc, rng = Encoder(m.tokenizer), np.random.default_rng(seed)
     ids = enc.encode(prompt or "\n", field="prompt")[None, :]
-    feeds: dict[str, Any] = {"input_ids": ids, **zero_states(m, 1)}
+    feeds: dict[str, Any] = {"input_ids": ids, **states0(m, 1)}
     out: list[int] = []
     for _ in range(length):
         logits, *state = sess.run(None, feeds)
-        z = logits[0, -1].astype(np.float64)
-        if temperature <= 0:
-            nxt = int(z.argmax())
-        else:
-            z = z / temperature
-            if top_k > 0:
-                z[z < np.sort(z)[-top_k]] = -np.inf
-            p = np.exp(z - z.max())
-            nxt = int(rng.choice(len(p), p=p / p.sum()))
+        nxt = arrays.sample(logits[0, -1], temperature, top_k, rng)  # the very function serving's Complete uses
         out.append(nxt)
         feeds = {"input_ids": np.array([[nxt]], np.int64), **{s.input: v for s, v in zip(m.states, state, strict=True)}}
     return prompt + enc.decode(out)

@@ -3,13 +3,13 @@
 Tensor names follow the serving contract (see service/core/manifest.py):
   charlm:    input_ids (B, T) int64, h0 [, c0]            -> logits (B, T, V), hn [, cn]
   sentiment: input_ids (B, T) int64, lengths (B,), h0 [, c0] -> logits (B, 2), hn [, cn]
-  forecast:  history (B, T, F) float32, h0 [, c0] (channel-major, batch*features) -> forecast (B, H, F), hn [, cn]
+  forecast:  history (B, T, F) float32, h0 [, c0] (channel-major, batch*features) -> forecast (B, H, T), hn [, cn]
+             (T = the target columns; F - T covariates are inputs only)
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from service.core.arrays import resolve_shape
 from service.core.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -34,7 +35,7 @@ from service.core.manifest import (
     Tokenizer,
     sha256_file,
 )
-from training.nets import NetConfig, build_net, count_parameters, state_names, state_shape
+from training.nets import NetConfig, count_parameters, state_specs
 
 OPSET = 17
 NATIVE_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
@@ -51,9 +52,8 @@ class GraphIO:
 
 def graph_io(cfg: NetConfig) -> GraphIO:
     """Names, dtypes, shapes and dynamic axes of the exported graph for ``cfg.task``."""
-    sbatch = "batch*features" if cfg.task == "forecast" else "batch"
-    sshape: list[int | str] = [state_shape(cfg, 1)[0], sbatch, cfg.hidden]
-    states = [StateSpec(name=n, input=f"{n}0", output=f"{n}n", shape=sshape) for n in state_names(cfg.cell)]
+    states = state_specs(cfg)
+    sshape, sbatch = states[0].shape, str(states[0].shape[1])
     axes: dict[str, dict[int, str]] = {}
     for s in states:
         axes[s.input] = {1: sbatch}
@@ -80,7 +80,8 @@ def graph_io(cfg: NetConfig) -> GraphIO:
                 description=f"z-scored rows, time a multiple of {cfg.segment}",
             )
         ]
-        outs = [TensorSpec(name="forecast", dtype="float32", shape=["batch", cfg.horizon, cfg.features])]
+        width = len(cfg.targets) if cfg.targets is not None else cfg.features
+        outs = [TensorSpec(name="forecast", dtype="float32", shape=["batch", cfg.horizon, width])]
         axes |= {"history": {0: "batch", 1: "time"}, "forecast": {0: "batch"}}
     else:
         raise ValueError(f"task: unknown task {cfg.task!r}")
@@ -102,7 +103,8 @@ def example_inputs(cfg: NetConfig, batch: int, time: int, seed: int = 0) -> tupl
             lengths[0] = time
             ids.masked_fill_(torch.arange(time).unsqueeze(0) >= lengths.unsqueeze(1), 0)
             xs = (ids, lengths)
-    st = tuple(0.1 * torch.randn(state_shape(cfg, batch), generator=g) for _ in state_names(cfg.cell))
+    sizes = {"batch": batch, "features": cfg.features}
+    st = tuple(0.1 * torch.randn(resolve_shape(s.shape, sizes), generator=g) for s in state_specs(cfg))
     return xs + st
 
 
@@ -209,70 +211,3 @@ def write_model(
     )
     manifest.dump(out / MANIFEST_FILE)
     return out
-
-
-# --- tiny untrained models for service tests -------------------------------------------------------------------
-
-CHAR_VOCAB = [chr(i) for i in range(32, 127)] + ["\n"]  # printable ASCII + newline
-TINY_WORDS = ["<pad>", "<unk>", ".", ",", "!", "?", "the", "a", "an", "and", "is", "was", "it", "this", "i", "not"]
-TINY_WORDS += ["movie", "film", "good", "great", "fun", "love", "bad", "terrible", "boring", "hate", "very", "n't"]
-ETT_COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
-
-
-def tiny_forecast_spec(window: int, horizon: int, features: int, segment: int, cell: str) -> ForecastSpec:
-    z = [-1.2816, 0.0, 1.2816]  # standard-normal quantiles for 0.1 / 0.5 / 0.9
-    offsets = [[[zq * 0.3 * math.sqrt(1 + h) for _ in range(features)] for h in range(horizon)] for zq in z]
-    return ForecastSpec(
-        window=window,
-        horizon=horizon,
-        features=features,
-        state_mode="window",
-        update_cost=f"{window // segment} {cell.upper()} steps",
-        quantiles=[0.1, 0.5, 0.9],
-        quantile_offsets=offsets,
-    )
-
-
-def export_tiny(
-    task: str, root: Path, *, cell: str = "lstm", name: str | None = None, version: int = 1, seed: int = 0
-) -> Path:
-    """Untrained tiny model for ``task`` in ``root/<name>/<version>/`` (model.onnx + manifest.json); returns it.
-
-    charlm: vocab = printable ASCII + "\\n", 2 layers x 16; sentiment: 28-word vocab (pad=0, unk=1), 1 layer x 16;
-    forecast: window 24, horizon 12, 7 ETTh1-like features, 4 segments of 6 rows.
-    """
-    torch.manual_seed(seed)
-    name = name or DEFAULT_NAMES.get(task, task)
-    out = Path(root) / name / str(version)
-    tokenizer, labels, norm, spec = None, None, None, None
-    if task == "charlm":
-        cfg = NetConfig(task=task, cell=cell, hidden=16, layers=2, vocab=len(CHAR_VOCAB), embedding=8)
-        tokenizer = Tokenizer(kind="char", vocab=CHAR_VOCAB)
-    elif task == "sentiment":
-        cfg = NetConfig(task=task, cell=cell, hidden=16, layers=1, vocab=len(TINY_WORDS), embedding=8)
-        tokenizer = Tokenizer(
-            kind="word", vocab=TINY_WORDS, unk_token="<unk>", pad_token="<pad>", lowercase=True, max_length=64
-        )
-        labels = ["negative", "positive"]
-    elif task == "forecast":
-        cfg = NetConfig(task=task, cell=cell, hidden=16, layers=1, features=7, window=24, horizon=12, segment=6)
-        norm = Normalization(
-            columns=ETT_COLUMNS, mean=[7.9, 2.1, 5.0, 0.7, 3.0, 0.9, 13.3], std=[5.8, 2.0, 5.6, 1.9, 1.2, 0.6, 8.6]
-        )
-        spec = tiny_forecast_spec(cfg.window, cfg.horizon, cfg.features, cfg.segment, cell)
-    else:
-        raise ValueError(f"task: unknown task {task!r}; choose sentiment, charlm or forecast")
-    net = build_net(cfg)
-    return write_model(
-        net,
-        cfg,
-        out,
-        name=name,
-        version=version,
-        description=f"UNTRAINED tiny {task} model for tests (seed {seed})",
-        tokenizer=tokenizer,
-        labels=labels,
-        normalization=norm,
-        forecast=spec,
-        training={"untrained": True, "seed": seed},
-    )

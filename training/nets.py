@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.core.arrays import zero_states
+from service.core.manifest import StateSpec
+
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+REVIN = ("last", "mean", "meanstd")  # forecaster: how each window is re-referenced inside the graph
 State = tuple[Tensor, ...]
 
 
@@ -124,8 +128,12 @@ class NetConfig:
     window: int = 96  # forecast
     horizon: int = 96  # forecast
     segment: int = 12  # forecast: rows per encoder step
+    revin: str = "last"  # forecast: per-window re-referencing, one of REVIN
+    targets: list[int] | None = None  # forecast: indices of the forecast channels (None = all; others = covariates)
+    linear: bool = False  # forecast: add a Linear(window -> horizon) path on the re-referenced history (NLinear-style)
     ensemble: int = 1  # sentiment: members averaged inside one graph
     subword_buckets: int = 0  # sentiment: hashed char n-gram buckets (0 = off); folded into the table at export
+    glove: int = 0  # sentiment: dims of frozen pretrained word vectors beside the learned ones (0 = off)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,52 +145,85 @@ class SentimentNet(nn.Module):
     ``cfg.ensemble`` > 1 puts K encoders + heads over one shared embedding and averages their logits; each
     member is trained on its own loss (``member_logits``), so they differ only by initialization (a cheap ensemble
     inside one graph). Member k's state is rows [k*L*D, (k+1)*L*D) of the state tensors.
+
+    A word's vector during training: its own learned vector (E), plus the mean of its hashed char n-grams when
+    ``cfg.subword_buckets`` > 0, next to a frozen pretrained vector (``cfg.glove`` dims, e.g. GloVe) when
+    ``cfg.glove`` > 0, so the encoders read E + glove dims. ``bake`` folds all of it into one plain
+    ``nn.Embedding`` (optionally float16) before export: the graph is a Gather, and serving tokenizes as before.
     """
 
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        width = cfg.embedding + cfg.glove
         self.embed = nn.Embedding(cfg.vocab, cfg.embedding, padding_idx=0)
         self.encoders = nn.ModuleList(
-            RecurrentEncoder(cfg.cell, cfg.embedding, cfg.hidden, cfg.layers, cfg.bidirectional, cfg.dropout)
+            RecurrentEncoder(cfg.cell, width, cfg.hidden, cfg.layers, cfg.bidirectional, cfg.dropout)
             for _ in range(cfg.ensemble)
         )
         d = cfg.hidden * (2 if cfg.bidirectional else 1)
         self.drop = nn.Dropout(cfg.dropout)
         self.heads = nn.ModuleList(nn.Linear(2 * d, 2) for _ in range(cfg.ensemble))
         # Optional fastText-style sub-word vectors: word vector = own vector + mean of its hashed char n-grams.
-        # Training-time only: ``bake_subwords`` folds them into the plain embedding table before export.
         self.subword: nn.EmbeddingBag | None = None
         if cfg.subword_buckets > 0:
             self.subword = nn.EmbeddingBag(cfg.subword_buckets + 1, cfg.embedding, mode="mean", padding_idx=0)
             self.register_buffer("ngram_ids", torch.zeros(cfg.vocab, 1, dtype=torch.long))  # (V, N), 0 = none
+        self.glove: Tensor | None
+        # A buffer, not a parameter: frozen (and saved in checkpoints).
+        self.register_buffer("glove", torch.zeros(cfg.vocab, cfg.glove) if cfg.glove > 0 else None)
 
     def set_ngrams(self, ngram_ids: Tensor) -> None:
         """(V, N) bucket ids (1-based, 0 = padding) of every vocab word's char n-grams."""
         self.ngram_ids = ngram_ids.to(self.embed.weight.device)
 
+    def set_glove(self, table: Tensor, learned_rows: int, init: bool = False) -> None:
+        """(V, glove) pretrained vectors. Rows from ``learned_rows`` on are words never seen in training: their own
+        vector starts (and, never receiving a gradient, stays) at zero, so they read as GloVe (+ sub-words) only.
+        ``init``: the train words' own vectors start from their GloVe vector (first dims) instead of noise."""
+        assert self.glove is not None, "cfg.glove is 0"
+        self.glove = table.to(self.embed.weight.device)
+        with torch.no_grad():
+            if init:
+                k = min(table.shape[1], self.embed.weight.shape[1])
+                known = table[:learned_rows, :k].abs().sum(dim=1) > 0  # train words GloVe knows
+                self.embed.weight[:learned_rows, :k][known] = table[:learned_rows, :k][known]
+            self.embed.weight[learned_rows:] = 0.0
+
     def table(self) -> Tensor:
-        """The (V, E) word-vector table actually used."""
-        if self.subword is None:
-            return self.embed.weight
-        sub: Tensor = self.subword(self.ngram_ids)  # (V, E)
-        return self.embed.weight + sub
+        """The (V, E [+ glove]) word-vector table actually used."""
+        table = self.embed.weight if self.subword is None else self.embed.weight + self.subword(self.ngram_ids)
+        return table if self.glove is None else torch.cat([table, self.glove], dim=1)
 
-    def bake_subwords(self) -> None:
-        """Fold the sub-word vectors into ``embed`` and drop them: the exported graph is a plain lookup."""
-        if self.subword is not None:
-            with torch.no_grad():
-                self.embed.weight.copy_(self.table())
-            self.subword = None
+    def bake(self, half: bool = False) -> None:
+        """Fold sub-word and pretrained vectors into one plain ``embed`` (float16 if ``half``: half the bytes; the
+        graph casts looked-up rows back to float32) and drop them."""
+        with torch.no_grad():
+            table = self.table().detach().clone()
+        self.embed = nn.Embedding(table.shape[0], table.shape[1], padding_idx=0, _weight=table).to(table.device)
+        if half:
+            self.embed.half()
+        self.subword, self.glove = None, None
 
-    def member_logits(self, ids: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, State]:
+    def lookup(self, ids: Tensor, blank: Tensor | None = None) -> Tensor:
+        """ids (B, T) -> vectors (B, T, E [+ glove]) float32. ``blank`` (B, T) bool, training only: those words
+        lose their own vector (sub-words and GloVe stay), as a word never seen in training would."""
+        if self.subword is None and self.glove is None and blank is None:
+            vectors: Tensor = self.embed(ids)
+            return vectors.float()
+        uniq, inv = torch.unique(ids, return_inverse=True)  # the batch's distinct words only
+        own = self.embed(uniq)  # (U, E)
+        vec = own if self.subword is None else own + self.subword(self.ngram_ids[uniq])
+        emb = vec[inv]  # (B, T, E)
+        if blank is not None:
+            emb = emb - own[inv] * blank.unsqueeze(2).to(emb.dtype)
+        return emb if self.glove is None else torch.cat([emb, self.glove[ids]], dim=2)
+
+    def member_logits(
+        self, ids: Tensor, lengths: Tensor, *state: Tensor, blank: Tensor | None = None
+    ) -> tuple[Tensor, State]:
         """-> logits (K, B, 2) of every member, new state (K*L*D, B, H) each."""
-        if self.subword is None:
-            emb = self.embed(ids)
-        else:  # sub-word vectors only for the batch's distinct words, not the whole vocabulary
-            uniq, inv = torch.unique(ids, return_inverse=True)
-            emb = (self.embed(uniq) + self.subword(self.ngram_ids[uniq]))[inv]
-        x = self.drop(emb)  # (B, T, E)
+        x = self.drop(self.lookup(ids, blank))  # (B, T, E [+ glove])
         mask = (torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
         n = lengths.clamp(min=1).unsqueeze(1).to(x.dtype)  # (B, 1)
         rows = state[0].shape[0] // len(self.encoders)
@@ -195,6 +236,14 @@ class SentimentNet(nn.Module):
             states.append(st)
         new_state = tuple(torch.cat([st[i] for st in states], dim=0) for i in range(len(state)))
         return torch.stack(logits), new_state
+
+    def scale_logits(self, temperature: float) -> None:
+        """Divide every head by ``temperature`` (temperature scaling folded into the weights: logits / T)."""
+        with torch.no_grad():
+            for head in self.heads:
+                assert isinstance(head, nn.Linear)
+                head.weight.div_(temperature)
+                head.bias.div_(temperature)
 
     def forward(self, ids: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         logits, new_state = self.member_logits(ids, lengths, *state)
@@ -218,11 +267,16 @@ class CharLM(nn.Module):
 
 
 class Forecaster(nn.Module):
-    """Channel-independent segment RNN: history (B, L, F) z-scored -> forecast (B, H, F) z-scored.
+    """Channel-independent segment RNN: history (B, L, F) z-scored -> forecast (B, H, T) z-scored, T = targets.
 
-    Each channel's window is cut into L/S segments of S rows, embedded by Linear(S->hidden)+ReLU and fed to the
-    RNN (so a window of 96 rows costs 8 recurrent steps); Linear(hidden->horizon) reads the last hidden state.
-    The window's last value is subtracted before and added back after (robust to level shifts).
+    Per window and channel (inside the graph, so serving sends plain z-scored rows) the history is re-referenced
+    (``cfg.revin``): "last" subtracts the last value, "mean" the window mean, "meanstd" also divides by the window
+    std (RevIN without affine weights); the forecast is mapped back the same way. Each channel's window is then
+    cut into L/S segments of S rows, embedded by Linear(S->hidden)+ReLU and fed to the RNN (a window of 96 rows
+    costs 8 recurrent steps); Linear(hidden->horizon) reads the last hidden state. ``cfg.linear`` adds
+    Linear(window->horizon) over the re-referenced history itself (a linear skip: seasonal patterns by index).
+    Covariates (``cfg.targets`` a strict subset of the F channels) are encoded like the targets and reach the
+    targets' heads through ``mix``: Linear(F*hidden -> hidden) over every channel's final state.
     State is (layers, B*F, hidden): every channel of every series is its own sequence.
     """
 
@@ -230,20 +284,45 @@ class Forecaster(nn.Module):
         super().__init__()
         if cfg.window % cfg.segment:
             raise ValueError(f"window: {cfg.window} must be a multiple of segment {cfg.segment}")
+        if cfg.revin not in REVIN:
+            raise ValueError(f"revin: unknown mode {cfg.revin!r}; choose one of {', '.join(REVIN)}")
+        targets = cfg.targets if cfg.targets is not None else list(range(cfg.features))
+        if not targets or sorted(set(targets)) != targets or targets[-1] >= cfg.features or targets[0] < 0:
+            raise ValueError(f"targets: {targets} must be increasing channel indices below features={cfg.features}")
         self.cfg = cfg
+        self.targets = targets
         self.embed = nn.Linear(cfg.segment, cfg.hidden)
         self.encoder = RecurrentEncoder(cfg.cell, cfg.hidden, cfg.hidden, cfg.layers, False, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden, cfg.horizon)
+        self.linear = nn.Linear(cfg.window, cfg.horizon) if cfg.linear else None
+        if self.linear is not None:  # starts as "no change from the reference"; learns what the RNN misses
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+        covariates = len(targets) < cfg.features
+        self.mix = nn.Linear(cfg.features * cfg.hidden, cfg.hidden) if covariates else None
 
     def forward(self, history: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         b, _, f = history.shape
         x = history.permute(0, 2, 1).reshape(b * f, -1)  # (B*F, L)
-        last = x[:, -1:]  # (B*F, 1)
-        seg = (x - last).reshape(b * f, -1, self.cfg.segment)  # (B*F, L/S, S)
+        ref = x[:, -1:] if self.cfg.revin == "last" else x.mean(dim=1, keepdim=True)  # (B*F, 1)
+        scale = torch.sqrt(x.var(dim=1, unbiased=False, keepdim=True) + 1e-5) if self.cfg.revin == "meanstd" else None
+        x = x - ref
+        if scale is not None:
+            x = x / scale
+        seg = x.reshape(b * f, -1, self.cfg.segment)  # (B*F, L/S, S)
         out, new_state = self.encoder(F.relu(self.embed(seg)), state)  # (B*F, L/S, hidden)
-        y = self.head(self.drop(out[:, -1])) + last  # (B*F, horizon)
-        return (y.reshape(b, f, -1).permute(0, 2, 1), *new_state)  # (B, horizon, F)
+        last = out[:, -1].reshape(b, f, -1)  # (B, F, hidden)
+        mixed = last[:, self.targets]  # (B, T, hidden)
+        if self.mix is not None:
+            mixed = mixed + self.mix(last.reshape(b, -1)).unsqueeze(1)
+        y = self.head(self.drop(mixed))  # (B, T, horizon)
+        if self.linear is not None:
+            y = y + self.linear(x[:, -self.cfg.window :]).reshape(b, f, -1)[:, self.targets]
+        if scale is not None:
+            y = y * scale.reshape(b, f, 1)[:, self.targets]
+        y = y + ref.reshape(b, f, 1)[:, self.targets]
+        return (y.permute(0, 2, 1), *new_state)  # (B, horizon, T)
 
 
 def build_net(cfg: NetConfig) -> nn.Module:
@@ -258,19 +337,22 @@ def build_net(cfg: NetConfig) -> nn.Module:
     raise ValueError(f"task: unknown task {cfg.task!r}; choose sentiment, charlm or forecast")
 
 
-def state_shape(cfg: NetConfig, batch: int) -> tuple[int, int, int]:
-    """(layers * directions [* ensemble], rows, hidden); forecast rows are batch * features channel sequences."""
-    rows = batch * cfg.features if cfg.task == "forecast" else batch
-    if cfg.task == "sentiment":
-        return (cfg.ensemble * cfg.layers * (2 if cfg.bidirectional else 1), rows, cfg.hidden)
-    return (cfg.layers, rows, cfg.hidden)
+def state_specs(cfg: NetConfig) -> list[StateSpec]:
+    """The manifest's state tensors: ``[layers * directions (* ensemble), rows, hidden]``, rows = "batch", or
+    "batch*features" for the forecaster (every channel of every series is its own sequence)."""
+    rows = "batch*features" if cfg.task == "forecast" else "batch"
+    first = cfg.ensemble * cfg.layers * (2 if cfg.bidirectional else 1) if cfg.task == "sentiment" else cfg.layers
+    return [
+        StateSpec(name=n, input=f"{n}0", output=f"{n}n", shape=[first, rows, cfg.hidden]) for n in state_names(cfg.cell)
+    ]
 
 
 def zero_state(net: nn.Module, batch: int) -> State:
-    """Zero recurrent state for ``batch`` sequences."""
+    """Zero recurrent state for ``batch`` sequences: serving's ``zero_states`` of the same specs, as tensors."""
     cfg: NetConfig = net.cfg  # type: ignore[assignment]
     device = next(net.parameters()).device
-    return tuple(torch.zeros(state_shape(cfg, batch), device=device) for _ in state_names(cfg.cell))
+    zeros = zero_states(state_specs(cfg), {"batch": batch, "features": cfg.features})
+    return tuple(torch.from_numpy(z).to(device) for z in zeros.values())
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.data import FloatArray, IntArray, char_streams, pad_batch, windows
+from service.core.arrays import right_pad
+from training.data import FloatArray, IntArray, char_streams
 from training.nets import SentimentNet, State, zero_state
+from training.series import windows
 
 
 class CharLMRunner:
@@ -83,15 +85,17 @@ class SentimentRunner:
         max_length: int,
         device: str = "cpu",
         word_dropout: float = 0.0,
+        blank_dropout: float = 0.0,
     ) -> None:
         self.net, self.train, self.heldout, self.dev = net, train, heldout, dev
         self.max_length, self.device, self.word_dropout = max_length, device, word_dropout
+        self.blank_dropout = blank_dropout  # chance a word keeps only its pretrained (+ sub-word) vector
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return (len(self.train) + batch_size - 1) // batch_size
 
     def _tensors(self, items: list[tuple[IntArray, int]]) -> tuple[Tensor, Tensor, Tensor]:
-        ids, lengths = pad_batch([s for s, _ in items], self.max_length)
+        ids, lengths = right_pad([s[: self.max_length] for s, _ in items], pad=0)
         y = torch.tensor([lab for _, lab in items])
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(lengths).to(self.device), y.to(self.device)
 
@@ -111,18 +115,25 @@ class SentimentRunner:
         if self.word_dropout > 0:  # replace random words by unk (id 1): teaches the model to read around unknowns
             drop = (torch.rand(ids.shape, device=ids.device) < self.word_dropout) & (ids > 0)
             ids = ids.masked_fill(drop, 1)
+        blank = None
+        if self.blank_dropout > 0:  # teaches the model to read words it will only know from GloVe
+            blank = (torch.rand(ids.shape, device=ids.device) < self.blank_dropout) & (ids > 1)
         assert isinstance(self.net, SentimentNet)
-        logits, _ = self.net.member_logits(ids, lengths, *zero_state(self.net, ids.shape[0]))  # (K, B, 2)
+        logits, _ = self.net.member_logits(ids, lengths, *zero_state(self.net, ids.shape[0]), blank=blank)  # (K, B, 2)
         return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))  # each member on its own
 
-    def _score(self, items: list[tuple[IntArray, int]]) -> tuple[float, float]:
-        correct, loss = 0, 0.0
+    def logits(self, items: list[tuple[IntArray, int]]) -> tuple[Tensor, Tensor]:
+        """Ensemble logits (N, 2) and labels (N,) of ``items``, in batches of 256 (call under no_grad)."""
+        out, ys = [], []
         for i in range(0, len(items), 256):
             ids, lengths, y = self._tensors(items[i : i + 256])
-            logits, *_ = self.net(ids, lengths, *zero_state(self.net, ids.shape[0]))
-            correct += int((logits.argmax(1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        return correct / len(items), loss / len(items)
+            out.append(self.net(ids, lengths, *zero_state(self.net, ids.shape[0]))[0])
+            ys.append(y)
+        return torch.cat(out), torch.cat(ys)
+
+    def _score(self, items: list[tuple[IntArray, int]]) -> tuple[float, float]:
+        logits, y = self.logits(items)
+        return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
     def evaluate(self) -> dict[str, float]:
         acc, loss = self._score(self.heldout)
@@ -131,17 +142,29 @@ class SentimentRunner:
 
 
 class ForecastRunner:
-    """Every stride-1 (window, horizon) pair of the z-scored train split; MSE loss; selection on val MSE."""
+    """Every stride-1 (window, horizon) pair of the z-scored train split; MSE loss over the target channels;
+    selection on validation MSE. ``targets`` = indices of the forecast channels (None = all)."""
 
     metric = "val_mse"
     higher_is_better = False
 
     def __init__(
-        self, net: nn.Module, train: FloatArray, val: FloatArray, window: int, horizon: int, device: str = "cpu"
-    ):
+        self,
+        net: nn.Module,
+        train: FloatArray,
+        val: FloatArray,
+        window: int,
+        horizon: int,
+        device: str = "cpu",
+        targets: list[int] | None = None,
+    ) -> None:
         self.net, self.device = net, device
-        self.x, self.y = (torch.from_numpy(a).to(device) for a in windows(train, window, horizon))
-        self.vx, self.vy = (torch.from_numpy(a).to(device) for a in windows(val, window, horizon))
+        self.x, self.y = (torch.from_numpy(a).to(device) for a in windows(train, window, horizon, targets))
+        self.vx, self.vy = (torch.from_numpy(a).to(device) for a in windows(val, window, horizon, targets))
+
+    def to(self, device: str) -> None:
+        self.device = device
+        self.x, self.y, self.vx, self.vy = (t.to(device) for t in (self.x, self.y, self.vx, self.vy))
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return (len(self.x) + batch_size - 1) // batch_size
@@ -153,6 +176,7 @@ class ForecastRunner:
             yield self.x[j], self.y[j]
 
     def predict(self, x: Tensor) -> Tensor:
+        """x (N, L, F) -> point forecasts (N, H, T), in chunks of 512 windows."""
         out = [self.net(x[i : i + 512], *zero_state(self.net, len(x[i : i + 512])))[0] for i in range(0, len(x), 512)]
         return torch.cat(out)
 

@@ -37,6 +37,7 @@ DEFAULT_MAX_CHARS = 200
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_SUGGESTIONS = 3
 DEFAULT_SUGGEST_CHARS = 10
+MAX_ROW_VALUES = 4096  # features per row: far above any model's, checked before a row is copied
 
 _FINISH_TO_PB: dict[str | None, autocomplete_pb2.FinishReason.ValueType] = {
     None: autocomplete_pb2.FINISH_REASON_UNSPECIFIED,
@@ -86,6 +87,8 @@ def rows_to_array(rows: Sequence[common_pb2.Row], field: str, max_rows: int) -> 
     width = len(rows[0].values)
     if width == 0:
         raise InvalidInput(f"{field}[0] has no values: each row needs one value per feature")
+    if width > MAX_ROW_VALUES:
+        raise InvalidInput(f"{field}[0] has {width} values; a row has one value per feature, at most {MAX_ROW_VALUES}")
     for i, row in enumerate(rows):
         if len(row.values) != width:
             raise InvalidInput(
@@ -93,6 +96,13 @@ def rows_to_array(rows: Sequence[common_pb2.Row], field: str, max_rows: int) -> 
                 "every row needs one value per feature"
             )
     return rows_from_pb(rows, width)
+
+
+def texts(values: Sequence[str], field: str, max_texts: int) -> list[str]:
+    """The texts of a request, counted before any is copied (the core checks each one)."""
+    if len(values) > max_texts:
+        raise InvalidInput(f"{field} has {len(values)} texts; the limit is {max_texts} (max_texts_per_request)")
+    return list(values)
 
 
 def optional_ttl(has: bool, value: float) -> float | None:
@@ -111,7 +121,9 @@ def classify_response(results: Iterable[SentimentResult]) -> sentiment_pb2.Class
 
 
 def chunk_to_pb(chunk: CompletionChunk) -> autocomplete_pb2.CompleteChunk:
-    return autocomplete_pb2.CompleteChunk(text=chunk.text, finish_reason=_FINISH_TO_PB[chunk.finish_reason])
+    return autocomplete_pb2.CompleteChunk(
+        text=chunk.text, finish_reason=_FINISH_TO_PB[chunk.finish_reason], steps=chunk.steps
+    )
 
 
 def suggest_to_pb(result: SuggestResult) -> autocomplete_pb2.SuggestResponse:
@@ -168,7 +180,7 @@ def sentiment_from_pb(pb: sentiment_pb2.Classification) -> SentimentResult:
 
 
 def chunk_from_pb(pb: autocomplete_pb2.CompleteChunk) -> CompletionChunk:
-    return CompletionChunk(text=pb.text, finish_reason=_FINISH_FROM_PB.get(int(pb.finish_reason)))
+    return CompletionChunk(text=pb.text, finish_reason=_FINISH_FROM_PB.get(int(pb.finish_reason)), steps=pb.steps)
 
 
 def suggest_from_pb(pb: autocomplete_pb2.SuggestResponse) -> SuggestResult:

@@ -2,13 +2,24 @@
 
 A stdlib ``ThreadingHTTPServer`` on a daemon thread, so scrapes never wait on the asyncio loop that runs gRPC.
 It binds to the configured host only (127.0.0.1 by default, 0.0.0.0 inside a container).
+
+Hostile clients cannot pin it: at most ``max_connections`` connections are served at once (more are closed at
+once), a connection that sends nothing for ``idle_timeout`` seconds is closed, and one request may take at most
+``REQUEST_SECONDS_PER_IDLE`` idle timeouts in all (a client dripping one byte at a time is cut off too). A
+client that goes away mid-response is logged at DEBUG, never as a traceback. With ``ssl_context`` (TLS) the
+handshake runs on the connection's own thread, under the same limits; when it checks client certificates
+(mTLS), ``/metrics`` answers 403 to a connection without one, while ``/healthz`` and ``/readyz`` stay open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import ssl
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,19 +31,107 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+REQUEST_SECONDS_PER_IDLE = 3  # a whole request (headers, TLS handshake) gets at most this many idle timeouts
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck scrape never blocks shutdown
+    request_queue_size = 128  # listen backlog: a burst of connections is accepted (and refused) fast, not dropped
 
-    def __init__(self, address: tuple[str, int], metrics: Metrics, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        metrics: Metrics,
+        is_ready: Callable[[], bool],
+        ssl_context: ssl.SSLContext | None = None,
+        idle_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.metrics = metrics
         self.is_ready = is_ready
+        self.ssl_context = ssl_context
+        self.idle_timeout = idle_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._deadlines: dict[socket.socket, float] = {}  # live connection -> when its current request must end
+        self._lock = threading.Lock()
+        self._watchdog_stop = threading.Event()
         super().__init__(address, _Handler)
+        self._watchdog = threading.Thread(target=self._watch, name="metrics-http-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # --- connection limits ----------------------------------------------------------------------------
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics http: %s refused, all connection slots are busy", client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._deadlines.pop(request, None)
+            self._slots.release()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(self.idle_timeout)
+        self.restart_clock(request)
+        if self.ssl_context is not None:
+            raw = request
+            request = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake here, bounded like a request
+            with self._lock:
+                self._deadlines.pop(raw, None)
+            self.restart_clock(request)
+        super().finish_request(request, client_address)
+
+    def restart_clock(self, connection: Any) -> None:
+        """A new request on ``connection``: it gets ``REQUEST_SECONDS_PER_IDLE`` idle timeouts from now."""
+        with self._lock:
+            self._deadlines[connection] = time.monotonic() + REQUEST_SECONDS_PER_IDLE * self.idle_timeout
+
+    def _watch(self) -> None:
+        step = min(0.5, self.idle_timeout / 4)
+        while not self._watchdog_stop.wait(step):
+            now = time.monotonic()
+            with self._lock:
+                late = [conn for conn, deadline in self._deadlines.items() if deadline <= now]
+                for conn in late:
+                    del self._deadlines[conn]
+            for conn in late:
+                log.debug("metrics http: closing a connection that exceeded its request time")
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)  # wakes the blocked read: the connection's thread ends
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that hang up, time out or fail the TLS handshake are routine: one DEBUG line, no traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # BrokenPipe, ConnectionReset, TimeoutError, ssl.SSLError
+            log.debug("metrics http: %s: %s", client_address, type(exc).__name__)
+        else:
+            log.exception("metrics http: unexpected error serving %s", client_address)
+
+    def server_close(self) -> None:
+        self._watchdog_stop.set()
+        super().server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection between scrapes
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.server.restart_clock(self.request)  # keep-alive: the next request gets its own time
+            self.handle_one_request()
 
     def do_GET(self) -> None:
         self._respond(head=False)
@@ -42,7 +141,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, head: bool) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path == "/metrics" and not self._certified():
+            self._send(403, b"client certificate required for /metrics (mTLS)\n", "text/plain; charset=utf-8", head)
+        elif path == "/metrics":
             # text/plain 0.0.4 by default; OpenMetrics when the scraper asks for it (Accept header).
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             try:
@@ -67,6 +168,13 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain; charset=utf-8", head)
 
+    def _certified(self) -> bool:
+        """False only when the port checks client certificates (mTLS) and this connection has none."""
+        context = self.server.ssl_context
+        if context is None or context.verify_mode == ssl.CERT_NONE:
+            return True
+        return isinstance(self.connection, ssl.SSLSocket) and bool(self.connection.getpeercert())
+
     def _send(self, status: int, body: bytes, content_type: str, head: bool) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -83,17 +191,28 @@ class MetricsHttpServer:
     """``start()`` binds and serves on a daemon thread, returning the bound port (port 0 = a free one);
     ``stop()`` shuts it down and closes the socket. Both are idempotent."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        is_ready: Callable[[], bool],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        idle_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics
         self.is_ready = is_ready
+        self.limits = (ssl_context, idle_timeout, max_connections)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> int:
         if self._server is None:
-            self._server = _Server((self.host, self.port), self.metrics, self.is_ready)
+            self._server = _Server((self.host, self.port), self.metrics, self.is_ready, *self.limits)
             self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
             self._thread.start()
             log.info("metrics/health HTTP on %s:%d", self.host, self.bound_port)

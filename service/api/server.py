@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from service.api.interceptors import EdgeInterceptor
+from service.api import tls
+from service.api.interceptors import build_interceptors
 from service.api.servicers import REGISTRARS, SERVICE_CAPABILITIES
 from service.core.types import DataPlane
 from service.metrics import Metrics
@@ -32,9 +33,14 @@ from service.settings import Settings
 if TYPE_CHECKING:
     from service.core.dataplane import CoreDataPlane
 
+log = logging.getLogger(__name__)
+
 
 class RemotePlane(DataPlane, Protocol):
     """A data plane in another process (``service.engine.client.RemoteDataPlane``)."""
+
+    @property
+    def store_ok(self) -> bool: ...
 
     async def start(self) -> None: ...
 
@@ -42,8 +48,6 @@ class RemotePlane(DataPlane, Protocol):
 
     def on_models_changed(self, hook: Callable[[], Awaitable[None]]) -> None: ...
 
-
-log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -58,7 +62,6 @@ class Server:
         clock: Callable[[], float] = time.time,
         plane: RemotePlane | None = None,
         own_port: bool = False,
-        http_host: str | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
@@ -70,7 +73,6 @@ class Server:
         self._remote = plane
         self._own_port = own_port
         self.own_port: int | None = None  # this process's private port, when own_port
-        self._http_host = http_host if http_host is not None else settings.host
         self._grpc: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._http: Any = None
@@ -102,41 +104,49 @@ class Server:
         s = self.settings
         if self._remote is None:
             self._dataplane = CoreDataPlane(s, self.metrics, clock=self._clock)
-        plane = self.plane
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", s.max_message_bytes)]
         options.append(("grpc.max_send_message_length", s.max_message_bytes))
         options.append(("grpc.so_reuseport", 1))  # frontends of one server share the port (the default on Linux)
-        server = grpc.aio.server(options=options)
-        # Metrics, errors and auth wrap every method handler once, as it is registered (no per-RPC interceptor chain).
-        target = EdgeInterceptor(self.metrics, s.api_key).registering(server)
-        self.services = [name for register in REGISTRARS for name in register(target, plane, s)]
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, target)
-        names = [*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME]  # (enable_server_reflection wants the Server)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), target)
+        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s), options=options)
+        self.services = [name for register in REGISTRARS for name in register(server, self.plane, s)]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+        credentials = tls.grpc_credentials(s)  # None: plaintext
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise RuntimeError(f"cannot bind gRPC to {address}: {exc} (port in use? set SEQSERVE_PORT)") from exc
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC to {address} (port in use? set SEQSERVE_PORT)")
         if self._own_port:
-            self.own_port = server.add_insecure_port(f"[{s.host}]:0" if ":" in s.host else f"{s.host}:0")
+            own = f"[{s.host}]:0" if ":" in s.host else f"{s.host}:0"
+            bound = server.add_insecure_port(own) if credentials is None else server.add_secure_port(own, credentials)
+            self.own_port = bound
         await self._set_all(NOT_SERVING)  # reachable now, but not ready until the models are loaded
         await server.start()
         self._grpc = server
         self._start_http()
-        log.info("gRPC listening on %s:%d (%d services)", s.host, self.port, len(self.services))
+        log.info("gRPC listening on %s:%d (%d services%s)", s.host, self.port, len(self.services),
+                 ", TLS" + (" + client certificates" if s.tls_client_ca else "") if credentials else "")  # fmt: skip
         if self._remote is not None:
             await self._remote.start()
-            self._remote.on_models_changed(self._models_changed)
+            self._remote.on_models_changed(self._engine_changed)  # models or the session store (from the engine)
         else:
             await self.dataplane.start()
             # Health follows every later load, reload and unload (RepositoryModelLoad/Unload, --watch-models).
             self.dataplane.registry.subscribe(on_load=self._model_changed, on_unload=self._model_changed)
+            self.dataplane.on_store_change(self._store_changed)
         await self.refresh_health()
 
-    async def _models_changed(self) -> None:
+    async def _engine_changed(self) -> None:
+        if not self._stopping:
+            await self.refresh_health()
+
+    async def _store_changed(self, ok: bool) -> None:
         if not self._stopping:
             await self.refresh_health()
 
@@ -147,9 +157,10 @@ class Server:
     async def refresh_health(self) -> None:
         """SERVING for the whole server when the data plane is ready; per service when some ready model offers
         the capability the service needs."""
-        plane = self.plane
+        plane = self._remote if self._remote is not None else self.dataplane
         ready = plane.ready()
-        capabilities = plane.capabilities()
+        # "sessions": the session store answers (the Sessions service; stateless calls never need it)
+        capabilities = plane.capabilities() | ({"sessions"} if plane.store_ok else set())
         models = plane.models()
         self.metrics.know_models(m.name for m in models)  # a frontend's metrics label the engine's models
         for name in self.services:
@@ -175,8 +186,19 @@ class Server:
             log.warning("service.api.http is not available: no /metrics endpoint")
             return
         s = self.settings
-        port = 0 if self._remote is not None else s.metrics_port  # a frontend's: private, read by the engine
-        self._http = MetricsHttpServer(self._http_host, port, self.metrics, lambda: self._serving)
+        if self._remote is not None:  # a frontend's: private (loopback, plaintext), read by the engine at each scrape
+            self._http = MetricsHttpServer("127.0.0.1", 0, self.metrics, lambda: self._serving)
+            self.metrics_port = int(self._http.start())
+            return
+        self._http = MetricsHttpServer(
+            s.host,
+            s.metrics_port,
+            self.metrics,
+            lambda: self._serving,
+            ssl_context=tls.ssl_context(s),
+            idle_timeout=s.metrics_idle_timeout_seconds,
+            max_connections=s.metrics_max_connections,
+        )
         self.metrics_port = int(self._http.start())
 
     async def stop(self, grace: float | None = None) -> None:

@@ -49,6 +49,7 @@ class StepInput:
     states: dict[str, Array] | None = None
     key: Hashable = None
     pad: dict[str, int | float] = field(default_factory=dict)
+    admitted: bool = False  # a later step of an admitted stream: never refused for a full queue
 
 
 @dataclass
@@ -142,10 +143,12 @@ class Batcher:
                 p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} was unloaded"))
 
     async def submit(self, item: StepInput) -> StepOutput:
-        """Queues one request and waits for its share of a batch result."""
+        """Queues one request and waits for its share of a batch result. A full queue refuses new requests
+        (``Overloaded``), never the later steps of a stream it admitted (``StepInput.admitted``): the queue holds
+        at most ``max_queue_size`` plus one step per admitted stream."""
         if self._task is None:
             raise ModelUnavailable(f"model {self.name} version {self.version} is not serving (stopped)")
-        if len(self._pending) >= self.max_queue:
+        if len(self._pending) >= self.max_queue and not item.admitted:
             raise Overloaded(
                 f"model {self.name}: {len(self._pending)} requests are queued, the limit is max_queue_size="
                 f"{self.max_queue}; retry with backoff"

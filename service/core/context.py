@@ -1,4 +1,5 @@
-"""Request-scoped facts the core learns while serving one call, for the edge to read afterwards.
+"""Request-scoped facts: what the edge tells the core (the caller's principal) and what the core learns while
+serving one call, for the edge to read afterwards (the model it served, whether the call was admitted).
 
 A transport opens a scope (``call_scope``) around each call; the core notes the model it resolved
 (``note_model``), which the request itself may not name: calls addressed by a session id, or that use the
@@ -25,3 +26,33 @@ def note_model(name: str) -> None:
     holder = _CALL_MODEL.get()
     if holder is not None and not holder:
         holder.append(name)
+
+
+# --- who is calling -------------------------------------------------------------------------------------------
+# The principal the edge authenticated (an API key's name, an mTLS subject); "" = anonymous (no auth configured).
+# The session manager stamps it on every session it creates and answers "unknown" to every other principal.
+_PRINCIPAL: ContextVar[str] = ContextVar("seqserve_principal", default="")
+
+
+def set_principal(name: str) -> None:
+    """Called by the transport once per call, before the core runs."""
+    _PRINCIPAL.set(name)
+
+
+def principal() -> str:
+    return _PRINCIPAL.get()
+
+
+# --- admission ------------------------------------------------------------------------------------------------
+# A call that passed admission (its first queued step was accepted) is never refused a later step for a full
+# queue: a stream, once admitted, runs to its end or its deadline. Set in the call's own context.
+_ADMITTED: ContextVar[bool] = ContextVar("seqserve_admitted", default=False)
+
+
+def admitted() -> bool:
+    return _ADMITTED.get()
+
+
+def mark_admitted() -> None:
+    if not _ADMITTED.get():
+        _ADMITTED.set(True)

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import cast
 
-from service.core.context import note_model
+from service.core.context import note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
+from service.core.sessions.export import Exported, seal, unseal
 from service.core.tasks import TASKS, load_plugins
-from service.core.tasks.base import Classifier, Forecaster, Generator, TaskResult, check_inputs, needs
+from service.core.tasks.base import Classifier, Forecaster, Generator, TaskResult, check_and_decode, needs
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -40,12 +42,13 @@ from service.core.types import (
     Tensor,
     TensorContract,
 )
-from service.errors import FailedPrecondition, InvalidInput, SessionNotFound, echo
+from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
+STORE_CHECK_SECONDS = 1.0  # how often the session store is asked whether it answers (health)
 
 
 class _Request:
@@ -70,13 +73,16 @@ class CoreDataPlane:
         load_plugins(settings.plugins)  # tasks and stores from outside this package register themselves
         self.registry = ModelRegistry(settings, metrics)
         self.registry.subscribe(on_load=self._loaded, on_unload=self._unloaded)
-        store = store if store is not None else open_store(settings.session_store)
+        store = store if store is not None else open_store(settings.session_store, settings)
         self.sessions = SessionManager(settings, metrics, store, clock)
         self._started = False
         self._watcher: asyncio.Task[None] | None = None
         self._contracts: weakref.WeakKeyDictionary[ModelEntry, tuple[TensorContract, list[str]]] = (
             weakref.WeakKeyDictionary()
         )
+        self.store_ok = True  # the session store answered the last check (health of the Sessions service)
+        self._store_watch: asyncio.Task[None] | None = None
+        self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -85,7 +91,34 @@ class CoreDataPlane:
         self.sessions.start()
         if self.settings.watch_models_seconds:
             self._watcher = asyncio.create_task(self._watch(self.settings.watch_models_seconds), name="model-watch")
+        await self._check_store()
+        self._store_watch = asyncio.create_task(self._watch_store(), name="store-watch")
         self._started = True
+
+    def on_store_change(self, listener: Callable[[bool], Awaitable[None]]) -> None:
+        """``listener(ok)`` runs whenever the session store stops or starts answering."""
+        self._store_listeners.append(listener)
+
+    async def _check_store(self) -> None:
+        problem = await self.sessions.store.check()
+        ok = problem is None
+        self.metrics.session_store_up(ok)
+        if ok != self.store_ok:
+            self.store_ok = ok
+            if ok:
+                log.warning("session store answers again: sessions are served")
+            else:
+                log.warning("session store is unavailable (%s): calls that need a session fail", problem)
+            for listener in self._store_listeners:
+                await listener(ok)
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(STORE_CHECK_SECONDS)
+            try:
+                await self._check_store()
+            except Exception:  # the watch must survive anything
+                log.exception("session store check failed")
 
     async def _watch(self, interval: float) -> None:
         while True:
@@ -97,10 +130,11 @@ class CoreDataPlane:
 
     async def stop(self) -> None:
         self._started = False
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._store_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.sessions.stop()
         await self.registry.stop()
 
@@ -230,9 +264,20 @@ class CoreDataPlane:
         return found
 
     def _sequence_id(self, model: str, seq: SequenceRef) -> str:
-        return f"kserve:{model}:{seq.id}"
+        """The session key of a v2 sequence, namespaced per principal: two callers' sequence 1 never meet.
+        (The session records its owner too; the namespace keeps a ``sequence_start`` from replacing another
+        principal's sequence.)"""
+        owner = principal()
+        if not owner:
+            return f"kserve:{model}:{seq.id}"
+        return f"kserve:{hashlib.sha256(owner.encode()).hexdigest()[:24]}:{model}:{seq.id}"
 
-    def _unknown_sequence(self, model: str, seq: SequenceRef) -> SessionNotFound:
+    def _unknown_sequence(self, model: str, seq: SequenceRef, cause: SessionNotFound) -> SessionNotFound:
+        if isinstance(cause, SessionEvicted):
+            return SessionEvicted(
+                f"sequence {echo(seq.id)} of model {model} was evicted to make room (the session store was full and "
+                "it was the least recently used); send sequence_start=true to begin it again"
+            )
         return SessionNotFound(
             f"sequence {echo(seq.id)} of model {model} is unknown or expired (sequences expire after "
             f"{self.settings.sequence_idle_seconds:g}s idle, end with sequence_end, and may be evicted when the "
@@ -246,19 +291,26 @@ class CoreDataPlane:
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
     ) -> InferResult:
-        if sequence is not None and not sequence.start and model.version is None:
+        imported: Exported | None = None
+        if sequence is not None and (sequence.export or sequence.import_blob is not None):
+            self._signing_key()  # refused before the sequence moves when export/import is off
+        if sequence is not None and sequence.import_blob is not None:
+            if not sequence.start:
+                raise InvalidInput("parameter seqserve_import starts a sequence: send it with sequence_start=true")
+            imported, entry = self._importable(sequence.import_blob, self.registry.find(model).name)
+            if model.version not in (None, entry.version):
+                raise FailedPrecondition(
+                    f"the session blob holds model {entry.name} version {entry.version}, but the request names "
+                    f"version {model.version}; leave the version empty"
+                )
+        elif sequence is not None and not sequence.start and model.version is None:
             # A running sequence stays on the version (and weights) it started with, even when a newer one loaded
             # since; FAILED_PRECONDITION when that version is gone or its weights changed.
             name = self.registry.find(model).name
-            sid = self._sequence_id(name, sequence)
-            # Only the pinned version is needed here: a plain read of the live session, without its lease (the
-            # step itself takes it below). Missing or expired: the manager's read handles it, as it always did.
-            s = await self.sessions.store.load(sid)
-            if s is None or s.expires_at <= self.sessions.clock():
-                try:
-                    s = await self.sessions.get(sid)
-                except SessionNotFound:
-                    raise self._unknown_sequence(name, sequence) from None
+            try:
+                s = await self.sessions.get(self._sequence_id(name, sequence))
+            except SessionNotFound as exc:
+                raise self._unknown_sequence(name, sequence, exc) from None
             entry = self._pinned(s)
         else:
             entry = self.registry.resolve(model)
@@ -273,26 +325,35 @@ class CoreDataPlane:
                 raise InvalidInput(
                     f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
                 )
-            tensors = check_inputs(entry.name, contract, inputs)
+            tensors = await check_and_decode(entry.name, contract, inputs)
+            blob = None
             if sequence is None:
                 result = await entry.task.infer(tensors, None)
             else:
-                result = await self._infer_sequence(entry, tensors, sequence)
+                result, blob = await self._infer_sequence(entry, tensors, sequence, imported)
             req.inferences = result.inferences
         return InferResult(
-            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps
+            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
         )
 
-    async def _infer_sequence(self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef) -> TaskResult:
+    async def _infer_sequence(
+        self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef, imported: Exported | None
+    ) -> tuple[TaskResult, bytes | None]:
+        """One step of a sequence; with ``seq.export`` also the signed blob of the state after it."""
         sid = self._sequence_id(entry.name, seq)
-        if seq.start:  # (re)starts the sequence: a start on a running id replaces its state
-            await self._new_session(entry, self.settings.sequence_idle_seconds, sid)
+        ttl = self.settings.sequence_idle_seconds
+        if imported is not None:  # starts from the blob's state
+            await self.sessions.add(self._adopt(imported, entry, ttl, sid), event="imported")
+        elif seq.start:  # (re)starts the sequence: a start on a running id replaces its state
+            await self._new_session(entry, ttl, sid)
         try:
             async with self.sessions.use(sid) as s:  # the request is counted by infer()
                 self._fits(s, None, ModelRef(entry.name, entry.version))
-                return await entry.task.infer(tensors, s)
-        except SessionNotFound:
-            raise self._unknown_sequence(entry.name, seq) from None
+                result = await entry.task.infer(tensors, s)
+                blob = seal(s, self._signing_key(), self.sessions.clock()) if seq.export else None
+            return result, blob
+        except SessionNotFound as exc:
+            raise self._unknown_sequence(entry.name, seq, exc) from None
         finally:
             if seq.end:
                 with contextlib.suppress(SessionNotFound):
@@ -331,11 +392,17 @@ class CoreDataPlane:
                     async for chunk in stream:
                         yield chunk
             return
+        last: CompletionChunk | None = None
         async with self._session(session_id, "generate", model) as (s, entry):
             stream = self._metered(entry, _generator(entry).complete(s, prompt, params), t0)
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
-                    yield chunk
+                    if chunk.finish_reason is None:
+                        yield chunk
+                    else:
+                        last = chunk
+        if last is not None:  # the finishing chunk acknowledges the call: sent once the session is saved
+            yield last
 
     async def suggest(
         self, session_id: str, appended: str, *, reset: bool = False, n: int = 3, max_chars: int = 10, beam: bool = True
@@ -414,6 +481,69 @@ class CoreDataPlane:
 
     async def delete_session(self, session_id: str) -> None:
         note_model((await self.sessions.delete(session_id)).model)
+
+    # --- export / import ------------------------------------------------------------------------------
+    def _signing_key(self) -> bytes:
+        key = self.settings.session_signing_key
+        if key is None:
+            raise FailedPrecondition(
+                "session export/import is off on this server: set SEQSERVE_SESSION_SIGNING_KEY (the same key on "
+                "every server that should accept the blobs)"
+            )
+        return key.get_secret_value().encode()
+
+    async def export_session(self, session_id: str) -> tuple[bytes, SessionInfo]:
+        key = self._signing_key()
+        s = await self.sessions.get(session_id)
+        note_model(s.model)
+        return seal(s, key, self.sessions.clock()), s.info()
+
+    async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
+        ttl = self.sessions.ttl(ttl_seconds)
+        imported, entry = self._importable(blob)
+        note_model(entry.name)
+        return (await self.sessions.add(self._adopt(imported, entry, ttl, None), event="imported")).info()
+
+    def _importable(self, blob: bytes, model: str | None = None) -> tuple[Exported, ModelEntry]:
+        """The verified blob and the loaded model version (same weights) that can continue it."""
+        x = unseal(blob, self._signing_key())
+        if model is not None and model != x.model:
+            raise FailedPrecondition(
+                f"the session blob holds a session of model {x.model}, not of {echo(model)}; send it to {x.model}"
+            )
+        entry = self.registry.get(x.model, x.version)
+        if entry is None or not entry.ready or entry.sha256 != x.model_sha256:
+            raise FailedPrecondition(
+                f"the session blob holds a session of model {x.model} version {x.version} with weights "
+                f"{x.model_sha256[:12]}, which this server does not serve; load that version to import it"
+            )
+        if not entry.task.stateful:
+            raise FailedPrecondition(f"model {entry.label} is stateless: it cannot hold an imported session")
+        entry.task.check_session()
+        want = {k: (v.shape, v.dtype) for k, v in entry.task.initial_state().items()}
+        if want != {k: (v.shape, v.dtype) for k, v in x.session.state.items()}:
+            raise FailedPrecondition(f"the session blob's state does not fit model {entry.label}")
+        return x, entry
+
+    def _adopt(self, x: Exported, entry: ModelEntry, ttl: float, session_id: str | None) -> SessionState:
+        """A new session (new id, TTL, times) holding the blob's state, context and steps."""
+        now = self.sessions.clock()
+        src = x.session
+        return SessionState(
+            id=self.sessions.new_id(session_id),
+            model=entry.name,
+            version=entry.version,
+            model_sha256=entry.sha256,
+            task=entry.task.name,
+            state=dict(src.state),
+            context=dict(src.context),
+            steps=src.steps,
+            ttl_seconds=ttl,
+            created_at=now,
+            last_used_at=now,
+            nbytes=entry.task.session_nbytes(),
+            metadata=dict(src.metadata),
+        )
 
 
 # The capability was checked by _serve/_session (entry.capabilities, computed once at load): no isinstance here.

@@ -54,10 +54,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class CompletionChunk:
-    """One piece of a streamed completion. The last chunk has ``finish_reason`` set (and may be empty)."""
+    """One piece of a streamed completion. The last chunk has ``finish_reason`` set (and may be empty).
+    ``steps``: with a session, what the session has consumed in total once this chunk is in it (0 without)."""
 
     text: str
     finish_reason: FinishReason | None = None
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,13 +141,16 @@ class InputTensor(Protocol):
 
 @dataclass(frozen=True)
 class TensorDef:
-    """One tensor of a task's v2 contract. ``-1`` in ``shape`` = any size."""
+    """One tensor of a task's v2 contract. ``-1`` in ``shape`` = any size, up to ``max_shape`` (same length;
+    0 = no limit) when given: inputs are checked against both before any data is decoded."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     optional: bool = False
     also_accepts: tuple[str, ...] = ()  # other datatypes taken for this input (e.g. INT64 for an INT32 count)
+    max_shape: tuple[int, ...] = ()
+    limit_name: str = ""  # the setting behind max_shape, named in the error message
 
     def describe(self) -> str:
         return f"{self.name} ({self.datatype} {list(self.shape)})"
@@ -180,6 +185,8 @@ class SequenceRef:
     id: str
     start: bool = False
     end: bool = False
+    import_blob: bytes | None = None  # start from this signed session blob (Sessions.Export) instead of zeros
+    export: bool = False  # return the signed blob of the state after this request
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ class InferResult:
     outputs: list[Tensor]
     inferences: int
     steps: int | None = None
+    session_blob: bytes | None = None  # the sequence's state after the request, signed (when asked to export)
 
 
 @dataclass(frozen=True)
@@ -316,3 +324,11 @@ class DataPlane(Protocol):
     async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo: ...
 
     async def delete_session(self, session_id: str) -> None: ...
+
+    async def export_session(self, session_id: str) -> tuple[bytes, SessionInfo]:
+        """The session as a signed blob (and its info); FailedPrecondition when no signing key is set."""
+        ...
+
+    async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
+        """A new session from a blob ``export_session`` made here or on a server with the same key and model."""
+        ...

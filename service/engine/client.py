@@ -16,7 +16,7 @@ import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
-from service.core.context import note_model
+from service.core.context import admitted, mark_admitted, note_model, principal
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -37,9 +37,15 @@ from service.core.types import (
 from service.engine import wire
 from service.engine.codec import pack, raise_error, unpack
 from service.errors import ModelUnavailable, Overloaded
+from service.logs import CALL
 
 log = logging.getLogger(__name__)
-Reply = tuple[int, Any, str | None]  # status, payload, model noted
+Reply = tuple[int, Any, str | None, bool]  # status, payload, model noted, admitted
+
+
+def _context() -> list[Any]:
+    """What the engine's task needs to know about this call (wire.py): principal, admission, request id."""
+    return [principal(), admitted(), CALL.get()]
 
 
 class _Link(asyncio.Protocol):
@@ -49,8 +55,8 @@ class _Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for payload in self.framer.feed(data):
-            for call_id, status, body, model in unpack(payload):
-                self.plane._answer(call_id, status, body, model)
+            for call_id, status, body, model, was_admitted in unpack(payload):
+                self.plane._answer(call_id, status, body, model, was_admitted)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.plane._lost()
@@ -77,7 +83,7 @@ class RemoteDataPlane:
         transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self), self.path)
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._send([wire.HELLO, 0, "", (), {}])
+        self._send([wire.HELLO, 0, "", (), {}, None])
 
     async def stop(self) -> None:
         self._closing = True
@@ -97,21 +103,21 @@ class RemoteDataPlane:
                 fut.set_exception(gone)
         self._pending.clear()
         for queue in self._streams.values():
-            queue.put_nowait((wire.ERROR, ["ModelUnavailable", gone.message], None))
+            queue.put_nowait((wire.ERROR, ["ModelUnavailable", gone.message], None, False))
 
     def on_models_changed(self, hook: Callable[[], Awaitable[None]]) -> None:
         """``hook`` runs after the engine loaded, reloaded or unloaded a model (health follows it)."""
         self._hooks.append(hook)
 
-    def _answer(self, call_id: int, status: int, payload: Any, model: str | None) -> None:
+    def _answer(self, call_id: int, status: int, payload: Any, model: str | None, was_admitted: bool) -> None:
         fut = self._pending.pop(call_id, None)
         if fut is not None:
             if not fut.done():
-                fut.set_result((status, payload, model))
+                fut.set_result((status, payload, model, was_admitted))
             return
         queue = self._streams.get(call_id)
         if queue is not None:
-            queue.put_nowait((status, payload, model))
+            queue.put_nowait((status, payload, model, was_admitted))
         elif status == wire.EVENT:
             task = asyncio.ensure_future(self._run_hooks(payload[1]))
             self._hook_tasks.add(task)  # held until done (the loop keeps only weak references)
@@ -123,7 +129,7 @@ class RemoteDataPlane:
                 await hook()
             except Exception:
                 log.exception("models-changed hook failed")
-        self._send([wire.ACK, event, "", (), {}])
+        self._send([wire.ACK, event, "", (), {}, None])
 
     # --- calling --------------------------------------------------------------------------------------
     def _send(self, message: list[Any]) -> None:
@@ -148,15 +154,17 @@ class RemoteDataPlane:
         call_id = next(self._ids)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = fut
-        self._send([wire.CALL, call_id, method, args, kwargs])
+        self._send([wire.CALL, call_id, method, args, kwargs, _context()])
         try:
-            status, payload, model = await fut
+            status, payload, model, was_admitted = await fut
         except asyncio.CancelledError:
             if self._pending.pop(call_id, None) is not None:
-                self._send([wire.CANCEL, call_id, "", (), {}])
+                self._send([wire.CANCEL, call_id, "", (), {}, None])
             raise
         if model:
             note_model(model)
+        if was_admitted:
+            mark_admitted()
         if status == wire.ERROR:
             raise_error(*payload)
         return payload
@@ -170,7 +178,7 @@ class RemoteDataPlane:
                 self._control.settimeout(self.control_timeout)
                 self._control.connect(self.path)
                 self._control_framer = wire.Framer()
-            self._control.sendall(wire.frame(pack([[wire.SYNC, call_id, method, args, {}]])))
+            self._control.sendall(wire.frame(pack([[wire.SYNC, call_id, method, args, {}, None]])))
             answer = None
             while answer is None:
                 data = self._control.recv(1 << 16)
@@ -183,12 +191,20 @@ class RemoteDataPlane:
                 self._control.close()
             self._control = None
             raise ModelUnavailable(f"the engine did not answer: {exc}") from None
-        _, status, payload, _ = answer
+        _, status, payload, _, _ = answer
         if status == wire.ERROR:
             raise_error(*payload)
         return payload
 
     # --- DataPlane: synchronous -------------------------------------------------------------------------
+    @property
+    def store_ok(self) -> bool:
+        """Whether the engine's session store answers (health of the Sessions service)."""
+        try:
+            return bool(self._sync("store_ok"))
+        except ModelUnavailable:
+            return False
+
     def ready(self) -> bool:
         try:
             return bool(self._sync("ready"))
@@ -243,13 +259,15 @@ class RemoteDataPlane:
         call_id = next(self._ids)
         queue: asyncio.Queue[Reply] = asyncio.Queue()
         self._streams[call_id] = queue
-        self._send([wire.STREAM, call_id, "complete", (model, prompt, params, session_id), {}])
+        self._send([wire.STREAM, call_id, "complete", (model, prompt, params, session_id), {}, _context()])
         finished = False
         try:
             while True:
-                status, payload, noted = await queue.get()
+                status, payload, noted, was_admitted = await queue.get()
                 if noted:
                     note_model(noted)
+                if was_admitted:
+                    mark_admitted()
                 if status == wire.ITEM:
                     yield payload
                     continue
@@ -260,7 +278,7 @@ class RemoteDataPlane:
         finally:
             self._streams.pop(call_id, None)
             if not finished:  # the consumer stopped early or was cancelled: stop the engine's generator too
-                self._send([wire.CANCEL, call_id, "", (), {}])
+                self._send([wire.CANCEL, call_id, "", (), {}, None])
 
     async def suggest(
         self, session_id: str, appended: str, *, reset: bool = False, n: int = 3, max_chars: int = 10, beam: bool = True
@@ -297,3 +315,11 @@ class RemoteDataPlane:
 
     async def delete_session(self, session_id: str) -> None:
         await self._call("delete_session", session_id)
+
+    async def export_session(self, session_id: str) -> tuple[bytes, SessionInfo]:
+        blob, info = await self._call("export_session", session_id)
+        return bytes(blob), info
+
+    async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
+        info: SessionInfo = await self._call("import_session", blob, ttl_seconds)
+        return info

@@ -73,10 +73,10 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
 
 # --- a frontend process --------------------------------------------------------------------------------------
 def frontend_main(values: dict[str, Any], index: int, socket_path: str, conn: Connection) -> None:
+    from service.logs import configure
+
     settings = Settings(**values)
-    logging.basicConfig(
-        level=settings.log_level, format=f"%(asctime)s %(levelname)s frontend-{index} %(name)s: %(message)s"
-    )
+    configure(settings)
     asyncio.run(_frontend(settings, socket_path, conn))
 
 
@@ -91,7 +91,6 @@ async def _frontend(settings: Settings, socket_path: str, conn: Connection) -> N
         Metrics(runtime_collectors=False),
         plane=RemoteDataPlane(socket_path, max_pending=settings.max_queue_size),
         own_port=settings.frontend_ports,
-        http_host="127.0.0.1",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,6 +114,7 @@ async def _frontend(settings: Settings, socket_path: str, conn: Connection) -> N
 # --- the engine process ----------------------------------------------------------------------------------------
 async def serve(settings: Settings, ready_file: Path | None) -> int:
     """Runs the engine and its frontends until SIGTERM/SIGINT; returns the exit code."""
+    from service.api import tls
     from service.api.http import MetricsHttpServer
     from service.core.dataplane import CoreDataPlane
     from service.engine.metrics import serve_frontend_rpc_metrics
@@ -145,7 +145,15 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         def ready() -> bool:
             return not stop.is_set() and dataplane.ready() and all(f.process.is_alive() for f in frontends)
 
-        http = MetricsHttpServer(settings.host, settings.metrics_port, metrics, ready)
+        http = MetricsHttpServer(
+            settings.host,
+            settings.metrics_port,
+            metrics,
+            ready,
+            ssl_context=tls.ssl_context(settings),
+            idle_timeout=settings.metrics_idle_timeout_seconds,
+            max_connections=settings.metrics_max_connections,
+        )
         metrics_port = http.start()
         log.info("serving gRPC on %s:%d with %d frontends, metrics on %d", settings.host, first.port, n, metrics_port)
         if ready_file is not None:

@@ -16,11 +16,12 @@ import logging
 import os
 from typing import Any
 
-from service.core.context import call_scope
+from service.core.context import admitted, call_scope, mark_admitted, set_principal
 from service.core.dataplane import CoreDataPlane
 from service.engine import wire
 from service.engine.codec import error_payload, pack, unpack
 from service.errors import SeqServeError
+from service.logs import CALL
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
-    def dispatch(self, kind: int, call_id: int, method: str, args: Any, kwargs: Any) -> None:
+    def dispatch(self, kind: int, call_id: int, method: str, args: Any, kwargs: Any, context: Any = None) -> None:
         if kind == wire.CANCEL:
             task = self.tasks.pop(call_id, None)
             if task is not None:
@@ -79,11 +80,11 @@ class _Connection(asyncio.Protocol):
             self.send_now(self.engine.sync(call_id, method, args, kwargs))
             return
         if kind == wire.CALL and method in wire.ASYNC_METHODS:
-            run = self.engine.call(self, call_id, method, args, kwargs)
+            run = self.engine.call(self, call_id, method, args, kwargs, context)
         elif kind == wire.STREAM and method in wire.STREAM_METHODS:
-            run = self.engine.stream(self, call_id, method, args, kwargs)
+            run = self.engine.stream(self, call_id, method, args, kwargs, context)
         else:
-            self.send([call_id, wire.ERROR, ["", f"engine: no such call {method!r}"], None])
+            self.send([call_id, wire.ERROR, ["", f"engine: no such call {method!r}"], None, False])
             return
         self.tasks[call_id] = asyncio.create_task(run)
 
@@ -118,6 +119,10 @@ class EngineServer:
         self._server = await loop.create_unix_server(lambda: _Connection(self), self.path)
         os.chmod(self.path, 0o600)  # only this user's processes may call the engine
         self.dataplane.registry.subscribe(on_load=self._changed, on_unload=self._changed)
+        self.dataplane.on_store_change(self._store_changed)
+
+    async def _store_changed(self, ok: bool) -> None:
+        await self._changed(None, False)  # frontends re-read their health (the Sessions service follows the store)
 
     async def _changed(self, entry: object, replaced: bool) -> None:
         """Tells every frontend; returns when each has acknowledged (its health follows), or after a timeout."""
@@ -126,7 +131,7 @@ class EngineServer:
         for conn in [c for c in self.connections if c.link]:
             fut = conn.acks[event] = asyncio.get_running_loop().create_future()
             waiting.append(fut)
-            conn.send([0, wire.EVENT, [wire.MODELS_CHANGED, event], None])
+            conn.send([0, wire.EVENT, [wire.MODELS_CHANGED, event], None, False])
         if waiting:
             _, late = await asyncio.wait(waiting, timeout=wire.EVENT_ACK_SECONDS)
             if late:
@@ -145,45 +150,61 @@ class EngineServer:
             os.unlink(self.path)
 
     # --- calls ------------------------------------------------------------------------------------------
-    async def call(self, conn: _Connection, call_id: int, method: str, args: Any, kwargs: dict[str, Any]) -> None:
-        noted = call_scope()
+    @staticmethod
+    def _enter(context: Any) -> list[str]:
+        """The call's context in this task (see wire.py), and the holder of the model it will note."""
+        if context:
+            who, was_admitted, call = context
+            set_principal(who)
+            if was_admitted:
+                mark_admitted()
+            CALL.set((call[0], call[1]))
+        return call_scope()
+
+    async def call(
+        self, conn: _Connection, call_id: int, method: str, args: Any, kwargs: dict[str, Any], context: Any
+    ) -> None:
+        noted = self._enter(context)
         reply: list[Any]
         try:
             result = await getattr(self.dataplane, method)(*args, **kwargs)
-            reply = [call_id, wire.OK, result, noted[0] if noted else None]
+            reply = [call_id, wire.OK, result, noted[0] if noted else None, admitted()]
         except asyncio.CancelledError:
             return  # the frontend gave up on this call: nobody is waiting for an answer
         except Exception as exc:
             if not isinstance(exc, SeqServeError):
                 log.exception("engine: %s failed", method)
-            reply = [call_id, wire.ERROR, error_payload(exc), noted[0] if noted else None]
+            reply = [call_id, wire.ERROR, error_payload(exc), noted[0] if noted else None, admitted()]
         finally:
             conn.tasks.pop(call_id, None)
         conn.send(reply)
 
-    async def stream(self, conn: _Connection, call_id: int, method: str, args: Any, kwargs: dict[str, Any]) -> None:
-        noted = call_scope()
+    async def stream(
+        self, conn: _Connection, call_id: int, method: str, args: Any, kwargs: dict[str, Any], context: Any
+    ) -> None:
+        noted = self._enter(context)
         reply: list[Any]
         gen = getattr(self.dataplane, method)(*args, **kwargs)
         try:
             async with contextlib.aclosing(gen):
                 async for item in gen:
-                    conn.send([call_id, wire.ITEM, item, noted[0] if noted else None])
-            reply = [call_id, wire.END, None, noted[0] if noted else None]
+                    conn.send([call_id, wire.ITEM, item, noted[0] if noted else None, admitted()])
+            reply = [call_id, wire.END, None, noted[0] if noted else None, admitted()]
         except asyncio.CancelledError:
             return
         except Exception as exc:
             if not isinstance(exc, SeqServeError):
                 log.exception("engine: %s failed", method)
-            reply = [call_id, wire.ERROR, error_payload(exc), noted[0] if noted else None]
+            reply = [call_id, wire.ERROR, error_payload(exc), noted[0] if noted else None, admitted()]
         finally:
             conn.tasks.pop(call_id, None)
         conn.send(reply)
 
     def sync(self, call_id: int, method: str, args: Any, kwargs: dict[str, Any]) -> list[Any]:
         try:
-            return [call_id, wire.OK, getattr(self.dataplane, method)(*args, **kwargs), None]
+            value = getattr(self.dataplane, method)
+            return [call_id, wire.OK, value(*args, **kwargs) if callable(value) else value, None, False]
         except Exception as exc:
             if not isinstance(exc, SeqServeError):
                 log.exception("engine: %s failed", method)
-            return [call_id, wire.ERROR, error_payload(exc), None]
+            return [call_id, wire.ERROR, error_payload(exc), None, False]

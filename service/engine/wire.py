@@ -3,8 +3,13 @@
 A frame is a 4-byte little-endian length and a msgpack list of messages: everything one side produced during
 one event-loop iteration travels in one write (a batch's answers leave together).
 
-    frontend -> engine:   [kind, call id, method, args, kwargs]      kind: CALL | STREAM | CANCEL | SYNC | HELLO | ACK
-    engine -> frontend:   [call id, status, payload, model noted]    status: OK | ITEM | END | ERROR | EVENT
+    frontend -> engine:  [kind, call id, method, args, kwargs, context]  kind: CALL|STREAM|CANCEL|SYNC|HELLO|ACK
+    engine -> frontend:  [call id, status, payload, model noted, admitted]  status: OK|ITEM|END|ERROR|EVENT
+
+``context`` carries what the edge learned about the call into the engine's task: the principal (sessions are
+owned, sequences namespaced per principal), whether the call was already admitted (a stream's later steps are
+never refused), and the request id and method (log lines). ``admitted`` comes back, so a stream that was admitted
+on its first request stays admitted on the frontend.
 
 SYNC calls (the data plane's synchronous methods: model table, statistics) come on a second, blocking
 connection and are answered at once. A frontend's main connection starts with HELLO. EVENT (call id 0, payload
@@ -32,6 +37,8 @@ MAX_FRAME = 1 << 30
 # The data plane methods a frontend may call, by how they are called.
 ASYNC_METHODS = frozenset(
     {
+        "export_session",
+        "import_session",
         "load_model",
         "unload_model",
         "infer",
@@ -47,7 +54,9 @@ ASYNC_METHODS = frozenset(
     }
 )
 STREAM_METHODS = frozenset({"complete"})
-SYNC_METHODS = frozenset({"ready", "capabilities", "models", "unloaded", "model_info", "model_metadata", "statistics"})
+SYNC_METHODS = frozenset(
+    {"ready", "capabilities", "models", "unloaded", "model_info", "model_metadata", "statistics", "store_ok"}
+)
 
 
 def frame(payload: bytes) -> bytes:

@@ -22,6 +22,13 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     assert set(r["classify"]) == {"batch_1", "batch_16"}
     assert set(r["forecast"]) == {"predict_96_rows", "observe_1_row"}
     assert r["memory"]["sessions"] == 50 and r["memory"]["rss_after_bytes"] > 0
+    stores = r["stores"]  # memory, Redis step, Redis idle at two concurrencies (redis-server: make sysdeps)
+    assert [(row["store"], row["sessions"]) for row in stores["rows"]] == [
+        (name, c) for name in ("memory", "redis step", "redis idle") for c in (1, 4)
+    ]
+    step = [row for row in stores["rows"] if row["store"] == "redis step"]
+    assert all(row["p50_ms"] > 0 and row["redis_scripts_per_step"] > 0 for row in step)
+    assert stores["memory"]["value_key_bytes"] > stores["memory"]["state_bytes"] > 0
     # perf_analyzer section: seqserve with 1 worker and the default count, and the floor, on the same workload.
     perf = r["perf"]
     servers = {row["server"] for row in perf["rows"]}

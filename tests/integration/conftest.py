@@ -76,7 +76,7 @@ class SeqServe:
 
 @pytest.fixture(scope="module")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.export import export_tiny  # torch: only the test process imports it, never the server
+    from tests.tiny_models import export_tiny  # torch: only the test process imports it, never the server
 
     root = tmp_path_factory.mktemp("models")
     for task, name in (("sentiment", "sentiment"), ("charlm", "charlm"), ("forecast", "forecaster")):

@@ -64,24 +64,84 @@ def test_sentiment_train_and_evaluate(tmp_path: Path, tiny_sst2: Path, capsys: p
     assert main(args) == 0
     m = _check_outputs(out)
     assert m.labels == ["negative", "positive"] and m.architecture.directions == 2
-    assert [x.name for x in m.metrics] == ["accuracy", "heldout_accuracy"]
+    assert [x.name for x in m.metrics] == ["accuracy", "heldout_accuracy", "ece"]
     acc = _evaluate(capsys, out, tiny_sst2)["dev_accuracy"]
     assert acc == pytest.approx(m.metrics[0].value) and acc > 0.9  # the toy task is separable
 
 
 @pytest.mark.slow
-def test_forecast_train_and_evaluate(tmp_path: Path, tiny_ett: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_forecast_ett_preset_train_and_evaluate(
+    tmp_path: Path, tiny_ett: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "fc" / "1"
     args = ["forecast", "--data", str(tiny_ett), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    args += ["--hidden", "16", "--epochs", "1", "--batch-size", "256", "--window", "48", "--horizon", "24"]
+    args += ["--preset", "ett-h", "--hidden", "16", "--epochs", "1", "--batch-size", "256"]
+    args += ["--window", "48", "--horizon", "24"]
     assert main(args) == 0
     m = _check_outputs(out)
     assert m.forecast is not None and m.normalization is not None
-    assert (m.forecast.window, m.forecast.horizon, m.forecast.features) == (48, 24, 3)
-    assert np.asarray(m.forecast.quantile_offsets).shape == (3, 24, 3)
+    f = m.forecast
+    assert (f.window, f.horizon, f.features, f.targets, f.frequency, f.time_column) == (48, 24, 3, [], "1h", "date")
+    assert f.split == {"train": [0, 8640], "val": [8640, 11520], "test": [11520, 14400]}  # Informer's protocol
+    assert np.asarray(f.quantile_offsets).shape == (3, 24, 3)
     ev = _evaluate(capsys, out, tiny_ett)
-    assert ev["test_mse"] == pytest.approx(m.metrics[0].value, rel=1e-4)
+    assert ev["test_mse"] == pytest.approx(m.metrics[0].value, rel=1e-4) and ev["test_windows"] == 2880 - 24 + 1
     assert ev["test_coverage_q0.1"] < ev["test_coverage_q0.5"] < ev["test_coverage_q0.9"]
+    assert ev["test_mase"] > 0 and ev["season"] == 24
+    names = {x.name: x for x in m.metrics}
+    assert names["test_coverage_band_p10_p90"].target == 0.8 and names["test_coverage_q0.9"].target == 0.9
+
+
+@pytest.mark.slow
+def test_forecast_with_covariates(tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """price is forecast; load and temp are inputs only: the graph returns (batch, horizon, 1)."""
+    out = tmp_path / "fc-cov" / "1"
+    args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    args += ["--targets", "price", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]
+    args += ["--epochs", "2", "--batch-size", "32", "--lr", "0.01", "--revin", "mean"]
+    assert main(args) == 0
+    m = Manifest.load(out / MANIFEST_FILE)
+    assert m.forecast is not None and m.normalization is not None
+    assert m.normalization.columns == ["load", "temp", "price"] and m.forecast.targets == ["price"]
+    assert m.forecast.target_count == 1 and m.forecast.features == 3
+    assert m.outputs[0].shape == ["batch", 12, 1] and m.inputs[0].shape == ["batch", "time", 3]
+    assert np.asarray(m.forecast.quantile_offsets).shape == (3, 12, 1)
+    assert m.forecast.split == {"train": [0, 336], "val": [336, 384], "test": [384, 480]}
+    ev = _evaluate(capsys, out, tiny_csv)
+    assert ev["test_windows"] == 96 - 12 + 1 and np.isfinite(ev["test_mse"])
+    assert ev["test_mse"] == pytest.approx(m.metrics[0].value, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--columns", "load,cost"], "sales.csv: no column 'cost'; the header has ['time', 'load', 'temp', 'price']"),
+        (["--targets", "cost"], "--targets: 'cost' is not one of the input columns ['load', 'temp', 'price']"),
+        (["--time-column", "when"], "sales.csv: no time column 'when'"),
+        (["--split", "0.9,0.2,0.1"], "--split: fractions must be in (0, 1) and sum to at most 1"),
+        (["--window", "480", "--horizon", "24"], "sales.csv: 480 rows are too few for window 480 + horizon 24 = 504"),
+        (["--freq", "2h"], "sales.csv: line 3: irregular step of 1h between 2021-01-01 00:00:00 and"),
+        (["--preset", "ett-m"], "sales.csv: no time column 'date'; the header has"),
+        (
+            ["--preset", "ett-m", "--time-column", "time", "--freq", "auto"],
+            "--split: 34560+11520+11520 = 57600 rows, but the file has only 480",
+        ),
+    ],
+)
+def test_forecast_data_errors_exit_2_with_one_line(
+    tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    args = ["forecast", "--data", str(tiny_csv), "--out", str(tmp_path / "o" / "1"), "--window", "24", *FAST]
+    assert main([*args, "--horizon", "12", "--segment", "6", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("seqserve-train: error: ") and message in err
+
+
+def test_forecast_bad_cell_names_row_and_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "bad.csv"
+    p.write_text("date,a,b\n2020-01-01,1,2\n2020-01-02,3,x7\n")
+    assert main(["forecast", "--data", str(p), "--out", str(tmp_path / "o" / "1"), *FAST]) == 2
+    assert capsys.readouterr().err.strip() == f"seqserve-train: error: {p}: line 3, column 'b': 'x7' is not a number"
 
 
 def test_missing_data_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,5 +166,6 @@ def test_evaluate_missing_model_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_bad_hyperparameter_exits_2(tmp_path: Path, tiny_ett: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["forecast", "--data", str(tiny_ett), "--out", str(tmp_path / "f" / "1"), "--window", "50", *FAST]
+    args += ["--preset", "ett-h"]
     assert main(args) == 2
     assert "window: 50 must be a multiple of segment 12" in capsys.readouterr().err

@@ -12,12 +12,8 @@ from training.data import (
     DataError,
     char_streams,
     load_chars,
-    load_ett,
     load_sst2,
-    pad_batch,
-    read_ett,
     read_tsv,
-    windows,
     word_tokenizer,
 )
 
@@ -42,19 +38,6 @@ def test_sst2_vocab_pad_unk_and_padding(tiny_sst2: Path) -> None:
     assert tok.vocab[:2] == ["<pad>", "<unk>"] and tok.pad_token == "<pad>" and tok.lowercase
     ids = Encoder(tok).encode("A GREAT zebra")
     assert ids.tolist()[2] == 1  # unknown word -> unk
-    batch, lengths = pad_batch([ids, ids[:1], np.zeros(0, np.int64)], max_length=2)
-    assert batch.shape == (3, 2) and lengths.tolist() == [2, 1, 1]
-
-
-def test_ett_standard_split_and_windows(tiny_ett: Path) -> None:
-    d = load_ett(tiny_ett)
-    assert d.columns == ["A", "B", "OT"]
-    assert (len(d.train), len(d.val), len(d.test)) == (8640, 2880 + 96, 2880 + 96)
-    np.testing.assert_allclose(d.train.mean(0), 0, atol=1e-4)
-    np.testing.assert_allclose(d.train.std(0), 1, atol=1e-4)
-    x, y = windows(d.test, 96, 96)
-    assert x.shape == (2785, 96, 3) and y.shape == (2785, 96, 3)
-    np.testing.assert_array_equal(x[1, -1], y[0, 0])
 
 
 def _one_line(e: pytest.ExceptionInfo[DataError]) -> str:
@@ -86,16 +69,3 @@ def test_malformed_tsv_names_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         read_tsv(p)
     assert "line 3" in _one_line(e) and str(p) in str(e.value)
-
-
-def test_malformed_csv_names_line(tmp_path: Path) -> None:
-    p = tmp_path / "ett.csv"
-    p.write_text("date,A,B\n2016,1,2\n2016,1,oops\n")
-    with pytest.raises(DataError, match=r"line 3: non-numeric value"):
-        read_ett(p)
-    p.write_text("date,A,B\n2016,1,2\n2016,1\n")
-    with pytest.raises(DataError, match=r"line 3: 2 fields, header has 3"):
-        read_ett(p)
-    p.write_text("date,A\n2016,1\n2016,2\n")
-    with pytest.raises(DataError, match="standard split needs at least 14400"):
-        load_ett(p)

@@ -1,4 +1,4 @@
-"""export_tiny and the ONNX contract: names, dynamic axes, native cells, ORT parity, streaming identity."""
+"""The ONNX contract on export_tiny (tests/tiny_models.py): names, dynamic axes, native cells, ORT parity, streaming."""
 
 from __future__ import annotations
 
@@ -10,21 +10,19 @@ import onnx
 import pytest
 import torch
 
+from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.tokenizers import Encoder
-from training.export import CHAR_VOCAB, NATIVE_OPS, export_tiny, ort_run, parity
+from tests.tiny_models import CHAR_VOCAB, export_tiny
+from training.export import NATIVE_OPS, ort_run, parity
 from training.nets import CELLS, NetConfig, build_net
 
 TASKS = ("sentiment", "charlm", "forecast")
 
 
 def _zeros(m: Manifest, batch: int) -> dict[str, np.ndarray[Any, Any]]:
-    rows = batch * m.forecast.features if m.forecast is not None else batch
-    out = {}
-    for s in m.states:
-        shape = [rows if isinstance(d, str) else d for d in s.shape]
-        out[s.input] = np.zeros(shape, dtype=np.float32)
-    return out
+    features = m.forecast.features if m.forecast is not None else 1
+    return zero_states(m.states, {"batch": batch, "features": features})
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -116,3 +114,17 @@ def test_streaming_identity_charlm(tmp_path: Path, cell: str) -> None:
     np.testing.assert_allclose(np.concatenate([first[0], second[0]], axis=1), whole[0], atol=1e-5)
     for i in range(len(m.states)):
         np.testing.assert_allclose(second[1 + i], whole[1 + i], atol=1e-5)
+
+
+def test_export_tiny_covariate_forecaster(tmp_path: Path) -> None:
+    """targets=["OT"]: the 6 other columns are inputs only; the graph returns (batch, horizon, 1)."""
+    d = export_tiny("forecast", tmp_path, cell="gru", name="cov", targets=["OT"])
+    m = Manifest.load(d / MANIFEST_FILE)
+    assert m.forecast is not None and m.forecast.targets == ["OT"] and m.forecast.target_count == 1
+    assert m.outputs[0].shape == ["batch", 12, 1] and np.asarray(m.forecast.quantile_offsets).shape == (3, 12, 1)
+    hist = np.random.default_rng(0).standard_normal((2, 24, 7)).astype(np.float32)
+    fc = ort_run(d / MODEL_FILE, {"history": hist, **_zeros(m, 2)})[0]
+    assert fc.shape == (2, 12, 1)
+    cfg = NetConfig(**m.training["net"])
+    torch.manual_seed(0)
+    assert parity(build_net(cfg), d / MODEL_FILE, cfg, time=36, batch=3, seed=5) <= 1e-4

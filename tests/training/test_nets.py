@@ -168,7 +168,57 @@ def test_subwords_fold_into_a_plain_embedding() -> None:
     ids, lengths = torch.tensor([[2, 3, 4]]), torch.tensor([3])
     with torch.no_grad():
         before = net(ids, lengths, *zero_state(net, 1))[0]
-        net.bake_subwords()
+        net.bake()
         after = net(ids, lengths, *zero_state(net, 1))[0]
     assert net.subword is None
     torch.testing.assert_close(after, before)
+
+
+@pytest.mark.parametrize("revin", ["last", "mean", "meanstd"])
+def test_forecaster_revin_maps_back_level_and_scale(revin: str) -> None:
+    torch.manual_seed(0)
+    cfg = NetConfig(task="forecast", cell="gru", hidden=8, features=2, window=12, horizon=4, segment=4, revin=revin)
+    net = build_net(cfg).eval()
+    x = torch.randn(3, 12, 2)
+    with torch.no_grad():
+        y = net(x, *zero_state(net, 3))[0]
+        shifted = net(x + 4.0, *zero_state(net, 3))[0]
+        scaled = net(3 * x, *zero_state(net, 3))[0]
+    torch.testing.assert_close(shifted, y + 4.0, atol=1e-4, rtol=1e-4)  # every mode removes the level
+    if revin == "meanstd":
+        torch.testing.assert_close(scaled, 3 * y, atol=1e-3, rtol=1e-3)  # and this one the scale
+    else:
+        assert (scaled - 3 * y).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="revin: unknown mode 'max'"):
+        build_net(NetConfig(task="forecast", window=12, segment=4, revin="max"))
+
+
+def test_forecaster_covariates_feed_the_targets_only_through_mix() -> None:
+    """targets=[2]: the output has one channel; changing a covariate's history changes it (covariates are used),
+    and without covariates the channels stay independent."""
+    torch.manual_seed(0)
+    cov = build_net(NetConfig(task="forecast", cell="gru", hidden=8, features=3, window=12, horizon=4, segment=4,
+                              targets=[2])).eval()  # fmt: skip
+    x = torch.randn(2, 12, 3)
+    x2 = x.clone()
+    x2[:, :, 0] += torch.randn(2, 12)
+    with torch.no_grad():
+        y, y2 = cov(x, *zero_state(cov, 2))[0], cov(x2, *zero_state(cov, 2))[0]
+    assert y.shape == (2, 4, 1) and (y - y2).abs().max() > 1e-4
+    ind = build_net(NetConfig(task="forecast", cell="gru", hidden=8, features=3, window=12, horizon=4, segment=4))
+    with torch.no_grad():
+        a, b = ind.eval()(x, *zero_state(ind, 2))[0], ind(x2, *zero_state(ind, 2))[0]
+    torch.testing.assert_close(a[:, :, 1:], b[:, :, 1:])  # channel-independent without covariates
+    with pytest.raises(ValueError, match=r"targets: \[3\] must be increasing channel indices below features=3"):
+        build_net(NetConfig(task="forecast", features=3, window=12, segment=4, targets=[3]))
+
+
+def test_forecaster_linear_path_starts_at_zero() -> None:
+    torch.manual_seed(0)
+    cfg = NetConfig(task="forecast", cell="gru", hidden=8, features=2, window=12, horizon=4, segment=4, linear=True)
+    net = build_net(cfg).eval()
+    torch.manual_seed(0)
+    plain = build_net(NetConfig(task="forecast", cell="gru", hidden=8, features=2, window=12, horizon=4, segment=4))
+    x = torch.randn(2, 12, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, *zero_state(net, 2))[0], plain.eval()(x, *zero_state(plain, 2))[0])

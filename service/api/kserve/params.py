@@ -1,12 +1,15 @@
 """Request fields of the v2 protocol that are not tensors: model references and Triton's sequence parameters.
 
 A request joins a sequence with the parameters ``sequence_id`` (uint64/int64 or string; 0 or "" = none),
-``sequence_start`` and ``sequence_end`` (bool). What a sequence *is* (a session keyed per model and id,
-pinned to the version it started on) is the core's business; this module only parses.
+``sequence_start`` and ``sequence_end`` (bool), and may export or import its state (``seqserve_export``,
+``seqserve_import``). What a sequence *is* (a session keyed per model and id, pinned to the version it started
+on) is the core's business; this module only parses.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
 
@@ -14,7 +17,13 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.core.types import ModelRef, SequenceRef
 from service.errors import InvalidInput, echo
 
-MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<model>:"; the store allows 256 characters
+# Session export/import for sequences (needs SEQSERVE_SESSION_SIGNING_KEY): a request with bool parameter
+# seqserve_export=true gets response parameter seqserve_session (base64 of the signed blob of the state after it);
+# a sequence_start request with string parameter seqserve_import=<base64 blob> starts from that state.
+EXPORT = "seqserve_export"
+IMPORT = "seqserve_import"
+SESSION_PARAMETER = "seqserve_session"
+MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<principal tag>:<model>:"; the store allows 320
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²" and "١" are not versions
 
 
@@ -58,8 +67,22 @@ def parse_sequence(params: Mapping[str, pb.InferParameter]) -> SequenceRef | Non
                 )
         else:
             raise InvalidInput(f"parameter sequence_id must be an integer or a string, got {kind}")
+    export = _bool(params, EXPORT)
+    blob = _blob(params)
     if not seq_id:
-        if start or end:
-            raise InvalidInput("sequence_start/sequence_end need a non-zero, non-empty sequence_id")
+        if start or end or export or blob is not None:
+            raise InvalidInput(f"sequence_start/sequence_end/{EXPORT}/{IMPORT} need a non-zero, non-empty sequence_id")
         return None
-    return SequenceRef(seq_id, start, end)
+    return SequenceRef(seq_id, start, end, blob, export)
+
+
+def _blob(params: Mapping[str, pb.InferParameter]) -> bytes | None:
+    if IMPORT not in params:
+        return None
+    p = params[IMPORT]
+    if p.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"parameter {IMPORT} must be a string (base64 of a session blob)")
+    try:
+        return base64.b64decode(p.string_param, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"parameter {IMPORT} is not valid base64") from None

@@ -10,6 +10,7 @@ open, as Triton does.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
@@ -20,10 +21,10 @@ import grpc
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.convert import config_to_pb, index_to_pb, metadata_to_pb, stats_to_pb
-from service.api.kserve.params import model_ref, parse_sequence
+from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence
 from service.api.kserve.tensors import encode_output, read_inputs
 from service.core.types import DataPlane
-from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError
+from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except SeqServeError as e:
-                yield self._stream_error(request, e.message)
+                yield self._stream_error(request, clip(e.message))
             except Exception:
                 log.exception("ModelStreamInfer: unexpected error")
                 yield self._stream_error(request, "internal error; see the server log")
@@ -133,6 +134,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=request.id)
         if result.steps is not None:
             response.parameters[STEPS_PARAMETER].int64_param = result.steps
+        if result.session_blob is not None:
+            response.parameters[SESSION_PARAMETER].string_param = base64.b64encode(result.session_blob).decode()
         for tensor in result.outputs:
             encode_output(response, tensor)
         return response

@@ -14,7 +14,7 @@ import numpy as np
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.core.types import Tensor
-from service.errors import InvalidInput, short
+from service.errors import InvalidInput, echo, short
 
 # Numeric datatypes: numpy dtype (little-endian) and the typed-contents field that carries them.
 NUMERIC: dict[str, tuple[np.dtype[Any], str]] = {
@@ -36,22 +36,29 @@ MAX_DIM = 2**31 - 1
 
 
 def deserialize_bytes(name: str, buf: bytes, count: int) -> list[bytes]:
-    """Splits a raw BYTES tensor into its ``count`` elements."""
+    """Splits a raw BYTES tensor into its ``count`` elements (never walks past the ``count``-th: work is bounded
+    by the declared shape, not by what the buffer holds)."""
     items: list[bytes] = []
     pos = 0
     while pos < len(buf):
+        if len(items) == count:
+            raise InvalidInput(
+                f"input {short(name)}: raw BYTES content has {len(buf) - pos} bytes after its {count} elements"
+            )
         if pos + 4 > len(buf):
-            raise InvalidInput(f"input {name}: raw BYTES content is truncated inside a length prefix at byte {pos}")
+            raise InvalidInput(
+                f"input {short(name)}: raw BYTES content is truncated inside a length prefix at byte {pos}"
+            )
         (n,) = _LEN.unpack_from(buf, pos)
         pos += 4
         if pos + n > len(buf):
             raise InvalidInput(
-                f"input {name}: raw BYTES element {len(items)} declares {n} bytes, only {len(buf) - pos} remain"
+                f"input {short(name)}: raw BYTES element {len(items)} declares {n} bytes, only {len(buf) - pos} remain"
             )
         items.append(buf[pos : pos + n])
         pos += n
     if len(items) != count:
-        raise InvalidInput(f"input {name}: raw BYTES content holds {len(items)} elements, shape needs {count}")
+        raise InvalidInput(f"input {short(name)}: raw BYTES content holds {len(items)} elements, shape needs {count}")
     return items
 
 
@@ -96,22 +103,23 @@ def _decode_one(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
         if raw is not None:
             items = deserialize_bytes(t.name, raw, count)
         else:
-            items = list(t.contents.bytes_contents)
-            if len(items) != count:
+            if len(t.contents.bytes_contents) != count:  # counted before anything is copied
                 raise InvalidInput(
-                    f"input {t.name}: contents.bytes_contents has {len(items)} elements, "
+                    f"input {short(t.name)}: contents.bytes_contents has {len(t.contents.bytes_contents)} elements, "
                     f"shape {list(shape)} needs {count}"
                 )
+            items = list(t.contents.bytes_contents)
         return Tensor(t.name, t.datatype, shape, items=items)
     if t.datatype not in NUMERIC:
         raise InvalidInput(
-            f"input {t.name}: unsupported datatype {t.datatype!r}; use one of {', '.join([*NUMERIC, 'BYTES'])}"
+            f"input {short(t.name)}: unsupported datatype {echo(t.datatype, 16)}; use one of "
+            f"{', '.join([*NUMERIC, 'BYTES'])}"
         )
     dtype, field = NUMERIC[t.datatype]
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidInput(
-                f"input {t.name}: raw content has {len(raw)} bytes, shape {list(shape)} of "
+                f"input {short(t.name)}: raw content has {len(raw)} bytes, shape {list(shape)} of "
                 f"{t.datatype} needs {count * dtype.itemsize}"
             )
         array = np.frombuffer(raw, dtype=dtype)
@@ -119,7 +127,7 @@ def _decode_one(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
         values = getattr(t.contents, field)
         if len(values) != count:
             raise InvalidInput(
-                f"input {t.name}: contents.{field} has {len(values)} values, shape {list(shape)} needs {count}"
+                f"input {short(t.name)}: contents.{field} has {len(values)} values, shape {list(shape)} needs {count}"
             )
         array = np.asarray(values, dtype=dtype)
     return Tensor(t.name, t.datatype, shape, array=array.reshape(shape))
@@ -165,7 +173,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for w in read_inputs(request):
         if w.name in out:
-            raise InvalidInput(f"input {w.name} appears twice")
+            raise InvalidInput(f"input {short(w.name)} appears twice")
         out[w.name] = w.decode()
     return out
 

@@ -30,4 +30,5 @@ SERVICE_CAPABILITIES: dict[str, str] = {
     sentiment.SERVICE: sentiment.CAPABILITY,
     autocomplete.SERVICE: autocomplete.CAPABILITY,
     forecast.SERVICE: forecast.CAPABILITY,
+    sessions.SERVICE: sessions.CAPABILITY,
 }

@@ -15,16 +15,18 @@ DEFAULT_MODEL = "sentiment"
 
 
 class SentimentServicer(sentiment_pb2_grpc.SentimentServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
         self.dataplane = dataplane
+        self.max_texts = settings.max_texts_per_request
 
     async def Classify(
         self, request: sentiment_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> sentiment_pb2.ClassifyResponse:
-        results = await self.dataplane.classify(cv.model_ref(request.model, DEFAULT_MODEL), list(request.texts))
+        texts = cv.texts(request.texts, "texts", self.max_texts)  # counted before any text is copied
+        results = await self.dataplane.classify(cv.model_ref(request.model, DEFAULT_MODEL), texts)
         return cv.classify_response(results)
 
 
 def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:
-    sentiment_pb2_grpc.add_SentimentServicer_to_server(SentimentServicer(dataplane), server)
+    sentiment_pb2_grpc.add_SentimentServicer_to_server(SentimentServicer(dataplane, settings), server)
     return [SERVICE]

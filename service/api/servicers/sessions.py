@@ -1,4 +1,5 @@
-"""seqserve.v1.Sessions: create / get / fork / delete server-side recurrent-state sessions."""
+"""seqserve.v1.Sessions: create / get / fork / delete server-side recurrent-state sessions; export one as a
+signed blob and import it (here or on another server)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import grpc
 from service.api import converters as cv
 from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
 from service.core.types import DataPlane
+from service.errors import InvalidInput
 from service.settings import Settings
 
 SERVICE = sessions_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name
+CAPABILITY = "sessions"  # health: SERVING while the session store answers
 
 
 class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
@@ -40,6 +43,20 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     ) -> sessions_pb2.DeleteSessionResponse:
         await self.dataplane.delete_session(cv.require_id(request.session_id, "session_id"))
         return sessions_pb2.DeleteSessionResponse()
+
+    async def Export(
+        self, request: sessions_pb2.ExportSessionRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.ExportSessionResponse:
+        blob, info = await self.dataplane.export_session(cv.require_id(request.session_id, "session_id"))
+        return sessions_pb2.ExportSessionResponse(blob=blob, session=cv.session_to_pb(info))
+
+    async def Import(
+        self, request: sessions_pb2.ImportSessionRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.SessionInfo:
+        if not request.blob:
+            raise InvalidInput("blob is empty: pass the blob Sessions.Export returned")
+        ttl = cv.optional_ttl(request.HasField("ttl_seconds"), request.ttl_seconds)
+        return cv.session_to_pb(await self.dataplane.import_session(request.blob, ttl_seconds=ttl))
 
 
 def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:

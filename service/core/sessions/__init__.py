@@ -1,8 +1,9 @@
 """Sessions: a serializable ``SessionState``, the async ``SessionStore`` protocol with its in-memory store,
 and the ``SessionManager`` that enforces ids, TTLs, limits and metrics on top of any store.
 
-Stores are picked by the scheme of ``settings.session_store`` (``memory://`` by default) through one table;
-``register_store`` adds a scheme (tests add a bytes-only store this way).
+Stores are picked by the scheme of ``settings.session_store`` (``memory://`` by default; ``redis://``,
+``rediss://`` and ``redis+cluster://`` for the shared Redis store) through one table; ``register_store`` adds a
+scheme (tests add a bytes-only store this way).
 """
 
 from __future__ import annotations
@@ -10,20 +11,45 @@ from __future__ import annotations
 from service.core.sessions.manager import SessionManager, unknown_session
 from service.core.sessions.state import SessionDecodeError, SessionState
 from service.core.sessions.store import InMemorySessionStore, SessionStore, StaleSession, StoreFactory, StoreUsage
+from service.settings import Settings
 
-STORES: dict[str, StoreFactory] = {"memory": lambda url: InMemorySessionStore()}
+
+def _redis(url: str, settings: Settings) -> SessionStore:
+    from service.core.sessions.redis_store import RedisSessionStore  # imports redis only when it is used
+
+    return RedisSessionStore(url, settings)
+
+
+STORES: dict[str, StoreFactory] = {
+    "memory": lambda url, settings: InMemorySessionStore(),
+    "redis": _redis,
+    "rediss": _redis,
+    "redis+cluster": _redis,
+    "rediss+cluster": _redis,
+}
 
 
 def register_store(scheme: str, factory: StoreFactory) -> None:
     STORES[scheme] = factory
 
 
-def open_store(url: str) -> SessionStore:
-    """The store ``url`` names (``memory://``, ``bytes://`` in tests, ...); ValueError for an unknown scheme."""
+def open_store(url: str, settings: Settings) -> SessionStore:
+    """The store ``url`` names (``memory://``, ``redis://host:port/db``, ``bytes://`` in tests, ...);
+    ValueError for an unknown scheme."""
     scheme = url.split("://", 1)[0] if "://" in url else url
     if scheme not in STORES:
-        raise ValueError(f"session_store {url!r}: unknown scheme {scheme!r}; known: {sorted(STORES)}")
-    return STORES[scheme](url)
+        raise ValueError(f"session_store {redact(url)!r}: unknown scheme {scheme!r}; known: {sorted(STORES)}")
+    return STORES[scheme](url, settings)
+
+
+def redact(url: str) -> str:
+    """``url`` without a password (``redis://:secret@host`` -> ``redis://:***@host``): fit for messages."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    auth, _, host = rest.partition("@")
+    user = auth.split(":", 1)[0]
+    return f"{head}://{user}:***@{host}"
 
 
 __all__ = [
@@ -36,6 +62,7 @@ __all__ = [
     "StaleSession",
     "StoreUsage",
     "open_store",
+    "redact",
     "register_store",
     "unknown_session",
 ]

@@ -8,6 +8,13 @@ gone at once, and a background reaper removes them from the store.
 ``use(id)`` is how every call that reads or advances a session runs: it takes the session's lease (calls on
 one session take turns, in arrival order), loads a working copy, hands it to the caller, and saves it back
 when the call ends, so the store always holds the last committed state.
+
+Every session belongs to the principal that created it (``service.core.context.principal``, "" without auth):
+to any other principal it does not exist (the same NOT_FOUND, word for word). Per principal, quotas bound live
+sessions and their bytes (``quota_sessions``, ``quota_session_bytes``: RESOURCE_EXHAUSTED naming the quota).
+When the whole store is full, eviction takes the caller's own least recently used session first and another
+principal's only when the caller has none to give; an evicted session's owner is told so (its id is
+remembered, bounded, until the session would have expired anyway).
 """
 
 from __future__ import annotations
@@ -18,21 +25,39 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
+from service.core.context import principal
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
-from service.errors import InvalidInput, Overloaded, SessionNotFound, echo
+from service.errors import InvalidInput, Overloaded, QuotaExceeded, SessionEvicted, SessionNotFound, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-MAX_SESSION_ID_CHARS = 256
+MAX_SESSION_ID_CHARS = 320  # room for a KServe sequence key: "kserve:" + principal tag + model + 200-char id
 REAP_BATCH = 1000  # sessions expired per reaper step before it yields the event loop
+EVICTED_MEMORY = 10_000  # evicted session ids remembered to tell their owner (oldest forgotten first)
 
 
 def unknown_session(session_id: str) -> SessionNotFound:
     return SessionNotFound(f"session {echo(session_id)} is unknown, expired or was lost in a restart; create a new one")
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """What is remembered of an evicted session: whose it was, until when it would have lived, and why it went."""
+
+    owner: str
+    model: str
+    until: float
+    why: str
+
+
+def _who(owner: str) -> str:
+    return f"principal {owner!r}" if owner else "the anonymous principal"
 
 
 class SessionManager:
@@ -45,6 +70,7 @@ class SessionManager:
         self.clock = clock
         self._reaper: asyncio.Task[None] | None = None
         self._models: set[str] = set()  # models whose active-sessions gauge we have set
+        self._evicted: OrderedDict[str, Eviction] = OrderedDict()  # oldest first, at most EVICTED_MEMORY
 
     # --- limits -----------------------------------------------------------------------------------------
     def ttl(self, ttl_seconds: float | None) -> float:
@@ -63,22 +89,62 @@ class SessionManager:
             raise InvalidInput(f"session_id must have 1 to {MAX_SESSION_ID_CHARS} characters; got {len(session_id)}")
         return session_id
 
-    async def _make_room(self, nbytes: int, keep: str | None) -> None:
-        """Evicts least recently used idle sessions (or refuses) until one more session of ``nbytes`` fits."""
+    async def _check_quota(self, owner: str, nbytes: int) -> None:
+        """``QuotaExceeded`` when one more session of ``nbytes`` would take ``owner`` past a quota."""
+        max_n, max_b = self.settings.quota_sessions, self.settings.quota_session_bytes
+        if not max_n and not max_b:
+            return
+        mine = await self.store.owner_usage(owner)
+        if max_n and mine.count + 1 > max_n:
+            raise QuotaExceeded(
+                f"session quota exceeded: {_who(owner)} holds {mine.count} live sessions, the limit is {max_n} "
+                "(quota_sessions); delete sessions you no longer need or let them expire"
+            )
+        if max_b and mine.bytes + nbytes > max_b:
+            raise QuotaExceeded(
+                f"session bytes quota exceeded: {_who(owner)} holds {mine.bytes} bytes of sessions and this one "
+                f"needs {nbytes}, the limit is {max_b} (quota_session_bytes); delete sessions you no longer need"
+            )
+
+    async def _make_room(self, owner: str, nbytes: int, keep: str | None) -> None:
+        """Evicts least recently used idle sessions (or refuses) until one more session of ``nbytes`` fits:
+        the owner's own first, another principal's only when the owner has none to give."""
         max_n, max_b = self.settings.max_sessions, self.settings.max_session_bytes
         if nbytes > max_b:
             raise Overloaded(f"a session of this model needs {nbytes} bytes, more than max_session_bytes={max_b}")
+        await self._check_quota(owner, nbytes)
         usage = await self.store.usage()
         while usage.count + 1 > max_n or usage.bytes + nbytes > max_b:
+            full = "max_sessions" if usage.count + 1 > max_n else "max_session_bytes"
             what = f"{usage.count} sessions (max_sessions={max_n}), {usage.bytes} bytes (max_session_bytes={max_b})"
             if self.settings.session_full_policy == "reject":
                 raise Overloaded(f"session store is full: {what}; delete sessions you no longer need or retry later")
-            victim = await self.store.evict_lru(keep)
+            victim = await self.store.evict_lru(keep, owner=owner)
+            if victim is None:
+                victim = await self.store.evict_lru(keep)
             if victim is None:
                 raise Overloaded(f"session store is full and every session is in use: {what}; retry later")
+            self._remember_eviction(victim, full)
             self.metrics.session_event(victim.model, "evicted")
-            log.info("evicted a session of %s (least recently used) to make room", victim.model)
+            log.info("evicted a session of %s (least recently used, %s) to make room", victim.model, _who(victim.owner))
             usage = await self.store.usage()
+
+    def _remember_eviction(self, victim: SessionState, full: str) -> None:
+        self._evicted.pop(victim.id, None)
+        self._evicted[victim.id] = Eviction(victim.owner, victim.model, victim.expires_at, full)
+        while len(self._evicted) > EVICTED_MEMORY:
+            self._evicted.popitem(last=False)
+
+    def _not_found(self, session_id: str) -> SessionNotFound:
+        """Unknown, expired, another principal's, or evicted (told only to its owner, until it would have
+        expired anyway)."""
+        gone = self._evicted.get(session_id)
+        if gone is not None and gone.owner == principal() and gone.until > self.clock():
+            return SessionEvicted(
+                f"session {echo(session_id)} was evicted to make room: the session store was full ({gone.why}) "
+                "and it was the least recently used; create a new one"
+            )
+        return unknown_session(session_id)
 
     async def usage(self) -> StoreUsage:
         return await self.store.usage()
@@ -93,13 +159,15 @@ class SessionManager:
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def add(self, session: SessionState, keep: str | None = None, event: str = "created") -> SessionState:
-        """Stores a new session. A caller-chosen id that exists replaces the old session (a KServe sequence
-        restarted with the same correlation id)."""
+        """Stores a new session, owned by the calling principal. A caller-chosen id that exists replaces the old
+        session (a KServe sequence restarted with the same correlation id; the id is namespaced per principal)."""
+        session.owner = principal()
         old = await self.store.delete(session.id)
         if old is not None:
             self.metrics.session_event(old.model, "deleted")
-        await self._make_room(session.nbytes, keep)
+        await self._make_room(session.owner, session.nbytes, keep)
         await self.store.add(session)
+        self._evicted.pop(session.id, None)
         self.metrics.session_event(session.model, "created")  # a fork is a creation too
         if event != "created":
             self.metrics.session_event(session.model, event)
@@ -108,13 +176,15 @@ class SessionManager:
 
     async def _live(self, session_id: str) -> SessionState:
         s = await self.store.load(session_id)
+        if s is not None and s.owner != principal():
+            s = None  # another principal's: exactly as if it did not exist
         if s is not None and s.expires_at <= self.clock():
             await self.store.delete(session_id)
             self.metrics.session_event(s.model, "expired")
             await self._report()
             s = None
         if s is None:
-            raise unknown_session(session_id)
+            raise self._not_found(session_id)
         return s
 
     async def get(self, session_id: str) -> SessionState:

@@ -23,6 +23,7 @@ from typing import Generic, Protocol, TypeVar
 
 from service.core.sessions import compact
 from service.core.sessions.state import SessionState
+from service.settings import Settings
 
 
 class StaleSession(Exception):
@@ -71,7 +72,13 @@ class SessionStore(Protocol):
         """Sessions and bytes of one owner (``per_model`` may be left empty)."""
         ...
 
-    async def close(self) -> None: ...
+    async def check(self) -> str | None:
+        """None when the store answers, else why it does not (health: the Sessions service, a metric)."""
+        ...
+
+    async def close(self) -> None:
+        """Releases what this process holds (a network store writes back what it kept, hands over its leases)."""
+        ...
 
 
 class _Lease:
@@ -203,6 +210,9 @@ class InMemorySessionStore(Generic[R]):
     async def owner_usage(self, owner: str) -> StoreUsage:
         return StoreUsage(len(self._owners.get(owner, ())), self._owner_bytes.get(owner, 0))
 
+    async def check(self) -> str | None:
+        return None
+
     async def close(self) -> None:
         self._records.clear()
         self._meta.clear()
@@ -227,4 +237,5 @@ class InMemorySessionStore(Generic[R]):
         return self._unpack(record)
 
 
-StoreFactory = Callable[[str], SessionStore]
+StoreFactory = Callable[[str, Settings], SessionStore]
+"""Builds the store a URL names; the settings carry its options (durability, timeouts, cache size)."""

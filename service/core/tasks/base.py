@@ -16,6 +16,7 @@ by ``implementation`` the same way). A task:
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -168,9 +169,29 @@ def needs(capability: str) -> str:
 
 
 # --- validation shared by every task: one message per rule ----------------------------------------------------
+DECODE_INLINE_ELEMENTS = 1 << 16  # inputs with more elements than this are decoded in a worker thread
+
+
+async def check_and_decode(model: str, contract: TensorContract, inputs: Sequence[InputTensor]) -> dict[str, Tensor]:
+    """``check_inputs`` with the decoding of large inputs moved off the event loop."""
+    checked = check_header(model, contract, inputs)
+    if sum(math.prod(t.shape) for t in checked.values()) <= DECODE_INLINE_ELEMENTS:
+        return _decode_all(checked)
+    return await asyncio.to_thread(_decode_all, checked)  # no closure: a failed decode must not pin the inputs
+
+
+def _decode_all(checked: dict[str, InputTensor]) -> dict[str, Tensor]:
+    return {name: t.decode() for name, t in checked.items()}
+
+
 def check_inputs(model: str, contract: TensorContract, inputs: Sequence[InputTensor]) -> dict[str, Tensor]:
     """Names, datatypes and shapes of v2 inputs against ``contract`` (before any data is decoded), then the
     decoded tensors by name. Every error names the tensor."""
+    return _decode_all(check_header(model, contract, inputs))
+
+
+def check_header(model: str, contract: TensorContract, inputs: Sequence[InputTensor]) -> dict[str, InputTensor]:
+    """Names, datatypes, shapes and size limits of v2 inputs against ``contract``; nothing is decoded."""
     known = {d.name: d for d in contract.inputs}
     seen: dict[str, InputTensor] = {}
     for t in inputs:
@@ -192,7 +213,11 @@ def check_inputs(model: str, contract: TensorContract, inputs: Sequence[InputTen
         ok = len(t.shape) == len(d.shape) and all(w in (-1, s) for w, s in zip(d.shape, t.shape, strict=True))
         if not ok:
             raise InvalidInput(f"input {d.name}: shape must be {list(d.shape)} (-1 = any), got {list(t.shape)[:8]}")
-    return {name: t.decode() for name, t in seen.items()}
+        for i, (limit, size) in enumerate(zip(d.max_shape, t.shape, strict=False)):
+            if limit and size > limit:
+                why = f" ({d.limit_name})" if d.limit_name else ""
+                raise InvalidInput(f"input {d.name}: dimension {i} is {size}; at most {limit}{why}")
+    return seen
 
 
 def utf8_items(t: Tensor) -> list[str]:

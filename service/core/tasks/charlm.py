@@ -18,6 +18,7 @@ import numpy as np
 
 from service.core.arrays import F64, I64, log_softmax, sample, softmax
 from service.core.batching import StepInput
+from service.core.context import admitted, mark_admitted
 from service.core.manifest import Manifest
 from service.core.sessions.state import SessionState
 from service.core.tasks.base import (
@@ -135,11 +136,13 @@ class CharLMTask(Task):
 
     async def step_rows(self, state: dict[str, Array], ids: I64) -> tuple[dict[str, Array], FloatArray]:
         """Feeds ``ids`` (rows, time) with ``state`` (axis 1 = rows); returns the new state and the last logits
-        (rows, vocab). Requests with equal time length merge in the batcher (every generation step is length 1)."""
+        (rows, vocab). Requests with equal time length merge in the batcher (every generation step is length 1).
+        Admission happens once per call: the first step may be refused (queue full), the later ones of the same
+        call (a Complete stream, a Suggest stream's events, beam steps) are not."""
         rows, time = ids.shape
-        out = await self.model.batcher.submit(
-            StepInput(inputs={"input_ids": ids}, rows=rows, states=state, key=("step", time))
-        )
+        step = StepInput(inputs={"input_ids": ids}, rows=rows, states=state, key=("step", time), admitted=admitted())
+        out = await self.model.batcher.submit(step)
+        mark_admitted()  # the call's first step was queued: its later steps (a stream's) are never refused
         logits: FloatArray = out.outputs["logits"][:, -1, :]  # (rows, vocab)
         return out.states, logits
 
@@ -181,7 +184,10 @@ class CharLMTask(Task):
 
         The cursor consumes the prompt, then every generated character *before* that character is yielded,
         and the session is written after every step, so when the consumer stops early (cancellation) the
-        session holds exactly the text it was sent. Without a session the final step nobody needs is skipped.
+        session holds exactly the text that was yielded. Each chunk carries the session's step count with it in
+        (``steps``): a client that cancelled compares it with ``Sessions.Get`` to learn how many characters
+        were sent that it never received (gRPC cannot say what reached the client). Without a session the
+        final step nobody needs is skipped.
         """
         self._check_params(params)
         check_text(prompt, "prompt", self.settings.max_chars_per_text, allow_empty=True)
@@ -204,10 +210,11 @@ class CharLMTask(Task):
                 cur.steps += 1
                 if session is not None:
                     cur.commit(session)
+            steps = cur.steps if session is not None else 0
             if last:
-                yield CompletionChunk(self.vocab[idx], "stop" if stopped else "length")
+                yield CompletionChunk(self.vocab[idx], "stop" if stopped else "length", steps)
                 return
-            yield CompletionChunk(self.vocab[idx])
+            yield CompletionChunk(self.vocab[idx], steps=steps)
 
     async def suggest(
         self, session: SessionState, appended: str, reset: bool, n: int, max_chars: int, beam: bool

@@ -87,7 +87,15 @@ class ForecastTask(Task):
     def contract(self) -> TensorContract:
         h, t = self.spec.horizon, len(self.targets)
         return TensorContract(
-            inputs=(TensorDef("HISTORY", "FP32", (-1, self.spec.features)),),
+            inputs=(
+                TensorDef(
+                    "HISTORY",
+                    "FP32",
+                    (-1, self.spec.features),
+                    max_shape=(self.settings.max_forecast_rows, 0),
+                    limit_name="max_forecast_rows",
+                ),
+            ),
             outputs=(
                 TensorDef("FORECAST", "FP32", (h, t)),
                 TensorDef("QUANTILES", "FP32", (max(len(self.levels), 0), h, t)),

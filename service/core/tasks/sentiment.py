@@ -56,7 +56,15 @@ class SentimentTask(Task):
 
     def contract(self) -> TensorContract:
         return TensorContract(
-            inputs=(TensorDef("TEXT", "BYTES", (-1,)),),
+            inputs=(
+                TensorDef(
+                    "TEXT",
+                    "BYTES",
+                    (-1,),
+                    max_shape=(self.settings.max_texts_per_request,),
+                    limit_name="max_texts_per_request",
+                ),
+            ),
             outputs=(TensorDef("LABEL", "BYTES", (-1,)), TensorDef("PROBABILITIES", "FP32", (-1, len(self.labels)))),
             sequences=False,
         )

@@ -175,7 +175,7 @@ async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: p
         "Stream": grpc.unary_stream_rpc_method_handler(boom_later),
     }
     metrics = Metrics()
-    server = grpc.aio.server(interceptors=build_interceptors(metrics, None))
+    server = grpc.aio.server(interceptors=build_interceptors(metrics))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Boom", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -280,3 +280,32 @@ async def test_forecast_session_of_unsupported_state_mode(repo: Path, make_dp: M
     dp = await make_dp(models=repo)
     with pytest.raises(FailedPrecondition, match=r"declares forecast\.state_mode='recurrent'; this server supports"):
         await dp.create_session(FC)
+
+
+async def test_a_forecaster_with_covariates_forecasts_its_targets_only(tmp_path: Path, make_dp: MakeDP) -> None:
+    from tests.tiny_models import export_tiny
+
+    export_tiny("forecast", tmp_path, name="ot-only", targets=["OT"])  # 7 input columns, forecasts "OT"
+    dp = await make_dp(models=tmp_path)
+    model = ModelRef("ot-only")
+    history = series(40)
+    result = await dp.forecast(model, history)
+    assert result.columns == ["OT"]
+    assert result.point.shape == (HORIZON, 1) and result.quantiles.shape == (3, HORIZON, 1)
+    # De-normalized with OT's own statistics: the same computation by hand on the runtime.
+    entry = dp.registry.resolve(model)
+    norm = entry.manifest.normalization
+    assert norm is not None
+    mean, std = np.array(norm.mean, np.float32), np.array(norm.std, np.float32)
+    z = ((history[-WINDOW:] - mean) / std).astype(np.float32)[None]
+    point_z = entry.runtime.run({"history": z}, 1)["forecast"][0]  # (horizon, 1)
+    np.testing.assert_allclose(result.point, point_z * std[-1] + mean[-1], rtol=1e-5, atol=1e-5)
+    meta = dp.model_metadata(model)
+    assert [(d.name, d.shape) for d in meta.contract.inputs] == [("HISTORY", (-1, FEATURES))]
+    assert [(d.name, d.shape) for d in meta.contract.outputs] == [
+        ("FORECAST", (HORIZON, 1)),
+        ("QUANTILES", (3, HORIZON, 1)),
+    ]
+    s = await dp.create_session(model)  # sessions keep every input column and forecast the target
+    observed = await dp.observe(s.id, history)
+    np.testing.assert_allclose(observed.point, result.point, atol=1e-5)

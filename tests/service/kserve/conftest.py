@@ -21,7 +21,7 @@ from tests.service.kserve.procs import CLIENT_SCRIPT, start_server, stop_server
 def kserve_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untrained tiny sentiment/charlm/forecaster models under the names the KServe contract uses; charlm has
     versions 1 and 2."""
-    from training.export import export_tiny
+    from tests.tiny_models import export_tiny
 
     root = tmp_path_factory.mktemp("kserve-models")
     for task, name in (("sentiment", "sentiment"), ("charlm", "charlm"), ("forecast", "forecaster")):

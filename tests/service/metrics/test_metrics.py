@@ -225,6 +225,7 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_session_store_capacity_sessions",
         "seqserve_session_store_bytes",
         "seqserve_session_store_capacity_bytes",
+        "seqserve_session_store_up",
         "seqserve_generated_chars",
         "seqserve_time_to_first_chunk_seconds",
     }

@@ -123,19 +123,27 @@ class CompleteChunk(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The next piece of generated text (may be empty on the last chunk)."""
     finish_reason: Global___FinishReason.ValueType
     """Set on the last chunk only."""
+    steps: _builtins.int
+    """With a session: the characters the session has consumed in total once this chunk's text is in it (its
+    earlier text, the prompt and every chunk up to this one); 0 without a session. A session advances by each
+    chunk before the chunk is sent, so after a cancelled stream Sessions.Get(session).steps minus the steps of
+    the last chunk received is the number of generated characters the session holds that the client never saw.
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
+        steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "steps", b"steps", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

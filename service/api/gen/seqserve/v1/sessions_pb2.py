@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from service.api.gen.seqserve.v1 import common_pb2 as seqserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/sessions.proto\x12\x0bseqserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18seqserve/v1/common.proto\"k\n\x14\x43reateSessionRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.seqserve.v1.ModelSelector\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"R\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\xe2\x02\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x01\x12\x38\n\x08metadata\x18\t \x03(\x0b\x32&.seqserve.v1.SessionInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xa6\x02\n\x08Sessions\x12\x45\n\x06\x43reate\x12!.seqserve.v1.CreateSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12?\n\x03Get\x12\x1e.seqserve.v1.GetSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12\x41\n\x04\x46ork\x12\x1f.seqserve.v1.ForkSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12O\n\x06\x44\x65lete\x12!.seqserve.v1.DeleteSessionRequest\x1a\".seqserve.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/sessions.proto\x12\x0bseqserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18seqserve/v1/common.proto\"k\n\x14\x43reateSessionRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.seqserve.v1.ModelSelector\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"R\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"P\n\x15\x45xportSessionResponse\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12)\n\x07session\x18\x02 \x01(\x0b\x32\x18.seqserve.v1.SessionInfo\"N\n\x14ImportSessionRequest\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"\xe2\x02\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x01\x12\x38\n\x08metadata\x18\t \x03(\x0b\x32&.seqserve.v1.SessionInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xbe\x03\n\x08Sessions\x12\x45\n\x06\x43reate\x12!.seqserve.v1.CreateSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12?\n\x03Get\x12\x1e.seqserve.v1.GetSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12\x41\n\x04\x46ork\x12\x1f.seqserve.v1.ForkSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12O\n\x06\x44\x65lete\x12!.seqserve.v1.DeleteSessionRequest\x1a\".seqserve.v1.DeleteSessionResponse\x12O\n\x06\x45xport\x12!.seqserve.v1.ExportSessionRequest\x1a\".seqserve.v1.ExportSessionResponse\x12\x45\n\x06Import\x12!.seqserve.v1.ImportSessionRequest\x1a\x18.seqserve.v1.SessionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,10 +45,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETESESSIONREQUEST']._serialized_end=378
   _globals['_DELETESESSIONRESPONSE']._serialized_start=380
   _globals['_DELETESESSIONRESPONSE']._serialized_end=403
-  _globals['_SESSIONINFO']._serialized_start=406
-  _globals['_SESSIONINFO']._serialized_end=760
-  _globals['_SESSIONINFO_METADATAENTRY']._serialized_start=713
-  _globals['_SESSIONINFO_METADATAENTRY']._serialized_end=760
-  _globals['_SESSIONS']._serialized_start=763
-  _globals['_SESSIONS']._serialized_end=1057
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=405
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=447
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_start=449
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_end=529
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=531
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=609
+  _globals['_SESSIONINFO']._serialized_start=612
+  _globals['_SESSIONINFO']._serialized_end=966
+  _globals['_SESSIONINFO_METADATAENTRY']._serialized_start=919
+  _globals['_SESSIONINFO_METADATAENTRY']._serialized_end=966
+  _globals['_SESSIONS']._serialized_start=969
+  _globals['_SESSIONS']._serialized_end=1415
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,16 @@ class SessionsStub:
                 request_serializer=seqserve_dot_v1_dot_sessions__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=seqserve_dot_v1_dot_sessions__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.Export = channel.unary_unary(
+                '/seqserve.v1.Sessions/Export',
+                request_serializer=seqserve_dot_v1_dot_sessions__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_sessions__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.Import = channel.unary_unary(
+                '/seqserve.v1.Sessions/Import',
+                request_serializer=seqserve_dot_v1_dot_sessions__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_sessions__pb2.SessionInfo.FromString,
+                _registered_method=True)
 
 
 class SessionsServicer:
@@ -89,6 +99,23 @@ class SessionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Export(self, request, context):
+        """Returns the session as an opaque blob (state, model name, version and weights sha256, steps, created time)
+        signed with HMAC-SHA256 under the server's signing key. The session itself is left as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Import(self, request, context):
+        """Creates a new session from a blob that Export returned, here or on any server with the same signing key
+        serving the same model version and weights. INVALID_ARGUMENT when the signature does not verify,
+        FAILED_PRECONDITION when the model version or weights are not served here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +138,16 @@ def add_SessionsServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=seqserve_dot_v1_dot_sessions__pb2.DeleteSessionRequest.FromString,
                     response_serializer=seqserve_dot_v1_dot_sessions__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'Export': grpc.unary_unary_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=seqserve_dot_v1_dot_sessions__pb2.ExportSessionRequest.FromString,
+                    response_serializer=seqserve_dot_v1_dot_sessions__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'Import': grpc.unary_unary_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=seqserve_dot_v1_dot_sessions__pb2.ImportSessionRequest.FromString,
+                    response_serializer=seqserve_dot_v1_dot_sessions__pb2.SessionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +259,60 @@ class Sessions:
             '/seqserve.v1.Sessions/Delete',
             seqserve_dot_v1_dot_sessions__pb2.DeleteSessionRequest.SerializeToString,
             seqserve_dot_v1_dot_sessions__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.Sessions/Export',
+            seqserve_dot_v1_dot_sessions__pb2.ExportSessionRequest.SerializeToString,
+            seqserve_dot_v1_dot_sessions__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.Sessions/Import',
+            seqserve_dot_v1_dot_sessions__pb2.ImportSessionRequest.SerializeToString,
+            seqserve_dot_v1_dot_sessions__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,

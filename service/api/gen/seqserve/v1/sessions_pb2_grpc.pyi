@@ -41,6 +41,15 @@ class SessionsStub:
     """Copies a session (state and context) under a new id; the two then evolve independently."""
     Delete: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.DeleteSessionRequest, _sessions_pb2.DeleteSessionResponse]
     """Deletes a session."""
+    Export: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.ExportSessionRequest, _sessions_pb2.ExportSessionResponse]
+    """Returns the session as an opaque blob (state, model name, version and weights sha256, steps, created time)
+    signed with HMAC-SHA256 under the server's signing key. The session itself is left as it is.
+    """
+    Import: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.ImportSessionRequest, _sessions_pb2.SessionInfo]
+    """Creates a new session from a blob that Export returned, here or on any server with the same signing key
+    serving the same model version and weights. INVALID_ARGUMENT when the signature does not verify,
+    FAILED_PRECONDITION when the model version or weights are not served here.
+    """
 
 @_typing.type_check_only
 class SessionsAsyncStub(SessionsStub):
@@ -55,6 +64,15 @@ class SessionsAsyncStub(SessionsStub):
     """Copies a session (state and context) under a new id; the two then evolve independently."""
     Delete: _aio.UnaryUnaryMultiCallable[_sessions_pb2.DeleteSessionRequest, _sessions_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     """Deletes a session."""
+    Export: _aio.UnaryUnaryMultiCallable[_sessions_pb2.ExportSessionRequest, _sessions_pb2.ExportSessionResponse]  # type: ignore[assignment]
+    """Returns the session as an opaque blob (state, model name, version and weights sha256, steps, created time)
+    signed with HMAC-SHA256 under the server's signing key. The session itself is left as it is.
+    """
+    Import: _aio.UnaryUnaryMultiCallable[_sessions_pb2.ImportSessionRequest, _sessions_pb2.SessionInfo]  # type: ignore[assignment]
+    """Creates a new session from a blob that Export returned, here or on any server with the same signing key
+    serving the same model version and weights. INVALID_ARGUMENT when the signature does not verify,
+    FAILED_PRECONDITION when the model version or weights are not served here.
+    """
 
 class SessionsServicer(metaclass=_abc_1.ABCMeta):
     """Create, inspect, fork and delete sessions that hold a model's hidden state between calls."""
@@ -90,5 +108,26 @@ class SessionsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sessions_pb2.DeleteSessionResponse, _abc.Awaitable[_sessions_pb2.DeleteSessionResponse]]:
         """Deletes a session."""
+
+    @_abc_1.abstractmethod
+    def Export(
+        self,
+        request: _sessions_pb2.ExportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sessions_pb2.ExportSessionResponse, _abc.Awaitable[_sessions_pb2.ExportSessionResponse]]:
+        """Returns the session as an opaque blob (state, model name, version and weights sha256, steps, created time)
+        signed with HMAC-SHA256 under the server's signing key. The session itself is left as it is.
+        """
+
+    @_abc_1.abstractmethod
+    def Import(
+        self,
+        request: _sessions_pb2.ImportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sessions_pb2.SessionInfo, _abc.Awaitable[_sessions_pb2.SessionInfo]]:
+        """Creates a new session from a blob that Export returned, here or on any server with the same signing key
+        serving the same model version and weights. INVALID_ARGUMENT when the signature does not verify,
+        FAILED_PRECONDITION when the model version or weights are not served here.
+        """
 
 def add_SessionsServicer_to_server(servicer: SessionsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

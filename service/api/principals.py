@@ -1,0 +1,140 @@
+"""Who is calling: API keys and client certificates -> a principal name, and the per-principal request rate.
+
+Keys come from ``SEQSERVE_API_KEYS`` (a file of ``name:key`` lines, or ``name:key`` pairs separated by commas)
+and the single ``SEQSERVE_API_KEY`` (principal ``default``). A key is looked up by its SHA-256 digest: one dict
+lookup whatever the number of keys, and what the lookup's timing could reveal is a digest, never a key.
+
+With mTLS and no API keys, the client certificate's subject (``CN=alice,O=acme``; its common name when the
+gRPC build does not expose the subject) is the principal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from service.errors import QuotaExceeded, echo
+from service.settings import Settings
+
+DEFAULT_PRINCIPAL = "default"  # the principal of the single SEQSERVE_API_KEY
+NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+MIN_KEY_CHARS = 16
+MAX_TRACKED = 10_000  # principals whose rate bucket is kept (least recently seen dropped first)
+
+
+def parse_keys(spec: str) -> dict[str, str]:
+    """``name:key`` entries (one per line or comma-separated; ``#`` starts a comment) -> {name: key}.
+    ValueError naming the entry for a malformed line, a short key or a repeated name or key."""
+    keys: dict[str, str] = {}
+    for n, raw in enumerate(re.split(r"[,\n]", spec), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, key = line.partition(":")
+        name, key = name.strip(), key.strip()
+        if not sep or not NAME.fullmatch(name):
+            raise ValueError(f"api key entry {n}: expected 'name:key' with a name of 1-64 of A-Za-z0-9._@-")
+        if len(key) < MIN_KEY_CHARS:
+            raise ValueError(f"api key {name!r}: at least {MIN_KEY_CHARS} characters (got {len(key)})")
+        if name in keys:
+            raise ValueError(f"api key name {name!r} appears twice")
+        if key in keys.values():
+            raise ValueError(f"api key {name!r}: the same key is given to another name")
+        keys[name] = key
+    return keys
+
+
+def load_keys(settings: Settings) -> dict[str, str]:
+    """Every configured principal and its key; empty when the server needs no API key."""
+    keys: dict[str, str] = {}
+    spec = settings.api_keys
+    if spec:
+        path = Path(spec)
+        if ":" not in spec or _is_file(path):
+            if not _is_file(path):
+                raise ValueError(f"api_keys {echo(spec)}: no such file, and not a list of 'name:key' pairs")
+            spec = path.read_text(encoding="utf-8")
+        keys = parse_keys(spec)
+        if not keys:
+            raise ValueError("api_keys holds no 'name:key' entry")
+    if settings.api_key:
+        if DEFAULT_PRINCIPAL in keys:
+            raise ValueError(f"api_key and an api_keys entry both name principal {DEFAULT_PRINCIPAL!r}")
+        if settings.api_key in keys.values():
+            raise ValueError("api_key is also given to a named principal in api_keys")
+        keys[DEFAULT_PRINCIPAL] = settings.api_key
+    return keys
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a long list of pairs is not a valid file name
+        return False
+
+
+def _digest(token: str | bytes) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass") if isinstance(token, str) else token).digest()
+
+
+class KeyTable:
+    """API key -> principal name."""
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        self._by_digest = {_digest(key): name for name, key in keys.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_digest)
+
+    def principal(self, key: str | bytes) -> str | None:
+        return self._by_digest.get(_digest(key))
+
+
+def subject_of(auth_context: Mapping[str, list[bytes]]) -> str | None:
+    """The peer certificate's subject from a gRPC auth context (None without a verified client certificate)."""
+    for key in ("x509_subject", "x509_common_name"):
+        values = auth_context.get(key)
+        if values:
+            return values[0].decode("utf-8", "replace")
+    return None
+
+
+class RateLimiter:
+    """A token bucket per principal: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = float(burst or max(1, math.ceil(rate)))
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # principal -> (tokens, when)
+
+    def wait_time(self, principal: str) -> float:
+        """Takes one token when there is one (returns 0), else returns the seconds until one is due (and takes
+        nothing)."""
+        now = self._clock()
+        tokens, then = self._buckets.pop(principal, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[principal] = (tokens, now)
+        if len(self._buckets) > MAX_TRACKED:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def take(self, principal: str) -> None:
+        """One request now, or ``QuotaExceeded`` naming the quota."""
+        wait = self.wait_time(principal)
+        if wait > 0:
+            who = f"principal {principal!r}" if principal else "this server's callers"
+            raise QuotaExceeded(
+                f"request rate quota exceeded: {who} may send {self.rate:g} requests per second "
+                f"(quota_requests_per_second, burst {self.burst:g}); retry in {wait:.2f}s"
+            )

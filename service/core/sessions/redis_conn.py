@@ -1,0 +1,137 @@
+"""One connection to Redis (a server, or a cluster through any node), its scripts, and the one place where
+Redis errors become domain errors: no answer -> ``StoreUnavailable`` naming the store (gRPC UNAVAILABLE), out
+of memory -> ``Overloaded``. A command is retried once, at once, on a broken connection, never on a timeout: a
+call fails fast and the client decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from service.core.sessions.redis_scripts import SCRIPTS
+from service.errors import Overloaded, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "Redis did not answer (in time)": connection refused or reset, timeouts, a cluster that is
+# down or moving slots, a server still loading its AOF, a read-only replica after a failover.
+UNAVAILABLE = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+    rex.MasterDownError,
+    rex.ReadOnlyError,
+    rex.RedisClusterException,
+    OSError,
+    asyncio.TimeoutError,
+)
+Arg = str | bytes | int
+MAX_CONNECTIONS = 256  # per Redis node, per replica
+
+
+def tag(text: str) -> str:
+    """``text`` fit to stand between ``{`` and ``}`` in a key: braces (and the escape) are escaped, so the
+    hash tag is always exactly this text and every key of one session lands in one cluster slot."""
+    return text.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _client_url(url: str) -> tuple[str, bool]:
+    scheme, _, rest = url.partition("://")
+    if scheme.endswith("+cluster"):
+        return f"{scheme.removesuffix('+cluster')}://{rest}", True
+    return url, False
+
+
+class RedisConn:
+    def __init__(self, url: str, name: str, timeout: float) -> None:
+        self.name = name  # the URL without a password, for messages
+        client_url, self.cluster = _client_url(url)
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        # One immediate retry on a broken connection (a pooled connection to a Redis that restarted since);
+        # none on a timeout, so a Redis that does not answer costs one timeout, not several.
+        options["retry"] = Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,))
+        if self.cluster:
+            self.client: Any = RedisCluster.from_url(client_url, max_connections=MAX_CONNECTIONS, **options)
+        else:  # a call waits (up to the timeout) for a free connection rather than failing when all are busy
+            pool = aioredis.BlockingConnectionPool.from_url(
+                client_url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
+            )
+            self.client = aioredis.Redis(connection_pool=pool)
+        self._scripts = {name: self.client.register_script(lua) for name, lua in SCRIPTS.items()}
+        self.up = True  # the last command got an answer; flips are logged once
+
+    @contextlib.asynccontextmanager
+    async def guard(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except rex.OutOfMemoryError as e:
+            raise Overloaded(f"session store {self.name} is out of memory (maxmemory): {e}") from None
+        except UNAVAILABLE as e:
+            self._mark(False, e)
+            raise StoreUnavailable(
+                f"session store {self.name} is unavailable ({type(e).__name__}: {e}); calls that need no session "
+                "still work; retry when it is back"
+            ) from None
+        self._mark(True)
+
+    def _mark(self, up: bool, error: BaseException | None = None) -> None:
+        if up != self.up:
+            self.up = up
+            if up:
+                log.warning("session store %s answers again", self.name)
+            else:
+                log.warning("session store %s is unavailable: %s: %s", self.name, type(error).__name__, error)
+
+    async def script(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        async with self.guard():
+            return await self._scripts[name](keys=list(keys), args=list(args))
+
+    async def command(self, *args: Arg) -> Any:
+        async with self.guard():
+            return await self.client.execute_command(*args)
+
+    async def batch(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Several commands in one pipeline (one round trip per node they touch); answers in order."""
+        async with self.guard():
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute())
+
+    async def scripts(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
+        """One script over many key sets, pipelined (the index shards)."""
+        sha = self._scripts[name].sha
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        try:
+            return await self.batch(commands)
+        except rex.NoScriptError:  # a node that has not seen the script yet (a fresh or restarted Redis)
+            async with self.guard():
+                await self.client.script_load(SCRIPTS[name])
+            return await self.batch(commands)
+
+    async def publish(self, channel: str, message: str) -> None:
+        async with self.guard():
+            await self.client.publish(channel, message)
+
+    async def ping(self) -> str | None:
+        try:
+            async with self.guard():
+                await self.client.ping()
+        except StoreUnavailable as e:
+            return e.message
+        return None
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()

@@ -1,0 +1,308 @@
+"""Leases of the Redis store: which replica owns which session, and everything that follows from owning one.
+
+A replica that uses a session takes its *lease* (a key holding the replica's id, with a TTL of
+``session_lease_seconds``) and keeps it while the session stays in use: the session is then in this replica's
+hot cache (``redis_cache``) and a step reads nothing from Redis. Every write is one Lua script that checks the
+lease (fencing: a replica that lost it is refused, ``SessionConflict``) and the revision it read (compare and
+set: a stale copy is refused, ``StaleSession``). A replica that needs a session another one owns asks it over
+pub/sub to hand it over (the owner writes back what it kept and drops the lease after its current call) and
+polls until the lease is free; if the owner died, its lease expires.
+
+In the background: hand-over requests are answered, leases of sessions in long calls (or holding unwritten
+steps) are renewed, and in ``idle`` durability unwritten steps are written back (idle, every
+``session_flush_seconds``, when the cache needs room).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from service.core.sessions.redis_cache import Entry, HotCache
+from service.core.sessions.redis_conn import Arg, RedisConn, tag
+from service.core.sessions.redis_index import Indexed, SessionIndex
+from service.core.sessions.redis_scripts import HEAD_CHARS, head, parse_head
+from service.core.sessions.state import SessionState
+from service.core.sessions.store import StaleSession
+from service.errors import FailedPrecondition, SessionConflict, StoreUnavailable, echo
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+OWNED = 0.8  # of the lease's TTL this replica counts as its own (the rest absorbs round trips and clock drift)
+POLL_MAX = 0.05  # seconds between two tries for a lease another replica holds (doubling from 2 ms)
+ASK_EVERY = 0.25  # seconds between two hand-over requests to the holder
+
+
+def session_keys(session_id: str) -> list[str]:
+    """[value, lease]: one hash tag, one cluster slot."""
+    t = tag(session_id)
+    return [f"ss:{{{t}}}:v", f"ss:{{{t}}}:l"]
+
+
+class Leases:
+    def __init__(self, conn: RedisConn, index: SessionIndex, settings: Settings) -> None:
+        self.conn = conn
+        self.index = index
+        self.replica = secrets.token_hex(12)  # a new id per process: a restarted replica owns nothing
+        self.idle_mode = settings.session_durability == "idle"
+        self.lease_s = settings.session_lease_seconds
+        self.flush_s = settings.session_flush_seconds
+        self.idle_s = settings.session_idle_seconds
+        # Redis keeps a value this much past its TTL in idle mode: the state in the cache may be newer.
+        self.slack_s = self.flush_s + self.idle_s + self.lease_s if self.idle_mode else 0.0
+        self.cache = HotCache(settings.session_cache_bytes)
+        self.counts: dict[str, int] = dict.fromkeys(("acquire", "read", "write", "handoff", "flush"), 0)
+        self.tasks: list[asyncio.Task[None]] = []
+        self._handing: set[str] = set()
+        self._stopping = False
+
+    # --- keys -----------------------------------------------------------------------------------------
+    @staticmethod
+    def keys(session_id: str) -> list[str]:
+        return session_keys(session_id)
+
+    @staticmethod
+    def channel(replica: str) -> str:
+        return f"ss:handoff:{replica}"
+
+    def value(self, s: SessionState, deadline_ms: int) -> bytes:
+        return head(s.revision, deadline_ms) + s.to_bytes()
+
+    def ttl_ms(self, s: SessionState) -> int:
+        return max(1, int((s.ttl_seconds + self.slack_s) * 1000))
+
+    def deadline(self, e: Entry | None, s: SessionState) -> tuple[int, bool]:
+        """(index deadline, whether the index must learn it): moved only when the TTL runs past it."""
+        need = int(time.time() * 1000) + self.ttl_ms(s)
+        if e is not None and need <= e.deadline_ms:
+            return e.deadline_ms, False
+        return need + int(s.ttl_seconds * 250), True
+
+    def decode(self, session_id: str, raw: bytes) -> tuple[SessionState, str, int]:
+        try:
+            revision, deadline = parse_head(raw)
+            s = SessionState.from_bytes(memoryview(raw)[HEAD_CHARS:])
+        except ValueError as e:
+            raise FailedPrecondition(
+                f"session {echo(session_id)} cannot be read from the session store ({e}); it was written by an "
+                "incompatible server or damaged: create a new session"
+            ) from None
+        s.revision = int(revision, 16)
+        return s, revision, deadline
+
+    # --- ownership --------------------------------------------------------------------------------------
+    async def own(self, session_id: str, create: bool = False) -> bool:
+        """Takes the session's lease (asking its holder to hand it over) and brings the cache up to date.
+        False when there is no such session (with ``create``: owned anyway, for ``add``)."""
+        e = self.cache.get(session_id)
+        if e is not None and e.owned_until > time.monotonic():
+            return True
+        delay, asked = 0.002, -1e9
+        while True:
+            e = self.cache.get(session_id)
+            t0 = time.monotonic()
+            args: list[Arg] = [self.replica, int(self.lease_s * 1000), e.stored if e else "", "1" if create else "0"]
+            r = await self.conn.script("acquire", self.keys(session_id), args)
+            self.counts["acquire"] += 1
+            kind = int(r[0])
+            if kind == 1:
+                if len(r) > 2 or e is None:
+                    if len(r) <= 2:
+                        continue  # dropped meanwhile: ask again, for the value this time
+                    if e is not None and e.dirty_since is not None:
+                        log.warning("session %s: steps kept in memory were lost (taken over)", echo(session_id))
+                    s, revision, deadline = self.decode(session_id, r[2])
+                    self.counts["read"] += 1
+                    e = self.cache.put(session_id, s, revision, deadline)
+                e.owned_until = t0 + OWNED * self.lease_s
+                return True
+            if kind in (2, 3):
+                self.forget(session_id)
+                return kind == 3
+            holder = r[1].decode()
+            if time.monotonic() - asked > ASK_EVERY:
+                await self.conn.publish(self.channel(holder), session_id)
+                self.counts["handoff"] += 1
+                asked = time.monotonic()
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, POLL_MAX)
+
+    def disown(self, session_id: str) -> None:
+        """Redis says another replica holds the lease: stop believing this one does."""
+        e = self.cache.get(session_id)
+        if e is not None:
+            e.owned_until = 0.0
+
+    def forget(self, session_id: str) -> None:
+        e = self.cache.pop(session_id)
+        if e is not None and e.dirty_since is not None:
+            log.warning("session %s: steps kept in memory were dropped", echo(session_id))
+
+    async def write(self, session_id: str, e: Entry, s: SessionState, release: bool) -> None:
+        """Writes ``s`` (the entry's state now) over the revision the entry was read at."""
+        deadline, touch = self.deadline(e, s)
+        t0 = time.monotonic()
+        args: list[Arg] = [self.replica, e.stored, self.value(s, deadline), self.ttl_ms(s), int(self.lease_s * 1000)]
+        try:
+            r = int(await self.conn.script("save", self.keys(session_id), [*args, "1" if release else "0"]))
+        except StoreUnavailable:
+            if not self.idle_mode:
+                self.cache.pop(session_id)  # did it land? the next call asks Redis
+            raise
+        self.counts["write"] += 1
+        if r != 1:
+            self.forget(session_id)
+            if r == -1:
+                raise SessionConflict(
+                    f"session {echo(session_id)} was taken over by another replica while this call used it; "
+                    "nothing was saved: retry the call"
+                )
+            raise StaleSession(session_id)
+        e.stored, e.deadline_ms = f"{s.revision:016x}", deadline
+        e.owned_until = 0.0 if release else t0 + OWNED * self.lease_s
+        if e.state is s:
+            e.dirty_since = None
+        if touch:
+            self.spawn(self.index.put(Indexed(session_id, s.nbytes, s.model, s.owner), deadline, touch=True))
+
+    async def flush(self, session_id: str, release: bool = False) -> None:
+        e = self.cache.get(session_id)
+        if e is None:
+            if release:
+                await self.conn.script("lease", self.keys(session_id)[1:], [self.replica, 0])
+            return
+        async with e.io:  # one write of an entry at a time
+            if e.dirty_since is not None:
+                self.counts["flush"] += 1
+                try:
+                    await self.write(session_id, e, e.state, release)
+                except (SessionConflict, StaleSession):
+                    log.warning("session %s: steps kept in memory were lost (taken over)", echo(session_id))
+            elif release:
+                await self.conn.script("lease", self.keys(session_id)[1:], [self.replica, 0])
+                e.owned_until = 0.0
+        if release:
+            e.wanted = False
+
+    # --- background: hand-over requests, lease renewal, write-back ----------------------------------------
+    def start(self) -> None:
+        self._stopping = False
+        if not self.tasks:
+            self.tasks = [
+                asyncio.create_task(self.listen(), name="session-handoff"),
+                asyncio.create_task(self.maintain(), name="session-maintain"),
+            ]
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await coro
+
+        task = asyncio.create_task(run())
+        self.tasks.append(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t in self.tasks:
+                self.tasks.remove(t)
+
+        task.add_done_callback(done)
+
+    async def listen(self) -> None:
+        delay = 0.05
+        while not self._stopping:
+            pubsub = self.conn.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel(self.replica))
+                delay = 0.05
+                while not self._stopping:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        data = msg["data"]
+                        self.asked(data.decode() if isinstance(data, bytes) else str(data))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis gone: listen again when it is back
+                log.debug("hand-over listener: %s: %s", type(e).__name__, e)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def asked(self, session_id: str) -> None:
+        """Another replica wants ``session_id``: hand it over now, or after the call that is using it."""
+        e = self.cache.get(session_id)
+        if e is not None:
+            e.wanted = True
+        if self.cache.in_use(session_id) or session_id in self._handing:
+            return
+        self._handing.add(session_id)
+
+        async def hand_over() -> None:
+            try:
+                async with self.cache.turn(session_id):
+                    now = self.cache.get(session_id)
+                    if now is None or now.wanted:
+                        await self.flush(session_id, release=True)
+            finally:
+                self._handing.discard(session_id)
+
+        self.spawn(hand_over())
+
+    async def maintain(self) -> None:
+        tick = min(self.lease_s / 4, self.idle_s / 2 if self.idle_mode else 1.0, 0.5)
+        while not self._stopping:
+            await asyncio.sleep(tick)
+            try:
+                await self.maintain_once()
+            except StoreUnavailable:
+                pass
+            except Exception:
+                log.exception("session store maintenance failed")
+
+    async def maintain_once(self) -> None:
+        now = time.monotonic()
+        jobs = []
+        for sid, e in self.cache.items():
+            if e.dirty_since is not None and (now - e.used >= self.idle_s or now - e.dirty_since >= self.flush_s):
+                jobs.append(self.flush(sid))
+            elif 0 < e.owned_until - now < self.lease_s / 2 and (self.cache.in_use(sid) or e.dirty_since is not None):
+                jobs.append(self.renew(sid, e))
+        for sid in self.cache.over_budget():
+            jobs.append(self.flush(sid, release=True))
+        await asyncio.gather(*jobs, return_exceptions=True)
+        for sid in self.cache.over_budget():
+            victim = self.cache.get(sid)
+            if victim is not None and victim.dirty_since is None and victim.owned_until <= time.monotonic():
+                self.cache.pop(sid)
+
+    async def renew(self, session_id: str, e: Entry) -> None:
+        t0 = time.monotonic()
+        ok = await self.conn.script("lease", self.keys(session_id)[1:], [self.replica, int(self.lease_s * 1000)])
+        if int(ok) == 1:
+            e.owned_until = t0 + OWNED * self.lease_s
+        else:
+            self.forget(session_id)
+
+    async def stop(self) -> None:
+        """Stops the background tasks, writes back what this replica kept and hands every lease back."""
+        # The flag ends the loops even when a cancel is swallowed: redis-py's get_message timeout can turn a
+        # cancellation that races its own timeout into a TimeoutError, which the listener would retry forever.
+        self._stopping = True
+        tasks = list(self.tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        self.tasks.clear()
+        owned = [sid for sid, e in self.cache.items() if e.owned_until > 0 or e.dirty_since is not None]
+        results = await asyncio.gather(*(self.flush(sid, release=True) for sid in owned), return_exceptions=True)
+        lost = sum(1 for r in results if isinstance(r, BaseException))
+        if lost:
+            log.warning("closing: %d of %d sessions could not be written back or handed over", lost, len(owned))
+        self.cache.clear()

@@ -1,0 +1,185 @@
+"""``RedisSessionStore``: sessions in Redis, shared by every replica; any replica resumes any session.
+
+The ``SessionStore`` protocol on top of three parts: ``Leases`` (``redis_leases``: which replica owns a session,
+the hot cache that makes a step read nothing, fenced compare-and-set writes, hand-over between replicas,
+write-back), ``SessionIndex`` (``redis_index``: counts, bytes and expiry order shared by every replica) and
+``RedisConn`` (``redis_conn``: the connection, the Lua scripts of ``redis_scripts``, Redis errors as domain
+errors). Within a replica, calls on a session take turns in arrival order (as in memory); across replicas the
+lease makes them take turns.
+
+Durability. ``step`` (default): ``save`` returns only after the new state is in Redis: one round trip per
+step, nothing acknowledged is ever lost. ``idle``: ``save`` only updates the hot cache; the state is written
+when the session goes idle, at least every ``session_flush_seconds``, on hand-over and on ``close`` (SIGTERM),
+so a crash loses at most those seconds of steps. Either way the step counter in the stored state says where a
+resumed session stands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from service.core.sessions.redis_conn import Arg, RedisConn
+from service.core.sessions.redis_index import Indexed, SessionIndex
+from service.core.sessions.redis_leases import OWNED, Leases, session_keys
+from service.core.sessions.state import SessionState
+from service.core.sessions.store import StaleSession, StoreUsage
+from service.errors import FailedPrecondition, StoreUnavailable
+from service.settings import Settings
+
+
+class RedisSessionStore:
+    keys = staticmethod(session_keys)
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        from service.core.sessions import redact
+
+        self.name = redact(url)
+        self.conn = RedisConn(url, self.name, settings.session_store_timeout_seconds)
+        self.index = SessionIndex(self.conn, settings.session_index_shards)
+        self.leases = Leases(self.conn, self.index, settings)
+        self.replica = self.leases.replica
+        self.cache = self.leases.cache
+        self.counts = self.leases.counts
+        self.idle_mode = self.leases.idle_mode
+        self.lease_s = self.leases.lease_s
+
+    # --- protocol -----------------------------------------------------------------------------------------
+    async def load(self, session_id: str) -> SessionState | None:
+        self.leases.start()
+        e = self.cache.get(session_id)
+        if e is not None and (e.owned_until > time.monotonic() or e.dirty_since is not None):
+            return e.state.copy()
+        raw = await self.conn.command("GET", self.keys(session_id)[0])
+        if raw is None:
+            return None
+        self.counts["read"] += 1
+        return self.leases.decode(session_id, raw)[0]
+
+    async def add(self, session: SessionState) -> SessionState | None:
+        self.leases.start()
+        sid = session.id
+        session.revision = secrets.randbits(48) << 8  # a new incarnation: no copy of an older one matches it
+        deadline, _ = self.leases.deadline(None, session)
+        args: list[Arg] = [
+            self.replica,
+            self.leases.value(session, deadline),
+            self.leases.ttl_ms(session),
+            int(self.lease_s * 1000),
+        ]
+        while True:
+            t0 = time.monotonic()
+            r = await self.conn.script("add", self.keys(sid), args)
+            if int(r[0]) == 1:
+                break
+            self.leases.disown(sid)
+            await self.leases.own(sid, create=True)
+        self.counts["write"] += 1
+        await self.index.put(Indexed(sid, session.nbytes, session.model, session.owner), deadline)
+        e = self.cache.put(sid, session.copy(), f"{session.revision:016x}", deadline)
+        e.owned_until = t0 + OWNED * self.lease_s
+        return self.leases.decode(sid, r[1])[0] if len(r) > 1 else None
+
+    async def save(self, session: SessionState) -> None:
+        e = self.cache.get(session.id)
+        if e is None or e.state.revision != session.revision:
+            raise StaleSession(session.id)
+        new = session.copy()
+        new.revision += 1
+        if self.idle_mode:
+            e.state = new
+            e.dirty_since = e.dirty_since or time.monotonic()
+        else:
+            async with e.io:
+                await self.leases.write(session.id, e, new, release=False)
+                e.state = new
+        e.used = time.monotonic()
+        session.revision = new.revision
+
+    async def delete(self, session_id: str) -> SessionState | None:
+        self.leases.start()
+        while True:
+            r = await self.conn.script("delete", self.keys(session_id), [self.replica])
+            if int(r[0]) == 1:
+                break
+            self.leases.disown(session_id)
+            await self.leases.own(session_id, create=True)
+        e = self.cache.pop(session_id)
+        if len(r) == 1:
+            return None
+        await self.index.remove(session_id)
+        if e is not None and e.dirty_since is not None:
+            return e.state.copy()
+        try:
+            return self.leases.decode(session_id, r[1])[0]
+        except FailedPrecondition:
+            return None
+
+    def lease(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        return self._lease(session_id)
+
+    @asynccontextmanager
+    async def _lease(self, session_id: str) -> AsyncIterator[None]:
+        self.leases.start()
+        async with self.cache.turn(session_id):
+            await self.leases.own(session_id)
+            try:
+                yield
+            finally:
+                e = self.cache.get(session_id)
+                if e is not None:
+                    e.used = time.monotonic()
+                    if e.wanted:
+                        with contextlib.suppress(StoreUnavailable):
+                            await self.leases.flush(session_id, release=True)
+
+    async def evict_lru(self, keep: str | None = None, owner: str | None = None) -> SessionState | None:
+        for _, sid in await self.index.oldest(8, owner or None):
+            if sid == keep or self.cache.in_use(sid):
+                continue
+            r = await self.conn.script("delete", self.keys(sid), [self.replica])
+            if int(r[0]) == 0:
+                continue  # another replica holds it
+            self.cache.pop(sid)
+            gone = await self.index.remove(sid)
+            if len(r) > 1:
+                try:
+                    return self.leases.decode(sid, r[1])[0]
+                except FailedPrecondition:
+                    return _stub(gone or Indexed(sid, 0, "", ""))
+        return None
+
+    async def pop_expired(self, now: float, limit: int) -> list[SessionState]:
+        try:
+            gone = await self.index.trim(int(time.time() * 1000), limit)
+        except StoreUnavailable:
+            return []  # said once in the log by the connection; the reaper tries again
+        for g in gone:
+            e = self.cache.get(g.id)
+            if e is not None and e.dirty_since is None:
+                self.cache.pop(g.id)
+        return [_stub(g) for g in gone]
+
+    async def usage(self) -> StoreUsage:
+        return await self.index.usage()
+
+    async def owner_usage(self, owner: str) -> StoreUsage:
+        """An owner's sessions; owner "" (no principals) is everybody."""
+        return await self.index.usage(owner or None)
+
+    async def check(self) -> str | None:
+        return await self.conn.ping()
+
+    async def close(self) -> None:
+        """Writes back what this replica kept (idle mode) and hands every lease back, so other replicas take
+        its sessions over at once; then stops."""
+        await self.leases.stop()
+        await self.conn.close()
+
+
+def _stub(g: Indexed) -> SessionState:
+    """What is left of a session the index forgot (its state expired with it): enough for metrics."""
+    return SessionState(g.id, g.model, 0, "", "", {}, {}, 0, 0.0, 0.0, 0.0, g.nbytes, owner=g.owner)

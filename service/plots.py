@@ -1,0 +1,38 @@
+"""``seqserve forecast --plot``: history, point forecast and the outer quantile band (p10-p90), one panel per
+forecast column (matplotlib, imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.core.types import ForecastResult
+
+
+def plot_forecast(path: Path, columns: list[str], history: np.ndarray[Any, Any], result: ForecastResult) -> None:
+    """One panel per feature: history, the point forecast and the lowest-highest quantile band (p10-p90)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the 'train' extra)") from exc
+    n, t = len(result.columns), history.shape[0]
+    fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n), sharex=True, squeeze=False)
+    steps = np.arange(t, t + result.point.shape[0])
+    for f, ax in enumerate(axes[:, 0]):
+        hist_col = columns.index(result.columns[f]) if result.columns[f] in columns else f
+        ax.plot(np.arange(t), history[:, hist_col], color="black", lw=1, label="history")
+        ax.plot(steps, result.point[:, f], color="tab:blue", lw=1, label="forecast")
+        if len(result.quantile_levels) >= 2:
+            lo, hi = result.quantiles[0, :, f], result.quantiles[-1, :, f]
+            band = f"p{round(100 * result.quantile_levels[0])}-p{round(100 * result.quantile_levels[-1])}"
+            ax.fill_between(steps, lo, hi, color="tab:blue", alpha=0.25, label=band)
+        ax.set_ylabel(result.columns[f])
+    axes[0, 0].legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

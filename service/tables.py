@@ -1,0 +1,240 @@
+"""A time-series CSV as numbers: header, optional timestamp column, numeric columns, one error line per problem.
+
+Shared by ``seqserve forecast --csv`` and ``seqserve-train forecast`` (numpy and the standard library only, no
+torch), so a client reads a file exactly as training did. Every problem raises ``TableError`` naming the file and,
+where there is one, the line (1-based, the header is line 1) and the column:
+
+    ETTm1.csv: line 7, column 'OT': 'n/a' is not a number
+    sales.csv: line 40: duplicate timestamp 2021-03-01 00:00:00 (first on line 39)
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import itertools
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+TIME_NAMES = ("date", "datetime", "time", "timestamp", "ds", "month", "period")
+_YEAR_MONTH = re.compile(r"^(\d{4})-(\d{1,2})$")
+_FIXED_UNITS = (("D", 86400), ("h", 3600), ("min", 60), ("s", 1))  # largest unit that divides the step
+Float32 = npt.NDArray[np.float32]
+_FREQ = re.compile(r"^(\d*)\s*(D|h|min|s|MS)$")
+
+
+class TableError(ValueError):
+    """A missing or malformed table; ``str(err)`` is one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Table:
+    path: Path
+    columns: list[str]  # the numeric columns read, in file order (or the order asked for)
+    values: npt.NDArray[np.float64]  # (rows, len(columns))
+    time_column: str | None = None
+    times: list[dt.datetime] | None = None
+    frequency: str | None = None  # e.g. "15min", "1h", "MS" (calendar months); None without timestamps
+
+    @property
+    def rows(self) -> int:
+        return int(self.values.shape[0])
+
+
+def parse_time(text: str) -> dt.datetime:
+    """ISO 8601 dates and date-times (``2016-07-01 00:15:00``, ``2016-07-01``) and ``YYYY-MM`` months."""
+    m = _YEAR_MONTH.match(text)
+    if m:
+        return dt.datetime(int(m.group(1)), int(m.group(2)), 1)
+    t = dt.datetime.fromisoformat(text)
+    return t.replace(tzinfo=None) if t.tzinfo is None else t.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+def _months(a: dt.datetime, b: dt.datetime) -> int | None:
+    """Whole calendar months from ``a`` to ``b`` when both sit on the same day and time of month, else None."""
+    if (a.day, a.time()) != (b.day, b.time()):
+        return None
+    return (b.year - a.year) * 12 + b.month - a.month
+
+
+def step_name(step: dt.timedelta | int) -> str:
+    """A fixed step as ``15min``/``1h``/``1D``; an int is a number of calendar months (``MS``, ``3MS``)."""
+    if isinstance(step, int):
+        return "MS" if step == 1 else f"{step}MS"
+    seconds = int(step.total_seconds())
+    for unit, size in _FIXED_UNITS:
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    raise AssertionError("unreachable: every whole number of seconds has a unit")
+
+
+def parse_frequency(text: str) -> dt.timedelta | int:
+    """``15min`` -> timedelta(minutes=15); ``MS`` / ``3MS`` -> 1 / 3 calendar months."""
+    m = _FREQ.match(text.strip())
+    if not m or (m.group(1) and int(m.group(1)) < 1):
+        raise TableError(f"--freq: {text!r} is not a frequency; use e.g. 15min, 1h, 1D, MS (calendar months) or auto")
+    n, unit = int(m.group(1) or 1), m.group(2)
+    if unit == "MS":
+        return n
+    return dt.timedelta(seconds=n * dict(_FIXED_UNITS)[unit])
+
+
+def _step(a: dt.datetime, b: dt.datetime) -> dt.timedelta | int:
+    months = _months(a, b)
+    return months if months is not None and months > 0 and (b - a).days >= 28 else b - a
+
+
+def check_times(path: Path, times: list[dt.datetime], texts: list[str], frequency: str | None) -> str | None:
+    """Timestamps must increase by one constant step (given, or the most common one): no duplicates, no
+    disorder, no gaps. Returns the step's name."""
+    first: dict[dt.datetime, int] = {}
+    for i, t in enumerate(times):
+        if t in first:
+            raise TableError(f"{path}: line {i + 2}: duplicate timestamp {texts[i]} (first on line {first[t] + 2})")
+        first[t] = i
+        if i and t < times[i - 1]:
+            raise TableError(
+                f"{path}: line {i + 2}: timestamp {texts[i]} is earlier than the one before it ({texts[i - 1]}); "
+                "sort the rows by time"
+            )
+    if len(times) < 2:
+        return None
+    steps = [_step(a, b) for a, b in itertools.pairwise(times)]
+    want = parse_frequency(frequency) if frequency not in (None, "auto") else Counter(steps).most_common(1)[0][0]
+    for i, s in enumerate(steps):
+        if s != want:
+            kind = "gap" if _seconds(s) > _seconds(want) else "irregular step"
+            raise TableError(
+                f"{path}: line {i + 3}: {kind} of {step_name(s)} between {texts[i]} and {texts[i + 1]}; the rows "
+                f"step by {step_name(want)} (fill or interpolate the missing rows first)"
+            )
+    return step_name(want)
+
+
+def _seconds(step: dt.timedelta | int) -> float:
+    return step * 30.44 * 86400 if isinstance(step, int) else step.total_seconds()
+
+
+def _detect_time_column(header: list[str], first_row: list[str]) -> str | None:
+    """A column named like a timestamp (``date``, ``ds``, ...), else the first column whose first cell is a
+    timestamp and not a number."""
+    for name in header:
+        if name.strip().lower() in TIME_NAMES:
+            return name
+    for name, cell in zip(header, first_row, strict=False):
+        try:
+            float(cell)
+            continue
+        except ValueError:
+            pass
+        try:
+            parse_time(cell.strip())
+            return name
+        except ValueError:
+            continue
+    return None
+
+
+def read_table(
+    path: Path,
+    *,
+    time_column: str | None = "auto",
+    columns: Sequence[str] | None = None,
+    frequency: str | None = "auto",
+    check_time: bool = True,
+) -> Table:
+    """Reads ``path``. ``time_column``: a name, ``"auto"`` (detect) or None (no timestamps); ``columns``: the
+    numeric columns to read (default: every column but the time column); ``frequency``: the step the timestamps
+    must follow, ``"auto"`` = the most common step; ``check_time=False`` only sets the time column aside."""
+    table = _read_rows(path)
+    header, body = table[0], table[1:]
+    if time_column == "auto":
+        time_column = _detect_time_column(header, body[0])
+    elif time_column is not None and time_column not in header:
+        raise TableError(f"{path}: no time column {time_column!r}; the header has {header}")
+    names = [c for c in header if c != time_column] if columns is None else list(columns)
+    missing = [c for c in names if c not in header]
+    if missing:
+        raise TableError(f"{path}: no column {missing[0]!r}; the header has {header}")
+    if time_column is not None and time_column in names:
+        raise TableError(f"{path}: column {time_column!r} is the time column; it cannot also be a numeric column")
+    if not names:
+        raise TableError(f"{path}: no numeric columns (the header has only {header})")
+    if len(set(names)) != len(names):
+        raise TableError(f"{path}: column {Counter(names).most_common(1)[0][0]!r} is asked for twice")
+    idx = [header.index(c) for c in names]
+    values = np.empty((len(body), len(names)), dtype=np.float64)
+    for r, row in enumerate(body):
+        for j, (c, name) in enumerate(zip(idx, names, strict=True)):
+            values[r, j] = _number(path, r + 2, name, row[c])
+    times, freq = None, None
+    if time_column is not None and check_time:
+        t = header.index(time_column)
+        texts = [row[t].strip() for row in body]
+        times = [_time(path, r + 2, time_column, s) for r, s in enumerate(texts)]
+        freq = check_times(path, times, texts, frequency)
+    return Table(path, names, values, time_column, times, freq)
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    if not path.exists():
+        raise TableError(f"{path}: file not found")
+    if not path.is_file():
+        raise TableError(f"{path}: not a regular file")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            table = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise TableError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except (OSError, csv.Error) as e:
+        raise TableError(f"{path}: cannot read as CSV: {e}") from None
+    while table and not any(cell.strip() for cell in table[-1]):
+        table.pop()  # trailing blank lines
+    if not table:
+        raise TableError(f"{path}: file is empty")
+    header = [h.strip() for h in table[0]]
+    if len(set(header)) != len(header):
+        raise TableError(f"{path}: line 1: column {Counter(header).most_common(1)[0][0]!r} appears twice")
+    if len(table) < 2:
+        raise TableError(f"{path}: a header but no data rows")
+    for n, row in enumerate(table[1:], start=2):
+        if len(row) != len(header):
+            raise TableError(f"{path}: line {n}: {len(row)} fields, the header has {len(header)}")
+    return [header, *table[1:]]
+
+
+def _number(path: Path, line: int, column: str, cell: str) -> float:
+    text = cell.strip()
+    if not text:
+        raise TableError(f"{path}: line {line}, column {column!r}: empty cell (missing value)")
+    try:
+        v = float(text)
+    except ValueError:
+        raise TableError(f"{path}: line {line}, column {column!r}: {text[:40]!r} is not a number") from None
+    if not np.isfinite(v):
+        raise TableError(f"{path}: line {line}, column {column!r}: {text!r} is not a finite number")
+    return v
+
+
+def _time(path: Path, line: int, column: str, text: str) -> dt.datetime:
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise TableError(
+            f"{path}: line {line}, column {column!r}: cannot read {text[:40]!r} as a timestamp "
+            "(use e.g. 2016-07-01 00:15:00, 2016-07-01 or 1949-01)"
+        ) from None
+
+
+def read_history(path: Path, rows: int, columns: Sequence[str] | None = None) -> tuple[list[str], Float32]:
+    """The client's view: ``columns`` (default: every column but a detected time column) and the last ``rows``
+    rows as float32 ``(rows, features)``, with training's checks on the numbers (timestamps are not checked: the
+    server forecasts from the rows as sent)."""
+    table = read_table(path, columns=columns, check_time=False)
+    return table.columns, table.values[-rows:].astype(np.float32)

@@ -1,0 +1,20 @@
+"""``bench.sessions`` (the create-rate rows of ``make bench``) keeps working: a quick run against a real server
+on the tiny models writes every field. (No rate is asserted: speed lives in the benchmark, not in tests.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.sessions import main
+
+
+def test_quick_session_bench_writes_every_field(tiny_models: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sessions.json"
+    assert main(["--models", str(tiny_models), "--quick", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["live_sessions"] for row in r["create"]] == [1000]
+    assert [row["live_sessions"] for row in r["core"]] == [1000]
+    row = r["create"][0]
+    assert row["creates_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] and row["rss_mib"] > 0
+    assert r["idle_live_sessions"] == 1500 and r["idle_cpu_percent"] >= 0

@@ -1,0 +1,122 @@
+"""Every Dockerfile: hadolint clean at threshold `info` (no ignores), and the promises the docs make about the
+image, read from the files; the HEALTHCHECK command run here against a real gRPC health service."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.deploy.conftest import ROOT, run, tool
+from tests.integration.conftest import free_port
+
+DOCKERFILES = {
+    "Dockerfile": "python:3.11-slim",
+    "Dockerfile.cuda": "nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04",
+    "deploy/docker/Dockerfile.redis-standin": "debian:bookworm-slim",
+}
+SERVING_IMAGES = ("Dockerfile", "Dockerfile.cuda")
+
+
+def stages(text: str) -> list[str]:
+    """The Dockerfile split at its FROM lines (continuation lines joined)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return re.split(r"^(?=FROM )", joined, flags=re.M)[1:]
+
+
+def instruction(stage: str, name: str) -> list[str]:
+    return [line[len(name) + 1 :].strip() for line in stage.splitlines() if line.startswith(name + " ")]
+
+
+@pytest.mark.parametrize("path", sorted(DOCKERFILES))
+def test_hadolint_clean_at_info(path: str) -> None:
+    text = (ROOT / path).read_text()
+    assert "hadolint ignore" not in text  # nothing waived: every finding at info level is fixed
+    out = run([tool("hadolint"), "--failure-threshold", "info", "--no-color", ROOT / path], check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "", out.stdout
+
+
+@pytest.mark.parametrize("path", sorted(DOCKERFILES))
+def test_base_image_is_a_build_arg_with_a_pinned_default(path: str) -> None:
+    text = (ROOT / path).read_text()
+    assert f"ARG BASE_IMAGE={DOCKERFILES[path]}\n" in text
+    assert all(s.startswith("FROM ${BASE_IMAGE}") for s in stages(text))
+
+
+@pytest.mark.parametrize("path", SERVING_IMAGES)
+def test_serving_images_final_stage(path: str) -> None:
+    builder, final = stages((ROOT / path).read_text())
+    assert builder.startswith("FROM ${BASE_IMAGE} AS builder")
+    assert instruction(final, "USER") == ["10001:10001"]
+    assert instruction(final, "STOPSIGNAL") == ["SIGTERM"]
+    assert instruction(final, "COPY") == ["--from=builder /opt/venv /opt/venv", "models /app/models"]
+    assert json.loads(instruction(final, "ENTRYPOINT")[0]) == ["seqserve"]
+    labels = " ".join(instruction(final, "LABEL"))
+    for key in ("title", "description", "version", "revision", "licenses", "base.name"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    assert "PYTHONDONTWRITEBYTECODE=1" in " ".join(instruction(final, "ENV"))
+    # Compilers and pip stay in the builder; the builder installs serving dependencies only (no torch).
+    for tool_name in ("gcc", "build-essential", "pip install", "[train"):
+        assert tool_name not in final, tool_name
+    assert "--no-cache-dir" in builder and "[train" not in builder and "--invalidation-mode unchecked-hash" in builder
+
+
+def test_dockerignore_allows_exactly_what_the_images_copy() -> None:
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert lines[0] == "*"  # an allowlist: nothing reaches the daemon unless named below
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    copied = set()
+    for path in SERVING_IMAGES:
+        for copy in instruction("\n".join(stages((ROOT / path).read_text())), "COPY"):
+            if not copy.startswith("--from"):
+                copied.update(copy.split()[:-1])
+    assert copied == allowed == {"pyproject.toml", "README.md", "service", "models"}
+    assert all((ROOT / source).exists() for source in copied)
+    assert "**/__pycache__" in lines and "models/**/*.pt" in lines
+
+
+def healthcheck_argv(path: str) -> list[str]:
+    final = stages((ROOT / path).read_text())[-1]
+    (line,) = instruction(final, "HEALTHCHECK")
+    argv: list[str] = json.loads(line.split(" CMD ", 1)[1])
+    return argv
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[int, health.HealthServicer]]:
+    """A real gRPC server with the grpc_health servicer that seqserve registers."""
+    servicer = health.HealthServicer()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port, servicer
+    server.stop(0)
+
+
+def probe(argv: list[str], port: int) -> int:
+    """Runs a HEALTHCHECK command here (``python`` = this interpreter) with the container's SEQSERVE_PORT."""
+    assert argv[0] == "python"
+    env = {"SEQSERVE_PORT": str(port), "PATH": str(Path(sys.executable).parent)}
+    return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=60).returncode
+
+
+@pytest.mark.parametrize("path", SERVING_IMAGES)
+def test_healthcheck_follows_the_grpc_health_service(
+    path: str, health_server: tuple[int, health.HealthServicer]
+) -> None:
+    port, servicer = health_server
+    argv = healthcheck_argv(path)
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # models loading, or draining
+    assert probe(argv, port) != 0
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert probe(argv, port) == 0
+    assert probe(argv, free_port()) != 0  # nothing listening

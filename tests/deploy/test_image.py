@@ -1,0 +1,219 @@
+"""The image built from ./Dockerfile, run for real with host networking on free ports (make image-test): health
+SERVING within 10 s, a Classify, a Complete stream and a KServe sequence from the host, /metrics scraped, a
+read-only root filesystem, uid 10001, and `docker stop` draining an open stream with exit 0."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.client import Client
+from tests.deploy.conftest import ROOT, Docker, run
+from tests.integration.conftest import free_port, http_get, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
+
+MAX_IMAGE_MB = 350
+MAX_SECONDS_TO_HEALTHY = 10.0
+GRACE_SECONDS = 10.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+# Run inside the image: what it holds (modules, tools, models, compiled bytecode), as JSON.
+INSPECT = """
+import importlib.util, json, os, pathlib, shutil, sys
+import service.cli
+models = pathlib.Path("/app/models")
+site = pathlib.Path(service.cli.__file__).parents[1]
+def mb(path):
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)
+sizes = {p.name: mb(p) for p in site.iterdir() if p.is_dir() and not p.name.endswith("-info")}
+print(json.dumps({
+    "largest_mb": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]) | {"models": mb(models)},
+    "modules": {m: bool(importlib.util.find_spec(m)) for m in ("onnxruntime", "grpc", "torch", "pip", "training")},
+    "tools": [t for t in ("gcc", "cc", "g++", "make", "pip", "pip3") if shutil.which(t)],
+    "pip_cache": os.path.exists("/root/.cache/pip") or os.path.exists("/tmp/.cache/pip"),
+    "models": sorted(str(p.parent.relative_to(models)) for p in models.glob("*/*/model.onnx")),
+    "compiled": pathlib.Path(service.cli.__cached__).exists(),
+    "python": sys.version_info[:2],
+}))
+"""
+
+
+@dataclass
+class Container:
+    id: str
+    grpc: str
+    metrics_port: int
+    started: float  # time.monotonic() just before `docker run`
+
+
+def start(docker: Docker, image: str, **env: str) -> Container:
+    """``docker run`` the way the issue asks: host network (never the default bridge here), read-only root
+    filesystem with a tmpfs /tmp, the image's own user; ports from the SEQSERVE_* env vars."""
+    port, metrics = free_port(), free_port()
+    settings = {"SEQSERVE_HOST": "127.0.0.1", "SEQSERVE_PORT": str(port), "SEQSERVE_METRICS_PORT": str(metrics)}
+    settings |= {"SEQSERVE_GRACE_SECONDS": str(GRACE_SECONDS), **env}
+    flags = [f"--env={k}={v}" for k, v in settings.items()]
+    started = time.monotonic()
+    cid = docker("run", "--detach", "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=64m", *flags, image)
+    return Container(cid, f"127.0.0.1:{port}", metrics, started)
+
+
+def remove(docker: Docker, c: Container) -> None:
+    logs = run([docker.exe, "logs", c.id], check=False).stderr[-3000:]
+    print(f"--- container {c.id[:12]} log (tail) ---\n{logs}")
+    run([docker.exe, "rm", "--force", "--volumes", c.id], check=False)
+
+
+def health(target: str, service: str = "") -> int | None:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            status: int = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                .status
+            )
+            return status
+        except grpc.RpcError:
+            return None
+
+
+def docker_health(docker: Docker, cid: str) -> str:
+    return docker("inspect", "--format", "{{.State.Health.Status}}", cid)
+
+
+@pytest.fixture(scope="module")
+def server(docker: Docker, image: str, report: dict[str, Any]) -> Iterator[Container]:
+    c = start(docker, image)
+    try:
+        wait_for("gRPC health SERVING", lambda: health(c.grpc) == SERVING, timeout=60, every=0.1)
+        report["seconds_to_serving"] = round(time.monotonic() - c.started, 2)
+        wait_for("docker health = healthy", lambda: docker_health(docker, c.id) == "healthy", timeout=60, every=0.2)
+        report["seconds_to_healthy"] = round(time.monotonic() - c.started, 2)
+        yield c
+    finally:
+        remove(docker, c)
+
+
+def test_image_is_small_and_serving_only(docker: Docker, image: str, report: dict[str, Any]) -> None:
+    assert report["image_mb"] <= MAX_IMAGE_MB, report
+    out = json.loads(docker("run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", INSPECT))
+    report["largest_mb"] = out["largest_mb"]  # where the image's size goes (site-packages folders, models)
+    assert out["modules"] == {"onnxruntime": True, "grpc": True, "torch": False, "pip": False, "training": False}
+    assert out["tools"] == [] and out["pip_cache"] is False
+    committed = sorted(str(p.parent.relative_to(ROOT / "models")) for p in (ROOT / "models").glob("*/*/model.onnx"))
+    assert out["models"] == committed and len(committed) >= 3  # every committed model version, none hard-coded
+    assert out["compiled"] is True and out["python"] == [3, 11]
+
+
+def test_image_metadata(docker: Docker, image: str) -> None:
+    config = docker.inspect(image)["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["StopSignal"] == "SIGTERM"
+    assert config["Entrypoint"] == ["seqserve"] and config["Cmd"] == ["serve"]
+    assert set(config["ExposedPorts"]) == {"50051/tcp", "8002/tcp"}
+    assert "grpc_health" in " ".join(config["Healthcheck"]["Test"])
+    labels = config["Labels"]
+    for key in ("title", "description", "version", "revision", "licenses", "base.name"):
+        assert labels[f"org.opencontainers.image.{key}"], key
+    assert labels["org.opencontainers.image.revision"] != "unknown"
+
+
+def test_healthy_within_10s_and_both_probe_services_serving(server: Container, report: dict[str, Any]) -> None:
+    assert report["seconds_to_healthy"] <= MAX_SECONDS_TO_HEALTHY, report
+    assert health(server.grpc) == SERVING  # docker HEALTHCHECK, Kubernetes readiness/startup
+    assert health(server.grpc, "grpc.health.v1.Health") == SERVING  # Kubernetes liveness (deploy/k8s)
+
+
+def test_runs_as_10001_on_a_read_only_root(docker: Docker, server: Container) -> None:
+    status = docker("exec", server.id, "cat", "/proc/1/status")
+    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    assert uids == ["10001"] * 4  # real, effective, saved, filesystem uid of the server process
+    assert docker.inspect(server.id)["HostConfig"]["ReadonlyRootfs"] is True
+    denied = run([docker.exe, "exec", server.id, "touch", "/app/models/x"], check=False)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    docker("exec", server.id, "touch", "/tmp/x")  # the tmpfs is writable
+
+
+def test_classify_and_complete_from_the_host(server: Container) -> None:
+    with Client(server.grpc) as c:
+        results = c.classify(["a wonderful , moving and beautifully acted film", "a dull , tedious mess"])
+        assert [r.label for r in results] == ["positive", "negative"]
+        chunks = list(c.complete("ROMEO:", max_chars=40, temperature=0.8, seed=1))
+    assert sum(len(ch.text) for ch in chunks) == 40
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_kserve_sequence_with_tritonclient(server: Container) -> None:
+    script = Path(__file__).with_name("kserve_sequence.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--url", server.grpc], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["live"] is True and out["ready"] is True
+    assert out["steps"] == out["chars"]  # the server advanced one state through all three chunks
+    whole, sequence = np.asarray(out["whole"]), np.asarray(out["sequence"])
+    assert whole.sum() == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(sequence, whole, atol=1e-4)
+
+
+def test_metrics_scraped(server: Container) -> None:
+    with Client(server.grpc) as c:
+        c.classify(["fine"])
+    status, body = http_get(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    assert status == 200
+    samples = [s for fam in text_string_to_metric_families(body.decode()) for s in fam.samples]
+    ok = [s for s in samples if s.name == "seqserve_rpc_requests_total" and s.labels["method"] == "Classify"]
+    assert sum(s.value for s in ok if s.labels["code"] == "OK") >= 1
+    ready = {s.labels["model"]: s.value for s in samples if s.name == "seqserve_model_ready"}
+    assert set(ready) >= {"sentiment", "charlm", "forecaster"} and set(ready.values()) == {1.0}
+    assert http_get(f"http://127.0.0.1:{server.metrics_port}/readyz")[0] == 200
+
+
+def test_docker_stop_drains_an_open_stream(docker: Docker, image: str, report: dict[str, Any]) -> None:
+    """SIGTERM while a Complete stream is open: the stream still ends normally, then the process exits 0
+    within the grace period. Its own container, so the other tests keep theirs."""
+    c = start(docker, image)
+    try:
+        wait_for("gRPC health SERVING", lambda: health(c.grpc) == SERVING, timeout=60, every=0.1)
+        stopped: dict[str, float] = {}
+
+        def stop() -> None:
+            stopped["at"] = time.monotonic()
+            docker("stop", "--time", str(int(GRACE_SECONDS) + 20), c.id, timeout=120)
+            stopped["seconds"] = time.monotonic() - stopped["at"]
+
+        stopper = threading.Thread(target=stop)
+        chars, last = 0, None
+        with Client(c.grpc, timeout=60) as client:
+            for i, chunk in enumerate(client.complete("ROMEO:", max_chars=1000, temperature=0.8, seed=3)):
+                if i == 0:
+                    stopper.start()  # SIGTERM now, with 999 characters (0.5-2.5 s on 2 cores) still to generate
+                chars += len(chunk.text)
+                last = chunk
+        ended = time.monotonic()
+        stopper.join(timeout=120)
+        assert last is not None and last.finish_reason == "length" and chars == 1000
+        assert ended > stopped["at"]  # the stream was still open when the signal went out
+        state = docker.inspect(c.id)["State"]
+        assert state["Status"] == "exited" and state["ExitCode"] == 0 and not state["OOMKilled"]
+        assert stopped["seconds"] < GRACE_SECONDS
+        assert "draining" in run([docker.exe, "logs", c.id]).stderr
+        report["drain_seconds_with_open_stream"] = round(stopped["seconds"], 2)
+        report["stream_seconds_after_sigterm"] = round(ended - stopped["at"], 2)
+    finally:
+        remove(docker, c)

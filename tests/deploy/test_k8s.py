@@ -1,0 +1,185 @@
+"""deploy/k8s rendered by `kubectl kustomize` (base + cpu/gpu overlays, and the optional queue-depth autoscaling
+component) and validated offline with `kubernetes-validate --strict` against Kubernetes' own schemas; then the
+wiring between the objects (labels, ports, probes, grace periods, settings) checked on the rendered output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from service.metrics import Metrics
+from tests.deploy.conftest import ROOT, run, tool
+
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu")
+KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # the oldest and newest we claim (native gRPC probes are GA in 1.27)
+Objects = dict[str, dict[str, Any]]  # "Kind/name" -> object
+
+
+def kustomize(directory: Path) -> str:
+    return run([tool("kubectl"), "kustomize", directory]).stdout
+
+
+def objects(rendered: str) -> Objects:
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def with_component(tmp_path: Path, overlay: str, component: str) -> Path:
+    """A kustomization that adds a component to an overlay (paths relative: kustomize refuses absolute ones)."""
+    rel = os.path.relpath(K8S, tmp_path)
+    text = (
+        f"apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {rel}/overlays/{overlay}\n"
+    )
+    (tmp_path / "kustomization.yaml").write_text(text + f"components:\n  - {rel}/components/{component}\n")
+    return tmp_path
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param, kustomize(K8S / "overlays" / request.param)
+
+
+def validate(rendered: str, tmp_path: Path) -> str:
+    path = tmp_path / "rendered.yaml"
+    path.write_text(rendered)
+    out = ""
+    for version in KUBERNETES_VERSIONS:
+        proc = run([tool("kubernetes-validate"), "--strict", "-k", version, path], check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out += proc.stdout
+    return out
+
+
+def test_overlays_validate_strictly(rendered: tuple[str, str], tmp_path: Path) -> None:
+    _, text = rendered
+    out = validate(text, tmp_path)
+    kinds = {key.split("/")[0] for key in objects(text)}
+    assert kinds == {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+    }
+    assert out.count("passed for resource") == len(objects(text)) * len(KUBERNETES_VERSIONS)
+
+
+def test_strict_validation_rejects_a_typo(tmp_path: Path) -> None:
+    """The validator is really strict: an unknown field in a probe fails it."""
+    text = kustomize(K8S / "overlays" / "cpu").replace("periodSeconds: 5", "periodSecond: 5", 1)
+    path = tmp_path / "typo.yaml"
+    path.write_text(text)
+    proc = run([tool("kubernetes-validate"), "--strict", path], check=False)
+    assert proc.returncode != 0 and "periodSecond" in proc.stdout + proc.stderr
+
+
+def container(objs: Objects) -> dict[str, Any]:
+    (c,) = objs["Deployment/seqserve"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def config(objs: Objects) -> dict[str, str]:
+    (cm,) = [o for key, o in objs.items() if key.startswith("ConfigMap/seqserve-config-")]  # hash-suffixed
+    assert container(objs)["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}}]
+    data: dict[str, str] = cm["data"]
+    return data
+
+
+def test_probes_ports_and_settings_agree(rendered: tuple[str, str]) -> None:
+    objs = objects(rendered[1])
+    c, env = container(objs), config(objs)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": int(env["SEQSERVE_PORT"]), "metrics": int(env["SEQSERVE_METRICS_PORT"])}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == ports["grpc"], probe  # native gRPC health checks
+    assert "service" not in c["readinessProbe"]["grpc"]  # "": the whole server, SERVING once models are loaded
+    assert c["livenessProbe"]["grpc"]["service"] == "grpc.health.v1.Health"
+    annotations = objs["Deployment/seqserve"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(ports["metrics"]),
+        "prometheus.io/path": "/metrics",
+    }
+    service_ports = {p["name"]: p["targetPort"] for p in objs["Service/seqserve"]["spec"]["ports"]}
+    assert service_ports == {"grpc": "grpc", "metrics": "metrics"}
+
+
+def test_shutdown_outlasts_prestop_plus_drain(rendered: tuple[str, str]) -> None:
+    objs = objects(rendered[1])
+    pod = objs["Deployment/seqserve"]["spec"]["template"]["spec"]
+    pre_stop = container(objs)["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    drain = float(pre_stop[1]) + float(config(objs)["SEQSERVE_GRACE_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] > drain
+
+
+def test_pod_is_hardened_and_spread(rendered: tuple[str, str]) -> None:
+    objs = objects(rendered[1])
+    pod, c = objs["Deployment/seqserve"]["spec"]["template"]["spec"], container(objs)
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and {"cpu", "memory"} <= set(c["resources"]["limits"])
+    term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_selectors_match_the_pods(rendered: tuple[str, str]) -> None:
+    objs = objects(rendered[1])
+    labels = objs["Deployment/seqserve"]["spec"]["template"]["metadata"]["labels"]
+
+    def selects(selector: dict[str, str]) -> bool:
+        return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+    assert selects(objs["Deployment/seqserve"]["spec"]["selector"]["matchLabels"])
+    assert selects(objs["Service/seqserve"]["spec"]["selector"])
+    assert selects(objs["Service/seqserve-headless"]["spec"]["selector"])
+    assert selects(objs["PodDisruptionBudget/seqserve"]["spec"]["selector"]["matchLabels"])
+    assert selects(objs["NetworkPolicy/seqserve"]["spec"]["podSelector"]["matchLabels"])
+    hpa = objs["HorizontalPodAutoscaler/seqserve"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "seqserve"}
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu" and hpa["minReplicas"] >= 1
+    assert objs["PodDisruptionBudget/seqserve"]["spec"]["maxUnavailable"] == 1  # one at a time, never blocks a drain
+    policy = objs["NetworkPolicy/seqserve"]["spec"]
+    allowed = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert allowed == {"grpc", "metrics"}  # named ports of the container
+    assert {o["metadata"].get("namespace", "seqserve") for o in objs.values() if o["kind"] != "Namespace"} == {
+        "seqserve"
+    }
+
+
+def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image() -> None:
+    gpu, cpu = objects(kustomize(K8S / "overlays" / "gpu")), objects(kustomize(K8S / "overlays" / "cpu"))
+    c = container(gpu)
+    assert c["image"] == "seqserve-cuda:0.1.0" and container(cpu)["image"] == "seqserve:0.1.0"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert config(gpu)["SEQSERVE_DEVICE"] == "cuda" and config(cpu)["SEQSERVE_DEVICE"] == "cpu"
+    tolerations = gpu["Deployment/seqserve"]["spec"]["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    assert "nvidia.com/gpu" not in str(cpu["Deployment/seqserve"])
+
+
+def test_queue_depth_component_scales_on_an_exported_gauge(tmp_path: Path) -> None:
+    text = kustomize(
+        with_component(tmp_path / "k", "cpu", "hpa-queue-depth") if (tmp_path / "k").mkdir() is None else tmp_path
+    )
+    validate(text, tmp_path)
+    metrics = objects(text)["HorizontalPodAutoscaler/seqserve"]["spec"]["metrics"]
+    assert [m["type"] for m in metrics] == ["Resource", "Pods"]
+    name = metrics[1]["pods"]["metric"]["name"]
+    gauges = {f.name for f in Metrics(CollectorRegistry()).registry.collect() if f.type == "gauge"}
+    assert name == "seqserve_queue_depth" and name in gauges

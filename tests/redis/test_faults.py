@@ -1,0 +1,101 @@
+"""Redis faults, one in-process replica: Redis restarted with its AOF keeps every session; Redis stopped in the
+middle of a stream of steps makes the calls that need a session fail fast with UNAVAILABLE naming the store
+(never INTERNAL, never a hang), stateless calls keep working, health says so; when Redis is back the same
+server serves the sessions again, and no acknowledged step was lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.client import ApiError, Client
+from tests.conftest import ServerHandle
+from tests.redis.servers import RedisServer
+from tests.redis.test_replicas import suggestions
+
+TEXT = "O, that this too too solid flesh would melt"
+SESSIONS = "seqserve.v1.Sessions"
+
+
+def health(target: str, service: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        status: int = (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
+        return status
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_aof_restart_and_an_outage_mid_load(
+    private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
+) -> None:
+    r = private_redis(aof=True)
+    server = start_replica(r.url, session_store_timeout_seconds=0.5)
+    c = Client(server.target, timeout=5)
+    ref = Client(start_replica("memory://").target)
+    sid, rid = c.create_session("charlm").id, ref.create_session("charlm").id
+    assert suggestions(c, sid, TEXT[:10]) == suggestions(ref, rid, TEXT[:10])
+
+    r.stop()  # Redis restarts from its AOF: the session is there, exactly
+    r.start()
+    assert suggestions(c, sid, TEXT[10:20]) == suggestions(ref, rid, TEXT[10:20])
+
+    acked, failures, stop = [20], [], threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                acked.append(c.suggest_once(sid, "x", n=1, max_chars=1).steps)
+            except ApiError as e:
+                failures.append((e.code, e.message, time.monotonic() - t0))
+                time.sleep(0.02)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        assert wait_for(lambda: len(acked) > 5)
+        r.stop()  # mid-load
+        assert wait_for(lambda: len(failures) >= 5)
+        assert c.classify(["a fine film"])[0].label  # stateless calls keep working
+        assert wait_for(lambda: health(server.target, SESSIONS) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert health(server.target, "") == health_pb2.HealthCheckResponse.SERVING
+        r.start()  # back: the same server serves the session again, without a restart
+        n = len(acked)
+        assert wait_for(lambda: len(acked) > n + 3)
+        assert wait_for(lambda: health(server.target, SESSIONS) == health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        stop.set()
+        worker.join()
+    for code, message, seconds in failures:
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, message)
+        assert f"session store {r.url} is unavailable" in message
+        assert seconds < 3.0  # fails fast: well inside the 5 s deadline
+    # Every acknowledged step is in the session; a call cut off by the outage may have landed or not, and
+    # the step counter says which.
+    steps = c.get_session(sid).steps
+    assert acked == sorted(acked) and acked[-1] == steps
+    assert steps - 20 <= len(acked) - 1 + len(failures)
+
+
+def test_rediss_tls(private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]) -> None:
+    r = private_redis(tls=True)  # TLS only, a self-signed certificate given as ssl_ca_certs in the URL
+    assert r.url.startswith("rediss://")
+    a, b = Client(start_replica(r.url).target), Client(start_replica(r.url).target)
+    ref = Client(start_replica("memory://").target)
+    sid, rid = a.create_session("charlm").id, ref.create_session("charlm").id
+    assert suggestions(a, sid, TEXT[:8]) == suggestions(ref, rid, TEXT[:8])
+    assert suggestions(b, sid, TEXT[8:16]) == suggestions(ref, rid, TEXT[8:16])  # the other replica
+    assert r.client().dbsize() > 0

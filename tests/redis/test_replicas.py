@@ -1,0 +1,94 @@
+"""Two replicas (in-process servers), one Redis: a client that alternates replicas step by step gets exactly what
+one replica gives; two replicas racing on one session end in the state of the calls run in the order they
+committed; max_sessions holds across replicas (the counts live in Redis)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.client import ApiError, Client
+from tests.conftest import ServerHandle
+from tests.redis.servers import RedisServer
+from tests.service.sessions.v2 import charlm_request, probs
+
+TEXT = "Shall I compare thee to a summer's day?"
+
+
+def suggestions(c: Client, sid: str, text: str) -> list[tuple[str, float]]:
+    return [(s.text, round(s.logprob, 5)) for s in c.suggest_once(sid, text, n=3, max_chars=4).suggestions]
+
+
+def test_alternating_replicas_equal_one_replica(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    a, b = start_replica(redis_server.url), start_replica(redis_server.url)
+    single = start_replica("memory://")
+    chunks = [TEXT[i : i + 4] for i in range(0, len(TEXT), 4)]
+    channels = [grpc.insecure_channel(h.target) for h in (a, b, single)]
+    stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+    for i, chunk in enumerate(chunks):  # KServe v2 sequence: replica a, b, a, b, ...
+        got = stubs[i % 2].ModelInfer(charlm_request(chunk, "seq", sequence_start=i == 0), timeout=30)
+        want = stubs[2].ModelInfer(charlm_request(chunk, "seq", sequence_start=i == 0), timeout=30)
+        assert got.parameters["seqserve_steps"].int64_param == want.parameters["seqserve_steps"].int64_param
+        np.testing.assert_allclose(probs(got), probs(want), atol=1e-6)
+    for c in channels:
+        c.close()
+    # Our API: a session created on one replica, Suggest alternating.
+    ca_, cb_, cs_ = Client(a.target), Client(b.target), Client(single.target)
+    s, r = ca_.create_session("charlm"), cs_.create_session("charlm")
+    for i, chunk in enumerate(chunks):
+        assert suggestions([ca_, cb_][i % 2], s.id, chunk) == suggestions(cs_, r.id, chunk)
+    assert ca_.get_session(s.id).steps == cb_.get_session(s.id).steps == len(TEXT)
+    assert ca_.fork_session(s.id).steps == len(TEXT)  # fork, get and delete go through Redis too
+    cb_.delete_session(s.id)
+
+
+def test_racing_replicas_end_as_the_calls_in_commit_order(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    a, b = start_replica(redis_server.url), start_replica(redis_server.url)
+    clients = [Client(a.target), Client(b.target)]
+    sid = clients[0].create_session("charlm").id
+    letters = "abcdefghijklmnopqrstuvwx"
+    committed: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        for ch in letters[k::4]:  # 4 threads, two per replica, each with its own letters
+            steps = clients[k % 2].suggest_once(sid, ch, n=1, max_chars=1).steps
+            with lock:
+                committed.append((steps, ch))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Every call saw the session right after its own character: no step was lost or applied twice...
+    assert sorted(s for s, _ in committed) == list(range(1, len(letters) + 1))
+    order = "".join(ch for _, ch in sorted(committed))
+    # ...and the final state is the one of the calls run one after another in that order.
+    ref = Client(start_replica("memory://").target)
+    rid = ref.create_session("charlm").id
+    ref.suggest_once(rid, order, n=1, max_chars=1)
+    assert suggestions(clients[1], sid, "") == suggestions(ref, rid, "")
+
+
+def test_limits_hold_across_replicas(redis_server: RedisServer, start_replica: Callable[..., ServerHandle]) -> None:
+    limits = {"max_sessions": 3, "session_full_policy": "reject"}
+    a, b = (
+        Client(start_replica(redis_server.url, **limits).target),
+        Client(start_replica(redis_server.url, **limits).target),
+    )
+    first = [a.create_session("charlm").id, a.create_session("charlm").id, b.create_session("charlm").id]
+    with pytest.raises(ApiError, match=r"3 sessions \(max_sessions=3\)") as err:
+        b.create_session("charlm")  # b holds one session, but the store holds three
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    a.delete_session(first[2])  # a deletes b's session: room again, for either replica
+    assert b.create_session("charlm").steps == 0

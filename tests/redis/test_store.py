@@ -1,0 +1,154 @@
+"""The Redis store against a real redis-server, two store instances standing for two replicas: revisions and
+fencing, hand-over between replicas, the hot cache (a step on an owned session reads nothing), counts and bytes
+shared through Redis, eviction that skips leased sessions, expiry by Redis TTL, and undecodable state."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.core.sessions import StaleSession
+from service.core.sessions.redis_store import RedisSessionStore
+from service.core.sessions.state import SessionState
+from service.errors import FailedPrecondition, SessionConflict
+from tests.redis.conftest import MakeStore
+from tests.redis.servers import RedisServer
+
+
+def state(sid: str = "s1", model: str = "charlm", ttl: float = 60.0, owner: str = "") -> SessionState:
+    return SessionState(
+        id=sid,
+        model=model,
+        version=1,
+        model_sha256="ab" * 32,
+        task="charlm",
+        state={"h0": np.arange(32, dtype=np.float32).reshape(2, 1, 16) / 4},  # steps add integers: exact
+        context={},
+        steps=0,
+        ttl_seconds=ttl,
+        created_at=1.0,
+        last_used_at=1.0,
+        nbytes=1000,
+        owner=owner,
+    )
+
+
+async def step(store: RedisSessionStore, sid: str, n: int = 1) -> SessionState:
+    """One call as the manager makes it: lease, load, advance, save."""
+    async with store.lease(sid):
+        s = await store.load(sid)
+        assert s is not None
+        s.steps += n
+        s.state = {"h0": s.state["h0"] + n}
+        await store.save(s)
+        return s
+
+
+async def test_a_step_on_an_owned_session_is_one_write_and_no_read(make_store: MakeStore) -> None:
+    a = await make_store()
+    await a.add(state())
+    before = dict(a.counts)
+    for _ in range(5):
+        await step(a, "s1")
+    assert a.counts["write"] - before["write"] == 5
+    assert a.counts["read"] == before["read"] and a.counts["acquire"] == before["acquire"]
+    b = await make_store()
+    loaded = await b.load("s1")
+    assert loaded is not None and loaded.steps == 5  # every step is in Redis (step durability)
+    np.testing.assert_array_equal(loaded.state["h0"], state().state["h0"] + 5)
+
+
+async def test_replicas_take_turns_and_hand_over(make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()
+    await a.add(state())
+    for i in range(6):  # alternate replicas: each call asks the other to hand the session over
+        await step(a if i % 2 == 0 else b, "s1")
+    assert b.counts["handoff"] >= 1 and a.counts["handoff"] >= 1
+    # Both at once, many times: nothing is lost or applied twice.
+    await asyncio.gather(*(step(a if i % 2 else b, "s1") for i in range(20)))
+    final = await a.load("s1")
+    assert final is not None and final.steps == 26
+    np.testing.assert_array_equal(final.state["h0"], state().state["h0"] + 26)
+
+
+async def test_a_stale_lease_write_is_refused(make_store: MakeStore, redis_server: RedisServer) -> None:
+    a, b = await make_store(), await make_store()
+    await a.add(state())
+    async with a.lease("s1"):
+        s = await a.load("s1")
+        assert s is not None
+        # A's lease runs out (a long pause) and B takes the session over and advances it.
+        redis_server.client().delete(a.keys("s1")[1])
+        a.cache.get("s1").owned_until = 0.0  # type: ignore[union-attr]
+        await step(b, "s1", 10)
+        s.steps += 1
+        with pytest.raises(SessionConflict, match="taken over by another replica"):
+            await a.save(s)
+    got = await b.load("s1")
+    assert got is not None and got.steps == 10  # B's step stands, A's was not applied
+
+
+async def test_a_stale_copy_is_refused_and_delete_wins(make_store: MakeStore) -> None:
+    a = await make_store()
+    await a.add(state())
+    async with a.lease("s1"):
+        s = await a.load("s1")
+        assert s is not None
+        assert (await a.delete("s1")) is not None
+        with pytest.raises(StaleSession):
+            await a.save(s)
+    assert await a.load("s1") is None
+
+
+async def test_counts_bytes_and_owners_are_shared(make_store: MakeStore) -> None:
+    a, b = await make_store(session_index_shards=4), await make_store(session_index_shards=4)
+    for i in range(6):
+        await (a if i % 2 else b).add(state(f"s{i}", model="m" if i < 4 else "n", owner="alice" if i < 2 else ""))
+    for store in (a, b):
+        u = await store.usage()
+        assert (u.count, u.bytes, u.per_model) == (6, 6000, {"m": 4, "n": 2})
+        assert (await store.owner_usage("alice")).count == 2
+    await b.delete("s0")  # owned by a: b asks for it first
+    assert (await a.usage()).count == 5 and (await a.owner_usage("alice")).count == 1
+
+
+async def test_eviction_takes_the_oldest_session_nobody_holds(make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()
+    await a.add(state("old", ttl=30))
+    await a.add(state("held", ttl=10))  # expires first, but b holds it
+    await a.add(state("recent", ttl=20))  # a used it within its lease: not evicted either
+    await b.add(state("young", ttl=60))
+    a.cache.pop("old")
+    await a.conn.script("lease", a.keys("old")[1:], [a.replica, 0])  # as after a's lease ran out
+    async with b.lease("held"):
+        victim = await b.evict_lru(keep=None)
+        assert victim is not None and victim.id == "old" and victim.steps == 0
+        assert (await b.evict_lru(keep="young")) is None
+    assert (await a.usage()).count == 3
+    assert await b.evict_lru(owner="nobody") is None
+
+
+async def test_expired_sessions_vanish_and_the_index_forgets_them(make_store: MakeStore) -> None:
+    a = await make_store()
+    await a.add(state("short", ttl=0.3))
+    await a.add(state("long", ttl=60))
+    await asyncio.sleep(0.5)
+    b = await make_store()
+    assert await b.load("short") is None  # Redis expired it by itself
+    await asyncio.sleep(0.1)  # the index keeps a quarter of the TTL as margin
+    gone = await b.pop_expired(0.0, 100)
+    assert [g.id for g in gone] == ["short"] and gone[0].model == "charlm"
+    assert (await a.usage()).count == 1
+
+
+async def test_undecodable_state_fails_naming_the_session(make_store: MakeStore, redis_server: RedisServer) -> None:
+    a = await make_store()
+    await a.add(state("bad"))
+    await a.close()
+    redis_server.client().set(a.keys("bad")[0], b"0" * 32 + b"not a session")
+    b = await make_store()
+    with pytest.raises(FailedPrecondition, match="session 'bad' cannot be read"):
+        async with b.lease("bad"):
+            pass

@@ -1,0 +1,141 @@
+"""Defects 5 and 6: every echoed value is bounded (messages, ErrorInfo, trailers, logs), control characters
+never reach a log line unescaped, and ``SEQSERVE_LOG_FORMAT=json`` writes one structured object per line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
+from service.client import ApiError, Client
+from service.logs import TextFormatter, configure, escape
+from service.settings import Settings
+from tests.conftest import ServerHandle
+from tests.service.security.conftest import eventually, infer_request, raw_unary, text_input
+
+FORGED = "X\n1999-01-01 00:00:00,000 ERROR service.api: FORGED\r\x1b[2J\u2028\x85"
+
+
+@pytest.fixture
+def server_log() -> Iterator[Callable[[str], io.StringIO]]:
+    """``server_log("text" | "json")``: installs the server's log handler on a buffer for this test."""
+    root = logging.getLogger()
+    level = root.level
+    installed: list[logging.Handler] = []
+
+    def install(fmt: str) -> io.StringIO:
+        buffer = io.StringIO()
+        installed.append(configure(Settings(log_format=fmt, log_level="INFO"), buffer))  # type: ignore[arg-type]
+        return buffer
+
+    yield install
+    for h in installed:
+        root.removeHandler(h)
+    root.setLevel(level)
+
+
+def test_a_7000_character_session_id_is_not_found_with_a_short_message(plain: ServerHandle) -> None:
+    with Client(plain.target) as c, pytest.raises(ApiError) as info:
+        c.get_session("s" * 7000)
+    err = info.value
+    assert err.code == grpc.StatusCode.NOT_FOUND, err.message  # not the client's "metadata size exceeds ..."
+    assert "(7000 characters)" in err.message and len(err.message) < 300
+
+
+def test_error_details_and_trailers_stay_small_whatever_the_input(plain: ServerHandle) -> None:
+    request = sessions_pb2.GetSessionRequest(session_id="\u00e9" * 20_000)  # 40 KB of UTF-8, under the method limit
+    with grpc.insecure_channel(plain.target) as channel, pytest.raises(grpc.RpcError) as info:
+        sessions_pb2_grpc.SessionsStub(channel).Get(request, timeout=10)
+    err: grpc.Call = info.value  # type: ignore[assignment]
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert sum(len(k) + len(v) for k, v in err.trailing_metadata() or ()) < 2048
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    detail = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(detail) and detail.reason == "SESSION_NOT_FOUND"
+
+
+@pytest.mark.parametrize("sent", ["r" * 129, "a b", "a;b", ""])
+def test_an_unusable_request_id_is_replaced(plain: ServerHandle, sent: str) -> None:
+    payload = sessions_pb2.GetSessionRequest(session_id="nope").SerializeToString()
+    metadata = (("x-request-id", sent),)
+    with pytest.raises(grpc.RpcError) as info:
+        raw_unary(plain.target, "/seqserve.v1.Sessions/Get", payload, metadata=metadata)
+    returned = dict(info.value.trailing_metadata())["x-request-id"]  # type: ignore[attr-defined]
+    assert returned != sent and len(returned) == 32
+
+
+def test_a_usable_request_id_is_kept(plain: ServerHandle) -> None:
+    payload = sessions_pb2.GetSessionRequest(session_id="nope").SerializeToString()
+    with pytest.raises(grpc.RpcError) as info:
+        raw_unary(plain.target, "/seqserve.v1.Sessions/Get", payload, metadata=(("x-request-id", "trace-42/a.b"),))
+    assert dict(info.value.trailing_metadata())["x-request-id"] == "trace-42/a.b"  # type: ignore[attr-defined]
+
+
+def test_forged_log_lines_are_escaped(plain: ServerHandle, server_log: Callable[[str], io.StringIO]) -> None:
+    out = server_log("text")
+    with grpc.insecure_channel(plain.target) as channel:
+        stub = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError):
+            stub(infer_request("charlm", text_input("a", name=FORGED)).SerializeToString(), timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub(infer_request("charlm", text_input("a"), version=FORGED).SerializeToString(), timeout=10)
+    lines = out.getvalue().splitlines()
+    assert any("FORGED" in line for line in lines), lines
+    assert not any(line.startswith("1999-01-01") for line in lines), out.getvalue()
+    assert all(ch not in out.getvalue() for ch in "\r\x1b\u2028\x85")
+
+
+def test_a_long_value_makes_a_short_log_line(plain: ServerHandle, server_log: Callable[[str], io.StringIO]) -> None:
+    out = server_log("text")
+    with Client(plain.target) as c, pytest.raises(ApiError):
+        c.get_session("z" * 50_000)
+    assert 0 < len(out.getvalue()) < 1000
+
+
+def test_json_logs_carry_request_id_method_model_code_and_duration(
+    serve: Callable[..., ServerHandle], server_log: Callable[[str], io.StringIO]
+) -> None:
+    handle = serve(access_log=True)
+    out = server_log("json")
+    with Client(handle.target) as c:
+        c.classify(["good"])
+        with pytest.raises(ApiError):
+            c.get_session("nope\nFORGED")
+        with pytest.raises(ApiError):
+            c.classify(["x"], model="m" * 5000)
+    # The last call's access line is written a moment after its status reached the client.
+    assert eventually(lambda: out.getvalue().count('"seqserve.access"') >= 3)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]  # every line is one JSON object
+    access = [r for r in records if r["logger"] == "seqserve.access"]
+    ok = next(r for r in access if r["method"] == "/seqserve.v1.Sentiment/Classify")
+    assert ok["code"] == "OK" and ok["model"] == "sentiment" and ok["duration_ms"] >= 0 and len(ok["request_id"]) == 32
+    failed = [r for r in records if r.get("method") == "/seqserve.v1.Sessions/Get"]
+    assert {r["code"] for r in failed} == {"NOT_FOUND"} and len({r["request_id"] for r in failed}) == 1
+    assert "\n" not in out.getvalue().strip().replace("}\n{", "}{")
+    long = next(r for r in access if r["code"] == "NOT_FOUND" and r["model"].startswith("mmm"))
+    assert "(5000 characters)" in long["model"] and len(long["model"]) < 120
+
+
+def test_escape_covers_every_control_character() -> None:
+    assert escape("plain text é ü 日本") == "plain text é ü 日本"
+    assert escape("a\nb\rc\x00d\x1be\x7ff\x85g\u2028h") == "a\\nb\\rc\\x00d\\x1be\\x7ff\\x85g\\u2028h"
+
+
+def test_tracebacks_are_indented_so_no_line_can_be_forged() -> None:
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "boom %s", (FORGED,), None)
+    try:
+        raise ValueError(FORGED)
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    text = TextFormatter().format(record)
+    first, *rest = text.splitlines()
+    assert "FORGED" in first and rest and all(line.startswith("    ") for line in rest)

@@ -1,0 +1,103 @@
+"""Defect 12: the metrics port cannot be pinned by half-sent requests or drip-fed bytes (idle timeout, a bound on
+each request's time, a connection cap), and clients that hang up are routine, not tracebacks."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.api.http import MetricsHttpServer
+from service.metrics import Metrics
+
+IDLE = 0.3
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    server = MetricsHttpServer("127.0.0.1", 0, Metrics(CollectorRegistry()), lambda: True, idle_timeout=IDLE,
+                               max_connections=8)  # fmt: skip
+    yield server.start()
+    server.stop()
+
+
+def scrape(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return int(r.status)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the server closes ``sock`` (EOF or reset) within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+def test_half_sent_requests_are_dropped_and_scrapes_go_on(port: int) -> None:
+    baseline = threading.active_count()
+    socks = []
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+        socks.append(s)
+    try:
+        started = time.monotonic()
+        assert all(closed_within(s, 5.0) for s in socks)  # 8 after the idle timeout, the rest at once
+        assert time.monotonic() - started < 3.0
+        assert scrape(port) == 200
+        deadline = time.monotonic() + 5
+        while threading.active_count() > baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= baseline, "no thread stays pinned"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_drip_fed_request_is_cut_off(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        started = time.monotonic()
+        cut = False
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 200:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                cut = True
+                break
+            time.sleep(IDLE / 3)  # never idle long enough for the idle timeout
+            if time.monotonic() - started > 10 * IDLE:
+                break
+        assert cut or closed_within(s, 2.0)
+        assert time.monotonic() - started < 3 * IDLE + 2.0
+    assert scrape(port) == 200
+
+
+def test_idle_keep_alive_connections_are_closed(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed_within(s, 3.0)
+
+
+def test_clients_that_hang_up_are_not_tracebacks(port: int, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="service.api.http"):
+        for _ in range(30):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+            s.close()
+        assert scrape(port) == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]

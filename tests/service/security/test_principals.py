@@ -1,0 +1,208 @@
+"""Defects 9 and 10: principals (named API keys), isolation between them (sessions and v2 sequences), and
+per-principal quotas (sessions, session bytes, request rate) with eviction that stays with its principal.
+Runs on both session stores (the ``start_server`` fixture), as a network store must behave the same."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.principals import KeyTable, RateLimiter, load_keys, parse_keys
+from service.client import ApiError, Client
+from service.errors import QuotaExceeded
+from service.settings import Settings
+from tests.conftest import ServerHandle
+from tests.service.security.conftest import infer_request, text_input
+
+ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789abc"
+KEYS = f"alice:{ALICE},bob:{BOB}"
+Code = grpc.StatusCode
+
+
+def failure(call: Callable[[], object]) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        result = call()
+        if hasattr(result, "__next__"):
+            list(result)  # type: ignore[call-overload]
+    return info.value
+
+
+# --- keys -----------------------------------------------------------------------------------------------------
+def test_keys_from_a_list_a_file_and_the_single_key(tmp_path: Path) -> None:
+    assert parse_keys(f" alice:{ALICE} , bob:{BOB} ") == {"alice": ALICE, "bob": BOB}
+    keyfile = tmp_path / "keys"
+    keyfile.write_text(f"# team keys\nalice:{ALICE}\n\nbob:{BOB}  # rotated 2026-11\n")
+    assert load_keys(Settings(api_keys=str(keyfile))) == {"alice": ALICE, "bob": BOB}
+    assert load_keys(Settings(api_key="single-key-0123456789")) == {"default": "single-key-0123456789"}
+    assert load_keys(Settings(api_keys=KEYS, api_key="single-key-0123456789"))["default"] == "single-key-0123456789"
+    assert load_keys(Settings()) == {}
+    table = KeyTable(parse_keys(KEYS))
+    assert table.principal(ALICE) == "alice" and table.principal(BOB) == "bob" and table.principal("x") is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (f"alice:{ALICE},bob", "entry 2: expected 'name:key'"),
+        ("al ice:" + ALICE, "expected 'name:key'"),
+        ("alice:short", "at least 16"),
+        (f"alice:{ALICE},alice:{BOB}", "appears twice"),
+        (f"alice:{ALICE},bob:{ALICE}", "same key"),
+        ("/no/such/file", "no such file"),
+    ],
+)
+def test_bad_key_specs_fail_at_start_naming_the_entry(spec: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        load_keys(Settings(api_keys=spec))
+
+
+def test_rate_limiter_refills_and_names_the_quota() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=2, clock=lambda: now[0])
+    limiter.take("a")
+    limiter.take("a")
+    with pytest.raises(QuotaExceeded, match="quota_requests_per_second"):
+        limiter.take("a")
+    limiter.take("b")  # another principal has its own bucket
+    now[0] += 0.5
+    limiter.take("a")  # one token back after 1/rate seconds
+    assert limiter.wait_time("a") == pytest.approx(0.5)
+
+
+# --- isolation ------------------------------------------------------------------------------------------------
+def test_another_principals_session_does_not_exist(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_keys=KEYS)
+    with Client(handle.target, api_key=ALICE) as alice, Client(handle.target, api_key=BOB) as bob:
+        s = alice.create_session("charlm")
+        alice.suggest_once(s.id, "abc", n=1, max_chars=1)
+        nobody = "x" * len(s.id)
+        for call in (
+            lambda sid: bob.get_session(sid),
+            lambda sid: bob.fork_session(sid),
+            lambda sid: bob.delete_session(sid),
+            lambda sid: bob.suggest_once(sid, "zz"),
+            lambda sid: bob.complete("a", session_id=sid, max_chars=2),
+            lambda sid: bob.observe(sid, np.ones((2, 7))),
+        ):
+            theirs, missing = failure(lambda c=call: c(s.id)), failure(lambda c=call: c(nobody))  # type: ignore[misc]
+            assert theirs.code == missing.code == Code.NOT_FOUND
+            assert theirs.message.replace(s.id, nobody) == missing.message  # word for word
+            assert theirs.reason == missing.reason
+        info = alice.get_session(s.id)
+        assert info.steps == 3, "nothing bob tried changed alice's session"
+        with pytest.raises(ApiError) as unauth:
+            Client(handle.target, api_key="not-a-key-0123456789").get_session(s.id)
+        assert unauth.value.code == Code.UNAUTHENTICATED
+
+
+def _v2(target: str, key: str, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    with grpc.insecure_channel(target) as channel:
+        metadata = (("authorization", f"Bearer {key}"),)
+        result: pb.ModelInferResponse = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=metadata, timeout=30
+        )
+        return result
+
+
+def test_sequence_ids_are_namespaced_per_principal(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_keys=KEYS)
+    steps = lambda r: r.parameters["seqserve_steps"].int64_param  # noqa: E731
+    a = _v2(handle.target, ALICE, infer_request("charlm", text_input("abcd"), sequence_id=1, sequence_start=True))
+    b = _v2(handle.target, BOB, infer_request("charlm", text_input("x"), sequence_id=1, sequence_start=True))
+    assert (steps(a), steps(b)) == (4, 1), "bob's sequence_start on id 1 did not replace alice's"
+    a = _v2(handle.target, ALICE, infer_request("charlm", text_input("e"), sequence_id=1))
+    assert steps(a) == 5
+    with Client(handle.target, api_key=BOB) as bob:
+        for key in ("kserve:charlm:1", f"kserve:{'0' * 24}:charlm:1"):
+            assert failure(lambda k=key: bob.get_session(k)).code == Code.NOT_FOUND  # type: ignore[misc]
+    with pytest.raises(grpc.RpcError) as info:
+        _v2(handle.target, BOB, infer_request("charlm", text_input("e"), sequence_id=2))
+    assert info.value.code() == Code.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_without_auth_every_caller_is_the_anonymous_principal(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server()
+    with Client(handle.target) as one, Client(handle.target) as two:
+        s = one.create_session("charlm")
+        assert two.get_session(s.id).id == s.id  # as before principals: one shared namespace
+
+
+# --- quotas ---------------------------------------------------------------------------------------------------
+def test_session_quota_per_principal(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_keys=KEYS, quota_sessions=2)
+    with Client(handle.target, api_key=ALICE) as alice, Client(handle.target, api_key=BOB) as bob:
+        first = alice.create_session("charlm")
+        alice.create_session("charlm")
+        err = failure(lambda: alice.create_session("charlm"))
+        assert err.code == Code.RESOURCE_EXHAUSTED and err.reason == "QUOTA_EXCEEDED"
+        assert "quota_sessions" in err.message and "'alice'" in err.message
+        assert failure(lambda: alice.fork_session(first.id)).reason == "QUOTA_EXCEEDED"
+        bob.create_session("charlm")  # bob's own quota is untouched
+        alice.delete_session(first.id)
+        alice.create_session("charlm")  # room again once one is deleted
+
+
+def test_session_bytes_quota_per_principal(start_server: Callable[..., ServerHandle]) -> None:
+    probe = start_server()
+    with Client(probe.target) as c:
+        c.create_session("charlm")
+    one = probe.run(probe.server.dataplane.sessions.usage()).bytes
+    handle = start_server(api_keys=KEYS, quota_session_bytes=one * 2)
+    with Client(handle.target, api_key=ALICE) as alice:
+        alice.create_session("charlm")
+        alice.create_session("charlm")
+        err = failure(lambda: alice.create_session("charlm"))
+        assert err.code == Code.RESOURCE_EXHAUSTED and "quota_session_bytes" in err.message
+
+
+def test_eviction_takes_the_callers_own_sessions_first(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_keys=KEYS, max_sessions=3, session_full_policy="evict_lru")
+    with Client(handle.target, api_key=ALICE) as alice, Client(handle.target, api_key=BOB) as bob:
+        kept = alice.create_session("charlm")  # the least recently used session of the store
+        b1 = bob.create_session("charlm")
+        b2 = bob.create_session("charlm")
+        bob.create_session("charlm")  # store full: bob's own oldest goes, not alice's older one
+        assert alice.get_session(kept.id).id == kept.id
+        err = failure(lambda: bob.get_session(b1.id))
+        assert err.code == Code.NOT_FOUND and err.reason == "SESSION_EVICTED"
+        assert "evicted" in err.message and "max_sessions" in err.message
+        # A caller with nothing to give, in a full store: the least recently used session of all goes (bob's
+        # b2), and only its owner hears that it was evicted.
+        alice.delete_session(kept.id)
+        bob.create_session("charlm")
+        alice.create_session("charlm")
+        assert failure(lambda: bob.get_session(b2.id)).reason == "SESSION_EVICTED"
+        told_alice = failure(lambda: alice.get_session(b2.id))
+        assert told_alice.reason == "SESSION_NOT_FOUND" and "evicted" not in told_alice.message
+
+
+def test_request_rate_quota(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_keys=KEYS, quota_requests_per_second=0.1, quota_request_burst=2)
+    with Client(handle.target, api_key=ALICE) as alice, Client(handle.target, api_key=BOB) as bob:
+        alice.classify(["one"])
+        alice.classify(["two"])
+        err = failure(lambda: alice.classify(["three"]))
+        assert err.code == Code.RESOURCE_EXHAUSTED and err.reason == "QUOTA_EXCEEDED"
+        assert "quota_requests_per_second" in err.message and "'alice'" in err.message
+        bob.classify(["bob has his own bucket"])
+    from tests.service.api.test_lifecycle import health
+
+    assert all(health(handle.target) for _ in range(5)), "health is never rate-limited"
+
+
+def test_stream_messages_are_paced_not_refused(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_keys=KEYS, quota_requests_per_second=20, quota_request_burst=2)
+    with Client(handle.target, api_key=ALICE) as alice:
+        time.sleep(0.2)  # a full bucket
+        s = alice.create_session("charlm")
+        started = time.monotonic()
+        results = list(alice.suggest(s.id, ["a", "b", "c", "d", "e", "f"]))
+        assert [r.steps for r in results] == [1, 2, 3, 4, 5, 6]
+        assert time.monotonic() - started >= 4 / 20 * 0.9  # 6 messages, 1 token left: 5 waits of 1/20 s

@@ -1,0 +1,159 @@
+"""TLS and mTLS on the gRPC and metrics ports: the typed client, the CLI and stock tritonclient (``ssl=True``)
+get through; plaintext and strangers fail cleanly; with mTLS the certificate's subject is the principal."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
+from service.cli import main
+from service.client import ApiError, Client
+from service.settings import Settings
+from tests.conftest import ServerHandle
+from tests.service.security.certs import Pki
+
+Code = grpc.StatusCode
+
+
+def tls_settings(pki: Pki, mtls: bool = False) -> dict[str, Path]:
+    out = {"tls_cert": pki.server.cert, "tls_key": pki.server.key}
+    if mtls:
+        out["tls_client_ca"] = pki.ca
+    return out
+
+
+def https_get(port: int, pki: Pki, client: tuple[Path, Path] | None = None, path: str = "/metrics") -> int:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client is not None:
+        context.load_cert_chain(*client)
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=context, timeout=10) as r:
+        return int(r.status)
+
+
+def test_tls_on_both_ports(serve: Callable[..., ServerHandle], pki: Pki) -> None:
+    handle = serve(**tls_settings(pki))
+    with Client(handle.target, tls_ca=pki.ca) as c:
+        assert c.classify(["a fine film"])[0].label
+        with c.session("charlm") as s:
+            assert c.suggest_once(s.id, "abc").steps == 3
+    assert https_get(handle.server.metrics_port or 0, pki) == 200
+    assert https_get(handle.server.metrics_port or 0, pki, path="/readyz") == 200
+
+
+def test_plaintext_to_a_tls_port_fails_cleanly(serve: Callable[..., ServerHandle], pki: Pki) -> None:
+    handle = serve(**tls_settings(pki))
+    with Client(handle.target, timeout=5) as plain, pytest.raises(ApiError) as info:
+        plain.classify(["x"])
+    assert info.value.code == Code.UNAVAILABLE
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{handle.server.metrics_port}/metrics", timeout=5)
+    with Client(handle.target, tls_ca=pki.ca) as c:
+        assert c.classify(["still serving"])[0].label
+    assert https_get(handle.server.metrics_port or 0, pki) == 200
+
+
+def test_mtls_subject_is_the_principal(serve: Callable[..., ServerHandle], pki: Pki) -> None:
+    handle = serve(**tls_settings(pki, mtls=True))
+    alice = Client(handle.target, tls_ca=pki.ca, tls_cert=pki.alice.cert, tls_key=pki.alice.key)
+    bob = Client(handle.target, tls_ca=pki.ca, tls_cert=pki.bob.cert, tls_key=pki.bob.key)
+    with alice, bob:
+        s = alice.create_session("charlm")
+        assert alice.get_session(s.id).id == s.id
+        with pytest.raises(ApiError) as info:
+            bob.get_session(s.id)
+        assert info.value.code == Code.NOT_FOUND
+    with grpc.secure_channel(handle.target, _creds(pki, pki.alice.cert, pki.alice.key)) as channel:
+        stub = sessions_pb2_grpc.SessionsStub(channel)
+        assert stub.Get(sessions_pb2.GetSessionRequest(session_id=s.id), timeout=10).session_id == s.id
+    owner = handle.run(handle.server.dataplane.sessions.store.load(s.id))
+    assert owner is not None and owner.owner == "O=seqserve-tests,CN=alice"
+
+
+def _creds(pki: Pki, cert: Path | None = None, key: Path | None = None) -> grpc.ChannelCredentials:
+    read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
+    return grpc.ssl_channel_credentials(pki.ca.read_bytes(), read(key), read(cert))
+
+
+@pytest.mark.parametrize("who", ["nobody", "stranger"])
+def test_mtls_refuses_clients_without_a_certificate_of_its_ca(
+    serve: Callable[..., ServerHandle], pki: Pki, who: str
+) -> None:
+    handle = serve(**tls_settings(pki, mtls=True))
+    pair = (pki.stranger.cert, pki.stranger.key) if who == "stranger" else (None, None)
+    with grpc.secure_channel(handle.target, _creds(pki, *pair)) as channel, pytest.raises(grpc.RpcError) as info:
+        sessions_pb2_grpc.SessionsStub(channel).Get(sessions_pb2.GetSessionRequest(session_id="x"), timeout=5)
+    assert info.value.code() == Code.UNAVAILABLE  # type: ignore[attr-defined]
+    port = handle.server.metrics_port or 0
+    if who == "nobody":  # probes without a certificate reach health and readiness, never the metrics
+        assert https_get(port, pki, None, "/healthz") == https_get(port, pki, None, "/readyz") == 200
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            https_get(port, pki, None)
+        assert denied.value.code == 403
+    else:  # a certificate from another CA fails the handshake
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            https_get(port, pki, (pki.stranger.cert, pki.stranger.key), "/healthz")
+    assert https_get(port, pki, (pki.alice.cert, pki.alice.key)) == 200
+
+
+def test_mtls_with_api_keys_names_the_principal_by_key(serve: Callable[..., ServerHandle], pki: Pki) -> None:
+    handle = serve(**tls_settings(pki, mtls=True), api_keys="carol:carol-key-0123456789")
+    tls = {"tls_ca": pki.ca, "tls_cert": pki.alice.cert, "tls_key": pki.alice.key}
+    with Client(handle.target, api_key="carol-key-0123456789", **tls) as carol:  # type: ignore[arg-type]
+        s = carol.create_session("charlm")
+    assert handle.run(handle.server.dataplane.sessions.store.load(s.id)).owner == "carol"  # type: ignore[union-attr]
+    with Client(handle.target, **tls) as keyless, pytest.raises(ApiError) as info:  # type: ignore[arg-type]
+        keyless.get_session(s.id)
+    assert info.value.code == Code.UNAUTHENTICATED
+
+
+def test_cli_tls_flags(serve: Callable[..., ServerHandle], pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    handle = serve(**tls_settings(pki, mtls=True))
+    flags = ["--target", handle.target, "--tls-ca", str(pki.ca)]
+    assert main(["classify", *flags, "--tls-cert", str(pki.alice.cert), "--tls-key", str(pki.alice.key), "ok"]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["classify", *flags, "--timeout", "5", "no client certificate"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_tls_settings_are_checked_at_start(serve: Callable[..., ServerHandle], pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        Settings(tls_cert=pki.server.cert)
+    with pytest.raises(ValueError, match="needs tls_cert"):
+        Settings(tls_client_ca=pki.ca)
+    with pytest.raises(RuntimeError, match="SEQSERVE_TLS_CERT"):
+        serve(tls_cert=pki.server.cert, tls_key=pki.alice.key)  # a key that does not match the certificate
+    with pytest.raises(RuntimeError, match="cannot read"):
+        serve(tls_cert=tmp_path / "missing.crt", tls_key=pki.server.key)
+
+
+TRITON_SSL = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as g
+url, ca, cert, key = sys.argv[1:5]
+with g.InferenceServerClient(url, ssl=True, root_certificates=ca, private_key=key, certificate_chain=cert) as c:
+    t = g.InferInput("TEXT", [1], "BYTES")
+    t.set_data_from_numpy(np.array([b"abc"], dtype=np.object_))
+    r = c.infer("charlm", [t], sequence_id=7, sequence_start=True)
+    steps = r.get_response().parameters["seqserve_steps"].int64_param
+    print(json.dumps({"live": c.is_server_live(), "ready": c.is_model_ready("charlm"), "steps": steps}))
+"""
+
+
+def test_tritonclient_with_ssl(serve: Callable[..., ServerHandle], pki: Pki) -> None:
+    """Stock tritonclient, in its own interpreter (its protos must not meet ours), over mTLS."""
+    handle = serve(**tls_settings(pki, mtls=True))
+    args = [handle.target, str(pki.ca), str(pki.alice.cert), str(pki.alice.key)]
+    done = subprocess.run([sys.executable, "-c", TRITON_SSL, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {"live": True, "ready": True, "steps": 3}

@@ -1,0 +1,107 @@
+"""Signed session export/import between two real servers (in-process, each its own store): the imported session
+continues exactly where the exported one stood; a changed byte, another key or another model is refused with
+the documented codes; KServe sequences export and import through request parameters."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.client import ApiError, Client
+from tests.conftest import ServerHandle
+from tests.service.sessions.v2 import charlm_request, probs
+
+KEY = "k" * 40
+TEXT = "Now is the winter of our discontent"
+
+
+def suggest(c: Client, sid: str, text: str) -> list[tuple[str, float]]:
+    r = c.suggest_once(sid, text, n=3, max_chars=5)
+    return [(s.text, round(s.logprob, 5)) for s in r.suggestions]
+
+
+@pytest.fixture
+def pair(start_server: Callable[..., ServerHandle]) -> tuple[Client, Client]:
+    a = Client(start_server(session_signing_key=KEY).target)
+    b = Client(start_server(session_signing_key=KEY).target)
+    return a, b
+
+
+def test_export_then_import_elsewhere_continues_identically(pair: tuple[Client, Client]) -> None:
+    a, b = pair
+    with a.session("charlm") as s:
+        a.suggest_once(s.id, TEXT[:20])
+        blob = a.export_session(s.id)
+        moved = b.import_session(blob, ttl_seconds=30)
+        assert moved.id != s.id and moved.steps == 20 and moved.ttl_seconds == 30 and moved.model == "charlm"
+        assert suggest(b, moved.id, TEXT[20:]) == suggest(a, s.id, TEXT[20:])  # identical next outputs
+        assert b.get_session(moved.id).steps == a.get_session(s.id).steps == len(TEXT)
+
+
+def test_tampered_foreign_or_unkeyed_blobs_are_refused(
+    pair: tuple[Client, Client], start_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    a, b = pair
+    with a.session("charlm") as s:
+        a.suggest_once(s.id, "abc")
+        blob = a.export_session(s.id)
+    for i in (0, 10, len(blob) // 2, len(blob) - 1):  # magic, header, state, signature
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        with pytest.raises(ApiError) as err:
+            b.import_session(bytes(bad))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, (i, err.value)
+    other_key = Client(start_server(session_signing_key="o" * 40).target)
+    with pytest.raises(ApiError, match="signature does not verify") as err:
+        other_key.import_session(blob)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    no_key = Client(start_server().target)
+    with pytest.raises(ApiError, match="SEQSERVE_SESSION_SIGNING_KEY") as err:
+        no_key.import_session(blob)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_blob_of_other_weights_is_a_failed_precondition(
+    tiny_models: Path, tmp_path: Path, start_server: Callable[..., ServerHandle]
+) -> None:
+    from tests.tiny_models import export_tiny
+
+    other = tmp_path / "other"
+    export_tiny("charlm", other, name="charlm", seed=7)  # same name and version, other weights
+    a = Client(start_server(session_signing_key=KEY).target)
+    b = Client(start_server(session_signing_key=KEY, models=other).target)
+    with a.session("charlm") as s:
+        blob = a.export_session(s.id)
+    with pytest.raises(ApiError, match="which this server does not serve") as err:
+        b.import_session(blob)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _infer(stub: pb_grpc.GRPCInferenceServiceStub, text: str, seq: str, **params: bool | str) -> pb.ModelInferResponse:
+    response: pb.ModelInferResponse = stub.ModelInfer(charlm_request(text, seq, **params), timeout=60)
+    return response
+
+
+def test_kserve_sequences_export_and_import_through_parameters(start_server: Callable[..., ServerHandle]) -> None:
+    a, b = start_server(session_signing_key=KEY), start_server(session_signing_key=KEY)
+    with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+        sa, sb = pb_grpc.GRPCInferenceServiceStub(ca), pb_grpc.GRPCInferenceServiceStub(cb)
+        _infer(sa, "To be, or ", "s1", sequence_start=True)
+        parked = _infer(sa, "not to", "s1", sequence_end=True, seqserve_export=True)  # park it client-side
+        assert parked.parameters["seqserve_steps"].int64_param == 16
+        blob = parked.parameters["seqserve_session"].string_param
+        assert base64.b64decode(blob)[:4] == b"SQSX"
+        resumed = _infer(sb, " be", "s9", sequence_start=True, seqserve_import=blob)
+        assert resumed.parameters["seqserve_steps"].int64_param == 19
+        reference = _infer(sa, "To be, or not to be", "ref", sequence_start=True, sequence_end=True)
+        np.testing.assert_allclose(probs(resumed), probs(reference), atol=1e-6)
+        with pytest.raises(grpc.RpcError) as err:
+            _infer(sb, "x", "s10", seqserve_import=blob)  # not a start
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

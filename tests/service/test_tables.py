@@ -1,0 +1,109 @@
+"""service/tables.py: a time-series CSV read with one exact error line per problem (shared by both CLIs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.tables import TableError, parse_frequency, read_history, read_table, step_name
+
+
+def _write(tmp_path: Path, text: str, name: str = "t.csv") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def _error(path: Path, **kwargs: object) -> str:
+    with pytest.raises(TableError) as e:
+        read_table(path, **kwargs)  # type: ignore[arg-type]
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: ")
+    return msg.removeprefix(f"{path}: ")
+
+
+def test_reads_columns_times_and_frequency(tmp_path: Path) -> None:
+    p = _write(tmp_path, "date,A,B\n2016-07-01 00:00:00,1,2\n2016-07-01 00:15:00,3,4\n2016-07-01 00:30:00,5,6\n")
+    t = read_table(p)
+    assert (t.time_column, t.columns, t.frequency, t.rows) == ("date", ["A", "B"], "15min", 3)
+    np.testing.assert_array_equal(t.values, [[1, 2], [3, 4], [5, 6]])
+    assert t.times is not None and t.times[1] == dt.datetime(2016, 7, 1, 0, 15)
+    assert read_table(p, columns=["B"]).values[:, 0].tolist() == [2, 4, 6]
+
+
+def test_quoted_months_crlf_and_bom(tmp_path: Path) -> None:
+    """The AirPassengers layout: quoted header and YYYY-MM months, CRLF, no final newline (+ a BOM here)."""
+    p = tmp_path / "air.csv"
+    p.write_bytes(b'\xef\xbb\xbf"Month","Passengers"\r\n"1949-01",112\r\n"1949-02",118\r\n"1949-03",132')
+    t = read_table(p)
+    assert (t.time_column, t.columns, t.frequency) == ("Month", ["Passengers"], "MS")
+    assert t.values[:, 0].tolist() == [112, 118, 132]
+
+
+def test_no_time_column(tmp_path: Path) -> None:
+    t = read_table(_write(tmp_path, "x,y\n1,2\n3,4\n"))
+    assert t.time_column is None and t.times is None and t.frequency is None and t.columns == ["x", "y"]
+
+
+def test_missing_file_and_column(tmp_path: Path) -> None:
+    assert _error(tmp_path / "nope.csv") == "file not found"
+    p = _write(tmp_path, "date,A,B\n2016-07-01,1,2\n")
+    assert _error(p, columns=["A", "C"]) == "no column 'C'; the header has ['date', 'A', 'B']"
+    assert _error(p, time_column="when") == "no time column 'when'; the header has ['date', 'A', 'B']"
+    assert _error(_write(tmp_path, "date,A\n", "h.csv")) == "a header but no data rows"
+    assert _error(_write(tmp_path, "A,A\n1,2\n", "d.csv")) == "line 1: column 'A' appears twice"
+
+
+def test_non_numeric_cell_names_row_and_column(tmp_path: Path) -> None:
+    p = _write(tmp_path, "date,A,OT\n2016-07-01,1,2\n2016-07-02,3,n/a\n")
+    assert _error(p) == "line 3, column 'OT': 'n/a' is not a number"
+    p = _write(tmp_path, "date,A,OT\n2016-07-01,1,2\n2016-07-02,,4\n")
+    assert _error(p) == "line 3, column 'A': empty cell (missing value)"
+    p = _write(tmp_path, "date,A,OT\n2016-07-01,1,2\n2016-07-02,inf,4\n")
+    assert _error(p) == "line 3, column 'A': 'inf' is not a finite number"
+    p = _write(tmp_path, "date,A\n2016-07-01,1\n2016-07-02\n")
+    assert _error(p) == "line 3: 1 fields, the header has 2"
+
+
+def test_timestamps_duplicates_disorder_gaps(tmp_path: Path) -> None:
+    rows = ["2016-07-01 00:00:00", "2016-07-01 01:00:00", "2016-07-01 01:00:00"]
+    p = _write(tmp_path, "date,A\n" + "".join(f"{r},{i}\n" for i, r in enumerate(rows)))
+    assert _error(p) == "line 4: duplicate timestamp 2016-07-01 01:00:00 (first on line 3)"
+    rows = ["2016-07-01 02:00:00", "2016-07-01 01:00:00"]
+    p = _write(tmp_path, "date,A\n" + "".join(f"{r},{i}\n" for i, r in enumerate(rows)))
+    assert _error(p) == (
+        "line 3: timestamp 2016-07-01 01:00:00 is earlier than the one before it (2016-07-01 02:00:00); "
+        "sort the rows by time"
+    )
+    rows = ["2016-07-01 00:00:00", "2016-07-01 01:00:00", "2016-07-01 02:00:00", "2016-07-01 05:00:00"]
+    p = _write(tmp_path, "date,A\n" + "".join(f"{r},{i}\n" for i, r in enumerate(rows)))
+    assert _error(p) == (
+        "line 5: gap of 3h between 2016-07-01 02:00:00 and 2016-07-01 05:00:00; the rows step by 1h "
+        "(fill or interpolate the missing rows first)"
+    )
+    assert _error(p, frequency="3h").startswith("line 3: irregular step of 1h between")
+    p = _write(tmp_path, "date,A\n2016-07-01,1\nyesterday,2\n")
+    assert _error(p, time_column="date") == (
+        "line 3, column 'date': cannot read 'yesterday' as a timestamp (use e.g. 2016-07-01 00:15:00, 2016-07-01 "
+        "or 1949-01)"
+    )
+
+
+def test_frequency_names() -> None:
+    assert [step_name(dt.timedelta(minutes=15)), step_name(dt.timedelta(hours=1)), step_name(1)] == [
+        "15min",
+        "1h",
+        "MS",
+    ]
+    assert parse_frequency("15min") == dt.timedelta(minutes=15) and parse_frequency("MS") == 1
+    with pytest.raises(TableError, match="'weekly' is not a frequency"):
+        parse_frequency("weekly")
+
+
+def test_read_history_takes_the_last_rows_and_ignores_timestamps(tmp_path: Path) -> None:
+    p = _write(tmp_path, "date,A,B\n2016-07-01,1,2\n2016-07-01,3,4\n2016-07-01,5,6\n")  # duplicates: not checked
+    columns, rows = read_history(p, 2)
+    assert columns == ["A", "B"] and rows.dtype == np.float32 and rows.tolist() == [[3, 4], [5, 6]]

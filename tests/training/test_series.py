@@ -1,0 +1,86 @@
+"""training/series.py: splits (fractions, row counts, presets), sizes with their numbers, covariates, windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import DataError
+from training.series import PRESETS, check_sizes, load_series, parse_split, windows
+
+
+def _error(fn: object, *args: object, **kwargs: object) -> str:
+    with pytest.raises(DataError) as e:
+        fn(*args, **kwargs)  # type: ignore[operator]
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_split_fractions_and_counts() -> None:
+    assert parse_split("0.7,0.1,0.2", 1000) == {"train": (0, 700), "val": (700, 800), "test": (800, 1000)}
+    assert parse_split("0.5,0.2,0.2", 1000) == {"train": (0, 500), "val": (500, 700), "test": (700, 900)}
+    assert parse_split("96,24,24", 144) == {"train": (0, 96), "val": (96, 120), "test": (120, 144)}
+    assert _error(parse_split, "0.7,0.3", 10) == (
+        "--split: expected three numbers TRAIN,VAL,TEST (fractions or row counts), got '0.7,0.3'"
+    )
+    assert _error(parse_split, "0.7,0.2,0.2", 10) == (
+        "--split: fractions must be in (0, 1) and sum to at most 1, got '0.7,0.2,0.2'"
+    )
+    assert _error(parse_split, "a,b,c", 10) == "--split: 'a,b,c' is not three numbers TRAIN,VAL,TEST"
+    assert (
+        _error(parse_split, "8640,2880,2880", 1000)
+        == "--split: 8640+2880+2880 = 14400 rows, but the file has only 1000"
+    )
+
+
+def test_ett_presets_are_informers_protocol() -> None:
+    h, m = PRESETS["ett-h"], PRESETS["ett-m"]
+    assert parse_split(h.split, 17420) == {"train": (0, 8640), "val": (8640, 11520), "test": (11520, 14400)}
+    assert parse_split(m.split, 69680)["test"] == (46080, 57600)  # 4x the rows of the hourly protocol
+    assert (h.frequency, m.frequency, h.time_column, h.window, h.horizon) == ("1h", "15min", "date", 96, 96)
+
+
+def test_too_few_rows_says_the_numbers(tmp_path: Path) -> None:
+    p = Path("f.csv")
+    split = {"train": (0, 50), "val": (50, 60), "test": (60, 100)}
+    assert _error(check_sizes, p, split, 100, 48, 24) == (
+        "f.csv: the train split has 50 rows; window 48 + horizon 24 needs at least 72"
+    )
+    assert _error(check_sizes, p, split, 60, 96, 24) == (
+        "f.csv: 60 rows are too few for window 96 + horizon 24 = 120 rows (plus validation and test rows)"
+    )
+    split = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}
+    assert _error(check_sizes, p, split, 100, 24, 12) == (
+        "f.csv: the val split has 10 rows; horizon 12 needs at least 12 (its history comes from the rows before it)"
+    )
+
+
+def test_load_series_with_covariates(tiny_csv: Path) -> None:
+    s = load_series(tiny_csv, window=24, horizon=12, split="0.7,0.1,0.2", targets=["price", "load"])
+    assert (s.time_column, s.frequency, s.columns) == ("time", "1h", ["load", "temp", "price"])
+    assert s.targets == ["load", "price"] and s.target_index == [0, 2]  # kept in the columns' order
+    assert s.split == {"train": (0, 336), "val": (336, 384), "test": (384, 480)}
+    a, b = s.split["train"]
+    np.testing.assert_allclose(s.z[a:b].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(s.z[a:b].std(0), 1, atol=1e-4)
+    np.testing.assert_allclose(
+        s.raw()[5], np.loadtxt(tiny_csv, delimiter=",", skiprows=6, usecols=(1, 2, 3))[0], atol=1e-3
+    )
+    test = s.part("test", 24)
+    assert len(test) == 96 + 24  # the first window's history comes from the val rows
+    x, y = windows(test, 24, 12, s.target_index)
+    assert x.shape == (96 - 12 + 1, 24, 3) and y.shape == (85, 12, 2)
+    np.testing.assert_array_equal(y[0, 0], test[24, [0, 2]])
+    assert _error(load_series, tiny_csv, window=24, horizon=12, split="0.7,0.1,0.2", targets=["cost"]) == (
+        "--targets: 'cost' is not one of the input columns ['load', 'temp', 'price']"
+    )
+
+
+def test_constant_column_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "c.csv"
+    p.write_text("x,flat\n" + "".join(f"{i % 7},3\n" for i in range(60)))
+    assert _error(load_series, p, window=6, horizon=3, split="0.6,0.2,0.2") == (
+        f"{p}: column 'flat' is constant over the train split (std 0): drop it"
+    )

@@ -1,0 +1,94 @@
+"""``seqserve-train sentiment``: SST-2 -> BiLSTM ensemble (+ sub-words, + frozen GloVe) -> temperature -> ONNX.
+
+Selection never sees dev: the checkpoint is the best on a slice held out from train.tsv, and the softmax
+temperature (folded into the heads' weights) minimizes the ensemble's NLL on that same slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.core.manifest import Metric
+from service.core.tokenizers import Encoder
+from training.cards import card_for
+from training.data import load_sst2, ngram_table, word_tokenizer
+from training.evaluate import evaluate_model
+from training.export import write_model
+from training.glove import extend_vocab, glove_table, load_glove
+from training.nets import SentimentNet, build_net
+from training.pipelines import Job, finish, training_info
+from training.runners import SentimentRunner
+from training.scores import fit_temperature
+from training.train import fit
+
+
+def train_sentiment(job: Job) -> None:
+    train_rows, dev_rows = load_sst2(job.data)
+    rng = np.random.default_rng(job.train.seed)
+    order = rng.permutation(len(train_rows))
+    n_held = int(len(train_rows) * job.extra["heldout_fraction"])
+    held_rows = [train_rows[i] for i in order[:n_held]]
+    fit_rows = [train_rows[i] for i in order[n_held:]]
+    tok = word_tokenizer([t for t, _ in fit_rows], min_count=job.extra["min_count"], max_length=job.extra["max_length"])
+    learned_rows, glove_info = len(tok.vocab), {}
+    glove = load_glove(job.extra["glove_dir"]) if job.extra.get("glove") else None
+    if glove is not None:
+        tok = tok.model_copy(update={"vocab": extend_vocab(tok.vocab, glove, job.extra["glove_top"])})
+        job.net.glove = glove.dim
+    enc = Encoder(tok)
+    job.net.vocab = len(tok.vocab)
+    net = build_net(job.net)
+    assert isinstance(net, SentimentNet)
+    if job.net.subword_buckets:
+        net.set_ngrams(torch.from_numpy(ngram_table(tok.vocab, job.net.subword_buckets)))
+    if glove is not None:
+        table, found = glove_table(tok.vocab, glove)
+        net.set_glove(torch.from_numpy(table), learned_rows, init=job.extra.get("glove_init", False))
+        glove_info = {"glove_words_added": len(tok.vocab) - learned_rows, "glove_rows_with_vector": found}
+
+    def encode(rows: list[tuple[str, int]]) -> list[tuple[Any, int]]:
+        return [(enc.encode(t), y) for t, y in rows]
+
+    print(
+        f"sentiment: {len(fit_rows)} train / {n_held} held-out / {len(dev_rows)} dev, vocab {len(tok.vocab)} "
+        f"({learned_rows} from train{', the rest from GloVe' if glove else ''})"
+    )
+    runner = SentimentRunner(
+        net, encode(fit_rows), encode(held_rows), encode(dev_rows), tok.max_length or 128,
+        job.train.device, job.extra["word_dropout"], job.extra.get("glove_dropout", 0.0),
+    )  # fmt: skip
+    res = fit(runner, job.train)
+    net.eval()
+    with torch.no_grad():
+        held_logits, held_y = runner.logits(runner.heldout)
+    temperature = fit_temperature(held_logits.cpu().numpy(), held_y.cpu().numpy()) if job.extra["calibrate"] else 1.0
+    net.scale_logits(temperature)
+    net.bake(half=job.extra["half_table"])
+    write_model(
+        net.cpu(), job.net, job.out, name=job.name, version=job.version,
+        description="SST-2 binary sentiment: word embeddings"
+        + (" + frozen GloVe 6B 50-d vectors" if glove else "") + " + BiLSTM ensemble, masked mean+max pooling.",
+        tokenizer=tok, labels=["negative", "positive"],
+        training={**training_info(job, res), **glove_info, "temperature": temperature},
+        notes=f"{job.net.ensemble} member(s) averaged over one shared embedding (state rows = members x layers x "
+        "directions); the backward direction runs on a length-aware reversed copy: padding never changes a result"
+        + (f"; embedding table = {job.net.embedding} learned (+ sub-word) dims + {job.net.glove} GloVe dims, "
+           f"{'float16' if job.extra['half_table'] else 'float32'}" if glove else ""),
+    )  # fmt: skip
+    ev = evaluate_model(job.out, job.data)
+    command = f"seqserve-train evaluate --model {job.out} --data {job.data}"
+    metric = Metric(
+        name="accuracy", value=ev["dev_accuracy"], target=0.86 if glove else 0.85, dataset="GLUE SST-2",
+        split="dev (872 sentences); checkpoint and temperature chosen on a held-out slice of train", command=command,
+    )  # fmt: skip
+    held = metric.model_copy(
+        update={"name": "heldout_accuracy", "value": res.best["heldout_accuracy"], "target": None,
+                "split": f"{n_held} rows held out from train.tsv (PyTorch; selects the checkpoint)",
+                "command": job.command}
+    )  # fmt: skip
+    ece = metric.model_copy(update={"name": "ece", "value": ev["dev_ece"], "target": None, "higher_is_better": False})
+    card = card_for(job.name, "sentiment", job.version)
+    finish(job, res, [metric, held, ece], ev, {"task": "sentiment", "temperature": temperature}, card)
