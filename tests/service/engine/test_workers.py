@@ -145,3 +145,37 @@ def test_shared_port_serves_and_sigterm_exits_zero(tiny_models: Path, tmp_path: 
     while any(Path(f"/proc/{pid}").exists() for pid in frontends) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [pid for pid in frontends if Path(f"/proc/{pid}").exists()]  # the frontends exited too
+
+
+def test_principals_cross_frontends(tiny_models: Path, tmp_path: Path) -> None:
+    """The engine owns sessions per principal: what alice starts on one frontend, she continues on the other, and
+    bob (same sequence id, other frontend) never reaches it."""
+    proc, info = start_server(
+        tiny_models,
+        tmp_path,
+        SEQSERVE_WORKERS="2",
+        SEQSERVE_FRONTEND_PORTS="true",
+        SEQSERVE_API_KEYS="alice:key-alice-0123456789abcdef,bob:key-bob-0123456789abcdef0",
+    )
+    try:
+        one, two = _frontends(dict(info))
+        alice = (("authorization", "Bearer key-alice-0123456789abcdef"),)
+        bob = (("authorization", "Bearer key-bob-0123456789abcdef0"),)
+        with grpc.insecure_channel(one) as c1, grpc.insecure_channel(two) as c2:
+            s1, s2 = pb_grpc.GRPCInferenceServiceStub(c1), pb_grpc.GRPCInferenceServiceStub(c2)
+            first = s1.ModelInfer(_step("To be", "7", start=True), metadata=alice, timeout=30)
+            assert first.parameters["seqserve_steps"].int64_param == 5
+            with pytest.raises(grpc.RpcError) as err:
+                s2.ModelInfer(_step(", or", "7"), metadata=bob, timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            later = s2.ModelInfer(_step(", or", "7"), metadata=alice, timeout=30)
+            assert later.parameters["seqserve_steps"].int64_param == 9
+        with Client(one, api_key="key-alice-0123456789abcdef", timeout=30) as a:
+            sid = a.create_session("charlm").id
+        with Client(two, api_key="key-bob-0123456789abcdef0", timeout=30) as b, pytest.raises(ApiError) as denied:
+            b.get_session(sid)
+        assert denied.value.code == grpc.StatusCode.NOT_FOUND
+        with Client(two, api_key="key-alice-0123456789abcdef", timeout=30) as a2:
+            assert a2.get_session(sid).id == sid
+    finally:
+        stop_server(proc)
