@@ -13,8 +13,10 @@ What it measures, and why:
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
 - ``stores``: per-step cost of each session store (memory, Redis ``step``, Redis ``idle``) at c=1 and c=64, and
   Redis memory per session (``bench/stores.py``).
+- ``perf``: Triton's perf_analyzer on the KServe endpoint, seqserve with 1 worker and with the default worker
+  count against the canned-response floor (``bench/perf.py``), with ratios and CPU seconds per 1,000 requests.
 
-    python -m bench.run [--models models] [--repeats 50] [--quick]
+    python -m bench.run [--models models] [--repeats 50] [--quick] [--no-perf]
 """
 
 from __future__ import annotations
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    ap.add_argument("--no-perf", action="store_true", help="skip the perf_analyzer section")
     args = ap.parse_args(argv)
     repeats = 5 if args.quick else args.repeats
     prefixes = [16, 256] if args.quick else [16, 256, 1024, 4000]
@@ -233,12 +236,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.quick:
         results["sessions"] = sessions.bench(args.models)
+    if not args.no_perf:
+        from bench import pa, perf
+
+        default = perf.available_workers()
+        if args.quick:  # a smoke run: one workload, short windows
+            results["perf"] = perf.run(args.models, ["charlm-stream"], [4], sorted({1, default}), window_ms=300)
+        else:
+            results["perf"] = perf.run(args.models, list(pa.WORKLOADS), [1, 16, 64], sorted({1, default}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print_stores(results["stores"])
     if "sessions" in results:
         sessions.print_table(results["sessions"])
+    if "perf" in results:
+        perf.print_table(results["perf"])
     print(f"\nwritten: {args.out}")
     return 0
 

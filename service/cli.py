@@ -37,6 +37,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     flags = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port, "models": args.models}
     flags["device"] = args.device
     flags["watch_models_seconds"] = args.watch_models
+    flags["workers"] = args.workers
     if args.plugin:
         flags["plugins"] = args.plugin
     return Settings(**{k: v for k, v in flags.items() if v is not None})  # env < flags
@@ -71,10 +72,13 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.engine.procs import serve, worker_count
     from service.logs import configure
 
     settings = _settings(args)
     configure(settings)
+    if worker_count(settings) > 1:  # N frontend processes + this one as the engine
+        return asyncio.run(serve(settings, args.ready_file))
     asyncio.run(_serve(settings, args.ready_file))
     return 0
 
@@ -158,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="poll the repository every SECONDS (default 5): new versions load, removed ones unload, changed "
         "weights reload (env SEQSERVE_WATCH_MODELS_SECONDS)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="gRPC frontend processes sharing the port, plus one engine process (env SEQSERVE_WORKERS; "
+        "0 = one per core; 1 = everything in this one process)",
     )
     s.add_argument(
         "--plugin", action="append", metavar="MODULE", help="import MODULE at start (registers tasks or stores)"

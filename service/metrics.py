@@ -13,6 +13,8 @@ import bisect
 import contextlib
 import importlib.metadata
 import threading
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
@@ -87,6 +89,7 @@ class Metrics:
         )
         self.build_info.labels(_version("seqserve"), _version("onnxruntime")).set(1)
         self._models: set[str] = set()  # names seen by model_loaded: the only model label values besides _other
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() results of hot-path metrics
         self._model_info: dict[tuple[str, str], str] = {}  # (model, version) -> provider currently exported
 
         # --- API layer --------------------------------------------------------------------------------
@@ -188,23 +191,38 @@ class Metrics:
             registry=r,
         )
 
+    def know_models(self, names: Iterable[str]) -> None:
+        """Allows ``names`` as model label values without creating any series (a frontend process labels the
+        RPCs of models that its engine loaded)."""
+        with self._lock:
+            self._models.update(names)
+
     def _model(self, model: str) -> str:
         """The label value for a model name: itself when loaded, "" when none, else OTHER_MODEL."""
         if model == NO_MODEL or model in self._models:
             return model
         return OTHER_MODEL
 
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """``metric.labels(*labels)``, remembered: prometheus_client's lookup costs ~5 µs, and the hot path asks
+        for the same few series on every request or batch. Only for series that are never removed."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     # --- API layer (interceptor) -------------------------------------------------------------------
     def rpc_started(self, service: str, method: str) -> None:
         """In-flight gauge +1."""
-        self.rpc_in_flight.labels(service, method).inc()
+        self._child(self.rpc_in_flight, (service, method)).inc()
 
     def rpc_finished(self, service: str, method: str, model: str, code: str, seconds: float) -> None:
         """In-flight gauge -1; request counter and latency histogram (labels: service, method, model, code)."""
-        self.rpc_in_flight.labels(service, method).dec()
+        self._child(self.rpc_in_flight, (service, method)).dec()
         labels = (service, method, self._model(model), code)
-        self.rpc_requests.labels(*labels).inc()
-        self.rpc_duration.labels(*labels).observe(max(seconds, 0.0))
+        self._child(self.rpc_requests, labels).inc()
+        self._child(self.rpc_duration, labels).observe(max(seconds, 0.0))
 
     # --- core: inference -----------------------------------------------------------------------------
     def inference(
@@ -219,14 +237,14 @@ class Metrics:
             return
         labels = (self._model(model), str(version))
         q, c = max(queue_seconds, 0.0), max(compute_seconds, 0.0)
-        _observe_many(self.inference_queue.labels(*labels), q, batch_size)
-        _observe_many(self.inference_compute.labels(*labels), c, batch_size)
-        _observe_many(self.inference_total.labels(*labels), q + c, batch_size)
-        self.batch_size.labels(*labels).observe(batch_size)
+        _observe_many(self._child(self.inference_queue, labels), q, batch_size)
+        _observe_many(self._child(self.inference_compute, labels), c, batch_size)
+        _observe_many(self._child(self.inference_total, labels), q + c, batch_size)
+        self._child(self.batch_size, labels).observe(batch_size)
 
     def queue_depth(self, model: str, depth: int) -> None:
         """Requests waiting in the model's batch queue now."""
-        self.queue.labels(self._model(model)).set(depth)
+        self._child(self.queue, (self._model(model),)).set(depth)
 
     # --- core: models ---------------------------------------------------------------------------------
     def model_loaded(self, model: str, version: int, provider: str, load_seconds: float, ready: bool) -> None:
@@ -289,7 +307,7 @@ class Metrics:
         """Characters produced by Complete/Suggest/KServe completions."""
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
-        self.chars.labels(self._model(model)).inc(count)
+        self._child(self.chars, (self._model(model),)).inc(count)
 
     def time_to_first_chunk(self, model: str, seconds: float) -> None:
         """Complete: from request start to the first streamed chunk."""

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     """Bytes of large requests being decoded and served at once; more wait their turn (bounded by their
     deadline). Bounds the memory a burst of near-limit requests can pin."""
 
+    # --- processes -------------------------------------------------------------------------------------
+    workers: int = Field(default=0, ge=0)
+    """gRPC frontend processes sharing ``port`` (SO_REUSEPORT), plus one engine process that owns the models,
+    sessions and batchers. 0 (default) = one per available core (affinity and cgroup quota); 1 = everything in
+    one process, no engine."""
+    frontend_ports: bool = False
+    """With workers > 1: each frontend also listens on a free port of its own, listed in the ready file (tests
+    and debugging reach one frontend by it)."""
+
     # --- models ----------------------------------------------------------------------------------------
     models: Path = Path("models")
     """Model repository: ``<models>/<name>/<version>/{model.onnx,manifest.json}``."""
@@ -59,8 +68,9 @@ class Settings(BaseSettings):
     plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Python modules imported at start-up that register extra tasks or session stores (comma-separated in the
     environment: ``SEQSERVE_PLUGINS=mypkg.tasks``)."""
-    intra_op_threads: int = Field(default=0, ge=0)
-    """ONNX Runtime threads per session (0 = ORT's default)."""
+    intra_op_threads: int = Field(default=1, ge=0)
+    """ONNX Runtime threads per session (0 = ORT's default: one per core, spinning). 1 by measurement: recurrent
+    steps are too small to split, and spinning pool threads take the cores the event loops need."""
     inter_op_threads: int = Field(default=1, ge=0)
 
     # --- batching --------------------------------------------------------------------------------------
@@ -70,6 +80,9 @@ class Settings(BaseSettings):
     """How long the first request of a batch waits for others."""
     max_queue_size: int = Field(default=1024, ge=1)
     """Requests waiting per model beyond which new ones get RESOURCE_EXHAUSTED."""
+    inline_batch_tokens: int = Field(default=256, ge=0)
+    """Batches of at most this many rows x time steps run ONNX Runtime inline on the event loop (cheaper than a
+    thread hop for generation steps); bigger ones run in a worker thread. 0 = always a thread."""
 
     # --- sessions --------------------------------------------------------------------------------------
     session_store: str = "memory://"

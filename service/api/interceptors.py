@@ -289,13 +289,46 @@ class AuthInterceptor(_Wrapping):
         return name
 
 
+class ComposedChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The chain as one interceptor that composes each method's handler once and then reuses it.
+
+    Every interceptor above derives a method's wrapped handler from the method name and the inner handler only
+    (all per-call work happens inside the wrapped behaviour), so the composition can be cached: per RPC, grpc
+    then awaits one ``intercept_service`` instead of one per interceptor, each building wrappers again."""
+
+    def __init__(self, chain: list[grpc.aio.ServerInterceptor]) -> None:
+        self.chain = chain
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        cached = self._cache.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = handler
+        for interceptor in reversed(self.chain):  # innermost first, as grpc would apply them
+
+            async def inner(_: grpc.HandlerCallDetails, h: grpc.RpcMethodHandler = wrapped) -> grpc.RpcMethodHandler:
+                return h
+
+            wrapped = await interceptor.intercept_service(inner, details)
+        self._cache[details.method] = (handler, wrapped)
+        return wrapped
+
+
 def build_interceptors(metrics: Metrics, settings: Settings | None = None) -> list[grpc.aio.ServerInterceptor]:
     """Outermost first: metrics sees the final status of everything, errors maps what auth and decoding raise,
-    auth names the principal before decoding spends anything on the request."""
+    auth names the principal before decoding spends anything on the request. Served as one ``ComposedChain``."""
     s = settings if settings is not None else Settings()
     chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics, s.access_log), ErrorInterceptor()]
     keys = KeyTable(load_keys(s))
     if keys or s.tls_client_ca is not None:
         chain.append(AuthInterceptor(keys, mtls=s.tls_client_ca is not None))
     chain.append(DecodeInterceptor(s))
-    return chain
+    return [ComposedChain(chain)]

@@ -4,6 +4,10 @@ server = Server(settings)
 await server.start()          # binds (port 0 = a free port), loads models, health -> SERVING
 ... server.port, server.metrics_port, server.dataplane ...
 await server.stop()           # health -> NOT_SERVING, in-flight calls get settings.grace_seconds
+
+A frontend of a multi-process server (``service.engine.procs``) is the same Server given a ``plane``: the
+engine's ``RemoteDataPlane`` instead of a ``CoreDataPlane`` built here. Its port is shared with the other
+frontends (SO_REUSEPORT); ``own_port`` also binds a free port of its own (tests reach one frontend by it).
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from service.api import tls
 from service.api.interceptors import build_interceptors
 from service.api.servicers import REGISTRARS, SERVICE_CAPABILITIES
+from service.core.types import DataPlane
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -30,6 +35,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class RemotePlane(DataPlane, Protocol):
+    """A data plane in another process (``service.engine.client.RemoteDataPlane``)."""
+
+    @property
+    def store_ok(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def on_models_changed(self, hook: Callable[[], Awaitable[None]]) -> None: ...
+
+
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -37,7 +56,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class Server:
     def __init__(
-        self, settings: Settings, metrics: Metrics | None = None, clock: Callable[[], float] = time.time
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        plane: RemotePlane | None = None,
+        own_port: bool = False,
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
@@ -46,6 +70,9 @@ class Server:
         self.metrics_port: int | None = None  # bound HTTP port, None when the HTTP server is not available
         self.services: list[str] = []  # full names of the registered services (ours + plug-ins)
         self._dataplane: CoreDataPlane | None = None
+        self._remote = plane
+        self._own_port = own_port
+        self.own_port: int | None = None  # this process's private port, when own_port
         self._grpc: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._http: Any = None
@@ -56,8 +83,15 @@ class Server:
     @property
     def dataplane(self) -> CoreDataPlane:
         if self._dataplane is None:
-            raise RuntimeError("Server.start() has not run")
+            raise RuntimeError("Server.start() has not run (or this is a frontend: its data plane is remote)")
         return self._dataplane
+
+    @property
+    def plane(self) -> DataPlane:
+        """The data plane the servicers call: this process's core, or the engine's."""
+        if self._remote is not None:
+            return self._remote
+        return self.dataplane
 
     @property
     def serving(self) -> bool:
@@ -68,11 +102,13 @@ class Server:
         from service.core.dataplane import CoreDataPlane  # the core is built here, in the composition root
 
         s = self.settings
-        self._dataplane = CoreDataPlane(s, self.metrics, clock=self._clock)
-        limits = [("grpc.max_receive_message_length", s.max_message_bytes)]
-        limits.append(("grpc.max_send_message_length", s.max_message_bytes))
-        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s), options=limits)
-        self.services = [name for register in REGISTRARS for name in register(server, self._dataplane, s)]
+        if self._remote is None:
+            self._dataplane = CoreDataPlane(s, self.metrics, clock=self._clock)
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", s.max_message_bytes)]
+        options.append(("grpc.max_send_message_length", s.max_message_bytes))
+        options.append(("grpc.so_reuseport", 1))  # frontends of one server share the port (the default on Linux)
+        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s), options=options)
+        self.services = [name for register in REGISTRARS for name in register(server, self.plane, s)]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
@@ -86,17 +122,29 @@ class Server:
             raise RuntimeError(f"cannot bind gRPC to {address}: {exc} (port in use? set SEQSERVE_PORT)") from exc
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC to {address} (port in use? set SEQSERVE_PORT)")
+        if self._own_port:
+            own = f"[{s.host}]:0" if ":" in s.host else f"{s.host}:0"
+            bound = server.add_insecure_port(own) if credentials is None else server.add_secure_port(own, credentials)
+            self.own_port = bound
         await self._set_all(NOT_SERVING)  # reachable now, but not ready until the models are loaded
         await server.start()
         self._grpc = server
         self._start_http()
         log.info("gRPC listening on %s:%d (%d services%s)", s.host, self.port, len(self.services),
                  ", TLS" + (" + client certificates" if s.tls_client_ca else "") if credentials else "")  # fmt: skip
-        await self._dataplane.start()
-        # Health follows every later load, reload and unload (RepositoryModelLoad/Unload, --watch-models).
-        self._dataplane.registry.subscribe(on_load=self._model_changed, on_unload=self._model_changed)
-        self._dataplane.on_store_change(self._store_changed)
+        if self._remote is not None:
+            await self._remote.start()
+            self._remote.on_models_changed(self._engine_changed)  # models or the session store (from the engine)
+        else:
+            await self.dataplane.start()
+            # Health follows every later load, reload and unload (RepositoryModelLoad/Unload, --watch-models).
+            self.dataplane.registry.subscribe(on_load=self._model_changed, on_unload=self._model_changed)
+            self.dataplane.on_store_change(self._store_changed)
         await self.refresh_health()
+
+    async def _engine_changed(self) -> None:
+        if not self._stopping:
+            await self.refresh_health()
 
     async def _store_changed(self, ok: bool) -> None:
         if not self._stopping:
@@ -109,9 +157,12 @@ class Server:
     async def refresh_health(self) -> None:
         """SERVING for the whole server when the data plane is ready; per service when some ready model offers
         the capability the service needs."""
-        ready = self.dataplane.ready()
+        plane = self._remote if self._remote is not None else self.dataplane
+        ready = plane.ready()
         # "sessions": the session store answers (the Sessions service; stateless calls never need it)
-        capabilities = self.dataplane.capabilities() | ({"sessions"} if self.dataplane.store_ok else set())
+        capabilities = plane.capabilities() | ({"sessions"} if plane.store_ok else set())
+        models = plane.models()
+        self.metrics.know_models(m.name for m in models)  # a frontend's metrics label the engine's models
         for name in self.services:
             need = SERVICE_CAPABILITIES.get(name)
             ok = ready and (need is None or need in capabilities)
@@ -119,7 +170,7 @@ class Server:
         await self._health.set("", SERVING if ready else NOT_SERVING)
         await self._health.set(HEALTH_SERVICE, SERVING)
         self._serving = ready
-        for m in self.dataplane.models():
+        for m in models:
             if not m.ready:
                 log.warning("model %s/%d is not ready: %s", m.name, m.version, m.error)
         log.info("health: %s (serving: %s)", "SERVING" if ready else "NOT_SERVING", sorted(capabilities) or "nothing")
@@ -135,6 +186,10 @@ class Server:
             log.warning("service.api.http is not available: no /metrics endpoint")
             return
         s = self.settings
+        if self._remote is not None:  # a frontend's: private (loopback, plaintext), read by the engine at each scrape
+            self._http = MetricsHttpServer("127.0.0.1", 0, self.metrics, lambda: self._serving)
+            self.metrics_port = int(self._http.start())
+            return
         self._http = MetricsHttpServer(
             s.host,
             s.metrics_port,
@@ -155,7 +210,9 @@ class Server:
         if self._grpc is not None:
             log.info("shutting down: in-flight calls get %.1fs", grace)
             await self._grpc.stop(grace)
-        if self._dataplane is not None:
+        if self._remote is not None:
+            await self._remote.stop()
+        elif self._dataplane is not None:
             await self._dataplane.stop()
         if self._http is not None:
             self._http.stop()

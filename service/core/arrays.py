@@ -62,7 +62,9 @@ def log_softmax(logits: npt.NDArray[np.floating[Any]], axis: int = -1) -> F64:
 
 
 def softmax(logits: npt.NDArray[np.floating[Any]], axis: int = -1) -> F64:
-    out: F64 = np.exp(log_softmax(logits, axis))
+    """Probabilities in float64 (one exp per element: this runs once per served character)."""
+    e = np.exp(logits.astype(np.float64) - logits.max(axis=axis, keepdims=True))
+    out: F64 = e / e.sum(axis=axis, keepdims=True)
     return out
 
 

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import cast
 
@@ -39,6 +40,7 @@ from service.core.types import (
     SessionInfo,
     SuggestResult,
     Tensor,
+    TensorContract,
 )
 from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound, echo
 from service.metrics import Metrics
@@ -75,6 +77,9 @@ class CoreDataPlane:
         self.sessions = SessionManager(settings, metrics, store, clock)
         self._started = False
         self._watcher: asyncio.Task[None] | None = None
+        self._contracts: weakref.WeakKeyDictionary[ModelEntry, tuple[TensorContract, list[str]]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.store_ok = True  # the session store answered the last check (health of the Sessions service)
         self._store_watch: asyncio.Task[None] | None = None
         self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []
@@ -221,33 +226,43 @@ class CoreDataPlane:
             )
         return entry
 
+    def _fits(self, s: SessionState, capability: str | None, model: ModelRef | None) -> ModelEntry:
+        """The session's pinned model entry, once the session fits the call: capability, model (when named)."""
+        note_model(s.model)
+        entry = self._pinned(s)
+        if capability is not None and capability not in entry.capabilities:
+            raise FailedPrecondition(
+                f"session {echo(s.id)} belongs to {s.task!r} model {s.model}; this call needs a session "
+                f"of {needs(capability)}"
+            )
+        if model is not None and model.name and (model.name != s.model or model.version not in (None, s.version)):
+            named = echo(model.name) + (f" version {model.version}" if model.version is not None else "")
+            raise FailedPrecondition(
+                f"session {echo(s.id)} belongs to model {s.model} version {s.version}, but the request "
+                f"names {named}; omit the model or name the session's"
+            )
+        return entry
+
     @contextlib.asynccontextmanager
     async def _session(
-        self, session_id: str, capability: str | None, model: ModelRef | None = None, count: bool = True
+        self, session_id: str, capability: str | None, model: ModelRef | None = None
     ) -> AsyncIterator[tuple[SessionState, ModelEntry]]:
-        """Leases the session and checks it fits the call: capability, model (when named), pinned weights.
-        ``count``: the call is one request of the model's statistics (False when the caller counts it)."""
+        """Leases the session, checks it fits the call (``_fits``) and counts the call as one request of the
+        model's statistics."""
         async with self.sessions.use(session_id) as s:
-            note_model(s.model)
-            entry = self._pinned(s)
-            if capability is not None and capability not in entry.capabilities:
-                raise FailedPrecondition(
-                    f"session {echo(session_id)} belongs to {s.task!r} model {s.model}; this call needs a session "
-                    f"of {needs(capability)}"
-                )
-            if model is not None and model.name and (model.name != s.model or model.version not in (None, s.version)):
-                named = echo(model.name) + (f" version {model.version}" if model.version is not None else "")
-                raise FailedPrecondition(
-                    f"session {echo(session_id)} belongs to model {s.model} version {s.version}, but the request "
-                    f"names {named}; omit the model or name the session's"
-                )
-            if not count:
-                yield s, entry
-                return
+            entry = self._fits(s, capability, model)
             with self._request(entry):
                 yield s, entry
 
     # --- v2 inference -------------------------------------------------------------------------------------
+    def _contract(self, entry: ModelEntry) -> tuple[TensorContract, list[str]]:
+        """The task's v2 contract and output names, built once per loaded version (not once per request)."""
+        found = self._contracts.get(entry)
+        if found is None:
+            contract = entry.task.contract()
+            found = self._contracts[entry] = (contract, [d.name for d in contract.outputs])
+        return found
+
     def _sequence_id(self, model: str, seq: SequenceRef) -> str:
         """The session key of a v2 sequence, namespaced per principal: two callers' sequence 1 never meet.
         (The session records its owner too; the namespace keeps a ``sequence_start`` from replacing another
@@ -301,8 +316,7 @@ class CoreDataPlane:
             entry = self.registry.resolve(model)
         note_model(entry.name)
         with self._request(entry) as req:
-            contract = entry.task.contract()
-            names = [d.name for d in contract.outputs]
+            contract, names = self._contract(entry)
             wanted = outputs or names
             for name in wanted:
                 if name not in names:
@@ -333,7 +347,8 @@ class CoreDataPlane:
         elif seq.start:  # (re)starts the sequence: a start on a running id replaces its state
             await self._new_session(entry, ttl, sid)
         try:
-            async with self._session(sid, None, ModelRef(entry.name, entry.version), count=False) as (s, _):
+            async with self.sessions.use(sid) as s:  # the request is counted by infer()
+                self._fits(s, None, ModelRef(entry.name, entry.version))
                 result = await entry.task.infer(tensors, s)
                 blob = seal(s, self._signing_key(), self.sessions.clock()) if seq.export else None
             return result, blob

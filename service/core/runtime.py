@@ -54,6 +54,9 @@ class Runtime:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = settings.intra_op_threads
         opts.inter_op_num_threads = settings.inter_op_threads
+        # Pool threads that spin between runs burn the cores the event loops need (the default spins).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only; ORT's warnings about unused initializers are noise here
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.provider: str = self.session.get_providers()[0]

@@ -106,7 +106,7 @@ class SessionInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tensor:
     """A named tensor in Open Inference Protocol (KServe v2) terms, free of any transport.
 

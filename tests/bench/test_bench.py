@@ -29,3 +29,11 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     step = [row for row in stores["rows"] if row["store"] == "redis step"]
     assert all(row["p50_ms"] > 0 and row["redis_scripts_per_step"] > 0 for row in step)
     assert stores["memory"]["value_key_bytes"] > stores["memory"]["state_bytes"] > 0
+    # perf_analyzer section: seqserve with 1 worker and the default count, and the floor, on the same workload.
+    perf = r["perf"]
+    servers = {row["server"] for row in perf["rows"]}
+    assert "floor" in servers and "seqserve w=1" in servers
+    assert {row["workload"] for row in perf["rows"]} == {"charlm-stream"}
+    for row in perf["rows"]:
+        assert row["throughput"] > 0 and row["p50_us"] > 0
+        assert row["server_cpu_s_per_1k"] > 0 and row["client_cpu_s_per_1k"] > 0

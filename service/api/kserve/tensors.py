@@ -66,6 +66,26 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(_LEN.pack(len(b)) + b for b in items)
 
 
+# Encoded BYTES outputs that tasks hand out again and again as the same list object (a char LM's VOCAB): keyed
+# by identity, holding the list so its id cannot be reused while cached; bounded.
+_ENCODED: dict[int, tuple[list[bytes], bytes]] = {}
+_ENCODED_MAX = 64
+_ENCODED_MIN_ITEMS = 16
+
+
+def _serialize_cached(items: list[bytes]) -> bytes:
+    if len(items) < _ENCODED_MIN_ITEMS:
+        return serialize_bytes(items)
+    hit = _ENCODED.get(id(items))
+    if hit is not None and hit[0] is items:
+        return hit[1]
+    raw = serialize_bytes(items)
+    if len(_ENCODED) >= _ENCODED_MAX:
+        _ENCODED.clear()
+    _ENCODED[id(items)] = (items, raw)
+    return raw
+
+
 def _shape(t: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
     """The declared shape, checked before anything is decoded: at most 16 dimensions, each 0..2**31-1."""
     if len(t.shape) > MAX_DIMS:
@@ -128,6 +148,14 @@ class WireInput:
     def decode(self) -> Tensor:
         return _decode_one(self._pb, self._raw)
 
+    def to_wire(self) -> tuple[bytes, bytes | None]:
+        """What crosses to the engine process: the tensor message (header and typed contents) and the raw bytes."""
+        return self._pb.SerializeToString(), self._raw
+
+    @classmethod
+    def from_wire(cls, message: bytes, raw: bytes | None) -> WireInput:
+        return cls(pb.ModelInferRequest.InferInputTensor.FromString(message), raw)
+
 
 def read_inputs(request: pb.ModelInferRequest) -> list[WireInput]:
     """The request's inputs, headers only. Raw contents, when present, must cover every input, in order."""
@@ -155,7 +183,7 @@ def encode_output(response: pb.ModelInferResponse, t: Tensor) -> None:
     tensor = response.outputs.add(name=t.name, datatype=t.datatype)
     tensor.shape.extend(t.shape)
     if t.datatype == "BYTES":
-        response.raw_output_contents.append(serialize_bytes(t.items or []))
+        response.raw_output_contents.append(_serialize_cached(t.items or []))
         return
     assert t.array is not None
     dtype, _ = NUMERIC[t.datatype]

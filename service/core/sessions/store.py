@@ -21,6 +21,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from service.core.sessions import compact
 from service.core.sessions.state import SessionState
 from service.settings import Settings
 
@@ -102,8 +103,8 @@ R = TypeVar("R")
 
 
 class InMemorySessionStore(Generic[R]):
-    """Sessions in this process. ``R`` is how a record is kept: ``SessionState`` here (a private copy);
-    a subclass may keep bytes instead (``_pack``/``_unpack``)."""
+    """Sessions in this process. ``R`` is how a record is kept: ``compact.Compact`` here (the arrays in one
+    buffer: ``compact.py``); a subclass may keep bytes instead (``_pack``/``_unpack``)."""
 
     def __init__(self) -> None:
         self._records: OrderedDict[str, R] = OrderedDict()  # least recently used first
@@ -118,11 +119,11 @@ class InMemorySessionStore(Generic[R]):
 
     # --- how a record is kept ---------------------------------------------------------------------------
     def _pack(self, s: SessionState) -> R:
-        return s.copy()  # type: ignore[return-value]
+        return compact.pack(s)  # type: ignore[return-value]
 
     def _unpack(self, record: R) -> SessionState:
-        assert isinstance(record, SessionState)
-        return record.copy()
+        assert isinstance(record, compact.Compact)
+        return compact.unpack(record)
 
     # --- protocol -------------------------------------------------------------------------------------
     async def load(self, session_id: str) -> SessionState | None:

@@ -97,6 +97,7 @@ class CharLMTask(Task):
         assert model.manifest.tokenizer is not None  # check() ran at load
         self.encoder = Encoder(model.manifest.tokenizer)
         self.vocab = self.encoder.vocab
+        self._vocab_tensor = bytes_tensor("VOCAB", list(self.vocab))  # the same every call: built (and encoded) once
 
     def session_nbytes(self) -> int:
         return super().session_nbytes() + 4 * len(self.vocab)  # + next-character logits, float32
@@ -124,7 +125,7 @@ class CharLMTask(Task):
         step = await self._char_step(session, text, num_chars, "input TEXT", "input NUM_CHARS")
         outputs = {
             "NEXT_CHAR_PROBS": fp32_tensor("NEXT_CHAR_PROBS", step.probabilities),  # (vocab,)
-            "VOCAB": bytes_tensor("VOCAB", step.vocab),
+            "VOCAB": self._vocab_tensor,
             "COMPLETION": bytes_tensor("COMPLETION", [step.completion]),
         }
         return TaskResult(outputs, inferences=1, steps=step.steps)

@@ -1,0 +1,210 @@
+"""``make bench``'s perf_analyzer section: seqserve (1 worker and the default worker count) against the
+canned-response floor (``bench/floor.py``), in the same run, on the issue's workloads.
+
+For each server and workload it prints throughput, client p50/p99, seqserve/floor ratios and CPU seconds per
+1,000 requests for server and client (perf_analyzer shares the machine's cores with the server).
+
+    python -m bench.perf [--models models] [--concurrency 1 16 64] [--workloads sentiment charlm-stream ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench import pa
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children(pid: int) -> list[int]:
+    """``pid`` and all its descendants (the workers and the engine of a multi-process server)."""
+    out, todo = [pid], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        out += [int(k) for k in kids]
+        todo += [int(k) for k in kids]
+    return out
+
+
+@contextmanager
+def process(cmd: list[str], ready: Path, env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, Any], int]]:
+    """Runs ``cmd`` until its ready file appears; yields (ready JSON, pid); SIGTERM and wait on exit."""
+    log = ready.with_suffix(".log")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                info: dict[str, Any] = json.loads(ready.read_text())
+                break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield info, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def seqserve(
+    models: Path, folder: Path, workers: int | None, port: int = 0, extra: dict[str, str] | None = None
+) -> Any:
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0"]
+    cmd += ["--models", str(models), "--device", "cpu", "--ready-file", str(folder / f"seqserve-{workers}.json")]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | {"SEQSERVE_LOG_LEVEL": "WARNING"}
+    env |= extra or {}
+    return process(cmd, folder / f"seqserve-{workers}.json", env)
+
+
+def floor(canned: Path, folder: Path) -> Any:
+    cmd = [sys.executable, "-m", "bench.floor", "--canned", str(canned), "--ready-file", str(folder / "floor.json")]
+    return process(cmd, folder / "floor.json")
+
+
+def available_workers() -> int:
+    """The worker count ``seqserve serve`` picks by default (one per available core)."""
+    from service.engine.procs import available_cpus
+
+    return available_cpus()
+
+
+def canned_requests() -> dict[str, Any]:
+    from service.api.gen.inference import grpc_service_pb2 as pb
+
+    def text(model: str, value: str) -> Any:
+        r = pb.ModelInferRequest(model_name=model, id="1")
+        t = r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+        t.contents.bytes_contents.append(value.encode())
+        return r
+
+    return {"sentiment": text("sentiment", pa.SENTENCES[0]), "charlm": text("charlm", "a")}
+
+
+def measure(
+    label: str,
+    target: str,
+    pids: list[int],
+    workloads: list[str],
+    conc: list[int],
+    folder: Path,
+    env: dict[str, str],
+    window_ms: int,
+) -> list[dict[str, Any]]:
+    rows = []
+    for name in workloads:
+        for c in conc:
+            r = pa.run(target, pa.WORKLOADS[name], c, folder, env, lambda: pids, window_ms=window_ms)
+            row = {"server": label, **r.as_dict()}
+            rows.append(row)
+            print(
+                f"  {label:>14} {name:>14} c={c:<3} {r.throughput:>9.0f}/s  p50 {r.p50_us / 1000:6.2f} ms  "
+                f"p99 {r.p99_us / 1000:6.2f} ms  cpu/1k srv {row['server_cpu_s_per_1k']:.3f}s "
+                f"cli {row['client_cpu_s_per_1k']:.3f}s",
+                flush=True,
+            )
+    return rows
+
+
+def run(
+    models: Path,
+    workloads: list[str],
+    conc: list[int],
+    workers: list[int],
+    extra: dict[str, str] | None = None,
+    with_floor: bool = True,
+    window_ms: int = 2000,
+) -> dict[str, Any]:
+    """Each seqserve worker count, then the floor, over every workload and concurrency; a dict of rows."""
+    env = pa.environment()
+    results: dict[str, Any] = {"concurrency": conc, "workloads": workloads, "workers": workers, "rows": []}
+    results["load_before"] = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for w in workers:
+            with seqserve(models, folder, w, extra=extra) as (info, pid):
+                target = f"127.0.0.1:{info['grpc_port']}"
+                if not (folder / "canned").exists():
+                    from bench.floor import record
+
+                    record(target, canned_requests(), folder / "canned")
+                pids = _children(pid)
+                results["rows"] += measure(f"seqserve w={w}", target, pids, workloads, conc, folder, env, window_ms)
+        if with_floor:
+            with floor(folder / "canned", folder) as (info, pid):
+                target = f"127.0.0.1:{info['grpc_port']}"
+                results["rows"] += measure("floor", target, [pid], workloads, conc, folder, env, window_ms)
+    results["load_after"] = os.getloadavg()
+    return results
+
+
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """seqserve/floor throughput per (server, workload, concurrency)."""
+    floor_rows = {(r["workload"], r["concurrency"]): r for r in results["rows"] if r["server"] == "floor"}
+    out = []
+    for r in results["rows"]:
+        f = floor_rows.get((r["workload"], r["concurrency"]))
+        if r["server"] != "floor" and f is not None:
+            out.append({**r, "ratio": r["throughput"] / f["throughput"]})
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    before, after = results.get("load_before", ()), results.get("load_after", ())
+    print("\nperf_analyzer (client on the same cores; throughput/s, p50 ms, ratio to the floor, CPU s per 1k req):")
+    if before and after:
+        print(f"  load average before {before[0]:.2f}, after {after[0]:.2f} (1 min)")
+    print(f"  {'server':>14} {'workload':>14} {'c':>3} {'thr/s':>8} {'p50':>6} {'p99':>6} {'xfloor':>6} "
+          f"{'srv cpu':>7} {'cli cpu':>7}")  # fmt: skip
+    with_ratio = {(r["server"], r["workload"], r["concurrency"]): r["ratio"] for r in ratios(results)}
+    for r in results["rows"]:
+        x = with_ratio.get((r["server"], r["workload"], r["concurrency"]))
+        print(
+            f"  {r['server']:>14} {r['workload']:>14} {r['concurrency']:>3} {r['throughput']:>8.0f} "
+            f"{r['p50_us'] / 1000:>6.2f} {r['p99_us'] / 1000:>6.2f} {'' if x is None else f'{x:.2f}':>6} "
+            f"{r['server_cpu_s_per_1k']:>7.3f} {r['client_cpu_s_per_1k']:>7.3f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap.add_argument("--workloads", nargs="+", default=list(pa.WORKLOADS), choices=list(pa.WORKLOADS))
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, available_workers()])
+    ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="extra SEQSERVE_* for the server")
+    ap.add_argument("--no-floor", action="store_true", help="skip the floor server (tuning runs)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "perf.json")
+    args = ap.parse_args(argv)
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    results = run(args.models, args.workloads, args.concurrency, sorted(set(args.workers)), extra, not args.no_floor)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

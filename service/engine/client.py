@@ -1,0 +1,325 @@
+"""The frontend side: ``RemoteDataPlane`` implements ``service.core.types.DataPlane`` by calling the engine.
+
+Asynchronous calls share one Unix socket connection: each gets a call id and a Future that the reading side
+resolves. A cancelled caller (the gRPC client went away) sends CANCEL so the engine stops the work too.
+``complete`` streams: the engine pushes one message per chunk into a queue the generator reads. The
+synchronous calls of the protocol (model table, statistics) go over a second, blocking connection with a
+timeout: they are rare (health, metadata, statistics), never on the inference path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any
+
+from service.core.context import admitted, mark_admitted, note_model, principal
+from service.core.types import (
+    CharStep,
+    CompletionChunk,
+    FloatArray,
+    ForecastResult,
+    InferResult,
+    InputTensor,
+    ModelInfo,
+    ModelMetadata,
+    ModelRef,
+    ModelStats,
+    SamplingParams,
+    SentimentResult,
+    SequenceRef,
+    SessionInfo,
+    SuggestResult,
+)
+from service.engine import wire
+from service.engine.codec import pack, raise_error, unpack
+from service.errors import ModelUnavailable, Overloaded
+from service.logs import CALL
+
+log = logging.getLogger(__name__)
+Reply = tuple[int, Any, str | None, bool]  # status, payload, model noted, admitted
+
+
+def _context() -> list[Any]:
+    """What the engine's task needs to know about this call (wire.py): principal, admission, request id."""
+    return [principal(), admitted(), CALL.get()]
+
+
+class _Link(asyncio.Protocol):
+    def __init__(self, plane: RemoteDataPlane) -> None:
+        self.plane = plane
+        self.framer = wire.Framer()
+
+    def data_received(self, data: bytes) -> None:
+        for payload in self.framer.feed(data):
+            for call_id, status, body, model, was_admitted in unpack(payload):
+                self.plane._answer(call_id, status, body, model, was_admitted)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.plane._lost()
+
+
+class RemoteDataPlane:
+    def __init__(self, path: str, max_pending: int = 1024, control_timeout: float = 10.0) -> None:
+        self.path = path
+        self.max_pending = max_pending  # calls waiting for the engine beyond which new ones fail at once
+        self.control_timeout = control_timeout
+        self._transport: asyncio.Transport | None = None
+        self._control: socket.socket | None = None
+        self._control_framer = wire.Framer()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._streams: dict[int, asyncio.Queue[Reply]] = {}
+        self._hooks: list[Callable[[], Awaitable[None]]] = []
+        self._outbox: list[list[Any]] = []  # calls of this loop iteration, sent as one frame
+        self._closing = False
+        self._hook_tasks: set[asyncio.Future[None]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self), self.path)
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._send([wire.HELLO, 0, "", (), {}, None])
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+        self._lost()
+        if self._control is not None:
+            self._control.close()
+
+    def _lost(self) -> None:
+        """The engine connection closed: every waiting call fails (UNAVAILABLE) instead of waiting forever."""
+        if not self._closing:
+            log.error("the engine connection was lost")
+        gone = ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(gone)
+        self._pending.clear()
+        for queue in self._streams.values():
+            queue.put_nowait((wire.ERROR, ["ModelUnavailable", gone.message], None, False))
+
+    def on_models_changed(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """``hook`` runs after the engine loaded, reloaded or unloaded a model (health follows it)."""
+        self._hooks.append(hook)
+
+    def _answer(self, call_id: int, status: int, payload: Any, model: str | None, was_admitted: bool) -> None:
+        fut = self._pending.pop(call_id, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result((status, payload, model, was_admitted))
+            return
+        queue = self._streams.get(call_id)
+        if queue is not None:
+            queue.put_nowait((status, payload, model, was_admitted))
+        elif status == wire.EVENT:
+            task = asyncio.ensure_future(self._run_hooks(payload[1]))
+            self._hook_tasks.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(self._hook_tasks.discard)
+
+    async def _run_hooks(self, event: int) -> None:
+        for hook in self._hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("models-changed hook failed")
+        self._send([wire.ACK, event, "", (), {}, None])
+
+    # --- calling --------------------------------------------------------------------------------------
+    def _send(self, message: list[Any]) -> None:
+        """Queues a call; the calls of one loop iteration leave together in one frame."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(message)
+
+    def _flush(self) -> None:
+        calls, self._outbox = self._outbox, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(wire.frame(pack(calls)))
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._transport is None or self._transport.is_closing():
+            raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
+        if len(self._pending) >= self.max_pending:
+            raise Overloaded(
+                f"{len(self._pending)} requests of this frontend are waiting for the engine, the limit is "
+                f"max_queue_size={self.max_pending}; retry with backoff"
+            )
+        call_id = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        self._send([wire.CALL, call_id, method, args, kwargs, _context()])
+        try:
+            status, payload, model, was_admitted = await fut
+        except asyncio.CancelledError:
+            if self._pending.pop(call_id, None) is not None:
+                self._send([wire.CANCEL, call_id, "", (), {}, None])
+            raise
+        if model:
+            note_model(model)
+        if was_admitted:
+            mark_admitted()
+        if status == wire.ERROR:
+            raise_error(*payload)
+        return payload
+
+    def _sync(self, method: str, *args: Any) -> Any:
+        """A synchronous call on the blocking control connection (reconnected after any failure)."""
+        call_id = next(self._ids)
+        try:
+            if self._control is None:
+                self._control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._control.settimeout(self.control_timeout)
+                self._control.connect(self.path)
+                self._control_framer = wire.Framer()
+            self._control.sendall(wire.frame(pack([[wire.SYNC, call_id, method, args, {}, None]])))
+            answer = None
+            while answer is None:
+                data = self._control.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("engine closed the connection")
+                for payload in self._control_framer.feed(data):
+                    answer = next((m for m in unpack(payload) if m[0] == call_id), answer)
+        except OSError as exc:
+            if self._control is not None:
+                self._control.close()
+            self._control = None
+            raise ModelUnavailable(f"the engine did not answer: {exc}") from None
+        _, status, payload, _, _ = answer
+        if status == wire.ERROR:
+            raise_error(*payload)
+        return payload
+
+    # --- DataPlane: synchronous -------------------------------------------------------------------------
+    @property
+    def store_ok(self) -> bool:
+        """Whether the engine's session store answers (health of the Sessions service)."""
+        try:
+            return bool(self._sync("store_ok"))
+        except ModelUnavailable:
+            return False
+
+    def ready(self) -> bool:
+        try:
+            return bool(self._sync("ready"))
+        except ModelUnavailable:
+            return False
+
+    def capabilities(self) -> set[str]:
+        return set(self._sync("capabilities"))
+
+    def models(self) -> list[ModelInfo]:
+        return list(self._sync("models"))
+
+    def unloaded(self) -> list[str]:
+        return list(self._sync("unloaded"))
+
+    def model_info(self, model: ModelRef) -> ModelInfo:
+        info: ModelInfo = self._sync("model_info", model)
+        return info
+
+    def model_metadata(self, model: ModelRef) -> ModelMetadata:
+        meta: ModelMetadata = self._sync("model_metadata", model)
+        return meta
+
+    def statistics(self, model: ModelRef | None) -> list[ModelStats]:
+        return list(self._sync("statistics", model))
+
+    # --- DataPlane: asynchronous ------------------------------------------------------------------------
+    async def load_model(self, name: str) -> None:
+        await self._call("load_model", name)
+
+    async def unload_model(self, name: str) -> None:
+        await self._call("unload_model", name)
+
+    async def infer(
+        self,
+        model: ModelRef,
+        inputs: Sequence[InputTensor],
+        outputs: list[str] | None = None,
+        sequence: SequenceRef | None = None,
+    ) -> InferResult:
+        result: InferResult = await self._call("infer", model, list(inputs), outputs, sequence)
+        return result
+
+    async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:
+        return list(await self._call("classify", model, texts))
+
+    async def complete(
+        self, model: ModelRef, prompt: str, params: SamplingParams, session_id: str | None = None
+    ) -> AsyncGenerator[CompletionChunk, None]:
+        if self._transport is None or self._transport.is_closing():
+            raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
+        call_id = next(self._ids)
+        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self._streams[call_id] = queue
+        self._send([wire.STREAM, call_id, "complete", (model, prompt, params, session_id), {}, _context()])
+        finished = False
+        try:
+            while True:
+                status, payload, noted, was_admitted = await queue.get()
+                if noted:
+                    note_model(noted)
+                if was_admitted:
+                    mark_admitted()
+                if status == wire.ITEM:
+                    yield payload
+                    continue
+                finished = True
+                if status == wire.ERROR:
+                    raise_error(*payload)
+                return
+        finally:
+            self._streams.pop(call_id, None)
+            if not finished:  # the consumer stopped early or was cancelled: stop the engine's generator too
+                self._send([wire.CANCEL, call_id, "", (), {}, None])
+
+    async def suggest(
+        self, session_id: str, appended: str, *, reset: bool = False, n: int = 3, max_chars: int = 10, beam: bool = True
+    ) -> SuggestResult:
+        kwargs = {"reset": reset, "n": n, "max_chars": max_chars, "beam": beam}
+        result: SuggestResult = await self._call("suggest", session_id, appended, **kwargs)
+        return result
+
+    async def char_step(
+        self, model: ModelRef, text: str, *, session_id: str | None = None, num_chars: int = 0
+    ) -> CharStep:
+        result: CharStep = await self._call("char_step", model, text, session_id=session_id, num_chars=num_chars)
+        return result
+
+    async def forecast(self, model: ModelRef, history: FloatArray) -> ForecastResult:
+        result: ForecastResult = await self._call("forecast", model, history)
+        return result
+
+    async def observe(self, session_id: str, rows: FloatArray) -> ForecastResult:
+        result: ForecastResult = await self._call("observe", session_id, rows)
+        return result
+
+    async def create_session(self, model: ModelRef, ttl_seconds: float | None = None) -> SessionInfo:
+        info: SessionInfo = await self._call("create_session", model, ttl_seconds)
+        return info
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        info: SessionInfo = await self._call("get_session", session_id)
+        return info
+
+    async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo:
+        info: SessionInfo = await self._call("fork_session", session_id, ttl_seconds)
+        return info
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._call("delete_session", session_id)
+
+    async def export_session(self, session_id: str) -> tuple[bytes, SessionInfo]:
+        blob, info = await self._call("export_session", session_id)
+        return bytes(blob), info
+
+    async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
+        info: SessionInfo = await self._call("import_session", blob, ttl_seconds)
+        return info

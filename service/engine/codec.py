@@ -1,0 +1,105 @@
+"""The wire format between frontends and the engine: msgpack, with extension types for what the data plane
+passes around (never pickle: a frontend and the engine trust each other's code, not each other's bytes).
+
+- ``service.core.types`` dataclasses (ModelRef, SequenceRef, Tensor, InferResult, CharStep, ModelStats, ...):
+  ext 1, ``[type name, *field values]``; tuple-typed fields come back as tuples.
+- numpy arrays: ext 2, ``[dtype, shape, raw bytes]`` (little-endian C order; decoded into an own, writable copy:
+  the arrays here are a few hundred bytes, a copy costs less than the care a shared buffer would need).
+- sets: ext 3. KServe inputs (``WireInput``): ext 4, ``[InferInputTensor bytes, raw contents or None]``, so the
+  engine checks headers before it decodes data, exactly as in one process.
+- errors: ``SeqServeError`` subclasses travel as (class name, message) and are raised again on the other side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from service import errors
+from service.core import types
+
+_DATACLASSES: dict[str, type] = {
+    name: obj for name, obj in vars(types).items() if isinstance(obj, type) and dataclasses.is_dataclass(obj)
+}
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _DATACLASSES.values()
+}
+_TUPLES: dict[type, tuple[int, ...]] = {
+    cls: tuple(i for i, f in enumerate(dataclasses.fields(cls)) if str(f.type).startswith("tuple"))
+    for cls in _DATACLASSES.values()
+}
+_DATACLASS, _ARRAY, _SET, _WIRE_INPUT = 1, 2, 3, 4
+_ERRORS: dict[str, type[errors.SeqServeError]] = {
+    name: obj for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, errors.SeqServeError)
+}
+
+
+def _default(obj: Any) -> Any:
+    cls = type(obj)
+    fields = _FIELDS.get(cls)
+    if fields is not None:
+        return msgpack.ExtType(_DATACLASS, pack([cls.__name__, *(getattr(obj, f) for f in fields)]))
+    if isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        return msgpack.ExtType(_ARRAY, pack([a.dtype.str, list(a.shape), a.tobytes()]))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, set | frozenset):
+        return msgpack.ExtType(_SET, pack(sorted(obj)))
+    from service.api.kserve.tensors import WireInput  # the frontends' KServe inputs (the engine imports it too)
+
+    if isinstance(obj, WireInput):
+        return msgpack.ExtType(_WIRE_INPUT, pack(obj.to_wire()))
+    raise TypeError(f"cannot send {cls.__name__} between frontend and engine")
+
+
+def _ext(code: int, data: bytes) -> Any:
+    if code == _DATACLASS:
+        name, *values = unpack(data)
+        cls = _DATACLASSES[name]
+        for i in _TUPLES[cls]:
+            if isinstance(values[i], list):
+                values[i] = tuple(values[i])
+        return cls(*values)
+    if code == _ARRAY:
+        dtype, shape, raw = unpack(data)
+        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+    if code == _SET:
+        return set(unpack(data))
+    if code == _WIRE_INPUT:
+        from service.api.kserve.tensors import WireInput
+
+        return WireInput.from_wire(*unpack(data))
+    return msgpack.ExtType(code, data)
+
+
+def pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, default=_default, use_bin_type=True)
+    return data
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=False)
+
+
+def error_payload(exc: BaseException) -> tuple[str, str]:
+    """(class name, message) of a domain error; anything else is an internal error."""
+    if isinstance(exc, errors.SeqServeError):
+        return type(exc).__name__, exc.message
+    return "", "internal error in the engine; see its log"
+
+
+def raise_error(name: str, message: str) -> None:
+    cls = _ERRORS.get(name)
+    if cls is None:
+        raise EngineError(message)
+    raise cls(message)
+
+
+class EngineError(RuntimeError):
+    """The engine failed in a way that is not a caller's mistake (becomes INTERNAL at the edge)."""

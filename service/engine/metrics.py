@@ -1,0 +1,65 @@
+"""One ``/metrics`` for a multi-process server: the engine's own metrics plus the frontends' RPC metrics.
+
+The engine never serves an RPC, so its RPC families stay empty; frontends serve nothing else. At each scrape
+the engine reads every frontend's private ``/metrics`` (127.0.0.1, a free port each) and sums the RPC
+families sample by sample (counters, histograms and the in-flight gauge all add up across processes). A
+frontend that does not answer is left out of that scrape and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from collections.abc import Callable, Iterator
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def _rpc_families(metrics: Metrics) -> dict[str, object]:
+    return {"seqserve_rpc_requests": metrics.rpc_requests, "seqserve_rpc_duration_seconds": metrics.rpc_duration,
+            "seqserve_rpc_in_flight": metrics.rpc_in_flight}  # fmt: skip
+
+
+class FrontendRpcCollector(Collector):
+    def __init__(self, ports: Callable[[], list[int]], timeout: float = 2.0) -> None:
+        self.ports = ports
+        self.timeout = timeout
+        template = _rpc_families(Metrics(runtime_collectors=False))
+        self._kinds = {f.name: (f.documentation, f.type) for m in template.values() for f in m.collect()}  # type: ignore[attr-defined]
+        self._names = set(self._kinds)
+
+    def collect(self) -> Iterator[Metric]:
+        sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {n: {} for n in self._names}
+        for port in self.ports():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=self.timeout) as r:
+                    text = r.read().decode()
+            except OSError as exc:
+                log.warning("frontend metrics on port %d not read: %s", port, exc)
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name not in self._names:
+                    continue
+                table = sums[family.name]
+                for s in family.samples:
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    table[key] = table.get(key, 0.0) + s.value
+        for name in sorted(self._names):
+            doc, kind = self._kinds[name]
+            metric = Metric(name, doc, kind)
+            for (sample, labels), value in sorted(sums[name].items()):
+                metric.add_sample(sample, dict(labels), value)
+            yield metric
+
+
+def serve_frontend_rpc_metrics(metrics: Metrics, ports: Callable[[], list[int]]) -> None:
+    """Replaces the engine's (empty) RPC families on its registry with the frontends' sums."""
+    for family in _rpc_families(metrics).values():
+        metrics.registry.unregister(family)  # type: ignore[arg-type]
+    metrics.registry.register(FrontendRpcCollector(ports))

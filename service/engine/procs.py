@@ -1,0 +1,223 @@
+"""``seqserve serve --workers N`` (N > 1): this process is the engine; it spawns N gRPC frontend processes.
+
+    clients ──gRPC──▶ frontend 1..N (one port, SO_REUSEPORT: the kernel spreads connections)
+                        transport, protobuf, interceptors, validation of the wire format, response encoding
+                              │  msgpack frames over a Unix socket (service/engine/wire.py)
+                              ▼
+                      engine (this process): CoreDataPlane = registry, tasks, batchers (ORT), SessionManager
+                        + HTTP /metrics (its own metrics and the frontends' RPC metrics, summed)
+
+Start-up: the engine binds its sockets and loads the models, then spawns the first frontend (``spawn``: no
+gRPC object ever crosses a fork), learns the port it bound (``--port 0`` = a free one) and spawns the others on
+that port. The ready file is written when every frontend serves. SIGTERM/SIGINT: each frontend gets SIGTERM,
+turns NOT_SERVING and drains its calls (``grace_seconds``) while the engine still answers them; then the engine
+stops and the process exits 0. A frontend that dies unexpectedly stops the whole server (exit 1) so that the
+orchestrator restarts it; frontends exit by themselves when the engine process is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+START_TIMEOUT = 120.0
+
+
+@dataclass
+class Frontend:
+    index: int
+    process: Any  # multiprocessing.process.BaseProcess
+    conn: Connection
+    port: int = 0
+    own_port: int | None = None
+    metrics_port: int = 0
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's limit)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def worker_count(settings: Settings) -> int:
+    """Frontend processes: ``settings.workers``, or one per available core when 0."""
+    return settings.workers or available_cpus()
+
+
+def write_ready_file(path: Path, info: dict[str, Any]) -> None:
+    """Atomically (write + rename), so a reader polling for the file never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info), encoding="utf-8")
+    tmp.replace(path)
+
+
+# --- a frontend process --------------------------------------------------------------------------------------
+def frontend_main(values: dict[str, Any], index: int, socket_path: str, conn: Connection) -> None:
+    from service.logs import configure
+
+    settings = Settings(**values)
+    configure(settings)
+    asyncio.run(_frontend(settings, socket_path, conn))
+
+
+async def _frontend(settings: Settings, socket_path: str, conn: Connection) -> None:
+    from service.api.server import Server
+    from service.engine.client import RemoteDataPlane
+    from service.metrics import Metrics
+
+    parent = os.getppid()
+    server = Server(
+        settings,
+        Metrics(runtime_collectors=False),
+        plane=RemoteDataPlane(socket_path, max_pending=settings.max_queue_size),
+        own_port=settings.frontend_ports,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    conn.send({"port": server.port, "own_port": server.own_port, "metrics_port": server.metrics_port})
+    while not stop.is_set():  # also stop when the engine is gone (this process was re-parented)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        if os.getppid() != parent:
+            log.error("the engine process is gone; stopping")
+            break
+    await server.stop(settings.grace_seconds)
+
+
+# --- the engine process ----------------------------------------------------------------------------------------
+async def serve(settings: Settings, ready_file: Path | None) -> int:
+    """Runs the engine and its frontends until SIGTERM/SIGINT; returns the exit code."""
+    from service.api import tls
+    from service.api.http import MetricsHttpServer
+    from service.core.dataplane import CoreDataPlane
+    from service.engine.metrics import serve_frontend_rpc_metrics
+    from service.engine.server import EngineServer
+    from service.metrics import Metrics
+
+    n = worker_count(settings)
+    folder = Path(tempfile.mkdtemp(prefix="seqserve-engine-"))
+    socket_path = str(folder / "engine.sock")
+    metrics = Metrics()
+    dataplane = CoreDataPlane(settings, metrics)
+    engine = EngineServer(dataplane, socket_path)
+    frontends: list[Frontend] = []
+    http: MetricsHttpServer | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        await engine.start()
+        await dataplane.start()
+        first = await _spawn(settings, 0, settings.port, socket_path)
+        frontends.append(first)
+        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path) for i in range(1, n)))
+        serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends])
+
+        def ready() -> bool:
+            return not stop.is_set() and dataplane.ready() and all(f.process.is_alive() for f in frontends)
+
+        http = MetricsHttpServer(
+            settings.host,
+            settings.metrics_port,
+            metrics,
+            ready,
+            ssl_context=tls.ssl_context(settings),
+            idle_timeout=settings.metrics_idle_timeout_seconds,
+            max_connections=settings.metrics_max_connections,
+        )
+        metrics_port = http.start()
+        log.info("serving gRPC on %s:%d with %d frontends, metrics on %d", settings.host, first.port, n, metrics_port)
+        if ready_file is not None:
+            info: dict[str, Any] = {
+                "grpc_port": first.port,
+                "metrics_port": metrics_port,
+                "workers": n,
+                "engine_pid": os.getpid(),
+            }
+            info["frontend_pids"] = [f.process.pid for f in frontends]
+            info["frontend_ports"] = [f.own_port for f in frontends]
+            write_ready_file(ready_file, info)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            dead = [f for f in frontends if not f.process.is_alive()]
+            if dead and not stop.is_set():
+                log.error("frontend %d exited (code %s); stopping the server", dead[0].index, dead[0].process.exitcode)
+                code = 1
+                break
+        log.info("draining %d frontends (grace %.1fs)", len(frontends), settings.grace_seconds)
+    finally:
+        await _stop_frontends(frontends, settings.grace_seconds + 10)
+        if http is not None:
+            http.stop()
+        await engine.stop()
+        await dataplane.stop()
+        with contextlib.suppress(OSError):
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
+    return code
+
+
+async def _spawn(settings: Settings, index: int, port: int, socket_path: str) -> Frontend:
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no gRPC state crosses a fork
+    parent, child = ctx.Pipe(duplex=False)
+    values = settings.model_dump() | {"port": port}
+    process = ctx.Process(
+        target=frontend_main, args=(values, index, socket_path, child), name=f"seqserve-frontend-{index}", daemon=False
+    )
+    process.start()
+    child.close()
+    frontend = Frontend(index, process, parent)
+    ok = await asyncio.to_thread(parent.poll, START_TIMEOUT)
+    if not ok:
+        process.kill()
+        raise RuntimeError(f"frontend {index} did not start within {START_TIMEOUT:g}s (exit code {process.exitcode})")
+    try:
+        report = parent.recv()
+    except EOFError:
+        process.join(5)
+        raise RuntimeError(f"frontend {index} failed to start (exit code {process.exitcode}); see its log") from None
+    frontend.port, frontend.own_port, frontend.metrics_port = report["port"], report["own_port"], report["metrics_port"]
+    return frontend
+
+
+async def _stop_frontends(frontends: list[Frontend], timeout: float) -> None:
+    for f in frontends:
+        if f.process.is_alive():
+            f.process.terminate()  # SIGTERM: NOT_SERVING, drain, exit
+    for f in frontends:
+        await asyncio.to_thread(f.process.join, timeout)
+        if f.process.is_alive():
+            log.warning("frontend %d did not stop in %.0fs; killing it", f.index, timeout)
+            f.process.kill()
+            await asyncio.to_thread(f.process.join, 5)

@@ -1,0 +1,210 @@
+"""The engine side: serves one ``CoreDataPlane`` (models, sessions, batchers) to every frontend.
+
+Each call runs as its own task on the engine's event loop, so the batchers see the calls of all frontends at
+once and merge their steps into one ONNX Runtime run. The model a call served (``note_model``) travels back
+with its answer for the frontend's metrics labels. A CANCEL (the gRPC client went away) cancels the task, as
+grpc would cancel the handler in one process: sessions stay consistent because tasks commit only at
+consistent points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from typing import Any
+
+from service.core.context import admitted, call_scope, mark_admitted, set_principal
+from service.core.dataplane import CoreDataPlane
+from service.engine import wire
+from service.engine.codec import error_payload, pack, unpack
+from service.errors import SeqServeError
+from service.logs import CALL
+
+log = logging.getLogger(__name__)
+
+
+class _Connection(asyncio.Protocol):
+    """One frontend connection: frames in, calls dispatched; answers of one loop iteration out in one write."""
+
+    def __init__(self, engine: EngineServer) -> None:
+        self.engine = engine
+        self.framer = wire.Framer()
+        self.transport: asyncio.Transport | None = None
+        self.outbox: list[list[Any]] = []
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.link = False  # a frontend's main connection (said HELLO): gets events
+        self.acks: dict[int, asyncio.Future[None]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.engine.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.engine.connections.discard(self)
+        self.transport = None
+        for fut in self.acks.values():  # a frontend that is gone acknowledges nothing: stop waiting for it
+            if not fut.done():
+                fut.set_result(None)
+        for task in self.tasks.values():  # the frontend is gone: nobody waits for these answers
+            task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for payload in self.framer.feed(data):
+                for message in unpack(payload):
+                    self.dispatch(*message)
+        except Exception:
+            log.exception("engine: unreadable message from a frontend; closing its connection")
+            if self.transport is not None:
+                self.transport.close()
+
+    def dispatch(self, kind: int, call_id: int, method: str, args: Any, kwargs: Any, context: Any = None) -> None:
+        if kind == wire.CANCEL:
+            task = self.tasks.pop(call_id, None)
+            if task is not None:
+                task.cancel()
+            return
+        if kind == wire.HELLO:
+            self.link = True
+            return
+        if kind == wire.ACK:
+            fut = self.acks.pop(call_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        if kind == wire.SYNC and method in wire.SYNC_METHODS:
+            self.send_now(self.engine.sync(call_id, method, args, kwargs))
+            return
+        if kind == wire.CALL and method in wire.ASYNC_METHODS:
+            run = self.engine.call(self, call_id, method, args, kwargs, context)
+        elif kind == wire.STREAM and method in wire.STREAM_METHODS:
+            run = self.engine.stream(self, call_id, method, args, kwargs, context)
+        else:
+            self.send([call_id, wire.ERROR, ["", f"engine: no such call {method!r}"], None, False])
+            return
+        self.tasks[call_id] = asyncio.create_task(run)
+
+    def send(self, message: list[Any]) -> None:
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.outbox.append(message)
+
+    def send_now(self, message: list[Any]) -> None:
+        if self.transport is not None:
+            self.transport.write(wire.frame(pack([message])))
+
+    def flush(self) -> None:
+        messages, self.outbox = self.outbox, []
+        if self.transport is not None and messages:
+            self.transport.write(wire.frame(pack(messages)))
+
+
+class EngineServer:
+    def __init__(self, dataplane: CoreDataPlane, path: str) -> None:
+        self.dataplane = dataplane
+        self.path = path
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._events = itertools.count(1)
+
+    async def start(self) -> None:
+        """Listens (frontends may connect before the models are loaded) and follows the model table."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), self.path)
+        os.chmod(self.path, 0o600)  # only this user's processes may call the engine
+        self.dataplane.registry.subscribe(on_load=self._changed, on_unload=self._changed)
+        self.dataplane.on_store_change(self._store_changed)
+
+    async def _store_changed(self, ok: bool) -> None:
+        await self._changed(None, False)  # frontends re-read their health (the Sessions service follows the store)
+
+    async def _changed(self, entry: object, replaced: bool) -> None:
+        """Tells every frontend; returns when each has acknowledged (its health follows), or after a timeout."""
+        event = next(self._events)
+        waiting = []
+        for conn in [c for c in self.connections if c.link]:
+            fut = conn.acks[event] = asyncio.get_running_loop().create_future()
+            waiting.append(fut)
+            conn.send([0, wire.EVENT, [wire.MODELS_CHANGED, event], None, False])
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=wire.EVENT_ACK_SECONDS)
+            if late:
+                log.warning("%d frontends did not acknowledge a model change within %.0fs", len(late),
+                            wire.EVENT_ACK_SECONDS)  # fmt: skip
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+            for task in conn.tasks.values():
+                task.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # --- calls ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _enter(context: Any) -> list[str]:
+        """The call's context in this task (see wire.py), and the holder of the model it will note."""
+        if context:
+            who, was_admitted, call = context
+            set_principal(who)
+            if was_admitted:
+                mark_admitted()
+            CALL.set((call[0], call[1]))
+        return call_scope()
+
+    async def call(
+        self, conn: _Connection, call_id: int, method: str, args: Any, kwargs: dict[str, Any], context: Any
+    ) -> None:
+        noted = self._enter(context)
+        reply: list[Any]
+        try:
+            result = await getattr(self.dataplane, method)(*args, **kwargs)
+            reply = [call_id, wire.OK, result, noted[0] if noted else None, admitted()]
+        except asyncio.CancelledError:
+            return  # the frontend gave up on this call: nobody is waiting for an answer
+        except Exception as exc:
+            if not isinstance(exc, SeqServeError):
+                log.exception("engine: %s failed", method)
+            reply = [call_id, wire.ERROR, error_payload(exc), noted[0] if noted else None, admitted()]
+        finally:
+            conn.tasks.pop(call_id, None)
+        conn.send(reply)
+
+    async def stream(
+        self, conn: _Connection, call_id: int, method: str, args: Any, kwargs: dict[str, Any], context: Any
+    ) -> None:
+        noted = self._enter(context)
+        reply: list[Any]
+        gen = getattr(self.dataplane, method)(*args, **kwargs)
+        try:
+            async with contextlib.aclosing(gen):
+                async for item in gen:
+                    conn.send([call_id, wire.ITEM, item, noted[0] if noted else None, admitted()])
+            reply = [call_id, wire.END, None, noted[0] if noted else None, admitted()]
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            if not isinstance(exc, SeqServeError):
+                log.exception("engine: %s failed", method)
+            reply = [call_id, wire.ERROR, error_payload(exc), noted[0] if noted else None, admitted()]
+        finally:
+            conn.tasks.pop(call_id, None)
+        conn.send(reply)
+
+    def sync(self, call_id: int, method: str, args: Any, kwargs: dict[str, Any]) -> list[Any]:
+        try:
+            value = getattr(self.dataplane, method)
+            return [call_id, wire.OK, value(*args, **kwargs) if callable(value) else value, None, False]
+        except Exception as exc:
+            if not isinstance(exc, SeqServeError):
+                log.exception("engine: %s failed", method)
+            return [call_id, wire.ERROR, error_payload(exc), None, False]

@@ -1,0 +1,51 @@
+"""Triton's perf_analyzer runs against a real seqserve with no ``-x``: it finds the model version through our
+ModelStatistics (inference_stats.queue.count) and prints our server-side breakdown (queue, compute input /
+infer / output). A short run on the tiny models; speed is the benchmark's business, not this test's."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import pa
+from tests.service.kserve.procs import start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def target(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, ports = start_server(tiny_models, tmp_path_factory.mktemp("perf-analyzer"))
+    try:
+        yield f"127.0.0.1:{ports['grpc_port']}"
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.parametrize("workload", ["charlm-stream", "charlm-unary", "sentiment"])
+def test_perf_analyzer_without_version_flag(target: str, workload: str, tmp_path: Path) -> None:
+    w = pa.WORKLOADS[workload]
+    cmd = [str(pa.PERF_ANALYZER), "-m", w.model, "-u", target, "-i", "grpc"]
+    cmd += ["--input-data", str(pa.input_data(w, tmp_path)), "--concurrency-range", "4"]
+    # Stability is the benchmark's concern: a wide threshold and enough windows that a busy machine passes.
+    cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", "200", "-s", "1000", "-r", "10"]
+    if w.sequences:
+        cmd += ["--sequence-length", "20", "--sequence-length-variation", "0"]
+    if w.streaming:
+        cmd.append("--streaming")
+    assert "-x" not in cmd
+    done = subprocess.run(cmd, env=pa.environment(), capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "failed to find the requested model version" not in out
+    served = re.search(r"Server:\s+Inference count: (\d+)", out)
+    assert served is not None and int(served.group(1)) > 0, out[-3000:]
+    breakdown = re.search(
+        r"Avg request latency: \d+ usec \(overhead \d+ usec \+ queue (\d+) usec \+ compute input \d+ usec \+ "
+        r"compute infer (\d+) usec \+ compute output \d+ usec\)",
+        out,
+    )
+    assert breakdown is not None, out[-3000:]
+    assert int(breakdown.group(2)) > 0  # ORT time per request is reported, not zero

@@ -1,0 +1,181 @@
+"""``seqserve serve --workers 2``: two gRPC frontend processes and one engine. A client that alternates between
+the two frontends (each also listens on a port of its own: SEQSERVE_FRONTEND_PORTS) gets, for sessions and for
+KServe sequences, exactly what a single-process server answers; metrics sum both frontends; SIGTERM drains all
+processes and exits 0."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve.tensors import serialize_bytes
+from service.client import ApiError, Client
+from tests.service.kserve.procs import start_server, stop_server
+
+TEXT = ["To be, ", "or not", " to be", ": that is ", "the question"]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, object], int]]:
+    """(ready file of a --workers 2 server, gRPC port of a single-process server over the same models)."""
+    multi, multi_info = start_server(
+        tiny_models, tmp_path_factory.mktemp("workers"), SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true"
+    )
+    single, single_info = start_server(tiny_models, tmp_path_factory.mktemp("single"), SEQSERVE_WORKERS="1")
+    try:
+        yield dict(multi_info), int(single_info["grpc_port"])
+    finally:
+        stop_server(single)
+        if multi.poll() is None:
+            stop_server(multi)
+
+
+def _frontends(info: dict[str, object]) -> list[str]:
+    ports = info["frontend_ports"]
+    assert isinstance(ports, list) and len(ports) == 2 and len(set(ports)) == 2
+    pids = info["frontend_pids"]
+    assert isinstance(pids, list) and len(set(pids)) == 2  # two processes, one port each
+    return [f"127.0.0.1:{p}" for p in ports]
+
+
+def _session_run(targets: list[str]) -> list[tuple[float, ...]]:
+    """Creates a char-LM session on the first target, then feeds TEXT piece by piece, alternating targets."""
+    clients = [Client(t, timeout=30) for t in targets]
+    try:
+        sid = clients[0].create_session("charlm").id
+        out = []
+        for i, piece in enumerate(TEXT):
+            r = clients[i % len(clients)].suggest_once(sid, piece, n=2, max_chars=3)
+            out.append((r.steps, *[s.logprob for s in r.suggestions]))
+        info = clients[1 % len(clients)].get_session(sid)
+        assert info.steps == sum(len(p) for p in TEXT)
+        clients[-1].delete_session(sid)
+        with pytest.raises(ApiError) as err:
+            clients[0].get_session(sid)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        return out
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _step(text: str, seq: str, start: bool = False, end: bool = False) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="charlm", id=f"{seq}-{text}")
+    r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    r.raw_input_contents.append(serialize_bytes([text.encode()]))
+    r.parameters["sequence_id"].string_param = seq
+    r.parameters["sequence_start"].bool_param = start
+    r.parameters["sequence_end"].bool_param = end
+    return r
+
+
+def _sequence_run(targets: list[str]) -> list[np.ndarray]:
+    channels = [grpc.insecure_channel(t) for t in targets]
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+        probs = []
+        for i, piece in enumerate(TEXT):
+            last = i == len(TEXT) - 1
+            response = stubs[i % len(stubs)].ModelInfer(_step(piece, "seq-1", start=i == 0, end=last), timeout=30)
+            assert response.parameters["seqserve_steps"].int64_param == sum(len(p) for p in TEXT[: i + 1])
+            probs.append(np.frombuffer(response.raw_output_contents[0], dtype="<f4"))
+        with pytest.raises(grpc.RpcError) as err:  # ended on one frontend: gone for the other too
+            stubs[0].ModelInfer(_step("x", "seq-1"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        return probs
+    finally:
+        for c in channels:
+            c.close()
+
+
+def test_sessions_alternating_frontends_match_one_process(servers: tuple[dict[str, object], int]) -> None:
+    info, single = servers
+    alternating = _session_run(_frontends(info))
+    alone = _session_run([f"127.0.0.1:{single}"])
+    np.testing.assert_allclose(np.array(alternating), np.array(alone), rtol=1e-5, atol=1e-6)
+
+
+def test_sequences_alternating_frontends_match_one_process(servers: tuple[dict[str, object], int]) -> None:
+    info, single = servers
+    alternating = _sequence_run(_frontends(info))
+    alone = _sequence_run([f"127.0.0.1:{single}"])
+    for a, b in zip(alternating, alone, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> None:
+    info, _ = servers
+
+    def served() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        pattern = r'seqserve_rpc_requests_total\{code="OK",method="ServerLive",[^}]*\} ([0-9.e+]+)'
+        found = re.search(pattern, text)
+        return float(found.group(1)) if found else 0.0
+
+    before = served()
+    for target in _frontends(info) * 3:
+        with grpc.insecure_channel(target) as channel:
+            assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10).live
+    assert served() - before == 6
+
+
+def test_shared_port_serves_and_sigterm_exits_zero(tiny_models: Path, tmp_path: Path) -> None:
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
+    try:
+        with Client(f"127.0.0.1:{info['grpc_port']}", timeout=30) as c:
+            result = c.classify(["a fine film"])[0]
+            assert result.label in result.labels
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=60)
+    assert code == 0
+    frontends = info["frontend_pids"]
+    assert isinstance(frontends, list)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in frontends) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in frontends if Path(f"/proc/{pid}").exists()]  # the frontends exited too
+
+
+def test_principals_cross_frontends(tiny_models: Path, tmp_path: Path) -> None:
+    """The engine owns sessions per principal: what alice starts on one frontend, she continues on the other, and
+    bob (same sequence id, other frontend) never reaches it."""
+    proc, info = start_server(
+        tiny_models,
+        tmp_path,
+        SEQSERVE_WORKERS="2",
+        SEQSERVE_FRONTEND_PORTS="true",
+        SEQSERVE_API_KEYS="alice:key-alice-0123456789abcdef,bob:key-bob-0123456789abcdef0",
+    )
+    try:
+        one, two = _frontends(dict(info))
+        alice = (("authorization", "Bearer key-alice-0123456789abcdef"),)
+        bob = (("authorization", "Bearer key-bob-0123456789abcdef0"),)
+        with grpc.insecure_channel(one) as c1, grpc.insecure_channel(two) as c2:
+            s1, s2 = pb_grpc.GRPCInferenceServiceStub(c1), pb_grpc.GRPCInferenceServiceStub(c2)
+            first = s1.ModelInfer(_step("To be", "7", start=True), metadata=alice, timeout=30)
+            assert first.parameters["seqserve_steps"].int64_param == 5
+            with pytest.raises(grpc.RpcError) as err:
+                s2.ModelInfer(_step(", or", "7"), metadata=bob, timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            later = s2.ModelInfer(_step(", or", "7"), metadata=alice, timeout=30)
+            assert later.parameters["seqserve_steps"].int64_param == 9
+        with Client(one, api_key="key-alice-0123456789abcdef", timeout=30) as a:
+            sid = a.create_session("charlm").id
+        with Client(two, api_key="key-bob-0123456789abcdef0", timeout=30) as b, pytest.raises(ApiError) as denied:
+            b.get_session(sid)
+        assert denied.value.code == grpc.StatusCode.NOT_FOUND
+        with Client(two, api_key="key-alice-0123456789abcdef", timeout=30) as a2:
+            assert a2.get_session(sid).id == sid
+    finally:
+        stop_server(proc)
