@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,43 @@ async def core_rates(models: Path, levels: tuple[int, ...], window: int) -> list
     return rows
 
 
+def _floor(ready: mp.Queue[int]) -> None:
+    """A grpc.aio server whose Sessions.Create returns one canned SessionInfo: no store, no interceptors, no
+    metrics. What the same client reaches against gRPC alone on this machine (the ceiling for any server)."""
+    canned = sessions_pb2.SessionInfo(session_id="x" * 32, model="charlm", version=1).SerializeToString()
+
+    async def create(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return canned
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(create)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("seqserve.v1.Sessions", {"Create": handler})]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def floor_rate(window: int) -> float:
+    """Creates/s against the canned floor server, with the same client and calls in flight."""
+    ctx = mp.get_context("spawn")
+    ready: mp.Queue[int] = ctx.Queue()
+    proc = ctx.Process(target=_floor, args=(ready,), daemon=True)
+    proc.start()
+    try:
+        target = f"127.0.0.1:{ready.get(timeout=60)}"
+        asyncio.run(create_many(target, 500))  # warm-up
+        return window / asyncio.run(create_many(target, window))
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
 def idle_cpu(pid: int, seconds: float) -> float:
     """The server's CPU use (% of one core) while nobody calls it."""
     before, t0 = cpu_seconds(pid), time.perf_counter()
@@ -115,7 +153,15 @@ def bench(
             })  # fmt: skip
         cpu = idle_cpu(server.pid, idle_seconds)
     core = asyncio.run(core_rates(models, levels, window))
-    return {"create": rows, "core": core, "idle_cpu_percent": cpu, "idle_live_sessions": live, "in_flight": IN_FLIGHT}
+    floor = floor_rate(window)
+    return {
+        "create": rows,
+        "core": core,
+        "floor_creates_per_s": floor,
+        "idle_cpu_percent": cpu,
+        "idle_live_sessions": live,
+        "in_flight": IN_FLIGHT,
+    }
 
 
 def quick(models: Path) -> dict[str, Any]:
@@ -133,6 +179,10 @@ def print_table(r: dict[str, Any]) -> None:
             f"  {row['live_sessions']:>13,}  {row['creates_per_s']:>10,.0f}  {row['p50_ms']:>7.2f}  "
             f"{row['p99_ms']:>7.2f}  {row['rss_mib']:>8.0f}  {core['creates_per_s']:>11,.0f}"
         )
+    floor = r.get("floor_creates_per_s")
+    if floor:
+        worst = min(row["creates_per_s"] for row in r["create"])
+        print(f"  gRPC floor (canned Create, same client): {floor:,.0f}/s; slowest level = {worst / floor:.2f}x floor")
     print(f"  idle with {r['idle_live_sessions']:,} live sessions: {r['idle_cpu_percent']:.1f}% CPU")
 
 
