@@ -38,7 +38,7 @@ def test_promtool_check_config() -> None:
 
 def test_promtool_check_rules() -> None:
     out = promtool("check", "rules", "alerts.yml")
-    assert "SUCCESS: 8 rules found" in out
+    assert "SUCCESS: 9 rules found" in out
 
 
 def test_promtool_alert_unit_tests() -> None:
@@ -62,6 +62,7 @@ def test_alerts_cover_the_required_conditions() -> None:
     assert "by (job, model, le)" in rules["SeqServeHighLatencyP99"]["expr"]
     assert "seqserve_session_store_capacity" in rules["SeqServeSessionStoreNearCapacity"]["expr"]
     assert "seqserve_queue_depth" in rules["SeqServeSustainedQueueing"]["expr"]
+    assert "seqserve_session_store_up == 0" in rules["SeqServeSessionStoreDown"]["expr"]
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         assert rule["annotations"]["summary"]
