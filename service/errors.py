@@ -84,3 +84,8 @@ class TooLarge(SeqServeError):
 
 class Unauthenticated(SeqServeError):
     """Missing or wrong credentials (gRPC UNAUTHENTICATED)."""
+
+
+class PermissionDenied(SeqServeError):
+    """Known caller, but not allowed to do this (gRPC PERMISSION_DENIED): e.g. model management by a principal
+    that is not in ``admin_principals``."""

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     api_keys: str | None = None
     """Named API keys, one principal each: a file (one ``name:key`` per line, ``#`` comments) or a list of
     ``name:key`` pairs separated by commas. Names: 1-64 of ``A-Za-z0-9._@-``; keys: at least 16 characters."""
+    admin_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Principals allowed to load and unload models (KServe RepositoryModelLoad/Unload), comma-separated in the
+    environment. Without credentials configured everyone is the anonymous principal and may; with API keys or
+    mTLS, only the principals listed here may (none by default)."""
     tls_cert: Path | None = None
     """PEM certificate chain of the server: with ``tls_key`` the gRPC and metrics ports speak TLS only."""
     tls_key: Path | None = None
@@ -170,7 +174,7 @@ class Settings(BaseSettings):
             raise ValueError("session_signing_key must have at least 32 characters (e.g. `openssl rand -hex 32`)")
         return value
 
-    @field_validator("plugins", mode="before")
+    @field_validator("plugins", "admin_principals", mode="before")
     @classmethod
     def _split_plugins(cls, value: Any) -> Any:
         if isinstance(value, str):

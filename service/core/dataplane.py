@@ -42,7 +42,7 @@ from service.core.types import (
     Tensor,
     TensorContract,
 )
-from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound, echo
+from service.errors import FailedPrecondition, InvalidInput, PermissionDenied, SessionEvicted, SessionNotFound, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -183,10 +183,22 @@ class CoreDataPlane:
             entries = [e for e in self.registry.versions() if e.name == name]
         return [e.stats.snapshot(e.name, e.version) for e in entries]
 
+    def _check_admin(self, action: str) -> None:
+        """Model management changes what every caller sees: the anonymous principal (no credentials configured)
+        or a principal listed in ``admin_principals`` only."""
+        who = principal()
+        if who and who not in self.settings.admin_principals:
+            raise PermissionDenied(
+                f"principal {echo(who)} may not {action} models; list it in admin_principals "
+                "(SEQSERVE_ADMIN_PRINCIPALS) to allow it"
+            )
+
     async def load_model(self, name: str) -> None:
+        self._check_admin("load")
         await self.registry.load_model(name)
 
     async def unload_model(self, name: str) -> None:
+        self._check_admin("unload")
         await self.registry.unload_model(name)
 
     # --- resolving ----------------------------------------------------------------------------------------

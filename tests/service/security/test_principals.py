@@ -206,3 +206,28 @@ def test_stream_messages_are_paced_not_refused(start_server: Callable[..., Serve
         results = list(alice.suggest(s.id, ["a", "b", "c", "d", "e", "f"]))
         assert [r.steps for r in results] == [1, 2, 3, 4, 5, 6]
         assert time.monotonic() - started >= 4 / 20 * 0.9  # 6 messages, 1 token left: 5 waits of 1/20 s
+
+
+def test_only_admin_principals_load_and_unload_models(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(api_keys=KEYS, admin_principals=["alice"])
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def unload(key: str) -> None:
+            stub.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name="sentiment"),
+                metadata=(("authorization", f"Bearer {key}"),),
+                timeout=60,
+            )
+
+        with pytest.raises(grpc.RpcError) as info:
+            unload(BOB)
+        assert info.value.code() == Code.PERMISSION_DENIED
+        assert "principal 'bob' may not unload models; list it in admin_principals" in str(info.value.details())
+        ready = pb.ModelReadyRequest(name="sentiment")
+        alice = (("authorization", f"Bearer {ALICE}"),)
+        assert stub.ModelReady(ready, metadata=alice, timeout=30).ready  # bob changed nothing
+        unload(ALICE)
+        assert not stub.ModelReady(ready, metadata=alice, timeout=30).ready
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="sentiment"), metadata=alice, timeout=60)
+        assert stub.ModelReady(ready, metadata=alice, timeout=30).ready
