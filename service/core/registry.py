@@ -121,13 +121,20 @@ class ModelEntry:
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         """Counts a request in flight; unloading waits for the count to reach zero."""
-        self._inflight += 1
+        self.enter()
         try:
             yield
         finally:
-            self._inflight -= 1
-            if self._inflight == 0 and self._drained is not None:
-                self._drained.set()
+            self.leave()
+
+    def enter(self) -> None:
+        """A request starts (``busy`` as two calls, for callers that are not one block)."""
+        self._inflight += 1
+
+    def leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._drained is not None:
+            self._drained.set()
 
     # --- load / unload (registry only) ------------------------------------------------------------------
     def load_files(self, settings: Settings) -> None:
