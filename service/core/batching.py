@@ -198,6 +198,15 @@ class Batcher:
                 timer = loop.call_later(remaining, self._wake.set)
                 await self._wake.wait()
                 timer.cancel()
+            # Requests the loop is about to hand over join this batch: yield one loop iteration at a time while
+            # the batch keeps growing (a busy loop delivers unary calls a few per iteration).
+            rows = self._rows_ready(head.item.key)
+            while rows < self.max_rows:
+                await asyncio.sleep(0)
+                more = self._rows_ready(head.item.key)
+                if more == rows:
+                    break
+                rows = more
             batch = [p for p in self._take() if not p.future.done()]
             self.metrics.queue_depth(self.name, len(self._pending))
             if batch:
