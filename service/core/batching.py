@@ -11,9 +11,11 @@ generation step (length 1) of concurrent streams shares one ORT run: their state
 batch axis (axis 1 of ``[layers*dirs, batch, hidden]``), run once, and split back (TGI's ``concatenate`` /
 ``filter``). A failed batch fails every Future in it.
 
-Small batches (at most ``inline_batch_tokens`` rows x time steps: every generation step) run ORT inline on the
-event loop: a one-thread ORT step costs less than the hop to a worker thread and back (~50-100 µs of Python and
-GIL hand-offs). Bigger batches (long prompts, big classify batches) run in a worker thread so the loop stays free.
+Small, quick batches (at most ``inline_batch_tokens`` rows x time steps, and the model's last run of that many
+took at most ``inline_batch_ms``: every generation step) run ORT inline on the event loop: a one-thread ORT step
+costs less than the hop to a worker thread and back (~50-100 µs of Python and GIL hand-offs). Bigger or slower
+batches (long prompts, classify batches of several sentences) run in a worker thread so the loop serves other
+calls meanwhile.
 Waiting for company never creates a task or a timeout wrapper per batch: one ``call_later`` wakes the loop.
 """
 
@@ -121,6 +123,8 @@ class Batcher:
         self.delay = settings.max_batch_delay_ms / 1000.0
         self.max_queue = settings.max_queue_size
         self.inline_tokens = settings.inline_batch_tokens
+        self.inline_seconds = settings.inline_batch_ms / 1000.0
+        self._infer_seconds: dict[int, float] = {}  # tokens -> ORT seconds of the last batch that size (inlinable)
         self.metrics = metrics
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
@@ -221,11 +225,14 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         items = [p.item for p in batch]
         started = time.perf_counter()
+        tokens = self._tokens(items)
         try:
-            if self._tokens(items) <= self.inline_tokens:
+            if tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.inline_seconds:
                 results, times = self._run_sync(items)
             else:
                 results, times = await asyncio.to_thread(self._run_sync, items)
+            if tokens <= self.inline_tokens:
+                self._infer_seconds[tokens] = times[1] / 1e9
         except asyncio.CancelledError:  # stop() during a run: nobody may wait forever
             for p in batch:
                 if not p.future.done():
