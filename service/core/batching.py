@@ -1,10 +1,12 @@
 """Dynamic batching, MLServer/TGI style: per model version one queue, one task that flushes a batch when it
 holds ``max_batch_size`` rows or its oldest request has waited ``max_batch_delay_ms``, one Future per request.
 
-The wait is adaptive: a batch also flushes as soon as it holds as many rows as the previous batch of the same
-key. A lone stream therefore never waits (each generation step runs at once), while N concurrent streams keep
-meeting in batches of N; ``max_batch_delay_ms`` bounds the wait when some of them are late. Requests that
-arrive while a batch runs form the next one (continuous batching).
+The wait is adaptive: a batch also flushes as soon as it holds as many rows as the largest of the previous
+``RECENT_BATCHES`` batches of the same key. A lone stream therefore never waits (each generation step runs at
+once), while N concurrent streams keep meeting in batches of N; ``max_batch_delay_ms`` bounds the wait when some
+of them are late. (With only the previous batch as the guide, unary calls on a busy loop settled into batches of
+2-4 and stayed there: one small batch made the next one small.) Requests that arrive while a batch runs form the
+next one (continuous batching).
 
 Requests are merged only when their ``key`` is equal. Stateful steps use the time length as key, so every
 generation step (length 1) of concurrent streams shares one ORT run: their states are concatenated on the
@@ -38,6 +40,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+RECENT_BATCHES = 8  # the company a batch waits for: the most rows among this many previous batches of its key
 
 
 @dataclass
@@ -129,7 +132,8 @@ class Batcher:
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._last_rows: dict[Hashable, int] = {}  # rows of the previous batch per key: how much company to expect
+        # Rows of the last few batches per key: how much company to expect (the largest of them).
+        self._last_rows: dict[Hashable, deque[int]] = {}
 
     @property
     def pending(self) -> int:
@@ -198,7 +202,8 @@ class Batcher:
                 self._pending.popleft()
                 continue
             # Wait for company until the batch is full or the oldest request has waited `delay`.
-            expect = min(self.max_rows, self._last_rows.get(head.item.key, 1))
+            recent = self._last_rows.get(head.item.key)
+            expect = min(self.max_rows, max(recent) if recent else 1)
             while self._rows_ready(head.item.key) < expect:
                 remaining = head.enqueued + self.delay - time.perf_counter()
                 if remaining <= 0:
@@ -219,7 +224,10 @@ class Batcher:
             batch = [p for p in self._take() if not p.future.done()]
             self.metrics.queue_depth(self.name, len(self._pending))
             if batch:
-                self._last_rows[head.item.key] = sum(p.item.rows for p in batch)
+                recent = self._last_rows.get(head.item.key)
+                if recent is None:
+                    recent = self._last_rows[head.item.key] = deque(maxlen=RECENT_BATCHES)
+                recent.append(sum(p.item.rows for p in batch))
                 await self._run(batch)
 
     async def _run(self, batch: list[_Pending]) -> None:
