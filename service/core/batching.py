@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,6 +134,9 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         # Rows of the last few batches per key: how much company to expect (the largest of them).
         self._last_rows: dict[Hashable, deque[int]] = {}
+        # Outputs the task derives from every batch's outputs at once (batch axis 0), split per request like the
+        # model's own: a char LM's next-character probabilities are one softmax per batch, not one per request.
+        self.derive: Callable[[dict[str, Array]], dict[str, Array]] | None = None
 
     @property
     def pending(self) -> int:
@@ -277,5 +280,7 @@ class Batcher:
         t1 = time.perf_counter_ns()
         outputs = self.runtime.run(feeds, rows)
         t2 = time.perf_counter_ns()
+        if self.derive is not None:
+            outputs.update(self.derive(outputs))
         results = split(outputs, items, self.runtime)
         return results, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
