@@ -222,7 +222,7 @@ class Metrics:
         self._child(self.rpc_in_flight, (service, method)).dec()
         labels = (service, method, self._model(model), code)
         self._child(self.rpc_requests, labels).inc()
-        self._child(self.rpc_duration, labels).observe(max(seconds, 0.0))
+        _observe_many(self._child(self.rpc_duration, labels), max(seconds, 0.0), 1)  # observe(), by bisection
 
     # --- core: inference -----------------------------------------------------------------------------
     def inference(

@@ -107,7 +107,7 @@ def model_label(message: Any) -> str:
     return name if isinstance(name, str) else ""
 
 
-def _keep(data: bytes) -> Undecoded:
+def keep_bytes(data: bytes) -> Undecoded:
     return Undecoded(data)
 
 
@@ -133,7 +133,8 @@ async def drive(result: Any) -> AsyncIterator[Any]:
 
 # --- the interceptor ------------------------------------------------------------------------------------------
 class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Innermost interceptor: decodes requests inside the call (see the module docstring)."""
+    """Decodes requests inside the call (see the module docstring). The server runs it as the innermost stage
+    of ``service.api.interceptors.Edge`` (``MethodDecoder`` per method); on its own it is an interceptor too."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -149,7 +150,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return _Method(self, details.method, handler).handler()
+        return MethodDecoder(self, details.method, handler).handler()
 
     # --- per request ----------------------------------------------------------------------------------
     def charge(self, method: str) -> None:
@@ -179,7 +180,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise
 
 
-class _Method:
+class MethodDecoder:
     """One method's handler with decoding wrapped around its behaviour."""
 
     def __init__(self, edge: DecodeInterceptor, method: str, handler: grpc.RpcMethodHandler) -> None:
@@ -207,15 +208,23 @@ class _Method:
 
     async def messages(self, requests: AsyncIterator[Undecoded]) -> AsyncGenerator[Any, None]:
         """A client stream, decoded message by message; a large message holds its budget until the next read."""
+        edge, method = self.edge, self.method
+        paced = edge.limiter is not None and not method.startswith(PUBLIC_PREFIXES)
+        large = edge.settings.large_request_bytes
         async for raw in requests:
-            await self.edge.pace(self.method)
-            async with self.edge.admit(self.size(raw)):
+            if paced:
+                await edge.pace(method)
+            size = self.size(raw)
+            if size < large:  # the common case: no budget to hold (what admit() does for it, minus the wrapper)
+                yield self.decode(raw)
+                continue
+            async with edge.admit(size):
                 yield self.decode(raw)
         await asyncio.sleep(END_OF_STREAM_GRACE)
 
     def handler(self) -> grpc.RpcMethodHandler:
         h, edge, method = self.h, self.edge, self.method
-        kw = {"request_deserializer": _keep, "response_serializer": h.response_serializer}
+        kw = {"request_deserializer": keep_bytes, "response_serializer": h.response_serializer}
         if h.unary_unary is not None:
             uu = h.unary_unary
 

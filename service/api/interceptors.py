@@ -1,10 +1,11 @@
-"""gRPC server interceptors, outermost first: metrics (+ access log), errors (+ request id), auth (principal),
-decoding (``service.api.decoding``: size limits, corrupt messages, memory budget, request rate).
+"""The gRPC edge, outermost first: metrics (+ access log), errors (+ request id), auth (principal), decoding
+(``service.api.decoding``: size limits, corrupt messages, memory budget, request rate).
 
-Every interceptor wraps all four handler kinds (unary/streaming request x unary/streaming response) the same
-way: the call runs inside an async context manager (``scope``) that sees the request (unary requests only, as
-``Undecoded`` bytes that name their model once decoded), the context, and any exception the call raises.
-Domain errors (``service.errors``) become gRPC status codes here and nowhere else (``STATUS_CODES``).
+``Edge`` is one ``grpc.aio`` interceptor that wraps each method's handler once, for all four handler kinds
+(unary/streaming request x unary/streaming response): the stages run inline around the call, which sees the
+request (unary requests only, as ``Undecoded`` bytes that name their model once decoded), the context, and any
+exception the call raises. Domain errors (``service.errors``) become gRPC status codes here and nowhere else
+(``STATUS_CODES``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import re
 import time
-import uuid
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -25,7 +27,15 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service import errors
-from service.api.decoding import PUBLIC_PREFIXES, DecodeInterceptor, Undecoded, drive, model_label
+from service.api.decoding import (
+    PUBLIC_PREFIXES,
+    DecodeInterceptor,
+    MethodDecoder,
+    Undecoded,
+    drive,
+    keep_bytes,
+    model_label,
+)
 from service.api.principals import KeyTable, load_keys, subject_of
 from service.core.context import call_scope, principal, set_principal
 from service.logs import ACCESS_LOGGER, CALL
@@ -55,8 +65,6 @@ STATUS_CODES: dict[type[errors.SeqServeError], grpc.StatusCode] = {
     errors.SessionConflict: grpc.StatusCode.ABORTED,
 }
 
-Scope = Callable[[Any, grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
-
 
 def status_code_for(exc: errors.SeqServeError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
@@ -81,108 +89,6 @@ def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
         if k == key:
             return v if isinstance(v, str) else v.decode("utf-8", "replace")
     return None
-
-
-def wrap_handler(handler: grpc.RpcMethodHandler, scope: Scope) -> grpc.RpcMethodHandler:
-    """A copy of ``handler`` whose behaviour runs inside ``scope(request or None, context)``."""
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with scope(request, context):
-                result = uu(request, context)
-                return await result if inspect.isawaitable(result) else result
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
-    if handler.unary_stream is not None:
-        us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with scope(request, context):
-                async for item in drive(us(request, context)):
-                    yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
-    if handler.stream_unary is not None:
-        su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with scope(None, context):
-                result = su(requests, context)
-                return await result if inspect.isawaitable(result) else result
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
-    ss = handler.stream_stream
-
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with scope(None, context):
-            async for item in drive(ss(requests, context)):
-                yield item
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
-
-
-class _Wrapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Base class: subclasses implement ``scope`` and may exempt methods with ``applies``."""
-
-    def applies(self, method: str) -> bool:
-        return True
-
-    def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AbstractAsyncContextManager[None]:
-        raise NotImplementedError
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not self.applies(details.method):
-            return handler
-        method: str = details.method
-        return wrap_handler(handler, lambda request, context: self.scope(method, request, context))
-
-
-def _model_label(request: Any) -> str:
-    """The model a request names ("" for streams, and for a request that could not be decoded)."""
-    return request.model if isinstance(request, Undecoded) else model_label(request)
-
-
-class MetricsInterceptor(_Wrapping):
-    """In-flight gauge, request counter and latency per (service, method, model, code); with ``access_log``,
-    one log line per finished call."""
-
-    def __init__(self, metrics: Metrics, access: bool = False) -> None:
-        self.metrics = metrics
-        self.access = access
-
-    @asynccontextmanager
-    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        service, name = split_method(method)
-        self.metrics.rpc_started(service, name)
-        resolved = call_scope()  # the core notes the model it served (session calls, default model)
-        start, code = time.perf_counter(), "OK"
-        try:
-            yield
-            code = _code_name(context, "OK")
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client went away (or its deadline passed): grpc cancels the handler, or stops iterating a
-            # streaming response and closes it. Never UNKNOWN: a cancel is the caller's choice, not our error.
-            code = "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
-            raise
-        except BaseException:
-            code = _code_name(context, "UNKNOWN")
-            raise
-        finally:
-            model = _model_label(request) or (resolved[0] if resolved else "")
-            seconds = time.perf_counter() - start
-            self.metrics.rpc_finished(service, name, model, code, seconds)
-            if self.access:
-                model = errors.short(model)  # a name the caller sent: bounded
-                fields = {"model": model, "code": code, "duration_ms": round(seconds * 1e3, 3)}
-                access_log.info("%s %s %s %.1fms", method, model or "-", code, seconds * 1e3,
-                                extra={**fields, "principal": principal()})  # fmt: skip
 
 
 def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
@@ -219,86 +125,23 @@ class _Status(grpc.Status):  # type: ignore[misc]
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's x-request-id when it looks like one (at most 128 id characters), else a fresh one."""
     sent = metadata_value(context, REQUEST_ID_KEY)
-    return sent if sent is not None and _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    return sent if sent is not None and _REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()  # 128 random bits
 
 
-class ErrorInterceptor(_Wrapping):
-    """Request id in, domain error -> status code out; anything unexpected -> INTERNAL with the request id
-    (the traceback goes to the log, never to the caller)."""
+class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The whole edge as one interceptor: metrics (+ access log), errors (+ request id), auth (principal) and
+    decoding (``service.api.decoding``), in that order, outermost first.
 
-    @asynccontextmanager
-    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        request_id = request_id_of(context)
-        CALL.set((request_id, method))
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        try:
-            yield
-        except errors.SeqServeError as exc:
-            code = status_code_for(exc)
-            message = errors.clip(exc.message)
-            log.info("%s -> %s: %s (request id %s)", method, code.name, message, request_id,
-                     extra={"code": code.name})  # fmt: skip
-            await context.abort_with_status(rich_status(code, message, error_reason(exc), request_id))
-        except grpc.aio.AbortError:
-            raise  # the servicer already chose a status
-        except NotImplementedError:  # a generated servicer base for a method this server does not offer
-            log.info("%s -> UNIMPLEMENTED (request id %s)", method, request_id, extra={"code": "UNIMPLEMENTED"})
-            status = rich_status(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server",
-                                 "UNIMPLEMENTED", request_id)  # fmt: skip
-            await context.abort_with_status(status)
-        except Exception:
-            log.exception("internal error in %s (request id %s)", method, request_id, extra={"code": "INTERNAL"})
-            message = f"internal error (request id {request_id})"
-            await context.abort_with_status(rich_status(grpc.StatusCode.INTERNAL, message, "INTERNAL", request_id))
+    For each method it builds one wrapped handler, once, and reuses it (each stage depends only on the method
+    and the inner handler). Per call the stages run inline in one coroutine or async generator: no context
+    manager objects, and a streamed message passes through one wrapper, not one per stage."""
 
-
-class AuthInterceptor(_Wrapping):
-    """Every RPC but health and reflection needs credentials; the caller's principal goes into the core's
-    request context (``service.core.context.set_principal``).
-
-    With API keys: metadata ``authorization: Bearer <key>``, the key's name is the principal. Without API keys
-    but with mTLS: the verified client certificate's subject is the principal."""
-
-    def __init__(self, keys: KeyTable, mtls: bool) -> None:
+    def __init__(self, metrics: Metrics, settings: Settings, keys: KeyTable, mtls: bool) -> None:
+        self.metrics = metrics
+        self.access = settings.access_log
         self.keys = keys
-        self.mtls = mtls
-
-    def applies(self, method: str) -> bool:
-        return not method.startswith(PUBLIC_PREFIXES)
-
-    @asynccontextmanager
-    async def scope(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        if self.keys:
-            set_principal(self._by_key(context))
-        else:
-            subject = subject_of(context.auth_context() or {})
-            if subject is None:
-                raise errors.Unauthenticated("this server needs a client certificate (mTLS) signed by its client CA")
-            set_principal(subject)
-        yield
-
-    def _by_key(self, context: grpc.aio.ServicerContext) -> str:
-        sent = metadata_value(context, "authorization")
-        if sent is None:
-            raise errors.Unauthenticated(
-                "missing credentials: this server needs metadata 'authorization: Bearer <api key>'"
-            )
-        scheme, _, key = sent.partition(" ")
-        name = self.keys.principal(key.strip()) if scheme.lower() == "bearer" else None
-        if name is None:
-            raise errors.Unauthenticated("wrong API key in metadata 'authorization' (expected 'Bearer <api key>')")
-        return name
-
-
-class ComposedChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """The chain as one interceptor that composes each method's handler once and then reuses it.
-
-    Every interceptor above derives a method's wrapped handler from the method name and the inner handler only
-    (all per-call work happens inside the wrapped behaviour), so the composition can be cached: per RPC, grpc
-    then awaits one ``intercept_service`` instead of one per interceptor, each building wrappers again."""
-
-    def __init__(self, chain: list[grpc.aio.ServerInterceptor]) -> None:
-        self.chain = chain
+        self.auth = bool(keys) or mtls
+        self.decoding = DecodeInterceptor(settings)
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -312,24 +155,243 @@ class ComposedChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cached = self._cache.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = handler
-        for interceptor in reversed(self.chain):  # innermost first, as grpc would apply them
-
-            async def inner(_: grpc.HandlerCallDetails, h: grpc.RpcMethodHandler = wrapped) -> grpc.RpcMethodHandler:
-                return h
-
-            wrapped = await interceptor.intercept_service(inner, details)
+        wrapped = _EdgeMethod(self, details.method, handler).handler()
         self._cache[details.method] = (handler, wrapped)
         return wrapped
 
+    # --- auth -------------------------------------------------------------------------------------------
+    def authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        """Every RPC but health and reflection needs credentials; the caller's principal goes into the core's
+        request context (``service.core.context.set_principal``). With API keys: metadata ``authorization:
+        Bearer <key>``, the key's name is the principal. Without API keys but with mTLS: the verified client
+        certificate's subject is the principal."""
+        if self.keys:
+            set_principal(self._by_key(context))
+        else:
+            subject = subject_of(context.auth_context() or {})
+            if subject is None:
+                raise errors.Unauthenticated("this server needs a client certificate (mTLS) signed by its client CA")
+            set_principal(subject)
+
+    def _by_key(self, context: grpc.aio.ServicerContext) -> str:
+        sent = metadata_value(context, "authorization")
+        if sent is None:
+            raise errors.Unauthenticated(
+                "missing credentials: this server needs metadata 'authorization: Bearer <api key>'"
+            )
+        scheme, _, key = sent.partition(" ")
+        name = self.keys.principal(key.strip()) if scheme.lower() == "bearer" else None
+        if name is None:
+            raise errors.Unauthenticated("wrong API key in metadata 'authorization' (expected 'Bearer <api key>')")
+        return name
+
+    # --- errors -----------------------------------------------------------------------------------------
+    @staticmethod
+    async def fail(method: str, exc: Exception, request_id: str, context: grpc.aio.ServicerContext) -> None:
+        """Domain error -> status code; anything unexpected -> INTERNAL with the request id (the traceback goes
+        to the log, never to the caller). Always raises."""
+        if isinstance(exc, errors.SeqServeError):
+            code = status_code_for(exc)
+            message = errors.clip(exc.message)
+            log.info("%s -> %s: %s (request id %s)", method, code.name, message, request_id,
+                     extra={"code": code.name})  # fmt: skip
+            await context.abort_with_status(rich_status(code, message, error_reason(exc), request_id))
+        elif isinstance(exc, grpc.aio.AbortError):
+            raise exc  # the servicer already chose a status
+        elif isinstance(exc, NotImplementedError):  # a generated servicer base for a method this server lacks
+            log.info("%s -> UNIMPLEMENTED (request id %s)", method, request_id, extra={"code": "UNIMPLEMENTED"})
+            status = rich_status(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server",
+                                 "UNIMPLEMENTED", request_id)  # fmt: skip
+            await context.abort_with_status(status)
+        else:
+            log.error("internal error in %s (request id %s)", method, request_id, extra={"code": "INTERNAL"},
+                      exc_info=exc)  # fmt: skip
+            message = f"internal error (request id {request_id})"
+            await context.abort_with_status(rich_status(grpc.StatusCode.INTERNAL, message, "INTERNAL", request_id))
+        raise exc  # abort_with_status raises; this is never reached
+
+
+class _EdgeMethod:
+    """One method's handler with the edge around it (see ``Edge``)."""
+
+    def __init__(self, edge: Edge, method: str, handler: grpc.RpcMethodHandler) -> None:
+        self.edge, self.method, self.h = edge, method, handler
+        self.service, self.name = split_method(method)
+        self.auth = edge.auth and not method.startswith(PUBLIC_PREFIXES)
+        # Decoding applies to every handler that decodes its requests (all generated ones do).
+        self.decode = (
+            MethodDecoder(edge.decoding, method, handler) if handler.request_deserializer is not None else None
+        )
+
+    # --- metrics and errors: the two ends of every call ------------------------------------------------
+    def begin(self, context: grpc.aio.ServicerContext) -> tuple[list[str], float, str]:
+        """In-flight gauge, the core's call scope, the request id (trailing metadata, log context); then auth."""
+        self.edge.metrics.rpc_started(self.service, self.name)
+        resolved = call_scope()  # the core notes the model it served (session calls, default model)
+        start = time.perf_counter()
+        request_id = request_id_of(context)
+        CALL.set((request_id, self.method))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        return resolved, start, request_id
+
+    def end(self, request: Any, context: grpc.aio.ServicerContext, resolved: list[str], start: float,
+            code: str) -> None:  # fmt: skip
+        model = _model_label(request) or (resolved[0] if resolved else "")
+        seconds = time.perf_counter() - start
+        self.edge.metrics.rpc_finished(self.service, self.name, model, code, seconds)
+        if self.edge.access:
+            model = errors.short(model)  # a name the caller sent: bounded
+            fields = {"model": model, "code": code, "duration_ms": round(seconds * 1e3, 3)}
+            access_log.info("%s %s %s %.1fms", self.method, model or "-", code, seconds * 1e3,
+                            extra={**fields, "principal": principal()})  # fmt: skip
+
+    @staticmethod
+    def ended(context: grpc.aio.ServicerContext, exc: BaseException) -> str:
+        """The status code of a call that raised ``exc``. A cancel (the client went away, or its deadline passed:
+        grpc cancels the handler, or stops iterating a streaming response and closes it) is never UNKNOWN."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            return "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
+        return _code_name(context, "UNKNOWN")
+
+    # --- the four handler kinds ---------------------------------------------------------------------------
+    def handler(self) -> grpc.RpcMethodHandler:
+        h = self.h
+        kw = {
+            "request_deserializer": keep_bytes if self.decode is not None else h.request_deserializer,
+            "response_serializer": h.response_serializer,
+        }
+        if h.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary_unary(h.unary_unary), **kw)
+        if h.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(self._unary_stream(h.unary_stream), **kw)
+        if h.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(self._stream_unary(h.stream_unary), **kw)
+        return grpc.stream_stream_rpc_method_handler(self._stream_stream(h.stream_stream), **kw)
+
+    def _unary_unary(self, uu: Callable[..., Any]) -> Callable[..., Any]:
+        edge, method, decode, auth = self.edge, self.method, self.decode, self.auth
+        large = edge.decoding.settings.large_request_bytes
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            resolved, start, request_id = self.begin(context)
+            try:
+                try:
+                    if auth:
+                        edge.authenticate(context)
+                    if decode is None:
+                        result = uu(request, context)
+                        result = await result if inspect.isawaitable(result) else result
+                    else:
+                        edge.decoding.charge(method)
+                        size = decode.size(request)
+                        if size < large:  # the common case, without the budget's bookkeeping
+                            try:
+                                result = uu(decode.decode(request), context)
+                                result = await result if inspect.isawaitable(result) else result
+                            except BaseException as exc:
+                                traceback.clear_frames(exc.__traceback__)  # see DecodeInterceptor.admit
+                                raise
+                        else:
+                            async with edge.decoding.admit(size):
+                                result = uu(decode.decode(request), context)
+                                result = await result if inspect.isawaitable(result) else result
+                except Exception as exc:
+                    await edge.fail(method, exc, request_id, context)
+            except BaseException as exc:
+                self.end(request, context, resolved, start, self.ended(context, exc))
+                raise
+            self.end(request, context, resolved, start, _code_name(context, "OK"))
+            return result
+
+        return unary_unary
+
+    def _stream_unary(self, su: Callable[..., Any]) -> Callable[..., Any]:
+        edge, method, decode, auth = self.edge, self.method, self.decode, self.auth
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            resolved, start, request_id = self.begin(context)
+            try:
+                try:
+                    if auth:
+                        edge.authenticate(context)
+                    if decode is None:
+                        result = su(requests, context)
+                        result = await result if inspect.isawaitable(result) else result
+                    else:
+                        async with aclosing(decode.messages(requests)) as decoded:
+                            result = su(decoded, context)
+                            result = await result if inspect.isawaitable(result) else result
+                except Exception as exc:
+                    await edge.fail(method, exc, request_id, context)
+            except BaseException as exc:
+                self.end(None, context, resolved, start, self.ended(context, exc))
+                raise
+            self.end(None, context, resolved, start, _code_name(context, "OK"))
+            return result
+
+        return stream_unary
+
+    def _unary_stream(self, us: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        edge, method, decode, auth = self.edge, self.method, self.decode, self.auth
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            resolved, start, request_id = self.begin(context)
+            try:
+                try:
+                    if auth:
+                        edge.authenticate(context)
+                    if decode is None:
+                        async for item in drive(us(request, context)):
+                            yield item
+                    else:
+                        edge.decoding.charge(method)
+                        async with edge.decoding.admit(decode.size(request)):
+                            async for item in drive(us(decode.decode(request), context)):
+                                yield item
+                except Exception as exc:
+                    await edge.fail(method, exc, request_id, context)
+            except BaseException as exc:
+                self.end(request, context, resolved, start, self.ended(context, exc))
+                raise
+            self.end(request, context, resolved, start, _code_name(context, "OK"))
+
+        return unary_stream
+
+    def _stream_stream(self, ss: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        edge, method, decode, auth = self.edge, self.method, self.decode, self.auth
+
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            resolved, start, request_id = self.begin(context)
+            try:
+                try:
+                    if auth:
+                        edge.authenticate(context)
+                    if decode is None:
+                        async for item in drive(ss(requests, context)):
+                            yield item
+                    else:
+                        async with aclosing(decode.messages(requests)) as decoded:
+                            async for item in drive(ss(decoded, context)):
+                                yield item
+                except Exception as exc:
+                    await edge.fail(method, exc, request_id, context)
+            except BaseException as exc:
+                self.end(None, context, resolved, start, self.ended(context, exc))
+                raise
+            self.end(None, context, resolved, start, _code_name(context, "OK"))
+
+        return stream_stream
+
+
+def _model_label(request: Any) -> str:
+    """The model a request names ("" for streams, and for a request that could not be decoded)."""
+    if request is None:
+        return ""
+    return request.model if isinstance(request, Undecoded) else model_label(request)
+
 
 def build_interceptors(metrics: Metrics, settings: Settings | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: metrics sees the final status of everything, errors maps what auth and decoding raise,
-    auth names the principal before decoding spends anything on the request. Served as one ``ComposedChain``."""
+    """The edge as one interceptor (``Edge``): metrics sees the final status of everything, errors maps what auth
+    and decoding raise, auth names the principal before decoding spends anything on the request."""
     s = settings if settings is not None else Settings()
-    chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics, s.access_log), ErrorInterceptor()]
-    keys = KeyTable(load_keys(s))
-    if keys or s.tls_client_ca is not None:
-        chain.append(AuthInterceptor(keys, mtls=s.tls_client_ca is not None))
-    chain.append(DecodeInterceptor(s))
-    return [ComposedChain(chain)]
+    return [Edge(metrics, s, KeyTable(load_keys(s)), mtls=s.tls_client_ca is not None)]

@@ -1,19 +1,23 @@
 """Dynamic batching, MLServer/TGI style: per model version one queue, one task that flushes a batch when it
 holds ``max_batch_size`` rows or its oldest request has waited ``max_batch_delay_ms``, one Future per request.
 
-The wait is adaptive: a batch also flushes as soon as it holds as many rows as the previous batch of the same
-key. A lone stream therefore never waits (each generation step runs at once), while N concurrent streams keep
-meeting in batches of N; ``max_batch_delay_ms`` bounds the wait when some of them are late. Requests that
-arrive while a batch runs form the next one (continuous batching).
+The wait is adaptive: a batch also flushes as soon as it holds as many rows as the largest of the previous
+``RECENT_BATCHES`` batches of the same key. A lone stream therefore never waits (each generation step runs at
+once), while N concurrent streams keep meeting in batches of N; ``max_batch_delay_ms`` bounds the wait when some
+of them are late. (With only the previous batch as the guide, unary calls on a busy loop settled into batches of
+2-4 and stayed there: one small batch made the next one small.) Requests that arrive while a batch runs form the
+next one (continuous batching).
 
 Requests are merged only when their ``key`` is equal. Stateful steps use the time length as key, so every
 generation step (length 1) of concurrent streams shares one ORT run: their states are concatenated on the
 batch axis (axis 1 of ``[layers*dirs, batch, hidden]``), run once, and split back (TGI's ``concatenate`` /
 ``filter``). A failed batch fails every Future in it.
 
-Small batches (at most ``inline_batch_tokens`` rows x time steps: every generation step) run ORT inline on the
-event loop: a one-thread ORT step costs less than the hop to a worker thread and back (~50-100 µs of Python and
-GIL hand-offs). Bigger batches (long prompts, big classify batches) run in a worker thread so the loop stays free.
+Small, quick batches (at most ``inline_batch_tokens`` rows x time steps, and the model's last run of that many
+took at most ``inline_batch_ms``: every generation step) run ORT inline on the event loop: a one-thread ORT step
+costs less than the hop to a worker thread and back (~50-100 µs of Python and GIL hand-offs). Bigger or slower
+batches (long prompts, classify batches of several sentences) run in a worker thread so the loop serves other
+calls meanwhile.
 Waiting for company never creates a task or a timeout wrapper per batch: one ``call_later`` wakes the loop.
 """
 
@@ -24,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +40,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+RECENT_BATCHES = 8  # the company a batch waits for: the most rows among this many previous batches of its key
 
 
 @dataclass
@@ -73,13 +78,18 @@ def concatenate(items: list[StepInput], runtime: Runtime) -> tuple[dict[str, Arr
     feeds: dict[str, Array] = {}
     for name in items[0].inputs:
         parts = [it.inputs[name] for it in items]
-        if name in items[0].pad:
+        if name in items[0].pad and any(p.shape[1] != parts[0].shape[1] for p in parts):
+            # Right-pad axis 1 (time) to the longest: one filled array, each part copied into its rows
+            # (np.pad per part cost ~25 us each).
             longest = max(p.shape[1] for p in parts)
-            value = items[0].pad[name]
-            parts = [
-                np.pad(p, [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2), constant_values=value)
-                for p in parts
-            ]
+            first = parts[0]
+            out = np.full((sum(p.shape[0] for p in parts), longest, *first.shape[2:]), items[0].pad[name], first.dtype)
+            row = 0
+            for p in parts:
+                out[row : row + p.shape[0], : p.shape[1]] = p
+                row += p.shape[0]
+            feeds[name] = out
+            continue
         feeds[name] = np.concatenate(parts, axis=0)
     if any(it.states is not None for it in items):
         for name in runtime.state_rows:
@@ -116,11 +126,17 @@ class Batcher:
         self.delay = settings.max_batch_delay_ms / 1000.0
         self.max_queue = settings.max_queue_size
         self.inline_tokens = settings.inline_batch_tokens
+        self.inline_seconds = settings.inline_batch_ms / 1000.0
+        self._infer_seconds: dict[int, float] = {}  # tokens -> ORT seconds of the last batch that size (inlinable)
         self.metrics = metrics
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._last_rows: dict[Hashable, int] = {}  # rows of the previous batch per key: how much company to expect
+        # Rows of the last few batches per key: how much company to expect (the largest of them).
+        self._last_rows: dict[Hashable, deque[int]] = {}
+        # Outputs the task derives from every batch's outputs at once (batch axis 0), split per request like the
+        # model's own: a char LM's next-character probabilities are one softmax per batch, not one per request.
+        self.derive: Callable[[dict[str, Array]], dict[str, Array]] | None = None
 
     @property
     def pending(self) -> int:
@@ -189,7 +205,8 @@ class Batcher:
                 self._pending.popleft()
                 continue
             # Wait for company until the batch is full or the oldest request has waited `delay`.
-            expect = min(self.max_rows, self._last_rows.get(head.item.key, 1))
+            recent = self._last_rows.get(head.item.key)
+            expect = min(self.max_rows, max(recent) if recent else 1)
             while self._rows_ready(head.item.key) < expect:
                 remaining = head.enqueued + self.delay - time.perf_counter()
                 if remaining <= 0:
@@ -198,20 +215,35 @@ class Batcher:
                 timer = loop.call_later(remaining, self._wake.set)
                 await self._wake.wait()
                 timer.cancel()
+            # Requests the loop is about to hand over join this batch: yield one loop iteration at a time while
+            # the batch keeps growing (a busy loop delivers unary calls a few per iteration).
+            rows = self._rows_ready(head.item.key)
+            while rows < self.max_rows:
+                await asyncio.sleep(0)
+                more = self._rows_ready(head.item.key)
+                if more == rows:
+                    break
+                rows = more
             batch = [p for p in self._take() if not p.future.done()]
             self.metrics.queue_depth(self.name, len(self._pending))
             if batch:
-                self._last_rows[head.item.key] = sum(p.item.rows for p in batch)
+                recent = self._last_rows.get(head.item.key)
+                if recent is None:
+                    recent = self._last_rows[head.item.key] = deque(maxlen=RECENT_BATCHES)
+                recent.append(sum(p.item.rows for p in batch))
                 await self._run(batch)
 
     async def _run(self, batch: list[_Pending]) -> None:
         items = [p.item for p in batch]
         started = time.perf_counter()
+        tokens = self._tokens(items)
         try:
-            if self._tokens(items) <= self.inline_tokens:
+            if tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.inline_seconds:
                 results, times = self._run_sync(items)
             else:
                 results, times = await asyncio.to_thread(self._run_sync, items)
+            if tokens <= self.inline_tokens:
+                self._infer_seconds[tokens] = times[1] / 1e9
         except asyncio.CancelledError:  # stop() during a run: nobody may wait forever
             for p in batch:
                 if not p.future.done():
@@ -248,5 +280,7 @@ class Batcher:
         t1 = time.perf_counter_ns()
         outputs = self.runtime.run(feeds, rows)
         t2 = time.perf_counter_ns()
+        if self.derive is not None:
+            outputs.update(self.derive(outputs))
         results = split(outputs, items, self.runtime)
         return results, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
 from service.core.context import note_model, principal
@@ -52,10 +52,27 @@ STORE_CHECK_SECONDS = 1.0  # how often the session store is asked whether it ans
 
 
 class _Request:
-    __slots__ = ("inferences",)
+    """One request on a model version, from construction to ``finish``: counted in flight (unload drains it)
+    and, when it finishes, in the model's statistics. Also a context manager (ok = the block did not raise)."""
 
-    def __init__(self, inferences: int) -> None:
-        self.inferences = inferences
+    __slots__ = ("entry", "inferences", "t0")
+
+    def __init__(self, entry: ModelEntry, inferences: int = 1) -> None:
+        self.entry, self.inferences = entry, inferences
+        entry.enter()
+        self.t0 = time.perf_counter_ns()
+
+    def finish(self, ok: bool) -> None:
+        try:
+            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences)
+        finally:
+            self.entry.leave()
+
+    def __enter__(self) -> _Request:
+        return self
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        self.finish(kind is None)
 
 
 class CoreDataPlane:
@@ -211,16 +228,10 @@ class CoreDataPlane:
             )
         return entry
 
-    @contextlib.contextmanager
-    def _request(self, entry: ModelEntry, inferences: int = 1) -> Iterator[_Request]:
-        """One request on ``entry``: counted in flight (unload drains it) and in the model's statistics."""
-        req, t0, ok = _Request(inferences), time.perf_counter_ns(), False
-        with entry.busy():
-            try:
-                yield req
-                ok = True
-            finally:
-                entry.stats.request(ok, time.perf_counter_ns() - t0, req.inferences)
+    def _request(self, entry: ModelEntry, inferences: int = 1) -> _Request:
+        """``with self._request(entry) as req``: one request on ``entry``, counted in flight (unload drains it)
+        and in the model's statistics."""
+        return _Request(entry, inferences)
 
     def _pinned(self, s: SessionState) -> ModelEntry:
         """The loaded model a session belongs to: the same version and the same weights, else a clear error."""
@@ -318,32 +329,68 @@ class CoreDataPlane:
         elif sequence is not None and not sequence.start and model.version is None:
             # A running sequence stays on the version (and weights) it started with, even when a newer one loaded
             # since; FAILED_PRECONDITION when that version is gone or its weights changed.
-            name = self.registry.find(model).name
-            try:
-                s = await self.sessions.get(self._sequence_id(name, sequence))
-            except SessionNotFound as exc:
-                raise self._unknown_sequence(name, sequence, exc) from None
-            entry = self._pinned(s)
+            return await self._continue(self.registry.find(model).name, inputs, outputs, sequence)
         else:
             entry = self.registry.resolve(model)
         note_model(entry.name)
         with self._request(entry) as req:
-            contract, names = self._contract(entry)
-            wanted = outputs or names
-            for name in wanted:
-                if name not in names:
-                    raise InvalidInput(f"model {entry.name} has no output {echo(name)}; outputs are {', '.join(names)}")
-            if sequence is not None and not contract.sequences:
-                raise InvalidInput(
-                    f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
-                )
-            tensors = await check_and_decode(entry.name, contract, inputs)
+            tensors, wanted = await self._checked(entry, inputs, outputs, sequence)
             blob = None
             if sequence is None:
                 result = await entry.task.infer(tensors, None)
             else:
                 result, blob = await self._infer_sequence(entry, tensors, sequence, imported)
             req.inferences = result.inferences
+        return InferResult(
+            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
+        )
+
+    async def _checked(
+        self, entry: ModelEntry, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef | None
+    ) -> tuple[dict[str, Tensor], list[str]]:
+        """The request checked against the version's contract: decoded inputs and the outputs to return."""
+        contract, names = self._contract(entry)
+        wanted = outputs or names
+        for name in wanted:
+            if name not in names:
+                raise InvalidInput(f"model {entry.name} has no output {echo(name)}; outputs are {', '.join(names)}")
+        if seq is not None and not contract.sequences:
+            raise InvalidInput(
+                f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
+            )
+        return await check_and_decode(entry.name, contract, inputs), wanted
+
+    async def _continue(
+        self, name: str, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef
+    ) -> InferResult:
+        """One step of a running sequence that names no version, under one lease: the session says which version
+        serves it (``_pinned``), the request is checked, the task advances the session and it is saved. A request
+        refused before the task ran leaves the session untouched (not even its idle time)."""
+        sid = self._sequence_id(name, seq)
+        use = self.sessions.use(sid, save=False)
+        req: _Request | None = None
+        ok = False
+        try:
+            async with use as s:
+                entry = self._pinned(s)
+                note_model(entry.name)
+                req = self._request(entry)
+                tensors, wanted = await self._checked(entry, inputs, outputs, seq)
+                use.save = True  # from here on the session is saved (or ended) whatever the task does
+                result = await entry.task.infer(tensors, s)
+                req.inferences = result.inferences
+                blob = seal(s, self._signing_key(), self.sessions.clock()) if seq.export else None
+            ok = True
+        except SessionNotFound as exc:
+            raise self._unknown_sequence(name, seq, exc) from None
+        finally:
+            try:
+                if seq.end and use.save:
+                    with contextlib.suppress(SessionNotFound):
+                        await self.sessions.delete(sid)
+            finally:
+                if req is not None:
+                    req.finish(ok)
         return InferResult(
             entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
         )

@@ -121,13 +121,20 @@ class ModelEntry:
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         """Counts a request in flight; unloading waits for the count to reach zero."""
-        self._inflight += 1
+        self.enter()
         try:
             yield
         finally:
-            self._inflight -= 1
-            if self._inflight == 0 and self._drained is not None:
-                self._drained.set()
+            self.leave()
+
+    def enter(self) -> None:
+        """A request starts (``busy`` as two calls, for callers that are not one block)."""
+        self._inflight += 1
+
+    def leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._drained is not None:
+            self._drained.set()
 
     # --- load / unload (registry only) ------------------------------------------------------------------
     def load_files(self, settings: Settings) -> None:
@@ -191,7 +198,8 @@ class ModelRegistry:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._entries: dict[tuple[str, int], ModelEntry] = {}
+        self._entries: dict[tuple[str, int], ModelEntry] = {}  # changed only through _put, _drop and _clear
+        self._by_name: dict[str, list[ModelEntry]] = {}  # per name, oldest version first (a cache of _entries)
         self._unloaded: set[str] = set()  # unloaded on request: not reloaded by sync() until load_model()
         self._lock = asyncio.Lock()
         self._on_load: list[Hook] = []
@@ -222,17 +230,40 @@ class ModelRegistry:
     def get(self, name: str, version: int) -> ModelEntry | None:
         return self._entries.get((name, version))
 
+    def _put(self, entry: ModelEntry) -> None:
+        self._entries[(entry.name, entry.version)] = entry
+        self._by_name.clear()
+
+    def _drop(self, entry: ModelEntry) -> None:
+        del self._entries[(entry.name, entry.version)]
+        self._by_name.clear()
+
+    def _clear(self) -> None:
+        self._entries.clear()
+        self._by_name.clear()
+
+    def _versions_of(self, name: str) -> list[ModelEntry]:
+        """Every version of ``name``, oldest first (computed once per change of the table, not per request)."""
+        mine = self._by_name.get(name)
+        if mine is None:
+            mine = sorted((e for e in self._entries.values() if e.name == name), key=lambda e: e.version)
+            if mine:
+                self._by_name[name] = mine
+        return mine
+
     def find(self, ref: ModelRef) -> ModelEntry:
         """The version ``ref`` names (ready or not); without a version, the newest ready one, else the newest."""
-        mine = sorted((e for e in self._entries.values() if e.name == ref.name), key=lambda e: e.version)
+        mine = self._versions_of(ref.name)
         if not mine:
             if ref.name in self._unloaded:
                 raise ModelUnavailable(f"model {echo(ref.name)} was unloaded; load it again (RepositoryModelLoad)")
             names = sorted({e.name for e in self._entries.values()})
             raise ModelNotFound(f"model {echo(ref.name)} is not in the repository; available models: {names}")
         if ref.version is None:
-            ready = [e for e in mine if e.ready]
-            return (ready or mine)[-1]
+            for e in reversed(mine):
+                if e.ready:
+                    return e
+            return mine[-1]
         for e in mine:
             if e.version == ref.version:
                 return e
@@ -295,12 +326,12 @@ class ModelRegistry:
                           entry.error)  # fmt: skip
                 return
         if entry.error is not None:
-            self._entries[(name, version)] = entry
+            self._put(entry)
             log.error("model %s failed to load: %s", entry.label, entry.error)
             self.metrics.model_loaded(name, version, "", entry.load_seconds, False)
             return
         entry.start(self.settings, self.metrics)
-        self._entries[(name, version)] = entry
+        self._put(entry)
         replaced = old is not None and old.ready
         log.info(
             "%s model %s on %s in %.2fs (sha256 %s)", "reloaded" if replaced else "loaded", entry.label,
@@ -314,7 +345,7 @@ class ModelRegistry:
             await self._fire(self._on_load, entry, False)
 
     async def _unload(self, entry: ModelEntry) -> None:
-        del self._entries[(entry.name, entry.version)]
+        self._drop(entry)
         if entry.ready:
             await entry.stop(self.settings.grace_seconds)
         await self._fire(self._on_unload, entry, False)
@@ -342,4 +373,4 @@ class ModelRegistry:
             for entry in list(self._entries.values()):
                 if entry.ready:
                     await entry.stop(0.0)
-            self._entries.clear()
+            self._clear()

@@ -112,7 +112,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Requests of one stream run in order, so a sequence sent on a stream advances step by step.
         async for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                out = pb.ModelStreamInferResponse()
+                await self._infer(request, out.infer_response)  # filled in place: no copy into the envelope
+                yield out
             except SeqServeError as e:
                 yield self._stream_error(request, clip(e.message))
             except Exception:
@@ -126,12 +128,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, response: pb.ModelInferResponse | None = None
+    ) -> pb.ModelInferResponse:
+        """One inference; the answer goes into ``response`` when given (a stream's envelope), else a new one."""
         ref = model_ref(request.model_name, request.model_version)
         sequence = parse_sequence(request.parameters)
         outputs = [o.name for o in request.outputs] or None
         result = await self._dataplane.infer(ref, read_inputs(request), outputs, sequence)
-        response = pb.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=request.id)
+        if response is None:
+            response = pb.ModelInferResponse()
+        response.model_name, response.model_version, response.id = result.model, str(result.version), request.id
         if result.steps is not None:
             response.parameters[STEPS_PARAMETER].int64_param = result.steps
         if result.session_blob is not None:

@@ -88,16 +88,18 @@ def _serialize_cached(items: list[bytes]) -> bytes:
 
 def _shape(t: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
     """The declared shape, checked before anything is decoded: at most 16 dimensions, each 0..2**31-1."""
-    if len(t.shape) > MAX_DIMS:
-        raise InvalidInput(f"input {short(t.name)}: shape has {len(t.shape)} dimensions, at most {MAX_DIMS}")
-    for d in t.shape:
-        if not 0 <= d <= MAX_DIM:
-            raise InvalidInput(f"input {short(t.name)}: shape {list(t.shape)[:8]} has a dimension outside 0..{MAX_DIM}")
-    return tuple(int(d) for d in t.shape)
+    shape = tuple(t.shape)  # int64 values: Python ints
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"input {short(t.name)}: shape has {len(shape)} dimensions, at most {MAX_DIMS}")
+    if shape and (min(shape) < 0 or max(shape) > MAX_DIM):
+        raise InvalidInput(f"input {short(t.name)}: shape {list(shape)[:8]} has a dimension outside 0..{MAX_DIM}")
+    return shape
 
 
-def _decode_one(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
-    shape = _shape(t)
+def _decode_one(
+    t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: tuple[int, ...] | None = None
+) -> Tensor:
+    shape = _shape(t) if shape is None else shape
     count = prod(shape)
     if t.datatype == "BYTES":
         if raw is not None:
@@ -146,7 +148,7 @@ class WireInput:
         self.shape = _shape(t)
 
     def decode(self) -> Tensor:
-        return _decode_one(self._pb, self._raw)
+        return _decode_one(self._pb, self._raw, self.shape)
 
     def to_wire(self) -> tuple[bytes, bytes | None]:
         """What crosses to the engine process: the tensor message (header and typed contents) and the raw bytes."""
@@ -180,11 +182,13 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
 
 def encode_output(response: pb.ModelInferResponse, t: Tensor) -> None:
     """Appends one output to ``response`` as raw contents (numeric arrays row-major little-endian)."""
-    tensor = response.outputs.add(name=t.name, datatype=t.datatype)
-    tensor.shape.extend(t.shape)
+    response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
     if t.datatype == "BYTES":
         response.raw_output_contents.append(_serialize_cached(t.items or []))
         return
     assert t.array is not None
     dtype, _ = NUMERIC[t.datatype]
-    response.raw_output_contents.append(np.ascontiguousarray(t.array, dtype=dtype).tobytes())
+    a = t.array
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a, dtype=dtype)
+    response.raw_output_contents.append(a.tobytes())

@@ -26,7 +26,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.core.context import principal
@@ -192,22 +192,14 @@ class SessionManager:
         async with self.store.lease(session_id):
             return await self._live(session_id)
 
-    @contextlib.asynccontextmanager
-    async def use(self, session_id: str) -> AsyncIterator[SessionState]:
+    def use(self, session_id: str, save: bool = True) -> SessionUse:
         """Leases the session and yields a working copy; whatever the caller left in it is saved when the call
-        ends (also when it failed or was cancelled: tasks change a session only at consistent points)."""
-        async with self.store.lease(session_id):
-            s = await self._live(session_id)
-            try:
-                yield s
-            finally:
-                s.last_used_at = self.clock()
-                try:
-                    await self.store.save(s)
-                except StaleSession:
-                    raise SessionNotFound(
-                        f"session {echo(session_id)} was deleted or replaced while this call used it"
-                    ) from None
+        ends (also when it failed or was cancelled: tasks change a session only at consistent points).
+
+        ``save=False``: nothing is saved unless the caller sets ``.save`` on the returned object inside the
+        block (a call that checks its request under the lease first, and fails before changing anything, leaves
+        the session exactly as it was, idle time included)."""
+        return SessionUse(self, session_id, save)
 
     async def fork(self, session_id: str, ttl_seconds: float | None) -> SessionState:
         ttl = self.ttl(ttl_seconds)
@@ -259,3 +251,39 @@ class SessionManager:
                 await self._reaper
             self._reaper = None
         await self.store.close()
+
+
+class SessionUse:
+    """``async with manager.use(id) as s``: lease, load, and save back on the way out (see ``SessionManager.use``).
+    A plain class rather than a generator context manager: every session call enters one."""
+
+    __slots__ = ("_id", "_lease", "_manager", "_session", "save")
+
+    def __init__(self, manager: SessionManager, session_id: str, save: bool) -> None:
+        self._manager, self._id, self.save = manager, session_id, save
+        self._lease = manager.store.lease(session_id)
+        self._session: SessionState | None = None
+
+    async def __aenter__(self) -> SessionState:
+        await self._lease.__aenter__()
+        try:
+            self._session = await self._manager._live(self._id)
+        except BaseException:
+            await self._lease.__aexit__(None, None, None)
+            raise
+        return self._session
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self.save and self._session is not None:
+                m, s = self._manager, self._session
+                s.last_used_at = m.clock()
+                try:
+                    await m.store.save(s)
+                except StaleSession:
+                    raise SessionNotFound(
+                        f"session {echo(self._id)} was deleted or replaced while this call used it"
+                    ) from None
+        finally:
+            self._session = None
+            await self._lease.__aexit__(None, None, None)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -82,11 +82,53 @@ class SessionStore(Protocol):
 
 
 class _Lease:
-    __slots__ = ("lock", "users")
+    """One session's lease while it is held: the calls waiting for it, in arrival order. Present in the store's
+    table exactly while held (or waited for); the holder hands it straight to the next waiter on release."""
+
+    __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0  # holders plus waiters; the lease is dropped when it reaches 0
+        self.waiters: deque[asyncio.Future[None]] | None = None
+
+
+class _Holding:
+    """``async with store.lease(id)``: a plain class, not a generator context manager, because every call on a
+    session enters one (the uncontended case neither suspends nor allocates a lock)."""
+
+    __slots__ = ("_id", "_leases")
+
+    def __init__(self, leases: dict[str, _Lease], session_id: str) -> None:
+        self._leases, self._id = leases, session_id
+
+    async def __aenter__(self) -> None:
+        lease = self._leases.get(self._id)
+        if lease is None:
+            self._leases[self._id] = _Lease()
+            return
+        if lease.waiters is None:
+            lease.waiters = deque()
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lease.waiters.append(turn)
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self._release()  # handed over, but the caller went away before it could use it
+            elif turn in lease.waiters:  # (a release may have dropped it already: a cancelled turn is skipped)
+                lease.waiters.remove(turn)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        lease = self._leases[self._id]
+        while lease.waiters:
+            turn = lease.waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the next caller holds it now
+                return
+        del self._leases[self._id]
 
 
 @dataclass(slots=True)
@@ -160,21 +202,7 @@ class InMemorySessionStore(Generic[R]):
         return self._remove(session_id)
 
     def lease(self, session_id: str) -> AbstractAsyncContextManager[None]:
-        return self._lease(session_id)
-
-    @asynccontextmanager
-    async def _lease(self, session_id: str) -> AsyncIterator[None]:
-        lease = self._leases.get(session_id)
-        if lease is None:
-            lease = self._leases[session_id] = _Lease()
-        lease.users += 1
-        try:
-            async with lease.lock:
-                yield
-        finally:
-            lease.users -= 1
-            if lease.users == 0:
-                del self._leases[session_id]
+        return _Holding(self._leases, session_id)
 
     def leased(self, session_id: str) -> bool:
         return session_id in self._leases

@@ -15,9 +15,10 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from service.core.arrays import F64, I64, log_softmax, sample, softmax
-from service.core.batching import StepInput
+from service.core.batching import StepInput, StepOutput
 from service.core.context import admitted, mark_admitted
 from service.core.manifest import Manifest
 from service.core.sessions.state import SessionState
@@ -60,6 +61,7 @@ class Cursor:
     state: dict[str, Array]
     logits: FloatArray | None = None
     steps: int = 0
+    probs: npt.NDArray[np.float32] | None = None  # softmax(logits) as float32, when the batch computed it
 
     @classmethod
     def of(cls, s: SessionState) -> Cursor:
@@ -68,6 +70,15 @@ class Cursor:
     def commit(self, s: SessionState) -> None:
         s.state, s.steps = self.state, self.steps
         s.context = {} if self.logits is None else {"logits": self.logits}
+
+
+PROBS = "next_char_probs"  # derived per batch (Batcher.derive): softmax of the last step's logits, float32
+
+
+def _probabilities(outputs: dict[str, Array]) -> dict[str, Array]:
+    """Every row's next-character distribution in one softmax per batch (row for row the same numbers as one
+    softmax per request: float64, then float32)."""
+    return {PROBS: softmax(outputs["logits"][:, -1, :]).astype(np.float32)}  # (rows, vocab)
 
 
 def _take(state: dict[str, Array], rows: I64) -> dict[str, Array]:
@@ -98,6 +109,7 @@ class CharLMTask(Task):
         self.encoder = Encoder(model.manifest.tokenizer)
         self.vocab = self.encoder.vocab
         self._vocab_tensor = bytes_tensor("VOCAB", list(self.vocab))  # the same every call: built (and encoded) once
+        model.batcher.derive = _probabilities
 
     def session_nbytes(self) -> int:
         return super().session_nbytes() + 4 * len(self.vocab)  # + next-character logits, float32
@@ -139,19 +151,24 @@ class CharLMTask(Task):
         (rows, vocab). Requests with equal time length merge in the batcher (every generation step is length 1).
         Admission happens once per call: the first step may be refused (queue full), the later ones of the same
         call (a Complete stream, a Suggest stream's events, beam steps) are not."""
+        out = await self._submit(state, ids)
+        logits: FloatArray = out.outputs["logits"][:, -1, :]  # (rows, vocab)
+        return out.states, logits
+
+    async def _submit(self, state: dict[str, Array], ids: I64) -> StepOutput:
         rows, time = ids.shape
         step = StepInput(inputs={"input_ids": ids}, rows=rows, states=state, key=("step", time), admitted=admitted())
         out = await self.model.batcher.submit(step)
         mark_admitted()  # the call's first step was queued: its later steps (a stream's) are never refused
-        logits: FloatArray = out.outputs["logits"][:, -1, :]  # (rows, vocab)
-        return out.states, logits
+        return out
 
     async def advance(self, cur: Cursor, ids: I64) -> None:
         """Consumes ``ids`` (time,) in one ORT run and moves the cursor (only once the run succeeded)."""
         if ids.size == 0:
             return
-        state, logits = await self.step_rows(cur.state, ids[None, :])  # (1, time)
-        cur.state, cur.logits, cur.steps = state, logits[0], cur.steps + ids.shape[0]
+        out = await self._submit(cur.state, ids[None, :])  # (1, time)
+        cur.state, cur.logits, cur.steps = out.states, out.outputs["logits"][0, -1, :], cur.steps + ids.shape[0]
+        cur.probs = out.outputs[PROBS][0]
 
     @staticmethod
     def _need_logits(cur: Cursor, field: str) -> FloatArray:
@@ -242,7 +259,8 @@ class CharLMTask(Task):
         ids = self.encoder.encode(text, field=text_field)
         cur = self._cursor(session)
         await self.advance(cur, ids)
-        probs = softmax(self._need_logits(cur, text_field)).astype(np.float32)  # (vocab,)
+        logits = self._need_logits(cur, text_field)
+        probs = cur.probs if cur.probs is not None else softmax(logits).astype(np.float32)  # (vocab,)
         if session is not None:
             cur.commit(session)
         completion = "" if num_chars == 0 else (await self._suggest(cur, 1, num_chars, False, text_field))[0].text
