@@ -103,7 +103,23 @@ class ServerHandle:
 
     def stop(self, grace: float = 0.0) -> None:
         if not self.stopped:
-            self.begin_stop(grace).result(120)
+            try:
+                self.begin_stop(grace).result(120)
+            except TimeoutError:  # say where it hangs: the stacks of the loop's unfinished tasks
+                raise TimeoutError(f"Server.stop() did not finish in 120 s; pending tasks:\n{self.stacks()}") from None
+
+    def stacks(self) -> str:
+        out: list[str] = []
+        for task in asyncio.all_tasks(self.loop):
+            lines: list[str] = []
+            coro: Any = task.get_coro()
+            while coro is not None:  # follow the await chain down to where the task is suspended
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+                if frame is not None:
+                    lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+            out.append(f"  {task.get_name()}:\n{''.join(lines)}")
+        return "".join(out) or "  (none)"
 
     def close(self) -> None:
         try:

@@ -24,7 +24,6 @@ Waiting for company never creates a task or a timeout wrapper per batch: one ``c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.core.aio import cancel_and_wait
 from service.core.runtime import Array, Runtime
 from service.core.stats import StatsBook
 from service.errors import ModelUnavailable, Overloaded
@@ -149,9 +149,7 @@ class Batcher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         while self._pending:
             p = self._pending.popleft()

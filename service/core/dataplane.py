@@ -17,6 +17,7 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
+from service.core.aio import cancel_and_wait
 from service.core.context import note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
@@ -148,10 +149,7 @@ class CoreDataPlane:
     async def stop(self) -> None:
         self._started = False
         for task in (self._watcher, self._store_watch):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         await self.sessions.stop()
         await self.registry.stop()
 

@@ -20,7 +20,6 @@ remembered, bounded, until the session would have expired anyway).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import secrets
@@ -29,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from service.core.aio import cancel_and_wait
 from service.core.context import principal
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
@@ -246,9 +246,7 @@ class SessionManager:
 
     async def stop(self) -> None:
         if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            await cancel_and_wait(self._reaper)
             self._reaper = None
         await self.store.close()
 

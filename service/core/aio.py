@@ -1,0 +1,31 @@
+"""Small asyncio helpers shared by the core's background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(task: asyncio.Task[object] | None, timeout: float = 5.0) -> bool:
+    """Cancels ``task`` and waits, at most ``timeout`` seconds, for it to end. Returns True when it ended.
+
+    A loop that retries on ``Exception`` can swallow one cancellation: redis-py (and other clients with their own
+    timeouts) may turn a ``CancelledError`` that races the client's timeout into a ``TimeoutError``. A plain
+    ``task.cancel(); await task`` then waits forever, and a server's stop hangs. So the cancel is repeated until
+    the task ends (the next one lands on the loop's next ``await``), and the wait is bounded."""
+    if task is None or task.done():
+        return True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not task.done():
+        left = deadline - loop.time()
+        if left <= 0:
+            log.warning("background task %s did not end within %.1fs of being cancelled", task.get_name(), timeout)
+            return False
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(0.2, left))
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background task %s ended with %r", task.get_name(), task.exception())
+    return True
