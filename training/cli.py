@@ -58,6 +58,10 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
     if task == "sentiment":
         p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction)
         p.add_argument("--heldout-fraction", type=float, default=0.05, help="train slice used to pick the checkpoint")
+        p.add_argument(
+            "--heldout", choices=["rows", "sentences"], default="rows",
+            help="hold out random rows (phrases and sentences), or whole sentences without their phrases",
+        )  # fmt: skip
         p.add_argument("--min-count", type=int, default=1, help="drop train words seen fewer times (-> unk)")
         p.add_argument("--max-length", type=int, default=128, help="longest token sequence")
         p.add_argument("--word-dropout", type=float, default=0.1, help="train-time chance a word becomes unk")
@@ -152,7 +156,8 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
         window=getattr(args, "window", 96), horizon=getattr(args, "horizon", 96), segment=getattr(args, "segment", 12),
         revin=getattr(args, "revin", "last"), linear=getattr(args, "linear", False),
     )  # fmt: skip
-    keys = ["bptt", "heldout_fraction", "min_count", "max_length", "word_dropout", "preset", "time_column", "glove"]
+    keys = ["bptt", "heldout_fraction", "heldout", "min_count", "max_length", "word_dropout", "preset", "time_column"]
+    keys += ["glove"]
     keys += ["glove_top", "glove_dropout", "glove_dir", "glove_init", "half_table", "calibrate"]
     keys += ["columns", "targets", "split", "freq", "calibration", "interval_scale"]
     extra = {k: getattr(args, k) for k in keys if hasattr(args, k)}

@@ -99,6 +99,47 @@ def load_sst2(folder: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]
     return read_tsv(folder / "train.tsv"), read_tsv(folder / "dev.tsv")
 
 
+def sentence_rows(texts: list[str]) -> list[bool]:
+    """Which rows are whole sentences: SST-2's train.tsv mixes the treebank's sentences with their phrases, and a
+    row is taken for a sentence when no other row contains it as a run of whole words."""
+    seen = set(texts)
+    contained: set[str] = set()
+    for text in seen:
+        words = text.split()
+        n = len(words)
+        for i in range(n):
+            for j in range(i + 1, n + 1 if i else n):  # every proper run of whole words
+                span = " ".join(words[i:j])
+                if span in seen:
+                    contained.add(span)
+    return [t not in contained for t in texts]
+
+
+def hold_out_sentences(
+    rows: list[tuple[str, int]], fraction: float, rng: np.random.Generator
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(fit, held): ``fraction`` of the whole sentences held out, and every row that is a run of words of a held-out
+    sentence left out of fit too, so the held-out sentences read as new text, as the dev sentences do."""
+    texts = [t for t, _ in rows]
+    is_sentence = sentence_rows(texts)
+    sentences = sorted({t for t, s in zip(texts, is_sentence, strict=True) if s})
+    n_held = max(1, int(len(sentences) * fraction))
+    chosen = {sentences[i] for i in rng.permutation(len(sentences))[:n_held]}
+    parts: set[str] = set()
+    for text in chosen:
+        words = text.split()
+        parts.update(" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1))
+    held, fit, taken = [], [], set()
+    for text, y in rows:
+        if text in chosen:
+            if text not in taken:  # a sentence listed twice is held out once
+                taken.add(text)
+                held.append((text, y))
+        elif text not in parts:
+            fit.append((text, y))
+    return fit, held
+
+
 def word_tokenizer(texts: list[str], min_count: int = 1, max_size: int = 50_000, max_length: int = 128) -> Tokenizer:
     """Word vocab from the training texts: pad at 0, unk at 1, then by frequency (ties alphabetical)."""
     counts = Counter(w for t in texts for w in split_words(t, lowercase=True))

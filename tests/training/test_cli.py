@@ -70,6 +70,19 @@ def test_sentiment_train_and_evaluate(tmp_path: Path, tiny_sst2: Path, capsys: p
 
 
 @pytest.mark.slow
+def test_sentiment_holds_out_whole_sentences(tmp_path: Path, tiny_sst2: Path) -> None:
+    out = tmp_path / "sentiment" / "1"
+    args = ["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    args += ["--hidden", "8", "--embedding", "8", "--epochs", "1", "--batch-size", "32", "--ensemble", "1"]
+    args += ["--heldout", "sentences", "--heldout-fraction", "0.2"]
+    assert main(args) == 0
+    held = {x.name: x for x in _check_outputs(out).metrics}["heldout_accuracy"]
+    # 10 distinct sentences (no phrases) in the toy train.tsv: 2 held out, once each, whatever their repeats
+    assert held.split.startswith("2 whole sentences held out from train.tsv")
+    assert held.value in (0.0, 0.5, 1.0)
+
+
+@pytest.mark.slow
 def test_forecast_ett_preset_train_and_evaluate(
     tmp_path: Path, tiny_ett: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,9 +11,11 @@ from service.core.tokenizers import Encoder
 from training.data import (
     DataError,
     char_streams,
+    hold_out_sentences,
     load_chars,
     load_sst2,
     read_tsv,
+    sentence_rows,
     word_tokenizer,
 )
 
@@ -69,3 +71,42 @@ def test_malformed_tsv_names_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         read_tsv(p)
     assert "line 3" in _one_line(e) and str(p) in str(e.value)
+
+
+# A tiny treebank-shaped train.tsv: two sentences, each with some of its phrases as rows of their own.
+TREEBANK = [
+    ("a gorgeous , witty film", 1),
+    ("gorgeous", 1),
+    ("witty film", 1),
+    ("a gorgeous", 1),
+    ("the plot is a dull mess", 0),
+    ("dull mess", 0),
+    ("dull", 0),
+    ("the plot", 1),
+    ("mess", 0),
+    ("witty", 1),
+    ("gorgeous", 1),  # a phrase listed twice
+]
+
+
+def test_sentence_rows_are_the_rows_no_other_row_contains() -> None:
+    flags = sentence_rows([t for t, _ in TREEBANK])
+    assert [t for (t, _), f in zip(TREEBANK, flags, strict=True) if f] == [
+        "a gorgeous , witty film", "the plot is a dull mess",
+    ]  # fmt: skip
+    assert sentence_rows(["film", "films"]) == [True, True]  # whole words only, not characters
+
+
+def test_held_out_sentences_take_their_phrases_out_of_training() -> None:
+    fit, held = hold_out_sentences(TREEBANK, 0.5, np.random.default_rng(0))
+    assert len(held) == 1
+    sentence = held[0][0]
+    other = next(t for t in ("a gorgeous , witty film", "the plot is a dull mess") if t != sentence)
+    assert (other, 1 if other.startswith("a ") else 0) in fit  # the other sentence trains
+    for text, _ in fit:  # nothing of the held-out sentence is trained on
+        assert f" {text} " not in f" {sentence} "
+    fit_texts = {t for t, _ in fit}
+    if sentence.startswith("a gorgeous"):
+        assert fit_texts == {"the plot is a dull mess", "dull mess", "dull", "the plot", "mess"}
+    else:
+        assert fit_texts == {"a gorgeous , witty film", "gorgeous", "witty film", "a gorgeous", "witty"}
