@@ -52,9 +52,10 @@ deploy-lint: $(STAMP) sysdeps
 image-test: $(STAMP) sysdeps
 	PY=$(BIN)/python bash deploy/docker/image-test.sh
 
-# The image for users (needs Docker Hub for python:3.11-slim): docker run -p 50051:50051 -p 8002:8002 seqserve:0.1.0
+# The image for users (needs Docker Hub for python:3.11-slim). Run it on the host network, bound to loopback:
+#   docker run --network host -e SEQSERVE_HOST=127.0.0.1 seqserve:0.1.0
 image:
-	docker build -t seqserve:0.1.0 --build-arg REVISION=$$(git rev-parse HEAD) .
+	docker build --network host -t seqserve:0.1.0 --build-arg REVISION=$$(git rev-parse HEAD) .
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py

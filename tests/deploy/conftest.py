@@ -117,7 +117,7 @@ def base_image(docker: Docker) -> str:
 
 
 def build(docker: Docker, tag: str, *args: str) -> float:
-    """``docker build`` with host networking (pip and apt reach their registries like the host does)."""
+    """Builds on the host network (``--network host``): pip and apt reach their registries like the host does."""
     start = time.monotonic()
     docker("build", "--quiet", "--network", "host", "--tag", tag, *args, timeout=900)
     return time.monotonic() - start
