@@ -23,6 +23,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from service.core.aio import cancel_and_wait
 from service.core.sessions.redis_cache import Entry, HotCache
 from service.core.sessions.redis_conn import Arg, RedisConn, tag
 from service.core.sessions.redis_index import Indexed, SessionIndex
@@ -291,14 +292,10 @@ class Leases:
 
     async def stop(self) -> None:
         """Stops the background tasks, writes back what this replica kept and hands every lease back."""
-        # The flag ends the loops even when a cancel is swallowed: redis-py's get_message timeout can turn a
-        # cancellation that races its own timeout into a TimeoutError, which the listener would retry forever.
+        # redis-py's get_message timeout can turn a cancellation that races its own timeout into a TimeoutError,
+        # which the listener would retry: cancel_and_wait cancels again, and the flag ends the loops in any case.
         self._stopping = True
-        tasks = list(self.tasks)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
+        await asyncio.gather(*(cancel_and_wait(t) for t in list(self.tasks)))
         self.tasks.clear()
         owned = [sid for sid, e in self.cache.items() if e.owned_until > 0 or e.dirty_since is not None]
         results = await asyncio.gather(*(self.flush(sid, release=True) for sid in owned), return_exceptions=True)
