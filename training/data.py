@@ -12,6 +12,7 @@ import math
 import urllib.request
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,19 +100,19 @@ def load_sst2(folder: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]
     return read_tsv(folder / "train.tsv"), read_tsv(folder / "dev.tsv")
 
 
+def word_runs(text: str) -> Iterator[str]:
+    """Every run of whole words of ``text``, ``text`` itself included."""
+    words = text.split()
+    for i in range(len(words)):
+        for j in range(i + 1, len(words) + 1):
+            yield " ".join(words[i:j])
+
+
 def sentence_rows(texts: list[str]) -> list[bool]:
     """Which rows are whole sentences: SST-2's train.tsv mixes the treebank's sentences with their phrases, and a
     row is taken for a sentence when no other row contains it as a run of whole words."""
     seen = set(texts)
-    contained: set[str] = set()
-    for text in seen:
-        words = text.split()
-        n = len(words)
-        for i in range(n):
-            for j in range(i + 1, n + 1 if i else n):  # every proper run of whole words
-                span = " ".join(words[i:j])
-                if span in seen:
-                    contained.add(span)
+    contained = {run for text in seen for run in word_runs(text) if run != text and run in seen}
     return [t not in contained for t in texts]
 
 
@@ -121,14 +122,10 @@ def hold_out_sentences(
     """(fit, held): ``fraction`` of the whole sentences held out, and every row that is a run of words of a held-out
     sentence left out of fit too, so the held-out sentences read as new text, as the dev sentences do."""
     texts = [t for t, _ in rows]
-    is_sentence = sentence_rows(texts)
-    sentences = sorted({t for t, s in zip(texts, is_sentence, strict=True) if s})
+    sentences = sorted({t for t, s in zip(texts, sentence_rows(texts), strict=True) if s})
     n_held = max(1, int(len(sentences) * fraction))
     chosen = {sentences[i] for i in rng.permutation(len(sentences))[:n_held]}
-    parts: set[str] = set()
-    for text in chosen:
-        words = text.split()
-        parts.update(" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1))
+    parts = {run for text in chosen for run in word_runs(text)}
     held, fit, taken = [], [], set()
     for text, y in rows:
         if text in chosen:
