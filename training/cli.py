@@ -157,8 +157,7 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
         revin=getattr(args, "revin", "last"), linear=getattr(args, "linear", False),
     )  # fmt: skip
     keys = ["bptt", "heldout_fraction", "heldout", "min_count", "max_length", "word_dropout", "preset", "time_column"]
-    keys += ["glove"]
-    keys += ["glove_top", "glove_dropout", "glove_dir", "glove_init", "half_table", "calibrate"]
+    keys += ["glove", "glove_top", "glove_dropout", "glove_dir", "glove_init", "half_table", "calibrate"]
     keys += ["columns", "targets", "split", "freq", "calibration", "interval_scale"]
     extra = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return Job(args.data, out, tc, nc, shlex.join(["seqserve-train", *argv]), extra)
