@@ -1,6 +1,6 @@
 # seqserve serving image (CPU): ONNX Runtime + gRPC (our API, KServe v2, health, reflection) + HTTP /metrics.
-#   docker build -t seqserve:0.1.0 .                 # bakes in every model under models/ (retrain: make train)
-#   docker run --read-only --tmpfs /tmp -p 50051:50051 -p 8002:8002 seqserve:0.1.0
+#   docker build --network host -t seqserve:0.1.0 .  # bakes in every model under models/ (retrain: make train)
+#   docker run --network host -e SEQSERVE_HOST=127.0.0.1 --read-only --tmpfs /tmp seqserve:0.1.0
 # BASE_IMAGE is any Debian-like image with python3.11 + venv: the official one by default; `make image-test` passes
 # a local stand-in built from Debian's packages (deploy/docker/standin-base.sh) where Docker Hub is unreachable.
 # The CUDA variant is Dockerfile.cuda. Deployment guide: docs/deploy.md.
@@ -22,12 +22,16 @@ RUN /opt/venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('
 # Only `service` is copied: pyproject's package discovery then finds no `training`.
 COPY README.md ./
 COPY service ./service
-# Then: no pip/setuptools left in the runtime venv, and every module compiled once here. `unchecked-hash` .pyc
-# files are used as they are, whatever the files' timestamps, so the server starts fast and never needs to
-# write one (the container runs with a read-only root filesystem).
+# Then: no pip/setuptools left in the runtime venv, no test suites (numpy's are 17 MB) and none of ONNX Runtime's
+# offline tools (transformers, quantization: training's business), and every module compiled once here.
+# `unchecked-hash` .pyc files are used as they are, whatever the files' timestamps, so the server starts fast and
+# never needs to write one (the container runs with a read-only root filesystem).
 RUN /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps . \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
+    && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
+    && rm -rf /opt/venv/lib/python3*/site-packages/onnxruntime/transformers \
+        /opt/venv/lib/python3*/site-packages/onnxruntime/quantization /opt/venv/lib/python3*/site-packages/onnxruntime/tools \
     && /opt/venv/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/venv/lib
 
 # --- runtime: the base image + the venv + the models; no compiler, no pip, no pip cache -----------------------
