@@ -1,4 +1,4 @@
-"""``seqserve-train {sentiment,charlm,forecast,calibrate,evaluate,sample}``.
+"""``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,evaluate,sample}``.
 
 Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line
 naming the file and the problem and exit 2.
@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--data", type=Path, required=True, help="the file it was trained on")
     ca.add_argument("--out", type=Path, required=True, help="the new models/NAME/M")
     _interval_options(ca)
+    qu = sub.add_parser("quantize", help="an int8 copy of a trained LSTM model (charlm, sentiment) under its own name")
+    qu.add_argument("--model", type=Path, required=True, help="the trained models/NAME/N (left unchanged)")
+    qu.add_argument("--data", type=Path, required=True, help="its evaluation data (as for evaluate)")
+    qu.add_argument("--out", type=Path, required=True, help="models/NAME-int8/1 (a name of its own, not NAME)")
+    qu.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.005,
+        help="how much worse the headline metric may get (nats/char, accuracy) before nothing is released",
+    )
     sp = sub.add_parser("sample", help="generate text from a char LM (ONNX)")
     sp.add_argument("--model", type=Path, required=True)
     sp.add_argument("--prompt", default="ROMEO:")
@@ -181,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
 
             command = shlex.join(["seqserve-train", *argv])
             recalibrate(args.model, args.data, args.out, command, args.calibration, args.interval_scale)
+            return 0
+        if args.command == "quantize":
+            from training.quantize import quantize
+
+            record = quantize(args.model, args.data, args.out, shlex.join(["seqserve-train", *argv]), args.tolerance)
+            h, size = record["headline"], record["bytes"]
+            print(f"{args.out}: {h['metric']} {h['quantized']:.4f} (parent {h['parent']:.4f}); "
+                  f"{size['parent']:,} -> {size['quantized']:,} bytes; {record['nodes']}")  # fmt: skip
             return 0
         if args.command == "sample":
             from training.evaluate import sample

@@ -95,5 +95,7 @@ def train_sentiment(job: Job) -> None:
                 "command": job.command}
     )  # fmt: skip
     ece = metric.model_copy(update={"name": "ece", "value": ev["dev_ece"], "target": None, "higher_is_better": False})
-    card = card_for(job.name, "sentiment", job.version)
+    card = (
+        card_for("sentiment-glove", "sentiment") if glove is not None else card_for(job.name, "sentiment", job.version)
+    )
     finish(job, res, [metric, held, ece], ev, {"task": "sentiment", "temperature": temperature}, card)

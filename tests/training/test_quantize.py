@@ -1,0 +1,138 @@
+"""``seqserve-train quantize``: a trained LSTM model copied with int8 weights under its own name, the parent
+untouched, the contract unchanged, the metric recomputed from ONNX and held to the parent's, the batch dependence
+measured, served next to it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.client import Client
+from service.core.arrays import zero_states
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from tests.conftest import ServerHandle
+from training.cli import main
+from training.quantize import quantized_nodes
+
+FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny 2-layer char LM as models/lm/1, and the text it was trained on."""
+    tmp = tmp_path_factory.mktemp("quantize")
+    text = tmp / "input.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nO Romeo!\n" * 40)
+    out = tmp / "models" / "lm" / "1"
+    args = ["charlm", "--data", str(text), "--out", str(out), "--run-dir", str(tmp / "run"), *FAST]
+    args += ["--hidden", "32", "--layers", "2", "--embedding", "8", "--batch-size", "4", "--bptt", "16"]
+    assert main([*args, "--epochs", "2", "--eval-every", "20"]) == 0
+    return out, text
+
+
+def run(model: Path, ids: np.ndarray) -> list[np.ndarray]:
+    m = Manifest.load(model / MANIFEST_FILE)
+    sess = ort.InferenceSession(str(model / MODEL_FILE), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, **zero_states(m.states, {"batch": len(ids)})}
+    return [np.asarray(x) for x in sess.run(None, feeds)]
+
+
+@pytest.mark.slow
+def test_quantize_a_char_lm_into_a_served_int8_model(
+    trained: tuple[Path, Path],
+    tmp_path: Path,
+    start_server: Callable[..., ServerHandle],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    v1, text = tmp_path / "models" / "lm" / "1", trained[1]
+    shutil.copytree(trained[0], v1)  # a private copy: the test runs once per session store
+    v2 = v1.parent.parent / "lm-int8" / "1"
+    files = {p.name: p.read_bytes() for p in v1.iterdir()}
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(v1), "--data", str(text), "--out", str(v2)]) == 0
+    assert f"{v2}: val_loss_nats_per_char" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in v1.iterdir()} == files  # the parent is left as it was
+
+    parent, m = Manifest.load(v1 / MANIFEST_FILE), Manifest.load(v2 / MANIFEST_FILE)
+    assert (m.name, m.version, m.task) == ("lm-int8", 1, "charlm") and m.sha256 == sha256_file(v2 / MODEL_FILE)
+    same = ("inputs", "outputs", "states", "tokenizer", "stateful")
+    assert all(getattr(m, k) == getattr(parent, k) for k in same)  # the serving contract is unchanged
+    q = m.training["quantization"]
+    assert m.training["quantized_from"] == "lm/1" and m.training["command"].startswith("seqserve-train quantize")
+    assert quantized_nodes(v2 / MODEL_FILE) == q["nodes"] and q["nodes"].get("DynamicQuantizeLSTM", 0) >= 1
+    assert quantized_nodes(v1 / MODEL_FILE) == {}
+    assert q["bytes"]["quantized"] < q["bytes"]["parent"] / 2  # the LSTM weights are int8 now
+
+    # The metric is recomputed from the new ONNX (evaluate reproduces it) and held to the parent's.
+    (metric,) = m.metrics
+    assert metric.name == "val_loss_nats_per_char" and metric.command.startswith(
+        f"seqserve-train evaluate --model {v2}"
+    )
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(v2), "--data", str(text)]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss_nats_per_char"] == pytest.approx(metric.value, abs=1e-6)
+    assert abs(metric.value - parent.metrics[0].value) <= 0.005 and q["headline"]["quantized"] == metric.value
+    assert m.card is not None and any("Use lm for batch-invariant results" in limit for limit in m.card.limits)
+    # Activations are quantized per run over the whole batch: batching moves a row's outputs (float32: it does not).
+    assert q["batch_dependence"]["logits"] > 1e-4 and q["batch_dependence_parent"]["logits"] < 1e-5
+    report = json.loads((v2 / "metrics.json").read_text())
+    assert report["parent"] == str(v1) and report["onnx_metrics"]["val_loss_nats_per_char"] == metric.value
+
+    # Close to the float32 graph, not equal to it.
+    ids = np.random.default_rng(0).integers(0, len(parent.tokenizer.vocab), (3, 12)).astype(np.int64)  # type: ignore[union-attr]
+    (l1, h1, c1), (l2, h2, c2) = run(v1, ids), run(v2, ids)  # logits, hn, cn
+    assert not np.array_equal(l1, l2)
+    np.testing.assert_allclose(l2, l1, atol=0.05 * np.abs(l1).max())
+    np.testing.assert_allclose(h2, h1, atol=0.05)
+    np.testing.assert_allclose(c2, c1, atol=0.05 * max(1.0, np.abs(c1).max()))
+
+    # Served beside its parent under its own name; the parent's name still serves the float32 graph.
+    handle = start_server(models=v1.parent.parent)
+    with (
+        Client(handle.target, timeout=60.0) as client,
+        client.session("lm-int8") as fast,
+        client.session("lm") as exact,
+    ):
+        assert (fast.model, fast.version, exact.model, exact.version) == ("lm-int8", 1, "lm", 1)
+        a = client.suggest_once(fast.id, "ROMEO:", n=1, max_chars=3)
+        b = client.suggest_once(exact.id, "ROMEO:", n=1, max_chars=3)
+        assert a.steps == b.steps == 6 and len(a.suggestions[0].text) == 3
+        assert client.get_session(fast.id).model == "lm-int8"
+
+
+@pytest.mark.slow
+def test_quantize_refuses_what_it_cannot_release(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    v1, text = trained
+
+    def fails(args: list[str], message: str) -> None:
+        capsys.readouterr()
+        assert main(["quantize", *args]) == 2
+        assert message in capsys.readouterr().err
+
+    out = tmp_path / "lm-int8" / "1"
+    fails(["--model", str(v1), "--data", str(text), "--out", str(v1)], "--out must differ from --model")
+    # Never a newer version of the float32 model: it would become the default and batching would move its answers.
+    fails(["--model", str(v1), "--data", str(text), "--out", str(tmp_path / "lm" / "2")], "under its own name")
+    assert not (tmp_path / "lm").exists()
+    # The release rule: a headline metric worse than the parent's by more than --tolerance writes nothing.
+    fails(["--model", str(v1), "--data", str(text), "--out", str(out), "--tolerance", "-1"], "not released")
+    assert not out.exists()
+    fails(["--model", str(tmp_path / "none" / "1"), "--data", str(text), "--out", str(out)], "file not found")
+    air = ROOT / "models" / "forecaster-air" / "1"
+    fails(["--model", str(air), "--data", str(text), "--out", str(out)], "quantize supports charlm, sentiment")
+    assert not out.exists()
+
+    assert main(["quantize", "--model", str(v1), "--data", str(text), "--out", str(out)]) == 0
+    fails(["--model", str(v1), "--data", str(text), "--out", str(out)], "already holds a model")
+    fails(
+        ["--model", str(out), "--data", str(text), "--out", str(tmp_path / "lm-int8-int8" / "1")], "already quantized"
+    )

@@ -1,0 +1,246 @@
+"""``seqserve-train quantize``: an int8 copy of a trained recurrent model, without retraining.
+
+ONNX Runtime's dynamic quantization (``onnxruntime.quantization.quantize_dynamic``) stores the weights of every
+LSTM, MatMul and Gemm node and the embedding tables (Gather) as int8 (per tensor, 7-bit range: CPUs without VNNI
+then never saturate their 16-bit sums) and quantizes the activations per run, so there is nothing to calibrate and
+the serving contract (inputs, outputs, states, tokenizer, labels) is unchanged. Why it pays for recurrent serving:
+one step of a small batch reads every weight once and does little arithmetic with it, so its cost is the memory
+traffic. The 2x256 char LM holds 3.5 MB of float32 weights, more than a core's L2 cache here; as int8 they fit, and
+a batch-1 step costs about a quarter (``make bench``'s runtime table measures it).
+
+The price: activations are quantized with one scale per run, computed over the whole batch, so a row's outputs
+depend slightly on which rows share its run (the float32 graph's do not). ``quantize`` measures that on a probe
+batch and records it (``training.quantization.batch_dependence``). Because serving batches requests together,
+the copy is published under its own name (``models/charlm-int8/1``), never as a newer version of the float32
+model: a client chooses the faster, batch-dependent model by name, and nobody's default changes under them.
+
+Release rule, fixed before any quantized model was evaluated: the copy's headline metric, recomputed from
+its ONNX by ``evaluate`` on the same split, may be worse than its parent's by at most ``--tolerance`` (0.005:
+nats/char for the char LM, accuracy for sentiment); otherwise nothing is written and the command fails. Other
+metrics are recomputed the same way and reported; the parent is left untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from service.core.arrays import softmax, zero_states
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, ModelCard, sha256_file
+from training.cards import card_for
+from training.data import DataError
+from training.evaluate import evaluate_model
+
+OPS = ["LSTM", "MatMul", "Gemm", "Gather"]
+QUANTIZED_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear"}
+TOLERANCE = 0.005
+# Per task, the manifest metrics the copy reports and the ``evaluate`` key each is recomputed from, with whether
+# higher is better; the first that the parent reports decides the release. (A parent's metric that ``evaluate``
+# cannot recompute from ONNX, such as sentiment's held-out accuracy measured in PyTorch during training, is not
+# carried over.)
+RECOMPUTED: dict[str, dict[str, tuple[str, bool]]] = {
+    "charlm": {"val_loss_nats_per_char": ("val_loss_nats_per_char", False)},
+    "sentiment": {"accuracy": ("dev_accuracy", True), "ece": ("dev_ece", False)},
+}
+
+
+def _name_version(out: Path) -> tuple[str, int]:
+    return (out.parent.name, int(out.name)) if out.name.isdigit() else (out.name, 1)
+
+
+def quantized_nodes(path: Path) -> dict[str, int]:
+    """How many nodes of each integer op type the graph at ``path`` holds."""
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def batch_dependence(m: Manifest, model: Path, rows: int = 16, steps: int = 24) -> dict[str, float]:
+    """Per output, the largest change when ``rows`` random inputs run as one batch instead of one by one: what
+    batching does to a row's answer (0 or float rounding for a float32 graph)."""
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    vocab = len(m.tokenizer.vocab) if m.tokenizer is not None else 2
+    ids = rng.integers(2, vocab, (rows, steps)).astype(np.int64)
+    lengths = rng.integers(steps // 2, steps + 1, rows).astype(np.int64)
+
+    def feeds(a: int, b: int) -> dict[str, Any]:
+        f: dict[str, Any] = {"input_ids": ids[a:b]}
+        if m.has_input("lengths"):
+            f["lengths"] = lengths[a:b]
+        return f | zero_states(m.states, {"batch": b - a})
+
+    names = [o.name for o in sess.get_outputs()]
+    batched = sess.run(names, feeds(0, rows))
+    alone = [sess.run(names, feeds(i, i + 1)) for i in range(rows)]
+    out = {}
+    for k, name in enumerate(names):
+        axis = 1 if any(s.output == name for s in m.states) else 0  # states: batch on axis 1
+        joined = np.concatenate([a[k] for a in alone], axis=axis)
+        out[name] = float(np.abs(joined - batched[k]).max())
+        if name == "logits":  # what a client reads: the probabilities serving returns
+            out["probabilities"] = float(np.abs(softmax(joined) - softmax(batched[k])).max())
+    return out
+
+
+def quantize(src: Path, data: Path, out: Path, command: str, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """``src`` (models/NAME/N) -> ``out`` (models/NAME/M) with int8 weights; returns the quantization record.
+    Raises ``DataError`` (and leaves no ``out``) when the model cannot be quantized or misses the release rule."""
+    if not (src / MANIFEST_FILE).exists():
+        raise DataError(f"{src / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
+    if out.resolve() == src.resolve():
+        raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
+    if (out / MODEL_FILE).exists():
+        raise DataError(f"{out}: already holds a model; pick a new version folder")
+    m = Manifest.load(src / MANIFEST_FILE)
+    if _name_version(out)[0] == m.name:
+        raise DataError(
+            f"{out}: publish the int8 copy under its own name (e.g. models/{m.name}-int8/1), not as a version of "
+            f"{m.name}: its outputs depend on batching, so it must not become {m.name}'s default"
+        )
+    wanted = RECOMPUTED.get(m.task)
+    if wanted is None:
+        raise DataError(
+            f"{src}: quantize supports {', '.join(RECOMPUTED)} models (LSTM graphs); this one is {m.task!r}"
+        )
+    if m.training.get("quantized_from"):
+        raise DataError(f"{src}: already quantized (from {m.training['quantized_from']}); quantize its parent")
+    headline = next((x for x in m.metrics if x.name in wanted), None)
+    if headline is None:
+        raise DataError(f"{src}: its manifest reports none of {', '.join(wanted)}; nothing to hold the copy to")
+    name, version = _name_version(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _quantize(src, m, data, out, name, version, command, tolerance, wanted, headline)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _quantize(
+    src: Path,
+    m: Manifest,
+    data: Path,
+    out: Path,
+    name: str,
+    version: int,
+    command: str,
+    tolerance: float,
+    wanted: dict[str, tuple[str, bool]],
+    headline: Metric,
+) -> dict[str, Any]:
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice to pre-process the graph, meant for CNNs
+    try:
+        quantize_dynamic(
+            src / MODEL_FILE, out / MODEL_FILE, weight_type=QuantType.QInt8, op_types_to_quantize=OPS,
+            reduce_range=True,
+        )  # fmt: skip
+    finally:
+        root.setLevel(level)
+    nodes = quantized_nodes(out / MODEL_FILE)
+    if not nodes:
+        raise DataError(f"{src}: the graph has no {', '.join(OPS)} node to quantize")
+    parent = f"{m.name}/{m.version}"
+    record: dict[str, Any] = {
+        "method": "onnxruntime dynamic quantization: int8 weights (per tensor, reduce_range), activations per run",
+        "ops": OPS,
+        "nodes": nodes,
+        "onnxruntime": ort.__version__,
+        "bytes": {"parent": (src / MODEL_FILE).stat().st_size, "quantized": (out / MODEL_FILE).stat().st_size},
+        "tolerance": tolerance,
+        "batch_dependence": batch_dependence(m, out / MODEL_FILE),
+        "batch_dependence_parent": batch_dependence(m, src / MODEL_FILE),
+    }
+    new = m.model_copy(
+        update={
+            "name": name, "version": version, "metrics": [], "card": None,
+            "description": m.description.rstrip(".") + f"; int8 weights (dynamic quantization of {parent}).",
+            "training": {**m.training, "command": command, "quantized_from": parent,
+                         "parent_command": m.training.get("command"), "quantization": record},
+            "sha256": sha256_file(out / MODEL_FILE),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    )  # fmt: skip
+    new.dump(out / MANIFEST_FILE)
+    ev_parent, ev = evaluate_model(src, data), evaluate_model(out, data)
+    key = wanted[headline.name][0]
+    worse = (ev_parent[key] - ev[key]) if headline.higher_is_better else (ev[key] - ev_parent[key])
+    record["headline"] = {"metric": key, "parent": ev_parent[key], "quantized": ev[key], "worse_by": worse}
+    if worse > tolerance:
+        raise DataError(
+            f"{name}/{version}: {key} {ev[key]:.4f} against {parent}'s {ev_parent[key]:.4f} is worse by {worse:.4f}, "
+            f"more than --tolerance {tolerance}; not released (nothing written)"
+        )
+    evaluate = f"seqserve-train evaluate --model {out} --data {data}"
+    reported = {x.name: x for x in m.metrics}
+    metrics = [
+        (reported.get(metric) or headline.model_copy(update={"name": metric, "target": None})).model_copy(
+            update={"value": ev[key], "higher_is_better": higher, "command": evaluate}
+        )
+        for metric, (key, higher) in wanted.items()
+    ]
+    final = Manifest.load(out / MANIFEST_FILE)
+    new_training = {**final.training, "quantization": record}
+    final.model_copy(update={"metrics": metrics, "card": _card(m, name, version), "training": new_training}).dump(
+        out / MANIFEST_FILE
+    )
+    _report(src, out, command, evaluate, ev, ev_parent, record)
+    return record
+
+
+def _card(m: Manifest, name: str, version: int) -> ModelCard:
+    """The parent's card plus what quantization changes."""
+    card = m.card or card_for(m.name, m.task, m.version)
+    parent = f"{m.name}/{m.version}"
+    limits = [
+        *card.limits,
+        f"int8 weights quantized from {parent} (same training, same contract): its metrics are within "
+        f"{TOLERANCE} of the parent's, not identical.",
+        "Activations are quantized per ONNX Runtime run, over the whole batch: a request's outputs move slightly "
+        f"with the requests that share its run (see training.quantization.batch_dependence). Use {m.name} for "
+        "batch-invariant results.",
+        f"ONNX Runtime's CUDA provider has no quantized LSTM kernel: on a GPU these nodes run on the CPU; use "
+        f"{m.name} there.",
+    ]
+    return card.model_copy(update={"limits": limits})
+
+
+def _report(
+    src: Path,
+    out: Path,
+    command: str,
+    evaluate: str,
+    ev: dict[str, float],
+    ev_parent: dict[str, float],
+    record: dict[str, Any],
+) -> None:
+    """metrics.json: the parent's training report (its curve copied beside it) plus the quantization and both
+    versions' ONNX metrics."""
+    old = src / "metrics.json"
+    report: dict[str, Any] = json.loads(old.read_text(encoding="utf-8")) if old.exists() else {}
+    name, version = _name_version(out)
+    report |= {
+        "model": f"{name}/{version}",
+        "command": command,
+        "parent": str(src),
+        "parent_command": report.get("command"),
+        "evaluate_command": evaluate,
+        "onnx_metrics": ev,
+        "parent_onnx_metrics": ev_parent,
+        "quantization": record,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if (src / "training_curve.png").exists():
+        shutil.copyfile(src / "training_curve.png", out / "training_curve.png")
