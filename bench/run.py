@@ -7,7 +7,11 @@ What it measures, and why:
 - ``keystroke``: one typed character through a session (``Suggest`` on an open stream, n=1, 1 char of
   lookahead) at growing prefix lengths. A stateful session costs O(appended); the stateless alternative, what a
   server without sequence state must do (the same stream, but reset and re-fed the whole prefix each time),
-  costs O(prefix).
+  costs O(prefix). For ``charlm`` and its int8 copy ``charlm-int8``.
+- ``core``: the per-step CPU of the core alone, without gRPC (``bench/core.py``): what the transport adds is
+  the rest of perf_analyzer's server CPU per request.
+- ``runtime``: one ONNX Runtime run of each int8 model against its float32 parent, and what batching does to the
+  int8 char LM's answers on real text (``bench/runtime.py``).
 - ``streams``: concurrent generation streams; the dynamic batcher merges their one-character steps.
 - ``classify`` / ``forecast`` / ``observe``: request latency of the other APIs.
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
@@ -37,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import core, runtime
 from bench.stores import print_stores, run_stores
 from service.client import Client, SuggestEvent
 
@@ -121,11 +126,11 @@ class TypingStream:
         self._send(None)
 
 
-def bench_keystroke(client: Client, prefixes: list[int], repeats: int) -> list[dict[str, Any]]:
+def bench_keystroke(client: Client, prefixes: list[int], repeats: int, model: str = "charlm") -> list[dict[str, Any]]:
     rows = []
     for n in prefixes:
         prefix = TEXT[:n]
-        with client.session("charlm") as s:
+        with client.session(model) as s:
             typing = TypingStream(client, s.id)
             typing.step(prefix)  # the session now holds the prefix's state
             stateful = timed(lambda t=typing: t.step("e"), repeats)  # type: ignore[misc]
@@ -133,7 +138,8 @@ def bench_keystroke(client: Client, prefixes: list[int], repeats: int) -> list[d
             # same answer size; only the state handling differs (reset + the whole text every time).
             recompute = timed(lambda t=typing, p=prefix: t.step(p + "e", reset=True), repeats)  # type: ignore[misc]
             typing.close()
-        rows.append({"prefix_chars": n, "session_step": percentiles(stateful), "recompute": percentiles(recompute)})
+        row = {"prefix_chars": n, "session_step": percentiles(stateful), "recompute": percentiles(recompute)}
+        rows.append(row | {"model": f"{s.model}/{s.version}"})
     return rows
 
 
@@ -215,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
     }
     with running_server(args.models) as (target, pid), Client(target, timeout=120) as client:
-        results["keystroke"] = bench_keystroke(client, prefixes, repeats)
+        # The float32 char LM and, when committed, its int8 copy.
+        names = [n for n in ("charlm", "charlm-int8") if (args.models / n).is_dir()]
+        results["keystroke"] = [row for n in names for row in bench_keystroke(client, prefixes, repeats, n)]
         results["streams"] = bench_streams(client, [1, 4] if args.quick else [1, 4, 16], 50 if args.quick else 200)
         texts = ["a gripping , beautifully acted film", "dull and far too long"] * 8
         results["classify"] = {
@@ -231,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                 timed(lambda: client.observe(s.id, hist[[next(rows) % 200]]), repeats)
             )
         results["memory"] = bench_memory(client, pid, 50 if args.quick else 500)
+    results["core"] = core.run(args.models, 500 if args.quick else 4000)  # the core's per-step cost, no gRPC
+    results["runtime"] = runtime.run(args.models, 30 if args.quick else 300)  # int8 models vs float32 parents
+    results["batch_dependence"] = runtime.real_text_dependence(args.models, runtime.TEXT, 3 if args.quick else 20)
     results["stores"] = run_stores(args.models, quick=args.quick)  # per-step cost of each session store
     from bench import sessions  # session create rate at 1k/50k/250k live sessions (its own server; not --quick)
 
@@ -247,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
+    core.print_table(results["core"])
+    runtime.print_table(results["runtime"], results["batch_dependence"])
     print_stores(results["stores"])
     if "sessions" in results:
         sessions.print_table(results["sessions"])
@@ -259,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(r: dict[str, Any]) -> None:
     print(f"seqserve bench  ({r['machine']['cpus']} CPUs, {r['repeats']} repeats, CPU execution provider)\n")
     print("One keystroke on the char LM (p50 / p99 ms):")
-    print(f"  {'prefix chars':>12}  {'session step':>20}  {'recompute prefix':>20}  {'speed-up':>8}")
+    print(f"  {'model':>13}  {'prefix chars':>12}  {'session step':>20}  {'recompute prefix':>20}  {'speed-up':>8}")
     for row in r["keystroke"]:
         s, c = row["session_step"], row["recompute"]
         print(
-            f"  {row['prefix_chars']:>12}  {s['p50_ms']:>9.2f} / {s['p99_ms']:>7.2f}  "
+            f"  {row['model']:>13}  {row['prefix_chars']:>12}  {s['p50_ms']:>9.2f} / {s['p99_ms']:>7.2f}  "
             f"{c['p50_ms']:>9.2f} / {c['p99_ms']:>7.2f}  {c['p50_ms'] / s['p50_ms']:>7.1f}x"
         )
     print("\nConcurrent Complete streams (dynamic batching of one-char steps):")

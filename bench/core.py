@@ -1,0 +1,119 @@
+"""``make bench``'s core table: the per-step cost of the core alone, without gRPC.
+
+In one process, ``C`` concurrent sequences each send one-character KServe steps (a serialized
+``ModelInferRequest`` with ``sequence_id``, parsed, served by the KServe servicer's ``_infer`` through the real
+data plane, batcher, session store and ONNX Runtime, the response serialized), on one event loop, exactly as the
+server does minus the transport and the edge. It reports steps per second, CPU microseconds per step (process time
+over wall), the ONNX Runtime share (from the model's own statistics, the ``compute_infer`` Triton reports) and the
+mean batch. Set against perf_analyzer's server CPU per request and the canned floor's (``bench/perf.py``), it
+splits a served step into gRPC, edge and core.
+
+    python -m bench.core [--models models] [--steps 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.kserve.servicer import KServeServicer
+from service.core.dataplane import CoreDataPlane
+from service.core.types import ModelRef
+from service.metrics import Metrics
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def request(model: str, sequence: int, start: bool) -> bytes:
+    r = pb.ModelInferRequest(model_name=model, id=str(sequence))
+    r.parameters["sequence_id"].int64_param = sequence
+    if start:
+        r.parameters["sequence_start"].bool_param = True
+    t = r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    t.contents.bytes_contents.append(b"e")
+    return r.SerializeToString()
+
+
+async def measure(models: Path, model: str, concurrency: int, steps: int) -> dict[str, Any]:
+    settings = Settings(models=models, device="cpu", log_level="WARNING")
+    dp = CoreDataPlane(settings, Metrics(runtime_collectors=False))
+    await dp.start()
+    try:
+        servicer = KServeServicer(dp, settings)
+        per = max(1, steps // concurrency)
+
+        async def sequence(i: int, n: int) -> None:
+            first, later = request(model, i + 1, True), request(model, i + 1, False)
+            servicer_infer = servicer._infer  # the servicer's whole per-request path, transport excluded
+            (await servicer_infer(pb.ModelInferRequest.FromString(first))).SerializeToString()
+            for _ in range(n):
+                (await servicer_infer(pb.ModelInferRequest.FromString(later))).SerializeToString()
+
+        await asyncio.gather(*(sequence(i, per // 10) for i in range(concurrency)))  # warm-up
+        before = _infer_ns(dp, model)
+        wall, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(sequence(i, per) for i in range(concurrency)))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        after = _infer_ns(dp, model)
+        n = concurrency * (per + 1)
+        return {
+            "model": model, "concurrency": concurrency, "steps": n, "steps_per_s": n / wall,
+            "cpu_us_per_step": cpu / n * 1e6, "ort_us_per_step": (after[0] - before[0]) / n / 1e3,
+            "mean_batch_rows": (after[1] - before[1]) / max(after[2] - before[2], 1),
+        }  # fmt: skip
+    finally:
+        await dp.stop()
+
+
+def _infer_ns(dp: CoreDataPlane, model: str) -> tuple[int, int, int]:
+    """ORT nanoseconds, rows and runs so far, over the model's versions (batch statistics)."""
+    ns = rows = runs = 0
+    for s in dp.statistics(ModelRef(model)):
+        for b in s.batches:
+            ns, rows, runs = (
+                ns + b.compute_infer.ns,
+                rows + b.batch_size * b.compute_infer.count,
+                runs + b.compute_infer.count,
+            )
+    return ns, rows, runs
+
+
+def run(models: Path, steps: int = 4000, concurrency: tuple[int, ...] = (1, 16)) -> list[dict[str, Any]]:
+    names = [n for n in ("charlm", "charlm-int8") if (models / n).is_dir()]
+    return [asyncio.run(measure(models, n, c, steps)) for n in names for c in concurrency]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\nThe core alone, no gRPC (KServe servicer -> data plane -> batcher -> ORT, one-character sequence steps):")
+    print(
+        f"  {'model':>12} {'c':>3} {'steps/s':>8} {'CPU µs/step':>12} {'ORT µs/step':>12} {'rest µs':>8} {'batch':>6}"
+    )
+    for r in rows:
+        rest = r["cpu_us_per_step"] - r["ort_us_per_step"]
+        print(
+            f"  {r['model']:>12} {r['concurrency']:>3} {r['steps_per_s']:>8.0f} {r['cpu_us_per_step']:>12.1f} "
+            f"{r['ort_us_per_step']:>12.1f} {rest:>8.1f} {r['mean_batch_rows']:>6.1f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "core.json")
+    args = ap.parse_args(argv)
+    rows = run(args.models, args.steps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

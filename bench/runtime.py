@@ -1,0 +1,155 @@
+"""``make bench``'s runtime table: one ONNX Runtime run of each int8 model against its float32 parent
+(``training.quantized_from`` in its manifest), one intra-op thread as the server runs them, on the shapes serving
+sends: a char LM's generation step (batch 1 and 16, one character) and a 1,024-character prompt; a sentiment
+batch of 1 and 16 sentences of 20 words.
+
+And what the int8 char LM's batching does to its answers on real text (Tiny Shakespeare's validation part, when
+``../shared/data`` is there): 16 prompts of 100 characters and one more step, run as one batch and one by one;
+the largest probability change and how often the most likely next character differs.
+
+    python -m bench.runtime [--models models] [--repeats 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.core.arrays import zero_states
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAPES: dict[str, list[tuple[int, int]]] = {  # task -> (batch, time) per case
+    "charlm": [(1, 1), (16, 1), (1, 1024)],
+    "sentiment": [(1, 20), (16, 20)],
+}
+
+
+def session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1  # the server's defaults
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+
+
+def feeds(m: Manifest, batch: int, time_steps: int, rng: np.random.Generator) -> dict[str, Any]:
+    vocab = len(m.tokenizer.vocab) if m.tokenizer is not None else 2
+    out: dict[str, Any] = {"input_ids": rng.integers(2, vocab, (batch, time_steps)).astype(np.int64)}
+    if m.has_input("lengths"):
+        out["lengths"] = np.full(batch, time_steps, np.int64)
+    return out | zero_states(m.states, {"batch": batch})
+
+
+def per_run_us(sess: ort.InferenceSession, feed: dict[str, Any], repeats: int) -> float:
+    """Median of ``repeats`` timed runs, after a warm-up, in microseconds."""
+    for _ in range(max(3, repeats // 10)):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e6)
+
+
+def quantized_pairs(models: Path) -> list[tuple[Path, Path, Manifest]]:
+    """(parent dir, quantized dir, quantized manifest) for every quantized version under ``models``."""
+    pairs = []
+    for path in sorted(models.glob(f"*/*/{MANIFEST_FILE}")):
+        m = Manifest.load(path)
+        parent = m.training.get("quantized_from")
+        if parent and m.task in SHAPES:
+            name, version = str(parent).split("/")
+            pairs.append((models / name / version, path.parent, m))
+    return pairs
+
+
+def run(models: Path, repeats: int = 300) -> list[dict[str, Any]]:
+    rows = []
+    for parent, quantized, m in quantized_pairs(models):
+        s_parent, s_quant = session(parent), session(quantized)
+        for batch, steps in SHAPES[m.task]:
+            feed = feeds(m, batch, steps, np.random.default_rng(0))
+            n = max(20, repeats // steps) if steps > 100 else repeats
+            a, b = per_run_us(s_parent, feed, n), per_run_us(s_quant, feed, n)
+            rows.append({
+                "parent": f"{parent.parent.name}/{parent.name}", "model": f"{m.name}/{m.version}",
+                "batch": batch, "time": steps, "parent_us": a, "quantized_us": b, "speedup": a / b,
+            })  # fmt: skip
+    return rows
+
+
+def real_text_dependence(models: Path, text: Path, trials: int = 20, rows: int = 16) -> list[dict[str, Any]]:
+    """Per int8 char LM: batched vs one-by-one next-character probabilities after real prompts (see above)."""
+    from service.core.arrays import softmax
+    from service.core.tokenizers import Encoder
+
+    if not text.exists():
+        return []
+    chars = text.read_text(encoding="utf-8")
+    val = chars[int(len(chars) * 0.9) :]
+    out = []
+    for _, path, m in quantized_pairs(models):
+        if m.task != "charlm" or m.tokenizer is None:
+            continue
+        sess, enc, rng = session(path), Encoder(m.tokenizer), np.random.default_rng(0)
+        worst, flips = [], 0
+        for _ in range(trials):
+            starts = rng.integers(0, len(val) - 101, rows)
+            ids = np.stack([enc.encode(val[a : a + 100]) for a in starts]).astype(np.int64)
+            nxt = np.stack([enc.encode(val[a + 100 : a + 101]) for a in starts]).astype(np.int64)
+            _, h, c = sess.run(None, {"input_ids": ids, **zero_states(m.states, {"batch": rows})})
+            batched = softmax(sess.run(None, {"input_ids": nxt, "h0": h, "c0": c})[0][:, -1])
+            alone = []
+            for i in range(rows):
+                _, hi, ci = sess.run(None, {"input_ids": ids[i : i + 1], **zero_states(m.states, {"batch": 1})})
+                alone.append(softmax(sess.run(None, {"input_ids": nxt[i : i + 1], "h0": hi, "c0": ci})[0][:, -1]))
+            one = np.concatenate(alone)
+            worst.append(float(np.abs(one - batched).max()))
+            flips += int((one.argmax(1) != batched.argmax(1)).sum())
+        out.append({
+            "model": f"{m.name}/{m.version}", "steps": trials * rows, "max_prob_change": max(worst),
+            "median_trial_max_prob_change": float(np.median(worst)), "argmax_changed": flips,
+        })  # fmt: skip
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], dependence: list[dict[str, Any]] | None = None) -> None:
+    print("\nONNX Runtime, one run on one thread (median µs): int8 models against their float32 parents:")
+    print(f"  {'parent':>12} {'int8':>16} {'batch x time':>13} {'float32':>9} {'int8':>9} {'speed-up':>8}")
+    for r in rows:
+        shape = f"{r['batch']} x {r['time']}"
+        print(
+            f"  {r['parent']:>12} {r['model']:>16} {shape:>13} {r['parent_us']:>9.1f} {r['quantized_us']:>9.1f} "
+            f"{r['speedup']:>7.1f}x"
+        )
+    for d in dependence or []:
+        print(
+            f"  {d['model']}: batched with 15 other real prompts instead of alone, a next-character probability "
+            f"moves by up to {d['max_prob_change']:.3f} (median over trials {d['median_trial_max_prob_change']:.3f}); "
+            f"the most likely character changes in {d['argmax_changed']} of {d['steps']} steps"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runtime.json")
+    args = ap.parse_args(argv)
+    rows, dependence = run(args.models, args.repeats), real_text_dependence(args.models, TEXT)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"runs": rows, "batch_dependence": dependence}, indent=2) + "\n")
+    print_table(rows, dependence)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
