@@ -19,6 +19,15 @@ costs less than the hop to a worker thread and back (~50-100 µs of Python and G
 batches (long prompts, classify batches of several sentences) run in a worker thread so the loop serves other
 calls meanwhile.
 Waiting for company never creates a task or a timeout wrapper per batch: one ``call_later`` wakes the loop.
+
+A lone request skips the queue altogether (``Batcher._alone``): when nothing is queued or running, the recent
+batches of its key held one request each, no other callback is ready in this loop iteration (so nothing can join
+before the batch would flush anyway) and it is small enough to run inline, it runs at once on the caller's
+coroutine: no Future, no wake-up of the flush task, no loop iteration spent looking for company. It leaves a no-op
+callback on the loop's run queue, so a caller's next step in the same loop iteration is not alone and queues
+(yielding there): a caller looping over steps never holds the loop for more than one step. That is a typing
+client's keystroke or a lone stream's step. Requests that arrive together, or while a batch runs, still queue and
+merge.
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 RECENT_BATCHES = 8  # the company a batch waits for: the most rows among this many previous batches of its key
+
+
+def _next_iteration() -> None:
+    """The no-op a queue-skipping run leaves on the loop (``Batcher.submit``)."""
 
 
 @dataclass
@@ -130,6 +143,7 @@ class Batcher:
         self._infer_seconds: dict[int, float] = {}  # tokens -> ORT seconds of the last batch that size (inlinable)
         self.metrics = metrics
         self._pending: deque[_Pending] = deque()
+        self._busy = False  # the flush task is running a batch (inline or in the worker thread)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Rows of the last few batches per key: how much company to expect (the largest of them).
@@ -167,11 +181,50 @@ class Batcher:
                 f"model {self.name}: {len(self._pending)} requests are queued, the limit is max_queue_size="
                 f"{self.max_queue}; retry with backoff"
             )
-        fut: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if not self._pending and not self._busy and self._alone(item, loop):
+            result = self._run_now(item)
+            # A marker on the run queue until the loop's next iteration: a caller that loops over steps without
+            # yielding (a generation, a beam search) finds it at its next step, takes the queue and yields there,
+            # so it never holds the loop for more than one step.
+            loop.call_soon(_next_iteration)
+            return result
+        fut: asyncio.Future[StepOutput] = loop.create_future()
         self._pending.append(_Pending(item, fut, time.perf_counter()))
         self.metrics.queue_depth(self.name, len(self._pending))
         self._wake.set()
         return await fut
+
+    def _alone(self, item: StepInput, loop: asyncio.AbstractEventLoop) -> bool:
+        """True when waiting for company cannot pay: the recent batches of this key held one request each, no
+        other callback is ready to run in this loop iteration (none can join before the batch would flush), and
+        the step is small enough to run inline."""
+        recent = self._last_rows.get(item.key)
+        if recent and max(recent) > 1:
+            return False
+        ready = getattr(loop, "_ready", None)  # asyncio's run queue; another loop (uvloop) never takes this path
+        if ready is None or len(ready) > 0:
+            return False
+        tokens = self._tokens([item])
+        return tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.inline_seconds
+
+    def _run_now(self, item: StepInput) -> StepOutput:
+        """A lone small request run at once, on the caller's coroutine: no Future, no wake-up of the flush task,
+        no loop iteration spent waiting for company that cannot come (``_alone``). Same records as ``_run``."""
+        started = time.perf_counter()
+        try:
+            (result,), times = self._run_sync([item])
+        except Exception:
+            log.exception("batch of 1 request failed on model %s version %d", self.name, self.version)
+            raise
+        self._infer_seconds[self._tokens([item])] = times[1] / 1e9
+        recent = self._last_rows.get(item.key)
+        if recent is None:
+            recent = self._last_rows[item.key] = deque(maxlen=RECENT_BATCHES)
+        recent.append(item.rows)
+        self.metrics.inference(self.name, self.version, 0.0, time.perf_counter() - started, item.rows)
+        self.stats.batch(1, item.rows, 0, *times)
+        return result
 
     def _take(self) -> list[_Pending]:
         """The oldest request plus queued ones with the same key, up to ``max_rows`` rows (never splits one)."""
@@ -229,7 +282,11 @@ class Batcher:
                 if recent is None:
                     recent = self._last_rows[head.item.key] = deque(maxlen=RECENT_BATCHES)
                 recent.append(sum(p.item.rows for p in batch))
-                await self._run(batch)
+                self._busy = True
+                try:
+                    await self._run(batch)
+                finally:
+                    self._busy = False
 
     async def _run(self, batch: list[_Pending]) -> None:
         items = [p.item for p in batch]

@@ -114,3 +114,59 @@ async def test_a_lone_request_does_not_wait_for_company(make_dp: MakeDP) -> None
     # With nothing else in flight each step runs at once (this would take minutes if it waited the delay).
     out = "".join([c.text async for c in dp.complete(LM, "abc", SamplingParams(max_chars=5, temperature=0.0))])
     assert len(out) == 5 and recorded(dp).batch_sizes("charlm") == [1] * 5
+
+
+def _queue(dp: CoreDataPlane) -> tuple[int, int]:
+    (stats,) = dp.statistics(ModelRef("charlm", 1))
+    return stats.queue.count, stats.queue.ns
+
+
+async def test_a_lone_step_skips_the_queue_and_company_still_batches(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_batch_size=8, max_batch_delay_ms=50)
+    await asyncio.sleep(0.01)  # the data plane's background tasks have started and wait
+    # Nothing else ready to run and no recent company: the step runs at once on the caller (no queue wait at all).
+    await dp.char_step(LM, "abc")
+    assert _queue(dp) == (1, 0) and recorded(dp).batch_sizes("charlm") == [1]
+    # Requests that arrive together still meet in one run, through the queue.
+    await asyncio.gather(*(dp.char_step(LM, t) for t in ("xyz", "Hel", "q q")))
+    assert recorded(dp).batch_sizes("charlm") == [1, 3]
+    count, waited = _queue(dp)
+    assert count == 4 and waited > 0
+    # After a batch with company, a lone step is queued and waits for company up to max_batch_delay_ms.
+    await dp.char_step(LM, "abc")
+    assert recorded(dp).batch_sizes("charlm") == [1, 3, 1] and _queue(dp)[1] - waited >= 0.045e9
+
+
+async def test_a_failing_lone_step_fails_only_its_caller(make_dp: MakeDP) -> None:
+    dp = await make_dp()
+    await asyncio.sleep(0.01)  # the data plane's background tasks have started and wait
+    batcher = dp.registry.resolve(LM).batcher
+    bad = StepInput(inputs={"input_ids": np.array([[1.5, 2.5]], dtype=np.float32)}, rows=1, key=2)  # wrong dtype
+    with pytest.raises(Exception, match=r"(?i)type"):
+        await batcher.submit(bad)
+    assert batcher.pending == 0 and recorded(dp).batch_sizes("charlm") == []
+    good = StepInput(inputs={"input_ids": np.array([[1, 2]], dtype=np.int64)}, rows=1, key=2)
+    assert (await batcher.submit(good)).outputs["logits"].shape == (1, 2, 96)
+    assert recorded(dp).batch_sizes("charlm") == [1]
+
+
+async def test_a_lone_generation_never_holds_the_loop(make_dp: MakeDP) -> None:
+    dp = await make_dp()
+    await asyncio.sleep(0.01)
+    ticks, done = 0, False
+
+    async def ticker() -> None:  # a timer, not a ready callback: it never stops a step from running alone
+        nonlocal ticks
+        while not done:
+            await asyncio.sleep(0.0001)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.001)
+    out = [c.text async for c in dp.complete(LM, "abc", SamplingParams(max_chars=200, temperature=0.0))]
+    done = True
+    await task
+    assert len(out) == 200
+    # Steps that skip the queue run on the generation's own coroutine; the loop still turns at least every other
+    # step, so timers (and every other request) keep being served while one stream generates.
+    assert ticks >= 200 // 4
