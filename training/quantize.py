@@ -95,14 +95,14 @@ def batch_dependence(m: Manifest, model: Path, rows: int = 16, steps: int = 24) 
 
 
 def quantize(src: Path, data: Path, out: Path, command: str, tolerance: float = TOLERANCE) -> dict[str, Any]:
-    """``src`` (models/NAME/N) -> ``out`` (models/NAME/M) with int8 weights; returns the quantization record.
+    """``src`` (models/NAME/N) -> ``out`` (models/NAME-int8/1) with int8 weights; returns the quantization record.
     Raises ``DataError`` (and leaves no ``out``) when the model cannot be quantized or misses the release rule."""
     if not (src / MANIFEST_FILE).exists():
         raise DataError(f"{src / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
     if out.resolve() == src.resolve():
         raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
-    if (out / MODEL_FILE).exists():
-        raise DataError(f"{out}: already holds a model; pick a new version folder")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: already exists and is not empty; pick a new folder (models/NAME-int8/1)")
     m = Manifest.load(src / MANIFEST_FILE)
     if _name_version(out)[0] == m.name:
         raise DataError(

@@ -132,7 +132,7 @@ def test_quantize_refuses_what_it_cannot_release(
     assert not out.exists()
 
     assert main(["quantize", "--model", str(v1), "--data", str(text), "--out", str(out)]) == 0
-    fails(["--model", str(v1), "--data", str(text), "--out", str(out)], "already holds a model")
+    fails(["--model", str(v1), "--data", str(text), "--out", str(out)], "already exists and is not empty")
     fails(
         ["--model", str(out), "--data", str(text), "--out", str(tmp_path / "lm-int8-int8" / "1")], "already quantized"
     )
