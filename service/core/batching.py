@@ -140,6 +140,7 @@ class Batcher:
         self.max_queue = settings.max_queue_size
         self.inline_tokens = settings.inline_batch_tokens
         self.inline_seconds = settings.inline_batch_ms / 1000.0
+        self.alone_seconds = max(settings.alone_inline_ms, settings.inline_batch_ms) / 1000.0
         self._infer_seconds: dict[int, float] = {}  # tokens -> ORT seconds of the last batch that size (inlinable)
         self.metrics = metrics
         self._pending: deque[_Pending] = deque()
@@ -198,7 +199,8 @@ class Batcher:
     def _alone(self, item: StepInput, loop: asyncio.AbstractEventLoop) -> bool:
         """True when waiting for company cannot pay: the recent batches of this key held one request each, no
         other callback is ready to run in this loop iteration (none can join before the batch would flush), and
-        the step is small enough to run inline."""
+        the run is small enough to run inline (``alone_inline_ms``: with nobody else to serve, a thread hop for a
+        slower run only adds its own cost)."""
         recent = self._last_rows.get(item.key)
         if recent and max(recent) > 1:
             return False
@@ -206,7 +208,7 @@ class Batcher:
         if ready is None or len(ready) > 0:
             return False
         tokens = self._tokens([item])
-        return tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.inline_seconds
+        return tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.alone_seconds
 
     def _run_now(self, item: StepInput) -> StepOutput:
         """A lone small request run at once, on the caller's coroutine: no Future, no wake-up of the flush task,

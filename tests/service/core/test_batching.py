@@ -170,3 +170,22 @@ async def test_a_lone_generation_never_holds_the_loop(make_dp: MakeDP) -> None:
     # Steps that skip the queue run on the generation's own coroutine; the loop still turns at least every other
     # step, so timers (and every other request) keep being served while one stream generates.
     assert ticks >= 200 // 4
+
+
+async def test_alone_inline_ms_bounds_which_lone_runs_skip_the_thread(make_dp: MakeDP) -> None:
+    sentiment = ModelRef("sentiment", 1)
+
+    async def queued_ns(**settings: float) -> int:
+        dp = await make_dp(inline_batch_ms=0, **settings)  # with company, every run after the first goes to a thread
+        await asyncio.sleep(0.01)
+        for _ in range(3):
+            await dp.classify(sentiment, ["a good film"])
+            await asyncio.sleep(0.001)  # separate calls, as from the network (not one caller looping)
+        (stats,) = dp.statistics(sentiment)
+        assert stats.queue.count == 3
+        return stats.queue.ns
+
+    # Alone, a run that took less than alone_inline_ms runs at once on the loop: no queue, no thread.
+    assert await queued_ns(alone_inline_ms=1_000) == 0
+    # alone_inline_ms=0 follows inline_batch_ms (0 here): once the first run took any time, lone runs queue too.
+    assert await queued_ns(alone_inline_ms=0) > 0
