@@ -83,7 +83,7 @@ def stack(
     override.write_text(host_network_override(redis_port, ports))
     project = f"seqserve-test-{uuid.uuid4().hex[:8]}"
     tag = f"seqserve-test-compose:{project[-8:]}"
-    # DOCKER_BUILDKIT=0: the classic builder, like `docker build` in conftest, so its layer cache is reused.
+    # DOCKER_BUILDKIT=0: the classic builder, the one conftest's image build uses, so its layer cache is reused.
     env = os.environ | {"SEQSERVE_IMAGE": tag, "SEQSERVE_BASE_IMAGE": base_image, "REDIS_IMAGE": redis_image}
     env["DOCKER_BUILDKIT"] = "0"
     files = [

@@ -57,11 +57,11 @@ class Container:
     id: str
     grpc: str
     metrics_port: int
-    started: float  # time.monotonic() just before `docker run`
+    started: float  # time.monotonic() just before the container was started
 
 
 def start(docker: Docker, image: str, **env: str) -> Container:
-    """``docker run`` the way the issue asks: host network (never the default bridge here), read-only root
+    """Runs the image the way the issue asks: ``--network host`` (never the default bridge here), read-only root
     filesystem with a tmpfs /tmp, the image's own user; ports from the SEQSERVE_* env vars."""
     port, metrics = free_port(), free_port()
     settings = {"SEQSERVE_HOST": "127.0.0.1", "SEQSERVE_PORT": str(port), "SEQSERVE_METRICS_PORT": str(metrics)}
