@@ -4,6 +4,8 @@ The sentiment classifier's lives in ``training/sentiment.py``, the forecaster's 
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,27 @@ from training.runners import CharLMRunner
 from training.train import FitResult, TrainConfig, fit, write_report
 
 
+def name_version(out: Path) -> tuple[str, int]:
+    """models/NAME/N -> (NAME, N); a folder not named by a number is version 1 of its own name."""
+    return (out.parent.name, int(out.name)) if out.name.isdigit() else (out.name, 1)
+
+
+def write_derived_report(src: Path, out: Path, fields: dict[str, Any]) -> None:
+    """metrics.json of a model derived from ``src`` without training (recalibrated, quantized): ``src``'s training
+    report with ``fields`` on top, and its training curve copied beside it."""
+    old = src / "metrics.json"
+    report: dict[str, Any] = json.loads(old.read_text(encoding="utf-8")) if old.exists() else {}
+    (out / "metrics.json").write_text(json.dumps(report | fields, indent=2) + "\n", encoding="utf-8")
+    if (src / "training_curve.png").exists():
+        shutil.copyfile(src / "training_curve.png", out / "training_curve.png")
+
+
+def parent_command(src: Path) -> str | None:
+    """The training command recorded in ``src``'s metrics.json, if any."""
+    old = src / "metrics.json"
+    return json.loads(old.read_text(encoding="utf-8")).get("command") if old.exists() else None
+
+
 @dataclass
 class Job:
     data: Path
@@ -28,11 +51,11 @@ class Job:
 
     @property
     def name(self) -> str:
-        return self.out.parent.name if self.out.name.isdigit() else self.out.name
+        return name_version(self.out)[0]
 
     @property
     def version(self) -> int:
-        return int(self.out.name) if self.out.name.isdigit() else 1
+        return name_version(self.out)[1]
 
 
 def finish(

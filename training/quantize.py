@@ -23,7 +23,6 @@ metrics are recomputed the same way and reported; the parent is left untouched.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -39,6 +38,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, M
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
+from training.pipelines import name_version, parent_command, write_derived_report
 
 OPS = ["LSTM", "MatMul", "Gemm", "Gather"]
 QUANTIZED_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear"}
@@ -51,10 +51,6 @@ RECOMPUTED: dict[str, dict[str, tuple[str, bool]]] = {
     "charlm": {"val_loss_nats_per_char": ("val_loss_nats_per_char", False)},
     "sentiment": {"accuracy": ("dev_accuracy", True), "ece": ("dev_ece", False)},
 }
-
-
-def _name_version(out: Path) -> tuple[str, int]:
-    return (out.parent.name, int(out.name)) if out.name.isdigit() else (out.name, 1)
 
 
 def quantized_nodes(path: Path) -> dict[str, int]:
@@ -104,7 +100,7 @@ def quantize(src: Path, data: Path, out: Path, command: str, tolerance: float = 
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: already exists and is not empty; pick a new folder (models/NAME-int8/1)")
     m = Manifest.load(src / MANIFEST_FILE)
-    if _name_version(out)[0] == m.name:
+    if name_version(out)[0] == m.name:
         raise DataError(
             f"{out}: publish the int8 copy under its own name (e.g. models/{m.name}-int8/1), not as a version of "
             f"{m.name}: its outputs depend on batching, so it must not become {m.name}'s default"
@@ -119,7 +115,7 @@ def quantize(src: Path, data: Path, out: Path, command: str, tolerance: float = 
     headline = next((x for x in m.metrics if x.name in wanted), None)
     if headline is None:
         raise DataError(f"{src}: its manifest reports none of {', '.join(wanted)}; nothing to hold the copy to")
-    name, version = _name_version(out)
+    name, version = name_version(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
         return _quantize(src, m, data, out, name, version, command, tolerance, wanted, headline)
@@ -227,20 +223,16 @@ def _report(
     record: dict[str, Any],
 ) -> None:
     """metrics.json: the parent's training report (its curve copied beside it) plus the quantization and both
-    versions' ONNX metrics."""
-    old = src / "metrics.json"
-    report: dict[str, Any] = json.loads(old.read_text(encoding="utf-8")) if old.exists() else {}
-    name, version = _name_version(out)
-    report |= {
+    models' ONNX metrics."""
+    name, version = name_version(out)
+    fields = {
         "model": f"{name}/{version}",
         "command": command,
         "parent": str(src),
-        "parent_command": report.get("command"),
+        "parent_command": parent_command(src),
         "evaluate_command": evaluate,
         "onnx_metrics": ev,
         "parent_onnx_metrics": ev_parent,
         "quantization": record,
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if (src / "training_curve.png").exists():
-        shutil.copyfile(src / "training_curve.png", out / "training_curve.png")
+    write_derived_report(src, out, fields)

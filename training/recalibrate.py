@@ -9,7 +9,6 @@ plus the ``scale`` output when one was chosen, the new offsets, the test metrics
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,9 @@ from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, forecast_windows, open_model
 from training.forecasting import calibrate, forecast_metrics
+from training.pipelines import name_version, parent_command, write_derived_report
 from training.scale import add_scale_output
 from training.series import series_for, windows
-
-
-def _name_version(out: Path) -> tuple[str, int]:
-    return (out.parent.name, int(out.name)) if out.name.isdigit() else (out.name, 1)
 
 
 def recalibrate(src: Path, data: Path, out: Path, command: str, mode: str = "auto", scale: str = "auto") -> None:
@@ -43,7 +39,7 @@ def recalibrate(src: Path, data: Path, out: Path, command: str, mode: str = "aut
     x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
     residuals = (y - forecast_windows(m, sess, x)).astype(np.float64)  # (N, H, T), windows in time order
     iv = calibrate(x[:, :, s.target_index].astype(np.float64), residuals, mode, scale)
-    name, version = _name_version(out)
+    name, version = name_version(out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / MODEL_FILE, out / MODEL_FILE)
     extra = "" if iv.floor is None else f", offsets x each window's scale ({iv.choice.label})"
@@ -74,19 +70,14 @@ def recalibrate(src: Path, data: Path, out: Path, command: str, mode: str = "aut
 
 def _report(src: Path, out: Path, data: Path, command: str, ev: dict[str, float], info: dict[str, Any]) -> None:
     """metrics.json: the point model's training report (its curve copied beside it) plus the new intervals."""
-    old = src / "metrics.json"
-    report: dict[str, Any] = json.loads(old.read_text(encoding="utf-8")) if old.exists() else {}
-    name, version = _name_version(out)
-    point_command = report.get("command")
-    report |= {
+    name, version = name_version(out)
+    fields = {
         "model": f"{name}/{version}",
         "command": command,
         "evaluate_command": f"seqserve-train evaluate --model {out} --data {data}",
         "onnx_metrics": ev,
         "point_model": str(src),
-        "point_model_command": point_command,
+        "point_model_command": parent_command(src),
         "intervals": info,
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if (src / "training_curve.png").exists():
-        shutil.copyfile(src / "training_curve.png", out / "training_curve.png")
+    write_derived_report(src, out, fields)
