@@ -220,13 +220,21 @@ class Batcher:
             log.exception("batch of 1 request failed on model %s version %d", self.name, self.version)
             raise
         self._infer_seconds[self._tokens([item])] = times[1] / 1e9
-        recent = self._last_rows.get(item.key)
-        if recent is None:
-            recent = self._last_rows[item.key] = deque(maxlen=RECENT_BATCHES)
-        recent.append(item.rows)
-        self.metrics.inference(self.name, self.version, 0.0, time.perf_counter() - started, item.rows)
-        self.stats.batch(1, item.rows, 0, *times)
+        self._note_rows(item.key, item.rows)
+        self._record(1, item.rows, 0.0, started, times)
         return result
+
+    def _note_rows(self, key: Hashable, rows: int) -> None:
+        """Remembers a batch's rows: the company the next batches of ``key`` wait for."""
+        recent = self._last_rows.get(key)
+        if recent is None:
+            recent = self._last_rows[key] = deque(maxlen=RECENT_BATCHES)
+        recent.append(rows)
+
+    def _record(self, requests: int, rows: int, waited: float, started: float, times: tuple[int, int, int]) -> None:
+        """Metrics and statistics of one run: ``waited`` = seconds the requests queued, summed over them."""
+        self.metrics.inference(self.name, self.version, waited / requests, time.perf_counter() - started, rows)
+        self.stats.batch(requests, rows, int(waited * 1e9), *times)
 
     def _take(self) -> list[_Pending]:
         """The oldest request plus queued ones with the same key, up to ``max_rows`` rows (never splits one)."""
@@ -280,10 +288,7 @@ class Batcher:
             batch = [p for p in self._take() if not p.future.done()]
             self.metrics.queue_depth(self.name, len(self._pending))
             if batch:
-                recent = self._last_rows.get(head.item.key)
-                if recent is None:
-                    recent = self._last_rows[head.item.key] = deque(maxlen=RECENT_BATCHES)
-                recent.append(sum(p.item.rows for p in batch))
+                self._note_rows(head.item.key, sum(p.item.rows for p in batch))
                 self._busy = True
                 try:
                     await self._run(batch)
@@ -312,11 +317,8 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        compute = time.perf_counter() - started
         waited = sum(started - p.enqueued for p in batch)
-        rows = sum(it.rows for it in items)
-        self.metrics.inference(self.name, self.version, waited / len(batch), compute, rows)
-        self.stats.batch(len(batch), rows, int(waited * 1e9), *times)
+        self._record(len(batch), sum(it.rows for it in items), waited, started, times)
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
