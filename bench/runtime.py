@@ -23,6 +23,8 @@ import onnxruntime as ort
 
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from service.core.runtime import CPU, Runtime
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -33,10 +35,10 @@ SHAPES: dict[str, list[tuple[int, int]]] = {  # task -> (batch, time) per case
 
 
 def session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1  # the server's defaults
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+    """The model's ORT session exactly as the server builds it (``service.core.runtime.Runtime``, default
+    settings: one intra-op thread, no spinning, CPU)."""
+    manifest = Manifest.load(path / MANIFEST_FILE)
+    return Runtime(manifest, path / MODEL_FILE, Settings(), [CPU], {}).session
 
 
 def feeds(m: Manifest, batch: int, time_steps: int, rng: np.random.Generator) -> dict[str, Any]:
