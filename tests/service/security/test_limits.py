@@ -116,9 +116,15 @@ def test_nothing_of_a_failed_large_request_outlives_it(plain: ServerHandle) -> N
         before = tracemalloc.get_traced_memory()[0]
         for _ in range(3):
             burst(plain.target, 4)
-        time.sleep(0.5)
-        gc.collect()  # garbage waiting for the cycle collector is not kept alive; only what is still referenced
-        grown = tracemalloc.get_traced_memory()[0] - before
+        # The last calls' teardown may still hold a payload for a moment on a loaded machine (once: 16.04 MB after
+        # a fixed 0.5 s under two CPU hogs); a leak stays. Measure once the server has settled, within 10 s.
+        deadline = time.monotonic() + 10
+        while True:
+            time.sleep(0.25)
+            gc.collect()  # garbage waiting for the cycle collector is not kept alive; only what is still referenced
+            grown = tracemalloc.get_traced_memory()[0] - before
+            if grown < 16_000_000 or time.monotonic() > deadline:
+                break
     finally:
         tracemalloc.stop()
     assert grown < 16_000_000, f"{grown / 2**20:.0f} MiB of Python objects outlived the burst"
