@@ -17,6 +17,8 @@ What it measures, and why:
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
 - ``stores``: per-step cost of each session store (memory, Redis ``step``, Redis ``idle``) at c=1 and c=64, and
   Redis memory per session (``bench/stores.py``).
+- ``overload``: 256 closed-loop callers against the default server, then against a queue bound below them:
+  latency stays bounded and the excess is refused (``RESOURCE_EXHAUSTED``), quickly (``bench/overload.py``).
 - ``perf``: Triton's perf_analyzer on the KServe endpoint, seqserve with 1 worker and with the default worker
   count against the canned-response floor (``bench/perf.py``), with ratios and CPU seconds per 1,000 requests.
 
@@ -255,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             results["perf"] = perf.run(args.models, ["charlm-stream"], [4], sorted({1, default}), window_ms=300)
         else:
             results["perf"] = perf.run(args.models, list(pa.WORKLOADS), [1, 16, 64], sorted({1, default}))
+    from bench import overload  # 256 callers against the default server, then against a small queue bound
+
+    results["overload"] = overload.run(args.models, 96 if args.quick else 256, 1.0 if args.quick else 8.0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         sessions.print_table(results["sessions"])
     if "perf" in results:
         perf.print_table(results["perf"])
+    overload.print_table(results["overload"])
     print(f"\nwritten: {args.out}")
     return 0
 

@@ -37,3 +37,12 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     for row in perf["rows"]:
         assert row["throughput"] > 0 and row["p50_us"] > 0
         assert row["server_cpu_s_per_1k"] > 0 and row["client_cpu_s_per_1k"] > 0
+    # overload section: the default server never refuses below its queue bound; with the bound below the callers,
+    # every failure is a refusal, the server's own histogram saw the answered calls, and it still answers after.
+    default, bounded = r["overload"]["rows"]
+    assert (default["run"], bounded["run"]) == ("default", "bounded")
+    assert default["callers"] == 96 < default["max_queue_size"] and bounded["max_queue_size"] < 96
+    assert default["refused"]["n"] == 0 and "RESOURCE_EXHAUSTED" not in default["server"]
+    for row in (default, bounded):
+        assert row["answered"]["n"] > 0 and row["other_errors"] == {} and row["answers_after"] is True
+        assert row["server"]["OK"]["count"] >= row["answered"]["n"]

@@ -1,0 +1,206 @@
+"""``make bench``'s overload section: what the server does when more callers arrive than it can serve.
+
+A real ``seqserve serve`` (the default worker count) is driven by a closed-loop asyncio client: ``C`` callers
+(256 by default), each sending one SST-2 sentence per KServe ``ModelInfer`` to ``sentiment`` again as soon as its
+last answer came, over a few channels. A refused caller (``RESOURCE_EXHAUSTED``) waits ``backoff_ms`` before it
+retries, as a client with backoff would. Two runs:
+
+- ``default``: the server's default settings. Throughput, latency of the answered calls (p50/p99/max) and how many
+  were refused: at 256 callers the default queue bound (``MAX_QUEUE_SIZE`` 1,024) is not reached, so callers wait
+  their turn and p99 is what that wait costs.
+- ``bounded``: the same with ``MAX_QUEUE_SIZE`` below the callers (32), so the calls beyond the bound must be
+  refused, quickly (their own latency, p50/p99), while the admitted ones keep a bounded p99; every other status
+  counts as an error, and one more call after the run must be answered (the server is still up).
+
+    python -m bench.overload [--models models] [--callers 256] [--seconds 8] [--out bench/results/overload.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import pa, perf
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BOUNDED_QUEUE = 32
+CHANNELS = 4
+
+
+def requests(model: str) -> list[bytes]:
+    """One serialized ModelInfer request per benchmark sentence."""
+    out = []
+    for s in pa.SENTENCES:
+        r = pb.ModelInferRequest(model_name=model)
+        t = r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+        t.contents.bytes_contents.append(s.encode())
+        out.append(r.SerializeToString())
+    return out
+
+
+def server_side(metrics_url: str, method: str = "ModelInfer") -> dict[str, dict[str, float]]:
+    """The server's own latency of ``method`` calls per status code, from its ``seqserve_rpc_duration_seconds``
+    histogram (receipt to answer; what the client adds on top is its own queueing and the transport): count, mean
+    and the shares answered within 1 ms and 10 ms, over the whole run."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "seqserve_rpc_duration_seconds":
+            continue
+        for s in family.samples:
+            if s.labels.get("method") != method:
+                continue
+            row = out.setdefault(s.labels["code"], {})
+            if s.name.endswith("_count"):
+                row["count"] = s.value
+            elif s.name.endswith("_sum"):
+                row["sum_s"] = s.value
+            elif s.name.endswith("_bucket") and s.labels.get("le") in ("0.001", "0.01"):
+                row[f"le_{s.labels['le']}"] = s.value
+    return {
+        code: {
+            "count": row.get("count", 0.0),
+            "mean_ms": 1e3 * row.get("sum_s", 0.0) / max(row.get("count", 0.0), 1.0),
+            "within_1ms": row.get("le_0.001", 0.0) / max(row.get("count", 0.0), 1.0),
+            "within_10ms": row.get("le_0.01", 0.0) / max(row.get("count", 0.0), 1.0),
+        }
+        for code, row in out.items()
+    }
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {"n": 0}
+    a = np.asarray(samples) * 1e3
+    return {
+        "n": len(samples),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "max_ms": float(a.max()),
+    }
+
+
+async def drive(
+    target: str, model: str, callers: int, warmup_s: float, seconds: float, backoff_ms: float
+) -> dict[str, Any]:
+    """``callers`` closed-loop callers for ``warmup_s + seconds``; what happened in the last ``seconds``."""
+    bodies = [pb.ModelInferRequest.FromString(b) for b in requests(model)]
+    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
+    stubs = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in channels]
+    ok: list[float] = []
+    refused: list[float] = []
+    errors: dict[str, int] = {}
+    start = time.perf_counter()
+    measure_from, stop = start + warmup_s, start + warmup_s + seconds
+
+    async def caller(i: int) -> None:
+        stub, n = stubs[i % len(stubs)], i
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop:
+                return
+            try:
+                await stub.ModelInfer(bodies[n % len(bodies)], timeout=60)
+                if t0 >= measure_from:
+                    ok.append(time.perf_counter() - t0)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    if t0 >= measure_from:
+                        refused.append(time.perf_counter() - t0)
+                    await asyncio.sleep(backoff_ms / 1000)
+                else:
+                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+            n += 1
+
+    try:
+        for ch in channels:
+            await asyncio.wait_for(ch.channel_ready(), 30)
+        await asyncio.gather(*(caller(i) for i in range(callers)))
+        try:  # the server is still up: one more call is answered
+            await stubs[0].ModelInfer(bodies[0], timeout=30)
+            answers_after = True
+        except grpc.aio.AioRpcError:
+            answers_after = False
+    finally:
+        for ch in channels:
+            await ch.close()
+    return {
+        "callers": callers,
+        "seconds": seconds,
+        "backoff_ms": backoff_ms,
+        "throughput": len(ok) / seconds,
+        "answered": _ms(ok),
+        "refused": _ms(refused),
+        "refused_share": len(refused) / max(len(ok) + len(refused), 1),
+        "other_errors": errors,
+        "answers_after": answers_after,
+    }
+
+
+def run(
+    models: Path, callers: int = 256, seconds: float = 8.0, warmup_s: float = 1.0, backoff_ms: float = 10.0
+) -> dict[str, Any]:
+    """The two runs (default settings, then ``MAX_QUEUE_SIZE`` = 32), each on a fresh server."""
+    out: dict[str, Any] = {"model": "sentiment", "workers": perf.available_workers(), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, extra in (("default", {}), ("bounded", {"SEQSERVE_MAX_QUEUE_SIZE": str(BOUNDED_QUEUE)})):
+            folder = Path(tmp) / label  # a ready file of its own: the last server's must not be read as this one's
+            folder.mkdir()
+            with perf.seqserve(models, folder, None, extra=extra) as (info, _pid):
+                target = f"127.0.0.1:{info['grpc_port']}"
+                row = asyncio.run(drive(target, "sentiment", callers, warmup_s, seconds, backoff_ms))
+                row["server"] = server_side(f"http://127.0.0.1:{info['metrics_port']}/metrics")
+            queue = int(extra.get("SEQSERVE_MAX_QUEUE_SIZE", Settings.model_fields["max_queue_size"].default))
+            out["rows"].append({"run": label, "max_queue_size": queue, **row})
+    return out
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"\nOverload ({r['model']}, closed-loop asyncio client, {r['workers']} worker(s); refused callers back off):")
+    print("  latencies in ms as the client saw them; 'srv ref' = the server's own mean time to refuse, '<=1ms' the")
+    print("  share of refusals it answered within 1 ms (its histogram): the rest of a refusal's client latency is")
+    print("  the client's and the transport's queueing on the same cores")
+    head = f"  {'run':>8} {'queue':>6} {'callers':>7} {'answered/s':>10} {'p50':>7} {'p99':>7} {'max':>7} "
+    head += f"{'refused':>8} {'ref p50':>7} {'ref p99':>7} {'srv ref':>7} {'<=1ms':>6} {'errors':>6} {'up after':>8}"
+    print(head)
+    for row in r["rows"]:
+        a, f, srv = row["answered"], row["refused"], row["server"].get("RESOURCE_EXHAUSTED", {})
+        print(
+            f"  {row['run']:>8} {row['max_queue_size']:>6} {row['callers']:>7} {row['throughput']:>10.0f} "
+            f"{a.get('p50_ms', 0):>7.1f} {a.get('p99_ms', 0):>7.1f} {a.get('max_ms', 0):>7.1f} "
+            f"{100 * row['refused_share']:>7.1f}% {f.get('p50_ms', 0):>7.2f} {f.get('p99_ms', 0):>7.2f} "
+            f"{srv.get('mean_ms', 0):>7.2f} {100 * srv.get('within_1ms', 0):>5.1f}% "
+            f"{sum(row['other_errors'].values()):>6} {'yes' if row['answers_after'] else 'NO':>8}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap.add_argument("--callers", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
+    args = ap.parse_args(argv)
+    results = run(args.models, args.callers, args.seconds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
