@@ -13,13 +13,12 @@ splits a served step into gRPC, edge and core.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from bench import cli
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.kserve.servicer import KServeServicer
 from service.core.dataplane import CoreDataPlane
@@ -103,14 +102,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap = cli.parser(__doc__, "core.json")
     ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "core.json")
     args = ap.parse_args(argv)
     rows = run(args.models, args.steps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    cli.write_json(args.out, rows)
     print_table(rows)
     return 0
 

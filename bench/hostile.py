@@ -14,9 +14,7 @@ cancelled Complete, Suggest and ModelStreamInfer streams; and valid traffic in b
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import random
 import statistics
 import sys
@@ -25,13 +23,13 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.launch import ROOT, rss_mib, serve
+from bench import cli
+from bench.launch import rss_mib, serve
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.seqserve.v1 import (
     autocomplete_pb2,
@@ -394,19 +392,16 @@ def failed(r: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap = cli.parser(__doc__, "hostile.json")
     ap.add_argument("--requests", type=int, default=12_000)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hostile.json")
     args = ap.parse_args(argv)
     env = {"SEQSERVE_API_KEYS": ",".join(f"{k}:{v}" for k, v in KEYS.items()), "SEQSERVE_LOG_LEVEL": "WARNING",
            "SEQSERVE_MAX_SESSIONS": "5000", "SEQSERVE_QUOTA_SESSIONS": "2000"}  # fmt: skip
     with serve(args.models, env) as server:
         result = run(server.target, server.metrics_port, server.pid, args.requests, args.threads, args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    cli.write_json(args.out, result)
     print(f"hostile campaign: {result['requests']} requests in {result['seconds']}s, {args.threads} threads")
     print("status codes (client side):")
     for code, n in result["codes"].items():

@@ -17,9 +17,7 @@ retries, as a client with backoff would. Two runs:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import tempfile
 import time
 import urllib.request
@@ -30,7 +28,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import pa, perf
+from bench import cli, pa, perf
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.settings import Settings
@@ -193,15 +191,12 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap = cli.parser(__doc__, "overload.json")
     ap.add_argument("--callers", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     args = ap.parse_args(argv)
     results = run(args.models, args.callers, args.seconds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    cli.write_json(args.out, results)
     print_table(results)
     return 0
 

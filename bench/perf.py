@@ -9,7 +9,6 @@ For each server and workload it prints throughput, client p50/p99, seqserve/floo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench import pa
+from bench import cli, pa
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,19 +188,16 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap = cli.parser(__doc__, "perf.json")
     ap.add_argument("--workloads", nargs="+", default=list(pa.WORKLOADS), choices=list(pa.WORKLOADS))
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--workers", nargs="+", type=int, default=[1, available_workers()])
     ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="extra SEQSERVE_* for the server")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor server (tuning runs)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "perf.json")
     args = ap.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.env)
     results = run(args.models, args.workloads, args.concurrency, sorted(set(args.workers)), extra, not args.no_floor)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    cli.write_json(args.out, results)
     print_table(results)
     return 0
 

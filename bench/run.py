@@ -27,23 +27,18 @@ What it measures, and why:
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench import core, runtime
+from bench import cli, core, runtime
+from bench.launch import serve
 from bench.stores import print_stores, run_stores
 from service.client import Client, SuggestEvent
 
@@ -52,28 +47,6 @@ TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
 ) * 40
-
-
-@contextmanager
-def running_server(models: Path) -> Iterator[tuple[str, int]]:
-    """A real server subprocess; yields (grpc target, pid)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready.json"
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0"]
-        cmd += ["--models", str(models), "--device", "cpu", "--ready-file", str(ready)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 120
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read() if proc.stderr else ""
-                    raise SystemExit(f"bench: server did not start:\n{err[-2000:]}")
-                time.sleep(0.1)
-            ports = json.loads(ready.read_text())
-            yield f"127.0.0.1:{ports['grpc_port']}", proc.pid
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -208,11 +181,9 @@ def etth1_rows(n: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap = cli.parser(__doc__, "latest.json")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     ap.add_argument("--no-perf", action="store_true", help="skip the perf_analyzer section")
     args = ap.parse_args(argv)
     repeats = 5 if args.quick else args.repeats
@@ -222,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "repeats": repeats,
     }
-    with running_server(args.models) as (target, pid), Client(target, timeout=120) as client:
+    with serve(args.models) as server, Client(server.target, timeout=120) as client:
+        pid = server.pid
         # The float32 char LM and, when committed, its int8 copy.
         names = [n for n in ("charlm", "charlm-int8") if (args.models / n).is_dir()]
         results["keystroke"] = [row for n in names for row in bench_keystroke(client, prefixes, repeats, n)]
@@ -260,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import overload  # 256 callers against the default server, then against a small queue bound
 
     results["overload"] = overload.run(args.models, 96 if args.quick else 256, 1.0 if args.quick else 8.0)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    cli.write_json(args.out, results)
     print_table(results)
     core.print_table(results["core"])
     runtime.print_table(results["runtime"], results["batch_dependence"])

@@ -12,8 +12,6 @@ the largest probability change and how often the most likely next character diff
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bench import cli
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.core.runtime import CPU, Runtime
@@ -141,14 +140,11 @@ def print_table(rows: list[dict[str, Any]], dependence: list[dict[str, Any]] | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap = cli.parser(__doc__, "runtime.json")
     ap.add_argument("--repeats", type=int, default=300)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runtime.json")
     args = ap.parse_args(argv)
     rows, dependence = run(args.models, args.repeats), real_text_dependence(args.models, TEXT)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": rows, "batch_dependence": dependence}, indent=2) + "\n")
+    cli.write_json(args.out, {"runs": rows, "batch_dependence": dependence})
     print_table(rows, dependence)
     return 0
 

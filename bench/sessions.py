@@ -12,9 +12,7 @@ Creating must not slow down as the store grows (O(1)/O(log n) store operations; 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -23,7 +21,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.launch import ROOT, cpu_seconds, rss_mib, serve
+from bench import cli
+from bench.launch import cpu_seconds, rss_mib, serve
 from service.api.gen.seqserve.v1 import common_pb2, sessions_pb2
 
 LEVELS = (1_000, 50_000, 250_000)
@@ -187,14 +186,11 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap = cli.parser(__doc__, "sessions.json")
     ap.add_argument("--quick", action="store_true", help="1k sessions only (a smoke run)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sessions.json")
     args = ap.parse_args(argv)
     result = quick(args.models) if args.quick else bench(args.models)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    cli.write_json(args.out, result)
     print_table(result)
     return 0
 

@@ -12,7 +12,6 @@ These are the inputs of docs/capacity.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from bench import cli
 from service.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,8 +233,7 @@ def print_stores(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap = cli.parser(__doc__)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)

@@ -1,0 +1,27 @@
+"""What every ``python -m bench.<section>`` command shares: its parser (``--models``, ``--out``) and the JSON it
+writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
+    """A parser with the module's docstring as help, ``--models`` (the committed models) and, when ``out`` names a
+    file, ``--out`` (default ``bench/results/<out>``)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    if out is not None:
+        ap.add_argument("--out", type=Path, default=RESULTS / out)
+    return ap
+
+
+def write_json(path: Path, result: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
