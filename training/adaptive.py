@@ -1,0 +1,156 @@
+"""Online adaptive conformal intervals (ACI; Gibbs & Candes 2021), checked inside the validation split.
+
+No released model uses them: this is the check that says why (docs/models.md, "Online adaptive intervals").
+
+A served forecaster's band is fixed at calibration. When the error level drifts (ETTh1's test months are calmer
+than its validation months), a fixed band is right for no period. ACI instead moves each quantile's *level* as
+targets arrive: after each new row, every earlier forecast whose target that row is gets scored, and level
+``a_tau`` (per quantile and target column) becomes ``a_tau + gamma * (tau - share of those targets at or below
+their quantile)``; the quantile used next is the calibration windows' conformal quantile at level ``a_tau``
+(interpolated on a grid of levels, per horizon step or pooled, times the window's scale as serving does). Over
+any sequence the long-run coverage then tends to ``tau``; the price is a band whose width follows recent misses.
+
+``check`` runs it as ``training.calibrate.choose_interval`` checks a calibration: calibrate on the first half of
+the validation windows, run online through the second half starting at the nominal levels, and vice versa, for
+each rate ``gamma`` (0 = today's fixed band), scoring coverage ``miss`` and mean pinball loss. The same rule
+applies: a rate whose pinball loss is more than ``PINBALL_TOLERANCE`` above the fixed band's is refused.
+
+    python -m training.adaptive --model models/forecaster/3 --data ../shared/data/etth1/ETTh1.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from training.calibrate import PINBALL_TOLERANCE, conformal_offsets, pinball
+
+F64 = npt.NDArray[np.float64]
+GRID = np.round(np.arange(0.01, 0.99 + 1e-9, 0.01), 4)  # levels the offsets are tabulated at
+GAMMAS = (0.0, 0.002, 0.005, 0.01, 0.02)
+
+
+@dataclass(frozen=True)
+class Online:
+    """One online run: share of targets at or below each quantile, p_lo-p_hi band coverage, mean pinball loss."""
+
+    below: tuple[float, ...]
+    band: float
+    pinball: float
+
+    def miss(self, levels: Sequence[float]) -> float:
+        return float(sum(abs(b - tau) for b, tau in zip(self.below, levels, strict=True)))
+
+
+def offsets_at(table: F64, alpha: F64) -> F64:
+    """``table`` (G, H, T) offsets at the ``GRID`` levels, ``alpha`` (T,) levels -> offsets (H, T), linear in the
+    level between grid points and clamped to the grid's ends."""
+    pos = np.interp(np.clip(alpha, GRID[0], GRID[-1]), GRID, np.arange(len(GRID)))  # (T,)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(GRID) - 1)
+    w = pos - lo
+    cols = np.arange(table.shape[2])
+    out: F64 = table[lo, :, cols].T * (1 - w) + table[hi, :, cols].T * w  # (H, T)
+    return out
+
+
+def online(
+    z_cal: F64, residuals: F64, scale: F64, levels: Sequence[float], gamma: float, pooled: bool = False
+) -> Online:
+    """Calibrate on ``z_cal`` (M, H, T) residual / scale, then run through ``residuals`` (N, H, T) y - point of
+    consecutive stride-1 windows, ``scale`` (N, 1 or H, T) their scales, in time order, moving the levels with
+    rate ``gamma`` as each window's targets are revealed row by row."""
+    table = conformal_offsets(z_cal, list(GRID), pooled=pooled)  # (G, H, T)
+    n, h, t = residuals.shape
+    tau = np.asarray(levels, dtype=np.float64)[:, None]  # (Q, 1)
+    alpha = np.repeat(tau, t, axis=1)  # (Q, T): start at the nominal levels
+    quant = np.empty((len(levels), n, h, t))
+    below = np.empty((len(levels), n, h, t), dtype=bool)
+    for i in range(n):
+        quant[:, i] = np.stack([offsets_at(table, a) for a in alpha]) * scale[i][None]
+        below[:, i] = residuals[i][None] <= quant[:, i]
+        if gamma > 0:  # the next row reveals window j's step i - j target, for every window j in [i - h + 1, i]
+            js = np.arange(max(0, i - h + 1), i + 1)
+            alpha = alpha + gamma * (tau - below[:, js, i - js].mean(axis=1))
+    band = float(((residuals >= quant[0]) & (residuals <= quant[-1])).mean())
+    loss = float(np.mean([pinball(residuals, q, lv) for lv, q in zip(levels, quant, strict=True)]))
+    return Online(tuple(float(b.mean()) for b in below), band, loss)
+
+
+def check(
+    residuals: npt.ArrayLike,
+    scale: npt.ArrayLike | None,
+    levels: Sequence[float],
+    gammas: Sequence[float] = GAMMAS,
+    pooled: bool = False,
+) -> dict[float, tuple[Online, Online]]:
+    """Per rate: (first half calibrates, second runs online; second calibrates, first runs online) on the
+    validation windows ``residuals`` (N, H, T) in time order, with their ``scale`` (N, 1 or H, T) or None; the
+    ``H`` windows whose targets straddle the cut are left out between the halves."""
+    r = np.asarray(residuals, dtype=np.float64)
+    if r.ndim != 3 or len(r) < 4 * r.shape[1]:
+        raise ValueError(
+            f"check: {len(r)} validation windows; a half-split online check needs at least 4 x horizon "
+            f"({4 * r.shape[1] if r.ndim == 3 else '?'}) windows in time order, as (windows, horizon, targets)"
+        )
+    s = np.ones((len(r), 1, r.shape[2])) if scale is None else np.asarray(scale, dtype=np.float64)
+    z, gap, cut = r / s, r.shape[1], len(r) // 2
+    first, second = np.arange(0, max(cut - gap // 2, 1)), np.arange(min(cut + gap - gap // 2, len(r) - 1), len(r))
+    return {
+        g: (
+            online(z[first], r[second], s[second], levels, g, pooled),
+            online(z[second], r[first], s[first], levels, g, pooled),
+        )
+        for g in gammas
+    }
+
+
+def admissible(scores: dict[float, tuple[Online, Online]], levels: Sequence[float]) -> float:
+    """The rate ``choose_interval``'s rule picks: among rates whose mean pinball loss over both directions is within
+    ``PINBALL_TOLERANCE`` of the fixed band's (rate 0), the smallest mean ``miss`` (ties: the smaller rate)."""
+    base = np.mean([o.pinball for o in scores[0.0]])
+    ok = [g for g, pair in scores.items() if np.mean([o.pinball for o in pair]) <= (1 + PINBALL_TOLERANCE) * base]
+    return min(ok, key=lambda g: (np.mean([o.miss(levels) for o in scores[g]]), g))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.evaluate import forecast_and_scale, open_model
+    from training.forecasting import LEVELS
+    from training.series import series_for, windows
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="a forecaster folder, models/NAME/N")
+    ap.add_argument("--data", type=Path, required=True, help="its data file")
+    args = ap.parse_args(argv)
+    m, sess = open_model(args.model)
+    f = m.forecast
+    if f is None or not f.quantile_offsets:
+        raise SystemExit(f"{args.model}: not a forecaster with intervals")
+    s = series_for(m, args.data)
+    x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
+    point, scale = forecast_and_scale(m, sess, x)
+    pooled = bool(m.training.get("interval_choice", {}).get("pooled", False))
+    try:
+        scores = check(y - point, scale, LEVELS, pooled=pooled)
+    except ValueError as e:
+        raise SystemExit(f"{args.model}: {e}") from None
+    print(f"{m.name}/{m.version}: online adaptive levels on its {len(x)} validation windows, half against half")
+    print(f"  ({'pooled' if pooled else 'per-step'} offsets; first -> second half | second -> first half)")
+    print(f"  {'gamma':>6}  {'below p10/p50/p90, band, pinball':>44} | {'the other direction':>44}  miss")
+    for g, pair in scores.items():
+        cells = [
+            f"{' / '.join(f'{100 * b:4.1f}' for b in o.below)}  band {100 * o.band:4.1f}  {o.pinball:.4f}" for o in pair
+        ]
+        print(f"  {g:>6}  {cells[0]:>44} | {cells[1]:>44}  {np.mean([o.miss(LEVELS) for o in pair]):.3f}")
+    print(f"  the interval rule (pinball within {PINBALL_TOLERANCE:.0%} of the fixed band) picks gamma = "
+          f"{admissible(scores, LEVELS)}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
