@@ -102,8 +102,7 @@ async def drive(
     ok: list[float] = []
     refused: list[float] = []
     errors: dict[str, int] = {}
-    start = time.perf_counter()
-    measure_from, stop = start + warmup_s, start + warmup_s + seconds
+    measure_from = stop = 0.0  # set once the channels are ready
 
     async def caller(i: int) -> None:
         stub, n = stubs[i % len(stubs)], i
@@ -127,6 +126,8 @@ async def drive(
     try:
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), 30)
+        start = time.perf_counter()
+        measure_from, stop = start + warmup_s, start + warmup_s + seconds
         await asyncio.gather(*(caller(i) for i in range(callers)))
         try:  # the server is still up: one more call is answered
             await stubs[0].ModelInfer(bodies[0], timeout=30)
