@@ -183,8 +183,9 @@ class Batcher:
                 f"{self.max_queue}; retry with backoff"
             )
         loop = asyncio.get_running_loop()
-        if not self._pending and not self._busy and self._alone(item, loop):
-            result = self._run_now(item)
+        tokens = self._alone(item, loop) if not self._pending and not self._busy else 0
+        if tokens:
+            result = self._run_now(item, tokens)
             # A marker on the run queue until the loop's next iteration: a caller that loops over steps without
             # yielding (a generation, a beam search) finds it at its next step, takes the queue and yields there,
             # so it never holds the loop for more than one step.
@@ -196,21 +197,22 @@ class Batcher:
         self._wake.set()
         return await fut
 
-    def _alone(self, item: StepInput, loop: asyncio.AbstractEventLoop) -> bool:
-        """True when waiting for company cannot pay: the recent batches of this key held one request each, no
-        other callback is ready to run in this loop iteration (none can join before the batch would flush), and
-        the run is small enough to run inline (``alone_inline_ms``: with nobody else to serve, a thread hop for a
-        slower run only adds its own cost)."""
+    def _alone(self, item: StepInput, loop: asyncio.AbstractEventLoop) -> int:
+        """The run's tokens (> 0) when waiting for company cannot pay, else 0: the recent batches of this key held
+        one request each, no other callback is ready to run in this loop iteration (none can join before the
+        batch would flush), and the run is small enough to run inline (``alone_inline_ms``: with nobody else to
+        serve, a thread hop for a slower run only adds its own cost)."""
         recent = self._last_rows.get(item.key)
         if recent and max(recent) > 1:
-            return False
+            return 0
         ready = getattr(loop, "_ready", None)  # asyncio's run queue; another loop (uvloop) never takes this path
         if ready is None or len(ready) > 0:
-            return False
+            return 0
         tokens = self._tokens([item])
-        return tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.alone_seconds
+        small = tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.alone_seconds
+        return tokens if small else 0
 
-    def _run_now(self, item: StepInput) -> StepOutput:
+    def _run_now(self, item: StepInput, tokens: int) -> StepOutput:
         """A lone small request run at once, on the caller's coroutine: no Future, no wake-up of the flush task,
         no loop iteration spent waiting for company that cannot come (``_alone``). Same records as ``_run``."""
         started = time.perf_counter()
@@ -219,7 +221,7 @@ class Batcher:
         except Exception:
             log.exception("batch of 1 request failed on model %s version %d", self.name, self.version)
             raise
-        self._infer_seconds[self._tokens([item])] = times[1] / 1e9
+        self._infer_seconds[tokens] = times[1] / 1e9
         self._note_rows(item.key, item.rows)
         self._record(1, item.rows, 0.0, started, times)
         return result
