@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from training.calibrate import PINBALL_TOLERANCE, conformal_offsets, pinball
+from training.calibrate import PINBALL_TOLERANCE, conformal_offsets, halves, pinball
 
 F64 = npt.NDArray[np.float64]
 GRID = np.round(np.arange(0.01, 0.99 + 1e-9, 0.01), 4)  # levels the offsets are tabulated at
@@ -99,8 +99,8 @@ def check(
             f"({4 * r.shape[1] if r.ndim == 3 else '?'}) windows in time order, as (windows, horizon, targets)"
         )
     s = np.ones((len(r), 1, r.shape[2])) if scale is None else np.asarray(scale, dtype=np.float64)
-    z, gap, cut = r / s, r.shape[1], len(r) // 2
-    first, second = np.arange(0, max(cut - gap // 2, 1)), np.arange(min(cut + gap - gap // 2, len(r) - 1), len(r))
+    z = r / s
+    first, second = halves(len(r), gap=r.shape[1])
     return {
         g: (
             online(z[first], r[second], s[second], levels, g, pooled),

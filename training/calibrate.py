@@ -171,15 +171,21 @@ def window_scale(history: npt.ArrayLike, kind: str, k: int, floor: npt.ArrayLike
     return out
 
 
+def halves(n: int, gap: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Indices of the first and the second half of ``n`` windows in time order, with ``gap`` windows (those whose
+    targets overlap the other half's) left out between them."""
+    cut = n // 2
+    return np.arange(0, max(cut - gap // 2, 1)), np.arange(min(cut + (gap - gap // 2), n - 1), n)
+
+
 def _half_split(
     history: F64, residuals: F64, levels: Sequence[float], choice: IntervalChoice, gap: int
 ) -> IntervalChoice:
-    """Calibrate on one half of the windows (time order), score the other half, both ways; ``gap`` windows whose
-    targets overlap the other half's are left out between them. -> ``choice`` with its ``miss`` and ``pinball``."""
-    n, t = len(residuals), residuals.shape[2]
-    cut = n // 2
-    first, second = np.arange(0, max(cut - gap // 2, 1)), np.arange(min(cut + (gap - gap // 2), n - 1), n)
-    misses, losses, halves = [], [], []
+    """Calibrate on one half of the windows (time order), score the other half, both ways (``halves``).
+    -> ``choice`` with its ``miss`` and ``pinball``."""
+    t = residuals.shape[2]
+    first, second = halves(len(residuals), gap)
+    misses, losses, directions = [], [], []
     for cal, ev in ((first, second), (second, first)):
         s_cal, s_ev = np.ones((len(cal), 1, t)), np.ones((len(ev), 1, t))
         if choice.kind != "none":
@@ -190,11 +196,11 @@ def _half_split(
         q = off[:, None] * s_ev[None]  # (Q, M, H, T) quantiles of the residual: point + q
         below = [coverage(residuals[ev], qi) for qi in q]
         band = float(((residuals[ev] >= q[0]) & (residuals[ev] <= q[-1])).mean())
-        halves.append((*below, band))
+        directions.append((*below, band))
         misses.append(sum(abs(c - tau) for c, tau in zip(below, levels, strict=True)))
         losses.append(np.mean([pinball(residuals[ev], qi, tau) for tau, qi in zip(levels, q, strict=True)]))
     miss, loss = float(np.mean(misses)), float(np.mean(losses))
-    return IntervalChoice(choice.kind, choice.k, choice.pooled, miss, loss, (halves[0], halves[1]))
+    return IntervalChoice(choice.kind, choice.k, choice.pooled, miss, loss, (directions[0], directions[1]))
 
 
 PINBALL_TOLERANCE = 0.01  # a scaled band may lose at most 1% pinball loss against the constant band
