@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -25,3 +27,17 @@ def parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
 def write_json(path: Path, result: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    """Latency samples in seconds -> n, p50, p99, mean and max in milliseconds (just n when there are none)."""
+    if not seconds:
+        return {"n": 0}
+    a = np.asarray(seconds) * 1e3
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "max_ms": float(a.max()),
+        "n": len(seconds),
+    }

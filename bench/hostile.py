@@ -20,16 +20,14 @@ import statistics
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench import cli
-from bench.launch import rss_mib, serve
+from bench.launch import metric_families, rss_mib, serve
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.seqserve.v1 import (
     autocomplete_pb2,
@@ -314,9 +312,8 @@ def plan(total: int, rng: random.Random) -> list[tuple[str, Call]]:
 
 
 def server_codes(metrics_port: int) -> collections.Counter[str]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     counts: collections.Counter[str] = collections.Counter()
-    for family in text_string_to_metric_families(body):
+    for family in metric_families(metrics_port):
         if family.name == "seqserve_rpc_requests":
             for sample in family.samples:
                 if sample.name.endswith("_total"):

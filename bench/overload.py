@@ -18,18 +18,14 @@ retries, as a client with backoff would. Two runs:
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench import cli, pa, perf
-from service.api.gen.inference import grpc_service_pb2 as pb
+from bench.launch import metric_families, serve
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 
@@ -38,25 +34,12 @@ BOUNDED_QUEUE = 32
 CHANNELS = 4
 
 
-def requests(model: str) -> list[bytes]:
-    """One serialized ModelInfer request per benchmark sentence."""
-    out = []
-    for s in pa.SENTENCES:
-        r = pb.ModelInferRequest(model_name=model)
-        t = r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
-        t.contents.bytes_contents.append(s.encode())
-        out.append(r.SerializeToString())
-    return out
-
-
-def server_side(metrics_url: str, method: str = "ModelInfer") -> dict[str, dict[str, float]]:
+def server_side(metrics_port: int, method: str = "ModelInfer") -> dict[str, dict[str, float]]:
     """The server's own latency of ``method`` calls per status code, from its ``seqserve_rpc_duration_seconds``
     histogram (receipt to answer; what the client adds on top is its own queueing and the transport): count, mean
     and the shares answered within 1 ms and 10 ms, over the whole run."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as r:
-        text = r.read().decode()
     out: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(metrics_port):
         if family.name != "seqserve_rpc_duration_seconds":
             continue
         for s in family.samples:
@@ -80,23 +63,11 @@ def server_side(metrics_url: str, method: str = "ModelInfer") -> dict[str, dict[
     }
 
 
-def _ms(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {"n": 0}
-    a = np.asarray(samples) * 1e3
-    return {
-        "n": len(samples),
-        "p50_ms": float(np.percentile(a, 50)),
-        "p99_ms": float(np.percentile(a, 99)),
-        "max_ms": float(a.max()),
-    }
-
-
 async def drive(
     target: str, model: str, callers: int, warmup_s: float, seconds: float, backoff_ms: float
 ) -> dict[str, Any]:
     """``callers`` closed-loop callers for ``warmup_s + seconds``; what happened in the last ``seconds``."""
-    bodies = [pb.ModelInferRequest.FromString(b) for b in requests(model)]
+    bodies = [perf.text_request(model, text) for text in pa.SENTENCES]
     channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
     stubs = [pb_grpc.GRPCInferenceServiceStub(ch) for ch in channels]
     ok: list[float] = []
@@ -142,8 +113,8 @@ async def drive(
         "seconds": seconds,
         "backoff_ms": backoff_ms,
         "throughput": len(ok) / seconds,
-        "answered": _ms(ok),
-        "refused": _ms(refused),
+        "answered": cli.percentiles(ok),
+        "refused": cli.percentiles(refused),
         "refused_share": len(refused) / max(len(ok) + len(refused), 1),
         "other_errors": errors,
         "answers_after": answers_after,
@@ -155,16 +126,12 @@ def run(
 ) -> dict[str, Any]:
     """The two runs (default settings, then ``MAX_QUEUE_SIZE`` = 32), each on a fresh server."""
     out: dict[str, Any] = {"model": "sentiment", "workers": perf.available_workers(), "rows": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, extra in (("default", {}), ("bounded", {"SEQSERVE_MAX_QUEUE_SIZE": str(BOUNDED_QUEUE)})):
-            folder = Path(tmp) / label  # a ready file of its own: the last server's must not be read as this one's
-            folder.mkdir()
-            with perf.seqserve(models, folder, None, extra=extra) as (info, _pid):
-                target = f"127.0.0.1:{info['grpc_port']}"
-                row = asyncio.run(drive(target, "sentiment", callers, warmup_s, seconds, backoff_ms))
-                row["server"] = server_side(f"http://127.0.0.1:{info['metrics_port']}/metrics")
-            queue = int(extra.get("SEQSERVE_MAX_QUEUE_SIZE", Settings.model_fields["max_queue_size"].default))
-            out["rows"].append({"run": label, "max_queue_size": queue, **row})
+    for label, extra in (("default", {}), ("bounded", {"SEQSERVE_MAX_QUEUE_SIZE": str(BOUNDED_QUEUE)})):
+        with serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | extra) as server:
+            row = asyncio.run(drive(server.target, "sentiment", callers, warmup_s, seconds, backoff_ms))
+            row["server"] = server_side(server.metrics_port)
+        queue = int(extra.get("SEQSERVE_MAX_QUEUE_SIZE", Settings.model_fields["max_queue_size"].default))
+        out["rows"].append({"run": label, "max_queue_size": queue, **row})
     return out
 
 

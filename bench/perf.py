@@ -90,16 +90,18 @@ def available_workers() -> int:
     return available_cpus()
 
 
-def canned_requests() -> dict[str, Any]:
+def text_request(model: str, value: str) -> Any:
+    """A KServe ModelInfer request with one TEXT element."""
     from service.api.gen.inference import grpc_service_pb2 as pb
 
-    def text(model: str, value: str) -> Any:
-        r = pb.ModelInferRequest(model_name=model, id="1")
-        t = r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
-        t.contents.bytes_contents.append(value.encode())
-        return r
+    r = pb.ModelInferRequest(model_name=model, id="1")
+    t = r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    t.contents.bytes_contents.append(value.encode())
+    return r
 
-    return {"sentiment": text("sentiment", pa.SENTENCES[0]), "charlm": text("charlm", "a")}
+
+def canned_requests() -> dict[str, Any]:
+    return {"sentiment": text_request("sentiment", pa.SENTENCES[0]), "charlm": text_request("charlm", "a")}
 
 
 def measure(

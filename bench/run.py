@@ -49,16 +49,6 @@ TEXT = (
 ) * 40
 
 
-def percentiles(samples: list[float]) -> dict[str, float]:
-    a = np.asarray(samples) * 1e3  # ms
-    return {
-        "p50_ms": float(np.percentile(a, 50)),
-        "p99_ms": float(np.percentile(a, 99)),
-        "mean_ms": float(a.mean()),
-        "n": len(samples),
-    }
-
-
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -113,7 +103,7 @@ def bench_keystroke(client: Client, prefixes: list[int], repeats: int, model: st
             # same answer size; only the state handling differs (reset + the whole text every time).
             recompute = timed(lambda t=typing, p=prefix: t.step(p + "e", reset=True), repeats)  # type: ignore[misc]
             typing.close()
-        row = {"prefix_chars": n, "session_step": percentiles(stateful), "recompute": percentiles(recompute)}
+        row = {"prefix_chars": n, "session_step": cli.percentiles(stateful), "recompute": cli.percentiles(recompute)}
         rows.append(row | {"model": f"{s.model}/{s.version}"})
     return rows
 
@@ -201,15 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         results["streams"] = bench_streams(client, [1, 4] if args.quick else [1, 4, 16], 50 if args.quick else 200)
         texts = ["a gripping , beautifully acted film", "dull and far too long"] * 8
         results["classify"] = {
-            "batch_1": percentiles(timed(lambda: client.classify(texts[:1]), repeats)),
-            "batch_16": percentiles(timed(lambda: client.classify(texts), repeats)),
+            "batch_1": cli.percentiles(timed(lambda: client.classify(texts[:1]), repeats)),
+            "batch_16": cli.percentiles(timed(lambda: client.classify(texts), repeats)),
         }
         hist = etth1_rows(200)
-        results["forecast"] = {"predict_96_rows": percentiles(timed(lambda: client.forecast(hist[:96]), repeats))}
+        results["forecast"] = {"predict_96_rows": cli.percentiles(timed(lambda: client.forecast(hist[:96]), repeats))}
         with client.session("forecaster") as s:
             client.observe(s.id, hist[:96])
             rows = iter(range(96, 96 + 10_000))
-            results["forecast"]["observe_1_row"] = percentiles(
+            results["forecast"]["observe_1_row"] = cli.percentiles(
                 timed(lambda: client.observe(s.id, hist[[next(rows) % 200]]), repeats)
             )
         results["memory"] = bench_memory(client, pid, 50 if args.quick else 500)
