@@ -187,23 +187,21 @@ def _quantize(
         )
         for metric, (key, higher) in wanted.items()
     ]
-    final = Manifest.load(out / MANIFEST_FILE)
-    new_training = {**final.training, "quantization": record}
-    final.model_copy(update={"metrics": metrics, "card": _card(m, name, version), "training": new_training}).dump(
-        out / MANIFEST_FILE
-    )
+    new_training = {**new.training, "quantization": record}
+    card = _card(m, tolerance)
+    new.model_copy(update={"metrics": metrics, "card": card, "training": new_training}).dump(out / MANIFEST_FILE)
     _report(src, out, command, evaluate, ev, ev_parent, record)
     return record
 
 
-def _card(m: Manifest, name: str, version: int) -> ModelCard:
+def _card(m: Manifest, tolerance: float) -> ModelCard:
     """The parent's card plus what quantization changes."""
     card = m.card or card_for(m.name, m.task, m.version)
     parent = f"{m.name}/{m.version}"
     limits = [
         *card.limits,
         f"int8 weights quantized from {parent} (same training, same contract): its metrics are within "
-        f"{TOLERANCE} of the parent's, not identical.",
+        f"{tolerance} of the parent's, not identical.",
         "Activations are quantized per ONNX Runtime run, over the whole batch: a request's outputs move slightly "
         f"with the requests that share its run (see training.quantization.batch_dependence). Use {m.name} for "
         "batch-invariant results.",
