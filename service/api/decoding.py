@@ -1,8 +1,9 @@
 """Request decoding at the edge: bytes -> protobuf inside the interceptors' scope, bounded in size and memory.
 
 gRPC decodes a request before any interceptor runs, so a corrupt message would fail outside our error
-mapping (UNKNOWN or INTERNAL, and no metrics). ``DecodeInterceptor`` (innermost) swaps every handler's request
-deserializer for one that keeps the bytes (``Undecoded``) and decodes them inside the call, where:
+mapping (UNKNOWN or INTERNAL, and no metrics). The edge (``service.api.interceptors.Edge``) swaps every
+handler's request deserializer for one that keeps the bytes (``Undecoded``) and decodes them inside the call
+(``MethodDecoder``), where:
 
 - a request larger than its method accepts is refused before it is parsed (``method_limit``: the methods that
   carry no bulk data take ``max_small_message_bytes``, the rest ``max_message_bytes``);
@@ -22,7 +23,7 @@ import contextlib
 import inspect
 import logging
 import traceback
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -111,6 +112,15 @@ def keep_bytes(data: bytes) -> Undecoded:
     return Undecoded(data)
 
 
+def release(request: Any) -> None:
+    """Drops the bytes of a request that failed before it was decoded (refused as too large, or by the byte
+    budget, or cancelled while it waited). The failed call's frames outlive it: grpc keeps the state of the
+    last call it accepted, with its abort exception and that exception's traceback, until the next call
+    arrives, so a refused near-limit request would stay pinned until then."""
+    if isinstance(request, Undecoded):
+        request.data = b""
+
+
 def _type_name(deserializer: Callable[[bytes], Any]) -> str:
     owner = getattr(deserializer, "__self__", None)
     descriptor = getattr(owner, "DESCRIPTOR", None)
@@ -131,26 +141,16 @@ async def drive(result: Any) -> AsyncIterator[Any]:
             yield item
 
 
-# --- the interceptor ------------------------------------------------------------------------------------------
-class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Decodes requests inside the call (see the module docstring). The server runs it as the innermost stage
-    of ``service.api.interceptors.Edge`` (``MethodDecoder`` per method); on its own it is an interceptor too."""
+# --- shared by all methods ---------------------------------------------------------------------------------------
+class Decoding:
+    """What decoding shares across methods: the settings, the byte budget of large requests, the rate limiter.
+    ``service.api.interceptors.Edge`` holds one and wraps each method with a ``MethodDecoder``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.budget = ByteBudget(settings.max_large_bytes_in_flight, on_idle=Trimmer())
         rate = settings.quota_requests_per_second
         self.limiter = RateLimiter(rate, settings.quota_request_burst) if rate > 0 else None
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        return MethodDecoder(self, details.method, handler).handler()
 
     # --- per request ----------------------------------------------------------------------------------
     def charge(self, method: str) -> None:
@@ -181,10 +181,10 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class MethodDecoder:
-    """One method's handler with decoding wrapped around its behaviour."""
+    """One method's decoding: its size limit, its message type, its client streams."""
 
-    def __init__(self, edge: DecodeInterceptor, method: str, handler: grpc.RpcMethodHandler) -> None:
-        self.edge, self.method, self.h = edge, method, handler
+    def __init__(self, edge: Decoding, method: str, handler: grpc.RpcMethodHandler) -> None:
+        self.edge, self.method = edge, method
         self.deserialize: Callable[[bytes], Any] = handler.request_deserializer
         self.limit, self.setting = method_limit(method, edge.settings)
 
@@ -212,63 +212,16 @@ class MethodDecoder:
         paced = edge.limiter is not None and not method.startswith(PUBLIC_PREFIXES)
         large = edge.settings.large_request_bytes
         async for raw in requests:
-            if paced:
-                await edge.pace(method)
-            size = self.size(raw)
-            if size < large:  # the common case: no budget to hold (what admit() does for it, minus the wrapper)
-                yield self.decode(raw)
-                continue
-            async with edge.admit(size):
-                yield self.decode(raw)
-        await asyncio.sleep(END_OF_STREAM_GRACE)
-
-    def handler(self) -> grpc.RpcMethodHandler:
-        h, edge, method = self.h, self.edge, self.method
-        kw = {"request_deserializer": keep_bytes, "response_serializer": h.response_serializer}
-        if h.unary_unary is not None:
-            uu = h.unary_unary
-
-            async def unary_unary(request: Undecoded, context: grpc.aio.ServicerContext) -> Any:
-                edge.charge(method)
-                size = self.size(request)
-                if size < edge.settings.large_request_bytes:  # the common case, without the budget's bookkeeping
-                    try:
-                        result = uu(self.decode(request), context)
-                        return await result if inspect.isawaitable(result) else result
-                    except BaseException as exc:
-                        traceback.clear_frames(exc.__traceback__)  # see admit()
-                        raise
+            try:
+                if paced:
+                    await edge.pace(method)
+                size = self.size(raw)
+                if size < large:  # the common case: no budget to hold (what admit() does for it, minus the wrapper)
+                    yield self.decode(raw)
+                    continue
                 async with edge.admit(size):
-                    result = uu(self.decode(request), context)
-                    return await result if inspect.isawaitable(result) else result
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
-        if h.unary_stream is not None:
-            us = h.unary_stream
-
-            async def unary_stream(request: Undecoded, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                edge.charge(method)
-                async with edge.admit(self.size(request)):
-                    async for item in drive(us(self.decode(request), context)):
-                        yield item
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
-        if h.stream_unary is not None:
-            su = h.stream_unary
-
-            async def stream_unary(requests: AsyncIterator[Undecoded], context: grpc.aio.ServicerContext) -> Any:
-                async with aclosing(self.messages(requests)) as decoded:
-                    result = su(decoded, context)
-                    return await result if inspect.isawaitable(result) else result
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
-        ss = h.stream_stream
-
-        async def stream_stream(
-            requests: AsyncIterator[Undecoded], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            async with aclosing(self.messages(requests)) as decoded:
-                async for item in drive(ss(decoded, context)):
-                    yield item
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+                    yield self.decode(raw)
+            except BaseException:
+                release(raw)
+                raise
+        await asyncio.sleep(END_OF_STREAM_GRACE)

@@ -29,12 +29,13 @@ from grpc_status import rpc_status
 from service import errors
 from service.api.decoding import (
     PUBLIC_PREFIXES,
-    DecodeInterceptor,
+    Decoding,
     MethodDecoder,
     Undecoded,
     drive,
     keep_bytes,
     model_label,
+    release,
 )
 from service.api.principals import KeyTable, load_keys, subject_of
 from service.core.context import call_scope, principal, set_principal
@@ -141,7 +142,7 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.access = settings.access_log
         self.keys = keys
         self.auth = bool(keys) or mtls
-        self.decoding = DecodeInterceptor(settings)
+        self.decoding = Decoding(settings)
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -289,7 +290,7 @@ class _EdgeMethod:
                                 result = uu(decode.decode(request), context)
                                 result = await result if inspect.isawaitable(result) else result
                             except BaseException as exc:
-                                traceback.clear_frames(exc.__traceback__)  # see DecodeInterceptor.admit
+                                traceback.clear_frames(exc.__traceback__)  # see Decoding.admit
                                 raise
                         else:
                             async with edge.decoding.admit(size):
@@ -298,6 +299,7 @@ class _EdgeMethod:
                 except Exception as exc:
                     await edge.fail(method, exc, request_id, context)
             except BaseException as exc:
+                release(request)  # the call's frames outlive it; its undecoded bytes must not
                 self.end(request, context, resolved, start, self.ended(context, exc))
                 raise
             self.end(request, context, resolved, start, _code_name(context, "OK"))
@@ -351,6 +353,7 @@ class _EdgeMethod:
                 except Exception as exc:
                     await edge.fail(method, exc, request_id, context)
             except BaseException as exc:
+                release(request)  # the call's frames outlive it; its undecoded bytes must not
                 self.end(request, context, resolved, start, self.ended(context, exc))
                 raise
             self.end(request, context, resolved, start, _code_name(context, "OK"))
