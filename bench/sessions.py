@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from bench import cli
 from bench.launch import cpu_seconds, rss_mib, serve
@@ -142,12 +141,10 @@ def bench(
             latencies: list[float] = []
             wall = asyncio.run(create_many(server.target, window, latencies))
             live = level + window
-            ms = np.asarray(latencies) * 1e3
             rows.append({
                 "live_sessions": level,
                 "creates_per_s": window / wall,
-                "p50_ms": float(np.percentile(ms, 50)),
-                "p99_ms": float(np.percentile(ms, 99)),
+                **cli.percentiles(latencies),
                 "rss_mib": rss_mib(server.pid),
             })  # fmt: skip
         cpu = idle_cpu(server.pid, idle_seconds)

@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import redis
 
 from bench import cli
@@ -152,11 +151,9 @@ def step_cost(client: Client, sessions: int, steps: int, r: redis.Redis | None) 
     per_step = [max(0.0, x1 - x0 - bg * wall) / n for x0, x1, bg in zip(before, after, rate, strict=True)]
     for t in threads:
         t.join()
-    a = np.asarray(samples) * 1e3
     return {
         "sessions": sessions,
-        "p50_ms": float(np.percentile(a, 50)),
-        "p99_ms": float(np.percentile(a, 99)),
+        **cli.percentiles(samples),
         "steps_per_s": len(samples) / wall,
         "redis_commands_per_step": per_step[0],
         "redis_scripts_per_step": per_step[1],
