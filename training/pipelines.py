@@ -24,20 +24,16 @@ def name_version(out: Path) -> tuple[str, int]:
     return (out.parent.name, int(out.name)) if out.name.isdigit() else (out.name, 1)
 
 
-def write_derived_report(src: Path, out: Path, fields: dict[str, Any]) -> None:
+def write_derived_report(src: Path, out: Path, fields: dict[str, Any], parent_command_key: str) -> None:
     """metrics.json of a model derived from ``src`` without training (recalibrated, quantized): ``src``'s training
-    report with ``fields`` on top, and its training curve copied beside it."""
+    report with ``fields`` on top, ``src``'s own training command under ``parent_command_key``, and its training
+    curve copied beside it."""
     old = src / "metrics.json"
     report: dict[str, Any] = json.loads(old.read_text(encoding="utf-8")) if old.exists() else {}
-    (out / "metrics.json").write_text(json.dumps(report | fields, indent=2) + "\n", encoding="utf-8")
+    report |= {parent_command_key: report.get("command")} | fields
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if (src / "training_curve.png").exists():
         shutil.copyfile(src / "training_curve.png", out / "training_curve.png")
-
-
-def parent_command(src: Path) -> str | None:
-    """The training command recorded in ``src``'s metrics.json, if any."""
-    old = src / "metrics.json"
-    return json.loads(old.read_text(encoding="utf-8")).get("command") if old.exists() else None
 
 
 @dataclass

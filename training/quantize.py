@@ -38,7 +38,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, M
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
-from training.pipelines import name_version, parent_command, write_derived_report
+from training.pipelines import name_version, write_derived_report
 
 OPS = ["LSTM", "MatMul", "Gemm", "Gather"]
 QUANTIZED_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear"}
@@ -190,7 +190,7 @@ def _quantize(
     new_training = {**new.training, "quantization": record}
     card = _card(m, tolerance)
     new.model_copy(update={"metrics": metrics, "card": card, "training": new_training}).dump(out / MANIFEST_FILE)
-    _report(src, out, command, evaluate, ev, ev_parent, record)
+    _report(src, out, f"{name}/{version}", command, evaluate, ev, ev_parent, record)
     return record
 
 
@@ -214,6 +214,7 @@ def _card(m: Manifest, tolerance: float) -> ModelCard:
 def _report(
     src: Path,
     out: Path,
+    model: str,
     command: str,
     evaluate: str,
     ev: dict[str, float],
@@ -222,15 +223,13 @@ def _report(
 ) -> None:
     """metrics.json: the parent's training report (its curve copied beside it) plus the quantization and both
     models' ONNX metrics."""
-    name, version = name_version(out)
     fields = {
-        "model": f"{name}/{version}",
+        "model": model,
         "command": command,
         "parent": str(src),
-        "parent_command": parent_command(src),
         "evaluate_command": evaluate,
         "onnx_metrics": ev,
         "parent_onnx_metrics": ev_parent,
         "quantization": record,
     }
-    write_derived_report(src, out, fields)
+    write_derived_report(src, out, fields, "parent_command")

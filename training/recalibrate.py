@@ -20,7 +20,7 @@ from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, forecast_windows, open_model
 from training.forecasting import calibrate, forecast_metrics
-from training.pipelines import name_version, parent_command, write_derived_report
+from training.pipelines import name_version, write_derived_report
 from training.scale import add_scale_output
 from training.series import series_for, windows
 
@@ -77,7 +77,6 @@ def _report(src: Path, out: Path, data: Path, command: str, ev: dict[str, float]
         "evaluate_command": f"seqserve-train evaluate --model {out} --data {data}",
         "onnx_metrics": ev,
         "point_model": str(src),
-        "point_model_command": parent_command(src),
         "intervals": info,
     }
-    write_derived_report(src, out, fields)
+    write_derived_report(src, out, fields, "point_model_command")

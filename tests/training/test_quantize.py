@@ -84,6 +84,8 @@ def test_quantize_a_char_lm_into_a_served_int8_model(
     assert q["batch_dependence"]["logits"] > 1e-4 and q["batch_dependence_parent"]["logits"] < 1e-5
     report = json.loads((v2 / "metrics.json").read_text())
     assert report["parent"] == str(v1) and report["onnx_metrics"]["val_loss_nats_per_char"] == metric.value
+    parent_report = json.loads((v1 / "metrics.json").read_text())
+    assert report["parent_command"] == parent_report["command"] and report["command"].startswith("seqserve-train q")
 
     # Close to the float32 graph, not equal to it.
     ids = np.random.default_rng(0).integers(0, len(parent.tokenizer.vocab), (3, 12)).astype(np.int64)  # type: ignore[union-attr]

@@ -55,6 +55,8 @@ def test_calibrate_a_trained_forecaster_into_a_new_version(
     assert m.forecast.quantile_offsets != first.forecast.quantile_offsets
     report = json.loads((v2 / "metrics.json").read_text())
     assert report["point_model"] == str(v1) and report["evaluate_command"].endswith(f"--data {tiny_csv}")
+    trained = json.loads((v1 / "metrics.json").read_text())
+    assert report["point_model_command"] == trained["command"] and report["command"] == m.training["command"]
     assert (v2 / "training_curve.png").read_bytes() == files["training_curve.png"]
 
     x = np.random.default_rng(0).standard_normal((5, 24, 3)).astype(np.float32)
