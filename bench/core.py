@@ -26,8 +26,6 @@ from service.core.types import ModelRef
 from service.metrics import Metrics
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def request(model: str, sequence: int, start: bool) -> bytes:
     r = pb.ModelInferRequest(model_name=model, id=str(sequence))
@@ -83,9 +81,13 @@ def _infer_ns(dp: CoreDataPlane, model: str) -> tuple[int, int, int]:
     return ns, rows, runs
 
 
+def char_models(models: Path) -> list[str]:
+    """The float32 char LM and, when committed, its int8 copy."""
+    return [n for n in ("charlm", "charlm-int8") if (models / n).is_dir()]
+
+
 def run(models: Path, steps: int = 4000, concurrency: tuple[int, ...] = (1, 16)) -> list[dict[str, Any]]:
-    names = [n for n in ("charlm", "charlm-int8") if (models / n).is_dir()]
-    return [asyncio.run(measure(models, n, c, steps)) for n in names for c in concurrency]
+    return [asyncio.run(measure(models, n, c, steps)) for n in char_models(models) for c in concurrency]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -1,5 +1,5 @@
 """A real ``seqserve serve`` subprocess on free loopback ports, with extra ``SEQSERVE_*`` settings, for the
-benchmarks that need their own server (``bench.sessions``, ``bench.hostile``)."""
+benchmarks that need their own server; any process that writes a ready file (``process``: the floor server)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.cli import ROOT
 
 
 @dataclass(frozen=True)
@@ -29,31 +29,46 @@ class Served:
 
 
 @contextmanager
-def serve(models: Path, env: dict[str, str] | None = None) -> Iterator[Served]:
-    """The server runs with the caller's environment minus its SEQSERVE_* variables, plus ``env``."""
+def process(cmd: list[str], ready: Path, env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, Any], int]]:
+    """Runs ``cmd`` until its ready file appears; yields (ready JSON, pid); SIGTERM and wait on exit. Its output goes
+    to ``ready`` with the suffix ``.log``, whose end a failed start shows."""
+    log = ready.with_suffix(".log")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                info: dict[str, Any] = json.loads(ready.read_text())
+                break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield info, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def serve(models: Path, env: dict[str, str] | None = None, workers: int | None = None) -> Iterator[Served]:
+    """The server runs with the caller's environment minus its SEQSERVE_* variables, plus ``env``; ``workers``
+    None = its default worker count."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | (env or {})
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready.json"
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0"]
         cmd += ["--models", str(models), "--device", "cpu", "--ready-file", str(ready)]
-        log = Path(tmp) / "server.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=environ)
-        try:
-            deadline = time.monotonic() + 120
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"bench: server did not start:\n{log.read_text()[-2000:]}")
-                time.sleep(0.1)
-            ports = json.loads(ready.read_text())
-            yield Served(f"127.0.0.1:{ports['grpc_port']}", proc.pid, int(ports["metrics_port"]))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
+        with process(cmd, ready, environ) as (ports, pid):
+            yield Served(f"127.0.0.1:{ports['grpc_port']}", pid, int(ports["metrics_port"]))
 
 
 def rss_mib(pid: int) -> float:

@@ -29,7 +29,6 @@ from bench.launch import metric_families, serve
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 BOUNDED_QUEUE = 32
 CHANNELS = 4
 

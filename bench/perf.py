@@ -9,20 +9,14 @@ For each server and workload it prints throughput, client p50/p99, seqserve/floo
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bench import cli, pa
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.launch import process, serve
 
 
 def _children(pid: int) -> list[int]:
@@ -37,45 +31,6 @@ def _children(pid: int) -> list[int]:
         out += [int(k) for k in kids]
         todo += [int(k) for k in kids]
     return out
-
-
-@contextmanager
-def process(cmd: list[str], ready: Path, env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, Any], int]]:
-    """Runs ``cmd`` until its ready file appears; yields (ready JSON, pid); SIGTERM and wait on exit."""
-    log = ready.with_suffix(".log")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                info: dict[str, Any] = json.loads(ready.read_text())
-                break
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield info, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def seqserve(
-    models: Path, folder: Path, workers: int | None, port: int = 0, extra: dict[str, str] | None = None
-) -> Any:
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0"]
-    cmd += ["--models", str(models), "--device", "cpu", "--ready-file", str(folder / f"seqserve-{workers}.json")]
-    if workers is not None:
-        cmd += ["--workers", str(workers)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | {"SEQSERVE_LOG_LEVEL": "WARNING"}
-    env |= extra or {}
-    return process(cmd, folder / f"seqserve-{workers}.json", env)
 
 
 def floor(canned: Path, folder: Path) -> Any:
@@ -145,8 +100,8 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for w in workers:
-            with seqserve(models, folder, w, extra=extra) as (info, pid):
-                target = f"127.0.0.1:{info['grpc_port']}"
+            with serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | (extra or {}), w) as server:
+                target, pid = server.target, server.pid
                 if not (folder / "canned").exists():
                     from bench.floor import record
 

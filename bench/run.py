@@ -42,7 +42,6 @@ from bench.launch import serve
 from bench.stores import print_stores, run_stores
 from service.client import Client, SuggestEvent
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
@@ -164,7 +163,7 @@ def bench_memory(client: Client, pid: int, sessions: int) -> dict[str, Any]:
 
 
 def etth1_rows(n: int) -> np.ndarray:
-    path = ROOT.parent / "shared" / "data" / "etth1" / "ETTh1.csv"
+    path = cli.ROOT.parent / "shared" / "data" / "etth1" / "ETTh1.csv"
     if path.exists():
         return np.loadtxt(path, delimiter=",", skiprows=1, usecols=range(1, 8), max_rows=n, dtype=np.float32)
     return np.random.default_rng(0).normal(size=(n, 7)).astype(np.float32)
@@ -185,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with serve(args.models) as server, Client(server.target, timeout=120) as client:
         pid = server.pid
-        # The float32 char LM and, when committed, its int8 copy.
-        names = [n for n in ("charlm", "charlm-int8") if (args.models / n).is_dir()]
+        names = core.char_models(args.models)
         results["keystroke"] = [row for n in names for row in bench_keystroke(client, prefixes, repeats, n)]
         results["streams"] = bench_streams(client, [1, 4] if args.quick else [1, 4, 16], 50 if args.quick else 200)
         texts = ["a gripping , beautifully acted film", "dull and far too long"] * 8

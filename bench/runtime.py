@@ -25,8 +25,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.core.runtime import CPU, Runtime
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TEXT = cli.ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SHAPES: dict[str, list[tuple[int, int]]] = {  # task -> (batch, time) per case
     "charlm": [(1, 1), (16, 1), (1, 1024)],
     "sentiment": [(1, 20), (16, 20)],

@@ -13,10 +13,8 @@ These are the inputs of docs/capacity.md.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,9 +26,9 @@ from typing import Any
 import redis
 
 from bench import cli
+from bench.launch import serve
 from service.client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, " * 40
 STORES = [("memory", {}), ("redis step", {"SEQSERVE_SESSION_DURABILITY": "step"}),
           ("redis idle", {"SEQSERVE_SESSION_DURABILITY": "idle"})]  # fmt: skip
@@ -64,27 +62,6 @@ def redis_server() -> Iterator[redis.Redis]:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-
-
-@contextmanager
-def server(models: Path, env: dict[str, str]) -> Iterator[str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready.json"
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | env
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0"]
-        cmd += ["--models", str(models), "--device", "cpu", "--ready-file", str(ready)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 120
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise SystemExit(f"bench.stores: server did not start:\n{err[-2000:]}")
-                time.sleep(0.05)
-            yield f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
 
 
 def _typist(client: Client, steps: int, out: list[float], start: threading.Barrier, end: threading.Barrier) -> None:
@@ -198,7 +175,7 @@ def run_stores(models: Path, steps: int = 200, quick: bool = False) -> dict[str,
             # A generous store timeout: 64 clients, the server and Redis share the bench machine's cores.
             redis_env = {"SEQSERVE_SESSION_STORE": url, "SEQSERVE_SESSION_STORE_TIMEOUT_SECONDS": "10"}
             env = {**env, **redis_env} if name != "memory" else {}
-            with server(models, env) as target, Client(target, timeout=600) as client:
+            with serve(models, env) as server, Client(server.target, timeout=600) as client:
                 for c in concurrency:
                     out["rows"].append({"store": name, **step_cost(client, c, steps, r if name != "memory" else None)})
                 if name == "redis step":
