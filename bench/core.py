@@ -22,13 +22,14 @@ from bench import cli
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.kserve.servicer import KServeServicer
 from service.core.dataplane import CoreDataPlane
+from service.core.manifest import MANIFEST_FILE
 from service.core.types import ModelRef
 from service.metrics import Metrics
 from service.settings import Settings
 
 
-def request(model: str, sequence: int, start: bool) -> bytes:
-    r = pb.ModelInferRequest(model_name=model, id=str(sequence))
+def request(model: str, sequence: int, start: bool, version: int | None = None) -> bytes:
+    r = pb.ModelInferRequest(model_name=model, model_version="" if version is None else str(version), id=str(sequence))
     r.parameters["sequence_id"].int64_param = sequence
     if start:
         r.parameters["sequence_start"].bool_param = True
@@ -37,7 +38,7 @@ def request(model: str, sequence: int, start: bool) -> bytes:
     return r.SerializeToString()
 
 
-async def measure(models: Path, model: str, concurrency: int, steps: int) -> dict[str, Any]:
+async def measure(models: Path, ref: ModelRef, concurrency: int, steps: int) -> dict[str, Any]:
     settings = Settings(models=models, device="cpu", log_level="WARNING")
     dp = CoreDataPlane(settings, Metrics(runtime_collectors=False))
     await dp.start()
@@ -46,21 +47,21 @@ async def measure(models: Path, model: str, concurrency: int, steps: int) -> dic
         per = max(1, steps // concurrency)
 
         async def sequence(i: int, n: int) -> None:
-            first, later = request(model, i + 1, True), request(model, i + 1, False)
+            first, later = request(ref.name, i + 1, True, ref.version), request(ref.name, i + 1, False, ref.version)
             servicer_infer = servicer._infer  # the servicer's whole per-request path, transport excluded
             (await servicer_infer(pb.ModelInferRequest.FromString(first))).SerializeToString()
             for _ in range(n):
                 (await servicer_infer(pb.ModelInferRequest.FromString(later))).SerializeToString()
 
         await asyncio.gather(*(sequence(i, per // 10) for i in range(concurrency)))  # warm-up
-        before = _infer_ns(dp, model)
+        before = _infer_ns(dp, ref)
         wall, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(sequence(i, per) for i in range(concurrency)))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        after = _infer_ns(dp, model)
+        after = _infer_ns(dp, ref)
         n = concurrency * (per + 1)
         return {
-            "model": model, "concurrency": concurrency, "steps": n, "steps_per_s": n / wall,
+            "model": f"{ref.name}/{ref.version}", "concurrency": concurrency, "steps": n, "steps_per_s": n / wall,
             "cpu_us_per_step": cpu / n * 1e6, "ort_us_per_step": (after[0] - before[0]) / n / 1e3,
             "mean_batch_rows": (after[1] - before[1]) / max(after[2] - before[2], 1),
         }  # fmt: skip
@@ -68,10 +69,10 @@ async def measure(models: Path, model: str, concurrency: int, steps: int) -> dic
         await dp.stop()
 
 
-def _infer_ns(dp: CoreDataPlane, model: str) -> tuple[int, int, int]:
-    """ORT nanoseconds, rows and runs so far, over the model's versions (batch statistics)."""
+def _infer_ns(dp: CoreDataPlane, ref: ModelRef) -> tuple[int, int, int]:
+    """ORT nanoseconds, rows and runs so far of one model version (batch statistics)."""
     ns = rows = runs = 0
-    for s in dp.statistics(ModelRef(model)):
+    for s in dp.statistics(ref):
         for b in s.batches:
             ns, rows, runs = (
                 ns + b.compute_infer.ns,
@@ -81,13 +82,18 @@ def _infer_ns(dp: CoreDataPlane, model: str) -> tuple[int, int, int]:
     return ns, rows, runs
 
 
-def char_models(models: Path) -> list[str]:
-    """The float32 char LM and, when committed, its int8 copy."""
-    return [n for n in ("charlm", "charlm-int8") if (models / n).is_dir()]
+def char_models(models: Path) -> list[ModelRef]:
+    """Every committed version of the float32 char LM and of its int8 copies (``charlm-int8/1``: dynamic
+    quantization; ``/2``: static, batch-invariant)."""
+    refs = []
+    for name in ("charlm", "charlm-int8"):
+        versions = sorted(int(p.parent.name) for p in (models / name).glob(f"*/{MANIFEST_FILE}"))
+        refs += [ModelRef(name, v) for v in versions]
+    return refs
 
 
 def run(models: Path, steps: int = 4000, concurrency: tuple[int, ...] = (1, 16)) -> list[dict[str, Any]]:
-    return [asyncio.run(measure(models, n, c, steps)) for n in char_models(models) for c in concurrency]
+    return [asyncio.run(measure(models, ref, c, steps)) for ref in char_models(models) for c in concurrency]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

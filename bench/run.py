@@ -7,7 +7,7 @@ What it measures, and why:
 - ``keystroke``: one typed character through a session (``Suggest`` on an open stream, n=1, 1 char of
   lookahead) at growing prefix lengths. A stateful session costs O(appended); the stateless alternative, what a
   server without sequence state must do (the same stream, but reset and re-fed the whole prefix each time),
-  costs O(prefix). For ``charlm`` and its int8 copy ``charlm-int8``.
+  costs O(prefix). For every version of ``charlm`` and of its int8 copy ``charlm-int8``.
 - ``core``: the per-step CPU of the core alone, without gRPC (``bench/core.py``): what the transport adds is
   the rest of perf_analyzer's server CPU per request.
 - ``runtime``: one ONNX Runtime run of each int8 model against its float32 parent, and what batching does to the
@@ -41,6 +41,7 @@ from bench import cli, core, runtime
 from bench.launch import serve
 from bench.stores import print_stores, run_stores
 from service.client import Client, SuggestEvent
+from service.core.types import ModelRef
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -90,11 +91,11 @@ class TypingStream:
         self._send(None)
 
 
-def bench_keystroke(client: Client, prefixes: list[int], repeats: int, model: str = "charlm") -> list[dict[str, Any]]:
+def bench_keystroke(client: Client, prefixes: list[int], repeats: int, model: ModelRef) -> list[dict[str, Any]]:
     rows = []
     for n in prefixes:
         prefix = TEXT[:n]
-        with client.session(model) as s:
+        with client.session(model.name, model.version) as s:
             typing = TypingStream(client, s.id)
             typing.step(prefix)  # the session now holds the prefix's state
             stateful = timed(lambda t=typing: t.step("e"), repeats)  # type: ignore[misc]
@@ -184,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with serve(args.models) as server, Client(server.target, timeout=120) as client:
         pid = server.pid
-        names = core.char_models(args.models)
-        results["keystroke"] = [row for n in names for row in bench_keystroke(client, prefixes, repeats, n)]
+        refs = core.char_models(args.models)
+        results["keystroke"] = [row for r in refs for row in bench_keystroke(client, prefixes, repeats, r)]
         results["streams"] = bench_streams(client, [1, 4] if args.quick else [1, 4, 16], 50 if args.quick else 200)
         texts = ["a gripping , beautifully acted film", "dull and far too long"] * 8
         results["classify"] = {

@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--data", type=Path, required=True, help="its evaluation data (as for evaluate)")
     qu.add_argument("--out", type=Path, required=True, help="models/NAME-int8/1 (a name of its own, not NAME)")
     qu.add_argument(
+        "--method",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="dynamic: ONNX Runtime's (activations scaled per run, batch-dependent); static: LSTM char LMs only, "
+        "fixed activation scales, answers independent of batching",
+    )
+    qu.add_argument(
         "--tolerance",
         type=float,
         default=0.005,
@@ -195,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quantize":
             from training.quantize import quantize
 
-            record = quantize(args.model, args.data, args.out, shlex.join(["seqserve-train", *argv]), args.tolerance)
+            command = shlex.join(["seqserve-train", *argv])
+            record = quantize(args.model, args.data, args.out, command, args.tolerance, args.method)
             h, size = record["headline"], record["bytes"]
             print(f"{args.out}: {h['metric']} {h['quantized']:.4f} (parent {h['parent']:.4f}); "
                   f"{size['parent']:,} -> {size['quantized']:,} bytes; {record['nodes']}")  # fmt: skip

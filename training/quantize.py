@@ -14,6 +14,12 @@ batch and records it (``training.quantization.batch_dependence``). Because servi
 the copy is published under its own name (``models/charlm-int8/1``), never as a newer version of the float32
 model: a client chooses the faster, batch-dependent model by name, and nobody's default changes under them.
 
+``--method static`` (char LMs with LSTM cells; ``training/int8_lstm.py``) removes that price: it rebuilds the graph
+so that every int8 product reads a tanh-bounded hidden state with one fixed scale, and the embedding and first input
+projection become one float32 table. Nothing is scaled per run, so a row's outputs are bit-identical alone or
+batched, step by step or as one sequence (``batch_dependence`` and ``sequence_dependence`` record 0). Its copy is
+still published under its own name: its answers are within ``--tolerance`` of the parent's, not equal to them.
+
 Release rule, fixed before any quantized model was evaluated: the copy's headline metric, recomputed from
 its ONNX by ``evaluate`` on the same split, may be worse than its parent's by at most ``--tolerance`` (0.005:
 nats/char for the char LM, accuracy for sentiment); otherwise nothing is written and the command fails. Other
@@ -38,10 +44,16 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, M
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
+from training.int8_lstm import StructureError, build, check_structure
 from training.pipelines import name_version, write_derived_report
 
 OPS = ["LSTM", "MatMul", "Gemm", "Gather"]
-QUANTIZED_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear"}
+QUANTIZED_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear", "QuantizeLinear"}
+METHODS = {
+    "dynamic": "onnxruntime dynamic quantization: int8 weights (per tensor, reduce_range), activations per run",
+    "static": "int8 hidden-state products with a fixed activation scale (h in [-1, 1]), int8 weights per column "
+    "(7-bit), int32 sums; embedding and first input projection folded into one float32 table; float32 cell and head",
+}
 TOLERANCE = 0.005
 # Per task, the manifest metrics the copy reports and the ``evaluate`` key each is recomputed from, with whether
 # higher is better; the first that the parent reports decides the release. (A parent's metric that ``evaluate``
@@ -54,11 +66,18 @@ RECOMPUTED: dict[str, dict[str, tuple[str, bool]]] = {
 
 
 def quantized_nodes(path: Path) -> dict[str, int]:
-    """How many nodes of each integer op type the graph at ``path`` holds."""
+    """How many nodes of each integer op type the graph at ``path`` holds, subgraphs included."""
     counts: dict[str, int] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        if node.op_type in QUANTIZED_OPS:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type in QUANTIZED_OPS:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for a in node.attribute:  # a Scan's or Loop's body
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(onnx.load(str(path), load_external_data=False).graph)
     return counts
 
 
@@ -90,9 +109,32 @@ def batch_dependence(m: Manifest, model: Path, rows: int = 16, steps: int = 24) 
     return out
 
 
-def quantize(src: Path, data: Path, out: Path, command: str, tolerance: float = TOLERANCE) -> dict[str, Any]:
+def sequence_dependence(m: Manifest, model: Path, rows: int = 4, steps: int = 24) -> dict[str, float]:
+    """Per output of a char LM, the largest change when ``steps`` characters run one at a time (state carried, as a
+    typing session feeds them) instead of as one sequence: 0 or float rounding for a float32 graph."""
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    vocab = len(m.tokenizer.vocab) if m.tokenizer is not None else 2
+    ids = np.random.default_rng(1).integers(0, vocab, (rows, steps)).astype(np.int64)
+    names = [o.name for o in sess.get_outputs()]
+    state_of = {s.output: s.input for s in m.states}
+    state = zero_states(m.states, {"batch": rows})
+    whole = dict(zip(names, sess.run(names, {"input_ids": ids, **state}), strict=True))
+    logits = []
+    for t in range(steps):
+        step = dict(zip(names, sess.run(names, {"input_ids": ids[:, t : t + 1], **state}), strict=True))
+        logits.append(step["logits"])
+        state = {state_of[n]: step[n] for n in state_of}
+    out = {"logits": float(np.abs(np.concatenate(logits, axis=1) - whole["logits"]).max())}
+    return out | {n: float(np.abs(state[state_of[n]] - whole[n]).max()) for n in state_of}
+
+
+def quantize(
+    src: Path, data: Path, out: Path, command: str, tolerance: float = TOLERANCE, method: str = "dynamic"
+) -> dict[str, Any]:
     """``src`` (models/NAME/N) -> ``out`` (models/NAME-int8/1) with int8 weights; returns the quantization record.
     Raises ``DataError`` (and leaves no ``out``) when the model cannot be quantized or misses the release rule."""
+    if method not in METHODS:
+        raise DataError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if not (src / MANIFEST_FILE).exists():
         raise DataError(f"{src / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
     if out.resolve() == src.resolve():
@@ -101,9 +143,14 @@ def quantize(src: Path, data: Path, out: Path, command: str, tolerance: float = 
         raise DataError(f"{out}: already exists and is not empty; pick a new folder (models/NAME-int8/1)")
     m = Manifest.load(src / MANIFEST_FILE)
     if name_version(out)[0] == m.name:
+        why = (
+            "its outputs depend on batching"
+            if method == "dynamic"
+            else "its answers are close to the float32 model's, not equal"
+        )
         raise DataError(
             f"{out}: publish the int8 copy under its own name (e.g. models/{m.name}-int8/1), not as a version of "
-            f"{m.name}: its outputs depend on batching, so it must not become {m.name}'s default"
+            f"{m.name}: {why}, so it must not become {m.name}'s default"
         )
     wanted = RECOMPUTED.get(m.task)
     if wanted is None:
@@ -112,13 +159,18 @@ def quantize(src: Path, data: Path, out: Path, command: str, tolerance: float = 
         )
     if m.training.get("quantized_from"):
         raise DataError(f"{src}: already quantized (from {m.training['quantized_from']}); quantize its parent")
+    if method == "static" and (m.task != "charlm" or m.architecture.cell != "lstm" or m.architecture.directions != 1):
+        raise DataError(
+            f"{src}: --method static rebuilds unidirectional LSTM char LMs; this one is a {m.task} with "
+            f"{m.architecture.directions} x {m.architecture.cell} (use --method dynamic)"
+        )
     headline = next((x for x in m.metrics if x.name in wanted), None)
     if headline is None:
         raise DataError(f"{src}: its manifest reports none of {', '.join(wanted)}; nothing to hold the copy to")
     name, version = name_version(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _quantize(src, m, data, out, name, version, command, tolerance, wanted, headline)
+        return _quantize(src, m, data, out, name, version, command, tolerance, wanted, headline, method)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -135,23 +187,16 @@ def _quantize(
     tolerance: float,
     wanted: dict[str, tuple[str, bool]],
     headline: Metric,
+    method: str,
 ) -> dict[str, Any]:
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice to pre-process the graph, meant for CNNs
-    try:
-        quantize_dynamic(
-            src / MODEL_FILE, out / MODEL_FILE, weight_type=QuantType.QInt8, op_types_to_quantize=OPS,
-            reduce_range=True,
-        )  # fmt: skip
-    finally:
-        root.setLevel(level)
+    structure_gap = _write_int8(src / MODEL_FILE, out / MODEL_FILE, method)
     nodes = quantized_nodes(out / MODEL_FILE)
     if not nodes:
         raise DataError(f"{src}: the graph has no {', '.join(OPS)} node to quantize")
     parent = f"{m.name}/{m.version}"
     record: dict[str, Any] = {
-        "method": "onnxruntime dynamic quantization: int8 weights (per tensor, reduce_range), activations per run",
-        "ops": OPS,
+        "method": METHODS[method],
+        "ops": OPS if method == "dynamic" else ["LSTM (rebuilt as Scan + MatMulInteger)", "Gather"],
         "nodes": nodes,
         "onnxruntime": ort.__version__,
         "bytes": {"parent": (src / MODEL_FILE).stat().st_size, "quantized": (out / MODEL_FILE).stat().st_size},
@@ -159,10 +204,15 @@ def _quantize(
         "batch_dependence": batch_dependence(m, out / MODEL_FILE),
         "batch_dependence_parent": batch_dependence(m, src / MODEL_FILE),
     }
+    if m.task == "charlm":  # a typing session feeds characters one by one; a prompt arrives whole
+        record["sequence_dependence"] = sequence_dependence(m, out / MODEL_FILE)
+        record["sequence_dependence_parent"] = sequence_dependence(m, src / MODEL_FILE)
+    if structure_gap is not None:
+        record["structure_gap"] = structure_gap  # the float32 rebuild against the parent (check_structure)
     new = m.model_copy(
         update={
             "name": name, "version": version, "metrics": [], "card": None,
-            "description": m.description.rstrip(".") + f"; int8 weights (dynamic quantization of {parent}).",
+            "description": m.description.rstrip(".") + f"; int8 weights ({method} quantization of {parent}).",
             "training": {**m.training, "command": command, "quantized_from": parent,
                          "parent_command": m.training.get("command"), "quantization": record},
             "sha256": sha256_file(out / MODEL_FILE),
@@ -188,13 +238,13 @@ def _quantize(
         for metric, (key, higher) in wanted.items()
     ]
     new_training = {**new.training, "quantization": record}
-    card = _card(m, tolerance)
+    card = _card(m, tolerance, method)
     new.model_copy(update={"metrics": metrics, "card": card, "training": new_training}).dump(out / MANIFEST_FILE)
     _report(src, out, f"{name}/{version}", command, evaluate, ev, ev_parent, record)
     return record
 
 
-def _card(m: Manifest, tolerance: float) -> ModelCard:
+def _card(m: Manifest, tolerance: float, method: str) -> ModelCard:
     """The parent's card plus what quantization changes."""
     card = m.card or card_for(m.name, m.task, m.version)
     parent = f"{m.name}/{m.version}"
@@ -202,13 +252,44 @@ def _card(m: Manifest, tolerance: float) -> ModelCard:
         *card.limits,
         f"int8 weights quantized from {parent} (same training, same contract): its metrics are within "
         f"{tolerance} of the parent's, not identical.",
-        "Activations are quantized per ONNX Runtime run, over the whole batch: a request's outputs move slightly "
-        f"with the requests that share its run (see training.quantization.batch_dependence). Use {m.name} for "
-        "batch-invariant results.",
-        f"ONNX Runtime's CUDA provider has no quantized LSTM kernel: on a GPU these nodes run on the CPU; use "
-        f"{m.name} there.",
     ]
+    if method == "dynamic":
+        limits += [
+            "Activations are quantized per ONNX Runtime run, over the whole batch: a request's outputs move slightly "
+            f"with the requests that share its run (see training.quantization.batch_dependence). Use {m.name} for "
+            "batch-invariant results.",
+            f"ONNX Runtime's CUDA provider has no quantized LSTM kernel: on a GPU these nodes run on the CPU; use "
+            f"{m.name} there.",
+        ]
+    else:
+        limits += [
+            "Batch-invariant: a request's outputs are bit-identical alone or batched, fed one character at a time or "
+            "as one sequence (training.quantization.batch_dependence and sequence_dependence are 0).",
+            "A long prompt is read by a Scan over time, about as fast as the float32 LSTM; built for CPU serving "
+            f"(not measured on a GPU: use {m.name} there).",
+        ]
     return card.model_copy(update={"limits": limits})
+
+
+def _write_int8(src: Path, dst: Path, method: str) -> float | None:
+    """Writes the int8 graph of ``src`` to ``dst``; for ``static`` returns the float32 rebuild's gap to the parent."""
+    if method == "static":
+        parent = onnx.load(str(src))
+        try:
+            gap = check_structure(parent)
+            onnx.save(build(parent), str(dst))
+        except StructureError as exc:
+            raise DataError(f"{src}: --method static cannot rebuild this graph: {exc}") from None
+        return gap
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice to pre-process the graph, meant for CNNs
+    try:
+        quantize_dynamic(
+            src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=OPS, reduce_range=True,
+        )  # fmt: skip
+    finally:
+        root.setLevel(level)
+    return None
 
 
 def _report(

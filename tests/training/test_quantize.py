@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.client import Client
+from service.client import Client, SuggestEvent
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from tests.conftest import ServerHandle
@@ -138,3 +138,93 @@ def test_quantize_refuses_what_it_cannot_release(
     fails(
         ["--model", str(out), "--data", str(text), "--out", str(tmp_path / "lm-int8-int8" / "1")], "already quantized"
     )
+
+
+def feed(sess: ort.InferenceSession, ids: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {"input_ids": ids, **state}), strict=True))
+
+
+@pytest.mark.slow
+def test_static_quantization_answers_the_same_alone_batched_and_step_by_step(
+    trained: tuple[Path, Path],
+    tmp_path: Path,
+    start_server: Callable[..., ServerHandle],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    v1, text = tmp_path / "models" / "lm" / "1", trained[1]
+    shutil.copytree(trained[0], v1)
+    v2 = v1.parent.parent / "lm-int8" / "1"
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(v1), "--data", str(text), "--out", str(v2), "--method", "static"]) == 0
+    assert f"{v2}: val_loss_nats_per_char" in capsys.readouterr().out
+    parent, m = Manifest.load(v1 / MANIFEST_FILE), Manifest.load(v2 / MANIFEST_FILE)
+    assert all(getattr(m, k) == getattr(parent, k) for k in ("inputs", "outputs", "states", "tokenizer"))
+    q = m.training["quantization"]
+    assert q["method"].startswith("int8 hidden-state products") and "static quantization of lm/1" in m.description
+    # Layer 1's input product and both layers' recurrent products (inside the Scan bodies) are integer.
+    assert q["nodes"] == quantized_nodes(v2 / MODEL_FILE) == {"QuantizeLinear": 3, "MatMulInteger": 3}
+    assert q["structure_gap"] < 1e-4  # the float32 rebuild matched the parent before anything was quantized
+    assert set(q["batch_dependence"].values()) == {0.0} and set(q["sequence_dependence"].values()) == {0.0}
+    assert m.card is not None and any(limit.startswith("Batch-invariant") for limit in m.card.limits)
+    (metric,) = m.metrics
+    assert abs(metric.value - parent.metrics[0].value) <= 0.005
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(v2), "--data", str(text)]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss_nats_per_char"] == pytest.approx(metric.value, abs=1e-6)
+
+    # Checked here too, on other inputs: bit-identical alone or batched, one character at a time or all at once.
+    sess = ort.InferenceSession(str(v2 / MODEL_FILE), providers=["CPUExecutionProvider"])
+    vocab = len(parent.tokenizer.vocab)  # type: ignore[union-attr]
+    ids = np.random.default_rng(7).integers(0, vocab, (3, 10)).astype(np.int64)
+    batched = feed(sess, ids, zero_states(m.states, {"batch": 3}))
+    for row in range(3):
+        alone = feed(sess, ids[row : row + 1], zero_states(m.states, {"batch": 1}))
+        assert np.array_equal(alone["logits"], batched["logits"][row : row + 1])
+        assert np.array_equal(alone["hn"], batched["hn"][:, row : row + 1])
+    state = zero_states(m.states, {"batch": 3})
+    for t in range(10):
+        step = feed(sess, ids[:, t : t + 1], state)
+        assert np.array_equal(step["logits"][:, 0], batched["logits"][:, t])
+        state = {"h0": step["hn"], "c0": step["cn"]}
+    assert np.array_equal(state["h0"], batched["hn"]) and np.array_equal(state["c0"], batched["cn"])
+    (l1, h1, _), (l2, h2, _) = run(v1, ids), run(v2, ids)
+    assert not np.array_equal(l1, l2)  # int8: close to the float32 parent, not equal to it
+    np.testing.assert_allclose(l2, l1, atol=0.05 * np.abs(l1).max())
+    np.testing.assert_allclose(h2, h1, atol=0.05)
+
+    # Served: a session typed one character at a time ends exactly where a session given the whole text does.
+    handle = start_server(models=v1.parent.parent)
+    with (
+        Client(handle.target, timeout=60.0) as client,
+        client.session("lm-int8") as typed,
+        client.session("lm-int8") as whole,
+    ):
+        answers = list(client.suggest(typed.id, [SuggestEvent(c, n=3, max_chars=4) for c in "ROMEO:"]))
+        at_once = client.suggest_once(whole.id, "ROMEO:", n=3, max_chars=4)
+        last = answers[-1]
+        assert last.steps == at_once.steps == 6
+        assert [s.logprob for s in last.suggestions] == [s.logprob for s in at_once.suggestions]
+        assert [s.text for s in last.suggestions] == [s.text for s in at_once.suggestions]
+
+
+@pytest.mark.slow
+def test_static_quantization_refuses_what_it_cannot_rebuild(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = trained[1]
+    gru = tmp_path / "gru" / "1"
+    args = ["charlm", "--data", str(text), "--out", str(gru), "--run-dir", str(tmp_path / "run"), *FAST]
+    assert main([*args, "--cell", "gru", "--hidden", "16", "--layers", "1", "--embedding", "8", "--epochs", "1"]) == 0
+    out = tmp_path / "gru-int8" / "1"
+    for model, what in ((gru, "charlm with 1 x gru"), (ROOT / "models" / "sentiment" / "1", "sentiment with 2 x lstm")):
+        capsys.readouterr()
+        args = ["quantize", "--model", str(model), "--data", str(text), "--out", str(out), "--method", "static"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "--method static rebuilds unidirectional LSTM char LMs" in err and what in err
+        assert not out.exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["quantize", "--model", str(trained[0]), "--data", str(text), "--out", str(out), "--method", "x"])
+    assert exited.value.code == 2 and "invalid choice: 'x'" in capsys.readouterr().err
