@@ -68,6 +68,7 @@ class StepInput:
     key: Hashable = None
     pad: dict[str, int | float] = field(default_factory=dict)
     admitted: bool = False  # a later step of an admitted stream: never refused for a full queue
+    derive: bool = False  # wants the batcher's derived outputs (``Batcher.derive``); a batch computes them only then
 
 
 @dataclass
@@ -87,7 +88,10 @@ class _Pending:
 
 
 def concatenate(items: list[StepInput], runtime: Runtime) -> tuple[dict[str, Array], int]:
-    """Feeds for one ORT run over all ``items``, and the total row count."""
+    """Feeds for one ORT run over all ``items``, and the total row count (one item: its own arrays, uncopied)."""
+    if len(items) == 1:
+        (it,) = items
+        return (dict(it.inputs) if it.states is None else {**it.inputs, **it.states}), it.rows
     feeds: dict[str, Array] = {}
     for name in items[0].inputs:
         parts = [it.inputs[name] for it in items]
@@ -112,8 +116,12 @@ def concatenate(items: list[StepInput], runtime: Runtime) -> tuple[dict[str, Arr
 
 
 def split(outputs: dict[str, Array], items: list[StepInput], runtime: Runtime) -> list[StepOutput]:
-    """Inverse of ``concatenate``: each item's rows of every output (copies, so nothing aliases the batch)."""
+    """Inverse of ``concatenate``: each item's rows of every output (copies, so nothing aliases the batch; one
+    item gets the run's own output arrays, which nothing else holds)."""
     state_out = {s.output: s.input for s in runtime.states}
+    if len(items) == 1:
+        outs = {k: v for k, v in outputs.items() if k not in state_out}
+        return [StepOutput(outs, {in_name: outputs[out_name] for out_name, in_name in state_out.items()})]
     results: list[StepOutput] = []
     start = 0
     for it in items:
@@ -151,6 +159,7 @@ class Batcher:
         self._last_rows: dict[Hashable, deque[int]] = {}
         # Outputs the task derives from every batch's outputs at once (batch axis 0), split per request like the
         # model's own: a char LM's next-character probabilities are one softmax per batch, not one per request.
+        # Computed only for batches where some request asks (``StepInput.derive``).
         self.derive: Callable[[dict[str, Array]], dict[str, Array]] | None = None
 
     @property
@@ -341,7 +350,7 @@ class Batcher:
         t1 = time.perf_counter_ns()
         outputs = self.runtime.run(feeds, rows)
         t2 = time.perf_counter_ns()
-        if self.derive is not None:
+        if self.derive is not None and any(it.derive for it in items):
             outputs.update(self.derive(outputs))
         results = split(outputs, items, self.runtime)
         return results, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)

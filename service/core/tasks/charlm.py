@@ -72,7 +72,7 @@ class Cursor:
         s.context = {} if self.logits is None else {"logits": self.logits}
 
 
-PROBS = "next_char_probs"  # derived per batch (Batcher.derive): softmax of the last step's logits, float32
+PROBS = "next_char_probs"  # derived per batch (Batcher.derive) when a step asks: softmax of the last logits, float32
 
 
 def _probabilities(outputs: dict[str, Array]) -> dict[str, Array]:
@@ -155,20 +155,24 @@ class CharLMTask(Task):
         logits: FloatArray = out.outputs["logits"][:, -1, :]  # (rows, vocab)
         return out.states, logits
 
-    async def _submit(self, state: dict[str, Array], ids: I64) -> StepOutput:
+    async def _submit(self, state: dict[str, Array], ids: I64, probs: bool = False) -> StepOutput:
         rows, time = ids.shape
-        step = StepInput(inputs={"input_ids": ids}, rows=rows, states=state, key=("step", time), admitted=admitted())
+        step = StepInput(
+            inputs={"input_ids": ids}, rows=rows, states=state, key=("step", time), admitted=admitted(), derive=probs
+        )
         out = await self.model.batcher.submit(step)
         mark_admitted()  # the call's first step was queued: its later steps (a stream's) are never refused
         return out
 
-    async def advance(self, cur: Cursor, ids: I64) -> None:
-        """Consumes ``ids`` (time,) in one ORT run and moves the cursor (only once the run succeeded)."""
+    async def advance(self, cur: Cursor, ids: I64, probs: bool = False) -> None:
+        """Consumes ``ids`` (time,) in one ORT run and moves the cursor (only once the run succeeded); ``probs``:
+        the batch also computes the next-character probabilities (``cur.probs``)."""
         if ids.size == 0:
             return
-        out = await self._submit(cur.state, ids[None, :])  # (1, time)
+        out = await self._submit(cur.state, ids[None, :], probs)  # (1, time)
         cur.state, cur.logits, cur.steps = out.states, out.outputs["logits"][0, -1, :], cur.steps + ids.shape[0]
-        cur.probs = out.outputs[PROBS][0]
+        derived = out.outputs.get(PROBS)
+        cur.probs = None if derived is None else derived[0]
 
     @staticmethod
     def _need_logits(cur: Cursor, field: str) -> FloatArray:
@@ -258,7 +262,7 @@ class CharLMTask(Task):
         check_text(text, text_field, self.settings.max_chars_per_text, allow_empty=True)
         ids = self.encoder.encode(text, field=text_field)
         cur = self._cursor(session)
-        await self.advance(cur, ids)
+        await self.advance(cur, ids, probs=True)
         logits = self._need_logits(cur, text_field)
         probs = cur.probs if cur.probs is not None else softmax(logits).astype(np.float32)  # (vocab,)
         if session is not None:

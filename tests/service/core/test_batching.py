@@ -189,3 +189,28 @@ async def test_alone_inline_ms_bounds_which_lone_runs_skip_the_thread(make_dp: M
     assert await queued_ns(alone_inline_ms=1_000) == 0
     # alone_inline_ms=0 follows inline_batch_ms (0 here): once the first run took any time, lone runs queue too.
     assert await queued_ns(alone_inline_ms=0) > 0
+
+
+async def test_derived_outputs_are_computed_only_for_batches_that_ask(dp: CoreDataPlane) -> None:
+    batcher = dp.registry.resolve(LM).batcher
+    derive, calls = batcher.derive, []
+    assert derive is not None  # the char LM's next-character probabilities
+
+    def counted(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(outputs["logits"]))
+        return derive(outputs)
+
+    batcher.derive = counted
+    # A keystroke (Suggest) and a completion only read logits: no softmax per batch for them.
+    s = await dp.create_session(LM)
+    await dp.suggest(s.id, "To be", reset=False, n=2, max_chars=3, beam=False)
+    _ = [c async for c in dp.complete(LM, "abc", SamplingParams(max_chars=3, temperature=0.0))]
+    assert calls == []
+    # CharStep returns the distribution: its run computes it, and it equals a softmax of the logits.
+    step = await dp.char_step(LM, "To be")
+    assert calls == [1]
+    np.testing.assert_allclose(step.probabilities.sum(), 1.0, rtol=1e-5)
+    ask = StepInput(inputs={"input_ids": np.array([[3]], dtype=np.int64)}, rows=1, key=("step", 1), derive=True)
+    skip = StepInput(inputs={"input_ids": np.array([[4]], dtype=np.int64)}, rows=1, key=("step", 1))
+    asked, skipped = await batcher.submit(ask), await batcher.submit(skip)
+    assert "next_char_probs" in asked.outputs and "next_char_probs" not in skipped.outputs
