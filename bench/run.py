@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     results["core"] = core.run(args.models, 500 if args.quick else 4000)  # the core's per-step cost, no gRPC
     results["runtime"] = runtime.run(args.models, 30 if args.quick else 300)  # int8 models vs float32 parents
     results["batch_dependence"] = runtime.real_text_dependence(args.models, runtime.TEXT, 3 if args.quick else 20)
+    results["cache_effect"] = runtime.cache_effect(args.models, 200 if args.quick else 2000)
     results["stores"] = run_stores(args.models, quick=args.quick)  # per-step cost of each session store
     from bench import sessions  # session create rate at 1k/50k/250k live sessions (its own server; not --quick)
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.write_json(args.out, results)
     print_table(results)
     core.print_table(results["core"])
-    runtime.print_table(results["runtime"], results["batch_dependence"])
+    runtime.print_table(results["runtime"], results["batch_dependence"], results["cache_effect"])
     print_stores(results["stores"])
     if "sessions" in results:
         sessions.print_table(results["sessions"])

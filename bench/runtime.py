@@ -121,7 +121,39 @@ def real_text_dependence(models: Path, text: Path, trials: int = 20, rows: int =
     return out
 
 
-def print_table(rows: list[dict[str, Any]], dependence: list[dict[str, Any]] | None = None) -> None:
+def cache_effect(models: Path, repeats: int = 2000) -> list[dict[str, Any]]:
+    """What one ONNX Runtime run does to the Python work after it: the char LM's next-character softmax (one row of
+    the vocabulary, ``service.core.arrays.softmax``) timed alone in a loop, and right after a batch-1 step of each
+    char LM version. A run that streams more weights than a core's L2 cache holds evicts the interpreter's and
+    numpy's working set, so at concurrency 1 every step's Python runs cold."""
+    from service.core.arrays import softmax
+
+    logits = np.random.default_rng(0).normal(size=(1, 65)).astype(np.float32)
+
+    def timed(before: Any) -> float:
+        total = 0
+        for _ in range(repeats):
+            before()
+            t0 = time.perf_counter_ns()
+            softmax(logits).astype(np.float32)
+            total += time.perf_counter_ns() - t0
+        return total / repeats / 1e3
+
+    rows = [{"after": "nothing (hot)", "softmax_us": timed(lambda: None)}]
+    for path in sorted(models.glob(f"charlm*/*/{MANIFEST_FILE}")):
+        m, sess = Manifest.load(path), session(path.parent)
+        feed = feeds(m, 1, 1, np.random.default_rng(0))
+        rows.append(
+            {"after": f"a {m.name}/{m.version} step", "softmax_us": timed(lambda s=sess, f=feed: s.run(None, f))}
+        )
+    return rows
+
+
+def print_table(
+    rows: list[dict[str, Any]],
+    dependence: list[dict[str, Any]] | None = None,
+    cache: list[dict[str, Any]] | None = None,
+) -> None:
     print("\nONNX Runtime, one run on one thread (median µs): int8 models against their float32 parents:")
     print(f"  {'parent':>12} {'int8':>16} {'batch x time':>13} {'float32':>9} {'int8':>9} {'speed-up':>8}")
     for r in rows:
@@ -136,6 +168,9 @@ def print_table(rows: list[dict[str, Any]], dependence: list[dict[str, Any]] | N
             f"moves by up to {d['max_prob_change']:.3f} (median over trials {d['median_trial_max_prob_change']:.3f}); "
             f"the most likely character changes in {d['argmax_changed']} of {d['steps']} steps"
         )
+    if cache:
+        print("  The char LM's softmax over one row (µs), timed after:")
+        print("    " + "; ".join(f"{c['after']}: {c['softmax_us']:.1f}" for c in cache))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=300)
     args = ap.parse_args(argv)
     rows, dependence = run(args.models, args.repeats), real_text_dependence(args.models, TEXT)
-    cli.write_json(args.out, {"runs": rows, "batch_dependence": dependence})
-    print_table(rows, dependence)
+    cache = cache_effect(args.models)
+    cli.write_json(args.out, {"runs": rows, "batch_dependence": dependence, "cache_effect": cache})
+    print_table(rows, dependence, cache)
     return 0
 
 
