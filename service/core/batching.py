@@ -91,7 +91,10 @@ def concatenate(items: list[StepInput], runtime: Runtime) -> tuple[dict[str, Arr
     """Feeds for one ORT run over all ``items``, and the total row count (one item: its own arrays, uncopied)."""
     if len(items) == 1:
         (it,) = items
-        return (dict(it.inputs) if it.states is None else {**it.inputs, **it.states}), it.rows
+        own = dict(it.inputs)
+        if it.states is not None:
+            own.update((name, it.states[name]) for name in runtime.state_rows)
+        return own, it.rows
     feeds: dict[str, Array] = {}
     for name in items[0].inputs:
         parts = [it.inputs[name] for it in items]
