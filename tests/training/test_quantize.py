@@ -44,6 +44,20 @@ def run(model: Path, ids: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(x) for x in sess.run(None, feeds)]
 
 
+def quantized(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], *options: str
+) -> tuple[Path, Path, Path]:
+    """A private copy of the tiny LM as models/lm/1 (a test runs once per session store), quantized with
+    ``options`` into models/lm-int8/1: (parent, text, copy)."""
+    v1, text = tmp_path / "models" / "lm" / "1", trained[1]
+    shutil.copytree(trained[0], v1)
+    v2 = v1.parent.parent / "lm-int8" / "1"
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(v1), "--data", str(text), "--out", str(v2), *options]) == 0
+    assert f"{v2}: val_loss_nats_per_char" in capsys.readouterr().out
+    return v1, text, v2
+
+
 @pytest.mark.slow
 def test_quantize_a_char_lm_into_a_served_int8_model(
     trained: tuple[Path, Path],
@@ -51,13 +65,8 @@ def test_quantize_a_char_lm_into_a_served_int8_model(
     start_server: Callable[..., ServerHandle],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    v1, text = tmp_path / "models" / "lm" / "1", trained[1]
-    shutil.copytree(trained[0], v1)  # a private copy: the test runs once per session store
-    v2 = v1.parent.parent / "lm-int8" / "1"
-    files = {p.name: p.read_bytes() for p in v1.iterdir()}
-    capsys.readouterr()
-    assert main(["quantize", "--model", str(v1), "--data", str(text), "--out", str(v2)]) == 0
-    assert f"{v2}: val_loss_nats_per_char" in capsys.readouterr().out
+    v1, text, v2 = quantized(trained, tmp_path, capsys)
+    files = {p.name: p.read_bytes() for p in trained[0].iterdir()}
     assert {p.name: p.read_bytes() for p in v1.iterdir()} == files  # the parent is left as it was
 
     parent, m = Manifest.load(v1 / MANIFEST_FILE), Manifest.load(v2 / MANIFEST_FILE)
@@ -152,12 +161,7 @@ def test_static_quantization_answers_the_same_alone_batched_and_step_by_step(
     start_server: Callable[..., ServerHandle],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    v1, text = tmp_path / "models" / "lm" / "1", trained[1]
-    shutil.copytree(trained[0], v1)
-    v2 = v1.parent.parent / "lm-int8" / "1"
-    capsys.readouterr()
-    assert main(["quantize", "--model", str(v1), "--data", str(text), "--out", str(v2), "--method", "static"]) == 0
-    assert f"{v2}: val_loss_nats_per_char" in capsys.readouterr().out
+    v1, text, v2 = quantized(trained, tmp_path, capsys, "--method", "static")
     parent, m = Manifest.load(v1 / MANIFEST_FILE), Manifest.load(v2 / MANIFEST_FILE)
     assert all(getattr(m, k) == getattr(parent, k) for k in ("inputs", "outputs", "states", "tokenizer"))
     q = m.training["quantization"]
