@@ -49,6 +49,13 @@ def test_trained_charlm_sequence_matches_whole_text(report: dict[str, Any]) -> N
     assert float(np.max(np.abs(np.asarray(report["prefix_probs"]) - whole))) > 1e-3
 
 
+def test_static_int8_charlm_sequence_equals_whole_text_exactly(report: dict[str, Any]) -> None:
+    # charlm-int8/2 quantizes with fixed scales: reading a text in pieces or at once is the same arithmetic.
+    assert report["int8_version"] == "2"
+    assert report["int8_seq_probs"] == report["int8_whole_probs"]
+    assert float(np.max(np.abs(np.asarray(report["int8_seq_probs"]) - np.asarray(report["whole_probs"])))) > 0
+
+
 def test_trained_forecaster_shapes_and_quantile_order(report: dict[str, Any]) -> None:
     features = int(report["metadata"]["inputs"][0]["shape"][1])
     horizon = int(report["metadata"]["outputs"][0]["shape"][0])

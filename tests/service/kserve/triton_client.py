@@ -211,7 +211,15 @@ def trained(c: grpcclient.InferenceServerClient) -> Report:
     t = np.arange(2 * window, dtype=np.float32)[:, None]
     rows = (10 + 3 * np.sin(2 * np.pi * t / 24) + np.zeros((1, features), dtype=np.float32)).astype(np.float32)
     fc = c.infer("forecaster", [_history(rows)])
+    # charlm-int8/2 (static int8): the same pieces through a sequence give bit-identical probabilities.
+    exact = c.infer("charlm-int8", [_text([text], [1])], model_version="2")
+    for i in range(len(cut) - 1):
+        piece = [_text([text[cut[i] : cut[i + 1]]], [1])]
+        stepped = c.infer("charlm-int8", piece, model_version="2", sequence_id="int8", sequence_start=i == 0)
     return {
+        "int8_whole_probs": exact.as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "int8_seq_probs": stepped.as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "int8_version": stepped.get_response().model_version,
         "labels": [x.decode() for x in r.as_numpy("LABEL")],
         "whole_probs": whole.as_numpy("NEXT_CHAR_PROBS").tolist(),
         "seq_probs": last.as_numpy("NEXT_CHAR_PROBS").tolist(),
