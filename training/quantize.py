@@ -255,9 +255,10 @@ def _card(m: Manifest, tolerance: float, method: str) -> ModelCard:
     ]
     if method == "dynamic":
         limits += [
-            "Activations are quantized per ONNX Runtime run, over the whole batch: a request's outputs move slightly "
-            f"with the requests that share its run (see training.quantization.batch_dependence). Use {m.name} for "
-            "batch-invariant results.",
+            "Activations are quantized per ONNX Runtime run, over the whole batch and all its time steps: a request's "
+            "outputs move slightly with the requests that share its run and with how its text is split into runs "
+            "(see training.quantization.batch_dependence and sequence_dependence). Use "
+            f"{m.name} for batch-invariant results.",
             f"ONNX Runtime's CUDA provider has no quantized LSTM kernel: on a GPU these nodes run on the CPU; use "
             f"{m.name} there.",
         ]

@@ -91,6 +91,8 @@ def test_quantize_a_char_lm_into_a_served_int8_model(
     assert m.card is not None and any("Use lm for batch-invariant results" in limit for limit in m.card.limits)
     # Activations are quantized per run over the whole batch: batching moves a row's outputs (float32: it does not).
     assert q["batch_dependence"]["logits"] > 1e-4 and q["batch_dependence_parent"]["logits"] < 1e-5
+    # ... and over the run's time steps: one character at a time is not the same as the whole text at once.
+    assert q["sequence_dependence"]["logits"] > 1e-4 and q["sequence_dependence_parent"]["logits"] < 1e-5
     report = json.loads((v2 / "metrics.json").read_text())
     assert report["parent"] == str(v1) and report["onnx_metrics"]["val_loss_nats_per_char"] == metric.value
     parent_report = json.loads((v1 / "metrics.json").read_text())
