@@ -49,6 +49,8 @@ WORKLOADS = {
     "sentiment": Workload("sentiment", "sentiment", streaming=False, sequences=False),
     "charlm-stream": Workload("charlm-stream", "charlm", streaming=True, sequences=True),
     "charlm-unary": Workload("charlm-unary", "charlm", streaming=False, sequences=True),
+    # the opt-in static int8 char LM (charlm-int8/2: batch-invariant answers), for comparison with charlm-stream
+    "int8-stream": Workload("int8-stream", "charlm-int8", streaming=True, sequences=True),
 }
 
 
