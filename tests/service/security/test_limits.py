@@ -111,6 +111,19 @@ def test_a_huge_rejected_request_does_not_stall_other_clients(plain: ServerHandl
     assert statistics.median(latencies) < 0.1, sorted(latencies)[-5:]
 
 
+def settled_growth(before: int, limit: int, seconds: float = 10.0) -> int:
+    """Bytes traced beyond ``before`` once the in-process server has settled: the client has its status a moment
+    before the server's call has unwound (on a loaded machine, longer), so this polls until the growth is under
+    ``limit`` or ``seconds`` have passed. What is leaked or pinned stays, and the caller's assertion sees it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        gc.collect()  # garbage waiting for the cycle collector is not kept alive; only what is still referenced
+        grown = tracemalloc.get_traced_memory()[0] - before
+        if grown < limit or time.monotonic() > deadline:
+            return grown
+        time.sleep(0.05)
+
+
 def test_nothing_of_a_failed_large_request_outlives_it(plain: ServerHandle) -> None:
     """The payloads of rejected near-limit requests (15-16 MB each) are freed with the call (before: every one
     that reached the decoder stayed referenced from its traceback, and RSS grew by hundreds of MiB per burst;
@@ -123,15 +136,7 @@ def test_nothing_of_a_failed_large_request_outlives_it(plain: ServerHandle) -> N
         before = tracemalloc.get_traced_memory()[0]
         for _ in range(3):
             burst(plain.target, 4)
-        # The last calls' teardown may still hold a payload for a moment on a loaded machine; a leak stays.
-        # Measure once the server has settled, within 10 s.
-        deadline = time.monotonic() + 10
-        while True:
-            time.sleep(0.25)
-            gc.collect()  # garbage waiting for the cycle collector is not kept alive; only what is still referenced
-            grown = tracemalloc.get_traced_memory()[0] - before
-            if grown < HALF_A_PAYLOAD or time.monotonic() > deadline:
-                break
+        grown = settled_growth(before, HALF_A_PAYLOAD)
     finally:
         tracemalloc.stop()
     assert grown < HALF_A_PAYLOAD, f"{grown / 2**20:.1f} MiB of Python objects outlived the burst"
@@ -163,7 +168,8 @@ REFUSED: dict[str, tuple[str, bool, Callable[[], bytes], str]] = {
 def test_a_refused_request_is_not_pinned_until_the_next_call(plain: ServerHandle, case: str) -> None:
     """grpc keeps the state of the last call it accepted (with its abort exception, whose traceback holds the
     handler's frames) until the next call arrives. A request refused before it was decoded must not stay pinned
-    by that: once its status has arrived, its bytes are gone (before: all 8 MiB until the next call)."""
+    by that: once its status has arrived and the server's call has unwound, its bytes are gone (before: all 8 MiB
+    until the next call; measured at once, CI caught the unwinding in progress once: 8.0 MiB)."""
     method, streamed, build, code = REFUSED[case]
     payload = build()
     with grpc.insecure_channel(plain.target, options=[("grpc.max_send_message_length", 32 << 20)]) as channel:
@@ -178,8 +184,7 @@ def test_a_refused_request_is_not_pinned_until_the_next_call(plain: ServerHandle
                 else:
                     channel.unary_unary(KSERVE + method)(payload, timeout=30)
             del payload
-            gc.collect()
-            grown = tracemalloc.get_traced_memory()[0] - before
+            grown = settled_growth(before, BIG // 4)  # no other call is made meanwhile: pinned bytes would stay
         finally:
             tracemalloc.stop()
     assert refused.value.code().name == code, refused.value.details()
