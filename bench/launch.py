@@ -28,39 +28,58 @@ class Served:
     metrics_port: int
 
 
-@contextmanager
-def process(cmd: list[str], ready: Path, env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, Any], int]]:
-    """Runs ``cmd`` until its ready file appears; yields (ready JSON, pid); SIGTERM and wait on exit. Its output goes
-    to ``ready`` with the suffix ``.log``, whose end a failed start shows."""
-    log = ready.with_suffix(".log")
+def server_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment minus its SEQSERVE_* variables (a server under test gets only the settings it is
+    given), plus ``extra``."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | extra
+
+
+def start(
+    cmd: list[str], ready: Path, log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Starts ``cmd`` (output to ``log``) and waits up to 120 s for it to write the JSON file ``ready``: (process,
+    ready JSON). A process that exits or times out first is killed and reported with the end of its log."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                info: dict[str, Any] = json.loads(ready.read_text())
-                break
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield info, proc.pid
-    finally:
-        proc.terminate()
+    deadline = time.monotonic() + 120
+    while True:
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            info: dict[str, Any] = json.loads(ready.read_text())
+            return proc, info
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass  # not written (completely) yet
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
+            raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it is still running after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def process(cmd: list[str], ready: Path, env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, Any], int]]:
+    """``start`` (its output goes to ``ready`` with the suffix ``.log``); yields (ready JSON, pid); ``stop`` on exit."""
+    proc, info = start(cmd, ready, ready.with_suffix(".log"), env)
+    try:
+        yield info, proc.pid
+    finally:
+        stop(proc)
 
 
 @contextmanager
 def serve(models: Path, env: dict[str, str] | None = None, workers: int | None = None) -> Iterator[Served]:
     """The server runs with the caller's environment minus its SEQSERVE_* variables, plus ``env``; ``workers``
     None = its default worker count."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | (env or {})
+    environ = server_env(env or {})
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready.json"
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0"]
