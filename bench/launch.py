@@ -90,17 +90,28 @@ def serve(models: Path, env: dict[str, str] | None = None, workers: int | None =
             yield Served(f"127.0.0.1:{ports['grpc_port']}", pid, int(ports["metrics_port"]))
 
 
-def rss_mib(pid: int) -> float:
+def rss_bytes(pid: int) -> int:
+    """Resident set size of the process (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+            return int(line.split()[1]) * 1024
+    return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of the process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def rss_mib(pid: int) -> float:
+    return rss_bytes(pid) / 2**20
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time of ``pids`` so far (from /proc; a process that is gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def metric_families(metrics_port: int) -> list[Any]:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.launch import cpu_seconds
+
 PERF_ANALYZER = Path(sys.executable).parent / "perf_analyzer"
 SENTENCES = [
     "it 's a charming and often affecting journey .",
@@ -126,19 +128,6 @@ def input_data(workload: Workload, folder: Path) -> Path:
     return path
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of ``pids`` (from /proc; processes that are gone count 0)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total / tick
-
-
 def command(target: str, workload: Workload, concurrency: int, data: Path, report: Path, window_ms: int) -> list[str]:
     cmd = [str(PERF_ANALYZER), "-m", workload.model, "-u", target, "-i", "grpc", "--input-data", str(data)]
     # Stability on average latency within 30% over 3 windows (this box is shared); the CSV has p50..p99 anyway.
@@ -164,7 +153,7 @@ def run(
     data = input_data(workload, folder)
     report = folder / f"{workload.name}-c{concurrency}.csv"
     pids = server_pids()
-    cpu0, usage0, t0 = cpu_seconds(pids), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    cpu0, usage0, t0 = cpu_seconds(*pids), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     for attempt in range(3):  # an unstable measurement (exit 2) is retried with a longer window
         done = subprocess.run(
             command(target, workload, concurrency, data, report, window_ms * 2**attempt),
@@ -177,7 +166,7 @@ def run(
             break
     wall = time.perf_counter() - t0
     usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_cpu = cpu_seconds(pids) - cpu0
+    server_cpu = cpu_seconds(*pids) - cpu0
     if done.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
     with report.open(newline="") as f:

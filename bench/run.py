@@ -32,13 +32,12 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench import cli, core, runtime
-from bench.launch import serve
+from bench.launch import rss_bytes, serve
 from bench.stores import print_stores, run_stores
 from service.client import Client, SuggestEvent
 from service.core.types import ModelRef
@@ -136,13 +135,6 @@ def bench_streams(client: Client, concurrency: list[int], chars: int) -> list[di
             }
         )
     return rows
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def bench_memory(client: Client, pid: int, sessions: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import cli
+from bench.core import char_models
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.core.runtime import CPU, Runtime
@@ -140,8 +141,9 @@ def cache_effect(models: Path, repeats: int = 2000) -> list[dict[str, Any]]:
         return total / repeats / 1e3
 
     rows = [{"after": "nothing (hot)", "softmax_us": timed(lambda: None)}]
-    for path in sorted(models.glob(f"charlm*/*/{MANIFEST_FILE}")):
-        m, sess = Manifest.load(path), session(path.parent)
+    for ref in char_models(models):
+        path = models / ref.name / str(ref.version)
+        m, sess = Manifest.load(path / MANIFEST_FILE), session(path)
         feed = feeds(m, 1, 1, np.random.default_rng(0))
         rows.append(
             {"after": f"a {m.name}/{m.version} step", "softmax_us": timed(lambda s=sess, f=feed: s.run(None, f))}
