@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 F32 = npt.NDArray[np.float32]
@@ -227,8 +228,6 @@ def build(model: onnx.ModelProto, quantized: bool = True) -> onnx.ModelProto:
 def max_gap(a: onnx.ModelProto, b: onnx.ModelProto, layers: int, hidden: int, vocab: int) -> float:
     """The largest difference between the outputs (logits, hn, cn) of ``a`` and ``b`` on a probe: 4 rows of 16
     random characters from random states (h in [-1, 1])."""
-    import onnxruntime as ort  # training-only dependency, like the rest of this package
-
     rng = np.random.default_rng(0)
     feeds = {
         "input_ids": rng.integers(0, vocab, (4, 16)).astype(np.int64),
