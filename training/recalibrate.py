@@ -63,16 +63,17 @@ def recalibrate(src: Path, data: Path, out: Path, command: str, mode: str = "aut
     final.model_copy(update={"metrics": forecast_metrics(name, out, data, s, ev), "card": card}).dump(
         out / MANIFEST_FILE
     )
-    _report(src, out, data, command, ev, iv.info)
+    _report(src, out, f"{name}/{version}", data, command, ev, iv.info)
     band = ev.get("test_coverage_band_p10_p90", float("nan"))
     print(f"{name}/{version}: {iv.choice.label}; test_mse={ev['test_mse']:.4f}, p10-p90 band {band:.3f} -> {out}")
 
 
-def _report(src: Path, out: Path, data: Path, command: str, ev: dict[str, float], info: dict[str, Any]) -> None:
+def _report(
+    src: Path, out: Path, model: str, data: Path, command: str, ev: dict[str, float], info: dict[str, Any]
+) -> None:
     """metrics.json: the point model's training report (its curve copied beside it) plus the new intervals."""
-    name, version = name_version(out)
     fields = {
-        "model": f"{name}/{version}",
+        "model": model,
         "command": command,
         "evaluate_command": f"seqserve-train evaluate --model {out} --data {data}",
         "onnx_metrics": ev,
