@@ -37,11 +37,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return out, text
 
 
+def feed(sess: ort.InferenceSession, ids: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of one run, by name."""
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {"input_ids": ids, **state}), strict=True))
+
+
 def run(model: Path, ids: np.ndarray) -> list[np.ndarray]:
+    """The model's outputs (logits, hn, cn) for ``ids`` from zero states."""
     m = Manifest.load(model / MANIFEST_FILE)
     sess = ort.InferenceSession(str(model / MODEL_FILE), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids, **zero_states(m.states, {"batch": len(ids)})}
-    return [np.asarray(x) for x in sess.run(None, feeds)]
+    return list(feed(sess, ids, zero_states(m.states, {"batch": len(ids)})).values())
 
 
 def quantized(
@@ -149,11 +155,6 @@ def test_quantize_refuses_what_it_cannot_release(
     fails(
         ["--model", str(out), "--data", str(text), "--out", str(tmp_path / "lm-int8-int8" / "1")], "already quantized"
     )
-
-
-def feed(sess: ort.InferenceSession, ids: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, {"input_ids": ids, **state}), strict=True))
 
 
 @pytest.mark.slow
