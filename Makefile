@@ -11,7 +11,7 @@ PORT ?= 50051
 .PHONY: venv sysdeps serve test lint deploy-lint image image-test proto proto-check bench train train-sentiment \
 	train-charlm train-forecast train-v1 train-sentiment-glove train-forecast2 train-forecast3 train-forecast-ettm1 \
 	train-forecast-ettm1-2 train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static \
-	quantize-sentiment clean
+	quantize-sentiment fuse-sentiment quantize-sentiment-fused clean
 
 # The venv is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
 $(STAMP): pyproject.toml
@@ -73,9 +73,10 @@ bench: $(STAMP)
 # forecaster-ettm1/2 are forecaster/2's and forecaster-ettm1/1's graphs with recalibrated intervals (seconds each):
 # `make train` retrains those point models first (serially: do not run it with -j). charlm-int8/1, charlm-int8/2 and
 # sentiment-int8/1 are int8 copies of charlm/1 and sentiment/1 (seconds each; refused if the metric gets worse by
-# more than 0.005): /1 by dynamic quantization, charlm-int8/2 by static (batch-invariant answers).
+# more than 0.005): /1 by dynamic quantization, charlm-int8/2 by static (batch-invariant answers). sentiment/2 is
+# sentiment/1's weights in a fused graph (the same answers, refused otherwise) and sentiment-int8/2 its int8 copy.
 train: train-sentiment train-charlm train-forecast2 train-forecast3 train-forecast-ettm1 train-forecast-ettm1-2 \
-	train-forecast-air quantize-charlm quantize-charlm-static quantize-sentiment
+	train-forecast-air quantize-charlm quantize-charlm-static quantize-sentiment fuse-sentiment quantize-sentiment-fused
 
 train-v1: train-sentiment train-charlm train-forecast
 
@@ -98,6 +99,14 @@ quantize-charlm-static: $(STAMP)
 quantize-sentiment: $(STAMP)
 	rm -rf models/sentiment-int8/1
 	$(BIN)/seqserve-train quantize --model models/sentiment/1 --data $(DATA)/sst2 --out models/sentiment-int8/1
+
+fuse-sentiment: $(STAMP)
+	rm -rf models/sentiment/2
+	$(BIN)/seqserve-train fuse --model models/sentiment/1 --data $(DATA)/sst2 --out models/sentiment/2
+
+quantize-sentiment-fused: $(STAMP)
+	rm -rf models/sentiment-int8/2
+	$(BIN)/seqserve-train quantize --model models/sentiment/2 --data $(DATA)/sst2 --out models/sentiment-int8/2
 
 # forecaster/1 was trained when the ETTh1 protocol was the only one; it is now the ett-h preset.
 train-forecast: $(STAMP)

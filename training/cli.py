@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.005,
         help="how much worse the headline metric may get (nats/char, accuracy) before nothing is released",
     )
+    fu = sub.add_parser(
+        "fuse", help="a bidirectional sentiment model's graph rebuilt lean (same weights) as a new version"
+    )
+    fu.add_argument("--model", type=Path, required=True, help="the trained models/NAME/N (left unchanged)")
+    fu.add_argument("--data", type=Path, required=True, help="its evaluation data (as for evaluate)")
+    fu.add_argument("--out", type=Path, required=True, help="the new models/NAME/M")
     sp = sub.add_parser("sample", help="generate text from a char LM (ONNX)")
     sp.add_argument("--model", type=Path, required=True)
     sp.add_argument("--prompt", default="ROMEO:")
@@ -207,6 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             h, size = record["headline"], record["bytes"]
             print(f"{args.out}: {h['metric']} {h['quantized']:.4f} (parent {h['parent']:.4f}); "
                   f"{size['parent']:,} -> {size['quantized']:,} bytes; {record['nodes']}")  # fmt: skip
+            return 0
+        if args.command == "fuse":
+            from training.fuse import fuse
+
+            record = fuse(args.model, args.data, args.out, shlex.join(["seqserve-train", *argv]))
+            nodes, ev = record["nodes"], record["evaluation"]
+            print(f"{args.out}: {nodes['parent']} -> {nodes['fused']} nodes; largest logit difference "
+                  f"{record['max_logit_gap']:.1e}; dev_accuracy {ev['fused']['dev_accuracy']:.4f} "
+                  f"(parent {ev['parent']['dev_accuracy']:.4f})")  # fmt: skip
             return 0
         if args.command == "sample":
             from training.evaluate import sample

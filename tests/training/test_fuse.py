@@ -1,0 +1,172 @@
+"""``seqserve-train fuse``: a bidirectional sentiment export rebuilt with one bidirectional recurrent node per member
+and layer; the same answers as its parent (any cell, layers, members, padding), published as a new version that
+serves next to it, and a clear refusal for anything else."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from service.client import Client
+from service.core.arrays import right_pad, zero_states
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from service.core.tokenizers import Encoder
+from tests.conftest import ServerHandle
+from training import fuse as fuse_module
+from training.cli import main
+
+FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = ["a great movie", "boring", "i hate this film , dull and cold and bad acting", "wonderful", "good fun !"]
+
+
+def train(tmp_path: Path, data: Path, *options: str) -> Path:
+    out = tmp_path / "models" / "sentiment" / "1"
+    args = ["sentiment", "--data", str(data), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    assert main([*args, "--hidden", "8", "--embedding", "8", "--epochs", "1", "--batch-size", "32", *options]) == 0
+    return out
+
+
+def fused(src: Path, data: Path, capsys: pytest.CaptureFixture[str], version: int = 2) -> Path:
+    out = src.parent / str(version)
+    capsys.readouterr()
+    assert main(["fuse", "--model", str(src), "--data", str(data), "--out", str(out)]) == 0
+    assert f"{out}: " in capsys.readouterr().out
+    return out
+
+
+def logits(model: Path, texts: list[str]) -> np.ndarray:
+    """The model's logits for ``texts``, padded to the longest in one batch."""
+    m = Manifest.load(model / MANIFEST_FILE)
+    assert m.tokenizer is not None
+    enc = Encoder(m.tokenizer)
+    ids, lengths = right_pad([enc.encode(t) for t in texts], pad=0)
+    sess = ort.InferenceSession(str(model / MODEL_FILE), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "lengths": lengths, **zero_states(m.states, {"batch": len(texts)})}
+    out: np.ndarray = sess.run(["logits"], feeds)[0]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("cell", "layers", "members", "extra"),
+    [("lstm", 2, 2, []), ("gru", 1, 1, []), ("rnn_relu", 2, 3, ["--half-table"])],
+    ids=["lstm-2x2", "gru", "rnn_relu-half-table"],
+)
+def test_fusing_keeps_every_answer(
+    tmp_path: Path,
+    tiny_sst2: Path,
+    capsys: pytest.CaptureFixture[str],
+    cell: str,
+    layers: int,
+    members: int,
+    extra: list[str],
+) -> None:
+    options = ["--cell", cell, "--layers", str(layers), "--ensemble", str(members), *extra]
+    v1 = train(tmp_path, tiny_sst2, *options)
+    before = {p.name: p.read_bytes() for p in v1.iterdir()}
+    v2 = fused(v1, tiny_sst2, capsys)
+    assert {p.name: p.read_bytes() for p in v1.iterdir()} == before  # the parent is left as it was
+
+    parent, m = Manifest.load(v1 / MANIFEST_FILE), Manifest.load(v2 / MANIFEST_FILE)
+    assert (m.name, m.version, m.task) == ("sentiment", 2, "sentiment") and m.sha256 == sha256_file(v2 / MODEL_FILE)
+    for field in ("inputs", "outputs", "states", "tokenizer", "labels", "stateful"):
+        assert getattr(m, field) == getattr(parent, field), field
+    record = m.training["fusion"]
+    assert m.training["fused_from"] == "sentiment/1" and record["max_logit_gap"] <= 1e-4
+    assert record["nodes"]["fused"] < record["nodes"]["parent"]
+    recurrent = [n for n in onnx.load(str(v2 / MODEL_FILE)).graph.node if n.op_type in ("LSTM", "GRU", "RNN")]
+    assert len(recurrent) == layers * members  # one node per member and layer, both directions in it
+    assert {n.op_type for n in recurrent} == {cell.split("_")[0].upper()}
+    assert [x.name for x in m.metrics] == [x.name for x in parent.metrics]
+    assert "fuse" in json.loads((v2 / "metrics.json").read_text())["command"]
+
+    # Padding, batch company and order do not move a text's answer, and each equals the parent's.
+    alone = np.concatenate([logits(v2, [t]) for t in TEXTS])
+    np.testing.assert_allclose(logits(v2, TEXTS), alone, atol=1e-5)
+    np.testing.assert_allclose(logits(v2, TEXTS[::-1])[::-1], alone, atol=1e-5)
+    np.testing.assert_allclose(logits(v1, TEXTS), alone, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_committed_sentiment_model_fuses_to_the_same_answers(
+    tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    v1 = tmp_path / "models" / "sentiment" / "1"
+    shutil.copytree(ROOT / "models" / "sentiment" / "1", v1)
+    v2 = fused(v1, tiny_sst2, capsys)
+    texts = [*TEXTS, "the film is a charming , often affecting journey", "x" * 3]
+    np.testing.assert_allclose(logits(v2, texts), logits(v1, texts), atol=1e-5)
+    m = Manifest.load(v2 / MANIFEST_FILE)
+    assert m.training["fusion"]["nodes"] == {"parent": 342, "fused": 34}
+
+
+def test_the_committed_fused_version_serves_its_parents_answers(
+    tmp_path: Path, start_server: Callable[..., ServerHandle]
+) -> None:
+    """``models/sentiment/2`` is ``sentiment/1``'s weights in the fused graph: served side by side, equal answers."""
+    m = Manifest.load(ROOT / "models" / "sentiment" / "2" / MANIFEST_FILE)
+    assert m.training["fused_from"] == "sentiment/1"
+    models = tmp_path / "models"
+    for version in ("1", "2"):
+        shutil.copytree(ROOT / "models" / "sentiment" / version, models / "sentiment" / version)
+    server = start_server(models=models)
+    with Client(server.target) as c:
+        new = c.classify(TEXTS, model="sentiment")  # the newest version by default
+        old = c.classify(TEXTS, model="sentiment", version=1)
+    assert [r.label for r in new] == [r.label for r in old]
+    np.testing.assert_allclose([r.probabilities for r in new], [r.probabilities for r in old], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fuse_refuses_what_it_cannot_rebuild(
+    tmp_path: Path, tiny_sst2: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fails(model: Path, data: Path, out: Path, message: str) -> None:
+        capsys.readouterr()
+        assert main(["fuse", "--model", str(model), "--data", str(data), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+    uni = train(tmp_path / "uni", tiny_sst2, "--no-bidirectional", "--ensemble", "1")
+    fails(
+        uni, tiny_sst2, tmp_path / "u2", "fuse rebuilds bidirectional sentiment models; this one is a sentiment with 1"
+    )
+    fails(ROOT / "models" / "charlm" / "1", tiny_text, tmp_path / "c2", "this one is a charlm with 1 direction(s)")
+    fails(tmp_path / "nowhere" / "1", tiny_sst2, tmp_path / "n2", "file not found (expected models/NAME/VERSION)")
+    assert not any((tmp_path / d).exists() for d in ("u2", "c2", "n2"))  # nothing written
+
+    v1 = train(tmp_path / "bi", tiny_sst2, "--ensemble", "1")
+    fails(v1, tiny_sst2, v1, "--out must differ from --model")
+    busy = v1.parent / "3"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    fails(v1, tiny_sst2, busy, "already exists and is not empty")
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    v2 = fused(v1, tiny_sst2, capsys)
+    fails(v2, tiny_sst2, v1.parent / "4", "already derived from sentiment/1")
+    assert not (v1.parent / "4").exists()
+
+
+@pytest.mark.slow
+def test_a_fused_graph_that_answers_differently_is_not_released(
+    tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1 = train(tmp_path, tiny_sst2, "--ensemble", "2")
+    real_build = fuse_module.build
+
+    def misread(p: fuse_module.Parent, ir_version: int) -> onnx.ModelProto:  # one head's bias misread
+        p.heads[0] = (p.heads[0][0], p.heads[0][1] + 0.01)
+        return real_build(p, ir_version)
+
+    monkeypatch.setattr(fuse_module, "build", misread)
+    out = v1.parent / "2"
+    capsys.readouterr()
+    assert main(["fuse", "--model", str(v1), "--data", str(tiny_sst2), "--out", str(out)]) == 2
+    assert "differ from the parent's by up to" in capsys.readouterr().err and not out.exists()
