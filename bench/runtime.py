@@ -1,7 +1,8 @@
-"""``make bench``'s runtime table: one ONNX Runtime run of each int8 model against its float32 parent
-(``training.quantized_from`` in its manifest), one intra-op thread as the server runs them, on the shapes serving
-sends: a char LM's generation step (batch 1 and 16, one character) and a 1,024-character prompt; a sentiment
-batch of 1 and 16 sentences of 20 words.
+"""``make bench``'s runtime table: one ONNX Runtime run of each derived model against its parent: the int8 copies
+(``training.quantized_from`` in their manifests) and the fused sentiment graph (``training.fused_from``: the same
+weights), one intra-op thread as the server runs them, on the shapes serving sends: a char LM's generation step
+(batch 1 and 16, one character) and a 1,024-character prompt; a sentiment batch of 1, 16 and 64 sentences of 20
+words.
 
 And what the int8 char LM's batching does to its answers on real text (Tiny Shakespeare's validation part, when
 ``../shared/data`` is there): 16 prompts of 100 characters and one more step, run as one batch and one by one;
@@ -29,7 +30,7 @@ from service.settings import Settings
 TEXT = cli.ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SHAPES: dict[str, list[tuple[int, int]]] = {  # task -> (batch, time) per case
     "charlm": [(1, 1), (16, 1), (1, 1024)],
-    "sentiment": [(1, 20), (16, 20)],
+    "sentiment": [(1, 20), (16, 20), (64, 20)],
 }
 
 
@@ -60,29 +61,33 @@ def per_run_us(sess: ort.InferenceSession, feed: dict[str, Any], repeats: int) -
     return float(np.median(times) * 1e6)
 
 
-def quantized_pairs(models: Path) -> list[tuple[Path, Path, Manifest]]:
-    """(parent dir, quantized dir, quantized manifest) for every quantized version under ``models``."""
+DERIVED = {"quantized_from": "int8", "fused_from": "fused"}  # manifest training key -> how it was derived
+
+
+def derived_pairs(models: Path) -> list[tuple[Path, Path, Manifest, str]]:
+    """(parent dir, derived dir, derived manifest, "int8" or "fused") for every derived version under ``models``."""
     pairs = []
     for path in sorted(models.glob(f"*/*/{MANIFEST_FILE}")):
         m = Manifest.load(path)
-        parent = m.training.get("quantized_from")
-        if parent and m.task in SHAPES:
-            name, version = str(parent).split("/")
-            pairs.append((models / name / version, path.parent, m))
+        # The immediate parent: an int8 copy of a fused graph keeps its parent's fused_from in its training record.
+        key = next((k for k in DERIVED if m.training.get(k)), None)
+        if key is not None and m.task in SHAPES:
+            name, version = str(m.training[key]).split("/")
+            pairs.append((models / name / version, path.parent, m, DERIVED[key]))
     return pairs
 
 
 def run(models: Path, repeats: int = 300) -> list[dict[str, Any]]:
     rows = []
-    for parent, quantized, m in quantized_pairs(models):
-        s_parent, s_quant = session(parent), session(quantized)
+    for parent, derived, m, how in derived_pairs(models):
+        s_parent, s_derived = session(parent), session(derived)
         for batch, steps in SHAPES[m.task]:
             feed = feeds(m, batch, steps, np.random.default_rng(0))
-            n = max(20, repeats // steps) if steps > 100 else repeats
-            a, b = per_run_us(s_parent, feed, n), per_run_us(s_quant, feed, n)
+            n = max(20, repeats // steps) if steps > 100 else max(20, repeats // batch)
+            a, b = per_run_us(s_parent, feed, n), per_run_us(s_derived, feed, n)
             rows.append({
-                "parent": f"{parent.parent.name}/{parent.name}", "model": f"{m.name}/{m.version}",
-                "batch": batch, "time": steps, "parent_us": a, "quantized_us": b, "speedup": a / b,
+                "parent": f"{parent.parent.name}/{parent.name}", "model": f"{m.name}/{m.version}", "how": how,
+                "batch": batch, "time": steps, "parent_us": a, "model_us": b, "speedup": a / b,
             })  # fmt: skip
     return rows
 
@@ -97,8 +102,8 @@ def real_text_dependence(models: Path, text: Path, trials: int = 20, rows: int =
     chars = text.read_text(encoding="utf-8")
     val = chars[int(len(chars) * 0.9) :]
     out = []
-    for _, path, m in quantized_pairs(models):
-        if m.task != "charlm" or m.tokenizer is None:
+    for _, path, m, how in derived_pairs(models):
+        if how != "int8" or m.task != "charlm" or m.tokenizer is None:
             continue
         sess, enc, rng = session(path), Encoder(m.tokenizer), np.random.default_rng(0)
         worst, flips = [], 0
@@ -156,13 +161,13 @@ def print_table(
     dependence: list[dict[str, Any]] | None = None,
     cache: list[dict[str, Any]] | None = None,
 ) -> None:
-    print("\nONNX Runtime, one run on one thread (median µs): int8 models against their float32 parents:")
-    print(f"  {'parent':>12} {'int8':>16} {'batch x time':>13} {'float32':>9} {'int8':>9} {'speed-up':>8}")
+    print("\nONNX Runtime, one run on one thread (median µs): int8 copies and fused graphs against their parents:")
+    print(f"  {'parent':>12} {'model':>16} {'how':>5} {'batch x time':>13} {'parent':>9} {'model':>9} {'speed-up':>8}")
     for r in rows:
         shape = f"{r['batch']} x {r['time']}"
         print(
-            f"  {r['parent']:>12} {r['model']:>16} {shape:>13} {r['parent_us']:>9.1f} {r['quantized_us']:>9.1f} "
-            f"{r['speedup']:>7.1f}x"
+            f"  {r['parent']:>12} {r['model']:>16} {r['how']:>5} {shape:>13} {r['parent_us']:>9.1f} "
+            f"{r['model_us']:>9.1f} {r['speedup']:>7.2f}x"
         )
     for d in dependence or []:
         print(
