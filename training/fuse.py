@@ -79,6 +79,11 @@ class Parent:
 def read_parent(model: onnx.ModelProto, m: Manifest) -> Parent:
     """The weights of a bidirectional ``SentimentNet`` export; ``StructureError`` for any other graph."""
     g = model.graph
+    nodes = [n for n in g.node if n.op_type in RECURRENT]
+    for n in nodes:
+        direction = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "direction"), b"forward")
+        if direction not in (b"forward", "forward"):
+            raise StructureError(f"{n.name or n.op_type} already runs {direction!r} (is this graph already fused?)")
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     if "embed.weight" not in inits:
         raise StructureError("no 'embed.weight' initializer (not a SentimentNet export)")
@@ -89,7 +94,6 @@ def read_parent(model: onnx.ModelProto, m: Manifest) -> Parent:
         k += 1
     if not heads:
         raise StructureError("no 'heads.0.weight' initializer (not a SentimentNet export)")
-    nodes = [n for n in g.node if n.op_type in RECURRENT]
     layers = m.architecture.layers
     if len(nodes) != 2 * layers * len(heads):
         raise StructureError(
@@ -100,8 +104,6 @@ def read_parent(model: onnx.ModelProto, m: Manifest) -> Parent:
         raise StructureError("the recurrent nodes are not all of one kind")
     cells = [_cell(n, inits) for n in nodes]
     hidden = int(cells[0].attrs["hidden_size"])
-    if any(c.attrs.get("direction", b"forward") not in (b"forward", "forward") for c in cells):
-        raise StructureError("a recurrent node is already bidirectional or reversed (already fused?)")
     grouped = [
         [(cells[(i * layers + j) * 2], cells[(i * layers + j) * 2 + 1]) for j in range(layers)]
         for i in range(len(heads))

@@ -151,7 +151,12 @@ def test_fuse_refuses_what_it_cannot_rebuild(
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     v2 = fused(v1, tiny_sst2, capsys)
     fails(v2, tiny_sst2, v1.parent / "4", "already derived from sentiment/1")
-    assert not (v1.parent / "4").exists()
+    copied = tmp_path / "copied" / "sentiment" / "1"  # a fused graph whose manifest lost its record
+    shutil.copytree(v2, copied)
+    m = Manifest.load(copied / MANIFEST_FILE)
+    m.model_copy(update={"training": {"command": "copied by hand"}}).dump(copied / MANIFEST_FILE)
+    fails(copied, tiny_sst2, copied.parent / "2", "already runs b'bidirectional' (is this graph already fused?)")
+    assert not (v1.parent / "4").exists() and not (copied.parent / "2").exists()
 
 
 @pytest.mark.slow
