@@ -26,7 +26,6 @@ anything else exits 2 with the reason.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_fi
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
-from training.pipelines import name_version, write_derived_report
+from training.pipelines import derived_source, new_model_folder, write_derived_report
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 TOLERANCE = 1e-4  # largest logit difference from the parent on the probe batches
@@ -273,13 +272,7 @@ def node_count(path: Path) -> int:
 def fuse(src: Path, data: Path, out: Path, command: str, tolerance: float = TOLERANCE) -> dict[str, Any]:
     """``src`` (models/NAME/N) -> ``out`` (models/NAME/M): the fused graph, checked against the parent.
     Raises ``DataError`` (and leaves no ``out``) when the graph cannot be fused or misses the release rule."""
-    if not (src / MANIFEST_FILE).exists():
-        raise DataError(f"{src / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
-    if out.resolve() == src.resolve():
-        raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: already exists and is not empty; pick a new version folder")
-    m = Manifest.load(src / MANIFEST_FILE)
+    m = derived_source(src, out)
     if m.task != "sentiment" or m.architecture.directions != 2:
         raise DataError(
             f"{src}: fuse rebuilds bidirectional sentiment models; this one is a {m.task} with "
@@ -300,13 +293,8 @@ def fuse(src: Path, data: Path, out: Path, command: str, tolerance: float = TOLE
             f"{src}: the fused graph's logits differ from the parent's by up to {gaps['max_logit_gap']:.2e} "
             f"(tolerance {tolerance:.0e}); not released (nothing written)"
         )
-    name, version = name_version(out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with new_model_folder(out) as (name, version):
         return _publish(src, m, fused, len(weights.cells), data, out, name, version, command, gaps, tolerance)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def _publish(

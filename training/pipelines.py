@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.core.manifest import MANIFEST_FILE, Manifest, Metric, ModelCard
-from training.data import load_chars
+from training.data import DataError, load_chars
 from training.evaluate import evaluate_model
 from training.export import write_model
 from training.nets import NetConfig, build_net, count_parameters
@@ -22,6 +24,30 @@ from training.train import FitResult, TrainConfig, fit, write_report
 def name_version(out: Path) -> tuple[str, int]:
     """models/NAME/N -> (NAME, N); a folder not named by a number is version 1 of its own name."""
     return (out.parent.name, int(out.name)) if out.name.isdigit() else (out.name, 1)
+
+
+def derived_source(src: Path, out: Path) -> Manifest:
+    """The manifest of ``src`` (models/NAME/N), for a command that writes a model derived from it (calibrate,
+    quantize, fuse) into ``out``, which must be a new or empty folder: a committed model is never rewritten."""
+    if not (src / MANIFEST_FILE).exists():
+        raise DataError(f"{src / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
+    if out.resolve() == src.resolve():
+        raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: already exists and is not empty; pick a new folder (a model is never rewritten)")
+    return Manifest.load(src / MANIFEST_FILE)
+
+
+@contextmanager
+def new_model_folder(out: Path) -> Iterator[tuple[str, int]]:
+    """Creates ``out`` and yields its (name, version); removes it again when the body fails, so a refused or broken
+    run leaves no half-written model behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield name_version(out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def write_derived_report(src: Path, out: Path, fields: dict[str, Any], parent_command_key: str) -> None:

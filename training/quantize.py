@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
 from training.int8_lstm import StructureError, build, check_structure
-from training.pipelines import name_version, write_derived_report
+from training.pipelines import derived_source, name_version, new_model_folder, write_derived_report
 
 OPS = ["LSTM", "MatMul", "Gemm", "Gather"]
 QUANTIZED_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear", "QuantizeLinear"}
@@ -135,13 +134,7 @@ def quantize(
     Raises ``DataError`` (and leaves no ``out``) when the model cannot be quantized or misses the release rule."""
     if method not in METHODS:
         raise DataError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if not (src / MANIFEST_FILE).exists():
-        raise DataError(f"{src / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
-    if out.resolve() == src.resolve():
-        raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: already exists and is not empty; pick a new folder (models/NAME-int8/1)")
-    m = Manifest.load(src / MANIFEST_FILE)
+    m = derived_source(src, out)
     if name_version(out)[0] == m.name:
         why = (
             "its outputs depend on batching"
@@ -167,13 +160,8 @@ def quantize(
     headline = next((x for x in m.metrics if x.name in wanted), None)
     if headline is None:
         raise DataError(f"{src}: its manifest reports none of {', '.join(wanted)}; nothing to hold the copy to")
-    name, version = name_version(out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with new_model_folder(out) as (name, version):
         return _quantize(src, m, data, out, name, version, command, tolerance, wanted, headline, method)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def _quantize(

@@ -19,28 +19,34 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_fi
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, forecast_windows, open_model
-from training.forecasting import calibrate, forecast_metrics
-from training.pipelines import name_version, write_derived_report
+from training.forecasting import Intervals, calibrate, forecast_metrics
+from training.pipelines import derived_source, new_model_folder, write_derived_report
 from training.scale import add_scale_output
-from training.series import series_for, windows
+from training.series import Series, series_for, windows
 
 
 def recalibrate(src: Path, data: Path, out: Path, command: str, mode: str = "auto", scale: str = "auto") -> None:
     """``src`` (models/NAME/N) -> ``out`` (models/NAME/M) with intervals calibrated on ``src``'s validation split."""
+    derived_source(src, out)
     m, sess = open_model(src)
     f = m.forecast
     if f is None or m.task != "forecast":
         raise DataError(f"{src}: calibrate needs a forecast model, this one is {m.task!r}")
     if f.scale_output is not None:
         raise DataError(f"{src}: already has a scale output ({f.scale_output!r}); calibrate its point model instead")
-    if out.resolve() == src.resolve():
-        raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
     s = series_for(m, data)
     x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
     residuals = (y - forecast_windows(m, sess, x)).astype(np.float64)  # (N, H, T), windows in time order
     iv = calibrate(x[:, :, s.target_index].astype(np.float64), residuals, mode, scale)
-    name, version = name_version(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with new_model_folder(out) as (name, version):
+        _write(src, m, s, iv, data, out, name, version, command)
+
+
+def _write(
+    src: Path, m: Manifest, s: Series, iv: Intervals, data: Path, out: Path, name: str, version: int, command: str
+) -> None:
+    f = m.forecast
+    assert f is not None
     shutil.copyfile(src / MODEL_FILE, out / MODEL_FILE)
     extra = "" if iv.floor is None else f", offsets x each window's scale ({iv.choice.label})"
     new = m.model_copy(

@@ -175,3 +175,23 @@ def test_a_fused_graph_that_answers_differently_is_not_released(
     capsys.readouterr()
     assert main(["fuse", "--model", str(v1), "--data", str(tiny_sst2), "--out", str(out)]) == 2
     assert "differ from the parent's by up to" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_a_refusal_after_writing_began_leaves_no_folder(
+    tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dev check runs on the written model; when it refuses, the half-written version folder goes away."""
+    v1 = train(tmp_path, tiny_sst2, "--ensemble", "1")
+    real_evaluate = fuse_module.evaluate_model
+
+    def evaluate(model: Path, data: Path) -> dict[str, float]:
+        ev = real_evaluate(model, data)
+        return ev | {"dev_accuracy": ev["dev_accuracy"] - 0.5} if model.name == "2" else ev
+
+    monkeypatch.setattr(fuse_module, "evaluate_model", evaluate)
+    out = v1.parent / "2"
+    capsys.readouterr()
+    assert main(["fuse", "--model", str(v1), "--data", str(tiny_sst2), "--out", str(out)]) == 2
+    assert "not the same answers; nothing written" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in v1.parent.iterdir()) == ["1"]

@@ -79,8 +79,12 @@ def test_calibrate_refusals_exit_2_with_one_line(
     args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
     assert main([*args, "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "1"]) == 0
     calibrate = ["calibrate", "--model", str(v1), "--data", str(tiny_csv)]
+    busy = v1.parent / "7"  # an existing version is never overwritten
+    busy.mkdir()
+    (busy / "manifest.json").write_text("{}")
     cases = [
         (["--out", str(v1)], "--out must differ from --model (a committed model is never rewritten)"),
+        (["--out", str(busy)], f"{busy}: already exists and is not empty"),
         (["--out", str(v2), "--interval-scale", "range:4"], "--interval-scale: expected auto, none or KIND[:K]"),
         (["--out", str(v2), "--interval-scale", "mad:24"], "the scale's k must be below the window (24)"),
     ]
@@ -89,6 +93,7 @@ def test_calibrate_refusals_exit_2_with_one_line(
         assert main([*calibrate, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith("seqserve-train: error: ") and message in err
+    assert [p.name for p in busy.iterdir()] == ["manifest.json"] and (busy / "manifest.json").read_text() == "{}"
     assert main([*calibrate, "--out", str(v2), "--interval-scale", "mad:6"]) == 0
     assert main(["calibrate", "--model", str(v2), "--data", str(tiny_csv), "--out", str(v2.parent / "3")]) == 2
     assert "already has a scale output ('scale'); calibrate its point model instead" in capsys.readouterr().err
