@@ -10,8 +10,9 @@ What it measures, and why:
   costs O(prefix). For every version of ``charlm`` and of its int8 copy ``charlm-int8``.
 - ``core``: the per-step CPU of the core alone, without gRPC (``bench/core.py``): what the transport adds is
   the rest of perf_analyzer's server CPU per request.
-- ``runtime``: one ONNX Runtime run of each int8 model against its float32 parent, and what batching does to the
-  int8 char LM's answers on real text (``bench/runtime.py``).
+- ``runtime``: one ONNX Runtime run of each int8 copy or fused graph against its parent, what batching does to the
+  int8 char LM's answers on real text, and what the batcher's length groups save on real sentences
+  (``bench/runtime.py``).
 - ``streams``: concurrent generation streams; the dynamic batcher merges their one-character steps.
 - ``classify`` / ``forecast`` / ``observe``: request latency of the other APIs.
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     results["runtime"] = runtime.run(args.models, 30 if args.quick else 300)  # int8 models vs float32 parents
     results["batch_dependence"] = runtime.real_text_dependence(args.models, runtime.TEXT, 3 if args.quick else 20)
     results["cache_effect"] = runtime.cache_effect(args.models, 200 if args.quick else 2000)
+    results["padding"] = runtime.padding_effect(args.models, trials=3 if args.quick else 30)  # length groups
     results["stores"] = run_stores(args.models, quick=args.quick)  # per-step cost of each session store
     from bench import sessions  # session create rate at 1k/50k/250k live sessions (its own server; not --quick)
 
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.write_json(args.out, results)
     print_table(results)
     core.print_table(results["core"])
-    runtime.print_table(results["runtime"], results["batch_dependence"], results["cache_effect"])
+    runtime.print_table(results["runtime"], results["batch_dependence"], results["cache_effect"], results["padding"])
     print_stores(results["stores"])
     if "sessions" in results:
         sessions.print_table(results["sessions"])

@@ -6,7 +6,8 @@ words.
 
 And what the int8 char LM's batching does to its answers on real text (Tiny Shakespeare's validation part, when
 ``../shared/data`` is there): 16 prompts of 100 characters and one more step, run as one batch and one by one;
-the largest probability change and how often the most likely next character differs.
+the largest probability change and how often the most likely next character differs. And what the batcher's
+length groups save on batches of real SST-2 sentences (``padding_effect``).
 
     python -m bench.runtime [--models models] [--repeats 300]
 """
@@ -28,6 +29,7 @@ from service.core.runtime import CPU, Runtime
 from service.settings import Settings
 
 TEXT = cli.ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SST2_DEV = cli.ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
 SHAPES: dict[str, list[tuple[int, int]]] = {  # task -> (batch, time) per case
     "charlm": [(1, 1), (16, 1), (1, 1024)],
     "sentiment": [(1, 20), (16, 20), (64, 20)],
@@ -156,10 +158,58 @@ def cache_effect(models: Path, repeats: int = 2000) -> list[dict[str, Any]]:
     return rows
 
 
+def padding_effect(models: Path, data: Path = SST2_DEV, trials: int = 30) -> list[dict[str, Any]]:
+    """The default sentiment model on batches of real SST-2 dev sentences (random draws; synthetic lengths of 2-50
+    words when ``../shared/data`` is absent) padded to their longest: one ORT run against the batcher's length
+    groups (``service.core.batching.padding_groups`` with the default ``pad_split_tokens``)."""
+    from service.core.arrays import right_pad
+    from service.core.batching import StepInput, padding_groups
+    from service.core.tokenizers import Encoder
+
+    versions = sorted(int(p.name) for p in (models / "sentiment").glob("[0-9]*") if p.name.isdigit())
+    if not versions:
+        return []
+    path = models / "sentiment" / str(versions[-1])
+    m, sess, rng = Manifest.load(path / MANIFEST_FILE), session(path), np.random.default_rng(0)
+    assert m.tokenizer is not None
+    if data.exists():
+        enc = Encoder(m.tokenizer)
+        sentences = [enc.encode(line.split("\t")[0]) for line in data.read_text(encoding="utf-8").splitlines()[1:]]
+    else:
+        sentences = [rng.integers(2, len(m.tokenizer.vocab), n).astype(np.int64) for n in rng.integers(2, 51, 872)]
+
+    def run(rows: list[Any]) -> None:
+        ids, lengths = right_pad(rows, 0)
+        sess.run(None, {"input_ids": ids, "lengths": lengths, **zero_states(m.states, {"batch": len(rows)})})
+
+    out = []
+    for batch in (4, 16, 64):
+        whole = grouped = 0.0
+        runs = 0
+        for _ in range(trials):
+            rows = [sentences[i] for i in rng.integers(0, len(sentences), batch)]
+            t0 = time.perf_counter()
+            run(rows)
+            whole += time.perf_counter() - t0
+            items = [StepInput({"input_ids": r[None, :]}, 1, pad={"input_ids": 0}) for r in rows]
+            groups = padding_groups(items, Settings().pad_split_tokens)
+            t0 = time.perf_counter()
+            for g in groups:
+                run([rows[i] for i in g])
+            grouped += time.perf_counter() - t0
+            runs += len(groups)
+        out.append({
+            "model": f"{m.name}/{m.version}", "batch": batch, "one_run_ms": whole / trials * 1e3,
+            "grouped_ms": grouped / trials * 1e3, "runs_per_batch": runs / trials, "speedup": whole / grouped,
+        })  # fmt: skip
+    return out
+
+
 def print_table(
     rows: list[dict[str, Any]],
     dependence: list[dict[str, Any]] | None = None,
     cache: list[dict[str, Any]] | None = None,
+    padding: list[dict[str, Any]] | None = None,
 ) -> None:
     print("\nONNX Runtime, one run on one thread (median µs): int8 copies and fused graphs against their parents:")
     print(f"  {'parent':>12} {'model':>16} {'how':>5} {'batch x time':>13} {'parent':>9} {'model':>9} {'speed-up':>8}")
@@ -178,6 +228,14 @@ def print_table(
     if cache:
         print("  The char LM's softmax over one row (µs), timed after:")
         print("    " + "; ".join(f"{c['after']}: {c['softmax_us']:.1f}" for c in cache))
+    if padding:
+        print(f"  {padding[0]['model']} on random SST-2 dev sentences, padded to the batch's longest in one run, or in")
+        print("  the batcher's length groups (pad_split_tokens), ms per batch:")
+        for p in padding:
+            print(
+                f"    {p['batch']:>3} sentences: {p['one_run_ms']:.2f} in one run, {p['grouped_ms']:.2f} in "
+                f"{p['runs_per_batch']:.1f} runs on average ({p['speedup']:.2f}x)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=300)
     args = ap.parse_args(argv)
     rows, dependence = run(args.models, args.repeats), real_text_dependence(args.models, TEXT)
-    cache = cache_effect(args.models)
-    cli.write_json(args.out, {"runs": rows, "batch_dependence": dependence, "cache_effect": cache})
-    print_table(rows, dependence, cache)
+    cache, padding = cache_effect(args.models), padding_effect(args.models)
+    cli.write_json(args.out, {"runs": rows, "batch_dependence": dependence, "cache_effect": cache, "padding": padding})
+    print_table(rows, dependence, cache, padding)
     return 0
 
 

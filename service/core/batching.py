@@ -20,6 +20,11 @@ batches (long prompts, classify batches of several sentences) run in a worker th
 calls meanwhile.
 Waiting for company never creates a task or a timeout wrapper per batch: one ``call_later`` wakes the loop.
 
+Requests right-padded to their batch's longest (``StepInput.pad``: sentiment texts) would make the recurrent
+kernels compute every padded step of every shorter row; a batch of them runs as several ORT runs of similar
+lengths when that saves enough padded steps (``padding_groups``, ``pad_split_tokens``). Each run is one execution
+in the statistics.
+
 A lone request skips the queue altogether (``Batcher._alone``): when nothing is queued or running, the recent
 batches of its key held one request each, no other callback is ready in this loop iteration (so nothing can join
 before the batch would flush anyway) and it is small enough to run inline, it runs at once on the caller's
@@ -118,6 +123,40 @@ def concatenate(items: list[StepInput], runtime: Runtime) -> tuple[dict[str, Arr
     return feeds, sum(it.rows for it in items)
 
 
+def _padded_length(item: StepInput) -> int:
+    name = next(iter(item.pad))
+    return int(item.inputs[name].shape[1])
+
+
+def padding_groups(items: list[StepInput], min_saving: int) -> list[list[int]]:
+    """Indices of ``items`` per ORT run. Padded requests (``StepInput.pad``) are sorted by length and split where
+    it saves the most padded rows x time steps, recursively, while a split saves at least ``min_saving`` of them
+    and a quarter of its group's; anything else is one run in arrival order."""
+    if min_saving <= 0 or len(items) < 2 or not items[0].pad:
+        return [list(range(len(items)))]
+    order = sorted(range(len(items)), key=lambda i: _padded_length(items[i]))
+    lengths = [_padded_length(items[i]) for i in order]
+    rows = [items[i].rows for i in order]
+
+    def split_at(lo: int, hi: int) -> list[tuple[int, int]]:
+        """[lo, hi) of the sorted order as runs."""
+        total_rows = sum(rows[lo:hi])
+        padded = lengths[hi - 1] * total_rows
+        best, best_k, before = padded, 0, 0
+        for k in range(lo + 1, hi):  # rows[lo:k] padded to lengths[k-1], rows[k:hi] to lengths[hi-1]
+            before += rows[k - 1]
+            cost = lengths[k - 1] * before + lengths[hi - 1] * (total_rows - before)
+            if cost < best:
+                best, best_k = cost, k
+        saving = padded - best
+        if best_k == 0 or saving < min_saving or saving * 4 < padded:
+            return [(lo, hi)]
+        return split_at(lo, best_k) + split_at(best_k, hi)
+
+    runs = split_at(0, len(order))
+    return [list(range(len(items)))] if len(runs) == 1 else [order[lo:hi] for lo, hi in runs]
+
+
 def split(outputs: dict[str, Array], items: list[StepInput], runtime: Runtime) -> list[StepOutput]:
     """Inverse of ``concatenate``: each item's rows of every output (copies, so nothing aliases the batch; one
     item gets the run's own output arrays, which nothing else holds)."""
@@ -152,6 +191,7 @@ class Batcher:
         self.inline_tokens = settings.inline_batch_tokens
         self.inline_seconds = settings.inline_batch_ms / 1000.0
         self.alone_seconds = max(settings.alone_inline_ms, settings.inline_batch_ms) / 1000.0
+        self.pad_split = settings.pad_split_tokens
         self._infer_seconds: dict[int, float] = {}  # tokens -> ORT seconds of the last batch that size (inlinable)
         self.metrics = metrics
         self._pending: deque[_Pending] = deque()
@@ -229,7 +269,7 @@ class Batcher:
         no loop iteration spent waiting for company that cannot come (``_alone``). Same records as ``_run``."""
         started = time.perf_counter()
         try:
-            (result,), times = self._run_sync([item])
+            (result,), ((_, times),) = self._run_sync([item])
         except Exception:
             log.exception("batch of 1 request failed on model %s version %d", self.name, self.version)
             raise
@@ -315,11 +355,11 @@ class Batcher:
         tokens = self._tokens(items)
         try:
             if tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.inline_seconds:
-                results, times = self._run_sync(items)
+                results, runs = self._run_sync(items)
             else:
-                results, times = await asyncio.to_thread(self._run_sync, items)
+                results, runs = await asyncio.to_thread(self._run_sync, items)
             if tokens <= self.inline_tokens:
-                self._infer_seconds[tokens] = times[1] / 1e9
+                self._infer_seconds[tokens] = sum(times[1] for _, times in runs) / 1e9
         except asyncio.CancelledError:  # stop() during a run: nobody may wait forever
             for p in batch:
                 if not p.future.done():
@@ -331,8 +371,9 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        waited = sum(started - p.enqueued for p in batch)
-        self._record(len(batch), sum(it.rows for it in items), waited, started, times)
+        for group, times in runs:  # one execution per ORT run
+            waited = sum(started - batch[i].enqueued for i in group)
+            self._record(len(group), sum(items[i].rows for i in group), waited, started, times)
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
@@ -346,8 +387,26 @@ class Batcher:
             total += it.rows * (a.shape[1] if a is not None and a.ndim > 1 else 1)
         return total
 
-    def _run_sync(self, items: list[StepInput]) -> tuple[list[StepOutput], tuple[int, int, int]]:
-        """Runs in a worker thread: the batch's results and its (input, infer, output) nanoseconds."""
+    def _run_sync(
+        self, items: list[StepInput]
+    ) -> tuple[list[StepOutput], list[tuple[list[int], tuple[int, int, int]]]]:
+        """Runs inline or in a worker thread: the results in ``items`` order, and per ORT run (one, or one per
+        length group of a padded batch) the indices of its items and its (input, infer, output) nanoseconds."""
+        groups = padding_groups(items, self.pad_split)
+        if len(groups) == 1:
+            results, times = self._run_group(items)
+            return results, [(groups[0], times)]
+        ordered: list[StepOutput | None] = [None] * len(items)
+        runs = []
+        for group in groups:
+            part, times = self._run_group([items[i] for i in group])
+            for i, r in zip(group, part, strict=True):
+                ordered[i] = r
+            runs.append((group, times))
+        return [r for r in ordered if r is not None], runs
+
+    def _run_group(self, items: list[StepInput]) -> tuple[list[StepOutput], tuple[int, int, int]]:
+        """One ORT run over ``items``: their results and the run's (input, infer, output) nanoseconds."""
         t0 = time.perf_counter_ns()
         feeds, rows = concatenate(items, self.runtime)
         t1 = time.perf_counter_ns()

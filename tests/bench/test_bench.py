@@ -21,6 +21,9 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     assert all(row["total_chars_per_s"] > 0 for row in r["streams"])
     assert set(r["classify"]) == {"batch_1", "batch_16"}
     assert set(r["forecast"]) == {"predict_96_rows", "observe_1_row"}
+    # the batcher's length groups on the tiny sentiment model: one row per batch size, every group run counted
+    assert [(p["model"], p["batch"]) for p in r["padding"]] == [("sentiment/1", b) for b in (4, 16, 64)]
+    assert all(p["one_run_ms"] > 0 and p["grouped_ms"] > 0 and p["runs_per_batch"] >= 1 for p in r["padding"])
     assert r["memory"]["sessions"] == 50 and r["memory"]["rss_after_bytes"] > 0
     stores = r["stores"]  # memory, Redis step, Redis idle at two concurrencies (redis-server: make sysdeps)
     assert [(row["store"], row["sessions"]) for row in stores["rows"]] == [

@@ -214,3 +214,55 @@ async def test_derived_outputs_are_computed_only_for_batches_that_ask(dp: CoreDa
     skip = StepInput(inputs={"input_ids": np.array([[4]], dtype=np.int64)}, rows=1, key=("step", 1))
     asked, skipped = await batcher.submit(ask), await batcher.submit(skip)
     assert "next_char_probs" in asked.outputs and "next_char_probs" not in skipped.outputs
+
+
+def _texts(n: int, words: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    vocab = ["good", "bad", "film", "movie", "boring", "great", "fun", "not", "very", "a"]
+    return [" ".join(rng.choice(vocab, words)) for _ in range(n)]
+
+
+def _padded(lengths: list[int], rows: list[int] | None = None) -> list[StepInput]:
+    rows = rows or [1] * len(lengths)
+    return [
+        StepInput(inputs={"input_ids": np.ones((r, t), dtype=np.int64)}, rows=r, pad={"input_ids": 0})
+        for t, r in zip(lengths, rows, strict=True)
+    ]
+
+
+def test_padding_groups_split_only_where_it_saves_enough() -> None:
+    from service.core.batching import padding_groups
+
+    short_long = _padded([40, 2, 41, 3, 2, 40, 3, 39])
+    groups = padding_groups(short_long, 64)
+    assert sorted(sorted(g) for g in groups) == [[0, 2, 5, 7], [1, 3, 4, 6]]  # the short rows run apart
+    assert padding_groups(short_long, 0) == [list(range(8))]  # 0 = never split
+    assert padding_groups(short_long, 10_000) == [list(range(8))]  # the saving (~150) is below the bound
+    unpadded = [StepInput(inputs={"input_ids": np.ones((1, t), dtype=np.int64)}, rows=1) for t in (2, 40)]
+    assert padding_groups(unpadded, 1) == [[0, 1]]  # only padded requests are regrouped
+    similar = _padded([30, 28, 31, 29, 27, 30])
+    assert padding_groups(similar, 1) == [list(range(6))]  # saves less than a quarter: one run
+    three = _padded([5, 5, 60, 60, 25, 25])
+    assert sorted(sorted(g) for g in padding_groups(three, 16)) == [[0, 1], [2, 3], [4, 5]]
+    # Rows count: one request of 20 short rows is worth splitting from one long row, a short single row is not.
+    assert len(padding_groups(_padded([4, 50], [20, 1]), 64)) == 2
+    assert len(padding_groups(_padded([4, 50], [1, 1]), 64)) == 1
+
+
+async def test_a_padded_batch_runs_as_length_groups_with_unchanged_answers(make_dp: MakeDP) -> None:
+    # 8 two-word and 8 thirty-word texts arrive together: one ORT run each group, not 16 rows padded to 30.
+    dp = await make_dp(max_batch_size=16, max_batch_delay_ms=60_000)
+    texts = [t for pair in zip(_texts(8, 2, 0), _texts(8, 30, 1), strict=True) for t in pair]
+    merged = await asyncio.gather(*(dp.classify(ModelRef("sentiment"), [t]) for t in texts))
+    assert sorted(recorded(dp).batch_sizes("sentiment")) == [8, 8]
+    (stats,) = dp.statistics(ModelRef("sentiment", 1))
+    assert stats.execution_count == 2 and stats.queue.count == 16 and stats.compute_infer.count == 16
+    assert sorted((b.batch_size, b.compute_infer.count) for b in stats.batches) == [(8, 2)]
+    solo = await make_dp()
+    for text, result in zip(texts, merged, strict=True):  # every answer went back to its own caller
+        alone = (await solo.classify(ModelRef("sentiment"), [text]))[0]
+        np.testing.assert_allclose(result[0].probabilities, alone.probabilities, atol=1e-5)
+
+    whole = await make_dp(max_batch_size=16, max_batch_delay_ms=60_000, pad_split_tokens=0)
+    await asyncio.gather(*(whole.classify(ModelRef("sentiment"), [t]) for t in texts))
+    assert recorded(whole).batch_sizes("sentiment") == [16]
