@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     kernels compute every padded step. The batcher sorts such a batch by length and splits it into runs of similar
     lengths when a split saves at least this many padded rows x time steps and a quarter of the batch's. On real
     SST-2 dev sentences (one thread, ``python -m bench.runtime``): 64 sentences 1.44x faster, 16 1.26x, 4 unchanged
-    (seldom split). 0 = never."""
+    (seldom split). 64 by a sweep: 16 also splits batches of 4 (5% slower), 256 leaves most batches of 16 whole.
+    0 = never."""
     alone_inline_ms: float = Field(default=2.0, ge=0)
     """A lone request (nothing queued or running, no recent company, nothing else ready on the event loop) runs
     ONNX Runtime inline, skipping the queue, when the model's last run of its size took at most this long; the
