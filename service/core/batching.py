@@ -132,7 +132,7 @@ def padding_groups(items: list[StepInput], min_saving: int) -> list[list[int]]:
     """Indices of ``items`` per ORT run. Padded requests (``StepInput.pad``) are sorted by length and split where
     it saves the most padded rows x time steps, recursively, while a split saves at least ``min_saving`` of them
     and a quarter of its group's; anything else is one run in arrival order."""
-    if min_saving <= 0 or len(items) < 2 or not items[0].pad:
+    if min_saving <= 0 or len(items) < 2 or not all(it.pad for it in items):
         return [list(range(len(items)))]
     order = sorted(range(len(items)), key=lambda i: _padded_length(items[i]))
     lengths = [_padded_length(items[i]) for i in order]

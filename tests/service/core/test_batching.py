@@ -240,6 +240,7 @@ def test_padding_groups_split_only_where_it_saves_enough() -> None:
     assert padding_groups(short_long, 10_000) == [list(range(8))]  # the saving (~150) is below the bound
     unpadded = [StepInput(inputs={"input_ids": np.ones((1, t), dtype=np.int64)}, rows=1) for t in (2, 40)]
     assert padding_groups(unpadded, 1) == [[0, 1]]  # only padded requests are regrouped
+    assert padding_groups([*_padded([2, 2, 2]), unpadded[1]], 1) == [[0, 1, 2, 3]]  # all of them, or none
     similar = _padded([30, 28, 31, 29, 27, 30])
     assert padding_groups(similar, 1) == [list(range(6))]  # saves less than a quarter: one run
     three = _padded([5, 5, 60, 60, 25, 25])
