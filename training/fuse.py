@@ -25,7 +25,6 @@ anything else exits 2 with the reason.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,11 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from service.core.arrays import zero_states
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
-from training.pipelines import derived_source, new_model_folder, write_derived_report
+from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 TOLERANCE = 1e-4  # largest logit difference from the parent on the probe batches
@@ -323,17 +322,10 @@ def _publish(
         f"directions); fused graph: one bidirectional {m.architecture.cell.upper()} node per member and layer reads "
         "lengths itself (sequence_lens), so padding never changes a result; the members' heads are one Gemm"
     )
-    new = m.model_copy(
-        update={
-            "name": name, "version": version, "card": None,
-            "description": m.description.rstrip(".") + f" (the graph of {parent}, fused: same weights).",
-            "architecture": m.architecture.model_copy(update={"notes": notes}),
-            "training": {**m.training, "command": command, "fused_from": parent,
-                         "parent_command": m.training.get("command"), "fusion": record},
-            "sha256": sha256_file(out / MODEL_FILE),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-    )  # fmt: skip
+    description = m.description.rstrip(".") + f" (the graph of {parent}, fused: same weights)."
+    training = {"fused_from": parent, "parent_command": m.training.get("command"), "fusion": record}
+    architecture = m.architecture.model_copy(update={"notes": notes})
+    new = derived_manifest(m, out, (name, version), command, description, training, architecture=architecture)
     new.dump(out / MANIFEST_FILE)
     ev_parent, ev = evaluate_model(src, data), evaluate_model(out, data)
     record["evaluation"] = {"parent": ev_parent, "fused": ev}

@@ -4,6 +4,7 @@ The sentiment classifier's lives in ``training/sentiment.py``, the forecaster's 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.core.manifest import MANIFEST_FILE, Manifest, Metric, ModelCard
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, ModelCard, sha256_file
 from training.data import DataError, load_chars
 from training.evaluate import evaluate_model
 from training.export import write_model
@@ -48,6 +49,30 @@ def new_model_folder(out: Path) -> Iterator[tuple[str, int]]:
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def derived_manifest(
+    m: Manifest,
+    out: Path,
+    version: tuple[str, int],
+    command: str,
+    description: str,
+    training: dict[str, Any],
+    **update: Any,
+) -> Manifest:
+    """``m`` made the manifest of a model derived from it in ``out`` (calibrate, quantize, fuse): ``version`` =
+    (name, version), ``training`` on top of ``m.training`` with the deriving ``command``, the sha256 of ``out``'s
+    model file, a fresh ``created_at``, no card (the caller writes its own once the metrics are in), and any other
+    field in ``update``."""
+    return m.model_copy(
+        update={
+            "name": version[0], "version": version[1], "card": None, "description": description,
+            "training": {**m.training, "command": command, **training},
+            "sha256": sha256_file(out / MODEL_FILE),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **update,
+        }
+    )  # fmt: skip
 
 
 def write_derived_report(src: Path, out: Path, fields: dict[str, Any], parent_command_key: str) -> None:

@@ -28,7 +28,6 @@ metrics are recomputed the same way and reported; the parent is left untouched.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,18 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from service.core.arrays import softmax, zero_states
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, ModelCard, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, ModelCard
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
 from training.int8_lstm import StructureError, build, check_structure
-from training.pipelines import derived_source, name_version, new_model_folder, write_derived_report
+from training.pipelines import (
+    derived_manifest,
+    derived_source,
+    name_version,
+    new_model_folder,
+    write_derived_report,
+)
 
 OPS = ["LSTM", "MatMul", "Gemm", "Gather"]
 QUANTIZED_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul", "DequantizeLinear", "QuantizeLinear"}
@@ -197,16 +202,9 @@ def _quantize(
         record["sequence_dependence_parent"] = sequence_dependence(m, src / MODEL_FILE)
     if structure_gap is not None:
         record["structure_gap"] = structure_gap  # the float32 rebuild against the parent (check_structure)
-    new = m.model_copy(
-        update={
-            "name": name, "version": version, "metrics": [], "card": None,
-            "description": m.description.rstrip(".") + f"; int8 weights ({method} quantization of {parent}).",
-            "training": {**m.training, "command": command, "quantized_from": parent,
-                         "parent_command": m.training.get("command"), "quantization": record},
-            "sha256": sha256_file(out / MODEL_FILE),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-    )  # fmt: skip
+    description = m.description.rstrip(".") + f"; int8 weights ({method} quantization of {parent})."
+    training = {"quantized_from": parent, "parent_command": m.training.get("command"), "quantization": record}
+    new = derived_manifest(m, out, (name, version), command, description, training, metrics=[])
     new.dump(out / MANIFEST_FILE)
     ev_parent, ev = evaluate_model(src, data), evaluate_model(out, data)
     key = wanted[headline.name][0]

@@ -8,19 +8,18 @@ plus the ``scale`` output when one was chosen, the new offsets, the test metrics
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, forecast_windows, open_model
 from training.forecasting import Intervals, calibrate, forecast_metrics
-from training.pipelines import derived_source, new_model_folder, write_derived_report
+from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 from training.scale import add_scale_output
 from training.series import Series, series_for, windows
 
@@ -49,17 +48,10 @@ def _write(
     assert f is not None
     shutil.copyfile(src / MODEL_FILE, out / MODEL_FILE)
     extra = "" if iv.floor is None else f", offsets x each window's scale ({iv.choice.label})"
-    new = m.model_copy(
-        update={
-            "name": name, "version": version, "metrics": [], "card": None,
-            "description": m.description.rstrip(".") + f"{extra}; intervals recalibrated from {m.name}/{m.version}.",
-            "forecast": f.model_copy(update={"quantile_offsets": iv.offsets.tolist()}),
-            "training": {**m.training, "command": command, "point_model": f"{m.name}/{m.version}",
-                         "point_model_command": m.training.get("command"), **iv.info},
-            "sha256": sha256_file(out / MODEL_FILE),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-    )  # fmt: skip
+    description = m.description.rstrip(".") + f"{extra}; intervals recalibrated from {m.name}/{m.version}."
+    training = {"point_model": f"{m.name}/{m.version}", "point_model_command": m.training.get("command"), **iv.info}
+    forecast = f.model_copy(update={"quantile_offsets": iv.offsets.tolist()})
+    new = derived_manifest(m, out, (name, version), command, description, training, metrics=[], forecast=forecast)
     new.dump(out / MANIFEST_FILE)
     if iv.floor is not None:
         add_scale_output(out, iv.choice.kind, iv.choice.k, iv.floor)
