@@ -40,11 +40,13 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
+from training.onnx_graph import GraphBuilder, cpu_session
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 TOLERANCE = 1e-4  # largest logit difference from the parent on the probe batches
 RECOMPUTED = {"accuracy": ("dev_accuracy", True), "ece": ("dev_ece", False)}  # manifest metric -> evaluate key
+OPSET = 17
 MASK_FILL = 1e4  # the parent's masked_fill value for padded steps before the max pooling
 Array = npt.NDArray[Any]
 
@@ -132,16 +134,8 @@ def _cell(node: onnx.NodeProto, inits: dict[str, Array]) -> Cell:
 def build(p: Parent, ir_version: int) -> onnx.ModelProto:
     """The fused graph: same inputs and outputs (names, shapes, dtypes) as the parent, written for the parent's
     ONNX IR version (so the same onnxruntime reads it)."""
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-
-    def const(name: str, value: Any) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> None:
-        nodes.append(helper.make_node(op, inputs, outputs, **attrs))
-
+    g = GraphBuilder(OPSET)
+    const, node = g.const, g.node
     h, members, layers = p.hidden, len(p.cells), len(p.cells[0])
     rows = 2 * layers  # state rows per member
     node("Transpose", ["input_ids"], ["ids_tb"], perm=[1, 0])  # (T, B): the recurrent ops read time-major
@@ -226,25 +220,19 @@ def build(p: Parent, ir_version: int) -> onnx.ModelProto:
         helper.make_tensor_value_info("logits", f32, ["batch", len(p.heads[0][1])]),
         *(helper.make_tensor_value_info(s, f32, state_shape) for s in p.state_outputs),
     ]
-    graph = helper.make_graph(nodes, "sentiment_fused", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="seqserve-train fuse")
+    graph = helper.make_graph(g.nodes, "sentiment_fused", inputs, outputs, g.inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="seqserve-train fuse"
+    )
     model.ir_version = ir_version
     onnx.checker.check_model(model)
     return model
 
 
-def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-
-
 def probe_gap(parent: Path, fused: onnx.ModelProto, m: Manifest, seed: int = 0) -> dict[str, float]:
     """Largest |logit difference| between the parent and the fused graph on random padded batches, and the
     largest state difference on rows without padding."""
-    a, b = _session(parent), _session(fused)
+    a, b = cpu_session(parent, threads=1), cpu_session(fused, threads=1)
     assert m.tokenizer is not None
     vocab = len(m.tokenizer.vocab)
     rng = np.random.default_rng(seed)

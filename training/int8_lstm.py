@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from training.onnx_graph import GraphBuilder, cpu_session
 
 F32 = npt.NDArray[np.float32]
 WEIGHT_MAX = 63  # 7-bit int8 weights: uint8 x int8 pair sums fit 16 bits on CPUs without VNNI
@@ -119,25 +120,12 @@ def quantize_columns(w: F32) -> tuple[npt.NDArray[np.int8], F32]:
     return q, scale.astype(np.float32)
 
 
-class _Graph:
-    """Nodes and initializers of one (sub)graph under construction."""
+class _Graph(GraphBuilder):
+    """A (sub)graph of the char LM: ``quantized`` False builds the same structure in float32 (the structure check)."""
 
     def __init__(self, quantized: bool, opset: int) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.quantized, self.opset = quantized, opset
-
-    def const(self, name: str, value: Any) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> None:
-        self.nodes.append(helper.make_node(op, inputs, outputs, **attrs))
-
-    def split(self, x: str, outputs: list[str], axis: int) -> None:
-        """Equal parts (opset 18 wants their number said)."""
-        extra = {"num_outputs": len(outputs)} if self.opset >= 18 else {}
-        self.node("Split", [x], outputs, axis=axis, **extra)
+        super().__init__(opset)
+        self.quantized = quantized
 
     def hidden_matmul(self, x: str, w: F32, name: str, out: str) -> None:
         """``out = x @ w`` for hidden states ``x`` in [-1, 1]: uint8 with the fixed scale times int8 columns, summed
@@ -234,9 +222,7 @@ def max_gap(a: onnx.ModelProto, b: onnx.ModelProto, layers: int, hidden: int, vo
         "h0": rng.uniform(-1, 1, (layers, 4, hidden)).astype(np.float32),
         "c0": rng.normal(0, 1, (layers, 4, hidden)).astype(np.float32),
     }
-    runs = [
-        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds) for m in (a, b)
-    ]
+    runs = [cpu_session(m).run(None, feeds) for m in (a, b)]
     return max(float(np.abs(x - y).max()) for x, y in zip(*runs, strict=True))
 
 

@@ -43,6 +43,7 @@ from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model
 from training.int8_lstm import StructureError, build, check_structure
+from training.onnx_graph import cpu_session
 from training.pipelines import (
     derived_manifest,
     derived_source,
@@ -88,7 +89,7 @@ def quantized_nodes(path: Path) -> dict[str, int]:
 def batch_dependence(m: Manifest, model: Path, rows: int = 16, steps: int = 24) -> dict[str, float]:
     """Per output, the largest change when ``rows`` random inputs run as one batch instead of one by one: what
     batching does to a row's answer (0 or float rounding for a float32 graph)."""
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    sess = cpu_session(model)
     rng = np.random.default_rng(0)
     vocab = len(m.tokenizer.vocab) if m.tokenizer is not None else 2
     ids = rng.integers(2, vocab, (rows, steps)).astype(np.int64)
@@ -116,7 +117,7 @@ def batch_dependence(m: Manifest, model: Path, rows: int = 16, steps: int = 24) 
 def sequence_dependence(m: Manifest, model: Path, rows: int = 4, steps: int = 24) -> dict[str, float]:
     """Per output of a char LM, the largest change when ``steps`` characters run one at a time (state carried, as a
     typing session feeds them) instead of as one sequence: 0 or float rounding for a float32 graph."""
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    sess = cpu_session(model)
     vocab = len(m.tokenizer.vocab) if m.tokenizer is not None else 2
     ids = np.random.default_rng(1).integers(0, vocab, (rows, steps)).astype(np.int64)
     names = [o.name for o in sess.get_outputs()]
