@@ -252,10 +252,6 @@ def probe_gap(parent: Path, fused: onnx.ModelProto, m: Manifest, seed: int = 0) 
     return {"max_logit_gap": logit_gap, "max_state_gap_unpadded": state_gap}
 
 
-def node_count(path: Path) -> int:
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
-
-
 def fuse(src: Path, data: Path, out: Path, command: str, tolerance: float = TOLERANCE) -> dict[str, Any]:
     """``src`` (models/NAME/N) -> ``out`` (models/NAME/M): the fused graph, checked against the parent.
     Raises ``DataError`` (and leaves no ``out``) when the graph cannot be fused or misses the release rule."""
@@ -280,8 +276,14 @@ def fuse(src: Path, data: Path, out: Path, command: str, tolerance: float = TOLE
             f"{src}: the fused graph's logits differ from the parent's by up to {gaps['max_logit_gap']:.2e} "
             f"(tolerance {tolerance:.0e}); not released (nothing written)"
         )
+    record: dict[str, Any] = {
+        "nodes": {"parent": len(graph.graph.node), "fused": len(fused.graph.node)},  # the parent as read above
+        "onnxruntime": ort.__version__,
+        "tolerance": tolerance,
+        **gaps,
+    }
     with new_model_folder(out) as (name, version):
-        return _publish(src, m, fused, len(weights.cells), data, out, name, version, command, gaps, tolerance)
+        return _publish(src, m, fused, len(weights.cells), data, out, name, version, command, record)
 
 
 def _publish(
@@ -294,17 +296,11 @@ def _publish(
     name: str,
     version: int,
     command: str,
-    gaps: dict[str, float],
-    tolerance: float,
+    record: dict[str, Any],
 ) -> dict[str, Any]:
+    """Writes the fused model and its manifest, holds its dev answers to the parent's, completes ``record``."""
     onnx.save(fused, str(out / MODEL_FILE))
-    parent = f"{m.name}/{m.version}"
-    record: dict[str, Any] = {
-        "nodes": {"parent": node_count(src / MODEL_FILE), "fused": len(fused.graph.node)},
-        "onnxruntime": ort.__version__,
-        "tolerance": tolerance,
-        **gaps,
-    }
+    parent, tolerance, gap = f"{m.name}/{m.version}", record["tolerance"], record["max_logit_gap"]
     notes = (
         f"{members} member(s) averaged over one shared embedding (state rows = members x layers x "
         f"directions); fused graph: one bidirectional {m.architecture.cell.upper()} node per member and layer reads "
@@ -332,7 +328,7 @@ def _publish(
     limits = [
         *card.limits,
         f"The weights of {parent} in a leaner graph: its answers equal {parent}'s up to float32 rounding "
-        f"(largest logit difference on the probe batches {gaps['max_logit_gap']:.1e}); hn/cn of a padded row are "
+        f"(largest logit difference on the probe batches {gap:.1e}); hn/cn of a padded row are "
         "its state after its last valid token (nothing in serving reads them).",
     ]
     new = new.model_copy(
