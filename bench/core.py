@@ -82,14 +82,15 @@ def _infer_ns(dp: CoreDataPlane, ref: ModelRef) -> tuple[int, int, int]:
     return ns, rows, runs
 
 
+def versions(models: Path, name: str) -> list[int]:
+    """The committed versions of ``name`` (folders with a manifest), oldest first."""
+    return sorted(int(p.parent.name) for p in (models / name).glob(f"*/{MANIFEST_FILE}"))
+
+
 def char_models(models: Path) -> list[ModelRef]:
     """Every committed version of the float32 char LM and of its int8 copies (``charlm-int8/1``: dynamic
     quantization; ``/2``: static, batch-invariant)."""
-    refs = []
-    for name in ("charlm", "charlm-int8"):
-        versions = sorted(int(p.parent.name) for p in (models / name).glob(f"*/{MANIFEST_FILE}"))
-        refs += [ModelRef(name, v) for v in versions]
-    return refs
+    return [ModelRef(name, v) for name in ("charlm", "charlm-int8") for v in versions(models, name)]
 
 
 def run(models: Path, steps: int = 4000, concurrency: tuple[int, ...] = (1, 16)) -> list[dict[str, Any]]:

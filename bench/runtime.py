@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import cli
-from bench.core import char_models
+from bench.core import char_models, versions
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.core.runtime import CPU, Runtime
@@ -166,10 +166,10 @@ def padding_effect(models: Path, data: Path = SST2_DEV, trials: int = 30) -> lis
     from service.core.batching import StepInput, padding_groups
     from service.core.tokenizers import Encoder
 
-    versions = sorted(int(p.name) for p in (models / "sentiment").glob("[0-9]*") if p.name.isdigit())
-    if not versions:
+    committed = versions(models, "sentiment")
+    if not committed:
         return []
-    path = models / "sentiment" / str(versions[-1])
+    path = models / "sentiment" / str(committed[-1])
     m, sess, rng = Manifest.load(path / MANIFEST_FILE), session(path), np.random.default_rng(0)
     assert m.tokenizer is not None
     if data.exists():
@@ -182,7 +182,7 @@ def padding_effect(models: Path, data: Path = SST2_DEV, trials: int = 30) -> lis
         ids, lengths = right_pad(rows, 0)
         sess.run(None, {"input_ids": ids, "lengths": lengths, **zero_states(m.states, {"batch": len(rows)})})
 
-    out = []
+    min_saving, out = Settings().pad_split_tokens, []
     for batch in (4, 16, 64):
         whole = grouped = 0.0
         runs = 0
@@ -192,7 +192,7 @@ def padding_effect(models: Path, data: Path = SST2_DEV, trials: int = 30) -> lis
             run(rows)
             whole += time.perf_counter() - t0
             items = [StepInput({"input_ids": r[None, :]}, 1, pad={"input_ids": 0}) for r in rows]
-            groups = padding_groups(items, Settings().pad_split_tokens)
+            groups = padding_groups(items, min_saving)
             t0 = time.perf_counter()
             for g in groups:
                 run([rows[i] for i in g])
