@@ -42,6 +42,13 @@ def fused(src: Path, data: Path, capsys: pytest.CaptureFixture[str], version: in
     return out
 
 
+def refused(model: Path, data: Path, out: Path, capsys: pytest.CaptureFixture[str], message: str) -> None:
+    """``fuse`` exits 2 and says ``message``."""
+    capsys.readouterr()
+    assert main(["fuse", "--model", str(model), "--data", str(data), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+
+
 def logits(model: Path, texts: list[str]) -> np.ndarray:
     """The model's logits for ``texts``, padded to the longest in one batch."""
     m = Manifest.load(model / MANIFEST_FILE)
@@ -130,9 +137,7 @@ def test_fuse_refuses_what_it_cannot_rebuild(
     tmp_path: Path, tiny_sst2: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def fails(model: Path, data: Path, out: Path, message: str) -> None:
-        capsys.readouterr()
-        assert main(["fuse", "--model", str(model), "--data", str(data), "--out", str(out)]) == 2
-        assert message in capsys.readouterr().err
+        refused(model, data, out, capsys, message)
 
     uni = train(tmp_path / "uni", tiny_sst2, "--no-bidirectional", "--ensemble", "1")
     fails(
@@ -172,9 +177,8 @@ def test_a_fused_graph_that_answers_differently_is_not_released(
 
     monkeypatch.setattr(fuse_module, "build", misread)
     out = v1.parent / "2"
-    capsys.readouterr()
-    assert main(["fuse", "--model", str(v1), "--data", str(tiny_sst2), "--out", str(out)]) == 2
-    assert "differ from the parent's by up to" in capsys.readouterr().err and not out.exists()
+    refused(v1, tiny_sst2, out, capsys, "differ from the parent's by up to")
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -191,7 +195,5 @@ def test_a_refusal_after_writing_began_leaves_no_folder(
 
     monkeypatch.setattr(fuse_module, "evaluate_model", evaluate)
     out = v1.parent / "2"
-    capsys.readouterr()
-    assert main(["fuse", "--model", str(v1), "--data", str(tiny_sst2), "--out", str(out)]) == 2
-    assert "not the same answers; nothing written" in capsys.readouterr().err
+    refused(v1, tiny_sst2, out, capsys, "not the same answers; nothing written")
     assert not out.exists() and sorted(p.name for p in v1.parent.iterdir()) == ["1"]
