@@ -39,13 +39,12 @@ from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from training.cards import card_for
 from training.data import DataError
-from training.evaluate import evaluate_model
+from training.evaluate import RECOMPUTED, evaluate_model
 from training.onnx_graph import GraphBuilder, cpu_session
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 TOLERANCE = 1e-4  # largest logit difference from the parent on the probe batches
-RECOMPUTED = {"accuracy": ("dev_accuracy", True), "ece": ("dev_ece", False)}  # manifest metric -> evaluate key
 OPSET = 17
 MASK_FILL = 1e4  # the parent's masked_fill value for padded steps before the max pooling
 Array = npt.NDArray[Any]
@@ -321,8 +320,8 @@ def _publish(
     evaluate = f"seqserve-train evaluate --model {out} --data {data}"
     metrics = []
     for x in m.metrics:
-        if x.name in RECOMPUTED:
-            x = x.model_copy(update={"value": ev[RECOMPUTED[x.name][0]], "command": evaluate})
+        if x.name in RECOMPUTED[m.task]:
+            x = x.model_copy(update={"value": ev[RECOMPUTED[m.task][x.name][0]], "command": evaluate})
         metrics.append(x)
     card = m.card or card_for(m.name, m.task, m.version)
     limits = [

@@ -41,7 +41,7 @@ from service.core.arrays import softmax, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, ModelCard
 from training.cards import card_for
 from training.data import DataError
-from training.evaluate import evaluate_model
+from training.evaluate import RECOMPUTED, evaluate_model
 from training.int8_lstm import StructureError, build, check_structure
 from training.onnx_graph import cpu_session
 from training.pipelines import (
@@ -60,14 +60,9 @@ METHODS = {
     "(7-bit), int32 sums; embedding and first input projection folded into one float32 table; float32 cell and head",
 }
 TOLERANCE = 0.005
-# Per task, the manifest metrics the copy reports and the ``evaluate`` key each is recomputed from, with whether
-# higher is better; the first that the parent reports decides the release. (A parent's metric that ``evaluate``
-# cannot recompute from ONNX, such as sentiment's held-out accuracy measured in PyTorch during training, is not
-# carried over.)
-RECOMPUTED: dict[str, dict[str, tuple[str, bool]]] = {
-    "charlm": {"val_loss_nats_per_char": ("val_loss_nats_per_char", False)},
-    "sentiment": {"accuracy": ("dev_accuracy", True), "ece": ("dev_ece", False)},
-}
+# The copy reports the metrics ``evaluate`` recomputes (``training.evaluate.RECOMPUTED``); the first that the parent
+# reports decides the release. (A parent's metric that ``evaluate`` cannot recompute from ONNX, such as sentiment's
+# held-out accuracy measured in PyTorch during training, is not carried over.)
 
 
 def quantized_nodes(path: Path) -> dict[str, int]:
