@@ -11,8 +11,8 @@ What it measures, and why:
 - ``core``: the per-step CPU of the core alone, without gRPC (``bench/core.py``): what the transport adds is
   the rest of perf_analyzer's server CPU per request.
 - ``runtime``: one ONNX Runtime run of each int8 copy or fused graph against its parent, what batching does to the
-  int8 char LM's answers on real text, and what the batcher's length groups save on real sentences
-  (``bench/runtime.py``).
+  int8 char LM's answers on real text, what the batcher's length groups save on real sentences, and one run of
+  each default model with one and with two intra-op threads (``bench/runtime.py``).
 - ``streams``: concurrent generation streams; the dynamic batcher merges their one-character steps.
 - ``classify`` / ``forecast`` / ``observe``: request latency of the other APIs.
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     results["batch_dependence"] = runtime.real_text_dependence(args.models, runtime.TEXT, 3 if args.quick else 20)
     results["cache_effect"] = runtime.cache_effect(args.models, 200 if args.quick else 2000)
     results["padding"] = runtime.padding_effect(args.models, trials=3 if args.quick else 30)  # length groups
+    results["threads"] = runtime.threads_effect(args.models, 30 if args.quick else 300)  # 1 vs 2 intra-op threads
     results["stores"] = run_stores(args.models, quick=args.quick)  # per-step cost of each session store
     from bench import sessions  # session create rate at 1k/50k/250k live sessions (its own server; not --quick)
 
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.write_json(args.out, results)
     print_table(results)
     core.print_table(results["core"])
-    runtime.print_table(results["runtime"], results["batch_dependence"], results["cache_effect"], results["padding"])
+    runtime.print_table(
+        results["runtime"], results["batch_dependence"], results["cache_effect"], results["padding"], results["threads"]
+    )
     print_stores(results["stores"])
     if "sessions" in results:
         sessions.print_table(results["sessions"])

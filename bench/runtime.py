@@ -7,7 +7,8 @@ words.
 And what the int8 char LM's batching does to its answers on real text (Tiny Shakespeare's validation part, when
 ``../shared/data`` is there): 16 prompts of 100 characters and one more step, run as one batch and one by one;
 the largest probability change and how often the most likely next character differs. And what the batcher's
-length groups save on batches of real SST-2 sentences (``padding_effect``).
+length groups save on batches of real SST-2 sentences (``padding_effect``). And what a second ONNX Runtime intra-op
+thread (``INTRA_OP_THREADS``) does to one run of each default model (``threads_effect``).
 
     python -m bench.runtime [--models models] [--repeats 300]
 """
@@ -36,11 +37,11 @@ SHAPES: dict[str, list[tuple[int, int]]] = {  # task -> (batch, time) per case
 }
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     """The model's ORT session exactly as the server builds it (``service.core.runtime.Runtime``, default
-    settings: one intra-op thread, no spinning, CPU)."""
+    settings: one intra-op thread, no spinning, CPU; ``threads`` = the ``intra_op_threads`` setting)."""
     manifest = Manifest.load(path / MANIFEST_FILE)
-    return Runtime(manifest, path / MODEL_FILE, Settings(), [CPU], {}).session
+    return Runtime(manifest, path / MODEL_FILE, Settings(intra_op_threads=threads), [CPU], {}).session
 
 
 def feeds(m: Manifest, batch: int, time_steps: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -158,29 +159,45 @@ def cache_effect(models: Path, repeats: int = 2000) -> list[dict[str, Any]]:
     return rows
 
 
+def newest(models: Path, name: str) -> Path | None:
+    """The folder of the newest committed version of ``name`` (what the server answers by default), or None."""
+    committed = versions(models, name)
+    return models / name / str(committed[-1]) if committed else None
+
+
+def sst2_sentences(m: Manifest, data: Path, rng: np.random.Generator) -> list[Any]:
+    """The SST-2 dev sentences as ``m``'s word ids; synthetic lengths of 2-50 words when ``data`` is absent."""
+    from service.core.tokenizers import Encoder
+
+    assert m.tokenizer is not None
+    if data.exists():
+        enc = Encoder(m.tokenizer)
+        return [enc.encode(line.split("\t")[0]) for line in data.read_text(encoding="utf-8").splitlines()[1:]]
+    return [rng.integers(2, len(m.tokenizer.vocab), n).astype(np.int64) for n in rng.integers(2, 51, 872)]
+
+
+def sentence_feed(m: Manifest, rows: list[Any]) -> dict[str, Any]:
+    """One sentiment run's feeds: ``rows`` padded to the longest, their lengths and zero states."""
+    from service.core.arrays import right_pad
+
+    ids, lengths = right_pad(rows, 0)
+    return {"input_ids": ids, "lengths": lengths, **zero_states(m.states, {"batch": len(rows)})}
+
+
 def padding_effect(models: Path, data: Path = SST2_DEV, trials: int = 30) -> list[dict[str, Any]]:
     """The default sentiment model on batches of real SST-2 dev sentences (random draws; synthetic lengths of 2-50
     words when ``../shared/data`` is absent) padded to their longest: one ORT run against the batcher's length
     groups (``service.core.batching.padding_groups`` with the default ``pad_split_tokens``)."""
-    from service.core.arrays import right_pad
     from service.core.batching import StepInput, padding_groups
-    from service.core.tokenizers import Encoder
 
-    committed = versions(models, "sentiment")
-    if not committed:
+    path = newest(models, "sentiment")
+    if path is None:
         return []
-    path = models / "sentiment" / str(committed[-1])
     m, sess, rng = Manifest.load(path / MANIFEST_FILE), session(path), np.random.default_rng(0)
-    assert m.tokenizer is not None
-    if data.exists():
-        enc = Encoder(m.tokenizer)
-        sentences = [enc.encode(line.split("\t")[0]) for line in data.read_text(encoding="utf-8").splitlines()[1:]]
-    else:
-        sentences = [rng.integers(2, len(m.tokenizer.vocab), n).astype(np.int64) for n in rng.integers(2, 51, 872)]
+    sentences = sst2_sentences(m, data, rng)
 
     def run(rows: list[Any]) -> None:
-        ids, lengths = right_pad(rows, 0)
-        sess.run(None, {"input_ids": ids, "lengths": lengths, **zero_states(m.states, {"batch": len(rows)})})
+        sess.run(None, sentence_feed(m, rows))
 
     min_saving, out = Settings().pad_split_tokens, []
     for batch in (4, 16, 64):
@@ -205,11 +222,47 @@ def padding_effect(models: Path, data: Path = SST2_DEV, trials: int = 30) -> lis
     return out
 
 
+THREAD_CASES: dict[str, list[tuple[int, int]]] = {  # model name -> (batch, time) per case
+    "charlm": [(1, 1), (16, 1), (64, 1), (1, 1024)],
+    "charlm-int8": [(1, 1), (16, 1), (64, 1)],
+    "sentiment": [(1, 0), (4, 0), (16, 0), (64, 0)],  # time 0: random real SST-2 dev sentences
+}
+
+
+def threads_effect(models: Path, repeats: int = 300, data: Path = SST2_DEV) -> list[dict[str, Any]]:
+    """The newest version of each model with one and with two ORT intra-op threads (the ``intra_op_threads``
+    setting), on the same feeds: char LM steps and a prompt, sentiment batches of real sentences (one run, padded
+    to the longest). Two threads on a 2-core machine: what a second core buys ORT alone, with nothing else
+    running."""
+    out = []
+    for name, cases in THREAD_CASES.items():
+        path = newest(models, name)
+        if path is None:
+            continue
+        m, rng = Manifest.load(path / MANIFEST_FILE), np.random.default_rng(0)
+        one, two = session(path, 1), session(path, 2)
+        sentences = sst2_sentences(m, data, rng) if m.task == "sentiment" else []
+        for batch, steps in cases:
+            if sentences:
+                rows = [sentences[i] for i in rng.integers(0, len(sentences), batch)]
+                feed, steps = sentence_feed(m, rows), max(len(r) for r in rows)
+            else:
+                feed = feeds(m, batch, steps, rng)
+            n = max(10, repeats // max(1, batch * steps // 16))
+            a, b = per_run_us(one, feed, n), per_run_us(two, feed, n)
+            out.append({
+                "model": f"{m.name}/{m.version}", "batch": batch, "time": steps, "one_thread_us": a,
+                "two_threads_us": b, "speedup": a / b,
+            })  # fmt: skip
+    return out
+
+
 def print_table(
     rows: list[dict[str, Any]],
     dependence: list[dict[str, Any]] | None = None,
     cache: list[dict[str, Any]] | None = None,
     padding: list[dict[str, Any]] | None = None,
+    threads: list[dict[str, Any]] | None = None,
 ) -> None:
     print("\nONNX Runtime, one run on one thread (median µs): int8 copies and fused graphs against their parents:")
     print(f"  {'parent':>12} {'model':>16} {'how':>5} {'batch x time':>13} {'parent':>9} {'model':>9} {'speed-up':>8}")
@@ -236,6 +289,15 @@ def print_table(
                 f"    {p['batch']:>3} sentences: {p['one_run_ms']:.2f} in one run, {p['grouped_ms']:.2f} in "
                 f"{p['runs_per_batch']:.1f} runs on average ({p['speedup']:.2f}x)"
             )
+    if threads:
+        print("  One run with 1 and with 2 intra-op threads (INTRA_OP_THREADS; ORT alone, median µs):")
+        print(f"    {'model':>16} {'batch x time':>13} {'1 thread':>9} {'2 threads':>9} {'speed-up':>8}")
+        for t in threads:
+            shape = f"{t['batch']} x {t['time']}"
+            print(
+                f"    {t['model']:>16} {shape:>13} {t['one_thread_us']:>9.1f} {t['two_threads_us']:>9.1f} "
+                f"{t['speedup']:>7.2f}x"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=300)
     args = ap.parse_args(argv)
     rows, dependence = run(args.models, args.repeats), real_text_dependence(args.models, TEXT)
-    cache, padding = cache_effect(args.models), padding_effect(args.models)
-    cli.write_json(args.out, {"runs": rows, "batch_dependence": dependence, "cache_effect": cache, "padding": padding})
-    print_table(rows, dependence, cache, padding)
+    cache, padding, threads = cache_effect(args.models), padding_effect(args.models), threads_effect(args.models)
+    cli.write_json(
+        args.out,
+        {"runs": rows, "batch_dependence": dependence, "cache_effect": cache, "padding": padding, "threads": threads},
+    )
+    print_table(rows, dependence, cache, padding, threads)
     return 0
 
 

@@ -24,6 +24,13 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     # the batcher's length groups on the tiny sentiment model: one row per batch size, every group run counted
     assert [(p["model"], p["batch"]) for p in r["padding"]] == [("sentiment/1", b) for b in (4, 16, 64)]
     assert all(p["one_run_ms"] > 0 and p["grouped_ms"] > 0 and p["runs_per_batch"] >= 1 for p in r["padding"])
+    # one and two intra-op threads on each default model present (the tiny set has no charlm-int8)
+    cases = [(t["model"], t["batch"]) for t in r["threads"]]
+    assert cases == [("charlm/1", b) for b in (1, 16, 64, 1)] + [("sentiment/1", b) for b in (1, 4, 16, 64)]
+    assert [t["time"] for t in r["threads"][:4]] == [1, 1, 1, 1024]
+    for t in r["threads"]:
+        assert t["one_thread_us"] > 0 and t["two_threads_us"] > 0
+        assert abs(t["speedup"] - t["one_thread_us"] / t["two_threads_us"]) < 1e-9
     assert r["memory"]["sessions"] == 50 and r["memory"]["rss_after_bytes"] > 0
     stores = r["stores"]  # memory, Redis step, Redis idle at two concurrencies (redis-server: make sysdeps)
     assert [(row["store"], row["sessions"]) for row in stores["rows"]] == [
