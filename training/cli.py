@@ -1,4 +1,4 @@
-"""``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,evaluate,sample}``.
+"""``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,fuse,evaluate,heldout,sample}``.
 
 Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line
 naming the file and the problem and exit 2.
@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="recompute a model's metric from its exported ONNX")
     ev.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
     ev.add_argument("--data", type=Path, required=True)
+    ho = sub.add_parser(
+        "heldout", help="a sentiment model's held-out accuracy (what chose its checkpoint), or several models' mean"
+    )
+    ho.add_argument("--model", type=Path, action="append", required=True, help="models/NAME/VERSION (repeatable)")
+    ho.add_argument("--data", type=Path, required=True, help="the SST-2 folder it was trained on")
     ca = sub.add_parser("calibrate", help="recalibrate a trained forecaster's intervals into a new version")
     ca.add_argument("--model", type=Path, required=True, help="the trained models/NAME/N (left unchanged)")
     ca.add_argument("--data", type=Path, required=True, help="the file it was trained on")
@@ -194,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             from training.evaluate import evaluate_model
 
             print(json.dumps(evaluate_model(args.model, args.data), indent=2))
+            return 0
+        if args.command == "heldout":
+            from training.heldout import heldout_accuracy
+
+            print(json.dumps(heldout_accuracy(args.model, args.data), indent=2))
             return 0
         if args.command in ("forecast", "calibrate"):
             from training.forecasting import scale_candidates

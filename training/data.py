@@ -137,6 +137,19 @@ def hold_out_sentences(
     return fit, held
 
 
+def heldout_split(
+    rows: list[tuple[str, int]], kind: str, fraction: float, rng: np.random.Generator
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(fit, held) as sentiment training splits train.tsv: ``kind`` "rows" holds out a random ``fraction`` of the
+    rows (phrases and sentences), "sentences" that fraction of the whole sentences (``hold_out_sentences``). The
+    same ``rng`` state gives the same split (``seqserve-train heldout`` recomputes it from the manifest's seed)."""
+    if kind == "sentences":
+        return hold_out_sentences(rows, fraction, rng)
+    order = rng.permutation(len(rows))
+    n = int(len(rows) * fraction)
+    return [rows[i] for i in order[n:]], [rows[i] for i in order[:n]]
+
+
 def word_tokenizer(texts: list[str], min_count: int = 1, max_size: int = 50_000, max_length: int = 128) -> Tokenizer:
     """Word vocab from the training texts: pad at 0, unk at 1, then by frequency (ties alphabetical)."""
     counts = Counter(w for t in texts for w in split_words(t, lowercase=True))

@@ -14,7 +14,7 @@ import torch
 from service.core.manifest import Metric
 from service.core.tokenizers import Encoder
 from training.cards import card_for
-from training.data import hold_out_sentences, load_sst2, ngram_table, word_tokenizer
+from training.data import heldout_split, load_sst2, ngram_table, word_tokenizer
 from training.evaluate import evaluate_model
 from training.export import write_model
 from training.glove import extend_vocab, glove_table, load_glove
@@ -28,14 +28,12 @@ from training.train import fit
 def train_sentiment(job: Job) -> None:
     train_rows, dev_rows = load_sst2(job.data)
     rng = np.random.default_rng(job.train.seed)
-    if job.extra.get("heldout") == "sentences":
-        fit_rows, held_rows = hold_out_sentences(train_rows, job.extra["heldout_fraction"], rng)
+    kind = job.extra.get("heldout") or "rows"
+    fit_rows, held_rows = heldout_split(train_rows, kind, job.extra["heldout_fraction"], rng)
+    if kind == "sentences":
         held_what = f"{len(held_rows)} whole sentences held out from train.tsv (their phrases left out of training)"
     else:
-        order = rng.permutation(len(train_rows))
-        n = int(len(train_rows) * job.extra["heldout_fraction"])
-        held_rows, fit_rows = [train_rows[i] for i in order[:n]], [train_rows[i] for i in order[n:]]
-        held_what = f"{n} rows held out from train.tsv"
+        held_what = f"{len(held_rows)} rows held out from train.tsv"
     n_held = len(held_rows)
     tok = word_tokenizer([t for t, _ in fit_rows], min_count=job.extra["min_count"], max_length=job.extra["max_length"])
     learned_rows, glove_info = len(tok.vocab), {}
