@@ -6,7 +6,10 @@ Its answers are recorded from a real seqserve (``record``): per model the ModelM
 ModelStatistics responses and one ModelInfer response, so the floor sends byte-for-byte the same sizes. Each
 inference echoes the request id into a copy of the canned response, as any server must.
 
-    python -m bench.floor --canned DIR --port 0 --ready-file F [--workers N]
+    python -m bench.floor --canned DIR --port 0 --ready-file F [--workers N] [--event-loop asyncio|uvloop]
+
+It runs on the event loop seqserve runs on (``--event-loop``, as the ``event_loop`` setting; ``bench.perf`` passes
+the server's), so the ratios compare the same loop.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import grpc
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.core.aio import run
 
 _TYPES: dict[str, Any] = {
     "metadata": pb.ModelMetadataResponse,
@@ -134,8 +138,8 @@ async def _serve(canned: Path, port: int, ready: Path | None) -> None:
     await server.stop(0)
 
 
-def _child(canned: Path, port: int) -> None:
-    asyncio.run(_serve(canned, port, None))
+def _child(canned: Path, port: int, loop: str) -> None:
+    run(_serve(canned, port, None), loop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,15 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path)
     ap.add_argument("--workers", type=int, default=1, help="processes behind one port (SO_REUSEPORT)")
+    ap.add_argument(
+        "--event-loop", choices=["asyncio", "uvloop"], default="asyncio", help="as seqserve's event_loop setting"
+    )
     args = ap.parse_args(argv)
     if args.workers > 1 and args.port == 0:
         ap.error("--workers > 1 needs a fixed --port (processes share it with SO_REUSEPORT)")
     ctx = mp.get_context("spawn")
-    children = [ctx.Process(target=_child, args=(args.canned, args.port)) for _ in range(args.workers - 1)]
+    children = [
+        ctx.Process(target=_child, args=(args.canned, args.port, args.event_loop)) for _ in range(args.workers - 1)
+    ]
     for c in children:
         c.start()
     try:
-        asyncio.run(_serve(args.canned, args.port, args.ready_file))
+        run(_serve(args.canned, args.port, args.ready_file), args.event_loop)
     finally:
         for c in children:
             c.terminate()

@@ -33,9 +33,9 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def floor(canned: Path, folder: Path) -> Any:
+def floor(canned: Path, folder: Path, loop: str = "asyncio") -> Any:
     cmd = [sys.executable, "-m", "bench.floor", "--canned", str(canned), "--ready-file", str(folder / "floor.json")]
-    return process(cmd, folder / "floor.json")
+    return process([*cmd, "--event-loop", loop], folder / "floor.json")
 
 
 def available_workers() -> int:
@@ -125,8 +125,9 @@ def run(
                     record(target, canned_requests(models), folder / "canned")
                 pids = _children(pid)
                 results["rows"] += measure(f"seqserve w={w}", target, pids, workloads, conc, folder, env, window_ms)
-        if with_floor:
-            with floor(folder / "canned", folder) as (info, pid):
+        if with_floor:  # on the server's event loop (the event_loop setting: asyncio unless --env names one)
+            loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", "asyncio")
+            with floor(folder / "canned", folder, loop) as (info, pid):
                 target = f"127.0.0.1:{info['grpc_port']}"
                 results["rows"] += measure("floor", target, [pid], workloads, conc, folder, env, window_ms)
     results["load_after"] = os.getloadavg()

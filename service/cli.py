@@ -72,14 +72,15 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.core.aio import run
     from service.engine.procs import serve, worker_count
     from service.logs import configure
 
     settings = _settings(args)
     configure(settings)
     if worker_count(settings) > 1:  # N frontend processes + this one as the engine
-        return asyncio.run(serve(settings, args.ready_file))
-    asyncio.run(_serve(settings, args.ready_file))
+        return run(serve(settings, args.ready_file), settings.event_loop)
+    run(_serve(settings, args.ready_file), settings.event_loop)
     return 0
 
 

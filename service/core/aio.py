@@ -1,11 +1,37 @@
-"""Small asyncio helpers shared by the core's background tasks."""
+"""Small asyncio helpers: the event loop a server process runs on, and stopping background tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``kind`` names (the ``event_loop`` setting): "asyncio" (the standard library's; None) or
+    "uvloop" (libuv's: fewer CPU cycles per callback and socket event; the ``uvloop`` extra)."""
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ValueError(
+            "event_loop 'uvloop' needs the uvloop package: pip install 'seqserve[uvloop]' (Linux, macOS), or set "
+            "SEQSERVE_EVENT_LOOP=asyncio"
+        ) from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T], kind: str = "asyncio") -> T:
+    """``asyncio.run(main)`` on the loop ``kind`` names (``loop_factory``)."""
+    with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
+        return runner.run(main)
 
 
 async def cancel_and_wait(task: asyncio.Task[object] | None, timeout: float = 5.0) -> bool:

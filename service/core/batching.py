@@ -257,7 +257,10 @@ class Batcher:
         recent = self._last_rows.get(item.key)
         if recent and max(recent) > 1:
             return 0
-        ready = getattr(loop, "_ready", None)  # asyncio's run queue; another loop (uvloop) never takes this path
+        # asyncio's run queue. uvloop keeps its own out of sight, so there a lone request always queues: gRPC hands
+        # a burst of calls to the loop one callback at a time, and without seeing the rest of the burst each call
+        # would run alone and nothing would batch (a version that skipped the queue on uvloop did exactly that).
+        ready = getattr(loop, "_ready", None)
         if ready is None or len(ready) > 0:
             return 0
         tokens = self._tokens([item])

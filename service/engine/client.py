@@ -81,8 +81,7 @@ class RemoteDataPlane:
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
         transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self), self.path)
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport  # (no isinstance check: uvloop's transports do not subclass asyncio's)
         self._send([wire.HELLO, 0, "", (), {}, None])
 
     async def stop(self) -> None:

@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from service.core.aio import run
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def frontend_main(values: dict[str, Any], index: int, socket_path: str, conn: Co
 
     settings = Settings(**values)
     configure(settings)
-    asyncio.run(_frontend(settings, socket_path, conn))
+    run(_frontend(settings, socket_path, conn), settings.event_loop)
 
 
 async def _frontend(settings: Settings, socket_path: str, conn: Connection) -> None:

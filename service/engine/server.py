@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 from service.core.context import admitted, call_scope, mark_admitted, set_principal
 from service.core.dataplane import CoreDataPlane
@@ -39,8 +39,7 @@ class _Connection(asyncio.Protocol):
         self.acks: dict[int, asyncio.Future[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self.engine.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1,12 +1,16 @@
 """``cancel_and_wait``: a background loop that swallows a cancellation (as redis-py can, turning a cancel that
-races its own timeout into ``TimeoutError``) must not hang a server's stop."""
+races its own timeout into ``TimeoutError``) must not hang a server's stop. ``run``/``loop_factory``: the event loop
+the ``event_loop`` setting names."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
-from service.core.aio import cancel_and_wait
+import pytest
+
+from service.core.aio import cancel_and_wait, loop_factory, run
 
 
 async def test_a_loop_that_swallows_one_cancel_still_ends() -> None:
@@ -62,3 +66,18 @@ async def test_none_and_finished_tasks_are_fine() -> None:
     task = asyncio.create_task(asyncio.sleep(0))
     await task
     assert await cancel_and_wait(task) is True
+
+
+def test_loop_factory_names_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert loop_factory("asyncio") is None
+    assert run(_loop_name(), "asyncio") == "_UnixSelectorEventLoop"
+    uvloop = pytest.importorskip("uvloop")
+    factory = loop_factory("uvloop")
+    assert factory is not None and run(_loop_name(), "uvloop") == uvloop.Loop.__name__
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if the uvloop extra were not installed
+    with pytest.raises(ValueError, match=r"needs the uvloop package: pip install 'seqserve\[uvloop\]'"):
+        loop_factory("uvloop")
+
+
+async def _loop_name() -> str:
+    return type(asyncio.get_running_loop()).__name__

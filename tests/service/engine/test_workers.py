@@ -179,3 +179,24 @@ def test_principals_cross_frontends(tiny_models: Path, tmp_path: Path) -> None:
             assert a2.get_session(sid).id == sid
     finally:
         stop_server(proc)
+
+
+def test_on_uvloop_alternating_frontends_match_one_process(
+    servers: tuple[dict[str, object], int], tiny_models: Path, tmp_path: Path
+) -> None:
+    """SEQSERVE_EVENT_LOOP=uvloop in every process (engine and frontends): the engine link works on uvloop's
+    transports, and sessions and sequences answer as the single asyncio process does."""
+    pytest.importorskip("uvloop")
+    _, single = servers
+    env = {"SEQSERVE_WORKERS": "2", "SEQSERVE_FRONTEND_PORTS": "true", "SEQSERVE_EVENT_LOOP": "uvloop"}
+    proc, info = start_server(tiny_models, tmp_path, **env)
+    try:
+        targets = _frontends(dict(info))
+        np.testing.assert_allclose(
+            np.array(_session_run(targets)), np.array(_session_run([f"127.0.0.1:{single}"])), rtol=1e-5, atol=1e-6
+        )
+        for a, b in zip(_sequence_run(targets), _sequence_run([f"127.0.0.1:{single}"]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0  # SIGTERM drained every process
