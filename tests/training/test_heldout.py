@@ -61,6 +61,20 @@ def test_heldout_rebuilds_trainings_slice_and_scores_the_mean(
 
 
 @pytest.mark.slow
+def test_heldout_rebuilds_a_held_out_set_of_whole_sentences(
+    tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = train(tmp_path, tiny_sst2, "s", "--heldout", "sentences", "--heldout-fraction", "0.2")
+    rc, out = heldout(capsys, tiny_sst2, s)
+    assert rc == 0
+    r = json.loads(out)
+    # 10 distinct sentences (no phrases) in the toy train.tsv: 2 held out, once each, as training held them out
+    assert (r["heldout"], r["heldout_fraction"], r["heldout_rows"]) == ("sentences", 0.2, 2)
+    scored = r["models"][str(s)]
+    assert scored["heldout_accuracy"] == pytest.approx(scored["recorded"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_heldout_refuses_models_that_held_out_different_rows(
     tmp_path: Path, tiny_sst2: Path, tiny_models: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
