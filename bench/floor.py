@@ -22,13 +22,14 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import grpc
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.aio import run
+from service.settings import Settings
 
 _TYPES: dict[str, Any] = {
     "metadata": pb.ModelMetadataResponse,
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path)
     ap.add_argument("--workers", type=int, default=1, help="processes behind one port (SO_REUSEPORT)")
+    loop = Settings.model_fields["event_loop"]
     ap.add_argument(
-        "--event-loop", choices=["asyncio", "uvloop"], default="asyncio", help="as seqserve's event_loop setting"
+        "--event-loop", choices=get_args(loop.annotation), default=loop.default, help="as seqserve's event_loop setting"
     )
     args = ap.parse_args(argv)
     if args.workers > 1 and args.port == 0:

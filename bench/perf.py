@@ -17,6 +17,7 @@ from typing import Any
 
 from bench import cli, pa
 from bench.launch import process, serve
+from service.settings import Settings
 
 
 def _children(pid: int) -> list[int]:
@@ -33,7 +34,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def floor(canned: Path, folder: Path, loop: str = "asyncio") -> Any:
+def floor(canned: Path, folder: Path, loop: str) -> Any:
     cmd = [sys.executable, "-m", "bench.floor", "--canned", str(canned), "--ready-file", str(folder / "floor.json")]
     return process([*cmd, "--event-loop", loop], folder / "floor.json")
 
@@ -125,8 +126,8 @@ def run(
                     record(target, canned_requests(models), folder / "canned")
                 pids = _children(pid)
                 results["rows"] += measure(f"seqserve w={w}", target, pids, workloads, conc, folder, env, window_ms)
-        if with_floor:  # on the server's event loop (the event_loop setting: asyncio unless --env names one)
-            loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", "asyncio")
+        if with_floor:  # on the server's event loop (the event_loop setting's default unless --env names one)
+            loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", Settings.model_fields["event_loop"].default)
             with floor(folder / "canned", folder, loop) as (info, pid):
                 target = f"127.0.0.1:{info['grpc_port']}"
                 results["rows"] += measure("floor", target, [pid], workloads, conc, folder, env, window_ms)

@@ -78,8 +78,9 @@ class Settings(BaseSettings):
     worker on 2 cores, sentiment c=64 +19-21%, char-LM unary c=16 +9-12%, streams +2-7%, c=1 -5-9%. asyncio by
     measurement: the lone keystroke comes first; the README's settings table has the numbers."""
     intra_op_threads: int = Field(default=1, ge=0)
-    """ONNX Runtime threads per session (0 = ORT's default: one per core, spinning). 1 by measurement: recurrent
-    steps are too small to split, and spinning pool threads take the cores the event loops need."""
+    """ONNX Runtime threads per session (0 = ORT's default: one per core, spinning). 1 by measurement: spinning pool
+    threads take the cores the event loops need, and a second thread speeds up only big sentiment batches in ORT
+    alone (``make bench``'s threads table), not the served throughput, which the event loop limits."""
     inter_op_threads: int = Field(default=1, ge=0)
 
     # --- batching --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.launch import server_env
 from service.client import Client
 from tests.integration.conftest import ROOT, free_port, http_get, log_tail, wait_for
 
@@ -26,8 +27,9 @@ def children(pid: int) -> list[int]:
 
 def test_make_serve_answers_with_the_committed_models_and_stops_on_sigterm(tmp_path: Path) -> None:
     port, metrics_port, log = free_port(), free_port(), tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
-    env.update(SEQSERVE_METRICS_PORT=str(metrics_port), SEQSERVE_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    env = server_env(
+        {"SEQSERVE_METRICS_PORT": str(metrics_port), "SEQSERVE_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+    )
     with log.open("wb") as out:
         make = subprocess.Popen(
             ["make", "--no-print-directory", "serve", f"PORT={port}"],

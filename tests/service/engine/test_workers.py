@@ -97,19 +97,27 @@ def _sequence_run(targets: list[str]) -> list[np.ndarray]:
             c.close()
 
 
-def test_sessions_alternating_frontends_match_one_process(servers: tuple[dict[str, object], int]) -> None:
-    info, single = servers
-    alternating = _session_run(_frontends(info))
+def _sessions_match(frontends: list[str], single: int) -> None:
+    alternating = _session_run(frontends)
     alone = _session_run([f"127.0.0.1:{single}"])
     np.testing.assert_allclose(np.array(alternating), np.array(alone), rtol=1e-5, atol=1e-6)
 
 
-def test_sequences_alternating_frontends_match_one_process(servers: tuple[dict[str, object], int]) -> None:
-    info, single = servers
-    alternating = _sequence_run(_frontends(info))
+def _sequences_match(frontends: list[str], single: int) -> None:
+    alternating = _sequence_run(frontends)
     alone = _sequence_run([f"127.0.0.1:{single}"])
     for a, b in zip(alternating, alone, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sessions_alternating_frontends_match_one_process(servers: tuple[dict[str, object], int]) -> None:
+    info, single = servers
+    _sessions_match(_frontends(info), single)
+
+
+def test_sequences_alternating_frontends_match_one_process(servers: tuple[dict[str, object], int]) -> None:
+    info, single = servers
+    _sequences_match(_frontends(info), single)
 
 
 def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> None:
@@ -192,11 +200,8 @@ def test_on_uvloop_alternating_frontends_match_one_process(
     proc, info = start_server(tiny_models, tmp_path, **env)
     try:
         targets = _frontends(dict(info))
-        np.testing.assert_allclose(
-            np.array(_session_run(targets)), np.array(_session_run([f"127.0.0.1:{single}"])), rtol=1e-5, atol=1e-6
-        )
-        for a, b in zip(_sequence_run(targets), _sequence_run([f"127.0.0.1:{single}"]), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        _sessions_match(targets, single)
+        _sequences_match(targets, single)
     finally:
         stop_server(proc)
     assert proc.returncode == 0  # SIGTERM drained every process
