@@ -130,7 +130,8 @@ FLOOR_FRACTION = 0.1  # the scale never drops below this share of its median ove
 @dataclass(frozen=True)
 class IntervalChoice:
     """How intervals are formed: ``kind`` "none" (constant offsets) or a ``SCALE_KINDS`` volatility over the last
-    ``k`` changes; offsets per horizon step or ``pooled``. The half-split check's scores, each the mean over both
+    ``k`` changes (or "learned": the scale ``training.learned_scale`` checks, never released); offsets per horizon
+    step or ``pooled``. The half-split check's scores, each the mean over both
     halves: ``miss``, sum_q |coverage_q - level_q|, and ``pinball``, the mean pinball loss over the levels; and
     ``halves``, each direction's coverage per level and of the outer band."""
 
@@ -143,7 +144,9 @@ class IntervalChoice:
 
     @property
     def label(self) -> str:
-        scale = "constant" if self.kind == "none" else f"{self.kind} of the last {self.k} changes"
+        scale = {"none": "constant", "learned": "learned from train residuals"}.get(
+            self.kind, f"{self.kind} of the last {self.k} changes"
+        )
         return f"{scale}, {'pooled' if self.pooled else 'per-step'}"
 
 
@@ -178,17 +181,25 @@ def halves(n: int, gap: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int6
     return np.arange(0, max(cut - gap // 2, 1)), np.arange(min(cut + (gap - gap // 2), n - 1), n)
 
 
-def _half_split(
-    history: F64, residuals: F64, levels: Sequence[float], choice: IntervalChoice, gap: int
+def half_split(
+    history: F64,
+    residuals: F64,
+    levels: Sequence[float],
+    choice: IntervalChoice,
+    gap: int,
+    scale: F64 | None = None,
 ) -> IntervalChoice:
     """Calibrate on one half of the windows (time order), score the other half, both ways (``halves``).
-    -> ``choice`` with its ``miss`` and ``pinball``."""
+    -> ``choice`` with its ``miss`` and ``pinball``. The windows' scale is ``choice``'s volatility (floored on the
+    calibrating half), or ``scale`` (N, 1, T) when given: one computed without these windows' residuals."""
     t = residuals.shape[2]
     first, second = halves(len(residuals), gap)
     misses, losses, directions = [], [], []
     for cal, ev in ((first, second), (second, first)):
         s_cal, s_ev = np.ones((len(cal), 1, t)), np.ones((len(ev), 1, t))
-        if choice.kind != "none":
+        if scale is not None:
+            s_cal, s_ev = scale[cal], scale[ev]
+        elif choice.kind != "none":
             floor = scale_floor(volatility(history[cal], choice.kind, choice.k))
             s_cal = window_scale(history[cal], choice.kind, choice.k, floor)
             s_ev = window_scale(history[ev], choice.kind, choice.k, floor)
@@ -234,8 +245,13 @@ def choose_interval(
     ]
     if not candidates:
         raise ValueError(f"choose_interval: no candidate; the scale's k must be below the window ({x.shape[1]})")
-    scored = [_half_split(x, r, levels, c, gap) for c in candidates]
+    scored = [half_split(x, r, levels, c, gap) for c in candidates]
+    return pick(scored), scored
+
+
+def pick(scored: Sequence[IntervalChoice]) -> IntervalChoice:
+    """The interval rule: among candidates whose held-out pinball loss is within ``PINBALL_TOLERANCE`` of the best
+    constant band's (every constant one is admissible), the smallest ``miss`` (ties: the earlier)."""
     constant = [c.pinball for c in scored if c.kind == "none"]
     limit = (1 + PINBALL_TOLERANCE) * min(constant) if constant else np.inf
-    admissible = [c for c in scored if c.kind == "none" or c.pinball <= limit]
-    return min(admissible, key=lambda c: c.miss), scored
+    return min((c for c in scored if c.kind == "none" or c.pinball <= limit), key=lambda c: c.miss)
