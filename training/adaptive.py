@@ -20,10 +20,8 @@ applies: a rate whose pinball loss is more than ``PINBALL_TOLERANCE`` above the 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -119,26 +117,21 @@ def admissible(scores: dict[float, tuple[Online, Online]], levels: Sequence[floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.evaluate import forecast_and_scale, open_model
+    from training.evaluate import forecast_and_scale, forecaster_study
     from training.forecasting import LEVELS
-    from training.series import series_for, windows
+    from training.series import windows
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True, help="a forecaster folder, models/NAME/N")
-    ap.add_argument("--data", type=Path, required=True, help="its data file")
-    args = ap.parse_args(argv)
-    m, sess = open_model(args.model)
+    m, sess, s = forecaster_study(__doc__, argv)
     f = m.forecast
     if f is None or not f.quantile_offsets:
-        raise SystemExit(f"{args.model}: not a forecaster with intervals")
-    s = series_for(m, args.data)
+        raise SystemExit(f"{m.name}/{m.version}: not a forecaster with intervals")
     x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
     point, scale = forecast_and_scale(m, sess, x)
     pooled = bool(m.training.get("interval_choice", {}).get("pooled", False))
     try:
         scores = check(y - point, scale, LEVELS, pooled=pooled)
     except ValueError as e:
-        raise SystemExit(f"{args.model}: {e}") from None
+        raise SystemExit(f"{m.name}/{m.version}: {e}") from None
     print(f"{m.name}/{m.version}: online adaptive levels on its {len(x)} validation windows, half against half")
     print(f"  ({'pooled' if pooled else 'per-step'} offsets; first -> second half | second -> first half)")
     print(f"  {'gamma':>6}  {'below p10/p50/p90, band, pinball':>44} | {'the other direction':>44}  miss")

@@ -87,6 +87,21 @@ def eval_sentiment(m: Manifest, sess: ort.InferenceSession, folder: Path) -> dic
     }
 
 
+def forecaster_study(doc: str | None, argv: list[str] | None) -> tuple[Manifest, ort.InferenceSession, Series]:
+    """The command line of a study run on one forecaster (``python -m training.adaptive``, ``learned_scale``):
+    ``--model models/NAME/N --data FILE`` -> its manifest, session and data as it was split for training."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="a forecaster folder, models/NAME/N")
+    ap.add_argument("--data", type=Path, required=True, help="its data file")
+    args = ap.parse_args(argv)
+    m, sess = open_model(args.model)
+    if m.forecast is None:
+        raise SystemExit(f"{args.model}: not a forecaster")
+    return m, sess, series_for(m, args.data)
+
+
 def forecast_windows(m: Manifest, sess: ort.InferenceSession, x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """x (N, window, F) z-scored -> point forecasts (N, horizon, T) z-scored (T = target columns)."""
     return forecast_and_scale(m, sess, x)[0]

@@ -14,9 +14,7 @@ same rule (``training.calibrate.pick``) decides.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -102,19 +100,13 @@ def study(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.evaluate import forecast_windows, open_model
+    from training.evaluate import forecast_windows, forecaster_study
     from training.forecasting import LEVELS
-    from training.series import series_for, windows
+    from training.series import windows
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True, help="a forecaster folder, models/NAME/N")
-    ap.add_argument("--data", type=Path, required=True, help="its data file")
-    args = ap.parse_args(argv)
-    m, sess = open_model(args.model)
+    m, sess, s = forecaster_study(__doc__, argv)
     f = m.forecast
-    if f is None:
-        raise SystemExit(f"{args.model}: not a forecaster")
-    s = series_for(m, args.data)
+    assert f is not None  # forecaster_study checked
 
     def part(name: str) -> tuple[F64, F64]:
         x, y = windows(s.part(name, f.window), f.window, f.horizon, s.target_index)
@@ -125,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chosen, scored, weights = study(train, val, LEVELS, gap=f.horizon)
     except ValueError as e:
-        raise SystemExit(f"{args.model}: {e}") from None
+        raise SystemExit(f"{m.name}/{m.version}: {e}") from None
     print(
         f"{m.name}/{m.version}: a scale learned on {len(train[0])} train windows (correlation with the log "
         f"error size: {agreement(*train, weights):.3f} there, {agreement(*val, weights):.3f} on validation), "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from training import learned_scale
 from training.cli import main
 
 FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
@@ -123,6 +124,14 @@ def test_forecast_with_covariates(tmp_path: Path, tiny_csv: Path, capsys: pytest
     ev = _evaluate(capsys, out, tiny_csv)
     assert ev["test_windows"] == 96 - 12 + 1 and np.isfinite(ev["test_mse"])
     assert ev["test_mse"] == pytest.approx(m.metrics[0].value, rel=1e-4)
+    # the interval studies read the target column only, and refuse a model that is not a forecaster
+    assert learned_scale.main(["--model", str(out), "--data", str(tiny_csv)]) == 0
+    report = capsys.readouterr().out
+    assert f"learned on {336 - 24 - 12 + 1} train windows" in report
+    assert f"checked on {48 + 24 - 24 - 12 + 1} validation windows" in report
+    assert "learned from train residuals, pooled" in report and "the interval rule picks: " in report
+    with pytest.raises(SystemExit, match="not a forecaster"):
+        learned_scale.main(["--model", str(Path(__file__).parents[2] / "models/charlm/1"), "--data", str(tiny_csv)])
 
 
 @pytest.mark.parametrize(
