@@ -191,6 +191,22 @@ class Metrics:
             registry=r,
         )
 
+        # --- core: forecast intervals, scored as the truth arrives ---------------------------------------
+        self.forecast_targets = Counter(
+            "seqserve_forecast_observed_targets",
+            "Target values a forecast session observed after it had forecast them: each is scored against the "
+            "quantiles the session's previous forecast gave for it.",
+            ("model", "version"),
+            registry=r,
+        )
+        self.forecast_below = Counter(
+            "seqserve_forecast_targets_below",
+            "Of the observed targets, those at or below the previous forecast's quantile at this level (its share "
+            "should be the level).",
+            ("model", "version", "level"),
+            registry=r,
+        )
+
     def know_models(self, names: Iterable[str]) -> None:
         """Allows ``names`` as model label values without creating any series (a frontend process labels the
         RPCs of models that its engine loaded)."""
@@ -308,6 +324,24 @@ class Metrics:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         self._child(self.chars, (self._model(model),)).inc(count)
+
+    # --- core: forecast intervals ------------------------------------------------------------------------
+    def forecast_levels(self, model: str, version: int, levels: Iterable[float]) -> None:
+        """A forecaster with intervals loaded: its scoring series exist at 0, so ``increase()`` sees them."""
+        v = str(version)
+        self.forecast_targets.labels(model, v)
+        for level in levels:
+            self.forecast_below.labels(model, v, f"{level:g}")
+
+    def forecast_scored(self, model: str, version: int, targets: int, below: dict[float, int]) -> None:
+        """``targets`` observed values scored against their forecast's quantiles; ``below``: level -> how many
+        were at or below that quantile."""
+        if targets < 0 or any(not 0 <= n <= targets for n in below.values()):
+            raise ValueError(f"forecast_scored: counts must lie in 0..targets={targets}, got {below}")
+        v = str(version)
+        self._child(self.forecast_targets, (self._model(model), v)).inc(targets)
+        for level, n in below.items():
+            self._child(self.forecast_below, (self._model(model), v, f"{level:g}")).inc(n)
 
     def time_to_first_chunk(self, model: str, seconds: float) -> None:
         """Complete: from request start to the first streamed chunk."""

@@ -70,6 +70,7 @@ class ModelEntry:
     _runtime: Runtime | None = None
     _batcher: Batcher | None = None
     _task: Task | None = None
+    _metrics: Metrics | None = None
     _inflight: int = 0
     _drained: asyncio.Event | None = None
 
@@ -100,6 +101,11 @@ class ModelEntry:
     def task(self) -> Task:
         assert self._task is not None, f"{self.label} is not loaded"
         return self._task
+
+    @property
+    def metrics(self) -> Metrics:
+        assert self._metrics is not None, f"{self.label} is not loaded"
+        return self._metrics
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -170,6 +176,7 @@ class ModelEntry:
 
     def start(self, settings: Settings, metrics: Metrics) -> None:
         """On the event loop, after ``load_files`` succeeded: the batcher and the task instance."""
+        self._metrics = metrics
         self._batcher = Batcher(self.name, self.version, self.runtime, settings, metrics, self.stats)
         self._batcher.start()
         self._task = task_class(self.manifest.task)(self, settings)

@@ -54,6 +54,7 @@ class Traffic:
     texts: int = 0  # sentiment texts classified (Classify + KServe ModelInfer)
     completes: int = 0
     completion_chars: int = 0
+    scored: int = 0  # forecast targets scored against the quantiles forecast for them
 
 
 def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, max_sessions: int, t: Traffic) -> None:
@@ -76,11 +77,13 @@ def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, max_sessions:
     s2 = c.fork_session(s1.id)
     assert c.get_session(s2.id).id == s2.id
     s3 = c.create_session("forecaster")
-    rows = np.linspace(0.0, 5.0, 24 * 7, dtype=np.float32).reshape(24, 7)
+    rows = np.linspace(0.0, 5.0, 30 * 7, dtype=np.float32).reshape(30, 7)
     c.forecast(rows, model="forecaster")
-    c.observe(s3.id, rows[:6])
+    first = c.observe(s3.id, rows[:24])  # a full window: the session's first forecast
+    c.observe(s3.id, rows[24:30])  # six rows it forecast: scored against its quantiles
+    t.scored += 6 * first.quantiles.shape[2]
     t.calls.update({("Create", "OK"): 2, ("Suggest", "OK"): 1, ("Fork", "OK"): 1, ("Get", "OK"): 1})
-    t.calls.update({("Predict", "OK"): 1, ("Observe", "OK"): 1})
+    t.calls.update({("Predict", "OK"): 1, ("Observe", "OK"): 2})
     assert max_sessions == 3  # the store is full now
     with pytest.raises(ApiError) as err:
         c.create_session("charlm")
@@ -195,6 +198,13 @@ def test_core_metrics_match_the_traffic(prometheus: Prometheus, traffic: Traffic
     }
     assert all(r["metric"]["provider"] == "CPUExecutionProvider" for r in info)
     assert scalar(prometheus, "min(seqserve_model_ready)") == 1.0
+    # Live interval coverage: every target the second Observe brought was scored against the first forecast.
+    assert scalar(prometheus, 'sum(seqserve_forecast_observed_targets_total{model="forecaster"})') == traffic.scored
+    below = {
+        r["metric"]["level"]: float(r["value"][1])
+        for r in query(prometheus, 'seqserve_forecast_targets_below_total{model="forecaster"}')
+    }
+    assert set(below) == {"0.1", "0.5", "0.9"} and below["0.1"] <= below["0.5"] <= below["0.9"] <= traffic.scored
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
@@ -218,7 +228,7 @@ def with_bool(expr: str) -> str:
 
 def test_every_alert_rule_evaluates_and_returns_series(prometheus: Prometheus, traffic: Traffic) -> None:
     rules = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
-    assert len(rules) == 9
+    assert len(rules) == 10
     for name, expr in rules.items():
         assert query(prometheus, with_bool(expr)), f"{name}: no series for {with_bool(expr)}"
 

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from service.core.batching import Batcher
     from service.core.runtime import Runtime
     from service.core.sessions.state import SessionState
+    from service.metrics import Metrics
 
 Array = npt.NDArray[Any]
 
@@ -65,6 +66,9 @@ class ModelHandle(Protocol):
 
     @property
     def batcher(self) -> Batcher: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
 
 
 class TaskResult:

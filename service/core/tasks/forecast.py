@@ -4,7 +4,10 @@
 The history has every input column (``normalization.columns``); the model forecasts ``forecast.targets`` (all
 columns when empty), the rest are covariates. Sessions (``state_mode="window"``) keep the last ``window`` rows
 as their context; each Observe appends rows and re-runs the short encoder on the window (its cost is the
-manifest's ``update_cost``, independent of how long the series is).
+manifest's ``update_cost``, independent of how long the series is). With intervals, the context also keeps the
+session's last forecast (z-scored, and its scale): the rows the next Observe brings are the targets of that
+forecast's first steps, and each is counted against its quantiles (``Metrics.forecast_scored``), so the
+intervals' coverage is measured on live data, per model version.
 
 Quantile ``q`` is ``point + quantile_offsets[q]`` on the z-scored scale; a graph that declares a
 ``forecast.scale_output`` (shape ``(batch, 1 or horizon, targets)``, e.g. each target's recent volatility computed
@@ -99,10 +102,18 @@ class ForecastTask(Task):
         self.offsets = np.asarray(spec.quantile_offsets, dtype=np.float32)  # (quantiles, horizon, targets) z-scored
         self.levels = list(spec.quantiles) if self.offsets.size else []
         self.scale_name = spec.scale_output  # graph output multiplying the offsets per window, or None
+        self.pick = pick
+        scale_spec = {t.name: t for t in model.manifest.outputs}.get(spec.scale_output or "")
+        self.scale_rows = int(scale_spec.shape[1]) if scale_spec is not None else 0  # 1 or horizon
+        if self.levels:
+            model.metrics.forecast_levels(model.name, model.version, self.levels)
 
     # --- sessions -------------------------------------------------------------------------------------
     def session_nbytes(self) -> int:
-        return 4 * self.spec.window * self.spec.features  # the last window rows, float32
+        """The last window rows, and with intervals the last forecast (and its scale) to score the next rows
+        against: float32."""
+        memo = (self.spec.horizon + self.scale_rows) * len(self.targets) if self.levels else 0
+        return 4 * (self.spec.window * self.spec.features + memo)
 
     def initial_state(self) -> dict[str, Array]:
         return {}  # window mode: the rows are the state (context), the encoder restarts from zeros
@@ -177,11 +188,20 @@ class ForecastTask(Task):
             )
         return out
 
-    async def _run(self, window_rows: FloatArray, rows_seen: int) -> ForecastResult:
-        """Forecast from exactly ``window`` rows ``(window, features)`` in original units."""
+    def _quantiles_z(self, point_z: FloatArray, scale: FloatArray | None) -> FloatArray:
+        """(quantiles, steps, targets) z-scored: ``point_z`` (steps, targets) plus the first ``steps`` steps'
+        offsets, times ``scale`` (1 or steps, targets) when the graph has one."""
+        offsets = self.offsets[:, : len(point_z)]
+        out: FloatArray = point_z[None] + (offsets if scale is None else offsets * scale[None])
+        return out
+
+    async def _run(self, window_rows: FloatArray, rows_seen: int) -> tuple[ForecastResult, dict[str, Array]]:
+        """Forecast from exactly ``window`` rows ``(window, features)`` in original units. Also returns what a
+        session keeps to score the rows it observes next against this forecast (empty without intervals)."""
         z = ((window_rows - self.mean) / self.std).astype(np.float32)[None]  # (1, window, features)
         out = await self.model.batcher.submit(StepInput(inputs={"history": z}, rows=1, key=("window", len(z[0]))))
         point_z = out.outputs["forecast"][0]  # (horizon, targets), z-scored
+        memo: dict[str, Array] = {"forecast_z": point_z} if self.levels else {}
         if self.scale_name is not None:
             scale = out.outputs[self.scale_name][0]  # (1 or horizon, targets), z-scored units
             if scale.ndim != 2 or scale.shape[0] not in (1, point_z.shape[0]) or scale.shape[1] != point_z.shape[1]:
@@ -189,18 +209,36 @@ class ForecastTask(Task):
                     f"model {self.model.label}: graph output {self.scale_name!r} has shape {list(scale.shape)} per "
                     f"window; its manifest promises (1 or {point_z.shape[0]}, {point_z.shape[1]})"
                 )
-            quant_z = point_z[None] + self.offsets * scale[None]  # (quantiles, horizon, targets)
+            quant_z = self._quantiles_z(point_z, scale)  # (quantiles, horizon, targets)
+            memo["scale_z"] = scale
         elif self.offsets.size:
-            quant_z = point_z[None] + self.offsets
+            quant_z = self._quantiles_z(point_z, None)
         else:
             quant_z = np.zeros((0, *point_z.shape), np.float32)
-        return ForecastResult(
+        result = ForecastResult(
             columns=list(self.targets),
             point=(point_z * self.target_std + self.target_mean).astype(np.float32),
             quantile_levels=list(self.levels),
             quantiles=(quant_z * self.target_std + self.target_mean).astype(np.float32),
             rows_seen=rows_seen,
         )
+        return result, memo
+
+    def _score(self, context: dict[str, Array], rows: FloatArray) -> tuple[int, dict[float, int]] | None:
+        """The observed ``rows`` (original units) against the quantiles of the session's previous forecast, whose
+        first steps they are: (targets scored, level -> how many at or below that quantile); None when the
+        session holds no forecast (warming up, or no intervals)."""
+        point_z = context.get("forecast_z")
+        if point_z is None or not self.levels:
+            return None
+        steps = min(len(rows), len(point_z))
+        scale = context.get("scale_z")
+        if scale is not None and len(scale) > 1:
+            scale = scale[:steps]
+        quant_z = self._quantiles_z(point_z[:steps], scale)  # (quantiles, steps, targets)
+        y_z = (rows[:steps, self.pick] - self.target_mean) / self.target_std  # (steps, targets)
+        below = (y_z[None] <= quant_z).sum(axis=(1, 2))
+        return int(y_z.size), {level: int(n) for level, n in zip(self.levels, below, strict=True)}
 
     async def _predict(self, history: npt.NDArray[np.floating] | FloatArray, field: str) -> ForecastResult:
         """Stateless forecast from ``history`` ``(rows, features)``, oldest first; needs >= ``window`` rows."""
@@ -209,7 +247,7 @@ class ForecastTask(Task):
         w = self.spec.window
         if len(x) < w:
             raise InvalidInput(f"{field} has {len(x)} rows; model {self.model.label} needs at least window={w} rows")
-        return await self._run(x[-w:], rows_seen=len(x))
+        return (await self._run(x[-w:], rows_seen=len(x)))[0]
 
     async def _observe(
         self, session: SessionState, rows: npt.NDArray[np.floating] | FloatArray, field: str
@@ -225,6 +263,8 @@ class ForecastTask(Task):
         kept = session.context.get("rows")
         window_rows = (x if kept is None else np.concatenate([kept, x], axis=0))[-self.spec.window :].copy()
         seen = session.steps + len(x)
+        scored = self._score(session.context, x)
+        memo: dict[str, Array] = {}
         if len(window_rows) < self.spec.window:
             t = len(self.targets)
             result = ForecastResult(
@@ -235,7 +275,9 @@ class ForecastTask(Task):
                 rows_seen=seen,
             )
         else:
-            result = await self._run(window_rows, rows_seen=seen)
+            result, memo = await self._run(window_rows, rows_seen=seen)
         # Committed only after the run succeeded: a failed or cancelled Observe leaves the session as it was.
-        session.context, session.steps = {"rows": window_rows}, seen
+        session.context, session.steps = {"rows": window_rows, **memo}, seen
+        if scored is not None:
+            self.model.metrics.forecast_scored(self.model.name, self.model.version, *scored)
         return result

@@ -38,7 +38,7 @@ def test_promtool_check_config() -> None:
 
 def test_promtool_check_rules() -> None:
     out = promtool("check", "rules", "alerts.yml")
-    assert "SUCCESS: 9 rules found" in out
+    assert "SUCCESS: 10 rules found" in out
 
 
 def test_promtool_alert_unit_tests() -> None:
@@ -84,6 +84,8 @@ def test_dashboard_covers_the_required_panels() -> None:
         "seqserve_generated_chars_total",
         "seqserve_time_to_first_chunk_seconds_bucket",
         "seqserve_model_info",
+        "seqserve_forecast_targets_below_total",  # live interval coverage
+        "seqserve_forecast_observed_targets_total",
     ):
         assert needle in exprs, needle
     ids = [p["id"] for p in dash["panels"]]

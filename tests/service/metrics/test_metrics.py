@@ -228,6 +228,8 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_session_store_up",
         "seqserve_generated_chars",
         "seqserve_time_to_first_chunk_seconds",
+        "seqserve_forecast_observed_targets",
+        "seqserve_forecast_targets_below",
     }
     for name, kind in ours.items():
         if kind == "histogram" and name != "seqserve_inference_batch_size":
