@@ -201,7 +201,8 @@ class ForecastTask(Task):
         z = ((window_rows - self.mean) / self.std).astype(np.float32)[None]  # (1, window, features)
         out = await self.model.batcher.submit(StepInput(inputs={"history": z}, rows=1, key=("window", len(z[0]))))
         point_z = out.outputs["forecast"][0]  # (horizon, targets), z-scored
-        memo: dict[str, Array] = {"forecast_z": point_z} if self.levels else {}
+        # Copies: the outputs are rows of the batch's arrays, which a session must not keep alive.
+        memo: dict[str, Array] = {"forecast_z": point_z.copy()} if self.levels else {}
         if self.scale_name is not None:
             scale = out.outputs[self.scale_name][0]  # (1 or horizon, targets), z-scored units
             if scale.ndim != 2 or scale.shape[0] not in (1, point_z.shape[0]) or scale.shape[1] != point_z.shape[1]:
@@ -210,7 +211,7 @@ class ForecastTask(Task):
                     f"window; its manifest promises (1 or {point_z.shape[0]}, {point_z.shape[1]})"
                 )
             quant_z = self._quantiles_z(point_z, scale)  # (quantiles, horizon, targets)
-            memo["scale_z"] = scale
+            memo["scale_z"] = scale.copy()
         elif self.offsets.size:
             quant_z = self._quantiles_z(point_z, None)
         else:
