@@ -22,19 +22,17 @@ from bench import cli
 from bench.launch import metric_families, serve
 from service.client import Client
 from service.core.manifest import MANIFEST_FILE, Manifest
-from service.tables import read_table
+from training.series import series_for
 
 
 def test_rows(manifest: Manifest, data: Path) -> np.ndarray:
-    """The ``window`` rows before the test split, then the test split: (rows, features), original units, the
-    manifest's columns in its order."""
-    f, norm = manifest.forecast, manifest.normalization
-    if f is None or norm is None or "test" not in f.split:
+    """The ``window`` rows before the test split, then the test split: (rows, features), original units, ``data``
+    read and split as the model's training recorded (``training.series.series_for``)."""
+    f = manifest.forecast
+    if f is None or "test" not in f.split:
         raise SystemExit(f"{manifest.name}/{manifest.version}: not a forecaster with a recorded test split")
-    table = read_table(data, time_column=f.time_column or None, columns=norm.columns, frequency=f.frequency or "auto")
-    rows = table.values.astype(np.float32)
     start, end = f.split["test"]
-    return rows[start - f.window : end]
+    return series_for(manifest, data).raw()[start - f.window : end]
 
 
 def scores(metrics_port: int, model: str, version: int) -> dict[str, float]:
@@ -56,8 +54,8 @@ def scores(metrics_port: int, model: str, version: int) -> dict[str, float]:
 def run(models: Path, model: str, data: Path, rows_per_observe: int) -> dict[str, Any]:
     name, _, version = model.partition("/")
     manifest = Manifest.load(models / name / version / MANIFEST_FILE)
+    rows = test_rows(manifest, data)  # refuses a model that is not a forecaster
     assert manifest.forecast is not None
-    rows = test_rows(manifest, data)
     window, step = manifest.forecast.window, max(1, rows_per_observe)
     with serve(models, workers=1) as srv, Client(srv.target) as client:
         with client.session(name, int(version)) as s:

@@ -16,22 +16,18 @@ from bench.launch import serve
 from service.client import Client
 from service.core.manifest import MANIFEST_FILE, Manifest
 from tests.tiny_models import ETT_COLUMNS
+from training.series import load_series
 
 WINDOW, HORIZON, ROWS, TEST = 24, 12, 200, (150, 200)
 
 
 @pytest.fixture(scope="module")
 def repo(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The tiny models, the forecaster's manifest given a data file's split (as ``seqserve-train forecast``
-    records it), and that file: hourly rows of the 7 ETT columns."""
+    """The tiny models, the forecaster's manifest given a data file's split and train-split statistics (as
+    ``seqserve-train forecast`` records them), and that file: hourly rows of the 7 ETT columns."""
     root = tmp_path_factory.mktemp("coverage")
     models = root / "models"
     shutil.copytree(tiny_models, models)
-    path = models / "forecaster" / "1" / MANIFEST_FILE
-    m = json.loads(path.read_text())
-    m["forecast"].update(split={"train": [0, 100], "val": [100, 150], "test": list(TEST)}, time_column="date",
-                         frequency="1h")  # fmt: skip
-    path.write_text(json.dumps(m))
     rng = np.random.default_rng(0)
     values = np.cumsum(rng.normal(size=(ROWS, len(ETT_COLUMNS))), axis=0) + 10
     lines = ["date," + ",".join(ETT_COLUMNS)]
@@ -39,6 +35,13 @@ def repo(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
         lines.append(f"2021-01-{1 + i // 24:02d} {i % 24:02d}:00:00," + ",".join(f"{v:.4f}" for v in row))
     data = root / "ett.csv"
     data.write_text("\n".join(lines) + "\n")
+    split = {"train": (0, 100), "val": (100, 150), "test": TEST}
+    s = load_series(data, window=WINDOW, horizon=HORIZON, split=split, time_column="date", frequency="1h")
+    path = models / "forecaster" / "1" / MANIFEST_FILE
+    m = json.loads(path.read_text())
+    m["forecast"].update(split={k: list(v) for k, v in split.items()}, time_column="date", frequency="1h")
+    m["normalization"].update(mean=s.mean.tolist(), std=s.std.tolist())
+    path.write_text(json.dumps(m))
     return models, data
 
 
