@@ -176,8 +176,8 @@ def window_scale(history: npt.ArrayLike, kind: str, k: int, floor: npt.ArrayLike
 
 def halves(n: int, gap: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Indices of the first and the second half of ``n`` windows in time order, with ``gap`` windows (those whose
-    targets overlap the other half's) left out between them."""
-    cut = n // 2
+    targets overlap the other half's) left out between them; at most ``n // 4``, so each half keeps windows."""
+    cut, gap = n // 2, min(gap, n // 4)
     return np.arange(0, max(cut - gap // 2, 1)), np.arange(min(cut + (gap - gap // 2), n - 1), n)
 
 
@@ -235,7 +235,6 @@ def choose_interval(
     x, r = np.asarray(history, dtype=np.float64), np.asarray(residuals, dtype=np.float64)
     if len(r) < 4:
         raise ValueError(f"choose_interval: needs at least 4 calibration windows, got {len(r)}")
-    gap = min(gap, len(r) // 4)
     ks = sorted({k for k in (ks or (*SCALE_KS, x.shape[1] - 1)) if 1 <= k < x.shape[1]})
     candidates = [
         IntervalChoice(kind, k if kind != "none" else 0, p)

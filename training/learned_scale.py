@@ -94,7 +94,6 @@ def study(
     hv, rv = val
     _, scored = choose_interval(hv, rv, levels, gap=gap)
     scale = learned_scale(hv, weights)
-    gap = min(gap, len(rv) // 4)  # as choose_interval clamps it
     scored += [half_split(hv, rv, levels, IntervalChoice(LEARNED, 0, p), gap, scale) for p in (False, True)]
     return pick(scored), scored, weights
 
