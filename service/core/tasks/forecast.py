@@ -228,9 +228,9 @@ class ForecastTask(Task):
     def _score(self, context: dict[str, Array], rows: FloatArray) -> tuple[int, dict[float, int]] | None:
         """The observed ``rows`` (original units) against the quantiles of the session's previous forecast, whose
         first steps they are: (targets scored, level -> how many at or below that quantile); None when the
-        session holds no forecast (warming up, or no intervals)."""
+        session holds no forecast (warming up, or a model without intervals, whose sessions keep none)."""
         point_z = context.get("forecast_z")
-        if point_z is None or not self.levels:
+        if point_z is None:
             return None
         steps = min(len(rows), len(point_z))
         scale = context.get("scale_z")
