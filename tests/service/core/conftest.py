@@ -106,3 +106,20 @@ def add_version(root: Path, name: str, src: int, dst: int) -> Path:
     manifest["version"] = dst
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
     return out
+
+
+SCALED_FLOOR = [0.05] * 7  # the scale floor of ``scaled_repo``'s model, per feature
+
+
+@pytest.fixture(scope="session")
+def scaled_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``plain/1``: the tiny forecaster (window 24, horizon 12, 7 features); ``scaled/1``: the same weights (same
+    seed) plus a grafted ``scale`` output (std of each column's last 5 changes, floored at ``SCALED_FLOOR``)."""
+    from tests.tiny_models import export_tiny
+    from training.scale import add_scale_output
+
+    root = tmp_path_factory.mktemp("scaled-models")
+    export_tiny("forecast", root, name="plain", cell="gru")
+    out = export_tiny("forecast", root, name="scaled", cell="gru")
+    add_scale_output(out, "std", 5, SCALED_FLOOR)
+    return root

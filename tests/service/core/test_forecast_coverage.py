@@ -15,9 +15,8 @@ from service.core.types import ModelRef, SequenceRef, Tensor
 from service.errors import InvalidInput
 from service.metrics import Metrics
 from tests.service.core.conftest import MakeDP
-from tests.service.core.test_forecast_scale import FEATURES, HORIZON, PLAIN, SCALED, WINDOW, scaled_repo, series
+from tests.service.core.test_forecast_scale import FEATURES, HORIZON, PLAIN, SCALED, WINDOW, series
 
-__all__ = ["scaled_repo"]  # the module fixture, shared
 LEVELS = (0.1, 0.5, 0.9)
 
 

@@ -16,31 +16,18 @@ import pytest
 from service.core.manifest import MANIFEST_FILE, Manifest
 from service.core.tasks.forecast import ForecastTask
 from service.core.types import ModelRef, SequenceRef, Tensor
-from tests.service.core.conftest import MakeDP
-from tests.tiny_models import export_tiny
+from tests.service.core.conftest import SCALED_FLOOR, MakeDP
 from training.calibrate import window_scale
-from training.scale import add_scale_output
 
 WINDOW, HORIZON, FEATURES = 24, 12, 7
 PLAIN, SCALED = ModelRef("plain"), ModelRef("scaled")
-FLOOR = [0.05] * FEATURES
+FLOOR = SCALED_FLOOR  # the scaled model's (conftest.scaled_repo)
 
 
 def series(rows: int, volatility: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = np.array([7.9, 2.1, 5.0, 0.7, 3.0, 0.9, 13.3], dtype=np.float32)
     return (base + volatility * rng.normal(size=(rows, FEATURES))).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def scaled_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``plain/1``: the tiny forecaster; ``scaled/1``: the same weights (same seed) plus a grafted ``scale``
-    output (std of each column's last 5 changes, floored at 0.05)."""
-    root = tmp_path_factory.mktemp("scaled-models")
-    export_tiny("forecast", root, name="plain", cell="gru")
-    out = export_tiny("forecast", root, name="scaled", cell="gru")
-    add_scale_output(out, "std", 5, FLOOR)
-    return root
 
 
 def z_window(manifest: Manifest, history: np.ndarray) -> np.ndarray:
