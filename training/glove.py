@@ -49,9 +49,9 @@ def load_glove(root: Path | None = None) -> Glove:
     return Glove(words, vectors.astype(np.float32))
 
 
-def extend_vocab(vocab: list[str], glove: Glove, top: int) -> list[str]:
-    """``vocab`` + the ``top`` most frequent GloVe words it lacks that the tokenizer can produce as one token
-    (so words never seen in training still get a meaningful vector)."""
+def extend_vocab(vocab: list[str], glove: Glove, top: int | None = None) -> list[str]:
+    """``vocab`` + the ``top`` most frequent (``None``: all) of ``glove``'s words it lacks that the tokenizer can
+    produce as one token (so words never seen in training still get a meaningful vector)."""
     have = set(vocab)
     added = [w for w in glove.words[:top] if w not in have and split_words(w) == [w]]
     return [*vocab, *added]

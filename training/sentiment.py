@@ -1,4 +1,5 @@
-"""``seqserve-train sentiment``: SST-2 -> BiLSTM ensemble (+ sub-words, + frozen GloVe) -> temperature -> ONNX.
+"""``seqserve-train sentiment``: SST-2 -> BiLSTM ensemble (+ sub-words, + frozen GloVe and/or VADER lexicon
+features) -> temperature -> ONNX.
 
 Selection never sees dev: the checkpoint is the best on a slice held out from train.tsv, and the softmax
 temperature (folded into the heads' weights) minimizes the ensemble's NLL on that same slice.
@@ -17,7 +18,8 @@ from training.cards import card_for
 from training.data import heldout_split, load_sst2, ngram_table, word_tokenizer
 from training.evaluate import evaluate_model
 from training.export import write_model
-from training.glove import extend_vocab, glove_table, load_glove
+from training.glove import Glove, extend_vocab, glove_table, load_glove
+from training.lexicon import load_vader
 from training.nets import SentimentNet, build_net
 from training.pipelines import Job, finish, training_info
 from training.runners import SentimentRunner
@@ -36,32 +38,38 @@ def train_sentiment(job: Job) -> None:
         held_what = f"{len(held_rows)} rows held out from train.tsv"
     n_held = len(held_rows)
     tok = word_tokenizer([t for t, _ in fit_rows], min_count=job.extra["min_count"], max_length=job.extra["max_length"])
-    learned_rows, glove_info = len(tok.vocab), {}
-    glove = load_glove(job.extra["glove_dir"]) if job.extra.get("glove") else None
-    if glove is not None:
-        tok = tok.model_copy(update={"vocab": extend_vocab(tok.vocab, glove, job.extra["glove_top"])})
-        job.net.glove = glove.dim
+    learned_rows = len(tok.vocab)
+    frozen = frozen_sources(job)  # name -> (word features, how many of its words join the vocab)
+    for source, top in frozen.values():
+        tok = tok.model_copy(update={"vocab": extend_vocab(tok.vocab, source, top)})
+    job.net.glove = sum(source.dim for source, _ in frozen.values())
     enc = Encoder(tok)
     job.net.vocab = len(tok.vocab)
     net = build_net(job.net)
     assert isinstance(net, SentimentNet)
     if job.net.subword_buckets:
         net.set_ngrams(torch.from_numpy(ngram_table(tok.vocab, job.net.subword_buckets)))
-    if glove is not None:
-        table, found = glove_table(tok.vocab, glove)
+    # Blanking a word's own vector teaches the net to read words known only from frozen features; with none, it
+    # would only hide information (sentiment/1 trained without it).
+    blank = job.extra.get("glove_dropout", 0.0) if frozen else 0.0
+    frozen_info: dict[str, float] = {"blank_dropout": blank}
+    if frozen:
+        tables = {name: glove_table(tok.vocab, source) for name, (source, _) in frozen.items()}
+        table = np.concatenate([t for t, _ in tables.values()], axis=1)
         net.set_glove(torch.from_numpy(table), learned_rows, init=job.extra.get("glove_init", False))
-        glove_info = {"glove_words_added": len(tok.vocab) - learned_rows, "glove_rows_with_vector": found}
+        frozen_info |= {"frozen_words_added": len(tok.vocab) - learned_rows}
+        frozen_info |= {f"{name}_rows_with_vector": found for name, (_, found) in tables.items()}
 
     def encode(rows: list[tuple[str, int]]) -> list[tuple[Any, int]]:
         return [(enc.encode(t), y) for t, y in rows]
 
     print(
         f"sentiment: {len(fit_rows)} train / {n_held} held-out / {len(dev_rows)} dev, vocab {len(tok.vocab)} "
-        f"({learned_rows} from train{', the rest from GloVe' if glove else ''})"
+        f"({learned_rows} from train{', the rest from ' + ' and '.join(frozen) if frozen else ''})"
     )
     runner = SentimentRunner(
         net, encode(fit_rows), encode(held_rows), encode(dev_rows), tok.max_length or 128,
-        job.train.device, job.extra["word_dropout"], job.extra.get("glove_dropout", 0.0),
+        job.train.device, job.extra["word_dropout"], blank,
     )  # fmt: skip
     res = fit(runner, job.train)
     net.eval()
@@ -73,18 +81,19 @@ def train_sentiment(job: Job) -> None:
     write_model(
         net.cpu(), job.net, job.out, name=job.name, version=job.version,
         description="SST-2 binary sentiment: word embeddings"
-        + (" + frozen GloVe 6B 50-d vectors" if glove else "") + " + BiLSTM ensemble, masked mean+max pooling.",
+        + "".join(f" + frozen {DESCRIBE[name]}" for name in frozen) + " + BiLSTM ensemble, masked mean+max pooling.",
         tokenizer=tok, labels=["negative", "positive"],
-        training={**training_info(job, res), **glove_info, "temperature": temperature},
+        training={**training_info(job, res), **frozen_info, "temperature": temperature},
         notes=f"{job.net.ensemble} member(s) averaged over one shared embedding (state rows = members x layers x "
         "directions); the backward direction runs on a length-aware reversed copy: padding never changes a result"
-        + (f"; embedding table = {job.net.embedding} learned (+ sub-word) dims + {job.net.glove} GloVe dims, "
-           f"{'float16' if job.extra['half_table'] else 'float32'}" if glove else ""),
+        + (f"; embedding table = {job.net.embedding} learned (+ sub-word) dims + "
+           + " + ".join(f"{s.dim} {name}" for name, (s, _) in frozen.items())
+           + f" frozen dims, {'float16' if job.extra['half_table'] else 'float32'}" if frozen else ""),
     )  # fmt: skip
     ev = evaluate_model(job.out, job.data)
     command = f"seqserve-train evaluate --model {job.out} --data {job.data}"
     metric = Metric(
-        name="accuracy", value=ev["dev_accuracy"], target=0.86 if glove else 0.85, dataset="GLUE SST-2",
+        name="accuracy", value=ev["dev_accuracy"], target=0.86 if frozen else 0.85, dataset="GLUE SST-2",
         split="dev (872 sentences); checkpoint and temperature chosen on a held-out slice of train", command=command,
     )  # fmt: skip
     held = metric.model_copy(
@@ -93,7 +102,20 @@ def train_sentiment(job: Job) -> None:
                 "command": job.command}
     )  # fmt: skip
     ece = metric.model_copy(update={"name": "ece", "value": ev["dev_ece"], "target": None, "higher_is_better": False})
-    card = (
-        card_for("sentiment-glove", "sentiment") if glove is not None else card_for(job.name, "sentiment", job.version)
-    )
+    key = f"sentiment-{'-'.join(frozen)}" if frozen else job.name
+    card = card_for(key, "sentiment", 1 if frozen else job.version)
     finish(job, res, [metric, held, ece], ev, {"task": "sentiment", "temperature": temperature}, card)
+
+
+DESCRIBE = {"glove": "GloVe 6B 50-d vectors", "vader": "VADER lexicon ratings"}
+
+
+def frozen_sources(job: Job) -> dict[str, tuple[Glove, int | None]]:
+    """The pretrained word features the job asks for, in table order, each with how many of its words join the
+    vocabulary (the most frequent GloVe words; every lexicon word)."""
+    sources: dict[str, tuple[Glove, int | None]] = {}
+    if job.extra.get("glove"):
+        sources["glove"] = (load_glove(job.extra["glove_dir"]), job.extra["glove_top"])
+    if job.extra.get("lexicon"):
+        sources["vader"] = (load_vader(job.extra["lexicon_dir"]), None)
+    return sources

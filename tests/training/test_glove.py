@@ -107,7 +107,7 @@ def test_train_sentiment_with_glove(tmp_path: Path, tiny_sst2: Path, glove_dir: 
     assert main(args) == 0
     m = Manifest.load(out / MANIFEST_FILE)
     assert m.tokenizer is not None and "superb" in m.tokenizer.vocab and "u.s." not in m.tokenizer.vocab
-    assert m.architecture.embedding == 8 and m.training["glove_words_added"] >= 2 and m.training["temperature"] > 0
+    assert m.architecture.embedding == 8 and m.training["frozen_words_added"] >= 2 and m.training["temperature"] > 0
     assert [x.name for x in m.metrics] == ["accuracy", "heldout_accuracy", "ece"]
     assert m.card is not None and "GloVe" in m.card.data and "PDDL" in m.card.license
     report = json.loads((out / "metrics.json").read_text())
