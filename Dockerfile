@@ -14,16 +14,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python3 -m venv /opt/venv
-# Dependencies first, read from pyproject.toml (serving only: no train extra, so no torch): this layer is reused
-# until pyproject.toml changes, whatever happens to the code.
+# Dependencies first, read from pyproject.toml (serving only: no train extra, so no torch; plus the uvloop extra,
+# so SEQSERVE_EVENT_LOOP=uvloop works in the container): this layer is reused until pyproject.toml changes,
+# whatever happens to the code.
 COPY pyproject.toml ./
-RUN /opt/venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['uvloop']))" > requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --no-compile -r requirements.txt
 # Only `service` is copied: pyproject's package discovery then finds no `training`.
 COPY README.md ./
 COPY service ./service
-# Then: no pip/setuptools left in the runtime venv, no test suites (numpy's are 17 MB) and none of ONNX Runtime's
-# offline tools (transformers, quantization: training's business), and every module compiled once here.
+# Then: no pip/setuptools left in the runtime venv, no test suites (numpy's are 17 MB), none of ONNX Runtime's
+# offline tools (transformers, quantization: training's business) and not its C API library (libonnxruntime.so,
+# 35 MB: the Python binding has the runtime linked in and never loads it), and every module compiled once here.
 # `unchecked-hash` .pyc files are used as they are, whatever the files' timestamps, so the server starts fast and
 # never needs to write one (the container runs with a read-only root filesystem).
 RUN /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps . \
@@ -32,6 +34,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps . \
     && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
     && rm -rf /opt/venv/lib/python3*/site-packages/onnxruntime/transformers \
         /opt/venv/lib/python3*/site-packages/onnxruntime/quantization /opt/venv/lib/python3*/site-packages/onnxruntime/tools \
+        /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* \
     && /opt/venv/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/venv/lib
 
 # --- runtime: the base image + the venv + the models; no compiler, no pip, no pip cache -----------------------

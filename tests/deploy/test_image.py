@@ -35,6 +35,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 INSPECT = """
 import importlib.util, json, os, pathlib, shutil, sys
 import service.cli
+MODULES = ("onnxruntime", "grpc", "uvloop", "torch", "pip", "training")
 models = pathlib.Path("/app/models")
 site = pathlib.Path(service.cli.__file__).parents[1]
 def mb(path):
@@ -42,7 +43,8 @@ def mb(path):
 sizes = {p.name: mb(p) for p in site.iterdir() if p.is_dir() and not p.name.endswith("-info")}
 print(json.dumps({
     "largest_mb": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]) | {"models": mb(models)},
-    "modules": {m: bool(importlib.util.find_spec(m)) for m in ("onnxruntime", "grpc", "torch", "pip", "training")},
+    "modules": {m: bool(importlib.util.find_spec(m)) for m in MODULES},
+    "ort_c_library": sorted(p.name for p in (site / "onnxruntime" / "capi").glob("libonnxruntime.so*")),
     "tools": [t for t in ("gcc", "cc", "g++", "make", "pip", "pip3") if shutil.which(t)],
     "pip_cache": os.path.exists("/root/.cache/pip") or os.path.exists("/tmp/.cache/pip"),
     "models": sorted(str(p.parent.relative_to(models)) for p in models.glob("*/*/model.onnx")),
@@ -112,7 +114,10 @@ def test_image_is_small_and_serving_only(docker: Docker, image: str, report: dic
     assert report["image_mb"] <= MAX_IMAGE_MB, report
     out = json.loads(docker("run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", INSPECT))
     report["largest_mb"] = out["largest_mb"]  # where the image's size goes (site-packages folders, models)
-    assert out["modules"] == {"onnxruntime": True, "grpc": True, "torch": False, "pip": False, "training": False}
+    assert out["modules"] == {
+        "onnxruntime": True, "grpc": True, "uvloop": True, "torch": False, "pip": False, "training": False
+    }  # fmt: skip
+    assert out["ort_c_library"] == []  # ONNX Runtime's C API library: 35 MB the Python binding never loads
     assert out["tools"] == [] and out["pip_cache"] is False
     committed = sorted(str(p.parent.relative_to(ROOT / "models")) for p in (ROOT / "models").glob("*/*/model.onnx"))
     assert out["models"] == committed and len(committed) >= 3  # every committed model version, none hard-coded
@@ -158,10 +163,13 @@ def test_classify_and_complete_from_the_host(server: Container) -> None:
 
 
 def test_kserve_sequence_with_tritonclient(server: Container) -> None:
+    kserve_sequence(server.grpc)
+
+
+def kserve_sequence(target: str) -> None:
+    """tritonclient feeds the char LM one sequence in three chunks: the same probabilities as the text fed whole."""
     script = Path(__file__).with_name("kserve_sequence.py")
-    proc = subprocess.run(
-        [sys.executable, str(script), "--url", server.grpc], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, str(script), "--url", target], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["live"] is True and out["ready"] is True
@@ -169,6 +177,20 @@ def test_kserve_sequence_with_tritonclient(server: Container) -> None:
     whole, sequence = np.asarray(out["whole"]), np.asarray(out["sequence"])
     assert whole.sum() == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_allclose(sequence, whole, atol=1e-4)
+
+
+def test_uvloop_with_two_frontends(docker: Docker, image: str) -> None:
+    """SEQSERVE_EVENT_LOOP=uvloop works in the image (the extra is installed): the engine and both frontends run on
+    libuv's loop, and a KServe sequence goes through. Its own container, so the other tests keep theirs."""
+    c = start(docker, image, SEQSERVE_EVENT_LOOP="uvloop", SEQSERVE_WORKERS="2")
+    try:
+        wait_for("gRPC health SERVING", lambda: health(c.grpc) == SERVING, timeout=60, every=0.1)
+        kserve_sequence(c.grpc)
+        pids = docker("exec", c.id, "sh", "-c", "grep -l 'uvloop/loop' /proc/[0-9]*/maps || true").split()
+        assert len(pids) == 3, pids  # the engine (pid 1) and two frontends have uvloop's extension mapped
+        assert "/proc/1/maps" in pids
+    finally:
+        remove(docker, c)
 
 
 def test_metrics_scraped(server: Container) -> None:
