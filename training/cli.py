@@ -73,7 +73,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
             "--glove-dropout", type=float, default=0.25,
             help="with --glove or --lexicon: train-time chance a word keeps only its frozen features (+ sub-words)",
         )  # fmt: skip
-        p.add_argument("--glove-init", action="store_true", help="start train words' own vectors from GloVe")
+        p.add_argument("--glove-init", action="store_true", help="train words' own vectors start from GloVe's")
         p.add_argument("--glove-dir", type=Path, help="folder with the package's two files (default: the package)")
         p.add_argument("--lexicon", action="store_true", help="frozen VADER lexicon ratings (package vaderSentiment)")
         p.add_argument("--lexicon-dir", type=Path, help="folder with vader_lexicon.txt (default: the package)")
@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(sample(args.model, args.prompt, args.length, args.temperature, args.top_k, args.seed))
             return 0
+        if getattr(args, "glove_init", False) and not args.glove:  # GloVe's dims come first in the frozen table
+            print("seqserve-train: error: --glove-init needs --glove (it starts train words from their GloVe vectors)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         if args.device == "cuda":
             import torch
 

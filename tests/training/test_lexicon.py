@@ -102,3 +102,12 @@ def test_without_frozen_features_no_word_loses_its_vector(tmp_path: Path, tiny_s
     assert main(args) == 0
     m = Manifest.load(out / MANIFEST_FILE)
     assert m.training["blank_dropout"] == 0.0 and "frozen_words_added" not in m.training
+
+
+def test_glove_init_needs_glove(
+    tmp_path: Path, tiny_sst2: Path, lexicon_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sentiment" / "1"
+    args = ["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--lexicon", "--lexicon-dir", str(lexicon_dir)]
+    assert main([*args, "--glove-init", *FAST]) == 2
+    assert "--glove-init needs --glove" in capsys.readouterr().err and not out.exists()
