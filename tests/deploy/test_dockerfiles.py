@@ -14,13 +14,14 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from packaging.requirements import Requirement
 
 from tests.deploy.conftest import ROOT, run, tool
 from tests.integration.conftest import free_port
 
 DOCKERFILES = {
     "Dockerfile": "python:3.11-slim",
-    "Dockerfile.cuda": "nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04",
+    "Dockerfile.cuda": "nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04",
     "deploy/docker/Dockerfile.redis-standin": "debian:bookworm-slim",
 }
 SERVING_IMAGES = ("Dockerfile", "Dockerfile.cuda")
@@ -67,6 +68,44 @@ def test_serving_images_final_stage(path: str) -> None:
     for tool_name in ("gcc", "build-essential", "pip install", "[train"):
         assert tool_name not in final, tool_name
     assert "--no-cache-dir" in builder and "[train" not in builder and "--invalidation-mode unchecked-hash" in builder
+
+
+# PyPI's onnxruntime-gpu releases (cp312 wheels) and the CUDA major they are built for: the wheel METADATA's
+# nvidia-cuda-runtime requirement, and libcudart.so.N in `readelf -d onnxruntime/capi/libonnxruntime_providers_cuda.so`
+# (read 2026-12-02). A release newer than these must be looked up and added before a pin may allow it.
+ORT_GPU_CUDA = {
+    **dict.fromkeys(["1.20.0", "1.21.1", "1.22.0", "1.23.2", "1.24.1", "1.24.4", "1.25.1", "1.26.0"], 12),
+    **dict.fromkeys(["1.27.0", "1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.31.1"], 13),
+}
+
+
+CUDA_BASE = r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-ubuntu24\.04"
+CUDA12_BUILD = r"--build-arg BASE_IMAGE=(\S+) --build-arg 'ONNXRUNTIME_GPU=([^']+)'"  # documented in Dockerfile.cuda
+
+
+def cuda_requirements(onnxruntime_gpu: str = "") -> list[str]:
+    """What Dockerfile.cuda's builder writes to requirements.txt: its own one-liner run on our pyproject.toml."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile.cuda").read_text())
+    (code,) = re.findall(r'/opt/venv/bin/python -c "([^"]+)" > requirements.txt', text)
+    env = {"ONNXRUNTIME_GPU": onnxruntime_gpu} if onnxruntime_gpu else {}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_cuda_image_installs_an_onnxruntime_gpu_built_for_its_cuda() -> None:
+    """The CUDA base's major version and the onnxruntime-gpu the builder installs agree, for the default build and
+    for the CUDA 12 build the Dockerfile documents (a CUDA 13 wheel on a CUDA 12 base cannot load its provider)."""
+    (cuda12,) = re.findall(CUDA12_BUILD, (ROOT / "Dockerfile.cuda").read_text())
+    for base, override in ((DOCKERFILES["Dockerfile.cuda"], ""), cuda12):
+        found = re.fullmatch(CUDA_BASE, base)
+        assert found is not None, base
+        major = int(found.group(1))
+        lines = cuda_requirements(override)
+        ort = [Requirement(line) for line in lines if line.startswith("onnxruntime")]
+        assert [r.name for r in ort] == ["onnxruntime-gpu"], lines  # never the CPU package beside it
+        allowed = {v: m for v, m in ORT_GPU_CUDA.items() if ort[0].specifier.contains(v)}
+        assert allowed and set(allowed.values()) == {major}, (base, str(ort[0]), allowed)
+        assert {"grpcio", "uvloop"} <= {Requirement(line).name for line in lines}
 
 
 def test_dockerignore_allows_exactly_what_the_images_copy() -> None:
