@@ -70,6 +70,16 @@ def test_serving_images_final_stage(path: str) -> None:
     assert "--no-cache-dir" in builder and "[train" not in builder and "--invalidation-mode unchecked-hash" in builder
 
 
+@pytest.mark.parametrize("path", SERVING_IMAGES)
+def test_builders_drop_what_serving_never_loads(path: str) -> None:
+    """The CPU image test checks these are gone from the built image; the CUDA image cannot be built here, so its
+    builder is read: the same removals (the C API library: neither wheel's Python binding links it)."""
+    builder, _ = stages((ROOT / path).read_text())
+    for gone in ("-name tests", "onnxruntime/transformers", "onnxruntime/quantization", "onnxruntime/tools",
+                 "onnxruntime/capi/libonnxruntime.so*", "pip uninstall --yes pip setuptools"):  # fmt: skip
+        assert gone in builder, gone
+
+
 # PyPI's onnxruntime-gpu releases (cp312 wheels) and the CUDA major they are built for: the wheel METADATA's
 # nvidia-cuda-runtime requirement, and libcudart.so.N in `readelf -d onnxruntime/capi/libonnxruntime_providers_cuda.so`
 # (read 2026-12-02). A release newer than these must be looked up and added before a pin may allow it.
