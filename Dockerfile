@@ -14,11 +14,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python3 -m venv /opt/venv
-# Dependencies first, read from pyproject.toml (serving only: no train extra, so no torch; plus the uvloop extra,
-# so SEQSERVE_EVENT_LOOP=uvloop works in the container): this layer is reused until pyproject.toml changes,
-# whatever happens to the code.
+# Dependencies first, read from pyproject.toml (serving only: no train extra, so no torch; the cpu extra's ONNX
+# Runtime; the uvloop extra, so SEQSERVE_EVENT_LOOP=uvloop works in the container): this layer is reused until
+# pyproject.toml changes, whatever happens to the code.
 COPY pyproject.toml ./
-RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['uvloop']))" > requirements.txt \
+RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['cpu'] + x['uvloop']))" > requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --no-compile -r requirements.txt
 # Only `service` is copied: pyproject's package discovery then finds no `training`.
 COPY README.md ./

@@ -17,7 +17,7 @@ PORT ?= 50051
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[train,dev]'
+	$(BIN)/python -m pip install -q -e '.[cpu,train,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -72,6 +73,11 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeError(
+            "ONNX Runtime is not installed: pip install 'seqserve[cpu]', or 'seqserve[cuda]' on an NVIDIA GPU host "
+            "(one of the two, never both)"
+        )
     from service.core.aio import run
     from service.engine.procs import serve, worker_count
     from service.logs import configure

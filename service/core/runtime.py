@@ -37,7 +37,8 @@ def select_providers(device: str, available: list[str] | None = None) -> list[st
     if device == "cuda":
         raise ModelUnavailable(
             f"device='cuda' was requested but onnxruntime offers only {available}; install onnxruntime-gpu "
-            "(instead of onnxruntime) on a machine with a GPU, or set SEQSERVE_DEVICE=cpu or auto"
+            "(pip install 'seqserve[cuda]', instead of onnxruntime) on a machine with a GPU, or set "
+            "SEQSERVE_DEVICE=cpu or auto"
         )
     return [CPU]
 

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +79,21 @@ def test_builders_drop_what_serving_never_loads(path: str) -> None:
     for gone in ("-name tests", "onnxruntime/transformers", "onnxruntime/quantization", "onnxruntime/tools",
                  "onnxruntime/capi/libonnxruntime.so*", "pip uninstall --yes pip setuptools"):  # fmt: skip
         assert gone in builder, gone
+
+
+def test_onnx_runtime_comes_from_exactly_one_extra() -> None:
+    """`onnxruntime` and `onnxruntime-gpu` install the same module and must never both be installed: neither is a
+    plain dependency, `cpu` and `cuda` each name one, and no other extra (train, dev, ...) pulls either."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ort = {"onnxruntime", "onnxruntime-gpu"}
+
+    def names(reqs: list[str]) -> set[str]:
+        return {Requirement(r).name for r in reqs} & ort
+
+    assert names(project["dependencies"]) == set()
+    extras = {name: names(reqs) for name, reqs in project["optional-dependencies"].items()}
+    assert extras.pop("cpu") == {"onnxruntime"} and extras.pop("cuda") == {"onnxruntime-gpu"}
+    assert all(not found for found in extras.values()), extras
 
 
 # PyPI's onnxruntime-gpu releases (cp312 wheels) and the CUDA major they are built for: the wheel METADATA's

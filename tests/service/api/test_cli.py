@@ -126,3 +126,18 @@ def test_console_script_with_api_key(tiny_models: Path, tmp_path: Path) -> None:
     finally:
         assert server.terminate() == 0, server.log()
     assert "stopped" in server.log()
+
+
+def test_serve_without_onnx_runtime_says_which_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Neither `seqserve[cpu]` nor `seqserve[cuda]` installed: one line that names both, nothing started."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    ready = tmp_path / "ready.json"
+    assert main(["serve", "--port", "0", "--models", str(tmp_path), "--ready-file", str(ready)]) == 1
+    err = capsys.readouterr().err
+    assert "ONNX Runtime is not installed" in err and "seqserve[cpu]" in err and "seqserve[cuda]" in err
+    assert not ready.exists()
