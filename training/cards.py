@@ -51,29 +51,34 @@ SCALED_LIMIT = (
     "only as far as the future behaves like the validation period relative to that volatility."
 )
 
+# Shared by the sentiment cards (the released model's and those of every frozen-feature variant).
+SENTIMENT_USE = (
+    "Binary sentiment (negative/positive) of short English texts like movie-review sentences; research and demos."
+)
+SENTIMENT_DOMAIN = "English movie-review style only; other domains, sarcasm and long documents degrade it."
+TEMPERATURE_SCALED = "Probabilities are temperature-scaled on held-out train rows; dev_ece reports what remains."
+
 CARDS: dict[str, ModelCard] = {
     "sentiment": ModelCard(
-        intended_use="Binary sentiment (negative/positive) of short English texts like movie-review sentences; "
-        "research and demos.",
+        intended_use=SENTIMENT_USE,
         data=SST2,
         license="Weights: Apache-2.0 (this project). Training data: see data.",
         limits=[
-            "English movie-review style only; other domains, sarcasm and long documents degrade it.",
+            SENTIMENT_DOMAIN,
             "Words outside its vocabulary become <unk>.",
             "Probabilities are not calibrated beyond what the metrics report (see dev_ece).",
         ],
     ),
     # Any sentiment model trained with --glove (never released; see docs/models.md "GloVe experiment").
     "sentiment-glove": ModelCard(
-        intended_use="Binary sentiment (negative/positive) of short English texts like movie-review sentences; "
-        "research and demos.",
+        intended_use=SENTIMENT_USE,
         data=SST2 + GLOVE,
         license="Weights: Apache-2.0 (this project); folded GloVe vectors: PDDL-1.0 (public domain dedication).",
         limits=[
-            "English movie-review style only; other domains, sarcasm and long documents degrade it.",
+            SENTIMENT_DOMAIN,
             "Vocabulary: train words plus the most frequent GloVe words; anything else becomes <unk>.",
             "GloVe vectors carry the biases of Wikipedia/Gigaword text.",
-            "Probabilities are temperature-scaled on held-out train rows; dev_ece reports what remains.",
+            TEMPERATURE_SCALED,
             "The variants trained so far reached 0.823-0.851 dev accuracy, no better than sentiment/1's 0.850; "
             "none was released.",
         ],
@@ -81,18 +86,17 @@ CARDS: dict[str, ModelCard] = {
     # Any sentiment model trained with --lexicon (with or without --glove; docs/models.md "GloVe experiment").
     **{
         key: ModelCard(
-            intended_use="Binary sentiment (negative/positive) of short English texts like movie-review sentences; "
-            "research and demos.",
+            intended_use=SENTIMENT_USE,
             data=SST2 + (GLOVE if "glove" in key else "") + VADER,
             license="Weights: Apache-2.0 (this project); folded lexicon ratings: MIT (VADER)"
             + ("; folded GloVe vectors: PDDL-1.0." if "glove" in key else "."),
             limits=[
-                "English movie-review style only; other domains, sarcasm and long documents degrade it.",
+                SENTIMENT_DOMAIN,
                 "Vocabulary: train words plus the lexicon's"
                 + (" and the most frequent GloVe" if "glove" in key else "")
                 + " words; anything else becomes <unk>.",
                 "The lexicon's ratings are social-media English from 2014 raters; they carry those raters' views.",
-                "Probabilities are temperature-scaled on held-out train rows; dev_ece reports what remains.",
+                TEMPERATURE_SCALED,
             ],
         )
         for key in ("sentiment-vader", "sentiment-glove-vader")
