@@ -7,7 +7,7 @@ temperature (folded into the heads' weights) minimizes the ensemble's NLL on tha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,10 +39,10 @@ def train_sentiment(job: Job) -> None:
     n_held = len(held_rows)
     tok = word_tokenizer([t for t, _ in fit_rows], min_count=job.extra["min_count"], max_length=job.extra["max_length"])
     learned_rows = len(tok.vocab)
-    frozen = frozen_sources(job)  # name -> (word features, how many of its words join the vocab)
-    for source, top in frozen.values():
-        tok = tok.model_copy(update={"vocab": extend_vocab(tok.vocab, source, top)})
-    job.net.glove = sum(source.dim for source, _ in frozen.values())
+    frozen = frozen_sources(job)
+    for f in frozen.values():
+        tok = tok.model_copy(update={"vocab": extend_vocab(tok.vocab, f.features, f.top)})
+    job.net.glove = sum(f.features.dim for f in frozen.values())
     enc = Encoder(tok)
     job.net.vocab = len(tok.vocab)
     net = build_net(job.net)
@@ -54,7 +54,7 @@ def train_sentiment(job: Job) -> None:
     blank = job.extra.get("glove_dropout", 0.0) if frozen else 0.0
     frozen_info: dict[str, float] = {"blank_dropout": blank}
     if frozen:
-        tables = {name: glove_table(tok.vocab, source) for name, (source, _) in frozen.items()}
+        tables = {name: glove_table(tok.vocab, f.features) for name, f in frozen.items()}
         table = np.concatenate([t for t, _ in tables.values()], axis=1)
         net.set_glove(torch.from_numpy(table), learned_rows, init=job.extra.get("glove_init", False))
         frozen_info |= {"frozen_words_added": len(tok.vocab) - learned_rows}
@@ -81,13 +81,14 @@ def train_sentiment(job: Job) -> None:
     write_model(
         net.cpu(), job.net, job.out, name=job.name, version=job.version,
         description="SST-2 binary sentiment: word embeddings"
-        + "".join(f" + frozen {DESCRIBE[name]}" for name in frozen) + " + BiLSTM ensemble, masked mean+max pooling.",
+        + "".join(f" + frozen {f.description}" for f in frozen.values())
+        + " + BiLSTM ensemble, masked mean+max pooling.",
         tokenizer=tok, labels=["negative", "positive"],
         training={**training_info(job, res), **frozen_info, "temperature": temperature},
         notes=f"{job.net.ensemble} member(s) averaged over one shared embedding (state rows = members x layers x "
         "directions); the backward direction runs on a length-aware reversed copy: padding never changes a result"
         + (f"; embedding table = {job.net.embedding} learned (+ sub-word) dims + "
-           + " + ".join(f"{s.dim} {name}" for name, (s, _) in frozen.items())
+           + " + ".join(f"{f.features.dim} {name}" for name, f in frozen.items())
            + f" frozen dims, {'float16' if job.extra['half_table'] else 'float32'}" if frozen else ""),
     )  # fmt: skip
     ev = evaluate_model(job.out, job.data)
@@ -102,20 +103,24 @@ def train_sentiment(job: Job) -> None:
                 "command": job.command}
     )  # fmt: skip
     ece = metric.model_copy(update={"name": "ece", "value": ev["dev_ece"], "target": None, "higher_is_better": False})
-    key = f"sentiment-{'-'.join(frozen)}" if frozen else job.name
-    card = card_for(key, "sentiment", 1 if frozen else job.version)
+    card = card_for(f"sentiment-{'-'.join(frozen)}" if frozen else job.name, "sentiment", job.version)
     finish(job, res, [metric, held, ece], ev, {"task": "sentiment", "temperature": temperature}, card)
 
 
-DESCRIBE = {"glove": "GloVe 6B 50-d vectors", "vader": "VADER lexicon ratings"}
+class Frozen(NamedTuple):
+    """One source of pretrained word features beside the learned vectors."""
+
+    features: Glove
+    top: int | None  # how many of its words join the vocabulary (most frequent first; None: all)
+    description: str  # for the manifest's description
 
 
-def frozen_sources(job: Job) -> dict[str, tuple[Glove, int | None]]:
-    """The pretrained word features the job asks for, in table order, each with how many of its words join the
-    vocabulary (the most frequent GloVe words; every lexicon word)."""
-    sources: dict[str, tuple[Glove, int | None]] = {}
+def frozen_sources(job: Job) -> dict[str, Frozen]:
+    """The pretrained word features the job asks for, by name, in table order (GloVe first: ``--glove-init`` reads
+    the table's first dims)."""
+    sources: dict[str, Frozen] = {}
     if job.extra.get("glove"):
-        sources["glove"] = (load_glove(job.extra["glove_dir"]), job.extra["glove_top"])
+        sources["glove"] = Frozen(load_glove(job.extra["glove_dir"]), job.extra["glove_top"], "GloVe 6B 50-d vectors")
     if job.extra.get("lexicon"):
-        sources["vader"] = (load_vader(job.extra["lexicon_dir"]), None)
+        sources["vader"] = Frozen(load_vader(job.extra["lexicon_dir"]), None, "VADER lexicon ratings")
     return sources
