@@ -65,6 +65,8 @@ def test_sentiment_train_and_evaluate(tmp_path: Path, tiny_sst2: Path, capsys: p
     assert main(args) == 0
     m = _check_outputs(out)
     assert m.labels == ["negative", "positive"] and m.architecture.directions == 2
+    # sentiment/1's recipe: --glove-dropout (default 0.25) applies only with --glove or --lexicon
+    assert m.training["blank_dropout"] == 0.0 and "frozen_words_added" not in m.training
     assert [x.name for x in m.metrics] == ["accuracy", "heldout_accuracy", "ece"]
     acc = _evaluate(capsys, out, tiny_sst2)["dev_accuracy"]
     assert acc == pytest.approx(m.metrics[0].value) and acc > 0.9  # the toy task is separable

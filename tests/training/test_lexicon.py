@@ -94,16 +94,6 @@ def test_train_sentiment_with_the_lexicon(tmp_path: Path, tiny_sst2: Path, lexic
     assert positive("superb") != pytest.approx(positive("zzzz"))  # a lexicon-only word is not read as <unk>
 
 
-@pytest.mark.slow
-def test_without_frozen_features_no_word_loses_its_vector(tmp_path: Path, tiny_sst2: Path) -> None:
-    """sentiment/1's recipe: --glove-dropout (default 0.25) applies only with --glove or --lexicon."""
-    out = tmp_path / "sentiment" / "1"
-    args = ["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main(args) == 0
-    m = Manifest.load(out / MANIFEST_FILE)
-    assert m.training["blank_dropout"] == 0.0 and "frozen_words_added" not in m.training
-
-
 def test_glove_init_needs_glove(
     tmp_path: Path, tiny_sst2: Path, lexicon_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
