@@ -186,9 +186,15 @@ def test_uvloop_with_two_frontends(docker: Docker, image: str) -> None:
     try:
         wait_for("gRPC health SERVING", lambda: health(c.grpc) == SERVING, timeout=60, every=0.1)
         kserve_sequence(c.grpc)
-        pids = docker("exec", c.id, "sh", "-c", "grep -l 'uvloop/loop' /proc/[0-9]*/maps || true").split()
-        assert len(pids) == 3, pids  # the engine (pid 1) and two frontends have uvloop's extension mapped
-        assert "/proc/1/maps" in pids
+
+        def on_uvloop() -> list[str]:
+            return docker("exec", c.id, "sh", "-c", "grep -l 'uvloop/loop' /proc/[0-9]*/maps || true").split()
+
+        # The engine (pid 1) and two frontends have uvloop's extension mapped. Health turns SERVING with the first
+        # frontend; the second one may still be starting then.
+        wait_for("three processes on uvloop", lambda: len(on_uvloop()) >= 3, timeout=30, every=0.2)
+        pids = on_uvloop()
+        assert len(pids) == 3 and "/proc/1/maps" in pids, pids
     finally:
         remove(docker, c)
 
