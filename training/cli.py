@@ -79,6 +79,10 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--lexicon-dir", type=Path, help="folder with vader_lexicon.txt (default: the package)")
         p.add_argument("--half-table", action="store_true", help="store the embedding table as float16")
         p.add_argument(
+            "--adversarial", type=float, default=0.0,
+            help="also train on word vectors nudged against the loss, by this fraction of their norm (0 = off)",
+        )  # fmt: skip
+        p.add_argument(
             "--calibrate",
             action=argparse.BooleanOptionalAction,
             default=True,
@@ -191,7 +195,7 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
     )  # fmt: skip
     keys = ["bptt", "heldout_fraction", "heldout", "min_count", "max_length", "word_dropout", "preset", "time_column"]
     keys += ["glove", "glove_top", "glove_dropout", "glove_dir", "glove_init", "half_table", "calibrate"]
-    keys += ["lexicon", "lexicon_dir"]
+    keys += ["lexicon", "lexicon_dir", "adversarial"]
     keys += ["columns", "targets", "split", "freq", "calibration", "interval_scale"]
     extra = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return Job(args.data, out, tc, nc, shlex.join(["seqserve-train", *argv]), extra)
@@ -247,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "glove_init", False) and not args.glove:  # GloVe's dims come first in the frozen table
             print("seqserve-train: error: --glove-init needs --glove (it starts train words from their GloVe vectors)",
                   file=sys.stderr)  # fmt: skip
+            return 2
+        if getattr(args, "adversarial", 0.0) < 0:
+            print(f"seqserve-train: error: --adversarial must be >= 0 (a fraction of the word vectors' norm), got "
+                  f"{args.adversarial:g}", file=sys.stderr)  # fmt: skip
             return 2
         if args.device == "cuda":
             import torch

@@ -223,8 +223,12 @@ class SentimentNet(nn.Module):
         self, ids: Tensor, lengths: Tensor, *state: Tensor, blank: Tensor | None = None
     ) -> tuple[Tensor, State]:
         """-> logits (K, B, 2) of every member, new state (K*L*D, B, H) each."""
-        x = self.drop(self.lookup(ids, blank))  # (B, T, E [+ glove])
-        mask = (torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
+        return self.member_logits_of(self.lookup(ids, blank), lengths, *state)
+
+    def member_logits_of(self, vectors: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, State]:
+        """``member_logits`` from looked-up word vectors (B, T, E [+ glove]) (training nudges them: adversarial)."""
+        x = self.drop(vectors)
+        mask = (torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
         n = lengths.clamp(min=1).unsqueeze(1).to(x.dtype)  # (B, 1)
         rows = state[0].shape[0] // len(self.encoders)
         logits, states = [], []

@@ -86,10 +86,12 @@ class SentimentRunner:
         device: str = "cpu",
         word_dropout: float = 0.0,
         blank_dropout: float = 0.0,
+        adversarial: float = 0.0,
     ) -> None:
         self.net, self.train, self.heldout, self.dev = net, train, heldout, dev
         self.max_length, self.device, self.word_dropout = max_length, device, word_dropout
         self.blank_dropout = blank_dropout  # chance a word keeps only its pretrained (+ sub-word) vector
+        self.adversarial = adversarial  # relative size of the adversarial nudge of the word vectors (0 = off)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return (len(self.train) + batch_size - 1) // batch_size
@@ -118,9 +120,20 @@ class SentimentRunner:
         blank = None
         if self.blank_dropout > 0:  # teaches the model to read words it will only know from GloVe
             blank = (torch.rand(ids.shape, device=ids.device) < self.blank_dropout) & (ids > 1)
-        assert isinstance(self.net, SentimentNet)
-        logits, _ = self.net.member_logits(ids, lengths, *zero_state(self.net, ids.shape[0]), blank=blank)  # (K, B, 2)
-        return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))  # each member on its own
+        net = self.net
+        assert isinstance(net, SentimentNet)
+        state = zero_state(net, ids.shape[0])
+        x = net.lookup(ids, blank)  # (B, T, W)
+
+        def members_loss(vectors: Tensor) -> Tensor:
+            logits, _ = net.member_logits_of(vectors, lengths, *state)  # (K, B, 2)
+            return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))  # each member on its own
+
+        loss = members_loss(x)
+        if self.adversarial > 0:  # Miyato et al. 2017: also fit the vectors nudged where the loss rises fastest
+            (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+            loss = loss + members_loss(x + adversarial_nudge(x.detach(), grad, self.adversarial))
+        return loss
 
     def logits(self, items: list[tuple[IntArray, int]]) -> tuple[Tensor, Tensor]:
         """Ensemble logits (N, 2) and labels (N,) of ``items``, in batches of 256 (call under no_grad)."""
@@ -139,6 +152,15 @@ class SentimentRunner:
         acc, loss = self._score(self.heldout)
         dev_acc, _ = self._score(self.dev)  # reported only; never used for selection
         return {"heldout_accuracy": acc, "val_loss": loss, "dev_accuracy": dev_acc}
+
+
+def adversarial_nudge(x: Tensor, grad: Tensor, eps: float) -> Tensor:
+    """Per example b of x (B, T, W): eps * ||x_b|| * grad_b / ||grad_b|| (norms over T and W), the first-order
+    worst perturbation of that size. Relative to the example's own vectors, which are not normalized (Miyato et al.
+    normalize the embeddings and use an absolute eps)."""
+    size = x.flatten(1).norm(dim=1) * eps / grad.flatten(1).norm(dim=1).clamp(min=1e-12)  # (B,)
+    nudge: Tensor = grad * size.view(-1, 1, 1)
+    return nudge
 
 
 class ForecastRunner:

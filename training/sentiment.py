@@ -52,13 +52,13 @@ def train_sentiment(job: Job) -> None:
     # Blanking a word's own vector teaches the net to read words known only from frozen features; with none, it
     # would only hide information (sentiment/1 trained without it).
     blank = job.extra.get("glove_dropout", 0.0) if frozen else 0.0
-    frozen_info: dict[str, float] = {"blank_dropout": blank}
+    recipe: dict[str, float] = {"blank_dropout": blank, "adversarial": job.extra.get("adversarial", 0.0)}
     if frozen:
         tables = {name: glove_table(tok.vocab, f.features) for name, f in frozen.items()}
         table = np.concatenate([t for t, _ in tables.values()], axis=1)
         net.set_glove(torch.from_numpy(table), learned_rows, init=job.extra.get("glove_init", False))
-        frozen_info |= {"frozen_words_added": len(tok.vocab) - learned_rows}
-        frozen_info |= {f"{name}_rows_with_vector": found for name, (_, found) in tables.items()}
+        recipe |= {"frozen_words_added": len(tok.vocab) - learned_rows}
+        recipe |= {f"{name}_rows_with_vector": found for name, (_, found) in tables.items()}
 
     def encode(rows: list[tuple[str, int]]) -> list[tuple[Any, int]]:
         return [(enc.encode(t), y) for t, y in rows]
@@ -69,7 +69,7 @@ def train_sentiment(job: Job) -> None:
     )
     runner = SentimentRunner(
         net, encode(fit_rows), encode(held_rows), encode(dev_rows), tok.max_length or 128,
-        job.train.device, job.extra["word_dropout"], blank,
+        job.train.device, job.extra["word_dropout"], blank, job.extra.get("adversarial", 0.0),
     )  # fmt: skip
     res = fit(runner, job.train)
     net.eval()
@@ -84,7 +84,7 @@ def train_sentiment(job: Job) -> None:
         + "".join(f" + frozen {f.description}" for f in frozen.values())
         + " + BiLSTM ensemble, masked mean+max pooling.",
         tokenizer=tok, labels=["negative", "positive"],
-        training={**training_info(job, res), **frozen_info, "temperature": temperature},
+        training={**training_info(job, res), **recipe, "temperature": temperature},
         notes=f"{job.net.ensemble} member(s) averaged over one shared embedding (state rows = members x layers x "
         "directions); the backward direction runs on a length-aware reversed copy: padding never changes a result"
         + (f"; embedding table = {job.net.embedding} learned (+ sub-word) dims + "
