@@ -117,7 +117,7 @@ def train_forecast(job: Job) -> None:
     s = load_series(job.data, window=cfg.window, horizon=cfg.horizon, **opts)
     cfg.features = len(s.columns)
     cfg.targets = s.target_index if len(s.targets) < len(s.columns) else None
-    net = build_net(cfg)
+    net = build_net(cfg, job.train.seed)
     runner = ForecastRunner(
         net, s.part("train", cfg.window), s.part("val", cfg.window), cfg.window, cfg.horizon, job.train.device,
         targets=cfg.targets,

@@ -329,9 +329,13 @@ class Forecaster(nn.Module):
         return (y.permute(0, 2, 1), *new_state)  # (B, horizon, T)
 
 
-def build_net(cfg: NetConfig) -> nn.Module:
+def build_net(cfg: NetConfig, seed: int | None = None) -> nn.Module:
+    """The net ``cfg`` describes; with ``seed``, its initial weights are drawn from torch's generator seeded with it
+    (training passes its ``--seed``: the same command then starts from the same weights)."""
     if cfg.cell not in CELLS:
         raise ValueError(f"cell: unknown recurrent cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
+    if seed is not None:
+        torch.manual_seed(seed)
     if cfg.task == "sentiment":
         return SentimentNet(cfg)
     if cfg.task == "charlm":

@@ -157,7 +157,7 @@ def training_info(job: Job, res: FitResult) -> dict[str, Any]:
 def train_charlm(job: Job) -> None:
     tok, train, val = load_chars(job.data)
     job.net.vocab = len(tok.vocab)
-    net = build_net(job.net)
+    net = build_net(job.net, job.train.seed)
     print(f"charlm: {len(train)} train / {len(val)} val chars, vocab {len(tok.vocab)}, {count_parameters(net)} params")
     res = fit(CharLMRunner(net, train, val, job.extra["bptt"], job.train.device), job.train)
     write_model(

@@ -45,7 +45,7 @@ def train_sentiment(job: Job) -> None:
     job.net.glove = sum(f.features.dim for f in frozen.values())
     enc = Encoder(tok)
     job.net.vocab = len(tok.vocab)
-    net = build_net(job.net)
+    net = build_net(job.net, job.train.seed)
     assert isinstance(net, SentimentNet)
     if job.net.subword_buckets:
         net.set_ngrams(torch.from_numpy(ngram_table(tok.vocab, job.net.subword_buckets)))
