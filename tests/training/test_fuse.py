@@ -115,19 +115,21 @@ def test_the_committed_sentiment_model_fuses_to_the_same_answers(
     assert m.training["fusion"]["nodes"] == {"parent": 342, "fused": 34}
 
 
+@pytest.mark.parametrize(("parent", "fused"), [(1, 2), (3, 4)])
 def test_the_committed_fused_version_serves_its_parents_answers(
-    tmp_path: Path, start_server: Callable[..., ServerHandle]
+    tmp_path: Path, start_server: Callable[..., ServerHandle], parent: int, fused: int
 ) -> None:
-    """``models/sentiment/2`` is ``sentiment/1``'s weights in the fused graph: served side by side, equal answers."""
-    m = Manifest.load(ROOT / "models" / "sentiment" / "2" / MANIFEST_FILE)
-    assert m.training["fused_from"] == "sentiment/1"
+    """``models/sentiment/2`` (``/4``) is ``sentiment/1``'s (``/3``'s) weights in the fused graph: served side by
+    side, equal answers."""
+    m = Manifest.load(ROOT / "models" / "sentiment" / str(fused) / MANIFEST_FILE)
+    assert m.training["fused_from"] == f"sentiment/{parent}"
     models = tmp_path / "models"
-    for version in ("1", "2"):
-        shutil.copytree(ROOT / "models" / "sentiment" / version, models / "sentiment" / version)
+    for version in (parent, fused):
+        shutil.copytree(ROOT / "models" / "sentiment" / str(version), models / "sentiment" / str(version))
     server = start_server(models=models)
     with Client(server.target) as c:
         new = c.classify(TEXTS, model="sentiment")  # the newest version by default
-        old = c.classify(TEXTS, model="sentiment", version=1)
+        old = c.classify(TEXTS, model="sentiment", version=parent)
     assert [r.label for r in new] == [r.label for r in old]
     np.testing.assert_allclose([r.probabilities for r in new], [r.probabilities for r in old], atol=1e-6)
 
