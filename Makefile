@@ -12,7 +12,7 @@ PORT ?= 50051
 	train-charlm train-forecast train-v1 train-sentiment-glove train-forecast2 train-forecast3 train-forecast-ettm1 \
 	train-forecast-ettm1-2 train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static \
 	quantize-sentiment fuse-sentiment quantize-sentiment-fused train-sentiment3 \
-	fuse-sentiment3 clean
+	fuse-sentiment3 quantize-sentiment4 clean
 
 # The venv is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
 $(STAMP): pyproject.toml
@@ -76,10 +76,11 @@ bench: $(STAMP)
 # sentiment-int8/1 are int8 copies of charlm/1 and sentiment/1 (seconds each; refused if the metric gets worse by
 # more than 0.005): /1 by dynamic quantization, charlm-int8/2 by static (batch-invariant answers). sentiment/2 is
 # sentiment/1's weights in a fused graph (the same answers, refused otherwise) and sentiment-int8/2 its int8 copy;
-# sentiment/3 is trained adversarially (--adversarial) and sentiment/4 is its fused graph.
+# sentiment/3 is trained adversarially (--adversarial), sentiment/4 is its fused graph and sentiment-int8/3 the
+# int8 copy of that.
 train: train-sentiment train-charlm train-forecast2 train-forecast3 train-forecast-ettm1 train-forecast-ettm1-2 \
 	train-forecast-air quantize-charlm quantize-charlm-static quantize-sentiment fuse-sentiment quantize-sentiment-fused \
-	train-sentiment3 fuse-sentiment3
+	train-sentiment3 fuse-sentiment3 quantize-sentiment4
 
 train-v1: train-sentiment train-charlm train-forecast
 
@@ -94,6 +95,10 @@ train-sentiment3: $(STAMP)
 fuse-sentiment3: $(STAMP)
 	rm -rf models/sentiment/4
 	$(BIN)/seqserve-train fuse --model models/sentiment/3 --data $(DATA)/sst2 --out models/sentiment/4
+
+quantize-sentiment4: $(STAMP)
+	rm -rf models/sentiment-int8/3
+	$(BIN)/seqserve-train quantize --model models/sentiment/4 --data $(DATA)/sst2 --out models/sentiment-int8/3
 
 train-charlm: $(STAMP)
 	$(BIN)/seqserve-train charlm --data $(DATA)/tinyshakespeare/input.txt --out models/charlm/1 --threads 2 --max-minutes 60
