@@ -1,4 +1,4 @@
-"""``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,fuse,evaluate,heldout,sample}``.
+"""``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,fuse,evaluate,heldout,compare,sample}``.
 
 Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line
 naming the file and the problem and exit 2.
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ho.add_argument("--model", type=Path, action="append", required=True, help="models/NAME/VERSION (repeatable)")
     ho.add_argument("--data", type=Path, required=True, help="the SST-2 folder it was trained on")
+    co = sub.add_parser("compare", help="two sentiment models on the same sentences: paired counts, McNemar's p")
+    co.add_argument("--model", type=Path, action="append", required=True, help="models/NAME/VERSION (twice)")
+    co.add_argument("--data", type=Path, required=True, help="the SST-2 folder")
+    co.add_argument("--split", choices=["dev", "heldout"], default="dev", help="dev, or the rows training held out")
     ca = sub.add_parser("calibrate", help="recalibrate a trained forecaster's intervals into a new version")
     ca.add_argument("--model", type=Path, required=True, help="the trained models/NAME/N (left unchanged)")
     ca.add_argument("--data", type=Path, required=True, help="the file it was trained on")
@@ -214,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             from training.heldout import heldout_accuracy
 
             print(json.dumps(heldout_accuracy(args.model, args.data), indent=2))
+            return 0
+        if args.command == "compare":
+            from training.compare import compare
+
+            print(json.dumps(compare(args.model, args.data, args.split), indent=2))
             return 0
         if args.command in ("forecast", "calibrate"):
             from training.forecasting import scale_candidates
