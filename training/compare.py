@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from training.data import DataError, heldout_split, load_sst2
-from training.evaluate import open_model, sentiment_logits
-from training.heldout import split_of
+from training.data import DataError, load_sst2
+from training.evaluate import sentiment_logits
+from training.heldout import heldout_rows, open_sentiment
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -33,17 +33,11 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 def compare(models: list[Path], data: Path, split: str = "dev") -> dict[str, Any]:
     if len(models) != 2:
         raise DataError(f"compare takes exactly two --model, got {len(models)}")
-    opened = [open_model(p) for p in models]
-    for path, (m, _) in zip(models, opened, strict=True):
-        if m.task != "sentiment":
-            raise DataError(f"{path} is a {m.task!r} model; compare scores sentiment models")
-    train_rows, rows = load_sst2(data)
+    opened = open_sentiment(models, "compare")
     if split == "heldout":
-        splits = {split_of(m) for m, _ in opened}
-        if len(splits) > 1:
-            raise DataError("the two models held out different rows of train.tsv; compare them on dev")
-        kind, fraction, seed = splits.pop()
-        _, rows = heldout_split(train_rows, kind, fraction, np.random.default_rng(seed))
+        _, rows = heldout_rows(models, [m for m, _ in opened], data)
+    else:
+        _, rows = load_sst2(data)
     texts, y = [t for t, _ in rows], np.array([label for _, label in rows])
     right = [sentiment_logits(m, sess, texts).argmax(1) == y for m, sess in opened]  # (N,) bool each
     only = [int((r & ~other).sum()) for r, other in ((right[0], right[1]), (right[1], right[0]))]

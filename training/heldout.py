@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from service.core import arrays
 from service.core.manifest import Manifest
 from training.data import DataError, heldout_split, load_sst2
 from training.evaluate import open_model, sentiment_logits
+
+Rows = list[tuple[str, int]]  # (text, label)
 
 
 def split_of(m: Manifest) -> tuple[str, float, int]:
@@ -39,18 +42,33 @@ def recorded(m: Manifest) -> float | None:
     return next((x.value for x in m.metrics if x.name == "heldout_accuracy"), None)
 
 
-def heldout_accuracy(models: list[Path], data: Path) -> dict[str, Any]:
+def open_sentiment(models: list[Path], command: str) -> list[tuple[Manifest, ort.InferenceSession]]:
+    """(manifest, ORT session) of each of ``models``; anything but a sentiment model is refused."""
     opened = [open_model(p) for p in models]
     for path, (m, _) in zip(models, opened, strict=True):
         if m.task != "sentiment":
-            raise DataError(f"{path} is a {m.task!r} model; heldout scores sentiment models")
-    splits = {path: split_of(m) for path, (m, _) in zip(models, opened, strict=True)}
+            raise DataError(f"{path} is a {m.task!r} model; {command} scores sentiment models")
+    return opened
+
+
+def heldout_rows(models: list[Path], manifests: list[Manifest], data: Path) -> tuple[tuple[str, float, int], Rows]:
+    """The rows train.tsv held out when these models trained, and how ((kind, fraction, seed)); models that held
+    out different rows are refused (their numbers could not be compared)."""
+    splits = {path: split_of(m) for path, m in zip(models, manifests, strict=True)}
     if len(set(splits.values())) > 1:
         listed = "; ".join(f"{p}: {k}, fraction {f:g}, seed {s}" for p, (k, f, s) in splits.items())
-        raise DataError(f"the models held out different rows of train.tsv ({listed}); their scores cannot be pooled")
+        raise DataError(
+            f"the models held out different rows of train.tsv ({listed}); their held-out numbers cannot be compared"
+        )
     kind, fraction, seed = splits[models[0]]
     train_rows, _ = load_sst2(data)
     _, held = heldout_split(train_rows, kind, fraction, np.random.default_rng(seed))
+    return (kind, fraction, seed), held
+
+
+def heldout_accuracy(models: list[Path], data: Path) -> dict[str, Any]:
+    opened = open_sentiment(models, "heldout")
+    (kind, fraction, seed), held = heldout_rows(models, [m for m, _ in opened], data)
     texts, y = [t for t, _ in held], np.array([label for _, label in held])
     probs = [arrays.softmax(sentiment_logits(m, sess, texts)) for m, sess in opened]
     out: dict[str, Any] = {
