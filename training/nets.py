@@ -219,14 +219,9 @@ class SentimentNet(nn.Module):
             emb = emb - own[inv] * blank.unsqueeze(2).to(emb.dtype)
         return emb if self.glove is None else torch.cat([emb, self.glove[ids]], dim=2)
 
-    def member_logits(
-        self, ids: Tensor, lengths: Tensor, *state: Tensor, blank: Tensor | None = None
-    ) -> tuple[Tensor, State]:
-        """-> logits (K, B, 2) of every member, new state (K*L*D, B, H) each."""
-        return self.member_logits_of(self.lookup(ids, blank), lengths, *state)
-
-    def member_logits_of(self, vectors: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, State]:
-        """``member_logits`` from looked-up word vectors (B, T, E [+ glove]) (training nudges them: adversarial)."""
+    def member_logits(self, vectors: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, State]:
+        """Looked-up word vectors (B, T, E [+ glove]) (``lookup``; training may blank or nudge them) -> logits
+        (K, B, 2) of every member, new state (K*L*D, B, H) each."""
         x = self.drop(vectors)
         mask = (torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
         n = lengths.clamp(min=1).unsqueeze(1).to(x.dtype)  # (B, 1)
@@ -250,7 +245,7 @@ class SentimentNet(nn.Module):
                 head.bias.div_(temperature)
 
     def forward(self, ids: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        logits, new_state = self.member_logits(ids, lengths, *state)
+        logits, new_state = self.member_logits(self.lookup(ids), lengths, *state)
         return (logits.mean(dim=0), *new_state)
 
 

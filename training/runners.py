@@ -126,7 +126,7 @@ class SentimentRunner:
         x = net.lookup(ids, blank)  # (B, T, W)
 
         def members_loss(vectors: Tensor) -> Tensor:
-            logits, _ = net.member_logits_of(vectors, lengths, *state)  # (K, B, 2)
+            logits, _ = net.member_logits(vectors, lengths, *state)  # (K, B, 2)
             return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))  # each member on its own
 
         loss = members_loss(x)

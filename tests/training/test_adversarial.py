@@ -44,7 +44,7 @@ def test_the_nudge_raises_the_loss_more_than_a_random_one_of_its_size() -> None:
     state = zero_state(net, ids.shape[0])
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        logits, _ = net.member_logits_of(x, lengths, *state)
+        logits, _ = net.member_logits(x, lengths, *state)
         return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]))
 
     x = net.lookup(ids)
