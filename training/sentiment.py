@@ -52,7 +52,8 @@ def train_sentiment(job: Job) -> None:
     # Blanking a word's own vector teaches the net to read words known only from frozen features; with none, it
     # would only hide information (sentiment/1 trained without it).
     blank = job.extra.get("glove_dropout", 0.0) if frozen else 0.0
-    recipe: dict[str, float] = {"blank_dropout": blank, "adversarial": job.extra.get("adversarial", 0.0)}
+    adversarial = job.extra.get("adversarial", 0.0)
+    recipe: dict[str, float] = {"blank_dropout": blank, "adversarial": adversarial}
     if frozen:
         tables = {name: glove_table(tok.vocab, f.features) for name, f in frozen.items()}
         table = np.concatenate([t for t, _ in tables.values()], axis=1)
@@ -69,7 +70,7 @@ def train_sentiment(job: Job) -> None:
     )
     runner = SentimentRunner(
         net, encode(fit_rows), encode(held_rows), encode(dev_rows), tok.max_length or 128,
-        job.train.device, job.extra["word_dropout"], blank, job.extra.get("adversarial", 0.0),
+        job.train.device, job.extra["word_dropout"], blank, adversarial,
     )  # fmt: skip
     res = fit(runner, job.train)
     net.eval()
