@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from service.core.manifest import MANIFEST_FILE, Manifest
+from tests.training import fast
+from tests.training.fast import TINY_SENTIMENT
 from training.cli import main
 from training.nets import NetConfig, SentimentNet, zero_state
 from training.runners import SentimentRunner, adversarial_nudge
 
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2", "--hidden", "8", "--embedding", "8"]
-FAST += ["--epochs", "1", "--batch-size", "32", "--heldout-fraction", "0.2", "--ensemble", "1"]
+FAST = [*fast.FAST, *TINY_SENTIMENT, "--epochs", "1"]
 
 
 def test_the_nudge_has_its_size_per_example_and_follows_the_gradient() -> None:

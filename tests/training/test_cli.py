@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from tests.training.fast import FAST
 from training import learned_scale
 from training.cli import main
-
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
 
 
 def _evaluate(capsys: pytest.CaptureFixture[str], model: Path, data: Path) -> dict[str, float]:

@@ -16,9 +16,8 @@ from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.tables import read_table
 from tests.conftest import ServerHandle
+from tests.training.fast import FAST
 from training.cli import main as train
-
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
 
 
 @pytest.mark.slow

@@ -19,10 +19,10 @@ from service.core.arrays import right_pad, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.tokenizers import Encoder
 from tests.conftest import ServerHandle
+from tests.training.fast import FAST
 from training import fuse as fuse_module
 from training.cli import main
 
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["a great movie", "boring", "i hate this film , dull and cold and bad acting", "wonderful", "good fun !"]
 

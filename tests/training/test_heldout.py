@@ -11,11 +11,12 @@ import pytest
 
 from service.core import arrays
 from service.core.manifest import MANIFEST_FILE, Manifest
+from tests.training import fast
 from training.cli import main
 from training.data import heldout_split, load_sst2
 from training.evaluate import open_model, sentiment_logits
 
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2", "--epochs", "1", "--batch-size", "32"]
+FAST = [*fast.FAST, "--epochs", "1", "--batch-size", "32"]
 
 
 def train(tmp_path: Path, data: Path, name: str, *extra: str) -> Path:

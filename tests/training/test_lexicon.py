@@ -12,14 +12,15 @@ from onnx import numpy_helper
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.core.tokenizers import Encoder
+from tests.training import fast
+from tests.training.fast import TINY_SENTIMENT
 from training.cli import main
 from training.data import DataError
 from training.export import ort_run
 from training.glove import extend_vocab, glove_table
 from training.lexicon import FEATURES, load_vader
 
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2", "--hidden", "8", "--embedding", "8"]
-FAST += ["--epochs", "2", "--batch-size", "32", "--heldout-fraction", "0.2", "--ensemble", "1"]
+FAST = [*fast.FAST, *TINY_SENTIMENT, "--epochs", "2"]
 
 
 @pytest.fixture

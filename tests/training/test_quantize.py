@@ -17,10 +17,10 @@ from service.client import Client, SuggestEvent
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from tests.conftest import ServerHandle
+from tests.training.fast import FAST
 from training.cli import main
 from training.quantize import quantized_nodes
 
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

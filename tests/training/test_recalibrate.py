@@ -12,9 +12,8 @@ import pytest
 
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from tests.training.fast import FAST
 from training.cli import main
-
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
 
 
 def outputs(model: Path, x: np.ndarray) -> dict[str, np.ndarray]:

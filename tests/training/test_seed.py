@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from service.core.manifest import MODEL_FILE
+from tests.training import fast
 from training.cli import main
 
-FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2", "--epochs", "1"]
+FAST = [*fast.FAST, "--epochs", "1"]
 ARGS = {
     "sentiment": ["--hidden", "8", "--embedding", "8", "--batch-size", "32", "--ensemble", "2", "--adversarial", "0.1"],
     "charlm": ["--hidden", "16", "--embedding", "8", "--batch-size", "4", "--bptt", "16"],

@@ -1,0 +1,6 @@
+"""Training flags that keep the tests' tiny runs quick: no progress bar, one thread, a two-step warm-up."""
+
+FAST = ["--no-progress", "--threads", "1", "--warmup-steps", "2"]
+# A tiny sentiment net for tiny_sst2: one member of 8 units over 8-d vectors, a fifth of train held out.
+TINY_SENTIMENT = ["--hidden", "8", "--embedding", "8", "--batch-size", "32", "--heldout-fraction", "0.2"]
+TINY_SENTIMENT += ["--ensemble", "1"]
