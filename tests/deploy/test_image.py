@@ -40,12 +40,20 @@ models = pathlib.Path("/app/models")
 site = pathlib.Path(service.cli.__file__).parents[1]
 def mb(path):
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)
+def sections(path):  # an ELF64 file's section names, from its section header table
+    b = path.read_bytes()
+    off, size, count, names = (int.from_bytes(b[i:i + n], "little") for i, n in ((40, 8), (58, 2), (60, 2), (62, 2)))
+    heads = [b[off + k * size:off + (k + 1) * size] for k in range(count)]
+    strtab = int.from_bytes(heads[names][24:32], "little")
+    return {b[strtab + int.from_bytes(h[:4], "little"):].split(b"\\0", 1)[0].decode() for h in heads}
 sizes = {p.name: mb(p) for p in site.iterdir() if p.is_dir() and not p.name.endswith("-info")}
 print(json.dumps({
     "largest_mb": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]) | {"models": mb(models)},
     "modules": {m: bool(importlib.util.find_spec(m)) for m in MODULES},
     "ort_c_library": sorted(p.name for p in (site / "onnxruntime" / "capi").glob("libonnxruntime.so*")),
-    "tools": [t for t in ("gcc", "cc", "g++", "make", "pip", "pip3") if shutil.which(t)],
+    "tools": [t for t in ("gcc", "cc", "g++", "make", "pip", "pip3", "strip") if shutil.which(t)],
+    "symbol_tables": sorted(str(p.relative_to(site)) for p in site.rglob("*.so")
+                            if ".libs" not in p.parent.name and ".symtab" in sections(p)),
     "pip_cache": os.path.exists("/root/.cache/pip") or os.path.exists("/tmp/.cache/pip"),
     "models": sorted(str(p.parent.relative_to(models)) for p in models.glob("*/*/model.onnx")),
     "compiled": pathlib.Path(service.cli.__cached__).exists(),
@@ -119,6 +127,7 @@ def test_image_is_small_and_serving_only(docker: Docker, image: str, report: dic
     }  # fmt: skip
     assert out["ort_c_library"] == []  # ONNX Runtime's C API library: 35 MB the Python binding never loads
     assert out["tools"] == [] and out["pip_cache"] is False
+    assert out["symbol_tables"] == []  # extension modules stripped in the builder (uvloop's symbols were 11.7 MB)
     committed = sorted(str(p.parent.relative_to(ROOT / "models")) for p in (ROOT / "models").glob("*/*/model.onnx"))
     assert out["models"] == committed and len(committed) >= 3  # every committed model version, none hard-coded
     assert out["compiled"] is True and out["python"] == [3, 11]
