@@ -1,4 +1,4 @@
-"""``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,fuse,evaluate,heldout,compare,sample}``.
+"""``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,fuse,ensemble,evaluate,heldout,compare,sample}``.
 
 Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line
 naming the file and the problem and exit 2.
@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--model", type=Path, required=True, help="the trained models/NAME/N (left unchanged)")
     fu.add_argument("--data", type=Path, required=True, help="its evaluation data (as for evaluate)")
     fu.add_argument("--out", type=Path, required=True, help="the new models/NAME/M")
+    en = sub.add_parser("ensemble", help="several trained sentiment models as one graph (mean of probabilities)")
+    en.add_argument("--model", type=Path, action="append", required=True, help="a trained model (twice or more)")
+    en.add_argument("--data", type=Path, required=True, help="the SST-2 folder they were trained on")
+    en.add_argument("--out", type=Path, required=True, help="the new models/NAME/N")
+    en.add_argument("--half", action="store_true", help="store the weights as float16 (computed in float32)")
     sp = sub.add_parser("sample", help="generate text from a char LM (ONNX)")
     sp.add_argument("--model", type=Path, required=True)
     sp.add_argument("--prompt", default="ROMEO:")
@@ -251,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out}: {nodes['parent']} -> {nodes['fused']} nodes; largest logit difference "
                   f"{record['max_logit_gap']:.1e}; dev_accuracy {ev['fused']['dev_accuracy']:.4f} "
                   f"(parent {ev['parent']['dev_accuracy']:.4f})")  # fmt: skip
+            return 0
+        if args.command == "ensemble":
+            from training.ensemble import ensemble
+
+            record = ensemble(args.model, args.data, args.out, shlex.join(["seqserve-train", *argv]), args.half)
+            ev = record["evaluation"]
+            print(f"{args.out}: {len(args.model)} models; largest logit difference {record['max_logit_gap']:.1e}; "
+                  f"heldout_accuracy {ev['heldout_accuracy']:.4f}; dev_accuracy {ev['dev_accuracy']:.4f}")  # fmt: skip
             return 0
         if args.command == "sample":
             from training.evaluate import sample

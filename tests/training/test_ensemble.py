@@ -1,0 +1,122 @@
+"""``seqserve-train ensemble``: trained sentiment models as one graph answering with the mean of their
+probabilities; served like any sentiment model; clear refusals for members that cannot share one contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import Client
+from service.core.arrays import softmax
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from tests.conftest import ServerHandle
+from training.cli import main
+from training.evaluate import open_model, sentiment_logits
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+# Two committed models with the same vocabulary and held-out rows: sentiment/2 (sentiment/1's weights, fused) and
+# sentiment/4 (sentiment/3's, fused).
+MEMBERS = [MODELS / "sentiment" / "2", MODELS / "sentiment" / "4"]
+TEXTS = ["a great movie", "boring and dull", "i love this film , not", "x", "the plot is a mess but the cast shines"]
+
+
+def _probabilities(model: Path, texts: list[str]) -> np.ndarray:
+    m, session = open_model(model)
+    return softmax(sentiment_logits(m, session, texts))
+
+
+def _ensemble(out: Path, data: Path, *extra: str, members: list[Path] = MEMBERS) -> int:
+    args = ["ensemble", *(a for p in members for a in ("--model", str(p))), "--data", str(data), "--out", str(out)]
+    return main([*args, *extra])
+
+
+def test_the_graph_answers_with_the_mean_of_its_members(
+    tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sentiment" / "9"
+    assert _ensemble(out, tiny_sst2) == 0
+    assert "2 models; largest logit difference" in capsys.readouterr().out
+    want = np.mean([_probabilities(p, TEXTS) for p in MEMBERS], axis=0)
+    np.testing.assert_allclose(_probabilities(out, TEXTS), want, atol=1e-6)
+    # the states are the members' states, stacked by rows in --model order
+    m = Manifest.load(out / MANIFEST_FILE)
+    assert [s.shape for s in m.states] == [[12, "batch", 128], [12, "batch", 128]]
+    assert [x.shape for x in m.inputs if x.name in ("h0", "c0")] == [[12, "batch", 128]] * 2
+    assert [x.shape for x in m.outputs if x.name in ("hn", "cn")] == [[12, "batch", 128]] * 2
+    record = m.training["ensemble"]
+    assert m.training["ensemble_of"] == [str(p) for p in MEMBERS]
+    assert record["max_logit_gap"] <= 1e-4 and record["max_state_gap"] <= 1e-4
+    # its metrics are recomputed from the written graph: the held-out accuracy is the members' mean's
+    capsys.readouterr()
+    assert main(["heldout", *(a for p in MEMBERS for a in ("--model", str(p))), "--data", str(tiny_sst2)]) == 0
+    mean = json.loads(capsys.readouterr().out)["mean_of_probabilities"]["heldout_accuracy"]
+    metrics = {x.name: x.value for x in m.metrics}
+    assert metrics["heldout_accuracy"] == pytest.approx(mean) == pytest.approx(record["evaluation"]["heldout_accuracy"])
+    assert metrics["accuracy"] == record["evaluation"]["dev_accuracy"]
+    assert m.card is not None and any("Runs 2 models per request" in limit for limit in m.card.limits)
+
+
+def test_half_stores_float16_and_stays_close(tmp_path: Path, tiny_sst2: Path) -> None:
+    full, half = tmp_path / "sentiment" / "8", tmp_path / "sentiment" / "9"
+    assert _ensemble(full, tiny_sst2) == 0 and _ensemble(half, tiny_sst2, "--half") == 0
+    ratio = (half / MODEL_FILE).stat().st_size / (full / MODEL_FILE).stat().st_size
+    assert 0.45 < ratio < 0.55  # the weights are nearly all of the file
+    np.testing.assert_allclose(_probabilities(half, TEXTS), _probabilities(full, TEXTS), atol=5e-3)
+    assert Manifest.load(half / MANIFEST_FILE).training["ensemble"]["half"] is True
+
+
+def test_the_ensemble_serves_beside_its_members(
+    tmp_path: Path, tiny_sst2: Path, start_server: Callable[..., ServerHandle]
+) -> None:
+    models = tmp_path / "models"
+    for p in MEMBERS:
+        shutil.copytree(p, models / "sentiment" / p.name)
+    copies = [models / "sentiment" / p.name for p in MEMBERS]
+    assert _ensemble(models / "sentiment" / "9", tiny_sst2, members=copies) == 0
+    server = start_server(models=models)
+    with Client(server.target) as c:
+        combined = c.classify(TEXTS, model="sentiment")  # the newest version: the ensemble
+        alone = [c.classify(TEXTS, model="sentiment", version=int(p.name)) for p in MEMBERS]
+    want = np.mean([[r.probabilities for r in rs] for rs in alone], axis=0)
+    np.testing.assert_allclose([r.probabilities for r in combined], want, atol=1e-5)
+
+
+def test_ensemble_refuses_members_that_cannot_share_a_contract(
+    tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def edited(name: str, change: Callable[[dict[str, object]], None]) -> Path:
+        copy = tmp_path / name / "sentiment" / "7"
+        shutil.copytree(MEMBERS[0], copy)
+        raw = json.loads((copy / MANIFEST_FILE).read_text())
+        change(raw)
+        (copy / MANIFEST_FILE).write_text(json.dumps(raw))
+        return copy
+
+    def other_rows(raw: dict[str, object]) -> None:
+        raw["training"]["heldout_fraction"] = 0.2  # type: ignore[index]
+
+    def other_vocab(raw: dict[str, object]) -> None:
+        raw["tokenizer"]["vocab"][5] = "zzz"  # type: ignore[index]
+
+    def already(raw: dict[str, object]) -> None:
+        raw["training"]["ensemble_of"] = ["a", "b"]  # type: ignore[index]
+
+    cases = [
+        ([MEMBERS[0]], "ensemble needs two or more --model"),
+        ([MEMBERS[0], MODELS / "charlm" / "1"], "is a 'charlm' model"),
+        ([MEMBERS[0], edited("rows", other_rows)], "held out different rows"),
+        ([MEMBERS[0], edited("vocab", other_vocab)], "tokenizer differs"),
+        ([MEMBERS[0], edited("again", already)], "already an ensemble"),
+    ]
+    for members, says in cases:
+        out = tmp_path / "out" / "sentiment" / "9"
+        capsys.readouterr()
+        assert _ensemble(out, tiny_sst2, members=members) == 2, says
+        assert says in capsys.readouterr().err
+        assert not out.exists()  # a refusal writes nothing

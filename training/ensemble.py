@@ -1,0 +1,295 @@
+"""``seqserve-train ensemble``: several trained sentiment models as one ONNX graph answering with the mean of their
+probabilities, the combination ``seqserve-train heldout`` scores.
+
+    seqserve-train ensemble --model runs/a --model runs/b [...] --data ../shared/data/sst2 --out models/NAME/N \
+        [--half]
+
+The members must be interchangeable behind one contract: sentiment models with the same tokenizer (vocabulary and
+rules), the same labels and states of the same kind and width, trained holding out the same rows (so the held-out
+accuracy that picks models can score the combination; ``training/heldout.py``). The graph runs every member's own
+graph side by side on the same ``input_ids`` and ``lengths``: each member's nodes and weights keep their names
+behind a ``mK.`` prefix; the state inputs are split by rows into the members' states and their state outputs
+concatenated back (state rows = the members' rows, in ``--model`` order); ``logits`` = log of the mean of the
+members' softmax probabilities, so serving's softmax returns exactly that mean. Inputs, outputs, tokenizer and
+labels keep their names and meaning: a client sees a sentiment model like any other, only slower (it runs every
+member).
+
+``--half`` stores every large float32 weight as float16 followed by a ``Cast`` back to float32 (ONNX Runtime folds
+the casts when the session loads, so it computes in float32): half the bytes on disk, answers within float16
+rounding of the members' (the probe records by how much).
+
+Release rule, checked before anything is written: on probe batches (random words and lengths, batch 1 to 64) the
+graph's logits equal the log of the members' mean probability within ``TOLERANCE`` (1e-4; with ``--half``
+``HALF_TOLERANCE``, 1e-2) and its states equal the members' states within ``TOLERANCE`` (with ``--half`` the state
+difference is only recorded: float16 weights move the unbounded cell states more, and sentiment serving never reads
+them). The held-out accuracy and the dev metrics are then recomputed from the written graph and recorded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from service.core.arrays import softmax, zero_states
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec
+from training.cards import card_for
+from training.data import DataError
+from training.evaluate import RECOMPUTED, evaluate_model, sentiment_logits
+from training.heldout import heldout_rows, recorded
+from training.onnx_graph import cpu_session
+from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
+
+TOLERANCE = 1e-4  # largest logit difference from the members' mean on the probe batches
+HALF_TOLERANCE = 1e-2  # the same, for --half, against the members (float32)
+HALF_MIN_ELEMENTS = 1024  # --half leaves smaller tensors (biases, shapes) as they are
+SHARED = ("input_ids", "lengths")  # inputs every member reads as they are
+FLOOR = 1e-30  # the mean probability is clipped here before the log, so a certain answer never gives -inf
+Array = npt.NDArray[Any]
+
+
+def _check_members(paths: list[Path], manifests: list[Manifest]) -> None:
+    """Refuses members that could not stand behind one contract, with the reason."""
+    first = manifests[0]
+    for path, m in zip(paths, manifests, strict=True):
+        if m.task != "sentiment":
+            raise DataError(f"{path} is a {m.task!r} model; ensemble combines sentiment models")
+        if m.tokenizer != first.tokenizer:
+            raise DataError(f"{path}: its tokenizer differs from {paths[0]}'s; members must share one vocabulary")
+        if m.labels != first.labels:
+            raise DataError(f"{path}: labels {m.labels} differ from {paths[0]}'s {first.labels}")
+        kinds = [(s.name, s.input, s.output, s.dtype, s.shape[1:]) for s in m.states]
+        if kinds != [(s.name, s.input, s.output, s.dtype, s.shape[1:]) for s in first.states]:
+            raise DataError(f"{path}: its states differ in kind or width from {paths[0]}'s")
+        if [i.name for i in m.inputs] != [i.name for i in first.inputs] or m.outputs[0].name != "logits":
+            raise DataError(f"{path}: its inputs or outputs differ from {paths[0]}'s")
+        derived = m.training.get("ensemble_of")
+        if derived:
+            raise DataError(f"{path}: already an ensemble (of {', '.join(derived)}); combine its members instead")
+
+
+def _prefixed(graph: onnx.GraphProto, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The member's nodes and initializers with every name but ``SHARED`` (and empty optional inputs) prefixed."""
+
+    def rename(name: str) -> str:
+        return name if name in SHARED or not name else prefix + name
+
+    nodes = []
+    for n in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            raise DataError(f"node {n.name or n.op_type} has a subgraph; ensemble combines graphs without them")
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.name = rename(n.name)
+        copy.input[:] = [rename(x) for x in n.input]
+        copy.output[:] = [rename(x) for x in n.output]
+        nodes.append(copy)
+    inits = []
+    for t in graph.initializer:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(t)
+        tensor.name = rename(t.name)
+        inits.append(tensor)
+    return nodes, inits
+
+
+def _halved(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Every float32 initializer of ``HALF_MIN_ELEMENTS`` or more stored as float16, cast back under its own name."""
+    casts, kept = [], []
+    for t in inits:
+        if t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) >= HALF_MIN_ELEMENTS:
+            kept.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + ".f16"))
+            casts.append(helper.make_node("Cast", [t.name + ".f16"], [t.name], to=TensorProto.FLOAT))
+        else:
+            kept.append(t)
+    return casts + nodes, kept
+
+
+def build(models: list[onnx.ModelProto], manifests: list[Manifest], half: bool = False) -> onnx.ModelProto:
+    """The combined graph (see the module's docstring)."""
+    first = manifests[0]
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    for k, model in enumerate(models):
+        n, i = _prefixed(model.graph, f"m{k}.")
+        nodes += n
+        inits += i
+    if half:
+        nodes, inits = _halved(nodes, inits)
+    rows = [[int(s.shape[0]) for s in m.states] for m in manifests]
+    for j, s in enumerate(first.states):  # member k's rows of the combined state, in --model order
+        sizes = numpy_helper.from_array(np.array([r[j] for r in rows], dtype=np.int64), f"{s.input}.rows")
+        inits.append(sizes)
+        outs = [f"m{k}.{s.input}" for k in range(len(models))]
+        nodes.insert(0, helper.make_node("Split", [s.input, sizes.name], outs, axis=0))
+        nodes.append(helper.make_node("Concat", [f"m{k}.{s.output}" for k in range(len(models))], [s.output], axis=0))
+    for k in range(len(models)):
+        nodes.append(helper.make_node("Softmax", [f"m{k}.logits"], [f"m{k}.probs"], axis=-1))
+    nodes.append(helper.make_node("Sum", [f"m{k}.probs" for k in range(len(models))], ["probs_sum"]))
+    inits.append(numpy_helper.from_array(np.array(1.0 / len(models), dtype=np.float32), "inverse_members"))
+    inits.append(numpy_helper.from_array(np.array(FLOOR, dtype=np.float32), "floor"))
+    nodes.append(helper.make_node("Mul", ["probs_sum", "inverse_members"], ["probs_mean"]))
+    nodes.append(helper.make_node("Max", ["probs_mean", "floor"], ["probs_floored"]))
+    nodes.append(helper.make_node("Log", ["probs_floored"], ["logits"]))
+
+    total = [sum(r[j] for r in rows) for j in range(len(first.states))]
+    graph_in = {i.name: i for i in models[0].graph.input}
+    graph_out = {o.name: o for o in models[0].graph.output}
+    state_in = {s.input: j for j, s in enumerate(first.states)}
+    state_out = {s.output: j for j, s in enumerate(first.states)}
+
+    def resized(info: onnx.ValueInfoProto, rows_: int) -> onnx.ValueInfoProto:
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(info)
+        copy.type.tensor_type.shape.dim[0].dim_value = rows_
+        return copy
+
+    inputs = [resized(v, total[state_in[n]]) if n in state_in else v for n, v in graph_in.items()]
+    outputs = [resized(v, total[state_out[n]]) if n in state_out else v for n, v in graph_out.items()]
+    graph = helper.make_graph(nodes, "sentiment_ensemble", inputs, outputs, inits)
+    opset = max(next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) for m in models)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="seqserve-train ensemble"
+    )
+    model.ir_version = min(m.ir_version for m in models)
+    onnx.checker.check_model(model)
+    return model
+
+
+def probe_gap(
+    paths: list[Path], combined: onnx.ModelProto, manifests: list[Manifest], seed: int = 0
+) -> dict[str, float]:
+    """Largest |logit difference| between the combined graph and log(mean of the members' probabilities) on
+    random padded batches, and the largest difference between its states and the members' concatenated states."""
+    members = [cpu_session(p / MODEL_FILE, threads=1) for p in paths]
+    whole = cpu_session(combined, threads=1)
+    first, vocab = manifests[0], len(manifests[0].tokenizer.vocab) if manifests[0].tokenizer else 2
+    rng = np.random.default_rng(seed)
+    logit_gap = state_gap = 0.0
+    for batch, steps in ((1, 1), (1, 9), (3, 17), (16, 40), (64, 25)):
+        lengths = rng.integers(1, steps + 1, size=batch)
+        ids = rng.integers(1, vocab, size=(batch, steps))
+        ids[np.arange(steps)[None, :] >= lengths[:, None]] = 0
+        feeds = {"input_ids": ids.astype(np.int64), "lengths": lengths.astype(np.int64)}
+        outs = [
+            s.run(None, feeds | zero_states(m.states, {"batch": batch}))
+            for s, m in zip(members, manifests, strict=True)
+        ]
+        got = whole.run(None, feeds | zero_states(_states(manifests), {"batch": batch}))
+        want = np.log(np.maximum(np.mean([softmax(o[0]) for o in outs], axis=0), FLOOR))
+        logit_gap = max(logit_gap, float(np.abs(got[0] - want).max()))
+        for j in range(len(first.states)):
+            joined = np.concatenate([o[1 + j] for o in outs], axis=0)
+            state_gap = max(state_gap, float(np.abs(got[1 + j] - joined).max()))
+    return {"max_logit_gap": logit_gap, "max_state_gap": state_gap}
+
+
+def _states(manifests: list[Manifest]) -> list[StateSpec]:
+    """The combined graph's states: each of the first member's, with the members' rows added up."""
+    return [
+        s.model_copy(update={"shape": [sum(int(m.states[j].shape[0]) for m in manifests), *s.shape[1:]]})
+        for j, s in enumerate(manifests[0].states)
+    ]
+
+
+def _resized(specs: list[TensorSpec], states: list[StateSpec], attr: str) -> list[TensorSpec]:
+    shapes = {getattr(s, attr): s.shape for s in states}
+    return [x.model_copy(update={"shape": shapes[x.name]}) if x.name in shapes else x for x in specs]
+
+
+def ensemble(paths: list[Path], data: Path, out: Path, command: str, half: bool = False) -> dict[str, Any]:
+    """``paths`` (two or more trained sentiment models) -> ``out`` (models/NAME/N): the combined graph, checked
+    against its members. Raises ``DataError`` (and leaves no ``out``) when they cannot be combined or the graph
+    misses the release rule."""
+    if len(paths) < 2:
+        raise DataError("ensemble needs two or more --model")
+    manifests = [derived_source(p, out) for p in paths]
+    _check_members(paths, manifests)
+    split, held = heldout_rows(paths, manifests, data)  # refuses members that held out different rows
+    combined = build([onnx.load(str(p / MODEL_FILE)) for p in paths], manifests, half)
+    gaps = probe_gap(paths, combined, manifests)
+    tolerance = HALF_TOLERANCE if half else TOLERANCE
+    # float16 weights move the cell states (unbounded) more than the logits; sentiment serving never reads them
+    state_tolerance = float("inf") if half else TOLERANCE
+    if gaps["max_logit_gap"] > tolerance or gaps["max_state_gap"] > state_tolerance:
+        raise DataError(
+            f"the combined graph differs from its members' mean by up to {gaps['max_logit_gap']:.2e} (logits) and "
+            f"{gaps['max_state_gap']:.2e} (states), tolerance {tolerance:.0e}; not released (nothing written)"
+        )
+    record: dict[str, Any] = {"members": [str(p) for p in paths], "half": half, "tolerance": tolerance, **gaps}
+    with new_model_folder(out) as (name, version):
+        onnx.save(combined, str(out / MODEL_FILE))
+        return _publish(paths, manifests, held, split, data, out, (name, version), command, record)
+
+
+def _publish(
+    paths: list[Path],
+    manifests: list[Manifest],
+    held: list[tuple[str, int]],
+    split: tuple[str, float, int],
+    data: Path,
+    out: Path,
+    version: tuple[str, int],
+    command: str,
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    first, names = manifests[0], [f"{m.name}/{m.version} ({p})" for p, m in zip(paths, manifests, strict=True)]
+    states = _states(manifests)
+    architecture = first.architecture.model_copy(
+        update={
+            "parameters": sum(m.architecture.parameters or 0 for m in manifests),
+            "notes": f"{len(paths)} trained models side by side, mean of their probabilities (state rows = the "
+            f"members' rows in order: {', '.join(str(s.shape[0]) for s in manifests[0].states)} each for the first)"
+            + ("; weights stored as float16, computed in float32" if record["half"] else ""),
+        }
+    )
+    description = f"SST-2 binary sentiment: the mean of {len(paths)} trained models' probabilities, one graph."
+    training = {
+        "ensemble_of": [str(p) for p in paths],
+        "member_commands": [m.training.get("command") for m in manifests],
+        "heldout": split[0], "heldout_fraction": split[1],
+        "config": {**first.training.get("config", {}), "seed": split[2]},
+    }  # fmt: skip
+    new = derived_manifest(
+        first, out, version, command, description, training, architecture=architecture, states=states,
+        inputs=_resized(first.inputs, states, "input"), outputs=_resized(first.outputs, states, "output"),
+    )  # fmt: skip
+    new.dump(out / MANIFEST_FILE)
+    ev = evaluate_model(out, data)
+    m, session = new, cpu_session(out / MODEL_FILE, threads=2)
+    y = np.array([label for _, label in held])
+    held_acc = float((sentiment_logits(m, session, [t for t, _ in held]).argmax(1) == y).mean())
+    record["evaluation"] = {"heldout_accuracy": held_acc, **ev}
+    record["members_heldout"] = {n: recorded(x) for n, x in zip(names, manifests, strict=True)}
+    evaluate = f"seqserve-train evaluate --model {out} --data {data}"
+    metrics = []
+    for x in first.metrics:
+        if x.name in RECOMPUTED["sentiment"]:
+            x = x.model_copy(update={"value": ev[RECOMPUTED["sentiment"][x.name][0]], "command": evaluate})
+        elif x.name == "heldout_accuracy":
+            x = x.model_copy(
+                update={"value": held_acc, "command": f"seqserve-train heldout --model {out} --data {data}"}
+            )
+        metrics.append(x)
+    card = first.card or card_for(version[0], "sentiment", version[1])
+    limits = [
+        *card.limits,
+        f"Runs {len(paths)} models per request: about {len(paths)}x the compute and latency of one of them.",
+    ]
+    # The record is the ensemble's own: the first member's run details (steps, checkpoint, temperature) stay in
+    # that member's manifest, named in ensemble_of.
+    training = {"command": command, **training, "net": first.training.get("net"), "ensemble": record}
+    new = new.model_copy(
+        update={"metrics": metrics, "card": card.model_copy(update={"limits": limits}), "training": training}
+    )
+    new.dump(out / MANIFEST_FILE)
+    fields = {"model": f"{version[0]}/{version[1]}", "command": command, "members": names, "onnx_metrics": ev,
+              "ensemble": record}  # fmt: skip
+    write_derived_report(paths[0], out, fields, "member_command")
+    return record
