@@ -13,9 +13,10 @@ LABEL io.seqserve.stage=builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# binutils for `strip` (below), in the builder only: the runtime stage never sees it.
+# binutils for `strip` (below), in the builder only: the runtime stage never sees it. Any 2.x strips the same
+# (Debian bookworm has 2.40, trixie 2.44).
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends binutils \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends 'binutils=2.*' \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 # Dependencies first, read from pyproject.toml (serving only: no train extra, so no torch; the cpu extra's ONNX
