@@ -68,26 +68,46 @@ DERIVED = {"quantized_from": "int8", "fused_from": "fused"}  # manifest training
 
 
 def derived_pairs(models: Path) -> list[tuple[Path, Path, Manifest, str]]:
-    """(parent dir, derived dir, derived manifest, "int8" or "fused") for every derived version under ``models``."""
+    """(parent dir, derived dir, derived manifest, "int8", "fused" or "ensemble") for every derived version under
+    ``models``; an ensemble's parent is its first member committed under ``models`` (its other members' cost is
+    what the comparison shows)."""
     pairs = []
     for path in sorted(models.glob(f"*/*/{MANIFEST_FILE}")):
         m = Manifest.load(path)
+        if m.task not in SHAPES:
+            continue
         # The immediate parent: an int8 copy of a fused graph keeps its parent's fused_from in its training record.
         key = next((k for k in DERIVED if m.training.get(k)), None)
-        if key is not None and m.task in SHAPES:
+        if key is not None:
             name, version = str(m.training[key]).split("/")
             pairs.append((models / name / version, path.parent, m, DERIVED[key]))
+        if m.training.get("ensemble_of"):
+            member = next(iter(committed_members(models, m.training)), None)
+            if member is not None:
+                pairs.append((member, path.parent, m, "ensemble"))
     return pairs
+
+
+def committed_members(models: Path, training: dict[str, Any]) -> list[Path]:
+    """The folders under ``models`` that hold one of an ensemble's members (the same NAME/VERSION and model file)."""
+    found = []
+    for member, sha in zip(training["ensemble_of"], training.get("member_sha256") or [], strict=False):
+        folder = models / Path(member).parent.name / Path(member).name
+        if (folder / MANIFEST_FILE).exists() and Manifest.load(folder / MANIFEST_FILE).sha256 == sha:
+            found.append(folder)
+    return found
 
 
 def run(models: Path, repeats: int = 300) -> list[dict[str, Any]]:
     rows = []
     for parent, derived, m, how in derived_pairs(models):
         s_parent, s_derived = session(parent), session(derived)
+        m_parent = Manifest.load(parent / MANIFEST_FILE)  # its own states (an ensemble stacks its members')
         for batch, steps in SHAPES[m.task]:
             feed = feeds(m, batch, steps, np.random.default_rng(0))
+            feed_parent = feeds(m_parent, batch, steps, np.random.default_rng(0))  # the same words
             n = max(20, repeats // steps) if steps > 100 else max(20, repeats // batch)
-            a, b = per_run_us(s_parent, feed, n), per_run_us(s_derived, feed, n)
+            a, b = per_run_us(s_parent, feed_parent, n), per_run_us(s_derived, feed, n)
             rows.append({
                 "parent": f"{parent.parent.name}/{parent.name}", "model": f"{m.name}/{m.version}", "how": how,
                 "batch": batch, "time": steps, "parent_us": a, "model_us": b, "speedup": a / b,
@@ -264,12 +284,15 @@ def print_table(
     padding: list[dict[str, Any]] | None = None,
     threads: list[dict[str, Any]] | None = None,
 ) -> None:
-    print("\nONNX Runtime, one run on one thread (median µs): int8 copies and fused graphs against their parents:")
-    print(f"  {'parent':>12} {'model':>16} {'how':>5} {'batch x time':>13} {'parent':>9} {'model':>9} {'speed-up':>8}")
+    print(
+        "\nONNX Runtime, one run on one thread (median µs): int8 copies, fused graphs and ensembles against their "
+        "parents (an ensemble's: one of its members):"
+    )
+    print(f"  {'parent':>12} {'model':>20} {'how':>8} {'batch x time':>13} {'parent':>9} {'model':>9} {'speed-up':>8}")
     for r in rows:
         shape = f"{r['batch']} x {r['time']}"
         print(
-            f"  {r['parent']:>12} {r['model']:>16} {r['how']:>5} {shape:>13} {r['parent_us']:>9.1f} "
+            f"  {r['parent']:>12} {r['model']:>20} {r['how']:>8} {shape:>13} {r['parent_us']:>9.1f} "
             f"{r['model_us']:>9.1f} {r['speedup']:>7.2f}x"
         )
     for d in dependence or []:

@@ -69,6 +69,19 @@ CARDS: dict[str, ModelCard] = {
             "Probabilities are not calibrated beyond what the metrics report (see dev_ece).",
         ],
     ),
+    # seqserve-train ensemble of released-recipe sentiment models (docs/models.md "sentiment-ensemble/1").
+    "sentiment-ensemble": ModelCard(
+        intended_use=SENTIMENT_USE[:-1] + ", where accuracy matters more than latency (the default sentiment model "
+        "answers about three times faster).",
+        data=SST2,
+        license="Weights: Apache-2.0 (this project). Training data: see data.",
+        limits=[
+            SENTIMENT_DOMAIN,
+            "Words outside its vocabulary become <unk>.",
+            "Probabilities are the mean of its members' temperature-scaled probabilities; dev_ece reports what "
+            "remains.",
+        ],
+    ),
     # Any sentiment model trained with --glove (never released; see docs/models.md "GloVe experiment").
     "sentiment-glove": ModelCard(
         intended_use=SENTIMENT_USE,

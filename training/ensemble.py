@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.core.arrays import softmax, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec
-from training.cards import card_for
+from training.cards import CARDS, card_for
 from training.data import DataError
 from training.evaluate import RECOMPUTED, evaluate_model, sentiment_logits
 from training.heldout import heldout_rows, recorded
@@ -239,22 +239,24 @@ def _publish(
     command: str,
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    first, names = manifests[0], [f"{m.name}/{m.version} ({p})" for p, m in zip(paths, manifests, strict=True)]
+    first, names = manifests[0], [str(p) for p in paths]
     states = _states(manifests)
     architecture = first.architecture.model_copy(
         update={
             "parameters": sum(m.architecture.parameters or 0 for m in manifests),
             "notes": f"{len(paths)} trained models side by side, mean of their probabilities (state rows = the "
-            f"members' rows in order: {', '.join(str(s.shape[0]) for s in manifests[0].states)} each for the first)"
+            f"members' rows in --model order: {' + '.join(str(m.states[0].shape[0]) for m in manifests)})"
             + ("; weights stored as float16, computed in float32" if record["half"] else ""),
         }
     )
     description = f"SST-2 binary sentiment: the mean of {len(paths)} trained models' probabilities, one graph."
     training = {
         "ensemble_of": [str(p) for p in paths],
-        "member_commands": [m.training.get("command") for m in manifests],
-        "heldout": split[0], "heldout_fraction": split[1],
-        "config": {**first.training.get("config", {}), "seed": split[2]},
+        "member_sha256": [m.sha256 for m in manifests],  # their model.onnx files, wherever they are kept
+        # each member's own training command, then the command that derived it (fuse, quantize), if any
+        "member_commands": [[c for c in (m.training.get("parent_command"), m.training.get("command")) if c]
+                            for m in manifests],
+        "heldout": split[0], "heldout_fraction": split[1], "config": {"seed": split[2]},
     }  # fmt: skip
     new = derived_manifest(
         first, out, version, command, description, training, architecture=architecture, states=states,
@@ -274,10 +276,12 @@ def _publish(
             x = x.model_copy(update={"value": ev[RECOMPUTED["sentiment"][x.name][0]], "command": evaluate})
         elif x.name == "heldout_accuracy":
             x = x.model_copy(
-                update={"value": held_acc, "command": f"seqserve-train heldout --model {out} --data {data}"}
-            )
+                update={"value": held_acc, "command": f"seqserve-train heldout --model {out} --data {data}",
+                        "split": f"{len(held)} rows held out from train.tsv by every member (this graph's answers)"}
+            )  # fmt: skip
         metrics.append(x)
-    card = first.card or card_for(version[0], "sentiment", version[1])
+    known = version[0] in CARDS or f"{version[0]}/{version[1]}" in CARDS  # else the members' card, if any
+    card = card_for(version[0], "sentiment", version[1]) if known or first.card is None else first.card
     limits = [
         *card.limits,
         f"Runs {len(paths)} models per request: about {len(paths)}x the compute and latency of one of them.",

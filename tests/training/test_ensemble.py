@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.runtime import derived_pairs
 from service.client import Client
 from service.core.arrays import softmax
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
@@ -85,6 +86,10 @@ def test_the_ensemble_serves_beside_its_members(
         alone = [c.classify(TEXTS, model="sentiment", version=int(p.name)) for p in MEMBERS]
     want = np.mean([[r.probabilities for r in rs] for rs in alone], axis=0)
     np.testing.assert_allclose([r.probabilities for r in combined], want, atol=1e-5)
+    # make bench's runtime table times it against its first committed member (and sentiment/4 against its parent,
+    # which this folder lacks)
+    pairs = [(a, b, how) for a, b, _, how in derived_pairs(models)]
+    assert (copies[0], models / "sentiment" / "9", "ensemble") in pairs
 
 
 def test_ensemble_refuses_members_that_cannot_share_a_contract(
