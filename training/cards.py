@@ -57,6 +57,13 @@ SENTIMENT_USE = (
 )
 SENTIMENT_DOMAIN = "English movie-review style only; other domains, sarcasm and long documents degrade it."
 TEMPERATURE_SCALED = "Probabilities are temperature-scaled on held-out train rows; dev_ece reports what remains."
+NOT_CALIBRATED = "Probabilities are not calibrated beyond what the metrics report (see dev_ece)."
+
+
+def temperature_scaled(card: ModelCard) -> ModelCard:
+    """``card`` for a model whose training fitted a temperature: its calibration limit says so."""
+    limits = [TEMPERATURE_SCALED if limit == NOT_CALIBRATED else limit for limit in card.limits]
+    return card.model_copy(update={"limits": limits})
 
 CARDS: dict[str, ModelCard] = {
     "sentiment": ModelCard(
@@ -66,7 +73,7 @@ CARDS: dict[str, ModelCard] = {
         limits=[
             SENTIMENT_DOMAIN,
             "Words outside its vocabulary become <unk>.",
-            "Probabilities are not calibrated beyond what the metrics report (see dev_ece).",
+            NOT_CALIBRATED,  # temperature_scaled() when training fitted a temperature
         ],
     ),
     # seqserve-train ensemble of released-recipe sentiment models (docs/models.md "sentiment-ensemble/1").

@@ -11,6 +11,7 @@ import pytest
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from tests.training.fast import FAST
 from training import learned_scale
+from training.cards import NOT_CALIBRATED, TEMPERATURE_SCALED
 from training.cli import main
 
 
@@ -67,6 +68,8 @@ def test_sentiment_train_and_evaluate(tmp_path: Path, tiny_sst2: Path, capsys: p
     # sentiment/1's recipe: --glove-dropout (default 0.25) applies only with --glove or --lexicon
     assert m.training["blank_dropout"] == 0.0 and "frozen_words_added" not in m.training
     assert [x.name for x in m.metrics] == ["accuracy", "heldout_accuracy", "ece"]
+    # a temperature was fitted (--calibrate, the default), and the card says so
+    assert m.card is not None and TEMPERATURE_SCALED in m.card.limits and NOT_CALIBRATED not in m.card.limits
     acc = _evaluate(capsys, out, tiny_sst2)["dev_accuracy"]
     assert acc == pytest.approx(m.metrics[0].value) and acc > 0.9  # the toy task is separable
 
@@ -76,9 +79,12 @@ def test_sentiment_holds_out_whole_sentences(tmp_path: Path, tiny_sst2: Path) ->
     out = tmp_path / "sentiment" / "1"
     args = ["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
     args += ["--hidden", "8", "--embedding", "8", "--epochs", "1", "--batch-size", "32", "--ensemble", "1"]
-    args += ["--heldout", "sentences", "--heldout-fraction", "0.2"]
+    args += ["--heldout", "sentences", "--heldout-fraction", "0.2", "--no-calibrate"]
     assert main(args) == 0
-    held = {x.name: x for x in _check_outputs(out).metrics}["heldout_accuracy"]
+    m = _check_outputs(out)
+    assert m.training["temperature"] == 1.0  # --no-calibrate: no temperature fitted, and the card says so
+    assert m.card is not None and NOT_CALIBRATED in m.card.limits and TEMPERATURE_SCALED not in m.card.limits
+    held = {x.name: x for x in m.metrics}["heldout_accuracy"]
     # 10 distinct sentences (no phrases) in the toy train.tsv: 2 held out, once each, whatever their repeats
     assert held.split.startswith("2 whole sentences held out from train.tsv")
     assert held.value in (0.0, 0.5, 1.0)
