@@ -111,6 +111,21 @@ def _halved(
     return casts + nodes, kept
 
 
+def _opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
+    """Every operator set the members import (an int8 member's com.microsoft ops too); a domain imported at two
+    versions is refused, since a member's nodes mean what their own version says."""
+    versions: dict[str, int] = {}
+    for m in models:
+        for o in m.opset_import:
+            domain = "" if o.domain == "ai.onnx" else o.domain
+            if versions.setdefault(domain, o.version) != o.version:
+                raise DataError(
+                    f"the members import operator set {domain or 'ai.onnx'!r} at versions {versions[domain]} and "
+                    f"{o.version}; export them with one opset to combine them"
+                )
+    return [helper.make_opsetid(domain, version) for domain, version in sorted(versions.items())]
+
+
 def build(models: list[onnx.ModelProto], manifests: list[Manifest], half: bool = False) -> onnx.ModelProto:
     """The combined graph (see the module's docstring)."""
     first = manifests[0]
@@ -153,10 +168,7 @@ def build(models: list[onnx.ModelProto], manifests: list[Manifest], half: bool =
     inputs = [resized(v, total[state_in[n]]) if n in state_in else v for n, v in graph_in.items()]
     outputs = [resized(v, total[state_out[n]]) if n in state_out else v for n, v in graph_out.items()]
     graph = helper.make_graph(nodes, "sentiment_ensemble", inputs, outputs, inits)
-    opset = max(next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) for m in models)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="seqserve-train ensemble"
-    )
+    model = helper.make_model(graph, opset_imports=_opsets(models), producer_name="seqserve-train ensemble")
     model.ir_version = min(m.ir_version for m in models)
     onnx.checker.check_model(model)
     return model

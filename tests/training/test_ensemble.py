@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from bench.runtime import derived_pairs
@@ -72,6 +73,17 @@ def test_half_stores_float16_and_stays_close(tmp_path: Path, tiny_sst2: Path) ->
     assert Manifest.load(half / MANIFEST_FILE).training["ensemble"]["half"] is True
 
 
+def test_an_int8_member_brings_its_operator_set(tmp_path: Path, tiny_sst2: Path) -> None:
+    """An int8 copy runs ONNX Runtime's com.microsoft ops: the combined graph imports that domain too."""
+    members = [MODELS / "sentiment-int8" / "3", MEMBERS[0]]
+    out = tmp_path / "sentiment" / "9"
+    assert _ensemble(out, tiny_sst2, members=members) == 0
+    domains = {o.domain for o in onnx.load(str(out / MODEL_FILE)).opset_import}
+    assert "com.microsoft" in domains and "" in domains
+    want = np.mean([_probabilities(p, TEXTS) for p in members], axis=0)
+    np.testing.assert_allclose(_probabilities(out, TEXTS), want, atol=1e-6)
+
+
 def test_the_ensemble_serves_beside_its_members(
     tmp_path: Path, tiny_sst2: Path, start_server: Callable[..., ServerHandle]
 ) -> None:
@@ -112,12 +124,18 @@ def test_ensemble_refuses_members_that_cannot_share_a_contract(
     def already(raw: dict[str, object]) -> None:
         raw["training"]["ensemble_of"] = ["a", "b"]  # type: ignore[index]
 
+    older = edited("opset", lambda raw: None)  # the same model, its graph marked with another ONNX opset
+    graph = onnx.load(str(older / MODEL_FILE))
+    graph.opset_import[0].version = 16
+    onnx.save(graph, str(older / MODEL_FILE))
+
     cases = [
         ([MEMBERS[0]], "ensemble needs two or more --model"),
         ([MEMBERS[0], MODELS / "charlm" / "1"], "is a 'charlm' model"),
         ([MEMBERS[0], edited("rows", other_rows)], "held out different rows"),
         ([MEMBERS[0], edited("vocab", other_vocab)], "tokenizer differs"),
         ([MEMBERS[0], edited("again", already)], "already an ensemble"),
+        ([MEMBERS[0], older], "at versions 17 and 16"),
     ]
     for members, says in cases:
         out = tmp_path / "out" / "sentiment" / "9"
