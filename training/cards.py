@@ -65,6 +65,7 @@ def temperature_scaled(card: ModelCard) -> ModelCard:
     limits = [TEMPERATURE_SCALED if limit == NOT_CALIBRATED else limit for limit in card.limits]
     return card.model_copy(update={"limits": limits})
 
+
 CARDS: dict[str, ModelCard] = {
     "sentiment": ModelCard(
         intended_use=SENTIMENT_USE,
