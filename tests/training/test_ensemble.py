@@ -17,6 +17,7 @@ from service.client import Client
 from service.core.arrays import softmax
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from tests.conftest import ServerHandle
+from tests.training.fast import FAST, TINY_SENTIMENT
 from training.cli import main
 from training.evaluate import open_model, sentiment_logits
 
@@ -71,6 +72,25 @@ def test_half_stores_float16_and_stays_close(tmp_path: Path, tiny_sst2: Path) ->
     assert 0.45 < ratio < 0.55  # the weights are nearly all of the file
     np.testing.assert_allclose(_probabilities(half, TEXTS), _probabilities(full, TEXTS), atol=5e-3)
     assert Manifest.load(half / MANIFEST_FILE).training["ensemble"]["half"] is True
+
+
+@pytest.mark.slow
+def test_members_with_different_state_rows(tmp_path: Path, tiny_sst2: Path) -> None:
+    """A one-member net (2 state rows) beside a three-member one (6): the states stack as 2 + 6 rows, each member
+    reads its own."""
+    trained = []
+    for name, members in (("one", "1"), ("three", "3")):
+        out = tmp_path / name / "1"
+        args = ["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--run-dir", str(tmp_path / f"run-{name}")]
+        assert main([*args, *FAST, *TINY_SENTIMENT, "--ensemble", members, "--epochs", "1"]) == 0
+        trained.append(out)
+    out = tmp_path / "sentiment" / "9"
+    assert _ensemble(out, tiny_sst2, members=trained) == 0
+    m = Manifest.load(out / MANIFEST_FILE)
+    assert [s.shape for s in m.states] == [[8, "batch", 8], [8, "batch", 8]]
+    assert m.training["ensemble"]["max_state_gap"] <= 1e-4  # each member's rows are its own states
+    want = np.mean([_probabilities(p, TEXTS) for p in trained], axis=0)
+    np.testing.assert_allclose(_probabilities(out, TEXTS), want, atol=1e-6)
 
 
 def test_an_int8_member_brings_its_operator_set(tmp_path: Path, tiny_sst2: Path) -> None:
