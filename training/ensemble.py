@@ -39,7 +39,7 @@ from service.core.arrays import softmax, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec
 from training.cards import CARDS, card_for
 from training.data import DataError
-from training.evaluate import RECOMPUTED, evaluate_model, sentiment_logits
+from training.evaluate import evaluate_model, open_model, recomputed, sentiment_logits
 from training.heldout import heldout_rows, recorded
 from training.onnx_graph import cpu_session
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
@@ -251,7 +251,7 @@ def _publish(
     command: str,
     record: dict[str, Any],
 ) -> dict[str, Any]:
-    first, names = manifests[0], [str(p) for p in paths]
+    first = manifests[0]
     states = _states(manifests)
     architecture = first.architecture.model_copy(
         update={
@@ -263,7 +263,7 @@ def _publish(
     )
     description = f"SST-2 binary sentiment: the mean of {len(paths)} trained models' probabilities, one graph."
     training = {
-        "ensemble_of": [str(p) for p in paths],
+        "ensemble_of": record["members"],
         "member_sha256": [m.sha256 for m in manifests],  # their model.onnx files, wherever they are kept
         # each member's own training command, then the command that derived it (fuse, quantize), if any
         "member_commands": [[c for c in (m.training.get("parent_command"), m.training.get("command")) if c]
@@ -276,22 +276,20 @@ def _publish(
     )  # fmt: skip
     new.dump(out / MANIFEST_FILE)
     ev = evaluate_model(out, data)
-    m, session = new, cpu_session(out / MODEL_FILE, threads=2)
     y = np.array([label for _, label in held])
-    held_acc = float((sentiment_logits(m, session, [t for t, _ in held]).argmax(1) == y).mean())
+    held_acc = float((sentiment_logits(*open_model(out), [t for t, _ in held]).argmax(1) == y).mean())
     record["evaluation"] = {"heldout_accuracy": held_acc, **ev}
-    record["members_heldout"] = {n: recorded(x) for n, x in zip(names, manifests, strict=True)}
+    record["members_heldout"] = {n: recorded(x) for n, x in zip(record["members"], manifests, strict=True)}
     evaluate = f"seqserve-train evaluate --model {out} --data {data}"
-    metrics = []
-    for x in first.metrics:
-        if x.name in RECOMPUTED["sentiment"]:
-            x = x.model_copy(update={"value": ev[RECOMPUTED["sentiment"][x.name][0]], "command": evaluate})
-        elif x.name == "heldout_accuracy":
-            x = x.model_copy(
-                update={"value": held_acc, "command": f"seqserve-train heldout --model {out} --data {data}",
-                        "split": f"{len(held)} rows held out from train.tsv by every member (this graph's answers)"}
-            )  # fmt: skip
-        metrics.append(x)
+    heldout_metric = {
+        "value": held_acc,
+        "command": f"seqserve-train heldout --model {out} --data {data}",
+        "split": f"{len(held)} rows held out from train.tsv by every member (this graph's answers)",
+    }
+    metrics = [
+        x.model_copy(update=heldout_metric) if x.name == "heldout_accuracy" else x
+        for x in recomputed(first.metrics, "sentiment", ev, evaluate)
+    ]  # fmt: skip
     known = version[0] in CARDS or f"{version[0]}/{version[1]}" in CARDS  # else the members' card, if any
     card = card_for(version[0], "sentiment", version[1]) if known or first.card is None else first.card
     limits = [
@@ -305,7 +303,7 @@ def _publish(
         update={"metrics": metrics, "card": card.model_copy(update={"limits": limits}), "training": training}
     )
     new.dump(out / MANIFEST_FILE)
-    fields = {"model": f"{version[0]}/{version[1]}", "command": command, "members": names, "onnx_metrics": ev,
-              "ensemble": record}  # fmt: skip
+    fields = {"model": f"{version[0]}/{version[1]}", "command": command, "members": record["members"],
+              "onnx_metrics": ev, "ensemble": record}  # fmt: skip
     write_derived_report(paths[0], out, fields, "member_command")
     return record

@@ -16,7 +16,7 @@ import torch
 
 from service.core import arrays
 from service.core.arrays import right_pad, zero_states
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric
 from service.core.tokenizers import Encoder
 from training.calibrate import interval_scores
 from training.data import DataError, read_text, read_tsv
@@ -30,6 +30,16 @@ RECOMPUTED: dict[str, dict[str, tuple[str, bool]]] = {
     "charlm": {"val_loss_nats_per_char": ("val_loss_nats_per_char", False)},
     "sentiment": {"accuracy": ("dev_accuracy", True), "ece": ("dev_ece", False)},
 }
+
+
+def recomputed(metrics: list[Metric], task: str, ev: dict[str, Any], command: str) -> list[Metric]:
+    """``metrics`` with each one ``evaluate_model`` recomputes for ``task`` set to its value in ``ev`` (that
+    function's result for the derived model) and to ``command``; the others as they are."""
+    keys = RECOMPUTED.get(task, {})
+    return [
+        x.model_copy(update={"value": ev[keys[x.name][0]], "command": command}) if x.name in keys else x
+        for x in metrics
+    ]
 
 
 def open_model(model_dir: Path) -> tuple[Manifest, ort.InferenceSession]:

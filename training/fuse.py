@@ -39,7 +39,7 @@ from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from training.cards import card_for
 from training.data import DataError
-from training.evaluate import RECOMPUTED, evaluate_model
+from training.evaluate import evaluate_model, recomputed
 from training.onnx_graph import GraphBuilder, cpu_session
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 
@@ -318,11 +318,7 @@ def _publish(
             f"{ev_parent['dev_accuracy']:.4f} / {ev_parent['dev_nll']:.6f}: not the same answers; nothing written"
         )
     evaluate = f"seqserve-train evaluate --model {out} --data {data}"
-    metrics = []
-    for x in m.metrics:
-        if x.name in RECOMPUTED[m.task]:
-            x = x.model_copy(update={"value": ev[RECOMPUTED[m.task][x.name][0]], "command": evaluate})
-        metrics.append(x)
+    metrics = recomputed(m.metrics, m.task, ev, evaluate)
     card = m.card or card_for(m.name, m.task, m.version)
     limits = [
         *card.limits,
