@@ -41,7 +41,7 @@ from training.cards import CARDS, card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, open_model, recomputed, sentiment_logits
 from training.heldout import heldout_rows, recorded
-from training.onnx_graph import cpu_session
+from training.onnx_graph import cpu_session, probe_batches
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 
 TOLERANCE = 1e-4  # largest logit difference from the members' mean on the probe batches
@@ -181,14 +181,11 @@ def probe_gap(
     random padded batches, and the largest difference between its states and the members' concatenated states."""
     members = [cpu_session(p / MODEL_FILE, threads=1) for p in paths]
     whole = cpu_session(combined, threads=1)
-    first, vocab = manifests[0], len(manifests[0].tokenizer.vocab) if manifests[0].tokenizer else 2
-    rng = np.random.default_rng(seed)
+    first = manifests[0]
+    assert first.tokenizer is not None  # a sentiment model (checked by _check_members)
     logit_gap = state_gap = 0.0
-    for batch, steps in ((1, 1), (1, 9), (3, 17), (16, 40), (64, 25)):
-        lengths = rng.integers(1, steps + 1, size=batch)
-        ids = rng.integers(1, vocab, size=(batch, steps))
-        ids[np.arange(steps)[None, :] >= lengths[:, None]] = 0
-        feeds = {"input_ids": ids.astype(np.int64), "lengths": lengths.astype(np.int64)}
+    for feeds in probe_batches(len(first.tokenizer.vocab), seed):
+        batch = len(feeds["lengths"])
         outs = [
             s.run(None, feeds | zero_states(m.states, {"batch": batch}))
             for s, m in zip(members, manifests, strict=True)

@@ -40,7 +40,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from training.cards import card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, recomputed
-from training.onnx_graph import GraphBuilder, cpu_session
+from training.onnx_graph import GraphBuilder, cpu_session, probe_batches
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 
 RECURRENT = ("LSTM", "GRU", "RNN")
@@ -233,19 +233,13 @@ def probe_gap(parent: Path, fused: onnx.ModelProto, m: Manifest, seed: int = 0) 
     largest state difference on rows without padding."""
     a, b = cpu_session(parent, threads=1), cpu_session(fused, threads=1)
     assert m.tokenizer is not None
-    vocab = len(m.tokenizer.vocab)
-    rng = np.random.default_rng(seed)
     logit_gap = state_gap = 0.0
-    for batch, steps in ((1, 1), (1, 9), (3, 17), (16, 40), (64, 25)):
-        lengths = rng.integers(1, steps + 1, size=batch)
-        lengths[0] = steps
-        ids = rng.integers(1, vocab, size=(batch, steps))
-        ids[np.arange(steps)[None, :] >= lengths[:, None]] = 0
-        feeds = {"input_ids": ids.astype(np.int64), "lengths": lengths.astype(np.int64)}
-        feeds |= zero_states(m.states, {"batch": batch})
+    for words in probe_batches(len(m.tokenizer.vocab), seed):
+        lengths = words["lengths"]
+        feeds = words | zero_states(m.states, {"batch": len(lengths)})
         out_a, out_b = a.run(None, feeds), b.run(None, feeds)
         logit_gap = max(logit_gap, float(np.abs(out_a[0] - out_b[0]).max()))
-        full = lengths == steps
+        full = lengths == words["input_ids"].shape[1]
         for sa, sb in zip(out_a[1:], out_b[1:], strict=True):
             state_gap = max(state_gap, float(np.abs(sa[:, full] - sb[:, full]).max()))
     return {"max_logit_gap": logit_gap, "max_state_gap_unpadded": state_gap}

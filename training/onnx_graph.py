@@ -1,8 +1,10 @@
-"""Small tools for the commands that write ONNX graphs by hand (``quantize --method static``, ``fuse``): a graph
-under construction, and a CPU session over a graph in memory or on disk."""
+"""Small tools for the commands that write ONNX graphs by hand (``quantize --method static``, ``fuse``,
+``ensemble``): a graph under construction, a CPU session over a graph in memory or on disk, and the random padded
+word batches a rebuilt sentiment graph is checked on."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +43,19 @@ def cpu_session(model: onnx.ModelProto | Path, threads: int = 0) -> ort.Inferenc
     opts.log_severity_level = 3  # errors only
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+# (batch, time) of the probe batches: one word, one row, a few rows, and batches as serving sends them
+PROBE_SHAPES = ((1, 1), (1, 9), (3, 17), (16, 40), (64, 25))
+
+
+def probe_batches(vocab: int, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Random word batches (``input_ids`` right-padded with 0, ``lengths``), one per ``PROBE_SHAPES``; the first row
+    of each is full length, the others random lengths, so both padded and unpadded rows are probed."""
+    rng = np.random.default_rng(seed)
+    for batch, steps in PROBE_SHAPES:
+        lengths = rng.integers(1, steps + 1, size=batch)
+        lengths[0] = steps
+        ids = rng.integers(1, vocab, size=(batch, steps))
+        ids[np.arange(steps)[None, :] >= lengths[:, None]] = 0
+        yield {"input_ids": ids.astype(np.int64), "lengths": lengths.astype(np.int64)}
