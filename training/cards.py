@@ -60,10 +60,16 @@ TEMPERATURE_SCALED = "Probabilities are temperature-scaled on held-out train row
 NOT_CALIBRATED = "Probabilities are not calibrated beyond what the metrics report (see dev_ece)."
 
 
-def temperature_scaled(card: ModelCard) -> ModelCard:
-    """``card`` for a model whose training fitted a temperature: its calibration limit says so."""
-    limits = [TEMPERATURE_SCALED if limit == NOT_CALIBRATED else limit for limit in card.limits]
-    return card.model_copy(update={"limits": limits})
+def calibrated(card: ModelCard, scaled: bool) -> ModelCard:
+    """``card`` with its calibration limit saying whether training fitted a temperature (``scaled``): every
+    sentiment card carries one of the two lines, and only the run knows which applies."""
+    want, other = (TEMPERATURE_SCALED, NOT_CALIBRATED) if scaled else (NOT_CALIBRATED, TEMPERATURE_SCALED)
+    return card.model_copy(update={"limits": [want if limit == other else limit for limit in card.limits]})
+
+
+def temperature_fitted(training: dict[str, object]) -> bool:
+    """Whether a sentiment manifest's training record shows a fitted temperature (1.0 = none was fitted)."""
+    return training.get("temperature") not in (None, 1.0)
 
 
 CARDS: dict[str, ModelCard] = {
@@ -74,7 +80,7 @@ CARDS: dict[str, ModelCard] = {
         limits=[
             SENTIMENT_DOMAIN,
             "Words outside its vocabulary become <unk>.",
-            NOT_CALIBRATED,  # temperature_scaled() when training fitted a temperature
+            NOT_CALIBRATED,  # calibrated() says which of the two applies
         ],
     ),
     # seqserve-train ensemble of released-recipe sentiment models (docs/models.md "sentiment-ensemble/1").
@@ -218,6 +224,8 @@ def stamp(model_dir: Path) -> ModelCard:
     path = model_dir / MANIFEST_FILE
     m = Manifest.load(path)
     card = card_for(m.name, m.task, m.version)
+    if m.task == "sentiment":
+        card = calibrated(card, temperature_fitted(m.training))
     raw = json.loads(path.read_text(encoding="utf-8"))
     raw.pop("card", None)
     at = list(raw).index("sha256")

@@ -14,7 +14,7 @@ import torch
 
 from service.core.manifest import Metric
 from service.core.tokenizers import Encoder
-from training.cards import card_for, temperature_scaled
+from training.cards import calibrated, card_for
 from training.data import heldout_split, load_sst2, ngram_table, word_tokenizer
 from training.evaluate import evaluate_model
 from training.export import write_model
@@ -105,8 +105,7 @@ def train_sentiment(job: Job) -> None:
     )  # fmt: skip
     ece = metric.model_copy(update={"name": "ece", "value": ev["dev_ece"], "target": None, "higher_is_better": False})
     card = card_for(f"sentiment-{'-'.join(frozen)}" if frozen else job.name, "sentiment", job.version)
-    if job.extra["calibrate"]:
-        card = temperature_scaled(card)
+    card = calibrated(card, job.extra["calibrate"])
     finish(job, res, [metric, held, ece], ev, {"task": "sentiment", "temperature": temperature}, card)
 
 

@@ -14,6 +14,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.core.tokenizers import Encoder
 from tests.training import fast
 from tests.training.fast import TINY_SENTIMENT
+from training.cards import NOT_CALIBRATED, TEMPERATURE_SCALED
 from training.cli import main
 from training.data import DataError
 from training.export import ort_run
@@ -70,12 +71,14 @@ def test_the_package_lexicon() -> None:
 def test_train_sentiment_with_the_lexicon(tmp_path: Path, tiny_sst2: Path, lexicon_dir: Path) -> None:
     out = tmp_path / "sentiment" / "1"
     args = ["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main([*args, "--lexicon", "--lexicon-dir", str(lexicon_dir), "--glove-dropout", "0.1"]) == 0
+    args += ["--lexicon", "--lexicon-dir", str(lexicon_dir), "--glove-dropout", "0.1", "--no-calibrate"]
+    assert main(args) == 0
     m = Manifest.load(out / MANIFEST_FILE)
     assert m.tokenizer is not None and {"superb", "dreadful"} <= set(m.tokenizer.vocab)
     assert m.training["frozen_words_added"] == 2 and m.training["vader_rows_with_vector"] == 3
     assert m.training["blank_dropout"] == 0.1 and "VADER lexicon" in m.description
     assert m.card is not None and "VADER" in m.card.data and "MIT" in m.card.license
+    assert NOT_CALIBRATED in m.card.limits and TEMPERATURE_SCALED not in m.card.limits  # --no-calibrate
     # the exported table: 8 learned (+ sub-word) dims, then the 3 ratings, folded in
     vocab = m.tokenizer.vocab
     graph = onnx.load(out / MODEL_FILE).graph
