@@ -81,21 +81,21 @@ def derived_pairs(models: Path) -> list[tuple[Path, Path, Manifest, str]]:
         if key is not None:
             name, version = str(m.training[key]).split("/")
             pairs.append((models / name / version, path.parent, m, DERIVED[key]))
-        if m.training.get("ensemble_of"):
-            member = next(iter(committed_members(models, m.training)), None)
-            if member is not None:
-                pairs.append((member, path.parent, m, "ensemble"))
+        member = first_committed_member(models, m.training)
+        if member is not None:
+            pairs.append((member, path.parent, m, "ensemble"))
     return pairs
 
 
-def committed_members(models: Path, training: dict[str, Any]) -> list[Path]:
-    """The folders under ``models`` that hold one of an ensemble's members (the same NAME/VERSION and model file)."""
-    found = []
-    for member, sha in zip(training["ensemble_of"], training.get("member_sha256") or [], strict=False):
+def first_committed_member(models: Path, training: dict[str, Any]) -> Path | None:
+    """The first folder under ``models`` that holds one of an ensemble's members (the same NAME/VERSION and model
+    file), or None (not an ensemble, or none of its members is there)."""
+    members = zip(training.get("ensemble_of") or [], training.get("member_sha256") or [], strict=False)
+    for member, sha in members:
         folder = models / Path(member).parent.name / Path(member).name
         if (folder / MANIFEST_FILE).exists() and Manifest.load(folder / MANIFEST_FILE).sha256 == sha:
-            found.append(folder)
-    return found
+            return folder
+    return None
 
 
 def run(models: Path, repeats: int = 300) -> list[dict[str, Any]]:
