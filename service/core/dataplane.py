@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
+from service.core import pinning
 from service.core.aio import cancel_and_wait
 from service.core.context import note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
+from service.core.sequences import V2Inference
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
-from service.core.sessions.export import Exported, seal, unseal
-from service.core.tasks import TASKS, load_plugins
-from service.core.tasks.base import Classifier, Forecaster, Generator, TaskResult, check_and_decode, needs
+from service.core.sessions.export import seal
+from service.core.stats import CountedRequest
+from service.core.tasks import load_plugins
+from service.core.tasks.base import Classifier, Forecaster, Generator, needs
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -40,40 +41,14 @@ from service.core.types import (
     SequenceRef,
     SessionInfo,
     SuggestResult,
-    Tensor,
-    TensorContract,
 )
-from service.errors import FailedPrecondition, InvalidInput, PermissionDenied, SessionEvicted, SessionNotFound, echo
+from service.errors import InvalidInput, PermissionDenied, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
 STORE_CHECK_SECONDS = 1.0  # how often the session store is asked whether it answers (health)
-
-
-class _Request:
-    """One request on a model version, from construction to ``finish``: counted in flight (unload drains it)
-    and, when it finishes, in the model's statistics. Also a context manager (ok = the block did not raise)."""
-
-    __slots__ = ("entry", "inferences", "t0")
-
-    def __init__(self, entry: ModelEntry, inferences: int = 1) -> None:
-        self.entry, self.inferences = entry, inferences
-        entry.enter()
-        self.t0 = time.perf_counter_ns()
-
-    def finish(self, ok: bool) -> None:
-        try:
-            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences)
-        finally:
-            self.entry.leave()
-
-    def __enter__(self) -> _Request:
-        return self
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        self.finish(kind is None)
 
 
 class CoreDataPlane:
@@ -95,9 +70,7 @@ class CoreDataPlane:
         self.sessions = SessionManager(settings, metrics, store, clock)
         self._started = False
         self._watcher: asyncio.Task[None] | None = None
-        self._contracts: weakref.WeakKeyDictionary[ModelEntry, tuple[TensorContract, list[str]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._v2 = V2Inference(settings, self.registry, self.sessions)
         self.store_ok = True  # the session store answered the last check (health of the Sessions service)
         self._store_watch: asyncio.Task[None] | None = None
         self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []
@@ -226,85 +199,18 @@ class CoreDataPlane:
             )
         return entry
 
-    def _request(self, entry: ModelEntry, inferences: int = 1) -> _Request:
-        """``with self._request(entry) as req``: one request on ``entry``, counted in flight (unload drains it)
-        and in the model's statistics."""
-        return _Request(entry, inferences)
-
-    def _pinned(self, s: SessionState) -> ModelEntry:
-        """The loaded model a session belongs to: the same version and the same weights, else a clear error."""
-        entry = self.registry.get(s.model, s.version)
-        if entry is None or not entry.ready:
-            raise FailedPrecondition(
-                f"session {echo(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "
-                "create a new session (KServe: start a new sequence)"
-            )
-        if entry.sha256 != s.model_sha256:
-            raise FailedPrecondition(
-                f"session {echo(s.id)} is pinned to model {s.model} version {s.version} with weights "
-                f"{s.model_sha256[:12]}, which were replaced by {entry.sha256[:12]}; create a new session "
-                "(KServe: start a new sequence)"
-            )
-        return entry
-
-    def _fits(self, s: SessionState, capability: str | None, model: ModelRef | None) -> ModelEntry:
-        """The session's pinned model entry, once the session fits the call: capability, model (when named)."""
-        note_model(s.model)
-        entry = self._pinned(s)
-        if capability is not None and capability not in entry.capabilities:
-            raise FailedPrecondition(
-                f"session {echo(s.id)} belongs to {s.task!r} model {s.model}; this call needs a session "
-                f"of {needs(capability)}"
-            )
-        if model is not None and model.name and (model.name != s.model or model.version not in (None, s.version)):
-            named = echo(model.name) + (f" version {model.version}" if model.version is not None else "")
-            raise FailedPrecondition(
-                f"session {echo(s.id)} belongs to model {s.model} version {s.version}, but the request "
-                f"names {named}; omit the model or name the session's"
-            )
-        return entry
-
     @contextlib.asynccontextmanager
     async def _session(
         self, session_id: str, capability: str | None, model: ModelRef | None = None
     ) -> AsyncIterator[tuple[SessionState, ModelEntry]]:
-        """Leases the session, checks it fits the call (``_fits``) and counts the call as one request of the
+        """Leases the session, checks it fits the call (``pinning.fits``) and counts the call as one request of the
         model's statistics."""
         async with self.sessions.use(session_id) as s:
-            entry = self._fits(s, capability, model)
-            with self._request(entry):
+            entry = pinning.fits(self.registry, s, capability, model)
+            with CountedRequest(entry):
                 yield s, entry
 
     # --- v2 inference -------------------------------------------------------------------------------------
-    def _contract(self, entry: ModelEntry) -> tuple[TensorContract, list[str]]:
-        """The task's v2 contract and output names, built once per loaded version (not once per request)."""
-        found = self._contracts.get(entry)
-        if found is None:
-            contract = entry.task.contract()
-            found = self._contracts[entry] = (contract, [d.name for d in contract.outputs])
-        return found
-
-    def _sequence_id(self, model: str, seq: SequenceRef) -> str:
-        """The session key of a v2 sequence, namespaced per principal: two callers' sequence 1 never meet.
-        (The session records its owner too; the namespace keeps a ``sequence_start`` from replacing another
-        principal's sequence.)"""
-        owner = principal()
-        if not owner:
-            return f"kserve:{model}:{seq.id}"
-        return f"kserve:{hashlib.sha256(owner.encode()).hexdigest()[:24]}:{model}:{seq.id}"
-
-    def _unknown_sequence(self, model: str, seq: SequenceRef, cause: SessionNotFound) -> SessionNotFound:
-        if isinstance(cause, SessionEvicted):
-            return SessionEvicted(
-                f"sequence {echo(seq.id)} of model {model} was evicted to make room (the session store was full and "
-                "it was the least recently used); send sequence_start=true to begin it again"
-            )
-        return SessionNotFound(
-            f"sequence {echo(seq.id)} of model {model} is unknown or expired (sequences expire after "
-            f"{self.settings.sequence_idle_seconds:g}s idle, end with sequence_end, and may be evicted when the "
-            "session store is full); send sequence_start=true to begin it"
-        )
-
     async def infer(
         self,
         model: ModelRef,
@@ -312,114 +218,12 @@ class CoreDataPlane:
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
     ) -> InferResult:
-        imported: Exported | None = None
-        if sequence is not None and (sequence.export or sequence.import_blob is not None):
-            self._signing_key()  # refused before the sequence moves when export/import is off
-        if sequence is not None and sequence.import_blob is not None:
-            if not sequence.start:
-                raise InvalidInput("parameter seqserve_import starts a sequence: send it with sequence_start=true")
-            imported, entry = self._importable(sequence.import_blob, self.registry.find(model).name)
-            if model.version not in (None, entry.version):
-                raise FailedPrecondition(
-                    f"the session blob holds model {entry.name} version {entry.version}, but the request names "
-                    f"version {model.version}; leave the version empty"
-                )
-        elif sequence is not None and not sequence.start and model.version is None:
-            # A running sequence stays on the version (and weights) it started with, even when a newer one loaded
-            # since; FAILED_PRECONDITION when that version is gone or its weights changed.
-            return await self._continue(self.registry.find(model).name, inputs, outputs, sequence)
-        else:
-            entry = self.registry.resolve(model)
-        note_model(entry.name)
-        with self._request(entry) as req:
-            tensors, wanted = await self._checked(entry, inputs, outputs, sequence)
-            blob = None
-            if sequence is None:
-                result = await entry.task.infer(tensors, None)
-            else:
-                result, blob = await self._infer_sequence(entry, tensors, sequence, imported)
-            req.inferences = result.inferences
-        return InferResult(
-            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
-        )
-
-    async def _checked(
-        self, entry: ModelEntry, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef | None
-    ) -> tuple[dict[str, Tensor], list[str]]:
-        """The request checked against the version's contract: decoded inputs and the outputs to return."""
-        contract, names = self._contract(entry)
-        wanted = outputs or names
-        for name in wanted:
-            if name not in names:
-                raise InvalidInput(f"model {entry.name} has no output {echo(name)}; outputs are {', '.join(names)}")
-        if seq is not None and not contract.sequences:
-            raise InvalidInput(
-                f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
-            )
-        return await check_and_decode(entry.name, contract, inputs), wanted
-
-    async def _continue(
-        self, name: str, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef
-    ) -> InferResult:
-        """One step of a running sequence that names no version, under one lease: the session says which version
-        serves it (``_pinned``), the request is checked, the task advances the session and it is saved. A request
-        refused before the task ran leaves the session untouched (not even its idle time)."""
-        sid = self._sequence_id(name, seq)
-        use = self.sessions.use(sid, save=False)
-        req: _Request | None = None
-        ok = False
-        try:
-            async with use as s:
-                entry = self._pinned(s)
-                note_model(entry.name)
-                req = self._request(entry)
-                tensors, wanted = await self._checked(entry, inputs, outputs, seq)
-                use.save = True  # from here on the session is saved (or ended) whatever the task does
-                result = await entry.task.infer(tensors, s)
-                req.inferences = result.inferences
-                blob = seal(s, self._signing_key(), self.sessions.clock()) if seq.export else None
-            ok = True
-        except SessionNotFound as exc:
-            raise self._unknown_sequence(name, seq, exc) from None
-        finally:
-            try:
-                if seq.end and use.save:
-                    with contextlib.suppress(SessionNotFound):
-                        await self.sessions.delete(sid)
-            finally:
-                if req is not None:
-                    req.finish(ok)
-        return InferResult(
-            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
-        )
-
-    async def _infer_sequence(
-        self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef, imported: Exported | None
-    ) -> tuple[TaskResult, bytes | None]:
-        """One step of a sequence; with ``seq.export`` also the signed blob of the state after it."""
-        sid = self._sequence_id(entry.name, seq)
-        ttl = self.settings.sequence_idle_seconds
-        if imported is not None:  # starts from the blob's state
-            await self.sessions.add(self._adopt(imported, entry, ttl, sid), event="imported")
-        elif seq.start:  # (re)starts the sequence: a start on a running id replaces its state
-            await self._new_session(entry, ttl, sid)
-        try:
-            async with self.sessions.use(sid) as s:  # the request is counted by infer()
-                self._fits(s, None, ModelRef(entry.name, entry.version))
-                result = await entry.task.infer(tensors, s)
-                blob = seal(s, self._signing_key(), self.sessions.clock()) if seq.export else None
-            return result, blob
-        except SessionNotFound as exc:
-            raise self._unknown_sequence(entry.name, seq, exc) from None
-        finally:
-            if seq.end:
-                with contextlib.suppress(SessionNotFound):
-                    await self.sessions.delete(sid)
+        return await self._v2.infer(model, inputs, outputs, sequence)
 
     # --- our API: sentiment -------------------------------------------------------------------------------
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:
         entry = self._serve(model, "classify")
-        with self._request(entry, len(texts)):
+        with CountedRequest(entry, len(texts)):
             return await _classifier(entry).classify(texts)
 
     # --- our API: char LM ---------------------------------------------------------------------------------
@@ -443,7 +247,7 @@ class CoreDataPlane:
         t0 = time.perf_counter()
         if session_id is None:
             entry = self._serve(model, "generate")
-            with self._request(entry):
+            with CountedRequest(entry):
                 stream = self._metered(entry, _generator(entry).complete(None, prompt, params), t0)
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:
@@ -474,7 +278,7 @@ class CoreDataPlane:
     ) -> CharStep:
         if session_id is None:
             entry = self._serve(model, "generate")
-            with self._request(entry):
+            with CountedRequest(entry):
                 result = await _generator(entry).char_step(None, text, num_chars)
         else:
             async with self._session(session_id, "generate", model) as (s, entry):
@@ -485,7 +289,7 @@ class CoreDataPlane:
     # --- our API: forecasting -----------------------------------------------------------------------------
     async def forecast(self, model: ModelRef, history: FloatArray) -> ForecastResult:
         entry = self._serve(model, "forecast")
-        with self._request(entry):
+        with CountedRequest(entry):
             return await _forecaster(entry).predict(history)
 
     async def observe(self, session_id: str, rows: FloatArray) -> ForecastResult:
@@ -493,38 +297,11 @@ class CoreDataPlane:
             return await _forecaster(entry).observe(s, rows)
 
     # --- sessions -------------------------------------------------------------------------------------
-    async def _new_session(self, entry: ModelEntry, ttl: float, session_id: str | None) -> SessionState:
-        task = entry.task
-        if not task.stateful:
-            stateful = sorted(name for name, cls in TASKS.items() if cls.stateful)
-            raise FailedPrecondition(
-                f"model {entry.label} is a stateless {task.name!r} model; sessions are for models of the "
-                f"stateful tasks ({', '.join(stateful)})"
-            )
-        task.check_session()
-        now = self.sessions.clock()
-        s = SessionState(
-            id=self.sessions.new_id(session_id),
-            model=entry.name,
-            version=entry.version,
-            model_sha256=entry.sha256,
-            task=task.name,
-            state=task.initial_state(),
-            context={},
-            steps=0,
-            ttl_seconds=ttl,
-            created_at=now,
-            last_used_at=now,
-            nbytes=task.session_nbytes(),
-            metadata={"task": task.name},
-        )
-        return await self.sessions.add(s)
-
     async def create_session(self, model: ModelRef, ttl_seconds: float | None = None) -> SessionInfo:
         ttl = self.sessions.ttl(ttl_seconds)
         entry = self.registry.resolve(model)
         note_model(entry.name)
-        return (await self._new_session(entry, ttl, None)).info()
+        return (await self.sessions.add(pinning.new_session(self.sessions, entry, ttl, None))).info()
 
     async def get_session(self, session_id: str) -> SessionInfo:
         s = await self.sessions.get(session_id)
@@ -540,67 +317,18 @@ class CoreDataPlane:
         note_model((await self.sessions.delete(session_id)).model)
 
     # --- export / import ------------------------------------------------------------------------------
-    def _signing_key(self) -> bytes:
-        key = self.settings.session_signing_key
-        if key is None:
-            raise FailedPrecondition(
-                "session export/import is off on this server: set SEQSERVE_SESSION_SIGNING_KEY (the same key on "
-                "every server that should accept the blobs)"
-            )
-        return key.get_secret_value().encode()
-
     async def export_session(self, session_id: str) -> tuple[bytes, SessionInfo]:
-        key = self._signing_key()
+        key = pinning.signing_key(self.settings)
         s = await self.sessions.get(session_id)
         note_model(s.model)
         return seal(s, key, self.sessions.clock()), s.info()
 
     async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
         ttl = self.sessions.ttl(ttl_seconds)
-        imported, entry = self._importable(blob)
+        imported, entry = pinning.importable(self.registry, blob, pinning.signing_key(self.settings))
         note_model(entry.name)
-        return (await self.sessions.add(self._adopt(imported, entry, ttl, None), event="imported")).info()
-
-    def _importable(self, blob: bytes, model: str | None = None) -> tuple[Exported, ModelEntry]:
-        """The verified blob and the loaded model version (same weights) that can continue it."""
-        x = unseal(blob, self._signing_key())
-        if model is not None and model != x.model:
-            raise FailedPrecondition(
-                f"the session blob holds a session of model {x.model}, not of {echo(model)}; send it to {x.model}"
-            )
-        entry = self.registry.get(x.model, x.version)
-        if entry is None or not entry.ready or entry.sha256 != x.model_sha256:
-            raise FailedPrecondition(
-                f"the session blob holds a session of model {x.model} version {x.version} with weights "
-                f"{x.model_sha256[:12]}, which this server does not serve; load that version to import it"
-            )
-        if not entry.task.stateful:
-            raise FailedPrecondition(f"model {entry.label} is stateless: it cannot hold an imported session")
-        entry.task.check_session()
-        want = {k: (v.shape, v.dtype) for k, v in entry.task.initial_state().items()}
-        if want != {k: (v.shape, v.dtype) for k, v in x.session.state.items()}:
-            raise FailedPrecondition(f"the session blob's state does not fit model {entry.label}")
-        return x, entry
-
-    def _adopt(self, x: Exported, entry: ModelEntry, ttl: float, session_id: str | None) -> SessionState:
-        """A new session (new id, TTL, times) holding the blob's state, context and steps."""
-        now = self.sessions.clock()
-        src = x.session
-        return SessionState(
-            id=self.sessions.new_id(session_id),
-            model=entry.name,
-            version=entry.version,
-            model_sha256=entry.sha256,
-            task=entry.task.name,
-            state=dict(src.state),
-            context=dict(src.context),
-            steps=src.steps,
-            ttl_seconds=ttl,
-            created_at=now,
-            last_used_at=now,
-            nbytes=entry.task.session_nbytes(),
-            metadata=dict(src.metadata),
-        )
+        adopted = pinning.adopted(self.sessions, imported, entry, ttl, None)
+        return (await self.sessions.add(adopted, event="imported")).info()
 
 
 # The capability was checked by _serve/_session (entry.capabilities, computed once at load): no isinstance here.

@@ -12,8 +12,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.core.types import BatchStats, Duration, ModelStats
+
+if TYPE_CHECKING:
+    from service.core.registry import ModelEntry
 
 
 @dataclass
@@ -92,3 +96,27 @@ class StatsBook:
                     for size, b in sorted(self._batches.items())
                 ],
             )
+
+
+class CountedRequest:
+    """One request on a model version, from construction to ``finish``: counted in flight (unload drains it)
+    and, when it finishes, in the version's statistics. Also a context manager (ok = the block did not raise)."""
+
+    __slots__ = ("entry", "inferences", "t0")
+
+    def __init__(self, entry: ModelEntry, inferences: int = 1) -> None:
+        self.entry, self.inferences = entry, inferences
+        entry.enter()
+        self.t0 = time.perf_counter_ns()
+
+    def finish(self, ok: bool) -> None:
+        try:
+            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences)
+        finally:
+            self.entry.leave()
+
+    def __enter__(self) -> CountedRequest:
+        return self
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        self.finish(kind is None)

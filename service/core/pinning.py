@@ -1,0 +1,140 @@
+"""Which loaded model version a session belongs to, and the session records made for one.
+
+A session is pinned to the model version and the weights (sha256) it started on. Every call that continues it
+finds that version again (``pinned``) and checks the session fits the call (``fits``); a new session
+(``new_session``) or one continued from a signed blob (``importable`` + ``adopted``) records the pin. All of it
+checks only: nothing here leases, loads or saves a session (``SessionManager`` does).
+"""
+
+from __future__ import annotations
+
+from service.core.context import note_model
+from service.core.registry import ModelEntry, ModelRegistry
+from service.core.sessions import SessionManager, SessionState
+from service.core.sessions.export import Exported, unseal
+from service.core.tasks import TASKS
+from service.core.tasks.base import needs
+from service.core.types import ModelRef
+from service.errors import FailedPrecondition, echo
+from service.settings import Settings
+
+
+def pinned(registry: ModelRegistry, s: SessionState) -> ModelEntry:
+    """The loaded model a session belongs to: the same version and the same weights, else a clear error."""
+    entry = registry.get(s.model, s.version)
+    if entry is None or not entry.ready:
+        raise FailedPrecondition(
+            f"session {echo(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "
+            "create a new session (KServe: start a new sequence)"
+        )
+    if entry.sha256 != s.model_sha256:
+        raise FailedPrecondition(
+            f"session {echo(s.id)} is pinned to model {s.model} version {s.version} with weights "
+            f"{s.model_sha256[:12]}, which were replaced by {entry.sha256[:12]}; create a new session "
+            "(KServe: start a new sequence)"
+        )
+    return entry
+
+
+def fits(registry: ModelRegistry, s: SessionState, capability: str | None, model: ModelRef | None) -> ModelEntry:
+    """The session's pinned model entry, once the session fits the call: capability, model (when named)."""
+    note_model(s.model)
+    entry = pinned(registry, s)
+    if capability is not None and capability not in entry.capabilities:
+        raise FailedPrecondition(
+            f"session {echo(s.id)} belongs to {s.task!r} model {s.model}; this call needs a session "
+            f"of {needs(capability)}"
+        )
+    if model is not None and model.name and (model.name != s.model or model.version not in (None, s.version)):
+        named = echo(model.name) + (f" version {model.version}" if model.version is not None else "")
+        raise FailedPrecondition(
+            f"session {echo(s.id)} belongs to model {s.model} version {s.version}, but the request "
+            f"names {named}; omit the model or name the session's"
+        )
+    return entry
+
+
+def new_session(sessions: SessionManager, entry: ModelEntry, ttl: float, session_id: str | None) -> SessionState:
+    """A fresh session of ``entry`` (its task's initial state), not yet added to the store."""
+    task = entry.task
+    if not task.stateful:
+        stateful = sorted(name for name, cls in TASKS.items() if cls.stateful)
+        raise FailedPrecondition(
+            f"model {entry.label} is a stateless {task.name!r} model; sessions are for models of the "
+            f"stateful tasks ({', '.join(stateful)})"
+        )
+    task.check_session()
+    now = sessions.clock()
+    return SessionState(
+        id=sessions.new_id(session_id),
+        model=entry.name,
+        version=entry.version,
+        model_sha256=entry.sha256,
+        task=task.name,
+        state=task.initial_state(),
+        context={},
+        steps=0,
+        ttl_seconds=ttl,
+        created_at=now,
+        last_used_at=now,
+        nbytes=task.session_nbytes(),
+        metadata={"task": task.name},
+    )
+
+
+def signing_key(settings: Settings) -> bytes:
+    """The key that seals and opens session blobs; FAILED_PRECONDITION when export/import is off."""
+    key = settings.session_signing_key
+    if key is None:
+        raise FailedPrecondition(
+            "session export/import is off on this server: set SEQSERVE_SESSION_SIGNING_KEY (the same key on "
+            "every server that should accept the blobs)"
+        )
+    return key.get_secret_value().encode()
+
+
+def importable(
+    registry: ModelRegistry, blob: bytes, key: bytes, model: str | None = None
+) -> tuple[Exported, ModelEntry]:
+    """The verified blob and the loaded model version (same weights) that can continue it."""
+    x = unseal(blob, key)
+    if model is not None and model != x.model:
+        raise FailedPrecondition(
+            f"the session blob holds a session of model {x.model}, not of {echo(model)}; send it to {x.model}"
+        )
+    entry = registry.get(x.model, x.version)
+    if entry is None or not entry.ready or entry.sha256 != x.model_sha256:
+        raise FailedPrecondition(
+            f"the session blob holds a session of model {x.model} version {x.version} with weights "
+            f"{x.model_sha256[:12]}, which this server does not serve; load that version to import it"
+        )
+    if not entry.task.stateful:
+        raise FailedPrecondition(f"model {entry.label} is stateless: it cannot hold an imported session")
+    entry.task.check_session()
+    want = {k: (v.shape, v.dtype) for k, v in entry.task.initial_state().items()}
+    if want != {k: (v.shape, v.dtype) for k, v in x.session.state.items()}:
+        raise FailedPrecondition(f"the session blob's state does not fit model {entry.label}")
+    return x, entry
+
+
+def adopted(
+    sessions: SessionManager, x: Exported, entry: ModelEntry, ttl: float, session_id: str | None
+) -> SessionState:
+    """A new session (new id, TTL, times) holding the blob's state, context and steps."""
+    now = sessions.clock()
+    src = x.session
+    return SessionState(
+        id=sessions.new_id(session_id),
+        model=entry.name,
+        version=entry.version,
+        model_sha256=entry.sha256,
+        task=entry.task.name,
+        state=dict(src.state),
+        context=dict(src.context),
+        steps=src.steps,
+        ttl_seconds=ttl,
+        created_at=now,
+        last_used_at=now,
+        nbytes=entry.task.session_nbytes(),
+        metadata=dict(src.metadata),
+    )

@@ -1,0 +1,181 @@
+"""KServe v2 ``infer``: one stateless inference, or one step of a sequence (Triton's sequence parameters).
+
+A sequence is a session keyed by the caller's ``sequence_id`` (namespaced per principal): ``sequence_start``
+creates it (or replaces a running one), each request advances it by one step and ``sequence_end`` deletes it
+once answered. A running sequence that names no version stays on the version and weights it started with
+(``_continue``: one lease, one load and one save per step). ``seqserve_export`` / ``seqserve_import`` carry a
+sequence's state between servers as a signed blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import weakref
+from collections.abc import Sequence
+
+from service.core import pinning
+from service.core.context import note_model, principal
+from service.core.registry import ModelEntry, ModelRegistry
+from service.core.sessions import SessionManager, SessionState
+from service.core.sessions.export import Exported, seal
+from service.core.stats import CountedRequest
+from service.core.tasks.base import TaskResult, check_and_decode
+from service.core.types import InferResult, InputTensor, ModelRef, SequenceRef, Tensor, TensorContract
+from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound, echo
+from service.settings import Settings
+
+
+class V2Inference:
+    """``CoreDataPlane.infer``'s implementation, over the data plane's registry and session manager."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, sessions: SessionManager) -> None:
+        self.settings, self.registry, self.sessions = settings, registry, sessions
+        self._contracts: weakref.WeakKeyDictionary[ModelEntry, tuple[TensorContract, list[str]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _contract(self, entry: ModelEntry) -> tuple[TensorContract, list[str]]:
+        """The task's v2 contract and output names, built once per loaded version (not once per request)."""
+        found = self._contracts.get(entry)
+        if found is None:
+            contract = entry.task.contract()
+            found = self._contracts[entry] = (contract, [d.name for d in contract.outputs])
+        return found
+
+    def _sequence_id(self, model: str, seq: SequenceRef) -> str:
+        """The session key of a v2 sequence, namespaced per principal: two callers' sequence 1 never meet.
+        (The session records its owner too; the namespace keeps a ``sequence_start`` from replacing another
+        principal's sequence.)"""
+        owner = principal()
+        if not owner:
+            return f"kserve:{model}:{seq.id}"
+        return f"kserve:{hashlib.sha256(owner.encode()).hexdigest()[:24]}:{model}:{seq.id}"
+
+    def _unknown_sequence(self, model: str, seq: SequenceRef, cause: SessionNotFound) -> SessionNotFound:
+        if isinstance(cause, SessionEvicted):
+            return SessionEvicted(
+                f"sequence {echo(seq.id)} of model {model} was evicted to make room (the session store was full and "
+                "it was the least recently used); send sequence_start=true to begin it again"
+            )
+        return SessionNotFound(
+            f"sequence {echo(seq.id)} of model {model} is unknown or expired (sequences expire after "
+            f"{self.settings.sequence_idle_seconds:g}s idle, end with sequence_end, and may be evicted when the "
+            "session store is full); send sequence_start=true to begin it"
+        )
+
+    async def infer(
+        self,
+        model: ModelRef,
+        inputs: Sequence[InputTensor],
+        outputs: list[str] | None = None,
+        sequence: SequenceRef | None = None,
+    ) -> InferResult:
+        imported: Exported | None = None
+        if sequence is not None and (sequence.export or sequence.import_blob is not None):
+            pinning.signing_key(self.settings)  # refused before the sequence moves when export/import is off
+        if sequence is not None and sequence.import_blob is not None:
+            if not sequence.start:
+                raise InvalidInput("parameter seqserve_import starts a sequence: send it with sequence_start=true")
+            imported, entry = pinning.importable(
+                self.registry, sequence.import_blob, pinning.signing_key(self.settings), self.registry.find(model).name
+            )
+            if model.version not in (None, entry.version):
+                raise FailedPrecondition(
+                    f"the session blob holds model {entry.name} version {entry.version}, but the request names "
+                    f"version {model.version}; leave the version empty"
+                )
+        elif sequence is not None and not sequence.start and model.version is None:
+            # A running sequence stays on the version (and weights) it started with, even when a newer one loaded
+            # since; FAILED_PRECONDITION when that version is gone or its weights changed.
+            return await self._continue(self.registry.find(model).name, inputs, outputs, sequence)
+        else:
+            entry = self.registry.resolve(model)
+        note_model(entry.name)
+        with CountedRequest(entry) as req:
+            tensors, wanted = await self._checked(entry, inputs, outputs, sequence)
+            blob = None
+            if sequence is None:
+                result = await entry.task.infer(tensors, None)
+            else:
+                result, blob = await self._infer_sequence(entry, tensors, sequence, imported)
+            req.inferences = result.inferences
+        return InferResult(
+            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
+        )
+
+    async def _checked(
+        self, entry: ModelEntry, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef | None
+    ) -> tuple[dict[str, Tensor], list[str]]:
+        """The request checked against the version's contract: decoded inputs and the outputs to return."""
+        contract, names = self._contract(entry)
+        wanted = outputs or names
+        for name in wanted:
+            if name not in names:
+                raise InvalidInput(f"model {entry.name} has no output {echo(name)}; outputs are {', '.join(names)}")
+        if seq is not None and not contract.sequences:
+            raise InvalidInput(
+                f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
+            )
+        return await check_and_decode(entry.name, contract, inputs), wanted
+
+    def _seal(self, seq: SequenceRef, s: SessionState) -> bytes | None:
+        return seal(s, pinning.signing_key(self.settings), self.sessions.clock()) if seq.export else None
+
+    async def _continue(
+        self, name: str, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef
+    ) -> InferResult:
+        """One step of a running sequence that names no version, under one lease: the session says which version
+        serves it (``pinned``), the request is checked, the task advances the session and it is saved. A request
+        refused before the task ran leaves the session untouched (not even its idle time)."""
+        sid = self._sequence_id(name, seq)
+        use = self.sessions.use(sid, save=False)
+        req: CountedRequest | None = None
+        ok = False
+        try:
+            async with use as s:
+                entry = pinning.pinned(self.registry, s)
+                note_model(entry.name)
+                req = CountedRequest(entry)
+                tensors, wanted = await self._checked(entry, inputs, outputs, seq)
+                use.save = True  # from here on the session is saved (or ended) whatever the task does
+                result = await entry.task.infer(tensors, s)
+                req.inferences = result.inferences
+                blob = self._seal(seq, s)
+            ok = True
+        except SessionNotFound as exc:
+            raise self._unknown_sequence(name, seq, exc) from None
+        finally:
+            try:
+                if seq.end and use.save:
+                    with contextlib.suppress(SessionNotFound):
+                        await self.sessions.delete(sid)
+            finally:
+                if req is not None:
+                    req.finish(ok)
+        return InferResult(
+            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
+        )
+
+    async def _infer_sequence(
+        self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef, imported: Exported | None
+    ) -> tuple[TaskResult, bytes | None]:
+        """One step of a sequence; with ``seq.export`` also the signed blob of the state after it."""
+        sid = self._sequence_id(entry.name, seq)
+        ttl = self.settings.sequence_idle_seconds
+        if imported is not None:  # starts from the blob's state
+            await self.sessions.add(pinning.adopted(self.sessions, imported, entry, ttl, sid), event="imported")
+        elif seq.start:  # (re)starts the sequence: a start on a running id replaces its state
+            await self.sessions.add(pinning.new_session(self.sessions, entry, ttl, sid))
+        try:
+            async with self.sessions.use(sid) as s:  # the request is counted by infer()
+                pinning.fits(self.registry, s, None, ModelRef(entry.name, entry.version))
+                result = await entry.task.infer(tensors, s)
+                blob = self._seal(seq, s)
+            return result, blob
+        except SessionNotFound as exc:
+            raise self._unknown_sequence(entry.name, seq, exc) from None
+        finally:
+            if seq.end:
+                with contextlib.suppress(SessionNotFound):
+                    await self.sessions.delete(sid)
