@@ -19,11 +19,11 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends 'binutils=2.*' \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
-# Dependencies first, read from pyproject.toml (serving only: no train extra, so no torch; the cpu extra's ONNX
-# Runtime; the uvloop extra, so SEQSERVE_EVENT_LOOP=uvloop works in the container): this layer is reused until
-# pyproject.toml changes, whatever happens to the code.
-COPY pyproject.toml ./
-RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['cpu'] + x['uvloop']))" > requirements.txt \
+# Dependencies first, read from pyproject.toml by deploy/docker/requirements.py (serving only: no train extra, so
+# no torch; the cpu extra's ONNX Runtime; the uvloop extra, so SEQSERVE_EVENT_LOOP=uvloop works in the container):
+# this layer is reused until pyproject.toml or that script changes, whatever happens to the code.
+COPY pyproject.toml deploy/docker/requirements.py ./
+RUN /opt/venv/bin/python requirements.py cpu uvloop > requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --no-compile -r requirements.txt
 # Only `service` is copied: pyproject's package discovery then finds no `training`.
 COPY README.md ./

@@ -40,9 +40,9 @@ test: $(STAMP) sysdeps
 	$(MAKE) --no-print-directory image-test
 
 lint: $(STAMP)
-	$(BIN)/ruff check service training tests bench proto
-	$(BIN)/ruff format --check service training tests bench proto
-	$(BIN)/mypy service training bench
+	$(BIN)/ruff check service training tests bench proto deploy
+	$(BIN)/ruff format --check service training tests bench proto deploy
+	$(BIN)/mypy service training bench deploy/docker/requirements.py
 
 # Dockerfiles (hadolint), YAML (yamllint), compose (schema + compose config), Kubernetes (kustomize + strict
 # schema validation), the Grafana dashboard (SDK + promtool). Part of the suite; this runs just them.

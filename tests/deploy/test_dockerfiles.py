@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -109,13 +110,24 @@ CUDA_BASE = r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-ubuntu24\.04"
 CUDA12_BUILD = r"--build-arg BASE_IMAGE=(\S+) --build-arg 'ONNXRUNTIME_GPU=([^']+)'"  # documented in Dockerfile.cuda
 
 
-def cuda_requirements(onnxruntime_gpu: str = "") -> list[str]:
-    """What Dockerfile.cuda's builder writes to requirements.txt: its own one-liner run on our pyproject.toml."""
-    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile.cuda").read_text())
-    (code,) = re.findall(r'/opt/venv/bin/python -c "([^"]+)" > requirements.txt', text)
-    env = {"ONNXRUNTIME_GPU": onnxruntime_gpu} if onnxruntime_gpu else {}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+def builder_requirements(path: str, onnxruntime_gpu: str = "") -> list[str]:
+    """What a serving image's builder writes to requirements.txt: its own requirements.py line, run on our
+    pyproject.toml (``${ONNXRUNTIME_GPU}`` set to ``onnxruntime_gpu``, as the build argument does)."""
+    builder = stages((ROOT / path).read_text())[0]
+    (args,) = re.findall(r"/opt/venv/bin/python requirements\.py ([^>]+) > requirements\.txt", builder)
+    argv = shlex.split(args.replace("${ONNXRUNTIME_GPU}", onnxruntime_gpu))
+    script = ROOT / "deploy" / "docker" / "requirements.py"
+    out = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, check=True)
     return out.stdout.splitlines()
+
+
+def test_cpu_image_installs_the_serving_dependencies_only() -> None:
+    """The dependencies, ONNX Runtime for CPU and uvloop: nothing of the train or dev extras, no onnxruntime-gpu."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = builder_requirements("Dockerfile")
+    extras = project["optional-dependencies"]
+    assert lines == project["dependencies"] + extras["cpu"] + extras["uvloop"]
+    assert not {Requirement(line).name for line in lines} & {"torch", "onnxruntime-gpu", "pytest"}
 
 
 def test_cuda_image_installs_an_onnxruntime_gpu_built_for_its_cuda() -> None:
@@ -126,7 +138,7 @@ def test_cuda_image_installs_an_onnxruntime_gpu_built_for_its_cuda() -> None:
         found = re.fullmatch(CUDA_BASE, base)
         assert found is not None, base
         major = int(found.group(1))
-        lines = cuda_requirements(override)
+        lines = builder_requirements("Dockerfile.cuda", override)
         ort = [Requirement(line) for line in lines if line.startswith("onnxruntime")]
         assert [r.name for r in ort] == ["onnxruntime-gpu"], lines  # never the CPU package beside it
         allowed = {v: m for v, m in ORT_GPU_CUDA.items() if ort[0].specifier.contains(v)}
@@ -143,7 +155,7 @@ def test_dockerignore_allows_exactly_what_the_images_copy() -> None:
         for copy in instruction("\n".join(stages((ROOT / path).read_text())), "COPY"):
             if not copy.startswith("--from"):
                 copied.update(copy.split()[:-1])
-    assert copied == allowed == {"pyproject.toml", "README.md", "service", "models"}
+    assert copied == allowed == {"pyproject.toml", "README.md", "deploy/docker/requirements.py", "service", "models"}
     assert all((ROOT / source).exists() for source in copied)
     assert "**/__pycache__" in lines and "models/**/*.pt" in lines
 
