@@ -78,7 +78,8 @@ def test_builders_drop_what_serving_never_loads(path: str) -> None:
     builder is read: the same removals (the C API library: neither wheel's Python binding links it)."""
     builder, _ = stages((ROOT / path).read_text())
     for gone in ("-name tests", "onnxruntime/transformers", "onnxruntime/quantization", "onnxruntime/tools",
-                 "onnxruntime/capi/libonnxruntime.so*", "pip uninstall --yes pip setuptools"):  # fmt: skip
+                 "onnxruntime/capi/libonnxruntime.so*", "pip uninstall --yes pip setuptools",
+                 "numpy/f2py", "numpy/distutils", "-name '*.pyi'", "-name '*.h'"):  # fmt: skip
         assert gone in builder, gone
 
 

@@ -33,7 +33,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 # Run inside the image: what it holds (modules, tools, models, compiled bytecode), as JSON.
 INSPECT = """
-import importlib.util, json, os, pathlib, shutil, sys
+import importlib, importlib.util, json, os, pathlib, shutil, sys
 import service.cli
 MODULES = ("onnxruntime", "grpc", "uvloop", "torch", "pip", "training")
 models = pathlib.Path("/app/models")
@@ -55,6 +55,10 @@ print(json.dumps({
     "symbol_tables": sorted(str(p.relative_to(site)) for p in site.rglob("*.so")
                             if ".libs" not in p.parent.name and ".symtab" in sections(p)),
     "pip_cache": os.path.exists("/root/.cache/pip") or os.path.exists("/tmp/.cache/pip"),
+    "build_leftovers": sorted({p.suffix or p.name for p in site.rglob("*")
+                               if p.suffix in (".pyi", ".pyx", ".pxd", ".pxi", ".h", ".c", ".cpp")
+                               or p.name in ("f2py", "distutils") and p.parent.name == "numpy"}),
+    "numpy": bool(importlib.import_module("numpy").ones(3).sum() == 3.0),
     "models": sorted(str(p.parent.relative_to(models)) for p in models.glob("*/*/model.onnx")),
     "compiled": pathlib.Path(service.cli.__cached__).exists(),
     "python": sys.version_info[:2],
@@ -127,6 +131,8 @@ def test_image_is_small_and_serving_only(docker: Docker, image: str, report: dic
     }  # fmt: skip
     assert out["ort_c_library"] == []  # ONNX Runtime's C API library: 35 MB the Python binding never loads
     assert out["tools"] == [] and out["pip_cache"] is False
+    # numpy's f2py and distutils, type stubs, C headers and sources: dropped in the builder, numpy still works
+    assert out["build_leftovers"] == [] and out["numpy"] is True
     assert out["symbol_tables"] == []  # extension modules stripped in the builder (uvloop's symbols were 11.7 MB)
     committed = sorted(str(p.parent.relative_to(ROOT / "models")) for p in (ROOT / "models").glob("*/*/model.onnx"))
     assert out["models"] == committed and len(committed) >= 3  # every committed model version, none hard-coded
