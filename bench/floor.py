@@ -1,6 +1,7 @@
 """The canned-response floor: a ``grpc.aio`` server implementing the KServe v2 service with no model, no state,
 no interceptors and no metrics. What any Python server on this skeleton can reach; ``make bench`` reports
-seqserve as a ratio of it.
+seqserve as a ratio of it. ``canned_method`` is the same for one method of our API (Sessions.Create,
+Autocomplete.Suggest): the floor of the session-create and keystroke rows.
 
 Its answers are recorded from a real seqserve (``record``): per model the ModelMetadata, ModelConfig and
 ModelStatistics responses and one ModelInfer response, so the floor sends byte-for-byte the same sizes. Each
@@ -20,7 +21,8 @@ import json
 import multiprocessing as mp
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, get_args
 
@@ -137,6 +139,43 @@ async def _serve(canned: Path, port: int, ready: Path | None) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(0)
+
+
+def _canned_method(service: str, method: str, answer: bytes, streaming: bool, ready: mp.Queue[int]) -> None:
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return answer
+
+    async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            yield answer
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        handler = (
+            grpc.stream_stream_rpc_method_handler(stream) if streaming else grpc.unary_unary_rpc_method_handler(unary)
+        )
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+@contextmanager
+def canned_method(service: str, method: str, answer: bytes, streaming: bool = False) -> Iterator[str]:
+    """A ``grpc.aio`` server in a child process whose one method (unary, or bidirectional: one answer per request)
+    returns the serialized ``answer``: no store, no interceptors, no metrics. Yields its target."""
+    ctx = mp.get_context("spawn")
+    ready: mp.Queue[int] = ctx.Queue()
+    proc = ctx.Process(target=_canned_method, args=(service, method, answer, streaming, ready), daemon=True)
+    proc.start()
+    try:
+        yield f"127.0.0.1:{ready.get(timeout=60)}"
+    finally:
+        proc.terminate()
+        proc.join(10)
 
 
 def _child(canned: Path, port: int, loop: str) -> None:

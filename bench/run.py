@@ -7,7 +7,9 @@ What it measures, and why:
 - ``keystroke``: one typed character through a session (``Suggest`` on an open stream, n=1, 1 char of
   lookahead) at growing prefix lengths. A stateful session costs O(appended); the stateless alternative, what a
   server without sequence state must do (the same stream, but reset and re-fed the whole prefix each time),
-  costs O(prefix). For every version of ``charlm`` and of its int8 copy ``charlm-int8``.
+  costs O(prefix). For every version of ``charlm`` and of its int8 copy ``charlm-int8``. Its floor: the same
+  client and stream against a canned Suggest (``bench.floor.canned_method``): what the Python client and gRPC
+  alone cost per keystroke, and so the largest speed-up any server reaches with this client.
 - ``core``: the per-step CPU of the core alone, without gRPC (``bench/core.py``): what the transport adds is
   the rest of perf_analyzer's server CPU per request.
 - ``runtime``: one ONNX Runtime run of each int8 copy or fused graph against its parent, what batching does to the
@@ -38,8 +40,10 @@ from typing import Any
 import numpy as np
 
 from bench import cli, core, runtime
+from bench.floor import canned_method
 from bench.launch import rss_bytes, serve
 from bench.stores import print_stores, run_stores
+from service.api.gen.seqserve.v1 import autocomplete_pb2
 from service.client import Client, SuggestEvent
 from service.core.types import ModelRef
 
@@ -106,6 +110,22 @@ def bench_keystroke(client: Client, prefixes: list[int], repeats: int, model: Mo
         row = {"prefix_chars": n, "session_step": cli.percentiles(stateful), "recompute": cli.percentiles(recompute)}
         rows.append(row | {"model": f"{s.model}/{s.version}"})
     return rows
+
+
+def keystroke_floor(repeats: int) -> dict[str, float]:
+    """One keystroke through the same client and stream against a canned Suggest answer (no model, no session)."""
+    answer = autocomplete_pb2.SuggestResponse(
+        suggestions=[autocomplete_pb2.Suggestion(text=" ", logprob=-0.5)], steps=1
+    ).SerializeToString()
+    with canned_method("seqserve.v1.Autocomplete", "Suggest", answer, streaming=True) as target:
+        client = Client(target, timeout=120)
+        try:
+            typing = TypingStream(client, "floor")
+            step = timed(lambda: typing.step("e"), repeats)
+            typing.close()
+        finally:
+            client.close()
+    return cli.percentiles(step)
 
 
 def stream_rate(client: Client, seed: int, chars: int, out: list[float]) -> None:
@@ -180,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         pid = server.pid
         refs = core.char_models(args.models)
         results["keystroke"] = [row for r in refs for row in bench_keystroke(client, prefixes, repeats, r)]
+        results["keystroke_floor"] = keystroke_floor(max(repeats, 200))
         results["streams"] = bench_streams(client, [1, 4] if args.quick else [1, 4, 16], 50 if args.quick else 200)
         texts = ["a gripping , beautifully acted film", "dull and far too long"] * 8
         results["classify"] = {
@@ -242,6 +263,14 @@ def print_table(r: dict[str, Any]) -> None:
         print(
             f"  {row['model']:>13}  {row['prefix_chars']:>12}  {s['p50_ms']:>9.2f} / {s['p99_ms']:>7.2f}  "
             f"{c['p50_ms']:>9.2f} / {c['p99_ms']:>7.2f}  {c['p50_ms'] / s['p50_ms']:>7.1f}x"
+        )
+    f = r.get("keystroke_floor")
+    if f:
+        longest = max(row["prefix_chars"] for row in r["keystroke"])
+        best = max(row["recompute"]["p50_ms"] for row in r["keystroke"] if row["prefix_chars"] == longest)
+        print(
+            f"  floor (the same client against a canned Suggest): {f['p50_ms']:.2f} / {f['p99_ms']:.2f} ms; "
+            f"recomputing {longest:,} chars / floor = {best / f['p50_ms']:.0f}x, the most any server gets here"
         )
     print("\nConcurrent Complete streams (dynamic batching of one-char steps):")
     print(f"  {'streams':>8}  {'total chars/s':>14}  {'per stream':>11}")

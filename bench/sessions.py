@@ -1,4 +1,5 @@
-"""Session create rate at 1k, 50k and 250k live sessions, and the idle server's CPU with them all alive.
+"""Session create rate at 1k, 50k and 250k live sessions, the idle server's CPU with them all alive, and the
+memory an idle char-LM session costs against its raw state.
 
 Fills a real server (its own process, sized for 300k sessions) through ``Sessions.Create`` from an asyncio
 client with many calls in flight; at each level it measures a window of creates (rate, p50/p99 latency), then
@@ -6,6 +7,10 @@ keeps filling. "core only" repeats the fill through the data plane in this proce
 session manager and store cost (the rest of an RPC is gRPC's own per-call work, shared with every method).
 Creating must not slow down as the store grows (O(1)/O(log n) store operations; issue 12 asks 3,000/s at
 250,000 live sessions), and the idle server must not walk its sessions (the reaper uses an expiry heap).
+"memory per idle session" fills a fresh engine (the data plane in a child process of its own, no gRPC) with 20,000
+char-LM sessions, then advances each by one character: the RSS each session adds, fresh and after its step,
+against the bytes of the arrays it holds (the state; after a step also the next-character logits). Issue 9 asks
+at most 1.2x.
 
     python -m bench.sessions [--models models] [--quick]
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import queue
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +27,12 @@ from typing import Any
 import grpc
 
 from bench import cli
+from bench.floor import canned_method
 from bench.launch import cpu_seconds, rss_mib, serve
 from service.api.gen.seqserve.v1 import common_pb2, sessions_pb2
 
 LEVELS = (1_000, 50_000, 250_000)
+MEMORY_SESSIONS = 20_000
 WINDOW = 5_000  # creates measured at each level
 IN_FLIGHT = 64
 IDLE_SECONDS = 5.0
@@ -80,41 +88,87 @@ async def core_rates(models: Path, levels: tuple[int, ...], window: int) -> list
     return rows
 
 
-def _floor(ready: mp.Queue[int]) -> None:
-    """A grpc.aio server whose Sessions.Create returns one canned SessionInfo: no store, no interceptors, no
-    metrics. What the same client reaches against gRPC alone on this machine (the ceiling for any server)."""
-    canned = sessions_pb2.SessionInfo(session_id="x" * 32, model="charlm", version=1).SerializeToString()
+async def _idle_memory(models: Path, n: int) -> dict[str, Any]:
+    import gc
+    import os
 
-    async def create(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return canned
+    from bench.launch import rss_bytes
+    from service.core.dataplane import CoreDataPlane
+    from service.core.sessions import SessionState
+    from service.core.types import ModelRef
+    from service.metrics import Metrics
+    from service.settings import Settings
 
-    async def main() -> None:
-        server = grpc.aio.server()
-        handler = grpc.unary_unary_rpc_method_handler(create)
-        server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler("seqserve.v1.Sessions", {"Create": handler})]
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        ready.put(port)
-        await server.wait_for_termination()
+    def raw(s: SessionState) -> int:
+        return sum(a.nbytes for a in (*s.state.values(), *s.context.values()))
 
-    asyncio.run(main())
+    def rss() -> int:
+        gc.collect()
+        return rss_bytes(os.getpid())
+
+    settings = Settings(
+        models=models, device="cpu", max_sessions=n + 16, max_session_bytes=64 << 30, session_ttl_seconds=3600,
+        log_level="WARNING",
+    )  # fmt: skip
+    dp = CoreDataPlane(settings, Metrics())
+    await dp.start()
+    try:
+        model = ModelRef("charlm")
+        warm = await dp.create_session(model)  # first-use allocations (the batcher, ORT's arena) happen here
+        await dp.char_step(model, "a", session_id=warm.id)
+        before = rss()
+        ids = [(await dp.create_session(model)).id for _ in range(n)]
+        fresh = rss()
+        raw_fresh = raw(await dp.sessions.get(ids[0]))
+        for sid in ids:
+            await dp.char_step(model, "a", session_id=sid)
+        stepped = rss()
+        raw_stepped = raw(await dp.sessions.get(ids[0]))
+    finally:
+        await dp.stop()
+    per_fresh, per_stepped = (fresh - before) / n, (stepped - before) / n
+    return {
+        "sessions": n,
+        "fresh_bytes_per_session": per_fresh,
+        "fresh_raw_bytes": raw_fresh,
+        "fresh_ratio": per_fresh / raw_fresh,
+        "stepped_bytes_per_session": per_stepped,
+        "stepped_raw_bytes": raw_stepped,
+        "stepped_ratio": per_stepped / raw_stepped,
+    }
+
+
+def _idle_memory_child(models: Path, n: int, out: mp.Queue[dict[str, Any]]) -> None:
+    out.put(asyncio.run(_idle_memory(models, n)))
+
+
+def idle_memory(models: Path, n: int = MEMORY_SESSIONS) -> dict[str, Any]:
+    """RSS per idle char-LM session, fresh and after one step, against its raw arrays: in a fresh process, so
+    nothing this benchmark did before sits in the heap being measured."""
+    ctx = mp.get_context("spawn")
+    out: mp.Queue[dict[str, Any]] = ctx.Queue()
+    proc = ctx.Process(target=_idle_memory_child, args=(models, n, out), daemon=True)
+    proc.start()
+    try:
+        while True:  # a child that dies (its traceback is on stderr) fails this at once, not after a timeout
+            try:
+                result: dict[str, Any] = out.get(timeout=1.0)
+                return result
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the session memory measurement exited with {proc.exitcode}") from None
+    finally:
+        proc.join(60)
 
 
 def floor_rate(window: int) -> float:
-    """Creates/s against the canned floor server, with the same client and calls in flight."""
-    ctx = mp.get_context("spawn")
-    ready: mp.Queue[int] = ctx.Queue()
-    proc = ctx.Process(target=_floor, args=(ready,), daemon=True)
-    proc.start()
-    try:
-        target = f"127.0.0.1:{ready.get(timeout=60)}"
+    """Creates/s against a canned Sessions.Create (``bench.floor.canned_method``: one canned SessionInfo, no store,
+    no interceptors, no metrics), with the same client and calls in flight: what the same client reaches against
+    gRPC alone on this machine (the ceiling for any server)."""
+    canned = sessions_pb2.SessionInfo(session_id="x" * 32, model="charlm", version=1).SerializeToString()
+    with canned_method("seqserve.v1.Sessions", "Create", canned) as target:
         asyncio.run(create_many(target, 500))  # warm-up
         return window / asyncio.run(create_many(target, window))
-    finally:
-        proc.terminate()
-        proc.join(10)
 
 
 def idle_cpu(pid: int, seconds: float) -> float:
@@ -125,7 +179,11 @@ def idle_cpu(pid: int, seconds: float) -> float:
 
 
 def bench(
-    models: Path, levels: tuple[int, ...] = LEVELS, window: int = WINDOW, idle_seconds: float = IDLE_SECONDS
+    models: Path,
+    levels: tuple[int, ...] = LEVELS,
+    window: int = WINDOW,
+    idle_seconds: float = IDLE_SECONDS,
+    memory_sessions: int = MEMORY_SESSIONS,
 ) -> dict[str, Any]:
     env = {
         "SEQSERVE_MAX_SESSIONS": str(max(levels) + 2 * window),
@@ -157,12 +215,13 @@ def bench(
         "idle_cpu_percent": cpu,
         "idle_live_sessions": live,
         "in_flight": IN_FLIGHT,
+        "memory_per_session": idle_memory(models, memory_sessions),
     }
 
 
 def quick(models: Path) -> dict[str, Any]:
     """A smoke run: 1k sessions, a short window."""
-    return bench(models, (1_000,), 500, idle_seconds=1.0)
+    return bench(models, (1_000,), 500, idle_seconds=1.0, memory_sessions=2_000)
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -180,6 +239,14 @@ def print_table(r: dict[str, Any]) -> None:
         worst = min(row["creates_per_s"] for row in r["create"])
         print(f"  gRPC floor (canned Create, same client): {floor:,.0f}/s; slowest level = {worst / floor:.2f}x floor")
     print(f"  idle with {r['idle_live_sessions']:,} live sessions: {r['idle_cpu_percent']:.1f}% CPU")
+    m = r.get("memory_per_session")
+    if m:
+        print(
+            f"Memory per idle char-LM session ({m['sessions']:,} sessions, engine alone): fresh "
+            f"{m['fresh_bytes_per_session']:,.0f} B RSS for {m['fresh_raw_bytes']:,} B of state = "
+            f"{m['fresh_ratio']:.2f}x; after one step {m['stepped_bytes_per_session']:,.0f} B for "
+            f"{m['stepped_raw_bytes']:,} B of state + logits = {m['stepped_ratio']:.2f}x"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

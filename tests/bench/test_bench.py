@@ -17,6 +17,8 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     for row in r["keystroke"]:
         for side in ("session_step", "recompute"):
             assert row[side]["n"] == r["repeats"] and row[side]["p50_ms"] > 0
+    # the same client against a canned Suggest: the keystroke's floor
+    assert r["keystroke_floor"]["n"] == 200 and r["keystroke_floor"]["p50_ms"] > 0
     assert [row["streams"] for row in r["streams"]] == [1, 4]
     assert all(row["total_chars_per_s"] > 0 for row in r["streams"])
     assert set(r["classify"]) == {"batch_1", "batch_16"}
