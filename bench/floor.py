@@ -28,6 +28,7 @@ from typing import Any, get_args
 
 import grpc
 
+from bench.launch import first_message
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.aio import run
@@ -172,7 +173,7 @@ def canned_method(service: str, method: str, answer: bytes, streaming: bool = Fa
     proc = ctx.Process(target=_canned_method, args=(service, method, answer, streaming, ready), daemon=True)
     proc.start()
     try:
-        yield f"127.0.0.1:{ready.get(timeout=60)}"
+        yield f"127.0.0.1:{first_message(proc, ready, timeout=60)}"
     finally:
         proc.terminate()
         proc.join(10)

@@ -4,7 +4,9 @@ benchmarks that need their own server; any process that writes a ready file (``p
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -118,3 +120,17 @@ def metric_families(metrics_port: int) -> list[Any]:
     """The server's /metrics, parsed (prometheus_client metric families)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         return list(text_string_to_metric_families(r.read().decode()))
+
+
+def first_message(proc: mp.process.BaseProcess, messages: mp.Queue[Any], timeout: float = 600.0) -> Any:
+    """The first thing child ``proc`` puts on ``messages``. A child that dies first (its traceback is on stderr)
+    fails this at once, not after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return messages.get(timeout=1.0)
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"child process {proc.name} exited with {proc.exitcode} before answering") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"child process {proc.name} did not answer within {timeout:g}s") from None

@@ -117,14 +117,11 @@ def keystroke_floor(repeats: int) -> dict[str, float]:
     answer = autocomplete_pb2.SuggestResponse(
         suggestions=[autocomplete_pb2.Suggestion(text=" ", logprob=-0.5)], steps=1
     ).SerializeToString()
-    with canned_method("seqserve.v1.Autocomplete", "Suggest", answer, streaming=True) as target:
-        client = Client(target, timeout=120)
-        try:
-            typing = TypingStream(client, "floor")
-            step = timed(lambda: typing.step("e"), repeats)
-            typing.close()
-        finally:
-            client.close()
+    canned = canned_method("seqserve.v1.Autocomplete", "Suggest", answer, streaming=True)
+    with canned as target, Client(target, timeout=120) as client:
+        typing = TypingStream(client, "floor")
+        step = timed(lambda: typing.step("e"), repeats)
+        typing.close()
     return cli.percentiles(step)
 
 

@@ -18,9 +18,12 @@ at most 1.2x.
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing as mp
-import queue
+import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,13 @@ import grpc
 
 from bench import cli
 from bench.floor import canned_method
-from bench.launch import cpu_seconds, rss_mib, serve
+from bench.launch import cpu_seconds, first_message, rss_bytes, rss_mib, serve
 from service.api.gen.seqserve.v1 import common_pb2, sessions_pb2
+from service.core.dataplane import CoreDataPlane
+from service.core.sessions import SessionState
+from service.core.types import ModelRef
+from service.metrics import Metrics
+from service.settings import Settings
 
 LEVELS = (1_000, 50_000, 250_000)
 MEMORY_SESSIONS = 20_000
@@ -59,22 +67,26 @@ async def create_many(target: str, n: int, latencies: list[float] | None = None)
         return time.perf_counter() - started
 
 
-async def core_rates(models: Path, levels: tuple[int, ...], window: int) -> list[dict[str, Any]]:
-    """The same fill-and-measure through the data plane in this process, without gRPC: what the session
-    manager and store cost by themselves."""
-    from service.core.dataplane import CoreDataPlane
-    from service.core.types import ModelRef
-    from service.metrics import Metrics
-    from service.settings import Settings
-
+@asynccontextmanager
+async def _engine(models: Path, sessions: int) -> AsyncIterator[CoreDataPlane]:
+    """The data plane in this process, started, with room for ``sessions`` sessions that do not expire."""
     settings = Settings(
-        models=models, device="cpu", max_sessions=max(levels) + 2 * window, max_session_bytes=64 << 30,
-        session_ttl_seconds=3600, log_level="WARNING",
+        models=models, device="cpu", max_sessions=sessions, max_session_bytes=64 << 30, session_ttl_seconds=3600,
+        log_level="WARNING",
     )  # fmt: skip
     dp = CoreDataPlane(settings, Metrics())
     await dp.start()
-    rows, live, model = [], 0, ModelRef("charlm")
     try:
+        yield dp
+    finally:
+        await dp.stop()
+
+
+async def core_rates(models: Path, levels: tuple[int, ...], window: int) -> list[dict[str, Any]]:
+    """The same fill-and-measure through the data plane in this process, without gRPC: what the session
+    manager and store cost by themselves."""
+    rows, live, model = [], 0, ModelRef("charlm")
+    async with _engine(models, max(levels) + 2 * window) as dp:
         for level in levels:
             for _ in range(level - live):
                 await dp.create_session(model)
@@ -83,22 +95,10 @@ async def core_rates(models: Path, levels: tuple[int, ...], window: int) -> list
                 await dp.create_session(model)
             rows.append({"live_sessions": level, "creates_per_s": window / (time.perf_counter() - started)})
             live = level + window
-    finally:
-        await dp.stop()
     return rows
 
 
 async def _idle_memory(models: Path, n: int) -> dict[str, Any]:
-    import gc
-    import os
-
-    from bench.launch import rss_bytes
-    from service.core.dataplane import CoreDataPlane
-    from service.core.sessions import SessionState
-    from service.core.types import ModelRef
-    from service.metrics import Metrics
-    from service.settings import Settings
-
     def raw(s: SessionState) -> int:
         return sum(a.nbytes for a in (*s.state.values(), *s.context.values()))
 
@@ -106,13 +106,7 @@ async def _idle_memory(models: Path, n: int) -> dict[str, Any]:
         gc.collect()
         return rss_bytes(os.getpid())
 
-    settings = Settings(
-        models=models, device="cpu", max_sessions=n + 16, max_session_bytes=64 << 30, session_ttl_seconds=3600,
-        log_level="WARNING",
-    )  # fmt: skip
-    dp = CoreDataPlane(settings, Metrics())
-    await dp.start()
-    try:
+    async with _engine(models, n + 16) as dp:
         model = ModelRef("charlm")
         warm = await dp.create_session(model)  # first-use allocations (the batcher, ORT's arena) happen here
         await dp.char_step(model, "a", session_id=warm.id)
@@ -124,8 +118,6 @@ async def _idle_memory(models: Path, n: int) -> dict[str, Any]:
             await dp.char_step(model, "a", session_id=sid)
         stepped = rss()
         raw_stepped = raw(await dp.sessions.get(ids[0]))
-    finally:
-        await dp.stop()
     per_fresh, per_stepped = (fresh - before) / n, (stepped - before) / n
     return {
         "sessions": n,
@@ -150,13 +142,8 @@ def idle_memory(models: Path, n: int = MEMORY_SESSIONS) -> dict[str, Any]:
     proc = ctx.Process(target=_idle_memory_child, args=(models, n, out), daemon=True)
     proc.start()
     try:
-        while True:  # a child that dies (its traceback is on stderr) fails this at once, not after a timeout
-            try:
-                result: dict[str, Any] = out.get(timeout=1.0)
-                return result
-            except queue.Empty:
-                if not proc.is_alive():
-                    raise RuntimeError(f"the session memory measurement exited with {proc.exitcode}") from None
+        result: dict[str, Any] = first_message(proc, out)
+        return result
     finally:
         proc.join(60)
 
