@@ -31,10 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("extras", nargs="+")
     ap.add_argument("--replace", action="append", default=[], metavar="EXTRA=REQ")
-    ap.add_argument("--pyproject", type=Path, default=Path("pyproject.toml"))
     args = ap.parse_args()
     replace = dict(item.split("=", 1) for item in args.replace)
-    print("\n".join(requirements(args.pyproject, args.extras, replace)))
+    print("\n".join(requirements(Path("pyproject.toml"), args.extras, replace)))
 
 
 if __name__ == "__main__":
