@@ -33,8 +33,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 # Run inside the image: what it holds (modules, tools, models, compiled bytecode), as JSON.
 INSPECT = """
-import importlib, importlib.util, json, os, pathlib, shutil, sys
-import service.cli
+import importlib.util, json, os, pathlib, shutil, sys
+import numpy, service.cli
 MODULES = ("onnxruntime", "grpc", "uvloop", "torch", "pip", "training")
 models = pathlib.Path("/app/models")
 site = pathlib.Path(service.cli.__file__).parents[1]
@@ -58,7 +58,7 @@ print(json.dumps({
     "build_leftovers": sorted({p.suffix or p.name for p in site.rglob("*")
                                if p.suffix in (".pyi", ".pyx", ".pxd", ".pxi", ".h", ".c", ".cpp")
                                or p.name in ("f2py", "distutils") and p.parent.name == "numpy"}),
-    "numpy": bool(importlib.import_module("numpy").ones(3).sum() == 3.0),
+    "numpy": float(numpy.ones(3).sum()) == 3.0,
     "models": sorted(str(p.parent.relative_to(models)) for p in models.glob("*/*/model.onnx")),
     "compiled": pathlib.Path(service.cli.__cached__).exists(),
     "python": sys.version_info[:2],
