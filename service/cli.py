@@ -23,6 +23,9 @@ import signal
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from service.argtypes import count, names, real
 from service.client import ApiError, Client
 from service.plots import plot_forecast
 from service.settings import Settings
@@ -32,6 +35,13 @@ log = logging.getLogger("seqserve")
 
 
 # --- serve -------------------------------------------------------------------------------------------------
+
+
+# The settings `serve` takes as flags (the rest come from SEQSERVE_* variables only).
+SERVE_FLAGS = {
+    "host": "--host", "port": "--port", "metrics_port": "--metrics-port", "models": "--models", "device": "--device",
+    "watch_models_seconds": "--watch-models", "workers": "--workers", "plugins": "--plugin",
+}  # fmt: skip
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -186,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         c.add_argument("--target", default=os.environ.get("SEQSERVE_TARGET", "127.0.0.1:50051"), help="host:port")
         c.add_argument("--api-key", default=os.environ.get("SEQSERVE_API_KEY"), help="sent as Bearer token")
-        c.add_argument("--timeout", type=float, default=60.0, help="deadline per call in seconds")
+        c.add_argument("--timeout", type=real(0, above=True), default=60.0, help="deadline per call in seconds")
         env = os.environ.get
         c.add_argument("--tls", action="store_true", help="TLS with the system's CA roots (implied by --tls-*)")
         c.add_argument("--tls-ca", default=env("SEQSERVE_TLS_CA"), help="PEM CA that signed the server's certificate")
@@ -201,20 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = client_parser("complete", "stream a completion from the char LM")
     c.add_argument("prompt")
-    c.add_argument("--max-chars", type=int, default=200)
-    c.add_argument("--temperature", type=float, help="0 = greedy (default 1.0)")
-    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--max-chars", type=count(1), default=200)
+    c.add_argument("--temperature", type=real(0), help="0 = greedy (default 1.0)")
+    c.add_argument("--top-k", type=count(0), default=0)
     c.add_argument("--seed", type=int)
     c.add_argument("--stop", action="append", help="stop string (repeatable)")
     c.set_defaults(func=cmd_complete)
 
     c = client_parser("forecast", "forecast from the last rows of a CSV")
     c.add_argument("--csv", type=Path, required=True, help="CSV with a header; numeric columns are the features")
-    c.add_argument("--columns", help="comma-separated columns to send, in the model's order (default: all numeric)")
-    c.add_argument("--rows", type=int, default=96, help="history rows to send (the last ones)")
+    c.add_argument(
+        "--columns", type=names, help="comma-separated columns to send, in the model's order (default: all numeric)"
+    )
+    c.add_argument("--rows", type=count(1), default=96, help="history rows to send (the last ones)")
     c.add_argument("--plot", type=Path, help="write a PNG: history, forecast and the p10-p90 band")
     c.set_defaults(func=cmd_forecast)
     return p
+
+
+def _settings_problems(err: ValidationError) -> str:
+    """Pydantic's report on one line: each setting, where it comes from and what it takes."""
+    problems = []
+    for e in err.errors():
+        name = ".".join(str(part) for part in e["loc"])
+        source = f"{SERVE_FLAGS[name]} or " if name in SERVE_FLAGS else ""
+        problems.append(f"setting {name} ({source}SEQSERVE_{name.upper()}): {e['msg']}, got {e.get('input')!r}")
+    return "; ".join(problems)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ApiError as err:
         print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+    except ValidationError as err:  # a setting out of range, from a flag or its SEQSERVE_* variable
+        print(f"error: {_settings_problems(err)}", file=sys.stderr)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:

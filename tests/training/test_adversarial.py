@@ -85,4 +85,4 @@ def test_a_negative_adversarial_size_is_refused(
 ) -> None:
     out = tmp_path / "sentiment" / "1"
     assert main(["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--adversarial", "-0.1", *FAST]) == 2
-    assert "--adversarial must be >= 0" in capsys.readouterr().err and not out.exists()
+    assert "argument --adversarial: must be >= 0, got -0.1" in capsys.readouterr().err and not out.exists()

@@ -198,3 +198,68 @@ def test_bad_hyperparameter_exits_2(tmp_path: Path, tiny_ett: Path, capsys: pyte
     args += ["--preset", "ett-h"]
     assert main(args) == 2
     assert "window: 50 must be a multiple of segment 12" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("task", "option", "value", "message"),
+    [
+        ("forecast", "--window", "0", "argument --window: must be >= 1, got 0"),
+        ("forecast", "--horizon", "0", "argument --horizon: must be >= 1, got 0"),
+        ("forecast", "--segment", "0", "argument --segment: must be >= 1, got 0"),
+        ("forecast", "--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
+        ("forecast", "--threads", "0", "argument --threads: must be >= 1, got 0"),
+        ("forecast", "--epochs", "0", "argument --epochs: must be >= 1, got 0"),
+        ("forecast", "--hidden", "x", "argument --hidden: 'x' is not a whole number"),
+        ("forecast", "--embedding", "-1", "argument --embedding: must be >= 0, got -1"),
+        ("forecast", "--lr", "0", "argument --lr: must be > 0, got 0"),
+        ("forecast", "--lr", "nan", "argument --lr: must be > 0, got nan"),
+        ("forecast", "--clip", "-1", "argument --clip: must be > 0, got -1"),
+        ("forecast", "--patience", "0", "argument --patience: must be >= 1, got 0"),
+        ("forecast", "--eval-every", "-5", "argument --eval-every: must be >= 0, got -5"),
+        ("forecast", "--max-minutes", "-1", "argument --max-minutes: must be >= 0, got -1"),
+        ("forecast", "--warmup-steps", "-1", "argument --warmup-steps: must be >= 0, got -1"),
+        ("forecast", "--dropout", "1.5", "argument --dropout: must be in [0, 1), got 1.5"),
+        ("forecast", "--weight-decay", "inf", "argument --weight-decay: must be >= 0, got inf"),
+        ("forecast", "--targets", "", "argument --targets: expected comma-separated column names, got ''"),
+        ("forecast", "--columns", "a,,b", "argument --columns: expected comma-separated column names, got 'a,,b'"),
+        ("charlm", "--embedding", "0", "argument --embedding: must be >= 1, got 0"),
+        ("charlm", "--bptt", "0", "argument --bptt: must be >= 1, got 0"),
+        ("sentiment", "--heldout-fraction", "1", "argument --heldout-fraction: must be in (0, 1), got 1"),
+        ("sentiment", "--word-dropout", "-0.1", "argument --word-dropout: must be in [0, 1), got -0.1"),
+        ("sentiment", "--ensemble", "0", "argument --ensemble: must be >= 1, got 0"),
+        ("sentiment", "--max-length", "0", "argument --max-length: must be >= 1, got 0"),
+    ],
+)
+def test_a_bad_option_exits_2_with_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], task: str, option: str, value: str, message: str
+) -> None:
+    """Each of these once trained nothing, crashed with a traceback (ZeroDivisionError, RuntimeError) or ran with
+    a silently meaningless setting; the data file need not even exist for the option to be refused."""
+    out = tmp_path / "m" / "1"
+    assert main([task, "--data", str(tmp_path / "none.csv"), "--out", str(out), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err == f"seqserve-train {task}: error: {message} (--help lists the options)\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "--tolerance", "-0.1"], "argument --tolerance: must be >= 0, got -0.1"),
+        (["sample", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+        (["sample", "--length", "0"], "argument --length: must be >= 1, got 0"),
+        (["sample", "--top-k", "-1"], "argument --top-k: must be >= 0, got -1"),
+    ],
+)
+def test_other_commands_refuse_bad_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    model = ["--model", str(tmp_path / "m" / "1")]
+    rest = ["--data", str(tmp_path), "--out", str(tmp_path / "q" / "1")] if argv[0] == "quantize" else []
+    assert main([argv[0], *model, *rest, *argv[1:]]) == 2
+    assert capsys.readouterr().err == f"seqserve-train {argv[0]}: error: {message} (--help lists the options)\n"
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["forecast", "--help"]) == 0
+    assert "--window" in capsys.readouterr().out

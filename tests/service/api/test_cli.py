@@ -141,3 +141,36 @@ def test_serve_without_onnx_runtime_says_which_extra(
     err = capsys.readouterr().err
     assert "ONNX Runtime is not installed" in err and "seqserve[cpu]" in err and "seqserve[cuda]" in err
     assert not ready.exists()
+
+
+def test_a_setting_out_of_range_is_one_line_naming_its_flag_and_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: pydantic's four-line report; now each bad setting, where it comes from and what it takes. Nothing
+    starts (the settings are checked before any port is bound)."""
+    monkeypatch.setenv("SEQSERVE_MAX_BATCH_SIZE", "0")
+    assert main(["serve", "--port", "70000", "--workers", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "setting port (--port or SEQSERVE_PORT): Input should be less than or equal to 65535, got 70000" in err
+    assert "setting workers (--workers or SEQSERVE_WORKERS): Input should be greater than or equal to 0, got -1" in err
+    assert "setting max_batch_size (SEQSERVE_MAX_BATCH_SIZE): Input should be greater than or equal to 1" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["forecast", "--csv", "h.csv", "--rows", "0"], "argument --rows: must be >= 1, got 0"),
+        (["forecast", "--csv", "h.csv", "--columns", "a,"], "argument --columns: expected comma-separated"),
+        (["classify", "--timeout", "-1", "x"], "argument --timeout: must be > 0, got -1"),
+        (["complete", "x", "--max-chars", "0"], "argument --max-chars: must be >= 1, got 0"),
+        (["complete", "x", "--temperature", "-0.5"], "argument --temperature: must be >= 0, got -0.5"),
+    ],
+)
+def test_client_commands_refuse_bad_numbers_before_calling(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """--rows 0 used to send every row of the file and --rows -3 all but the first three (a negative slice)."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--target", "127.0.0.1:1"])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""argparse types that refuse a bad number or name list with a message saying what the option takes.
+
+Shared by ``seqserve`` and ``seqserve-train``: ``--rows 0`` or ``--window 0`` is refused before any work, with
+argparse's usual ``error: argument --rows: must be >= 1, got 0`` and exit status 2, instead of a traceback or a
+silently meaningless run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def count(low: int) -> Callable[[str], int]:
+    """A whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def real(low: float, high: float | None = None, *, above: bool = False, below: bool = True) -> Callable[[str], float]:
+    """A finite number from ``low`` (excluded when ``above``) up to ``high`` (excluded when ``below``; None = no
+    upper bound)."""
+    if high is None:
+        span = f"> {low:g}" if above else f">= {low:g}"
+    else:
+        span = f"in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = math.isfinite(value) and (value > low if above else value >= low)
+        if ok and high is not None:
+            ok = value < high if below else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+
+    return parse
+
+
+def names(text: str) -> str:
+    """Comma-separated column names, none of them empty (kept as the text; callers split it)."""
+    if not text.strip() or any(not part.strip() for part in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    return text
