@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad option (2, its one line already printed)
-        return e.code if isinstance(e.code, int) else 2
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "evaluate":
             from training.evaluate import evaluate_model
