@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qu.add_argument(
         "--tolerance",
-        type=real(0),
+        type=float,
         default=0.005,
         help="how much worse the headline metric may get (nats/char, accuracy) before nothing is released",
     )
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", type=Path, required=True)
     sp.add_argument("--prompt", default="ROMEO:")
     sp.add_argument("--length", type=count(1), default=300)
-    sp.add_argument("--temperature", type=real(0, above=True), default=0.8)
+    sp.add_argument("--temperature", type=real(0), default=0.8, help="0 = greedy")
     sp.add_argument("--top-k", type=count(0), default=0)
     sp.add_argument("--seed", type=int, default=0)
     return ap

@@ -245,8 +245,8 @@ def test_a_bad_option_exits_2_with_one_line_before_any_work(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["quantize", "--tolerance", "-0.1"], "argument --tolerance: must be >= 0, got -0.1"),
-        (["sample", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+        (["quantize", "--method", "int4"], "argument --method: invalid choice: 'int4'"),
+        (["sample", "--temperature", "-1"], "argument --temperature: must be >= 0, got -1"),
         (["sample", "--length", "0"], "argument --length: must be >= 1, got 0"),
         (["sample", "--top-k", "-1"], "argument --top-k: must be >= 0, got -1"),
     ],
@@ -257,7 +257,8 @@ def test_other_commands_refuse_bad_numbers(
     model = ["--model", str(tmp_path / "m" / "1")]
     rest = ["--data", str(tmp_path), "--out", str(tmp_path / "q" / "1")] if argv[0] == "quantize" else []
     assert main([argv[0], *model, *rest, *argv[1:]]) == 2
-    assert capsys.readouterr().err == f"seqserve-train {argv[0]}: error: {message} (--help lists the options)\n"
+    err = capsys.readouterr().err
+    assert err.startswith(f"seqserve-train {argv[0]}: error: {message}") and err.count("\n") == 1
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
