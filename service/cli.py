@@ -42,6 +42,7 @@ SERVE_FLAGS = {
     "host": "--host", "port": "--port", "metrics_port": "--metrics-port", "models": "--models", "device": "--device",
     "watch_models_seconds": "--watch-models", "workers": "--workers", "plugins": "--plugin",
 }  # fmt: skip
+SECRET_WORDS = ("key", "secret", "password", "token")  # a setting named so never has its value printed
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -234,8 +235,13 @@ def _settings_problems(err: ValidationError) -> str:
     problems = []
     for e in err.errors():
         name = ".".join(str(part) for part in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if not name:  # a check across settings (TLS files come in pairs, ...): its message names them
+            problems.append(msg)
+            continue
         source = f"{SERVE_FLAGS[name]} or " if name in SERVE_FLAGS else ""
-        problems.append(f"setting {name} ({source}SEQSERVE_{name.upper()}): {e['msg']}, got {e.get('input')!r}")
+        shown = "(not shown: a secret)" if any(w in name for w in SECRET_WORDS) else repr(e.get("input"))
+        problems.append(f"setting {name} ({source}SEQSERVE_{name.upper()}): {msg}, got {shown}")
     return "; ".join(problems)
 
 

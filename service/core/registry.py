@@ -288,7 +288,8 @@ class ModelRegistry:
     def _discover(self) -> dict[tuple[str, int], Path]:
         root = self.settings.models
         if not root.is_dir():
-            log.warning("model repository %s does not exist; no models will be served", root)
+            problem = "is not a directory" if root.exists() else "does not exist"
+            log.warning("model repository %s %s; no models will be served", root, problem)
             return {}
         found: dict[tuple[str, int], Path] = {}
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):

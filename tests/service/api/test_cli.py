@@ -174,3 +174,22 @@ def test_client_commands_refuse_bad_numbers_before_calling(
     with pytest.raises(SystemExit) as e:
         main([*argv, "--target", "127.0.0.1:1"])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_check_across_settings_and_a_secret_setting_print_no_values(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A check over several settings has no single value to show; a too-short signing key is refused without
+    printing the key (pydantic's own report would have)."""
+    monkeypatch.setenv("SEQSERVE_TLS_CERT", "/etc/hostname")
+    assert main(["serve"]) == 1
+    assert (
+        capsys.readouterr().err
+        == "error: tls_cert and tls_key go together: set both (SEQSERVE_TLS_CERT, SEQSERVE_TLS_KEY)\n"
+    )
+    monkeypatch.delenv("SEQSERVE_TLS_CERT")
+    monkeypatch.setenv("SEQSERVE_SESSION_SIGNING_KEY", "hunter2-short")
+    assert main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert "setting session_signing_key (SEQSERVE_SESSION_SIGNING_KEY): session_signing_key must have at least" in err
+    assert "hunter2" not in err and err.endswith("got (not shown: a secret)\n")

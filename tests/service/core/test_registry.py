@@ -51,6 +51,18 @@ async def test_not_ready_before_start_and_with_empty_repository(
     assert empty.models() == []
 
 
+async def test_a_repository_path_that_is_missing_or_a_file_says_which(
+    make_dp: MakeDP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a_file = tmp_path / "models.tar"
+    a_file.write_bytes(b"not a folder")
+    for path, problem in ((tmp_path / "nothing-here", "does not exist"), (a_file, "is not a directory")):
+        caplog.clear()
+        dp = await make_dp(models=path)
+        assert dp.models() == [] and not dp.ready()
+        assert f"model repository {path} {problem}; no models will be served" in caplog.text
+
+
 async def test_sha256_mismatch_is_reported_and_others_still_load(repo: Path, make_dp: MakeDP) -> None:
     with (repo / "charlm" / "1" / MODEL_FILE).open("ab") as f:
         f.write(b"\0")
