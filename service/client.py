@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -147,7 +148,7 @@ class Client:
     def classify(
         self, texts: Sequence[str], model: str = "", version: int | None = None, timeout: float | None = None
     ) -> list[SentimentResult]:
-        request = sentiment_pb2.ClassifyRequest(model=_selector(model, version), texts=list(texts))
+        request = sentiment_pb2.ClassifyRequest(model=_selector(model, version), texts=_texts(texts))
         response = self._unary(self._sentiment.Classify, request, timeout)
         return [cv.sentiment_from_pb(r) for r in response.results]
 
@@ -214,13 +215,13 @@ class Client:
         timeout: float | None = None,
     ) -> ForecastResult:
         """``rows``: (time, features) history in original units, oldest first."""
-        request = forecast_pb2.PredictRequest(model=_selector(model, version), history=cv.rows_to_pb(rows))
+        request = forecast_pb2.PredictRequest(model=_selector(model, version), history=_rows(rows, "history"))
         return cv.forecast_from_pb(self._unary(self._forecast.Predict, request, timeout))
 
     def observe(
         self, session_id: str, rows: Sequence[Sequence[float]] | FloatArray, timeout: float | None = None
     ) -> ForecastResult:
-        request = forecast_pb2.ObserveRequest(session_id=session_id, rows=cv.rows_to_pb(rows))
+        request = forecast_pb2.ObserveRequest(session_id=session_id, rows=_rows(rows, "rows"))
         return cv.forecast_from_pb(self._unary(self._forecast.Observe, request, timeout))
 
     # --- Sessions -------------------------------------------------------------------------------------
@@ -270,6 +271,35 @@ class Client:
             except ApiError as err:
                 if err.code != grpc.StatusCode.NOT_FOUND:
                     raise
+
+
+def _texts(texts: Sequence[str]) -> list[str]:
+    """Caller mistakes Python would otherwise turn into a confusing request (a str is a sequence of characters)
+    or an obscure TypeError; what the server checks (empty, too many, too long) is left to the server."""
+    if isinstance(texts, str | bytes):
+        raise TypeError("texts is a list of texts, got one string: pass [text]")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str | bytes):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    return out
+
+
+def _rows(rows: Sequence[Sequence[float]] | FloatArray, name: str) -> list[common_pb2.Row]:
+    """A (time, features) table as rows; a table that is not 2-D, or a row that is not numbers, is the caller's
+    mistake, named here. Rows of different lengths are sent as they are: the server says what it expects."""
+    if isinstance(rows, np.ndarray) and rows.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D table (time, features), got an array of shape {rows.shape}")
+    if not isinstance(rows, np.ndarray):
+        for i, row in enumerate(rows):
+            if isinstance(row, str | bytes) or not isinstance(row, Iterable):
+                raise TypeError(
+                    f"{name}[{i}] must be a row of numbers (a 2-D table, oldest row first), got {row!r:.40}"
+                )
+    try:
+        return cv.rows_to_pb(rows)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must hold numbers only: {e}") from None
 
 
 def _selector(name: str, version: int | None) -> common_pb2.ModelSelector:

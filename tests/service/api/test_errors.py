@@ -160,3 +160,33 @@ def test_auth_missing_wrong_and_right(start_server: Callable[..., ServerHandle])
         assert right.classify(["good"])[0].label in ("negative", "positive")
         with right.session("charlm") as s:
             assert list(right.suggest(s.id, ["ab", "c"]))[-1].steps == 3
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda c: c.classify("a fine film"), TypeError, "texts is a list of texts, got one string: pass [text]"),
+        (lambda c: c.classify(["good", None]), TypeError, "texts[1] must be a str, got NoneType"),
+        (
+            lambda c: c.forecast(np.zeros(96, np.float32)),
+            ValueError,
+            "history must be a 2-D table (time, features), got an array of shape (96,)",
+        ),
+        (
+            lambda c: c.forecast(np.zeros((1, 96, 7), np.float32)),
+            ValueError,
+            "history must be a 2-D table (time, features), got an array of shape (1, 96, 7)",
+        ),
+        (lambda c: c.forecast([1.0, 2.0]), TypeError, "history[0] must be a row of numbers"),
+        (lambda c: c.observe("s", [[1.0, "x"]]), TypeError, "rows must hold numbers only: could not convert"),
+    ],
+)
+def test_client_library_names_a_caller_mistake_before_sending(
+    call: Callable[[Client], Any], error: type[Exception], message: str
+) -> None:
+    """Before: a str was sent as one text per character ("texts[1] is empty" for its first blank), a 1-D array
+    failed inside protobuf ("must assign iterable"), a 3-D one with "must be real number, not list". Nothing is
+    sent (the target has no server)."""
+    with Client("127.0.0.1:1", timeout=1.0) as client, pytest.raises(error) as info:
+        call(client)
+    assert message in str(info.value)
