@@ -4,12 +4,17 @@ canned-response floor (``bench/floor.py``), in the same run, on the issue's work
 For each server and workload it prints throughput, client p50/p99, seqserve/floor ratios and CPU seconds per
 1,000 requests for server and client (perf_analyzer shares the machine's cores with the server).
 
-    python -m bench.perf [--models models] [--concurrency 1 16 64] [--workloads sentiment charlm-stream ...]
+Every server runs for the whole section; each workload and concurrency measures them back to back, in rounds of
+alternating order, and a ratio is taken within a round (``summary``): the machine this runs on drifts.
+
+    python -m bench.perf [--models models] [--concurrency 1 16 64] [--workloads sentiment ...] [--rounds 2]
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -75,29 +80,17 @@ def warm(target: str, models: Path) -> None:
             stub.ModelInfer(request)
 
 
-def measure(
-    label: str,
-    target: str,
-    pids: list[int],
-    workloads: list[str],
-    conc: list[int],
-    folder: Path,
-    env: dict[str, str],
-    window_ms: int,
-) -> list[dict[str, Any]]:
-    rows = []
-    for name in workloads:
-        for c in conc:
-            r = pa.run(target, pa.WORKLOADS[name], c, folder, env, lambda: pids, window_ms=window_ms)
-            row = {"server": label, **r.as_dict()}
-            rows.append(row)
-            print(
-                f"  {label:>14} {name:>14} c={c:<3} {r.throughput:>9.0f}/s  p50 {r.p50_us / 1000:6.2f} ms  "
-                f"p99 {r.p99_us / 1000:6.2f} ms  cpu/1k srv {row['server_cpu_s_per_1k']:.3f}s "
-                f"cli {row['client_cpu_s_per_1k']:.3f}s",
-                flush=True,
-            )
-    return rows
+def measure(label: str, target: str, pids: list[int], name: str, c: int, folder: Path, env: dict[str, str],
+            window_ms: int, round_: int) -> dict[str, Any]:  # fmt: skip
+    r = pa.run(target, pa.WORKLOADS[name], c, folder, env, lambda: pids, window_ms=window_ms)
+    row = {"server": label, "round": round_, **r.as_dict()}
+    print(
+        f"  {label:>14} {name:>14} c={c:<3} round {round_} {r.throughput:>9.0f}/s  p50 {r.p50_us / 1000:6.2f} ms  "
+        f"p99 {r.p99_us / 1000:6.2f} ms  cpu/1k srv {row['server_cpu_s_per_1k']:.3f}s "
+        f"cli {row['client_cpu_s_per_1k']:.3f}s",
+        flush=True,
+    )
+    return row
 
 
 def run(
@@ -108,57 +101,89 @@ def run(
     extra: dict[str, str] | None = None,
     with_floor: bool = True,
     window_ms: int = 2000,
+    rounds: int = 2,
 ) -> dict[str, Any]:
-    """Each seqserve worker count, then the floor, over every workload and concurrency; a dict of rows."""
+    """Every server (each seqserve worker count, then the floor) is started first and left running; then, for each
+    workload and concurrency, they are measured back to back, ``rounds`` times, every other round in reverse order
+    (ABC, CBA, ...). A ratio to the floor is taken within a round, so both sides of it ran seconds apart: on a
+    shared machine whose speed drifts by tens of percent over minutes, measuring every seqserve row first and the
+    floor minutes later compared two different machines. A dict of per-round ``rows`` and their ``summary``."""
     env = pa.environment()
     workloads = [w for w in workloads if (models / pa.WORKLOADS[w].model).is_dir()]  # a model not committed: skipped
-    results: dict[str, Any] = {"concurrency": conc, "workloads": workloads, "workers": workers, "rows": []}
+    results: dict[str, Any] = {"concurrency": conc, "workloads": workloads, "workers": workers, "rounds": rounds}
     results["load_before"] = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         folder = Path(tmp)
+        servers: list[tuple[str, str, list[int]]] = []  # (label, target, pids), idle until measured
         for w in workers:
-            with serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | (extra or {}), w) as server:
-                target, pid = server.target, server.pid
-                warm(target, models)
-                if not (folder / "canned").exists():
-                    from bench.floor import record
+            server = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | (extra or {}), w))
+            warm(server.target, models)
+            if not (folder / "canned").exists():
+                from bench.floor import record
 
-                    record(target, canned_requests(models), folder / "canned")
-                pids = _children(pid)
-                results["rows"] += measure(f"seqserve w={w}", target, pids, workloads, conc, folder, env, window_ms)
+                record(server.target, canned_requests(models), folder / "canned")
+            servers.append((f"seqserve w={w}", server.target, _children(server.pid)))
         if with_floor:  # on the server's event loop (the event_loop setting's default unless --env names one)
             loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", Settings.model_fields["event_loop"].default)
-            with floor(folder / "canned", folder, loop) as (info, pid):
-                target = f"127.0.0.1:{info['grpc_port']}"
-                results["rows"] += measure("floor", target, [pid], workloads, conc, folder, env, window_ms)
+            info, pid = running.enter_context(floor(folder / "canned", folder, loop))
+            servers.append(("floor", f"127.0.0.1:{info['grpc_port']}", [pid]))
+        for name in workloads:
+            for c in conc:
+                for r in range(rounds):
+                    for label, target, pids in servers if r % 2 == 0 else servers[::-1]:
+                        rows.append(measure(label, target, pids, name, c, folder, env, window_ms, r))
     results["load_after"] = os.getloadavg()
+    results["rows"] = rows
+    results["summary"] = summary(rows)
     return results
 
 
-def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """seqserve/floor throughput per (server, workload, concurrency)."""
-    floor_rows = {(r["workload"], r["concurrency"]): r for r in results["rows"] if r["server"] == "floor"}
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (server, workload, concurrency): the median over rounds of each measure, and for seqserve the
+    ratio to the floor taken within each round (``ratio``: their median; ``ratio_min``/``ratio_max``: the spread
+    the machine's noise left)."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["server"], row["workload"], row["concurrency"]), []).append(row)
+    floor_rounds = {
+        (row["workload"], row["concurrency"], row["round"]): row["throughput"]
+        for row in rows
+        if row["server"] == "floor"
+    }
     out = []
-    for r in results["rows"]:
-        f = floor_rows.get((r["workload"], r["concurrency"]))
-        if r["server"] != "floor" and f is not None:
-            out.append({**r, "ratio": r["throughput"] / f["throughput"]})
+    for (server, workload, c), group in groups.items():
+        agg: dict[str, Any] = {"server": server, "workload": workload, "concurrency": c, "rounds": len(group)}
+        for key in ("throughput", "p50_us", "p99_us", "server_cpu_s_per_1k", "client_cpu_s_per_1k"):
+            agg[key] = statistics.median(row[key] for row in group)
+        paired = [
+            row["throughput"] / floor_rounds[(workload, c, row["round"])]
+            for row in group
+            if server != "floor" and (workload, c, row["round"]) in floor_rounds
+        ]
+        if paired:
+            agg |= {"ratio": statistics.median(paired), "ratio_min": min(paired), "ratio_max": max(paired)}
+        out.append(agg)
     return out
 
 
 def print_table(results: dict[str, Any]) -> None:
     before, after = results.get("load_before", ()), results.get("load_after", ())
-    print("\nperf_analyzer (client on the same cores; throughput/s, p50 ms, ratio to the floor, CPU s per 1k req):")
+    rounds = results.get("rounds", 1)
+    print(
+        f"\nperf_analyzer (client on the same cores; medians of {rounds} interleaved rounds: throughput/s, p50 ms, "
+        "ratio to the floor within a round (its range), CPU s per 1k req):"
+    )
     if before and after:
         print(f"  load average before {before[0]:.2f}, after {after[0]:.2f} (1 min)")
     print(f"  {'server':>14} {'workload':>14} {'c':>3} {'thr/s':>8} {'p50':>6} {'p99':>6} {'xfloor':>6} "
-          f"{'srv cpu':>7} {'cli cpu':>7}")  # fmt: skip
-    with_ratio = {(r["server"], r["workload"], r["concurrency"]): r["ratio"] for r in ratios(results)}
-    for r in results["rows"]:
-        x = with_ratio.get((r["server"], r["workload"], r["concurrency"]))
+          f"{'range':>9} {'srv cpu':>7} {'cli cpu':>7}")  # fmt: skip
+    for r in results["summary"]:
+        x = f"{r['ratio']:.2f}" if "ratio" in r else ""
+        spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio" in r and r["rounds"] > 1 else ""
         print(
             f"  {r['server']:>14} {r['workload']:>14} {r['concurrency']:>3} {r['throughput']:>8.0f} "
-            f"{r['p50_us'] / 1000:>6.2f} {r['p99_us'] / 1000:>6.2f} {'' if x is None else f'{x:.2f}':>6} "
+            f"{r['p50_us'] / 1000:>6.2f} {r['p99_us'] / 1000:>6.2f} {x:>6} {spread:>9} "
             f"{r['server_cpu_s_per_1k']:>7.3f} {r['client_cpu_s_per_1k']:>7.3f}"
         )
 
@@ -170,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", nargs="+", type=int, default=[1, available_workers()])
     ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="extra SEQSERVE_* for the server")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor server (tuning runs)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per workload and concurrency")
     args = ap.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.env)
-    results = run(args.models, args.workloads, args.concurrency, sorted(set(args.workers)), extra, not args.no_floor)
+    workers = sorted(set(args.workers))
+    results = run(args.models, args.workloads, args.concurrency, workers, extra, not args.no_floor, rounds=args.rounds)
     cli.write_json(args.out, results)
     print_table(results)
     return 0

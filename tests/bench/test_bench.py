@@ -49,6 +49,22 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     for row in perf["rows"]:
         assert row["throughput"] > 0 and row["p50_us"] > 0
         assert row["server_cpu_s_per_1k"] > 0 and row["client_cpu_s_per_1k"] > 0
+    # every server measured back to back in each round, every other round in reverse order (ABC, CBA)
+    order = [(row["round"], row["server"]) for row in perf["rows"]]
+    first = [server for rnd, server in order if rnd == 0]
+    assert perf["rounds"] == 2 and first[-1] == "floor" and len(set(first)) == len(first)
+    assert [server for rnd, server in order if rnd == 1] == first[::-1]
+    # the summary: medians over the rounds, and each seqserve ratio taken against the floor of its own round
+    floor_of = {row["round"]: row["throughput"] for row in perf["rows"] if row["server"] == "floor"}
+    for agg in perf["summary"]:
+        own = [row for row in perf["rows"] if row["server"] == agg["server"]]
+        assert agg["rounds"] == 2 and min(r["throughput"] for r in own) <= agg["throughput"]
+        if agg["server"] == "floor":
+            assert "ratio" not in agg
+            continue
+        paired = sorted(row["throughput"] / floor_of[row["round"]] for row in own)
+        assert (agg["ratio_min"], agg["ratio_max"]) == (paired[0], paired[-1])
+        assert abs(agg["ratio"] - sum(paired) / 2) < 1e-9
     # overload section: the default server never refuses below its queue bound; with the bound below the callers,
     # every failure is a refusal, the server's own histogram saw the answered calls, and it still answers after.
     default, bounded = r["overload"]["rows"]
