@@ -11,6 +11,7 @@ exception the call raises. Domain errors (``service.errors``) become gRPC status
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -151,8 +152,8 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
-            return None
+        if handler is None:  # grpc's own answer would be UNIMPLEMENTED "Method not found!"
+            return grpc.stream_stream_rpc_method_handler(functools.partial(_no_such_method, details.method))
         cached = self._cache.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -391,6 +392,28 @@ def _model_label(request: Any) -> str:
     if request is None:
         return ""
     return request.model if isinstance(request, Undecoded) else model_label(request)
+
+
+# Triton methods of inference.GRPCInferenceService that seqserve does not offer, and what to do instead.
+_TRITON_ONLY = {
+    "SystemSharedMemory": "the system shared-memory extension is not offered: send the tensors in the request",
+    "CudaSharedMemory": "the CUDA shared-memory extension is not offered: send the tensors in the request",
+    "TraceSetting": "Triton's trace extension is not offered: use the access log (SEQSERVE_ACCESS_LOG) and metrics",
+    "LogSettings": "Triton's log-settings extension is not offered: set SEQSERVE_LOG_LEVEL at start",
+}
+
+
+async def _no_such_method(method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+    """Any method no service here has, whatever its shape: UNIMPLEMENTED with what to do instead. Outside the
+    edge: it touches no model or session, so it needs no credentials, and it adds no metrics label per name."""
+    shown = repr(method[:200])
+    service, name = split_method(method)
+    hint = next((why for prefix, why in _TRITON_ONLY.items() if name.startswith(prefix)), None)
+    if service == "inference.GRPCInferenceService" and hint is not None:
+        message = f"{shown}: {hint}; ServerMetadata's extensions list what this server offers"
+    else:
+        message = f"no method {shown} on this server; gRPC reflection lists its services and their methods"
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
 
 
 def build_interceptors(metrics: Metrics, settings: Settings | None = None) -> list[grpc.aio.ServerInterceptor]:

@@ -190,3 +190,35 @@ def test_client_library_names_a_caller_mistake_before_sending(
     with Client("127.0.0.1:1", timeout=1.0) as client, pytest.raises(error) as info:
         call(client)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "words"),
+    [
+        (
+            "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+            ["shared-memory extension is not offered: send the tensors in the request", "ServerMetadata"],
+        ),
+        ("/inference.GRPCInferenceService/CudaSharedMemoryRegister", ["CUDA shared-memory extension is not offered"]),
+        ("/inference.GRPCInferenceService/LogSettings", ["set SEQSERVE_LOG_LEVEL at start"]),
+        ("/seqserve.v1.Sentiment/Clasify", ["no method '/seqserve.v1.Sentiment/Clasify' on this server", "reflection"]),
+    ],
+)
+def test_a_method_no_service_has_says_what_to_do_instead(
+    start_server: Callable[..., ServerHandle], method: str, words: list[str]
+) -> None:
+    """grpc's own answer is UNIMPLEMENTED 'Method not found!'. Triton's tritonclient calls these methods (e.g.
+    get_system_shared_memory_status); the answer names the extension and the alternative. Whatever the call's
+    shape, with or without credentials (nothing is served), and the server keeps serving."""
+    handle = start_server(api_key="s3cret")
+    with grpc.insecure_channel(handle.target) as channel:
+        unary = channel.unary_unary(method)
+        streaming = channel.stream_stream(method)
+        for call in (lambda: unary(b"\x08\x01", timeout=10), lambda: list(streaming(iter([b"", b""]), timeout=10))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == Code.UNIMPLEMENTED
+            for w in words:
+                assert w in info.value.details()
+    with Client(handle.target, api_key="s3cret") as client:
+        assert client.classify(["good"])[0].label in ("negative", "positive")
