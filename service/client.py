@@ -291,6 +291,7 @@ def _rows(rows: Sequence[Sequence[float]] | FloatArray, name: str) -> list[commo
     if isinstance(rows, np.ndarray) and rows.ndim != 2:
         raise ValueError(f"{name} must be a 2-D table (time, features), got an array of shape {rows.shape}")
     if not isinstance(rows, np.ndarray):
+        rows = list(rows)  # once: an iterator is read here, not emptied by the check
         for i, row in enumerate(rows):
             if isinstance(row, str | bytes) or not isinstance(row, Iterable):
                 raise TypeError(

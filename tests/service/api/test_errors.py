@@ -179,6 +179,7 @@ def test_auth_missing_wrong_and_right(start_server: Callable[..., ServerHandle])
         ),
         (lambda c: c.forecast([1.0, 2.0]), TypeError, "history[0] must be a row of numbers"),
         (lambda c: c.observe("s", [[1.0, "x"]]), TypeError, "rows must hold numbers only: could not convert"),
+        (lambda c: c.observe("s", iter([[1.0], 2.0])), TypeError, "rows[1] must be a row of numbers"),
     ],
 )
 def test_client_library_names_a_caller_mistake_before_sending(
@@ -222,3 +223,11 @@ def test_a_method_no_service_has_says_what_to_do_instead(
                 assert w in info.value.details()
     with Client(handle.target, api_key="s3cret") as client:
         assert client.classify(["good"])[0].label in ("negative", "positive")
+
+
+def test_client_library_sends_rows_given_as_an_iterator(client: Client) -> None:
+    """The row check reads an iterator once and sends what it read: the server sees the rows (and says a row of
+    one feature is too narrow), not an empty history."""
+    fails(Code.INVALID_ARGUMENT, "history has 1 features per row")(
+        lambda: client.forecast(iter([[1.0], [2.0]]), model="forecaster")
+    )
