@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -135,8 +136,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
             seed=args.seed,
             stop=args.stop or (),
         )
+        first = next(chunks, None)  # a refused call fails here, before the prompt is echoed to stdout
         sys.stdout.write(args.prompt)
-        for chunk in chunks:
+        for chunk in itertools.chain([first] if first is not None else [], chunks):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
             if chunk.finish_reason:

@@ -84,6 +84,15 @@ def test_complete_streams_to_stdout(serve: ServeProcess, capsys: pytest.CaptureF
     assert "[finish: length]" in err
 
 
+def test_a_refused_completion_prints_only_its_error(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    """The prompt used to be echoed before the call failed, gluing it to the error ('ROMEOerror: ...')."""
+    assert main(["complete", "ROMEO:", "--target", serve.target, "--top-k", "1000"]) == 1
+    out, err = capsys.readouterr()
+    assert (
+        out == "" and err.startswith("error: INVALID_ARGUMENT: top_k must be between 0 and ") and err.count("\n") == 1
+    )
+
+
 def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv_path, png = tmp_path / "ett.csv", tmp_path / "forecast.png"
     rng = np.random.default_rng(0)
