@@ -14,6 +14,7 @@ handshake runs on the connection's own thread, under the same limits; when it ch
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import socket
 import ssl
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from service.metrics import Metrics
 
@@ -152,7 +153,9 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("collecting metrics failed")
                 self._send(500, b"collecting metrics failed\n", "text/plain; charset=utf-8", head)
                 return
-            self._send(200, body, content_type, head)
+            # Compressed when the scraper accepts it (Prometheus does): a multi-worker scrape is tens of KB.
+            gzipped = gzip_accepted(self.headers.get("Accept-Encoding", ""))
+            self._send(200, gzip.compress(body) if gzipped else body, content_type, head, gzipped)
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain; charset=utf-8", head)
         elif path == "/readyz":
@@ -175,9 +178,11 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         return isinstance(self.connection, ssl.SSLSocket) and bool(self.connection.getpeercert())
 
-    def _send(self, status: int, body: bytes, content_type: str, head: bool) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, head: bool, gzipped: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import subprocess
 import urllib.error
@@ -73,6 +74,22 @@ def test_metrics_endpoint_serves_the_registry(server: tuple[str, Ready]) -> None
     assert families["seqserve_generated_chars"].samples[0].value == 42.0
     assert "seqserve_rpc_duration_seconds" in families
     assert "process_cpu_seconds" in families  # process collector on our registry
+
+
+def test_gzip_when_the_scraper_accepts_it(server: tuple[str, Ready]) -> None:
+    """Prometheus sends Accept-Encoding: gzip; the same families come back compressed, and plain without it."""
+    base, _ = server
+    req = urllib.request.Request(base + "/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        packed = resp.read()
+    assert int(resp.headers["Content-Length"]) == len(packed)
+    plain = get(base + "/metrics")[2]
+    text = gzip.decompress(packed).decode()
+    assert len(packed) < len(plain) / 3
+    assert {f.name for f in text_string_to_metric_families(text)} == {
+        f.name for f in text_string_to_metric_families(plain.decode())
+    }
 
 
 def test_openmetrics_when_asked(server: tuple[str, Ready]) -> None:
