@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.argtypes import count, names, real
+from service.argtypes import Parser, count, names, real
 from service.client import ApiError, Client
 from service.plots import plot_forecast
 from service.settings import Settings
@@ -164,7 +164,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seqserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(prog="seqserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gRPC server (+ HTTP /metrics)")

@@ -11,9 +11,8 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from service.argtypes import count, names, real
+from service.argtypes import Parser, count, names, real
 from training.data import DataError
 from training.nets import REVIN
 from training.series import PRESETS
@@ -29,7 +28,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
 }  # fmt: skip
 
 
-def _train_parser(sub: argparse._SubParsersAction[_Parser], task: str, help_: str) -> None:
+def _train_parser(sub: argparse._SubParsersAction[Parser], task: str, help_: str) -> None:
     p = sub.add_parser(task, help=help_)
     p.add_argument("--data", type=Path, required=True, help="data file or folder")
     p.add_argument("--out", type=Path, required=True, help="output models/NAME/VERSION directory")
@@ -134,15 +133,8 @@ def _interval_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option prints ONE line (no usage block), as data problems do, and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="seqserve-train", description=__doc__.splitlines()[0] if __doc__ else None)
+    ap = Parser(prog="seqserve-train", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="command", required=True)
     _train_parser(sub, "sentiment", "train the SST-2 sentiment classifier")
     _train_parser(sub, "charlm", "train the Tiny Shakespeare char LM")

@@ -182,7 +182,8 @@ def test_client_commands_refuse_bad_numbers_before_calling(
     """--rows 0 used to send every row of the file and --rows -3 all but the first three (a negative slice)."""
     with pytest.raises(SystemExit) as e:
         main([*argv, "--target", "127.0.0.1:1"])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1  # one line, no usage block
 
 
 def test_a_check_across_settings_and_a_secret_setting_print_no_values(
