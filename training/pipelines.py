@@ -156,6 +156,13 @@ def training_info(job: Job, res: FitResult) -> dict[str, Any]:
 
 def train_charlm(job: Job) -> None:
     tok, train, val = load_chars(job.data)
+    batch, bptt = job.train.batch_size, job.extra["bptt"]
+    need = batch * (bptt + 1) + bptt - 1  # an epoch starts at a random offset below bptt, then B streams of bptt+1
+    if len(train) < need:
+        raise DataError(
+            f"{job.data}: the train part has {len(train):,} characters; one step of --batch-size {batch} streams "
+            f"x --bptt {bptt} characters needs {need:,}: lower --batch-size or --bptt, or give more text"
+        )
     job.net.vocab = len(tok.vocab)
     net = build_net(job.net, job.train.seed)
     print(f"charlm: {len(train)} train / {len(val)} val chars, vocab {len(tok.vocab)}, {count_parameters(net)} params")

@@ -15,7 +15,7 @@ import torch
 from service.core.manifest import Metric
 from service.core.tokenizers import Encoder
 from training.cards import calibrated, card_for
-from training.data import heldout_split, load_sst2, ngram_table, word_tokenizer
+from training.data import DataError, heldout_split, load_sst2, ngram_table, word_tokenizer
 from training.evaluate import evaluate_model
 from training.export import write_model
 from training.glove import Glove, extend_vocab, glove_table, load_glove
@@ -31,7 +31,15 @@ def train_sentiment(job: Job) -> None:
     train_rows, dev_rows = load_sst2(job.data)
     rng = np.random.default_rng(job.train.seed)
     kind = job.extra.get("heldout") or "rows"
-    fit_rows, held_rows = heldout_split(train_rows, kind, job.extra["heldout_fraction"], rng)
+    fraction = job.extra["heldout_fraction"]
+    fit_rows, held_rows = heldout_split(train_rows, kind, fraction, rng)
+    if not held_rows or not fit_rows:
+        what = "whole sentences" if kind == "sentences" else "rows"
+        raise DataError(
+            f"{job.data / 'train.tsv'}: {len(train_rows)} rows; holding out {fraction:g} of the {what} leaves "
+            f"{len(held_rows)} held out (they pick the checkpoint and fit the temperature) and {len(fit_rows)} to "
+            "train on: both need at least one; give more rows or change --heldout-fraction"
+        )
     if kind == "sentences":
         held_what = f"{len(held_rows)} whole sentences held out from train.tsv (their phrases left out of training)"
     else:

@@ -264,3 +264,29 @@ def test_other_commands_refuse_bad_numbers(
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["forecast", "--help"]) == 0
     assert "--window" in capsys.readouterr().out
+
+
+def test_a_text_too_short_for_one_step_says_what_to_lower(
+    tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tiny_text's train part (~2,900 characters) cannot fill the defaults' 128 streams x 128 characters; before,
+    that ended in 'text of 0 characters is too short for 128 parallel streams' (or a random crash, as an epoch
+    starts at a random offset)."""
+    out = tmp_path / "lm" / "1"
+    assert main(["charlm", "--data", str(tiny_text), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seqserve-train: error: {tiny_text}: the train part has ") and err.count("\n") == 1
+    assert "--batch-size 128 streams x --bptt 128 characters needs 16,639: lower --batch-size or --bptt" in err
+    assert not out.exists()
+
+
+def test_too_few_rows_to_hold_any_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two rows at the default 5% held out: none held out, which used to end in torch.cat()'s 'expected a
+    non-empty list of Tensors'."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    out = tmp_path / "s" / "1"
+    assert main(["sentiment", "--data", str(tmp_path), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "train.tsv: 2 rows; holding out 0.05 of the rows leaves 0 held out" in err and err.count("\n") == 1
+    assert "both need at least one; give more rows or change --heldout-fraction" in err and not out.exists()
