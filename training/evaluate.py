@@ -68,6 +68,11 @@ def eval_charlm(m: Manifest, sess: ort.InferenceSession, path: Path, val_fractio
         return tuple(torch.from_numpy(o) for o in sess.run(None, feeds))
 
     rows = VAL_STREAMS
+    if len(val) < 2 * rows:
+        raise DataError(
+            f"{path}: the validation part (its last {val_fraction:.0%}) has {len(val)} characters; evaluation reads "
+            f"it as {rows} streams and needs at least {2 * rows}"
+        )
     state0 = tuple(torch.from_numpy(v) for v in states0(m, rows).values())
     nats = char_nll(step, val, state0)
     return {"val_loss_nats_per_char": nats, "val_bits_per_char": nats / np.log(2)}

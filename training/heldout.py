@@ -63,6 +63,11 @@ def heldout_rows(models: list[Path], manifests: list[Manifest], data: Path) -> t
     kind, fraction, seed = splits[models[0]]
     train_rows, _ = load_sst2(data)
     _, held = heldout_split(train_rows, kind, fraction, np.random.default_rng(seed))
+    if not held:
+        raise DataError(
+            f"{data / 'train.tsv'}: {len(train_rows)} rows; holding out {fraction:g} of its {kind}, as these models "
+            "did, leaves none: is this the train.tsv they were trained on?"
+        )
     return (kind, fraction, seed), held
 
 

@@ -290,3 +290,25 @@ def test_too_few_rows_to_hold_any_out_is_refused(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err
     assert "train.tsv: 2 rows; holding out 0.05 of the rows leaves 0 held out" in err and err.count("\n") == 1
     assert "both need at least one; give more rows or change --heldout-fraction" in err and not out.exists()
+
+
+def test_evaluating_on_too_little_data_names_the_file_and_the_need(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: 'text of 1 characters is too short for 32 parallel streams' (no file), and for held-out rows
+    numpy's 'need at least one array to concatenate'."""
+    models = Path(__file__).resolve().parents[2] / "models"
+    text = tmp_path / "two.txt"
+    text.write_text("ab")
+    assert main(["evaluate", "--model", str(models / "charlm" / "1"), "--data", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"seqserve-train: error: {text}: the validation part (its last 10%) has 1 characters; evaluation reads it "
+        "as 32 streams and needs at least 64\n"
+    )
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    assert main(["heldout", "--model", str(models / "sentiment" / "4"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.tsv: 2 rows; holding out 0.05 of its rows, as these models did, leaves none" in err
+    assert err.count("\n") == 1
