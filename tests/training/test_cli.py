@@ -312,3 +312,18 @@ def test_evaluating_on_too_little_data_names_the_file_and_the_need(
     err = capsys.readouterr().err
     assert "train.tsv: 2 rows; holding out 0.05 of its rows, as these models did, leaves none" in err
     assert err.count("\n") == 1
+
+
+def test_training_never_writes_into_a_folder_that_holds_a_model(
+    tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """forecast/sentiment/charlm --out an existing model folder used to overwrite it (a served version rewritten in
+    place); the derived commands already refused. Refused before any work; --resume still continues a run."""
+    out = tmp_path / "models" / "sales" / "1"
+    out.mkdir(parents=True)
+    (out / "model.onnx").write_bytes(b"a model already served")
+    args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    assert main([*args, "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seqserve-train: error: {out}: already exists and is not empty") and err.count("\n") == 1
+    assert (out / "model.onnx").read_bytes() == b"a model already served" and not (tmp_path / "run").exists()
