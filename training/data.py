@@ -52,7 +52,7 @@ def read_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path}: not a regular file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark (some editors write one) is not text
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
@@ -82,12 +82,18 @@ def load_chars(path: Path, val_fraction: float = 0.1) -> tuple[Tokenizer, IntArr
 def read_tsv(path: Path) -> list[tuple[str, int]]:
     """GLUE SST-2 ``sentence\\tlabel`` rows (label 0/1); the trailing space GLUE leaves is stripped."""
     lines = read_text(path).splitlines()
+    while not lines[-1].strip():
+        lines.pop()  # blank lines at the end (read_text refused a blank file)
     if lines[0].split("\t") != ["sentence", "label"]:
         raise DataError(f"{path}: header must be 'sentence<TAB>label', got {lines[0][:60]!r}")
     rows = []
     for n, row in enumerate(csv.reader(lines[1:], delimiter="\t", quoting=csv.QUOTE_NONE), start=2):
-        if len(row) != 2 or row[1] not in ("0", "1"):
+        if not row:
+            raise DataError(f"{path}: line {n} is blank; remove it")
+        if len(row) != 2 or row[1].strip() not in ("0", "1"):
             raise DataError(f"{path}: line {n}: expected '<sentence><TAB><0|1>', got {row!r:.80}")
+        if not row[0].strip():
+            raise DataError(f"{path}: line {n}: the sentence is empty")
         rows.append((row[0].strip(), int(row[1])))
     if not rows:
         raise DataError(f"{path}: no data rows after the header")

@@ -71,6 +71,22 @@ def test_malformed_tsv_names_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         read_tsv(p)
     assert "line 3" in _one_line(e) and str(p) in str(e.value)
+    for text, message in (
+        ("sentence\tlabel\n\t1\nbad\t0\n", "line 2: the sentence is empty"),
+        ("sentence\tlabel\ngood\t1\n\nbad\t0\n", "line 3 is blank; remove it"),
+    ):
+        p.write_text(text)
+        with pytest.raises(DataError) as e:
+            read_tsv(p)
+        assert _one_line(e) == f"{p}: {message}"
+
+
+def test_tsv_from_an_editor_reads_the_same(tmp_path: Path) -> None:
+    """A byte-order mark, CRLF line ends, a space around the label and blank lines at the end (each once refused
+    or, for the mark, read as part of the header) give the same rows."""
+    p = tmp_path / "train.tsv"
+    p.write_bytes(b"\xef\xbb\xbfsentence\tlabel\r\na fine film \t 1\r\nbad\t0\r\n\r\n\n")
+    assert read_tsv(p) == [("a fine film", 1), ("bad", 0)]
 
 
 # A tiny treebank-shaped train.tsv: two sentences, each with some of its phrases as rows of their own.
