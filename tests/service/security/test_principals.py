@@ -135,6 +135,23 @@ def test_without_auth_every_caller_is_the_anonymous_principal(start_server: Call
 
 
 # --- quotas ---------------------------------------------------------------------------------------------------
+def test_an_exported_blob_is_a_bearer_token_the_importer_owns_its_copy(
+    start_server: Callable[..., ServerHandle],
+) -> None:
+    """docs/sessions.md: the blob names no owner. Bob imports Alice's blob into a session of his own (same state and
+    steps); Alice's session stays hers, and Alice cannot see Bob's copy."""
+    handle = start_server(api_keys=KEYS, session_signing_key="s" * 40)
+    with Client(handle.target, api_key=ALICE) as alice, Client(handle.target, api_key=BOB) as bob:
+        s = alice.create_session("charlm")
+        alice.suggest_once(s.id, "abc", n=1, max_chars=1)
+        copy = bob.import_session(alice.export_session(s.id))
+        assert copy.id != s.id and copy.steps == 3
+        assert bob.get_session(copy.id).steps == 3
+        assert failure(lambda: bob.get_session(s.id)).code == Code.NOT_FOUND
+        assert failure(lambda: alice.get_session(copy.id)).code == Code.NOT_FOUND
+        assert alice.get_session(s.id).steps == 3
+
+
 def test_session_quota_per_principal(start_server: Callable[..., ServerHandle]) -> None:
     handle = start_server(api_keys=KEYS, quota_sessions=2)
     with Client(handle.target, api_key=ALICE) as alice, Client(handle.target, api_key=BOB) as bob:
