@@ -295,13 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 print("seqserve-train: error: --device cuda: torch.cuda.is_available() is False", file=sys.stderr)
                 return 2
-        out: Path = args.out
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.resume:
-            print(f"seqserve-train: error: {out}: already exists and is not empty; train into a new version folder "
-                  "(a model is never rewritten in place), remove it first, or pass --resume to continue the run "
-                  "that wrote it", file=sys.stderr)  # fmt: skip
-            return 2
         from training import forecasting, pipelines, sentiment
+
+        if not args.resume:
+            pipelines.require_new_folder(
+                args.out, "train into a new version folder, remove it first, or pass --resume to continue its run"
+            )
 
         if args.download:
             from training.data import download

@@ -34,9 +34,14 @@ def derived_source(src: Path, out: Path) -> Manifest:
         raise DataError(f"{src / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
     if out.resolve() == src.resolve():
         raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: already exists and is not empty; pick a new folder (a model is never rewritten)")
+    require_new_folder(out)
     return Manifest.load(src / MANIFEST_FILE)
+
+
+def require_new_folder(out: Path, alternative: str = "pick a new folder") -> None:
+    """``out`` (a model's --out) must not exist yet or be an empty folder: a model is never rewritten in place."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not empty; {alternative} (a model is never rewritten)")
 
 
 @contextmanager
