@@ -47,13 +47,8 @@ SECRET_WORDS = ("key", "secret", "password", "token")  # a setting named so neve
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    flags = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port, "models": args.models}
-    flags["device"] = args.device
-    flags["watch_models_seconds"] = args.watch_models
-    flags["workers"] = args.workers
-    if args.plugin:
-        flags["plugins"] = args.plugin
-    return Settings(**{k: v for k, v in flags.items() if v is not None})  # env < flags
+    flags = {name: getattr(args, flag.removeprefix("--").replace("-", "_")) for name, flag in SERVE_FLAGS.items()}
+    return Settings(**{k: v for k, v in flags.items() if v is not None})  # env < flags (a flag not given is None)
 
 
 def _write_ready_file(path: Path, grpc_port: int, metrics_port: int | None) -> None:
