@@ -162,7 +162,7 @@ def training_info(job: Job, res: FitResult) -> dict[str, Any]:
 def train_charlm(job: Job) -> None:
     tok, train, val = load_chars(job.data)
     batch, bptt = job.train.batch_size, job.extra["bptt"]
-    need = batch * (bptt + 1) + bptt - 1  # an epoch starts at a random offset below bptt, then B streams of bptt+1
+    need = CharLMRunner.chars_for_one_step(batch, bptt)
     if len(train) < need:
         raise DataError(
             f"{job.data}: the train part has {len(train):,} characters; one step of --batch-size {batch} streams "

@@ -29,6 +29,12 @@ class CharLMRunner:
     def steps_per_epoch(self, batch_size: int) -> int:
         return (len(self.train) // batch_size - 1) // self.bptt
 
+    @staticmethod
+    def chars_for_one_step(batch_size: int, bptt: int) -> int:
+        """Train characters an epoch needs for one step whatever its random start (``epoch``: an offset below
+        ``bptt``, then ``batch_size`` streams of ``bptt + 1``)."""
+        return batch_size * (bptt + 1) + bptt - 1
+
     def epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         offset = int(rng.integers(0, self.bptt))  # window edges move every epoch
         streams = torch.from_numpy(char_streams(self.train[offset:], batch_size)).to(self.device)  # (B, N)
