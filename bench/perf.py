@@ -22,6 +22,7 @@ from typing import Any
 
 from bench import cli, pa
 from bench.launch import process, serve
+from service.argtypes import count
 from service.settings import Settings
 
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", nargs="+", type=int, default=[1, available_workers()])
     ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="extra SEQSERVE_* for the server")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor server (tuning runs)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per workload and concurrency")
+    ap.add_argument("--rounds", type=count(1), default=2, help="interleaved rounds per workload and concurrency")
     args = ap.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.env)
     workers = sorted(set(args.workers))
