@@ -9,7 +9,6 @@ sequence's state between servers as a signed blob.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import weakref
 from collections.abc import Sequence
@@ -126,10 +125,12 @@ class V2Inference:
         self, name: str, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef
     ) -> InferResult:
         """One step of a running sequence that names no version, under one lease: the session says which version
-        serves it (``pinned``), the request is checked, the task advances the session and it is saved. A request
-        refused before the task ran leaves the session untouched (not even its idle time)."""
+        serves it (``pinned``), the request is checked, the task advances the session and it is saved (or, with
+        ``sequence_end``, deleted under the same lease). A request refused before the task ran leaves the session
+        untouched (not even its idle time)."""
         sid = self._sequence_id(name, seq)
         use = self.sessions.use(sid, save=False)
+        use.end = seq.end
         req: CountedRequest | None = None
         ok = False
         try:
@@ -146,13 +147,8 @@ class V2Inference:
         except SessionNotFound as exc:
             raise self._unknown_sequence(name, seq, exc) from None
         finally:
-            try:
-                if seq.end and use.save:
-                    with contextlib.suppress(SessionNotFound):
-                        await self.sessions.delete(sid)
-            finally:
-                if req is not None:
-                    req.finish(ok)
+            if req is not None:
+                req.finish(ok)
         return InferResult(
             entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
         )
@@ -160,22 +156,32 @@ class V2Inference:
     async def _infer_sequence(
         self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef, imported: Exported | None
     ) -> tuple[TaskResult, bytes | None]:
-        """One step of a sequence; with ``seq.export`` also the signed blob of the state after it."""
+        """One step of a sequence; with ``seq.export`` also the signed blob of the state after it.
+
+        A start (or an import) runs its first step on the new session before storing it, under the id's lease
+        (``SessionManager.begin``): a refused start leaves a running sequence with that id as it was, and
+        concurrent starts on one id each begin from the initial state."""
         sid = self._sequence_id(entry.name, seq)
-        ttl = self.settings.sequence_idle_seconds
-        if imported is not None:  # starts from the blob's state
-            await self.sessions.add(pinning.adopted(self.sessions, imported, entry, ttl, sid), event="imported")
-        elif seq.start:  # (re)starts the sequence: a start on a running id replaces its state
-            await self.sessions.add(pinning.new_session(self.sessions, entry, ttl, sid))
+        if imported is not None or seq.start:
+            ttl = self.settings.sequence_idle_seconds
+            if imported is not None:
+                fresh, event = pinning.adopted(self.sessions, imported, entry, ttl, sid), "imported"
+            else:
+                fresh, event = pinning.new_session(self.sessions, entry, ttl, sid), "created"
+            start = self.sessions.begin(fresh, event)
+            start.end = seq.end
+            async with start as s:
+                result = await entry.task.infer(tensors, s)
+                blob = self._seal(seq, s)
+            return result, blob
+        use = self.sessions.use(sid, save=False)
+        use.end = seq.end
         try:
-            async with self.sessions.use(sid) as s:  # the request is counted by infer()
+            async with use as s:  # the request is counted by infer()
                 pinning.fits(self.registry, s, None, ModelRef(entry.name, entry.version))
+                use.save = True  # checked: from here on the session is saved (or ended) whatever the task does
                 result = await entry.task.infer(tensors, s)
                 blob = self._seal(seq, s)
             return result, blob
         except SessionNotFound as exc:
             raise self._unknown_sequence(entry.name, seq, exc) from None
-        finally:
-            if seq.end:
-                with contextlib.suppress(SessionNotFound):
-                    await self.sessions.delete(sid)

@@ -160,12 +160,17 @@ class SessionManager:
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def add(self, session: SessionState, keep: str | None = None, event: str = "created") -> SessionState:
         """Stores a new session, owned by the calling principal. A caller-chosen id that exists replaces the old
-        session (a KServe sequence restarted with the same correlation id; the id is namespaced per principal)."""
+        session; a caller that chooses ids uses ``begin`` instead, which does this under the id's lease."""
         session.owner = principal()
         old = await self.store.delete(session.id)
+        try:
+            await self._make_room(session.owner, session.nbytes, keep)
+        except BaseException:
+            if old is not None:  # a refused replacement leaves the session it would have replaced
+                await self.store.add(old)
+            raise
         if old is not None:
             self.metrics.session_event(old.model, "deleted")
-        await self._make_room(session.owner, session.nbytes, keep)
         await self.store.add(session)
         self._evicted.pop(session.id, None)
         self.metrics.session_event(session.model, "created")  # a fork is a creation too
@@ -192,13 +197,23 @@ class SessionManager:
         async with self.store.lease(session_id):
             return await self._live(session_id)
 
+    def begin(self, session: SessionState, event: str = "created") -> SessionStart:
+        """Holds the lease of a caller-chosen id (a KServe sequence's) while the caller runs the first step on
+        ``session``, which is not stored yet; when the block ends without an error the session is stored,
+        replacing whatever had that id (``add``), still under the lease. A refused or failed first step stores
+        nothing, and the id's running session (if any) stays as it was. With ``.end`` set inside the block, the
+        id's running session is ended instead and nothing is stored (a one-request sequence)."""
+        return SessionStart(self, session, event)
+
     def use(self, session_id: str, save: bool = True) -> SessionUse:
         """Leases the session and yields a working copy; whatever the caller left in it is saved when the call
         ends (also when it failed or was cancelled: tasks change a session only at consistent points).
 
         ``save=False``: nothing is saved unless the caller sets ``.save`` on the returned object inside the
         block (a call that checks its request under the lease first, and fails before changing anything, leaves
-        the session exactly as it was, idle time included)."""
+        the session exactly as it was, idle time included). With ``.end`` set too, the session is deleted
+        instead of saved, still under the lease (a sequence's last request), so no later call on the id can
+        slip in between."""
         return SessionUse(self, session_id, save)
 
     async def fork(self, session_id: str, ttl_seconds: float | None) -> SessionState:
@@ -211,10 +226,14 @@ class SessionManager:
         """Removes the session and returns it (``SessionNotFound`` when unknown or expired)."""
         async with self.store.lease(session_id):
             s = await self._live(session_id)
-            await self.store.delete(session_id)
+            await self._remove(s)
+        return s
+
+    async def _remove(self, s: SessionState) -> None:
+        """Deletes a live session the caller holds the lease of."""
+        await self.store.delete(s.id)
         self.metrics.session_event(s.model, "deleted")
         await self._report()
-        return s
 
     async def sweep(self) -> int:
         """Removes every session idle past its TTL; returns how many."""
@@ -255,10 +274,10 @@ class SessionUse:
     """``async with manager.use(id) as s``: lease, load, and save back on the way out (see ``SessionManager.use``).
     A plain class rather than a generator context manager: every session call enters one."""
 
-    __slots__ = ("_id", "_lease", "_manager", "_session", "save")
+    __slots__ = ("_id", "_lease", "_manager", "_session", "end", "save")
 
     def __init__(self, manager: SessionManager, session_id: str, save: bool) -> None:
-        self._manager, self._id, self.save = manager, session_id, save
+        self._manager, self._id, self.save, self.end = manager, session_id, save, False
         self._lease = manager.store.lease(session_id)
         self._session: SessionState | None = None
 
@@ -275,6 +294,9 @@ class SessionUse:
         try:
             if self.save and self._session is not None:
                 m, s = self._manager, self._session
+                if self.end:
+                    await m._remove(s)
+                    return
                 s.last_used_at = m.clock()
                 try:
                     await m.store.save(s)
@@ -284,4 +306,34 @@ class SessionUse:
                     ) from None
         finally:
             self._session = None
+            await self._lease.__aexit__(None, None, None)
+
+
+class SessionStart:
+    """``async with manager.begin(session) as s`` (see ``SessionManager.begin``)."""
+
+    __slots__ = ("_event", "_lease", "_manager", "_session", "end")
+
+    def __init__(self, manager: SessionManager, session: SessionState, event: str) -> None:
+        self._manager, self._session, self._event, self.end = manager, session, event, False
+        self._lease = manager.store.lease(session.id)
+
+    async def __aenter__(self) -> SessionState:
+        await self._lease.__aenter__()
+        return self._session
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is not None:
+                return  # refused or failed: nothing stored, the running session (if any) untouched
+            m, s = self._manager, self._session
+            if self.end:
+                old = await m.store.delete(s.id)
+                if old is not None:
+                    m.metrics.session_event(old.model, "deleted")
+                    await m._report()
+                return
+            s.last_used_at = m.clock()
+            await m.add(s, event=self._event)
+        finally:
             await self._lease.__aexit__(None, None, None)

@@ -174,10 +174,12 @@ class InMemorySessionStore(Generic[R]):
 
     async def add(self, session: SessionState) -> SessionState | None:
         old = self._remove(session.id)
-        session.revision = 0
         incarnation = next(self._incarnations)
+        session.revision = incarnation << 32  # a new incarnation: no working copy of an older one matches it
         self._records[session.id] = self._pack(session)
-        self._meta[session.id] = _Meta(0, session.expires_at, session.nbytes, session.model, session.owner, incarnation)
+        self._meta[session.id] = _Meta(
+            session.revision, session.expires_at, session.nbytes, session.model, session.owner, incarnation
+        )
         self._owners.setdefault(session.owner, OrderedDict())[session.id] = None
         self._owner_bytes[session.owner] = self._owner_bytes.get(session.owner, 0) + session.nbytes
         heapq.heappush(self._expiry, (session.expires_at, incarnation, session.id))

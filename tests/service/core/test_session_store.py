@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from service.core.dataplane import CoreDataPlane
 from service.core.sessions import InMemorySessionStore, SessionDecodeError, SessionState, StaleSession
 from service.core.types import ModelRef
+from service.errors import Overloaded, SessionNotFound
 from tests.stores import BytesSessionStore
 
 
@@ -126,7 +128,7 @@ async def test_store_revisions_leases_eviction_expiry_and_usage(kind: type[InMem
     with pytest.raises(StaleSession):
         await store.save(two)
     again = await store.load("s0")
-    assert again is not None and again.steps == 43 and again.revision == 1
+    assert again is not None and again.steps == 43 and again.revision == two.revision + 1
     # Leases: the second holder waits for the first; eviction skips leased sessions and `keep`.
     order: list[str] = []
 
@@ -147,6 +149,12 @@ async def test_store_revisions_leases_eviction_expiry_and_usage(kind: type[InMem
     assert [s.id for s in await store.pop_expired(111.5, 10)] == ["s0", "s1"]
     assert [s.id for s in await store.pop_expired(111.5, 10)] == []
     assert (await store.usage()).count == 1
+    # A copy of an older incarnation of an id never matches the new one (a sequence restarted meanwhile).
+    older = await store.load("s2")
+    assert older is not None
+    await store.add(state("s2", model="a", last_used=103.0))
+    with pytest.raises(StaleSession):
+        await store.save(older)
     assert await store.delete("s2") is not None and await store.delete("s2") is None
     assert await store.usage() == type(await store.usage())(0, 0, {})
 
@@ -183,3 +191,39 @@ async def test_the_bytes_store_really_serializes(dp: CoreDataPlane) -> None:
     if isinstance(store, BytesSessionStore):
         assert store.encoded >= 2  # created, then saved after the step
     assert (await dp.get_session(s.id)).steps == 3
+
+
+async def test_begin_stores_only_a_first_step_that_succeeded(tmp_path: Path) -> None:
+    """``SessionManager.begin``: the new session is stored when the block ends without an error, replacing the
+    id's running one; a failed block or a refused replacement (too big for the store) leaves that one as it was."""
+    from service.core.sessions import SessionManager
+    from tests.service.core.conftest import RecordingMetrics, core_settings
+
+    manager = SessionManager(
+        core_settings(tmp_path, max_session_bytes=10_000),
+        RecordingMetrics(),
+        InMemorySessionStore(),
+        clock=lambda: 100.0,
+    )
+    await manager.add(state("seq"))
+    with pytest.raises(RuntimeError):
+        async with manager.begin(state("seq")) as fresh:
+            fresh.steps = 1
+            raise RuntimeError("the first step was refused")
+    assert (await manager.get("seq")).steps == 42
+    big = state("seq")
+    big.nbytes = 20_000
+    with pytest.raises(Overloaded, match="max_session_bytes"):
+        async with manager.begin(big) as fresh:
+            fresh.steps = 1
+    kept = await manager.get("seq")
+    assert kept.steps == 42 and (await manager.usage()).count == 1
+    async with manager.begin(state("seq")) as fresh:
+        fresh.steps = 1
+    assert (await manager.get("seq")).steps == 1 and (await manager.usage()).count == 1
+    one_shot = manager.begin(state("seq"))
+    async with one_shot as fresh:
+        one_shot.end = True  # a one-request sequence: ends the running one, stores nothing
+    with pytest.raises(SessionNotFound):
+        await manager.get("seq")
+    assert (await manager.usage()).count == 0

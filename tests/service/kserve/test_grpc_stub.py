@@ -252,3 +252,54 @@ def test_sequence_stays_on_its_model_version(stub: pb_grpc.GRPCInferenceServiceS
     _seq(wrong, 616, end=True)
     code, details = _status(stub, wrong)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "version 1" in details
+    more = _charlm_raw("!")  # the refused request's sequence_end ended nothing
+    _seq(more, 616, end=True)
+    assert stub.ModelInfer(more, timeout=60).parameters["seqserve_steps"].int64_param == 8
+
+
+def _steps(stub: pb_grpc.GRPCInferenceServiceStub, text: str, seq_id: int, **flags: bool) -> int:
+    request = _charlm_raw(text)
+    _seq(request, seq_id, **flags)
+    return int(stub.ModelInfer(request, timeout=60).parameters["seqserve_steps"].int64_param)
+
+
+def test_a_refused_start_changes_nothing(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """A start whose text the model cannot read is refused before anything is stored: a running sequence with
+    that id keeps its state, and a new id stays unknown."""
+    assert _steps(stub, "To be, ", 717, start=True) == 7
+    refused = _charlm_raw("\u00e9")  # outside the char LM's vocabulary
+    _seq(refused, 717, start=True)
+    code, details = _status(stub, refused)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "TEXT" in details
+    step = _charlm_raw("or")
+    _seq(step, 717, end=True)
+    response = stub.ModelInfer(step, timeout=60)
+    assert response.parameters["seqserve_steps"].int64_param == 9  # 7 + 2: the old state went on
+    whole = _outputs(stub.ModelInfer(_charlm_raw("To be, or"), timeout=60))["NEXT_CHAR_PROBS"]
+    np.testing.assert_allclose(_outputs(response)["NEXT_CHAR_PROBS"], whole, atol=1e-5)
+    _seq(refused, 718, start=True)
+    assert _status(stub, refused)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    after = _charlm_raw("x")
+    _seq(after, 718)
+    assert _status(stub, after)[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_concurrent_starts_on_one_id_each_begin_fresh(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Starts are atomic: four in flight on one id each answer from the initial state (never one on top of
+    another), and the sequence then holds one of them."""
+    for _ in range(5):
+        futures = []
+        for _ in range(4):
+            request = _charlm_raw("abc" * 20)
+            _seq(request, 719, start=True)
+            futures.append(stub.ModelInfer.future(request, timeout=60))
+        assert [int(f.result().parameters["seqserve_steps"].int64_param) for f in futures] == [60] * 4
+        assert _steps(stub, "d", 719) == 61
+
+
+def test_a_start_with_end_answers_and_ends_the_running_sequence(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    assert _steps(stub, "abcd", 720, start=True) == 4
+    assert _steps(stub, "xy", 720, start=True, end=True) == 2  # a fresh one-request sequence
+    gone = _charlm_raw("z")
+    _seq(gone, 720)
+    assert _status(stub, gone)[0] == grpc.StatusCode.NOT_FOUND
