@@ -2,8 +2,10 @@
 
 The engine never serves an RPC, so its RPC families stay empty; frontends serve nothing else. At each scrape
 the engine reads every frontend's private ``/metrics`` (127.0.0.1, a free port each) and sums the RPC
-families sample by sample (counters, histograms and the in-flight gauge all add up across processes). A
-frontend that does not answer is left out of that scrape and logged.
+families sample by sample (counters, histograms and the in-flight gauge all add up across processes), exposed in
+a single process's order (each label set's samples together, buckets by increasing ``le``), so the OpenMetrics
+format stays valid. ``_created`` timestamps do not add up and are left out. A frontend that does not answer is
+left out of that scrape and logged.
 """
 
 from __future__ import annotations
@@ -53,9 +55,22 @@ class FrontendRpcCollector(Collector):
         for name in sorted(self._names):
             doc, kind = self._kinds[name]
             metric = Metric(name, doc, kind)
-            for (sample, labels), value in sorted(sums[name].items()):
+            for (sample, labels), value in sorted(sums[name].items(), key=_exposition_order):
                 metric.add_sample(sample, dict(labels), value)
             yield metric
+
+
+_SUFFIX_RANK = {"_bucket": 0, "_count": 1, "_sum": 2}
+
+
+def _exposition_order(item: tuple[tuple[str, tuple[tuple[str, str], ...]], float]) -> tuple[object, ...]:
+    """Each label set's samples together (OpenMetrics requires it), a histogram's buckets by increasing ``le``
+    (``+Inf`` last), then its ``_count`` and ``_sum``: the order a single process exposes."""
+    (sample, labels), _ = item
+    series = tuple(kv for kv in labels if kv[0] != "le")
+    le = dict(labels).get("le")
+    rank = next((r for suffix, r in _SUFFIX_RANK.items() if sample.endswith(suffix)), 0)
+    return series, rank, float(le) if le is not None else 0.0, sample
 
 
 def serve_frontend_rpc_metrics(metrics: Metrics, ports: Callable[[], list[int]]) -> None:

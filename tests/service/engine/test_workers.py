@@ -137,6 +137,29 @@ def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> N
     assert served() - before == 6
 
 
+def test_summed_metrics_are_valid_openmetrics(servers: tuple[dict[str, object], int]) -> None:
+    """What Prometheus asks for by default parses with the strict OpenMetrics parser: each label set's samples
+    together, a histogram's buckets by increasing ``le`` with ``+Inf`` last (once summed, they were sorted as
+    strings and interleaved)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    info, _ = servers
+    for target in _frontends(info):  # latencies in two label sets (methods) on both frontends
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+            stub.ServerReady(pb.ServerReadyRequest(), timeout=10)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{info['metrics_port']}/metrics", headers={"Accept": "application/openmetrics-text"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        text = r.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    buckets = [s for s in families["seqserve_rpc_duration_seconds"].samples if s.name.endswith("_bucket")]
+    live = [s.labels["le"] for s in buckets if s.labels["method"] == "ServerLive"]
+    assert live[-1] == "+Inf" and [float(x) for x in live] == sorted(float(x) for x in live)
+
+
 def test_shared_port_serves_and_sigterm_exits_zero(tiny_models: Path, tmp_path: Path) -> None:
     proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
     try:
