@@ -145,7 +145,7 @@ class RemoteDataPlane:
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._transport is None or self._transport.is_closing():
             raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
-        if len(self._pending) >= self.max_pending:
+        if len(self._pending) >= self.max_pending and not admitted():  # never an admitted stream's later steps
             raise Overloaded(
                 f"{len(self._pending)} requests of this frontend are waiting for the engine, the limit is "
                 f"max_queue_size={self.max_pending}; retry with backoff"

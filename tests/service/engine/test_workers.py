@@ -160,6 +160,47 @@ def test_summed_metrics_are_valid_openmetrics(servers: tuple[dict[str, object], 
     assert live[-1] == "+Inf" and [float(x) for x in live] == sorted(float(x) for x in live)
 
 
+def test_an_admitted_stream_is_never_refused_by_the_frontends_queue(tiny_models: Path, tmp_path: Path) -> None:
+    """A frontend bounds the calls it has waiting for the engine (max_queue_size), but, as the batcher does in
+    one process, never refuses the later steps of a stream it admitted: here two calls wait on a session held by
+    a long Complete while an admitted Suggest stream sends its second event."""
+    import queue
+    import threading
+
+    from service.client import SuggestEvent
+
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_MAX_QUEUE_SIZE="2")
+    try:
+        with Client(f"127.0.0.1:{info['grpc_port']}", timeout=60) as c:  # one channel: one frontend
+            a, b = c.create_session("charlm").id, c.create_session("charlm").id
+            events: queue.Queue[SuggestEvent | None] = queue.Queue()
+            answers = c.suggest(a, iter(events.get, None))
+            events.put(SuggestEvent("To be"))
+            assert next(answers).steps == 5  # admitted
+            done = threading.Event()
+
+            def long_complete() -> None:
+                for _ in c.complete("ROMEO:", session_id=b, max_chars=2000, seed=1):
+                    pass
+                done.set()
+
+            waiting = [threading.Thread(target=c.suggest_once, args=(b, "x")) for _ in range(2)]
+            threads = [threading.Thread(target=long_complete), *waiting]
+            threads[0].start()
+            time.sleep(0.05)
+            for t in waiting:
+                t.start()
+            time.sleep(0.2)
+            assert not done.is_set(), "the Complete ended before the stream's step: nothing was tested"
+            events.put(SuggestEvent(" or no"))
+            assert next(answers).steps == 11
+            events.put(None)
+            for t in threads:
+                t.join(60)
+    finally:
+        stop_server(proc)
+
+
 def test_shared_port_serves_and_sigterm_exits_zero(tiny_models: Path, tmp_path: Path) -> None:
     proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
     try:
