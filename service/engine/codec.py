@@ -87,15 +87,25 @@ def unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=False)
 
 
-def error_payload(exc: BaseException) -> tuple[str, str]:
-    """(class name, message) of a domain error; anything else is an internal error."""
+def error_payload(exc: BaseException) -> tuple[str, str, str]:
+    """(class name, message, the nearest class of ``service.errors`` it derives from) of a domain error; anything
+    else is an internal error. A plugin's own subclass (``class ForbiddenWord(InvalidInput)``) keeps its name,
+    which is its ErrorInfo reason, and its base's status code."""
     if isinstance(exc, errors.SeqServeError):
-        return type(exc).__name__, exc.message
-    return "", "internal error in the engine; see its log"
+        base = next(c.__name__ for c in type(exc).__mro__ if _ERRORS.get(c.__name__) is c)
+        return type(exc).__name__, exc.message, base
+    return "", "internal error in the engine; see its log", ""
 
 
-def raise_error(name: str, message: str) -> None:
+_PLUGIN_ERRORS: dict[tuple[str, str], type[errors.SeqServeError]] = {}
+
+
+def raise_error(name: str, message: str, base: str = "") -> None:
     cls = _ERRORS.get(name)
+    if cls is None and base in _ERRORS and name.isidentifier():
+        cls = _PLUGIN_ERRORS.get((name, base))
+        if cls is None:  # the same name under the same base: the edge derives status and reason from them
+            cls = _PLUGIN_ERRORS[name, base] = type(name, (_ERRORS[base],), {"__module__": __name__})
     if cls is None:
         raise EngineError(message)
     raise cls(message)

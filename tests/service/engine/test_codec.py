@@ -1,0 +1,47 @@
+"""The engine link's error codec: a domain error crosses from the engine to a frontend with its status code,
+message and ErrorInfo reason, a plugin's own subclass of a domain error included; anything else is INTERNAL."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from service import errors
+from service.api.interceptors import error_reason, status_code_for
+from service.engine.codec import EngineError, error_payload, pack, raise_error, unpack
+
+
+class ForbiddenWord(errors.InvalidInput):
+    """What a plugin task may raise (it is not in service.errors)."""
+
+
+def _crossed(exc: BaseException) -> BaseException:
+    """``exc`` as the frontend raises it after the payload went over the wire."""
+    payload = unpack(pack(error_payload(exc)))
+    with pytest.raises(BaseException) as info:
+        raise_error(*payload)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "reason"),
+    [
+        (errors.SessionEvicted("gone"), grpc.StatusCode.NOT_FOUND, "SESSION_EVICTED"),
+        (errors.QuotaExceeded("quota"), grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"),
+        (ForbiddenWord("texts[0] holds a forbidden word"), grpc.StatusCode.INVALID_ARGUMENT, "FORBIDDEN_WORD"),
+    ],
+)
+def test_domain_errors_keep_status_message_and_reason(
+    exc: errors.SeqServeError, code: grpc.StatusCode, reason: str
+) -> None:
+    back = _crossed(exc)
+    assert isinstance(back, errors.SeqServeError) and back.message == exc.message
+    assert (status_code_for(back), error_reason(back)) == (code, reason)
+    assert type(_crossed(exc)) is type(back)  # one class per plugin error, not one per call
+
+
+def test_anything_else_is_an_engine_error() -> None:
+    back = _crossed(RuntimeError("secret internals"))
+    assert isinstance(back, EngineError) and "secret" not in str(back)
+    with pytest.raises(EngineError):
+        raise_error("NotAnError", "m", "NoSuchBase")
