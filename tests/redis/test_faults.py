@@ -99,3 +99,30 @@ def test_rediss_tls(private_redis: Callable[..., RedisServer], start_replica: Ca
     assert suggestions(a, sid, TEXT[:8]) == suggestions(ref, rid, TEXT[:8])
     assert suggestions(b, sid, TEXT[8:16]) == suggestions(ref, rid, TEXT[8:16])  # the other replica
     assert r.client().dbsize() > 0
+
+
+def test_a_redis_that_refuses_writes_is_unavailable_not_internal(
+    private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
+) -> None:
+    """A Redis that answers but will not write (here min-replicas-to-write without replicas: NOREPLICAS; a failed
+    snapshot or AOF write gives MISCONF the same way) fails session calls with UNAVAILABLE naming the store, and
+    health says so; once it writes again, the same server serves the session on."""
+    r = private_redis()
+    server = start_replica(r.url, session_store_timeout_seconds=0.5)
+    c = Client(server.target, timeout=5)
+    sid = c.create_session("charlm").id
+    assert c.suggest_once(sid, "To be", n=1, max_chars=1).steps == 5
+    r.client().config_set("min-replicas-to-write", 1)
+    try:
+        for call in (lambda: c.suggest_once(sid, ", or", n=1, max_chars=1), lambda: c.create_session("charlm")):
+            try:
+                call()
+                raise AssertionError("a write went through")
+            except ApiError as e:
+                assert e.code == grpc.StatusCode.UNAVAILABLE and "refuses writes" in e.message and r.url in e.message
+        assert c.classify(["a fine film"])[0].label  # stateless calls keep working
+        assert wait_for(lambda: health(server.target, SESSIONS) == health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        r.client().config_set("min-replicas-to-write", 0)
+    assert wait_for(lambda: health(server.target, SESSIONS) == health_pb2.HealthCheckResponse.SERVING)
+    assert c.suggest_once(sid, ", or", n=1, max_chars=1).steps == 9  # the refused step changed nothing

@@ -1,7 +1,7 @@
 """One connection to Redis (a server, or a cluster through any node), its scripts, and the one place where
-Redis errors become domain errors: no answer -> ``StoreUnavailable`` naming the store (gRPC UNAVAILABLE), out
-of memory -> ``Overloaded``. A command is retried once, at once, on a broken connection, never on a timeout: a
-call fails fast and the client decides.
+Redis errors become domain errors: no answer, or refusing writes -> ``StoreUnavailable`` naming the store (gRPC
+UNAVAILABLE), out of memory -> ``Overloaded``. A command is retried once, at once, on a broken connection, never
+on a timeout: a call fails fast and the client decides.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ UNAVAILABLE = (
     asyncio.TimeoutError,
 )
 Arg = str | bytes | int
+# Answers of a Redis that is up but will not write: a failed RDB snapshot or AOF write (a full disk), too few
+# replicas for min-replicas-to-write, an ACL that denies the command.
+REFUSES_WRITES = ("MISCONF", "NOREPLICAS", "NOPERM")
+
+
+def refuses_writes(e: rex.ResponseError) -> bool:
+    return isinstance(e, rex.NoPermissionError) or any(word in str(e) for word in REFUSES_WRITES)
+
+
 MAX_CONNECTIONS = 256  # per Redis node, per replica
 
 
@@ -83,6 +92,14 @@ class RedisConn:
                 f"session store {self.name} is unavailable ({type(e).__name__}: {e}); calls that need no session "
                 "still work; retry when it is back"
             ) from None
+        except rex.ResponseError as e:
+            if not refuses_writes(e):
+                raise
+            self._mark(False, e)
+            raise StoreUnavailable(
+                f"session store {self.name} refuses writes ({e}); calls that need no session still work; retry "
+                "when its operator has fixed it"
+            ) from None
         self._mark(True)
 
     def _mark(self, up: bool, error: BaseException | None = None) -> None:
@@ -124,10 +141,12 @@ class RedisConn:
         async with self.guard():
             await self.client.publish(channel, message)
 
-    async def ping(self) -> str | None:
+    async def ping(self, probe: str) -> str | None:
+        """None when Redis answers and accepts a write (``probe``: a key to set for a second), else why not."""
         try:
             async with self.guard():
                 await self.client.ping()
+                await self.client.set(probe, b"1", px=1000)
         except StoreUnavailable as e:
             return e.message
         return None

@@ -171,7 +171,7 @@ class RedisSessionStore:
         return await self.index.usage(owner or None)
 
     async def check(self) -> str | None:
-        return await self.conn.ping()
+        return await self.conn.ping(f"ss:probe:{self.replica}")
 
     async def close(self) -> None:
         """Writes back what this replica kept (idle mode) and hands every lease back, so other replicas take
