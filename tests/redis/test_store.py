@@ -161,3 +161,11 @@ async def test_undecodable_state_fails_naming_the_session(make_store: MakeStore,
     with pytest.raises(FailedPrecondition, match="session 'bad' cannot be read"):
         async with b.lease("bad"):
             pass
+    body = state("bad").to_bytes()
+    for head in (b"z" * 16 + b"0" * 16, b"+" + b"0" * 31, b"0_" * 16):  # a damaged revision: not 16 hex digits
+        redis_server.client().set(a.keys("bad")[0], head + body)
+        c = await make_store()
+        with pytest.raises(FailedPrecondition, match="session 'bad' cannot be read"):
+            async with c.lease("bad"):
+                pass
+        await c.close()

@@ -12,7 +12,10 @@ JSON {n: bytes, m: model, o: owner}) and ``:t`` (hash: n = sessions, b = bytes, 
 
 from __future__ import annotations
 
+import re
+
 HEAD_CHARS = 32
+_HEAD = re.compile(f"[0-9a-f]{{{HEAD_CHARS}}}")
 
 # KEYS: value, lease. ARGV: replica, lease ms, revision the caller has cached ("" = none), create ("1"/"0").
 # -> {1, head[, value]} owned (the value only when the cached revision is not the stored one);
@@ -172,4 +175,6 @@ def parse_head(value: bytes) -> tuple[str, int]:
     if len(value) < HEAD_CHARS:
         raise ValueError(f"a stored session needs at least {HEAD_CHARS} bytes, got {len(value)}")
     text = value[:HEAD_CHARS].decode("ascii")
+    if not _HEAD.fullmatch(text):
+        raise ValueError(f"a stored session starts with {HEAD_CHARS} hex digits, got {text!r}")
     return text[:16], int(text[16:], 16)
