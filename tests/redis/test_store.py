@@ -5,6 +5,7 @@ shared through Redis, eviction that skips leased sessions, expiry by Redis TTL, 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -128,6 +129,22 @@ async def test_eviction_takes_the_oldest_session_nobody_holds(make_store: MakeSt
         assert (await b.evict_lru(keep="young")) is None
     assert (await a.usage()).count == 3
     assert await b.evict_lru(owner="nobody") is None
+
+
+async def test_eviction_reports_a_session_whose_value_expired_as_expired(
+    make_store: MakeStore, redis_server: RedisServer
+) -> None:
+    """The index outlives a value's TTL by a margin; eviction that meets such a session drops it from the index
+    and returns it as expired (the room it freed is enough: the manager counts an expiry, evicts nobody)."""
+    a = await make_store()
+    await a.add(state("lapsed", ttl=30))
+    await a.add(state("live", ttl=60))
+    a.cache.pop("lapsed")
+    await a.conn.script("lease", a.keys("lapsed")[1:], [a.replica, 0])
+    redis_server.client().delete(a.keys("lapsed")[0])  # as when its TTL ran out
+    victim = await a.evict_lru()
+    assert victim is not None and victim.id == "lapsed" and victim.expires_at <= time.time()
+    assert (await a.usage()).count == 1 and await a.load("live") is not None
 
 
 async def test_expired_sessions_vanish_and_the_index_forgets_them(make_store: MakeStore) -> None:

@@ -112,9 +112,21 @@ class SessionManager:
         max_n, max_b = self.settings.max_sessions, self.settings.max_session_bytes
         if nbytes > max_b:
             raise Overloaded(f"a session of this model needs {nbytes} bytes, more than max_session_bytes={max_b}")
-        await self._check_quota(owner, nbytes)
+        swept = False
+        try:
+            await self._check_quota(owner, nbytes)
+        except QuotaExceeded:
+            swept = True
+            if not await self.sweep():  # the owner's sessions past their TTL no longer count
+                raise
+            await self._check_quota(owner, nbytes)
         usage = await self.store.usage()
         while usage.count + 1 > max_n or usage.bytes + nbytes > max_b:
+            if not swept:  # sessions past their TTL that the reaper has not removed yet make room first
+                swept = True
+                if await self.sweep():
+                    usage = await self.store.usage()
+                    continue
             full = "max_sessions" if usage.count + 1 > max_n else "max_session_bytes"
             what = f"{usage.count} sessions (max_sessions={max_n}), {usage.bytes} bytes (max_session_bytes={max_b})"
             if self.settings.session_full_policy == "reject":
@@ -124,9 +136,14 @@ class SessionManager:
                 victim = await self.store.evict_lru(keep)
             if victim is None:
                 raise Overloaded(f"session store is full and every session is in use: {what}; retry later")
-            self._remember_eviction(victim, full)
-            self.metrics.session_event(victim.model, "evicted")
-            log.info("evicted a session of %s (least recently used, %s) to make room", victim.model, _who(victim.owner))
+            if victim.expires_at <= self.clock():  # it had expired (a network store found its value gone)
+                self.metrics.session_event(victim.model, "expired")
+            else:
+                self._remember_eviction(victim, full)
+                self.metrics.session_event(victim.model, "evicted")
+                log.info(
+                    "evicted a session of %s (least recently used, %s) to make room", victim.model, _who(victim.owner)
+                )
             usage = await self.store.usage()
 
     def _remember_eviction(self, victim: SessionState, full: str) -> None:

@@ -150,6 +150,8 @@ class RedisSessionStore:
                     return self.leases.decode(sid, r[1])[0]
                 except FailedPrecondition:
                     return _stub(gone or Indexed(sid, 0, "", ""))
+            if gone is not None:  # its value had expired already: dropping it from the index made the room
+                return _stub(gone)
         return None
 
     async def pop_expired(self, now: float, limit: int) -> list[SessionState]:
@@ -181,5 +183,6 @@ class RedisSessionStore:
 
 
 def _stub(g: Indexed) -> SessionState:
-    """What is left of a session the index forgot (its state expired with it): enough for metrics."""
+    """What is left of a session the index forgot (its state expired with it): enough for metrics, and expired
+    (``expires_at`` 0), so an ``evict_lru`` that finds one reports an expiry, not an eviction."""
     return SessionState(g.id, g.model, 0, "", "", {}, {}, 0, 0.0, 0.0, 0.0, g.nbytes, owner=g.owner)

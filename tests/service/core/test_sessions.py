@@ -132,6 +132,27 @@ async def test_expired_session_is_not_found_even_before_the_reaper_runs(make_dp:
     assert (await dp.sessions.usage()).count == 0
 
 
+async def test_sessions_past_their_ttl_make_room_before_any_eviction_or_refusal(make_dp: MakeDP) -> None:
+    """A full store (or a used-up quota) counts sessions that expired but that the reaper has not removed yet:
+    they are swept first, so a live session is not evicted and a create is not refused for them."""
+    clock = FakeClock()
+    for policy in ("evict_lru", "reject"):
+        dp = await make_dp(clock=clock, max_sessions=2, session_full_policy=policy, reaper_interval_seconds=3600)
+        short = await dp.create_session(LM, ttl_seconds=5)
+        live = await dp.create_session(LM, ttl_seconds=600)
+        clock.advance(6)  # `short` expired; the reaper has not run
+        await dp.create_session(LM)
+        assert (await dp.get_session(live.id)).id == live.id
+        assert recorded(dp).events.count(("charlm", "evicted")) == 0
+        assert recorded(dp).events.count(("charlm", "expired")) == 1
+        with pytest.raises(SessionNotFound, match="unknown, expired"):
+            await dp.get_session(short.id)
+    quota = await make_dp(clock=clock, quota_sessions=1, reaper_interval_seconds=3600)
+    await quota.create_session(LM, ttl_seconds=5)
+    clock.advance(6)
+    assert (await quota.create_session(LM)).model == "charlm"
+
+
 async def test_full_store_evicts_the_least_recently_used(make_dp: MakeDP) -> None:
     dp = await make_dp(max_sessions=3, session_full_policy="evict_lru")
     s1, s2, s3 = [await dp.create_session(LM) for _ in range(3)]
