@@ -126,3 +126,19 @@ def test_a_redis_that_refuses_writes_is_unavailable_not_internal(
         r.client().config_set("min-replicas-to-write", 0)
     assert wait_for(lambda: health(server.target, SESSIONS) == health_pb2.HealthCheckResponse.SERVING)
     assert c.suggest_once(sid, ", or", n=1, max_chars=1).steps == 9  # the refused step changed nothing
+
+
+def test_a_complete_longer_than_the_session_ttl_keeps_the_session(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    """A session in a call is not idle: a Complete that runs past the session's TTL (its Redis value's TTL, and
+    the index's deadline that the reaper trims by) saves it, as in memory, instead of "deleted or replaced"."""
+    server = start_replica(redis_server.url, max_generate_chars=5000, reaper_interval_seconds=0.1)
+    c = Client(server.target, timeout=120)
+    sid = c.create_session("charlm", ttl_seconds=0.5).id
+    t0 = time.monotonic()
+    chunks = list(c.complete("To be", session_id=sid, max_chars=5000, seed=1))
+    took = time.monotonic() - t0
+    assert took > 1.0, f"the Complete took {took:.2f} s, not past the TTL: nothing was tested"
+    assert chunks[-1].finish_reason == "length"
+    assert c.get_session(sid).steps == 5 + 5000

@@ -147,6 +147,29 @@ async def test_eviction_reports_a_session_whose_value_expired_as_expired(
     assert (await a.usage()).count == 1 and await a.load("live") is not None
 
 
+async def test_a_call_longer_than_the_ttl_keeps_its_session(make_store: MakeStore) -> None:
+    """A session in use is not idle: its value's TTL may run out during a long call (a Complete longer than the
+    TTL), and the call's save, under the lease this replica still holds, writes it back instead of failing."""
+    a = await make_store()
+    await a.add(state("long", ttl=0.3))
+    async with a.lease("long"):
+        s = await a.load("long")
+        assert s is not None
+        await asyncio.sleep(0.6)  # the value's TTL (0.3 s) runs out; the lease (2 s) does not
+        s.steps += 1
+        await a.save(s)
+    again = await a.load("long")
+    assert again is not None and again.steps == 1
+    other = await make_store()  # without the lease, a vanished value is not written back
+    await other.add(state("gone", ttl=0.3))
+    s = await other.load("gone")
+    assert s is not None
+    await other.conn.script("lease", other.keys("gone")[1:], [other.replica, 0])
+    await asyncio.sleep(0.6)
+    with pytest.raises(StaleSession):
+        await other.save(s)
+
+
 async def test_expired_sessions_vanish_and_the_index_forgets_them(make_store: MakeStore) -> None:
     a = await make_store()
     await a.add(state("short", ttl=0.3))

@@ -159,11 +159,17 @@ class RedisSessionStore:
             gone = await self.index.trim(int(time.time() * 1000), limit)
         except StoreUnavailable:
             return []  # said once in the log by the connection; the reaper tries again
+        expired = []
         for g in gone:
             e = self.cache.get(g.id)
+            if e is not None and self.cache.in_use(g.id):  # in a call longer than its TTL: not idle, index it again
+                deadline, _ = self.leases.deadline(None, e.state)
+                await self.index.put(Indexed(g.id, g.nbytes, g.model, g.owner), deadline)
+                continue
             if e is not None and e.dirty_since is None:
                 self.cache.pop(g.id)
-        return [_stub(g) for g in gone]
+            expired.append(_stub(g))
+        return expired
 
     async def usage(self) -> StoreUsage:
         return await self.index.usage()
