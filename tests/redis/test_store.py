@@ -209,3 +209,20 @@ async def test_undecodable_state_fails_naming_the_session(make_store: MakeStore,
             async with c.lease("bad"):
                 pass
         await c.close()
+
+
+@pytest.mark.parametrize("limit", ["quota_sessions", "max_sessions"])
+async def test_concurrent_creates_never_pass_a_limit(make_store: MakeStore, limit: str) -> None:
+    """Twenty creates at once against a limit of three: the check and the add are separate round trips on Redis,
+    so they are made one step per process; three sessions live, the rest are refused."""
+    from service.core.sessions import SessionManager
+    from service.errors import Overloaded
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    settings = Settings(**{limit: 3, "session_full_policy": "reject"})
+    manager = SessionManager(settings, Metrics(runtime_collectors=False), await make_store())
+    results = await asyncio.gather(*(manager.add(state(f"c{i}")) for i in range(20)), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 17 and all(isinstance(r, Overloaded) for r in refused)
+    assert (await manager.usage()).count == 3

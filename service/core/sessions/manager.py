@@ -71,6 +71,10 @@ class SessionManager:
         self._reaper: asyncio.Task[None] | None = None
         self._models: set[str] = set()  # models whose active-sessions gauge we have set
         self._evicted: OrderedDict[str, Eviction] = OrderedDict()  # oldest first, at most EVICTED_MEMORY
+        # Creates of this process check the limits and add one at a time; on a network store the check and the
+        # add are separate round trips. Replicas sharing one Redis can still overshoot a limit by the creates
+        # they run at the same instant (at most one per replica).
+        self._adding = asyncio.Lock()
 
     # --- limits -----------------------------------------------------------------------------------------
     def ttl(self, ttl_seconds: float | None) -> float:
@@ -179,16 +183,17 @@ class SessionManager:
         """Stores a new session, owned by the calling principal. A caller-chosen id that exists replaces the old
         session; a caller that chooses ids uses ``begin`` instead, which does this under the id's lease."""
         session.owner = principal()
-        old = await self.store.delete(session.id)
-        try:
-            await self._make_room(session.owner, session.nbytes, keep)
-        except BaseException:
-            if old is not None:  # a refused replacement leaves the session it would have replaced
-                await self.store.add(old)
-            raise
-        if old is not None:
-            self.metrics.session_event(old.model, "deleted")
-        await self.store.add(session)
+        async with self._adding:  # counted and added as one step: concurrent creates cannot all pass the limits
+            old = await self.store.delete(session.id)
+            try:
+                await self._make_room(session.owner, session.nbytes, keep)
+            except BaseException:
+                if old is not None:  # a refused replacement leaves the session it would have replaced
+                    await self.store.add(old)
+                raise
+            if old is not None:
+                self.metrics.session_event(old.model, "deleted")
+            await self.store.add(session)
         self._evicted.pop(session.id, None)
         self.metrics.session_event(session.model, "created")  # a fork is a creation too
         if event != "created":
