@@ -112,6 +112,9 @@ class V2Inference:
         for name in wanted:
             if name not in names:
                 raise InvalidInput(f"model {entry.name} has no output {echo(name)}; outputs are {', '.join(names)}")
+        if len(set(wanted)) < len(wanted):
+            twice = next(n for n in wanted if wanted.count(n) > 1)
+            raise InvalidInput(f"output {echo(twice)} is requested twice; name each output once")
         if seq is not None and not contract.sequences:
             raise InvalidInput(
                 f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"

@@ -22,7 +22,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.convert import config_to_pb, index_to_pb, metadata_to_pb, stats_to_pb
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence
-from service.api.kserve.tensors import encode_output, read_inputs
+from service.api.kserve.tensors import encode_output, read_inputs, requested_outputs
 from service.core.types import DataPlane
 from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip
 from service.settings import Settings
@@ -134,7 +134,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One inference; the answer goes into ``response`` when given (a stream's envelope), else a new one."""
         ref = model_ref(request.model_name, request.model_version)
         sequence = parse_sequence(request.parameters)
-        outputs = [o.name for o in request.outputs] or None
+        outputs = requested_outputs(request)
         result = await self._dataplane.infer(ref, read_inputs(request), outputs, sequence)
         if response is None:
             response = pb.ModelInferResponse()

@@ -167,7 +167,28 @@ def read_inputs(request: pb.ModelInferRequest) -> list[WireInput]:
             f"raw_input_contents has {len(raw)} entries but the request has {len(request.inputs)} "
             "inputs; send one raw entry per input or use typed contents for all"
         )
+    if raw:
+        for t in request.inputs:
+            if t.HasField("contents"):  # Triton refuses this too: which of the two would be the data?
+                raise InvalidInput(
+                    f"input {short(t.name)}: contents must not be set when raw_input_contents is used; send every "
+                    "input's data in raw_input_contents or every input's in contents"
+                )
     return [WireInput(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)]
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> list[str] | None:
+    """The outputs a request names (None: every output). Triton's classification extension (tritonclient's
+    ``class_count``) is refused rather than ignored: its callers expect "score:index:label" strings back."""
+    names = []
+    for o in request.outputs:
+        if "classification" in o.parameters:
+            raise InvalidInput(
+                f"output {short(o.name)}: the classification extension (class_count) is not supported; request the "
+                "output without it and take its largest values"
+            )
+        names.append(o.name)
+    return names or None
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:

@@ -31,6 +31,8 @@ from service.core.types import FloatArray, ForecastResult, Tensor, TensorContrac
 from service.errors import FailedPrecondition, InvalidInput
 from service.settings import Settings
 
+MAX_Z = 1e6  # standard deviations from the training mean beyond which an input value is refused
+
 
 @register_task
 class ForecastTask(Task):
@@ -185,6 +187,14 @@ class ForecastTask(Task):
             raise InvalidInput(
                 f"{field}[{r}][{c}] (column {self.columns[c]!r}) is {x[r, c]}; every value must be a finite number "
                 f"({len(bad)} values are not)"
+            )
+        far = np.argwhere(np.abs((out.astype(np.float64) - self.mean) / self.std) >= MAX_Z)
+        if len(far):  # the graph's sums would overflow float32 (a forecast of NaN and inf)
+            r, c = (int(v) for v in far[0])
+            raise InvalidInput(
+                f"{field}[{r}][{c}] (column {self.columns[c]!r}) is {x[r, c]}: {MAX_Z:g} standard deviations or "
+                f"more from the training data's mean ({self.mean[c]:g} +- {self.std[c]:g}); the model cannot "
+                f"forecast from it ({len(far)} values are that far)"
             )
         return out
 

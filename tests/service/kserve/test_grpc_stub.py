@@ -159,6 +159,23 @@ def test_uint64_sequence_matches_whole_text(stub: pb_grpc.GRPCInferenceServiceSt
         (pb.ModelInferRequest(model_name="forecaster", inputs=[Input(name="HISTORY", datatype="FP32", shape=[1, 7],
          contents=pb.InferTensorContents(fp32_contents=[float("nan")] * 7))]), grpc.StatusCode.INVALID_ARGUMENT,
          "HISTORY"),
+        # typed contents beside raw contents (Triton refuses this too)
+        (pb.ModelInferRequest(model_name="forecaster", inputs=[Input(name="HISTORY", datatype="FP32", shape=[24, 7],
+         contents=pb.InferTensorContents(fp32_contents=[0.0] * 168))],
+         raw_input_contents=[np.ones((24, 7), "<f4").tobytes()]), grpc.StatusCode.INVALID_ARGUMENT, "must not be set"),
+        # finite values no forecast survives (their z-scores overflow float32 in the graph)
+        (pb.ModelInferRequest(model_name="forecaster", inputs=[Input(name="HISTORY", datatype="FP32", shape=[24, 7])],
+         raw_input_contents=[(np.resize([3e38, -3e38], (24, 7))).astype("<f4").tobytes()]),
+         grpc.StatusCode.INVALID_ARGUMENT, "standard deviations"),
+        # an output named twice
+        (pb.ModelInferRequest(model_name="charlm", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])],
+         raw_input_contents=[serialize_bytes([b"a"])], outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(
+             name="NEXT_CHAR_PROBS")] * 2), grpc.StatusCode.INVALID_ARGUMENT, "twice"),
+        # Triton's classification extension (tritonclient's class_count)
+        (pb.ModelInferRequest(model_name="sentiment", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])],
+         raw_input_contents=[serialize_bytes([b"good"])], outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(
+             name="PROBABILITIES", parameters={"classification": pb.InferParameter(int64_param=1)})]),
+         grpc.StatusCode.INVALID_ARGUMENT, "class_count"),
     ],
 )  # fmt: skip
 def test_bad_requests(

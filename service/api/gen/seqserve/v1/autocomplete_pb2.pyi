@@ -172,7 +172,7 @@ class SuggestRequest(_message.Message):
     max_chars: _builtins.int
     """Characters per continuation at most; 0 = 10."""
     beam: _builtins.bool
-    """Beam search (true, default) or independent greedy/sampled continuations (false)."""
+    """Beam search (true, default) or the n most likely next characters, each continued greedily (false)."""
     def __init__(
         self,
         *,
