@@ -7,12 +7,14 @@ passes around (never pickle: a frontend and the engine trust each other's code, 
   the arrays here are a few hundred bytes, a copy costs less than the care a shared buffer would need).
 - sets: ext 3. KServe inputs (``WireInput``): ext 4, ``[InferInputTensor bytes, raw contents or None]``, so the
   engine checks headers before it decodes data, exactly as in one process.
-- errors: ``SeqServeError`` subclasses travel as (class name, message) and are raised again on the other side.
+- errors: ``SeqServeError`` subclasses travel as (class name, message, nearest ``service.errors`` base) and are
+  raised again on the other side.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import msgpack
@@ -20,6 +22,9 @@ import numpy as np
 
 from service import errors
 from service.core import types
+from service.engine.wire import ERROR as ERROR_REPLY
+
+log = logging.getLogger(__name__)
 
 _DATACLASSES: dict[str, type] = {
     name: obj for name, obj in vars(types).items() if isinstance(obj, type) and dataclasses.is_dataclass(obj)
@@ -85,6 +90,24 @@ def pack(obj: Any) -> bytes:
 
 def unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=False)
+
+
+def pack_replies(replies: list[list[Any]]) -> bytes:
+    """The engine's replies of one loop iteration as one frame's payload. A reply that cannot be sent (a value
+    no codec knows, e.g. from a plugin) is replaced by an internal error for its call alone: the other calls'
+    answers in the frame still leave, and no caller waits for an answer that never comes."""
+    try:
+        return pack(replies)
+    except (TypeError, ValueError, OverflowError):
+        fixed = []
+        for reply in replies:
+            try:
+                pack(reply)
+            except (TypeError, ValueError, OverflowError):
+                log.exception("engine: the answer to call %s cannot be sent to the frontend", reply[0])
+                reply = [reply[0], ERROR_REPLY, error_payload(RuntimeError()), None, False]
+            fixed.append(reply)
+        return pack(fixed)
 
 
 def error_payload(exc: BaseException) -> tuple[str, str, str]:

@@ -19,7 +19,7 @@ from typing import Any, cast
 from service.core.context import admitted, call_scope, mark_admitted, set_principal
 from service.core.dataplane import CoreDataPlane
 from service.engine import wire
-from service.engine.codec import error_payload, pack, unpack
+from service.engine.codec import error_payload, pack, pack_replies, unpack
 from service.errors import SeqServeError
 from service.logs import CALL
 
@@ -99,7 +99,7 @@ class _Connection(asyncio.Protocol):
     def flush(self) -> None:
         messages, self.outbox = self.outbox, []
         if self.transport is not None and messages:
-            self.transport.write(wire.frame(pack(messages)))
+            self.transport.write(wire.frame(pack_replies(messages)))
 
 
 class EngineServer:

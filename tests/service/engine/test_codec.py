@@ -8,7 +8,7 @@ import pytest
 
 from service import errors
 from service.api.interceptors import error_reason, status_code_for
-from service.engine.codec import EngineError, error_payload, pack, raise_error, unpack
+from service.engine.codec import EngineError, error_payload, pack, pack_replies, raise_error, unpack
 
 
 class ForbiddenWord(errors.InvalidInput):
@@ -45,3 +45,18 @@ def test_anything_else_is_an_engine_error() -> None:
     assert isinstance(back, EngineError) and "secret" not in str(back)
     with pytest.raises(EngineError):
         raise_error("NotAnError", "m", "NoSuchBase")
+
+
+def test_an_answer_that_cannot_be_sent_fails_only_its_own_call() -> None:
+    """A frame carries every answer of one loop iteration; one the codec cannot encode (an object from a plugin)
+    becomes an internal error for that call, and the others still arrive as they were."""
+    from service.engine import wire
+
+    good = [7, wire.OK, {"n": 1}, "charlm", False]
+    bad = [8, wire.OK, object(), "charlm", False]
+    replies = unpack(pack_replies([good, bad, [9, wire.END, None, None, True]]))
+    assert replies[0] == good and replies[2] == [9, wire.END, None, None, True]
+    assert replies[1][:2] == [8, wire.ERROR]
+    with pytest.raises(EngineError):
+        raise_error(*replies[1][2])
+    assert unpack(pack_replies([good])) == [good]
