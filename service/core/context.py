@@ -9,7 +9,9 @@ transport types here, and a call outside any scope notes nothing.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+import contextlib
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 
 _CALL_MODEL: ContextVar[list[str] | None] = ContextVar("seqserve_call_model", default=None)
 
@@ -56,3 +58,30 @@ def admitted() -> bool:
 def mark_admitted() -> None:
     if not _ADMITTED.get():
         _ADMITTED.set(True)
+
+
+# --- what a session call commits ------------------------------------------------------------------------------
+# Facts a task learns from a session step that count only once the step is stored (the live interval coverage of
+# the rows an Observe scored): the session manager opens a scope around each session call and runs them after the
+# save (or the sequence's end) went through; a refused or failed call drops them, so a retried call counts once.
+_AFTER_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("seqserve_after_commit", default=None)
+
+
+def after_commit(action: Callable[[], None]) -> None:
+    """Runs ``action`` once the current session call's state is stored (at once outside a session call)."""
+    pending = _AFTER_COMMIT.get()
+    if pending is None:
+        action()
+    else:
+        pending.append(action)
+
+
+def commit_scope() -> tuple[list[Callable[[], None]], Token[list[Callable[[], None]] | None]]:
+    """Opens a session call's scope: (its pending actions, the token that closes it)."""
+    pending: list[Callable[[], None]] = []
+    return pending, _AFTER_COMMIT.set(pending)
+
+
+def close_commit_scope(token: Token[list[Callable[[], None]] | None]) -> None:
+    with contextlib.suppress(ValueError):  # closed from another context (an abandoned stream finalized elsewhere)
+        _AFTER_COMMIT.reset(token)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.core.aio import cancel_and_wait
-from service.core.context import principal
+from service.core.context import close_commit_scope, commit_scope, principal
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
 from service.errors import InvalidInput, Overloaded, QuotaExceeded, SessionEvicted, SessionNotFound, echo
@@ -296,7 +296,7 @@ class SessionUse:
     """``async with manager.use(id) as s``: lease, load, and save back on the way out (see ``SessionManager.use``).
     A plain class rather than a generator context manager: every session call enters one."""
 
-    __slots__ = ("_id", "_lease", "_manager", "_session", "end", "save")
+    __slots__ = ("_before", "_id", "_lease", "_manager", "_pending", "_session", "_token", "end", "save")
 
     def __init__(self, manager: SessionManager, session_id: str, save: bool) -> None:
         self._manager, self._id, self.save, self.end = manager, session_id, save, False
@@ -306,18 +306,26 @@ class SessionUse:
     async def __aenter__(self) -> SessionState:
         await self._lease.__aenter__()
         try:
-            self._session = await self._manager._live(self._id)
+            s = self._session = await self._manager._live(self._id)
         except BaseException:
             await self._lease.__aexit__(None, None, None)
             raise
-        return self._session
+        self._before = (s.state, s.context, s.steps)  # a task replaces these when it commits a step
+        self._pending, self._token = commit_scope()
+        return s
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        committed = False
         try:
-            if self.save and self._session is not None:
-                m, s = self._manager, self._session
+            s = self._session
+            if self.save and s is not None:
+                state, context, steps = self._before
+                if exc_type is not None and s.state is state and s.context is context and s.steps == steps:
+                    return  # refused or failed before the task changed anything: not even its idle time moves
+                m = self._manager
                 if self.end:
                     await m._remove(s)
+                    committed = True
                     return
                 s.last_used_at = m.clock()
                 try:
@@ -326,15 +334,20 @@ class SessionUse:
                     raise SessionNotFound(
                         f"session {echo(self._id)} was deleted or replaced while this call used it"
                     ) from None
+                committed = True
         finally:
+            close_commit_scope(self._token)
             self._session = None
             await self._lease.__aexit__(None, None, None)
+            if committed:
+                for action in self._pending:
+                    action()
 
 
 class SessionStart:
     """``async with manager.begin(session) as s`` (see ``SessionManager.begin``)."""
 
-    __slots__ = ("_event", "_lease", "_manager", "_session", "end")
+    __slots__ = ("_event", "_lease", "_manager", "_pending", "_session", "_token", "end")
 
     def __init__(self, manager: SessionManager, session: SessionState, event: str) -> None:
         self._manager, self._session, self._event, self.end = manager, session, event, False
@@ -342,9 +355,11 @@ class SessionStart:
 
     async def __aenter__(self) -> SessionState:
         await self._lease.__aenter__()
+        self._pending, self._token = commit_scope()
         return self._session
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        committed = False
         try:
             if exc_type is not None:
                 return  # refused or failed: nothing stored, the running session (if any) untouched
@@ -354,8 +369,13 @@ class SessionStart:
                 if old is not None:
                     m.metrics.session_event(old.model, "deleted")
                     await m._report()
-                return
-            s.last_used_at = m.clock()
-            await m.add(s, event=self._event)
+            else:
+                s.last_used_at = m.clock()
+                await m.add(s, event=self._event)
+            committed = True
         finally:
+            close_commit_scope(self._token)
             await self._lease.__aexit__(None, None, None)
+            if committed:
+                for action in self._pending:
+                    action()

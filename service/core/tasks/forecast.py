@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.core.batching import StepInput
+from service.core.context import after_commit
 from service.core.manifest import Manifest
 from service.core.sessions.state import SessionState
 from service.core.tasks.base import Array, ModelHandle, Task, TaskResult, fp32_tensor, register_task
@@ -289,6 +290,7 @@ class ForecastTask(Task):
             result, memo = await self._run(window_rows, rows_seen=seen)
         # Committed only after the run succeeded: a failed or cancelled Observe leaves the session as it was.
         session.context, session.steps = {"rows": window_rows, **memo}, seen
-        if scored is not None:
-            self.model.metrics.forecast_scored(self.model.name, self.model.version, *scored)
+        if scored is not None:  # counted once the session holding these rows is stored (a retry counts once)
+            model, version = self.model.name, self.model.version
+            after_commit(lambda: self.model.metrics.forecast_scored(model, version, *scored))
         return result

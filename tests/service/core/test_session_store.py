@@ -227,3 +227,43 @@ async def test_begin_stores_only_a_first_step_that_succeeded(tmp_path: Path) -> 
     with pytest.raises(SessionNotFound):
         await manager.get("seq")
     assert (await manager.usage()).count == 0
+
+
+async def test_a_session_calls_facts_count_only_once_its_state_is_stored(tmp_path: Path) -> None:
+    """``after_commit`` actions (the live coverage an Observe scored) run when the call's state was stored, and are
+    dropped when it was not: a save refused as stale, a replacement refused for room. A call that failed before
+    changing the session saves nothing, not even its idle time."""
+    from service.core.context import after_commit
+    from service.core.sessions import SessionManager
+    from tests.service.core.conftest import RecordingMetrics, core_settings
+
+    now = [100.0]
+    store: InMemorySessionStore[object] = InMemorySessionStore()
+    manager = SessionManager(
+        core_settings(tmp_path, max_session_bytes=10_000), RecordingMetrics(), store, clock=lambda: now[0]
+    )
+    counted: list[str] = []
+    await manager.add(state("s"))
+    async with manager.use("s") as s:
+        after_commit(lambda: counted.append("stored"))
+        s.steps += 1
+    with pytest.raises(SessionNotFound, match="deleted or replaced"):
+        async with manager.use("s") as s:
+            after_commit(lambda: counted.append("stale"))
+            s.steps += 1
+            replacement = state("s")
+            replacement.owner = ""  # the anonymous principal's, as the manager made the first
+            await store.add(replacement)  # replaced meanwhile: the save is refused
+    big = state("t")
+    big.nbytes = 20_000
+    with pytest.raises(Overloaded):
+        async with manager.begin(big) as fresh:
+            after_commit(lambda: counted.append("refused start"))
+            fresh.steps = 1
+    assert counted == ["stored"]
+    before = (await manager.get("s")).last_used_at
+    now[0] = 105.0
+    with pytest.raises(RuntimeError):
+        async with manager.use("s"):
+            raise RuntimeError("refused before any change")
+    assert (await manager.get("s")).last_used_at == before

@@ -109,6 +109,23 @@ async def test_idle_sessions_expire_and_the_sweep_removes_them(make_dp: MakeDP) 
     assert (await dp.sessions.usage()).count == 1
 
 
+async def test_a_refused_call_does_not_keep_a_session_alive(make_dp: MakeDP) -> None:
+    """A call refused before the task changed the session leaves it exactly as it was, its idle time included."""
+    clock = FakeClock()
+    dp = await make_dp(clock=clock)
+    lm = await dp.create_session(LM, ttl_seconds=5)
+    fc = await dp.create_session(FC, ttl_seconds=5)
+    clock.advance(4)
+    with pytest.raises(InvalidInput):
+        await dp.char_step(LM, "\u20ac", session_id=lm.id)  # outside the vocabulary
+    with pytest.raises(InvalidInput):
+        await dp.observe(fc.id, np.full((1, 7), np.nan, np.float32))
+    clock.advance(2)  # t=6: both idle past their TTL since t=0
+    for sid in (lm.id, fc.id):
+        with pytest.raises(SessionNotFound):
+            await dp.get_session(sid)
+
+
 async def test_the_background_reaper_sweeps_on_its_own(make_dp: MakeDP) -> None:
     clock = FakeClock()
     dp = await make_dp(clock=clock, reaper_interval_seconds=0.01)
