@@ -172,7 +172,10 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         else:
             subject = subject_of(context.auth_context() or {})
             if subject is None:
-                raise errors.Unauthenticated("this server needs a client certificate (mTLS) signed by its client CA")
+                raise errors.Unauthenticated(
+                    "this server needs a client certificate (mTLS) signed by its client CA that names its holder "
+                    "(a subject or a subject alternative name)"
+                )
             set_principal(subject)
 
     def _by_key(self, context: grpc.aio.ServicerContext) -> str:

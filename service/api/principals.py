@@ -96,11 +96,17 @@ class KeyTable:
 
 
 def subject_of(auth_context: Mapping[str, list[bytes]]) -> str | None:
-    """The peer certificate's subject from a gRPC auth context (None without a verified client certificate)."""
+    """The peer certificate's principal from a gRPC auth context: its subject, or for a certificate with an empty
+    subject (SPIFFE-style, names only in the SAN) ``san=<first subject alternative name>``. None without a
+    verified client certificate or when it names nobody: "" is the anonymous principal of a server without
+    authentication, which no certificate may become."""
     for key in ("x509_subject", "x509_common_name"):
-        values = auth_context.get(key)
-        if values:
-            return values[0].decode("utf-8", "replace")
+        for value in auth_context.get(key) or ():
+            if name := value.decode("utf-8", "replace").strip():
+                return name
+    for value in auth_context.get("x509_subject_alternative_name") or ():
+        if name := value.decode("utf-8", "replace").strip():
+            return f"san={name}"
     return None
 
 

@@ -27,6 +27,7 @@ class Pki:
     alice: Pair  # subject CN=alice,O=seqserve-tests
     bob: Pair  # subject CN=bob,O=seqserve-tests
     stranger: Pair  # signed by another CA
+    workers: tuple[Pair, Pair]  # empty subjects, named only by a SAN (SPIFFE URI; DNS name), as in service meshes
 
 
 def _name(cn: str) -> x509.Name:
@@ -80,6 +81,18 @@ def _leaf(
     return b.sign(ca[1], hashes.SHA256()), key
 
 
+def _san_only(
+    name: x509.GeneralName, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    b = _builder(x509.Name([]), ca[0].subject, key).add_extension(
+        x509.BasicConstraints(ca=False, path_length=None), True
+    )
+    b = b.add_extension(x509.SubjectAlternativeName([name]), critical=True)  # critical: the subject is empty
+    b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return b.sign(ca[1], hashes.SHA256()), key
+
+
 def make_pki(folder: Path) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
     ca, other = _ca("seqserve test CA"), _ca("another CA")
@@ -90,4 +103,8 @@ def make_pki(folder: Path) -> Pki:
         alice=_write(folder, "alice", *_leaf("alice", ca, server=False)),
         bob=_write(folder, "bob", *_leaf("bob", ca, server=False)),
         stranger=_write(folder, "stranger", *_leaf("stranger", other, server=False)),
+        workers=(
+            _write(folder, "worker1", *_san_only(x509.UniformResourceIdentifier("spiffe://example.org/worker"), ca)),
+            _write(folder, "worker2", *_san_only(x509.DNSName("worker2.example.org"), ca)),
+        ),
     )

@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from service.api.gen.inference import grpc_service_pb2 as kserve_pb
+from service.api.gen.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
 from service.cli import main
 from service.client import ApiError, Client
@@ -77,6 +79,29 @@ def test_mtls_subject_is_the_principal(serve: Callable[..., ServerHandle], pki: 
         assert stub.Get(sessions_pb2.GetSessionRequest(session_id=s.id), timeout=10).session_id == s.id
     owner = handle.run(handle.server.dataplane.sessions.store.load(s.id))
     assert owner is not None and owner.owner == "O=seqserve-tests,CN=alice"
+
+
+def test_mtls_certificates_with_an_empty_subject_are_named_by_their_san(
+    serve: Callable[..., ServerHandle], pki: Pki
+) -> None:
+    """An empty subject is not the anonymous principal (which owns everything on a server without auth and may
+    manage models): such a certificate is ``san=<its first SAN>``, isolated like any other principal."""
+    handle = serve(**tls_settings(pki, mtls=True))
+    one, two = (Client(handle.target, tls_ca=pki.ca, tls_cert=w.cert, tls_key=w.key) for w in pki.workers)
+    with one, two:
+        s = one.create_session("charlm")
+        for call in (lambda: two.get_session(s.id), lambda: two.delete_session(s.id)):
+            with pytest.raises(ApiError) as info:
+                call()
+            assert info.value.code == Code.NOT_FOUND
+    with grpc.secure_channel(handle.target, _creds(pki, pki.workers[1].cert, pki.workers[1].key)) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            kserve_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
+                kserve_pb.RepositoryModelUnloadRequest(model_name="sentiment"), timeout=10
+            )
+        assert refused.value.code() == Code.PERMISSION_DENIED and "san=worker2.example.org" in refused.value.details()
+    owner = handle.run(handle.server.dataplane.sessions.store.load(s.id))
+    assert owner is not None and owner.owner == "san=spiffe://example.org/worker"
 
 
 def _creds(pki: Pki, cert: Path | None = None, key: Path | None = None) -> grpc.ChannelCredentials:
