@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -50,6 +51,15 @@ def _signature(path: Path) -> tuple[tuple[int, int], ...]:
         except OSError:
             out.append((0, -1))
     return tuple(out)
+
+
+def _within_repository(message: str, root: Path) -> str:
+    """``message`` with the repository's own path cut from the paths it names ("charlm/2/manifest.json says ..."):
+    load errors reach callers (UNAVAILABLE, the repository index), who need the model's folder, not the server's
+    file system layout."""
+    for prefix in {str(root), str(root.resolve()), str(root.absolute())}:
+        message = message.replace(prefix + os.sep, "")
+    return message
 
 
 @dataclass(eq=False)
@@ -171,7 +181,14 @@ class ModelEntry:
                 )
             self._runtime = load_runtime(manifest, model_path, settings, cls.symbols(manifest))
         except (ValueError, OSError, ModelUnavailable) as exc:
-            self.error = str(exc)
+            self.error = _within_repository(str(exc), settings.models)
+        except Exception as exc:  # a schema-valid but odd manifest can trip a task's or plugin's check anywhere
+            log.exception("model %s: unexpected error while loading", self.label)
+            self.error = _within_repository(
+                f"its manifest or graph could not be checked ({type(exc).__name__}: {exc}); re-export it with this "
+                "version of seqserve-train",
+                settings.models,
+            )
         self.load_seconds = time.perf_counter() - t0
 
     def start(self, settings: Settings, metrics: Metrics) -> None:
@@ -208,6 +225,8 @@ class ModelRegistry:
         self._entries: dict[tuple[str, int], ModelEntry] = {}  # changed only through _put, _drop and _clear
         self._by_name: dict[str, list[ModelEntry]] = {}  # per name, oldest version first (a cache of _entries)
         self._unloaded: set[str] = set()  # unloaded on request: not reloaded by sync() until load_model()
+        self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
+        self._loading: set[str] = set()  # names load_model() is loading now
         self._lock = asyncio.Lock()
         self._on_load: list[Hook] = []
         self._on_unload: list[Hook] = []
@@ -262,6 +281,8 @@ class ModelRegistry:
         """The version ``ref`` names (ready or not); without a version, the newest ready one, else the newest."""
         mine = self._versions_of(ref.name)
         if not mine:
+            if ref.name in self._loading:
+                raise ModelUnavailable(f"model {echo(ref.name)} is loading (RepositoryModelLoad); retry shortly")
             if ref.name in self._unloaded:
                 raise ModelUnavailable(f"model {echo(ref.name)} was unloaded; load it again (RepositoryModelLoad)")
             names = sorted({e.name for e in self._entries.values()})
@@ -285,35 +306,47 @@ class ModelRegistry:
         return entry
 
     # --- changing -----------------------------------------------------------------------------------------
-    def _discover(self) -> dict[tuple[str, int], Path]:
+    def _discover(self) -> tuple[dict[tuple[str, int], Path], set[str]]:
+        """The version folders on disk, and the names of model folders that could not be read (their loaded
+        versions stay as they are: an unreadable folder is not a removed one)."""
         root = self.settings.models
         if not root.is_dir():
             problem = "is not a directory" if root.exists() else "does not exist"
             log.warning("model repository %s %s; no models will be served", root, problem)
-            return {}
+            return {}, set()
         found: dict[tuple[str, int], Path] = {}
+        unreadable: set[str] = set()
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError as exc:  # e.g. ext4's lost+found, or a folder being replaced
+                unreadable.add(model_dir.name)
+                if model_dir.name not in self._unreadable:
+                    log.warning("ignoring %s: %s", model_dir, exc)
+                continue
+            for vdir in versions:
                 if not _VERSION_DIR.fullmatch(vdir.name):
                     log.warning("ignoring %s: version directories must be positive integers", vdir)
                     continue
                 found[(model_dir.name, int(vdir.name))] = vdir
-        return found
+        self._unreadable = unreadable
+        return found, unreadable
 
     async def sync(self, names: set[str] | None = None) -> None:
         """Brings the table in line with the disk, for ``names`` (None = every model not unloaded on request)."""
         select_providers(self.settings.device)  # fail fast on an impossible device setting
         async with self._lock:
-            found = await asyncio.to_thread(self._discover)
+            found, unreadable = await asyncio.to_thread(self._discover)
 
             def wanted(name: str) -> bool:
                 return (name in names) if names is not None else name not in self._unloaded
 
             for key, entry in list(self._entries.items()):
-                if wanted(key[0]) and key not in found:
+                if wanted(key[0]) and key not in found and key[0] not in unreadable:
                     log.info("model %s removed from the repository; unloading", entry.label)
                     await self._unload(entry)
-            for (name, version), path in found.items():
+            # Newest first: the version a call naming none gets is loaded before the older ones.
+            for (name, version), path in sorted(found.items(), key=lambda item: (item[0][0], -item[0][1])):
                 if not wanted(name):
                     continue
                 old = self._entries.get((name, version))
@@ -338,7 +371,18 @@ class ModelRegistry:
             log.error("model %s failed to load: %s", entry.label, entry.error)
             self.metrics.model_loaded(name, version, "", entry.load_seconds, False)
             return
-        entry.start(self.settings, self.metrics)
+        try:
+            entry.start(self.settings, self.metrics)
+        except Exception as exc:  # the task refused this version (a plugin's constructor, an odd manifest)
+            log.exception("model %s: its task could not start", entry.label)
+            await entry.stop(0.0)
+            entry.state, entry.error = "UNAVAILABLE", f"its task could not start ({type(exc).__name__}: {exc})"
+            if old is not None and old.ready:
+                old.signature = entry.signature  # still serving the old one; retry when the files change again
+                return
+            self._put(entry)
+            self.metrics.model_loaded(name, version, "", entry.load_seconds, False)
+            return
         self._put(entry)
         replaced = old is not None and old.ready
         log.info(
@@ -359,11 +403,17 @@ class ModelRegistry:
         await self._fire(self._on_unload, entry, False)
 
     async def load_model(self, name: str) -> None:
-        """Triton's load_model: (re)loads every version of ``name`` found on disk."""
-        if not any(n == name for n, _ in await asyncio.to_thread(self._discover)):
-            raise ModelNotFound(f"model {echo(name)} is not in the repository {self.settings.models}")
-        self._unloaded.discard(name)
-        await self.sync({name})
+        """Triton's load_model: (re)loads every version of ``name`` found on disk. Until its newest version is
+        loaded, calls that name no version get UNAVAILABLE saying it is loading (never an older version)."""
+        self._loading.add(name)
+        try:
+            found, _ = await asyncio.to_thread(self._discover)
+            if not any(n == name for n, _v in found):
+                raise ModelNotFound(f"model {echo(name)} is not in the repository {self.settings.models}")
+            self._unloaded.discard(name)
+            await self.sync({name})
+        finally:
+            self._loading.discard(name)
 
     async def unload_model(self, name: str) -> None:
         """Triton's unload_model: every version stops taking requests, drains, and is freed."""

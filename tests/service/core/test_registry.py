@@ -92,6 +92,63 @@ async def test_broken_onnx_is_reported_and_others_still_load(repo: Path, make_dp
     assert dp.model_info(ModelRef("charlm")).ready
 
 
+async def test_a_manifest_that_trips_a_tasks_check_is_reported_and_the_rest_keeps_syncing(
+    repo: Path, make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema-valid manifest that a task's check cannot read (an output of rank 0: IndexError) is that version's
+    load error, not the server's: start-up goes on, later folders still load, the message names the folder
+    within the repository, never the server's path. An unreadable model folder is skipped and its loaded
+    versions stay."""
+    odd = add_version(repo, "charlm", 1, 2)
+    manifest = json.loads((odd / MANIFEST_FILE).read_text())
+    next(t for t in manifest["outputs"] if t["name"] == "logits")["shape"] = []
+    (odd / MANIFEST_FILE).write_text(json.dumps(manifest))
+    dp = await make_dp(models=repo)
+    info = dp.model_info(ModelRef("charlm", 2))
+    assert not info.ready and "could not be checked (IndexError" in (info.error or "")
+    assert dp.model_info(ModelRef("charlm")).version == 1 and dp.ready()
+    add_version(repo, "sentiment", 1, 2)
+    add_version(repo, "forecaster", 1, 2)
+    (repo / "forecaster" / "2" / MANIFEST_FILE).write_text("{not json")
+    listed = Path.iterdir
+
+    def unreadable(self: Path) -> object:  # what the kernel answers a non-root server for e.g. lost+found
+        if self.name == "charlm":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listed(self)
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    await dp.registry.sync()
+    assert dp.model_info(ModelRef("sentiment")).version == 2  # a later folder still loads
+    assert dp.model_info(ModelRef("charlm", 1)).ready  # unreadable is not removed
+    error = dp.model_info(ModelRef("forecaster", 2)).error or ""
+    assert error.startswith("forecaster/2/manifest.json is not a valid manifest") and str(repo) not in error
+
+
+async def test_while_a_model_loads_again_calls_get_unavailable_then_its_newest_version(
+    repo: Path, make_dp: MakeDP
+) -> None:
+    """RepositoryModelLoad after an unload: until the newest version is in, a call that names no version gets
+    UNAVAILABLE saying the model is loading (not NOT_FOUND, never an older version: a sequence started then would
+    stay on it)."""
+    add_version(repo, "sentiment", 1, 2)
+    add_version(repo, "sentiment", 1, 3)
+    dp = await make_dp(models=repo)
+    await dp.unload_model("sentiment")
+    loading = asyncio.create_task(dp.load_model("sentiment"))
+    await asyncio.sleep(0)  # the load has begun
+    seen: set[object] = set()
+    while not loading.done():
+        try:
+            seen.add(dp.registry.resolve(ModelRef("sentiment")).version)
+        except (ModelNotFound, ModelUnavailable) as exc:
+            seen.add(type(exc).__name__ if "loading" not in str(exc) else "loading")
+        await asyncio.sleep(0)
+    await loading
+    assert seen <= {"loading", 3} and "loading" in seen, seen
+    assert dp.registry.resolve(ModelRef("sentiment")).version == 3
+
+
 async def test_invalid_manifest_and_misplaced_version_are_reported(repo: Path, make_dp: MakeDP) -> None:
     (repo / "forecaster" / "1" / MANIFEST_FILE).write_text("{not json")
     shutil.copytree(repo / "charlm" / "1", repo / "charlm" / "7")  # manifest still says version 1
