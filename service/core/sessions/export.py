@@ -14,6 +14,7 @@ no byte can change unnoticed; the key never leaves the servers (``SEQSERVE_SESSI
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -55,7 +56,10 @@ def seal(s: SessionState, key: bytes, now: float) -> bytes:
         "exported_at": now,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    body = _PREFIX.pack(MAGIC, FORMAT, 0, len(head)) + head + s.to_bytes()
+    # The state without the live session's id, owner and revision: an import gets a new id and its importer as
+    # owner, and a blob must not be a handle on the session it came from (nor say whose it was).
+    anonymous = dataclasses.replace(s, id="", owner="", revision=0)
+    body = _PREFIX.pack(MAGIC, FORMAT, 0, len(head)) + head + anonymous.to_bytes()
     return body + hmac.new(key, body, hashlib.sha256).digest()
 
 

@@ -15,6 +15,7 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.client import ApiError, Client
+from service.core.sessions.export import unseal
 from tests.conftest import ServerHandle
 from tests.service.sessions.v2 import charlm_request, probs
 
@@ -43,6 +44,10 @@ def test_export_then_import_elsewhere_continues_identically(pair: tuple[Client, 
         assert moved.id != s.id and moved.steps == 20 and moved.ttl_seconds == 30 and moved.model == "charlm"
         assert suggest(b, moved.id, TEXT[20:]) == suggest(a, s.id, TEXT[20:])  # identical next outputs
         assert b.get_session(moved.id).steps == a.get_session(s.id).steps == len(TEXT)
+        # The blob is no handle on the session it came from: it carries neither its id nor its owner.
+        assert s.id.encode() not in blob
+        inside = unseal(blob, KEY.encode()).session
+        assert (inside.id, inside.owner, inside.revision) == ("", "", 0) and inside.steps == 20
 
 
 def test_tampered_foreign_or_unkeyed_blobs_are_refused(
