@@ -47,6 +47,7 @@ class V2Inference:
         (The session records its owner too; the namespace keeps a ``sequence_start`` from replacing another
         principal's sequence.)"""
         owner = principal()
+        model = model.replace("%", "%25").replace(":", "%3A")  # a model named "a:b" never meets model "a"'s ids
         if not owner:
             return f"kserve:{model}:{seq.id}"
         return f"kserve:{hashlib.sha256(owner.encode()).hexdigest()[:24]}:{model}:{seq.id}"

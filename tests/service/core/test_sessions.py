@@ -4,6 +4,7 @@ reject policy, version pinning, wrong task / model / unknown id, caller-chosen i
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
@@ -277,6 +278,23 @@ async def test_ids_are_random_and_a_restarted_sequence_replaces_its_session(dp: 
     await dp.infer(LM, text("y"), sequence=SequenceRef("corr-42", end=True))
     with pytest.raises(SessionNotFound, match="sequence 'corr-42' of model charlm is unknown or expired"):
         await dp.infer(LM, text("z"), sequence=SequenceRef("corr-42"))
+
+
+async def test_a_model_whose_name_has_a_colon_has_sequences_of_its_own(repo: Path, make_dp: MakeDP) -> None:
+    """Sequence keys are ``kserve:<model>:<id>``: model "charlm:x" with id "5" must not be model "charlm" with id
+    "x:5" (the model part is escaped)."""
+    other = repo / "charlm:x" / "1"
+    shutil.copytree(repo / "charlm" / "1", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["name"] = "charlm:x"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    dp = await make_dp(models=repo)
+    assert dp.model_info(ModelRef("charlm:x")).ready
+    await dp.infer(LM, text("ab"), sequence=SequenceRef("x:5", start=True))
+    with pytest.raises(SessionNotFound, match="sequence '5' of model charlm:x is unknown"):
+        await dp.infer(ModelRef("charlm:x"), text("c"), sequence=SequenceRef("5"))
+    await dp.infer(ModelRef("charlm:x"), text("z"), sequence=SequenceRef("5", start=True))
+    assert (await dp.infer(LM, text("c"), sequence=SequenceRef("x:5"))).steps == 3  # untouched by the other
 
 
 async def test_reset_and_delete(dp: CoreDataPlane) -> None:
