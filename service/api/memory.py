@@ -73,11 +73,13 @@ class ByteBudget:
             if entry in self._waiters:
                 self._waiters.remove(entry)
                 self.waiting -= n
+                self._release(0)  # the waiters behind it may fit now
             elif entry[1].done() and not entry[1].cancelled():
                 self._release(n)  # granted, but the caller went away before it could use it
             raise
 
     def _release(self, n: int) -> None:
+        """Gives ``n`` bytes back and admits the waiters at the head of the queue that now fit, in order."""
         self.used -= n
         while self._waiters and self.used + self._waiters[0][0] <= self.capacity:
             m, fut = self._waiters.popleft()

@@ -218,10 +218,12 @@ class Batcher:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
-        while self._pending:
-            p = self._pending.popleft()
-            if not p.future.done():
-                p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} was unloaded"))
+        if self._pending:
+            while self._pending:
+                p = self._pending.popleft()
+                if not p.future.done():
+                    p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} was unloaded"))
+            self.metrics.queue_depth(self.name, 0)  # nothing waits any more: no backlog left behind for alerts
 
     async def submit(self, item: StepInput) -> StepOutput:
         """Queues one request and waits for its share of a batch result. A full queue refuses new requests

@@ -289,6 +289,23 @@ async def test_unload_lets_in_flight_requests_finish_then_refuses(make_dp: MakeD
     assert (await dp.char_step(lm, "abc")).steps == 3 and dp.unloaded() == []
 
 
+async def test_an_unload_leaves_no_queue_depth_behind(make_dp: MakeDP) -> None:
+    """Requests still queued when a model unloads are refused, and the queue-depth gauge says nothing waits
+    (it kept its last value: a false backlog for alerts and autoscalers)."""
+    dp = await make_dp(
+        grace_seconds=0.0, max_batch_size=1, inline_batch_ms=0.0, alone_inline_ms=0.0
+    )  # runs off the loop
+    calls = [asyncio.ensure_future(dp.classify(ModelRef("sentiment"), ["good film"] * 4)) for _ in range(60)]
+    depth = lambda: recorded(dp).registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"})  # noqa: E731
+    for _ in range(20):  # every call queued, one batch of one running
+        await asyncio.sleep(0)
+    assert depth()
+    await dp.unload_model("sentiment")
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert any(isinstance(r, ModelUnavailable) for r in results), {type(r).__name__ for r in results}
+    assert depth() == 0
+
+
 async def test_changed_weights_reload_and_pinned_sessions_say_so(
     repo: Path, make_dp: MakeDP, tiny_models: Path
 ) -> None:

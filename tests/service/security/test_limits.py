@@ -246,3 +246,34 @@ def test_byte_budget_gives_back_what_a_cancelled_waiter_held() -> None:
         return budget.used + budget.waiting
 
     assert run(scenario) == 0
+
+
+def test_a_cancelled_waiter_at_the_head_lets_the_ones_behind_it_in() -> None:
+    """Waiters are admitted in order; when the head one goes away (cancelled, or past its deadline), those behind
+    it that fit now are admitted at once, not when some other call next gives bytes back."""
+
+    async def scenario() -> tuple[bool, bool]:
+        budget = ByteBudget(100)
+        gate, small_in = asyncio.Event(), asyncio.Event()
+
+        async def hold(n: int, entered: asyncio.Event | None = None) -> None:
+            async with budget.hold(n):
+                if entered is not None:
+                    entered.set()
+                await gate.wait()
+
+        holder = asyncio.create_task(hold(40))
+        await asyncio.sleep(0)
+        big = asyncio.create_task(hold(70))  # does not fit: waits at the head
+        await asyncio.sleep(0)
+        small = asyncio.create_task(hold(20, small_in))  # would fit, but queues behind the big one
+        await asyncio.sleep(0)
+        before = small_in.is_set()
+        big.cancel()
+        await asyncio.gather(big, return_exceptions=True)
+        await asyncio.wait_for(small_in.wait(), 5)
+        gate.set()
+        await asyncio.gather(holder, small)
+        return before, budget.used == 0
+
+    assert run(scenario) == (False, True)
