@@ -84,13 +84,24 @@ class _Server(ThreadingHTTPServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self.idle_timeout)
         self.restart_clock(request)
-        if self.ssl_context is not None:
-            raw = request
-            request = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake here, bounded like a request
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        raw = request
+        tls = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake here, bounded like a request
+        with self._lock:
+            self._deadlines.pop(raw, None)
+        self.restart_clock(tls)
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            # wrap_socket took the connection over from ``raw``, which shutdown_request then closes in vain: the
+            # TLS socket is closed here, or every connection would sit in CLOSE-WAIT until the watchdog's deadline.
             with self._lock:
-                self._deadlines.pop(raw, None)
-            self.restart_clock(request)
-        super().finish_request(request, client_address)
+                self._deadlines.pop(tls, None)
+            with contextlib.suppress(OSError):
+                tls.shutdown(socket.SHUT_WR)
+            tls.close()
 
     def restart_clock(self, connection: Any) -> None:
         """A new request on ``connection``: it gets ``REQUEST_SECONDS_PER_IDLE`` idle timeouts from now."""

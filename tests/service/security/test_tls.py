@@ -52,6 +52,27 @@ def test_tls_on_both_ports(serve: Callable[..., ServerHandle], pki: Pki) -> None
     assert https_get(handle.server.metrics_port or 0, pki, path="/readyz") == 200
 
 
+def test_the_metrics_port_closes_each_tls_connection_when_its_request_is_done(
+    serve: Callable[..., ServerHandle], pki: Pki
+) -> None:
+    """After a response with "Connection: close" the server closes the TLS connection at once (it used to leave it
+    open, in CLOSE-WAIT once the client left, until the watchdog's deadline: 30 s per connection by default)."""
+    import socket
+
+    port = serve(**tls_settings(pki)).server.metrics_port or 0
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    for _ in range(3):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            received = b""
+            while chunk := tls.recv(65536):  # a timeout here: the server kept the connection open
+                received += chunk
+        assert received.startswith(b"HTTP/1.") and b" 200 " in received.split(b"\r\n")[0]
+
+
 def test_plaintext_to_a_tls_port_fails_cleanly(serve: Callable[..., ServerHandle], pki: Pki) -> None:
     handle = serve(**tls_settings(pki))
     with Client(handle.target, timeout=5) as plain, pytest.raises(ApiError) as info:
