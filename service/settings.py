@@ -30,8 +30,9 @@ class Settings(BaseSettings):
     ``name:key`` pairs separated by commas. Names: 1-64 of ``A-Za-z0-9._@-``; keys: at least 16 characters."""
     admin_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Principals allowed to load and unload models (KServe RepositoryModelLoad/Unload), comma-separated in the
-    environment. Without credentials configured everyone is the anonymous principal and may; with API keys or
-    mTLS, only the principals listed here may (none by default)."""
+    environment; semicolon-separated when they are mTLS subjects, which hold commas themselves (any value with
+    ``=`` in it: ``O=acme,CN=alice;san=spiffe://acme/ops``). Without credentials configured everyone is the
+    anonymous principal and may; with API keys or mTLS, only the principals listed here may (none by default)."""
     tls_cert: Path | None = None
     """PEM certificate chain of the server: with ``tls_key`` the gRPC and metrics ports speak TLS only."""
     tls_key: Path | None = None
@@ -201,5 +202,6 @@ class Settings(BaseSettings):
     @classmethod
     def _split_plugins(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            separator = ";" if "=" in value else ","  # mTLS subjects ("O=acme,CN=alice") hold commas
+            return [part.strip() for part in value.split(separator) if part.strip()]
         return value

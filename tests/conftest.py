@@ -2,7 +2,7 @@
 in-process gRPC server on 127.0.0.1 port 0 (its own event loop on a background thread), and a Client for it.
 
     def test_x(client): client.classify(["good film"])
-    def test_y(start_server): handle = start_server(api_key="k")   # a second server with other settings
+    def test_y(start_server): handle = start_server(api_key="key-0123456789abcdef")   # other settings
 """
 
 from __future__ import annotations

@@ -53,6 +53,12 @@ def load_keys(settings: Settings) -> dict[str, str]:
     """Every configured principal and its key; empty when the server needs no API key."""
     keys: dict[str, str] = {}
     spec = settings.api_keys
+    for name, value in (("api_key", settings.api_key), ("api_keys", spec)):
+        if value is not None and not value.strip():  # e.g. a secret template that rendered empty: never fail open
+            raise ValueError(
+                f"{name} is set but empty: unset SEQSERVE_{name.upper()} to serve without authentication, or give it "
+                "a value"
+            )
     if spec:
         path = Path(spec)
         if ":" not in spec or _is_file(path):
@@ -63,6 +69,8 @@ def load_keys(settings: Settings) -> dict[str, str]:
         if not keys:
             raise ValueError("api_keys holds no 'name:key' entry")
     if settings.api_key:
+        if len(settings.api_key) < MIN_KEY_CHARS:
+            raise ValueError(f"api_key: at least {MIN_KEY_CHARS} characters (got {len(settings.api_key)})")
         if DEFAULT_PRINCIPAL in keys:
             raise ValueError(f"api_key and an api_keys entry both name principal {DEFAULT_PRINCIPAL!r}")
         if settings.api_key in keys.values():

@@ -117,11 +117,13 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     """Runs the engine and its frontends until SIGTERM/SIGINT; returns the exit code."""
     from service.api import tls
     from service.api.http import MetricsHttpServer
+    from service.api.principals import load_keys
     from service.core.dataplane import CoreDataPlane
     from service.engine.metrics import serve_frontend_rpc_metrics
     from service.engine.server import EngineServer
     from service.metrics import Metrics
 
+    load_keys(settings)  # the frontends read the keys; a bad entry stops start-up here, in one line, not in each
     n = worker_count(settings)
     folder = Path(tempfile.mkdtemp(prefix="seqserve-engine-"))
     socket_path = str(folder / "engine.sock")

@@ -122,14 +122,14 @@ def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_console_script_with_api_key(tiny_models: Path, tmp_path: Path) -> None:
-    server = ServeProcess(tiny_models, tmp_path, SEQSERVE_API_KEY="k1")
+    server = ServeProcess(tiny_models, tmp_path, SEQSERVE_API_KEY="k1-0123456789abcdef")
     try:
         cmd = [str(SEQSERVE), "classify", "--target", server.target, "good"]
         denied = subprocess.run(
             cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "SEQSERVE_API_KEY": ""}
         )
         assert denied.returncode == 1 and denied.stderr.startswith("error: UNAUTHENTICATED: ")
-        ok = subprocess.run([*cmd, "--api-key", "k1"], capture_output=True, text=True, timeout=120)
+        ok = subprocess.run([*cmd, "--api-key", "k1-0123456789abcdef"], capture_output=True, text=True, timeout=120)
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout.split("\t")[0] in ("negative", "positive")
     finally:

@@ -149,14 +149,14 @@ def test_store_full_with_reject_policy(start_server: Callable[..., ServerHandle]
 
 
 def test_auth_missing_wrong_and_right(start_server: Callable[..., ServerHandle]) -> None:
-    handle = start_server(api_key="s3cret")
+    handle = start_server(api_key="s3cret-0123456789ab")
     with Client(handle.target) as anonymous:
         err = fails(Code.UNAUTHENTICATED, "authorization", "Bearer")(lambda: anonymous.classify(["good"]))
         assert err.reason == "UNAUTHENTICATED"
         fails(Code.UNAUTHENTICATED, "authorization")(lambda: anonymous.complete("a", max_chars=3))
     with Client(handle.target, api_key="wrong") as wrong:
         fails(Code.UNAUTHENTICATED, "wrong API key")(lambda: wrong.create_session("charlm"))
-    with Client(handle.target, api_key="s3cret") as right:
+    with Client(handle.target, api_key="s3cret-0123456789ab") as right:
         assert right.classify(["good"])[0].label in ("negative", "positive")
         with right.session("charlm") as s:
             assert list(right.suggest(s.id, ["ab", "c"]))[-1].steps == 3
@@ -211,7 +211,7 @@ def test_a_method_no_service_has_says_what_to_do_instead(
     """grpc's own answer is UNIMPLEMENTED 'Method not found!'. Triton's tritonclient calls these methods (e.g.
     get_system_shared_memory_status); the answer names the extension and the alternative. Whatever the call's
     shape, with or without credentials (nothing is served), and the server keeps serving."""
-    handle = start_server(api_key="s3cret")
+    handle = start_server(api_key="s3cret-0123456789ab")
     with grpc.insecure_channel(handle.target) as channel:
         unary = channel.unary_unary(method)
         streaming = channel.stream_stream(method)
@@ -221,7 +221,7 @@ def test_a_method_no_service_has_says_what_to_do_instead(
             assert info.value.code() == Code.UNIMPLEMENTED
             for w in words:
                 assert w in info.value.details()
-    with Client(handle.target, api_key="s3cret") as client:
+    with Client(handle.target, api_key="s3cret-0123456789ab") as client:
         assert client.classify(["good"])[0].label in ("negative", "positive")
 
 

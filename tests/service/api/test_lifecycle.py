@@ -106,7 +106,7 @@ def test_reflection_lists_and_describes_every_service(server: ServerHandle) -> N
 
 
 def test_health_and_reflection_need_no_api_key(start_server: Callable[..., ServerHandle]) -> None:
-    handle = start_server(api_key="k")
+    handle = start_server(api_key="key-0123456789abcdef")
     assert health(handle.target) == SERVING
     with grpc.insecure_channel(handle.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)

@@ -63,6 +63,19 @@ def test_bad_key_specs_fail_at_start_naming_the_entry(spec: str, words: str) -> 
         load_keys(Settings(api_keys=spec))
 
 
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"api_key": "short"}, "api_key: at least 16"),
+        ({"api_key": ""}, "api_key is set but empty"),  # a secret that rendered empty never turns auth off
+        ({"api_keys": "  "}, "api_keys is set but empty"),
+    ],
+)
+def test_a_short_or_empty_single_key_fails_at_start(settings: dict[str, str], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        load_keys(Settings(**settings))
+
+
 def test_rate_limiter_refills_and_names_the_quota() -> None:
     now = [0.0]
     limiter = RateLimiter(rate=2.0, burst=2, clock=lambda: now[0])
@@ -223,6 +236,12 @@ def test_stream_messages_are_paced_not_refused(start_server: Callable[..., Serve
         results = list(alice.suggest(s.id, ["a", "b", "c", "d", "e", "f"]))
         assert [r.steps for r in results] == [1, 2, 3, 4, 5, 6]
         assert time.monotonic() - started >= 4 / 20 * 0.9  # 6 messages, 1 token left: 5 waits of 1/20 s
+
+
+def test_admin_principals_from_the_environment_keep_mtls_subjects_whole() -> None:
+    assert Settings(admin_principals="alice, bob").admin_principals == ["alice", "bob"]
+    subjects = Settings(admin_principals="O=seqserve-tests,CN=alice; san=spiffe://example.org/ops")
+    assert subjects.admin_principals == ["O=seqserve-tests,CN=alice", "san=spiffe://example.org/ops"]
 
 
 def test_only_admin_principals_load_and_unload_models(start_server: Callable[..., ServerHandle]) -> None:

@@ -125,6 +125,20 @@ def test_mtls_certificates_with_an_empty_subject_are_named_by_their_san(
     assert owner is not None and owner.owner == "san=spiffe://example.org/worker"
 
 
+def test_an_mtls_subject_can_be_an_admin_principal(serve: Callable[..., ServerHandle], pki: Pki) -> None:
+    """SEQSERVE_ADMIN_PRINCIPALS holds whole subjects (with their commas) when separated by semicolons."""
+    admins = Settings(admin_principals="O=seqserve-tests,CN=alice;san=spiffe://example.org/worker").admin_principals
+    handle = serve(admin_principals=admins, **tls_settings(pki, mtls=True))
+    for pair, allowed in ((pki.alice, True), (pki.workers[0], True), (pki.bob, False)):
+        with grpc.secure_channel(handle.target, _creds(pki, pair.cert, pair.key)) as channel:
+            stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+            try:
+                stub.RepositoryModelLoad(kserve_pb.RepositoryModelLoadRequest(model_name="sentiment"), timeout=30)
+                assert allowed
+            except grpc.RpcError as e:
+                assert not allowed and e.code() == Code.PERMISSION_DENIED
+
+
 def _creds(pki: Pki, cert: Path | None = None, key: Path | None = None) -> grpc.ChannelCredentials:
     read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
     return grpc.ssl_channel_credentials(pki.ca.read_bytes(), read(key), read(cert))
