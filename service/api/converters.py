@@ -57,9 +57,9 @@ def require_id(value: str, field: str) -> str:
 
 
 def model_ref(selector: common_pb2.ModelSelector, default: str | None, field: str = "model.name") -> ModelRef:
-    """``default=None``: the name is required."""
-    name = selector.name or default
-    if not name:
+    """``default=None``: the name is required; ``""``: optional (a call on a session, whose model it is)."""
+    name = selector.name or default or ""
+    if not name and default is None:
         raise InvalidInput(f"{field} is required: name the model (e.g. 'charlm')")
     version = selector.version if selector.HasField("version") else None
     if version is not None and version < 1:

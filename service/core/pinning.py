@@ -45,8 +45,14 @@ def fits(registry: ModelRegistry, s: SessionState, capability: str | None, model
             f"session {echo(s.id)} belongs to {s.task!r} model {s.model}; this call needs a session "
             f"of {needs(capability)}"
         )
-    if model is not None and model.name and (model.name != s.model or model.version not in (None, s.version)):
-        named = echo(model.name) + (f" version {model.version}" if model.version is not None else "")
+    if (
+        model is not None
+        and (model.name or model.version is not None)
+        and (model.name not in ("", s.model) or model.version not in (None, s.version))
+    ):
+        named = (echo(model.name) if model.name else "its model") + (
+            f" version {model.version}" if model.version is not None else ""
+        )
         raise FailedPrecondition(
             f"session {echo(s.id)} belongs to model {s.model} version {s.version}, but the request "
             f"names {named}; omit the model or name the session's"

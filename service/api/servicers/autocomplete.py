@@ -9,7 +9,7 @@ import grpc
 
 from service.api import converters as cv
 from service.api.gen.seqserve.v1 import autocomplete_pb2, autocomplete_pb2_grpc
-from service.core.types import DataPlane, ModelRef
+from service.core.types import DataPlane
 from service.settings import Settings
 
 SERVICE = autocomplete_pb2.DESCRIPTOR.services_by_name["Autocomplete"].full_name
@@ -27,8 +27,7 @@ class AutocompleteServicer(autocomplete_pb2_grpc.AutocompleteServicer):
         session_id = cv.require_id(request.session_id, "session_id") if request.HasField("session_id") else None
         if session_id is not None:
             # Continue with the session's own model; a model named here must match it (checked by the core).
-            sel = request.model
-            model = ModelRef(sel.name, sel.version if sel.HasField("version") else None)
+            model = cv.model_ref(request.model, "")  # version checked (>= 1) as without a session
         else:
             model = cv.model_ref(request.model, DEFAULT_MODEL)
         stream = self.dataplane.complete(model, request.prompt, cv.sampling_params(request), session_id)

@@ -6,9 +6,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 
+import grpc
 import numpy as np
+import pytest
 
-from service.client import Client, SuggestEvent
+from service.client import ApiError, Client, SuggestEvent
 from service.core.types import Suggestion
 
 TEXT = "To be, or not to be: that is the question."
@@ -83,3 +85,17 @@ def test_forecast_fork_is_independent(client: Client) -> None:
             client.delete_session(fork.id)
     assert moved.rows_seen == 30 and parent.rows_seen == expected.rows_seen == 25
     np.testing.assert_allclose(parent.point, expected.point, rtol=1e-5, atol=1e-5)
+
+
+def test_complete_on_a_session_checks_a_named_version(client: Client) -> None:
+    """A Complete on a session runs on the session's model; a version named without a name must be the session's
+    (it was ignored), and version 0 is refused as without a session."""
+    with client.session("charlm") as s:
+        for kwargs, code in (({"version": 7}, grpc.StatusCode.FAILED_PRECONDITION),
+                             ({"model": "charlm", "version": 0}, grpc.StatusCode.INVALID_ARGUMENT),
+                             ({"version": 0}, grpc.StatusCode.INVALID_ARGUMENT)):  # fmt: skip
+            with pytest.raises(ApiError) as info:
+                list(client.complete("a", session_id=s.id, max_chars=2, **kwargs))  # type: ignore[arg-type]
+            assert info.value.code == code, (kwargs, info.value)
+        assert client.get_session(s.id).steps == 0  # nothing ran
+        assert len(list(client.complete("a", session_id=s.id, max_chars=2, version=1))) == 2
