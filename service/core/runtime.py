@@ -16,7 +16,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from service.core.arrays import DTYPES, resolve_shape, zero_states
-from service.core.manifest import Manifest, StateSpec
+from service.core.manifest import Dim, Manifest, StateSpec
 from service.errors import ModelUnavailable
 from service.settings import Settings
 
@@ -78,6 +78,43 @@ class Runtime:
                 f"model.onnx lacks tensors declared in manifest.json: {missing} "
                 f"(graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)}); re-export the model"
             )
+        # Dtypes, ranks and the sizes the manifest fixes (numbers, and symbols such as features or vocab) must be
+        # the graph's too: a graph from another export under this manifest would load, then fail every request.
+        args = {a.name: a for a in (*self.session.get_inputs(), *self.session.get_outputs())}
+        declared = [(t.name, t.dtype, t.shape) for t in (*self.manifest.inputs, *self.manifest.outputs)]
+        for st in self.manifest.states:
+            declared += [(st.input, st.dtype, st.shape), (st.output, st.dtype, st.shape)]
+        problems = []
+        for name, dtype, shape in declared:
+            arg = args.get(name)
+            if arg is None:
+                continue  # a state the graph does not expose is the states check's business
+            if arg.type != _ORT_TYPES[dtype]:
+                problems.append(f"{name} is {arg.type} in the graph, {dtype} in the manifest")
+                continue
+            if not isinstance(arg.shape, list) or not arg.shape:
+                continue  # a rank the graph does not state
+            if len(arg.shape) != len(shape):
+                problems.append(f"{name} has rank {len(arg.shape)} in the graph, {len(shape)} in the manifest")
+                continue
+            for axis, (want, got) in enumerate(zip(shape, arg.shape, strict=True)):
+                size = self._fixed(want)
+                if size is not None and isinstance(got, int) and got > 0 and got != size:
+                    problems.append(f"{name} axis {axis} is {got} in the graph, {want} = {size} in the manifest")
+        if problems:
+            raise ValueError(
+                f"model.onnx does not match manifest.json: {'; '.join(problems)}; it is from another export: copy "
+                "the two files together"
+            )
+
+    def _fixed(self, dim: Dim) -> int | None:
+        """A manifest dimension's size when the manifest fixes it (a number, or symbols it defines), else None."""
+        if isinstance(dim, int):
+            return dim
+        try:
+            return resolve_shape([dim], self.symbols)[0]
+        except ValueError:  # batch, time: free
+            return None
 
     def _state_shape(self, spec: StateSpec, batch: int) -> tuple[int, ...]:
         return resolve_shape(spec.shape, {**self.symbols, "batch": batch})
@@ -97,6 +134,9 @@ class Runtime:
                 feeds[s.input] = np.zeros(self._state_shape(s, batch), dtype=DTYPES[s.dtype])
         outputs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outputs, strict=True))
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "int32": "tensor(int32)", "bool": "tensor(bool)"}
 
 
 def load_runtime(manifest: Manifest, path: Path, settings: Settings, symbols: dict[str, int]) -> Runtime:

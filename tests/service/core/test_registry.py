@@ -149,6 +149,24 @@ async def test_while_a_model_loads_again_calls_get_unavailable_then_its_newest_v
     assert dp.registry.resolve(ModelRef("sentiment")).version == 3
 
 
+async def test_a_graph_from_another_export_is_refused_at_load(tmp_path: Path, make_dp: MakeDP) -> None:
+    """The committed ETTh1 forecaster's graph (7 features, GRU 256) under the AirPassengers forecaster's manifest
+    (1 feature), with a matching sha256: every tensor name is there, but the sizes are not; it must fail at load
+    (it loaded READY, became the default and failed every request with INTERNAL)."""
+    committed = Path(__file__).resolve().parents[3] / "models"
+    shutil.copytree(committed / "forecaster-air" / "1", tmp_path / "forecaster-air" / "1")
+    other = add_version(tmp_path, "forecaster-air", 1, 2)
+    shutil.copy(committed / "forecaster" / "1" / MODEL_FILE, other / MODEL_FILE)
+    manifest = json.loads((other / MANIFEST_FILE).read_text())
+    manifest["sha256"] = sha256_file(other / MODEL_FILE)
+    (other / MANIFEST_FILE).write_text(json.dumps(manifest))
+    dp = await make_dp(models=tmp_path)
+    info = dp.model_info(ModelRef("forecaster-air", 2))
+    assert not info.ready and "does not match manifest.json" in (info.error or ""), info.error
+    assert "history axis 2 is 7 in the graph" in (info.error or "")
+    assert dp.model_info(ModelRef("forecaster-air")).version == 1  # the default stays the one that works
+
+
 async def test_invalid_manifest_and_misplaced_version_are_reported(repo: Path, make_dp: MakeDP) -> None:
     (repo / "forecaster" / "1" / MANIFEST_FILE).write_text("{not json")
     shutil.copytree(repo / "charlm" / "1", repo / "charlm" / "7")  # manifest still says version 1
