@@ -92,6 +92,9 @@ class ModelEntry:
     def ready(self) -> bool:
         return self.state == "READY"
 
+    def _gone(self) -> ModelUnavailable:
+        return ModelUnavailable(f"model {self.label} was unloaded while this call used it; retry the call")
+
     @property
     def manifest(self) -> Manifest:
         assert self.loaded_manifest is not None, f"{self.label} has no valid manifest"
@@ -99,17 +102,20 @@ class ModelEntry:
 
     @property
     def runtime(self) -> Runtime:
-        assert self._runtime is not None, f"{self.label} is not loaded"
+        if self._runtime is None:  # a call still running when its version was unloaded (past the grace period)
+            raise self._gone()
         return self._runtime
 
     @property
     def batcher(self) -> Batcher:
-        assert self._batcher is not None, f"{self.label} is not loaded"
+        if self._batcher is None:  # a call still running when its version was unloaded (past the grace period)
+            raise self._gone()
         return self._batcher
 
     @property
     def task(self) -> Task:
-        assert self._task is not None, f"{self.label} is not loaded"
+        if self._task is None:  # a call still running when its version was unloaded (past the grace period)
+            raise self._gone()
         return self._task
 
     @property

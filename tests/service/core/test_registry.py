@@ -307,6 +307,19 @@ async def test_unload_lets_in_flight_requests_finish_then_refuses(make_dp: MakeD
     assert (await dp.char_step(lm, "abc")).steps == 3 and dp.unloaded() == []
 
 
+async def test_a_stream_running_past_the_unload_grace_ends_unavailable(make_dp: MakeDP) -> None:
+    """A Complete still generating when its version is unloaded (grace 0) ends with UNAVAILABLE saying so, never
+    an internal error from a model that is gone."""
+    dp = await make_dp(grace_seconds=0.0)
+    stream = dp.complete(ModelRef("charlm"), "ab", SamplingParams(max_chars=500))
+    got = [await anext(stream) for _ in range(3)]
+    await dp.unload_model("charlm")
+    with pytest.raises(ModelUnavailable, match="unloaded"):
+        async for chunk in stream:
+            got.append(chunk)
+    assert 3 <= len(got) < 500
+
+
 async def test_an_unload_leaves_no_queue_depth_behind(make_dp: MakeDP) -> None:
     """Requests still queued when a model unloads are refused, and the queue-depth gauge says nothing waits
     (it kept its last value: a false backlog for alerts and autoscalers)."""
