@@ -191,6 +191,22 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key: the server must speak TLS first")
         return self
 
+    @model_validator(mode="after")
+    def _no_silent_limits(self) -> Settings:
+        """Combinations that would switch a limit off without a word."""
+        if self.large_request_bytes > self.max_message_bytes:
+            raise ValueError(
+                f"large_request_bytes ({self.large_request_bytes}) is above max_message_bytes "
+                f"({self.max_message_bytes}): no request would count against max_large_bytes_in_flight; to allow "
+                "more large requests at once, raise max_large_bytes_in_flight instead"
+            )
+        if self.quota_request_burst and not self.quota_requests_per_second:
+            raise ValueError(
+                "quota_request_burst is set but quota_requests_per_second is 0 (no rate quota): set the rate too, "
+                "or leave the burst unset"
+            )
+        return self
+
     @field_validator("session_signing_key")
     @classmethod
     def _long_key(cls, value: SecretStr | None) -> SecretStr | None:

@@ -203,3 +203,21 @@ def test_a_check_across_settings_and_a_secret_setting_print_no_values(
     err = capsys.readouterr().err
     assert "setting session_signing_key (SEQSERVE_SESSION_SIGNING_KEY): session_signing_key must have at least" in err
     assert "hunter2" not in err and err.endswith("got (not shown: a secret)\n")
+    monkeypatch.delenv("SEQSERVE_SESSION_SIGNING_KEY")
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"SEQSERVE_LARGE_REQUEST_BYTES": "33554432"}, "no request would count against max_large_bytes_in_flight"),
+        ({"SEQSERVE_QUOTA_REQUEST_BURST": "5"}, "quota_request_burst is set but quota_requests_per_second is 0"),
+    ],
+)
+def test_settings_that_would_switch_a_limit_off_silently_are_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str], words: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1
