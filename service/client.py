@@ -202,8 +202,9 @@ class Client:
         call = self._autocomplete.Suggest(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
         return _stream(call, cv.suggest_from_pb)
 
-    def suggest_once(self, session_id: str, appended: str, **event: Any) -> SuggestResult:
-        return next(iter(self.suggest(session_id, [SuggestEvent(appended, **event)])))
+    def suggest_once(self, session_id: str, appended: str, timeout: float | None = None, **event: Any) -> SuggestResult:
+        """One event on a stream of its own; ``event``: the other ``SuggestEvent`` fields (n, max_chars, ...)."""
+        return next(iter(self.suggest(session_id, [SuggestEvent(appended, **event)], timeout=timeout)))
 
     # --- Forecast -------------------------------------------------------------------------------------
 

@@ -99,3 +99,9 @@ def test_complete_on_a_session_checks_a_named_version(client: Client) -> None:
             assert info.value.code == code, (kwargs, info.value)
         assert client.get_session(s.id).steps == 0  # nothing ran
         assert len(list(client.complete("a", session_id=s.id, max_chars=2, version=1))) == 2
+
+
+def test_suggest_once_takes_a_timeout(client: Client) -> None:
+    """Like every other client call (it went into SuggestEvent and raised TypeError)."""
+    with client.session("charlm") as s:
+        assert client.suggest_once(s.id, "abc", timeout=30, n=2, max_chars=1).steps == 3
