@@ -5,6 +5,7 @@ committed; max_sessions holds across replicas (the counts live in Redis)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -92,3 +93,61 @@ def test_limits_hold_across_replicas(redis_server: RedisServer, start_replica: C
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     a.delete_session(first[2])  # a deletes b's session: room again, for either replica
     assert b.create_session("charlm").steps == 0
+
+
+def test_every_replica_reports_the_shared_store(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    """The session gauges of each replica follow the shared store, not only what that replica did last: a replica
+    that created three sessions reports one once another replica deleted two (its alert on store capacity and a
+    dashboard's sum read the store, not a stale snapshot)."""
+    handles = [start_replica(redis_server.url, reaper_interval_seconds=0.1) for _ in range(2)]
+    a, b = (Client(h.target) for h in handles)
+    made = [a.create_session("charlm").id for _ in range(3)]
+    for sid in made[:2]:
+        b.delete_session(sid)
+
+    def gauges() -> list[float | None]:
+        return [
+            h.server.metrics.registry.get_sample_value(name, labels)
+            for h in handles
+            for name, labels in (
+                ("seqserve_session_store_sessions", {}),
+                ("seqserve_sessions_active", {"model": "charlm"}),
+            )
+        ]
+
+    deadline = time.monotonic() + 10
+    while gauges() != [1.0] * 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gauges() == [1.0] * 4
+
+
+def test_idle_write_back_for_cache_room_never_loses_an_acknowledged_step(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    """Idle durability with a hot cache too small for one session: the write-back that makes room runs in the
+    session's turn, so a step acknowledged meanwhile is never left on a replica that no longer holds the lease
+    (the other replica then continued from the older value: a gap in the step counts)."""
+    small = {"session_durability": "idle", "session_cache_bytes": 1}
+    a, b = (Client(start_replica(redis_server.url, **small).target, timeout=30) for _ in range(2))
+    gaps: list[tuple[int, int]] = []
+    steps = [0]
+
+    def work() -> None:
+        sid, n = a.create_session("charlm").id, 0
+        end = time.monotonic() + 6
+        i = 0
+        while time.monotonic() < end:
+            got = (b if i % 4 == 3 else a).suggest_once(sid, "x", n=1, max_chars=1).steps
+            if got != n + 1:
+                gaps.append((n, got))
+            n, i = got, i + 1
+            steps[0] += 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert steps[0] > 200 and gaps == []

@@ -32,7 +32,15 @@ from service.core.aio import cancel_and_wait
 from service.core.context import close_commit_scope, commit_scope, principal
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
-from service.errors import InvalidInput, Overloaded, QuotaExceeded, SessionEvicted, SessionNotFound, echo
+from service.errors import (
+    InvalidInput,
+    Overloaded,
+    QuotaExceeded,
+    SessionEvicted,
+    SessionNotFound,
+    StoreUnavailable,
+    echo,
+)
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -278,6 +286,10 @@ class SessionManager:
             try:
                 if n := await self.sweep():
                     log.info("expired %d idle sessions", n)
+                else:  # a shared store changes under other replicas too: the gauges follow it on every tick
+                    await self._report()
+            except StoreUnavailable:
+                pass  # said once by the store; the reaper tries again
             except Exception:  # the reaper must survive anything
                 log.exception("session reaper failed")
 

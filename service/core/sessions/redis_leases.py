@@ -148,7 +148,9 @@ class Leases:
         """Writes ``s`` (the entry's state now) over the revision the entry was read at."""
         deadline, touch = self.deadline(e, s)
         t0 = time.monotonic()
-        args: list[Arg] = [self.replica, e.stored, self.value(s, deadline), self.ttl_ms(s), int(self.lease_s * 1000)]
+        lease_ms = int(self.lease_s * 1000)
+        value_ms = self.ttl_ms(s) if release else max(self.ttl_ms(s), lease_ms)  # outlives the lease it keeps
+        args: list[Arg] = [self.replica, e.stored, self.value(s, deadline), value_ms, lease_ms]
         try:
             r = int(await self.conn.script("save", self.keys(session_id), [*args, "1" if release else "0"]))
         except StoreUnavailable:
@@ -240,7 +242,13 @@ class Leases:
         e = self.cache.get(session_id)
         if e is not None:
             e.wanted = True
-        if self.cache.in_use(session_id) or session_id in self._handing:
+        if not self.cache.in_use(session_id):
+            self._hand_back(session_id, only_if_wanted=True)
+
+    def _hand_back(self, session_id: str, only_if_wanted: bool) -> None:
+        """Writes the session back and drops its lease in the background, in the session's turn: never under a
+        call on it (a step acknowledged meanwhile would stay unwritten on a replica without the lease)."""
+        if session_id in self._handing:
             return
         self._handing.add(session_id)
 
@@ -248,7 +256,7 @@ class Leases:
             try:
                 async with self.cache.turn(session_id):
                     now = self.cache.get(session_id)
-                    if now is None or now.wanted:
+                    if now is None or now.wanted or not only_if_wanted:
                         await self.flush(session_id, release=True)
             finally:
                 self._handing.discard(session_id)
@@ -274,8 +282,9 @@ class Leases:
                 jobs.append(self.flush(sid))
             elif 0 < e.owned_until - now < self.lease_s / 2 and (self.cache.in_use(sid) or e.dirty_since is not None):
                 jobs.append(self.renew(sid, e))
-        for sid in self.cache.over_budget():
-            jobs.append(self.flush(sid, release=True))
+        for sid in self.cache.over_budget():  # the hot cache needs room: hand idle sessions back, in their turn
+            if not self.cache.in_use(sid):
+                self._hand_back(sid, only_if_wanted=False)
         await asyncio.gather(*jobs, return_exceptions=True)
         for sid in self.cache.over_budget():
             victim = self.cache.get(sid)
@@ -284,7 +293,7 @@ class Leases:
 
     async def renew(self, session_id: str, e: Entry) -> None:
         t0 = time.monotonic()
-        ok = await self.conn.script("lease", self.keys(session_id)[1:], [self.replica, int(self.lease_s * 1000)])
+        ok = await self.conn.script("renew", self.keys(session_id), [self.replica, int(self.lease_s * 1000)])
         if int(ok) == 1:
             e.owned_until = t0 + OWNED * self.lease_s
         else:

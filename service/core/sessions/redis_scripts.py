@@ -43,13 +43,12 @@ return {1, head, redis.call('GET', KEYS[1])}
 
 # KEYS: value, lease. ARGV: replica, expected revision (16 hex), new value, value ms, lease ms, release ("1"/"0").
 # -> 1 written; -1 another replica holds the lease; -2 the stored revision is not the expected one (or gone).
-# A value that is gone while this replica holds the lease expired during the call (a call longer than the TTL:
-# a session in use is not idle) and is written back; a deleted session has no lease left (DELETE drops both).
+# A value written under a lease this replica keeps lives at least as long as the lease (RENEW extends both while
+# a call runs): a call longer than the session's TTL finds its value still there (a session in use is not idle).
 SAVE = """
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return -1 end
-local stored = redis.call('GETRANGE', KEYS[1], 0, 15)
-if stored ~= ARGV[2] and not (stored == '' and holder == ARGV[1]) then return -2 end
+if redis.call('GETRANGE', KEYS[1], 0, 15) ~= ARGV[2] then return -2 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 if ARGV[6] == '1' then
   redis.call('DEL', KEYS[2])
@@ -91,6 +90,18 @@ if ARGV[2] == '0' then
 else
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
+return 1
+"""
+
+# KEYS: value, lease. ARGV: replica, lease ms. Renews this replica's lease of a session in a long call (or holding
+# unwritten steps), and keeps its value alive at least as long: -> 1 renewed; 0 another replica holds the lease;
+# -1 the value is gone (Redis lost it: a restart without persistence, a failover): never re-created here.
+RENEW = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
 
@@ -163,6 +174,7 @@ SCRIPTS = {
     "add": ADD,
     "delete": DELETE,
     "lease": LEASE,
+    "renew": RENEW,
     "index_put": INDEX_PUT,
     "index_del": INDEX_DEL,
     "index_trim": INDEX_TRIM,
