@@ -61,7 +61,8 @@ class V2Inference:
         return SessionNotFound(
             f"sequence {echo(seq.id)} of model {model} is unknown or expired (sequences expire after "
             f"{self.settings.sequence_idle_seconds:g}s idle, end with sequence_end, and may be evicted when the "
-            "session store is full); send sequence_start=true to begin it"
+            "session store is full); send sequence_start=true to begin it (as Triton says: a request must specify "
+            "the START flag on the first request of the sequence)"
         )
 
     async def infer(

@@ -48,6 +48,9 @@ def _server_version() -> str:
         return "0"
 
 
+FINAL_PARAMETER = "triton_final_response"
+
+
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
         self._dataplane = dataplane
@@ -109,11 +112,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Requests of one stream run in order, so a sequence sent on a stream advances step by step.
+        # Requests of one stream run in order, so a sequence sent on a stream advances step by step. Each request
+        # has exactly one response, so each is its final one: like Triton, every response (errors too) says so
+        # in parameter triton_final_response, which streaming clients read to know a request is done.
         async for request in request_iterator:
             try:
                 out = pb.ModelStreamInferResponse()
                 await self._infer(request, out.infer_response)  # filled in place: no copy into the envelope
+                out.infer_response.parameters[FINAL_PARAMETER].bool_param = True
                 yield out
             except SeqServeError as e:
                 yield self._stream_error(request, clip(e.message))
@@ -123,9 +129,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
-        echo = pb.ModelInferResponse(
-            model_name=request.model_name[:256], model_version=request.model_version[:16], id=request.id[:256]
+        echo = pb.ModelInferResponse(  # the whole id, as Triton: the client matches the failure to its request
+            model_name=request.model_name[:256], model_version=request.model_version[:16], id=request.id
         )
+        echo.parameters[FINAL_PARAMETER].bool_param = True
         return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
     async def _infer(

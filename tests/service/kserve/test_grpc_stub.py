@@ -198,14 +198,18 @@ def test_bad_sequence_parameters(stub: pb_grpc.GRPCInferenceServiceStub) -> None
 
 
 def test_stream_reports_errors_inline(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
-    bad = pb.ModelInferRequest(model_name="charlm", id="bad", inputs=[Input(name="TEXT", datatype="FP32", shape=[1])],
-                               raw_input_contents=[b"\x00" * 4])  # fmt: skip
+    """An error is one response of the stream, which goes on. Every response, error or not, carries Triton's
+    triton_final_response=true (each request has one response), and an error echoes the request's whole id."""
+    long_id = "bad-" + "x" * 300
+    bad = pb.ModelInferRequest(model_name="charlm", id=long_id, inputs=[Input(name="TEXT", datatype="FP32",
+                               shape=[1])], raw_input_contents=[b"\x00" * 4])  # fmt: skip
     good = _charlm_raw("hi")
     good.id = "good"
     responses = list(stub.ModelStreamInfer(iter([bad, good]), timeout=60))
-    assert [r.infer_response.id for r in responses] == ["bad", "good"]
+    assert [r.infer_response.id for r in responses] == [long_id, "good"]
     assert "TEXT" in responses[0].error_message and "BYTES" in responses[0].error_message
     assert responses[1].error_message == "" and len(responses[1].infer_response.outputs) == 3
+    assert all(r.infer_response.parameters["triton_final_response"].bool_param for r in responses)
 
 
 def test_statistics_for_one_model(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
@@ -298,7 +302,8 @@ def test_a_refused_start_changes_nothing(stub: pb_grpc.GRPCInferenceServiceStub)
     assert _status(stub, refused)[0] == grpc.StatusCode.INVALID_ARGUMENT
     after = _charlm_raw("x")
     _seq(after, 718)
-    assert _status(stub, after)[0] == grpc.StatusCode.NOT_FOUND
+    code, details = _status(stub, after)
+    assert code == grpc.StatusCode.NOT_FOUND and "must specify the START flag on the first request" in details
 
 
 def test_concurrent_starts_on_one_id_each_begin_fresh(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
