@@ -194,6 +194,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _no_silent_limits(self) -> Settings:
         """Combinations that would switch a limit off without a word."""
+        if self.large_request_bytes > self.max_message_bytes and "large_request_bytes" not in self.model_fields_set:
+            self.large_request_bytes = self.max_message_bytes  # the default follows a smaller message limit
         if self.large_request_bytes > self.max_message_bytes:
             raise ValueError(
                 f"large_request_bytes ({self.large_request_bytes}) is above max_message_bytes "

@@ -57,8 +57,9 @@ def _within_repository(message: str, root: Path) -> str:
     """``message`` with the repository's own path cut from the paths it names ("charlm/2/manifest.json says ..."):
     load errors reach callers (UNAVAILABLE, the repository index), who need the model's folder, not the server's
     file system layout."""
-    for prefix in {str(root), str(root.resolve()), str(root.absolute())}:
-        message = message.replace(prefix + os.sep, "")
+    for prefix in sorted({str(root.resolve()), str(root.absolute()), str(root)}, key=len, reverse=True):
+        # only where a path starts (not "tinymodels/" for root "models"), longest first
+        message = re.sub(r"(?<![\w.~/-])" + re.escape(prefix + os.sep), "", message)
     return message
 
 

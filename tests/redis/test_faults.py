@@ -142,3 +142,25 @@ def test_a_complete_longer_than_the_session_ttl_keeps_the_session(
     assert took > 1.0, f"the Complete took {took:.2f} s, not past the TTL: nothing was tested"
     assert chunks[-1].finish_reason == "length"
     assert c.get_session(sid).steps == 5 + 5000
+
+
+async def test_a_full_redis_is_up_and_refuses_writes_call_by_call(private_redis: Callable[..., RedisServer]) -> None:
+    """maxmemory reached with noeviction: the store still answers (health up; the server starts), and writes get
+    RESOURCE_EXHAUSTED per call."""
+    from service.core.sessions.redis_store import RedisSessionStore
+    from service.errors import Overloaded
+    from service.settings import Settings
+    from tests.redis.test_store import state
+
+    r = private_redis()
+    r.client().config_set("maxmemory", 1)
+    store = RedisSessionStore(r.url, Settings(session_lease_seconds=2.0))
+    try:
+        assert await store.check() is None
+        try:
+            await store.add(state("full"))
+            raise AssertionError("a write went through a full Redis")
+        except Overloaded as e:
+            assert "out of memory" in e.message
+    finally:
+        await store.close()

@@ -118,20 +118,38 @@ class SessionManager:
                 f"needs {nbytes}, the limit is {max_b} (quota_session_bytes); delete sessions you no longer need"
             )
 
+    async def _check_quota_swept(self, owner: str, nbytes: int) -> bool:
+        """``_check_quota``, once more after sweeping expired sessions if it fails; True when it swept."""
+        try:
+            await self._check_quota(owner, nbytes)
+            return False
+        except QuotaExceeded:
+            if not await self.sweep():  # the owner's sessions past their TTL no longer count
+                raise
+        await self._check_quota(owner, nbytes)
+        return True
+
+    async def _refuse_early(self, session: SessionState) -> None:
+        """Before a start's first step runs (``begin``): refuses it when ``add`` would, so a full store or a
+        used-up quota costs no model run. Evicts nothing; a start that replaces the id's session is left to
+        ``add``, since the replaced one frees its own room."""
+        st = self.settings
+        if st.session_full_policy != "reject" and not st.quota_sessions and not st.quota_session_bytes:
+            return
+        if await self.store.load(session.id) is not None:
+            return
+        if st.session_full_policy == "reject":
+            await self._make_room(principal(), session.nbytes, keep=session.id)  # refuses; never evicts here
+        else:
+            await self._check_quota_swept(principal(), session.nbytes)
+
     async def _make_room(self, owner: str, nbytes: int, keep: str | None) -> None:
         """Evicts least recently used idle sessions (or refuses) until one more session of ``nbytes`` fits:
         the owner's own first, another principal's only when the owner has none to give."""
         max_n, max_b = self.settings.max_sessions, self.settings.max_session_bytes
         if nbytes > max_b:
             raise Overloaded(f"a session of this model needs {nbytes} bytes, more than max_session_bytes={max_b}")
-        swept = False
-        try:
-            await self._check_quota(owner, nbytes)
-        except QuotaExceeded:
-            swept = True
-            if not await self.sweep():  # the owner's sessions past their TTL no longer count
-                raise
-            await self._check_quota(owner, nbytes)
+        swept = await self._check_quota_swept(owner, nbytes)
         usage = await self.store.usage()
         while usage.count + 1 > max_n or usage.bytes + nbytes > max_b:
             if not swept:  # sessions past their TTL that the reaper has not removed yet make room first
@@ -367,6 +385,12 @@ class SessionStart:
 
     async def __aenter__(self) -> SessionState:
         await self._lease.__aenter__()
+        try:
+            self._session.owner = principal()
+            await self._manager._refuse_early(self._session)
+        except BaseException:
+            await self._lease.__aexit__(None, None, None)
+            raise
         self._pending, self._token = commit_scope()
         return self._session
 
@@ -376,11 +400,13 @@ class SessionStart:
             if exc_type is not None:
                 return  # refused or failed: nothing stored, the running session (if any) untouched
             m, s = self._manager, self._session
-            if self.end:
+            if self.end:  # a one-request sequence: it began and ended here (counted so), nothing is stored
                 old = await m.store.delete(s.id)
                 if old is not None:
                     m.metrics.session_event(old.model, "deleted")
-                    await m._report()
+                for event in ("created", *([self._event] if self._event != "created" else []), "deleted"):
+                    m.metrics.session_event(s.model, event)
+                await m._report()
             else:
                 s.last_used_at = m.clock()
                 await m.add(s, event=self._event)

@@ -142,13 +142,16 @@ class RedisConn:
             await self.client.publish(channel, message)
 
     async def ping(self, probe: str) -> str | None:
-        """None when Redis answers and accepts a write (``probe``: a key to set for a second), else why not."""
+        """None when Redis answers and accepts a write (``probe``: a key to set for a second), else why not. A
+        Redis out of memory answers: it is up, and writes get RESOURCE_EXHAUSTED (``Overloaded``) call by call."""
         try:
             async with self.guard():
                 await self.client.ping()
                 await self.client.set(probe, b"1", px=1000)
         except StoreUnavailable as e:
             return e.message
+        except Overloaded:
+            return None
         return None
 
     async def close(self) -> None:

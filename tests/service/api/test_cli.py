@@ -206,6 +206,13 @@ def test_a_check_across_settings_and_a_secret_setting_print_no_values(
     monkeypatch.delenv("SEQSERVE_SESSION_SIGNING_KEY")
 
 
+def test_a_smaller_message_limit_takes_the_large_request_threshold_down_with_it() -> None:
+    from service.settings import Settings
+
+    assert Settings(max_message_bytes=512 * 1024).large_request_bytes == 512 * 1024
+    assert Settings().large_request_bytes == 1024 * 1024
+
+
 @pytest.mark.parametrize(
     ("env", "words"),
     [

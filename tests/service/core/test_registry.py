@@ -167,6 +167,16 @@ async def test_a_graph_from_another_export_is_refused_at_load(tmp_path: Path, ma
     assert dp.model_info(ModelRef("forecaster-air")).version == 1  # the default stays the one that works
 
 
+def test_load_errors_name_folders_within_the_repository(tmp_path: Path) -> None:
+    from service.core.registry import _within_repository
+
+    root = tmp_path / "models"
+    message = f"{root}/charlm/2/manifest.json says tinymodels/1; models/x/1 and '{root}/a/1'"
+    assert _within_repository(message, root) == "charlm/2/manifest.json says tinymodels/1; models/x/1 and 'a/1'"
+    relative = Path("models")  # only where a path starts: never the tail of another folder's name
+    assert _within_repository("models/charlm/2 lives in tinymodels/1", relative) == "charlm/2 lives in tinymodels/1"
+
+
 async def test_invalid_manifest_and_misplaced_version_are_reported(repo: Path, make_dp: MakeDP) -> None:
     (repo / "forecaster" / "1" / MANIFEST_FILE).write_text("{not json")
     shutil.copytree(repo / "charlm" / "1", repo / "charlm" / "7")  # manifest still says version 1

@@ -297,6 +297,23 @@ async def test_a_model_whose_name_has_a_colon_has_sequences_of_its_own(repo: Pat
     assert (await dp.infer(LM, text("c"), sequence=SequenceRef("x:5"))).steps == 3  # untouched by the other
 
 
+async def test_one_request_sequences_are_counted_and_full_stores_refuse_starts_before_running_them(
+    make_dp: MakeDP,
+) -> None:
+    """A sequence that starts and ends in one request counts as created and deleted (nothing is stored). Under the
+    reject policy, a start the full store would refuse is refused before its first step runs (no model run)."""
+    dp = await make_dp(max_sessions=1, session_full_policy="reject")
+    await dp.infer(LM, text("ab"), sequence=SequenceRef("one", start=True, end=True))
+    assert recorded(dp).events.count(("charlm", "created")) == 1
+    assert recorded(dp).events.count(("charlm", "deleted")) == 1
+    await dp.infer(LM, text("ab"), sequence=SequenceRef("a", start=True))
+    runs = len(recorded(dp).batch_sizes("charlm"))
+    with pytest.raises(Overloaded, match="max_sessions=1"):
+        await dp.infer(LM, text("cd"), sequence=SequenceRef("b", start=True))
+    assert len(recorded(dp).batch_sizes("charlm")) == runs  # refused before any step ran
+    assert (await dp.infer(LM, text("x"), sequence=SequenceRef("a", start=True))).steps == 1  # a restart fits
+
+
 async def test_reset_and_delete(dp: CoreDataPlane) -> None:
     s = await dp.create_session(LM)
     await dp.char_step(LM, "abc", session_id=s.id)
