@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 
 _CALL_MODEL: ContextVar[list[str] | None] = ContextVar("seqserve_call_model", default=None)
 
@@ -76,12 +76,19 @@ def after_commit(action: Callable[[], None]) -> None:
         pending.append(action)
 
 
-def commit_scope() -> tuple[list[Callable[[], None]], Token[list[Callable[[], None]] | None]]:
-    """Opens a session call's scope: (its pending actions, the token that closes it)."""
-    pending: list[Callable[[], None]] = []
-    return pending, _AFTER_COMMIT.set(pending)
+class CommitScope:
+    """One session call's scope: opened when the call has its session, closed with whether its state was stored
+    (then the actions noted meanwhile run; else they are dropped)."""
 
+    __slots__ = ("_pending", "_token")
 
-def close_commit_scope(token: Token[list[Callable[[], None]] | None]) -> None:
-    with contextlib.suppress(ValueError):  # closed from another context (an abandoned stream finalized elsewhere)
-        _AFTER_COMMIT.reset(token)
+    def __init__(self) -> None:
+        self._pending: list[Callable[[], None]] = []
+        self._token = _AFTER_COMMIT.set(self._pending)
+
+    def close(self, committed: bool) -> None:
+        with contextlib.suppress(ValueError):  # closed from another context (an abandoned stream finalized elsewhere)
+            _AFTER_COMMIT.reset(self._token)
+        if committed:
+            for action in self._pending:
+                action()

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.core.aio import cancel_and_wait
-from service.core.context import close_commit_scope, commit_scope, principal
+from service.core.context import CommitScope, principal
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
 from service.errors import (
@@ -117,6 +117,11 @@ class SessionManager:
                 f"session bytes quota exceeded: {_who(owner)} holds {mine.bytes} bytes of sessions and this one "
                 f"needs {nbytes}, the limit is {max_b} (quota_session_bytes); delete sessions you no longer need"
             )
+
+    def _count_created(self, model: str, event: str) -> None:
+        self.metrics.session_event(model, "created")  # a fork or an import is a creation too
+        if event != "created":
+            self.metrics.session_event(model, event)
 
     async def _check_quota_swept(self, owner: str, nbytes: int) -> bool:
         """``_check_quota``, once more after sweeping expired sessions if it fails; True when it swept."""
@@ -221,9 +226,7 @@ class SessionManager:
                 self.metrics.session_event(old.model, "deleted")
             await self.store.add(session)
         self._evicted.pop(session.id, None)
-        self.metrics.session_event(session.model, "created")  # a fork is a creation too
-        if event != "created":
-            self.metrics.session_event(session.model, event)
+        self._count_created(session.model, event)
         await self._report()
         return session
 
@@ -326,7 +329,7 @@ class SessionUse:
     """``async with manager.use(id) as s``: lease, load, and save back on the way out (see ``SessionManager.use``).
     A plain class rather than a generator context manager: every session call enters one."""
 
-    __slots__ = ("_before", "_id", "_lease", "_manager", "_pending", "_session", "_token", "end", "save")
+    __slots__ = ("_before", "_id", "_lease", "_manager", "_scope", "_session", "end", "save")
 
     def __init__(self, manager: SessionManager, session_id: str, save: bool) -> None:
         self._manager, self._id, self.save, self.end = manager, session_id, save, False
@@ -341,7 +344,7 @@ class SessionUse:
             await self._lease.__aexit__(None, None, None)
             raise
         self._before = (s.state, s.context, s.steps)  # a task replaces these when it commits a step
-        self._pending, self._token = commit_scope()
+        self._scope = CommitScope()
         return s
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -366,18 +369,15 @@ class SessionUse:
                     ) from None
                 committed = True
         finally:
-            close_commit_scope(self._token)
+            self._scope.close(committed)
             self._session = None
             await self._lease.__aexit__(None, None, None)
-            if committed:
-                for action in self._pending:
-                    action()
 
 
 class SessionStart:
     """``async with manager.begin(session) as s`` (see ``SessionManager.begin``)."""
 
-    __slots__ = ("_event", "_lease", "_manager", "_pending", "_session", "_token", "end")
+    __slots__ = ("_event", "_lease", "_manager", "_scope", "_session", "end")
 
     def __init__(self, manager: SessionManager, session: SessionState, event: str) -> None:
         self._manager, self._session, self._event, self.end = manager, session, event, False
@@ -391,7 +391,7 @@ class SessionStart:
         except BaseException:
             await self._lease.__aexit__(None, None, None)
             raise
-        self._pending, self._token = commit_scope()
+        self._scope = CommitScope()
         return self._session
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -404,16 +404,13 @@ class SessionStart:
                 old = await m.store.delete(s.id)
                 if old is not None:
                     m.metrics.session_event(old.model, "deleted")
-                for event in ("created", *([self._event] if self._event != "created" else []), "deleted"):
-                    m.metrics.session_event(s.model, event)
+                m._count_created(s.model, self._event)
+                m.metrics.session_event(s.model, "deleted")
                 await m._report()
             else:
                 s.last_used_at = m.clock()
                 await m.add(s, event=self._event)
             committed = True
         finally:
-            close_commit_scope(self._token)
+            self._scope.close(committed)
             await self._lease.__aexit__(None, None, None)
-            if committed:
-                for action in self._pending:
-                    action()
