@@ -151,7 +151,7 @@ class RedisConn:
         except StoreUnavailable as e:
             return e.message
         except Overloaded:
-            return None
+            pass
         return None
 
     async def close(self) -> None:

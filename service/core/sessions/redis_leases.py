@@ -52,6 +52,7 @@ class Leases:
         self.replica = secrets.token_hex(12)  # a new id per process: a restarted replica owns nothing
         self.idle_mode = settings.session_durability == "idle"
         self.lease_s = settings.session_lease_seconds
+        self.lease_ms = int(self.lease_s * 1000)
         self.flush_s = settings.session_flush_seconds
         self.idle_s = settings.session_idle_seconds
         # Redis keeps a value this much past its TTL in idle mode: the state in the cache may be newer.
@@ -76,6 +77,11 @@ class Leases:
 
     def ttl_ms(self, s: SessionState) -> int:
         return max(1, int((s.ttl_seconds + self.slack_s) * 1000))
+
+    def value_ms(self, s: SessionState, keeps_lease: bool) -> int:
+        """The TTL of a value written now: one written under a lease the writer keeps outlives that lease, so a
+        call longer than the session's TTL finds it (RENEW extends both while the call runs)."""
+        return max(self.ttl_ms(s), self.lease_ms) if keeps_lease else self.ttl_ms(s)
 
     def deadline(self, e: Entry | None, s: SessionState) -> tuple[int, bool]:
         """(index deadline, whether the index must learn it): moved only when the TTL runs past it."""
@@ -107,7 +113,7 @@ class Leases:
         while True:
             e = self.cache.get(session_id)
             t0 = time.monotonic()
-            args: list[Arg] = [self.replica, int(self.lease_s * 1000), e.stored if e else "", "1" if create else "0"]
+            args: list[Arg] = [self.replica, self.lease_ms, e.stored if e else "", "1" if create else "0"]
             r = await self.conn.script("acquire", self.keys(session_id), args)
             self.counts["acquire"] += 1
             kind = int(r[0])
@@ -148,9 +154,9 @@ class Leases:
         """Writes ``s`` (the entry's state now) over the revision the entry was read at."""
         deadline, touch = self.deadline(e, s)
         t0 = time.monotonic()
-        lease_ms = int(self.lease_s * 1000)
-        value_ms = self.ttl_ms(s) if release else max(self.ttl_ms(s), lease_ms)  # outlives the lease it keeps
-        args: list[Arg] = [self.replica, e.stored, self.value(s, deadline), value_ms, lease_ms]
+        args: list[Arg] = [
+            self.replica, e.stored, self.value(s, deadline), self.value_ms(s, not release), self.lease_ms,
+        ]  # fmt: skip
         try:
             r = int(await self.conn.script("save", self.keys(session_id), [*args, "1" if release else "0"]))
         except StoreUnavailable:
@@ -293,7 +299,7 @@ class Leases:
 
     async def renew(self, session_id: str, e: Entry) -> None:
         t0 = time.monotonic()
-        ok = await self.conn.script("renew", self.keys(session_id), [self.replica, int(self.lease_s * 1000)])
+        ok = await self.conn.script("renew", self.keys(session_id), [self.replica, self.lease_ms])
         if int(ok) == 1:
             e.owned_until = t0 + OWNED * self.lease_s
         else:

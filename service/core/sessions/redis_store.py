@@ -64,12 +64,11 @@ class RedisSessionStore:
         sid = session.id
         session.revision = secrets.randbits(48) << 8  # a new incarnation: no copy of an older one matches it
         deadline, _ = self.leases.deadline(None, session)
-        lease_ms = int(self.lease_s * 1000)
         args: list[Arg] = [
             self.replica,
             self.leases.value(session, deadline),
-            max(self.leases.ttl_ms(session), lease_ms),  # the value outlives the lease the add takes
-            lease_ms,
+            self.leases.value_ms(session, keeps_lease=True),  # the add takes the lease
+            self.leases.lease_ms,
         ]
         while True:
             t0 = time.monotonic()
