@@ -108,13 +108,10 @@ def subject_of(auth_context: Mapping[str, list[bytes]]) -> str | None:
     subject (SPIFFE-style, names only in the SAN) ``san=<first subject alternative name>``. None without a
     verified client certificate or when it names nobody: "" is the anonymous principal of a server without
     authentication, which no certificate may become."""
-    for key in ("x509_subject", "x509_common_name"):
+    for key, prefix in (("x509_subject", ""), ("x509_common_name", ""), ("x509_subject_alternative_name", "san=")):
         for value in auth_context.get(key) or ():
             if name := value.decode("utf-8", "replace").strip():
-                return name
-    for value in auth_context.get("x509_subject_alternative_name") or ():
-        if name := value.decode("utf-8", "replace").strip():
-            return f"san={name}"
+                return prefix + name
     return None
 
 

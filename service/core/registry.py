@@ -364,30 +364,24 @@ class ModelRegistry:
     async def _load(self, name: str, version: int, path: Path, old: ModelEntry | None) -> None:
         entry = ModelEntry(name, version, path)
         await asyncio.to_thread(entry.load_files, self.settings)
-        if old is not None and old.ready:
-            if entry.error is None and entry.sha256 == old.sha256:
-                old.signature = entry.signature  # touched, same weights: keep serving the loaded one
-                return
-            if entry.error is not None:
+        if old is not None and old.ready and entry.error is None and entry.sha256 == old.sha256:
+            old.signature = entry.signature  # touched, same weights: keep serving the loaded one
+            return
+        if entry.error is None:
+            try:
+                entry.start(self.settings, self.metrics)
+            except Exception as exc:  # the task refused this version (a plugin's constructor, an odd manifest)
+                log.exception("model %s: its task could not start", entry.label)
+                await entry.stop(0.0)
+                entry.state, entry.error = "UNAVAILABLE", f"its task could not start ({type(exc).__name__}: {exc})"
+        if entry.error is not None:
+            if old is not None and old.ready:
                 old.signature = entry.signature  # retry only when the files change again
                 log.error("model %s changed on disk but failed to load; still serving the old one: %s", old.label,
                           entry.error)  # fmt: skip
                 return
-        if entry.error is not None:
             self._put(entry)
             log.error("model %s failed to load: %s", entry.label, entry.error)
-            self.metrics.model_loaded(name, version, "", entry.load_seconds, False)
-            return
-        try:
-            entry.start(self.settings, self.metrics)
-        except Exception as exc:  # the task refused this version (a plugin's constructor, an odd manifest)
-            log.exception("model %s: its task could not start", entry.label)
-            await entry.stop(0.0)
-            entry.state, entry.error = "UNAVAILABLE", f"its task could not start ({type(exc).__name__}: {exc})"
-            if old is not None and old.ready:
-                old.signature = entry.signature  # still serving the old one; retry when the files change again
-                return
-            self._put(entry)
             self.metrics.model_loaded(name, version, "", entry.load_seconds, False)
             return
         self._put(entry)
