@@ -134,8 +134,7 @@ class V2Inference:
         ``sequence_end``, deleted under the same lease). A request refused before the task ran leaves the session
         untouched (not even its idle time)."""
         sid = self._sequence_id(name, seq)
-        use = self.sessions.use(sid, save=False)
-        use.end = seq.end
+        use = self.sessions.use(sid, save=False, end=seq.end)
         req: CountedRequest | None = None
         ok = False
         try:
@@ -173,14 +172,11 @@ class V2Inference:
                 fresh, event = pinning.adopted(self.sessions, imported, entry, ttl, sid), "imported"
             else:
                 fresh, event = pinning.new_session(self.sessions, entry, ttl, sid), "created"
-            start = self.sessions.begin(fresh, event)
-            start.end = seq.end
-            async with start as s:
+            async with self.sessions.begin(fresh, event, end=seq.end) as s:
                 result = await entry.task.infer(tensors, s)
                 blob = self._seal(seq, s)
             return result, blob
-        use = self.sessions.use(sid, save=False)
-        use.end = seq.end
+        use = self.sessions.use(sid, save=False, end=seq.end)
         try:
             async with use as s:  # the request is counted by infer()
                 pinning.fits(self.registry, s, None, ModelRef(entry.name, entry.version))

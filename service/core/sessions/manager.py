@@ -248,24 +248,24 @@ class SessionManager:
         async with self.store.lease(session_id):
             return await self._live(session_id)
 
-    def begin(self, session: SessionState, event: str = "created") -> SessionStart:
+    def begin(self, session: SessionState, event: str = "created", end: bool = False) -> SessionStart:
         """Holds the lease of a caller-chosen id (a KServe sequence's) while the caller runs the first step on
         ``session``, which is not stored yet; when the block ends without an error the session is stored,
         replacing whatever had that id (``add``), still under the lease. A refused or failed first step stores
-        nothing, and the id's running session (if any) stays as it was. With ``.end`` set inside the block, the
-        id's running session is ended instead and nothing is stored (a one-request sequence)."""
-        return SessionStart(self, session, event)
+        nothing, and the id's running session (if any) stays as it was. With ``end``, the id's running session is
+        ended instead and nothing is stored (a one-request sequence)."""
+        return SessionStart(self, session, event, end)
 
-    def use(self, session_id: str, save: bool = True) -> SessionUse:
+    def use(self, session_id: str, save: bool = True, end: bool = False) -> SessionUse:
         """Leases the session and yields a working copy; whatever the caller left in it is saved when the call
         ends (also when it failed or was cancelled: tasks change a session only at consistent points).
 
         ``save=False``: nothing is saved unless the caller sets ``.save`` on the returned object inside the
         block (a call that checks its request under the lease first, and fails before changing anything, leaves
-        the session exactly as it was, idle time included). With ``.end`` set too, the session is deleted
-        instead of saved, still under the lease (a sequence's last request), so no later call on the id can
-        slip in between."""
-        return SessionUse(self, session_id, save)
+        the session exactly as it was, idle time included). With ``end``, the session is deleted instead of
+        saved, still under the lease (a sequence's last request), so no later call on the id can slip in
+        between."""
+        return SessionUse(self, session_id, save, end)
 
     async def fork(self, session_id: str, ttl_seconds: float | None) -> SessionState:
         ttl = self.ttl(ttl_seconds)
@@ -329,10 +329,10 @@ class SessionUse:
     """``async with manager.use(id) as s``: lease, load, and save back on the way out (see ``SessionManager.use``).
     A plain class rather than a generator context manager: every session call enters one."""
 
-    __slots__ = ("_before", "_id", "_lease", "_manager", "_scope", "_session", "end", "save")
+    __slots__ = ("_before", "_end", "_id", "_lease", "_manager", "_scope", "_session", "save")
 
-    def __init__(self, manager: SessionManager, session_id: str, save: bool) -> None:
-        self._manager, self._id, self.save, self.end = manager, session_id, save, False
+    def __init__(self, manager: SessionManager, session_id: str, save: bool, end: bool) -> None:
+        self._manager, self._id, self.save, self._end = manager, session_id, save, end
         self._lease = manager.store.lease(session_id)
         self._session: SessionState | None = None
 
@@ -356,7 +356,7 @@ class SessionUse:
                 if exc_type is not None and s.state is state and s.context is context and s.steps == steps:
                     return  # refused or failed before the task changed anything: not even its idle time moves
                 m = self._manager
-                if self.end:
+                if self._end:
                     await m._remove(s)
                     committed = True
                     return
@@ -377,10 +377,10 @@ class SessionUse:
 class SessionStart:
     """``async with manager.begin(session) as s`` (see ``SessionManager.begin``)."""
 
-    __slots__ = ("_event", "_lease", "_manager", "_scope", "_session", "end")
+    __slots__ = ("_end", "_event", "_lease", "_manager", "_scope", "_session")
 
-    def __init__(self, manager: SessionManager, session: SessionState, event: str) -> None:
-        self._manager, self._session, self._event, self.end = manager, session, event, False
+    def __init__(self, manager: SessionManager, session: SessionState, event: str, end: bool) -> None:
+        self._manager, self._session, self._event, self._end = manager, session, event, end
         self._lease = manager.store.lease(session.id)
 
     async def __aenter__(self) -> SessionState:
@@ -400,7 +400,7 @@ class SessionStart:
             if exc_type is not None:
                 return  # refused or failed: nothing stored, the running session (if any) untouched
             m, s = self._manager, self._session
-            if self.end:  # a one-request sequence: it began and ended here (counted so), nothing is stored
+            if self._end:  # a one-request sequence: it began and ended here (counted so), nothing is stored
                 old = await m.store.delete(s.id)
                 if old is not None:
                     m.metrics.session_event(old.model, "deleted")

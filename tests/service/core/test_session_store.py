@@ -221,9 +221,8 @@ async def test_begin_stores_only_a_first_step_that_succeeded(tmp_path: Path) -> 
     async with manager.begin(state("seq")) as fresh:
         fresh.steps = 1
     assert (await manager.get("seq")).steps == 1 and (await manager.usage()).count == 1
-    one_shot = manager.begin(state("seq"))
-    async with one_shot as fresh:
-        one_shot.end = True  # a one-request sequence: ends the running one, stores nothing
+    async with manager.begin(state("seq"), end=True) as fresh:  # a one-request sequence: ends the running one,
+        fresh.steps = 1  # stores nothing
     with pytest.raises(SessionNotFound):
         await manager.get("seq")
     assert (await manager.usage()).count == 0
