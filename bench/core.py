@@ -54,11 +54,11 @@ async def measure(models: Path, ref: ModelRef, concurrency: int, steps: int) -> 
                 (await servicer_infer(pb.ModelInferRequest.FromString(later))).SerializeToString()
 
         await asyncio.gather(*(sequence(i, per // 10) for i in range(concurrency)))  # warm-up
-        before = _infer_ns(dp, ref)
+        before = await _infer_ns(dp, ref)
         wall, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(sequence(i, per) for i in range(concurrency)))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        after = _infer_ns(dp, ref)
+        after = await _infer_ns(dp, ref)
         n = concurrency * (per + 1)
         return {
             "model": f"{ref.name}/{ref.version}", "concurrency": concurrency, "steps": n, "steps_per_s": n / wall,
@@ -69,10 +69,10 @@ async def measure(models: Path, ref: ModelRef, concurrency: int, steps: int) -> 
         await dp.stop()
 
 
-def _infer_ns(dp: CoreDataPlane, ref: ModelRef) -> tuple[int, int, int]:
+async def _infer_ns(dp: CoreDataPlane, ref: ModelRef) -> tuple[int, int, int]:
     """ORT nanoseconds, rows and runs so far of one model version (batch statistics)."""
     ns = rows = runs = 0
-    for s in dp.statistics(ref):
+    for s in await dp.statistics(ref):
         for b in s.batches:
             ns, rows, runs = (
                 ns + b.compute_infer.ns,

@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 class RemotePlane(DataPlane, Protocol):
     """A data plane in another process (``service.engine.client.RemoteDataPlane``)."""
 
-    @property
-    def store_ok(self) -> bool: ...
-
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -158,10 +155,10 @@ class Server:
         """SERVING for the whole server when the data plane is ready; per service when some ready model offers
         the capability the service needs."""
         plane = self._remote if self._remote is not None else self.dataplane
-        ready = plane.ready()
+        ready = await plane.ready()
         # "sessions": the session store answers (the Sessions service; stateless calls never need it)
-        capabilities = plane.capabilities() | ({"sessions"} if plane.store_ok else set())
-        models = plane.models()
+        capabilities = await plane.capabilities() | ({"sessions"} if await plane.store_up() else set())
+        models = await plane.models()
         self.metrics.know_models(m.name for m in models)  # a frontend's metrics label the engine's models
         for name in self.services:
             need = SERVICE_CAPABILITIES.get(name)

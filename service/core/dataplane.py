@@ -133,23 +133,30 @@ class CoreDataPlane:
         if not replaced:
             self.metrics.model_unloaded(entry.name, entry.version)
 
-    def ready(self) -> bool:
+    @property
+    def is_ready(self) -> bool:
         return self._started and any(e.ready for e in self.registry.versions())
 
-    def capabilities(self) -> set[str]:
+    async def ready(self) -> bool:
+        return self.is_ready
+
+    async def capabilities(self) -> set[str]:
         return {c for e in self.registry.versions() if e.ready for c in e.capabilities}
 
+    async def store_up(self) -> bool:
+        return self.store_ok
+
     # --- models ---------------------------------------------------------------------------------------
-    def models(self) -> list[ModelInfo]:
+    async def models(self) -> list[ModelInfo]:
         return [e.info() for e in self.registry.versions()]
 
-    def unloaded(self) -> list[str]:
+    async def unloaded(self) -> list[str]:
         return self.registry.unloaded()
 
-    def model_info(self, model: ModelRef) -> ModelInfo:
+    async def model_info(self, model: ModelRef) -> ModelInfo:
         return self.registry.find(model).info()
 
-    def model_metadata(self, model: ModelRef) -> ModelMetadata:
+    async def model_metadata(self, model: ModelRef) -> ModelMetadata:
         entry = self.registry.resolve(model)
         return ModelMetadata(
             name=entry.name,
@@ -161,7 +168,7 @@ class CoreDataPlane:
             parameters={"task": entry.task.name, "version": str(entry.version), "sha256": entry.sha256},
         )
 
-    def statistics(self, model: ModelRef | None) -> list[ModelStats]:
+    async def statistics(self, model: ModelRef | None) -> list[ModelStats]:
         if model is None:
             entries = self.registry.versions()
         elif model.version is not None:

@@ -238,25 +238,29 @@ class DataPlane(Protocol):
     """Everything a transport may ask of the core. Raises only ``service.errors.SeqServeError`` subclasses
     for caller mistakes; anything else is a bug and becomes INTERNAL at the edge."""
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         """True once started with at least one model loaded, false again while stopping."""
         ...
 
-    def capabilities(self) -> set[str]:
+    async def capabilities(self) -> set[str]:
         """What the ready models can do ("classify", "generate", "forecast"): per-service health."""
         ...
 
-    def models(self) -> list[ModelInfo]: ...
+    async def store_up(self) -> bool:
+        """Whether the session store answered its last check (health of the Sessions service)."""
+        ...
 
-    def unloaded(self) -> list[str]:
+    async def models(self) -> list[ModelInfo]: ...
+
+    async def unloaded(self) -> list[str]:
         """Models unloaded on request (shown as UNAVAILABLE by a repository index)."""
         ...
 
-    def model_info(self, model: ModelRef) -> ModelInfo: ...
+    async def model_info(self, model: ModelRef) -> ModelInfo: ...
 
-    def model_metadata(self, model: ModelRef) -> ModelMetadata: ...
+    async def model_metadata(self, model: ModelRef) -> ModelMetadata: ...
 
-    def statistics(self, model: ModelRef | None) -> list[ModelStats]:
+    async def statistics(self, model: ModelRef | None) -> list[ModelStats]:
         """All versions of ``model`` (or one when it names a version); every loaded version when None."""
         ...
 

@@ -2,9 +2,10 @@
 
 Asynchronous calls share one Unix socket connection: each gets a call id and a Future that the reading side
 resolves. A cancelled caller (the gRPC client went away) sends CANCEL so the engine stops the work too.
-``complete`` streams: the engine pushes one message per chunk into a queue the generator reads. The
-synchronous calls of the protocol (model table, statistics) go over a second, blocking connection with a
-timeout: they are rare (health, metadata, statistics), never on the inference path.
+``complete`` streams: the engine pushes one message per chunk into a queue the generator reads. Control calls
+(model table, metadata, health, statistics) share the connection, are never refused for a full queue, and fail
+UNAVAILABLE after ``control_timeout`` seconds without an answer; like every call, they never block the frontend's
+event loop while they wait.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -68,8 +68,6 @@ class RemoteDataPlane:
         self.max_pending = max_pending  # calls waiting for the engine beyond which new ones fail at once
         self.control_timeout = control_timeout
         self._transport: asyncio.Transport | None = None
-        self._control: socket.socket | None = None
-        self._control_framer = wire.Framer()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._streams: dict[int, asyncio.Queue[Reply]] = {}
@@ -89,8 +87,6 @@ class RemoteDataPlane:
         if self._transport is not None:
             self._transport.close()
         self._lost()
-        if self._control is not None:
-            self._control.close()
 
     def _lost(self) -> None:
         """The engine connection closed: every waiting call fails (UNAVAILABLE) instead of waiting forever."""
@@ -168,67 +164,59 @@ class RemoteDataPlane:
             raise_error(*payload)
         return payload
 
-    def _sync(self, method: str, *args: Any) -> Any:
-        """A synchronous call on the blocking control connection (reconnected after any failure)."""
+    async def _control(self, method: str, *args: Any) -> Any:
+        """A control call: not bounded by ``max_pending`` (health must answer under load), bounded in time."""
+        if self._transport is None or self._transport.is_closing():
+            raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
         call_id = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        self._send([wire.CONTROL, call_id, method, args, {}, None])
         try:
-            if self._control is None:
-                self._control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._control.settimeout(self.control_timeout)
-                self._control.connect(self.path)
-                self._control_framer = wire.Framer()
-            self._control.sendall(wire.frame(pack([[wire.SYNC, call_id, method, args, {}, None]])))
-            answer = None
-            while answer is None:
-                data = self._control.recv(1 << 16)
-                if not data:
-                    raise ConnectionError("engine closed the connection")
-                for payload in self._control_framer.feed(data):
-                    answer = next((m for m in unpack(payload) if m[0] == call_id), answer)
-        except OSError as exc:
-            if self._control is not None:
-                self._control.close()
-            self._control = None
-            raise ModelUnavailable(f"the engine did not answer: {exc}") from None
-        _, status, payload, _, _ = answer
+            status, payload, _, _ = await asyncio.wait_for(fut, self.control_timeout)
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            if self._pending.pop(call_id, None) is not None:
+                self._send([wire.CANCEL, call_id, "", (), {}, None])
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise ModelUnavailable(f"the engine did not answer {method} within {self.control_timeout:g} s") from None
         if status == wire.ERROR:
             raise_error(*payload)
         return payload
 
-    # --- DataPlane: synchronous -------------------------------------------------------------------------
-    @property
-    def store_ok(self) -> bool:
+    # --- DataPlane: control -----------------------------------------------------------------------------
+    async def store_up(self) -> bool:
         """Whether the engine's session store answers (health of the Sessions service)."""
         try:
-            return bool(self._sync("store_ok"))
+            return bool(await self._control("store_up"))
         except ModelUnavailable:
             return False
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         try:
-            return bool(self._sync("ready"))
+            return bool(await self._control("ready"))
         except ModelUnavailable:
             return False
 
-    def capabilities(self) -> set[str]:
-        return set(self._sync("capabilities"))
+    async def capabilities(self) -> set[str]:
+        return set(await self._control("capabilities"))
 
-    def models(self) -> list[ModelInfo]:
-        return list(self._sync("models"))
+    async def models(self) -> list[ModelInfo]:
+        return list(await self._control("models"))
 
-    def unloaded(self) -> list[str]:
-        return list(self._sync("unloaded"))
+    async def unloaded(self) -> list[str]:
+        return list(await self._control("unloaded"))
 
-    def model_info(self, model: ModelRef) -> ModelInfo:
-        info: ModelInfo = self._sync("model_info", model)
+    async def model_info(self, model: ModelRef) -> ModelInfo:
+        info: ModelInfo = await self._control("model_info", model)
         return info
 
-    def model_metadata(self, model: ModelRef) -> ModelMetadata:
-        meta: ModelMetadata = self._sync("model_metadata", model)
+    async def model_metadata(self, model: ModelRef) -> ModelMetadata:
+        meta: ModelMetadata = await self._control("model_metadata", model)
         return meta
 
-    def statistics(self, model: ModelRef | None) -> list[ModelStats]:
-        return list(self._sync("statistics", model))
+    async def statistics(self, model: ModelRef | None) -> list[ModelStats]:
+        return list(await self._control("statistics", model))
 
     # --- DataPlane: asynchronous ------------------------------------------------------------------------
     async def load_model(self, name: str) -> None:

@@ -146,7 +146,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends])
 
         def ready() -> bool:
-            return not stop.is_set() and dataplane.ready() and all(f.process.is_alive() for f in frontends)
+            return not stop.is_set() and dataplane.is_ready and all(f.process.is_alive() for f in frontends)
 
         http = MetricsHttpServer(
             settings.host,

@@ -19,7 +19,7 @@ from typing import Any, cast
 from service.core.context import admitted, call_scope, mark_admitted, set_principal
 from service.core.dataplane import CoreDataPlane
 from service.engine import wire
-from service.engine.codec import error_payload, pack, pack_replies, unpack
+from service.engine.codec import error_payload, pack_replies, unpack
 from service.errors import SeqServeError
 from service.logs import CALL
 
@@ -75,10 +75,7 @@ class _Connection(asyncio.Protocol):
             if fut is not None and not fut.done():
                 fut.set_result(None)
             return
-        if kind == wire.SYNC and method in wire.SYNC_METHODS:
-            self.send_now(self.engine.sync(call_id, method, args, kwargs))
-            return
-        if kind == wire.CALL and method in wire.ASYNC_METHODS:
+        if method in wire.CALLABLE.get(kind, ()):
             run = self.engine.call(self, call_id, method, args, kwargs, context)
         elif kind == wire.STREAM and method in wire.STREAM_METHODS:
             run = self.engine.stream(self, call_id, method, args, kwargs, context)
@@ -91,10 +88,6 @@ class _Connection(asyncio.Protocol):
         if not self.outbox:
             asyncio.get_running_loop().call_soon(self.flush)
         self.outbox.append(message)
-
-    def send_now(self, message: list[Any]) -> None:
-        if self.transport is not None:
-            self.transport.write(wire.frame(pack([message])))
 
     def flush(self) -> None:
         messages, self.outbox = self.outbox, []
@@ -198,12 +191,3 @@ class EngineServer:
         finally:
             conn.tasks.pop(call_id, None)
         conn.send(reply)
-
-    def sync(self, call_id: int, method: str, args: Any, kwargs: dict[str, Any]) -> list[Any]:
-        try:
-            value = getattr(self.dataplane, method)
-            return [call_id, wire.OK, value(*args, **kwargs) if callable(value) else value, None, False]
-        except Exception as exc:
-            if not isinstance(exc, SeqServeError):
-                log.exception("engine: %s failed", method)
-            return [call_id, wire.ERROR, error_payload(exc), None, False]

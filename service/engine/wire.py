@@ -3,7 +3,7 @@
 A frame is a 4-byte little-endian length and a msgpack list of messages: everything one side produced during
 one event-loop iteration travels in one write (a batch's answers leave together).
 
-    frontend -> engine:  [kind, call id, method, args, kwargs, context]  kind: CALL|STREAM|CANCEL|SYNC|HELLO|ACK
+    frontend -> engine:  [kind, call id, method, args, kwargs, context]  kind: CALL|STREAM|CANCEL|CONTROL|HELLO|ACK
     engine -> frontend:  [call id, status, payload, model noted, admitted]  status: OK|ITEM|END|ERROR|EVENT
 
 ``context`` carries what the edge learned about the call into the engine's task: the principal (sessions are
@@ -11,8 +11,10 @@ owned, sequences namespaced per principal), whether the call was already admitte
 never refused), and the request id and method (log lines). ``admitted`` comes back, so a stream that was admitted
 on its first request stays admitted on the frontend.
 
-SYNC calls (the data plane's synchronous methods: model table, statistics) come on a second, blocking
-connection and are answered at once. A frontend's main connection starts with HELLO. EVENT (call id 0, payload
+CONTROL calls (model table, metadata, health, statistics) travel on the same connection as a CALL but are never
+refused for a full queue: a frontend's health and metadata answers must not depend on its inference load. Like every
+call they are awaited, never blocking the frontend's event loop, and fail UNAVAILABLE after a timeout when the
+engine does not answer. A frontend's connection starts with HELLO. EVENT (call id 0, payload
 ["models", event id]) tells every frontend that a model was loaded, reloaded or unloaded; each answers ACK (call
 id = event id) once its health follows, and the load/unload call returns only then (at most 5 s), so that what
 one frontend changed, every frontend reports.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-CALL, STREAM, CANCEL, SYNC, HELLO, ACK = 0, 1, 2, 3, 4, 5
+CALL, STREAM, CANCEL, CONTROL, HELLO, ACK = 0, 1, 2, 3, 4, 5
 OK, ITEM, END, ERROR, EVENT = 0, 1, 2, 3, 4
 MODELS_CHANGED = "models"
 EVENT_ACK_SECONDS = 5.0
@@ -54,9 +56,11 @@ ASYNC_METHODS = frozenset(
     }
 )
 STREAM_METHODS = frozenset({"complete"})
-SYNC_METHODS = frozenset(
-    {"ready", "capabilities", "models", "unloaded", "model_info", "model_metadata", "statistics", "store_ok"}
+CONTROL_METHODS = frozenset(  # model table, health and statistics: never refused for a full queue
+    {"ready", "capabilities", "models", "unloaded", "model_info", "model_metadata", "statistics", "store_up"}
 )
+
+CALLABLE = {CALL: ASYNC_METHODS, CONTROL: CONTROL_METHODS}  # answered as one task each
 
 
 def frame(payload: bytes) -> bytes:

@@ -61,12 +61,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        models = self._dataplane.models()
-        return pb.ServerReadyResponse(ready=self._dataplane.ready() and all(m.ready for m in models))
+        models = await self._dataplane.models()
+        return pb.ServerReadyResponse(ready=await self._dataplane.ready() and all(m.ready for m in models))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
-            info = self._dataplane.model_info(model_ref(request.name, request.version))
+            info = await self._dataplane.model_info(model_ref(request.name, request.version))
         except (ModelNotFound, ModelUnavailable):
             return pb.ModelReadyResponse(ready=False)  # the protocol answers "not ready" for unknown models
         return pb.ModelReadyResponse(ready=info.ready)
@@ -75,19 +75,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="seqserve", version=_server_version(), extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        return metadata_to_pb(self._dataplane.model_metadata(model_ref(request.name, request.version)))
+        return metadata_to_pb(await self._dataplane.model_metadata(model_ref(request.name, request.version)))
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        meta = self._dataplane.model_metadata(model_ref(request.name, request.version))
+        meta = await self._dataplane.model_metadata(model_ref(request.name, request.version))
         return pb.ModelConfigResponse(config=config_to_pb(meta, self._settings.sequence_idle_seconds))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         ref = model_ref(request.name, request.version) if request.name else None
-        return pb.ModelStatisticsResponse(model_stats=[stats_to_pb(s) for s in self._dataplane.statistics(ref)])
+        return pb.ModelStatisticsResponse(model_stats=[stats_to_pb(s) for s in await self._dataplane.statistics(ref)])
 
     # --- model repository -----------------------------------------------------------------------------
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
-        return index_to_pb(self._dataplane.models(), self._dataplane.unloaded(), request.ready)
+        return index_to_pb(await self._dataplane.models(), await self._dataplane.unloaded(), request.ready)
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context

@@ -116,8 +116,8 @@ async def test_a_lone_request_does_not_wait_for_company(make_dp: MakeDP) -> None
     assert len(out) == 5 and recorded(dp).batch_sizes("charlm") == [1] * 5
 
 
-def _queue(dp: CoreDataPlane) -> tuple[int, int]:
-    (stats,) = dp.statistics(ModelRef("charlm", 1))
+async def _queue(dp: CoreDataPlane) -> tuple[int, int]:
+    (stats,) = await dp.statistics(ModelRef("charlm", 1))
     return stats.queue.count, stats.queue.ns
 
 
@@ -126,15 +126,15 @@ async def test_a_lone_step_skips_the_queue_and_company_still_batches(make_dp: Ma
     await asyncio.sleep(0.01)  # the data plane's background tasks have started and wait
     # Nothing else ready to run and no recent company: the step runs at once on the caller (no queue wait at all).
     await dp.char_step(LM, "abc")
-    assert _queue(dp) == (1, 0) and recorded(dp).batch_sizes("charlm") == [1]
+    assert await _queue(dp) == (1, 0) and recorded(dp).batch_sizes("charlm") == [1]
     # Requests that arrive together still meet in one run, through the queue.
     await asyncio.gather(*(dp.char_step(LM, t) for t in ("xyz", "Hel", "q q")))
     assert recorded(dp).batch_sizes("charlm") == [1, 3]
-    count, waited = _queue(dp)
+    count, waited = await _queue(dp)
     assert count == 4 and waited > 0
     # After a batch with company, a lone step is queued and waits for company up to max_batch_delay_ms.
     await dp.char_step(LM, "abc")
-    assert recorded(dp).batch_sizes("charlm") == [1, 3, 1] and _queue(dp)[1] - waited >= 0.045e9
+    assert recorded(dp).batch_sizes("charlm") == [1, 3, 1] and (await _queue(dp))[1] - waited >= 0.045e9
 
 
 async def test_a_failing_lone_step_fails_only_its_caller(make_dp: MakeDP) -> None:
@@ -181,7 +181,7 @@ async def test_alone_inline_ms_bounds_which_lone_runs_skip_the_thread(make_dp: M
         for _ in range(3):
             await dp.classify(sentiment, ["a good film"])
             await asyncio.sleep(0.001)  # separate calls, as from the network (not one caller looping)
-        (stats,) = dp.statistics(sentiment)
+        (stats,) = await dp.statistics(sentiment)
         assert stats.queue.count == 3
         return stats.queue.ns
 
@@ -256,7 +256,7 @@ async def test_a_padded_batch_runs_as_length_groups_with_unchanged_answers(make_
     texts = [t for pair in zip(_texts(8, 2, 0), _texts(8, 30, 1), strict=True) for t in pair]
     merged = await asyncio.gather(*(dp.classify(ModelRef("sentiment"), [t]) for t in texts))
     assert sorted(recorded(dp).batch_sizes("sentiment")) == [8, 8]
-    (stats,) = dp.statistics(ModelRef("sentiment", 1))
+    (stats,) = await dp.statistics(ModelRef("sentiment", 1))
     assert stats.execution_count == 2 and stats.queue.count == 16 and stats.compute_infer.count == 16
     assert sorted((b.batch_size, b.compute_infer.count) for b in stats.batches) == [(8, 2)]
     solo = await make_dp()

@@ -163,6 +163,6 @@ async def test_a_model_with_a_broken_scale_contract_fails_to_load(
     raw["forecast"]["scale_output"] = "spread"
     path.write_text(json.dumps(raw))
     dp = await make_dp(models=root)
-    errors = {m.name: m.error or "" for m in dp.models()}
+    errors = {m.name: m.error or "" for m in await dp.models()}
     assert "forecast.scale_output 'spread' must name a graph output" in errors["scaled"]
     assert errors["plain"] == ""

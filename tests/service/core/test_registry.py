@@ -29,15 +29,15 @@ def as_dataplane(dp: CoreDataPlane) -> DataPlane:
 
 
 async def test_loads_every_model_and_reports_it(dp: CoreDataPlane) -> None:
-    infos = {m.name: m for m in as_dataplane(dp).models()}
+    infos = {m.name: m for m in await as_dataplane(dp).models()}
     assert set(infos) == {"charlm", "sentiment", "forecaster"}
     assert all(m.ready and m.error is None and m.provider == CPU and m.version == 1 for m in infos.values())
     assert infos["forecaster"].task == "forecast"
-    assert dp.ready()
+    assert await dp.ready()
     assert sorted(name for name, _, _, ready in recorded(dp).loaded if ready) == ["charlm", "forecaster", "sentiment"]
-    meta = dp.model_metadata(ModelRef("charlm"))
+    meta = await dp.model_metadata(ModelRef("charlm"))
     assert (meta.task, meta.versions, meta.contract.sequences) == ("charlm", [1], True)
-    assert dp.capabilities() == {"classify", "generate", "forecast"}
+    assert (await dp.capabilities()) == {"classify", "generate", "forecast"}
 
 
 async def test_not_ready_before_start_and_with_empty_repository(
@@ -45,10 +45,10 @@ async def test_not_ready_before_start_and_with_empty_repository(
 ) -> None:
     from service.metrics import Metrics
 
-    assert not CoreDataPlane(core_settings(tiny_models), Metrics(runtime_collectors=False)).ready()
+    assert not CoreDataPlane(core_settings(tiny_models), Metrics(runtime_collectors=False)).is_ready
     empty = await make_dp(models=tmp_path / "nothing-here")
-    assert not empty.ready()
-    assert empty.models() == []
+    assert not await empty.ready()
+    assert await empty.models() == []
 
 
 async def test_a_repository_path_that_is_missing_or_a_file_says_which(
@@ -59,7 +59,7 @@ async def test_a_repository_path_that_is_missing_or_a_file_says_which(
     for path, problem in ((tmp_path / "nothing-here", "does not exist"), (a_file, "is not a directory")):
         caplog.clear()
         dp = await make_dp(models=path)
-        assert dp.models() == [] and not dp.ready()
+        assert (await dp.models()) == [] and not (await dp.ready())
         assert f"model repository {path} {problem}; no models will be served" in caplog.text
 
 
@@ -67,9 +67,9 @@ async def test_sha256_mismatch_is_reported_and_others_still_load(repo: Path, mak
     with (repo / "charlm" / "1" / MODEL_FILE).open("ab") as f:
         f.write(b"\0")
     dp = await make_dp(models=repo)
-    info = dp.model_info(ModelRef("charlm"))
+    info = await dp.model_info(ModelRef("charlm"))
     assert not info.ready and info.error is not None and "sha256" in info.error
-    assert dp.ready()  # the others serve
+    assert await dp.ready()  # the others serve
     assert len(await dp.classify(ModelRef("sentiment"), ["good film"])) == 1
     with pytest.raises(ModelUnavailable, match="sha256"):
         [c async for c in dp.complete(ModelRef("charlm"), "hi", SamplingParams(max_chars=2))]
@@ -85,11 +85,11 @@ async def test_broken_onnx_is_reported_and_others_still_load(repo: Path, make_dp
     manifest["sha256"] = sha256_file(vdir / MODEL_FILE)  # the hash matches; ORT still cannot load it
     (vdir / MANIFEST_FILE).write_text(json.dumps(manifest))
     dp = await make_dp(models=repo)
-    info = dp.model_info(ModelRef("sentiment"))
+    info = await dp.model_info(ModelRef("sentiment"))
     assert not info.ready and info.error is not None and "onnxruntime could not load" in info.error
     with pytest.raises(ModelUnavailable, match="failed to load"):
         await dp.classify(ModelRef("sentiment"), ["good film"])
-    assert dp.model_info(ModelRef("charlm")).ready
+    assert (await dp.model_info(ModelRef("charlm"))).ready
 
 
 async def test_a_manifest_that_trips_a_tasks_check_is_reported_and_the_rest_keeps_syncing(
@@ -104,9 +104,9 @@ async def test_a_manifest_that_trips_a_tasks_check_is_reported_and_the_rest_keep
     next(t for t in manifest["outputs"] if t["name"] == "logits")["shape"] = []
     (odd / MANIFEST_FILE).write_text(json.dumps(manifest))
     dp = await make_dp(models=repo)
-    info = dp.model_info(ModelRef("charlm", 2))
+    info = await dp.model_info(ModelRef("charlm", 2))
     assert not info.ready and "could not be checked (IndexError" in (info.error or "")
-    assert dp.model_info(ModelRef("charlm")).version == 1 and dp.ready()
+    assert (await dp.model_info(ModelRef("charlm"))).version == 1 and (await dp.ready())
     add_version(repo, "sentiment", 1, 2)
     add_version(repo, "forecaster", 1, 2)
     (repo / "forecaster" / "2" / MANIFEST_FILE).write_text("{not json")
@@ -119,9 +119,9 @@ async def test_a_manifest_that_trips_a_tasks_check_is_reported_and_the_rest_keep
 
     monkeypatch.setattr(Path, "iterdir", unreadable)
     await dp.registry.sync()
-    assert dp.model_info(ModelRef("sentiment")).version == 2  # a later folder still loads
-    assert dp.model_info(ModelRef("charlm", 1)).ready  # unreadable is not removed
-    error = dp.model_info(ModelRef("forecaster", 2)).error or ""
+    assert (await dp.model_info(ModelRef("sentiment"))).version == 2  # a later folder still loads
+    assert (await dp.model_info(ModelRef("charlm", 1))).ready  # unreadable is not removed
+    error = (await dp.model_info(ModelRef("forecaster", 2))).error or ""
     assert error.startswith("forecaster/2/manifest.json is not a valid manifest") and str(repo) not in error
 
 
@@ -161,10 +161,10 @@ async def test_a_graph_from_another_export_is_refused_at_load(tmp_path: Path, ma
     manifest["sha256"] = sha256_file(other / MODEL_FILE)
     (other / MANIFEST_FILE).write_text(json.dumps(manifest))
     dp = await make_dp(models=tmp_path)
-    info = dp.model_info(ModelRef("forecaster-air", 2))
+    info = await dp.model_info(ModelRef("forecaster-air", 2))
     assert not info.ready and "does not match manifest.json" in (info.error or ""), info.error
     assert "history axis 2 is 7 in the graph" in (info.error or "")
-    assert dp.model_info(ModelRef("forecaster-air")).version == 1  # the default stays the one that works
+    assert (await dp.model_info(ModelRef("forecaster-air"))).version == 1  # the default stays the one that works
 
 
 def test_load_errors_name_folders_within_the_repository(tmp_path: Path) -> None:
@@ -182,21 +182,21 @@ async def test_invalid_manifest_and_misplaced_version_are_reported(repo: Path, m
     shutil.copytree(repo / "charlm" / "1", repo / "charlm" / "7")  # manifest still says version 1
     (repo / "charlm" / "latest").mkdir()  # not a version number: ignored
     dp = await make_dp(models=repo)
-    bad = dp.model_info(ModelRef("forecaster"))
+    bad = await dp.model_info(ModelRef("forecaster"))
     assert not bad.ready and bad.task == "unknown" and "not a valid manifest" in (bad.error or "")
-    moved = dp.model_info(ModelRef("charlm", 7))
+    moved = await dp.model_info(ModelRef("charlm", 7))
     assert not moved.ready and "lives in charlm/7" in (moved.error or "")
     # The newest *ready* version serves by default.
-    assert dp.model_info(ModelRef("charlm")).version == 1
+    assert (await dp.model_info(ModelRef("charlm"))).version == 1
     with pytest.raises(ModelUnavailable, match="charlm/7 failed to load"):
         await dp.char_step(ModelRef("charlm", 7), "abc")
     with pytest.raises(ModelUnavailable, match="not a valid manifest"):
-        dp.model_metadata(ModelRef("forecaster"))
+        (await dp.model_metadata(ModelRef("forecaster")))
 
 
 async def test_unknown_model_or_version_lists_what_exists(dp: CoreDataPlane) -> None:
     with pytest.raises(ModelNotFound, match=r"'nope'.*\['charlm', 'forecaster', 'sentiment'\]"):
-        dp.model_info(ModelRef("nope"))
+        (await dp.model_info(ModelRef("nope")))
     with pytest.raises(ModelNotFound, match=r"no version 9; available versions: \[1\]"):
         await dp.classify(ModelRef("sentiment", 9), ["good"])
 
@@ -211,12 +211,15 @@ async def test_model_of_the_wrong_task_is_invalid_input(dp: CoreDataPlane) -> No
 async def test_newest_version_serves_by_default_and_versions_can_be_named(repo: Path, make_dp: MakeDP) -> None:
     add_version(repo, "sentiment", 1, 2)
     dp = await make_dp(models=repo)
-    assert dp.model_info(ModelRef("sentiment")).version == 2
-    assert dp.model_info(ModelRef("sentiment", 1)).version == 1
+    assert (await dp.model_info(ModelRef("sentiment"))).version == 2
+    assert (await dp.model_info(ModelRef("sentiment", 1))).version == 1
     a = await dp.classify(ModelRef("sentiment", 1), ["good film"])
     b = await dp.classify(ModelRef("sentiment"), ["good film"])
     assert a == b  # same weights in both versions
-    assert [(m.name, m.version) for m in dp.models() if m.name == "sentiment"] == [("sentiment", 1), ("sentiment", 2)]
+    assert [(m.name, m.version) for m in (await dp.models()) if m.name == "sentiment"] == [
+        ("sentiment", 1),
+        ("sentiment", 2),
+    ]
 
 
 def test_provider_selection() -> None:
@@ -242,7 +245,7 @@ async def test_cuda_requested_without_cuda_fails_start(tiny_models: Path) -> Non
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu with CUDAExecutionProvider")
 async def test_cuda_provider_serves(make_dp: MakeDP) -> None:
     dp = await make_dp(device="cuda")
-    assert {m.provider for m in dp.models()} == {CUDA}
+    assert {m.provider for m in (await dp.models())} == {CUDA}
     assert len(await dp.classify(ModelRef("sentiment"), ["good film", "bad"])) == 2
     step = await dp.char_step(ModelRef("charlm"), "hello", num_chars=3)
     assert len(step.completion) == 3
@@ -293,13 +296,13 @@ async def test_manifest_that_breaks_the_serving_contract_is_reported(repo: Path,
         ],
     )
     dp = await make_dp(models=repo)
-    errors = {m.name: m.error or "" for m in dp.models()}
+    errors = {m.name: m.error or "" for m in (await dp.models())}
     assert "logits have 2 classes but manifest.labels has 3" in errors["sentiment"]
     assert (
         "quantile_offsets has shape [2, 12, 7]; expected [quantiles=3, horizon=12, targets=7]" in errors["forecaster"]
     )
     assert "must declare input 'input_ids' and output 'logits'" in errors["charlm"]
-    assert not dp.ready()
+    assert not (await dp.ready())
 
 
 async def test_unload_lets_in_flight_requests_finish_then_refuses(make_dp: MakeDP) -> None:
@@ -312,9 +315,9 @@ async def test_unload_lets_in_flight_requests_finish_then_refuses(make_dp: MakeD
     assert long_call.done() and len(long_call.result().completion) == 300
     with pytest.raises(ModelUnavailable, match="'charlm' was unloaded; load it again"):
         await dp.char_step(lm, "abc")
-    assert "charlm" in dp.unloaded() and all(m.name != "charlm" for m in dp.models())
+    assert "charlm" in (await dp.unloaded()) and all(m.name != "charlm" for m in (await dp.models()))
     await dp.load_model("charlm")
-    assert (await dp.char_step(lm, "abc")).steps == 3 and dp.unloaded() == []
+    assert (await dp.char_step(lm, "abc")).steps == 3 and (await dp.unloaded()) == []
 
 
 async def test_a_stream_running_past_the_unload_grace_ends_unavailable(make_dp: MakeDP) -> None:
@@ -366,7 +369,7 @@ async def test_changed_weights_reload_and_pinned_sessions_say_so(
     manifest["sha256"] = sha256_file(model)
     (repo / "charlm" / "1" / MANIFEST_FILE).write_text(json.dumps(manifest))
     await dp.registry.sync()
-    assert dp.model_metadata(lm).parameters["sha256"] == manifest["sha256"]
+    assert (await dp.model_metadata(lm)).parameters["sha256"] == manifest["sha256"]
     with pytest.raises(FailedPrecondition, match=r"version 1 with weights .* which were replaced"):
         await dp.char_step(lm, "e", session_id=s.id)
     assert (await dp.char_step(lm, "e", session_id=(await dp.create_session(lm)).id)).steps == 1

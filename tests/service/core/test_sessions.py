@@ -222,7 +222,7 @@ async def test_session_keeps_its_version_and_fails_when_it_is_removed(repo: Path
     await dp.char_step(LM, "abc", session_id=old.id)
     add_version(repo, "charlm", 1, 2)
     await dp.registry.sync()  # what --watch-models runs
-    assert dp.model_info(LM).version == 2
+    assert (await dp.model_info(LM)).version == 2
     assert (await dp.create_session(LM)).version == 2
     step = await dp.char_step(LM, "d", session_id=old.id)  # still served by version 1
     assert step.steps == 4 and (await dp.get_session(old.id)).version == 1
@@ -289,7 +289,7 @@ async def test_a_model_whose_name_has_a_colon_has_sequences_of_its_own(repo: Pat
     manifest["name"] = "charlm:x"
     (other / "manifest.json").write_text(json.dumps(manifest))
     dp = await make_dp(models=repo)
-    assert dp.model_info(ModelRef("charlm:x")).ready
+    assert (await dp.model_info(ModelRef("charlm:x"))).ready
     await dp.infer(LM, text("ab"), sequence=SequenceRef("x:5", start=True))
     with pytest.raises(SessionNotFound, match="sequence '5' of model charlm:x is unknown"):
         await dp.infer(ModelRef("charlm:x"), text("c"), sequence=SequenceRef("5"))

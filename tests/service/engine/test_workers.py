@@ -269,3 +269,38 @@ def test_on_uvloop_alternating_frontends_match_one_process(
     finally:
         stop_server(proc)
     assert proc.returncode == 0  # SIGTERM drained every process
+
+
+def test_a_stalled_engine_never_blocks_a_frontends_loop(tiny_models: Path, tmp_path: Path) -> None:
+    """Metadata, readiness and statistics calls wait for the engine without holding the frontend's event loop:
+    with the engine process stopped (SIGSTOP), ServerLive, which the frontend answers alone, still answers at
+    once while a ModelMetadata call waits, and the waiting call completes when the engine runs again."""
+    import os
+    import signal
+    import threading
+
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true")
+    target = _frontends(dict(info))[0]
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+            assert stub.ModelMetadata(pb.ModelMetadataRequest(name="charlm"), timeout=30).name == "charlm"
+            os.kill(proc.pid, signal.SIGSTOP)  # the engine (the parent process) stops answering
+            answers: list[object] = []
+            waiting = threading.Thread(
+                target=lambda: answers.append(stub.ModelMetadata(pb.ModelMetadataRequest(name="charlm"), timeout=30))
+            )
+            try:
+                waiting.start()
+                time.sleep(0.5)  # the metadata call is now waiting for the engine
+                assert waiting.is_alive() and not answers
+                started = time.monotonic()
+                assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
+                assert time.monotonic() - started < 2.0  # (old code: blocked until the engine answered)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            waiting.join(30)
+            assert answers and getattr(answers[0], "name", None) == "charlm"
+    finally:
+        stop_server(proc)

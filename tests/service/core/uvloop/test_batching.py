@@ -35,7 +35,7 @@ async def test_on_uvloop_a_lone_step_takes_the_queue_and_company_batches(make_dp
     dp = await make_dp(max_batch_size=8, max_batch_delay_ms=50)
     await asyncio.sleep(0.01)
     await dp.char_step(LM, "abc")  # through the queue (a Future, the flush task), not on the caller
-    count, waited = _queue(dp)
+    count, waited = await _queue(dp)
     assert recorded(dp).batch_sizes("charlm") == [1] and count == 1 and waited > 0
     # ...without waiting for company: far below max_batch_delay_ms, as nothing recent had company
     assert waited < 0.045e9
