@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -92,20 +93,28 @@ def unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=False)
 
 
-def pack_replies(replies: list[list[Any]]) -> bytes:
+def pack_replies(replies: list[list[Any]], failed: Callable[[int], None] | None = None) -> bytes:
     """The engine's replies of one loop iteration as one frame's payload. A reply that cannot be sent (a value
     no codec knows, e.g. from a plugin) is replaced by an internal error for its call alone: the other calls'
-    answers in the frame still leave, and no caller waits for an answer that never comes."""
+    answers in the frame still leave, and no caller waits for an answer that never comes. ``failed`` hears the
+    call's id (the engine stops a stream whose answer could not leave), and that call's later replies in the frame
+    are dropped: its caller already has its error."""
     try:
         return pack(replies)
     except (TypeError, ValueError, OverflowError):
         fixed = []
+        dead: set[int] = set()
         for reply in replies:
+            if reply[0] in dead:
+                continue
             try:
                 pack(reply)
             except (TypeError, ValueError, OverflowError):
                 log.exception("engine: the answer to call %s cannot be sent to the frontend", reply[0])
                 reply = [reply[0], ERROR_REPLY, error_payload(RuntimeError()), None, False]
+                dead.add(reply[0])
+                if failed is not None:
+                    failed(reply[0])
             fixed.append(reply)
         return pack(fixed)
 

@@ -92,7 +92,14 @@ class _Connection(asyncio.Protocol):
     def flush(self) -> None:
         messages, self.outbox = self.outbox, []
         if self.transport is not None and messages:
-            self.transport.write(wire.frame(pack_replies(messages)))
+            self.transport.write(wire.frame(pack_replies(messages, self.abandon)))
+
+    def abandon(self, call_id: int) -> None:
+        """The call's caller got an error instead of an answer that could not be sent: stop its work (a stream
+        would otherwise go on generating for nobody)."""
+        task = self.tasks.pop(call_id, None)
+        if task is not None:
+            task.cancel()
 
 
 class EngineServer:

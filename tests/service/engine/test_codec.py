@@ -60,3 +60,39 @@ def test_an_answer_that_cannot_be_sent_fails_only_its_own_call() -> None:
     with pytest.raises(EngineError):
         raise_error(*replies[1][2])
     assert unpack(pack_replies([good])) == [good]
+
+
+async def test_a_stream_whose_answer_cannot_be_sent_is_stopped() -> None:
+    """The caller of a stream got an internal error for an item the codec could not encode; the engine stops that
+    stream's task (it would go on generating for nobody) and drops the call's later replies in the frame, while
+    another call's task and answers are untouched."""
+    import asyncio
+
+    from service.engine import wire
+    from service.engine.server import EngineServer, _Connection
+
+    class Transport:
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.frames.append(data)
+
+    conn = _Connection(EngineServer.__new__(EngineServer))
+    transport = Transport()
+    conn.transport = transport  # type: ignore[assignment]
+    stream, other = (asyncio.create_task(asyncio.sleep(60)) for _ in range(2))
+    conn.tasks = {5: stream, 6: other}
+    conn.outbox = [
+        [5, wire.ITEM, "fine", None, False],
+        [5, wire.ITEM, object(), None, False],
+        [6, wire.OK, 1, None, False],
+        [5, wire.ITEM, "after", None, False],
+    ]
+    conn.flush()
+    await asyncio.sleep(0)
+    assert stream.cancelled() and not other.done() and set(conn.tasks) == {6}
+    (frame,) = transport.frames
+    replies = unpack(frame[4:])
+    assert [r[:2] for r in replies] == [[5, wire.ITEM], [5, wire.ERROR], [6, wire.OK]]
+    other.cancel()
