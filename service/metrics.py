@@ -12,14 +12,17 @@ from __future__ import annotations
 import bisect
 import contextlib
 import importlib.metadata
+import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 # Latency buckets: 50 µs .. 10 s, roughly 1-2.5-5 per decade, so a CPU RNN step (~100 µs) is resolved as well as
 # a long streamed completion. 18 buckets (+Inf) per label set keeps the series count modest.
@@ -71,6 +74,32 @@ def _observe_many(child: Histogram, value: float, n: int) -> None:
     buckets[bisect.bisect_left(bounds, value)].inc(n)  # first bound >= value, as Histogram.observe does
 
 
+class ServerProcesses(Collector):
+    """CPU seconds and resident memory of every process of the server, labelled ``process``: ``server`` for one
+    process; ``engine`` and ``frontend-1`` .. ``frontend-N`` with ``--workers N`` (the engine's ``/metrics`` is
+    the only endpoint, so its ``process_*`` series describe the engine alone; sum these for the whole server).
+    Read from ``/proc`` by prometheus_client's process collector, one process at a time."""
+
+    def __init__(self) -> None:
+        self.processes: Callable[[], list[tuple[str, int]]] = lambda: [("server", os.getpid())]
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            "seqserve_process_cpu_seconds", "User and system CPU seconds of each server process.", labels=["process"]
+        )
+        rss = GaugeMetricFamily(
+            "seqserve_process_resident_memory_bytes", "Resident memory of each server process.", labels=["process"]
+        )
+        for name, pid in self.processes():
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():  # type: ignore[misc]
+                if family.name == "process_cpu_seconds":
+                    cpu.add_metric([name], family.samples[0].value)
+                elif family.name == "process_resident_memory_bytes":
+                    rss.add_metric([name], family.samples[0].value)
+        yield cpu
+        yield rss
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, runtime_collectors: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -80,6 +109,9 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
+        self.processes = ServerProcesses()  # seqserve_process_*{process}: every process of the server
+        if runtime_collectors:
+            r.register(self.processes)
         self._lock = threading.Lock()
         self.build_info = Gauge(
             "seqserve_build_info",

@@ -4,8 +4,9 @@ The engine never serves an RPC, so its RPC families stay empty; frontends serve 
 the engine reads every frontend's private ``/metrics`` (127.0.0.1, a free port each) and sums the RPC
 families sample by sample (counters, histograms and the in-flight gauge all add up across processes), exposed in
 a single process's order (each label set's samples together, buckets by increasing ``le``), so the OpenMetrics
-format stays valid. ``_created`` timestamps do not add up and are left out. A frontend that does not answer is
-left out of that scrape and logged.
+format stays valid. ``_created`` timestamps do not add up and are left out. A frontend that does not answer in
+time is logged and counted with the values it reported last: leaving it out would shrink the sums, which
+Prometheus reads as a counter reset (every rate and increase over that scrape would count the whole history again).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client.registry import Collector
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
 
 
 def _rpc_families(metrics: Metrics) -> dict[str, object]:
@@ -35,23 +37,31 @@ class FrontendRpcCollector(Collector):
         template = _rpc_families(Metrics(runtime_collectors=False))
         self._kinds = {f.name: (f.documentation, f.type) for m in template.values() for f in m.collect()}  # type: ignore[attr-defined]
         self._names = set(self._kinds)
+        self._last: dict[int, list[tuple[str, Key, float]]] = {}  # port -> its last good samples
+
+    def _read(self, port: int) -> list[tuple[str, Key, float]]:
+        """One frontend's RPC samples; its last good reading when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=self.timeout) as r:
+                text = r.read().decode()
+        except OSError as exc:
+            log.warning("frontend metrics on port %d not read (its last reading is used): %s", port, exc)
+            return self._last.get(port, [])
+        samples = [
+            (family.name, (s.name, tuple(sorted(s.labels.items()))), s.value)
+            for family in text_string_to_metric_families(text)
+            if family.name in self._names
+            for s in family.samples
+        ]
+        self._last[port] = samples
+        return samples
 
     def collect(self) -> Iterator[Metric]:
-        sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {n: {} for n in self._names}
+        sums: dict[str, dict[Key, float]] = {n: {} for n in self._names}
         for port in self.ports():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=self.timeout) as r:
-                    text = r.read().decode()
-            except OSError as exc:
-                log.warning("frontend metrics on port %d not read: %s", port, exc)
-                continue
-            for family in text_string_to_metric_families(text):
-                if family.name not in self._names:
-                    continue
-                table = sums[family.name]
-                for s in family.samples:
-                    key = (s.name, tuple(sorted(s.labels.items())))
-                    table[key] = table.get(key, 0.0) + s.value
+            for name, key, value in self._read(port):
+                table = sums[name]
+                table[key] = table.get(key, 0.0) + value
         for name in sorted(self._names):
             doc, kind = self._kinds[name]
             metric = Metric(name, doc, kind)
@@ -63,7 +73,7 @@ class FrontendRpcCollector(Collector):
 _SUFFIX_RANK = {"_bucket": 0, "_count": 1, "_sum": 2}
 
 
-def _exposition_order(item: tuple[tuple[str, tuple[tuple[str, str], ...]], float]) -> tuple[object, ...]:
+def _exposition_order(item: tuple[Key, float]) -> tuple[object, ...]:
     """Each label set's samples together (OpenMetrics requires it), a histogram's buckets by increasing ``le``
     (``+Inf`` last), then its ``_count`` and ``_sum``: the order a single process exposes."""
     (sample, labels), _ = item

@@ -144,6 +144,10 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         frontends.append(first)
         frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path) for i in range(1, n)))
         serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends])
+        metrics.processes.processes = lambda: [
+            ("engine", os.getpid()),
+            *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),
+        ]
 
         def ready() -> bool:
             return not stop.is_set() and dataplane.is_ready and all(f.process.is_alive() for f in frontends)

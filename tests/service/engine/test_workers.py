@@ -5,7 +5,9 @@ processes and exits 0."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -135,6 +137,61 @@ def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> N
         with grpc.insecure_channel(target) as channel:
             assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10).live
     assert served() - before == 6
+
+
+def _scrape(info: dict[str, object]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The engine's /metrics as {sample name: {sorted labels: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_every_process_reports_its_cpu_and_memory(servers: tuple[dict[str, object], int]) -> None:
+    """``process_*`` describe the engine alone (the only /metrics endpoint); ``seqserve_process_*{process}`` cover
+    the engine and each frontend, so a dashboard's CPU and memory panels see the whole server."""
+    info, _ = servers
+    scraped = _scrape(info)
+    cpu = {dict(k)["process"]: v for k, v in scraped["seqserve_process_cpu_seconds_total"].items()}
+    rss = {dict(k)["process"]: v for k, v in scraped["seqserve_process_resident_memory_bytes"].items()}
+    assert set(cpu) == set(rss) == {"engine", "frontend-1", "frontend-2"}
+    assert all(v > 0 for v in cpu.values())
+    pids = info["frontend_pids"]
+    assert isinstance(pids, list)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for pid in pids:  # each frontend's /proc RSS is one of the reported frontend values (it moves a little)
+        now = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        assert any(abs(rss[f"frontend-{i}"] - now) < 0.2 * now for i in (1, 2))
+    engine = int(Path(f"/proc/{info['engine_pid']}/statm").read_text().split()[1]) * page
+    assert abs(rss["engine"] - engine) < 0.2 * engine
+
+
+def test_a_frontend_that_misses_a_scrape_keeps_its_counts(servers: tuple[dict[str, object], int]) -> None:
+    """A frontend that does not answer the engine's scrape in time counts with its last reading: the summed
+    counters never go down (Prometheus would read a reset and count the whole history again in every rate)."""
+    info, _ = servers
+    for target in _frontends(info):
+        with grpc.insecure_channel(target) as channel:
+            assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10).live
+
+    def total() -> float:
+        return sum(_scrape(info)["seqserve_rpc_requests_total"].values())
+
+    before = total()
+    pids = info["frontend_pids"]
+    assert isinstance(pids, list) and before > 0
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        during = total()  # (the engine waits out its 2 s timeout for the stopped frontend)
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    assert during == before
+    assert total() == before
 
 
 def test_summed_metrics_are_valid_openmetrics(servers: tuple[dict[str, object], int]) -> None:
@@ -275,8 +332,6 @@ def test_a_stalled_engine_never_blocks_a_frontends_loop(tiny_models: Path, tmp_p
     """Metadata, readiness and statistics calls wait for the engine without holding the frontend's event loop:
     with the engine process stopped (SIGSTOP), ServerLive, which the frontend answers alone, still answers at
     once while a ModelMetadata call waits, and the waiting call completes when the engine runs again."""
-    import os
-    import signal
     import threading
 
     proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true")

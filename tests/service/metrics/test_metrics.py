@@ -230,6 +230,8 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_time_to_first_chunk_seconds",
         "seqserve_forecast_observed_targets",
         "seqserve_forecast_targets_below",
+        "seqserve_process_cpu_seconds",
+        "seqserve_process_resident_memory_bytes",
     }
     for name, kind in ours.items():
         if kind == "histogram" and name != "seqserve_inference_batch_size":
