@@ -135,12 +135,16 @@ class Prometheus:
 def prometheus(seqserve: SeqServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     exe = prometheus_binary()
     tmp = tmp_path_factory.mktemp("prometheus")
+    import yaml
+
+    # The shipped scrape job (its labels and relabelling included), with this server as its only target.
+    shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in shipped["scrape_configs"] if j["job_name"] == "seqserve"]
+    job["static_configs"] = [{**sc, "targets": [f"127.0.0.1:{seqserve.metrics_port}"]} for sc in job["static_configs"]]
     config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROOT / "deploy" / "prometheus" / "alerts.yml")],  # our real alert rules
-        "scrape_configs": [
-            {"job_name": "seqserve", "static_configs": [{"targets": [f"127.0.0.1:{seqserve.metrics_port}"]}]}
-        ],
+        "scrape_configs": [job],
     }
     (tmp / "prometheus.yml").write_text(json.dumps(config, indent=2))  # JSON is YAML
     log = tmp / "prometheus.log"

@@ -143,6 +143,9 @@ def test_request_counters_match_the_traffic(prometheus: Prometheus, traffic: Tra
         for r in query(prometheus, "sum by (method, code) (seqserve_rpc_requests_total)")
     }
     assert got == {k: float(v) for k, v in traffic.calls.items()}
+    # The gRPC service label survives the shipped scrape config (a target label of the same name replaced it).
+    services = {r["metric"].get("service") for r in query(prometheus, "sum by (service) (seqserve_rpc_requests_total)")}
+    assert "seqserve.v1.Sentiment" in services and "inference.GRPCInferenceService" in services
     by_model = {
         (r["metric"]["method"], r["metric"].get("model", "")): float(r["value"][1])
         for r in query(prometheus, f"sum by (method, model) (seqserve_rpc_requests_total{{{MODEL_METHODS}}})")
