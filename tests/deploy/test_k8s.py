@@ -69,6 +69,7 @@ def test_overlays_validate_strictly(rendered: tuple[str, str], tmp_path: Path) -
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
         "NetworkPolicy",
+        "StatefulSet",
     }
     assert out.count("passed for resource") == len(objects(text)) * len(KUBERNETES_VERSIONS)
 
@@ -160,6 +161,38 @@ def test_selectors_match_the_pods(rendered: tuple[str, str]) -> None:
     assert {o["metadata"].get("namespace", "seqserve") for o in objs.values() if o["kind"] != "Namespace"} == {
         "seqserve"
     }
+
+
+def test_replicas_share_the_redis_session_store(rendered: tuple[str, str]) -> None:
+    """Several replicas behind round-robin clients: every session call must find its session on any replica, so
+    the settings name the Redis Service shipped beside them, and the network policies let exactly the server pods
+    reach it."""
+    objs = objects(rendered[1])
+    store = config(objs)["SEQSERVE_SESSION_STORE"]
+    assert store.startswith("redis://")
+    host, port = store.removeprefix("redis://").split("/")[0].split(":")
+    service = objs[f"Service/{host}"]["spec"]
+    assert [p["port"] for p in service["ports"]] == [int(port)]
+    redis = objs["StatefulSet/seqserve-redis"]["spec"]
+    pod_labels = redis["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in service["selector"].items())
+    (c,) = redis["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"redis": int(port)}
+    assert "--appendonly" in c["args"] and c["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    server_labels = objs["Deployment/seqserve"]["spec"]["template"]["metadata"]["labels"]
+    egress = objs["NetworkPolicy/seqserve"]["spec"]["egress"]
+    assert any(
+        all(pod_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
+        and {p["port"] for p in rule["ports"]} == {int(port)}
+        for rule in egress
+        for peer in rule["to"]
+        if "podSelector" in peer and "namespaceSelector" not in peer
+    )
+    (ingress,) = objs["NetworkPolicy/seqserve-redis"]["spec"]["ingress"]
+    (peer,) = ingress["from"]
+    assert all(server_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
+    assert objs["HorizontalPodAutoscaler/seqserve"]["spec"]["minReplicas"] >= 1
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image() -> None:
