@@ -99,12 +99,19 @@ class Undecoded:
         self.model = ""
 
 
+# KServe requests that name their model in a field called ``name``.
+_NAMED = frozenset(f"inference.Model{kind}Request" for kind in ("Ready", "Metadata", "Config", "Statistics"))
+
+
 def model_label(message: Any) -> str:
-    """The model a request names (ours: ``model.name``; KServe: ``model_name``), else ""."""
+    """The model a request names (ours: ``model.name``; KServe: ``model_name``, or ``name`` in model readiness,
+    metadata, config and statistics), else ""."""
     model = getattr(message, "model", None)
     if isinstance(model, str):
         return model
     name = getattr(model, "name", None) or getattr(message, "model_name", None)
+    if name is None and getattr(getattr(message, "DESCRIPTOR", None), "full_name", "") in _NAMED:
+        name = message.name
     return name if isinstance(name, str) else ""
 
 

@@ -194,6 +194,27 @@ def test_a_frontend_that_misses_a_scrape_keeps_its_counts(servers: tuple[dict[st
     assert total() == before
 
 
+def test_model_calls_that_name_their_model_in_name_are_labelled_with_it(
+    servers: tuple[dict[str, object], int],
+) -> None:
+    """KServe readiness, metadata, config and statistics name their model in ``name`` (not ``model_name``): their
+    RPC metrics carry that model, as the table in docs/metrics.md says (they were counted under model="")."""
+    info, _ = servers
+    with grpc.insecure_channel(_frontends(info)[0]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelReady(pb.ModelReadyRequest(name="charlm"), timeout=30)
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="charlm"), timeout=30)
+        stub.ModelConfig(pb.ModelConfigRequest(name="charlm"), timeout=30)
+        stub.ModelStatistics(pb.ModelStatisticsRequest(name="charlm"), timeout=30)
+    seen = {
+        (labels["method"], labels["model"])
+        for labels in (dict(k) for k in _scrape(info)["seqserve_rpc_requests_total"])
+        if labels["method"] in ("ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics")
+    }
+    assert {m for m, model in seen if model == "charlm"} == {"ModelReady", "ModelMetadata", "ModelConfig",
+                                                             "ModelStatistics"}  # fmt: skip
+
+
 def test_summed_metrics_are_valid_openmetrics(servers: tuple[dict[str, object], int]) -> None:
     """What Prometheus asks for by default parses with the strict OpenMetrics parser: each label set's samples
     together, a histogram's buckets by increasing ``le`` with ``+Inf`` last (once summed, they were sorted as
