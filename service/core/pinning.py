@@ -8,6 +8,11 @@ checks only: nothing here leases, loads or saves a session (``SessionManager`` d
 
 from __future__ import annotations
 
+from collections.abc import Container
+from typing import Any
+
+import numpy as np
+
 from service.core.context import note_model
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.sessions import SessionManager, SessionState
@@ -120,7 +125,28 @@ def importable(
     want = {k: (v.shape, v.dtype) for k, v in entry.task.initial_state().items()}
     if want != {k: (v.shape, v.dtype) for k, v in x.session.state.items()}:
         raise FailedPrecondition(f"the session blob's state does not fit model {entry.label}")
+    problem = _context_problem(entry.task.context_shapes(), x.session.context, x.session.steps)
+    if problem:
+        raise FailedPrecondition(f"the session blob's context does not fit model {entry.label}: {problem}")
     return x, entry
+
+
+def _context_problem(shapes: dict[str, tuple[Container[int], ...]], context: dict[str, Any], steps: int) -> str:
+    """Why a blob's context (signed, but possibly by another build sharing the key) cannot continue on this
+    model; "" when it fits. Without this check the import succeeds and every later call fails INTERNAL."""
+    if steps < 0:
+        return f"steps is {steps}"
+    for name, value in context.items():
+        axes = shapes.get(name)
+        if axes is None:
+            return f"it holds {echo(name)}, which this model's sessions never keep"
+        if not isinstance(value, np.ndarray) or value.dtype != np.float32:
+            return f"{name} is not a float32 array"
+        if value.ndim != len(axes) or any(n not in ok for n, ok in zip(value.shape, axes, strict=True)):
+            return f"{name} has shape {list(value.shape)}"
+        if not np.isfinite(value).all():
+            return f"{name} holds NaN or infinite values"
+    return ""
 
 
 def adopted(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Container, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -119,6 +119,11 @@ class Task:
     def initial_state(self) -> dict[str, Array]:
         """The state of a new (or reset) session: zeros, batch of one."""
         return self.model.runtime.zero_states(1)
+
+    def context_shapes(self) -> dict[str, tuple[Container[int], ...]]:
+        """What a session of this model may keep beside its state: name -> the lengths each axis may have; every
+        value float32 and finite. An imported session must fit (``service.core.pinning.importable``)."""
+        return {}
 
     def check_session(self) -> None:
         """Raises FailedPrecondition when this model version cannot hold sessions (stateless or unsupported)."""

@@ -11,7 +11,7 @@ v2 contract: TEXT BYTES [1], NUM_CHARS INT32 [1] (optional) -> NEXT_CHAR_PROBS F
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +113,9 @@ class CharLMTask(Task):
 
     def session_nbytes(self) -> int:
         return super().session_nbytes() + 4 * len(self.vocab)  # + next-character logits, float32
+
+    def context_shapes(self) -> dict[str, tuple[Container[int], ...]]:
+        return {"logits": ({len(self.vocab)},)}  # the next character's logits
 
     def contract(self) -> TensorContract:
         v = len(self.vocab)

@@ -20,6 +20,8 @@ horizon, targets]; with a sequence, HISTORY rows are appended to the sequence's 
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import numpy as np
 import numpy.typing as npt
 
@@ -120,6 +122,16 @@ class ForecastTask(Task):
 
     def initial_state(self) -> dict[str, Array]:
         return {}  # window mode: the rows are the state (context), the encoder restarts from zeros
+
+    def context_shapes(self) -> dict[str, tuple[Container[int], ...]]:
+        """The last rows (at most a window), and with intervals the last forecast and its scale, z-scored."""
+        t = len(self.targets)
+        shapes: dict[str, tuple[Container[int], ...]] = {"rows": (range(1, self.spec.window + 1), {self.spec.features})}
+        if self.levels:
+            shapes["forecast_z"] = ({self.spec.horizon}, {t})
+        if self.scale_name is not None and self.levels:
+            shapes["scale_z"] = ({self.scale_rows}, {t})
+        return shapes
 
     def check_session(self) -> None:
         if self.spec.state_mode != "window":

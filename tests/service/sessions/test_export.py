@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -71,6 +72,54 @@ def test_tampered_foreign_or_unkeyed_blobs_are_refused(
     with pytest.raises(ApiError, match="SEQSERVE_SESSION_SIGNING_KEY") as err:
         no_key.import_session(blob)
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_signed_blob_whose_context_does_not_fit_is_a_failed_precondition(pair: tuple[Client, Client]) -> None:
+    """A blob signed with the shared key by another build (or anyone holding the key) may carry a context this
+    model cannot continue: wrong shapes, NaN, unknown parts, negative steps. Import refuses it, naming the part,
+    instead of creating a session whose every later call fails INTERNAL; the good blob still imports."""
+    from service.core.sessions.export import seal
+
+    a, b = pair
+    key = KEY.encode()
+    rows = np.random.default_rng(0).normal(size=(100, 7)).astype(np.float32)
+    blobs = {}
+    with a.session("charlm") as s:
+        a.suggest_once(s.id, "To be")
+        blobs["charlm"] = a.export_session(s.id)
+    with a.session("forecaster") as s:
+        a.observe(s.id, rows)
+        blobs["forecaster"] = a.export_session(s.id)
+
+    def edited(model: str, change: Callable[[Any], None]) -> bytes:
+        x = unseal(blobs[model], key)
+        change(x.session)
+        return seal(x.session, key, x.exported_at)
+
+    cases = {
+        "logits has shape [1, ": edited("charlm", lambda s: s.context.update(logits=s.context["logits"][None])),
+        "logits holds NaN": edited("charlm", lambda s: s.context["logits"].fill(np.nan)),
+        "steps is -5": edited("charlm", lambda s: setattr(s, "steps", -5)),
+        "'extra', which this model's sessions never keep": edited(
+            "charlm", lambda s: s.context.update(extra=np.zeros(250_000, np.float32))
+        ),
+        "rows has shape [": edited("forecaster", lambda s: s.context.update(rows=s.context["rows"][:, :3])),
+        "forecast_z has shape [2, 2]": edited(
+            "forecaster", lambda s: s.context.update(forecast_z=np.zeros((2, 2), np.float32))
+        ),
+        "rows is not a float32 array": edited(
+            "forecaster", lambda s: s.context.update(rows=s.context["rows"].astype(np.float64))
+        ),
+    }
+    for problem, blob in cases.items():
+        with pytest.raises(ApiError) as err:
+            b.import_session(blob)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION, (problem, err.value)
+        assert "context does not fit model" in err.value.message and problem in err.value.message, err.value.message
+    for blob in blobs.values():  # untouched blobs still import and continue
+        b.import_session(blob)
+    moved = b.import_session(blobs["forecaster"])
+    assert b.observe(moved.id, rows[:4]).rows_seen == 104
 
 
 def test_a_blob_of_other_weights_is_a_failed_precondition(
