@@ -58,6 +58,17 @@ def real(low: float, high: float | None = None, *, above: bool = False, below: b
     return parse
 
 
+def finite(text: str) -> float:
+    """Any finite number (``nan`` and ``inf`` refused: a comparison with them is always false)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def names(text: str) -> str:
     """Comma-separated column names, none of them empty (kept as the text; callers split it)."""
     if not text.strip() or any(not part.strip() for part in text.split(",")):

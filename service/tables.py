@@ -224,6 +224,9 @@ def _delimiter(header: str) -> str:
     return next((d for d in DELIMITERS if d in header), ",")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(path: Path, line: int, column: str, cell: str) -> float:
     text = cell.strip()
     if not text:
@@ -237,6 +240,11 @@ def _number(path: Path, line: int, column: str, cell: str) -> float:
         raise TableError(f"{path}: line {line}, column {column!r}: {text[:40]!r} is not a number{hint}") from None
     if not np.isfinite(v):
         raise TableError(f"{path}: line {line}, column {column!r}: {text!r} is not a finite number")
+    if abs(v) > FLOAT32_MAX:
+        raise TableError(
+            f"{path}: line {line}, column {column!r}: {text[:40]!r} is beyond float32's range (+-{FLOAT32_MAX:.3g}), "
+            "in which models compute; rescale the column"
+        )
     return v
 
 

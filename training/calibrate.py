@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from training.data import DataError
+
 F64 = npt.NDArray[np.float64]
 
 
@@ -75,11 +77,20 @@ def choose_half_life(residuals: npt.ArrayLike, levels: Sequence[float], gap: int
     origin inside the validation split; ``gap`` windows that overlap the block's targets are skipped)."""
     r = np.asarray(residuals, dtype=np.float64)
     size = len(r) // blocks
+    # A block is scored only with at least a block's worth of windows before it once the gap is skipped (with
+    # fewer, ``r[: b * size - gap]`` would be empty, or with a negative stop, the block and its future).
+    scored = [b for b in range(1, blocks) if b * size - gap >= max(size, 1)]
+    if not scored:
+        raise DataError(
+            f"--calibration recent: {len(r)} calibration windows are too few to choose a half-life by rolling origin "
+            f"(a block of the last {blocks - 1} needs a gap of {gap} windows and a block's worth before it: at least "
+            f"{blocks * max(1, math.ceil(gap / (blocks - 2)))} windows); use another --calibration"
+        )
     candidates = [np.inf, len(r) / 2, len(r) / 4, len(r) / 8]
     errors = []
     for half_life in candidates:
         miss = []
-        for b in range(1, blocks):
+        for b in scored:
             past, block = r[: b * size - gap], r[b * size : (b + 1) * size]
             off = weighted_offsets(past, levels, half_life)
             miss += [abs(float((block <= o).mean()) - tau) for tau, o in zip(levels, off, strict=True)]

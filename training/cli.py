@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
-from service.argtypes import Parser, count, names, real
+from service.argtypes import Parser, count, finite, names, real
+from service.errors import SeqServeError
 from training.data import DataError
 from training.nets import REVIN
 from training.series import PRESETS
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qu.add_argument(
         "--tolerance",
-        type=float,
+        type=finite,
         default=0.005,
         help="how much worse the headline metric may get (nats/char, accuracy) before nothing is released",
     )
@@ -297,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         from training import forecasting, pipelines, sentiment
 
+        job = _job(args, argv)
+        checkpoint = job.train.run_dir / "checkpoint.pt"  # type: ignore[attr-defined]
+        if args.resume and not checkpoint.exists() and args.out.exists() and any(args.out.iterdir()):
+            raise DataError(
+                f"--resume: {checkpoint} does not exist, so there is no run to continue, and {args.out} already "
+                "holds a model (a model is never rewritten); pass the run's --run-dir, or train into a new folder"
+            )
         if not args.resume:
             pipelines.require_new_folder(
                 args.out, "train into a new version folder, remove it first, or pass --resume to continue its run"
@@ -309,12 +318,20 @@ def main(argv: list[str] | None = None) -> int:
                 print("seqserve-train: error: --download needs --sha256 to check the file", file=sys.stderr)
                 return 2
             download(args.download, args.data, args.sha256)
-        job = _job(args, argv)
         run = {"charlm": pipelines.train_charlm, "sentiment": sentiment.train_sentiment}
-        run.get(args.command, forecasting.train_forecast)(job)  # type: ignore[arg-type]
+        fresh = not args.out.exists()
+        try:
+            run.get(args.command, forecasting.train_forecast)(job)  # type: ignore[arg-type]
+        except BaseException:
+            if fresh:  # a failed run leaves no half-written model behind (its checkpoint stays in the run dir)
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
         return 0
     except DataError as e:
         print(f"seqserve-train: error: {e}", file=sys.stderr)
+        return 2
+    except SeqServeError as e:  # the serving code's own checks (sample: a prompt character outside the vocabulary)
+        print(f"seqserve-train: error: {e.message}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad hyper-parameters (unknown cell, window not a multiple of segment, ...)
         print(f"seqserve-train: error: {e}", file=sys.stderr)

@@ -180,8 +180,8 @@ def forecast_metrics(name: str, out: Path, data: Path, s: Series, ev: dict[str, 
     )  # fmt: skip
     metrics = []
     for key, value in ev.items():
-        if not key.startswith("test_") or key == "test_windows":
-            continue
+        if not key.startswith("test_") or key == "test_windows" or not np.isfinite(value):
+            continue  # (a manifest holds finite numbers only: a metric that is undefined here is left out)
         target = goal[1] if goal and goal[0] == key else None
         higher = key.startswith(("test_coverage", "test_mape_gain"))
         if key.startswith("test_coverage_q"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from service.core.manifest import Manifest
 from service.tables import Table, TableError, read_table
@@ -54,6 +55,7 @@ class Series:
     time_column: str | None = None
     frequency: str | None = None
     times: list[str] = field(default_factory=list)  # ISO text of each row's timestamp (empty without one)
+    values: npt.NDArray[np.float64] | None = None  # (rows, F) the file's values, as read
 
     @property
     def target_index(self) -> list[int]:
@@ -65,8 +67,9 @@ class Series:
         return self.z[max(0, start - window if name != "train" else start) : stop]
 
     def raw(self) -> FloatArray:
-        """Every row in original units."""
-        out: FloatArray = (self.z * self.std + self.mean).astype(np.float32)
+        """Every row in original units, float32 (the file's values when known; else rebuilt from ``z``, where an
+        exact 0 may come back as ~1e-8)."""
+        out: FloatArray = (self.values if self.values is not None else self.z * self.std + self.mean).astype(np.float32)
         return out
 
 
@@ -152,7 +155,7 @@ def _normalize(table: Table, targets: list[str], split: dict[str, tuple[int, int
     times = [t.isoformat(sep=" ") for t in table.times] if table.times else []
     return Series(
         table.path, table.columns, targets, split, mean.astype(np.float32), std.astype(np.float32), z,
-        table.time_column, table.frequency, times,
+        table.time_column, table.frequency, times, table.values,
     )  # fmt: skip
 
 

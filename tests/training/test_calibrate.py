@@ -14,6 +14,7 @@ from training.calibrate import (
     pinball,
     weighted_offsets,
 )
+from training.data import DataError
 from training.scores import ece, fit_temperature, mape, mase, mase_scale, seasonal_naive
 
 LEVELS = [0.1, 0.5, 0.9]
@@ -110,3 +111,25 @@ def test_weighted_offsets_reduce_to_conformal_and_follow_drift() -> None:
     assert abs(coverage(nxt, recent[2]) - 0.9) < abs(coverage(nxt, plain[2]) - 0.9)
     assert choose_half_life(drift, LEVELS, gap=2) < np.inf  # the rolling-origin check sees the drift
     assert choose_half_life(rng.standard_normal((2000, 2, 1)), LEVELS, gap=2) >= 250  # stationary: long memory
+
+
+def test_the_half_life_check_never_scores_a_block_with_its_own_future(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rolling origin: each scored block is fitted only on windows that end ``gap`` windows before it. With few
+    windows, ``r[: b * size - gap]`` went empty (IndexError) or, with a negative stop, took the block and its
+    future; such blocks are skipped, and too few windows for any block are refused with the numbers."""
+    from training import calibrate
+
+    seen: list[int] = []
+    fit = calibrate.weighted_offsets
+
+    def spy(past: np.ndarray, levels: object, half_life: float) -> object:
+        seen.append(len(past))
+        return fit(past, levels, half_life)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(calibrate, "weighted_offsets", spy)
+    r = np.random.default_rng(0).standard_normal((49, 12, 1))
+    choose_half_life(r, LEVELS, gap=12)  # 5 blocks of 9: blocks 1 and 2 have no room before them
+    size = 9
+    assert seen and set(seen) == {3 * size - 12, 4 * size - 12}  # blocks 3 and 4 only, each on its own past
+    with pytest.raises(DataError, match=r"13 calibration windows are too few .* at least 20 windows"):
+        choose_half_life(r[:13], LEVELS, gap=12)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from tests.training.conftest import write_csv
 from tests.training.fast import FAST
 from training import learned_scale
 from training.cards import NOT_CALIBRATED, TEMPERATURE_SCALED
@@ -327,3 +328,91 @@ def test_training_never_writes_into_a_folder_that_holds_a_model(
     err = capsys.readouterr().err
     assert err.startswith(f"seqserve-train: error: {out}: already exists and is not empty") and err.count("\n") == 1
     assert (out / "model.onnx").read_bytes() == b"a model already served" and not (tmp_path / "run").exists()
+
+
+def test_seasonal_scores_left_out_where_undefined_and_the_model_still_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An hour-of-day column (repeats exactly every day: seasonal-naive scale 0) made MASE infinite, written to the
+    manifest as null, which then failed to load anywhere; a target that is exactly 0 at night gave a MAPE of
+    millions of percent (the zero check ran on values rebuilt from z-scores, ~1e-8). Both are left out now."""
+    rng = np.random.default_rng(0)
+    lines = ["time,hour,solar"]
+    for i in range(480):
+        hour = i % 24
+        solar = max(0.0, np.sin(np.pi * (hour - 6) / 12)) * (1 + 0.1 * rng.standard_normal())
+        lines.append(f"2021-01-{1 + i // 24:02d} {hour:02d}:00:00,{hour},{max(solar, 0.0):.3f}")
+    data = tmp_path / "solar.csv"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "solar" / "1"
+    args = ["forecast", "--data", str(data), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    assert main([*args, "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "1"]) == 0
+    names = {metric.name: metric.value for metric in Manifest.load(out / MANIFEST_FILE).metrics}  # loads: all finite
+    assert "test_mse" in names and not any(k.startswith(("test_mase", "test_snaive", "test_mape")) for k in names)
+    ev = _evaluate(capsys, out, data)
+    assert "test_mape" not in ev and "test_mase" not in ev and np.isfinite(ev["test_mse"])
+    # the solar column alone: MASE is defined (its scale is not 0), MAPE is not (zeros at night)
+    solo = tmp_path / "solo" / "1"
+    args = ["forecast", "--data", str(data), "--out", str(solo), "--run-dir", str(tmp_path / "run2"), *FAST]
+    args += ["--columns", "solar", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]
+    assert main([*args, "--epochs", "1"]) == 0
+    ev = _evaluate(capsys, solo, data)
+    assert np.isfinite(ev["test_mase"]) and "test_mape" not in ev
+
+
+def test_a_cell_beyond_float32_is_named_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = write_csv(tmp_path / "huge.csv")
+    lines = p.read_text().splitlines()
+    lines[50] = lines[50].rsplit(",", 1)[0] + ",1e300"
+    p.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o" / "1"
+    assert main(["forecast", "--data", str(p), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"seqserve-train: error: {p}: line 51, column 'price': '1e300' is beyond float32's range (+-3.4e+38), in "
+        "which models compute; rescale the column"
+    )
+    assert not out.exists()
+
+
+def test_resume_without_a_run_never_rewrites_a_model(
+    tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--resume continues a run's checkpoint; with no checkpoint it trained from scratch and replaced the model."""
+    out = tmp_path / "models" / "sales" / "1"
+    out.mkdir(parents=True)
+    (out / "model.onnx").write_bytes(b"a model already served")
+    args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "none"), *FAST]
+    assert main([*args, "--resume", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {tmp_path / 'none' / 'checkpoint.pt'} does not exist" in err and err.count("\n") == 1
+    assert (out / "model.onnx").read_bytes() == b"a model already served"
+
+
+def test_a_failed_run_leaves_no_half_written_model(
+    tmp_path: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training import forecasting
+
+    def broken(job: object) -> None:
+        out = job.out  # type: ignore[attr-defined]
+        out.mkdir(parents=True)
+        (out / "model.onnx").write_bytes(b"half")
+        raise ValueError("export failed")
+
+    monkeypatch.setattr(forecasting, "train_forecast", broken)
+    out = tmp_path / "m" / "1"
+    assert main(["forecast", "--data", str(tiny_csv), "--out", str(out), *FAST]) == 2
+    assert not out.exists()
+
+
+def test_sample_and_quantize_refuse_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    charlm = Path(__file__).parents[2] / "models" / "charlm" / "1"
+    assert main(["sample", "--model", str(charlm), "--prompt", "Café ROMEO:", "--length", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqserve-train: error: prompt: character 'é' is not in the model's vocabulary")
+    assert err.count("\n") == 1
+    for bad in ("nan", "inf", "-inf"):  # (a NaN tolerance passed every comparison: the release gate was off)
+        args = ["quantize", "--model", str(charlm), "--data", str(tmp_path), "--out", str(tmp_path / "q" / "1")]
+        assert main([*args, f"--tolerance={bad}"]) == 2
+        assert "argument --tolerance: must be a finite number" in capsys.readouterr().err
