@@ -20,7 +20,7 @@ from training.data import DataError
 from training.evaluate import evaluate_model, forecast_windows, open_model
 from training.forecasting import Intervals, calibrate, forecast_metrics
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
-from training.scale import add_scale_output
+from training.scale import add_scale_output, remove_scale_output
 from training.series import Series, series_for, windows
 
 
@@ -31,8 +31,6 @@ def recalibrate(src: Path, data: Path, out: Path, command: str, mode: str = "aut
     f = m.forecast
     if f is None or m.task != "forecast":
         raise DataError(f"{src}: calibrate needs a forecast model, this one is {m.task!r}")
-    if f.scale_output is not None:
-        raise DataError(f"{src}: already has a scale output ({f.scale_output!r}); calibrate its point model instead")
     s = series_for(m, data)
     x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
     residuals = (y - forecast_windows(m, sess, x)).astype(np.float64)  # (N, H, T), windows in time order
@@ -47,6 +45,11 @@ def _write(
     f = m.forecast
     assert f is not None
     shutil.copyfile(src / MODEL_FILE, out / MODEL_FILE)
+    if f.scale_output is not None:  # recalibrated from the point forecast: the old scale goes, a new one may come
+        shutil.copyfile(src / MANIFEST_FILE, out / MANIFEST_FILE)
+        m = remove_scale_output(out).model_copy(update={"name": m.name, "version": m.version})
+        f = m.forecast
+        assert f is not None
     extra = "" if iv.floor is None else f", offsets x each window's scale ({iv.choice.label})"
     description = m.description.rstrip(".") + f"{extra}; intervals recalibrated from {m.name}/{m.version}."
     training = {"point_model": f"{m.name}/{m.version}", "point_model_command": m.training.get("command"), **iv.info}

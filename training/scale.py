@@ -137,3 +137,37 @@ def add_scale_output(model_dir: Path, kind: str, k: int, floor: list[float]) -> 
     )
     m.dump(model_dir / MANIFEST_FILE)
     return diff
+
+
+def remove_scale_output(model_dir: Path) -> Manifest:
+    """The inverse of ``add_scale_output``: ``model_dir``'s graph without the scale output and the nodes that only
+    fed it (``onnx.utils.extract_model``), and its manifest without it, so a scaled forecaster can be recalibrated
+    from its point forecast. Checked: every other output bit for bit as before. Returns the new manifest."""
+    m = Manifest.load(model_dir / MANIFEST_FILE)
+    f = m.forecast
+    if f is None or f.scale_output is None:
+        return m
+    path = model_dir / MODEL_FILE
+    x = np.random.default_rng(1).standard_normal((3, f.window, f.features)).astype(np.float32)
+    before = _run(path, m, x)
+    keep = [o.name for o in m.outputs if o.name != f.scale_output]
+    graph = onnx.load(str(path))
+    inputs = [i.name for i in graph.graph.input]
+    with tempfile.TemporaryDirectory() as tmp:
+        part = Path(tmp) / "point.onnx"
+        onnx.utils.extract_model(str(path), str(part), inputs, keep)
+        point = onnx.load(str(part))
+    point.opset_import.extend([o for o in graph.opset_import if o not in point.opset_import])
+    onnx.save(point, str(path))
+    after = _run(path, m, x)
+    if set(after) != set(keep) or not all(np.array_equal(before[n], after[n]) for n in keep):
+        raise RuntimeError(f"{path}: removing {f.scale_output!r} changed the other outputs")
+    m = m.model_copy(
+        update={
+            "outputs": [o for o in m.outputs if o.name != f.scale_output],
+            "forecast": f.model_copy(update={"scale_output": None}),
+            "sha256": sha256_file(path),
+        }
+    )
+    m.dump(model_dir / MANIFEST_FILE)
+    return m

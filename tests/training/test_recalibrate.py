@@ -94,6 +94,24 @@ def test_calibrate_refusals_exit_2_with_one_line(
         assert "\n" not in err and err.startswith("seqserve-train: error: ") and message in err
     assert [p.name for p in busy.iterdir()] == ["manifest.json"] and (busy / "manifest.json").read_text() == "{}"
     assert main([*calibrate, "--out", str(v2), "--interval-scale", "mad:6"]) == 0
-    assert main(["calibrate", "--model", str(v2), "--data", str(tiny_csv), "--out", str(v2.parent / "3")]) == 2
-    assert "already has a scale output ('scale'); calibrate its point model instead" in capsys.readouterr().err
-    assert not (v2.parent / "3").exists()
+    # A scaled model (the default of `forecast`) recalibrates from its point forecast: the old scale output goes
+    # (it was refused: "calibrate its point model instead", which a default run never wrote), a new one may come.
+    v3, v4 = v2.parent / "3", v2.parent / "4"
+    assert (
+        main(["calibrate", "--model", str(v2), "--data", str(tiny_csv), "--out", str(v3), "--interval-scale", "none"])
+        == 0
+    )
+    assert (
+        main(["calibrate", "--model", str(v2), "--data", str(tiny_csv), "--out", str(v4), "--interval-scale", "std:4"])
+        == 0
+    )
+    x = np.random.default_rng(0).standard_normal((5, 24, 3)).astype(np.float32)
+    two, three, four = outputs(v2, x), outputs(v3, x), outputs(v4, x)
+    assert "scale" in two and set(three) == set(two) - {"scale"} and set(four) == set(two)
+    np.testing.assert_array_equal(three["forecast"], two["forecast"])
+    np.testing.assert_array_equal(four["forecast"], two["forecast"])
+    m3, m4 = Manifest.load(v3 / MANIFEST_FILE), Manifest.load(v4 / MANIFEST_FILE)
+    assert m3.forecast is not None and m3.forecast.scale_output is None and "scale" not in {o.name for o in m3.outputs}
+    assert m3.sha256 == sha256_file(v3 / MODEL_FILE) and (m3.name, m3.version) == ("fc", 3)
+    assert m4.forecast is not None and m4.forecast.scale_output == "scale" and len(m4.outputs) == len(m3.outputs) + 1
+    assert m4.training["interval_scale"].startswith("std of the last 4 changes")
