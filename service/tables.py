@@ -124,18 +124,24 @@ def _seconds(step: dt.timedelta | int) -> float:
     return step * 30.44 * 86400 if isinstance(step, int) else step.total_seconds()
 
 
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
 def _detect_time_column(header: list[str], first_row: list[str]) -> str | None:
-    """A column named like a timestamp (``date``, ``ds``, ...), else the first column whose first cell is a
-    timestamp and not a number."""
-    for name in header:
-        if name.strip().lower() in TIME_NAMES:
+    """A column named like a timestamp (``date``, ``ds``, ...) whose first cell is not a number (a ``month`` of 1..12
+    or a ``time`` in elapsed seconds is data), else the first column whose first cell is a timestamp and not a
+    number."""
+    for name, cell in zip(header, first_row, strict=False):
+        if name.strip().lower() in TIME_NAMES and not _is_number(cell):
             return name
     for name, cell in zip(header, first_row, strict=False):
-        try:
-            float(cell)
+        if _is_number(cell):
             continue
-        except ValueError:
-            pass
         try:
             parse_time(cell.strip())
             return name

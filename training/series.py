@@ -138,6 +138,9 @@ def load_series(
     unknown = [t for t in targets if t not in table.columns]
     if unknown:
         raise DataError(f"--targets: {unknown[0]!r} is not one of the input columns {table.columns}")
+    twice = [t for i, t in enumerate(targets) if t in targets[:i]]
+    if twice:
+        raise DataError(f"--targets: {twice[0]!r} is named twice")
     targets = [c for c in table.columns if c in targets]  # the columns' order
     bounds = parse_split(split, table.rows) if isinstance(split, str) else split
     check_sizes(path, bounds, table.rows, window, horizon)

@@ -84,3 +84,15 @@ def test_constant_column_is_named(tmp_path: Path) -> None:
     assert _error(load_series, p, window=6, horizon=3, split="0.6,0.2,0.2") == (
         f"{p}: column 'flat' is constant over the train split (std 0): drop it"
     )
+
+
+def test_a_numeric_column_named_like_time_is_data_and_targets_are_named_once(tmp_path: Path) -> None:
+    """``month`` of 1..12 (or ``time`` in elapsed seconds) was forced to be the time column and read as timestamps;
+    it is data when its cells are numbers. ``--targets a,a`` is refused like ``--columns a,a``."""
+    p = tmp_path / "m.csv"
+    rows = [f"{i % 12 + 1},{np.sin(i / 3) + 0.01 * i:.4f}" for i in range(300)]
+    p.write_text("month,load\n" + "\n".join(rows) + "\n")
+    s = load_series(p, window=24, horizon=12, split="0.7,0.1,0.2")
+    assert s.columns == ["month", "load"] and s.time_column is None
+    message = _error(load_series, p, window=24, horizon=12, split="0.7,0.1,0.2", targets=["load", "load"])
+    assert message == "--targets: 'load' is named twice"
