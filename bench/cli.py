@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -22,6 +25,14 @@ def parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
     if out is not None:
         ap.add_argument("--out", type=Path, default=RESULTS / out)
     return ap
+
+
+def run(main: Callable[[], int]) -> NoReturn:
+    """``python -m bench.<section>``: SIGTERM (a ``timeout``, a cancelled CI job, ``kill``) exits through the same
+    cleanup as a normal end, so the servers, floors and perf_analyzer it started stop and their temporary folders
+    go (Python's default SIGTERM ends the process without running any ``finally``, orphaning them)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    sys.exit(main())
 
 
 def write_json(path: Path, result: Any) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import random
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -413,4 +412,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -283,4 +283,4 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

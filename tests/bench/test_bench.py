@@ -3,6 +3,7 @@ README's numbers come from. (No timing is asserted here; speed lives in the benc
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -74,3 +75,51 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     for row in (default, bounded):
         assert row["answered"]["n"] > 0 and row["other_errors"] == {} and row["answers_after"] is True
         assert row["server"]["OK"]["count"] >= row["answered"]["n"]
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_sigterm_stops_what_a_bench_started(tiny_models: Path, tmp_path: Path) -> None:
+    """A bench ended by SIGTERM (timeout, a cancelled CI job) stops its servers as a normal end does; Python's
+    default SIGTERM skipped every cleanup and left the servers running, adopted by init."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "bench.overload", "--models", str(tiny_models), "--callers", "2", "--seconds", "60"]
+    bench = subprocess.Popen([*cmd, "--out", str(tmp_path / "o.json")], cwd=Path(__file__).parents[2])
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not _children(bench.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # the server is up and the callers are running
+        started = _children(bench.pid)
+        assert started, "the bench started no server"
+        bench.send_signal(signal.SIGTERM)
+        code = bench.wait(timeout=90)
+        deadline = time.monotonic() + 30
+        while (alive := {p for p in started if Path(f"/proc/{p}").exists()}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive and code == 128 + signal.SIGTERM
+    finally:
+        for p in [bench.pid, *started]:  # whatever is left (old code: the servers, adopted by init)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        bench.wait()
