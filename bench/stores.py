@@ -64,18 +64,22 @@ def redis_server() -> Iterator[redis.Redis]:
             proc.wait(timeout=30)
 
 
-def _typist(client: Client, steps: int, out: list[float], start: threading.Barrier, end: threading.Barrier) -> None:
+Barriers = tuple[threading.Barrier, threading.Barrier, threading.Barrier]  # start, end, read (see step_cost)
+
+
+def _typist(client: Client, steps: int, out: list[float], barriers: Barriers) -> None:
     try:
-        _type(client, steps, out, start, end)
+        _type(client, steps, out, barriers)
     except BaseException:
-        start.abort()  # the others (and the bench) stop waiting instead of hanging
-        end.abort()
+        for b in barriers:
+            b.abort()  # the others (and the bench) stop waiting instead of hanging
         raise
 
 
-def _type(client: Client, steps: int, out: list[float], start: threading.Barrier, end: threading.Barrier) -> None:
+def _type(client: Client, steps: int, out: list[float], barriers: Barriers) -> None:
     from bench.run import TypingStream
 
+    start, end, read = barriers
     with client.session("charlm") as s:
         typing = TypingStream(client, s.id)
         typing.step(TEXT[:8])  # the stream and the session are warm
@@ -84,7 +88,8 @@ def _type(client: Client, steps: int, out: list[float], start: threading.Barrier
             t0 = time.perf_counter()
             typing.step(TEXT[8 + i])
             out.append(time.perf_counter() - t0)
-        end.wait()  # the session is deleted after the measurement
+        end.wait()
+        read.wait()  # the bench has read Redis' counters: only now is the session closed and deleted
         typing.close()
 
 
@@ -107,11 +112,17 @@ def step_cost(client: Client, sessions: int, steps: int, r: redis.Redis | None) 
     """``sessions`` clients type ``steps`` characters each, all at once. Redis commands per step leave out the
     replica's background commands (reaper, health check), measured over an idle second before."""
     samples: list[float] = []
-    start, end = threading.Barrier(sessions + 1), threading.Barrier(sessions + 1)
-    threads = [threading.Thread(target=_typist, args=(client, steps, samples, start, end)) for _ in range(sessions)]
+    barriers = (threading.Barrier(sessions + 1), threading.Barrier(sessions + 1), threading.Barrier(sessions + 1))
+    start, end, read = barriers
+    threads = [threading.Thread(target=_typist, args=(client, steps, samples, barriers)) for _ in range(sessions)]
     for t in threads:
         t.start()
-    time.sleep(0.5)  # the sessions are created and warm; their lease renewals are done
+    # Every typist waits at the start: its session is created and warm. (A fixed sleep let creates and first steps
+    # of a slow start fall into the idle window, counted as background and subtracted from the steps' cost.)
+    deadline = time.monotonic() + 120
+    while start.n_waiting < sessions and not start.broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # their last replies' lease renewals are done
     idle0, t_idle = _commands(r), time.perf_counter()
     time.sleep(1.0)
     idle1 = _commands(r)
@@ -123,7 +134,8 @@ def step_cost(client: Client, sessions: int, steps: int, r: redis.Redis | None) 
     t0 = time.perf_counter()
     end.wait()
     wall = time.perf_counter() - t0
-    after = _commands(r)
+    after, usec = _commands(r), _usec_per_script(r)  # before any session is deleted
+    read.wait()
     n = sessions * steps
     per_step = [max(0.0, x1 - x0 - bg * wall) / n for x0, x1, bg in zip(before, after, rate, strict=True)]
     for t in threads:
@@ -135,7 +147,7 @@ def step_cost(client: Client, sessions: int, steps: int, r: redis.Redis | None) 
         "redis_commands_per_step": per_step[0],
         "redis_scripts_per_step": per_step[1],
         "redis_background_commands_per_s": rate[0],
-        "redis_usec_per_script": _usec_per_script(r),
+        "redis_usec_per_script": usec,
     }
 
 
