@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from service.argtypes import Parser, count, names, real
 from service.client import ApiError, Client
-from service.plots import plot_forecast
+from service.plots import plot_forecast, plot_path
 from service.settings import Settings
 from service.tables import read_history
 
@@ -143,15 +143,16 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
+    plot = None if args.plot is None else plot_path(args.plot)  # a bad name fails before the call
     columns, history = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
     with _client(args) as c:
         result = c.forecast(history, model=args.model)
     print("step\t" + "\t".join(result.columns))
     for h, row in enumerate(result.point, start=1):
         print(f"{h}\t" + "\t".join(f"{v:.4f}" for v in row))
-    if args.plot is not None:
-        plot_forecast(args.plot, columns, history, result)
-        print(f"plot written to {args.plot}", file=sys.stderr)
+    if plot is not None:
+        plot_forecast(plot, columns, history, result)
+        print(f"plot written to {plot}", file=sys.stderr)
     return 0
 
 
@@ -222,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--columns", type=names, help="comma-separated columns to send, in the model's order (default: all numeric)"
     )
     c.add_argument("--rows", type=count(1), default=96, help="history rows to send (the last ones)")
-    c.add_argument("--plot", type=Path, help="write a PNG: history, forecast and the p10-p90 band")
+    c.add_argument(
+        "--plot",
+        type=Path,
+        help="write an image (PNG, or as the name's suffix says: .pdf, .svg, ...): history, "
+        "forecast and the p10-p90 band",
+    )
     c.set_defaults(func=cmd_forecast)
     return p
 

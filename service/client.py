@@ -58,6 +58,10 @@ class ApiError(Exception):
         self.reason = reason
         self.request_id = request_id
 
+    def __reduce__(self) -> tuple[type[ApiError], tuple[grpc.StatusCode, str, str | None, str | None]]:
+        """Pickles (a worker process's failure reaches its pool as itself, not as a broken pool) and copies."""
+        return type(self), (self.code, self.message, self.reason, self.request_id)
+
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> ApiError:
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
@@ -187,24 +191,33 @@ class Client:
     ) -> Iterator[SuggestResult]:
         """One bidirectional stream: one result per event, in order (a ``str`` event = ``SuggestEvent(str)``)."""
 
+        failed: list[BaseException] = []  # an error of the caller's events, raised to the caller as itself
+
         def requests() -> Iterator[autocomplete_pb2.SuggestRequest]:
-            for e in events:
-                ev = SuggestEvent(e) if isinstance(e, str) else e
-                yield autocomplete_pb2.SuggestRequest(
-                    session_id=session_id,
-                    appended=ev.appended,
-                    reset=ev.reset,
-                    n=ev.n,
-                    max_chars=ev.max_chars,
-                    beam=ev.beam,
-                )
+            try:
+                for e in events:
+                    ev = SuggestEvent(e) if isinstance(e, str) else e
+                    yield autocomplete_pb2.SuggestRequest(
+                        session_id=session_id,
+                        appended=ev.appended,
+                        reset=ev.reset,
+                        n=ev.n,
+                        max_chars=ev.max_chars,
+                        beam=ev.beam,
+                    )
+            except Exception as exc:  # grpc's request thread would turn it into UNKNOWN "Exception iterating ..."
+                failed.append(exc)
+                raise
 
         call = self._autocomplete.Suggest(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
-        return _stream(call, cv.suggest_from_pb)
+        return _stream(call, cv.suggest_from_pb, failed)
 
     def suggest_once(self, session_id: str, appended: str, timeout: float | None = None, **event: Any) -> SuggestResult:
-        """One event on a stream of its own; ``event``: the other ``SuggestEvent`` fields (n, max_chars, ...)."""
-        return next(iter(self.suggest(session_id, [SuggestEvent(appended, **event)], timeout=timeout)))
+        """One event on a stream of its own; ``event``: the other ``SuggestEvent`` fields (n, max_chars, ...). The
+        stream is read to its end, so the server counts the call OK (taking the first answer and dropping the
+        stream cancelled it: every call counted CANCELLED)."""
+        (result,) = self.suggest(session_id, [SuggestEvent(appended, **event)], timeout=timeout)  # (reads to the end)
+        return result
 
     # --- Forecast -------------------------------------------------------------------------------------
 
@@ -308,13 +321,16 @@ def _selector(name: str, version: int | None) -> common_pb2.ModelSelector:
     return common_pb2.ModelSelector(name=name, version=version)
 
 
-def _stream(call: Any, convert: Callable[[Any], T]) -> Iterator[T]:
+def _stream(call: Any, convert: Callable[[Any], T], failed: list[BaseException] | None = None) -> Iterator[T]:
     """Iterates a streaming call, converting each message, turning grpc errors into ApiError and cancelling
-    the call when the caller stops early (closes the iterator or drops it)."""
+    the call when the caller stops early (closes the iterator or drops it). ``failed``: where the request side
+    records an error of the caller's own (a bad event, an iterator that raised), re-raised here as it was."""
     try:
         for message in call:
             yield convert(message)
     except grpc.RpcError as err:
+        if failed:
+            raise failed[0]  # noqa: B904 (the caller's own error, with its own traceback)
         raise ApiError.from_rpc_error(err) from None
     finally:
         call.cancel()  # no-op when the call already finished

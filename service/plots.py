@@ -11,8 +11,7 @@ import numpy as np
 from service.core.types import ForecastResult
 
 
-def plot_forecast(path: Path, columns: list[str], history: np.ndarray[Any, Any], result: ForecastResult) -> None:
-    """One panel per feature: history, the point forecast and the lowest-highest quantile band (p10-p90)."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -20,6 +19,24 @@ def plot_forecast(path: Path, columns: list[str], history: np.ndarray[Any, Any],
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the 'train' extra)") from exc
+    return plt
+
+
+def plot_path(path: Path) -> Path:
+    """Where ``--plot PATH`` writes: PATH, with ``.png`` added when it names no format (matplotlib would add it,
+    and the message would name a file that does not exist). A format matplotlib cannot write is refused before
+    anything is asked of the server."""
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = _pyplot().figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise RuntimeError(f"--plot {path}: {path.suffix!r} is not an image format; use one of {sorted(formats)}")
+    return path
+
+
+def plot_forecast(path: Path, columns: list[str], history: np.ndarray[Any, Any], result: ForecastResult) -> None:
+    """One panel per feature: history, the point forecast and the lowest-highest quantile band (p10-p90)."""
+    plt = _pyplot()
     n, t = len(result.columns), history.shape[0]
     fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n), sharex=True, squeeze=False)
     steps = np.arange(t, t + result.point.shape[0])

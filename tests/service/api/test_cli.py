@@ -106,6 +106,28 @@ def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys
     assert rows[0].split("\t") == ["step", *COLUMNS]
     assert len(rows) == 1 + 12  # header + tiny horizon
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A name without a suffix gets .png (the message named a file that did not exist); one matplotlib cannot write
+    # is refused before the forecast is asked for (it failed after printing it).
+    bare = tmp_path / "plot"
+    assert (
+        main(["forecast", "--target", serve.target, "--csv", str(csv_path), "--rows", "24", "--plot", str(bare)]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert err.strip() == f"plot written to {bare}.png" and (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    odd = [
+        "forecast",
+        "--target",
+        serve.target,
+        "--csv",
+        str(csv_path),
+        "--rows",
+        "24",
+        "--plot",
+        str(tmp_path / "p.xyz"),
+    ]
+    assert main(odd) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "'.xyz' is not an image format; use one of" in err and err.count("\n") == 1
 
 
 def test_errors_print_one_line_and_exit_non_zero(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:

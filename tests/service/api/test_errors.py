@@ -4,7 +4,7 @@ a google.rpc.ErrorInfo reason and the request id (also echoed when the caller se
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from service.api.gen.seqserve.v1 import common_pb2, sentiment_pb2, sentiment_pb2_grpc
-from service.client import ApiError, Client
+from service.client import ApiError, Client, SuggestEvent
 from tests.conftest import ServerHandle
 
 Code = grpc.StatusCode
@@ -231,3 +231,56 @@ def test_client_library_sends_rows_given_as_an_iterator(client: Client) -> None:
     fails(Code.INVALID_ARGUMENT, "history has 1 features per row")(
         lambda: client.forecast(iter([[1.0], [2.0]]), model="forecaster")
     )
+
+
+def test_the_callers_own_mistake_in_a_suggest_stream_reaches_the_caller_as_itself(client: Client) -> None:
+    """Suggest's events are turned into messages on grpc's request thread: a bad event, or an events iterator
+    that raised, came back as ApiError(UNKNOWN, "Exception iterating requests!"), the cause lost; as Complete's do,
+    they now raise the caller's own exception."""
+    sid = client.create_session("charlm").id
+    with pytest.raises(ValueError, match="out of range"):
+        client.suggest_once(sid, "to", n=2**40)
+    with pytest.raises(UnicodeDecodeError):
+        list(client.suggest(sid, [SuggestEvent(b"\xff")]))  # type: ignore[arg-type]
+
+    def events() -> Iterator[str]:
+        yield "to be"
+        raise KeyError("the caller's own bug")
+
+    answers = client.suggest(sid, events())
+    with pytest.raises(KeyError, match="the caller's own bug"):
+        list(answers)
+    assert client.suggest_once(sid, ", or").steps >= 4  # the session and the client still work
+
+
+def test_an_api_error_pickles_and_copies(client: Client) -> None:
+    """A failed call in a worker process reaches its pool as the ApiError (unpicklable, it broke the pool)."""
+    import copy
+    import pickle
+
+    with pytest.raises(ApiError) as info:
+        client.classify(["a fine film"], model="nosuch")
+    for again in (pickle.loads(pickle.dumps(info.value)), copy.copy(info.value)):
+        assert isinstance(again, ApiError) and str(again) == str(info.value)
+        assert (again.code, again.message, again.reason, again.request_id) == (
+            info.value.code, info.value.message, info.value.reason, info.value.request_id,
+        )  # fmt: skip
+
+
+def test_suggest_once_is_counted_ok_by_the_server(server: ServerHandle, client: Client) -> None:
+    """suggest_once took the first answer and dropped its stream, which cancelled the call: every one was counted
+    CANCELLED in seqserve_rpc_requests_total. It reads its stream to the end now."""
+    import re
+    import urllib.request
+
+    def counted(code: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        pattern = rf'seqserve_rpc_requests_total\{{code="{code}",method="Suggest",[^}}]*\}} ([0-9.e+]+)'
+        return sum(float(v) for v in re.findall(pattern, text))
+
+    sid = client.create_session("charlm").id
+    ok, cancelled = counted("OK"), counted("CANCELLED")
+    for piece in ("To", " be", ", or"):
+        client.suggest_once(sid, piece)
+    assert counted("OK") - ok == 3 and counted("CANCELLED") == cancelled
