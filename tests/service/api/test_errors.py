@@ -284,3 +284,12 @@ def test_suggest_once_is_counted_ok_by_the_server(server: ServerHandle, client: 
     for piece in ("To", " be", ", or"):
         client.suggest_once(sid, piece)
     assert counted("OK") - ok == 3 and counted("CANCELLED") == cancelled
+
+
+def test_an_api_key_no_header_can_carry_is_refused_by_name() -> None:
+    """A key with a trailing newline (read from a file) or a non-ASCII one failed every call with INTERNAL
+    "Invalid metadata" (a status the docs reserve for server bugs) and named nothing."""
+    for key in ("key-0123456789abcdef\n", "clé-0123456789abcdef", " key-0123456789abcdef"):
+        with pytest.raises(ValueError, match="api_key: a key is printable ASCII"):
+            Client("127.0.0.1:1", api_key=key)
+    Client("127.0.0.1:1", api_key="key-0123456789abcdef").close()
