@@ -50,6 +50,9 @@ class Table:
         return int(self.values.shape[0])
 
 
+_OFFSET = re.compile(r"(?:[+-]\d\d:?\d\d|Z)$")
+
+
 def parse_time(text: str) -> dt.datetime:
     """ISO 8601 dates and date-times (``2016-07-01 00:15:00``, ``2016-07-01``) and ``YYYY-MM`` months."""
     m = _YEAR_MONTH.match(text)
@@ -59,11 +62,22 @@ def parse_time(text: str) -> dt.datetime:
     return t.replace(tzinfo=None) if t.tzinfo is None else t.astimezone(dt.UTC).replace(tzinfo=None)
 
 
+def _month_end(t: dt.datetime) -> bool:
+    return (t + dt.timedelta(days=1)).month != t.month
+
+
 def _months(a: dt.datetime, b: dt.datetime) -> int | None:
-    """Whole calendar months from ``a`` to ``b`` when both sit on the same day and time of month, else None."""
-    if (a.day, a.time()) != (b.day, b.time()):
+    """Whole calendar months from ``a`` to ``b`` when both sit on the same day and time of month, or both on the
+    last day of their month (month-end dates: 01-31, 02-29, 03-31, ...) at the same time, else None."""
+    same_day = a.day == b.day or (_month_end(a) and _month_end(b))
+    if not same_day or a.time() != b.time():
         return None
     return (b.year - a.year) * 12 + b.month - a.month
+
+
+def _wall_clock(text: str) -> dt.datetime:
+    """A timestamp's local wall-clock time (its UTC offset dropped, not applied)."""
+    return parse_time(text) if _YEAR_MONTH.match(text) else dt.datetime.fromisoformat(text).replace(tzinfo=None)
 
 
 def step_name(step: dt.timedelta | int) -> str:
@@ -93,6 +107,11 @@ def _step(a: dt.datetime, b: dt.datetime) -> dt.timedelta | int:
     return months if months is not None and months > 0 and (b - a).days >= 28 else b - a
 
 
+def _expected(steps: list[dt.timedelta | int], frequency: str | None) -> dt.timedelta | int:
+    """The step the rows must follow: the given frequency, else the most common step."""
+    return parse_frequency(frequency) if frequency not in (None, "auto") else Counter(steps).most_common(1)[0][0]
+
+
 def check_times(path: Path, times: list[dt.datetime], texts: list[str], frequency: str | None) -> str | None:
     """Timestamps must increase by one constant step (given, or the most common one): no duplicates, no
     disorder, no gaps. Returns the step's name."""
@@ -109,7 +128,13 @@ def check_times(path: Path, times: list[dt.datetime], texts: list[str], frequenc
     if len(times) < 2:
         return None
     steps = [_step(a, b) for a, b in itertools.pairwise(times)]
-    want = parse_frequency(frequency) if frequency not in (None, "auto") else Counter(steps).most_common(1)[0][0]
+    want = _expected(steps, frequency)
+    if any(s != want for s in steps) and any(_OFFSET.search(t) for t in texts):
+        # Timestamps with UTC offsets (as pandas writes a tz-aware index): daily or monthly rows sit at local
+        # midnight, so in UTC a daylight-saving change makes a 23 h or 25 h step. Their local wall clock is regular.
+        wall = [_step(a, b) for a, b in itertools.pairwise(_wall_clock(t) for t in texts)]
+        if all(s == _expected(wall, frequency) for s in wall):
+            return step_name(_expected(wall, frequency))
     for i, s in enumerate(steps):
         if s != want:
             kind = "gap" if _seconds(s) > _seconds(want) else "irregular step"

@@ -130,3 +130,33 @@ def test_read_history_takes_the_last_rows_and_ignores_timestamps(tmp_path: Path)
     p = _write(tmp_path, "date,A,B\n2016-07-01,1,2\n2016-07-01,3,4\n2016-07-01,5,6\n")  # duplicates: not checked
     columns, rows = read_history(p, 2)
     assert columns == ["A", "B"] and rows.dtype == np.float32 and rows.tolist() == [[3, 4], [5, 6]]
+
+
+def test_calendar_series_with_utc_offsets_or_month_ends_are_regular(tmp_path: Path) -> None:
+    """Daily and monthly rows at local midnight with UTC offsets (a pandas tz-aware index) step 23 h or 25 h in UTC
+    at a daylight-saving change, and month-end dates step 28-31 days: all were refused as gaps or irregular steps.
+    An hourly series with offsets is still checked in UTC (where its steps are regular), and a real gap in a
+    daily series with offsets is still one."""
+    import zoneinfo
+
+    paris = zoneinfo.ZoneInfo("Europe/Paris")
+    days = [dt.datetime(2021, 3, 20, tzinfo=paris) + dt.timedelta(days=i) for i in range(20)]  # DST on 03-28
+    p = _write(tmp_path, "date,A\n" + "".join(f"{d.isoformat(sep=' ')},{i}\n" for i, d in enumerate(days)))
+    assert read_table(p).frequency == "1D"
+    months = [dt.datetime(2020 + i // 12, i % 12 + 1, 1, tzinfo=paris) for i in range(30)]
+    p = _write(tmp_path, "date,A\n" + "".join(f"{m.isoformat(sep=' ')},{i}\n" for i, m in enumerate(months)))
+    assert read_table(p).frequency == "MS"
+    ends = [
+        (dt.date(2020 + i // 12, i % 12 + 2, 1) if i % 12 < 11 else dt.date(2021 + i // 12, 1, 1)) for i in range(30)
+    ]
+    ends = [e - dt.timedelta(days=1) for e in ends]  # 2020-01-31, 2020-02-29, ...
+    p = _write(tmp_path, "date,A\n" + "".join(f"{e},{i}\n" for i, e in enumerate(ends)))
+    assert read_table(p).frequency == "MS"
+    hours = [dt.datetime(2021, 3, 28, tzinfo=dt.UTC) + dt.timedelta(hours=i) for i in range(6)]
+    p = _write(
+        tmp_path, "date,A\n" + "".join(f"{h.astimezone(paris).isoformat(sep=' ')},{i}\n" for i, h in enumerate(hours))
+    )
+    assert read_table(p).frequency == "1h"
+    gap = days[:5] + days[6:]
+    p = _write(tmp_path, "date,A\n" + "".join(f"{d.isoformat(sep=' ')},{i}\n" for i, d in enumerate(gap)))
+    assert _error(p).startswith("line 7: gap of 2D between 2021-03-24 00:00:00+01:00 and 2021-03-26")
