@@ -20,16 +20,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
-def count(low: int) -> Callable[[str], int]:
-    """A whole number >= ``low``."""
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole number >= ``low`` (and <= ``high``: the range of the protobuf field it fills, so an option too large
+    for the wire is named, not a bare "Value out of range" from protobuf)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 
     return parse

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.argtypes import Parser, count, names, real
+from service.argtypes import INT32_MAX, INT64_MAX, Parser, count, names, real
 from service.client import ApiError, Client
 from service.plots import plot_forecast, plot_path
 from service.settings import Settings
@@ -210,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = client_parser("complete", "stream a completion from the char LM")
     c.add_argument("prompt")
-    c.add_argument("--max-chars", type=count(1), default=200)
+    c.add_argument("--max-chars", type=count(1, INT32_MAX), default=200)
     c.add_argument("--temperature", type=real(0), help="0 = greedy (default 1.0)")
-    c.add_argument("--top-k", type=count(0), default=0)
-    c.add_argument("--seed", type=int)
+    c.add_argument("--top-k", type=count(0, INT32_MAX), default=0)
+    c.add_argument("--seed", type=count(-INT64_MAX - 1, INT64_MAX))
     c.add_argument("--stop", action="append", help="stop string (repeatable)")
     c.set_defaults(func=cmd_complete)
 

@@ -194,7 +194,13 @@ def test_a_setting_out_of_range_is_one_line_naming_its_flag_and_variable(
         (["forecast", "--csv", "h.csv", "--rows", "0"], "argument --rows: must be >= 1, got 0"),
         (["forecast", "--csv", "h.csv", "--columns", "a,"], "argument --columns: expected comma-separated"),
         (["classify", "--timeout", "-1", "x"], "argument --timeout: must be > 0, got -1"),
-        (["complete", "x", "--max-chars", "0"], "argument --max-chars: must be >= 1, got 0"),
+        (["complete", "x", "--max-chars", "0"], "argument --max-chars: must be in [1, 2147483647], got 0"),
+        # beyond the protobuf field: was protobuf's bare "Value out of range: 3000000000", naming no option
+        (["complete", "x", "--max-chars", "3000000000"], "argument --max-chars: must be in [1, 2147483647]"),
+        (
+            ["complete", "x", "--seed", str(2**70)],
+            "argument --seed: must be in [-9223372036854775808, 9223372036854775807]",
+        ),
         (["complete", "x", "--temperature", "-0.5"], "argument --temperature: must be >= 0, got -0.5"),
     ],
 )
