@@ -70,6 +70,8 @@ Barriers = tuple[threading.Barrier, threading.Barrier, threading.Barrier]  # sta
 def _typist(client: Client, steps: int, out: list[float], barriers: Barriers) -> None:
     try:
         _type(client, steps, out, barriers)
+    except threading.BrokenBarrierError:
+        return  # another party failed or the bench is exiting: it reports that, not each typist
     except BaseException:
         for b in barriers:
             b.abort()  # the others (and the bench) stop waiting instead of hanging
@@ -117,27 +119,31 @@ def step_cost(client: Client, sessions: int, steps: int, r: redis.Redis | None) 
     threads = [threading.Thread(target=_typist, args=(client, steps, samples, barriers)) for _ in range(sessions)]
     for t in threads:
         t.start()
-    # Every typist waits at the start: its session is created and warm. (A fixed sleep let creates and first steps
-    # of a slow start fall into the idle window, counted as background and subtracted from the steps' cost.)
-    deadline = time.monotonic() + 120
-    while start.n_waiting < sessions and not start.broken and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)  # their last replies' lease renewals are done
-    idle0, t_idle = _commands(r), time.perf_counter()
-    time.sleep(1.0)
-    idle1 = _commands(r)
-    rate = [(x1 - x0) / (time.perf_counter() - t_idle) for x0, x1 in zip(idle0, idle1, strict=True)]
-    if r is not None:
-        r.config_resetstat()  # commandstats (Redis CPU per script call) cover the measured window only
-    before = _commands(r)
-    start.wait()
-    t0 = time.perf_counter()
-    end.wait()
-    wall = time.perf_counter() - t0
-    after, usec = _commands(r), _usec_per_script(r)  # before any session is deleted
-    read.wait()
-    n = sessions * steps
-    per_step = [max(0.0, x1 - x0 - bg * wall) / n for x0, x1, bg in zip(before, after, rate, strict=True)]
+    try:
+        # Every typist waits at the start: its session is created and warm. (A fixed sleep let creates and first steps
+        # of a slow start fall into the idle window, counted as background and subtracted from the steps' cost.)
+        deadline = time.monotonic() + 120
+        while start.n_waiting < sessions and not start.broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # their last replies' lease renewals are done
+        idle0, t_idle = _commands(r), time.perf_counter()
+        time.sleep(1.0)
+        idle1 = _commands(r)
+        rate = [(x1 - x0) / (time.perf_counter() - t_idle) for x0, x1 in zip(idle0, idle1, strict=True)]
+        if r is not None:
+            r.config_resetstat()  # commandstats (Redis CPU per script call) cover the measured window only
+        before = _commands(r)
+        start.wait()
+        t0 = time.perf_counter()
+        end.wait()
+        wall = time.perf_counter() - t0
+        after, usec = _commands(r), _usec_per_script(r)  # before any session is deleted
+        read.wait()
+        n = sessions * steps
+        per_step = [max(0.0, x1 - x0 - bg * wall) / n for x0, x1, bg in zip(before, after, rate, strict=True)]
+    finally:  # an exit on the way (SIGTERM: bench.cli.run) frees the typists instead of leaving them waiting
+        for b in barriers:
+            b.abort()
     for t in threads:
         t.join()
     return {

@@ -119,12 +119,10 @@ class Client:
         roots), ``tls_cert``/``tls_key`` are the client certificate (mTLS)."""
         self.target = target
         self.timeout = timeout
-        if api_key and not (api_key.isascii() and api_key.isprintable() and api_key.strip() == api_key):
+        api_key = api_key.strip() if api_key else api_key  # (as the server strips it; a key file ends in "\n")
+        if api_key and not (api_key.isascii() and api_key.isprintable()):
             # (grpc refuses such a header on every call with INTERNAL "Invalid metadata", naming nothing)
-            raise ValueError(
-                "api_key: a key is printable ASCII without leading or trailing spaces or newlines (SEQSERVE_API_KEY, "
-                "--api-key; a key read from a file often ends in a newline)"
-            )
+            raise ValueError("api_key: a key is printable ASCII (SEQSERVE_API_KEY, --api-key)")
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
             self._channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))

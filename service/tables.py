@@ -149,6 +149,14 @@ def _seconds(step: dt.timedelta | int) -> float:
     return step * 30.44 * 86400 if isinstance(step, int) else step.total_seconds()
 
 
+def _is_time(cell: str) -> bool:
+    try:
+        parse_time(cell.strip())
+    except ValueError:
+        return False
+    return True
+
+
 def _is_number(cell: str) -> bool:
     try:
         float(cell)
@@ -158,12 +166,12 @@ def _is_number(cell: str) -> bool:
 
 
 def _detect_time_column(header: list[str], first_row: list[str]) -> str | None:
-    """A column named like a timestamp (``date``, ``ds``, ...) whose first cell is not a number (a ``month`` of 1..12
-    or a ``time`` in elapsed seconds is data), else the first column whose first cell is a timestamp and not a
-    number."""
+    """A column named like a timestamp (``date``, ``ds``, ...) unless its first cell is a number and no timestamp
+    (a ``month`` of 1..12 or a ``time`` in elapsed seconds is data), else the first column whose first cell is a
+    timestamp and not a number."""
     for name, cell in zip(header, first_row, strict=False):
-        if name.strip().lower() in TIME_NAMES and not _is_number(cell):
-            return name
+        if name.strip().lower() in TIME_NAMES and (_is_time(cell) or not _is_number(cell)):
+            return name  # (20160701 is a number and an ISO date: a date)
     for name, cell in zip(header, first_row, strict=False):
         if _is_number(cell):
             continue

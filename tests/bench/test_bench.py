@@ -7,6 +7,8 @@ import contextlib
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.run import main
 
 
@@ -123,3 +125,32 @@ def test_sigterm_stops_what_a_bench_started(tiny_models: Path, tmp_path: Path) -
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         bench.wait()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # a typist's late delete
+def test_an_exit_during_a_store_measurement_frees_its_typists(server: object, monkeypatch: object) -> None:
+    """SIGTERM (bench.cli.run: SystemExit) or any error in the measuring thread while the typists wait at a barrier
+    left them waiting forever, so the process never exited; the barriers are aborted on the way out."""
+    import threading
+
+    from bench import stores
+    from service.client import Client
+
+    def interrupted(r: object) -> tuple[int, int]:
+        raise SystemExit(143)  # what SIGTERM raises in the measuring thread
+
+    monkeypatch.setattr(stores, "_commands", interrupted)  # type: ignore[attr-defined]
+    typists: list[threading.Thread] = []
+    typist = stores._typist
+
+    def recorded(*args: object) -> None:
+        typists.append(threading.current_thread())
+        typist(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stores, "_typist", recorded)  # type: ignore[attr-defined]
+    with Client(server.target, timeout=30) as client, pytest.raises(SystemExit):  # type: ignore[attr-defined]
+        stores.step_cost(client, 2, 3, None)
+    assert len(typists) == 2
+    for t in typists:
+        t.join(timeout=30)
+    assert not [t for t in typists if t.is_alive()]

@@ -95,4 +95,8 @@ def test_a_numeric_column_named_like_time_is_data_and_targets_are_named_once(tmp
     s = load_series(p, window=24, horizon=12, split="0.7,0.1,0.2")
     assert s.columns == ["month", "load"] and s.time_column is None
     message = _error(load_series, p, window=24, horizon=12, split="0.7,0.1,0.2", targets=["load", "load"])
+    compact = tmp_path / "c.csv"  # 20160701 reads as a number and as an ISO date: a date column stays the time
+    compact.write_text("date,load\n" + "".join(f"201607{d:02d},{d * 0.5:.1f}\n" for d in range(1, 31)))
+    c = load_series(compact, window=4, horizon=2, split="0.7,0.1,0.2")
+    assert c.columns == ["load"] and c.time_column == "date" and c.frequency == "1D"
     assert message == "--targets: 'load' is named twice"
