@@ -123,6 +123,7 @@ class Metrics:
         self._models: set[str] = set()  # names seen by model_loaded: the only model label values besides _other
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() results of hot-path metrics
         self._model_info: dict[tuple[str, str], str] = {}  # (model, version) -> provider currently exported
+        self._depths: dict[tuple[str, int], int] = {}  # (model, version) -> its batch queue's length
 
         # --- API layer --------------------------------------------------------------------------------
         rpc = ("service", "method", "model", "code")
@@ -290,9 +291,14 @@ class Metrics:
         _observe_many(self._child(self.inference_total, labels), q + c, batch_size)
         self._child(self.batch_size, labels).observe(batch_size)
 
-    def queue_depth(self, model: str, depth: int) -> None:
-        """Requests waiting in the model's batch queue now."""
-        self._child(self.queue, (self._model(model),)).set(depth)
+    def queue_depth(self, model: str, depth: int, version: int = 0) -> None:
+        """Requests waiting in the model's batch queues now: ``depth`` is one version's queue; the gauge is the sum
+        over the model's versions (each version has its own batcher; one version's value must not replace the
+        other's)."""
+        with self._lock:
+            self._depths[(model, version)] = depth
+            total = sum(d for (m, _), d in self._depths.items() if m == model)
+        self._child(self.queue, (self._model(model),)).set(total)
 
     # --- core: models ---------------------------------------------------------------------------------
     def model_loaded(self, model: str, version: int, provider: str, load_seconds: float, ready: bool) -> None:

@@ -267,3 +267,42 @@ async def test_a_padded_batch_runs_as_length_groups_with_unchanged_answers(make_
     whole = await make_dp(max_batch_size=16, max_batch_delay_ms=60_000, pad_split_tokens=0)
     await asyncio.gather(*(whole.classify(ModelRef("sentiment"), [t]) for t in texts))
     assert recorded(whole).batch_sizes("sentiment") == [16]
+
+
+def _depth(dp: CoreDataPlane, model: str) -> float | None:
+    return dp.metrics.registry.get_sample_value("seqserve_queue_depth", {"model": model})
+
+
+async def test_the_queue_depth_gauge_follows_requests_dropped_from_the_head(make_dp: MakeDP) -> None:
+    """Requests whose deadline passed (or whose client left) while they waited are dropped from the head of the
+    queue; the gauge followed only submits and batches, so a queue drained that way kept its last value and an
+    idle server showed a backlog (the soak test saw 1 to 4 after deadline churn)."""
+    from service.core.batching import _Pending
+
+    dp = await make_dp(max_batch_size=4, max_batch_delay_ms=60_000)
+    batcher = dp.registry.resolve(ModelRef("sentiment")).batcher
+    loop = asyncio.get_running_loop()
+    gone: list[asyncio.Future[object]] = [loop.create_future() for _ in range(3)]
+    for fut in gone:
+        fut.cancel()  # each waited past its deadline
+        batcher._pending.append(_Pending(StepInput(inputs={}, rows=1, key="k"), fut, 0.0))  # type: ignore[arg-type]
+    dp.metrics.queue_depth("sentiment", 3, 1)  # as submit left it
+    batcher._wake.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not batcher._pending and _depth(dp, "sentiment") == 0
+
+
+def test_the_queue_depth_gauge_sums_a_models_versions() -> None:
+    """Each version has its own batcher; one version's queue length replaced the other's in the model's gauge."""
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import Metrics
+
+    m = Metrics(CollectorRegistry(), runtime_collectors=False)
+    m.model_loaded("sentiment", 1, "CPUExecutionProvider", 0.1, True)
+    m.queue_depth("sentiment", 3, 1)
+    m.queue_depth("sentiment", 2, 2)
+    assert m.registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"}) == 5
+    m.queue_depth("sentiment", 0, 2)  # version 2 stopped: version 1's backlog stays
+    assert m.registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"}) == 3
