@@ -179,6 +179,11 @@ class V2Inference:
         use = self.sessions.use(sid, save=False, end=seq.end)
         try:
             async with use as s:  # the request is counted by infer()
+                if s.model == entry.name and s.version != entry.version:  # (a version named in the request)
+                    raise FailedPrecondition(
+                        f"sequence {echo(seq.id)} of model {entry.name} runs on version {s.version}, not "
+                        f"{entry.version}; leave model_version empty or send {s.version}"
+                    )
                 pinning.fits(self.registry, s, None, ModelRef(entry.name, entry.version))
                 use.save = True  # checked: from here on the session is saved (or ended) whatever the task does
                 result = await entry.task.infer(tensors, s)

@@ -33,7 +33,9 @@ def model_ref(name: str, version: str) -> ModelRef:
     if not version:
         return ModelRef(name)
     if not _VERSION.fullmatch(version) or int(version) < 1:
-        raise InvalidInput(f"model version must be a positive integer or empty (newest), got {echo(version)}")
+        raise InvalidInput(
+            f"model version must be a positive integer of at most 9 digits, or empty (newest), got {echo(version)}"
+        )
     return ModelRef(name, int(version))
 
 

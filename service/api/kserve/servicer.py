@@ -24,7 +24,7 @@ from service.api.kserve.convert import config_to_pb, index_to_pb, metadata_to_pb
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence
 from service.api.kserve.tensors import encode_output, read_inputs, requested_outputs
 from service.core.types import DataPlane
-from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip
+from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         if not request.model_name:
             raise InvalidInput("model_name is empty: name the model to load")
+        if request.parameters:  # Triton would apply them; answering OK would say they were
+            names = ", ".join(short(k) for k in sorted(request.parameters)[:4])
+            raise InvalidInput(
+                f"load parameters ({names}) are not supported: put the model's files in the repository folder "
+                f"(models/{short(request.model_name)}/VERSION/) and load it by name alone"
+            )
         await self._dataplane.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 

@@ -44,8 +44,10 @@ class Live:
         report: dict[str, object] = json.loads(done.stdout)
         return report
 
-    def step(self, text: str, **seq: object) -> pb.ModelInferResponse:
-        request = pb.ModelInferRequest(model_name="charlm", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])])
+    def step(self, text: str, version: str = "", **seq: object) -> pb.ModelInferResponse:
+        request = pb.ModelInferRequest(
+            model_name="charlm", model_version=version, inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])]
+        )
         request.raw_input_contents.append(serialize_bytes([text.encode()]))
         for key, value in seq.items():
             if isinstance(value, bool):
@@ -128,6 +130,10 @@ def test_watch_new_version_changed_weights_and_removed_folder(live: Live, tmp_pa
     assert live.step("x").model_version == "2"
     kept = live.step("c", sequence_id="old")
     assert kept.model_version == "1" and kept.parameters["seqserve_steps"].int64_param == 3
+    # Naming the other version: what to send instead (was the Sessions API's wording with the internal key).
+    code, message = _code(lambda: live.step("c", version="2", sequence_id="old"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert message == "sequence 'old' of model charlm runs on version 1, not 2; leave model_version empty or send 1"
     assert live.step("ab", sequence_id="new", sequence_start=True).model_version == "2"
     # Changed weights in version 1 reload it; the sequence pinned to the old weights fails with what to do.
     before = live.sha("1")
@@ -149,3 +155,23 @@ def test_watch_new_version_changed_weights_and_removed_folder(live: Live, tmp_pa
     assert 'version="2"' not in "\n".join(
         line for line in live.metrics().splitlines() if line.startswith('seqserve_model_info{model="charlm"')
     )
+
+
+def test_load_parameters_and_long_versions_are_refused_saying_what_to_do(live: Live) -> None:
+    """A config or files sent with RepositoryModelLoad were answered OK and ignored (Triton would apply them); a
+    10-digit version was told it is not a positive integer."""
+    request = pb.RepositoryModelLoadRequest(model_name="sentiment")
+    request.parameters["config"].string_param = '{"max_batch_size": 8}'
+    request.parameters["file:5/model.onnx"].bytes_param = b"onnx"
+    with pytest.raises(grpc.RpcError) as err:
+        live.v2.RepositoryModelLoad(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(
+        "load parameters (config, file:5/model.onnx) are not supported: put the model's files in the repository "
+        "folder (models/sentiment/VERSION/) and load it by name alone"
+    )
+    assert live.versions()  # nothing changed; the server serves on
+    with pytest.raises(grpc.RpcError) as err:
+        live.v2.ModelMetadata(pb.ModelMetadataRequest(name="charlm", version="10000000000"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "positive integer of at most 9 digits" in (err.value.details() or "")
