@@ -175,3 +175,13 @@ def test_load_parameters_and_long_versions_are_refused_saying_what_to_do(live: L
         live.v2.ModelMetadata(pb.ModelMetadataRequest(name="charlm", version="10000000000"), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "positive integer of at most 9 digits" in (err.value.details() or "")
+
+
+def test_a_sequence_of_a_model_unloaded_on_request_continues_once_it_is_loaded_again(live: Live) -> None:
+    """As docs/kserve.md says: UNAVAILABLE while unloaded, then the same weights continue the kept state."""
+    assert live.step("To be", sequence_id="u1", sequence_start=True).parameters["seqserve_steps"].int64_param == 5
+    live.v2.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="charlm"), timeout=30)
+    code, message = _code(lambda: live.step(", or", sequence_id="u1"))
+    assert code == grpc.StatusCode.UNAVAILABLE and "load it again" in message
+    live.v2.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="charlm"), timeout=60)
+    assert live.step(", or", sequence_id="u1").parameters["seqserve_steps"].int64_param == 9
