@@ -128,6 +128,33 @@ def test_a_redis_that_refuses_writes_is_unavailable_not_internal(
     assert c.suggest_once(sid, ", or", n=1, max_chars=1).steps == 9  # the refused step changed nothing
 
 
+def test_an_acl_that_denies_writes_is_unavailable_not_internal(
+    private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
+) -> None:
+    """An ACL that takes writes away from seqserve's Redis user: the commands inside our scripts are denied with a
+    plain ERR ("The user executing the script can't run this command"), not NOPERM, and every session call
+    answered INTERNAL. Now UNAVAILABLE saying the store refuses writes, as for NOPERM; back when the ACL is."""
+    r = private_redis()
+    admin = r.client()
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">app-password-0123", "~*", "&*", "+@all")
+    url = r.url.replace("redis://", "redis://app:app-password-0123@", 1)
+    server = start_replica(url, session_store_timeout_seconds=0.5)
+    c = Client(server.target, timeout=5)
+    sid = c.create_session("charlm").id
+    assert c.suggest_once(sid, "To be", n=1, max_chars=1).steps == 5
+    admin.execute_command("ACL", "SETUSER", "app", "-@write")
+    try:
+        for call in (lambda: c.suggest_once(sid, ", or", n=1, max_chars=1), lambda: c.create_session("charlm")):
+            try:
+                call()
+                raise AssertionError("a write went through")
+            except ApiError as e:
+                assert e.code == grpc.StatusCode.UNAVAILABLE and "refuses writes" in e.message, e
+    finally:
+        admin.execute_command("ACL", "SETUSER", "app", "+@all")
+    assert c.suggest_once(sid, ", or", n=1, max_chars=1).steps == 9  # the refused step changed nothing
+
+
 def test_a_complete_longer_than_the_session_ttl_keeps_the_session(
     redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
 ) -> None:

@@ -39,7 +39,9 @@ UNAVAILABLE = (
 Arg = str | bytes | int
 # Answers of a Redis that is up but will not write: a failed RDB snapshot or AOF write (a full disk), too few
 # replicas for min-replicas-to-write, an ACL that denies the command.
-REFUSES_WRITES = ("MISCONF", "NOREPLICAS", "NOPERM")
+# A command inside one of our scripts that an ACL denies comes back as a plain ERR with this text (Redis 7), not as
+# NOPERM: the same refusal.
+REFUSES_WRITES = ("MISCONF", "NOREPLICAS", "NOPERM", "can't run this command or subcommand")
 
 
 def refuses_writes(e: rex.ResponseError) -> bool:
