@@ -101,6 +101,16 @@ def test_rediss_tls(private_redis: Callable[..., RedisServer], start_replica: Ca
     assert r.client().dbsize() > 0
 
 
+def _writes_refused(c: Client, sid: str, store: str) -> None:
+    """A step and a create both fail UNAVAILABLE saying the store (its URL contains ``store``) refuses writes."""
+    for call in (lambda: c.suggest_once(sid, ", or", n=1, max_chars=1), lambda: c.create_session("charlm")):
+        try:
+            call()
+            raise AssertionError("a write went through")
+        except ApiError as e:
+            assert e.code == grpc.StatusCode.UNAVAILABLE and "refuses writes" in e.message and store in e.message, e
+
+
 def test_a_redis_that_refuses_writes_is_unavailable_not_internal(
     private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
 ) -> None:
@@ -114,12 +124,7 @@ def test_a_redis_that_refuses_writes_is_unavailable_not_internal(
     assert c.suggest_once(sid, "To be", n=1, max_chars=1).steps == 5
     r.client().config_set("min-replicas-to-write", 1)
     try:
-        for call in (lambda: c.suggest_once(sid, ", or", n=1, max_chars=1), lambda: c.create_session("charlm")):
-            try:
-                call()
-                raise AssertionError("a write went through")
-            except ApiError as e:
-                assert e.code == grpc.StatusCode.UNAVAILABLE and "refuses writes" in e.message and r.url in e.message
+        _writes_refused(c, sid, r.url)
         assert c.classify(["a fine film"])[0].label  # stateless calls keep working
         assert wait_for(lambda: health(server.target, SESSIONS) == health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
@@ -144,12 +149,7 @@ def test_an_acl_that_denies_writes_is_unavailable_not_internal(
     assert c.suggest_once(sid, "To be", n=1, max_chars=1).steps == 5
     admin.execute_command("ACL", "SETUSER", "app", "-@write")
     try:
-        for call in (lambda: c.suggest_once(sid, ", or", n=1, max_chars=1), lambda: c.create_session("charlm")):
-            try:
-                call()
-                raise AssertionError("a write went through")
-            except ApiError as e:
-                assert e.code == grpc.StatusCode.UNAVAILABLE and "refuses writes" in e.message, e
+        _writes_refused(c, sid, "redis://")
     finally:
         admin.execute_command("ACL", "SETUSER", "app", "+@all")
     assert c.suggest_once(sid, ", or", n=1, max_chars=1).steps == 9  # the refused step changed nothing
