@@ -133,8 +133,9 @@ def check_times(path: Path, times: list[dt.datetime], texts: list[str], frequenc
         # Timestamps with UTC offsets (as pandas writes a tz-aware index): daily or monthly rows sit at local
         # midnight, so in UTC a daylight-saving change makes a 23 h or 25 h step. Their local wall clock is regular.
         wall = [_step(a, b) for a, b in itertools.pairwise(_wall_clock(t) for t in texts)]
-        if all(s == _expected(wall, frequency) for s in wall):
-            return step_name(_expected(wall, frequency))
+        wall_step = _expected(wall, frequency)
+        if all(s == wall_step for s in wall):
+            return step_name(wall_step)
     for i, s in enumerate(steps):
         if s != want:
             kind = "gap" if _seconds(s) > _seconds(want) else "irregular step"
@@ -172,15 +173,9 @@ def _detect_time_column(header: list[str], first_row: list[str]) -> str | None:
     for name, cell in zip(header, first_row, strict=False):
         if name.strip().lower() in TIME_NAMES and (_is_time(cell) or not _is_number(cell)):
             return name  # (20160701 is a number and an ISO date: a date)
-    for name, cell in zip(header, first_row, strict=False):
-        if _is_number(cell):
-            continue
-        try:
-            parse_time(cell.strip())
-            return name
-        except ValueError:
-            continue
-    return None
+    return next(
+        (name for name, cell in zip(header, first_row, strict=False) if not _is_number(cell) and _is_time(cell)), None
+    )
 
 
 def read_table(
