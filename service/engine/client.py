@@ -138,23 +138,35 @@ class RemoteDataPlane:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(wire.frame(pack(calls)))
 
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _check_link(self) -> None:
         if self._transport is None or self._transport.is_closing():
             raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
+
+    def _open(self, kind: int, method: str, args: Any, kwargs: Any, context: Any) -> tuple[int, asyncio.Future[Reply]]:
+        """Sends a call; returns its id and the Future its reply resolves."""
+        call_id = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        self._send([kind, call_id, method, args, kwargs, context])
+        return call_id, fut
+
+    def _abandon(self, call_id: int) -> None:
+        """The caller stopped waiting (cancelled, timed out): the engine stops the work too, unless it answered."""
+        if self._pending.pop(call_id, None) is not None:
+            self._send([wire.CANCEL, call_id, "", (), {}, None])
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self._check_link()
         if len(self._pending) >= self.max_pending and not admitted():  # never an admitted stream's later steps
             raise Overloaded(
                 f"{len(self._pending)} requests of this frontend are waiting for the engine, the limit is "
                 f"max_queue_size={self.max_pending}; retry with backoff"
             )
-        call_id = next(self._ids)
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = fut
-        self._send([wire.CALL, call_id, method, args, kwargs, _context()])
+        call_id, fut = self._open(wire.CALL, method, args, kwargs, _context())
         try:
             status, payload, model, was_admitted = await fut
         except asyncio.CancelledError:
-            if self._pending.pop(call_id, None) is not None:
-                self._send([wire.CANCEL, call_id, "", (), {}, None])
+            self._abandon(call_id)
             raise
         if model:
             note_model(model)
@@ -166,20 +178,16 @@ class RemoteDataPlane:
 
     async def _control(self, method: str, *args: Any) -> Any:
         """A control call: not bounded by ``max_pending`` (health must answer under load), bounded in time."""
-        if self._transport is None or self._transport.is_closing():
-            raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
-        call_id = next(self._ids)
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = fut
-        self._send([wire.CONTROL, call_id, method, args, {}, None])
+        self._check_link()
+        call_id, fut = self._open(wire.CONTROL, method, args, {}, None)
         try:
             status, payload, _, _ = await asyncio.wait_for(fut, self.control_timeout)
-        except (asyncio.CancelledError, TimeoutError) as exc:
-            if self._pending.pop(call_id, None) is not None:
-                self._send([wire.CANCEL, call_id, "", (), {}, None])
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except TimeoutError:
+            self._abandon(call_id)
             raise ModelUnavailable(f"the engine did not answer {method} within {self.control_timeout:g} s") from None
+        except asyncio.CancelledError:
+            self._abandon(call_id)
+            raise
         if status == wire.ERROR:
             raise_error(*payload)
         return payload
@@ -241,8 +249,7 @@ class RemoteDataPlane:
     async def complete(
         self, model: ModelRef, prompt: str, params: SamplingParams, session_id: str | None = None
     ) -> AsyncGenerator[CompletionChunk, None]:
-        if self._transport is None or self._transport.is_closing():
-            raise ModelUnavailable("the engine is not reachable (the server is stopping or restarting)")
+        self._check_link()
         call_id = next(self._ids)
         queue: asyncio.Queue[Reply] = asyncio.Queue()
         self._streams[call_id] = queue
