@@ -82,6 +82,7 @@ class ServerProcesses(Collector):
 
     def __init__(self) -> None:
         self.processes: Callable[[], list[tuple[str, int]]] = lambda: [("server", os.getpid())]
+        self._readers: dict[int, ProcessCollector] = {}  # pid -> its reader (it reads the boot time once)
 
     def collect(self) -> Iterator[Metric]:
         cpu = CounterMetricFamily(
@@ -91,7 +92,10 @@ class ServerProcesses(Collector):
             "seqserve_process_resident_memory_bytes", "Resident memory of each server process.", labels=["process"]
         )
         for name, pid in self.processes():
-            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():  # type: ignore[misc]
+            reader = self._readers.get(pid)
+            if reader is None:
+                reader = self._readers[pid] = ProcessCollector(pid=lambda pid=pid: pid, registry=None)  # type: ignore[misc]
+            for family in reader.collect():
                 if family.name == "process_cpu_seconds":
                     cpu.add_metric([name], family.samples[0].value)
                 elif family.name == "process_resident_memory_bytes":
@@ -123,7 +127,7 @@ class Metrics:
         self._models: set[str] = set()  # names seen by model_loaded: the only model label values besides _other
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() results of hot-path metrics
         self._model_info: dict[tuple[str, str], str] = {}  # (model, version) -> provider currently exported
-        self._depths: dict[tuple[str, int], int] = {}  # (model, version) -> its batch queue's length
+        self._depths: dict[str, dict[int, int]] = {}  # model -> version -> its batch queue's length
 
         # --- API layer --------------------------------------------------------------------------------
         rpc = ("service", "method", "model", "code")
@@ -296,8 +300,9 @@ class Metrics:
         over the model's versions (each version has its own batcher; one version's value must not replace the
         other's)."""
         with self._lock:
-            self._depths[(model, version)] = depth
-            total = sum(d for (m, _), d in self._depths.items() if m == model)
+            versions = self._depths.setdefault(model, {})
+            versions[version] = depth
+            total = sum(versions.values())
         self._child(self.queue, (self._model(model),)).set(total)
 
     # --- core: models ---------------------------------------------------------------------------------

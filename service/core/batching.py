@@ -223,9 +223,10 @@ class Batcher:
                 p = self._pending.popleft()
                 if not p.future.done():
                     p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} was unloaded"))
-            self.metrics.queue_depth(
-                self.name, 0, self.version
-            )  # nothing waits any more: no backlog left behind for alerts
+            self._report_depth()  # nothing waits any more: no backlog left behind for alerts
+
+    def _report_depth(self) -> None:
+        self.metrics.queue_depth(self.name, len(self._pending), self.version)
 
     async def submit(self, item: StepInput) -> StepOutput:
         """Queues one request and waits for its share of a batch result. A full queue refuses new requests
@@ -249,7 +250,7 @@ class Batcher:
             return result
         fut: asyncio.Future[StepOutput] = loop.create_future()
         self._pending.append(_Pending(item, fut, time.perf_counter()))
-        self.metrics.queue_depth(self.name, len(self._pending), self.version)
+        self._report_depth()
         self._wake.set()
         return await fut
 
@@ -325,7 +326,7 @@ class Batcher:
             head = self._pending[0]
             if head.future.done():  # cancelled while queued (its deadline passed, its client went away)
                 self._pending.popleft()
-                self.metrics.queue_depth(self.name, len(self._pending), self.version)  # (a drained queue reads 0)
+                self._report_depth()  # (a drained queue reads 0)
                 continue
             # Wait for company until the batch is full or the oldest request has waited `delay`.
             recent = self._last_rows.get(head.item.key)
@@ -348,7 +349,7 @@ class Batcher:
                     break
                 rows = more
             batch = [p for p in self._take() if not p.future.done()]
-            self.metrics.queue_depth(self.name, len(self._pending), self.version)
+            self._report_depth()
             if batch:
                 self._note_rows(head.item.key, sum(p.item.rows for p in batch))
                 self._busy = True
