@@ -28,7 +28,10 @@ def plot_path(path: Path) -> Path:
     anything is asked of the server."""
     if not path.suffix:
         return path.with_name(path.name + ".png")
-    formats = _pyplot().figure().canvas.get_supported_filetypes()
+    _pyplot()  # (matplotlib is there)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in formats:
         raise RuntimeError(f"--plot {path}: {path.suffix!r} is not an image format; use one of {sorted(formats)}")
     return path

@@ -179,12 +179,14 @@ class V2Inference:
         use = self.sessions.use(sid, save=False, end=seq.end)
         try:
             async with use as s:  # the request is counted by infer()
-                if s.model == entry.name and s.version != entry.version:  # (a version named in the request)
+                # A running sequence reaches here only when the request names a version (``infer`` sends the others
+                # to ``_continue``), and its id names the model (``_sequence_id``): only the version can differ.
+                if s.version != entry.version:
                     raise FailedPrecondition(
                         f"sequence {echo(seq.id)} of model {entry.name} runs on version {s.version}, not "
                         f"{entry.version}; leave model_version empty or send {s.version}"
                     )
-                pinning.fits(self.registry, s, None, ModelRef(entry.name, entry.version))
+                pinning.fits(self.registry, s, None, None)
                 use.save = True  # checked: from here on the session is saved (or ended) whatever the task does
                 result = await entry.task.infer(tensors, s)
                 blob = self._seal(seq, s)
