@@ -12,12 +12,16 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.argtypes import Parser, count, finite, names, real
 from service.errors import SeqServeError
 from training.data import DataError
 from training.nets import REVIN
 from training.series import PRESETS
+
+if TYPE_CHECKING:
+    from training.pipelines import Job
 
 # Per-task defaults: the committed models' settings.
 DEFAULTS: dict[str, dict[str, object]] = {
@@ -196,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _job(args: argparse.Namespace, argv: list[str]) -> object:
+def _job(args: argparse.Namespace, argv: list[str]) -> Job:
     from training.nets import NetConfig
     from training.pipelines import Job
     from training.train import TrainConfig
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         from training import forecasting, pipelines, sentiment
 
         job = _job(args, argv)
-        checkpoint = job.train.run_dir / "checkpoint.pt"  # type: ignore[attr-defined]
+        checkpoint = job.train.run_dir / "checkpoint.pt"
         if args.resume and not checkpoint.exists() and args.out.exists() and any(args.out.iterdir()):
             raise DataError(
                 f"--resume: {checkpoint} does not exist, so there is no run to continue, and {args.out} already "
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         run = {"charlm": pipelines.train_charlm, "sentiment": sentiment.train_sentiment}
         fresh = not args.out.exists()
         try:
-            run.get(args.command, forecasting.train_forecast)(job)  # type: ignore[arg-type]
+            run.get(args.command, forecasting.train_forecast)(job)
         except BaseException:
             if fresh:  # a failed run leaves no half-written model behind (its checkpoint stays in the run dir)
                 shutil.rmtree(args.out, ignore_errors=True)

@@ -47,7 +47,7 @@ def _write(
     shutil.copyfile(src / MODEL_FILE, out / MODEL_FILE)
     if f.scale_output is not None:  # recalibrated from the point forecast: the old scale goes, a new one may come
         shutil.copyfile(src / MANIFEST_FILE, out / MANIFEST_FILE)
-        m = remove_scale_output(out).model_copy(update={"name": m.name, "version": m.version})
+        m = remove_scale_output(out)
         f = m.forecast
         assert f is not None
     extra = "" if iv.floor is None else f", offsets x each window's scale ({iv.choice.label})"
