@@ -52,10 +52,10 @@ class Series:
     mean: FloatArray  # (F,) train-split statistics, original units
     std: FloatArray  # (F,)
     z: FloatArray  # (rows, F)
+    values: npt.NDArray[np.float64]  # (rows, F) the file's values, as read
     time_column: str | None = None
     frequency: str | None = None
     times: list[str] = field(default_factory=list)  # ISO text of each row's timestamp (empty without one)
-    values: npt.NDArray[np.float64] | None = None  # (rows, F) the file's values, as read
 
     @property
     def target_index(self) -> list[int]:
@@ -67,9 +67,8 @@ class Series:
         return self.z[max(0, start - window if name != "train" else start) : stop]
 
     def raw(self) -> FloatArray:
-        """Every row in original units, float32 (the file's values when known; else rebuilt from ``z``, where an
-        exact 0 may come back as ~1e-8)."""
-        out: FloatArray = (self.values if self.values is not None else self.z * self.std + self.mean).astype(np.float32)
+        """Every row in original units, float32: the file's values (rebuilt from ``z``, a 0 came back as ~1e-8)."""
+        out: FloatArray = self.values.astype(np.float32)
         return out
 
 
@@ -157,8 +156,8 @@ def _normalize(table: Table, targets: list[str], split: dict[str, tuple[int, int
     z = ((table.values - mean) / std).astype(np.float32)
     times = [t.isoformat(sep=" ") for t in table.times] if table.times else []
     return Series(
-        table.path, table.columns, targets, split, mean.astype(np.float32), std.astype(np.float32), z,
-        table.time_column, table.frequency, times, table.values,
+        table.path, table.columns, targets, split, mean.astype(np.float32), std.astype(np.float32), z, table.values,
+        table.time_column, table.frequency, times,
     )  # fmt: skip
 
 
