@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -99,5 +100,14 @@ def test_clients_that_hang_up_are_not_tracebacks(port: int, caplog: pytest.LogCa
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
             s.close()
-        assert scrape(port) == 200
+        # Their handlers may hold the 8 slots a moment longer (a connection beyond them is closed at once, by
+        # design, and a loaded machine shows it): the server must serve again once they are done.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert scrape(port) == 200
+                break
+            except (ConnectionResetError, urllib.error.URLError):  # (RemoteDisconnected is a ConnectionResetError)
+                assert time.monotonic() < deadline, "the metrics port stayed full after the clients hung up"
+                time.sleep(0.05)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
