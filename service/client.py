@@ -102,6 +102,23 @@ def channel_credentials(
     return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
 
 
+RECONNECT_BACKOFF = (0.25, 2.0)
+
+
+def _channel_options(reconnect_backoff: tuple[float, float]) -> list[tuple[str, int]]:
+    first, longest = reconnect_backoff
+    if not 0.001 <= first <= longest <= 3600:  # (also refuses nan)
+        raise ValueError(
+            "reconnect_backoff: (first, longest) in seconds, 0.001 <= first <= longest <= 3600; "
+            f"got {reconnect_backoff}"
+        )
+    return [
+        ("grpc.initial_reconnect_backoff_ms", round(first * 1000)),
+        ("grpc.max_reconnect_backoff_ms", round(longest * 1000)),
+        ("grpc.use_local_subchannel_pool", 1),  # a fresh Client connects at once, even while another backs off
+    ]
+
+
 class Client:
     def __init__(
         self,
@@ -113,10 +130,15 @@ class Client:
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         tls: bool = False,
+        reconnect_backoff: tuple[float, float] = RECONNECT_BACKOFF,
     ) -> None:
         """``timeout``: default deadline in seconds per call (for streams: the whole stream); None = none.
         TLS when ``tls`` or any ``tls_*`` file is given: ``tls_ca`` verifies the server (default: the system's
-        roots), ``tls_cert``/``tls_key`` are the client certificate (mTLS)."""
+        roots), ``tls_cert``/``tls_key`` are the client certificate (mTLS).
+
+        ``reconnect_backoff``: (first, longest) wait in seconds between attempts to reconnect once the server is
+        unreachable (grpc's defaults, 1 s growing to 120 s, left a long-lived client failing for up to ~20 s after
+        a restart). Each Client has its own connection: a new one never inherits another's backoff."""
         self.target = target
         self.timeout = timeout
         api_key = api_key.strip() if api_key else api_key  # (as the server strips it; a key file ends in "\n")
@@ -124,10 +146,12 @@ class Client:
             # (grpc refuses such a header on every call with INTERNAL "Invalid metadata", naming nothing)
             raise ValueError("api_key: a key is printable ASCII (SEQSERVE_API_KEY, --api-key)")
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        options = _channel_options(reconnect_backoff)
         if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
-            self._channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._sentiment = sentiment_pb2_grpc.SentimentStub(self._channel)
         self._autocomplete = autocomplete_pb2_grpc.AutocompleteStub(self._channel)
         self._forecast = forecast_pb2_grpc.ForecastStub(self._channel)

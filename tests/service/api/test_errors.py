@@ -4,7 +4,9 @@ a google.rpc.ErrorInfo reason and the request id (also echoed when the caller se
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,7 +17,7 @@ from grpc_status import rpc_status
 
 from service.api.gen.seqserve.v1 import common_pb2, sentiment_pb2, sentiment_pb2_grpc
 from service.client import ApiError, Client, SuggestEvent
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, server_settings
 
 Code = grpc.StatusCode
 
@@ -296,3 +298,44 @@ def test_an_api_key_no_header_can_carry_is_refused_by_name() -> None:
     for key in ("key-0123456789abcdef\n", " key-0123456789abcdef "):
         with Client("127.0.0.1:1", api_key=key) as c:
             assert c._metadata == (("authorization", "Bearer key-0123456789abcdef"),)
+
+
+def test_a_long_lived_client_is_back_soon_after_the_server_restarts(tiny_models: Path) -> None:
+    """With grpc's reconnect defaults (1 s growing to 120 s between attempts, subchannels shared per process) a
+    Client kept failing UNAVAILABLE for up to ~20 s after the server was back on its address, and a new Client in
+    the same process failed too (it shared the old one's backoff). Now a Client waits at most 2 s between
+    attempts and has its own connection."""
+    first = ServerHandle(server_settings(tiny_models))
+    port = first.port
+    with Client(first.target, timeout=5) as c:
+        assert c.classify(["fine"])[0].label
+        first.close()
+        away = time.monotonic()
+        while time.monotonic() - away < 6:  # a service keeps calling while its backend restarts
+            with pytest.raises(ApiError) as info:
+                c.classify(["fine"])
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            time.sleep(0.1)
+        second = ServerHandle(server_settings(tiny_models, port=port))
+        try:
+            back = time.monotonic()
+            with Client(second.target, timeout=5) as fresh:
+                assert fresh.classify(["fine"])[0].label  # at once, whatever the other Client's backoff
+            while True:
+                try:
+                    assert c.classify(["fine"])[0].label
+                    break
+                except ApiError as err:
+                    assert err.code == grpc.StatusCode.UNAVAILABLE
+                    assert time.monotonic() - back < 4, "the long-lived client did not reconnect within 4 s"
+                    time.sleep(0.05)
+        finally:
+            second.close()
+
+
+def test_reconnect_backoff_is_checked() -> None:
+    for bad in ((0.0, 1.0), (2.0, 1.0), (1.0, float("nan")), (1.0, 7200.0)):
+        with pytest.raises(ValueError, match="reconnect_backoff"):
+            Client("127.0.0.1:1", reconnect_backoff=bad)
+    with Client("127.0.0.1:1", reconnect_backoff=(0.5, 10)) as c:
+        assert c.target == "127.0.0.1:1"
