@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -37,7 +38,6 @@ from service.api.gen.seqserve.v1 import (
 )
 from service.core.types import (
     CompletionChunk,
-    FloatArray,
     ForecastResult,
     SentimentResult,
     SessionInfo,
@@ -45,6 +45,9 @@ from service.core.types import (
 )
 
 T = TypeVar("T")
+
+# A (time, features) table: rows of numbers, oldest first, or a 2-D array of any float or integer dtype.
+Table = Iterable[Sequence[float]] | npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]]
 
 
 class ApiError(Exception):
@@ -251,7 +254,7 @@ class Client:
 
     def forecast(
         self,
-        rows: Sequence[Sequence[float]] | FloatArray,
+        rows: Table,
         model: str = "",
         version: int | None = None,
         timeout: float | None = None,
@@ -260,9 +263,7 @@ class Client:
         request = forecast_pb2.PredictRequest(model=_selector(model, version), history=_rows(rows, "history"))
         return cv.forecast_from_pb(self._unary(self._forecast.Predict, request, timeout))
 
-    def observe(
-        self, session_id: str, rows: Sequence[Sequence[float]] | FloatArray, timeout: float | None = None
-    ) -> ForecastResult:
+    def observe(self, session_id: str, rows: Table, timeout: float | None = None) -> ForecastResult:
         request = forecast_pb2.ObserveRequest(session_id=session_id, rows=_rows(rows, "rows"))
         return cv.forecast_from_pb(self._unary(self._forecast.Observe, request, timeout))
 
@@ -327,7 +328,7 @@ def _texts(texts: Sequence[str]) -> list[str]:
     return out
 
 
-def _rows(rows: Sequence[Sequence[float]] | FloatArray, name: str) -> list[common_pb2.Row]:
+def _rows(rows: Table, name: str) -> list[common_pb2.Row]:
     """A (time, features) table as rows; a table that is not 2-D, or a row that is not numbers, is the caller's
     mistake, named here. Rows of different lengths are sent as they are: the server says what it expects."""
     if isinstance(rows, np.ndarray) and rows.ndim != 2:

@@ -7,8 +7,10 @@ Shape checks that only make sense on the wire (ragged rows, a missing required i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.api.gen.seqserve.v1 import (
@@ -133,7 +135,7 @@ def suggest_to_pb(result: SuggestResult) -> autocomplete_pb2.SuggestResponse:
     )
 
 
-def rows_to_pb(rows: Sequence[Sequence[float]] | FloatArray) -> list[common_pb2.Row]:
+def rows_to_pb(rows: Sequence[Sequence[float]] | npt.NDArray[Any]) -> list[common_pb2.Row]:
     """A table (rows, features) as repeated Row messages (both directions use this). Rows may differ in length
     (the client sends what it is given; the server says what is wrong)."""
     table = rows.tolist() if isinstance(rows, np.ndarray) else [[float(v) for v in row] for row in rows]
