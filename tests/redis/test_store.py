@@ -227,3 +227,43 @@ async def test_concurrent_creates_never_pass_a_limit(make_store: MakeStore, limi
     refused = [r for r in results if isinstance(r, BaseException)]
     assert len(refused) == 17 and all(isinstance(r, Overloaded) for r in refused)
     assert (await manager.usage()).count == 3
+
+
+@pytest.mark.parametrize(
+    ("limit", "owner"), [("quota_sessions", "alice"), ("quota_sessions", ""), ("max_sessions", "")]
+)
+async def test_expired_sessions_stop_counting_when_their_ttl_ends(
+    make_store: MakeStore, limit: str, owner: str
+) -> None:
+    """The index learns of an expiry only at its deadline, a quarter of the TTL after it (so a step rarely has to
+    move it). A principal whose sessions had all expired was still refused by its quota until then (up to 150 s
+    with the default TTL), and could not even delete them (NOT_FOUND). A refusal now checks the sessions first."""
+    from service.core.context import set_principal
+    from service.core.sessions import SessionManager
+    from service.errors import Overloaded
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    set_principal(owner)  # (this test's own context)
+    settings = Settings(**{limit: 2, "session_full_policy": "reject"})
+    manager = SessionManager(settings, Metrics(runtime_collectors=False), await make_store())
+    for i in range(2):
+        await manager.add(state(f"old{i}", ttl=4.0))
+    with pytest.raises(Overloaded):
+        await manager.add(state("early", ttl=4.0))
+    await asyncio.sleep(4.2)  # their values have expired; their index deadlines are 1 s away
+    await manager.add(state("new", ttl=60.0))
+    assert (await manager.usage()).count == 1
+
+
+async def test_the_index_forgets_an_entry_only_if_its_deadline_has_not_moved(make_store: MakeStore) -> None:
+    """(The id may have been created again between finding its value gone and forgetting it.)"""
+    from service.core.sessions.redis_index import Indexed
+
+    store = await make_store()
+    entry = Indexed("s", 1000, "charlm", "alice")
+    await store.index.put(entry, 5_000)
+    assert await store.index.forget("s", 4_999) is None
+    assert (await store.index.usage("alice")).count == 1 and (await store.index.usage()).count == 1
+    assert await store.index.forget("s", 5_000) == entry
+    assert (await store.index.usage("alice")).count == 0 and (await store.index.usage()).count == 0

@@ -129,7 +129,7 @@ class SessionManager:
             await self._check_quota(owner, nbytes)
             return False
         except QuotaExceeded:
-            if not await self.sweep():  # the owner's sessions past their TTL no longer count
+            if not await self.sweep(check=owner):  # the owner's sessions past their TTL no longer count
                 raise
         await self._check_quota(owner, nbytes)
         return True
@@ -154,12 +154,13 @@ class SessionManager:
         max_n, max_b = self.settings.max_sessions, self.settings.max_session_bytes
         if nbytes > max_b:
             raise Overloaded(f"a session of this model needs {nbytes} bytes, more than max_session_bytes={max_b}")
-        swept = await self._check_quota_swept(owner, nbytes)
+        await self._check_quota_swept(owner, nbytes)
         usage = await self.store.usage()
+        swept = False
         while usage.count + 1 > max_n or usage.bytes + nbytes > max_b:
             if not swept:  # sessions past their TTL that the reaper has not removed yet make room first
                 swept = True
-                if await self.sweep():
+                if await self.sweep(check=""):
                     usage = await self.store.usage()
                     continue
             full = "max_sessions" if usage.count + 1 > max_n else "max_session_bytes"
@@ -286,11 +287,11 @@ class SessionManager:
         self.metrics.session_event(s.model, "deleted")
         await self._report()
 
-    async def sweep(self) -> int:
-        """Removes every session idle past its TTL; returns how many."""
+    async def sweep(self, check: str | None = None) -> int:
+        """Removes every session idle past its TTL; returns how many. ``check``: see ``SessionStore.pop_expired``."""
         n = 0
         while True:
-            expired = await self.store.pop_expired(self.clock(), REAP_BATCH)
+            expired = await self.store.pop_expired(self.clock(), REAP_BATCH, check)
             for s in expired:
                 self.metrics.session_event(s.model, "expired")
             n += len(expired)

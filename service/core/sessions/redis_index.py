@@ -69,6 +69,18 @@ class SessionIndex:
             await self.conn.script("index_del", self.owner_keys(owner), [session_id])
         return Indexed(session_id, nbytes, model, owner)
 
+    async def forget(self, session_id: str, deadline_ms: int) -> Indexed | None:
+        """Forgets a session found gone before its deadline, unless its entry has moved since (the id was
+        created again, or its deadline moved): then None and nothing changes."""
+        args: list[Arg] = [session_id, deadline_ms]
+        raw = await self.conn.script("index_del", self.shard(session_id), args)
+        if raw is None:
+            return None
+        nbytes, model, owner = _meta(raw)
+        if owner:
+            await self.conn.script("index_del", self.owner_keys(owner), args)
+        return Indexed(session_id, nbytes, model, owner)
+
     async def trim(self, now_ms: int, limit: int) -> list[Indexed]:
         """Forgets up to ``limit`` sessions per shard whose deadline has passed; returns them."""
         replies = await self.conn.scripts("index_trim", [(keys, [now_ms, limit]) for keys in self._shard_keys])

@@ -135,12 +135,14 @@ return 1
 """
 )
 
-# KEYS: z, m, t. ARGV: id. -> the id's meta JSON, or nil when it was not indexed.
+# KEYS: z, m, t. ARGV: id[, deadline ms: only if the id's deadline is still that]. -> the id's meta JSON, or nil
+# when it was not indexed (or its deadline differs).
 INDEX_DEL = (
     _UNCOUNT
     + """
 local old = redis.call('HGET', KEYS[2], ARGV[1])
 if not old then return nil end
+if ARGV[2] and tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) ~= tonumber(ARGV[2]) then return nil end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 uncount(old)

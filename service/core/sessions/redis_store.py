@@ -154,11 +154,37 @@ class RedisSessionStore:
                 return _stub(gone)
         return None
 
-    async def pop_expired(self, now: float, limit: int) -> list[SessionState]:
+    async def pop_expired(self, now: float, limit: int, check: str | None = None) -> list[SessionState]:
         try:
             gone = await self.index.trim(int(time.time() * 1000), limit)
         except StoreUnavailable:
             return []  # said once in the log by the connection; the reaper tries again
+        expired = await self._forgotten(gone)
+        if check is not None:
+            with contextlib.suppress(StoreUnavailable):  # then the index's count stands, as before
+                expired += await self._pop_gone(check, limit)
+        return expired
+
+    async def _pop_gone(self, owner: str, limit: int) -> list[SessionState]:
+        """Up to ``limit`` of ``owner``'s ("": anyone's) sessions, soonest deadline first, whose value has expired
+        though its index deadline (up to a quarter of the TTL later) has not come: forgotten now."""
+        candidates = []
+        for deadline, sid in await self.index.oldest(limit, owner or None):
+            e = self.cache.get(sid)
+            if e is None or (e.dirty_since is None and not self.cache.in_use(sid)):
+                candidates.append((int(deadline), sid))
+        if not candidates:
+            return []
+        exists = await self.conn.batch([("EXISTS", self.keys(sid)[0]) for _, sid in candidates])
+        out = []
+        for (deadline, sid), n in zip(candidates, exists, strict=True):
+            if not int(n) and (g := await self.index.forget(sid, deadline)) is not None:
+                self.cache.pop(sid)
+                out.append(_stub(g))
+        return out
+
+    async def _forgotten(self, gone: list[Indexed]) -> list[SessionState]:
+        """What the index trimmed, minus sessions in a call longer than their TTL (indexed again)."""
         expired = []
         for g in gone:
             e = self.cache.get(g.id)

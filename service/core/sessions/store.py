@@ -62,8 +62,10 @@ class SessionStore(Protocol):
         only among that owner's sessions (quotas never evict another principal's session)."""
         ...
 
-    async def pop_expired(self, now: float, limit: int) -> list[SessionState]:
-        """Removes and returns up to ``limit`` sessions idle past their TTL (never a leased one)."""
+    async def pop_expired(self, now: float, limit: int, check: str | None = None) -> list[SessionState]:
+        """Removes and returns up to ``limit`` sessions idle past their TTL (never a leased one). ``check``: an
+        owner ("" = anyone) whose sessions must be counted exactly now, as a refusing quota or a full store needs;
+        a store that learns of expiries late (Redis: at an index deadline past the TTL) looks at them one by one."""
         ...
 
     async def usage(self) -> StoreUsage: ...
@@ -216,8 +218,8 @@ class InMemorySessionStore(Generic[R]):
                 return self._remove(sid)
         return None
 
-    async def pop_expired(self, now: float, limit: int) -> list[SessionState]:
-        out: list[SessionState] = []
+    async def pop_expired(self, now: float, limit: int, check: str | None = None) -> list[SessionState]:
+        out: list[SessionState] = []  # (exact for every owner: ``check`` adds nothing here)
         later: list[tuple[float, int, str]] = []
         while self._expiry and self._expiry[0][0] <= now and len(out) < limit:
             _, incarnation, sid = heapq.heappop(self._expiry)
