@@ -388,7 +388,8 @@ class SessionStart:
         await self._lease.__aenter__()
         try:
             self._session.owner = principal()
-            await self._manager._refuse_early(self._session)
+            if not self._end:  # a one-request sequence stores nothing: no quota or full store refuses it
+                await self._manager._refuse_early(self._session)
         except BaseException:
             await self._lease.__aexit__(None, None, None)
             raise

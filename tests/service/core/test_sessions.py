@@ -312,6 +312,12 @@ async def test_one_request_sequences_are_counted_and_full_stores_refuse_starts_b
         await dp.infer(LM, text("cd"), sequence=SequenceRef("b", start=True))
     assert len(recorded(dp).batch_sizes("charlm")) == runs  # refused before any step ran
     assert (await dp.infer(LM, text("x"), sequence=SequenceRef("a", start=True))).steps == 1  # a restart fits
+    # ...while a one-request sequence, which stores nothing, is served by a full store or a used-up quota
+    quota = await make_dp(quota_sessions=1)
+    await quota.infer(LM, text("ab"), sequence=SequenceRef("c", start=True))  # (the quota's one session)
+    for full in (dp, quota):
+        assert (await full.infer(LM, text("ab"), sequence=SequenceRef("d", start=True, end=True))).steps == 2
+        assert (await full.sessions.usage()).count == 1
 
 
 async def test_reset_and_delete(dp: CoreDataPlane) -> None:
