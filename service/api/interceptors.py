@@ -179,11 +179,14 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             set_principal(subject)
 
     def _by_key(self, context: grpc.aio.ServicerContext) -> str:
-        sent = metadata_value(context, "authorization")
-        if sent is None:
+        values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+        if len(values) != 1:
             raise errors.Unauthenticated(
                 "missing credentials: this server needs metadata 'authorization: Bearer <api key>'"
+                if not values
+                else f"metadata 'authorization' appears {len(values)} times: send one API key"
             )
+        sent = values[0] if isinstance(values[0], str) else values[0].decode("utf-8", "replace")
         scheme, _, key = sent.partition(" ")
         name = self.keys.principal(key.strip()) if scheme.lower() == "bearer" else None
         if name is None:

@@ -27,18 +27,24 @@ MIN_KEY_CHARS = 16
 MAX_TRACKED = 10_000  # principals whose rate bucket is kept (least recently seen dropped first)
 
 
+COMMENT = re.compile(r"(?:^|\s)#")  # "# ..." or "key  # ...": a comment; "ab#cd" is a key
+
+
 def parse_keys(spec: str) -> dict[str, str]:
-    """``name:key`` entries (one per line or comma-separated; ``#`` starts a comment) -> {name: key}.
-    ValueError naming the entry for a malformed line, a short key or a repeated name or key."""
+    """``name:key`` entries (one per line or comma-separated; a ``#`` at the start of an entry or after a space
+    starts a comment, so a key may hold ``#``) -> {name: key}. ValueError naming the entry for a malformed line,
+    a short key, a key with a space, or a repeated name or key."""
     keys: dict[str, str] = {}
     for n, raw in enumerate(re.split(r"[,\n]", spec), start=1):
-        line = raw.split("#", 1)[0].strip()
+        line = COMMENT.split(raw, 1)[0].strip()
         if not line:
             continue
         name, sep, key = line.partition(":")
         name, key = name.strip(), key.strip()
         if not sep or not NAME.fullmatch(name):
             raise ValueError(f"api key entry {n}: expected 'name:key' with a name of 1-64 of A-Za-z0-9._@-")
+        if any(c.isspace() for c in key):
+            raise ValueError(f"api key {name!r}: a key has no spaces (a comment starts with ' #')")
         if len(key) < MIN_KEY_CHARS:
             raise ValueError(f"api key {name!r}: at least {MIN_KEY_CHARS} characters (got {len(key)})")
         if name in keys:

@@ -14,6 +14,7 @@ import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.gen.seqserve.v1 import common_pb2
 from service.api.principals import KeyTable, RateLimiter, load_keys, parse_keys
 from service.client import ApiError, Client
 from service.errors import QuotaExceeded
@@ -47,12 +48,21 @@ def test_keys_from_a_list_a_file_and_the_single_key(tmp_path: Path) -> None:
     assert table.principal(ALICE) == "alice" and table.principal(BOB) == "bob" and table.principal("x") is None
 
 
+def test_a_hash_inside_a_key_is_part_of_the_key() -> None:
+    """A generated key with symbols was cut at its '#' (a comment, everywhere), so its 16-character prefix
+    alone was accepted. A comment starts an entry, or follows a space."""
+    key = "0123456789abcdef#Zq8-secret-tail"
+    assert parse_keys(f"carol:{key},bob:{BOB}  # rotated") == {"carol": key, "bob": BOB}
+    assert parse_keys(f"#carol:{key}\n  # old keys\nbob:{BOB}") == {"bob": BOB}
+
+
 @pytest.mark.parametrize(
     ("spec", "words"),
     [
         (f"alice:{ALICE},bob", "entry 2: expected 'name:key'"),
         ("al ice:" + ALICE, "expected 'name:key'"),
         ("alice:short", "at least 16"),
+        (f"alice:{ALICE} {BOB}", "a key has no spaces"),
         (f"alice:{ALICE},alice:{BOB}", "appears twice"),
         (f"alice:{ALICE},bob:{ALICE}", "same key"),
         ("/no/such/file", "no such file"),
@@ -113,6 +123,23 @@ def test_another_principals_session_does_not_exist(start_server: Callable[..., S
         with pytest.raises(ApiError) as unauth:
             Client(handle.target, api_key="not-a-key-0123456789").get_session(s.id)
         assert unauth.value.code == Code.UNAUTHENTICATED
+
+
+def test_two_authorization_headers_are_refused(start_server: Callable[..., ServerHandle]) -> None:
+    """The first of two keys used to decide the principal (a proxy that appends its own key, say)."""
+    from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
+
+    handle = start_server(api_keys=KEYS)
+    request = sessions_pb2.CreateSessionRequest(model=common_pb2.ModelSelector(name="charlm"))
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = sessions_pb2_grpc.SessionsStub(channel)
+        for keys in ((BOB, ALICE), (ALICE, ALICE), ("wrong-key-0123456789", ALICE)):
+            metadata = tuple(("authorization", f"Bearer {k}") for k in keys)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Create(request, metadata=metadata, timeout=30)
+            assert info.value.code() == Code.UNAUTHENTICATED
+            assert "'authorization' appears 2 times: send one API key" in str(info.value.details())
+        assert stub.Create(request, metadata=(("authorization", f"Bearer {ALICE}"),), timeout=30).session_id
 
 
 def _v2(target: str, key: str, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
