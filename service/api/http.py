@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hmac
 import logging
 import socket
 import ssl
@@ -47,7 +48,9 @@ class _Server(ThreadingHTTPServer):
         ssl_context: ssl.SSLContext | None = None,
         idle_timeout: float = 10.0,
         max_connections: int = 64,
+        token: str | None = None,
     ) -> None:
+        self.token = token
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.metrics = metrics
         self.is_ready = is_ready
@@ -153,7 +156,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, head: bool) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics" and not self._certified():
+        token = self.server.token
+        if token is not None and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+            self._send(403, b"a private port: only its engine reads it\n", "text/plain; charset=utf-8", head)
+        elif path == "/metrics" and not self._certified():
             self._send(403, b"client certificate required for /metrics (mTLS)\n", "text/plain; charset=utf-8", head)
         elif path == "/metrics":
             # text/plain 0.0.4 by default; OpenMetrics when the scraper asks for it (Accept header).
@@ -217,7 +223,11 @@ class MetricsHttpServer:
         ssl_context: ssl.SSLContext | None = None,
         idle_timeout: float = 10.0,
         max_connections: int = 64,
+        token: str | None = None,
     ) -> None:
+        """``token``: every request must carry ``authorization: Bearer <token>`` (a frontend's private port,
+        which only its engine reads)."""
+        self.token = token
         self.host = host
         self.port = port
         self.metrics = metrics
@@ -228,7 +238,7 @@ class MetricsHttpServer:
 
     def start(self) -> int:
         if self._server is None:
-            self._server = _Server((self.host, self.port), self.metrics, self.is_ready, *self.limits)
+            self._server = _Server((self.host, self.port), self.metrics, self.is_ready, *self.limits, self.token)
             self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
             self._thread.start()
             log.info("metrics/health HTTP on %s:%d", self.host, self.bound_port)

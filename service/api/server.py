@@ -59,6 +59,7 @@ class Server:
         clock: Callable[[], float] = time.time,
         plane: RemotePlane | None = None,
         own_port: bool = False,
+        metrics_token: str | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
@@ -68,6 +69,7 @@ class Server:
         self.services: list[str] = []  # full names of the registered services (ours + plug-ins)
         self._dataplane: CoreDataPlane | None = None
         self._remote = plane
+        self._metrics_token = metrics_token  # a frontend's private /metrics answers its engine only
         self._own_port = own_port
         self.own_port: int | None = None  # this process's private port, when own_port
         self._grpc: grpc.aio.Server | None = None
@@ -183,8 +185,10 @@ class Server:
             log.warning("service.api.http is not available: no /metrics endpoint")
             return
         s = self.settings
-        if self._remote is not None:  # a frontend's: private (loopback, plaintext), read by the engine at each scrape
-            self._http = MetricsHttpServer("127.0.0.1", 0, self.metrics, lambda: self._serving)
+        if self._remote is not None:  # a frontend's: private (loopback, plaintext, a token), read by the engine
+            self._http = MetricsHttpServer(
+                "127.0.0.1", 0, self.metrics, lambda: self._serving, token=self._metrics_token
+            )
             self.metrics_port = int(self._http.start())
             return
         self._http = MetricsHttpServer(

@@ -31,8 +31,9 @@ def _rpc_families(metrics: Metrics) -> dict[str, object]:
 
 
 class FrontendRpcCollector(Collector):
-    def __init__(self, ports: Callable[[], list[int]], timeout: float = 2.0) -> None:
+    def __init__(self, ports: Callable[[], list[int]], timeout: float = 2.0, token: str | None = None) -> None:
         self.ports = ports
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
         template = _rpc_families(Metrics(runtime_collectors=False))
         self._kinds = {f.name: (f.documentation, f.type) for m in template.values() for f in m.collect()}  # type: ignore[attr-defined]
@@ -42,7 +43,8 @@ class FrontendRpcCollector(Collector):
     def _read(self, port: int) -> list[tuple[str, Key, float]]:
         """One frontend's RPC samples; its last good reading when it does not answer."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=self.timeout) as r:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=self._headers)
+            with urllib.request.urlopen(request, timeout=self.timeout) as r:
                 text = r.read().decode()
         except OSError as exc:
             log.warning("frontend metrics on port %d not read (its last reading is used): %s", port, exc)
@@ -83,8 +85,9 @@ def _exposition_order(item: tuple[Key, float]) -> tuple[object, ...]:
     return series, rank, float(le) if le is not None else 0.0, sample
 
 
-def serve_frontend_rpc_metrics(metrics: Metrics, ports: Callable[[], list[int]]) -> None:
-    """Replaces the engine's (empty) RPC families on its registry with the frontends' sums."""
+def serve_frontend_rpc_metrics(metrics: Metrics, ports: Callable[[], list[int]], token: str | None = None) -> None:
+    """Replaces the engine's (empty) RPC families on its registry with the frontends' sums; ``token``: what their
+    private ports ask for."""
     for family in _rpc_families(metrics).values():
         metrics.registry.unregister(family)  # type: ignore[arg-type]
-    metrics.registry.register(FrontendRpcCollector(ports))
+    metrics.registry.register(FrontendRpcCollector(ports, token=token))

@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import secrets
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -73,15 +74,15 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
 
 
 # --- a frontend process --------------------------------------------------------------------------------------
-def frontend_main(values: dict[str, Any], index: int, socket_path: str, conn: Connection) -> None:
+def frontend_main(values: dict[str, Any], index: int, socket_path: str, token: str, conn: Connection) -> None:
     from service.logs import configure
 
     settings = Settings(**values)
     configure(settings)
-    run(_frontend(settings, socket_path, conn), settings.event_loop)
+    run(_frontend(settings, socket_path, token, conn), settings.event_loop)
 
 
-async def _frontend(settings: Settings, socket_path: str, conn: Connection) -> None:
+async def _frontend(settings: Settings, socket_path: str, token: str, conn: Connection) -> None:
     from service.api.server import Server
     from service.engine.client import RemoteDataPlane
     from service.metrics import Metrics
@@ -92,6 +93,7 @@ async def _frontend(settings: Settings, socket_path: str, conn: Connection) -> N
         Metrics(runtime_collectors=False),
         plane=RemoteDataPlane(socket_path, max_pending=settings.max_queue_size),
         own_port=settings.frontend_ports,
+        metrics_token=token,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -140,10 +142,11 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     try:
         await engine.start()
         await dataplane.start()
-        first = await _spawn(settings, 0, settings.port, socket_path)
+        token = secrets.token_urlsafe(32)  # the frontends' private /metrics answer the engine only
+        first = await _spawn(settings, 0, settings.port, socket_path, token)
         frontends.append(first)
-        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path) for i in range(1, n)))
-        serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends])
+        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
+        serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
         metrics.processes.processes = lambda: [
             ("engine", os.getpid()),
             *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),
@@ -172,6 +175,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             }
             info["frontend_pids"] = [f.process.pid for f in frontends]
             info["frontend_ports"] = [f.own_port for f in frontends]
+            info["frontend_metrics_ports"] = [f.metrics_port for f in frontends]  # private: the engine's token
             write_ready_file(ready_file, info)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -195,12 +199,15 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     return code
 
 
-async def _spawn(settings: Settings, index: int, port: int, socket_path: str) -> Frontend:
+async def _spawn(settings: Settings, index: int, port: int, socket_path: str, token: str) -> Frontend:
     ctx = mp.get_context("spawn")  # a fresh interpreter: no gRPC state crosses a fork
     parent, child = ctx.Pipe(duplex=False)
     values = settings.model_dump() | {"port": port}
     process = ctx.Process(
-        target=frontend_main, args=(values, index, socket_path, child), name=f"seqserve-frontend-{index}", daemon=False
+        target=frontend_main,
+        args=(values, index, socket_path, token, child),
+        name=f"seqserve-frontend-{index}",
+        daemon=False,
     )
     process.start()
     child.close()

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,23 @@ def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> N
         with grpc.insecure_channel(target) as channel:
             assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10).live
     assert served() - before == 6
+
+
+def test_a_frontends_private_metrics_port_answers_its_engine_only(servers: tuple[dict[str, object], int]) -> None:
+    """Each frontend serves its RPC metrics on a loopback port of its own, which the engine reads at each scrape.
+    Anyone on the machine could read them there, even where the public port demands a client certificate
+    (mTLS); they now ask for a random token that only the engine holds."""
+    info, _ = servers
+    ports = info["frontend_metrics_ports"]
+    assert isinstance(ports, list) and len(ports) == 2
+    for port in ports:
+        for path in ("/metrics", "/healthz", "/readyz"):
+            for headers in ({}, {"Authorization": "Bearer guess"}):
+                request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=10)
+                assert refused.value.code == 403
+    assert "seqserve_rpc_requests_total" in "".join(str(k) for k in _scrape(info))  # the engine still reads them
 
 
 def _scrape(info: dict[str, object]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
