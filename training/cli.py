@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +22,8 @@ from training.series import PRESETS
 
 if TYPE_CHECKING:
     from training.pipelines import Job
+
+MAX_SEED = 2**32 - 1  # (numpy's and torch's seeds both take it)
 
 # Per-task defaults: the committed models' settings.
 DEFAULTS: dict[str, dict[str, object]] = {
@@ -39,12 +41,12 @@ def _train_parser(sub: argparse._SubParsersAction[Parser], task: str, help_: str
     p.add_argument("--data", type=Path, required=True, help="data file or folder")
     p.add_argument("--out", type=Path, required=True, help="output models/NAME/VERSION directory")
     p.add_argument("--cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"])
-    p.add_argument("--hidden", type=count(1))
-    p.add_argument("--layers", type=count(1))
-    p.add_argument("--embedding", type=count(0 if task == "forecast" else 1))
+    p.add_argument("--hidden", type=count(1, 8192))
+    p.add_argument("--layers", type=count(1, 16))
+    p.add_argument("--embedding", type=count(0 if task == "forecast" else 1, 8192))
     p.add_argument("--dropout", type=real(0, 1))
     p.add_argument("--epochs", type=count(1))
-    p.add_argument("--batch-size", type=count(1))
+    p.add_argument("--batch-size", type=count(1, 65536))
     p.add_argument("--lr", type=real(0, above=True))
     p.add_argument("--weight-decay", type=real(0))
     p.add_argument("--clip", type=real(0, above=True), default=1.0, help="max gradient norm")
@@ -52,9 +54,9 @@ def _train_parser(sub: argparse._SubParsersAction[Parser], task: str, help_: str
     p.add_argument("--patience", type=count(1), help="evaluations without improvement before early stop")
     p.add_argument("--eval-every", type=count(0), help="steps between evaluations (0 = once per epoch)")
     p.add_argument("--max-minutes", type=real(0), help="wall-clock training budget (0 = none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count(0, MAX_SEED), default=0, help="random seed")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=count(1), default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=count(1, 256), default=2, help="torch CPU threads")
     p.add_argument("--run-dir", type=Path, help="checkpoint folder (default runs/NAME-VERSION)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub, "forecast", "train a forecaster on any time-series CSV (--preset ett-h: the ETTh1 protocol)")
     ev = sub.add_parser("evaluate", help="recompute a model's metric from its exported ONNX")
     ev.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
-    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--data", type=Path, required=True, help="the data it was trained on (file or folder)")
     ho = sub.add_parser(
         "heldout", help="a sentiment model's held-out accuracy (what chose its checkpoint), or several models' mean"
     )
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--data", type=Path, required=True, help="the file it was trained on")
     ca.add_argument("--out", type=Path, required=True, help="the new models/NAME/M")
     _interval_options(ca)
-    qu = sub.add_parser("quantize", help="an int8 copy of a trained LSTM model (charlm, sentiment) under its own name")
+    qu = sub.add_parser("quantize", help="an int8 copy of a trained char LM or sentiment model under its own name")
     qu.add_argument("--model", type=Path, required=True, help="the trained models/NAME/N (left unchanged)")
     qu.add_argument("--data", type=Path, required=True, help="its evaluation data (as for evaluate)")
     qu.add_argument("--out", type=Path, required=True, help="models/NAME-int8/1 (a name of its own, not NAME)")
@@ -191,13 +193,49 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--out", type=Path, required=True, help="the new models/NAME/N")
     en.add_argument("--half", action="store_true", help="store the weights as float16 (computed in float32)")
     sp = sub.add_parser("sample", help="generate text from a char LM (ONNX)")
-    sp.add_argument("--model", type=Path, required=True)
+    sp.add_argument("--model", type=Path, required=True, help="a char LM: models/NAME/VERSION")
     sp.add_argument("--prompt", default="ROMEO:")
     sp.add_argument("--length", type=count(1), default=300)
     sp.add_argument("--temperature", type=real(0), default=0.8, help="0 = greedy")
     sp.add_argument("--top-k", type=count(0), default=0)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=count(0, MAX_SEED), default=0, help="random seed of the sampler")
     return ap
+
+
+def _distinct(models: list[Path]) -> None:
+    """heldout, compare and ensemble name each model folder once (compare's answer is keyed by folder)."""
+    folders: set[Path] = set()
+    for path in models:
+        if (key := path.resolve()) in folders:
+            raise DataError(f"--model {path} is given twice; give different models")
+        folders.add(key)
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    run_dir: Path = args.run_dir or Path("runs") / f"{args.out.parent.name}-{args.out.name}"
+    return run_dir
+
+
+def _check_folders(args: argparse.Namespace, run_dir: Path) -> None:
+    """Before any work, without creating anything: --out and --run-dir can be created (the model is written at
+    the end, a checkpoint at the first evaluation), and the vector and lexicon folders hold their files."""
+    for flag, folder in (("--out", args.out), ("--run-dir", run_dir)):
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            why = "is not a folder" if not probe.is_dir() else "is not writable by this user"
+            raise DataError(f"{flag} {folder}: cannot create this folder ({probe} {why})")
+    from training import glove, lexicon
+
+    needs = {"glove_dir": ("glove", glove.FILES), "lexicon_dir": ("lexicon", (lexicon.FILE,))}
+    for key, (flag, files) in needs.items():
+        folder = getattr(args, key, None)
+        if folder is None or not getattr(args, flag, False):
+            continue
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise DataError(f"--{key.replace('_', '-')} {folder}: {', '.join(missing)} not found there")
 
 
 def _job(args: argparse.Namespace, argv: list[str]) -> Job:
@@ -206,7 +244,7 @@ def _job(args: argparse.Namespace, argv: list[str]) -> Job:
     from training.train import TrainConfig
 
     out: Path = args.out
-    run_dir = args.run_dir or Path("runs") / f"{out.parent.name}-{out.name}"
+    run_dir = _run_dir(args)
     tc = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, clip=args.clip, patience=args.patience, eval_every=args.eval_every,
@@ -235,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a bad option (2, its one line already printed)
         return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     try:
+        if isinstance(getattr(args, "model", None), list):
+            _distinct(args.model)
         if args.command == "evaluate":
             from training.evaluate import evaluate_model
 
@@ -305,15 +345,13 @@ def main(argv: list[str] | None = None) -> int:
 
         job = _job(args, argv)
         checkpoint = job.train.run_dir / "checkpoint.pt"
-        if args.resume and not checkpoint.exists() and args.out.exists() and any(args.out.iterdir()):
+        if args.resume and not checkpoint.exists():
             raise DataError(
-                f"--resume: {checkpoint} does not exist, so there is no run to continue, and {args.out} already "
-                "holds a model (a model is never rewritten); pass the run's --run-dir, or train into a new folder"
+                f"--resume: {checkpoint} does not exist, so there is no run to continue; pass that run's --run-dir "
+                "(default runs/NAME-VERSION), or train without --resume"
             )
-        if not args.resume:
-            pipelines.require_new_folder(
-                args.out, "train into a new version folder, remove it first, or pass --resume to continue its run"
-            )
+        pipelines.require_new_folder(args.out, "train into a new version folder, or remove it first")
+        _check_folders(args, job.train.run_dir)
 
         if args.download:
             from training.data import download
@@ -323,14 +361,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             download(args.download, args.data, args.sha256)
         run = {"charlm": pipelines.train_charlm, "sentiment": sentiment.train_sentiment}
-        fresh = not args.out.exists()
-        try:
+        with pipelines.new_model_folder(args.out):  # a failed run leaves no half-written model (its checkpoint stays)
             run.get(args.command, forecasting.train_forecast)(job)
-        except BaseException:
-            if fresh:  # a failed run leaves no half-written model behind (its checkpoint stays in the run dir)
-                shutil.rmtree(args.out, ignore_errors=True)
-            raise
         return 0
+    except KeyboardInterrupt:
+        kept = ""
+        if args.command in DEFAULTS and (checkpoint := _run_dir(args) / "checkpoint.pt").exists():
+            kept = f"; {checkpoint} is kept: the same command with --resume continues the run"
+        print(f"seqserve-train: interrupted{kept}", file=sys.stderr)
+        return 130
     except DataError as e:
         print(f"seqserve-train: error: {e}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.core.arrays import softmax, zero_states
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec, sha256_file
 from training.cards import CARDS, card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, open_model, recomputed, sentiment_logits
@@ -70,6 +70,28 @@ def _check_members(paths: list[Path], manifests: list[Manifest]) -> None:
         derived = m.training.get("ensemble_of")
         if derived:
             raise DataError(f"{path}: already an ensemble (of {', '.join(derived)}); combine its members instead")
+
+
+def _different_weights(paths: list[Path], manifests: list[Manifest]) -> None:
+    """Refuses one graph twice, or a model beside its own fused graph: the same weights would only repeat one
+    member's answers at twice the cost."""
+    graphs: dict[str, Path] = {}
+    names = {f"{m.name}/{m.version}": path for path, m in zip(paths, manifests, strict=True)}
+    weights: dict[str, Path] = {}  # fused_from -> the member holding those weights in a fused graph
+    for path, m in zip(paths, manifests, strict=True):
+        digest = sha256_file(path / MODEL_FILE)
+        if digest in graphs:
+            raise DataError(f"--model {path} and --model {graphs[digest]} are the same graph; give different models")
+        graphs[digest] = path
+        parent = m.training.get("fused_from")
+        if isinstance(parent, str):
+            other = names.get(parent) or weights.get(parent)
+            if other is not None and other != path:
+                raise DataError(
+                    f"--model {path} holds {parent}'s weights in a fused graph, and so does --model {other}; "
+                    "give different models"
+                )
+            weights[parent] = path
 
 
 def _prefixed(graph: onnx.GraphProto, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
@@ -222,6 +244,7 @@ def ensemble(paths: list[Path], data: Path, out: Path, command: str, half: bool 
     _check_members(paths, manifests)
     split, held = heldout_rows(paths, manifests, data)  # refuses members that held out different rows
     combined = build([onnx.load(str(p / MODEL_FILE)) for p in paths], manifests, half)
+    _different_weights(paths, manifests)
     gaps = probe_gap(paths, combined, manifests)
     tolerance = HALF_TOLERANCE if half else TOLERANCE
     # float16 weights move the cell states (unbounded) more than the logits; sentiment serving never reads them

@@ -13,10 +13,12 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 import torch
+from pydantic import ValidationError
 
 from service.core import arrays
 from service.core.arrays import right_pad, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric
+from service.core.tasks import task_class
 from service.core.tokenizers import Encoder
 from training.calibrate import interval_scores
 from training.data import DataError, read_text, read_tsv
@@ -42,13 +44,37 @@ def recomputed(metrics: list[Metric], task: str, ev: dict[str, Any], command: st
     ]
 
 
+def read_manifest(model_dir: Path) -> Manifest:
+    """A model folder's manifest, checked as serving checks it (its task's own checks), beside a non-empty ONNX
+    file; one-line DataError naming the file otherwise."""
+    path, model = model_dir / MANIFEST_FILE, model_dir / MODEL_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected models/NAME/VERSION)")
+    try:
+        m = Manifest.load(path)
+        task_class(m.task).check(m)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "".join(f"{x}: " for x in [".".join(str(x) for x in first["loc"])] if x)
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise DataError(f"{path}: not a valid manifest: {where}{first['msg']}{more}") from None
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a valid manifest: {e}") from None
+    if not model.is_file() or model.stat().st_size == 0:
+        why = "empty" if model.is_file() else "file not found"
+        raise DataError(f"{model}: {why} (a model folder holds its ONNX graph beside its manifest)")
+    return m
+
+
 def open_model(model_dir: Path) -> tuple[Manifest, ort.InferenceSession]:
-    if not (model_dir / MANIFEST_FILE).exists():
-        raise DataError(f"{model_dir / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
-    m = Manifest.load(model_dir / MANIFEST_FILE)
+    m = read_manifest(model_dir)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    return m, ort.InferenceSession(str(model_dir / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(model_dir / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT's own exception types (NoSuchFile, InvalidProtobuf, Fail, ...)
+        raise DataError(f"{model_dir / MODEL_FILE}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+    return m, sess
 
 
 def states0(m: Manifest, batch: int) -> dict[str, npt.NDArray[Any]]:

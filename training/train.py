@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from training.data import DataError
+
 
 @dataclass
 class TrainConfig:
@@ -117,8 +119,15 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
     best: dict[str, float] = {}
     if cfg.resume and ckpt.exists():
         st = torch.load(ckpt, map_location=cfg.device, weights_only=False)
-        net.load_state_dict(st["net"])
-        opt.load_state_dict(st["opt"])
+        try:
+            net.load_state_dict(st["net"])
+            opt.load_state_dict(st["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"--resume: {ckpt} was saved by a run with other settings ({first}); resume with that run's "
+                "options, or train with another --run-dir"
+            ) from None
         step, start_epoch, bad, spent = st["step"], st["epoch"], st["bad"], st["seconds"]
         best_value, best_state, best, hist, evals = (
             st["best_value"],
@@ -132,6 +141,12 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
         print(f"resumed {ckpt} at step {step}, epoch {start_epoch}, best {runner.metric}={best_value}")
     t0 = time.monotonic() - spent
 
+    def diverged(what: str) -> DataError:
+        return DataError(
+            f"training diverged: {what}; lower --lr ({cfg.lr:g}) or --weight-decay ({cfg.weight_decay:g}), or "
+            f"clip harder (--clip {cfg.clip:g})"
+        )
+
     def validate(epoch: int) -> None:
         """Evaluate, keep the best weights, checkpoint."""
         nonlocal best_value, best, bad, best_state
@@ -139,6 +154,8 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
         with torch.no_grad():
             ev = {"step": float(step), "epoch": float(epoch), **runner.evaluate()}
         net.train()
+        if not math.isfinite(ev[runner.metric]):
+            raise diverged(f"{runner.metric} is {ev[runner.metric]} at step {step}")
         evals.append(ev)
         if _better(ev[runner.metric], best_value, runner.higher_is_better):
             best_value, best, bad = ev[runner.metric], ev, 0
@@ -166,6 +183,8 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
                 g["lr"] = lr
             loss = runner.loss(batch)
             loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise diverged(f"the loss is {loss_value} at step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip))  # pre-clip total norm
@@ -203,13 +222,16 @@ def _save(path: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int, epo
     """Checkpoint that carries everything to resume; written atomically (a crash never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch, "bad": bad,
-         "seconds": seconds, "best_value": best_value, "best_state": best_state, "best": best, "hist": hist,
-         "evals": evals, "net_cfg": getattr(net, "cfg", None)},
-        tmp,
-    )  # fmt: skip
-    tmp.replace(path)
+    try:
+        torch.save(
+            {"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch, "bad": bad,
+             "seconds": seconds, "best_value": best_value, "best_state": best_state, "best": best, "hist": hist,
+             "evals": evals, "net_cfg": getattr(net, "cfg", None)},
+            tmp,
+        )  # fmt: skip
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (interrupted mid-write: the last whole checkpoint stays)
 
 
 def write_report(out: Path, result: FitResult, summary: dict[str, Any], metric: str) -> None:

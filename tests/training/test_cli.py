@@ -49,9 +49,17 @@ def test_charlm_train_evaluate_resume_sample(
     assert _evaluate(capsys, out, tiny_text)["val_loss_nats_per_char"] == pytest.approx(metric.value, abs=1e-4)
     first = json.loads((out / "metrics.json").read_text())["steps"]
     assert (run / "checkpoint.pt").exists()
+    assert main([*args, "--epochs", "3", "--eval-every", "10", "--resume"]) == 2  # never into the model it wrote
+    assert "already exists and is not empty" in capsys.readouterr().err
+    more = out.parent / "3"  # more epochs of the same run: a new version
+    args[args.index(str(out))] = str(more)
     assert main([*args, "--epochs", "3", "--eval-every", "10", "--resume"]) == 0
     assert "resumed" in capsys.readouterr().out
-    assert json.loads((out / "metrics.json").read_text())["steps"] > first
+    assert json.loads((more / "metrics.json").read_text())["steps"] > first
+    assert main([*args, "--epochs", "4", "--hidden", "8", "--resume", "--out", str(out.parent / "4")]) == 2
+    err = capsys.readouterr().err  # other settings than the checkpoint's: named, not a load_state_dict traceback
+    assert f"--resume: {run / 'checkpoint.pt'} was saved by a run with other settings" in err and err.count("\n") == 1
+    assert not (out.parent / "4").exists()
     assert main(["sample", "--model", str(out), "--prompt", "RO", "--length", "20", "--top-k", "5"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("RO") and len(text.rstrip("\n")) >= 20
@@ -207,11 +215,11 @@ def test_bad_hyperparameter_exits_2(tmp_path: Path, tiny_ett: Path, capsys: pyte
         ("forecast", "--window", "0", "argument --window: must be >= 1, got 0"),
         ("forecast", "--horizon", "0", "argument --horizon: must be >= 1, got 0"),
         ("forecast", "--segment", "0", "argument --segment: must be >= 1, got 0"),
-        ("forecast", "--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
-        ("forecast", "--threads", "0", "argument --threads: must be >= 1, got 0"),
+        ("forecast", "--batch-size", "0", "argument --batch-size: must be in [1, 65536], got 0"),
+        ("forecast", "--threads", "0", "argument --threads: must be in [1, 256], got 0"),
         ("forecast", "--epochs", "0", "argument --epochs: must be >= 1, got 0"),
         ("forecast", "--hidden", "x", "argument --hidden: 'x' is not a whole number"),
-        ("forecast", "--embedding", "-1", "argument --embedding: must be >= 0, got -1"),
+        ("forecast", "--embedding", "-1", "argument --embedding: must be in [0, 8192], got -1"),
         ("forecast", "--lr", "0", "argument --lr: must be > 0, got 0"),
         ("forecast", "--lr", "nan", "argument --lr: must be > 0, got nan"),
         ("forecast", "--clip", "-1", "argument --clip: must be > 0, got -1"),
@@ -223,7 +231,7 @@ def test_bad_hyperparameter_exits_2(tmp_path: Path, tiny_ett: Path, capsys: pyte
         ("forecast", "--weight-decay", "inf", "argument --weight-decay: must be >= 0, got inf"),
         ("forecast", "--targets", "", "argument --targets: expected comma-separated column names, got ''"),
         ("forecast", "--columns", "a,,b", "argument --columns: expected comma-separated column names, got 'a,,b'"),
-        ("charlm", "--embedding", "0", "argument --embedding: must be >= 1, got 0"),
+        ("charlm", "--embedding", "0", "argument --embedding: must be in [1, 8192], got 0"),
         ("charlm", "--bptt", "0", "argument --bptt: must be >= 1, got 0"),
         ("sentiment", "--heldout-fraction", "1", "argument --heldout-fraction: must be in (0, 1), got 1"),
         ("sentiment", "--word-dropout", "-0.1", "argument --word-dropout: must be in [0, 1), got -0.1"),
@@ -396,14 +404,18 @@ def test_a_failed_run_leaves_no_half_written_model(
 
     def broken(job: object) -> None:
         out = job.out  # type: ignore[attr-defined]
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "model.onnx").write_bytes(b"half")
         raise ValueError("export failed")
 
     monkeypatch.setattr(forecasting, "train_forecast", broken)
     out = tmp_path / "m" / "1"
     assert main(["forecast", "--data", str(tiny_csv), "--out", str(out), *FAST]) == 2
-    assert not out.exists()
+    assert not (tmp_path / "m").exists()  # nor the models/NAME/ folder made for it
+    empty = tmp_path / "made-before" / "1"  # a folder that was there, empty: left empty
+    empty.mkdir(parents=True)
+    assert main(["forecast", "--data", str(tiny_csv), "--out", str(empty), *FAST]) == 2
+    assert empty.is_dir() and not any(empty.iterdir())
 
 
 def test_sample_and_quantize_refuse_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -416,3 +428,138 @@ def test_sample_and_quantize_refuse_bad_input_in_one_line(tmp_path: Path, capsys
         args = ["quantize", "--model", str(charlm), "--data", str(tmp_path), "--out", str(tmp_path / "q" / "1")]
         assert main([*args, f"--tolerance={bad}"]) == 2
         assert "argument --tolerance: must be a finite number" in capsys.readouterr().err
+
+
+def _one_line(capsys: pytest.CaptureFixture[str], code: int, start: str) -> None:
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seqserve-train: error: {start}") and err.count("\n") == 1, err
+
+
+def test_a_broken_model_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing, empty or corrupt model.onnx, or a manifest that serving would refuse, was an ORT or onnx
+    traceback, an AssertionError or a 7-line pydantic dump that never named the file."""
+    charlm = Path(__file__).parents[2] / "models" / "charlm" / "1"
+    manifest = json.loads((charlm / MANIFEST_FILE).read_text())
+
+    def folder(name: str, onnx: bytes | None, **changes: object) -> Path:
+        d = tmp_path / name / "1"
+        d.mkdir(parents=True)
+        (d / MANIFEST_FILE).write_text(json.dumps(manifest | changes))
+        if onnx is not None:
+            (d / MODEL_FILE).write_bytes(onnx)
+        return d
+
+    cases = [
+        (folder("noonnx", None), "noonnx/1/model.onnx: file not found"),
+        (folder("empty", b""), "empty/1/model.onnx: empty"),
+        (folder("garbage", b"not a graph at all"), "garbage/1/model.onnx: ONNX Runtime cannot load it"),
+        (folder("notok", b"x", tokenizer=None), "notok/1/manifest.json: not a valid manifest: a 'charlm' model needs"),
+        (folder("schema", b"x", version="one"), "schema/1/manifest.json: not a valid manifest: version: Input should"),
+    ]
+    for model, start in cases:
+        _one_line(capsys, main(["evaluate", "--model", str(model), "--data", str(tmp_path)]), str(tmp_path / start))
+    out = tmp_path / "q" / "1"
+    _one_line(capsys, main(["quantize", "--model", str(cases[0][0]), "--data", "x", "--out", str(out)]), str(tmp_path))
+    assert not (tmp_path / "q").exists()
+
+
+def test_folders_that_cannot_be_made_are_named_before_training(
+    tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --out under a file failed only after the whole training (about an hour for the char LM), a --run-dir
+    that is a file at the first checkpoint, and a missing --glove-dir or --lexicon-dir with a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["charlm", "--data", str(tiny_text), *FAST, "--hidden", "8", "--embedding", "4", "--bptt", "16"]
+    run = ["--run-dir", str(tmp_path / "run")]
+    _one_line(capsys, main([*args, *run, "--out", str(blocker / "lm" / "1")]), f"--out {blocker / 'lm' / '1'}")
+    _one_line(capsys, main([*args, "--out", str(tmp_path / "lm" / "1"), "--run-dir", str(blocker)]), "--run-dir")
+    words = ["sentiment", "--data", str(tmp_path), "--out", str(tmp_path / "s" / "1"), *run]
+    for flag in ("glove", "lexicon"):
+        missing = tmp_path / "nowhere"
+        _one_line(capsys, main([*words, f"--{flag}", f"--{flag}-dir", str(missing)]), f"--{flag}-dir {missing}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "input.txt"]  # nothing created
+
+
+def test_a_diverging_run_says_so_and_leaves_nothing(
+    tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--lr 1e30 trained on NaN to the end, then failed the export's ORT-vs-PyTorch check with a traceback."""
+    out = tmp_path / "lm" / "1"
+    args = ["charlm", "--data", str(tiny_text), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    args += ["--hidden", "8", "--embedding", "4", "--batch-size", "4", "--bptt", "16", "--epochs", "2", "--lr", "1e30"]
+    _one_line(capsys, main(args), "training diverged: ")
+    assert not (tmp_path / "lm").exists()
+
+
+def test_resume_needs_a_checkpoint(tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in --run-dir silently restarted a long run from scratch."""
+    out, run = tmp_path / "lm" / "1", tmp_path / "typo"
+    args = ["charlm", "--data", str(tiny_text), "--out", str(out), "--run-dir", str(run), *FAST, "--resume"]
+    _one_line(capsys, main(args), f"--resume: {run / 'checkpoint.pt'} does not exist")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["charlm", "--hidden", "10000000000"], "argument --hidden: must be in [1, 8192]"),
+        (["charlm", "--threads", "100000"], "argument --threads: must be in [1, 256]"),
+        (["sentiment", "--seed", "18446744073709551616"], "argument --seed: must be in [0, 4294967295]"),
+        (["sample", "--seed", "-1"], "argument --seed: must be in [0, 4294967295]"),
+    ],
+)
+def test_sizes_threads_and_seeds_are_bounded(
+    argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A huge --hidden was an allocation traceback, --threads 100000 a segfault, a huge --seed an overflow that
+    did not name the option."""
+    where = ["--model", str(tmp_path)] if argv[0] == "sample" else ["--data", str(tmp_path), "--out", str(tmp_path)]
+    assert main([*argv, *where]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
+def test_the_same_model_twice_is_refused(tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """compare and heldout of one folder twice (compare's JSON even collapsed to one key), and an ensemble of one
+    graph twice or of a model beside its own fused graph (the same weights at twice the cost)."""
+    models = Path(__file__).parents[2] / "models"
+    s3, s4 = str(models / "sentiment" / "3"), str(models / "sentiment" / "4")
+    for argv in (["compare", "--model", s3, "--model", s3], ["heldout", "--model", s4, "--model", s4 + "/"]):
+        _one_line(capsys, main([*argv, "--data", str(tiny_sst2)]), f"--model {Path(argv[-1])} is given twice")
+    out = ["--data", str(tiny_sst2), "--out", str(tmp_path / "e" / "1")]
+    _one_line(capsys, main(["ensemble", "--model", s4, "--model", s3, *out]), f"--model {s4} holds sentiment/3's")
+    copy = tmp_path / "copy" / "4"
+    copy.mkdir(parents=True)
+    for name in (MANIFEST_FILE, MODEL_FILE):
+        (copy / name).write_bytes((Path(s4) / name).read_bytes())
+    _one_line(capsys, main(["ensemble", "--model", s4, "--model", str(copy), *out]), f"--model {copy} and")
+    assert not (tmp_path / "e").exists()
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path: Path, tiny_text: Path) -> None:
+    """Ctrl-C printed a 40-line KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    out, run = tmp_path / "lm" / "1", tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.cli", "charlm", "--data", str(tiny_text), "--out", str(out)]
+    cmd += ["--run-dir", str(run), *FAST, "--hidden", "8", "--embedding", "4", "--batch-size", "4", "--bptt", "16"]
+    cmd += ["--epochs", "100000", "--eval-every", "5", "--max-minutes", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    evaluations = 0
+    for line in proc.stdout:  # an evaluation prints its line, then writes the checkpoint
+        evaluations += line.startswith("step")
+        if evaluations == 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err == (
+        f"seqserve-train: interrupted; {run / 'checkpoint.pt'} is kept: the same command with --resume continues "
+        "the run\n"
+    )
+    assert not (tmp_path / "lm").exists() and sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
