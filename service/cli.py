@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from service.argtypes import INT32_MAX, INT64_MAX, Parser, count, names, real
 from service.client import ApiError, Client
 from service.plots import plot_forecast, plot_path
-from service.settings import Settings
+from service.settings import Settings, misspelt
 from service.tables import read_history
 
 log = logging.getLogger("seqserve")
@@ -91,6 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure(settings)
+    for name, meant in misspelt(os.environ):
+        log.warning("%s is not a setting and is ignored; did you mean %s?", name, meant)
     if worker_count(settings) > 1:  # N frontend processes + this one as the engine
         return run(serve(settings, args.ready_file), settings.event_loop)
     run(_serve(settings, args.ready_file), settings.event_loop)

@@ -5,15 +5,20 @@ Built once in ``service.cli`` (``seqserve serve``) and passed down through const
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+MAX_SECONDS = 315_360_000.0  # ten years: any duration setting (a protobuf Timestamp, a Redis TTL in ms hold it)
+MAX_DELAY_MS = 1000.0  # the batching and inline thresholds: more than a second is never a batching decision
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SEQSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SEQSERVE_", extra="ignore", allow_inf_nan=False)
 
     # --- network ---------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -40,7 +45,7 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = None
     """PEM CA bundle: clients must present a certificate it signed (mTLS, both ports). Without API keys the
     certificate's subject is the caller's principal."""
-    grace_seconds: float = Field(default=10.0, ge=0)
+    grace_seconds: float = Field(default=10.0, ge=0, le=MAX_SECONDS)
     """On SIGTERM: health goes NOT_SERVING, in-flight calls get this long to finish."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent (by the methods that carry bulk data: Classify, Predict, Observe,
@@ -67,7 +72,7 @@ class Settings(BaseSettings):
     """Model repository: ``<models>/<name>/<version>/{model.onnx,manifest.json}``."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU."""
-    watch_models_seconds: float = Field(default=0.0, ge=0)
+    watch_models_seconds: float = Field(default=0.0, ge=0, le=MAX_SECONDS)
     """Poll the repository this often (0 = never): new version folders load and become the default, removed
     ones unload, a changed model.onnx reloads (``seqserve serve --watch-models``)."""
     plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -87,14 +92,14 @@ class Settings(BaseSettings):
     # --- batching --------------------------------------------------------------------------------------
     max_batch_size: int = Field(default=32, ge=1)
     """Requests (or sessions' steps) merged into one ORT run."""
-    max_batch_delay_ms: float = Field(default=2.0, ge=0)
+    max_batch_delay_ms: float = Field(default=2.0, ge=0, le=MAX_DELAY_MS)
     """How long the first request of a batch waits for others."""
     max_queue_size: int = Field(default=1024, ge=1)
     """Requests waiting per model beyond which new ones get RESOURCE_EXHAUSTED."""
     inline_batch_tokens: int = Field(default=256, ge=0)
     """Batches of at most this many rows x time steps run ONNX Runtime inline on the event loop (cheaper than a
     thread hop for generation steps); bigger ones run in a worker thread. 0 = always a thread."""
-    inline_batch_ms: float = Field(default=0.6, ge=0)
+    inline_batch_ms: float = Field(default=0.6, ge=0, le=MAX_DELAY_MS)
     """...and only when the model's last run of a batch that size took at most this long: a longer run goes to
     the worker thread, where the event loop serves other calls meanwhile. 0.6 by measurement on 2 cores: every
     char-LM step batch (up to 32 rows, ~0.5 ms) stays inline, a sentiment batch of two sentences (~0.8 ms) does
@@ -106,7 +111,7 @@ class Settings(BaseSettings):
     SST-2 dev sentences (one thread, ``python -m bench.runtime``): 64 sentences 1.44x faster, 16 1.26x, 4 unchanged
     (seldom split). 64 by a sweep: 16 also splits batches of 4 (5% slower), 256 leaves most batches of 16 whole.
     0 = never."""
-    alone_inline_ms: float = Field(default=2.0, ge=0)
+    alone_inline_ms: float = Field(default=2.0, ge=0, le=MAX_DELAY_MS)
     """A lone request (nothing queued or running, no recent company, nothing else ready on the event loop) runs
     ONNX Runtime inline, skipping the queue, when the model's last run of its size took at most this long; the
     worker thread's hop buys nothing when no other call is there to serve meanwhile. 2.0 by measurement on 2 cores:
@@ -122,16 +127,16 @@ class Settings(BaseSettings):
     nothing acknowledged). ``idle``: hot sessions stay in this process and are written back when idle
     (``session_idle_seconds``), at least every ``session_flush_seconds``, when another replica asks for them and
     on SIGTERM; a crash (kill -9, power loss) loses up to that many seconds of steps per session."""
-    session_flush_seconds: float = Field(default=5.0, gt=0)
+    session_flush_seconds: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
     """``idle`` durability: the longest a step stays only in this process's memory."""
-    session_idle_seconds: float = Field(default=0.5, gt=0)
+    session_idle_seconds: float = Field(default=0.5, gt=0, le=MAX_SECONDS)
     """``idle`` durability: a session unused this long is written back."""
-    session_lease_seconds: float = Field(default=5.0, gt=0)
+    session_lease_seconds: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
     """Redis stores: a replica owns a session it used within this time (it reads nothing from Redis before a
     step); another replica asks it to hand over. After a crash its sessions move on once this has passed."""
     session_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     """Redis stores: bytes of recently used sessions each replica keeps in memory (hot cache)."""
-    session_store_timeout_seconds: float = Field(default=1.0, gt=0)
+    session_store_timeout_seconds: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
     """Redis stores: a command that gets no answer this soon fails the call with UNAVAILABLE."""
     session_index_shards: int = Field(default=16, ge=1, le=4096)
     """Redis stores: keys the session index (counts, bytes, expiry order) is spread over; in a cluster at
@@ -139,18 +144,18 @@ class Settings(BaseSettings):
     session_signing_key: SecretStr | None = None
     """HMAC-SHA256 key that signs ``Sessions.Export`` blobs (at least 32 characters; the same on every replica
     and cluster that should accept each other's blobs). Unset: Export and Import are refused."""
-    session_ttl_seconds: float = Field(default=600.0, gt=0)
+    session_ttl_seconds: float = Field(default=600.0, gt=0, le=MAX_SECONDS)
     """Default idle TTL of a session (a request may ask for another, up to ``session_max_ttl_seconds``)."""
-    session_max_ttl_seconds: float = Field(default=86400.0, gt=0)
+    session_max_ttl_seconds: float = Field(default=86400.0, gt=0, le=MAX_SECONDS)
     max_sessions: int = Field(default=10000, ge=1)
     """Live sessions across all models."""
     max_session_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     """Bytes of recurrent state (and context) across all sessions."""
     session_full_policy: Literal["evict_lru", "reject"] = "evict_lru"
     """When the store is full: evict the least recently used session, or refuse with RESOURCE_EXHAUSTED."""
-    reaper_interval_seconds: float = Field(default=1.0, gt=0)
+    reaper_interval_seconds: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
     """How often expired sessions are swept."""
-    sequence_idle_seconds: float = Field(default=60.0, gt=0)
+    sequence_idle_seconds: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
     """KServe v2 sequences (Triton's max_sequence_idle_microseconds) expire after this idle time."""
 
     # --- per-principal quotas (0 = no limit) ------------------------------------------------------------
@@ -158,7 +163,7 @@ class Settings(BaseSettings):
     """Live sessions (and v2 sequences) one principal may hold."""
     quota_session_bytes: int = Field(default=0, ge=0)
     """Bytes of session state one principal may hold."""
-    quota_requests_per_second: float = Field(default=0.0, ge=0)
+    quota_requests_per_second: float = Field(default=0.0, ge=0, le=1e9)
     """Requests per second per principal (token bucket). Unary calls over it get RESOURCE_EXHAUSTED; messages
     of client streams (Suggest, ModelStreamInfer) are paced to it."""
     quota_request_burst: int = Field(default=0, ge=0)
@@ -178,7 +183,7 @@ class Settings(BaseSettings):
     and duration_ms where known."""
     access_log: bool = False
     """Log one line per finished RPC (logger ``seqserve.access``, INFO)."""
-    metrics_idle_timeout_seconds: float = Field(default=10.0, gt=0)
+    metrics_idle_timeout_seconds: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
     """The metrics port closes a connection that sends nothing for this long (a half-sent request included)."""
     metrics_max_connections: int = Field(default=64, ge=1)
     """Connections the metrics port serves at once; more are closed at once."""
@@ -223,3 +228,21 @@ class Settings(BaseSettings):
             separator = ";" if "=" in value else ","  # mTLS subjects ("O=acme,CN=alice") hold commas
             return [part.strip() for part in value.split(separator) if part.strip()]
         return value
+
+
+CLIENT_VARIABLES = {"SEQSERVE_TARGET", "SEQSERVE_TLS_CA", "SEQSERVE_TLS_CLIENT_CERT", "SEQSERVE_TLS_CLIENT_KEY"}
+
+
+def misspelt(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the setting it was probably meant to be) for each ``SEQSERVE_*`` variable that is no setting but
+    nearly spells one (``SEQSERVE_WOKERS``): pydantic-settings ignores unknown names, so such a typo would leave
+    its setting at the default without a word. Names that resemble none (Kubernetes' service links inject
+    ``SEQSERVE_SERVICE_HOST`` and the like) are left alone."""
+    known = sorted(name.upper() for name in Settings.model_fields)
+    out = []
+    for name in sorted(environ):
+        if name.startswith("SEQSERVE_") and name[9:] not in known and name not in CLIENT_VARIABLES:
+            close = difflib.get_close_matches(name[9:], known, n=1, cutoff=0.85)
+            if close:
+                out.append((name, f"SEQSERVE_{close[0]}"))
+    return out

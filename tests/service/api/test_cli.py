@@ -56,7 +56,9 @@ class ServeProcess:
 @pytest.fixture(scope="module")
 def serve(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     # SEQSERVE_PORT in the environment is overridden by --port 0; SEQSERVE_GRACE_SECONDS is read from it.
-    p = ServeProcess(tiny_models, tmp_path_factory.mktemp("serve"), SEQSERVE_PORT="1", SEQSERVE_GRACE_SECONDS="3")
+    # SEQSERVE_WOKERS: a typo, warned about; SEQSERVE_SERVICE_HOST: what Kubernetes' service links inject, left alone.
+    env = {"SEQSERVE_PORT": "1", "SEQSERVE_GRACE_SECONDS": "3", "SEQSERVE_WOKERS": "7", "SEQSERVE_SERVICE_HOST": "x"}
+    p = ServeProcess(tiny_models, tmp_path_factory.mktemp("serve"), **env)
     yield p
     p.terminate()
 
@@ -64,6 +66,13 @@ def serve(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def test_ready_file_and_logged_addresses(serve: ServeProcess) -> None:
     assert serve.ports["grpc_port"] > 0 and serve.ports["metrics_port"] > 0
     assert f"127.0.0.1:{serve.ports['grpc_port']}" in serve.log()
+
+
+def test_a_misspelt_setting_is_named_at_start(serve: ServeProcess) -> None:
+    """pydantic-settings ignores unknown variables: SEQSERVE_WOKERS=7 left the default worker count, silently."""
+    log = serve.log()
+    assert "SEQSERVE_WOKERS is not a setting and is ignored; did you mean SEQSERVE_WORKERS?" in log
+    assert "SEQSERVE_SERVICE_HOST" not in log
 
 
 def test_classify(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
@@ -256,3 +265,24 @@ def test_settings_that_would_switch_a_limit_off_silently_are_refused(
     assert main(["serve"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"SEQSERVE_SESSION_TTL_SECONDS": "inf"}, "session_ttl_seconds (SEQSERVE_SESSION_TTL_SECONDS): Input should"),
+        ({"SEQSERVE_SESSION_MAX_TTL_SECONDS": "1e12"}, "Input should be less than or equal to 315360000"),
+        ({"SEQSERVE_SEQUENCE_IDLE_SECONDS": "nan"}, "setting sequence_idle_seconds (SEQSERVE_SEQUENCE_IDLE_SECONDS)"),
+        ({"SEQSERVE_MAX_BATCH_DELAY_MS": "1e400"}, "setting max_batch_delay_ms (SEQSERVE_MAX_BATCH_DELAY_MS)"),
+    ],
+)
+def test_durations_are_finite_and_bounded_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str], words: str
+) -> None:
+    """inf or 1e12 passed start-up, then every Sessions.Create (a Timestamp overflow) or KServe ModelConfig
+    (int(inf)) failed INTERNAL."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
