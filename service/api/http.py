@@ -238,7 +238,13 @@ class MetricsHttpServer:
 
     def start(self) -> int:
         if self._server is None:
-            self._server = _Server((self.host, self.port), self.metrics, self.is_ready, *self.limits, self.token)
+            try:
+                self._server = _Server((self.host, self.port), self.metrics, self.is_ready, *self.limits, self.token)
+            except OSError as exc:
+                raise RuntimeError(
+                    f"cannot bind the metrics port {self.host}:{self.port}: {exc.strerror or exc} (another process "
+                    "listens there? choose another port: --metrics-port or SEQSERVE_METRICS_PORT)"
+                ) from None
             self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
             self._thread.start()
             log.info("metrics/health HTTP on %s:%d", self.host, self.bound_port)

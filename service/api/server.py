@@ -13,7 +13,9 @@ frontends (SO_REUSEPORT); ``own_port`` also binds a free port of its own (tests 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,7 +62,10 @@ class Server:
         plane: RemotePlane | None = None,
         own_port: bool = False,
         metrics_token: str | None = None,
+        share_port: bool = False,
     ) -> None:
+        """``share_port``: bind a port another frontend of this server listens on (otherwise a port in use stops
+        start-up: gRPC binds with SO_REUSEPORT, so a second server would silently take half the connections)."""
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self._clock = clock  # the sessions' wall clock; tests inject one that moves when they say
@@ -70,6 +75,7 @@ class Server:
         self._dataplane: CoreDataPlane | None = None
         self._remote = plane
         self._metrics_token = metrics_token  # a frontend's private /metrics answers its engine only
+        self._share_port = share_port
         self._own_port = own_port
         self.own_port: int | None = None  # this process's private port, when own_port
         self._grpc: grpc.aio.Server | None = None
@@ -112,6 +118,15 @@ class Server:
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         credentials = tls.grpc_credentials(s)  # None: plaintext
+        if s.port and not self._share_port:
+            check_free(s.host, s.port, f"gRPC to {address}", "--port or SEQSERVE_PORT")
+        if s.metrics_port and self._remote is None:  # (before the gRPC port listens: fail before serving anything)
+            check_free(
+                s.host,
+                s.metrics_port,
+                f"the metrics port {s.host}:{s.metrics_port}",
+                "--metrics-port or SEQSERVE_METRICS_PORT",
+            )
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(address)
@@ -224,3 +239,19 @@ class Server:
     async def wait(self) -> None:
         """Returns once ``stop()`` has finished."""
         await self._stopped.wait()
+
+
+def check_free(host: str, port: int, what: str, setting: str) -> None:
+    """RuntimeError naming ``setting`` when another socket listens on (host, port). A plain bind (no
+    SO_REUSEPORT) is refused by a listener even where gRPC's own bind would have shared the port with it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run's TIME_WAIT does not count
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise RuntimeError(
+                    f"cannot bind {what}: another process listens there (another seqserve?); stop it or choose "
+                    f"another port ({setting})"
+                ) from None  # (other errors, a host that is not this machine's: the real bind reports them)

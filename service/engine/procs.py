@@ -75,14 +75,15 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
 
 # --- a frontend process --------------------------------------------------------------------------------------
 def frontend_main(values: dict[str, Any], index: int, socket_path: str, token: str, conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (inherited so from ``_spawn``; whatever a library does)
     from service.logs import configure
 
     settings = Settings(**values)
     configure(settings)
-    run(_frontend(settings, socket_path, token, conn), settings.event_loop)
+    run(_frontend(settings, index, socket_path, token, conn), settings.event_loop)
 
 
-async def _frontend(settings: Settings, socket_path: str, token: str, conn: Connection) -> None:
+async def _frontend(settings: Settings, index: int, socket_path: str, token: str, conn: Connection) -> None:
     from service.api.server import Server
     from service.engine.client import RemoteDataPlane
     from service.metrics import Metrics
@@ -94,11 +95,11 @@ async def _frontend(settings: Settings, socket_path: str, token: str, conn: Conn
         plane=RemoteDataPlane(socket_path, max_pending=settings.max_queue_size),
         own_port=settings.frontend_ports,
         metrics_token=token,
+        share_port=index > 0,  # the first frontend's port, by design
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await server.start()
     except BaseException:
@@ -120,6 +121,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     from service.api import tls
     from service.api.http import MetricsHttpServer
     from service.api.principals import load_keys
+    from service.api.server import check_free
     from service.core.dataplane import CoreDataPlane
     from service.engine.metrics import serve_frontend_rpc_metrics
     from service.engine.server import EngineServer
@@ -142,18 +144,11 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     try:
         await engine.start()
         await dataplane.start()
-        token = secrets.token_urlsafe(32)  # the frontends' private /metrics answer the engine only
-        first = await _spawn(settings, 0, settings.port, socket_path, token)
-        frontends.append(first)
-        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
-        serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
-        metrics.processes.processes = lambda: [
-            ("engine", os.getpid()),
-            *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),
-        ]
+        # The metrics port first: one that is taken stops start-up before any frontend listens.
 
         def ready() -> bool:
-            return not stop.is_set() and dataplane.is_ready and all(f.process.is_alive() for f in frontends)
+            up = len(frontends) == n and all(f.process.is_alive() for f in frontends)
+            return up and not stop.is_set() and dataplane.is_ready
 
         http = MetricsHttpServer(
             settings.host,
@@ -165,6 +160,20 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             max_connections=settings.metrics_max_connections,
         )
         metrics_port = http.start()
+        if settings.port:  # (the first frontend would only say so in its log)
+            check_free(
+                settings.host, settings.port, f"gRPC to {settings.host}:{settings.port}", "--port or SEQSERVE_PORT"
+            )
+        token = secrets.token_urlsafe(32)  # the frontends' private /metrics answer the engine only
+        first = await _spawn(settings, 0, settings.port, socket_path, token)
+        frontends.append(first)
+        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
+        serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
+        metrics.processes.processes = lambda: [
+            ("engine", os.getpid()),
+            *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),
+        ]
+
         log.info("serving gRPC on %s:%d with %d frontends, metrics on %d", settings.host, first.port, n, metrics_port)
         if ready_file is not None:
             info: dict[str, Any] = {
@@ -209,7 +218,14 @@ async def _spawn(settings: Settings, index: int, port: int, socket_path: str, to
         name=f"seqserve-frontend-{index}",
         daemon=False,
     )
-    process.start()
+    # A terminal's Ctrl-C goes to the whole process group: a frontend that inherits SIGINT ignored never dies of it
+    # half-started (a traceback while it imports, "frontend N failed to start"); the engine stops every frontend
+    # itself (SIGTERM). Ignored here only while the child is forked and given its arguments (milliseconds).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     child.close()
     frontend = Frontend(index, process, parent)
     ok = await asyncio.to_thread(parent.poll, START_TIMEOUT)

@@ -140,6 +140,33 @@ def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> N
     assert served() - before == 6
 
 
+def test_a_second_server_on_a_port_in_use_does_not_start(
+    servers: tuple[dict[str, object], int], tiny_models: Path
+) -> None:
+    """gRPC binds with SO_REUSEPORT (the frontends share a port), so a second server on a taken port started and
+    quietly took half the connections: sessions made on one were unknown on the other. A taken metrics port was
+    a bare "[Errno 98] Address already in use", after the frontends had listened for a while."""
+    import subprocess
+    import sys
+
+    info, single = servers
+    seqserve = [str(Path(sys.executable).parent / "seqserve"), "serve", "--models", str(tiny_models)]
+    cases = [
+        (["--port", str(info["grpc_port"]), "--metrics-port", "0"], "--port or SEQSERVE_PORT"),
+        (["--port", str(single), "--metrics-port", "0", "--workers", "1"], "--port or SEQSERVE_PORT"),
+        (["--port", "0", "--metrics-port", str(info["metrics_port"])], "--metrics-port or SEQSERVE_METRICS_PORT"),
+        (["--port", "0", "--metrics-port", str(info["metrics_port"]), "--workers", "1"], "SEQSERVE_METRICS_PORT"),
+    ]
+    for args, setting in cases:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")} | {"SEQSERVE_WORKERS": "2"}
+        done = subprocess.run([*seqserve, *args], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 1, (args, done.stderr[-2000:])
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: cannot bind ") and "another process listens there" in last, last
+        assert setting in last and "Traceback" not in done.stderr
+    _sessions_match(_frontends(info), single)  # the running servers were not disturbed
+
+
 def test_a_frontends_private_metrics_port_answers_its_engine_only(servers: tuple[dict[str, object], int]) -> None:
     """Each frontend serves its RPC metrics on a loopback port of its own, which the engine reads at each scrape.
     Anyone on the machine could read them there, even where the public port demands a client certificate
@@ -398,3 +425,32 @@ def test_a_stalled_engine_never_blocks_a_frontends_loop(tiny_models: Path, tmp_p
             assert answers and getattr(answers[0], "name", None) == "charlm"
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize(("mark", "after"), [("metrics/health HTTP on", 0.3), ("gRPC listening", 0.0)])
+def test_ctrl_c_while_frontends_start_stops_cleanly(tiny_models: Path, tmp_path: Path, mark: str, after: float) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: a frontend still starting (importing, or serving
+    already) died of it with a KeyboardInterrupt traceback, and the engine reported "frontend N failed to start".
+    Frontends now start with SIGINT ignored; the engine stops them."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "serve.log"
+    cmd = [str(Path(sys.executable).parent / "seqserve"), "serve", "--models", str(tiny_models), "--port", "0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--metrics-port", "0", "--workers", "2"], stdout=out, stderr=out, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while mark not in log.read_text() and time.monotonic() < deadline:  # the engine's port, or a frontend's
+            time.sleep(0.02)
+        time.sleep(after)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text and "failed to start" not in text, text
