@@ -5,14 +5,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
-HOST ?= 127.0.0.1
-PORT ?= 50051
 
-.PHONY: venv sysdeps serve test lint deploy-lint image image-test proto proto-check bench train train-sentiment \
+.PHONY: help venv sysdeps serve test lint deploy-lint image image-test proto proto-check bench train train-sentiment \
 	train-charlm train-forecast train-v1 train-sentiment-glove train-forecast2 train-forecast3 train-forecast-ettm1 \
 	train-forecast-ettm1-2 train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static \
 	quantize-sentiment fuse-sentiment quantize-sentiment-fused train-sentiment3 \
 	fuse-sentiment3 quantize-sentiment4 train-sentiment-ensemble clean
+
+.DEFAULT_GOAL := help
+help:
+	@echo "make serve         create .venv if missing, install, serve ./models (SEQSERVE_* variables set the settings)"
+	@echo "make test          the whole suite (lint, protobuf check, tests, the Docker image test), as CI runs it"
+	@echo "make bench         the benchmark tables (bench/results/latest.json); python -m bench.run --help"
+	@echo "make lint | proto | proto-check | deploy-lint | image | image-test | sysdeps | venv | clean"
+	@echo "make train         retrain the default models (make train-*: one model each; see docs/models.md)"
 
 # The venv is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
 $(STAMP): pyproject.toml
@@ -28,8 +34,10 @@ venv: $(STAMP)
 sysdeps:
 	@bash .ci/install-sysdeps
 
+# Settings come from SEQSERVE_* variables (SEQSERVE_PORT=50052 make serve); the defaults serve ./models on
+# 127.0.0.1:50051, metrics on :8002.
 serve: $(STAMP)
-	$(BIN)/seqserve serve --host $(HOST) --port $(PORT) --models models
+	$(BIN)/seqserve serve
 
 # The suite without Docker, then the image built and run for real (make image-test). SEQSERVE_STRICT_DEPLOY=1: a
 # missing deploy tool (hadolint, kubectl, promtool, ...) or Docker fails its tests instead of skipping them.

@@ -1,11 +1,13 @@
 """``seqserve``: run the server, or call it.
 
-    seqserve serve [--host H] [--port P] [--metrics-port M] [--models DIR] [--device auto|cpu|cuda] [--ready-file F]
+    seqserve serve [--host H] [--port P] [--metrics-port M] [--models DIR] [--device auto|cpu|cuda] [--workers N]
+                   [--watch-models [SECONDS]] [--plugin MODULE] [--ready-file F]
     seqserve classify "a fine film" "a dull one"
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
     seqserve forecast --csv ETTh1.csv [--rows 96] [--plot forecast.png]
 
-Every serve option also comes from ``SEQSERVE_*`` env vars (the flags win). Client commands take ``--target``
+Every serve option but --ready-file also comes from a ``SEQSERVE_*`` env var (the flags win), and every other
+setting only from one (README: the settings tables). Client commands take ``--target``
 (env SEQSERVE_TARGET, default 127.0.0.1:50051), ``--api-key`` (env SEQSERVE_API_KEY) and, for a TLS server,
 ``--tls-ca`` (env SEQSERVE_TLS_CA), with ``--tls-cert``/``--tls-key`` for mTLS (env SEQSERVE_TLS_CLIENT_CERT,
 SEQSERVE_TLS_CLIENT_KEY).
@@ -168,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gRPC server (+ HTTP /metrics)")
     s.add_argument("--host", help="interface to bind (env SEQSERVE_HOST; default 127.0.0.1)")
     s.add_argument("--port", type=int, help="gRPC port, 0 = free port (env SEQSERVE_PORT; default 50051)")
-    s.add_argument("--metrics-port", type=int, help="HTTP metrics port, 0 = free (env SEQSERVE_METRICS_PORT)")
+    s.add_argument(
+        "--metrics-port", type=int, help="HTTP metrics port, 0 = free (env SEQSERVE_METRICS_PORT; default 8002)"
+    )
     s.add_argument("--models", type=Path, help="model repository (env SEQSERVE_MODELS; default models)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (env SEQSERVE_DEVICE)")
+    s.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="execution device (env SEQSERVE_DEVICE; default auto: CUDA when available)",
+    )
     s.add_argument("--ready-file", type=Path, help='write {"grpc_port":..,"metrics_port":..} here once serving')
     s.add_argument(
         "--watch-models",
@@ -189,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = one per core; 1 = everything in this one process)",
     )
     s.add_argument(
-        "--plugin", action="append", metavar="MODULE", help="import MODULE at start (registers tasks or stores)"
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE at start (registers tasks or stores; env SEQSERVE_PLUGINS, comma-separated)",
     )
     s.set_defaults(func=cmd_serve)
 
