@@ -5,11 +5,13 @@ server serves the sessions again, and no acknowledged step was lost."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import ApiError, Client
@@ -191,3 +193,31 @@ async def test_a_full_redis_is_up_and_refuses_writes_call_by_call(private_redis:
             assert "out of memory" in e.message
     finally:
         await store.close()
+
+
+def test_a_redis_password_never_shows_in_logs_or_messages(
+    private_redis: Callable[..., RedisServer],
+    start_replica: Callable[..., ServerHandle],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """redis-py also reads the password from the query (``?password=``), and a password may hold "@": the store's
+    name in logs and in UNAVAILABLE messages showed such a password, whole or in part."""
+    from service.core.sessions import redact
+
+    assert redact("redis://h:1/0?db=0&password=p4ss") == "redis://h:1/0?db=0&password=***"
+    assert redact("redis://:se@cr/et@h:1/0") == "redis://:***@h:1/0"
+    assert redact("redis://app:p4ss@h:1/0") == "redis://app:***@h:1/0"
+    r = private_redis()
+    r.client().config_set("requirepass", "Pw-in-the-query@0123")
+    url = f"{r.url}?password=Pw-in-the-query%400123"
+    server = start_replica(url, session_store_timeout_seconds=0.5)
+    c = Client(server.target, timeout=10)
+    sid = c.create_session("charlm").id
+    r.stop(signal.SIGKILL)
+    with pytest.raises(ApiError) as info:
+        c.suggest_once(sid, "To be", n=1, max_chars=1)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and "password=***" in info.value.message
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "password=***" in logged
+    for secret in ("Pw-in-the-query", "0123"):
+        assert secret not in info.value.message and secret not in logged

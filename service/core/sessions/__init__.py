@@ -8,6 +8,8 @@ scheme (tests add a bytes-only store this way).
 
 from __future__ import annotations
 
+import re
+
 from service.core.sessions.manager import SessionManager, unknown_session
 from service.core.sessions.state import SessionDecodeError, SessionState
 from service.core.sessions.store import InMemorySessionStore, SessionStore, StaleSession, StoreFactory, StoreUsage
@@ -43,13 +45,16 @@ def open_store(url: str, settings: Settings) -> SessionStore:
 
 
 def redact(url: str) -> str:
-    """``url`` without a password (``redis://:secret@host`` -> ``redis://:***@host``): fit for messages."""
+    """``url`` without its password, in every form redis-py reads one: ``redis://:secret@host`` (also with ``@``
+    inside the password) -> ``redis://:***@host``, and ``?password=secret`` -> ``?password=***``: fit for logs
+    and messages."""
     head, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    if not sep:
         return url
-    auth, _, host = rest.partition("@")
-    user = auth.split(":", 1)[0]
-    return f"{head}://{user}:***@{host}"
+    if "@" in rest:  # everything up to the last "@" is the user and password (which may hold "@", "/", "?")
+        auth, _, rest = rest.rpartition("@")
+        rest = f"{auth.split(':', 1)[0]}:***@{rest}"
+    return head + "://" + re.sub(r"([?&][^=&#]*pass[^=&#]*=)[^&#]*", r"\1***", rest, flags=re.IGNORECASE)
 
 
 __all__ = [
