@@ -56,7 +56,9 @@ class TextFormatter(logging.Formatter):
         record.message = escape(record.message)
         request_id = getattr(record, "request_id", "-")
         line = super().formatMessage(record)
-        return line if request_id == "-" or request_id in line else f"{line} [request {escape(str(request_id))}]"
+        if request_id == "-" or f"request id {escape(str(request_id))}" in line:  # (the error lines name it)
+            return line
+        return f"{line} [request {escape(str(request_id))}]"
 
     def formatException(self, ei: Any) -> str:
         # Every traceback line indented: a forged message inside an exception cannot start a line.

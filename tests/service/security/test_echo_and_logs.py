@@ -139,3 +139,18 @@ def test_tracebacks_are_indented_so_no_line_can_be_forged() -> None:
     text = TextFormatter().format(record)
     first, *rest = text.splitlines()
     assert "FORGED" in first and rest and all(line.startswith("    ") for line in rest)
+
+
+def test_the_request_id_suffix_is_dropped_only_when_the_line_names_that_id() -> None:
+    """The suffix was left out whenever the id appeared anywhere in the line: a caller choosing the request id
+    "model" or "on" took its id off the line that logs its model unload."""
+
+    def line(message: str, request_id: str) -> str:
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, message, (), None)
+        record.request_id = request_id
+        return TextFormatter().format(record)
+
+    assert line("unloading model charlm/2 on request", "model").endswith(" [request model]")
+    assert line("unloading model charlm/2 on request", "on").endswith(" [request on]")
+    named = line("Get -> NOT_FOUND: no such session (request id abc123)", "abc123")
+    assert named.endswith("(request id abc123)") and "[request" not in named
