@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+import service.grpc_logging  # noqa: F401  (before gRPC is imported)
 from service.argtypes import INT32_MAX, INT64_MAX, Parser, count, names, real
 from service.client import ApiError, Client
 from service.plots import plot_forecast, plot_path

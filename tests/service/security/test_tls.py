@@ -3,6 +3,7 @@ get through; plaintext and strangers fail cleanly; with mTLS the certificate's s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import subprocess
@@ -217,3 +218,33 @@ def test_tritonclient_with_ssl(serve: Callable[..., ServerHandle], pki: Pki) -> 
     done = subprocess.run([sys.executable, "-c", TRITON_SSL, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout) == {"live": True, "ready": True, "steps": 3}
+
+
+def test_failed_handshakes_write_nothing_past_the_log_settings(tiny_models: Path, pki: Pki, tmp_path: Path) -> None:
+    """gRPC's C core wrote one INFO line per failed TLS handshake straight to stderr, whatever SEQSERVE_LOG_LEVEL
+    and LOG_FORMAT=json said: anyone could fill the log before authenticating. `seqserve serve` now sets
+    GRPC_VERBOSITY=ERROR before gRPC loads (unless it is set)."""
+    import os
+    import socket
+
+    from tests.service.kserve.procs import start_server, stop_server
+
+    env = {"SEQSERVE_TLS_CERT": str(pki.server.cert), "SEQSERVE_TLS_KEY": str(pki.server.key)}
+    env |= {"SEQSERVE_LOG_FORMAT": "json", "SEQSERVE_WORKERS": "1"}
+    saved = os.environ.pop("GRPC_VERBOSITY", None)  # (the server's own default applies)
+    try:
+        proc, info = start_server(tiny_models, tmp_path, **env)
+    finally:
+        if saved is not None:
+            os.environ["GRPC_VERBOSITY"] = saved
+    try:
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", info["grpc_port"]), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.settimeout(5)
+                with contextlib.suppress(OSError):
+                    s.recv(100)
+    finally:
+        stop_server(proc)
+    lines = [line for line in (tmp_path / "server.log").read_text().splitlines() if line.strip()]
+    assert lines and all(line.startswith("{") for line in lines), [x for x in lines if not x.startswith("{")][:3]
