@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MAX_SECONDS = 315_360_000.0  # ten years: any duration setting (a protobuf Timestamp, a Redis TTL in ms hold it)
-MAX_DELAY_MS = 1000.0  # the batching and inline thresholds: more than a second is never a batching decision
+MAX_DELAY_MS = 60_000.0  # the batching and inline thresholds: a minute (a batch that waits for its last row)
 
 
 class Settings(BaseSettings):
@@ -183,6 +183,10 @@ class Settings(BaseSettings):
     and duration_ms where known."""
     access_log: bool = False
     """Log one line per finished RPC (logger ``seqserve.access``, INFO)."""
+    log_errors_per_second: float = Field(default=20.0, ge=0, le=1e6)
+    """Per process, the refused-request lines (``-> NOT_FOUND: ...``) logged per second, in bursts of up to five
+    seconds' worth; the rest are counted and reported in one WARNING line once lines flow again (the RPC metrics
+    count every one). INTERNAL errors are always logged. 0 = every line."""
     metrics_idle_timeout_seconds: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
     """The metrics port closes a connection that sends nothing for this long (a half-sent request included)."""
     metrics_max_connections: int = Field(default=64, ge=1)

@@ -130,6 +130,38 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
     return sent if sent is not None and _REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()  # 128 random bits
 
 
+class LogBudget:
+    """How many refused-request lines a process logs: ``rate`` per second, in bursts of up to five seconds'
+    worth (a token bucket); 0 = all. Lines over it are counted, and the next line it allows is preceded by one
+    WARNING saying how many were not logged, so a caller sending bad requests as fast as it can (with no key,
+    or past its quota) cannot fill the disk or drown the server's real errors."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, max(1.0, 5 * rate), clock
+        self.tokens, self.at, self.dropped, self.since = self.burst, clock(), 0, 0.0
+
+    def allow(self) -> bool:
+        if not self.rate:
+            return True
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            if not self.dropped:
+                self.since = now
+            self.dropped += 1
+            return False
+        self.tokens -= 1
+        if self.dropped:
+            log.warning(
+                "%d refused-request lines were not logged in the last %.1f s (log_errors_per_second=%g); the RPC "
+                "metrics count every refusal",
+                self.dropped, now - self.since, self.rate,
+            )  # fmt: skip
+            self.dropped = 0
+        return True
+
+
 class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """The whole edge as one interceptor: metrics (+ access log), errors (+ request id), auth (principal) and
     decoding (``service.api.decoding``), in that order, outermost first.
@@ -141,6 +173,7 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: Metrics, settings: Settings, keys: KeyTable, mtls: bool) -> None:
         self.metrics = metrics
         self.access = settings.access_log
+        self.budget = LogBudget(settings.log_errors_per_second)
         self.keys = keys
         self.auth = bool(keys) or mtls
         self.decoding = Decoding(settings)
@@ -194,20 +227,21 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return name
 
     # --- errors -----------------------------------------------------------------------------------------
-    @staticmethod
-    async def fail(method: str, exc: Exception, request_id: str, context: grpc.aio.ServicerContext) -> None:
+    async def fail(self, method: str, exc: Exception, request_id: str, context: grpc.aio.ServicerContext) -> None:
         """Domain error -> status code; anything unexpected -> INTERNAL with the request id (the traceback goes
         to the log, never to the caller). Always raises."""
         if isinstance(exc, errors.SeqServeError):
             code = status_code_for(exc)
             message = errors.clip(exc.message)
-            log.info("%s -> %s: %s (request id %s)", method, code.name, message, request_id,
-                     extra={"code": code.name})  # fmt: skip
+            if self.budget.allow():
+                log.info("%s -> %s: %s (request id %s)", method, code.name, message, request_id,
+                         extra={"code": code.name})  # fmt: skip
             await context.abort_with_status(rich_status(code, message, error_reason(exc), request_id))
         elif isinstance(exc, grpc.aio.AbortError):
             raise exc  # the servicer already chose a status
         elif isinstance(exc, NotImplementedError):  # a generated servicer base for a method this server lacks
-            log.info("%s -> UNIMPLEMENTED (request id %s)", method, request_id, extra={"code": "UNIMPLEMENTED"})
+            if self.budget.allow():
+                log.info("%s -> UNIMPLEMENTED (request id %s)", method, request_id, extra={"code": "UNIMPLEMENTED"})
             status = rich_status(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server",
                                  "UNIMPLEMENTED", request_id)  # fmt: skip
             await context.abort_with_status(status)

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -19,7 +20,7 @@ from service.client import ApiError, Client
 from service.logs import TextFormatter, configure, escape
 from service.settings import Settings
 from tests.conftest import ServerHandle
-from tests.service.security.conftest import eventually, infer_request, raw_unary, text_input
+from tests.service.security.conftest import eventually, infer_request, raw_unary, rpc_count, text_input
 
 FORGED = "X\n1999-01-01 00:00:00,000 ERROR service.api: FORGED\r\x1b[2J\u2028\x85"
 
@@ -154,3 +155,37 @@ def test_the_request_id_suffix_is_dropped_only_when_the_line_names_that_id() -> 
     assert line("unloading model charlm/2 on request", "on").endswith(" [request on]")
     named = line("Get -> NOT_FOUND: no such session (request id abc123)", "abc123")
     assert named.endswith("(request id abc123)") and "[request" not in named
+
+
+def test_refused_requests_are_logged_within_a_budget(
+    serve: Callable[..., ServerHandle], server_log: Callable[[str], io.StringIO]
+) -> None:
+    """Every refused request wrote an INFO line (200-450 bytes): a caller with no key, or past its rate quota,
+    could add lines as fast as it sent them (~35 GiB a day from one connection). Now log_errors_per_second of
+    them (bursts of 5 s' worth), then one WARNING with the count; the metrics still count every one."""
+    from service.api.interceptors import LogBudget
+
+    now = [0.0]
+    budget = LogBudget(2.0, clock=lambda: now[0])
+    assert sum(budget.allow() for _ in range(50)) == 10  # the burst
+    now[0] += 1.0
+    assert [budget.allow(), budget.allow(), budget.allow()] == [True, True, False]
+    assert all(LogBudget(0.0).allow() for _ in range(1000))
+
+    handle = serve(api_keys="alice:alice-key-0123456789", log_errors_per_second=1.0)
+    out = server_log("text")
+    with Client(handle.target, api_key="wrong-key-0123456789") as c:
+        t0 = time.monotonic()
+        for _ in range(40):
+            with pytest.raises(ApiError):
+                c.classify(["x"])
+        took = time.monotonic() - t0
+        logged = out.getvalue().count("-> UNAUTHENTICATED")
+        assert 5 <= logged <= 5 + took + 1, out.getvalue()  # five seconds' burst, then one per second
+        assert rpc_count(handle, "seqserve.v1.Sentiment", "Classify", "UNAUTHENTICATED") == 40
+        time.sleep(1.2)  # a token again
+        with pytest.raises(ApiError):
+            c.classify(["x"])
+    text = out.getvalue()
+    assert f"{40 - logged} refused-request lines were not logged in the last" in text
+    assert text.count("-> UNAUTHENTICATED") == logged + 1
