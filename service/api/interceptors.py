@@ -281,6 +281,9 @@ class _EdgeMethod:
         model = _model_label(request) or (resolved[0] if resolved else "")
         seconds = time.perf_counter() - start
         self.edge.metrics.rpc_finished(self.service, self.name, model, code, seconds)
+        if code == "DEADLINE_EXCEEDED" and self.edge.budget.allow():  # (a cancel is the client's own doing)
+            log.info("%s -> DEADLINE_EXCEEDED after %.1f ms (request id %s)", self.method, seconds * 1e3,
+                     CALL.get()[0], extra={"code": code})  # fmt: skip
         if self.edge.access:
             model = errors.short(model)  # a name the caller sent: bounded
             fields = {"model": model, "code": code, "duration_ms": round(seconds * 1e3, 3)}

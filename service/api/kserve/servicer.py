@@ -20,11 +20,13 @@ import grpc
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.interceptors import LogBudget, status_code_for
 from service.api.kserve.convert import config_to_pb, index_to_pb, metadata_to_pb, stats_to_pb
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence
 from service.api.kserve.tensors import encode_output, read_inputs, requested_outputs
 from service.core.types import DataPlane
 from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
+from service.logs import CALL
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,14 @@ def _server_version() -> str:
 
 
 FINAL_PARAMETER = "triton_final_response"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
         self._dataplane = dataplane
         self._settings = settings
+        self._budget = LogBudget(settings.log_errors_per_second)  # (the refusals inside streams)
 
     # --- health and metadata --------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -128,10 +132,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 out.infer_response.parameters[FINAL_PARAMETER].bool_param = True
                 yield out
             except SeqServeError as e:
-                yield self._stream_error(request, clip(e.message))
+                message = clip(e.message)
+                if self._budget.allow():  # the stream goes on (one OK RPC): its refusals are told here, in the log
+                    code = status_code_for(e).name
+                    log.info("%s -> %s inside the stream: %s (request id %s)", STREAM_METHOD, code, message,
+                             CALL.get()[0], extra={"code": code})  # fmt: skip
+                yield self._stream_error(request, message)
             except Exception:
                 log.exception("ModelStreamInfer: unexpected error")
-                yield self._stream_error(request, "internal error; see the server log")
+                yield self._stream_error(request, f"internal error (request id {CALL.get()[0]}); see the server log")
 
     @staticmethod
     def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:

@@ -189,3 +189,25 @@ def test_refused_requests_are_logged_within_a_budget(
     text = out.getvalue()
     assert f"{40 - logged} refused-request lines were not logged in the last" in text
     assert text.count("-> UNAUTHENTICATED") == logged + 1
+
+
+def test_refusals_inside_a_stream_and_passed_deadlines_are_logged(
+    plain: ServerHandle, server_log: Callable[[str], io.StringIO]
+) -> None:
+    """A ModelStreamInfer stream is one RPC (OK): the refusals answered inside it were in no log line, and a call
+    whose deadline passed was counted DEADLINE_EXCEEDED with nothing in the log to explain the alert."""
+    from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+
+    out = server_log("text")
+    with grpc.insecure_channel(plain.target) as channel:
+        stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter([infer_request("nope", text_input("x")), infer_request("nope", text_input("y"))]), timeout=30
+        )
+        answers = list(stream)
+    assert len(answers) == 2 and all("not in the repository" in a.error_message for a in answers)
+    lines = [x for x in out.getvalue().splitlines() if "ModelStreamInfer -> NOT_FOUND inside the stream" in x]
+    assert len(lines) == 2 and all("(request id " in x for x in lines), out.getvalue()
+    with Client(plain.target) as c, pytest.raises(ApiError) as info:
+        list(c.complete("To be", max_chars=2000, timeout=0.05))
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert eventually(lambda: "Autocomplete/Complete -> DEADLINE_EXCEEDED after" in out.getvalue())
