@@ -63,6 +63,7 @@ def _write_ready_file(path: Path, grpc_port: int, metrics_port: int | None) -> N
 
 async def _serve(settings: Settings, ready_file: Path | None) -> None:
     from service.api.server import Server
+    from service.logs import summary
 
     server = Server(settings)
     stop = asyncio.Event()
@@ -74,12 +75,14 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
     except BaseException:
         await server.stop(0)
         raise
+    log.info("%s", summary(settings, 1))
     log.info("serving gRPC on %s:%d, metrics on %s:%s", settings.host, server.port, settings.host, server.metrics_port)
     if ready_file is not None:
         _write_ready_file(ready_file, server.port, server.metrics_port)
     await stop.wait()
     log.info("signal received: draining (grace %.1fs)", settings.grace_seconds)
     await server.stop(settings.grace_seconds)
+    log.info("seqserve stopped")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -45,15 +45,41 @@ class _CallFilter(logging.Filter):
             record.request_id = request_id
         if not hasattr(record, "method") and method:
             record.method = method
+        # Which process wrote it, with --workers N: "frontend-1"; the engine, or a single process: nothing.
+        name = record.processName or "MainProcess"
+        record.process_tag = "" if name == "MainProcess" else name.removeprefix("seqserve-")
         return True
+
+
+def summary(settings: Settings, workers: int) -> str:
+    """One start-up line: what this server is and how it is set up (no secret: the store's password hidden)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from service.core.sessions import redact
+
+    try:
+        release = version("seqserve")
+    except PackageNotFoundError:
+        release = "unknown"
+    if settings.api_key or settings.api_keys:
+        auth = "API keys" + (" + client certificates" if settings.tls_client_ca else "")
+    else:
+        auth = "client certificates (mTLS)" if settings.tls_client_ca else "none (every caller is one principal)"
+    layout = "one process" if workers == 1 else f"{workers} frontends + the engine"
+    return (
+        f"seqserve {release}: {layout}, models {settings.models}, device {settings.device}, session store "
+        f"{redact(settings.session_store)}, auth {auth}, TLS {'on' if settings.tls_cert else 'off'}"
+    )
 
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(process_prefix)s%(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape(record.message)
+        tag = getattr(record, "process_tag", "")
+        record.process_prefix = f"[{tag}] " if tag else ""
         request_id = getattr(record, "request_id", "-")
         line = super().formatMessage(record)
         if request_id == "-" or f"request id {escape(str(request_id))}" in line:  # (the error lines name it)
@@ -77,6 +103,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if tag := getattr(record, "process_tag", ""):
+            out["process"] = tag
         for key in FIELDS:
             value = getattr(record, key, None)
             if value is not None and value != "-":

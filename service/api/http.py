@@ -247,7 +247,10 @@ class MetricsHttpServer:
                 ) from None
             self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
             self._thread.start()
-            log.info("metrics/health HTTP on %s:%d", self.host, self.bound_port)
+            if self.token is None:
+                log.info("metrics/health HTTP on %s:%d", self.host, self.bound_port)
+            else:
+                log.debug("private metrics for the engine on %s:%d", self.host, self.bound_port)
         return self.bound_port
 
     @property

@@ -125,6 +125,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     from service.core.dataplane import CoreDataPlane
     from service.engine.metrics import serve_frontend_rpc_metrics
     from service.engine.server import EngineServer
+    from service.logs import summary
     from service.metrics import Metrics
 
     load_keys(settings)  # the frontends read the keys; a bad entry stops start-up here, in one line, not in each
@@ -174,6 +175,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),
         ]
 
+        log.info("%s", summary(settings, n))
         log.info("serving gRPC on %s:%d with %d frontends, metrics on %d", settings.host, first.port, n, metrics_port)
         if ready_file is not None:
             info: dict[str, Any] = {
@@ -205,6 +207,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             for p in folder.iterdir():
                 p.unlink()
             folder.rmdir()
+        log.info("seqserve stopped (exit code %d)", code)
     return code
 
 

@@ -68,6 +68,17 @@ def test_ready_file_and_logged_addresses(serve: ServeProcess) -> None:
     assert f"127.0.0.1:{serve.ports['grpc_port']}" in serve.log()
 
 
+def test_start_up_is_summed_up_in_one_line_and_lines_name_their_process(serve: ServeProcess) -> None:
+    """Nothing said the version, the session store or whether authentication was on; with --workers N the lines
+    of the frontends and the engine could not be told apart (and each frontend logged its private metrics port as
+    if it were the server's)."""
+    log = serve.log()
+    assert "seqserve 0.1.0: " in log and "session store memory://, auth none" in log and "TLS off" in log
+    if "frontends + the engine" in log:
+        assert "INFO [frontend-0] service.api.server: gRPC listening" in log
+        assert log.count("metrics/health HTTP on") == 1  # the engine's; the frontends' are private
+
+
 def test_a_misspelt_setting_is_named_at_start(serve: ServeProcess) -> None:
     """pydantic-settings ignores unknown variables: SEQSERVE_WOKERS=7 left the default worker count, silently."""
     log = serve.log()

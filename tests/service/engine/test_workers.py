@@ -454,3 +454,4 @@ def test_ctrl_c_while_frontends_start_stops_cleanly(tiny_models: Path, tmp_path:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text and "failed to start" not in text, text
+    assert text.rstrip().endswith("seqserve stopped (exit code 0)")

@@ -211,3 +211,23 @@ def test_refusals_inside_a_stream_and_passed_deadlines_are_logged(
         list(c.complete("To be", max_chars=2000, timeout=0.05))
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert eventually(lambda: "Autocomplete/Complete -> DEADLINE_EXCEEDED after" in out.getvalue())
+
+
+def test_the_summary_hides_the_store_password_and_lines_name_their_process(
+    server_log: Callable[[str], io.StringIO],
+) -> None:
+    from service.logs import summary
+
+    line = summary(Settings(session_store="redis://app:hunter2-0123@h:6379/0", api_keys="a:key-0123456789abcdef"), 3)
+    assert "redis://app:***@h:6379/0" in line and "hunter2" not in line and "3 frontends + the engine" in line
+    assert "auth API keys" in line and "key-0123456789abcdef" not in line
+    for fmt in ("text", "json"):
+        out = server_log(fmt)
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", (), None)
+        record.processName = "seqserve-frontend-2"
+        logging.getLogger("x").handle(record)
+        written = out.getvalue().strip().splitlines()[-1]
+        if fmt == "text":
+            assert "INFO [frontend-2] x: hello" in written
+        else:
+            assert json.loads(written)["process"] == "frontend-2"
