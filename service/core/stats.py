@@ -4,7 +4,9 @@ Request level (``inference_stats``): success and fail (count, ns of the whole re
 batch queue), compute_input (building the batch's feeds), compute_infer (the ONNX Runtime run) and
 compute_output (splitting the results): each request of a batch is charged the batch's compute time, as
 Triton does. Batch level (``batch_stats``): per batch size, how many batches ran and their compute times.
-A request that needs several model runs (a generation) is queued and computed once per run.
+Queue and compute count each successful request once, with the durations of all its model runs added up (a
+generation of 200 characters: one count, 200 runs' time), so that duration / count, which perf_analyzer prints,
+is a request's own time, as with Triton.
 """
 
 from __future__ import annotations
@@ -58,18 +60,21 @@ class StatsBook:
             if ok:
                 self.success.add(ns)
                 self.inference_count += inferences
+                for acc in (self.queue, self.compute_input, self.compute_infer, self.compute_output):
+                    acc.count += 1  # (its runs' time was added by ``batch``)
             else:
                 self.fail.add(ns)
             self.last_inference_ms = int(time.time() * 1000)
 
     def batch(self, requests: int, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """One model run over ``requests`` requests (``rows`` batch rows); ``queue_ns`` summed over them."""
+        """One model run over ``requests`` requests (``rows`` batch rows); ``queue_ns`` summed over them. Only
+        time here: each request is counted once, when it succeeds (``request``)."""
         with self._lock:
             self.execution_count += 1
-            self.queue.add(queue_ns, requests)
-            self.compute_input.add(input_ns * requests, requests)
-            self.compute_infer.add(infer_ns * requests, requests)
-            self.compute_output.add(output_ns * requests, requests)
+            self.queue.ns += queue_ns
+            self.compute_input.ns += input_ns * requests
+            self.compute_infer.ns += infer_ns * requests
+            self.compute_output.ns += output_ns * requests
             b = self._batches.get(rows)
             if b is None:
                 b = self._batches[rows] = _Batch()

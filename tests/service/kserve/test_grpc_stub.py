@@ -231,6 +231,35 @@ def test_statistics_for_one_model(stub: pb_grpc.GRPCInferenceServiceStub) -> Non
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_generation_counts_once_in_queue_and_compute(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """A request with NUM_CHARS=20 runs the model 20 times; it was counted 20 times in queue and compute, so
+    perf_analyzer (duration / count) showed one run's time and called the rest "overhead". Now once, with all
+    its runs' time, as Triton counts a request."""
+
+    def stats() -> pb.ModelStatistics:
+        request = pb.ModelStatisticsRequest(name="charlm", version="1")
+        (one,) = stub.ModelStatistics(request, timeout=60).model_stats
+        return one
+
+    before = stats()
+    request = _charlm_raw("To be")
+    request.model_version = "1"
+    request.inputs.append(Input(name="NUM_CHARS", datatype="INT32", shape=[1]))
+    request.raw_input_contents.append(np.array([20], dtype=np.int32).tobytes())
+    for _ in range(3):
+        stub.ModelInfer(request, timeout=60)
+    after = stats()
+    counts = {
+        name: getattr(after.inference_stats, name).count - getattr(before.inference_stats, name).count
+        for name in ("success", "queue", "compute_input", "compute_infer", "compute_output")
+    }
+    assert counts == dict.fromkeys(counts, 3)
+    assert after.execution_count - before.execution_count == 3 * 20  # every run is still an execution
+    infer_ns = after.inference_stats.compute_infer.ns - before.inference_stats.compute_infer.ns
+    success_ns = after.inference_stats.success.ns - before.inference_stats.success.ns
+    assert 0 < infer_ns < success_ns  # its runs' time: part of the request's, never more
+
+
 def test_concurrent_requests_of_one_sequence_are_serialized(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     """Eight requests of one sequence in flight at once, each appending "ab": whatever order they run in, the
     sequence must have consumed all of them (no lost update): its step count and state match the whole text."""
