@@ -166,6 +166,7 @@ class CoreDataPlane:
             platform=PLATFORM,
             contract=entry.task.contract(),
             parameters={"task": entry.task.name, "version": str(entry.version), "sha256": entry.sha256},
+            device="gpu" if entry.runtime.provider.startswith("CUDA") else "cpu",
         )
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:

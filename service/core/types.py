@@ -176,6 +176,7 @@ class ModelMetadata:
     platform: str  # "onnxruntime_onnx"
     contract: TensorContract
     parameters: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"  # where its runs execute: "cpu" or "gpu" (its ONNX Runtime provider)
 
 
 @dataclass(frozen=True)

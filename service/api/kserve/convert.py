@@ -26,7 +26,10 @@ def metadata_to_pb(m: ModelMetadata) -> pb.ModelMetadataResponse:
     )
 
 
-def config_to_pb(m: ModelMetadata, sequence_idle_seconds: float) -> pb.ModelConfig:
+KINDS = {"cpu": pb.ModelInstanceGroup.KIND_CPU, "gpu": pb.ModelInstanceGroup.KIND_GPU}
+
+
+def config_to_pb(m: ModelMetadata, sequence_idle_seconds: float, batch_delay_ms: float) -> pb.ModelConfig:
     c = m.contract
     config = pb.ModelConfig(
         name=m.name,
@@ -39,10 +42,15 @@ def config_to_pb(m: ModelMetadata, sequence_idle_seconds: float) -> pb.ModelConf
         ],
         output=[pb.ModelOutput(name=d.name, data_type=_CONFIG_TYPES[d.datatype], dims=d.shape) for d in c.outputs],
         parameters={k: pb.ModelParameter(string_value=v) for k, v in m.parameters.items()},
+        # One ONNX Runtime session per version, on the device its provider runs on (Triton always fills this in).
+        instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=1)],
     )
     if c.sequences:
         idle_us = int(sequence_idle_seconds * 1e6)
         config.sequence_batching.CopyFrom(pb.ModelSequenceBatching(max_sequence_idle_microseconds=idle_us))
+    else:  # the server batches requests itself: as Triton's dynamic batcher, up to MAX_BATCH_DELAY_MS
+        delay_us = int(batch_delay_ms * 1000)
+        config.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(max_queue_delay_microseconds=delay_us))
     return config
 
 

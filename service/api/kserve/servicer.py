@@ -83,7 +83,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         meta = await self._dataplane.model_metadata(model_ref(request.name, request.version))
-        return pb.ModelConfigResponse(config=config_to_pb(meta, self._settings.sequence_idle_seconds))
+        return pb.ModelConfigResponse(
+            config=config_to_pb(meta, self._settings.sequence_idle_seconds, self._settings.max_batch_delay_ms)
+        )
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         ref = model_ref(request.name, request.version) if request.name else None

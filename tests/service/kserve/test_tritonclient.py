@@ -60,6 +60,12 @@ def test_model_config_and_repository_index(report: Report) -> None:
     cfg = report["health"]["config"]
     assert cfg["charlm"]["config"]["sequence_batching"]["max_sequence_idle_microseconds"] == "60000000"
     assert "sequence_batching" not in cfg["sentiment"]["config"]  # stateless
+    # Triton always fills in instance_group (code reads cfg["instance_group"][0]["count"]); a stateless model is
+    # batched by the server, as by Triton's dynamic batcher, up to MAX_BATCH_DELAY_MS (2 ms).
+    for name in ("sentiment", "charlm"):
+        assert cfg[name]["config"]["instance_group"] == [{"name": name, "kind": "KIND_CPU", "count": 1}]
+    assert cfg["sentiment"]["config"]["dynamic_batching"] == {"max_queue_delay_microseconds": "2000"}
+    assert "dynamic_batching" not in cfg["charlm"]["config"]  # (a sequence model: sequence_batching)
     assert [i["name"] for i in cfg["sentiment"]["config"]["input"]] == ["TEXT"]
     index = {(m["name"], m["version"], m["state"]) for m in report["health"]["index"]["models"]}
     assert index == {
