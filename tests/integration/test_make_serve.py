@@ -27,12 +27,12 @@ def children(pid: int) -> list[int]:
 
 def test_make_serve_answers_with_the_committed_models_and_stops_on_sigterm(tmp_path: Path) -> None:
     port, metrics_port, log = free_port(), free_port(), tmp_path / "serve.log"
-    env = server_env(
-        {"SEQSERVE_METRICS_PORT": str(metrics_port), "SEQSERVE_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
-    )
+    # Settings as the README gives them: SEQSERVE_* variables (PORT and HOST in the environment mean nothing to it).
+    settings = {"SEQSERVE_PORT": str(port), "SEQSERVE_METRICS_PORT": str(metrics_port), "SEQSERVE_LOG_LEVEL": "WARNING"}
+    env = server_env(settings | {"PYTHONUNBUFFERED": "1", "PORT": "1", "HOST": "nowhere.invalid"})
     with log.open("wb") as out:
         make = subprocess.Popen(
-            ["make", "--no-print-directory", "serve", f"PORT={port}"],
+            ["make", "--no-print-directory", "serve"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
