@@ -267,3 +267,32 @@ async def test_the_index_forgets_an_entry_only_if_its_deadline_has_not_moved(mak
     assert (await store.index.usage("alice")).count == 1 and (await store.index.usage()).count == 1
     assert await store.index.forget("s", 5_000) == entry
     assert (await store.index.usage("alice")).count == 0 and (await store.index.usage()).count == 0
+
+
+async def test_a_refusal_checks_one_batch_of_sessions(make_store: MakeStore, redis_server: RedisServer) -> None:
+    """The exact count a refusing quota needs looked up every indexed session (one EXISTS each, up to 1,000 per
+    shard), and a full store under evict_lru did the same on every create: 40x slower creates at 10,000 sessions.
+    Now one batch of the soonest deadlines, more only while a whole batch had expired; none for eviction."""
+    from service.core.sessions import SessionManager
+    from service.core.sessions.redis_store import GONE_BATCH
+    from service.errors import Overloaded
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    def exists_calls() -> int:
+        stats = redis_server.client().info("commandstats")
+        return int(stats.get("cmdstat_exists", {}).get("calls", 0))
+
+    refusing = SessionManager(Settings(quota_sessions=100), Metrics(runtime_collectors=False), await make_store())
+    for i in range(100):
+        await refusing.add(state(f"q{i}"))
+    before = exists_calls()
+    with pytest.raises(Overloaded):
+        await refusing.add(state("one-more"))
+    assert 0 < exists_calls() - before <= GONE_BATCH
+    full = SessionManager(Settings(max_sessions=200), Metrics(runtime_collectors=False), await make_store())
+    for i in range(100):  # (the other replica's 100 are leased to it: eviction takes this one's own)
+        await full.add(state(f"f{i}"))
+    before = exists_calls()
+    await full.add(state("evicts-one"))  # evict_lru: the oldest goes, no lookups
+    assert exists_calls() == before and (await full.usage()).count == 200

@@ -160,7 +160,8 @@ class SessionManager:
         while usage.count + 1 > max_n or usage.bytes + nbytes > max_b:
             if not swept:  # sessions past their TTL that the reaper has not removed yet make room first
                 swept = True
-                if await self.sweep(check=""):
+                # (a reject policy refuses on the count: make it exact; eviction finds expired values by itself)
+                if await self.sweep(check="" if self.settings.session_full_policy == "reject" else None):
                     usage = await self.store.usage()
                     continue
             full = "max_sessions" if usage.count + 1 > max_n else "max_session_bytes"

@@ -166,21 +166,30 @@ class RedisSessionStore:
         return expired
 
     async def _pop_gone(self, owner: str, limit: int) -> list[SessionState]:
-        """Up to ``limit`` of ``owner``'s ("": anyone's) sessions, soonest deadline first, whose value has expired
-        though its index deadline (up to a quarter of the TTL later) has not come: forgotten now."""
-        candidates = []
-        for deadline, sid in await self.index.oldest(limit, owner or None):
-            e = self.cache.get(sid)
-            if e is None or (e.dirty_since is None and not self.cache.in_use(sid)):
-                candidates.append((int(deadline), sid))
-        if not candidates:
-            return []
-        exists = await self.conn.batch([("EXISTS", self.keys(sid)[0]) for _, sid in candidates])
-        out = []
-        for (deadline, sid), n in zip(candidates, exists, strict=True):
-            if not int(n) and (g := await self.index.forget(sid, deadline)) is not None:
-                self.cache.pop(sid)
-                out.append(_stub(g))
+        """Up to ``limit`` of ``owner``'s ("": anyone's) sessions whose value has expired though their index
+        deadline (up to a quarter of the TTL later) has not come: forgotten now. Looks at the soonest deadlines
+        first, ``GONE_BATCH`` at a time, and goes on only while a whole batch was gone: the rest are younger, so a
+        refusal costs one batch of EXISTS when nothing has expired."""
+        out: list[SessionState] = []
+        per_shard = GONE_BATCH if owner else max(1, GONE_BATCH // self.index.shards)
+        while len(out) < limit:
+            oldest = sorted(await self.index.oldest(per_shard, owner or None))[:GONE_BATCH]
+            candidates = []
+            for deadline, sid in oldest:
+                e = self.cache.get(sid)
+                if e is None or (e.dirty_since is None and not self.cache.in_use(sid)):
+                    candidates.append((int(deadline), sid))
+            if not candidates:
+                break
+            exists = await self.conn.batch([("EXISTS", self.keys(sid)[0]) for _, sid in candidates])
+            gone = 0
+            for (deadline, sid), n in zip(candidates, exists, strict=True):
+                if not int(n) and (g := await self.index.forget(sid, deadline)) is not None:
+                    self.cache.pop(sid)
+                    out.append(_stub(g))
+                    gone += 1
+            if gone < len(oldest):  # something live (or busy) among the oldest: the rest are younger
+                break
         return out
 
     async def _forgotten(self, gone: list[Indexed]) -> list[SessionState]:
@@ -212,6 +221,9 @@ class RedisSessionStore:
         its sessions over at once; then stops."""
         await self.leases.stop()
         await self.conn.close()
+
+
+GONE_BATCH = 32  # index entries a refusing quota or full store checks at a time (one pipelined EXISTS each)
 
 
 def _stub(g: Indexed) -> SessionState:
