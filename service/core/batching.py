@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.core.aio import cancel_and_wait
+from service.core.context import note_run
 from service.core.runtime import Array, Runtime
 from service.core.stats import StatsBook
 from service.errors import ModelUnavailable, Overloaded
@@ -239,6 +240,7 @@ class Batcher:
                 f"model {self.name}: {len(self._pending)} requests are queued, the limit is max_queue_size="
                 f"{self.max_queue}; retry with backoff"
             )
+        note_run()  # (the request counts once in queue and compute statistics)
         loop = asyncio.get_running_loop()
         tokens = self._alone(item, loop) if not self._pending and not self._busy else 0
         if tokens:

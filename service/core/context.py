@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 _CALL_MODEL: ContextVar[list[str] | None] = ContextVar("seqserve_call_model", default=None)
 
@@ -92,3 +92,28 @@ class CommitScope:
         if committed:
             for action in self._pending:
                 action()
+
+
+# --- model runs of the request being counted -----------------------------------------------------------------
+# A request (``stats.CountedRequest``) counts in queue and compute statistics once if any of its steps went to a
+# batcher: the time of its runs is added there, whatever its outcome. A list, so tasks it spawns share it.
+_RUNS: ContextVar[list[int] | None] = ContextVar("seqserve_runs", default=None)
+
+
+def count_runs() -> tuple[list[int], Token[list[int] | None]]:
+    """Starts counting this context's steps: (the counter, the token that ends it)."""
+    runs = [0]
+    return runs, _RUNS.set(runs)
+
+
+def end_runs(token: Token[list[int] | None]) -> None:
+    """Stops counting (``count_runs``' token); nothing to undo when the request ends in another context."""
+    with contextlib.suppress(ValueError):
+        _RUNS.reset(token)
+
+
+def note_run() -> None:
+    """A step of the current request was queued for a model run (``Batcher.submit``)."""
+    runs = _RUNS.get()
+    if runs is not None:
+        runs[0] += 1

@@ -4,9 +4,9 @@ Request level (``inference_stats``): success and fail (count, ns of the whole re
 batch queue), compute_input (building the batch's feeds), compute_infer (the ONNX Runtime run) and
 compute_output (splitting the results): each request of a batch is charged the batch's compute time, as
 Triton does. Batch level (``batch_stats``): per batch size, how many batches ran and their compute times.
-Queue and compute count each successful request once, with the durations of all its model runs added up (a
-generation of 200 characters: one count, 200 runs' time), so that duration / count, which perf_analyzer prints,
-is a request's own time, as with Triton.
+Queue and compute count each request that ran the model once (failed or cancelled ones too: their runs' time
+is in there), with the durations of all its model runs added up (a generation of 200 characters: one count, 200
+runs' time), so that duration / count, which perf_analyzer prints, is a request's own time, as with Triton.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from service.core.context import count_runs, end_runs
 from service.core.types import BatchStats, Duration, ModelStats
 
 if TYPE_CHECKING:
@@ -54,16 +55,18 @@ class StatsBook:
         self.compute_input, self.compute_infer, self.compute_output = _Acc(), _Acc(), _Acc()
         self._batches: dict[int, _Batch] = {}
 
-    def request(self, ok: bool, ns: int, inferences: int) -> None:
-        """One finished request (any API): its outcome, duration and the inferences it counted."""
+    def request(self, ok: bool, ns: int, inferences: int, ran: bool = True) -> None:
+        """One finished request (any API): its outcome, duration, the inferences it counted, and whether any of
+        its steps ran the model (then it counts once in queue and compute, whose time ``batch`` added)."""
         with self._lock:
             if ok:
                 self.success.add(ns)
                 self.inference_count += inferences
-                for acc in (self.queue, self.compute_input, self.compute_infer, self.compute_output):
-                    acc.count += 1  # (its runs' time was added by ``batch``)
             else:
                 self.fail.add(ns)
+            if ran:
+                for acc in (self.queue, self.compute_input, self.compute_infer, self.compute_output):
+                    acc.count += 1
             self.last_inference_ms = int(time.time() * 1000)
 
     def batch(self, requests: int, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
@@ -107,17 +110,19 @@ class CountedRequest:
     """One request on a model version, from construction to ``finish``: counted in flight (unload drains it)
     and, when it finishes, in the version's statistics. Also a context manager (ok = the block did not raise)."""
 
-    __slots__ = ("entry", "inferences", "t0")
+    __slots__ = ("entry", "inferences", "runs", "t0", "token")
 
     def __init__(self, entry: ModelEntry, inferences: int = 1) -> None:
         self.entry, self.inferences = entry, inferences
+        self.runs, self.token = count_runs()
         entry.enter()
         self.t0 = time.perf_counter_ns()
 
     def finish(self, ok: bool) -> None:
         try:
-            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences)
+            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences, self.runs[0] > 0)
         finally:
+            end_runs(self.token)
             self.entry.leave()
 
     def __enter__(self) -> CountedRequest:

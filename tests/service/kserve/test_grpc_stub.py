@@ -12,6 +12,7 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
+from service.client import Client
 
 Input = pb.ModelInferRequest.InferInputTensor
 
@@ -231,7 +232,9 @@ def test_statistics_for_one_model(stub: pb_grpc.GRPCInferenceServiceStub) -> Non
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_generation_counts_once_in_queue_and_compute(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+def test_a_generation_counts_once_in_queue_and_compute(
+    stub: pb_grpc.GRPCInferenceServiceStub, kserve_server: dict[str, int]
+) -> None:
     """A request with NUM_CHARS=20 runs the model 20 times; it was counted 20 times in queue and compute, so
     perf_analyzer (duration / count) showed one run's time and called the rest "overhead". Now once, with all
     its runs' time, as Triton counts a request."""
@@ -258,6 +261,21 @@ def test_a_generation_counts_once_in_queue_and_compute(stub: pb_grpc.GRPCInferen
     infer_ns = after.inference_stats.compute_infer.ns - before.inference_stats.compute_infer.ns
     success_ns = after.inference_stats.success.ns - before.inference_stats.success.ns
     assert 0 < infer_ns < success_ns  # its runs' time: part of the request's, never more
+    # A request that ran and then failed (here: cancelled mid-generation) counts once too: its runs' time is in
+    # queue and compute, so only counting successes made the average per request larger than a request.
+    with Client(f"127.0.0.1:{kserve_server['grpc_port']}") as c:
+        for _ in range(2):
+            for i, _chunk in enumerate(c.complete("To be", model="charlm", version=1, max_chars=2000, seed=1)):
+                if i == 300:
+                    break
+    final = stats()
+    for name in ("queue", "compute_input", "compute_infer", "compute_output"):
+        ran = getattr(final.inference_stats, name).count - getattr(after.inference_stats, name).count
+        assert ran == 2, name
+    ended = final.inference_stats.fail.count - after.inference_stats.fail.count
+    took = final.inference_stats.fail.ns - after.inference_stats.fail.ns
+    infer = final.inference_stats.compute_infer.ns - after.inference_stats.compute_infer.ns
+    assert ended == 2 and 0 < infer < took
 
 
 def test_concurrent_requests_of_one_sequence_are_serialized(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
