@@ -157,7 +157,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, head: bool) -> None:
         path = self.path.split("?", 1)[0]
         token = self.server.token
-        if token is not None and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+        sent = self.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if token is not None and not hmac.compare_digest(sent, f"Bearer {token}".encode()):  # (bytes: any header)
             self._send(403, b"a private port: only its engine reads it\n", "text/plain; charset=utf-8", head)
         elif path == "/metrics" and not self._certified():
             self._send(403, b"client certificate required for /metrics (mTLS)\n", "text/plain; charset=utf-8", head)

@@ -162,6 +162,20 @@ class LogBudget:
         return True
 
 
+_BUDGETS: list[tuple[Settings, LogBudget]] = []
+
+
+def log_budget(settings: Settings) -> LogBudget:
+    """The budget of the server these settings belong to (the same object): its edge and its KServe streams
+    share it, so a process logs ``log_errors_per_second`` refusals, not twice that."""
+    for owner, budget in _BUDGETS:
+        if owner is settings:
+            return budget
+    budget = LogBudget(settings.log_errors_per_second)
+    _BUDGETS.append((settings, budget))
+    return budget
+
+
 class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """The whole edge as one interceptor: metrics (+ access log), errors (+ request id), auth (principal) and
     decoding (``service.api.decoding``), in that order, outermost first.
@@ -173,7 +187,7 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: Metrics, settings: Settings, keys: KeyTable, mtls: bool) -> None:
         self.metrics = metrics
         self.access = settings.access_log
-        self.budget = LogBudget(settings.log_errors_per_second)
+        self.budget = log_budget(settings)
         self.keys = keys
         self.auth = bool(keys) or mtls
         self.decoding = Decoding(settings)

@@ -193,7 +193,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
                 await asyncio.wait_for(stop.wait(), 0.5)
             dead = [f for f in frontends if not f.process.is_alive()]
             if dead and not stop.is_set():
-                log.error("frontend %d exited (code %s); stopping the server", dead[0].index, dead[0].process.exitcode)
+                gone = dead[0]
+                log.error("frontend %d exited (code %s); stopping the server", gone.index + 1, gone.process.exitcode)
                 code = 1
                 break
         log.info("draining %d frontends (grace %.1fs)", len(frontends), settings.grace_seconds)
@@ -218,7 +219,7 @@ async def _spawn(settings: Settings, index: int, port: int, socket_path: str, to
     process = ctx.Process(
         target=frontend_main,
         args=(values, index, socket_path, token, child),
-        name=f"seqserve-frontend-{index}",
+        name=f"seqserve-frontend-{index + 1}",  # frontend-1..N, as in the metrics and the logs
         daemon=False,
     )
     # A terminal's Ctrl-C goes to the whole process group: a frontend that inherits SIGINT ignored never dies of it
@@ -234,12 +235,14 @@ async def _spawn(settings: Settings, index: int, port: int, socket_path: str, to
     ok = await asyncio.to_thread(parent.poll, START_TIMEOUT)
     if not ok:
         process.kill()
-        raise RuntimeError(f"frontend {index} did not start within {START_TIMEOUT:g}s (exit code {process.exitcode})")
+        why = f"did not start within {START_TIMEOUT:g}s (exit code {process.exitcode})"
+        raise RuntimeError(f"frontend {index + 1} {why}")
     try:
         report = parent.recv()
     except EOFError:
         process.join(5)
-        raise RuntimeError(f"frontend {index} failed to start (exit code {process.exitcode}); see its log") from None
+        why = f"failed to start (exit code {process.exitcode}); see its log"
+        raise RuntimeError(f"frontend {index + 1} {why}") from None
     frontend.port, frontend.own_port, frontend.metrics_port = report["port"], report["own_port"], report["metrics_port"]
     return frontend
 
@@ -251,6 +254,6 @@ async def _stop_frontends(frontends: list[Frontend], timeout: float) -> None:
     for f in frontends:
         await asyncio.to_thread(f.process.join, timeout)
         if f.process.is_alive():
-            log.warning("frontend %d did not stop in %.0fs; killing it", f.index, timeout)
+            log.warning("frontend %d did not stop in %.0fs; killing it", f.index + 1, timeout)
             f.process.kill()
             await asyncio.to_thread(f.process.join, 5)

@@ -20,7 +20,7 @@ import grpc
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.interceptors import LogBudget, status_code_for
+from service.api.interceptors import log_budget, status_code_for
 from service.api.kserve.convert import config_to_pb, index_to_pb, metadata_to_pb, stats_to_pb
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence
 from service.api.kserve.tensors import encode_output, read_inputs, requested_outputs
@@ -58,7 +58,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
         self._dataplane = dataplane
         self._settings = settings
-        self._budget = LogBudget(settings.log_errors_per_second)  # (the refusals inside streams)
+        self._budget = log_budget(settings)  # (the refusals inside streams: the edge's budget)
 
     # --- health and metadata --------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:

@@ -75,7 +75,7 @@ def test_start_up_is_summed_up_in_one_line_and_lines_name_their_process(serve: S
     log = serve.log()
     assert "seqserve 0.1.0: " in log and "session store memory://, auth none" in log and "TLS off" in log
     if "frontends + the engine" in log:
-        assert "INFO [frontend-0] service.api.server: gRPC listening" in log
+        assert "INFO [frontend-1] service.api.server: gRPC listening" in log
         assert log.count("metrics/health HTTP on") == 1  # the engine's; the frontends' are private
 
 

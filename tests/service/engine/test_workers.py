@@ -176,7 +176,7 @@ def test_a_frontends_private_metrics_port_answers_its_engine_only(servers: tuple
     assert isinstance(ports, list) and len(ports) == 2
     for port in ports:
         for path in ("/metrics", "/healthz", "/readyz"):
-            for headers in ({}, {"Authorization": "Bearer guess"}):
+            for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": "Bearer gu\u00e9ss"}):
                 request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
                 with pytest.raises(urllib.error.HTTPError) as refused:
                     urllib.request.urlopen(request, timeout=10)

@@ -171,6 +171,10 @@ def test_refused_requests_are_logged_within_a_budget(
     now[0] += 1.0
     assert [budget.allow(), budget.allow(), budget.allow()] == [True, True, False]
     assert all(LogBudget(0.0).allow() for _ in range(1000))
+    from service.api.interceptors import log_budget
+
+    mine, other = Settings(), Settings()  # one budget per server (its settings), shared by its edge and KServe streams
+    assert log_budget(mine) is log_budget(mine) and log_budget(mine) is not log_budget(other)
 
     handle = serve(api_keys="alice:alice-key-0123456789", log_errors_per_second=1.0)
     out = server_log("text")
