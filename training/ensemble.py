@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.core.arrays import softmax, zero_states
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec
 from training.cards import CARDS, card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, open_model, recomputed, sentiment_logits
@@ -46,6 +46,7 @@ from training.pipelines import derived_manifest, derived_source, new_model_folde
 
 TOLERANCE = 1e-4  # largest logit difference from the members' mean on the probe batches
 HALF_TOLERANCE = 1e-2  # the same, for --half, against the members (float32)
+SAME_WEIGHTS = 1e-3  # two members closer than this on every probe logit hold the same weights (a fused copy: 2e-6)
 HALF_MIN_ELEMENTS = 1024  # --half leaves smaller tensors (biases, shapes) as they are
 SHARED = ("input_ids", "lengths")  # inputs every member reads as they are
 FLOOR = 1e-30  # the mean probability is clipped here before the log, so a certain answer never gives -inf
@@ -70,28 +71,6 @@ def _check_members(paths: list[Path], manifests: list[Manifest]) -> None:
         derived = m.training.get("ensemble_of")
         if derived:
             raise DataError(f"{path}: already an ensemble (of {', '.join(derived)}); combine its members instead")
-
-
-def _different_weights(paths: list[Path], manifests: list[Manifest]) -> None:
-    """Refuses one graph twice, or a model beside its own fused graph: the same weights would only repeat one
-    member's answers at twice the cost."""
-    graphs: dict[str, Path] = {}
-    names = {f"{m.name}/{m.version}": path for path, m in zip(paths, manifests, strict=True)}
-    weights: dict[str, Path] = {}  # fused_from -> the member holding those weights in a fused graph
-    for path, m in zip(paths, manifests, strict=True):
-        digest = sha256_file(path / MODEL_FILE)
-        if digest in graphs:
-            raise DataError(f"--model {path} and --model {graphs[digest]} are the same graph; give different models")
-        graphs[digest] = path
-        parent = m.training.get("fused_from")
-        if isinstance(parent, str):
-            other = names.get(parent) or weights.get(parent)
-            if other is not None and other != path:
-                raise DataError(
-                    f"--model {path} holds {parent}'s weights in a fused graph, and so does --model {other}; "
-                    "give different models"
-                )
-            weights[parent] = path
 
 
 def _prefixed(graph: onnx.GraphProto, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
@@ -196,29 +175,33 @@ def build(models: list[onnx.ModelProto], manifests: list[Manifest], half: bool =
     return model
 
 
-def probe_gap(
-    paths: list[Path], combined: onnx.ModelProto, manifests: list[Manifest], seed: int = 0
-) -> dict[str, float]:
+def probe_gap(paths: list[Path], combined: onnx.ModelProto, manifests: list[Manifest], seed: int = 0) -> dict[str, Any]:
     """Largest |logit difference| between the combined graph and log(mean of the members' probabilities) on
-    random padded batches, and the largest difference between its states and the members' concatenated states."""
+    random padded batches, and the largest difference between its states and the members' concatenated states;
+    also the two members whose logits are closest (``closest_members``) and their largest difference."""
     members = [cpu_session(p / MODEL_FILE, threads=1) for p in paths]
     whole = cpu_session(combined, threads=1)
     first = manifests[0]
     assert first.tokenizer is not None  # a sentiment model (checked by _check_members)
     logit_gap = state_gap = 0.0
+    pairs = {(i, j): 0.0 for i in range(len(paths)) for j in range(i + 1, len(paths))}
     for feeds in probe_batches(len(first.tokenizer.vocab), seed):
         batch = len(feeds["lengths"])
         outs = [
             s.run(None, feeds | zero_states(m.states, {"batch": batch}))
             for s, m in zip(members, manifests, strict=True)
         ]
+        for i, j in pairs:
+            pairs[i, j] = max(pairs[i, j], float(np.abs(outs[i][0] - outs[j][0]).max()))
         got = whole.run(None, feeds | zero_states(_states(manifests), {"batch": batch}))
         want = np.log(np.maximum(np.mean([softmax(o[0]) for o in outs], axis=0), FLOOR))
         logit_gap = max(logit_gap, float(np.abs(got[0] - want).max()))
         for j in range(len(first.states)):
             joined = np.concatenate([o[1 + j] for o in outs], axis=0)
             state_gap = max(state_gap, float(np.abs(got[1 + j] - joined).max()))
-    return {"max_logit_gap": logit_gap, "max_state_gap": state_gap}
+    closest = min(pairs, key=pairs.__getitem__)
+    return {"max_logit_gap": logit_gap, "max_state_gap": state_gap, "min_member_gap": pairs[closest],
+            "closest_members": closest}  # fmt: skip
 
 
 def _states(manifests: list[Manifest]) -> list[StateSpec]:
@@ -244,8 +227,14 @@ def ensemble(paths: list[Path], data: Path, out: Path, command: str, half: bool 
     _check_members(paths, manifests)
     split, held = heldout_rows(paths, manifests, data)  # refuses members that held out different rows
     combined = build([onnx.load(str(p / MODEL_FILE)) for p in paths], manifests, half)
-    _different_weights(paths, manifests)
     gaps = probe_gap(paths, combined, manifests)
+    a, b = gaps.pop("closest_members")
+    if gaps["min_member_gap"] < SAME_WEIGHTS:  # one graph twice, or a model beside its own fused graph
+        raise DataError(
+            f"--model {paths[int(a)]} and --model {paths[int(b)]} answer alike (largest logit difference "
+            f"{gaps['min_member_gap']:.1e} on probe batches): the same weights would only repeat one member's answers; "
+            "give different models"
+        )
     tolerance = HALF_TOLERANCE if half else TOLERANCE
     # float16 weights move the cell states (unbounded) more than the logits; sentiment serving never reads them
     state_tolerance = float("inf") if half else TOLERANCE

@@ -529,12 +529,12 @@ def test_the_same_model_twice_is_refused(tmp_path: Path, tiny_sst2: Path, capsys
     for argv in (["compare", "--model", s3, "--model", s3], ["heldout", "--model", s4, "--model", s4 + "/"]):
         _one_line(capsys, main([*argv, "--data", str(tiny_sst2)]), f"--model {Path(argv[-1])} is given twice")
     out = ["--data", str(tiny_sst2), "--out", str(tmp_path / "e" / "1")]
-    _one_line(capsys, main(["ensemble", "--model", s4, "--model", s3, *out]), f"--model {s4} holds sentiment/3's")
+    _one_line(capsys, main(["ensemble", "--model", s4, "--model", s3, *out]), f"--model {s4} and --model {s3} answer")
     copy = tmp_path / "copy" / "4"
     copy.mkdir(parents=True)
     for name in (MANIFEST_FILE, MODEL_FILE):
         (copy / name).write_bytes((Path(s4) / name).read_bytes())
-    _one_line(capsys, main(["ensemble", "--model", s4, "--model", str(copy), *out]), f"--model {copy} and")
+    _one_line(capsys, main(["ensemble", "--model", s4, "--model", str(copy), *out]), f"--model {s4} and --model {copy}")
     assert not (tmp_path / "e").exists()
 
 
