@@ -62,14 +62,14 @@ def _write_ready_file(path: Path, grpc_port: int, metrics_port: int | None) -> N
 
 
 async def _serve(settings: Settings, ready_file: Path | None) -> None:
+    stop = asyncio.Event()  # first: a signal from here on stops the server once it has started, never mid-start
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     from service.api.server import Server
     from service.logs import summary
 
     server = Server(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
     except BaseException:

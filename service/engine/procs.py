@@ -118,6 +118,10 @@ async def _frontend(settings: Settings, index: int, socket_path: str, token: str
 # --- the engine process ----------------------------------------------------------------------------------------
 async def serve(settings: Settings, ready_file: Path | None) -> int:
     """Runs the engine and its frontends until SIGTERM/SIGINT; returns the exit code."""
+    stop = asyncio.Event()  # first: a signal from here on stops the server once it has started, never mid-start
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     from service.api import tls
     from service.api.http import MetricsHttpServer
     from service.api.principals import load_keys
@@ -137,10 +141,6 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     engine = EngineServer(dataplane, socket_path)
     frontends: list[Frontend] = []
     http: MetricsHttpServer | None = None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     code = 0
     try:
         await engine.start()

@@ -297,3 +297,16 @@ def test_durations_are_finite_and_bounded_at_start(
     assert main(["serve"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("after", [0.15, 0.4])
+def test_ctrl_c_while_the_cli_loads_is_not_a_traceback(tiny_models: Path, tmp_path: Path, after: float) -> None:
+    """The console script imported the whole CLI (numpy, gRPC) before any handler existed: a Ctrl-C in the first
+    half second printed a KeyboardInterrupt traceback from inside an import."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    cmd = [str(SEQSERVE), "serve", "--port", "0", "--metrics-port", "0", "--models", str(tiny_models)]
+    proc = subprocess.Popen([*cmd, "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert b"Traceback" not in out, out.decode(errors="replace")
