@@ -77,6 +77,8 @@ def load_keys(settings: Settings) -> dict[str, str]:
     if settings.api_key:
         if len(settings.api_key) < MIN_KEY_CHARS:
             raise ValueError(f"api_key: at least {MIN_KEY_CHARS} characters (got {len(settings.api_key)})")
+        if any(c.isspace() for c in settings.api_key.strip()):  # (as in api_keys: one token after "Bearer ")
+            raise ValueError("api_key: a key has no spaces")
         if DEFAULT_PRINCIPAL in keys:
             raise ValueError(f"api_key and an api_keys entry both name principal {DEFAULT_PRINCIPAL!r}")
         if settings.api_key in keys.values():

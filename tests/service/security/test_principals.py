@@ -77,6 +77,7 @@ def test_bad_key_specs_fail_at_start_naming_the_entry(spec: str, words: str) -> 
     ("settings", "words"),
     [
         ({"api_key": "short"}, "api_key: at least 16"),
+        ({"api_key": "abc def ghi jkl mnop"}, "api_key: a key has no spaces"),
         ({"api_key": ""}, "api_key is set but empty"),  # a secret that rendered empty never turns auth off
         ({"api_keys": "  "}, "api_keys is set but empty"),
     ],
