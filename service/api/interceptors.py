@@ -86,11 +86,18 @@ def split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
+def metadata_values(context: grpc.aio.ServicerContext, key: str) -> list[str]:
+    """Every value the call sent under ``key``, in order, as text."""
+    return [
+        v if isinstance(v, str) else v.decode("utf-8", "replace")
+        for k, v in context.invocation_metadata() or ()
+        if k == key
+    ]
+
+
 def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
-    for k, v in context.invocation_metadata() or ():
-        if k == key:
-            return v if isinstance(v, str) else v.decode("utf-8", "replace")
-    return None
+    values = metadata_values(context, key)
+    return values[0] if values else None
 
 
 def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
@@ -226,15 +233,14 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             set_principal(subject)
 
     def _by_key(self, context: grpc.aio.ServicerContext) -> str:
-        values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+        values = metadata_values(context, "authorization")
         if len(values) != 1:
             raise errors.Unauthenticated(
                 "missing credentials: this server needs metadata 'authorization: Bearer <api key>'"
                 if not values
                 else f"metadata 'authorization' appears {len(values)} times: send one API key"
             )
-        sent = values[0] if isinstance(values[0], str) else values[0].decode("utf-8", "replace")
-        scheme, _, key = sent.partition(" ")
+        scheme, _, key = values[0].partition(" ")
         name = self.keys.principal(key.strip()) if scheme.lower() == "bearer" else None
         if name is None:
             raise errors.Unauthenticated("wrong API key in metadata 'authorization' (expected 'Bearer <api key>')")

@@ -119,14 +119,9 @@ class Server:
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         credentials = tls.grpc_credentials(s)  # None: plaintext
         if s.port and not self._share_port:
-            check_free(s.host, s.port, f"gRPC to {address}", "--port or SEQSERVE_PORT")
+            check_free(s.host, s.port, "--port or SEQSERVE_PORT")
         if s.metrics_port and self._remote is None:  # (before the gRPC port listens: fail before serving anything)
-            check_free(
-                s.host,
-                s.metrics_port,
-                f"the metrics port {s.host}:{s.metrics_port}",
-                "--metrics-port or SEQSERVE_METRICS_PORT",
-            )
+            check_free(s.host, s.metrics_port, "--metrics-port or SEQSERVE_METRICS_PORT")
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(address)
@@ -241,7 +236,7 @@ class Server:
         await self._stopped.wait()
 
 
-def check_free(host: str, port: int, what: str, setting: str) -> None:
+def check_free(host: str, port: int, setting: str) -> None:
     """RuntimeError naming ``setting`` when another socket listens on (host, port). A plain bind (no
     SO_REUSEPORT) is refused by a listener even where gRPC's own bind would have shared the port with it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -252,6 +247,6 @@ def check_free(host: str, port: int, what: str, setting: str) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise RuntimeError(
-                    f"cannot bind {what}: another process listens there (another seqserve?); stop it or choose "
+                    f"cannot bind {host}:{port}: another process listens there (another seqserve?); stop it or choose "
                     f"another port ({setting})"
                 ) from None  # (other errors, a host that is not this machine's: the real bind reports them)

@@ -71,7 +71,7 @@ class StatsBook:
 
     def batch(self, requests: int, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One model run over ``requests`` requests (``rows`` batch rows); ``queue_ns`` summed over them. Only
-        time here: each request is counted once, when it succeeds (``request``)."""
+        time here: each request that ran is counted once, when it finishes (``request``)."""
         with self._lock:
             self.execution_count += 1
             self.queue.ns += queue_ns

@@ -75,7 +75,6 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
 
 # --- a frontend process --------------------------------------------------------------------------------------
 def frontend_main(values: dict[str, Any], index: int, socket_path: str, token: str, conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (inherited so from ``_spawn``; whatever a library does)
     from service.logs import configure
 
     settings = Settings(**values)
@@ -162,9 +161,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         )
         metrics_port = http.start()
         if settings.port:  # (the first frontend would only say so in its log)
-            check_free(
-                settings.host, settings.port, f"gRPC to {settings.host}:{settings.port}", "--port or SEQSERVE_PORT"
-            )
+            check_free(settings.host, settings.port, "--port or SEQSERVE_PORT")
         token = secrets.token_urlsafe(32)  # the frontends' private /metrics answer the engine only
         first = await _spawn(settings, 0, settings.port, socket_path, token)
         frontends.append(first)
