@@ -68,6 +68,12 @@ class StoreUnavailable(SeqServeError):
     """The session store (Redis) does not answer; calls that need no session still work (gRPC UNAVAILABLE)."""
 
 
+class ReplicaBehind(SeqServeError):
+    """The session or blob needs a model version, or a session format, that this replica does not serve yet while
+    another may: a newer release during a rolling update (gRPC UNAVAILABLE, ErrorInfo reason REPLICA_BEHIND:
+    retry; an updated replica serves it)."""
+
+
 class SessionConflict(SeqServeError):
     """Another replica took the session over while this call used it; nothing was written (gRPC ABORTED:
     retry the call)."""

@@ -64,6 +64,7 @@ STATUS_CODES: dict[type[errors.SeqServeError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ReplicaBehind: grpc.StatusCode.UNAVAILABLE,
     errors.SessionConflict: grpc.StatusCode.ABORTED,
 }
 

@@ -20,13 +20,20 @@ from service.core.sessions.export import Exported, unseal
 from service.core.tasks import TASKS
 from service.core.tasks.base import needs
 from service.core.types import ModelRef
-from service.errors import FailedPrecondition, echo
+from service.errors import FailedPrecondition, ReplicaBehind, echo
 from service.settings import Settings
 
 
 def pinned(registry: ModelRegistry, s: SessionState) -> ModelEntry:
     """The loaded model a session belongs to: the same version and the same weights, else a clear error."""
     entry = registry.get(s.model, s.version)
+    here = registry.behind(s.model, s.version) if entry is None else ""
+    if here:
+        raise ReplicaBehind(
+            f"session {echo(s.id)} is pinned to model {s.model} version {s.version}, which this replica does not "
+            f"serve ({here}): retry, an updated replica serves it (a rolling update); if that version was "
+            "withdrawn, create a new session (KServe: start a new sequence)"
+        )
     if entry is None or not entry.ready:
         raise FailedPrecondition(
             f"session {echo(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "
@@ -114,6 +121,12 @@ def importable(
             f"the session blob holds a session of model {x.model}, not of {echo(model)}; send it to {x.model}"
         )
     entry = registry.get(x.model, x.version)
+    here = registry.behind(x.model, x.version) if entry is None else ""
+    if here:
+        raise ReplicaBehind(
+            f"the session blob holds a session of model {x.model} version {x.version}, which this replica does "
+            f"not serve ({here}): retry, an updated replica serves it (a rolling update), or load that version"
+        )
     if entry is None or not entry.ready or entry.sha256 != x.model_sha256:
         raise FailedPrecondition(
             f"the session blob holds a session of model {x.model} version {x.version} with weights "

@@ -232,6 +232,7 @@ class ModelRegistry:
         self._entries: dict[tuple[str, int], ModelEntry] = {}  # changed only through _put, _drop and _clear
         self._by_name: dict[str, list[ModelEntry]] = {}  # per name, oldest version first (a cache of _entries)
         self._unloaded: set[str] = set()  # unloaded on request: not reloaded by sync() until load_model()
+        self._served: set[tuple[str, int]] = set()  # every (name, version) this process has ever served
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
         self._loading: set[str] = set()  # names load_model() is loading now
         self._lock = asyncio.Lock()
@@ -265,6 +266,8 @@ class ModelRegistry:
 
     def _put(self, entry: ModelEntry) -> None:
         self._entries[(entry.name, entry.version)] = entry
+        if entry.ready:
+            self._served.add((entry.name, entry.version))
         self._by_name.clear()
 
     def _drop(self, entry: ModelEntry) -> None:
@@ -274,6 +277,15 @@ class ModelRegistry:
     def _clear(self) -> None:
         self._entries.clear()
         self._by_name.clear()
+
+    def behind(self, name: str, version: int) -> str:
+        """Why ``name`` ``version`` is one this process has yet to serve while another may (a release newer than
+        this one, mid rolling update): never served here, not unloaded on request, and newer than every version of
+        ``name`` here. "" when none of that holds (then it was served here and withdrawn, or is an old one)."""
+        mine = self._versions_of(name)
+        if (name, version) in self._served or name in self._unloaded or any(e.version >= version for e in mine):
+            return ""
+        return f"it serves versions {[e.version for e in mine]}" if mine else f"it serves no model {echo(name)}"
 
     def _versions_of(self, name: str) -> list[ModelEntry]:
         """Every version of ``name``, oldest first (computed once per change of the table, not per request)."""

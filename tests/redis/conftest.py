@@ -73,9 +73,10 @@ def start_replica(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
     handles: list[ServerHandle] = []
 
     def start(url: str, **overrides: Any) -> ServerHandle:
+        models = overrides.pop("models", tiny_models)
         values: dict[str, Any] = {"session_store": url, "session_lease_seconds": 1.0}
         values.update(overrides)
-        handle = ServerHandle(server_settings(overrides.pop("models", tiny_models), **values))
+        handle = ServerHandle(server_settings(models, **values))
         handles.append(handle)
         return handle
 

@@ -4,18 +4,22 @@ committed; max_sessions holds across replicas (the counts live in Redis)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.client import ApiError, Client
 from tests.conftest import ServerHandle
 from tests.redis.servers import RedisServer
+from tests.service.core.conftest import add_version
 from tests.service.sessions.v2 import charlm_request, probs
 
 TEXT = "Shall I compare thee to a summer's day?"
@@ -151,3 +155,40 @@ def test_idle_write_back_for_cache_room_never_loses_an_acknowledged_step(
     for t in threads:
         t.join()
     assert steps[0] > 200 and gaps == []
+
+
+def test_mid_rolling_update_an_old_replica_says_retry_for_a_newer_version(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle], tiny_models: Path, tmp_path: Path
+) -> None:
+    """The new release adds charlm/2 (the default for new sessions); a call on such a session that lands on a
+    replica still running the old release gets UNAVAILABLE (REPLICA_BEHIND: retry), never FAILED_PRECONDITION
+    (create a new session), and the session goes on intact on the updated replica. So does its blob on import."""
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    add_version(repo, "charlm", 1, 2)
+    key = "k" * 32
+    old = start_replica(redis_server.url, session_signing_key=key)
+    new = start_replica(redis_server.url, models=repo, session_signing_key=key)
+    c_old, c_new = Client(old.target), Client(new.target)
+    s = c_new.create_session("charlm")
+    assert s.version == 2
+    c_new.suggest_once(s.id, "abc", n=1, max_chars=1)
+    with pytest.raises(ApiError) as e:
+        c_old.suggest_once(s.id, "d", n=1, max_chars=1)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.reason == "REPLICA_BEHIND"
+    assert "version 2, which this replica does not serve (it serves versions [1]): retry" in e.value.message
+    assert c_old.get_session(s.id).steps == 3  # Get needs no model: any replica answers it
+    blob = c_new.export_session(s.id)
+    with pytest.raises(ApiError) as e:
+        c_old.import_session(blob)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "does not serve (it serves versions [1])" in e.value.message
+    assert c_new.suggest_once(s.id, "d", n=1, max_chars=1).steps == 4  # nothing was lost on the old replica
+    # A version this replica served and then lost (withdrawn) stays FAILED_PRECONDITION: retrying cannot help.
+    shutil.rmtree(repo / "charlm" / "2")
+    with grpc.insecure_channel(new.target) as ch:  # RepositoryModelLoad: re-reads charlm's folders
+        pb_grpc.GRPCInferenceServiceStub(ch).RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name="charlm"), timeout=60
+        )
+    with pytest.raises(ApiError) as e:
+        c_new.suggest_once(s.id, "e", n=1, max_chars=1)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no longer loaded" in e.value.message

@@ -13,7 +13,7 @@ import pytest
 from service.core.sessions import StaleSession
 from service.core.sessions.redis_store import RedisSessionStore
 from service.core.sessions.state import SessionState
-from service.errors import FailedPrecondition, SessionConflict
+from service.errors import FailedPrecondition, ReplicaBehind, SessionConflict
 from tests.redis.conftest import MakeStore
 from tests.redis.servers import RedisServer
 
@@ -210,6 +210,29 @@ async def test_undecodable_state_fails_naming_the_session(make_store: MakeStore,
             async with c.lease("bad"):
                 pass
         await c.close()
+
+
+@pytest.mark.parametrize("newer", [(2, 0), (1, 1)], ids=["format-2", "unknown-flag"])
+async def test_a_session_from_a_newer_release_is_retried_not_given_up(
+    make_store: MakeStore, redis_server: RedisServer, newer: tuple[int, int]
+) -> None:
+    """Mid rolling update, a record with a format or a must-understand flag this release does not know answers
+    UNAVAILABLE (retry: an updated replica reads it), not FAILED_PRECONDITION (create a new session); the record
+    stays as it was."""
+    a = await make_store()
+    await a.add(state("new"))
+    await a.close()
+    key = a.keys("new")[0]
+    raw = redis_server.client().get(key)
+    fmt, flags = newer
+    patched = raw[:36] + fmt.to_bytes(2, "little") + flags.to_bytes(2, "little") + raw[40:]  # after head + magic
+    redis_server.client().set(key, patched)
+    b = await make_store()
+    with pytest.raises(ReplicaBehind, match=f"session 'new' was written by a newer seqserve .*format {fmt} with flags"):
+        async with b.lease("new"):
+            pass
+    await b.close()
+    assert redis_server.client().get(key) == patched
 
 
 @pytest.mark.parametrize("limit", ["quota_sessions", "max_sessions"])

@@ -21,8 +21,8 @@ import json
 import struct
 from dataclasses import dataclass
 
-from service.core.sessions.state import SessionDecodeError, SessionState
-from service.errors import FailedPrecondition, InvalidInput
+from service.core.sessions.state import NewerSessionFormat, SessionDecodeError, SessionState
+from service.errors import FailedPrecondition, InvalidInput, ReplicaBehind
 
 MAGIC = b"SQSX"
 FORMAT = 1
@@ -71,7 +71,12 @@ def unseal(blob: bytes, key: bytes) -> Exported:
     body, mac = blob[:-MAC_BYTES], blob[-MAC_BYTES:]
     if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
         raise InvalidInput("session blob signature does not verify: it was changed, or signed with another signing key")
-    _, fmt, _, head_len = _PREFIX.unpack_from(body, 0)
+    _, fmt, flags, head_len = _PREFIX.unpack_from(body, 0)
+    if fmt > FORMAT or flags:
+        raise ReplicaBehind(
+            f"session blob format {fmt} (flags {flags:#x}) is from a newer seqserve (this one reads format {FORMAT}): "
+            "import it on an updated server"
+        )
     if fmt != FORMAT or head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(body):
         raise FailedPrecondition(f"session blob format {fmt} is not one this server reads (format {FORMAT})")
     try:
@@ -87,6 +92,10 @@ def unseal(blob: bytes, key: bytes) -> Exported:
             float(h["exported_at"]),
             s,
         )
+    except NewerSessionFormat as e:
+        raise ReplicaBehind(
+            f"session blob holds a session this server cannot read yet ({e}): import it on an updated server"
+        ) from None
     except (SessionDecodeError, KeyError, TypeError, ValueError) as e:
         raise FailedPrecondition(f"session blob cannot be read by this server: {e}") from None
     if (out.model, out.version, out.model_sha256, out.steps) != (s.model, s.version, s.model_sha256, s.steps):

@@ -28,9 +28,9 @@ from service.core.sessions.redis_cache import Entry, HotCache
 from service.core.sessions.redis_conn import Arg, RedisConn, tag
 from service.core.sessions.redis_index import Indexed, SessionIndex
 from service.core.sessions.redis_scripts import HEAD_CHARS, head, parse_head
-from service.core.sessions.state import SessionState
+from service.core.sessions.state import NewerSessionFormat, SessionState
 from service.core.sessions.store import StaleSession
-from service.errors import FailedPrecondition, SessionConflict, StoreUnavailable, echo
+from service.errors import FailedPrecondition, ReplicaBehind, SessionConflict, StoreUnavailable, echo
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,11 @@ class Leases:
         try:
             revision, deadline = parse_head(raw)
             s = SessionState.from_bytes(memoryview(raw)[HEAD_CHARS:])
+        except NewerSessionFormat as e:
+            raise ReplicaBehind(
+                f"session {echo(session_id)} was written by a newer seqserve ({e}): retry, an updated replica reads "
+                "it (a rolling update); after a rollback, create a new session"
+            ) from None
         except ValueError as e:
             raise FailedPrecondition(
                 f"session {echo(session_id)} cannot be read from the session store ({e}); it was written by an "

@@ -12,6 +12,14 @@ Binary layout (``to_bytes``), all integers little-endian::
 The header holds the scalar fields and, per array, its group ("state" or "context"), name, dtype, shape,
 offset (from the start of the array section) and size. ``from_bytes`` checks every one of them and raises
 ``SessionDecodeError`` (a ValueError) for anything it does not accept.
+
+Compatibility across releases (old and new replicas share one store during a rolling update): ``from_bytes``
+ignores header keys it does not know and keeps every context array, and a task rebuilds the context it needs on
+each step, so a release may add data that an older replica drops without changing any answer (it writes the
+session back without them; an import, stricter, refuses parts its model does not keep). Data whose loss would
+change answers needs a new ``flags`` bit (a feature every reader must understand) or a new ``format``; a reader
+refuses both when it does not know them with ``NewerSessionFormat``, which the stores answer as UNAVAILABLE
+(retry: an updated replica reads it), never as a broken session. This release knows no flags.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from service.core.types import SessionInfo
 Array = npt.NDArray[Any]
 MAGIC = b"SQSS"
 FORMAT = 1
+KNOWN_FLAGS = 0  # the flags bits this release understands (none yet)
 _PREFIX = struct.Struct("<4sHHI")
 _ALIGN = 8
 MAX_HEADER_BYTES = 1 << 20
@@ -39,6 +48,10 @@ _GROUPS = ("state", "context")
 
 class SessionDecodeError(ValueError):
     """A session's bytes are not a state this server can read (corrupt, foreign, or a newer format)."""
+
+
+class NewerSessionFormat(SessionDecodeError):
+    """A session written by a newer release: a format or a flags bit this one does not know."""
 
 
 @dataclass(slots=True)
@@ -155,9 +168,14 @@ class SessionState:
         buf = memoryview(data)
         if len(buf) < _PREFIX.size:
             raise SessionDecodeError(f"a session needs at least {_PREFIX.size} bytes, got {len(buf)}")
-        magic, fmt, _flags, head_len = _PREFIX.unpack_from(buf, 0)
+        magic, fmt, flags, head_len = _PREFIX.unpack_from(buf, 0)
         if magic != MAGIC:
             raise SessionDecodeError("not a seqserve session (bad magic bytes)")
+        if fmt > FORMAT or flags & ~KNOWN_FLAGS:
+            raise NewerSessionFormat(
+                f"session format {fmt} with flags {flags:#x} is from a newer seqserve (this one reads format "
+                f"{FORMAT} with flags {KNOWN_FLAGS:#x})"
+            )
         if fmt != FORMAT:
             raise SessionDecodeError(f"session format {fmt} is not supported (this server reads format {FORMAT})")
         if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(buf):

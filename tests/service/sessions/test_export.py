@@ -122,6 +122,33 @@ def test_a_signed_blob_whose_context_does_not_fit_is_a_failed_precondition(pair:
     assert b.observe(moved.id, rows[:4]).rows_seen == 104
 
 
+def test_a_blob_from_a_newer_release_says_import_it_on_an_updated_server(pair: tuple[Client, Client]) -> None:
+    """A blob whose format, or whose state's must-understand flags, this release does not know: UNAVAILABLE
+    (REPLICA_BEHIND), as a record in the shared store is answered mid rolling update; not a broken blob."""
+    import hashlib
+    import hmac
+    import struct
+
+    a, b = pair
+    with a.session("charlm") as s:
+        a.suggest_once(s.id, "abc")
+        blob = a.export_session(s.id)
+    body = bytearray(blob[:-32])
+    head_len = struct.unpack_from("<I", body, 8)[0]
+
+    def signed(at: int, value: int) -> bytes:
+        patched = bytearray(body)
+        struct.pack_into("<H", patched, at, value)
+        return bytes(patched) + hmac.new(KEY.encode(), bytes(patched), hashlib.sha256).digest()
+
+    for newer, what in ((signed(4, 2), "blob format 2"), (signed(12 + head_len + 6, 4), "flags 0x4")):
+        with pytest.raises(ApiError) as err:
+            b.import_session(newer)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.reason == "REPLICA_BEHIND", err.value
+        assert what in err.value.message and "import it on an updated server" in err.value.message
+    assert b.import_session(blob).steps == 3
+
+
 def test_a_blob_of_other_weights_is_a_failed_precondition(
     tiny_models: Path, tmp_path: Path, start_server: Callable[..., ServerHandle]
 ) -> None:
