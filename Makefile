@@ -73,6 +73,7 @@ proto: $(STAMP)
 # Regenerates the protobuf code into a scratch folder and fails if it differs from what is committed.
 proto-check: $(STAMP)
 	$(BIN)/python proto/generate.py --check
+	$(BIN)/python proto/compat.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

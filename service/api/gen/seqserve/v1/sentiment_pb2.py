@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from service.api.gen.seqserve.v1 import common_pb2 as seqserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bseqserve/v1/sentiment.proto\x12\x0bseqserve.v1\x1a\x18seqserve/v1/common.proto\"K\n\x0f\x43lassifyRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.seqserve.v1.ModelSelector\x12\r\n\x05texts\x18\x02 \x03(\t\"F\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"@\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.seqserve.v1.Classification2T\n\tSentiment\x12G\n\x08\x43lassify\x12\x1c.seqserve.v1.ClassifyRequest\x1a\x1d.seqserve.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bseqserve/v1/sentiment.proto\x12\x0bseqserve.v1\x1a\x18seqserve/v1/common.proto\"K\n\x0f\x43lassifyRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.seqserve.v1.ModelSelector\x12\r\n\x05texts\x18\x02 \x03(\t\"F\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"g\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.seqserve.v1.ClassificationJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\nmodel_nameR\rmodel_version2T\n\tSentiment\x12G\n\x08\x43lassify\x12\x1c.seqserve.v1.ClassifyRequest\x1a\x1d.seqserve.v1.ClassifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION']._serialized_start=147
   _globals['_CLASSIFICATION']._serialized_end=217
   _globals['_CLASSIFYRESPONSE']._serialized_start=219
-  _globals['_CLASSIFYRESPONSE']._serialized_end=283
-  _globals['_SENTIMENT']._serialized_start=285
-  _globals['_SENTIMENT']._serialized_end=369
+  _globals['_CLASSIFYRESPONSE']._serialized_end=322
+  _globals['_SENTIMENT']._serialized_start=324
+  _globals['_SENTIMENT']._serialized_end=408
 # @@protoc_insertion_point(module_scope)
