@@ -6,7 +6,7 @@ was. Examples are derandomized (the same ones each run) and few: a few hundred i
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,17 +152,26 @@ def test_concurrent_calls_racing_on_one_session(target: Target) -> None:
     def run(ops: list[str]) -> None:
         sid = target.client.create_session("charlm").id
         codes: list[tuple[str, grpc.StatusCode]] = []
-        threads = [threading.Thread(target=lambda o=op: codes.append((o, _race_op(target, o, sid)))) for op in ops]
+        failures: list[tuple[str, BaseException]] = []  # anything but a status must reach the test
+
+        def race(op: str) -> None:
+            try:
+                codes.append((op, _race_op(target, op, sid)))
+            except BaseException as e:
+                failures.append((op, e))
+
+        threads = [threading.Thread(target=race, args=(op,)) for op in ops]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=2 * DEADLINE)
         assert not any(t.is_alive() for t in threads), "a call hung"
+        assert failures == [] and len(codes) == len(ops), (failures, codes)
         for op, code in codes:
             check(code, op)
-        with_suggest: Callable[[], int] = lambda: target.client.get_session(sid).steps  # noqa: E731
-        try:
-            assert with_suggest() >= 0  # the session, if it survived, is still usable
+        try:  # the session, if it survived, is still usable: one more character advances it by one step
+            first = target.client.suggest_once(sid, "a", n=1, max_chars=1).steps
+            assert target.client.suggest_once(sid, "b", n=1, max_chars=1).steps == first + 1
         except ApiError as err:
             assert err.code == grpc.StatusCode.NOT_FOUND and "delete" in ops
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.deploy.conftest import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0  # bounded waits; generous because the CI box is shared
 
@@ -120,7 +122,7 @@ def prometheus_binary() -> str:
         exe = shutil.which("prometheus")
         assert exe is not None, ".ci/install-sysdeps ran but prometheus is still not on PATH"
     if exe is None:
-        pytest.skip("prometheus is not installed and we are not root to install it (make sysdeps)")
+        unavailable("prometheus is not installed and we are not root to install it (make sysdeps)")
     return exe
 
 

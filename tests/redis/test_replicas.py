@@ -136,25 +136,30 @@ def test_idle_write_back_for_cache_room_never_loses_an_acknowledged_step(
     small = {"session_durability": "idle", "session_cache_bytes": 1}
     a, b = (Client(start_replica(redis_server.url, **small).target, timeout=30) for _ in range(2))
     gaps: list[tuple[int, int]] = []
-    steps = [0]
+    steps = [0, 0, 0, 0]  # per thread: each of the four sessions must keep stepping
+    failures: list[BaseException] = []
 
-    def work() -> None:
-        sid, n = a.create_session("charlm").id, 0
-        end = time.monotonic() + 6
-        i = 0
-        while time.monotonic() < end:
-            got = (b if i % 4 == 3 else a).suggest_once(sid, "x", n=1, max_chars=1).steps
-            if got != n + 1:
-                gaps.append((n, got))
-            n, i = got, i + 1
-            steps[0] += 1
+    def work(k: int) -> None:
+        try:
+            sid, n = a.create_session("charlm").id, 0
+            end = time.monotonic() + 6
+            i = 0
+            while time.monotonic() < end:
+                got = (b if i % 4 == 3 else a).suggest_once(sid, "x", n=1, max_chars=1).steps
+                if got != n + 1:
+                    gaps.append((n, got))
+                n, i = got, i + 1
+                steps[k] += 1
+        except BaseException as e:  # an error must fail the test, not end one thread quietly
+            failures.append(e)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert steps[0] > 200 and gaps == []
+    assert failures == [] and gaps == []
+    assert min(steps) > 50, steps
 
 
 def test_mid_rolling_update_an_old_replica_says_retry_for_a_newer_version(

@@ -45,15 +45,24 @@ def test_fit_logs_pre_clip_norm_and_improves(tmp_path: Path) -> None:
 
 
 def test_early_stop_restores_best_weights(tmp_path: Path) -> None:
-    """With lr 0 nothing improves after the first evaluation: training stops after `patience` more."""
+    """Validation improves at the second evaluation and never again: training stops `patience` evaluations later
+    and leaves the net with the weights of that second evaluation, not the last trained ones."""
     runner = _runner()
-    before = {k: v.clone() for k, v in runner.net.state_dict().items()}
-    cfg = TrainConfig(epochs=20, batch_size=32, lr=0.0, patience=2, warmup_steps=1, eval_every=3, run_dir=tmp_path)
+    scores = iter([1.0, 0.5, 0.9, 0.8, 0.7, 0.6])  # improving, but never past the best 0.5
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def evaluate() -> dict[str, float]:
+        seen.append({k: v.clone() for k, v in runner.net.state_dict().items()})
+        return {"val_mse": next(scores)}
+
+    runner.evaluate = evaluate  # type: ignore[method-assign]
+    cfg = TrainConfig(epochs=20, batch_size=32, lr=1e-2, patience=2, warmup_steps=1, eval_every=3, run_dir=tmp_path)
     cfg.progress = False
     res = fit(runner, cfg)
-    assert res.stopped.startswith("early stop") and len(res.evals) == 3 and res.best_step == 3
+    assert res.stopped.startswith("early stop") and len(res.evals) == 4 and res.best_step == 6
+    assert any(not torch.equal(v, seen[1][k]) for k, v in seen[-1].items())  # training moved on after the best
     for k, v in runner.net.state_dict().items():
-        torch.testing.assert_close(v, before[k])
+        torch.testing.assert_close(v, seen[1][k])
 
 
 def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:

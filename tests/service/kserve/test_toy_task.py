@@ -62,11 +62,16 @@ def test_a_plugin_task_is_served_over_kserve_v2(toy_stub: tuple[pb_grpc.GRPCInfe
     tags, scores, _ = tag(stub, "hello world")
     assert tags == reference_tags(model_dir, "hello world") and scores.shape == (11, len(TAGS))
 
-    # A sequence carries the GRU state: "hello " then "world" tags "world" as the whole text does.
-    first, _, steps = tag(stub, "hello ", sequence_id="s1", sequence_start=True)
+    # A sequence carries the GRU state: "hello " then "world" scores "world" as the whole text does, and not as
+    # "world" alone would (the untrained tagger's argmax tags are the same either way, so scores are compared).
+    first, first_scores, steps = tag(stub, "hello ", sequence_id="s1", sequence_start=True)
     assert first == reference_tags(model_dir, "hello world")[:6] and steps == 6
-    rest, _, steps = tag(stub, "world", sequence_id="s1", sequence_end=True)
+    np.testing.assert_allclose(first_scores, scores[:6], atol=1e-5)
+    rest, rest_scores, steps = tag(stub, "world", sequence_id="s1", sequence_end=True)
     assert rest == reference_tags(model_dir, "hello world")[6:] and steps == 11
+    np.testing.assert_allclose(rest_scores, scores[6:], atol=1e-5)
+    _, alone, _ = tag(stub, "world")
+    assert np.abs(alone - scores[6:]).max() > 1e-3
     with pytest.raises(grpc.RpcError) as e:
         tag(stub, "x", sequence_id="s1")  # ended
     assert e.value.code() == grpc.StatusCode.NOT_FOUND

@@ -11,8 +11,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.deploy.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
@@ -21,7 +22,7 @@ DEPLOY = ROOT / "deploy"
 def promtool(*args: str) -> str:
     exe = shutil.which("promtool")
     if exe is None:
-        pytest.skip("promtool not installed (make sysdeps installs it)")
+        unavailable("promtool not installed (make sysdeps installs it)")
     proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, cwd=DEPLOY / "prometheus")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr

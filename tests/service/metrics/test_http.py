@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.http import MetricsHttpServer
 from service.metrics import SESSION_EVENTS, Metrics
+from tests.deploy.conftest import unavailable
 
 
 class Ready:
@@ -137,7 +138,7 @@ def test_stop_releases_the_port(metrics: Metrics) -> None:
 def test_promtool_check_metrics_on_a_live_scrape(server: tuple[str, Ready]) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (make sysdeps installs it)")
+        unavailable("promtool not installed (make sysdeps installs it)")
     base, _ = server
     _, _, body = get(base + "/metrics")
     proc = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)

@@ -88,6 +88,7 @@ def test_row_count_is_checked_before_any_row_is_read() -> None:
 
 def test_a_huge_rejected_request_does_not_stall_other_clients(plain: ServerHandle) -> None:
     latencies: list[float] = []
+    failures: list[BaseException] = []  # a watcher's failure must reach the test, not end its thread quietly
     stop = threading.Event()
 
     def live() -> None:
@@ -95,7 +96,11 @@ def test_a_huge_rejected_request_does_not_stall_other_clients(plain: ServerHandl
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             while not stop.is_set():
                 t0 = time.perf_counter()
-                assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+                try:
+                    assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+                except BaseException as e:  # DEADLINE_EXCEEDED when the server stalls
+                    failures.append(e)
+                    return
                 latencies.append(time.perf_counter() - t0)
                 time.sleep(0.01)
 
@@ -107,7 +112,9 @@ def test_a_huge_rejected_request_does_not_stall_other_clients(plain: ServerHandl
         stop.set()
         watcher.join()
     assert set(codes) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"} and "INVALID_ARGUMENT" in codes
-    # The campaign saw ServerLive's median go from 1.3 ms to 939 ms while 480,000-row Predicts were rejected.
+    assert failures == [] and len(latencies) >= 3, (failures, len(latencies))
+    # A stall detector, not a speed target: the campaign saw ServerLive's median go from 1.3 ms to 939 ms while
+    # 480,000-row Predicts were rejected; a tenth of that still fails here.
     assert statistics.median(latencies) < 0.1, sorted(latencies)[-5:]
 
 

@@ -250,9 +250,9 @@ def test_request_rate_quota(start_server: Callable[..., ServerHandle]) -> None:
         assert err.code == Code.RESOURCE_EXHAUSTED and err.reason == "QUOTA_EXCEEDED"
         assert "quota_requests_per_second" in err.message and "'alice'" in err.message
         bob.classify(["bob has his own bucket"])
-    from tests.service.api.test_lifecycle import health
+    from tests.service.api.test_lifecycle import SERVING, health
 
-    assert all(health(handle.target) for _ in range(5)), "health is never rate-limited"
+    assert [health(handle.target) for _ in range(5)] == [SERVING] * 5, "health is never rate-limited"
 
 
 def test_stream_messages_are_paced_not_refused(start_server: Callable[..., ServerHandle]) -> None:
