@@ -95,7 +95,9 @@ def _with_header(data: bytes, edit: dict[str, object]) -> bytes:
     [
         (lambda d: d[:5], "at least 12 bytes"),
         (lambda d: b"XXXX" + d[4:], "bad magic"),
-        (lambda d: d[:4] + struct.pack("<H", 9) + d[6:], "format 9 is not supported"),
+        (lambda d: d[:4] + struct.pack("<H", 9) + d[6:], "format 9 with flags 0x0 is from a newer seqserve"),
+        (lambda d: d[:6] + struct.pack("<H", 2) + d[8:], "format 1 with flags 0x2 is from a newer seqserve"),
+        (lambda d: d[:4] + struct.pack("<H", 0) + d[6:], "format 0 is not supported"),
         (lambda d: d[:8] + struct.pack("<I", 10**9) + d[12:], "does not fit"),
         (lambda d: d[:12] + b"}" + d[13:], "not valid JSON"),
         (lambda d: _with_header(d, {"version": "3"}), "'version' must be an integer"),
