@@ -4,6 +4,7 @@ merged results equal solo results, a failing batch fails every request in it, an
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from service.errors import ModelUnavailable, Overloaded
 from tests.service.core.conftest import MakeDP, recorded
 
 LM = ModelRef("charlm")
+SENT = ModelRef("sentiment")
 
 
 async def test_concurrent_classify_requests_share_one_run(make_dp: MakeDP) -> None:
@@ -307,3 +309,32 @@ def test_the_queue_depth_gauge_sums_a_models_versions() -> None:
     assert m.registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"}) == 5
     m.queue_depth("sentiment", 0, 2)  # version 2 stopped: version 1's backlog stays
     assert m.registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"}) == 3
+
+
+# The batch-size bound and a stop during a threaded run (found by mutation testing: neither was checked).
+async def test_max_batch_size_bounds_every_batch(make_dp: MakeDP) -> None:
+    dp = await make_dp(max_batch_size=2, max_batch_delay_ms=1.0)
+    await asyncio.gather(*(dp.classify(SENT, ["good"]) for _ in range(7)))
+    sizes = recorded(dp).batch_sizes("sentiment")
+    assert sum(sizes) == 7 and max(sizes) <= 2, sizes
+
+
+async def test_stop_during_a_threaded_run_fails_its_waiters(make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch) -> None:
+    dp = await make_dp(inline_batch_tokens=0)  # every batch runs in a worker thread
+    batcher = dp.registry.resolve(SENT).batcher
+    started, release = threading.Event(), threading.Event()
+    real = batcher.runtime.run
+
+    def slow(feeds, rows):  # type: ignore[no-untyped-def]
+        started.set()
+        release.wait(10)
+        return real(feeds, rows)
+
+    monkeypatch.setattr(batcher.runtime, "run", slow)
+    call = asyncio.ensure_future(dp.classify(SENT, ["good"]))
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    await batcher.stop()
+    release.set()
+    with pytest.raises(ModelUnavailable, match="stopped"):
+        await asyncio.wait_for(call, 5)

@@ -107,3 +107,23 @@ def test_scored_counts_must_fit_the_targets() -> None:
                                                                                 "level": "0.5"}) == 5.0  # fmt: skip
     with pytest.raises(ValueError, match=r"0\.\.targets=10"):
         m.forecast_scored("f", 1, 10, {0.9: 11})
+
+
+async def test_coverage_of_a_covariate_model_scores_its_target(tmp_path: Path, make_dp: MakeDP) -> None:
+    from tests.service.core.test_forecast_coverage import expected
+    from tests.service.core.test_forecast_scale import WINDOW, series
+    from tests.tiny_models import export_tiny
+
+    export_tiny("forecast", tmp_path, name="ot-only", targets=["OT"])
+    dp = await make_dp(models=tmp_path)
+    model = ModelRef("ot-only")
+    history = series(WINDOW + 5, volatility=1.5, seed=3)
+    s = await dp.create_session(model)
+    first = await dp.observe(s.id, history[:WINDOW])
+    await dp.observe(s.id, history[WINDOW:])
+    n, below = expected(first.quantiles, history[WINDOW:, -1:])
+    get = dp.metrics.registry.get_sample_value
+    labels = {"model": "ot-only", "version": "1"}
+    assert get("seqserve_forecast_observed_targets_total", labels) == n
+    got = [get("seqserve_forecast_targets_below_total", {**labels, "level": f"{q:g}"}) for q in first.quantile_levels]
+    assert got == below

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from service.core.arrays import resolve_shape
 from service.core.dataplane import CoreDataPlane
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.runtime import CPU, CUDA, select_providers
 from service.core.types import DataPlane, ModelRef, SamplingParams
 from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, ModelUnavailable
@@ -374,3 +375,28 @@ async def test_changed_weights_reload_and_pinned_sessions_say_so(
         await dp.char_step(lm, "e", session_id=s.id)
     assert (await dp.char_step(lm, "e", session_id=(await dp.create_session(lm)).id)).steps == 1
     assert (await dp.get_session(other.id)).model == "forecaster"  # other sessions are untouched
+
+
+async def test_a_manifest_dtype_that_differs_from_the_graph_is_refused_at_load(repo: Path, make_dp: MakeDP) -> None:
+    path = repo / "charlm" / "1" / MANIFEST_FILE
+    m = json.loads(path.read_text())
+    for t in m["inputs"]:
+        if t["name"] == "input_ids":
+            t["dtype"] = "int32"
+    path.write_text(json.dumps(m))
+    dp = await make_dp(models=repo)
+    info = await dp.model_info(ModelRef("charlm"))
+    assert not info.ready and "input_ids is tensor(int64) in the graph, int32 in the manifest" in (info.error or "")
+
+
+def test_cuda_requested_but_placed_on_cpu_is_refused(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.core import runtime as rt
+    from service.settings import Settings
+
+    monkeypatch.setattr(rt, "select_providers", lambda device: [rt.CUDA, rt.CPU])
+    vdir = tiny_models / "charlm" / "1"
+    manifest = Manifest.load(vdir / MANIFEST_FILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ModelUnavailable, match="placed the model on CPUExecutionProvider"):
+            rt.load_runtime(manifest, vdir / MODEL_FILE, Settings(device="cuda", models=tiny_models), {})

@@ -309,3 +309,50 @@ async def test_a_forecaster_with_covariates_forecasts_its_targets_only(tmp_path:
     s = await dp.create_session(model)  # sessions keep every input column and forecast the target
     observed = await dp.observe(s.id, history)
     np.testing.assert_allclose(observed.point, result.point, atol=1e-5)
+
+
+async def _dist(dp: CoreDataPlane, sid: str, text: str) -> np.ndarray:
+    fork = await dp.fork_session(sid)
+    step = await dp.char_step(LM, text, session_id=fork.id)
+    await dp.delete_session(fork.id)
+    return np.log(step.probabilities.astype(np.float64))
+
+
+@pytest.mark.parametrize("prompt", ["The cat sat on the ", "Hello wor", "abc"])
+async def test_beam_search_of_two_characters_is_exact(dp: CoreDataPlane, prompt: str) -> None:
+    n = 3
+    s = await dp.create_session(LM)
+    await dp.char_step(LM, prompt, session_id=s.id)
+    vocab = (await dp.char_step(LM, "", session_id=s.id)).vocab
+    first = await _dist(dp, s.id, "")
+    cands = []
+    for i in np.argsort(-first, kind="stable")[:n]:
+        second = await _dist(dp, s.id, vocab[i])
+        cands += [(first[i] + second[j], vocab[i] + vocab[j]) for j in range(len(vocab))]
+    best = [t for _, t in sorted(cands, key=lambda c: -c[0])[:n]]
+    got = await dp.suggest(s.id, "", n=n, max_chars=2, beam=True)
+    assert [x.text for x in got.suggestions] == best
+
+
+async def test_greedy_branches_are_ranked_by_logprob(dp: CoreDataPlane) -> None:
+    for prompt in ["The cat sat on the ", "Hello wor", "abc", "q", "zz top"]:
+        s = await dp.create_session(LM)
+        got = await dp.suggest(s.id, prompt, n=10, max_chars=8, beam=False)
+        lp = [x.logprob for x in got.suggestions]
+        assert lp == sorted(lp, reverse=True), (prompt, lp)
+
+
+async def test_a_failed_first_step_keeps_the_prompt_in_the_session(
+    dp: CoreDataPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = dp.registry.resolve(LM).task
+
+    async def boom(state, ids):  # type: ignore[no-untyped-def]
+        raise RuntimeError("step failed")
+
+    s = await dp.create_session(LM)
+    monkeypatch.setattr(task, "step_rows", boom)
+    with pytest.raises(RuntimeError):
+        async for _ in dp.complete(LM, "Hello", SamplingParams(max_chars=5), s.id):
+            pass
+    assert (await dp.get_session(s.id)).steps == 5

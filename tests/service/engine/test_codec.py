@@ -3,7 +3,10 @@ message and ErrorInfo reason, a plugin's own subclass of a domain error included
 
 from __future__ import annotations
 
+import struct
+
 import grpc
+import numpy as np
 import pytest
 
 from service import errors
@@ -96,3 +99,17 @@ async def test_a_stream_whose_answer_cannot_be_sent_is_stopped() -> None:
     replies = unpack(frame[4:])
     assert [r[:2] for r in replies] == [[5, wire.ITEM], [5, wire.ERROR], [6, wire.OK]]
     other.cancel()
+
+
+def test_decoded_arrays_are_writable_copies() -> None:
+    from service.engine.codec import pack, unpack
+
+    out = unpack(pack(np.arange(4, dtype=np.float32)))
+    assert out.flags.writeable and out.flags.owndata
+
+
+def test_an_oversized_frame_header_is_refused() -> None:
+    from service.engine.wire import MAX_FRAME, Framer
+
+    with pytest.raises(ValueError, match="larger than"):
+        list(Framer().feed(struct.pack("<I", MAX_FRAME + 1)))
