@@ -63,6 +63,14 @@ def test_the_log_budget_warning_counts_from_the_first_dropped_line(caplog: pytes
     with caplog.at_level(logging.WARNING, logger="service.api.interceptors"):
         assert budget.allow()
     assert "3 refused-request lines were not logged in the last 0.9 s" in caplog.text
+    caplog.clear()
+    for t in (1.2, 1.5):  # the next run counts from zero
+        now[0] = t
+        assert not budget.allow()
+    now[0] = 2.0
+    with caplog.at_level(logging.WARNING, logger="service.api.interceptors"):
+        assert budget.allow()
+    assert "2 refused-request lines were not logged in the last 0.8 s" in caplog.text
 
 
 def test_a_refused_bidi_stream_is_counted_with_its_code(start_server) -> None:  # type: ignore[no-untyped-def]

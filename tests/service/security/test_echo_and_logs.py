@@ -218,6 +218,27 @@ def test_refusals_inside_a_stream_and_passed_deadlines_are_logged(
     assert eventually(lambda: "Autocomplete/Complete -> DEADLINE_EXCEEDED after" in out.getvalue())
 
 
+def test_passed_deadlines_are_logged_within_the_budget(
+    serve: Callable[..., ServerHandle], server_log: Callable[[str], io.StringIO]
+) -> None:
+    """A client whose deadlines keep passing writes no more lines than one sending bad requests: the same
+    log_errors_per_second budget (five seconds' burst, then one per second)."""
+    handle = serve(log_errors_per_second=1.0)
+    out = server_log("text")
+    with Client(handle.target) as c:
+        t0 = time.monotonic()
+        for _ in range(12):
+            with pytest.raises(ApiError) as info:
+                list(c.complete("To be", max_chars=2000, timeout=0.05))
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        took = time.monotonic() - t0
+    assert eventually(
+        lambda: rpc_count(handle, "seqserve.v1.Autocomplete", "Complete", "DEADLINE_EXCEEDED", "charlm") == 12
+    )
+    logged = out.getvalue().count("Autocomplete/Complete -> DEADLINE_EXCEEDED after")
+    assert 5 <= logged <= 5 + took + 1, out.getvalue()
+
+
 def test_the_summary_hides_the_store_password_and_lines_name_their_process(
     server_log: Callable[[str], io.StringIO],
 ) -> None:
