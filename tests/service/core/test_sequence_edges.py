@@ -98,3 +98,12 @@ def test_stats_to_pb_fields() -> None:
     assert [b.compute_input.count, b.compute_infer.count, b.compute_output.count] == [1, 2, 3]
     assert [m.name for m in index_to_pb([], ["gone"], ready_only=True).models] == []
     assert [m.reason for m in index_to_pb([], ["gone"], ready_only=False).models] == ["unloaded"]
+
+
+async def test_a_restarted_sequence_counts_the_replaced_session_as_deleted(make_dp) -> None:  # type: ignore[no-untyped-def]
+    """sequence_start on a running id replaces its session: created 2, deleted 1, so the active count stays 1."""
+    dp = await make_dp()
+    await dp.infer(LM, text("ab"), sequence=SequenceRef("r", start=True))
+    await dp.infer(LM, text("x"), sequence=SequenceRef("r", start=True))
+    events = recorded(dp).events
+    assert (events.count(("charlm", "created")), events.count(("charlm", "deleted"))) == (2, 1)

@@ -52,25 +52,22 @@ def test_every_domain_error_has_its_documented_status_code() -> None:
 
 
 def test_the_log_budget_warning_counts_from_the_first_dropped_line(caplog: pytest.LogCaptureFixture) -> None:
-    """The count in "... not logged in the last N s" spans the whole run of dropped lines."""
+    """The count in "... not logged in the last N s" spans the whole run of dropped lines, and the next run
+    counts from zero."""
     now = [0.0]
     budget = LogBudget(1.0, clock=lambda: now[0])
     assert sum(budget.allow() for _ in range(5)) == 5
-    for t in (0.1, 0.5, 0.9):
-        now[0] = t
-        assert not budget.allow()
-    now[0] = 1.0
-    with caplog.at_level(logging.WARNING, logger="service.api.interceptors"):
-        assert budget.allow()
-    assert "3 refused-request lines were not logged in the last 0.9 s" in caplog.text
-    caplog.clear()
-    for t in (1.2, 1.5):  # the next run counts from zero
-        now[0] = t
-        assert not budget.allow()
-    now[0] = 2.0
-    with caplog.at_level(logging.WARNING, logger="service.api.interceptors"):
-        assert budget.allow()
-    assert "2 refused-request lines were not logged in the last 0.8 s" in caplog.text
+    runs = (((0.1, 0.5, 0.9), 1.0, "3 refused-request lines were not logged in the last 0.9 s"),
+            ((1.2, 1.5), 2.0, "2 refused-request lines were not logged in the last 0.8 s"))  # fmt: skip
+    for dropped, allowed, warning in runs:
+        for t in dropped:
+            now[0] = t
+            assert not budget.allow()
+        now[0] = allowed
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="service.api.interceptors"):
+            assert budget.allow()
+        assert warning in caplog.text
 
 
 def test_a_refused_bidi_stream_is_counted_with_its_code(start_server) -> None:  # type: ignore[no-untyped-def]
