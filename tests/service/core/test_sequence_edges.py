@@ -12,13 +12,10 @@ from service.api.kserve.params import parse_sequence
 from service.core.types import Duration, ModelRef, SequenceRef, Tensor
 from service.errors import FailedPrecondition, InvalidInput, SessionEvicted
 from tests.service.core.conftest import recorded
+from tests.service.core.test_sessions import text
 from tests.service.security.conftest import infer_request
 
 LM = ModelRef("charlm")
-
-
-def text(value: str) -> list[Tensor]:
-    return [Tensor("TEXT", "BYTES", (1,), items=[value.encode()])]
 
 
 # --- sequences.py / params.py / convert.py ----------------------------------------------------------------------
