@@ -74,7 +74,12 @@ async def test_replicas_take_turns_and_hand_over(make_store: MakeStore) -> None:
     np.testing.assert_array_equal(final.state["h0"], state().state["h0"] + 26)
 
 
-async def test_a_stale_lease_write_is_refused(make_store: MakeStore, redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("b_keeps_its_lease", [True, False])
+async def test_a_stale_lease_write_is_refused(
+    make_store: MakeStore, redis_server: RedisServer, b_keeps_its_lease: bool
+) -> None:
+    """When B's lease had ended too (handed back, or run out) before A's late save, A's caller was told the
+    session was "deleted or replaced" (NOT_FOUND: create a new one, losing it) instead of ABORTED (retry)."""
     a, b = await make_store(), await make_store()
     await a.add(state())
     async with a.lease("s1"):
@@ -84,11 +89,36 @@ async def test_a_stale_lease_write_is_refused(make_store: MakeStore, redis_serve
         redis_server.client().delete(a.keys("s1")[1])
         a.cache.get("s1").owned_until = 0.0  # type: ignore[union-attr]
         await step(b, "s1", 10)
+        if not b_keeps_its_lease:
+            redis_server.client().delete(a.keys("s1")[1])
         s.steps += 1
         with pytest.raises(SessionConflict, match="taken over by another replica"):
             await a.save(s)
     got = await b.load("s1")
     assert got is not None and got.steps == 10  # B's step stands, A's was not applied
+
+
+async def test_a_session_replaced_under_a_late_save_is_not_found(
+    make_store: MakeStore, redis_server: RedisServer
+) -> None:
+    """The other side of the test above: a new session under the same id (a restarted KServe sequence) is not
+    the session A's call used, so A's save is refused as stale (NOT_FOUND), not as a retryable conflict."""
+    a, b = await make_store(), await make_store()
+    await a.add(state())
+    async with a.lease("s1"):
+        s = await a.load("s1")
+        assert s is not None
+        redis_server.client().delete(a.keys("s1")[1])
+        a.cache.get("s1").owned_until = 0.0  # type: ignore[union-attr]
+        await b.delete("s1")
+        await b.add(state())
+        await step(b, "s1", 3)
+        redis_server.client().delete(a.keys("s1")[1])
+        s.steps += 1
+        with pytest.raises(StaleSession):
+            await a.save(s)
+    got = await b.load("s1")
+    assert got is not None and got.steps == 3
 
 
 async def test_a_stale_copy_is_refused_and_delete_wins(make_store: MakeStore) -> None:

@@ -39,6 +39,17 @@ POLL_MAX = 0.05  # seconds between two tries for a lease another replica holds (
 ASK_EVERY = 0.25  # seconds between two hand-over requests to the holder
 
 
+def stepped_elsewhere(expected: str, stored: bytes) -> bool:
+    """Whether the ``stored`` revision (16 hex digits, empty when the session is gone) is a later save of the same
+    session as ``expected``: another replica stepped it. A session created again under its id (a restarted KServe
+    sequence) starts from 48 new random bits (``RedisSessionStore.add``) and each save adds 1, so its revision is
+    no small step above the old one."""
+    try:
+        return 0 < int(stored, 16) - int(expected, 16) < 2**32
+    except ValueError:
+        return False
+
+
 def session_keys(session_id: str) -> list[str]:
     """[value, lease]: one hash tag, one cluster slot."""
     t = tag(session_id)
@@ -163,15 +174,15 @@ class Leases:
             self.replica, e.stored, self.value(s, deadline), self.value_ms(s, not release), self.lease_ms,
         ]  # fmt: skip
         try:
-            r = int(await self.conn.script("save", self.keys(session_id), [*args, "1" if release else "0"]))
+            got = await self.conn.script("save", self.keys(session_id), [*args, "1" if release else "0"])
         except StoreUnavailable:
             if not self.idle_mode:
                 self.cache.pop(session_id)  # did it land? the next call asks Redis
             raise
         self.counts["write"] += 1
-        if r != 1:
+        if got != 1:
             self.forget(session_id)
-            if r == -1:
+            if got == -1 or stepped_elsewhere(e.stored, got[1]):  # held by another, or stepped by one since
                 raise SessionConflict(
                     f"session {echo(session_id)} was taken over by another replica while this call used it; "
                     "nothing was saved: retry the call"

@@ -42,13 +42,14 @@ return {1, head, redis.call('GET', KEYS[1])}
 """
 
 # KEYS: value, lease. ARGV: replica, expected revision (16 hex), new value, value ms, lease ms, release ("1"/"0").
-# -> 1 written; -1 another replica holds the lease; -2 the stored revision is not the expected one (or gone).
+# -> 1 written; -1 another replica holds the lease; {-2, stored revision ("" = gone)} it is not the expected one.
 # A value written under a lease this replica keeps lives at least as long as the lease (RENEW extends both while
 # a call runs): a call longer than the session's TTL finds its value still there (a session in use is not idle).
 SAVE = """
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return -1 end
-if redis.call('GETRANGE', KEYS[1], 0, 15) ~= ARGV[2] then return -2 end
+local stored = redis.call('GETRANGE', KEYS[1], 0, 15)
+if stored ~= ARGV[2] then return {-2, stored} end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 if ARGV[6] == '1' then
   redis.call('DEL', KEYS[2])
