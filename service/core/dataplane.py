@@ -225,8 +225,9 @@ class CoreDataPlane:
         inputs: Sequence[InputTensor],
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
+        classes: dict[str, int] | None = None,
     ) -> InferResult:
-        return await self._v2.infer(model, inputs, outputs, sequence)
+        return await self._v2.infer(model, inputs, outputs, sequence, classes)
 
     # --- our API: sentiment -------------------------------------------------------------------------------
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:

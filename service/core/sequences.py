@@ -13,6 +13,8 @@ import hashlib
 import weakref
 from collections.abc import Sequence
 
+import numpy as np
+
 from service.core import pinning
 from service.core.context import note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
@@ -71,6 +73,7 @@ class V2Inference:
         inputs: Sequence[InputTensor],
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
+        classes: dict[str, int] | None = None,
     ) -> InferResult:
         imported: Exported | None = None
         if sequence is not None and (sequence.export or sequence.import_blob is not None):
@@ -89,24 +92,42 @@ class V2Inference:
         elif sequence is not None and not sequence.start and model.version is None:
             # A running sequence stays on the version (and weights) it started with, even when a newer one loaded
             # since; FAILED_PRECONDITION when that version is gone or its weights changed.
-            return await self._continue(self.registry.find(model).name, inputs, outputs, sequence)
+            return await self._continue(self.registry.find(model).name, inputs, outputs, sequence, classes)
         else:
             entry = self.registry.resolve(model)
         note_model(entry.name)
         with CountedRequest(entry) as req:
-            tensors, wanted = await self._checked(entry, inputs, outputs, sequence)
+            tensors, wanted = await self._checked(entry, inputs, outputs, sequence, classes)
             blob = None
             if sequence is None:
                 result = await entry.task.infer(tensors, None)
             else:
                 result, blob = await self._infer_sequence(entry, tensors, sequence, imported)
             req.inferences = result.inferences
-        return InferResult(
-            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
-        )
+        return self._result(entry, result, wanted, classes, blob)
+
+    def _result(
+        self,
+        entry: ModelEntry,
+        result: TaskResult,
+        wanted: list[str],
+        classes: dict[str, int] | None,
+        blob: bytes | None,
+    ) -> InferResult:
+        """The answer: the wanted outputs, those named in ``classes`` as their top classes."""
+        tensors = [result.outputs[n] for n in wanted]
+        if classes:
+            labels = {d.name: d.labels for d in self._contract(entry)[0].outputs}
+            tensors = [top_classes(t, classes[t.name], labels[t.name]) if t.name in classes else t for t in tensors]
+        return InferResult(entry.name, entry.version, tensors, result.inferences, result.steps, blob)
 
     async def _checked(
-        self, entry: ModelEntry, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef | None
+        self,
+        entry: ModelEntry,
+        inputs: Sequence[InputTensor],
+        outputs: list[str] | None,
+        seq: SequenceRef | None,
+        classes: dict[str, int] | None = None,
     ) -> tuple[dict[str, Tensor], list[str]]:
         """The request checked against the version's contract: decoded inputs and the outputs to return."""
         contract, names = self._contract(entry)
@@ -117,6 +138,13 @@ class V2Inference:
         if len(set(wanted)) < len(wanted):
             twice = next(n for n in wanted if wanted.count(n) > 1)
             raise InvalidInput(f"output {echo(twice)} is requested twice; name each output once")
+        if classes:
+            for d in contract.outputs:
+                if d.name in classes and d.datatype == "BYTES":
+                    raise InvalidInput(
+                        f"output {d.name} of model {entry.name} holds BYTES: the classification extension "
+                        "(class_count) ranks numeric outputs only; request it without class_count"
+                    )
         if seq is not None and not contract.sequences:
             raise InvalidInput(
                 f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"
@@ -127,7 +155,12 @@ class V2Inference:
         return seal(s, pinning.signing_key(self.settings), self.sessions.clock()) if seq.export else None
 
     async def _continue(
-        self, name: str, inputs: Sequence[InputTensor], outputs: list[str] | None, seq: SequenceRef
+        self,
+        name: str,
+        inputs: Sequence[InputTensor],
+        outputs: list[str] | None,
+        seq: SequenceRef,
+        classes: dict[str, int] | None,
     ) -> InferResult:
         """One step of a running sequence that names no version, under one lease: the session says which version
         serves it (``pinned``), the request is checked, the task advances the session and it is saved (or, with
@@ -142,7 +175,7 @@ class V2Inference:
                 entry = pinning.pinned(self.registry, s)
                 note_model(entry.name)
                 req = CountedRequest(entry)
-                tensors, wanted = await self._checked(entry, inputs, outputs, seq)
+                tensors, wanted = await self._checked(entry, inputs, outputs, seq, classes)
                 use.save = True  # from here on the session is saved (or ended) whatever the task does
                 result = await entry.task.infer(tensors, s)
                 req.inferences = result.inferences
@@ -153,9 +186,7 @@ class V2Inference:
         finally:
             if req is not None:
                 req.finish(ok)
-        return InferResult(
-            entry.name, entry.version, [result.outputs[n] for n in wanted], result.inferences, result.steps, blob
-        )
+        return self._result(entry, result, wanted, classes, blob)
 
     async def _infer_sequence(
         self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef, imported: Exported | None
@@ -193,3 +224,22 @@ class V2Inference:
             return result, blob
         except SessionNotFound as exc:
             raise self._unknown_sequence(entry.name, seq, exc) from None
+
+
+def top_classes(t: Tensor, count: int, labels: tuple[str, ...]) -> Tensor:
+    """Triton's classification extension: a numeric output as its ``count`` highest values, each the string
+    ``"<value>:<index>[:<label>]"`` (value as C's ``%f`` for floats), highest first, ties by index. An output of
+    two or more dimensions is ranked per row of its first (one row per text or step): shape ``[rows, k]``; a
+    one-dimensional output as a whole: ``[k]``. ``k`` is ``count``, at most the values a row holds."""
+    assert t.array is not None
+    a = t.array
+    rows = a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(1, -1)
+    k = min(count, rows.shape[1])
+    fmt = "{:f}".format if a.dtype.kind == "f" else (lambda v: str(int(v)))
+    items = []
+    for row in rows:
+        for i in np.argsort(-row.astype(np.float64), kind="stable")[:k].tolist():
+            text = f"{fmt(row[i].item())}:{i}"
+            items.append((f"{text}:{labels[i]}" if i < len(labels) else text).encode())
+    shape = (rows.shape[0], k) if a.ndim >= 2 else (k,)
+    return Tensor(t.name, "BYTES", shape, items=items)

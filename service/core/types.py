@@ -151,6 +151,7 @@ class TensorDef:
     also_accepts: tuple[str, ...] = ()  # other datatypes taken for this input (e.g. INT64 for an INT32 count)
     max_shape: tuple[int, ...] = ()
     limit_name: str = ""  # the setting behind max_shape, named in the error message
+    labels: tuple[str, ...] = ()  # an output's class names along its last dimension (Triton's label file)
 
     def describe(self) -> str:
         return f"{self.name} ({self.datatype} {list(self.shape)})"
@@ -279,10 +280,12 @@ class DataPlane(Protocol):
         inputs: Sequence[InputTensor],
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
+        classes: dict[str, int] | None = None,
     ) -> InferResult:
         """The v2 inference: inputs checked against the task's contract (then decoded), ``outputs`` (None = all,
         in the contract's order). With ``sequence`` the model's state lives on between calls (Triton's sequence
-        extension)."""
+        extension). ``classes`` (output name -> count): those outputs come back as their top classes (Triton's
+        classification extension)."""
         ...
 
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]: ...

@@ -239,8 +239,9 @@ class RemoteDataPlane:
         inputs: Sequence[InputTensor],
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
+        classes: dict[str, int] | None = None,
     ) -> InferResult:
-        result: InferResult = await self._call("infer", model, list(inputs), outputs, sequence)
+        result: InferResult = await self._call("infer", model, list(inputs), outputs, sequence, classes)
         return result
 
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:

@@ -1,6 +1,6 @@
 """Open Inference Protocol (KServe v2) gRPC endpoint: ``inference.GRPCInferenceService``, with Triton's
-sequence, statistics, model-configuration and model-repository (index, load, unload) extensions. Works with
-stock tritonclient.
+classification, sequence, statistics, model-configuration and model-repository (index, load, unload) extensions.
+Works with stock tritonclient.
 
 Thin: protobuf -> tensors (``tensors``) and parameters (``params``) -> one DataPlane call -> protobuf
 (``convert``). Validation lives in the core. ModelInfer raises ``service.errors`` types (the interceptor maps
@@ -31,6 +31,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 EXTENSIONS = [
+    "classification",
     "sequence",
     "sequence(string_id)",
     "model_configuration",
@@ -158,8 +159,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One inference; the answer goes into ``response`` when given (a stream's envelope), else a new one."""
         ref = model_ref(request.model_name, request.model_version)
         sequence = parse_sequence(request.parameters)
-        outputs = requested_outputs(request)
-        result = await self._dataplane.infer(ref, read_inputs(request), outputs, sequence)
+        outputs, classes = requested_outputs(request)
+        result = await self._dataplane.infer(ref, read_inputs(request), outputs, sequence, classes)
         if response is None:
             response = pb.ModelInferResponse()
         response.model_name, response.model_version, response.id = result.model, str(result.version), request.id

@@ -177,18 +177,23 @@ def read_inputs(request: pb.ModelInferRequest) -> list[WireInput]:
     return [WireInput(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)]
 
 
-def requested_outputs(request: pb.ModelInferRequest) -> list[str] | None:
-    """The outputs a request names (None: every output). Triton's classification extension (tritonclient's
-    ``class_count``) is refused rather than ignored: its callers expect "score:index:label" strings back."""
+def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str] | None, dict[str, int] | None]:
+    """The outputs a request names (None: every output), and the class count of those that ask for Triton's
+    classification extension (tritonclient's ``class_count``: parameter ``classification``, an int64 >= 1)."""
     names = []
+    classes: dict[str, int] | None = None
     for o in request.outputs:
         if "classification" in o.parameters:
-            raise InvalidInput(
-                f"output {short(o.name)}: the classification extension (class_count) is not supported; request the "
-                "output without it and take its largest values"
-            )
+            p = o.parameters["classification"]
+            if p.WhichOneof("parameter_choice") != "int64_param" or p.int64_param < 1:
+                raise InvalidInput(
+                    f"output {short(o.name)}: parameter classification must be an int64_param >= 1 (how many "
+                    "classes to return, tritonclient's class_count)"
+                )
+            classes = classes or {}
+            classes[o.name] = p.int64_param
         names.append(o.name)
-    return names or None
+    return names or None, classes
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:

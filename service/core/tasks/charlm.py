@@ -125,7 +125,7 @@ class CharLMTask(Task):
                 TensorDef("NUM_CHARS", "INT32", (1,), optional=True, also_accepts=("INT64",)),
             ),
             outputs=(
-                TensorDef("NEXT_CHAR_PROBS", "FP32", (v,)),
+                TensorDef("NEXT_CHAR_PROBS", "FP32", (v,), labels=tuple(self.vocab)),
                 TensorDef("VOCAB", "BYTES", (v,)),
                 TensorDef("COMPLETION", "BYTES", (1,)),
             ),

@@ -65,7 +65,10 @@ class SentimentTask(Task):
                     limit_name="max_texts_per_request",
                 ),
             ),
-            outputs=(TensorDef("LABEL", "BYTES", (-1,)), TensorDef("PROBABILITIES", "FP32", (-1, len(self.labels)))),
+            outputs=(
+                TensorDef("LABEL", "BYTES", (-1,)),
+                TensorDef("PROBABILITIES", "FP32", (-1, len(self.labels)), labels=tuple(self.labels)),
+            ),
             sequences=False,
         )
 

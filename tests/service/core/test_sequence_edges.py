@@ -4,11 +4,13 @@ statistics keep every field on the wire. (Each was unchecked until a mutation re
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.kserve.convert import index_to_pb, stats_to_pb
 from service.api.kserve.params import parse_sequence
+from service.core.sequences import top_classes
 from service.core.types import Duration, ModelRef, SequenceRef, Tensor
 from service.errors import FailedPrecondition, InvalidInput, SessionEvicted
 from tests.service.core.conftest import recorded
@@ -104,3 +106,26 @@ async def test_a_restarted_sequence_counts_the_replaced_session_as_deleted(make_
     await dp.infer(LM, text("x"), sequence=SequenceRef("r", start=True))
     events = recorded(dp).events
     assert (events.count(("charlm", "created")), events.count(("charlm", "deleted"))) == (2, 1)
+
+
+# --- the classification extension (sequences.top_classes) -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("array", "count", "labels", "shape", "items"),
+    [
+        # one row of floats: highest first, ties by index, labels where the model names its classes
+        (np.array([0.25, 0.5, 0.25], np.float32), 3, ("a", "b", "c"), (3,),
+         ["0.500000:1:b", "0.250000:0:a", "0.250000:2:c"]),
+        # rows of a 2-D output each ranked; fewer labels than classes: the rest without one
+        (np.array([[0.1, 0.9], [0.7, 0.3]], np.float32), 1, ("neg",), (2, 1), ["0.900000:1", "0.700000:0:neg"]),
+        # unsigned integers (their negation would wrap), and a count above the classes there are
+        (np.array([3, 250, 7], np.uint8), 5, (), (3,), ["250:1", "7:2", "3:0"]),
+        # 3-D: ranked per row of the first dimension over the rest, flattened
+        (np.arange(8, dtype=np.int64).reshape(2, 2, 2), 2, (), (2, 2), ["3:3", "2:2", "7:3", "6:2"]),
+    ],
+)  # fmt: skip
+def test_top_classes(
+    array: np.ndarray, count: int, labels: tuple[str, ...], shape: tuple[int, ...], items: list[str]
+) -> None:
+    got = top_classes(Tensor("OUT", "X", array.shape, array=array), count, labels)
+    assert (got.name, got.datatype, got.shape) == ("OUT", "BYTES", shape)
+    assert got.items == [s.encode() for s in items]

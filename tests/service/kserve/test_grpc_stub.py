@@ -172,11 +172,17 @@ def test_uint64_sequence_matches_whole_text(stub: pb_grpc.GRPCInferenceServiceSt
         (pb.ModelInferRequest(model_name="charlm", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])],
          raw_input_contents=[serialize_bytes([b"a"])], outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(
              name="NEXT_CHAR_PROBS")] * 2), grpc.StatusCode.INVALID_ARGUMENT, "twice"),
-        # Triton's classification extension (tritonclient's class_count)
-        (pb.ModelInferRequest(model_name="sentiment", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])],
-         raw_input_contents=[serialize_bytes([b"good"])], outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(
-             name="PROBABILITIES", parameters={"classification": pb.InferParameter(int64_param=1)})]),
-         grpc.StatusCode.INVALID_ARGUMENT, "class_count"),
+        # Triton's classification extension (tritonclient's class_count): a count that is no int64 >= 1, or a
+        # BYTES output to rank
+        *[(pb.ModelInferRequest(model_name="sentiment", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])],
+           raw_input_contents=[serialize_bytes([b"good"])], outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(
+               name=name, parameters={"classification": param})]), grpc.StatusCode.INVALID_ARGUMENT, needle)
+          for name, param, needle in [
+              ("PROBABILITIES", pb.InferParameter(int64_param=0), "int64_param >= 1"),
+              ("PROBABILITIES", pb.InferParameter(int64_param=-2), "int64_param >= 1"),
+              ("PROBABILITIES", pb.InferParameter(bool_param=True), "int64_param >= 1"),
+              ("PROBABILITIES", pb.InferParameter(string_param="2"), "int64_param >= 1"),
+              ("LABEL", pb.InferParameter(int64_param=1), "holds BYTES")]],
     ],
 )  # fmt: skip
 def test_bad_requests(

@@ -167,3 +167,30 @@ def test_statistics_count_what_was_sent(report: Report) -> None:
     assert int(m["inference_stats"]["success"]["ns"]) > 0 and int(m["last_inference"]) > 0
     names = {m["name"] for m in report["stats_all"]["model_stats"]}
     assert names == {"sentiment", "charlm", "forecaster"}
+
+
+def test_classification_extension(report: Report) -> None:
+    """tritonclient's ``class_count`` (Triton's classification extension) was refused; it now answers, as Triton
+    does, "<value>:<index>:<label>" strings, highest first: per text for sentiment, over the vocabulary for the
+    char LM's next character, where a sequence step asking for it advances the sequence like any other."""
+    r = report["classification"]
+    assert "classification" in r["extensions"]
+    assert r["top_datatype"] == "BYTES"
+    assert len(r["top"]) == 2 and all(len(row) == 2 for row in r["top"])
+    for row, probs, label in zip(r["top"], r["probs"], r["labels"], strict=True):
+        parsed = [s.split(":", 2) for s in row]
+        indexes = [int(i) for _, i, _ in parsed]
+        assert indexes == sorted(range(len(probs)), key=lambda i: -probs[i])  # highest first
+        for value, i, _ in parsed:
+            assert value == f"{probs[int(i)]:f}"  # C's %f, as Triton's std::to_string
+        assert parsed[0][2] == label  # the top class's name is the LABEL output
+    assert r["one"] == [[row[0]] for row in r["top"]]
+    assert r["many"] == r["top"]  # at most the classes there are
+    vocab, ref = r["vocab"], r["reference_probs"]
+    best = sorted(range(len(ref)), key=lambda i: -ref[i])[:3]
+    assert r["next_chars"] == [f"{ref[i]:f}:{i}:{vocab[i]}" for i in best]
+    # The refused request (class_count on a BYTES output) did not advance the sequence.
+    assert r["bytes_refused"]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "BYTES" in r["bytes_refused"]["message"] and "class_count" in r["bytes_refused"]["message"]
+    assert r["last_steps"] == r["prefix_chars"] + 1
+    _close(r["last_probs"], r["whole_probs"])

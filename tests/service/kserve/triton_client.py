@@ -233,6 +233,47 @@ def trained(c: grpcclient.InferenceServerClient) -> Report:
     }
 
 
+def classification(c: grpcclient.InferenceServerClient) -> Report:
+    """Triton's classification extension (``class_count``) on sentiment and on a char-LM sequence step."""
+    texts = ["a great and wonderful film", "awful boring mess"]
+
+    def out(name: str, count: int = 0) -> grpcclient.InferRequestedOutput:
+        return grpcclient.InferRequestedOutput(name, class_count=count)
+
+    plain = c.infer("sentiment", [_text(texts)], outputs=[out("LABEL"), out("PROBABILITIES")])
+    top = c.infer("sentiment", [_text(texts)], outputs=[out("PROBABILITIES", 2)])
+    one = c.infer("sentiment", [_text(texts)], outputs=[out("PROBABILITIES", 1)])
+    many = c.infer("sentiment", [_text(texts)], outputs=[out("PROBABILITIES", 50)])
+    prefix = "To be, or not to b"
+    reference = _charlm(c, prefix)
+    first = c.infer(
+        "charlm", [_text([prefix], [1])], sequence_id=5, sequence_start=True, outputs=[out("NEXT_CHAR_PROBS", 3)]
+    )
+    refused = _error(lambda: c.infer("charlm", [_text(["e"], [1])], sequence_id=5, outputs=[out("VOCAB", 2)]))
+    last = _charlm(c, "e", sequence_id=5, sequence_end=True)
+
+    def strings(r: grpcclient.InferResult, name: str) -> list[Any]:
+        return np.vectorize(bytes.decode, otypes=[object])(r.as_numpy(name)).tolist()
+
+    return {
+        "labels": [x.decode() for x in plain.as_numpy("LABEL")],
+        "probs": plain.as_numpy("PROBABILITIES").tolist(),
+        "top": strings(top, "PROBABILITIES"),
+        "top_datatype": top.get_output("PROBABILITIES").datatype,
+        "one": strings(one, "PROBABILITIES"),
+        "many": strings(many, "PROBABILITIES"),
+        "reference_probs": reference.as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "vocab": [v.decode() for v in reference.as_numpy("VOCAB")],
+        "next_chars": strings(first, "NEXT_CHAR_PROBS"),
+        "bytes_refused": refused,
+        "last_steps": last.get_response().parameters["seqserve_steps"].int64_param,
+        "last_probs": last.as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "whole_probs": _charlm(c, prefix + "e").as_numpy("NEXT_CHAR_PROBS").tolist(),
+        "prefix_chars": len(prefix),
+        "extensions": c.get_server_metadata(as_json=True).get("extensions", []),
+    }
+
+
 def repository(c: grpcclient.InferenceServerClient, op: str, model: str) -> Report:
     """tritonclient's load_model / unload_model, then what the server says about the model."""
     action = c.load_model if op == "load" else c.unload_model
@@ -264,6 +305,7 @@ def main() -> None:
         report = {"health": health(c), "sentiment": sentiment(c), "charlm": charlm(c), "stream": stream(c)}
         report["forecaster"] = forecaster(c)
         report["stats_all"] = c.get_inference_statistics(as_json=True)
+        report["classification"] = classification(c)
     print(json.dumps(report))
 
 
