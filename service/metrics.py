@@ -144,6 +144,13 @@ class Metrics:
         self.rpc_in_flight = Gauge(
             "seqserve_rpc_in_flight", "RPCs started and not yet finished.", ("service", "method"), registry=r
         )
+        self.rpc_stream_requests = Counter(
+            "seqserve_rpc_stream_requests",
+            "Requests answered one by one inside a stream (KServe ModelStreamInfer) by the status each got; a refusal "
+            "goes back inline (error_message) and the stream itself counts once in seqserve_rpc_requests_total.",
+            rpc,
+            registry=r,
+        )
 
         # --- core: inference --------------------------------------------------------------------------
         mv = ("model", "version")
@@ -276,6 +283,10 @@ class Metrics:
         labels = (service, method, self._model(model), code)
         self._child(self.rpc_requests, labels).inc()
         _observe_many(self._child(self.rpc_duration, labels), max(seconds, 0.0), 1)  # observe(), by bisection
+
+    def stream_request(self, service: str, method: str, model: str, code: str) -> None:
+        """One request answered inside a stream, OK or refused inline (labels: service, method, model, code)."""
+        self._child(self.rpc_stream_requests, (service, method, self._model(model), code)).inc()
 
     # --- core: inference -----------------------------------------------------------------------------
     def inference(

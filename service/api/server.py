@@ -113,7 +113,7 @@ class Server:
         options.append(("grpc.max_send_message_length", s.max_message_bytes))
         options.append(("grpc.so_reuseport", 1))  # frontends of one server share the port (the default on Linux)
         server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s), options=options)
-        self.services = [name for register in REGISTRARS for name in register(server, self.plane, s)]
+        self.services = [name for register in REGISTRARS for name in register(server, self.plane, s, self.metrics)]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"

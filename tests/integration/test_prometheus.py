@@ -55,6 +55,7 @@ class Traffic:
     completes: int = 0
     completion_chars: int = 0
     scored: int = 0  # forecast targets scored against the quantiles forecast for them
+    streamed: Counter[tuple[str, str]] = field(default_factory=Counter)  # (model, code) -> requests inside streams
 
 
 def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, max_sessions: int, t: Traffic) -> None:
@@ -89,6 +90,20 @@ def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, max_sessions:
         c.create_session("charlm")
     assert err.value.code.name == "RESOURCE_EXHAUSTED"
     t.calls["Create", "RESOURCE_EXHAUSTED"] += 1
+    # A KServe stream while the store is full: a sentence is answered, a sequence start is refused inline.
+    sentence = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+    sentence.contents.bytes_contents.append(b"a fine film")
+    chars = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+    chars.contents.bytes_contents.append(b"To be")
+    start = v2.ModelInferRequest(model_name="charlm", inputs=[chars])
+    start.parameters["sequence_id"].int64_param = 7
+    start.parameters["sequence_start"].bool_param = True
+    classify = v2.ModelInferRequest(model_name="sentiment", inputs=[sentence])
+    answers = list(kserve.ModelStreamInfer(iter([classify, start]), timeout=30))
+    assert answers[0].error_message == "" and "session store is full" in answers[1].error_message
+    t.texts += 1
+    t.streamed.update({("sentiment", "OK"): 1, ("charlm", "RESOURCE_EXHAUSTED"): 1})
+    t.calls["ModelStreamInfer", "OK"] += 1
     for s in (s1, s2, s3):
         c.delete_session(s.id)
     t.calls["Delete", "OK"] += 3
@@ -158,6 +173,15 @@ def test_request_counters_match_the_traffic(prometheus: Prometheus, traffic: Tra
         ("ModelInfer", "sentiment"): 2.0,
     }
     assert scalar(prometheus, "sum(seqserve_rpc_in_flight)") == 0.0
+
+
+def test_requests_inside_streams_are_counted_by_outcome(prometheus: Prometheus, traffic: Traffic) -> None:
+    """Each request of a ModelStreamInfer stream counts by the status it got inline (the stream is one OK RPC)."""
+    got = {
+        (r["metric"]["model"], r["metric"]["code"]): float(r["value"][1])
+        for r in query(prometheus, "sum by (model, code) (seqserve_rpc_stream_requests_total)")
+    }
+    assert got == {k: float(v) for k, v in traffic.streamed.items()}
 
 
 def test_latency_quantiles_are_finite(prometheus: Prometheus, traffic: Traffic) -> None:
@@ -231,7 +255,7 @@ def with_bool(expr: str) -> str:
 
 def test_every_alert_rule_evaluates_and_returns_series(prometheus: Prometheus, traffic: Traffic) -> None:
     rules = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
-    assert len(rules) == 10
+    assert len(rules) == 11
     for name, expr in rules.items():
         assert query(prometheus, with_bool(expr)), f"{name}: no series for {with_bool(expr)}"
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 import grpc
 
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.kserve.servicer import EXTENSIONS, STEPS_PARAMETER, KServeServicer
+from service.api.kserve.servicer import EXTENSIONS, SERVICE, STEPS_PARAMETER, KServeServicer
 from service.core.types import DataPlane
+from service.metrics import Metrics
 from service.settings import Settings
 
-SERVICE_NAME = "inference.GRPCInferenceService"
+SERVICE_NAME = SERVICE
 
 
-def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:
+def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
     """Adds the KServe v2 service to ``server``; returns its full name for health and reflection."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dataplane, settings), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dataplane, settings, metrics), server)
     return [SERVICE_NAME]
 
 

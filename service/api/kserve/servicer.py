@@ -27,6 +27,7 @@ from service.api.kserve.tensors import encode_output, read_inputs, requested_out
 from service.core.types import DataPlane
 from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
 from service.logs import CALL
+from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,14 +53,20 @@ def _server_version() -> str:
 
 
 FINAL_PARAMETER = "triton_final_response"
-STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+SERVICE = "inference.GRPCInferenceService"
+STREAM_METHOD = f"/{SERVICE}/ModelStreamInfer"
+
+
+def _not_counted(service: str, method: str, model: str, code: str) -> None:
+    """Without metrics (a servicer built alone, e.g. by bench/core.py)."""
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
+    def __init__(self, dataplane: DataPlane, settings: Settings, metrics: Metrics | None = None) -> None:
         self._dataplane = dataplane
         self._settings = settings
         self._budget = log_budget(settings)  # (the refusals inside streams: the edge's budget)
+        self._count = metrics.stream_request if metrics is not None else _not_counted
 
     # --- health and metadata --------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -128,21 +135,26 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Requests of one stream run in order, so a sequence sent on a stream advances step by step. Each request
         # has exactly one response, so each is its final one: like Triton, every response (errors too) says so
         # in parameter triton_final_response, which streaming clients read to know a request is done.
+        # The stream is one RPC to the edge (counted once, OK): each request's own outcome is counted here.
+        count = self._count
         async for request in request_iterator:
             try:
                 out = pb.ModelStreamInferResponse()
                 await self._infer(request, out.infer_response)  # filled in place: no copy into the envelope
                 out.infer_response.parameters[FINAL_PARAMETER].bool_param = True
+                count(SERVICE, "ModelStreamInfer", request.model_name, "OK")
                 yield out
             except SeqServeError as e:
                 message = clip(e.message)
+                code = status_code_for(e).name
+                count(SERVICE, "ModelStreamInfer", request.model_name, code)
                 if self._budget.allow():  # the stream goes on (one OK RPC): its refusals are told here, in the log
-                    code = status_code_for(e).name
                     log.info("%s -> %s inside the stream: %s (request id %s)", STREAM_METHOD, code, message,
                              CALL.get()[0], extra={"code": code})  # fmt: skip
                 yield self._stream_error(request, message)
             except Exception:
                 log.exception("ModelStreamInfer: unexpected error")
+                count(SERVICE, "ModelStreamInfer", request.model_name, "INTERNAL")
                 yield self._stream_error(request, f"internal error (request id {CALL.get()[0]}); see the server log")
 
     @staticmethod

@@ -1,7 +1,8 @@
 """Thin gRPC servicers, one module per proto service: protobuf -> domain types -> one data-plane call -> back.
 
 ``REGISTRARS`` is the list the server walks at start-up. Each registrar adds its servicer(s) to the server and
-returns the full service names it registered (for health and reflection). Add a transport by appending here.
+returns the full service names it registered (for health and reflection); the metrics are there for what the edge
+cannot see (requests answered inside a stream). Add a transport by appending here.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import grpc
 from service.api import kserve
 from service.api.servicers import autocomplete, forecast, sentiment, sessions
 from service.core.types import DataPlane
+from service.metrics import Metrics
 from service.settings import Settings
 
-Registrar = Callable[[grpc.aio.Server, DataPlane, Settings], list[str]]
+Registrar = Callable[[grpc.aio.Server, DataPlane, Settings, Metrics], list[str]]
 
 REGISTRARS: list[Registrar] = [
     sentiment.register,

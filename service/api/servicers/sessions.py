@@ -9,6 +9,7 @@ from service.api import converters as cv
 from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
 from service.core.types import DataPlane
 from service.errors import InvalidInput
+from service.metrics import Metrics
 from service.settings import Settings
 
 SERVICE = sessions_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name
@@ -59,6 +60,6 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         return cv.session_to_pb(await self.dataplane.import_session(request.blob, ttl_seconds=ttl))
 
 
-def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> list[str]:
+def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
     sessions_pb2_grpc.add_SessionsServicer_to_server(SessionsServicer(dataplane), server)
     return [SERVICE]

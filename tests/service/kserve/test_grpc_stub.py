@@ -3,11 +3,13 @@ sequence ids, malformed raw payloads and status codes. Same real server process 
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -202,6 +204,38 @@ def test_bad_sequence_parameters(stub: pb_grpc.GRPCInferenceServiceStub) -> None
     request.parameters["sequence_id"].double_param = 1.5
     code, details = _status(stub, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "sequence_id" in details
+
+
+def _stream_requests(metrics_port: int) -> dict[tuple[str, str], float]:
+    """seqserve_rpc_stream_requests_total of ModelStreamInfer as the server exposes it: (model, code) -> count."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {
+        (s.labels["model"], s.labels["code"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "seqserve_rpc_stream_requests"
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels["method"] == "ModelStreamInfer"
+    }
+
+
+def test_each_request_of_a_stream_is_counted_by_its_outcome(
+    stub: pb_grpc.GRPCInferenceServiceStub, kserve_server: dict[str, int]
+) -> None:
+    """A stream is one RPC, counted OK in seqserve_rpc_requests_total however many of its requests were refused
+    inline: an error-rate alert never saw them. Each request now counts by its own status, summed across
+    frontends."""
+    before = _stream_requests(kserve_server["metrics_port"])
+    bad_input = _charlm_raw("hi")
+    bad_input.inputs[0].datatype = "FP32"
+    unknown = _charlm_raw("hi")
+    unknown.model_name = "no-such-model"
+    requests = [_charlm_raw("a"), bad_input, _charlm_raw("b"), unknown, _charlm_raw("c")]
+    responses = list(stub.ModelStreamInfer(iter(requests), timeout=60))
+    assert [bool(r.error_message) for r in responses] == [False, True, False, True, False]
+    after = _stream_requests(kserve_server["metrics_port"])
+    added = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    assert added == {("charlm", "OK"): 3, ("charlm", "INVALID_ARGUMENT"): 1, ("_other", "NOT_FOUND"): 1}
 
 
 def test_stream_reports_errors_inline(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

@@ -39,7 +39,7 @@ def test_promtool_check_config() -> None:
 
 def test_promtool_check_rules() -> None:
     out = promtool("check", "rules", "alerts.yml")
-    assert "SUCCESS: 10 rules found" in out
+    assert "SUCCESS: 11 rules found" in out
 
 
 def test_promtool_alert_unit_tests() -> None:
@@ -59,6 +59,7 @@ def test_alerts_cover_the_required_conditions() -> None:
     rules = {r["alert"]: r for g in load_yaml(DEPLOY / "prometheus" / "alerts.yml")["groups"] for r in g["rules"]}
     assert "up{" in rules["SeqServeDown"]["expr"]
     assert "seqserve_rpc_requests_total" in rules["SeqServeHighErrorRatio"]["expr"]
+    assert "seqserve_rpc_stream_requests_total" in rules["SeqServeHighStreamErrorRatio"]["expr"]
     assert "histogram_quantile(0.99" in rules["SeqServeHighLatencyP99"]["expr"]
     assert "by (job, model, le)" in rules["SeqServeHighLatencyP99"]["expr"]
     assert "seqserve_session_store_capacity" in rules["SeqServeSessionStoreNearCapacity"]["expr"]
