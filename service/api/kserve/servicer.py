@@ -53,6 +53,9 @@ def _server_version() -> str:
 
 
 FINAL_PARAMETER = "triton_final_response"
+# A refusal inside a stream: the gRPC status name a unary call would have got (retry on UNAVAILABLE,
+# RESOURCE_EXHAUSTED, ABORTED; fix the request on INVALID_ARGUMENT...), since the stream's own status stays OK.
+ERROR_CODE_PARAMETER = "seqserve_error_code"
 SERVICE = "inference.GRPCInferenceService"
 STREAM_METHOD = f"/{SERVICE}/ModelStreamInfer"
 
@@ -151,18 +154,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if self._budget.allow():  # the stream goes on (one OK RPC): its refusals are told here, in the log
                     log.info("%s -> %s inside the stream: %s (request id %s)", STREAM_METHOD, code, message,
                              CALL.get()[0], extra={"code": code})  # fmt: skip
-                yield self._stream_error(request, message)
+                yield self._stream_error(request, message, code)
             except Exception:
                 log.exception("ModelStreamInfer: unexpected error")
                 count(SERVICE, "ModelStreamInfer", request.model_name, "INTERNAL")
-                yield self._stream_error(request, f"internal error (request id {CALL.get()[0]}); see the server log")
+                message = f"internal error (request id {CALL.get()[0]}); see the server log"
+                yield self._stream_error(request, message, "INTERNAL")
 
     @staticmethod
-    def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    def _stream_error(request: pb.ModelInferRequest, message: str, code: str) -> pb.ModelStreamInferResponse:
         echo = pb.ModelInferResponse(  # the whole id, as Triton: the client matches the failure to its request
             model_name=request.model_name[:256], model_version=request.model_version[:16], id=request.id
         )
         echo.parameters[FINAL_PARAMETER].bool_param = True
+        echo.parameters[ERROR_CODE_PARAMETER].string_param = code  # what a unary call's status would have been
         return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
     async def _infer(

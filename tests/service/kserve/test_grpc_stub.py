@@ -232,7 +232,9 @@ def test_each_request_of_a_stream_is_counted_by_its_outcome(
     unknown.model_name = "no-such-model"
     requests = [_charlm_raw("a"), bad_input, _charlm_raw("b"), unknown, _charlm_raw("c")]
     responses = list(stub.ModelStreamInfer(iter(requests), timeout=60))
-    assert [bool(r.error_message) for r in responses] == [False, True, False, True, False]
+    assert [r.infer_response.parameters["seqserve_error_code"].string_param for r in responses] == [
+        "", "INVALID_ARGUMENT", "", "NOT_FOUND", ""
+    ]  # fmt: skip
     after = _stream_requests(kserve_server["metrics_port"])
     added = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
     assert added == {("charlm", "OK"): 3, ("charlm", "INVALID_ARGUMENT"): 1, ("_other", "NOT_FOUND"): 1}
@@ -251,6 +253,9 @@ def test_stream_reports_errors_inline(stub: pb_grpc.GRPCInferenceServiceStub) ->
     assert "TEXT" in responses[0].error_message and "BYTES" in responses[0].error_message
     assert responses[1].error_message == "" and len(responses[1].infer_response.outputs) == 3
     assert all(r.infer_response.parameters["triton_final_response"].bool_param for r in responses)
+    # The status a unary call would have got, machine-readable (the stream's own status stays OK).
+    assert responses[0].infer_response.parameters["seqserve_error_code"].string_param == "INVALID_ARGUMENT"
+    assert "seqserve_error_code" not in responses[1].infer_response.parameters
 
 
 def test_statistics_for_one_model(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
