@@ -10,6 +10,7 @@ sequence's state between servers as a signed blob.
 from __future__ import annotations
 
 import hashlib
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -233,7 +234,7 @@ def top_classes(t: Tensor, count: int, labels: tuple[str, ...]) -> Tensor:
     one-dimensional output as a whole: ``[k]``. ``k`` is ``count``, at most the values a row holds."""
     assert t.array is not None
     a = t.array
-    rows = a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(1, -1)
+    rows = a.reshape(a.shape[0], math.prod(a.shape[1:])) if a.ndim >= 2 else a.reshape(1, a.size)  # (0 rows too)
     k = min(count, rows.shape[1])
     fmt = "{:f}".format if a.dtype.kind == "f" else (lambda v: str(int(v)))
     items = []

@@ -121,6 +121,8 @@ async def test_a_restarted_sequence_counts_the_replaced_session_as_deleted(make_
         (np.array([3, 250, 7], np.uint8), 5, (), (3,), ["250:1", "7:2", "3:0"]),
         # 3-D: ranked per row of the first dimension over the rest, flattened
         (np.arange(8, dtype=np.int64).reshape(2, 2, 2), 2, (), (2, 2), ["3:3", "2:2", "7:3", "6:2"]),
+        # no rows (a forecaster sequence before its window is full answers FORECAST [0, targets])
+        (np.zeros((0, 7), np.float32), 3, (), (0, 3), []),
     ],
 )  # fmt: skip
 def test_top_classes(
