@@ -28,7 +28,9 @@ import secrets
 import signal
 import tempfile
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -219,14 +221,7 @@ async def _spawn(settings: Settings, index: int, port: int, socket_path: str, to
         name=f"seqserve-frontend-{index + 1}",  # frontend-1..N, as in the metrics and the logs
         daemon=False,
     )
-    # A terminal's Ctrl-C goes to the whole process group: a frontend that inherits SIGINT ignored never dies of it
-    # half-started (a traceback while it imports, "frontend N failed to start"); the engine stops every frontend
-    # itself (SIGTERM). Ignored here only while the child is forked and given its arguments (milliseconds).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        process.start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    start_without_sigint(process)
     child.close()
     frontend = Frontend(index, process, parent)
     ok = await asyncio.to_thread(parent.poll, START_TIMEOUT)
@@ -242,6 +237,22 @@ async def _spawn(settings: Settings, index: int, port: int, socket_path: str, to
         raise RuntimeError(f"frontend {index + 1} {why}") from None
     frontend.port, frontend.own_port, frontend.metrics_port = report["port"], report["own_port"], report["metrics_port"]
     return frontend
+
+
+def start_without_sigint(process: BaseProcess) -> None:
+    """Starts ``process`` with SIGINT blocked in it for good. A terminal's Ctrl-C goes to the whole process group:
+    a frontend must not die of it half-started (a traceback while it imports, "frontend N failed to start"); the
+    engine stops every frontend itself (SIGTERM). A signal mask is inherited through fork and exec. Here SIGINT is
+    only blocked in this thread while the child starts, never ignored: a Ctrl-C that comes meanwhile still stops
+    the engine (it was ignored, and lost, when it came in that window)."""
+    # multiprocessing starts its resource tracker with the first process, and unblocks SIGINT after doing so:
+    # started before the block, it cannot undo it.
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 async def _stop_frontends(frontends: list[Frontend], timeout: float) -> None:

@@ -431,7 +431,7 @@ def test_a_stalled_engine_never_blocks_a_frontends_loop(tiny_models: Path, tmp_p
 def test_ctrl_c_while_frontends_start_stops_cleanly(tiny_models: Path, tmp_path: Path, mark: str, after: float) -> None:
     """A terminal's Ctrl-C reaches the whole process group: a frontend still starting (importing, or serving
     already) died of it with a KeyboardInterrupt traceback, and the engine reported "frontend N failed to start".
-    Frontends now start with SIGINT ignored; the engine stops them."""
+    Frontends now start with SIGINT blocked; the engine stops them (tests/service/engine/test_sigint.py)."""
     import subprocess
     import sys
 
@@ -455,3 +455,67 @@ def test_ctrl_c_while_frontends_start_stops_cleanly(tiny_models: Path, tmp_path:
     text = log.read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text and "failed to start" not in text, text
     assert text.rstrip().endswith("seqserve stopped (exit code 0)")
+
+
+def test_session_calls_are_labelled_with_the_sessions_model(servers: tuple[dict[str, object], int]) -> None:
+    """A session call names no model; the engine notes the session's model and the frontend's RPC metrics carry
+    it (model="charlm"), as in one process, not model=""."""
+    info, _ = servers
+
+    def counts() -> dict[tuple[str, str], float]:  # (method, model) -> Get/Delete calls answered OK so far
+        return {
+            (labels["method"], labels["model"]): value
+            for labels, value in ((dict(k), v) for k, v in _scrape(info)["seqserve_rpc_requests_total"].items())
+            if labels["service"] == "seqserve.v1.Sessions" and labels["method"] in ("Get", "Delete")
+            and labels["code"] == "OK"
+        }  # fmt: skip
+
+    before = counts()
+    with Client(_frontends(info)[0], timeout=30) as c:
+        sid = c.create_session("charlm").id
+        c.get_session(sid)
+        c.delete_session(sid)
+    after = counts()
+    added = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    assert added == {("Get", "charlm"): 1.0, ("Delete", "charlm"): 1.0}, added
+
+
+def test_a_frontend_that_dies_stops_the_server_with_exit_code_1(tiny_models: Path, tmp_path: Path) -> None:
+    """A frontend killed (OOM killer, a crash) stops the whole server with exit code 1, so that the orchestrator
+    restarts it: exit 0 would read as a clean shutdown (Kubernetes' restartPolicy OnFailure, systemd's
+    Restart=on-failure would leave it down)."""
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
+    try:
+        pids = info["frontend_pids"]
+        assert isinstance(pids, list)
+        os.kill(int(pids[0]), signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
+
+
+def test_frontends_exit_when_their_engine_is_gone(tiny_models: Path, tmp_path: Path) -> None:
+    """The engine process is killed (SIGKILL, OOM): its frontends notice within seconds and exit, instead of
+    holding the gRPC port and answering UNAVAILABLE forever (a restarted server could not bind it)."""
+    import contextlib
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
+    pids = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if alive(p)]
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
