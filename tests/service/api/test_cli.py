@@ -310,3 +310,49 @@ def test_ctrl_c_while_the_cli_loads_is_not_a_traceback(tiny_models: Path, tmp_pa
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert b"Traceback" not in out, out.decode(errors="replace")
+
+
+def test_serve_flags_override_the_environment_and_a_bare_watch_models_polls_every_5_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--watch-models`` without a value means 5 s (the help says so), a value is taken as given, and a flag wins
+    over its SEQSERVE_* variable while an absent flag leaves the variable in force."""
+    from service.cli import _settings, build_parser
+
+    monkeypatch.setenv("SEQSERVE_WATCH_MODELS_SECONDS", "30")
+    monkeypatch.setenv("SEQSERVE_WORKERS", "3")
+    parser = build_parser()
+    bare = _settings(parser.parse_args(["serve", "--watch-models"]))
+    assert bare.watch_models_seconds == 5.0 and bare.workers == 3
+    assert _settings(parser.parse_args(["serve", "--watch-models", "0.5"])).watch_models_seconds == 0.5
+    assert _settings(parser.parse_args(["serve"])).watch_models_seconds == 30.0
+
+
+def test_workers_1_serves_everything_in_one_process(tiny_models: Path, tmp_path: Path) -> None:
+    """--workers 1 is the documented single-process layout: no engine/frontend split (no child processes, no
+    engine link in between), said so in the start-up line and in the ready file."""
+    p = ServeProcess(tiny_models, tmp_path, "--workers", "1")
+    try:
+        assert set(p.ports) == {"grpc_port", "metrics_port"}  # the multi-process ready file adds engine_pid, ...
+        assert ": one process, models " in p.log() and "frontends + the engine" not in p.log()
+        children = Path(f"/proc/{p.proc.pid}/task/{p.proc.pid}/children").read_text().split()
+        assert children == []
+    finally:
+        assert p.terminate() == 0
+
+
+def test_sigterm_lets_a_running_stream_finish_in_one_process(tiny_models: Path, tmp_path: Path) -> None:
+    """--workers 1: SIGTERM drains (SEQSERVE_GRACE_SECONDS): a Complete already streaming gets all its characters
+    and its finish reason, then the process exits 0."""
+    from service.client import Client
+
+    p = ServeProcess(tiny_models, tmp_path, "--workers", "1", SEQSERVE_GRACE_SECONDS="20")
+    try:
+        with Client(p.target, timeout=60) as c:
+            chunks = c.complete("ROMEO:", max_chars=2000, seed=1)
+            got = [next(chunks)]
+            p.proc.send_signal(signal.SIGTERM)
+            got += list(chunks)
+        assert len(got) == 2000 and got[-1].finish_reason == "length"
+    finally:
+        assert p.terminate() == 0

@@ -400,3 +400,92 @@ def test_cuda_requested_but_placed_on_cpu_is_refused(tiny_models: Path, monkeypa
         warnings.simplefilter("ignore")
         with pytest.raises(ModelUnavailable, match="placed the model on CPUExecutionProvider"):
             rt.load_runtime(manifest, vdir / MODEL_FILE, Settings(device="cuda", models=tiny_models), {})
+
+
+@pytest.mark.parametrize("folder", ["0", "007"])
+async def test_version_folders_must_be_positive_integers_without_leading_zeros(
+    repo: Path, make_dp: MakeDP, folder: str
+) -> None:
+    """Triton's layout: a version folder is a positive integer. "0" and a zero-padded "007" are ignored (with a
+    warning), never served as version 0 or 7."""
+    out = add_version(repo, "charlm", 1, int(folder))
+    out.rename(out.with_name(folder))
+    dp = await make_dp(models=repo)
+    assert [m.version for m in await dp.models() if m.name == "charlm"] == [1]
+    with pytest.raises(ModelNotFound, match="has no version"):
+        await dp.model_info(ModelRef("charlm", int(folder)))
+
+
+async def test_with_no_version_ready_a_call_naming_none_reports_the_newest(repo: Path, make_dp: MakeDP) -> None:
+    """Every version of a model failed to load: a call that names no version is refused with the newest version's
+    reason (the one an operator just deployed), not the oldest one's."""
+    add_version(repo, "charlm", 1, 2)
+    for v in ("1", "2"):
+        with (repo / "charlm" / v / MODEL_FILE).open("ab") as f:
+            f.write(b"\0")
+    dp = await make_dp(models=repo)
+    info = await dp.model_info(ModelRef("charlm"))
+    assert (info.version, info.ready) == (2, False)
+    with pytest.raises(ModelUnavailable, match="model charlm/2 failed to load"):
+        await dp.create_session(ModelRef("charlm"))
+
+
+async def test_a_touched_model_file_with_the_same_weights_is_not_reloaded(repo: Path, make_dp: MakeDP) -> None:
+    """A changed mtime with the same sha256 (a `touch`, a config tool rewriting the files) keeps the loaded
+    version serving: no reload, no drain of its in-flight calls, no load/unload events."""
+    import os
+
+    dp = await make_dp(models=repo)
+    before = dp.registry.get("charlm", 1)
+    model = repo / "charlm" / "1" / MODEL_FILE
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    loads = len(recorded(dp).loaded)
+    await dp.registry.sync()
+    assert dp.registry.get("charlm", 1) is before and before is not None and before.ready
+    assert len(recorded(dp).loaded) == loads
+
+
+async def test_a_changed_model_that_fails_to_load_leaves_the_old_one_serving(repo: Path, make_dp: MakeDP) -> None:
+    """--watch-models: a version whose files change on disk into something that does not load (a half-copied
+    file, a wrong sha256) keeps serving the weights it had, and reports the error in the log only."""
+    dp = await make_dp(models=repo)
+    lm = ModelRef("charlm")
+    before = await dp.char_step(lm, "abc")
+    with (repo / "charlm" / "1" / MODEL_FILE).open("ab") as f:
+        f.write(b"\0")  # sha256 no longer matches the manifest
+    await dp.registry.sync()
+    info = await dp.model_info(lm)
+    assert info.ready and info.error is None
+    np.testing.assert_array_equal((await dp.char_step(lm, "abc")).probabilities, before.probabilities)
+
+
+async def test_a_model_loaded_again_after_an_unload_follows_the_repository_again(repo: Path, make_dp: MakeDP) -> None:
+    """RepositoryModelUnload then RepositoryModelLoad: the model is back under --watch-models, so a new version
+    folder is picked up by the next poll (it stayed frozen at the versions of the explicit load)."""
+    dp = await make_dp(models=repo)
+    await dp.unload_model("sentiment")
+    await dp.load_model("sentiment")
+    add_version(repo, "sentiment", 1, 2)
+    await dp.registry.sync()  # one --watch-models poll
+    assert (await dp.model_info(ModelRef("sentiment"))).version == 2
+    assert await dp.unloaded() == []
+
+
+async def test_unloading_an_unloaded_model_again_is_not_an_error(dp: CoreDataPlane) -> None:
+    """RepositoryModelUnload is idempotent for a model of the repository (a retried unload, two operators); a name
+    the server never had is NOT_FOUND."""
+    await dp.unload_model("sentiment")
+    await dp.unload_model("sentiment")
+    assert "sentiment" in await dp.unloaded()
+    with pytest.raises(ModelNotFound):
+        await dp.unload_model("no-such-model")
+
+
+async def test_hidden_folders_of_the_repository_are_not_models(repo: Path, make_dp: MakeDP) -> None:
+    """.git, .snapshot, an editor's or rsync's temporary folder in the model repository are not models: no failed
+    entry, no NOT READY server because of them."""
+    shutil.copytree(repo / "sentiment", repo / ".rsync-tmp")
+    dp = await make_dp(models=repo)
+    assert not [m.name for m in await dp.models() if m.name.startswith(".")]
+    assert await dp.ready()

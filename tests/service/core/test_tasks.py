@@ -356,3 +356,43 @@ async def test_a_failed_first_step_keeps_the_prompt_in_the_session(
         async for _ in dp.complete(LM, "Hello", SamplingParams(max_chars=5), s.id):
             pass
     assert (await dp.get_session(s.id)).steps == 5
+
+
+async def test_sampling_limits_are_inclusive(dp: CoreDataPlane) -> None:
+    """The documented limits are the largest values accepted: 8 stop strings of 64 characters each, and any seed
+    up to 2**64 - 1 (the proto's uint64); one more is refused naming the field."""
+    out = await chunks(dp, "Hello", max_chars=3, temperature=0.0, stop=tuple(f"{i}" * 64 for i in range(8)))
+    assert out[-1].finish_reason == "length"
+    assert len(await text(dp, "Hello", max_chars=3, seed=2**64 - 1)) == 3
+    with pytest.raises(InvalidInput, match=r"stop\[0\] must have 1 to 64 characters; got 65"):
+        await chunks(dp, "Hello", max_chars=3, stop=("x" * 65,))
+    with pytest.raises(InvalidInput, match="seed"):
+        await chunks(dp, "Hello", max_chars=3, seed=2**64)
+
+
+async def test_a_request_refused_before_any_model_run_counts_as_failed_only(dp: CoreDataPlane) -> None:
+    """Triton's statistics: a request that fails before running the model adds to fail, never to queue or
+    compute (their count is of requests that ran; perf_analyzer divides their time by it)."""
+    (before,) = await dp.statistics(LM)
+    with pytest.raises(InvalidInput, match="no text to continue"):
+        await chunks(dp, "", max_chars=3)
+    (after,) = await dp.statistics(LM)
+    assert after.fail.count == before.fail.count + 1
+    assert (after.queue.count, after.compute_infer.count) == (before.queue.count, before.compute_infer.count)
+
+
+async def test_rows_seen_counts_every_observed_row_while_warming_up(dp: CoreDataPlane) -> None:
+    """While a forecast session warms up, rows_seen is the total it holds (the caller learns how many more rows
+    the window needs), not the size of the last Observe."""
+    history = series(20, seed=2)
+    s = await dp.create_session(FC)
+    assert (await dp.observe(s.id, history[:5])).rows_seen == 5
+    second = await dp.observe(s.id, history[5:12])
+    assert second.point.shape == (0, FEATURES) and second.rows_seen == 12
+
+
+async def test_a_near_zero_temperature_samples_the_greedy_text(dp: CoreDataPlane) -> None:
+    """temperature divides the logits: as it goes to 0 sampling becomes greedy whatever the seed (a temperature
+    that were ignored would sample the untrained model's near-uniform distribution)."""
+    greedy = (await dp.char_step(LM, "Hello", num_chars=15)).completion
+    assert {await text(dp, "Hello", max_chars=15, temperature=1e-4, seed=s) for s in range(5)} == {greedy}

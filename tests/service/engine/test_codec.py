@@ -1,9 +1,18 @@
 """The engine link's error codec: a domain error crosses from the engine to a frontend with its status code,
-message and ErrorInfo reason, a plugin's own subclass of a domain error included; anything else is INTERNAL."""
+message and ErrorInfo reason, a plugin's own subclass of a domain error included; anything else is INTERNAL.
+Then the link's own rules, the frontend against a stand-in engine on a Unix socket (``_Engine``) and the engine's
+side of a connection alone: the frontend's queue bound, control timeouts, a lost engine, CANCEL both ways, a lost
+frontend, and the acknowledgement of a model change."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import shutil
 import struct
+import tempfile
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -11,7 +20,12 @@ import pytest
 
 from service import errors
 from service.api.interceptors import error_reason, status_code_for
+from service.core.context import mark_admitted
+from service.core.types import ModelRef, SamplingParams
+from service.engine import wire
+from service.engine.client import RemoteDataPlane
 from service.engine.codec import EngineError, error_payload, pack, pack_replies, raise_error, unpack
+from service.engine.server import EngineServer, _Connection
 
 
 class ForbiddenWord(errors.InvalidInput):
@@ -113,3 +127,191 @@ def test_an_oversized_frame_header_is_refused() -> None:
 
     with pytest.raises(ValueError, match="larger than"):
         list(Framer().feed(struct.pack("<I", MAX_FRAME + 1)))
+
+
+class _Engine(asyncio.Protocol):
+    """Stands in for the engine on a frontend's Unix socket: records every message the frontend sends, writes
+    ``greeting`` (reply lists) when the frontend connects and ``answer(message)`` (reply lists) for each message.
+    The default answers nothing: a stalled or overloaded engine."""
+
+    def __init__(self, greeting: list[list[object]] | None = None, answer: Any = None) -> None:
+        self.framer, self.received = wire.Framer(), RECEIVED
+        self.greeting, self.answer = greeting, answer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        if self.greeting:
+            self.transport.write(wire.frame(pack_replies(self.greeting)))
+
+    def data_received(self, data: bytes) -> None:
+        for payload in self.framer.feed(data):
+            for m in unpack(payload):
+                self.received.append(m)
+                replies = self.answer(m) if self.answer else None
+                if replies:
+                    self.transport.write(wire.frame(pack_replies(replies)))
+
+
+RECEIVED: list[list[Any]] = []  # what the frontend sent the current test's _Engine (cleared by _engine)
+
+
+@contextlib.asynccontextmanager
+async def _engine(**engine: Any) -> AsyncIterator[str]:
+    """The path of a Unix socket served by an ``_Engine(**engine)`` (a short path: sun_path holds 108 bytes,
+    pytest's tmp_path can be longer)."""
+    RECEIVED.clear()
+    folder = tempfile.mkdtemp(prefix="seqserve-test-")
+    path = f"{folder}/engine.sock"
+    server = await asyncio.get_running_loop().create_unix_server(lambda: _Engine(**engine), path)
+    try:
+        yield path
+    finally:
+        server.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sent(kind: int) -> list[list[Any]]:
+    """The messages of one kind (CALL, STREAM, CANCEL, ACK...) the frontend sent, as [kind, call id]."""
+    return [m[:2] for m in RECEIVED if m[0] == kind]
+
+
+async def test_a_frontend_refuses_the_call_past_max_queue_size_but_never_an_admitted_step() -> None:
+    """--workers N: a frontend has at most max_queue_size calls waiting for the engine; the next one fails at
+    once (RESOURCE_EXHAUSTED), not one later, while a stream's admitted later step still goes through."""
+    async with _engine() as path:
+        plane = RemoteDataPlane(path, max_pending=2)
+        await plane.start()
+        waiting = [asyncio.create_task(plane.get_session(f"s{i}")) for i in range(2)]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in waiting)
+        with pytest.raises(errors.Overloaded, match="max_queue_size=2"):
+            await asyncio.wait_for(plane.get_session("third"), 2)
+
+        async def admitted_step() -> object:
+            mark_admitted()
+            return await plane.get_session("later step")
+
+        later = asyncio.create_task(admitted_step())
+        await asyncio.sleep(0.05)
+        assert not later.done()  # waiting for the engine, not refused
+        for t in [*waiting, later]:
+            t.cancel()
+        await asyncio.gather(*waiting, later, return_exceptions=True)
+        await plane.stop()
+
+
+async def test_control_calls_to_a_stalled_engine_fail_after_control_timeout() -> None:
+    """Health and model-table calls never wait forever: readiness says not ready, the others are UNAVAILABLE,
+    after control_timeout seconds."""
+    async with _engine() as path:
+        plane = RemoteDataPlane(path, control_timeout=0.2)
+        await plane.start()
+        assert await asyncio.wait_for(plane.ready(), 5) is False
+        with pytest.raises(errors.ModelUnavailable, match=r"did not answer models within 0\.2 s"):
+            await asyncio.wait_for(plane.models(), 5)
+        await plane.stop()
+
+
+async def test_a_lost_engine_fails_waiting_calls_and_streams_unavailable() -> None:
+    """The engine connection closes (the engine stopped or crashed): a waiting call and a waiting Complete stream
+    fail UNAVAILABLE at once instead of hanging until their deadline."""
+    async with _engine() as path:
+        plane = RemoteDataPlane(path)
+        await plane.start()
+        call = asyncio.create_task(plane.get_session("s"))
+
+        async def stream() -> list[object]:
+            return [c async for c in plane.complete(ModelRef("charlm"), "ab", SamplingParams(max_chars=3))]
+
+        streamed = asyncio.create_task(stream())
+        await asyncio.sleep(0.05)
+        assert plane._transport is not None
+        plane._transport.close()  # as when the engine goes away (connection_lost follows)
+        for task in (call, streamed):
+            with pytest.raises(errors.ModelUnavailable, match="not reachable"):
+                await asyncio.wait_for(task, 2)
+
+
+async def test_a_cancel_from_a_frontend_stops_the_engines_task() -> None:
+    """CANCEL (the gRPC client went away, or a consumer left a Complete stream early) cancels the engine's task
+    for that call: it must not go on generating, or committing to the session, for nobody."""
+    conn = _Connection(EngineServer.__new__(EngineServer))
+    task = asyncio.create_task(asyncio.sleep(60))
+    conn.tasks = {5: task}
+    conn.dispatch(wire.CANCEL, 5, "", (), {})
+    await asyncio.sleep(0)
+    assert task.cancelled() and conn.tasks == {}
+
+
+async def test_a_frontend_that_goes_away_stops_its_calls_and_acknowledges_nothing() -> None:
+    """The engine side of a frontend's connection closes (the frontend crashed or was killed): the engine cancels
+    the tasks of that frontend's calls (a Complete would go on generating for nobody) and stops waiting for the
+    frontend to acknowledge a model change (a load would wait EVENT_ACK_SECONDS for it)."""
+    engine = EngineServer.__new__(EngineServer)
+    engine.connections = set()
+    conn = _Connection(engine)
+    engine.connections.add(conn)
+    work = asyncio.create_task(asyncio.sleep(60))
+    ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    conn.tasks, conn.acks = {3: work}, {1: ack}
+    conn.connection_lost(None)
+    await asyncio.sleep(0)
+    assert work.cancelled() and ack.done() and conn not in engine.connections
+
+
+async def test_a_cancelled_call_tells_the_engine_to_stop_it() -> None:
+    """A caller that stops waiting (its gRPC client went away, its deadline passed) sends CANCEL for its call id,
+    so that the engine stops that work too instead of finishing it (and committing it to a session) for nobody."""
+    async with _engine() as path:
+        plane = RemoteDataPlane(path)
+        await plane.start()
+        call = asyncio.create_task(plane.get_session("s"))
+        await asyncio.sleep(0.05)
+        ((_, call_id),) = _sent(wire.CALL)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0.05)
+        assert _sent(wire.CANCEL) == [[wire.CANCEL, call_id]]
+        await plane.stop()
+
+
+async def test_a_consumer_that_leaves_a_complete_stream_early_cancels_it_on_the_engine() -> None:
+    """The gRPC client of a Complete went away after a chunk: the frontend's generator closes and sends CANCEL
+    for the stream, so the engine stops generating (and committing characters to the session) for nobody."""
+
+    def one_chunk(m: list[Any]) -> list[list[object]] | None:  # then the stream stays open
+        return [[m[1], wire.ITEM, "x", "charlm", True]] if m[0] == wire.STREAM else None
+
+    async with _engine(answer=one_chunk) as path:
+        plane = RemoteDataPlane(path)
+        await plane.start()
+        stream = plane.complete(ModelRef("charlm"), "ab", SamplingParams(max_chars=2000))
+        assert await asyncio.wait_for(anext(stream), 5) == "x"
+        await stream.aclose()
+        await asyncio.sleep(0.05)
+        ((_, stream_id),) = _sent(wire.STREAM)
+        assert _sent(wire.CANCEL) == [[wire.CANCEL, stream_id]]
+        await plane.stop()
+
+
+async def test_a_frontend_acknowledges_a_model_change_after_its_hooks_ran() -> None:
+    """EVENT "models" (the engine loaded or unloaded a model): the frontend runs its hooks (its health follows)
+    and then answers ACK with the event's id; without the ACK every RepositoryModelLoad/Unload would wait
+    EVENT_ACK_SECONDS for it."""
+    hooked: list[int] = []
+
+    async def hook() -> None:
+        hooked.append(len(_sent(wire.ACK)))  # acks sent before the hook ran
+
+    async with _engine(greeting=[[0, wire.EVENT, [wire.MODELS_CHANGED, 7], None, False]]) as path:
+        plane = RemoteDataPlane(path)
+        plane.on_models_changed(hook)
+        await plane.start()
+        for _ in range(100):
+            if _sent(wire.ACK):
+                break
+            await asyncio.sleep(0.01)
+        assert hooked == [0]
+        assert _sent(wire.ACK) == [[wire.ACK, 7]]
+        await plane.stop()

@@ -146,3 +146,61 @@ def test_promtool_check_metrics_on_a_live_scrape(server: tuple[str, Ready]) -> N
     out = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, out
     assert out.strip() == "", out
+
+
+def test_head_answers_headers_without_a_body(server: tuple[str, Ready]) -> None:
+    """HEAD (what load balancers and uptime checkers send) gets the status and Content-Length of the GET, and no
+    body: bytes after the headers would be read as the next response on a kept-alive connection."""
+    import socket
+
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    for path, status in (("/metrics", b"200"), ("/healthz", b"200"), ("/readyz", b"503"), ("/nope", b"404")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == status, head
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+        assert length > 0 and body == b"", (path, body[:80])
+
+
+def test_a_query_string_does_not_change_the_path(server: tuple[str, Ready]) -> None:
+    """Prometheus' ``params`` (and many probes) add a query string: /metrics?x=1 is still /metrics."""
+    base, ready = server
+    ready.ready = True
+    status, _, body = get(base + "/metrics?module=seqserve&x=1")
+    assert status == 200 and b"seqserve_rpc_requests_total" in body
+    assert get(base + "/healthz?probe=liveness")[0] == 200
+    assert get(base + "/readyz?verbose")[0] == 200
+
+
+def test_a_broken_collector_answers_500_and_the_endpoint_lives_on(metrics: Metrics) -> None:
+    """A collector that raises (a plugin's, a /proc read) makes that scrape a 500 saying so (Prometheus marks the
+    target down for it), never a dropped connection; health and the next scrapes still answer."""
+
+    class Broken:
+        def __init__(self) -> None:
+            self.fail = True
+
+        def collect(self) -> list[object]:
+            if self.fail:
+                raise RuntimeError("collector bug")
+            return []
+
+    broken = Broken()
+    metrics.registry.register(broken)  # type: ignore[arg-type]
+    srv = MetricsHttpServer("127.0.0.1", 0, metrics, lambda: True)
+    base = f"http://127.0.0.1:{srv.start()}"
+    try:
+        status, _, body = get(base + "/metrics")
+        assert status == 500 and b"collecting metrics failed" in body
+        assert get(base + "/healthz")[0] == 200
+        broken.fail = False
+        assert get(base + "/metrics")[0] == 200
+    finally:
+        srv.stop()

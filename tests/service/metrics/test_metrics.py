@@ -242,3 +242,31 @@ def test_names_follow_conventions(m: Metrics) -> None:
     for fam in m.registry.collect():
         for sample in fam.samples:
             assert not {"session", "session_id", "text", "request_id"} & set(sample.labels), sample
+
+
+def test_queue_depth_is_the_sum_over_a_models_versions(m: Metrics) -> None:
+    """Each version has its own batch queue: the model's gauge adds them up, and one version's report never
+    replaces the other's."""
+    m.model_loaded("charlm", 2, "CPUExecutionProvider", 0.1, ready=True)
+    m.queue_depth("charlm", 3, version=1)
+    m.queue_depth("charlm", 4, version=2)
+    assert value(m, "seqserve_queue_depth", model="charlm") == 7.0
+    m.queue_depth("charlm", 0, version=2)
+    assert value(m, "seqserve_queue_depth", model="charlm") == 3.0
+
+
+def test_an_unloaded_version_leaves_no_info_ready_or_load_time_series(m: Metrics) -> None:
+    """Dashboards and alerts (min(seqserve_model_ready)) must stop seeing a version once it left the server."""
+    m.model_unloaded("charlm", 1)
+    for name, labels in (("seqserve_model_info", {"provider": "CPUExecutionProvider"}), ("seqserve_model_ready", {}),
+                         ("seqserve_model_load_seconds", {})):  # fmt: skip
+        assert value(m, name, model="charlm", version="1", **labels) is None, name
+    m.model_unloaded("charlm", 1)  # twice (or never loaded): no error
+
+
+def test_session_store_up_follows_the_last_health_check(m: Metrics) -> None:
+    """seqserve_session_store_up drives the SeqServeSessionStoreDown alert (== 0): it must drop to 0."""
+    m.session_store_up(False)
+    assert value(m, "seqserve_session_store_up") == 0.0
+    m.session_store_up(True)
+    assert value(m, "seqserve_session_store_up") == 1.0

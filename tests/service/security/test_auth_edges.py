@@ -114,3 +114,16 @@ def test_rate_limiter_burst_cap_default_burst_and_bounded_tracking(monkeypatch: 
     small.take("z")  # tracking three: "x" (least recently seen) is dropped, not "z"
     with pytest.raises(QuotaExceeded):
         small.take("z")
+
+
+def test_no_domain_error_reaches_clients_as_internal() -> None:
+    """Every error class of service.errors has its status: one left out of STATUS_CODES would reach clients as
+    INTERNAL, which they do not retry (ReplicaBehind, raised mid rolling update, must stay UNAVAILABLE)."""
+    import inspect
+
+    domain = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+              if issubclass(c, errors.SeqServeError) and c is not errors.SeqServeError]  # fmt: skip
+    assert errors.ReplicaBehind in domain
+    for cls in domain:
+        assert status_code_for(cls("x")) != grpc.StatusCode.INTERNAL, cls
+    assert status_code_for(errors.ReplicaBehind("x")) == grpc.StatusCode.UNAVAILABLE

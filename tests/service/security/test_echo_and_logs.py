@@ -257,3 +257,49 @@ def test_the_summary_hides_the_store_password_and_lines_name_their_process(
             assert "INFO [frontend-2] x: hello" in written
         else:
             assert json.loads(written)["process"] == "frontend-2"
+
+
+def test_json_lines_outside_a_call_carry_no_request_id(server_log: Callable[[str], io.StringIO]) -> None:
+    """A record written outside any RPC (start-up, a model load, a watch poll) has no request id: the key is left
+    out, never the placeholder "-" (log pipelines group by request_id; one "-" group would hold every such line)."""
+    out = server_log("json")
+    logging.getLogger("service.core.registry").info("loaded model %s", "charlm/1")
+    record = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert record["message"] == "loaded model charlm/1"
+    assert "request_id" not in record and "method" not in record
+
+
+def test_json_lines_of_an_error_carry_its_traceback(server_log: Callable[[str], io.StringIO]) -> None:
+    """An internal error's traceback stays in its JSON object (key "exception"), escaped onto the same line."""
+    out = server_log("json")
+    try:
+        raise ValueError("boom\nFORGED")
+    except ValueError:
+        logging.getLogger("service.api").exception("internal error in %s", "/x/Y")
+    (line,) = out.getvalue().strip().splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR" and record["message"] == "internal error in /x/Y"
+    assert "Traceback" in record["exception"] and "ValueError: boom" in record["exception"]
+
+
+def test_configuring_logging_again_replaces_the_handler(server_log: Callable[[str], io.StringIO]) -> None:
+    """configure() installs one handler in place of the one a previous call installed: a record is written once,
+    by the latest configuration (two handlers would write every line twice, in two formats)."""
+    first, second = server_log("text"), server_log("json")
+    logging.getLogger("service.api").info("once")
+    assert first.getvalue() == ""
+    assert [json.loads(line)["message"] for line in second.getvalue().splitlines()] == ["once"]
+
+
+def test_the_summary_names_every_kind_of_authentication() -> None:
+    """The start-up line says what a caller must present: keys, certificates, both, or nothing."""
+    from service.logs import summary
+
+    tls = {"tls_cert": "/x/c.pem", "tls_key": "/x/k.pem"}
+    key = {"api_keys": "a:key-0123456789abcdef"}
+    assert "auth API keys + client certificates, TLS on" in summary(
+        Settings(**key, **tls, tls_client_ca="/x/ca.pem"), 1
+    )
+    assert "auth API keys, TLS on" in summary(Settings(**key, **tls), 1)
+    assert "auth client certificates (mTLS), TLS on" in summary(Settings(**tls, tls_client_ca="/x/ca.pem"), 1)
+    assert "auth none (every caller is one principal), TLS off" in summary(Settings(), 1)

@@ -111,3 +111,22 @@ def test_clients_that_hang_up_are_not_tracebacks(port: int, caplog: pytest.LogCa
                 assert time.monotonic() < deadline, "the metrics port stayed full after the clients hung up"
                 time.sleep(0.05)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+def test_a_busy_keep_alive_connection_is_not_cut_off(port: int) -> None:
+    """The bound on a request's time restarts with each request of a kept-alive connection: Prometheus scraping
+    over one connection every IDLE/2 seconds keeps it for as long as it likes (here 5 x the per-request bound)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        deadline = time.monotonic() + 5 * 3 * IDLE
+        n = 0
+        while time.monotonic() < deadline:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while not data.endswith(b"\r\n\r\nok\n"):
+                chunk = s.recv(4096)
+                assert chunk, f"closed by the server after {n} requests"
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200"), n
+            n += 1
+            time.sleep(IDLE / 2)
+        assert n >= 10
