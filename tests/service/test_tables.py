@@ -160,3 +160,29 @@ def test_calendar_series_with_utc_offsets_or_month_ends_are_regular(tmp_path: Pa
     gap = days[:5] + days[6:]
     p = _write(tmp_path, "date,A\n" + "".join(f"{d.isoformat(sep=' ')},{i}\n" for i, d in enumerate(gap)))
     assert _error(p).startswith("line 7: gap of 2D between 2021-03-24 00:00:00+01:00 and 2021-03-26")
+
+
+def test_columns_asked_for_wrongly_are_named(tmp_path: Path) -> None:
+    """--columns naming the time column, or one column twice, is refused saying so (not "'2016-07-01' is not a
+    number", not silently)."""
+    p = _write(tmp_path, "date,A,B\n2016-07-01,1,2\n2016-07-02,3,4\n")
+    assert _error(p, columns=["date", "A"]) == "column 'date' is the time column; it cannot also be a numeric column"
+    assert _error(p, columns=["A", "A"]) == "column 'A' is asked for twice"
+
+
+def test_a_row_with_too_many_fields_is_named(tmp_path: Path) -> None:
+    """A stray trailing comma (an extra field) is refused like a missing one."""
+    p = _write(tmp_path, "date,A\n2016-07-01,1\n2016-07-02,2,9\n")
+    assert _error(p) == "line 3: 3 fields, the header has 2"
+
+
+def test_several_blank_lines_at_the_end_are_skipped(tmp_path: Path) -> None:
+    """Every trailing blank line is skipped, not only the last (the one before it was refused as a blank row)."""
+    p = _write(tmp_path, "date,A\n2016-07-01,1\n2016-07-02,2\n\n\n\n")
+    assert read_table(p).values[:, 0].tolist() == [1, 2]
+
+
+def test_a_zero_frequency_is_refused() -> None:
+    """--freq 0h is not a step."""
+    with pytest.raises(TableError, match="'0h' is not a frequency"):
+        parse_frequency("0h")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from training.adaptive import GRID, Online, admissible, check, offsets_at, online
-from training.calibrate import conformal_offsets
+from training.calibrate import conformal_offsets, halves
 
 LEVELS = [0.1, 0.5, 0.9]
 
@@ -64,3 +64,24 @@ def test_check_scores_both_directions_and_refuses_too_few_windows() -> None:
         assert 0.6 < first.band < 0.95 and 0.6 < second.band < 0.95
     with pytest.raises(ValueError, match="at least 4 x horizon"):
         check(residuals(13, 12, np.ones(13)), None, LEVELS)
+
+
+def test_check_leaves_a_horizon_of_windows_out_between_the_halves() -> None:
+    """Each direction calibrates on one half and runs online through the other, the ``horizon`` windows whose
+    targets straddle the cut left out."""
+    r = residuals(100, 4, np.ones(100))
+    first, second = halves(100, 4)
+    assert first[-1] == 47 and second[0] == 52
+    one = np.ones((100, 1, 1))
+    got = check(r, None, LEVELS, gammas=(0.0,))[0.0]
+    assert got == (
+        online(r[first], r[second], one[second], LEVELS, 0.0),
+        online(r[second], r[first], one[first], LEVELS, 0.0),
+    )
+
+
+def test_check_needs_four_horizons_of_windows() -> None:
+    """47 windows of horizon 12 are refused, 48 are enough."""
+    with pytest.raises(ValueError, match=r"47 validation windows; .* at least 4 x horizon \(48\)"):
+        check(residuals(47, 12, np.ones(47)), None, LEVELS)
+    assert set(check(residuals(48, 12, np.ones(48)), None, LEVELS, gammas=(0.0,))) == {0.0}

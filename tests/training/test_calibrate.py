@@ -10,8 +10,10 @@ from training.calibrate import (
     conformal_offsets,
     conformal_rank,
     coverage,
+    halves,
     interval_scores,
     pinball,
+    scale_floor,
     weighted_offsets,
 )
 from training.data import DataError
@@ -133,3 +135,85 @@ def test_the_half_life_check_never_scores_a_block_with_its_own_future(monkeypatc
     assert seen and set(seen) == {3 * size - 12, 4 * size - 12}  # blocks 3 and 4 only, each on its own past
     with pytest.raises(DataError, match=r"13 calibration windows are too few .* at least 20 windows"):
         choose_half_life(r[:13], LEVELS, gap=12)
+
+
+def test_conformal_rank_median_and_float_products() -> None:
+    """tau = 0.5 takes the ceiling like the upper levels; a level whose (n + 1) * tau lands a hair above an
+    integer in floating point is not bumped a rank (100 * 0.55 = 55.00000000000001, a level of
+    training.adaptive's GRID: rank 55, not 56)."""
+    assert conformal_rank(98, 0.5) == 50 and conformal_rank(99, 0.55) == 55
+
+
+def test_coverage_counts_a_target_on_the_quantile() -> None:
+    """'at or below' the quantile: ties count; ties are common in rounded data."""
+    assert coverage(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 2.0, 2.0])) == 0.5
+
+
+def test_scale_floor_is_a_tenth_of_the_median_and_never_zero() -> None:
+    """One volatile window must not lift the floor."""
+    np.testing.assert_allclose(scale_floor(np.array([[1.0, 0.0], [2.0, 0.0], [30.0, 0.0]])), [0.2, 1e-6])
+
+
+def test_halves_leave_the_overlapping_windows_out() -> None:
+    """The half-split check must not score windows whose targets overlap the calibrating half: ``gap`` windows are
+    left out around the cut, at most n // 4."""
+    first, second = halves(100, 10)
+    assert first.tolist() == list(range(45)) and second.tolist() == list(range(55, 100))
+    first, second = halves(8, 10)  # the gap is clamped to 8 // 4 = 2
+    assert first.tolist() == [0, 1, 2] and second.tolist() == [5, 6, 7]
+
+
+def test_mase_scale_is_the_seasonal_in_sample_error() -> None:
+    """MASE's denominator is the seasonal-naive error at lag ``season``, not lag 1; and ``mase``
+    averages MAE / scale per column."""
+    train = np.array([[0.0], [10.0], [1.0], [13.0], [3.0], [14.0]])  # period 2
+    assert mase_scale(train, 2).tolist() == [1.75]  # |1-0|, |13-10|, |3-1|, |14-13| -> 7 / 4 (lag 1: 10.4)
+    y = np.zeros((1, 3, 2))  # (N=1, H=3, T=2)
+    pred = np.array([[[1.0, 4.0], [1.0, 4.0], [1.0, 4.0]]])  # column 0: MAE 1, column 1: MAE 4
+    assert mase(y, pred, np.array([1.0, 2.0])) == pytest.approx((1 / 1 + 4 / 2) / 2)
+
+
+def test_the_half_life_candidates_include_unweighted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--calibration recent may choose no weighting at all (half-life inf, recorded as "inf"): it is one of the
+    candidates the rolling-origin check scores, beside n/2, n/4 and n/8."""
+    from training import calibrate
+    from training.calibrate import choose_half_life
+
+    seen: set[float] = set()
+    fit = calibrate.weighted_offsets
+
+    def spy(past: np.ndarray, levels: object, half_life: float) -> object:
+        seen.add(half_life)
+        return fit(past, levels, half_life)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(calibrate, "weighted_offsets", spy)
+    choose_half_life(np.random.default_rng(0).standard_normal((400, 2, 1)), LEVELS, gap=2)
+    assert seen == {np.inf, 200.0, 100.0, 50.0}
+
+
+def test_the_interval_rule_on_hand_made_scores() -> None:
+    """pick(): a scaled band is admissible only within 1% of the BEST constant band's pinball loss, and among the
+    admissible the smallest coverage miss wins (not the smallest pinball loss; not a tolerance from the worst
+    constant band, nor a 5% one)."""
+    from training.calibrate import IntervalChoice, pick
+
+    scored = [
+        IntervalChoice("none", 0, False, miss=0.30, pinball=1.000),
+        IntervalChoice("none", 0, True, miss=0.25, pinball=1.200),
+        IntervalChoice("mad", 24, False, miss=0.05, pinball=1.030),  # 3% worse than the best constant: refused
+        IntervalChoice("std", 12, False, miss=0.20, pinball=1.005),  # within 1%: admissible, best miss
+    ]
+    assert pick(scored) is scored[3]
+    assert pick(scored[:2]) is scored[1]  # constant bands are always admissible: the smaller miss
+
+
+def test_the_half_split_floors_the_scale_on_the_calibrating_half_only() -> None:
+    """Windows 0-3 move by 10 a row, windows 4-7 by 0.1. Calibrating on the first half floors the scale at
+    0.1 x median(10) = 1, so the calm half is scored with scale 1 and its residuals 0.6 fall under p90: the floor
+    comes from the calibrating half only, never from the half it is checked on."""
+    from training.calibrate import IntervalChoice, half_split
+
+    history = np.array([[[0.0], [10.0], [20.0]]] * 4 + [[[0.0], [0.1], [0.2]]] * 4)  # (8, 3, 1)
+    residuals = np.array([-10.0, -5.0, 5.0, 10.0, 0.6, 0.6, 0.6, 0.6]).reshape(8, 1, 1)
+    c = half_split(history, residuals, LEVELS, IntervalChoice("mad", 2, False), gap=0)
+    assert c.halves[0] == (0.0, 0.0, 1.0, 1.0)  # below p10, p50, p90, inside the p10-p90 band

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from service.core.manifest import MANIFEST_FILE, Manifest
-from training.cards import CARDS, NOT_CALIBRATED, TEMPERATURE_SCALED, calibrated, stamp, temperature_fitted
+from training.cards import (
+    CARDS,
+    NOT_CALIBRATED,
+    TARGETS,
+    TEMPERATURE_SCALED,
+    calibrated,
+    card_for,
+    stamp,
+    temperature_fitted,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SENTIMENT = [
@@ -50,3 +59,32 @@ def test_stamping_a_card_keeps_what_training_did(tmp_path: Path, version: int, l
     shutil.copytree(ROOT / "models" / "sentiment" / str(version), copy)
     card = stamp(copy)
     assert line in card.limits and Manifest.load(copy / MANIFEST_FILE).card == card
+
+
+FORECASTERS = [
+    m for m in map(Manifest.load, sorted((ROOT / "models").glob(f"*/*/{MANIFEST_FILE}"))) if m.task == "forecast"
+]
+
+
+def test_a_version_card_wins_over_the_name_card() -> None:
+    """forecaster/3's limits differ from forecaster/2's; a name without
+    a card gets the generic one."""
+    assert card_for("forecaster", "forecast", 3) == CARDS["forecaster/3"]
+    assert card_for("forecaster", "forecast", 2) == CARDS["forecaster"]
+    assert card_for("my-sales", "forecast", 1).data.startswith("The file named in training.data")
+
+
+def test_a_temperature_of_one_is_no_fitted_temperature() -> None:
+    """1.0, what training records when it fitted none, is not a fitted temperature on the card."""
+    assert not temperature_fitted({"temperature": 1.0}) and not temperature_fitted({})
+    assert temperature_fitted({"temperature": 1.4})
+
+
+@pytest.mark.parametrize("m", FORECASTERS, ids=lambda m: f"{m.name}/{m.version}")
+def test_committed_forecasters_carry_their_card_and_their_issue_goal(m: Manifest) -> None:
+    """What training writes (card_for, TARGETS) matches the committed manifests: the issue's goal sits on the metric
+    it names."""
+    assert m.card == card_for(m.name, m.task, m.version)
+    if m.name in TARGETS:
+        metric, goal = TARGETS[m.name]
+        assert {x.name: x.target for x in m.metrics}[metric] == goal

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
+from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from tests.training.conftest import write_csv
 from tests.training.fast import FAST
@@ -163,6 +165,10 @@ def test_forecast_with_covariates(tmp_path: Path, tiny_csv: Path, capsys: pytest
         (
             ["--preset", "ett-m", "--time-column", "time", "--freq", "auto"],
             "--split: 34560+11520+11520 = 57600 rows, but the file has only 480",
+        ),
+        (  # the preset's 15-minute step is checked (the hourly rows are a gap), before the split is
+            ["--preset", "ett-m", "--time-column", "time"],
+            "sales.csv: line 3: gap of 1h between 2021-01-01 00:00:00 and 2021-01-01 01:00:00; the rows step by 15min",
         ),
     ],
 )
@@ -563,3 +569,130 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path: Path, tiny_text: 
         "the run\n"
     )
     assert not (tmp_path / "lm").exists() and sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_bad_interval_scale_is_refused_before_the_data_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A malformed --interval-scale is refused before anything else: not after reading the data (here missing)
+    and, with data, after a whole training."""
+    out = tmp_path / "o" / "1"
+    argv = ["forecast", "--data", str(tmp_path / "none.csv"), "--out", str(out), "--interval-scale", "range:4", *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqserve-train: error: --interval-scale: expected auto, none or KIND[:K]")
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_download_needs_a_checksum(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--download without --sha256 is refused before anything is fetched: a file from elsewhere is checked."""
+    data, out = tmp_path / "input.txt", tmp_path / "lm" / "1"
+    argv = ["charlm", "--data", str(data), "--out", str(out), "--download", (tmp_path / "nowhere.txt").as_uri(), *FAST]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "seqserve-train: error: --download needs --sha256 to check the file\n"
+    assert not data.exists() and not out.exists()
+
+
+@pytest.mark.slow
+def test_forecast_metrics_match_an_independent_recomputation(
+    tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every test metric of a covariate forecaster recomputed here from the CSV and the ONNX graph with plain
+    numpy (evaluate and the manifest share one code path, so comparing them with each other checks no formula);
+    and the manifest records the data and interval options it was given, the issue's goal on test_mse, which
+    metrics are higher-is-better, and no test_windows among the metrics."""
+    out = tmp_path / "models" / "forecaster" / "1"  # a name with an issue goal: test_mse 0.40
+    args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    args += ["--targets", "price", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]
+    assert main([*args, "--epochs", "1", "--calibration", "pooled", "--interval-scale", "none"]) == 0
+    m = Manifest.load(out / MANIFEST_FILE)
+    assert m.forecast is not None
+    t = m.training
+    assert t["calibration"] == "pooled" and t["interval_choice"]["pooled"] is True
+    assert (t["split"], t["targets"], t["time_column"], t["frequency"]) == ("0.7,0.1,0.2", ["price"], "auto", "auto")
+    metrics = {x.name: x for x in m.metrics}
+    assert metrics["test_mse"].target == 0.40 and "test_windows" not in metrics
+    assert metrics["test_mape_gain_vs_snaive"].higher_is_better and not metrics["test_mape"].higher_is_better
+
+    raw = np.loadtxt(tiny_csv, delimiter=",", skiprows=1, usecols=(1, 2, 3))  # load, temp, price: 480 rows
+    mean, std = raw[:336].mean(0), raw[:336].std(0)  # train rows [0, 336)
+    z = ((raw - mean) / std).astype(np.float32)
+    start, n = 384 - 24, 96 - 12 + 1  # test rows [384, 480), histories from 24 rows before
+    x = np.stack([z[start + i : start + i + 24] for i in range(n)])
+    y = np.stack([z[start + i + 24 : start + i + 36, 2:] for i in range(n)])
+    sess = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    pred = sess.run(["forecast"], {"history": x, **zero_states(m.states, {"batch": n, "features": 3})})[0]
+    ev = _evaluate(capsys, out, tiny_csv)
+    assert ev["test_windows"] == n
+    assert ev["test_mse"] == pytest.approx(((pred - y) ** 2).mean(), rel=1e-5)
+    assert ev["test_mae"] == pytest.approx(np.abs(pred - y).mean(), rel=1e-5)
+    off = np.asarray(m.forecast.quantile_offsets)  # (3, 12, 1), no scale output
+    for tau, o in zip((0.1, 0.5, 0.9), off, strict=True):
+        d = y - (pred + o)
+        assert ev[f"test_coverage_q{tau:g}"] == pytest.approx((d <= 0).mean())
+        assert ev[f"test_pinball_q{tau:g}"] == pytest.approx(np.maximum(tau * d, (tau - 1) * d).mean(), rel=1e-5)
+    # original units; the seasonal naive forecast of row r is row r - 24 (season 24 of hourly rows)
+    truth = np.stack([raw[start + i + 24 : start + i + 36, 2] for i in range(n)])
+    naive = np.stack([raw[start + i : start + i + 12, 2] for i in range(n)])
+    model = pred[..., 0] * std[2] + mean[2]
+    scale = np.abs(raw[24:336, 2] - raw[:312, 2]).mean()
+    assert ev["season"] == 24
+    assert ev["test_mase"] == pytest.approx(np.abs(truth - model).mean() / scale, rel=1e-4)
+    assert ev["test_snaive_mase"] == pytest.approx(np.abs(truth - naive).mean() / scale, rel=1e-4)
+    mape, snaive = 100 * np.abs((truth - model) / truth).mean(), 100 * np.abs((truth - naive) / truth).mean()
+    assert ev["test_mape"] == pytest.approx(mape, rel=1e-4) and ev["test_snaive_mape"] == pytest.approx(
+        snaive, rel=1e-4
+    )
+    assert ev["test_mape_gain_vs_snaive"] == pytest.approx(1 - mape / snaive, rel=1e-4, abs=1e-6)
+
+
+def test_the_default_run_dir_is_runs_name_version(
+    tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --run-dir the checkpoint goes to runs/NAME-VERSION."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "models" / "lm" / "1"
+    assert main(["charlm", "--data", str(tiny_text), "--out", str(out), "--resume", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seqserve-train: error: --resume: {Path('runs') / 'lm-1' / 'checkpoint.pt'} does not exist")
+
+
+def test_sentiment_evaluate_matches_an_independent_recomputation(tmp_path: Path) -> None:
+    """dev_accuracy and dev_ece recomputed from the ONNX logits with plain numpy (training and evaluate share
+    eval_sentiment, so comparing them with each other checks no formula): ECE of the predicted class's
+    probability, its bins weighted by their size."""
+    from service.core.tokenizers import Encoder
+    from tests.tiny_models import export_tiny
+    from training.evaluate import evaluate_model
+
+    model = export_tiny("sentiment", tmp_path / "models", cell="gru")
+    rng = np.random.default_rng(0)
+    words = ["a", "great", "movie", "boring", "film", "bad", "fun", "the", "very", "not", "love", "hate"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 8)))) for _ in range(200)]
+    labels = rng.integers(0, 2, size=200)
+    data = tmp_path / "sst2"
+    data.mkdir()
+    (data / "dev.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels, strict=True))
+    )
+    ev = evaluate_model(model, data)
+
+    m = Manifest.load(model / MANIFEST_FILE)
+    assert m.tokenizer is not None
+    sess = ort.InferenceSession(str(model / MODEL_FILE), providers=["CPUExecutionProvider"])
+    enc = Encoder(m.tokenizer)
+    logits = []
+    for t in texts:  # one text at a time: no padding involved
+        ids = enc.encode(t)[None, :]
+        feeds = {"input_ids": ids, "lengths": np.array([ids.shape[1]]), **zero_states(m.states, {"batch": 1})}
+        logits.append(sess.run(["logits"], feeds)[0][0])
+    z = np.asarray(logits, dtype=np.float64)
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    conf, pred = probs.max(1), probs.argmax(1)
+    assert ev["dev_examples"] == 200
+    assert ev["dev_accuracy"] == pytest.approx((pred == labels).mean(), abs=1e-12)
+    bins = np.minimum((conf * 15 - 1e-12).astype(int), 14)  # 15 equal-width bins, (lo, hi]
+    want = sum((bins == b).mean() * abs((pred == labels)[bins == b].mean() - conf[bins == b].mean())
+               for b in range(15) if (bins == b).any())  # fmt: skip
+    assert ev["dev_ece"] == pytest.approx(want, abs=1e-6)

@@ -126,3 +126,35 @@ def test_held_out_sentences_take_their_phrases_out_of_training() -> None:
         assert fit_texts == {"the plot is a dull mess", "dull mess", "dull", "the plot", "mess"}
     else:
         assert fit_texts == {"a gorgeous , witty film", "gorgeous", "witty film", "a gorgeous", "witty"}
+
+
+def test_a_text_under_1000_characters_is_refused(tmp_path: Path) -> None:
+    """A char-LM text needs at least 1,000 characters; 999 are refused."""
+    p = tmp_path / "short.txt"
+    p.write_text("x" * 999)
+    with pytest.raises(DataError) as e:
+        load_chars(p)
+    assert _one_line(e) == f"{p}: only 999 characters; need at least 1000 for a train/val split"
+    p.write_text("x" * 1000)
+    assert len(load_chars(p)[1]) == 900
+
+
+def test_a_tsv_row_with_an_extra_field_is_refused(tmp_path: Path) -> None:
+    """A stray tab (a third field) is named, not read as sentence + label."""
+    p = tmp_path / "train.tsv"
+    p.write_text("sentence\tlabel\nfine\t1\na film\t0\tnote\n")
+    with pytest.raises(DataError) as e:
+        read_tsv(p)
+    assert _one_line(e).startswith(f"{p}: line 3: expected '<sentence><TAB><0|1>', got ")
+
+
+def test_at_least_one_sentence_is_held_out() -> None:
+    """A fraction too small for one whole sentence still holds one out."""
+    _, held = hold_out_sentences(TREEBANK, 0.1, np.random.default_rng(0))
+    assert len(held) == 1 and held[0][0] in ("a gorgeous , witty film", "the plot is a dull mess")
+
+
+def test_min_count_keeps_words_seen_exactly_that_often() -> None:
+    """min_count is inclusive: a word seen exactly that often is in the vocabulary."""
+    tok = word_tokenizer(["a b a", "b c"], min_count=2)
+    assert tok.vocab == ["<pad>", "<unk>", "a", "b"]

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from service.core.arrays import zero_states
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Tokenizer, sha256_file
 from service.core.tokenizers import Encoder
-from tests.tiny_models import CHAR_VOCAB, export_tiny
-from training.export import NATIVE_OPS, ort_run, parity
+from tests.tiny_models import CHAR_VOCAB, TINY_WORDS, export_tiny
+from training import export
+from training.export import NATIVE_OPS, ort_run, parity, write_model
 from training.nets import CELLS, NetConfig, build_net
 
 TASKS = ("sentiment", "charlm", "forecast")
@@ -128,3 +129,24 @@ def test_export_tiny_covariate_forecaster(tmp_path: Path) -> None:
     cfg = NetConfig(**m.training["net"])
     torch.manual_seed(0)
     assert parity(build_net(cfg), d / MODEL_FILE, cfg, time=36, batch=3, seed=5) <= 1e-4
+
+
+def test_manifest_architecture_fields(tmp_path: Path) -> None:
+    """A bidirectional sentiment net says directions 2; a forecaster has no embedding (None, not the
+    NetConfig default)."""
+    cfg = NetConfig(task="sentiment", cell="gru", hidden=8, layers=1, vocab=len(TINY_WORDS), embedding=8,
+                    bidirectional=True)  # fmt: skip
+    tok = Tokenizer(kind="word", vocab=TINY_WORDS, unk_token="<unk>", pad_token="<pad>", lowercase=True)
+    out = write_model(build_net(cfg), cfg, tmp_path / "s" / "1", name="s", version=1, tokenizer=tok,
+                      labels=["negative", "positive"])  # fmt: skip
+    assert Manifest.load(out / MANIFEST_FILE).architecture.directions == 2
+    fm = Manifest.load(export_tiny("forecast", tmp_path) / MANIFEST_FILE)
+    assert fm.architecture.embedding is None and fm.architecture.directions == 1
+
+
+def test_a_graph_that_answers_differently_is_not_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_model refuses an export whose ORT answers differ from PyTorch's."""
+    monkeypatch.setattr(export, "parity", lambda *args, **kwargs: 1e-3)
+    with pytest.raises(RuntimeError, match=r"ORT vs PyTorch max abs diff 1.00e-03 exceeds 1e-4"):
+        export_tiny("forecast", tmp_path, name="fc")
+    assert not (tmp_path / "fc" / "1" / MANIFEST_FILE).exists()

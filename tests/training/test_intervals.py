@@ -112,3 +112,28 @@ def test_calibrate_options() -> None:
             scale_candidates(bad)
     with pytest.raises(ValueError, match="the scale's k must be below the window \\(48\\)"):
         calibrate(history, residuals, "auto", "mad:48")
+
+
+def test_calibrate_records_what_it_did() -> None:
+    """The manifest's training section gets these fields verbatim: the number of calibration windows, the
+    scale's floor and, under "auto", both offset modes checked."""
+
+    history, residuals = volatile_windows(400, 1.0, np.random.default_rng(2))
+    fixed = calibrate(history, residuals, "pooled", "mad:12")
+    assert fixed.info["calibration_windows"] == 400 and fixed.info["calibration"] == "pooled"
+    assert fixed.floor is not None and fixed.info["interval_scale_floor"] == fixed.floor
+    assert fixed.info["interval_choice"] == {"kind": "mad", "k": 12, "pooled": True}
+    # "auto" calibration weighs per-step against pooled offsets
+    auto = calibrate(history, residuals, "auto", "none")
+    assert set(auto.info["interval_check"]) == {"constant, per-step", "constant, pooled"}
+
+
+def test_four_windows_are_enough_to_check_and_fewer_fall_back_to_the_whole_window() -> None:
+    """With 4 calibration windows the half-split check runs; with 3 and a scale kind without K,
+    the scale covers the whole window, k = window - 1."""
+    from tests.training.test_intervals import volatile_windows
+
+    history, residuals = volatile_windows(4, 1.0, np.random.default_rng(3))
+    assert calibrate(history, residuals).info["interval_check"] != {}
+    few = calibrate(history[:3], residuals[:3], "auto", "mad")
+    assert (few.choice.kind, few.choice.k) == ("mad", 47) and few.info["interval_check"] == {}

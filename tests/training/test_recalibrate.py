@@ -115,3 +115,24 @@ def test_calibrate_refusals_exit_2_with_one_line(
     assert m3.sha256 == sha256_file(v3 / MODEL_FILE) and (m3.name, m3.version) == ("fc", 3)
     assert m4.forecast is not None and m4.forecast.scale_output == "scale" and len(m4.outputs) == len(m3.outputs) + 1
     assert m4.training["interval_scale"].startswith("std of the last 4 changes")
+
+
+@pytest.mark.slow
+def test_a_covariate_forecasters_scale_is_measured_on_its_target(tmp_path: Path, tiny_csv: Path) -> None:
+    """--targets temp: the interval scale (and its floor, recorded in the manifest) is the volatility of the temp
+    column of each validation window, not of the first column (load), both when training and when
+    recalibrating."""
+    raw = np.loadtxt(tiny_csv, delimiter=",", skiprows=1, usecols=(1, 2, 3))  # load, temp, price
+    z = ((raw - raw[:336].mean(0)) / raw[:336].std(0)).astype(np.float32)
+    history = np.stack([z[312 + i : 336 + i, 1] for i in range(48 - 12 + 1)]).astype(np.float64)  # val windows
+    vol = np.diff(history[:, -9:], axis=1).std(axis=1)  # std of the last 8 changes
+    want = max(0.1 * float(np.median(vol)), 1e-6)
+
+    v1, v2 = tmp_path / "m" / "temp" / "1", tmp_path / "m" / "temp" / "2"
+    args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
+    args += ["--targets", "temp", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]
+    assert main([*args, "--epochs", "1", "--interval-scale", "std:8", "--calibration", "per-step"]) == 0
+    assert Manifest.load(v1 / MANIFEST_FILE).training["interval_scale_floor"] == pytest.approx([want], rel=1e-6)
+    calibrate = ["calibrate", "--model", str(v1), "--data", str(tiny_csv), "--out", str(v2)]
+    assert main([*calibrate, "--interval-scale", "std:8", "--calibration", "pooled"]) == 0
+    assert Manifest.load(v2 / MANIFEST_FILE).training["interval_scale_floor"] == pytest.approx([want], rel=1e-6)

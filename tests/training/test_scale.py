@@ -15,6 +15,7 @@ from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.tasks.forecast import ForecastTask
 from tests.tiny_models import export_tiny
+from training import scale as scale_module
 from training.calibrate import window_scale
 from training.scale import WindowScale, add_scale_output, graft
 
@@ -79,3 +80,14 @@ def test_graft_refuses_a_clash_or_a_missing_input(tmp_path: Path) -> None:
     other = onnx.load(str(export_tiny("charlm", tmp_path) / MODEL_FILE))  # reads input_ids, not history
     with pytest.raises(ValueError, match=r"reads inputs \['c0', 'input_ids'\] that the base graph lacks"):
         graft(model, other)
+
+
+def test_a_grafted_scale_that_disagrees_with_numpy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_scale_output checks the graph's scale against ``window_scale`` before declaring it."""
+    out = export_tiny("forecast", tmp_path, name="fc", cell="gru")
+    real = scale_module.window_scale
+    monkeypatch.setattr(scale_module, "window_scale", lambda *a, **k: real(*a, **k) * 1.01)
+    with pytest.raises(RuntimeError, match="grafted scale changed other outputs \\(False\\) or differs by"):
+        add_scale_output(out, "mad", 6, [0.1] * 7)
+    m = Manifest.load(out / MANIFEST_FILE)
+    assert m.forecast is not None and m.forecast.scale_output is None  # the manifest was not updated
