@@ -126,6 +126,21 @@ def test_json_logs_carry_request_id_method_model_code_and_duration(
     assert "(5000 characters)" in long["model"] and len(long["model"]) < 120
 
 
+def test_access_lines_name_the_principal(
+    serve: Callable[..., ServerHandle], server_log: Callable[[str], io.StringIO]
+) -> None:
+    """With API keys, each access line says who called (the key's name, never the key): what an operator needs
+    to tell one tenant's traffic or errors from another's."""
+    handle = serve(access_log=True, api_keys="alice:alice-key-0123456789")
+    out = server_log("json")
+    with Client(handle.target, api_key="alice-key-0123456789") as c:
+        c.classify(["good"])
+    assert eventually(lambda: '"seqserve.access"' in out.getvalue())
+    access = [json.loads(line) for line in out.getvalue().splitlines() if '"seqserve.access"' in line]
+    assert [(r["method"], r["principal"]) for r in access] == [("/seqserve.v1.Sentiment/Classify", "alice")]
+    assert "alice-key-0123456789" not in out.getvalue()
+
+
 def test_escape_covers_every_control_character() -> None:
     assert escape("plain text é ü 日本") == "plain text é ü 日本"
     assert escape("a\nb\rc\x00d\x1be\x7ff\x85g\u2028h") == "a\\nb\\rc\\x00d\\x1be\\x7ff\\x85g\\u2028h"

@@ -249,6 +249,8 @@ def test_request_rate_quota(start_server: Callable[..., ServerHandle]) -> None:
         err = failure(lambda: alice.classify(["three"]))
         assert err.code == Code.RESOURCE_EXHAUSTED and err.reason == "QUOTA_EXCEEDED"
         assert "quota_requests_per_second" in err.message and "'alice'" in err.message
+        err = failure(lambda: list(alice.complete("To be", max_chars=2)))  # a streamed answer takes a token too
+        assert err.code == Code.RESOURCE_EXHAUSTED and err.reason == "QUOTA_EXCEEDED"
         bob.classify(["bob has his own bucket"])
     from tests.service.api.test_lifecycle import SERVING, health
 
