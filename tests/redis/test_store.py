@@ -74,51 +74,36 @@ async def test_replicas_take_turns_and_hand_over(make_store: MakeStore) -> None:
     np.testing.assert_array_equal(final.state["h0"], state().state["h0"] + 26)
 
 
-@pytest.mark.parametrize("b_keeps_its_lease", [True, False])
-async def test_a_stale_lease_write_is_refused(
-    make_store: MakeStore, redis_server: RedisServer, b_keeps_its_lease: bool
+@pytest.mark.parametrize(
+    ("b_does", "refusal"),
+    [("steps", SessionConflict), ("steps and lets go", SessionConflict), ("replaces", StaleSession)],
+)
+async def test_a_late_save_after_a_takeover_is_refused(
+    make_store: MakeStore, redis_server: RedisServer, b_does: str, refusal: type[Exception]
 ) -> None:
-    """When B's lease had ended too (handed back, or run out) before A's late save, A's caller was told the
-    session was "deleted or replaced" (NOT_FOUND: create a new one, losing it) instead of ABORTED (retry)."""
+    """A's lease runs out (a long pause) and B takes the session over. A's late save is refused: as a conflict
+    (ABORTED, retry) when B stepped the same session, also when B had already let its lease go (that was
+    "deleted or replaced", NOT_FOUND: the client would create a new session and lose its state); as stale
+    (NOT_FOUND) when B replaced it by a new session under the same id (a restarted KServe sequence)."""
     a, b = await make_store(), await make_store()
     await a.add(state())
     async with a.lease("s1"):
         s = await a.load("s1")
         assert s is not None
-        # A's lease runs out (a long pause) and B takes the session over and advances it.
         redis_server.client().delete(a.keys("s1")[1])
         a.cache.get("s1").owned_until = 0.0  # type: ignore[union-attr]
+        if b_does == "replaces":
+            await b.delete("s1")
+            await b.add(state())
         await step(b, "s1", 10)
-        if not b_keeps_its_lease:
+        if b_does != "steps":
             redis_server.client().delete(a.keys("s1")[1])
         s.steps += 1
-        with pytest.raises(SessionConflict, match="taken over by another replica"):
+        with pytest.raises(refusal) as refused:
             await a.save(s)
+        assert refusal is StaleSession or "taken over by another replica" in str(refused.value)
     got = await b.load("s1")
     assert got is not None and got.steps == 10  # B's step stands, A's was not applied
-
-
-async def test_a_session_replaced_under_a_late_save_is_not_found(
-    make_store: MakeStore, redis_server: RedisServer
-) -> None:
-    """The other side of the test above: a new session under the same id (a restarted KServe sequence) is not
-    the session A's call used, so A's save is refused as stale (NOT_FOUND), not as a retryable conflict."""
-    a, b = await make_store(), await make_store()
-    await a.add(state())
-    async with a.lease("s1"):
-        s = await a.load("s1")
-        assert s is not None
-        redis_server.client().delete(a.keys("s1")[1])
-        a.cache.get("s1").owned_until = 0.0  # type: ignore[union-attr]
-        await b.delete("s1")
-        await b.add(state())
-        await step(b, "s1", 3)
-        redis_server.client().delete(a.keys("s1")[1])
-        s.steps += 1
-        with pytest.raises(StaleSession):
-            await a.save(s)
-    got = await b.load("s1")
-    assert got is not None and got.steps == 3
 
 
 async def test_a_stale_copy_is_refused_and_delete_wins(make_store: MakeStore) -> None:

@@ -3,14 +3,14 @@ it INTERNAL, inline, without the exception's text, counts it, and goes on with t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.kserve.servicer import KServeServicer
-from service.core.types import InferResult, InputTensor, ModelRef, SequenceRef
+from service.core.types import InferResult, ModelRef
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -21,14 +21,7 @@ class FailsOnce:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def infer(
-        self,
-        model: ModelRef,
-        inputs: Sequence[InputTensor],
-        outputs: list[str] | None = None,
-        sequence: SequenceRef | None = None,
-        classes: dict[str, int] | None = None,
-    ) -> InferResult:
+    async def infer(self, model: ModelRef, *request: object) -> InferResult:
         self.calls += 1
         if self.calls == 1:
             raise KeyError("secret internals")
