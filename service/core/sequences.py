@@ -23,9 +23,11 @@ from service.core.sessions import SessionManager, SessionState
 from service.core.sessions.export import Exported, seal
 from service.core.stats import CountedRequest
 from service.core.tasks.base import TaskResult, check_and_decode
-from service.core.types import InferResult, InputTensor, ModelRef, SequenceRef, Tensor, TensorContract
+from service.core.types import InferResult, InputTensor, ModelRef, SequenceRef, Tensor, TensorContract, TensorDef
 from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound, echo
 from service.settings import Settings
+
+Contract = tuple[TensorContract, list[str], dict[str, TensorDef]]  # the contract, output names, outputs by name
 
 
 class V2Inference:
@@ -33,16 +35,16 @@ class V2Inference:
 
     def __init__(self, settings: Settings, registry: ModelRegistry, sessions: SessionManager) -> None:
         self.settings, self.registry, self.sessions = settings, registry, sessions
-        self._contracts: weakref.WeakKeyDictionary[ModelEntry, tuple[TensorContract, list[str]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._contracts: weakref.WeakKeyDictionary[ModelEntry, Contract] = weakref.WeakKeyDictionary()
 
-    def _contract(self, entry: ModelEntry) -> tuple[TensorContract, list[str]]:
-        """The task's v2 contract and output names, built once per loaded version (not once per request)."""
+    def _contract(self, entry: ModelEntry) -> Contract:
+        """The task's v2 contract, its output names and outputs by name, built once per loaded version (not once
+        per request)."""
         found = self._contracts.get(entry)
         if found is None:
             contract = entry.task.contract()
-            found = self._contracts[entry] = (contract, [d.name for d in contract.outputs])
+            defs = {d.name: d for d in contract.outputs}
+            found = self._contracts[entry] = (contract, list(defs), defs)
         return found
 
     def _sequence_id(self, model: str, seq: SequenceRef) -> str:
@@ -118,8 +120,10 @@ class V2Inference:
         """The answer: the wanted outputs, those named in ``classes`` as their top classes."""
         tensors = [result.outputs[n] for n in wanted]
         if classes:
-            labels = {d.name: d.labels for d in self._contract(entry)[0].outputs}
-            tensors = [top_classes(t, classes[t.name], labels[t.name]) if t.name in classes else t for t in tensors]
+            defs = self._contract(entry)[2]
+            tensors = [
+                top_classes(t, classes[t.name], defs[t.name].labels) if t.name in classes else t for t in tensors
+            ]
         return InferResult(entry.name, entry.version, tensors, result.inferences, result.steps, blob)
 
     async def _checked(
@@ -131,21 +135,20 @@ class V2Inference:
         classes: dict[str, int] | None = None,
     ) -> tuple[dict[str, Tensor], list[str]]:
         """The request checked against the version's contract: decoded inputs and the outputs to return."""
-        contract, names = self._contract(entry)
+        contract, names, defs = self._contract(entry)
         wanted = outputs or names
         for name in wanted:
-            if name not in names:
+            if name not in defs:
                 raise InvalidInput(f"model {entry.name} has no output {echo(name)}; outputs are {', '.join(names)}")
         if len(set(wanted)) < len(wanted):
             twice = next(n for n in wanted if wanted.count(n) > 1)
             raise InvalidInput(f"output {echo(twice)} is requested twice; name each output once")
-        if classes:
-            for d in contract.outputs:
-                if d.name in classes and d.datatype == "BYTES":
-                    raise InvalidInput(
-                        f"output {d.name} of model {entry.name} holds BYTES: the classification extension "
-                        "(class_count) ranks numeric outputs only; request it without class_count"
-                    )
+        for name in classes or ():
+            if name in defs and defs[name].datatype == "BYTES":
+                raise InvalidInput(
+                    f"output {name} of model {entry.name} holds BYTES: the classification extension (class_count) "
+                    "ranks numeric outputs only; request it without class_count"
+                )
         if seq is not None and not contract.sequences:
             raise InvalidInput(
                 f"model {entry.name} is stateless: it does not take sequence_id/sequence_start/sequence_end"

@@ -9,12 +9,10 @@ from __future__ import annotations
 import grpc
 
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.kserve.servicer import EXTENSIONS, SERVICE, STEPS_PARAMETER, KServeServicer
+from service.api.kserve.servicer import EXTENSIONS, SERVICE_NAME, STEPS_PARAMETER, KServeServicer
 from service.core.types import DataPlane
 from service.metrics import Metrics
 from service.settings import Settings
-
-SERVICE_NAME = SERVICE
 
 
 def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:

@@ -11,6 +11,7 @@ open, as Triton does.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
@@ -56,8 +57,8 @@ FINAL_PARAMETER = "triton_final_response"
 # A refusal inside a stream: the gRPC status name a unary call would have got (retry on UNAVAILABLE,
 # RESOURCE_EXHAUSTED, ABORTED; fix the request on INVALID_ARGUMENT...), since the stream's own status stays OK.
 ERROR_CODE_PARAMETER = "seqserve_error_code"
-SERVICE = "inference.GRPCInferenceService"
-STREAM_METHOD = f"/{SERVICE}/ModelStreamInfer"
+SERVICE_NAME = "inference.GRPCInferenceService"
+STREAM_METHOD = f"/{SERVICE_NAME}/ModelStreamInfer"
 
 
 def _not_counted(service: str, method: str, model: str, code: str) -> None:
@@ -139,25 +140,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         # has exactly one response, so each is its final one: like Triton, every response (errors too) says so
         # in parameter triton_final_response, which streaming clients read to know a request is done.
         # The stream is one RPC to the edge (counted once, OK): each request's own outcome is counted here.
-        count = self._count
+        count = functools.partial(self._count, SERVICE_NAME, "ModelStreamInfer")
         async for request in request_iterator:
             try:
                 out = pb.ModelStreamInferResponse()
                 await self._infer(request, out.infer_response)  # filled in place: no copy into the envelope
                 out.infer_response.parameters[FINAL_PARAMETER].bool_param = True
-                count(SERVICE, "ModelStreamInfer", request.model_name, "OK")
+                count(request.model_name, "OK")
                 yield out
             except SeqServeError as e:
                 message = clip(e.message)
                 code = status_code_for(e).name
-                count(SERVICE, "ModelStreamInfer", request.model_name, code)
+                count(request.model_name, code)
                 if self._budget.allow():  # the stream goes on (one OK RPC): its refusals are told here, in the log
                     log.info("%s -> %s inside the stream: %s (request id %s)", STREAM_METHOD, code, message,
                              CALL.get()[0], extra={"code": code})  # fmt: skip
                 yield self._stream_error(request, message, code)
             except Exception:
                 log.exception("ModelStreamInfer: unexpected error")
-                count(SERVICE, "ModelStreamInfer", request.model_name, "INTERNAL")
+                count(request.model_name, "INTERNAL")
                 message = f"internal error (request id {CALL.get()[0]}); see the server log"
                 yield self._stream_error(request, message, "INTERNAL")
 

@@ -39,11 +39,16 @@ POLL_MAX = 0.05  # seconds between two tries for a lease another replica holds (
 ASK_EVERY = 0.25  # seconds between two hand-over requests to the holder
 
 
+def incarnation() -> int:
+    """The revision of a session stored under its id for the first time (``RedisSessionStore.add``): 48 random
+    bits, shifted, so that no copy of an older session with that id matches it; each save adds 1."""
+    return secrets.randbits(48) << 8
+
+
 def stepped_elsewhere(expected: str, stored: bytes) -> bool:
     """Whether the ``stored`` revision (16 hex digits, empty when the session is gone) is a later save of the same
     session as ``expected``: another replica stepped it. A session created again under its id (a restarted KServe
-    sequence) starts from 48 new random bits (``RedisSessionStore.add``) and each save adds 1, so its revision is
-    no small step above the old one."""
+    sequence) starts from a new ``incarnation()``, no small step above the old revision."""
     try:
         return 0 < int(stored, 16) - int(expected, 16) < 2**32
     except ValueError:

@@ -17,14 +17,13 @@ resumed session stands.
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from service.core.sessions.redis_conn import Arg, RedisConn
 from service.core.sessions.redis_index import Indexed, SessionIndex
-from service.core.sessions.redis_leases import OWNED, Leases, session_keys
+from service.core.sessions.redis_leases import OWNED, Leases, incarnation, session_keys
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import StaleSession, StoreUsage
 from service.errors import FailedPrecondition, StoreUnavailable
@@ -62,7 +61,7 @@ class RedisSessionStore:
     async def add(self, session: SessionState) -> SessionState | None:
         self.leases.start()
         sid = session.id
-        session.revision = secrets.randbits(48) << 8  # a new incarnation: no copy of an older one matches it
+        session.revision = incarnation()
         deadline, _ = self.leases.deadline(None, session)
         args: list[Arg] = [
             self.replica,
