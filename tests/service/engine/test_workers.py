@@ -22,7 +22,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
 from service.client import ApiError, Client
-from tests.service.kserve.procs import start_server, stop_server
+from tests.service.kserve.procs import scrape, start_server, stop_server
 
 TEXT = ["To be, ", "or not", " to be", ": that is ", "the question"]
 
@@ -181,27 +181,16 @@ def test_a_frontends_private_metrics_port_answers_its_engine_only(servers: tuple
                 with pytest.raises(urllib.error.HTTPError) as refused:
                     urllib.request.urlopen(request, timeout=10)
                 assert refused.value.code == 403
-    assert "seqserve_rpc_requests_total" in "".join(str(k) for k in _scrape(info))  # the engine still reads them
-
-
-def _scrape(info: dict[str, object]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """The engine's /metrics as {sample name: {sorted labels: value}}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
+    assert "seqserve_rpc_requests_total" in "".join(
+        str(k) for k in scrape(info["metrics_port"])
+    )  # the engine still reads them
 
 
 def test_every_process_reports_its_cpu_and_memory(servers: tuple[dict[str, object], int]) -> None:
     """``process_*`` describe the engine alone (the only /metrics endpoint); ``seqserve_process_*{process}`` cover
     the engine and each frontend, so a dashboard's CPU and memory panels see the whole server."""
     info, _ = servers
-    scraped = _scrape(info)
+    scraped = scrape(info["metrics_port"])
     cpu = {dict(k)["process"]: v for k, v in scraped["seqserve_process_cpu_seconds_total"].items()}
     rss = {dict(k)["process"]: v for k, v in scraped["seqserve_process_resident_memory_bytes"].items()}
     assert set(cpu) == set(rss) == {"engine", "frontend-1", "frontend-2"}
@@ -225,7 +214,7 @@ def test_a_frontend_that_misses_a_scrape_keeps_its_counts(servers: tuple[dict[st
             assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10).live
 
     def total() -> float:
-        return sum(_scrape(info)["seqserve_rpc_requests_total"].values())
+        return sum(scrape(info["metrics_port"])["seqserve_rpc_requests_total"].values())
 
     before = total()
     pids = info["frontend_pids"]
@@ -253,7 +242,7 @@ def test_model_calls_that_name_their_model_in_name_are_labelled_with_it(
         stub.ModelStatistics(pb.ModelStatisticsRequest(name="charlm"), timeout=30)
     seen = {
         (labels["method"], labels["model"])
-        for labels in (dict(k) for k in _scrape(info)["seqserve_rpc_requests_total"])
+        for labels in (dict(k) for k in scrape(info["metrics_port"])["seqserve_rpc_requests_total"])
         if labels["method"] in ("ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics")
     }
     assert {m for m, model in seen if model == "charlm"} == {"ModelReady", "ModelMetadata", "ModelConfig",
@@ -463,9 +452,10 @@ def test_session_calls_are_labelled_with_the_sessions_model(servers: tuple[dict[
     info, _ = servers
 
     def counts() -> dict[tuple[str, str], float]:  # (method, model) -> Get/Delete calls answered OK so far
+        rpcs = scrape(info["metrics_port"])["seqserve_rpc_requests_total"]
         return {
             (labels["method"], labels["model"]): value
-            for labels, value in ((dict(k), v) for k, v in _scrape(info)["seqserve_rpc_requests_total"].items())
+            for labels, value in ((dict(k), v) for k, v in rpcs.items())
             if labels["service"] == "seqserve.v1.Sessions" and labels["method"] in ("Get", "Delete")
             and labels["code"] == "OK"
         }  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from bench.launch import server_env, start, stop
@@ -23,3 +24,16 @@ def start_server(repo: Path, workdir: Path, **env: str) -> tuple[subprocess.Pope
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
     stop(proc, timeout=30)
+
+
+def scrape(metrics_port: object) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """A server's /metrics as {sample name: {sorted labels: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out

@@ -3,18 +3,17 @@ sequence ids, malformed raw payloads and status codes. Same real server process 
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
 from service.client import Client
+from tests.service.kserve.procs import scrape
 
 Input = pb.ModelInferRequest.InferInputTensor
 
@@ -208,14 +207,11 @@ def test_bad_sequence_parameters(stub: pb_grpc.GRPCInferenceServiceStub) -> None
 
 def _stream_requests(metrics_port: int) -> dict[tuple[str, str], float]:
     """seqserve_rpc_stream_requests_total of ModelStreamInfer as the server exposes it: (model, code) -> count."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
-        text = r.read().decode()
+    samples = scrape(metrics_port).get("seqserve_rpc_stream_requests_total", {})
     return {
-        (s.labels["model"], s.labels["code"]): s.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "seqserve_rpc_stream_requests"
-        for s in family.samples
-        if s.name.endswith("_total") and s.labels["method"] == "ModelStreamInfer"
+        (labels["model"], labels["code"]): value
+        for labels, value in ((dict(k), v) for k, v in samples.items())
+        if labels["method"] == "ModelStreamInfer"
     }
 
 
