@@ -14,6 +14,7 @@ from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
 from service.client import Client
 from tests.service.kserve.procs import scrape
+from tests.service.security.conftest import eventually
 
 Input = pb.ModelInferRequest.InferInputTensor
 
@@ -309,6 +310,8 @@ def test_a_generation_counts_once_in_queue_and_compute(
             for i, _chunk in enumerate(c.complete("To be", model="charlm", version=1, max_chars=2000, seed=1)):
                 if i == 300:
                     break
+    # The engine records a cancelled request when its task ends, a moment after the client has left.
+    assert eventually(lambda: stats().inference_stats.fail.count - after.inference_stats.fail.count >= 2)
     final = stats()
     for name in ("queue", "compute_input", "compute_infer", "compute_output"):
         ran = getattr(final.inference_stats, name).count - getattr(after.inference_stats, name).count
