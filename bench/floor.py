@@ -108,6 +108,9 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: Any, context: Any) -> pb.RepositoryModelUnloadResponse:
         return pb.RepositoryModelUnloadResponse()
 
+    async def LogSettings(self, request: Any, context: Any) -> pb.LogSettingsResponse:
+        return pb.LogSettingsResponse()
+
     def _respond(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse()
         response.CopyFrom(self.answers[(request.model_name, "infer")])

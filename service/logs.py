@@ -7,6 +7,10 @@ request id, method, model, status code and duration where the record has them.
 
 The RPC being served is known to every record written while serving it (``CALL``: request id and method),
 through a ``ContextVar`` the error interceptor sets.
+
+What is written can change while the server runs (Triton's logging extension, ``LogSettings``): each severity on
+or off on its own, verbose (DEBUG) records from ``log_verbose_level`` 1, and the format. ``current`` and
+``update`` read and change this process's settings; the engine passes a change on to every frontend.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
+from service.errors import InvalidInput, echo
 from service.settings import Settings
 
 # (request id, method) of the RPC being served; ("-", "") outside any.
@@ -49,6 +55,113 @@ class _CallFilter(logging.Filter):
         name = record.processName or "MainProcess"
         record.process_tag = "" if name == "MainProcess" else name.removeprefix("seqserve-")
         return True
+
+
+# Triton's log settings (its names and types), as LogSettings reads and changes them.
+SETTING_TYPES: dict[str, type] = {
+    "log_file": str,
+    "log_info": bool,
+    "log_warning": bool,
+    "log_error": bool,
+    "log_verbose_level": int,
+    "log_format": str,
+}
+FORMATS = ("text", "json")
+MAX_VERBOSE_LEVEL = 2**32 - 1  # a uint32 on the wire
+LogSettings = dict[str, bool | int | str]
+_PARAMS = {bool: "a bool (bool_param)", int: "an unsigned integer (uint32_param)", str: "a string (string_param)"}
+
+
+class _Switches(logging.Filter):
+    """Which records the handler writes: INFO, WARNING and ERROR (with CRITICAL) each on or off, DEBUG records
+    when the verbose level is 1 or more. Python's single threshold cannot say "errors but not warnings"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info = self.warning = self.error = True
+        self.verbose = 0
+        self.format = "text"
+
+    def set_level(self, level: str) -> None:
+        """The switches a ``log_level`` setting means (DEBUG: verbose level 1; WARNING: no INFO; ...)."""
+        number = logging.getLevelName(level)
+        self.verbose = 1 if number <= logging.DEBUG else 0
+        self.info = number <= logging.INFO
+        self.warning = number <= logging.WARNING
+        self.error = number <= logging.ERROR
+
+    def lowest(self) -> int:
+        """The lowest level any switch lets through: the root logger's level, so that nothing builds a record
+        the handler would drop."""
+        for on, level in ((self.verbose > 0, logging.DEBUG), (self.info, logging.INFO),
+                          (self.warning, logging.WARNING), (self.error, logging.ERROR)):  # fmt: skip
+            if on:
+                return level
+        return logging.CRITICAL + 1
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        level = record.levelno
+        if level >= logging.ERROR:
+            return self.error
+        if level >= logging.WARNING:
+            return self.warning
+        if level >= logging.INFO:
+            return self.info
+        return self.verbose > 0
+
+
+_SWITCHES = _Switches()
+_HANDLER: list[logging.Handler] = []  # the handler ``configure`` installed, if it did
+
+
+def current() -> LogSettings:
+    """This process's log settings, by Triton's names."""
+    s = _SWITCHES
+    return {"log_file": "", "log_info": s.info, "log_warning": s.warning, "log_error": s.error,
+            "log_verbose_level": s.verbose, "log_format": s.format}  # fmt: skip
+
+
+def check(changes: Mapping[str, object]) -> LogSettings:
+    """``changes`` as valid settings, or InvalidInput saying what to fix (nothing is applied then)."""
+    out: LogSettings = {}
+    for key, value in changes.items():
+        kind = SETTING_TYPES.get(key)
+        if kind is None:
+            raise InvalidInput(f"unknown log setting {echo(key)}; the settings are {', '.join(SETTING_TYPES)}")
+        if type(value) is not kind:
+            got = _PARAMS.get(type(value), type(value).__name__)
+            raise InvalidInput(f"log setting {key!r} takes {_PARAMS[kind]}, got {got}")
+        if key == "log_file" and value != "":
+            raise InvalidInput(
+                "log_file must be empty: seqserve writes its logs to standard error, for the container runtime "
+                "or the process supervisor to collect"
+            )
+        if key == "log_format" and value not in FORMATS:
+            raise InvalidInput(f"log_format must be one of {', '.join(FORMATS)}, got {echo(str(value))}")
+        if key == "log_verbose_level" and isinstance(value, int) and not 0 <= value <= MAX_VERBOSE_LEVEL:
+            raise InvalidInput(f"log_verbose_level must be between 0 and {MAX_VERBOSE_LEVEL}, got {value}")
+        out[key] = cast(bool | int | str, value)
+    return out
+
+
+def update(changes: Mapping[str, object]) -> LogSettings:
+    """Checks every change, then applies them all to this process; returns the settings now in force."""
+    valid = check(changes)
+    s = _SWITCHES
+    s.info = bool(valid.get("log_info", s.info))
+    s.warning = bool(valid.get("log_warning", s.warning))
+    s.error = bool(valid.get("log_error", s.error))
+    s.verbose = int(valid.get("log_verbose_level", s.verbose))
+    if "log_format" in valid and valid["log_format"] != s.format:
+        s.format = str(valid["log_format"])
+        for handler in _HANDLER:
+            handler.setFormatter(_formatter(s.format))
+    logging.getLogger().setLevel(s.lowest())
+    return current()
+
+
+def _formatter(name: str) -> logging.Formatter:
+    return JsonFormatter() if name == "json" else TextFormatter()
 
 
 def summary(settings: Settings, workers: int) -> str:
@@ -117,13 +230,17 @@ class JsonFormatter(logging.Formatter):
 def configure(settings: Settings, stream: Any = None) -> logging.Handler:
     """Installs one root handler that writes ``settings.log_format`` to ``stream`` (stderr by default), in place
     of the one a previous call installed; returns it."""
+    _SWITCHES.set_level(settings.log_level)
+    _SWITCHES.format = settings.log_format
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    handler.setFormatter(_formatter(settings.log_format))
+    handler.addFilter(_SWITCHES)  # (first: a record it drops costs nothing more)
     handler.addFilter(_CallFilter())
     handler.set_name("seqserve")
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "seqserve"]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(settings.log_level)
+    root.setLevel(_SWITCHES.lowest())
+    _HANDLER[:] = [handler]
     return handler

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     """Named API keys, one principal each: a file (one ``name:key`` per line, ``#`` comments) or a list of
     ``name:key`` pairs separated by commas. Names: 1-64 of ``A-Za-z0-9._@-``; keys: at least 16 characters."""
     admin_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Principals allowed to load and unload models (KServe RepositoryModelLoad/Unload), comma-separated in the
+    """Principals allowed to load and unload models (KServe RepositoryModelLoad/Unload) and to change the log
+    settings (LogSettings; anyone may read them), comma-separated in the
     environment; semicolon-separated when they are mTLS subjects, which hold commas themselves (any value with
     ``=`` in it: ``O=acme,CN=alice;san=spiffe://acme/ops``). Without credentials configured everyone is the
     anonymous principal and may; with API keys or mTLS, only the principals listed here may (none by default)."""

@@ -8,6 +8,9 @@ in-process gRPC server on 127.0.0.1 port 0 (its own event loop on a background t
 from __future__ import annotations
 
 import asyncio
+import copy
+import io
+import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
@@ -16,6 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from service import logs
 from service.client import Client
 from service.settings import Settings
 from tests.stores import STORES
@@ -158,3 +162,26 @@ def start_server(tiny_models: Path, session_store: str) -> Iterator[Callable[...
     yield start
     for h in handles:
         h.close()
+
+
+@pytest.fixture
+def log_state() -> Iterator[Callable[[str], io.StringIO]]:
+    """For tests that change the log settings (``service.logs``): installs the server's handler (``configure``,
+    text) on a buffer when called; afterwards puts logging back as it was: root level and handlers, the switches
+    and the handler ``update`` reformats."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    switches, installed = copy.copy(vars(logs._SWITCHES)), list(logs._HANDLER)
+
+    def install(level: str = "INFO") -> io.StringIO:
+        buffer = io.StringIO()
+        logs.configure(Settings(log_level=level), buffer)  # type: ignore[arg-type]
+        return buffer
+
+    yield install
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    vars(logs._SWITCHES).update(switches)
+    logs._HANDLER[:] = installed

@@ -56,6 +56,7 @@ SMALL_METHODS: frozenset[str] = frozenset(
             "RepositoryIndex",
             "RepositoryModelLoad",
             "RepositoryModelUnload",
+            "LogSettings",
         )
     ]
     + ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]

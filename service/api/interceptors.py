@@ -463,7 +463,6 @@ _TRITON_ONLY = {
     "SystemSharedMemory": "the system shared-memory extension is not offered: send the tensors in the request",
     "CudaSharedMemory": "the CUDA shared-memory extension is not offered: send the tensors in the request",
     "TraceSetting": "Triton's trace extension is not offered: use the access log (SEQSERVE_ACCESS_LOG) and metrics",
-    "LogSettings": "Triton's log-settings extension is not offered: set SEQSERVE_LOG_LEVEL at start",
 }
 
 

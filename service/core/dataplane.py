@@ -13,8 +13,9 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
+from service import logs
 from service.core import pinning
 from service.core.aio import cancel_and_wait
 from service.core.context import note_model, principal
@@ -43,6 +44,7 @@ from service.core.types import (
     SuggestResult,
 )
 from service.errors import InvalidInput, PermissionDenied, echo
+from service.logs import LogSettings
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -74,6 +76,7 @@ class CoreDataPlane:
         self.store_ok = True  # the session store answered the last check (health of the Sessions service)
         self._store_watch: asyncio.Task[None] | None = None
         self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []
+        self._log_listeners: list[Callable[[LogSettings], Awaitable[None]]] = []
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -180,22 +183,40 @@ class CoreDataPlane:
         return [e.stats.snapshot(e.name, e.version) for e in entries]
 
     def _check_admin(self, action: str) -> None:
-        """Model management changes what every caller sees: the anonymous principal (no credentials configured)
-        or a principal listed in ``admin_principals`` only."""
+        """Model management and log settings change what every caller sees: the anonymous principal (no
+        credentials configured) or a principal listed in ``admin_principals`` only."""
         who = principal()
         if who and who not in self.settings.admin_principals:
             raise PermissionDenied(
-                f"principal {echo(who)} may not {action} models; list it in admin_principals "
+                f"principal {echo(who)} may not {action}; list it in admin_principals "
                 "(SEQSERVE_ADMIN_PRINCIPALS) to allow it"
             )
 
     async def load_model(self, name: str) -> None:
-        self._check_admin("load")
+        self._check_admin("load models")
         await self.registry.load_model(name)
 
     async def unload_model(self, name: str) -> None:
-        self._check_admin("unload")
+        self._check_admin("unload models")
         await self.registry.unload_model(name)
+
+    async def log_settings(self, changes: dict[str, Any] | None = None) -> LogSettings:
+        """The log settings (Triton's logging extension); with ``changes``, checked and applied first, in this
+        process and (through ``on_log_change`` listeners: the engine's frontends) every other one."""
+        if not changes:
+            return logs.current()
+        self._check_admin("change the log settings")
+        valid = logs.check(changes)
+        now = logs.update(valid)
+        log.warning("log settings changed by %s: %s", principal() or "the anonymous principal",
+                    ", ".join(f"{k}={v}" for k, v in sorted(valid.items())))  # fmt: skip
+        for listener in self._log_listeners:
+            await listener(now)
+        return now
+
+    def on_log_change(self, listener: Callable[[LogSettings], Awaitable[None]]) -> None:
+        """``listener(settings)`` runs after a change of the log settings, before the call answers."""
+        self._log_listeners.append(listener)
 
     # --- resolving ----------------------------------------------------------------------------------------
     def _serve(self, model: ModelRef, capability: str) -> ModelEntry:

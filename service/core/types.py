@@ -274,6 +274,11 @@ class DataPlane(Protocol):
         """Stops new requests to ``name``, lets in-flight ones finish, then frees every version."""
         ...
 
+    async def log_settings(self, changes: dict[str, Any] | None = None) -> dict[str, bool | int | str]:
+        """The log settings by Triton's names (logging extension); ``changes`` are checked, then applied in every
+        process of the server (changing them needs an admin principal)."""
+        ...
+
     async def infer(
         self,
         model: ModelRef,

@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
+from service import logs
 from service.core.context import admitted, mark_admitted, note_model, principal
 from service.core.types import (
     CharStep,
@@ -37,7 +38,7 @@ from service.core.types import (
 from service.engine import wire
 from service.engine.codec import pack, raise_error, unpack
 from service.errors import ModelUnavailable, Overloaded
-from service.logs import CALL
+from service.logs import CALL, LogSettings
 
 log = logging.getLogger(__name__)
 Reply = tuple[int, Any, str | None, bool]  # status, payload, model noted, admitted
@@ -113,10 +114,21 @@ class RemoteDataPlane:
         queue = self._streams.get(call_id)
         if queue is not None:
             queue.put_nowait((status, payload, model, was_admitted))
+        elif status == wire.EVENT and payload[0] == wire.LOGS_CHANGED:
+            self._logs_changed(payload[1], payload[2])
         elif status == wire.EVENT:
             task = asyncio.ensure_future(self._run_hooks(payload[1]))
             self._hook_tasks.add(task)  # held until done (the loop keeps only weak references)
             task.add_done_callback(self._hook_tasks.discard)
+
+    def _logs_changed(self, event: int, settings: dict[str, Any]) -> None:
+        """The engine changed the log settings: the same here, then ACK (event 0, sent on HELLO: no ACK)."""
+        try:
+            logs.update(settings)
+        except Exception:
+            log.exception("could not apply the engine's log settings %r", settings)
+        if event:
+            self._send([wire.ACK, event, "", (), {}, None])
 
     async def _run_hooks(self, event: int) -> None:
         for hook in self._hooks:
@@ -176,10 +188,11 @@ class RemoteDataPlane:
             raise_error(*payload)
         return payload
 
-    async def _control(self, method: str, *args: Any) -> Any:
-        """A control call: not bounded by ``max_pending`` (health must answer under load), bounded in time."""
+    async def _control(self, method: str, *args: Any, context: bool = False) -> Any:
+        """A control call: not bounded by ``max_pending`` (health must answer under load), bounded in time.
+        With ``context``, the engine knows the caller (its principal), as for a call."""
         self._check_link()
-        call_id, fut = self._open(wire.CONTROL, method, args, {}, None)
+        call_id, fut = self._open(wire.CONTROL, method, args, {}, _context() if context else None)
         try:
             status, payload, _, _ = await asyncio.wait_for(fut, self.control_timeout)
         except TimeoutError:
@@ -225,6 +238,10 @@ class RemoteDataPlane:
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:
         return list(await self._control("statistics", model))
+
+    async def log_settings(self, changes: dict[str, Any] | None = None) -> LogSettings:
+        """Read and changed in the engine, which passes a change on to every frontend before it answers."""
+        return dict(await self._control("log_settings", changes, context=True))
 
     # --- DataPlane: asynchronous ------------------------------------------------------------------------
     async def load_model(self, name: str) -> None:

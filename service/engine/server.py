@@ -16,12 +16,13 @@ import logging
 import os
 from typing import Any, cast
 
+from service import logs
 from service.core.context import admitted, call_scope, mark_admitted, set_principal
 from service.core.dataplane import CoreDataPlane
 from service.engine import wire
 from service.engine.codec import error_payload, pack_replies, unpack
 from service.errors import SeqServeError
-from service.logs import CALL
+from service.logs import CALL, LogSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class _Connection(asyncio.Protocol):
             return
         if kind == wire.HELLO:
             self.link = True
+            self.send([0, wire.EVENT, [wire.LOGS_CHANGED, 0, logs.current()], None, False])  # (no ACK for 0)
             return
         if kind == wire.ACK:
             fut = self.acks.pop(call_id, None)
@@ -119,22 +121,30 @@ class EngineServer:
         os.chmod(self.path, 0o600)  # only this user's processes may call the engine
         self.dataplane.registry.subscribe(on_load=self._changed, on_unload=self._changed)
         self.dataplane.on_store_change(self._store_changed)
+        self.dataplane.on_log_change(self._logs_changed)
 
     async def _store_changed(self, ok: bool) -> None:
         await self._changed(None, False)  # frontends re-read their health (the Sessions service follows the store)
 
     async def _changed(self, entry: object, replaced: bool) -> None:
         """Tells every frontend; returns when each has acknowledged (its health follows), or after a timeout."""
+        await self._tell("a model change", wire.MODELS_CHANGED)
+
+    async def _logs_changed(self, settings: LogSettings) -> None:
+        await self._tell("a change of the log settings", wire.LOGS_CHANGED, settings)
+
+    async def _tell(self, what: str, kind: str, *payload: Any) -> None:
+        """Sends an EVENT to every frontend; returns when each has acknowledged it, or after a timeout."""
         event = next(self._events)
         waiting = []
         for conn in [c for c in self.connections if c.link]:
             fut = conn.acks[event] = asyncio.get_running_loop().create_future()
             waiting.append(fut)
-            conn.send([0, wire.EVENT, [wire.MODELS_CHANGED, event], None, False])
+            conn.send([0, wire.EVENT, [kind, event, *payload], None, False])
         if waiting:
             _, late = await asyncio.wait(waiting, timeout=wire.EVENT_ACK_SECONDS)
             if late:
-                log.warning("%d frontends did not acknowledge a model change within %.0fs", len(late),
+                log.warning("%d frontends did not acknowledge %s within %.0fs", len(late), what,
                             wire.EVENT_ACK_SECONDS)  # fmt: skip
 
     async def stop(self) -> None:

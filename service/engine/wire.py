@@ -17,7 +17,9 @@ call they are awaited, never blocking the frontend's event loop, and fail UNAVAI
 engine does not answer. A frontend's connection starts with HELLO. EVENT (call id 0, payload
 ["models", event id]) tells every frontend that a model was loaded, reloaded or unloaded; each answers ACK (call
 id = event id) once its health follows, and the load/unload call returns only then (at most 5 s), so that what
-one frontend changed, every frontend reports.
+one frontend changed, every frontend reports. ["logs", event id, settings] does the same for a change of the log
+settings (LogSettings); the engine also sends it, with event id 0 (no ACK), to each frontend that says HELLO,
+so that a frontend that started after a change writes what the others write.
 
 Why not ZeroMQ: measured on the 2-core box, a ping-pong between two asyncio processes costs 113-180 µs p50 and
 67-73 µs of client CPU per round trip with pyzmq's asyncio sockets (every message passes through libzmq's I/O
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 CALL, STREAM, CANCEL, CONTROL, HELLO, ACK = 0, 1, 2, 3, 4, 5
 OK, ITEM, END, ERROR, EVENT = 0, 1, 2, 3, 4
 MODELS_CHANGED = "models"
+LOGS_CHANGED = "logs"
 EVENT_ACK_SECONDS = 5.0
 _LEN = struct.Struct("<I")
 MAX_FRAME = 1 << 30
@@ -56,8 +59,18 @@ ASYNC_METHODS = frozenset(
     }
 )
 STREAM_METHODS = frozenset({"complete"})
-CONTROL_METHODS = frozenset(  # model table, health and statistics: never refused for a full queue
-    {"ready", "capabilities", "models", "unloaded", "model_info", "model_metadata", "statistics", "store_up"}
+CONTROL_METHODS = frozenset(  # model table, health, statistics, log settings: never refused for a full queue
+    {
+        "ready",
+        "capabilities",
+        "models",
+        "unloaded",
+        "model_info",
+        "model_metadata",
+        "statistics",
+        "store_up",
+        "log_settings",
+    }
 )
 
 CALLABLE = {CALL: ASYNC_METHODS, CONTROL: CONTROL_METHODS}  # answered as one task each

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.core.types import Duration, ModelInfo, ModelMetadata, ModelStats
+from service.errors import InvalidInput, echo
 
 _CONFIG_TYPES = {
     "BOOL": pb.TYPE_BOOL,
@@ -95,3 +98,29 @@ def index_to_pb(models: list[ModelInfo], unloaded: list[str], ready_only: bool) 
     if not ready_only:
         out += [M(name=name, version="", state="UNAVAILABLE", reason="unloaded") for name in unloaded]
     return pb.RepositoryIndexResponse(models=out)
+
+
+def log_settings_from_pb(request: pb.LogSettingsRequest) -> dict[str, Any]:
+    """The changes a LogSettings request asks for, each as the Python value its oneof holds (checked later)."""
+    out: dict[str, Any] = {}
+    for key, value in request.settings.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is None:
+            raise InvalidInput(
+                f"log setting {echo(key)} has no value: set its bool_param, uint32_param or string_param"
+            )
+        out[key] = getattr(value, choice)
+    return out
+
+
+def log_settings_to_pb(settings: dict[str, bool | int | str]) -> pb.LogSettingsResponse:
+    response = pb.LogSettingsResponse()
+    for key, value in settings.items():
+        slot = response.settings[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.uint32_param = value
+        else:
+            slot.string_param = value
+    return response

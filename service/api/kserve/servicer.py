@@ -1,5 +1,6 @@
 """Open Inference Protocol (KServe v2) gRPC endpoint: ``inference.GRPCInferenceService``, with Triton's
-classification, sequence, statistics, model-configuration and model-repository (index, load, unload) extensions.
+classification, sequence, statistics, model-configuration, model-repository (index, load, unload) and logging
+extensions.
 Works with stock tritonclient.
 
 Thin: protobuf -> tensors (``tensors``) and parameters (``params``) -> one DataPlane call -> protobuf
@@ -22,7 +23,14 @@ import grpc
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.interceptors import log_budget, status_code_for
-from service.api.kserve.convert import config_to_pb, index_to_pb, metadata_to_pb, stats_to_pb
+from service.api.kserve.convert import (
+    config_to_pb,
+    index_to_pb,
+    log_settings_from_pb,
+    log_settings_to_pb,
+    metadata_to_pb,
+    stats_to_pb,
+)
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence
 from service.api.kserve.tensors import encode_output, read_inputs, requested_outputs
 from service.core.types import DataPlane
@@ -34,6 +42,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 EXTENSIONS = [
     "classification",
+    "logging",
     "sequence",
     "sequence(string_id)",
     "model_configuration",
@@ -128,6 +137,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput("model_name is empty: name the model to unload")
         await self._dataplane.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # --- logging extension ----------------------------------------------------------------------------
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Context) -> pb.LogSettingsResponse:
+        return log_settings_to_pb(await self._dataplane.log_settings(log_settings_from_pb(request) or None))
 
     # --- inference ------------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:

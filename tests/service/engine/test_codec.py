@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import shutil
 import struct
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-from service import errors
+from service import errors, logs
 from service.api.interceptors import error_reason, status_code_for
 from service.core.context import mark_admitted
 from service.core.types import ModelRef, SamplingParams
@@ -315,3 +316,46 @@ async def test_a_frontend_acknowledges_a_model_change_after_its_hooks_ran() -> N
         assert hooked == [0]
         assert _sent(wire.ACK) == [[wire.ACK, 7]]
         await plane.stop()
+
+
+async def test_a_frontend_applies_the_engines_log_settings_and_acknowledges_a_change(
+    log_state: Callable[[str], io.StringIO],
+) -> None:
+    """EVENT "logs": the engine changed the log settings (LogSettings through any frontend); this frontend takes
+    them and answers ACK, so the call returns once every process writes alike. Event 0 (the engine's greeting
+    after HELLO) is taken too, without an ACK."""
+    log_state("INFO")
+    greeting = {**logs.current(), "log_warning": False}
+    change = {**greeting, "log_verbose_level": 2, "log_format": "json"}
+    events = [[0, wire.EVENT, [wire.LOGS_CHANGED, 0, greeting], None, False]]
+    async with _engine(greeting=events) as path:
+        plane = RemoteDataPlane(path)
+        await plane.start()
+        for _ in range(100):
+            if logs.current() == greeting:
+                break
+            await asyncio.sleep(0.01)
+        assert logs.current() == greeting
+        assert _sent(wire.ACK) == []
+        plane._answer(0, wire.EVENT, [wire.LOGS_CHANGED, 8, change], None, False)
+        assert logs.current() == change
+        for _ in range(100):
+            if _sent(wire.ACK):
+                break
+            await asyncio.sleep(0.01)
+        assert _sent(wire.ACK) == [[wire.ACK, 8]]
+        await plane.stop()
+
+
+async def test_the_engine_greets_each_frontend_with_the_log_settings_in_force(
+    log_state: Callable[[str], io.StringIO],
+) -> None:
+    """A frontend that connects after a change (it started later) must write what the others write: the engine
+    answers its HELLO with the settings now in force."""
+    log_state("INFO")
+    logs.update({"log_info": False, "log_verbose_level": 1})
+    conn = _Connection(EngineServer.__new__(EngineServer))
+    conn.dispatch(wire.HELLO, 0, "", (), {})
+    assert conn.link
+    assert conn.outbox == [[0, wire.EVENT, [wire.LOGS_CHANGED, 0, logs.current()], None, False]]
+    assert conn.outbox[0][2][2]["log_info"] is False

@@ -5,9 +5,13 @@ processes and exits 0."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +26,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
 from service.client import ApiError, Client
-from tests.service.kserve.procs import scrape, start_server, stop_server
+from tests.service.kserve.procs import CLIENT_SCRIPT, scrape, start_server, stop_server
 
 TEXT = ["To be, ", "or not", " to be", ": that is ", "the question"]
 
@@ -509,3 +513,64 @@ def test_frontends_exit_when_their_engine_is_gone(tiny_models: Path, tmp_path: P
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
+
+
+def _get(port: object, path: str) -> None:
+    """One HTTP request to a metrics port; its answer does not matter, its DEBUG line in the log does."""
+    with contextlib.suppress(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30).read()
+
+
+def test_log_settings_reach_the_engine_and_every_frontend(tiny_models: Path, tmp_path: Path) -> None:
+    """Triton's logging extension with --workers 2: a change made through one frontend (stock tritonclient) is
+    in force in the engine and in both frontends when the call returns, and so is the next one, made through
+    the other frontend. Each process's HTTP side writes a DEBUG line per request, so the log shows which
+    processes write what: nothing verbose before, JSON from all three after, no INFO line once it is off."""
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true")
+    try:
+        http_ports = [info["metrics_port"], *info["frontend_metrics_ports"]]
+        grpc_ports = info["frontend_ports"]
+        assert isinstance(grpc_ports, list) and len(grpc_ports) == 2
+        for port in http_ports:
+            _get(port, "/mark-before")
+        done = subprocess.run(
+            [sys.executable, str(CLIENT_SCRIPT), "--url", f"127.0.0.1:{grpc_ports[0]}", "--logging"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+        report = json.loads(done.stdout)
+        assert "logging" in report["extensions"]
+        assert report["before"]["log_verbose_level"] == {"uint32_param": 0}
+        assert report["after"]["log_verbose_level"] == {"uint32_param": 1}
+        assert report["after"]["log_format"] == {"string_param": "json"}
+        assert report["refused"]["status"] == "StatusCode.INVALID_ARGUMENT"
+        assert "log_file must be empty" in report["refused"]["message"]
+        assert report["again"] == report["after"]  # the refused request changed nothing, log_info included
+        for port in http_ports:
+            _get(port, "/mark-after")
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_ports[1]}") as channel:
+            request = pb.LogSettingsRequest()
+            request.settings["log_info"].bool_param = False
+            request.settings["log_verbose_level"].uint32_param = 0
+            settings = pb_grpc.GRPCInferenceServiceStub(channel).LogSettings(request, timeout=30).settings
+            assert not settings["log_info"].bool_param and settings["log_format"].string_param == "json"
+        for port in http_ports:
+            _get(port, "/mark-off")
+        for port in grpc_ports:  # an unknown model: an INFO line (the refusal) from that frontend, when INFO is on
+            with Client(f"127.0.0.1:{port}", timeout=30) as c, pytest.raises(ApiError):
+                c.create_session("mark-off-model")
+    finally:
+        stop_server(proc)
+    lines = (tmp_path / "server.log").read_text().splitlines()
+    assert not [line for line in lines if "mark-before" in line or "mark-off" in line]
+    after = [json.loads(line) for line in lines if "mark-after" in line]
+    assert {(r["level"], r.get("process", "engine")) for r in after} == {
+        ("DEBUG", "engine"),
+        ("DEBUG", "frontend-1"),
+        ("DEBUG", "frontend-2"),
+    }
+    audit = [json.loads(line)["message"] for line in lines if "log settings changed" in line and line[0] == "{"]
+    assert audit == [
+        "log settings changed by the anonymous principal: log_format=json, log_verbose_level=1",
+        "log settings changed by the anonymous principal: log_info=False, log_verbose_level=0",
+    ]  # written by the engine, in the format just set

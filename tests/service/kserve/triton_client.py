@@ -288,13 +288,28 @@ def repository(c: grpcclient.InferenceServerClient, op: str, model: str) -> Repo
     }
 
 
+def logging_extension(c: grpcclient.InferenceServerClient) -> Report:
+    """tritonclient's get_log_settings / update_log_settings (Triton's logging extension)."""
+    return {
+        "extensions": c.get_server_metadata(as_json=True).get("extensions", []),
+        "before": c.get_log_settings(as_json=True)["settings"],
+        "after": c.update_log_settings({"log_verbose_level": 1, "log_format": "json"}, as_json=True)["settings"],
+        "refused": _error(lambda: c.update_log_settings({"log_info": False, "log_file": "/tmp/seqserve.log"})),
+        "again": c.get_log_settings(as_json=True)["settings"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--trained", action="store_true", help="only the checks for the committed models")
     parser.add_argument("--repository", metavar="OP:MODEL", help="load:NAME or unload:NAME, then report")
+    parser.add_argument("--logging", action="store_true", help="only the logging extension (changes the settings)")
     args = parser.parse_args()
     with grpcclient.InferenceServerClient(args.url) as c:
+        if args.logging:
+            print(json.dumps(logging_extension(c)))
+            return
         if args.repository:
             op, _, model = args.repository.partition(":")
             print(json.dumps(repository(c, op, model)))

@@ -4,6 +4,7 @@ Runs on both session stores (the ``start_server`` fixture), as a network store m
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -297,3 +298,29 @@ def test_only_admin_principals_load_and_unload_models(start_server: Callable[...
         assert not stub.ModelReady(ready, metadata=alice, timeout=30).ready
         stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="sentiment"), metadata=alice, timeout=60)
         assert stub.ModelReady(ready, metadata=alice, timeout=30).ready
+
+
+def test_only_admin_principals_change_the_log_settings(
+    start_server: Callable[..., ServerHandle], log_state: Callable[[str], io.StringIO]
+) -> None:
+    """What the server logs is the operators' business: any caller may read the settings, only an admin principal
+    may change them, and a refused change leaves them as they were."""
+    log_state("INFO")
+    handle = start_server(api_keys=KEYS, admin_principals=["alice"])
+    change = pb.LogSettingsRequest()
+    change.settings["log_verbose_level"].uint32_param = 1
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        alice, bob = (("authorization", f"Bearer {ALICE}"),), (("authorization", f"Bearer {BOB}"),)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.LogSettings(change, metadata=bob, timeout=30)
+        assert info.value.code() == Code.PERMISSION_DENIED
+        assert "principal 'bob' may not change the log settings; list it in admin_principals" in str(
+            info.value.details()
+        )
+        read = stub.LogSettings(pb.LogSettingsRequest(), metadata=bob, timeout=30).settings
+        assert read["log_verbose_level"].uint32_param == 0  # bob changed nothing, and may read
+        with pytest.raises(grpc.RpcError) as info:
+            stub.LogSettings(pb.LogSettingsRequest(), timeout=30)  # no key: nothing, not even a read
+        assert info.value.code() == Code.UNAUTHENTICATED
+        assert stub.LogSettings(change, metadata=alice, timeout=30).settings["log_verbose_level"].uint32_param == 1
