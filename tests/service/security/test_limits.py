@@ -22,7 +22,7 @@ from google.protobuf import wrappers_pb2
 from service.api import converters as cv
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.gen.seqserve.v1 import common_pb2
+from service.api.gen.seqserve.v1 import common_pb2, sentiment_pb2
 from service.api.memory import ByteBudget
 from service.errors import InvalidInput, Overloaded
 from tests.conftest import ServerHandle
@@ -284,3 +284,31 @@ def test_a_cancelled_waiter_at_the_head_lets_the_ones_behind_it_in() -> None:
         return before, budget.used == 0
 
     assert run(scenario) == (False, True)
+
+
+def test_a_large_unary_request_is_charged_to_the_byte_budget(
+    start_server: Callable[..., ServerHandle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge's unary path skips the budget's bookkeeping for the common small request; a request of
+    large_request_bytes or more must still hold its bytes while it runs (a burst of them is what the budget is
+    for). Recorded on the real server's Decoding, which does the holding unchanged."""
+    from service.api.decoding import Decoding
+
+    held: list[int] = []
+    admit = Decoding.admit
+
+    def recording(self: Decoding, size: int) -> Any:
+        held.append(size)
+        return admit(self, size)
+
+    monkeypatch.setattr(Decoding, "admit", recording)
+    handle = start_server(large_request_bytes=1024, max_large_bytes_in_flight=4096)
+    with grpc.insecure_channel(handle.target) as channel:
+        classify = channel.unary_unary("/seqserve.v1.Sentiment/Classify")
+        small = sentiment_pb2.ClassifyRequest(texts=["a fine film"]).SerializeToString()
+        large = sentiment_pb2.ClassifyRequest(texts=["a fine film"] * 100).SerializeToString()
+        assert len(small) < 1024 <= len(large)
+        classify(small, timeout=30)
+        assert held == []
+        classify(large, timeout=30)
+    assert held == [len(large)]
