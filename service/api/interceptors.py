@@ -476,7 +476,8 @@ async def _no_such_method(method: str, requests: AsyncIterator[bytes], context: 
         message = f"{shown}: {hint}; ServerMetadata's extensions list what this server offers"
     else:
         message = f"no method {shown} on this server; gRPC reflection lists its services and their methods"
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+    request_id = request_id_of(context)  # like every other answer: to quote when asking the operators
+    await context.abort_with_status(rich_status(grpc.StatusCode.UNIMPLEMENTED, message, "UNIMPLEMENTED", request_id))
 
 
 def build_interceptors(metrics: Metrics, settings: Settings | None = None) -> list[grpc.aio.ServerInterceptor]:

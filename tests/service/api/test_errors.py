@@ -4,6 +4,7 @@ a google.rpc.ErrorInfo reason and the request id (also echoed when the caller se
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -223,6 +224,10 @@ def test_a_method_no_service_has_says_what_to_do_instead(
             assert info.value.code() == Code.UNIMPLEMENTED
             for w in words:
                 assert w in info.value.details()
+            assert re.fullmatch(r"[0-9a-f]{32}", dict(info.value.trailing_metadata())["x-request-id"])
+        with pytest.raises(grpc.RpcError) as info:  # the caller's own id comes back, as for any other call
+            unary(b"", timeout=10, metadata=(("x-request-id", "trace-42"),))
+        assert dict(info.value.trailing_metadata())["x-request-id"] == "trace-42"
     with Client(handle.target, api_key="s3cret-0123456789ab") as client:
         assert client.classify(["good"])[0].label in ("negative", "positive")
 
