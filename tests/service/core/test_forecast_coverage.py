@@ -127,3 +127,36 @@ async def test_coverage_of_a_covariate_model_scores_its_target(tmp_path: Path, m
     assert get("seqserve_forecast_observed_targets_total", labels) == n
     got = [get("seqserve_forecast_targets_below_total", {**labels, "level": f"{q:g}"}) for q in first.quantile_levels]
     assert got == below
+
+
+async def test_a_forecaster_without_intervals_scores_nothing_and_has_no_scoring_series(
+    scaled_repo: Path, tmp_path: Path, make_dp: MakeDP
+) -> None:
+    """No quantile offsets in the manifest: point forecasts only, its sessions keep no forecast to score, and no
+    coverage series exist for it (they would read as a model whose intervals are never scored)."""
+    import json
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(scaled_repo / "plain", root / "bare")
+    manifest = root / "bare" / "1" / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["forecast"]["quantile_offsets"] = []
+    raw["name"] = "bare"
+    manifest.write_text(json.dumps(raw))
+    dp = await make_dp(models=root)
+    history = series(WINDOW + 5, volatility=1.5, seed=5)
+    s = await dp.create_session(ModelRef("bare"))
+    first = await dp.observe(s.id, history[:WINDOW])
+    assert first.point.shape == (HORIZON, FEATURES)
+    assert first.quantile_levels == [] and first.quantiles.shape == (0, HORIZON, FEATURES)
+    await dp.observe(s.id, history[WINDOW:])
+    assert counts(dp, "bare") == (None, [None, None, None])
+    scoring = [
+        sample
+        for family in dp.metrics.registry.collect()
+        if family.name.startswith("seqserve_forecast_")
+        for sample in family.samples
+        if sample.labels.get("model") == "bare"
+    ]
+    assert scoring == []

@@ -166,3 +166,56 @@ async def test_a_model_with_a_broken_scale_contract_fails_to_load(
     errors = {m.name: m.error or "" for m in await dp.models()}
     assert "forecast.scale_output 'spread' must name a graph output" in errors["scaled"]
     assert errors["plain"] == ""
+
+
+def _per_step(model_dir: Path, ramp: np.ndarray) -> None:
+    """``model_dir``'s one-row ``scale`` output times ``ramp`` (1, horizon, 1): one scale per horizon step, declared
+    (batch, horizon, targets) in the manifest, as a graph that widens its band further ahead would."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from service.core.manifest import sha256_file
+
+    path = model_dir / "model.onnx"
+    graph = onnx.load(str(path))
+    for node in graph.graph.node:
+        node.output[:] = ["scale/one_row" if name == "scale" else name for name in node.output]
+    graph.graph.initializer.append(numpy_helper.from_array(ramp.astype(np.float32), "scale/ramp"))
+    graph.graph.node.append(helper.make_node("Mul", ["scale/one_row", "scale/ramp"], ["scale"], name="scale/steps"))
+    out = next(o for o in graph.graph.output if o.name == "scale")
+    out.type.tensor_type.shape.dim[1].dim_value = ramp.shape[1]
+    onnx.save(graph, str(path))
+    m = Manifest.load(model_dir / MANIFEST_FILE)
+    outputs = [
+        t if t.name != "scale" else t.model_copy(update={"shape": ["batch", HORIZON, FEATURES]}) for t in m.outputs
+    ]
+    update = {"name": model_dir.parent.name, "outputs": outputs, "sha256": sha256_file(path)}
+    m.model_copy(update=update).dump(model_dir / MANIFEST_FILE)
+
+
+async def test_a_scale_per_horizon_step_scales_each_step_and_scores_the_first_ones(
+    scaled_repo: Path, tmp_path: Path, make_dp: MakeDP
+) -> None:
+    """The contract allows a scale per horizon step (batch, horizon, targets), not only one per window: each step's
+    offsets are multiplied by that step's scale, and the rows a session observes next are scored against the
+    quantiles of the steps they are (5 rows: the first 5 steps' scales)."""
+    from tests.service.core.test_forecast_coverage import counts, expected
+
+    root = tmp_path / "models"
+    shutil.copytree(scaled_repo, root)
+    shutil.copytree(root / "scaled", root / "stepped")
+    ramp = np.linspace(1.0, 2.5, HORIZON, dtype=np.float32).reshape(1, HORIZON, 1)
+    _per_step(root / "stepped" / "1", ramp)
+    dp = await make_dp(models=root)
+    stepped = ModelRef("stepped")
+    history = series(WINDOW + 5, volatility=1.5, seed=7)
+    one_row = await dp.forecast(SCALED, history[:WINDOW])
+    per_step = await dp.forecast(stepped, history[:WINDOW])
+    np.testing.assert_array_equal(per_step.point, one_row.point)
+    np.testing.assert_allclose(per_step.quantiles - per_step.point, (one_row.quantiles - one_row.point) * ramp[0],
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    s = await dp.create_session(stepped)
+    first = await dp.observe(s.id, history[:WINDOW])
+    np.testing.assert_allclose(first.quantiles, per_step.quantiles, rtol=1e-5, atol=1e-5)
+    await dp.observe(s.id, history[WINDOW:])
+    assert counts(dp, "stepped") == expected(first.quantiles, history[WINDOW:])
