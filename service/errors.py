@@ -64,6 +64,11 @@ class Overloaded(SeqServeError):
     """A bounded resource is full: session store, batch queue (gRPC RESOURCE_EXHAUSTED)."""
 
 
+class DeadlineExceeded(SeqServeError):
+    """The request's own time limit passed before it was answered (gRPC DEADLINE_EXCEEDED): Triton's ``timeout``
+    request parameter. (A gRPC deadline ends the call in gRPC itself, before any of this.)"""
+
+
 class StoreUnavailable(SeqServeError):
     """The session store (Redis) does not answer; calls that need no session still work (gRPC UNAVAILABLE)."""
 

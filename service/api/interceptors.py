@@ -66,6 +66,7 @@ STATUS_CODES: dict[type[errors.SeqServeError], grpc.StatusCode] = {
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ReplicaBehind: grpc.StatusCode.UNAVAILABLE,
     errors.SessionConflict: grpc.StatusCode.ABORTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

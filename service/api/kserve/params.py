@@ -1,4 +1,5 @@
-"""Request fields of the v2 protocol that are not tensors: model references and Triton's sequence parameters.
+"""Request fields of the v2 protocol that are not tensors: model references, Triton's sequence parameters and its
+``timeout`` (the schedule-policy extension's time limit).
 
 A request joins a sequence with the parameters ``sequence_id`` (uint64/int64 or string; 0 or "" = none),
 ``sequence_start`` and ``sequence_end`` (bool), and may export or import its state (``seqserve_export``,
@@ -23,6 +24,7 @@ from service.errors import InvalidInput, echo
 EXPORT = "seqserve_export"
 IMPORT = "seqserve_import"
 SESSION_PARAMETER = "seqserve_session"
+TIMEOUT = "timeout"
 MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<principal tag>:<model>:"; the store allows 320
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²" and "١" are not versions
 
@@ -76,6 +78,24 @@ def parse_sequence(params: Mapping[str, pb.InferParameter]) -> SequenceRef | Non
             raise InvalidInput(f"sequence_start/sequence_end/{EXPORT}/{IMPORT} need a non-zero, non-empty sequence_id")
         return None
     return SequenceRef(seq_id, start, end, blob, export)
+
+
+def parse_timeout(params: Mapping[str, pb.InferParameter]) -> float | None:
+    """Seconds the request may take to be answered: Triton's ``timeout`` parameter (int64 microseconds, what
+    tritonclient's ``infer(timeout=...)`` sends; 0 = no limit), or None."""
+    if TIMEOUT not in params:
+        return None
+    p = params[TIMEOUT]
+    kind = p.WhichOneof("parameter_choice")
+    if kind == "int64_param":
+        us = p.int64_param
+    elif kind == "uint64_param":
+        us = p.uint64_param
+    else:
+        raise InvalidInput(f"parameter {TIMEOUT} must be an integer number of microseconds, got {kind}")
+    if us < 0:
+        raise InvalidInput(f"parameter {TIMEOUT} must be >= 0 microseconds (0: no limit), got {us}")
+    return us / 1e6 if us else None
 
 
 def _blob(params: Mapping[str, pb.InferParameter]) -> bytes | None:

@@ -11,12 +11,13 @@ open, as Triton does.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from importlib.metadata import PackageNotFoundError, version
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import grpc
 
@@ -31,10 +32,10 @@ from service.api.kserve.convert import (
     metadata_to_pb,
     stats_to_pb,
 )
-from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence
+from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence, parse_timeout
 from service.api.kserve.tensors import encode_output, read_inputs, requested_outputs
 from service.core.types import DataPlane
-from service.errors import InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
+from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
 from service.logs import CALL
 from service.metrics import Metrics
 from service.settings import Settings
@@ -53,6 +54,7 @@ EXTENSIONS = [
 # Response parameter: characters (charlm) or rows (forecaster) consumed, a sequence's running total.
 STEPS_PARAMETER = "seqserve_steps"
 Context: TypeAlias = grpc.aio.ServicerContext  # grpc ships no type stubs: this is Any to mypy
+T = TypeVar("T")
 
 
 def _server_version() -> str:
@@ -190,8 +192,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One inference; the answer goes into ``response`` when given (a stream's envelope), else a new one."""
         ref = model_ref(request.model_name, request.model_version)
         sequence = parse_sequence(request.parameters)
+        timeout = parse_timeout(request.parameters)
         outputs, classes = requested_outputs(request)
-        result = await self._dataplane.infer(ref, read_inputs(request), outputs, sequence, classes)
+        call = self._dataplane.infer(ref, read_inputs(request), outputs, sequence, classes)
+        result = await (call if timeout is None else _within(call, timeout))
         if response is None:
             response = pb.ModelInferResponse()
         response.model_name, response.model_version, response.id = result.model, str(result.version), request.id
@@ -202,3 +206,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         for tensor in result.outputs:
             encode_output(response, tensor)
         return response
+
+
+async def _within(call: Awaitable[T], seconds: float) -> T:
+    """``call``'s answer, or DeadlineExceeded once ``seconds`` (the request's ``timeout``) have passed: the call is
+    cancelled then, as by a gRPC deadline (a sequence step may or may not have been applied: the next answer's
+    ``seqserve_steps`` says)."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await call
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"not answered within the request's timeout parameter ({seconds * 1e6:.0f} microseconds); the server "
+            "is busy or the limit is too short for this request: retry later or with a longer timeout"
+        ) from None

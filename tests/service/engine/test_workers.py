@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -574,3 +576,54 @@ def test_log_settings_reach_the_engine_and_every_frontend(tiny_models: Path, tmp
         "log settings changed by the anonymous principal: log_format=json, log_verbose_level=1",
         "log settings changed by the anonymous principal: log_info=False, log_verbose_level=0",
     ]  # written by the engine, in the format just set
+
+
+def test_the_timeout_parameter_ends_a_request_the_engine_does_not_answer_in_time(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """Triton's ``timeout`` request parameter (microseconds; tritonclient's ``infer(timeout=...)``): a request not
+    answered in time is DEADLINE_EXCEEDED at its limit, not when the engine comes back, unary or inside a stream,
+    and the stream goes on. The engine is stopped (SIGSTOP) so that nothing can answer in time."""
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true")
+    target = _frontends(dict(info))[0]
+
+    def request(timeout_us: int, text: str = "a fine film") -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name="sentiment", id=f"t{timeout_us}")
+        r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+        r.raw_input_contents.append(serialize_bytes([text.encode()]))
+        r.parameters["timeout"].int64_param = timeout_us
+        return r
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelInfer(request(30_000_000), timeout=30).outputs  # in time: answered
+            responses: queue.Queue[pb.ModelStreamInferResponse] = queue.Queue()
+            requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+            stream = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
+            reader = threading.Thread(target=lambda: [responses.put(r) for r in stream], daemon=True)
+            reader.start()
+            os.kill(proc.pid, signal.SIGSTOP)  # the engine (the parent process) stops answering
+            try:
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as info_:
+                    stub.ModelInfer(request(300_000), timeout=30)
+                took = time.monotonic() - started
+                assert info_.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "not answered within the request's timeout parameter (300000 microseconds)" in str(
+                    info_.value.details()
+                )
+                assert 0.3 <= took < 5.0  # at its limit (old code: ignored, waited for the engine)
+                requests.put(request(300_000))
+                refused = responses.get(timeout=10)
+                assert "timeout parameter (300000 microseconds)" in refused.error_message
+                assert refused.infer_response.parameters["seqserve_error_code"].string_param == "DEADLINE_EXCEEDED"
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            requests.put(request(0))  # 0: no limit; the same stream answers once the engine is back
+            answered = responses.get(timeout=30)
+            assert answered.error_message == "" and answered.infer_response.id == "t0"
+            requests.put(None)
+            reader.join(30)
+    finally:
+        stop_server(proc)

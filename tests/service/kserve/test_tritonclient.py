@@ -87,6 +87,9 @@ def test_sentiment_infer(report: Report) -> None:
     assert s["labels"] == [["negative", "positive"][int(i)] for i in probs.argmax(axis=1)]
     assert s["id"] == "req-1" and s["model_version"] == "1"
     assert s["only_outputs"] == ["PROBABILITIES"] and s["only_probs_shape"] == [2, 2]
+    # The first request carried tritonclient's timeout and priority; a negative timeout says what to send.
+    assert s["negative_timeout"]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "parameter timeout must be >= 0 microseconds (0: no limit), got -5" in s["negative_timeout"]["message"]
 
 
 def test_bad_requests_name_the_tensor(report: Report) -> None:

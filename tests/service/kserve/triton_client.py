@@ -74,6 +74,8 @@ def sentiment(c: grpcclient.InferenceServerClient) -> Report:
         [_text(texts)],
         outputs=[grpcclient.InferRequestedOutput("LABEL"), grpcclient.InferRequestedOutput("PROBABILITIES")],
         request_id="req-1",
+        timeout=30_000_000,  # Triton's schedule-policy parameters: 30 s to answer, priority level 1
+        priority=1,
     )
     only = c.infer("sentiment", [_text(texts[:2])], outputs=[grpcclient.InferRequestedOutput("PROBABILITIES")])
     bad = grpcclient.InferInput("TEXT", [1], "FP32")
@@ -97,6 +99,7 @@ def sentiment(c: grpcclient.InferenceServerClient) -> Report:
         "only_probs_shape": list(only.as_numpy("PROBABILITIES").shape),
         **errors,
         "unknown_model": _error(lambda: c.infer("no-such-model", [_text(["x"])])),
+        "negative_timeout": _error(lambda: c.infer("sentiment", [_text(["x"])], timeout=-5)),
         "stats_before": before,
         "stats_after": after,
         "texts_sent": len(texts) + 2,
