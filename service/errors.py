@@ -19,6 +19,20 @@ def short(value: str, limit: int = ECHO_CHARS) -> str:
     return shown if len(value) <= limit else f"{shown}...({len(value)} characters)"
 
 
+SEQUENCE_KEY_PREFIX = "kserve:"  # session keys of KServe sequences (``service.core.sequences``): not credentials
+
+
+def session_ref(session_id: str) -> str:
+    """A session id as messages and log lines show it. On a server without API keys a session's id is its only
+    credential, and error messages reach the server's log: so only its first characters (a quarter of them, at
+    most 6) and its length are shown, enough to tell one's sessions apart, far too few to use one. A KServe
+    sequence's key (model and sequence id, which are no secret) is shown whole."""
+    if session_id.startswith(SEQUENCE_KEY_PREFIX):
+        return echo(session_id)
+    shown = min(6, len(session_id) // 4)
+    return f"{session_id[:shown] + '...'!r} ({len(session_id)} characters)"
+
+
 MAX_MESSAGE_CHARS = 1024  # the edge's last resort: no status message is longer, whatever the core wrote
 
 

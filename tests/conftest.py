@@ -165,7 +165,7 @@ def start_server(tiny_models: Path, session_store: str) -> Iterator[Callable[...
 
 
 @pytest.fixture
-def log_state() -> Iterator[Callable[[str], io.StringIO]]:
+def log_state() -> Iterator[Callable[..., io.StringIO]]:
     """For tests that change the log settings (``service.logs``): installs the server's handler (``configure``,
     text) on a buffer when called; afterwards puts logging back as it was: root level and handlers, the switches
     and the handler ``update`` reformats."""
@@ -173,9 +173,9 @@ def log_state() -> Iterator[Callable[[str], io.StringIO]]:
     level, handlers = root.level, list(root.handlers)
     switches, installed = copy.copy(vars(logs._SWITCHES)), list(logs._HANDLER)
 
-    def install(level: str = "INFO") -> io.StringIO:
+    def install(level: str = "INFO", fmt: str = "text") -> io.StringIO:
         buffer = io.StringIO()
-        logs.configure(Settings(log_level=level), buffer)  # type: ignore[arg-type]
+        logs.configure(Settings(log_level=level, log_format=fmt), buffer)  # type: ignore[arg-type]
         return buffer
 
     yield install

@@ -20,7 +20,7 @@ from service.core.sessions.export import Exported, unseal
 from service.core.tasks import TASKS
 from service.core.tasks.base import needs
 from service.core.types import ModelRef
-from service.errors import FailedPrecondition, ReplicaBehind, echo
+from service.errors import FailedPrecondition, ReplicaBehind, echo, session_ref
 from service.settings import Settings
 
 
@@ -30,18 +30,18 @@ def pinned(registry: ModelRegistry, s: SessionState) -> ModelEntry:
     here = registry.behind(s.model, s.version) if entry is None else ""
     if here:
         raise ReplicaBehind(
-            f"session {echo(s.id)} is pinned to model {s.model} version {s.version}, which this replica does not "
-            f"serve ({here}): retry, an updated replica serves it (a rolling update); if that version was "
+            f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version}, which this replica "
+            f"does not serve ({here}): retry, an updated replica serves it (a rolling update); if that version was "
             "withdrawn, create a new session (KServe: start a new sequence)"
         )
     if entry is None or not entry.ready:
         raise FailedPrecondition(
-            f"session {echo(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "
+            f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "
             "create a new session (KServe: start a new sequence)"
         )
     if entry.sha256 != s.model_sha256:
         raise FailedPrecondition(
-            f"session {echo(s.id)} is pinned to model {s.model} version {s.version} with weights "
+            f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version} with weights "
             f"{s.model_sha256[:12]}, which were replaced by {entry.sha256[:12]}; create a new session "
             "(KServe: start a new sequence)"
         )
@@ -54,7 +54,7 @@ def fits(registry: ModelRegistry, s: SessionState, capability: str | None, model
     entry = pinned(registry, s)
     if capability is not None and capability not in entry.capabilities:
         raise FailedPrecondition(
-            f"session {echo(s.id)} belongs to {s.task!r} model {s.model}; this call needs a session "
+            f"session {session_ref(s.id)} belongs to {s.task!r} model {s.model}; this call needs a session "
             f"of {needs(capability)}"
         )
     if (
@@ -66,7 +66,7 @@ def fits(registry: ModelRegistry, s: SessionState, capability: str | None, model
             f" version {model.version}" if model.version is not None else ""
         )
         raise FailedPrecondition(
-            f"session {echo(s.id)} belongs to model {s.model} version {s.version}, but the request "
+            f"session {session_ref(s.id)} belongs to model {s.model} version {s.version}, but the request "
             f"names {named}; omit the model or name the session's"
         )
     return entry

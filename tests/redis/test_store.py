@@ -5,6 +5,7 @@ shared through Redis, eviction that skips leased sessions, expiry by Redis TTL, 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from service.core.sessions import StaleSession
 from service.core.sessions.redis_store import RedisSessionStore
 from service.core.sessions.state import SessionState
-from service.errors import FailedPrecondition, ReplicaBehind, SessionConflict
+from service.errors import FailedPrecondition, ReplicaBehind, SessionConflict, session_ref
 from tests.redis.conftest import MakeStore
 from tests.redis.servers import RedisServer
 
@@ -214,14 +215,14 @@ async def test_undecodable_state_fails_naming_the_session(make_store: MakeStore,
     await a.close()
     redis_server.client().set(a.keys("bad")[0], b"0" * 32 + b"not a session")
     b = await make_store()
-    with pytest.raises(FailedPrecondition, match="session 'bad' cannot be read"):
+    with pytest.raises(FailedPrecondition, match=re.escape(f"session {session_ref('bad')} cannot be read")):
         async with b.lease("bad"):
             pass
     body = state("bad").to_bytes()
     for head in (b"z" * 16 + b"0" * 16, b"+" + b"0" * 31, b"0_" * 16):  # a damaged revision: not 16 hex digits
         redis_server.client().set(a.keys("bad")[0], head + body)
         c = await make_store()
-        with pytest.raises(FailedPrecondition, match="session 'bad' cannot be read"):
+        with pytest.raises(FailedPrecondition, match=re.escape(f"session {session_ref('bad')} cannot be read")):
             async with c.lease("bad"):
                 pass
         await c.close()
@@ -243,7 +244,10 @@ async def test_a_session_from_a_newer_release_is_retried_not_given_up(
     patched = raw[:36] + fmt.to_bytes(2, "little") + flags.to_bytes(2, "little") + raw[40:]  # after head + magic
     redis_server.client().set(key, patched)
     b = await make_store()
-    with pytest.raises(ReplicaBehind, match=f"session 'new' was written by a newer seqserve .*format {fmt} with flags"):
+    with pytest.raises(
+        ReplicaBehind,
+        match=re.escape(f"session {session_ref('new')} was written by a newer seqserve") + f".*format {fmt} with flags",
+    ):
         async with b.lease("new"):
             pass
     await b.close()

@@ -39,7 +39,7 @@ from service.errors import (
     SessionEvicted,
     SessionNotFound,
     StoreUnavailable,
-    echo,
+    session_ref,
 )
 from service.metrics import Metrics
 from service.settings import Settings
@@ -51,7 +51,9 @@ EVICTED_MEMORY = 10_000  # evicted session ids remembered to tell their owner (o
 
 
 def unknown_session(session_id: str) -> SessionNotFound:
-    return SessionNotFound(f"session {echo(session_id)} is unknown, expired or was lost in a restart; create a new one")
+    return SessionNotFound(
+        f"session {session_ref(session_id)} is unknown, expired or was lost in a restart; create a new one"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +197,7 @@ class SessionManager:
         gone = self._evicted.get(session_id)
         if gone is not None and gone.owner == principal() and gone.until > self.clock():
             return SessionEvicted(
-                f"session {echo(session_id)} was evicted to make room: the session store was full ({gone.why}) "
+                f"session {session_ref(session_id)} was evicted to make room: the session store was full ({gone.why}) "
                 "and it was the least recently used; create a new one"
             )
         return unknown_session(session_id)
@@ -367,7 +369,7 @@ class SessionUse:
                     await m.store.save(s)
                 except StaleSession:
                     raise SessionNotFound(
-                        f"session {echo(self._id)} was deleted or replaced while this call used it"
+                        f"session {session_ref(self._id)} was deleted or replaced while this call used it"
                     ) from None
                 committed = True
         finally:

@@ -30,7 +30,7 @@ from service.core.sessions.redis_index import Indexed, SessionIndex
 from service.core.sessions.redis_scripts import HEAD_CHARS, head, parse_head
 from service.core.sessions.state import NewerSessionFormat, SessionState
 from service.core.sessions.store import StaleSession
-from service.errors import FailedPrecondition, ReplicaBehind, SessionConflict, StoreUnavailable, echo
+from service.errors import FailedPrecondition, ReplicaBehind, SessionConflict, StoreUnavailable, session_ref
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,12 @@ class Leases:
             s = SessionState.from_bytes(memoryview(raw)[HEAD_CHARS:])
         except NewerSessionFormat as e:
             raise ReplicaBehind(
-                f"session {echo(session_id)} was written by a newer seqserve ({e}): retry, an updated replica reads "
-                "it (a rolling update); after a rollback, create a new session"
+                f"session {session_ref(session_id)} was written by a newer seqserve ({e}): retry, an updated replica "
+                "reads it (a rolling update); after a rollback, create a new session"
             ) from None
         except ValueError as e:
             raise FailedPrecondition(
-                f"session {echo(session_id)} cannot be read from the session store ({e}); it was written by an "
+                f"session {session_ref(session_id)} cannot be read from the session store ({e}); it was written by an "
                 "incompatible server or damaged: create a new session"
             ) from None
         s.revision = int(revision, 16)
@@ -143,7 +143,7 @@ class Leases:
                     if len(r) <= 2:
                         continue  # dropped meanwhile: ask again, for the value this time
                     if e is not None and e.dirty_since is not None:
-                        log.warning("session %s: steps kept in memory were lost (taken over)", echo(session_id))
+                        log.warning("session %s: steps kept in memory were lost (taken over)", session_ref(session_id))
                     s, revision, deadline = self.decode(session_id, r[2])
                     self.counts["read"] += 1
                     e = self.cache.put(session_id, s, revision, deadline)
@@ -169,7 +169,7 @@ class Leases:
     def forget(self, session_id: str) -> None:
         e = self.cache.pop(session_id)
         if e is not None and e.dirty_since is not None:
-            log.warning("session %s: steps kept in memory were dropped", echo(session_id))
+            log.warning("session %s: steps kept in memory were dropped", session_ref(session_id))
 
     async def write(self, session_id: str, e: Entry, s: SessionState, release: bool) -> None:
         """Writes ``s`` (the entry's state now) over the revision the entry was read at."""
@@ -189,7 +189,7 @@ class Leases:
             self.forget(session_id)
             if got == -1 or stepped_elsewhere(e.stored, got[1]):  # held by another, or stepped by one since
                 raise SessionConflict(
-                    f"session {echo(session_id)} was taken over by another replica while this call used it; "
+                    f"session {session_ref(session_id)} was taken over by another replica while this call used it; "
                     "nothing was saved: retry the call"
                 )
             raise StaleSession(session_id)
@@ -212,7 +212,7 @@ class Leases:
                 try:
                     await self.write(session_id, e, e.state, release)
                 except (SessionConflict, StaleSession):
-                    log.warning("session %s: steps kept in memory were lost (taken over)", echo(session_id))
+                    log.warning("session %s: steps kept in memory were lost (taken over)", session_ref(session_id))
             elif release:
                 await self.conn.script("lease", self.keys(session_id)[1:], [self.replica, 0])
                 e.owned_until = 0.0

@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 
 from service.api.gen.seqserve.v1 import common_pb2, sentiment_pb2, sentiment_pb2_grpc
 from service.client import ApiError, Client, SuggestEvent
+from service.errors import session_ref
 from tests.conftest import ServerHandle, server_settings
 
 Code = grpc.StatusCode
@@ -57,7 +58,7 @@ def test_model_of_the_wrong_task(client: Client) -> None:
 
 
 def test_unknown_session(client: Client) -> None:
-    err = fails(Code.NOT_FOUND, "nope")(lambda: client.get_session("nope"))
+    err = fails(Code.NOT_FOUND, session_ref("nope"))(lambda: client.get_session("nope"))
     assert err.reason == "SESSION_NOT_FOUND"
     fails(Code.NOT_FOUND)(lambda: client.suggest_once("nope", "abc"))
     fails(Code.NOT_FOUND)(lambda: client.delete_session("nope"))
@@ -69,7 +70,9 @@ def test_empty_session_id_names_the_field(client: Client) -> None:
 
 def test_session_of_the_wrong_task(client: Client) -> None:
     with client.session("charlm") as s:
-        err = fails(Code.FAILED_PRECONDITION, s.id, "forecast")(lambda: client.observe(s.id, np.ones((3, 7))))
+        err = fails(Code.FAILED_PRECONDITION, session_ref(s.id), "forecast")(
+            lambda: client.observe(s.id, np.ones((3, 7)))
+        )
     assert err.reason == "FAILED_PRECONDITION"
 
 

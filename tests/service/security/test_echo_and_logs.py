@@ -8,16 +8,17 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
 from service.client import ApiError, Client
-from service.logs import TextFormatter, configure, escape
+from service.logs import TextFormatter, escape
 from service.settings import Settings
 from tests.conftest import ServerHandle
 from tests.service.security.conftest import eventually, infer_request, raw_unary, rpc_count, text_input
@@ -26,21 +27,10 @@ FORGED = "X\n1999-01-01 00:00:00,000 ERROR service.api: FORGED\r\x1b[2J\u2028\x8
 
 
 @pytest.fixture
-def server_log() -> Iterator[Callable[[str], io.StringIO]]:
-    """``server_log("text" | "json")``: installs the server's log handler on a buffer for this test."""
-    root = logging.getLogger()
-    level = root.level
-    installed: list[logging.Handler] = []
-
-    def install(fmt: str) -> io.StringIO:
-        buffer = io.StringIO()
-        installed.append(configure(Settings(log_format=fmt, log_level="INFO"), buffer))  # type: ignore[arg-type]
-        return buffer
-
-    yield install
-    for h in installed:
-        root.removeHandler(h)
-    root.setLevel(level)
+def server_log(log_state: Callable[..., io.StringIO]) -> Callable[[str], io.StringIO]:
+    """``server_log("text" | "json")``: installs the server's log handler on a buffer for this test (and puts
+    logging back as it was afterwards: ``log_state``)."""
+    return lambda fmt: log_state("INFO", fmt)
 
 
 def test_a_7000_character_session_id_is_not_found_with_a_short_message(plain: ServerHandle) -> None:
@@ -318,3 +308,38 @@ def test_the_summary_names_every_kind_of_authentication() -> None:
     assert "auth API keys, TLS on" in summary(Settings(**key, **tls), 1)
     assert "auth client certificates (mTLS), TLS on" in summary(Settings(**tls, tls_client_ca="/x/ca.pem"), 1)
     assert "auth none (every caller is one principal), TLS off" in summary(Settings(), 1)
+
+
+def test_session_ids_are_shown_by_a_prefix_and_their_length() -> None:
+    """Without API keys a session's id is its only credential, and error messages reach the log: a quarter of it
+    (at most 6 characters) is shown. A KServe sequence's key is no secret and is shown whole."""
+    from service.errors import session_ref
+
+    token = "Ab3xK9" + "z" * 26  # a server-made id: 32 URL-safe characters
+    assert session_ref(token) == "'Ab3xK9...' (32 characters)"
+    assert session_ref("user-42") == "'u...' (7 characters)"
+    assert session_ref("bad") == "'...' (3 characters)"
+    assert session_ref("\n\n\n\nsecret-part") == "'\\n\\n\\n...' (15 characters)"  # escaped, as echo() does
+    assert session_ref("kserve:0123abcd:charlm:42") == "'kserve:0123abcd:charlm:42'"
+
+
+def test_a_sessions_id_never_reaches_the_log(plain: ServerHandle, server_log: Callable[[str], io.StringIO]) -> None:
+    """The refusals of calls on a real session (the wrong task for it, an unknown one after a delete) are logged
+    with the session's reference, not its id: whoever reads the log cannot use the session."""
+    from service.errors import session_ref
+
+    out = server_log("text")
+    with Client(plain.target) as c:
+        s = c.create_session("charlm")
+        with pytest.raises(ApiError) as wrong:
+            c.observe(s.id, np.ones((3, 7)))
+        assert wrong.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        c.delete_session(s.id)
+        with pytest.raises(ApiError) as gone:
+            c.get_session(s.id)
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND
+    for message in (wrong.value.message, gone.value.message):
+        assert session_ref(s.id) in message and s.id not in message
+    log = out.getvalue()
+    assert log.count(session_ref(s.id)) == 2  # both refusals, by reference
+    assert s.id not in log and s.id[:8] not in log

@@ -18,7 +18,7 @@ from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.gen.seqserve.v1 import common_pb2
 from service.api.principals import KeyTable, RateLimiter, load_keys, parse_keys
 from service.client import ApiError, Client
-from service.errors import QuotaExceeded
+from service.errors import QuotaExceeded, session_ref
 from service.settings import Settings
 from tests.conftest import ServerHandle
 from tests.service.security.conftest import infer_request, text_input
@@ -118,7 +118,7 @@ def test_another_principals_session_does_not_exist(start_server: Callable[..., S
         ):
             theirs, missing = failure(lambda c=call: c(s.id)), failure(lambda c=call: c(nobody))  # type: ignore[misc]
             assert theirs.code == missing.code == Code.NOT_FOUND
-            assert theirs.message.replace(s.id, nobody) == missing.message  # word for word
+            assert theirs.message.replace(session_ref(s.id), session_ref(nobody)) == missing.message  # word for word
             assert theirs.reason == missing.reason
         info = alice.get_session(s.id)
         assert info.steps == 3, "nothing bob tried changed alice's session"
