@@ -1,7 +1,7 @@
 """``seqserve``: run the server, or call it.
 
     seqserve serve [--host H] [--port P] [--metrics-port M] [--models DIR] [--device auto|cpu|cuda] [--workers N]
-                   [--watch-models [SECONDS]] [--plugin MODULE] [--ready-file F]
+                   [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE] [--ready-file F]
     seqserve classify "a fine film" "a dull one"
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
     seqserve forecast --csv ETTh1.csv [--rows 96] [--plot forecast.png]
@@ -45,6 +45,7 @@ log = logging.getLogger("seqserve")
 SERVE_FLAGS = {
     "host": "--host", "port": "--port", "metrics_port": "--metrics-port", "models": "--models", "device": "--device",
     "watch_models_seconds": "--watch-models", "workers": "--workers", "plugins": "--plugin",
+    "load_models": "--load-model",
 }  # fmt: skip
 SECRET_WORDS = ("key", "secret", "password", "token")  # a setting named so never has its value printed
 
@@ -192,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="poll the repository every SECONDS (default 5): new versions load, removed ones unload, changed "
         "weights reload (env SEQSERVE_WATCH_MODELS_SECONDS)",
+    )
+    s.add_argument(
+        "--load-model",
+        action="append",
+        metavar="NAME",
+        help="load only this model at start (repeat for more; the others load on request, RepositoryModelLoad; "
+        "env SEQSERVE_LOAD_MODELS, comma-separated; default: every model)",
     )
     s.add_argument(
         "--workers",

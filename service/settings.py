@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     watch_models_seconds: float = Field(default=0.0, ge=0, le=MAX_SECONDS)
     """Poll the repository this often (0 = never): new version folders load and become the default, removed
     ones unload, a changed model.onnx reloads (``seqserve serve --watch-models``)."""
+    load_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Load only these models at start (comma-separated; empty = every model in the repository), like Triton's
+    ``--model-control-mode=explicit --load-model``: the others are listed by RepositoryIndex as UNAVAILABLE and
+    load on request (RepositoryModelLoad); ``--watch-models`` follows the loaded ones only (``seqserve serve
+    --load-model``). A name that is not in the repository stops the server at start."""
     plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Python modules imported at start-up that register extra tasks or session stores (comma-separated in the
     environment: ``SEQSERVE_PLUGINS=mypkg.tasks``)."""
@@ -226,7 +231,7 @@ class Settings(BaseSettings):
             raise ValueError("session_signing_key must have at least 32 characters (e.g. `openssl rand -hex 32`)")
         return value
 
-    @field_validator("plugins", "admin_principals", mode="before")
+    @field_validator("plugins", "admin_principals", "load_models", mode="before")
     @classmethod
     def _split_plugins(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -80,8 +80,9 @@ class CoreDataPlane:
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Loads every model in ``settings.models``, starts the session reaper and the repository watcher."""
-        await self.registry.sync()
+        """Loads the models in ``settings.models`` (those in ``load_models`` when set), starts the session reaper
+        and the repository watcher."""
+        await self.registry.start()
         self.sessions.start()
         if self.settings.watch_models_seconds:
             self._watcher = asyncio.create_task(self._watch(self.settings.watch_models_seconds), name="model-watch")

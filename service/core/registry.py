@@ -232,6 +232,9 @@ class ModelRegistry:
         self._entries: dict[tuple[str, int], ModelEntry] = {}  # changed only through _put, _drop and _clear
         self._by_name: dict[str, list[ModelEntry]] = {}  # per name, oldest version first (a cache of _entries)
         self._unloaded: set[str] = set()  # unloaded on request: not reloaded by sync() until load_model()
+        # load_models: the names loaded at start and by load_model(), the only ones sync() follows (None = all)
+        self._chosen: set[str] | None = set(settings.load_models) if settings.load_models else None
+        self._on_disk: set[str] = set()  # model names found at the last look at the repository
         self._served: set[tuple[str, int]] = set()  # every (name, version) this process has ever served
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
         self._loading: set[str] = set()  # names load_model() is loading now
@@ -259,7 +262,9 @@ class ModelRegistry:
         return [self._entries[k] for k in sorted(self._entries)]
 
     def unloaded(self) -> list[str]:
-        return sorted(self._unloaded - {name for name, _ in self._entries})
+        """Models not loaded on purpose: unloaded on request, or left out of ``load_models``."""
+        skipped = self._on_disk - self._chosen if self._chosen is not None else set()
+        return sorted((self._unloaded | skipped) - {name for name, _ in self._entries})
 
     def get(self, name: str, version: int) -> ModelEntry | None:
         return self._entries.get((name, version))
@@ -304,6 +309,11 @@ class ModelRegistry:
                 raise ModelUnavailable(f"model {echo(ref.name)} is loading (RepositoryModelLoad); retry shortly")
             if ref.name in self._unloaded:
                 raise ModelUnavailable(f"model {echo(ref.name)} was unloaded; load it again (RepositoryModelLoad)")
+            if self._chosen is not None and ref.name in self._on_disk:
+                raise ModelUnavailable(
+                    f"model {echo(ref.name)} is not loaded: this server loads {sorted(self._chosen)} (load_models); "
+                    "load it with RepositoryModelLoad, or start the server with it in SEQSERVE_LOAD_MODELS"
+                )
             names = sorted({e.name for e in self._entries.values()})
             raise ModelNotFound(f"model {echo(ref.name)} is not in the repository; available models: {names}")
         if ref.version is None:
@@ -349,7 +359,19 @@ class ModelRegistry:
                     continue
                 found[(model_dir.name, int(vdir.name))] = vdir
         self._unreadable = unreadable
+        self._on_disk = {name for name, _ in found} | unreadable
         return found, unreadable
+
+    async def start(self) -> None:
+        """The first sync. With ``load_models``, every name in it must be in the repository: a name misspelt
+        would otherwise leave a server up that serves nothing it was meant to."""
+        await self.sync()
+        missing = sorted(self._chosen - self._on_disk) if self._chosen is not None else []
+        if missing:
+            raise RuntimeError(
+                f"load_models (SEQSERVE_LOAD_MODELS, --load-model) names {missing}, which the model repository "
+                f"{self.settings.models} does not have; its models are {sorted(self._on_disk)}"
+            )
 
     async def sync(self, names: set[str] | None = None) -> None:
         """Brings the table in line with the disk, for ``names`` (None = every model not unloaded on request)."""
@@ -358,7 +380,9 @@ class ModelRegistry:
             found, unreadable = await asyncio.to_thread(self._discover)
 
             def wanted(name: str) -> bool:
-                return (name in names) if names is not None else name not in self._unloaded
+                if names is not None:
+                    return name in names
+                return name not in self._unloaded and (self._chosen is None or name in self._chosen)
 
             for key, entry in list(self._entries.items()):
                 if wanted(key[0]) and key not in found and key[0] not in unreadable:
@@ -424,6 +448,8 @@ class ModelRegistry:
             if not any(n == name for n, _v in found):
                 raise ModelNotFound(f"model {echo(name)} is not in the repository {self.settings.models}")
             self._unloaded.discard(name)
+            if self._chosen is not None:
+                self._chosen.add(name)  # followed by --watch-models from now on
             await self.sync({name})
         finally:
             self._loading.discard(name)

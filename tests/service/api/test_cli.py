@@ -328,6 +328,18 @@ def test_serve_flags_override_the_environment_and_a_bare_watch_models_polls_ever
     assert _settings(parser.parse_args(["serve"])).watch_models_seconds == 30.0
 
 
+def test_load_model_flags_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--load-model`` repeats, one name each; SEQSERVE_LOAD_MODELS is comma-separated; the flags win."""
+    from service.cli import _settings, build_parser
+
+    parser = build_parser()
+    assert _settings(parser.parse_args(["serve"])).load_models == []  # every model
+    monkeypatch.setenv("SEQSERVE_LOAD_MODELS", "charlm, sentiment")
+    assert _settings(parser.parse_args(["serve"])).load_models == ["charlm", "sentiment"]
+    flags = parser.parse_args(["serve", "--load-model", "forecaster", "--load-model", "charlm"])
+    assert _settings(flags).load_models == ["forecaster", "charlm"]
+
+
 def test_workers_1_serves_everything_in_one_process(tiny_models: Path, tmp_path: Path) -> None:
     """--workers 1 is the documented single-process layout: no engine/frontend split (no child processes, no
     engine link in between), said so in the start-up line and in the ready file."""

@@ -185,3 +185,61 @@ def test_a_sequence_of_a_model_unloaded_on_request_continues_once_it_is_loaded_a
     assert code == grpc.StatusCode.UNAVAILABLE and "load it again" in message
     live.v2.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="charlm"), timeout=60)
     assert live.step(", or", sequence_id="u1").parameters["seqserve_steps"].int64_param == 9
+
+
+def test_load_models_serves_a_subset_and_loads_the_rest_on_request(kserve_repo: Path, tmp_path: Path) -> None:
+    """SEQSERVE_LOAD_MODELS (Triton's explicit model control with --load-model): only the named models load at
+    start; the others are UNAVAILABLE in the index and to requests, saying how to load them, until a
+    RepositoryModelLoad; --watch-models follows the loaded models only (a new version of one loads, a new model
+    folder does not)."""
+    repo = tmp_path / "models"
+    shutil.copytree(kserve_repo, repo)
+    shutil.move(repo / "charlm" / "2", tmp_path / "charlm-2")
+    proc, ports = start_server(
+        repo, tmp_path, SEQSERVE_LOAD_MODELS="charlm", SEQSERVE_WATCH_MODELS_SECONDS="0.2", SEQSERVE_GRACE_SECONDS="2"
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc_port']}") as channel:
+            live = Live(repo, ports, channel)
+            index = live.v2.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30).models
+            assert {(m.name, m.version, m.state) for m in index} == {
+                ("charlm", "1", "READY"), ("forecaster", "", "UNAVAILABLE"), ("sentiment", "", "UNAVAILABLE")
+            }  # fmt: skip
+            assert live.v2.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+            assert live.serving("seqserve.v1.Autocomplete") and not live.serving(SENTIMENT_SERVICE)
+            code, message = _code(lambda: live.v2.ModelMetadata(pb.ModelMetadataRequest(name="sentiment"), timeout=30))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert "model 'sentiment' is not loaded: this server loads ['charlm'] (load_models)" in message
+            assert "RepositoryModelLoad" in message
+            code, message = _code(lambda: live.v2.ModelMetadata(pb.ModelMetadataRequest(name="nope"), timeout=30))
+            assert code == grpc.StatusCode.NOT_FOUND  # not in the repository: not the same answer
+            shutil.copytree(repo / "sentiment", repo / "sentiment-b")  # a new model folder: not followed
+            shutil.copytree(tmp_path / "charlm-2", repo / "charlm" / "2")  # a new version of a loaded one: loaded
+            wait_for(lambda: live.versions() == ["1", "2"], "charlm/2 to load")
+            time.sleep(1.0)  # five more polls of the watcher
+            index = live.v2.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30).models
+            assert ("sentiment-b", "", "UNAVAILABLE") in {(m.name, m.version, m.state) for m in index}
+            back = live.tritonclient("load", "sentiment")
+            assert back["error"] == {"status": "OK", "message": ""} and back["ready"] is True
+            assert back["infer"] == {"status": "OK", "message": ""}
+            assert live.serving(SENTIMENT_SERVICE)
+            shutil.copytree(repo / "sentiment" / "1", repo / "sentiment" / "2")  # loaded on request: followed now
+            manifest = json.loads((repo / "sentiment" / "2" / MANIFEST_FILE).read_text())
+            (repo / "sentiment" / "2" / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 2}))
+
+            def sentiment_versions() -> list[str]:
+                request = pb.ModelMetadataRequest(name="sentiment")
+                return list(live.v2.ModelMetadata(request, timeout=30).versions)
+
+            wait_for(lambda: sentiment_versions() == ["1", "2"], "sentiment/2 to load")
+    finally:
+        stop_server(proc)
+
+
+def test_load_models_naming_a_model_the_repository_lacks_stops_the_start(kserve_repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError) as info:
+        start_server(kserve_repo, tmp_path, SEQSERVE_LOAD_MODELS="charlm,sentimnet")
+    log = (tmp_path / "server.log").read_text()
+    assert "load_models (SEQSERVE_LOAD_MODELS, --load-model) names ['sentimnet'], which the model repository" in log
+    assert "its models are ['charlm', 'forecaster', 'sentiment']" in log
+    assert "did not start" in str(info.value)
