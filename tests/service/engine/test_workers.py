@@ -281,7 +281,8 @@ def test_summed_metrics_are_valid_openmetrics(servers: tuple[dict[str, object], 
 def test_an_admitted_stream_is_never_refused_by_the_frontends_queue(tiny_models: Path, tmp_path: Path) -> None:
     """A frontend bounds the calls it has waiting for the engine (max_queue_size), but, as the batcher does in
     one process, never refuses the later steps of a stream it admitted: here two calls wait on a session held by
-    a long Complete while an admitted Suggest stream sends its second event."""
+    a long Complete (a third call is refused: the queue is full) while an admitted Suggest stream sends its
+    second event."""
     import queue
     import threading
 
@@ -308,7 +309,15 @@ def test_an_admitted_stream_is_never_refused_by_the_frontends_queue(tiny_models:
             time.sleep(0.05)
             for t in waiting:
                 t.start()
-            time.sleep(0.2)
+            deadline = time.monotonic() + 20
+            while True:  # until the frontend's queue is full: a call it has not admitted is refused at once
+                try:
+                    c.get_session(a)
+                except ApiError as err:
+                    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_size=2" in err.message
+                    break
+                assert time.monotonic() < deadline, "the two calls never waited at the frontend: nothing was tested"
+                time.sleep(0.01)
             assert not done.is_set(), "the Complete ended before the stream's step: nothing was tested"
             events.put(SuggestEvent(" or no"))
             assert next(answers).steps == 11
