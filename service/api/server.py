@@ -238,15 +238,34 @@ class Server:
 
 def check_free(host: str, port: int, setting: str) -> None:
     """RuntimeError naming ``setting`` when another socket listens on (host, port). A plain bind (no
-    SO_REUSEPORT) is refused by a listener even where gRPC's own bind would have shared the port with it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run's TIME_WAIT does not count
+    SO_REUSEPORT) is refused by a listener even where gRPC's own bind would have shared the port with it. Every
+    address gRPC binds for ``host`` is probed: ``localhost`` is 127.0.0.1 and ::1, a name all it resolves to."""
+    for family, address in _bind_addresses(host, port):
         try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise RuntimeError(
-                    f"cannot bind {host}:{port}: another process listens there (another seqserve?); stop it or choose "
-                    f"another port ({setting})"
-                ) from None  # (other errors, a host that is not this machine's: the real bind reports them)
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no IPv6 on this machine: nothing can listen there
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run's TIME_WAIT does not count
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise RuntimeError(
+                        f"cannot bind {host}:{port}: another process listens there (on {address[0]}; another "
+                        f"seqserve?); stop it or choose another port ({setting})"
+                    ) from None  # (other errors, an address that is not this machine's: the real bind reports them)
+
+
+def _bind_addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
+    if host == "localhost":  # gRPC binds both loopbacks for it, whatever /etc/hosts says
+        return [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET6, ("::1", port, 0, 0))]
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return []  # a name that does not resolve: the real bind reports it
+    out: list[tuple[socket.AddressFamily, tuple[Any, ...]]] = []
+    for family, _, _, _, address in found:
+        if (family, address) not in out and family in (socket.AF_INET, socket.AF_INET6):
+            out.append((family, tuple(address)))
+    return out

@@ -198,3 +198,30 @@ async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: p
         assert any(request_id in r.getMessage() and r.exc_info for r in caplog.records)
     code = {"service": "test.Boom", "method": "Unary", "model": "", "code": "INTERNAL"}
     assert metrics.registry.get_sample_value("seqserve_rpc_requests_total", code) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("listen", "host"), [("::1", "localhost"), ("127.0.0.1", "localhost"), ("127.0.0.1", "127.0.0.1")]
+)
+def test_a_port_taken_on_any_address_grpc_would_bind_is_found_before_starting(listen: str, host: str) -> None:
+    """gRPC binds both loopbacks for "localhost"; a listener on either takes the port (with SO_REUSEPORT gRPC would
+    share it silently). The probe used to try 127.0.0.1 alone, so a server on [::1] went unnoticed."""
+    import socket
+
+    from service.api.server import check_free
+
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    taken: socket.socket | None = None
+    try:
+        taken = socket.socket(family, socket.SOCK_STREAM)
+        taken.bind((listen, 0))
+    except OSError as exc:  # a machine without IPv6 loopback
+        if taken is not None:
+            taken.close()
+        pytest.skip(f"cannot listen on {listen}: {exc}")
+    with taken:
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot bind {host}:{port}: another process listens there"):
+            check_free(host, port, "--port or SEQSERVE_PORT")
+    check_free(host, port, "--port or SEQSERVE_PORT")  # free again: no error
