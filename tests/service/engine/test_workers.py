@@ -303,27 +303,40 @@ def test_an_admitted_stream_is_never_refused_by_the_frontends_queue(tiny_models:
                     pass
                 done.set()
 
-            waiting = [threading.Thread(target=c.suggest_once, args=(b, "x")) for _ in range(2)]
+            failures: list[BaseException] = []
+
+            def wait_on_b() -> None:
+                try:
+                    c.suggest_once(b, "x")
+                except BaseException as exc:  # (a thread's exception would only be a warning)
+                    failures.append(exc)
+
+            waiting = [threading.Thread(target=wait_on_b) for _ in range(2)]
             threads = [threading.Thread(target=long_complete), *waiting]
             threads[0].start()
             time.sleep(0.05)
             for t in waiting:
                 t.start()
+
+            def suggest_in_flight() -> float:
+                samples = scrape(info["metrics_port"]).get("seqserve_rpc_in_flight", {})
+                return sum(v for labels, v in samples.items() if ("method", "Suggest") in labels)
+
             deadline = time.monotonic() + 20
-            while True:  # until the frontend's queue is full: a call it has not admitted is refused at once
-                try:
-                    c.get_session(a)
-                except ApiError as err:
-                    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_size=2" in err.message
-                    break
-                assert time.monotonic() < deadline, "the two calls never waited at the frontend: nothing was tested"
-                time.sleep(0.01)
+            while suggest_in_flight() < 3:  # the stream and both waiting calls have reached the frontend
+                assert time.monotonic() < deadline, "the two calls never reached the frontend"
+                time.sleep(0.02)
+            time.sleep(0.1)  # (each then sends one call to the engine, within the iteration that read it)
+            with pytest.raises(ApiError) as full:  # a call it has not admitted is refused: the queue is full
+                c.get_session(a)
+            assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_size=2" in full.value.message
             assert not done.is_set(), "the Complete ended before the stream's step: nothing was tested"
             events.put(SuggestEvent(" or no"))
             assert next(answers).steps == 11
             events.put(None)
             for t in threads:
                 t.join(60)
+            assert failures == []  # both waiting calls were admitted and answered
     finally:
         stop_server(proc)
 
