@@ -12,6 +12,7 @@ Every failed call raises ``ApiError`` with the status code, the server's message
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,19 +52,30 @@ Table = Iterable[Sequence[float]] | npt.NDArray[np.floating[Any]] | npt.NDArray[
 
 
 class ApiError(Exception):
-    """A failed RPC: ``code`` (grpc.StatusCode), ``message``, ``reason`` (ErrorInfo, e.g. MODEL_NOT_FOUND)
-    and the server's ``request_id`` (also in its log)."""
+    """A failed RPC: ``code`` (grpc.StatusCode), ``message``, ``reason`` (ErrorInfo, e.g. MODEL_NOT_FOUND), the
+    server's ``request_id`` (also in its log) and ``retry_after``: seconds after which the same request may
+    succeed (RetryInfo: the server refused it before anything ran), or None."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None, request_id: str | None) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str | None,
+        request_id: str | None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.reason = reason
         self.request_id = request_id
+        self.retry_after = retry_after
 
-    def __reduce__(self) -> tuple[type[ApiError], tuple[grpc.StatusCode, str, str | None, str | None]]:
+    def __reduce__(
+        self,
+    ) -> tuple[type[ApiError], tuple[grpc.StatusCode, str, str | None, str | None, float | None]]:
         """Pickles (a worker process's failure reaches its pool as itself, not as a broken pool) and copies."""
-        return type(self), (self.code, self.message, self.reason, self.request_id)
+        return type(self), (self.code, self.message, self.reason, self.request_id, self.retry_after)
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> ApiError:
@@ -71,13 +83,15 @@ class ApiError(Exception):
         message = (err.details() if hasattr(err, "details") else None) or str(err)
         trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
         request_id = trailing.get("x-request-id")
-        reason = None
+        reason, retry_after = None, None
         status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
         for detail in status.details if status is not None else ():
-            info = error_details_pb2.ErrorInfo()
+            info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
             if detail.Unpack(info):
                 reason = info.reason
-        return cls(code, message, reason, request_id if isinstance(request_id, str) else None)
+            elif detail.Unpack(retry):
+                retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+        return cls(code, message, reason, request_id if isinstance(request_id, str) else None, retry_after)
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,7 @@ class Client:
         tls_key: str | Path | None = None,
         tls: bool = False,
         reconnect_backoff: tuple[float, float] = RECONNECT_BACKOFF,
+        retries: int = 0,
     ) -> None:
         """``timeout``: default deadline in seconds per call (for streams: the whole stream); None = none.
         TLS when ``tls`` or any ``tls_*`` file is given: ``tls_ca`` verifies the server (default: the system's
@@ -141,7 +156,15 @@ class Client:
 
         ``reconnect_backoff``: (first, longest) wait in seconds between attempts to reconnect once the server is
         unreachable (grpc's defaults, 1 s growing to 120 s, left a long-lived client failing for up to ~20 s after
-        a restart). Each Client has its own connection: a new one never inherits another's backoff."""
+        a restart). Each Client has its own connection: a new one never inherits another's backoff.
+
+        ``retries``: how many times a unary call is sent again when the server refused it before anything ran and
+        said when to retry (``ApiError.retry_after``: a full queue, the rate quota, a model loading, a replica
+        behind in a rolling update), after that wait and within the call's deadline. Refusals without a retry
+        time (a bad request, a full session quota) are raised at once, as are streaming calls' refusals."""
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.retries = retries
         self.target = target
         self.timeout = timeout
         api_key = api_key.strip() if api_key else api_key  # (as the server strips it; a key file ends in "\n")
@@ -170,10 +193,23 @@ class Client:
         self.close()
 
     def _unary(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
-        try:
-            return method(request, timeout=self._timeout(timeout), metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise ApiError.from_rpc_error(err) from None
+        limit = self._timeout(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        for attempt in range(self.retries + 1):
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                return method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as err:
+                error = ApiError.from_rpc_error(err)
+            wait = error.retry_after
+            if (
+                wait is None
+                or attempt == self.retries
+                or (deadline is not None and time.monotonic() + wait >= deadline)
+            ):
+                raise error from None
+            time.sleep(wait)
+        raise AssertionError("unreachable")  # (the last attempt returns or raises)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

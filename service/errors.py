@@ -41,12 +41,22 @@ def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return message if len(message) <= limit else f"{message[: limit - 40]}... ({len(message)} characters, cut)"
 
 
-class SeqServeError(Exception):
-    """Base class of every error a caller may see."""
+RETRY_SOON = 0.1  # seconds: a full queue or budget, which drains within milliseconds to a few batches
+RETRY_LATER = 1.0  # seconds: a model loading, a replica behind in a rolling update, the session store away
 
-    def __init__(self, message: str) -> None:
+
+class SeqServeError(Exception):
+    """Base class of every error a caller may see. ``retry_after`` (seconds), when set, says the request was
+    refused before anything ran and the same request may succeed after that wait: the status then carries a
+    ``google.rpc.RetryInfo`` (AIP-194) that clients can follow. A class may set a default for its kind."""
+
+    retry_after: float | None = None
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidInput(SeqServeError):
@@ -86,11 +96,15 @@ class DeadlineExceeded(SeqServeError):
 class StoreUnavailable(SeqServeError):
     """The session store (Redis) does not answer; calls that need no session still work (gRPC UNAVAILABLE)."""
 
+    retry_after = RETRY_LATER
+
 
 class ReplicaBehind(SeqServeError):
     """The session or blob needs a model version, or a session format, that this replica does not serve yet while
     another may: a newer release during a rolling update (gRPC UNAVAILABLE, ErrorInfo reason REPLICA_BEHIND:
     retry; an updated replica serves it)."""
+
+    retry_after = RETRY_LATER
 
 
 class SessionConflict(SeqServeError):

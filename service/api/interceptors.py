@@ -11,6 +11,7 @@ exception the call raises. Domain errors (``service.errors``) become gRPC status
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import inspect
 import logging
@@ -23,7 +24,7 @@ from contextlib import aclosing
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -116,13 +117,23 @@ def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def rich_status(code: grpc.StatusCode, message: str, reason: str, request_id: str) -> grpc.Status:
-    """A status whose trailing metadata carries google.rpc.Status details (ErrorInfo) and the request id. The
-    message is bounded (``errors.clip``): the core echoes with ``errors.echo``, this is the last resort."""
+def rich_status(
+    code: grpc.StatusCode, message: str, reason: str, request_id: str, retry_after: float | None = None
+) -> grpc.Status:
+    """A status whose trailing metadata carries google.rpc.Status details (ErrorInfo, and RetryInfo when the
+    request may simply be sent again after ``retry_after`` seconds) and the request id. The message is bounded
+    (``errors.clip``): the core echoes with ``errors.echo``, this is the last resort."""
     message = errors.clip(message)
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={"request_id": request_id}))
-    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[info]))
+    details = [info]
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(datetime.timedelta(seconds=max(retry_after, 0.001)))
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
     return _Status(code, message, (*status.trailing_metadata, (REQUEST_ID_KEY, request_id)))
 
 
@@ -258,7 +269,8 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if self.budget.allow():
                 log.info("%s -> %s: %s (request id %s)", method, code.name, message, request_id,
                          extra={"code": code.name})  # fmt: skip
-            await context.abort_with_status(rich_status(code, message, error_reason(exc), request_id))
+            status = rich_status(code, message, error_reason(exc), request_id, exc.retry_after)
+            await context.abort_with_status(status)
         elif isinstance(exc, grpc.aio.AbortError):
             raise exc  # the servicer already chose a status
         elif isinstance(exc, NotImplementedError):  # a generated servicer base for a method this server lacks

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from service.errors import Overloaded
+from service.errors import RETRY_SOON, Overloaded
 
 TRIM_DELAY = 0.05  # after the last large request: its call has finished and dropped the decoded message
 
@@ -52,7 +52,8 @@ class ByteBudget:
         if (self._waiters or self.used + n > self.capacity) and self.waiting + n > self.capacity:
             raise Overloaded(
                 f"{self.used + self.waiting} bytes of large requests are in flight or waiting, the limit is "
-                f"{self.capacity} (max_large_bytes_in_flight); retry with backoff"
+                f"{self.capacity} (max_large_bytes_in_flight); retry with backoff",
+                retry_after=RETRY_SOON,
             )
         await self._acquire(n)
         try:

@@ -155,5 +155,6 @@ class RateLimiter:
             who = f"principal {principal!r}" if principal else "this server's callers"
             raise QuotaExceeded(
                 f"request rate quota exceeded: {who} may send {self.rate:g} requests per second "
-                f"(quota_requests_per_second, burst {self.burst:g}); retry in {wait:.2f}s"
+                f"(quota_requests_per_second, burst {self.burst:g}); retry in {wait:.2f}s",
+                retry_after=wait,
             )

@@ -50,7 +50,7 @@ from service.core.aio import cancel_and_wait
 from service.core.context import note_run
 from service.core.runtime import Array, Runtime
 from service.core.stats import StatsBook
-from service.errors import ModelUnavailable, Overloaded
+from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -238,7 +238,8 @@ class Batcher:
         if len(self._pending) >= self.max_queue and not item.admitted:
             raise Overloaded(
                 f"model {self.name}: {len(self._pending)} requests are queued, the limit is max_queue_size="
-                f"{self.max_queue}; retry with backoff"
+                f"{self.max_queue}; retry with backoff",
+                retry_after=RETRY_SOON,
             )
         note_run()  # (the request counts once in queue and compute statistics)
         loop = asyncio.get_running_loop()

@@ -31,7 +31,7 @@ from service.core.stats import StatsBook
 from service.core.tasks import Task, task_class
 from service.core.tasks.base import capabilities_of
 from service.core.types import ModelInfo, ModelRef
-from service.errors import ModelNotFound, ModelUnavailable, echo
+from service.errors import RETRY_LATER, ModelNotFound, ModelUnavailable, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -306,7 +306,9 @@ class ModelRegistry:
         mine = self._versions_of(ref.name)
         if not mine:
             if ref.name in self._loading:
-                raise ModelUnavailable(f"model {echo(ref.name)} is loading (RepositoryModelLoad); retry shortly")
+                raise ModelUnavailable(
+                    f"model {echo(ref.name)} is loading (RepositoryModelLoad); retry shortly", retry_after=RETRY_LATER
+                )
             if ref.name in self._unloaded:
                 raise ModelUnavailable(f"model {echo(ref.name)} was unloaded; load it again (RepositoryModelLoad)")
             if self._chosen is not None and ref.name in self._on_disk:

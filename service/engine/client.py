@@ -37,7 +37,7 @@ from service.core.types import (
 )
 from service.engine import wire
 from service.engine.codec import pack, raise_error, unpack
-from service.errors import ModelUnavailable, Overloaded
+from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
 from service.logs import CALL, LogSettings
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class RemoteDataPlane:
         if len(self._pending) >= self.max_pending and not admitted():  # never an admitted stream's later steps
             raise Overloaded(
                 f"{len(self._pending)} requests of this frontend are waiting for the engine, the limit is "
-                f"max_queue_size={self.max_pending}; retry with backoff"
+                f"max_queue_size={self.max_pending}; retry with backoff",
+                retry_after=RETRY_SOON,
             )
         call_id, fut = self._open(wire.CALL, method, args, kwargs, _context())
         try:

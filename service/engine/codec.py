@@ -119,20 +119,20 @@ def pack_replies(replies: list[list[Any]], failed: Callable[[int], None] | None 
         return pack(fixed)
 
 
-def error_payload(exc: BaseException) -> tuple[str, str, str]:
-    """(class name, message, the nearest class of ``service.errors`` it derives from) of a domain error; anything
-    else is an internal error. A plugin's own subclass (``class ForbiddenWord(InvalidInput)``) keeps its name,
-    which is its ErrorInfo reason, and its base's status code."""
+def error_payload(exc: BaseException) -> tuple[str, str, str, float | None]:
+    """(class name, message, the nearest class of ``service.errors`` it derives from, retry_after) of a domain
+    error; anything else is an internal error. A plugin's own subclass (``class ForbiddenWord(InvalidInput)``)
+    keeps its name, which is its ErrorInfo reason, and its base's status code."""
     if isinstance(exc, errors.SeqServeError):
         base = next(c.__name__ for c in type(exc).__mro__ if _ERRORS.get(c.__name__) is c)
-        return type(exc).__name__, exc.message, base
-    return "", "internal error in the engine; see its log", ""
+        return type(exc).__name__, exc.message, base, exc.retry_after
+    return "", "internal error in the engine; see its log", "", None
 
 
 _PLUGIN_ERRORS: dict[tuple[str, str], type[errors.SeqServeError]] = {}
 
 
-def raise_error(name: str, message: str, base: str = "") -> None:
+def raise_error(name: str, message: str, base: str = "", retry_after: float | None = None) -> None:
     cls = _ERRORS.get(name)
     if cls is None and base in _ERRORS and name.isidentifier():
         cls = _PLUGIN_ERRORS.get((name, base))
@@ -140,7 +140,7 @@ def raise_error(name: str, message: str, base: str = "") -> None:
             cls = _PLUGIN_ERRORS[name, base] = type(name, (_ERRORS[base],), {"__module__": __name__})
     if cls is None:
         raise EngineError(message)
-    raise cls(message)
+    raise cls(message) if retry_after is None else cls(message, retry_after=retry_after)
 
 
 class EngineError(RuntimeError):

@@ -68,6 +68,7 @@ FINAL_PARAMETER = "triton_final_response"
 # A refusal inside a stream: the gRPC status name a unary call would have got (retry on UNAVAILABLE,
 # RESOURCE_EXHAUSTED, ABORTED; fix the request on INVALID_ARGUMENT...), since the stream's own status stays OK.
 ERROR_CODE_PARAMETER = "seqserve_error_code"
+RETRY_PARAMETER = "seqserve_retry_after_ms"  # a refused streamed request that may be sent again after this wait
 SERVICE_NAME = "inference.GRPCInferenceService"
 STREAM_METHOD = f"/{SERVICE_NAME}/ModelStreamInfer"
 
@@ -170,7 +171,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if self._budget.allow():  # the stream goes on (one OK RPC): its refusals are told here, in the log
                     log.info("%s -> %s inside the stream: %s (request id %s)", STREAM_METHOD, code, message,
                              CALL.get()[0], extra={"code": code})  # fmt: skip
-                yield self._stream_error(request, message, code)
+                yield self._stream_error(request, message, code, e.retry_after)
             except Exception:
                 log.exception("ModelStreamInfer: unexpected error")
                 count(request.model_name, "INTERNAL")
@@ -178,12 +179,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield self._stream_error(request, message, "INTERNAL")
 
     @staticmethod
-    def _stream_error(request: pb.ModelInferRequest, message: str, code: str) -> pb.ModelStreamInferResponse:
+    def _stream_error(
+        request: pb.ModelInferRequest, message: str, code: str, retry_after: float | None = None
+    ) -> pb.ModelStreamInferResponse:
         echo = pb.ModelInferResponse(  # the whole id, as Triton: the client matches the failure to its request
             model_name=request.model_name[:256], model_version=request.model_version[:16], id=request.id
         )
         echo.parameters[FINAL_PARAMETER].bool_param = True
         echo.parameters[ERROR_CODE_PARAMETER].string_param = code  # what a unary call's status would have been
+        if retry_after is not None:  # the same request may be sent again after this wait (a unary call's RetryInfo)
+            echo.parameters[RETRY_PARAMETER].int64_param = max(1, round(retry_after * 1000))
         return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
     async def _infer(

@@ -33,6 +33,7 @@ from service.core.context import CommitScope, principal
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
 from service.errors import (
+    RETRY_LATER,
     InvalidInput,
     Overloaded,
     QuotaExceeded,
@@ -174,7 +175,9 @@ class SessionManager:
             if victim is None:
                 victim = await self.store.evict_lru(keep)
             if victim is None:
-                raise Overloaded(f"session store is full and every session is in use: {what}; retry later")
+                raise Overloaded(
+                    f"session store is full and every session is in use: {what}; retry later", retry_after=RETRY_LATER
+                )
             if victim.expires_at <= self.clock():  # it had expired (a network store found its value gone)
                 self.metrics.session_event(victim.model, "expired")
             else:

@@ -58,6 +58,25 @@ def test_domain_errors_keep_status_message_and_reason(
     assert type(_crossed(exc)) is type(back)  # one class per plugin error, not one per call
 
 
+def test_the_retry_time_crosses_to_the_frontend() -> None:
+    """A refusal that may be retried keeps its wait across the engine link (the frontend's edge puts it in the
+    status as RetryInfo); a class's own default (ReplicaBehind) too; an error without one stays without."""
+    assert _crossed(errors.Overloaded("queue full", retry_after=0.1)).retry_after == 0.1
+    assert _crossed(errors.ReplicaBehind("rolling update")).retry_after == errors.RETRY_LATER
+    assert _crossed(errors.InvalidInput("bad")).retry_after is None
+
+
+def test_a_refused_streamed_request_says_when_to_send_it_again() -> None:
+    from service.api.gen.inference import grpc_service_pb2 as pb
+    from service.api.kserve.servicer import KServeServicer
+
+    request = pb.ModelInferRequest(model_name="charlm", id="r1")
+    later = KServeServicer._stream_error(request, "queue full", "RESOURCE_EXHAUSTED", 0.1).infer_response
+    assert later.parameters["seqserve_retry_after_ms"].int64_param == 100
+    never = KServeServicer._stream_error(request, "bad", "INVALID_ARGUMENT").infer_response
+    assert "seqserve_retry_after_ms" not in never.parameters and never.id == "r1"
+
+
 def test_anything_else_is_an_engine_error() -> None:
     back = _crossed(RuntimeError("secret internals"))
     assert isinstance(back, EngineError) and "secret" not in str(back)

@@ -324,3 +324,46 @@ def test_only_admin_principals_change_the_log_settings(
             stub.LogSettings(pb.LogSettingsRequest(), timeout=30)  # no key: nothing, not even a read
         assert info.value.code() == Code.UNAUTHENTICATED
         assert stub.LogSettings(change, metadata=alice, timeout=30).settings["log_verbose_level"].uint32_param == 1
+
+
+def test_a_refusal_that_may_be_retried_says_when_and_the_client_can_wait_for_it(
+    start_server: Callable[..., ServerHandle],
+) -> None:
+    """A rate-limited call was refused before anything ran: its status carries google.rpc.RetryInfo with the
+    bucket's own wait (any gRPC client can read it), and Client(retries=N) sends it again after that wait. A
+    refusal that waiting cannot fix (a bad request) carries none and is not retried."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from service.api.gen.seqserve.v1 import sentiment_pb2, sentiment_pb2_grpc
+
+    handle = start_server(api_keys=KEYS, quota_requests_per_second=4, quota_request_burst=1)
+    auth = (("authorization", f"Bearer {ALICE}"),)
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = sentiment_pb2_grpc.SentimentStub(channel)
+        request = sentiment_pb2.ClassifyRequest(texts=["a fine film"])
+        time.sleep(0.3)  # a full bucket (one token)
+        stub.Classify(request, metadata=auth, timeout=30)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Classify(request, metadata=auth, timeout=30)
+        status = rpc_status.from_call(refused.value)  # type: ignore[arg-type]
+        assert status is not None
+        delays = []
+        for detail in status.details:
+            retry = error_details_pb2.RetryInfo()
+            if detail.Unpack(retry):
+                delays.append(retry.retry_delay.ToTimedelta().total_seconds())
+        assert len(delays) == 1 and 0.0 < delays[0] <= 0.25  # one token per 1/4 s
+    time.sleep(0.3)
+    with Client(handle.target, api_key=ALICE) as once, Client(handle.target, api_key=ALICE, retries=3) as patient:
+        once.classify(["one"])
+        err = failure(lambda: once.classify(["two"]))
+        assert err.reason == "QUOTA_EXCEEDED" and err.retry_after is not None and 0 < err.retry_after <= 0.25
+        started = time.monotonic()
+        for text in ("three", "four", "five"):  # each waits for its token instead of failing
+            assert patient.classify([text])[0].label in ("negative", "positive")
+        assert time.monotonic() - started >= 2 * 0.25 * 0.8
+        bad = failure(lambda: patient.classify([""]))
+        assert bad.code == Code.INVALID_ARGUMENT and bad.retry_after is None
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        Client(handle.target, retries=-1)
