@@ -144,6 +144,12 @@ class Metrics:
         self.rpc_in_flight = Gauge(
             "seqserve_rpc_in_flight", "RPCs started and not yet finished.", ("service", "method"), registry=r
         )
+        self.engine_calls_waiting = Gauge(
+            "seqserve_frontend_engine_calls_waiting",
+            "Calls the frontends sent to the engine and wait for (--workers N; each frontend refuses new ones past "
+            "max_queue_size). A backlog here with short model queues (seqserve_queue_depth) is the engine's loop.",
+            registry=r,
+        )
         self.rpc_stream_requests = Counter(
             "seqserve_rpc_stream_requests",
             "Requests answered one by one inside a stream (KServe ModelStreamInfer) by the status each got; a refusal "

@@ -77,6 +77,10 @@ class RemoteDataPlane:
         self._closing = False
         self._hook_tasks: set[asyncio.Future[None]] = set()
 
+    def waiting(self) -> int:
+        """Calls sent to the engine and not answered yet (``max_pending`` bounds those not admitted)."""
+        return len(self._pending)
+
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
         transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self), self.path)

@@ -28,7 +28,8 @@ Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
 def _rpc_families(metrics: Metrics) -> dict[str, object]:
     return {"seqserve_rpc_requests": metrics.rpc_requests, "seqserve_rpc_duration_seconds": metrics.rpc_duration,
             "seqserve_rpc_in_flight": metrics.rpc_in_flight,
-            "seqserve_rpc_stream_requests": metrics.rpc_stream_requests}  # fmt: skip
+            "seqserve_rpc_stream_requests": metrics.rpc_stream_requests,
+            "seqserve_frontend_engine_calls_waiting": metrics.engine_calls_waiting}  # fmt: skip
 
 
 class FrontendRpcCollector(Collector):

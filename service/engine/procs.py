@@ -90,10 +90,15 @@ async def _frontend(settings: Settings, index: int, socket_path: str, token: str
     from service.metrics import Metrics
 
     parent = os.getppid()
+    metrics, plane = (
+        Metrics(runtime_collectors=False),
+        RemoteDataPlane(socket_path, max_pending=settings.max_queue_size),
+    )
+    metrics.engine_calls_waiting.set_function(plane.waiting)  # read at each scrape: nothing per call
     server = Server(
         settings,
-        Metrics(runtime_collectors=False),
-        plane=RemoteDataPlane(socket_path, max_pending=settings.max_queue_size),
+        metrics,
+        plane=plane,
         own_port=settings.frontend_ports,
         metrics_token=token,
         share_port=index > 0,  # the first frontend's port, by design
