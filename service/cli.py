@@ -114,6 +114,7 @@ def _client(args: argparse.Namespace) -> Client:
         args.target,
         api_key=args.api_key,
         timeout=args.timeout,
+        retries=args.retries,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -221,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--target", default=os.environ.get("SEQSERVE_TARGET", "127.0.0.1:50051"), help="host:port")
         c.add_argument("--api-key", default=os.environ.get("SEQSERVE_API_KEY"), help="sent as Bearer token")
         c.add_argument("--timeout", type=real(0, above=True), default=60.0, help="deadline per call in seconds")
+        c.add_argument(
+            "--retries",
+            type=count(0, 100),
+            default=0,
+            help="send a call the server refused before running it (busy, rate quota) again after the wait it "
+            "names, up to N times within --timeout",
+        )
         env = os.environ.get
         c.add_argument("--tls", action="store_true", help="TLS with the system's CA roots (implied by --tls-*)")
         c.add_argument("--tls-ca", default=env("SEQSERVE_TLS_CA"), help="PEM CA that signed the server's certificate")

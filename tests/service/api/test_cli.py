@@ -214,6 +214,7 @@ def test_a_setting_out_of_range_is_one_line_naming_its_flag_and_variable(
         (["forecast", "--csv", "h.csv", "--rows", "0"], "argument --rows: must be >= 1, got 0"),
         (["forecast", "--csv", "h.csv", "--columns", "a,"], "argument --columns: expected comma-separated"),
         (["classify", "--timeout", "-1", "x"], "argument --timeout: must be > 0, got -1"),
+        (["classify", "--retries", "-1", "x"], "argument --retries: must be in [0, 100], got -1"),
         (["complete", "x", "--max-chars", "0"], "argument --max-chars: must be in [1, 2147483647], got 0"),
         # beyond the protobuf field: was protobuf's bare "Value out of range: 3000000000", naming no option
         (["complete", "x", "--max-chars", "3000000000"], "argument --max-chars: must be in [1, 2147483647]"),

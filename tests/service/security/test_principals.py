@@ -367,3 +367,10 @@ def test_a_refusal_that_may_be_retried_says_when_and_the_client_can_wait_for_it(
         assert bad.code == Code.INVALID_ARGUMENT and bad.retry_after is None
     with pytest.raises(ValueError, match="retries must be >= 0"):
         Client(handle.target, retries=-1)
+    from service.cli import main
+
+    time.sleep(0.3)
+    classify = ["classify", "--target", handle.target, "--api-key", ALICE, "a fine film"]
+    assert main(classify) == 0
+    assert main(classify) == 1  # refused: the bucket is empty
+    assert main([*classify, "--retries", "3"]) == 0  # waits for its token
