@@ -20,13 +20,18 @@ from service.core.sessions.export import Exported, unseal
 from service.core.tasks import TASKS
 from service.core.tasks.base import needs
 from service.core.types import ModelRef
-from service.errors import FailedPrecondition, ReplicaBehind, echo, session_ref
+from service.errors import FailedPrecondition, ModelUnavailable, ReplicaBehind, echo, session_ref
 from service.settings import Settings
 
 
 def pinned(registry: ModelRegistry, s: SessionState) -> ModelEntry:
     """The loaded model a session belongs to: the same version and the same weights, else a clear error."""
     entry = registry.get(s.model, s.version)
+    if entry is None and (skipped := registry.skipped(s.model)):
+        raise ModelUnavailable(
+            f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version}, which is not loaded: "
+            f"{skipped}"
+        )
     here = registry.behind(s.model, s.version) if entry is None else ""
     if here:
         raise ReplicaBehind(
@@ -121,6 +126,10 @@ def importable(
             f"the session blob holds a session of model {x.model}, not of {echo(model)}; send it to {x.model}"
         )
     entry = registry.get(x.model, x.version)
+    if entry is None and (skipped := registry.skipped(x.model)):
+        raise ModelUnavailable(
+            f"the session blob holds a session of model {x.model} version {x.version}, which is not loaded: {skipped}"
+        )
     here = registry.behind(x.model, x.version) if entry is None else ""
     if here:
         raise ReplicaBehind(

@@ -283,6 +283,16 @@ class ModelRegistry:
         self._entries.clear()
         self._by_name.clear()
 
+    def skipped(self, name: str) -> str:
+        """Why ``name``, which the repository has, is not loaded: left out of ``load_models`` (and not loaded
+        since), as the end of a message; "" otherwise."""
+        if self._chosen is None or name in self._chosen or name not in self._on_disk or self._versions_of(name):
+            return ""
+        return (
+            f"this server loads {sorted(self._chosen)} (load_models); load it with RepositoryModelLoad, or start "
+            "the server with it in SEQSERVE_LOAD_MODELS"
+        )
+
     def behind(self, name: str, version: int) -> str:
         """Why ``name`` ``version`` is one this process has yet to serve while another may (a release newer than
         this one, mid rolling update): never served here, not unloaded on request, and newer than every version of
@@ -290,6 +300,8 @@ class ModelRegistry:
         mine = self._versions_of(name)
         if (name, version) in self._served or name in self._unloaded or any(e.version >= version for e in mine):
             return ""
+        if self.skipped(name):
+            return ""  # not a rolling update: this server was told not to load it
         return f"it serves versions {[e.version for e in mine]}" if mine else f"it serves no model {echo(name)}"
 
     def _versions_of(self, name: str) -> list[ModelEntry]:
@@ -311,11 +323,8 @@ class ModelRegistry:
                 )
             if ref.name in self._unloaded:
                 raise ModelUnavailable(f"model {echo(ref.name)} was unloaded; load it again (RepositoryModelLoad)")
-            if self._chosen is not None and ref.name in self._on_disk:
-                raise ModelUnavailable(
-                    f"model {echo(ref.name)} is not loaded: this server loads {sorted(self._chosen)} (load_models); "
-                    "load it with RepositoryModelLoad, or start the server with it in SEQSERVE_LOAD_MODELS"
-                )
+            if skipped := self.skipped(ref.name):
+                raise ModelUnavailable(f"model {echo(ref.name)} is not loaded: {skipped}")
             names = sorted({e.name for e in self._entries.values()})
             raise ModelNotFound(f"model {echo(ref.name)} is not in the repository; available models: {names}")
         if ref.version is None:
@@ -460,7 +469,7 @@ class ModelRegistry:
         """Triton's unload_model: every version stops taking requests, drains, and is freed."""
         async with self._lock:
             mine = [e for e in self._entries.values() if e.name == name]
-            if not mine and name not in self._unloaded:
+            if not mine and name not in self._unloaded and not self.skipped(name):
                 raise ModelNotFound(f"model {echo(name)} is not loaded")
             self._unloaded.add(name)
             for entry in mine:

@@ -3,6 +3,8 @@ one session are serialized (no lost steps), and forks evolve independently."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 
@@ -12,6 +14,7 @@ import pytest
 
 from service.client import ApiError, Client, SuggestEvent
 from service.core.types import Suggestion
+from tests.conftest import ServerHandle
 
 TEXT = "To be, or not to be: that is the question."
 
@@ -105,3 +108,35 @@ def test_suggest_once_takes_a_timeout(client: Client) -> None:
     """Like every other client call (it went into SuggestEvent and raised TypeError)."""
     with client.session("charlm") as s:
         assert client.suggest_once(s.id, "abc", timeout=30, n=2, max_chars=1).steps == 3
+
+
+def test_a_session_of_a_model_left_out_of_load_models_says_how_to_load_it(
+    start_server: Callable[..., ServerHandle],
+) -> None:
+    """A blob of a model this server was told not to load (load_models) is not a rolling update: UNAVAILABLE
+    naming the setting and RepositoryModelLoad, with no retry time (waiting would not help); unloading such a
+    model is a no-op, as Triton's unload of a model it never loaded; once loaded on request the blob imports."""
+    from service.api.gen.inference import grpc_service_pb2 as kpb
+    from service.api.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+
+    key = "k" * 32
+    everything, subset = (
+        start_server(session_signing_key=key),
+        start_server(session_signing_key=key, load_models=["charlm"]),
+    )
+    with Client(everything.target) as a, Client(subset.target, retries=3) as b:
+        s = a.create_session("forecaster")
+        blob = a.export_session(s.id)
+        started = time.monotonic()
+        with pytest.raises(ApiError) as info:
+            b.import_session(blob)
+        assert time.monotonic() - started < 0.9  # refused at once, not retried
+        err = info.value
+        assert err.code == grpc.StatusCode.UNAVAILABLE and err.retry_after is None, err.message
+        assert "the session blob holds a session of model forecaster version 1, which is not loaded: this server " \
+               "loads ['charlm'] (load_models); load it with RepositoryModelLoad" in err.message  # fmt: skip
+        with grpc.insecure_channel(subset.target) as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            stub.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="forecaster"), timeout=30)
+            stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="forecaster"), timeout=60)
+        assert b.import_session(blob).model == "forecaster"
