@@ -10,7 +10,8 @@ through a ``ContextVar`` the error interceptor sets.
 
 What is written can change while the server runs (Triton's logging extension, ``LogSettings``): each severity on
 or off on its own, verbose (DEBUG) records from ``log_verbose_level`` 1, and the format. ``current`` and
-``update`` read and change this process's settings; the engine passes a change on to every frontend.
+``update`` read and change this process's settings; the engine passes a change on to every frontend. Each change
+is written to the ``seqserve.audit`` logger, which no setting silences.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from service.settings import Settings
 # (request id, method) of the RPC being served; ("-", "") outside any.
 CALL: ContextVar[tuple[str, str]] = ContextVar("seqserve_call", default=("-", ""))
 ACCESS_LOGGER = "seqserve.access"
+# Changes of the log settings are written whatever the settings say (a change must not hide itself or the next).
+AUDIT_LOGGER = "seqserve.audit"
+audit = logging.getLogger(AUDIT_LOGGER)
+audit.setLevel(logging.INFO)  # its own level: the root's, which follows the switches, does not silence it
 FIELDS = ("request_id", "method", "model", "code", "duration_ms", "principal")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -100,6 +105,8 @@ class _Switches(logging.Filter):
         return logging.CRITICAL + 1
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == AUDIT_LOGGER:
+            return True
         level = record.levelno
         if level >= logging.ERROR:
             return self.error

@@ -209,8 +209,8 @@ class CoreDataPlane:
         self._check_admin("change the log settings")
         valid = logs.check(changes)
         now = logs.update(valid)
-        log.warning("log settings changed by %s: %s", principal() or "the anonymous principal",
-                    ", ".join(f"{k}={v}" for k, v in sorted(valid.items())))  # fmt: skip
+        logs.audit.warning("log settings changed by %s: %s", principal() or "the anonymous principal",
+                           ", ".join(f"{k}={v}" for k, v in sorted(valid.items())))  # fmt: skip
         for listener in self._log_listeners:
             await listener(now)
         return now

@@ -72,6 +72,15 @@ def test_the_start_up_log_level_reads_as_switches(
     assert logging.getLogger().level == logging.getLevelName(level)
 
 
+def test_a_change_leaves_the_settings_it_does_not_name_as_they_are(log_state: Callable[[str], io.StringIO]) -> None:
+    log_state("INFO")
+    logs.update({"log_warning": False, "log_format": "json"})
+    assert logs.update({"log_verbose_level": 3}) == {
+        **DEFAULTS, "log_warning": False, "log_format": "json", "log_verbose_level": 3
+    }  # fmt: skip
+    assert logs.update({}) == logs.current()
+
+
 def test_the_format_changes_while_running(log_state: Callable[[str], io.StringIO]) -> None:
     out = log_state("INFO")
     logs.update({"log_format": "json"})
@@ -155,8 +164,8 @@ def test_log_settings_over_grpc(
         assert "logging" in stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=30).extensions
         assert stub.ModelReady(pb.ModelReadyRequest(name="sentiment"), timeout=30).ready
     audit = [line for line in _lines(out) if "log settings changed" in line]
-    # Written after the change, as a warning: the second change turned warnings off, so only the first shows.
-    assert len(audit) == 1
-    assert audit[0].startswith(
-        "service.core.dataplane: log settings changed by the anonymous principal: log_verbose_level=1 ["
-    )
+    # Each change is written, the one that turned warnings off too: no setting silences the audit lines.
+    assert [line.split(" [request")[0] for line in audit] == [
+        "seqserve.audit: log settings changed by the anonymous principal: log_verbose_level=1",
+        "seqserve.audit: log settings changed by the anonymous principal: log_format=text, log_warning=False",
+    ]
