@@ -51,6 +51,9 @@ T = TypeVar("T")
 Table = Iterable[Sequence[float]] | npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]]
 
 
+MAX_RETRY_WAIT = 60.0  # seconds: a call with no deadline waits at most this long for one retry
+
+
 class ApiError(Exception):
     """A failed RPC: ``code`` (grpc.StatusCode), ``message``, ``reason`` (ErrorInfo, e.g. MODEL_NOT_FOUND), the
     server's ``request_id`` (also in its log) and ``retry_after``: seconds after which the same request may
@@ -160,7 +163,8 @@ class Client:
 
         ``retries``: how many times a unary call is sent again when the server refused it before anything ran and
         said when to retry (``ApiError.retry_after``: a full queue, the rate quota, a model loading, a replica
-        behind in a rolling update), after that wait and within the call's deadline. Refusals without a retry
+        behind in a rolling update), after that wait and within the call's deadline (without one, a wait over
+        ``MAX_RETRY_WAIT`` is not waited for). Refusals without a retry
         time (a bad request, a full session quota) are raised at once, as are streaming calls' refusals."""
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -204,6 +208,7 @@ class Client:
             wait = error.retry_after
             if (
                 wait is None
+                or wait > MAX_RETRY_WAIT
                 or attempt == self.retries
                 or (deadline is not None and time.monotonic() + wait >= deadline)
             ):

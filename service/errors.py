@@ -42,7 +42,7 @@ def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
 
 
 RETRY_SOON = 0.1  # seconds: a full queue or budget, which drains within milliseconds to a few batches
-RETRY_LATER = 1.0  # seconds: a model loading, a replica behind in a rolling update, the session store away
+RETRY_LATER = 1.0  # seconds: a model loading, a replica behind in a rolling update
 
 
 class SeqServeError(Exception):
@@ -94,9 +94,8 @@ class DeadlineExceeded(SeqServeError):
 
 
 class StoreUnavailable(SeqServeError):
-    """The session store (Redis) does not answer; calls that need no session still work (gRPC UNAVAILABLE)."""
-
-    retry_after = RETRY_LATER
+    """The session store (Redis) does not answer; calls that need no session still work (gRPC UNAVAILABLE). No
+    retry time: it may fail a step's write after the model ran, when sending the step again would not be safe."""
 
 
 class ReplicaBehind(SeqServeError):

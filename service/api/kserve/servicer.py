@@ -217,10 +217,13 @@ async def _within(call: Awaitable[T], seconds: float) -> T:
     """``call``'s answer, or DeadlineExceeded once ``seconds`` (the request's ``timeout``) have passed: the call is
     cancelled then, as by a gRPC deadline (a sequence step may or may not have been applied: the next answer's
     ``seqserve_steps`` says)."""
+    limit = asyncio.timeout(seconds)
     try:
-        async with asyncio.timeout(seconds):
+        async with limit:
             return await call
     except TimeoutError:
+        if not limit.expired():
+            raise  # the call's own TimeoutError, not this limit's
         raise DeadlineExceeded(
             f"not answered within the request's timeout parameter ({seconds * 1e6:.0f} microseconds); the server "
             "is busy or the limit is too short for this request: retry later or with a longer timeout"

@@ -270,11 +270,13 @@ def test_an_api_error_pickles_and_copies(client: Client) -> None:
 
     with pytest.raises(ApiError) as info:
         client.classify(["a fine film"], model="nosuch")
-    for again in (pickle.loads(pickle.dumps(info.value)), copy.copy(info.value)):
-        assert isinstance(again, ApiError) and str(again) == str(info.value)
-        assert (again.code, again.message, again.reason, again.request_id) == (
-            info.value.code, info.value.message, info.value.reason, info.value.request_id,
-        )  # fmt: skip
+    retryable = ApiError(Code.RESOURCE_EXHAUSTED, "queue full", "OVERLOADED", "r1", retry_after=0.1)
+    for error in (info.value, retryable):
+        for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+            assert isinstance(again, ApiError) and str(again) == str(error)
+            assert (again.code, again.message, again.reason, again.request_id, again.retry_after) == (
+                error.code, error.message, error.reason, error.request_id, error.retry_after,
+            )  # fmt: skip
 
 
 def test_suggest_once_is_counted_ok_by_the_server(server: ServerHandle, client: Client) -> None:

@@ -12,7 +12,7 @@ import pytest
 from service.core.batching import StepInput
 from service.core.dataplane import CoreDataPlane
 from service.core.types import ModelRef, SamplingParams
-from service.errors import ModelUnavailable, Overloaded
+from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
 from tests.service.core.conftest import MakeDP, recorded
 
 LM = ModelRef("charlm")
@@ -85,6 +85,7 @@ async def test_full_queue_is_refused(make_dp: MakeDP) -> None:
     assert not isinstance(results[0], Exception) and not isinstance(results[1], Exception)
     assert isinstance(results[2], Overloaded)
     assert "max_queue_size=2" in str(results[2])
+    assert results[2].retry_after == RETRY_SOON  # refused before it ran: the status says when to send it again
 
 
 async def test_requests_of_different_lengths_do_not_merge(make_dp: MakeDP) -> None:

@@ -231,8 +231,10 @@ async def test_session_keeps_its_version_and_fails_when_it_is_removed(repo: Path
         await dp.char_step(ModelRef("charlm", 2), "e", session_id=old.id)
     shutil.rmtree(repo / "charlm" / "1")
     await dp.registry.sync()
-    with pytest.raises(FailedPrecondition, match="pinned to model charlm version 1, which is no longer loaded"):
+    with pytest.raises(FailedPrecondition, match="pinned to model charlm version 1, which is no longer loaded") as gone:
         await dp.suggest(old.id, "e")
+    assert session_ref(old.id) in gone.value.message and old.id not in gone.value.message
+    assert gone.value.retry_after is None  # the version is gone: waiting does not bring it back
     with pytest.raises(ModelNotFound):
         await dp.char_step(ModelRef("charlm", 1), "e")
 

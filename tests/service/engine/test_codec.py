@@ -204,8 +204,9 @@ async def test_a_frontend_refuses_the_call_past_max_queue_size_but_never_an_admi
         waiting = [asyncio.create_task(plane.get_session(f"s{i}")) for i in range(2)]
         await asyncio.sleep(0.05)
         assert not any(t.done() for t in waiting)
-        with pytest.raises(errors.Overloaded, match="max_queue_size=2"):
+        with pytest.raises(errors.Overloaded, match="max_queue_size=2") as refused:
             await asyncio.wait_for(plane.get_session("third"), 2)
+        assert refused.value.retry_after == errors.RETRY_SOON
 
         async def admitted_step() -> object:
             mark_admitted()

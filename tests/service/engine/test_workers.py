@@ -328,6 +328,11 @@ def test_an_admitted_stream_is_never_refused_by_the_frontends_queue(tiny_models:
             with pytest.raises(ApiError) as full:  # a call it has not admitted is refused: the queue is full
                 c.get_session(a)
             assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_size=2" in full.value.message
+            assert full.value.retry_after == 0.1  # refused before it ran: the status says when to try again
+            kserve = pb_grpc.GRPCInferenceServiceStub(c._channel)  # the same connection: the same frontend
+            (refused,) = list(kserve.ModelStreamInfer(iter([_step("a", "new-seq", start=True)]), timeout=30))
+            assert refused.infer_response.parameters["seqserve_error_code"].string_param == "RESOURCE_EXHAUSTED"
+            assert refused.infer_response.parameters["seqserve_retry_after_ms"].int64_param == 100
             assert not done.is_set(), "the Complete ended before the stream's step: nothing was tested"
             events.put(SuggestEvent(" or no"))
             assert next(answers).steps == 11
@@ -366,6 +371,7 @@ def test_principals_cross_frontends(tiny_models: Path, tmp_path: Path) -> None:
         SEQSERVE_WORKERS="2",
         SEQSERVE_FRONTEND_PORTS="true",
         SEQSERVE_API_KEYS="alice:key-alice-0123456789abcdef,bob:key-bob-0123456789abcdef0",
+        SEQSERVE_ADMIN_PRINCIPALS="alice",
     )
     try:
         one, two = _frontends(dict(info))
@@ -380,6 +386,14 @@ def test_principals_cross_frontends(tiny_models: Path, tmp_path: Path) -> None:
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
             later = s2.ModelInfer(_step(", or", "7"), metadata=alice, timeout=30)
             assert later.parameters["seqserve_steps"].int64_param == 9
+            # The engine checks who changes the log settings: the frontend passes the caller on with the call.
+            change = pb.LogSettingsRequest()
+            change.settings["log_verbose_level"].uint32_param = 0
+            with pytest.raises(grpc.RpcError) as err:
+                s1.LogSettings(change, metadata=bob, timeout=30)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "principal 'bob' may not change the log settings" in str(err.value.details())
+            assert s2.LogSettings(change, metadata=alice, timeout=30).settings["log_verbose_level"].uint32_param == 0
         with Client(one, api_key="key-alice-0123456789abcdef", timeout=30) as a:
             sid = a.create_session("charlm").id
         with Client(two, api_key="key-bob-0123456789abcdef0", timeout=30) as b, pytest.raises(ApiError) as denied:

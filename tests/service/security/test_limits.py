@@ -24,7 +24,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.gen.seqserve.v1 import common_pb2, sentiment_pb2
 from service.api.memory import ByteBudget
-from service.errors import InvalidInput, Overloaded
+from service.errors import RETRY_SOON, InvalidInput, Overloaded
 from tests.conftest import ServerHandle
 from tests.service.security.conftest import KSERVE
 
@@ -214,6 +214,7 @@ def test_byte_budget_bounds_what_runs_and_waits() -> None:
                     order.append(f"-{name}")
             except Overloaded as exc:
                 assert "max_large_bytes_in_flight" in exc.message
+                assert exc.retry_after == RETRY_SOON  # refused before it ran: it may be sent again soon
                 order.append(f"refused {name}")
 
         tasks = [asyncio.create_task(use("a", 60, 0.05))]

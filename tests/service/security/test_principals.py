@@ -232,6 +232,7 @@ def test_eviction_takes_the_callers_own_sessions_first(start_server: Callable[..
         err = failure(lambda: bob.get_session(b1.id))
         assert err.code == Code.NOT_FOUND and err.reason == "SESSION_EVICTED"
         assert "evicted" in err.message and "max_sessions" in err.message
+        assert session_ref(b1.id) in err.message and b1.id not in err.message
         # A caller with nothing to give, in a full store: the least recently used session of all goes (bob's
         # b2), and only its owner hears that it was evicted.
         alice.delete_session(kept.id)
@@ -365,6 +366,12 @@ def test_a_refusal_that_may_be_retried_says_when_and_the_client_can_wait_for_it(
         assert time.monotonic() - started >= 2 * 0.25 * 0.8
         bad = failure(lambda: patient.classify([""]))
         assert bad.code == Code.INVALID_ARGUMENT and bad.retry_after is None
+    time.sleep(0.3)
+    with Client(handle.target, api_key=ALICE, retries=5, timeout=0.1) as hurried:
+        hurried.classify(["one"])
+        started = time.monotonic()
+        late = failure(lambda: hurried.classify(["two"]))  # its token comes after its deadline: no wait, no retry
+        assert late.reason == "QUOTA_EXCEEDED" and time.monotonic() - started < 0.1
     with pytest.raises(ValueError, match="retries must be >= 0"):
         Client(handle.target, retries=-1)
     from service.cli import main
