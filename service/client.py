@@ -164,8 +164,8 @@ class Client:
         ``retries``: how many times a unary call is sent again when the server refused it before anything ran and
         said when to retry (``ApiError.retry_after``: a full queue, the rate quota, a model loading, a replica
         behind in a rolling update), after that wait and within the call's deadline (without one, a wait over
-        ``MAX_RETRY_WAIT`` is not waited for). Refusals without a retry
-        time (a bad request, a full session quota) are raised at once, as are streaming calls' refusals."""
+        ``MAX_RETRY_WAIT`` is not waited for). Refusals without a retry time (a bad request, a full session
+        quota) are raised at once, as are streaming calls' refusals."""
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         self.retries = retries
