@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.core.sessions import InMemorySessionStore, SessionManager, SessionState
-from service.errors import InvalidInput, Overloaded, SessionEvicted, SessionNotFound
+from service.errors import RETRY_LATER, InvalidInput, ModelUnavailable, Overloaded, SessionEvicted, SessionNotFound
 from tests.service.core.conftest import RecordingMetrics, core_settings
 
 
@@ -159,3 +159,34 @@ async def test_a_waiter_cancelled_just_after_its_turn_came_passes_the_lease_on()
     await asyncio.wait_for(nxt.__aenter__(), 1.0)
     await nxt.__aexit__(None, None, None)
     assert not store.leased("s")
+
+
+async def test_a_full_store_says_when_a_retry_may_fit(tmp_path: Path) -> None:
+    """Full, and its only session in use: the create is refused before anything ran, and may fit once that call
+    ends (a retry time, RetryInfo at the edge). Full under the reject policy: only a delete or an expiry makes
+    room, so no retry time."""
+    m = manager(tmp_path, max_sessions=1, session_full_policy="evict_lru")
+    await m.add(state("a"))
+    async with m.use("a"):
+        with pytest.raises(Overloaded, match="every session is in use") as busy:
+            await m.add(state("b"))
+    assert busy.value.retry_after == RETRY_LATER
+    strict = manager(tmp_path, max_sessions=1, session_full_policy="reject")
+    await strict.add(state("a"))
+    with pytest.raises(Overloaded, match="delete sessions you no longer need") as full:
+        await strict.add(state("b"))
+    assert full.value.retry_after is None
+
+
+async def test_a_model_still_loading_says_when_to_come_back(tmp_path: Path) -> None:
+    """RepositoryModelLoad of a model not loaded yet: calls naming it are refused with a retry time meanwhile."""
+    from service.core.registry import ModelRegistry
+    from service.core.types import ModelRef
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    registry = ModelRegistry(Settings(models=tmp_path), Metrics(runtime_collectors=False))
+    registry._loading.add("late")  # what load_model() holds while it loads "late"
+    with pytest.raises(ModelUnavailable, match="is loading") as loading:
+        registry.find(ModelRef("late"))
+    assert loading.value.retry_after == RETRY_LATER
