@@ -197,3 +197,24 @@ def test_mid_rolling_update_an_old_replica_says_retry_for_a_newer_version(
     with pytest.raises(ApiError) as e:
         c_new.suggest_once(s.id, "e", n=1, max_chars=1)
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no longer loaded" in e.value.message
+
+
+def test_a_replica_told_not_to_load_a_model_says_so_for_its_shared_sessions(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    """A replica started with load_models leaves a model out: a shared session of that model reaching it is not a
+    rolling update (no REPLICA_BEHIND, no retry time) but UNAVAILABLE naming the setting and RepositoryModelLoad;
+    the replica that serves the model goes on with the session untouched."""
+    full = start_replica(redis_server.url)
+    subset = start_replica(redis_server.url, load_models=["sentiment"])
+    with Client(full.target) as a, Client(subset.target, retries=3) as b:
+        s = a.create_session("charlm")
+        a.suggest_once(s.id, "abc", n=1, max_chars=1)
+        with pytest.raises(ApiError) as e:
+            b.suggest_once(s.id, "d", n=1, max_chars=1)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.reason == "MODEL_UNAVAILABLE"
+        assert e.value.retry_after is None
+        assert "is pinned to model charlm version 1, which is not loaded: this server loads ['sentiment']" in (
+            e.value.message
+        )
+        assert a.suggest_once(s.id, "d", n=1, max_chars=1).steps == 4
