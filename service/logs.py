@@ -72,6 +72,7 @@ SETTING_TYPES: dict[str, type] = {
     "log_format": str,
 }
 FORMATS = ("text", "json")
+FORMAT_ALIASES = {"default": "text"}  # Triton's name of its default format (tools that reset settings send it)
 MAX_VERBOSE_LEVEL = 2**32 - 1  # a uint32 on the wire
 LogSettings = dict[str, bool | int | str]
 _PARAMS = {bool: "a bool (bool_param)", int: "an unsigned integer (uint32_param)", str: "a string (string_param)"}
@@ -143,8 +144,13 @@ def check(changes: Mapping[str, object]) -> LogSettings:
                 "log_file must be empty: seqserve writes its logs to standard error, for the container runtime "
                 "or the process supervisor to collect"
             )
-        if key == "log_format" and value not in FORMATS:
-            raise InvalidInput(f"log_format must be one of {', '.join(FORMATS)}, got {echo(str(value))}")
+        if key == "log_format":
+            value = FORMAT_ALIASES.get(str(value), value)
+            if value not in FORMATS:
+                raise InvalidInput(
+                    f"log_format must be one of {', '.join(FORMATS)} (or Triton's default, which is text), got "
+                    f"{echo(str(value))}"
+                )
         if key == "log_verbose_level" and isinstance(value, int) and not 0 <= value <= MAX_VERBOSE_LEVEL:
             raise InvalidInput(f"log_verbose_level must be between 0 and {MAX_VERBOSE_LEVEL}, got {value}")
         out[key] = cast(bool | int | str, value)

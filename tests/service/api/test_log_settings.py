@@ -81,6 +81,13 @@ def test_a_change_leaves_the_settings_it_does_not_name_as_they_are(log_state: Ca
     assert logs.update({}) == logs.current()
 
 
+def test_tritons_default_format_is_text(log_state: Callable[[str], io.StringIO]) -> None:
+    """Triton's tools reset the settings with log_format "default": here that is the text format."""
+    log_state("INFO", "json")
+    reset = {"log_info": True, "log_warning": True, "log_error": True, "log_verbose_level": 0, "log_format": "default"}
+    assert logs.update(reset) == DEFAULTS
+
+
 def test_the_format_changes_while_running(log_state: Callable[[str], io.StringIO]) -> None:
     out = log_state("INFO")
     logs.update({"log_format": "json"})
@@ -100,7 +107,7 @@ def test_the_format_changes_while_running(log_state: Callable[[str], io.StringIO
         ({"log_verbose_level": True}, "takes an unsigned integer (uint32_param), got a bool (bool_param)"),
         ({"log_format": False}, "'log_format' takes a string (string_param), got a bool (bool_param)"),
         ({"log_verbose_level": -1}, "log_verbose_level must be between 0 and 4294967295, got -1"),
-        ({"log_format": "ISO8601"}, "log_format must be one of text, json, got 'ISO8601'"),
+        ({"log_format": "ISO8601"}, "log_format must be one of text, json (or Triton's default, which is text), got"),
         ({"log_file": "/var/log/seqserve.log"}, "log_file must be empty: seqserve writes its logs to standard error"),
         ({"x" * 300: True}, "unknown log setting 'xxxxxxxxxxxxxxx"),
         ({"log\nfile": True}, "unknown log setting 'log\\nfile'"),
