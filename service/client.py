@@ -199,7 +199,8 @@ class Client:
     def _unary(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
         limit = self._timeout(timeout)
         deadline = None if limit is None else time.monotonic() + limit
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             left = None if deadline is None else deadline - time.monotonic()
             try:
                 return method(request, timeout=left, metadata=self._metadata)
@@ -214,7 +215,7 @@ class Client:
             ):
                 raise error from None
             time.sleep(wait)
-        raise AssertionError("unreachable")  # (the last attempt returns or raises)
+            attempt += 1
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

@@ -296,12 +296,11 @@ class ModelRegistry:
     def behind(self, name: str, version: int) -> str:
         """Why ``name`` ``version`` is one this process has yet to serve while another may (a release newer than
         this one, mid rolling update): never served here, not unloaded on request, and newer than every version of
-        ``name`` here. "" when none of that holds (then it was served here and withdrawn, or is an old one)."""
+        ``name`` here. "" when none of that holds (then it was served here and withdrawn, or is an old one).
+        Callers ask ``skipped`` first: a model left out of ``load_models`` is no rolling update."""
         mine = self._versions_of(name)
         if (name, version) in self._served or name in self._unloaded or any(e.version >= version for e in mine):
             return ""
-        if self.skipped(name):
-            return ""  # not a rolling update: this server was told not to load it
         return f"it serves versions {[e.version for e in mine]}" if mine else f"it serves no model {echo(name)}"
 
     def _versions_of(self, name: str) -> list[ModelEntry]:

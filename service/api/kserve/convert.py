@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from service.api.gen.inference import grpc_service_pb2 as pb
@@ -115,12 +116,17 @@ def log_settings_from_pb(request: pb.LogSettingsRequest) -> dict[str, Any]:
 
 def log_settings_to_pb(settings: dict[str, bool | int | str]) -> pb.LogSettingsResponse:
     response = pb.LogSettingsResponse()
+    fill_log_settings(response.settings, settings)
+    return response
+
+
+def fill_log_settings(slots: Any, settings: Mapping[str, bool | int | str]) -> None:
+    """Each value into its key's ``SettingValue`` oneof (a request's or a response's: the same fields)."""
     for key, value in settings.items():
-        slot = response.settings[key]
+        slot = slots[key]
         if isinstance(value, bool):
             slot.bool_param = value
         elif isinstance(value, int):
             slot.uint32_param = value
         else:
             slot.string_param = value
-    return response

@@ -18,6 +18,7 @@ from grpc import StatusCode as Code
 from service import logs
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve.convert import fill_log_settings
 from service.errors import InvalidInput
 from tests.conftest import ServerHandle
 
@@ -128,14 +129,9 @@ def test_a_bad_change_is_refused_whole(
 # --- through the server --------------------------------------------------------------------------------------
 def _request(**values: bool | int | str | None) -> pb.LogSettingsRequest:
     r = pb.LogSettingsRequest()
-    for key, value in values.items():
-        slot = r.settings[key]
-        if isinstance(value, bool):
-            slot.bool_param = value
-        elif isinstance(value, int):
-            slot.uint32_param = value
-        elif isinstance(value, str):
-            slot.string_param = value  # None: the key with no value
+    fill_log_settings(r.settings, {k: v for k, v in values.items() if v is not None})
+    for key in [k for k, v in values.items() if v is None]:
+        r.settings.get_or_create(key)  # the key with no value
     return r
 
 
