@@ -71,8 +71,9 @@ SETTING_TYPES: dict[str, type] = {
     "log_verbose_level": int,
     "log_format": str,
 }
-FORMATS = ("text", "json")
-FORMAT_ALIASES = {"default": "text"}  # Triton's name of its default format (tools that reset settings send it)
+FORMATS = ("text", "json", "iso8601")
+# Triton's names: its default format (tools that reset settings send it), and its ISO 8601 one
+FORMAT_ALIASES = {"default": "text", "ISO8601": "iso8601"}
 MAX_VERBOSE_LEVEL = 2**32 - 1  # a uint32 on the wire
 LogSettings = dict[str, bool | int | str]
 _PARAMS = {bool: "a bool (bool_param)", int: "an unsigned integer (uint32_param)", str: "a string (string_param)"}
@@ -148,7 +149,7 @@ def check(changes: Mapping[str, object]) -> LogSettings:
             value = FORMAT_ALIASES.get(str(value), value)
             if value not in FORMATS:
                 raise InvalidInput(
-                    f"log_format must be one of {', '.join(FORMATS)} (or Triton's default, which is text), got "
+                    f"log_format must be one of {', '.join(FORMATS)} (or Triton's default and ISO8601), got "
                     f"{echo(str(value))}"
                 )
         if key == "log_verbose_level" and isinstance(value, int) and not 0 <= value <= MAX_VERBOSE_LEVEL:
@@ -174,7 +175,12 @@ def update(changes: Mapping[str, object]) -> LogSettings:
 
 
 def _formatter(name: str) -> logging.Formatter:
-    return JsonFormatter() if name == "json" else TextFormatter()
+    return JsonFormatter() if name == "json" else TextFormatter(iso8601=name == "iso8601")
+
+
+def iso_time(created: float, msecs: float) -> str:
+    """A record's time in ISO 8601, UTC, to the millisecond: ``2026-12-03T15:56:28.123Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(msecs):03d}Z"
 
 
 def summary(settings: Settings, workers: int) -> str:
@@ -199,8 +205,16 @@ def summary(settings: Settings, workers: int) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
+    """``iso8601``: the time as ISO 8601 in UTC (Triton's ``ISO8601`` format) instead of local ``asctime``."""
+
+    def __init__(self, iso8601: bool = False) -> None:
         super().__init__("%(asctime)s %(levelname)s %(process_prefix)s%(name)s: %(message)s")
+        self.iso8601 = iso8601
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if self.iso8601:
+            return iso_time(record.created, record.msecs)
+        return super().formatTime(record, datefmt)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape(record.message)
@@ -224,7 +238,7 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": iso_time(record.created, record.msecs),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

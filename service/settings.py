@@ -184,9 +184,9 @@ class Settings(BaseSettings):
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["text", "json"] = "text"
-    """text: one escaped line per record; json: one JSON object per line with request_id, method, model, code
-    and duration_ms where known."""
+    log_format: Literal["text", "json", "iso8601"] = "text"
+    """text: one escaped line per record; iso8601: the same with ISO 8601 UTC times (Triton's ``ISO8601``);
+    json: one JSON object per line with request_id, method, model, code and duration_ms where known."""
     access_log: bool = False
     """Log one line per finished RPC (logger ``seqserve.access``, INFO)."""
     log_errors_per_second: float = Field(default=20.0, ge=0, le=1e6)

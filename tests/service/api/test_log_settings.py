@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Callable
 
 import grpc
@@ -100,6 +101,21 @@ def test_the_format_changes_while_running(log_state: Callable[[str], io.StringIO
     assert second.endswith("INFO service.test: as text")
 
 
+def test_tritons_iso8601_format_writes_utc_times_to_the_millisecond(log_state: Callable[[str], io.StringIO]) -> None:
+    """Triton's ISO8601 format: the text lines, each starting with its time in ISO 8601, UTC."""
+    out = log_state("INFO")
+    assert logs.update({"log_format": "ISO8601"})["log_format"] == "iso8601"
+    record = logging.LogRecord("service.test", logging.WARNING, __file__, 1, "in ISO\n8601", (), None)
+    record.created, record.msecs = 1_796_313_388.0, 123.0  # 2026-12-03 15:56:28.123 UTC
+    logging.getLogger("service.test").handle(record)
+    logs.update({"log_format": "default"})
+    logging.getLogger("service.test").info("back to text")
+    iso, text = out.getvalue().splitlines()
+    assert iso == "2026-12-03T15:56:28.123Z WARNING service.test: in ISO\\n8601"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO service.test: back to text", text)
+    assert logs.update({"log_format": "iso8601"})["log_format"] == "iso8601"  # (SEQSERVE_LOG_FORMAT's spelling)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -108,7 +124,11 @@ def test_the_format_changes_while_running(log_state: Callable[[str], io.StringIO
         ({"log_verbose_level": True}, "takes an unsigned integer (uint32_param), got a bool (bool_param)"),
         ({"log_format": False}, "'log_format' takes a string (string_param), got a bool (bool_param)"),
         ({"log_verbose_level": -1}, "log_verbose_level must be between 0 and 4294967295, got -1"),
-        ({"log_format": "ISO8601"}, "log_format must be one of text, json (or Triton's default, which is text), got"),
+        (
+            {"log_format": "xml"},
+            "log_format must be one of text, json, iso8601 (or Triton's default and ISO8601), got 'xml'",
+        ),
+        ({"log_format": "iso-8601"}, "log_format must be one of text, json, iso8601"),
         ({"log_file": "/var/log/seqserve.log"}, "log_file must be empty: seqserve writes its logs to standard error"),
         ({"x" * 300: True}, "unknown log setting 'xxxxxxxxxxxxxxx"),
         ({"log\nfile": True}, "unknown log setting 'log\\nfile'"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -252,13 +253,15 @@ def test_the_summary_hides_the_store_password_and_lines_name_their_process(
     line = summary(Settings(session_store="redis://app:hunter2-0123@h:6379/0", api_keys="a:key-0123456789abcdef"), 3)
     assert "redis://app:***@h:6379/0" in line and "hunter2" not in line and "3 frontends + the engine" in line
     assert "auth API keys" in line and "key-0123456789abcdef" not in line
-    for fmt in ("text", "json"):
+    for fmt in ("text", "json", "iso8601"):
         out = server_log(fmt)
         record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", (), None)
         record.processName = "seqserve-frontend-2"
         logging.getLogger("x").handle(record)
         written = out.getvalue().strip().splitlines()[-1]
-        if fmt == "text":
+        if fmt == "iso8601":  # (SEQSERVE_LOG_FORMAT=iso8601: the text line, its time in ISO 8601 UTC)
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO \[frontend-2\] x: hello", written)
+        elif fmt == "text":
             assert "INFO [frontend-2] x: hello" in written
         else:
             assert json.loads(written)["process"] == "frontend-2"
