@@ -1,7 +1,7 @@
 """``seqserve``: run the server, or call it.
 
-    seqserve serve [--host H] [--port P] [--metrics-port M] [--models DIR] [--device auto|cpu|cuda] [--workers N]
-                   [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE] [--ready-file F]
+    seqserve serve [--host H] [--port P] [--metrics-port M] [--http-port R] [--models DIR] [--device auto|cpu|cuda]
+                   [--workers N] [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE] [--ready-file F]
     seqserve classify "a fine film" "a dull one"
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
     seqserve forecast --csv ETTh1.csv [--rows 96] [--plot forecast.png]
@@ -45,7 +45,7 @@ log = logging.getLogger("seqserve")
 SERVE_FLAGS = {
     "host": "--host", "port": "--port", "metrics_port": "--metrics-port", "models": "--models", "device": "--device",
     "watch_models_seconds": "--watch-models", "workers": "--workers", "plugins": "--plugin",
-    "load_models": "--load-model",
+    "load_models": "--load-model", "http_port": "--http-port",
 }  # fmt: skip
 SECRET_WORDS = ("key", "secret", "password", "token")  # a setting named so never has its value printed
 
@@ -55,10 +55,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**{k: v for k, v in flags.items() if v is not None})  # env < flags (a flag not given is None)
 
 
-def _write_ready_file(path: Path, grpc_port: int, metrics_port: int | None) -> None:
+def _write_ready_file(path: Path, grpc_port: int, metrics_port: int | None, http_port: int | None = None) -> None:
     """Atomically (write + rename), so a reader polling for the file never sees half of it."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port}), encoding="utf-8")
+    info: dict[str, int | None] = {"grpc_port": grpc_port, "metrics_port": metrics_port}
+    if http_port is not None:  # (the KServe REST port, when one is served)
+        info["http_port"] = http_port
+    tmp.write_text(json.dumps(info), encoding="utf-8")
     tmp.replace(path)
 
 
@@ -79,7 +82,7 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
     log.info("%s", summary(settings, 1))
     log.info("serving gRPC on %s:%d, metrics on %s:%s", settings.host, server.port, settings.host, server.metrics_port)
     if ready_file is not None:
-        _write_ready_file(ready_file, server.port, server.metrics_port)
+        _write_ready_file(ready_file, server.port, server.metrics_port, server.http_port)
     await stop.wait()
     log.info("signal received: draining (grace %.1fs)", settings.grace_seconds)
     await server.stop(settings.grace_seconds)
@@ -179,13 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--metrics-port", type=int, help="HTTP metrics port, 0 = free (env SEQSERVE_METRICS_PORT; default 8002)"
     )
+    s.add_argument(
+        "--http-port", type=int, help="KServe v2 REST port, 0 = free (env SEQSERVE_HTTP_PORT; default: no REST)"
+    )
     s.add_argument("--models", type=Path, help="model repository (env SEQSERVE_MODELS; default models)")
     s.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         help="execution device (env SEQSERVE_DEVICE; default auto: CUDA when available)",
     )
-    s.add_argument("--ready-file", type=Path, help='write {"grpc_port":..,"metrics_port":..} here once serving')
+    s.add_argument(
+        "--ready-file", type=Path, help='write {"grpc_port":..,"metrics_port":..[,"http_port":..]} here once serving'
+    )
     s.add_argument(
         "--watch-models",
         type=float,

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     """gRPC port (our API, KServe v2, health, reflection). 0 picks a free port."""
     metrics_port: int = Field(default=8002, ge=0, le=65535)
     """HTTP port for /metrics, /healthz and /readyz. 0 picks a free port."""
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    """KServe v2 REST (HTTP/JSON, Triton's binary tensor extension) on this port, a gateway to the gRPC port
+    (``service.api.rest``); unset (default) = no REST. 0 picks a free port. Not with TLS (yet)."""
     api_key: str | None = None
     """When set, every RPC except health and reflection must send ``authorization: Bearer <api_key>``; its
     principal is named ``default``."""
@@ -197,6 +200,11 @@ class Settings(BaseSettings):
     """The metrics port closes a connection that sends nothing for this long (a half-sent request included)."""
     metrics_max_connections: int = Field(default=64, ge=1)
     """Connections the metrics port serves at once; more are closed at once."""
+    http_idle_timeout_seconds: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
+    """The REST port closes a connection that sends nothing for this long; a request gets at most three of these
+    from its first byte to its answer."""
+    http_max_connections: int = Field(default=64, ge=1)
+    """Connections the REST port serves at once; more are closed at once."""
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
@@ -204,6 +212,11 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: set both (SEQSERVE_TLS_CERT, SEQSERVE_TLS_KEY)")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key: the server must speak TLS first")
+        if self.http_port is not None and self.tls_cert is not None:
+            raise ValueError(
+                "http_port (KServe REST) does not speak TLS yet: with tls_cert, leave SEQSERVE_HTTP_PORT unset and "
+                "use gRPC, or terminate TLS in front of a plaintext server"
+            )
         return self
 
     @model_validator(mode="after")

@@ -43,13 +43,16 @@ class _Server(ThreadingHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
-        metrics: Metrics,
+        metrics: Metrics | None,
         is_ready: Callable[[], bool],
         ssl_context: ssl.SSLContext | None = None,
         idle_timeout: float = 10.0,
         max_connections: int = 64,
         token: str | None = None,
+        handler: type[BaseHTTPRequestHandler] | None = None,
     ) -> None:
+        """``handler``: the request handler class (default: /metrics, /healthz, /readyz; the REST gateway
+        brings its own)."""
         self.token = token
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.metrics = metrics
@@ -60,7 +63,7 @@ class _Server(ThreadingHTTPServer):
         self._deadlines: dict[socket.socket, float] = {}  # live connection -> when its current request must end
         self._lock = threading.Lock()
         self._watchdog_stop = threading.Event()
-        super().__init__(address, _Handler)
+        super().__init__(address, handler or _Handler)
         self._watchdog = threading.Thread(target=self._watch, name="metrics-http-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -166,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
             # text/plain 0.0.4 by default; OpenMetrics when the scraper asks for it (Accept header).
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             try:
-                body = encoder(self.server.metrics.registry)
+                body = encoder(self.server.metrics.registry)  # type: ignore[union-attr]  # (set for this handler)
             except Exception:  # a broken collector must not kill the endpoint; say so and log the cause
                 log.exception("collecting metrics failed")
                 self._send(500, b"collecting metrics failed\n", "text/plain; charset=utf-8", head)

@@ -71,6 +71,8 @@ class Server:
         self._clock = clock  # the sessions' wall clock; tests inject one that moves when they say
         self.port = 0  # bound gRPC port, set by start()
         self.metrics_port: int | None = None  # bound HTTP port, None when the HTTP server is not available
+        self.http_port: int | None = None  # bound KServe REST port (settings.http_port), None without one
+        self._rest: Any = None
         self.services: list[str] = []  # full names of the registered services (ours + plug-ins)
         self._dataplane: CoreDataPlane | None = None
         self._remote = plane
@@ -122,6 +124,8 @@ class Server:
             check_free(s.host, s.port, "--port or SEQSERVE_PORT")
         if s.metrics_port and self._remote is None:  # (before the gRPC port listens: fail before serving anything)
             check_free(s.host, s.metrics_port, "--metrics-port or SEQSERVE_METRICS_PORT")
+        if s.http_port and self._remote is None:
+            check_free(s.host, s.http_port, "--http-port or SEQSERVE_HTTP_PORT")
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(address)
@@ -139,6 +143,9 @@ class Server:
         await server.start()
         self._grpc = server
         self._start_http()
+        if s.http_port is not None and self._remote is None:  # (with --workers N the engine runs it)
+            self._rest = start_rest(s, self.port)
+            self.http_port = self._rest.bound_port
         log.info("gRPC listening on %s:%d (%d services%s)", s.host, self.port, len(self.services),
                  ", TLS" + (" + client certificates" if s.tls_client_ca else "") if credentials else "")  # fmt: skip
         if self._remote is not None:
@@ -228,12 +235,35 @@ class Server:
         if self._http is not None:
             self._http.stop()
             self._http = None
+        if self._rest is not None:  # (after gRPC's grace: REST calls in flight drain with the rest)
+            self._rest.stop()
+            self._rest = None
         self._stopped.set()
         log.info("stopped")
 
     async def wait(self) -> None:
         """Returns once ``stop()`` has finished."""
         await self._stopped.wait()
+
+
+def start_rest(settings: Settings, grpc_port: int) -> Any:
+    """The KServe REST gateway on ``settings.http_port``, forwarding to the gRPC port ``grpc_port`` of this
+    server over loopback; started (``RestGateway``)."""
+    from service.api.rest import RestGateway
+
+    host = settings.host
+    loopback = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    target = f"[{loopback}]:{grpc_port}" if ":" in loopback else f"{loopback}:{grpc_port}"
+    gateway = RestGateway(
+        host,
+        settings.http_port or 0,
+        target,
+        max_body_bytes=settings.max_message_bytes,
+        idle_timeout=settings.http_idle_timeout_seconds,
+        max_connections=settings.http_max_connections,
+    )
+    gateway.start()
+    return gateway
 
 
 def check_free(host: str, port: int, setting: str) -> None:

@@ -131,7 +131,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     from service.api import tls
     from service.api.http import MetricsHttpServer
     from service.api.principals import load_keys
-    from service.api.server import check_free
+    from service.api.server import check_free, start_rest
     from service.core.dataplane import CoreDataPlane
     from service.engine.metrics import serve_frontend_rpc_metrics
     from service.engine.server import EngineServer
@@ -147,6 +147,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     engine = EngineServer(dataplane, socket_path)
     frontends: list[Frontend] = []
     http: MetricsHttpServer | None = None
+    rest: Any = None
     code = 0
     try:
         await engine.start()
@@ -169,11 +170,15 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         metrics_port = http.start()
         if settings.port:  # (the first frontend would only say so in its log)
             check_free(settings.host, settings.port, "--port or SEQSERVE_PORT")
+        if settings.http_port:
+            check_free(settings.host, settings.http_port, "--http-port or SEQSERVE_HTTP_PORT")
         token = secrets.token_urlsafe(32)  # the frontends' private /metrics answer the engine only
         first = await _spawn(settings, 0, settings.port, socket_path, token)
         frontends.append(first)
         frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
         serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
+        if settings.http_port is not None:  # KServe REST: one gateway here, to the frontends' shared gRPC port
+            rest = start_rest(settings, first.port)
         metrics.processes.processes = lambda: [
             ("engine", os.getpid()),
             *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),
@@ -188,6 +193,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
                 "workers": n,
                 "engine_pid": os.getpid(),
             }
+            if rest is not None:
+                info["http_port"] = rest.bound_port
             info["frontend_pids"] = [f.process.pid for f in frontends]
             info["frontend_ports"] = [f.own_port for f in frontends]
             info["frontend_metrics_ports"] = [f.metrics_port for f in frontends]  # private: the engine's token
@@ -204,6 +211,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         log.info("draining %d frontends (grace %.1fs)", len(frontends), settings.grace_seconds)
     finally:
         await _stop_frontends(frontends, settings.grace_seconds + 10)
+        if rest is not None:  # (after the frontends: REST calls in flight drain with theirs)
+            rest.stop()
         if http is not None:
             http.stop()
         await engine.stop()

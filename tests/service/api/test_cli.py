@@ -354,6 +354,26 @@ def test_workers_1_serves_everything_in_one_process(tiny_models: Path, tmp_path:
         assert p.terminate() == 0
 
 
+def test_http_port_serves_kserve_rest_and_names_it_in_the_ready_file(tiny_models: Path, tmp_path: Path) -> None:
+    """``serve --http-port 0``: a free port for KServe v2 REST, in the ready file; SIGTERM still exits 0."""
+    import json
+    import urllib.request
+
+    p = ServeProcess(tiny_models, tmp_path, "--workers", "1", "--http-port", "0")
+    try:
+        port = p.ports["http_port"]
+        assert set(p.ports) == {"grpc_port", "metrics_port", "http_port"} and port not in (p.ports["grpc_port"], 0)
+        body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a fine film"]}]}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/models/sentiment/infer", json.dumps(body).encode()
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert json.loads(r.read())["outputs"][0]["data"][0] in ("positive", "negative")
+        assert "KServe v2 REST on 127.0.0.1:" in p.log()
+    finally:
+        assert p.terminate() == 0
+
+
 def test_sigterm_lets_a_running_stream_finish_in_one_process(tiny_models: Path, tmp_path: Path) -> None:
     """--workers 1: SIGTERM drains (SEQSERVE_GRACE_SECONDS): a Complete already streaming gets all its characters
     and its finish reason, then the process exits 0."""

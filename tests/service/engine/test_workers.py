@@ -37,7 +37,11 @@ TEXT = ["To be, ", "or not", " to be", ": that is ", "the question"]
 def servers(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, object], int]]:
     """(ready file of a --workers 2 server, gRPC port of a single-process server over the same models)."""
     multi, multi_info = start_server(
-        tiny_models, tmp_path_factory.mktemp("workers"), SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true"
+        tiny_models,
+        tmp_path_factory.mktemp("workers"),
+        SEQSERVE_WORKERS="2",
+        SEQSERVE_FRONTEND_PORTS="true",
+        SEQSERVE_HTTP_PORT="0",
     )
     single, single_info = start_server(tiny_models, tmp_path_factory.mktemp("single"), SEQSERVE_WORKERS="1")
     try:
@@ -127,6 +131,35 @@ def test_sessions_alternating_frontends_match_one_process(servers: tuple[dict[st
 def test_sequences_alternating_frontends_match_one_process(servers: tuple[dict[str, object], int]) -> None:
     info, single = servers
     _sequences_match(_frontends(info), single)
+
+
+def test_kserve_rest_reaches_the_engine_through_the_frontends(servers: tuple[dict[str, object], int]) -> None:
+    """With --workers 2 the engine runs the REST gateway, forwarding to the frontends' shared port: a sequence
+    stepped through REST gives what a single process gives, and REST requests are counted by the frontends."""
+    info, single = servers
+    port = info["http_port"]
+    assert isinstance(port, int) and port not in (info["grpc_port"], info["metrics_port"])
+
+    def post(piece: str, seq: str, i: int) -> np.ndarray:
+        params = {"sequence_id": seq, "sequence_start": i == 0, "sequence_end": i == len(TEXT) - 1}
+        body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": [piece]}], "parameters": params}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/charlm/infer", json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=30) as r:
+            outputs = {o["name"]: o for o in json.loads(r.read())["outputs"]}
+        return np.asarray(outputs["NEXT_CHAR_PROBS"]["data"], dtype=np.float32)
+
+    def served() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        pattern = r'seqserve_rpc_requests_total\{code="OK",method="ModelInfer",model="charlm"[^}]*\} ([0-9.e+]+)'
+        found = re.search(pattern, text)
+        return float(found.group(1)) if found else 0.0
+
+    before = served()
+    through_rest = [post(piece, "rest-1", i) for i, piece in enumerate(TEXT)]
+    assert served() - before == len(TEXT)  # each one ModelInfer call on a frontend
+    for a, b in zip(through_rest, _sequence_run([f"127.0.0.1:{single}"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> None:

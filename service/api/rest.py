@@ -1,0 +1,657 @@
+"""KServe v2 REST (HTTP/JSON) on a port of its own, as Triton and KServe serve it beside gRPC: ``curl`` and
+``tritonclient.http`` work (JSON tensors and Triton's binary tensor extension).
+
+A gateway, as grpc-gateway and Envoy's JSON transcoder are: each HTTP request becomes the one KServe gRPC call
+it means, sent to this server's own gRPC port over loopback, and the answer (or the gRPC status) comes back as
+JSON. So a REST call gets exactly what a gRPC call gets: the same API-key check, quotas, limits, validation,
+sessions and sequences (a sequence may mix REST and gRPC requests), and the same metrics. The caller's
+``Authorization`` and ``x-request-id`` headers go along; the answer carries ``X-Request-Id``. A status maps to
+HTTP as Google's API guide and grpc-gateway map it (INVALID_ARGUMENT 400, UNAUTHENTICATED 401, NOT_FOUND 404,
+RESOURCE_EXHAUSTED 429 with ``Retry-After`` when the refusal says when, UNAVAILABLE 503, ...), with the body
+``{"error": "<the message>"}`` that tritonclient reads.
+
+It runs on the connection-limited HTTP server of ``service.api.http`` (a thread per connection, at most
+``http_max_connections``, a request may take at most three idle timeouts from its first byte to its answer).
+gRPC stays the fast path: REST costs one more hop per request. ModelStreamInfer has no REST form (Triton's
+neither). TLS is not offered on this port yet: terminate it in front (an ingress), or use gRPC.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import re
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import unquote
+
+import grpc
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.http import REQUEST_SECONDS_PER_IDLE, _Server
+from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_bytes
+from service.errors import echo
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
+REST_ONLY = ("binary_data", "binary_data_size", "binary_data_output")  # parameters the gRPC call does not carry
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
+# google.rpc.Code -> HTTP (https://cloud.google.com/apis/design/errors#handling_errors, as grpc-gateway maps it)
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+_MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z]+))?")
+_REPOSITORY_MODEL = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
+
+
+Reply = tuple[int, bytes, dict[str, str]]  # HTTP status, body, headers
+
+
+class HttpError(Exception):
+    """A request refused by the gateway itself, before any gRPC call: HTTP status and what to fix."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# --- JSON <-> protobuf -----------------------------------------------------------------------------------------
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's REST JSON: its proto field names, every field (zeros too), 64-bit integers
+    as numbers (protobuf's own JSON writes them as strings), enums by name, bytes in base64."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        one: Any = field
+        singular_message = one.type == FieldDescriptor.TYPE_MESSAGE and not one.is_repeated
+        if (one.containing_oneof is not None or singular_message) and not message.HasField(one.name):
+            continue
+        value = getattr(message, one.name)
+        if one.is_repeated and one.message_type is not None and one.message_type.GetOptions().map_entry:
+            value_field = one.message_type.fields_by_name["value"]
+            out[one.name] = {key: _scalar(value_field, v) for key, v in value.items()}
+        elif one.is_repeated:
+            out[one.name] = [_scalar(one, v) for v in value]
+        else:
+            out[one.name] = _scalar(one, value)
+    return out
+
+
+def _scalar(field: Any, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_json(value)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        known = field.enum_type.values_by_number.get(value)
+        return known.name if known is not None else value
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def parameter_value(param: Any) -> Any:
+    """An InferParameter / SettingValue / ModelRepositoryParameter as its JSON value (None when unset)."""
+    which = param.WhichOneof("parameter_choice")
+    if which is None:
+        return None
+    value = getattr(param, which)
+    return base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
+
+
+def fill_parameters(target: Any, params: object, where: str, skip: tuple[str, ...] = REST_ONLY) -> None:
+    """JSON ``parameters`` (an object of bool, integer, number or string values) into a protobuf parameter map:
+    bool -> bool_param, integer -> int64_param (uint64_param above int64), number -> double_param, string ->
+    string_param."""
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise HttpError(400, f"{where}: parameters must be a JSON object, got {_kind(params)}")
+    for key, value in params.items():
+        if key in skip:
+            continue
+        slot = target[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            if not -INT64_MAX - 1 <= value <= UINT64_MAX:
+                raise HttpError(400, f"{where}: parameter {echo(key)} = {value} does not fit in 64 bits")
+            if value > INT64_MAX:
+                slot.uint64_param = value
+            else:
+                slot.int64_param = value
+        elif isinstance(value, float):
+            slot.double_param = value
+        elif isinstance(value, str):
+            slot.string_param = value
+        else:
+            raise HttpError(
+                400, f"{where}: parameter {echo(key)} must be a bool, a number or a string, got {_kind(value)}"
+            )
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "an array", type(None): "null", str: "a string", bool: "a bool"}.get(
+        type(value), "a number"
+    )
+
+
+def _flatten(data: Any) -> list[Any]:
+    """Nested JSON arrays, row-major, as one list (without recursion: nesting depth costs no stack)."""
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _json_elements(name: str, datatype: str, data: Any, count: int) -> bytes:
+    """An input's JSON ``data`` (flat or nested, row-major) as raw tensor bytes, every element checked."""
+    flat = _flatten(data)
+    if len(flat) != count:
+        raise HttpError(400, f"input {echo(name)}: data has {len(flat)} elements, its shape holds {count}")
+    if datatype == "BYTES":
+        if not all(isinstance(x, str) for x in flat):
+            raise HttpError(400, f"input {echo(name)}: BYTES data are JSON strings")
+        return serialize_bytes([x.encode("utf-8", "surrogatepass") for x in flat])
+    if datatype not in NUMERIC:
+        raise HttpError(
+            400,
+            f"input {echo(name)}: datatype {echo(datatype, 16)} has no JSON form here; use one of "
+            f"{', '.join([*NUMERIC, 'BYTES'])}",
+        )
+    dtype = NUMERIC[datatype][0]
+    if datatype == "BOOL":
+        ok = all(isinstance(x, bool) for x in flat)
+    elif dtype.kind == "f":
+        ok = all(isinstance(x, int | float) and not isinstance(x, bool) for x in flat)
+    else:
+        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in flat)
+    if not ok:
+        wanted = {"BOOL": "true or false"}.get(datatype, "numbers" if dtype.kind == "f" else "integers")
+        raise HttpError(400, f"input {echo(name)}: {datatype} data are JSON {wanted}")
+    try:
+        array = np.array(flat, dtype=dtype)
+    except (OverflowError, ValueError):
+        span = f" {np.iinfo(dtype).min}..{np.iinfo(dtype).max}" if dtype.kind in "iu" else ""
+        raise HttpError(400, f"input {echo(name)}: a value is outside {datatype}'s range{span}") from None
+    return array.tobytes()
+
+
+def _shape(name: str, shape: object) -> list[int]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise HttpError(400, f"input {echo(name)}: shape must be an array of integers")
+    if any(not 0 <= d <= INT64_MAX for d in shape):
+        raise HttpError(400, f"input {echo(name)}: shape {shape[:8]} has a negative or too large dimension")
+    return shape
+
+
+def infer_request(model: str, version: str, header: object, binary: bytes) -> tuple[pb.ModelInferRequest, bool]:
+    """A REST inference request (JSON header and the binary tail of Triton's extension) as the ModelInferRequest
+    it means, every input in ``raw_input_contents``; and whether outputs are wanted in binary by default."""
+    if not isinstance(header, dict):
+        raise HttpError(400, f"the inference request must be a JSON object, got {_kind(header)}")
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    if "id" in header:
+        if not isinstance(header["id"], str):
+            raise HttpError(400, f"id must be a string, got {_kind(header['id'])}")
+        request.id = header["id"]
+    params = header.get("parameters")
+    fill_parameters(request.parameters, params, "the request")
+    binary_default = isinstance(params, dict) and params.get("binary_data_output") is True
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise HttpError(400, "inputs must be a non-empty array of {name, shape, datatype, data} objects")
+    offset = 0
+    for i, item in enumerate(inputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise HttpError(400, f"inputs[{i}] must be an object with a string name")
+        name = item["name"]
+        datatype = item.get("datatype")
+        if not isinstance(datatype, str):
+            raise HttpError(400, f"input {echo(name)}: datatype must be a string (FP32, BYTES, ...)")
+        shape = _shape(name, item.get("shape"))
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        own = item.get("parameters")
+        fill_parameters(tensor.parameters, own, f"input {echo(name)}")
+        size = own.get("binary_data_size") if isinstance(own, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise HttpError(400, f"input {echo(name)}: binary_data_size must be a non-negative integer")
+            if "data" in item:
+                raise HttpError(400, f"input {echo(name)}: give data or binary_data_size, not both")
+            if offset + size > len(binary):
+                raise HttpError(
+                    400,
+                    f"input {echo(name)}: binary_data_size {size} passes the end of the binary data "
+                    f"({len(binary) - offset} bytes left after {HEADER_LENGTH})",
+                )
+            request.raw_input_contents.append(binary[offset : offset + size])
+            offset += size
+        elif "data" in item:
+            count = math.prod(shape)
+            request.raw_input_contents.append(_json_elements(name, datatype, item["data"], count))
+        else:
+            raise HttpError(400, f"input {echo(name)}: no data (give data, or binary_data_size with binary data)")
+    if offset != len(binary):
+        raise HttpError(400, f"{len(binary) - offset} bytes of binary data after the inputs' binary_data_size")
+    outputs = header.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise HttpError(400, "outputs must be an array of {name, parameters} objects")
+    for i, item in enumerate(outputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise HttpError(400, f"outputs[{i}] must be an object with a string name")
+        wanted = request.outputs.add(name=item["name"])
+        fill_parameters(wanted.parameters, item.get("parameters"), f"output {echo(item['name'])}")
+    return request, binary_default
+
+
+def _binary_wanted(header: dict[str, Any], name: str, default: bool) -> bool:
+    for item in header.get("outputs", []):
+        if item.get("name") == name and isinstance(item.get("parameters"), dict):
+            choice = item["parameters"].get("binary_data")
+            if isinstance(choice, bool):
+                return choice
+    return default
+
+
+def _output_raw(response: pb.ModelInferResponse, i: int) -> bytes:
+    if i < len(response.raw_output_contents):
+        return bytes(response.raw_output_contents[i])
+    t = response.outputs[i]
+    if t.datatype == "BYTES":
+        return serialize_bytes(list(t.contents.bytes_contents))
+    dtype, field = NUMERIC[t.datatype]
+    return np.array(getattr(t.contents, field), dtype=dtype).tobytes()
+
+
+def _output_data(datatype: str, name: str, raw: bytes, count: int) -> list[Any]:
+    if datatype == "BYTES":
+        return [b.decode("utf-8", "replace") for b in deserialize_bytes(name, raw, count)]
+    return list(np.frombuffer(raw, dtype=NUMERIC[datatype][0]).tolist())
+
+
+def infer_response(response: pb.ModelInferResponse, header: dict[str, Any], binary_default: bool) -> tuple[bytes, int]:
+    """The REST answer: JSON body (then the binary outputs' bytes) and the JSON part's length, for the
+    ``Inference-Header-Content-Length`` header when there is binary data."""
+    body: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        body["id"] = response.id
+    if response.parameters:
+        body["parameters"] = {k: parameter_value(v) for k, v in response.parameters.items()}
+    tail: list[bytes] = []
+    body["outputs"] = []
+    for i, t in enumerate(response.outputs):
+        out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        params = {k: parameter_value(v) for k, v in t.parameters.items()}
+        raw = _output_raw(response, i)
+        if _binary_wanted(header, t.name, binary_default):
+            params["binary_data_size"] = len(raw)
+            tail.append(raw)
+        else:
+            out["data"] = _output_data(t.datatype, t.name, raw, math.prod(t.shape))
+        if params:
+            out["parameters"] = params
+        body["outputs"].append(out)
+    head = json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
+    return head + b"".join(tail), len(head)
+
+
+# --- the gateway -------------------------------------------------------------------------------------------------
+
+
+class RestGateway:
+    """``start()`` binds ``host:port`` (0 = a free port) and serves on a daemon thread, forwarding to the gRPC
+    server at ``target``; returns the bound port. ``stop()`` shuts it down. Both are idempotent."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        target: str,
+        *,
+        max_body_bytes: int,
+        idle_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.host, self.port, self.target = host, port, target
+        self.max_body_bytes = max_body_bytes
+        self.idle_timeout, self.max_connections = idle_timeout, max_connections
+        self.call_timeout = REQUEST_SECONDS_PER_IDLE * idle_timeout  # the connection's own bound on a request
+        self._channel: grpc.Channel | None = None
+        self.stub: Any = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        if self._server is None:
+            limit = self.max_body_bytes + 1024 * 1024  # (the server, not the channel, refuses an over-large request)
+            options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", -1)]
+            self._channel = grpc.insecure_channel(self.target, options=options)
+            self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+            try:
+                server = _Server(
+                    (self.host, self.port), None, lambda: True, None, self.idle_timeout, self.max_connections,
+                    handler=_RestHandler,
+                )  # fmt: skip
+            except OSError as exc:
+                self._channel.close()
+                raise RuntimeError(
+                    f"cannot bind the REST port {self.host}:{self.port}: {exc.strerror or exc} (another process "
+                    "listens there? choose another port: --http-port or SEQSERVE_HTTP_PORT)"
+                ) from None
+            server.gateway = self  # type: ignore[attr-defined]
+            self._server = server
+            self._thread = threading.Thread(target=server.serve_forever, name="rest-http", daemon=True)
+            self._thread.start()
+            log.info("KServe v2 REST on %s:%d (to gRPC at %s)", self.host, self.bound_port, self.target)
+        return self.bound_port
+
+    @property
+    def bound_port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("RestGateway is not started")
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        server, thread, channel = self._server, self._thread, self._channel
+        self._server, self._thread, self._channel = None, None, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        if channel is not None:
+            channel.close()
+
+
+class _RestHandler(BaseHTTPRequestHandler):
+    server: _Server
+    _request_id: str | None = None  # the gRPC call's, for the X-Request-Id header
+    protocol_version = "HTTP/1.1"
+
+    def version_string(self) -> str:
+        return "seqserve"  # (not the stdlib's "BaseHTTP/0.6 Python/3.11.x")
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.server.restart_clock(self.request)
+            self.handle_one_request()
+
+    @property
+    def gateway(self) -> RestGateway:
+        return self.server.gateway  # type: ignore[attr-defined,no-any-return]
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_HEAD(self) -> None:
+        self._serve("HEAD")
+
+    def __getattr__(self, name: str) -> Any:
+        """Any other method (``do_PUT``, ``do_DELETE``, ...): 405 with the JSON error, not the stdlib's HTML 501."""
+        if not name.startswith("do_"):
+            raise AttributeError(name)
+        return self._other_method
+
+    def _other_method(self) -> None:
+        self._request_id = None
+        self.close_connection = True  # (its body, if any, is not read)
+        message = f"method {echo(self.command, 20)} is not served: the KServe v2 REST API takes GET, HEAD and POST"
+        self._send(405, _error(message), {"Allow": "GET, HEAD, POST"}, head=False)
+
+    def _serve(self, method: str) -> None:
+        self._request_id = None
+        try:
+            body = self._body()
+            status, payload, headers = self._route(method, self.path.split("?", 1)[0], body)
+        except HttpError as err:
+            status, payload, headers = err.status, _error(err.message), err.headers
+        except grpc.RpcError as err:
+            status, payload, headers = self._from_rpc(err)
+        except Exception:  # a bug here must not take the gateway down: say so, keep serving
+            log.exception("REST %s %s failed", method, echo(self.path, 200))
+            status, payload, headers = 500, _error("internal error in the REST gateway (logged)"), {}
+        self._send(status, payload, headers, head=method == "HEAD")
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
+            raise HttpError(411, "send the body with a Content-Length (chunked transfer is not accepted)")
+        text = self.headers.get("Content-Length", "0") or "0"
+        if not text.isdigit():
+            raise HttpError(400, f"Content-Length {echo(text, 40)} is not a number")
+        size, limit = int(text), self.gateway.max_body_bytes
+        if size > limit:
+            self.close_connection = True  # (the body is not read)
+            raise HttpError(
+                413, f"the request body has {size} bytes, the limit is {limit} (SEQSERVE_MAX_MESSAGE_BYTES)"
+            )
+        body = self.rfile.read(size) if size else b""
+        if len(body) != size:
+            self.close_connection = True
+            raise HttpError(400, f"the body ended after {len(body)} of its {size} bytes")
+        encoding = self.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding not in ("gzip", "deflate"):
+            raise HttpError(415, f"Content-Encoding {echo(encoding, 40)} is not accepted: send gzip, deflate or none")
+        inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            data = inflate.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise HttpError(400, f"the {encoding} body does not decompress: {exc}") from None
+        if len(data) > limit:
+            raise HttpError(413, f"the request body decompresses past the limit of {limit} bytes")
+        return data
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        sent = []
+        for header, key in (("Authorization", "authorization"), ("X-Request-Id", "x-request-id")):
+            value = self.headers.get(header)
+            if value is not None and value.isascii() and value.isprintable():
+                sent.append((key, value))
+        return tuple(sent)
+
+    def _call(self, rpc: str, request: Message) -> Any:
+        method = getattr(self.gateway.stub, rpc)
+        response, call = method.with_call(request, metadata=self._metadata(), timeout=self.gateway.call_timeout)
+        self._note_request_id(call.trailing_metadata())
+        return response
+
+    def _note_request_id(self, metadata: Any) -> None:
+        for key, value in metadata or ():
+            if key == "x-request-id":
+                self._request_id = str(value)
+
+    def _route(self, method: str, path: str, body: bytes) -> Reply:
+        get = method in ("GET", "HEAD")
+        if path in ("/v2", "/v2/") and get:
+            return _ok(message_json(self._call("ServerMetadata", pb.ServerMetadataRequest())))
+        if path == "/v2/health/live" and get:
+            return _flag(self._call("ServerLive", pb.ServerLiveRequest()).live)
+        if path == "/v2/health/ready" and get:
+            return _flag(self._call("ServerReady", pb.ServerReadyRequest()).ready)
+        if path == "/v2/models/stats" and get:
+            return _ok(message_json(self._call("ModelStatistics", pb.ModelStatisticsRequest())))
+        if path == "/v2/logging":
+            return self._logging(method, body)
+        if path == "/v2/repository/index" and method == "POST":
+            options = _json(body) if body else {}
+            ready = options.get("ready", False) if isinstance(options, dict) else None
+            if not isinstance(ready, bool):
+                raise HttpError(400, 'the body is {"ready": true|false} or empty')
+            index = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready))
+            return 200, json.dumps([message_json(m) for m in index.models]).encode(), {}
+        if m := _REPOSITORY_MODEL.fullmatch(path):
+            if method != "POST":
+                raise HttpError(405, f"{path} takes POST", {"Allow": "POST"})
+            return self._repository(unquote(m["name"]), m["action"], body)
+        if m := _MODEL.fullmatch(path):
+            return self._model(method, unquote(m["name"]), unquote(m["version"] or ""), m["action"], body)
+        if path.startswith("/v2/"):
+            raise HttpError(404, f"no such endpoint: {method} {echo(path, 200)} (KServe v2 REST: see docs/kserve.md)")
+        raise HttpError(404, f"not found: {echo(path, 200)}; the KServe v2 REST API is under /v2")
+
+    def _model(self, method: str, name: str, version: str, action: str | None, body: bytes) -> Reply:
+        get = method in ("GET", "HEAD")
+        if action == "infer":
+            if method != "POST":
+                raise HttpError(405, "infer takes POST", {"Allow": "POST"})
+            return self._infer(name, version, body)
+        if not get:
+            raise HttpError(405, f"{action or 'model metadata'} takes GET", {"Allow": "GET, HEAD"})
+        if action is None:
+            meta = self._call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version))
+            return _ok(message_json(meta))
+        if action == "ready":
+            return _flag(self._call("ModelReady", pb.ModelReadyRequest(name=name, version=version)).ready)
+        if action == "config":
+            return _ok(
+                message_json(self._call("ModelConfig", pb.ModelConfigRequest(name=name, version=version)).config)
+            )
+        if action == "stats":
+            stats = self._call("ModelStatistics", pb.ModelStatisticsRequest(name=name, version=version))
+            return _ok(message_json(stats))
+        raise HttpError(404, f"no such endpoint: {echo(action, 40)} (ready, config, stats, infer)")
+
+    def _infer(self, name: str, version: str, body: bytes) -> Reply:
+        length = self.headers.get(HEADER_LENGTH)
+        if length is None:
+            split = len(body)
+        elif length.isdigit() and int(length) <= len(body):
+            split = int(length)
+        else:
+            raise HttpError(
+                400, f"{HEADER_LENGTH} {echo(length, 40)} must be a number up to the body's {len(body)} bytes"
+            )
+        header = _json(body[:split])
+        request, binary_default = infer_request(name, version, header, body[split:])
+        response = self._call("ModelInfer", request)
+        payload, head = infer_response(response, header, binary_default)
+        headers = {HEADER_LENGTH: str(head)} if head != len(payload) else {}
+        return 200, payload, headers
+
+    def _repository(self, name: str, action: str, body: bytes) -> Reply:
+        options = _json(body) if body else {}
+        if not isinstance(options, dict):
+            raise HttpError(400, f"the body of {action} is a JSON object or empty")
+        if action == "unload":
+            request: Message = pb.RepositoryModelUnloadRequest(model_name=name)
+            self._call("RepositoryModelUnload", request)
+        else:
+            load = pb.RepositoryModelLoadRequest(model_name=name)
+            fill_parameters(load.parameters, options.get("parameters"), f"load {echo(name)}")
+            self._call("RepositoryModelLoad", load)
+        return 200, b"", {}
+
+    def _logging(self, method: str, body: bytes) -> Reply:
+        request = pb.LogSettingsRequest()
+        if method == "POST":
+            changes = _json(body)
+            if not isinstance(changes, dict):
+                raise HttpError(400, 'the body is a JSON object of log settings, e.g. {"log_verbose_level": 1}')
+            for key, value in changes.items():
+                slot = request.settings[key]
+                if isinstance(value, bool):
+                    slot.bool_param = value
+                elif isinstance(value, int) and 0 <= value < 2**32:
+                    slot.uint32_param = value
+                elif isinstance(value, str):
+                    slot.string_param = value
+                else:
+                    raise HttpError(
+                        400, f"log setting {echo(key)} takes a bool, an unsigned 32-bit integer or a string"
+                    )
+        elif method not in ("GET", "HEAD"):
+            raise HttpError(405, "/v2/logging takes GET or POST", {"Allow": "GET, HEAD, POST"})
+        settings = self._call("LogSettings", request).settings
+        return _ok({key: parameter_value(value) for key, value in settings.items()})
+
+    def _from_rpc(self, err: grpc.RpcError) -> Reply:
+        from service.client import ApiError
+
+        self._note_request_id(err.trailing_metadata())
+        error = ApiError.from_rpc_error(err)
+        headers: dict[str, str] = {}
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+        if error.code == grpc.StatusCode.UNAUTHENTICATED:
+            headers["WWW-Authenticate"] = 'Bearer realm="seqserve"'
+        return HTTP_STATUS.get(error.code, 500), _error(error.message), headers
+
+    def _send(self, status: int, payload: bytes, headers: dict[str, str], head: bool) -> None:
+        self.send_response(status)
+        binary = HEADER_LENGTH in headers
+        self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if self._request_id is not None:
+            self.send_header("X-Request-Id", self._request_id)
+        self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("rest %s - " + format, self.address_string(), *args)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HttpError(400, f"the body is not JSON: {echo(str(exc), 200)}") from None
+    except RecursionError:
+        raise HttpError(400, "the body is not JSON we read: its arrays or objects nest too deeply") from None
+
+
+def _ok(document: object) -> Reply:
+    return 200, json.dumps(document, separators=(",", ":")).encode(), {}
+
+
+def _flag(up: bool) -> Reply:
+    """Triton's health and readiness answers: 200 when true, otherwise 400 (tritonclient reads the status)."""
+    return (200 if up else 400), b"", {}
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()

@@ -1,0 +1,387 @@
+"""KServe v2 REST (``SEQSERVE_HTTP_PORT``): the stock ``tritonclient.http`` and raw HTTP against a real server.
+A REST call answers what the same gRPC call answers (it is that call, forwarded over loopback), a sequence may
+mix the two, and every bad request gets an HTTP status and ``{"error": ...}`` saying what to fix."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve.tensors import serialize_bytes
+from service.api.rest import message_json
+from service.settings import Settings
+from tests.conftest import ServerHandle
+
+TEXTS = ["a fine , moving film", "dull and far too long"]
+KEY = "rest-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def rest(tiny_models: Any) -> Any:
+    from tests.conftest import server_settings
+
+    handle = ServerHandle(server_settings(tiny_models, http_port=0, max_message_bytes=256 * 1024))
+    yield handle
+    handle.close()
+
+
+def url(handle: ServerHandle) -> str:
+    return f"127.0.0.1:{handle.server.http_port}"
+
+
+def http(
+    handle: ServerHandle, path: str, body: bytes | None = None, method: str | None = None, **headers: str
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one raw request."""
+    request = urllib.request.Request(f"http://{url(handle)}{path}", data=body, method=method)
+    for key, value in headers.items():
+        request.add_header(key.replace("_", "-"), value)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def error_of(reply: tuple[int, dict[str, str], bytes]) -> tuple[int, str]:
+    status, headers, body = reply
+    assert headers["Content-Type"] == "application/json"
+    return status, json.loads(body)["error"]
+
+
+def grpc_stub(handle: ServerHandle) -> Any:
+    return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(handle.target))
+
+
+def text_input(values: list[str], binary: bool = True) -> triton.InferInput:
+    t = triton.InferInput("TEXT", [len(values)], "BYTES")
+    t.set_data_from_numpy(np.array([v.encode() for v in values], dtype=object), binary_data=binary)
+    return t
+
+
+def grpc_sentiment(handle: ServerHandle, texts: list[str]) -> np.ndarray:
+    request = pb.ModelInferRequest(model_name="sentiment")
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
+    request.raw_input_contents.append(serialize_bytes([t.encode() for t in texts]))
+    response = grpc_stub(handle).ModelInfer(request, timeout=30)
+    index = [o.name for o in response.outputs].index("PROBABILITIES")
+    return np.frombuffer(response.raw_output_contents[index], dtype="<f4").reshape(len(texts), 2)
+
+
+# --- tritonclient.http ------------------------------------------------------------------------------------------
+
+
+def test_tritonclient_http_reads_health_metadata_config_and_statistics(rest: ServerHandle) -> None:
+    c = triton.InferenceServerClient(url(rest))
+    assert c.is_server_live() and c.is_server_ready()
+    assert c.is_model_ready("sentiment") and not c.is_model_ready("no-such-model")
+    meta = c.get_server_metadata()
+    assert meta["name"] == "seqserve" and {"sequence", "logging", "statistics"} <= set(meta["extensions"])
+    grpc_meta = grpc_stub(rest).ModelMetadata(pb.ModelMetadataRequest(name="forecaster"), timeout=30)
+    assert c.get_model_metadata("forecaster") == {
+        "name": "forecaster",
+        "versions": list(grpc_meta.versions),
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "HISTORY", "datatype": "FP32", "shape": [-1, 7]}],  # numbers, not protobuf's strings
+        "outputs": [
+            {"name": "FORECAST", "datatype": "FP32", "shape": [12, 7]},
+            {"name": "QUANTILES", "datatype": "FP32", "shape": [3, 12, 7]},
+        ],
+    }
+    config = c.get_model_config("charlm")
+    assert config["name"] == "charlm" and config["max_batch_size"] == 0  # zeros are written, as Triton does
+    assert {i["name"] for i in config["input"]} == {"TEXT", "NUM_CHARS"}
+    assert config["sequence_batching"]["max_sequence_idle_microseconds"] > 0
+    c.infer("sentiment", [text_input(TEXTS)])
+    stats = c.get_inference_statistics("sentiment")["model_stats"]
+    assert stats[0]["name"] == "sentiment" and stats[0]["inference_stats"]["success"]["count"] >= 1
+    assert isinstance(stats[0]["inference_stats"]["success"]["ns"], int)
+    index = c.get_model_repository_index()
+    assert {"name": "charlm", "version": "1", "state": "READY", "reason": ""} in index
+    with pytest.raises(InferenceServerException) as info:
+        c.get_model_metadata("no-such-model")
+    assert info.value.status() == "404" and "no-such-model" in info.value.message()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_http_infer_answers_what_grpc_answers(rest: ServerHandle, binary: bool) -> None:
+    """Binary tensors (tritonclient's default) and JSON tensors, in and out."""
+    c = triton.InferenceServerClient(url(rest))
+    outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("LABEL", "PROBABILITIES")]
+    result = c.infer("sentiment", [text_input(TEXTS, binary)], outputs=outputs, request_id="r-1")
+    np.testing.assert_array_equal(result.as_numpy("PROBABILITIES"), grpc_sentiment(rest, TEXTS))
+    labels = [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("LABEL")]
+    assert set(labels) <= {"positive", "negative"} and len(labels) == 2
+    response = result.get_response()
+    assert response["id"] == "r-1" and response["model_name"] == "sentiment"
+    sent = [o.get("parameters", {}).get("binary_data_size") is not None for o in response["outputs"]]
+    assert sent == [binary, binary]
+
+
+def test_tritonclient_http_classification_and_forecast(rest: ServerHandle) -> None:
+    c = triton.InferenceServerClient(url(rest))
+    ranked = c.infer(
+        "sentiment", [text_input(TEXTS)], outputs=[triton.InferRequestedOutput("PROBABILITIES", class_count=1)]
+    ).as_numpy("PROBABILITIES")
+    assert ranked.shape == (2, 1) and ranked[0, 0].decode().split(":")[2] in ("positive", "negative")
+    history = triton.InferInput("HISTORY", [24, 7], "FP32")
+    rows = np.sin(np.arange(24 * 7, dtype=np.float32)).reshape(24, 7)
+    history.set_data_from_numpy(rows)
+    rest_forecast = c.infer("forecaster", [history]).as_numpy("FORECAST")
+    request = pb.ModelInferRequest(model_name="forecaster")
+    request.inputs.add(name="HISTORY", datatype="FP32", shape=[24, 7])
+    request.raw_input_contents.append(rows.tobytes())
+    response = grpc_stub(rest).ModelInfer(request, timeout=30)
+    assert rest_forecast.shape == (12, 7)
+    np.testing.assert_array_equal(rest_forecast, np.frombuffer(response.raw_output_contents[0], "<f4").reshape(12, 7))
+
+
+def test_a_sequence_may_alternate_rest_and_grpc_requests(rest: ServerHandle) -> None:
+    """One sequence stepped alternately through REST and gRPC gives what a gRPC-only sequence gives."""
+    c = triton.InferenceServerClient(url(rest))
+    stub = grpc_stub(rest)
+    pieces = ["To be", ", or", " not", " to be"]
+
+    def grpc_step(piece: str, seq: str, i: int) -> np.ndarray:
+        r = pb.ModelInferRequest(model_name="charlm")
+        r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+        r.raw_input_contents.append(serialize_bytes([piece.encode()]))
+        r.parameters["sequence_id"].string_param = seq
+        r.parameters["sequence_start"].bool_param = i == 0
+        r.parameters["sequence_end"].bool_param = i == len(pieces) - 1
+        return np.frombuffer(stub.ModelInfer(r, timeout=30).raw_output_contents[0], dtype="<f4")
+
+    def rest_step(piece: str, seq: str, i: int) -> np.ndarray:
+        t = triton.InferInput("TEXT", [1], "BYTES")
+        t.set_data_from_numpy(np.array([piece.encode()], dtype=object))
+        result = c.infer("charlm", [t], sequence_id=seq, sequence_start=i == 0, sequence_end=i == len(pieces) - 1)
+        assert result.get_response()["parameters"]["seqserve_steps"] == len("".join(pieces[: i + 1]))
+        return np.asarray(result.as_numpy("NEXT_CHAR_PROBS"))
+
+    mixed = [(rest_step if i % 2 == 0 else grpc_step)(p, "mixed-1", i) for i, p in enumerate(pieces)]
+    alone = [grpc_step(p, "alone-1", i) for i, p in enumerate(pieces)]
+    for a, b in zip(mixed, alone, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    t = triton.InferInput("TEXT", [1], "BYTES")
+    t.set_data_from_numpy(np.array([b"x"], dtype=object))
+    with pytest.raises(InferenceServerException) as info:  # ended through REST: gone for gRPC and REST alike
+        c.infer("charlm", [t], sequence_id="mixed-1")
+    assert info.value.status() == "404"
+
+
+def test_log_settings_and_repository_calls(rest: ServerHandle, log_state: Callable[..., Any]) -> None:
+    log_state("INFO")
+    c = triton.InferenceServerClient(url(rest))
+    assert c.get_log_settings()["log_format"] == "text"
+    assert c.update_log_settings({"log_verbose_level": 1})["log_verbose_level"] == 1
+    with pytest.raises(InferenceServerException) as info:
+        c.update_log_settings({"log_info": "yes"})
+    assert info.value.status() == "400" and "log_info" in info.value.message()
+    assert c.update_log_settings({"log_verbose_level": 0})["log_verbose_level"] == 0
+    c.unload_model("forecaster")
+    assert not c.is_model_ready("forecaster")
+    c.load_model("forecaster")
+    assert c.is_model_ready("forecaster")
+    with pytest.raises(InferenceServerException) as info:
+        c.load_model("no-such-model")
+    assert info.value.status() == "404"
+
+
+# --- raw HTTP: what each bad request gets ----------------------------------------------------------------------
+
+
+def infer_body(data: object, shape: list[int], datatype: str = "BYTES", name: str = "TEXT") -> bytes:
+    return json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v2/models/sentiment/infer", b"{not json", 400, "the body is not JSON"),
+        ("/v2/models/sentiment/infer", b"[]", 400, "the inference request must be a JSON object, got an array"),
+        ("/v2/models/sentiment/infer", b"{}", 400, "inputs must be a non-empty array"),
+        ("/v2/models/sentiment/infer", b"[" * 100_000 + b"]" * 100_000, 400, "nest too deeply"),
+        ("/v2/models/forecaster/infer", infer_body([10**400], [1], "FP32", "HISTORY"), 400, "outside FP32's range"),
+        (
+            "/v2/models/sentiment/infer",
+            infer_body(["a", "b"], [3]),
+            400,
+            "input 'TEXT': data has 2 elements, its shape holds 3",
+        ),
+        ("/v2/models/sentiment/infer", infer_body([1, 2], [2]), 400, "input 'TEXT': BYTES data are JSON strings"),
+        (
+            "/v2/models/sentiment/infer",
+            infer_body(["a"], ["1"]),
+            400,
+            "input 'TEXT': shape must be an array of integers",
+        ),
+        ("/v2/models/sentiment/infer", infer_body(["a"], [-1]), 400, "has a negative or too large dimension"),
+        ("/v2/models/charlm/infer", infer_body([2**40], [1], "INT32", "NUM_CHARS"), 400, "outside INT32's range"),
+        ("/v2/models/charlm/infer", infer_body([1.5], [1], "INT32", "NUM_CHARS"), 400, "INT32 data are JSON integers"),
+        ("/v2/models/charlm/infer", infer_body([1], [1], "FP16", "NUM_CHARS"), 400, "datatype 'FP16' has no JSON form"),
+        (
+            "/v2/models/sentiment/infer",
+            json.dumps({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES"}]}).encode(),
+            400,
+            "no data",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            json.dumps(
+                {
+                    "inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                    "parameters": {"x": [1]},
+                }
+            ).encode(),
+            400,
+            "parameter 'x' must be a bool, a number or a string, got an array",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            infer_body(["a"], [1], "BYTES", "WRONG"),
+            400,
+            "WRONG",
+        ),  # the server's own check
+        ("/v2/models/no-such-model/infer", infer_body(["a"], [1]), 404, "no-such-model"),
+        ("/v2/models/sentiment/versions/99/infer", infer_body(["a"], [1]), 404, "99"),
+        ("/v2/models/sentiment/nonsense", None, 404, "no such endpoint: 'nonsense'"),
+        ("/v2/nowhere", None, 404, "no such endpoint: GET '/v2/nowhere'"),
+        ("/metrics", None, 404, "the KServe v2 REST API is under /v2"),
+        ("/v2/models/sentiment/infer", None, 405, "infer takes POST"),
+        ("/v2/logging", b'{"log_info": 7}', 400, "'log_info' takes a bool"),
+        ("/v2/logging", b'{"log_info": null}', 400, "takes a bool, an unsigned 32-bit integer or a string"),
+        ("/v2/repository/index", b'{"ready": 1}', 400, '{"ready": true|false}'),
+    ],
+)
+def test_a_bad_request_gets_a_status_and_what_to_fix(
+    rest: ServerHandle, path: str, body: bytes | None, status: int, message: str
+) -> None:
+    got, text = error_of(http(rest, path, body))
+    assert (got, message in text) == (status, True), text
+    assert http(rest, "/v2/health/ready")[0] == 200  # and the server goes on
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "BREW"])
+def test_other_methods_get_405_in_json(rest: ServerHandle, method: str) -> None:
+    status, headers, body = http(rest, "/v2/models/sentiment/infer", b"{}", method=method)
+    assert (status, headers["Allow"], headers["Server"]) == (405, "GET, HEAD, POST", "seqserve")
+    assert json.loads(body)["error"] == (
+        f"method '{method}' is not served: the KServe v2 REST API takes GET, HEAD and POST"
+    )
+    assert http(rest, "/v2/health/live")[0] == 200
+
+
+def test_unknown_models_carry_the_request_id_the_caller_sent(rest: ServerHandle) -> None:
+    status, headers, body = http(rest, "/v2/models/nope", X_Request_Id="trace-42")
+    assert status == 404 and headers["X-Request-Id"] == "trace-42" and "nope" in json.loads(body)["error"]
+
+
+def test_binary_data_must_add_up(rest: ServerHandle) -> None:
+    raw = serialize_bytes([b"a fine film"])
+    header = {
+        "inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}]
+    }
+    head = json.dumps(header).encode()
+    ok = http(rest, "/v2/models/sentiment/infer", head + raw, Inference_Header_Content_Length=str(len(head)))
+    assert ok[0] == 200 and json.loads(ok[2])["outputs"][0]["data"][0] in ("positive", "negative")
+    short = http(rest, "/v2/models/sentiment/infer", head + raw[:-2], Inference_Header_Content_Length=str(len(head)))
+    assert error_of(short) == (
+        400,
+        f"input 'TEXT': binary_data_size {len(raw)} passes the end of the binary data ({len(raw) - 2} bytes left "
+        "after Inference-Header-Content-Length)",
+    )
+    extra = http(rest, "/v2/models/sentiment/infer", head + raw + b"xx", Inference_Header_Content_Length=str(len(head)))
+    assert error_of(extra) == (400, "2 bytes of binary data after the inputs' binary_data_size")
+    bad = http(rest, "/v2/models/sentiment/infer", head + raw, Inference_Header_Content_Length="99999")
+    assert error_of(bad)[0] == 400 and "must be a number up to the body's" in error_of(bad)[1]
+    torn = struct.pack("<I", 50) + b"short"
+    header["inputs"][0]["parameters"] = {"binary_data_size": len(torn)}
+    head = json.dumps(header).encode()
+    got = http(rest, "/v2/models/sentiment/infer", head + torn, Inference_Header_Content_Length=str(len(head)))
+    assert error_of(got)[0] == 400 and "declares 50 bytes" in error_of(got)[1]  # the server's check, forwarded
+
+
+def test_bodies_over_the_limit_compressed_or_chunked(rest: ServerHandle) -> None:
+    body = infer_body(["a fine film"], [1])
+    status, _, answer = http(rest, "/v2/models/sentiment/infer", gzip.compress(body), Content_Encoding="gzip")
+    assert status == 200 and json.loads(answer)["outputs"][0]["name"] == "LABEL"
+    assert error_of(http(rest, "/v2/models/sentiment/infer", b"\x1f\x8bnot gzip", Content_Encoding="gzip"))[0] == 400
+    assert error_of(http(rest, "/v2/models/sentiment/infer", body, Content_Encoding="br")) == (
+        415,
+        "Content-Encoding 'br' is not accepted: send gzip, deflate or none",
+    )
+    big = infer_body(["x" * 1000] * 300, [300])  # 300 KB against the 256 KiB message limit of this server
+    assert error_of(http(rest, "/v2/models/sentiment/infer", big)) == (
+        413,
+        f"the request body has {len(big)} bytes, the limit is {256 * 1024} (SEQSERVE_MAX_MESSAGE_BYTES)",
+    )
+    bomb = gzip.compress(infer_body(["x" * 1000] * 1000, [1000]))  # small on the wire, 1 MB inflated
+    assert error_of(http(rest, "/v2/models/sentiment/infer", bomb, Content_Encoding="gzip")) == (
+        413,
+        f"the request body decompresses past the limit of {256 * 1024} bytes",
+    )
+    chunked = urllib.request.Request(f"http://{url(rest)}/v2/models/sentiment/infer", data=iter([body]), method="POST")
+    chunked.add_header("Transfer-Encoding", "chunked")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(chunked, timeout=30)
+    assert info.value.code == 411 and "Content-Length" in json.loads(info.value.read())["error"]
+
+
+def test_api_keys_quotas_and_retry_after(start_server: Callable[..., ServerHandle]) -> None:
+    handle = start_server(http_port=0, api_key=KEY, quota_requests_per_second=1, quota_request_burst=1)
+    body = infer_body(["a fine film"], [1])
+    status, headers, answer = http(handle, "/v2/models/sentiment/infer", body)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert "authorization" in json.loads(answer)["error"].lower()
+    assert http(handle, "/v2/models/sentiment/infer", body, Authorization=f"Bearer {KEY}")[0] == 200
+    status, headers, answer = http(handle, "/v2/models/sentiment/infer", body, Authorization=f"Bearer {KEY}")
+    assert status == 429 and int(headers["Retry-After"]) == 1, answer  # the bucket's wait, rounded up
+    c = triton.InferenceServerClient(url(handle))
+    with pytest.raises(InferenceServerException) as info:
+        c.get_model_metadata("sentiment")
+    assert info.value.status() == "401"
+
+
+def test_the_rest_port_refuses_tls_and_is_off_by_default(
+    rest: ServerHandle, start_server: Callable[..., ServerHandle]
+) -> None:
+    assert Settings().http_port is None
+    with pytest.raises(ValueError, match="http_port \\(KServe REST\\) does not speak TLS yet"):
+        Settings(http_port=8000, tls_cert="cert.pem", tls_key="key.pem")
+    handle = start_server()
+    assert handle.server.http_port is None
+
+
+def test_message_json_writes_every_field_with_64_bit_integers_as_numbers() -> None:
+    stats = pb.ModelStatisticsResponse()
+    model = stats.model_stats.add(name="m", version="1", inference_count=2**40)
+    assert message_json(stats) == {
+        "model_stats": [
+            {
+                "name": "m",
+                "version": "1",
+                "last_inference": 0,
+                "inference_count": 2**40,
+                "execution_count": 0,
+                "batch_stats": [],
+            }
+        ]
+    }
+    model.inference_stats.success.count = 3
+    assert message_json(model)["inference_stats"]["success"] == {"count": 3, "ns": 0}
+    setting = pb.LogSettingsResponse()
+    setting.settings["log_info"].bool_param = False
+    assert message_json(setting) == {"settings": {"log_info": {"bool_param": False}}}
