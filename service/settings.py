@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     """How long the first request of a batch waits for others."""
     max_queue_size: int = Field(default=1024, ge=1)
     """Requests waiting per model beyond which new ones get RESOURCE_EXHAUSTED."""
+    priority_levels: int = Field(default=0, ge=0, le=1000)
+    """Triton's priority levels (the schedule-policy extension): a KServe request's ``priority`` 1 (highest) to
+    this; a waiting request of a higher level runs before every lower one of its model. 0 (default) = one level:
+    ``priority`` is accepted and has no effect, as on a Triton model without levels."""
+    default_priority_level: int = Field(default=0, ge=0, le=1000)
+    """The level of requests that name none (``priority`` 0, our own API, sessions); 0 = the lowest level."""
     inline_batch_tokens: int = Field(default=256, ge=0)
     """Batches of at most this many rows x time steps run ONNX Runtime inline on the event loop (cheaper than a
     thread hop for generation steps); bigger ones run in a worker thread. 0 = always a thread."""
@@ -212,6 +218,11 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: set both (SEQSERVE_TLS_CERT, SEQSERVE_TLS_KEY)")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key: the server must speak TLS first")
+        if self.default_priority_level > self.priority_levels:
+            raise ValueError(
+                f"default_priority_level ({self.default_priority_level}) is above priority_levels "
+                f"({self.priority_levels}): levels run from 1 (highest) to priority_levels"
+            )
         if self.http_port is not None and self.tls_cert is not None:
             raise ValueError(
                 "http_port (KServe REST) does not speak TLS yet: with tls_cert, leave SEQSERVE_HTTP_PORT unset and "

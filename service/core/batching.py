@@ -20,6 +20,11 @@ batches (long prompts, classify batches of several sentences) run in a worker th
 calls meanwhile.
 Waiting for company never creates a task or a timeout wrapper per batch: one ``call_later`` wakes the loop.
 
+Priority levels (Triton's schedule policy, ``PRIORITY_LEVELS`` > 0): the queue is ordered by level, then by age. A
+request of a higher level (a lower number: the caller's ``context.priority()``, else ``DEFAULT_PRIORITY_LEVEL``)
+goes ahead of every waiting request of a lower level, so the next batch takes it first. With one level the queue
+is first come, first served, and queueing costs one append.
+
 Requests right-padded to their batch's longest (``StepInput.pad``: sentiment texts) would make the recurrent
 kernels compute every padded step of every shorter row; a batch of them runs as several ORT runs of similar
 lengths when that saves enough padded steps (``padding_groups``, ``pad_split_tokens``). Each run is one execution
@@ -47,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.core.aio import cancel_and_wait
-from service.core.context import note_run
+from service.core.context import note_run, priority
 from service.core.runtime import Array, Runtime
 from service.core.stats import StatsBook
 from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
@@ -91,6 +96,7 @@ class _Pending:
     item: StepInput
     future: asyncio.Future[StepOutput]
     enqueued: float
+    level: int = 0  # priority level (1 = highest; with one level, all 0): the queue is ordered by it, then by age
 
 
 def concatenate(items: list[StepInput], runtime: Runtime) -> tuple[dict[str, Array], int]:
@@ -193,6 +199,9 @@ class Batcher:
         self.inline_seconds = settings.inline_batch_ms / 1000.0
         self.alone_seconds = max(settings.alone_inline_ms, settings.inline_batch_ms) / 1000.0
         self.pad_split = settings.pad_split_tokens
+        # Priority levels (Triton's schedule policy): a request waits behind those of its level and higher only.
+        self.levels = settings.priority_levels
+        self.default_level = settings.default_priority_level or settings.priority_levels
         self._infer_seconds: dict[int, float] = {}  # tokens -> ORT seconds of the last batch that size (inlinable)
         self.metrics = metrics
         self._pending: deque[_Pending] = deque()
@@ -252,10 +261,25 @@ class Batcher:
             loop.call_soon(_next_iteration)
             return result
         fut: asyncio.Future[StepOutput] = loop.create_future()
-        self._pending.append(_Pending(item, fut, time.perf_counter()))
+        entry = _Pending(item, fut, time.perf_counter())
+        if self.levels:
+            self._enqueue(entry)
+        else:
+            self._pending.append(entry)
         self._report_depth()
         self._wake.set()
         return await fut
+
+    def _enqueue(self, entry: _Pending) -> None:
+        """Queues ``entry`` behind every waiting request of its priority level or a higher one (a lower number),
+        ahead of every request of a lower level: the queue stays ordered by level, then by age."""
+        level = priority()
+        entry.level = self.default_level if level is None else level
+        queue = self._pending
+        at = len(queue)
+        while at > 0 and queue[at - 1].level > entry.level:
+            at -= 1
+        queue.insert(at, entry)
 
     def _alone(self, item: StepInput, loop: asyncio.AbstractEventLoop) -> int:
         """The run's tokens (> 0) when waiting for company cannot pay, else 0: the recent batches of this key held
@@ -353,8 +377,8 @@ class Batcher:
                 rows = more
             batch = [p for p in self._take() if not p.future.done()]
             self._report_depth()
-            if batch:
-                self._note_rows(head.item.key, sum(p.item.rows for p in batch))
+            if batch:  # (its key may differ from ``head``'s: a request of a higher level came first meanwhile)
+                self._note_rows(batch[0].item.key, sum(p.item.rows for p in batch))
                 self._busy = True
                 try:
                     await self._run(batch)

@@ -45,6 +45,25 @@ def principal() -> str:
     return _PRINCIPAL.get()
 
 
+# --- priority level (Triton's schedule-policy extension) -------------------------------------------------------
+# The level the edge resolved for this call's requests (1 = highest); None = the server's default level. The
+# batcher queues a request ahead of every waiting request of a lower level (a higher number).
+_PRIORITY: ContextVar[int | None] = ContextVar("seqserve_priority", default=None)
+
+
+def set_priority(level: int | None) -> Token[int | None]:
+    return _PRIORITY.set(level)
+
+
+def reset_priority(token: Token[int | None]) -> None:
+    with contextlib.suppress(ValueError):  # (reset from another context: nothing of this call's to undo)
+        _PRIORITY.reset(token)
+
+
+def priority() -> int | None:
+    return _PRIORITY.get()
+
+
 # --- admission ------------------------------------------------------------------------------------------------
 # A call that passed admission (its first queued step was accepted) is never refused a later step for a full
 # queue: a stream, once admitted, runs to its end or its deadline. Set in the call's own context.

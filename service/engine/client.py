@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 from service import logs
-from service.core.context import admitted, mark_admitted, note_model, principal
+from service.core.context import admitted, mark_admitted, note_model, principal, priority
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -45,8 +45,9 @@ Reply = tuple[int, Any, str | None, bool]  # status, payload, model noted, admit
 
 
 def _context() -> list[Any]:
-    """What the engine's task needs to know about this call (wire.py): principal, admission, request id."""
-    return [principal(), admitted(), CALL.get()]
+    """What the engine's task needs to know about this call (wire.py): principal, admission, request id, priority
+    level."""
+    return [principal(), admitted(), CALL.get(), priority()]
 
 
 class _Link(asyncio.Protocol):

@@ -17,7 +17,7 @@ import os
 from typing import Any, cast
 
 from service import logs
-from service.core.context import admitted, call_scope, mark_admitted, set_principal
+from service.core.context import admitted, call_scope, mark_admitted, set_principal, set_priority
 from service.core.dataplane import CoreDataPlane
 from service.engine import wire
 from service.engine.codec import error_payload, pack_replies, unpack
@@ -163,11 +163,13 @@ class EngineServer:
     def _enter(context: Any) -> list[str]:
         """The call's context in this task (see wire.py), and the holder of the model it will note."""
         if context:
-            who, was_admitted, call = context
+            who, was_admitted, call, level = context
             set_principal(who)
             if was_admitted:
                 mark_admitted()
             CALL.set((call[0], call[1]))
+            if level is not None:
+                set_priority(level)
         return call_scope()
 
     async def call(

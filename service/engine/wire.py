@@ -8,7 +8,8 @@ one event-loop iteration travels in one write (a batch's answers leave together)
 
 ``context`` carries what the edge learned about the call into the engine's task: the principal (sessions are
 owned, sequences namespaced per principal), whether the call was already admitted (a stream's later steps are
-never refused), and the request id and method (log lines). ``admitted`` comes back, so a stream that was admitted
+never refused), the request id and method (log lines), and the priority level (the engine's batcher queues by it;
+None = the default level). ``admitted`` comes back, so a stream that was admitted
 on its first request stays admitted on the frontend.
 
 CONTROL calls (model table, metadata, health, statistics) travel on the same connection as a CALL but are never

@@ -8,6 +8,7 @@ from typing import Any
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.core.types import Duration, ModelInfo, ModelMetadata, ModelStats
 from service.errors import InvalidInput, echo
+from service.settings import Settings
 
 _CONFIG_TYPES = {
     "BOOL": pb.TYPE_BOOL,
@@ -33,7 +34,9 @@ def metadata_to_pb(m: ModelMetadata) -> pb.ModelMetadataResponse:
 KINDS = {"cpu": pb.ModelInstanceGroup.KIND_CPU, "gpu": pb.ModelInstanceGroup.KIND_GPU}
 
 
-def config_to_pb(m: ModelMetadata, sequence_idle_seconds: float, batch_delay_ms: float) -> pb.ModelConfig:
+def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
+    """Triton's model configuration of ``m`` as served here (sequence idle time, batching delay and priority
+    levels come from the server's settings)."""
     c = m.contract
     config = pb.ModelConfig(
         name=m.name,
@@ -50,11 +53,14 @@ def config_to_pb(m: ModelMetadata, sequence_idle_seconds: float, batch_delay_ms:
         instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=1)],
     )
     if c.sequences:
-        idle_us = int(sequence_idle_seconds * 1e6)
+        idle_us = int(settings.sequence_idle_seconds * 1e6)
         config.sequence_batching.CopyFrom(pb.ModelSequenceBatching(max_sequence_idle_microseconds=idle_us))
     else:  # the server batches requests itself: as Triton's dynamic batcher, up to MAX_BATCH_DELAY_MS
-        delay_us = int(batch_delay_ms * 1000)
-        config.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(max_queue_delay_microseconds=delay_us))
+        batching = pb.ModelDynamicBatching(max_queue_delay_microseconds=int(settings.max_batch_delay_ms * 1000))
+        if settings.priority_levels:  # (sequence steps are ordered by level too; Triton's config has no field)
+            batching.priority_levels = settings.priority_levels
+            batching.default_priority_level = settings.default_priority_level or settings.priority_levels
+        config.dynamic_batching.CopyFrom(batching)
     return config
 
 

@@ -1,5 +1,5 @@
 """Request fields of the v2 protocol that are not tensors: model references, Triton's sequence parameters and its
-``timeout`` (the schedule-policy extension's time limit).
+``timeout`` and ``priority`` (the schedule-policy extension).
 
 A request joins a sequence with the parameters ``sequence_id`` (uint64/int64 or string; 0 or "" = none),
 ``sequence_start`` and ``sequence_end`` (bool), and may export or import its state (``seqserve_export``,
@@ -25,6 +25,7 @@ EXPORT = "seqserve_export"
 IMPORT = "seqserve_import"
 SESSION_PARAMETER = "seqserve_session"
 TIMEOUT = "timeout"
+PRIORITY = "priority"
 MAX_SEQUENCE_ID_CHARS = 200  # the session key adds "kserve:<principal tag>:<model>:"; the store allows 320
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²" and "١" are not versions
 
@@ -96,6 +97,30 @@ def parse_timeout(params: Mapping[str, pb.InferParameter]) -> float | None:
     if us < 0:
         raise InvalidInput(f"parameter {TIMEOUT} must be >= 0 microseconds (0: no limit), got {us}")
     return us / 1e6 if us else None
+
+
+def parse_priority(params: Mapping[str, pb.InferParameter], levels: int) -> int | None:
+    """The request's priority level: Triton's ``priority`` parameter (1 = highest .. ``levels``; 0 = the default
+    level), or None for the default. With one level (``levels`` 0) any priority is accepted and has no effect, as
+    on a Triton model without priority levels."""
+    if PRIORITY not in params:
+        return None
+    p = params[PRIORITY]
+    kind = p.WhichOneof("parameter_choice")
+    if kind == "int64_param":
+        level = p.int64_param
+    elif kind == "uint64_param":
+        level = p.uint64_param
+    else:
+        raise InvalidInput(f"parameter {PRIORITY} must be an integer (1 = the highest level), got {kind}")
+    if not levels:
+        return None
+    if not 0 <= level <= levels:
+        raise InvalidInput(
+            f"parameter {PRIORITY} must be between 1 (the highest level) and {levels} (PRIORITY_LEVELS), or 0 for "
+            f"the default level, got {level}"
+        )
+    return level or None
 
 
 def _blob(params: Mapping[str, pb.InferParameter]) -> bytes | None:

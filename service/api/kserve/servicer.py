@@ -32,8 +32,9 @@ from service.api.kserve.convert import (
     metadata_to_pb,
     stats_to_pb,
 )
-from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_sequence, parse_timeout
+from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_priority, parse_sequence, parse_timeout
 from service.api.kserve.tensors import encode_output, read_inputs, requested_outputs
+from service.core.context import reset_priority, set_priority
 from service.core.types import DataPlane
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
 from service.logs import CALL
@@ -50,6 +51,7 @@ EXTENSIONS = [
     "model_repository",
     "statistics",
     "parameters",
+    "schedule_policy",  # timeout and priority (PRIORITY_LEVELS)
 ]
 # Response parameter: characters (charlm) or rows (forecaster) consumed, a sequence's running total.
 STEPS_PARAMETER = "seqserve_steps"
@@ -107,9 +109,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         meta = await self._dataplane.model_metadata(model_ref(request.name, request.version))
-        return pb.ModelConfigResponse(
-            config=config_to_pb(meta, self._settings.sequence_idle_seconds, self._settings.max_batch_delay_ms)
-        )
+        return pb.ModelConfigResponse(config=config_to_pb(meta, self._settings))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         ref = model_ref(request.name, request.version) if request.name else None
@@ -198,9 +198,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         ref = model_ref(request.model_name, request.model_version)
         sequence = parse_sequence(request.parameters)
         timeout = parse_timeout(request.parameters)
+        level = parse_priority(request.parameters, self._settings.priority_levels)
         outputs, classes = requested_outputs(request)
         call = self._dataplane.infer(ref, read_inputs(request), outputs, sequence, classes)
-        result = await (call if timeout is None else _within(call, timeout))
+        token = set_priority(level)  # (read where its steps queue: the batcher, here or in the engine)
+        try:
+            result = await (call if timeout is None else _within(call, timeout))
+        finally:
+            reset_priority(token)
         if response is None:
             response = pb.ModelInferResponse()
         response.model_name, response.model_version, response.id = result.model, str(result.version), request.id

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.core.batching import StepInput
+from service.core.context import set_priority
 from service.core.dataplane import CoreDataPlane
 from service.core.types import ModelRef, SamplingParams
 from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
@@ -360,3 +361,32 @@ def test_statistics_charge_each_request_of_a_batch_the_batchs_time() -> None:
     assert (s.success, s.fail) == (Duration(4, 4_000), Duration(1, 500))
     assert (s.execution_count, s.inference_count) == (2, 8) and s.last_inference_ms > 0
     assert [(b.batch_size, b.compute_infer.count, b.compute_infer.ns) for b in s.batches] == [(2, 1, 40), (5, 1, 100)]
+
+
+async def _finishing_order(make_dp: MakeDP, levels: list[int | None], **settings: object) -> list[int]:
+    """Submits one charlm step per entry of ``levels`` (the caller's priority level; None = the default), all
+    queued before the batcher runs any (one row per batch); returns the order in which they were answered."""
+    dp = await make_dp(max_batch_size=1, max_batch_delay_ms=60_000, **settings)
+    batcher = dp.registry.resolve(LM).batcher
+    done: list[int] = []
+
+    async def step(i: int, level: int | None) -> None:
+        set_priority(level)  # (this task's own context, as the KServe servicer sets it for a call)
+        await batcher.submit(StepInput(inputs={"input_ids": np.array([[1, 2]], dtype=np.int64)}, rows=1, key=2))
+        done.append(i)
+
+    await asyncio.gather(*(step(i, level) for i, level in enumerate(levels)))
+    return done
+
+
+async def test_a_waiting_request_of_a_higher_priority_level_runs_first(make_dp: MakeDP) -> None:
+    """Triton's priority levels: 1 is the highest; requests that name none take the default level (2 here); within
+    a level, the oldest first."""
+    levels = [None, 3, None, 1, 2, 1]
+    order = await _finishing_order(make_dp, levels, priority_levels=3, default_priority_level=2)
+    assert order == [3, 5, 0, 2, 4, 1]
+    # The default level 0 is the lowest: a request that names no level waits behind every one that does.
+    order = await _finishing_order(make_dp, [None, 3, 1, None], priority_levels=3)
+    assert order == [2, 0, 1, 3]
+    # With one level (the default) the queue is first come, first served, whatever the context says.
+    assert await _finishing_order(make_dp, [None, 3, 1, 2]) == [0, 1, 2, 3]

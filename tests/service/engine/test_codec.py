@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import shutil
 import struct
@@ -21,7 +22,7 @@ import pytest
 
 from service import errors, logs
 from service.api.interceptors import error_reason, status_code_for
-from service.core.context import mark_admitted
+from service.core.context import mark_admitted, priority, set_priority
 from service.core.types import ModelRef, SamplingParams
 from service.engine import wire
 from service.engine.client import RemoteDataPlane
@@ -379,3 +380,21 @@ async def test_the_engine_greets_each_frontend_with_the_log_settings_in_force(
     assert conn.link
     assert conn.outbox == [[0, wire.EVENT, [wire.LOGS_CHANGED, 0, logs.current()], None, False]]
     assert conn.outbox[0][2][2]["log_info"] is False
+
+
+def test_the_calls_priority_level_reaches_the_engines_task() -> None:
+    """A KServe request's priority level (set by the servicer) travels in the call's context to the engine, whose
+    batcher queues by it; a call without one leaves the engine's default."""
+    from service.engine.client import _context
+
+    def frontend(level: int | None) -> bytes:
+        set_priority(level)
+        return pack(_context())
+
+    def engine(sent: bytes) -> int | None:
+        EngineServer._enter(unpack(sent))
+        return priority()
+
+    for level in (1, 7, None):
+        sent = contextvars.copy_context().run(frontend, level)
+        assert contextvars.copy_context().run(engine, sent) == level

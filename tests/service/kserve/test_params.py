@@ -1,17 +1,24 @@
-"""Triton's ``timeout`` request parameter, parsed (``params.parse_timeout``) and applied (``servicer._within``),
-in this process: the subprocess tests (``tests/service/engine/test_workers.py``) drive it end to end."""
+"""Triton's ``timeout`` and ``priority`` request parameters, parsed (``params``), the timeout applied
+(``servicer._within``), in this process: the subprocess tests (``tests/service/engine/test_workers.py``) drive
+them end to end."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 
+import grpc
 import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.api.kserve.params import parse_timeout
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve.params import parse_priority, parse_timeout
 from service.api.kserve.servicer import _within
+from service.api.kserve.tensors import serialize_bytes
 from service.errors import DeadlineExceeded, InvalidInput
+from service.settings import Settings
+from tests.conftest import ServerHandle
 
 
 def _params(**values: object) -> pb.ModelInferRequest:
@@ -66,3 +73,90 @@ async def test_a_timeout_error_of_the_call_itself_is_not_the_requests_limit() ->
 
     with pytest.raises(TimeoutError, match="the store did not answer"):
         await _within(fails(), 5.0)
+
+
+def _priority(**values: object) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest()
+    for kind, value in values.items():
+        setattr(r.parameters["priority"], kind, value)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("values", "levels", "level"),
+    [
+        ({}, 3, None),
+        ({"int64_param": 0}, 3, None),  # 0: the default level
+        ({"int64_param": 1}, 3, 1),  # tritonclient's infer(priority=...) sends uint64 or int64
+        ({"uint64_param": 3}, 3, 3),
+        ({"int64_param": 7}, 0, None),  # one level: accepted, no effect (a Triton model without levels)
+        ({"int64_param": -7}, 0, None),
+    ],
+)
+def test_the_priority_is_a_level(values: dict[str, object], levels: int, level: int | None) -> None:
+    request = _priority(**values) if values else pb.ModelInferRequest()
+    assert parse_priority(request.parameters, levels) == level
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"int64_param": 4}, "parameter priority must be between 1 (the highest level) and 3 (PRIORITY_LEVELS), "
+         "or 0 for the default level, got 4"),
+        ({"int64_param": -1}, "got -1"),
+        ({"string_param": "high"}, "parameter priority must be an integer (1 = the highest level), got string_param"),
+        ({"double_param": 1.0}, "got double_param"),
+    ],
+)  # fmt: skip
+def test_a_bad_priority_says_what_to_send(values: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        parse_priority(_priority(**values).parameters, 3)
+
+
+def test_priority_levels_are_configured_reported_and_checked(start_server: Callable[..., ServerHandle]) -> None:
+    """PRIORITY_LEVELS: the schedule-policy extension is claimed, ModelConfig reports the levels as Triton's
+    dynamic batcher does, a request names a level within them, and a level out of range is refused whole."""
+    handle = start_server(priority_levels=3, default_priority_level=2)
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert "schedule_policy" in stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=30).extensions
+        config = stub.ModelConfig(pb.ModelConfigRequest(name="sentiment"), timeout=30).config
+        assert (config.dynamic_batching.priority_levels, config.dynamic_batching.default_priority_level) == (3, 2)
+        request = pb.ModelInferRequest(model_name="sentiment")
+        request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(serialize_bytes([b"a fine film"]))
+        request.parameters["priority"].int64_param = 1
+        assert [o.name for o in stub.ModelInfer(request, timeout=30).outputs] == ["LABEL", "PROBABILITIES"]
+        request.parameters["priority"].int64_param = 4
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "between 1 (the highest level) and 3 (PRIORITY_LEVELS)" in str(info.value.details())
+    with pytest.raises(ValueError, match=r"default_priority_level \(4\) is above priority_levels \(3\)"):
+        Settings(priority_levels=3, default_priority_level=4)
+    plain = start_server()
+    with grpc.insecure_channel(plain.target) as channel:  # one level: no levels in the config
+        config = pb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(pb.ModelConfigRequest(name="sentiment"))
+        assert config.config.dynamic_batching.priority_levels == 0
+
+
+async def test_the_servicer_gives_a_requests_steps_its_level_and_no_more() -> None:
+    """The level holds while the request's steps queue (the data plane's call), then the context is as before."""
+    from service.api.kserve.servicer import KServeServicer
+    from service.core.context import priority
+    from service.core.types import InferResult
+
+    seen: list[int | None] = []
+
+    class Plane:
+        async def infer(self, *args: object, **kwargs: object) -> InferResult:
+            seen.append(priority())
+            return InferResult(model="sentiment", version=1, outputs=[], inferences=1)
+
+    servicer = KServeServicer(Plane(), Settings(priority_levels=3))  # type: ignore[arg-type]
+    for level in (2, 0):
+        request = _priority(int64_param=level)
+        request.model_name = "sentiment"
+        await servicer._infer(request)
+        assert priority() is None
+    assert seen == [2, None]

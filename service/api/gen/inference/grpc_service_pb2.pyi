@@ -1337,8 +1337,12 @@ class ModelDynamicBatching(_message.Message):
     PREFERRED_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_DELAY_MICROSECONDS_FIELD_NUMBER: _builtins.int
     PRESERVE_ORDERING_FIELD_NUMBER: _builtins.int
+    PRIORITY_LEVELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PRIORITY_LEVEL_FIELD_NUMBER: _builtins.int
     max_queue_delay_microseconds: _builtins.int
     preserve_ordering: _builtins.bool
+    priority_levels: _builtins.int
+    default_priority_level: _builtins.int
     @_builtins.property
     def preferred_batch_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -1347,10 +1351,12 @@ class ModelDynamicBatching(_message.Message):
         preferred_batch_size: _abc.Iterable[_builtins.int] | None = ...,
         max_queue_delay_microseconds: _builtins.int = ...,
         preserve_ordering: _builtins.bool = ...,
+        priority_levels: _builtins.int = ...,
+        default_priority_level: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_queue_delay_microseconds", b"max_queue_delay_microseconds", "preferred_batch_size", b"preferred_batch_size", "preserve_ordering", b"preserve_ordering"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_priority_level", b"default_priority_level", "max_queue_delay_microseconds", b"max_queue_delay_microseconds", "preferred_batch_size", b"preferred_batch_size", "preserve_ordering", b"preserve_ordering", "priority_levels", b"priority_levels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
