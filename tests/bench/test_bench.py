@@ -154,3 +154,14 @@ def test_an_exit_during_a_store_measurement_frees_its_typists(server: object, mo
     for t in typists:
         t.join(timeout=30)
     assert not [t for t in typists if t.is_alive()]
+
+
+def test_the_rest_bench_measures_every_transport(tiny_models: Path, tmp_path: Path) -> None:
+    from bench.rest import main as rest_main
+
+    out = tmp_path / "rest.json"
+    assert rest_main(["--models", str(tiny_models), "--requests", "10", "--rounds", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    transports = ("gRPC", "REST json", "REST binary")
+    assert set(r) == {f"{model} {kind}" for model in ("sentiment", "charlm") for kind in transports}
+    assert all(row["n"] == 10 and 0 < row["p50_ms"] <= row["max_ms"] for row in r.values())
