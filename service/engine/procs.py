@@ -175,10 +175,10 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         token = secrets.token_urlsafe(32)  # the frontends' private /metrics answer the engine only
         first = await _spawn(settings, 0, settings.port, socket_path, token)
         frontends.append(first)
-        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
-        serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
         if settings.http_port is not None:  # KServe REST: one gateway here, to the frontends' shared gRPC port
             rest = start_rest(settings, first.port)
+        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
+        serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
         metrics.processes.processes = lambda: [
             ("engine", os.getpid()),
             *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,11 +197,22 @@ def kserve_sequence(target: str) -> None:
 
 def test_uvloop_with_two_frontends(docker: Docker, image: str) -> None:
     """SEQSERVE_EVENT_LOOP=uvloop works in the image (the extra is installed): the engine and both frontends run on
-    libuv's loop, and a KServe sequence goes through. Its own container, so the other tests keep theirs."""
-    c = start(docker, image, SEQSERVE_EVENT_LOOP="uvloop", SEQSERVE_WORKERS="2")
+    libuv's loop, and a KServe sequence goes through, as does a KServe REST request (SEQSERVE_HTTP_PORT: the
+    engine's gateway to the frontends). Its own container, so the other tests keep theirs."""
+    rest = free_port()
+    c = start(docker, image, SEQSERVE_EVENT_LOOP="uvloop", SEQSERVE_WORKERS="2", SEQSERVE_HTTP_PORT=str(rest))
     try:
         wait_for("gRPC health SERVING", lambda: health(c.grpc) == SERVING, timeout=60, every=0.1)
         kserve_sequence(c.grpc)
+        # (the REST gateway starts with the first frontend: ready once it answers, as a probe would see it)
+        wait_for("REST ready", lambda: http_get(f"http://127.0.0.1:{rest}/v2/health/ready")[0] == 200, timeout=30)
+        body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a fine film"]}]}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{rest}/v2/models/sentiment/infer", json.dumps(body).encode()
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            outputs = {o["name"]: o for o in json.loads(answer.read())["outputs"]}
+        assert outputs["LABEL"]["data"][0] in ("positive", "negative") and outputs["PROBABILITIES"]["shape"] == [1, 2]
 
         def on_uvloop() -> list[str]:
             return docker("exec", c.id, "sh", "-c", "grep -l 'uvloop/loop' /proc/[0-9]*/maps || true").split()
