@@ -13,7 +13,6 @@ import http.client
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import grpc
 
 from bench import cli
 from bench.launch import process, server_env
+from bench.run import timed
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
@@ -58,17 +58,6 @@ def _rest(port: int, model: str, text: str, binary: bool) -> Callable[[], None]:
     return call
 
 
-def measure(call: Callable[[], None], requests: int) -> list[float]:
-    for _ in range(20):
-        call()
-    out = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - started)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, "rest.json")
     ap.add_argument("--requests", type=int, default=300)
@@ -92,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for _ in range(args.rounds):  # interleaved: the machine drifts
                 for name, call in calls.items():
-                    samples.setdefault(name, []).extend(measure(call, args.requests))
+                    samples.setdefault(name, []).extend(timed(call, args.requests, warmup=20))
     result: dict[str, Any] = {name: cli.percentiles(s) for name, s in samples.items()}
     print(f"{'model, transport':>24} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
     for name, r in result.items():

@@ -81,19 +81,26 @@ def parse_sequence(params: Mapping[str, pb.InferParameter]) -> SequenceRef | Non
     return SequenceRef(seq_id, start, end, blob, export)
 
 
+def _integer(params: Mapping[str, pb.InferParameter], name: str, what: str) -> int | None:
+    """Parameter ``name`` as an integer (int64_param or uint64_param, as tritonclient sends either), None when
+    absent; InvalidInput saying it must be ``what`` when it is another kind."""
+    if name not in params:
+        return None
+    p = params[name]
+    kind = p.WhichOneof("parameter_choice")
+    if kind == "int64_param":
+        return int(p.int64_param)
+    if kind == "uint64_param":
+        return int(p.uint64_param)
+    raise InvalidInput(f"parameter {name} must be {what}, got {kind}")
+
+
 def parse_timeout(params: Mapping[str, pb.InferParameter]) -> float | None:
     """Seconds the request may take to be answered: Triton's ``timeout`` parameter (int64 microseconds, what
     tritonclient's ``infer(timeout=...)`` sends; 0 = no limit), or None."""
-    if TIMEOUT not in params:
+    us = _integer(params, TIMEOUT, "an integer number of microseconds")
+    if us is None:
         return None
-    p = params[TIMEOUT]
-    kind = p.WhichOneof("parameter_choice")
-    if kind == "int64_param":
-        us = p.int64_param
-    elif kind == "uint64_param":
-        us = p.uint64_param
-    else:
-        raise InvalidInput(f"parameter {TIMEOUT} must be an integer number of microseconds, got {kind}")
     if us < 0:
         raise InvalidInput(f"parameter {TIMEOUT} must be >= 0 microseconds (0: no limit), got {us}")
     return us / 1e6 if us else None
@@ -103,17 +110,8 @@ def parse_priority(params: Mapping[str, pb.InferParameter], levels: int) -> int 
     """The request's priority level: Triton's ``priority`` parameter (1 = highest .. ``levels``; 0 = the default
     level), or None for the default. With one level (``levels`` 0) any priority is accepted and has no effect, as
     on a Triton model without priority levels."""
-    if PRIORITY not in params:
-        return None
-    p = params[PRIORITY]
-    kind = p.WhichOneof("parameter_choice")
-    if kind == "int64_param":
-        level = p.int64_param
-    elif kind == "uint64_param":
-        level = p.uint64_param
-    else:
-        raise InvalidInput(f"parameter {PRIORITY} must be an integer (1 = the highest level), got {kind}")
-    if not levels:
+    level = _integer(params, PRIORITY, "an integer (1 = the highest level)")
+    if level is None or not levels:
         return None
     if not 0 <= level <= levels:
         raise InvalidInput(

@@ -148,29 +148,26 @@ def test_kserve_rest_reaches_the_engine_through_the_frontends(servers: tuple[dic
             outputs = {o["name"]: o for o in json.loads(r.read())["outputs"]}
         return np.asarray(outputs["NEXT_CHAR_PROBS"]["data"], dtype=np.float32)
 
-    def served() -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        pattern = r'seqserve_rpc_requests_total\{code="OK",method="ModelInfer",model="charlm"[^}]*\} ([0-9.e+]+)'
-        found = re.search(pattern, text)
-        return float(found.group(1)) if found else 0.0
-
-    before = served()
+    before = _served(info, 'method="ModelInfer",model="charlm"')
     through_rest = [post(piece, "rest-1", i) for i, piece in enumerate(TEXT)]
-    assert served() - before == len(TEXT)  # each one ModelInfer call on a frontend
+    assert _served(info, 'method="ModelInfer",model="charlm"') - before == len(TEXT)  # each a frontend's ModelInfer
     for a, b in zip(through_rest, _sequence_run([f"127.0.0.1:{single}"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _served(info: dict[str, object], labels: str) -> float:
+    """The engine's summed ``seqserve_rpc_requests_total`` of OK calls whose labels start with ``labels``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.search(r'seqserve_rpc_requests_total\{code="OK",' + labels + r"[^}]*\} ([0-9.e+]+)", text)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> None:
     info, _ = servers
 
     def served() -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        pattern = r'seqserve_rpc_requests_total\{code="OK",method="ServerLive",[^}]*\} ([0-9.e+]+)'
-        found = re.search(pattern, text)
-        return float(found.group(1)) if found else 0.0
+        return _served(info, 'method="ServerLive",')
 
     before = served()
     for target in _frontends(info) * 3:

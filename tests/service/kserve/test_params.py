@@ -21,10 +21,11 @@ from service.settings import Settings
 from tests.conftest import ServerHandle
 
 
-def _params(**values: object) -> pb.ModelInferRequest:
+def _params(name: str = "timeout", **values: object) -> pb.ModelInferRequest:
+    """A request whose parameter ``name`` is set as ``values`` says (``int64_param=5``)."""
     r = pb.ModelInferRequest()
     for kind, value in values.items():
-        setattr(r.parameters["timeout"], kind, value)
+        setattr(r.parameters[name], kind, value)
     return r
 
 
@@ -76,10 +77,7 @@ async def test_a_timeout_error_of_the_call_itself_is_not_the_requests_limit() ->
 
 
 def _priority(**values: object) -> pb.ModelInferRequest:
-    r = pb.ModelInferRequest()
-    for kind, value in values.items():
-        setattr(r.parameters["priority"], kind, value)
-    return r
+    return _params("priority", **values)
 
 
 @pytest.mark.parametrize(
