@@ -165,3 +165,15 @@ def test_the_rest_bench_measures_every_transport(tiny_models: Path, tmp_path: Pa
     transports = ("gRPC", "REST json", "REST binary")
     assert set(r) == {f"{model} {kind}" for model in ("sentiment", "charlm") for kind in transports}
     assert all(row["n"] == 10 and 0 < row["p50_ms"] <= row["max_ms"] for row in r.values())
+
+
+def test_the_priority_bench_runs_both_levels(tiny_models: Path, tmp_path: Path) -> None:
+    from bench.priority import main as priority_main
+
+    out = tmp_path / "priority.json"
+    args = ["--models", str(tiny_models), "--callers", "4", "--urgent", "1", "--seconds", "0.5", "--rounds", "1"]
+    assert priority_main([*args, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["run"] for row in r["rows"]] == ["urgent at level 1", "urgent at the default level"]
+    for row in r["rows"]:
+        assert row["urgent"]["n"] > 0 and row["background"]["n"] > 0 and row["background_per_s"] > 0
