@@ -19,6 +19,7 @@ neither). TLS is not offered on this port yet: terminate it in front (an ingress
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from service.errors import echo
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
+COMPRESS_FROM = 1024  # bytes: smaller answers leave as they are, when the client accepts compression
 REST_ONLY = ("binary_data", "binary_data_size", "binary_data_output")  # parameters the gRPC call does not carry
 INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
@@ -623,6 +625,11 @@ class _RestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
         for key, value in headers.items():
             self.send_header(key, value)
+        encoding = _compression(self.headers.get("Accept-Encoding", "")) if len(payload) >= COMPRESS_FROM else None
+        if encoding is not None:  # (the whole body: Inference-Header-Content-Length counts the JSON uncompressed)
+            payload = gzip.compress(payload, 1) if encoding == "gzip" else zlib.compress(payload, 1)
+            self.send_header("Content-Encoding", encoding)
+            self.send_header("Vary", "Accept-Encoding")
         if self._request_id is not None:
             self.send_header("X-Request-Id", self._request_id)
         self.send_header("Content-Length", str(len(payload)))
@@ -634,6 +641,17 @@ class _RestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("rest %s - " + format, self.address_string(), *args)
+
+
+def _compression(accepted: str) -> str | None:
+    """gzip or deflate when the client's ``Accept-Encoding`` takes it (tritonclient's
+    ``response_compression_algorithm``), else None."""
+    offered = set()
+    for part in accepted.lower().split(","):
+        name, _, quality = part.strip().partition(";")
+        if quality.strip().replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
+            offered.add(name.strip())
+    return next((e for e in ("gzip", "deflate") if e in offered), None)
 
 
 def _json(body: bytes) -> Any:

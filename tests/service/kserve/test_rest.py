@@ -9,6 +9,7 @@ import json
 import struct
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -385,3 +386,27 @@ def test_message_json_writes_every_field_with_64_bit_integers_as_numbers() -> No
     setting = pb.LogSettingsResponse()
     setting.settings["log_info"].bool_param = False
     assert message_json(setting) == {"settings": {"log_info": {"bool_param": False}}}
+
+
+def test_answers_are_compressed_when_the_client_accepts_it(rest: ServerHandle) -> None:
+    body = infer_body(["T"], [1], "BYTES")
+    plain = http(rest, "/v2/models/charlm/infer", body)
+    assert plain[0] == 200 and "Content-Encoding" not in plain[1] and len(plain[2]) >= 1024
+    for accept, encoding, inflate in (
+        ("gzip", "gzip", gzip.decompress),
+        ("br, deflate;q=0.5", "deflate", zlib.decompress),
+        ("identity, gzip;q=0", None, bytes),
+    ):
+        status, headers, answer = http(rest, "/v2/models/charlm/infer", body, Accept_Encoding=accept)
+        assert (status, headers.get("Content-Encoding")) == (200, encoding)
+        assert json.loads(inflate(answer)) == json.loads(plain[2])
+    small = http(rest, "/v2/health/ready", Accept_Encoding="gzip")  # (short answers leave as they are)
+    assert small[0] == 200 and "Content-Encoding" not in small[1]
+    c = triton.InferenceServerClient(url(rest))
+    t = triton.InferInput("TEXT", [1], "BYTES")
+    t.set_data_from_numpy(np.array([b"T"], dtype=object))
+    for algorithm in ("gzip", "deflate"):
+        result = c.infer("charlm", [t], response_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(
+            result.as_numpy("NEXT_CHAR_PROBS"), np.asarray(json.loads(plain[2])["outputs"][0]["data"], np.float32)
+        )
