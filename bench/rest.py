@@ -1,6 +1,8 @@
 """What the KServe REST gateway costs per request: the same ModelInfer sent as gRPC, as REST with JSON tensors and
 as REST with Triton's binary tensors, one caller at a time, in interleaved rounds against one ``seqserve serve
---http-port 0`` process on the committed models (``sentiment``: one sentence; ``charlm``: one character).
+--http-port 0`` process on the committed models (``sentiment``: one sentence; ``charlm``: one character); and a
+health check on a kept-alive connection to the metrics port and to the REST port (what a scraper or a probe
+that reuses its connection sees).
 
     python -m bench.rest [--models models] [--requests 300] [--rounds 2]
 
@@ -35,6 +37,20 @@ def _grpc(target: str, model: str, text: str) -> Callable[[], None]:
     request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
     request.raw_input_contents.append(serialize_bytes([text.encode()]))
     return lambda: stub.ModelInfer(request, timeout=30) and None
+
+
+def _get(port: int, path: str) -> Callable[[], None]:
+    """GET ``path`` on one kept-alive connection (as Prometheus scrapes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def call() -> None:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        answer.read()
+        if answer.status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {answer.status}")
+
+    return call
 
 
 def _rest(port: int, model: str, text: str, binary: bool) -> Callable[[], None]:
@@ -79,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("REST binary", _rest(port, model, text, binary=True)),
                 )
             }
+            calls["metrics port /healthz"] = _get(int(ports["metrics_port"]), "/healthz")
+            calls["REST /v2/health/ready"] = _get(port, "/v2/health/ready")
             for _ in range(args.rounds):  # interleaved: the machine drifts
                 for name, call in calls.items():
                     samples.setdefault(name, []).extend(timed(call, args.requests, warmup=20))

@@ -163,7 +163,8 @@ def test_the_rest_bench_measures_every_transport(tiny_models: Path, tmp_path: Pa
     assert rest_main(["--models", str(tiny_models), "--requests", "10", "--rounds", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     transports = ("gRPC", "REST json", "REST binary")
-    assert set(r) == {f"{model} {kind}" for model in ("sentiment", "charlm") for kind in transports}
+    health = {"metrics port /healthz", "REST /v2/health/ready"}
+    assert set(r) == {f"{model} {kind}" for model in ("sentiment", "charlm") for kind in transports} | health
     assert all(row["n"] == 10 and 0 < row["p50_ms"] <= row["max_ms"] for row in r.values())
 
 
