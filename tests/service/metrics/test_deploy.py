@@ -90,6 +90,10 @@ def test_dashboard_covers_the_required_panels() -> None:
         "seqserve_forecast_observed_targets_total",
     ):
         assert needle in exprs, needle
+    # The server error ratio counts the requests inside KServe streams too (a stream is one RPC).
+    (ratio,) = [p for p in dash["panels"] if p["title"] == "Server error ratio"]
+    counters = [t["expr"].split("{")[0].removeprefix("sum(rate(") for t in ratio["targets"]]
+    assert counters == ["seqserve_rpc_requests_total", "seqserve_rpc_stream_requests_total"]
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     cells: dict[tuple[int, int], str] = {}  # panels tile the 24-column grid without overlapping
