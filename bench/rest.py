@@ -39,39 +39,32 @@ def _grpc(target: str, model: str, text: str) -> Callable[[], None]:
     return lambda: stub.ModelInfer(request, timeout=30) and None
 
 
-def _get(port: int, path: str) -> Callable[[], None]:
-    """GET ``path`` on one kept-alive connection (as Prometheus scrapes)."""
+def _http(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> Callable[[], None]:
+    """One request, again and again, on one kept-alive connection (as Prometheus scrapes, as tritonclient posts)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
     def call() -> None:
-        conn.request("GET", path)
+        conn.request(method, path, body=body, headers=headers or {})
         answer = conn.getresponse()
         answer.read()
         if answer.status != 200:
-            raise RuntimeError(f"GET {path}: HTTP {answer.status}")
+            raise RuntimeError(f"{method} {path}: HTTP {answer.status}")
 
     return call
 
 
 def _rest(port: int, model: str, text: str, binary: bool) -> Callable[[], None]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers: dict[str, str] = {}
-    if binary:  # as tritonclient.http sends it: binary input, binary outputs
-        raw = serialize_bytes([text.encode()])
-        tensor = {"name": "TEXT", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
-        head = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
-        body, headers["Inference-Header-Content-Length"] = head + raw, str(len(head))
-    else:
+    path = f"/v2/models/{model}/infer"
+    if not binary:
         body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": [text]}]}).encode()
-
-    def call() -> None:
-        conn.request("POST", f"/v2/models/{model}/infer", body=body, headers=headers)
-        answer = conn.getresponse()
-        answer.read()
-        if answer.status != 200:
-            raise RuntimeError(f"REST {model}: HTTP {answer.status}")
-
-    return call
+        return _http(port, "POST", path, body)
+    # as tritonclient.http sends it: binary input, binary outputs
+    raw = serialize_bytes([text.encode()])
+    tensor = {"name": "TEXT", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
+    head = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    return _http(port, "POST", path, head + raw, {"Inference-Header-Content-Length": str(len(head))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("REST binary", _rest(port, model, text, binary=True)),
                 )
             }
-            calls["metrics port /healthz"] = _get(int(ports["metrics_port"]), "/healthz")
-            calls["REST /v2/health/ready"] = _get(port, "/v2/health/ready")
+            calls["metrics port /healthz"] = _http(int(ports["metrics_port"]), "GET", "/healthz")
+            calls["REST /v2/health/ready"] = _http(port, "GET", "/v2/health/ready")
             for _ in range(args.rounds):  # interleaved: the machine drifts
                 for name, call in calls.items():
                     samples.setdefault(name, []).extend(timed(call, args.requests, warmup=20))

@@ -212,6 +212,12 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(default=64, ge=1)
     """Connections the REST port serves at once; more are closed at once."""
 
+    @property
+    def default_level(self) -> int:
+        """The priority level of requests that name none: ``default_priority_level``, its 0 meaning the lowest
+        (``priority_levels``; 0 too with one level)."""
+        return self.default_priority_level or self.priority_levels
+
     @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):

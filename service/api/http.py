@@ -140,7 +140,10 @@ class _Server(ThreadingHTTPServer):
         super().server_close()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class KeptAliveHandler(BaseHTTPRequestHandler):
+    """What every handler on a ``_Server`` shares: HTTP/1.1 keep-alive, each request on the connection with its
+    own time (``_Server.restart_clock``), and answers that leave at once."""
+
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection between scrapes
     # Headers and body leave as two writes: with Nagle on, the body of every answer on a kept-alive connection
@@ -154,6 +157,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.restart_clock(self.request)  # keep-alive: the next request gets its own time
             self.handle_one_request()
 
+
+class _Handler(KeptAliveHandler):
     def do_GET(self) -> None:
         self._respond(head=False)
 
@@ -216,9 +221,51 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s - " + format, self.address_string(), *args)
 
 
-class MetricsHttpServer:
-    """``start()`` binds and serves on a daemon thread, returning the bound port (port 0 = a free one);
-    ``stop()`` shuts it down and closes the socket. Both are idempotent."""
+class HttpPort:
+    """A ``_Server`` on a daemon thread. ``start()`` binds (port 0 = a free one) and returns the bound port;
+    ``stop()`` shuts it down and closes the socket. Both are idempotent. ``build`` makes the server for an
+    address; ``what`` and ``setting`` name the port in the error a taken port gives; ``thread`` names the thread
+    that serves it."""
+
+    def __init__(
+        self, host: str, port: int, build: Callable[[tuple[str, int]], _Server], what: str, setting: str, thread: str
+    ) -> None:
+        self.host, self.port = host, port
+        self._build, self._what, self._setting, self._thread_name = build, what, setting, thread
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        if self._server is None:
+            try:
+                self._server = self._build((self.host, self.port))
+            except OSError as exc:
+                raise RuntimeError(
+                    f"cannot bind the {self._what} {self.host}:{self.port}: {exc.strerror or exc} (another process "
+                    f"listens there? choose another port: {self._setting})"
+                ) from None
+            self._thread = threading.Thread(target=self._server.serve_forever, name=self._thread_name, daemon=True)
+            self._thread.start()
+        return self.bound_port
+
+    @property
+    def bound_port(self) -> int:
+        if self._server is None:
+            raise RuntimeError(f"the {self._what} is not started")
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        self._server, self._thread = None, None
+        if server is not None:
+            server.shutdown()  # waits for serve_forever to return
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+
+class MetricsHttpServer(HttpPort):
+    """/metrics, /healthz and /readyz (``HttpPort``: ``start()``, ``bound_port``, ``stop()``)."""
 
     def __init__(
         self,
@@ -235,42 +282,17 @@ class MetricsHttpServer:
         """``token``: every request must carry ``authorization: Bearer <token>`` (a frontend's private port,
         which only its engine reads)."""
         self.token = token
-        self.host = host
-        self.port = port
-        self.metrics = metrics
-        self.is_ready = is_ready
-        self.limits = (ssl_context, idle_timeout, max_connections)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+
+        def build(address: tuple[str, int]) -> _Server:
+            return _Server(address, metrics, is_ready, ssl_context, idle_timeout, max_connections, token)
+
+        super().__init__(host, port, build, "metrics port", "--metrics-port or SEQSERVE_METRICS_PORT", "metrics-http")
 
     def start(self) -> int:
-        if self._server is None:
-            try:
-                self._server = _Server((self.host, self.port), self.metrics, self.is_ready, *self.limits, self.token)
-            except OSError as exc:
-                raise RuntimeError(
-                    f"cannot bind the metrics port {self.host}:{self.port}: {exc.strerror or exc} (another process "
-                    "listens there? choose another port: --metrics-port or SEQSERVE_METRICS_PORT)"
-                ) from None
-            self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
-            self._thread.start()
-            if self.token is None:
-                log.info("metrics/health HTTP on %s:%d", self.host, self.bound_port)
-            else:
-                log.debug("private metrics for the engine on %s:%d", self.host, self.bound_port)
-        return self.bound_port
-
-    @property
-    def bound_port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("MetricsHttpServer is not started")
-        return int(self._server.server_address[1])
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        self._server, self._thread = None, None
-        if server is not None:
-            server.shutdown()  # waits for serve_forever to return
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        started = self._server is None
+        port = super().start()
+        if started and self.token is None:
+            log.info("metrics/health HTTP on %s:%d", self.host, port)
+        elif started:
+            log.debug("private metrics for the engine on %s:%d", self.host, port)
+        return port

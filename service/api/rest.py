@@ -24,9 +24,7 @@ import json
 import logging
 import math
 import re
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote
 
@@ -37,7 +35,8 @@ from google.protobuf.message import Message
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.http import REQUEST_SECONDS_PER_IDLE, _Server
+from service.api.http import REQUEST_SECONDS_PER_IDLE, HttpPort, KeptAliveHandler, _Server
+from service.api.kserve.convert import fill_log_settings
 from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_bytes
 from service.errors import echo
 
@@ -334,9 +333,9 @@ def infer_response(response: pb.ModelInferResponse, header: dict[str, Any], bina
 # --- the gateway -------------------------------------------------------------------------------------------------
 
 
-class RestGateway:
-    """``start()`` binds ``host:port`` (0 = a free port) and serves on a daemon thread, forwarding to the gRPC
-    server at ``target``; returns the bound port. ``stop()`` shuts it down. Both are idempotent."""
+class RestGateway(HttpPort):
+    """The REST port (``HttpPort``: ``start()``, ``bound_port``, ``stop()``), forwarding to the gRPC server at
+    ``target`` over one channel, open while the port is."""
 
     def __init__(
         self,
@@ -348,72 +347,45 @@ class RestGateway:
         idle_timeout: float = 10.0,
         max_connections: int = 64,
     ) -> None:
-        self.host, self.port, self.target = host, port, target
+        self.target = target
         self.max_body_bytes = max_body_bytes
-        self.idle_timeout, self.max_connections = idle_timeout, max_connections
         self.call_timeout = REQUEST_SECONDS_PER_IDLE * idle_timeout  # the connection's own bound on a request
         self._channel: grpc.Channel | None = None
         self.stub: Any = None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+
+        def build(address: tuple[str, int]) -> _Server:
+            server = _Server(address, None, lambda: True, None, idle_timeout, max_connections, handler=_RestHandler)
+            server.gateway = self  # type: ignore[attr-defined]  # (what its handlers forward through)
+            return server
+
+        super().__init__(host, port, build, "REST port", "--http-port or SEQSERVE_HTTP_PORT", "rest-http")
 
     def start(self) -> int:
-        if self._server is None:
+        if self._channel is None:
             limit = self.max_body_bytes + 1024 * 1024  # (the server, not the channel, refuses an over-large request)
             options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", -1)]
             self._channel = grpc.insecure_channel(self.target, options=options)
             self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
             try:
-                server = _Server(
-                    (self.host, self.port), None, lambda: True, None, self.idle_timeout, self.max_connections,
-                    handler=_RestHandler,
-                )  # fmt: skip
-            except OSError as exc:
-                self._channel.close()
-                raise RuntimeError(
-                    f"cannot bind the REST port {self.host}:{self.port}: {exc.strerror or exc} (another process "
-                    "listens there? choose another port: --http-port or SEQSERVE_HTTP_PORT)"
-                ) from None
-            server.gateway = self  # type: ignore[attr-defined]
-            self._server = server
-            self._thread = threading.Thread(target=server.serve_forever, name="rest-http", daemon=True)
-            self._thread.start()
-            log.info("KServe v2 REST on %s:%d (to gRPC at %s)", self.host, self.bound_port, self.target)
+                port = super().start()
+            except RuntimeError:
+                self.stop()
+                raise
+            log.info("KServe v2 REST on %s:%d (to gRPC at %s)", self.host, port, self.target)
         return self.bound_port
 
-    @property
-    def bound_port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("RestGateway is not started")
-        return int(self._server.server_address[1])
-
     def stop(self) -> None:
-        server, thread, channel = self._server, self._thread, self._channel
-        self._server, self._thread, self._channel = None, None, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        super().stop()
+        channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
 
 
-class _RestHandler(BaseHTTPRequestHandler):
-    server: _Server
-    disable_nagle_algorithm = True  # (headers and body leave as two writes: Nagle + delayed ACK cost 40 ms each)
+class _RestHandler(KeptAliveHandler):
     _request_id: str | None = None  # the gRPC call's, for the X-Request-Id header
-    protocol_version = "HTTP/1.1"
 
     def version_string(self) -> str:
         return "seqserve"  # (not the stdlib's "BaseHTTP/0.6 Python/3.11.x")
-
-    def handle(self) -> None:
-        self.close_connection = True
-        self.handle_one_request()
-        while not self.close_connection:
-            self.server.restart_clock(self.request)
-            self.handle_one_request()
 
     @property
     def gateway(self) -> RestGateway:
@@ -590,18 +562,12 @@ class _RestHandler(BaseHTTPRequestHandler):
             changes = _json(body)
             if not isinstance(changes, dict):
                 raise HttpError(400, 'the body is a JSON object of log settings, e.g. {"log_verbose_level": 1}')
-            for key, value in changes.items():
-                slot = request.settings[key]
-                if isinstance(value, bool):
-                    slot.bool_param = value
-                elif isinstance(value, int) and 0 <= value < 2**32:
-                    slot.uint32_param = value
-                elif isinstance(value, str):
-                    slot.string_param = value
-                else:
+            for key, value in changes.items():  # (the values SettingValue holds; the server checks the rest)
+                if not isinstance(value, bool | str) and not (isinstance(value, int) and 0 <= value < 2**32):
                     raise HttpError(
                         400, f"log setting {echo(key)} takes a bool, an unsigned 32-bit integer or a string"
                     )
+            fill_log_settings(request.settings, changes)
         elif method not in ("GET", "HEAD"):
             raise HttpError(405, "/v2/logging takes GET or POST", {"Allow": "GET, HEAD, POST"})
         settings = self._call("LogSettings", request).settings

@@ -201,7 +201,7 @@ class Batcher:
         self.pad_split = settings.pad_split_tokens
         # Priority levels (Triton's schedule policy): a request waits behind those of its level and higher only.
         self.levels = settings.priority_levels
-        self.default_level = settings.default_priority_level or settings.priority_levels
+        self.default_level = settings.default_level
         self._infer_seconds: dict[int, float] = {}  # tokens -> ORT seconds of the last batch that size (inlinable)
         self.metrics = metrics
         self._pending: deque[_Pending] = deque()

@@ -59,7 +59,7 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
         batching = pb.ModelDynamicBatching(max_queue_delay_microseconds=int(settings.max_batch_delay_ms * 1000))
         if settings.priority_levels:  # (sequence steps are ordered by level too; Triton's config has no field)
             batching.priority_levels = settings.priority_levels
-            batching.default_priority_level = settings.default_priority_level or settings.priority_levels
+            batching.default_priority_level = settings.default_level
         config.dynamic_batching.CopyFrom(batching)
     return config
 
