@@ -49,6 +49,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 SESSION_EVENTS: frozenset[str] = frozenset({"created", "expired", "evicted", "deleted", "forked", "imported"})
+PREFIX_RESULTS: tuple[str, ...] = ("hit", "partial", "miss")
 OTHER_MODEL = "_other"  # label value for model names that are not loaded (typos, probes): bounds cardinality
 NO_MODEL = ""  # RPCs that name no model (health, ListModels): the label is empty, i.e. absent in PromQL
 
@@ -128,6 +129,7 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() results of hot-path metrics
         self._model_info: dict[tuple[str, str], str] = {}  # (model, version) -> provider currently exported
         self._depths: dict[str, dict[int, int]] = {}  # model -> version -> its batch queue's length
+        self._prefix_evicted = 0  # the prefix cache's eviction total that the counter already counts
 
         # --- API layer --------------------------------------------------------------------------------
         rpc = ("service", "method", "model", "code")
@@ -238,6 +240,30 @@ class Metrics:
             "Streamed completions: time from request start to the first chunk sent.",
             ("model",),
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        # --- core: the prefix cache of calls without a session ------------------------------------------
+        self.prefix_lookups = Counter(
+            "seqserve_prefix_cache_lookups",
+            "Char-LM calls without a session that asked the prefix cache, by what it had: hit (the whole prompt's "
+            "state), partial (a beginning of it), miss.",
+            ("model", "result"),
+            registry=r,
+        )
+        self.prefix_reused = Counter(
+            "seqserve_prefix_cache_reused_chars",
+            "Prompt characters that calls without a session did not feed again: their state came from the cache.",
+            ("model",),
+            registry=r,
+        )
+        self.prefix_bytes = Gauge(
+            "seqserve_prefix_cache_bytes", "Bytes the prefix cache holds (at most prefix_cache_bytes).", registry=r
+        )
+        self.prefix_entries = Gauge("seqserve_prefix_cache_entries", "Prefix states the cache holds.", registry=r)
+        self.prefix_evictions = Counter(
+            "seqserve_prefix_cache_evictions",
+            "Prefix states dropped, least recently used first, to keep within prefix_cache_bytes.",
             registry=r,
         )
 
@@ -384,6 +410,33 @@ class Metrics:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         self._child(self.chars, (self._model(model),)).inc(count)
+
+    # --- core: prefix cache --------------------------------------------------------------------------------
+    def prefix_lookup(self, model: str, result: str, reused_chars: int) -> None:
+        """One prefix cache lookup: result in {"hit", "partial", "miss"}; ``reused_chars`` not fed again."""
+        if result not in PREFIX_RESULTS or reused_chars < 0:
+            raise ValueError(f"prefix_lookup: result must be one of {PREFIX_RESULTS} and reused_chars >= 0")
+        name = self._model(model)
+        self._child(self.prefix_lookups, (name, result)).inc()
+        if reused_chars:
+            self._child(self.prefix_reused, (name,)).inc(reused_chars)
+
+    def prefix_cache_model(self, model: str) -> None:
+        """A model the prefix cache serves loaded: its lookup series exist at 0, so ``rate()`` sees the first."""
+        name = self._model(model)
+        for result in PREFIX_RESULTS:
+            self._child(self.prefix_lookups, (name, result))
+        self._child(self.prefix_reused, (name,))
+
+    def prefix_cache_usage(self, nbytes: int, entries: int, evictions: int) -> None:
+        """The cache's fill after a store; ``evictions``: its running total (the counter follows it)."""
+        self.prefix_bytes.set(nbytes)
+        self.prefix_entries.set(entries)
+        with self._lock:
+            added = evictions - self._prefix_evicted
+            self._prefix_evicted = max(evictions, self._prefix_evicted)
+        if added > 0:
+            self.prefix_evictions.inc(added)
 
     # --- core: forecast intervals ------------------------------------------------------------------------
     def forecast_levels(self, model: str, version: int, levels: Iterable[float]) -> None:

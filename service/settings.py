@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     """How often expired sessions are swept."""
     sequence_idle_seconds: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
     """KServe v2 sequences (Triton's max_sequence_idle_microseconds) expire after this idle time."""
+    prefix_cache_bytes: int = Field(default=32 * 1024 * 1024, ge=0)
+    """Char-LM calls without a session (KServe without a sequence, ``Complete`` without ``session_id``) keep the
+    state after their prompt, and every 128 characters on the way, in a cache of this many bytes (all models,
+    least recently used first), so a caller that re-sends a growing text pays for what it added. Per principal.
+    0 = off (every call feeds its whole text)."""
 
     # --- per-principal quotas (0 = no limit) ------------------------------------------------------------
     quota_sessions: int = Field(default=0, ge=0)

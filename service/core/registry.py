@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Literal
 
 from service.core.batching import Batcher
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from service.core.prefixes import PrefixCache
 from service.core.runtime import Runtime, load_runtime, select_providers
 from service.core.stats import StatsBook
 from service.core.tasks import Task, task_class
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
 Hook = Callable[["ModelEntry", bool], Awaitable[None] | None]  # (entry, replaced by a reload)
 State = Literal["READY", "UNAVAILABLE", "UNLOADING"]
+_SCOPES = itertools.count(1)  # one per started model version: the first part of its prefix cache keys
 
 
 def _signature(path: Path) -> tuple[tuple[int, int], ...]:
@@ -82,6 +85,8 @@ class ModelEntry:
     _batcher: Batcher | None = None
     _task: Task | None = None
     _metrics: Metrics | None = None
+    _prefixes: PrefixCache | None = None
+    prefix_scope: int = 0  # this load's own part of the prefix cache's keys (a reload never reads the last one's)
     _inflight: int = 0
     _drained: asyncio.Event | None = None
 
@@ -123,6 +128,11 @@ class ModelEntry:
     def metrics(self) -> Metrics:
         assert self._metrics is not None, f"{self.label} is not loaded"
         return self._metrics
+
+    @property
+    def prefixes(self) -> PrefixCache | None:
+        """The server's prefix cache (None or disabled: calls without a session feed their whole text)."""
+        return self._prefixes
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -198,9 +208,10 @@ class ModelEntry:
             )
         self.load_seconds = time.perf_counter() - t0
 
-    def start(self, settings: Settings, metrics: Metrics) -> None:
+    def start(self, settings: Settings, metrics: Metrics, prefixes: PrefixCache | None = None) -> None:
         """On the event loop, after ``load_files`` succeeded: the batcher and the task instance."""
         self._metrics = metrics
+        self._prefixes, self.prefix_scope = prefixes, next(_SCOPES)
         self._batcher = Batcher(self.name, self.version, self.runtime, settings, metrics, self.stats)
         self._batcher.start()
         self._task = task_class(self.manifest.task)(self, settings)
@@ -220,6 +231,8 @@ class ModelEntry:
                 )
         if self._batcher is not None:
             await self._batcher.stop()
+        if self._prefixes is not None:
+            self._prefixes.drop(self.prefix_scope)
         self._task, self._batcher, self._runtime = None, None, None
 
 
@@ -239,6 +252,7 @@ class ModelRegistry:
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
         self._loading: set[str] = set()  # names load_model() is loading now
         self._lock = asyncio.Lock()
+        self.prefixes = PrefixCache(settings.prefix_cache_bytes)  # shared by every model version, one budget
         self._on_load: list[Hook] = []
         self._on_unload: list[Hook] = []
 
@@ -415,7 +429,7 @@ class ModelRegistry:
             return
         if entry.error is None:
             try:
-                entry.start(self.settings, self.metrics)
+                entry.start(self.settings, self.metrics, self.prefixes)
             except Exception as exc:  # the task refused this version (a plugin's constructor, an odd manifest)
                 log.exception("model %s: its task could not start", entry.label)
                 await entry.stop(0.0)

@@ -42,8 +42,10 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.core.batching import Batcher
+    from service.core.prefixes import PrefixCache
     from service.core.runtime import Runtime
     from service.core.sessions.state import SessionState
+    from service.core.stats import StatsBook
     from service.metrics import Metrics
 
 Array = npt.NDArray[Any]
@@ -54,6 +56,8 @@ class ModelHandle(Protocol):
 
     name: str
     version: int
+    stats: StatsBook
+    prefix_scope: int  # this loaded version's part of the prefix cache's keys
 
     @property
     def manifest(self) -> Manifest: ...
@@ -69,6 +73,9 @@ class ModelHandle(Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def prefixes(self) -> PrefixCache | None: ...
 
 
 class TaskResult:

@@ -11,6 +11,8 @@ v2 contract: TEXT BYTES [1], NUM_CHARS INT32 [1] (optional) -> NEXT_CHAR_PROBS F
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncGenerator, Container
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ import numpy.typing as npt
 
 from service.core.arrays import F64, I64, log_softmax, sample, softmax
 from service.core.batching import StepInput, StepOutput
-from service.core.context import admitted, mark_admitted
+from service.core.context import admitted, mark_admitted, principal
 from service.core.manifest import Manifest
 from service.core.sessions.state import SessionState
 from service.core.tasks.base import (
@@ -50,6 +52,7 @@ from service.core.types import (
 from service.errors import InvalidInput
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 100.0
@@ -110,6 +113,29 @@ class CharLMTask(Task):
         self.vocab = self.encoder.vocab
         self._vocab_tensor = bytes_tensor("VOCAB", list(self.vocab))  # the same every call: built (and encoded) once
         model.batcher.derive = _probabilities
+        self.cuts_exactly = self._cuts_exactly()
+        if self.cuts_exactly and model.prefixes is not None and model.prefixes.enabled:
+            model.metrics.prefix_cache_model(model.name)
+
+    def _cuts_exactly(self) -> bool:
+        """Whether this graph's answer after a text is the same bits fed in one run or in two pieces, on a probe
+        text: float32 recurrent kernels step by step (yes), activations quantized per run (no: ``charlm-int8/1``).
+        Only then may the prefix cache (``_start``) serve the model: a hit must never change an answer."""
+        rt = self.model.runtime
+        ids = np.random.default_rng(0).integers(0, len(self.vocab), size=(1, 48)).astype(np.int64)
+        whole = rt.run({"input_ids": ids}, 1)
+        first = rt.run({"input_ids": ids[:, :29]}, 1)
+        rest = rt.run({"input_ids": ids[:, 29:], **{s.input: first[s.output] for s in rt.states}}, 1)
+        pairs = {"logits": (whole["logits"][:, -1], rest["logits"][:, -1])}
+        pairs |= {s.output: (whole[s.output], rest[s.output]) for s in rt.states}
+        gaps = {name: float(np.max(np.abs(a - b))) for name, (a, b) in pairs.items()}
+        if any(gaps.values()):
+            log.info(
+                "%s: no prefix cache: its answer after a text depends on how the text is cut (largest change %s)",
+                self.model.label,
+                max(gaps.items(), key=lambda kv: kv[1]),
+            )
+        return not any(gaps.values())
 
     def session_nbytes(self) -> int:
         return super().session_nbytes() + 4 * len(self.vocab)  # + next-character logits, float32
@@ -146,8 +172,44 @@ class CharLMTask(Task):
         return TaskResult(outputs, inferences=1, steps=step.steps)
 
     # --- steps ----------------------------------------------------------------------------------------
-    def _cursor(self, session: SessionState | None) -> Cursor:
-        return Cursor(state=self.initial_state()) if session is None else Cursor.of(session)
+    async def _start(self, session: SessionState | None, ids: I64, probs: bool = False) -> Cursor:
+        """The cursor after ``ids``: fed from the session's state, or, without one, from the longest beginning of
+        ``ids`` that the prefix cache has (``service/core/prefixes.py``; the answer is the same either way)."""
+        if session is not None:
+            cur = Cursor.of(session)
+            await self.advance(cur, ids, probs)
+            return cur
+        cache = self.model.prefixes
+        if cache is None or not cache.enabled or not self.cuts_exactly or ids.size == 0:
+            cur = Cursor(state=self.initial_state())
+            await self.advance(cur, ids, probs)
+            return cur
+        t0 = time.perf_counter_ns()
+        keys = cache.keys((self.model.prefix_scope, principal()), ids)
+        found, hit = cache.lookup(keys)
+        n = len(ids)
+        if hit is None:
+            cur = Cursor(state=self.initial_state())
+        else:
+            cur = Cursor(state=dict(hit.state), logits=hit.logits, steps=found)
+        spent = time.perf_counter_ns() - t0
+        m = self.model
+        if found == n:
+            m.stats.cache(True, spent)
+            m.metrics.prefix_lookup(m.name, "hit", found)
+            return cur
+        start = found
+        for end in keys.segments(found):  # cut at each checkpoint, so that those states are kept too
+            await self.advance(cur, ids[start:end], probs and end == n)
+            t1 = time.perf_counter_ns()
+            assert cur.logits is not None  # advance fed at least one id
+            cache.store(keys, end, cur.state, cur.logits)
+            spent += time.perf_counter_ns() - t1
+            start = end
+        m.stats.cache(False, spent)
+        m.metrics.prefix_lookup(m.name, "partial" if found else "miss", found)
+        m.metrics.prefix_cache_usage(cache.bytes, len(cache), cache.evictions)
+        return cur
 
     async def step_rows(self, state: dict[str, Array], ids: I64) -> tuple[dict[str, Array], FloatArray]:
         """Feeds ``ids`` (rows, time) with ``state`` (axis 1 = rows); returns the new state and the last logits
@@ -216,8 +278,7 @@ class CharLMTask(Task):
         self._check_params(params)
         check_text(prompt, "prompt", self.settings.max_chars_per_text, allow_empty=True)
         ids = self.encoder.encode(prompt, field="prompt")
-        cur = self._cursor(session)
-        await self.advance(cur, ids)
+        cur = await self._start(session, ids)
         logits = self._need_logits(cur, "prompt")
         if session is not None:
             cur.commit(session)
@@ -264,8 +325,7 @@ class CharLMTask(Task):
         check_int(num_chars, num_field, 0, self.settings.max_generate_chars, " (max_generate_chars)")
         check_text(text, text_field, self.settings.max_chars_per_text, allow_empty=True)
         ids = self.encoder.encode(text, field=text_field)
-        cur = self._cursor(session)
-        await self.advance(cur, ids, probs=True)
+        cur = await self._start(session, ids, probs=True)
         logits = self._need_logits(cur, text_field)
         probs = cur.probs if cur.probs is not None else softmax(logits).astype(np.float32)  # (vocab,)
         if session is not None:

@@ -287,11 +287,11 @@ def test_a_generation_counts_once_in_queue_and_compute(
         return one
 
     before = stats()
-    request = _charlm_raw("To be")
-    request.model_version = "1"
-    request.inputs.append(Input(name="NUM_CHARS", datatype="INT32", shape=[1]))
-    request.raw_input_contents.append(np.array([20], dtype=np.int32).tobytes())
-    for _ in range(3):
+    for i in range(3):  # three texts: the same one again would take its prompt from the prefix cache (19 runs)
+        request = _charlm_raw(f"Counting runs {i}")
+        request.model_version = "1"
+        request.inputs.append(Input(name="NUM_CHARS", datatype="INT32", shape=[1]))
+        request.raw_input_contents.append(np.array([20], dtype=np.int32).tobytes())
         stub.ModelInfer(request, timeout=60)
     after = stats()
     counts = {

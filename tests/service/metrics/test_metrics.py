@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.metrics import LATENCY_BUCKETS, OTHER_MODEL, SESSION_EVENTS, Metrics
+from service.metrics import LATENCY_BUCKETS, OTHER_MODEL, PREFIX_RESULTS, SESSION_EVENTS, Metrics
 
 SVC = "seqserve.v1.Inference"
 
@@ -230,6 +230,11 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_session_store_up",
         "seqserve_generated_chars",
         "seqserve_time_to_first_chunk_seconds",
+        "seqserve_prefix_cache_lookups",
+        "seqserve_prefix_cache_reused_chars",
+        "seqserve_prefix_cache_bytes",
+        "seqserve_prefix_cache_entries",
+        "seqserve_prefix_cache_evictions",
         "seqserve_forecast_observed_targets",
         "seqserve_forecast_targets_below",
         "seqserve_process_cpu_seconds",
@@ -243,6 +248,29 @@ def test_names_follow_conventions(m: Metrics) -> None:
     for fam in m.registry.collect():
         for sample in fam.samples:
             assert not {"session", "session_id", "text", "request_id"} & set(sample.labels), sample
+
+
+def test_prefix_cache_series(m: Metrics) -> None:
+    m.model_loaded("charlm", 1, "CPUExecutionProvider", 0.1, True)
+    m.prefix_cache_model("charlm")  # the series exist at 0 from the load on
+    assert value(m, "seqserve_prefix_cache_lookups_total", model="charlm", result="partial") == 0.0
+    assert value(m, "seqserve_prefix_cache_reused_chars_total", model="charlm") == 0.0
+    m.prefix_lookup("charlm", "partial", 40)
+    m.prefix_lookup("charlm", "hit", 41)
+    m.prefix_lookup("charlm", "miss", 0)
+    assert [value(m, "seqserve_prefix_cache_lookups_total", model="charlm", result=r) for r in PREFIX_RESULTS] == [
+        1.0,
+        1.0,
+        1.0,
+    ]
+    assert value(m, "seqserve_prefix_cache_reused_chars_total", model="charlm") == 81.0
+    m.prefix_cache_usage(5000, 3, 2)
+    m.prefix_cache_usage(4000, 2, 5)  # the cache's running total of evictions: the counter follows it
+    m.prefix_cache_usage(4000, 2, 5)
+    assert value(m, "seqserve_prefix_cache_evictions_total") == 5.0
+    assert value(m, "seqserve_prefix_cache_bytes") == 4000.0 and value(m, "seqserve_prefix_cache_entries") == 2.0
+    with pytest.raises(ValueError, match="result"):
+        m.prefix_lookup("charlm", "maybe", 0)
 
 
 def test_queue_depth_is_the_sum_over_a_models_versions(m: Metrics) -> None:

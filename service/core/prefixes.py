@@ -1,0 +1,158 @@
+"""Prefix cache: the recurrent state after recent prompts of calls without a session, so that a caller that
+re-sends a growing text (a stateless autocomplete client, a KServe request without a sequence, a shared preamble
+in front of many prompts) pays for the characters it added, not for the whole text again.
+
+An RNN's state after a prefix is a few KiB whatever the prefix's length, and feeding the rest from that state gives
+bit-for-bit the answer of feeding the whole text (ONNX Runtime's recurrent kernels run step by step; checked on the
+committed char LMs by ``tests/service/core/test_prefixes.py``), so a hit changes only the time a call takes.
+
+What is kept, per model version and principal (one tenant's prompts never answer, or time, another's):
+- the state after each prompt a call fed, under its whole length;
+- on the way, the state at every multiple of ``checkpoint`` characters (the feeding is cut there), so prompts
+  that share a long beginning find it even when they differ near their end.
+
+A lookup tries the whole text, then each of the ``lookback`` shorter lengths (a client that typed a few characters
+since its last call), then the checkpoints below, longest first. Keys are a 16-byte BLAKE2b chain over the token
+ids (one digest per checkpoint block, each covering the one before), so a key costs the same at any length and a
+lookup hashes each character about once. Entries are evicted least recently used first, within ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[Any]
+DIGEST_BYTES = 16
+ENTRY_OVERHEAD = 256  # bytes per entry beyond its arrays: the key, the OrderedDict slot, the dataclass
+
+
+@dataclass(frozen=True)
+class Hit:
+    """What the cache holds for one prefix: the state after it (read-only arrays, batch of one) and the logits of
+    the character that follows it."""
+
+    state: dict[str, Array]
+    logits: Array
+    nbytes: int
+
+
+def _frozen(a: Array) -> Array:
+    """An owned, read-only copy: a view would keep its whole batch alive, and nothing may write into a shared
+    state (a write raises instead of changing another call's answer)."""
+    out = np.array(a, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+class PrefixKeys:
+    """The cache keys of one prompt's prefixes: ``key(length)`` for any length up to ``len(ids)``."""
+
+    def __init__(self, scope: tuple[Any, ...], ids: npt.NDArray[np.int64], checkpoint: int) -> None:
+        self.scope, self.ids, self.checkpoint = scope, ids, checkpoint
+        self._chain: list[bytes] = [b""]  # _chain[k]: the digest of the first k checkpoint blocks
+
+    def _block_digest(self, k: int) -> bytes:
+        while len(self._chain) <= k:
+            i = len(self._chain) - 1
+            block = self.ids[i * self.checkpoint : (i + 1) * self.checkpoint].tobytes()
+            self._chain.append(hashlib.blake2b(self._chain[-1] + block, digest_size=DIGEST_BYTES).digest())
+        return self._chain[k]
+
+    def key(self, length: int) -> tuple[Any, ...]:
+        k, rest = divmod(length, self.checkpoint)
+        digest = self._block_digest(k)
+        if rest:
+            tail = self.ids[k * self.checkpoint : length].tobytes()
+            digest = hashlib.blake2b(digest + tail, digest_size=DIGEST_BYTES).digest()
+        return (*self.scope, length, digest)
+
+    def candidates(self, lookback: int) -> Iterator[int]:
+        """Lengths a lookup tries, longest first: the whole text, ``lookback`` shorter ones, then checkpoints."""
+        n = len(self.ids)
+        low = max(n - lookback, 1)
+        yield from range(n, low - 1, -1)
+        top = (low - 1) // self.checkpoint * self.checkpoint
+        yield from range(top, 0, -self.checkpoint)
+
+    def segments(self, start: int) -> Iterator[int]:
+        """Where feeding from ``start`` stops to store a state: each checkpoint after ``start``, then the end."""
+        n = len(self.ids)
+        nxt = (start // self.checkpoint + 1) * self.checkpoint
+        while nxt < n:
+            yield nxt
+            nxt += self.checkpoint
+        yield n
+
+
+class PrefixCache:
+    """States after prompt prefixes, least recently used evicted first. Thread-safe (one lock; lookups and stores
+    are dictionary operations)."""
+
+    def __init__(self, max_bytes: int, checkpoint: int = 128, lookback: int = 16) -> None:
+        if checkpoint < 1 or lookback < 0:
+            raise ValueError(f"checkpoint must be >= 1 and lookback >= 0, got {checkpoint} and {lookback}")
+        self.max_bytes, self.checkpoint, self.lookback = max_bytes, checkpoint, lookback
+        self._entries: OrderedDict[tuple[Any, ...], Hit] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.evictions = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self, scope: tuple[Any, ...], ids: npt.NDArray[np.int64]) -> PrefixKeys:
+        return PrefixKeys(scope, ids, self.checkpoint)
+
+    def lookup(self, keys: PrefixKeys) -> tuple[int, Hit | None]:
+        """The longest cached prefix among ``keys.candidates``: (its length, what is kept), or (0, None)."""
+        if not self._entries:
+            return 0, None
+        for length in keys.candidates(self.lookback):
+            key = keys.key(length)
+            with self._lock:
+                hit = self._entries.get(key)
+                if hit is not None:
+                    self._entries.move_to_end(key)
+                    return length, hit
+        return 0, None
+
+    def store(self, keys: PrefixKeys, length: int, state: dict[str, Array], logits: Array) -> None:
+        """Keeps the state after the first ``length`` ids (copied, read-only), evicting the least recently used
+        entries beyond ``max_bytes``. An entry larger than the whole cache is not kept."""
+        kept = {name: _frozen(v) for name, v in state.items()}
+        last = _frozen(logits)
+        nbytes = sum(v.nbytes for v in kept.values()) + last.nbytes + ENTRY_OVERHEAD
+        if nbytes > self.max_bytes:
+            return
+        key = keys.key(length)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
+            self._entries[key] = Hit(kept, last, nbytes)
+            self.bytes += nbytes
+            while self.bytes > self.max_bytes:
+                _, gone = self._entries.popitem(last=False)
+                self.bytes -= gone.nbytes
+                self.evictions += 1
+
+    def drop(self, scope_head: object) -> int:
+        """Forgets every entry whose scope starts with ``scope_head`` (a model version that unloads); returns how
+        many."""
+        with self._lock:
+            doomed = [k for k in self._entries if k[0] == scope_head]
+            for k in doomed:
+                self.bytes -= self._entries.pop(k).nbytes
+            return len(doomed)
