@@ -15,6 +15,8 @@ What it measures, and why:
 - ``runtime``: one ONNX Runtime run of each int8 copy or fused graph against its parent, what batching does to the
   int8 char LM's answers on real text, what the batcher's length groups save on real sentences, and one run of
   each default model with one and with two intra-op threads (``bench/runtime.py``).
+- ``prefixes``: the same typing user without a session, re-sending the whole text at every keystroke, against the
+  default server (prefix cache) and one without the cache (``bench/prefixes.py``).
 - ``streams``: concurrent generation streams; the dynamic batcher merges their one-character steps.
 - ``classify`` / ``forecast`` / ``observe``: request latency of the other APIs.
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
@@ -39,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import cli, core, runtime
+from bench import cli, core, prefixes, runtime
 from bench.floor import canned_method
 from bench.launch import rss_bytes, serve
 from bench.stores import print_stores, run_stores
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-perf", action="store_true", help="skip the perf_analyzer section")
     args = ap.parse_args(argv)
     repeats = 5 if args.quick else args.repeats
-    prefixes = [16, 256] if args.quick else [16, 256, 1024, 4000]
+    lengths = [16, 256] if args.quick else [16, 256, 1024, 4000]
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     with serve(args.models) as server, Client(server.target, timeout=120) as client:
         pid = server.pid
         refs = core.char_models(args.models)
-        results["keystroke"] = [row for r in refs for row in bench_keystroke(client, prefixes, repeats, r)]
+        results["keystroke"] = [row for r in refs for row in bench_keystroke(client, lengths, repeats, r)]
         results["keystroke_floor"] = keystroke_floor(max(repeats, 200))
         results["streams"] = bench_streams(client, [1, 4] if args.quick else [1, 4, 16], 50 if args.quick else 200)
         texts = ["a gripping , beautifully acted film", "dull and far too long"] * 8
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 timed(lambda: client.observe(s.id, hist[[next(rows) % 200]]), repeats)
             )
         results["memory"] = bench_memory(client, pid, 50 if args.quick else 500)
+    results["prefixes"] = prefixes.run(args.models, lengths, repeats)
     results["core"] = core.run(args.models, 500 if args.quick else 4000)  # the core's per-step cost, no gRPC
     results["runtime"] = runtime.run(args.models, 30 if args.quick else 300)  # int8 models vs float32 parents
     results["batch_dependence"] = runtime.real_text_dependence(args.models, runtime.TEXT, 3 if args.quick else 20)
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     results["overload"] = overload.run(args.models, 96 if args.quick else 256, 1.0 if args.quick else 8.0)
     cli.write_json(args.out, results)
     print_table(results)
+    prefixes.print_table(results["prefixes"])
     core.print_table(results["core"])
     runtime.print_table(
         results["runtime"], results["batch_dependence"], results["cache_effect"], results["padding"], results["threads"]

@@ -1,0 +1,100 @@
+"""A keystroke without a session: what the prefix cache (``PREFIX_CACHE_BYTES``) saves a stateless client.
+
+A client that keeps no session (a KServe caller without a sequence, a stateless web tier) re-sends the whole text
+at every keystroke. Without the cache the server feeds all of it every time; with it, only the character added
+since the last call. Each keystroke here is one ``Complete`` call without a session, ``max_chars=1`` (the next
+character), whose prompt is the previous one plus one character, as a typing user's would be. It is measured
+against a server with the cache (the default) and one without (``SEQSERVE_PREFIX_CACHE_BYTES=0``), both with their
+default worker count, for ``charlm`` at growing text lengths; the session keystroke of ``make bench``'s first
+table is the same user with a session.
+
+    python -m bench.prefixes [--models models] [--repeats 50] [--prefixes 16 256 1024 4000]
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import cli
+from bench.launch import metric_families, serve
+from service.client import Client
+
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+) * 60
+
+
+def typing(client: Client, start: int, repeats: int, model: str, warmup: int = 3) -> list[float]:
+    """``repeats`` keystrokes from a text of ``start`` characters: each call sends the whole text so far."""
+    out = []
+    for i in range(warmup + repeats):
+        prompt = TEXT[: start + i]
+        t0 = time.perf_counter()
+        (chunk,) = client.complete(prompt, model=model, max_chars=1, temperature=0.0)
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+        assert chunk.finish_reason == "length"
+    return out
+
+
+def lookups(metrics_port: int, model: str) -> dict[str, int]:
+    """What the server's prefix cache answered so far (``seqserve_prefix_cache_lookups_total``), by result."""
+    found = {"hit": 0, "partial": 0, "miss": 0}
+    for family in metric_families(metrics_port):
+        if family.name == "seqserve_prefix_cache_lookups":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("model") == model:
+                    found[sample.labels["result"]] = int(sample.value)
+    return found
+
+
+def run(models: Path, prefixes: list[int], repeats: int, model: str = "charlm") -> list[dict[str, Any]]:
+    """One row per text length: the keystroke's latency with the cache and without, and what each server's cache
+    answered for that length's calls (the evidence that the cache, and only it, made the difference)."""
+    if max(prefixes) + repeats + 3 > len(TEXT):
+        raise ValueError(f"the text has {len(TEXT)} characters; use shorter prefixes or fewer repeats")
+    rows: dict[int, dict[str, Any]] = {n: {"model": model, "prefix_chars": n} for n in prefixes}
+    for label, env in (("cache", {}), ("no_cache", {"SEQSERVE_PREFIX_CACHE_BYTES": "0"})):
+        with serve(models, env) as server, Client(server.target, timeout=600) as client:
+            for n in prefixes:
+                before = lookups(server.metrics_port, model)
+                rows[n][label] = cli.percentiles(typing(client, n, repeats, model))
+                after = lookups(server.metrics_port, model)
+                rows[n][label]["lookups"] = {k: after[k] - before[k] for k in after}
+    return list(rows.values())
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\nA keystroke without a session (Complete of 1 char, the whole text re-sent; p50 / p99 ms):")
+    print(
+        f"  {'model':>8}  {'text chars':>10}  {'prefix cache':>20}  {'no cache':>20}  {'speed-up':>8}  "
+        "cache answered (hit/partial/miss)"
+    )
+    for row in rows:
+        c, n = row["cache"], row["no_cache"]
+        got = c["lookups"]
+        print(
+            f"  {row['model']:>8}  {row['prefix_chars']:>10}  {c['p50_ms']:>9.2f} / {c['p99_ms']:>7.2f}  "
+            f"{n['p50_ms']:>9.2f} / {n['p99_ms']:>7.2f}  {n['p50_ms'] / c['p50_ms']:>7.1f}x  "
+            f"{got['hit']}/{got['partial']}/{got['miss']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = cli.parser(__doc__, "prefixes.json")
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--prefixes", type=int, nargs="+", default=[16, 256, 1024, 4000])
+    ap.add_argument("--model", default="charlm")
+    args = ap.parse_args(argv)
+    rows = run(args.models, args.prefixes, args.repeats, args.model)
+    cli.write_json(args.out, {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows})
+    print_table(rows)
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
