@@ -34,6 +34,24 @@ log = logging.getLogger(__name__)
 
 
 REQUEST_SECONDS_PER_IDLE = 3  # a whole request (headers, TLS handshake) gets at most this many idle timeouts
+LINGER_SECONDS = 2.0  # after our side closed: how long what the client still sends is read and dropped
+LINGER_BYTES = 32 << 20  # ... and how much of it at most
+
+
+def linger(connection: socket.socket) -> None:
+    """A lingering close (as nginx's ``lingering_close``): our side is shut, then what the client still sends (the
+    body of a request answered without reading it) is read and dropped until it closes too, for
+    ``LINGER_SECONDS`` at most. Closing with unread bytes would make the kernel reset the connection, and a client
+    still sending would get that reset instead of the answer already on its way."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_WR)
+        deadline, drained = time.monotonic() + LINGER_SECONDS, 0
+        while drained < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            connection.settimeout(left)
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
 
 
 class _Server(ThreadingHTTPServer):
@@ -149,6 +167,13 @@ class KeptAliveHandler(BaseHTTPRequestHandler):
     # Headers and body leave as two writes: with Nagle on, the body of every answer on a kept-alive connection
     # waited for the client's delayed ACK of the headers (``python -m bench.rest`` times /healthz).
     disable_nagle_algorithm = True
+
+    lingers = False  # set when an answer leaves before the request's body was read: see ``linger``
+
+    def finish(self) -> None:
+        super().finish()
+        if self.lingers:
+            linger(self.connection)
 
     def handle(self) -> None:
         self.close_connection = True

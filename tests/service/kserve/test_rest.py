@@ -410,3 +410,35 @@ def test_answers_are_compressed_when_the_client_accepts_it(rest: ServerHandle) -
         np.testing.assert_array_equal(
             result.as_numpy("NEXT_CHAR_PROBS"), np.asarray(json.loads(plain[2])["outputs"][0]["data"], np.float32)
         )
+
+
+def _exchange(handle: ServerHandle, parts: list[bytes], pause: float = 0.2) -> bytes:
+    """Sends ``parts`` on one connection, ``pause`` seconds apart, then reads until the server closes."""
+    import socket
+    import time
+
+    host, port = url(handle).rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for part in parts:
+            sock.sendall(part)
+            time.sleep(pause)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    return got
+
+
+def test_a_refused_body_still_gets_its_answer(rest: ServerHandle) -> None:
+    """A body the gateway refuses unread (chunked: 411; too large: 413) may still be on its way when the answer
+    leaves. The gateway answers, closes its side and reads what is left before it closes (a lingering close), so
+    the client reads the status instead of a reset, and the rest of the body is never taken for a next request."""
+    body = infer_body(["a fine film"], [1])
+    head = b"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    chunked = _exchange(
+        rest, [head + b"Transfer-Encoding: chunked\r\n\r\n", b"%x\r\n%s\r\n" % (len(body), body), b"0\r\n\r\n"]
+    )
+    assert chunked.startswith(b"HTTP/1.1 411 ") and chunked.count(b"HTTP/1.1 ") == 1, chunked[:300]
+    assert b"Connection: close" in chunked
+    big = b"x" * (300 * 1024)  # over this server's 256 KiB limit, sent after the answer left
+    over = _exchange(rest, [head + b"Content-Length: %d\r\n\r\n" % len(big), big[:100_000], big[100_000:]])
+    assert over.startswith(b"HTTP/1.1 413 ") and over.count(b"HTTP/1.1 ") == 1, over[:300]
