@@ -171,6 +171,7 @@ class CoreDataPlane:
             contract=entry.task.contract(),
             parameters={"task": entry.task.name, "version": str(entry.version), "sha256": entry.sha256},
             device="gpu" if entry.runtime.provider.startswith("CUDA") else "cpu",
+            response_cache=entry.task.prefix_cached,
         )
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:

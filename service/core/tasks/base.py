@@ -135,6 +135,11 @@ class Task:
     def check_session(self) -> None:
         """Raises FailedPrecondition when this model version cannot hold sessions (stateless or unsupported)."""
 
+    @property
+    def prefix_cached(self) -> bool:
+        """Whether calls without a session reuse the prefix cache's states (``service/core/prefixes.py``)."""
+        return False
+
 
 # --- capabilities: the typed calls of our own API -------------------------------------------------------------
 @runtime_checkable

@@ -114,8 +114,13 @@ class CharLMTask(Task):
         self._vocab_tensor = bytes_tensor("VOCAB", list(self.vocab))  # the same every call: built (and encoded) once
         model.batcher.derive = _probabilities
         self.cuts_exactly = self._cuts_exactly()
-        if self.cuts_exactly and model.prefixes is not None and model.prefixes.enabled:
+        if self.prefix_cached:
             model.metrics.prefix_cache_model(model.name)
+
+    @property
+    def prefix_cached(self) -> bool:
+        cache = self.model.prefixes
+        return self.cuts_exactly and cache is not None and cache.enabled
 
     def _cuts_exactly(self) -> bool:
         """Whether this graph's answer after a text is the same bits fed in one run or in two pieces, on a probe
@@ -180,7 +185,7 @@ class CharLMTask(Task):
             await self.advance(cur, ids, probs)
             return cur
         cache = self.model.prefixes
-        if cache is None or not cache.enabled or not self.cuts_exactly or ids.size == 0:
+        if cache is None or not self.prefix_cached or ids.size == 0:
             cur = Cursor(state=self.initial_state())
             await self.advance(cur, ids, probs)
             return cur

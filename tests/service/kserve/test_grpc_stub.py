@@ -416,3 +416,24 @@ def test_a_start_with_end_answers_and_ends_the_running_sequence(stub: pb_grpc.GR
     gone = _charlm_raw("z")
     _seq(gone, 720)
     assert _status(stub, gone)[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_model_config_says_which_models_reuse_prefixes(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Triton's ``response_cache.enable``: on for the char LM (calls without a sequence reuse the prefix cache), off
+    for models that have none; and a repeated stateless text is counted as Triton's cache_hit."""
+    config = {
+        name: stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=60).config for name in ("charlm", "sentiment")
+    }
+    assert config["charlm"].HasField("response_cache") and config["charlm"].response_cache.enable is True
+    assert not config["sentiment"].HasField("response_cache")
+
+    def hits() -> tuple[int, int]:
+        (one,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="charlm", version="2"), timeout=60).model_stats
+        return one.inference_stats.cache_hit.count, one.inference_stats.cache_miss.count
+
+    before = hits()
+    request = _charlm_raw("A text sent twice, with no sequence")
+    first, second = stub.ModelInfer(request, timeout=60), stub.ModelInfer(request, timeout=60)
+    assert first.raw_output_contents == second.raw_output_contents  # the same bytes from the cache
+    after = hits()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
