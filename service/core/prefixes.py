@@ -31,7 +31,9 @@ import numpy.typing as npt
 
 Array = npt.NDArray[Any]
 DIGEST_BYTES = 16
-ENTRY_OVERHEAD = 256  # bytes per entry beyond its arrays: the key, the OrderedDict slot, the dataclass
+# Bytes per entry beyond its arrays' data: the key, the OrderedDict slot, the Hit, its dict and the array objects
+# (tracemalloc: ~910 B per char-LM entry; tests/service/core/test_prefixes.py checks the budget is not exceeded).
+ENTRY_OVERHEAD = 1024
 
 
 @dataclass(frozen=True)

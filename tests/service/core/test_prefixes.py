@@ -15,7 +15,7 @@ import pytest
 from service.core.batching import StepInput, StepOutput
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
-from service.core.prefixes import PrefixCache
+from service.core.prefixes import ENTRY_OVERHEAD, PrefixCache
 from service.core.types import ModelRef, SamplingParams
 from tests.service.core.conftest import RecordingMetrics, core_settings
 
@@ -95,7 +95,7 @@ def test_entries_are_owned_read_only_copies() -> None:
 
 
 def test_least_recently_used_entries_are_evicted_within_the_budget() -> None:
-    one = sum(v.nbytes for v in state(0).values()) + 5 * 4 + 256
+    one = sum(v.nbytes for v in state(0).values()) + 5 * 4 + ENTRY_OVERHEAD
     cache = PrefixCache(3 * one, checkpoint=8)
     keys = [cache.keys(("m", ""), ids_of(6, seed)) for seed in range(4)]
     for i in range(3):
@@ -111,6 +111,25 @@ def test_least_recently_used_entries_are_evicted_within_the_budget() -> None:
     tiny = PrefixCache(one - 1, checkpoint=8)
     tiny.store(keys[0], 6, state(0), np.zeros(5, np.float32))  # larger than the whole cache: not kept
     assert len(tiny) == 0 and tiny.bytes == 0
+
+
+def test_the_budget_counts_what_entries_really_take() -> None:
+    """``max_bytes`` bounds the memory the entries take, not just their arrays' data: what Python allocates for
+    2,000 char-LM-sized entries (keys, dicts, array objects included) stays within what the cache counts."""
+    import tracemalloc
+
+    cache = PrefixCache(1 << 30, checkpoint=128)
+    full = {"h0": np.zeros((2, 1, 256), np.float32), "c0": np.zeros((2, 1, 256), np.float32)}
+    keys = [cache.keys((1, ""), ids_of(40, seed)) for seed in range(2000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for k in keys:
+            cache.store(k, 40, full, np.zeros(65, np.float32))
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == 2000 and taken <= cache.bytes, (taken / 2000, cache.bytes / 2000)
 
 
 def test_drop_forgets_one_model_versions_entries() -> None:
