@@ -422,11 +422,11 @@ class Metrics:
             self._child(self.prefix_reused, (name,)).inc(reused_chars)
 
     def prefix_cache_model(self, model: str) -> None:
-        """A model the prefix cache serves loaded: its lookup series exist at 0, so ``rate()`` sees the first."""
-        name = self._model(model)
+        """A model the prefix cache serves loaded: its lookup series exist at 0, so ``rate()`` sees the first. (Called
+        while the model loads, before ``model_loaded`` knows its name: labelled with the name as given.)"""
         for result in PREFIX_RESULTS:
-            self._child(self.prefix_lookups, (name, result))
-        self._child(self.prefix_reused, (name,))
+            self._child(self.prefix_lookups, (model, result))
+        self._child(self.prefix_reused, (model,))
 
     def prefix_cache_usage(self, nbytes: int, entries: int, evictions: int) -> None:
         """The cache's fill after a store; ``evictions``: its running total (the counter follows it)."""

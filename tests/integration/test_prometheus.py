@@ -217,6 +217,13 @@ def test_core_metrics_match_the_traffic(prometheus: Prometheus, traffic: Traffic
     assert scalar(prometheus, "seqserve_session_store_capacity_sessions") == 3.0
     assert scalar(prometheus, 'seqserve_time_to_first_chunk_seconds_count{model="charlm"}') == traffic.completes
     assert scalar(prometheus, 'seqserve_generated_chars_total{model="charlm"}') >= traffic.completion_chars > 0
+    # The same stateless Complete each round: the first fed its prompt, every later one found it in the prefix cache.
+    lookups = {
+        r["metric"]["result"]: float(r["value"][1])
+        for r in query(prometheus, 'seqserve_prefix_cache_lookups_total{model="charlm"}')
+    }
+    assert lookups == {"hit": traffic.completes - 1, "partial": 0.0, "miss": 1.0}
+    assert scalar(prometheus, 'seqserve_prefix_cache_reused_chars_total{model="charlm"}') == 6 * (traffic.completes - 1)
     info = query(prometheus, "seqserve_model_info")
     assert {(r["metric"]["model"], r["metric"]["version"]) for r in info} == {
         ("sentiment", "1"),

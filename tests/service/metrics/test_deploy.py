@@ -88,6 +88,7 @@ def test_dashboard_covers_the_required_panels() -> None:
         "seqserve_model_info",
         "seqserve_forecast_targets_below_total",  # live interval coverage
         "seqserve_forecast_observed_targets_total",
+        "seqserve_prefix_cache_lookups_total",  # calls without a session that found their text
     ):
         assert needle in exprs, needle
     # The server error ratio counts the requests inside KServe streams too (a stream is one RPC).

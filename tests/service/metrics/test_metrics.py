@@ -251,8 +251,8 @@ def test_names_follow_conventions(m: Metrics) -> None:
 
 
 def test_prefix_cache_series(m: Metrics) -> None:
+    m.prefix_cache_model("charlm")  # the series exist at 0 from the load on (before model_loaded knows the name)
     m.model_loaded("charlm", 1, "CPUExecutionProvider", 0.1, True)
-    m.prefix_cache_model("charlm")  # the series exist at 0 from the load on
     assert value(m, "seqserve_prefix_cache_lookups_total", model="charlm", result="partial") == 0.0
     assert value(m, "seqserve_prefix_cache_reused_chars_total", model="charlm") == 0.0
     m.prefix_lookup("charlm", "partial", 40)
@@ -271,6 +271,7 @@ def test_prefix_cache_series(m: Metrics) -> None:
     assert value(m, "seqserve_prefix_cache_bytes") == 4000.0 and value(m, "seqserve_prefix_cache_entries") == 2.0
     with pytest.raises(ValueError, match="result"):
         m.prefix_lookup("charlm", "maybe", 0)
+    assert value(m, "seqserve_prefix_cache_lookups_total", model=OTHER_MODEL, result="miss") is None
 
 
 def test_queue_depth_is_the_sum_over_a_models_versions(m: Metrics) -> None:
