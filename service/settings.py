@@ -174,9 +174,9 @@ class Settings(BaseSettings):
     """KServe v2 sequences (Triton's max_sequence_idle_microseconds) expire after this idle time."""
     prefix_cache_bytes: int = Field(default=32 * 1024 * 1024, ge=0)
     """Char-LM calls without a session (KServe without a sequence, ``Complete`` without ``session_id``) keep the
-    state after their prompt, and every 128 characters on the way, in a cache of this many bytes (all models,
-    least recently used first), so a caller that re-sends a growing text pays for what it added. Per principal.
-    0 = off (every call feeds its whole text)."""
+    state after their prompt, and every 128 characters on the way (fewer in a long prompt), in a cache of this
+    many bytes (all models, least recently used first), so a caller that re-sends a growing text pays for what it
+    added. Per principal. 0 = off (every call feeds its whole text)."""
 
     # --- per-principal quotas (0 = no limit) ------------------------------------------------------------
     quota_sessions: int = Field(default=0, ge=0)

@@ -169,9 +169,13 @@ class CoreDataPlane:
             task=entry.task.name,
             platform=PLATFORM,
             contract=entry.task.contract(),
-            parameters={"task": entry.task.name, "version": str(entry.version), "sha256": entry.sha256},
+            parameters={
+                "task": entry.task.name,
+                "version": str(entry.version),
+                "sha256": entry.sha256,
+                "prefix_cache": "true" if entry.task.prefix_cached else "false",
+            },
             device="gpu" if entry.runtime.provider.startswith("CUDA") else "cpu",
-            response_cache=entry.task.prefix_cached,
         )
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:

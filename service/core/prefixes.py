@@ -8,8 +8,9 @@ committed char LMs by ``tests/service/core/test_prefixes.py``), so a hit changes
 
 What is kept, per model version and principal (one tenant's prompts never answer, or time, another's):
 - the state after each prompt a call fed, under its whole length;
-- on the way, the state at every multiple of ``checkpoint`` characters (the feeding is cut there), so prompts
-  that share a long beginning find it even when they differ near their end.
+- on the way, the state at every multiple of ``checkpoint`` characters (the feeding is cut there; a long text at
+  every second, fourth, ... one, so that a call runs the model ``MAX_RUNS`` times at most), so prompts that share a
+  long beginning find it even when they differ near their end.
 
 A lookup tries the whole text, then each of the ``lookback`` shorter lengths (a client that typed a few characters
 since its last call), then the checkpoints below, longest first. Keys are a 16-byte BLAKE2b chain over the token
@@ -31,6 +32,7 @@ import numpy.typing as npt
 
 Array = npt.NDArray[Any]
 DIGEST_BYTES = 16
+MAX_RUNS = 8  # model runs one call may be cut into (a 4,000-character text: checkpoints every 512)
 # Bytes per entry beyond its arrays' data: the key, the OrderedDict slot, the Hit, its dict and the array objects
 # (tracemalloc: ~910 B per char-LM entry; tests/service/core/test_prefixes.py checks the budget is not exceeded).
 ENTRY_OVERHEAD = 1024
@@ -84,13 +86,18 @@ class PrefixKeys:
         top = (low - 1) // self.checkpoint * self.checkpoint
         yield from range(top, 0, -self.checkpoint)
 
-    def segments(self, start: int) -> Iterator[int]:
-        """Where feeding from ``start`` stops to store a state: each checkpoint after ``start``, then the end."""
+    def segments(self, start: int, most: int = MAX_RUNS) -> Iterator[int]:
+        """Where feeding from ``start`` stops to store a state: the checkpoints after ``start``, then the end, in
+        ``most`` runs at most (each run waits its turn in the batch queue): a long text keeps every second, fourth,
+        ... checkpoint, multiples of ``checkpoint`` all the same, so lookups find them."""
         n = len(self.ids)
-        nxt = (start // self.checkpoint + 1) * self.checkpoint
+        stride = self.checkpoint
+        while (n - 1) // stride - start // stride > most - 1:
+            stride *= 2
+        nxt = (start // stride + 1) * stride
         while nxt < n:
             yield nxt
-            nxt += self.checkpoint
+            nxt += stride
         yield n
 
 

@@ -178,7 +178,6 @@ class ModelMetadata:
     contract: TensorContract
     parameters: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"  # where its runs execute: "cpu" or "gpu" (its ONNX Runtime provider)
-    response_cache: bool = False  # calls without a sequence reuse the prefix cache (Triton's response_cache.enable)
 
 
 @dataclass(frozen=True)

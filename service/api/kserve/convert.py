@@ -52,8 +52,6 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
         # One ONNX Runtime session per version, on the device its provider runs on (Triton always fills this in).
         instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=1)],
     )
-    if m.response_cache:  # Triton's field; here the prefix cache of calls without a sequence
-        config.response_cache.enable = True
     if c.sequences:
         idle_us = int(settings.sequence_idle_seconds * 1e6)
         config.sequence_batching.CopyFrom(pb.ModelSequenceBatching(max_sequence_idle_microseconds=idle_us))

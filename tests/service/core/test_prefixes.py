@@ -53,6 +53,10 @@ def test_lookup_order_and_where_feeding_stops() -> None:
     assert list(keys.segments(0)) == [128, 256, 300]
     assert list(keys.segments(130)) == [256, 300]
     assert list(keys.segments(256)) == [300]
+    long = PrefixCache(1 << 20, checkpoint=128).keys(("m", ""), ids_of(4000))  # 8 runs at most: every 512th
+    assert list(long.segments(0)) == [*range(512, 4000, 512), 4000]
+    assert list(long.segments(3000)) == [3072, 3328, 3584, 3840, 4000]  # from 3,000: every 256th
+    assert list(long.segments(3900)) == [3968, 4000] and list(long.segments(3970)) == [4000]
     short = PrefixCache(1 << 20, checkpoint=128).keys(("m", ""), ids_of(5))
     assert list(short.candidates(16)) == [5, 4, 3, 2, 1] and list(short.segments(0)) == [5]
 

@@ -419,13 +419,16 @@ def test_a_start_with_end_answers_and_ends_the_running_sequence(stub: pb_grpc.GR
 
 
 def test_model_config_says_which_models_reuse_prefixes(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
-    """Triton's ``response_cache.enable``: on for the char LM (calls without a sequence reuse the prefix cache), off
-    for models that have none; and a repeated stateless text is counted as Triton's cache_hit."""
+    """Parameter ``prefix_cache``: true for the char LM (calls without a sequence reuse the prefix cache), false for
+    models that have none; never Triton's ``response_cache`` (perf_analyzer would take it for a cache of whole
+    responses and print a cache breakdown for sequences, which never use it). A repeated stateless text is counted
+    as Triton's cache_hit."""
     config = {
         name: stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=60).config for name in ("charlm", "sentiment")
     }
-    assert config["charlm"].HasField("response_cache") and config["charlm"].response_cache.enable is True
-    assert not config["sentiment"].HasField("response_cache")
+    assert config["charlm"].parameters["prefix_cache"].string_value == "true"
+    assert config["sentiment"].parameters["prefix_cache"].string_value == "false"
+    assert not config["charlm"].HasField("response_cache") and not config["sentiment"].HasField("response_cache")
 
     def hits() -> tuple[int, int]:
         (one,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="charlm", version="2"), timeout=60).model_stats

@@ -1443,7 +1443,9 @@ Global___ModelConfig: _TypeAlias = ModelConfig  # noqa: Y015
 
 @_typing.final
 class ModelResponseCache(_message.Message):
-    """Triton's response cache setting; here: whether calls without a sequence reuse the prefix cache (PREFIX_CACHE_BYTES)."""
+    """Triton's response cache setting, for clients that read it. Never set here: seqserve has no response cache (its
+    prefix cache is parameter "prefix_cache"), and perf_analyzer reads an enabled one as Triton's response cache.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
