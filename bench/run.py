@@ -49,6 +49,7 @@ from service.api.gen.seqserve.v1 import autocomplete_pb2
 from service.client import Client, SuggestEvent
 from service.core.types import ModelRef
 
+NO_PREFIX_CACHE = {"SEQSERVE_PREFIX_CACHE_BYTES": "0"}
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
@@ -195,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "repeats": repeats,
     }
-    with serve(args.models) as server, Client(server.target, timeout=120) as client:
+    # Without the prefix cache: the keystroke table's "recompute" column is what a server without sequence state must
+    # do (with the cache, the reset's repeated text would come from it; the ``prefixes`` section measures the cache).
+    with serve(args.models, NO_PREFIX_CACHE) as server, Client(server.target, timeout=120) as client:
         pid = server.pid
         refs = core.char_models(args.models)
         results["keystroke"] = [row for r in refs for row in bench_keystroke(client, lengths, repeats, r)]

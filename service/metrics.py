@@ -246,8 +246,8 @@ class Metrics:
         # --- core: the prefix cache of calls without a session ------------------------------------------
         self.prefix_lookups = Counter(
             "seqserve_prefix_cache_lookups",
-            "Char-LM calls without a session that asked the prefix cache, by what it had: hit (the whole prompt's "
-            "state), partial (a beginning of it), miss.",
+            "Char-LM calls without a session (or from a session that starts from nothing) that asked the prefix "
+            "cache, by what it had: hit (the whole text's state), partial (a beginning of it), miss.",
             ("model", "result"),
             registry=r,
         )

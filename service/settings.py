@@ -176,7 +176,8 @@ class Settings(BaseSettings):
     """Char-LM calls without a session (KServe without a sequence, ``Complete`` without ``session_id``) keep the
     state after their prompt, and every 128 characters on the way (fewer in a long prompt), in a cache of this
     many bytes (all models, least recently used first), so a caller that re-sends a growing text pays for what it
-    added. Per principal. 0 = off (every call feeds its whole text)."""
+    added. Per principal. A session that starts from nothing (new, reset, a KServe sequence's start) feeds its
+    first text the same way. 0 = off (every call feeds its whole text)."""
 
     # --- per-principal quotas (0 = no limit) ------------------------------------------------------------
     quota_sessions: int = Field(default=0, ge=0)

@@ -84,6 +84,12 @@ def _probabilities(outputs: dict[str, Array]) -> dict[str, Array]:
     return {PROBS: softmax(outputs["logits"][:, -1, :]).astype(np.float32)}  # (rows, vocab)
 
 
+def _unfed(session: SessionState) -> bool:
+    """A session that has consumed nothing: no steps, no logits, every state value zero (a new session, or one
+    whose text was all refused); feeding it is feeding a text without a session."""
+    return session.steps == 0 and not session.context and not any(np.any(v) for v in session.state.values())
+
+
 def _take(state: dict[str, Array], rows: I64) -> dict[str, Array]:
     """Selects batch rows (axis 1) of every state: beams inherit their parent's state."""
     return {k: np.take(v, rows, axis=1) for k, v in state.items()}
@@ -177,10 +183,11 @@ class CharLMTask(Task):
         return TaskResult(outputs, inferences=1, steps=step.steps)
 
     # --- steps ----------------------------------------------------------------------------------------
-    async def _start(self, session: SessionState | None, ids: I64, probs: bool = False) -> Cursor:
-        """The cursor after ``ids``: fed from the session's state, or, without one, from the longest beginning of
-        ``ids`` that the prefix cache has (``service/core/prefixes.py``; the answer is the same either way)."""
-        if session is not None:
+    async def _start(self, session: SessionState | None, ids: I64, probs: bool = False, reset: bool = False) -> Cursor:
+        """The cursor after ``ids``: fed from the session's state, or, without one or from a session that starts
+        from nothing (new, or ``reset``), from the longest beginning of ``ids`` that the prefix cache has
+        (``service/core/prefixes.py``; the answer is the same either way)."""
+        if session is not None and not reset and not _unfed(session):
             cur = Cursor.of(session)
             await self.advance(cur, ids, probs)
             return cur
@@ -195,8 +202,10 @@ class CharLMTask(Task):
         n = len(ids)
         if hit is None:
             cur = Cursor(state=self.initial_state())
-        else:
+        elif session is None:
             cur = Cursor(state=dict(hit.state), logits=hit.logits, steps=found)
+        else:  # a session keeps what it is given: its own writable copies, never the cache's arrays
+            cur = Cursor(state={k: v.copy() for k, v in hit.state.items()}, logits=hit.logits.copy(), steps=found)
         spent = time.perf_counter_ns() - t0
         m = self.model
         if found == n:
@@ -315,8 +324,7 @@ class CharLMTask(Task):
         if reset and not appended:
             raise InvalidInput("appended is empty while reset is set: after a reset there is no text to continue")
         ids = self.encoder.encode(appended, field="appended")  # bad characters fail before the session changes
-        cur = Cursor(state=self.initial_state()) if reset else Cursor.of(session)
-        await self.advance(cur, ids)
+        cur = await self._start(session, ids, reset=reset)
         cur.commit(session)
         return SuggestResult(suggestions=await self._suggest(cur, n, max_chars, beam, "appended"), steps=cur.steps)
 

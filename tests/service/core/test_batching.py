@@ -212,8 +212,9 @@ async def test_derived_outputs_are_computed_only_for_batches_that_ask(dp: CoreDa
     await dp.suggest(s.id, "To be", reset=False, n=2, max_chars=3, beam=False)
     _ = [c async for c in dp.complete(LM, "abc", SamplingParams(max_chars=3, temperature=0.0))]
     assert calls == []
-    # CharStep returns the distribution: its run computes it, and it equals a softmax of the logits.
-    step = await dp.char_step(LM, "To be")
+    # CharStep returns the distribution: its run computes it, and it equals a softmax of the logits. (A text not fed
+    # before: "To be" is in the prefix cache since the session's first Suggest, and would run nothing.)
+    step = await dp.char_step(LM, "Or not")
     assert calls == [1]
     np.testing.assert_allclose(step.probabilities.sum(), 1.0, rtol=1e-5)
     ask = StepInput(inputs={"input_ids": np.array([[3]], dtype=np.int64)}, rows=1, key=("step", 1), derive=True)

@@ -258,13 +258,27 @@ async def test_principals_never_share_prefixes(planes: tuple[CoreDataPlane, Core
     set_principal("")
 
 
-async def test_sessions_do_not_use_the_cache(planes: tuple[CoreDataPlane, CoreDataPlane]) -> None:
-    on, _ = planes
-    await on.char_step(LM, TEXT[:40])
-    s = await on.create_session(LM)
+async def test_a_session_uses_the_cache_only_while_it_starts_from_nothing(
+    planes: tuple[CoreDataPlane, CoreDataPlane],
+) -> None:
+    on, off = planes
+    await on.char_step(LM, TEXT[:40])  # a call without a session keeps the state after 40 characters
+    s, t = await on.create_session(LM), await off.create_session(LM)
     fed = fed_lengths(on)
-    step = await on.char_step(LM, TEXT[:40], session_id=s.id)
-    assert fed == [40] and step.steps == 40  # a session feeds its own text from its own state
+    first = await on.char_step(LM, TEXT[:41], session_id=s.id)  # a new session: its text's beginning was kept
+    assert fed == [1] and first.steps == 41
+    second = await on.char_step(LM, TEXT[41:44], session_id=s.id)  # from then on, from its own state only
+    assert fed == [1, 3] and second.steps == 44
+    assert np.array_equal(first.probabilities, (await off.char_step(LM, TEXT[:41], session_id=t.id)).probabilities)
+    assert np.array_equal(second.probabilities, (await off.char_step(LM, TEXT[41:44], session_id=t.id)).probabilities)
+    # A reset starts from nothing: the state kept after the session's first text (41; steps from the session's own
+    # state are not kept) is found, the 3 characters after it are fed, then the suggestions' steps (beam of 2).
+    again = await on.suggest(s.id, TEXT[:44], reset=True, n=2, max_chars=3)
+    assert fed == [1, 3, 3, 1, 1] and again.steps == 44
+    assert again == await off.suggest(t.id, TEXT[:44], reset=True, n=2, max_chars=3)
+    after = await on.char_step(LM, "x", session_id=s.id)  # and goes on from there
+    assert after.steps == 45
+    assert np.array_equal(after.probabilities, (await off.char_step(LM, "x", session_id=t.id)).probabilities)
 
 
 async def test_an_unloaded_model_leaves_nothing_in_the_cache(planes: tuple[CoreDataPlane, CoreDataPlane]) -> None:

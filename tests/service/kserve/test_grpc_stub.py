@@ -440,3 +440,8 @@ def test_model_config_says_which_models_reuse_prefixes(stub: pb_grpc.GRPCInferen
     assert first.raw_output_contents == second.raw_output_contents  # the same bytes from the cache
     after = hits()
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    # A sequence that starts with that text starts from the kept state (one more hit), with the same answer.
+    start = _charlm_raw("A text sent twice, with no sequence")
+    _seq(start, 91_001, start=True, end=True)
+    assert stub.ModelInfer(start, timeout=60).raw_output_contents == first.raw_output_contents
+    assert hits()[0] - after[0] == 1
