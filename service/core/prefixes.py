@@ -1,6 +1,7 @@
-"""Prefix cache: the recurrent state after recent prompts of calls without a session, so that a caller that
-re-sends a growing text (a stateless autocomplete client, a KServe request without a sequence, a shared preamble
-in front of many prompts) pays for the characters it added, not for the whole text again.
+"""Prefix cache: the recurrent state after recent prompts of calls without a session (and of sessions that start
+from nothing: a new one's first text, a reset, a KServe sequence's start), so that a caller that re-sends a growing
+text (a stateless autocomplete client, a KServe request without a sequence, a shared preamble in front of many
+prompts) pays for the characters it added, not for the whole text again.
 
 An RNN's state after a prefix is a few KiB whatever the prefix's length, and feeding the rest from that state gives
 bit-for-bit the answer of feeding the whole text (ONNX Runtime's recurrent kernels run step by step; checked on the

@@ -217,13 +217,16 @@ def test_core_metrics_match_the_traffic(prometheus: Prometheus, traffic: Traffic
     assert scalar(prometheus, "seqserve_session_store_capacity_sessions") == 3.0
     assert scalar(prometheus, 'seqserve_time_to_first_chunk_seconds_count{model="charlm"}') == traffic.completes
     assert scalar(prometheus, 'seqserve_generated_chars_total{model="charlm"}') >= traffic.completion_chars > 0
-    # The same stateless Complete each round: the first fed its prompt, every later one found it in the prefix cache.
+    # Two texts fed from nothing each round (the stateless Complete's prompt, a new session's first Suggest): the
+    # first round fed both, every later one found both in the prefix cache.
     lookups = {
         r["metric"]["result"]: float(r["value"][1])
         for r in query(prometheus, 'seqserve_prefix_cache_lookups_total{model="charlm"}')
     }
-    assert lookups == {"hit": traffic.completes - 1, "partial": 0.0, "miss": 1.0}
-    assert scalar(prometheus, 'seqserve_prefix_cache_reused_chars_total{model="charlm"}') == 6 * (traffic.completes - 1)
+    rounds = traffic.completes
+    assert lookups == {"hit": 2.0 * (rounds - 1), "partial": 0.0, "miss": 2.0}
+    reused = scalar(prometheus, 'seqserve_prefix_cache_reused_chars_total{model="charlm"}')
+    assert reused == (len("ROMEO:") + len("To be")) * (rounds - 1)
     info = query(prometheus, "seqserve_model_info")
     assert {(r["metric"]["model"], r["metric"]["version"]) for r in info} == {
         ("sentiment", "1"),
