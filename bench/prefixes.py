@@ -3,10 +3,12 @@
 A client that keeps no session (a KServe caller without a sequence, a stateless web tier) re-sends the whole text
 at every keystroke. Without the cache the server feeds all of it every time; with it, only the character added
 since the last call. Each keystroke here is one ``Complete`` call without a session, ``max_chars=1`` (the next
-character), whose prompt is the previous one plus one character, as a typing user's would be. It is measured
-against a server with the cache (the default) and one without (``SEQSERVE_PREFIX_CACHE_BYTES=0``), both with their
-default worker count, for ``charlm`` at growing text lengths; the session keystroke of ``make bench``'s first
-table is the same user with a session.
+character), whose prompt is the previous one plus one character, as a typing user's would be; and again as a
+KServe ``ModelInfer`` without a sequence (what a Triton client sends: the text, the next character's
+distribution back), on another text so that neither finds the other's states. It is measured against a
+server with the cache (the default) and one without (``SEQSERVE_PREFIX_CACHE_BYTES=0``), both with their default
+worker count, for ``charlm`` at growing text lengths; the session keystroke of ``make bench``'s first table is the
+same user with a session.
 
     python -m bench.prefixes [--models models] [--repeats 50] [--prefixes 16 256 1024 4000]
 """
@@ -17,8 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from bench import cli
 from bench.launch import metric_families, serve
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.client import Client
 
 TEXT = (
@@ -40,6 +46,26 @@ def typing(client: Client, start: int, repeats: int, model: str, warmup: int = 3
     return out
 
 
+KSERVE_TEXT = TEXT[7:]  # the KServe typist's text: no beginning in common with TEXT's
+
+
+def kserve_typing(target: str, start: int, repeats: int, model: str, warmup: int = 3) -> list[float]:
+    """The same typist through KServe ``ModelInfer`` without a sequence: the whole text in TEXT every time."""
+    out = []
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for i in range(warmup + repeats):
+            request = pb.ModelInferRequest(model_name=model)
+            tensor = request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+            tensor.contents.bytes_contents.append(KSERVE_TEXT[: start + i].encode())
+            t0 = time.perf_counter()
+            answer = stub.ModelInfer(request, timeout=600)
+            if i >= warmup:
+                out.append(time.perf_counter() - t0)
+            assert answer.outputs[0].name == "NEXT_CHAR_PROBS"
+    return out
+
+
 def lookups(metrics_port: int, model: str) -> dict[str, int]:
     """What the server's prefix cache answered so far (``seqserve_prefix_cache_lookups_total``), by result."""
     found = {"hit": 0, "partial": 0, "miss": 0}
@@ -54,33 +80,35 @@ def lookups(metrics_port: int, model: str) -> dict[str, int]:
 def run(models: Path, prefixes: list[int], repeats: int, model: str = "charlm") -> list[dict[str, Any]]:
     """One row per text length: the keystroke's latency with the cache and without, and what each server's cache
     answered for that length's calls (the evidence that the cache, and only it, made the difference)."""
-    if max(prefixes) + repeats + 3 > len(TEXT):
+    if max(prefixes) + repeats + 3 > len(KSERVE_TEXT):
         raise ValueError(f"the text has {len(TEXT)} characters; use shorter prefixes or fewer repeats")
     rows: dict[int, dict[str, Any]] = {n: {"model": model, "prefix_chars": n} for n in prefixes}
     for label, env in (("cache", {}), ("no_cache", {"SEQSERVE_PREFIX_CACHE_BYTES": "0"})):
         with serve(models, env) as server, Client(server.target, timeout=600) as client:
             for n in prefixes:
-                before = lookups(server.metrics_port, model)
-                rows[n][label] = cli.percentiles(typing(client, n, repeats, model))
-                after = lookups(server.metrics_port, model)
-                rows[n][label]["lookups"] = {k: after[k] - before[k] for k in after}
+                for api, keystrokes in (("", typing), ("kserve_", kserve_typing)):
+                    before = lookups(server.metrics_port, model)
+                    target = client if api == "" else server.target
+                    rows[n][api + label] = cli.percentiles(keystrokes(target, n, repeats, model))  # type: ignore[arg-type]
+                    after = lookups(server.metrics_port, model)
+                    rows[n][api + label]["lookups"] = {k: after[k] - before[k] for k in after}
     return list(rows.values())
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("\nA keystroke without a session (Complete of 1 char, the whole text re-sent; p50 / p99 ms):")
+    print("\nA keystroke without a session (the whole text re-sent each time; p50 ms with / without the prefix cache):")
     print(
-        f"  {'model':>8}  {'text chars':>10}  {'prefix cache':>20}  {'no cache':>20}  {'speed-up':>8}  "
+        f"  {'model':>8}  {'text chars':>10}  {'Complete, 1 char':>26}  {'KServe ModelInfer':>26}  "
         "cache answered (hit/partial/miss)"
     )
     for row in rows:
-        c, n = row["cache"], row["no_cache"]
-        got = c["lookups"]
-        print(
-            f"  {row['model']:>8}  {row['prefix_chars']:>10}  {c['p50_ms']:>9.2f} / {c['p99_ms']:>7.2f}  "
-            f"{n['p50_ms']:>9.2f} / {n['p99_ms']:>7.2f}  {n['p50_ms'] / c['p50_ms']:>7.1f}x  "
-            f"{got['hit']}/{got['partial']}/{got['miss']}"
-        )
+        cells = []
+        for api in ("", "kserve_"):
+            c, n = row[api + "cache"], row[api + "no_cache"]
+            cells.append(f"{c['p50_ms']:>7.2f} / {n['p50_ms']:>7.2f} {n['p50_ms'] / c['p50_ms']:>6.1f}x")
+        got = [row[api + "cache"]["lookups"] for api in ("", "kserve_")]
+        answered = ", ".join(f"{g['hit']}/{g['partial']}/{g['miss']}" for g in got)
+        print(f"  {row['model']:>8}  {row['prefix_chars']:>10}  {cells[0]:>26}  {cells[1]:>26}  {answered}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,11 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     # before it (partial), without the cache nothing was looked up
     assert [row["prefix_chars"] for row in r["prefixes"]] == [16, 256]
     for row in r["prefixes"]:
-        cache, none = row["cache"], row["no_cache"]
-        assert cache["n"] == none["n"] == r["repeats"] and cache["p50_ms"] > 0 and none["p50_ms"] > 0
-        assert cache["lookups"] == {"hit": 0, "partial": r["repeats"] + 2, "miss": 1}  # 3 warm-up calls
-        assert none["lookups"] == {"hit": 0, "partial": 0, "miss": 0}
+        for api in ("", "kserve_"):  # Complete, and KServe ModelInfer without a sequence (on another text)
+            cache, none = row[api + "cache"], row[api + "no_cache"]
+            assert cache["n"] == none["n"] == r["repeats"] and cache["p50_ms"] > 0 and none["p50_ms"] > 0
+            assert cache["lookups"] == {"hit": 0, "partial": r["repeats"] + 2, "miss": 1}  # 3 warm-up calls
+            assert none["lookups"] == {"hit": 0, "partial": 0, "miss": 0}
     assert [row["streams"] for row in r["streams"]] == [1, 4]
     assert all(row["total_chars_per_s"] > 0 for row in r["streams"])
     assert set(r["classify"]) == {"batch_1", "batch_16"}
