@@ -4,6 +4,7 @@ characters fed, per-principal scopes, statistics (Triton's cache_hit / cache_mis
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -319,3 +320,19 @@ async def test_committed_char_lms_answer_bit_for_bit_from_the_cache() -> None:
     finally:
         await on.stop()
         await off.stop()
+
+
+async def test_only_a_session_at_its_zero_state_counts_as_starting_from_nothing(
+    planes: tuple[CoreDataPlane, CoreDataPlane],
+) -> None:
+    """A session with no steps but a state that is not zero (an imported one, say) must be fed from its own state:
+    taking the cache's state for its text would drop what it carries."""
+    from service.core.tasks.charlm import _unfed
+
+    on, _ = planes
+    s = await on.sessions.get((await on.create_session(LM)).id)
+    assert _unfed(s)
+    carried = {k: np.full_like(v, 0.5) for k, v in s.state.items()}
+    assert not _unfed(dataclasses.replace(s, state=carried))
+    assert not _unfed(dataclasses.replace(s, steps=1))
+    assert not _unfed(dataclasses.replace(s, context={"logits": np.zeros(3, np.float32)}))
