@@ -129,7 +129,6 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() results of hot-path metrics
         self._model_info: dict[tuple[str, str], str] = {}  # (model, version) -> provider currently exported
         self._depths: dict[str, dict[int, int]] = {}  # model -> version -> its batch queue's length
-        self._prefix_evicted = 0  # the prefix cache's eviction total that the counter already counts
 
         # --- API layer --------------------------------------------------------------------------------
         rpc = ("service", "method", "model", "code")
@@ -428,15 +427,12 @@ class Metrics:
             self._child(self.prefix_lookups, (model, result))
         self._child(self.prefix_reused, (model,))
 
-    def prefix_cache_usage(self, nbytes: int, entries: int, evictions: int) -> None:
-        """The cache's fill after a store; ``evictions``: its running total (the counter follows it)."""
+    def prefix_cache_usage(self, nbytes: int, entries: int, evicted: int) -> None:
+        """The cache's fill after a call stored states, and how many entries those stores evicted."""
         self.prefix_bytes.set(nbytes)
         self.prefix_entries.set(entries)
-        with self._lock:
-            added = evictions - self._prefix_evicted
-            self._prefix_evicted = max(evictions, self._prefix_evicted)
-        if added > 0:
-            self.prefix_evictions.inc(added)
+        if evicted:
+            self.prefix_evictions.inc(evicted)
 
     # --- core: forecast intervals ------------------------------------------------------------------------
     def forecast_levels(self, model: str, version: int, levels: Iterable[float]) -> None:

@@ -138,15 +138,17 @@ class PrefixCache:
                     return length, hit
         return 0, None
 
-    def store(self, keys: PrefixKeys, length: int, state: dict[str, Array], logits: Array) -> None:
+    def store(self, keys: PrefixKeys, length: int, state: dict[str, Array], logits: Array) -> int:
         """Keeps the state after the first ``length`` ids (copied, read-only), evicting the least recently used
-        entries beyond ``max_bytes``. An entry larger than the whole cache is not kept."""
+        entries beyond ``max_bytes``; returns how many it evicted. An entry larger than the whole cache is not
+        kept."""
         kept = {name: _frozen(v) for name, v in state.items()}
         last = _frozen(logits)
         nbytes = sum(v.nbytes for v in kept.values()) + last.nbytes + ENTRY_OVERHEAD
         if nbytes > self.max_bytes:
-            return
+            return 0
         key = keys.key(length)
+        evicted = 0
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -156,7 +158,9 @@ class PrefixCache:
             while self.bytes > self.max_bytes:
                 _, gone = self._entries.popitem(last=False)
                 self.bytes -= gone.nbytes
-                self.evictions += 1
+                evicted += 1
+            self.evictions += evicted
+        return evicted
 
     def drop(self, scope_head: object) -> int:
         """Forgets every entry whose scope starts with ``scope_head`` (a model version that unloads); returns how

@@ -87,6 +87,7 @@ class ModelEntry:
     _metrics: Metrics | None = None
     _prefixes: PrefixCache | None = None
     prefix_scope: int = 0  # this load's own part of the prefix cache's keys (a reload never reads the last one's)
+    facts: dict[str, object] = field(default_factory=dict)  # the task's ``inspect`` of the loaded graph
     _inflight: int = 0
     _drained: asyncio.Event | None = None
 
@@ -197,6 +198,7 @@ class ModelEntry:
                     "the file is corrupt or from another export: re-export or copy both files together"
                 )
             self._runtime = load_runtime(manifest, model_path, settings, cls.symbols(manifest))
+            self.facts = cls.inspect(manifest, self._runtime)
         except (ValueError, OSError, ModelUnavailable) as exc:
             self.error = _within_repository(str(exc), settings.models)
         except Exception as exc:  # a schema-valid but odd manifest can trip a task's or plugin's check anywhere

@@ -58,6 +58,7 @@ class ModelHandle(Protocol):
     version: int
     stats: StatsBook
     prefix_scope: int  # this loaded version's part of the prefix cache's keys
+    facts: dict[str, object]  # what the task's ``inspect`` measured at load
 
     @property
     def manifest(self) -> Manifest: ...
@@ -104,6 +105,12 @@ class Task:
     @classmethod
     def check(cls, manifest: Manifest) -> None:
         """Raises ValueError (with what to fix) when ``manifest`` cannot be served by this task."""
+
+    @classmethod
+    def inspect(cls, manifest: Manifest, runtime: Runtime) -> dict[str, object]:
+        """Facts measured on the loaded graph, in the loader's thread (blocking work stays off the event loop);
+        the task instance reads them as ``model.facts``."""
+        return {}
 
     @classmethod
     def symbols(cls, manifest: Manifest) -> dict[str, int]:

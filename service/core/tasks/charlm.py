@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Container
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +52,10 @@ from service.core.types import (
 )
 from service.errors import InvalidInput
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.core.prefixes import PrefixCache
+    from service.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 MAX_STOP_STRINGS = 8
@@ -119,7 +124,7 @@ class CharLMTask(Task):
         self.vocab = self.encoder.vocab
         self._vocab_tensor = bytes_tensor("VOCAB", list(self.vocab))  # the same every call: built (and encoded) once
         model.batcher.derive = _probabilities
-        self.cuts_exactly = self._cuts_exactly()
+        self.cuts_exactly = bool(model.facts.get("cuts_exactly"))  # (inspect, at load)
         if self.prefix_cached:
             model.metrics.prefix_cache_model(model.name)
 
@@ -128,25 +133,28 @@ class CharLMTask(Task):
         cache = self.model.prefixes
         return self.cuts_exactly and cache is not None and cache.enabled
 
-    def _cuts_exactly(self) -> bool:
-        """Whether this graph's answer after a text is the same bits fed in one run or in two pieces, on a probe
-        text: float32 recurrent kernels step by step (yes), activations quantized per run (no: ``charlm-int8/1``).
-        Only then may the prefix cache (``_start``) serve the model: a hit must never change an answer."""
-        rt = self.model.runtime
-        ids = np.random.default_rng(0).integers(0, len(self.vocab), size=(1, 48)).astype(np.int64)
-        whole = rt.run({"input_ids": ids}, 1)
-        first = rt.run({"input_ids": ids[:, :29]}, 1)
-        rest = rt.run({"input_ids": ids[:, 29:], **{s.input: first[s.output] for s in rt.states}}, 1)
+    @classmethod
+    def inspect(cls, manifest: Manifest, runtime: Runtime) -> dict[str, object]:
+        """``cuts_exactly``: whether this graph's answer after a text is the same bits fed in one run or in two
+        pieces, on a probe text: float32 recurrent kernels step by step (yes), activations quantized per run (no:
+        ``charlm-int8/1``). Only then may the prefix cache (``_start``) serve the model: a hit must never change
+        an answer."""
+        assert manifest.tokenizer is not None  # check() ran first
+        ids = np.random.default_rng(0).integers(0, len(manifest.tokenizer.vocab), size=(1, 48)).astype(np.int64)
+        whole = runtime.run({"input_ids": ids}, 1)
+        first = runtime.run({"input_ids": ids[:, :29]}, 1)
+        rest = runtime.run({"input_ids": ids[:, 29:], **{s.input: first[s.output] for s in runtime.states}}, 1)
         pairs = {"logits": (whole["logits"][:, -1], rest["logits"][:, -1])}
-        pairs |= {s.output: (whole[s.output], rest[s.output]) for s in rt.states}
+        pairs |= {s.output: (whole[s.output], rest[s.output]) for s in runtime.states}
         gaps = {name: float(np.max(np.abs(a - b))) for name, (a, b) in pairs.items()}
         if any(gaps.values()):
             log.info(
-                "%s: no prefix cache: its answer after a text depends on how the text is cut (largest change %s)",
-                self.model.label,
+                "%s/%d: no prefix cache: its answer after a text depends on how the text is cut (largest change %s)",
+                manifest.name,
+                manifest.version,
                 max(gaps.items(), key=lambda kv: kv[1]),
             )
-        return not any(gaps.values())
+        return {"cuts_exactly": not any(gaps.values())}
 
     def session_nbytes(self) -> int:
         return super().session_nbytes() + 4 * len(self.vocab)  # + next-character logits, float32
@@ -187,42 +195,40 @@ class CharLMTask(Task):
         """The cursor after ``ids``: fed from the session's state, or, without one or from a session that starts
         from nothing (new, or ``reset``), from the longest beginning of ``ids`` that the prefix cache has
         (``service/core/prefixes.py``; the answer is the same either way)."""
+        cache = self.model.prefixes
         if session is not None and not reset and not _unfed(session):
             cur = Cursor.of(session)
-            await self.advance(cur, ids, probs)
-            return cur
-        cache = self.model.prefixes
-        if cache is None or not self.prefix_cached or ids.size == 0:
+        elif cache is not None and self.prefix_cached and ids.size:
+            return await self._from_cache(cache, ids, probs)
+        else:
             cur = Cursor(state=self.initial_state())
-            await self.advance(cur, ids, probs)
-            return cur
-        t0 = time.perf_counter_ns()
-        keys = cache.keys((self.model.prefix_scope, principal()), ids)
-        found, hit = cache.lookup(keys)
-        n = len(ids)
-        if hit is None:
-            cur = Cursor(state=self.initial_state())
-        elif session is None:
-            cur = Cursor(state=dict(hit.state), logits=hit.logits, steps=found)
-        else:  # a session keeps what it is given: its own writable copies, never the cache's arrays
-            cur = Cursor(state={k: v.copy() for k, v in hit.state.items()}, logits=hit.logits.copy(), steps=found)
-        spent = time.perf_counter_ns() - t0
+        await self.advance(cur, ids, probs)
+        return cur
+
+    async def _from_cache(self, cache: PrefixCache, ids: I64, probs: bool) -> Cursor:
+        """Feeds ``ids`` from the longest beginning the cache has, keeping the states it passes (at each checkpoint
+        and at the end); counts the lookup in the statistics (Triton's cache_hit / cache_miss) and the metrics."""
         m = self.model
-        if found == n:
+        t0 = time.perf_counter_ns()
+        keys = cache.keys((m.prefix_scope, principal()), ids)
+        found, hit = cache.lookup(keys)
+        cur = Cursor(state=self.initial_state()) if hit is None else Cursor(dict(hit.state), hit.logits, found)
+        spent = time.perf_counter_ns() - t0
+        if found == len(ids):
             m.stats.cache(True, spent)
             m.metrics.prefix_lookup(m.name, "hit", found)
             return cur
-        start = found
+        start, evicted = found, 0
         for end in keys.segments(found):  # cut at each checkpoint, so that those states are kept too
-            await self.advance(cur, ids[start:end], probs and end == n)
+            await self.advance(cur, ids[start:end], probs and end == len(ids))
             t1 = time.perf_counter_ns()
             assert cur.logits is not None  # advance fed at least one id
-            cache.store(keys, end, cur.state, cur.logits)
+            evicted += cache.store(keys, end, cur.state, cur.logits)
             spent += time.perf_counter_ns() - t1
             start = end
         m.stats.cache(False, spent)
         m.metrics.prefix_lookup(m.name, "partial" if found else "miss", found)
-        m.metrics.prefix_cache_usage(cache.bytes, len(cache), cache.evictions)
+        m.metrics.prefix_cache_usage(cache.bytes, len(cache), evicted)
         return cur
 
     async def step_rows(self, state: dict[str, Array], ids: I64) -> tuple[dict[str, Array], FloatArray]:

@@ -265,8 +265,8 @@ def test_prefix_cache_series(m: Metrics) -> None:
     ]
     assert value(m, "seqserve_prefix_cache_reused_chars_total", model="charlm") == 81.0
     m.prefix_cache_usage(5000, 3, 2)
-    m.prefix_cache_usage(4000, 2, 5)  # the cache's running total of evictions: the counter follows it
-    m.prefix_cache_usage(4000, 2, 5)
+    m.prefix_cache_usage(4000, 2, 3)  # the evictions of each call's stores add up
+    m.prefix_cache_usage(4000, 2, 0)
     assert value(m, "seqserve_prefix_cache_evictions_total") == 5.0
     assert value(m, "seqserve_prefix_cache_bytes") == 4000.0 and value(m, "seqserve_prefix_cache_entries") == 2.0
     with pytest.raises(ValueError, match="result"):
