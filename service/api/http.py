@@ -168,7 +168,12 @@ class KeptAliveHandler(BaseHTTPRequestHandler):
     # waited for the client's delayed ACK of the headers (``python -m bench.rest`` times /healthz).
     disable_nagle_algorithm = True
 
-    lingers = False  # set when an answer leaves before the request's body was read: see ``linger``
+    lingers = False  # the answer leaves before the request's body was read: see ``unread_body``
+
+    def unread_body(self) -> None:
+        """This request's body is not read: the connection closes after the answer, lingering (``linger``), so the
+        rest of the body is neither taken for a next request nor answered with a reset."""
+        self.close_connection = self.lingers = True
 
     def finish(self) -> None:
         super().finish()

@@ -408,7 +408,7 @@ class _RestHandler(KeptAliveHandler):
 
     def _other_method(self) -> None:
         self._request_id = None
-        self.close_connection = self.lingers = True  # (its body, if any, is not read)
+        self.unread_body()  # (its body, if any)
         message = f"method {echo(self.command, 20)} is not served: the KServe v2 REST API takes GET, HEAD and POST"
         self._send(405, _error(message), {"Allow": "GET, HEAD, POST"}, head=False)
 
@@ -428,14 +428,14 @@ class _RestHandler(KeptAliveHandler):
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            self.close_connection = self.lingers = True  # (the chunks are not read, nor taken for a next request)
+            self.unread_body()  # (the chunks)
             raise HttpError(411, "send the body with a Content-Length (chunked transfer is not accepted)")
         text = self.headers.get("Content-Length", "0") or "0"
         if not text.isdigit():
             raise HttpError(400, f"Content-Length {echo(text, 40)} is not a number")
         size, limit = int(text), self.gateway.max_body_bytes
         if size > limit:
-            self.close_connection = self.lingers = True  # (the body is not read)
+            self.unread_body()
             raise HttpError(
                 413, f"the request body has {size} bytes, the limit is {limit} (SEQSERVE_MAX_MESSAGE_BYTES)"
             )
