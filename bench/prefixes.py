@@ -16,6 +16,7 @@ same user with a session.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,14 @@ def run(models: Path, prefixes: list[int], repeats: int, model: str = "charlm") 
     rows: dict[int, dict[str, Any]] = {n: {"model": model, "prefix_chars": n} for n in prefixes}
     for label, env in (("cache", {}), ("no_cache", {"SEQSERVE_PREFIX_CACHE_BYTES": "0"})):
         with serve(models, env) as server, Client(server.target, timeout=600) as client:
+            typists: dict[str, Callable[[int], list[float]]] = {
+                "": lambda n: typing(client, n, repeats, model),
+                "kserve_": lambda n: kserve_typing(server.target, n, repeats, model),
+            }
             for n in prefixes:
-                for api, keystrokes in (("", typing), ("kserve_", kserve_typing)):
+                for api, keystrokes in typists.items():
                     before = lookups(server.metrics_port, model)
-                    target = client if api == "" else server.target
-                    rows[n][api + label] = cli.percentiles(keystrokes(target, n, repeats, model))  # type: ignore[arg-type]
+                    rows[n][api + label] = cli.percentiles(keystrokes(n))
                     after = lookups(server.metrics_port, model)
                     rows[n][api + label]["lookups"] = {k: after[k] - before[k] for k in after}
     return list(rows.values())
