@@ -234,8 +234,6 @@ class ModelStats:
     compute_infer: Duration
     compute_output: Duration
     batches: list[BatchStats]
-    cache_hit: Duration = Duration(0, 0)  # the prefix cache (service/core/prefixes.py), as Triton's response cache
-    cache_miss: Duration = Duration(0, 0)
 
 
 class DataPlane(Protocol):

@@ -82,8 +82,6 @@ def stats_to_pb(s: ModelStats) -> pb.ModelStatistics:
             compute_input=_d(s.compute_input),
             compute_infer=_d(s.compute_infer),
             compute_output=_d(s.compute_output),
-            cache_hit=_d(s.cache_hit),
-            cache_miss=_d(s.cache_miss),
         ),
         batch_stats=[
             pb.InferBatchStatistics(

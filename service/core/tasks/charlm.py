@@ -12,7 +12,6 @@ v2 contract: TEXT BYTES [1], NUM_CHARS INT32 [1] (optional) -> NEXT_CHAR_PROBS F
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncGenerator, Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -207,26 +206,20 @@ class CharLMTask(Task):
 
     async def _from_cache(self, cache: PrefixCache, ids: I64, probs: bool) -> Cursor:
         """Feeds ``ids`` from the longest beginning the cache has, keeping the states it passes (at each checkpoint
-        and at the end); counts the lookup in the statistics (Triton's cache_hit / cache_miss) and the metrics."""
+        and at the end); counts the lookup in the metrics."""
         m = self.model
-        t0 = time.perf_counter_ns()
         keys = cache.keys((m.prefix_scope, principal()), ids)
         found, hit = cache.lookup(keys)
         cur = Cursor(state=self.initial_state()) if hit is None else Cursor(dict(hit.state), hit.logits, found)
-        spent = time.perf_counter_ns() - t0
         if found == len(ids):
-            m.stats.cache(True, spent)
             m.metrics.prefix_lookup(m.name, "hit", found)
             return cur
         start, evicted = found, 0
         for end in keys.segments(found):  # cut at each checkpoint, so that those states are kept too
             await self.advance(cur, ids[start:end], probs and end == len(ids))
-            t1 = time.perf_counter_ns()
             assert cur.logits is not None  # advance fed at least one id
             evicted += cache.store(keys, end, cur.state, cur.logits)
-            spent += time.perf_counter_ns() - t1
             start = end
-        m.stats.cache(False, spent)
         m.metrics.prefix_lookup(m.name, "partial" if found else "miss", found)
         m.metrics.prefix_cache_usage(cache.bytes, len(cache), evicted)
         return cur

@@ -21,6 +21,7 @@ from service.core.types import ModelRef, SamplingParams
 from tests.service.core.conftest import RecordingMetrics, core_settings
 
 LM = ModelRef("charlm")
+RESULTS = ("hit", "partial", "miss")
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York; " * 6  # 474 chars
 
 
@@ -213,12 +214,10 @@ async def test_a_growing_text_feeds_only_what_it_added_and_answers_the_same(
     again = await on.char_step(LM, TEXT[:305])
     assert len(fed) == before and again.steps == 305
     assert np.array_equal(again.probabilities, (await off.char_step(LM, TEXT[:305])).probabilities)
-    (stats,) = await on.statistics(ModelRef("charlm", 1))
-    assert stats.cache_hit.count == 1 and stats.cache_miss.count == 6 and stats.cache_miss.ns > 0
+    assert counter(on, "seqserve_prefix_cache_lookups_total", model="charlm", result="hit") == 1
     assert counter(on, "seqserve_prefix_cache_entries") == len(on.registry.prefixes) == 2 + 6
     assert counter(on, "seqserve_prefix_cache_bytes") == on.registry.prefixes.bytes > 0
-    (cold,) = await off.statistics(ModelRef("charlm", 1))
-    assert cold.cache_hit.count == cold.cache_miss.count == 0
+    assert sum(counter(off, "seqserve_prefix_cache_lookups_total", model="charlm", result=r) for r in RESULTS) == 0
 
 
 async def test_a_shared_beginning_is_found_at_its_checkpoint(planes: tuple[CoreDataPlane, CoreDataPlane]) -> None:
@@ -308,15 +307,22 @@ async def test_committed_char_lms_answer_bit_for_bit_from_the_cache() -> None:
         exact = {(r.name, r.version): on.registry.resolve(r).task.cuts_exactly for r in refs}  # type: ignore[attr-defined]
         assert exact[("charlm-int8", 1)] is False
         assert exact[("charlm", 1)] is True and exact[("charlm-int8", 2)] is True
+
+        def lookups(ref: ModelRef) -> dict[str, float]:  # (the metric is per name: every version of it)
+            return {r: counter(on, "seqserve_prefix_cache_lookups_total", model=ref.name, result=r) for r in RESULTS}
+
         for ref in refs:
+            before = lookups(ref)
             for n in (1, 127, 128, 129, 300, 301, 302, 420, 300):
                 got = await on.char_step(ref, TEXT[:n], num_chars=2)
                 want = await off.char_step(ref, TEXT[:n], num_chars=2)
                 assert np.array_equal(got.probabilities, want.probabilities), (ref, n)
                 assert got.completion == want.completion
-            (stats,) = await on.statistics(ref)
-            assert stats.cache_hit.count == (1 if exact[(ref.name, ref.version)] else 0)  # the repeated 300
-            assert stats.cache_miss.count == (8 if exact[(ref.name, ref.version)] else 0)
+            looked = {r: n - before[r] for r, n in lookups(ref).items()}
+            if exact[(ref.name, ref.version)]:
+                assert looked["hit"] == 1 and looked["miss"] + looked["partial"] == 8  # the repeated 300 is the hit
+            else:
+                assert sum(looked.values()) == 0
     finally:
         await on.stop()
         await off.stop()

@@ -418,11 +418,14 @@ def test_a_start_with_end_answers_and_ends_the_running_sequence(stub: pb_grpc.GR
     assert _status(stub, gone)[0] == grpc.StatusCode.NOT_FOUND
 
 
-def test_model_config_says_which_models_reuse_prefixes(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+def test_model_config_says_which_models_reuse_prefixes(
+    stub: pb_grpc.GRPCInferenceServiceStub, kserve_server: dict[str, int]
+) -> None:
     """Parameter ``prefix_cache``: true for the char LM (calls without a sequence reuse the prefix cache), false for
     models that have none; never Triton's ``response_cache`` (perf_analyzer would take it for a cache of whole
-    responses and print a cache breakdown for sequences, which never use it). A repeated stateless text is counted
-    as Triton's cache_hit."""
+    responses and print a cache breakdown for sequences, which never use it). Its lookups go to Prometheus, not to
+    Triton's ``cache_hit`` / ``cache_miss``, which belong to that response cache (perf_analyzer flags them as
+    inconsistent otherwise): a repeated stateless text is one hit there, and none in ModelStatistics."""
     config = {
         name: stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=60).config for name in ("charlm", "sentiment")
     }
@@ -430,9 +433,15 @@ def test_model_config_says_which_models_reuse_prefixes(stub: pb_grpc.GRPCInferen
     assert config["sentiment"].parameters["prefix_cache"].string_value == "false"
     assert all("response_cache" not in {f.name for f, _ in c.ListFields()} for c in config.values())
 
-    def hits() -> tuple[int, int]:
+    def hits() -> tuple[float, float]:
+        samples = scrape(kserve_server["metrics_port"]).get("seqserve_prefix_cache_lookups_total", {})
+        found = {dict(k)["result"]: v for k, v in samples.items() if dict(k)["model"] == "charlm"}
+        return found.get("hit", 0.0), found.get("miss", 0.0) + found.get("partial", 0.0)
+
+    def triton_cache() -> list[int]:
         (one,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="charlm", version="2"), timeout=60).model_stats
-        return one.inference_stats.cache_hit.count, one.inference_stats.cache_miss.count
+        s = one.inference_stats
+        return [s.cache_hit.count, s.cache_hit.ns, s.cache_miss.count, s.cache_miss.ns]
 
     before = hits()
     request = _charlm_raw("A text sent twice, with no sequence")
@@ -445,3 +454,4 @@ def test_model_config_says_which_models_reuse_prefixes(stub: pb_grpc.GRPCInferen
     _seq(start, 91_001, start=True, end=True)
     assert stub.ModelInfer(start, timeout=60).raw_output_contents == first.raw_output_contents
     assert hits()[0] - after[0] == 1
+    assert triton_cache() == [0, 0, 0, 0]
