@@ -51,10 +51,12 @@ def redact(url: str) -> str:
     head, sep, rest = url.partition("://")
     if not sep:
         return url
+    # The query's passwords first, so that an "@" in one is gone before the user part is looked for.
+    rest = re.sub(r"([?&][^=&#@]*pass[^=&#@]*=)[^&#]*", r"\1***", rest, flags=re.IGNORECASE)
     if "@" in rest:  # everything up to the last "@" is the user and password (which may hold "@", "/", "?")
         auth, _, rest = rest.rpartition("@")
         rest = f"{auth.split(':', 1)[0]}:***@{rest}"
-    return head + "://" + re.sub(r"([?&][^=&#]*pass[^=&#]*=)[^&#]*", r"\1***", rest, flags=re.IGNORECASE)
+    return head + "://" + rest
 
 
 __all__ = [

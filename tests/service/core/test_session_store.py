@@ -268,3 +268,22 @@ async def test_a_session_calls_facts_count_only_once_its_state_is_stored(tmp_pat
         async with manager.use("s"):
             raise RuntimeError("refused before any change")
     assert (await manager.get("s")).last_used_at == before
+
+
+def test_a_store_url_is_redacted_whatever_its_password_holds() -> None:
+    """``redact``: the password of a session store URL, in the user part or in the query (which redis-py reads
+    too), never shows, also when it holds "@", "/" or "?" (a query password with "@" showed its end)."""
+    from service.core.sessions import redact
+
+    cases = {
+        "redis://h:1/0?password=a@b": "redis://h:1/0?password=***",
+        "redis://h:1/0?db=0&password=p4ss@x&ssl=1": "redis://h:1/0?db=0&password=***&ssl=1",
+        "redis://app:p4ss@h:1/0?password=q@r": "redis://app:***@h:1/0?password=***",
+        "redis://:se@cr/et@h:1/0": "redis://:***@h:1/0",
+        "redis://:se?cr@h:1/0": "redis://:***@h:1/0",
+        "redis://h:1/0": "redis://h:1/0",
+        "memory://": "memory://",
+    }
+    assert {url: redact(url) for url in cases} == cases
+    for url in cases:
+        assert not any(secret in redact(url) for secret in ("p4ss", "se@", "cr/et", "se?cr", "a@b", "@b", "q@r"))
