@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     max_generate_chars: int = Field(default=2000, ge=1)
     max_forecast_rows: int = Field(default=10000, ge=1)
     max_suggestions: int = Field(default=10, ge=1)
+    fold_chars: bool = True
+    """A char model reads a character outside its vocabulary as the one it stands for, one for one (curly quotes
+    and dashes as ASCII, full-width and accented letters as plain ones, any space as a space); false = refuse the
+    text (INVALID_ARGUMENT) as for a character nothing stands for."""
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

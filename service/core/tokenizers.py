@@ -7,6 +7,7 @@ trained.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +19,28 @@ from service.errors import InvalidInput
 _WORD_RE = re.compile(r"n't|'\w+|\w+(?:-\w+)*|[^\w\s]")
 
 
+# Typographic characters that keyboards (phones, word processors) put where plain text has ASCII, one for one.
+_TYPOGRAPHIC = dict.fromkeys("\u2018\u2019\u201a\u201b\u2032\u02bc\u00b4\u0060", "'")
+_TYPOGRAPHIC |= dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", '"')
+_TYPOGRAPHIC |= dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-")
+MAX_FOLDED = 4096  # distinct unknown characters whose folding an encoder remembers
+
+
+def fold_char(c: str, known: dict[str, int]) -> int | None:
+    """The id of the one known character that ``c``, outside the vocabulary, stands for, or None: a typographic
+    quote or dash as its ASCII form, a compatibility form as its plain one (NFKC: full-width letters, ligature-free
+    single characters), an accented letter without its accents (NFKD), any whitespace as a space. Only one
+    character for one, so a text keeps its length (a session's steps count the characters sent)."""
+    candidates = [_TYPOGRAPHIC.get(c, ""), unicodedata.normalize("NFKC", c)]
+    candidates.append("".join(x for x in unicodedata.normalize("NFKD", c) if not unicodedata.combining(x)))
+    if c.isspace():
+        candidates.append(" ")
+    for candidate in candidates:
+        if len(candidate) == 1 and candidate in known:
+            return known[candidate]
+    return None
+
+
 def split_words(text: str, lowercase: bool = True) -> list[str]:
     if lowercase:
         text = text.lower()
@@ -25,10 +48,14 @@ def split_words(text: str, lowercase: bool = True) -> list[str]:
 
 
 class Encoder:
-    """token <-> id for one manifest tokenizer. ``encode`` returns int64 ids, shape (time,)."""
+    """token <-> id for one manifest tokenizer. ``encode`` returns int64 ids, shape (time,). ``fold``: a char
+    model reads a character outside its vocabulary as the one it stands for (``fold_char``) instead of refusing
+    the text."""
 
-    def __init__(self, spec: Tokenizer) -> None:
+    def __init__(self, spec: Tokenizer, fold: bool = False) -> None:
         self.spec = spec
+        self.fold = fold and spec.kind == "char"
+        self._folded: dict[str, int | None] = {}
         self.vocab = list(spec.vocab)
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
         self.unk_id = self.index.get(spec.unk_token) if spec.unk_token is not None else None
@@ -40,10 +67,13 @@ class Encoder:
         return split_words(text, self.spec.lowercase)
 
     def encode(self, text: str, field: str = "text") -> npt.NDArray[np.int64]:
-        """Unknown tokens map to ``unk``; a char model without ``unk`` rejects characters outside its vocab."""
+        """Unknown tokens map to ``unk``; a char model without ``unk`` folds (``fold``) or rejects characters
+        outside its vocab."""
         ids: list[int] = []
         for tok in self.tokens(text):
             i = self.index.get(tok, self.unk_id)
+            if i is None and self.fold:
+                i = self._fold(tok)
             if i is None:
                 raise InvalidInput(
                     f"{field}: character {tok!r} is not in the model's vocabulary of {len(self.vocab)} "
@@ -51,6 +81,14 @@ class Encoder:
                 )
             ids.append(i)
         return np.asarray(ids, dtype=np.int64)
+
+    def _fold(self, c: str) -> int | None:
+        if c in self._folded:
+            return self._folded[c]
+        i = fold_char(c, self.index)
+        if len(self._folded) < MAX_FOLDED:  # (a client sending every code point once cannot grow it further)
+            self._folded[c] = i
+        return i
 
     def decode(self, ids: list[int] | npt.NDArray[np.int64]) -> str:
         sep = "" if self.spec.kind == "char" else " "

@@ -119,7 +119,7 @@ class CharLMTask(Task):
     def __init__(self, model: ModelHandle, settings: Settings) -> None:
         super().__init__(model, settings)
         assert model.manifest.tokenizer is not None  # check() ran at load
-        self.encoder = Encoder(model.manifest.tokenizer)
+        self.encoder = Encoder(model.manifest.tokenizer, fold=settings.fold_chars)
         self.vocab = self.encoder.vocab
         self._vocab_tensor = bytes_tensor("VOCAB", list(self.vocab))  # the same every call: built (and encoded) once
         model.batcher.derive = _probabilities

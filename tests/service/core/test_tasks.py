@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ async def test_sampling_validation(make_dp: MakeDP) -> None:
         ("a", {"stop": ("x",) * 9}, r"stop has 9 strings; the limit is 8"),
         ("a", {"stop": ("ok", "")}, r"stop\[1\] must have 1 to 64 characters; got 0"),
         ("a" * 101, {}, r"prompt has 101 characters; the limit is 100 \(max_chars_per_text\)"),
-        ("caf\u00e9", {}, r"prompt: character 'é' is not in the model's vocabulary of 96"),
+        ("caf\u4e2d", {}, r"prompt: character '中' is not in the model's vocabulary of 96"),
         ("", {}, r"prompt is empty and there is no text to continue"),
     ]
     for prompt, params, message in cases:
@@ -114,6 +115,42 @@ async def test_sampling_validation(make_dp: MakeDP) -> None:
     s = await dp.create_session(LM)
     with pytest.raises(InvalidInput, match="prompt is empty and there is no text to continue"):
         await chunks(dp, "", session_id=s.id)
+
+
+async def test_a_typed_character_the_vocabulary_lacks_reads_as_the_one_it_stands_for(make_dp: MakeDP) -> None:
+    """Phones and word processors type curly quotes, long dashes, accented letters and odd spaces. The char LM
+    (printable ASCII here) reads each as its plain form, one character for one, so the answer is the plain text's
+    and a session's steps still count the characters sent; a character nothing stands for is still refused. With
+    ``fold_chars`` off every such character is refused, as before."""
+    typed, plain = "Don\u2019t \u2013 caf\u00e9\u00a0\u201cNa\u00efve\u201d \uff21\t", 'Don\'t - cafe "Naive" A '
+    assert len(typed) == len(plain) and typed != plain
+    dp = await make_dp()
+    got, want = await dp.char_step(LM, typed, num_chars=5), await dp.char_step(LM, plain, num_chars=5)
+    assert np.array_equal(got.probabilities, want.probabilities) and got.completion == want.completion
+    s = await dp.create_session(LM)
+    await dp.char_step(LM, typed, session_id=s.id)
+    assert (await dp.get_session(s.id)).steps == len(typed)
+    for bad in ("\u4e2d", "\U0001f600"):  # a CJK character, an emoji: nothing in the vocabulary stands for them
+        with pytest.raises(InvalidInput, match=re.escape(f"character {bad!r} is not in the model's vocabulary")):
+            await dp.char_step(LM, f"ok {bad}")
+    strict = await make_dp(fold_chars=False)
+    for c in ("\u2019", "\u00e9", "\u00a0"):
+        with pytest.raises(InvalidInput, match=re.escape(f"character {c!r} is not in the model's vocabulary")):
+            await strict.char_step(LM, f"a{c}b")
+
+
+def test_the_fold_table_is_bounded() -> None:
+    """Distinct unknown characters a client sends are remembered up to ``MAX_FOLDED`` only."""
+    from service.core.manifest import Tokenizer
+    from service.core.tokenizers import MAX_FOLDED, Encoder
+
+    enc = Encoder(Tokenizer(kind="char", vocab=list("abc -'")), fold=True)
+    assert enc.encode("a\u2019b\u2014c").tolist() == [0, 5, 1, 4, 2]
+    for cp in range(0x4E00, 0x4E00 + MAX_FOLDED + 100):
+        with pytest.raises(InvalidInput):
+            enc.encode(chr(cp))
+    assert len(enc._folded) == MAX_FOLDED
+    assert not Encoder(Tokenizer(kind="word", vocab=["a"], unk_token="a"), fold=True).fold  # words: <unk> as before
 
 
 # --- char LM: suggestions and char_step ------------------------------------------------------------------------

@@ -379,7 +379,7 @@ def test_a_refused_start_changes_nothing(stub: pb_grpc.GRPCInferenceServiceStub)
     """A start whose text the model cannot read is refused before anything is stored: a running sequence with
     that id keeps its state, and a new id stays unknown."""
     assert _steps(stub, "To be, ", 717, start=True) == 7
-    refused = _charlm_raw("\u00e9")  # outside the char LM's vocabulary
+    refused = _charlm_raw("\u4e2d")  # outside the char LM's vocabulary, and nothing in it stands for it
     _seq(refused, 717, start=True)
     code, details = _status(stub, refused)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "TEXT" in details
