@@ -23,6 +23,7 @@ _WORD_RE = re.compile(r"n't|'\w+|\w+(?:-\w+)*|[^\w\s]")
 _TYPOGRAPHIC = dict.fromkeys("\u2018\u2019\u201a\u201b\u2032\u02bc\u00b4\u0060", "'")
 _TYPOGRAPHIC |= dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", '"')
 _TYPOGRAPHIC |= dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-")
+_ASCII_PUNCTUATION = str.maketrans(_TYPOGRAPHIC)
 MAX_FOLDED = 4096  # distinct unknown characters whose folding an encoder remembers
 
 
@@ -50,11 +51,12 @@ def split_words(text: str, lowercase: bool = True) -> list[str]:
 class Encoder:
     """token <-> id for one manifest tokenizer. ``encode`` returns int64 ids, shape (time,). ``fold``: a char
     model reads a character outside its vocabulary as the one it stands for (``fold_char``) instead of refusing
-    the text."""
+    the text; a word model reads typographic quotes and dashes as ASCII before it splits words (so "don’t" is
+    "do" "n't", as in its training text, not "don" "’" "t")."""
 
     def __init__(self, spec: Tokenizer, fold: bool = False) -> None:
         self.spec = spec
-        self.fold = fold and spec.kind == "char"
+        self.fold = fold
         self._folded: dict[str, int | None] = {}
         self.vocab = list(spec.vocab)
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
@@ -64,7 +66,7 @@ class Encoder:
     def tokens(self, text: str) -> list[str]:
         if self.spec.kind == "char":
             return list(text.lower() if self.spec.lowercase else text)
-        return split_words(text, self.spec.lowercase)
+        return split_words(text.translate(_ASCII_PUNCTUATION) if self.fold else text, self.spec.lowercase)
 
     def encode(self, text: str, field: str = "text") -> npt.NDArray[np.int64]:
         """Unknown tokens map to ``unk``; a char model without ``unk`` folds (``fold``) or rejects characters
@@ -72,7 +74,7 @@ class Encoder:
         ids: list[int] = []
         for tok in self.tokens(text):
             i = self.index.get(tok, self.unk_id)
-            if i is None and self.fold:
+            if i is None and self.fold and self.spec.kind == "char":
                 i = self._fold(tok)
             if i is None:
                 raise InvalidInput(

@@ -48,7 +48,7 @@ class SentimentTask(Task):
         super().__init__(model, settings)
         m = model.manifest
         assert m.tokenizer is not None and m.labels is not None  # check() ran at load
-        self.encoder = Encoder(m.tokenizer)
+        self.encoder = Encoder(m.tokenizer, fold=settings.fold_chars)
         self.labels = list(m.labels)
         self.pad = self.encoder.pad_id if self.encoder.pad_id is not None else 0
         self.max_tokens = m.tokenizer.max_length
