@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import re
 import urllib.request
 import zlib
 from collections import Counter
@@ -77,6 +78,18 @@ def load_chars(path: Path, val_fraction: float = 0.1) -> tuple[Tokenizer, IntArr
 
 
 # --- SST-2 --------------------------------------------------------------------------------------------------------
+
+_PTB_NEGATIONS = {"ca": "can't", "wo": "won't", "ai": "ain't"}
+
+
+def written_form(text: str) -> str:
+    """An SST sentence as people write it, not as the Penn Treebank tokenizes it: contractions joined ("does n't"
+    -> "doesn't", "ca n't" -> "can't", "it 's" -> "it's"), no space before punctuation, `` and '' as ". What a
+    client sends the server; the model was trained and is scored (``dev_accuracy``) on the tokenized form."""
+    text = re.sub(r"\b(ca|wo|ai) n't\b", lambda m: _PTB_NEGATIONS[m.group(1)], text)
+    text = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
+    text = re.sub(r" ([,.!?;:])", r"\1", text)
+    return text.replace("`` ", '"').replace(" ''", '"')
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:

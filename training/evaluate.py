@@ -21,7 +21,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric
 from service.core.tasks import task_class
 from service.core.tokenizers import Encoder
 from training.calibrate import interval_scores
-from training.data import DataError, read_text, read_tsv
+from training.data import DataError, read_text, read_tsv, written_form
 from training.runners import VAL_STREAMS, char_nll
 from training.scores import ece, mape, mase, mase_scale, seasonal_naive
 from training.series import SEASON, Series, series_for, windows
@@ -116,16 +116,29 @@ def sentiment_logits(m: Manifest, sess: ort.InferenceSession, texts: list[str]) 
 
 
 def eval_sentiment(m: Manifest, sess: ort.InferenceSession, folder: Path) -> dict[str, float]:
+    """GLUE dev accuracy, ECE and NLL; and ``dev_accuracy_written``: the same sentences as people write them
+    (``written_form``: "doesn't", not SST's "does n't"), which is what clients send; ``..._negations``: only
+    those that hold a negation "n't" (``dev_negations`` of them)."""
     dev = read_tsv(folder / "dev.tsv")
     logits = sentiment_logits(m, sess, [t for t, _ in dev])
     y = np.array([lab for _, lab in dev])
     probs = arrays.softmax(logits)  # what serving returns
-    return {
+    written = sentiment_logits(m, sess, [written_form(t) for t, _ in dev])
+    negations = np.array(["n't" in t for t, _ in dev])
+    right = written.argmax(1) == y
+    out = {
         "dev_accuracy": float((logits.argmax(1) == y).mean()),
+        "dev_accuracy_written": float(right.mean()),
         "dev_ece": ece(probs, y),
         "dev_nll": float(-np.log(probs[np.arange(len(y)), y]).mean()),
         "dev_examples": float(len(y)),
     }
+    if negations.any():
+        out |= {
+            "dev_accuracy_written_negations": float(right[negations].mean()),
+            "dev_negations": float(negations.sum()),
+        }
+    return out
 
 
 def forecaster_study(doc: str | None, argv: list[str] | None) -> tuple[Manifest, ort.InferenceSession, Series]:

@@ -667,7 +667,23 @@ def test_sentiment_evaluate_matches_an_independent_recomputation(tmp_path: Path)
 
     model = export_tiny("sentiment", tmp_path / "models", cell="gru")
     rng = np.random.default_rng(0)
-    words = ["a", "great", "movie", "boring", "film", "bad", "fun", "the", "very", "not", "love", "hate"]
+    words = [
+        "a",
+        "great",
+        "movie",
+        "boring",
+        "film",
+        "bad",
+        "fun",
+        "the",
+        "very",
+        "not",
+        "love",
+        "hate",
+        "n't",
+        "'s",
+        ",",
+    ]
     texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 8)))) for _ in range(200)]
     labels = rng.integers(0, 2, size=200)
     data = tmp_path / "sst2"
@@ -681,11 +697,23 @@ def test_sentiment_evaluate_matches_an_independent_recomputation(tmp_path: Path)
     assert m.tokenizer is not None
     sess = ort.InferenceSession(str(model / MODEL_FILE), providers=["CPUExecutionProvider"])
     enc = Encoder(m.tokenizer)
-    logits = []
-    for t in texts:  # one text at a time: no padding involved
-        ids = enc.encode(t)[None, :]
-        feeds = {"input_ids": ids, "lengths": np.array([ids.shape[1]]), **zero_states(m.states, {"batch": 1})}
-        logits.append(sess.run(["logits"], feeds)[0][0])
+
+    def logits_of(texts: list[str]) -> list[np.ndarray]:
+        out = []
+        for t in texts:  # one text at a time: no padding involved
+            ids = enc.encode(t)[None, :]
+            feeds = {"input_ids": ids, "lengths": np.array([ids.shape[1]]), **zero_states(m.states, {"batch": 1})}
+            out.append(sess.run(["logits"], feeds)[0][0])
+        return out
+
+    logits = logits_of(texts)
+    written = [t.replace(" n't", "n't").replace(" 's", "'s").replace(" ,", ",") for t in texts]
+    assert sum(w != t for w, t in zip(written, texts, strict=True)) > 50
+    pred_written = np.asarray(logits_of(written)).argmax(1)
+    assert ev["dev_accuracy_written"] == pytest.approx((pred_written == labels).mean(), abs=1e-12)
+    negations = np.array(["n't" in t for t in texts])
+    assert ev["dev_negations"] == negations.sum() > 0
+    assert ev["dev_accuracy_written_negations"] == pytest.approx((pred_written == labels)[negations].mean(), abs=1e-12)
     z = np.asarray(logits, dtype=np.float64)
     probs = np.exp(z - z.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

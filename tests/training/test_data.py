@@ -158,3 +158,13 @@ def test_min_count_keeps_words_seen_exactly_that_often() -> None:
     """min_count is inclusive: a word seen exactly that often is in the vocabulary."""
     tok = word_tokenizer(["a b a", "b c"], min_count=2)
     assert tok.vocab == ["<pad>", "<unk>", "a", "b"]
+
+
+def test_written_form_undoes_the_treebank_tokenization() -> None:
+    """``written_form``: an SST sentence as a client would send it (what ``dev_accuracy_written`` scores)."""
+    from training.data import written_form
+
+    assert written_form("it does n't work , and it 's dull .") == "it doesn't work, and it's dull."
+    assert written_form("i ca n't , you wo n't ; they 're , we 've , i 'm") == "i can't, you won't; they're, we've, i'm"
+    assert written_form("a `` great '' film !") == 'a "great" film!'
+    assert written_form("plain words stay") == "plain words stay"
