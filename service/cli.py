@@ -159,7 +159,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     plot = None if args.plot is None else plot_path(args.plot)  # a bad name fails before the call
     columns, history = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
     with _client(args) as c:
-        result = c.forecast(history, model=args.model)
+        result = c.forecast(history, model=args.model, columns=columns)  # by name: the CSV's order may differ
     print("step\t" + "\t".join(result.columns))
     for h, row in enumerate(result.point, start=1):
         print(f"{h}\t" + "\t".join(f"{v:.4f}" for v in row))

@@ -300,13 +300,21 @@ class Client:
         model: str = "",
         version: int | None = None,
         timeout: float | None = None,
+        columns: Sequence[str] | None = None,
     ) -> ForecastResult:
-        """``rows``: (time, features) history in original units, oldest first."""
-        request = forecast_pb2.PredictRequest(model=_selector(model, version), history=_rows(rows, "history"))
+        """``rows``: (time, features) history in original units, oldest first. ``columns``: the names of each
+        row's values (a CSV's header); the server takes the model's columns by name, in any order, and ignores the
+        rest. Without it the values must be in the model's column order."""
+        request = forecast_pb2.PredictRequest(
+            model=_selector(model, version), history=_rows(rows, "history"), columns=columns or ()
+        )
         return cv.forecast_from_pb(self._unary(self._forecast.Predict, request, timeout))
 
-    def observe(self, session_id: str, rows: Table, timeout: float | None = None) -> ForecastResult:
-        request = forecast_pb2.ObserveRequest(session_id=session_id, rows=_rows(rows, "rows"))
+    def observe(
+        self, session_id: str, rows: Table, timeout: float | None = None, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
+        """Appends ``rows`` to a forecasting session; ``columns`` as for ``forecast``."""
+        request = forecast_pb2.ObserveRequest(session_id=session_id, rows=_rows(rows, "rows"), columns=columns or ())
         return cv.forecast_from_pb(self._unary(self._forecast.Observe, request, timeout))
 
     # --- Sessions -------------------------------------------------------------------------------------

@@ -322,14 +322,18 @@ class CoreDataPlane:
         return result
 
     # --- our API: forecasting -----------------------------------------------------------------------------
-    async def forecast(self, model: ModelRef, history: FloatArray) -> ForecastResult:
+    async def forecast(
+        self, model: ModelRef, history: FloatArray, *, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
         entry = self._serve(model, "forecast")
         with CountedRequest(entry):
-            return await _forecaster(entry).predict(history)
+            return await _forecaster(entry).predict(history, columns)
 
-    async def observe(self, session_id: str, rows: FloatArray) -> ForecastResult:
+    async def observe(
+        self, session_id: str, rows: FloatArray, *, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
         async with self._session(session_id, "forecast") as (s, entry):
-            return await _forecaster(entry).observe(s, rows)
+            return await _forecaster(entry).observe(s, rows, columns)
 
     # --- sessions -------------------------------------------------------------------------------------
     async def create_session(self, model: ModelRef, ttl_seconds: float | None = None) -> SessionInfo:

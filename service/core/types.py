@@ -320,11 +320,16 @@ class DataPlane(Protocol):
         self, model: ModelRef, text: str, *, session_id: str | None = None, num_chars: int = 0
     ) -> CharStep: ...
 
-    async def forecast(self, model: ModelRef, history: FloatArray) -> ForecastResult:
-        """Stateless: ``history`` is (rows, features) in original units, oldest first."""
+    async def forecast(
+        self, model: ModelRef, history: FloatArray, *, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
+        """Stateless: ``history`` is (rows, features) in original units, oldest first; ``columns``: the names of
+        its values (the model takes its own by name, in any order), None = the model's order."""
         ...
 
-    async def observe(self, session_id: str, rows: FloatArray) -> ForecastResult:
+    async def observe(
+        self, session_id: str, rows: FloatArray, *, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
         """Appends rows (original units) to a forecasting session and forecasts from its newest row."""
         ...
 

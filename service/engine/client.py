@@ -311,12 +311,16 @@ class RemoteDataPlane:
         result: CharStep = await self._call("char_step", model, text, session_id=session_id, num_chars=num_chars)
         return result
 
-    async def forecast(self, model: ModelRef, history: FloatArray) -> ForecastResult:
-        result: ForecastResult = await self._call("forecast", model, history)
+    async def forecast(
+        self, model: ModelRef, history: FloatArray, *, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
+        result: ForecastResult = await self._call("forecast", model, history, columns=_names(columns))
         return result
 
-    async def observe(self, session_id: str, rows: FloatArray) -> ForecastResult:
-        result: ForecastResult = await self._call("observe", session_id, rows)
+    async def observe(
+        self, session_id: str, rows: FloatArray, *, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
+        result: ForecastResult = await self._call("observe", session_id, rows, columns=_names(columns))
         return result
 
     async def create_session(self, model: ModelRef, ttl_seconds: float | None = None) -> SessionInfo:
@@ -341,3 +345,8 @@ class RemoteDataPlane:
     async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
         info: SessionInfo = await self._call("import_session", blob, ttl_seconds)
         return info
+
+
+def _names(columns: Sequence[str] | None) -> list[str] | None:
+    """Column names as msgpack sends them (a protobuf repeated field is not a list)."""
+    return None if columns is None else [str(c) for c in columns]

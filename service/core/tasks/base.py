@@ -171,9 +171,11 @@ class Generator(Protocol):
 
 @runtime_checkable
 class Forecaster(Protocol):
-    async def predict(self, history: FloatArray) -> ForecastResult: ...
+    async def predict(self, history: FloatArray, columns: Sequence[str] | None = None) -> ForecastResult: ...
 
-    async def observe(self, session: SessionState, rows: FloatArray) -> ForecastResult: ...
+    async def observe(
+        self, session: SessionState, rows: FloatArray, columns: Sequence[str] | None = None
+    ) -> ForecastResult: ...
 
 
 # Capability name -> protocol. Servicers name the capability they need; health and errors use these names.

@@ -20,7 +20,9 @@ horizon, targets]; with a sequence, HISTORY rows are appended to the sequence's 
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections import Counter
+from collections.abc import Container, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +33,7 @@ from service.core.manifest import Manifest
 from service.core.sessions.state import SessionState
 from service.core.tasks.base import Array, ModelHandle, Task, TaskResult, fp32_tensor, register_task
 from service.core.types import FloatArray, ForecastResult, Tensor, TensorContract, TensorDef
-from service.errors import FailedPrecondition, InvalidInput
+from service.errors import FailedPrecondition, InvalidInput, echo
 from service.settings import Settings
 
 MAX_Z = 1e6  # standard deviations from the training mean beyond which an input value is refused
@@ -174,17 +176,43 @@ class ForecastTask(Task):
         return TaskResult(outputs, inferences=1, steps=result.rows_seen)
 
     # --- Forecaster capability --------------------------------------------------------------------------
-    async def predict(self, history: FloatArray) -> ForecastResult:
-        return await self._predict(history, "history")
+    async def predict(self, history: FloatArray, columns: Sequence[str] | None = None) -> ForecastResult:
+        return await self._predict(history, "history", columns)
 
-    async def observe(self, session: SessionState, rows: FloatArray) -> ForecastResult:
-        return await self._observe(session, rows, "rows")
+    async def observe(
+        self, session: SessionState, rows: FloatArray, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
+        return await self._observe(session, rows, "rows", columns)
 
-    def check_rows(self, rows: npt.NDArray[np.floating] | FloatArray, field: str) -> FloatArray:
-        """``rows`` as float32 ``(n, features)``: 2-D, the model's column count, 1..max_forecast_rows, finite."""
+    def by_name(self, x: npt.NDArray[Any], field: str, columns: Sequence[str]) -> npt.NDArray[Any]:
+        """The model's columns of ``x`` (rows, len(columns)), in the model's order, found by name in ``columns``;
+        the others dropped. INVALID_ARGUMENT for a width that is not the names' count, a repeated name, or a
+        model column that is not there."""
+        names = list(columns)
+        if x.shape[1] != len(names):
+            raise InvalidInput(f"{field} has {x.shape[1]} values per row but columns names {len(names)}")
+        counts = Counter(names)
+        twice = sorted(n for n, k in counts.items() if k > 1)
+        if twice:
+            raise InvalidInput(f"columns names {echo(twice[0])} more than once; name each column once")
+        missing = [c for c in self.columns if c not in counts]
+        if missing:
+            raise InvalidInput(
+                f"columns lacks {', '.join(map(repr, missing))}: model {self.model.label} reads {self.columns} "
+                "(other columns are ignored)"
+            )
+        return x[:, [names.index(c) for c in self.columns]]
+
+    def check_rows(
+        self, rows: npt.NDArray[np.floating] | FloatArray, field: str, columns: Sequence[str] | None = None
+    ) -> FloatArray:
+        """``rows`` as float32 ``(n, features)``: 2-D, the model's column count (or the model's columns found by
+        name in ``columns``), 1..max_forecast_rows, finite."""
         x = np.asarray(rows)
         if x.ndim != 2:
             raise InvalidInput(f"{field} must be 2-D (rows, features); got shape {list(x.shape)}")
+        if columns:
+            x = self.by_name(x, field, columns)
         if x.shape[1] != self.spec.features:
             raise InvalidInput(
                 f"{field} has {x.shape[1]} features per row; model {self.model.label} expects {self.spec.features} "
@@ -264,17 +292,23 @@ class ForecastTask(Task):
         below = (y_z[None] <= quant_z).sum(axis=(1, 2))
         return int(y_z.size), {level: int(n) for level, n in zip(self.levels, below, strict=True)}
 
-    async def _predict(self, history: npt.NDArray[np.floating] | FloatArray, field: str) -> ForecastResult:
+    async def _predict(
+        self, history: npt.NDArray[np.floating] | FloatArray, field: str, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
         """Stateless forecast from ``history`` ``(rows, features)``, oldest first; needs >= ``window`` rows."""
         self.check_session()
-        x = self.check_rows(history, field)
+        x = self.check_rows(history, field, columns)
         w = self.spec.window
         if len(x) < w:
             raise InvalidInput(f"{field} has {len(x)} rows; model {self.model.label} needs at least window={w} rows")
         return (await self._run(x[-w:], rows_seen=len(x)))[0]
 
     async def _observe(
-        self, session: SessionState, rows: npt.NDArray[np.floating] | FloatArray, field: str
+        self,
+        session: SessionState,
+        rows: npt.NDArray[np.floating] | FloatArray,
+        field: str,
+        columns: Sequence[str] | None = None,
     ) -> ForecastResult:
         """Appends ``rows`` to the session (which keeps the last ``window`` rows) and forecasts.
 
@@ -283,7 +317,7 @@ class ForecastTask(Task):
         many rows it has, so the caller knows how many more are needed.
         """
         self.check_session()
-        x = self.check_rows(rows, field)
+        x = self.check_rows(rows, field, columns)
         kept = session.context.get("rows")
         window_rows = (x if kept is None else np.concatenate([kept, x], axis=0))[-self.spec.window :].copy()
         seen = session.steps + len(x)

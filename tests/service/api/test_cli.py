@@ -113,6 +113,35 @@ def test_a_refused_completion_prints_only_its_error(serve: ServeProcess, capsys:
     )
 
 
+def test_forecast_reads_a_csv_by_its_header(
+    serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CSV whose columns are in another order than the model's, with one more column, forecasts exactly as the
+    model's own order (the columns go by name); before, its values went in the CSV's order, a wrong forecast
+    without a word. One that lacks a model column is refused, naming it."""
+    rng = np.random.default_rng(1)
+    values = 10 + rng.normal(0, 1, (30, 7))
+    order, extra = [6, 0, 3, 1, 5, 2, 4], rng.normal(0, 1, 30)
+
+    def write(name: str, cols: list[str], table: np.ndarray) -> str:
+        lines = ["date," + ",".join(cols)] + [
+            f"2016-07-{1 + t // 24:02d} {t % 24:02d}:00:00," + ",".join(f"{v:.4f}" for v in row)
+            for t, row in enumerate(table)
+        ]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return str(tmp_path / name)
+
+    plain = write("plain.csv", COLUMNS, values)
+    shuffled = write("shuffled.csv", [COLUMNS[i] for i in order] + ["humidity"], np.c_[values[:, order], extra])
+    lacking = write("lacking.csv", [COLUMNS[i] for i in order[:-1]], values[:, order[:-1]])
+    assert main(["forecast", "--target", serve.target, "--csv", plain, "--rows", "24"]) == 0
+    want = capsys.readouterr().out
+    assert main(["forecast", "--target", serve.target, "--csv", shuffled, "--rows", "24"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(["forecast", "--target", serve.target, "--csv", lacking, "--rows", "24"]) == 1
+    assert "INVALID_ARGUMENT: columns lacks 'LUFL'" in capsys.readouterr().err
+
+
 def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv_path, png = tmp_path / "ett.csv", tmp_path / "forecast.png"
     rng = np.random.default_rng(0)

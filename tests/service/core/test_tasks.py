@@ -332,6 +332,42 @@ async def test_forecast_validation(make_dp: MakeDP) -> None:
     assert (await dp.get_session(s.id)).steps == 0
 
 
+async def test_columns_by_name_in_any_order(dp: CoreDataPlane) -> None:
+    """``columns``: the model takes its columns by name (a CSV's header in another order, with extra columns);
+    the same rows in the model's order give the same forecast. A missing, repeated or miscounted name is
+    INVALID_ARGUMENT, and a session refused that way keeps what it had."""
+    manifest = dp.registry.resolve(FC).manifest
+    assert manifest.normalization is not None
+    model_cols = list(manifest.normalization.columns)
+    history = series(30)
+    want = await dp.forecast(FC, history)
+    order = [6, 2, 0, 5, 1, 4, 3]
+    names = [model_cols[i] for i in order] + ["humidity"]
+    shuffled = np.concatenate([history[:, order], np.full((30, 1), 55.0, np.float32)], axis=1)
+    got = await dp.forecast(FC, shuffled, columns=names)
+    assert np.array_equal(got.point, want.point) and np.array_equal(got.quantiles, want.quantiles)
+    assert got.columns == want.columns == model_cols
+    wrong = await dp.forecast(FC, history[:, order])  # the same values without names: read in the model's order
+    assert not np.allclose(wrong.point, want.point)
+    s = await dp.create_session(FC)
+    observed = await dp.observe(s.id, shuffled, columns=names)
+    assert np.array_equal(observed.point, want.point)
+    cases = [
+        (
+            [n.replace("HULL", "Hull") for n in names],
+            r"columns lacks 'HULL': model forecaster/1 reads \['HUFL', 'HULL'",
+        ),
+        (names[:-1] + ["OT"], r"columns names 'OT' more than once"),
+        (names[:-1], r"history has 8 values per row but columns names 7"),
+    ]
+    for cols, message in cases:
+        with pytest.raises(InvalidInput, match=message):
+            await dp.forecast(FC, shuffled, columns=cols)
+    with pytest.raises(InvalidInput, match="columns lacks"):
+        await dp.observe(s.id, shuffled, columns=cases[0][0])
+    assert (await dp.get_session(s.id)).steps == 30
+
+
 async def test_observe_warms_up_then_forecasts_from_the_last_window(dp: CoreDataPlane) -> None:
     history = series(50, seed=1)
     s = await dp.create_session(FC)

@@ -133,6 +133,26 @@ def test_sequences_alternating_frontends_match_one_process(servers: tuple[dict[s
     _sequences_match(_frontends(info), single)
 
 
+def test_forecast_columns_by_name_cross_to_the_engine(servers: tuple[dict[str, object], int]) -> None:
+    """``columns`` travels from a frontend to the engine (Predict and a session's Observe), with the answers of
+    one process, and the engine's refusal of a missing name comes back as INVALID_ARGUMENT."""
+    info, single = servers
+    cols = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    rng = np.random.default_rng(3)
+    rows = (10 + rng.normal(0, 1, (30, 7))).astype(np.float32)
+    order = [3, 6, 0, 1, 5, 2, 4]
+    named = [cols[i] for i in order]
+    with Client(_frontends(info)[0], timeout=30) as multi, Client(f"127.0.0.1:{single}", timeout=30) as alone:
+        want = alone.forecast(rows)
+        got = multi.forecast(rows[:, order], columns=named)
+        np.testing.assert_array_equal(got.point, want.point)
+        with multi.session("forecaster") as s:
+            np.testing.assert_array_equal(multi.observe(s.id, rows[:, order], columns=named).point, want.point)
+        with pytest.raises(ApiError) as err:
+            multi.forecast(rows[:, order], columns=[n.lower() for n in named])
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "columns lacks 'HUFL'" in err.value.message
+
+
 def test_kserve_rest_reaches_the_engine_through_the_frontends(servers: tuple[dict[str, object], int]) -> None:
     """With --workers 2 the engine runs the REST gateway, forwarding to the frontends' shared port: a sequence
     stepped through REST gives what a single process gives, and REST requests are counted by the frontends."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from service.api.gen.seqserve.v1 import common_pb2 as seqserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/forecast.proto\x12\x0bseqserve.v1\x1a\x18seqserve/v1/common.proto\"^\n\x0ePredictRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.seqserve.v1.ModelSelector\x12!\n\x07history\x18\x02 \x03(\x0b\x32\x10.seqserve.v1.Row\"D\n\x0eObserveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.seqserve.v1.Row\"A\n\x10QuantileForecast\x12\r\n\x05level\x18\x01 \x01(\x01\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.seqserve.v1.Row\"\x89\x01\n\x10\x46orecastResponse\x12\x0f\n\x07\x63olumns\x18\x01 \x03(\t\x12\x1f\n\x05point\x18\x02 \x03(\x0b\x32\x10.seqserve.v1.Row\x12\x30\n\tquantiles\x18\x03 \x03(\x0b\x32\x1d.seqserve.v1.QuantileForecast\x12\x11\n\trows_seen\x18\x04 \x01(\x03\x32\x98\x01\n\x08\x46orecast\x12\x45\n\x07Predict\x12\x1b.seqserve.v1.PredictRequest\x1a\x1d.seqserve.v1.ForecastResponse\x12\x45\n\x07Observe\x12\x1b.seqserve.v1.ObserveRequest\x1a\x1d.seqserve.v1.ForecastResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/forecast.proto\x12\x0bseqserve.v1\x1a\x18seqserve/v1/common.proto\"o\n\x0ePredictRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.seqserve.v1.ModelSelector\x12!\n\x07history\x18\x02 \x03(\x0b\x32\x10.seqserve.v1.Row\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\"U\n\x0eObserveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.seqserve.v1.Row\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\"A\n\x10QuantileForecast\x12\r\n\x05level\x18\x01 \x01(\x01\x12\x1e\n\x04rows\x18\x02 \x03(\x0b\x32\x10.seqserve.v1.Row\"\x89\x01\n\x10\x46orecastResponse\x12\x0f\n\x07\x63olumns\x18\x01 \x03(\t\x12\x1f\n\x05point\x18\x02 \x03(\x0b\x32\x10.seqserve.v1.Row\x12\x30\n\tquantiles\x18\x03 \x03(\x0b\x32\x1d.seqserve.v1.QuantileForecast\x12\x11\n\trows_seen\x18\x04 \x01(\x03\x32\x98\x01\n\x08\x46orecast\x12\x45\n\x07Predict\x12\x1b.seqserve.v1.PredictRequest\x1a\x1d.seqserve.v1.ForecastResponse\x12\x45\n\x07Observe\x12\x1b.seqserve.v1.ObserveRequest\x1a\x1d.seqserve.v1.ForecastResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqserve.v1.forecast_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=69
-  _globals['_PREDICTREQUEST']._serialized_end=163
-  _globals['_OBSERVEREQUEST']._serialized_start=165
-  _globals['_OBSERVEREQUEST']._serialized_end=233
-  _globals['_QUANTILEFORECAST']._serialized_start=235
-  _globals['_QUANTILEFORECAST']._serialized_end=300
-  _globals['_FORECASTRESPONSE']._serialized_start=303
-  _globals['_FORECASTRESPONSE']._serialized_end=440
-  _globals['_FORECAST']._serialized_start=443
-  _globals['_FORECAST']._serialized_end=595
+  _globals['_PREDICTREQUEST']._serialized_end=180
+  _globals['_OBSERVEREQUEST']._serialized_start=182
+  _globals['_OBSERVEREQUEST']._serialized_end=267
+  _globals['_QUANTILEFORECAST']._serialized_start=269
+  _globals['_QUANTILEFORECAST']._serialized_end=334
+  _globals['_FORECASTRESPONSE']._serialized_start=337
+  _globals['_FORECASTRESPONSE']._serialized_end=474
+  _globals['_FORECAST']._serialized_start=477
+  _globals['_FORECAST']._serialized_end=629
 # @@protoc_insertion_point(module_scope)

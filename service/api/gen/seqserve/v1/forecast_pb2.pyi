@@ -25,6 +25,7 @@ class PredictRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model(self) -> _common_pb2.ModelSelector:
         """Model to use (default name "forecaster", newest version)."""
@@ -33,15 +34,23 @@ class PredictRequest(_message.Message):
     def history(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Row]:
         """History rows, oldest first, in original units; each row has one value per model feature."""
 
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of each row's values, in order (e.g. a CSV's header). Set: the server takes the model's columns by name,
+        whatever their order, and ignores the others; a model column missing here is INVALID_ARGUMENT. Unset: the
+        values are in the model's column order (a row of the wrong width is INVALID_ARGUMENT naming the columns).
+        """
+
     def __init__(
         self,
         *,
         model: _common_pb2.ModelSelector | None = ...,
         history: _abc.Iterable[_common_pb2.Row] | None = ...,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "history", b"history", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -53,21 +62,27 @@ class ObserveRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Forecasting session created with Sessions.Create."""
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Row]:
         """New rows, oldest first, in original units."""
 
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of each row's values, in order, as PredictRequest.columns; unset = the model's column order."""
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         rows: _abc.Iterable[_common_pb2.Row] | None = ...,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "rows", b"rows", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
