@@ -357,7 +357,7 @@ async def test_columns_by_name_in_any_order(dp: CoreDataPlane) -> None:
             [n.replace("HULL", "Hull") for n in names],
             r"columns lacks 'HULL': model forecaster/1 reads \['HUFL', 'HULL'",
         ),
-        (names[:-1] + ["OT"], r"columns names 'OT' more than once"),
+        ([*names[:-1], "OT"], r"columns names 'OT' more than once"),
         (names[:-1], r"history has 8 values per row but columns names 7"),
     ]
     for cols, message in cases:
