@@ -147,6 +147,10 @@ class Task:
         """Whether calls without a session reuse the prefix cache's states (``service/core/prefixes.py``)."""
         return False
 
+    def config_parameters(self) -> dict[str, str]:
+        """What a client needs to know to build inputs, beyond the tensor shapes: ModelConfig ``parameters``."""
+        return {}
+
 
 # --- capabilities: the typed calls of our own API -------------------------------------------------------------
 @runtime_checkable

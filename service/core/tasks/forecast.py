@@ -20,6 +20,7 @@ horizon, targets]; with a sequence, HISTORY rows are appended to the sequence's 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Container, Sequence
 from typing import Any
@@ -134,6 +135,11 @@ class ForecastTask(Task):
         if self.scale_name is not None and self.levels:
             shapes["scale_z"] = ({self.scale_rows}, {t})
         return shapes
+
+    def config_parameters(self) -> dict[str, str]:
+        """The feature columns in the order HISTORY's rows hold them, and the forecast's (target) columns, as JSON
+        lists: KServe clients send rows without names."""
+        return {"columns": json.dumps(self.columns), "targets": json.dumps(self.targets)}
 
     def check_session(self) -> None:
         if self.spec.state_mode != "window":

@@ -455,3 +455,17 @@ def test_model_config_says_which_models_reuse_prefixes(
     assert stub.ModelInfer(start, timeout=60).raw_output_contents == first.raw_output_contents
     assert hits()[0] - after[0] == 1
     assert triton_cache() == [0, 0, 0, 0]
+
+
+def test_a_forecasters_config_names_its_columns(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """KServe's HISTORY rows carry no names: ModelConfig says which column each value is (``columns``) and which
+    the forecast holds (``targets``), as JSON lists; other models say nothing of the kind."""
+    import json
+
+    config = stub.ModelConfig(pb.ModelConfigRequest(name="forecaster"), timeout=60).config
+    names = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    assert json.loads(config.parameters["columns"].string_value) == names
+    assert json.loads(config.parameters["targets"].string_value) == names
+    assert config.input[0].dims == [-1, len(names)]
+    other = stub.ModelConfig(pb.ModelConfigRequest(name="charlm"), timeout=60).config
+    assert "columns" not in other.parameters and "targets" not in other.parameters
