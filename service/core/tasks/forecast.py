@@ -14,8 +14,9 @@ Quantile ``q`` is ``point + quantile_offsets[q]`` on the z-scored scale; a graph
 from the window inside the graph) gets ``point + quantile_offsets[q] * scale`` instead, so its band widens and
 narrows with the window it was given (normalized conformal calibration, ``training/calibrate.py``).
 
-v2 contract: HISTORY FP32 [-1, features] -> FORECAST FP32 [horizon, targets], QUANTILES FP32 [quantiles,
-horizon, targets]; with a sequence, HISTORY rows are appended to the sequence's window.
+v2 contract: HISTORY FP32 [-1, features], COLUMNS BYTES [features] (optional: HISTORY's column names, in any
+order of the model's) -> FORECAST FP32 [horizon, targets], QUANTILES FP32 [quantiles, horizon, targets]; with a
+sequence, HISTORY rows are appended to the sequence's window.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from service.core.batching import StepInput
 from service.core.context import after_commit
 from service.core.manifest import Manifest
 from service.core.sessions.state import SessionState
-from service.core.tasks.base import Array, ModelHandle, Task, TaskResult, fp32_tensor, register_task
+from service.core.tasks.base import Array, ModelHandle, Task, TaskResult, fp32_tensor, register_task, utf8_items
 from service.core.types import FloatArray, ForecastResult, Tensor, TensorContract, TensorDef
 from service.errors import FailedPrecondition, InvalidInput, echo
 from service.settings import Settings
@@ -160,6 +161,8 @@ class ForecastTask(Task):
                     max_shape=(self.settings.max_forecast_rows, 0),
                     limit_name="max_forecast_rows",
                 ),
+                # HISTORY's column names in its order (any order of the model's columns); unset = the model's.
+                TensorDef("COLUMNS", "BYTES", (self.spec.features,), optional=True),
             ),
             outputs=(
                 TensorDef("FORECAST", "FP32", (h, t)),
@@ -171,10 +174,11 @@ class ForecastTask(Task):
     async def infer(self, inputs: dict[str, Tensor], session: SessionState | None) -> TaskResult:
         history = inputs["HISTORY"].array
         assert history is not None  # FP32 tensors carry arrays
+        columns = utf8_items(inputs["COLUMNS"]) if "COLUMNS" in inputs else None
         if session is None:
-            result = await self._predict(history, "input HISTORY")
+            result = await self._predict(history, "input HISTORY", columns)
         else:
-            result = await self._observe(session, history, "input HISTORY")
+            result = await self._observe(session, history, "input HISTORY", columns)
         outputs = {
             "FORECAST": fp32_tensor("FORECAST", result.point),  # (horizon, targets)
             "QUANTILES": fp32_tensor("QUANTILES", result.quantiles),  # (quantiles, horizon, targets)

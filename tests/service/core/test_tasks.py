@@ -415,7 +415,7 @@ async def test_a_forecaster_with_covariates_forecasts_its_targets_only(tmp_path:
     point_z = entry.runtime.run({"history": z}, 1)["forecast"][0]  # (horizon, 1)
     np.testing.assert_allclose(result.point, point_z * std[-1] + mean[-1], rtol=1e-5, atol=1e-5)
     meta = await dp.model_metadata(model)
-    assert [(d.name, d.shape) for d in meta.contract.inputs] == [("HISTORY", (-1, FEATURES))]
+    assert [(d.name, d.shape) for d in meta.contract.inputs] == [("HISTORY", (-1, FEATURES)), ("COLUMNS", (FEATURES,))]
     assert [(d.name, d.shape) for d in meta.contract.outputs] == [
         ("FORECAST", (HORIZON, 1)),
         ("QUANTILES", (3, HORIZON, 1)),

@@ -469,3 +469,28 @@ def test_a_forecasters_config_names_its_columns(stub: pb_grpc.GRPCInferenceServi
     assert config.input[0].dims == [-1, len(names)]
     other = stub.ModelConfig(pb.ModelConfigRequest(name="charlm"), timeout=60).config
     assert "columns" not in other.parameters and "targets" not in other.parameters
+
+
+def test_a_forecaster_takes_history_columns_by_name(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Optional input COLUMNS names HISTORY's columns: rows in another order of the model's columns give the
+    model's-order forecast; a name the model lacks is INVALID_ARGUMENT naming the missing column."""
+    names = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    rows = np.random.default_rng(4).normal(10, 3, size=(30, 7)).astype(np.float32)
+    order = [6, 4, 2, 0, 1, 3, 5]
+
+    def request(table: np.ndarray, cols: list[str] | None) -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name="forecaster")
+        r.inputs.add(name="HISTORY", datatype="FP32", shape=list(table.shape))
+        r.raw_input_contents.append(table.tobytes())
+        if cols is not None:
+            r.inputs.add(name="COLUMNS", datatype="BYTES", shape=[len(cols)])
+            r.raw_input_contents.append(serialize_bytes([c.encode() for c in cols]))
+        return r
+
+    want = _outputs(stub.ModelInfer(request(rows, None), timeout=60))
+    shuffled = np.ascontiguousarray(rows[:, order])
+    got = _outputs(stub.ModelInfer(request(shuffled, [names[i] for i in order]), timeout=60))
+    np.testing.assert_array_equal(got["FORECAST"], want["FORECAST"])
+    np.testing.assert_array_equal(got["QUANTILES"], want["QUANTILES"])
+    code, details = _status(stub, request(shuffled, [*[names[i] for i in order][:-1], "humidity"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "columns lacks 'LULL'" in details

@@ -96,7 +96,10 @@ def test_tritonclient_http_reads_health_metadata_config_and_statistics(rest: Ser
         "name": "forecaster",
         "versions": list(grpc_meta.versions),
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": "HISTORY", "datatype": "FP32", "shape": [-1, 7]}],  # numbers, not protobuf's strings
+        "inputs": [  # numbers, not protobuf's strings
+            {"name": "HISTORY", "datatype": "FP32", "shape": [-1, 7]},
+            {"name": "COLUMNS", "datatype": "BYTES", "shape": [7]},
+        ],
         "outputs": [
             {"name": "FORECAST", "datatype": "FP32", "shape": [12, 7]},
             {"name": "QUANTILES", "datatype": "FP32", "shape": [3, 12, 7]},

@@ -47,7 +47,7 @@ def test_model_metadata_shapes(report: Report) -> None:
         "VOCAB": ("BYTES", [vocab]),
         "COMPLETION": ("BYTES", ["1"]),
     }
-    assert tensors("forecaster", "inputs") == {"HISTORY": ("FP32", ["-1", "7"])}
+    assert tensors("forecaster", "inputs") == {"HISTORY": ("FP32", ["-1", "7"]), "COLUMNS": ("BYTES", ["7"])}
     assert tensors("forecaster", "outputs") == {
         "FORECAST": ("FP32", ["12", "7"]),  # export_tiny: horizon 12, 7 features
         "QUANTILES": ("FP32", ["3", "12", "7"]),
