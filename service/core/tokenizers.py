@@ -16,9 +16,10 @@ from service.core.manifest import Tokenizer
 from service.errors import InvalidInput
 
 # Words, numbers, and single punctuation marks; apostrophe suffixes ("n't", "'s") stay separate, as in SST (whose
-# text is tokenized as the Penn Treebank does: "does n't", "ca n't", "it 's"). A contraction typed as one word
-# splits the same way: "doesn't" -> "does" "n't", not "doesn" "'t" (two words SST never has: the negation was lost).
-_WORD_RE = re.compile(r"\w+(?=n't)|n't|'\w+|\w+(?:-\w+)*|[^\w\s]")
+# text is tokenized as the Penn Treebank does: "does n't", "ca n't", "it 's", "can not", "gon na"). A contraction
+# typed as one word splits the same way: "doesn't" -> "does" "n't", not "doesn" "'t", and "cannot" -> "can" "not"
+# (words SST never has: the negation was lost).
+_WORD_RE = re.compile(r"\w+(?=n't)|(?i:\bcan(?=not\b)|\bgon(?=na\b))|n't|'\w+|\w+(?:-\w+)*|[^\w\s]")
 
 
 # Typographic characters that keyboards (phones, word processors) put where plain text has ASCII, one for one.
