@@ -26,7 +26,11 @@ _WORD_RE = re.compile(r"\w+(?=n't)|(?i:\bcan(?=not\b)|\bgon(?=na\b))|n't|'\w+|\w
 _TYPOGRAPHIC = dict.fromkeys("\u2018\u2019\u201a\u201b\u2032\u02bc\u00b4\u0060", "'")
 _TYPOGRAPHIC |= dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", '"')
 _TYPOGRAPHIC |= dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-")
-_ASCII_PUNCTUATION = str.maketrans(_TYPOGRAPHIC)
+# A word model's text as SST writes it: ASCII apostrophes and quotes, "--" for a long dash; the backtick stays (SST
+# opens quotes with ``).
+_WORD_PUNCTUATION = str.maketrans(
+    {k: v for k, v in _TYPOGRAPHIC.items() if k != "`"} | dict.fromkeys("\u2014\u2015", "--")
+)
 MAX_FOLDED = 4096  # distinct unknown characters whose folding an encoder remembers
 
 
@@ -69,7 +73,7 @@ class Encoder:
     def tokens(self, text: str) -> list[str]:
         if self.spec.kind == "char":
             return list(text.lower() if self.spec.lowercase else text)
-        return split_words(text.translate(_ASCII_PUNCTUATION) if self.fold else text, self.spec.lowercase)
+        return split_words(text.translate(_WORD_PUNCTUATION) if self.fold else text, self.spec.lowercase)
 
     def encode(self, text: str, field: str = "text") -> npt.NDArray[np.int64]:
         """Unknown tokens map to ``unk``; a char model without ``unk`` folds (``fold``) or rejects characters

@@ -142,10 +142,10 @@ async def test_a_typed_character_the_vocabulary_lacks_reads_as_the_one_it_stands
 async def test_the_sentiment_model_reads_typed_apostrophes_as_its_training_text_has_them(make_dp: MakeDP) -> None:
     """SST's text has ASCII apostrophes: a phone's "isn’t" was split as "isn" "’" "t" (the last two unknown) and
     moved the answer. Now it reads as "isn't" does; with ``fold_chars`` off, as it is."""
-    typed, plain = "it isn\u2019t good \u2014 it\u2019s dull", "it isn't good - it's dull"
+    typed, plain = "it isn\u2019t good \u2014 it\u2019s dull", "it isn't good -- it's dull"
     dp, strict = await make_dp(), await make_dp(fold_chars=False)
     encoder = dp.registry.resolve(SENT).task.encoder  # type: ignore[attr-defined]
-    assert encoder.tokens(typed) == encoder.tokens(plain) == ["it", "is", "n't", "good", "-", "it", "'s", "dull"]
+    assert encoder.tokens(typed) == encoder.tokens(plain) == ["it", "is", "n't", "good", "-", "-", "it", "'s", "dull"]
     (got,), (want,) = await dp.classify(SENT, [typed]), await dp.classify(SENT, [plain])
     assert got.probabilities == want.probabilities
     (raw,), (plain_strict,) = await strict.classify(SENT, [typed]), await strict.classify(SENT, [plain])
@@ -204,6 +204,11 @@ def test_the_fold_table_is_bounded() -> None:
     assert len(enc._folded) == MAX_FOLDED
     words = Encoder(Tokenizer(kind="word", vocab=["<unk>", "a"], unk_token="<unk>"), fold=True)
     assert words.encode("a \u4e2d").tolist() == [1, 0] and not words._folded  # a word model: <unk>, as before
+    # A word model's text in SST's own form (``quotes'', "--") reads as without folding; a long dash as "--".
+    plain = Encoder(words.spec)
+    ptb = "a `` great '' film -- or not ... it 's `fine'"
+    assert words.tokens(ptb) == plain.tokens(ptb)
+    assert words.tokens("film \u2014 or") == plain.tokens("film -- or") == ["film", "-", "-", "or"]
 
 
 # --- char LM: suggestions and char_step ------------------------------------------------------------------------
