@@ -1,6 +1,6 @@
 """The prefix cache of char-LM calls without a session (``service/core/prefixes.py``): its keys, lookup order,
 eviction and read-only entries; and in the core: answers identical to feeding the whole text, only the new
-characters fed, per-principal scopes, statistics (Triton's cache_hit / cache_miss) and metrics."""
+characters fed, per-principal scopes, and the Prometheus metrics it reports to."""
 
 from __future__ import annotations
 
