@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = client_parser("forecast", "forecast from the last rows of a CSV")
     c.add_argument("--csv", type=Path, required=True, help="CSV with a header; numeric columns are the features")
     c.add_argument(
-        "--columns", type=names, help="comma-separated columns to send, in the model's order (default: all numeric)"
+        "--columns",
+        type=names,
+        help="comma-separated columns to send, with their names: the server takes the model's columns by name, in "
+        "any order (default: every column but the time column)",
     )
     c.add_argument("--rows", type=count(1), default=96, help="history rows to send (the last ones)")
     c.add_argument(
