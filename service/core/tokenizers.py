@@ -63,8 +63,9 @@ class Encoder:
 
     def __init__(self, spec: Tokenizer, fold: bool = False) -> None:
         self.spec = spec
-        self.fold = fold
-        self._folded: dict[str, int | None] = {}
+        self._fold_words = fold and spec.kind == "word"
+        # A char model's folded characters (None: it refuses them); a word model maps unknown words to <unk>.
+        self._folded: dict[str, int | None] | None = {} if fold and spec.kind == "char" else None
         self.vocab = list(spec.vocab)
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
         self.unk_id = self.index.get(spec.unk_token) if spec.unk_token is not None else None
@@ -73,7 +74,7 @@ class Encoder:
     def tokens(self, text: str) -> list[str]:
         if self.spec.kind == "char":
             return list(text.lower() if self.spec.lowercase else text)
-        return split_words(text.translate(_WORD_PUNCTUATION) if self.fold else text, self.spec.lowercase)
+        return split_words(text.translate(_WORD_PUNCTUATION) if self._fold_words else text, self.spec.lowercase)
 
     def encode(self, text: str, field: str = "text") -> npt.NDArray[np.int64]:
         """Unknown tokens map to ``unk``; a char model without ``unk`` folds (``fold``) or rejects characters
@@ -81,8 +82,8 @@ class Encoder:
         ids: list[int] = []
         for tok in self.tokens(text):
             i = self.index.get(tok, self.unk_id)
-            if i is None and self.fold and self.spec.kind == "char":
-                i = self._fold(tok)
+            if i is None and self._folded is not None:
+                i = self._fold(self._folded, tok)
             if i is None:
                 raise InvalidInput(
                     f"{field}: character {tok!r} is not in the model's vocabulary of {len(self.vocab)} "
@@ -91,12 +92,12 @@ class Encoder:
             ids.append(i)
         return np.asarray(ids, dtype=np.int64)
 
-    def _fold(self, c: str) -> int | None:
-        if c in self._folded:
-            return self._folded[c]
+    def _fold(self, folded: dict[str, int | None], c: str) -> int | None:
+        if c in folded:
+            return folded[c]
         i = fold_char(c, self.index)
-        if len(self._folded) < MAX_FOLDED:  # (a client sending every code point once cannot grow it further)
-            self._folded[c] = i
+        if len(folded) < MAX_FOLDED:  # (a client sending every code point once cannot grow it further)
+            folded[c] = i
         return i
 
     def decode(self, ids: list[int] | npt.NDArray[np.int64]) -> str:
