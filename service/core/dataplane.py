@@ -173,7 +173,6 @@ class CoreDataPlane:
                 "task": entry.task.name,
                 "version": str(entry.version),
                 "sha256": entry.sha256,
-                "prefix_cache": "true" if entry.task.prefix_cached else "false",
                 **entry.task.config_parameters(),
             },
             device="gpu" if entry.runtime.provider.startswith("CUDA") else "cpu",

@@ -148,8 +148,9 @@ class Task:
         return False
 
     def config_parameters(self) -> dict[str, str]:
-        """What a client needs to know to build inputs, beyond the tensor shapes: ModelConfig ``parameters``."""
-        return {}
+        """What a client needs to know beyond the tensor shapes (ModelConfig ``parameters``): whether calls
+        without a sequence reuse the prefix cache, and what a task adds."""
+        return {"prefix_cache": "true" if self.prefix_cached else "false"}
 
 
 # --- capabilities: the typed calls of our own API -------------------------------------------------------------

@@ -140,7 +140,7 @@ class ForecastTask(Task):
     def config_parameters(self) -> dict[str, str]:
         """The feature columns in the order HISTORY's rows hold them, and the forecast's (target) columns, as JSON
         lists: KServe clients send rows without names."""
-        return {"columns": json.dumps(self.columns), "targets": json.dumps(self.targets)}
+        return super().config_parameters() | {"columns": json.dumps(self.columns), "targets": json.dumps(self.targets)}
 
     def check_session(self) -> None:
         if self.spec.state_mode != "window":
