@@ -124,7 +124,10 @@ def classify_response(results: Iterable[SentimentResult]) -> sentiment_pb2.Class
 
 def chunk_to_pb(chunk: CompletionChunk) -> autocomplete_pb2.CompleteChunk:
     return autocomplete_pb2.CompleteChunk(
-        text=chunk.text, finish_reason=_FINISH_TO_PB[chunk.finish_reason], steps=chunk.steps
+        text=chunk.text,
+        finish_reason=_FINISH_TO_PB[chunk.finish_reason],
+        steps=chunk.steps,
+        model_version=chunk.model_version,
     )
 
 
@@ -182,7 +185,12 @@ def sentiment_from_pb(pb: sentiment_pb2.Classification) -> SentimentResult:
 
 
 def chunk_from_pb(pb: autocomplete_pb2.CompleteChunk) -> CompletionChunk:
-    return CompletionChunk(text=pb.text, finish_reason=_FINISH_FROM_PB.get(int(pb.finish_reason)), steps=pb.steps)
+    return CompletionChunk(
+        text=pb.text,
+        finish_reason=_FINISH_FROM_PB.get(int(pb.finish_reason)),
+        steps=pb.steps,
+        model_version=pb.model_version,
+    )
 
 
 def suggest_from_pb(pb: autocomplete_pb2.SuggestResponse) -> SuggestResult:

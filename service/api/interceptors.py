@@ -51,7 +51,7 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 ERROR_DOMAIN = "seqserve"
 REQUEST_ID_KEY = "x-request-id"
 # A caller's x-request-id is used (and echoed) only when it looks like an id; anything else gets a fresh one.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 # The ONE table from domain errors to gRPC status codes (most specific class first wins via the MRO walk).
 STATUS_CODES: dict[type[errors.SeqServeError], grpc.StatusCode] = {
@@ -147,7 +147,7 @@ class _Status(grpc.Status):  # type: ignore[misc]
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's x-request-id when it looks like one (at most 128 id characters), else a fresh one."""
     sent = metadata_value(context, REQUEST_ID_KEY)
-    return sent if sent is not None and _REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()  # 128 random bits
+    return sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()  # 128 random bits
 
 
 class LogBudget:

@@ -13,7 +13,9 @@ RESOURCE_EXHAUSTED 429 with ``Retry-After`` when the refusal says when, UNAVAILA
 It runs on the connection-limited HTTP server of ``service.api.http`` (a thread per connection, at most
 ``http_max_connections``, a request may take at most three idle timeouts from its first byte to its answer).
 gRPC stays the fast path: REST costs one more hop per request. ModelStreamInfer has no REST form (Triton's
-neither). TLS is not offered on this port yet: terminate it in front (an ingress), or use gRPC.
+neither); a char LM's streamed completion has Triton's generate extension instead (``service.api.generate``:
+``/generate``, and ``/generate_stream`` as Server-Sent Events). TLS is not offered on this port yet: terminate it
+in front (an ingress), or use gRPC.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import gzip
 import json
 import logging
 import math
+import os
 import re
 import zlib
 from typing import Any
@@ -35,7 +38,10 @@ from google.protobuf.message import Message
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.gen.seqserve.v1 import autocomplete_pb2_grpc
+from service.api.generate import GenerateError, answer, complete_request, event, json_kind
 from service.api.http import REQUEST_SECONDS_PER_IDLE, HttpPort, KeptAliveHandler, _Server
+from service.api.interceptors import REQUEST_ID_FORM
 from service.api.kserve.convert import fill_log_settings
 from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_bytes
 from service.errors import echo
@@ -66,11 +72,11 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
-_MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z]+))?")
+_MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z_]+))?")
 _REPOSITORY_MODEL = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
 
 
-Reply = tuple[int, bytes, dict[str, str]]  # HTTP status, body, headers
+Reply = tuple[int, bytes, dict[str, str]]  # HTTP status, body, headers; None from a route: answered (a stream)
 
 
 class HttpError(Exception):
@@ -131,7 +137,7 @@ def fill_parameters(target: Any, params: object, where: str, skip: tuple[str, ..
     if params is None:
         return
     if not isinstance(params, dict):
-        raise HttpError(400, f"{where}: parameters must be a JSON object, got {_kind(params)}")
+        raise HttpError(400, f"{where}: parameters must be a JSON object, got {json_kind(params)}")
     for key, value in params.items():
         if key in skip:
             continue
@@ -151,14 +157,8 @@ def fill_parameters(target: Any, params: object, where: str, skip: tuple[str, ..
             slot.string_param = value
         else:
             raise HttpError(
-                400, f"{where}: parameter {echo(key)} must be a bool, a number or a string, got {_kind(value)}"
+                400, f"{where}: parameter {echo(key)} must be a bool, a number or a string, got {json_kind(value)}"
             )
-
-
-def _kind(value: object) -> str:
-    return {dict: "an object", list: "an array", type(None): "null", str: "a string", bool: "a bool"}.get(
-        type(value), "a number"
-    )
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -223,11 +223,11 @@ def infer_request(model: str, version: str, header: object, binary: bytes) -> tu
     """A REST inference request (JSON header and the binary tail of Triton's extension) as the ModelInferRequest
     it means, every input in ``raw_input_contents``; and whether outputs are wanted in binary by default."""
     if not isinstance(header, dict):
-        raise HttpError(400, f"the inference request must be a JSON object, got {_kind(header)}")
+        raise HttpError(400, f"the inference request must be a JSON object, got {json_kind(header)}")
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     if "id" in header:
         if not isinstance(header["id"], str):
-            raise HttpError(400, f"id must be a string, got {_kind(header['id'])}")
+            raise HttpError(400, f"id must be a string, got {json_kind(header['id'])}")
         request.id = header["id"]
     params = header.get("parameters")
     fill_parameters(request.parameters, params, "the request")
@@ -352,6 +352,7 @@ class RestGateway(HttpPort):
         self.call_timeout = REQUEST_SECONDS_PER_IDLE * idle_timeout  # the connection's own bound on a request
         self._channel: grpc.Channel | None = None
         self.stub: Any = None
+        self.autocomplete: Any = None  # (generate, generate_stream)
 
         def build(address: tuple[str, int]) -> _Server:
             server = _Server(address, None, lambda: True, None, idle_timeout, max_connections, handler=_RestHandler)
@@ -366,6 +367,7 @@ class RestGateway(HttpPort):
             options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", -1)]
             self._channel = grpc.insecure_channel(self.target, options=options)
             self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+            self.autocomplete = autocomplete_pb2_grpc.AutocompleteStub(self._channel)
             try:
                 port = super().start()
             except RuntimeError:
@@ -416,7 +418,10 @@ class _RestHandler(KeptAliveHandler):
         self._request_id = None
         try:
             body = self._body()
-            status, payload, headers = self._route(method, self.path.split("?", 1)[0], body)
+            reply = self._route(method, self.path.split("?", 1)[0], body)
+            if reply is None:  # a stream, answered as it went
+                return
+            status, payload, headers = reply
         except HttpError as err:
             status, payload, headers = err.status, _error(err.message), err.headers
         except grpc.RpcError as err:
@@ -476,7 +481,7 @@ class _RestHandler(KeptAliveHandler):
             if key == "x-request-id":
                 self._request_id = str(value)
 
-    def _route(self, method: str, path: str, body: bytes) -> Reply:
+    def _route(self, method: str, path: str, body: bytes) -> Reply | None:
         get = method in ("GET", "HEAD")
         if path in ("/v2", "/v2/") and get:
             return _ok(message_json(self._call("ServerMetadata", pb.ServerMetadataRequest())))
@@ -505,12 +510,14 @@ class _RestHandler(KeptAliveHandler):
             raise HttpError(404, f"no such endpoint: {method} {echo(path, 200)} (KServe v2 REST: see docs/kserve.md)")
         raise HttpError(404, f"not found: {echo(path, 200)}; the KServe v2 REST API is under /v2")
 
-    def _model(self, method: str, name: str, version: str, action: str | None, body: bytes) -> Reply:
+    def _model(self, method: str, name: str, version: str, action: str | None, body: bytes) -> Reply | None:
         get = method in ("GET", "HEAD")
-        if action == "infer":
+        if action in ("infer", "generate", "generate_stream"):
             if method != "POST":
-                raise HttpError(405, "infer takes POST", {"Allow": "POST"})
-            return self._infer(name, version, body)
+                raise HttpError(405, f"{action} takes POST", {"Allow": "POST"})
+            if action == "infer":
+                return self._infer(name, version, body)
+            return self._generate(name, version, body, stream=action == "generate_stream")
         if not get:
             raise HttpError(405, f"{action or 'model metadata'} takes GET", {"Allow": "GET, HEAD"})
         if action is None:
@@ -525,7 +532,9 @@ class _RestHandler(KeptAliveHandler):
         if action == "stats":
             stats = self._call("ModelStatistics", pb.ModelStatisticsRequest(name=name, version=version))
             return _ok(message_json(stats))
-        raise HttpError(404, f"no such endpoint: {echo(action, 40)} (ready, config, stats, infer)")
+        raise HttpError(
+            404, f"no such endpoint: {echo(action, 40)} (ready, config, stats, infer, generate, generate_stream)"
+        )
 
     def _infer(self, name: str, version: str, body: bytes) -> Reply:
         length = self.headers.get(HEADER_LENGTH)
@@ -543,6 +552,61 @@ class _RestHandler(KeptAliveHandler):
         payload, head = infer_response(response, header, binary_default)
         headers = {HEADER_LENGTH: str(head)} if head != len(payload) else {}
         return 200, payload, headers
+
+    def _generate(self, name: str, version: str, body: bytes, stream: bool) -> Reply | None:
+        """Triton's generate extension: one ``Autocomplete.Complete`` call; its chunks as one answer, or as
+        Server-Sent Events while they come (``_stream``). Refusals before the first chunk are plain JSON errors with
+        their HTTP status; one after it is a last event ``{"error": ...}`` (as Triton's)."""
+        try:
+            request = complete_request(name, version, _json(body), stream=stream)
+        except GenerateError as err:
+            raise HttpError(400, str(err)) from None
+        # The request id must be known before the stream's headers leave: the caller's when it is one the
+        # server takes, else one made here and sent along (the server uses it, so its logs say the same).
+        sent = self.headers.get("X-Request-Id")
+        self._request_id = sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()
+        metadata = (*(m for m in self._metadata() if m[0] != "x-request-id"), ("x-request-id", self._request_id))
+        call = self.gateway.autocomplete.Complete(request, metadata=metadata, timeout=self.gateway.call_timeout)
+        session = request.HasField("session_id")
+        first = next(call)  # (a refusal raises here: an ordinary error answer)
+        version_used = first.model_version
+        if stream:
+            self._stream(call, first, name, version_used, session)
+            return None
+        chunks = [first, *call]
+        text = "".join(chunk.text for chunk in chunks)
+        return _ok(answer(name, version_used, text, chunks[-1], session))
+
+    def _stream(self, call: Any, first: Any, name: str, version: int, session: bool) -> None:
+        """``call``'s chunks as Server-Sent Events in a chunked HTTP body. A client that goes away cancels the
+        call: the server stops generating."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Request-Id", str(self._request_id))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+        def send(document: dict[str, Any]) -> None:
+            data = event(document)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        try:
+            send(answer(name, version, first.text, first, session))
+            try:
+                for chunk in call:
+                    send(answer(name, version, chunk.text, chunk, session))
+            except grpc.RpcError as err:
+                from service.client import ApiError
+
+                send({"error": ApiError.from_rpc_error(err).message})
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as exc:  # the client went away (or the request ran out of time): stop the generation
+            call.cancel()
+            self.close_connection = True
+            log.debug("rest generate_stream: %s, call cancelled", type(exc).__name__)
 
     def _repository(self, name: str, action: str, body: bytes) -> Reply:
         options = _json(body) if body else {}

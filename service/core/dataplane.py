@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -265,10 +266,12 @@ class CoreDataPlane:
     async def _metered(
         self, entry: ModelEntry, stream: AsyncGenerator[CompletionChunk, None], t0: float
     ) -> AsyncGenerator[CompletionChunk, None]:
-        chars = 0
+        chars, first = 0, True
         try:
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
+                    if first:  # says which version answers (REST's generate, a client pinning to it)
+                        chunk, first = dataclasses.replace(chunk, model_version=entry.version), False
                     if chars == 0:
                         self.metrics.time_to_first_chunk(entry.name, time.perf_counter() - t0)
                     chars += len(chunk.text)

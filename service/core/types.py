@@ -55,11 +55,13 @@ class SamplingParams:
 @dataclass(frozen=True)
 class CompletionChunk:
     """One piece of a streamed completion. The last chunk has ``finish_reason`` set (and may be empty).
-    ``steps``: with a session, what the session has consumed in total once this chunk is in it (0 without)."""
+    ``steps``: with a session, what the session has consumed in total once this chunk is in it (0 without).
+    ``model_version``: on the first chunk, the version of the model that generates (0 on the others)."""
 
     text: str
     finish_reason: FinishReason | None = None
     steps: int = 0
+    model_version: int = 0
 
 
 @dataclass(frozen=True)

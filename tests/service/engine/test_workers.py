@@ -175,6 +175,22 @@ def test_kserve_rest_reaches_the_engine_through_the_frontends(servers: tuple[dic
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_rest_generate_streams_from_the_engine(servers: tuple[dict[str, object], int]) -> None:
+    """Triton's generate_stream through the engine's gateway and a frontend: the text a single process generates
+    for the same seed, and the first piece names the version that generated it (it crosses the engine link)."""
+    info, single = servers
+    with Client(f"127.0.0.1:{single}") as c:
+        want = list(c.complete("ROMEO:", max_chars=12, temperature=0.7, seed=5))
+    assert want[0].model_version == 1
+    body = {"text_input": "ROMEO:", "max_tokens": 12, "temperature": 0.7, "seed": 5}
+    url = f"http://127.0.0.1:{info['http_port']}/v2/models/charlm/generate_stream"
+    with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode()), timeout=30) as r:
+        assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        events = [json.loads(line[6:]) for line in r.read().decode().split("\n") if line.startswith("data: ")]
+    assert "".join(e["text_output"] for e in events) == "".join(chunk.text for chunk in want)
+    assert {e["model_version"] for e in events} == {"1"} and events[-1]["finish_reason"] == "length"
+
+
 def _served(info: dict[str, object], labels: str) -> float:
     """The engine's summed ``seqserve_rpc_requests_total`` of OK calls whose labels start with ``labels``."""
     with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as r:

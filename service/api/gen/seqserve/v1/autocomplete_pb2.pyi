@@ -124,6 +124,7 @@ class CompleteChunk(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The next piece of generated text (may be empty on the last chunk)."""
     finish_reason: Global___FinishReason.ValueType
@@ -134,16 +135,21 @@ class CompleteChunk(_message.Message):
     chunk before the chunk is sent, so after a cancelled stream Sessions.Get(session).steps minus the steps of
     the last chunk received is the number of generated characters the session holds that the client never saw.
     """
+    model_version: _builtins.int
+    """Set on the first chunk only (0 on the others): the version of the model that generates this completion (the
+    newest loaded version of the model named, the version named, or the session's).
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         steps: _builtins.int = ...,
+        model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "steps", b"steps", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "model_version", b"model_version", "steps", b"steps", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
