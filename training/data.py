@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import random
 import re
 import urllib.request
 import zlib
@@ -90,6 +91,17 @@ def written_form(text: str) -> str:
     text = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
     text = re.sub(r" ([,.!?;:])", r"\1", text)
     return text.replace("`` ", '"').replace(" ''", '"')
+
+
+def long_texts(rows: list[tuple[str, int]], k: int = 8, n: int = 300, seed: int = 0) -> list[tuple[str, int]]:
+    """``n`` long texts made of labelled sentences (``dev_accuracy_long``): each joins ``k`` distinct sentences
+    of one label, labels alternating (0, 1, 0, ...), drawn with ``random.Random(seed)``. A review is several
+    sentences; SST-2 holds single ones. Empty when a label has fewer than ``k`` sentences."""
+    by_label = {label: [t for t, y in rows if y == label] for label in (0, 1)}
+    if min(len(texts) for texts in by_label.values()) < k:
+        return []
+    rng = random.Random(seed)
+    return [(" ".join(rng.sample(by_label[i % 2], k)), i % 2) for i in range(n)]
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:

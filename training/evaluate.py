@@ -21,7 +21,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric
 from service.core.tasks import task_class
 from service.core.tokenizers import Encoder
 from training.calibrate import interval_scores
-from training.data import DataError, read_text, read_tsv, written_form
+from training.data import DataError, long_texts, read_text, read_tsv, written_form
 from training.runners import VAL_STREAMS, char_nll
 from training.scores import ece, mape, mase, mase_scale, seasonal_naive
 from training.series import SEASON, Series, series_for, windows
@@ -106,10 +106,10 @@ def eval_charlm(m: Manifest, sess: ort.InferenceSession, path: Path, val_fractio
 
 def sentiment_logits(m: Manifest, sess: ort.InferenceSession, texts: list[str]) -> npt.NDArray[Any]:
     assert m.tokenizer is not None
-    enc, limit = Encoder(m.tokenizer), m.tokenizer.max_length or 10**9
+    enc = Encoder(m.tokenizer)
     out = []
-    for i in range(0, len(texts), 256):
-        ids, lengths = right_pad([enc.encode(t)[:limit] for t in texts[i : i + 256]], pad=enc.pad_id or 0)
+    for i in range(0, len(texts), 256):  # (whole texts, as served: tokenizer.max_length cut training's only)
+        ids, lengths = right_pad([enc.encode(t) for t in texts[i : i + 256]], pad=enc.pad_id or 0)
         feeds = {"input_ids": ids, "lengths": lengths, **states0(m, len(ids))}
         out.append(sess.run(["logits"], feeds)[0])
     return np.concatenate(out)
@@ -118,7 +118,8 @@ def sentiment_logits(m: Manifest, sess: ort.InferenceSession, texts: list[str]) 
 def eval_sentiment(m: Manifest, sess: ort.InferenceSession, folder: Path) -> dict[str, float]:
     """GLUE dev accuracy, ECE and NLL; and ``dev_accuracy_written``: the same sentences as people write them
     (``written_form``: "doesn't", not SST's "does n't"), which is what clients send; ``..._negations``: only
-    those that hold a negation "n't" (``dev_negations`` of them)."""
+    those that hold a negation "n't" (``dev_negations`` of them); ``dev_accuracy_long``: texts of eight dev
+    sentences of one label each (``long_texts``; ``dev_long_words`` words on average), read whole as served."""
     dev = read_tsv(folder / "dev.tsv")
     logits = sentiment_logits(m, sess, [t for t, _ in dev])
     y = np.array([lab for _, lab in dev])
@@ -137,6 +138,14 @@ def eval_sentiment(m: Manifest, sess: ort.InferenceSession, folder: Path) -> dic
         out |= {
             "dev_accuracy_written_negations": float(right[negations].mean()),
             "dev_negations": float(negations.sum()),
+        }
+    long = long_texts(dev)
+    if long:
+        y_long = np.array([lab for _, lab in long])
+        long_logits = sentiment_logits(m, sess, [t for t, _ in long])
+        out |= {
+            "dev_accuracy_long": float((long_logits.argmax(1) == y_long).mean()),
+            "dev_long_words": float(np.mean([len(t.split()) for t, _ in long])),
         }
     return out
 

@@ -69,7 +69,11 @@ class Tokenizer(_Strict):
     unk_token: str | None = None
     pad_token: str | None = None
     lowercase: bool = False
-    max_length: int | None = Field(default=None, description="Longest token sequence the model accepts.")
+    max_length: int | None = Field(
+        default=None,
+        description="Longest token sequence training fed the model (longer texts were cut there). A recurrent "
+        "graph reads any length: serving does not cut or refuse longer texts.",
+    )
 
 
 class Normalization(_Strict):

@@ -663,6 +663,7 @@ def test_sentiment_evaluate_matches_an_independent_recomputation(tmp_path: Path)
     probability, its bins weighted by their size."""
     from service.core.tokenizers import Encoder
     from tests.tiny_models import export_tiny
+    from training.data import long_texts
     from training.evaluate import evaluate_model
 
     model = export_tiny("sentiment", tmp_path / "models", cell="gru")
@@ -684,7 +685,7 @@ def test_sentiment_evaluate_matches_an_independent_recomputation(tmp_path: Path)
         "'s",
         ",",
     ]
-    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 8)))) for _ in range(200)]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 16)))) for _ in range(200)]
     labels = rng.integers(0, 2, size=200)
     data = tmp_path / "sst2"
     data.mkdir()
@@ -714,6 +715,11 @@ def test_sentiment_evaluate_matches_an_independent_recomputation(tmp_path: Path)
     negations = np.array(["n't" in t for t in texts])
     assert ev["dev_negations"] == negations.sum() > 0
     assert ev["dev_accuracy_written_negations"] == pytest.approx((pred_written == labels)[negations].mean(), abs=1e-12)
+    long = long_texts(list(zip(texts, labels.tolist(), strict=True)))  # read whole, as served, past max_length
+    assert m.tokenizer.max_length is not None and max(len(enc.encode(t)) for t, _ in long) > m.tokenizer.max_length
+    pred_long = np.asarray(logits_of([t for t, _ in long])).argmax(1)
+    assert ev["dev_accuracy_long"] == pytest.approx((pred_long == [y for _, y in long]).mean(), abs=1e-12)
+    assert ev["dev_long_words"] == pytest.approx(np.mean([len(t.split()) for t, _ in long]))
     z = np.asarray(logits, dtype=np.float64)
     probs = np.exp(z - z.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

@@ -14,6 +14,7 @@ from training.data import (
     hold_out_sentences,
     load_chars,
     load_sst2,
+    long_texts,
     read_tsv,
     sentence_rows,
     word_tokenizer,
@@ -168,3 +169,17 @@ def test_written_form_undoes_the_treebank_tokenization() -> None:
     assert written_form("i ca n't , you wo n't ; they 're , we 've , i 'm") == "i can't, you won't; they're, we've, i'm"
     assert written_form("a `` great '' film !") == 'a "great" film!'
     assert written_form("plain words stay") == "plain words stay"
+
+
+def test_long_texts_join_sentences_of_one_label() -> None:
+    """``long_texts`` (what ``dev_accuracy_long`` scores): k distinct sentences of one label per text, labels
+    alternating, the same texts for the same seed, none when a label has too few sentences."""
+    rows = [(f"good {i}", 1) for i in range(10)] + [(f"bad {i}", 0) for i in range(9)]
+    texts = long_texts(rows, k=8, n=6)
+    assert [y for _, y in texts] == [0, 1, 0, 1, 0, 1]
+    for text, y in texts:
+        words = text.split()
+        parts = [" ".join(words[j : j + 2]) for j in range(0, len(words), 2)]
+        assert len(set(parts)) == 8 and all((p.startswith("good") if y else p.startswith("bad")) for p in parts)
+    assert long_texts(rows, k=8, n=6) == texts and long_texts(rows, k=8, n=6, seed=1) != texts
+    assert long_texts(rows, k=10, n=6) == []  # (9 "bad" sentences)

@@ -51,7 +51,6 @@ class SentimentTask(Task):
         self.encoder = Encoder(m.tokenizer, fold=settings.fold_chars)
         self.labels = list(m.labels)
         self.pad = self.encoder.pad_id if self.encoder.pad_id is not None else 0
-        self.max_tokens = m.tokenizer.max_length
         self.with_lengths = m.has_input("lengths")
 
     def contract(self) -> TensorContract:
@@ -99,11 +98,8 @@ class SentimentTask(Task):
             x = self.encoder.encode(text, field=name)
             if len(x) == 0:
                 raise InvalidInput(f"{name} has no words the tokenizer recognizes; send some words")
-            if self.max_tokens is not None and len(x) > self.max_tokens:
-                raise InvalidInput(
-                    f"{name} has {len(x)} tokens; model {self.model.label} accepts at most {self.max_tokens} "
-                    "(tokenizer.max_length); shorten it"
-                )
+            # A text longer than the training window (tokenizer.max_length) is read whole: the net is recurrent,
+            # and reads long texts well (docs/models.md, "Long texts"); max_chars_per_text bounds it.
             ids.append(x)
         return ids
 
