@@ -193,6 +193,10 @@ class Settings(BaseSettings):
     # --- request limits --------------------------------------------------------------------------------
     max_texts_per_request: int = Field(default=256, ge=1)
     max_chars_per_text: int = Field(default=4096, ge=1)
+    max_words_per_request: int = Field(default=32768, ge=1)
+    """Tokens of all the texts of one classify request together (256 x 128 by default: the most a request could
+    hold when texts were cut at the training window). A batch runs them all before the model's next one, so this
+    bounds how long one request can hold up everyone else's sentiment calls."""
     max_generate_chars: int = Field(default=2000, ge=1)
     max_forecast_rows: int = Field(default=10000, ge=1)
     max_suggestions: int = Field(default=10, ge=1)

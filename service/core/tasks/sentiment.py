@@ -92,6 +92,7 @@ class SentimentTask(Task):
         if len(texts) > limit:
             raise InvalidInput(f"{field} has {len(texts)} texts; the limit is {limit} (max_texts_per_request)")
         ids: list[I64] = []
+        words, word_limit = 0, self.settings.max_words_per_request
         for i, text in enumerate(texts):
             name = f"{field}[{i}]"
             check_text(text, name, self.settings.max_chars_per_text)
@@ -100,6 +101,12 @@ class SentimentTask(Task):
                 raise InvalidInput(f"{name} has no words the tokenizer recognizes; send some words")
             # A text longer than the training window (tokenizer.max_length) is read whole: the net is recurrent,
             # and reads long texts well (docs/models.md, "Long texts"); max_chars_per_text bounds it.
+            words += len(x)
+            if words > word_limit:
+                raise InvalidInput(
+                    f"{field} has more than {word_limit} words in all ({words} by {name}; max_words_per_request); "
+                    "send the texts in several requests"
+                )
             ids.append(x)
         return ids
 

@@ -45,8 +45,13 @@ async def test_classify_returns_a_distribution_per_text(dp: CoreDataPlane) -> No
 
 
 async def test_classify_validation(make_dp: MakeDP) -> None:
-    dp = await make_dp(max_texts_per_request=3, max_chars_per_text=400)
+    dp = await make_dp(max_texts_per_request=3, max_chars_per_text=400, max_words_per_request=100)
     cases = [
+        (
+            ["good " * 70, "bad " * 31],
+            r"texts has more than 100 words in all \(101 by texts\[1\]; max_words_per_request\); send the texts in "
+            r"several requests",
+        ),
         ([], "texts is empty"),
         (["a"] * 4, r"texts has 4 texts; the limit is 3 \(max_texts_per_request\)"),
         (["good", "   "], r"texts\[1\] is empty"),
@@ -55,6 +60,7 @@ async def test_classify_validation(make_dp: MakeDP) -> None:
     for texts, message in cases:
         with pytest.raises(InvalidInput, match=message):
             await dp.classify(SENT, texts)
+    assert len(await dp.classify(SENT, ["good " * 70, "bad " * 30])) == 2  # (100 words: at the limit)
 
 
 async def test_a_text_longer_than_the_training_window_is_read_whole(dp: CoreDataPlane) -> None:
