@@ -66,13 +66,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     SEQSERVE_HOST=0.0.0.0 \
     SEQSERVE_PORT=50051 \
     SEQSERVE_METRICS_PORT=8002 \
+    SEQSERVE_HTTP_PORT=8000 \
     SEQSERVE_MODELS=/app/models \
     SEQSERVE_DEVICE=cpu
 WORKDIR /app
 # A numeric user that exists in no passwd file: nothing in the image belongs to it, so it can write nowhere but
 # /tmp (mount a tmpfs there with --read-only).
 USER 10001:10001
-EXPOSE 50051 8002
+EXPOSE 50051 8000 8002
 
 # Healthy = the gRPC health service answers SERVING for the whole server (every model loaded, not draining).
 HEALTHCHECK --interval=5s --timeout=4s --start-period=60s --retries=3 \

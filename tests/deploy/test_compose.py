@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 REPLICAS = ("seqserve-1", "seqserve-2")
 
 
-def host_network_override(redis_port: int, ports: dict[str, tuple[int, int]]) -> str:
+def host_network_override(redis_port: int, ports: dict[str, tuple[int, int, int]]) -> str:
     """A compose override: every started service on the host network, its ports moved to free ones, the
     published `ports:` dropped (`!reset`, Compose >= 2.18), the image built with host networking too."""
     lines = [
@@ -40,7 +41,7 @@ def host_network_override(redis_port: int, ports: dict[str, tuple[int, int]]) ->
         f'      test: ["CMD", "redis-cli", "-p", "{redis_port}", "ping"]',
         "      interval: 1s",
     ]
-    for name, (grpc_port, metrics_port) in ports.items():
+    for name, (grpc_port, metrics_port, http_port) in ports.items():
         lines += [
             f"  {name}:",
             "    network_mode: host",
@@ -49,6 +50,7 @@ def host_network_override(redis_port: int, ports: dict[str, tuple[int, int]]) ->
             "      SEQSERVE_HOST: 127.0.0.1",
             f'      SEQSERVE_PORT: "{grpc_port}"',
             f'      SEQSERVE_METRICS_PORT: "{metrics_port}"',
+            f'      SEQSERVE_HTTP_PORT: "{http_port}"',
             f"      SEQSERVE_SESSION_STORE: redis://127.0.0.1:{redis_port}/0",
         ]
         if name == "seqserve-1":
@@ -59,7 +61,7 @@ def host_network_override(redis_port: int, ports: dict[str, tuple[int, int]]) ->
 @dataclass
 class Stack:
     project: str
-    ports: dict[str, tuple[int, int]]
+    ports: dict[str, tuple[int, int, int]]  # grpc, metrics, REST
     redis_port: int
     compose: list[str]  # the command prefix: binary, project, files
     env: dict[str, str]  # the images the compose file's variables name, and the builder
@@ -77,7 +79,7 @@ def stack(
     report: dict[str, Any],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    ports = {name: (free_port(), free_port()) for name in REPLICAS}
+    ports = {name: (free_port(), free_port(), free_port()) for name in REPLICAS}
     redis_port = free_port()
     override = tmp_path_factory.mktemp("compose") / "host-network.yml"
     override.write_text(host_network_override(redis_port, ports))
@@ -140,6 +142,22 @@ def test_a_session_started_on_one_replica_continues_on_the_other(stack: Stack) -
         resumed = b.suggest_once(s.id, " to be")  # the state lives in Redis, not in the replica
         assert resumed.steps == 19 and b.get_session(s.id).steps == 19
         b.delete_session(s.id)
+
+
+def test_rest_generate_continues_a_session_of_the_other_replica(stack: Stack) -> None:
+    """Each replica serves KServe REST (SEQSERVE_HTTP_PORT in the compose file): a session created over gRPC on
+    one replica goes on through Triton's generate on the other's REST port (the state is in Redis)."""
+    first, second = stack.ports[REPLICAS[0]], stack.ports[REPLICAS[1]]
+    with Client(f"127.0.0.1:{first[0]}") as a:
+        s = a.create_session("charlm")
+        assert a.suggest_once(s.id, "ROMEO:").steps == 6
+        body = json.dumps({"text_input": " I", "max_tokens": 5, "session_id": s.id}).encode()
+        url = f"http://127.0.0.1:{second[2]}/v2/models/charlm/generate"
+        with urllib.request.urlopen(urllib.request.Request(url, body), timeout=30) as answer:
+            got = json.loads(answer.read())
+        assert got["steps"] == 6 + 2 + 5 and len(got["text_output"]) == 5 and got["finish_reason"] == "length"
+        assert a.get_session(s.id).steps == 13
+        a.delete_session(s.id)
 
 
 def test_redis_keeps_an_append_only_file_and_replicas_point_at_it(docker: Docker, stack: Stack) -> None:

@@ -64,7 +64,14 @@ def test_replicas_are_hardened_and_drain_before_sigkill(model: dict[str, Any]) -
         assert "test" not in svc["healthcheck"]  # the image's gRPC HEALTHCHECK, with compose's timing
         assert svc["restart"] == "unless-stopped"
     published = [(p["host_ip"], p["published"]) for name in REPLICAS for p in model["services"][name]["ports"]]
-    assert published == [("127.0.0.1", "50051"), ("127.0.0.1", "8002"), ("127.0.0.1", "50052"), ("127.0.0.1", "8003")]
+    assert published == [
+        ("127.0.0.1", "50051"),
+        ("127.0.0.1", "8000"),
+        ("127.0.0.1", "8002"),
+        ("127.0.0.1", "50052"),
+        ("127.0.0.1", "8001"),
+        ("127.0.0.1", "8003"),
+    ]
 
 
 def test_redis_append_only_everysec_with_a_volume(model: dict[str, Any]) -> None:

@@ -65,7 +65,12 @@ def test_serving_images_final_stage(path: str) -> None:
     labels = " ".join(instruction(final, "LABEL"))
     for key in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels, key
-    assert "PYTHONDONTWRITEBYTECODE=1" in " ".join(instruction(final, "ENV"))
+    env = " ".join(instruction(final, "ENV"))
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    # gRPC, KServe REST (Triton's HTTP port) and metrics, each set and exposed
+    for setting in ("SEQSERVE_PORT=50051", "SEQSERVE_HTTP_PORT=8000", "SEQSERVE_METRICS_PORT=8002"):
+        assert setting in env, setting
+    assert instruction(final, "EXPOSE") == ["50051 8000 8002"]
     # Compilers and pip stay in the builder; the builder installs serving dependencies only (no torch).
     for tool_name in ("gcc", "build-essential", "pip install", "[train"):
         assert tool_name not in final, tool_name

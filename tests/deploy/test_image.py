@@ -72,19 +72,20 @@ class Container:
     id: str
     grpc: str
     metrics_port: int
+    http_port: int  # KServe REST (the image serves it by default: SEQSERVE_HTTP_PORT=8000, moved here)
     started: float  # time.monotonic() just before the container was started
 
 
 def start(docker: Docker, image: str, **env: str) -> Container:
     """Runs the image the way the issue asks: ``--network host`` (never the default bridge here), read-only root
     filesystem with a tmpfs /tmp, the image's own user; ports from the SEQSERVE_* env vars."""
-    port, metrics = free_port(), free_port()
+    port, metrics, rest = free_port(), free_port(), free_port()
     settings = {"SEQSERVE_HOST": "127.0.0.1", "SEQSERVE_PORT": str(port), "SEQSERVE_METRICS_PORT": str(metrics)}
-    settings |= {"SEQSERVE_GRACE_SECONDS": str(GRACE_SECONDS), **env}
+    settings |= {"SEQSERVE_HTTP_PORT": str(rest), "SEQSERVE_GRACE_SECONDS": str(GRACE_SECONDS), **env}
     flags = [f"--env={k}={v}" for k, v in settings.items()]
     started = time.monotonic()
     cid = docker("run", "--detach", "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=64m", *flags, image)
-    return Container(cid, f"127.0.0.1:{port}", metrics, started)
+    return Container(cid, f"127.0.0.1:{port}", metrics, int(settings["SEQSERVE_HTTP_PORT"]), started)
 
 
 def remove(docker: Docker, c: Container) -> None:
@@ -145,7 +146,9 @@ def test_image_metadata(docker: Docker, image: str) -> None:
     assert config["User"] == "10001:10001"
     assert config["StopSignal"] == "SIGTERM"
     assert config["Entrypoint"] == ["seqserve"] and config["Cmd"] == ["serve"]
-    assert set(config["ExposedPorts"]) == {"50051/tcp", "8002/tcp"}
+    assert set(config["ExposedPorts"]) == {"50051/tcp", "8000/tcp", "8002/tcp"}
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert (env["SEQSERVE_PORT"], env["SEQSERVE_HTTP_PORT"], env["SEQSERVE_METRICS_PORT"]) == ("50051", "8000", "8002")
     assert "grpc_health" in " ".join(config["Healthcheck"]["Test"])
     labels = config["Labels"]
     for key in ("title", "description", "version", "revision", "licenses", "base.name"):
@@ -180,6 +183,20 @@ def test_classify_and_complete_from_the_host(server: Container) -> None:
 
 def test_kserve_sequence_with_tritonclient(server: Container) -> None:
     kserve_sequence(server.grpc)
+
+
+def test_rest_by_default_streams_a_completion(server: Container) -> None:
+    """The image serves KServe REST by default (Triton's port 8000): Triton's generate_stream from the host gives
+    the text the gRPC Complete gives for the same seed, one Server-Sent Event per character."""
+    with Client(server.grpc) as c:
+        want = "".join(chunk.text for chunk in c.complete("ROMEO:", max_chars=20, temperature=0.8, seed=4))
+    wait_for("REST ready", lambda: http_get(f"http://127.0.0.1:{server.http_port}/v2/health/ready")[0] == 200)
+    body = json.dumps({"text_input": "ROMEO:", "max_tokens": 20, "temperature": 0.8, "seed": 4}).encode()
+    url = f"http://127.0.0.1:{server.http_port}/v2/models/charlm/generate_stream"
+    with urllib.request.urlopen(urllib.request.Request(url, body), timeout=30) as answer:
+        assert answer.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        events = [json.loads(line[6:]) for line in answer.read().decode().split("\n") if line.startswith("data: ")]
+    assert len(events) == 20 and "".join(e["text_output"] for e in events) == want
 
 
 def kserve_sequence(target: str) -> None:

@@ -99,7 +99,11 @@ def test_probes_ports_and_settings_agree(rendered: tuple[str, str]) -> None:
     objs = objects(rendered[1])
     c, env = container(objs), config(objs)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": int(env["SEQSERVE_PORT"]), "metrics": int(env["SEQSERVE_METRICS_PORT"])}
+    assert ports == {
+        "grpc": int(env["SEQSERVE_PORT"]),
+        "http": int(env["SEQSERVE_HTTP_PORT"]),
+        "metrics": int(env["SEQSERVE_METRICS_PORT"]),
+    }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == ports["grpc"], probe  # native gRPC health checks
     assert "service" not in c["readinessProbe"]["grpc"]  # "": the whole server, SERVING once models are loaded
@@ -111,7 +115,7 @@ def test_probes_ports_and_settings_agree(rendered: tuple[str, str]) -> None:
         "prometheus.io/path": "/metrics",
     }
     service_ports = {p["name"]: p["targetPort"] for p in objs["Service/seqserve"]["spec"]["ports"]}
-    assert service_ports == {"grpc": "grpc", "metrics": "metrics"}
+    assert service_ports == {"grpc": "grpc", "http": "http", "metrics": "metrics"}
 
 
 def test_shutdown_outlasts_prestop_plus_drain(rendered: tuple[str, str]) -> None:
@@ -157,7 +161,7 @@ def test_selectors_match_the_pods(rendered: tuple[str, str]) -> None:
     assert objs["PodDisruptionBudget/seqserve"]["spec"]["maxUnavailable"] == 1  # one at a time, never blocks a drain
     policy = objs["NetworkPolicy/seqserve"]["spec"]
     allowed = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-    assert allowed == {"grpc", "metrics"}  # named ports of the container
+    assert allowed == {"grpc", "http", "metrics"}  # named ports of the container
     assert {o["metadata"].get("namespace", "seqserve") for o in objs.values() if o["kind"] != "Namespace"} == {
         "seqserve"
     }
