@@ -36,8 +36,9 @@ sysdeps:
 
 # Settings come from SEQSERVE_* variables (SEQSERVE_PORT=50052 make serve); the defaults serve ./models on
 # 127.0.0.1:50051, metrics on :8002.
+# KServe REST on 8000 as in the images (Triton's HTTP port); SEQSERVE_HTTP_PORT picks another.
 serve: $(STAMP)
-	$(BIN)/seqserve serve
+	SEQSERVE_HTTP_PORT=$${SEQSERVE_HTTP_PORT:-8000} $(BIN)/seqserve serve
 
 # The suite without Docker, then the image built and run for real (make image-test). SEQSERVE_STRICT_DEPLOY=1: a
 # missing deploy tool (hadolint, kubectl, promtool, ...) or Docker fails its tests instead of skipping them.

@@ -26,9 +26,10 @@ def children(pid: int) -> list[int]:
 
 
 def test_make_serve_answers_with_the_committed_models_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port, metrics_port, log = free_port(), free_port(), tmp_path / "serve.log"
+    port, metrics_port, rest_port, log = free_port(), free_port(), free_port(), tmp_path / "serve.log"
     # Settings as the README gives them: SEQSERVE_* variables (PORT and HOST in the environment mean nothing to it).
     settings = {"SEQSERVE_PORT": str(port), "SEQSERVE_METRICS_PORT": str(metrics_port), "SEQSERVE_LOG_LEVEL": "WARNING"}
+    settings["SEQSERVE_HTTP_PORT"] = str(rest_port)  # (make serve's own default: 8000)
     env = server_env(settings | {"PYTHONUNBUFFERED": "1", "PORT": "1", "HOST": "nowhere.invalid"})
     with log.open("wb") as out:
         make = subprocess.Popen(
@@ -49,6 +50,7 @@ def test_make_serve_answers_with_the_committed_models_and_stops_on_sigterm(tmp_p
             assert abs(sum(good.probabilities) - 1.0) < 1e-5
             text = "".join(chunk.text for chunk in client.complete("ROMEO:", max_chars=20, temperature=0))
             assert 0 < len(text) <= 20
+        assert http_get(f"http://127.0.0.1:{rest_port}/v2/health/ready")[0] == 200  # KServe REST, as in the image
         server = children(make.pid)
         assert len(server) == 1, f"make serve should run one seqserve process, found {server}"
         os.kill(server[0], signal.SIGTERM)  # what docker stop / Kubernetes send
