@@ -4,7 +4,7 @@
                    [--workers N] [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE] [--ready-file F]
     seqserve classify "a fine film" "a dull one"
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
-    seqserve forecast --csv ETTh1.csv [--rows 96] [--plot forecast.png]
+    seqserve forecast --csv ETTh1.csv [--rows 96] [--quantiles] [--plot forecast.png]
 
 Every serve option but --ready-file also comes from a ``SEQSERVE_*`` env var (the flags win), and every other
 setting only from one (README: the settings tables). Client commands take ``--target``
@@ -33,7 +33,7 @@ from service.argtypes import INT32_MAX, INT64_MAX, Parser, count, names, real
 from service.client import ApiError, Client
 from service.plots import plot_forecast, plot_path
 from service.settings import Settings, misspelt
-from service.tables import read_history
+from service.tables import TableError, next_times, read_history
 
 log = logging.getLogger("seqserve")
 
@@ -160,9 +160,26 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     columns, history = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
     with _client(args) as c:
         result = c.forecast(history, model=args.model, columns=columns)  # by name: the CSV's order may differ
-    print("step\t" + "\t".join(result.columns))
-    for h, row in enumerate(result.point, start=1):
-        print(f"{h}\t" + "\t".join(f"{v:.4f}" for v in row))
+    horizon = len(result.point)
+    head, steps = "step", [str(h) for h in range(1, horizon + 1)]
+    try:  # each row's time when the file's last rows step evenly (their time column continued)
+        found = next_times(args.csv, len(history), horizon)
+    except TableError as err:
+        print(f"(forecast steps numbered: {err})", file=sys.stderr)
+    else:
+        if found is not None:
+            head, steps = found
+    names, rows = list(result.columns), result.point.tolist()
+    if args.quantiles:  # each column, then its p10, p50, p90
+        levels = [f"_p{round(100 * q)}" for q in result.quantile_levels]
+        names = [name + suffix for name in result.columns for suffix in ("", *levels)]
+        rows = [
+            [v for j in range(len(result.columns)) for v in (result.point[h, j], *result.quantiles[:, h, j])]
+            for h in range(horizon)
+        ]
+    print(head + "\t" + "\t".join(names))
+    for when, row in zip(steps, rows, strict=True):
+        print(f"{when}\t" + "\t".join(f"{v:.4f}" for v in row))
     if plot is not None:
         plot_forecast(plot, columns, history, result)
         print(f"plot written to {plot}", file=sys.stderr)
@@ -273,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write an image (PNG, or as the name's suffix says: .pdf, .svg, ...): history, "
         "forecast and the p10-p90 band",
     )
+    c.add_argument(
+        "--quantiles", action="store_true", help="print each column's p10, p50 and p90 beside its point forecast"
+    )
     c.set_defaults(func=cmd_forecast)
     return p
 
@@ -300,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
     except ValidationError as err:  # a setting out of range, from a flag or its SEQSERVE_* variable
         print(f"error: {_settings_problems(err)}", file=sys.stderr)
+    except BrokenPipeError:  # the reader stopped early (`| head`): quiet, as other Unix tools end on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not fail again)
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool that SIGPIPE ended
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:

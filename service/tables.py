@@ -298,3 +298,44 @@ def read_history(path: Path, rows: int, columns: Sequence[str] | None = None) ->
     server forecasts from the rows as sent)."""
     table = read_table(path, columns=columns, check_time=False)
     return table.columns, table.values[-rows:].astype(np.float32)
+
+
+def next_times(path: Path, rows: int, horizon: int) -> tuple[str, list[str]] | None:
+    """The time column's name and the ``horizon`` timestamps after the file's last row, stepping as its last
+    ``rows`` rows step, written as the file writes them (``1961-01``, ``2018-06-27``, ``2018-06-26 20:00:00``): the
+    times a forecast from those rows is for. None when the file has no time column; TableError saying why when
+    those rows do not step evenly (the forecast itself does not need them to)."""
+    table = _read_rows(path)
+    header, body = table[0], table[1:]
+    column = _detect_time_column(header, body[0])
+    if column is None:
+        return None
+    texts = [row[header.index(column)].strip() for row in body[-rows:]]
+    first_line = len(body) - len(texts) + 2
+    if any(_OFFSET.search(t) for t in texts):
+        raise TableError(f"{path}: column {column!r}: timestamps with UTC offsets are not continued")
+    times = [_time(path, first_line + i, column, t) for i, t in enumerate(texts)]
+    if len(times) < 2:
+        raise TableError(f"{path}: one row has no step to continue")
+    steps = {_step(a, b) for a, b in itertools.pairwise(times)}
+    if len(steps) != 1 or not _seconds(next(iter(steps))) > 0:
+        raise TableError(f"{path}: column {column!r}: the last {len(times)} rows do not step by one constant step")
+    step, last = steps.pop(), times[-1]
+    if isinstance(step, int):  # calendar months: the same day of the month, or the month's last day
+        month_end = _month_end(last)
+        future = []
+        for k in range(1, horizon + 1):
+            year, month = divmod(last.year * 12 + last.month - 1 + k * step, 12)
+            first = last.replace(year=year, month=month + 1, day=1)
+            end = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1) - dt.timedelta(days=1)
+            future.append(end if month_end or last.day > end.day else first.replace(day=last.day))
+    else:
+        future = [last + k * step for k in range(1, horizon + 1)]
+    written = texts[-1]
+    if _YEAR_MONTH.match(written):
+        out = [f"{t.year:04d}-{t.month:02d}" for t in future]
+    elif len(written) == 10:  # a date
+        out = [t.date().isoformat() for t in future]
+    else:
+        out = [t.isoformat(sep="T" if "T" in written else " ") for t in future]
+    return column, out

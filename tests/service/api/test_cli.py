@@ -3,6 +3,7 @@ client subcommands against it (in-process through ``main()``, plus once through 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -146,13 +147,15 @@ def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys
     csv_path, png = tmp_path / "ett.csv", tmp_path / "forecast.png"
     rng = np.random.default_rng(0)
     lines = ["date," + ",".join(COLUMNS)]
-    for t in range(40):
+    for t in range(40):  # hourly from 2016-07-01 00:00 to 2016-07-02 15:00
         values = 10 + 3 * np.sin(t / 5) + rng.normal(0, 0.3, 7)
-        lines.append(f"2016-07-01 {t % 24:02d}:00:00," + ",".join(f"{v:.3f}" for v in values))
+        lines.append(f"2016-07-{1 + t // 24:02d} {t % 24:02d}:00:00," + ",".join(f"{v:.3f}" for v in values))
     csv_path.write_text("\n".join(lines) + "\n")
     assert main(["forecast", "--target", serve.target, "--csv", str(csv_path), "--rows", "24", "--plot", str(png)]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[0].split("\t") == ["step", *COLUMNS]
+    assert rows[0].split("\t") == ["date", *COLUMNS]  # each row's time: the file's next hours
+    last = dt.datetime(2016, 7, 2, 15)
+    assert [r.split("\t")[0] for r in rows[1:]] == [str(last + dt.timedelta(hours=k)) for k in range(1, 13)]
     assert len(rows) == 1 + 12  # header + tiny horizon
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A name without a suffix gets .png (the message named a file that did not exist); one matplotlib cannot write
@@ -177,6 +180,48 @@ def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys
     assert main(odd) == 1
     out, err = capsys.readouterr()
     assert out == "" and "'.xyz' is not an image format; use one of" in err and err.count("\n") == 1
+
+
+def test_forecast_prints_quantiles_and_numbers_steps_it_cannot_date(
+    serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quantiles prints each column's p10, p50 and p90 beside it (what the server answered); rows whose times do
+    not step evenly are forecast all the same, with numbered steps and a note saying why."""
+    from service.client import Client
+
+    rng = np.random.default_rng(2)
+    values = 10 + rng.normal(0, 1, (30, 7))
+    stamps = [f"2016-07-{1 + t // 24:02d} {t % 24:02d}:00:00" for t in range(30)]
+    stamps[-5] = stamps[-5].replace(":00:00", ":30:00")  # one row off the hour
+    lines = ["date," + ",".join(COLUMNS)] + [
+        f"{s}," + ",".join(f"{v:.4f}" for v in row) for s, row in zip(stamps, values, strict=True)
+    ]
+    path = tmp_path / "odd.csv"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["forecast", "--target", serve.target, "--csv", str(path), "--rows", "24", "--quantiles"]) == 0
+    out, err = capsys.readouterr()
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert rows[0] == ["step", *[f"{c}{s}" for c in COLUMNS for s in ("", "_p10", "_p50", "_p90")]]
+    assert [r[0] for r in rows[1:]] == [str(h) for h in range(1, 13)]
+    assert (
+        err == f"(forecast steps numbered: {path}: column 'date': the last 24 rows do not step by one constant step)\n"
+    )
+    with Client(serve.target) as c:
+        want = c.forecast(values[-24:].astype(np.float32), columns=COLUMNS)
+    got = np.asarray([[float(v) for v in r[1:]] for r in rows[1:]]).reshape(12, 7, 4)
+    np.testing.assert_allclose(got[..., 0], want.point, atol=1e-4)
+    np.testing.assert_allclose(np.moveaxis(got[..., 1:], -1, 0), want.quantiles, atol=1e-4)
+
+
+def test_a_reader_that_stops_early_ends_the_cli_quietly(serve: ServeProcess) -> None:
+    """`seqserve complete ... | head -c 10`: the pipe closes under the CLI, which ends as Unix tools do on
+    SIGPIPE (status 141, nothing on stderr), not with "error: [Errno 32] Broken pipe"."""
+    cmd = [str(SEQSERVE), "complete", "ROMEO:", "--target", serve.target, "--max-chars", "200"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first character
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == ""
 
 
 def test_errors_print_one_line_and_exit_non_zero(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
