@@ -2,7 +2,7 @@
 
     seqserve serve [--host H] [--port P] [--metrics-port M] [--http-port R] [--models DIR] [--device auto|cpu|cuda]
                    [--workers N] [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE] [--ready-file F]
-    seqserve classify "a fine film" "a dull one"
+    seqserve classify "a fine film" "a dull one"          (or - : one text per line from stdin)
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
     seqserve forecast --csv ETTh1.csv [--rows 96] [--quantiles] [--plot forecast.png]
 
@@ -126,11 +126,30 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    """Texts from the command line, or one per line from stdin for ``-`` (blank lines skipped), sent ``--batch``
+    at a time; each answer is printed as its batch comes back, in the order of the texts."""
+    texts = [t for arg in args.texts for t in (_stdin_lines() if arg == "-" else [arg])]
+    if not texts:
+        print("error: no texts: stdin held only blank lines", file=sys.stderr)
+        return 1
     with _client(args) as c:
-        for text, r in zip(args.texts, c.classify(args.texts, model=args.model), strict=True):
-            probs = " ".join(f"{lab}={p:.3f}" for lab, p in zip(r.labels, r.probabilities, strict=True))
-            print(f"{r.label}\t{probs}\t{text}")
+        for start in range(0, len(texts), args.batch):
+            batch = texts[start : start + args.batch]
+            try:
+                results = c.classify(batch, model=args.model)
+            except ApiError as err:
+                where = f"texts {start + 1}-{start + len(batch)} of {len(texts)}" if len(texts) > len(batch) else ""
+                print(f"error: {where}{': ' if where else ''}{err.code.name}: {err.message}", file=sys.stderr)
+                return 1
+            for text, r in zip(batch, results, strict=True):
+                probs = " ".join(f"{lab}={p:.3f}" for lab, p in zip(r.labels, r.probabilities, strict=True))
+                print(f"{r.label}\t{probs}\t{text}")
+            sys.stdout.flush()
     return 0
+
+
+def _stdin_lines() -> list[str]:
+    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -263,7 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         return c
 
     c = client_parser("classify", "classify texts by sentiment")
-    c.add_argument("texts", nargs="+", help="texts to classify")
+    c.add_argument("texts", nargs="+", help="texts to classify; - reads them from stdin, one per line")
+    c.add_argument(
+        "--batch",
+        type=count(1),
+        default=64,
+        help="texts per request (default 64; the server's MAX_TEXTS_PER_REQUEST bounds it, 256 by default)",
+    )
     c.set_defaults(func=cmd_classify)
 
     c = client_parser("complete", "stream a completion from the char LM")

@@ -105,6 +105,30 @@ def test_complete_streams_to_stdout(serve: ServeProcess, capsys: pytest.CaptureF
     assert "[finish: length]" in err
 
 
+def test_classify_reads_texts_from_stdin_in_batches(
+    serve: ServeProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``seqserve classify - < reviews.txt``: one text per line (blank lines skipped), sent --batch at a time, the
+    answers in the texts' order and as one call gives them; a refused batch is named by its texts' positions,
+    after the answers of the batches before it."""
+    import io
+
+    texts = ["a good fun film", "a terrible boring movie", "fine", "dull and long", "a warm story"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([*texts[:2], "", "  ", *texts[2:]]) + "\n"))
+    assert main(["classify", "--target", serve.target, "--batch", "2", "-"]) == 0
+    batched = capsys.readouterr().out.splitlines()
+    assert main(["classify", "--target", serve.target, *texts]) == 0
+    assert batched == capsys.readouterr().out.splitlines() and [line.split("\t")[2] for line in batched] == texts
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([*texts[:3], "x" * 5000, texts[4]]) + "\n"))
+    assert main(["classify", "--target", serve.target, "--batch", "2", "-"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == batched[:2]
+    assert err.startswith("error: texts 3-4 of 5: INVALID_ARGUMENT: texts[1] has 5000 characters")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n \n"))
+    assert main(["classify", "--target", serve.target, "-"]) == 1
+    assert capsys.readouterr().err == "error: no texts: stdin held only blank lines\n"
+
+
 def test_a_refused_completion_prints_only_its_error(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
     """The prompt used to be echoed before the call failed, gluing it to the error ('ROMEOerror: ...')."""
     assert main(["complete", "ROMEO:", "--target", serve.target, "--top-k", "1000"]) == 1
