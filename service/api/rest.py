@@ -685,13 +685,27 @@ def _compression(accepted: str) -> str | None:
     return next((e for e in ("gzip", "deflate") if e in offered), None)
 
 
+# JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no Unicode text, so no protobuf string and
+# no UTF-8 either. Only such an escape can put one in a string (raw UTF-8 bytes cannot encode one).
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
+
+
 def _json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        document = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise HttpError(400, f"the body is not JSON: {echo(str(exc), 200)}") from None
     except RecursionError:
         raise HttpError(400, "the body is not JSON we read: its arrays or objects nest too deeply") from None
+    if _ESCAPED_SURROGATE.search(body):  # (pairs are fine: they are one character; look for a lone one)
+        try:
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            lone = exc.object[exc.start : exc.end]
+            raise HttpError(
+                400, f"the body is not JSON we read: a string holds the lone surrogate {lone!r}, which is not text"
+            ) from None
+    return document
 
 
 def _ok(document: object) -> Reply:

@@ -293,6 +293,49 @@ def test_unknown_models_carry_the_request_id_the_caller_sent(rest: ServerHandle)
     assert status == 404 and headers["X-Request-Id"] == "trace-42" and "nope" in json.loads(body)["error"]
 
 
+TEXT_INPUT = '"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a fine film"]}]'
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v2/models/sentiment/infer", '{"id": "\\ud800", ' + TEXT_INPUT + "}"),
+        ("/v2/models/sentiment/infer", '{"parameters": {"x": "a\\udfffb"}, ' + TEXT_INPUT + "}"),
+        (
+            "/v2/models/sentiment/infer",
+            '{"inputs": [{"name": "\\ud800", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}',
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            '{"inputs": [{"name": "TEXT", "shape": [1], "datatype": "\\uDABC", "data": ["a"]}]}',
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            '{"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
+        ),
+        ("/v2/models/sentiment/infer", "{" + TEXT_INPUT + ', "outputs": [{"name": "\\ud800"}]}'),
+        ("/v2/logging", '{"log_info": "\\ud800"}'),
+        ("/v2/repository/models/sentiment/load", '{"parameters": {"config": "\\ud800"}}'),
+        ("/v2/models/charlm/generate", '{"text_input": "a\\ud800"}'),
+        ("/v2/models/charlm/generate_stream", '{"text_input": "a", "stop": ["\\udc00"]}'),
+        ("/v2/models/charlm/generate", '{"text_input": "a", "session_id": "\\ud800"}'),
+    ],
+)
+def test_a_lone_surrogate_in_any_string_is_a_400_not_a_500(rest: ServerHandle, path: str, body: str) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no text: it failed as an internal error (500,
+    a traceback in the log) wherever the gateway put it into a protobuf string."""
+    status, message = error_of(http(rest, path, body.encode(), "POST"))
+    assert status == 400 and "a string holds the lone surrogate" in message, message
+
+
+def test_escaped_text_that_is_no_lone_surrogate_still_reads(rest: ServerHandle) -> None:
+    """A surrogate pair is one character, and an escaped backslash before "ud800" is no escape at all."""
+    for text in ("\\ud83d\\ude00 a fine film", "a fine film \\\\ud800"):
+        body = '{"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["' + text + '"]}]}'
+        status, _, answer = http(rest, "/v2/models/sentiment/infer", body.encode(), "POST")
+        assert status == 200, answer
+
+
 def test_binary_data_must_add_up(rest: ServerHandle) -> None:
     raw = serialize_bytes([b"a fine film"])
     header = {
