@@ -408,6 +408,22 @@ class _RestHandler(KeptAliveHandler):
             raise AttributeError(name)
         return self._other_method
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (a request line over 64 KiB: 414, too many or too long headers: 431, a
+        malformed request line: 400) with the JSON error body every other answer has, instead of its HTML page."""
+        self._request_id = None
+        reason = message or self.responses.get(code, ("refused",))[0]
+        text = f"{reason}: {explain}" if explain and explain != reason else reason
+        payload = _error(f"{text} (KServe v2 REST: see docs/kserve.md)")
+        self.close_connection = True  # (what the stdlib does: the rest of such a request is not read)
+        self.send_response(code, reason)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(payload)
+
     def _other_method(self) -> None:
         self._request_id = None
         self.unread_body()  # (its body, if any)

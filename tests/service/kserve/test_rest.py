@@ -336,6 +336,26 @@ def test_escaped_text_that_is_no_lone_surrogate_still_reads(rest: ServerHandle) 
         assert status == 200, answer
 
 
+def test_the_http_servers_own_refusals_are_json_too(rest: ServerHandle) -> None:
+    """A request line over 64 KiB, more than 100 headers or a header line over 64 KiB are refused by the stdlib's
+    HTTP parser before the gateway sees them: they came back as its HTML error page, not ``{"error": ...}``."""
+    import socket
+
+    requests = {
+        414: b"GET /v2/models/" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",
+        431: b"GET /v2 HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(150)) + b"\r\n",
+    }
+    for status, raw in [*requests.items(), (431, b"GET /v2 HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")]:
+        with socket.create_connection(("127.0.0.1", rest.server.http_port), timeout=10) as conn:
+            conn.sendall(raw)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status) and b"Content-Type: application/json" in head, head
+        assert json.loads(body)["error"].endswith("(KServe v2 REST: see docs/kserve.md)")
+
+
 def test_binary_data_must_add_up(rest: ServerHandle) -> None:
     raw = serialize_bytes([b"a fine film"])
     header = {
