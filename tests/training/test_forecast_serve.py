@@ -3,6 +3,7 @@ and ``seqserve forecast --plot``. Targets = every column (serving's covariate pa
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,5 +60,9 @@ def test_train_export_serve_all_targets_generated_csv(
     argv = ["forecast", "--target", handle.target, "--model", "sales-forecaster", "--csv", str(tiny_csv)]
     assert seqserve([*argv, "--rows", "48", "--plot", str(png)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split("\t") == ["step", "load", "temp", "price"] and len(printed) == 1 + 12
+    assert printed[0].split("\t") == ["time", "load", "temp", "price"] and len(printed) == 1 + 12
+    times = read_table(tiny_csv).times  # each printed row's time: the file's next hours
+    assert times is not None
+    last = times[-1]
+    assert [row.split("\t")[0] for row in printed[1:]] == [str(last + dt.timedelta(hours=k)) for k in range(1, 13)]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
