@@ -4,6 +4,7 @@
                    [--workers N] [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE] [--ready-file F]
     seqserve classify "a fine film" "a dull one"          (or - : one text per line from stdin)
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
+    seqserve suggest < typed.txt                         (a session: each line appended, continuations printed)
     seqserve forecast --csv ETTh1.csv [--rows 96] [--quantiles] [--plot forecast.png]
 
 Every serve option but --ready-file also comes from a ``SEQSERVE_*`` env var (the flags win), and every other
@@ -174,6 +175,30 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """A typing session from the shell: each stdin line is text typed since the previous one (``--newline``: with
+    its line break), appended to one server-side session (only the new text runs); each answer is printed as it
+    comes: the characters the session holds, then the continuations, JSON-quoted, with their log-probabilities.
+    A line the model cannot read is reported and skipped (the session is as it was). The session is deleted at the
+    end (Ctrl-C too)."""
+    with _client(args) as c, c.session(args.model or "charlm") as s:
+        print(f"(session {s.id} on {s.model}/{s.version}; deleted at the end)", file=sys.stderr)
+        for line in sys.stdin:
+            typed = line if args.newline else line.rstrip("\r\n")
+            if not typed:
+                continue
+            try:
+                result = c.suggest_once(s.id, typed, n=args.n, max_chars=args.max_chars, beam=not args.greedy)
+            except ApiError as err:
+                if err.code.name != "INVALID_ARGUMENT":
+                    raise
+                print(f"error: {err.code.name}: {err.message} (line skipped)", file=sys.stderr, flush=True)
+                continue
+            shown = "\t".join(f"{json.dumps(x.text, ensure_ascii=False)} {x.logprob:.2f}" for x in result.suggestions)
+            print(f"{result.steps}\t{shown}", flush=True)
+    return 0
+
+
 def cmd_forecast(args: argparse.Namespace) -> int:
     plot = None if args.plot is None else plot_path(args.plot)  # a bad name fails before the call
     columns, history = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
@@ -299,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=count(-INT64_MAX - 1, INT64_MAX))
     c.add_argument("--stop", action="append", help="stop string (repeatable)")
     c.set_defaults(func=cmd_complete)
+
+    c = client_parser("suggest", "type into a char-LM session from stdin, line by line: continuations per line")
+    c.add_argument("-n", type=count(1), default=3, help="continuations per line (default 3)")
+    c.add_argument("--max-chars", type=count(1, INT32_MAX), default=10, help="characters per continuation")
+    c.add_argument("--greedy", action="store_true", help="the n likeliest next characters, each continued greedily")
+    c.add_argument("--newline", action="store_true", help="each line is typed with its line break")
+    c.set_defaults(func=cmd_suggest)
 
     c = client_parser("forecast", "forecast from the last rows of a CSV")
     c.add_argument("--csv", type=Path, required=True, help="CSV with a header; numeric columns are the features")

@@ -129,6 +129,35 @@ def test_classify_reads_texts_from_stdin_in_batches(
     assert capsys.readouterr().err == "error: no texts: stdin held only blank lines\n"
 
 
+def test_suggest_types_stdin_lines_into_one_session(
+    serve: ServeProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``seqserve suggest``: each line is appended to one session and answered as the same calls through the
+    client answer them; a line the model cannot read is reported and skipped, the session as it was; the session
+    is gone afterwards."""
+    import io
+
+    from service.client import ApiError, Client
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("To be\n\n, or n\n\u4e2d\not\n"))
+    assert main(["suggest", "--target", serve.target, "-n", "2", "--max-chars", "4"]) == 0
+    out, err = capsys.readouterr()
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert [r[0] for r in rows] == ["5", "11", "13"]  # characters the session holds after each line
+    with Client(serve.target) as c, c.session("charlm") as s:
+        for row, typed in zip(rows, ["To be", ", or n", "ot"], strict=True):
+            want = c.suggest_once(s.id, typed, n=2, max_chars=4)
+            assert row[1:] == [f"{json.dumps(x.text)} {x.logprob:.2f}" for x in want.suggestions]
+    lines = err.splitlines()
+    assert lines[0].startswith("(session ") and lines[0].endswith("; deleted at the end)")
+    assert lines[1].startswith("error: INVALID_ARGUMENT: appended: character '中'") and lines[1].endswith(
+        "(line skipped)"
+    )
+    with Client(serve.target) as c, pytest.raises(ApiError) as gone:
+        c.get_session(lines[0].split()[1])
+    assert gone.value.code.name == "NOT_FOUND"
+
+
 def test_a_refused_completion_prints_only_its_error(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
     """The prompt used to be echoed before the call failed, gluing it to the error ('ROMEOerror: ...')."""
     assert main(["complete", "ROMEO:", "--target", serve.target, "--top-k", "1000"]) == 1
