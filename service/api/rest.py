@@ -14,7 +14,8 @@ It runs on the connection-limited HTTP server of ``service.api.http`` (a thread 
 ``http_max_connections``, a request may take at most three idle timeouts from its first byte to its answer).
 gRPC stays the fast path: REST costs one more hop per request. ModelStreamInfer has no REST form (Triton's
 neither); a char LM's streamed completion has Triton's generate extension instead (``service.api.generate``:
-``/generate``, and ``/generate_stream`` as Server-Sent Events). TLS is not offered on this port yet: terminate it
+``/generate``, and ``/generate_stream`` as Server-Sent Events), and OpenAI's completions API
+(``service.api.completions``: ``/v1/completions``, ``/v1/models``). TLS is not offered on this port yet: terminate it
 in front (an ingress), or use gRPC.
 """
 
@@ -27,7 +28,9 @@ import logging
 import math
 import os
 import re
+import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -36,6 +39,16 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from service.api.completions import (
+    CompletionsError,
+    completion,
+    completion_request,
+    error_body,
+    error_object,
+    model_object,
+    models_list,
+    usage,
+)
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.gen.seqserve.v1 import autocomplete_pb2_grpc
@@ -80,11 +93,14 @@ Reply = tuple[int, bytes, dict[str, str]]  # HTTP status, body, headers; None fr
 
 
 class HttpError(Exception):
-    """A request refused by the gateway itself, before any gRPC call: HTTP status and what to fix."""
+    """A request refused by the gateway itself, before any gRPC call: HTTP status and what to fix (``param``: the
+    request key at fault, for OpenAI's error object)."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+        self.status, self.message, self.headers, self.param = status, message, headers or {}, param
 
 
 # --- JSON <-> protobuf -----------------------------------------------------------------------------------------
@@ -428,7 +444,7 @@ class _RestHandler(KeptAliveHandler):
         self._request_id = None
         self.unread_body()  # (its body, if any)
         message = f"method {echo(self.command, 20)} is not served: the KServe v2 REST API takes GET, HEAD and POST"
-        self._send(405, _error(message), {"Allow": "GET, HEAD, POST"}, head=False)
+        self._send(405, self._error(405, message), {"Allow": "GET, HEAD, POST"}, head=False)
 
     def _serve(self, method: str) -> None:
         self._request_id = None
@@ -439,12 +455,12 @@ class _RestHandler(KeptAliveHandler):
                 return
             status, payload, headers = reply
         except HttpError as err:
-            status, payload, headers = err.status, _error(err.message), err.headers
+            status, payload, headers = err.status, self._error(err.status, err.message, err.param), err.headers
         except grpc.RpcError as err:
             status, payload, headers = self._from_rpc(err)
         except Exception:  # a bug here must not take the gateway down: say so, keep serving
             log.exception("REST %s %s failed", method, echo(self.path, 200))
-            status, payload, headers = 500, _error("internal error in the REST gateway (logged)"), {}
+            status, payload, headers = 500, self._error(500, "internal error in the REST gateway (logged)"), {}
         self._send(status, payload, headers, head=method == "HEAD")
 
     def _body(self) -> bytes:
@@ -509,6 +525,13 @@ class _RestHandler(KeptAliveHandler):
             return _ok(message_json(self._call("ModelStatistics", pb.ModelStatisticsRequest())))
         if path == "/v2/logging":
             return self._logging(method, body)
+        if path == "/v1/completions":
+            if method != "POST":
+                raise HttpError(405, "/v1/completions takes POST", {"Allow": "POST"})
+            return self._completions(body)
+        if path in ("/v1/models", "/v1/models/") or path.startswith("/v1/models/"):
+            rest = path[len("/v1/models/") :].strip("/") if path.startswith("/v1/models/") else ""
+            return self._models(method, unquote(rest) if rest else None)
         if path == "/v2/repository/index" and method == "POST":
             options = _json(body) if body else {}
             ready = options.get("ready", False) if isinstance(options, dict) else None
@@ -524,7 +547,11 @@ class _RestHandler(KeptAliveHandler):
             return self._model(method, unquote(m["name"]), unquote(m["version"] or ""), m["action"], body)
         if path.startswith("/v2/"):
             raise HttpError(404, f"no such endpoint: {method} {echo(path, 200)} (KServe v2 REST: see docs/kserve.md)")
-        raise HttpError(404, f"not found: {echo(path, 200)}; the KServe v2 REST API is under /v2")
+        if path.startswith("/v1/"):
+            raise HttpError(
+                404, f"no such endpoint: {method} {echo(path, 200)} (OpenAI's API here: /v1/completions, /v1/models)"
+            )
+        raise HttpError(404, f"not found: {echo(path, 200)}; the KServe v2 REST API is under /v2, OpenAI's under /v1")
 
     def _model(self, method: str, name: str, version: str, action: str | None, body: bytes) -> Reply | None:
         get = method in ("GET", "HEAD")
@@ -577,25 +604,81 @@ class _RestHandler(KeptAliveHandler):
             request = complete_request(name, version, _json(body), stream=stream)
         except GenerateError as err:
             raise HttpError(400, str(err)) from None
-        # The request id must be known before the stream's headers leave: the caller's when it is one the
-        # server takes, else one made here and sent along (the server uses it, so its logs say the same).
-        sent = self.headers.get("X-Request-Id")
-        self._request_id = sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()
-        metadata = (*(m for m in self._metadata() if m[0] != "x-request-id"), ("x-request-id", self._request_id))
-        call = self.gateway.autocomplete.Complete(request, metadata=metadata, timeout=self.gateway.call_timeout)
-        session = request.HasField("session_id")
-        first = next(call)  # (a refusal raises here: an ordinary error answer)
-        version_used = first.model_version
+        call, first = self._complete(request)
+        session, version_used = request.HasField("session_id"), first.model_version
         if stream:
-            self._stream(call, first, name, version_used, session)
+            self._stream(call, first, lambda c: answer(name, version_used, c.text, c, session), _triton_error)
             return None
         chunks = [first, *call]
         text = "".join(chunk.text for chunk in chunks)
         return _ok(answer(name, version_used, text, chunks[-1], session))
 
-    def _stream(self, call: Any, first: Any, name: str, version: int, session: bool) -> None:
-        """``call``'s chunks as Server-Sent Events in a chunked HTTP body. A client that goes away cancels the
-        call: the server stops generating."""
+    def _completions(self, body: bytes) -> Reply | None:
+        """OpenAI's ``POST /v1/completions`` (``service.api.completions``): the same one call as generate, its
+        chunks as one completion object, or as completion chunks ending in ``data: [DONE]``."""
+        document = _json(body)
+        try:
+            request, stream, with_usage = completion_request(document)
+        except CompletionsError as err:
+            raise HttpError(400, str(err), param=err.param) from None
+        call, first = self._complete(request)
+        model, version_used, created = document["model"], first.model_version, int(time.time())
+        ident = f"cmpl-{self._request_id}"
+        if stream:
+            generated = [0]
+
+            def render(chunk: Any) -> dict[str, Any]:
+                generated[0] += len(chunk.text)
+                return completion(ident, created, model, version_used, chunk.text, chunk)
+
+            def closing() -> list[dict[str, Any]]:
+                if not with_usage:
+                    return []
+                last = completion(ident, created, model, version_used, "", None)
+                return [{**last, "choices": [], "usage": usage(request.prompt, generated[0])}]
+
+            self._stream(call, first, render, _openai_error, closing, b"data: [DONE]\n\n")
+            return None
+        chunks = [first, *call]
+        text = "".join(chunk.text for chunk in chunks)
+        document = completion(ident, created, model, version_used, text, chunks[-1])
+        return _ok({**document, "usage": usage(request.prompt, len(text))})
+
+    def _models(self, method: str, name: str | None) -> Reply:
+        """OpenAI's ``GET /v1/models`` (the ready models of the repository, one entry per name) and
+        ``GET /v1/models/{name}``."""
+        if method not in ("GET", "HEAD"):
+            raise HttpError(405, "/v1/models takes GET", {"Allow": "GET, HEAD"})
+        index = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=True))
+        names = sorted({m.name for m in index.models if m.state == "READY"})
+        if name is None:
+            return _ok(models_list(names))
+        if name not in names:
+            raise HttpError(404, f"The model {echo(name)} does not exist; served models: {names}", param="model")
+        return _ok(model_object(name))
+
+    def _complete(self, request: Message) -> tuple[Any, Any]:
+        """An ``Autocomplete.Complete`` call and its first chunk (a refusal raises here: an ordinary error answer).
+        The request id must be known before a stream's headers leave: the caller's when the server takes it as
+        one, else one made here and sent along (the server uses it, so its logs say the same)."""
+        sent = self.headers.get("X-Request-Id")
+        self._request_id = sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()
+        metadata = (*(m for m in self._metadata() if m[0] != "x-request-id"), ("x-request-id", self._request_id))
+        call = self.gateway.autocomplete.Complete(request, metadata=metadata, timeout=self.gateway.call_timeout)
+        return call, next(call)
+
+    def _stream(
+        self,
+        call: Any,
+        first: Any,
+        render: Callable[[Any], dict[str, Any]],
+        error: Callable[[str], dict[str, Any]],
+        closing: Callable[[], list[dict[str, Any]]] = list,
+        done: bytes = b"",
+    ) -> None:
+        """``call``'s chunks as Server-Sent Events (``render``: a chunk's event) in a chunked HTTP body, then the
+        ``closing`` events and ``done``; an error after the first event is the last event (``error``). A client
+        that goes away cancels the call: the server stops generating."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -605,24 +688,27 @@ class _RestHandler(KeptAliveHandler):
             self.send_header("Connection", "close")
         self.end_headers()
 
-        def send(document: dict[str, Any]) -> None:
-            data = event(document)
+        def send(data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
         try:
-            send(answer(name, version, first.text, first, session))
+            send(event(render(first)))
             try:
                 for chunk in call:
-                    send(answer(name, version, chunk.text, chunk, session))
+                    send(event(render(chunk)))
+                for document in closing():
+                    send(event(document))
+                if done:
+                    send(done)
             except grpc.RpcError as err:
                 from service.client import ApiError
 
-                send({"error": ApiError.from_rpc_error(err).message})
+                send(event(error(ApiError.from_rpc_error(err).message)))
             self.wfile.write(b"0\r\n\r\n")
         except OSError as exc:  # the client went away (or the request ran out of time): stop the generation
             call.cancel()
             self.close_connection = True
-            log.debug("rest generate_stream: %s, call cancelled", type(exc).__name__)
+            log.debug("rest stream: %s, call cancelled", type(exc).__name__)
 
     def _repository(self, name: str, action: str, body: bytes) -> Reply:
         options = _json(body) if body else {}
@@ -664,7 +750,14 @@ class _RestHandler(KeptAliveHandler):
             headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
         if error.code == grpc.StatusCode.UNAUTHENTICATED:
             headers["WWW-Authenticate"] = 'Bearer realm="seqserve"'
-        return HTTP_STATUS.get(error.code, 500), _error(error.message), headers
+        status = HTTP_STATUS.get(error.code, 500)
+        return status, self._error(status, error.message), headers
+
+    def _error(self, status: int, message: str, param: str | None = None) -> bytes:
+        """The error body: OpenAI's error object under /v1, else ``{"error": message}`` (KServe / Triton)."""
+        if self.path.startswith("/v1/"):
+            return error_body(status, message, param)
+        return _error(message)
 
     def _send(self, status: int, payload: bytes, headers: dict[str, str], head: bool) -> None:
         self.send_response(status)
@@ -731,6 +824,14 @@ def _ok(document: object) -> Reply:
 def _flag(up: bool) -> Reply:
     """Triton's health and readiness answers: 200 when true, otherwise 400 (tritonclient reads the status)."""
     return (200 if up else 400), b"", {}
+
+
+def _triton_error(message: str) -> dict[str, Any]:
+    return {"error": message}
+
+
+def _openai_error(message: str) -> dict[str, Any]:
+    return error_object(500, message)
 
 
 def _error(message: str) -> bytes:
