@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.api.gen.seqserve.v1 import autocomplete_pb2, common_pb2
-from service.api.generate import FINISH, INT32_MAX, INT64_MAX, json_kind
+from service.api.converters import finish_reason_from_pb
+from service.api.gen.seqserve.v1 import autocomplete_pb2
+from service.api.generate import RequestError, json_kind, model_selector, set_option
 from service.errors import echo
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -33,8 +34,9 @@ NEUTRAL: dict[str, Any] = {
     "presence_penalty": 0,
     "logit_bias": {},
 }
-KEYS = {"model", "prompt", "max_tokens", "temperature", "top_k", "seed", "stop", "stream", "stream_options", "user"}
-KEYS |= {"session_id", *NEUTRAL}
+# request key -> CompleteRequest field (service.api.generate.set_option checks and sets it)
+OPTIONS = {"max_tokens": "max_chars"} | {k: k for k in ("temperature", "top_k", "seed", "stop", "session_id")}
+KEYS = {"model", "prompt", "stream", "stream_options", "user", *OPTIONS, *NEUTRAL}
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -42,14 +44,6 @@ ERROR_TYPES = {
     404: "not_found_error",
 }
 ERROR_TYPES |= {413: "invalid_request_error", 429: "rate_limit_error"}
-
-
-class CompletionsError(ValueError):
-    """A request refused before any call (HTTP 400); ``param``: the key at fault, as OpenAI's error names it."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def error_object(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -66,74 +60,42 @@ def completion_request(document: object) -> tuple[autocomplete_pb2.CompleteReque
     """The ``Autocomplete.Complete`` call a completions request means; whether it streams, and whether the stream
     ends with a usage chunk (``stream_options.include_usage``)."""
     if not isinstance(document, dict):
-        raise CompletionsError(f"the request body must be a JSON object, got {json_kind(document)}")
+        raise RequestError(f"the request body must be a JSON object, got {json_kind(document)}")
     unknown = sorted(set(document) - KEYS)
     if unknown:
-        raise CompletionsError(f"Unrecognized request argument supplied: {echo(unknown[0])}", unknown[0])
+        raise RequestError(f"Unrecognized request argument supplied: {echo(unknown[0])}", unknown[0])
     for key, neutral in NEUTRAL.items():
         value = document.get(key)
         if value is not None and value != neutral:
-            raise CompletionsError(
+            raise RequestError(
                 f"{key}={json.dumps(value)[:40]} is not supported by this server (a character model, one "
                 f"continuation per request); leave it out or send {json.dumps(neutral)}",
                 key,
             )
     model = document.get("model")
     if not isinstance(model, str) or not model:
-        raise CompletionsError("model is required: a served model's name (GET /v1/models), e.g. charlm", "model")
+        raise RequestError("model is required: a served model's name (GET /v1/models), e.g. charlm", "model")
     name, _, version = model.partition("/")
-    selector = common_pb2.ModelSelector(name=name)
-    if version:
-        if not version.isdecimal() or not 1 <= int(version) <= INT64_MAX:
-            raise CompletionsError(f"model {echo(model)}: after '/' comes a version number (charlm/1)", "model")
-        selector.version = int(version)
+    selector = model_selector(name, version, f"model {echo(model)}: after '/' comes a version number (charlm/1)")
     prompt = document.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise CompletionsError("prompt must be a string (or a list of one string; not token ids)", "prompt")
-    request = autocomplete_pb2.CompleteRequest(model=selector, prompt=prompt)
-    request.max_chars = _integer(document, "max_tokens", DEFAULT_MAX_TOKENS, INT32_MAX)
-    if document.get("max_tokens") is not None and request.max_chars < 1:
-        raise CompletionsError(f"max_tokens must be at least 1, got {request.max_chars}", "max_tokens")
-    if document.get("temperature") is not None:
-        temperature = document["temperature"]
-        if not isinstance(temperature, int | float) or isinstance(temperature, bool):
-            raise CompletionsError(f"temperature must be a number, got {json_kind(temperature)}", "temperature")
-        request.temperature = temperature
-    request.top_k = _integer(document, "top_k", 0, INT32_MAX)
-    if document.get("seed") is not None:
-        request.seed = _integer(document, "seed", 0, INT64_MAX)
-    stop = document.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise CompletionsError("stop must be a string or an array of strings", "stop")
-        request.stop.extend(stops)
-    session = document.get("session_id")
-    if session is not None:
-        if not isinstance(session, str):
-            raise CompletionsError(f"session_id must be a string, got {json_kind(session)}", "session_id")
-        request.session_id = session
+        raise RequestError("prompt must be a string (or a list of one string; not token ids)", "prompt")
+    request = autocomplete_pb2.CompleteRequest(model=selector, prompt=prompt, max_chars=DEFAULT_MAX_TOKENS)
+    for key, field in OPTIONS.items():
+        if document.get(key) is not None:
+            set_option(request, field, key, document[key])
     if document.get("user") is not None and not isinstance(document["user"], str):
-        raise CompletionsError("user must be a string", "user")
+        raise RequestError("user must be a string", "user")
     stream = document.get("stream", False)
     if not isinstance(stream, bool | None):
-        raise CompletionsError(f"stream must be true or false, got {json_kind(stream)}", "stream")
+        raise RequestError(f"stream must be true or false, got {json_kind(stream)}", "stream")
     options = document.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
-        raise CompletionsError('stream_options is {"include_usage": true|false}, with stream=true', "stream_options")
+        raise RequestError('stream_options is {"include_usage": true|false}, with stream=true', "stream_options")
     usage = bool(options and options.get("include_usage"))
     return request, bool(stream), usage
-
-
-def _integer(document: dict[str, Any], key: str, default: int, top: int) -> int:
-    value = document.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or not -top - 1 <= value <= top:
-        raise CompletionsError(f"{key} must be an integer that fits in {64 if top == INT64_MAX else 32} bits", key)
-    return value
 
 
 def completion(
@@ -141,7 +103,7 @@ def completion(
 ) -> dict[str, Any]:
     """A completion object, or one chunk of a stream: one choice, ``finish_reason`` once it ends (``last``: the
     chunk that says so); ``system_fingerprint`` names the model version that generated."""
-    finish = FINISH.get(last.finish_reason) if last is not None else None
+    finish = finish_reason_from_pb(last.finish_reason) if last is not None else None
     return {
         "id": ident,
         "object": "text_completion",

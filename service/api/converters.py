@@ -49,6 +49,11 @@ _FINISH_TO_PB: dict[str | None, autocomplete_pb2.FinishReason.ValueType] = {
 _FINISH_FROM_PB: dict[int, FinishReason | None] = {int(v): k for k, v in _FINISH_TO_PB.items()}  # type: ignore[misc]
 
 
+def finish_reason_from_pb(value: int) -> FinishReason | None:
+    """A ``CompleteChunk.finish_reason`` as the core names it ("length", "stop"), None while unfinished."""
+    return _FINISH_FROM_PB.get(int(value))
+
+
 # --- requests: pb -> domain -----------------------------------------------------------------------------
 
 
@@ -187,7 +192,7 @@ def sentiment_from_pb(pb: sentiment_pb2.Classification) -> SentimentResult:
 def chunk_from_pb(pb: autocomplete_pb2.CompleteChunk) -> CompletionChunk:
     return CompletionChunk(
         text=pb.text,
-        finish_reason=_FINISH_FROM_PB.get(int(pb.finish_reason)),
+        finish_reason=finish_reason_from_pb(pb.finish_reason),
         steps=pb.steps,
         model_version=pb.model_version,
     )

@@ -40,7 +40,6 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from service.api.completions import (
-    CompletionsError,
     completion,
     completion_request,
     error_body,
@@ -52,11 +51,12 @@ from service.api.completions import (
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.gen.seqserve.v1 import autocomplete_pb2_grpc
-from service.api.generate import GenerateError, answer, complete_request, event, json_kind
+from service.api.generate import RequestError, answer, complete_request, event, json_kind
 from service.api.http import REQUEST_SECONDS_PER_IDLE, HttpPort, KeptAliveHandler, _Server
 from service.api.interceptors import REQUEST_ID_FORM
 from service.api.kserve.convert import fill_log_settings
 from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_bytes
+from service.argtypes import INT64_MAX
 from service.errors import echo
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
 COMPRESS_FROM = 1024  # bytes: smaller answers leave as they are, when the client accepts compression
 REST_ONLY = ("binary_data", "binary_data_size", "binary_data_output")  # parameters the gRPC call does not carry
-INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
 
 # google.rpc.Code -> HTTP (https://cloud.google.com/apis/design/errors#handling_errors, as grpc-gateway maps it)
@@ -602,7 +601,7 @@ class _RestHandler(KeptAliveHandler):
         their HTTP status; one after it is a last event ``{"error": ...}`` (as Triton's)."""
         try:
             request = complete_request(name, version, _json(body), stream=stream)
-        except GenerateError as err:
+        except RequestError as err:
             raise HttpError(400, str(err)) from None
         call, first = self._complete(request)
         session, version_used = request.HasField("session_id"), first.model_version
@@ -619,7 +618,7 @@ class _RestHandler(KeptAliveHandler):
         document = _json(body)
         try:
             request, stream, with_usage = completion_request(document)
-        except CompletionsError as err:
+        except RequestError as err:
             raise HttpError(400, str(err), param=err.param) from None
         call, first = self._complete(request)
         model, version_used, created = document["model"], first.model_version, int(time.time())
