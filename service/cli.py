@@ -201,13 +201,14 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
 def cmd_forecast(args: argparse.Namespace) -> int:
     plot = None if args.plot is None else plot_path(args.plot)  # a bad name fails before the call
-    columns, history = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
+    sent = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
+    columns, history = sent.columns, sent.rows
     with _client(args) as c:
         result = c.forecast(history, model=args.model, columns=columns)  # by name: the CSV's order may differ
     horizon = len(result.point)
     head, steps = "step", [str(h) for h in range(1, horizon + 1)]
     try:  # each row's time when the file's last rows step evenly (their time column continued)
-        found = next_times(args.csv, len(history), horizon)
+        found = next_times(sent, horizon)
     except TableError as err:
         print(f"(forecast steps numbered: {err})", file=sys.stderr)
     else:

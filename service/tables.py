@@ -44,6 +44,7 @@ class Table:
     time_column: str | None = None
     times: list[dt.datetime] | None = None
     frequency: str | None = None  # e.g. "15min", "1h", "MS" (calendar months); None without timestamps
+    time_texts: list[str] | None = None  # the time column's cells as written (also when not checked)
 
     @property
     def rows(self) -> int:
@@ -210,13 +211,14 @@ def read_table(
     for r, row in enumerate(body):
         for j, (c, name) in enumerate(zip(idx, names, strict=True)):
             values[r, j] = _number(path, r + 2, name, row[c])
-    times, freq = None, None
-    if time_column is not None and check_time:
+    times, freq, texts = None, None, None
+    if time_column is not None:
         t = header.index(time_column)
         texts = [row[t].strip() for row in body]
-        times = [_time(path, r + 2, time_column, s) for r, s in enumerate(texts)]
-        freq = check_times(path, times, texts, frequency)
-    return Table(path, names, values, time_column, times, freq)
+        if check_time:
+            times = [_time(path, r + 2, time_column, s) for r, s in enumerate(texts)]
+            freq = check_times(path, times, texts, frequency)
+    return Table(path, names, values, time_column, times, freq, texts)
 
 
 def _read_rows(path: Path) -> list[list[str]]:
@@ -292,29 +294,42 @@ def _time(path: Path, line: int, column: str, text: str) -> dt.datetime:
         ) from None
 
 
-def read_history(path: Path, rows: int, columns: Sequence[str] | None = None) -> tuple[list[str], Float32]:
+@dataclass(frozen=True)
+class History:
+    """What a client sends from a CSV: the last rows of its numeric ``columns`` as float32 ``(rows, features)``,
+    and the time column's name and cells of those rows (``times``, as written; None without one), the first of
+    them on file line ``first_line``."""
+
+    path: Path
+    columns: list[str]
+    rows: Float32
+    time_column: str | None
+    times: list[str] | None
+    first_line: int
+
+
+def read_history(path: Path, rows: int, columns: Sequence[str] | None = None) -> History:
     """The client's view: ``columns`` (default: every column but a detected time column) and the last ``rows``
-    rows as float32 ``(rows, features)``, with training's checks on the numbers (timestamps are not checked: the
-    server forecasts from the rows as sent)."""
+    rows, with training's checks on the numbers (timestamps are not checked: the server forecasts from the rows
+    as sent)."""
     table = read_table(path, columns=columns, check_time=False)
-    return table.columns, table.values[-rows:].astype(np.float32)
+    kept = table.values[-rows:]
+    times = None if table.time_texts is None else table.time_texts[-rows:]
+    first_line = table.rows - len(kept) + 2
+    return History(path, table.columns, kept.astype(np.float32), table.time_column, times, first_line)
 
 
-def next_times(path: Path, rows: int, horizon: int) -> tuple[str, list[str]] | None:
-    """The time column's name and the ``horizon`` timestamps after the file's last row, stepping as its last
-    ``rows`` rows step, written as the file writes them (``1961-01``, ``2018-06-27``, ``2018-06-26 20:00:00``): the
-    times a forecast from those rows is for. None when the file has no time column; TableError saying why when
-    those rows do not step evenly (the forecast itself does not need them to)."""
-    table = _read_rows(path)
-    header, body = table[0], table[1:]
-    column = _detect_time_column(header, body[0])
-    if column is None:
+def next_times(history: History, horizon: int) -> tuple[str, list[str]] | None:
+    """The time column's name and the ``horizon`` timestamps after ``history``'s last row, stepping as its rows
+    step, written as the file writes them (``1961-01``, ``2018-06-27``, ``2018-06-26 20:00:00``): the times a
+    forecast from those rows is for. None when the file has no time column; TableError saying why when those rows
+    do not step evenly (the forecast itself does not need them to)."""
+    path, column, texts = history.path, history.time_column, history.times
+    if column is None or texts is None:
         return None
-    texts = [row[header.index(column)].strip() for row in body[-rows:]]
-    first_line = len(body) - len(texts) + 2
     if any(_OFFSET.search(t) for t in texts):
         raise TableError(f"{path}: column {column!r}: timestamps with UTC offsets are not continued")
-    times = [_time(path, first_line + i, column, t) for i, t in enumerate(texts)]
+    times = [_time(path, history.first_line + i, column, t) for i, t in enumerate(texts)]
     if len(times) < 2:
         raise TableError(f"{path}: one row has no step to continue")
     steps = {_step(a, b) for a, b in itertools.pairwise(times)}

@@ -129,7 +129,8 @@ def test_frequency_names() -> None:
 
 def test_read_history_takes_the_last_rows_and_ignores_timestamps(tmp_path: Path) -> None:
     p = _write(tmp_path, "date,A,B\n2016-07-01,1,2\n2016-07-01,3,4\n2016-07-01,5,6\n")  # duplicates: not checked
-    columns, rows = read_history(p, 2)
+    history = read_history(p, 2)
+    columns, rows = history.columns, history.rows
     assert columns == ["A", "B"] and rows.dtype == np.float32 and rows.tolist() == [[3, 4], [5, 6]]
 
 
@@ -193,25 +194,30 @@ def test_next_times_continue_the_last_rows_as_the_file_writes_them(tmp_path: Pat
     """What ``seqserve forecast`` prints beside each forecast row: the times after the file's last row, at the
     step of the rows sent, in the file's own form."""
     monthly = _write(tmp_path, "Month,P\n" + "".join(f"1960-{m:02d},{m}\n" for m in range(1, 13)), "m.csv")
-    assert next_times(monthly, 12, 3) == ("Month", ["1961-01", "1961-02", "1961-03"])
+    assert next_times(read_history(monthly, 12), 3) == ("Month", ["1961-01", "1961-02", "1961-03"])
     quarterly = _write(tmp_path, "date,P\n2020-01-31,1\n2020-04-30,2\n2020-07-31,3\n2020-10-31,4\n", "q.csv")
-    assert next_times(quarterly, 4, 2) == ("date", ["2021-01-31", "2021-04-30"])  # month ends stay month ends
+    assert next_times(read_history(quarterly, 4), 2) == (
+        "date",
+        ["2021-01-31", "2021-04-30"],
+    )  # month ends stay month ends
     hourly = "date,A\n" + "".join(f"2016-07-01 {h:02d}:00:00,{h}\n" for h in range(22, 24))
-    assert next_times(_write(tmp_path, hourly, "h.csv"), 2, 3) == (
+    assert next_times(read_history(_write(tmp_path, hourly, "h.csv"), 2), 3) == (
         "date",
         ["2016-07-02 00:00:00", "2016-07-02 01:00:00", "2016-07-02 02:00:00"],
     )
     iso = _write(tmp_path, "ts,A\n2016-07-01T00:15:00,1\n2016-07-01T00:30:00,2\n", "t.csv")
-    assert next_times(iso, 2, 1) == ("ts", ["2016-07-01T00:45:00"])
+    assert next_times(read_history(iso, 2), 1) == ("ts", ["2016-07-01T00:45:00"])
     daily = _write(tmp_path, "day,A\n2024-02-28,1\n2024-02-29,2\n", "d.csv")
-    assert next_times(daily, 2, 2) == ("day", ["2024-03-01", "2024-03-02"])
+    assert next_times(read_history(daily, 2), 2) == ("day", ["2024-03-01", "2024-03-02"])
     # only the rows sent must step evenly: a gap before them does not matter
     gap = _write(tmp_path, "date,A\n2016-01-01,0\n2016-01-05,1\n2016-01-06,2\n2016-01-07,3\n", "g.csv")
-    assert next_times(gap, 3, 1) == ("date", ["2016-01-08"])
+    assert next_times(read_history(gap, 3), 1) == ("date", ["2016-01-08"])
 
 
 def test_next_times_say_why_they_cannot_continue(tmp_path: Path) -> None:
-    assert next_times(_write(tmp_path, "A,B\n1,2\n3,4\n"), 2, 3) is None  # no time column: steps are numbered
+    assert (
+        next_times(read_history(_write(tmp_path, "A,B\n1,2\n3,4\n"), 2), 3) is None
+    )  # no time column: steps are numbered
     cases = {
         "date,A\n2016-01-01,0\n2016-01-05,1\n2016-01-06,2\n": "the last 3 rows do not step by one constant step",
         "date,A\n2016-01-02,0\n2016-01-01,1\n": "the last 2 rows do not step by one constant step",
@@ -223,4 +229,4 @@ def test_next_times_say_why_they_cannot_continue(tmp_path: Path) -> None:
     for i, (text, says) in enumerate(cases.items()):
         path = _write(tmp_path, text, f"bad{i}.csv")
         with pytest.raises(TableError, match=re.escape(says)):
-            next_times(path, 5, 2)
+            next_times(read_history(path, 5), 2)
