@@ -6,6 +6,7 @@ Built once in ``service.cli`` (``seqserve serve``) and passed down through const
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MAX_SECONDS = 315_360_000.0  # ten years: any duration setting (a protobuf Timestamp, a Redis TTL in ms hold it)
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+", re.IGNORECASE)  # a web origin: scheme://host[:port]
 MAX_DELAY_MS = 60_000.0  # the batching and inline thresholds: a minute (a batch that waits for its last row)
 
 
@@ -226,6 +228,10 @@ class Settings(BaseSettings):
     from its first byte to its answer."""
     http_max_connections: int = Field(default=64, ge=1)
     """Connections the REST port serves at once; more are closed at once."""
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Web pages that may call the REST port from a browser (CORS): their origins, ``scheme://host[:port]``,
+    comma-separated, or ``*`` for any page. Empty (default): none; a browser's preflight is answered 403 saying
+    to set this. CORS only tells browsers what they may read: it is no access control (API keys are)."""
 
     @property
     def default_level(self) -> int:
@@ -276,7 +282,20 @@ class Settings(BaseSettings):
             raise ValueError("session_signing_key must have at least 32 characters (e.g. `openssl rand -hex 32`)")
         return value
 
-    @field_validator("plugins", "admin_principals", "load_models", mode="before")
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        if "*" in value and len(value) > 1:
+            raise ValueError("cors_origins: '*' lets every page in; give either '*' or a list of origins, not both")
+        for origin in value:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"cors_origins: {origin!r} is not an origin; write scheme://host[:port] with no path, as a "
+                    "browser sends it (e.g. https://app.example.com or http://localhost:3000)"
+                )
+        return [origin.lower() for origin in value]  # (browsers send scheme and host in lower case)
+
+    @field_validator("plugins", "admin_principals", "load_models", "cors_origins", mode="before")
     @classmethod
     def _split_plugins(cls, value: Any) -> Any:
         if isinstance(value, str):

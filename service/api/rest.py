@@ -15,8 +15,9 @@ It runs on the connection-limited HTTP server of ``service.api.http`` (a thread 
 gRPC stays the fast path: REST costs one more hop per request. ModelStreamInfer has no REST form (Triton's
 neither); a char LM's streamed completion has Triton's generate extension instead (``service.api.generate``:
 ``/generate``, and ``/generate_stream`` as Server-Sent Events), and OpenAI's completions API
-(``service.api.completions``: ``/v1/completions``, ``/v1/models``). TLS is not offered on this port yet: terminate it
-in front (an ingress), or use gRPC.
+(``service.api.completions``: ``/v1/completions``, ``/v1/models``). Web pages of the origins in ``cors_origins`` may
+call it from a browser (CORS: preflights answered here, never forwarded). TLS is not offered on this port yet:
+terminate it in front (an ingress), or use gRPC.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor exte
 COMPRESS_FROM = 1024  # bytes: smaller answers leave as they are, when the client accepts compression
 REST_ONLY = ("binary_data", "binary_data_size", "binary_data_output")  # parameters the gRPC call does not carry
 UINT64_MAX = 2**64 - 1
+METHODS = ("GET", "HEAD", "POST")  # and OPTIONS (what the server takes, and CORS preflights)
+CORS_EXPOSED = ", ".join(("X-Request-Id", "Retry-After", "WWW-Authenticate", HEADER_LENGTH))  # a page may read them
+CORS_MAX_AGE = 600  # seconds a browser may reuse a preflight's answer
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")  # a header name (RFC 9110's token)
 
 # google.rpc.Code -> HTTP (https://cloud.google.com/apis/design/errors#handling_errors, as grpc-gateway maps it)
 HTTP_STATUS = {
@@ -361,8 +366,10 @@ class RestGateway(HttpPort):
         max_body_bytes: int,
         idle_timeout: float = 10.0,
         max_connections: int = 64,
+        cors_origins: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.target = target
+        self.cors_origins = frozenset(cors_origins)  # lower case, or {"*"} (Settings checks them)
         self.max_body_bytes = max_body_bytes
         self.call_timeout = REQUEST_SECONDS_PER_IDLE * idle_timeout  # the connection's own bound on a request
         self._channel: grpc.Channel | None = None
@@ -417,6 +424,65 @@ class _RestHandler(KeptAliveHandler):
     def do_HEAD(self) -> None:
         self._serve("HEAD")
 
+    def do_OPTIONS(self) -> None:
+        """A CORS preflight (``Origin`` and ``Access-Control-Request-Method``): 204 with what the page may send when
+        its origin is in ``cors_origins``, else 403/405/400 saying why; any other OPTIONS: 204 with ``Allow``. Never
+        forwarded (a browser sends no API key with a preflight)."""
+        self._request_id = None
+        if self.headers.get("Content-Length", "0") not in ("", "0") or "Transfer-Encoding" in self.headers:
+            self.unread_body()  # (a preflight has none: its connection stays open for the request it announces)
+        origin, method = self.headers.get("Origin"), self.headers.get("Access-Control-Request-Method")
+        if origin is None or method is None:
+            self._no_content({"Allow": ", ".join((*METHODS, "OPTIONS"))})
+            return
+        asked = [h.strip() for h in self.headers.get("Access-Control-Request-Headers", "").split(",") if h.strip()]
+        refusal = self._preflight_refusal(origin, method, asked)
+        if refusal is not None:
+            status, message = refusal
+            self._send(status, self._error(status, message), {"Vary": "Origin"}, head=False)
+            return
+        answer = self._cors() | {"Access-Control-Allow-Methods": ", ".join(METHODS)}
+        if asked:  # any header: those the API reads (Authorization, Content-Type, X-Request-Id, ...) and those an SDK
+            answer["Access-Control-Allow-Headers"] = ", ".join(asked)  # adds and nothing reads (OpenAI's X-Stainless-*)
+        self._no_content(answer | {"Access-Control-Max-Age": str(CORS_MAX_AGE)})
+
+    def _preflight_refusal(self, origin: str, method: str, asked: list[str]) -> tuple[int, str] | None:
+        allowed = self.gateway.cors_origins
+        if not allowed:
+            return 403, (
+                f"cross-origin requests are off on this port: to let pages of {echo(origin, 200)} call it, "
+                "set SEQSERVE_CORS_ORIGINS to that origin (comma-separated for several, * for any)"
+            )
+        if "*" not in allowed and origin.lower() not in allowed:
+            return 403, f"origin {echo(origin, 200)} is not in SEQSERVE_CORS_ORIGINS: its pages may not call this port"
+        if method not in METHODS:
+            return 405, f"method {echo(method, 20)} is not served: the KServe v2 REST API takes GET, HEAD and POST"
+        for header in asked:
+            if not _TOKEN.fullmatch(header):
+                return 400, f"Access-Control-Request-Headers names {echo(header, 100)}, which is no header name"
+        return None
+
+    def _no_content(self, headers: dict[str, str]) -> None:
+        self.send_response(204)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _cors(self) -> dict[str, str]:
+        """The CORS headers of this request's answer: with an allowed ``Origin``, that it may be read (and which of
+        its headers); ``Vary: Origin`` whenever the answer depends on the origin (a list, not ``*``)."""
+        allowed = self.gateway.cors_origins
+        origin = self.headers.get("Origin")
+        if not allowed:
+            return {}
+        headers = {} if "*" in allowed else {"Vary": "Origin"}
+        if origin is not None and ("*" in allowed or origin.lower() in allowed):
+            headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+            headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+        return headers
+
     def __getattr__(self, name: str) -> Any:
         """Any other method (``do_PUT``, ``do_DELETE``, ...): 405 with the JSON error, not the stdlib's HTML 501."""
         if not name.startswith("do_"):
@@ -443,7 +509,7 @@ class _RestHandler(KeptAliveHandler):
         self._request_id = None
         self.unread_body()  # (its body, if any)
         message = f"method {echo(self.command, 20)} is not served: the KServe v2 REST API takes GET, HEAD and POST"
-        self._send(405, self._error(405, message), {"Allow": "GET, HEAD, POST"}, head=False)
+        self._send(405, self._error(405, message), {"Allow": ", ".join((*METHODS, "OPTIONS"))}, head=False)
 
     def _serve(self, method: str) -> None:
         self._request_id = None
@@ -683,6 +749,8 @@ class _RestHandler(KeptAliveHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Request-Id", str(self._request_id))
+        for key, value in self._cors().items():
+            self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -762,13 +830,14 @@ class _RestHandler(KeptAliveHandler):
         self.send_response(status)
         binary = HEADER_LENGTH in headers
         self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
-        for key, value in headers.items():
-            self.send_header(key, value)
+        headers = self._cors() | headers
         encoding = _compression(self.headers.get("Accept-Encoding", "")) if len(payload) >= COMPRESS_FROM else None
         if encoding is not None:  # (the whole body: Inference-Header-Content-Length counts the JSON uncompressed)
             payload = gzip.compress(payload, 1) if encoding == "gzip" else zlib.compress(payload, 1)
-            self.send_header("Content-Encoding", encoding)
-            self.send_header("Vary", "Accept-Encoding")
+            headers["Content-Encoding"] = encoding
+            headers["Vary"] = ", ".join(v for v in (headers.get("Vary"), "Accept-Encoding") if v)
+        for key, value in headers.items():
+            self.send_header(key, value)
         if self._request_id is not None:
             self.send_header("X-Request-Id", self._request_id)
         self.send_header("Content-Length", str(len(payload)))

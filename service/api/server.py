@@ -261,6 +261,7 @@ def start_rest(settings: Settings, grpc_port: int) -> Any:
         max_body_bytes=settings.max_message_bytes,
         idle_timeout=settings.http_idle_timeout_seconds,
         max_connections=settings.http_max_connections,
+        cors_origins=settings.cors_origins,
     )
     gateway.start()
     return gateway
