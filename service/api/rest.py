@@ -367,8 +367,10 @@ class RestGateway(HttpPort):
         idle_timeout: float = 10.0,
         max_connections: int = 64,
         cors_origins: list[str] | tuple[str, ...] = (),
+        keyed: bool = False,
     ) -> None:
         self.target = target
+        self.keyed = keyed  # API keys are on: the gateway's own refusals go to callers the server accepts only
         self.cors_origins = frozenset(cors_origins)  # lower case, or {"*"} (Settings checks them)
         self.max_body_bytes = max_body_bytes
         self.call_timeout = REQUEST_SECONDS_PER_IDLE * idle_timeout  # the connection's own bound on a request
@@ -520,13 +522,32 @@ class _RestHandler(KeptAliveHandler):
                 return
             status, payload, headers = reply
         except HttpError as err:
-            status, payload, headers = err.status, self._error(err.status, err.message, err.param), err.headers
+            status, payload, headers = self._unauthenticated() or (
+                err.status,
+                self._error(err.status, err.message, err.param),
+                err.headers,
+            )
         except grpc.RpcError as err:
             status, payload, headers = self._from_rpc(err)
         except Exception:  # a bug here must not take the gateway down: say so, keep serving
             log.exception("REST %s %s failed", method, echo(self.path, 200))
             status, payload, headers = 500, self._error(500, "internal error in the REST gateway (logged)"), {}
         self._send(status, payload, headers, head=method == "HEAD")
+
+    def _unauthenticated(self) -> Reply | None:
+        """With API keys, the server's refusal of a caller without a valid one (401), so that the gateway's own
+        refusals (a malformed body, an unknown path, a body over the limit) answer only callers the gRPC port would
+        answer: asked with the caller's headers over loopback (``ServerLive``), as every forwarded call is."""
+        if not self.gateway.keyed:
+            return None
+        request_id = self._request_id
+        try:
+            self._call("ServerLive", pb.ServerLiveRequest())
+        except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                return self._from_rpc(err)
+        self._request_id = request_id  # (the refusal is not the probe's answer)
+        return None
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):

@@ -262,6 +262,7 @@ def start_rest(settings: Settings, grpc_port: int) -> Any:
         idle_timeout=settings.http_idle_timeout_seconds,
         max_connections=settings.http_max_connections,
         cors_origins=settings.cors_origins,
+        keyed=bool(settings.api_key or settings.api_keys),
     )
     gateway.start()
     return gateway

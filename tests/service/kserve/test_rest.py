@@ -39,6 +39,15 @@ def rest(tiny_models: Any) -> Any:
     handle.close()
 
 
+@pytest.fixture(scope="module")
+def keyed(tiny_models: Any) -> Any:
+    from tests.conftest import server_settings
+
+    handle = ServerHandle(server_settings(tiny_models, http_port=0, api_key=KEY))
+    yield handle
+    handle.close()
+
+
 def url(handle: ServerHandle) -> str:
     return f"127.0.0.1:{handle.server.http_port}"
 
@@ -420,6 +429,30 @@ def test_api_keys_quotas_and_retry_after(start_server: Callable[..., ServerHandl
     with pytest.raises(InferenceServerException) as info:
         c.get_model_metadata("sentiment")
     assert info.value.status() == "401"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        ("POST", "/v2/models/sentiment/infer", b"{}", 400, "inputs must be a non-empty array"),
+        ("POST", "/v2/models/sentiment/infer", b"{not json", 400, "the body is not JSON"),
+        ("GET", "/v2/nowhere", None, 404, "no such endpoint"),
+        ("GET", "/v2/models/sentiment/infer", None, 405, "infer takes POST"),
+        ("POST", "/v2/models/charlm/generate", b'{"text_input": "a", "temprature": 1}', 400, "unknown option"),
+        ("POST", "/v1/completions", b'{"model": "charlm"}', 400, "prompt"),
+    ],
+)
+def test_with_api_keys_the_gateways_own_refusals_answer_keyed_callers_only(
+    keyed: ServerHandle, method: str, path: str, body: bytes | None, status: int, message: str
+) -> None:
+    """A caller without a valid key learns nothing from the gateway's own checks (which run before the call that
+    checks the key): it gets the 401 the gRPC port would give, as a gRPC caller does."""
+    for credentials in ({}, {"Authorization": "Bearer wrong-key-0123456789abcdef"}):
+        got, headers, answer = http(keyed, path, body, method, **credentials)
+        assert (got, headers["WWW-Authenticate"].startswith("Bearer")) == (401, True), answer
+        assert message not in answer.decode()
+    got, _, answer = http(keyed, path, body, method, Authorization=f"Bearer {KEY}")
+    assert got == status and message in answer.decode(), answer
 
 
 def test_the_rest_port_refuses_tls_and_is_off_by_default(
