@@ -266,6 +266,31 @@ class Metrics:
             registry=r,
         )
 
+        # --- HTTP ports: the REST gateway's answers, connections the ports closed on their own ----------------
+        self.http_requests = Counter(
+            "seqserve_http_requests",
+            "Answers of the REST port (KServe v2 REST, generate, OpenAI's API) by method, route (the path, names as "
+            "{model}) and HTTP status, the gateway's own refusals included (a stream: the status it began with).",
+            ("method", "route", "code"),
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "seqserve_http_request_duration_seconds",
+            "REST port: from a request's first line to the end of its answer (a stream: its last event).",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_closed = Counter(
+            "seqserve_http_connections_closed",
+            "Connections an HTTP port (rest, metrics) closed on its own: busy = every slot was taken "
+            "(HTTP_MAX_CONNECTIONS, METRICS_MAX_CONNECTIONS), closed at once; timeout = a request not done three "
+            "idle timeouts after it began (a client dripping bytes, an answer streamed that long). Idle ones are not "
+            "counted.",
+            ("port", "reason"),
+            registry=r,
+        )
+
         # --- core: forecast intervals, scored as the truth arrives ---------------------------------------
         self.forecast_targets = Counter(
             "seqserve_forecast_observed_targets",
@@ -314,6 +339,14 @@ class Metrics:
         labels = (service, method, self._model(model), code)
         self._child(self.rpc_requests, labels).inc()
         _observe_many(self._child(self.rpc_duration, labels), max(seconds, 0.0), 1)  # observe(), by bisection
+
+    def http_answered(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answer of the REST port (``route``: a path template, so the label stays small)."""
+        self._child(self.http_requests, (method, route, str(status))).inc()
+        self._child(self.http_duration, (route,)).observe(max(seconds, 0.0))
+
+    def http_connection_closed(self, port: str, reason: str) -> None:
+        self._child(self.http_closed, (port, reason)).inc()
 
     def stream_request(self, service: str, method: str, model: str, code: str) -> None:
         """One request answered inside a stream, OK or refused inline (labels: service, method, model, code)."""

@@ -68,10 +68,12 @@ class _Server(ThreadingHTTPServer):
         max_connections: int = 64,
         token: str | None = None,
         handler: type[BaseHTTPRequestHandler] | None = None,
+        port_name: str = "metrics",
     ) -> None:
         """``handler``: the request handler class (default: /metrics, /healthz, /readyz; the REST gateway
-        brings its own)."""
+        brings its own). ``metrics`` counts the connections the port closes on its own (label ``port_name``)."""
         self.token = token
+        self.port_name = port_name
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.metrics = metrics
         self.is_ready = is_ready
@@ -88,7 +90,9 @@ class _Server(ThreadingHTTPServer):
     # --- connection limits ----------------------------------------------------------------------------
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            log.debug("metrics http: %s refused, all connection slots are busy", client_address)
+            log.debug("%s http: %s refused, all connection slots are busy", self.port_name, client_address)
+            if self.metrics is not None:
+                self.metrics.http_connection_closed(self.port_name, "busy")
             self.shutdown_request(request)
             return
         try:
@@ -141,7 +145,9 @@ class _Server(ThreadingHTTPServer):
                 for conn in late:
                     del self._deadlines[conn]
             for conn in late:
-                log.debug("metrics http: closing a connection that exceeded its request time")
+                log.debug("%s http: closing a connection that exceeded its request time", self.port_name)
+                if self.metrics is not None:
+                    self.metrics.http_connection_closed(self.port_name, "timeout")
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)  # wakes the blocked read: the connection's thread ends
 
@@ -149,9 +155,9 @@ class _Server(ThreadingHTTPServer):
         """Clients that hang up, time out or fail the TLS handshake are routine: one DEBUG line, no traceback."""
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):  # BrokenPipe, ConnectionReset, TimeoutError, ssl.SSLError
-            log.debug("metrics http: %s: %s", client_address, type(exc).__name__)
+            log.debug("%s http: %s: %s", self.port_name, client_address, type(exc).__name__)
         else:
-            log.exception("metrics http: unexpected error serving %s", client_address)
+            log.exception("%s http: unexpected error serving %s", self.port_name, client_address)
 
     def server_close(self) -> None:
         self._watchdog_stop.set()

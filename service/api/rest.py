@@ -59,6 +59,7 @@ from service.api.kserve.convert import fill_log_settings
 from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_bytes
 from service.argtypes import INT64_MAX
 from service.errors import echo
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,30 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
+ROUTES = {"/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/stats", "/v2/logging", "/v2/repository/index"}
+ROUTES |= {"/v1/completions", "/v1/models"}
+MODEL_ACTIONS = {"ready", "config", "stats", "infer", "generate", "generate_stream"}
 _MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z_]+))?")
 _REPOSITORY_MODEL = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
+
+
+def route_of(path: str) -> str:
+    """The metrics label of a request path: the path with model names as ``{model}`` (versions left out), or
+    ``other`` for a path the API does not have, so the label has a few dozen values whatever clients send."""
+    path = path.split("?", 1)[0]
+    path = "/v2" if path == "/v2/" else path
+    if path in ROUTES:
+        return path
+    if m := _REPOSITORY_MODEL.fullmatch(path):
+        return f"/v2/repository/models/{{model}}/{m['action']}"
+    if m := _MODEL.fullmatch(path):
+        action = m["action"]
+        if action is None:
+            return "/v2/models/{model}"
+        return f"/v2/models/{{model}}/{action}" if action in MODEL_ACTIONS else "other"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
 
 
 Reply = tuple[int, bytes, dict[str, str]]  # HTTP status, body, headers; None from a route: answered (a stream)
@@ -368,8 +391,10 @@ class RestGateway(HttpPort):
         max_connections: int = 64,
         cors_origins: list[str] | tuple[str, ...] = (),
         keyed: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.target = target
+        self.metrics = metrics  # seqserve_http_*: every answer, and the connections the port closes
         self.keyed = keyed  # API keys are on: the gateway's own refusals go to callers the server accepts only
         self.cors_origins = frozenset(cors_origins)  # lower case, or {"*"} (Settings checks them)
         self.max_body_bytes = max_body_bytes
@@ -379,7 +404,16 @@ class RestGateway(HttpPort):
         self.autocomplete: Any = None  # (generate, generate_stream)
 
         def build(address: tuple[str, int]) -> _Server:
-            server = _Server(address, None, lambda: True, None, idle_timeout, max_connections, handler=_RestHandler)
+            server = _Server(
+                address,
+                metrics,
+                lambda: True,
+                None,
+                idle_timeout,
+                max_connections,
+                handler=_RestHandler,
+                port_name="rest",
+            )
             server.gateway = self  # type: ignore[attr-defined]  # (what its handlers forward through)
             return server
 
@@ -409,6 +443,29 @@ class RestGateway(HttpPort):
 
 class _RestHandler(KeptAliveHandler):
     _request_id: str | None = None  # the gRPC call's, for the X-Request-Id header
+    _status: int | None = None  # the answer's, once sent (send_response)
+    _began = 0.0  # perf_counter() when the request's first line was in
+
+    def handle_one_request(self) -> None:
+        """One request and its answer, counted once answered (``seqserve_http_*``; a connection that closes
+        before a request line is not a request)."""
+        self._status = None
+        try:
+            super().handle_one_request()
+        finally:
+            metrics = self.gateway.metrics
+            if self._status is not None and metrics is not None:
+                method = self.command if self.command in (*METHODS, "OPTIONS") else "other"
+                route = route_of(getattr(self, "path", "") or "")
+                metrics.http_answered(method, route, self._status, time.perf_counter() - self._began)
+
+    def parse_request(self) -> bool:
+        self._began = time.perf_counter()
+        return super().parse_request()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._status = code
+        super().send_response(code, message)
 
     def version_string(self) -> str:
         return "seqserve"  # (not the stdlib's "BaseHTTP/0.6 Python/3.11.x")

@@ -144,7 +144,7 @@ class Server:
         self._grpc = server
         self._start_http()
         if s.http_port is not None and self._remote is None:  # (with --workers N the engine runs it)
-            self._rest = start_rest(s, self.port)
+            self._rest = start_rest(s, self.port, self.metrics)
             self.http_port = self._rest.bound_port
         log.info("gRPC listening on %s:%d (%d services%s)", s.host, self.port, len(self.services),
                  ", TLS" + (" + client certificates" if s.tls_client_ca else "") if credentials else "")  # fmt: skip
@@ -246,9 +246,9 @@ class Server:
         await self._stopped.wait()
 
 
-def start_rest(settings: Settings, grpc_port: int) -> Any:
+def start_rest(settings: Settings, grpc_port: int, metrics: Metrics | None = None) -> Any:
     """The KServe REST gateway on ``settings.http_port``, forwarding to the gRPC port ``grpc_port`` of this
-    server over loopback; started (``RestGateway``)."""
+    server over loopback, counting its answers in ``metrics``; started (``RestGateway``)."""
     from service.api.rest import RestGateway
 
     host = settings.host
@@ -263,6 +263,7 @@ def start_rest(settings: Settings, grpc_port: int) -> Any:
         max_connections=settings.http_max_connections,
         cors_origins=settings.cors_origins,
         keyed=bool(settings.api_key or settings.api_keys),
+        metrics=metrics,
     )
     gateway.start()
     return gateway

@@ -176,7 +176,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         first = await _spawn(settings, 0, settings.port, socket_path, token)
         frontends.append(first)
         if settings.http_port is not None:  # KServe REST: one gateway here, to the frontends' shared gRPC port
-            rest = start_rest(settings, first.port)
+            rest = start_rest(settings, first.port, metrics)
         frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
         serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
         metrics.processes.processes = lambda: [

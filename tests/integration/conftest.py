@@ -74,6 +74,8 @@ class SeqServe:
     metrics_port: int
     log: Path
     max_sessions: int
+    http_port: int  # the REST port, with HTTP_MAX_CONNECTIONS slots
+    http_slots: int
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,9 @@ def seqserve(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     # (RESOURCE_EXHAUSTED), so the error-ratio expressions have series to return.
     max_sessions = 3
     env.update(SEQSERVE_MAX_SESSIONS=str(max_sessions), SEQSERVE_SESSION_FULL_POLICY="reject", PYTHONUNBUFFERED="1")
+    # The REST port with 2 connection slots: the traffic fills them, so the refused-connection series exist too.
+    http_slots = 2
+    env.update(SEQSERVE_HTTP_PORT="0", SEQSERVE_HTTP_MAX_CONNECTIONS=str(http_slots))
     cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     cmd += ["--models", str(model_repo), "--ready-file", str(ready_file)]
     with log.open("wb") as out:
@@ -109,7 +114,8 @@ def seqserve(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         ports = wait_for("seqserve's ready file", started)
         metrics_port = int(ports["metrics_port"])
         wait_for("/readyz = 200", lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200)
-        yield SeqServe(f"127.0.0.1:{ports['grpc_port']}", metrics_port, log, max_sessions)
+        grpc_target = f"127.0.0.1:{ports['grpc_port']}"
+        yield SeqServe(grpc_target, metrics_port, log, max_sessions, int(ports["http_port"]), http_slots)
     finally:
         stop_process(proc)
         print("--- seqserve log (tail) ---\n" + log_tail(log))

@@ -5,11 +5,15 @@ series."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import math
 import re
 import shutil
+import socket
 import subprocess
+import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,9 +60,43 @@ class Traffic:
     completion_chars: int = 0
     scored: int = 0  # forecast targets scored against the quantiles forecast for them
     streamed: Counter[tuple[str, str]] = field(default_factory=Counter)  # (model, code) -> requests inside streams
+    rest: Counter[tuple[str, str]] = field(default_factory=Counter)  # (route, status) -> REST answers
+    refused: int = 0  # REST connections the server closed at once (every slot taken)
 
 
-def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, max_sessions: int, t: Traffic) -> None:
+def rest_request(seqserve: SeqServe, method: str, path: str, body: bytes | None, t: Traffic) -> int:
+    """One REST request; a connection the server closes unanswered (no free slot) is counted and tried again."""
+    for _ in range(100):
+        connection = http.client.HTTPConnection("127.0.0.1", seqserve.http_port, timeout=10)
+        try:
+            connection.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        except (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError):
+            t.refused += 1
+            time.sleep(0.05)
+        finally:
+            connection.close()
+    raise AssertionError(f"REST {method} {path}: every try was refused")
+
+
+def fill_rest_slots(seqserve: SeqServe, t: Traffic) -> None:
+    """Holds every connection slot of the REST port (a connection that sends nothing), so that one more is closed
+    at once: a refused connection, counted by the server as busy. Then frees them."""
+    held = [socket.create_connection(("127.0.0.1", seqserve.http_port), timeout=10)]
+    try:
+        while len(held) <= seqserve.http_slots:  # the server takes connections in order: these hold the slots
+            held.append(socket.create_connection(("127.0.0.1", seqserve.http_port), timeout=10))
+        with contextlib.suppress(ConnectionResetError):  # (closed at once: an end of file, or a reset)
+            assert held[-1].recv(1) == b"", "a connection past the slots was served"
+        t.refused += 1
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, seqserve: SeqServe, t: Traffic) -> None:
     """One of every API call, plus two failures: an unknown model (client error) and a full session store
     (RESOURCE_EXHAUSTED, a server-side code), then the KServe v2 endpoint. Sessions are deleted at the end, so
     rounds repeat identically. (The KServe stub is our generated one: tritonclient's protos clash with ours in
@@ -85,7 +123,7 @@ def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, max_sessions:
     t.scored += 6 * first.quantiles.shape[2]
     t.calls.update({("Create", "OK"): 2, ("Suggest", "OK"): 1, ("Fork", "OK"): 1, ("Get", "OK"): 1})
     t.calls.update({("Predict", "OK"): 1, ("Observe", "OK"): 2})
-    assert max_sessions == 3  # the store is full now
+    assert seqserve.max_sessions == 3  # the store is full now
     with pytest.raises(ApiError) as err:
         c.create_session("charlm")
     assert err.value.code.name == "RESOURCE_EXHAUSTED"
@@ -117,6 +155,15 @@ def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, max_sessions:
     t.texts += 2
     t.calls.update({("ServerLive", "OK"): 1, ("ModelInfer", "OK"): 1})
 
+    # The REST port: a forwarded call (ModelMetadata, also an RPC), a refusal of the gateway's own (no RPC), and a
+    # connection refused for want of a slot.
+    assert rest_request(seqserve, "GET", "/v2/models/sentiment", None, t) == 200
+    t.rest["/v2/models/{model}", "200"] += 1
+    t.calls["ModelMetadata", "OK"] += 1
+    assert rest_request(seqserve, "POST", "/v2/models/sentiment/infer", b"{}", t) == 400
+    t.rest["/v2/models/{model}/infer", "400"] += 1
+    fill_rest_slots(seqserve, t)
+
 
 def requests_seen(prom: Prometheus, n: int) -> bool:
     """Prometheus's latest scrape holds exactly ``n`` finished RPCs."""
@@ -136,7 +183,7 @@ def traffic(seqserve: SeqServe, prometheus: Prometheus) -> Traffic:
     with Client(seqserve.grpc_target) as c:
         # Two rounds with a scrape between them: series exist before the second round, so rate() sees it grow.
         for _ in range(2):
-            one_round(c, kserve, seqserve.max_sessions, t)
+            one_round(c, kserve, seqserve, t)
             sent = sum(t.calls.values())
             wait_for(f"Prometheus to see {sent} RPCs", partial(requests_seen, prometheus, sent), timeout=60)
     channel.close()
@@ -251,6 +298,18 @@ def dashboard_exprs() -> list[tuple[str, str]]:
     return [(title, e.replace("$__rate_interval", RATE_WINDOW).replace("$model", ".*")) for title, e in exprs]
 
 
+def test_rest_answers_and_refused_connections_are_counted(prometheus: Prometheus, traffic: Traffic) -> None:
+    def seen() -> dict[tuple[str, str], float] | None:
+        rows = query(prometheus, "sum by (route, code) (seqserve_http_requests_total)")
+        got = {(r["metric"]["route"], r["metric"]["code"]): float(r["value"][1]) for r in rows}
+        return got if got == {k: float(v) for k, v in traffic.rest.items()} else None
+
+    wait_for(f"Prometheus to see the REST answers {dict(traffic.rest)}", seen, timeout=30)
+    assert traffic.refused >= 2  # one per round at least
+    refused = 'sum(seqserve_http_connections_closed_total{port="rest", reason="busy"})'
+    wait_for(f"{traffic.refused} refused connections", lambda: scalar(prometheus, refused) == traffic.refused)
+
+
 def test_every_dashboard_query_returns_series(prometheus: Prometheus, traffic: Traffic) -> None:
     exprs = dashboard_exprs()
     assert len(exprs) >= 25
@@ -265,7 +324,7 @@ def with_bool(expr: str) -> str:
 
 def test_every_alert_rule_evaluates_and_returns_series(prometheus: Prometheus, traffic: Traffic) -> None:
     rules = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
-    assert len(rules) == 11
+    assert len(rules) == 12
     for name, expr in rules.items():
         assert query(prometheus, with_bool(expr)), f"{name}: no series for {with_bool(expr)}"
 

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
-from service.api.rest import message_json
+from service.api.rest import message_json, route_of
 from service.settings import Settings
 from tests.conftest import ServerHandle
 
@@ -541,3 +541,25 @@ def test_a_refused_body_still_gets_its_answer(rest: ServerHandle) -> None:
     big = b"x" * (300 * 1024)  # over this server's 256 KiB limit, sent after the answer left
     over = _exchange(rest, [head + b"Content-Length: %d\r\n\r\n" % len(big), big[:100_000], big[100_000:]])
     assert over.startswith(b"HTTP/1.1 413 ") and over.count(b"HTTP/1.1 ") == 1, over[:300]
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/v2", "/v2"),
+        ("/v2/", "/v2"),
+        ("/v2/health/ready?x=1", "/v2/health/ready"),
+        ("/v2/models/sentiment", "/v2/models/{model}"),
+        ("/v2/models/sentiment/versions/3/infer", "/v2/models/{model}/infer"),
+        ("/v2/models/charlm/generate_stream", "/v2/models/{model}/generate_stream"),
+        ("/v2/models/charlm/explode", "other"),
+        ("/v2/repository/models/charlm/unload", "/v2/repository/models/{model}/unload"),
+        ("/v1/completions", "/v1/completions"),
+        ("/v1/models/charlm", "/v1/models/{model}"),
+        ("/wp-login.php", "other"),
+        ("/v2/models/" + "x" * 5000, "/v2/models/{model}"),
+    ],
+)
+def test_the_metrics_route_label_names_no_model_and_no_stray_path(path: str, route: str) -> None:
+    """seqserve_http_requests_total's route label: a few dozen values, whatever paths clients send."""
+    assert route_of(path) == route

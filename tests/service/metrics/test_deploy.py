@@ -39,7 +39,7 @@ def test_promtool_check_config() -> None:
 
 def test_promtool_check_rules() -> None:
     out = promtool("check", "rules", "alerts.yml")
-    assert "SUCCESS: 11 rules found" in out
+    assert "SUCCESS: 12 rules found" in out
 
 
 def test_promtool_alert_unit_tests() -> None:
@@ -65,6 +65,7 @@ def test_alerts_cover_the_required_conditions() -> None:
     assert "seqserve_session_store_capacity" in rules["SeqServeSessionStoreNearCapacity"]["expr"]
     assert "seqserve_queue_depth" in rules["SeqServeSustainedQueueing"]["expr"]
     assert "seqserve_session_store_up == 0" in rules["SeqServeSessionStoreDown"]["expr"]
+    assert 'seqserve_http_connections_closed_total{reason="busy"}' in rules["SeqServeHttpConnectionsRefused"]["expr"]
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         assert rule["annotations"]["summary"]
@@ -89,6 +90,8 @@ def test_dashboard_covers_the_required_panels() -> None:
         "seqserve_forecast_targets_below_total",  # live interval coverage
         "seqserve_forecast_observed_targets_total",
         "seqserve_prefix_cache_lookups_total",  # calls without a session that found their text
+        "seqserve_http_requests_total",  # the REST port's answers, its own refusals included
+        "seqserve_http_connections_closed_total",  # connections an HTTP port closed for want of a slot
     ):
         assert needle in exprs, needle
     # The server error ratio counts the requests inside KServe streams too (a stream is one RPC).

@@ -237,6 +237,9 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_prefix_cache_evictions",
         "seqserve_forecast_observed_targets",
         "seqserve_forecast_targets_below",
+        "seqserve_http_requests",
+        "seqserve_http_request_duration_seconds",
+        "seqserve_http_connections_closed",
         "seqserve_process_cpu_seconds",
         "seqserve_process_resident_memory_bytes",
     }

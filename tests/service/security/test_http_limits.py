@@ -3,6 +3,7 @@ each request's time, a connection cap), and clients that hang up are routine, no
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -130,3 +131,43 @@ def test_a_busy_keep_alive_connection_is_not_cut_off(port: int) -> None:
             n += 1
             time.sleep(IDLE / 2)
         assert n >= 10
+
+
+def test_refused_and_cut_off_connections_are_counted() -> None:
+    """What the port closes on its own shows in ``seqserve_http_connections_closed_total``: connections past the
+    cap (busy) and a request cut off after three idle timeouts (timeout); those idle timeouts alone are not."""
+    metrics = Metrics(CollectorRegistry())
+    server = MetricsHttpServer("127.0.0.1", 0, metrics, lambda: True, idle_timeout=IDLE, max_connections=2)
+    port = server.start()
+
+    def closed(reason: str) -> float:
+        labels = {"port": "metrics", "reason": reason}
+        return metrics.registry.get_sample_value("seqserve_http_connections_closed_total", labels) or 0.0
+
+    try:
+        holders = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for h in holders:
+            h.sendall(b"GET /metrics HTTP/1.1\r\n")  # half-sent: each holds its slot until the idle timeout
+        time.sleep(0.1)
+        extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        assert all(closed_within(e, 1.0) for e in extra)  # at once, no slot
+        assert closed("busy") == 3
+        assert all(closed_within(h, 5.0) for h in holders)  # the idle timeout: not counted
+        assert closed("timeout") == 0
+        for sock in holders + extra:
+            sock.close()
+        with socket.create_connection(("127.0.0.1", port)) as drip:
+            started = time.monotonic()
+            with contextlib.suppress(OSError):
+                for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 200:
+                    drip.sendall(bytes([byte]))
+                    time.sleep(IDLE / 3)
+                    if time.monotonic() - started > 10 * IDLE:
+                        break
+            assert closed_within(drip, 2.0)
+        deadline = time.monotonic() + 2
+        while closed("timeout") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (closed("timeout"), closed("busy")) == (1, 3)
+    finally:
+        server.stop()
