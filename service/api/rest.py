@@ -70,6 +70,7 @@ UINT64_MAX = 2**64 - 1
 METHODS = ("GET", "HEAD", "POST")  # and OPTIONS (what the server takes, and CORS preflights)
 CORS_EXPOSED = ", ".join(("X-Request-Id", "Retry-After", "WWW-Authenticate", HEADER_LENGTH))  # a page may read them
 CORS_MAX_AGE = 600  # seconds a browser may reuse a preflight's answer
+CORS_MAX_HEADERS = 64  # request headers a preflight may ask for (a browser asks for a few; each is echoed back)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")  # a header name (RFC 9110's token)
 
 # google.rpc.Code -> HTTP (https://cloud.google.com/apis/design/errors#handling_errors, as grpc-gateway maps it)
@@ -516,6 +517,8 @@ class _RestHandler(KeptAliveHandler):
             return 403, f"origin {echo(origin, 200)} is not in SEQSERVE_CORS_ORIGINS: its pages may not call this port"
         if method not in METHODS:
             return 405, f"method {echo(method, 20)} is not served: the KServe v2 REST API takes GET, HEAD and POST"
+        if len(asked) > CORS_MAX_HEADERS:
+            return 400, f"Access-Control-Request-Headers names {len(asked)} headers; at most {CORS_MAX_HEADERS}"
         for header in asked:
             if not _TOKEN.fullmatch(header):
                 return 400, f"Access-Control-Request-Headers names {echo(header, 100)}, which is no header name"
