@@ -151,6 +151,12 @@ class Metrics:
             "max_queue_size). A backlog here with short model queues (seqserve_queue_depth) is the engine's loop.",
             registry=r,
         )
+        self.frontend_restarts = Counter(
+            "seqserve_frontend_restarts",
+            "Frontend processes (--workers N) that died (OOM killer, a crash) and were replaced; their calls in "
+            "flight failed, sessions lived on. 0 in one process.",
+            registry=r,
+        )
         self.rpc_stream_requests = Counter(
             "seqserve_rpc_stream_requests",
             "Requests answered one by one inside a stream (KServe ModelStreamInfer) by the status each got; a refusal "

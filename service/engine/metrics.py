@@ -41,6 +41,15 @@ class FrontendRpcCollector(Collector):
         self._kinds = {f.name: (f.documentation, f.type) for m in template.values() for f in m.collect()}  # type: ignore[attr-defined]
         self._names = set(self._kinds)
         self._last: dict[int, list[tuple[str, Key, float]]] = {}  # port -> its last good samples
+        self._retired: dict[str, dict[Key, float]] = {n: {} for n in self._names}  # frontends gone: their counts
+
+    def retire(self, port: int) -> None:
+        """The frontend on ``port`` is gone and another takes its place: its counters and histograms keep their
+        last reading in the sums (which must never go down), its gauges (calls in flight, waiting) leave."""
+        for name, key, value in self._last.pop(port, []):
+            if self._kinds[name][1] in ("counter", "histogram"):
+                table = self._retired[name]
+                table[key] = table.get(key, 0.0) + value
 
     def _read(self, port: int) -> list[tuple[str, Key, float]]:
         """One frontend's RPC samples; its last good reading when it does not answer."""
@@ -61,7 +70,7 @@ class FrontendRpcCollector(Collector):
         return samples
 
     def collect(self) -> Iterator[Metric]:
-        sums: dict[str, dict[Key, float]] = {n: {} for n in self._names}
+        sums: dict[str, dict[Key, float]] = {n: dict(self._retired[n]) for n in self._names}
         for port in self.ports():
             for name, key, value in self._read(port):
                 table = sums[name]
@@ -87,9 +96,13 @@ def _exposition_order(item: tuple[Key, float]) -> tuple[object, ...]:
     return series, rank, float(le) if le is not None else 0.0, sample
 
 
-def serve_frontend_rpc_metrics(metrics: Metrics, ports: Callable[[], list[int]], token: str | None = None) -> None:
+def serve_frontend_rpc_metrics(
+    metrics: Metrics, ports: Callable[[], list[int]], token: str | None = None
+) -> FrontendRpcCollector:
     """Replaces the engine's (empty) RPC families on its registry with the frontends' sums; ``token``: what their
     private ports ask for."""
     for family in _rpc_families(metrics).values():
         metrics.registry.unregister(family)  # type: ignore[arg-type]
-    metrics.registry.register(FrontendRpcCollector(ports, token=token))
+    collector = FrontendRpcCollector(ports, token=token)
+    metrics.registry.register(collector)
+    return collector

@@ -11,8 +11,10 @@ Start-up: the engine binds its sockets and loads the models, then spawns the fir
 gRPC object ever crosses a fork), learns the port it bound (``--port 0`` = a free one) and spawns the others on
 that port. The ready file is written when every frontend serves. SIGTERM/SIGINT: each frontend gets SIGTERM,
 turns NOT_SERVING and drains its calls (``grace_seconds``) while the engine still answers them; then the engine
-stops and the process exits 0. A frontend that dies unexpectedly stops the whole server (exit 1) so that the
-orchestrator restarts it; frontends exit by themselves when the engine process is gone.
+stops and the process exits 0. A frontend that dies unexpectedly (OOM killer, a crash) is replaced by a new one on
+the same port: only its calls in flight fail, sessions are the engine's and live on. One that keeps dying (more than
+``RESPAWNS`` exits within ``RESPAWN_WINDOW`` seconds) stops the whole server (exit 1) so that the orchestrator
+restarts it; frontends exit by themselves when the engine process is gone.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0
+RESPAWNS, RESPAWN_WINDOW = 5, 60.0  # a frontend that dies is replaced, unless frontends died this often this recently
 
 
 @dataclass
@@ -76,15 +79,19 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
 
 
 # --- a frontend process --------------------------------------------------------------------------------------
-def frontend_main(values: dict[str, Any], index: int, socket_path: str, token: str, conn: Connection) -> None:
+def frontend_main(
+    values: dict[str, Any], index: int, socket_path: str, token: str, conn: Connection, share: bool = False
+) -> None:
     from service.logs import configure
 
     settings = Settings(**values)
     configure(settings)
-    run(_frontend(settings, index, socket_path, token, conn), settings.event_loop)
+    run(_frontend(settings, index, socket_path, token, conn, share), settings.event_loop)
 
 
-async def _frontend(settings: Settings, index: int, socket_path: str, token: str, conn: Connection) -> None:
+async def _frontend(
+    settings: Settings, index: int, socket_path: str, token: str, conn: Connection, share: bool = False
+) -> None:
     from service.api.server import Server
     from service.engine.client import RemoteDataPlane
     from service.metrics import Metrics
@@ -101,7 +108,7 @@ async def _frontend(settings: Settings, index: int, socket_path: str, token: str
         plane=plane,
         own_port=settings.frontend_ports,
         metrics_token=token,
-        share_port=index > 0,  # the first frontend's port, by design
+        share_port=index > 0 or share,  # the first frontend's port, by design (a replacement's too)
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,7 +185,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         if settings.http_port is not None:  # KServe REST: one gateway here, to the frontends' shared gRPC port
             rest = start_rest(settings, first.port, metrics)
         frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
-        serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
+        collector = serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
         metrics.processes.processes = lambda: [
             ("engine", os.getpid()),
             *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),
@@ -186,28 +193,49 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
 
         log.info("%s", summary(settings, n))
         log.info("serving gRPC on %s:%d with %d frontends, metrics on %d", settings.host, first.port, n, metrics_port)
-        if ready_file is not None:
-            info: dict[str, Any] = {
-                "grpc_port": first.port,
-                "metrics_port": metrics_port,
-                "workers": n,
-                "engine_pid": os.getpid(),
-            }
-            if rest is not None:
-                info["http_port"] = rest.bound_port
-            info["frontend_pids"] = [f.process.pid for f in frontends]
-            info["frontend_ports"] = [f.own_port for f in frontends]
-            info["frontend_metrics_ports"] = [f.metrics_port for f in frontends]  # private: the engine's token
-            write_ready_file(ready_file, info)
-        while not stop.is_set():
+        info: dict[str, Any] = {
+            "grpc_port": first.port,
+            "metrics_port": metrics_port,
+            "workers": n,
+            "engine_pid": os.getpid(),
+        }
+        if rest is not None:
+            info["http_port"] = rest.bound_port
+
+        def write_ready() -> None:
+            if ready_file is not None:
+                info["frontend_pids"] = [f.process.pid for f in frontends]
+                info["frontend_ports"] = [f.own_port for f in frontends]
+                info["frontend_metrics_ports"] = [f.metrics_port for f in frontends]  # private: the engine's token
+                write_ready_file(ready_file, info)
+
+        write_ready()
+        deaths: list[float] = []  # when frontends died, within the last RESPAWN_WINDOW seconds
+        while not stop.is_set() and not code:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            dead = [f for f in frontends if not f.process.is_alive()]
-            if dead and not stop.is_set():
-                gone = dead[0]
-                log.error("frontend %d exited (code %s); stopping the server", gone.index + 1, gone.process.exitcode)
-                code = 1
-                break
+            for i, gone in enumerate(frontends):
+                if gone.process.is_alive() or stop.is_set():
+                    continue
+                now = loop.time()
+                deaths = [t for t in deaths if now - t < RESPAWN_WINDOW] + [now]
+                which = f"frontend {gone.index + 1} exited (code {gone.process.exitcode})"
+                if len(deaths) > RESPAWNS:
+                    log.error(
+                        "%s (%d frontend exits within %gs); stopping the server", which, len(deaths), RESPAWN_WINDOW
+                    )
+                    code = 1
+                    break
+                log.error("%s; starting a new one (its calls in flight failed; sessions live on)", which)
+                metrics.frontend_restarts.inc()
+                collector.retire(gone.metrics_port)  # its counts so far stay in the sums
+                try:
+                    frontends[i] = await _spawn(settings, gone.index, first.port, socket_path, token, share=True)
+                except RuntimeError as exc:
+                    log.error("%s; stopping the server", exc)
+                    code = 1
+                    break
+                write_ready()
         log.info("draining %d frontends (grace %.1fs)", len(frontends), settings.grace_seconds)
     finally:
         await _stop_frontends(frontends, settings.grace_seconds + 10)
@@ -225,13 +253,16 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     return code
 
 
-async def _spawn(settings: Settings, index: int, port: int, socket_path: str, token: str) -> Frontend:
+async def _spawn(
+    settings: Settings, index: int, port: int, socket_path: str, token: str, share: bool = False
+) -> Frontend:
+    """Frontend ``index`` on ``port``; ``share``: a port the other frontends listen on (a replacement's)."""
     ctx = mp.get_context("spawn")  # a fresh interpreter: no gRPC state crosses a fork
     parent, child = ctx.Pipe(duplex=False)
     values = settings.model_dump() | {"port": port}
     process = ctx.Process(
         target=frontend_main,
-        args=(values, index, socket_path, token, child),
+        args=(values, index, socket_path, token, child, share),
         name=f"seqserve-frontend-{index + 1}",  # frontend-1..N, as in the metrics and the logs
         daemon=False,
     )

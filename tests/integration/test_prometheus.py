@@ -324,7 +324,7 @@ def with_bool(expr: str) -> str:
 
 def test_every_alert_rule_evaluates_and_returns_series(prometheus: Prometheus, traffic: Traffic) -> None:
     rules = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
-    assert len(rules) == 12
+    assert len(rules) == 13
     for name, expr in rules.items():
         assert query(prometheus, with_bool(expr)), f"{name}: no series for {with_bool(expr)}"
 

@@ -576,16 +576,72 @@ def test_session_calls_are_labelled_with_the_sessions_model(servers: tuple[dict[
     assert added == {("Get", "charlm"): 1.0, ("Delete", "charlm"): 1.0}, added
 
 
-def test_a_frontend_that_dies_stops_the_server_with_exit_code_1(tiny_models: Path, tmp_path: Path) -> None:
-    """A frontend killed (OOM killer, a crash) stops the whole server with exit code 1, so that the orchestrator
-    restarts it: exit 0 would read as a clean shutdown (Kubernetes' restartPolicy OnFailure, systemd's
-    Restart=on-failure would leave it down)."""
+def _ready(tmp_path: Path) -> dict[str, object]:
+    info: dict[str, object] = json.loads((tmp_path / "ready.json").read_text())
+    return info
+
+
+def _replaced(tmp_path: Path, old: list[int], timeout: float = 60) -> list[int]:
+    """The frontend pids once the ready file lists others than ``old`` (the engine rewrites it after a respawn)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [int(p) for p in _ready(tmp_path)["frontend_pids"]]  # type: ignore[attr-defined]
+        if pids != old:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"no frontend replaced {old} within {timeout}s")
+
+
+def test_a_frontend_that_dies_is_replaced_and_sessions_live_on(tiny_models: Path, tmp_path: Path) -> None:
+    """A frontend killed (OOM killer, a crash) is replaced on the same port within seconds. Sessions are the
+    engine's: one fed before the kill continues after it, whichever frontend serves it; the summed RPC counters
+    keep the dead frontend's counts (they never go down) and seqserve_frontend_restarts_total says what happened."""
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true")
+    try:
+        target = f"127.0.0.1:{info['grpc_port']}"
+        own = info["frontend_ports"][0]  # type: ignore[index]
+        with Client(f"127.0.0.1:{own}", timeout=30) as c:  # frontend 1, the one that dies, serves these
+            session = c.create_session("charlm")
+            first = c.suggest_once(session.id, "To be, or not", n=1, max_chars=2)
+            metrics = scrape(info["metrics_port"])
+            before = sum(metrics["seqserve_rpc_requests_total"].values())
+            assert metrics["seqserve_frontend_restarts_total"][()] == 0 and before >= 2
+            old = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+            os.kill(old[0], signal.SIGKILL)
+            new = _replaced(tmp_path, old)
+            assert new[1] == old[1] and new[0] != old[0]
+            Path(f"/proc/{new[0]}").stat()  # alive
+        with Client(target, timeout=30) as c:  # new connections: either frontend, the new one included
+            for _ in range(6):
+                assert c.get_session(session.id).steps == first.steps
+            assert c.suggest_once(session.id, " to be", n=1, max_chars=2).steps == first.steps + 6
+        metrics = scrape(info["metrics_port"])
+        assert metrics["seqserve_frontend_restarts_total"][()] == 1
+        assert sum(metrics["seqserve_rpc_requests_total"].values()) >= before + 7
+        with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/readyz", timeout=10) as r:
+            assert r.status == 200
+        assert proc.poll() is None
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0  # and it still stops cleanly
+
+
+def test_a_frontend_that_keeps_dying_stops_the_server_with_exit_code_1(tiny_models: Path, tmp_path: Path) -> None:
+    """Frontends that die again and again (a bug, a node out of memory) are replaced five times within a minute;
+    the sixth exit stops the whole server with exit code 1, so that the orchestrator restarts it (exit 0 would
+    read as a clean shutdown: Kubernetes' restartPolicy OnFailure, systemd's Restart=on-failure would leave it
+    down)."""
+    from service.engine.procs import RESPAWNS
+
     proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
     try:
-        pids = info["frontend_pids"]
-        assert isinstance(pids, list)
-        os.kill(int(pids[0]), signal.SIGKILL)
+        pids = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+        for kill in range(RESPAWNS + 1):
+            os.kill(pids[kill % 2], signal.SIGKILL)
+            if kill < RESPAWNS:
+                pids = _replaced(tmp_path, pids)
         assert proc.wait(timeout=60) == 1
+        assert "(6 frontend exits within 60s); stopping the server" in (tmp_path / "server.log").read_text()
     finally:
         if proc.poll() is None:
             stop_server(proc)

@@ -39,7 +39,7 @@ def test_promtool_check_config() -> None:
 
 def test_promtool_check_rules() -> None:
     out = promtool("check", "rules", "alerts.yml")
-    assert "SUCCESS: 12 rules found" in out
+    assert "SUCCESS: 13 rules found" in out
 
 
 def test_promtool_alert_unit_tests() -> None:
@@ -92,6 +92,7 @@ def test_dashboard_covers_the_required_panels() -> None:
         "seqserve_prefix_cache_lookups_total",  # calls without a session that found their text
         "seqserve_http_requests_total",  # the REST port's answers, its own refusals included
         "seqserve_http_connections_closed_total",  # connections an HTTP port closed for want of a slot
+        "seqserve_frontend_restarts_total",  # frontends that died and were replaced
     ):
         assert needle in exprs, needle
     # The server error ratio counts the requests inside KServe streams too (a stream is one RPC).

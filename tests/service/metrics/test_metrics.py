@@ -213,6 +213,7 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_rpc_in_flight",
         "seqserve_rpc_stream_requests",
         "seqserve_frontend_engine_calls_waiting",
+        "seqserve_frontend_restarts",
         "seqserve_inference_queue_seconds",
         "seqserve_inference_compute_seconds",
         "seqserve_inference_seconds",
