@@ -82,18 +82,33 @@ def rest_request(seqserve: SeqServe, method: str, path: str, body: bytes | None,
 
 
 def fill_rest_slots(seqserve: SeqServe, t: Traffic) -> None:
-    """Holds every connection slot of the REST port (a connection that sends nothing), so that one more is closed
-    at once: a refused connection, counted by the server as busy. Then frees them."""
-    held = [socket.create_connection(("127.0.0.1", seqserve.http_port), timeout=10)]
+    """Holds every connection slot of the REST port (kept-alive connections, each served once, so each surely holds
+    one), so that one more connection is closed at once: refused, counted by the server as busy. Then frees them.
+    A holder refused because an earlier connection's slot was not free yet is counted and tried again."""
+    held: list[http.client.HTTPConnection] = []
     try:
-        while len(held) <= seqserve.http_slots:  # the server takes connections in order: these hold the slots
-            held.append(socket.create_connection(("127.0.0.1", seqserve.http_port), timeout=10))
-        with contextlib.suppress(ConnectionResetError):  # (closed at once: an end of file, or a reset)
-            assert held[-1].recv(1) == b"", "a connection past the slots was served"
+        while len(held) < seqserve.http_slots:
+            connection = http.client.HTTPConnection("127.0.0.1", seqserve.http_port, timeout=10)
+            try:
+                connection.request("GET", "/v2/health/live")
+                answer = connection.getresponse()
+                answer.read()
+            except (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError):
+                t.refused += 1
+                connection.close()
+                time.sleep(0.05)
+                continue
+            assert answer.status == 200 and not answer.will_close
+            held.append(connection)
+            t.rest["/v2/health/live", "200"] += 1
+            t.calls["ServerLive", "OK"] += 1
+        extra = socket.create_connection(("127.0.0.1", seqserve.http_port), timeout=10)
+        with extra, contextlib.suppress(ConnectionResetError):  # (closed at once: an end of file, or a reset)
+            assert extra.recv(1) == b"", "a connection past the slots was served"
         t.refused += 1
     finally:
-        for sock in held:
-            sock.close()
+        for connection in held:
+            connection.close()
 
 
 def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, seqserve: SeqServe, t: Traffic) -> None:
