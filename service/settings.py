@@ -227,7 +227,7 @@ class Settings(BaseSettings):
     """The REST port closes a connection that sends nothing for this long; a request gets at most three of these
     from its first byte to its answer."""
     http_max_connections: int = Field(default=64, ge=1)
-    """Connections the REST port serves at once; more are closed at once."""
+    """Connections the REST port serves at once (per frontend process with --workers N); more are closed at once."""
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Web pages that may call the REST port from a browser (CORS): their origins, ``scheme://host[:port]``,
     comma-separated, or ``*`` for any page. Empty (default): none; a browser's preflight is answered 403 saying

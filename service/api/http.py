@@ -69,11 +69,13 @@ class _Server(ThreadingHTTPServer):
         token: str | None = None,
         handler: type[BaseHTTPRequestHandler] | None = None,
         port_name: str = "metrics",
+        reuse_port: bool = False,
     ) -> None:
         """``handler``: the request handler class (default: /metrics, /healthz, /readyz; the REST gateway
         brings its own). ``metrics`` counts the connections the port closes on its own (label ``port_name``)."""
         self.token = token
         self.port_name = port_name
+        self.allow_reuse_port = reuse_port  # (read by server_bind: frontends share the REST port, SO_REUSEPORT)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.metrics = metrics
         self.is_ready = is_ready

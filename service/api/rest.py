@@ -393,6 +393,7 @@ class RestGateway(HttpPort):
         cors_origins: list[str] | tuple[str, ...] = (),
         keyed: bool = False,
         metrics: Metrics | None = None,
+        share_port: bool = False,
     ) -> None:
         self.target = target
         self.metrics = metrics  # seqserve_http_*: every answer, and the connections the port closes
@@ -414,6 +415,7 @@ class RestGateway(HttpPort):
                 max_connections,
                 handler=_RestHandler,
                 port_name="rest",
+                reuse_port=share_port,
             )
             server.gateway = self  # type: ignore[attr-defined]  # (what its handlers forward through)
             return server

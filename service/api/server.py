@@ -143,8 +143,8 @@ class Server:
         await server.start()
         self._grpc = server
         self._start_http()
-        if s.http_port is not None and self._remote is None:  # (with --workers N the engine runs it)
-            self._rest = start_rest(s, self.port, self.metrics)
+        if s.http_port is not None:  # (with --workers N every frontend runs one, all on one port)
+            self._rest = start_rest(s, self.port, self.metrics, share_port=self._remote is not None)
             self.http_port = self._rest.bound_port
         log.info("gRPC listening on %s:%d (%d services%s)", s.host, self.port, len(self.services),
                  ", TLS" + (" + client certificates" if s.tls_client_ca else "") if credentials else "")  # fmt: skip
@@ -246,9 +246,10 @@ class Server:
         await self._stopped.wait()
 
 
-def start_rest(settings: Settings, grpc_port: int, metrics: Metrics | None = None) -> Any:
+def start_rest(settings: Settings, grpc_port: int, metrics: Metrics | None = None, share_port: bool = False) -> Any:
     """The KServe REST gateway on ``settings.http_port``, forwarding to the gRPC port ``grpc_port`` of this
-    server over loopback, counting its answers in ``metrics``; started (``RestGateway``)."""
+    server over loopback, counting its answers in ``metrics``; started (``RestGateway``). ``share_port``: the port
+    another frontend of this server listens on (SO_REUSEPORT, as the gRPC port)."""
     from service.api.rest import RestGateway
 
     host = settings.host
@@ -264,6 +265,7 @@ def start_rest(settings: Settings, grpc_port: int, metrics: Metrics | None = Non
         cors_origins=settings.cors_origins,
         keyed=bool(settings.api_key or settings.api_keys),
         metrics=metrics,
+        share_port=share_port,
     )
     gateway.start()
     return gateway

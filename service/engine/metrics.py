@@ -26,15 +26,28 @@ Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
 
 
 def _rpc_families(metrics: Metrics) -> dict[str, object]:
+    """The families the frontends keep (the RPCs, the REST port they serve) and the engine sums."""
     return {"seqserve_rpc_requests": metrics.rpc_requests, "seqserve_rpc_duration_seconds": metrics.rpc_duration,
             "seqserve_rpc_in_flight": metrics.rpc_in_flight,
             "seqserve_rpc_stream_requests": metrics.rpc_stream_requests,
-            "seqserve_frontend_engine_calls_waiting": metrics.engine_calls_waiting}  # fmt: skip
+            "seqserve_frontend_engine_calls_waiting": metrics.engine_calls_waiting,
+            "seqserve_http_requests": metrics.http_requests,
+            "seqserve_http_request_duration_seconds": metrics.http_duration,
+            "seqserve_http_connections_closed": metrics.http_closed}  # fmt: skip
 
 
 class FrontendRpcCollector(Collector):
-    def __init__(self, ports: Callable[[], list[int]], timeout: float = 2.0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        ports: Callable[[], list[int]],
+        timeout: float = 2.0,
+        token: str | None = None,
+        local: tuple[Collector, ...] = (),
+    ) -> None:
+        """``local``: the engine's own metrics of summed families (its metrics port's closed connections), added
+        in."""
         self.ports = ports
+        self.local = local
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
         template = _rpc_families(Metrics(runtime_collectors=False))
@@ -71,10 +84,18 @@ class FrontendRpcCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         sums: dict[str, dict[Key, float]] = {n: dict(self._retired[n]) for n in self._names}
+        samples = [
+            (family.name, (s.name, tuple(sorted(s.labels.items()))), s.value)
+            for metric in self.local
+            for family in metric.collect()
+            for s in family.samples
+            if family.name in self._names and not s.name.endswith("_created")
+        ]
         for port in self.ports():
-            for name, key, value in self._read(port):
-                table = sums[name]
-                table[key] = table.get(key, 0.0) + value
+            samples += self._read(port)
+        for name, key, value in samples:
+            table = sums[name]
+            table[key] = table.get(key, 0.0) + value
         for name in sorted(self._names):
             doc, kind = self._kinds[name]
             metric = Metric(name, doc, kind)
@@ -103,6 +124,6 @@ def serve_frontend_rpc_metrics(
     private ports ask for."""
     for family in _rpc_families(metrics).values():
         metrics.registry.unregister(family)  # type: ignore[arg-type]
-    collector = FrontendRpcCollector(ports, token=token)
+    collector = FrontendRpcCollector(ports, token=token, local=(metrics.http_closed,))
     metrics.registry.register(collector)
     return collector

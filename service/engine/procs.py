@@ -52,6 +52,7 @@ class Frontend:
     port: int = 0
     own_port: int | None = None
     metrics_port: int = 0
+    http_port: int | None = None  # the REST port (shared by all), when served
 
 
 def available_cpus() -> int:
@@ -118,7 +119,14 @@ async def _frontend(
     except BaseException:
         await server.stop(0)
         raise
-    conn.send({"port": server.port, "own_port": server.own_port, "metrics_port": server.metrics_port})
+    conn.send(
+        {
+            "port": server.port,
+            "own_port": server.own_port,
+            "metrics_port": server.metrics_port,
+            "http_port": server.http_port,
+        }
+    )
     while not stop.is_set():  # also stop when the engine is gone (this process was re-parented)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
@@ -138,7 +146,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     from service.api import tls
     from service.api.http import MetricsHttpServer
     from service.api.principals import load_keys
-    from service.api.server import check_free, start_rest
+    from service.api.server import check_free
     from service.core.dataplane import CoreDataPlane
     from service.engine.metrics import serve_frontend_rpc_metrics
     from service.engine.server import EngineServer
@@ -154,7 +162,6 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     engine = EngineServer(dataplane, socket_path)
     frontends: list[Frontend] = []
     http: MetricsHttpServer | None = None
-    rest: Any = None
     code = 0
     try:
         await engine.start()
@@ -182,8 +189,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         token = secrets.token_urlsafe(32)  # the frontends' private /metrics answer the engine only
         first = await _spawn(settings, 0, settings.port, socket_path, token)
         frontends.append(first)
-        if settings.http_port is not None:  # KServe REST: one gateway here, to the frontends' shared gRPC port
-            rest = start_rest(settings, first.port, metrics)
+        if first.http_port is not None:  # KServe REST: every frontend serves it, on the port the first one bound
+            settings = settings.model_copy(update={"http_port": first.http_port})
         frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
         collector = serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
         metrics.processes.processes = lambda: [
@@ -199,8 +206,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             "workers": n,
             "engine_pid": os.getpid(),
         }
-        if rest is not None:
-            info["http_port"] = rest.bound_port
+        if first.http_port is not None:
+            info["http_port"] = first.http_port
 
         def write_ready() -> None:
             if ready_file is not None:
@@ -239,8 +246,6 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         log.info("draining %d frontends (grace %.1fs)", len(frontends), settings.grace_seconds)
     finally:
         await _stop_frontends(frontends, settings.grace_seconds + 10)
-        if rest is not None:  # (after the frontends: REST calls in flight drain with theirs)
-            rest.stop()
         if http is not None:
             http.stop()
         await engine.stop()
@@ -281,6 +286,7 @@ async def _spawn(
         why = f"failed to start (exit code {process.exitcode}); see its log"
         raise RuntimeError(f"frontend {index + 1} {why}") from None
     frontend.port, frontend.own_port, frontend.metrics_port = report["port"], report["own_port"], report["metrics_port"]
+    frontend.http_port = report["http_port"]
     return frontend
 
 

@@ -97,7 +97,7 @@ def seqserve(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     # (RESOURCE_EXHAUSTED), so the error-ratio expressions have series to return.
     max_sessions = 3
     env.update(SEQSERVE_MAX_SESSIONS=str(max_sessions), SEQSERVE_SESSION_FULL_POLICY="reject", PYTHONUNBUFFERED="1")
-    # The REST port with 2 connection slots: the traffic fills them, so the refused-connection series exist too.
+    # The REST port with 2 connection slots per frontend: the traffic fills them, so refused connections are counted.
     http_slots = 2
     env.update(SEQSERVE_HTTP_PORT="0", SEQSERVE_HTTP_MAX_CONNECTIONS=str(http_slots))
     cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]

@@ -153,9 +153,45 @@ def test_forecast_columns_by_name_cross_to_the_engine(servers: tuple[dict[str, o
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "columns lacks 'HUFL'" in err.value.message
 
 
+def _listeners(port: object, pids: list[int]) -> set[int]:
+    """Which of ``pids`` hold a socket listening on TCP ``port`` (IPv4 loopback; /proc)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{int(str(port)):04X}") and fields[3] == "0A":  # (state 0A: LISTEN)
+            inodes.add(fields[9])
+    holders = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in {f"socket:[{i}]" for i in inodes}:
+                    holders.add(pid)
+    return holders
+
+
+def test_every_frontend_serves_rest_and_the_engine_sums_their_counts(servers: tuple[dict[str, object], int]) -> None:
+    """The REST gateway runs in every frontend, on one port (SO_REUSEPORT, as gRPC), not in the engine: its JSON
+    and HTTP work never takes the engine's time, the one process that cannot be multiplied. The engine's /metrics
+    sums what the frontends count."""
+    info, _ = servers
+    frontends = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+    engine = int(str(info["engine_pid"]))
+    assert _listeners(info["http_port"], [engine, *frontends]) == set(frontends)
+
+    def answered() -> float:
+        samples = scrape(info["metrics_port"]).get("seqserve_http_requests_total", {})
+        return sum(v for k, v in samples.items() if dict(k)["route"] == "/v2/models/{model}/ready")
+
+    before = answered()
+    for _ in range(20):  # a connection each: the kernel spreads them over the frontends
+        with urllib.request.urlopen(f"http://127.0.0.1:{info['http_port']}/v2/models/charlm/ready", timeout=30) as r:
+            assert r.status == 200
+    assert answered() - before == 20
+
+
 def test_kserve_rest_reaches_the_engine_through_the_frontends(servers: tuple[dict[str, object], int]) -> None:
-    """With --workers 2 the engine runs the REST gateway, forwarding to the frontends' shared port: a sequence
-    stepped through REST gives what a single process gives, and REST requests are counted by the frontends."""
+    """With --workers 2 every frontend runs the REST gateway, forwarding to the frontends' shared gRPC port: a
+    sequence stepped through REST gives what a single process gives, and REST requests are counted as RPCs."""
     info, single = servers
     port = info["http_port"]
     assert isinstance(port, int) and port not in (info["grpc_port"], info["metrics_port"])
@@ -176,7 +212,7 @@ def test_kserve_rest_reaches_the_engine_through_the_frontends(servers: tuple[dic
 
 
 def test_rest_generate_streams_from_the_engine(servers: tuple[dict[str, object], int]) -> None:
-    """Triton's generate_stream through the engine's gateway and a frontend: the text a single process generates
+    """Triton's generate_stream through a frontend's gateway and the engine: the text a single process generates
     for the same seed, and the first piece names the version that generated it (it crosses the engine link)."""
     info, single = servers
     with Client(f"127.0.0.1:{single}") as c:
