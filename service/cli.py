@@ -32,6 +32,7 @@ from pydantic import ValidationError
 import service.grpc_logging  # noqa: F401  (before gRPC is imported)
 from service.argtypes import INT32_MAX, INT64_MAX, Parser, count, names, real
 from service.client import ApiError, Client
+from service.entry import deferred_interrupt
 from service.plots import plot_forecast, plot_path
 from service.settings import Settings, misspelt
 from service.tables import TableError, next_times, read_history
@@ -96,9 +97,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "ONNX Runtime is not installed: pip install 'seqserve[cpu]', or 'seqserve[cuda]' on an NVIDIA GPU host "
             "(one of the two, never both)"
         )
-    from service.core.aio import run
-    from service.engine.procs import serve, worker_count
-    from service.logs import configure
+    with deferred_interrupt():  # (a Ctrl-C here is "interrupted" once the imports are done, never lost in one)
+        from service.core.aio import run
+        from service.engine.procs import serve, worker_count
+        from service.logs import configure
 
     settings = _settings(args)
     configure(settings)
@@ -371,8 +373,8 @@ def _settings_problems(err: ValidationError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
     except ApiError as err:
         print(f"error: {err.code.name}: {err.message}", file=sys.stderr)

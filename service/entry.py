@@ -5,12 +5,36 @@ in each of them."""
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """A Ctrl-C inside the block is held and raised as KeyboardInterrupt when the block ends. Raised where it
+    came, during an import, it can land in a callback of the import machinery (a weakref's), where Python prints
+    "Exception ignored" with a traceback and drops it: the server then started as if no Ctrl-C had come."""
+    interrupted: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        interrupted.append(signum)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def main() -> int:
     try:
-        from service.cli import main as cli
+        with deferred_interrupt():
+            from service.cli import main as cli
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

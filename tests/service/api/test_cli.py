@@ -437,7 +437,13 @@ def test_ctrl_c_while_the_cli_loads_is_not_a_traceback(tiny_models: Path, tmp_pa
     time.sleep(after)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    assert b"Traceback" not in out, out.decode(errors="replace")
+    text = out.decode(errors="replace")
+    assert "Traceback" not in text, text
+    # never lost: before, one landing in the import machinery was "Exception ignored" and the server started
+    lines = text.strip().splitlines()
+    assert (proc.returncode, lines[-1]) in {(130, "interrupted"), (1, "interrupted")} or (
+        proc.returncode == 0 and lines[-1].endswith("seqserve stopped")
+    ), text
 
 
 def test_serve_flags_override_the_environment_and_a_bare_watch_models_polls_every_5_seconds(
