@@ -1,7 +1,7 @@
-"""Triton's perf_analyzer runs against a real seqserve with no ``-x``: it finds the model version through our
-ModelStatistics (inference_stats.queue.count) and prints our server-side breakdown (queue, compute input /
-infer / output), and nothing it reads as inconsistent. A short run on the tiny models; speed is the
-benchmark's business, not this test's."""
+"""Triton's perf_analyzer runs against a real seqserve with no ``-x``, over gRPC and over the REST port (HTTP, its
+default): it finds the model version through our ModelStatistics (inference_stats.queue.count) and prints our
+server-side breakdown (queue, compute input / infer / output), and nothing it reads as inconsistent. A short run
+on the tiny models; speed is the benchmark's business, not this test's."""
 
 from __future__ import annotations
 
@@ -17,18 +17,27 @@ from tests.service.kserve.procs import start_server, stop_server
 
 
 @pytest.fixture(scope="module")
-def target(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, ports = start_server(tiny_models, tmp_path_factory.mktemp("perf-analyzer"))
+def targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """{"grpc": the gRPC port, "http": the KServe REST port} of one server (default workers)."""
+    proc, ports = start_server(tiny_models, tmp_path_factory.mktemp("perf-analyzer"), SEQSERVE_HTTP_PORT="0")
     try:
-        yield f"127.0.0.1:{ports['grpc_port']}"
+        yield {"grpc": f"127.0.0.1:{ports['grpc_port']}", "http": f"127.0.0.1:{ports['http_port']}"}
     finally:
         stop_server(proc)
 
 
-@pytest.mark.parametrize("workload", ["charlm-stream", "charlm-unary", "sentiment"])
-def test_perf_analyzer_without_version_flag(target: str, workload: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("workload", "protocol"),
+    # HTTP is perf_analyzer's default protocol (Triton's port 8000): the REST port's statistics and sequences
+    # carry it too. Streaming has no HTTP form.
+    [("charlm-stream", "grpc"), ("charlm-unary", "grpc"), ("sentiment", "grpc"), ("charlm-unary", "http"),
+     ("sentiment", "http")],
+)  # fmt: skip
+def test_perf_analyzer_without_version_flag(
+    targets: dict[str, str], workload: str, protocol: str, tmp_path: Path
+) -> None:
     w = pa.WORKLOADS[workload]
-    cmd = [str(pa.PERF_ANALYZER), "-m", w.model, "-u", target, "-i", "grpc"]
+    cmd = [str(pa.PERF_ANALYZER), "-m", w.model, "-u", targets[protocol], "-i", protocol]
     cmd += ["--input-data", str(pa.input_data(w, tmp_path)), "--concurrency-range", "4"]
     # Stability is the benchmark's concern: a wide threshold and enough windows that a busy machine passes.
     cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", "200", "-s", "1000", "-r", "10"]
