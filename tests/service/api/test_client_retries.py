@@ -65,7 +65,8 @@ def test_each_retry_gets_what_is_left_of_the_one_deadline(slow: tuple[str, SlowR
     assert took < 1.0 + SLOW, f"the call took {took:.2f} s with a 1 s timeout"
     seen = servicer.remaining
     assert 2 <= len(seen) <= 4, seen
-    assert seen[0] <= 1.0
+    # (gRPC may round the grpc-timeout header up, src/core/lib/transport/timeout_encoding.h: seen once at 1.009)
+    assert seen[0] <= 1.05
     for before, after in itertools.pairwise(seen):
         assert after <= before - SLOW, f"a retry got the deadline back: {seen}"
 
