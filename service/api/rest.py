@@ -573,7 +573,12 @@ class _RestHandler(KeptAliveHandler):
         self._request_id = None
         self.unread_body()  # (its body, if any)
         message = f"method {echo(self.command, 20)} is not served: the KServe v2 REST API takes GET, HEAD and POST"
-        self._send(405, self._error(405, message), {"Allow": ", ".join((*METHODS, "OPTIONS"))}, head=False)
+        status, payload, headers = self._unauthenticated() or (
+            405,
+            self._error(405, message),
+            {"Allow": ", ".join((*METHODS, "OPTIONS"))},
+        )
+        self._send(status, payload, headers, head=False)
 
     def _serve(self, method: str) -> None:
         self._request_id = None

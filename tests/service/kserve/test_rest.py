@@ -440,6 +440,7 @@ def test_api_keys_quotas_and_retry_after(start_server: Callable[..., ServerHandl
         ("GET", "/v2/models/sentiment/infer", None, 405, "infer takes POST"),
         ("POST", "/v2/models/charlm/generate", b'{"text_input": "a", "temprature": 1}', 400, "unknown option"),
         ("POST", "/v1/completions", b'{"model": "charlm"}', 400, "prompt"),
+        ("PUT", "/v2/models/sentiment/infer", b"{}", 405, "is not served: the KServe v2 REST API takes GET"),
     ],
 )
 def test_with_api_keys_the_gateways_own_refusals_answer_keyed_callers_only(
