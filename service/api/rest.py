@@ -573,12 +573,8 @@ class _RestHandler(KeptAliveHandler):
         self._request_id = None
         self.unread_body()  # (its body, if any)
         message = f"method {echo(self.command, 20)} is not served: the KServe v2 REST API takes GET, HEAD and POST"
-        status, payload, headers = self._unauthenticated() or (
-            405,
-            self._error(405, message),
-            {"Allow": ", ".join((*METHODS, "OPTIONS"))},
-        )
-        self._send(status, payload, headers, head=False)
+        refused = HttpError(405, message, {"Allow": ", ".join((*METHODS, "OPTIONS"))})
+        self._send(*self._refusal(refused), head=False)
 
     def _serve(self, method: str) -> None:
         self._request_id = None
@@ -589,17 +585,17 @@ class _RestHandler(KeptAliveHandler):
                 return
             status, payload, headers = reply
         except HttpError as err:
-            status, payload, headers = self._unauthenticated() or (
-                err.status,
-                self._error(err.status, err.message, err.param),
-                err.headers,
-            )
+            status, payload, headers = self._refusal(err)
         except grpc.RpcError as err:
             status, payload, headers = self._from_rpc(err)
         except Exception:  # a bug here must not take the gateway down: say so, keep serving
             log.exception("REST %s %s failed", method, echo(self.path, 200))
             status, payload, headers = 500, self._error(500, "internal error in the REST gateway (logged)"), {}
         self._send(status, payload, headers, head=method == "HEAD")
+
+    def _refusal(self, err: HttpError) -> Reply:
+        """The gateway's own refusal, or the 401 of a caller without a valid key, who learns nothing from it."""
+        return self._unauthenticated() or (err.status, self._error(err.status, err.message, err.param), err.headers)
 
     def _unauthenticated(self) -> Reply | None:
         """With API keys, the server's refusal of a caller without a valid one (401), so that the gateway's own
