@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     """HTTP port for /metrics, /healthz and /readyz. 0 picks a free port."""
     http_port: int | None = Field(default=None, ge=0, le=65535)
     """KServe v2 REST (HTTP/JSON, Triton's binary tensor extension) on this port, a gateway to the gRPC port
-    (``service.api.rest``); unset (default) = no REST. 0 picks a free port. Not with TLS (yet)."""
+    (``service.api.rest``); unset (default) = no REST. 0 picks a free port. With ``tls_cert``, TLS only."""
     api_key: str | None = None
     """When set, every RPC except health and reflection must send ``authorization: Bearer <api_key>``; its
     principal is named ``default``."""
@@ -45,12 +45,12 @@ class Settings(BaseSettings):
     ``=`` in it: ``O=acme,CN=alice;san=spiffe://acme/ops``). Without credentials configured everyone is the
     anonymous principal and may; with API keys or mTLS, only the principals listed here may (none by default)."""
     tls_cert: Path | None = None
-    """PEM certificate chain of the server: with ``tls_key`` the gRPC and metrics ports speak TLS only."""
+    """PEM certificate chain of the server: with ``tls_key`` the gRPC, metrics and REST ports speak TLS only."""
     tls_key: Path | None = None
     """PEM private key of ``tls_cert``."""
     tls_client_ca: Path | None = None
-    """PEM CA bundle: clients must present a certificate it signed (mTLS, both ports). Without API keys the
-    certificate's subject is the caller's principal."""
+    """PEM CA bundle: clients must present a certificate it signed (mTLS, every port; the metrics port's
+    /healthz and /readyz excepted). Without API keys the certificate's subject is the caller's principal."""
     grace_seconds: float = Field(default=10.0, ge=0, le=MAX_SECONDS)
     """On SIGTERM: health goes NOT_SERVING, in-flight calls get this long to finish."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -249,11 +249,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_priority_level ({self.default_priority_level}) is above priority_levels "
                 f"({self.priority_levels}): levels run from 1 (highest) to priority_levels"
-            )
-        if self.http_port is not None and self.tls_cert is not None:
-            raise ValueError(
-                "http_port (KServe REST) does not speak TLS yet: with tls_cert, leave SEQSERVE_HTTP_PORT unset and "
-                "use gRPC, or terminate TLS in front of a plaintext server"
             )
         return self
 

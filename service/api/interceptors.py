@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import hmac
 import inspect
 import logging
 import os
@@ -39,7 +40,7 @@ from service.api.decoding import (
     model_label,
     release,
 )
-from service.api.principals import KeyTable, load_keys, subject_of
+from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN, KeyTable, load_keys, subject_of
 from service.core.context import call_scope, principal, set_principal
 from service.logs import ACCESS_LOGGER, CALL
 from service.metrics import Metrics
@@ -204,12 +205,15 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     and the inner handler). Per call the stages run inline in one coroutine or async generator: no context
     manager objects, and a streamed message passes through one wrapper, not one per stage."""
 
-    def __init__(self, metrics: Metrics, settings: Settings, keys: KeyTable, mtls: bool) -> None:
+    def __init__(
+        self, metrics: Metrics, settings: Settings, keys: KeyTable, mtls: bool, gateway_token: str | None = None
+    ) -> None:
         self.metrics = metrics
         self.access = settings.access_log
         self.budget = log_budget(settings)
         self.keys = keys
         self.auth = bool(keys) or mtls
+        self.gateway_token = gateway_token  # the REST gateway's, on a TLS server (``service.api.rest``)
         self.decoding = Decoding(settings)
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -233,17 +237,27 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """Every RPC but health and reflection needs credentials; the caller's principal goes into the core's
         request context (``service.core.context.set_principal``). With API keys: metadata ``authorization:
         Bearer <key>``, the key's name is the principal. Without API keys but with mTLS: the verified client
-        certificate's subject is the principal."""
+        certificate's subject is the principal; for a call the REST gateway forwards (over its Unix socket, no
+        certificate there), the subject of the certificate its caller presented, when the gateway's token
+        vouches for it."""
         if self.keys:
             set_principal(self._by_key(context))
         else:
             subject = subject_of(context.auth_context() or {})
+            if subject is None and self.gateway_token is not None:
+                subject = self._vouched(context)
             if subject is None:
                 raise errors.Unauthenticated(
                     "this server needs a client certificate (mTLS) signed by its client CA that names its holder "
                     "(a subject or a subject alternative name)"
                 )
             set_principal(subject)
+
+    def _vouched(self, context: grpc.aio.ServicerContext) -> str | None:
+        token = metadata_value(context, GATEWAY_TOKEN)
+        if token is None or not hmac.compare_digest(token.encode(), (self.gateway_token or "").encode()):
+            return None
+        return metadata_value(context, GATEWAY_SUBJECT) or None
 
     def _by_key(self, context: grpc.aio.ServicerContext) -> str:
         values = metadata_values(context, "authorization")
@@ -493,8 +507,11 @@ async def _no_such_method(method: str, requests: AsyncIterator[bytes], context: 
     await context.abort_with_status(rich_status(grpc.StatusCode.UNIMPLEMENTED, message, "UNIMPLEMENTED", request_id))
 
 
-def build_interceptors(metrics: Metrics, settings: Settings | None = None) -> list[grpc.aio.ServerInterceptor]:
+def build_interceptors(
+    metrics: Metrics, settings: Settings | None = None, gateway_token: str | None = None
+) -> list[grpc.aio.ServerInterceptor]:
     """The edge as one interceptor (``Edge``): metrics sees the final status of everything, errors maps what auth
-    and decoding raise, auth names the principal before decoding spends anything on the request."""
+    and decoding raise, auth names the principal before decoding spends anything on the request.
+    ``gateway_token``: the REST gateway's on a TLS server, which vouches for its mTLS callers' subjects."""
     s = settings if settings is not None else Settings()
-    return [Edge(metrics, s, KeyTable(load_keys(s)), mtls=s.tls_client_ca is not None)]
+    return [Edge(metrics, s, KeyTable(load_keys(s)), s.tls_client_ca is not None, gateway_token)]

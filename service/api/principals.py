@@ -11,17 +11,23 @@ gRPC build does not expose the subject) is the principal.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from service.errors import QuotaExceeded, echo
 from service.settings import Settings
 
 DEFAULT_PRINCIPAL = "default"  # the principal of the single SEQSERVE_API_KEY
+# Metadata of a call the REST gateway of a TLS server forwards for an mTLS caller: its certificate's subject, and
+# the token (one per server process, never sent anywhere but its own Unix socket) that makes the server believe it.
+GATEWAY_SUBJECT = "seqserve-gateway-subject"
+GATEWAY_TOKEN = "seqserve-gateway-token"
 NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 MIN_KEY_CHARS = 16
 MAX_TRACKED = 10_000  # principals whose rate bucket is kept (least recently seen dropped first)
@@ -121,6 +127,72 @@ def subject_of(auth_context: Mapping[str, list[bytes]]) -> str | None:
             if name := value.decode("utf-8", "replace").strip():
                 return prefix + name
     return None
+
+
+# BoringSSL's short names (gRPC's subject string; checked against it in tests) for the long names of
+# Python's ``getpeercert()``.
+SHORT_NAMES = {
+    "commonName": "CN", "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
+    "organizationName": "O", "organizationalUnitName": "OU", "emailAddress": "emailAddress",
+    "domainComponent": "DC", "userId": "UID", "streetAddress": "street", "serialNumber": "serialNumber",
+    "title": "title", "surname": "SN", "givenName": "GN", "initials": "initials", "pseudonym": "pseudonym",
+    "generationQualifier": "generationQualifier", "dnQualifier": "dnQualifier", "name": "name",
+    "businessCategory": "businessCategory", "postalCode": "postalCode", "description": "description",
+}  # fmt: skip
+# (Not organizationIdentifier or the jurisdiction* names: gRPC's BoringSSL prints those as OID=#DER.)
+_SPECIAL = frozenset(',+"\\<>;')
+
+
+def _rfc2253_value(value: str) -> str:
+    """An attribute value escaped as OpenSSL's RFC 2253 printing does: ``,+"\\<>;`` with a backslash, a leading
+    ``#`` or space and a trailing space likewise, control characters and every byte of a non-ASCII character as
+    ``\\XX``."""
+    out = []
+    data = value.encode("utf-8")
+    for i, byte in enumerate(data):
+        ch = chr(byte)
+        if byte > 0x7E or byte < 0x20:
+            out.append(f"\\{byte:02X}")
+        elif ch in _SPECIAL or (i == 0 and ch in "# ") or (i == len(data) - 1 and ch == " "):
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def subject_of_peercert(cert: Mapping[str, Any]) -> str | None:
+    """The principal of a verified client certificate as Python's ``ssl`` gives it (``getpeercert()``), spelled
+    as ``subject_of`` spells the same certificate from gRPC's auth context, so that a caller is one principal on
+    both ports: the subject in RFC 2253 form (last attribute first, short names, ``+`` inside a multi-valued
+    RDN), or ``san=<first subject alternative name>`` for an empty subject. None when the certificate names
+    nobody; ``UnknownAttribute`` when its subject holds an attribute this module cannot spell as gRPC does."""
+    rdns: tuple[tuple[tuple[str, str], ...], ...] = cert.get("subject") or ()
+    entries = [(n, key, value) for n, rdn in enumerate(rdns) for key, value in rdn]
+    if entries:
+        parts: list[str] = []
+        last = None
+        for n, key, value in reversed(entries):
+            short = SHORT_NAMES.get(key)
+            if short is None:
+                raise UnknownAttribute(key)
+            if parts:
+                parts.append("+" if n == last else ",")
+            parts.append(f"{short}={_rfc2253_value(value)}")
+            last = n
+        if subject := "".join(parts).strip():  # (stripped as ``subject_of`` strips gRPC's, an escaped end too)
+            return subject
+    names: tuple[tuple[str, str], ...] = cert.get("subjectAltName") or ()
+    for kind, value in names:
+        if kind == "IP Address":
+            value = str(ipaddress.ip_address(value.strip()))  # (Python spells IPv6 in full, upper case)
+        if kind in ("DNS", "URI", "email", "IP Address") and (name := value.strip()):
+            return "san=" + name
+    return None
+
+
+class UnknownAttribute(ValueError):
+    """A subject attribute without a known short name: gRPC spells it as its OID and DER bytes, which Python's
+    ``ssl`` does not expose."""
 
 
 class RateLimiter:

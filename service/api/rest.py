@@ -16,8 +16,14 @@ gRPC stays the fast path: REST costs one more hop per request. ModelStreamInfer 
 neither); a char LM's streamed completion has Triton's generate extension instead (``service.api.generate``:
 ``/generate``, and ``/generate_stream`` as Server-Sent Events), and OpenAI's completions API
 (``service.api.completions``: ``/v1/completions``, ``/v1/models``). Web pages of the origins in ``cors_origins`` may
-call it from a browser (CORS: preflights answered here, never forwarded). TLS is not offered on this port yet:
-terminate it in front (an ingress), or use gRPC.
+call it from a browser (CORS: preflights answered here, never forwarded).
+
+With TLS (``SEQSERVE_TLS_CERT``) this port speaks TLS only, with the gRPC port's certificate, and the hop goes over
+a Unix socket in a folder only the server's user can enter (the gRPC port takes TLS only). With a client CA
+(mTLS) every request but a CORS preflight needs a verified client certificate (403 without one, saying so); without
+API keys its subject is the caller's principal, spelled as the gRPC port spells it, so a caller is one principal
+on both ports (``service.api.principals.subject_of_peercert``); the gateway vouches for it with a token that
+exists only inside this process.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import time
 import zlib
 from collections.abc import Callable
@@ -57,6 +64,7 @@ from service.api.http import REQUEST_SECONDS_PER_IDLE, HttpPort, KeptAliveHandle
 from service.api.interceptors import REQUEST_ID_FORM
 from service.api.kserve.convert import fill_log_settings
 from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_bytes
+from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN, UnknownAttribute, subject_of_peercert
 from service.argtypes import INT64_MAX
 from service.errors import echo
 from service.metrics import Metrics
@@ -394,8 +402,13 @@ class RestGateway(HttpPort):
         keyed: bool = False,
         metrics: Metrics | None = None,
         share_port: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        client_certificates: bool = False,
+        token: str | None = None,
     ) -> None:
         self.target = target
+        self.client_certificates = client_certificates  # mTLS: every request needs a verified client certificate
+        self.token = token  # vouches for a caller's subject to the server (over its Unix socket only)
         self.metrics = metrics  # seqserve_http_*: every answer, and the connections the port closes
         self.keyed = keyed  # API keys are on: the gateway's own refusals go to callers the server accepts only
         self.cors_origins = frozenset(cors_origins)  # lower case, or {"*"} (Settings checks them)
@@ -410,7 +423,7 @@ class RestGateway(HttpPort):
                 address,
                 metrics,
                 lambda: True,
-                None,
+                ssl_context,
                 idle_timeout,
                 max_connections,
                 handler=_RestHandler,
@@ -434,7 +447,8 @@ class RestGateway(HttpPort):
             except RuntimeError:
                 self.stop()
                 raise
-            log.info("KServe v2 REST on %s:%d (to gRPC at %s)", self.host, port, self.target)
+            tls = ", TLS" + (" + client certificates" if self.client_certificates else "") if self.token else ""
+            log.info("KServe v2 REST on %s:%d (to gRPC at %s%s)", self.host, port, self.target, tls)
         return self.bound_port
 
     def stop(self) -> None:
@@ -448,6 +462,7 @@ class _RestHandler(KeptAliveHandler):
     _request_id: str | None = None  # the gRPC call's, for the X-Request-Id header
     _status: int | None = None  # the answer's, once sent (send_response)
     _began = 0.0  # perf_counter() when the request's first line was in
+    _peer: tuple[str | None, str] | None = None  # mTLS: (the connection's principal or None, why none), once read
 
     def handle_one_request(self) -> None:
         """One request and its answer, counted once answered (``seqserve_http_*``; a connection that closes
@@ -580,7 +595,7 @@ class _RestHandler(KeptAliveHandler):
         self._request_id = None
         try:
             body = self._body()
-            reply = self._route(method, self.path.split("?", 1)[0], body)
+            reply = self._uncertified() or self._route(method, self.path.split("?", 1)[0], body)
             if reply is None:  # a stream, answered as it went
                 return
             status, payload, headers = reply
@@ -594,8 +609,23 @@ class _RestHandler(KeptAliveHandler):
         self._send(status, payload, headers, head=method == "HEAD")
 
     def _refusal(self, err: HttpError) -> Reply:
-        """The gateway's own refusal, or the 401 of a caller without a valid key, who learns nothing from it."""
-        return self._unauthenticated() or (err.status, self._error(err.status, err.message, err.param), err.headers)
+        """The gateway's own refusal, or the 403 of a caller without a client certificate (mTLS) or the 401 of one
+        without a valid key, who learns nothing from it."""
+        return (
+            self._uncertified()
+            or self._unauthenticated()
+            or (err.status, self._error(err.status, err.message, err.param), err.headers)
+        )
+
+    def _uncertified(self) -> Reply | None:
+        """With mTLS, the 403 of a connection without a verified client certificate that names a principal."""
+        if not self.gateway.client_certificates:
+            return None
+        if self._peer is None:
+            self._peer = _principal(self.connection)
+        if self._peer[0] is not None:
+            return None
+        return 403, self._error(403, self._peer[1]), {}  # (as the metrics port answers /metrics)
 
     def _unauthenticated(self) -> Reply | None:
         """With API keys, the server's refusal of a caller without a valid one (401), so that the gateway's own
@@ -649,6 +679,8 @@ class _RestHandler(KeptAliveHandler):
             value = self.headers.get(header)
             if value is not None and value.isascii() and value.isprintable():
                 sent.append((key, value))
+        if self.gateway.token is not None and self._peer is not None and self._peer[0] is not None:
+            sent += [(GATEWAY_SUBJECT, self._peer[0]), (GATEWAY_TOKEN, self.gateway.token)]
         return tuple(sent)
 
     def _call(self, rpc: str, request: Message) -> Any:
@@ -933,6 +965,26 @@ class _RestHandler(KeptAliveHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("rest %s - " + format, self.address_string(), *args)
+
+
+def _principal(connection: Any) -> tuple[str | None, str]:
+    """(principal, "") of a TLS connection's verified client certificate, or (None, why there is none)."""
+    cert = connection.getpeercert() if isinstance(connection, ssl.SSLSocket) else None
+    if not cert:
+        return None, (
+            "this port needs a client certificate signed by the server's client CA (mTLS, SEQSERVE_TLS_CLIENT_CA): "
+            "curl --cert/--key, tritonclient.http ssl_context_factory, requests cert="
+        )
+    try:
+        subject = subject_of_peercert(cert)
+    except UnknownAttribute as exc:
+        return None, (
+            f"the client certificate's subject holds attribute {echo(str(exc), 100)}, which this port cannot spell as "
+            "the gRPC port does: use a certificate with standard subject attributes (CN, O, OU, ...), or gRPC"
+        )
+    if subject is None:
+        return None, "the client certificate names nobody (an empty subject and no subject alternative name)"
+    return subject, ""
 
 
 def _compression(accepted: str) -> str | None:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import secrets
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,6 +86,8 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._http: Any = None
+        self._gateway_dir: str | None = None  # with TLS and REST: the private folder of the gateway's socket
+        self.gateway_target: str | None = None  # ... and the socket (``unix:...``)
         self._serving = False
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -114,7 +119,11 @@ class Server:
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", s.max_message_bytes)]
         options.append(("grpc.max_send_message_length", s.max_message_bytes))
         options.append(("grpc.so_reuseport", 1))  # frontends of one server share the port (the default on Linux)
-        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s), options=options)
+        # With TLS the gRPC port refuses the REST gateway's plaintext hop: the gateway reaches this server over a
+        # Unix socket in a folder only this user can enter instead, and vouches there for its mTLS callers with a
+        # token that never leaves this process (``service.api.rest``).
+        token = secrets.token_hex(16) if s.tls_cert is not None and s.http_port is not None else None
+        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s, token), options=options)
         self.services = [name for register in REGISTRARS for name in register(server, self.plane, s, self.metrics)]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
@@ -139,12 +148,18 @@ class Server:
             own = f"[{s.host}]:0" if ":" in s.host else f"{s.host}:0"
             bound = server.add_insecure_port(own) if credentials is None else server.add_secure_port(own, credentials)
             self.own_port = bound
+        target = None
+        if token is not None:
+            self._gateway_dir = tempfile.mkdtemp(prefix="seqserve-rest-")  # (mode 0700)
+            target = self.gateway_target = f"unix:{self._gateway_dir}/grpc.sock"
+            if not server.add_insecure_port(target):
+                raise RuntimeError(f"cannot bind the REST gateway's socket {target}")
         await self._set_all(NOT_SERVING)  # reachable now, but not ready until the models are loaded
         await server.start()
         self._grpc = server
         self._start_http()
         if s.http_port is not None:  # (with --workers N every frontend runs one, all on one port)
-            self._rest = start_rest(s, self.port, self.metrics, share_port=self._remote is not None)
+            self._rest = start_rest(s, self.port, self.metrics, self._remote is not None, target, token)
             self.http_port = self._rest.bound_port
         log.info("gRPC listening on %s:%d (%d services%s)", s.host, self.port, len(self.services),
                  ", TLS" + (" + client certificates" if s.tls_client_ca else "") if credentials else "")  # fmt: skip
@@ -238,6 +253,9 @@ class Server:
         if self._rest is not None:  # (after gRPC's grace: REST calls in flight drain with the rest)
             self._rest.stop()
             self._rest = None
+        if self._gateway_dir is not None:
+            shutil.rmtree(self._gateway_dir, ignore_errors=True)
+            self._gateway_dir = None
         self._stopped.set()
         log.info("stopped")
 
@@ -246,15 +264,25 @@ class Server:
         await self._stopped.wait()
 
 
-def start_rest(settings: Settings, grpc_port: int, metrics: Metrics | None = None, share_port: bool = False) -> Any:
+def start_rest(
+    settings: Settings,
+    grpc_port: int,
+    metrics: Metrics | None = None,
+    share_port: bool = False,
+    target: str | None = None,
+    token: str | None = None,
+) -> Any:
     """The KServe REST gateway on ``settings.http_port``, forwarding to the gRPC port ``grpc_port`` of this
-    server over loopback, counting its answers in ``metrics``; started (``RestGateway``). ``share_port``: the port
-    another frontend of this server listens on (SO_REUSEPORT, as the gRPC port)."""
+    server over loopback (or to ``target``, the Unix socket of a TLS server, vouching for mTLS callers with
+    ``token``), counting its answers in ``metrics``; started (``RestGateway``). ``share_port``: the port
+    another frontend of this server listens on (SO_REUSEPORT, as the gRPC port). With TLS the REST port speaks
+    TLS only, with the gRPC port's certificate (and client CA)."""
     from service.api.rest import RestGateway
 
     host = settings.host
-    loopback = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    target = f"[{loopback}]:{grpc_port}" if ":" in loopback else f"{loopback}:{grpc_port}"
+    if target is None:
+        loopback = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        target = f"[{loopback}]:{grpc_port}" if ":" in loopback else f"{loopback}:{grpc_port}"
     gateway = RestGateway(
         host,
         settings.http_port or 0,
@@ -266,6 +294,9 @@ def start_rest(settings: Settings, grpc_port: int, metrics: Metrics | None = Non
         keyed=bool(settings.api_key or settings.api_keys),
         metrics=metrics,
         share_port=share_port,
+        ssl_context=tls.ssl_context(settings),
+        client_certificates=settings.tls_client_ca is not None,
+        token=token,
     )
     gateway.start()
     return gateway

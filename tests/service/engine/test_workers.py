@@ -6,19 +6,23 @@ processes and exits 0."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import queue
 import re
 import signal
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -819,3 +823,50 @@ def test_the_timeout_parameter_ends_a_request_the_engine_does_not_answer_in_time
             reader.join(30)
     finally:
         stop_server(proc)
+
+
+def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: Path, tmp_path: Path) -> None:
+    """With TLS and a client CA, every frontend's REST gateway speaks TLS and reaches its own frontend over that
+    frontend's private socket: alice's sequence, stepped over new connections (spread over both frontends by the
+    shared port), continues across them and bob cannot step it; each frontend's socket folder is gone at stop."""
+    from tests.service.security.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    folders = set(Path(tempfile.gettempdir()).glob("seqserve-rest-*"))
+    proc, info = start_server(
+        tiny_models,
+        tmp_path,
+        SEQSERVE_WORKERS="2",
+        SEQSERVE_HTTP_PORT="0",
+        SEQSERVE_TLS_CERT=str(pki.server.cert),
+        SEQSERVE_TLS_KEY=str(pki.server.key),
+        SEQSERVE_TLS_CLIENT_CA=str(pki.ca),
+    )
+
+    def post(who: Any, piece: str, i: int) -> tuple[int, dict[str, Any]]:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.load_cert_chain(who.cert, who.key)
+        params = {"sequence_id": "tls-1", "sequence_start": i == 0}
+        body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": [piece]}], "parameters": params}
+        url = f"https://127.0.0.1:{info['http_port']}/v2/models/charlm/infer"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode()), context=context,
+                                        timeout=30) as r:  # fmt: skip
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        assert len(set(Path(tempfile.gettempdir()).glob("seqserve-rest-*")) - folders) == 2  # one per frontend
+        steps = []
+        for i, piece in enumerate(TEXT * 2):
+            status, answer = post(pki.alice, piece, i)
+            assert status == 200, answer
+            steps.append(answer["parameters"]["seqserve_steps"])
+            if i:
+                status, refused = post(pki.bob, "x", 1)
+                assert status == 404, refused
+        assert steps == list(itertools.accumulate(len(piece) for piece in TEXT * 2))
+    finally:
+        stop_server(proc)
+    assert not set(Path(tempfile.gettempdir()).glob("seqserve-rest-*")) - folders

@@ -456,12 +456,8 @@ def test_with_api_keys_the_gateways_own_refusals_answer_keyed_callers_only(
     assert got == status and message in answer.decode(), answer
 
 
-def test_the_rest_port_refuses_tls_and_is_off_by_default(
-    rest: ServerHandle, start_server: Callable[..., ServerHandle]
-) -> None:
+def test_the_rest_port_is_off_by_default(rest: ServerHandle, start_server: Callable[..., ServerHandle]) -> None:
     assert Settings().http_port is None
-    with pytest.raises(ValueError, match="http_port \\(KServe REST\\) does not speak TLS yet"):
-        Settings(http_port=8000, tls_cert="cert.pem", tls_key="key.pem")
     handle = start_server()
     assert handle.server.http_port is None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Pki:
     bob: Pair  # subject CN=bob,O=seqserve-tests
     stranger: Pair  # signed by another CA
     workers: tuple[Pair, Pair]  # empty subjects, named only by a SAN (SPIFFE URI; DNS name), as in service meshes
+    issue: Callable[[str, x509.Name, list[x509.GeneralName]], Pair]  # (stem, subject, SANs) -> a client pair
 
 
 def _name(cn: str) -> x509.Name:
@@ -93,6 +95,17 @@ def _san_only(
     return b.sign(ca[1], hashes.SHA256()), key
 
 
+def _client(
+    subject: x509.Name, sans: list[x509.GeneralName], ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    b = _builder(subject, ca[0].subject, key).add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=not subject)
+    b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return b.sign(ca[1], hashes.SHA256()), key
+
+
 def make_pki(folder: Path) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
     ca, other = _ca("seqserve test CA"), _ca("another CA")
@@ -107,4 +120,5 @@ def make_pki(folder: Path) -> Pki:
             _write(folder, "worker1", *_san_only(x509.UniformResourceIdentifier("spiffe://example.org/worker"), ca)),
             _write(folder, "worker2", *_san_only(x509.DNSName("worker2.example.org"), ca)),
         ),
+        issue=lambda stem, subject, sans: _write(folder, stem, *_client(subject, sans, ca)),
     )
