@@ -66,9 +66,12 @@ class Server:
         own_port: bool = False,
         metrics_token: str | None = None,
         share_port: bool = False,
+        private_dir: str | None = None,
     ) -> None:
         """``share_port``: bind a port another frontend of this server listens on (otherwise a port in use stops
-        start-up: gRPC binds with SO_REUSEPORT, so a second server would silently take half the connections)."""
+        start-up: gRPC binds with SO_REUSEPORT, so a second server would silently take half the connections).
+        ``private_dir``: where a frontend makes its private folders (its engine's, which the engine removes at
+        stop, also after a frontend that died without cleaning up); default the system's temporary folder."""
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self._clock = clock  # the sessions' wall clock; tests inject one that moves when they say
@@ -81,6 +84,7 @@ class Server:
         self._remote = plane
         self._metrics_token = metrics_token  # a frontend's private /metrics answers its engine only
         self._share_port = share_port
+        self._private_dir = private_dir
         self._own_port = own_port
         self.own_port: int | None = None  # this process's private port, when own_port
         self._grpc: grpc.aio.Server | None = None
@@ -150,7 +154,7 @@ class Server:
             self.own_port = bound
         target = None
         if token is not None:
-            self._gateway_dir = tempfile.mkdtemp(prefix="seqserve-rest-")  # (mode 0700)
+            self._gateway_dir = tempfile.mkdtemp(prefix="seqserve-rest-", dir=self._private_dir)  # (mode 0700)
             target = self.gateway_target = f"unix:{self._gateway_dir}/grpc.sock"
             if not server.add_insecure_port(target):
                 raise RuntimeError(f"cannot bind the REST gateway's socket {target}")

@@ -27,6 +27,7 @@ import math
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ async def _frontend(
         own_port=settings.frontend_ports,
         metrics_token=token,
         share_port=index > 0 or share,  # the first frontend's port, by design (a replacement's too)
+        private_dir=os.path.dirname(socket_path),  # the engine's folder: removed at stop, whatever became of us
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -250,10 +252,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             http.stop()
         await engine.stop()
         await dataplane.stop()
-        with contextlib.suppress(OSError):
-            for p in folder.iterdir():
-                p.unlink()
-            folder.rmdir()
+        shutil.rmtree(folder, ignore_errors=True)  # (with what frontends that died left in it)
         log.info("seqserve stopped (exit code %d)", code)
     return code
 

@@ -827,12 +827,14 @@ def test_the_timeout_parameter_ends_a_request_the_engine_does_not_answer_in_time
 
 def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: Path, tmp_path: Path) -> None:
     """With TLS and a client CA, every frontend's REST gateway speaks TLS and reaches its own frontend over that
-    frontend's private socket: alice's sequence, stepped over new connections (spread over both frontends by the
-    shared port), continues across them and bob cannot step it; each frontend's socket folder is gone at stop."""
+    frontend's private socket: alice's sequence, stepped over new connections (which the shared port spreads over
+    the frontends), continues across them, also after a frontend is killed and replaced, and bob cannot step it.
+    The sockets' folders live in the engine's private folder, which is gone at stop, the dead frontend's too."""
     from tests.service.security.certs import make_pki
 
     pki = make_pki(tmp_path / "pki")
-    folders = set(Path(tempfile.gettempdir()).glob("seqserve-rest-*"))
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("seqserve-*"))
     proc, info = start_server(
         tiny_models,
         tmp_path,
@@ -857,16 +859,23 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: 
             return e.code, json.loads(e.read())
 
     try:
-        assert len(set(Path(tempfile.gettempdir()).glob("seqserve-rest-*")) - folders) == 2  # one per frontend
+        (engine,) = set(temp.glob("seqserve-engine-*")) - before
+        assert not set(temp.glob("seqserve-rest-*")) - before
+        assert len(list(engine.glob("seqserve-rest-*/grpc.sock"))) == 2  # one per frontend
         steps = []
         for i, piece in enumerate(TEXT * 2):
             status, answer = post(pki.alice, piece, i)
             assert status == 200, answer
             steps.append(answer["parameters"]["seqserve_steps"])
+            if i == len(TEXT):  # a frontend dies (its socket stays behind); the engine starts another
+                old = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+                os.kill(old[0], signal.SIGKILL)
+                _replaced(tmp_path, old)
             if i:
                 status, refused = post(pki.bob, "x", 1)
                 assert status == 404, refused
         assert steps == list(itertools.accumulate(len(piece) for piece in TEXT * 2))
+        assert len(list(engine.glob("seqserve-rest-*/grpc.sock"))) == 3
     finally:
         stop_server(proc)
-    assert not set(Path(tempfile.gettempdir()).glob("seqserve-rest-*")) - folders
+    assert not set(temp.glob("seqserve-*")) - before
