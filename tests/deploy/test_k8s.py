@@ -1,15 +1,19 @@
-"""deploy/k8s rendered by `kubectl kustomize` (base + cpu/gpu overlays, and the optional queue-depth autoscaling
-component) and validated offline with `kubernetes-validate --strict` against Kubernetes' own schemas; then the
+"""deploy/k8s rendered by `kubectl kustomize` (base + cpu/gpu overlays, and the optional components: queue-depth
+autoscaling, TLS) and validated offline with `kubernetes-validate --strict` against Kubernetes' own schemas; then the
 wiring between the objects (labels, ports, probes, grace periods, settings) checked on the rendered output."""
 
 from __future__ import annotations
 
 import os
+import ssl
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from service.metrics import Metrics
@@ -220,3 +224,41 @@ def test_queue_depth_component_scales_on_an_exported_gauge(tmp_path: Path) -> No
     name = metrics[1]["pods"]["metric"]["name"]
     gauges = {f.name for f in Metrics(CollectorRegistry()).registry.collect() if f.type == "gauge"}
     assert name == "seqserve_queue_depth" and name in gauges
+
+
+def test_tls_component_gives_probes_kubelet_can_pass_against_a_tls_server(tmp_path: Path, tiny_models: Path) -> None:
+    """kubelet's native gRPC probes speak plaintext, so with TLS on they fail and no pod would ever be ready. The
+    component moves them to the metrics port over HTTPS; each rendered probe is run here as kubelet runs it (HTTPS,
+    the certificate not checked, no client certificate) against a real server with the component's settings and
+    mTLS on, the strictest case: all pass, while the base's probe (plaintext gRPC health) fails against it."""
+    from tests.conftest import ServerHandle, server_settings
+    from tests.service.security.certs import make_pki
+
+    (tmp_path / "k").mkdir()
+    text = kustomize(with_component(tmp_path / "k", "cpu", "tls"))
+    validate(text, tmp_path)
+    objs = objects(text)
+    c, env = container(objs), config(objs)
+    pod = objs["Deployment/seqserve"]["spec"]["template"]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "tls"]
+    assert volume == {"name": "tls", "secret": {"secretName": "seqserve-tls"}} and mount["readOnly"]
+    folder = mount["mountPath"]  # the keys of a kubernetes.io/tls Secret:
+    assert (env["SEQSERVE_TLS_CERT"], env["SEQSERVE_TLS_KEY"]) == (f"{folder}/tls.crt", f"{folder}/tls.key")
+    assert pod["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    pki = make_pki(tmp_path / "pki")
+    settings = server_settings(tiny_models, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca)
+    handle = ServerHandle(settings)
+    try:
+        for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c[name]["httpGet"]
+            assert probe["scheme"] == "HTTPS" and ports[probe["port"]] == int(env["SEQSERVE_METRICS_PORT"]), name
+            kubelet = ssl._create_unverified_context()  # (kubelet's HTTPS probes skip verification)
+            url = f"https://127.0.0.1:{handle.server.metrics_port}{probe['path']}"
+            with urllib.request.urlopen(url, context=kubelet, timeout=10) as r:
+                assert r.status == 200, name
+        with grpc.insecure_channel(handle.target) as channel, pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        handle.close()
