@@ -75,9 +75,10 @@ WORKDIR /app
 USER 10001:10001
 EXPOSE 50051 8000 8002
 
-# Healthy = the gRPC health service answers SERVING for the whole server (every model loaded, not draining).
+# Healthy = the gRPC health service answers SERVING for the whole server (models loaded, not draining); with TLS,
+# the metrics port's /readyz over HTTPS, which follows it and needs no client certificate (service/healthcheck.py).
 HEALTHCHECK --interval=5s --timeout=4s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc; stub = rpc.HealthStub(grpc.insecure_channel('127.0.0.1:' + os.environ.get('SEQSERVE_PORT', '50051'))); sys.exit(0 if stub.Check(pb.HealthCheckRequest(), timeout=3).status == pb.HealthCheckResponse.SERVING else 1)"]
+    CMD ["python", "-m", "service.healthcheck"]
 
 # SIGTERM (docker stop, Kubernetes): health NOT_SERVING, in-flight calls get SEQSERVE_GRACE_SECONDS (10) to
 # finish, exit 0. Give the container more than that before SIGKILL (docker stop -t 15, stop_grace_period).

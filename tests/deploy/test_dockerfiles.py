@@ -185,10 +185,11 @@ def health_server() -> Iterator[tuple[int, health.HealthServicer]]:
     server.stop(0)
 
 
-def probe(argv: list[str], port: int) -> int:
-    """Runs a HEALTHCHECK command here (``python`` = this interpreter) with the container's SEQSERVE_PORT."""
+def probe(argv: list[str], port: int, env: dict[str, str] | None = None) -> int:
+    """Runs a HEALTHCHECK command here (``python`` = this interpreter) with the container's SEQSERVE_PORT (and
+    ``env``)."""
     assert argv[0] == "python"
-    env = {"SEQSERVE_PORT": str(port), "PATH": str(Path(sys.executable).parent)}
+    env = {"SEQSERVE_PORT": str(port), **(env or {}), "PATH": str(Path(sys.executable).parent)}
     return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=60).returncode
 
 
@@ -203,3 +204,28 @@ def test_healthcheck_follows_the_grpc_health_service(
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     assert probe(argv, port) == 0
     assert probe(argv, free_port()) != 0  # nothing listening
+
+
+@pytest.mark.parametrize("path", SERVING_IMAGES)
+def test_healthcheck_with_tls_asks_the_metrics_ports_readyz(path: str, tiny_models: Path, tmp_path: Path) -> None:
+    """With TLS (mTLS here, the strictest case) the gRPC port refuses a probe without a client certificate: the
+    HEALTHCHECK then reads /readyz over HTTPS, which follows the same status: healthy while the server serves,
+    not once it drains, nor with nothing listening."""
+    from tests.conftest import ServerHandle, server_settings
+    from tests.service.security.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    handle = ServerHandle(
+        server_settings(tiny_models, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca)
+    )
+    argv = healthcheck_argv(path)
+    env = {"SEQSERVE_TLS_CERT": "/etc/seqserve/tls/tls.crt", "SEQSERVE_METRICS_PORT": str(free_port())}
+    try:
+        assert probe(argv, handle.server.port, env) != 0  # nothing listening there
+        env["SEQSERVE_METRICS_PORT"] = str(handle.server.metrics_port)
+        assert probe(argv, handle.server.port, env) == 0
+        draining = handle.begin_stop(grace=30.0)
+        assert probe(argv, handle.server.port, env) != 0
+        draining.result(60)
+    finally:
+        handle.close()

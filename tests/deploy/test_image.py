@@ -149,7 +149,7 @@ def test_image_metadata(docker: Docker, image: str) -> None:
     assert set(config["ExposedPorts"]) == {"50051/tcp", "8000/tcp", "8002/tcp"}
     env = dict(item.split("=", 1) for item in config["Env"])
     assert (env["SEQSERVE_PORT"], env["SEQSERVE_HTTP_PORT"], env["SEQSERVE_METRICS_PORT"]) == ("50051", "8000", "8002")
-    assert "grpc_health" in " ".join(config["Healthcheck"]["Test"])
+    assert config["Healthcheck"]["Test"] == ["CMD", "python", "-m", "service.healthcheck"]
     labels = config["Labels"]
     for key in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert labels[f"org.opencontainers.image.{key}"], key
