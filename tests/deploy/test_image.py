@@ -1,10 +1,12 @@
 """The image built from ./Dockerfile, run for real with host networking on free ports (make image-test): health
 SERVING within 10 s, a Classify, a Complete stream and a KServe sequence from the host, /metrics scraped, a
-read-only root filesystem, uid 10001, and `docker stop` draining an open stream with exit 0."""
+read-only root filesystem, uid 10001, TLS and mTLS on every port with a healthy HEALTHCHECK, and `docker stop`
+draining an open stream with exit 0."""
 
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import threading
@@ -76,13 +78,14 @@ class Container:
     started: float  # time.monotonic() just before the container was started
 
 
-def start(docker: Docker, image: str, **env: str) -> Container:
+def start(docker: Docker, image: str, *flags: str, **env: str) -> Container:
     """Runs the image the way the issue asks: ``--network host`` (never the default bridge here), read-only root
-    filesystem with a tmpfs /tmp, the image's own user; ports from the SEQSERVE_* env vars."""
+    filesystem with a tmpfs /tmp, the image's own user; ports from the SEQSERVE_* env vars; ``flags``: more of
+    ``docker run``'s (a volume)."""
     port, metrics, rest = free_port(), free_port(), free_port()
     settings = {"SEQSERVE_HOST": "127.0.0.1", "SEQSERVE_PORT": str(port), "SEQSERVE_METRICS_PORT": str(metrics)}
     settings |= {"SEQSERVE_HTTP_PORT": str(rest), "SEQSERVE_GRACE_SECONDS": str(GRACE_SECONDS), **env}
-    flags = [f"--env={k}={v}" for k, v in settings.items()]
+    flags = (*flags, *(f"--env={k}={v}" for k, v in settings.items()))
     started = time.monotonic()
     cid = docker("run", "--detach", "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=64m", *flags, image)
     return Container(cid, f"127.0.0.1:{port}", metrics, int(settings["SEQSERVE_HTTP_PORT"]), started)
@@ -239,6 +242,37 @@ def test_uvloop_with_two_frontends(docker: Docker, image: str) -> None:
         wait_for("three processes on uvloop", lambda: len(on_uvloop()) >= 3, timeout=30, every=0.2)
         pids = on_uvloop()
         assert len(pids) == 3 and "/proc/1/maps" in pids, pids
+    finally:
+        remove(docker, c)
+
+
+def test_tls_container_turns_healthy_and_serves_every_port_over_tls(docker: Docker, image: str, tmp_path: Path) -> None:
+    """The image with TLS and a client CA (the certificates on a read-only volume): its HEALTHCHECK turns healthy
+    (it reads /readyz over HTTPS: the plaintext gRPC check it had before never could), and a caller with a
+    client certificate reaches gRPC, the REST port (on by default in the image) and /metrics over TLS."""
+    from tests.service.security.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    (tmp_path / "pki").chmod(0o755)  # (the container's uid 10001 reads the files)
+    for f in (tmp_path / "pki").iterdir():
+        f.chmod(0o644)
+    tls = {"SEQSERVE_TLS_CERT": "/certs/server.crt", "SEQSERVE_TLS_KEY": "/certs/server.key"}
+    c = start(docker, image, f"--volume={tmp_path / 'pki'}:/certs:ro", SEQSERVE_TLS_CLIENT_CA="/certs/ca.crt", **tls)
+    try:
+        wait_for("docker health = healthy", lambda: docker_health(docker, c.id) == "healthy", timeout=60, every=0.2)
+        with Client(c.grpc, tls_ca=pki.ca, tls_cert=pki.alice.cert, tls_key=pki.alice.key, timeout=30) as client:
+            assert client.classify(["a fine film"])[0].label in ("positive", "negative")
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.load_cert_chain(pki.alice.cert, pki.alice.key)
+        body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a fine film"]}]}
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{c.http_port}/v2/models/sentiment/infer", json.dumps(body).encode()
+        )
+        with urllib.request.urlopen(request, context=context, timeout=30) as answer:
+            outputs = {o["name"]: o for o in json.loads(answer.read())["outputs"]}
+        assert outputs["PROBABILITIES"]["shape"] == [1, 2]
+        with urllib.request.urlopen(f"https://127.0.0.1:{c.metrics_port}/metrics", context=context, timeout=30) as r:
+            assert b"seqserve_rpc_requests_total" in r.read()
     finally:
         remove(docker, c)
 
