@@ -14,7 +14,8 @@ turns NOT_SERVING and drains its calls (``grace_seconds``) while the engine stil
 stops and the process exits 0. A frontend that dies unexpectedly (OOM killer, a crash) is replaced by a new one on
 the same port: only its calls in flight fail, sessions are the engine's and live on. One that keeps dying (more than
 ``RESPAWNS`` exits within ``RESPAWN_WINDOW`` seconds) stops the whole server (exit 1) so that the orchestrator
-restarts it; frontends exit by themselves when the engine process is gone.
+restarts it; frontends exit by themselves when the engine process is gone. The engine's ``/readyz`` stays ready
+while any frontend serves, so a replacement does not take the server out of its load balancer.
 """
 
 from __future__ import annotations
@@ -171,7 +172,10 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         # The metrics port first: one that is taken stops start-up before any frontend listens.
 
         def ready() -> bool:
-            up = len(frontends) == n and all(f.process.is_alive() for f in frontends)
+            # Once every frontend has started: ready while any of them serves (the port is shared: a dead one's
+            # connections are refused and new ones go to the others), so a frontend being replaced does not take
+            # the whole server out of its load balancer for that second.
+            up = len(frontends) == n and any(f.process.is_alive() for f in frontends)
             return up and not stop.is_set() and dataplane.is_ready
 
         http = MetricsHttpServer(

@@ -621,6 +621,14 @@ def _ready(tmp_path: Path) -> dict[str, object]:
     return info
 
 
+def _readyz(metrics_port: object) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
 def _replaced(tmp_path: Path, old: list[int], timeout: float = 60) -> list[int]:
     """The frontend pids once the ready file lists others than ``old`` (the engine rewrites it after a respawn)."""
     deadline = time.monotonic() + timeout
@@ -647,10 +655,23 @@ def test_a_frontend_that_dies_is_replaced_and_sessions_live_on(tiny_models: Path
             before = sum(metrics["seqserve_rpc_requests_total"].values())
             assert metrics["seqserve_frontend_restarts_total"][()] == 0 and before >= 2
             old = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+            readiness: list[int] = []  # /readyz while the frontend is dead and replaced: the other one serves
+            done = threading.Event()
+
+            def poll() -> None:
+                while not done.is_set():
+                    readiness.append(_readyz(info["metrics_port"]))
+                    time.sleep(0.02)
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
             os.kill(old[0], signal.SIGKILL)
             new = _replaced(tmp_path, old)
+            done.set()
+            poller.join(10)
             assert new[1] == old[1] and new[0] != old[0]
             Path(f"/proc/{new[0]}").stat()  # alive
+            assert len(readiness) >= 10 and set(readiness) == {200}, readiness
         with Client(target, timeout=30) as c:  # new connections: either frontend, the new one included
             for _ in range(6):
                 assert c.get_session(session.id).steps == first.steps
