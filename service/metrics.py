@@ -157,6 +157,19 @@ class Metrics:
             "flight failed, sessions lived on. 0 in one process.",
             registry=r,
         )
+        self.tls_expiry = Gauge(
+            "seqserve_tls_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate this server presents expires (Unix time), by its subject; absent without TLS. "
+            "Changed files are reloaded without a restart: alert well before this (SeqServeCertificateExpiresSoon).",
+            ("subject",),
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "seqserve_tls_reloads",
+            "Times changed TLS files were loaded without a restart (by the process serving the metrics port; every "
+            "frontend reloads them too). Files that changed but did not load are logged and not counted.",
+            registry=r,
+        )
         self.rpc_stream_requests = Counter(
             "seqserve_rpc_stream_requests",
             "Requests answered one by one inside a stream (KServe ModelStreamInfer) by the status each got; a refusal "
@@ -312,6 +325,14 @@ class Metrics:
             ("model", "version", "level"),
             registry=r,
         )
+
+    def tls_loaded(self, files: Any, reload: bool = True) -> None:
+        """TLS files were loaded (``service.api.tls.TlsFiles``): at start (``reload=False``) or on a change."""
+        if reload:
+            self.tls_reloads.inc()
+        self.tls_expiry.clear()  # (one series: the certificate in use)
+        if files.expires_at is not None:
+            self.tls_expiry.labels(files.subject).set(files.expires_at)
 
     def know_models(self, names: Iterable[str]) -> None:
         """Allows ``names`` as model label values without creating any series (a frontend process labels the

@@ -6,7 +6,8 @@ It binds to the configured host only (127.0.0.1 by default, 0.0.0.0 inside a con
 Hostile clients cannot pin it: at most ``max_connections`` connections are served at once (more are closed at
 once), a connection that sends nothing for ``idle_timeout`` seconds is closed, and one request may take at most
 ``REQUEST_SECONDS_PER_IDLE`` idle timeouts in all (a client dripping one byte at a time is cut off too). A
-client that goes away mid-response is logged at DEBUG, never as a traceback. With ``ssl_context`` (TLS) the
+client that goes away mid-response is logged at DEBUG, never as a traceback. With ``tls`` (``TlsFiles``: the
+context of the moment, so a rotated certificate reaches new connections) the
 handshake runs on the connection's own thread, under the same limits; when it checks client certificates
 (mTLS), ``/metrics`` answers 403 to a connection without one, while ``/healthz`` and ``/readyz`` stay open.
 """
@@ -24,11 +25,14 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.api.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class _Server(ThreadingHTTPServer):
         address: tuple[str, int],
         metrics: Metrics | None,
         is_ready: Callable[[], bool],
-        ssl_context: ssl.SSLContext | None = None,
+        tls: TlsFiles | None = None,
         idle_timeout: float = 10.0,
         max_connections: int = 64,
         token: str | None = None,
@@ -79,7 +83,7 @@ class _Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.metrics = metrics
         self.is_ready = is_ready
-        self.ssl_context = ssl_context
+        self.tls = tls
         self.idle_timeout = idle_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
         self._deadlines: dict[socket.socket, float] = {}  # live connection -> when its current request must end
@@ -114,11 +118,11 @@ class _Server(ThreadingHTTPServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self.idle_timeout)
         self.restart_clock(request)
-        if self.ssl_context is None:
+        if self.tls is None:
             super().finish_request(request, client_address)
             return
         raw = request
-        tls = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake here, bounded like a request
+        tls = self.tls.context().wrap_socket(raw, server_side=True)  # handshake here, bounded like a request
         with self._lock:
             self._deadlines.pop(raw, None)
         self.restart_clock(tls)
@@ -240,8 +244,8 @@ class _Handler(KeptAliveHandler):
 
     def _certified(self) -> bool:
         """False only when the port checks client certificates (mTLS) and this connection has none."""
-        context = self.server.ssl_context
-        if context is None or context.verify_mode == ssl.CERT_NONE:
+        tls = self.server.tls
+        if tls is None or not tls.client_certificates:
             return True
         return isinstance(self.connection, ssl.SSLSocket) and bool(self.connection.getpeercert())
 
@@ -312,7 +316,7 @@ class MetricsHttpServer(HttpPort):
         metrics: Metrics,
         is_ready: Callable[[], bool],
         *,
-        ssl_context: ssl.SSLContext | None = None,
+        tls: TlsFiles | None = None,
         idle_timeout: float = 10.0,
         max_connections: int = 64,
         token: str | None = None,
@@ -322,7 +326,7 @@ class MetricsHttpServer(HttpPort):
         self.token = token
 
         def build(address: tuple[str, int]) -> _Server:
-            return _Server(address, metrics, is_ready, ssl_context, idle_timeout, max_connections, token)
+            return _Server(address, metrics, is_ready, tls, idle_timeout, max_connections, token)
 
         super().__init__(host, port, build, "metrics port", "--metrics-port or SEQSERVE_METRICS_PORT", "metrics-http")
 

@@ -39,7 +39,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import grpc
@@ -68,6 +68,9 @@ from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN, UnknownAttrib
 from service.argtypes import INT64_MAX
 from service.errors import echo
 from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.api.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -402,12 +405,11 @@ class RestGateway(HttpPort):
         keyed: bool = False,
         metrics: Metrics | None = None,
         share_port: bool = False,
-        ssl_context: ssl.SSLContext | None = None,
-        client_certificates: bool = False,
+        tls: TlsFiles | None = None,
         token: str | None = None,
     ) -> None:
         self.target = target
-        self.client_certificates = client_certificates  # mTLS: every request needs a verified client certificate
+        self.client_certificates = tls is not None and tls.client_certificates  # mTLS: each request needs one
         self.token = token  # vouches for a caller's subject to the server (over its Unix socket only)
         self.metrics = metrics  # seqserve_http_*: every answer, and the connections the port closes
         self.keyed = keyed  # API keys are on: the gateway's own refusals go to callers the server accepts only
@@ -423,7 +425,7 @@ class RestGateway(HttpPort):
                 address,
                 metrics,
                 lambda: True,
-                ssl_context,
+                tls,
                 idle_timeout,
                 max_connections,
                 handler=_RestHandler,
@@ -973,7 +975,7 @@ def _principal(connection: Any) -> tuple[str | None, str]:
     if not cert:
         return None, (
             "this port needs a client certificate signed by the server's client CA (mTLS, SEQSERVE_TLS_CLIENT_CA): "
-            "curl --cert/--key, tritonclient.http ssl_context_factory, requests cert="
+            "curl --cert/--key, tritonclient.http ssl_options certfile/keyfile, requests cert="
         )
     try:
         subject = subject_of_peercert(cert)

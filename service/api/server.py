@@ -90,6 +90,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._http: Any = None
+        self._tls: tls.TlsFiles | None = None
         self._gateway_dir: str | None = None  # with TLS and REST: the private folder of the gateway's socket
         self.gateway_target: str | None = None  # ... and the socket (``unix:...``)
         self._serving = False
@@ -132,7 +133,11 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
-        credentials = tls.grpc_credentials(s)  # None: plaintext
+        self._tls = tls.files(s)  # read and checked now: bad files stop the start, naming the setting
+        if self._tls is not None:
+            self._tls.on_load.append(self.metrics.tls_loaded)
+            self.metrics.tls_loaded(self._tls, reload=False)
+        credentials = None if self._tls is None else self._tls.grpc_credentials()  # None: plaintext
         if s.port and not self._share_port:
             check_free(s.host, s.port, "--port or SEQSERVE_PORT")
         if s.metrics_port and self._remote is None:  # (before the gRPC port listens: fail before serving anything)
@@ -163,7 +168,7 @@ class Server:
         self._grpc = server
         self._start_http()
         if s.http_port is not None:  # (with --workers N every frontend runs one, all on one port)
-            self._rest = start_rest(s, self.port, self.metrics, self._remote is not None, target, token)
+            self._rest = start_rest(s, self.port, self.metrics, self._remote is not None, target, token, self._tls)
             self.http_port = self._rest.bound_port
         log.info("gRPC listening on %s:%d (%d services%s)", s.host, self.port, len(self.services),
                  ", TLS" + (" + client certificates" if s.tls_client_ca else "") if credentials else "")  # fmt: skip
@@ -232,7 +237,7 @@ class Server:
             s.metrics_port,
             self.metrics,
             lambda: self._serving,
-            ssl_context=tls.ssl_context(s),
+            tls=self._tls,
             idle_timeout=s.metrics_idle_timeout_seconds,
             max_connections=s.metrics_max_connections,
         )
@@ -275,12 +280,13 @@ def start_rest(
     share_port: bool = False,
     target: str | None = None,
     token: str | None = None,
+    tls_files: tls.TlsFiles | None = None,
 ) -> Any:
     """The KServe REST gateway on ``settings.http_port``, forwarding to the gRPC port ``grpc_port`` of this
     server over loopback (or to ``target``, the Unix socket of a TLS server, vouching for mTLS callers with
     ``token``), counting its answers in ``metrics``; started (``RestGateway``). ``share_port``: the port
-    another frontend of this server listens on (SO_REUSEPORT, as the gRPC port). With TLS the REST port speaks
-    TLS only, with the gRPC port's certificate (and client CA)."""
+    another frontend of this server listens on (SO_REUSEPORT, as the gRPC port). With ``tls_files`` the REST port
+    speaks TLS only, with the gRPC port's certificate (and client CA)."""
     from service.api.rest import RestGateway
 
     host = settings.host
@@ -298,8 +304,7 @@ def start_rest(
         keyed=bool(settings.api_key or settings.api_keys),
         metrics=metrics,
         share_port=share_port,
-        ssl_context=tls.ssl_context(settings),
-        client_certificates=settings.tls_client_ca is not None,
+        tls=tls_files,
         token=token,
     )
     gateway.start()

@@ -243,6 +243,8 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_http_connections_closed",
         "seqserve_process_cpu_seconds",
         "seqserve_process_resident_memory_bytes",
+        "seqserve_tls_certificate_expiry_timestamp_seconds",
+        "seqserve_tls_reloads",
     }
     for name, kind in ours.items():
         if kind == "histogram" and name != "seqserve_inference_batch_size":
