@@ -40,21 +40,28 @@ def start(
     cmd: list[str], ready: Path, log: Path, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Starts ``cmd`` (output to ``log``) and waits up to 120 s for it to write the JSON file ``ready``: (process,
-    ready JSON). A process that exits or times out first is killed and reported with the end of its log."""
+    ready JSON). A process that exits or times out first is killed and reported with the end of its log; one whose
+    wait is cut short (SIGTERM's ``SystemExit`` in a bench, Ctrl-C) is stopped before the exception goes on, or it
+    would outlive the bench (nobody else holds it yet)."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            info: dict[str, Any] = json.loads(ready.read_text())
-            return proc, info
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass  # not written (completely) yet
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(0.1)
+    try:
+        while True:
+            try:
+                info: dict[str, Any] = json.loads(ready.read_text())
+                return proc, info
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass  # not written (completely) yet
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.1)
+    except BaseException:
+        if proc.poll() is None:
+            stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

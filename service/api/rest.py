@@ -409,6 +409,7 @@ class RestGateway(HttpPort):
         token: str | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls is not None  # this port speaks TLS only
         self.client_certificates = tls is not None and tls.client_certificates  # mTLS: each request needs one
         self.token = token  # vouches for a caller's subject to the server (over its Unix socket only)
         self.metrics = metrics  # seqserve_http_*: every answer, and the connections the port closes
@@ -449,7 +450,7 @@ class RestGateway(HttpPort):
             except RuntimeError:
                 self.stop()
                 raise
-            tls = ", TLS" + (" + client certificates" if self.client_certificates else "") if self.token else ""
+            tls = ", TLS" + (" + client certificates" if self.client_certificates else "") if self.tls else ""
             log.info("KServe v2 REST on %s:%d (to gRPC at %s%s)", self.host, port, self.target, tls)
         return self.bound_port
 

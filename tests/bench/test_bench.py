@@ -104,6 +104,49 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def test_sigterm_while_a_bench_waits_for_its_server_to_start_stops_that_server(tmp_path: Path) -> None:
+    """SIGTERM can arrive while ``bench.launch.start`` still waits for the server's ready file (a server slow to
+    start on a loaded machine): the server is stopped too. It used to be left running: nobody held it yet, so no
+    cleanup knew of it (a full ``make test`` run caught the test below leaving a server behind this way)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = tmp_path / "child.pid"
+    server = tmp_path / "server.py"  # a server that never writes its ready file
+    server.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    script = tmp_path / "a_bench.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom bench import cli, launch\n\n"
+        "def main() -> int:\n"
+        f"    launch.start([sys.executable, {str(server)!r}, {str(child)!r}], Path({str(tmp_path / 'ready.json')!r}),\n"
+        f"                 Path({str(tmp_path / 'server.log')!r}))\n"
+        "    return 0\n\n"
+        "cli.run(main)\n"
+    )
+    root = Path(__file__).parents[2]
+    bench = subprocess.Popen([sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    pid = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not child.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(child.read_text())
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=90) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists()  # stopped, not orphaned
+    finally:
+        for p in (bench.pid, pid):
+            with contextlib.suppress(ProcessLookupError):
+                if p:
+                    os.kill(p, signal.SIGKILL)
+
+
 def test_sigterm_stops_what_a_bench_started(tiny_models: Path, tmp_path: Path) -> None:
     """A bench ended by SIGTERM (timeout, a cancelled CI job) stops its servers as a normal end does; Python's
     default SIGTERM skipped every cleanup and left the servers running, adopted by init."""

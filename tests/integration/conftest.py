@@ -3,6 +3,7 @@ scraping it every second. Both listen on 127.0.0.1 only and are stopped (SIGTERM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -139,16 +140,20 @@ class Prometheus:
     log: Path
 
 
-@pytest.fixture(scope="module")
-def prometheus(seqserve: SeqServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    exe = prometheus_binary()
-    tmp = tmp_path_factory.mktemp("prometheus")
+def shipped_job(metrics_port: int) -> dict[str, Any]:
+    """The shipped scrape job (its labels and relabelling included), with one server as its only target."""
     import yaml
 
-    # The shipped scrape job (its labels and relabelling included), with this server as its only target.
     shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in shipped["scrape_configs"] if j["job_name"] == "seqserve"]
-    job["static_configs"] = [{**sc, "targets": [f"127.0.0.1:{seqserve.metrics_port}"]} for sc in job["static_configs"]]
+    job["static_configs"] = [{**sc, "targets": [f"127.0.0.1:{metrics_port}"]} for sc in job["static_configs"]]
+    return dict(job)
+
+
+@contextlib.contextmanager
+def run_prometheus(tmp: Path, job: dict[str, Any]) -> Iterator[Prometheus]:
+    """A real Prometheus scraping with ``job`` every second and evaluating our alert rules, until the block ends."""
+    exe = prometheus_binary()
     config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROOT / "deploy" / "prometheus" / "alerts.yml")],  # our real alert rules
@@ -174,3 +179,9 @@ def prometheus(seqserve: SeqServe, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         stop_process(proc)
         print("--- prometheus log (tail) ---\n" + log_tail(log))
+
+
+@pytest.fixture(scope="module")
+def prometheus(seqserve: SeqServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    with run_prometheus(tmp_path_factory.mktemp("prometheus"), shipped_job(seqserve.metrics_port)) as prom:
+        yield prom

@@ -16,6 +16,7 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,12 +27,13 @@ import yaml
 from service.api.gen.inference import grpc_service_pb2 as v2
 from service.api.gen.inference import grpc_service_pb2_grpc as v2_grpc
 from service.client import ApiError, Client
-from tests.integration.conftest import ROOT, Prometheus, SeqServe, http_get, wait_for
+from tests.integration.conftest import ROOT, Prometheus, SeqServe, http_get, run_prometheus, shipped_job, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "seqserve.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+TLS_ONLY = {"SeqServeCertificateExpiresSoon"}  # rules whose series exist only on a TLS server
 RATE_WINDOW = "1m"  # covers the whole test: both rounds of traffic and the scrapes between them
 MODEL_METHODS = 'method=~"Classify|Complete|Predict|ModelInfer"'
 
@@ -334,8 +336,10 @@ def with_bool(expr: str) -> str:
 
 def test_every_alert_rule_evaluates_and_returns_series(prometheus: Prometheus, traffic: Traffic) -> None:
     rules = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
-    assert len(rules) == 13
+    assert len(rules) == 14
     for name, expr in rules.items():
+        if name in TLS_ONLY:  # (series only with TLS: test_prometheus_scrapes_a_tls_server_...)
+            continue
         assert query(prometheus, with_bool(expr)), f"{name}: no series for {with_bool(expr)}"
 
     # Prometheus itself loaded the file and evaluates every rule without error (rule health "ok").
@@ -364,3 +368,42 @@ def test_promtool_lints_the_live_server_exposition(seqserve: SeqServe, traffic: 
     assert status == 200 and b"seqserve_rpc_requests_total" in body
     proc = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), (proc.stdout + proc.stderr).decode()
+
+
+def test_prometheus_scrapes_a_tls_server_and_its_certificate_alert_goes_pending(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """The scrape job docs/deploy.md describes for TLS (``scheme: https``, a ``tls_config`` with the CA and, under
+    mTLS, a client certificate) against a real mTLS server: Prometheus scrapes it, the certificate's expiry series
+    carries its subject, and SeqServeCertificateExpiresSoon, on the test certificate that lives 2 days, is pending
+    (it fires after 10 minutes) with that subject, evaluated without error."""
+    from tests.service.kserve.procs import start_server, stop_server
+    from tests.service.security.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = {"SEQSERVE_TLS_CERT": str(pki.server.cert), "SEQSERVE_TLS_KEY": str(pki.server.key)}
+    proc, info = start_server(model_repo, tmp_path, SEQSERVE_TLS_CLIENT_CA=str(pki.ca), **tls)
+    try:
+        job = shipped_job(int(info["metrics_port"]))
+        job |= {"scheme": "https", "tls_config": {
+            "ca_file": str(pki.ca), "cert_file": str(pki.alice.cert), "key_file": str(pki.alice.key),
+            "server_name": "localhost",
+        }}  # fmt: skip
+        (tmp_path / "prometheus").mkdir()
+        with run_prometheus(tmp_path / "prometheus", job) as prometheus:
+            up = 'up{job="seqserve"} == 1'
+            wait_for("a scrape over TLS", lambda: query(prometheus, up), timeout=60)
+            (series,) = query(prometheus, "seqserve_tls_certificate_expiry_timestamp_seconds")
+            assert series["metric"]["subject"] == "O=seqserve-tests,CN=localhost"
+            left = float(series["value"][1]) - time.time()
+            assert 86400 < left < 2 * 86400 + 600  # (the test certificate's 2 days)
+
+            def pending() -> list[dict[str, Any]] | None:
+                groups = json.loads(http_get(prometheus.url + "/api/v1/rules")[1])["data"]["groups"]
+                (rule,) = [r for g in groups for r in g["rules"] if r["name"] == "SeqServeCertificateExpiresSoon"]
+                return rule["alerts"] if rule["health"] == "ok" and rule["alerts"] else None
+
+            (alert,) = wait_for("the certificate alert to go pending", pending, timeout=30)
+            assert alert["state"] == "pending" and alert["labels"]["subject"] == "O=seqserve-tests,CN=localhost"
+    finally:
+        stop_server(proc)
