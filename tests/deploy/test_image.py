@@ -80,8 +80,8 @@ class Container:
 
 def start(docker: Docker, image: str, *flags: str, **env: str) -> Container:
     """Runs the image the way the issue asks: ``--network host`` (never the default bridge here), read-only root
-    filesystem with a tmpfs /tmp, the image's own user; ports from the SEQSERVE_* env vars; ``flags``: more of
-    ``docker run``'s (a volume)."""
+    filesystem with a tmpfs /tmp, the image's own user; ports from the SEQSERVE_* env vars; ``flags``: more
+    container options (a volume)."""
     port, metrics, rest = free_port(), free_port(), free_port()
     settings = {"SEQSERVE_HOST": "127.0.0.1", "SEQSERVE_PORT": str(port), "SEQSERVE_METRICS_PORT": str(metrics)}
     settings |= {"SEQSERVE_HTTP_PORT": str(rest), "SEQSERVE_GRACE_SECONDS": str(GRACE_SECONDS), **env}
