@@ -326,9 +326,9 @@ class Metrics:
             registry=r,
         )
 
-    def tls_loaded(self, files: Any, reload: bool = True) -> None:
-        """TLS files were loaded (``service.api.tls.TlsFiles``): at start (``reload=False``) or on a change."""
-        if reload:
+    def tls_loaded(self, files: Any) -> None:
+        """TLS files were loaded (``service.api.tls.TlsFiles``): at start (generation 0) or on a change."""
+        if files.generation:
             self.tls_reloads.inc()
         self.tls_expiry.clear()  # (one series: the certificate in use)
         if files.expires_at is not None:

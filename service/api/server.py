@@ -133,10 +133,7 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
-        self._tls = tls.files(s)  # read and checked now: bad files stop the start, naming the setting
-        if self._tls is not None:
-            self._tls.on_load.append(self.metrics.tls_loaded)
-            self.metrics.tls_loaded(self._tls, reload=False)
+        self._tls = tls.files(s, self.metrics.tls_loaded)  # read and checked now: bad files stop the start
         credentials = None if self._tls is None else self._tls.grpc_credentials()  # None: plaintext
         if s.port and not self._share_port:
             check_free(s.host, s.port, "--port or SEQSERVE_PORT")

@@ -19,6 +19,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,20 @@ def _read(path: Path, setting: str) -> bytes:
 class TlsFiles:
     """The certificate, key and client CA files of one process, reloaded when they change."""
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, cert: Path, key: Path, client_ca: Path | None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self._clock = clock
         self._lock = threading.Lock()
         self._contents = self._read_all()
         self._context = self._build(self._contents)  # (raises RuntimeError naming the setting)
-        self._generation = 0  # of what is loaded
+        self.generation = 0  # of what is loaded: 0 = the files read at start, +1 per reload
         self._given_to_grpc = 0
         self._checked = clock()
         self._refused: tuple[bytes, ...] | None = None  # the contents last refused (logged once)
         self.expires_at, self.subject = _described(cert)
-        self.on_load: list[Any] = []  # callables(TlsFiles) run after a reload (the expiry gauge)
+        self.on_load: list[Callable[[TlsFiles], None]] = []  # run after a reload (the metrics)
 
     def _read_all(self) -> tuple[bytes, ...]:
         contents: tuple[bytes, ...] = (_read(self.cert, "SEQSERVE_TLS_CERT"), _read(self.key, "SEQSERVE_TLS_KEY"))
@@ -106,7 +109,7 @@ class TlsFiles:
                 log.warning("TLS files changed but do not load; still serving the previous certificate: %s", exc)
                 return
             self._contents, self._context, self._refused = contents, context, None
-            self._generation += 1
+            self.generation += 1
             self.expires_at, self.subject = _described(self.cert)
         log.info("TLS certificate reloaded from %s (new connections get it)", self.cert)
         for hook in self.on_load:
@@ -130,9 +133,9 @@ class TlsFiles:
         """gRPC asks before each handshake: a new configuration once after each reload, else None (keep)."""
         self._refresh()
         with self._lock:
-            if self._given_to_grpc == self._generation:
+            if self._given_to_grpc == self.generation:
                 return None
-            self._given_to_grpc = self._generation
+            self._given_to_grpc = self.generation
             return self._grpc_config()
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
@@ -160,9 +163,14 @@ def _described(cert: Path) -> tuple[float | None, str]:
     return expires, subject
 
 
-def files(settings: Settings) -> TlsFiles | None:
+def files(settings: Settings, on_load: Callable[[TlsFiles], None] | None = None) -> TlsFiles | None:
     """The settings' TLS files, read and checked now (``RuntimeError`` naming the setting when they do not load),
-    for every port of one server process to share; None when TLS is off."""
+    for every port of one server process to share; None when TLS is off. ``on_load`` runs now and after every
+    reload (``Metrics.tls_loaded``)."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    return TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    loaded = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if on_load is not None:
+        loaded.on_load.append(on_load)
+        on_load(loaded)
+    return loaded

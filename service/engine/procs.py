@@ -178,10 +178,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             up = len(frontends) == n and any(f.process.is_alive() for f in frontends)
             return up and not stop.is_set() and dataplane.is_ready
 
-        tls_files = tls.files(settings)  # the engine's own: its metrics port reloads rotated files like the frontends
-        if tls_files is not None:
-            tls_files.on_load.append(metrics.tls_loaded)
-            metrics.tls_loaded(tls_files, reload=False)
+        tls_files = tls.files(settings, metrics.tls_loaded)  # the engine's own, for its metrics port
         http = MetricsHttpServer(
             settings.host,
             settings.metrics_port,

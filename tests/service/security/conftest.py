@@ -3,7 +3,10 @@ test asks for another), raw channels that send bytes no client library would, an
 
 from __future__ import annotations
 
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +16,28 @@ import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from tests.conftest import ServerHandle, server_settings
-from tests.service.security.certs import Pki, make_pki
+from tests.service.security.certs import Pair, Pki, make_pki
 
 KSERVE = "/inference.GRPCInferenceService/"
 Input = pb.ModelInferRequest.InferInputTensor
+
+
+def https(
+    port: int, ca: Path, path: str, body: bytes | None = None, client: Pair | None = None, **headers: str
+) -> tuple[int, bytes]:
+    """(status, body) of one request over TLS to 127.0.0.1:``port``, trusting ``ca`` (and presenting ``client``'s
+    certificate); a failed handshake raises (``ssl.SSLError``, ``URLError``, ``ConnectionError``)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        context.load_cert_chain(client.cert, client.key)
+    request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=body)
+    for key, value in headers.items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 @pytest.fixture

@@ -31,34 +31,19 @@ from service.client import Client
 from service.settings import Settings
 from tests.conftest import ServerHandle
 from tests.service.security.certs import Pair, Pki
-from tests.service.security.conftest import eventually
-from tests.service.security.test_tls import tls_settings
+from tests.service.security.conftest import eventually, https
+from tests.service.security.test_tls import _creds, tls_settings
 
 Code = grpc.StatusCode
 A = x509.NameAttribute
 KEY = "rest-tls-key-0123456789"
 
 
-def https(
-    handle: ServerHandle,
-    pki: Pki,
-    path: str,
-    body: bytes | None = None,
-    client: Pair | None = None,
-    **headers: str,
+def rest(
+    handle: ServerHandle, pki: Pki, path: str, body: bytes | None = None, client: Pair | None = None, **headers: str
 ) -> tuple[int, bytes]:
     """(status, body) of one request over TLS to the REST port."""
-    context = ssl.create_default_context(cafile=str(pki.ca))
-    if client is not None:
-        context.load_cert_chain(client.cert, client.key)
-    request = urllib.request.Request(f"https://127.0.0.1:{handle.server.http_port}{path}", data=body)
-    for key, value in headers.items():
-        request.add_header(key, value)
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=30) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return https(handle.server.http_port or 0, pki.ca, path, body, client, **headers)
 
 
 def triton_client(handle: ServerHandle, pki: Pki, client: Pair | None = None) -> triton.InferenceServerClient:
@@ -92,7 +77,7 @@ def test_the_rest_port_speaks_tls_with_the_grpc_ports_certificate(serve: Callabl
     assert np.allclose(over_rest, np.asarray(over_grpc), atol=1e-6)
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
         urllib.request.urlopen(f"http://127.0.0.1:{handle.server.http_port}/v2/health/live", timeout=5)
-    assert https(handle, pki, "/v2/health/ready")[0] == 200
+    assert rest(handle, pki, "/v2/health/ready")[0] == 200
     folder = Path(str(handle.server.gateway_target).removeprefix("unix:")).parent
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
     handle.stop()
@@ -102,11 +87,11 @@ def test_the_rest_port_speaks_tls_with_the_grpc_ports_certificate(serve: Callabl
 def test_with_mtls_every_rest_request_needs_a_client_certificate(serve: Callable[..., ServerHandle], pki: Pki) -> None:
     handle = serve(http_port=0, **tls_settings(pki, mtls=True))
     for path in ("/v2/health/live", "/v2/models/sentiment", "/v2/no/such/path"):
-        status, body = https(handle, pki, path)
+        status, body = rest(handle, pki, path)
         assert status == 403 and "needs a client certificate" in json.loads(body)["error"], body
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):  # another CA's: the handshake fails
-        https(handle, pki, "/v2/health/live", client=pki.stranger)
-    assert https(handle, pki, "/v2/health/live", client=pki.alice)[0] == 200
+        rest(handle, pki, "/v2/health/live", client=pki.stranger)
+    assert rest(handle, pki, "/v2/health/live", client=pki.alice)[0] == 200
     assert sentiment_over(triton_client(handle, pki, pki.alice)).shape == (2, 2)
 
 
@@ -161,9 +146,9 @@ def test_an_mtls_caller_is_the_same_principal_over_rest_and_grpc(
     }
     pairs = {stem: pki.issue(stem, *subject) for stem, subject in subjects.items()} | {"alice": pki.alice}
     for pair in pairs.values():
-        with grpc.secure_channel(handle.target, _creds(pki, pair)) as channel:
+        with grpc.secure_channel(handle.target, _creds(pki, pair.cert, pair.key)) as channel:
             pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
-        assert https(handle, pki, "/v2", client=pair)[0] == 200
+        assert rest(handle, pki, "/v2", client=pair)[0] == 200
     method = "/inference.GRPCInferenceService/ServerMetadata"
     assert eventually(lambda: out.getvalue().count(method) >= 2 * len(pairs))
     lines = [json.loads(line) for line in out.getvalue().splitlines() if method in line]
@@ -179,9 +164,9 @@ def test_a_subject_the_rest_port_cannot_spell_is_refused_not_renamed(
     expose: such a caller is refused with what to do, never given a principal that differs from its gRPC one."""
     handle = serve(http_port=0, **tls_settings(pki, mtls=True))
     pair = pki.issue("odd", x509.Name([A(x509.ObjectIdentifier("1.2.3.4.5"), "v"), A(NameOID.COMMON_NAME, "c")]), [])
-    status, body = https(handle, pki, "/v2", client=pair)
+    status, body = rest(handle, pki, "/v2", client=pair)
     assert status == 403 and "cannot spell" in json.loads(body)["error"] and "1.2.3.4.5" in json.loads(body)["error"]
-    with grpc.secure_channel(handle.target, _creds(pki, pair)) as channel:  # (gRPC names it)
+    with grpc.secure_channel(handle.target, _creds(pki, pair.cert, pair.key)) as channel:  # (gRPC names it)
         assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10).live
 
 
@@ -189,9 +174,9 @@ def test_mtls_with_api_keys_needs_both_over_rest(serve: Callable[..., ServerHand
     """With API keys the key names the principal, and the certificate is still required, as on the gRPC port
     (whose handshake asks for it)."""
     handle = serve(http_port=0, api_key=KEY, **tls_settings(pki, mtls=True))
-    assert https(handle, pki, "/v2/models/sentiment", Authorization=f"Bearer {KEY}")[0] == 403
-    assert https(handle, pki, "/v2/models/sentiment", client=pki.alice)[0] == 401
-    assert https(handle, pki, "/v2/models/sentiment", client=pki.alice, Authorization=f"Bearer {KEY}")[0] == 200
+    assert rest(handle, pki, "/v2/models/sentiment", Authorization=f"Bearer {KEY}")[0] == 403
+    assert rest(handle, pki, "/v2/models/sentiment", client=pki.alice)[0] == 401
+    assert rest(handle, pki, "/v2/models/sentiment", client=pki.alice, Authorization=f"Bearer {KEY}")[0] == 200
 
 
 def test_only_the_gateway_can_vouch_for_a_subject(serve: Callable[..., ServerHandle], pki: Pki) -> None:
@@ -205,16 +190,16 @@ def test_only_the_gateway_can_vouch_for_a_subject(serve: Callable[..., ServerHan
             with pytest.raises(grpc.RpcError) as refused:
                 stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata, timeout=10)
             assert refused.value.code() == Code.UNAUTHENTICATED
-    with grpc.secure_channel(handle.target, _creds(pki, pki.bob)) as channel:
+    with grpc.secure_channel(handle.target, _creds(pki, pki.bob.cert, pki.bob.key)) as channel:
         with pytest.raises(grpc.RpcError) as refused:
             pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
                 pb.RepositoryModelUnloadRequest(model_name="sentiment"), metadata=forged, timeout=10
             )
         assert refused.value.code() == Code.PERMISSION_DENIED and "CN=bob" in refused.value.details()
-    status, body = https(handle, pki, "/v2/repository/models/sentiment/unload", b"{}", client=pki.bob)
+    status, body = rest(handle, pki, "/v2/repository/models/sentiment/unload", b"{}", client=pki.bob)
     assert status == 403 and "CN=bob" in json.loads(body)["error"]
-    assert https(handle, pki, "/v2/repository/models/sentiment/unload", b"{}", client=pki.alice)[0] == 200
-    assert https(handle, pki, "/v2/repository/models/sentiment/load", b"{}", client=pki.alice)[0] == 200
+    assert rest(handle, pki, "/v2/repository/models/sentiment/unload", b"{}", client=pki.alice)[0] == 200
+    assert rest(handle, pki, "/v2/repository/models/sentiment/load", b"{}", client=pki.alice)[0] == 200
 
 
 def test_a_tls_handshake_that_never_comes_does_not_hold_the_port(serve: Callable[..., ServerHandle], pki: Pki) -> None:
@@ -227,14 +212,10 @@ def test_a_tls_handshake_that_never_comes_does_not_hold_the_port(serve: Callable
         socket.create_connection(("127.0.0.1", port), timeout=10) as plaintext,
     ):
         plaintext.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert https(handle, pki, "/v2/health/live")[0] == 200
+        assert rest(handle, pki, "/v2/health/live")[0] == 200
         for conn in (plaintext, silent):
             received = b""
             with contextlib.suppress(ConnectionResetError):  # (closed with data unread: a reset)
                 while chunk := conn.recv(1024):  # a timeout here: the server kept the connection open
                     received += chunk
             assert b"HTTP/" not in received
-
-
-def _creds(pki: Pki, pair: Pair) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(pki.ca.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())

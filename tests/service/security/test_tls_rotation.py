@@ -20,7 +20,8 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerHandle
 from tests.service.security.certs import Pair, Pki, make_pki
-from tests.service.security.conftest import eventually
+from tests.service.security.conftest import eventually, https
+from tests.service.security.test_tls import _creds
 
 
 def install(live: Path, server: Pair, ca: Path, key: Path | None = None) -> None:
@@ -31,8 +32,7 @@ def install(live: Path, server: Pair, ca: Path, key: Path | None = None) -> None
 
 
 def grpc_ok(handle: ServerHandle, trust: Pki, client: Pair) -> bool:
-    creds = grpc.ssl_channel_credentials(trust.ca.read_bytes(), client.key.read_bytes(), client.cert.read_bytes())
-    with grpc.secure_channel(handle.target, creds) as channel:
+    with grpc.secure_channel(handle.target, _creds(trust, client.cert, client.key)) as channel:
         try:
             return bool(pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5).live)
         except grpc.RpcError:
@@ -42,13 +42,8 @@ def grpc_ok(handle: ServerHandle, trust: Pki, client: Pair) -> bool:
 def https_status(port: int, path: str, trust: Pki, client: Pair) -> int | None:
     """The status, or None when the TLS handshake fails (a certificate the client does not trust, or the other
     way round)."""
-    context = ssl.create_default_context(cafile=str(trust.ca))
-    context.load_cert_chain(client.cert, client.key)
     try:
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=context, timeout=10) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
+        return https(port, trust.ca, path, client=client)[0]
     except (urllib.error.URLError, ssl.SSLError, ConnectionError):
         return None
 
@@ -84,10 +79,7 @@ def test_new_connections_get_the_rotated_certificate_and_client_ca_on_every_port
     handle = serve(http_port=0, **live_settings(live))
     assert everywhere(handle, old, old.alice) == (True, 200, 200)
     assert everywhere(handle, new, new.alice) == (False, None, None)
-    kept = grpc.secure_channel(
-        handle.target,
-        grpc.ssl_channel_credentials(old.ca.read_bytes(), old.alice.key.read_bytes(), old.alice.cert.read_bytes()),
-    )
+    kept = grpc.secure_channel(handle.target, _creds(old, old.alice.cert, old.alice.key))
     stub = pb_grpc.GRPCInferenceServiceStub(kept)
     assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live  # (connected before the rotation)
     install(live, new.server, new.ca)
