@@ -179,6 +179,7 @@ def session_to_pb(info: SessionInfo) -> sessions_pb2.SessionInfo:
         expires_at=_timestamp(info.expires_at),
         ttl_seconds=info.ttl_seconds,
         metadata=info.metadata,
+        in_use=info.in_use,
     )
 
 
@@ -233,4 +234,5 @@ def session_from_pb(pb: sessions_pb2.SessionInfo) -> SessionInfo:
         expires_at=pb.expires_at.ToNanoseconds() / 1e9,
         ttl_seconds=pb.ttl_seconds,
         metadata=dict(pb.metadata),
+        in_use=pb.in_use,
     )

@@ -346,9 +346,9 @@ class CoreDataPlane:
         return (await self.sessions.add(pinning.new_session(self.sessions, entry, ttl, None))).info()
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        s = await self.sessions.get(session_id)
+        s, in_use = await self.sessions.read(session_id)
         note_model(s.model)
-        return s.info()
+        return s.info(in_use)
 
     async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo:
         twin = await self.sessions.fork(session_id, ttl_seconds)
@@ -361,9 +361,9 @@ class CoreDataPlane:
     # --- export / import ------------------------------------------------------------------------------
     async def export_session(self, session_id: str) -> tuple[bytes, SessionInfo]:
         key = pinning.signing_key(self.settings)
-        s = await self.sessions.get(session_id)
+        s, in_use = await self.sessions.read(session_id)
         note_model(s.model)
-        return seal(s, key, self.sessions.clock()), s.info()
+        return seal(s, key, self.sessions.clock()), s.info(in_use)
 
     async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
         ttl = self.sessions.ttl(ttl_seconds)

@@ -106,6 +106,7 @@ class SessionInfo:
     expires_at: float
     ttl_seconds: float
     metadata: dict[str, str] = field(default_factory=dict)
+    in_use: bool = False  # a call is running on it: the rest is as its last finished call left it
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.client import ApiError, Client
 from tests.conftest import ServerHandle
 from tests.redis.servers import RedisServer
+from tests.service.api.test_rpcs import reads_during_a_long_completion
 from tests.service.core.conftest import add_version
 from tests.service.sessions.v2 import charlm_request, probs
 
@@ -218,3 +219,12 @@ def test_a_replica_told_not_to_load_a_model_says_so_for_its_shared_sessions(
             e.value.message
         )
         assert a.suggest_once(s.id, "d", n=1, max_chars=1).steps == 4
+
+
+def test_reads_do_not_wait_behind_a_long_complete_on_their_replica(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    """As in memory (tests/service/api/test_rpcs.py): on the replica running the Complete, Get and Export answer
+    at once, from the session as its last finished call stored it."""
+    server = start_replica(redis_server.url, max_generate_chars=100_000, session_signing_key="k" * 40)
+    reads_during_a_long_completion(server.target)

@@ -251,9 +251,22 @@ class SessionManager:
         return s
 
     async def get(self, session_id: str) -> SessionState:
-        """A copy of the live session, or ``SessionNotFound`` (unknown, deleted or expired)."""
+        """A copy of the live session, or ``SessionNotFound`` (unknown, deleted or expired); as ``read``."""
+        return (await self.read(session_id))[0]
+
+    async def read(self, session_id: str) -> tuple[SessionState, bool]:
+        """A copy of the live session and whether a call is running on it, or ``SessionNotFound`` (unknown,
+        deleted or expired). A session in use is read without its lease, as its last finished call stored it: a
+        read never waits behind a long call (a Complete of thousands of characters). It is live (a running call
+        keeps it so, as ``pop_expired`` does), and another principal's reads as unknown at once too, so the
+        answer's timing says nothing about whose it is."""
+        if self.store.in_use(session_id):
+            s = await self.store.load(session_id)
+            if s is None or s.owner != principal():
+                raise self._not_found(session_id)
+            return s, True
         async with self.store.lease(session_id):
-            return await self._live(session_id)
+            return await self._live(session_id), False
 
     def begin(self, session: SessionState, event: str = "created", end: bool = False) -> SessionStart:
         """Holds the lease of a caller-chosen id (a KServe sequence's) while the caller runs the first step on

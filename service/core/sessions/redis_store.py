@@ -120,6 +120,9 @@ class RedisSessionStore:
     def lease(self, session_id: str) -> AbstractAsyncContextManager[None]:
         return self._lease(session_id)
 
+    def in_use(self, session_id: str) -> bool:
+        return self.cache.in_use(session_id)
+
     @asynccontextmanager
     async def _lease(self, session_id: str) -> AsyncIterator[None]:
         self.leases.start()

@@ -78,7 +78,7 @@ class SessionState:
     def expires_at(self) -> float:
         return self.last_used_at + self.ttl_seconds
 
-    def info(self) -> SessionInfo:
+    def info(self, in_use: bool = False) -> SessionInfo:
         return SessionInfo(
             id=self.id,
             model=self.model,
@@ -89,6 +89,7 @@ class SessionState:
             expires_at=self.expires_at,
             ttl_seconds=self.ttl_seconds,
             metadata=dict(self.metadata),
+            in_use=in_use,
         )
 
     def copy(self) -> SessionState:

@@ -57,6 +57,10 @@ class SessionStore(Protocol):
         """Exclusive use of one session; waiters are served in arrival order."""
         ...
 
+    def in_use(self, session_id: str) -> bool:
+        """A call in this process holds (or waits for) the session's lease."""
+        ...
+
     async def evict_lru(self, keep: str | None = None, owner: str | None = None) -> SessionState | None:
         """Removes and returns the least recently used session that is not leased (nor ``keep``); with ``owner``,
         only among that owner's sessions (quotas never evict another principal's session)."""
@@ -208,7 +212,7 @@ class InMemorySessionStore(Generic[R]):
     def lease(self, session_id: str) -> AbstractAsyncContextManager[None]:
         return _Holding(self._leases, session_id)
 
-    def leased(self, session_id: str) -> bool:
+    def in_use(self, session_id: str) -> bool:
         return session_id in self._leases
 
     async def evict_lru(self, keep: str | None = None, owner: str | None = None) -> SessionState | None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from service.client import Client, SuggestEvent
+from tests.conftest import ServerHandle
 
 TINY_WINDOW, TINY_HORIZON, FEATURES = 24, 12, 7  # export_tiny's forecaster
 
@@ -61,6 +64,30 @@ def test_cancelled_complete_stops_generating(client: Client) -> None:
         after = client.suggest_once(s.id, "b", n=1, max_chars=1)
         assert first.text and after.steps < 1 + 2000 + 1
         assert client.get_session(s.id).steps == after.steps
+
+
+def reads_during_a_long_completion(target: str, read_at: str | None = None) -> None:
+    """Sessions.Get and Export (sent to ``read_at``, else ``target``) answer while a Complete holds the session
+    (they used to wait for its end): with the session as its last finished call left it, marked ``in_use``;
+    after the call, the steps it kept."""
+    with Client(target, timeout=60) as c, Client(read_at or target, timeout=60) as reader:
+        sid = c.create_session("charlm").id
+        assert c.suggest_once(sid, "abc", n=1, max_chars=1).steps == 3
+        stream = c.complete("de", session_id=sid, max_chars=100_000, temperature=0.0)
+        got = next(stream).text
+        info = reader.get_session(sid, timeout=10)
+        blob = reader.export_session(sid, timeout=10)
+        got += next(stream).text  # the completion was still running after both reads
+        stream.close()  # cancels it: the session keeps exactly what was streamed
+        assert info.in_use and info.steps == 3
+        assert reader.import_session(blob).steps == 3  # the export holds the finished state
+        after = reader.get_session(sid)
+        assert not after.in_use and 3 + 2 + len(got) <= after.steps < 3 + 2 + 100_000
+
+
+def test_get_and_export_do_not_wait_behind_a_long_complete(start_server: Callable[..., ServerHandle]) -> None:
+    server = start_server(max_generate_chars=100_000, session_signing_key="k" * 40)
+    reads_during_a_long_completion(server.target)
 
 
 def test_complete_stop_string(client: Client) -> None:

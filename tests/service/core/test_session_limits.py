@@ -158,7 +158,7 @@ async def test_a_waiter_cancelled_just_after_its_turn_came_passes_the_lease_on()
     nxt = store.lease("s")
     await asyncio.wait_for(nxt.__aenter__(), 1.0)
     await nxt.__aexit__(None, None, None)
-    assert not store.leased("s")
+    assert not store.in_use("s")
 
 
 async def test_a_full_store_says_when_a_retry_may_fit(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
 from service.core.types import ModelRef, SamplingParams, SequenceRef, Tensor
 from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, Overloaded, SessionNotFound, session_ref
@@ -369,6 +370,46 @@ async def test_closing_a_stream_stops_generation_and_keeps_what_was_sent(dp: Cor
         await distribution(dp, s.id), (await dp.char_step(LM, "abc" + got)).probabilities, atol=1e-5
     )
     assert recorded(dp).generated >= 4
+
+
+async def test_get_and_export_answer_at_once_during_a_long_completion(make_dp: MakeDP) -> None:
+    """A read does not wait behind the call holding the session: it answers with the session as the last
+    finished call left it, marked in use; another principal still gets NOT_FOUND, at once too; once the call
+    ends, reads take the lease again and see it."""
+    dp = await make_dp(session_signing_key="s" * 40)
+    s = await dp.create_session(LM)
+    await dp.char_step(LM, "abc", session_id=s.id)
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in dp.complete(LM, "de", SamplingParams(max_chars=2000, seed=1), session_id=s.id):
+            received.append(chunk.text)
+
+    task = asyncio.create_task(consume())
+    while len(received) < 3:
+        await asyncio.sleep(0.001)
+    info = await asyncio.wait_for(dp.get_session(s.id), 1.0)
+    assert info.in_use and info.steps == 3 and info.id == s.id
+    blob, exported = await asyncio.wait_for(dp.export_session(s.id), 1.0)
+    assert exported.in_use and exported.steps == 3
+    assert not task.done()  # both answered while the completion was still running
+
+    async def as_someone_else() -> None:
+        set_principal("mallory")
+        with pytest.raises(SessionNotFound):
+            await asyncio.wait_for(dp.get_session(s.id), 1.0)
+
+    await asyncio.create_task(as_someone_else())  # (its own context: the principal stays with that task)
+    copy = await dp.import_session(blob)  # the blob holds the finished state: 3 steps
+    assert copy.steps == 3 and not copy.in_use
+    np.testing.assert_allclose(
+        await distribution(dp, copy.id), (await dp.char_step(LM, "abc")).probabilities, atol=1e-5
+    )
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    after = await dp.get_session(s.id)
+    assert not after.in_use and after.steps == 3 + 2 + len(received)
 
 
 async def test_cancelling_the_consumer_task_stops_generation(dp: CoreDataPlane) -> None:

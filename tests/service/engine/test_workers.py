@@ -32,6 +32,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
 from service.client import ApiError, Client
+from tests.service.api.test_rpcs import reads_during_a_long_completion
 from tests.service.kserve.procs import CLIENT_SCRIPT, scrape, start_server, stop_server
 
 TEXT = ["To be, ", "or not", " to be", ": that is ", "the question"]
@@ -685,6 +686,24 @@ def test_a_frontend_that_dies_is_replaced_and_sessions_live_on(tiny_models: Path
     finally:
         stop_server(proc)
     assert proc.returncode == 0  # and it still stops cleanly
+
+
+def test_reads_from_another_frontend_do_not_wait_behind_a_long_complete(tiny_models: Path, tmp_path: Path) -> None:
+    """The engine owns the sessions, so a Get or Export on frontend 2 answers at once while frontend 1 streams a
+    Complete on the same session (``in_use`` crosses the engine's wire)."""
+    proc, info = start_server(
+        tiny_models,
+        tmp_path,
+        SEQSERVE_WORKERS="2",
+        SEQSERVE_FRONTEND_PORTS="true",
+        SEQSERVE_MAX_GENERATE_CHARS="100000",
+        SEQSERVE_SESSION_SIGNING_KEY="k" * 40,
+    )
+    try:
+        first, second = _frontends(info)
+        reads_during_a_long_completion(first, read_at=second)
+    finally:
+        stop_server(proc)
 
 
 def test_a_frontend_that_keeps_dying_stops_the_server_with_exit_code_1(tiny_models: Path, tmp_path: Path) -> None:

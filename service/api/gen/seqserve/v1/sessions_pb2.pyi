@@ -234,6 +234,7 @@ class SessionInfo(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    IN_USE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Opaque random id (>= 128 bits)."""
     model: _builtins.str
@@ -244,6 +245,11 @@ class SessionInfo(_message.Message):
     """Characters or rows consumed so far."""
     ttl_seconds: _builtins.float
     """Idle time-to-live in seconds."""
+    in_use: _builtins.bool
+    """A call is running on the session (a Complete, Suggest or Observe, a KServe sequence's step): Get and Export
+    answer at once with the session as its last finished call left it, so steps and times do not count the
+    running call yet.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the session was created."""
@@ -272,10 +278,11 @@ class SessionInfo(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         ttl_seconds: _builtins.float = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        in_use: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_used_at", b"last_used_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_used_at", b"last_used_at", "metadata", b"metadata", "model", b"model", "session_id", b"session_id", "steps", b"steps", "ttl_seconds", b"ttl_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "in_use", b"in_use", "last_used_at", b"last_used_at", "metadata", b"metadata", "model", b"model", "session_id", b"session_id", "steps", b"steps", "ttl_seconds", b"ttl_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
