@@ -5,8 +5,9 @@ every control character (``\\n`` becomes the two characters ``\\n``) and indents
 no request can start a line of its own. ``SEQSERVE_LOG_FORMAT=json`` writes one JSON object per line with the
 request id, method, model, status code and duration where the record has them.
 
-The RPC being served is known to every record written while serving it (``CALL``: request id and method),
-through a ``ContextVar`` the error interceptor sets.
+The RPC being served is known to every record written while serving it (``CALL``: request id, method and the
+caller's W3C trace context), through a ``ContextVar`` the edge sets. A call that sends a valid ``traceparent``
+gets its ``trace_id`` and ``span_id`` (the caller's span) on every record, so a log line joins the caller's trace.
 
 What is written can change while the server runs (Triton's logging extension, ``LogSettings``): each severity on
 or off on its own, verbose (DEBUG) records from ``log_verbose_level`` 1, and the format. ``current`` and
@@ -28,14 +29,17 @@ from typing import Any, cast
 from service.errors import InvalidInput, echo
 from service.settings import Settings
 
-# (request id, method) of the RPC being served; ("-", "") outside any.
-CALL: ContextVar[tuple[str, str]] = ContextVar("seqserve_call", default=("-", ""))
+# (request id, method, traceparent) of the RPC being served; ("-", "", "") outside any. The traceparent is a valid
+# W3C header in its version-00 form (``parse_traceparent``), or "" when the call sent none.
+CALL: ContextVar[tuple[str, str, str]] = ContextVar("seqserve_call", default=("-", "", ""))
+TRACEPARENT = "traceparent"  # the W3C Trace Context header (gRPC metadata key and HTTP header)
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.ASCII)
 ACCESS_LOGGER = "seqserve.access"
 # Changes of the log settings are written whatever the settings say (a change must not hide itself or the next).
 AUDIT_LOGGER = "seqserve.audit"
 audit = logging.getLogger(AUDIT_LOGGER)
 audit.setLevel(logging.INFO)  # its own level: the root's, which follows the switches, does not silence it
-FIELDS = ("request_id", "method", "model", "code", "duration_ms", "principal")
+FIELDS = ("request_id", "trace_id", "span_id", "method", "model", "code", "duration_ms", "principal")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -47,15 +51,33 @@ def escape(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def parse_traceparent(value: str | None) -> str:
+    """A W3C ``traceparent`` header as its version-00 form (``00-<trace id>-<parent id>-<flags>``), or "" when it
+    is not a valid one (Trace Context level 1, section 4.3: a header that does not parse is ignored; version ff,
+    an all-zero trace or parent id, and a version-00 header with anything after the flags are invalid; a later
+    version is read by its first four fields)."""
+    if not value or len(value) > 512:
+        return ""
+    m = _TRACEPARENT.fullmatch(value.strip(" \t"))
+    if m is None:
+        return ""
+    version, trace_id, parent_id, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest) or not trace_id.strip("0") or not parent_id.strip("0"):
+        return ""
+    return f"00-{trace_id}-{parent_id}-{flags}"
+
+
 class _CallFilter(logging.Filter):
-    """Adds the current call's request id and method to records that do not carry them."""
+    """Adds the current call's request id, method and trace context to records that do not carry them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        request_id, method = CALL.get()
+        request_id, method, trace = CALL.get()
         if not hasattr(record, "request_id"):
             record.request_id = request_id
         if not hasattr(record, "method") and method:
             record.method = method
+        if trace and not hasattr(record, "trace_id"):
+            record.trace_id, record.span_id = trace[3:35], trace[36:52]
         # Which process wrote it, with --workers N: "frontend-1"; the engine, or a single process: nothing.
         name = record.processName or "MainProcess"
         record.process_tag = "" if name == "MainProcess" else name.removeprefix("seqserve-")
@@ -221,10 +243,11 @@ class TextFormatter(logging.Formatter):
         tag = getattr(record, "process_tag", "")
         record.process_prefix = f"[{tag}] " if tag else ""
         request_id = getattr(record, "request_id", "-")
+        trace = f"trace {escape(str(record.trace_id))}" if hasattr(record, "trace_id") else ""
         line = super().formatMessage(record)
         if request_id == "-" or f"request id {escape(str(request_id))}" in line:  # (the error lines name it)
-            return line
-        return f"{line} [request {escape(str(request_id))}]"
+            return f"{line} [{trace}]" if trace else line
+        return f"{line} [request {escape(str(request_id))}{', ' + trace if trace else ''}]"
 
     def formatException(self, ei: Any) -> str:
         # Every traceback line indented: a forged message inside an exception cannot start a line.

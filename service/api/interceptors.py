@@ -42,7 +42,7 @@ from service.api.decoding import (
 )
 from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN, KeyTable, load_keys, subject_of
 from service.core.context import call_scope, principal, set_principal
-from service.logs import ACCESS_LOGGER, CALL
+from service.logs import ACCESS_LOGGER, CALL, TRACEPARENT, parse_traceparent
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -147,8 +147,21 @@ class _Status(grpc.Status):  # type: ignore[misc]
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's x-request-id when it looks like one (at most 128 id characters), else a fresh one."""
-    sent = metadata_value(context, REQUEST_ID_KEY)
-    return sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()  # 128 random bits
+    return call_ids(context)[0]
+
+
+def call_ids(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    """(request id, traceparent), from one pass over the call's metadata: the caller's x-request-id when it looks
+    like one (at most 128 id characters), else a fresh one; its W3C ``traceparent`` when valid, else ""."""
+    sent = trace = None
+    for k, v in context.invocation_metadata() or ():
+        if k == REQUEST_ID_KEY and sent is None:
+            sent = v if isinstance(v, str) else v.decode("utf-8", "replace")
+        elif k == TRACEPARENT and trace is None:
+            trace = v if isinstance(v, str) else v.decode("utf-8", "replace")
+    if sent is None or not REQUEST_ID_FORM.fullmatch(sent):
+        sent = os.urandom(16).hex()  # 128 random bits
+    return sent, parse_traceparent(trace)
 
 
 class LogBudget:
@@ -319,8 +332,8 @@ class _EdgeMethod:
         self.edge.metrics.rpc_started(self.service, self.name)
         resolved = call_scope()  # the core notes the model it served (session calls, default model)
         start = time.perf_counter()
-        request_id = request_id_of(context)
-        CALL.set((request_id, self.method))
+        request_id, trace = call_ids(context)
+        CALL.set((request_id, self.method, trace))
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         return resolved, start, request_id
 
@@ -328,7 +341,7 @@ class _EdgeMethod:
             code: str) -> None:  # fmt: skip
         model = _model_label(request) or (resolved[0] if resolved else "")
         seconds = time.perf_counter() - start
-        self.edge.metrics.rpc_finished(self.service, self.name, model, code, seconds)
+        self.edge.metrics.rpc_finished(self.service, self.name, model, code, seconds, CALL.get()[2])
         if code == "DEADLINE_EXCEEDED" and self.edge.budget.allow():  # (a cancel is the client's own doing)
             log.info("%s -> DEADLINE_EXCEEDED after %.1f ms (request id %s)", self.method, seconds * 1e3,
                      CALL.get()[0], extra={"code": code})  # fmt: skip

@@ -67,6 +67,7 @@ from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_byt
 from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN, UnknownAttribute, subject_of_peercert
 from service.argtypes import INT64_MAX
 from service.errors import echo
+from service.logs import TRACEPARENT
 from service.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ ROUTES |= {"/v1/completions", "/v1/models"}
 MODEL_ACTIONS = {"ready", "config", "stats", "infer", "generate", "generate_stream"}
 _MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z_]+))?")
 _REPOSITORY_MODEL = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
+
+_TRACE = (("traceparent", TRACEPARENT),)  # W3C trace context: logs and exemplars name the caller's trace
 
 
 def route_of(path: str) -> str:
@@ -678,7 +681,7 @@ class _RestHandler(KeptAliveHandler):
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         sent = []
-        for header, key in (("Authorization", "authorization"), ("X-Request-Id", "x-request-id")):
+        for header, key in (("Authorization", "authorization"), ("X-Request-Id", "x-request-id"), *_TRACE):
             value = self.headers.get(header)
             if value is not None and value.isascii() and value.isprintable():
                 sent.append((key, value))

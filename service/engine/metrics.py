@@ -4,7 +4,9 @@ The engine never serves an RPC, so its RPC families stay empty; frontends serve 
 the engine reads every frontend's private ``/metrics`` (127.0.0.1, a free port each) and sums the RPC
 families sample by sample (counters, histograms and the in-flight gauge all add up across processes), exposed in
 a single process's order (each label set's samples together, buckets by increasing ``le``), so the OpenMetrics
-format stays valid. ``_created`` timestamps do not add up and are left out. A frontend that does not answer in
+format stays valid. ``_created`` timestamps do not add up and are left out. Frontends are read as OpenMetrics,
+so a latency bucket's exemplar (the trace id of a sampled call) comes along: the newest of the frontends' wins. A
+frontend that does not answer in
 time is logged and counted with the values it reported last: leaving it out would shrink the sums, which
 Prometheus reads as a counter reset (every rate and increase over that scrape would count the whole history again).
 """
@@ -16,8 +18,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 from service.metrics import Metrics
 
@@ -54,6 +58,7 @@ class FrontendRpcCollector(Collector):
         self._kinds = {f.name: (f.documentation, f.type) for m in template.values() for f in m.collect()}  # type: ignore[attr-defined]
         self._names = set(self._kinds)
         self._last: dict[int, list[tuple[str, Key, float]]] = {}  # port -> its last good samples
+        self._exemplars: dict[Key, Exemplar] = {}  # a bucket's newest exemplar, from whichever frontend
         self._retired: dict[str, dict[Key, float]] = {n: {} for n in self._names}  # frontends gone: their counts
 
     def retire(self, port: int) -> None:
@@ -67,18 +72,26 @@ class FrontendRpcCollector(Collector):
     def _read(self, port: int) -> list[tuple[str, Key, float]]:
         """One frontend's RPC samples; its last good reading when it does not answer."""
         try:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=self._headers)
+            headers = {**self._headers, "Accept": OPENMETRICS}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
             with urllib.request.urlopen(request, timeout=self.timeout) as r:
                 text = r.read().decode()
         except OSError as exc:
             log.warning("frontend metrics on port %d not read (its last reading is used): %s", port, exc)
             return self._last.get(port, [])
-        samples = [
-            (family.name, (s.name, tuple(sorted(s.labels.items()))), s.value)
-            for family in text_string_to_metric_families(text)
-            if family.name in self._names
-            for s in family.samples
-        ]
+        samples = []
+        for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
+            if family.name not in self._names:
+                continue
+            for s in family.samples:
+                if s.name.endswith("_created"):
+                    continue
+                key = (s.name, tuple(sorted(s.labels.items())))
+                samples.append((family.name, key, s.value))
+                if s.exemplar is not None:
+                    kept = self._exemplars.get(key)
+                    if kept is None or float(s.exemplar.timestamp or 0) >= float(kept.timestamp or 0):
+                        self._exemplars[key] = s.exemplar
         self._last[port] = samples
         return samples
 
@@ -99,8 +112,8 @@ class FrontendRpcCollector(Collector):
         for name in sorted(self._names):
             doc, kind = self._kinds[name]
             metric = Metric(name, doc, kind)
-            for (sample, labels), value in sorted(sums[name].items(), key=_exposition_order):
-                metric.add_sample(sample, dict(labels), value)
+            for key, value in sorted(sums[name].items(), key=_exposition_order):
+                metric.add_sample(key[0], dict(key[1]), value, exemplar=self._exemplars.get(key))
             yield metric
 
 

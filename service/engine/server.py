@@ -167,7 +167,7 @@ class EngineServer:
             set_principal(who)
             if was_admitted:
                 mark_admitted()
-            CALL.set((call[0], call[1]))
+            CALL.set((call[0], call[1], call[2]))
             if level is not None:
                 set_priority(level)
         return call_scope()

@@ -163,7 +163,7 @@ def run_prometheus(tmp: Path, job: dict[str, Any]) -> Iterator[Prometheus]:
     log = tmp / "prometheus.log"
     port = free_port()
     cmd = [exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}"]
-    cmd += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+    cmd += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn", "--enable-feature=exemplar-storage"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

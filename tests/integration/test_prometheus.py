@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(600)
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "seqserve.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 TLS_ONLY = {"SeqServeCertificateExpiresSoon"}  # rules whose series exist only on a TLS server
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"  # the sampled trace of one_round's KServe ModelInfer
 RATE_WINDOW = "1m"  # covers the whole test: both rounds of traffic and the scrapes between them
 MODEL_METHODS = 'method=~"Classify|Complete|Predict|ModelInfer"'
 
@@ -161,7 +162,10 @@ def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, seqserve: Seq
     assert kserve.ServerLive(v2.ServerLiveRequest(), timeout=30).live
     text = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[2])
     text.contents.bytes_contents.extend([b"a fine film", b"a dull one"])
-    response = kserve.ModelInfer(v2.ModelInferRequest(model_name="sentiment", inputs=[text]), timeout=30)
+    # A caller that samples its trace (W3C traceparent, flags 01): the trace id becomes the latency's exemplar.
+    sampled = (("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01"),)
+    request = v2.ModelInferRequest(model_name="sentiment", inputs=[text])
+    response = kserve.ModelInfer(request, timeout=30, metadata=sampled)
     assert [o.name for o in response.outputs] == ["LABEL", "PROBABILITIES"]
     assert len(response.raw_output_contents) == 2
     t.texts += 2
@@ -254,6 +258,25 @@ def test_latency_quantiles_are_finite(prometheus: Prometheus, traffic: Traffic) 
     )
     p50 = {r["metric"]["model"]: float(r["value"][1]) for r in query(prometheus, expr)}
     assert all(math.isfinite(v) and v > 0 for v in p50.values()) and set(p50) == {"sentiment", "charlm", "forecaster"}
+
+
+def test_a_sampled_calls_trace_is_the_exemplar_of_its_latency(prometheus: Prometheus, traffic: Traffic) -> None:
+    """Prometheus (exemplar storage on) keeps the trace id of the one call that sent a sampled ``traceparent``
+    on the latency bucket of that call, and on no other method's: Grafana's latency panel links to the trace."""
+    now = time.time()
+    window = {"start": f"{now - 600:.3f}", "end": f"{now + 60:.3f}"}
+    args = {"query": "seqserve_rpc_duration_seconds_bucket", **window}
+    status, body = http_get(prometheus.url + "/api/v1/query_exemplars?" + urllib.parse.urlencode(args))
+    data = json.loads(body or b"{}")
+    assert status == 200 and data.get("status") == "success", data
+    seen = [(series["seriesLabels"], exemplar) for series in data["data"] for exemplar in series["exemplars"]]
+    assert seen, "no exemplars stored"
+    assert {e["labels"]["trace_id"] for _, e in seen} == {TRACE_ID}
+    assert {(s["method"], s["model"], s["code"]) for s, _ in seen} == {("ModelInfer", "sentiment", "OK")}
+    assert all(0 < float(e["value"]) <= float(labels["le"]) for labels, e in seen)
+    targets = [t for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
+    latency = [t for t in targets if "seqserve_rpc_duration_seconds_bucket" in t["expr"]]
+    assert len(latency) == 4 and all(t.get("exemplar") is True for t in latency)  # the panels draw them
 
 
 def test_core_metrics_match_the_traffic(prometheus: Prometheus, traffic: Traffic) -> None:
