@@ -2,6 +2,7 @@
 
     seqserve serve [--host H] [--port P] [--metrics-port M] [--http-port R] [--models DIR] [--device auto|cpu|cuda]
                    [--workers N] [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE] [--ready-file F]
+    seqserve check [the same settings flags] [--json]    (settings, keys, TLS, models, session store; no serving)
     seqserve classify "a fine film" "a dull one"          (or - : one text per line from stdin)
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
     seqserve suggest < typed.txt                         (a session: each line appended, continuations printed)
@@ -49,6 +50,10 @@ SERVE_FLAGS = {
     "watch_models_seconds": "--watch-models", "workers": "--workers", "plugins": "--plugin",
     "load_models": "--load-model", "http_port": "--http-port",
 }  # fmt: skip
+ORT_MISSING = (
+    "ONNX Runtime is not installed: pip install 'seqserve[cpu]', or 'seqserve[cuda]' on an NVIDIA GPU host (one of "
+    "the two, never both)"
+)
 SECRET_WORDS = ("key", "secret", "password", "token")  # a setting named so never has its value printed
 
 
@@ -93,10 +98,7 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("onnxruntime") is None:
-        raise RuntimeError(
-            "ONNX Runtime is not installed: pip install 'seqserve[cpu]', or 'seqserve[cuda]' on an NVIDIA GPU host "
-            "(one of the two, never both)"
-        )
+        raise RuntimeError(ORT_MISSING)
     with deferred_interrupt():  # (a Ctrl-C here is "interrupted" once the imports are done, never lost in one)
         from service.core.aio import run
         from service.engine.procs import serve, worker_count
@@ -110,6 +112,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run(serve(settings, args.ready_file), settings.event_loop)
     run(_serve(settings, args.ready_file), settings.event_loop)
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``seqserve check``: ``service.preflight`` with serve's settings; 0 when nothing failed."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeError(ORT_MISSING)
+    with deferred_interrupt():
+        from service.core.aio import run
+        from service.preflight import check, report
+
+    settings = _settings(args)
+    logging.basicConfig(level=logging.CRITICAL)  # the findings say it all: no log lines from the loading itself
+    found = run(check(settings))
+    if args.json:
+        for f in found:
+            print(json.dumps(f.as_dict()))
+    else:
+        print(report(found))
+    return 0 if all(f.ok for f in found) else 1
 
 
 # --- client commands -----------------------------------------------------------------------------------------
@@ -236,11 +257,8 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="seqserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("serve", help="run the gRPC server (+ HTTP /metrics)")
+def _add_serve_flags(s: argparse.ArgumentParser) -> None:
+    """The settings flags of ``serve`` (``SERVE_FLAGS``), which ``check`` takes too."""
     s.add_argument("--host", help="interface to bind (env SEQSERVE_HOST; default 127.0.0.1)")
     s.add_argument("--port", type=int, help="gRPC port, 0 = free port (env SEQSERVE_PORT; default 50051)")
     s.add_argument(
@@ -254,9 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=["auto", "cpu", "cuda"],
         help="execution device (env SEQSERVE_DEVICE; default auto: CUDA when available)",
-    )
-    s.add_argument(
-        "--ready-file", type=Path, help='write {"grpc_port":..,"metrics_port":..[,"http_port":..]} here once serving'
     )
     s.add_argument(
         "--watch-models",
@@ -287,7 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="import MODULE at start (registers tasks or stores; env SEQSERVE_PLUGINS, comma-separated)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="seqserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server (+ HTTP /metrics)")
+    _add_serve_flags(s)
+    s.add_argument(
+        "--ready-file", type=Path, help='write {"grpc_port":..,"metrics_port":..[,"http_port":..]} here once serving'
+    )
     s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser(
+        "check",
+        help="check what serve would set up (settings, API keys, TLS, plugins, every model, the session store) "
+        "without serving; exit 1 if any part fails",
+    )
+    _add_serve_flags(k)
+    k.add_argument("--json", action="store_true", help="one JSON object per check instead of the table")
+    k.set_defaults(func=cmd_check)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)

@@ -159,6 +159,16 @@ def test_image_metadata(docker: Docker, image: str) -> None:
     assert labels["org.opencontainers.image.revision"] != "unknown"
 
 
+def test_seqserve_check_passes_on_the_images_models(docker: Docker, image: str) -> None:
+    """``seqserve check`` in the image (what an init container or a pipeline runs before a rollout): every committed
+    model version loads, without a network or a writable root."""
+    out = docker("run", "--rm", "--network", "none", "--read-only", image, "check")
+    lines = out.splitlines()
+    committed = sorted(str(p.parent.relative_to(ROOT / "models")) for p in (ROOT / "models").glob("*/*/model.onnx"))
+    loaded = sorted(line.split()[2] for line in lines if line.split()[:2] == ["ok", "model"])
+    assert loaded == committed and lines[-1].startswith("ready to serve"), out
+
+
 def test_healthy_within_10s_and_both_probe_services_serving(server: Container, report: dict[str, Any]) -> None:
     assert report["seconds_to_healthy"] <= MAX_SECONDS_TO_HEALTHY, report
     assert health(server.grpc) == SERVING  # docker HEALTHCHECK, Kubernetes readiness/startup

@@ -1,0 +1,161 @@
+"""``seqserve check``: what ``seqserve serve`` would find wrong with its settings, found without serving.
+
+A server whose model fails to load still starts (its health says NOT_SERVING for what it lacks), and one whose
+session store is down starts too; that is right for a server, and wrong for a deployment pipeline, which wants
+to hear about a bad model folder before the rollout, not from a readiness probe after it. This runs the same
+code ``serve`` runs at start, with the same settings (flags and ``SEQSERVE_*``), and reports each part:
+
+- **settings**: every ``SEQSERVE_*`` variable that is not a setting (a typo ``serve`` only warns about);
+- **auth**: the API keys load (``api_keys`` file or pairs, ``api_key``), as principals;
+- **tls**: the certificate, key and client CA load as a server context, and how long the certificate has left;
+- **plugins**: each ``--plugin`` module imports;
+- **model**: each version in the repository (or in ``load_models``) loads as the registry loads it: manifest,
+  sha256, ONNX Runtime session on the chosen device, the task's own checks and start;
+- **sessions**: the session store answers (Redis: a PING through the configured client).
+
+Nothing listens on a port, so it runs beside the server it checks for (an init container, a CI job over a new
+model version, a shell before a restart). Each part is ``ok``, ``warn`` (serves, but look: a misspelt variable, a
+certificate with fewer than 14 days left) or ``FAIL``; the exit status is 1 when any part fails, else 0.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from service.settings import Settings, misspelt
+
+EXPIRY_WARNING_DAYS = 14  # as the SeqServeCertificateExpiresSoon alert
+
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class Finding:
+    part: str  # settings, auth, tls, plugins, model, sessions
+    name: str  # what was checked: a model's name/version, a variable, a file
+    status: str  # OK, WARN or FAIL
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        """Serving would work (a warning included)."""
+        return self.status != FAIL
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+async def check(settings: Settings) -> list[Finding]:
+    """Every part ``serve`` sets up at start, checked in the order it does."""
+    found = [Finding("settings", name, WARN, f"not a setting, ignored; did you mean {meant}?") for name, meant in
+             misspelt(os.environ)]  # fmt: skip
+    found.append(_auth(settings))
+    found.append(_tls(settings))
+    found += _plugins(settings)
+    if all(f.ok for f in found if f.part == "plugins"):  # (a plugin may register the task a model needs)
+        found += await _models(settings)
+    found.append(await _sessions(settings))
+    return found
+
+
+def _auth(settings: Settings) -> Finding:
+    from service.api.principals import load_keys
+
+    try:
+        keys = load_keys(settings)
+    except (ValueError, OSError) as exc:
+        return Finding("auth", "api keys", FAIL, str(exc))
+    if not keys:
+        return Finding("auth", "api keys", OK, "none: every caller is one principal")
+    return Finding("auth", "api keys", OK, f"{len(keys)} principals: {', '.join(sorted(keys))}")
+
+
+def _tls(settings: Settings) -> Finding:
+    from service.api import tls
+
+    try:
+        loaded = tls.files(settings)
+    except RuntimeError as exc:
+        return Finding("tls", str(settings.tls_cert), FAIL, str(exc))
+    if loaded is None:
+        return Finding("tls", "-", OK, "off (plaintext)")
+    clients = "client certificates required" if loaded.client_certificates else "no client certificates"
+    if loaded.expires_at is None:
+        return Finding("tls", str(loaded.cert), WARN, f"loads ({clients}); its expiry could not be read")
+    days = (loaded.expires_at - time.time()) / 86400
+    subject = loaded.subject or "(subject not readable)"
+    if days <= 0:
+        return Finding("tls", str(loaded.cert), FAIL, f"{subject}: expired {-days:.1f} days ago; renew it")
+    if days < EXPIRY_WARNING_DAYS:
+        return Finding("tls", str(loaded.cert), WARN, f"{subject}: expires in {days:.1f} days ({clients}); renew it")
+    return Finding("tls", str(loaded.cert), OK, f"{subject}: expires in {days:.1f} days ({clients})")
+
+
+def _plugins(settings: Settings) -> list[Finding]:
+    from service.core.tasks import load_plugins
+
+    found = []
+    for module in settings.plugins:
+        try:
+            load_plugins([module])
+        except ValueError as exc:  # it does not import (load_plugins says why)
+            found.append(Finding("plugins", module, FAIL, str(exc)))
+        except Exception as exc:  # anything the module raises while it registers
+            found.append(Finding("plugins", module, FAIL, f"{type(exc).__name__}: {exc}"))
+        else:
+            found.append(Finding("plugins", module, OK, "imported"))
+    return found
+
+
+async def _models(settings: Settings) -> list[Finding]:
+    from service.core.registry import ModelRegistry
+    from service.metrics import Metrics
+
+    registry = ModelRegistry(settings, Metrics(runtime_collectors=False))
+    found: list[Finding] = []
+    try:
+        await registry.start()
+    except (RuntimeError, ValueError) as exc:  # load_models names a model the repository lacks, a bad device
+        found.append(Finding("model", "-", FAIL, str(exc)))
+    try:
+        for entry in sorted(registry.versions(), key=lambda e: (e.name, -e.version)):
+            info = entry.info()
+            if info.ready:
+                detail = f"{info.task} on {info.provider}, loaded in {info.load_seconds:.2f}s"
+                found.append(Finding("model", entry.label, OK, detail))
+            else:
+                found.append(Finding("model", entry.label, FAIL, info.error or "not ready"))
+        if not found:
+            found.append(Finding("model", "-", FAIL, f"no model versions in {settings.models}: nothing to serve"))
+    finally:
+        await registry.stop()
+    return found
+
+
+async def _sessions(settings: Settings) -> Finding:
+    from service.core.sessions import open_store, redact
+
+    name = redact(settings.session_store)
+    try:
+        store = open_store(settings.session_store, settings)
+    except ValueError as exc:
+        return Finding("sessions", name, FAIL, str(exc))
+    try:
+        problem = await store.check()
+    finally:
+        await store.close()
+    return Finding("sessions", name, OK if problem is None else FAIL, "answers" if problem is None else problem)
+
+
+def report(found: list[Finding]) -> str:
+    """One line per finding, aligned, then the verdict."""
+    width = max(len(f.name) for f in found)
+    lines = [f"{f.status.upper() if f.status == FAIL else f.status:<4}  {f.part:<8}  {f.name:<{width}}  {f.detail}"
+             for f in found]  # fmt: skip
+    bad, warned = sum(f.status == FAIL for f in found), sum(f.status == WARN for f in found)
+    verdict = f"{bad} failed" if bad else "ready to serve"
+    lines.append(f"{verdict} ({len(found)} checks, {warned} warning{'' if warned == 1 else 's'})")
+    return "\n".join(lines)

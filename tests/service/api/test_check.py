@@ -1,0 +1,147 @@
+"""``seqserve check`` (service/preflight.py): serve's start-up, checked without serving. Each part on real files:
+a copied model repository with a corrupted model, certificates that expire at chosen times, a Redis URL nobody
+listens on, a plugin that does not import, a misspelt variable. Exit status 1 exactly when a part fails."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from service.cli import main
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("SEQSERVE_")]:
+        monkeypatch.delenv(name)
+
+
+def check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict[str, str]]]:
+    rc = main(["check", "--json", *args])
+    return rc, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def status(found: list[dict[str, str]], part: str, name: str | None = None) -> tuple[str, str]:
+    (row,) = [f for f in found if f["part"] == part and (name is None or f["name"] == name)]
+    return row["status"], row["detail"]
+
+
+def test_a_good_repository_is_ready_to_serve(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--models", str(tiny_models)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "ready to serve (6 checks, 0 warnings)", lines
+    for name, task in (("charlm/1", "charlm"), ("sentiment/1", "sentiment"), ("forecaster/1", "forecast")):
+        (line,) = [x for x in lines if f" {name} " in x]
+        assert line.startswith("ok") and f"{task} on CPUExecutionProvider, loaded in" in line
+    assert any(x.startswith("ok") and "memory://" in x and "answers" in x for x in lines)
+
+
+def test_a_corrupt_model_and_a_missing_one_fail_and_name_what_to_fix(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    model = repo / "sentiment" / "1" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")  # one byte changed: the manifest's sha256 no longer holds
+    rc, found = check(capsys, "--models", str(repo))
+    assert rc == 1
+    state, detail = status(found, "model", "sentiment/1")
+    assert state == "fail" and "sha256" in detail and "re-export or copy both files together" in detail
+    assert status(found, "model", "charlm/1")[0] == "ok"  # the others are still checked, and fine
+    rc, found = check(capsys, "--models", str(repo), "--load-model", "charlm", "--load-model", "nosuch")
+    assert rc == 1
+    state, detail = status(found, "model", "-")
+    assert state == "fail" and "['nosuch']" in detail and "does not have" in detail
+    rc, found = check(capsys, "--models", str(tmp_path / "empty"))
+    assert rc == 1 and status(found, "model")[0] == "fail" and "nothing to serve" in status(found, "model")[1]
+
+
+def test_settings_keys_plugins_and_the_session_store(
+    tiny_models: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQSERVE_WOKERS", "4")  # a typo serve would only warn about: a warning here too
+    rc, found = check(capsys, "--models", str(tiny_models))
+    assert rc == 0 and status(found, "settings") == ("warn", "not a setting, ignored; did you mean SEQSERVE_WORKERS?")
+    monkeypatch.setenv("SEQSERVE_API_KEYS", "alice:alice-key-0123456789,bob:bob-key-0123456789")
+    rc, found = check(capsys, "--models", str(tiny_models))
+    assert rc == 0 and status(found, "auth") == ("ok", "2 principals: alice, bob")
+    monkeypatch.setenv("SEQSERVE_API_KEYS", "alice:short")
+    rc, found = check(capsys, "--models", str(tiny_models))
+    assert rc == 1 and status(found, "auth")[0] == "fail" and "at least" in status(found, "auth")[1]
+    monkeypatch.delenv("SEQSERVE_API_KEYS")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SEQSERVE_SESSION_STORE", f"redis://:hunter2-password@127.0.0.1:{port}/0")
+    monkeypatch.setenv("SEQSERVE_SESSION_STORE_TIMEOUT_SECONDS", "0.5")
+    rc, found = check(capsys, "--models", str(tiny_models), "--plugin", "no_such_plugin_module")
+    assert rc == 1
+    state, detail = status(found, "plugins", "no_such_plugin_module")
+    assert state == "fail" and "could not be imported: No module named 'no_such_plugin_module'" in detail
+    assert not [f for f in found if f["part"] == "model"]  # (a plugin may register a model's task: not judged)
+    (row,) = [f for f in found if f["part"] == "sessions"]
+    assert row["status"] == "fail" and row["name"] == f"redis://:***@127.0.0.1:{port}/0"
+    assert "hunter2" not in json.dumps(found)
+
+
+def _certificate(folder: Path, days_left: float) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "seqserve.example")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=400))
+        .not_valid_after(now + dt.timedelta(days=days_left))
+        .sign(key, hashes.SHA256())
+    )
+    crt, pem = folder / f"{days_left}.crt", folder / f"{days_left}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return crt, pem
+
+
+@pytest.mark.parametrize(("days_left", "want"), [(90, "ok"), (5, "warn"), (-1, "fail")])
+def test_the_certificate_loads_and_its_time_left_is_judged(
+    tiny_models: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    days_left: float,
+    want: str,
+) -> None:
+    crt, key = _certificate(tmp_path, days_left)
+    monkeypatch.setenv("SEQSERVE_TLS_CERT", str(crt))
+    monkeypatch.setenv("SEQSERVE_TLS_KEY", str(key))
+    rc, found = check(capsys, "--models", str(tiny_models))
+    state, detail = status(found, "tls")
+    assert state == want and rc == (1 if want == "fail" else 0), detail
+    assert detail.startswith("CN=seqserve.example: ")
+    assert ("expired" in detail) == (want == "fail") and ("renew it" in detail) == (want != "ok")
+
+
+def test_a_key_that_does_not_match_the_certificate_fails(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crt, _ = _certificate(tmp_path, 90)
+    _, other = _certificate(tmp_path, 91)
+    monkeypatch.setenv("SEQSERVE_TLS_CERT", str(crt))
+    monkeypatch.setenv("SEQSERVE_TLS_KEY", str(other))
+    rc, found = check(capsys, "--models", str(tiny_models))
+    state, detail = status(found, "tls")
+    assert rc == 1 and state == "fail" and "SEQSERVE_TLS" in detail, detail
