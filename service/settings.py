@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     frontend_ports: bool = False
     """With workers > 1: each frontend also listens on a free port of its own, listed in the ready file (tests
     and debugging reach one frontend by it)."""
+    frontend_restarts: int = Field(default=5, ge=0)
+    """With workers > 1: frontends that die (a crash, the OOM killer) are replaced, at most this many times within
+    ``frontend_restart_window_seconds``; the next exit stops the whole server with exit code 1, for its
+    orchestrator to restart it. 0 = the first frontend exit stops the server."""
+    frontend_restart_window_seconds: float = Field(default=60.0, gt=0)
+    """The window ``frontend_restarts`` counts frontend exits in."""
 
     # --- models ----------------------------------------------------------------------------------------
     models: Path = Path("models")

@@ -12,10 +12,11 @@ gRPC object ever crosses a fork), learns the port it bound (``--port 0`` = a fre
 that port. The ready file is written when every frontend serves. SIGTERM/SIGINT: each frontend gets SIGTERM,
 turns NOT_SERVING and drains its calls (``grace_seconds``) while the engine still answers them; then the engine
 stops and the process exits 0. A frontend that dies unexpectedly (OOM killer, a crash) is replaced by a new one on
-the same port: only its calls in flight fail, sessions are the engine's and live on. One that keeps dying (more than
-``RESPAWNS`` exits within ``RESPAWN_WINDOW`` seconds) stops the whole server (exit 1) so that the orchestrator
-restarts it; frontends exit by themselves when the engine process is gone. The engine's ``/readyz`` stays ready
-while any frontend serves, so a replacement does not take the server out of its load balancer.
+the same port: only its calls in flight fail, sessions are the engine's and live on. One that keeps dying (more
+than ``frontend_restarts`` exits within ``frontend_restart_window_seconds``) stops the whole server (exit 1) so
+that the orchestrator restarts it; frontends exit by themselves when the engine process is gone. The engine's
+``/readyz`` stays ready while any frontend serves, so a replacement does not take the server out of its load
+balancer.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0
-RESPAWNS, RESPAWN_WINDOW = 5, 60.0  # a frontend that dies is replaced, unless frontends died this often this recently
 
 
 @dataclass
@@ -224,7 +224,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
                 write_ready_file(ready_file, info)
 
         write_ready()
-        deaths: list[float] = []  # when frontends died, within the last RESPAWN_WINDOW seconds
+        respawns, window = settings.frontend_restarts, settings.frontend_restart_window_seconds
+        deaths: list[float] = []  # when frontends died, within the last `window` seconds
         while not stop.is_set() and not code:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -232,12 +233,13 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
                 if gone.process.is_alive() or stop.is_set():
                     continue
                 now = loop.time()
-                deaths = [t for t in deaths if now - t < RESPAWN_WINDOW] + [now]
+                deaths = [t for t in deaths if now - t < window] + [now]
                 which = f"frontend {gone.index + 1} exited (code {gone.process.exitcode})"
-                if len(deaths) > RESPAWNS:
+                if len(deaths) > respawns:
                     log.error(
-                        "%s (%d frontend exits within %gs); stopping the server", which, len(deaths), RESPAWN_WINDOW
-                    )
+                        "%s (%d frontend exits within %gs, FRONTEND_RESTARTS %d); stopping the server", which,
+                        len(deaths), window, respawns,
+                    )  # fmt: skip
                     code = 1
                     break
                 log.error("%s; starting a new one (its calls in flight failed; sessions live on)", which)

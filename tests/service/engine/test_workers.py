@@ -706,22 +706,32 @@ def test_reads_from_another_frontend_do_not_wait_behind_a_long_complete(tiny_mod
         stop_server(proc)
 
 
-def test_a_frontend_that_keeps_dying_stops_the_server_with_exit_code_1(tiny_models: Path, tmp_path: Path) -> None:
-    """Frontends that die again and again (a bug, a node out of memory) are replaced five times within a minute;
-    the sixth exit stops the whole server with exit code 1, so that the orchestrator restarts it (exit 0 would
-    read as a clean shutdown: Kubernetes' restartPolicy OnFailure, systemd's Restart=on-failure would leave it
-    down)."""
-    from service.engine.procs import RESPAWNS
-
-    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
+@pytest.mark.parametrize(("restarts", "window"), [(None, None), (0, None), (2, "30")])
+def test_a_frontend_that_keeps_dying_stops_the_server_with_exit_code_1(
+    tiny_models: Path, tmp_path: Path, restarts: int | None, window: str | None
+) -> None:
+    """Frontends that die again and again (a bug, a node out of memory) are replaced FRONTEND_RESTARTS times (5 by
+    default) within FRONTEND_RESTART_WINDOW_SECONDS (60); the next exit stops the whole server with exit code 1,
+    so that the orchestrator restarts it (exit 0 would read as a clean shutdown: Kubernetes' restartPolicy
+    OnFailure, systemd's Restart=on-failure would leave it down). 0 restarts: the first exit stops it."""
+    env = {"SEQSERVE_WORKERS": "2"}
+    if restarts is not None:
+        env["SEQSERVE_FRONTEND_RESTARTS"] = str(restarts)
+    if window is not None:
+        env["SEQSERVE_FRONTEND_RESTART_WINDOW_SECONDS"] = window
+    allowed = 5 if restarts is None else restarts
+    proc, info = start_server(tiny_models, tmp_path, **env)
     try:
         pids = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
-        for kill in range(RESPAWNS + 1):
+        for kill in range(allowed + 1):
             os.kill(pids[kill % 2], signal.SIGKILL)
-            if kill < RESPAWNS:
+            if kill < allowed:
                 pids = _replaced(tmp_path, pids)
         assert proc.wait(timeout=60) == 1
-        assert "(6 frontend exits within 60s); stopping the server" in (tmp_path / "server.log").read_text()
+        line = (
+            f"({allowed + 1} frontend exits within {window or 60}s, FRONTEND_RESTARTS {allowed}); stopping the server"
+        )
+        assert line in (tmp_path / "server.log").read_text()
     finally:
         if proc.poll() is None:
             stop_server(proc)
