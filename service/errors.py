@@ -14,7 +14,10 @@ def echo(value: str, limit: int = ECHO_CHARS) -> str:
 
 
 def short(value: str, limit: int = ECHO_CHARS) -> str:
-    """Like ``echo`` without the quotes, for names inside a message ("input TEXT: ...")."""
+    """Like ``echo`` without the quotes, for names inside a message ("input TEXT: ..."); an empty name is shown as
+    ``''`` (a message never reads "input : ...")."""
+    if not value:
+        return "''"
     shown = repr(value[:limit])[1:-1]
     return shown if len(value) <= limit else f"{shown}...({len(value)} characters)"
 

@@ -346,7 +346,7 @@ class _EdgeMethod:
             log.info("%s -> DEADLINE_EXCEEDED after %.1f ms (request id %s)", self.method, seconds * 1e3,
                      CALL.get()[0], extra={"code": code})  # fmt: skip
         if self.edge.access:
-            model = errors.short(model)  # a name the caller sent: bounded
+            model = errors.short(model) if model else ""  # a name the caller sent: bounded
             fields = {"model": model, "code": code, "duration_ms": round(seconds * 1e3, 3)}
             access_log.info("%s %s %s %.1fms", self.method, model or "-", code, seconds * 1e3,
                             extra={**fields, "principal": principal()})  # fmt: skip

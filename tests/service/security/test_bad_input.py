@@ -86,6 +86,12 @@ def test_inputs_are_checked_against_the_contract_before_their_data(plain: Server
     assert code == Code.INVALID_ARGUMENT and "HISTORY" in message and "max_forecast_rows" in message
 
 
+def test_an_empty_input_name_is_shown_as_such(plain: ServerHandle) -> None:
+    """(found by a random-request sweep: the messages read "input : shape ..." and "has no input ''")"""
+    code, message = _infer(plain.target, infer_request("charlm", Input(name="", datatype="BYTES", shape=[-1])))
+    assert code == Code.INVALID_ARGUMENT and message.startswith("input '': shape [-1]"), message
+
+
 def test_an_unknown_input_name_is_echoed_bounded_and_escaped(plain: ServerHandle) -> None:
     name = "X\n2026-12-01 00:00:00,000 ERROR forged" + "y" * 10_000
     code, message = _infer(plain.target, infer_request("charlm", text_input("a", name=name)))
