@@ -106,6 +106,7 @@ class SuggestEvent:
     n: int = 3
     max_chars: int = 10
     beam: bool = True
+    backspace: int = 0  # characters to take back first (the server's UNDO_CHARS must be on)
 
 
 def channel_credentials(
@@ -277,6 +278,7 @@ class Client:
                         n=ev.n,
                         max_chars=ev.max_chars,
                         beam=ev.beam,
+                        backspace=ev.backspace,
                     )
             except Exception as exc:  # grpc's request thread would turn it into UNKNOWN "Exception iterating ..."
                 failed.append(exc)

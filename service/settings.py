@@ -208,6 +208,11 @@ class Settings(BaseSettings):
     max_generate_chars: int = Field(default=2000, ge=1)
     max_forecast_rows: int = Field(default=10000, ge=1)
     max_suggestions: int = Field(default=10, ge=1)
+    undo_chars: int = Field(default=0, ge=0, le=4096)
+    """Backspace in char-LM sessions (``SuggestRequest.backspace``): each session keeps two checkpoints of its
+    state and the characters since the older one, so at least this many characters can be taken back without
+    re-feeding the text (``service/core/tasks/undo.py``). Costs each session two states, two logits and 2x
+    this many characters; 0 (default) = off, nothing kept."""
     fold_chars: bool = True
     """A char model reads a character outside its vocabulary as the one it stands for, one for one (curly quotes
     and dashes as ASCII, full-width and accented letters as plain ones, any space as a space); false = refuse the

@@ -304,10 +304,18 @@ class CoreDataPlane:
             yield last
 
     async def suggest(
-        self, session_id: str, appended: str, *, reset: bool = False, n: int = 3, max_chars: int = 10, beam: bool = True
+        self,
+        session_id: str,
+        appended: str,
+        *,
+        reset: bool = False,
+        n: int = 3,
+        max_chars: int = 10,
+        beam: bool = True,
+        backspace: int = 0,
     ) -> SuggestResult:
         async with self._session(session_id, "generate") as (s, entry):
-            result = await _generator(entry).suggest(s, appended, reset, n, max_chars, beam)
+            result = await _generator(entry).suggest(s, appended, reset, n, max_chars, beam, backspace)
         self.metrics.chars_generated(entry.name, sum(len(x.text) for x in result.suggestions))
         return result
 

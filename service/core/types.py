@@ -314,9 +314,11 @@ class DataPlane(Protocol):
         n: int = 3,
         max_chars: int = 10,
         beam: bool = True,
+        backspace: int = 0,
     ) -> SuggestResult:
-        """Advances the session by ``appended`` only (O(appended)), then returns the ``n`` most likely
-        continuations of up to ``max_chars`` characters. Suggestions do not advance the session."""
+        """Advances the session by ``appended`` only (O(appended)), after taking ``backspace`` characters back,
+        then returns the ``n`` most likely continuations of up to ``max_chars`` characters. Suggestions do not
+        advance the session."""
         ...
 
     async def char_step(

@@ -299,9 +299,17 @@ class RemoteDataPlane:
                 self._send([wire.CANCEL, call_id, "", (), {}, None])
 
     async def suggest(
-        self, session_id: str, appended: str, *, reset: bool = False, n: int = 3, max_chars: int = 10, beam: bool = True
+        self,
+        session_id: str,
+        appended: str,
+        *,
+        reset: bool = False,
+        n: int = 3,
+        max_chars: int = 10,
+        beam: bool = True,
+        backspace: int = 0,
     ) -> SuggestResult:
-        kwargs = {"reset": reset, "n": n, "max_chars": max_chars, "beam": beam}
+        kwargs = {"reset": reset, "n": n, "max_chars": max_chars, "beam": beam, "backspace": backspace}
         result: SuggestResult = await self._call("suggest", session_id, appended, **kwargs)
         return result
 

@@ -19,7 +19,7 @@ from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.client import ApiError, Client
 from tests.conftest import ServerHandle
 from tests.redis.servers import RedisServer
-from tests.service.api.test_rpcs import reads_during_a_long_completion
+from tests.service.api.test_rpcs import backspace_across, reads_during_a_long_completion
 from tests.service.core.conftest import add_version
 from tests.service.sessions.v2 import charlm_request, probs
 
@@ -228,3 +228,10 @@ def test_reads_do_not_wait_behind_a_long_complete_on_their_replica(
     at once, from the session as its last finished call stored it."""
     server = start_replica(redis_server.url, max_generate_chars=100_000, session_signing_key="k" * 40)
     reads_during_a_long_completion(server.target)
+
+
+def test_backspace_alternating_replicas(redis_server: RedisServer, start_replica: Callable[..., ServerHandle]) -> None:
+    """A session's checkpoints and recent characters live in its Redis value: typed on one replica, taken back on
+    the other, with the answers of the text fed whole (tests/service/api/test_rpcs.py)."""
+    a, b = (start_replica(redis_server.url, undo_chars=8) for _ in range(2))
+    backspace_across([a.target, b.target])

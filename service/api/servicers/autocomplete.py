@@ -49,6 +49,7 @@ class AutocompleteServicer(autocomplete_pb2_grpc.AutocompleteServicer):
                 n=event.n or cv.DEFAULT_SUGGESTIONS,
                 max_chars=event.max_chars or cv.DEFAULT_SUGGEST_CHARS,
                 beam=event.beam if event.HasField("beam") else True,
+                backspace=event.backspace,
             )
             yield cv.suggest_to_pb(result)
 

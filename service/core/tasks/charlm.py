@@ -24,6 +24,7 @@ from service.core.batching import StepInput, StepOutput
 from service.core.context import admitted, mark_admitted, principal
 from service.core.manifest import Manifest
 from service.core.sessions.state import SessionState
+from service.core.tasks import undo
 from service.core.tasks.base import (
     Array,
     ModelHandle,
@@ -49,7 +50,7 @@ from service.core.types import (
     TensorContract,
     TensorDef,
 )
-from service.errors import InvalidInput
+from service.errors import FailedPrecondition, InvalidInput
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -69,14 +70,19 @@ class Cursor:
     logits: FloatArray | None = None
     steps: int = 0
     probs: npt.NDArray[np.float32] | None = None  # softmax(logits) as float32, when the batch computed it
+    undo: undo.Undo | None = None  # checkpoints and recent characters, for backspace (UNDO_CHARS > 0)
 
     @classmethod
-    def of(cls, s: SessionState) -> Cursor:
-        return cls(state=s.state, logits=s.context.get("logits"), steps=s.steps)
+    def of(cls, s: SessionState, undo_chars: int = 0) -> Cursor:
+        logits = s.context.get("logits")
+        kept = None if not undo_chars else undo.Undo.load(undo_chars, s.context, s.steps, s.state, logits)
+        return cls(state=s.state, logits=logits, steps=s.steps, undo=kept)
 
     def commit(self, s: SessionState) -> None:
         s.state, s.steps = self.state, self.steps
         s.context = {} if self.logits is None else {"logits": self.logits}
+        if self.undo is not None:
+            s.context |= self.undo.context(self.steps)
 
 
 PROBS = "next_char_probs"  # derived per batch (Batcher.derive) when a step asks: softmax of the last logits, float32
@@ -156,10 +162,12 @@ class CharLMTask(Task):
         return {"cuts_exactly": not any(gaps.values())}
 
     def session_nbytes(self) -> int:
-        return super().session_nbytes() + 4 * len(self.vocab)  # + next-character logits, float32
+        kept = undo.nbytes(self.settings.undo_chars, self.initial_state(), len(self.vocab))  # (0 when off)
+        return super().session_nbytes() + 4 * len(self.vocab) + kept  # + next-character logits, float32
 
     def context_shapes(self) -> dict[str, tuple[Container[int], ...]]:
-        return {"logits": ({len(self.vocab)},)}  # the next character's logits
+        v = len(self.vocab)
+        return {"logits": ({v},)} | undo.context_shapes(self.settings.undo_chars, self.initial_state(), v)
 
     def contract(self) -> TensorContract:
         v = len(self.vocab)
@@ -194,9 +202,12 @@ class CharLMTask(Task):
         """The cursor after ``ids``: fed from the session's state, or, without one or from a session that starts
         from nothing (new, or ``reset``), from the longest beginning of ``ids`` that the prefix cache has
         (``service/core/prefixes.py``; the answer is the same either way)."""
-        cache = self.model.prefixes
+        cache, every = self.model.prefixes, self.settings.undo_chars
         if session is not None and not reset and not _unfed(session):
-            cur = Cursor.of(session)
+            cur = Cursor.of(session, every)
+        elif session is not None and every:  # from nothing, keeping checkpoints (not through the prefix cache)
+            cur = Cursor(state=self.initial_state())
+            cur.undo = undo.Undo.start(every, 0, cur.state, None)
         elif cache is not None and self.prefix_cached and ids.size:
             return await self._from_cache(cache, ids, probs)
         else:
@@ -244,9 +255,24 @@ class CharLMTask(Task):
 
     async def advance(self, cur: Cursor, ids: I64, probs: bool = False) -> None:
         """Consumes ``ids`` (time,) in one ORT run and moves the cursor (only once the run succeeded); ``probs``:
-        the batch also computes the next-character probabilities (``cur.probs``)."""
+        the batch also computes the next-character probabilities (``cur.probs``). A cursor keeping undo
+        checkpoints is cut at the ones the text crosses (at most three runs)."""
         if ids.size == 0:
             return
+        kept = cur.undo
+        if kept is None:
+            return await self._run(cur, ids, probs)
+        points, done = kept.cuts(cur.steps, ids.size), 0
+        for cut in [*points, ids.size]:
+            if cut == done:  # (the text ends at a checkpoint: marked already)
+                continue
+            await self._run(cur, ids[done:cut], probs and cut == ids.size)
+            kept.fed(ids[done:cut])
+            if cut in points:
+                kept.mark(cur.steps, cur.state, cur.logits)
+            done = cut
+
+    async def _run(self, cur: Cursor, ids: I64, probs: bool) -> None:
         out = await self._submit(cur.state, ids[None, :], probs)  # (1, time)
         cur.state, cur.logits, cur.steps = out.states, out.outputs["logits"][0, -1, :], cur.steps + ids.shape[0]
         derived = out.outputs.get(PROBS)
@@ -306,6 +332,10 @@ class CharLMTask(Task):
                 cur.state, step_logits = await self.step_rows(cur.state, np.array([[idx]], dtype=np.int64))
                 logits = cur.logits = step_logits[0]
                 cur.steps += 1
+                if cur.undo is not None:
+                    cur.undo.fed(np.array([idx]))
+                    if cur.undo.cuts(cur.steps - 1, 1):  # this character ends at a checkpoint
+                        cur.undo.mark(cur.steps, cur.state, cur.logits)
                 if session is not None:
                     cur.commit(session)
             steps = cur.steps if session is not None else 0
@@ -315,17 +345,42 @@ class CharLMTask(Task):
             yield CompletionChunk(self.vocab[idx], steps=steps)
 
     async def suggest(
-        self, session: SessionState, appended: str, reset: bool, n: int, max_chars: int, beam: bool
+        self, session: SessionState, appended: str, reset: bool, n: int, max_chars: int, beam: bool, backspace: int = 0
     ) -> SuggestResult:
         check_int(n, "n", 1, self.settings.max_suggestions, " (max_suggestions)")
         check_int(max_chars, "max_chars", 1, self.settings.max_generate_chars, " (max_generate_chars)")
         check_text(appended, "appended", self.settings.max_chars_per_text, allow_empty=True)
+        check_int(backspace, "backspace", 0, session.steps, " (the characters the session holds)")
         if reset and not appended:
             raise InvalidInput("appended is empty while reset is set: after a reset there is no text to continue")
+        if reset and backspace:
+            raise InvalidInput("backspace and reset both set: a reset replaces the whole text; send one of them")
         ids = self.encoder.encode(appended, field="appended")  # bad characters fail before the session changes
-        cur = await self._start(session, ids, reset=reset)
+        if backspace:
+            cur = await self._taken_back(session, backspace)
+            await self.advance(cur, ids)
+        else:
+            cur = await self._start(session, ids, reset=reset)
+        self._need_logits(cur, "appended")  # (nothing to continue: refused before the session changes)
         cur.commit(session)
         return SuggestResult(suggestions=await self._suggest(cur, n, max_chars, beam, "appended"), steps=cur.steps)
+
+    async def _taken_back(self, session: SessionState, back: int) -> Cursor:
+        """The cursor ``back`` characters before the session's end: from the newest checkpoint at or before that
+        point, fed the kept characters up to it (``undo.Undo.rewind``); the session itself is not changed."""
+        if not self.settings.undo_chars:
+            raise FailedPrecondition(
+                "backspace needs this server to keep characters for it (SEQSERVE_UNDO_CHARS > 0, off here); reset "
+                "the session with the text instead"
+            )
+        cur = Cursor.of(session, self.settings.undo_chars)
+        assert cur.undo is not None
+        base, refeed = cur.undo.rewind(cur.steps, back, "backspace")
+        kept, cur.undo = cur.undo, None  # (the characters fed again are kept already)
+        cur.state, cur.logits, cur.steps = base.state, base.logits, base.pos
+        await self.advance(cur, refeed)
+        cur.undo = kept
+        return cur
 
     async def char_step(self, session: SessionState | None, text: str, num_chars: int) -> CharStep:
         return await self._char_step(session, text, num_chars, "text", "num_chars")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import grpc
 import numpy as np
+import pytest
 
-from service.client import Client, SuggestEvent
+from service.client import ApiError, Client, SuggestEvent
 from tests.conftest import ServerHandle
 
 TINY_WINDOW, TINY_HORIZON, FEATURES = 24, 12, 7  # export_tiny's forecaster
@@ -154,3 +156,41 @@ def test_sessions_create_get_fork_delete(client: Client) -> None:
     assert fork.id != info.id and fork.steps == 4
     client.delete_session(info.id)
     client.delete_session(fork.id)
+
+
+def backspace_across(targets: list[str]) -> None:
+    """Typing with backspaces over one Suggest stream per target, alternating (the session's checkpoints travel
+    with it): each answer equals that of a fresh session sent the text as it now stands."""
+    clients = [Client(t, timeout=60) for t in targets]
+    try:
+        sid = clients[0].create_session("charlm").id
+        text = ""
+        events = [("To be, or not to be", 0), ("", 3), (" b", 0), ("", 6), ("that is", 0), ("", 7), ("", 1)]
+        for i, (typed, back) in enumerate(events):
+            c = clients[i % len(clients)]
+            got = c.suggest_once(sid, typed, backspace=back, n=2, max_chars=3)
+            text = (text[:-back] if back else text) + typed
+            assert got.steps == len(text)
+            with c.session("charlm") as fresh:
+                want = c.suggest_once(fresh.id, text, n=2, max_chars=3)
+            assert [s.text for s in got.suggestions] == [s.text for s in want.suggestions]
+            np.testing.assert_allclose([s.logprob for s in got.suggestions], [s.logprob for s in want.suggestions],
+                                       atol=1e-4)  # fmt: skip
+        assert text == "To be, or n" and clients[-1].get_session(sid).steps == len(text)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_suggest_backspace_takes_characters_back(start_server: Callable[..., ServerHandle]) -> None:
+    server = start_server(undo_chars=8)
+    backspace_across([server.target])
+    with Client(server.target) as c, c.session("charlm") as s:
+        assert c.suggest_once(s.id, "To be, or not to be!", n=1, max_chars=1).steps == 20  # checkpoints at 8, 16
+        with pytest.raises(ApiError) as err:  # past what it keeps: refused, saying how far it can go
+            c.suggest_once(s.id, "", backspace=13, n=1, max_chars=1)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "at most 12 characters" in err.value.message
+        with pytest.raises(ApiError) as err:  # more than the session holds: a bad request
+            c.suggest_once(s.id, "", backspace=21, n=1, max_chars=1)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "backspace" in err.value.message
+        assert c.get_session(s.id).steps == 20  # both refusals changed nothing

@@ -32,7 +32,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
 from service.client import ApiError, Client
-from tests.service.api.test_rpcs import reads_during_a_long_completion
+from tests.service.api.test_rpcs import backspace_across, reads_during_a_long_completion
 from tests.service.kserve.procs import CLIENT_SCRIPT, scrape, start_server, stop_server
 
 TEXT = ["To be, ", "or not", " to be", ": that is ", "the question"]
@@ -690,7 +690,7 @@ def test_a_frontend_that_dies_is_replaced_and_sessions_live_on(tiny_models: Path
 
 def test_reads_from_another_frontend_do_not_wait_behind_a_long_complete(tiny_models: Path, tmp_path: Path) -> None:
     """The engine owns the sessions, so a Get or Export on frontend 2 answers at once while frontend 1 streams a
-    Complete on the same session (``in_use`` crosses the engine's wire)."""
+    Complete on the same session (``in_use`` crosses the engine's wire); and a Suggest backspace from either."""
     proc, info = start_server(
         tiny_models,
         tmp_path,
@@ -698,10 +698,12 @@ def test_reads_from_another_frontend_do_not_wait_behind_a_long_complete(tiny_mod
         SEQSERVE_FRONTEND_PORTS="true",
         SEQSERVE_MAX_GENERATE_CHARS="100000",
         SEQSERVE_SESSION_SIGNING_KEY="k" * 40,
+        SEQSERVE_UNDO_CHARS="8",
     )
     try:
         first, second = _frontends(info)
         reads_during_a_long_completion(first, read_at=second)
+        backspace_across([first, second])  # backspace crosses the engine's wire, from either frontend
     finally:
         stop_server(proc)
 

@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from service.api.gen.seqserve.v1 import common_pb2 as seqserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eseqserve/v1/autocomplete.proto\x12\x0bseqserve.v1\x1a\x18seqserve/v1/common.proto\"\xfd\x01\n\x0f\x43ompleteRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.seqserve.v1.ModelSelector\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nsession_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x16\n\tmax_chars\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\r\n\x0b_session_idB\x0c\n\n_max_charsB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"u\n\rCompleteChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.seqserve.v1.FinishReason\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"\x7f\n\x0eSuggestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61ppended\x18\x02 \x01(\t\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\t\n\x01n\x18\x04 \x01(\x05\x12\x11\n\tmax_chars\x18\x05 \x01(\x05\x12\x11\n\x04\x62\x65\x61m\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x07\n\x05_beam\"+\n\nSuggestion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"N\n\x0fSuggestResponse\x12,\n\x0bsuggestions\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.Suggestion\x12\r\n\x05steps\x18\x02 \x01(\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa0\x01\n\x0c\x41utocomplete\x12\x46\n\x08\x43omplete\x12\x1c.seqserve.v1.CompleteRequest\x1a\x1a.seqserve.v1.CompleteChunk0\x01\x12H\n\x07Suggest\x12\x1b.seqserve.v1.SuggestRequest\x1a\x1c.seqserve.v1.SuggestResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eseqserve/v1/autocomplete.proto\x12\x0bseqserve.v1\x1a\x18seqserve/v1/common.proto\"\xfd\x01\n\x0f\x43ompleteRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.seqserve.v1.ModelSelector\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nsession_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x16\n\tmax_chars\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\r\n\x0b_session_idB\x0c\n\n_max_charsB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"u\n\rCompleteChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.seqserve.v1.FinishReason\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"\x92\x01\n\x0eSuggestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61ppended\x18\x02 \x01(\t\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\t\n\x01n\x18\x04 \x01(\x05\x12\x11\n\tmax_chars\x18\x05 \x01(\x05\x12\x11\n\x04\x62\x65\x61m\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\tbackspace\x18\x07 \x01(\x05\x42\x07\n\x05_beam\"+\n\nSuggestion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"N\n\x0fSuggestResponse\x12,\n\x0bsuggestions\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.Suggestion\x12\r\n\x05steps\x18\x02 \x01(\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa0\x01\n\x0c\x41utocomplete\x12\x46\n\x08\x43omplete\x12\x1c.seqserve.v1.CompleteRequest\x1a\x1a.seqserve.v1.CompleteChunk0\x01\x12H\n\x07Suggest\x12\x1b.seqserve.v1.SuggestRequest\x1a\x1c.seqserve.v1.SuggestResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqserve.v1.autocomplete_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=702
-  _globals['_FINISHREASON']._serialized_end=826
+  _globals['_FINISHREASON']._serialized_start=722
+  _globals['_FINISHREASON']._serialized_end=846
   _globals['_COMPLETEREQUEST']._serialized_start=74
   _globals['_COMPLETEREQUEST']._serialized_end=327
   _globals['_COMPLETECHUNK']._serialized_start=329
   _globals['_COMPLETECHUNK']._serialized_end=446
-  _globals['_SUGGESTREQUEST']._serialized_start=448
-  _globals['_SUGGESTREQUEST']._serialized_end=575
-  _globals['_SUGGESTION']._serialized_start=577
-  _globals['_SUGGESTION']._serialized_end=620
-  _globals['_SUGGESTRESPONSE']._serialized_start=622
-  _globals['_SUGGESTRESPONSE']._serialized_end=700
-  _globals['_AUTOCOMPLETE']._serialized_start=829
-  _globals['_AUTOCOMPLETE']._serialized_end=989
+  _globals['_SUGGESTREQUEST']._serialized_start=449
+  _globals['_SUGGESTREQUEST']._serialized_end=595
+  _globals['_SUGGESTION']._serialized_start=597
+  _globals['_SUGGESTION']._serialized_end=640
+  _globals['_SUGGESTRESPONSE']._serialized_start=642
+  _globals['_SUGGESTRESPONSE']._serialized_end=720
+  _globals['_AUTOCOMPLETE']._serialized_start=849
+  _globals['_AUTOCOMPLETE']._serialized_end=1009
 # @@protoc_insertion_point(module_scope)

@@ -167,6 +167,7 @@ class SuggestRequest(_message.Message):
     N_FIELD_NUMBER: _builtins.int
     MAX_CHARS_FIELD_NUMBER: _builtins.int
     BEAM_FIELD_NUMBER: _builtins.int
+    BACKSPACE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session (of a char LM) that holds the text typed so far; create it with Sessions.Create."""
     appended: _builtins.str
@@ -179,6 +180,12 @@ class SuggestRequest(_message.Message):
     """Characters per continuation at most; 0 = 10."""
     beam: _builtins.bool
     """Beam search (true, default) or the n most likely next characters, each continued greedily (false)."""
+    backspace: _builtins.int
+    """Characters to take back from the end of the session's text before appending (a user's backspace): a
+    correction costs the characters kept since a checkpoint, never the whole text. Needs the server's
+    UNDO_CHARS > 0; a session can take back at least that many right after typing them, fewer after earlier
+    backspaces; beyond that, FAILED_PRECONDITION says how far it can go (reset with the text instead).
+    """
     def __init__(
         self,
         *,
@@ -188,10 +195,11 @@ class SuggestRequest(_message.Message):
         n: _builtins.int = ...,
         max_chars: _builtins.int = ...,
         beam: _builtins.bool | None = ...,
+        backspace: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_beam", b"_beam", "beam", b"beam"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beam", b"_beam", "appended", b"appended", "beam", b"beam", "max_chars", b"max_chars", "n", b"n", "reset", b"reset", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beam", b"_beam", "appended", b"appended", "backspace", b"backspace", "beam", b"beam", "max_chars", b"max_chars", "n", b"n", "reset", b"reset", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beam: _TypeAlias = _typing.Literal["beam"]  # noqa: Y015
     _WhichOneofArgType__beam: _TypeAlias = _typing.Literal["_beam", b"_beam"]  # noqa: Y015
