@@ -90,8 +90,8 @@ class TypingStream:
             self._events.append(ev)
             self._cond.notify()
 
-    def step(self, appended: str, reset: bool = False) -> None:
-        self._send(SuggestEvent(appended, reset=reset, n=1, max_chars=1, beam=False))
+    def step(self, appended: str, reset: bool = False, backspace: int = 0) -> None:
+        self._send(SuggestEvent(appended, reset=reset, n=1, max_chars=1, beam=False, backspace=backspace))
         next(self._answers)
 
     def close(self) -> None:

@@ -230,3 +230,14 @@ def test_the_priority_bench_runs_both_levels(tiny_models: Path, tmp_path: Path) 
     assert [row["run"] for row in r["rows"]] == ["urgent at level 1", "urgent at the default level"]
     for row in r["rows"]:
         assert row["urgent"]["n"] > 0 and row["background"]["n"] > 0 and row["background_per_s"] > 0
+
+
+def test_the_undo_bench_times_a_correction_three_ways(tiny_models: Path, tmp_path: Path) -> None:
+    from bench.undo import main as undo_main
+
+    out = tmp_path / "undo.json"
+    assert undo_main(["--models", str(tiny_models), "--repeats", "3", "--prefixes", "40", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["undo_chars"] == 32 and [row["prefix_chars"] for row in r["rows"]] == [40]
+    for kind in ("keystroke", "backspace", "reset"):  # (each row also checks the session's steps at its end)
+        assert r["rows"][0][kind]["n"] == 3 and r["rows"][0][kind]["p50_ms"] > 0
