@@ -5,8 +5,9 @@ the logits of the next character ``(vocab,)`` and the characters consumed. A ses
 (the logits as its context), so a session call reads a cursor from it and writes the cursor back at every
 consistent point. Text is fed once: advancing by ``appended`` costs O(len(appended)), never O(prefix).
 
-v2 contract: TEXT BYTES [1], NUM_CHARS INT32 [1] (optional) -> NEXT_CHAR_PROBS FP32 [vocab], VOCAB BYTES
-[vocab], COMPLETION BYTES [1]; with a sequence, TEXT advances the sequence's state.
+v2 contract: TEXT BYTES [1], NUM_CHARS INT32 [1] (optional), BACKSPACE INT32 [1] (optional: characters a
+sequence takes back before TEXT, ``undo.py``) -> NEXT_CHAR_PROBS FP32 [vocab], VOCAB BYTES [vocab], COMPLETION
+BYTES [1]; with a sequence, TEXT advances the sequence's state.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ def _unfed(session: SessionState) -> bool:
     return session.steps == 0 and not session.context and not any(np.any(v) for v in session.state.values())
 
 
+def _one_int(inputs: dict[str, Tensor], name: str) -> int:
+    """An optional one-element integer input's value; 0 when it was not sent."""
+    array = inputs[name].array if name in inputs else None
+    return 0 if array is None else int(array.reshape(-1)[0])
+
+
 def _take(state: dict[str, Array], rows: I64) -> dict[str, Array]:
     """Selects batch rows (axis 1) of every state: beams inherit their parent's state."""
     return {k: np.take(v, rows, axis=1) for k, v in state.items()}
@@ -175,6 +182,7 @@ class CharLMTask(Task):
             inputs=(
                 TensorDef("TEXT", "BYTES", (1,)),
                 TensorDef("NUM_CHARS", "INT32", (1,), optional=True, also_accepts=("INT64",)),
+                TensorDef("BACKSPACE", "INT32", (1,), optional=True, also_accepts=("INT64",)),
             ),
             outputs=(
                 TensorDef("NEXT_CHAR_PROBS", "FP32", (v,), labels=tuple(self.vocab)),
@@ -186,10 +194,10 @@ class CharLMTask(Task):
 
     async def infer(self, inputs: dict[str, Tensor], session: SessionState | None) -> TaskResult:
         (text,) = utf8_items(inputs["TEXT"])
-        num_chars = 0
-        if "NUM_CHARS" in inputs and inputs["NUM_CHARS"].array is not None:
-            num_chars = int(inputs["NUM_CHARS"].array.reshape(-1)[0])
-        step = await self._char_step(session, text, num_chars, "input TEXT", "input NUM_CHARS")
+        num_chars, back = (_one_int(inputs, name) for name in ("NUM_CHARS", "BACKSPACE"))
+        if back and session is None:
+            raise InvalidInput("input BACKSPACE takes characters back from a sequence: send it with a sequence_id")
+        step = await self._char_step(session, text, num_chars, "input TEXT", "input NUM_CHARS", back)
         outputs = {
             "NEXT_CHAR_PROBS": fp32_tensor("NEXT_CHAR_PROBS", step.probabilities),  # (vocab,)
             "VOCAB": self._vocab_tensor,
@@ -365,7 +373,7 @@ class CharLMTask(Task):
         cur.commit(session)
         return SuggestResult(suggestions=await self._suggest(cur, n, max_chars, beam, "appended"), steps=cur.steps)
 
-    async def _taken_back(self, session: SessionState, back: int) -> Cursor:
+    async def _taken_back(self, session: SessionState, back: int, field: str = "backspace") -> Cursor:
         """The cursor ``back`` characters before the session's end: from the newest checkpoint at or before that
         point, fed the kept characters up to it (``undo.Undo.rewind``); the session itself is not changed."""
         if not self.settings.undo_chars:
@@ -375,7 +383,7 @@ class CharLMTask(Task):
             )
         cur = Cursor.of(session, self.settings.undo_chars)
         assert cur.undo is not None
-        base, refeed = cur.undo.rewind(cur.steps, back, "backspace")
+        base, refeed = cur.undo.rewind(cur.steps, back, field)
         kept, cur.undo = cur.undo, None  # (the characters fed again are kept already)
         cur.state, cur.logits, cur.steps = base.state, base.logits, base.pos
         await self.advance(cur, refeed)
@@ -386,13 +394,19 @@ class CharLMTask(Task):
         return await self._char_step(session, text, num_chars, "text", "num_chars")
 
     async def _char_step(
-        self, session: SessionState | None, text: str, num_chars: int, text_field: str, num_field: str
+        self, session: SessionState | None, text: str, num_chars: int, text_field: str, num_field: str, back: int = 0
     ) -> CharStep:
-        """Appends ``text``; returns the next-character distribution and a greedy completion."""
+        """Appends ``text`` (after taking ``back`` characters back); returns the next-character distribution and a
+        greedy completion."""
         check_int(num_chars, num_field, 0, self.settings.max_generate_chars, " (max_generate_chars)")
         check_text(text, text_field, self.settings.max_chars_per_text, allow_empty=True)
         ids = self.encoder.encode(text, field=text_field)
-        cur = await self._start(session, ids, probs=True)
+        if back and session is not None:
+            check_int(back, "input BACKSPACE", 0, session.steps, " (the characters the sequence holds)")
+            cur = await self._taken_back(session, back, "input BACKSPACE")
+            await self.advance(cur, ids, probs=True)
+        else:
+            cur = await self._start(session, ids, probs=True)
         logits = self._need_logits(cur, text_field)
         probs = cur.probs if cur.probs is not None else softmax(logits).astype(np.float32)  # (vocab,)
         if session is not None:

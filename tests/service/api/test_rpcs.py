@@ -194,3 +194,34 @@ def test_suggest_backspace_takes_characters_back(start_server: Callable[..., Ser
             c.suggest_once(s.id, "", backspace=21, n=1, max_chars=1)
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "backspace" in err.value.message
         assert c.get_session(s.id).steps == 20  # both refusals changed nothing
+
+
+def test_a_kserve_sequence_takes_characters_back_with_input_backspace(
+    start_server: Callable[..., ServerHandle],
+) -> None:
+    """The same for Triton clients: the optional INT32 input BACKSPACE on a sequence's request."""
+    from service.api.gen.inference import grpc_service_pb2 as pb
+    from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+    from tests.service.sessions.v2 import charlm_request, probs
+
+    def step(text: str, seq: str, back: int = 0, **params: bool | str) -> pb.ModelInferRequest:
+        request = charlm_request(text, seq, **params)
+        if back:
+            contents = pb.InferTensorContents(int_contents=[back])
+            request.inputs.add(name="BACKSPACE", datatype="INT32", shape=[1], contents=contents)
+        return request
+
+    server = start_server(undo_chars=8)
+    with grpc.insecure_channel(server.target) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        infer(step("To be, or not to be", "typed", sequence_start=True), timeout=30)
+        got = infer(step("e", "typed", back=4), timeout=30)  # "To be, or not t" + "e"
+        want = infer(step("To be, or not te", "whole", sequence_start=True), timeout=30)
+        assert got.parameters["seqserve_steps"].int64_param == want.parameters["seqserve_steps"].int64_param == 16
+        np.testing.assert_allclose(probs(got), probs(want), atol=1e-6)
+        with pytest.raises(grpc.RpcError) as err:  # without a sequence there is nothing to take back from
+            infer(pb.ModelInferRequest(model_name="charlm", inputs=step("a", "x", back=1).inputs), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sequence_id" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # past what the sequence keeps
+            infer(step("", "typed", back=15), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "input BACKSPACE" in err.value.details()

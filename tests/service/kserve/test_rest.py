@@ -116,7 +116,7 @@ def test_tritonclient_http_reads_health_metadata_config_and_statistics(rest: Ser
     }
     config = c.get_model_config("charlm")
     assert config["name"] == "charlm" and config["max_batch_size"] == 0  # zeros are written, as Triton does
-    assert {i["name"] for i in config["input"]} == {"TEXT", "NUM_CHARS"}
+    assert {i["name"] for i in config["input"]} == {"TEXT", "NUM_CHARS", "BACKSPACE"}
     assert config["sequence_batching"]["max_sequence_idle_microseconds"] > 0
     c.infer("sentiment", [text_input(TEXTS)])
     stats = c.get_inference_statistics("sentiment")["model_stats"]

@@ -40,7 +40,9 @@ def test_model_metadata_shapes(report: Report) -> None:
     assert m["sentiment"]["versions"] == ["1"] and m["sentiment"]["platform"] == "onnxruntime_onnx"
     assert tensors("sentiment", "inputs") == {"TEXT": ("BYTES", ["-1"])}
     assert tensors("sentiment", "outputs") == {"LABEL": ("BYTES", ["-1"]), "PROBABILITIES": ("FP32", ["-1", "2"])}
-    assert tensors("charlm", "inputs") == {"TEXT": ("BYTES", ["1"]), "NUM_CHARS": ("INT32", ["1"])}
+    assert tensors("charlm", "inputs") == {
+        "TEXT": ("BYTES", ["1"]), "NUM_CHARS": ("INT32", ["1"]), "BACKSPACE": ("INT32", ["1"])
+    }  # fmt: skip
     vocab = str(len(report["charlm"]["vocab"]))
     assert tensors("charlm", "outputs") == {
         "NEXT_CHAR_PROBS": ("FP32", [vocab]),
