@@ -28,12 +28,11 @@ from typing import Any, cast
 
 from service.errors import InvalidInput, echo
 from service.settings import Settings
+from service.tracing import trace_and_span
 
 # (request id, method, traceparent) of the RPC being served; ("-", "", "") outside any. The traceparent is a valid
-# W3C header in its version-00 form (``parse_traceparent``), or "" when the call sent none.
+# W3C header in its version-00 form (``service.tracing.parse_traceparent``), or "" when the call sent none.
 CALL: ContextVar[tuple[str, str, str]] = ContextVar("seqserve_call", default=("-", "", ""))
-TRACEPARENT = "traceparent"  # the W3C Trace Context header (gRPC metadata key and HTTP header)
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.ASCII)
 ACCESS_LOGGER = "seqserve.access"
 # Changes of the log settings are written whatever the settings say (a change must not hide itself or the next).
 AUDIT_LOGGER = "seqserve.audit"
@@ -51,22 +50,6 @@ def escape(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
-def parse_traceparent(value: str | None) -> str:
-    """A W3C ``traceparent`` header as its version-00 form (``00-<trace id>-<parent id>-<flags>``), or "" when it
-    is not a valid one (Trace Context level 1, section 4.3: a header that does not parse is ignored; version ff,
-    an all-zero trace or parent id, and a version-00 header with anything after the flags are invalid; a later
-    version is read by its first four fields)."""
-    if not value or len(value) > 512:
-        return ""
-    m = _TRACEPARENT.fullmatch(value.strip(" \t"))
-    if m is None:
-        return ""
-    version, trace_id, parent_id, flags, rest = m.groups()
-    if version == "ff" or (version == "00" and rest) or not trace_id.strip("0") or not parent_id.strip("0"):
-        return ""
-    return f"00-{trace_id}-{parent_id}-{flags}"
-
-
 class _CallFilter(logging.Filter):
     """Adds the current call's request id, method and trace context to records that do not carry them."""
 
@@ -77,7 +60,7 @@ class _CallFilter(logging.Filter):
         if not hasattr(record, "method") and method:
             record.method = method
         if trace and not hasattr(record, "trace_id"):
-            record.trace_id, record.span_id = trace[3:35], trace[36:52]
+            record.trace_id, record.span_id = trace_and_span(trace)
         # Which process wrote it, with --workers N: "frontend-1"; the engine, or a single process: nothing.
         name = record.processName or "MainProcess"
         record.process_tag = "" if name == "MainProcess" else name.removeprefix("seqserve-")

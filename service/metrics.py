@@ -24,6 +24,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from service.tracing import sampled_trace_id
+
 # Latency buckets: 50 µs .. 10 s, roughly 1-2.5-5 per decade, so a CPU RNN step (~100 µs) is resolved as well as
 # a long streamed completion. 18 buckets (+Inf) per label set keeps the series count modest.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -60,12 +62,6 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def sampled_trace_id(traceparent: str) -> str:
-    """The trace id of a parsed W3C ``traceparent`` (``service.logs.parse_traceparent``) whose caller sampled the
-    trace (flags bit 0), else ""."""
-    return traceparent[3:35] if traceparent and int(traceparent[53:55], 16) & 1 else ""
 
 
 def _observe_many(child: Histogram, value: float, n: int) -> None:

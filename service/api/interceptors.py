@@ -42,9 +42,10 @@ from service.api.decoding import (
 )
 from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN, KeyTable, load_keys, subject_of
 from service.core.context import call_scope, principal, set_principal
-from service.logs import ACCESS_LOGGER, CALL, TRACEPARENT, parse_traceparent
+from service.logs import ACCESS_LOGGER, CALL
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tracing import TRACEPARENT, parse_traceparent
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -92,11 +93,11 @@ def split_method(full: str) -> tuple[str, str]:
 
 def metadata_values(context: grpc.aio.ServicerContext, key: str) -> list[str]:
     """Every value the call sent under ``key``, in order, as text."""
-    return [
-        v if isinstance(v, str) else v.decode("utf-8", "replace")
-        for k, v in context.invocation_metadata() or ()
-        if k == key
-    ]
+    return [_text(v) for k, v in context.invocation_metadata() or () if k == key]
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -156,9 +157,9 @@ def call_ids(context: grpc.aio.ServicerContext) -> tuple[str, str]:
     sent = trace = None
     for k, v in context.invocation_metadata() or ():
         if k == REQUEST_ID_KEY and sent is None:
-            sent = v if isinstance(v, str) else v.decode("utf-8", "replace")
+            sent = _text(v)
         elif k == TRACEPARENT and trace is None:
-            trace = v if isinstance(v, str) else v.decode("utf-8", "replace")
+            trace = _text(v)
     if sent is None or not REQUEST_ID_FORM.fullmatch(sent):
         sent = os.urandom(16).hex()  # 128 random bits
     return sent, parse_traceparent(trace)

@@ -67,8 +67,8 @@ from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_byt
 from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN, UnknownAttribute, subject_of_peercert
 from service.argtypes import INT64_MAX
 from service.errors import echo
-from service.logs import TRACEPARENT
 from service.metrics import Metrics
+from service.tracing import TRACEPARENT
 
 if TYPE_CHECKING:
     from service.api.tls import TlsFiles
@@ -108,8 +108,6 @@ ROUTES |= {"/v1/completions", "/v1/models"}
 MODEL_ACTIONS = {"ready", "config", "stats", "infer", "generate", "generate_stream"}
 _MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z_]+))?")
 _REPOSITORY_MODEL = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
-
-_TRACE = (("traceparent", TRACEPARENT),)  # W3C trace context: logs and exemplars name the caller's trace
 
 
 def route_of(path: str) -> str:
@@ -681,7 +679,11 @@ class _RestHandler(KeptAliveHandler):
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         sent = []
-        for header, key in (("Authorization", "authorization"), ("X-Request-Id", "x-request-id"), *_TRACE):
+        for header, key in (
+            ("Authorization", "authorization"),
+            ("X-Request-Id", "x-request-id"),
+            (TRACEPARENT, TRACEPARENT),
+        ):
             value = self.headers.get(header)
             if value is not None and value.isascii() and value.isprintable():
                 sent.append((key, value))

@@ -15,8 +15,7 @@ import grpc
 import pytest
 
 from service.api.gen.seqserve.v1 import sentiment_pb2, sessions_pb2
-from service.logs import parse_traceparent
-from service.metrics import sampled_trace_id
+from service.tracing import parse_traceparent, sampled_trace_id
 from tests.conftest import ServerHandle
 from tests.service.kserve.procs import start_server, stop_server
 from tests.service.security.conftest import eventually, raw_unary
