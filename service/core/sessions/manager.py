@@ -237,11 +237,13 @@ class SessionManager:
         await self._report()
         return session
 
-    async def _live(self, session_id: str) -> SessionState:
+    async def _live(self, session_id: str, expire: bool = True) -> SessionState:
+        """The stored session, or ``SessionNotFound``; with ``expire`` (under its lease), one past its TTL is
+        removed and reported as unknown."""
         s = await self.store.load(session_id)
         if s is not None and s.owner != principal():
             s = None  # another principal's: exactly as if it did not exist
-        if s is not None and s.expires_at <= self.clock():
+        if expire and s is not None and s.expires_at <= self.clock():
             await self.store.delete(session_id)
             self.metrics.session_event(s.model, "expired")
             await self._report()
@@ -261,10 +263,7 @@ class SessionManager:
         keeps it so, as ``pop_expired`` does), and another principal's reads as unknown at once too, so the
         answer's timing says nothing about whose it is."""
         if self.store.in_use(session_id):
-            s = await self.store.load(session_id)
-            if s is None or s.owner != principal():
-                raise self._not_found(session_id)
-            return s, True
+            return await self._live(session_id, expire=False), True
         async with self.store.lease(session_id):
             return await self._live(session_id), False
 

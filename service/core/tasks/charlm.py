@@ -174,7 +174,7 @@ class CharLMTask(Task):
 
     def context_shapes(self) -> dict[str, tuple[Container[int], ...]]:
         v = len(self.vocab)
-        return {"logits": ({v},)} | undo.context_shapes(self.settings.undo_chars, self.initial_state(), v)
+        return {"logits": ({v},)} | undo.context_shapes(self.initial_state(), v)
 
     def contract(self) -> TensorContract:
         v = len(self.vocab)
@@ -206,12 +206,23 @@ class CharLMTask(Task):
         return TaskResult(outputs, inferences=1, steps=step.steps)
 
     # --- steps ----------------------------------------------------------------------------------------
-    async def _start(self, session: SessionState | None, ids: I64, probs: bool = False, reset: bool = False) -> Cursor:
-        """The cursor after ``ids``: fed from the session's state, or, without one or from a session that starts
-        from nothing (new, or ``reset``), from the longest beginning of ``ids`` that the prefix cache has
-        (``service/core/prefixes.py``; the answer is the same either way)."""
+    async def _start(
+        self,
+        session: SessionState | None,
+        ids: I64,
+        probs: bool = False,
+        reset: bool = False,
+        back: int = 0,
+        back_field: str = "backspace",
+    ) -> Cursor:
+        """The cursor after ``ids``: fed from the session's state (``back`` characters before its end, see
+        ``_taken_back``), or, without one or from a session that starts from nothing (new, or ``reset``), from the
+        longest beginning of ``ids`` that the prefix cache has (``service/core/prefixes.py``; the answer is the
+        same either way)."""
         cache, every = self.model.prefixes, self.settings.undo_chars
-        if session is not None and not reset and not _unfed(session):
+        if session is not None and back:
+            cur = await self._taken_back(session, back, back_field)
+        elif session is not None and not reset and not _unfed(session):
             cur = Cursor.of(session, every)
         elif session is not None and every:  # from nothing, keeping checkpoints (not through the prefix cache)
             cur = Cursor(state=self.initial_state())
@@ -275,9 +286,7 @@ class CharLMTask(Task):
             if cut == done:  # (the text ends at a checkpoint: marked already)
                 continue
             await self._run(cur, ids[done:cut], probs and cut == ids.size)
-            kept.fed(ids[done:cut])
-            if cut in points:
-                kept.mark(cur.steps, cur.state, cur.logits)
+            kept.stepped(ids[done:cut], cur.steps, cur.state, cur.logits)
             done = cut
 
     async def _run(self, cur: Cursor, ids: I64, probs: bool) -> None:
@@ -341,9 +350,7 @@ class CharLMTask(Task):
                 logits = cur.logits = step_logits[0]
                 cur.steps += 1
                 if cur.undo is not None:
-                    cur.undo.fed(np.array([idx]))
-                    if cur.undo.cuts(cur.steps - 1, 1):  # this character ends at a checkpoint
-                        cur.undo.mark(cur.steps, cur.state, cur.logits)
+                    cur.undo.stepped(np.array([idx]), cur.steps, cur.state, cur.logits)
                 if session is not None:
                     cur.commit(session)
             steps = cur.steps if session is not None else 0
@@ -364,16 +371,12 @@ class CharLMTask(Task):
         if reset and backspace:
             raise InvalidInput("backspace and reset both set: a reset replaces the whole text; send one of them")
         ids = self.encoder.encode(appended, field="appended")  # bad characters fail before the session changes
-        if backspace:
-            cur = await self._taken_back(session, backspace)
-            await self.advance(cur, ids)
-        else:
-            cur = await self._start(session, ids, reset=reset)
+        cur = await self._start(session, ids, reset=reset, back=backspace)
         self._need_logits(cur, "appended")  # (nothing to continue: refused before the session changes)
         cur.commit(session)
         return SuggestResult(suggestions=await self._suggest(cur, n, max_chars, beam, "appended"), steps=cur.steps)
 
-    async def _taken_back(self, session: SessionState, back: int, field: str = "backspace") -> Cursor:
+    async def _taken_back(self, session: SessionState, back: int, field: str) -> Cursor:
         """The cursor ``back`` characters before the session's end: from the newest checkpoint at or before that
         point, fed the kept characters up to it (``undo.Undo.rewind``); the session itself is not changed."""
         if not self.settings.undo_chars:
@@ -384,10 +387,9 @@ class CharLMTask(Task):
         cur = Cursor.of(session, self.settings.undo_chars)
         assert cur.undo is not None
         base, refeed = cur.undo.rewind(cur.steps, back, field)
-        kept, cur.undo = cur.undo, None  # (the characters fed again are kept already)
         cur.state, cur.logits, cur.steps = base.state, base.logits, base.pos
-        await self.advance(cur, refeed)
-        cur.undo = kept
+        if refeed.size:
+            await self._run(cur, refeed, False)  # (not ``advance``: these characters are kept already)
         return cur
 
     async def char_step(self, session: SessionState | None, text: str, num_chars: int) -> CharStep:
@@ -403,10 +405,7 @@ class CharLMTask(Task):
         ids = self.encoder.encode(text, field=text_field)
         if back and session is not None:
             check_int(back, "input BACKSPACE", 0, session.steps, " (the characters the sequence holds)")
-            cur = await self._taken_back(session, back, "input BACKSPACE")
-            await self.advance(cur, ids, probs=True)
-        else:
-            cur = await self._start(session, ids, probs=True)
+        cur = await self._start(session, ids, probs=True, back=back, back_field="input BACKSPACE")
         logits = self._need_logits(cur, text_field)
         probs = cur.probs if cur.probs is not None else softmax(logits).astype(np.float32)  # (vocab,)
         if session is not None:

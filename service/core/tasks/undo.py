@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.core.arrays import I64
+from service.core.tasks.base import Array
 from service.core.types import FloatArray
 from service.errors import FailedPrecondition
 
-Array = np.ndarray  # a state: (layers, 1, hidden) float32
 PREFIX = "undo."
 IDS, POSITIONS = PREFIX + "ids", PREFIX + "pos"
 MAX_MARKS = 2
+MAX_IDS = 2 * 4096  # characters a context may keep: fewer than 2U, U at most 4096 (``Settings.undo_chars``)
 
 
 @dataclass
@@ -88,16 +89,17 @@ class Undo:
         return out
 
     def cuts(self, start: int, n: int) -> list[int]:
-        """Offsets within a feed of ``n`` characters from position ``start`` after which a checkpoint is taken:
-        the multiples of U past the newest mark, the last two of them only (older ones would be dropped)."""
+        """Offsets within a feed of ``n`` characters from position ``start`` where a checkpoint falls: the
+        multiples of U past the newest mark, the last two of them only (older ones would be dropped)."""
         first = (max(start, self.marks[-1].pos) // self.every + 1) * self.every
         return [p - start for p in range(first, start + n + 1, self.every)][-MAX_MARKS:]
 
-    def fed(self, ids: I64) -> None:
+    def stepped(self, ids: I64, pos: int, state: dict[str, Array], logits: FloatArray | None) -> None:
+        """The cursor was fed ``ids`` and stands at ``pos``: keep them, and take a checkpoint when ``pos`` is a
+        multiple of U past the newest one (the oldest beyond two is dropped, with its characters)."""
         self.ids.extend(int(i) for i in ids)
-
-    def mark(self, pos: int, state: dict[str, Array], logits: FloatArray | None) -> None:
-        """A checkpoint at ``pos`` (the characters up to it were ``fed``); the oldest beyond two is dropped."""
+        if pos % self.every or pos <= self.marks[-1].pos:
+            return
         self.marks.append(Mark(pos, state, logits))
         if len(self.marks) > MAX_MARKS:
             dropped = self.marks.pop(0)
@@ -124,11 +126,12 @@ class Undo:
         return base, np.asarray(self.ids[base.pos - self.marks[0].pos :], dtype=np.int64)
 
 
-def context_shapes(every: int, state: dict[str, Array], vocab: int) -> dict[str, tuple[Container[int], ...]]:
+def context_shapes(state: dict[str, Array], vocab: int) -> dict[str, tuple[Container[int], ...]]:
     """What the undo entries of a session context may hold (``Task.context_shapes``); declared whatever U is, so
-    that a session kept with undo on can be imported where it is off (its entries are then dropped)."""
+    that a session kept with another U, or with undo on where it is off, can be imported (``Undo.load`` starts
+    afresh from what does not fit; entries kept where undo is off are dropped at the next step)."""
     shapes: dict[str, tuple[Container[int], ...]] = {
-        IDS: (range(0, max(2 * every, 1 << 16)),),
+        IDS: (range(0, MAX_IDS),),
         POSITIONS: (range(1, MAX_MARKS + 1),),
     }
     for k in range(MAX_MARKS):
