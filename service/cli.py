@@ -96,9 +96,13 @@ async def _serve(settings: Settings, ready_file: Path | None) -> None:
     log.info("seqserve stopped")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _need_onnxruntime() -> None:
     if importlib.util.find_spec("onnxruntime") is None:
         raise RuntimeError(ORT_MISSING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _need_onnxruntime()
     with deferred_interrupt():  # (a Ctrl-C here is "interrupted" once the imports are done, never lost in one)
         from service.core.aio import run
         from service.engine.procs import serve, worker_count
@@ -116,8 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``seqserve check``: ``service.preflight`` with serve's settings; 0 when nothing failed."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise RuntimeError(ORT_MISSING)
+    _need_onnxruntime()
     with deferred_interrupt():
         from service.core.aio import run
         from service.preflight import check, report

@@ -86,12 +86,12 @@ def _tls(settings: Settings) -> Finding:
     if loaded.expires_at is None:
         return Finding("tls", str(loaded.cert), WARN, f"loads ({clients}); its expiry could not be read")
     days = (loaded.expires_at - time.time()) / 86400
-    subject = loaded.subject or "(subject not readable)"
+    status, detail = OK, f"expires in {days:.1f} days ({clients})"
     if days <= 0:
-        return Finding("tls", str(loaded.cert), FAIL, f"{subject}: expired {-days:.1f} days ago; renew it")
-    if days < EXPIRY_WARNING_DAYS:
-        return Finding("tls", str(loaded.cert), WARN, f"{subject}: expires in {days:.1f} days ({clients}); renew it")
-    return Finding("tls", str(loaded.cert), OK, f"{subject}: expires in {days:.1f} days ({clients})")
+        status, detail = FAIL, f"expired {-days:.1f} days ago; renew it"
+    elif days < EXPIRY_WARNING_DAYS:
+        status, detail = WARN, detail + "; renew it"
+    return Finding("tls", str(loaded.cert), status, f"{loaded.subject or '(subject not readable)'}: {detail}")
 
 
 def _plugins(settings: Settings) -> list[Finding]:

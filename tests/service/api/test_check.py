@@ -4,7 +4,6 @@ listens on, a plugin that does not import, a misspelt variable. Exit status 1 ex
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
@@ -12,12 +11,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from service.cli import main
+from tests.service.security.certs import self_signed
 
 
 @pytest.fixture(autouse=True)
@@ -95,25 +91,8 @@ def test_settings_keys_plugins_and_the_session_store(
 
 
 def _certificate(folder: Path, days_left: float) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "seqserve.example")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=400))
-        .not_valid_after(now + dt.timedelta(days=days_left))
-        .sign(key, hashes.SHA256())
-    )
-    crt, pem = folder / f"{days_left}.crt", folder / f"{days_left}.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return crt, pem
+    pair = self_signed(folder, str(days_left), "seqserve.example", days_left)
+    return pair.cert, pair.key
 
 
 @pytest.mark.parametrize(("days_left", "want"), [(90, "ok"), (5, "warn"), (-1, "fail")])

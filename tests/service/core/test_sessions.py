@@ -372,6 +372,22 @@ async def test_closing_a_stream_stops_generation_and_keeps_what_was_sent(dp: Cor
     assert recorded(dp).generated >= 4
 
 
+async def long_completion(
+    dp: CoreDataPlane, session_id: str, prompt: str, received: list[str], chunks: int
+) -> asyncio.Task[None]:
+    """A 2,000-character Complete on the session in a task of its own, returned once ``received`` holds
+    ``chunks`` of its chunks."""
+
+    async def consume() -> None:
+        async for chunk in dp.complete(LM, prompt, SamplingParams(max_chars=2000, seed=1), session_id=session_id):
+            received.append(chunk.text)
+
+    task = asyncio.create_task(consume())
+    while len(received) < chunks:
+        await asyncio.sleep(0.001)
+    return task
+
+
 async def test_get_and_export_answer_at_once_during_a_long_completion(make_dp: MakeDP) -> None:
     """A read does not wait behind the call holding the session: it answers with the session as the last
     finished call left it, marked in use; another principal still gets NOT_FOUND, at once too; once the call
@@ -380,14 +396,7 @@ async def test_get_and_export_answer_at_once_during_a_long_completion(make_dp: M
     s = await dp.create_session(LM)
     await dp.char_step(LM, "abc", session_id=s.id)
     received: list[str] = []
-
-    async def consume() -> None:
-        async for chunk in dp.complete(LM, "de", SamplingParams(max_chars=2000, seed=1), session_id=s.id):
-            received.append(chunk.text)
-
-    task = asyncio.create_task(consume())
-    while len(received) < 3:
-        await asyncio.sleep(0.001)
+    task = await long_completion(dp, s.id, "de", received, 3)
     info = await asyncio.wait_for(dp.get_session(s.id), 1.0)
     assert info.in_use and info.steps == 3 and info.id == s.id
     blob, exported = await asyncio.wait_for(dp.export_session(s.id), 1.0)
@@ -415,14 +424,7 @@ async def test_get_and_export_answer_at_once_during_a_long_completion(make_dp: M
 async def test_cancelling_the_consumer_task_stops_generation(dp: CoreDataPlane) -> None:
     s = await dp.create_session(LM)
     received: list[str] = []
-
-    async def consume() -> None:
-        async for chunk in dp.complete(LM, "abc", SamplingParams(max_chars=2000, seed=1), session_id=s.id):
-            received.append(chunk.text)
-
-    task = asyncio.create_task(consume())
-    while len(received) < 5:
-        await asyncio.sleep(0.001)
+    task = await long_completion(dp, s.id, "abc", received, 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -46,7 +46,14 @@ def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurv
     return pair
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    since: dt.timedelta = dt.timedelta(minutes=5),
+    days_left: float = 2,
+) -> x509.CertificateBuilder:
+    """Valid from ``since`` ago until ``days_left`` days from now."""
     now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
@@ -54,9 +61,18 @@ def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivate
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
+        .not_valid_before(now - since)
+        .not_valid_after(now + dt.timedelta(days=days_left))
     )
+
+
+def self_signed(folder: Path, stem: str, cn: str, days_left: float) -> Pair:
+    """A self-signed certificate (subject CN=``cn`` only) that expires ``days_left`` days from now (negative: it
+    has expired), valid since 400 days ago, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    cert = _builder(name, name, key, dt.timedelta(days=400), days_left).sign(key, hashes.SHA256())
+    return _write(folder, stem, cert, key)
 
 
 def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
