@@ -12,6 +12,7 @@ Workloads (the issue's): one SST-2 sentence per request for ``sentiment``; one c
 from __future__ import annotations
 
 import csv
+import ctypes
 import importlib.util
 import json
 import os
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from bench.launch import cpu_seconds
 
-PERF_ANALYZER = Path(sys.executable).parent / "perf_analyzer"
+# The binary tritonclient's wheel puts beside this interpreter; PERF_ANALYZER names another (Triton's SDK image).
+PERF_ANALYZER = Path(os.environ.get("PERF_ANALYZER") or Path(sys.executable).parent / "perf_analyzer")
 SENTENCES = [
     "it 's a charming and often affecting journey .",
     "unflinchingly bleak and desperate",
@@ -89,8 +91,17 @@ def cudart_dir() -> Path | None:
     return None
 
 
+def _loadable(name: str) -> bool:
+    """Whether the dynamic loader finds ``name`` (LD_LIBRARY_PATH included, as perf_analyzer's loader would)."""
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
 def _has_libb64() -> bool:
-    return any(Path(d, "libb64.so.0d").exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib", "/lib"))
+    return _loadable("libb64.so.0d")
 
 
 def environment(install: bool = True) -> dict[str, str]:
@@ -105,6 +116,8 @@ def environment(install: bool = True) -> dict[str, str]:
         if subprocess.run([apt, "install", "-y", "-qq", "libb64-0d"], env=env, capture_output=True).returncode:
             subprocess.run([apt, "update", "-qq"], env=env, check=True, capture_output=True)
             subprocess.run([apt, "install", "-y", "-qq", "libb64-0d"], env=env, check=True, capture_output=True)
+    if _loadable("libcudart.so.12"):  # already on the loader's path (LD_LIBRARY_PATH, ldconfig)
+        return dict(os.environ)
     lib = cudart_dir()
     if lib is None and install:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "nvidia-cuda-runtime-cu12"], check=True)

@@ -5,8 +5,10 @@ on the tiny models; speed is the benchmark's business, not this test's."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +64,37 @@ def test_perf_analyzer_without_version_flag(
     # Triton's cache_hit / cache_miss belong to its response cache, which we do not have: reporting anything there
     # (the char LM's prefix cache, at each sequence's start) made perf_analyzer flag our statistics as inconsistent.
     assert "cache hit/miss" not in out, out[-3000:]
+
+
+def _environment_in_child(env: dict[str, str], prelude: str = "") -> subprocess.CompletedProcess[str]:
+    """``pa.environment(install=False)`` in a fresh interpreter (the dynamic loader reads LD_LIBRARY_PATH once, at
+    start-up), printing the PERF_ANALYZER it used and the LD_LIBRARY_PATH it returns."""
+    code = f"{prelude}\nfrom bench import pa\nenv = pa.environment(install=False)\nprint(pa.PERF_ANALYZER)\n"
+    code += "print(env.get('LD_LIBRARY_PATH', ''))\n"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_perf_analyzer_elsewhere_is_named_by_the_environment(tmp_path: Path) -> None:
+    # Triton's SDK image, or a machine without tritonclient's wheel: PERF_ANALYZER names the binary.
+    missing = tmp_path / "perf_analyzer"
+    done = _environment_in_child(os.environ | {"PERF_ANALYZER": str(missing)})
+    assert done.returncode != 0 and f"{missing} is missing" in done.stderr, done.stderr[-2000:]
+    missing.write_bytes(b"")
+    done = _environment_in_child(os.environ | {"PERF_ANALYZER": str(missing)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[0] == str(missing)
+
+
+def test_a_cudart_on_the_loader_path_needs_no_pip_package() -> None:
+    # A machine with no package index (the GPU machine): libcudart.so.12 on LD_LIBRARY_PATH is enough, and
+    # environment() neither installs nor looks for the PyPI package. Without it on the path, and the package
+    # hidden, it says what to install instead of installing (install=False).
+    lib = pa.cudart_dir()
+    assert lib is not None  # the dev extra brings it
+    hide = "import bench.pa\nbench.pa.cudart_dir = lambda: None"
+    base = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    done = _environment_in_child(base | {"LD_LIBRARY_PATH": str(lib)}, hide)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[1] == str(lib)  # returned as it was: nothing added
+    done = _environment_in_child(base, hide)
+    assert done.returncode != 0 and "pip install nvidia-cuda-runtime-cu12" in done.stderr, done.stderr[-2000:]
