@@ -88,3 +88,13 @@ def test_committed_forecasters_carry_their_card_and_their_issue_goal(m: Manifest
     if m.name in TARGETS:
         metric, goal = TARGETS[m.name]
         assert {x.name: x.target for x in m.metrics}[metric] == goal
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_committed_char_lms_carry_their_version_card(version: int) -> None:
+    """charlm/2's card adds what it costs (a 2x512 net) and that a GPU rerun lands near it; charlm/1 keeps the
+    name's card."""
+    m = Manifest.load(ROOT / "models" / "charlm" / str(version) / MANIFEST_FILE)
+    assert m.card == card_for("charlm", "charlm", version)
+    assert (m.card == CARDS["charlm/2"]) == (version == 2) and (m.card == CARDS["charlm"]) == (version == 1)
+    assert m.architecture.hidden == {1: 256, 2: 512}[version]
