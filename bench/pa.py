@@ -3,7 +3,8 @@
 perf_analyzer ships in the dev venv with ``tritonclient`` and needs two shared libraries it does not bring:
 ``libb64.so.0d`` (Debian's ``libb64-0d``) and ``libcudart.so.12`` (PyPI's ``nvidia-cuda-runtime-cu12``; no GPU
 is used). ``environment()`` installs what is missing (apt as root, pip into this interpreter) and returns the
-environment to run it with.
+environment to run it with; a library the dynamic loader already finds (``LD_LIBRARY_PATH``) is used as it is, so
+a machine without a package index runs it too. ``PERF_ANALYZER`` names another binary (Triton's SDK image).
 
 Workloads (the issue's): one SST-2 sentence per request for ``sentiment``; one character per request for
 ``charlm`` in sequences of 100 steps, unary (ModelInfer) or ``--streaming`` (ModelStreamInfer).
