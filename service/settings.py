@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     """How long the first request of a batch waits for others."""
     max_queue_size: int = Field(default=1024, ge=1)
     """Requests waiting per model beyond which new ones get RESOURCE_EXHAUSTED."""
+    model_instances: int = Field(default=1, ge=1, le=64)
+    """Batches of one model version that may run at once (Triton's ``instance_group`` count): while one runs in a
+    worker thread, the next forms and starts on another, so a step that arrives meanwhile does not wait for it.
+    1 (default) = one batch at a time. On 16 cores that was the engine's limit (docs/architecture.md); on 2 cores,
+    where the event loop and ONNX Runtime already share both, more buys nothing."""
     priority_levels: int = Field(default=0, ge=0, le=1000)
     """Triton's priority levels (the schedule-policy extension): a KServe request's ``priority`` 1 (highest) to
     this; a waiting request of a higher level runs before every lower one of its model. 0 (default) = one level:

@@ -48,6 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -205,7 +206,10 @@ class Batcher:
         self._infer_seconds: dict[int, float] = {}  # tokens -> ORT seconds of the last batch that size (inlinable)
         self.metrics = metrics
         self._pending: deque[_Pending] = deque()
-        self._busy = False  # the flush task is running a batch (inline or in the worker thread)
+        self.instances = settings.model_instances
+        self._running = 0  # batches running now (inline or in a worker thread), at most ``instances``
+        self._runs: dict[asyncio.Task[None], list[_Pending]] = {}  # instances > 1: batches beside the flush task
+        self._slot = asyncio.Event()  # a run ended: the flush task may start another
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Rows of the last few batches per key: how much company to expect (the largest of them).
@@ -228,12 +232,19 @@ class Batcher:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        for run, batch in list(self._runs.items()):  # a run cancelled before it began cannot fail its own requests
+            await cancel_and_wait(run)
+            self._fail(batch, "stopped")
+        self._runs.clear()
         if self._pending:
-            while self._pending:
-                p = self._pending.popleft()
-                if not p.future.done():
-                    p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} was unloaded"))
+            waiting, self._pending = list(self._pending), deque()
+            self._fail(waiting, "was unloaded")
             self._report_depth()  # nothing waits any more: no backlog left behind for alerts
+
+    def _fail(self, batch: list[_Pending], why: str) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} {why}"))
 
     def _report_depth(self) -> None:
         self.metrics.queue_depth(self.name, len(self._pending), self.version)
@@ -252,7 +263,7 @@ class Batcher:
             )
         note_run()  # (the request counts once in queue and compute statistics)
         loop = asyncio.get_running_loop()
-        tokens = self._alone(item, loop) if not self._pending and not self._busy else 0
+        tokens = self._alone(item, loop) if not self._pending and not self._running else 0
         if tokens:
             result = self._run_now(item, tokens)
             # A marker on the run queue until the loop's next iteration: a caller that loops over steps without
@@ -379,11 +390,29 @@ class Batcher:
             self._report_depth()
             if batch:  # (its key may differ from ``head``'s: a request of a higher level came first meanwhile)
                 self._note_rows(batch[0].item.key, sum(p.item.rows for p in batch))
-                self._busy = True
-                try:
-                    await self._run(batch)
-                finally:
-                    self._busy = False
+                if self.instances == 1:
+                    self._running = 1
+                    try:
+                        await self._run(batch)
+                    finally:
+                        self._running = 0
+                    continue
+                # Several instances: the batch runs beside this task, which goes on forming the next one and
+                # waits only while every instance is taken. (A session is never in two batches: its caller holds
+                # its lease until its step returns.)
+                self._running += 1
+                self._runs[asyncio.create_task(self._run_instance(batch))] = batch
+                while self._running >= self.instances:
+                    self._slot.clear()
+                    await self._slot.wait()
+
+    async def _run_instance(self, batch: list[_Pending]) -> None:
+        try:
+            await self._run(batch)
+        finally:
+            self._running -= 1
+            self._runs.pop(cast(asyncio.Task[None], asyncio.current_task()), None)
+            self._slot.set()
 
     async def _run(self, batch: list[_Pending]) -> None:
         items = [p.item for p in batch]
@@ -397,9 +426,7 @@ class Batcher:
             if tokens <= self.inline_tokens:
                 self._infer_seconds[tokens] = sum(times[1] for _, times in runs) / 1e9
         except asyncio.CancelledError:  # stop() during a run: nobody may wait forever
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} stopped"))
+            self._fail(batch, "stopped")
             raise
         except Exception as exc:
             log.exception("batch of %d requests failed on model %s version %d", len(batch), self.name, self.version)

@@ -49,8 +49,9 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
         ],
         output=[pb.ModelOutput(name=d.name, data_type=_CONFIG_TYPES[d.datatype], dims=d.shape) for d in c.outputs],
         parameters={k: pb.ModelParameter(string_value=v) for k, v in m.parameters.items()},
-        # One ONNX Runtime session per version, on the device its provider runs on (Triton always fills this in).
-        instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=1)],
+        # One ONNX Runtime session per version, on the device its provider runs on, taking MODEL_INSTANCES batches
+        # at once (Triton always fills this in).
+        instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=settings.model_instances)],
     )
     if c.sequences:
         idle_us = int(settings.sequence_idle_seconds * 1e6)

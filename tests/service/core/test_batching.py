@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from service.core.batching import StepInput
+from service.core.batching import Batcher, StepInput
 from service.core.context import set_priority
 from service.core.dataplane import CoreDataPlane
 from service.core.types import ModelRef, SamplingParams
@@ -392,3 +393,76 @@ async def test_a_waiting_request_of_a_higher_priority_level_runs_first(make_dp: 
     assert order == [2, 0, 1, 3]
     # With one level (the default) the queue is first come, first served, whatever the context says.
     assert await _finishing_order(make_dp, [None, 3, 1, 2]) == [0, 1, 2, 3]
+
+
+def _overlap_counter(
+    batcher: Batcher, monkeypatch: pytest.MonkeyPatch, hold: threading.Event | None = None
+) -> list[int]:
+    """Wraps the batcher's runtime: each run takes 50 ms (or waits for ``hold``); returns [runs at once, the most
+    seen at once]."""
+    seen = [0, 0]
+    lock = threading.Lock()
+    runtime = batcher.runtime
+    real = runtime.run
+
+    def slow(feeds, rows):  # type: ignore[no-untyped-def]
+        with lock:
+            seen[0] += 1
+            seen[1] = max(seen[1], seen[0])
+        try:
+            if hold is None:
+                time.sleep(0.05)
+            else:
+                hold.wait(10)
+            return real(feeds, rows)
+        finally:
+            with lock:
+                seen[0] -= 1
+
+    monkeypatch.setattr(runtime, "run", slow)
+    return seen
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+async def test_model_instances_bound_the_batches_running_at_once(
+    make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch, instances: int
+) -> None:
+    # Batches of one request each, all in worker threads: with N instances, N run at once and never more (1, the
+    # default: one at a time); every answer is the one the request gets alone.
+    dp = await make_dp(model_instances=instances, max_batch_size=1, inline_batch_tokens=0)
+    texts = ["good film", "a very boring movie", "bad", "i love this great fun film !", "not good", "fine"]
+    alone = [(await dp.classify(SENT, [t]))[0].probabilities for t in texts]
+    seen = _overlap_counter(dp.registry.resolve(SENT).batcher, monkeypatch)
+    together = await asyncio.gather(*(dp.classify(SENT, [t]) for t in texts))
+    assert seen[1] == instances
+    for probs, result in zip(alone, together, strict=True):
+        np.testing.assert_allclose(result[0].probabilities, probs, atol=1e-6)
+    assert sorted(recorded(dp).batch_sizes("sentiment")[len(texts) :]) == [1] * len(texts)
+
+
+async def test_stop_fails_every_running_instance_and_queued_request(
+    make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dp = await make_dp(model_instances=2, max_batch_size=1, inline_batch_tokens=0)
+    batcher = dp.registry.resolve(SENT).batcher
+    hold = threading.Event()
+    seen = _overlap_counter(batcher, monkeypatch, hold)
+    calls = [asyncio.ensure_future(dp.classify(SENT, [t])) for t in ("good", "bad", "fine")]
+    while seen[0] < 2 or batcher.pending < 1:  # two running, the third queued behind them
+        await asyncio.sleep(0.001)
+    await batcher.stop()
+    hold.set()
+    for call in calls:
+        with pytest.raises(ModelUnavailable, match=r"stopped|unloaded"):
+            await asyncio.wait_for(call, 5)
+    assert not batcher._runs and batcher._running == 0
+
+
+async def test_model_config_reports_the_instances(make_dp: MakeDP) -> None:
+    # Triton clients read instance_group[0].count for the model's parallelism.
+    from service.api.kserve.convert import config_to_pb
+
+    for instances in (1, 4):
+        dp = await make_dp(model_instances=instances)
+        config = config_to_pb(await dp.model_metadata(SENT), dp.settings)
+        assert [(g.count, g.name) for g in config.instance_group] == [(instances, "sentiment")]
