@@ -64,6 +64,10 @@ def _train_parser(sub: argparse._SubParsersAction[Parser], task: str, help_: str
     p.add_argument("--sha256", help="expected sha256 of the --download file (required with --download)")
     if task == "charlm":
         p.add_argument("--bptt", type=count(1), help="characters per truncated-BPTT window")
+        p.add_argument(
+            "--half", action="store_true",
+            help="store the exported weights as float16 (computed in float32): half the bytes on disk and in the image",
+        )  # fmt: skip
     if task == "sentiment":
         p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction)
         p.add_argument(
@@ -260,7 +264,7 @@ def _job(args: argparse.Namespace, argv: list[str]) -> Job:
     )  # fmt: skip
     keys = ["bptt", "heldout_fraction", "heldout", "min_count", "max_length", "word_dropout", "preset", "time_column"]
     keys += ["glove", "glove_top", "glove_dropout", "glove_dir", "glove_init", "half_table", "calibrate"]
-    keys += ["lexicon", "lexicon_dir", "adversarial"]
+    keys += ["lexicon", "lexicon_dir", "adversarial", "half"]
     keys += ["columns", "targets", "split", "freq", "calibration", "interval_scale"]
     extra = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return Job(args.data, out, tc, nc, shlex.join(["seqserve-train", *argv]), extra)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from service.core.arrays import softmax, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec
@@ -41,13 +41,12 @@ from training.cards import CARDS, card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, open_model, recomputed, sentiment_logits
 from training.heldout import heldout_rows, recorded
-from training.onnx_graph import cpu_session, probe_batches
+from training.onnx_graph import cpu_session, halved, probe_batches
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 
 TOLERANCE = 1e-4  # largest logit difference from the members' mean on the probe batches
 HALF_TOLERANCE = 1e-2  # the same, for --half, against the members (float32)
 SAME_WEIGHTS = 1e-3  # two members closer than this on every probe logit hold the same weights (a fused copy: 2e-6)
-HALF_MIN_ELEMENTS = 1024  # --half leaves smaller tensors (biases, shapes) as they are
 SHARED = ("input_ids", "lengths")  # inputs every member reads as they are
 FLOOR = 1e-30  # the mean probability is clipped here before the log, so a certain answer never gives -inf
 Array = npt.NDArray[Any]
@@ -98,20 +97,6 @@ def _prefixed(graph: onnx.GraphProto, prefix: str) -> tuple[list[onnx.NodeProto]
     return nodes, inits
 
 
-def _halved(
-    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Every float32 initializer of ``HALF_MIN_ELEMENTS`` or more stored as float16, cast back under its own name."""
-    casts, kept = [], []
-    for t in inits:
-        if t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) >= HALF_MIN_ELEMENTS:
-            kept.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + ".f16"))
-            casts.append(helper.make_node("Cast", [t.name + ".f16"], [t.name], to=TensorProto.FLOAT))
-        else:
-            kept.append(t)
-    return casts + nodes, kept
-
-
 def _opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
     """Every operator set the members import (an int8 member's com.microsoft ops too); a domain imported at two
     versions is refused, since a member's nodes mean what their own version says."""
@@ -137,7 +122,7 @@ def build(models: list[onnx.ModelProto], manifests: list[Manifest], half: bool =
         nodes += n
         inits += i
     if half:
-        nodes, inits = _halved(nodes, inits)
+        nodes, inits = halved(nodes, inits)
     rows = [[int(s.shape[0]) for s in m.states] for m in manifests]
     for j, s in enumerate(first.states):  # member k's rows of the combined state, in --model order
         sizes = numpy_helper.from_array(np.array([r[j] for r in rows], dtype=np.int64), f"{s.input}.rows")

@@ -1,6 +1,6 @@
 """Small tools for the commands that write ONNX graphs by hand (``quantize --method static``, ``fuse``,
-``ensemble``): a graph under construction, a CPU session over a graph in memory or on disk, and the random padded
-word batches a rebuilt sentiment graph is checked on."""
+``ensemble``, ``--half``): a graph under construction, a CPU session over a graph in memory or on disk, the random
+padded word batches a rebuilt sentiment graph is checked on, and weights stored as float16."""
 
 from __future__ import annotations
 
@@ -11,7 +11,36 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
+
+HALF_MIN_ELEMENTS = 1024  # float16 storage leaves smaller tensors (biases, shapes) as they are
+
+
+def halved(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Every float32 initializer of ``HALF_MIN_ELEMENTS`` or more stored as float16, cast back under its own name
+    (ONNX Runtime folds the casts when the session loads, so the graph computes in float32 as before)."""
+    casts, kept = [], []
+    for t in inits:
+        if t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) >= HALF_MIN_ELEMENTS:
+            kept.append(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + ".f16"))
+            casts.append(helper.make_node("Cast", [t.name + ".f16"], [t.name], to=TensorProto.FLOAT))
+        else:
+            kept.append(t)
+    return casts + nodes, kept
+
+
+def store_half(path: Path) -> None:
+    """Rewrites the model at ``path`` with its large weights stored as float16 (``halved``): half the bytes."""
+    model = onnx.load(str(path))
+    nodes, inits = halved(list(model.graph.node), list(model.graph.initializer))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 class GraphBuilder:

@@ -192,11 +192,13 @@ def train_charlm(job: Job) -> None:
     net = build_net(job.net, job.train.seed)
     print(f"charlm: {len(train)} train / {len(val)} val chars, vocab {len(tok.vocab)}, {count_parameters(net)} params")
     res = fit(CharLMRunner(net, train, val, job.extra["bptt"], job.train.device), job.train)
+    half = bool(job.extra.get("half"))
     write_model(
         net.cpu(), job.net, job.out, name=job.name, version=job.version,
         description="Character-level LSTM language model trained on Tiny Shakespeare (first 90% of the text).",
-        tokenizer=tok, training=training_info(job, res),
-        notes="unidirectional; state (h, c) carries the whole prefix, so a session advances in O(new chars)",
+        tokenizer=tok, training=training_info(job, res), half=half,
+        notes="unidirectional; state (h, c) carries the whole prefix, so a session advances in O(new chars)"
+        + ("; weights stored as float16, computed in float32" if half else ""),
     )  # fmt: skip
     ev = evaluate_model(job.out, job.data)
     metric = Metric(

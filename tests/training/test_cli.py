@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -65,6 +66,33 @@ def test_charlm_train_evaluate_resume_sample(
     assert main(["sample", "--model", str(out), "--prompt", "RO", "--length", "20", "--top-k", "5"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("RO") and len(text.rstrip("\n")) >= 20
+
+
+@pytest.mark.slow
+def test_charlm_half_stores_float16_weights_that_answer_as_the_float32_export(
+    tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--half`` (charlm/2 in the image): the same seeded run exported twice, once with its large weights stored as
+    float16. Half the bytes, every large tensor float16 and cast back, answers within float16 rounding of the
+    float32 file's, and the manifest says so."""
+    common = ["charlm", "--data", str(tiny_text), *FAST, "--hidden", "32", "--layers", "2", "--embedding", "8"]
+    common += ["--batch-size", "4", "--bptt", "16", "--epochs", "1", "--eval-every", "10", "--seed", "3"]
+    full, half = tmp_path / "models" / "lm" / "1", tmp_path / "models" / "lm" / "2"
+    assert main([*common, "--out", str(full), "--run-dir", str(tmp_path / "r1")]) == 0
+    assert main([*common, "--out", str(half), "--run-dir", str(tmp_path / "r2"), "--half"]) == 0
+    m = _check_outputs(half)
+    assert m.training["weights"] == "float16 (computed in float32)" and "--half" in m.training["command"]
+    assert 0 < m.training["parity_max_abs_diff_half"] <= 1e-2 and "float16" in (m.architecture.notes or "")
+    assert "weights" not in Manifest.load(full / MANIFEST_FILE).training
+    graph = onnx.load(str(half / MODEL_FILE)).graph
+    f16 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    assert f16 and {n.input[0] for n in graph.node if n.op_type == "Cast"} >= f16
+    assert (half / MODEL_FILE).stat().st_size < 0.7 * (full / MODEL_FILE).stat().st_size
+    ids = np.random.default_rng(0).integers(0, len(m.tokenizer.vocab), size=(3, 40)).astype(np.int64)  # type: ignore[union-attr]
+    feeds = {"input_ids": ids, **zero_states(m.states, {"batch": 3})}
+    a, b = (ort.InferenceSession(str(d / MODEL_FILE)).run(None, feeds) for d in (full, half))
+    assert 0 < max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) <= 1e-2
+    assert _evaluate(capsys, half, tiny_text)["val_loss_nats_per_char"] == pytest.approx(m.metrics[0].value, abs=1e-4)
 
 
 @pytest.mark.slow
