@@ -101,15 +101,11 @@ def _loadable(name: str) -> bool:
     return True
 
 
-def _has_libb64() -> bool:
-    return _loadable("libb64.so.0d")
-
-
 def environment(install: bool = True) -> dict[str, str]:
     """The environment perf_analyzer runs in; installs its two libraries first when ``install`` and missing."""
     if not PERF_ANALYZER.exists():
         raise RuntimeError(f"{PERF_ANALYZER} is missing: install the dev extra (tritonclient ships it)")
-    if not _has_libb64() and install:
+    if not _loadable("libb64.so.0d") and install:
         apt = shutil.which("apt-get")
         if apt is None or os.geteuid() != 0:
             raise RuntimeError("perf_analyzer needs libb64.so.0d: apt-get install libb64-0d (as root)")

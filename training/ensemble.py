@@ -41,11 +41,10 @@ from training.cards import CARDS, card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, open_model, recomputed, sentiment_logits
 from training.heldout import heldout_rows, recorded
-from training.onnx_graph import cpu_session, halved, probe_batches
+from training.onnx_graph import HALF_TOLERANCE, cpu_session, halved, probe_batches
 from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
 
 TOLERANCE = 1e-4  # largest logit difference from the members' mean on the probe batches
-HALF_TOLERANCE = 1e-2  # the same, for --half, against the members (float32)
 SAME_WEIGHTS = 1e-3  # two members closer than this on every probe logit hold the same weights (a fused copy: 2e-6)
 SHARED = ("input_ids", "lengths")  # inputs every member reads as they are
 FLOOR = 1e-30  # the mean probability is clipped here before the log, so a certain answer never gives -inf

@@ -36,11 +36,9 @@ from service.core.manifest import (
     sha256_file,
 )
 from training.nets import NetConfig, count_parameters, state_specs
-from training.onnx_graph import store_half
+from training.onnx_graph import HALF_TOLERANCE, store_half
 
 OPSET = 17
-# --half: largest logit (or forecast) difference from PyTorch's float32 allowed with the weights stored as float16
-HALF_PARITY = 1e-2
 NATIVE_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 DEFAULT_NAMES = {"sentiment": "sentiment", "charlm": "charlm", "forecast": "forecaster"}
 
@@ -173,7 +171,7 @@ def write_model(
     half: bool = False,
 ) -> Path:
     """Export ``net`` to ``out/model.onnx``, verify parity (<= 1e-4), write ``out/manifest.json``. ``half``: then
-    store the large weights as float16 (computed in float32: half the bytes), parity within ``HALF_PARITY``."""
+    store the large weights as float16 (computed in float32: half the bytes), parity within ``HALF_TOLERANCE``."""
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / MODEL_FILE
     example_time = cfg.window if cfg.task == "forecast" else 7
@@ -185,13 +183,13 @@ def write_model(
     stored: dict[str, Any] = {}
     if half:
         store_half(onnx_path)
-        stored = {"weights": "float16 (computed in float32)", "parity_max_abs_diff_half": parity(
-            net, onnx_path, cfg, check_time)}  # fmt: skip
-        if not stored["parity_max_abs_diff_half"] <= HALF_PARITY:
+        half_diff = parity(net, onnx_path, cfg, check_time)
+        if not half_diff <= HALF_TOLERANCE:
             raise RuntimeError(
-                f"{onnx_path}: with float16 weights ORT vs PyTorch max abs diff "
-                f"{stored['parity_max_abs_diff_half']:.2e} exceeds {HALF_PARITY:g}; export without --half"
+                f"{onnx_path}: with float16 weights ORT vs PyTorch max abs diff {half_diff:.2e} exceeds "
+                f"{HALF_TOLERANCE:g}; export without --half"
             )
+        stored = {"weights": "float16 (computed in float32)", "parity_max_abs_diff_half": half_diff}
     dirs = 2 if (cfg.bidirectional and cfg.task == "sentiment") else 1
     manifest = Manifest(
         name=name,

@@ -324,20 +324,41 @@ async def test_max_batch_size_bounds_every_batch(make_dp: MakeDP) -> None:
     assert sum(sizes) == 7 and max(sizes) <= 2, sizes
 
 
+def _overlap_counter(
+    batcher: Batcher, monkeypatch: pytest.MonkeyPatch, hold: threading.Event | None = None
+) -> list[int]:
+    """Wraps the batcher's runtime: each run takes 50 ms (or waits for ``hold``); returns [runs at once, the most
+    seen at once]."""
+    seen = [0, 0]
+    lock = threading.Lock()
+    runtime = batcher.runtime
+    real = runtime.run
+
+    def slow(feeds, rows):  # type: ignore[no-untyped-def]
+        with lock:
+            seen[0] += 1
+            seen[1] = max(seen[1], seen[0])
+        try:
+            if hold is None:
+                time.sleep(0.05)
+            else:
+                hold.wait(10)
+            return real(feeds, rows)
+        finally:
+            with lock:
+                seen[0] -= 1
+
+    monkeypatch.setattr(runtime, "run", slow)
+    return seen
+
+
 async def test_stop_during_a_threaded_run_fails_its_waiters(make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch) -> None:
     dp = await make_dp(inline_batch_tokens=0)  # every batch runs in a worker thread
     batcher = dp.registry.resolve(SENT).batcher
-    started, release = threading.Event(), threading.Event()
-    real = batcher.runtime.run
-
-    def slow(feeds, rows):  # type: ignore[no-untyped-def]
-        started.set()
-        release.wait(10)
-        return real(feeds, rows)
-
-    monkeypatch.setattr(batcher.runtime, "run", slow)
+    release = threading.Event()
+    seen = _overlap_counter(batcher, monkeypatch, release)
     call = asyncio.ensure_future(dp.classify(SENT, ["good"]))
-    while not started.is_set():
+    while seen[0] < 1:
         await asyncio.sleep(0.001)
     await batcher.stop()
     release.set()
@@ -393,34 +414,6 @@ async def test_a_waiting_request_of_a_higher_priority_level_runs_first(make_dp: 
     assert order == [2, 0, 1, 3]
     # With one level (the default) the queue is first come, first served, whatever the context says.
     assert await _finishing_order(make_dp, [None, 3, 1, 2]) == [0, 1, 2, 3]
-
-
-def _overlap_counter(
-    batcher: Batcher, monkeypatch: pytest.MonkeyPatch, hold: threading.Event | None = None
-) -> list[int]:
-    """Wraps the batcher's runtime: each run takes 50 ms (or waits for ``hold``); returns [runs at once, the most
-    seen at once]."""
-    seen = [0, 0]
-    lock = threading.Lock()
-    runtime = batcher.runtime
-    real = runtime.run
-
-    def slow(feeds, rows):  # type: ignore[no-untyped-def]
-        with lock:
-            seen[0] += 1
-            seen[1] = max(seen[1], seen[0])
-        try:
-            if hold is None:
-                time.sleep(0.05)
-            else:
-                hold.wait(10)
-            return real(feeds, rows)
-        finally:
-            with lock:
-                seen[0] -= 1
-
-    monkeypatch.setattr(runtime, "run", slow)
-    return seen
 
 
 @pytest.mark.parametrize("instances", [1, 2, 3])
