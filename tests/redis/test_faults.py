@@ -162,17 +162,18 @@ def test_a_complete_longer_than_the_session_ttl_keeps_the_session(
 ) -> None:
     """A session in a call is not idle: a Complete that runs past the session's TTL (its Redis value's TTL, and
     the index's deadline that the reaper trims by) saves it, as in memory, instead of "deleted or replaced"."""
-    # A TTL of 1 s: the Get right after the Complete must come within it, also on a busy 2-core CI machine (0.5 s
-    # could pass between the Complete's last save and the Get there, and the session expired as it should).
-    server = start_replica(redis_server.url, max_generate_chars=10_000, reaper_interval_seconds=0.1)
+    # A TTL of 2 s: the Get right after the Complete must come within it, and the call's lease renewals must keep
+    # up with it, also on a busy 2-core CI machine (with 0.5 s, a Get came too late; with 1 s, an event loop held
+    # up for most of a second lost the session mid-call once in a fresh-clone CI run).
+    server = start_replica(redis_server.url, max_generate_chars=30_000, reaper_interval_seconds=0.1)
     c = Client(server.target, timeout=120)
-    sid = c.create_session("charlm", ttl_seconds=1.0).id
+    sid = c.create_session("charlm", ttl_seconds=2.0).id
     t0 = time.monotonic()
-    chunks = list(c.complete("To be", session_id=sid, max_chars=10_000, seed=1))
+    chunks = list(c.complete("To be", session_id=sid, max_chars=30_000, seed=1))
     took = time.monotonic() - t0
-    assert took > 1.5, f"the Complete took {took:.2f} s, not well past the TTL: nothing was tested"
-    assert chunks[-1].finish_reason == "length" and chunks[-1].steps == 5 + 10_000
-    assert c.get_session(sid).steps == 5 + 10_000
+    assert took > 3.0, f"the Complete took {took:.2f} s, not well past the TTL: nothing was tested"
+    assert chunks[-1].finish_reason == "length" and chunks[-1].steps == 5 + 30_000
+    assert c.get_session(sid).steps == 5 + 30_000
 
 
 async def test_a_full_redis_is_up_and_refuses_writes_call_by_call(private_redis: Callable[..., RedisServer]) -> None:
