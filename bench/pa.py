@@ -48,12 +48,21 @@ class Workload:
     model: str
     streaming: bool
     sequences: bool
+    version: str = ""  # "" = no -x: perf_analyzer finds the newest through ModelStatistics, as clients do
+
+    def committed(self, models: Path) -> bool:
+        """Whether ``models`` holds this workload's model (and its pinned version)."""
+        return (models / self.model / self.version).is_dir()
 
 
 WORKLOADS = {
     "sentiment": Workload("sentiment", "sentiment", streaming=False, sequences=False),
     "charlm-stream": Workload("charlm-stream", "charlm", streaming=True, sequences=True),
     "charlm-unary": Workload("charlm-unary", "charlm", streaming=False, sequences=True),
+    # charlm/1 (2x256), pinned with -x 1: the ONNX file the issue's Triton figures were measured on; the default
+    # charlm (charlm/2, 2x512) does about four times its arithmetic per step
+    "charlm1-stream": Workload("charlm1-stream", "charlm", streaming=True, sequences=True, version="1"),
+    "charlm1-unary": Workload("charlm1-unary", "charlm", streaming=False, sequences=True, version="1"),
     # the opt-in static int8 char LM (charlm-int8/2: batch-invariant answers), for comparison with charlm-stream
     "int8-stream": Workload("int8-stream", "charlm-int8", streaming=True, sequences=True),
 }
@@ -146,6 +155,8 @@ def command(target: str, workload: Workload, concurrency: int, data: Path, repor
         cmd += ["--sequence-length", "100", "--sequence-length-variation", "0"]
     if workload.streaming:
         cmd.append("--streaming")
+    if workload.version:
+        cmd += ["-x", workload.version]
     return cmd
 
 
@@ -159,7 +170,8 @@ def run(
     window_ms: int = 2000,
     timeout: float = 180.0,
 ) -> Result:
-    """One perf_analyzer run (no ``-x``: it finds the version through ModelStatistics)."""
+    """One perf_analyzer run (no ``-x`` unless the workload pins a version: it finds the newest through
+    ModelStatistics)."""
     data = input_data(workload, folder)
     report = folder / f"{workload.name}-c{concurrency}.csv"
     pids = server_pids()

@@ -64,7 +64,7 @@ def text_request(model: str, value: str) -> Any:
 
 def canned_requests(models: Path) -> dict[str, Any]:
     """One request per model of the workloads that ``models`` holds."""
-    names = {w.model for w in pa.WORKLOADS.values() if (models / w.model).is_dir()}
+    names = {w.model for w in pa.WORKLOADS.values() if w.committed(models)}
     return {n: text_request(n, pa.SENTENCES[0] if n == "sentiment" else "a") for n in sorted(names)}
 
 
@@ -110,7 +110,7 @@ def run(
     shared machine whose speed drifts by tens of percent over minutes, measuring every seqserve row first and the
     floor minutes later compared two different machines. A dict of per-round ``rows`` and their ``summary``."""
     env = pa.environment()
-    workloads = [w for w in workloads if (models / pa.WORKLOADS[w].model).is_dir()]  # a model not committed: skipped
+    workloads = [w for w in workloads if pa.WORKLOADS[w].committed(models)]  # a model not committed: skipped
     results: dict[str, Any] = {"concurrency": conc, "workloads": workloads, "workers": workers, "rounds": rounds}
     results["load_before"] = os.getloadavg()
     rows: list[dict[str, Any]] = []

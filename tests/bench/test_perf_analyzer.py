@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -98,3 +99,40 @@ def test_a_cudart_on_the_loader_path_needs_no_pip_package() -> None:
     assert done.stdout.splitlines()[1] == str(lib)  # returned as it was: nothing added
     done = _environment_in_child(base, hide)
     assert done.returncode != 0 and "pip install nvidia-cuda-runtime-cu12" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_pinned_workload_measures_its_version_and_not_the_newest(tiny_models: Path, tmp_path: Path) -> None:
+    # charlm1-*: the bench pins charlm/1 with -x 1 (the file the Triton figures were measured on) while the
+    # default charlm is a newer version. A repository with charlm/1 and charlm/2: every step perf_analyzer sends
+    # with the bench's flags lands on version 1, none on the newest; a workload whose version is not committed is
+    # skipped by the bench.
+    import grpc
+
+    from service.api.gen.inference import grpc_service_pb2 as pb
+    from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_models / "charlm", repo / "charlm")
+    shutil.copytree(repo / "charlm" / "1", repo / "charlm" / "2")
+    pinned = pa.WORKLOADS["charlm1-stream"]
+    assert pinned.model == "charlm" and pinned.version == "1" and pinned.committed(repo)
+    assert not pa.Workload("x", "charlm", True, True, version="3").committed(repo)
+    assert not pa.WORKLOADS["sentiment"].committed(repo)
+    cmd = pa.command("T", pinned, 4, tmp_path / "data.json", tmp_path / "r.csv", 2000)
+    assert cmd[cmd.index("-x") + 1] == "1"
+    assert "-x" not in pa.command("T", pa.WORKLOADS["charlm-stream"], 4, tmp_path / "d.json", tmp_path / "r.csv", 2000)
+    proc, ports = start_server(repo, tmp_path)
+    try:
+        target = f"127.0.0.1:{ports['grpc_port']}"
+        cmd = [str(pa.PERF_ANALYZER), "-m", pinned.model, "-x", pinned.version, "-u", target, "-i", "grpc"]
+        cmd += ["--input-data", str(pa.input_data(pinned, tmp_path)), "--concurrency-range", "2", "--streaming"]
+        cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", "100", "-s", "1000", "-r", "5"]
+        cmd += ["--sequence-length", "20", "--sequence-length-variation", "0"]
+        done = subprocess.run(cmd, env=pa.environment(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        with grpc.insecure_channel(target) as channel:
+            stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(pb.ModelStatisticsRequest(name="charlm"))
+        counts = {s.version: s.inference_count for s in stats.model_stats}
+        assert counts.get("1", 0) >= 100 and counts.get("2", 0) == 0, counts
+    finally:
+        stop_server(proc)
