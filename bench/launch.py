@@ -37,14 +37,15 @@ def server_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def start(
-    cmd: list[str], ready: Path, log: Path, env: dict[str, str] | None = None
+    cmd: list[str], ready: Path, log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """Starts ``cmd`` (output to ``log``) and waits up to 120 s for it to write the JSON file ``ready``: (process,
-    ready JSON). A process that exits or times out first is killed and reported with the end of its log; one whose
-    wait is cut short (SIGTERM's ``SystemExit`` in a bench, Ctrl-C) is stopped before the exception goes on, or it
-    would outlive the bench (nobody else holds it yet)."""
+    """Starts ``cmd`` in ``cwd`` (output to ``log``) and waits up to 120 s for it to write the JSON file ``ready``:
+    (process, ready JSON). A process that exits or times out first is killed and reported with the end of its log;
+    one whose wait is cut short (SIGTERM's ``SystemExit`` in a bench, Ctrl-C) is stopped before the exception goes
+    on, or it would outlive the bench (nobody else holds it yet). ``python -m`` imports from ``cwd`` first: another
+    checkout's ``cwd`` runs that checkout's code (``bench.regress``)."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
     try:
         while True:
@@ -75,9 +76,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def process(cmd: list[str], ready: Path, env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, Any], int]]:
+def process(
+    cmd: list[str], ready: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Iterator[tuple[dict[str, Any], int]]:
     """``start`` (its output goes to ``ready`` with the suffix ``.log``); yields (ready JSON, pid); ``stop`` on exit."""
-    proc, info = start(cmd, ready, ready.with_suffix(".log"), env)
+    proc, info = start(cmd, ready, ready.with_suffix(".log"), env, cwd)
     try:
         yield info, proc.pid
     finally:
@@ -85,9 +88,11 @@ def process(cmd: list[str], ready: Path, env: dict[str, str] | None = None) -> I
 
 
 @contextmanager
-def serve(models: Path, env: dict[str, str] | None = None, workers: int | None = None) -> Iterator[Served]:
+def serve(
+    models: Path, env: dict[str, str] | None = None, workers: int | None = None, code: Path = ROOT
+) -> Iterator[Served]:
     """The server runs with the caller's environment minus its SEQSERVE_* variables, plus ``env``; ``workers``
-    None = its default worker count."""
+    None = its default worker count; ``code``: the checkout whose ``service`` it runs (another commit's worktree)."""
     environ = server_env(env or {})
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready.json"
@@ -95,7 +100,7 @@ def serve(models: Path, env: dict[str, str] | None = None, workers: int | None =
         cmd += ["--models", str(models), "--device", "cpu", "--ready-file", str(ready)]
         if workers is not None:
             cmd += ["--workers", str(workers)]
-        with process(cmd, ready, environ) as (ports, pid):
+        with process(cmd, ready, environ, code) as (ports, pid):
             yield Served(f"127.0.0.1:{ports['grpc_port']}", pid, int(ports["metrics_port"]))
 
 

@@ -1,0 +1,136 @@
+"""Is this checkout slower than an earlier commit? perf_analyzer against seqserve at ``--base`` (a git worktree of
+that commit, with that commit's own code and committed models) and against this checkout, one worker each, in
+interleaved rounds (base, this; this, base; ...), so the two sides of each comparison ran seconds apart: on a
+shared machine whose speed drifts by tens of percent over minutes, two runs of different days compare two
+different machines.
+
+    python -m bench.regress --base COMMIT [--version 1] [--workloads charlm-stream charlm-unary]
+                            [--concurrency 1 16] [--rounds 3] [--workers 1]
+
+``--version`` pins the model version on both sides (perf_analyzer's ``-x``): the newest version of a model may
+differ between the two commits (``charlm`` is ``charlm/2`` since 2026-12-04; its ``charlm/1`` is the same file
+as before). It prints, per workload and concurrency, the median throughput and p50 of each side and the ratio
+this / base of each round (its median and range), and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench import cli, pa
+from bench.launch import serve
+from bench.perf import _children
+from service.argtypes import count
+
+
+@contextlib.contextmanager
+def worktree(commit: str) -> Iterator[Path]:
+    """A detached git worktree of ``commit`` in a temporary folder, removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="seqserve-base-") as tmp:
+        path = Path(tmp) / "tree"
+        git = ["git", "-C", str(cli.ROOT)]
+        subprocess.run([*git, "worktree", "add", "--detach", "-q", str(path), commit], check=True, capture_output=True)
+        try:
+            yield path
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
+def compare(
+    sides: dict[str, tuple[Path, Path]],
+    workloads: list[str],
+    conc: list[int],
+    version: str = "",
+    rounds: int = 3,
+    workers: int = 1,
+    window_ms: int = 2000,
+) -> dict[str, Any]:
+    """``sides``: {"base": (checkout, models), "this": (checkout, models)}. Both servers start first and stay up;
+    then for each workload and concurrency they are measured back to back, ``rounds`` times, every other round in
+    reverse order."""
+    env = pa.environment()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
+        servers = []
+        for label in ("base", "this"):
+            tree, models = sides[label]
+            s = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"}, workers, code=tree))
+            servers.append((label, s.target, _children(s.pid)))
+        for name in workloads:
+            w = pa.WORKLOADS[name]
+            w = pa.Workload(w.name, w.model, w.streaming, w.sequences, version or w.version)
+            for c in conc:
+                for r in range(rounds):
+                    for label, target, pids in servers if r % 2 == 0 else servers[::-1]:
+                        x = pa.run(target, w, c, Path(tmp), env, functools.partial(list, pids), window_ms=window_ms)
+                        rows.append({"side": label, "round": r, **x.as_dict()})
+                        print(f"  {label:>4} {name:>14} c={c:<3} round {r} {x.throughput:>8.0f}/s  "
+                              f"p50 {x.p50_us / 1000:6.2f} ms", flush=True)  # fmt: skip
+    return {"workloads": workloads, "concurrency": conc, "version": version, "rounds": rounds, "workers": workers,
+            "rows": rows, "summary": summary(rows)}  # fmt: skip
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (workload, concurrency): each side's median throughput and p50, and this / base within each round."""
+    out = []
+    keys = sorted({(row["workload"], row["concurrency"]) for row in rows}, key=lambda k: (k[0], k[1]))
+    for workload, c in keys:
+        group = [row for row in rows if (row["workload"], row["concurrency"]) == (workload, c)]
+        side = {s: [row for row in group if row["side"] == s] for s in ("base", "this")}
+        by_round = {(row["side"], row["round"]): row["throughput"] for row in group}
+        ratios = [
+            by_round[("this", r)] / by_round[("base", r)]
+            for s, r in by_round
+            if s == "this" and ("base", r) in by_round
+        ]
+        agg: dict[str, Any] = {"workload": workload, "concurrency": c}
+        for s, rs in side.items():
+            agg[f"{s}_throughput"] = statistics.median(row["throughput"] for row in rs)
+            agg[f"{s}_p50_us"] = statistics.median(row["p50_us"] for row in rs)
+        if ratios:
+            agg |= {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        out.append(agg)
+    return out
+
+
+def print_table(results: dict[str, Any], base: str) -> None:
+    print(f"\nthis checkout against {base} (perf_analyzer, {results['workers']} worker(s), medians of "
+          f"{results['rounds']} interleaved rounds; this/base within each round):")  # fmt: skip
+    print(f"  {'workload':>14} {'c':>3} {'base/s':>8} {'this/s':>8} {'base p50':>8} {'this p50':>8} {'this/base':>9} "
+          f"{'range':>9}")  # fmt: skip
+    for r in results["summary"]:
+        spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio" in r else ""
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+        print(f"  {r['workload']:>14} {r['concurrency']:>3} {r['base_throughput']:>8.0f} {r['this_throughput']:>8.0f} "
+              f"{r['base_p50_us'] / 1000:>8.2f} {r['this_p50_us'] / 1000:>8.2f} {ratio:>9} {spread:>9}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=cli.RESULTS / "regress.json")
+    ap.add_argument("--base", required=True, help="the commit to compare against (any git revision)")
+    ap.add_argument("--version", default="", help="pin this model version on both sides (-x)")
+    ap.add_argument("--workloads", nargs="+", default=["charlm-stream", "charlm-unary"], choices=list(pa.WORKLOADS))
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--rounds", type=count(1), default=3)
+    ap.add_argument("--workers", type=count(1), default=1)
+    args = ap.parse_args(argv)
+    with worktree(args.base) as base:  # each side serves its own committed models
+        sides = {"base": (base, base / "models"), "this": (cli.ROOT, cli.ROOT / "models")}
+        results = compare(sides, args.workloads, args.concurrency, args.version, args.rounds, args.workers)
+    results["base"] = args.base
+    cli.write_json(args.out, results)
+    print_table(results, args.base)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,58 @@
+"""``python -m bench.regress``: this checkout against an earlier commit, each server running its own checkout's code,
+measured in interleaved rounds. A short run on the tiny models; speed is the benchmark's business, not this
+test's."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench import cli, regress
+from bench.launch import serve
+
+FAKE_CLI = """
+import json, sys, time
+from pathlib import Path
+
+ready = Path(sys.argv[sys.argv.index("--ready-file") + 1])
+ready.write_text(json.dumps({"grpc_port": 1234, "metrics_port": 5678}))
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_server_runs_the_code_of_the_checkout_it_is_given(tmp_path: Path) -> None:
+    # A checkout whose service.cli only writes a ready file with ports no seqserve would pick: the bench's server
+    # reports them, so it ran that checkout's code and not this one's (python -m imports from its working folder).
+    fake = tmp_path / "checkout"
+    (fake / "service").mkdir(parents=True)
+    (fake / "service" / "__init__.py").write_text("")
+    (fake / "service" / "cli.py").write_text(textwrap.dedent(FAKE_CLI))
+    with serve(tmp_path, code=fake) as served:
+        assert served.target == "127.0.0.1:1234" and served.metrics_port == 5678
+
+
+def _worktrees() -> str:
+    done = subprocess.run(["git", "-C", str(cli.ROOT), "worktree", "list"], capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_this_checkout_against_head_measures_both_sides_round_by_round(tiny_models: Path) -> None:
+    with regress.worktree("HEAD") as base:
+        assert (base / "service" / "cli.py").is_file() and str(base) in _worktrees()
+        sides = {"base": (base, tiny_models), "this": (cli.ROOT, tiny_models)}
+        results = regress.compare(sides, ["charlm-stream"], [2], version="1", rounds=2, window_ms=300)
+    assert not base.exists() and str(base) not in _worktrees()  # the worktree is gone with its folder
+    rows = results["rows"]
+    assert sorted((row["round"], row["side"]) for row in rows) == [(0, "base"), (0, "this"), (1, "base"), (1, "this")]
+    # every other round in reverse order: base first, then this first
+    assert [row["side"] for row in rows] == ["base", "this", "this", "base"]
+    assert all(row["throughput"] > 0 for row in rows)
+    (agg,) = results["summary"]
+    per_round = {(row["side"], row["round"]): row["throughput"] for row in rows}
+    ratios = [per_round[("this", r)] / per_round[("base", r)] for r in (0, 1)]
+    assert agg["ratio_min"] == pytest.approx(min(ratios)) and agg["ratio_max"] == pytest.approx(max(ratios))
+    assert agg["base_throughput"] == pytest.approx((per_round[("base", 0)] + per_round[("base", 1)]) / 2)
