@@ -5,12 +5,14 @@ shared machine whose speed drifts by tens of percent over minutes, two runs of d
 different machines.
 
     python -m bench.regress --base COMMIT [--version 1] [--workloads charlm-stream charlm-unary]
-                            [--concurrency 1 16] [--rounds 3] [--workers 1]
+                            [--concurrency 1 16] [--rounds 3] [--workers 1] [--core]
 
 ``--version`` pins the model version on both sides (perf_analyzer's ``-x``): the newest version of a model may
 differ between the two commits (``charlm`` is ``charlm/2`` since 2026-12-04; its ``charlm/1`` is the same file
 as before). It prints, per workload and concurrency, the median throughput and p50 of each side and the ratio
-this / base of each round (its median and range), and writes them as JSON.
+this / base of each round (its median and range), and writes them as JSON. ``--core`` compares the core alone
+instead (``bench/core.py`` in each checkout, ``charlm/<--version or 1>``): CPU µs per step, steadier than
+throughput on a shared machine.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import statistics
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +82,58 @@ def compare(
             "rows": rows, "summary": summary(rows)}  # fmt: skip
 
 
+CORE = (
+    "import asyncio, json, sys\nfrom pathlib import Path\nfrom bench.core import measure\n"
+    "from service.core.types import ModelRef\n"
+    "row = asyncio.run(measure(Path(sys.argv[1]), ModelRef('charlm', int(sys.argv[2])), int(sys.argv[3]), "
+    "int(sys.argv[4])))\nprint(json.dumps(row))\n"
+)
+
+
+def core(
+    sides: dict[str, tuple[Path, Path]], version: int, conc: list[int], rounds: int = 5, steps: int = 4000
+) -> dict[str, Any]:
+    """The core alone (``bench/core.py``: servicer, data plane, batcher, ONNX Runtime; no gRPC) of each checkout
+    on ``charlm/<version>``, each measurement a fresh process in that checkout, alternating as above: CPU µs per
+    step, steadier on a shared machine than throughput through perf_analyzer. Each side reads only that model
+    (a folder linking to it), not the whole repository."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {}
+        for label, (_, models) in sides.items():
+            folders[label] = Path(tmp) / label
+            (folders[label] / "charlm").mkdir(parents=True)
+            (folders[label] / "charlm" / str(version)).symlink_to((models / "charlm" / str(version)).resolve())
+        for c in conc:
+            for r in range(rounds):
+                for label in ("base", "this") if r % 2 == 0 else ("this", "base"):
+                    args = [str(folders[label]), str(version), str(c), str(steps)]
+                    done = subprocess.run([sys.executable, "-c", CORE, *args], cwd=sides[label][0],
+                                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                    if done.returncode:
+                        raise RuntimeError(f"the core of {label} failed:\n{done.stderr[-3000:]}")
+                    row = json.loads(done.stdout.splitlines()[-1])
+                    rows.append({"side": label, "round": r, "concurrency": c, **row})
+                    print(f"  {label:>4} core c={c:<3} round {r} {row['cpu_us_per_step']:8.1f} CPU µs/step", flush=True)
+    out = []
+    for c in conc:
+        per = {(row["side"], row["round"]): row["cpu_us_per_step"] for row in rows if row["concurrency"] == c}
+        ratios = [per[("this", r)] / per[("base", r)] for r in range(rounds)]
+        out.append({"concurrency": c, "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                    "ratio_max": max(ratios), **{f"{s}_cpu_us_per_step": statistics.median(
+                        v for (side, _), v in per.items() if side == s) for s in ("base", "this")}})  # fmt: skip
+    return {"version": version, "concurrency": conc, "rounds": rounds, "steps": steps, "rows": rows, "summary": out}
+
+
+def print_core(results: dict[str, Any], base: str) -> None:
+    print(f"\nthe core alone (charlm/{results['version']}, no gRPC), this checkout against {base}: CPU µs per step, "
+          f"medians of {results['rounds']} interleaved rounds; this/base within each round:")  # fmt: skip
+    print(f"  {'c':>3} {'base':>8} {'this':>8} {'this/base':>9} {'range':>9}")
+    for r in results["summary"]:
+        print(f"  {r['concurrency']:>3} {r['base_cpu_us_per_step']:>8.1f} {r['this_cpu_us_per_step']:>8.1f} "
+              f"{r['ratio']:>9.2f} {r['ratio_min']:.2f}-{r['ratio_max']:.2f}")  # fmt: skip
+
+
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (workload, concurrency): each side's median throughput and p50, and this / base within each round."""
     out = []
@@ -122,13 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--rounds", type=count(1), default=3)
     ap.add_argument("--workers", type=count(1), default=1)
+    ap.add_argument("--core", action="store_true", help="the core alone instead (bench/core.py, CPU µs per step)")
     args = ap.parse_args(argv)
     with worktree(args.base) as base:  # each side serves its own committed models
         sides = {"base": (base, base / "models"), "this": (cli.ROOT, cli.ROOT / "models")}
-        results = compare(sides, args.workloads, args.concurrency, args.version, args.rounds, args.workers)
+        if args.core:
+            results = core(sides, int(args.version or 1), args.concurrency, args.rounds)
+        else:
+            results = compare(sides, args.workloads, args.concurrency, args.version, args.rounds, args.workers)
     results["base"] = args.base
     cli.write_json(args.out, results)
-    print_table(results, args.base)
+    (print_core if args.core else print_table)(results, args.base)
     return 0
 
 

@@ -56,3 +56,17 @@ def test_this_checkout_against_head_measures_both_sides_round_by_round(tiny_mode
     ratios = [per_round[("this", r)] / per_round[("base", r)] for r in (0, 1)]
     assert agg["ratio_min"] == pytest.approx(min(ratios)) and agg["ratio_max"] == pytest.approx(max(ratios))
     assert agg["base_throughput"] == pytest.approx((per_round[("base", 0)] + per_round[("base", 1)]) / 2)
+
+
+def test_the_core_of_each_checkout_is_measured_in_its_own_process(tiny_models: Path) -> None:
+    with regress.worktree("HEAD") as base:
+        sides = {"base": (base, tiny_models), "this": (cli.ROOT, tiny_models)}
+        results = regress.core(sides, 1, [4], rounds=2, steps=200)
+    rows = results["rows"]
+    assert [row["side"] for row in rows] == ["base", "this", "this", "base"]
+    assert all(row["model"] == "charlm/1" and row["cpu_us_per_step"] > 0 and row["steps"] >= 200 for row in rows)
+    (agg,) = results["summary"]
+    per_round = {(row["side"], row["round"]): row["cpu_us_per_step"] for row in rows}
+    ratios = [per_round[("this", r)] / per_round[("base", r)] for r in (0, 1)]
+    assert agg["concurrency"] == 4 and agg["ratio_min"] == pytest.approx(min(ratios))
+    assert agg["ratio_max"] == pytest.approx(max(ratios))
