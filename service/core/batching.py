@@ -224,9 +224,13 @@ class Batcher:
         """Requests waiting in the queue now."""
         return len(self._pending)
 
+    def _queue_length(self) -> int:  # read by the queue depth gauge at scrape time (another thread)
+        return len(self._pending)
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}-{self.version}")
+            self.metrics.watch_queue(self.name, self.version, self._queue_length)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -239,15 +243,12 @@ class Batcher:
         if self._pending:
             waiting, self._pending = list(self._pending), deque()
             self._fail(waiting, "was unloaded")
-            self._report_depth()  # nothing waits any more: no backlog left behind for alerts
+        self.metrics.unwatch_queue(self.name, self.version, self._queue_length)  # no backlog left behind for alerts
 
     def _fail(self, batch: list[_Pending], why: str) -> None:
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(ModelUnavailable(f"model {self.name} version {self.version} {why}"))
-
-    def _report_depth(self) -> None:
-        self.metrics.queue_depth(self.name, len(self._pending), self.version)
 
     async def submit(self, item: StepInput) -> StepOutput:
         """Queues one request and waits for its share of a batch result. A full queue refuses new requests
@@ -277,7 +278,6 @@ class Batcher:
             self._enqueue(entry)
         else:
             self._pending.append(entry)
-        self._report_depth()
         self._wake.set()
         return await fut
 
@@ -364,7 +364,6 @@ class Batcher:
             head = self._pending[0]
             if head.future.done():  # cancelled while queued (its deadline passed, its client went away)
                 self._pending.popleft()
-                self._report_depth()  # (a drained queue reads 0)
                 continue
             # Wait for company until the batch is full or the oldest request has waited `delay`.
             recent = self._last_rows.get(head.item.key)
@@ -387,7 +386,6 @@ class Batcher:
                     break
                 rows = more
             batch = [p for p in self._take() if not p.future.done()]
-            self._report_depth()
             if batch:  # (its key may differ from ``head``'s: a request of a higher level came first meanwhile)
                 self._note_rows(batch[0].item.key, sum(p.item.rows for p in batch))
                 if self.instances == 1:

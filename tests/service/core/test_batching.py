@@ -284,7 +284,8 @@ def _depth(dp: CoreDataPlane, model: str) -> float | None:
 async def test_the_queue_depth_gauge_follows_requests_dropped_from_the_head(make_dp: MakeDP) -> None:
     """Requests whose deadline passed (or whose client left) while they waited are dropped from the head of the
     queue; the gauge followed only submits and batches, so a queue drained that way kept its last value and an
-    idle server showed a backlog (the soak test saw 1 to 4 after deadline churn)."""
+    idle server showed a backlog (the soak test saw 1 to 4 after deadline churn). The gauge now reads the queue's
+    length at scrape time: it shows the three while they wait, and 0 once they are dropped."""
     from service.core.batching import _Pending
 
     dp = await make_dp(max_batch_size=4, max_batch_delay_ms=60_000)
@@ -294,7 +295,7 @@ async def test_the_queue_depth_gauge_follows_requests_dropped_from_the_head(make
     for fut in gone:
         fut.cancel()  # each waited past its deadline
         batcher._pending.append(_Pending(StepInput(inputs={}, rows=1, key="k"), fut, 0.0))  # type: ignore[arg-type]
-    dp.metrics.queue_depth("sentiment", 3, 1)  # as submit left it
+    assert _depth(dp, "sentiment") == 3
     batcher._wake.set()
     for _ in range(20):
         await asyncio.sleep(0)

@@ -291,6 +291,27 @@ def test_queue_depth_is_the_sum_over_a_models_versions(m: Metrics) -> None:
     assert value(m, "seqserve_queue_depth", model="charlm") == 3.0
 
 
+def test_queue_depth_is_read_from_the_queues_at_scrape_time(m: Metrics) -> None:
+    """Batchers register their queue's length instead of setting the gauge on every request: a scrape reads it
+    then. A batcher starts before its model is announced, so the label is resolved at scrape time; a reload's
+    new batcher replaces the old one's reader, and the old one stopping later leaves the new one watched."""
+    queue: list[int] = [1, 2]
+    m.watch_queue("sentiment", 1, queue.__len__)
+    assert value(m, "seqserve_queue_depth", model=OTHER_MODEL) == 2.0  # not announced yet
+    m.model_loaded("sentiment", 1, "CPUExecutionProvider", 0.1, ready=True)
+    assert value(m, "seqserve_queue_depth", model="sentiment") == 2.0
+    assert value(m, "seqserve_queue_depth", model=OTHER_MODEL) == 0.0
+    queue.append(3)
+    assert value(m, "seqserve_queue_depth", model="sentiment") == 3.0  # no call in between: read live
+    reloaded: list[int] = []
+    m.watch_queue("sentiment", 1, reloaded.__len__)
+    m.unwatch_queue("sentiment", 1, queue.__len__)  # the old batcher stops after its replacement started
+    reloaded += [1, 1, 1, 1, 1]
+    assert value(m, "seqserve_queue_depth", model="sentiment") == 5.0
+    m.unwatch_queue("sentiment", 1, reloaded.__len__)
+    assert value(m, "seqserve_queue_depth", model="sentiment") == 0.0
+
+
 def test_an_unloaded_version_leaves_no_info_ready_or_load_time_series(m: Metrics) -> None:
     """Dashboards and alerts (min(seqserve_model_ready)) must stop seeing a version once it left the server."""
     m.model_unloaded("charlm", 1)
