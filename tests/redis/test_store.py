@@ -338,3 +338,33 @@ async def test_a_refusal_checks_one_batch_of_sessions(make_store: MakeStore, red
     before = exists_calls()
     await full.add(state("evicts-one"))  # evict_lru: the oldest goes, no lookups
     assert exists_calls() == before and (await full.usage()).count == 200
+
+
+@pytest.mark.parametrize("lease_key", ["still held", "expired too"])
+async def test_a_long_call_whose_renewal_came_late_keeps_its_session(
+    make_store: MakeStore, redis_server: RedisServer, lease_key: str
+) -> None:
+    """The background renewal of a session in a long call ran only while the time this replica counts as its own
+    had not passed: once its loop was held up past it (a loaded machine), the lease and then the value expired and
+    the call's save found the session "deleted or replaced". A late renewal still renews while no other replica
+    holds the lease."""
+    a = await make_store()
+    await a.add(state(ttl=1.0))
+    r = redis_server.client()
+    value, lease = a.keys("s1")
+    async with a.lease("s1"):
+        s = await a.load("s1")
+        assert s is not None
+        e = a.cache.get("s1")
+        assert e is not None
+        e.owned_until = time.monotonic() - 0.1  # this replica's loop was held up past it
+        if lease_key == "expired too":
+            r.delete(lease)
+        r.pexpire(value, 300)  # the value's TTL nearly run out
+        await a.leases.maintain_once()
+        assert e.owned_until > time.monotonic()
+        assert r.get(lease) == a.replica.encode() and r.pttl(value) > 1000
+        s.steps += 1
+        await a.save(s)
+    loaded = await (await make_store()).load("s1")
+    assert loaded is not None and loaded.steps == 1

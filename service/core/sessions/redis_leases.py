@@ -307,7 +307,13 @@ class Leases:
         for sid, e in self.cache.items():
             if e.dirty_since is not None and (now - e.used >= self.idle_s or now - e.dirty_since >= self.flush_s):
                 jobs.append(self.flush(sid))
-            elif 0 < e.owned_until - now < self.lease_s / 2 and (self.cache.in_use(sid) or e.dirty_since is not None):
+            elif (
+                e.owned_until > 0
+                and e.owned_until - now < self.lease_s / 2
+                and (self.cache.in_use(sid) or e.dirty_since is not None)
+            ):  # also once the time this replica counts as its own has passed (this loop was held up): the script
+                # renews only while no other replica holds the lease and the value exists, and a save after a
+                # takeover is refused by its revision anyway; skipping it let a long call lose its session
                 jobs.append(self.renew(sid, e))
         for sid in self.cache.over_budget():  # the hot cache needs room: hand idle sessions back, in their turn
             if not self.cache.in_use(sid):
