@@ -26,7 +26,7 @@ from service.argtypes import count
 from service.settings import Settings
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """``pid`` and all its descendants (the workers and the engine of a multi-process server)."""
     out, todo = [pid], [pid]
     while todo:
@@ -81,17 +81,33 @@ def warm(target: str, models: Path) -> None:
             stub.ModelInfer(request)
 
 
-def measure(label: str, target: str, pids: list[int], name: str, c: int, folder: Path, env: dict[str, str],
+Server = tuple[str, str, list[int]]  # (label, target, pids)
+
+
+def measure(label: str, target: str, pids: list[int], w: pa.Workload, c: int, folder: Path, env: dict[str, str],
             window_ms: int, round_: int) -> dict[str, Any]:  # fmt: skip
-    r = pa.run(target, pa.WORKLOADS[name], c, folder, env, lambda: pids, window_ms=window_ms)
+    r = pa.run(target, w, c, folder, env, lambda: pids, window_ms=window_ms)
     row = {"server": label, "round": round_, **r.as_dict()}
     print(
-        f"  {label:>14} {name:>14} c={c:<3} round {round_} {r.throughput:>9.0f}/s  p50 {r.p50_us / 1000:6.2f} ms  "
+        f"  {label:>14} {w.name:>14} c={c:<3} round {round_} {r.throughput:>9.0f}/s  p50 {r.p50_us / 1000:6.2f} ms  "
         f"p99 {r.p99_us / 1000:6.2f} ms  cpu/1k srv {row['server_cpu_s_per_1k']:.3f}s "
         f"cli {row['client_cpu_s_per_1k']:.3f}s",
         flush=True,
     )
     return row
+
+
+def interleaved(servers: list[Server], workloads: list[pa.Workload], conc: list[int], rounds: int, folder: Path,
+                env: dict[str, str], window_ms: int) -> list[dict[str, Any]]:  # fmt: skip
+    """For each workload and concurrency, every server measured back to back, ``rounds`` times, every other round
+    in reverse order (ABC, CBA, ...): one row per measurement."""
+    rows = []
+    for w in workloads:
+        for c in conc:
+            for r in range(rounds):
+                for label, target, pids in servers if r % 2 == 0 else servers[::-1]:
+                    rows.append(measure(label, target, pids, w, c, folder, env, window_ms, r))
+    return rows
 
 
 def run(
@@ -113,10 +129,9 @@ def run(
     workloads = [w for w in workloads if pa.WORKLOADS[w].committed(models)]  # a model not committed: skipped
     results: dict[str, Any] = {"concurrency": conc, "workloads": workloads, "workers": workers, "rounds": rounds}
     results["load_before"] = os.getloadavg()
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         folder = Path(tmp)
-        servers: list[tuple[str, str, list[int]]] = []  # (label, target, pids), idle until measured
+        servers: list[Server] = []  # idle until measured
         for w in workers:
             server = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | (extra or {}), w))
             warm(server.target, models)
@@ -124,33 +139,30 @@ def run(
                 from bench.floor import record
 
                 record(server.target, canned_requests(models), folder / "canned")
-            servers.append((f"seqserve w={w}", server.target, _children(server.pid)))
+            servers.append((f"seqserve w={w}", server.target, children(server.pid)))
         if with_floor:  # on the server's event loop (the event_loop setting's default unless --env names one)
             loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", Settings.model_fields["event_loop"].default)
             info, pid = running.enter_context(floor(folder / "canned", folder, loop))
             servers.append(("floor", f"127.0.0.1:{info['grpc_port']}", [pid]))
-        for name in workloads:
-            for c in conc:
-                for r in range(rounds):
-                    for label, target, pids in servers if r % 2 == 0 else servers[::-1]:
-                        rows.append(measure(label, target, pids, name, c, folder, env, window_ms, r))
+        chosen = [pa.WORKLOADS[name] for name in workloads]
+        rows = interleaved(servers, chosen, conc, rounds, folder, env, window_ms)
     results["load_after"] = os.getloadavg()
     results["rows"] = rows
     results["summary"] = summary(rows)
     return results
 
 
-def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (server, workload, concurrency): the median over rounds of each measure, and for seqserve the
-    ratio to the floor taken within each round (``ratio``: their median; ``ratio_min``/``ratio_max``: the spread
-    the machine's noise left)."""
+def summary(rows: list[dict[str, Any]], reference: str = "floor") -> list[dict[str, Any]]:
+    """One row per (server, workload, concurrency): the median over rounds of each measure, and for every server
+    but ``reference`` its throughput's ratio to the reference's taken within each round (``ratio``: their median;
+    ``ratio_min``/``ratio_max``: the spread the machine's noise left)."""
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["server"], row["workload"], row["concurrency"]), []).append(row)
-    floor_rounds = {
+    reference_rounds = {
         (row["workload"], row["concurrency"], row["round"]): row["throughput"]
         for row in rows
-        if row["server"] == "floor"
+        if row["server"] == reference
     }
     out = []
     for (server, workload, c), group in groups.items():
@@ -158,9 +170,9 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("throughput", "p50_us", "p99_us", "server_cpu_s_per_1k", "client_cpu_s_per_1k"):
             agg[key] = statistics.median(row[key] for row in group)
         paired = [
-            row["throughput"] / floor_rounds[(workload, c, row["round"])]
+            row["throughput"] / reference_rounds[(workload, c, row["round"])]
             for row in group
-            if server != "floor" and (workload, c, row["round"]) in floor_rounds
+            if server != reference and (workload, c, row["round"]) in reference_rounds
         ]
         if paired:
             agg |= {"ratio": statistics.median(paired), "ratio_min": min(paired), "ratio_max": max(paired)}
@@ -168,16 +180,16 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def print_table(results: dict[str, Any]) -> None:
+def print_table(results: dict[str, Any], reference: str = "floor") -> None:
     before, after = results.get("load_before", ()), results.get("load_after", ())
     rounds = results.get("rounds", 1)
     print(
         f"\nperf_analyzer (client on the same cores; medians of {rounds} interleaved rounds: throughput/s, p50 ms, "
-        "ratio to the floor within a round (its range), CPU s per 1k req):"
+        f"ratio to the {reference} within a round (its range), CPU s per 1k req):"
     )
     if before and after:
         print(f"  load average before {before[0]:.2f}, after {after[0]:.2f} (1 min)")
-    print(f"  {'server':>14} {'workload':>14} {'c':>3} {'thr/s':>8} {'p50':>6} {'p99':>6} {'xfloor':>6} "
+    print(f"  {'server':>14} {'workload':>14} {'c':>3} {'thr/s':>8} {'p50':>6} {'p99':>6} {'x' + reference:>6} "
           f"{'range':>9} {'srv cpu':>7} {'cli cpu':>7}")  # fmt: skip
     for r in results["summary"]:
         x = f"{r['ratio']:.2f}" if "ratio" in r else ""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -29,9 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import cli, pa
+from bench import cli, pa, perf
 from bench.launch import serve
-from bench.perf import _children
 from service.argtypes import count
 
 
@@ -58,28 +57,19 @@ def compare(
     window_ms: int = 2000,
 ) -> dict[str, Any]:
     """``sides``: {"base": (checkout, models), "this": (checkout, models)}. Both servers start first and stay up;
-    then for each workload and concurrency they are measured back to back, ``rounds`` times, every other round in
-    reverse order."""
+    then they are measured as ``bench.perf`` measures its servers (``perf.interleaved``), and each round's "this"
+    throughput is divided by its "base" one (``perf.summary``)."""
     env = pa.environment()
-    rows: list[dict[str, Any]] = []
+    chosen = [dataclasses.replace(pa.WORKLOADS[n], version=version or pa.WORKLOADS[n].version) for n in workloads]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
-        servers = []
+        servers: list[perf.Server] = []
         for label in ("base", "this"):
             tree, models = sides[label]
             s = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"}, workers, code=tree))
-            servers.append((label, s.target, _children(s.pid)))
-        for name in workloads:
-            w = pa.WORKLOADS[name]
-            w = pa.Workload(w.name, w.model, w.streaming, w.sequences, version or w.version)
-            for c in conc:
-                for r in range(rounds):
-                    for label, target, pids in servers if r % 2 == 0 else servers[::-1]:
-                        x = pa.run(target, w, c, Path(tmp), env, functools.partial(list, pids), window_ms=window_ms)
-                        rows.append({"side": label, "round": r, **x.as_dict()})
-                        print(f"  {label:>4} {name:>14} c={c:<3} round {r} {x.throughput:>8.0f}/s  "
-                              f"p50 {x.p50_us / 1000:6.2f} ms", flush=True)  # fmt: skip
+            servers.append((label, s.target, perf.children(s.pid)))
+        rows = perf.interleaved(servers, chosen, conc, rounds, Path(tmp), env, window_ms)
     return {"workloads": workloads, "concurrency": conc, "version": version, "rounds": rounds, "workers": workers,
-            "rows": rows, "summary": summary(rows)}  # fmt: skip
+            "rows": rows, "summary": perf.summary(rows, reference="base")}  # fmt: skip
 
 
 CORE = (
@@ -134,41 +124,6 @@ def print_core(results: dict[str, Any], base: str) -> None:
               f"{r['ratio']:>9.2f} {r['ratio_min']:.2f}-{r['ratio_max']:.2f}")  # fmt: skip
 
 
-def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (workload, concurrency): each side's median throughput and p50, and this / base within each round."""
-    out = []
-    keys = sorted({(row["workload"], row["concurrency"]) for row in rows}, key=lambda k: (k[0], k[1]))
-    for workload, c in keys:
-        group = [row for row in rows if (row["workload"], row["concurrency"]) == (workload, c)]
-        side = {s: [row for row in group if row["side"] == s] for s in ("base", "this")}
-        by_round = {(row["side"], row["round"]): row["throughput"] for row in group}
-        ratios = [
-            by_round[("this", r)] / by_round[("base", r)]
-            for s, r in by_round
-            if s == "this" and ("base", r) in by_round
-        ]
-        agg: dict[str, Any] = {"workload": workload, "concurrency": c}
-        for s, rs in side.items():
-            agg[f"{s}_throughput"] = statistics.median(row["throughput"] for row in rs)
-            agg[f"{s}_p50_us"] = statistics.median(row["p50_us"] for row in rs)
-        if ratios:
-            agg |= {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
-        out.append(agg)
-    return out
-
-
-def print_table(results: dict[str, Any], base: str) -> None:
-    print(f"\nthis checkout against {base} (perf_analyzer, {results['workers']} worker(s), medians of "
-          f"{results['rounds']} interleaved rounds; this/base within each round):")  # fmt: skip
-    print(f"  {'workload':>14} {'c':>3} {'base/s':>8} {'this/s':>8} {'base p50':>8} {'this p50':>8} {'this/base':>9} "
-          f"{'range':>9}")  # fmt: skip
-    for r in results["summary"]:
-        spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio" in r else ""
-        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
-        print(f"  {r['workload']:>14} {r['concurrency']:>3} {r['base_throughput']:>8.0f} {r['this_throughput']:>8.0f} "
-              f"{r['base_p50_us'] / 1000:>8.2f} {r['this_p50_us'] / 1000:>8.2f} {ratio:>9} {spread:>9}")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=cli.RESULTS / "regress.json")
@@ -188,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             results = compare(sides, args.workloads, args.concurrency, args.version, args.rounds, args.workers)
     results["base"] = args.base
     cli.write_json(args.out, results)
-    (print_core if args.core else print_table)(results, args.base)
+    if args.core:
+        print_core(results, args.base)
+    else:
+        perf.print_table(results, reference="base")
     return 0
 
 

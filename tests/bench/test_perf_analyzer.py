@@ -29,6 +29,21 @@ def targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         stop_server(proc)
 
 
+def short_run(w: pa.Workload, target: str, protocol: str, folder: Path, concurrency: int) -> list[str]:
+    """A short perf_analyzer run of ``w`` (its ``-x`` when it pins a version): stability is the benchmark's concern,
+    so a wide threshold and enough windows that a busy machine passes."""
+    cmd = [str(pa.PERF_ANALYZER), "-m", w.model, "-u", target, "-i", protocol]
+    cmd += ["--input-data", str(pa.input_data(w, folder)), "--concurrency-range", str(concurrency)]
+    cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", "200", "-s", "1000", "-r", "10"]
+    if w.sequences:
+        cmd += ["--sequence-length", "20", "--sequence-length-variation", "0"]
+    if w.streaming:
+        cmd.append("--streaming")
+    if w.version:
+        cmd += ["-x", w.version]
+    return cmd
+
+
 @pytest.mark.parametrize(
     ("workload", "protocol"),
     # HTTP is perf_analyzer's default protocol (Triton's port 8000): the REST port's statistics and sequences
@@ -39,15 +54,7 @@ def targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def test_perf_analyzer_without_version_flag(
     targets: dict[str, str], workload: str, protocol: str, tmp_path: Path
 ) -> None:
-    w = pa.WORKLOADS[workload]
-    cmd = [str(pa.PERF_ANALYZER), "-m", w.model, "-u", targets[protocol], "-i", protocol]
-    cmd += ["--input-data", str(pa.input_data(w, tmp_path)), "--concurrency-range", "4"]
-    # Stability is the benchmark's concern: a wide threshold and enough windows that a busy machine passes.
-    cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", "200", "-s", "1000", "-r", "10"]
-    if w.sequences:
-        cmd += ["--sequence-length", "20", "--sequence-length-variation", "0"]
-    if w.streaming:
-        cmd.append("--streaming")
+    cmd = short_run(pa.WORKLOADS[workload], targets[protocol], protocol, tmp_path, 4)
     assert "-x" not in cmd
     done = subprocess.run(cmd, env=pa.environment(), capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
@@ -124,10 +131,8 @@ def test_a_pinned_workload_measures_its_version_and_not_the_newest(tiny_models: 
     proc, ports = start_server(repo, tmp_path)
     try:
         target = f"127.0.0.1:{ports['grpc_port']}"
-        cmd = [str(pa.PERF_ANALYZER), "-m", pinned.model, "-x", pinned.version, "-u", target, "-i", "grpc"]
-        cmd += ["--input-data", str(pa.input_data(pinned, tmp_path)), "--concurrency-range", "2", "--streaming"]
-        cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", "100", "-s", "1000", "-r", "5"]
-        cmd += ["--sequence-length", "20", "--sequence-length-variation", "0"]
+        cmd = short_run(pinned, target, "grpc", tmp_path, 2)
+        assert cmd[cmd.index("-x") + 1] == "1"
         done = subprocess.run(cmd, env=pa.environment(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         with grpc.insecure_channel(target) as channel:

@@ -47,15 +47,16 @@ def test_this_checkout_against_head_measures_both_sides_round_by_round(tiny_mode
         results = regress.compare(sides, ["charlm-stream"], [2], version="1", rounds=2, window_ms=300)
     assert not base.exists() and str(base) not in _worktrees()  # the worktree is gone with its folder
     rows = results["rows"]
-    assert sorted((row["round"], row["side"]) for row in rows) == [(0, "base"), (0, "this"), (1, "base"), (1, "this")]
+    assert sorted((row["round"], row["server"]) for row in rows) == [(0, "base"), (0, "this"), (1, "base"), (1, "this")]
     # every other round in reverse order: base first, then this first
-    assert [row["side"] for row in rows] == ["base", "this", "this", "base"]
+    assert [row["server"] for row in rows] == ["base", "this", "this", "base"]
     assert all(row["throughput"] > 0 for row in rows)
-    (agg,) = results["summary"]
-    per_round = {(row["side"], row["round"]): row["throughput"] for row in rows}
+    agg = {row["server"]: row for row in results["summary"]}
+    per_round = {(row["server"], row["round"]): row["throughput"] for row in rows}
     ratios = [per_round[("this", r)] / per_round[("base", r)] for r in (0, 1)]
-    assert agg["ratio_min"] == pytest.approx(min(ratios)) and agg["ratio_max"] == pytest.approx(max(ratios))
-    assert agg["base_throughput"] == pytest.approx((per_round[("base", 0)] + per_round[("base", 1)]) / 2)
+    assert agg["this"]["ratio_min"] == pytest.approx(min(ratios))
+    assert agg["this"]["ratio_max"] == pytest.approx(max(ratios))
+    assert agg["base"]["throughput"] == pytest.approx((per_round[("base", 0)] + per_round[("base", 1)]) / 2)
 
 
 def test_the_core_of_each_checkout_is_measured_in_its_own_process(tiny_models: Path) -> None:
