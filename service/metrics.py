@@ -426,10 +426,6 @@ class Metrics:
             if self._queues.get((model, version)) == length:
                 del self._queues[(model, version)]
 
-    def queue_depth(self, model: str, depth: int, version: int = 0) -> None:
-        """A fixed reading for one version's queue (the gauge is still the sum over the model's versions)."""
-        self.watch_queue(model, version, lambda: depth)
-
     def _watch_label(self, label: str) -> None:
         self._child(self.queue, (label,)).set_function(lambda: self._depth(label))
 

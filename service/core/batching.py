@@ -219,13 +219,10 @@ class Batcher:
         # Computed only for batches where some request asks (``StepInput.derive``).
         self.derive: Callable[[dict[str, Array]], dict[str, Array]] | None = None
 
-    @property
-    def pending(self) -> int:
-        """Requests waiting in the queue now."""
+    def _queue_length(self) -> int:  # also read by the queue depth gauge at scrape time (another thread)
         return len(self._pending)
 
-    def _queue_length(self) -> int:  # read by the queue depth gauge at scrape time (another thread)
-        return len(self._pending)
+    pending = property(_queue_length, doc="Requests waiting in the queue now.")
 
     def start(self) -> None:
         if self._task is None:

@@ -310,10 +310,10 @@ def test_the_queue_depth_gauge_sums_a_models_versions() -> None:
 
     m = Metrics(CollectorRegistry(), runtime_collectors=False)
     m.model_loaded("sentiment", 1, "CPUExecutionProvider", 0.1, True)
-    m.queue_depth("sentiment", 3, 1)
-    m.queue_depth("sentiment", 2, 2)
+    m.watch_queue("sentiment", 1, lambda: 3)
+    m.watch_queue("sentiment", 2, lambda: 2)
     assert m.registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"}) == 5
-    m.queue_depth("sentiment", 0, 2)  # version 2 stopped: version 1's backlog stays
+    m.watch_queue("sentiment", 2, lambda: 0)  # version 2 stopped: version 1's backlog stays
     assert m.registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"}) == 3
 
 

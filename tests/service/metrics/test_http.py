@@ -35,7 +35,7 @@ def metrics() -> Metrics:
     m.rpc_finished("seqserve.v1.Inference", "Complete", "charlm", "OK", 0.004)
     m.rpc_finished("seqserve.v1.Inference", "Complete", "nope", "NOT_FOUND", 0.0001)
     m.inference("charlm", 1, 0.0005, 0.0002, 3)
-    m.queue_depth("charlm", 2)
+    m.watch_queue("charlm", 0, lambda: 2)
     m.sessions_active("charlm", 1)
     for event in SESSION_EVENTS:
         m.session_event("charlm", event)

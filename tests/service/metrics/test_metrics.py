@@ -121,7 +121,7 @@ def test_batched_observations_match_one_by_one_observations() -> None:
 
 def test_queue_depth_sessions_and_store(m: Metrics) -> None:
     assert value(m, "seqserve_queue_depth", model="charlm") == 0.0  # created at load, before any request
-    m.queue_depth("charlm", 7)
+    m.watch_queue("charlm", 0, lambda: 7)
     assert value(m, "seqserve_queue_depth", model="charlm") == 7.0
     m.sessions_active("charlm", 3)
     assert value(m, "seqserve_sessions_active", model="charlm") == 3.0
@@ -284,10 +284,10 @@ def test_queue_depth_is_the_sum_over_a_models_versions(m: Metrics) -> None:
     """Each version has its own batch queue: the model's gauge adds them up, and one version's report never
     replaces the other's."""
     m.model_loaded("charlm", 2, "CPUExecutionProvider", 0.1, ready=True)
-    m.queue_depth("charlm", 3, version=1)
-    m.queue_depth("charlm", 4, version=2)
+    m.watch_queue("charlm", 1, lambda: 3)
+    m.watch_queue("charlm", 2, lambda: 4)
     assert value(m, "seqserve_queue_depth", model="charlm") == 7.0
-    m.queue_depth("charlm", 0, version=2)
+    m.watch_queue("charlm", 2, lambda: 0)
     assert value(m, "seqserve_queue_depth", model="charlm") == 3.0
 
 
