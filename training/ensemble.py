@@ -4,14 +4,18 @@ probabilities, the combination ``seqserve-train heldout`` scores.
     seqserve-train ensemble --model runs/a --model runs/b [...] --data ../shared/data/sst2 --out models/NAME/N \
         [--half]
 
-The members must be interchangeable behind one contract: sentiment models with the same tokenizer (vocabulary and
-rules), the same labels and states of the same kind and width, trained holding out the same rows (so the held-out
-accuracy that picks models can score the combination; ``training/heldout.py``). The graph runs every member's own
-graph side by side on the same ``input_ids`` and ``lengths``: each member's nodes and weights keep their names
-behind a ``mK.`` prefix; the state inputs are split by rows into the members' states and their state outputs
-concatenated back (state rows = the members' rows, in ``--model`` order); ``logits`` = log of the mean of the
-members' softmax probabilities, so serving's softmax returns exactly that mean. Inputs, outputs, tokenizer and
-labels keep their names and meaning: a client sees a sentiment model like any other, only slower (it runs every
+The members must be interchangeable behind one contract: sentiment models with the same tokenizer rules (kind,
+special tokens, case, length), the same labels and states of the same kind and width, trained holding out the same
+rows (so the held-out accuracy that picks models can score the combination; ``training/heldout.py``). Their
+vocabularies may differ (a model with GloVe words added beside one trained from scratch): the graph's vocabulary is
+the first member's followed by every later member's words it lacks, in order, and a member whose own ids differ
+reads them through a constant map (``Gather``: the graph's id -> the member's id for that word, or the member's
+``<unk>``), so each member sees exactly the ids its own tokenizer would give. The graph runs every member's own
+graph side by side on the same ``input_ids`` (mapped where needed) and ``lengths``: each member's nodes and weights
+keep their names behind a ``mK.`` prefix; the state inputs are split by rows into the members' states and their
+state outputs concatenated back (state rows = the members' rows, in ``--model`` order); ``logits`` = log of the mean
+of the members' softmax probabilities, so serving's softmax returns exactly that mean. Inputs, outputs, tokenizer
+and labels keep their names and meaning: a client sees a sentiment model like any other, only slower (it runs every
 member).
 
 ``--half`` stores every large float32 weight as float16 followed by a ``Cast`` back to float32 (ONNX Runtime folds
@@ -36,7 +40,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from service.core.arrays import softmax, zero_states
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, StateSpec, TensorSpec, Tokenizer
 from training.cards import CARDS, card_for
 from training.data import DataError
 from training.evaluate import evaluate_model, open_model, recomputed, sentiment_logits
@@ -57,8 +61,14 @@ def _check_members(paths: list[Path], manifests: list[Manifest]) -> None:
     for path, m in zip(paths, manifests, strict=True):
         if m.task != "sentiment":
             raise DataError(f"{path} is a {m.task!r} model; ensemble combines sentiment models")
-        if m.tokenizer != first.tokenizer:
-            raise DataError(f"{path}: its tokenizer differs from {paths[0]}'s; members must share one vocabulary")
+        if m.tokenizer is None or first.tokenizer is None:
+            raise DataError(f"{path}: no tokenizer in its manifest; ensemble combines sentiment models that have one")
+        rules, first_rules = (t.model_copy(update={"vocab": []}) for t in (m.tokenizer, first.tokenizer))
+        if rules != first_rules:
+            raise DataError(
+                f"{path}: its tokenizer's rules differ from {paths[0]}'s ({_differences(rules, first_rules)}); "
+                "members must split and encode text alike (their vocabularies may differ)"
+            )
         if m.labels != first.labels:
             raise DataError(f"{path}: labels {m.labels} differ from {paths[0]}'s {first.labels}")
         kinds = [(s.name, s.input, s.output, s.dtype, s.shape[1:]) for s in m.states]
@@ -71,11 +81,53 @@ def _check_members(paths: list[Path], manifests: list[Manifest]) -> None:
             raise DataError(f"{path}: already an ensemble (of {', '.join(derived)}); combine its members instead")
 
 
-def _prefixed(graph: onnx.GraphProto, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The member's nodes and initializers with every name but ``SHARED`` (and empty optional inputs) prefixed."""
+def _differences(a: Tokenizer, b: Tokenizer) -> str:
+    fields = [k for k in type(a).model_fields if getattr(a, k) != getattr(b, k)]
+    return ", ".join(f"{k} {getattr(a, k)!r} against {getattr(b, k)!r}" for k in fields)
+
+
+def joined_vocab(manifests: list[Manifest]) -> list[str]:
+    """The graph's vocabulary: the first member's, then each later member's words it lacks, in their order."""
+    vocab: list[str] = []
+    seen: set[str] = set()
+    for m in manifests:
+        assert m.tokenizer is not None  # checked by _check_members
+        for word in m.tokenizer.vocab:
+            if word not in seen:
+                seen.add(word)
+                vocab.append(word)
+    return vocab
+
+
+def id_maps(manifests: list[Manifest], vocab: list[str]) -> list[Array | None]:
+    """Per member: the graph's id -> the member's id for the same word (its ``<unk>`` id for a word it lacks), or
+    ``None`` where the member's vocabulary is the graph's (it reads ``input_ids`` as they are)."""
+    maps: list[Array | None] = []
+    for m in manifests:
+        assert m.tokenizer is not None
+        own = m.tokenizer.vocab
+        if own == vocab:
+            maps.append(None)
+            continue
+        index = {w: i for i, w in enumerate(own)}
+        unk = index.get(m.tokenizer.unk_token) if m.tokenizer.unk_token is not None else None
+        lacks = [w for w in vocab if w not in index]
+        if unk is None and lacks:
+            raise DataError(
+                f"{m.name}/{m.version} has no unknown-word token, so it cannot read the other members' words it "
+                f"lacks ({len(lacks)}, e.g. {lacks[0]!r}); give members with one vocabulary, or with <unk>"
+            )
+        maps.append(np.array([index.get(w, unk) for w in vocab], dtype=np.int64))
+    return maps
+
+
+def _prefixed(
+    graph: onnx.GraphProto, prefix: str, shared: tuple[str, ...] = SHARED
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The member's nodes and initializers with every name but ``shared`` (and empty optional inputs) prefixed."""
 
     def rename(name: str) -> str:
-        return name if name in SHARED or not name else prefix + name
+        return name if name in shared or not name else prefix + name
 
     nodes = []
     for n in graph.node:
@@ -116,8 +168,13 @@ def build(models: list[onnx.ModelProto], manifests: list[Manifest], half: bool =
     first = manifests[0]
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
-    for k, model in enumerate(models):
-        n, i = _prefixed(model.graph, f"m{k}.")
+    for k, (model, mapping) in enumerate(zip(models, id_maps(manifests, joined_vocab(manifests)), strict=True)):
+        if mapping is None:
+            n, i = _prefixed(model.graph, f"m{k}.")
+        else:  # the member reads its own ids: mK.input_ids = map[input_ids]
+            n, i = _prefixed(model.graph, f"m{k}.", tuple(x for x in SHARED if x != "input_ids"))
+            inits.append(numpy_helper.from_array(mapping, f"m{k}.id_map"))
+            nodes.append(helper.make_node("Gather", [f"m{k}.id_map", "input_ids"], [f"m{k}.input_ids"], axis=0))
         nodes += n
         inits += i
     if half:
@@ -166,14 +223,15 @@ def probe_gap(paths: list[Path], combined: onnx.ModelProto, manifests: list[Mani
     members = [cpu_session(p / MODEL_FILE, threads=1) for p in paths]
     whole = cpu_session(combined, threads=1)
     first = manifests[0]
-    assert first.tokenizer is not None  # a sentiment model (checked by _check_members)
+    vocab = joined_vocab(manifests)
+    maps = id_maps(manifests, vocab)
     logit_gap = state_gap = 0.0
     pairs = {(i, j): 0.0 for i in range(len(paths)) for j in range(i + 1, len(paths))}
-    for feeds in probe_batches(len(first.tokenizer.vocab), seed):
+    for feeds in probe_batches(len(vocab), seed):
         batch = len(feeds["lengths"])
         outs = [
-            s.run(None, feeds | zero_states(m.states, {"batch": batch}))
-            for s, m in zip(members, manifests, strict=True)
+            s.run(None, feeds | own_ids(feeds, mapping) | zero_states(m.states, {"batch": batch}))
+            for s, m, mapping in zip(members, manifests, maps, strict=True)
         ]
         for i, j in pairs:
             pairs[i, j] = max(pairs[i, j], float(np.abs(outs[i][0] - outs[j][0]).max()))
@@ -186,6 +244,11 @@ def probe_gap(paths: list[Path], combined: onnx.ModelProto, manifests: list[Mani
     closest = min(pairs, key=pairs.__getitem__)
     return {"max_logit_gap": logit_gap, "max_state_gap": state_gap, "min_member_gap": pairs[closest],
             "closest_members": closest}  # fmt: skip
+
+
+def own_ids(feeds: dict[str, Any], mapping: Array | None) -> dict[str, Any]:
+    """``feeds``' ``input_ids`` as a member with ``mapping`` (``id_maps``) reads them (the padding stays padding)."""
+    return {} if mapping is None else {"input_ids": mapping[feeds["input_ids"]]}
 
 
 def _states(manifests: list[Manifest]) -> list[StateSpec]:
@@ -263,9 +326,12 @@ def _publish(
                             for m in manifests],
         "heldout": split[0], "heldout_fraction": split[1], "config": {"seed": split[2]},
     }  # fmt: skip
+    assert first.tokenizer is not None  # checked by _check_members
+    tokenizer = first.tokenizer.model_copy(update={"vocab": joined_vocab(manifests)})
     new = derived_manifest(
         first, out, version, command, description, training, architecture=architecture, states=states,
         inputs=_resized(first.inputs, states, "input"), outputs=_resized(first.outputs, states, "output"),
+        tokenizer=tokenizer,
     )  # fmt: skip
     new.dump(out / MANIFEST_FILE)
     ev = evaluate_model(out, data)

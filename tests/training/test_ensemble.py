@@ -15,7 +15,7 @@ import pytest
 from bench.runtime import derived_pairs
 from service.client import Client
 from service.core.arrays import softmax
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from tests.conftest import ServerHandle
 from tests.training.fast import FAST, TINY_SENTIMENT
 from training.cli import main
@@ -63,6 +63,47 @@ def test_the_graph_answers_with_the_mean_of_its_members(
     assert metrics["heldout_accuracy"] == pytest.approx(mean) == pytest.approx(record["evaluation"]["heldout_accuracy"])
     assert metrics["accuracy"] == record["evaluation"]["dev_accuracy"]
     assert m.card is not None and any("Runs 2 models per request" in limit for limit in m.card.limits)
+
+
+def _with_words(src: Path, dst: Path, words: list[str], seed: int) -> Path:
+    """A copy of ``src`` whose vocabulary ends with ``words``, each with an embedding row of its own (random, at the
+    table's scale): the shape of a model trained with GloVe words added to its vocabulary."""
+    shutil.copytree(src, dst)
+    graph = onnx.load(str(dst / MODEL_FILE))
+    (table,) = [t for t in graph.graph.initializer if t.name == "embed.weight"]
+    old = onnx.numpy_helper.to_array(table)
+    rows = np.random.default_rng(seed).normal(0.0, float(old.std()), (len(words), old.shape[1])).astype(old.dtype)
+    table.CopyFrom(onnx.numpy_helper.from_array(np.concatenate([old, rows]), table.name))
+    onnx.save(graph, str(dst / MODEL_FILE))
+    raw = json.loads((dst / MANIFEST_FILE).read_text())
+    raw["tokenizer"]["vocab"] += words
+    raw["sha256"] = sha256_file(dst / MODEL_FILE)
+    (dst / MANIFEST_FILE).write_text(json.dumps(raw))
+    return dst
+
+
+def test_members_with_different_vocabularies_each_read_their_own_ids(tmp_path: Path, tiny_sst2: Path) -> None:
+    """Each member extended with words the other lacks: the graph's vocabulary is the first's plus the second's
+    new words, and every text gets the mean of what each member answers through its own tokenizer (a word a member
+    lacks is its <unk>)."""
+    ours, theirs = ["zorbful", "glimmerous"], ["quaxy", "flurbid", "zorbful"]
+    members = [
+        _with_words(MEMBERS[0], tmp_path / "a" / "sentiment" / "1", ours, seed=1),
+        _with_words(MEMBERS[1], tmp_path / "b" / "sentiment" / "1", theirs, seed=2),
+    ]
+    out = tmp_path / "sentiment" / "9"
+    assert _ensemble(out, tiny_sst2, members=members) == 0
+    vocab = Manifest.load(members[0] / MANIFEST_FILE).tokenizer.vocab  # type: ignore[union-attr]
+    m = Manifest.load(out / MANIFEST_FILE)
+    assert m.tokenizer is not None and m.tokenizer.vocab == [*vocab, "quaxy", "flurbid"]
+    texts = [*TEXTS, "a zorbful movie", "quaxy and flurbid", "glimmerous , quaxy , zorbful", "zorbful"]
+    want = np.mean([_probabilities(p, texts) for p in members], axis=0)
+    np.testing.assert_allclose(_probabilities(out, texts), want, atol=1e-6)
+    # the new words change the answers (the check above is not only on words both members share)
+    plain = np.mean([_probabilities(p, texts) for p in MEMBERS], axis=0)
+    assert np.abs(_probabilities(out, texts)[-4:] - plain[-4:]).max() > 1e-3
+    assert np.abs(_probabilities(out, texts)[:-4] - plain[:-4]).max() < 1e-6
+    assert m.training["ensemble"]["max_logit_gap"] <= 1e-4
 
 
 def test_half_stores_float16_and_stays_close(tmp_path: Path, tiny_sst2: Path) -> None:
@@ -138,8 +179,8 @@ def test_ensemble_refuses_members_that_cannot_share_a_contract(
     def other_rows(raw: dict[str, object]) -> None:
         raw["training"]["heldout_fraction"] = 0.2  # type: ignore[index]
 
-    def other_vocab(raw: dict[str, object]) -> None:
-        raw["tokenizer"]["vocab"][5] = "zzz"  # type: ignore[index]
+    def other_rules(raw: dict[str, object]) -> None:
+        raw["tokenizer"]["lowercase"] = False  # type: ignore[index]
 
     def already(raw: dict[str, object]) -> None:
         raw["training"]["ensemble_of"] = ["a", "b"]  # type: ignore[index]
@@ -149,13 +190,23 @@ def test_ensemble_refuses_members_that_cannot_share_a_contract(
     graph.opset_import[0].version = 16
     onnx.save(graph, str(older / MODEL_FILE))
 
+    def no_unk(raw: dict[str, object]) -> None:
+        raw["tokenizer"]["unk_token"] = None  # type: ignore[index]
+
+    # neither knows an unknown-word token, and the second has a word the first lacks
+    without_unk = [
+        edited("no-unk", no_unk),
+        _with_words(edited("no-unk-2", no_unk), tmp_path / "x" / "1", ["quaxy"], 3),
+    ]
+
     cases = [
         ([MEMBERS[0]], "ensemble needs two or more --model"),
         ([MEMBERS[0], MODELS / "charlm" / "1"], "is a 'charlm' model"),
         ([MEMBERS[0], edited("rows", other_rows)], "held out different rows"),
-        ([MEMBERS[0], edited("vocab", other_vocab)], "tokenizer differs"),
+        ([MEMBERS[0], edited("rules", other_rules)], "(lowercase False against True); members must split"),
         ([MEMBERS[0], edited("again", already)], "already an ensemble"),
         ([MEMBERS[0], older], "at versions 17 and 16"),
+        (without_unk, "cannot read the other members' words it lacks (1, e.g. 'quaxy')"),
     ]
     for members, says in cases:
         out = tmp_path / "out" / "sentiment" / "9"
