@@ -12,7 +12,7 @@ from service.core.sessions import InMemorySessionStore, SessionState, register_s
 
 class BytesSessionStore(InMemorySessionStore[bytes]):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(hot=0)  # every save serialized, none kept as it is
         self.encoded = 0  # how many times a session was serialized (the tests check it is not zero)
 
     def _pack(self, s: SessionState) -> bytes:

@@ -178,6 +178,53 @@ async def test_usage_and_eviction_per_owner() -> None:
     assert (await store.owner_usage("bob")).count == 1 and (await store.usage()).count == 3
 
 
+async def test_recently_saved_sessions_are_kept_as_they_are_and_the_rest_compact() -> None:
+    """The ``hot`` most recently saved sessions skip the pack: each load hands out a copy of its own and a caller
+    changing its session after the save changes nothing stored; a save that makes ``hot + 1`` packs the one saved
+    longest ago, which loads back the same; recency (eviction) follows use, not the hot order."""
+    from service.core.sessions.compact import Compact
+
+    store: InMemorySessionStore[object] = InMemorySessionStore(hot=2)
+    for sid in ("a", "b", "c"):
+        await store.add(state(sid))
+    assert all(isinstance(store._records[sid], Compact) for sid in "abc")  # created: compact until saved
+    for sid in ("a", "b"):
+        s = await store.load(sid)
+        assert s is not None
+        s.steps, s.state = 43, {**s.state, "h0": s.state["h0"] + 1}
+        await store.save(s)
+        s.steps, s.state["h0"] = 99, np.zeros(1)  # the caller's object, after its save
+    assert list(store._hot) == ["a", "b"] and isinstance(store._records["c"], Compact)
+    first = await store.load("a")
+    assert first is not None and first.steps == 43 and first.state["h0"].shape == (2, 1, 16)
+    np.testing.assert_array_equal(first.state["h0"], state().state["h0"] + 1)
+    first.steps = 7
+    first.metadata["note"] = "changed"
+    again = await store.load("a")
+    assert again is not None and (again.steps, again.metadata["note"]) == (43, "é\n")
+
+    c = await store.load("c")
+    assert c is not None
+    await store.save(c)  # a third hot one: "a", saved longest ago, is packed in its place in the recency order
+    assert list(store._hot) == ["b", "c"] and isinstance(store._records["a"], Compact)
+    packed = await store.load("a")
+    assert packed is not None and packed.steps == 43 and packed.revision == again.revision
+    np.testing.assert_array_equal(packed.state["h0"], state().state["h0"] + 1)
+    await store.save(packed)  # stale copies are still refused by revision, hot or packed
+    with pytest.raises(StaleSession):
+        await store.save(again)
+    b1, b2 = await store.load("b"), await store.load("b")  # two loads of a hot one: the second save is stale
+    assert b1 is not None and b2 is not None
+    await store.save(b1)
+    with pytest.raises(StaleSession):
+        await store.save(b2)
+    evicted = await store.evict_lru()
+    assert evicted is not None and evicted.id == "c" and evicted.steps == 42  # least recently used: c
+    assert list(store._hot) == ["a", "b"] and "c" not in store._records
+    assert (await store.delete("a")) is not None and list(store._hot) == ["b"]
+    assert (await store.usage()).count == 1
+
+
 async def test_expiry_heap_stays_bounded_under_create_delete_churn() -> None:
     store: InMemorySessionStore[SessionState] = InMemorySessionStore()
     for i in range(5000):
