@@ -158,8 +158,7 @@ class InMemorySessionStore(Generic[R]):
 
     The ``hot`` most recently saved sessions are kept as they are (a working copy each: own dicts, the arrays
     shared, which no step changes in place), so a session that steps again soon costs two dict copies instead of a
-    pack and an unpack (~3 against ~12 µs here); the one saved longest ago is packed when a save would make it
-    ``hot + 1``. Sessions live at most ``hot`` x ~1.7 KiB over their compact size, and an idle store of many
+    pack and an unpack; the one saved longest ago is packed when a save would make them ``hot + 1``. Sessions live at most ``hot`` x ~1.7 KiB over their compact size, and an idle store of many
     sessions holds them all compact. ``hot=0`` packs every save (a store that must keep bytes only)."""
 
     def __init__(self, hot: int = HOT_SESSIONS) -> None:
