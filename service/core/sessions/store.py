@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 from service.core.sessions import compact
 from service.core.sessions.state import SessionState
@@ -158,8 +158,9 @@ class InMemorySessionStore(Generic[R]):
 
     The ``hot`` most recently saved sessions are kept as they are (a working copy each: own dicts, the arrays
     shared, which no step changes in place), so a session that steps again soon costs two dict copies instead of a
-    pack and an unpack; the one saved longest ago is packed when a save would make them ``hot + 1``. Sessions live at most ``hot`` x ~1.7 KiB over their compact size, and an idle store of many
-    sessions holds them all compact. ``hot=0`` packs every save (a store that must keep bytes only)."""
+    pack and an unpack; the one saved longest ago is packed when a save would make them ``hot + 1``. Together they
+    take at most ``hot`` x ~1.7 KiB more than packed, so a store of many idle sessions stays compact. ``hot=0``
+    packs every save (a store that must keep bytes only)."""
 
     def __init__(self, hot: int = HOT_SESSIONS) -> None:
         self._records: OrderedDict[str, R | None] = OrderedDict()  # least recently used first; None: in _hot
@@ -290,7 +291,7 @@ class InMemorySessionStore(Generic[R]):
         if not mine:
             del self._owners[meta.owner], self._owner_bytes[meta.owner]
         hot = self._hot.pop(session_id, None)
-        return hot if hot is not None else self._unpack(record)  # type: ignore[arg-type]
+        return hot if hot is not None else self._unpack(cast(R, record))  # (not _ABSENT, not None: packed)
 
 
 StoreFactory = Callable[[str, Settings], SessionStore]
