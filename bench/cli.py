@@ -4,6 +4,7 @@ writes."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import signal
 import sys
@@ -30,8 +31,10 @@ def parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
 def run(main: Callable[[], int]) -> NoReturn:
     """``python -m bench.<section>``: SIGTERM (a ``timeout``, a cancelled CI job, ``kill``) exits through the same
     cleanup as a normal end, so the servers, floors and perf_analyzer it started stop and their temporary folders
-    go (Python's default SIGTERM ends the process without running any ``finally``, orphaning them)."""
+    go (Python's default SIGTERM ends the process without running any ``finally``, orphaning them). SIGUSR1 writes
+    every thread's stack to stderr and goes on (``kill -USR1 PID``: where a bench that seems stuck is)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     sys.exit(main())
 
 

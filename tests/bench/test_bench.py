@@ -97,7 +97,8 @@ def _children(pid: int) -> set[int]:
         except OSError:
             continue
         parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
+    found: set[int] = set()
+    frontier = {pid}
     while frontier:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
         found |= frontier
@@ -157,7 +158,9 @@ def test_sigterm_stops_what_a_bench_started(tiny_models: Path, tmp_path: Path) -
     import time
 
     cmd = [sys.executable, "-m", "bench.overload", "--models", str(tiny_models), "--callers", "2", "--seconds", "60"]
-    bench = subprocess.Popen([*cmd, "--out", str(tmp_path / "o.json")], cwd=Path(__file__).parents[2])
+    err = tmp_path / "stderr.txt"
+    with err.open("wb") as sink:
+        bench = subprocess.Popen([*cmd, "--out", str(tmp_path / "o.json")], cwd=Path(__file__).parents[2], stderr=sink)
     started: set[int] = set()
     try:
         deadline = time.monotonic() + 120
@@ -166,8 +169,18 @@ def test_sigterm_stops_what_a_bench_started(tiny_models: Path, tmp_path: Path) -
         time.sleep(3)  # the server is up and the callers are running
         started = _children(bench.pid)
         assert started, "the bench started no server"
+        bench.send_signal(signal.SIGUSR1)  # where it is, written to stderr (bench.cli.run), and it goes on
+        deadline = time.monotonic() + 10
+        while "most recent call first" not in err.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "most recent call first" in err.read_text() and bench.poll() is None
         bench.send_signal(signal.SIGTERM)
-        code = bench.wait(timeout=90)
+        try:
+            code = bench.wait(timeout=90)
+        except subprocess.TimeoutExpired:  # (seen once in CI, never here): say where it is stuck
+            bench.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            pytest.fail(f"the bench did not exit within 90 s of SIGTERM; its stderr:\n{err.read_text()[-8000:]}")
         deadline = time.monotonic() + 30
         while (alive := {p for p in started if Path(f"/proc/{p}").exists()}) and time.monotonic() < deadline:
             time.sleep(0.2)
