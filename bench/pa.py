@@ -147,17 +147,24 @@ def input_data(workload: Workload, folder: Path) -> Path:
     return path
 
 
+def workload_flags(workload: Workload, sequence_length: int = 100) -> list[str]:
+    """The perf_analyzer flags that make a run ``workload``: sequences of ``sequence_length`` steps, streaming, and
+    ``-x`` when it pins a version."""
+    flags = []
+    if workload.sequences:
+        flags += ["--sequence-length", str(sequence_length), "--sequence-length-variation", "0"]
+    if workload.streaming:
+        flags.append("--streaming")
+    if workload.version:
+        flags += ["-x", workload.version]
+    return flags
+
+
 def command(target: str, workload: Workload, concurrency: int, data: Path, report: Path, window_ms: int) -> list[str]:
     cmd = [str(PERF_ANALYZER), "-m", workload.model, "-u", target, "-i", "grpc", "--input-data", str(data)]
     # Stability on average latency within 30% over 3 windows (this box is shared); the CSV has p50..p99 anyway.
     cmd += ["--concurrency-range", str(concurrency), "-p", str(window_ms), "-s", "30", "-r", "10", "-f", str(report)]
-    if workload.sequences:
-        cmd += ["--sequence-length", "100", "--sequence-length-variation", "0"]
-    if workload.streaming:
-        cmd.append("--streaming")
-    if workload.version:
-        cmd += ["-x", workload.version]
-    return cmd
+    return cmd + workload_flags(workload)
 
 
 def run(

@@ -17,13 +17,16 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import cli, pa
 from bench.launch import process, serve
 from service.argtypes import count
 from service.settings import Settings
+
+T = TypeVar("T")
 
 
 def children(pid: int) -> list[int]:
@@ -97,17 +100,24 @@ def measure(label: str, target: str, pids: list[int], w: pa.Workload, c: int, fo
     return row
 
 
+def alternating(sides: Sequence[T], rounds: int) -> Iterator[tuple[int, T]]:
+    """(round, side) for ``rounds`` rounds of every side back to back, every other round in reverse order (ABC,
+    CBA, ...), so no side always runs first or last on a machine whose speed drifts."""
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            yield r, side
+
+
 def interleaved(servers: list[Server], workloads: list[pa.Workload], conc: list[int], rounds: int, folder: Path,
                 env: dict[str, str], window_ms: int) -> list[dict[str, Any]]:  # fmt: skip
-    """For each workload and concurrency, every server measured back to back, ``rounds`` times, every other round
-    in reverse order (ABC, CBA, ...): one row per measurement."""
-    rows = []
-    for w in workloads:
-        for c in conc:
-            for r in range(rounds):
-                for label, target, pids in servers if r % 2 == 0 else servers[::-1]:
-                    rows.append(measure(label, target, pids, w, c, folder, env, window_ms, r))
-    return rows
+    """For each workload and concurrency, every server measured back to back, ``rounds`` times (``alternating``):
+    one row per measurement."""
+    return [
+        measure(label, target, pids, w, c, folder, env, window_ms, r)
+        for w in workloads
+        for c in conc
+        for r, (label, target, pids) in alternating(servers, rounds)
+    ]
 
 
 def run(

@@ -95,23 +95,23 @@ def core(
             (folders[label] / "charlm").mkdir(parents=True)
             (folders[label] / "charlm" / str(version)).symlink_to((models / "charlm" / str(version)).resolve())
         for c in conc:
-            for r in range(rounds):
-                for label in ("base", "this") if r % 2 == 0 else ("this", "base"):
-                    args = [str(folders[label]), str(version), str(c), str(steps)]
-                    done = subprocess.run([sys.executable, "-c", CORE, *args], cwd=sides[label][0],
-                                          capture_output=True, text=True, timeout=600)  # fmt: skip
-                    if done.returncode:
-                        raise RuntimeError(f"the core of {label} failed:\n{done.stderr[-3000:]}")
-                    row = json.loads(done.stdout.splitlines()[-1])
-                    rows.append({"side": label, "round": r, "concurrency": c, **row})
-                    print(f"  {label:>4} core c={c:<3} round {r} {row['cpu_us_per_step']:8.1f} CPU µs/step", flush=True)
+            for r, label in perf.alternating(("base", "this"), rounds):
+                args = [str(folders[label]), str(version), str(c), str(steps)]
+                done = subprocess.run([sys.executable, "-c", CORE, *args], cwd=sides[label][0],
+                                      capture_output=True, text=True, timeout=600)  # fmt: skip
+                if done.returncode:
+                    raise RuntimeError(f"the core of {label} failed:\n{done.stderr[-3000:]}")
+                row = json.loads(done.stdout.splitlines()[-1])
+                rows.append({"side": label, "round": r, "concurrency": c, **row})
+                print(f"  {label:>4} core c={c:<3} round {r} {row['cpu_us_per_step']:8.1f} CPU µs/step", flush=True)
     out = []
     for c in conc:
         per = {(row["side"], row["round"]): row["cpu_us_per_step"] for row in rows if row["concurrency"] == c}
         ratios = [per[("this", r)] / per[("base", r)] for r in range(rounds)]
-        out.append({"concurrency": c, "ratio": statistics.median(ratios), "ratio_min": min(ratios),
-                    "ratio_max": max(ratios), **{f"{s}_cpu_us_per_step": statistics.median(
-                        v for (side, _), v in per.items() if side == s) for s in ("base", "this")}})  # fmt: skip
+        agg = {"concurrency": c, "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        for side in ("base", "this"):
+            agg[f"{side}_cpu_us_per_step"] = statistics.median(per[(side, r)] for r in range(rounds))
+        out.append(agg)
     return {"version": version, "concurrency": conc, "rounds": rounds, "steps": steps, "rows": rows, "summary": out}
 
 

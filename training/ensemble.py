@@ -163,12 +163,14 @@ def _opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
     return [helper.make_opsetid(domain, version) for domain, version in sorted(versions.items())]
 
 
-def build(models: list[onnx.ModelProto], manifests: list[Manifest], half: bool = False) -> onnx.ModelProto:
-    """The combined graph (see the module's docstring)."""
+def build(
+    models: list[onnx.ModelProto], manifests: list[Manifest], maps: list[Array | None], half: bool = False
+) -> onnx.ModelProto:
+    """The combined graph (see the module's docstring); ``maps``: each member's ``id_maps`` entry."""
     first = manifests[0]
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
-    for k, (model, mapping) in enumerate(zip(models, id_maps(manifests, joined_vocab(manifests)), strict=True)):
+    for k, (model, mapping) in enumerate(zip(models, maps, strict=True)):
         if mapping is None:
             n, i = _prefixed(model.graph, f"m{k}.")
         else:  # the member reads its own ids: mK.input_ids = map[input_ids]
@@ -216,15 +218,20 @@ def build(models: list[onnx.ModelProto], manifests: list[Manifest], half: bool =
     return model
 
 
-def probe_gap(paths: list[Path], combined: onnx.ModelProto, manifests: list[Manifest], seed: int = 0) -> dict[str, Any]:
+def probe_gap(
+    paths: list[Path],
+    combined: onnx.ModelProto,
+    manifests: list[Manifest],
+    vocab: list[str],
+    maps: list[Array | None],
+    seed: int = 0,
+) -> dict[str, Any]:
     """Largest |logit difference| between the combined graph and log(mean of the members' probabilities) on
     random padded batches, and the largest difference between its states and the members' concatenated states;
     also the two members whose logits are closest (``closest_members``) and their largest difference."""
     members = [cpu_session(p / MODEL_FILE, threads=1) for p in paths]
     whole = cpu_session(combined, threads=1)
     first = manifests[0]
-    vocab = joined_vocab(manifests)
-    maps = id_maps(manifests, vocab)
     logit_gap = state_gap = 0.0
     pairs = {(i, j): 0.0 for i in range(len(paths)) for j in range(i + 1, len(paths))}
     for feeds in probe_batches(len(vocab), seed):
@@ -273,8 +280,10 @@ def ensemble(paths: list[Path], data: Path, out: Path, command: str, half: bool 
     manifests = [derived_source(p, out) for p in paths]
     _check_members(paths, manifests)
     split, held = heldout_rows(paths, manifests, data)  # refuses members that held out different rows
-    combined = build([onnx.load(str(p / MODEL_FILE)) for p in paths], manifests, half)
-    gaps = probe_gap(paths, combined, manifests)
+    vocab = joined_vocab(manifests)
+    maps = id_maps(manifests, vocab)
+    combined = build([onnx.load(str(p / MODEL_FILE)) for p in paths], manifests, maps, half)
+    gaps = probe_gap(paths, combined, manifests, vocab, maps)
     a, b = gaps.pop("closest_members")
     if gaps["min_member_gap"] < SAME_WEIGHTS:  # one graph twice, or a model beside its own fused graph
         raise DataError(
@@ -293,12 +302,13 @@ def ensemble(paths: list[Path], data: Path, out: Path, command: str, half: bool 
     record: dict[str, Any] = {"members": [str(p) for p in paths], "half": half, "tolerance": tolerance, **gaps}
     with new_model_folder(out) as (name, version):
         onnx.save(combined, str(out / MODEL_FILE))
-        return _publish(paths, manifests, held, split, data, out, (name, version), command, record)
+        return _publish(paths, manifests, vocab, held, split, data, out, (name, version), command, record)
 
 
 def _publish(
     paths: list[Path],
     manifests: list[Manifest],
+    vocab: list[str],
     held: list[tuple[str, int]],
     split: tuple[str, float, int],
     data: Path,
@@ -327,7 +337,7 @@ def _publish(
         "heldout": split[0], "heldout_fraction": split[1], "config": {"seed": split[2]},
     }  # fmt: skip
     assert first.tokenizer is not None  # checked by _check_members
-    tokenizer = first.tokenizer.model_copy(update={"vocab": joined_vocab(manifests)})
+    tokenizer = first.tokenizer.model_copy(update={"vocab": vocab})
     new = derived_manifest(
         first, out, version, command, description, training, architecture=architecture, states=states,
         inputs=_resized(first.inputs, states, "input"), outputs=_resized(first.outputs, states, "output"),

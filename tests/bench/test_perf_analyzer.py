@@ -35,13 +35,7 @@ def short_run(w: pa.Workload, target: str, protocol: str, folder: Path, concurre
     cmd = [str(pa.PERF_ANALYZER), "-m", w.model, "-u", target, "-i", protocol]
     cmd += ["--input-data", str(pa.input_data(w, folder)), "--concurrency-range", str(concurrency)]
     cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", "200", "-s", "1000", "-r", "10"]
-    if w.sequences:
-        cmd += ["--sequence-length", "20", "--sequence-length-variation", "0"]
-    if w.streaming:
-        cmd.append("--streaming")
-    if w.version:
-        cmd += ["-x", w.version]
-    return cmd
+    return cmd + pa.workload_flags(w, sequence_length=20)
 
 
 @pytest.mark.parametrize(
