@@ -4,10 +4,14 @@ writes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
+import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,14 +32,50 @@ def parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+CLEANUP_S = 30.0  # how long the cleanup after SIGTERM may take before the bench stops waiting for it
+
+
 def run(main: Callable[[], int]) -> NoReturn:
     """``python -m bench.<section>``: SIGTERM (a ``timeout``, a cancelled CI job, ``kill``) exits through the same
     cleanup as a normal end, so the servers, floors and perf_analyzer it started stop and their temporary folders
-    go (Python's default SIGTERM ends the process without running any ``finally``, orphaning them). SIGUSR1 writes
-    every thread's stack to stderr and goes on (``kill -USR1 PID``: where a bench that seems stuck is)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    go (Python's default SIGTERM ends the process without running any ``finally``, orphaning them). A cleanup that
+    has not finished ``CLEANUP_S`` after the signal (the exit lands at any bytecode, e.g. inside a gRPC callback, and
+    a wait in the cleanup may then never end) is cut short: the bench writes every thread's stack to stderr, kills
+    what it started and exits. SIGUSR1 writes every thread's stack to stderr and goes on (``kill -USR1 PID``: where
+    a bench that seems stuck is)."""
+    signal.signal(signal.SIGTERM, _terminate)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     sys.exit(main())
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    threading.Thread(target=_last_resort, args=(signum, CLEANUP_S), daemon=True, name="sigterm-watchdog").start()
+    sys.exit(128 + signum)
+
+
+def _last_resort(signum: int, after_s: float) -> None:
+    """Runs beside the cleanup; returns only if the process outlived it by ``after_s`` (then nothing returns)."""
+    time.sleep(after_s)
+    print(f"bench: the cleanup after signal {signum} took over {after_s:g} s; stopped. Its threads:", file=sys.stderr)
+    faulthandler.dump_traceback(all_threads=True)
+    for pid in reversed(descendants(os.getpid())[1:]):  # the deepest first: none is left to be adopted by init
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os._exit(128 + signum)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and all its live descendants, parents before children (started from any of their threads)."""
+    out, todo = [pid], [pid]
+    while todo:
+        p = todo.pop()
+        kids: list[int] = []
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids += [int(k) for k in task.read_text().split()]
+        out += kids
+        todo += kids
+    return out
 
 
 def write_json(path: Path, result: Any) -> None:

@@ -29,20 +29,6 @@ from service.settings import Settings
 T = TypeVar("T")
 
 
-def children(pid: int) -> list[int]:
-    """``pid`` and all its descendants (the workers and the engine of a multi-process server)."""
-    out, todo = [pid], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        out += [int(k) for k in kids]
-        todo += [int(k) for k in kids]
-    return out
-
-
 def floor(canned: Path, folder: Path, loop: str) -> Any:
     cmd = [sys.executable, "-m", "bench.floor", "--canned", str(canned), "--ready-file", str(folder / "floor.json")]
     return process([*cmd, "--event-loop", loop], folder / "floor.json")
@@ -149,7 +135,7 @@ def run(
                 from bench.floor import record
 
                 record(server.target, canned_requests(models), folder / "canned")
-            servers.append((f"seqserve w={w}", server.target, children(server.pid)))
+            servers.append((f"seqserve w={w}", server.target, cli.descendants(server.pid)))
         if with_floor:  # on the server's event loop (the event_loop setting's default unless --env names one)
             loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", Settings.model_fields["event_loop"].default)
             info, pid = running.enter_context(floor(folder / "canned", folder, loop))

@@ -66,7 +66,7 @@ def compare(
         for label in ("base", "this"):
             tree, models = sides[label]
             s = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"}, workers, code=tree))
-            servers.append((label, s.target, perf.children(s.pid)))
+            servers.append((label, s.target, cli.descendants(s.pid)))
         rows = perf.interleaved(servers, chosen, conc, rounds, Path(tmp), env, window_ms)
     return {"workloads": workloads, "concurrency": conc, "version": version, "rounds": rounds, "workers": workers,
             "rows": rows, "summary": perf.summary(rows, reference="base")}  # fmt: skip

@@ -192,6 +192,68 @@ def test_sigterm_stops_what_a_bench_started(tiny_models: Path, tmp_path: Path) -
         bench.wait()
 
 
+HUNG_CLEANUP = """
+import subprocess, sys, threading, time
+from bench import cli
+cli.CLEANUP_S = 1.0
+def main():
+    child = subprocess.Popen(["sleep", "300"])
+    print(child.pid, flush=True)
+    try:
+        time.sleep(300)
+    finally:
+        threading.Event().wait()  # a cleanup that never ends
+    return 0
+cli.run(main)
+"""
+
+
+def test_a_cleanup_that_hangs_after_sigterm_is_cut_short(tmp_path: Path) -> None:
+    """If the cleanup SIGTERM starts never ends (bench.cli.run), the bench still exits with 143 once CLEANUP_S has
+    passed, says where it was stuck, and kills what it started instead of leaving it to init."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bench = subprocess.Popen(
+        [sys.executable, "-c", HUNG_CLEANUP],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    child = 0
+    try:
+        assert bench.stdout is not None
+        child = int(bench.stdout.readline())
+        assert Path(f"/proc/{child}").exists()
+        time.sleep(0.5)
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+        assert bench.returncode == 128 + signal.SIGTERM, err
+        assert "the cleanup after signal 15 took over 1 s; stopped" in err and "in main" in err, err
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        for p in (bench.pid, child):
+            with contextlib.suppress(ProcessLookupError):
+                if p:
+                    os.kill(p, signal.SIGKILL)
+        bench.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its (dead) parent's reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # a typist's late delete
 def test_an_exit_during_a_store_measurement_frees_its_typists(server: object, monkeypatch: object) -> None:
     """SIGTERM (bench.cli.run: SystemExit) or any error in the measuring thread while the typists wait at a barrier
