@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,14 @@ def run(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} -> exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def image_models(dockerfile: Path = ROOT / "Dockerfile") -> list[str]:
+    """The model versions (``name/version``) an image built from ``dockerfile`` with its default build args holds:
+    every committed one except those its ``SKIP_MODELS`` default names."""
+    (skip,) = re.findall(r'^ARG SKIP_MODELS="([^"]*)"$', dockerfile.read_text(), flags=re.M)
+    committed = sorted(str(p.parent.relative_to(ROOT / "models")) for p in (ROOT / "models").glob("*/*/model.onnx"))
+    return [m for m in committed if m not in skip.split()]
 
 
 def tool(name: str) -> Path:

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from packaging.requirements import Requirement
 
-from tests.deploy.conftest import ROOT, run, tool
+from tests.deploy.conftest import ROOT, image_models, run, tool
 from tests.integration.conftest import free_port
 
 DOCKERFILES = {
@@ -60,7 +60,7 @@ def test_serving_images_final_stage(path: str) -> None:
     assert builder.startswith("FROM ${BASE_IMAGE} AS builder")
     assert instruction(final, "USER") == ["10001:10001"]
     assert instruction(final, "STOPSIGNAL") == ["SIGTERM"]
-    assert instruction(final, "COPY") == ["--from=builder /opt/venv /opt/venv", "models /app/models"]
+    assert instruction(final, "COPY") == ["--from=builder /opt/venv /opt/venv", "--from=builder /models /app/models"]
     assert json.loads(instruction(final, "ENTRYPOINT")[0]) == ["seqserve"]
     labels = " ".join(instruction(final, "LABEL"))
     for key in ("title", "description", "version", "revision", "licenses", "base.name"):
@@ -75,6 +75,29 @@ def test_serving_images_final_stage(path: str) -> None:
     for tool_name in ("gcc", "build-essential", "pip install", "[train"):
         assert tool_name not in final, tool_name
     assert "--no-cache-dir" in builder and "[train" not in builder and "--invalidation-mode unchecked-hash" in builder
+
+
+@pytest.mark.parametrize("path", SERVING_IMAGES)
+def test_skip_models_names_committed_versions_and_the_build_refuses_others(path: str, tmp_path: Path) -> None:
+    """The builder's SKIP_MODELS step, run as the build runs it: each name must be a committed model version (else
+    the build fails, naming it) and only those versions are removed."""
+    builder, _ = stages((ROOT / path).read_text())
+    (step,) = [r for r in instruction(builder, "RUN") if "SKIP_MODELS" in r]
+    (default,) = re.findall(r'ARG SKIP_MODELS="([^"]*)"', builder)
+    for name in default.split():
+        assert (ROOT / "models" / name / "model.onnx").is_file(), name
+    if path == "Dockerfile":  # the CPU image's budget: the large opt-in ensemble stays out unless asked for
+        assert "sentiment-glove/1" in default.split() and "sentiment-glove/1" not in image_models()
+    models = tmp_path / "models"
+    for name in ("a/1", "a/2", "b/1"):
+        (models / name).mkdir(parents=True)
+        (models / name / "model.onnx").write_bytes(b"x")
+    script = step.replace("/models", str(models))
+    done = run(["sh", "-c", script], check=False, env={"SKIP_MODELS": "a/2 b/1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and sorted(p.name for p in models.glob("*/*")) == ["1"], done.stderr
+    refused = run(["sh", "-c", script], check=False, env={"SKIP_MODELS": "a/9", "PATH": "/usr/bin:/bin"})
+    assert refused.returncode == 1 and "SKIP_MODELS: no model a/9 under models/" in refused.stderr
+    assert (models / "a" / "1" / "model.onnx").is_file()  # a refused build removed nothing
 
 
 @pytest.mark.parametrize("path", SERVING_IMAGES)

@@ -11,6 +11,7 @@ import pytest
 from service.core.manifest import MANIFEST_FILE, Manifest
 from training.cards import (
     CARDS,
+    MEAN_OF_MEMBERS,
     NOT_CALIBRATED,
     TARGETS,
     TEMPERATURE_SCALED,
@@ -30,7 +31,7 @@ SENTIMENT = [
 def test_a_sentiment_card_says_whether_probabilities_are_temperature_scaled(m: Manifest) -> None:
     assert m.card is not None
     if m.training.get("ensemble_of"):
-        assert any(limit.startswith("Probabilities are the mean of its members'") for limit in m.card.limits)
+        assert MEAN_OF_MEMBERS in m.card.limits
     elif temperature_fitted(m.training):
         assert TEMPERATURE_SCALED in m.card.limits and NOT_CALIBRATED not in m.card.limits
     else:
@@ -46,7 +47,7 @@ def test_every_sentiment_card_follows_the_run() -> None:
     """The frozen-feature cards say temperature-scaled by default, the plain one not calibrated; either way the run
     decides."""
     for key, card in CARDS.items():
-        if key.startswith("sentiment") and key != "sentiment-ensemble":
+        if key.startswith("sentiment") and MEAN_OF_MEMBERS not in card.limits:  # an ensemble's card says so
             assert TEMPERATURE_SCALED in calibrated(card, True).limits
             assert NOT_CALIBRATED not in calibrated(card, True).limits
             assert NOT_CALIBRATED in calibrated(card, False).limits
