@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from service.core.manifest import Metric
+from service.core.manifest import Metric, ModelCard
 from service.core.tokenizers import Encoder
-from training.cards import calibrated, card_for
+from training.cards import CARDS, calibrated, card_for
 from training.data import DataError, heldout_split, load_sst2, ngram_table, word_tokenizer
 from training.evaluate import evaluate_model
 from training.export import write_model
@@ -112,7 +112,7 @@ def train_sentiment(job: Job) -> None:
                 "command": job.command}
     )  # fmt: skip
     ece = metric.model_copy(update={"name": "ece", "value": ev["dev_ece"], "target": None, "higher_is_better": False})
-    card = card_for(f"sentiment-{'-'.join(frozen)}" if frozen else job.name, "sentiment", job.version)
+    card = frozen_card(list(frozen)) if frozen else card_for(job.name, "sentiment", job.version)
     card = calibrated(card, job.extra["calibrate"])
     finish(job, res, [metric, held, ece], ev, {"task": "sentiment", "temperature": temperature}, card)
 
@@ -123,6 +123,12 @@ class Frozen(NamedTuple):
     features: Glove
     top: int | None  # how many of its words join the vocabulary (most frequent first; None: all)
     description: str  # for the manifest's description
+
+
+def frozen_card(frozen: list[str]) -> ModelCard:
+    """The card of a run with these frozen features, whatever its --out: CARDS' NAME/VERSION keys belong to released
+    models (``sentiment-glove/1`` is an ensemble with one such run), not to every run named like them."""
+    return CARDS[f"sentiment-{'-'.join(frozen)}"]
 
 
 def frozen_sources(job: Job) -> dict[str, Frozen]:

@@ -20,6 +20,7 @@ from training.cards import (
     stamp,
     temperature_fitted,
 )
+from training.sentiment import frozen_card
 
 ROOT = Path(__file__).resolve().parents[2]
 SENTIMENT = [
@@ -99,3 +100,13 @@ def test_committed_char_lms_carry_their_version_card(version: int) -> None:
     assert m.card == card_for("charlm", "charlm", version)
     assert (m.card == CARDS["charlm/2"]) == (version == 2) and (m.card == CARDS["charlm"]) == (version == 1)
     assert m.architecture.hidden == {1: 256, 2: 512}[version]
+
+
+@pytest.mark.parametrize("frozen", [["glove"], ["vader"], ["glove", "vader"]])
+def test_a_frozen_feature_run_gets_its_kind_of_card_whatever_its_folder(frozen: list[str]) -> None:
+    """A run with GloVe trained into runs/glove-G2 is version 1 of its folder's name; it must not get the card of
+    the released sentiment-glove/1, an ensemble, which card_for("sentiment-glove", ..., 1) returns."""
+    card = frozen_card(frozen)
+    assert MEAN_OF_MEMBERS not in card.limits and TEMPERATURE_SCALED in card.limits
+    assert ("GloVe" in card.data) == ("glove" in frozen) and ("VADER" in card.data) == ("vader" in frozen)
+    assert card_for("sentiment-glove", "sentiment", 1) != frozen_card(["glove"])  # the trap it avoids

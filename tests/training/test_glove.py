@@ -12,6 +12,7 @@ import torch
 from service.core.arrays import right_pad, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Tokenizer
 from service.core.tokenizers import Encoder
+from training.cards import CARDS, calibrated
 from training.cli import main
 from training.export import ort_run, write_model
 from training.glove import Glove, extend_vocab, glove_table, load_glove
@@ -99,7 +100,7 @@ def test_glove_only_word_gets_its_vector_after_export(tmp_path: Path, glove_dir:
 
 @pytest.mark.slow
 def test_train_sentiment_with_glove(tmp_path: Path, tiny_sst2: Path, glove_dir: Path) -> None:
-    out = tmp_path / "sentiment" / "2"
+    out = tmp_path / "sentiment-glove" / "1"  # the released ensemble's name: the run still gets a GloVe run's card
     args = ["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--run-dir", str(tmp_path / "run")]
     args += ["--no-progress", "--threads", "1", "--warmup-steps", "2", "--hidden", "8", "--embedding", "8"]
     args += ["--epochs", "2", "--batch-size", "32", "--heldout-fraction", "0.2", "--ensemble", "1"]
@@ -110,6 +111,7 @@ def test_train_sentiment_with_glove(tmp_path: Path, tiny_sst2: Path, glove_dir: 
     assert m.architecture.embedding == 8 and m.training["frozen_words_added"] >= 2 and m.training["temperature"] > 0
     assert [x.name for x in m.metrics] == ["accuracy", "heldout_accuracy", "ece"]
     assert m.card is not None and "GloVe" in m.card.data and "PDDL" in m.card.license
+    assert m.card == calibrated(CARDS["sentiment-glove"], True)
     report = json.loads((out / "metrics.json").read_text())
     assert 0 <= report["onnx_metrics"]["dev_ece"] <= 1
     ids = Encoder(m.tokenizer).encode("a superb film")
