@@ -122,7 +122,7 @@ CARDS: dict[str, ModelCard] = {
             MEAN_OF_MEMBERS,
         ],
     ),
-    # Any sentiment model trained with --glove (never released; see docs/models.md "GloVe experiment").
+    # Any sentiment run trained with --glove (never released alone; see docs/models.md "GloVe experiment").
     "sentiment-glove": ModelCard(
         intended_use=SENTIMENT_USE,
         data=SST2 + GLOVE,
@@ -132,8 +132,8 @@ CARDS: dict[str, ModelCard] = {
             "Vocabulary: train words plus the most frequent GloVe words; anything else becomes <unk>.",
             "GloVe vectors carry the biases of Wikipedia/Gigaword text.",
             TEMPERATURE_SCALED,
-            "The variants trained so far reached 0.823-0.851 dev accuracy, no better than sentiment/1's 0.850; "
-            "none was released.",
+            "Single runs trained so far reached 0.823-0.862 dev accuracy, inside the noise of 872 sentences; none "
+            "was released alone (sentiment-glove/1 averages one with sentiment/4).",
         ],
     ),
     # Any sentiment model trained with --lexicon (with or without --glove; docs/models.md "GloVe experiment").
