@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from service.client import Client
-from service.core.arrays import right_pad, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
-from service.core.tokenizers import Encoder
 from tests.conftest import ServerHandle
 from tests.training.fast import FAST
+from tests.training.graphs import logits
 from training import fuse as fuse_module
 from training.cli import main
 
@@ -47,18 +45,6 @@ def refused(model: Path, data: Path, out: Path, capsys: pytest.CaptureFixture[st
     capsys.readouterr()
     assert main(["fuse", "--model", str(model), "--data", str(data), "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
-
-
-def logits(model: Path, texts: list[str]) -> np.ndarray:
-    """The model's logits for ``texts``, padded to the longest in one batch."""
-    m = Manifest.load(model / MANIFEST_FILE)
-    assert m.tokenizer is not None
-    enc = Encoder(m.tokenizer)
-    ids, lengths = right_pad([enc.encode(t) for t in texts], pad=0)
-    sess = ort.InferenceSession(str(model / MODEL_FILE), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids, "lengths": lengths, **zero_states(m.states, {"batch": len(texts)})}
-    out: np.ndarray = sess.run(["logits"], feeds)[0]
-    return out
 
 
 @pytest.mark.slow
