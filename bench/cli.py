@@ -32,7 +32,9 @@ def parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
-CLEANUP_S = 30.0  # how long the cleanup after SIGTERM may take before the bench stops waiting for it
+# How long the cleanup after SIGTERM may take before the bench stops waiting for it: more than bench.launch.stop
+# gives one server to stop gracefully (60 s) before it kills it, so a slow stop is not mistaken for a hang.
+CLEANUP_S = 75.0
 
 
 def run(main: Callable[[], int]) -> NoReturn:
