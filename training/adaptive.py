@@ -1,6 +1,7 @@
 """Online adaptive conformal intervals (ACI; Gibbs & Candes 2021), checked inside the validation split.
 
-No released model uses them: this is the check that says why (docs/models.md, "Online adaptive intervals").
+No released model uses them (docs/models.md, "Online adaptive intervals"): the check refuses moving levels; the
+width variant below passes it (2026-12-05) and is not served yet.
 
 A served forecaster's band is fixed at calibration. When the error level drifts (ETTh1's test months are calmer
 than its validation months), a fixed band is right for no period. ACI instead moves each quantile's *level* as
@@ -10,7 +11,10 @@ their quantile)``; the quantile used next is the calibration windows' conformal 
 (interpolated on a grid of levels, per horizon step or pooled, times the window's scale as serving does). Over
 any sequence the long-run coverage then tends to ``tau``; the price is a band whose width follows recent misses.
 
-``check`` runs it as ``training.calibrate.choose_interval`` checks a calibration: calibrate on the first half of
+``online_width`` is the gentler variant (declared 2026-12-05 before it was computed): the levels stay nominal and one
+width multiplier per target column moves, so the band keeps its calibrated shape and widens or narrows as a whole.
+
+``check`` runs either as ``training.calibrate.choose_interval`` checks a calibration: calibrate on the first half of
 the validation windows, run online through the second half starting at the nominal levels, and vice versa, for
 each rate ``gamma`` (0 = today's fixed band), scoring coverage ``miss`` and mean pinball loss. The same rule
 applies: a rate whose pinball loss is more than ``PINBALL_TOLERANCE`` above the fixed band's is refused.
@@ -80,16 +84,44 @@ def online(
     return Online(tuple(float(b.mean()) for b in below), band, loss)
 
 
+def online_width(
+    z_cal: F64, residuals: F64, scale: F64, levels: Sequence[float], gamma: float, pooled: bool = False
+) -> Online:
+    """As ``online``, but the levels stay nominal and one width multiplier ``m`` per target column moves instead:
+    quantile q is the median's offset + ``m`` * (q's offset - the median's), times the window's scale, and after
+    each row ``m`` *= exp(-gamma * (share of the revealed targets inside the outer band - its nominal share)). The
+    band keeps the shape calibration gave it and only widens or narrows as a whole, slowly, with the error level
+    (``levels`` must be odd in number, the median in the middle)."""
+    off = conformal_offsets(z_cal, levels, pooled=pooled)  # (Q, H, T)
+    mid = off[len(levels) // 2]
+    nominal = levels[-1] - levels[0]
+    n, h, t = residuals.shape
+    m = np.ones(t)
+    quant = np.empty((len(levels), n, h, t))
+    inside = np.empty((n, h, t), dtype=bool)
+    for i in range(n):
+        quant[:, i] = (mid + m * (off - mid)) * scale[i][None]
+        inside[i] = (residuals[i] >= quant[0, i]) & (residuals[i] <= quant[-1, i])
+        if gamma > 0:
+            js = np.arange(max(0, i - h + 1), i + 1)
+            m = m * np.exp(-gamma * (inside[js, i - js].mean(axis=0) - nominal))
+    below = residuals[None] <= quant
+    loss = float(np.mean([pinball(residuals, q, lv) for lv, q in zip(levels, quant, strict=True)]))
+    return Online(tuple(float(b.mean()) for b in below), float(inside.mean()), loss)
+
+
 def check(
     residuals: npt.ArrayLike,
     scale: npt.ArrayLike | None,
     levels: Sequence[float],
     gammas: Sequence[float] = GAMMAS,
     pooled: bool = False,
+    width: bool = False,
 ) -> dict[float, tuple[Online, Online]]:
     """Per rate: (first half calibrates, second runs online; second calibrates, first runs online) on the
     validation windows ``residuals`` (N, H, T) in time order, with their ``scale`` (N, 1 or H, T) or None; the
-    ``H`` windows whose targets straddle the cut are left out between the halves."""
+    ``H`` windows whose targets straddle the cut are left out between the halves. ``width``: the rate moves the
+    band's width (``online_width``) instead of the levels."""
     r = np.asarray(residuals, dtype=np.float64)
     if r.ndim != 3 or len(r) < 4 * r.shape[1]:
         raise ValueError(
@@ -99,10 +131,11 @@ def check(
     s = np.ones((len(r), 1, r.shape[2])) if scale is None else np.asarray(scale, dtype=np.float64)
     z = r / s
     first, second = halves(len(r), gap=r.shape[1])
+    run = online_width if width else online
     return {
         g: (
-            online(z[first], r[second], s[second], levels, g, pooled),
-            online(z[second], r[first], s[first], levels, g, pooled),
+            run(z[first], r[second], s[second], levels, g, pooled),
+            run(z[second], r[first], s[first], levels, g, pooled),
         )
         for g in gammas
     }
@@ -128,20 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
     point, scale = forecast_and_scale(m, sess, x)
     pooled = bool(m.training.get("interval_choice", {}).get("pooled", False))
-    try:
-        scores = check(y - point, scale, LEVELS, pooled=pooled)
-    except ValueError as e:
-        raise SystemExit(f"{m.name}/{m.version}: {e}") from None
-    print(f"{m.name}/{m.version}: online adaptive levels on its {len(x)} validation windows, half against half")
-    print(f"  ({'pooled' if pooled else 'per-step'} offsets; first -> second half | second -> first half)")
-    print(f"  {'gamma':>6}  {'below p10/p50/p90, band, pinball':>44} | {'the other direction':>44}  miss")
-    for g, pair in scores.items():
-        cells = [
-            f"{' / '.join(f'{100 * b:4.1f}' for b in o.below)}  band {100 * o.band:4.1f}  {o.pinball:.4f}" for o in pair
-        ]
-        print(f"  {g:>6}  {cells[0]:>44} | {cells[1]:>44}  {np.mean([o.miss(LEVELS) for o in pair]):.3f}")
-    print(f"  the interval rule (pinball within {PINBALL_TOLERANCE:.0%} of the fixed band) picks gamma = "
-          f"{admissible(scores, LEVELS)}")  # fmt: skip
+    for width in (False, True):
+        try:
+            scores = check(y - point, scale, LEVELS, pooled=pooled, width=width)
+        except ValueError as e:
+            raise SystemExit(f"{m.name}/{m.version}: {e}") from None
+        what = "an adaptive band width" if width else "online adaptive levels"
+        print(f"{m.name}/{m.version}: {what} on its {len(x)} validation windows, half against half")
+        print(f"  ({'pooled' if pooled else 'per-step'} offsets; first -> second half | second -> first half)")
+        print(f"  {'gamma':>6}  {'below p10/p50/p90, band, pinball':>44} | {'the other direction':>44}  miss")
+        for g, pair in scores.items():
+            cells = [
+                f"{' / '.join(f'{100 * b:4.1f}' for b in o.below)}  band {100 * o.band:4.1f}  {o.pinball:.4f}"
+                for o in pair
+            ]
+            print(f"  {g:>6}  {cells[0]:>44} | {cells[1]:>44}  {np.mean([o.miss(LEVELS) for o in pair]):.3f}")
+        print(f"  the interval rule (pinball within {PINBALL_TOLERANCE:.0%} of the fixed band) picks gamma = "
+              f"{admissible(scores, LEVELS)}")  # fmt: skip
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.adaptive import GRID, Online, admissible, check, offsets_at, online
+from training.adaptive import GRID, Online, admissible, check, offsets_at, online, online_width
 from training.calibrate import conformal_offsets, halves
 
 LEVELS = [0.1, 0.5, 0.9]
@@ -85,3 +85,33 @@ def test_check_needs_four_horizons_of_windows() -> None:
     with pytest.raises(ValueError, match=r"47 validation windows; .* at least 4 x horizon \(48\)"):
         check(residuals(47, 12, np.ones(47)), None, LEVELS)
     assert set(check(residuals(48, 12, np.ones(48)), None, LEVELS, gammas=(0.0,))) == {0.0}
+
+
+def test_a_width_that_never_moves_is_the_fixed_band() -> None:
+    r = residuals(2000, 4, np.ones(2000))
+    one = np.ones((1000, 1, 1))
+    fixed, still = online(r[:1000], r[1000:], one, LEVELS, 0.0), online_width(r[:1000], r[1000:], one, LEVELS, 0.0)
+    assert still.band == pytest.approx(fixed.band, abs=1e-9) and still.below == pytest.approx(fixed.below, abs=1e-9)
+    assert still.pinball == pytest.approx(fixed.pinball, rel=1e-9)
+
+
+def test_after_the_error_level_halves_the_width_follows_and_the_median_stays() -> None:
+    r = residuals(3000, 4, np.where(np.arange(3000) < 1500, 1.0, 0.5))
+    cal, run, one = r[:1500], r[1500:], np.ones((1500, 1, 1))
+    fixed = online(cal, run, one, LEVELS, gamma=0.0)
+    narrowing = online_width(cal, run, one, LEVELS, gamma=0.02)
+    assert fixed.band > 0.95
+    assert abs(narrowing.band - 0.8) < 0.05 and abs(narrowing.band - 0.8) < abs(fixed.band - 0.8) / 3
+    assert narrowing.pinball < fixed.pinball  # a narrower band where errors are smaller: sharper, not noisier
+    assert abs(narrowing.below[1] - 0.5) < 0.03  # the median's offset never moves
+
+
+def test_check_runs_the_width_variant_when_asked() -> None:
+    r = residuals(400, 4, np.ones(400))
+    first, second = halves(400, 4)
+    one = np.ones((400, 1, 1))
+    got = check(r, None, LEVELS, gammas=(0.01,), width=True)[0.01]
+    assert got == (
+        online_width(r[first], r[second], one[second], LEVELS, 0.01),
+        online_width(r[second], r[first], one[first], LEVELS, 0.01),
+    )
