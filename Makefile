@@ -132,8 +132,8 @@ train-sentiment-ensemble: $(STAMP)
 
 # The twelfth try of docs/models.md: sentiment/4 beside a run with the GloVe channel (outside knowledge), one graph.
 # Seeded and stopped by its epochs, not the clock (--max-minutes 55 did not bind here: 43 min beside another run on 2
-# cores), so with the same thread count and library versions the run repeats exactly unless a slower machine makes
-# the clock bind.
+# cores), so with the same thread count and library versions the run should repeat exactly (G2 was not rerun to
+# check) unless a slower machine makes the clock bind.
 train-sentiment-glove-pair: $(STAMP)
 	rm -rf runs/glove-G2 runs/glove-G2-run models/sentiment-glove/1
 	$(BIN)/seqserve-train sentiment --data $(DATA)/sst2 --out runs/glove-G2 --threads 1 --subword-buckets 20000 \
