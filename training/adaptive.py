@@ -76,12 +76,23 @@ def online(
     for i in range(n):
         quant[:, i] = np.stack([offsets_at(table, a) for a in alpha]) * scale[i][None]
         below[:, i] = residuals[i][None] <= quant[:, i]
-        if gamma > 0:  # the next row reveals window j's step i - j target, for every window j in [i - h + 1, i]
-            js = np.arange(max(0, i - h + 1), i + 1)
-            alpha = alpha + gamma * (tau - below[:, js, i - js].mean(axis=1))
+        if gamma > 0:
+            alpha = alpha + gamma * (tau - below[(slice(None), *revealed(i, h))].mean(axis=1))
+    return scored(residuals, quant, levels)
+
+
+def revealed(i: int, horizon: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """(windows, steps) of the targets row ``i`` reveals: window j's step i - j, for every window j in
+    [i - horizon + 1, i] (consecutive stride-1 windows)."""
+    js = np.arange(max(0, i - horizon + 1), i + 1)
+    return js, i - js
+
+
+def scored(residuals: F64, quant: F64, levels: Sequence[float]) -> Online:
+    """``residuals`` (N, H, T) against the quantiles ``quant`` (Q, N, H, T) an online run used."""
     band = float(((residuals >= quant[0]) & (residuals <= quant[-1])).mean())
     loss = float(np.mean([pinball(residuals, q, lv) for lv, q in zip(levels, quant, strict=True)]))
-    return Online(tuple(float(b.mean()) for b in below), band, loss)
+    return Online(tuple(float((residuals <= q).mean()) for q in quant), band, loss)
 
 
 def online_width(
@@ -103,11 +114,8 @@ def online_width(
         quant[:, i] = (mid + m * (off - mid)) * scale[i][None]
         inside[i] = (residuals[i] >= quant[0, i]) & (residuals[i] <= quant[-1, i])
         if gamma > 0:
-            js = np.arange(max(0, i - h + 1), i + 1)
-            m = m * np.exp(-gamma * (inside[js, i - js].mean(axis=0) - nominal))
-    below = residuals[None] <= quant
-    loss = float(np.mean([pinball(residuals, q, lv) for lv, q in zip(levels, quant, strict=True)]))
-    return Online(tuple(float(b.mean()) for b in below), float(inside.mean()), loss)
+            m = m * np.exp(-gamma * (inside[revealed(i, h)].mean(axis=0) - nominal))
+    return scored(residuals, quant, levels)
 
 
 def check(
@@ -149,6 +157,18 @@ def admissible(scores: dict[float, tuple[Online, Online]], levels: Sequence[floa
     return min(ok, key=lambda g: (np.mean([o.miss(levels) for o in scores[g]]), g))
 
 
+def print_scores(scores: dict[float, tuple[Online, Online]], levels: Sequence[float]) -> None:
+    """One row per rate (both directions and the miss), then the rate the interval rule picks."""
+    print(f"  {'gamma':>6}  {'below p10/p50/p90, band, pinball':>44} | {'the other direction':>44}  miss")
+    for g, pair in scores.items():
+        cells = [
+            f"{' / '.join(f'{100 * b:4.1f}' for b in o.below)}  band {100 * o.band:4.1f}  {o.pinball:.4f}" for o in pair
+        ]
+        print(f"  {g:>6}  {cells[0]:>44} | {cells[1]:>44}  {np.mean([o.miss(levels) for o in pair]):.3f}")
+    print(f"  the interval rule (pinball within {PINBALL_TOLERANCE:.0%} of the fixed band) picks gamma = "
+          f"{admissible(scores, levels)}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.evaluate import forecast_and_scale, forecaster_study
     from training.forecasting import LEVELS
@@ -169,15 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         what = "an adaptive band width" if width else "online adaptive levels"
         print(f"{m.name}/{m.version}: {what} on its {len(x)} validation windows, half against half")
         print(f"  ({'pooled' if pooled else 'per-step'} offsets; first -> second half | second -> first half)")
-        print(f"  {'gamma':>6}  {'below p10/p50/p90, band, pinball':>44} | {'the other direction':>44}  miss")
-        for g, pair in scores.items():
-            cells = [
-                f"{' / '.join(f'{100 * b:4.1f}' for b in o.below)}  band {100 * o.band:4.1f}  {o.pinball:.4f}"
-                for o in pair
-            ]
-            print(f"  {g:>6}  {cells[0]:>44} | {cells[1]:>44}  {np.mean([o.miss(LEVELS) for o in pair]):.3f}")
-        print(f"  the interval rule (pinball within {PINBALL_TOLERANCE:.0%} of the fixed band) picks gamma = "
-              f"{admissible(scores, LEVELS)}")  # fmt: skip
+        print_scores(scores, LEVELS)
     return 0
 
 
