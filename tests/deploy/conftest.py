@@ -49,12 +49,18 @@ def run(
     return proc
 
 
+def skip_models(dockerfile_text: str) -> list[str]:
+    """The model versions a Dockerfile's ``ARG SKIP_MODELS`` default names."""
+    (skip,) = re.findall(r'^ARG SKIP_MODELS="([^"]*)"$', dockerfile_text, flags=re.M)
+    return skip.split()
+
+
 def image_models(dockerfile: Path = ROOT / "Dockerfile") -> list[str]:
     """The model versions (``name/version``) an image built from ``dockerfile`` with its default build args holds:
     every committed one except those its ``SKIP_MODELS`` default names."""
-    (skip,) = re.findall(r'^ARG SKIP_MODELS="([^"]*)"$', dockerfile.read_text(), flags=re.M)
+    skip = skip_models(dockerfile.read_text())
     committed = sorted(str(p.parent.relative_to(ROOT / "models")) for p in (ROOT / "models").glob("*/*/model.onnx"))
-    return [m for m in committed if m not in skip.split()]
+    return [m for m in committed if m not in skip]
 
 
 def tool(name: str) -> Path:

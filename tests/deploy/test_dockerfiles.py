@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from packaging.requirements import Requirement
 
-from tests.deploy.conftest import ROOT, image_models, run, tool
+from tests.deploy.conftest import ROOT, image_models, run, skip_models, tool
 from tests.integration.conftest import free_port
 
 DOCKERFILES = {
@@ -83,11 +83,11 @@ def test_skip_models_names_committed_versions_and_the_build_refuses_others(path:
     the build fails, naming it) and only those versions are removed."""
     builder, _ = stages((ROOT / path).read_text())
     (step,) = [r for r in instruction(builder, "RUN") if "SKIP_MODELS" in r]
-    (default,) = re.findall(r'ARG SKIP_MODELS="([^"]*)"', builder)
-    for name in default.split():
+    default = skip_models(builder)
+    for name in default:
         assert (ROOT / "models" / name / "model.onnx").is_file(), name
     if path == "Dockerfile":  # the CPU image's budget: the large opt-in ensemble stays out unless asked for
-        assert "sentiment-glove/1" in default.split() and "sentiment-glove/1" not in image_models()
+        assert "sentiment-glove/1" in default and "sentiment-glove/1" not in image_models()
     models = tmp_path / "models"
     for name in ("a/1", "a/2", "b/1"):
         (models / name).mkdir(parents=True)
