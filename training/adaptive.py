@@ -24,12 +24,16 @@ applies: a rate whose pinball loss is more than ``PINBALL_TOLERANCE`` above the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from service.core.intervals import WidthRule
 from training.calibrate import PINBALL_TOLERANCE, conformal_offsets, halves, pinball
 
 F64 = npt.NDArray[np.float64]
@@ -103,18 +107,17 @@ def online_width(
     each row ``m`` *= exp(-gamma * (share of the revealed targets inside the outer band - its nominal share)). The
     band keeps the shape calibration gave it and only widens or narrows as a whole, slowly, with the error level
     (``levels`` must be odd in number, the median in the middle)."""
-    off = conformal_offsets(z_cal, levels, pooled=pooled)  # (Q, H, T)
-    mid = off[len(levels) // 2]
-    nominal = levels[-1] - levels[0]
+    rule = WidthRule(conformal_offsets(z_cal, levels, pooled=pooled), list(levels), gamma)  # what sessions run
     n, h, t = residuals.shape
-    m = np.ones(t)
+    m = rule.ones()
+    zero = np.zeros((h, t), np.float32)
     quant = np.empty((len(levels), n, h, t))
     inside = np.empty((n, h, t), dtype=bool)
     for i in range(n):
-        quant[:, i] = (mid + m * (off - mid)) * scale[i][None]
+        quant[:, i] = rule.quantiles_z(zero, scale[i].astype(np.float32), m)
         inside[i] = (residuals[i] >= quant[0, i]) & (residuals[i] <= quant[-1, i])
         if gamma > 0:
-            m = m * np.exp(-gamma * (inside[revealed(i, h)].mean(axis=0) - nominal))
+            m = rule.updated(m, inside[revealed(i, h)].mean(axis=0, dtype=np.float32))
     return scored(residuals, quant, levels)
 
 
@@ -167,6 +170,103 @@ def print_scores(scores: dict[float, tuple[Online, Online]], levels: Sequence[fl
         print(f"  {g:>6}  {cells[0]:>44} | {cells[1]:>44}  {np.mean([o.miss(levels) for o in pair]):.3f}")
     print(f"  the interval rule (pinball within {PINBALL_TOLERANCE:.0%} of the fixed band) picks gamma = "
           f"{admissible(scores, levels)}")  # fmt: skip
+
+
+def release(src: Path, data: Path, out: Path, command: str, gamma: float | None = None) -> dict[str, Any]:
+    """``seqserve-train adapt``: ``src`` (a forecaster with intervals) -> ``out``, the same graph (``model.onnx`` a
+    relative symbolic link to ``src``'s: byte for byte the same weights, no second copy) and offsets with
+    ``forecast.adaptive_width_gamma`` = ``gamma``, or by default the rate the half-split check on the validation
+    windows picks (``admissible``). Released only if on the test split, replayed as a session sees it
+    (``training.evaluate.adaptive_scores``), its coverage miss is smaller than ``src``'s and its mean pinball loss
+    within ``PINBALL_TOLERANCE`` of ``src``'s; else DataError with both, and nothing is written."""
+    from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+    from training.cards import card_for
+    from training.data import DataError
+    from training.evaluate import evaluate_model, forecast_and_scale, open_model
+    from training.forecasting import forecast_metrics
+    from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
+    from training.series import series_for, windows
+
+    m = derived_source(src, out)
+    f = m.forecast
+    if m.task != "forecast" or f is None or not f.quantile_offsets:
+        raise DataError(f"{src}: adapt needs a forecaster with intervals (forecast.quantile_offsets)")
+    if f.adaptive_width_gamma is not None:
+        raise DataError(f"{src}: already has an adaptive width (gamma {f.adaptive_width_gamma}); adapt its parent")
+    if gamma is not None and not 0 < gamma <= 1:
+        raise DataError(f"--gamma {gamma}: the width's rate must be in (0, 1]")
+    s = series_for(m, data)
+    study: dict[str, Any] = {}
+    if gamma is None:
+        _, sess = open_model(src)
+        x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
+        point, scale = forecast_and_scale(m, sess, x)
+        pooled = bool(m.training.get("interval_choice", {}).get("pooled", False))
+        try:
+            scores = check(y - point, scale, f.quantiles, pooled=pooled, width=True)
+        except ValueError as e:
+            raise DataError(f"{src}: {e}; pass --gamma to choose a rate without the check") from None
+        gamma = admissible(scores, f.quantiles)
+        study = {
+            str(g): {"miss": float(np.mean([o.miss(f.quantiles) for o in pair])),
+                     "pinball": float(np.mean([o.pinball for o in pair])),
+                     "band": [o.band for o in pair]}
+            for g, pair in scores.items()
+        }  # fmt: skip
+        if gamma == 0:
+            raise DataError(f"{src}: the half-split check on the validation windows keeps the fixed band (gamma 0)")
+    parent = evaluate_model(src, data)
+    with new_model_folder(out) as (name, version):
+        (out / MODEL_FILE).symlink_to(os.path.relpath((src / MODEL_FILE).resolve(), out.resolve()))
+        info = {"gamma": gamma, "parent": f"{m.name}/{m.version}", "validation_check": study}
+        description = m.description.rstrip(".") + f"; an adaptive band width (gamma {gamma:g}) on {m.name}/{m.version}."
+        forecast = f.model_copy(update={"adaptive_width_gamma": gamma})
+        training = {"point_model": m.training.get("point_model", f"{m.name}/{m.version}"), "adaptive_width": info}
+        new = derived_manifest(m, out, (name, version), command, description, training, metrics=[], forecast=forecast)
+        new.dump(out / MANIFEST_FILE)
+        ev = evaluate_model(out, data)
+        verdict = _verdict(parent, ev, f.quantiles)
+        if not verdict["released"]:
+            raise DataError(f"{name}/{version} not released: {verdict['why']}")
+        final = Manifest.load(out / MANIFEST_FILE)
+        card = card_for(name, "forecast", version)
+        final.model_copy(update={"metrics": forecast_metrics(name, out, data, s, ev), "card": card}).dump(
+            out / MANIFEST_FILE
+        )
+        fields = {
+            "model": f"{name}/{version}", "command": command,
+            "evaluate_command": f"seqserve-train evaluate --model {out} --data {data}",
+            "onnx_metrics": ev, "parent_metrics": parent, "point_model": str(src), "adaptive_width": info,
+            "release": verdict,
+        }  # fmt: skip
+        write_derived_report(src, out, fields, "parent_command")
+    return {"model": f"{name}/{version}", "gamma": gamma, "release": verdict, "evaluation": ev, "parent": parent}
+
+
+def _verdict(parent: dict[str, float], ev: dict[str, float], levels: Sequence[float]) -> dict[str, Any]:
+    """The release rule: a smaller test coverage miss than the parent's, mean pinball loss within tolerance."""
+
+    def miss(e: dict[str, float]) -> float:
+        return float(sum(abs(e[f"test_coverage_q{tau:g}"] - tau) for tau in levels))
+
+    def loss(e: dict[str, float]) -> float:
+        return float(np.mean([e[f"test_pinball_q{tau:g}"] for tau in levels]))
+
+    out: dict[str, Any] = {
+        "miss": miss(ev),
+        "parent_miss": miss(parent),
+        "pinball": loss(ev),
+        "parent_pinball": loss(parent),
+    }
+    closer, sharp = out["miss"] < out["parent_miss"], out["pinball"] <= (1 + PINBALL_TOLERANCE) * out["parent_pinball"]
+    out["released"] = closer and sharp
+    out["why"] = (
+        f"test miss {out['miss']:.4f} vs the parent's {out['parent_miss']:.4f} "
+        f"({'smaller' if closer else 'not smaller'}), "
+        f"mean pinball {out['pinball']:.4f} vs {out['parent_pinball']:.4f} "
+        f"({'within' if sharp else 'more than'} {PINBALL_TOLERANCE:.0%} above)"
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

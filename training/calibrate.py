@@ -121,7 +121,12 @@ def interval_scores(
     (N, 1 or H, T) multiplying the offsets (as serving does)."""
     y, point, off = np.asarray(y), np.asarray(point), np.asarray(offsets)
     spread = off[:, None] if scale is None else off[:, None] * np.asarray(scale)[None]  # (Q, 1 or N, H, T)
-    q = point[None] + spread  # (Q, N, H, T)
+    return quantile_scores(y, point[None] + spread, levels)
+
+
+def quantile_scores(y: npt.ArrayLike, q: npt.ArrayLike, levels: Sequence[float]) -> dict[str, float]:
+    """``interval_scores`` for quantiles ``q`` (Q, N, H, T) given as they are (e.g. an adaptive width's)."""
+    y, q = np.asarray(y), np.asarray(q)
     out: dict[str, float] = {}
     for tau, qi in zip(levels, q, strict=True):
         out[f"coverage_q{tau:g}"] = coverage(y, qi)

@@ -1,4 +1,5 @@
-"""``seqserve-train {sentiment,charlm,forecast,calibrate,quantize,fuse,ensemble,evaluate,heldout,compare,sample}``.
+"""``seqserve-train {sentiment,charlm,forecast,calibrate,adapt,quantize,fuse,ensemble,evaluate,heldout,compare,
+sample}``.
 
 Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line
 naming the file and the problem and exit 2; so does a bad option (``--window 0``), before any work.
@@ -168,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--data", type=Path, required=True, help="the file it was trained on")
     ca.add_argument("--out", type=Path, required=True, help="the new models/NAME/M")
     _interval_options(ca)
+    ad = sub.add_parser("adapt", help="a forecaster's band with an adaptive width per session, as a new version")
+    ad.add_argument("--model", type=Path, required=True, help="the forecaster models/NAME/N (left unchanged)")
+    ad.add_argument("--data", type=Path, required=True, help="the file it was trained on")
+    ad.add_argument("--out", type=Path, required=True, help="the new models/NAME/M")
+    ad.add_argument(
+        "--gamma",
+        type=finite,
+        default=None,
+        help="the width's rate; default: the one the half-split check on the validation windows picks",
+    )
     qu = sub.add_parser("quantize", help="an int8 copy of a trained char LM or sentiment model under its own name")
     qu.add_argument("--model", type=Path, required=True, help="the trained models/NAME/N (left unchanged)")
     qu.add_argument("--data", type=Path, required=True, help="its evaluation data (as for evaluate)")
@@ -303,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
 
             command = shlex.join(["seqserve-train", *argv])
             recalibrate(args.model, args.data, args.out, command, args.calibration, args.interval_scale)
+            return 0
+        if args.command == "adapt":
+            from training.adaptive import release
+
+            r = release(args.model, args.data, args.out, shlex.join(["seqserve-train", *argv]), args.gamma)
+            print(f"{r['model']}: gamma {r['gamma']:g}; {r['release']['why']} -> {args.out}")
             return 0
         if args.command == "quantize":
             from training.quantize import quantize

@@ -17,10 +17,11 @@ from pydantic import ValidationError
 
 from service.core import arrays
 from service.core.arrays import right_pad, zero_states
+from service.core.intervals import WidthRule, empty_ring
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric
 from service.core.tasks import task_class
 from service.core.tokenizers import Encoder
-from training.calibrate import interval_scores
+from training.calibrate import interval_scores, quantile_scores
 from training.data import DataError, long_texts, read_text, read_tsv, written_form
 from training.runners import VAL_STREAMS, char_nll
 from training.scores import ece, mape, mase, mase_scale, seasonal_naive
@@ -193,12 +194,45 @@ def eval_forecast(m: Manifest, sess: ort.InferenceSession, path: Path) -> dict[s
     x, y = windows(s.part("test", f.window), f.window, f.horizon, s.target_index)
     pred, scale = forecast_and_scale(m, sess, x)
     res = {"test_mse": float(((pred - y) ** 2).mean()), "test_mae": float(np.abs(pred - y).mean())}
-    if f.quantile_offsets:
+    if f.quantile_offsets and f.adaptive_width_gamma is not None:
+        res |= {f"test_{k}": v for k, v in adaptive_scores(m, x[:, -1, s.target_index], y, pred, scale).items()}
+    elif f.quantile_offsets:
         scores = interval_scores(y, pred, np.asarray(f.quantile_offsets), f.quantiles, scale)
         res |= {f"test_{k}": v for k, v in scores.items()}
     res |= _baseline_scores(s, f.window, f.horizon, x, y, pred)
     res["test_windows"] = float(len(x))
     return res
+
+
+def adaptive_quantiles(
+    m: Manifest, last: npt.NDArray[Any], point: npt.NDArray[Any], scale: npt.NDArray[Any] | None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The quantiles (Q, N, H, T), z-scored, that one session of ``m`` (a model with an adaptive width) returns
+    when it observes a series row by row from its first window on: ``WidthRule.advance`` (the code sessions run)
+    over the windows' last history rows ``last`` (N, T), with their forecasts ``point`` (N, H, T) and ``scale``
+    (N, 1 or H, T) or None, from width 1. Also the width after the last window."""
+    f = m.forecast
+    assert f is not None and f.adaptive_width_gamma is not None
+    rule = WidthRule(f.quantile_offsets, list(f.quantiles), f.adaptive_width_gamma)
+    p32 = np.asarray(point, np.float32)
+    s32 = None if scale is None else np.asarray(scale, np.float32)
+    ring = empty_ring(rule, None if s32 is None else s32.shape[1])
+    _, width, issued = rule.advance(ring, rule.ones(), np.asarray(last, np.float32), p32, s32, 0)
+    return rule.quantiles_many(p32, s32, issued), width
+
+
+def adaptive_scores(
+    m: Manifest,
+    last: npt.NDArray[Any],
+    y: npt.NDArray[Any],
+    point: npt.NDArray[Any],
+    scale: npt.NDArray[Any] | None,
+) -> dict[str, float]:
+    """``interval_scores`` of a model with an adaptive width: each window scored (against ``y`` (N, H, T)) at the
+    width it was issued with (``adaptive_quantiles``); also the mean width after the last window."""
+    assert m.forecast is not None
+    quant, width = adaptive_quantiles(m, last, point, scale)
+    return quantile_scores(y, quant, m.forecast.quantiles) | {"adaptive_width_final": float(width.mean())}
 
 
 def _baseline_scores(

@@ -126,6 +126,16 @@ class ForecastSpec(_Strict):
         "scale (e.g. the recent volatility of each target) that multiplies quantile_offsets, so quantile q is "
         "point + quantile_offsets[q] * scale. None: the offsets are added as they are.",
     )
+    adaptive_width_gamma: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Rate of a session's adaptive band width (service/core/intervals.py): quantile q becomes "
+        "point + (mid + m * (quantile_offsets[q] - mid)) * scale, mid the median's offset, and after each observed row "
+        "m *= exp(-gamma * (share of the revealed targets inside the outer band - its nominal share)), per target "
+        "column, from m = 1. Needs quantile_offsets at an odd number of levels with 0.5 in the middle. None: the band "
+        "stays as calibrated.",
+    )
 
     @property
     def target_count(self) -> int:

@@ -14,6 +14,13 @@ Quantile ``q`` is ``point + quantile_offsets[q]`` on the z-scored scale; a graph
 from the window inside the graph) gets ``point + quantile_offsets[q] * scale`` instead, so its band widens and
 narrows with the window it was given (normalized conformal calibration, ``training/calibrate.py``).
 
+A model with ``forecast.adaptive_width_gamma`` gives its sessions an adaptive band width
+(``service/core/intervals.py``): a session forecasts at every row it observes once it holds a window (the rows of
+one Observe in one batched run), keeps the last ``horizon`` forecasts (a ring), scores each new row against all of
+them and moves its width per target column. The band it returns is the same whether the rows come one per Observe
+or many, and it is what the model card's test coverage measures (``training/evaluate.py`` replays the same code).
+Without a session the band is the calibrated one (width 1).
+
 v2 contract: HISTORY FP32 [-1, features], COLUMNS BYTES [features] (optional: HISTORY's column names, in any
 order of the model's) -> FORECAST FP32 [horizon, targets], QUANTILES FP32 [quantiles, horizon, targets]; with a
 sequence, HISTORY rows are appended to the sequence's window.
@@ -31,6 +38,7 @@ import numpy.typing as npt
 
 from service.core.batching import StepInput
 from service.core.context import after_commit
+from service.core.intervals import Ring, WidthRule, empty_ring
 from service.core.manifest import Manifest
 from service.core.sessions.state import SessionState
 from service.core.tasks.base import Array, ModelHandle, Task, TaskResult, fp32_tensor, register_task, utf8_items
@@ -68,6 +76,10 @@ class ForecastTask(Task):
             )
         if f.scale_output is not None:
             cls._check_scale(manifest, f.scale_output)
+        if f.adaptive_width_gamma is not None:
+            if not f.quantile_offsets:
+                raise ValueError("forecast.adaptive_width_gamma is set but forecast.quantile_offsets is empty")
+            WidthRule(f.quantile_offsets, list(f.quantiles), f.adaptive_width_gamma)  # raises for unusable levels
 
     @staticmethod
     def _check_scale(manifest: Manifest, name: str) -> None:
@@ -114,14 +126,20 @@ class ForecastTask(Task):
         self.pick = pick
         scale_spec = {t.name: t for t in model.manifest.outputs}.get(spec.scale_output or "")
         self.scale_rows = int(scale_spec.shape[1]) if scale_spec is not None else 0  # 1 or horizon
+        gamma = spec.adaptive_width_gamma
+        self.rule = WidthRule(self.offsets, self.levels, gamma) if gamma is not None and self.levels else None
         if self.levels:
             model.metrics.forecast_levels(model.name, model.version, self.levels)
 
     # --- sessions -------------------------------------------------------------------------------------
     def session_nbytes(self) -> int:
         """The last window rows, and with intervals the last forecast (and its scale) to score the next rows
-        against: float32."""
-        memo = (self.spec.horizon + self.scale_rows) * len(self.targets) if self.levels else 0
+        against; with an adaptive width the last ``horizon`` forecasts, each with its scale and width, and the
+        session's width: float32."""
+        h, t = self.spec.horizon, len(self.targets)
+        memo = (h + self.scale_rows) * t if self.levels else 0
+        if self.rule is not None:
+            memo = h * (h + self.scale_rows + 1) * t + t
         return 4 * (self.spec.window * self.spec.features + memo)
 
     def initial_state(self) -> dict[str, Array]:
@@ -131,6 +149,12 @@ class ForecastTask(Task):
         """The last rows (at most a window), and with intervals the last forecast and its scale, z-scored."""
         t = len(self.targets)
         shapes: dict[str, tuple[Container[int], ...]] = {"rows": (range(1, self.spec.window + 1), {self.spec.features})}
+        if self.rule is not None:
+            h, n = self.spec.horizon, range(1, self.spec.horizon + 1)
+            shapes |= {"width": ({t},), "ring_z": (n, {h}, {t}), "ring_width": (n, {t})}
+            if self.scale_name is not None:
+                shapes["ring_scale"] = (n, {self.scale_rows}, {t})
+            return shapes
         if self.levels:
             shapes["forecast_z"] = ({self.spec.horizon}, {t})
         if self.scale_name is not None and self.levels:
@@ -139,8 +163,11 @@ class ForecastTask(Task):
 
     def config_parameters(self) -> dict[str, str]:
         """The feature columns in the order HISTORY's rows hold them, and the forecast's (target) columns, as JSON
-        lists: KServe clients send rows without names."""
-        return super().config_parameters() | {"columns": json.dumps(self.columns), "targets": json.dumps(self.targets)}
+        lists: KServe clients send rows without names; and the adaptive width's rate when the model has one."""
+        out = {"columns": json.dumps(self.columns), "targets": json.dumps(self.targets)}
+        if self.rule is not None:  # a session's band width adapts at this rate (service/core/intervals.py)
+            out["adaptive_width_gamma"] = f"{self.spec.adaptive_width_gamma:g}"
+        return super().config_parameters() | out
 
     def check_session(self) -> None:
         if self.spec.state_mode != "window":
@@ -256,51 +283,103 @@ class ForecastTask(Task):
         out: FloatArray = point_z[None] + (offsets if scale is None else offsets * scale[None])
         return out
 
+    async def _forecast_z(self, z: FloatArray) -> tuple[FloatArray, FloatArray | None]:
+        """Point forecasts ``(n, horizon, targets)`` and scales ``(n, 1 or horizon, targets)`` (None without a
+        scale output) for ``z`` ``(n, window, features)`` z-scored windows, in runs of at most max_batch_size."""
+        step = max(1, self.settings.max_batch_size)
+        points, scales = [], []
+        for i in range(0, len(z), step):
+            part = z[i : i + step]
+            out = await self.model.batcher.submit(
+                StepInput(inputs={"history": part}, rows=len(part), key=("window", part.shape[1]))
+            )
+            points.append(out.outputs["forecast"])
+            if self.scale_name is not None:
+                scales.append(out.outputs[self.scale_name])
+        point = points[0] if len(points) == 1 else np.concatenate(points)
+        if self.scale_name is None:
+            return point, None
+        scale = scales[0] if len(scales) == 1 else np.concatenate(scales)
+        if scale.ndim != 3 or scale.shape[1] not in (1, point.shape[1]) or scale.shape[2] != point.shape[2]:
+            raise RuntimeError(
+                f"model {self.model.label}: graph output {self.scale_name!r} has shape {list(scale.shape[1:])} per "
+                f"window; its manifest promises (1 or {point.shape[1]}, {point.shape[2]})"
+            )
+        return point, scale
+
     async def _run(self, window_rows: FloatArray, rows_seen: int) -> tuple[ForecastResult, dict[str, Array]]:
         """Forecast from exactly ``window`` rows ``(window, features)`` in original units. Also returns what a
         session keeps to score the rows it observes next against this forecast (empty without intervals)."""
         z = ((window_rows - self.mean) / self.std).astype(np.float32)[None]  # (1, window, features)
-        out = await self.model.batcher.submit(StepInput(inputs={"history": z}, rows=1, key=("window", len(z[0]))))
-        point_z = out.outputs["forecast"][0]  # (horizon, targets), z-scored
+        points, scales = await self._forecast_z(z)
+        point_z = points[0]  # (horizon, targets), z-scored
         # Copies: the outputs are rows of the batch's arrays, which a session must not keep alive.
         memo: dict[str, Array] = {"forecast_z": point_z.copy()} if self.levels else {}
-        if self.scale_name is not None:
-            scale = out.outputs[self.scale_name][0]  # (1 or horizon, targets), z-scored units
-            if scale.ndim != 2 or scale.shape[0] not in (1, point_z.shape[0]) or scale.shape[1] != point_z.shape[1]:
-                raise RuntimeError(
-                    f"model {self.model.label}: graph output {self.scale_name!r} has shape {list(scale.shape)} per "
-                    f"window; its manifest promises (1 or {point_z.shape[0]}, {point_z.shape[1]})"
-                )
+        if scales is not None:
+            scale = scales[0]  # (1 or horizon, targets), z-scored units
             quant_z = self._quantiles_z(point_z, scale)  # (quantiles, horizon, targets)
             memo["scale_z"] = scale.copy()
         elif self.offsets.size:
             quant_z = self._quantiles_z(point_z, None)
         else:
             quant_z = np.zeros((0, *point_z.shape), np.float32)
-        result = ForecastResult(
+        return self._result(point_z, quant_z, rows_seen), memo
+
+    def _result(self, point_z: FloatArray, quant_z: FloatArray, rows_seen: int) -> ForecastResult:
+        """The forecast in original units."""
+        return ForecastResult(
             columns=list(self.targets),
             point=(point_z * self.target_std + self.target_mean).astype(np.float32),
             quantile_levels=list(self.levels),
             quantiles=(quant_z * self.target_std + self.target_mean).astype(np.float32),
             rows_seen=rows_seen,
         )
-        return result, memo
 
     def _score(self, context: dict[str, Array], rows: FloatArray) -> tuple[int, dict[float, int]] | None:
         """The observed ``rows`` (original units) against the quantiles of the session's previous forecast, whose
         first steps they are: (targets scored, level -> how many at or below that quantile); None when the
         session holds no forecast (warming up, or a model without intervals, whose sessions keep none)."""
-        point_z = context.get("forecast_z")
-        if point_z is None:
+        last = self._last_forecast(context)
+        if last is None:
             return None
+        point_z, scale, width = last
         steps = min(len(rows), len(point_z))
-        scale = context.get("scale_z")
         if scale is not None and len(scale) > 1:
             scale = scale[:steps]
-        quant_z = self._quantiles_z(point_z[:steps], scale)  # (quantiles, steps, targets)
+        if self.rule is not None and width is not None:
+            quant_z = self.rule.quantiles_z(point_z[:steps], scale, width)  # (quantiles, steps, targets)
+        else:
+            quant_z = self._quantiles_z(point_z[:steps], scale)
         y_z = (rows[:steps, self.pick] - self.target_mean) / self.target_std  # (steps, targets)
         below = (y_z[None] <= quant_z).sum(axis=(1, 2))
         return int(y_z.size), {level: int(n) for level, n in zip(self.levels, below, strict=True)}
+
+    def _last_forecast(
+        self, context: dict[str, Array]
+    ) -> tuple[FloatArray, FloatArray | None, FloatArray | None] | None:
+        """The session's last forecast: (point, scale or None, width or None), z-scored; None when it has none."""
+        if self.rule is not None:
+            ring = self._ring(context)
+            if not len(ring):
+                return None
+            return ring.points[-1], None if ring.scales is None else ring.scales[-1], ring.widths[-1]
+        point_z = context.get("forecast_z")
+        return None if point_z is None else (point_z, context.get("scale_z"), None)
+
+    def _ring(self, context: dict[str, Array]) -> Ring:
+        """The session's ring of forecasts (``service/core/intervals.py``); empty while it warms up."""
+        assert self.rule is not None
+        points, widths, scales = context.get("ring_z"), context.get("ring_width"), context.get("ring_scale")
+        if points is None or widths is None:
+            return empty_ring(self.rule, self.scale_rows if self.scale_name is not None else None)
+        if len(widths) != len(points) or (
+            self.scale_name is not None and (scales is None or len(scales) != len(points))
+        ):
+            raise FailedPrecondition(
+                f"the session's forecasts ({len(points)}) and their widths ({len(widths)}) disagree; reset the "
+                "session and send its history again"
+            )
+        return Ring(points, scales, widths)
 
     async def _predict(
         self, history: npt.NDArray[np.floating] | FloatArray, field: str, columns: Sequence[str] | None = None
@@ -328,6 +407,8 @@ class ForecastTask(Task):
         """
         self.check_session()
         x = self.check_rows(rows, field, columns)
+        if self.rule is not None:
+            return await self._observe_adaptive(session, x)
         kept = session.context.get("rows")
         window_rows = (x if kept is None else np.concatenate([kept, x], axis=0))[-self.spec.window :].copy()
         seen = session.steps + len(x)
@@ -346,6 +427,50 @@ class ForecastTask(Task):
             result, memo = await self._run(window_rows, rows_seen=seen)
         # Committed only after the run succeeded: a failed or cancelled Observe leaves the session as it was.
         session.context, session.steps = {"rows": window_rows, **memo}, seen
+        if scored is not None:  # counted once the session holding these rows is stored (a retry counts once)
+            model, version = self.model.name, self.model.version
+            after_commit(lambda: self.model.metrics.forecast_scored(model, version, *scored))
+        return result
+
+    async def _observe_adaptive(self, session: SessionState, x: FloatArray) -> ForecastResult:
+        """``_observe`` for a model with an adaptive width: a forecast at every new row that completes a window
+        (one batched run), each row scored against the ring before the forecast it issues (``WidthRule.advance``)."""
+        assert self.rule is not None
+        w, t = self.spec.window, len(self.targets)
+        kept = session.context.get("rows")
+        all_rows = x if kept is None else np.concatenate([kept, x], axis=0)
+        first = min(len(x), max(0, w - (len(all_rows) - len(x)) - 1))  # x's first row that completes a window
+        ring = self._ring(session.context)
+        if len(ring) and first:
+            raise FailedPrecondition(
+                f"the session holds {len(ring)} forecasts but only {len(all_rows) - len(x)} rows; reset the session"
+            )
+        points = np.zeros((0, self.spec.horizon, t), np.float32)
+        scales = None if self.scale_name is None else np.zeros((0, self.scale_rows, t), np.float32)
+        if first < len(x):
+            z = ((all_rows - self.mean) / self.std).astype(np.float32)
+            views = np.lib.stride_tricks.sliding_window_view(z, w, axis=0)[-(len(x) - first) :]  # (k, features, w)
+            points, scales = await self._forecast_z(np.ascontiguousarray(views.transpose(0, 2, 1)))
+        y = ((x[:, self.pick] - self.target_mean) / self.target_std).astype(np.float32)
+        width = session.context.get("width")
+        ring, width, issued = self.rule.advance(
+            ring, self.rule.ones() if width is None else width, y, points, scales, first
+        )
+        scored = self._score(session.context, x)
+        seen = session.steps + len(x)
+        if len(issued):
+            last_scale = None if scales is None else scales[-1]
+            quant_z = self.rule.quantiles_z(points[-1], last_scale, issued[-1])
+            result = self._result(points[-1], quant_z, seen)
+        else:
+            result = self._result(np.zeros((0, t), np.float32), np.zeros((len(self.levels), 0, t), np.float32), seen)
+        context: dict[str, Array] = {"rows": all_rows[-w:].copy()}
+        if len(ring):  # copies: the ring may hold rows of the batch's arrays, which a session must not keep alive
+            context |= {"width": width, "ring_z": ring.points.copy(), "ring_width": ring.widths.copy()}
+            if ring.scales is not None:
+                context["ring_scale"] = ring.scales.copy()
+        # Committed only after the runs succeeded: a failed or cancelled Observe leaves the session as it was.
+        session.context, session.steps = context, seen
         if scored is not None:  # counted once the session holding these rows is stored (a retry counts once)
             model, version = self.model.name, self.model.version
             after_commit(lambda: self.model.metrics.forecast_scored(model, version, *scored))
