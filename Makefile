@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 
-.PHONY: help venv sysdeps serve test lint deploy-lint image image-test proto proto-check bench train train-sentiment \
-	train-charlm train-charlm2 train-forecast train-v1 train-sentiment-glove train-forecast2 train-forecast3 train-forecast-ettm1 \
-	train-forecast-ettm1-2 train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static \
-	quantize-sentiment fuse-sentiment quantize-sentiment-fused train-sentiment3 \
-	fuse-sentiment3 quantize-sentiment4 train-sentiment-ensemble train-sentiment-glove-pair clean
+.PHONY: help venv sysdeps serve test lint deploy-lint image image-test proto proto-check bench train \
+	train-sentiment train-charlm train-charlm2 train-forecast train-v1 train-sentiment-glove train-forecast2 \
+	train-forecast3 train-forecast4 train-forecast-ettm1 train-forecast-ettm1-2 train-forecast-ettm1-3 \
+	train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static quantize-sentiment \
+	fuse-sentiment quantize-sentiment-fused train-sentiment3 fuse-sentiment3 quantize-sentiment4 \
+	train-sentiment-ensemble train-sentiment-glove-pair clean
 
 .DEFAULT_GOAL := help
 help:
@@ -92,7 +93,8 @@ bench: $(STAMP)
 # as one graph with float16 weights, and sentiment-glove/1 sentiment/4 beside a run with the GloVe channel (retrained
 # into runs/). seqserve-train never writes into a folder that holds a model (a served version
 # is never rewritten in place), so each target removes its own output first.
-train: train-sentiment train-charlm train-forecast2 train-forecast3 train-forecast-ettm1 train-forecast-ettm1-2 \
+train: train-sentiment train-charlm train-forecast2 train-forecast3 train-forecast4 train-forecast-ettm1 \
+	train-forecast-ettm1-2 train-forecast-ettm1-3 \
 	train-forecast-air quantize-charlm quantize-charlm-static quantize-sentiment fuse-sentiment quantize-sentiment-fused \
 	train-sentiment3 fuse-sentiment3 quantize-sentiment4 train-sentiment-ensemble train-sentiment-glove-pair
 
@@ -199,6 +201,12 @@ train-forecast3: $(STAMP)
 	rm -rf models/forecaster/3
 	$(BIN)/seqserve-train calibrate --model models/forecaster/2 --data $(DATA)/etth1/ETTh1.csv --out models/forecaster/3
 
+# Seconds each: the same graph (model.onnx links to the parent's) with a session's adaptive band width, released
+# only if the test replay beats the parent's coverage at no more than 1% pinball loss (training/adaptive.py).
+train-forecast4: $(STAMP)
+	rm -rf models/forecaster/4
+	$(BIN)/seqserve-train adapt --model models/forecaster/3 --data $(DATA)/etth1/ETTh1.csv --out models/forecaster/4
+
 train-forecast-ettm1: $(STAMP)
 	rm -rf models/forecaster-ettm1/1
 	$(BIN)/seqserve-train forecast --data $(DATA)/etth1/ETTm1.csv --preset ett-m --out models/forecaster-ettm1/1 \
@@ -208,6 +216,11 @@ train-forecast-ettm1-2: $(STAMP)
 	rm -rf models/forecaster-ettm1/2
 	$(BIN)/seqserve-train calibrate --model models/forecaster-ettm1/1 --data $(DATA)/etth1/ETTm1.csv \
 		--out models/forecaster-ettm1/2
+
+train-forecast-ettm1-3: $(STAMP)
+	rm -rf models/forecaster-ettm1/3
+	$(BIN)/seqserve-train adapt --model models/forecaster-ettm1/2 --data $(DATA)/etth1/ETTm1.csv \
+		--out models/forecaster-ettm1/3
 
 train-forecast-air: $(STAMP)
 	rm -rf models/forecaster-air/1

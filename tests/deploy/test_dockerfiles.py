@@ -98,6 +98,16 @@ def test_skip_models_names_committed_versions_and_the_build_refuses_others(path:
     refused = run(["sh", "-c", script], check=False, env={"SKIP_MODELS": "a/9", "PATH": "/usr/bin:/bin"})
     assert refused.returncode == 1 and "SKIP_MODELS: no model a/9 under models/" in refused.stderr
     assert (models / "a" / "1" / "model.onnx").is_file()  # a refused build removed nothing
+    for skip, ok in (("a/3", True), ("a/1", False)):  # a/3 serves a/1's file: dropping a/3 is fine, a/1 is not
+        (models / "a" / "3").mkdir()
+        (models / "a" / "3" / "model.onnx").symlink_to("../1/model.onnx")
+        done = run(["sh", "-c", script], check=False, env={"SKIP_MODELS": skip, "PATH": "/usr/bin:/bin"})
+        if ok:
+            assert done.returncode == 0 and (models / "a" / "1" / "model.onnx").is_file(), done.stderr
+            assert not (models / "a" / "3").exists()
+        else:
+            assert done.returncode == 1 and "a kept version links to a dropped one's file" in done.stderr
+            assert f"{models}/a/3/model.onnx" in done.stderr
 
 
 @pytest.mark.parametrize("path", SERVING_IMAGES)
