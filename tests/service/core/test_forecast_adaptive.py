@@ -121,7 +121,8 @@ async def test_a_session_band_moves_as_the_definition_says(
 
 
 async def test_the_band_does_not_depend_on_how_the_rows_are_chunked(adaptive_repo: Path, make_dp: MakeDP) -> None:
-    dp = await make_dp(models=adaptive_repo, max_batch_size=16)  # a 40-row Observe runs its forecasts in parts
+    # A 40-row Observe runs its forecasts in parts, and moves its width in a worker thread (ADVANCE_INLINE_ROWS)
+    dp = await make_dp(models=adaptive_repo, max_batch_size=16)
     history = series(120, volatility=2.0, seed=6)
     one = await dp.create_session(ADAPTIVE)
     for r in range(len(history)):
