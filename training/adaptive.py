@@ -1,7 +1,8 @@
 """Online adaptive conformal intervals (ACI; Gibbs & Candes 2021), checked inside the validation split.
 
-No released model uses them (docs/models.md, "Online adaptive intervals"): the check refuses moving levels; the
-width variant below passes it (2026-12-05) and is not served yet.
+No released model moves its levels (docs/models.md, "Online adaptive intervals"): the check refuses it. The width
+variant below passes it (2026-12-05) and is served (``service/core/intervals.py``, ``forecaster/4`` and
+``forecaster-ettm1/3``); ``release`` is ``seqserve-train adapt``.
 
 A served forecaster's band is fixed at calibration. When the error level drifts (ETTh1's test months are calmer
 than its validation months), a fixed band is right for no period. ACI instead moves each quantile's *level* as
