@@ -217,8 +217,8 @@ def adaptive_quantiles(
     p32 = np.asarray(point, np.float32)
     s32 = None if scale is None else np.asarray(scale, np.float32)
     ring = empty_ring(rule, None if s32 is None else s32.shape[1])
-    _, width, issued = rule.advance(ring, rule.ones(), np.asarray(last, np.float32), p32, s32, 0)
-    return rule.quantiles_many(p32, s32, issued), width
+    run = rule.advance(ring, rule.ones(), np.asarray(last, np.float32), p32, s32, 0)
+    return rule.quantiles_many(p32, s32, run.issued), run.width
 
 
 def adaptive_scores(

@@ -82,27 +82,26 @@ class WidthRule:
         out: F32 = np.clip(m, *WIDTH_LIMITS).astype(np.float32)
         return out
 
-    def inside(self, ring: Ring, y: F32) -> F32:
-        """Share ``(targets,)`` of the ring's forecasts whose outer band holds ``y`` ``(targets,)``: the row after
-        the ring's last one, which is step ``n - 1 - i`` of forecast ``i``."""
+    def scored(self, ring: Ring, y: F32) -> tuple[F32, npt.NDArray[np.int64]]:
+        """``y`` ``(targets,)``, the row after the ring's last one (step ``n - 1 - i`` of forecast ``i``), against
+        each of the ring's forecasts: the share ``(targets,)`` whose outer band holds it, and how many of the
+        ``n * targets`` values are at or below each quantile ``(quantiles,)``."""
         n = len(ring)
         idx = np.arange(n)
         steps = n - 1 - idx
         point = ring.points[idx, steps]  # (n, T)
         scale = 1.0 if ring.scales is None else ring.scales[idx, steps if ring.scales.shape[1] > 1 else 0]
-        lo = point + (self.mid[steps] + ring.widths * self.spread[0, steps]) * scale
-        hi = point + (self.mid[steps] + ring.widths * self.spread[-1, steps]) * scale
-        out: F32 = ((y >= lo) & (y <= hi)).mean(axis=0, dtype=np.float32)
-        return out
+        q = point[None] + (self.mid[steps][None] + ring.widths[None] * self.spread[:, steps]) * scale  # (Q, n, T)
+        inside: F32 = ((y >= q[0]) & (y <= q[-1])).mean(axis=0, dtype=np.float32)
+        below: npt.NDArray[np.int64] = (y <= q).sum(axis=(1, 2))
+        return inside, below
 
-    def advance(
-        self, ring: Ring, width: F32, rows: F32, points: F32, scales: F32 | None, first: int
-    ) -> tuple[Ring, F32, F32]:
+    def advance(self, ring: Ring, width: F32, rows: F32, points: F32, scales: F32 | None, first: int) -> Advanced:
         """A session's ``ring`` and ``width`` after ``rows`` ``(k, targets)`` (z-scored targets of the observed rows,
-        in order): before each row's forecast is issued, the row is scored against the ring and the width moves.
-        Rows ``first..k-1`` each issue a forecast (``points`` ``(k - first, horizon, targets)``, ``scales`` the same
-        length); earlier rows issue none (the session is still warming up, so its ring is empty). Returns the new
-        ring (the last ``horizon`` forecasts), the new width, and the width each new forecast was issued with."""
+        in order): before each row's forecast is issued, the row is scored against every forecast in the ring and
+        the width moves. Rows ``first..k-1`` each issue a forecast (``points`` ``(k - first, horizon, targets)``,
+        ``scales`` the same length); earlier rows issue none (the session is still warming up, so its ring is
+        empty)."""
         h = self.horizon
         if len(points) != max(len(rows) - first, 0) or (first > 0 and len(ring)):
             raise ValueError(
@@ -112,20 +111,35 @@ class WidthRule:
         all_scales = None if scales is None else (np.concatenate([ring.scales, scales]) if len(ring) else scales)
         widths = np.empty((len(ring) + len(points), self.targets), np.float32)
         widths[: len(ring)] = ring.widths
-        issued = len(ring)
+        issued, count, below = len(ring), 0, np.zeros(len(self.spread), np.int64)
         for j, y in enumerate(rows):
             if issued:  # the forecasts issued on the last `horizon` rows before this one
                 lo = max(0, issued - h)
                 window = Ring(
                     all_points[lo:issued], None if all_scales is None else all_scales[lo:issued], widths[lo:issued]
                 )
-                width = self.updated(width, self.inside(window, y))
+                inside, at_or_below = self.scored(window, y)
+                width = self.updated(width, inside)
+                count, below = count + len(window) * self.targets, below + at_or_below
             if j >= first:
                 widths[issued] = width
                 issued += 1
         keep = slice(max(0, issued - h), issued)
         new = Ring(all_points[keep], None if all_scales is None else all_scales[keep], widths[keep])
-        return new, width, widths[len(ring) :]
+        return Advanced(new, width, widths[len(ring) :], count, below)
+
+
+@dataclass(frozen=True)
+class Advanced:
+    """``WidthRule.advance``'s result: the new ring (the last ``horizon`` forecasts), the new width, the width each
+    new forecast was issued with ``(forecasts, targets)``, and the rows' scores: how many (row, target, forecast)
+    values were scored and how many of them were at or below each quantile."""
+
+    ring: Ring
+    width: F32
+    issued: F32
+    scored: int
+    below: npt.NDArray[np.int64]
 
 
 def empty_ring(rule: WidthRule, scale_rows: int | None) -> Ring:

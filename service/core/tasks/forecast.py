@@ -7,7 +7,8 @@ as their context; each Observe appends rows and re-runs the short encoder on the
 manifest's ``update_cost``, independent of how long the series is). With intervals, the context also keeps the
 session's last forecast (z-scored, and its scale): the rows the next Observe brings are the targets of that
 forecast's first steps, and each is counted against its quantiles (``Metrics.forecast_scored``), so the
-intervals' coverage is measured on live data, per model version.
+intervals' coverage is measured on live data, per model version (with an adaptive width, below, against every
+forecast of it the session issued).
 
 Quantile ``q`` is ``point + quantile_offsets[q]`` on the z-scored scale; a graph that declares a
 ``forecast.scale_output`` (shape ``(batch, 1 or horizon, targets)``, e.g. each target's recent volatility computed
@@ -19,6 +20,8 @@ A model with ``forecast.adaptive_width_gamma`` gives its sessions an adaptive ba
 one Observe in one batched run), keeps the last ``horizon`` forecasts (a ring), scores each new row against all of
 them and moves its width per target column. The band it returns is the same whether the rows come one per Observe
 or many, and it is what the model card's test coverage measures (``training/evaluate.py`` replays the same code).
+Such a session counts each observed row against every forecast of it in the ring (up to ``horizon``), so the live
+counters measure the coverage the width steers, over all steps, however the rows are fed.
 Without a session the band is the calibrated one (width 1).
 
 v2 contract: HISTORY FP32 [-1, features], COLUMNS BYTES [features] (optional: HISTORY's column names, in any
@@ -341,32 +344,17 @@ class ForecastTask(Task):
         """The observed ``rows`` (original units) against the quantiles of the session's previous forecast, whose
         first steps they are: (targets scored, level -> how many at or below that quantile); None when the
         session holds no forecast (warming up, or a model without intervals, whose sessions keep none)."""
-        last = self._last_forecast(context)
-        if last is None:
+        point_z = context.get("forecast_z")
+        if point_z is None:
             return None
-        point_z, scale, width = last
         steps = min(len(rows), len(point_z))
+        scale = context.get("scale_z")
         if scale is not None and len(scale) > 1:
             scale = scale[:steps]
-        if self.rule is not None and width is not None:
-            quant_z = self.rule.quantiles_z(point_z[:steps], scale, width)  # (quantiles, steps, targets)
-        else:
-            quant_z = self._quantiles_z(point_z[:steps], scale)
+        quant_z = self._quantiles_z(point_z[:steps], scale)  # (quantiles, steps, targets)
         y_z = (rows[:steps, self.pick] - self.target_mean) / self.target_std  # (steps, targets)
         below = (y_z[None] <= quant_z).sum(axis=(1, 2))
         return int(y_z.size), {level: int(n) for level, n in zip(self.levels, below, strict=True)}
-
-    def _last_forecast(
-        self, context: dict[str, Array]
-    ) -> tuple[FloatArray, FloatArray | None, FloatArray | None] | None:
-        """The session's last forecast: (point, scale or None, width or None), z-scored; None when it has none."""
-        if self.rule is not None:
-            ring = self._ring(context)
-            if not len(ring):
-                return None
-            return ring.points[-1], None if ring.scales is None else ring.scales[-1], ring.widths[-1]
-        point_z = context.get("forecast_z")
-        return None if point_z is None else (point_z, context.get("scale_z"), None)
 
     def _ring(self, context: dict[str, Array]) -> Ring:
         """The session's ring of forecasts (``service/core/intervals.py``); empty while it warms up."""
@@ -457,10 +445,10 @@ class ForecastTask(Task):
         kept_width = session.context.get("width")
         args = (ring, self.rule.ones() if kept_width is None else kept_width, y, points, scales, first)
         if len(x) <= ADVANCE_INLINE_ROWS:
-            ring, width, issued = self.rule.advance(*args)
+            run = self.rule.advance(*args)
         else:  # a backfill: one sequential width update per row (~75 us each for ETTh1), off the event loop
-            ring, width, issued = await asyncio.to_thread(self.rule.advance, *args)
-        scored = self._score(session.context, x)
+            run = await asyncio.to_thread(self.rule.advance, *args)
+        ring, issued = run.ring, run.issued
         seen = session.steps + len(x)
         if len(issued):
             last_scale = None if scales is None else scales[-1]
@@ -470,12 +458,13 @@ class ForecastTask(Task):
             result = self._result(np.zeros((0, t), np.float32), np.zeros((len(self.levels), 0, t), np.float32), seen)
         context: dict[str, Array] = {"rows": all_rows[-w:].copy()}
         if len(ring):  # copies: the ring may hold rows of the batch's arrays, which a session must not keep alive
-            context |= {"width": width, "ring_z": ring.points.copy(), "ring_width": ring.widths.copy()}
+            context |= {"width": run.width, "ring_z": ring.points.copy(), "ring_width": ring.widths.copy()}
             if ring.scales is not None:
                 context["ring_scale"] = ring.scales.copy()
         # Committed only after the runs succeeded: a failed or cancelled Observe leaves the session as it was.
         session.context, session.steps = context, seen
-        if scored is not None:  # counted once the session holding these rows is stored (a retry counts once)
-            model, version = self.model.name, self.model.version
-            after_commit(lambda: self.model.metrics.forecast_scored(model, version, *scored))
+        if run.scored:  # every observed row against every forecast of it: the coverage the width steers
+            model, version, n = self.model.name, self.model.version, run.scored
+            below = {level: int(b) for level, b in zip(self.levels, run.below, strict=True)}
+            after_commit(lambda: self.model.metrics.forecast_scored(model, version, n, below))
         return result

@@ -139,6 +139,35 @@ async def test_the_band_does_not_depend_on_how_the_rows_are_chunked(adaptive_rep
         np.testing.assert_allclose(a.context[key], b.context[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+async def test_live_counters_score_each_row_against_every_forecast_of_it_however_the_rows_come(
+    adaptive_repo: Path, make_dp: MakeDP
+) -> None:
+    """``seqserve_forecast_*`` counters: with an adaptive width each observed row is counted against every forecast
+    the session issued for it (the last ``horizon`` ones, each at its own step): the all-steps coverage the width
+    steers, the same for a row-by-row feed and a chunked one. Expected counts from the quantiles the server
+    returned."""
+    from tests.service.core.test_forecast_coverage import counts
+
+    history = series(WINDOW + 40, volatility=1.5, seed=12)
+    one = await make_dp(models=adaptive_repo)
+    s = await one.create_session(ADAPTIVE)
+    await one.observe(s.id, history[: WINDOW - 1])
+    issued = [(await one.observe(s.id, history[e - 1 : e])).quantiles for e in range(WINDOW, len(history) + 1)]
+    n, below = 0, [0, 0, 0]
+    for r in range(WINDOW, len(history)):  # row r; forecast k was issued on row WINDOW - 1 + k
+        for k in range(max(0, r - WINDOW - HORIZON + 1), r - WINDOW + 1):
+            step = r - (WINDOW - 1 + k) - 1
+            n += FEATURES
+            below = [b + int((history[r] <= q[step]).sum()) for b, q in zip(below, issued[k], strict=True)]
+    assert n == FEATURES * sum(min(HORIZON, r - WINDOW + 1) for r in range(WINDOW, len(history)))
+    assert counts(one, ADAPTIVE.name) == (n, below)
+    chunked = await make_dp(models=adaptive_repo)
+    c = await chunked.create_session(ADAPTIVE)
+    for a, b in ((0, 5), (5, 30), (30, 31), (31, len(history))):
+        await chunked.observe(c.id, history[a:b])
+    assert counts(chunked, ADAPTIVE.name) == (n, below)
+
+
 @pytest.mark.parametrize(("name", "direction"), [("wide", -1), ("narrow", 1)])
 async def test_a_band_that_covers_too_much_narrows_and_one_that_covers_too_little_widens(
     adaptive_repo: Path, make_dp: MakeDP, name: str, direction: int
