@@ -133,7 +133,12 @@ def quantile_scores(y: npt.ArrayLike, q: npt.ArrayLike, levels: Sequence[float])
         out[f"pinball_q{tau:g}"] = pinball(y, qi, tau)
     lo, hi = levels[0], levels[-1]
     band = f"band_p{round(100 * lo)}_p{round(100 * hi)}"
-    out[f"coverage_{band}"] = float(((y >= q[0]) & (y <= q[-1])).mean())
+    inside = (y >= q[0]) & (y <= q[-1])  # (N, H, T)
+    out[f"coverage_{band}"] = float(inside.mean())
+    if inside.ndim == 3:  # calibrated on average over the horizon is not calibrated per step: the first and last
+        quarter = max(1, inside.shape[1] // 4)  # quarter of the steps (e.g. hours 1-24 and 73-96)
+        out["coverage_first_quarter_band"] = float(inside[:, :quarter].mean())
+        out["coverage_last_quarter_band"] = float(inside[:, -quarter:].mean())
     return out
 
 

@@ -12,6 +12,7 @@ from training.calibrate import (
     conformal_offsets,
     coverage,
     interval_scores,
+    quantile_scores,
     volatility,
     window_scale,
 )
@@ -137,3 +138,14 @@ def test_four_windows_are_enough_to_check_and_fewer_fall_back_to_the_whole_windo
     assert calibrate(history, residuals).info["interval_check"] != {}
     few = calibrate(history[:3], residuals[:3], "auto", "mad")
     assert (few.choice.kind, few.choice.k) == ("mad", 47) and few.info["interval_check"] == {}
+
+
+def test_the_band_is_also_scored_over_the_first_and_last_quarter_of_the_horizon() -> None:
+    """Calibrated over the whole horizon is not calibrated per step: the scores say how the band does on the first
+    and on the last quarter of the steps."""
+    y = np.zeros((10, 8, 2))
+    q = np.stack([np.full_like(y, -1.0), np.zeros_like(y), np.ones_like(y)])
+    q[2][:, 6:] = -0.5  # the last two steps' band misses every target
+    scores = quantile_scores(y, q, LEVELS)
+    assert scores["coverage_band_p10_p90"] == 0.75
+    assert (scores["coverage_first_quarter_band"], scores["coverage_last_quarter_band"]) == (1.0, 0.0)
