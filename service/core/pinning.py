@@ -148,6 +148,7 @@ def importable(
     if want != {k: (v.shape, v.dtype) for k, v in x.session.state.items()}:
         raise FailedPrecondition(f"the session blob's state does not fit model {entry.label}")
     problem = _context_problem(entry.task.context_shapes(), x.session.context, x.session.steps)
+    problem = problem or entry.task.context_problem(x.session.context, x.session.steps)
     if problem:
         raise FailedPrecondition(f"the session blob's context does not fit model {entry.label}: {problem}")
     return x, entry

@@ -139,6 +139,11 @@ class Task:
         value float32 and finite. An imported session must fit (``service.core.pinning.importable``)."""
         return {}
 
+    def context_problem(self, context: dict[str, Array], steps: int) -> str:
+        """Why an imported session's ``context``, each array of a shape ``context_shapes`` allows, still cannot
+        continue on this model after ``steps`` steps (arrays that must agree with each other); "" when it can."""
+        return ""
+
     def check_session(self) -> None:
         """Raises FailedPrecondition when this model version cannot hold sessions (stateless or unsupported)."""
 

@@ -166,6 +166,27 @@ class ForecastTask(Task):
             shapes["scale_z"] = ({self.scale_rows}, {t})
         return shapes
 
+    def context_problem(self, context: dict[str, Array], steps: int) -> str:
+        """With an adaptive width: the width and the ring come together, the ring's arrays hold one entry per
+        forecast, the session has seen enough rows for them, and every width is positive."""
+        if self.rule is None:
+            return ""
+        need = {"width", "ring_z", "ring_width"} | ({"ring_scale"} if self.scale_name is not None else set())
+        held = need & set(context)
+        if not held:
+            return ""  # warming up: no forecast yet
+        if held != need:
+            return f"it holds {', '.join(sorted(held))} without {', '.join(sorted(need - held))}"
+        n = len(context["ring_z"])
+        if any(len(context[k]) != n for k in need - {"width"}):
+            return "its ring's arrays hold different numbers of forecasts"
+        rows, w = context.get("rows"), self.spec.window
+        if rows is None or len(rows) < w or n > steps - w + 1:
+            return f"it holds {n} forecasts after {steps} rows with a window of {w}"
+        if (context["width"] <= 0).any() or (context["ring_width"] <= 0).any():
+            return "a width is not positive"
+        return ""
+
     def config_parameters(self) -> dict[str, str]:
         """The feature columns in the order HISTORY's rows hold them, and the forecast's (target) columns, as JSON
         lists: KServe clients send rows without names; and the adaptive width's rate when the model has one."""
@@ -362,14 +383,7 @@ class ForecastTask(Task):
         points, widths, scales = context.get("ring_z"), context.get("ring_width"), context.get("ring_scale")
         if points is None or widths is None:
             return empty_ring(self.rule, self.scale_rows if self.scale_name is not None else None)
-        if len(widths) != len(points) or (
-            self.scale_name is not None and (scales is None or len(scales) != len(points))
-        ):
-            raise FailedPrecondition(
-                f"the session's forecasts ({len(points)}) and their widths ({len(widths)}) disagree; reset the "
-                "session and send its history again"
-            )
-        return Ring(points, scales, widths)
+        return Ring(points, scales, widths)  # consistent: written by _observe_adaptive or checked at import
 
     async def _predict(
         self, history: npt.NDArray[np.floating] | FloatArray, field: str, columns: Sequence[str] | None = None
@@ -431,10 +445,6 @@ class ForecastTask(Task):
         all_rows = x if kept is None else np.concatenate([kept, x], axis=0)
         first = min(len(x), max(0, w - (len(all_rows) - len(x)) - 1))  # x's first row that completes a window
         ring = self._ring(session.context)
-        if len(ring) and first:
-            raise FailedPrecondition(
-                f"the session holds {len(ring)} forecasts but only {len(all_rows) - len(x)} rows; reset the session"
-            )
         points = np.zeros((0, self.spec.horizon, t), np.float32)
         scales = None if self.scale_name is None else np.zeros((0, self.scale_rows, t), np.float32)
         if first < len(x):

@@ -20,6 +20,7 @@ from service.core.intervals import WidthRule
 from service.core.manifest import MANIFEST_FILE, Manifest
 from service.core.tasks.forecast import ForecastTask
 from service.core.types import ModelRef, SequenceRef, Tensor
+from service.errors import FailedPrecondition
 from tests.service.core.conftest import MakeDP
 from tests.service.core.test_forecast_scale import FEATURES, HORIZON, SCALED, WINDOW, series
 
@@ -206,6 +207,43 @@ async def test_a_session_reserves_room_for_its_ring_and_keeps_it_through_export(
     a = await dp.observe(s.id, history[-10:])
     b = await dp.observe(copy.id, history[-10:])
     np.testing.assert_array_equal(a.quantiles, b.quantiles)
+
+
+async def test_an_imported_session_whose_ring_does_not_hang_together_is_refused(
+    adaptive_repo: Path, make_dp: MakeDP
+) -> None:
+    """A signed blob (another build sharing the key) whose arrays each have an allowed shape but do not agree:
+    FAILED_PRECONDITION at import, naming the problem, instead of a session whose next Observe fails."""
+    from service.core.sessions.export import seal, unseal
+
+    key = "s" * 40
+    dp = await make_dp(models=adaptive_repo, session_signing_key=key)
+    history = series(WINDOW + 5, volatility=1.0, seed=13)
+    s = await dp.create_session(ADAPTIVE)
+    await dp.observe(s.id, history)  # 6 forecasts, fewer than the horizon: one more still has an allowed shape
+    blob, _ = await dp.export_session(s.id)
+
+    def edited(change: Any) -> bytes:
+        x = unseal(blob, key.encode())
+        change(x.session.context)
+        return seal(x.session, key.encode(), x.exported_at)
+
+    cases = {
+        "its ring's arrays hold different numbers of forecasts": lambda c: c.update(ring_width=c["ring_width"][:3]),
+        "it holds ring_scale, ring_width, ring_z without width": lambda c: c.pop("width"),
+        "a width is not positive": lambda c: c.update(width=-c["width"]),
+        f"it holds 7 forecasts after {WINDOW + 5} rows with a window of {WINDOW}": lambda c: c.update(
+            ring_z=np.concatenate([c["ring_z"][:1], c["ring_z"]]),
+            ring_width=np.concatenate([c["ring_width"][:1], c["ring_width"]]),
+            ring_scale=np.concatenate([c["ring_scale"][:1], c["ring_scale"]]),
+        ),
+    }
+    for problem, change in cases.items():
+        with pytest.raises(FailedPrecondition, match="context does not fit model") as err:
+            await dp.import_session(edited(change))
+        assert problem in str(err.value), err.value
+    copy = await dp.import_session(blob)  # the untouched blob imports and continues
+    assert (await dp.observe(copy.id, history[-1:])).point.shape == (HORIZON, FEATURES)
 
 
 async def test_kserve_sequences_move_the_width_as_sessions_do(adaptive_repo: Path, make_dp: MakeDP) -> None:
