@@ -7,6 +7,7 @@ on how the rows are chunked; it survives export and import; the release's evalua
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from service.core.intervals import WidthRule
 from service.core.manifest import MANIFEST_FILE, Manifest
 from service.core.tasks.forecast import ForecastTask
 from service.core.types import ModelRef, SequenceRef, Tensor
-from service.errors import FailedPrecondition
+from service.errors import FailedPrecondition, InvalidInput
 from tests.service.core.conftest import MakeDP
 from tests.service.core.test_forecast_scale import FEATURES, HORIZON, SCALED, WINDOW, series
 
@@ -244,6 +245,33 @@ async def test_an_imported_session_whose_ring_does_not_hang_together_is_refused(
         assert problem in str(err.value), err.value
     copy = await dp.import_session(blob)  # the untouched blob imports and continues
     assert (await dp.observe(copy.id, history[-1:])).point.shape == (HORIZON, FEATURES)
+
+
+async def test_a_refused_or_cancelled_observe_leaves_the_ring_and_the_width_as_they_were(
+    adaptive_repo: Path, make_dp: MakeDP
+) -> None:
+    dp = await make_dp(models=adaptive_repo)
+    history = series(WINDOW + 80, volatility=1.0, seed=14)
+    s = await dp.create_session(ADAPTIVE)
+    await dp.observe(s.id, history[: WINDOW + 10])
+    before = dict((await dp.sessions.get(s.id)).context)
+    bad = history[WINDOW + 10 :].copy()
+    bad[5, 2] = np.nan
+    with pytest.raises(InvalidInput, match=r"rows\[5\]\[2\]"):
+        await dp.observe(s.id, bad)
+    task = asyncio.ensure_future(dp.observe(s.id, history[WINDOW + 10 :]))  # 70 rows: a worker-thread advance
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    after = (await dp.sessions.get(s.id)).context
+    assert set(after) == set(before)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    got = await dp.observe(s.id, history[WINDOW + 10 :])
+    fresh = await dp.create_session(ADAPTIVE)
+    want = await dp.observe(fresh.id, history)
+    np.testing.assert_allclose(got.quantiles, want.quantiles, rtol=1e-5, atol=1e-5)  # (batches differ)
 
 
 async def test_kserve_sequences_move_the_width_as_sessions_do(adaptive_repo: Path, make_dp: MakeDP) -> None:
