@@ -8,7 +8,7 @@ gave it and widens or narrows as a whole; the median never moves. After each obs
 whose target that row is (the last ``horizon`` forecasts, one per row) is scored, and
 ``m *= exp(-gamma * (share of those targets inside the outer band - its nominal share))``: a band that covers too
 much narrows, one that covers too little widens, slowly. It adapts to a drifting error level, which no band fixed
-at calibration can (docs/models.md, "An adaptive band width").
+at calibration can (docs/models.md, "An adaptive band width in sessions").
 
 This module is the one implementation: serving's sessions (``service/core/tasks/forecast.py``), the release's
 test-split evaluation (``training/evaluate.py``) and the validation check that chose ``gamma``
