@@ -111,11 +111,11 @@ def online_width(
     rule = WidthRule(conformal_offsets(z_cal, levels, pooled=pooled), list(levels), gamma)  # what sessions run
     n, h, t = residuals.shape
     m = rule.ones()
-    zero = np.zeros((h, t), np.float32)
+    zero = np.zeros((1, h, t), np.float32)
     quant = np.empty((len(levels), n, h, t))
     inside = np.empty((n, h, t), dtype=bool)
     for i in range(n):
-        quant[:, i] = rule.quantiles_z(zero, scale[i].astype(np.float32), m)
+        quant[:, i] = rule.quantiles_many(zero, scale[i][None].astype(np.float32), m[None])[:, 0]
         inside[i] = (residuals[i] >= quant[0, i]) & (residuals[i] <= quant[-1, i])
         if gamma > 0:
             m = rule.updated(m, inside[revealed(i, h)].mean(axis=0, dtype=np.float32))

@@ -60,14 +60,6 @@ class WidthRule:
     def ones(self) -> F32:
         return np.ones(self.targets, np.float32)
 
-    def quantiles_z(self, point: F32, scale: F32 | None, width: F32) -> F32:
-        """``(quantiles, steps, targets)`` for ``point`` ``(steps, targets)`` (the first ``steps`` of a forecast),
-        its ``scale`` (1 or steps, targets) or None and its ``width`` ``(targets,)``."""
-        k = len(point)
-        off = self.mid[:k][None] + width * self.spread[:, :k]
-        out: F32 = point[None] + (off if scale is None else off * scale[None])
-        return out
-
     def quantiles_many(self, points: F32, scales: F32 | None, widths: F32) -> F32:
         """``(quantiles, n, horizon, targets)`` for ``n`` whole forecasts ``points`` ``(n, horizon, targets)``, their
         ``scales`` ``(n, 1 or horizon, targets)`` or None, issued with ``widths`` ``(n, targets)``."""
@@ -107,8 +99,9 @@ class WidthRule:
             raise ValueError(
                 f"advance: {len(points)} forecasts for {len(rows)} rows from row {first} on, ring {len(ring)}"
             )
-        all_points = np.concatenate([ring.points, points]) if len(ring) else points
-        all_scales = None if scales is None else (np.concatenate([ring.scales, scales]) if len(ring) else scales)
+        # New arrays (also for an empty ring): the ring returned never holds a row of the batch's outputs.
+        all_points = np.concatenate([ring.points, points])
+        all_scales = None if scales is None else np.concatenate([ring.scales, scales])  # (ring's: as many)
         widths = np.empty((len(ring) + len(points), self.targets), np.float32)
         widths[: len(ring)] = ring.widths
         issued, count, below = len(ring), 0, np.zeros(len(self.spread), np.int64)
@@ -125,7 +118,11 @@ class WidthRule:
                 widths[issued] = width
                 issued += 1
         keep = slice(max(0, issued - h), issued)
-        new = Ring(all_points[keep], None if all_scales is None else all_scales[keep], widths[keep])
+
+        def kept(a: F32) -> F32:  # a view, unless it would keep a backfill's far larger array alive
+            return a[keep] if len(a) <= h + 1 else a[keep].copy()
+
+        new = Ring(kept(all_points), None if all_scales is None else kept(all_scales), kept(widths))
         return Advanced(new, width, widths[len(ring) :], count, below)
 
 

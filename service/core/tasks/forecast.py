@@ -461,16 +461,16 @@ class ForecastTask(Task):
         ring, issued = run.ring, run.issued
         seen = session.steps + len(x)
         if len(issued):
-            last_scale = None if scales is None else scales[-1]
-            quant_z = self.rule.quantiles_z(points[-1], last_scale, issued[-1])
+            last_scale = None if scales is None else scales[-1:]
+            quant_z = self.rule.quantiles_many(points[-1:], last_scale, issued[-1:])[:, 0]
             result = self._result(points[-1], quant_z, seen)
         else:
             result = self._result(np.zeros((0, t), np.float32), np.zeros((len(self.levels), 0, t), np.float32), seen)
         context: dict[str, Array] = {"rows": all_rows[-w:].copy()}
-        if len(ring):  # copies: the ring may hold rows of the batch's arrays, which a session must not keep alive
-            context |= {"width": run.width, "ring_z": ring.points.copy(), "ring_width": ring.widths.copy()}
+        if len(ring):  # (advance's arrays: none of them holds a row of the batch's outputs)
+            context |= {"width": run.width, "ring_z": ring.points, "ring_width": ring.widths}
             if ring.scales is not None:
-                context["ring_scale"] = ring.scales.copy()
+                context["ring_scale"] = ring.scales
         # Committed only after the runs succeeded: a failed or cancelled Observe leaves the session as it was.
         session.context, session.steps = context, seen
         if run.scored:  # every observed row against every forecast of it: the coverage the width steers
