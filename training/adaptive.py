@@ -180,10 +180,10 @@ def release(src: Path, data: Path, out: Path, command: str, gamma: float | None 
     windows picks (``admissible``). Released only if on the test split, replayed as a session sees it
     (``training.evaluate.adaptive_scores``), its coverage miss is smaller than ``src``'s and its mean pinball loss
     within ``PINBALL_TOLERANCE`` of ``src``'s; else DataError with both, and nothing is written."""
-    from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+    from service.core.manifest import MANIFEST_FILE, MODEL_FILE
     from training.cards import card_for
     from training.data import DataError
-    from training.evaluate import evaluate_model, forecast_and_scale, open_model
+    from training.evaluate import eval_forecast, forecast_and_scale, open_model
     from training.forecasting import forecast_metrics
     from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
     from training.series import series_for, windows
@@ -196,10 +196,10 @@ def release(src: Path, data: Path, out: Path, command: str, gamma: float | None 
         raise DataError(f"{src}: already has an adaptive width (gamma {f.adaptive_width_gamma}); adapt its parent")
     if gamma is not None and not 0 < gamma <= 1:
         raise DataError(f"--gamma {gamma}: the width's rate must be in (0, 1]")
+    _, sess = open_model(src)  # the graph both versions run: one session evaluates both
     s = series_for(m, data)
     study: dict[str, Any] = {}
     if gamma is None:
-        _, sess = open_model(src)
         x, y = windows(s.part("val", f.window), f.window, f.horizon, s.target_index)
         point, scale = forecast_and_scale(m, sess, x)
         pooled = bool(m.training.get("interval_choice", {}).get("pooled", False))
@@ -216,7 +216,7 @@ def release(src: Path, data: Path, out: Path, command: str, gamma: float | None 
         }  # fmt: skip
         if gamma == 0:
             raise DataError(f"{src}: the half-split check on the validation windows keeps the fixed band (gamma 0)")
-    parent = evaluate_model(src, data)
+    parent = eval_forecast(m, sess, data)  # what `seqserve-train evaluate` prints for src
     with new_model_folder(out) as (name, version):
         (out / MODEL_FILE).symlink_to(os.path.relpath((src / MODEL_FILE).resolve(), out.resolve()))
         info = {"gamma": gamma, "parent": f"{m.name}/{m.version}", "validation_check": study}
@@ -225,13 +225,12 @@ def release(src: Path, data: Path, out: Path, command: str, gamma: float | None 
         training = {"point_model": m.training.get("point_model", f"{m.name}/{m.version}"), "adaptive_width": info}
         new = derived_manifest(m, out, (name, version), command, description, training, metrics=[], forecast=forecast)
         new.dump(out / MANIFEST_FILE)
-        ev = evaluate_model(out, data)
+        ev = eval_forecast(new, sess, data)  # ... and for out (the same graph)
         verdict = _verdict(parent, ev, f.quantiles)
         if not verdict["released"]:
             raise DataError(f"{name}/{version} not released: {verdict['why']}")
-        final = Manifest.load(out / MANIFEST_FILE)
         card = card_for(name, "forecast", version)
-        final.model_copy(update={"metrics": forecast_metrics(name, out, data, s, ev), "card": card}).dump(
+        new.model_copy(update={"metrics": forecast_metrics(name, out, data, s, ev), "card": card}).dump(
             out / MANIFEST_FILE
         )
         fields = {
