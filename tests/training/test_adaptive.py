@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
-from tests.training.fast import FAST
+from tests.training.fast import FAST, TINY_FORECAST
 from tests.training.test_recalibrate import evaluate
 from training.adaptive import GRID, Online, admissible, check, offsets_at, online, online_width
 from training.calibrate import conformal_offsets, halves
@@ -131,7 +131,7 @@ def test_adapt_releases_the_same_graph_with_a_moving_width_only_when_the_test_re
 ) -> None:
     v1, v2 = tmp_path / "models" / "sales" / "1", tmp_path / "models" / "sales" / "2"
     args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main([*args, "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "1"]) == 0
+    assert main([*args, *TINY_FORECAST, "--epochs", "1"]) == 0
     raw = json.loads((v1 / MANIFEST_FILE).read_text())  # a band far too wide: offsets x 5 (same graph, same sha256)
     raw["forecast"]["quantile_offsets"] = (5 * np.asarray(raw["forecast"]["quantile_offsets"])).tolist()
     (v1 / MANIFEST_FILE).write_text(json.dumps(raw))

@@ -13,7 +13,7 @@ import pytest
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from tests.training.conftest import write_csv
-from tests.training.fast import FAST
+from tests.training.fast import FAST, TINY_FORECAST
 from training import learned_scale
 from training.cards import NOT_CALIBRATED, TEMPERATURE_SCALED
 from training.cli import main
@@ -157,7 +157,7 @@ def test_forecast_with_covariates(tmp_path: Path, tiny_csv: Path, capsys: pytest
     """price is forecast; load and temp are inputs only: the graph returns (batch, horizon, 1)."""
     out = tmp_path / "fc-cov" / "1"
     args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    args += ["--targets", "price", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]
+    args += ["--targets", "price", *TINY_FORECAST]
     args += ["--epochs", "2", "--batch-size", "32", "--lr", "0.01", "--revin", "mean"]
     assert main(args) == 0
     m = Manifest.load(out / MANIFEST_FILE)
@@ -366,7 +366,7 @@ def test_training_never_writes_into_a_folder_that_holds_a_model(
     out.mkdir(parents=True)
     (out / "model.onnx").write_bytes(b"a model already served")
     args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main([*args, "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "1"]) == 2
+    assert main([*args, *TINY_FORECAST, "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"seqserve-train: error: {out}: already exists and is not empty") and err.count("\n") == 1
     assert (out / "model.onnx").read_bytes() == b"a model already served" and not (tmp_path / "run").exists()
@@ -388,7 +388,7 @@ def test_seasonal_scores_left_out_where_undefined_and_the_model_still_loads(
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "solar" / "1"
     args = ["forecast", "--data", str(data), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main([*args, "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "1"]) == 0
+    assert main([*args, *TINY_FORECAST, "--epochs", "1"]) == 0
     names = {metric.name: metric.value for metric in Manifest.load(out / MANIFEST_FILE).metrics}  # loads: all finite
     assert "test_mse" in names and not any(k.startswith(("test_mase", "test_snaive", "test_mape")) for k in names)
     ev = _evaluate(capsys, out, data)
@@ -396,7 +396,7 @@ def test_seasonal_scores_left_out_where_undefined_and_the_model_still_loads(
     # the solar column alone: MASE is defined (its scale is not 0), MAPE is not (zeros at night)
     solo = tmp_path / "solo" / "1"
     args = ["forecast", "--data", str(data), "--out", str(solo), "--run-dir", str(tmp_path / "run2"), *FAST]
-    args += ["--columns", "solar", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]
+    args += ["--columns", "solar", *TINY_FORECAST]
     assert main([*args, "--epochs", "1"]) == 0
     ev = _evaluate(capsys, solo, data)
     assert np.isfinite(ev["test_mase"]) and "test_mape" not in ev
@@ -425,7 +425,7 @@ def test_resume_without_a_run_never_rewrites_a_model(
     out.mkdir(parents=True)
     (out / "model.onnx").write_bytes(b"a model already served")
     args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "none"), *FAST]
-    assert main([*args, "--resume", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]) == 2
+    assert main([*args, "--resume", *TINY_FORECAST]) == 2
     err = capsys.readouterr().err
     assert f"--resume: {tmp_path / 'none' / 'checkpoint.pt'} does not exist" in err and err.count("\n") == 1
     assert (out / "model.onnx").read_bytes() == b"a model already served"
@@ -631,7 +631,7 @@ def test_forecast_metrics_match_an_independent_recomputation(
     metrics are higher-is-better, and no test_windows among the metrics."""
     out = tmp_path / "models" / "forecaster" / "1"  # a name with an issue goal: test_mse 0.40
     args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    args += ["--targets", "price", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]
+    args += ["--targets", "price", *TINY_FORECAST]
     assert main([*args, "--epochs", "1", "--calibration", "pooled", "--interval-scale", "none"]) == 0
     m = Manifest.load(out / MANIFEST_FILE)
     assert m.forecast is not None

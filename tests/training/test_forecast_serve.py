@@ -17,7 +17,7 @@ from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.tables import read_table
 from tests.conftest import ServerHandle
-from tests.training.fast import FAST
+from tests.training.fast import FAST, TINY_FORECAST
 from training.cli import main as train
 
 
@@ -28,7 +28,7 @@ def test_train_export_serve_all_targets_generated_csv(
     models = tmp_path / "models"
     out = models / "sales-forecaster" / "1"
     args = ["forecast", "--data", str(tiny_csv), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    args += ["--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "2", "--lr", "0.01"]
+    args += [*TINY_FORECAST, "--epochs", "2", "--lr", "0.01"]
     args += ["--interval-scale", "std:8"]  # offsets x each window's volatility: a "scale" graph output
     assert train(args) == 0
     m = Manifest.load(out / MANIFEST_FILE)

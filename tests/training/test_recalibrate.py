@@ -12,7 +12,7 @@ import pytest
 
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
-from tests.training.fast import FAST
+from tests.training.fast import FAST, TINY_FORECAST
 from training.cli import main
 
 
@@ -37,7 +37,7 @@ def test_calibrate_a_trained_forecaster_into_a_new_version(
 ) -> None:
     v1, v2 = tmp_path / "models" / "sales" / "1", tmp_path / "models" / "sales" / "2"
     args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
-    args += ["--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "2"]
+    args += [*TINY_FORECAST, "--epochs", "2"]
     assert main([*args, "--interval-scale", "none"]) == 0  # constant offsets, no scale output
     first = Manifest.load(v1 / MANIFEST_FILE)
     assert first.forecast is not None and first.forecast.scale_output is None
@@ -76,7 +76,7 @@ def test_calibrate_refusals_exit_2_with_one_line(
 ) -> None:
     v1, v2 = tmp_path / "m" / "fc" / "1", tmp_path / "m" / "fc" / "2"
     args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main([*args, "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--epochs", "1"]) == 0
+    assert main([*args, *TINY_FORECAST, "--epochs", "1"]) == 0
     calibrate = ["calibrate", "--model", str(v1), "--data", str(tiny_csv)]
     busy = v1.parent / "7"  # an existing version is never overwritten
     busy.mkdir()
@@ -130,7 +130,7 @@ def test_a_covariate_forecasters_scale_is_measured_on_its_target(tmp_path: Path,
 
     v1, v2 = tmp_path / "m" / "temp" / "1", tmp_path / "m" / "temp" / "2"
     args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
-    args += ["--targets", "temp", "--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8"]
+    args += ["--targets", "temp", *TINY_FORECAST]
     assert main([*args, "--epochs", "1", "--interval-scale", "std:8", "--calibration", "per-step"]) == 0
     assert Manifest.load(v1 / MANIFEST_FILE).training["interval_scale_floor"] == pytest.approx([want], rel=1e-6)
     calibrate = ["calibrate", "--model", str(v1), "--data", str(tiny_csv), "--out", str(v2)]

@@ -15,7 +15,7 @@ FAST = [*fast.FAST, "--epochs", "1"]
 ARGS = {
     "sentiment": ["--hidden", "8", "--embedding", "8", "--batch-size", "32", "--ensemble", "2", "--adversarial", "0.1"],
     "charlm": ["--hidden", "16", "--embedding", "8", "--batch-size", "4", "--bptt", "16"],
-    "forecast": ["--window", "24", "--horizon", "12", "--segment", "6", "--hidden", "8", "--batch-size", "32"],
+    "forecast": [*fast.TINY_FORECAST, "--batch-size", "32"],
 }
 
 

@@ -20,10 +20,10 @@ from service.core.dataplane import CoreDataPlane
 from service.core.intervals import WidthRule
 from service.core.manifest import MANIFEST_FILE, Manifest
 from service.core.tasks.forecast import ForecastTask
-from service.core.types import ModelRef, SequenceRef, Tensor
+from service.core.types import ModelRef, SequenceRef
 from service.errors import FailedPrecondition, InvalidInput
 from tests.service.core.conftest import MakeDP
-from tests.service.core.test_forecast_scale import FEATURES, HORIZON, SCALED, WINDOW, series
+from tests.service.core.test_forecast_scale import FEATURES, HORIZON, SCALED, WINDOW, history_tensor, series
 
 GAMMA = 0.05
 ADAPTIVE, ADAPTIVE_PLAIN = ModelRef("adaptive"), ModelRef("adaptive-plain")
@@ -281,11 +281,8 @@ async def test_kserve_sequences_move_the_width_as_sessions_do(adaptive_repo: Pat
     await dp.observe(s.id, history[: WINDOW + 20])
     want = await dp.observe(s.id, history[WINDOW + 20 :])
 
-    def tensor(rows: np.ndarray) -> list[Tensor]:
-        return [Tensor("HISTORY", "FP32", rows.shape, array=rows)]
-
-    await dp.infer(ADAPTIVE, tensor(history[: WINDOW + 20]), sequence=SequenceRef(id="w-1", start=True))
-    last = await dp.infer(ADAPTIVE, tensor(history[WINDOW + 20 :]), sequence=SequenceRef(id="w-1", end=True))
+    await dp.infer(ADAPTIVE, history_tensor(history[: WINDOW + 20]), sequence=SequenceRef(id="w-1", start=True))
+    last = await dp.infer(ADAPTIVE, history_tensor(history[WINDOW + 20 :]), sequence=SequenceRef(id="w-1", end=True))
     np.testing.assert_allclose({o.name: o.array for o in last.outputs}["QUANTILES"], want.quantiles, atol=1e-5)
 
 

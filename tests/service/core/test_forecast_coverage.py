@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from service.core.dataplane import CoreDataPlane
-from service.core.types import ModelRef, SequenceRef, Tensor
+from service.core.types import ModelRef, SequenceRef
 from service.errors import InvalidInput
 from service.metrics import Metrics
 from tests.service.core.conftest import MakeDP
-from tests.service.core.test_forecast_scale import FEATURES, HORIZON, PLAIN, SCALED, WINDOW, series
+from tests.service.core.test_forecast_scale import FEATURES, HORIZON, PLAIN, SCALED, WINDOW, history_tensor, series
 
 LEVELS = (0.1, 0.5, 0.9)
 
@@ -77,13 +77,10 @@ async def test_kserve_sequences_are_scored_as_sessions_are(scaled_repo: Path, ma
     dp = await make_dp(models=scaled_repo)
     history = series(WINDOW + 7, volatility=1.0, seed=4)
 
-    def tensor(rows: np.ndarray) -> list[Tensor]:
-        return [Tensor("HISTORY", "FP32", rows.shape, array=rows)]
-
-    first = await dp.infer(SCALED, tensor(history[:WINDOW]), sequence=SequenceRef(id="c-1", start=True))
+    first = await dp.infer(SCALED, history_tensor(history[:WINDOW]), sequence=SequenceRef(id="c-1", start=True))
     quantiles = {t.name: t.array for t in first.outputs}["QUANTILES"]
     assert quantiles is not None
-    await dp.infer(SCALED, tensor(history[WINDOW:]), sequence=SequenceRef(id="c-1", end=True))
+    await dp.infer(SCALED, history_tensor(history[WINDOW:]), sequence=SequenceRef(id="c-1", end=True))
     assert counts(dp, SCALED.name) == expected(quantiles, history[WINDOW:])
 
 

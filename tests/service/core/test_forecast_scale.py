@@ -30,6 +30,11 @@ def series(rows: int, volatility: float, seed: int = 0) -> np.ndarray:
     return (base + volatility * rng.normal(size=(rows, FEATURES))).astype(np.float32)
 
 
+def history_tensor(rows: np.ndarray) -> list[Tensor]:
+    """KServe v2 inputs: ``rows`` as HISTORY."""
+    return [Tensor("HISTORY", "FP32", rows.shape, array=rows)]
+
+
 def z_window(manifest: Manifest, history: np.ndarray) -> np.ndarray:
     assert manifest.normalization is not None
     mean = np.asarray(manifest.normalization.mean, np.float32)
@@ -87,10 +92,10 @@ async def test_sessions_and_kserve_use_the_same_scaled_quantiles(scaled_repo: Pa
         assert q is not None
         return q
 
-    plain = await dp.infer(SCALED, [Tensor("HISTORY", "FP32", history.shape, array=history)])
+    plain = await dp.infer(SCALED, history_tensor(history))
     np.testing.assert_allclose(quantiles(plain.outputs), want.quantiles, rtol=1e-5, atol=1e-5)
     seq = [
-        await dp.infer(SCALED, [Tensor("HISTORY", "FP32", (20, FEATURES), array=part)], sequence=SequenceRef(**ref))
+        await dp.infer(SCALED, history_tensor(part), sequence=SequenceRef(**ref))
         for part, ref in ((history[:20], {"id": "q-1", "start": True}), (history[20:], {"id": "q-1", "end": True}))
     ]
     np.testing.assert_allclose(quantiles(seq[1].outputs), want.quantiles, rtol=1e-5, atol=1e-5)
