@@ -139,12 +139,12 @@ class ForecastTask(Task):
     # --- sessions -------------------------------------------------------------------------------------
     def session_nbytes(self) -> int:
         """The last window rows, and with intervals the last forecast (and its scale) to score the next rows
-        against; with an adaptive width the last ``horizon`` forecasts, each with its scale and width, and the
-        session's width: float32."""
+        against; with an adaptive width the last ``horizon`` forecasts, each with its scale and the width it was
+        issued with (the last one's is the session's width): float32."""
         h, t = self.spec.horizon, len(self.targets)
         memo = (h + self.scale_rows) * t if self.levels else 0
         if self.rule is not None:
-            memo = h * (h + self.scale_rows + 1) * t + t
+            memo = h * (h + self.scale_rows + 1) * t
         return 4 * (self.spec.window * self.spec.features + memo)
 
     def initial_state(self) -> dict[str, Array]:
@@ -156,7 +156,7 @@ class ForecastTask(Task):
         shapes: dict[str, tuple[Container[int], ...]] = {"rows": (range(1, self.spec.window + 1), {self.spec.features})}
         if self.rule is not None:
             h, n = self.spec.horizon, range(1, self.spec.horizon + 1)
-            shapes |= {"width": ({t},), "ring_z": (n, {h}, {t}), "ring_width": (n, {t})}
+            shapes |= {"ring_z": (n, {h}, {t}), "ring_width": (n, {t})}
             if self.scale_name is not None:
                 shapes["ring_scale"] = (n, {self.scale_rows}, {t})
             return shapes
@@ -167,23 +167,23 @@ class ForecastTask(Task):
         return shapes
 
     def context_problem(self, context: dict[str, Array], steps: int) -> str:
-        """With an adaptive width: the width and the ring come together, the ring's arrays hold one entry per
-        forecast, the session has seen enough rows for them, and every width is positive."""
+        """With an adaptive width: the ring's arrays come together and hold one entry per forecast, the session has
+        seen enough rows for them, and every width is positive."""
         if self.rule is None:
             return ""
-        need = {"width", "ring_z", "ring_width"} | ({"ring_scale"} if self.scale_name is not None else set())
+        need = {"ring_z", "ring_width"} | ({"ring_scale"} if self.scale_name is not None else set())
         held = need & set(context)
         if not held:
             return ""  # warming up: no forecast yet
         if held != need:
             return f"it holds {', '.join(sorted(held))} without {', '.join(sorted(need - held))}"
         n = len(context["ring_z"])
-        if any(len(context[k]) != n for k in need - {"width"}):
+        if any(len(context[k]) != n for k in need):
             return "its ring's arrays hold different numbers of forecasts"
         rows, w = context.get("rows"), self.spec.window
         if rows is None or len(rows) < w or n > steps - w + 1:
             return f"it holds {n} forecasts after {steps} rows with a window of {w}"
-        if (context["width"] <= 0).any() or (context["ring_width"] <= 0).any():
+        if (context["ring_width"] <= 0).any():
             return "a width is not positive"
         return ""
 
@@ -452,8 +452,8 @@ class ForecastTask(Task):
             views = np.lib.stride_tricks.sliding_window_view(z, w, axis=0)[-(len(x) - first) :]  # (k, features, w)
             points, scales = await self._forecast_z(np.ascontiguousarray(views.transpose(0, 2, 1)))
         y = ((x[:, self.pick] - self.target_mean) / self.target_std).astype(np.float32)
-        kept_width = session.context.get("width")
-        args = (ring, self.rule.ones() if kept_width is None else kept_width, y, points, scales, first)
+        # The session's width is the one its last forecast was issued with: no row moved it since.
+        args = (ring, ring.widths[-1] if len(ring) else self.rule.ones(), y, points, scales, first)
         if len(x) <= ADVANCE_INLINE_ROWS:
             run = self.rule.advance(*args)
         else:  # a backfill: one sequential width update per row (~75 us each for ETTh1), off the event loop
@@ -468,7 +468,7 @@ class ForecastTask(Task):
             result = self._result(np.zeros((0, t), np.float32), np.zeros((len(self.levels), 0, t), np.float32), seen)
         context: dict[str, Array] = {"rows": all_rows[-w:].copy()}
         if len(ring):  # (advance's arrays: none of them holds a row of the batch's outputs)
-            context |= {"width": run.width, "ring_z": ring.points, "ring_width": ring.widths}
+            context |= {"ring_z": ring.points, "ring_width": ring.widths}
             if ring.scales is not None:
                 context["ring_scale"] = ring.scales
         # Committed only after the runs succeeded: a failed or cancelled Observe leaves the session as it was.

@@ -135,7 +135,7 @@ async def test_the_band_does_not_depend_on_how_the_rows_are_chunked(adaptive_rep
     np.testing.assert_allclose(last_chunk.quantiles, last_one.quantiles, rtol=1e-5, atol=1e-5)
     assert last_chunk.rows_seen == last_one.rows_seen == 120
     a, b = await dp.sessions.get(one.id), await dp.sessions.get(chunked.id)
-    assert set(a.context) == set(b.context) == {"rows", "width", "ring_z", "ring_width", "ring_scale"}
+    assert set(a.context) == set(b.context) == {"rows", "ring_z", "ring_width", "ring_scale"}
     assert len(a.context["ring_z"]) == HORIZON
     for key in a.context:
         np.testing.assert_allclose(a.context[key], b.context[key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -179,7 +179,7 @@ async def test_a_band_that_covers_too_much_narrows_and_one_that_covers_too_littl
     s = await dp.create_session(ModelRef(name))
     await dp.observe(s.id, history[:WINDOW])
     await dp.observe(s.id, history[WINDOW:])
-    width = (await dp.sessions.get(s.id)).context["width"]
+    width = (await dp.sessions.get(s.id)).context["ring_width"][-1]  # the session's width: its last forecast's
     # 60 rows, each moving m by exp(-0.05 * (share - 0.8)): the share is ~1 (wide) or ~0 (narrow)
     assert (np.sign(np.log(width)) == direction).all(), width
     assert (np.abs(np.log(width)) > 0.5).all(), width
@@ -197,7 +197,7 @@ async def test_a_session_reserves_room_for_its_ring_and_keeps_it_through_export(
     assert task.config_parameters()["adaptive_width_gamma"] == "0.05"
     assert "adaptive_width_gamma" not in dp.registry.resolve(SCALED).task.config_parameters()
     t = FEATURES
-    assert task.session_nbytes() == 4 * (WINDOW * FEATURES + HORIZON * (HORIZON + 1 + 1) * t + t)
+    assert task.session_nbytes() == 4 * (WINDOW * FEATURES + HORIZON * (HORIZON + 1 + 1) * t)
     history = series(WINDOW + HORIZON + 30, volatility=1.5, seed=3)
     s = await dp.create_session(ADAPTIVE)
     await dp.observe(s.id, history[:-10])
@@ -231,8 +231,8 @@ async def test_an_imported_session_whose_ring_does_not_hang_together_is_refused(
 
     cases = {
         "its ring's arrays hold different numbers of forecasts": lambda c: c.update(ring_width=c["ring_width"][:3]),
-        "it holds ring_scale, ring_width, ring_z without width": lambda c: c.pop("width"),
-        "a width is not positive": lambda c: c.update(width=-c["width"]),
+        "it holds ring_scale, ring_z without ring_width": lambda c: c.pop("ring_width"),
+        "a width is not positive": lambda c: c.update(ring_width=-c["ring_width"]),
         f"it holds 7 forecasts after {WINDOW + 5} rows with a window of {WINDOW}": lambda c: c.update(
             ring_z=np.concatenate([c["ring_z"][:1], c["ring_z"]]),
             ring_width=np.concatenate([c["ring_width"][:1], c["ring_width"]]),
