@@ -52,7 +52,7 @@ test: $(STAMP) sysdeps
 lint: $(STAMP)
 	$(BIN)/ruff check service training tests bench proto deploy
 	$(BIN)/ruff format --check service training tests bench proto deploy
-	$(BIN)/mypy service training bench deploy/docker/requirements.py
+	$(BIN)/mypy service training bench tests deploy/docker/requirements.py
 
 # Dockerfiles (hadolint), YAML (yamllint), compose (schema + compose config), Kubernetes (kustomize + strict
 # schema validation), the Grafana dashboard (SDK + promtool). Part of the suite; this runs just them.

@@ -51,6 +51,7 @@ def run(
 
 def skip_models(dockerfile_text: str) -> list[str]:
     """The model versions a Dockerfile's ``ARG SKIP_MODELS`` default names."""
+    skip: str
     (skip,) = re.findall(r'^ARG SKIP_MODELS="([^"]*)"$', dockerfile_text, flags=re.M)
     return skip.split()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -36,7 +36,7 @@ def panels(d: Dashboard) -> list[Panel]:
 def expressions(d: Dashboard) -> list[str]:
     exprs = [str(t.expr) for p in panels(d) for t in p.targets or []]  # type: ignore[attr-defined]
     for variable in d.templating.list_val or []:
-        query = variable.query["query"] if isinstance(variable.query, dict) else str(variable.query)
+        query = cast(str, variable.query["query"]) if isinstance(variable.query, dict) else str(variable.query)
         label_values = re.fullmatch(r"label_values\((.+), \w+\)", query)
         exprs.append(label_values.group(1) if label_values else query)
     return exprs

@@ -88,6 +88,7 @@ def test_strict_validation_rejects_a_typo(tmp_path: Path) -> None:
 
 
 def container(objs: Objects) -> dict[str, Any]:
+    c: dict[str, Any]
     (c,) = objs["Deployment/seqserve"]["spec"]["template"]["spec"]["containers"]
     return c
 
@@ -215,9 +216,8 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image() -> None:
 
 
 def test_queue_depth_component_scales_on_an_exported_gauge(tmp_path: Path) -> None:
-    text = kustomize(
-        with_component(tmp_path / "k", "cpu", "hpa-queue-depth") if (tmp_path / "k").mkdir() is None else tmp_path
-    )
+    (tmp_path / "k").mkdir()
+    text = kustomize(with_component(tmp_path / "k", "cpu", "hpa-queue-depth"))
     validate(text, tmp_path)
     metrics = objects(text)["HorizontalPodAutoscaler/seqserve"]["spec"]["metrics"]
     assert [m["type"] for m in metrics] == ["Resource", "Pods"]

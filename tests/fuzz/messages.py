@@ -7,10 +7,10 @@ loaded model names (so requests get past the first lookup), integer extremes, Na
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 from google.protobuf import descriptor_pool
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2  # noqa: F401  (registers the descriptors)
@@ -61,7 +61,8 @@ def rpcs() -> list[Rpc]:
     return out
 
 
-_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=24)
+_SURROGATES: tuple[Literal["Cs"]] = ("Cs",)  # typed: hypothesis takes its Literal category names
+_TEXT = st.text(st.characters(exclude_categories=_SURROGATES), max_size=24)
 STRINGS = st.one_of(
     _TEXT,
     st.sampled_from(["", "1", "0", "-1", "²", "١", "x" * 300, "a\n\x00\x1b[2J", "kserve:charlm:1", *MODELS]),
@@ -94,25 +95,37 @@ SCALARS: dict[int, st.SearchStrategy[Any]] = {
 }
 
 
+def _message_type(f: FieldDescriptor) -> Descriptor:
+    """The type of a TYPE_MESSAGE field (``message_type`` is None only for the other types)."""
+    return cast(Descriptor, f.message_type)
+
+
 def _is_map(f: FieldDescriptor) -> bool:
-    return f.type == T.TYPE_MESSAGE and f.message_type.GetOptions().map_entry
+    return f.type == T.TYPE_MESSAGE and _message_type(f).GetOptions().map_entry
 
 
 def _single(f: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if f.type == T.TYPE_MESSAGE:
-        return messages(f.message_type, depth + 1)
+        return messages(_message_type(f), depth + 1)
     if f.type == T.TYPE_ENUM:
-        return st.sampled_from([v.number for v in f.enum_type.values] + [99])  # proto3 enums take unknown values
+        values = cast(EnumDescriptor, f.enum_type).values  # (set for every TYPE_ENUM field)
+        return st.sampled_from([v.number for v in values] + [99])  # proto3 enums take unknown values
     return SCALARS[f.type]
 
 
 def _field(f: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if _is_map(f):
-        key, value = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
+        key, value = _message_type(f).fields_by_name["key"], _message_type(f).fields_by_name["value"]
         return st.dictionaries(_single(key, depth), _single(value, depth), max_size=3)
     if f.is_repeated:
         return st.lists(_single(f, depth), max_size=4)
     return _single(f, depth)
+
+
+def _descriptor(cls: type[Message]) -> Descriptor:
+    """A message class's descriptor. (The stubs also allow upb's Descriptor class; the objects upb makes are
+    instances of ``descriptor.Descriptor`` all the same.)"""
+    return cast(Descriptor, cls.DESCRIPTOR)
 
 
 def messages(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
@@ -127,11 +140,11 @@ def messages(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
 def _build(cls: type[Message], values: dict[str, Any]) -> Message:
     msg = cls()
     for name, value in values.items():
-        f = cls.DESCRIPTOR.fields_by_name[name]
+        f = _descriptor(cls).fields_by_name[name]
         target = getattr(msg, name)
         if _is_map(f):
             for k, v in value.items():
-                if f.message_type.fields_by_name["value"].type == T.TYPE_MESSAGE:
+                if _message_type(f).fields_by_name["value"].type == T.TYPE_MESSAGE:
                     target[k].CopyFrom(v)
                 else:
                     target[k] = v
@@ -149,7 +162,7 @@ def _build(cls: type[Message], values: dict[str, Any]) -> Message:
 
 
 def request_for(rpc: Rpc) -> st.SearchStrategy[Message]:
-    strategy = messages(rpc.request.DESCRIPTOR)
+    strategy = messages(_descriptor(rpc.request))
     if rpc.path in REPOSITORY:
         return strategy.map(_not_loaded)
     return strategy

@@ -10,6 +10,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -51,9 +52,9 @@ def test_kill_9_loses_no_acknowledged_step_and_a_restart_keeps_every_session(
     try:
         a = Client(ta, timeout=30)
         sid = a.create_session("charlm").id
-        typing = Live(lambda events: a.suggest(sid, events))  # type: ignore[arg-type,return-value]
+        typing = Live(lambda events: a.suggest(sid, cast(Iterator[SuggestEvent], events)))
         with grpc.insecure_channel(ta) as channel:
-            v2 = Live(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer)  # type: ignore[arg-type]
+            v2 = Live(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer)
             acked = 0
             for i in range(0, 20, 4):  # both streams live on replica a; every answer acknowledges a step
                 typing.send(SuggestEvent(TEXT[i : i + 4], n=1, max_chars=1))

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import ApiError, Client
 from tests.conftest import ServerHandle
-from tests.redis.servers import RedisServer
+from tests.redis.servers import RedisServer, execute
 from tests.redis.test_replicas import suggestions
 
 TEXT = "O, that this too too solid flesh would melt"
@@ -143,17 +143,17 @@ def test_an_acl_that_denies_writes_is_unavailable_not_internal(
     answered INTERNAL. Now UNAVAILABLE saying the store refuses writes, as for NOPERM; back when the ACL is."""
     r = private_redis()
     admin = r.client()
-    admin.execute_command("ACL", "SETUSER", "app", "on", ">app-password-0123", "~*", "&*", "+@all")
+    execute(admin, "ACL", "SETUSER", "app", "on", ">app-password-0123", "~*", "&*", "+@all")
     url = r.url.replace("redis://", "redis://app:app-password-0123@", 1)
     server = start_replica(url, session_store_timeout_seconds=0.5)
     c = Client(server.target, timeout=5)
     sid = c.create_session("charlm").id
     assert c.suggest_once(sid, "To be", n=1, max_chars=1).steps == 5
-    admin.execute_command("ACL", "SETUSER", "app", "-@write")
+    execute(admin, "ACL", "SETUSER", "app", "-@write")
     try:
         _writes_refused(c, sid, "redis://")
     finally:
-        admin.execute_command("ACL", "SETUSER", "app", "+@all")
+        execute(admin, "ACL", "SETUSER", "app", "+@all")
     assert c.suggest_once(sid, ", or", n=1, max_chars=1).steps == 9  # the refused step changed nothing
 
 

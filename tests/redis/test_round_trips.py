@@ -27,7 +27,8 @@ def test_a_step_is_one_script_call_and_no_other_command(
     sid = client.create_session("charlm").id
     assert client.suggest_once(sid, "F").steps == 1  # the first step loads the scripts, owns the lease
     seen: list[dict[str, Any]] = []
-    with redis_server.client().monitor() as monitor:  # MONITOR is on once this returns
+    open_monitor: Callable[[], Any] = redis_server.client().monitor  # (redis-py leaves it unannotated)
+    with open_monitor() as monitor:  # MONITOR is on once this returns
 
         def read() -> None:  # until our own end marker comes by
             while (cmd := monitor.next_command())["command"] != f"ECHO {END}":

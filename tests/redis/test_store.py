@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -240,6 +241,7 @@ async def test_a_session_from_a_newer_release_is_retried_not_given_up(
     await a.close()
     key = a.keys("new")[0]
     raw = redis_server.client().get(key)
+    assert isinstance(raw, bytes)  # (the client does not decode responses)
     fmt, flags = newer
     patched = raw[:36] + fmt.to_bytes(2, "little") + flags.to_bytes(2, "little") + raw[40:]  # after head + magic
     redis_server.client().set(key, patched)
@@ -263,7 +265,8 @@ async def test_concurrent_creates_never_pass_a_limit(make_store: MakeStore, limi
     from service.metrics import Metrics
     from service.settings import Settings
 
-    settings = Settings(**{limit: 3, "session_full_policy": "reject"})
+    fields: dict[str, Any] = {limit: 3, "session_full_policy": "reject"}
+    settings = Settings(**fields)
     manager = SessionManager(settings, Metrics(runtime_collectors=False), await make_store())
     results = await asyncio.gather(*(manager.add(state(f"c{i}")) for i in range(20)), return_exceptions=True)
     refused = [r for r in results if isinstance(r, BaseException)]
@@ -287,7 +290,8 @@ async def test_expired_sessions_stop_counting_when_their_ttl_ends(
     from service.settings import Settings
 
     set_principal(owner)  # (this test's own context)
-    settings = Settings(**{limit: 2, "session_full_policy": "reject"})
+    fields: dict[str, Any] = {limit: 2, "session_full_policy": "reject"}
+    settings = Settings(**fields)
     manager = SessionManager(settings, Metrics(runtime_collectors=False), await make_store())
     for i in range(2):
         await manager.add(state(f"old{i}", ttl=4.0))

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
@@ -20,7 +21,7 @@ from training.cli import main
 LEVELS = [0.1, 0.5, 0.9]
 
 
-def residuals(n: int, horizon: int, sigma: np.ndarray, seed: int = 0) -> np.ndarray:
+def residuals(n: int, horizon: int, sigma: npt.NDArray[np.float64], seed: int = 0) -> npt.NDArray[np.float64]:
     """(n, horizon, 1) Gaussian residuals, window i with standard deviation sigma[i]."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, horizon, 1)) * sigma[:, None, None]

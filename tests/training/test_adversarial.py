@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def test_the_runner_adds_the_nudged_loss_and_trains_the_vectors_through_it() -> 
     adversarial = SentimentRunner(net, train, [], [], 16, adversarial=0.05)
     both = adversarial.loss((ids, lengths, y))
     assert both > 2 * plain  # clean + a loss above the clean one
-    both.backward()
+    backward: Callable[[], None] = both.backward  # (torch leaves Tensor.backward unannotated)
+    backward()
     assert net.embed.weight.grad is not None and net.embed.weight.grad[ids[0, 0]].abs().sum() > 0
 
 

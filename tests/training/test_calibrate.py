@@ -51,7 +51,7 @@ def test_pooled_offsets_from_few_windows() -> None:
     """13 windows x 12 steps (AirPassengers' validation): pooled over steps is still near nominal."""
     rng = np.random.default_rng(1)
     scale = (1 + 0.1 * np.arange(12))[None, :, None]
-    hits = {level: [] for level in LEVELS}
+    hits: dict[float, list[float]] = {level: [] for level in LEVELS}
     for _ in range(200):
         offsets = conformal_offsets(rng.standard_normal((13, 12, 1)) * scale, LEVELS, pooled=True)
         y = rng.standard_normal((200, 12, 1)) * scale

@@ -14,6 +14,7 @@ def test_a_perfect_forecaster_is_calibrated_on_average_and_fails_a_small_split()
     small = shares(13, 12, 1, phi=0.5, runs=300)
     np.testing.assert_allclose(small.mean(axis=0), [*LEVELS, 0.8], atol=0.02)  # right on average
     p = power(small, at_most=0.763)
+    assert p.below is not None  # (a band was asked for)
     assert p.passed < 0.05 and p.band[0] < 0.7 and p.band[1] > 0.9  # but any one split is far off
     assert 0.15 < p.below < 0.5  # forecaster-air/1's 76.3% is what a perfect forecaster often shows
     large = power(shares(3000, 12, 1, phi=0.5, runs=40, seed=1))

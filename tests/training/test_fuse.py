@@ -20,6 +20,7 @@ from tests.training.fast import FAST
 from tests.training.graphs import logits
 from training import fuse as fuse_module
 from training.cli import main
+from training.evaluate import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["a great movie", "boring", "i hate this film , dull and cold and bad acting", "wonderful", "good fun !"]
@@ -175,7 +176,7 @@ def test_a_refusal_after_writing_began_leaves_no_folder(
 ) -> None:
     """The dev check runs on the written model; when it refuses, the half-written version folder goes away."""
     v1 = train(tmp_path, tiny_sst2, "--ensemble", "1")
-    real_evaluate = fuse_module.evaluate_model
+    real_evaluate = evaluate_model  # (training.fuse's own name for it is what the patch replaces)
 
     def evaluate(model: Path, data: Path) -> dict[str, float]:
         ev = real_evaluate(model, data)

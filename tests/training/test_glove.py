@@ -24,8 +24,8 @@ WORDS = ["the", "good", "great", "bad", "awful", "superb", "dreadful", "well", "
 @pytest.fixture
 def glove_dir(tmp_path: Path) -> Path:
     """The package's two files, tiny: 10 words x 6 dims; 'superb' and 'dreadful' point like 'great' and 'awful'."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((len(WORDS), 6)).astype(np.float32)

@@ -85,7 +85,7 @@ def test_graft_refuses_a_clash_or_a_missing_input(tmp_path: Path) -> None:
 def test_a_grafted_scale_that_disagrees_with_numpy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """add_scale_output checks the graph's scale against ``window_scale`` before declaring it."""
     out = export_tiny("forecast", tmp_path, name="fc", cell="gru")
-    real = scale_module.window_scale
+    real = window_scale  # (training.scale's own name for it is what the patch replaces)
     monkeypatch.setattr(scale_module, "window_scale", lambda *a, **k: real(*a, **k) * 1.01)
     with pytest.raises(RuntimeError, match="grafted scale changed other outputs \\(False\\) or differs by"):
         add_scale_output(out, "mad", 6, [0.1] * 7)

@@ -155,6 +155,7 @@ def test_series_for_refuses_data_whose_train_statistics_differ_from_the_manifest
         _error(series_for, m, data) == f"{data}: train-split statistics differ from the model's manifest.normalization"
     )
     values = np.loadtxt(data, delimiter=",", skiprows=1)[:120]  # the same file with its own statistics: accepted
+    assert m.normalization is not None
     norm = m.normalization.model_copy(update={"mean": values.mean(0).tolist(), "std": values.std(0).tolist()})
     s = series_for(m.model_copy(update={"normalization": norm}), data)
     assert s.split == {"train": (0, 120), "val": (120, 160), "test": (160, 200)} and s.columns == ETT_COLUMNS

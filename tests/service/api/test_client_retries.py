@@ -11,6 +11,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from typing import NoReturn
 
 import grpc
 import pytest
@@ -29,7 +30,7 @@ class SlowRefusals(sentiment_pb2_grpc.SentimentServicer):
     def __init__(self) -> None:
         self.remaining: list[float] = []  # each attempt's deadline, as the server saw it
 
-    def Classify(self, request: sentiment_pb2.ClassifyRequest, context: grpc.ServicerContext) -> None:
+    def Classify(self, request: sentiment_pb2.ClassifyRequest, context: grpc.ServicerContext) -> NoReturn:
         remaining = context.time_remaining()  # (about 9.2e18 without a deadline)
         self.remaining.append(float("inf") if remaining is None or remaining > 1e9 else remaining)
         time.sleep(SLOW)
@@ -37,6 +38,7 @@ class SlowRefusals(sentiment_pb2_grpc.SentimentServicer):
         detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=int(WAIT * 1e9))))
         status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="queue full", details=[detail])
         context.abort_with_status(rpc_status.to_status(status))
+        raise AssertionError("unreachable: abort_with_status always raises")  # (grpc has no type stubs to say so)
 
 
 @pytest.fixture

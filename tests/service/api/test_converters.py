@@ -5,7 +5,9 @@ a session signing key needs 32 characters."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -66,7 +68,7 @@ async def test_a_large_stream_message_holds_the_byte_budget() -> None:
     dec = MethodDecoder(edge, "/seqserve.v1.Autocomplete/Suggest", SimpleNamespace(request_deserializer=len))
     dec.limit = 10_000
 
-    async def requests():  # type: ignore[no-untyped-def]
+    async def requests() -> AsyncIterator[Undecoded]:
         yield Undecoded(b"x" * 3000)
 
     async for _ in dec.messages(requests()):
@@ -76,5 +78,5 @@ async def test_a_large_stream_message_holds_the_byte_budget() -> None:
 # the signing key needs 32 characters
 def test_a_31_character_signing_key_is_refused() -> None:
     with pytest.raises(ValidationError, match="at least 32 characters"):
-        Settings(session_signing_key="k" * 31)
-    Settings(session_signing_key="k" * 32)
+        Settings(session_signing_key=cast(Any, "k" * 31))
+    Settings(session_signing_key=cast(Any, "k" * 32))

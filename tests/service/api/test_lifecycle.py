@@ -6,7 +6,7 @@ import logging
 import queue
 import shutil
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -29,7 +29,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def health(target: str, service: str = "") -> int:
     with grpc.insecure_channel(target) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+        status: int = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+        return status
 
 
 def test_health_serving_overall_and_per_service(server: ServerHandle) -> None:
@@ -166,7 +167,7 @@ async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: p
     async def boom(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise RuntimeError("secret internals")
 
-    async def boom_later(request: bytes, context: grpc.aio.ServicerContext) -> Iterator[bytes]:
+    async def boom_later(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         yield b"first"
         raise KeyError("secret internals")
 

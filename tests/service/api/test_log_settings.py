@@ -83,7 +83,7 @@ def test_a_change_leaves_the_settings_it_does_not_name_as_they_are(log_state: Ca
     assert logs.update({}) == logs.current()
 
 
-def test_tritons_default_format_is_text(log_state: Callable[[str], io.StringIO]) -> None:
+def test_tritons_default_format_is_text(log_state: Callable[..., io.StringIO]) -> None:
     """Triton's tools reset the settings with log_format "default": here that is the text format."""
     log_state("INFO", "json")
     reset = {"log_info": True, "log_warning": True, "log_error": True, "log_verbose_level": 0, "log_format": "default"}

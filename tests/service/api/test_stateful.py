@@ -98,7 +98,7 @@ def test_complete_on_a_session_checks_a_named_version(client: Client) -> None:
                              ({"model": "charlm", "version": 0}, grpc.StatusCode.INVALID_ARGUMENT),
                              ({"version": 0}, grpc.StatusCode.INVALID_ARGUMENT)):  # fmt: skip
             with pytest.raises(ApiError) as info:
-                list(client.complete("a", session_id=s.id, max_chars=2, **kwargs))  # type: ignore[arg-type]
+                list(client.complete("a", session_id=s.id, max_chars=2, **kwargs))
             assert info.value.code == code, (kwargs, info.value)
         assert client.get_session(s.id).steps == 0  # nothing ran
         assert len(list(client.complete("a", session_id=s.id, max_chars=2, version=1))) == 2

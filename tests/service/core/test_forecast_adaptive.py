@@ -134,11 +134,11 @@ async def test_the_band_does_not_depend_on_how_the_rows_are_chunked(adaptive_rep
         last_chunk = await dp.observe(chunked.id, history[a:b])
     np.testing.assert_allclose(last_chunk.quantiles, last_one.quantiles, rtol=1e-5, atol=1e-5)
     assert last_chunk.rows_seen == last_one.rows_seen == 120
-    a, b = await dp.sessions.get(one.id), await dp.sessions.get(chunked.id)
-    assert set(a.context) == set(b.context) == {"rows", "ring_z", "ring_width", "ring_scale"}
-    assert len(a.context["ring_z"]) == HORIZON
-    for key in a.context:
-        np.testing.assert_allclose(a.context[key], b.context[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    sa, sb = await dp.sessions.get(one.id), await dp.sessions.get(chunked.id)
+    assert set(sa.context) == set(sb.context) == {"rows", "ring_z", "ring_width", "ring_scale"}
+    assert len(sa.context["ring_z"]) == HORIZON
+    for key in sa.context:
+        np.testing.assert_allclose(sa.context[key], sb.context[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 async def test_live_counters_score_each_row_against_every_forecast_of_it_however_the_rows_come(
@@ -283,7 +283,9 @@ async def test_kserve_sequences_move_the_width_as_sessions_do(adaptive_repo: Pat
 
     await dp.infer(ADAPTIVE, history_tensor(history[: WINDOW + 20]), sequence=SequenceRef(id="w-1", start=True))
     last = await dp.infer(ADAPTIVE, history_tensor(history[WINDOW + 20 :]), sequence=SequenceRef(id="w-1", end=True))
-    np.testing.assert_allclose({o.name: o.array for o in last.outputs}["QUANTILES"], want.quantiles, atol=1e-5)
+    quantiles = {o.name: o.array for o in last.outputs}["QUANTILES"]
+    assert quantiles is not None
+    np.testing.assert_allclose(quantiles, want.quantiles, atol=1e-5)
 
 
 async def test_the_release_evaluation_replays_what_sessions_return(adaptive_repo: Path, make_dp: MakeDP) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -95,7 +95,7 @@ async def test_sessions_and_kserve_use_the_same_scaled_quantiles(scaled_repo: Pa
     plain = await dp.infer(SCALED, history_tensor(history))
     np.testing.assert_allclose(quantiles(plain.outputs), want.quantiles, rtol=1e-5, atol=1e-5)
     seq = [
-        await dp.infer(SCALED, history_tensor(part), sequence=SequenceRef(**ref))
+        await dp.infer(SCALED, history_tensor(part), sequence=SequenceRef(**cast(dict[str, Any], ref)))
         for part, ref in ((history[:20], {"id": "q-1", "start": True}), (history[20:], {"id": "q-1", "end": True}))
     ]
     np.testing.assert_allclose(quantiles(seq[1].outputs), want.quantiles, rtol=1e-5, atol=1e-5)
@@ -133,7 +133,7 @@ def test_check_refuses_a_broken_scale_contract(scaled_repo: Path) -> None:
     ForecastTask.check(m)  # the exported contract is accepted
     outputs = [t.model_dump() for t in m.outputs]
     scale = next(t for t in outputs if t["name"] == "scale")
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"forecast.scale_output": "spread"}, r"scale_output 'spread' must name a graph output other than 'forecast'"),
         ({"forecast.scale_output": "hn"}, r"scale_output 'hn' must name a graph output other than 'forecast'"),
         (

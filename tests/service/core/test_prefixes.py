@@ -180,9 +180,9 @@ def fed_lengths(dp: CoreDataPlane) -> list[int]:
     real = entry.batcher.submit
     seen: list[int] = []
 
-    async def submit(step: StepInput) -> StepOutput:
-        seen.append(int(step.inputs["input_ids"].shape[1]))
-        return await real(step)
+    async def submit(item: StepInput) -> StepOutput:
+        seen.append(int(item.inputs["input_ids"].shape[1]))
+        return await real(item)
 
     entry.batcher.submit = submit  # type: ignore[method-assign]
     return seen

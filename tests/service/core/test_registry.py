@@ -341,7 +341,10 @@ async def test_an_unload_leaves_no_queue_depth_behind(make_dp: MakeDP) -> None:
         grace_seconds=0.0, max_batch_size=1, inline_batch_ms=0.0, alone_inline_ms=0.0
     )  # runs off the loop
     calls = [asyncio.ensure_future(dp.classify(ModelRef("sentiment"), ["good film"] * 4)) for _ in range(60)]
-    depth = lambda: recorded(dp).registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"})  # noqa: E731
+
+    def depth() -> float | None:
+        return recorded(dp).registry.get_sample_value("seqserve_queue_depth", {"model": "sentiment"})
+
     for _ in range(20):  # every call queued, one batch of one running
         await asyncio.sleep(0)
     assert depth()

@@ -4,6 +4,8 @@ statistics keep every field on the wire. (Each was unchecked until a mutation re
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -65,14 +67,15 @@ def test_sequence_parameter_edges() -> None:
     """A negative int64 id, a 201-char id and sequence_end without an id are refused; a
     200-char id is fine."""
 
-    def params(**kw: object) -> dict[str, pb.InferParameter]:
+    def params(**kw: Any) -> dict[str, pb.InferParameter]:
         return dict(infer_request("m", **kw).parameters)
 
     neg = pb.ModelInferRequest()
     neg.parameters["sequence_id"].int64_param = -5
     with pytest.raises(InvalidInput, match=">= 0"):
         parse_sequence(neg.parameters)
-    assert parse_sequence(params(sequence_id="x" * 200)).id == "x" * 200
+    ref = parse_sequence(params(sequence_id="x" * 200))
+    assert ref is not None and ref.id == "x" * 200
     with pytest.raises(InvalidInput):
         parse_sequence(params(sequence_id="x" * 201))
     with pytest.raises(InvalidInput, match="need a non-zero"):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from service.core.sessions import InMemorySessionStore, SessionManager, SessionState
+from service.core.sessions import InMemorySessionStore, SessionManager, SessionState, SessionStore
 from service.errors import RETRY_LATER, InvalidInput, ModelUnavailable, Overloaded, SessionEvicted, SessionNotFound
 from tests.service.core.conftest import RecordingMetrics, core_settings
 
@@ -24,7 +25,9 @@ def state(sid: str, nbytes: int = 1000, ttl: float = 10.0, last_used: float = 10
     )  # fmt: skip
 
 
-def manager(tmp_path: Path, store: object = None, now: list[float] | None = None, **settings: object) -> SessionManager:
+def manager(
+    tmp_path: Path, store: SessionStore | None = None, now: list[float] | None = None, **settings: object
+) -> SessionManager:
     clock = (lambda: now[0]) if now is not None else (lambda: 100.0)
     return SessionManager(
         core_settings(tmp_path, **settings), RecordingMetrics(), store or InMemorySessionStore(), clock
@@ -85,7 +88,7 @@ class YieldingStore(InMemorySessionStore):  # type: ignore[type-arg]
 
 
 @pytest.mark.parametrize("limit", [{"max_sessions": 3, "session_full_policy": "reject"}, {"quota_sessions": 3}])
-async def test_concurrent_creates_cannot_overshoot_a_limit(tmp_path: Path, limit: dict[str, object]) -> None:
+async def test_concurrent_creates_cannot_overshoot_a_limit(tmp_path: Path, limit: dict[str, Any]) -> None:
     """The manager's _adding lock; without it concurrent creates on a network store all pass the check."""
     m = manager(tmp_path, store=YieldingStore(), **limit)
     results = await asyncio.gather(*(m.add(state(f"s{i}")) for i in range(8)), return_exceptions=True)

@@ -16,7 +16,8 @@ from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
 from service.core.types import ModelRef, SamplingParams, SequenceRef, Tensor
 from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, Overloaded, SessionNotFound, session_ref
-from tests.service.core.conftest import FakeClock, MakeDP, add_version, recorded
+from tests.clock import FakeClock
+from tests.service.core.conftest import MakeDP, add_version, recorded
 
 LM = ModelRef("charlm")
 FC = ModelRef("forecaster")

@@ -214,7 +214,7 @@ def test_the_fold_table_is_bounded() -> None:
     for cp in range(0x4E00, 0x4E00 + MAX_FOLDED + 100):
         with pytest.raises(InvalidInput):
             enc.encode(chr(cp))
-    assert len(enc._folded) == MAX_FOLDED
+    assert enc._folded is not None and len(enc._folded) == MAX_FOLDED
     words = Encoder(Tokenizer(kind="word", vocab=["<unk>", "a"], unk_token="<unk>"), fold=True)
     assert words.encode("a \u4e2d").tolist() == [1, 0] and not words._folded  # a word model: <unk>, as before
     # A word model's text in SST's own form (``quotes'', "--") reads as without folding; a long dash as "--".

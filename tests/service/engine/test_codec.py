@@ -14,7 +14,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -62,9 +62,11 @@ def test_domain_errors_keep_status_message_and_reason(
 def test_the_retry_time_crosses_to_the_frontend() -> None:
     """A refusal that may be retried keeps its wait across the engine link (the frontend's edge puts it in the
     status as RetryInfo); a class's own default (ReplicaBehind) too; an error without one stays without."""
-    assert _crossed(errors.Overloaded("queue full", retry_after=0.1)).retry_after == 0.1
-    assert _crossed(errors.ReplicaBehind("rolling update")).retry_after == errors.RETRY_LATER
-    assert _crossed(errors.InvalidInput("bad")).retry_after is None
+    assert cast(errors.SeqServeError, _crossed(errors.Overloaded("queue full", retry_after=0.1))).retry_after == 0.1
+    assert (
+        cast(errors.SeqServeError, _crossed(errors.ReplicaBehind("rolling update"))).retry_after == errors.RETRY_LATER
+    )
+    assert cast(errors.SeqServeError, _crossed(errors.InvalidInput("bad"))).retry_after is None
 
 
 def test_a_refused_streamed_request_says_when_to_send_it_again() -> None:
@@ -160,7 +162,7 @@ class _Engine(asyncio.Protocol):
         self.greeting, self.answer = greeting, answer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
+        self.transport = cast(asyncio.Transport, transport)  # (a Unix socket's: it writes)
         if self.greeting:
             self.transport.write(wire.frame(pack_replies(self.greeting)))
 
@@ -309,7 +311,8 @@ async def test_a_consumer_that_leaves_a_complete_stream_early_cancels_it_on_the_
         plane = RemoteDataPlane(path)
         await plane.start()
         stream = plane.complete(ModelRef("charlm"), "ab", SamplingParams(max_chars=2000))
-        assert await asyncio.wait_for(anext(stream), 5) == "x"
+        first: object = await asyncio.wait_for(anext(stream), 5)  # what the stand-in sent: a bare "x"
+        assert first == "x"
         await stream.aclose()
         await asyncio.sleep(0.05)
         ((_, stream_id),) = _sent(wire.STREAM)

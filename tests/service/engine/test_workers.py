@@ -20,9 +20,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -57,7 +57,7 @@ def servers(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             stop_server(multi)
 
 
-def _frontends(info: dict[str, object]) -> list[str]:
+def _frontends(info: Mapping[str, object]) -> list[str]:
     ports = info["frontend_ports"]
     assert isinstance(ports, list) and len(ports) == 2 and len(set(ports)) == 2
     pids = info["frontend_pids"]
@@ -366,6 +366,7 @@ def test_summed_metrics_are_valid_openmetrics(servers: tuple[dict[str, object], 
     """What Prometheus asks for by default parses with the strict OpenMetrics parser: each label set's samples
     together, a histogram's buckets by increasing ``le`` with ``+Inf`` last (once summed, they were sorted as
     strings and interleaved)."""
+    from prometheus_client.metrics_core import Metric
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     info, _ = servers
@@ -379,7 +380,8 @@ def test_summed_metrics_are_valid_openmetrics(servers: tuple[dict[str, object], 
     )
     with urllib.request.urlopen(request, timeout=10) as r:
         text = r.read().decode()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    parse: Callable[[str], Iterable[Metric]] = text_string_to_metric_families  # (unannotated there)
+    families = {f.name: f for f in parse(text)}
     buckets = [s for s in families["seqserve_rpc_duration_seconds"].samples if s.name.endswith("_bucket")]
     live = [s.labels["le"] for s in buckets if s.labels["method"] == "ServerLive"]
     assert live[-1] == "+Inf" and [float(x) for x in live] == sorted(float(x) for x in live)
@@ -778,7 +780,8 @@ def test_log_settings_reach_the_engine_and_every_frontend(tiny_models: Path, tmp
     processes write what: nothing verbose before, JSON from all three after, no INFO line once it is off."""
     proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true")
     try:
-        http_ports = [info["metrics_port"], *info["frontend_metrics_ports"]]
+        # (the ready file's frontend_metrics_ports: a list of ports)
+        http_ports = [info["metrics_port"], *cast(list[int], info["frontend_metrics_ports"])]
         grpc_ports = info["frontend_ports"]
         assert isinstance(grpc_ports, list) and len(grpc_ports) == 2
         for port in http_ports:
@@ -849,7 +852,12 @@ def test_the_timeout_parameter_ends_a_request_the_engine_does_not_answer_in_time
             responses: queue.Queue[pb.ModelStreamInferResponse] = queue.Queue()
             requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
             stream = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
-            reader = threading.Thread(target=lambda: [responses.put(r) for r in stream], daemon=True)
+
+            def read() -> None:
+                for r in stream:
+                    responses.put(r)
+
+            reader = threading.Thread(target=read, daemon=True)
             reader.start()
             os.kill(proc.pid, signal.SIGSTOP)  # the engine (the parent process) stops answering
             try:

@@ -4,9 +4,11 @@ sequence ids, malformed raw payloads and status codes. Same real server process 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypedDict, cast
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
@@ -25,7 +27,18 @@ def stub(kserve_server: dict[str, int]) -> Iterator[pb_grpc.GRPCInferenceService
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-def _outputs(r: pb.ModelInferResponse) -> dict[str, np.ndarray | list[bytes]]:
+class Outputs(TypedDict, total=False):
+    """The outputs of the models these tests call, by name: FP32 ones as arrays, BYTES ones as lists."""
+
+    NEXT_CHAR_PROBS: npt.NDArray[np.float32]
+    COMPLETION: list[bytes]
+    LABEL: list[bytes]
+    PROBABILITIES: npt.NDArray[np.float32]
+    FORECAST: npt.NDArray[np.float32]
+    QUANTILES: npt.NDArray[np.float32]
+
+
+def _outputs(r: pb.ModelInferResponse) -> Outputs:
     """Decodes raw outputs: numeric as float32 arrays in their shape, BYTES as lists."""
     out: dict[str, np.ndarray | list[bytes]] = {}
     for t, raw in zip(r.outputs, r.raw_output_contents, strict=True):
@@ -39,7 +52,7 @@ def _outputs(r: pb.ModelInferResponse) -> dict[str, np.ndarray | list[bytes]]:
         else:
             assert t.datatype == "FP32"
             out[t.name] = np.frombuffer(raw, dtype="<f4").reshape(tuple(t.shape))
-    return out
+    return cast(Outputs, out)
 
 
 def _seq(request: pb.ModelInferRequest, seq_id: int, *, start: bool = False, end: bool = False) -> None:
@@ -283,7 +296,8 @@ def test_a_generation_counts_once_in_queue_and_compute(
 
     def stats() -> pb.ModelStatistics:
         request = pb.ModelStatisticsRequest(name="charlm", version="1")
-        (one,) = stub.ModelStatistics(request, timeout=60).model_stats
+        response: pb.ModelStatisticsResponse = stub.ModelStatistics(request, timeout=60)
+        (one,) = response.model_stats
         return one
 
     before = stats()

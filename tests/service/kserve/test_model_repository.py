@@ -61,8 +61,10 @@ class Live:
         return list(self.v2.ModelMetadata(pb.ModelMetadataRequest(name="charlm"), timeout=30).versions)
 
     def sha(self, version: str) -> str:
-        config = self.v2.ModelConfig(pb.ModelConfigRequest(name="charlm", version=version), timeout=30).config
-        return config.parameters["sha256"].string_value
+        response: pb.ModelConfigResponse = self.v2.ModelConfig(
+            pb.ModelConfigRequest(name="charlm", version=version), timeout=30
+        )
+        return response.config.parameters["sha256"].string_value
 
     def serving(self, service: str) -> bool:
         status = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status

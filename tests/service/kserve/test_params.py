@@ -21,7 +21,7 @@ from service.settings import Settings
 from tests.conftest import ServerHandle
 
 
-def _params(name: str = "timeout", **values: object) -> pb.ModelInferRequest:
+def _params(name: str = "timeout", /, **values: object) -> pb.ModelInferRequest:
     """A request whose parameter ``name`` is set as ``values`` says (``int64_param=5``)."""
     r = pb.ModelInferRequest()
     for kind, value in values.items():

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, FileDescriptor
+from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 
 from service.api.gen.inference import grpc_service_pb2 as ours
 
@@ -69,5 +69,5 @@ def test_messages_and_rpcs_match_tritonclient() -> None:
             problems.append(f"{method}: ours {spec}, upstream {upstream['methods'].get(method)}")
     assert not problems, "\n".join(problems)
     assert len(mine["methods"]) == 13
-    service: Descriptor = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    service: ServiceDescriptor = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert service.full_name == "inference.GRPCInferenceService"

@@ -10,7 +10,7 @@ import struct
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -216,7 +216,7 @@ def test_log_settings_and_repository_calls(rest: ServerHandle, log_state: Callab
 # --- raw HTTP: what each bad request gets ----------------------------------------------------------------------
 
 
-def infer_body(data: object, shape: list[int], datatype: str = "BYTES", name: str = "TEXT") -> bytes:
+def infer_body(data: object, shape: Sequence[object], datatype: str = "BYTES", name: str = "TEXT") -> bytes:
     return json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}).encode()
 
 

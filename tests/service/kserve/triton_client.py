@@ -8,10 +8,11 @@ pytest process must never import it. ``test_tritonclient.py`` asserts on the rep
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import queue
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -131,7 +132,7 @@ def charlm(c: grpcclient.InferenceServerClient) -> Report:
         out[f"seq_{key}_probs"] = last.as_numpy("NEXT_CHAR_PROBS").tolist()
         out[f"seq_{key}_steps"] = last.get_response().parameters["seqserve_steps"].int64_param
         # The sequence ended: continuing it must fail, saying why.
-        out[f"seq_{key}_after_end"] = _error(lambda seq_id=seq_id: _charlm(c, "x", sequence_id=seq_id))
+        out[f"seq_{key}_after_end"] = _error(functools.partial(_charlm, c, "x", sequence_id=seq_id))
     # A new start on a live id resets it.
     _charlm(c, "garbage that will be dropped", sequence_id=77, sequence_start=True)
     _charlm(c, "To be, or not", sequence_id=77, sequence_start=True)
@@ -256,7 +257,7 @@ def classification(c: grpcclient.InferenceServerClient) -> Report:
     last = _charlm(c, "e", sequence_id=5, sequence_end=True)
 
     def strings(r: grpcclient.InferResult, name: str) -> list[Any]:
-        return np.vectorize(bytes.decode, otypes=[object])(r.as_numpy(name)).tolist()
+        return cast(list[Any], np.vectorize(bytes.decode, otypes=[object])(r.as_numpy(name)).tolist())
 
     return {
         "labels": [x.decode() for x in plain.as_numpy("LABEL")],

@@ -25,7 +25,7 @@ def status(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
         if hasattr(result, "__next__"):
             list(result)
     except grpc.RpcError as err:
-        return err.code(), err.details() or ""  # type: ignore[attr-defined]
+        return err.code(), err.details() or ""
     return Code.OK, ""
 
 

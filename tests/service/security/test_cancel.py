@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import cast
 
 import grpc
 import pytest
@@ -14,12 +15,14 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.seqserve.v1 import autocomplete_pb2
 from service.client import Client
+from service.core.types import CompletionChunk
 from tests.conftest import ServerHandle
 from tests.service.security.conftest import eventually, infer_request, rpc_count, text_input
 
 COMPLETE = ("seqserve.v1.Autocomplete", "Complete")
 SUGGEST = ("seqserve.v1.Autocomplete", "Suggest")
 STREAM_INFER = ("inference.GRPCInferenceService", "ModelStreamInfer")
+Chunks = Generator[CompletionChunk, None, None]  # what Client.complete returns (an Iterator that can be closed)
 
 
 @pytest.fixture
@@ -36,7 +39,7 @@ def test_cancelled_complete_streams_are_cancelled(handle: ServerHandle) -> None:
     with Client(handle.target) as c:
         for i in range(10):
             with c.session("charlm") as s:
-                chunks = c.complete("ab", session_id=s.id, max_chars=2000, seed=i)
+                chunks = cast(Chunks, c.complete("ab", session_id=s.id, max_chars=2000, seed=i))
                 for n, _ in enumerate(chunks):
                     if n == i % 4:
                         break
@@ -93,7 +96,7 @@ def _cancel_idle(target: str, method: str, first: bytes) -> None:
 def test_cancelled_suggest_streams_are_cancelled(handle: ServerHandle) -> None:
     with Client(handle.target) as c:
         sid = c.create_session("charlm").id
-    ask = lambda text, chars: autocomplete_pb2.SuggestRequest(  # noqa: E731
+    ask: Callable[[str, int], bytes] = lambda text, chars: autocomplete_pb2.SuggestRequest(  # noqa: E731
         session_id=sid, appended=text, n=10, max_chars=chars
     ).SerializeToString()
     before = codes(handle, SUGGEST)
@@ -133,7 +136,7 @@ def test_after_a_cancel_the_client_knows_exactly_what_the_session_holds(handle: 
     with Client(handle.target) as c:
         full = "".join(ch.text for ch in c.complete("ab", max_chars=400, seed=11))  # the same text, stateless
         with c.session("charlm") as s, c.session("charlm") as twin:
-            chunks = c.complete("ab", session_id=s.id, max_chars=400, seed=11)
+            chunks = cast(Chunks, c.complete("ab", session_id=s.id, max_chars=400, seed=11))
             seen = [next(chunks) for _ in range(5)]
             chunks.close()
             assert "".join(ch.text for ch in seen) == full[:5] and seen[-1].steps == 7

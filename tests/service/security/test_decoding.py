@@ -30,7 +30,7 @@ def handle(plain: ServerHandle) -> ServerHandle:
 def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
-    err: grpc.Call = info.value  # type: ignore[assignment]
+    err: grpc.Call = info.value
     return err.code(), err.details() or ""
 
 
@@ -105,7 +105,9 @@ def test_a_stream_can_be_read_while_the_client_is_still_writing(handle: ServerHa
     with Client(handle.target) as c:
         s = c.create_session("charlm")
     outbox: queue.Queue[bytes | None] = queue.Queue()
-    ask = lambda text: autocomplete_pb2.SuggestRequest(session_id=s.id, appended=text, n=1, max_chars=1)  # noqa: E731
+
+    def ask(text: str) -> autocomplete_pb2.SuggestRequest:
+        return autocomplete_pb2.SuggestRequest(session_id=s.id, appended=text, n=1, max_chars=1)
 
     def source() -> Iterator[bytes]:
         while (m := outbox.get()) is not None:
@@ -126,7 +128,7 @@ def test_oversized_request_of_a_small_method_is_refused_before_parsing(handle: S
     payload = sessions_pb2.GetSessionRequest(session_id="x" * (1 << 20)).SerializeToString()
     with grpc.insecure_channel(handle.target) as channel, pytest.raises(grpc.RpcError) as info:
         channel.unary_unary("/seqserve.v1.Sessions/Get")(payload, timeout=10)
-    err: grpc.Call = info.value  # type: ignore[assignment]
+    err: grpc.Call = info.value
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_small_message_bytes" in (err.details() or "") and "65536" in (err.details() or "")
     assert sum(len(k) + len(v) for k, v in err.trailing_metadata() or ()) < 2048

@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -46,10 +47,10 @@ def test_error_details_and_trailers_stay_small_whatever_the_input(plain: ServerH
     request = sessions_pb2.GetSessionRequest(session_id="\u00e9" * 20_000)  # 40 KB of UTF-8, under the method limit
     with grpc.insecure_channel(plain.target) as channel, pytest.raises(grpc.RpcError) as info:
         sessions_pb2_grpc.SessionsStub(channel).Get(request, timeout=10)
-    err: grpc.Call = info.value  # type: ignore[assignment]
+    err: grpc.Call = info.value
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert sum(len(k) + len(v) for k, v in err.trailing_metadata() or ()) < 2048
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     assert status is not None
     detail = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(detail) and detail.reason == "SESSION_NOT_FOUND"
@@ -61,7 +62,7 @@ def test_an_unusable_request_id_is_replaced(plain: ServerHandle, sent: str) -> N
     metadata = (("x-request-id", sent),)
     with pytest.raises(grpc.RpcError) as info:
         raw_unary(plain.target, "/seqserve.v1.Sessions/Get", payload, metadata=metadata)
-    returned = dict(info.value.trailing_metadata())["x-request-id"]  # type: ignore[attr-defined]
+    returned = dict(info.value.trailing_metadata())["x-request-id"]
     assert returned != sent and len(returned) == 32
 
 
@@ -69,7 +70,7 @@ def test_a_usable_request_id_is_kept(plain: ServerHandle) -> None:
     payload = sessions_pb2.GetSessionRequest(session_id="nope").SerializeToString()
     with pytest.raises(grpc.RpcError) as info:
         raw_unary(plain.target, "/seqserve.v1.Sessions/Get", payload, metadata=(("x-request-id", "trace-42/a.b"),))
-    assert dict(info.value.trailing_metadata())["x-request-id"] == "trace-42/a.b"  # type: ignore[attr-defined]
+    assert dict(info.value.trailing_metadata())["x-request-id"] == "trace-42/a.b"
 
 
 def test_forged_log_lines_are_escaped(plain: ServerHandle, server_log: Callable[[str], io.StringIO]) -> None:
@@ -308,13 +309,12 @@ def test_the_summary_names_every_kind_of_authentication() -> None:
     """The start-up line says what a caller must present: keys, certificates, both, or nothing."""
     from service.logs import summary
 
-    tls = {"tls_cert": "/x/c.pem", "tls_key": "/x/k.pem"}
-    key = {"api_keys": "a:key-0123456789abcdef"}
-    assert "auth API keys + client certificates, TLS on" in summary(
-        Settings(**key, **tls, tls_client_ca="/x/ca.pem"), 1
-    )
+    tls: dict[str, Any] = {"tls_cert": "/x/c.pem", "tls_key": "/x/k.pem"}
+    key: dict[str, Any] = {"api_keys": "a:key-0123456789abcdef"}
+    ca: dict[str, Any] = {"tls_client_ca": "/x/ca.pem"}
+    assert "auth API keys + client certificates, TLS on" in summary(Settings(**key, **tls, **ca), 1)
     assert "auth API keys, TLS on" in summary(Settings(**key, **tls), 1)
-    assert "auth client certificates (mTLS), TLS on" in summary(Settings(**tls, tls_client_ca="/x/ca.pem"), 1)
+    assert "auth client certificates (mTLS), TLS on" in summary(Settings(**tls, **ca), 1)
     assert "auth none (every caller is one principal), TLS off" in summary(Settings(), 1)
 
 

@@ -14,6 +14,7 @@ import urllib.request
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -135,7 +136,9 @@ def test_mtls_certificates_with_an_empty_subject_are_named_by_their_san(
 
 def test_an_mtls_subject_can_be_an_admin_principal(serve: Callable[..., ServerHandle], pki: Pki) -> None:
     """SEQSERVE_ADMIN_PRINCIPALS holds whole subjects (with their commas) when separated by semicolons."""
-    admins = Settings(admin_principals="O=seqserve-tests,CN=alice;san=spiffe://example.org/worker").admin_principals
+    admins = Settings(
+        admin_principals=cast(Any, "O=seqserve-tests,CN=alice;san=spiffe://example.org/worker")
+    ).admin_principals
     handle = serve(admin_principals=admins, **tls_settings(pki, mtls=True))
     for pair, allowed in ((pki.alice, True), (pki.workers[0], True), (pki.bob, False)):
         with grpc.secure_channel(handle.target, _creds(pki, pair.cert, pair.key)) as channel:
@@ -148,7 +151,7 @@ def test_an_mtls_subject_can_be_an_admin_principal(serve: Callable[..., ServerHa
 
 
 def _creds(pki: Pki, cert: Path | None = None, key: Path | None = None) -> grpc.ChannelCredentials:
-    read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
+    read: Callable[[Path | None], bytes | None] = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
     return grpc.ssl_channel_credentials(pki.ca.read_bytes(), read(key), read(cert))
 
 
@@ -160,7 +163,7 @@ def test_mtls_refuses_clients_without_a_certificate_of_its_ca(
     pair = (pki.stranger.cert, pki.stranger.key) if who == "stranger" else (None, None)
     with grpc.secure_channel(handle.target, _creds(pki, *pair)) as channel, pytest.raises(grpc.RpcError) as info:
         sessions_pb2_grpc.SessionsStub(channel).Get(sessions_pb2.GetSessionRequest(session_id="x"), timeout=5)
-    assert info.value.code() == Code.UNAVAILABLE  # type: ignore[attr-defined]
+    assert info.value.code() == Code.UNAVAILABLE
     port = handle.server.metrics_port or 0
     if who == "nobody":  # probes without a certificate reach health and readiness, never the metrics
         assert https_get(port, pki, None, "/healthz") == https_get(port, pki, None, "/readyz") == 200

@@ -10,6 +10,7 @@ import re
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -154,8 +155,8 @@ def test_exemplars_cross_from_the_frontends_to_the_engines_metrics(tiny_models: 
     any frontend reported, so the one /metrics still links to the traces."""
     proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true")
     try:
-        first, second = (f"127.0.0.1:{p}" for p in info["frontend_ports"])  # type: ignore[attr-defined]
-        port = int(info["metrics_port"])  # type: ignore[call-overload]
+        first, second = (f"127.0.0.1:{p}" for p in cast("list[int]", info["frontend_ports"]))
+        port = int(info["metrics_port"])
         for target, trace in ((first, "d" * 32), (second, "e" * 32)):  # one call on each frontend, one after the other
             classify(target, traceparent(trace=trace))
             assert eventually(lambda trace=trace: trace in exemplars(openmetrics(port), "Classify"))  # type: ignore[misc]
