@@ -26,6 +26,9 @@ What it measures, and why:
   latency stays bounded and the excess is refused (``RESOURCE_EXHAUSTED``), quickly (``bench/overload.py``).
 - ``perf``: Triton's perf_analyzer on the KServe endpoint, seqserve with 1 worker and with the default worker
   count against the canned-response floor (``bench/perf.py``), with ratios and CPU seconds per 1,000 requests.
+- ``where``: the server CPU of one worker and of the floor per request, split by library with Linux ``perf``
+  (``bench/where.py``): how much of the gap is Python bytecode, gRPC, the kernel or ONNX Runtime. Skipped, saying
+  why, where ``perf`` cannot sample; not in ``--quick`` runs.
 
     python -m bench.run [--models models] [--repeats 50] [--quick] [--no-perf]
 """
@@ -37,11 +40,12 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench import cli, core, prefixes, runtime
+from bench import cli, core, prefixes, runtime, where
 from bench.floor import canned_method
 from bench.launch import rss_bytes, serve
 from bench.stores import print_stores, run_stores
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             results["perf"] = perf.run(args.models, ["charlm-stream"], [4], sorted({1, default}), window_ms=300)
         else:
             results["perf"] = perf.run(args.models, list(pa.WORKLOADS), [1, 16, 64], sorted({1, default}))
+            results["where"] = run_where(args.models)  # the perf rows' server CPU split by library (Linux perf)
     from bench import overload  # 256 callers against the default server, then against a small queue bound
 
     results["overload"] = overload.run(args.models, 96 if args.quick else 256, 1.0 if args.quick else 8.0)
@@ -253,9 +258,23 @@ def main(argv: list[str] | None = None) -> int:
         sessions.print_table(results["sessions"])
     if "perf" in results:
         perf.print_table(results["perf"])
+    if "summary" in results.get("where", {}):
+        where.print_table(results["where"])
+    elif "where" in results:
+        print(f"\nServer CPU per request by library: skipped ({results['where']['skipped']})")
     overload.print_table(results["overload"])
     print(f"\nwritten: {args.out}")
     return 0
+
+
+def run_where(models: Path) -> dict[str, Any]:
+    """``bench/where.py`` on the streamed and unary ``charlm/1`` steps at c=16, or why it could not run (no Linux
+    perf, or no right to sample a process here)."""
+    try:
+        where.perf_binary()
+    except SystemExit as e:
+        return {"skipped": str(e)}
+    return where.run(models, ["charlm1-stream", "charlm1-unary"], [16])
 
 
 def print_table(r: dict[str, Any]) -> None:
