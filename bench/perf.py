@@ -106,6 +106,33 @@ def interleaved(servers: list[Server], workloads: list[pa.Workload], conc: list[
     ]
 
 
+def started(
+    running: contextlib.ExitStack,
+    models: Path,
+    folder: Path,
+    workers: list[int],
+    extra: dict[str, str] | None = None,
+    with_floor: bool = True,
+) -> list[Server]:
+    """Starts (on ``running``) one seqserve per worker count, each warmed up, and, with ``with_floor``, the floor
+    answering with responses recorded from the first (in ``folder``): ``(label, target, pids)`` each, idle until
+    measured. Labels: ``seqserve w=N`` and ``floor``."""
+    servers: list[Server] = []
+    for w in workers:
+        server = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | (extra or {}), w))
+        warm(server.target, models)
+        if not (folder / "canned").exists():
+            from bench.floor import record
+
+            record(server.target, canned_requests(models), folder / "canned")
+        servers.append((f"seqserve w={w}", server.target, cli.descendants(server.pid)))
+    if with_floor:  # on the server's event loop (the event_loop setting's default unless --env names one)
+        loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", Settings.model_fields["event_loop"].default)
+        info, pid = running.enter_context(floor(folder / "canned", folder, loop))
+        servers.append(("floor", f"127.0.0.1:{info['grpc_port']}", [pid]))
+    return servers
+
+
 def run(
     models: Path,
     workloads: list[str],
@@ -127,19 +154,7 @@ def run(
     results["load_before"] = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         folder = Path(tmp)
-        servers: list[Server] = []  # idle until measured
-        for w in workers:
-            server = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | (extra or {}), w))
-            warm(server.target, models)
-            if not (folder / "canned").exists():
-                from bench.floor import record
-
-                record(server.target, canned_requests(models), folder / "canned")
-            servers.append((f"seqserve w={w}", server.target, cli.descendants(server.pid)))
-        if with_floor:  # on the server's event loop (the event_loop setting's default unless --env names one)
-            loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", Settings.model_fields["event_loop"].default)
-            info, pid = running.enter_context(floor(folder / "canned", folder, loop))
-            servers.append(("floor", f"127.0.0.1:{info['grpc_port']}", [pid]))
+        servers = started(running, models, folder, workers, extra, with_floor)
         chosen = [pa.WORKLOADS[name] for name in workloads]
         rows = interleaved(servers, chosen, conc, rounds, folder, env, window_ms)
     results["load_after"] = os.getloadavg()

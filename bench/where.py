@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import cli, pa
-from bench.launch import serve
-from bench.perf import alternating, canned_requests, floor, warm
+from bench.perf import alternating, started
+from service.argtypes import count
 
 # Shared objects by what they are, first match wins; anything else is "other".
 LIBRARIES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -161,13 +161,8 @@ def run(
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         folder = Path(tmp)
-        server = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"}, 1))
-        warm(server.target, models)
-        from bench.floor import record
-
-        record(server.target, canned_requests(models), folder / "canned")
-        info, floor_pid = running.enter_context(floor(folder / "canned", folder, "asyncio"))
-        sides = [("seqserve", server.target, server.pid), ("floor", f"127.0.0.1:{info['grpc_port']}", floor_pid)]
+        # one worker: a single process to sample (bench.perf's labels "seqserve w=1" and "floor")
+        sides = [(label.split()[0], target, pids[0]) for label, target, pids in started(running, models, folder, [1])]
         for w in chosen:
             for c in conc:
                 for r, (label, target, pid) in alternating(sides, rounds):
@@ -215,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, "where.json")
     ap.add_argument("--workloads", nargs="+", default=["charlm1-stream", "charlm1-unary"], choices=list(pa.WORKLOADS))
     ap.add_argument("--concurrency", nargs="+", type=int, default=[16])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=count(1), default=2)
     ap.add_argument("--frequency", type=int, default=499, help="perf's samples per second per thread")
     args = ap.parse_args(argv)
     results = run(args.models, args.workloads, args.concurrency, args.rounds, args.frequency)
