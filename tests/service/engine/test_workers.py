@@ -650,14 +650,14 @@ def test_a_frontend_that_dies_is_replaced_and_sessions_live_on(tiny_models: Path
     proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true")
     try:
         target = f"127.0.0.1:{info['grpc_port']}"
-        own = info["frontend_ports"][0]  # type: ignore[index]
+        own = info["frontend_ports"][0]
         with Client(f"127.0.0.1:{own}", timeout=30) as c:  # frontend 1, the one that dies, serves these
             session = c.create_session("charlm")
             first = c.suggest_once(session.id, "To be, or not", n=1, max_chars=2)
             metrics = scrape(info["metrics_port"])
             before = sum(metrics["seqserve_rpc_requests_total"].values())
             assert metrics["seqserve_frontend_restarts_total"][()] == 0 and before >= 2
-            old = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+            old = [int(p) for p in info["frontend_pids"]]
             readiness: list[int] = []  # /readyz while the frontend is dead and replaced: the other one serves
             done = threading.Event()
 
@@ -726,7 +726,7 @@ def test_a_frontend_that_keeps_dying_stops_the_server_with_exit_code_1(
     allowed = 5 if restarts is None else restarts
     proc, info = start_server(tiny_models, tmp_path, **env)
     try:
-        pids = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+        pids = [int(p) for p in info["frontend_pids"]]
         for kill in range(allowed + 1):
             os.kill(pids[kill % 2], signal.SIGKILL)
             if kill < allowed:
@@ -753,7 +753,7 @@ def test_frontends_exit_when_their_engine_is_gone(tiny_models: Path, tmp_path: P
             return False
 
     proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
-    pids = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+    pids = [int(p) for p in info["frontend_pids"]]
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -928,7 +928,7 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: 
             assert status == 200, answer
             steps.append(answer["parameters"]["seqserve_steps"])
             if i == len(TEXT):  # a frontend dies (its socket stays behind); the engine starts another
-                old = [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+                old = [int(p) for p in info["frontend_pids"]]
                 os.kill(old[0], signal.SIGKILL)
                 _replaced(tmp_path, old)
             if i:

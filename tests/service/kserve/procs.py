@@ -6,6 +6,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from bench.launch import server_env, start, stop
 
@@ -13,8 +14,9 @@ SEQSERVE = Path(sys.executable).parent / "seqserve"
 CLIENT_SCRIPT = Path(__file__).parent / "triton_client.py"
 
 
-def start_server(repo: Path, workdir: Path, **env: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-    """Starts ``seqserve serve`` on free ports (127.0.0.1) and waits for its ready file (``bench.launch.start``)."""
+def start_server(repo: Path, workdir: Path, **env: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Starts ``seqserve serve`` on free ports (127.0.0.1) and waits for its ready file (``bench.launch.start``):
+    (process, the ready file's JSON: ports, and lists such as ``frontend_ports``)."""
     ready = workdir / "ready.json"
     cmd = [str(SEQSERVE), "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     return start(
