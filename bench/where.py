@@ -11,7 +11,7 @@ which is gRPC, the kernel or the model.
 
 Each workload measures both servers back to back, ``--rounds`` times in alternating order (this machine's speed
 drifts); the table prints medians. Needs ``perf`` (Debian's ``linux-perf``) with the right to sample a process
-(root, or ``kernel.perf_event_paranoid`` <= 1); a machine without it says so and exits 2.
+(root, or ``kernel.perf_event_paranoid`` <= 1); on a machine without it the command says why and exits 1.
 
     python -m bench.where [--workloads charlm1-stream charlm1-unary] [--concurrency 16] [--rounds 2]
 """
@@ -68,7 +68,7 @@ def parse_report(text: str) -> dict[str, int]:
 
 
 def perf_binary() -> str:
-    """The ``perf`` command, once it has shown it can sample a process here; SystemExit(2) saying why otherwise."""
+    """The ``perf`` command, once it has shown it can sample a process here; otherwise SystemExit with the reason."""
     found = shutil.which("perf")
     if found is None:
         raise SystemExit("bench.where needs Linux perf: apt-get install linux-perf (Debian) or linux-tools (Ubuntu)")
