@@ -13,7 +13,7 @@ Every failed call raises ``ApiError`` with the status code, the server's message
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,8 +245,9 @@ class Client:
         seed: int | None = None,
         stop: Sequence[str] = (),
         timeout: float | None = None,
-    ) -> Iterator[CompletionChunk]:
-        """Yields chunks as the server streams them; leaving the loop early cancels the call on the server."""
+    ) -> Generator[CompletionChunk, None, None]:
+        """Yields chunks as the server streams them; leaving the loop early (or ``close()``) cancels the call on the
+        server."""
         request = autocomplete_pb2.CompleteRequest(
             model=_selector(model, version),
             prompt=prompt,
@@ -262,7 +263,7 @@ class Client:
 
     def suggest(
         self, session_id: str, events: Iterable[SuggestEvent | str], timeout: float | None = None
-    ) -> Iterator[SuggestResult]:
+    ) -> Generator[SuggestResult, None, None]:
         """One bidirectional stream: one result per event, in order (a ``str`` event = ``SuggestEvent(str)``)."""
 
         failed: list[BaseException] = []  # an error of the caller's events, raised to the caller as itself
@@ -402,7 +403,9 @@ def _selector(name: str, version: int | None) -> common_pb2.ModelSelector:
     return common_pb2.ModelSelector(name=name, version=version)
 
 
-def _stream(call: Any, convert: Callable[[Any], T], failed: list[BaseException] | None = None) -> Iterator[T]:
+def _stream(
+    call: Any, convert: Callable[[Any], T], failed: list[BaseException] | None = None
+) -> Generator[T, None, None]:
     """Iterates a streaming call, converting each message, turning grpc errors into ApiError and cancelling
     the call when the caller stops early (closes the iterator or drops it). ``failed``: where the request side
     records an error of the caller's own (a bad event, an iterator that raised), re-raised here as it was."""

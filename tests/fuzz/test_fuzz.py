@@ -6,9 +6,9 @@ was. Examples are derandomized (the same ones each run) and few: a few hundred i
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,12 +18,11 @@ from hypothesis import strategies as st
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.client import ApiError, Client
-from service.core.types import CompletionChunk, SuggestResult
+from service.core.types import SuggestResult
 from tests.conftest import ServerHandle, server_settings
 from tests.fuzz.messages import Rpc, mutate, request_for, rpcs
 
 DEADLINE = 20.0
-Chunks = Generator[CompletionChunk, None, None]  # what Client.complete returns (an Iterator that can be closed)
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED}
 RPCS = rpcs()
 FUZZ = settings(
@@ -120,7 +119,7 @@ def _race_op(target: Target, op: str, sid: str) -> grpc.StatusCode:
         elif op == "complete":
             list(c.complete("x", session_id=sid, max_chars=20, seed=1))
         elif op == "cancel":
-            stream = cast(Chunks, c.complete("x", session_id=sid, max_chars=200, seed=1))
+            stream = c.complete("x", session_id=sid, max_chars=200, seed=1)
             next(stream, None)
             stream.close()
         elif op == "fork":

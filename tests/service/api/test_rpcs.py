@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
-from typing import cast
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 import pytest
 
 from service.client import ApiError, Client, SuggestEvent
-from service.core.types import CompletionChunk
 from tests.conftest import ServerHandle
 
 TINY_WINDOW, TINY_HORIZON, FEATURES = 24, 12, 7  # export_tiny's forecaster
-Chunks = Generator[CompletionChunk, None, None]  # what Client.complete returns (an Iterator that can be closed)
 
 
 def history(rows: int, seed: int = 0) -> np.ndarray:
@@ -63,7 +60,7 @@ def test_complete_with_session_continues_it(client: Client) -> None:
 
 def test_cancelled_complete_stops_generating(client: Client) -> None:
     with client.session("charlm") as s:
-        stream = cast(Chunks, client.complete("a", session_id=s.id, max_chars=2000, temperature=0.0))
+        stream = client.complete("a", session_id=s.id, max_chars=2000, temperature=0.0)
         first = next(stream)
         stream.close()  # cancels the call on the server
         # The session is free again (the generation released it) and did not run on to 2000 characters.
@@ -79,7 +76,7 @@ def reads_during_a_long_completion(target: str, read_at: str | None = None) -> N
     with Client(target, timeout=60) as c, Client(read_at or target, timeout=60) as reader:
         sid = c.create_session("charlm").id
         assert c.suggest_once(sid, "abc", n=1, max_chars=1).steps == 3
-        stream = cast(Chunks, c.complete("de", session_id=sid, max_chars=100_000, temperature=0.0))
+        stream = c.complete("de", session_id=sid, max_chars=100_000, temperature=0.0)
         got = next(stream).text
         info = reader.get_session(sid, timeout=10)
         blob = reader.export_session(sid, timeout=10)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Generator, Iterator
-from typing import cast
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -15,14 +14,12 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.seqserve.v1 import autocomplete_pb2
 from service.client import Client
-from service.core.types import CompletionChunk
 from tests.conftest import ServerHandle
 from tests.service.security.conftest import eventually, infer_request, rpc_count, text_input
 
 COMPLETE = ("seqserve.v1.Autocomplete", "Complete")
 SUGGEST = ("seqserve.v1.Autocomplete", "Suggest")
 STREAM_INFER = ("inference.GRPCInferenceService", "ModelStreamInfer")
-Chunks = Generator[CompletionChunk, None, None]  # what Client.complete returns (an Iterator that can be closed)
 
 
 @pytest.fixture
@@ -39,7 +36,7 @@ def test_cancelled_complete_streams_are_cancelled(handle: ServerHandle) -> None:
     with Client(handle.target) as c:
         for i in range(10):
             with c.session("charlm") as s:
-                chunks = cast(Chunks, c.complete("ab", session_id=s.id, max_chars=2000, seed=i))
+                chunks = c.complete("ab", session_id=s.id, max_chars=2000, seed=i)
                 for n, _ in enumerate(chunks):
                     if n == i % 4:
                         break
@@ -136,7 +133,7 @@ def test_after_a_cancel_the_client_knows_exactly_what_the_session_holds(handle: 
     with Client(handle.target) as c:
         full = "".join(ch.text for ch in c.complete("ab", max_chars=400, seed=11))  # the same text, stateless
         with c.session("charlm") as s, c.session("charlm") as twin:
-            chunks = cast(Chunks, c.complete("ab", session_id=s.id, max_chars=400, seed=11))
+            chunks = c.complete("ab", session_id=s.id, max_chars=400, seed=11)
             seen = [next(chunks) for _ in range(5)]
             chunks.close()
             assert "".join(ch.text for ch in seen) == full[:5] and seen[-1].steps == 7
