@@ -271,10 +271,10 @@ def run_where(models: Path) -> dict[str, Any]:
     """``bench/where.py`` on the streamed and unary ``charlm/1`` steps at c=16, or why it could not run (no Linux
     perf, or no right to sample a process here)."""
     try:
-        where.perf_binary()
+        perf = where.perf_binary()
     except SystemExit as e:
         return {"skipped": str(e)}
-    return where.run(models, ["charlm1-stream", "charlm1-unary"], [16])
+    return where.run(models, ["charlm1-stream", "charlm1-unary"], [16], perf=perf)
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -152,10 +152,12 @@ def run(
     rounds: int = 2,
     frequency: int = 499,
     window_ms: int = 2000,
+    perf: str | None = None,
 ) -> dict[str, Any]:
     """Per workload and concurrency, seqserve (one worker) and the floor measured back to back, ``rounds`` times in
-    alternating order; ``rows`` per measurement and ``summary`` (medians per server) per workload."""
-    perf = perf_binary()
+    alternating order; ``rows`` per measurement and ``summary`` (medians per server) per workload. ``perf``: the
+    binary ``perf_binary`` returned, when the caller has already asked."""
+    perf = perf or perf_binary()
     env = pa.environment()
     chosen = [pa.WORKLOADS[name] for name in workloads if pa.WORKLOADS[name].committed(models)]
     rows: list[dict[str, Any]] = []

@@ -67,19 +67,12 @@ def test_summary_takes_medians_per_server() -> None:
     assert s["floor"]["Python interpreter"] == 20 and s["floor"]["all"] == 100
 
 
-def _can_sample() -> str | None:
-    try:
-        where.perf_binary()
-    except SystemExit as e:
-        return str(e)
-    return None
-
-
 def test_a_real_run_splits_both_servers_cpu(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    why = _can_sample()
-    if why is not None:
-        pytest.skip(why)
-    r = where.run(tiny_models, ["charlm-stream"], [4], rounds=1, frequency=999, window_ms=300)
+    try:
+        perf = where.perf_binary()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    r = where.run(tiny_models, ["charlm-stream"], [4], rounds=1, frequency=999, window_ms=300, perf=perf)
     assert [(row["server"], row["round"]) for row in r["rows"]] == [("seqserve", 0), ("floor", 0)]
     rows = {row["server"]: row for row in r["rows"]}
     for row in rows.values():

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
-from tests.training.fast import FAST, TINY_FORECAST
+from tests.training.fast import train_tiny_forecaster
 from tests.training.test_recalibrate import evaluate
 from training.adaptive import GRID, Online, admissible, check, offsets_at, online, online_width
 from training.calibrate import conformal_offsets, halves
@@ -131,8 +131,7 @@ def test_adapt_releases_the_same_graph_with_a_moving_width_only_when_the_test_re
     tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     v1, v2 = tmp_path / "models" / "sales" / "1", tmp_path / "models" / "sales" / "2"
-    args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main([*args, *TINY_FORECAST, "--epochs", "1"]) == 0
+    train_tiny_forecaster(tiny_csv, v1, tmp_path / "run")
     raw = json.loads((v1 / MANIFEST_FILE).read_text())  # a band far too wide: offsets x 5 (same graph, same sha256)
     raw["forecast"]["quantile_offsets"] = (5 * np.asarray(raw["forecast"]["quantile_offsets"])).tolist()
     (v1 / MANIFEST_FILE).write_text(json.dumps(raw))

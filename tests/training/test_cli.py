@@ -13,7 +13,7 @@ import pytest
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from tests.training.conftest import write_csv
-from tests.training.fast import FAST, TINY_FORECAST
+from tests.training.fast import FAST, TINY_FORECAST, train_tiny_forecaster
 from training import learned_scale
 from training.cards import NOT_CALIBRATED, TEMPERATURE_SCALED
 from training.cli import main
@@ -387,8 +387,7 @@ def test_seasonal_scores_left_out_where_undefined_and_the_model_still_loads(
     data = tmp_path / "solar.csv"
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "solar" / "1"
-    args = ["forecast", "--data", str(data), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main([*args, *TINY_FORECAST, "--epochs", "1"]) == 0
+    train_tiny_forecaster(data, out, tmp_path / "run")
     names = {metric.name: metric.value for metric in Manifest.load(out / MANIFEST_FILE).metrics}  # loads: all finite
     assert "test_mse" in names and not any(k.startswith(("test_mase", "test_snaive", "test_mape")) for k in names)
     ev = _evaluate(capsys, out, data)

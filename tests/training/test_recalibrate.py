@@ -12,7 +12,7 @@ import pytest
 
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
-from tests.training.fast import FAST, TINY_FORECAST
+from tests.training.fast import FAST, TINY_FORECAST, train_tiny_forecaster
 from training.cli import main
 
 
@@ -75,8 +75,7 @@ def test_calibrate_refusals_exit_2_with_one_line(
     tmp_path: Path, tiny_csv: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     v1, v2 = tmp_path / "m" / "fc" / "1", tmp_path / "m" / "fc" / "2"
-    args = ["forecast", "--data", str(tiny_csv), "--out", str(v1), "--run-dir", str(tmp_path / "run"), *FAST]
-    assert main([*args, *TINY_FORECAST, "--epochs", "1"]) == 0
+    train_tiny_forecaster(tiny_csv, v1, tmp_path / "run")
     calibrate = ["calibrate", "--model", str(v1), "--data", str(tiny_csv)]
     busy = v1.parent / "7"  # an existing version is never overwritten
     busy.mkdir()
