@@ -1,11 +1,14 @@
 """The gRPC edge, outermost first: metrics (+ access log), errors (+ request id), auth (principal), decoding
 (``service.api.decoding``: size limits, corrupt messages, memory budget, request rate).
 
-``Edge`` is one ``grpc.aio`` interceptor that wraps each method's handler once, for all four handler kinds
-(unary/streaming request x unary/streaming response): the stages run inline around the call, which sees the
-request (unary requests only, as ``Undecoded`` bytes that name their model once decoded), the context, and any
-exception the call raises. Domain errors (``service.errors``) become gRPC status codes here and nowhere else
-(``STATUS_CODES``).
+``Edge`` wraps each method's handler once, for all four handler kinds (unary/streaming request x unary/streaming
+response): the stages run inline around the call, which sees the request (unary requests only, as ``Undecoded``
+bytes that name their model once decoded), the context, and any exception the call raises. Domain errors
+(``service.errors``) become gRPC status codes here and nowhere else (``STATUS_CODES``).
+
+The wrapping happens when a handler is registered (``EdgedServer``), not per call: a ``grpc.aio`` server
+interceptor would run on every RPC (a coroutine and the handler lookup through it), which cost ~40 µs of server CPU
+per unary call here (docs/architecture.md, "the edge at registration").
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import re
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -211,13 +214,13 @@ def log_budget(settings: Settings) -> LogBudget:
     return budget
 
 
-class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """The whole edge as one interceptor: metrics (+ access log), errors (+ request id), auth (principal) and
-    decoding (``service.api.decoding``), in that order, outermost first.
+class Edge:
+    """The whole edge: metrics (+ access log), errors (+ request id), auth (principal) and decoding
+    (``service.api.decoding``), in that order, outermost first.
 
-    For each method it builds one wrapped handler, once, and reuses it (each stage depends only on the method
-    and the inner handler). Per call the stages run inline in one coroutine or async generator: no context
-    manager objects, and a streamed message passes through one wrapper, not one per stage."""
+    For each method it builds one wrapped handler, once (``wrap``; each stage depends only on the method and the
+    inner handler). Per call the stages run inline in one coroutine or async generator: no context manager
+    objects, and a streamed message passes through one wrapper, not one per stage."""
 
     def __init__(
         self, metrics: Metrics, settings: Settings, keys: KeyTable, mtls: bool, gateway_token: str | None = None
@@ -231,19 +234,14 @@ class Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.decoding = Decoding(settings)
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:  # grpc's own answer would be UNIMPLEMENTED "Method not found!"
-            return grpc.stream_stream_rpc_method_handler(functools.partial(_no_such_method, details.method))
-        cached = self._cache.get(details.method)
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` of ``method`` (``/package.Service/Method``) with the edge around it; built once per method
+        and inner handler (a service registered both ways hands the same handler twice)."""
+        cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _EdgeMethod(self, details.method, handler).handler()
-        self._cache[details.method] = (handler, wrapped)
+        wrapped = _EdgeMethod(self, method, handler).handler()
+        self._cache[method] = (handler, wrapped)
         return wrapped
 
     # --- auth -------------------------------------------------------------------------------------------
@@ -521,11 +519,62 @@ async def _no_such_method(method: str, requests: AsyncIterator[bytes], context: 
     await context.abort_with_status(rich_status(grpc.StatusCode.UNIMPLEMENTED, message, "UNIMPLEMENTED", request_id))
 
 
-def build_interceptors(
-    metrics: Metrics, settings: Settings | None = None, gateway_token: str | None = None
-) -> list[grpc.aio.ServerInterceptor]:
-    """The edge as one interceptor (``Edge``): metrics sees the final status of everything, errors maps what auth
-    and decoding raise, auth names the principal before decoding spends anything on the request.
-    ``gateway_token``: the REST gateway's on a TLS server, which vouches for its mTLS callers' subjects."""
+def build_edge(metrics: Metrics, settings: Settings | None = None, gateway_token: str | None = None) -> Edge:
+    """The edge (``Edge``): metrics sees the final status of everything, errors maps what auth and decoding raise,
+    auth names the principal before decoding spends anything on the request. ``gateway_token``: the REST
+    gateway's on a TLS server, which vouches for its mTLS callers' subjects."""
     s = settings if settings is not None else Settings()
-    return [Edge(metrics, s, KeyTable(load_keys(s)), s.tls_client_ca is not None, gateway_token)]
+    return Edge(metrics, s, KeyTable(load_keys(s)), s.tls_client_ca is not None, gateway_token)
+
+
+class EdgedServer:
+    """What services register on: it hands ``server`` every handler with the edge around it (``Edge.wrap``), at
+    registration, so nothing of the edge runs per call outside the wrapped handler itself. The generated
+    ``add_*Servicer_to_server`` functions call the two methods below. ``close`` (after every service) registers
+    the methods as one table (a call's handler is one dictionary lookup, whichever service it belongs to), then
+    the generic handlers of anything registered only that way, then the answer to a method no service has
+    (``_no_such_method``; grpc's own would be a bare "Method not found!")."""
+
+    def __init__(self, server: grpc.aio.Server, edge: Edge) -> None:
+        self.server, self.edge = server, edge
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(_EdgedHandler(h, self.edge) for h in handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: self.edge.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._methods.update({f"/{service}/{name}": h for name, h in wrapped.items()})
+        self.server.add_registered_method_handlers(service, wrapped)
+
+    def close(self) -> None:
+        self.server.add_generic_rpc_handlers((_Methods(self._methods), *self._generic, _UnknownMethods()))
+
+
+class _Methods(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Every registered method's wrapped handler, by full method name."""
+
+    def __init__(self, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.methods = methods
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self.methods.get(details.method)
+
+
+class _EdgedHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose methods come with the edge around them."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, edge: Edge) -> None:
+        self.inner, self.edge = inner, edge
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self.inner.service(details)
+        return None if handler is None else self.edge.wrap(details.method, handler)
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Registered last: every method no service has, whatever its shape (``_no_such_method``)."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return grpc.stream_stream_rpc_method_handler(functools.partial(_no_such_method, details.method))

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from service.api import tls
-from service.api.interceptors import build_interceptors
+from service.api.interceptors import EdgedServer, build_edge
 from service.api.servicers import REGISTRARS, SERVICE_CAPABILITIES
 from service.core.types import DataPlane
 from service.metrics import Metrics
@@ -128,10 +128,13 @@ class Server:
         # Unix socket in a folder only this user can enter instead, and vouches there for its mTLS callers with a
         # token that never leaves this process (``service.api.rest``).
         token = secrets.token_hex(16) if s.tls_cert is not None and s.http_port is not None else None
-        server = grpc.aio.server(interceptors=build_interceptors(self.metrics, s, token), options=options)
-        self.services = [name for register in REGISTRARS for name in register(server, self.plane, s, self.metrics)]
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection([*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+        server = grpc.aio.server(options=options)
+        edged = EdgedServer(server, build_edge(self.metrics, s, token))  # every service registers through the edge
+        self.services = [name for register in REGISTRARS for name in register(edged, self.plane, s, self.metrics)]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, edged)
+        names = [*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), edged)
+        edged.close()
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         self._tls = tls.files(s, self.metrics.tls_loaded)  # read and checked now: bad files stop the start
         credentials = None if self._tls is None else self._tls.grpc_credentials()  # None: plaintext

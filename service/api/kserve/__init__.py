@@ -6,16 +6,15 @@
 
 from __future__ import annotations
 
-import grpc
-
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.interceptors import EdgedServer
 from service.api.kserve.servicer import EXTENSIONS, SERVICE_NAME, STEPS_PARAMETER, KServeServicer
 from service.core.types import DataPlane
 from service.metrics import Metrics
 from service.settings import Settings
 
 
-def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
+def register(server: EdgedServer, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
     """Adds the KServe v2 service to ``server``; returns its full name for health and reflection."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dataplane, settings, metrics), server)
     return [SERVICE_NAME]

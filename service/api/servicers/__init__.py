@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import grpc
-
 from service.api import kserve
+from service.api.interceptors import EdgedServer
 from service.api.servicers import autocomplete, forecast, sentiment, sessions
 from service.core.types import DataPlane
 from service.metrics import Metrics
 from service.settings import Settings
 
-Registrar = Callable[[grpc.aio.Server, DataPlane, Settings, Metrics], list[str]]
+Registrar = Callable[[EdgedServer, DataPlane, Settings, Metrics], list[str]]
 
 REGISTRARS: list[Registrar] = [
     sentiment.register,

@@ -9,6 +9,7 @@ import grpc
 
 from service.api import converters as cv
 from service.api.gen.seqserve.v1 import autocomplete_pb2, autocomplete_pb2_grpc
+from service.api.interceptors import EdgedServer
 from service.core.types import DataPlane
 from service.metrics import Metrics
 from service.settings import Settings
@@ -54,6 +55,6 @@ class AutocompleteServicer(autocomplete_pb2_grpc.AutocompleteServicer):
             yield cv.suggest_to_pb(result)
 
 
-def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
+def register(server: EdgedServer, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
     autocomplete_pb2_grpc.add_AutocompleteServicer_to_server(AutocompleteServicer(dataplane), server)
     return [SERVICE]

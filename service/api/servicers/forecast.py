@@ -6,6 +6,7 @@ import grpc
 
 from service.api import converters as cv
 from service.api.gen.seqserve.v1 import forecast_pb2, forecast_pb2_grpc
+from service.api.interceptors import EdgedServer
 from service.core.types import DataPlane
 from service.metrics import Metrics
 from service.settings import Settings
@@ -37,6 +38,6 @@ class ForecastServicer(forecast_pb2_grpc.ForecastServicer):
         return cv.forecast_to_pb(result)
 
 
-def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
+def register(server: EdgedServer, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
     forecast_pb2_grpc.add_ForecastServicer_to_server(ForecastServicer(dataplane, settings), server)
     return [SERVICE]

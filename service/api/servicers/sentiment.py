@@ -6,6 +6,7 @@ import grpc
 
 from service.api import converters as cv
 from service.api.gen.seqserve.v1 import sentiment_pb2, sentiment_pb2_grpc
+from service.api.interceptors import EdgedServer
 from service.core.types import DataPlane
 from service.metrics import Metrics
 from service.settings import Settings
@@ -28,6 +29,6 @@ class SentimentServicer(sentiment_pb2_grpc.SentimentServicer):
         return cv.classify_response(results)
 
 
-def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
+def register(server: EdgedServer, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
     sentiment_pb2_grpc.add_SentimentServicer_to_server(SentimentServicer(dataplane, settings), server)
     return [SERVICE]

@@ -7,6 +7,7 @@ import grpc
 
 from service.api import converters as cv
 from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
+from service.api.interceptors import EdgedServer
 from service.core.types import DataPlane
 from service.errors import InvalidInput
 from service.metrics import Metrics
@@ -60,6 +61,6 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         return cv.session_to_pb(await self.dataplane.import_session(request.blob, ttl_seconds=ttl))
 
 
-def register(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
+def register(server: EdgedServer, dataplane: DataPlane, settings: Settings, metrics: Metrics) -> list[str]:
     sessions_pb2_grpc.add_SessionsServicer_to_server(SessionsServicer(dataplane), server)
     return [SERVICE]

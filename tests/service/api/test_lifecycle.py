@@ -1,4 +1,4 @@
-"""Health transitions, graceful shutdown, reflection, metrics, and the error interceptor's INTERNAL path."""
+"""Health transitions, graceful shutdown, reflection, metrics, the edge's INTERNAL path and its registration."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from service import errors
 from service.api.gen.seqserve.v1 import autocomplete_pb2
-from service.api.interceptors import build_interceptors
+from service.api.interceptors import EdgedServer, build_edge
 from service.client import ApiError, Client
 from service.metrics import Metrics
 from tests.conftest import ServerHandle
@@ -162,7 +163,7 @@ def test_session_addressed_rpcs_carry_the_sessions_model(start_server: Callable[
 
 
 async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: pytest.LogCaptureFixture) -> None:
-    """A real aio server with the real interceptor chain and handlers that fail in ways the core never should."""
+    """A real aio server with the real edge and handlers that fail in ways the core never should."""
 
     async def boom(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise RuntimeError("secret internals")
@@ -176,8 +177,10 @@ async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: p
         "Stream": grpc.unary_stream_rpc_method_handler(boom_later),
     }
     metrics = Metrics()
-    server = grpc.aio.server(interceptors=build_interceptors(metrics))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Boom", handlers)])
+    server = grpc.aio.server()
+    edged = EdgedServer(server, build_edge(metrics))
+    edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Boom", handlers)])
+    edged.close()
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -199,6 +202,50 @@ async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: p
         assert any(request_id in r.getMessage() and r.exc_info for r in caplog.records)
     code = {"service": "test.Boom", "method": "Unary", "model": "", "code": "INTERNAL"}
     assert metrics.registry.get_sample_value("seqserve_rpc_requests_total", code) == 1.0
+
+
+async def test_the_edge_wraps_handlers_at_registration_once_per_method() -> None:
+    """Services register on ``EdgedServer`` as generated code does (the same handlers generically and as registered
+    methods): a call passes the edge exactly once (one request counted, the request id in the trailers, a domain
+    error mapped), a handler registered only generically gets the edge too, and a method nobody registered gets
+    our UNIMPLEMENTED answer. No interceptor is involved."""
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if request == b"bad":
+            raise errors.InvalidInput("say something else")
+        return request
+
+    both = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    metrics = Metrics(runtime_collectors=False)
+    server = grpc.aio.server()
+    edged = EdgedServer(server, build_edge(metrics))
+    edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Both", both)])
+    edged.add_registered_method_handlers("test.Both", both)
+    only = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Generic", only)])
+    edged.close()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for service in ("test.Both", "test.Generic"):
+                call = channel.unary_unary(f"/{service}/Echo")(b"hi")
+                assert await call == b"hi"
+                assert "x-request-id" in dict(await call.trailing_metadata())
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await channel.unary_unary(f"/{service}/Echo")(b"bad")
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert refused.value.details() == "say something else"
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await channel.unary_unary("/test.Nobody/Echo")(b"hi")
+            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "no method '/test.Nobody/Echo' on this server" in str(unknown.value.details())
+    finally:
+        await server.stop(0)
+    for service in ("test.Both", "test.Generic"):
+        for code in ("OK", "INVALID_ARGUMENT"):
+            labels = {"service": service, "method": "Echo", "model": "", "code": code}
+            assert metrics.registry.get_sample_value("seqserve_rpc_requests_total", labels) == 1.0
 
 
 @pytest.mark.parametrize(
