@@ -29,6 +29,9 @@ What it measures, and why:
 - ``where``: the server CPU of one worker and of the floor per request, split by library with Linux ``perf``
   (``bench/where.py``): how much of the gap is Python bytecode, gRPC, the kernel or ONNX Runtime. Skipped, saying
   why, where ``perf`` cannot sample; not in ``--quick`` runs.
+- ``layers``: the same server CPU per request split by layer (``bench/layers.py``): servers that replay the layers
+  below a cut (the servicer, the data plane, the batcher, ONNX Runtime) against the floor and seqserve itself;
+  not in ``--quick`` runs.
 
     python -m bench.run [--models models] [--repeats 50] [--quick] [--no-perf]
 """
@@ -45,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import cli, core, prefixes, runtime, where
+from bench import cli, core, layers, prefixes, runtime, where
 from bench.floor import canned_method
 from bench.launch import rss_bytes, serve
 from bench.stores import print_stores, run_stores
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results["perf"] = perf.run(args.models, list(pa.WORKLOADS), [1, 16, 64], sorted({1, default}))
             results["where"] = run_where(args.models)  # the perf rows' server CPU split by library (Linux perf)
+            results["layers"] = layers.run(args.models, ["charlm1-stream", "charlm1-unary"], [16])  # ... by layer
     from bench import overload  # 256 callers against the default server, then against a small queue bound
 
     results["overload"] = overload.run(args.models, 96 if args.quick else 256, 1.0 if args.quick else 8.0)
@@ -262,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         where.print_table(results["where"])
     elif "where" in results:
         print(f"\nServer CPU per request by library: skipped ({results['where']['skipped']})")
+    if "layers" in results:
+        layers.print_table(results["layers"])
     overload.print_table(results["overload"])
     print(f"\nwritten: {args.out}")
     return 0
