@@ -358,7 +358,7 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    # --- API layer (interceptor) -------------------------------------------------------------------
+    # --- API layer (the edge) ----------------------------------------------------------------------
     def rpc_started(self, service: str, method: str) -> None:
         """In-flight gauge +1."""
         self._child(self.rpc_in_flight, (service, method)).inc()

@@ -1,6 +1,6 @@
-"""Request decoding at the edge: bytes -> protobuf inside the interceptors' scope, bounded in size and memory.
+"""Request decoding at the edge: bytes -> protobuf inside the edge's scope, bounded in size and memory.
 
-gRPC decodes a request before any interceptor runs, so a corrupt message would fail outside our error
+gRPC decodes a request before any handler runs, so a corrupt message would fail outside our error
 mapping (UNKNOWN or INTERNAL, and no metrics). The edge (``service.api.interceptors.Edge``) swaps every
 handler's request deserializer for one that keeps the bytes (``Undecoded``) and decodes them inside the call
 (``MethodDecoder``), where:
@@ -91,7 +91,7 @@ END_OF_STREAM_GRACE = 0.01  # seconds: only the final status of a client stream 
 
 class Undecoded:
     """A request as gRPC received it. Once decoded, ``data`` is dropped (the message is the servicer's to hold,
-    not the interceptors') and ``model`` is the model it names, for the metrics."""
+    not the edge's) and ``model`` is the model it names, for the metrics."""
 
     __slots__ = ("data", "model")
 

@@ -3,7 +3,7 @@ serving one call, for the edge to read afterwards (the model it served, whether 
 
 A transport opens a scope (``call_scope``) around each call; the core notes the model it resolved
 (``note_model``), which the request itself may not name: calls addressed by a session id, or that use the
-default model. The gRPC metrics interceptor uses it as the ``model`` label. A plain ``ContextVar``: no
+default model. The gRPC edge's metrics use it as the ``model`` label. A plain ``ContextVar``: no
 transport types here, and a call outside any scope notes nothing.
 """
 

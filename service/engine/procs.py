@@ -1,7 +1,7 @@
 """``seqserve serve --workers N`` (N > 1): this process is the engine; it spawns N gRPC frontend processes.
 
     clients ──gRPC──▶ frontend 1..N (one port, SO_REUSEPORT: the kernel spreads connections)
-                        transport, protobuf, interceptors, validation of the wire format, response encoding
+                        transport, protobuf, the edge, validation of the wire format, response encoding
                               │  msgpack frames over a Unix socket (service/engine/wire.py)
                               ▼
                       engine (this process): CoreDataPlane = registry, tasks, batchers (ORT), SessionManager

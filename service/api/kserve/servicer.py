@@ -4,7 +4,7 @@ extensions.
 Works with stock tritonclient.
 
 Thin: protobuf -> tensors (``tensors``) and parameters (``params``) -> one DataPlane call -> protobuf
-(``convert``). Validation lives in the core. ModelInfer raises ``service.errors`` types (the interceptor maps
+(``convert``). Validation lives in the core. ModelInfer raises ``service.errors`` types (the edge maps
 them to status codes); ModelStreamInfer reports a failed request in ``error_message`` and keeps the stream
 open, as Triton does.
 """
