@@ -530,14 +530,12 @@ def build_edge(metrics: Metrics, settings: Settings | None = None, gateway_token
 class EdgedServer:
     """What services register on: it hands ``server`` every handler with the edge around it (``Edge.wrap``), at
     registration, so nothing of the edge runs per call outside the wrapped handler itself. The generated
-    ``add_*Servicer_to_server`` functions call the two methods below. ``close`` (after every service) registers
-    the methods as one table (a call's handler is one dictionary lookup, whichever service it belongs to), then
-    the generic handlers of anything registered only that way, then the answer to a method no service has
-    (``_no_such_method``; grpc's own would be a bare "Method not found!")."""
+    ``add_*Servicer_to_server`` functions call the two methods below; grpc finds a registered method's handler
+    itself. ``close`` (after every service) adds the generic handlers, for anything registered only that way, then
+    the answer to a method no service has (``_no_such_method``; grpc's own would be a bare "Method not found!")."""
 
     def __init__(self, server: grpc.aio.Server, edge: Edge) -> None:
         self.server, self.edge = server, edge
-        self._methods: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -545,21 +543,10 @@ class EdgedServer:
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         wrapped = {name: self.edge.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
-        self._methods.update({f"/{service}/{name}": h for name, h in wrapped.items()})
         self.server.add_registered_method_handlers(service, wrapped)
 
     def close(self) -> None:
-        self.server.add_generic_rpc_handlers((_Methods(self._methods), *self._generic, _UnknownMethods()))
-
-
-class _Methods(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """Every registered method's wrapped handler, by full method name."""
-
-    def __init__(self, methods: dict[str, grpc.RpcMethodHandler]) -> None:
-        self.methods = methods
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        return self.methods.get(details.method)
+        self.server.add_generic_rpc_handlers((*self._generic, _UnknownMethods()))
 
 
 class _EdgedHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
