@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import shutil
@@ -162,6 +163,22 @@ def test_session_addressed_rpcs_carry_the_sessions_model(start_server: Callable[
     assert count("Sessions", "Get", "") == 0
 
 
+@contextlib.asynccontextmanager
+async def edged_channel(metrics: Metrics, register: Callable[[EdgedServer], None]) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a real aio server whose handlers ``register`` added through the edge (``EdgedServer``)."""
+    server = grpc.aio.server()
+    edged = EdgedServer(server, build_edge(metrics))
+    register(edged)
+    edged.close()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(0)
+
+
 async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: pytest.LogCaptureFixture) -> None:
     """A real aio server with the real edge and handlers that fail in ways the core never should."""
 
@@ -177,23 +194,18 @@ async def test_unexpected_exceptions_become_internal_with_a_request_id(caplog: p
         "Stream": grpc.unary_stream_rpc_method_handler(boom_later),
     }
     metrics = Metrics()
-    server = grpc.aio.server()
-    edged = EdgedServer(server, build_edge(metrics))
-    edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Boom", handlers)])
-    edged.close()
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with caplog.at_level(logging.ERROR, logger="service.api.interceptors"):
-                with pytest.raises(grpc.aio.AioRpcError) as unary:
-                    await channel.unary_unary("/test.Boom/Unary")(b"x")
-                stream = channel.unary_stream("/test.Boom/Stream")(b"x")
-                assert await stream.read() == b"first"
-                with pytest.raises(grpc.aio.AioRpcError) as streamed:
-                    await stream.read()
-    finally:
-        await server.stop(0)
+
+    def register(edged: EdgedServer) -> None:
+        edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Boom", handlers)])
+
+    async with edged_channel(metrics, register) as channel:
+        with caplog.at_level(logging.ERROR, logger="service.api.interceptors"):
+            with pytest.raises(grpc.aio.AioRpcError) as unary:
+                await channel.unary_unary("/test.Boom/Unary")(b"x")
+            stream = channel.unary_stream("/test.Boom/Stream")(b"x")
+            assert await stream.read() == b"first"
+            with pytest.raises(grpc.aio.AioRpcError) as streamed:
+                await stream.read()
     for err in (unary.value, streamed.value):
         assert err.code() == grpc.StatusCode.INTERNAL
         request_id = dict(err.trailing_metadata())["x-request-id"]
@@ -215,33 +227,28 @@ async def test_the_edge_wraps_handlers_at_registration_once_per_method() -> None
             raise errors.InvalidInput("say something else")
         return request
 
-    both = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
     metrics = Metrics(runtime_collectors=False)
-    server = grpc.aio.server()
-    edged = EdgedServer(server, build_edge(metrics))
-    edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Both", both)])
-    edged.add_registered_method_handlers("test.Both", both)
-    only = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-    edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Generic", only)])
-    edged.close()
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for service in ("test.Both", "test.Generic"):
-                call = channel.unary_unary(f"/{service}/Echo")(b"hi")
-                assert await call == b"hi"
-                assert "x-request-id" in dict(await call.trailing_metadata())
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await channel.unary_unary(f"/{service}/Echo")(b"bad")
-                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert refused.value.details() == "say something else"
-            with pytest.raises(grpc.aio.AioRpcError) as unknown:
-                await channel.unary_unary("/test.Nobody/Echo")(b"hi")
-            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert "no method '/test.Nobody/Echo' on this server" in str(unknown.value.details())
-    finally:
-        await server.stop(0)
+
+    def register(edged: EdgedServer) -> None:
+        both = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Both", both)])
+        edged.add_registered_method_handlers("test.Both", both)
+        only = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        edged.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Generic", only)])
+
+    async with edged_channel(metrics, register) as channel:
+        for service in ("test.Both", "test.Generic"):
+            call = channel.unary_unary(f"/{service}/Echo")(b"hi")
+            assert await call == b"hi"
+            assert "x-request-id" in dict(await call.trailing_metadata())
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(f"/{service}/Echo")(b"bad")
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details() == "say something else"
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await channel.unary_unary("/test.Nobody/Echo")(b"hi")
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "no method '/test.Nobody/Echo' on this server" in str(unknown.value.details())
     for service in ("test.Both", "test.Generic"):
         for code in ("OK", "INVALID_ARGUMENT"):
             labels = {"service": service, "method": "Echo", "model": "", "code": code}
