@@ -33,16 +33,14 @@ import contextlib
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import cli, pa, perf
+from bench import cli, pa, perf, where
 from bench.launch import process, server_env
 from service.argtypes import count
 
-CUTS = ("edge", "servicer", "core", "batcher")  # seqserve servers with a replayed layer, outermost cut first
-ORDER = ("floor", *CUTS, "seqserve")  # each runs one more layer for real than the one before
 ADDS = {
     "floor": "gRPC alone (the canned-response floor)",
     "edge": "+ the edge (auth, metrics, decoding) and the stream loop",
@@ -58,14 +56,7 @@ def install(cut: str) -> None:
     """Makes this process's seqserve answer from recordings at ``cut`` (one of ``CUTS``) and below."""
     if cut not in CUTS:
         raise ValueError(f"cut must be one of {', '.join(CUTS)}, got {cut!r}")
-    if cut == "edge":
-        _replay_servicer()
-    elif cut == "servicer":
-        _replay_dataplane()
-    elif cut == "core":
-        _replay_batcher()
-    else:
-        _replay_runtime()
+    REPLAYS[cut]()
 
 
 def _replay_servicer() -> None:
@@ -141,6 +132,16 @@ def _replay_runtime() -> None:
         return {name: a.copy() for name, a in answer.items()}  # fresh arrays, as a real run returns
 
     Runtime.run = run  # type: ignore[method-assign]
+
+
+REPLAYS: dict[str, Callable[[], None]] = {  # the replay each cut installs, outermost cut first
+    "edge": _replay_servicer,
+    "servicer": _replay_dataplane,
+    "core": _replay_batcher,
+    "batcher": _replay_runtime,
+}
+CUTS = tuple(REPLAYS)  # seqserve servers with a replayed layer, outermost cut first
+ORDER = ("floor", *CUTS, "seqserve")  # each runs one more layer for real than the one before
 
 
 def serve_cut(cut: str, serve_args: Sequence[str]) -> int:
@@ -221,9 +222,7 @@ def print_table(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, "layers.json")
     pinned = [name for name, w in pa.WORKLOADS.items() if w.version]  # (replays are not counted in statistics)
-    ap.add_argument("--workloads", nargs="+", default=["charlm1-stream", "charlm1-unary"], choices=pinned)
-    ap.add_argument("--concurrency", nargs="+", type=count(1), default=[16])
-    ap.add_argument("--rounds", type=count(1), default=2)
+    pa.add_options(ap, where.WORKLOADS, [16], rounds=2, choices=pinned)
     ap.add_argument("--window-ms", type=count(100), default=2000)
     a = ap.parse_args(argv)
     results = run(a.models, a.workloads, a.concurrency, a.rounds, a.window_ms)

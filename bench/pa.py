@@ -12,6 +12,7 @@ Workloads (the issue's): one SST-2 sentence per request for ``sentiment``; one c
 
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import importlib.util
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.launch import cpu_seconds
+from service.argtypes import count
 
 # The binary tritonclient's wheel puts beside this interpreter; PERF_ANALYZER names another (Triton's SDK image).
 PERF_ANALYZER = Path(os.environ.get("PERF_ANALYZER") or Path(sys.executable).parent / "perf_analyzer")
@@ -66,6 +68,20 @@ WORKLOADS = {
     # the opt-in static int8 char LM (charlm-int8/2: batch-invariant answers), for comparison with charlm-stream
     "int8-stream": Workload("int8-stream", "charlm-int8", streaming=True, sequences=True),
 }
+
+
+def add_options(
+    ap: argparse.ArgumentParser,
+    workloads: list[str],
+    concurrency: list[int],
+    rounds: int,
+    choices: list[str] | None = None,
+) -> None:
+    """The options every perf_analyzer bench takes: ``--workloads`` (of ``choices``, default every workload),
+    ``--concurrency`` and ``--rounds``, with the caller's defaults."""
+    ap.add_argument("--workloads", nargs="+", default=workloads, choices=choices or list(WORKLOADS))
+    ap.add_argument("--concurrency", nargs="+", type=count(1), default=concurrency)
+    ap.add_argument("--rounds", type=count(1), default=rounds, help="interleaved rounds per workload and concurrency")
 
 
 @dataclass

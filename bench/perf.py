@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 from bench import cli, pa
 from bench.launch import process, serve
-from service.argtypes import count
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -214,12 +213,10 @@ def print_table(results: dict[str, Any], reference: str = "floor") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, "perf.json")
-    ap.add_argument("--workloads", nargs="+", default=list(pa.WORKLOADS), choices=list(pa.WORKLOADS))
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    pa.add_options(ap, list(pa.WORKLOADS), [1, 16, 64], rounds=2)
     ap.add_argument("--workers", nargs="+", type=int, default=[1, available_workers()])
     ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="extra SEQSERVE_* for the server")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor server (tuning runs)")
-    ap.add_argument("--rounds", type=count(1), default=2, help="interleaved rounds per workload and concurrency")
     args = ap.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.env)
     workers = sorted(set(args.workers))

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results["perf"] = perf.run(args.models, list(pa.WORKLOADS), [1, 16, 64], sorted({1, default}))
             results["where"] = run_where(args.models)  # the perf rows' server CPU split by library (Linux perf)
-            results["layers"] = layers.run(args.models, ["charlm1-stream", "charlm1-unary"], [16])  # ... by layer
+            results["layers"] = layers.run(args.models, where.WORKLOADS, [16])  # ... by layer
     from bench import overload  # 256 callers against the default server, then against a small queue bound
 
     results["overload"] = overload.run(args.models, 96 if args.quick else 256, 1.0 if args.quick else 8.0)
@@ -280,7 +280,7 @@ def run_where(models: Path) -> dict[str, Any]:
         perf = where.perf_binary()
     except SystemExit as e:
         return {"skipped": str(e)}
-    return where.run(models, ["charlm1-stream", "charlm1-unary"], [16], perf=perf)
+    return where.run(models, where.WORKLOADS, [16], perf=perf)
 
 
 def print_table(r: dict[str, Any]) -> None:

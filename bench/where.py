@@ -31,7 +31,6 @@ from typing import Any
 
 from bench import cli, pa
 from bench.perf import alternating, started
-from service.argtypes import count
 
 # Shared objects by what they are, first match wins; anything else is "other".
 LIBRARIES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -145,6 +144,9 @@ def measure(
     }
 
 
+WORKLOADS = ["charlm1-stream", "charlm1-unary"]  # make bench's: the streamed and unary charlm/1 steps
+
+
 def run(
     models: Path,
     workloads: list[str],
@@ -210,9 +212,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, "where.json")
-    ap.add_argument("--workloads", nargs="+", default=["charlm1-stream", "charlm1-unary"], choices=list(pa.WORKLOADS))
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[16])
-    ap.add_argument("--rounds", type=count(1), default=2)
+    pa.add_options(ap, WORKLOADS, [16], rounds=2)
     ap.add_argument("--frequency", type=int, default=499, help="perf's samples per second per thread")
     args = ap.parse_args(argv)
     results = run(args.models, args.workloads, args.concurrency, args.rounds, args.frequency)
