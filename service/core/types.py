@@ -6,6 +6,7 @@ types, await one ``DataPlane`` call, and convert back. Nothing here knows about 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -167,6 +168,10 @@ class TensorContract:
     inputs: tuple[TensorDef, ...]
     outputs: tuple[TensorDef, ...]
     sequences: bool
+
+    @functools.cached_property
+    def inputs_by_name(self) -> dict[str, TensorDef]:
+        return {d.name: d for d in self.inputs}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from service.api.kserve.convert import (
     stats_to_pb,
 )
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_priority, parse_sequence, parse_timeout
-from service.api.kserve.tensors import encode_output, read_inputs, requested_outputs
+from service.api.kserve.tensors import encode_outputs, read_inputs, requested_outputs
 from service.core.context import reset_priority, set_priority
 from service.core.types import DataPlane
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
@@ -208,13 +208,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             reset_priority(token)
         if response is None:
             response = pb.ModelInferResponse()
-        response.model_name, response.model_version, response.id = result.model, str(result.version), request.id
+        encode_outputs(response, result.model, result.version, result.outputs)
+        response.id = request.id
         if result.steps is not None:
             response.parameters[STEPS_PARAMETER].int64_param = result.steps
         if result.session_blob is not None:
             response.parameters[SESSION_PARAMETER].string_param = base64.b64encode(result.session_blob).decode()
-        for tensor in result.outputs:
-            encode_output(response, tensor)
         return response
 
 

@@ -209,12 +209,37 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
 def encode_output(response: pb.ModelInferResponse, t: Tensor) -> None:
     """Appends one output to ``response`` as raw contents (numeric arrays row-major little-endian)."""
     response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+    response.raw_output_contents.append(_raw(t))
+
+
+def _raw(t: Tensor) -> bytes:
     if t.datatype == "BYTES":
-        response.raw_output_contents.append(_serialize_cached(t.items or []))
-        return
+        return _serialize_cached(t.items or [])
     assert t.array is not None
     dtype, _ = NUMERIC[t.datatype]
     a = t.array
     if a.dtype != dtype or not a.flags.c_contiguous:
         a = np.ascontiguousarray(a, dtype=dtype)
-    response.raw_output_contents.append(a.tobytes())
+    return a.tobytes()
+
+
+# A response's model, version and output headers, serialized once per distinct set (a model answers with the same
+# outputs and shapes step after step) and merged into each response as one message: building them field by field
+# cost ~3 µs per response. Bounded: shapes that vary (batch sizes, class counts) only refill it.
+_HEADERS: dict[tuple[object, ...], bytes] = {}
+_HEADERS_MAX = 256
+
+
+def encode_outputs(response: pb.ModelInferResponse, model: str, version: int, tensors: list[Tensor]) -> None:
+    """Sets ``response``'s model name and version and appends ``tensors`` as ``encode_output`` does."""
+    key = (model, version, *[(t.name, t.datatype, t.shape) for t in tensors])
+    header = _HEADERS.get(key)
+    if header is None:
+        m = pb.ModelInferResponse(model_name=model, model_version=str(version))
+        for t in tensors:
+            m.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        header = _HEADERS[key] = m.SerializeToString()
+    response.MergeFromString(header)
+    response.raw_output_contents.extend([_raw(t) for t in tensors])

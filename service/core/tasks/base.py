@@ -232,7 +232,7 @@ def check_inputs(model: str, contract: TensorContract, inputs: Sequence[InputTen
 
 def check_header(model: str, contract: TensorContract, inputs: Sequence[InputTensor]) -> dict[str, InputTensor]:
     """Names, datatypes, shapes and size limits of v2 inputs against ``contract``; nothing is decoded."""
-    known = {d.name: d for d in contract.inputs}
+    known = contract.inputs_by_name
     seen: dict[str, InputTensor] = {}
     for t in inputs:
         if t.name not in known:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.kserve import tensors
 from service.api.kserve.params import parse_sequence
-from service.api.kserve.tensors import decode_inputs, deserialize_bytes, encode_output, serialize_bytes
+from service.api.kserve.tensors import decode_inputs, deserialize_bytes, encode_output, encode_outputs, serialize_bytes
 from service.core.types import Tensor
 from service.errors import InvalidInput
 
@@ -74,6 +75,24 @@ def test_encode_output_is_raw_little_endian() -> None:
     assert [(o.name, list(o.shape)) for o in response.outputs] == [("P", [1, 2]), ("L", [1])]
     assert np.frombuffer(response.raw_output_contents[0], dtype="<f4").tolist() == [0.5, 1.5]
     assert response.raw_output_contents[1] == b"\x02\x00\x00\x00ab"
+
+
+def test_encode_outputs_matches_field_by_field_encoding_and_its_header_cache_stays_bounded() -> None:
+    def outputs(rows: int) -> list[Tensor]:
+        probs = np.arange(rows * 3, dtype=np.float64).reshape(rows, 3)[:, ::-1]  # float64, not contiguous
+        return [Tensor("P", "FP32", (rows, 3), array=probs), Tensor("L", "BYTES", (rows,), items=[b"x"] * rows)]
+
+    for rows in (1, 2, 1):  # the second answer of one signature comes from the cache
+        fast = pb.ModelInferResponse(id="7")
+        encode_outputs(fast, "m", 3, outputs(rows))
+        slow = pb.ModelInferResponse(model_name="m", model_version="3", id="7")
+        for t in outputs(rows):
+            encode_output(slow, t)
+        assert fast == slow
+        assert np.frombuffer(fast.raw_output_contents[0], dtype="<f4").reshape(rows, 3)[0].tolist() == [2, 1, 0]
+    for rows in range(1, 2 * tensors._HEADERS_MAX):  # a shape per call: the cache refills, it does not grow
+        encode_outputs(pb.ModelInferResponse(), "m", 3, outputs(rows))
+        assert len(tensors._HEADERS) <= tensors._HEADERS_MAX
 
 
 def test_sequence_parameters() -> None:
