@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MAX_SECONDS = 315_360_000.0  # ten years: any duration setting (a protobuf Timestamp, a Redis TTL in ms hold it)
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+", re.IGNORECASE)  # a web origin: scheme://host[:port]
+GRPC_MAX_SECONDS = (2**31 - 1) / 1000  # gRPC's time options are int32 milliseconds: about 24.8 days
 MAX_DELAY_MS = 60_000.0  # the batching and inline thresholds: a minute (a batch that waits for its last row)
 
 
@@ -53,6 +54,36 @@ class Settings(BaseSettings):
     /healthz and /readyz excepted). Without API keys the certificate's subject is the caller's principal."""
     grace_seconds: float = Field(default=10.0, ge=0, le=MAX_SECONDS)
     """On SIGTERM: health goes NOT_SERVING, in-flight calls get this long to finish."""
+    grpc_keepalive_seconds: float = Field(default=7200.0, gt=0, le=GRPC_MAX_SECONDS)
+    """The server pings a connection that has been quiet this long; one that does not answer within
+    ``grpc_keepalive_timeout_seconds`` is closed and its calls cancelled (a peer that vanished without closing
+    its connection). gRPC's and Triton's default: two hours."""
+    grpc_keepalive_timeout_seconds: float = Field(default=20.0, gt=0, le=GRPC_MAX_SECONDS)
+    """How long the server waits for the answer to its keepalive ping."""
+    grpc_keepalive_permit_without_calls: bool = True
+    """Clients may send keepalive pings on a connection with no call in flight (and the server pings such a
+    connection too). gRPC's default (false) counts each such ping as a strike against the client."""
+    grpc_min_ping_interval_seconds: float = Field(default=10.0, ge=0, le=GRPC_MAX_SECONDS)
+    """The shortest interval between a client's pings, while the server sends it nothing, that is not a strike;
+    after ``grpc_max_ping_strikes`` strikes the server closes the connection (GOAWAY ``too_many_pings``), which
+    fails every call on it, open streams included. 10 s accepts the keepalive most clients allow (gRPC's Go and
+    Java clients raise anything shorter to 10 s); under gRPC's and Triton's default, 300 s, a client's stream
+    fails four of its ping intervals into a quiet spell (40 s for pings every 10 s)."""
+    grpc_max_ping_strikes: int = Field(default=2, ge=0)
+    """Pings too close together that the server tolerates before closing the connection; 0 = any number."""
+    grpc_max_connection_age_seconds: float = Field(default=0.0, ge=0, le=GRPC_MAX_SECONDS)
+    """0 (default) = connections live as long as their clients keep them. Otherwise a connection older than this
+    (give or take gRPC's 10% jitter) is asked to close (GOAWAY): its client connects again, through the load
+    balancer, so long-lived clients spread over replicas added since. Calls in flight then get
+    ``grpc_max_connection_age_grace_seconds`` to finish; a KServe stream that is cut off opens again and its
+    sequence carries on, on any frontend of this server, on another replica only with a shared (Redis) session
+    store."""
+    grpc_max_connection_age_grace_seconds: float = Field(default=0.0, ge=0, le=GRPC_MAX_SECONDS)
+    """After ``grpc_max_connection_age_seconds``: how long the calls in flight on the old connection may still
+    take before they are cancelled; 0 (default) = as long as they take."""
+    grpc_max_connection_idle_seconds: float = Field(default=0.0, ge=0, le=GRPC_MAX_SECONDS)
+    """Close a connection that has had no call in flight for this long (its client connects again when it next
+    calls); 0 (default) = never."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent (by the methods that carry bulk data: Classify, Predict, Observe,
     ModelInfer, ModelStreamInfer, and methods this server does not list as small)."""

@@ -121,9 +121,7 @@ class Server:
         s = self.settings
         if self._remote is None:
             self._dataplane = CoreDataPlane(s, self.metrics, clock=self._clock)
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", s.max_message_bytes)]
-        options.append(("grpc.max_send_message_length", s.max_message_bytes))
-        options.append(("grpc.so_reuseport", 1))  # frontends of one server share the port (the default on Linux)
+        options = grpc_options(s)
         # With TLS the gRPC port refuses the REST gateway's plaintext hop: the gateway reaches this server over a
         # Unix socket in a folder only this user can enter instead, and vouches there for its mTLS callers with a
         # token that never leaves this process (``service.api.rest``).
@@ -309,6 +307,33 @@ def start_rest(
     )
     gateway.start()
     return gateway
+
+
+def grpc_options(s: Settings) -> list[tuple[str, Any]]:
+    """The gRPC server's channel arguments: message limits, the shared port, keepalive, the ping policy and
+    connection ages (gRPC core's names, milliseconds; an age of 0 is left to gRPC: no limit)."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.so_reuseport", 1),  # frontends of one server share the port (the default on Linux)
+        ("grpc.keepalive_time_ms", ms(s.grpc_keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(s.grpc_keepalive_timeout_seconds)),
+        ("grpc.keepalive_permit_without_calls", int(s.grpc_keepalive_permit_without_calls)),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(s.grpc_min_ping_interval_seconds * 1000)),
+        ("grpc.http2.max_ping_strikes", s.grpc_max_ping_strikes),
+    ]
+    for name, seconds in (
+        ("grpc.max_connection_age_ms", s.grpc_max_connection_age_seconds),
+        ("grpc.max_connection_age_grace_ms", s.grpc_max_connection_age_grace_seconds),
+        ("grpc.max_connection_idle_ms", s.grpc_max_connection_idle_seconds),
+    ):
+        if seconds:
+            options.append((name, ms(seconds)))
+    return options
 
 
 def check_free(host: str, port: int, setting: str) -> None:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from service.metrics import Metrics
+from service.settings import Settings
 from tests.deploy.conftest import ROOT, run, tool
 
 K8S = ROOT / "deploy" / "k8s"
@@ -202,6 +203,27 @@ def test_replicas_share_the_redis_session_store(rendered: tuple[str, str]) -> No
     (peer,) = ingress["from"]
     assert all(server_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
     assert objs["HorizontalPodAutoscaler/seqserve"]["spec"]["minReplicas"] >= 1
+
+
+def test_config_names_real_settings_and_moves_long_lived_clients(
+    rendered: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every variable of the ConfigMap is a setting (a misspelt one would be ignored without a word), they load,
+    and connections age out: the ClusterIP Service balances connections, not calls, so without an age the
+    clients connected before a scale-up never reach the new replicas. Moving them is safe because every replica
+    reads the same (Redis) session store."""
+    env = config(objects(rendered[1]))
+    known = {f"SEQSERVE_{name.upper()}" for name in Settings.model_fields}
+    assert set(env) <= known, f"not settings: {sorted(set(env) - known)}"
+    for name in os.environ:
+        if name.startswith("SEQSERVE_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.grpc_max_connection_age_seconds > 0
+    assert settings.grpc_max_connection_age_grace_seconds == 0  # open streams finish on their connection
+    assert settings.session_store.startswith("redis://")
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image() -> None:
