@@ -126,18 +126,33 @@ def channel_credentials(
 RECONNECT_BACKOFF = (0.25, 2.0)
 
 
-def _channel_options(reconnect_backoff: tuple[float, float]) -> list[tuple[str, int]]:
+KEEPALIVE_TIMEOUT = 20.0  # seconds a keepalive ping may go unanswered before the connection counts as gone
+
+
+def _channel_options(
+    reconnect_backoff: tuple[float, float], keepalive_seconds: float | None = None
+) -> list[tuple[str, int]]:
     first, longest = reconnect_backoff
     if not 0.001 <= first <= longest <= 3600:  # (also refuses nan)
         raise ValueError(
             "reconnect_backoff: (first, longest) in seconds, 0.001 <= first <= longest <= 3600; "
             f"got {reconnect_backoff}"
         )
-    return [
+    options = [
         ("grpc.initial_reconnect_backoff_ms", round(first * 1000)),
         ("grpc.max_reconnect_backoff_ms", round(longest * 1000)),
         ("grpc.use_local_subchannel_pool", 1),  # a fresh Client connects at once, even while another backs off
     ]
+    if keepalive_seconds is not None:
+        if not 1 <= keepalive_seconds <= 86400:  # (gRPC pings no more often than once a second; also refuses nan)
+            raise ValueError(f"keepalive_seconds: 1 to 86400 (a day), or None for no pings; got {keepalive_seconds}")
+        options += [
+            ("grpc.keepalive_time_ms", round(keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", round(KEEPALIVE_TIMEOUT * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),  # also through a long quiet spell of an open stream
+        ]
+    return options
 
 
 class Client:
@@ -153,6 +168,7 @@ class Client:
         tls: bool = False,
         reconnect_backoff: tuple[float, float] = RECONNECT_BACKOFF,
         retries: int = 0,
+        keepalive_seconds: float | None = None,
     ) -> None:
         """``timeout``: default deadline in seconds per call (for streams: the whole stream); None = none.
         TLS when ``tls`` or any ``tls_*`` file is given: ``tls_ca`` verifies the server (default: the system's
@@ -166,7 +182,13 @@ class Client:
         said when to retry (``ApiError.retry_after``: a full queue, the rate quota, a model loading, a replica
         behind in a rolling update), after that wait and within the call's deadline (without one, a wait over
         ``MAX_RETRY_WAIT`` is not waited for). Refusals without a retry time (a bad request, a full session
-        quota) are raised at once, as are streaming calls' refusals."""
+        quota) are raised at once, as are streaming calls' refusals.
+
+        ``keepalive_seconds``: ping the server after this long without a word, between calls too, so that a NAT or
+        a proxy does not drop a quiet connection (an open Suggest stream while the user thinks) and a server that
+        vanished is noticed within ``KEEPALIVE_TIMEOUT`` of the next ping. None (default) = no pings. seqserve
+        accepts pings 10 s apart or more (``GRPC_MIN_PING_INTERVAL_SECONDS``); a server that allows fewer closes
+        the connection after a few, failing its calls."""
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         self.retries = retries
@@ -177,7 +199,7 @@ class Client:
             # (grpc refuses such a header on every call with INTERNAL "Invalid metadata", naming nothing)
             raise ValueError("api_key: a key is printable ASCII (SEQSERVE_API_KEY, --api-key)")
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        options = _channel_options(reconnect_backoff)
+        options = _channel_options(reconnect_backoff, keepalive_seconds)
         if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
             credentials = channel_credentials(tls_ca, tls_cert, tls_key)
             self._channel = grpc.secure_channel(target, credentials, options=options)

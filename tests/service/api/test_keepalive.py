@@ -16,6 +16,7 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.server import grpc_options
+from service.client import ApiError, Client
 from service.settings import Settings
 from tests.conftest import ServerHandle, server_settings
 
@@ -198,3 +199,41 @@ def test_a_stream_cut_off_after_the_grace_period_carries_on_in_a_new_one(serve: 
     # the next answer says where the sequence is.
     assert after.parameters["seqserve_steps"].int64_param in (answered + 1, answered + 2)
     assert answered >= 2
+
+
+def _thinking_user(client: Client) -> list[int] | ApiError:
+    """A Suggest stream whose user types, thinks for 6 s, and types again: the steps of both answers, or the
+    stream's error."""
+
+    def events() -> Iterator[str]:
+        yield "To be"
+        time.sleep(6)
+        yield ", or"
+
+    with client.session("charlm") as s:
+        try:
+            return [r.steps for r in client.suggest(s.id, events())]
+        except ApiError as exc:
+            return exc
+
+
+@pytest.mark.parametrize(("policy", "survives"), [(0.5, True), (300.0, False)])
+def test_the_client_pings_a_quiet_stream_when_asked(serve: Any, policy: float, survives: bool) -> None:
+    """``Client(keepalive_seconds=1)`` pings through the user's pause: a server that allows it answers both
+    events; one with gRPC's default policy closes the connection (which it would not do to a client that never
+    pings: that is how the test knows the pings were sent)."""
+    server = serve(grpc_min_ping_interval_seconds=policy)
+    with Client(server.target, keepalive_seconds=1) as client:
+        outcome = _thinking_user(client)
+    if survives:
+        assert outcome == [5, 9]
+    else:
+        assert isinstance(outcome, ApiError) and outcome.code == grpc.StatusCode.UNAVAILABLE, outcome
+
+
+def test_the_client_checks_its_keepalive() -> None:
+    for bad in (0.5, 0, -1, float("nan"), 86401):
+        with pytest.raises(ValueError, match="keepalive_seconds"):
+            Client("127.0.0.1:1", keepalive_seconds=bad)
+    with Client("127.0.0.1:1", keepalive_seconds=10):
+        pass
