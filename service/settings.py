@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     after ``grpc_max_ping_strikes`` strikes the server closes the connection (GOAWAY ``too_many_pings``), which
     fails every call on it, open streams included. 10 s accepts the keepalive most clients allow (gRPC's Go and
     Java clients raise anything shorter to 10 s); under gRPC's and Triton's default, 300 s, a client's stream
-    fails four of its ping intervals into a quiet spell (40 s for pings every 10 s)."""
+    fails a few of its ping intervals into a quiet spell."""
     grpc_max_ping_strikes: int = Field(default=2, ge=0)
     """Pings too close together that the server tolerates before closing the connection; 0 = any number."""
     grpc_max_connection_age_seconds: float = Field(default=0.0, ge=0, le=GRPC_MAX_SECONDS)
