@@ -3,7 +3,10 @@ connection ages (a client is moved to a new connection; the calls in flight on t
 
 from __future__ import annotations
 
+import json
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from service.api.server import grpc_options
 from service.client import ApiError, Client
 from service.settings import Settings
 from tests.conftest import ServerHandle, server_settings
+from tests.service.kserve.procs import CLIENT_SCRIPT
 
 # A client that pings every second (gRPC's C core pings no more often), also between calls and without waiting
 # for data: what mobile and NAT-traversing clients configure, at longer intervals (10 s and more).
@@ -237,3 +241,22 @@ def test_the_client_checks_its_keepalive() -> None:
             Client("127.0.0.1:1", keepalive_seconds=bad)
     with Client("127.0.0.1:1", keepalive_seconds=10):
         pass
+
+
+@pytest.mark.parametrize(("policy", "survives"), [(0.5, True), (300.0, False)])
+def test_tritonclient_with_keepalive_options(serve: Any, policy: float, survives: bool) -> None:
+    """The stock tritonclient with ``KeepAliveOptions`` pinging every second, its stream quiet for 6 s between two
+    steps of a sequence (in its own interpreter: ``tests/service/kserve/triton_client.py``)."""
+    server = serve(grpc_min_ping_interval_seconds=policy)
+    done = subprocess.run(
+        [sys.executable, str(CLIENT_SCRIPT), "--url", server.target, "--keepalive", "6"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    answers = json.loads(done.stdout)["answers"]
+    if survives:
+        assert answers == [5, 9]
+    else:
+        assert answers[0] == 5 and answers[1]["status"] == "StatusCode.UNAVAILABLE", answers

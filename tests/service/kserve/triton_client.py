@@ -8,9 +8,11 @@ pytest process must never import it. ``test_tritonclient.py`` asserts on the rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import queue
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -178,6 +180,34 @@ def stream(c: grpcclient.InferenceServerClient) -> Report:
     return report
 
 
+def keepalive(url: str, pause: float) -> Report:
+    """A stream that pings every second through a pause (tritonclient's ``KeepAliveOptions``, as clients behind a
+    NAT set them): a sequence step, ``pause`` seconds of quiet, another step. Each answer's step count, or the
+    stream's error."""
+    options = grpcclient.KeepAliveOptions(
+        keepalive_time_ms=1000,
+        keepalive_timeout_ms=5000,
+        keepalive_permit_without_calls=True,
+        http2_max_pings_without_data=0,
+    )
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    report: Report = {"answers": []}
+    with grpcclient.InferenceServerClient(url, keepalive_options=options) as c:
+        c.start_stream(callback=lambda result, error: results.put((result, error)))
+        for i, piece in enumerate(["To be", ", or"]):
+            if i:
+                time.sleep(pause)
+            with contextlib.suppress(InferenceServerException):  # the stream ended meanwhile: its callback says why
+                c.async_stream_infer("charlm", [_text([piece], [1])], sequence_id=31, sequence_start=i == 0)
+            result, error = results.get(timeout=60)
+            if error is not None:
+                report["answers"].append({"status": str(error.status()), "message": str(error.message())})
+                break
+            report["answers"].append(result.get_response().parameters["seqserve_steps"].int64_param)
+        c.stop_stream()
+    return report
+
+
 def forecaster(c: grpcclient.InferenceServerClient) -> Report:
     meta = c.get_model_metadata("forecaster", as_json=True)
     features = int(meta["inputs"][0]["shape"][1])
@@ -309,7 +339,11 @@ def main() -> None:
     parser.add_argument("--trained", action="store_true", help="only the checks for the committed models")
     parser.add_argument("--repository", metavar="OP:MODEL", help="load:NAME or unload:NAME, then report")
     parser.add_argument("--logging", action="store_true", help="only the logging extension (changes the settings)")
+    parser.add_argument("--keepalive", type=float, metavar="PAUSE", help="only a pinging stream's pause of PAUSE s")
     args = parser.parse_args()
+    if args.keepalive is not None:
+        print(json.dumps(keepalive(args.url, args.keepalive)))
+        return
     with grpcclient.InferenceServerClient(args.url) as c:
         if args.logging:
             print(json.dumps(logging_extension(c)))
