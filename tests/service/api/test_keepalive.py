@@ -22,7 +22,7 @@ from service.api.server import grpc_options
 from service.client import ApiError, Client
 from service.settings import Settings
 from tests.conftest import ServerHandle, server_settings
-from tests.service.kserve.procs import CLIENT_SCRIPT
+from tests.service.kserve.procs import CLIENT_SCRIPT, start_server, stop_server
 
 # A client that pings every second (gRPC's C core pings no more often), also between calls and without waiting
 # for data: what mobile and NAT-traversing clients configure, at longer intervals (10 s and more).
@@ -260,3 +260,21 @@ def test_tritonclient_with_keepalive_options(serve: Any, policy: float, survives
         assert answers == [5, 9]
     else:
         assert answers[0] == 5 and answers[1]["status"] == "StatusCode.UNAVAILABLE", answers
+
+
+@pytest.mark.parametrize(("policy", "survives"), [("0.5", True), ("300", False)])
+def test_every_frontend_applies_the_ping_policy(tiny_models: Path, tmp_path: Path, policy: str, survives: bool) -> None:
+    """``seqserve serve --workers 2`` (the layout a server with two cores or more runs by default): the gRPC
+    servers are the frontend processes, and they apply the settings too."""
+    proc, info = start_server(
+        tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_GRPC_MIN_PING_INTERVAL_SECONDS=policy
+    )
+    try:
+        first, second = _idle_stream(f"127.0.0.1:{info['grpc_port']}")
+    finally:
+        stop_server(proc)
+    assert not first.error_message
+    if survives:
+        assert second == 2
+    else:
+        assert isinstance(second, grpc.RpcError) and second.code() == grpc.StatusCode.UNAVAILABLE
