@@ -148,20 +148,33 @@ def client(server: ServerHandle) -> Iterator[Client]:
         yield c
 
 
-@pytest.fixture
-def start_server(tiny_models: Path, session_store: str) -> Iterator[Callable[..., ServerHandle]]:
-    """Factory for extra servers with other settings; each is stopped when the test ends."""
+def _servers(models: Path, store: str) -> Iterator[Callable[..., ServerHandle]]:
+    """``start(clock=None, **settings)``: servers on ``models`` and ``store`` unless the settings say otherwise,
+    each stopped when the generator is closed (the test's end)."""
     handles: list[ServerHandle] = []
 
     def start(clock: Callable[[], float] | None = None, **overrides: Any) -> ServerHandle:
-        overrides.setdefault("session_store", session_store)
-        handle = ServerHandle(server_settings(overrides.pop("models", tiny_models), **overrides), clock)
+        overrides.setdefault("session_store", store)
+        handle = ServerHandle(server_settings(overrides.pop("models", models), **overrides), clock)
         handles.append(handle)
         return handle
 
     yield start
     for h in handles:
         h.close()
+
+
+@pytest.fixture
+def start_server(tiny_models: Path, session_store: str) -> Iterator[Callable[..., ServerHandle]]:
+    """Factory for extra servers with other settings, on each session store in turn; stopped when the test ends."""
+    yield from _servers(tiny_models, session_store)
+
+
+@pytest.fixture
+def serve(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
+    """``serve(**settings)``: a private server on the in-memory store (for tests whose subject is not the store),
+    stopped when the test ends."""
+    yield from _servers(tiny_models, "memory://")
 
 
 @pytest.fixture

@@ -9,9 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -21,7 +20,7 @@ from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.server import grpc_options
 from service.client import ApiError, Client
 from service.settings import Settings
-from tests.conftest import ServerHandle, server_settings
+from tests.conftest import ServerHandle
 from tests.service.kserve.procs import CLIENT_SCRIPT, start_server, stop_server
 
 # A client that pings every second (gRPC's C core pings no more often), also between calls and without waiting
@@ -97,19 +96,6 @@ class Stream:
         self._out.put(None)
 
 
-@pytest.fixture
-def serve(tiny_models: Path) -> Iterator[Any]:
-    handles: list[ServerHandle] = []
-
-    def start(**overrides: Any) -> ServerHandle:
-        handles.append(ServerHandle(server_settings(tiny_models, **overrides)))
-        return handles[-1]
-
-    yield start
-    for h in handles:
-        h.close()
-
-
 def _idle_stream(target: str) -> tuple[pb.ModelStreamInferResponse, int | grpc.RpcError]:
     """A stream's first step, then 6 s without a word while the client pings, then its second step: (the first
     answer, the second answer's step count or the stream's error). Against a policy it breaks, the third strike
@@ -127,13 +113,13 @@ def _idle_stream(target: str) -> tuple[pb.ModelStreamInferResponse, int | grpc.R
             stream.close()
 
 
-def test_an_idle_stream_survives_the_pings_the_policy_allows(serve: Any) -> None:
+def test_an_idle_stream_survives_the_pings_the_policy_allows(serve: Callable[..., ServerHandle]) -> None:
     server = serve(grpc_min_ping_interval_seconds=0.5)
     first, second = _idle_stream(server.target)
     assert not first.error_message and second == 2  # the same sequence, one step further
 
 
-def test_pings_faster_than_the_policy_allows_end_the_connection(serve: Any) -> None:
+def test_pings_faster_than_the_policy_allows_end_the_connection(serve: Callable[..., ServerHandle]) -> None:
     """The same client against gRPC's default policy (one ping in 300 s while the server sends nothing): the
     server closes the connection, and the open stream with it. (What the default of 10 s avoids for clients
     that ping every 10 s or more.)"""
@@ -144,7 +130,7 @@ def test_pings_faster_than_the_policy_allows_end_the_connection(serve: Any) -> N
     assert "ping" in (second.details() or "").lower()
 
 
-def test_an_aged_connection_is_replaced_while_its_stream_finishes(serve: Any) -> None:
+def test_an_aged_connection_is_replaced_while_its_stream_finishes(serve: Callable[..., ServerHandle]) -> None:
     """With a connection age of 1 s: a client calling for 4 s is moved to new connections (its channel becomes
     ready again) and no call fails; a stream opened on the first connection keeps answering past the age, its
     sequence intact (the grace period is unlimited by default)."""
@@ -177,7 +163,7 @@ def test_an_aged_connection_is_replaced_while_its_stream_finishes(serve: Any) ->
         assert ready >= 2, f"the calling channel connected {ready} time(s) in 4 s with a 1 s connection age"
 
 
-def test_a_stream_cut_off_after_the_grace_period_carries_on_in_a_new_one(serve: Any) -> None:
+def test_a_stream_cut_off_after_the_grace_period_carries_on_in_a_new_one(serve: Callable[..., ServerHandle]) -> None:
     """Age 1 s and grace 1 s: the stream on the old connection ends within a few seconds; the client opens
     another and the sequence continues from its last answered step (the state is the server's, not the
     stream's)."""
@@ -222,7 +208,9 @@ def _thinking_user(client: Client) -> list[int] | ApiError:
 
 
 @pytest.mark.parametrize(("policy", "survives"), [(0.5, True), (300.0, False)])
-def test_the_client_pings_a_quiet_stream_when_asked(serve: Any, policy: float, survives: bool) -> None:
+def test_the_client_pings_a_quiet_stream_when_asked(
+    serve: Callable[..., ServerHandle], policy: float, survives: bool
+) -> None:
     """``Client(keepalive_seconds=1)`` pings through the user's pause: a server that allows it answers both
     events; one with gRPC's default policy closes the connection (which it would not do to a client that never
     pings: that is how the test knows the pings were sent)."""
@@ -244,7 +232,7 @@ def test_the_client_checks_its_keepalive() -> None:
 
 
 @pytest.mark.parametrize(("policy", "survives"), [(0.5, True), (300.0, False)])
-def test_tritonclient_with_keepalive_options(serve: Any, policy: float, survives: bool) -> None:
+def test_tritonclient_with_keepalive_options(serve: Callable[..., ServerHandle], policy: float, survives: bool) -> None:
     """The stock tritonclient with ``KeepAliveOptions`` pinging every second, its stream quiet for 6 s between two
     steps of a sequence (in its own interpreter: ``tests/service/kserve/triton_client.py``)."""
     server = serve(grpc_min_ping_interval_seconds=policy)

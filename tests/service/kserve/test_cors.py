@@ -41,20 +41,6 @@ def page_server(tiny_models: Path) -> Iterator[ServerHandle]:
     handle.close()
 
 
-@pytest.fixture
-def start_server(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
-    """Servers with other settings (no sessions are involved: one store is enough), stopped after the test."""
-    handles: list[ServerHandle] = []
-
-    def start(**overrides: Any) -> ServerHandle:
-        handles.append(ServerHandle(server_settings(tiny_models, **overrides)))
-        return handles[-1]
-
-    yield start
-    for handle in handles:
-        handle.close()
-
-
 def test_a_listed_page_gets_its_preflight_and_reads_answers_and_errors(page_server: ServerHandle) -> None:
     # The headers of OpenAI's JavaScript SDK (its X-Stainless-* ones mean nothing here, but a preflight that left
     # them out would fail the SDK's every call).
@@ -142,8 +128,8 @@ def test_a_refused_preflight_says_why(
     assert http(page_server, "/v2/health/live", Authorization=f"Bearer {KEY}")[0] == 200  # and the port goes on
 
 
-def test_off_by_default_a_preflight_names_the_setting(start_server: Callable[..., ServerHandle]) -> None:
-    handle = start_server(http_port=0)
+def test_off_by_default_a_preflight_names_the_setting(serve: Callable[..., ServerHandle]) -> None:
+    handle = serve(http_port=0)
     status, text = error_of(preflight(handle, PAGE))
     assert status == 403 and "SEQSERVE_CORS_ORIGINS" in text and PAGE in text, text
     status, headers, _ = http(handle, "/v2/health/live", Origin=PAGE)
@@ -153,8 +139,8 @@ def test_off_by_default_a_preflight_names_the_setting(start_server: Callable[...
     assert (status, headers["Allow"], body) == (204, "GET, HEAD, POST, OPTIONS", b"")
 
 
-def test_any_origin_with_a_star(start_server: Callable[..., ServerHandle]) -> None:
-    handle = start_server(http_port=0, cors_origins="*")
+def test_any_origin_with_a_star(serve: Callable[..., ServerHandle]) -> None:
+    handle = serve(http_port=0, cors_origins="*")
     status, headers, _ = preflight(handle, "https://anyone.example", headers="content-type")
     assert (status, headers["Access-Control-Allow-Origin"]) == (204, "*")
     status, headers, _ = http(handle, "/v2/models/sentiment", Origin="http://localhost:5173")

@@ -40,22 +40,6 @@ def https(
         return e.code, e.read()
 
 
-@pytest.fixture
-def serve(tiny_models: Path) -> Iterator[Callable[..., ServerHandle]]:
-    """``serve(**settings)``: a private server on the in-memory store, stopped when the test ends."""
-    handles: list[ServerHandle] = []
-
-    def start(clock: Callable[[], float] | None = None, **overrides: Any) -> ServerHandle:
-        overrides.setdefault("session_store", "memory://")
-        handle = ServerHandle(server_settings(overrides.pop("models", tiny_models), **overrides), clock)
-        handles.append(handle)
-        return handle
-
-    yield start
-    for h in handles:
-        h.close()
-
-
 @pytest.fixture(scope="session")
 def plain(tiny_models: Path) -> Iterator[ServerHandle]:
     """One shared server with default settings on the in-memory store (tests must not stop it)."""
