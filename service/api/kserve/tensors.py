@@ -206,13 +206,8 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
     return out
 
 
-def encode_output(response: pb.ModelInferResponse, t: Tensor) -> None:
-    """Appends one output to ``response`` as raw contents (numeric arrays row-major little-endian)."""
-    response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-    response.raw_output_contents.append(_raw(t))
-
-
 def _raw(t: Tensor) -> bytes:
+    """An output's raw contents: numeric arrays row-major little-endian, BYTES length-prefixed."""
     if t.datatype == "BYTES":
         return _serialize_cached(t.items or [])
     assert t.array is not None
@@ -231,7 +226,8 @@ _HEADERS_MAX = 256
 
 
 def encode_outputs(response: pb.ModelInferResponse, model: str, version: int, tensors: list[Tensor]) -> None:
-    """Sets ``response``'s model name and version and appends ``tensors`` as ``encode_output`` does."""
+    """Sets ``response``'s model name and version and appends ``tensors``: each one's header in ``outputs``, its
+    data in ``raw_output_contents`` (``_raw``)."""
     key = (model, version, *[(t.name, t.datatype, t.shape) for t in tensors])
     header = _HEADERS.get(key)
     if header is None:

@@ -8,7 +8,7 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.kserve import tensors
 from service.api.kserve.params import parse_sequence
-from service.api.kserve.tensors import decode_inputs, deserialize_bytes, encode_output, encode_outputs, serialize_bytes
+from service.api.kserve.tensors import decode_inputs, deserialize_bytes, encode_outputs, serialize_bytes
 from service.core.types import Tensor
 from service.errors import InvalidInput
 
@@ -68,10 +68,10 @@ def test_decode_errors(request_: pb.ModelInferRequest, needle: str) -> None:
         decode_inputs(request_)
 
 
-def test_encode_output_is_raw_little_endian() -> None:
+def test_encode_outputs_is_raw_little_endian() -> None:
     response = pb.ModelInferResponse()
-    encode_output(response, Tensor("P", "FP32", (1, 2), array=np.array([[0.5, 1.5]], dtype=np.float32)))
-    encode_output(response, Tensor("L", "BYTES", (1,), items=[b"ab"]))
+    p = Tensor("P", "FP32", (1, 2), array=np.array([[0.5, 1.5]], dtype=np.float32))
+    encode_outputs(response, "m", 1, [p, Tensor("L", "BYTES", (1,), items=[b"ab"])])
     assert [(o.name, list(o.shape)) for o in response.outputs] == [("P", [1, 2]), ("L", [1])]
     assert np.frombuffer(response.raw_output_contents[0], dtype="<f4").tolist() == [0.5, 1.5]
     assert response.raw_output_contents[1] == b"\x02\x00\x00\x00ab"
@@ -85,9 +85,12 @@ def test_encode_outputs_matches_field_by_field_encoding_and_its_header_cache_sta
     for rows in (1, 2, 1):  # the second answer of one signature comes from the cache
         fast = pb.ModelInferResponse(id="7")
         encode_outputs(fast, "m", 3, outputs(rows))
-        slow = pb.ModelInferResponse(model_name="m", model_version="3", id="7")
+        slow = pb.ModelInferResponse(model_name="m", model_version="3", id="7")  # field by field
         for t in outputs(rows):
-            encode_output(slow, t)
+            slow.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        slow.raw_output_contents.extend(
+            [np.ascontiguousarray(outputs(rows)[0].array, "<f4").tobytes(), b"\x01\x00\x00\x00x" * rows]
+        )
         assert fast == slow
         assert np.frombuffer(fast.raw_output_contents[0], dtype="<f4").reshape(rows, 3)[0].tolist() == [2, 1, 0]
     for rows in range(1, 2 * tensors._HEADERS_MAX):  # a shape per call: the cache refills, it does not grow
