@@ -23,11 +23,9 @@ from service.core.sessions import SessionManager, SessionState
 from service.core.sessions.export import Exported, seal
 from service.core.stats import CountedRequest
 from service.core.tasks.base import TaskResult, check_and_decode
-from service.core.types import InferResult, InputTensor, ModelRef, SequenceRef, Tensor, TensorContract, TensorDef
+from service.core.types import InferResult, InputTensor, ModelRef, SequenceRef, Tensor, TensorContract
 from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound, echo
 from service.settings import Settings
-
-Contract = tuple[TensorContract, list[str], dict[str, TensorDef]]  # the contract, output names, outputs by name
 
 
 class V2Inference:
@@ -35,16 +33,14 @@ class V2Inference:
 
     def __init__(self, settings: Settings, registry: ModelRegistry, sessions: SessionManager) -> None:
         self.settings, self.registry, self.sessions = settings, registry, sessions
-        self._contracts: weakref.WeakKeyDictionary[ModelEntry, Contract] = weakref.WeakKeyDictionary()
+        self._contracts: weakref.WeakKeyDictionary[ModelEntry, TensorContract] = weakref.WeakKeyDictionary()
 
-    def _contract(self, entry: ModelEntry) -> Contract:
-        """The task's v2 contract, its output names and outputs by name, built once per loaded version (not once
-        per request)."""
+    def _contract(self, entry: ModelEntry) -> TensorContract:
+        """The task's v2 contract, built once per loaded version (not once per request), and with it its lookups
+        by name (``TensorContract``'s cached properties)."""
         found = self._contracts.get(entry)
         if found is None:
-            contract = entry.task.contract()
-            defs = {d.name: d for d in contract.outputs}
-            found = self._contracts[entry] = (contract, list(defs), defs)
+            found = self._contracts[entry] = entry.task.contract()
         return found
 
     def _sequence_id(self, model: str, seq: SequenceRef) -> str:
@@ -120,7 +116,7 @@ class V2Inference:
         """The answer: the wanted outputs, those named in ``classes`` as their top classes."""
         tensors = [result.outputs[n] for n in wanted]
         if classes:
-            defs = self._contract(entry)[2]
+            defs = self._contract(entry).outputs_by_name
             tensors = [
                 top_classes(t, classes[t.name], defs[t.name].labels) if t.name in classes else t for t in tensors
             ]
@@ -135,7 +131,8 @@ class V2Inference:
         classes: dict[str, int] | None = None,
     ) -> tuple[dict[str, Tensor], list[str]]:
         """The request checked against the version's contract: decoded inputs and the outputs to return."""
-        contract, names, defs = self._contract(entry)
+        contract = self._contract(entry)
+        names, defs = contract.output_names, contract.outputs_by_name
         wanted = outputs or names
         for name in wanted:
             if name not in defs:

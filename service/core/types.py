@@ -169,9 +169,18 @@ class TensorContract:
     outputs: tuple[TensorDef, ...]
     sequences: bool
 
+    # Looked up on every request: built once per contract (a frozen dataclass keeps its cached properties).
     @functools.cached_property
     def inputs_by_name(self) -> dict[str, TensorDef]:
         return {d.name: d for d in self.inputs}
+
+    @functools.cached_property
+    def outputs_by_name(self) -> dict[str, TensorDef]:
+        return {d.name: d for d in self.outputs}
+
+    @functools.cached_property
+    def output_names(self) -> list[str]:
+        return list(self.outputs_by_name)
 
 
 @dataclass(frozen=True)
