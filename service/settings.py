@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     watch_models_seconds: float = Field(default=0.0, ge=0, le=MAX_SECONDS)
     """Poll the repository this often (0 = never): new version folders load and become the default, removed
     ones unload, a changed model.onnx reloads (``seqserve serve --watch-models``)."""
+    warmup: bool = True
+    """Run each model version on a sample input of one row and of ``max_batch_size`` rows while it loads, before it
+    is READY (Triton's ``model_warmup``): a graph that loads but fails to run, or answers NaN, is UNAVAILABLE with
+    the reason instead of READY and failing its callers, and ONNX Runtime's first runs (on CUDA, its library set-up)
+    are not a caller's. Tasks that give no input for it (``Task.warmup_input``) are not run."""
     load_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Load only these models at start (comma-separated; empty = every model in the repository), like Triton's
     ``--model-control-mode=explicit --load-model``: the others are listed by RepositoryIndex as UNAVAILABLE and

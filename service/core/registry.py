@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from service.core.batching import Batcher
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.prefixes import PrefixCache
@@ -64,6 +66,27 @@ def _within_repository(message: str, root: Path) -> str:
         # only where a path starts (not "tinymodels/" for root "models"), longest first
         message = re.sub(r"(?<![\w.~/-])" + re.escape(prefix + os.sep), "", message)
     return message
+
+
+def warm_up(cls: type[Task], manifest: Manifest, runtime: Runtime, max_rows: int) -> None:
+    """Runs the graph on the task's warm-up input of one row and of ``max_rows`` (``settings.warmup``); raises
+    ValueError, saying what failed, when a run fails or answers NaN."""
+    for rows in sorted({1, max_rows}):
+        feeds = cls.warmup_input(manifest, rows)
+        if feeds is None:
+            return
+        try:
+            outputs = runtime.run(feeds, rows)
+        except Exception as exc:  # ORT's own exception types: the graph loads but cannot run
+            raise ValueError(
+                f"model.onnx loads but failed its warm-up run on a sample of {rows} row(s) ({exc}); re-export it"
+            ) from exc
+        nan = [name for name, out in outputs.items() if out.dtype.kind == "f" and np.isnan(out).any()]
+        if nan:
+            raise ValueError(
+                f"model.onnx answered NaN in {nan} on its warm-up sample of {rows} row(s); its weights are broken: "
+                "retrain or re-export it"
+            )
 
 
 @dataclass(eq=False)
@@ -199,6 +222,8 @@ class ModelEntry:
                 )
             self._runtime = load_runtime(manifest, model_path, settings, cls.symbols(manifest))
             self.facts = cls.inspect(manifest, self._runtime)
+            if settings.warmup:
+                warm_up(cls, manifest, self._runtime, settings.max_batch_size)
         except (ValueError, OSError, ModelUnavailable) as exc:
             self.error = _within_repository(str(exc), settings.models)
         except Exception as exc:  # a schema-valid but odd manifest can trip a task's or plugin's check anywhere

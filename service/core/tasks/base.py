@@ -113,6 +113,12 @@ class Task:
         return {}
 
     @classmethod
+    def warmup_input(cls, manifest: Manifest, rows: int) -> dict[str, Array] | None:
+        """A valid input of ``rows`` rows for this task's graph (state inputs left out: zeros), which the loader runs
+        before the model is READY (``settings.warmup``). None (the default): the model is not run at load."""
+        return None
+
+    @classmethod
     def symbols(cls, manifest: Manifest) -> dict[str, int]:
         """Sizes of symbolic state dimensions besides "batch" (e.g. ``{"features": 7}``)."""
         return {}

@@ -146,6 +146,12 @@ class CharLMTask(Task):
         return self.cuts_exactly and cache is not None and cache.enabled
 
     @classmethod
+    def warmup_input(cls, manifest: Manifest, rows: int) -> dict[str, I64]:
+        """Eight characters of the vocabulary in each row."""
+        assert manifest.tokenizer is not None  # check() ran first
+        return {"input_ids": np.tile(np.arange(8, dtype=np.int64) % len(manifest.tokenizer.vocab), (rows, 1))}
+
+    @classmethod
     def inspect(cls, manifest: Manifest, runtime: Runtime) -> dict[str, object]:
         """``cuts_exactly``: whether this graph's answer after a text is the same bits fed in one run or in two
         pieces, on a probe text: float32 recurrent kernels step by step (yes), activations quantized per run (no:

@@ -60,6 +60,12 @@ class ForecastTask(Task):
     stateful = True
 
     @classmethod
+    def warmup_input(cls, manifest: Manifest, rows: int) -> dict[str, Array]:
+        """Windows of rows at the columns' means (zeros, z-scored)."""
+        assert manifest.forecast is not None  # check() ran first
+        return {"history": np.zeros((rows, manifest.forecast.window, manifest.forecast.features), np.float32)}
+
+    @classmethod
     def check(cls, manifest: Manifest) -> None:
         norm, f = manifest.normalization, manifest.forecast
         if norm is None or f is None:

@@ -44,6 +44,17 @@ class SentimentTask(Task):
         if isinstance(last, int) and last != len(manifest.labels):
             raise ValueError(f"logits have {last} classes but manifest.labels has {len(manifest.labels)}")
 
+    @classmethod
+    def warmup_input(cls, manifest: Manifest, rows: int) -> dict[str, I64]:
+        """Texts of eight words: the vocabulary's first ids that are not padding."""
+        tokenizer = manifest.tokenizer
+        assert tokenizer is not None  # check() ran first
+        words = [i for i, word in enumerate(tokenizer.vocab[:9]) if word != tokenizer.pad_token][:8]
+        sample = {"input_ids": np.tile(np.asarray(words, np.int64), (rows, 1))}
+        if manifest.has_input("lengths"):
+            sample["lengths"] = np.full(rows, len(words), np.int64)
+        return sample
+
     def __init__(self, model: ModelHandle, settings: Settings) -> None:
         super().__init__(model, settings)
         m = model.manifest

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
+from tests.service.core.test_warmup import answer_nan
 from tests.service.security.certs import self_signed
 
 
@@ -60,6 +61,21 @@ def test_a_corrupt_model_and_a_missing_one_fail_and_name_what_to_fix(
     assert state == "fail" and "['nosuch']" in detail and "does not have" in detail
     rc, found = check(capsys, "--models", str(tmp_path / "empty"))
     assert rc == 1 and status(found, "model")[0] == "fail" and "nothing to serve" in status(found, "model")[1]
+
+
+def test_a_graph_that_loads_but_answers_nan_fails_the_check(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The warm-up (``SEQSERVE_WARMUP``) runs in the check as in serve: what only running the graph shows stops a
+    rollout here."""
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    answer_nan(repo / "sentiment" / "1")
+    rc, found = check(capsys, "--models", str(repo))
+    assert rc == 1
+    state, detail = status(found, "model", "sentiment/1")
+    assert state == "fail" and "answered NaN in ['logits'] on its warm-up sample" in detail, detail
+    assert status(found, "model", "charlm/1")[0] == "ok"
 
 
 def test_settings_keys_plugins_and_the_session_store(
