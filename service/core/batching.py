@@ -11,7 +11,8 @@ next one (continuous batching).
 Requests are merged only when their ``key`` is equal. Stateful steps use the time length as key, so every
 generation step (length 1) of concurrent streams shares one ORT run: their states are concatenated on the
 batch axis (axis 1 of ``[layers*dirs, batch, hidden]``), run once, and split back (TGI's ``concatenate`` /
-``filter``). A failed batch fails every Future in it.
+``filter``). When a batch of several requests fails, each runs again alone: only a request that fails by itself
+gets the error.
 
 Small, quick batches (at most ``inline_batch_tokens`` rows x time steps, and the model's last run of that many
 took at most ``inline_batch_ms``: every generation step) run ORT inline on the event loop: a one-thread ORT step
@@ -424,10 +425,15 @@ class Batcher:
             self._fail(batch, "stopped")
             raise
         except Exception as exc:
-            log.exception("batch of %d requests failed on model %s version %d", len(batch), self.name, self.version)
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+            if len(batch) > 1:
+                log.warning(
+                    "batch of %d requests failed on model %s version %d (%s: %s); running each alone",
+                    len(batch), self.name, self.version, type(exc).__name__, exc,
+                )  # fmt: skip
+                await self._run_each(batch)
+                return
+            log.exception("request failed on model %s version %d", self.name, self.version)
+            batch[0].future.set_exception(exc)
             return
         for group, times in runs:  # one execution per ORT run
             waited = sum(started - batch[i].enqueued for i in group)
@@ -435,6 +441,27 @@ class Batcher:
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
+
+    async def _run_each(self, batch: list[_Pending]) -> None:
+        """After a batch failed: each request runs alone (in the worker thread), so that only a request that fails by
+        itself fails (a word a mismatched graph's embedding lacks, a batch too big for the device's memory) and the
+        others of its batch get their answers."""
+        for p in batch:
+            if p.future.done():
+                continue
+            started = time.perf_counter()
+            try:
+                results, runs = await asyncio.to_thread(self._run_sync, [p.item])
+            except asyncio.CancelledError:  # stop() meanwhile
+                self._fail(batch, "stopped")
+                raise
+            except Exception as exc:
+                log.exception("request failed alone on model %s version %d", self.name, self.version)
+                p.future.set_exception(exc)
+                continue
+            for _, times in runs:
+                self._record(1, p.item.rows, started - p.enqueued, started, times)
+            p.future.set_result(results[0])
 
     @staticmethod
     def _tokens(items: list[StepInput]) -> int:

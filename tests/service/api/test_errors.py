@@ -3,8 +3,10 @@ a google.rpc.ErrorInfo reason and the request id (also echoed when the caller se
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -349,3 +351,21 @@ def test_reconnect_backoff_is_checked() -> None:
             Client("127.0.0.1:1", reconnect_backoff=bad)
     with Client("127.0.0.1:1", reconnect_backoff=(0.5, 10)) as c:
         assert c.target == "127.0.0.1:1"
+
+
+def test_a_request_the_model_cannot_run_is_internal_and_the_server_goes_on(
+    tiny_models: Path, tmp_path: Path, serve: Callable[..., ServerHandle]
+) -> None:
+    """ONNX Runtime failing on one request (a word the graph's embedding lacks: its manifest's vocabulary is one
+    word longer) is the server's fault, not the caller's: INTERNAL with a request id and nothing of the runtime's
+    message, batched requests unaffected (tests/service/core/test_batching.py), later calls answered."""
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    path = repo / "sentiment" / "1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["tokenizer"]["vocab"].append("zzzunseen")
+    path.write_text(json.dumps(manifest))
+    with Client(serve(models=repo).target, timeout=30) as c:
+        err = fails(Code.INTERNAL, "internal error (request id")(lambda: c.classify(["zzzunseen film"]))
+        assert "onnxruntime" not in err.message.lower() and err.reason == "INTERNAL"
+        assert c.classify(["good film"])[0].label in {"positive", "negative"}
