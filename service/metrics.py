@@ -288,6 +288,28 @@ class Metrics:
             registry=r,
         )
 
+        # --- core: the response cache of stateless KServe requests -----------------------------------------
+        self.response_lookups = Counter(
+            "seqserve_response_cache_lookups",
+            "Stateless KServe requests to a deterministic model that asked the response cache (RESPONSE_CACHE_BYTES), "
+            "by result: hit (answered from it, no model run) or miss.",
+            ("model", "result"),
+            registry=r,
+        )
+        self.response_bytes = Gauge(
+            "seqserve_response_cache_bytes",
+            "Bytes the response cache holds (at most response_cache_bytes).",
+            registry=r,
+        )
+        self.response_entries = Gauge(
+            "seqserve_response_cache_entries", "Answers the response cache holds.", registry=r
+        )
+        self.response_evictions = Counter(
+            "seqserve_response_cache_evictions",
+            "Answers dropped, least recently used first, to keep within response_cache_bytes.",
+            registry=r,
+        )
+
         # --- HTTP ports: the REST gateway's answers, connections the ports closed on their own ----------------
         self.http_requests = Counter(
             "seqserve_http_requests",
@@ -520,6 +542,17 @@ class Metrics:
         self.prefix_entries.set(entries)
         if evicted:
             self.prefix_evictions.inc(evicted)
+
+    # --- core: response cache ------------------------------------------------------------------------------
+    def response_cache_lookup(self, model: str, hit: bool) -> None:
+        self._child(self.response_lookups, (self._model(model), "hit" if hit else "miss")).inc()
+
+    def response_cache_usage(self, nbytes: int, entries: int, evicted: int) -> None:
+        """The cache's fill after it kept (or dropped) answers, and how many answers that evicted."""
+        self.response_bytes.set(nbytes)
+        self.response_entries.set(entries)
+        if evicted:
+            self.response_evictions.inc(evicted)
 
     # --- core: forecast intervals ------------------------------------------------------------------------
     def forecast_levels(self, model: str, version: int, levels: Iterable[float]) -> None:

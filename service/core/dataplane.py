@@ -177,6 +177,7 @@ class CoreDataPlane:
                 **entry.task.config_parameters(),
             },
             device="gpu" if entry.runtime.provider.startswith("CUDA") else "cpu",
+            response_cache=self._v2.cached(entry),
         )
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:

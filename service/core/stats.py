@@ -7,9 +7,11 @@ Triton does. Batch level (``batch_stats``): per batch size, how many batches ran
 Queue and compute count each request that ran the model once (failed or cancelled ones too: their runs' time
 is in there), with the durations of all its model runs added up (a generation of 200 characters: one count, 200
 runs' time), so that duration / count, which perf_analyzer prints, is a request's own time, as with Triton.
-``cache_hit`` / ``cache_miss`` stay empty: Triton fills them for its response cache, which serves whole answers
-and which we do not have; perf_analyzer flags them as inconsistent when the model's config enables none. The
-char LM's prefix cache reports to Prometheus (``seqserve_prefix_cache_*``).
+``cache_hit`` / ``cache_miss`` count the response cache's lookups (``RESPONSE_CACHE_BYTES``), as Triton's: a hit's
+time to find the answer, a miss's to look and to keep the new answer; a request answered from the cache counts in
+success and queue (no time), not in compute. They stay empty while the cache is off (perf_analyzer flags them as
+inconsistent when the model's config enables none). The char LM's prefix cache reports to Prometheus
+(``seqserve_prefix_cache_*``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class StatsBook:
         self.last_inference_ms = 0
         self.success, self.fail, self.queue = _Acc(), _Acc(), _Acc()
         self.compute_input, self.compute_infer, self.compute_output = _Acc(), _Acc(), _Acc()
+        self.cache_hit, self.cache_miss = _Acc(), _Acc()
         self._batches: dict[int, _Batch] = {}
 
     def request(self, ok: bool, ns: int, inferences: int, ran: bool = True) -> None:
@@ -71,6 +74,17 @@ class StatsBook:
                 for acc in (self.queue, self.compute_input, self.compute_infer, self.compute_output):
                     acc.count += 1
             self.last_inference_ms = int(time.time() * 1000)
+
+    def cache(self, hit: bool, ns: int) -> None:
+        """One response cache lookup (a miss: and the store of the answer that followed). A hit also counts in queue
+        (with no time: it waited for nothing), as Triton reports queue for every successful request and compute
+        only for those that ran; perf_analyzer finds the version it measures by the queue count that grew."""
+        with self._lock:
+            if hit:
+                self.cache_hit.add(ns)
+                self.queue.count += 1
+            else:
+                self.cache_miss.add(ns)
 
     def batch(self, requests: int, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One model run over ``requests`` requests (``rows`` batch rows); ``queue_ns`` summed over them. Only
@@ -102,6 +116,8 @@ class StatsBook:
                 compute_input=self.compute_input.frozen(),
                 compute_infer=self.compute_infer.frozen(),
                 compute_output=self.compute_output.frozen(),
+                cache_hit=self.cache_hit.frozen(),
+                cache_miss=self.cache_miss.frozen(),
                 batches=[
                     BatchStats(size, b.input.frozen(), b.infer.frozen(), b.output.frozen())
                     for size, b in sorted(self._batches.items())

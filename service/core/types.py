@@ -195,6 +195,7 @@ class ModelMetadata:
     contract: TensorContract
     parameters: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"  # where its runs execute: "cpu" or "gpu" (its ONNX Runtime provider)
+    response_cache: bool = False  # whether the response cache answers its stateless requests (RESPONSE_CACHE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,8 @@ class ModelStats:
     compute_infer: Duration
     compute_output: Duration
     batches: list[BatchStats]
+    cache_hit: Duration = Duration()
+    cache_miss: Duration = Duration()
 
 
 class DataPlane(Protocol):

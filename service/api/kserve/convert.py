@@ -53,6 +53,8 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
         # at once (Triton always fills this in).
         instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=settings.model_instances)],
     )
+    if m.response_cache:
+        config.response_cache.enable = True
     if c.sequences:
         idle_us = int(settings.sequence_idle_seconds * 1e6)
         config.sequence_batching.CopyFrom(pb.ModelSequenceBatching(max_sequence_idle_microseconds=idle_us))
@@ -83,6 +85,8 @@ def stats_to_pb(s: ModelStats) -> pb.ModelStatistics:
             compute_input=_d(s.compute_input),
             compute_infer=_d(s.compute_infer),
             compute_output=_d(s.compute_output),
+            cache_hit=_d(s.cache_hit),
+            cache_miss=_d(s.cache_miss),
         ),
         batch_stats=[
             pb.InferBatchStatistics(

@@ -96,6 +96,9 @@ class Task:
 
     name: ClassVar[str] = ""
     stateful: ClassVar[bool] = False  # whether sessions (and v2 sequences) can carry this task's state
+    # Whether a stateless v2 request's answer depends on its inputs alone (no sampling, no clock): then the
+    # response cache (RESPONSE_CACHE_BYTES) may answer it again.
+    deterministic: ClassVar[bool] = False
 
     def __init__(self, model: ModelHandle, settings: Settings) -> None:
         self.model = model

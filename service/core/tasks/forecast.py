@@ -57,6 +57,7 @@ MAX_Z = 1e6  # standard deviations from the training mean beyond which an input 
 @register_task
 class ForecastTask(Task):
     name = "forecast"
+    deterministic = True
     stateful = True
 
     @classmethod

@@ -33,6 +33,7 @@ from service.settings import Settings
 @register_task
 class SentimentTask(Task):
     name = "sentiment"
+    deterministic = True
 
     @classmethod
     def check(cls, manifest: Manifest) -> None:

@@ -25,7 +25,7 @@ COMMITTED = Path(__file__).resolve().parents[3] / "models"
 Rewire = Callable[[str, str], list[onnx.NodeProto]]
 
 
-def _replace_logits(vdir: Path, nodes: Rewire, initializers: dict[str, np.ndarray]) -> None:
+def replace_logits(vdir: Path, nodes: Rewire, initializers: dict[str, np.ndarray]) -> None:
     """The graph's ``logits`` output becomes ``nodes(raw, "logits")`` of what it was (``raw``); the manifest's sha256
     follows, so the files load as before."""
     model = onnx.load(vdir / MODEL_FILE)
@@ -41,7 +41,7 @@ def _replace_logits(vdir: Path, nodes: Rewire, initializers: dict[str, np.ndarra
 
 def answer_nan(vdir: Path) -> None:
     """``logits`` times NaN: the graph loads and runs, and every answer is NaN."""
-    _replace_logits(
+    replace_logits(
         vdir, lambda raw, out: [helper.make_node("Mul", [raw, "nan"], [out])], {"nan": np.asarray(np.nan, np.float32)}
     )
 
@@ -49,7 +49,7 @@ def answer_nan(vdir: Path) -> None:
 def _reshape_to(vdir: Path, shape: list[int]) -> None:
     """``logits`` reshaped to a fixed ``shape``: the graph loads (its batch axis is symbolic) and fails at run time
     for batches whose logits do not have that many values."""
-    _replace_logits(
+    replace_logits(
         vdir,
         lambda raw, out: [helper.make_node("Reshape", [raw, "fixed_shape"], [out])],
         {"fixed_shape": np.asarray(shape, np.int64)},

@@ -3,7 +3,7 @@ sequence ids, malformed raw payloads and status codes. Same real server process 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypedDict, cast
 
 import grpc
@@ -15,6 +15,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.tensors import serialize_bytes
 from service.client import Client
+from tests.conftest import ServerHandle
 from tests.service.kserve.procs import scrape
 from tests.service.security.conftest import eventually
 
@@ -508,3 +509,31 @@ def test_a_forecaster_takes_history_columns_by_name(stub: pb_grpc.GRPCInferenceS
     np.testing.assert_array_equal(got["QUANTILES"], want["QUANTILES"])
     code, details = _status(stub, request(shuffled, [*[names[i] for i in order][:-1], "humidity"]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "columns lacks 'LULL'" in details
+
+
+def test_the_response_cache_answers_a_repeated_request_and_triton_counts_it(
+    serve: Callable[..., ServerHandle],
+) -> None:
+    """RESPONSE_CACHE_BYTES on: ModelConfig says ``response_cache { enable: true }`` for the deterministic models
+    only, a repeated sentiment request gets the same bytes without a model run, and ModelStatistics counts one
+    cache_miss and one cache_hit (what perf_analyzer reads when the config enables the cache)."""
+    handle = serve(response_cache_bytes=1 << 20)
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        enabled = {
+            name: stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=60).config.response_cache.enable
+            for name in ("sentiment", "forecaster", "charlm")
+        }
+        assert enabled == {"sentiment": True, "forecaster": True, "charlm": False}
+        request = pb.ModelInferRequest(
+            model_name="sentiment",
+            inputs=[Input(name="TEXT", datatype="BYTES", shape=[2])],
+            raw_input_contents=[serialize_bytes([b"good film", b"bad"])],
+        )
+        first, second = stub.ModelInfer(request, timeout=60), stub.ModelInfer(request, timeout=60)
+        assert first.raw_output_contents == second.raw_output_contents
+        (s,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="sentiment"), timeout=60).model_stats
+        i = s.inference_stats
+        assert (i.cache_hit.count, i.cache_miss.count, i.success.count, s.execution_count) == (1, 1, 2, 1)
+        assert (i.queue.count, i.compute_infer.count) == (2, 1)  # Triton's: queue for all, compute for runs
+        assert i.cache_hit.ns > 0 and s.inference_count == 2  # the model's two texts, once

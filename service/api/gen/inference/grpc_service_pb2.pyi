@@ -1397,6 +1397,7 @@ class ModelConfig(_message.Message):
     SEQUENCE_BATCHING_FIELD_NUMBER: _builtins.int
     INSTANCE_GROUP_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    RESPONSE_CACHE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     platform: _builtins.str
     backend: _builtins.str
@@ -1413,6 +1414,8 @@ class ModelConfig(_message.Message):
     def instance_group(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInstanceGroup]: ...
     @_builtins.property
     def parameters(self) -> _containers.MessageMap[_builtins.str, Global___ModelParameter]: ...
+    @_builtins.property
+    def response_cache(self) -> Global___ModelResponseCache: ...
     def __init__(
         self,
         *,
@@ -1426,16 +1429,38 @@ class ModelConfig(_message.Message):
         sequence_batching: Global___ModelSequenceBatching | None = ...,
         instance_group: _abc.Iterable[Global___ModelInstanceGroup] | None = ...,
         parameters: _abc.Mapping[_builtins.str, Global___ModelParameter] | None = ...,
+        response_cache: Global___ModelResponseCache | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dynamic_batching", b"dynamic_batching", "scheduling_choice", b"scheduling_choice", "sequence_batching", b"sequence_batching"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dynamic_batching", b"dynamic_batching", "response_cache", b"response_cache", "scheduling_choice", b"scheduling_choice", "sequence_batching", b"sequence_batching"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "dynamic_batching", b"dynamic_batching", "input", b"input", "instance_group", b"instance_group", "max_batch_size", b"max_batch_size", "name", b"name", "output", b"output", "parameters", b"parameters", "platform", b"platform", "scheduling_choice", b"scheduling_choice", "sequence_batching", b"sequence_batching"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "dynamic_batching", b"dynamic_batching", "input", b"input", "instance_group", b"instance_group", "max_batch_size", b"max_batch_size", "name", b"name", "output", b"output", "parameters", b"parameters", "platform", b"platform", "response_cache", b"response_cache", "scheduling_choice", b"scheduling_choice", "sequence_batching", b"sequence_batching"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_scheduling_choice: _TypeAlias = _typing.Literal["dynamic_batching", "sequence_batching"]  # noqa: Y015
     _WhichOneofArgType_scheduling_choice: _TypeAlias = _typing.Literal["scheduling_choice", b"scheduling_choice"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_scheduling_choice) -> _WhichOneofReturnType_scheduling_choice | None: ...
 
 Global___ModelConfig: _TypeAlias = ModelConfig  # noqa: Y015
+
+@_typing.final
+class ModelResponseCache(_message.Message):
+    """Whether the server's response cache answers this model's requests (RESPONSE_CACHE_BYTES, deterministic tasks)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLE_FIELD_NUMBER: _builtins.int
+    enable: _builtins.bool
+    def __init__(
+        self,
+        *,
+        enable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable", b"enable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelResponseCache: _TypeAlias = ModelResponseCache  # noqa: Y015
 
 @_typing.final
 class LogSettingsRequest(_message.Message):

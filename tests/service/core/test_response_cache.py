@@ -1,0 +1,159 @@
+"""The response cache (``RESPONSE_CACHE_BYTES``, Triton's ``response_cache``): stateless KServe requests to
+deterministic models are answered again from it, without a model run; per principal, per loaded version, bounded,
+counted in ``cache_hit`` / ``cache_miss`` and off by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import helper
+
+from service.core.context import set_principal
+from service.core.dataplane import CoreDataPlane
+from service.core.responses import ENTRY_OVERHEAD, ResponseCache
+from service.core.types import InferResult, ModelRef, SequenceRef, Tensor
+from tests.service.core.conftest import MakeDP, recorded
+from tests.service.core.test_warmup import replace_logits
+
+SENT = ModelRef("sentiment")
+MIB = 1024 * 1024
+
+
+def text(*texts: str) -> list[Tensor]:
+    return [Tensor("TEXT", "BYTES", (len(texts),), items=[t.encode() for t in texts])]
+
+
+def history(rows: int = 30, shift: float = 0.0) -> list[Tensor]:
+    a = (np.arange(rows * 7, dtype=np.float32).reshape(rows, 7) % 11 + shift).astype(np.float32)
+    return [Tensor("HISTORY", "FP32", a.shape, array=a)]
+
+
+async def stats(dp: CoreDataPlane, model: str) -> tuple[int, int, int, int, int, int]:
+    """(cache hits, cache misses, successes, queue count, compute count, model runs) of version 1: Triton counts
+    every successful request in queue, only those that ran the model in compute."""
+    (s,) = await dp.statistics(ModelRef(model, 1))
+    return (
+        s.cache_hit.count,
+        s.cache_miss.count,
+        s.success.count,
+        s.queue.count,
+        s.compute_infer.count,
+        s.execution_count,
+    )
+
+
+async def test_off_by_default_every_request_runs_the_model(make_dp: MakeDP) -> None:
+    dp = await make_dp()
+    for _ in range(2):
+        await dp.infer(SENT, text("good film"))
+    assert await stats(dp, "sentiment") == (0, 0, 2, 2, 2, 2)
+    assert not (await dp.model_metadata(SENT)).response_cache
+
+
+async def test_a_request_seen_before_is_answered_without_a_model_run(make_dp: MakeDP) -> None:
+    dp = await make_dp(response_cache_bytes=MIB)
+    assert (await dp.model_metadata(SENT)).response_cache
+    first = await dp.infer(SENT, text("good film", "bad"))
+    again = await dp.infer(SENT, text("good film", "bad"))
+    assert again.outputs[0].items == first.outputs[0].items
+    np.testing.assert_array_equal(again.outputs[1].array, first.outputs[1].array)
+    assert again.inferences == first.inferences == 2
+    assert recorded(dp).batch_sizes("sentiment") == [2]  # one run, for the first
+    assert await stats(dp, "sentiment") == (1, 1, 2, 2, 1, 1)
+    (s,) = await dp.statistics(ModelRef("sentiment", 1))
+    assert s.inference_count == 2  # as Triton's: the model's inferences, not the answers from the cache
+    assert s.cache_hit.ns > 0 and s.cache_miss.ns > 0
+    # Anything else in the request is another answer: the texts, their order, the outputs asked for, class_count.
+    await dp.infer(SENT, text("bad", "good film"))
+    await dp.infer(SENT, text("good film", "bad"), outputs=["LABEL"])
+    await dp.infer(SENT, text("good film", "bad"), outputs=["PROBABILITIES"], classes={"PROBABILITIES": 1})
+    assert await stats(dp, "sentiment") == (1, 4, 5, 5, 4, 4)
+    ranked = await dp.infer(SENT, text("good film", "bad"), outputs=["PROBABILITIES"], classes={"PROBABILITIES": 1})
+    assert ranked.outputs[0].datatype == "BYTES" and ranked.outputs[0].shape == (2, 1)
+    assert await stats(dp, "sentiment") == (2, 4, 6, 6, 4, 4)
+
+
+async def test_stateless_forecasts_are_kept_sequences_and_the_char_lm_never(make_dp: MakeDP) -> None:
+    dp = await make_dp(response_cache_bytes=MIB)
+    fc = ModelRef("forecaster")
+    first = await dp.infer(fc, history())
+    np.testing.assert_array_equal((await dp.infer(fc, history())).outputs[0].array, first.outputs[0].array)
+    assert (await stats(dp, "forecaster"))[:2] == (1, 1)
+    await dp.infer(fc, history(shift=0.5))  # other values: another answer
+    assert (await stats(dp, "forecaster"))[:2] == (1, 2)
+    for i in range(2):  # a sequence's steps carry state: never from the cache
+        await dp.infer(fc, history(), sequence=SequenceRef(id="s", start=i == 0))
+    assert (await stats(dp, "forecaster"))[:2] == (1, 2)
+    lm = ModelRef("charlm")
+    assert not (await dp.model_metadata(lm)).response_cache  # it samples: not deterministic
+    for _ in range(2):
+        await dp.infer(lm, text("abc"))
+    assert (await stats(dp, "charlm"))[:2] == (0, 0)
+
+
+async def test_one_principals_answers_never_reach_another(make_dp: MakeDP) -> None:
+    dp = await make_dp(response_cache_bytes=MIB)
+    set_principal("alice")
+    await dp.infer(SENT, text("good film"))
+    await dp.infer(SENT, text("good film"))
+    set_principal("bob")
+    await dp.infer(SENT, text("good film"))  # a miss: bob cannot time alice's requests
+    set_principal("")
+    assert (await stats(dp, "sentiment"))[:2] == (1, 2)
+
+
+async def test_new_weights_answer_anew_and_an_unload_frees_the_answers(repo: Path, make_dp: MakeDP) -> None:
+    dp = await make_dp(models=repo, response_cache_bytes=MIB)
+    before = await dp.infer(SENT, text("good film"))
+    cache = dp._v2.responses
+    assert len(cache) == 1 and cache.bytes > ENTRY_OVERHEAD
+    replace_logits(  # logits doubled: other probabilities
+        repo / "sentiment" / "1",
+        lambda raw, out: [helper.make_node("Mul", [raw, "two"], [out])],
+        {"two": np.asarray(2.0, np.float32)},
+    )
+    await dp.registry.sync()
+    after = await dp.infer(SENT, text("good film"))
+    assert not np.array_equal(np.asarray(after.outputs[1].array), np.asarray(before.outputs[1].array))
+    assert (await stats(dp, "sentiment"))[:2] == (0, 1)  # the reloaded version's own statistics: a miss
+    assert len(cache) == 1  # the old weights' answer went with them
+    await dp.unload_model("sentiment")
+    assert len(cache) == 0 and cache.bytes == 0
+
+
+def _answer(values: int) -> InferResult:
+    return InferResult("m", 1, [Tensor("P", "FP32", (values,), array=np.zeros(values, np.float32))], 1)
+
+
+def test_the_cache_stays_within_its_bytes_least_recently_used_first() -> None:
+    entry = 100 * 4 + ENTRY_OVERHEAD
+    cache = ResponseCache(3 * entry)
+    keys = [(1, "", bytes([i]) * 16) for i in range(4)]
+    for k in keys[:3]:
+        assert cache.put(k, _answer(100)) == 0
+    assert cache.bytes == 3 * entry
+    assert cache.get(keys[0]) is not None  # now the most recently used
+    assert cache.put(keys[3], _answer(100)) == 1
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.bytes == 3 * entry
+    assert cache.put((1, "", b"x" * 16), _answer(10_000)) == 0 and len(cache) == 3  # larger than the cache: not kept
+    kept = cache.get(keys[0])
+    assert kept is not None and kept.outputs[0].array is not None
+    assert not kept.outputs[0].array.flags.writeable  # nobody can change an answer others get
+    assert cache.drop(1) == 3 and cache.bytes == 0
+
+
+def test_keys_follow_the_request_not_its_layout() -> None:
+    a = {
+        "X": Tensor("X", "FP32", (2,), array=np.array([1, 2], np.float32)),
+        "Y": Tensor("Y", "BYTES", (1,), items=[b"ab"]),
+    }
+    b = {
+        "Y": Tensor("Y", "BYTES", (1,), items=[b"ab"]),
+        "X": Tensor("X", "FP32", (2,), array=np.array([1, 2], np.float32)[::1]),
+    }
+    key = ResponseCache.key
+    assert key(1, "", a, ["P"], {}) == key(1, "", b, ["P"], {})
+    split = {"Y": Tensor("Y", "BYTES", (2,), items=[b"a", b"b"]), "X": a["X"]}
+    assert key(1, "", a, ["P"], {}) != key(1, "", split, ["P"], {})  # b"ab" is not b"a" + b"b"
+    assert key(1, "", a, ["P"], {}) != key(2, "", a, ["P"], {}) != key(1, "p", a, ["P"], {})
