@@ -236,6 +236,10 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_prefix_cache_bytes",
         "seqserve_prefix_cache_entries",
         "seqserve_prefix_cache_evictions",
+        "seqserve_response_cache_lookups",
+        "seqserve_response_cache_bytes",
+        "seqserve_response_cache_entries",
+        "seqserve_response_cache_evictions",
         "seqserve_forecast_observed_targets",
         "seqserve_forecast_targets_below",
         "seqserve_http_requests",
@@ -278,6 +282,18 @@ def test_prefix_cache_series(m: Metrics) -> None:
     with pytest.raises(ValueError, match="result"):
         m.prefix_lookup("charlm", "maybe", 0)
     assert value(m, "seqserve_prefix_cache_lookups_total", model=OTHER_MODEL, result="miss") is None
+
+
+def test_response_cache_series(m: Metrics) -> None:
+    m.model_loaded("sentiment", 1, "CPUExecutionProvider", 0.1, True)
+    for hit in (False, True, True):
+        m.response_cache_lookup("sentiment", hit)
+    assert value(m, "seqserve_response_cache_lookups_total", model="sentiment", result="hit") == 2.0
+    assert value(m, "seqserve_response_cache_lookups_total", model="sentiment", result="miss") == 1.0
+    m.response_cache_usage(3000, 3, 1)
+    m.response_cache_usage(2000, 2, 1)  # the evictions of each store add up; the fill is the last one's
+    assert value(m, "seqserve_response_cache_evictions_total") == 2.0
+    assert value(m, "seqserve_response_cache_bytes") == 2000.0 and value(m, "seqserve_response_cache_entries") == 2.0
 
 
 def test_queue_depth_is_the_sum_over_a_models_versions(m: Metrics) -> None:
