@@ -129,6 +129,22 @@ def test_tritonclient_http_reads_health_metadata_config_and_statistics(rest: Ser
     assert info.value.status() == "404" and "no-such-model" in info.value.message()
 
 
+def test_tritonclient_http_sees_the_response_cache(serve: Callable[..., ServerHandle]) -> None:
+    """RESPONSE_CACHE_BYTES over REST, through the stock tritonclient: the config enables the cache for sentiment,
+    a repeated request (JSON or binary tensors: the same request) comes back the same from it, and the statistics
+    count one miss and the hits."""
+    handle = serve(http_port=0, response_cache_bytes=1 << 20)
+    c = triton.InferenceServerClient(url(handle))
+    assert c.get_model_config("sentiment")["response_cache"] == {"enable": True}
+    assert "response_cache" not in c.get_model_config("charlm")
+    answers = [c.infer("sentiment", [text_input(TEXTS, binary)]).as_numpy("PROBABILITIES") for binary in (True, False)]
+    np.testing.assert_array_equal(answers[0], answers[1])
+    (stats,) = c.get_inference_statistics("sentiment", "1")["model_stats"]
+    s = stats["inference_stats"]
+    assert (s["cache_miss"]["count"], s["cache_hit"]["count"], s["success"]["count"]) == (1, 1, 2)
+    assert s["compute_infer"]["count"] == 1 and stats["execution_count"] >= 1
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_tritonclient_http_infer_answers_what_grpc_answers(rest: ServerHandle, binary: bool) -> None:
     """Binary tensors (tritonclient's default) and JSON tensors, in and out."""
