@@ -25,7 +25,8 @@ import numpy as np
 from service.core.types import InferResult, Tensor
 
 DIGEST_BYTES = 16
-ENTRY_OVERHEAD = 512  # the key, the OrderedDict slot, the result and its tensor objects, beyond their data
+ENTRY_OVERHEAD = 1024  # the key, the OrderedDict slot, the result and its tensor objects beyond their data (~880 B
+# for a sentiment answer, tracemalloc: tests/service/core/test_response_cache.py checks the budget holds)
 
 
 def _frozen(t: Tensor) -> Tensor:

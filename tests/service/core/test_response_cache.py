@@ -4,6 +4,7 @@ counted in ``cache_hit`` / ``cache_miss`` and off by default."""
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from onnx import helper
 
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
-from service.core.responses import ENTRY_OVERHEAD, ResponseCache
+from service.core.responses import DIGEST_BYTES, ENTRY_OVERHEAD, ResponseCache
 from service.core.types import InferResult, ModelRef, SequenceRef, Tensor
 from tests.service.core.conftest import MakeDP, recorded
 from tests.service.core.test_warmup import replace_logits
@@ -157,3 +158,31 @@ def test_keys_follow_the_request_not_its_layout() -> None:
     split = {"Y": Tensor("Y", "BYTES", (2,), items=[b"a", b"b"]), "X": a["X"]}
     assert key(1, "", a, ["P"], {}) != key(1, "", split, ["P"], {})  # b"ab" is not b"a" + b"b"
     assert key(1, "", a, ["P"], {}) != key(2, "", a, ["P"], {}) != key(1, "p", a, ["P"], {})
+
+
+def test_the_budget_covers_what_the_answers_really_take() -> None:
+    """``ENTRY_OVERHEAD`` is counted per answer on top of its data: the memory the cache really holds (keys
+    included, tracemalloc) stays within the bytes it says it holds."""
+    cache = ResponseCache(1 << 30)
+    answers = [
+        InferResult(
+            "sentiment",
+            1,
+            [
+                Tensor("LABEL", "BYTES", (1,), items=[b"positive"]),
+                Tensor("PROBABILITIES", "FP32", (1, 2), array=np.array([[0.9, 0.1]], np.float32)),
+            ],
+            1,
+        )
+        for _ in range(5000)
+    ]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i, answer in enumerate(answers):
+            cache.put((1, "a principal", i.to_bytes(DIGEST_BYTES, "little")), answer)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert held <= cache.bytes, (held / len(answers), cache.bytes / len(answers))
