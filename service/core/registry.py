@@ -78,8 +78,9 @@ def warm_up(cls: type[Task], manifest: Manifest, runtime: Runtime, max_rows: int
         try:
             outputs = runtime.run(feeds, rows)
         except Exception as exc:  # ORT's own exception types: the graph loads but cannot run
+            fix = "re-export it" if rows == 1 else "it runs one row: lower SEQSERVE_MAX_BATCH_SIZE, or re-export it"
             raise ValueError(
-                f"model.onnx loads but failed its warm-up run on a sample of {rows} row(s) ({exc}); re-export it"
+                f"model.onnx loads but failed its warm-up run on a sample of {rows} row(s) ({exc}); {fix}"
             ) from exc
         nan = [name for name, out in outputs.items() if out.dtype.kind == "f" and np.isnan(out).any()]
         if nan:
