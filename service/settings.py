@@ -228,11 +228,11 @@ class Settings(BaseSettings):
     added. Per principal. A session that starts from nothing (new, reset, a KServe sequence's start) feeds its
     first text the same way. 0 = off (every call feeds its whole text)."""
     response_cache_bytes: int = Field(default=0, ge=0)
-    """Triton's response cache: whole answers of stateless KServe requests (gRPC and REST) to deterministic models
-    (sentiment, forecasters; not the char LM, whose calls sample or carry state), kept in this many bytes (all
-    models, least recently used first, per principal), so that a request seen before is answered without running
-    the model. ``ModelStatistics`` reports its ``cache_hit`` and ``cache_miss``. 0 (default) = off, as a Triton
-    model is without ``response_cache``."""
+    """Triton's response cache: whole answers of stateless requests (KServe over gRPC and REST, our ``Classify`` and
+    ``Predict``) to deterministic models (sentiment, forecasters; not the char LM, whose calls sample or carry
+    state), kept in this many bytes (all models, least recently used first, per principal), so that a request seen
+    before is answered without running the model. ``ModelStatistics`` reports its ``cache_hit`` and
+    ``cache_miss``. 0 (default) = off, as a Triton model is without ``response_cache``."""
 
     # --- per-principal quotas (0 = no limit) ------------------------------------------------------------
     quota_sessions: int = Field(default=0, ge=0)

@@ -16,11 +16,14 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
+import numpy as np
+
 from service import logs
 from service.core import pinning
 from service.core.aio import cancel_and_wait
 from service.core.context import note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
+from service.core.responses import CLASSIFY, PREDICT, ResponseCache, kept_forecast, kept_sentiments
 from service.core.sequences import V2Inference
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
 from service.core.sessions.export import seal
@@ -43,6 +46,7 @@ from service.core.types import (
     SequenceRef,
     SessionInfo,
     SuggestResult,
+    Tensor,
 )
 from service.errors import InvalidInput, PermissionDenied, echo
 from service.logs import LogSettings
@@ -73,7 +77,10 @@ class CoreDataPlane:
         self.sessions = SessionManager(settings, metrics, store, clock)
         self._started = False
         self._watcher: asyncio.Task[None] | None = None
-        self._v2 = V2Inference(settings, self.registry, self.sessions)
+        self.responses = ResponseCache(settings.response_cache_bytes)  # (off at 0 bytes)
+        if self.responses.enabled:
+            self.registry.subscribe(on_unload=self.responses.forget)
+        self._v2 = V2Inference(settings, self.registry, self.sessions, self.responses)
         self.store_ok = True  # the session store answered the last check (health of the Sessions service)
         self._store_watch: asyncio.Task[None] | None = None
         self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []
@@ -177,7 +184,7 @@ class CoreDataPlane:
                 **entry.task.config_parameters(),
             },
             device="gpu" if entry.runtime.provider.startswith("CUDA") else "cpu",
-            response_cache=self._v2.cached(entry),
+            response_cache=self.responses.serves(entry),
         )
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:
@@ -260,8 +267,16 @@ class CoreDataPlane:
     # --- our API: sentiment -------------------------------------------------------------------------------
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:
         entry = self._serve(model, "classify")
-        with CountedRequest(entry, len(texts)):
-            return await _classifier(entry).classify(texts)
+        with CountedRequest(entry, len(texts)) as req:
+            if not self.responses.serves(entry):
+                return await _classifier(entry).classify(texts)
+            text = Tensor("TEXT", "BYTES", (len(texts),), items=[t.encode("utf-8", "surrogatepass") for t in texts])
+            key = self.responses.key(entry.prefix_scope, principal(), {"TEXT": text}, [CLASSIFY], {})
+            answer, hit = await self.responses.answer(
+                entry, key, lambda: _classifier(entry).classify(texts), kept_sentiments
+            )
+            req.inferences = 0 if hit else len(texts)
+            return answer
 
     # --- our API: char LM ---------------------------------------------------------------------------------
     async def _metered(
@@ -338,8 +353,20 @@ class CoreDataPlane:
         self, model: ModelRef, history: FloatArray, *, columns: Sequence[str] | None = None
     ) -> ForecastResult:
         entry = self._serve(model, "forecast")
-        with CountedRequest(entry):
-            return await _forecaster(entry).predict(history, columns)
+        with CountedRequest(entry) as req:
+            if not self.responses.serves(entry):
+                return await _forecaster(entry).predict(history, columns)
+            rows = np.asarray(history)
+            inputs = {"HISTORY": Tensor("HISTORY", rows.dtype.str, rows.shape, array=rows)}
+            if columns is not None:
+                names = [c.encode("utf-8", "surrogatepass") for c in columns]
+                inputs["COLUMNS"] = Tensor("COLUMNS", "BYTES", (len(names),), items=names)
+            key = self.responses.key(entry.prefix_scope, principal(), inputs, [PREDICT], {})
+            result, hit = await self.responses.answer(
+                entry, key, lambda: _forecaster(entry).predict(history, columns), kept_forecast
+            )
+            req.inferences = 0 if hit else 1
+            return result
 
     async def observe(
         self, session_id: str, rows: FloatArray, *, columns: Sequence[str] | None = None

@@ -1,15 +1,17 @@
-"""Response cache (Triton's ``response_cache``): whole answers of stateless KServe requests to deterministic tasks
-(sentiment, forecast without a sequence), so that a request seen before is answered without queueing or running
-the model.
+"""Response cache (Triton's ``response_cache``): whole answers of stateless requests to deterministic tasks
+(sentiment; forecasts without a session or sequence), through KServe (gRPC and REST) and our own API (``Classify``,
+``Predict``), so that a request seen before is answered without queueing or running the model.
 
 A key is a 16-byte BLAKE2b digest of the request as the model's contract decoded it (every input's name,
-datatype, shape and data, the outputs asked for and their ``class_count``), under a scope of the loaded version
-(a reload never reads the last weights' answers) and the caller's principal (one tenant's requests never answer,
-or time, another's). Requests that fail are never kept. Entries are evicted least recently used first, within
-``max_bytes`` (``RESPONSE_CACHE_BYTES``; 0 = off, as in Triton, where each model opts in).
+datatype, shape and data, the outputs asked for and their ``class_count``; our API's calls as the same inputs
+under a name of their own), under a scope of the loaded version (a reload never reads the last weights' answers)
+and the caller's principal (one tenant's requests never answer, or time, another's). Requests that fail are
+never kept. Entries are evicted least recently used first, within ``max_bytes`` (``RESPONSE_CACHE_BYTES``; 0 =
+off, as in Triton, where each model opts in).
 
 A kept answer is one the model gave to that request; a fresh run could differ in the last bits of a float when
-its batch is shaped otherwise (batching already varies that much), never more.
+its batch is shaped otherwise (batching already varies that much), never more. Kept answers are read-only copies
+(arrays not writeable), shared by every caller that gets them.
 """
 
 from __future__ import annotations
@@ -17,30 +19,66 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
-from service.core.types import InferResult, Tensor
+from service.core.types import ForecastResult, InferResult, SentimentResult, Tensor
+
+if TYPE_CHECKING:
+    from service.core.registry import ModelEntry
+
+T = TypeVar("T")
+Key = tuple[int, str, bytes]
+# Our API's calls in a key's place of the outputs asked for: no v2 output is named so, so they never meet a KServe
+# request's answers (another type of answer for the same inputs).
+CLASSIFY = "seqserve.v1.Sentiment/Classify"
+PREDICT = "seqserve.v1.Forecast/Predict"
 
 DIGEST_BYTES = 16
 ENTRY_OVERHEAD = 1024  # the key, the OrderedDict slot, the result and its tensor objects beyond their data (~880 B
 # for a sentiment answer, tracemalloc: tests/service/core/test_response_cache.py checks the budget holds)
 
 
-def _frozen(t: Tensor) -> Tensor:
-    """An owned, read-only copy of an output: a view would keep its whole batch alive, and nothing may write into
-    an answer other callers get."""
+def _array(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """An owned, read-only copy: a view would keep its whole batch alive, and nothing may write into an answer
+    other callers get."""
+    out = np.array(a, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def _tensor(t: Tensor) -> tuple[Tensor, int]:
     if t.array is None:
-        return dataclasses.replace(t, items=list(t.items or ()))
-    array = np.array(t.array, copy=True)
-    array.flags.writeable = False
-    return dataclasses.replace(t, array=array)
+        items = list(t.items or ())
+        return dataclasses.replace(t, items=items), sum(len(b) for b in items)
+    array = _array(t.array)
+    return dataclasses.replace(t, array=array), array.nbytes
 
 
-def _nbytes(t: Tensor) -> int:
-    return t.array.nbytes if t.array is not None else sum(len(b) for b in t.items or ())
+def kept_result(r: InferResult) -> tuple[InferResult, int]:
+    """A KServe answer as kept, and its data's bytes."""
+    tensors = [_tensor(t) for t in r.outputs]
+    return dataclasses.replace(r, outputs=[t for t, _ in tensors], session_blob=None), sum(n for _, n in tensors)
+
+
+def kept_sentiments(rs: list[SentimentResult]) -> tuple[list[SentimentResult], int]:
+    """``Classify``'s answer as kept (its lists copied), and about its data's bytes."""
+    kept = [SentimentResult(r.label, list(r.labels), list(r.probabilities)) for r in rs]
+    return kept, sum(len(r.label) + sum(len(x) + 8 for x in r.labels) for r in rs)
+
+
+def kept_forecast(r: ForecastResult) -> tuple[ForecastResult, int]:
+    """``Predict``'s answer as kept, and its arrays' bytes."""
+    point, quantiles = _array(r.point), _array(r.quantiles)
+    kept = dataclasses.replace(
+        r, columns=list(r.columns), point=point, quantile_levels=list(r.quantile_levels), quantiles=quantiles
+    )
+    return kept, point.nbytes + quantiles.nbytes
 
 
 class ResponseCache:
@@ -48,7 +86,7 @@ class ResponseCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, str, bytes], tuple[InferResult, int]] = OrderedDict()
+        self._entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
         self.evictions = 0
@@ -57,13 +95,17 @@ class ResponseCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
+    def serves(self, entry: ModelEntry) -> bool:
+        """Whether this version's stateless requests go through the cache (ModelConfig's ``response_cache``)."""
+        return self.max_bytes > 0 and entry.task.deterministic
+
     def __len__(self) -> int:
         return len(self._entries)
 
     @staticmethod
     def key(
         scope: int, principal: str, inputs: Mapping[str, Tensor], outputs: Sequence[str], classes: Mapping[str, int]
-    ) -> tuple[int, str, bytes]:
+    ) -> Key:
         """The key of a decoded request (inputs in any order: the same request is the same key)."""
         h = hashlib.blake2b(digest_size=DIGEST_BYTES)
         for name in sorted(inputs):
@@ -79,7 +121,29 @@ class ResponseCache:
         h.update(repr((list(outputs), sorted(classes.items()))).encode())
         return scope, principal, h.digest()
 
-    def get(self, key: tuple[int, str, bytes]) -> InferResult | None:
+    async def answer(
+        self, entry: ModelEntry, key: Key, compute: Callable[[], Awaitable[T]], keep: Callable[[T], tuple[T, int]]
+    ) -> tuple[T, bool]:
+        """The answer kept under ``key`` (a hit: no queue, no model run), else ``compute()``'s, kept for the next
+        (``keep`` makes the read-only copy and says its data's bytes); and whether it was a hit. Timed into the
+        version's ``cache_hit`` / ``cache_miss`` (a miss: looking and keeping, not computing) and counted in
+        Prometheus."""
+        t0 = time.perf_counter_ns()
+        found = self.get(key)
+        entry.metrics.response_cache_lookup(entry.name, found is not None)
+        if found is not None:
+            entry.stats.cache(True, time.perf_counter_ns() - t0)
+            return found, True
+        t1 = time.perf_counter_ns()
+        answer = await compute()
+        t2 = time.perf_counter_ns()
+        evicted = self.put(key, *keep(answer))
+        entry.metrics.response_cache_usage(self.bytes, len(self), evicted)
+        entry.stats.cache(False, (t1 - t0) + (time.perf_counter_ns() - t2))
+        return answer, False
+
+    def get(self, key: Key) -> Any:
+        """The answer kept under ``key``, or None."""
         with self._lock:
             found = self._entries.get(key)
             if found is None:
@@ -87,11 +151,10 @@ class ResponseCache:
             self._entries.move_to_end(key)
             return found[0]
 
-    def put(self, key: tuple[int, str, bytes], result: InferResult) -> int:
-        """Keeps ``result`` (its outputs copied, read-only), evicting the least recently used entries beyond
+    def put(self, key: Key, kept: object, data_bytes: int) -> int:
+        """Keeps ``kept`` (a read-only copy: ``kept_*``), evicting the least recently used entries beyond
         ``max_bytes``; returns how many it evicted. An answer larger than the whole cache is not kept."""
-        kept = dataclasses.replace(result, outputs=[_frozen(t) for t in result.outputs], session_blob=None)
-        nbytes = sum(_nbytes(t) for t in kept.outputs) + ENTRY_OVERHEAD
+        nbytes = data_bytes + ENTRY_OVERHEAD
         if nbytes > self.max_bytes:
             return 0
         evicted = 0
@@ -107,6 +170,11 @@ class ResponseCache:
                 evicted += 1
             self.evictions += evicted
         return evicted
+
+    def forget(self, entry: ModelEntry, replaced: bool = False) -> None:
+        """Drops the answers of a version that unloads (the registry's unload hook)."""
+        self.drop(entry.prefix_scope)
+        entry.metrics.response_cache_usage(self.bytes, len(self), 0)
 
     def drop(self, scope: int) -> int:
         """Forgets every answer of one loaded version (it unloads); returns how many."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 import weakref
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ import numpy as np
 from service.core import pinning
 from service.core.context import note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
-from service.core.responses import ResponseCache
+from service.core.responses import ResponseCache, kept_result
 from service.core.sessions import SessionManager, SessionState
 from service.core.sessions.export import Exported, seal
 from service.core.stats import CountedRequest
@@ -33,20 +32,11 @@ from service.settings import Settings
 class V2Inference:
     """``CoreDataPlane.infer``'s implementation, over the data plane's registry and session manager."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, sessions: SessionManager) -> None:
-        self.settings, self.registry, self.sessions = settings, registry, sessions
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, sessions: SessionManager, responses: ResponseCache
+    ) -> None:
+        self.settings, self.registry, self.sessions, self.responses = settings, registry, sessions, responses
         self._contracts: weakref.WeakKeyDictionary[ModelEntry, TensorContract] = weakref.WeakKeyDictionary()
-        self.responses = ResponseCache(settings.response_cache_bytes)
-        if self.responses.enabled:
-            registry.subscribe(on_unload=lambda entry, _: self._forget(entry))
-
-    def _forget(self, entry: ModelEntry) -> None:
-        self.responses.drop(entry.prefix_scope)
-        entry.metrics.response_cache_usage(self.responses.bytes, len(self.responses), 0)
-
-    def cached(self, entry: ModelEntry) -> bool:
-        """Whether the response cache answers this version's stateless requests (ModelConfig's response_cache)."""
-        return self.responses.enabled and entry.task.deterministic
 
     def _contract(self, entry: ModelEntry) -> TensorContract:
         """The task's v2 contract, built once per loaded version (not once per request), and with it its lookups
@@ -110,8 +100,11 @@ class V2Inference:
         note_model(entry.name)
         with CountedRequest(entry) as req:
             tensors, wanted = await self._checked(entry, inputs, outputs, sequence, classes)
-            if sequence is None and self.cached(entry):
-                answer, hit = await self._through_cache(entry, tensors, wanted, classes or {})
+            if sequence is None and self.responses.serves(entry):
+                key = self.responses.key(entry.prefix_scope, principal(), tensors, wanted, classes or {})
+                answer, hit = await self.responses.answer(
+                    entry, key, lambda: self._stateless(entry, tensors, wanted, classes), kept_result
+                )
                 req.inferences = 0 if hit else answer.inferences  # Triton: a hit is no inference of the model's
                 return answer
             blob = None
@@ -122,27 +115,10 @@ class V2Inference:
             req.inferences = result.inferences
         return self._result(entry, result, wanted, classes, blob)
 
-    async def _through_cache(
-        self, entry: ModelEntry, tensors: dict[str, Tensor], wanted: list[str], classes: dict[str, int]
-    ) -> tuple[InferResult, bool]:
-        """A stateless request to a deterministic model: the kept answer when there is one (no queue, no run),
-        else the model's, kept for the next; and whether it was kept. Timed into the version's cache_hit /
-        cache_miss."""
-        t0 = time.perf_counter_ns()
-        key = self.responses.key(entry.prefix_scope, principal(), tensors, wanted, classes)
-        answer = self.responses.get(key)
-        entry.metrics.response_cache_lookup(entry.name, answer is not None)
-        if answer is not None:
-            entry.stats.cache(True, time.perf_counter_ns() - t0)
-            return answer, True
-        t1 = time.perf_counter_ns()
-        result = await entry.task.infer(tensors, None)
-        answer = self._result(entry, result, wanted, classes, None)
-        t2 = time.perf_counter_ns()
-        evicted = self.responses.put(key, answer)
-        entry.metrics.response_cache_usage(self.responses.bytes, len(self.responses), evicted)
-        entry.stats.cache(False, (t1 - t0) + (time.perf_counter_ns() - t2))
-        return answer, False
+    async def _stateless(
+        self, entry: ModelEntry, tensors: dict[str, Tensor], wanted: list[str], classes: dict[str, int] | None
+    ) -> InferResult:
+        return self._result(entry, await entry.task.infer(tensors, None), wanted, classes, None)
 
     def _result(
         self,

@@ -12,7 +12,7 @@ from onnx import helper
 
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
-from service.core.responses import DIGEST_BYTES, ENTRY_OVERHEAD, ResponseCache
+from service.core.responses import DIGEST_BYTES, ENTRY_OVERHEAD, ResponseCache, kept_result
 from service.core.types import InferResult, ModelRef, SequenceRef, Tensor
 from tests.service.core.conftest import MakeDP, recorded
 from tests.service.core.test_warmup import replace_logits
@@ -93,6 +93,26 @@ async def test_stateless_forecasts_are_kept_sequences_and_the_char_lm_never(make
     assert (await stats(dp, "charlm"))[:2] == (0, 0)
 
 
+async def test_our_apis_classify_and_predict_are_kept_too_apart_from_kserves(make_dp: MakeDP) -> None:
+    dp = await make_dp(response_cache_bytes=MIB)
+    first = await dp.classify(SENT, ["good film", "bad"])
+    assert await dp.classify(SENT, ["good film", "bad"]) == first
+    await dp.infer(SENT, text("good film", "bad"))  # the same texts through KServe: another answer (a miss)
+    assert (await stats(dp, "sentiment"))[:2] == (1, 2)
+    (s,) = await dp.statistics(ModelRef("sentiment", 1))
+    assert s.inference_count == 4  # the two misses' texts; the hit ran nothing
+    rows = history()[0].array
+    assert rows is not None
+    forecast = await dp.forecast(ModelRef("forecaster"), rows)
+    again = await dp.forecast(ModelRef("forecaster"), rows)
+    np.testing.assert_array_equal(again.point, forecast.point)
+    assert not again.point.flags.writeable and again.columns == forecast.columns
+    named = await dp.forecast(ModelRef("forecaster"), rows, columns=again.columns)  # COLUMNS named: other inputs
+    np.testing.assert_allclose(named.point, forecast.point, rtol=1e-6)
+    assert (await stats(dp, "forecaster"))[:2] == (1, 2)
+    assert recorded(dp).batch_sizes("sentiment") == [2, 2]
+
+
 async def test_one_principals_answers_never_reach_another(make_dp: MakeDP) -> None:
     dp = await make_dp(response_cache_bytes=MIB)
     set_principal("alice")
@@ -107,7 +127,7 @@ async def test_one_principals_answers_never_reach_another(make_dp: MakeDP) -> No
 async def test_new_weights_answer_anew_and_an_unload_frees_the_answers(repo: Path, make_dp: MakeDP) -> None:
     dp = await make_dp(models=repo, response_cache_bytes=MIB)
     before = await dp.infer(SENT, text("good film"))
-    cache = dp._v2.responses
+    cache = dp.responses
     assert len(cache) == 1 and cache.bytes > ENTRY_OVERHEAD
     replace_logits(  # logits doubled: other probabilities
         repo / "sentiment" / "1",
@@ -132,12 +152,14 @@ def test_the_cache_stays_within_its_bytes_least_recently_used_first() -> None:
     cache = ResponseCache(3 * entry)
     keys = [(1, "", bytes([i]) * 16) for i in range(4)]
     for k in keys[:3]:
-        assert cache.put(k, _answer(100)) == 0
+        assert cache.put(k, *kept_result(_answer(100))) == 0
     assert cache.bytes == 3 * entry
     assert cache.get(keys[0]) is not None  # now the most recently used
-    assert cache.put(keys[3], _answer(100)) == 1
+    assert cache.put(keys[3], *kept_result(_answer(100))) == 1
     assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.bytes == 3 * entry
-    assert cache.put((1, "", b"x" * 16), _answer(10_000)) == 0 and len(cache) == 3  # larger than the cache: not kept
+    assert (
+        cache.put((1, "", b"x" * 16), *kept_result(_answer(10_000))) == 0 and len(cache) == 3
+    )  # larger than the cache: not kept
     kept = cache.get(keys[0])
     assert kept is not None and kept.outputs[0].array is not None
     assert not kept.outputs[0].array.flags.writeable  # nobody can change an answer others get
@@ -180,7 +202,7 @@ def test_the_budget_covers_what_the_answers_really_take() -> None:
     try:
         before = tracemalloc.take_snapshot()
         for i, answer in enumerate(answers):
-            cache.put((1, "a principal", i.to_bytes(DIGEST_BYTES, "little")), answer)
+            cache.put((1, "a principal", i.to_bytes(DIGEST_BYTES, "little")), *kept_result(answer))
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
