@@ -22,14 +22,14 @@ lookup hashes each character about once. Entries are evicted least recently used
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from service.core.lru import ByteLRU
 
 Array = npt.NDArray[Any]
 DIGEST_BYTES = 16
@@ -102,25 +102,14 @@ class PrefixKeys:
         yield n
 
 
-class PrefixCache:
-    """States after prompt prefixes, least recently used evicted first. Thread-safe (one lock; lookups and stores
-    are dictionary operations)."""
+class PrefixCache(ByteLRU[Hit]):
+    """States after prompt prefixes, least recently used evicted first (``ByteLRU``)."""
 
     def __init__(self, max_bytes: int, checkpoint: int = 128, lookback: int = 16) -> None:
         if checkpoint < 1 or lookback < 0:
             raise ValueError(f"checkpoint must be >= 1 and lookback >= 0, got {checkpoint} and {lookback}")
-        self.max_bytes, self.checkpoint, self.lookback = max_bytes, checkpoint, lookback
-        self._entries: OrderedDict[tuple[Any, ...], Hit] = OrderedDict()
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.evictions = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_bytes > 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(max_bytes)
+        self.checkpoint, self.lookback = checkpoint, lookback
 
     def keys(self, scope: tuple[Any, ...], ids: npt.NDArray[np.int64]) -> PrefixKeys:
         return PrefixKeys(scope, ids, self.checkpoint)
@@ -130,12 +119,9 @@ class PrefixCache:
         if not self._entries:
             return 0, None
         for length in keys.candidates(self.lookback):
-            key = keys.key(length)
-            with self._lock:
-                hit = self._entries.get(key)
-                if hit is not None:
-                    self._entries.move_to_end(key)
-                    return length, hit
+            hit = self.get(keys.key(length))
+            if hit is not None:
+                return length, hit
         return 0, None
 
     def store(self, keys: PrefixKeys, length: int, state: dict[str, Array], logits: Array) -> int:
@@ -147,26 +133,4 @@ class PrefixCache:
         nbytes = sum(v.nbytes for v in kept.values()) + last.nbytes + ENTRY_OVERHEAD
         if nbytes > self.max_bytes:
             return 0
-        key = keys.key(length)
-        evicted = 0
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.bytes -= old.nbytes
-            self._entries[key] = Hit(kept, last, nbytes)
-            self.bytes += nbytes
-            while self.bytes > self.max_bytes:
-                _, gone = self._entries.popitem(last=False)
-                self.bytes -= gone.nbytes
-                evicted += 1
-            self.evictions += evicted
-        return evicted
-
-    def drop(self, scope_head: object) -> int:
-        """Forgets every entry whose scope starts with ``scope_head`` (a model version that unloads); returns how
-        many."""
-        with self._lock:
-            doomed = [k for k in self._entries if k[0] == scope_head]
-            for k in doomed:
-                self.bytes -= self._entries.pop(k).nbytes
-            return len(doomed)
+        return self.put(keys.key(length), Hit(kept, last, nbytes), nbytes)

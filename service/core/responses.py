@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from service.core.lru import ByteLRU
 from service.core.types import ForecastResult, InferResult, SentimentResult, Tensor
 
 if TYPE_CHECKING:
@@ -81,26 +80,12 @@ def kept_forecast(r: ForecastResult) -> tuple[ForecastResult, int]:
     return kept, point.nbytes + quantiles.nbytes
 
 
-class ResponseCache:
-    """Answers by request digest, least recently used evicted first. Thread-safe (one lock)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.evictions = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_bytes > 0
+class ResponseCache(ByteLRU[Any]):
+    """Answers by request digest, least recently used evicted first (``ByteLRU``)."""
 
     def serves(self, entry: ModelEntry) -> bool:
         """Whether this version's stateless requests go through the cache (ModelConfig's ``response_cache``)."""
         return self.max_bytes > 0 and entry.task.deterministic
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     @staticmethod
     def key(
@@ -137,49 +122,13 @@ class ResponseCache:
         t1 = time.perf_counter_ns()
         answer = await compute()
         t2 = time.perf_counter_ns()
-        evicted = self.put(key, *keep(answer))
+        kept, nbytes = keep(answer)
+        evicted = self.put(key, kept, nbytes + ENTRY_OVERHEAD)
         entry.metrics.response_cache_usage(self.bytes, len(self), evicted)
         entry.stats.cache(False, (t1 - t0) + (time.perf_counter_ns() - t2))
         return answer, False
-
-    def get(self, key: Key) -> Any:
-        """The answer kept under ``key``, or None."""
-        with self._lock:
-            found = self._entries.get(key)
-            if found is None:
-                return None
-            self._entries.move_to_end(key)
-            return found[0]
-
-    def put(self, key: Key, kept: object, data_bytes: int) -> int:
-        """Keeps ``kept`` (a read-only copy: ``kept_*``), evicting the least recently used entries beyond
-        ``max_bytes``; returns how many it evicted. An answer larger than the whole cache is not kept."""
-        nbytes = data_bytes + ENTRY_OVERHEAD
-        if nbytes > self.max_bytes:
-            return 0
-        evicted = 0
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.bytes -= old[1]
-            self._entries[key] = (kept, nbytes)
-            self.bytes += nbytes
-            while self.bytes > self.max_bytes:
-                _, (_, gone) = self._entries.popitem(last=False)
-                self.bytes -= gone
-                evicted += 1
-            self.evictions += evicted
-        return evicted
 
     def forget(self, entry: ModelEntry, replaced: bool = False) -> None:
         """Drops the answers of a version that unloads (the registry's unload hook)."""
         self.drop(entry.prefix_scope)
         entry.metrics.response_cache_usage(self.bytes, len(self), 0)
-
-    def drop(self, scope: int) -> int:
-        """Forgets every answer of one loaded version (it unloads); returns how many."""
-        with self._lock:
-            doomed = [k for k in self._entries if k[0] == scope]
-            for k in doomed:
-                self.bytes -= self._entries.pop(k)[1]
-            return len(doomed)

@@ -143,6 +143,13 @@ async def test_new_weights_answer_anew_and_an_unload_frees_the_answers(repo: Pat
     assert len(cache) == 0 and cache.bytes == 0
 
 
+def keep(cache: ResponseCache, key: tuple[int, str, bytes], answer: InferResult) -> int:
+    """What ``ResponseCache.answer`` does with a miss's answer: its read-only copy, charged its data and the
+    per-entry overhead."""
+    kept, nbytes = kept_result(answer)
+    return cache.put(key, kept, nbytes + ENTRY_OVERHEAD)
+
+
 def _answer(values: int) -> InferResult:
     return InferResult("m", 1, [Tensor("P", "FP32", (values,), array=np.zeros(values, np.float32))], 1)
 
@@ -152,14 +159,12 @@ def test_the_cache_stays_within_its_bytes_least_recently_used_first() -> None:
     cache = ResponseCache(3 * entry)
     keys = [(1, "", bytes([i]) * 16) for i in range(4)]
     for k in keys[:3]:
-        assert cache.put(k, *kept_result(_answer(100))) == 0
+        assert keep(cache, k, _answer(100)) == 0
     assert cache.bytes == 3 * entry
     assert cache.get(keys[0]) is not None  # now the most recently used
-    assert cache.put(keys[3], *kept_result(_answer(100))) == 1
+    assert keep(cache, keys[3], _answer(100)) == 1
     assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.bytes == 3 * entry
-    assert (
-        cache.put((1, "", b"x" * 16), *kept_result(_answer(10_000))) == 0 and len(cache) == 3
-    )  # larger than the cache: not kept
+    assert keep(cache, (1, "", b"x" * 16), _answer(10_000)) == 0 and len(cache) == 3  # larger than the cache: not kept
     kept = cache.get(keys[0])
     assert kept is not None and kept.outputs[0].array is not None
     assert not kept.outputs[0].array.flags.writeable  # nobody can change an answer others get
@@ -202,7 +207,7 @@ def test_the_budget_covers_what_the_answers_really_take() -> None:
     try:
         before = tracemalloc.take_snapshot()
         for i, answer in enumerate(answers):
-            cache.put((1, "a principal", i.to_bytes(DIGEST_BYTES, "little")), *kept_result(answer))
+            keep(cache, (1, "a principal", i.to_bytes(DIGEST_BYTES, "little")), answer)
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
