@@ -547,6 +547,11 @@ class Metrics:
     def response_cache_lookup(self, model: str, hit: bool) -> None:
         self._child(self.response_lookups, (self._model(model), "hit" if hit else "miss")).inc()
 
+    def response_cache_model(self, model: str) -> None:
+        """A model the response cache serves loaded: its lookup series exist at 0, so ``rate()`` sees the first."""
+        for result in ("hit", "miss"):
+            self._child(self.response_lookups, (self._model(model), result))
+
     def response_cache_usage(self, nbytes: int, entries: int, evicted: int) -> None:
         """The cache's fill after it kept (or dropped) answers, and how many answers that evicted."""
         self.response_bytes.set(nbytes)

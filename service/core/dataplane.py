@@ -140,6 +140,8 @@ class CoreDataPlane:
 
     def _loaded(self, entry: ModelEntry, replaced: bool) -> None:
         self.metrics.model_loaded(entry.name, entry.version, entry.runtime.provider, entry.load_seconds, True)
+        if self.responses.serves(entry):
+            self.metrics.response_cache_model(entry.name)
 
     def _unloaded(self, entry: ModelEntry, replaced: bool) -> None:
         if not replaced:

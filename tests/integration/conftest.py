@@ -101,6 +101,8 @@ def seqserve(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     # The REST port with 2 connection slots per frontend: the traffic fills them, so refused connections are counted.
     http_slots = 2
     env.update(SEQSERVE_HTTP_PORT="0", SEQSERVE_HTTP_MAX_CONNECTIONS=str(http_slots))
+    # The response cache on: the traffic's second round is answered from it (its panels and counters have series).
+    env.update(SEQSERVE_RESPONSE_CACHE_BYTES=str(1 << 20))
     cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     cmd += ["--models", str(model_repo), "--ready-file", str(ready_file)]
     with log.open("wb") as out:

@@ -56,7 +56,8 @@ def scalar(prom: Prometheus, expr: str) -> float:
 @dataclass
 class Traffic:
     calls: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, code) -> RPCs sent
-    texts: int = 0  # sentiment texts classified (Classify + KServe ModelInfer)
+    texts: int = 0  # sentiment texts the model classified (Classify + KServe ModelInfer; not those from the cache)
+    cached: Counter[str] = field(default_factory=Counter)  # response cache lookups: "hit" / "miss"
     completes: int = 0
     completion_chars: int = 0
     scored: int = 0  # forecast targets scored against the quantiles forecast for them
@@ -109,12 +110,18 @@ def fill_rest_slots(seqserve: SeqServe, t: Traffic) -> None:
             connection.close()
 
 
-def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, seqserve: SeqServe, t: Traffic) -> None:
+def one_round(
+    c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, seqserve: SeqServe, t: Traffic, first_round: bool
+) -> None:
     """One of every API call, plus two failures: an unknown model (client error) and a full session store
     (RESOURCE_EXHAUSTED, a server-side code), then the KServe v2 endpoint. Sessions are deleted at the end, so
-    rounds repeat identically. (The KServe stub is our generated one: tritonclient's protos clash with ours in
-    one process; tests/service/kserve drives tritonclient itself in its own interpreter.)"""
-    t.texts += len(c.classify(["a fine film", "a dull one"], model="sentiment"))
+    rounds repeat identically but for one text: the server's response cache (on here) answers the second round's
+    stateless Classify, Predict and unary ModelInfer, and the streamed sentence differs, so each round runs the
+    sentiment model. (The KServe stub is our generated one: tritonclient's protos clash with ours in one process;
+    tests/service/kserve drives tritonclient itself in its own interpreter.)"""
+    ran = 1 if first_round else 0
+    t.cached.update({"miss": 4} if first_round else {"hit": 3, "miss": 1})
+    t.texts += ran * len(c.classify(["a fine film", "a dull one"], model="sentiment"))
     t.calls["Classify", "OK"] += 1
     with pytest.raises(ApiError) as err:
         c.classify(["x"], model="no-such-model")
@@ -143,7 +150,7 @@ def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, seqserve: Seq
     t.calls["Create", "RESOURCE_EXHAUSTED"] += 1
     # A KServe stream while the store is full: a sentence is answered, a sequence start is refused inline.
     sentence = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
-    sentence.contents.bytes_contents.append(b"a fine film")
+    sentence.contents.bytes_contents.append(b"a fine film" if first_round else b"a fine film, again")
     chars = v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
     chars.contents.bytes_contents.append(b"To be")
     start = v2.ModelInferRequest(model_name="charlm", inputs=[chars])
@@ -168,7 +175,7 @@ def one_round(c: Client, kserve: v2_grpc.GRPCInferenceServiceStub, seqserve: Seq
     response = kserve.ModelInfer(request, timeout=30, metadata=sampled)
     assert [o.name for o in response.outputs] == ["LABEL", "PROBABILITIES"]
     assert len(response.raw_output_contents) == 2
-    t.texts += 2
+    t.texts += 2 * ran
     t.calls.update({("ServerLive", "OK"): 1, ("ModelInfer", "OK"): 1})
 
     # The REST port: a forwarded call (ModelMetadata, also an RPC), a refusal of the gateway's own (no RPC), and a
@@ -198,8 +205,8 @@ def traffic(seqserve: SeqServe, prometheus: Prometheus) -> Traffic:
     kserve = v2_grpc.GRPCInferenceServiceStub(channel)  # KServe v2 / Open Inference Protocol
     with Client(seqserve.grpc_target) as c:
         # Two rounds with a scrape between them: series exist before the second round, so rate() sees it grow.
-        for _ in range(2):
-            one_round(c, kserve, seqserve, t)
+        for i in range(2):
+            one_round(c, kserve, seqserve, t, first_round=i == 0)
             sent = sum(t.calls.values())
             wait_for(f"Prometheus to see {sent} RPCs", partial(requests_seen, prometheus, sent), timeout=60)
     channel.close()
@@ -213,6 +220,15 @@ def test_target_is_up(prometheus: Prometheus, traffic: Traffic) -> None:
     assert targets[0]["health"] == "up", targets[0]["lastError"]
     assert targets[0]["lastError"] == ""
     assert scalar(prometheus, 'up{job="seqserve"}') == 1.0
+
+
+def test_the_response_cache_answers_the_repeated_round(prometheus: Prometheus, traffic: Traffic) -> None:
+    got = {
+        r["metric"]["result"]: float(r["value"][1])
+        for r in query(prometheus, "sum by (result) (seqserve_response_cache_lookups_total)")
+    }
+    assert got == {k: float(v) for k, v in traffic.cached.items()} == {"miss": 5.0, "hit": 3.0}
+    assert scalar(prometheus, "sum(seqserve_response_cache_entries)") == 5.0
 
 
 def test_request_counters_match_the_traffic(prometheus: Prometheus, traffic: Traffic) -> None:

@@ -91,6 +91,7 @@ def test_dashboard_covers_the_required_panels() -> None:
         "seqserve_forecast_targets_below_total",  # live interval coverage
         "seqserve_forecast_observed_targets_total",
         "seqserve_prefix_cache_lookups_total",  # calls without a session that found their text
+        "seqserve_response_cache_lookups_total",  # stateless requests the response cache answered
         "seqserve_http_requests_total",  # the REST port's answers, its own refusals included
         "seqserve_http_connections_closed_total",  # connections an HTTP port closed for want of a slot
         "seqserve_frontend_restarts_total",  # frontends that died and were replaced
