@@ -68,6 +68,38 @@ def test_perf_analyzer_without_version_flag(
     assert "cache hit/miss" not in out, out[-3000:]
 
 
+@pytest.fixture(scope="module")
+def cached_targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A server with the response cache on (gRPC and REST ports)."""
+    proc, ports = start_server(
+        tiny_models, tmp_path_factory.mktemp("perf-analyzer-cache"), SEQSERVE_HTTP_PORT="0",
+        SEQSERVE_RESPONSE_CACHE_BYTES=str(1 << 20),
+    )  # fmt: skip
+    try:
+        yield {"grpc": f"127.0.0.1:{ports['grpc_port']}", "http": f"127.0.0.1:{ports['http_port']}"}
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_reads_the_response_cache_as_tritons(
+    cached_targets: dict[str, str], protocol: str, tmp_path: Path
+) -> None:
+    """RESPONSE_CACHE_BYTES on: perf_analyzer (no ``-x``) sends one sentence over and over, every request after the
+    first is a hit, and it still finds the version (hits count in queue, as Triton's do), then prints its cache
+    breakdown, with nothing it reads as inconsistent."""
+    cmd = short_run(pa.WORKLOADS["sentiment"], cached_targets[protocol], protocol, tmp_path, 4)
+    done = subprocess.run(cmd, env=pa.environment(), capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "failed to find the requested model version" not in out, out[-3000:]
+    hits = re.search(r"Cache hit count: (\d+)", out)
+    assert hits is not None and int(hits.group(1)) > 0, out[-3000:]
+    assert re.search(r"Average Cache Hit Latency: \d+ usec", out), out[-3000:]
+    assert "Response Cache is disabled" not in out, out[-3000:]  # its warning when counts and config disagree
+    breakdown = re.search(r"Avg request latency: \d+ usec \(overhead \d+ usec \+ queue \d+ usec \+ cache hit/miss", out)
+    assert breakdown is not None, out[-3000:]
+
+
 def _environment_in_child(env: dict[str, str], prelude: str = "") -> subprocess.CompletedProcess[str]:
     """``pa.environment(install=False)`` in a fresh interpreter (the dynamic loader reads LD_LIBRARY_PATH once, at
     start-up), printing the PERF_ANALYZER it used and the LD_LIBRARY_PATH it returns."""
