@@ -63,7 +63,7 @@ def test_perf_analyzer_without_version_flag(
     )
     assert breakdown is not None, out[-3000:]
     assert int(breakdown.group(2)) > 0  # ORT time per request is reported, not zero
-    # Triton's cache_hit / cache_miss belong to its response cache, which we do not have: reporting anything there
+    # Triton's cache_hit / cache_miss belong to its response cache, off by default (as here): reporting anything there
     # (the char LM's prefix cache, at each sequence's start) made perf_analyzer flag our statistics as inconsistent.
     assert "cache hit/miss" not in out, out[-3000:]
 
