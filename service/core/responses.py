@@ -39,6 +39,7 @@ CLASSIFY = "seqserve.v1.Sentiment/Classify"
 PREDICT = "seqserve.v1.Forecast/Predict"
 
 DIGEST_BYTES = 16
+SENTIMENT_BYTES = 200  # one kept SentimentResult and its lists, beyond 32 bytes a probability (tracemalloc)
 ENTRY_OVERHEAD = 1024  # the key, the OrderedDict slot, the result and its tensor objects beyond their data (~880 B
 # for a sentiment answer, tracemalloc: tests/service/core/test_response_cache.py checks the budget holds)
 
@@ -66,9 +67,10 @@ def kept_result(r: InferResult) -> tuple[InferResult, int]:
 
 
 def kept_sentiments(rs: list[SentimentResult]) -> tuple[list[SentimentResult], int]:
-    """``Classify``'s answer as kept (its lists copied), and about its data's bytes."""
+    """``Classify``'s answer as kept (its lists copied), and the bytes of its Python objects: ~250 a text for two
+    labels (the result, its two lists and their floats; the label strings are the task's own, shared)."""
     kept = [SentimentResult(r.label, list(r.labels), list(r.probabilities)) for r in rs]
-    return kept, sum(len(r.label) + sum(len(x) + 8 for x in r.labels) for r in rs)
+    return kept, sum(SENTIMENT_BYTES + 32 * len(r.probabilities) for r in rs)
 
 
 def kept_forecast(r: ForecastResult) -> tuple[ForecastResult, int]:

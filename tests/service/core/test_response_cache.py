@@ -12,8 +12,8 @@ from onnx import helper
 
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
-from service.core.responses import DIGEST_BYTES, ENTRY_OVERHEAD, ResponseCache, kept_result
-from service.core.types import InferResult, ModelRef, SequenceRef, Tensor
+from service.core.responses import DIGEST_BYTES, ENTRY_OVERHEAD, ResponseCache, kept_result, kept_sentiments
+from service.core.types import InferResult, ModelRef, SentimentResult, SequenceRef, Tensor
 from tests.service.core.conftest import MakeDP, recorded
 from tests.service.core.test_warmup import replace_logits
 
@@ -213,3 +213,17 @@ def test_the_budget_covers_what_the_answers_really_take() -> None:
         tracemalloc.stop()
     held = sum(s.size_diff for s in after.compare_to(before, "filename"))
     assert held <= cache.bytes, (held / len(answers), cache.bytes / len(answers))
+    # Classify's answers: Python objects, a few hundred bytes a text, counted per text.
+    texts = ResponseCache(1 << 30)
+    classified = [[SentimentResult("positive", ["positive", "negative"], [0.9, 0.1])] * 64 for _ in range(200)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i, rs in enumerate(classified):
+            kept, nbytes = kept_sentiments(rs)
+            texts.put((1, "", i.to_bytes(DIGEST_BYTES, "little")), kept, nbytes + ENTRY_OVERHEAD)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert held <= texts.bytes <= 2 * held, (held / len(classified), texts.bytes / len(classified))
