@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds .devkit/ (git-ignored, ~25 MB): what `bench/device/scaling.sh` needs on a machine with many cores and no
+# Builds .devkit/ (git-ignored, ~19 MB): what `bench/device/scaling.sh` needs on a machine with many cores and no
 # network, such as the 16-core GPU machine some sessions are lent, where python3 (3.12) already has numpy,
 # onnxruntime, grpcio, protobuf, msgpack, prometheus-client and uvloop:
 #   .devkit/whl/   wheels of the serving dependencies it lacks (pydantic, pydantic-settings, grpcio-*, redis, ...)
-#   .devkit/bin/   perf_analyzer (from tritonclient's wheel in .venv)
+#   .devkit/bin/   perf_analyzer, gzipped (from tritonclient's wheel in .venv)
 #   .devkit/lib/   the two libraries perf_analyzer loads: libb64.so.0d (Debian's libb64-0d) and libcudart.so.12
 # Run it here (pip and apt-get reach their registries), then carry .devkit with the device call:
 #   bash bench/device/kit.sh && <device run> "OUT=\$OUT bash bench/device/scaling.sh" (carry: [".devkit"])
+# A call carries 64 MiB of working tree at most and models/ holds ~113 MB: move the model folders the run does not
+# load out of the checkout for the call (the char-LM workloads need models/charlm only), and back after.
 # DEVICE_PYTHON=3.12 by default: the device's python3 version.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,7 +25,7 @@ pins=$("$VENV_PY" -m pip freeze 2>/dev/null | grep -i -E '^(pydantic|pydantic[-_
 "$VENV_PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d "$KIT/whl" $pins
-cp .venv/bin/perf_analyzer "$KIT/bin/"
+gzip -c .venv/bin/perf_analyzer > "$KIT/bin/perf_analyzer.gz"  # 18 MB -> 6: the call carries 64 MiB at most
 lib=$("$VENV_PY" -c "from bench import pa; print(pa.cudart_dir() or '')")
 [ -n "$lib" ] || { echo "kit.sh: libcudart.so.12 not found: pip install nvidia-cuda-runtime-cu12 into .venv" >&2; exit 1; }
 cp "$lib/libcudart.so.12" "$KIT/lib/"

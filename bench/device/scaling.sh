@@ -13,6 +13,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target "$KIT/site" "$KIT"/whl/*.whl
 export PYTHONPATH="$PWD:$KIT/site${PYTHONPATH:+:$PYTHONPATH}"
 export LD_LIBRARY_PATH="$KIT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+[ -x "$KIT/bin/perf_analyzer" ] || { gunzip -c "$KIT/bin/perf_analyzer.gz" > "$KIT/bin/perf_analyzer"; chmod +x "$KIT/bin/perf_analyzer"; }
 export PERF_ANALYZER="$KIT/bin/perf_analyzer"
 WORKERS=${WORKERS:-1 8}
 CONCURRENCY=${CONCURRENCY:-16 64}
