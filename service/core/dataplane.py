@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PLATFORM = "onnxruntime_onnx"
 STORE_CHECK_SECONDS = 1.0  # how often the session store is asked whether it answers (health)
 
@@ -272,13 +273,10 @@ class CoreDataPlane:
         with CountedRequest(entry, len(texts)) as req:
             if not self.responses.serves(entry):
                 return await _classifier(entry).classify(texts)
-            text = Tensor("TEXT", "BYTES", (len(texts),), items=[t.encode("utf-8", "surrogatepass") for t in texts])
-            key = self.responses.key(entry.prefix_scope, principal(), {"TEXT": text}, [CLASSIFY], {})
-            answer, hit = await self.responses.answer(
-                entry, key, lambda: _classifier(entry).classify(texts), kept_sentiments
+            inputs = {"TEXT": _bytes_tensor("TEXT", texts)}
+            return await self._cached(
+                entry, req, CLASSIFY, inputs, lambda: _classifier(entry).classify(texts), kept_sentiments, len(texts)
             )
-            req.inferences = 0 if hit else len(texts)
-            return answer
 
     # --- our API: char LM ---------------------------------------------------------------------------------
     async def _metered(
@@ -361,14 +359,27 @@ class CoreDataPlane:
             rows = np.asarray(history)
             inputs = {"HISTORY": Tensor("HISTORY", rows.dtype.str, rows.shape, array=rows)}
             if columns is not None:
-                names = [c.encode("utf-8", "surrogatepass") for c in columns]
-                inputs["COLUMNS"] = Tensor("COLUMNS", "BYTES", (len(names),), items=names)
-            key = self.responses.key(entry.prefix_scope, principal(), inputs, [PREDICT], {})
-            result, hit = await self.responses.answer(
-                entry, key, lambda: _forecaster(entry).predict(history, columns), kept_forecast
+                inputs["COLUMNS"] = _bytes_tensor("COLUMNS", columns)
+            return await self._cached(
+                entry, req, PREDICT, inputs, lambda: _forecaster(entry).predict(history, columns), kept_forecast, 1
             )
-            req.inferences = 0 if hit else 1
-            return result
+
+    async def _cached(
+        self,
+        entry: ModelEntry,
+        req: CountedRequest,
+        call: str,
+        inputs: dict[str, Tensor],
+        compute: Callable[[], Awaitable[T]],
+        keep: Callable[[T], tuple[T, int]],
+        inferences: int,
+    ) -> T:
+        """One of our API's stateless calls through the response cache (keyed by ``call`` and its inputs); a hit
+        counts no inference, as in Triton."""
+        key = self.responses.key(entry.prefix_scope, principal(), inputs, [call], {})
+        answer, hit = await self.responses.answer(entry, key, compute, keep)
+        req.inferences = 0 if hit else inferences
+        return answer
 
     async def observe(
         self, session_id: str, rows: FloatArray, *, columns: Sequence[str] | None = None
@@ -412,6 +423,11 @@ class CoreDataPlane:
 
 
 # The capability was checked by _serve/_session (entry.capabilities, computed once at load): no isinstance here.
+def _bytes_tensor(name: str, values: Sequence[str]) -> Tensor:
+    """Strings as a BYTES tensor: our API's inputs as the response cache keys them."""
+    return Tensor(name, "BYTES", (len(values),), items=[v.encode("utf-8", "surrogatepass") for v in values])
+
+
 def _classifier(entry: ModelEntry) -> Classifier:
     return cast(Classifier, entry.task)
 
