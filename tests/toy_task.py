@@ -46,6 +46,11 @@ class TaggerTask(Task):
         if manifest.tokenizer is None or not manifest.labels:
             raise ValueError("a toy tagger needs a tokenizer and labels")
 
+    @classmethod
+    def warmup_input(cls, manifest: Manifest, rows: int) -> dict[str, np.ndarray]:
+        """Four characters a row (id 0): the loader runs them before the model is READY (``SEQSERVE_WARMUP``)."""
+        return {"input_ids": np.zeros((rows, 4), np.int64)}
+
     def __init__(self, model: ModelHandle, settings: Settings) -> None:
         super().__init__(model, settings)
         assert model.manifest.tokenizer is not None and model.manifest.labels is not None
