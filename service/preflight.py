@@ -125,6 +125,8 @@ async def _models(settings: Settings) -> list[Finding]:
             info = entry.info()
             if info.ready:
                 detail = f"{info.task} on {info.provider}, loaded in {info.load_seconds:.2f}s"
+                if entry.warmed:
+                    detail += f", ran on samples of {' and '.join(map(str, entry.warmed))} row(s)"
                 found.append(Finding("model", entry.label, OK, detail))
             else:
                 found.append(Finding("model", entry.label, FAIL, info.error or "not ready"))

@@ -68,13 +68,15 @@ def _within_repository(message: str, root: Path) -> str:
     return message
 
 
-def warm_up(cls: type[Task], manifest: Manifest, runtime: Runtime, max_rows: int) -> None:
-    """Runs the graph on the task's warm-up input of one row and of ``max_rows`` (``settings.warmup``); raises
-    ValueError, saying what failed, when a run fails or answers NaN."""
+def warm_up(cls: type[Task], manifest: Manifest, runtime: Runtime, max_rows: int) -> tuple[int, ...]:
+    """Runs the graph on the task's warm-up input of one row and of ``max_rows`` (``settings.warmup``); returns the
+    batch sizes it ran (none when the task gives no input); raises ValueError, saying what failed, when a run fails
+    or answers NaN."""
+    ran: list[int] = []
     for rows in sorted({1, max_rows}):
         feeds = cls.warmup_input(manifest, rows)
         if feeds is None:
-            return
+            break
         try:
             outputs = runtime.run(feeds, rows)
         except Exception as exc:  # ORT's own exception types: the graph loads but cannot run
@@ -88,6 +90,8 @@ def warm_up(cls: type[Task], manifest: Manifest, runtime: Runtime, max_rows: int
                 f"model.onnx answered NaN in {nan} on its warm-up sample of {rows} row(s); its weights are broken: "
                 "retrain or re-export it"
             )
+        ran.append(rows)
+    return tuple(ran)
 
 
 @dataclass(eq=False)
@@ -112,6 +116,7 @@ class ModelEntry:
     _prefixes: PrefixCache | None = None
     prefix_scope: int = 0  # this load's own part of the prefix cache's keys (a reload never reads the last one's)
     facts: dict[str, object] = field(default_factory=dict)  # the task's ``inspect`` of the loaded graph
+    warmed: tuple[int, ...] = ()  # the batch sizes its warm-up ran at load (none: off, or no input from the task)
     _inflight: int = 0
     _drained: asyncio.Event | None = None
 
@@ -224,7 +229,7 @@ class ModelEntry:
             self._runtime = load_runtime(manifest, model_path, settings, cls.symbols(manifest))
             self.facts = cls.inspect(manifest, self._runtime)
             if settings.warmup:
-                warm_up(cls, manifest, self._runtime, settings.max_batch_size)
+                self.warmed = warm_up(cls, manifest, self._runtime, settings.max_batch_size)
         except (ValueError, OSError, ModelUnavailable) as exc:
             self.error = _within_repository(str(exc), settings.models)
         except Exception as exc:  # a schema-valid but odd manifest can trip a task's or plugin's check anywhere

@@ -40,6 +40,7 @@ def test_a_good_repository_is_ready_to_serve(tiny_models: Path, capsys: pytest.C
     for name, task in (("charlm/1", "charlm"), ("sentiment/1", "sentiment"), ("forecaster/1", "forecast")):
         (line,) = [x for x in lines if f" {name} " in x]
         assert line.startswith("ok") and f"{task} on CPUExecutionProvider, loaded in" in line
+        assert line.endswith("ran on samples of 1 and 32 row(s)"), line  # the warm-up: the graph runs
     assert any(x.startswith("ok") and "memory://" in x and "answers" in x for x in lines)
 
 
