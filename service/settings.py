@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     grpc_max_connection_idle_seconds: float = Field(default=0.0, ge=0, le=GRPC_MAX_SECONDS)
     """Close a connection that has had no call in flight for this long (its client connects again when it next
     calls); 0 (default) = never."""
+    grpc_max_concurrent_streams: int = Field(default=0, ge=0, le=2**31 - 1)
+    """Calls (unary or streams) one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): a
+    client past it waits, in its own library, for one of its calls to end; other connections are not held up.
+    0 (default) = gRPC's own: no limit."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent (by the methods that carry bulk data: Classify, Predict, Observe,
     ModelInfer, ModelStreamInfer, and methods this server does not list as small)."""

@@ -333,6 +333,8 @@ def grpc_options(s: Settings) -> list[tuple[str, Any]]:
     ):
         if seconds:
             options.append((name, ms(seconds)))
+    if s.grpc_max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams))
     return options
 
 

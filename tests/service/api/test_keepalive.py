@@ -39,9 +39,12 @@ def test_options_follow_the_settings() -> None:
     assert default["grpc.keepalive_permit_without_calls"] == 1
     assert default["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
     assert default["grpc.http2.max_ping_strikes"] == 2
-    assert not {"grpc.max_connection_age_ms", "grpc.max_connection_age_grace_ms", "grpc.max_connection_idle_ms"} & set(
-        default
-    )  # gRPC's own default: no limit
+    assert not {
+        "grpc.max_connection_age_ms",
+        "grpc.max_connection_age_grace_ms",
+        "grpc.max_connection_idle_ms",
+        "grpc.max_concurrent_streams",
+    } & set(default)  # gRPC's own default: no limit
     tuned = dict(
         grpc_options(
             Settings(
@@ -51,9 +54,11 @@ def test_options_follow_the_settings() -> None:
                 grpc_max_connection_age_seconds=1800,
                 grpc_max_connection_age_grace_seconds=0.0005,
                 grpc_max_connection_idle_seconds=600,
+                grpc_max_concurrent_streams=100,
             )
         )
     )
+    assert tuned["grpc.max_concurrent_streams"] == 100
     assert tuned["grpc.http2.min_ping_interval_without_data_ms"] == 0 and tuned["grpc.http2.max_ping_strikes"] == 0
     assert tuned["grpc.keepalive_permit_without_calls"] == 0
     assert tuned["grpc.max_connection_age_ms"] == 1_800_000 and tuned["grpc.max_connection_idle_ms"] == 600_000
@@ -65,6 +70,31 @@ def test_settings_refuse_what_grpc_cannot_hold() -> None:
         Settings(grpc_max_connection_age_seconds=30 * 86400)  # beyond int32 milliseconds
     with pytest.raises(ValueError, match="grpc_keepalive_seconds"):
         Settings(grpc_keepalive_seconds=0)
+
+
+def test_one_connection_past_its_stream_limit_waits_and_others_do_not(serve: Callable[..., ServerHandle]) -> None:
+    """GRPC_MAX_CONCURRENT_STREAMS=1: while a stream is open on a connection, another call on that connection waits
+    (here past its deadline) and a call on another connection is answered; once the stream ends, the waiting
+    connection calls again. Without the limit the same call is answered at once (the setting reaches gRPC)."""
+    for limit, blocked in ((1, True), (0, False)):
+        server = serve(grpc_max_concurrent_streams=limit)
+        own = [("grpc.use_local_subchannel_pool", 1)]  # two connections (channels alike would share one)
+        with grpc.insecure_channel(server.target, own) as busy, grpc.insecure_channel(server.target, own) as other:
+            stream = Stream(busy)
+            try:
+                assert not stream.step(3, start=True).error_message  # the stream is open on `busy`
+                live = pb_grpc.GRPCInferenceServiceStub(busy).ServerLive
+                if blocked:
+                    with pytest.raises(grpc.RpcError) as info:
+                        live(pb.ServerLiveRequest(), timeout=1.0)
+                    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                else:
+                    assert live(pb.ServerLiveRequest(), timeout=1.0).live
+                assert pb_grpc.GRPCInferenceServiceStub(other).ServerLive(pb.ServerLiveRequest(), timeout=5).live
+            finally:
+                stream.close()
+            # The stream ended: its slot is free again.
+            assert pb_grpc.GRPCInferenceServiceStub(busy).ServerLive(pb.ServerLiveRequest(), timeout=5).live
 
 
 def _step(sequence: int, start: bool) -> pb.ModelInferRequest:
