@@ -291,8 +291,8 @@ class Metrics:
         # --- core: the response cache of stateless KServe requests -----------------------------------------
         self.response_lookups = Counter(
             "seqserve_response_cache_lookups",
-            "Stateless requests (KServe infer, Classify, Predict) to a deterministic model that asked the response cache "
-            "(RESPONSE_CACHE_BYTES), by result: hit (answered from it, no model run) or miss.",
+            "Stateless requests (KServe infer, Classify, Predict) to a deterministic model that asked the response "
+            "cache (RESPONSE_CACHE_BYTES), by result: hit (answered from it, no model run) or miss.",
             ("model", "result"),
             registry=r,
         )
