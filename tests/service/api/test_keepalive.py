@@ -89,7 +89,7 @@ def test_one_connection_past_its_stream_limit_waits_and_others_do_not(serve: Cal
                         live(pb.ServerLiveRequest(), timeout=1.0)
                     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 else:
-                    assert live(pb.ServerLiveRequest(), timeout=1.0).live
+                    assert live(pb.ServerLiveRequest(), timeout=5.0).live
                 assert pb_grpc.GRPCInferenceServiceStub(other).ServerLive(pb.ServerLiveRequest(), timeout=5).live
             finally:
                 stream.close()
