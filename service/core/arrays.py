@@ -82,3 +82,11 @@ def sample(logits: npt.NDArray[np.floating[Any]], temperature: float, top_k: int
         z = masked
     p = softmax(z)
     return int(rng.choice(len(p), p=p))
+
+
+def read_only_copy(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """An owned, read-only copy for a cache: a view would keep its whole batch alive, and nothing may write into an
+    array other calls get (a write raises instead of changing another call's answer)."""
+    out = np.array(a, copy=True)
+    out.flags.writeable = False
+    return out

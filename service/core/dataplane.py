@@ -29,7 +29,7 @@ from service.core.sessions import SessionManager, SessionState, SessionStore, op
 from service.core.sessions.export import seal
 from service.core.stats import CountedRequest
 from service.core.tasks import load_plugins
-from service.core.tasks.base import Classifier, Forecaster, Generator, needs
+from service.core.tasks.base import Classifier, Forecaster, Generator, bytes_tensor, needs
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -273,9 +273,9 @@ class CoreDataPlane:
         with CountedRequest(entry, len(texts)) as req:
             if not self.responses.serves(entry):
                 return await _classifier(entry).classify(texts)
-            inputs = {"TEXT": _bytes_tensor("TEXT", texts)}
+            inputs = {"TEXT": bytes_tensor("TEXT", texts)}
             return await self._cached(
-                entry, req, CLASSIFY, inputs, lambda: _classifier(entry).classify(texts), kept_sentiments, len(texts)
+                entry, req, CLASSIFY, inputs, lambda: _classifier(entry).classify(texts), kept_sentiments
             )
 
     # --- our API: char LM ---------------------------------------------------------------------------------
@@ -359,9 +359,9 @@ class CoreDataPlane:
             rows = np.asarray(history)
             inputs = {"HISTORY": Tensor("HISTORY", rows.dtype.str, rows.shape, array=rows)}
             if columns is not None:
-                inputs["COLUMNS"] = _bytes_tensor("COLUMNS", columns)
+                inputs["COLUMNS"] = bytes_tensor("COLUMNS", list(columns))
             return await self._cached(
-                entry, req, PREDICT, inputs, lambda: _forecaster(entry).predict(history, columns), kept_forecast, 1
+                entry, req, PREDICT, inputs, lambda: _forecaster(entry).predict(history, columns), kept_forecast
             )
 
     async def _cached(
@@ -372,13 +372,13 @@ class CoreDataPlane:
         inputs: dict[str, Tensor],
         compute: Callable[[], Awaitable[T]],
         keep: Callable[[T], tuple[T, int]],
-        inferences: int,
     ) -> T:
         """One of our API's stateless calls through the response cache (keyed by ``call`` and its inputs); a hit
-        counts no inference, as in Triton."""
+        counts no inference, as in Triton (a miss counts what ``req`` was made with)."""
         key = self.responses.key(entry.prefix_scope, principal(), inputs, [call], {})
         answer, hit = await self.responses.answer(entry, key, compute, keep)
-        req.inferences = 0 if hit else inferences
+        if hit:
+            req.inferences = 0
         return answer
 
     async def observe(
@@ -423,11 +423,6 @@ class CoreDataPlane:
 
 
 # The capability was checked by _serve/_session (entry.capabilities, computed once at load): no isinstance here.
-def _bytes_tensor(name: str, values: Sequence[str]) -> Tensor:
-    """Strings as a BYTES tensor: our API's inputs as the response cache keys them."""
-    return Tensor(name, "BYTES", (len(values),), items=[v.encode("utf-8", "surrogatepass") for v in values])
-
-
 def _classifier(entry: ModelEntry) -> Classifier:
     return cast(Classifier, entry.task)
 

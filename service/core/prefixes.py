@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from service.core.arrays import read_only_copy
 from service.core.lru import ByteLRU
 
 Array = npt.NDArray[Any]
@@ -47,14 +48,6 @@ class Hit:
     state: dict[str, Array]
     logits: Array
     nbytes: int
-
-
-def _frozen(a: Array) -> Array:
-    """An owned, read-only copy: a view would keep its whole batch alive, and nothing may write into a shared
-    state (a write raises instead of changing another call's answer)."""
-    out = np.array(a, copy=True)
-    out.flags.writeable = False
-    return out
 
 
 class PrefixKeys:
@@ -128,8 +121,8 @@ class PrefixCache(ByteLRU[Hit]):
         """Keeps the state after the first ``length`` ids (copied, read-only), evicting the least recently used
         entries beyond ``max_bytes``; returns how many it evicted. An entry larger than the whole cache is not
         kept."""
-        kept = {name: _frozen(v) for name, v in state.items()}
-        last = _frozen(logits)
+        kept = {name: read_only_copy(v) for name, v in state.items()}
+        last = read_only_copy(logits)
         nbytes = sum(v.nbytes for v in kept.values()) + last.nbytes + ENTRY_OVERHEAD
         if nbytes > self.max_bytes:
             return 0

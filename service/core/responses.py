@@ -22,9 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
+from service.core.arrays import read_only_copy
 from service.core.lru import ByteLRU
 from service.core.types import ForecastResult, InferResult, SentimentResult, Tensor
 
@@ -44,19 +42,11 @@ ENTRY_OVERHEAD = 1024  # the key, the OrderedDict slot, the result and its tenso
 # for a sentiment answer, tracemalloc: tests/service/core/test_response_cache.py checks the budget holds)
 
 
-def _array(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """An owned, read-only copy: a view would keep its whole batch alive, and nothing may write into an answer
-    other callers get."""
-    out = np.array(a, copy=True)
-    out.flags.writeable = False
-    return out
-
-
 def _tensor(t: Tensor) -> tuple[Tensor, int]:
     if t.array is None:
         items = list(t.items or ())
         return dataclasses.replace(t, items=items), sum(len(b) for b in items)
-    array = _array(t.array)
+    array = read_only_copy(t.array)
     return dataclasses.replace(t, array=array), array.nbytes
 
 
@@ -75,7 +65,7 @@ def kept_sentiments(rs: list[SentimentResult]) -> tuple[list[SentimentResult], i
 
 def kept_forecast(r: ForecastResult) -> tuple[ForecastResult, int]:
     """``Predict``'s answer as kept, and its arrays' bytes."""
-    point, quantiles = _array(r.point), _array(r.quantiles)
+    point, quantiles = read_only_copy(r.point), read_only_copy(r.quantiles)
     kept = dataclasses.replace(
         r, columns=list(r.columns), point=point, quantile_levels=list(r.quantile_levels), quantiles=quantiles
     )
@@ -87,7 +77,7 @@ class ResponseCache(ByteLRU[Any]):
 
     def serves(self, entry: ModelEntry) -> bool:
         """Whether this version's stateless requests go through the cache (ModelConfig's ``response_cache``)."""
-        return self.max_bytes > 0 and entry.task.deterministic
+        return self.enabled and entry.task.deterministic
 
     @staticmethod
     def key(
@@ -99,7 +89,7 @@ class ResponseCache(ByteLRU[Any]):
             t = inputs[name]
             h.update(f"{name}\0{t.datatype}\0{t.shape}\0".encode())
             if t.array is not None:
-                h.update(np.ascontiguousarray(t.array).tobytes())
+                h.update(t.array.tobytes())  # (C order, contiguous or not)
             else:
                 for item in t.items or ():
                     h.update(len(item).to_bytes(8, "little"))
