@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from tests.service.core.test_warmup import answer_nan
+from tests.graphs import answer_nan
 from tests.service.security.certs import self_signed
 
 

@@ -8,14 +8,13 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from onnx import helper
 
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
 from service.core.responses import DIGEST_BYTES, ENTRY_OVERHEAD, ResponseCache, kept_result, kept_sentiments
 from service.core.types import InferResult, ModelRef, SentimentResult, SequenceRef, Tensor
+from tests.graphs import scale_logits
 from tests.service.core.conftest import MakeDP, recorded
-from tests.service.core.test_warmup import replace_logits
 
 SENT = ModelRef("sentiment")
 MIB = 1024 * 1024
@@ -129,11 +128,7 @@ async def test_new_weights_answer_anew_and_an_unload_frees_the_answers(repo: Pat
     before = await dp.infer(SENT, text("good film"))
     cache = dp.responses
     assert len(cache) == 1 and cache.bytes > ENTRY_OVERHEAD
-    replace_logits(  # logits doubled: other probabilities
-        repo / "sentiment" / "1",
-        lambda raw, out: [helper.make_node("Mul", [raw, "two"], [out])],
-        {"two": np.asarray(2.0, np.float32)},
-    )
+    scale_logits(repo / "sentiment" / "1", 2.0)  # logits doubled: other probabilities
     await dp.registry.sync()
     after = await dp.infer(SENT, text("good film"))
     assert not np.array_equal(np.asarray(after.outputs[1].array), np.asarray(before.outputs[1].array))

@@ -4,56 +4,20 @@ UNAVAILABLE with the reason instead of READY and failing its callers."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import helper, numpy_helper
 
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
 from service.core.registry import ModelEntry
 from service.core.tasks import task_class
 from service.core.types import ModelRef
 from service.errors import ModelUnavailable
 from service.settings import Settings
+from tests.graphs import answer_nan, reshape_logits
 from tests.service.core.conftest import MakeDP
 
 COMMITTED = Path(__file__).resolve().parents[3] / "models"
-Rewire = Callable[[str, str], list[onnx.NodeProto]]
-
-
-def replace_logits(vdir: Path, nodes: Rewire, initializers: dict[str, np.ndarray]) -> None:
-    """The graph's ``logits`` output becomes ``nodes(raw, "logits")`` of what it was (``raw``); the manifest's sha256
-    follows, so the files load as before."""
-    model = onnx.load(vdir / MODEL_FILE)
-    for node in model.graph.node:
-        node.output[:] = ["logits_raw" if name == "logits" else name for name in node.output]
-    model.graph.node.extend(nodes("logits_raw", "logits"))
-    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in initializers.items())
-    onnx.save(model, vdir / MODEL_FILE)
-    manifest = json.loads((vdir / MANIFEST_FILE).read_text())
-    manifest["sha256"] = sha256_file(vdir / MODEL_FILE)
-    (vdir / MANIFEST_FILE).write_text(json.dumps(manifest))
-
-
-def answer_nan(vdir: Path) -> None:
-    """``logits`` times NaN: the graph loads and runs, and every answer is NaN."""
-    replace_logits(
-        vdir, lambda raw, out: [helper.make_node("Mul", [raw, "nan"], [out])], {"nan": np.asarray(np.nan, np.float32)}
-    )
-
-
-def _reshape_to(vdir: Path, shape: list[int]) -> None:
-    """``logits`` reshaped to a fixed ``shape``: the graph loads (its batch axis is symbolic) and fails at run time
-    for batches whose logits do not have that many values."""
-    replace_logits(
-        vdir,
-        lambda raw, out: [helper.make_node("Reshape", [raw, "fixed_shape"], [out])],
-        {"fixed_shape": np.asarray(shape, np.int64)},
-    )
 
 
 @pytest.mark.parametrize(
@@ -64,7 +28,7 @@ def _reshape_to(vdir: Path, shape: list[int]) -> None:
 async def test_a_graph_that_cannot_run_is_unavailable_with_the_reason(
     repo: Path, make_dp: MakeDP, shape: list[int], max_batch_size: int, rows: int
 ) -> None:
-    _reshape_to(repo / "sentiment" / "1", shape)
+    reshape_logits(repo / "sentiment" / "1", shape)
     dp = await make_dp(models=repo, max_batch_size=max_batch_size)
     info = await dp.model_info(ModelRef("sentiment"))
     assert not info.ready
@@ -82,7 +46,7 @@ async def test_a_graph_that_fails_only_on_full_batches_serves_when_batches_stay_
 ) -> None:
     """The warm-up's samples are the batches the server can form: with max_batch_size 1, the graph above that fails
     on more than one row is READY and answers."""
-    _reshape_to(repo / "sentiment" / "1", [1, 2])
+    reshape_logits(repo / "sentiment" / "1", [1, 2])
     dp = await make_dp(models=repo, max_batch_size=1)
     assert (await dp.model_info(ModelRef("sentiment"))).ready
     (result,) = await dp.classify(ModelRef("sentiment"), ["good film"])
@@ -99,7 +63,7 @@ async def test_a_graph_answering_nan_is_unavailable(repo: Path, make_dp: MakeDP)
 
 async def test_without_warmup_the_broken_graph_is_ready_and_fails_its_callers(repo: Path, make_dp: MakeDP) -> None:
     """What the warm-up saves callers from (and proof that the setting turns it off): READY, then every call fails."""
-    _reshape_to(repo / "sentiment" / "1", [3, 2])
+    reshape_logits(repo / "sentiment" / "1", [3, 2])
     dp = await make_dp(models=repo, warmup=False)
     assert (await dp.model_info(ModelRef("sentiment"))).ready
     with pytest.raises(Exception, match="running Reshape node"):  # ONNX Runtime's own failure, on every call
