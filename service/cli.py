@@ -7,6 +7,7 @@
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
     seqserve suggest < typed.txt                         (a session: each line appended, continuations printed)
     seqserve forecast --csv ETTh1.csv [--rows 96] [--quantiles] [--plot forecast.png]
+    seqserve traces trace.json [--json]                  (Triton-format trace files summed up per model)
 
 Every serve option but --ready-file also comes from a ``SEQSERVE_*`` env var (the flags win), and every other
 setting only from one (README: the settings tables). Client commands take ``--target``
@@ -307,6 +308,34 @@ def _add_serve_flags(s: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_traces(args: argparse.Namespace) -> int:
+    from service.core.traces import summarize
+
+    entries = []
+    for path in args.files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a trace file ({err})") from None
+        if not isinstance(data, list) or not all(isinstance(e, dict) and "id" in e for e in data):
+            raise ValueError(f"{path}: not a trace file (a JSON array of objects with an id, as the server writes)")
+        entries += data
+    rows = summarize(entries)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if not rows:
+        print("no request traces with timestamps in these files (trace_level TIMESTAMPS writes them)")
+        return 0
+    head = ["model", "version", "traces", "runs", "request_us", "queue_us", "input_us", "infer_us", "output_us"]
+    head.append("other_us")
+    print(" ".join(f"{h:>12}" for h in head))
+    for row in rows:
+        print(" ".join(f"{row[h]:>12}" for h in head))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="seqserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -346,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--tls-key", default=env("SEQSERVE_TLS_CLIENT_KEY"), help="PEM key of --tls-cert (mTLS)")
         c.add_argument("--model", default="", help="model name (default: the service's default model)")
         return c
+
+    t = sub.add_parser(
+        "traces",
+        help="sum up trace files (Triton's trace extension, SEQSERVE_TRACE_FILE): per model version, the mean "
+        "request's time in the queue and in its runs' input, infer and output parts, in microseconds",
+    )
+    t.add_argument("files", nargs="+", type=Path, help="trace files (numbered ones of one run together)")
+    t.add_argument("--json", action="store_true", help="one JSON object per model version instead of the table")
+    t.set_defaults(func=cmd_traces)
 
     c = client_parser("classify", "classify texts by sentiment")
     c.add_argument("texts", nargs="+", help="texts to classify; - reads them from stdin, one per line")

@@ -40,8 +40,8 @@ class Settings(BaseSettings):
     """Named API keys, one principal each: a file (one ``name:key`` per line, ``#`` comments) or a list of
     ``name:key`` pairs separated by commas. Names: 1-64 of ``A-Za-z0-9._@-``; keys: at least 16 characters."""
     admin_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Principals allowed to load and unload models (KServe RepositoryModelLoad/Unload) and to change the log
-    settings (LogSettings; anyone may read them), comma-separated in the
+    """Principals allowed to load and unload models (KServe RepositoryModelLoad/Unload) and to change the log and
+    trace settings (LogSettings, TraceSetting; anyone may read them), comma-separated in the
     environment; semicolon-separated when they are mTLS subjects, which hold commas themselves (any value with
     ``=`` in it: ``O=acme,CN=alice;san=spiffe://acme/ops``). Without credentials configured everyone is the
     anonymous principal and may; with API keys or mTLS, only the principals listed here may (none by default)."""
@@ -295,6 +295,28 @@ class Settings(BaseSettings):
     comma-separated, or ``*`` for any page. Empty (default): none; a browser's preflight is answered 403 saying
     to set this. CORS only tells browsers what they may read: it is no access control (API keys are)."""
 
+    # --- tracing (Triton's trace extension) ----------------------------------------------------------------
+    trace_level: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["OFF"])
+    """Triton's trace level: ``OFF`` (default), or ``TIMESTAMPS`` and/or ``TENSORS`` (comma-separated). Then every
+    ``trace_rate``-th inference request of a model is traced into ``trace_file`` as Triton's JSON trace: when it
+    started, queued, and ran its model runs (input, run, output) and ended (TIMESTAMPS), and the tensors each run
+    was fed and gave back (TENSORS). Changed while the server runs, for all models or one, through the trace
+    extension (tritonclient's ``update_trace_settings``, ``POST /v2[/models/<name>]/trace/setting``)."""
+    trace_file: str = ""
+    """Where traces are written (needed with a level other than OFF): with ``trace_log_frequency`` 0, the whole
+    JSON array when the server stops (or the file setting changes); else ``<trace_file>.0``, ``.1``, ... each
+    time that many traces are collected."""
+    trace_rate: int = Field(default=1000, ge=1)
+    """Trace every this-many-th inference request (per model that sets its own settings, else across models)."""
+    trace_count: int = Field(default=-1, ge=-1)
+    """Traces still to collect; -1 = no limit. Counts down as traces are taken (the settings show what is left)."""
+    trace_log_frequency: int = Field(default=0, ge=0)
+    """Write the traces every this many (into numbered files); 0 = only when the server stops."""
+    trace_dir: str = ""
+    """The folder in which callers of the trace extension may name a ``trace_file`` (a relative name is taken
+    there; one outside is refused). Empty (default): the file is set at start only (``TRACE_FILE``), so a
+    caller can never make the server write elsewhere."""
+
     @property
     def default_level(self) -> int:
         """The priority level of requests that name none: ``default_priority_level``, its 0 meaning the lowest
@@ -329,6 +351,25 @@ class Settings(BaseSettings):
             raise ValueError(
                 "quota_request_burst is set but quota_requests_per_second is 0 (no rate quota): set the rate too, "
                 "or leave the burst unset"
+            )
+        return self
+
+    @field_validator("trace_level", mode="before")
+    @classmethod
+    def _trace_level(cls, value: Any) -> Any:
+        from service.core.traces import parse_level  # (no model code imported before a setting is read)
+
+        try:
+            return list(parse_level(value.split(",") if isinstance(value, str) else value))
+        except Exception as exc:
+            raise ValueError(f"trace_level: {getattr(exc, 'message', exc)}") from None
+
+    @model_validator(mode="after")
+    def _trace_file(self) -> Settings:
+        if self.trace_level != ["OFF"] and not self.trace_file:
+            raise ValueError(
+                f"trace_level is {','.join(self.trace_level)} but trace_file is empty: set SEQSERVE_TRACE_FILE to "
+                "where the traces go"
             )
         return self
 

@@ -57,6 +57,7 @@ SMALL_METHODS: frozenset[str] = frozenset(
             "RepositoryModelLoad",
             "RepositoryModelUnload",
             "LogSettings",
+            "TraceSetting",
         )
     ]
     + ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]

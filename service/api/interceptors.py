@@ -501,7 +501,6 @@ def _model_label(request: Any) -> str:
 _TRITON_ONLY = {
     "SystemSharedMemory": "the system shared-memory extension is not offered: send the tensors in the request",
     "CudaSharedMemory": "the CUDA shared-memory extension is not offered: send the tensors in the request",
-    "TraceSetting": "Triton's trace extension is not offered: use the access log (SEQSERVE_ACCESS_LOG) and metrics",
 }
 
 

@@ -66,6 +66,7 @@ from service.api.kserve.convert import fill_log_settings
 from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_bytes
 from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN, UnknownAttribute, subject_of_peercert
 from service.argtypes import INT64_MAX
+from service.core.traces import NAMES as TRACE_SETTINGS
 from service.errors import echo
 from service.metrics import Metrics
 from service.tracing import TRACEPARENT
@@ -104,9 +105,11 @@ HTTP_STATUS = {
 }
 
 ROUTES = {"/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/stats", "/v2/logging", "/v2/repository/index"}
+ROUTES |= {"/v2/trace/setting"}
 ROUTES |= {"/v1/completions", "/v1/models"}
 MODEL_ACTIONS = {"ready", "config", "stats", "infer", "generate", "generate_stream"}
 _MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z_]+))?")
+_MODEL_TRACE = re.compile(r"/v2/models/(?P<name>[^/]+)/trace/setting")
 _REPOSITORY_MODEL = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
 
 
@@ -714,6 +717,10 @@ class _RestHandler(KeptAliveHandler):
             return _ok(message_json(self._call("ModelStatistics", pb.ModelStatisticsRequest())))
         if path == "/v2/logging":
             return self._logging(method, body)
+        if path == "/v2/trace/setting":
+            return self._trace(method, None, body)
+        if m := _MODEL_TRACE.fullmatch(path):
+            return self._trace(method, unquote(m["name"]), body)
         if path == "/v1/completions":
             if method != "POST":
                 raise HttpError(405, "/v1/completions takes POST", {"Allow": "POST"})
@@ -930,6 +937,26 @@ class _RestHandler(KeptAliveHandler):
             raise HttpError(405, "/v2/logging takes GET or POST", {"Allow": "GET, HEAD, POST"})
         settings = self._call("LogSettings", request).settings
         return _ok({key: parameter_value(value) for key, value in settings.items()})
+
+    def _trace(self, method: str, model: str | None, body: bytes) -> Reply:
+        """Triton's trace extension: GET reads the settings (of a model, or the server's), POST changes those it
+        names (null clears one; for a model, an empty object clears all of its own, as in Triton)."""
+        request = pb.TraceSettingRequest(model_name=model or "")
+        if method == "POST":
+            changes = _json(body) if body else {}
+            if not isinstance(changes, dict):
+                raise HttpError(400, 'the body is a JSON object of trace settings, e.g. {"trace_rate": "100"}')
+            if not changes and model is not None:
+                changes = dict.fromkeys(TRACE_SETTINGS)
+            for key, value in changes.items():
+                values = [] if value is None else value if isinstance(value, list) else [value]
+                if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values):
+                    raise HttpError(400, f"trace setting {echo(key)} takes a string, a list of strings or null")
+                request.settings[key].value.extend(str(v) for v in values)
+        elif method not in ("GET", "HEAD"):
+            raise HttpError(405, "trace/setting takes GET or POST", {"Allow": "GET, HEAD, POST"})
+        settings = self._call("TraceSetting", request).settings
+        return _ok({k: list(v.value) if k == "trace_level" else "".join(v.value[:1]) for k, v in settings.items()})
 
     def _from_rpc(self, err: grpc.RpcError) -> Reply:
         from service.client import ApiError

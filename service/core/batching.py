@@ -57,6 +57,7 @@ from service.core.aio import cancel_and_wait
 from service.core.context import note_run, priority
 from service.core.runtime import Array, Runtime
 from service.core.stats import StatsBook
+from service.core.traces import Trace
 from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
 from service.metrics import Metrics
 from service.settings import Settings
@@ -82,6 +83,7 @@ class StepInput:
     pad: dict[str, int | float] = field(default_factory=dict)
     admitted: bool = False  # a later step of an admitted stream: never refused for a full queue
     derive: bool = False  # wants the batcher's derived outputs (``Batcher.derive``); a batch computes them only then
+    trace: Trace | None = None  # the request is traced (the trace extension): its runs are stamped
 
 
 @dataclass
@@ -194,6 +196,7 @@ class Batcher:
         self, name: str, version: int, runtime: Runtime, settings: Settings, metrics: Metrics, stats: StatsBook
     ) -> None:
         self.name, self.version, self.runtime, self.stats = name, version, runtime, stats
+        self._state_outputs = {s.input: s.output for s in runtime.states}  # (a traced run's outputs by graph name)
         self.max_rows = settings.max_batch_size
         self.delay = settings.max_batch_delay_ms / 1000.0
         self.max_queue = settings.max_queue_size
@@ -260,7 +263,11 @@ class Batcher:
                 f"{self.max_queue}; retry with backoff",
                 retry_after=RETRY_SOON,
             )
-        note_run()  # (the request counts once in queue and compute statistics)
+        trace = note_run()  # (the request counts once in queue and compute statistics)
+        if trace is not None:
+            item.trace = trace
+            trace.stamp("QUEUE_START")
+            trace.tensor("TENSOR_QUEUE_INPUT", {**item.inputs, **(item.states or {})})
         loop = asyncio.get_running_loop()
         tokens = self._alone(item, loop) if not self._pending and not self._running else 0
         if tokens:
@@ -500,4 +507,10 @@ class Batcher:
         if self.derive is not None and any(it.derive for it in items):
             outputs.update(self.derive(outputs))
         results = split(outputs, items, self.runtime)
-        return results, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+        t3 = time.perf_counter_ns()
+        for it, r in zip(items, results, strict=True):
+            if it.trace is not None:
+                it.trace.run((t0, t1, t2, t3))
+                states = {self._state_outputs.get(k, k): v for k, v in r.states.items()}
+                it.trace.tensor("TENSOR_BACKEND_OUTPUT", {**r.outputs, **states})
+        return results, (t1 - t0, t2 - t1, t3 - t2)

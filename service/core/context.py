@@ -12,6 +12,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.core.traces import Trace
 
 _CALL_MODEL: ContextVar[list[str] | None] = ContextVar("seqserve_call_model", default=None)
 
@@ -115,24 +119,35 @@ class CommitScope:
 
 # --- model runs of the request being counted -----------------------------------------------------------------
 # A request (``stats.CountedRequest``) counts in queue and compute statistics once if any of its steps went to a
-# batcher: the time of its runs is added there, whatever its outcome. A list, so tasks it spawns share it.
-_RUNS: ContextVar[list[int] | None] = ContextVar("seqserve_runs", default=None)
+# batcher: the time of its runs is added there, whatever its outcome. Shared by tasks it spawns. It also carries
+# the request's trace (``traces.Trace``), when it is traced, for the batcher to stamp its runs.
+class Runs:
+    __slots__ = ("count", "trace")
+
+    def __init__(self, trace: Trace | None = None) -> None:
+        self.count = 0
+        self.trace = trace
 
 
-def count_runs() -> tuple[list[int], Token[list[int] | None]]:
+_RUNS: ContextVar[Runs | None] = ContextVar("seqserve_runs", default=None)
+
+
+def count_runs(trace: Trace | None = None) -> tuple[Runs, Token[Runs | None]]:
     """Starts counting this context's steps: (the counter, the token that ends it)."""
-    runs = [0]
+    runs = Runs(trace)
     return runs, _RUNS.set(runs)
 
 
-def end_runs(token: Token[list[int] | None]) -> None:
+def end_runs(token: Token[Runs | None]) -> None:
     """Stops counting (``count_runs``' token); nothing to undo when the request ends in another context."""
     with contextlib.suppress(ValueError):
         _RUNS.reset(token)
 
 
-def note_run() -> None:
-    """A step of the current request was queued for a model run (``Batcher.submit``)."""
+def note_run() -> Trace | None:
+    """A step of the current request was queued for a model run (``Batcher.submit``); returns its trace, if any."""
     runs = _RUNS.get()
-    if runs is not None:
-        runs[0] += 1
+    if runs is None:
+        return None
+    runs.count += 1
+    return runs.trace

@@ -30,6 +30,7 @@ from service.core.sessions.export import seal
 from service.core.stats import CountedRequest
 from service.core.tasks import load_plugins
 from service.core.tasks.base import Classifier, Forecaster, Generator, bytes_tensor, needs
+from service.core.traces import Tracer
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -72,7 +73,8 @@ class CoreDataPlane:
         self.settings = settings
         self.metrics = metrics
         load_plugins(settings.plugins)  # tasks and stores from outside this package register themselves
-        self.registry = ModelRegistry(settings, metrics)
+        self.tracer = Tracer.from_settings(settings)
+        self.registry = ModelRegistry(settings, metrics, self.tracer)
         self.registry.subscribe(on_load=self._loaded, on_unload=self._unloaded)
         store = store if store is not None else open_store(settings.session_store, settings)
         self.sessions = SessionManager(settings, metrics, store, clock)
@@ -138,6 +140,7 @@ class CoreDataPlane:
             await cancel_and_wait(task)
         await self.sessions.stop()
         await self.registry.stop()
+        await asyncio.to_thread(self.tracer.close)  # every trace collected is written
 
     def _loaded(self, entry: ModelEntry, replaced: bool) -> None:
         self.metrics.model_loaded(entry.name, entry.version, entry.runtime.provider, entry.load_seconds, True)
@@ -229,6 +232,23 @@ class CoreDataPlane:
                            ", ".join(f"{k}={now[k]}" for k in sorted(changes)))  # fmt: skip
         for listener in self._log_listeners:
             await listener(now)
+        return now
+
+    async def trace_settings(
+        self, model: str | None = None, changes: dict[str, list[str] | None] | None = None
+    ) -> dict[str, list[str]]:
+        """Triton's trace extension: the trace settings in force for ``model`` (None: the server's); with
+        ``changes`` (an empty value clears a setting), checked and applied first. Changing them is for admins, as
+        for the log settings: a trace file is written where the settings say."""
+        if model is not None:
+            model = self.registry.find(ModelRef(model)).name  # NOT_FOUND for a model the repository lacks
+        if not changes:
+            return self.tracer.settings(model)
+        self._check_admin("change the trace settings")
+        now = self.tracer.update(model, changes)
+        logs.audit.warning("trace settings of %s changed by %s: %s", model or "the server",
+                           principal() or "the anonymous principal",
+                           ", ".join(f"{k}={','.join(now[k])}" for k in sorted(changes)))  # fmt: skip
         return now
 
     def on_log_change(self, listener: Callable[[LogSettings], Awaitable[None]]) -> None:

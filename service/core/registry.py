@@ -34,6 +34,7 @@ from service.core.runtime import Runtime, load_runtime, select_providers
 from service.core.stats import StatsBook
 from service.core.tasks import Task, task_class
 from service.core.tasks.base import capabilities_of
+from service.core.traces import Tracer
 from service.core.types import ModelInfo, ModelRef
 from service.errors import RETRY_LATER, ModelNotFound, ModelUnavailable, echo
 from service.metrics import Metrics
@@ -117,6 +118,7 @@ class ModelEntry:
     prefix_scope: int = 0  # this load's own part of the prefix cache's keys (a reload never reads the last one's)
     facts: dict[str, object] = field(default_factory=dict)  # the task's ``inspect`` of the loaded graph
     warmed: tuple[int, ...] = ()  # the batch sizes its warm-up ran at load (none: off, or no input from the task)
+    tracer: Tracer | None = None  # the trace extension's settings and traces (its requests may be traced)
     _inflight: int = 0
     _drained: asyncio.Event | None = None
 
@@ -272,9 +274,10 @@ class ModelEntry:
 class ModelRegistry:
     """All model versions, loaded or failed, with load/unload hooks. Operations are serialized."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, tracer: Tracer | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracer = tracer  # handed to every version loaded (the trace extension)
         self._entries: dict[tuple[str, int], ModelEntry] = {}  # changed only through _put, _drop and _clear
         self._by_name: dict[str, list[ModelEntry]] = {}  # per name, oldest version first (a cache of _entries)
         self._unloaded: set[str] = set()  # unloaded on request: not reloaded by sync() until load_model()
@@ -455,7 +458,7 @@ class ModelRegistry:
                 await self._load(name, version, path, old)
 
     async def _load(self, name: str, version: int, path: Path, old: ModelEntry | None) -> None:
-        entry = ModelEntry(name, version, path)
+        entry = ModelEntry(name, version, path, tracer=self.tracer)
         await asyncio.to_thread(entry.load_files, self.settings)
         if old is not None and old.ready and entry.error is None and entry.sha256 == old.sha256:
             old.signature = entry.signature  # touched, same weights: keep serving the loaded one

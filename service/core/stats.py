@@ -133,16 +133,20 @@ class CountedRequest:
 
     def __init__(self, entry: ModelEntry, inferences: int = 1) -> None:
         self.entry, self.inferences = entry, inferences
-        self.runs, self.token = count_runs()
+        tracer = entry.tracer
+        trace = tracer.start(entry.name, entry.version) if tracer is not None and tracer.active else None
+        self.runs, self.token = count_runs(trace)
         entry.enter()
         self.t0 = time.perf_counter_ns()
 
     def finish(self, ok: bool) -> None:
         try:
-            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences, self.runs[0] > 0)
+            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences, self.runs.count > 0)
         finally:
             end_runs(self.token)
             self.entry.leave()
+            if self.runs.trace is not None and self.entry.tracer is not None:
+                self.entry.tracer.finish(self.runs.trace)
 
     def __enter__(self) -> CountedRequest:
         return self

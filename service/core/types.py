@@ -299,6 +299,13 @@ class DataPlane(Protocol):
         process of the server (changing them needs an admin principal)."""
         ...
 
+    async def trace_settings(
+        self, model: str | None = None, changes: dict[str, list[str] | None] | None = None
+    ) -> dict[str, list[str]]:
+        """The trace settings by Triton's names (trace extension), of ``model`` or (None) the server's; ``changes``
+        (an empty value clears one) are checked, then applied (changing them needs an admin principal)."""
+        ...
+
     async def infer(
         self,
         model: ModelRef,

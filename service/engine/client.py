@@ -249,6 +249,12 @@ class RemoteDataPlane:
         """Read and changed in the engine, which passes a change on to every frontend before it answers."""
         return dict(await self._control("log_settings", changes, context=True))
 
+    async def trace_settings(
+        self, model: str | None = None, changes: dict[str, list[str] | None] | None = None
+    ) -> dict[str, list[str]]:
+        """Read and changed in the engine, which traces the requests and writes the trace files."""
+        return dict(await self._control("trace_settings", model, changes, context=True))
+
     # --- DataPlane: asynchronous ------------------------------------------------------------------------
     async def load_model(self, name: str) -> None:
         await self._call("load_model", name)

@@ -60,7 +60,7 @@ ASYNC_METHODS = frozenset(
     }
 )
 STREAM_METHODS = frozenset({"complete"})
-CONTROL_METHODS = frozenset(  # model table, health, statistics, log settings: never refused for a full queue
+CONTROL_METHODS = frozenset(  # model table, health, statistics, log and trace settings: never refused for a full queue
     {
         "ready",
         "capabilities",
@@ -71,6 +71,7 @@ CONTROL_METHODS = frozenset(  # model table, health, statistics, log settings: n
         "statistics",
         "store_up",
         "log_settings",
+        "trace_settings",
     }
 )
 

@@ -131,6 +131,18 @@ def log_settings_to_pb(settings: dict[str, bool | int | str]) -> pb.LogSettingsR
     return response
 
 
+def trace_settings_from_pb(request: pb.TraceSettingRequest) -> dict[str, list[str] | None]:
+    """The changes a TraceSetting request asks for: each setting's values (none: clear it)."""
+    return {key: list(value.value) or None for key, value in request.settings.items()}
+
+
+def trace_settings_to_pb(settings: Mapping[str, list[str]]) -> pb.TraceSettingResponse:
+    response = pb.TraceSettingResponse()
+    for key, values in settings.items():
+        response.settings[key].value.extend(values)
+    return response
+
+
 def fill_log_settings(slots: Any, settings: Mapping[str, bool | int | str]) -> None:
     """Each value into its key's ``SettingValue`` oneof (a request's or a response's: the same fields)."""
     for key, value in settings.items():

@@ -31,6 +31,8 @@ from service.api.kserve.convert import (
     log_settings_to_pb,
     metadata_to_pb,
     stats_to_pb,
+    trace_settings_from_pb,
+    trace_settings_to_pb,
 )
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_priority, parse_sequence, parse_timeout
 from service.api.kserve.tensors import encode_outputs, read_inputs, requested_outputs
@@ -50,6 +52,7 @@ EXTENSIONS = [
     "model_configuration",
     "model_repository",
     "statistics",
+    "trace",
     "parameters",
     "schedule_policy",  # timeout and priority (PRIORITY_LEVELS)
 ]
@@ -144,6 +147,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- logging extension ----------------------------------------------------------------------------
     async def LogSettings(self, request: pb.LogSettingsRequest, context: Context) -> pb.LogSettingsResponse:
         return log_settings_to_pb(await self._dataplane.log_settings(log_settings_from_pb(request) or None))
+
+    # --- trace extension ------------------------------------------------------------------------------
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Context) -> pb.TraceSettingResponse:
+        changes = trace_settings_from_pb(request)
+        settings = await self._dataplane.trace_settings(request.model_name or None, changes or None)
+        return trace_settings_to_pb(settings)
 
     # --- inference ------------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:

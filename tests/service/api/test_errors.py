@@ -209,7 +209,6 @@ def test_client_library_names_a_caller_mistake_before_sending(
             ["shared-memory extension is not offered: send the tensors in the request", "ServerMetadata"],
         ),
         ("/inference.GRPCInferenceService/CudaSharedMemoryRegister", ["CUDA shared-memory extension is not offered"]),
-        ("/inference.GRPCInferenceService/TraceSetting", ["trace extension is not offered", "SEQSERVE_ACCESS_LOG"]),
         ("/seqserve.v1.Sentiment/Clasify", ["no method '/seqserve.v1.Sentiment/Clasify' on this server", "reflection"]),
     ],
 )

@@ -829,6 +829,44 @@ def test_log_settings_reach_the_engine_and_every_frontend(tiny_models: Path, tmp
     ]  # written by the engine, in the format just set
 
 
+def test_trace_settings_and_traces_live_in_the_engine(tiny_models: Path, tmp_path: Path) -> None:
+    """Triton's trace extension with --workers 2: settings changed through one frontend (stock tritonclient) trace
+    the calls that come through the other, and the engine writes the file when the server stops."""
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    proc, info = start_server(
+        tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true", SEQSERVE_TRACE_DIR=str(folder)
+    )
+    try:
+        first, second = _frontends(dict(info))
+        done = subprocess.run(
+            [sys.executable, str(CLIENT_SCRIPT), "--url", first, "--trace"], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        report = json.loads(done.stdout)
+        assert "trace" in report["extensions"]
+        assert report["before"]["trace_level"] == {"value": ["OFF"]}
+        assert report["server"]["trace_file"] == {"value": [str(folder / "grpc.json")]}
+        assert report["model"]["trace_rate"] == {"value": ["2"]}
+        assert report["model"]["trace_level"] == {"value": ["TIMESTAMPS"]}  # the server's, followed
+        assert report["refused"]["status"] == "StatusCode.INVALID_ARGUMENT"
+        assert "trace_count is -5; it must be at least -1" in report["refused"]["message"]
+        assert report["unknown"]["status"] == "StatusCode.NOT_FOUND"
+        assert report["again"] == report["server"]
+        with grpc.insecure_channel(second) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for i, model in enumerate(["charlm"] * 4 + ["sentiment"]):
+                request = pb.ModelInferRequest(model_name=model)
+                request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+                request.raw_input_contents.append(serialize_bytes([f"call {i}".encode()]))
+                stub.ModelInfer(request, metadata=[("x-request-id", f"call-{i}")], timeout=30)
+    finally:
+        stop_server(proc)
+    written = json.loads((folder / "grpc.json").read_text())
+    heads = {e["request_id"]: e["model_name"] for e in written if "model_name" in e}
+    assert heads == {"call-1": "charlm", "call-3": "charlm", "call-4": "sentiment"}  # charlm: every 2nd
+
+
 def test_the_timeout_parameter_ends_a_request_the_engine_does_not_answer_in_time(
     tiny_models: Path, tmp_path: Path
 ) -> None:

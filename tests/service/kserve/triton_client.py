@@ -333,12 +333,27 @@ def logging_extension(c: grpcclient.InferenceServerClient) -> Report:
     }
 
 
+def trace_extension(c: grpcclient.InferenceServerClient) -> Report:
+    """tritonclient's get_trace_settings / update_trace_settings (Triton's trace extension)."""
+    settings = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "trace_file": "grpc.json"}
+    return {
+        "extensions": c.get_server_metadata(as_json=True).get("extensions", []),
+        "before": c.get_trace_settings(as_json=True)["settings"],
+        "server": c.update_trace_settings(settings=settings, as_json=True)["settings"],
+        "model": c.update_trace_settings(model_name="charlm", settings={"trace_rate": "2"}, as_json=True)["settings"],
+        "refused": _error(lambda: c.update_trace_settings(settings={"trace_count": "-5"})),
+        "unknown": _error(lambda: c.get_trace_settings(model_name="no-such-model")),
+        "again": c.get_trace_settings(as_json=True)["settings"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--trained", action="store_true", help="only the checks for the committed models")
     parser.add_argument("--repository", metavar="OP:MODEL", help="load:NAME or unload:NAME, then report")
     parser.add_argument("--logging", action="store_true", help="only the logging extension (changes the settings)")
+    parser.add_argument("--trace", action="store_true", help="only the trace extension (changes the settings)")
     parser.add_argument("--keepalive", type=float, metavar="PAUSE", help="only a pinging stream's pause of PAUSE s")
     args = parser.parse_args()
     if args.keepalive is not None:
@@ -347,6 +362,9 @@ def main() -> None:
     with grpcclient.InferenceServerClient(args.url) as c:
         if args.logging:
             print(json.dumps(logging_extension(c)))
+            return
+        if args.trace:
+            print(json.dumps(trace_extension(c)))
             return
         if args.repository:
             op, _, model = args.repository.partition(":")

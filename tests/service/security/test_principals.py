@@ -329,6 +329,32 @@ def test_only_admin_principals_change_the_log_settings(
         assert stub.LogSettings(change, metadata=alice, timeout=30).settings["log_verbose_level"].uint32_param == 1
 
 
+def test_only_admin_principals_change_the_trace_settings(
+    start_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """A trace file is written where the settings say: any caller may read them (a model's too), only an admin
+    principal may change them, and a refused change leaves them as they were."""
+    handle = start_server(api_keys=KEYS, admin_principals=["alice"], trace_dir=str(tmp_path))
+    change = pb.TraceSettingRequest(model_name="sentiment")
+    change.settings["trace_file"].value.append("mine.json")
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        alice, bob = (("authorization", f"Bearer {ALICE}"),), (("authorization", f"Bearer {BOB}"),)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.TraceSetting(change, metadata=bob, timeout=30)
+        assert info.value.code() == Code.PERMISSION_DENIED
+        assert "principal 'bob' may not change the trace settings; list it in admin_principals" in str(
+            info.value.details()
+        )
+        read = stub.TraceSetting(pb.TraceSettingRequest(model_name="sentiment"), metadata=bob, timeout=30).settings
+        assert list(read["trace_file"].value) == [""]  # bob changed nothing, and may read
+        with pytest.raises(grpc.RpcError) as info:
+            stub.TraceSetting(pb.TraceSettingRequest(), timeout=30)  # no key: nothing, not even a read
+        assert info.value.code() == Code.UNAUTHENTICATED
+        mine = stub.TraceSetting(change, metadata=alice, timeout=30).settings["trace_file"].value
+        assert list(mine) == [str(tmp_path / "mine.json")]
+
+
 def test_a_refusal_that_may_be_retried_says_when_and_the_client_can_wait_for_it(
     start_server: Callable[..., ServerHandle],
 ) -> None:

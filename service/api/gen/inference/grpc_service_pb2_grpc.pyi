@@ -62,6 +62,11 @@ class GRPCInferenceServiceStub:
     """Triton's logging extension: reads the log settings (an empty request) or changes some of them, in every
     process of the server; answers the settings now in force.
     """
+    TraceSetting: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.TraceSettingRequest, _grpc_service_pb2.TraceSettingResponse]
+    """Triton's trace extension: reads the trace settings (an empty request), of one model when it names one, or
+    changes some of them (a setting with no value is cleared: a model's follows the server's again, the server's
+    goes back to its start-up value); answers the settings now in force there.
+    """
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -88,6 +93,11 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     LogSettings: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.LogSettingsRequest, _grpc_service_pb2.LogSettingsResponse]  # type: ignore[assignment]
     """Triton's logging extension: reads the log settings (an empty request) or changes some of them, in every
     process of the server; answers the settings now in force.
+    """
+    TraceSetting: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.TraceSettingRequest, _grpc_service_pb2.TraceSettingResponse]  # type: ignore[assignment]
+    """Triton's trace extension: reads the trace settings (an empty request), of one model when it names one, or
+    changes some of them (a setting with no value is cleared: a model's follows the server's again, the server's
+    goes back to its start-up value); answers the settings now in force there.
     """
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -190,6 +200,17 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_grpc_service_pb2.LogSettingsResponse, _abc.Awaitable[_grpc_service_pb2.LogSettingsResponse]]:
         """Triton's logging extension: reads the log settings (an empty request) or changes some of them, in every
         process of the server; answers the settings now in force.
+        """
+
+    @_abc_1.abstractmethod
+    def TraceSetting(
+        self,
+        request: _grpc_service_pb2.TraceSettingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.TraceSettingResponse, _abc.Awaitable[_grpc_service_pb2.TraceSettingResponse]]:
+        """Triton's trace extension: reads the trace settings (an empty request), of one model when it names one, or
+        changes some of them (a setting with no value is cleared: a model's follows the server's again, the server's
+        goes back to its start-up value); answers the settings now in force there.
         """
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
