@@ -267,7 +267,8 @@ class Batcher:
         if trace is not None:
             item.trace = trace
             trace.stamp("QUEUE_START")
-            trace.tensor("TENSOR_QUEUE_INPUT", {**item.inputs, **(item.states or {})})
+            if trace.tensors:
+                trace.tensor("TENSOR_QUEUE_INPUT", {**item.inputs, **(item.states or {})})
         loop = asyncio.get_running_loop()
         tokens = self._alone(item, loop) if not self._pending and not self._running else 0
         if tokens:
@@ -511,6 +512,7 @@ class Batcher:
         for it, r in zip(items, results, strict=True):
             if it.trace is not None:
                 it.trace.run((t0, t1, t2, t3))
-                states = {self._state_outputs.get(k, k): v for k, v in r.states.items()}
-                it.trace.tensor("TENSOR_BACKEND_OUTPUT", {**r.outputs, **states})
+                if it.trace.tensors:
+                    states = {self._state_outputs.get(k, k): v for k, v in r.states.items()}
+                    it.trace.tensor("TENSOR_BACKEND_OUTPUT", {**r.outputs, **states})
         return results, (t1 - t0, t2 - t1, t3 - t2)

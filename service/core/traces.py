@@ -52,7 +52,7 @@ LEVELS = ("TIMESTAMPS", "TENSORS")
 OFF = ("OFF",)
 _INTEGERS = {"trace_rate": 1, "trace_count": -1, "log_frequency": 0}  # setting -> least value
 _KINDS = {"f": "FP", "i": "INT", "u": "UINT"}
-KEPT = 10_000  # traces one file keeps for the end (log_frequency 0); later ones are dropped, with a warning
+KEPT_BYTES = 64 * 1024 * 1024  # what one file keeps for the end (log_frequency 0); later traces are dropped, warned
 
 
 def parse_level(values: Iterable[str]) -> tuple[str, ...]:
@@ -123,6 +123,11 @@ class Trace:
         if self.tensors:
             self.activities += [(activity, tensor_entry(name, a)) for name, a in arrays.items()]
 
+    def size(self) -> int:
+        """Bytes the trace takes in memory and in its file, roughly (its tensors' text, mostly)."""
+        size = 120 * (1 + len(self.stamps))
+        return size + sum(len(t["data"]) + 120 for _, t in self.activities) if self.activities else size
+
     def entries(self) -> list[dict[str, Any]]:
         """The trace as Triton's JSON objects."""
         out: list[dict[str, Any]] = [
@@ -132,15 +137,24 @@ class Trace:
         out += [{"id": self.id, "activity": activity, "tensor": t} for activity, t in self.activities]
         return out
 
+    def json(self) -> str:
+        """``entries()`` as JSON text, comma-separated (``json.dumps`` of the same objects costs ~3x more: a
+        timestamp's name is one of ours, its ``ns`` an int; the caller's strings go through ``json.dumps``)."""
+        head = json.dumps(self.entries()[0])
+        stamps = [f'{{"id":{self.id},"timestamps":[{{"name":"{n}","ns":{ns}}}]}}' for n, ns in self.stamps]
+        tensors = [json.dumps({"id": self.id, "activity": a, "tensor": t}) for a, t in self.activities]
+        return ",".join([head, *stamps, *tensors])
+
 
 @dataclass
 class _Sink:
     """The traces collected for one file and not written yet; ``index``: the next numbered file's."""
 
-    traces: list[list[dict[str, Any]]] = field(default_factory=list)
+    traces: list[Trace] = field(default_factory=list)
     index: int = 0
     numbered: bool = False  # its traces' log_frequency was above 0
-    dropped: int = 0  # traces past KEPT (log_frequency 0)
+    bytes: int = 0  # what ``traces`` take (``Trace.size``)
+    dropped: int = 0  # traces past KEPT_BYTES (log_frequency 0)
 
 
 class Tracer:
@@ -248,6 +262,8 @@ class Tracer:
         """A trace file a caller named: the start-up one, or one inside ``TRACE_DIR`` whose folder exists."""
         if value == self._initial["trace_file"]:
             return value
+        if not value:
+            raise InvalidInput("trace_file is empty: name the file (clear the setting to go back to the server's)")
         if self.folder is None:
             raise InvalidInput(
                 "trace_file can be set at start only (SEQSERVE_TRACE_FILE) on this server; to let callers name "
@@ -307,16 +323,19 @@ class Tracer:
         if sink is None:
             sink = self._sinks[trace.file] = _Sink()
         sink.numbered = trace.log_frequency > 0
-        if not sink.numbered and len(sink.traces) >= KEPT:
+        size = trace.size()
+        if not sink.numbered and sink.bytes + size > KEPT_BYTES:
             if not sink.dropped:
-                log.warning("trace file %s keeps %d traces until the server stops (log_frequency 0); later ones are "
-                            "dropped: set log_frequency to write them as they come", trace.file, KEPT)  # fmt: skip
+                log.warning("trace file %s keeps %d MiB of traces until the server stops (log_frequency 0); later "
+                            "ones are dropped: set log_frequency to write them as they come", trace.file,
+                            KEPT_BYTES >> 20)  # fmt: skip
             sink.dropped += 1
             return
-        sink.traces.append(trace.entries())
+        sink.traces.append(trace)  # (turned into JSON by the writer thread)
+        sink.bytes += size
         if trace.log_frequency and len(sink.traces) >= trace.log_frequency:
             self._write(f"{trace.file}.{sink.index}", sink.traces)
-            sink.traces, sink.index = [], sink.index + 1
+            sink.traces, sink.bytes, sink.index = [], 0, sink.index + 1
 
     def _flush(self, file: str) -> None:
         """Writes what ``file`` collected (its numbered file, or the whole array) and forgets it (a file set again
@@ -329,7 +348,7 @@ class Tracer:
         elif sink.traces:
             self._write(f"{file}.{sink.index}", sink.traces)
 
-    def _write(self, path: str, traces: list[list[dict[str, Any]]]) -> None:
+    def _write(self, path: str, traces: list[Trace]) -> None:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="seqserve-trace")
         self._writer.submit(_write_file, path, traces)
@@ -343,12 +362,13 @@ class Tracer:
             self._writer = None
 
 
-def _write_file(path: str, traces: list[list[dict[str, Any]]]) -> None:
+def _write_file(path: str, traces: list[Trace]) -> None:
     """One JSON array of every trace's objects, written whole (a reader never sees half a file)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        text = "[" + ",".join(trace.json() for trace in traces) + "]"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump([entry for trace in traces for entry in trace], f)
+            f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
         log.error("could not write the trace file %s (%s); %d traces lost", path, exc, len(traces))

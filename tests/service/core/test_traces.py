@@ -108,6 +108,7 @@ def test_clearing_sends_a_model_back_to_the_servers_and_the_servers_to_its_start
         ({"trace_file": ["/etc/seqserve-trace.json"]}, "outside TRACE_DIR"),
         ({"trace_file": ["../escape.json"]}, "outside TRACE_DIR"),
         ({"trace_file": ["missing/trace.json"]}, "does not exist"),
+        ({"trace_file": [""]}, "trace_file is empty: name the file"),
         ({"trace_rate": ["5"], "trace_level": ["LOUD"]}, "'LOUD' is not a level"),  # the valid one is not applied
     ],
 )
@@ -277,7 +278,7 @@ def test_a_file_no_setting_names_any_more_gets_what_it_collected(tmp_path: Path)
 def test_traces_kept_for_the_end_are_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(traces, "KEPT", 3)
+    monkeypatch.setattr(traces, "KEPT_BYTES", 3 * 120 * 3)  # three traces of a header and two timestamps
     t = Tracer(str(tmp_path / "t.json"), ["TIMESTAMPS"], 1, -1, 0)
     with caplog.at_level(logging.WARNING, logger="service.core.traces"):
         traced(t, 5)
