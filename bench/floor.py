@@ -111,6 +111,9 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def LogSettings(self, request: Any, context: Any) -> pb.LogSettingsResponse:
         return pb.LogSettingsResponse()
 
+    async def TraceSetting(self, request: Any, context: Any) -> pb.TraceSettingResponse:
+        return pb.TraceSettingResponse()
+
     def _respond(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse()
         response.CopyFrom(self.answers[(request.model_name, "infer")])

@@ -122,6 +122,8 @@ def route_of(path: str) -> str:
         return path
     if m := _REPOSITORY_MODEL.fullmatch(path):
         return f"/v2/repository/models/{{model}}/{m['action']}"
+    if _MODEL_TRACE.fullmatch(path):
+        return "/v2/models/{model}/trace/setting"
     if m := _MODEL.fullmatch(path):
         action = m["action"]
         if action is None:
