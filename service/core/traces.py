@@ -207,6 +207,9 @@ class Tracer:
     def update(self, model: str | None, changes: Mapping[str, list[str] | None]) -> dict[str, list[str]]:
         """Applies ``changes`` (None or an empty list: clear that setting) for ``model`` (None: the server's) once all
         are valid (InvalidInput says what to fix, and nothing changes); returns the settings now in force there."""
+        for name in changes:
+            if name not in NAMES:
+                raise InvalidInput(f"{echo(name)} is no trace setting; the settings are {', '.join(NAMES)}")
         parsed = {name: self._parse(name, values) if values else None for name, values in changes.items()}
         own = dict(self._server if model is None else self._models.get(model, {}))
         for name, value in parsed.items():
@@ -240,8 +243,6 @@ class Tracer:
         return self.settings(model)
 
     def _parse(self, name: str, values: list[str]) -> Any:
-        if name not in NAMES:
-            raise InvalidInput(f"{echo(name)} is no trace setting; the settings are {', '.join(NAMES)}")
         if name == "trace_level":
             return parse_level(values)
         if len(values) != 1:

@@ -99,6 +99,7 @@ def test_clearing_sends_a_model_back_to_the_servers_and_the_servers_to_its_start
     ("changes", "words"),
     [
         ({"trace_sample": ["1"]}, "'trace_sample' is no trace setting"),
+        ({"trace_sample": None}, "'trace_sample' is no trace setting"),  # (clearing it too: found by the fuzzer)
         ({"trace_level": ["VERBOSE"]}, "'VERBOSE' is not a level"),
         ({"trace_level": ["OFF", "TIMESTAMPS"]}, "OFF goes alone"),
         ({"trace_rate": ["0"]}, "trace_rate is 0; it must be at least 1"),
