@@ -127,6 +127,8 @@ async def _models(settings: Settings) -> list[Finding]:
                 detail = f"{info.task} on {info.provider}, loaded in {info.load_seconds:.2f}s"
                 if entry.warmed:
                     detail += f", ran on samples of {' and '.join(map(str, entry.warmed))} row(s)"
+                if entry.serving:  # its model's serving.json
+                    detail += ", serving.json: " + ", ".join(f"{k}={v}" for k, v in entry.serving.items())
                 found.append(Finding("model", entry.label, OK, detail))
             else:
                 found.append(Finding("model", entry.label, FAIL, info.error or "not ready"))

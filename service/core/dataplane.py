@@ -191,6 +191,8 @@ class CoreDataPlane:
             },
             device="gpu" if entry.runtime.provider.startswith("CUDA") else "cpu",
             response_cache=self.responses.serves(entry),
+            batch_delay_ms=entry.served_with.max_batch_delay_ms,
+            instances=entry.served_with.model_instances,
         )
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:

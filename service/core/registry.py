@@ -31,6 +31,7 @@ from service.core.batching import Batcher
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.prefixes import PrefixCache
 from service.core.runtime import Runtime, load_runtime, select_providers
+from service.core.serving import SERVING_FILE, model_settings
 from service.core.stats import StatsBook
 from service.core.tasks import Task, task_class
 from service.core.tasks.base import capabilities_of
@@ -48,11 +49,12 @@ _SCOPES = itertools.count(1)  # one per started model version: the first part of
 
 
 def _signature(path: Path) -> tuple[tuple[int, int], ...]:
-    """(mtime_ns, size) of the two files: a cheap test for "changed on disk" before hashing anything."""
+    """(mtime_ns, size) of the two files and of the model's ``serving.json``: a cheap test for "changed on disk"
+    before hashing anything."""
     out = []
-    for name in (MODEL_FILE, MANIFEST_FILE):
+    for file in (path / MODEL_FILE, path / MANIFEST_FILE, path.parent / SERVING_FILE):
         try:
-            st = (path / name).stat()
+            st = file.stat()
             out.append((st.st_mtime_ns, st.st_size))
         except OSError:
             out.append((0, -1))
@@ -119,12 +121,19 @@ class ModelEntry:
     facts: dict[str, object] = field(default_factory=dict)  # the task's ``inspect`` of the loaded graph
     warmed: tuple[int, ...] = ()  # the batch sizes its warm-up ran at load (none: off, or no input from the task)
     tracer: Tracer | None = None  # the trace extension's settings and traces (its requests may be traced)
+    settings: Settings | None = None  # what it is served with: the server's, with its model's serving.json
+    serving: dict[str, object] = field(default_factory=dict)  # what its serving.json set
     _inflight: int = 0
     _drained: asyncio.Event | None = None
 
     @property
     def label(self) -> str:
         return f"{self.name}/{self.version}"
+
+    @property
+    def served_with(self) -> Settings:
+        assert self.settings is not None, f"{self.label} read no settings"
+        return self.settings
 
     @property
     def ready(self) -> bool:
@@ -207,6 +216,8 @@ class ModelEntry:
         t0 = time.perf_counter()
         self.signature = _signature(self.path)
         try:
+            settings, self.serving = model_settings(settings, self.path.parent)
+            self.settings = settings
             manifest_path, model_path = self.path / MANIFEST_FILE, self.path / MODEL_FILE
             if not manifest_path.is_file() or not model_path.is_file():
                 raise ValueError(f"{self.path} must contain {MODEL_FILE} and {MANIFEST_FILE}")
@@ -460,12 +471,13 @@ class ModelRegistry:
     async def _load(self, name: str, version: int, path: Path, old: ModelEntry | None) -> None:
         entry = ModelEntry(name, version, path, tracer=self.tracer)
         await asyncio.to_thread(entry.load_files, self.settings)
-        if old is not None and old.ready and entry.error is None and entry.sha256 == old.sha256:
-            old.signature = entry.signature  # touched, same weights: keep serving the loaded one
+        same = old is not None and (entry.sha256, entry.serving) == (old.sha256, old.serving)
+        if old is not None and old.ready and entry.error is None and same:
+            old.signature = entry.signature  # touched, same weights and settings: keep serving the loaded one
             return
-        if entry.error is None:
+        if entry.error is None and entry.settings is not None:
             try:
-                entry.start(self.settings, self.metrics, self.prefixes)
+                entry.start(entry.settings, self.metrics, self.prefixes)
             except Exception as exc:  # the task refused this version (a plugin's constructor, an odd manifest)
                 log.exception("model %s: its task could not start", entry.label)
                 await entry.stop(0.0)

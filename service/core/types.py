@@ -196,6 +196,8 @@ class ModelMetadata:
     parameters: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"  # where its runs execute: "cpu" or "gpu" (its ONNX Runtime provider)
     response_cache: bool = False  # whether the response cache answers its stateless requests (RESPONSE_CACHE_BYTES)
+    batch_delay_ms: float = 2.0  # its batcher's MAX_BATCH_DELAY_MS (the server's, or its serving.json's)
+    instances: int = 1  # its MODEL_INSTANCES (likewise)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ KINDS = {"cpu": pb.ModelInstanceGroup.KIND_CPU, "gpu": pb.ModelInstanceGroup.KIN
 
 
 def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
-    """Triton's model configuration of ``m`` as served here (sequence idle time, batching delay and priority
-    levels come from the server's settings)."""
+    """Triton's model configuration of ``m`` as served here (batching delay and instances are the model's own, its
+    serving.json's or the server's; sequence idle time and priority levels the server's)."""
     c = m.contract
     config = pb.ModelConfig(
         name=m.name,
@@ -51,7 +51,7 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
         parameters={k: pb.ModelParameter(string_value=v) for k, v in m.parameters.items()},
         # One ONNX Runtime session per version, on the device its provider runs on, taking MODEL_INSTANCES batches
         # at once (Triton always fills this in).
-        instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=settings.model_instances)],
+        instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=m.instances)],
     )
     if m.response_cache:
         config.response_cache.enable = True
@@ -59,7 +59,7 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
         idle_us = int(settings.sequence_idle_seconds * 1e6)
         config.sequence_batching.CopyFrom(pb.ModelSequenceBatching(max_sequence_idle_microseconds=idle_us))
     else:  # the server batches requests itself: as Triton's dynamic batcher, up to MAX_BATCH_DELAY_MS
-        batching = pb.ModelDynamicBatching(max_queue_delay_microseconds=int(settings.max_batch_delay_ms * 1000))
+        batching = pb.ModelDynamicBatching(max_queue_delay_microseconds=int(m.batch_delay_ms * 1000))
         if settings.priority_levels:  # (sequence steps are ordered by level too; Triton's config has no field)
             batching.priority_levels = settings.priority_levels
             batching.default_priority_level = settings.default_level

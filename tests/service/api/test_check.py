@@ -44,6 +44,23 @@ def test_a_good_repository_is_ready_to_serve(tiny_models: Path, capsys: pytest.C
     assert any(x.startswith("ok") and "memory://" in x and "answers" in x for x in lines)
 
 
+def test_a_models_serving_json_is_checked_and_shown(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    (repo / "sentiment" / "serving.json").write_text('{"max_batch_size": 8, "model_instances": 2}')
+    (repo / "charlm" / "serving.json").write_text('{"max_batch_delay_ms": -1}')
+    rc, found = check(capsys, "--models", str(repo))
+    assert rc == 1
+    state, detail = status(found, "model", "sentiment/1")
+    assert state == "ok" and detail.endswith("ran on samples of 1 and 8 row(s), serving.json: max_batch_size=8, "
+                                             "model_instances=2"), detail  # fmt: skip
+    state, detail = status(found, "model", "charlm/1")
+    assert (state, detail) == ("fail", "charlm/serving.json: max_batch_delay_ms: input should be greater than or "
+                                       "equal to 0, got -1")  # fmt: skip
+
+
 def test_a_corrupt_model_and_a_missing_one_fail_and_name_what_to_fix(
     tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

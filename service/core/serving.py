@@ -1,0 +1,72 @@
+"""A model's own serving settings: ``<models>/<name>/serving.json``, optional, for every version of that model (as
+Triton's per-model ``config.pbtxt`` sets a model's dynamic batching and instance count).
+
+It is a JSON object of some of the server's settings, by their names (``SEQSERVE_<NAME>`` in lower case without the
+prefix), with the same limits: those it names hold for this model instead of the server's, the rest stay the
+server's. For example ``{"max_batch_delay_ms": 5, "model_instances": 2}``. What a model may set (``PER_MODEL``) is
+what is per model anyway: its batcher's (size, delay, queue, instances, inline runs, padding groups), its ONNX
+Runtime session's threads, and its warm-up. A file that is not valid makes every version of the model UNAVAILABLE
+with the reason (as a bad manifest does); a change reloads the model's versions (``--watch-models``,
+``RepositoryModelLoad``), keeping the old ones serving when the new settings fail.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ConfigDict, ValidationError, create_model
+
+from service.settings import Settings
+
+SERVING_FILE = "serving.json"
+PER_MODEL = (
+    "max_batch_size",
+    "max_batch_delay_ms",
+    "max_queue_size",
+    "model_instances",
+    "inline_batch_tokens",
+    "inline_batch_ms",
+    "alone_inline_ms",
+    "pad_split_tokens",
+    "intra_op_threads",
+    "inter_op_threads",
+    "warmup",
+)
+# The same fields as Settings has (types, limits, defaults), and nothing else.
+_Serving = create_model(  # type: ignore[call-overload]
+    "Serving",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    **{name: (Settings.model_fields[name].annotation, Settings.model_fields[name]) for name in PER_MODEL},
+)
+
+
+def model_settings(settings: Settings, folder: Path) -> tuple[Settings, dict[str, Any]]:
+    """The settings model ``folder`` is served with, and what its ``serving.json`` set (empty without one);
+    ValueError saying what to fix for a file that is not valid."""
+    path = folder / SERVING_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return settings, {}
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f'{path} must be a JSON object of settings, e.g. {{"max_batch_delay_ms": 5}}')
+    unknown = sorted(set(raw) - set(PER_MODEL))
+    if unknown:
+        raise ValueError(
+            f"{path}: {', '.join(unknown)} cannot be set per model; a model may set {', '.join(PER_MODEL)}"
+        )
+    try:
+        own: dict[str, Any] = _Serving.model_validate(raw).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].lower()}, got {json.dumps(e['input'])}"
+            for e in exc.errors()
+        )
+        raise ValueError(f"{path}: {problems}") from None
+    return settings.model_copy(update=own), own
