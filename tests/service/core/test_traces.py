@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.core import traces
 from service.core.dataplane import CoreDataPlane
@@ -327,3 +330,34 @@ async def test_seqserve_traces_sums_a_file_up_as_the_statistics_count(
     (tmp_path / "not.json").write_text('{"a": 1}')
     assert main(["traces", str(tmp_path / "not.json")]) == 1
     assert "not a trace file" in capsys.readouterr().err
+
+
+_VALUES = st.lists(
+    st.sampled_from(["OFF", "TIMESTAMPS", "TENSORS", "timestamps", "0", "1", "-1", "-2", "7", "x.json", "", " 3 "])
+    | st.text(max_size=8),
+    max_size=3,
+)
+
+
+@given(
+    model=st.sampled_from([None, "m"]),
+    changes=st.dictionaries(st.sampled_from([*traces.NAMES, "trace_mode", ""]), st.none() | _VALUES, max_size=4),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_change_is_applied_whole_or_refused_whole(model: str | None, changes: dict[str, Any]) -> None:
+    """Whatever a caller sends: the settings it asked for, or InvalidInput and nothing changed; never another
+    error, and what is in force is always valid (a level on has a file; numbers within their limits)."""
+    with tempfile.TemporaryDirectory() as folder:
+        t = Tracer(str(Path(folder) / "t.json"), ["TIMESTAMPS"], 5, -1, 0, folder)
+        t.update("m", {"trace_rate": ["2"]})
+        before = (t.settings(), t.settings("m"))
+        try:
+            now = t.update(model, changes)
+        except InvalidInput:
+            assert (t.settings(), t.settings("m")) == before
+            return
+        assert now == t.settings(model)
+        for s in (t.settings(), t.settings("m")):
+            assert s["trace_level"] == ["OFF"] or s["trace_file"] != [""]
+            assert int(s["trace_rate"][0]) >= 1 and int(s["trace_count"][0]) >= -1 and int(s["log_frequency"][0]) >= 0
+        t.close()
