@@ -215,9 +215,9 @@ class CoreDataPlane:
                 "(SEQSERVE_ADMIN_PRINCIPALS) to allow it"
             )
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
         self._check_admin("load models")
-        await self.registry.load_model(name)
+        await self.registry.load_model(name, serving)
 
     async def unload_model(self, name: str) -> None:
         self._check_admin("unload models")

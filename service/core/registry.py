@@ -31,13 +31,13 @@ from service.core.batching import Batcher
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.core.prefixes import PrefixCache
 from service.core.runtime import Runtime, load_runtime, select_providers
-from service.core.serving import SERVING_FILE, model_settings
+from service.core.serving import SERVING_FILE, checked, model_settings
 from service.core.stats import StatsBook
 from service.core.tasks import Task, task_class
 from service.core.tasks.base import capabilities_of
 from service.core.traces import Tracer
 from service.core.types import ModelInfo, ModelRef
-from service.errors import RETRY_LATER, ModelNotFound, ModelUnavailable, echo
+from service.errors import RETRY_LATER, InvalidInput, ModelNotFound, ModelUnavailable, echo
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -211,12 +211,13 @@ class ModelEntry:
             self._drained.set()
 
     # --- load / unload (registry only) ------------------------------------------------------------------
-    def load_files(self, settings: Settings) -> None:
-        """Validates and builds the ORT session (blocking: call in a thread); records ``error`` on failure."""
+    def load_files(self, settings: Settings, loaded: dict[str, object] | None = None) -> None:
+        """Validates and builds the ORT session (blocking: call in a thread); records ``error`` on failure.
+        ``loaded``: the per-model settings a RepositoryModelLoad's config set, over its serving.json."""
         t0 = time.perf_counter()
         self.signature = _signature(self.path)
         try:
-            settings, self.serving = model_settings(settings, self.path.parent)
+            settings, self.serving = model_settings(settings, self.path.parent, loaded)
             self.settings = settings
             manifest_path, model_path = self.path / MANIFEST_FILE, self.path / MODEL_FILE
             if not manifest_path.is_file() or not model_path.is_file():
@@ -289,6 +290,7 @@ class ModelRegistry:
         self.settings = settings
         self.metrics = metrics
         self.tracer = tracer  # handed to every version loaded (the trace extension)
+        self._loaded_with: dict[str, dict[str, object]] = {}  # per model: the settings its last load's config set
         self._entries: dict[tuple[str, int], ModelEntry] = {}  # changed only through _put, _drop and _clear
         self._by_name: dict[str, list[ModelEntry]] = {}  # per name, oldest version first (a cache of _entries)
         self._unloaded: set[str] = set()  # unloaded on request: not reloaded by sync() until load_model()
@@ -444,8 +446,9 @@ class ModelRegistry:
                 f"{self.settings.models} does not have; its models are {sorted(self._on_disk)}"
             )
 
-    async def sync(self, names: set[str] | None = None) -> None:
-        """Brings the table in line with the disk, for ``names`` (None = every model not unloaded on request)."""
+    async def sync(self, names: set[str] | None = None, force: bool = False) -> None:
+        """Brings the table in line with the disk, for ``names`` (None = every model not unloaded on request);
+        ``force``: reload them even when nothing changed on disk (their settings did)."""
         select_providers(self.settings.device)  # fail fast on an impossible device setting
         async with self._lock:
             found, unreadable = await asyncio.to_thread(self._discover)
@@ -464,13 +467,13 @@ class ModelRegistry:
                 if not wanted(name):
                     continue
                 old = self._entries.get((name, version))
-                if old is not None and old.signature == _signature(path):
+                if old is not None and old.signature == _signature(path) and not force:
                     continue  # unchanged on disk
                 await self._load(name, version, path, old)
 
     async def _load(self, name: str, version: int, path: Path, old: ModelEntry | None) -> None:
         entry = ModelEntry(name, version, path, tracer=self.tracer)
-        await asyncio.to_thread(entry.load_files, self.settings)
+        await asyncio.to_thread(entry.load_files, self.settings, self._loaded_with.get(name))
         same = old is not None and (entry.sha256, entry.serving) == (old.sha256, old.serving)
         if old is not None and old.ready and entry.error is None and same:
             old.signature = entry.signature  # touched, same weights and settings: keep serving the loaded one
@@ -511,9 +514,15 @@ class ModelRegistry:
             await entry.stop(self.settings.grace_seconds)
         await self._fire(self._on_unload, entry, False)
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
         """Triton's load_model: (re)loads every version of ``name`` found on disk. Until its newest version is
-        loaded, calls that name no version get UNAVAILABLE saying it is loading (never an older version)."""
+        loaded, calls that name no version get UNAVAILABLE saying it is loading (never an older version).
+        ``serving``: per-model settings over its serving.json (a load's config, as Triton's ``config`` parameter),
+        kept until the next load, which without one goes back to the files."""
+        try:
+            loaded = checked(serving, "load parameter config") if serving else None
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         self._loading.add(name)
         try:
             found, _ = await asyncio.to_thread(self._discover)
@@ -522,7 +531,12 @@ class ModelRegistry:
             self._unloaded.discard(name)
             if self._chosen is not None:
                 self._chosen.add(name)  # followed by --watch-models from now on
-            await self.sync({name})
+            changed = self._loaded_with.get(name) != loaded
+            if loaded:
+                self._loaded_with[name] = loaded
+            else:
+                self._loaded_with.pop(name, None)
+            await self.sync({name}, force=changed)
         finally:
             self._loading.discard(name)
 

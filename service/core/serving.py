@@ -42,31 +42,42 @@ _Serving = create_model(  # type: ignore[call-overload]
 )
 
 
-def model_settings(settings: Settings, folder: Path) -> tuple[Settings, dict[str, Any]]:
-    """The settings model ``folder`` is served with, and what its ``serving.json`` set (empty without one);
-    ValueError saying what to fix for a file that is not valid."""
-    path = folder / SERVING_FILE
+def checked(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` as the per-model settings they name (ValueError saying what to fix, ``where`` first)."""
+    unknown = sorted(set(values) - set(PER_MODEL))
+    if unknown:
+        allowed = ", ".join(PER_MODEL)
+        raise ValueError(f"{where}: {', '.join(unknown)} cannot be set per model; a model may set {allowed}")
+    try:
+        own: dict[str, Any] = _Serving.model_validate(values).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].lower()}, got {json.dumps(e['input'])}"
+            for e in exc.errors()
+        )
+        raise ValueError(f"{where}: {problems}") from None
+    return own
+
+
+def model_settings(
+    settings: Settings, folder: Path, loaded: dict[str, Any] | None = None
+) -> tuple[Settings, dict[str, Any]]:
+    """The settings model ``folder`` is served with, and what its ``serving.json`` set (empty without one), with
+    ``loaded`` (a RepositoryModelLoad's config, checked) over it; ValueError saying what to fix for a file that is
+    not valid."""
+    own = _file(folder / SERVING_FILE) | (loaded or {})
+    return (settings.model_copy(update=own) if own else settings), own
+
+
+def _file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return settings, {}
+        return {}
     try:
         raw = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ValueError(f'{path} must be a JSON object of settings, e.g. {{"max_batch_delay_ms": 5}}')
-    unknown = sorted(set(raw) - set(PER_MODEL))
-    if unknown:
-        raise ValueError(
-            f"{path}: {', '.join(unknown)} cannot be set per model; a model may set {', '.join(PER_MODEL)}"
-        )
-    try:
-        own: dict[str, Any] = _Serving.model_validate(raw).model_dump(exclude_unset=True)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].lower()}, got {json.dumps(e['input'])}"
-            for e in exc.errors()
-        )
-        raise ValueError(f"{path}: {problems}") from None
-    return settings.model_copy(update=own), own
+    return checked(raw, str(path))

@@ -288,8 +288,9 @@ class DataPlane(Protocol):
         """All versions of ``model`` (or one when it names a version); every loaded version when None."""
         ...
 
-    async def load_model(self, name: str) -> None:
-        """(Re)loads every version of ``name`` from the repository; changed weights are reloaded."""
+    async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
+        """(Re)loads every version of ``name`` from the repository; changed weights are reloaded. ``serving``:
+        per-model settings over its serving.json until the next load (a load's config)."""
         ...
 
     async def unload_model(self, name: str) -> None:

@@ -256,8 +256,8 @@ class RemoteDataPlane:
         return dict(await self._control("trace_settings", model, changes, context=True))
 
     # --- DataPlane: asynchronous ------------------------------------------------------------------------
-    async def load_model(self, name: str) -> None:
-        await self._call("load_model", name)
+    async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
+        await self._call("load_model", name, serving)
 
     async def unload_model(self, name: str) -> None:
         await self._call("unload_model", name)

@@ -67,6 +67,61 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
     return config
 
 
+# What a load's config may change (RepositoryModelLoad's "config" parameter, Triton's model configuration in JSON):
+# the rest of a configuration must be what ModelConfig answers, or left out.
+LOADABLE = "dynamic_batching.max_queue_delay_microseconds and instance_group counts"
+
+
+def serving_from_config(text: str, current: pb.ModelConfig | None) -> dict[str, object]:
+    """The per-model settings a load's ``config`` asks for (Triton's model configuration as JSON, e.g. ModelConfig's
+    answer with its batching delay or instance count changed), checked against the model's configuration now
+    (``current``; None when it is not loaded: then only those two and its name may be given)."""
+    from google.protobuf import json_format
+
+    given = pb.ModelConfig()
+    try:
+        json_format.Parse(text, given)
+    except json_format.ParseError as exc:
+        raise InvalidInput(f"load parameter config is not a model configuration in JSON ({exc})") from None
+    out: dict[str, object] = {}
+    if given.HasField("dynamic_batching"):
+        out["max_batch_delay_ms"] = given.dynamic_batching.max_queue_delay_microseconds / 1000
+        given.dynamic_batching.ClearField("max_queue_delay_microseconds")
+    if given.instance_group:
+        out["model_instances"] = sum(g.count or 1 for g in given.instance_group)  # (Triton's count 0 means 1)
+        given.ClearField("instance_group")
+    if current is None:
+        other = sorted(f.name for f, _ in given.ListFields() if f.name not in ("name", "dynamic_batching"))
+        other += ["dynamic_batching"] if given.dynamic_batching.ListFields() else []
+    else:
+        other = _differs(given, current)
+    if other:
+        now = "what ModelConfig answers" if current is not None else "nothing else (the model is not loaded)"
+        raise InvalidInput(
+            f"load parameter config changes {', '.join(other)}, which a load cannot change: it may change {LOADABLE}; "
+            f"give {now} for the rest, or leave it out"
+        )
+    return out
+
+
+def _differs(given: Any, current: Any, prefix: str = "") -> list[str]:
+    """The fields set in ``given`` whose values ``current`` does not have (messages field by field)."""
+    out = []
+    for f, value in given.ListFields():
+        mine = getattr(current, f.name)
+        if f.message_type is not None and not f.is_repeated:
+            if not current.HasField(f.name):
+                out.append(prefix + f.name)
+            else:
+                out += _differs(value, mine, f"{prefix}{f.name}.")
+        elif f.message_type is not None and f.message_type.GetOptions().map_entry:
+            if dict(value) != dict(mine):
+                out.append(prefix + f.name)
+        elif value != mine:
+            out.append(prefix + f.name)
+    return out
+
+
 def _d(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 

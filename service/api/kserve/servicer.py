@@ -25,11 +25,13 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.interceptors import log_budget, status_code_for
 from service.api.kserve.convert import (
+    LOADABLE,
     config_to_pb,
     index_to_pb,
     log_settings_from_pb,
     log_settings_to_pb,
     metadata_to_pb,
+    serving_from_config,
     stats_to_pb,
     trace_settings_from_pb,
     trace_settings_to_pb,
@@ -127,14 +129,30 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         if not request.model_name:
             raise InvalidInput("model_name is empty: name the model to load")
-        if request.parameters:  # Triton would apply them; answering OK would say they were
-            names = ", ".join(short(k) for k in sorted(request.parameters)[:4])
+        others = sorted(k for k in request.parameters if k != "config")
+        if others:  # Triton would apply them; answering OK would say they were
+            names = ", ".join(short(k) for k in others[:4])
             raise InvalidInput(
                 f"load parameters ({names}) are not supported: put the model's files in the repository folder "
-                f"(models/{short(request.model_name)}/VERSION/) and load it by name alone"
+                f"(models/{short(request.model_name)}/VERSION/) and load it by name alone (a 'config' may change "
+                f"{LOADABLE})"
             )
-        await self._dataplane.load_model(request.model_name)
+        serving = None
+        if "config" in request.parameters:
+            config = request.parameters["config"]
+            if config.WhichOneof("parameter_choice") != "string_param":
+                raise InvalidInput("load parameter config is a string: the model configuration in JSON")
+            serving = serving_from_config(config.string_param, await self._config_now(request.model_name))
+        await self._dataplane.load_model(request.model_name, serving)
         return pb.RepositoryModelLoadResponse()
+
+    async def _config_now(self, name: str) -> pb.ModelConfig | None:
+        """The model's configuration as ModelConfig answers it, or None when it is not loaded."""
+        try:
+            meta = await self._dataplane.model_metadata(model_ref(name, ""))
+        except (ModelNotFound, ModelUnavailable):
+            return None
+        return config_to_pb(meta, self._settings)
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context

@@ -169,14 +169,48 @@ def test_load_parameters_and_long_versions_are_refused_saying_what_to_do(live: L
         live.v2.RepositoryModelLoad(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(
-        "load parameters (config, file:5/model.onnx) are not supported: put the model's files in the repository "
-        "folder (models/sentiment/VERSION/) and load it by name alone"
+        "load parameters (file:5/model.onnx) are not supported: put the model's files in the repository "
+        "folder (models/sentiment/VERSION/) and load it by name alone (a 'config' may change "
+        "dynamic_batching.max_queue_delay_microseconds and instance_group counts)"
     )
     assert live.versions()  # nothing changed; the server serves on
     with pytest.raises(grpc.RpcError) as err:
         live.v2.ModelMetadata(pb.ModelMetadataRequest(name="charlm", version="10000000000"), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "positive integer of at most 9 digits" in (err.value.details() or "")
+
+
+def test_a_loads_config_sets_the_batching_delay_and_instances_until_the_next_load(
+    kserve_repo: Path, tmp_path: Path
+) -> None:
+    """Triton's load_model(config=...), stock tritonclient, through a frontend of --workers 2: ModelConfig's
+    answer with the delay and instance count changed is loaded with them (the engine applies them); a config that
+    changes anything else is refused, naming it, and changes nothing; a load without config goes back to the
+    files."""
+    proc, ports = start_server(kserve_repo, tmp_path, SEQSERVE_WORKERS="2")
+    try:
+        done = subprocess.run(
+            [sys.executable, str(CLIENT_SCRIPT), "--url", f"127.0.0.1:{ports['grpc_port']}", "--repository",
+             "load-config:sentiment"], capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)
+    finally:
+        stop_server(proc)
+    before, after = report["before"], report["after"]
+    assert before["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"  # MAX_BATCH_DELAY_MS, 2 ms
+    assert after["dynamic_batching"]["max_queue_delay_microseconds"] == "5000"
+    assert (before["instance_group"][0]["count"], after["instance_group"][0]["count"]) == (1, 2)
+    assert {k: v for k, v in after.items() if k not in ("dynamic_batching", "instance_group")} == {
+        k: v for k, v in before.items() if k not in ("dynamic_batching", "instance_group")
+    }
+    assert report["refused"]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert report["refused"]["message"].startswith(
+        "load parameter config changes max_batch_size, which a load cannot change: it may change "
+        "dynamic_batching.max_queue_delay_microseconds and instance_group counts; give what ModelConfig answers "
+        "for the rest, or leave it out"
+    )
+    assert report["unchanged"] == after and report["again"] == before
 
 
 def test_a_sequence_of_a_model_unloaded_on_request_continues_once_it_is_loaded_again(live: Live) -> None:

@@ -322,6 +322,22 @@ def repository(c: grpcclient.InferenceServerClient, op: str, model: str) -> Repo
     }
 
 
+def load_config(c: grpcclient.InferenceServerClient, model: str) -> Report:
+    """tritonclient's load_model(config=...): ModelConfig's answer with its batching delay and instance count
+    changed, sent back with the load; then one that changes what a load cannot; then a load without config."""
+    config = c.get_model_config(model, as_json=True)["config"]
+    before = json.loads(json.dumps(config))
+    config["dynamic_batching"]["max_queue_delay_microseconds"] = "5000"
+    config["instance_group"][0]["count"] = 2
+    c.load_model(model, config=json.dumps(config))
+    after = c.get_model_config(model, as_json=True)["config"]
+    refused = _error(lambda: c.load_model(model, config=json.dumps({**config, "max_batch_size": 8})))
+    unchanged = c.get_model_config(model, as_json=True)["config"]
+    c.load_model(model)
+    return {"before": before, "after": after, "refused": refused, "unchanged": unchanged,
+            "again": c.get_model_config(model, as_json=True)["config"]}  # fmt: skip
+
+
 def logging_extension(c: grpcclient.InferenceServerClient) -> Report:
     """tritonclient's get_log_settings / update_log_settings (Triton's logging extension)."""
     return {
@@ -351,7 +367,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--trained", action="store_true", help="only the checks for the committed models")
-    parser.add_argument("--repository", metavar="OP:MODEL", help="load:NAME or unload:NAME, then report")
+    parser.add_argument(
+        "--repository", metavar="OP:MODEL", help="load:NAME, unload:NAME or load-config:NAME, then report"
+    )
     parser.add_argument("--logging", action="store_true", help="only the logging extension (changes the settings)")
     parser.add_argument("--trace", action="store_true", help="only the trace extension (changes the settings)")
     parser.add_argument("--keepalive", type=float, metavar="PAUSE", help="only a pinging stream's pause of PAUSE s")
@@ -368,7 +386,7 @@ def main() -> None:
             return
         if args.repository:
             op, _, model = args.repository.partition(":")
-            print(json.dumps(repository(c, op, model)))
+            print(json.dumps(load_config(c, model) if op == "load-config" else repository(c, op, model)))
             return
         if args.trained:
             print(json.dumps(trained(c)))

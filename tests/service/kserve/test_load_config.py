@@ -1,0 +1,82 @@
+"""Triton's load with a ``config`` (RepositoryModelLoad's parameter; tritonclient's ``load_model(config=...)``) over
+REST with the stock ``tritonclient.http``: what it may change (the batching delay and instance count, as a model's
+serving.json may), what it refuses and why, and that a load without one goes back to the files. The gRPC side, with
+the stock tritonclient.grpc and --workers 2, is in ``test_model_repository.py``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import ServerHandle, server_settings
+
+
+def refused(c: triton.InferenceServerClient, model: str, config: str) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as info:
+        c.load_model(model, config=config)
+    return info.value.status(), info.value.message()
+
+
+def test_a_load_with_a_config_over_rest(tiny_models: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    (repo / "sentiment" / "serving.json").write_text('{"model_instances": 3}')
+    handle = ServerHandle(server_settings(repo, http_port=0, load_models=["sentiment", "charlm"]))
+    try:
+        c = triton.InferenceServerClient(f"127.0.0.1:{handle.server.http_port}")
+        config = c.get_model_config("sentiment")
+        assert (config["dynamic_batching"]["max_queue_delay_microseconds"], config["instance_group"][0]["count"]) == (
+            1000,  # the test server's MAX_BATCH_DELAY_MS, 1 ms
+            3,  # its serving.json's
+        )
+        config["dynamic_batching"]["max_queue_delay_microseconds"] = 7000
+        config["instance_group"][0]["count"] = 2
+        c.load_model("sentiment", config=json.dumps(config))
+        now = c.get_model_config("sentiment")
+        assert (now["dynamic_batching"]["max_queue_delay_microseconds"], now["instance_group"][0]["count"]) == (
+            7000,
+            2,
+        )
+        t = triton.InferInput("TEXT", [1], "BYTES")
+        t.set_data_from_numpy(np.array([b"a fine film"], dtype=object))
+        assert c.infer("sentiment", [t]).as_numpy("LABEL") is not None
+
+        # Refusals: 400 saying what to fix; the model serves on as it was.
+        assert refused(c, "sentiment", "{not json") == (
+            "400",
+            "load parameter config is not a model configuration in JSON (Failed to load JSON: Expecting property "
+            "name enclosed in double quotes: line 1 column 2 (char 1).)",
+        )
+        status, message = refused(c, "sentiment", json.dumps({"instance_group": [{"count": 65}]}))
+        assert status == "400" and message == (
+            "load parameter config: model_instances: input should be less than or equal to 64, got 65"
+        )
+        changed = {**config, "platform": "tensorrt_plan", "input": [{**config["input"][0], "dims": [7]}]}
+        status, message = refused(c, "sentiment", json.dumps(changed))
+        assert status == "400" and message.startswith("load parameter config changes platform, input, which a load")
+        status, message = refused(c, "charlm", json.dumps({"dynamic_batching": {"max_queue_delay_microseconds": 5}}))
+        assert status == "400" and "changes dynamic_batching" in message  # a stateful model: sequence batching
+        assert c.get_model_config("sentiment") == now
+
+        # A model not loaded yet: its name and the two settings only (nothing to compare the rest with).
+        assert not c.is_model_ready("forecaster")
+        status, message = refused(c, "forecaster", json.dumps({"name": "forecaster", "max_batch_size": 4}))
+        assert status == "400" and "changes max_batch_size" in message and "the model is not loaded" in message
+        c.load_model("forecaster", config=json.dumps({"name": "forecaster", "instance_group": [{"count": 2}]}))
+        assert c.get_model_config("forecaster")["instance_group"][0]["count"] == 2
+
+        # A load without a config goes back to the files: the server's delay, serving.json's instances.
+        c.load_model("sentiment")
+        again = c.get_model_config("sentiment")
+        assert (again["dynamic_batching"]["max_queue_delay_microseconds"], again["instance_group"][0]["count"]) == (
+            1000,
+            3,
+        )
+    finally:
+        handle.close()
