@@ -139,6 +139,9 @@ def test_a_trace_file_is_named_by_callers_only_inside_trace_dir(tmp_path: Path) 
     assert free.update(None, {"trace_file": ["sub/a.json"]})["trace_file"] == [str(tmp_path / "traces/sub/a.json")]
     absolute = str(tmp_path / "traces" / "b.json")
     assert free.update(None, {"trace_file": [absolute]})["trace_file"] == [absolute]
+    (tmp_path / "traces" / "out").symlink_to(tmp_path)  # a link inside that leads outside
+    with pytest.raises(InvalidInput, match=r"'out/c\.json' is outside TRACE_DIR"):
+        free.update(None, {"trace_file": ["out/c.json"]})
 
 
 def test_a_level_on_needs_a_file(tmp_path: Path) -> None:
