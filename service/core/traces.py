@@ -12,7 +12,8 @@ A traced request (``stats.CountedRequest``: one per request, whatever the API) g
 stamps each of its model runs. What a trace holds, as Triton writes it (``ns``: the monotonic clock, the same in
 every process of the server):
 
-- an object with ``id``, ``model_name``, ``model_version`` and ``request_id`` (the request id of our logs);
+- an object with ``id``, ``model_name``, ``model_version`` and ``request_id`` (the request id of our logs), and
+  ``traceparent`` when the caller sent a valid W3C one (``service/tracing.py``);
 - TIMESTAMPS: one object per timestamp: ``REQUEST_START``, then per model run ``QUEUE_START``,
   ``COMPUTE_START``, ``COMPUTE_INPUT_END``, ``COMPUTE_OUTPUT_START``, ``COMPUTE_END`` (a generation or a prompt
   fed in pieces has several runs), then ``REQUEST_END``. The gRPC and HTTP frontends' own timestamps (Triton's
@@ -100,6 +101,7 @@ class Trace:
     log_frequency: int
     timestamps: bool
     tensors: bool
+    traceparent: str = ""  # the caller's W3C trace context, when it sent one (joins its distributed trace)
     stamps: list[tuple[str, int]] = field(default_factory=list)
     activities: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
@@ -128,11 +130,14 @@ class Trace:
         size = 120 * (1 + len(self.stamps))
         return size + sum(len(t["data"]) + 120 for _, t in self.activities) if self.activities else size
 
+    def header(self) -> dict[str, Any]:
+        """Triton's first object of a trace, and the caller's ``traceparent`` when it sent one."""
+        head = {"id": self.id, "model_name": self.model, "model_version": self.version, "request_id": self.request_id}
+        return head | {"traceparent": self.traceparent} if self.traceparent else head
+
     def entries(self) -> list[dict[str, Any]]:
         """The trace as Triton's JSON objects."""
-        out: list[dict[str, Any]] = [
-            {"id": self.id, "model_name": self.model, "model_version": self.version, "request_id": self.request_id}
-        ]
+        out: list[dict[str, Any]] = [self.header()]
         out += [{"id": self.id, "timestamps": [{"name": name, "ns": ns}]} for name, ns in self.stamps]
         out += [{"id": self.id, "activity": activity, "tensor": t} for activity, t in self.activities]
         return out
@@ -140,7 +145,7 @@ class Trace:
     def json(self) -> str:
         """``entries()`` as JSON text, comma-separated (``json.dumps`` of the same objects costs ~3x more: a
         timestamp's name is one of ours, its ``ns`` an int; the caller's strings go through ``json.dumps``)."""
-        head = json.dumps(self.entries()[0])
+        head = json.dumps(self.header())
         stamps = [f'{{"id":{self.id},"timestamps":[{{"name":"{n}","ns":{ns}}}]}}' for n, ns in self.stamps]
         tensors = [json.dumps({"id": self.id, "activity": a, "tensor": t}) for a, t in self.activities]
         return ",".join([head, *stamps, *tensors])
@@ -304,15 +309,17 @@ class Tracer:
         self._seen[key] = 0
         if counter["trace_count"] > 0:
             counter["trace_count"] -= 1
+        request_id, _, traceparent = CALL.get()
         trace = Trace(
             next(self._ids),
             model,
             version,
-            CALL.get()[0],
+            request_id,
             settings["trace_file"],
             settings["log_frequency"],
             "TIMESTAMPS" in level,
             "TENSORS" in level,
+            traceparent,
         )
         trace.stamp("REQUEST_START")
         return trace

@@ -20,6 +20,8 @@ from service.api.kserve.tensors import serialize_bytes
 from tests.conftest import ServerHandle, server_settings
 from tests.service.kserve.test_rest import error_of, http
 
+PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
 
 def text_input(value: str) -> triton.InferInput:
     t = triton.InferInput("TEXT", [1], "BYTES")
@@ -70,7 +72,7 @@ def test_settings_refusals_and_the_traces_of_rest_and_grpc_calls(tiny_models: Pa
         request.raw_input_contents.append(serialize_bytes([b"dull"]))
         with grpc.insecure_channel(handle.target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            stub.ModelInfer(request, metadata=[("x-request-id", "grpc-call-1")], timeout=30)
+            stub.ModelInfer(request, metadata=[("x-request-id", "grpc-call-1"), ("traceparent", PARENT)], timeout=30)
             # The model's own settings cleared (REST: an empty object for a model): it follows the server's again.
             assert c.update_trace_settings(model_name="sentiment", settings={}) == server
             changed = pb.TraceSettingRequest()
@@ -85,6 +87,8 @@ def test_settings_refusals_and_the_traces_of_rest_and_grpc_calls(tiny_models: Pa
     server_file = entries(Path(start))
     heads = {e["request_id"]: e for e in own_file + server_file if "model_name" in e}
     assert sorted(heads) == ["grpc-call-1", "rest-call-1", "rest-call-2"]
+    assert heads["grpc-call-1"]["traceparent"] == PARENT  # the caller's distributed trace, joined
+    assert "traceparent" not in heads["rest-call-1"]
     assert {e["model_name"] for e in own_file if "model_name" in e} == {"sentiment"}
     assert {e["model_name"] for e in server_file if "model_name" in e} == {"charlm"}
     for head in heads.values():
