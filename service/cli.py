@@ -329,7 +329,7 @@ def cmd_traces(args: argparse.Namespace) -> int:
         print("no request traces with timestamps in these files (trace_level TIMESTAMPS writes them)")
         return 0
     head = ["model", "version", "traces", "runs", "request_us", "queue_us", "input_us", "infer_us", "output_us"]
-    head.append("other_us")
+    head += ["other_us", "request_p50_us", "request_p99_us"]
     print(" ".join(f"{h:>12}" for h in head))
     for row in rows:
         print(" ".join(f"{row[h]:>12}" for h in head))
@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "traces",
         help="sum up trace files (Triton's trace extension, SEQSERVE_TRACE_FILE): per model version, the mean "
-        "request's time in the queue and in its runs' input, infer and output parts, in microseconds",
+        "request's time in the queue and in its runs' input, infer and output parts, and the median and 99th "
+        "percentile of the whole request, in microseconds",
     )
     t.add_argument("files", nargs="+", type=Path, help="trace files (numbered ones of one run together)")
     t.add_argument("--json", action="store_true", help="one JSON object per model version instead of the table")

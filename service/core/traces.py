@@ -385,7 +385,8 @@ def _write_file(path: str, traces: list[Trace]) -> None:
 def summarize(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per model version, the mean of its traced requests (``seqserve traces``): microseconds of the whole request,
     of its queueing and of its runs' input, infer and output parts (summed over its runs), and what is left
-    (``other``: the core's own work around the runs). Entries of one trace may come from several files."""
+    (``other``: the core's own work around the runs); and the median and 99th percentile of the whole request.
+    Entries of one trace may come from several files."""
     traces: dict[int, dict[str, Any]] = {}
     for entry in entries:
         trace = traces.setdefault(int(entry["id"]), {"head": None, "stamps": {}})
@@ -394,13 +395,14 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for stamp in entry.get("timestamps", ()):
             trace["stamps"].setdefault(stamp["name"], []).append(int(stamp["ns"]))
     models: dict[tuple[str, int], dict[str, float]] = {}
+    requests: dict[tuple[str, int], list[float]] = {}
     for trace in traces.values():
         stamps: dict[str, list[int]] = trace["stamps"]
         if trace["head"] is None or "REQUEST_START" not in stamps or "REQUEST_END" not in stamps:
             continue  # (TENSORS only, or a file missing)
         sums = models.setdefault(trace["head"], dict.fromkeys(_PARTS, 0.0))
         sums["traces"] += 1
-
+        requests.setdefault(trace["head"], []).append(_span(stamps, "REQUEST_START", "REQUEST_END") / 1000)
         sums["runs"] += len(stamps.get("COMPUTE_START", ()))
         for part, (start, end) in _SPANS.items():
             sums[part] += _span(stamps, start, end) / 1000
@@ -410,6 +412,8 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"model": name, "version": version, "traces": int(n)}
         row |= {part: round(sums[part] / n, 1) for part in _PARTS[1:]}
         row["other_us"] = round(row["request_us"] - sum(row[p] for p in _PARTS[3:]), 1)
+        p50, p99 = np.percentile(requests[(name, version)], [50, 99])
+        row |= {"request_p50_us": round(float(p50), 1), "request_p99_us": round(float(p99), 1)}
         out.append(row)
     return out
 

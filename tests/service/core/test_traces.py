@@ -323,10 +323,13 @@ async def test_seqserve_traces_sums_a_file_up_as_the_statistics_count(
     assert row["queue_us"] >= 0 and row["other_us"] > 0
     assert row["request_us"] == pytest.approx(sum(row[p] for p in ("queue_us", "input_us", "infer_us",
                                                                    "output_us", "other_us")), abs=0.11)  # fmt: skip
+    spans = sorted((t["stamps"][-1][1] - t["stamps"][0][1]) / 1000 for t in written(file).values())
+    assert row["request_p50_us"] == pytest.approx(spans[1], abs=0.06)  # the middle one of three
+    assert spans[1] <= row["request_p99_us"] <= spans[2]
     assert main(["traces", str(file)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["model", "version", "traces", "runs", "request_us", "queue_us", "input_us",
-                                "infer_us", "output_us", "other_us"]  # fmt: skip
+                                "infer_us", "output_us", "other_us", "request_p50_us", "request_p99_us"]  # fmt: skip
     assert table[1].split()[:4] == ["sentiment", "1", "3", "1.0"]
     assert main(["traces", "--json", str(file)]) == 0
     assert json.loads(capsys.readouterr().out) == row
