@@ -9,7 +9,8 @@ What it sends (each kind many times, shuffled): raw corrupt bytes and invalid UT
 versions like "²" and "١"; NaN, infinite and extreme sampling values; v2 shapes of 2**62 and 70 dimensions,
 wrong datatypes, lying raw sizes; 7,000-character and 15 MiB ids; 480,000-row forecasts; control characters in
 names; cross-principal session and sequence access; forks, deletes and cancels racing on shared sessions;
-cancelled Complete, Suggest and ModelStreamInfer streams; and valid traffic in between.
+cancelled Complete, Suggest and ModelStreamInfer streams; trace settings and load configs that must be refused,
+from an admin and from a non-admin; and valid traffic in between.
 """
 
 from __future__ import annotations
@@ -270,6 +271,30 @@ def no_key(c: Campaign) -> str:
     return "OK"
 
 
+TRACE_VALUES = [None, ["OFF"], ["TIMESTAMPS", "OFF"], ["LOUD"], ["-5"], ["1", "2"], ["../../etc/passwd"],
+                ["/tmp/seqserve-hostile.json"], ["\x00"], ["9" * 40], ["TENSORS"], ["x" * 5000]]  # fmt: skip
+LOAD_CONFIGS = ["{", "[" * 3000, '{"max_batch_size": 8}', '{"instance_group": [{"count": 65}]}', "null",
+                '{"dynamic_batching": {"max_queue_delay_microseconds": -1}}', '{"name": "other"}']  # fmt: skip
+
+
+def bad_settings(c: Campaign) -> str:
+    """Trace settings and load configs no server should take (a level on without a file, paths, bad numbers,
+    configs that change what a load cannot), from an admin and from a principal that is none: each answered with a
+    status; nothing a caller sends here turns tracing on or reloads a model."""
+    pick = c.rng.choice
+    who = pick(["alice", "bob"])  # (alice is an admin)
+    if c.rng.random() < 0.5:
+        r = pb.TraceSettingRequest(model_name=pick(["", "charlm", "no-such", "\x1b[2J"]))
+        for _ in range(c.rng.randrange(1, 4)):
+            value = pick(TRACE_VALUES)
+            slot = r.settings[pick(["trace_level", "trace_file", "trace_rate", "trace_count", "log_frequency", "x"])]
+            slot.value.extend(value or [])
+        return c.unary(KS + "TraceSetting", r.SerializeToString(), who=who)
+    load = pb.RepositoryModelLoadRequest(model_name=pick(["charlm", "sentiment", "no-such"]))
+    load.parameters["config"].string_param = pick(LOAD_CONFIGS)
+    return c.unary(KS + "RepositoryModelLoad", load.SerializeToString(), who=who)
+
+
 def valid(c: Campaign) -> str:
     kind = c.rng.randrange(3)
     if kind == 0:
@@ -295,6 +320,7 @@ KINDS: dict[str, tuple[Call, int]] = {  # kind -> (request, share of the campaig
     "client cancels": (cancels, 5),
     "corrupt stream messages": (corrupt_streams, 4),
     "no credentials": (no_key, 2),
+    "bad trace settings and load configs": (bad_settings, 4),
     "valid": (valid, 8),
 }
 HUGE_REQUESTS = 24  # 15 MiB ids, 480,000-row forecasts, 3,000,000-text batches
@@ -394,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     env = {"SEQSERVE_API_KEYS": ",".join(f"{k}:{v}" for k, v in KEYS.items()), "SEQSERVE_LOG_LEVEL": "WARNING",
-           "SEQSERVE_MAX_SESSIONS": "5000", "SEQSERVE_QUOTA_SESSIONS": "2000"}  # fmt: skip
+           "SEQSERVE_MAX_SESSIONS": "5000", "SEQSERVE_QUOTA_SESSIONS": "2000",
+           "SEQSERVE_ADMIN_PRINCIPALS": "alice"}  # fmt: skip
     with serve(args.models, env) as server:
         result = run(server.target, server.metrics_port, server.pid, args.requests, args.threads, args.seed)
     cli.write_json(args.out, result)
