@@ -243,7 +243,7 @@ class CoreDataPlane:
         ``changes`` (an empty value clears a setting), checked and applied first. Changing them is for admins, as
         for the log settings: a trace file is written where the settings say."""
         if model is not None:
-            model = self.registry.find(ModelRef(model)).name  # NOT_FOUND for a model the repository lacks
+            self.registry.find(ModelRef(model))  # NOT_FOUND for a model the repository lacks
         if not changes:
             return self.tracer.settings(model)
         self._check_admin("change the trace settings")

@@ -478,9 +478,9 @@ class ModelRegistry:
         if old is not None and old.ready and entry.error is None and same:
             old.signature = entry.signature  # touched, same weights and settings: keep serving the loaded one
             return
-        if entry.error is None and entry.settings is not None:
+        if entry.error is None:
             try:
-                entry.start(entry.settings, self.metrics, self.prefixes)
+                entry.start(entry.served_with, self.metrics, self.prefixes)
             except Exception as exc:  # the task refused this version (a plugin's constructor, an odd manifest)
                 log.exception("model %s: its task could not start", entry.label)
                 await entry.stop(0.0)

@@ -135,16 +135,10 @@ class Trace:
         head = {"id": self.id, "model_name": self.model, "model_version": self.version, "request_id": self.request_id}
         return head | {"traceparent": self.traceparent} if self.traceparent else head
 
-    def entries(self) -> list[dict[str, Any]]:
-        """The trace as Triton's JSON objects."""
-        out: list[dict[str, Any]] = [self.header()]
-        out += [{"id": self.id, "timestamps": [{"name": name, "ns": ns}]} for name, ns in self.stamps]
-        out += [{"id": self.id, "activity": activity, "tensor": t} for activity, t in self.activities]
-        return out
-
     def json(self) -> str:
-        """``entries()`` as JSON text, comma-separated (``json.dumps`` of the same objects costs ~3x more: a
-        timestamp's name is one of ours, its ``ns`` an int; the caller's strings go through ``json.dumps``)."""
+        """The trace as Triton's JSON objects, comma-separated: its header, one object per timestamp, one per tensor
+        (timestamps are formatted here, ~3x cheaper than ``json.dumps``: a name is one of ours, ``ns`` an int; the
+        caller's strings go through ``json.dumps``)."""
         head = json.dumps(self.header())
         stamps = [f'{{"id":{self.id},"timestamps":[{{"name":"{n}","ns":{ns}}}]}}' for n, ns in self.stamps]
         tensors = [json.dumps({"id": self.id, "activity": a, "tensor": t}) for a, t in self.activities]
@@ -159,7 +153,7 @@ class _Sink:
     index: int = 0
     numbered: bool = False  # its traces' log_frequency was above 0
     bytes: int = 0  # what ``traces`` take (``Trace.size``)
-    dropped: int = 0  # traces past KEPT_BYTES (log_frequency 0)
+    warned: bool = False  # traces past KEPT_BYTES were dropped (log_frequency 0), and the log said so
 
 
 class Tracer:
@@ -333,11 +327,11 @@ class Tracer:
         sink.numbered = trace.log_frequency > 0
         size = trace.size()
         if not sink.numbered and sink.bytes + size > KEPT_BYTES:
-            if not sink.dropped:
+            if not sink.warned:
+                sink.warned = True
                 log.warning("trace file %s keeps %d MiB of traces until the server stops (log_frequency 0); later "
                             "ones are dropped: set log_frequency to write them as they come", trace.file,
                             KEPT_BYTES >> 20)  # fmt: skip
-            sink.dropped += 1
             return
         sink.traces.append(trace)  # (turned into JSON by the writer thread)
         sink.bytes += size
