@@ -15,6 +15,7 @@ import pytest
 
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE
+from service.core.types import Tensor
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.clock import FakeClock
@@ -56,6 +57,19 @@ def core_settings(models: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"models": models, "device": "cpu", "max_batch_delay_ms": 1.0}
     values.update(overrides)
     return Settings(**values)
+
+
+def texts(*values: str) -> list[Tensor]:
+    """A KServe TEXT input of these texts (one BYTES row each)."""
+    return [Tensor("TEXT", "BYTES", (len(values),), items=[t.encode() for t in values])]
+
+
+async def memory_dp(models: Path, **overrides: Any) -> CoreDataPlane:
+    """A started data plane on the in-memory session store (for tests where the store does not matter); the caller
+    stops it."""
+    dp = CoreDataPlane(core_settings(models, session_store="memory", **overrides), RecordingMetrics())
+    await dp.start()
+    return dp
 
 
 def recorded(dp: CoreDataPlane) -> RecordingMetrics:

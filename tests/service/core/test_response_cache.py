@@ -14,14 +14,10 @@ from service.core.dataplane import CoreDataPlane
 from service.core.responses import DIGEST_BYTES, ENTRY_OVERHEAD, ResponseCache, kept_result, kept_sentiments
 from service.core.types import InferResult, ModelRef, SentimentResult, SequenceRef, Tensor
 from tests.graphs import scale_logits
-from tests.service.core.conftest import MakeDP, recorded
+from tests.service.core.conftest import MakeDP, recorded, texts
 
 SENT = ModelRef("sentiment")
 MIB = 1024 * 1024
-
-
-def text(*texts: str) -> list[Tensor]:
-    return [Tensor("TEXT", "BYTES", (len(texts),), items=[t.encode() for t in texts])]
 
 
 def history(rows: int = 30, shift: float = 0.0) -> list[Tensor]:
@@ -46,7 +42,7 @@ async def stats(dp: CoreDataPlane, model: str) -> tuple[int, int, int, int, int,
 async def test_off_by_default_every_request_runs_the_model(make_dp: MakeDP) -> None:
     dp = await make_dp()
     for _ in range(2):
-        await dp.infer(SENT, text("good film"))
+        await dp.infer(SENT, texts("good film"))
     assert await stats(dp, "sentiment") == (0, 0, 2, 2, 2, 2)
     assert not (await dp.model_metadata(SENT)).response_cache
 
@@ -54,8 +50,8 @@ async def test_off_by_default_every_request_runs_the_model(make_dp: MakeDP) -> N
 async def test_a_request_seen_before_is_answered_without_a_model_run(make_dp: MakeDP) -> None:
     dp = await make_dp(response_cache_bytes=MIB)
     assert (await dp.model_metadata(SENT)).response_cache
-    first = await dp.infer(SENT, text("good film", "bad"))
-    again = await dp.infer(SENT, text("good film", "bad"))
+    first = await dp.infer(SENT, texts("good film", "bad"))
+    again = await dp.infer(SENT, texts("good film", "bad"))
     assert again.outputs[0].items == first.outputs[0].items
     np.testing.assert_array_equal(again.outputs[1].array, first.outputs[1].array)
     assert again.inferences == first.inferences == 2
@@ -65,11 +61,11 @@ async def test_a_request_seen_before_is_answered_without_a_model_run(make_dp: Ma
     assert s.inference_count == 2  # as Triton's: the model's inferences, not the answers from the cache
     assert s.cache_hit.ns > 0 and s.cache_miss.ns > 0
     # Anything else in the request is another answer: the texts, their order, the outputs asked for, class_count.
-    await dp.infer(SENT, text("bad", "good film"))
-    await dp.infer(SENT, text("good film", "bad"), outputs=["LABEL"])
-    await dp.infer(SENT, text("good film", "bad"), outputs=["PROBABILITIES"], classes={"PROBABILITIES": 1})
+    await dp.infer(SENT, texts("bad", "good film"))
+    await dp.infer(SENT, texts("good film", "bad"), outputs=["LABEL"])
+    await dp.infer(SENT, texts("good film", "bad"), outputs=["PROBABILITIES"], classes={"PROBABILITIES": 1})
     assert await stats(dp, "sentiment") == (1, 4, 5, 5, 4, 4)
-    ranked = await dp.infer(SENT, text("good film", "bad"), outputs=["PROBABILITIES"], classes={"PROBABILITIES": 1})
+    ranked = await dp.infer(SENT, texts("good film", "bad"), outputs=["PROBABILITIES"], classes={"PROBABILITIES": 1})
     assert ranked.outputs[0].datatype == "BYTES" and ranked.outputs[0].shape == (2, 1)
     assert await stats(dp, "sentiment") == (2, 4, 6, 6, 4, 4)
 
@@ -88,7 +84,7 @@ async def test_stateless_forecasts_are_kept_sequences_and_the_char_lm_never(make
     lm = ModelRef("charlm")
     assert not (await dp.model_metadata(lm)).response_cache  # it samples: not deterministic
     for _ in range(2):
-        await dp.infer(lm, text("abc"))
+        await dp.infer(lm, texts("abc"))
     assert (await stats(dp, "charlm"))[:2] == (0, 0)
 
 
@@ -96,7 +92,7 @@ async def test_our_apis_classify_and_predict_are_kept_too_apart_from_kserves(mak
     dp = await make_dp(response_cache_bytes=MIB)
     first = await dp.classify(SENT, ["good film", "bad"])
     assert await dp.classify(SENT, ["good film", "bad"]) == first
-    await dp.infer(SENT, text("good film", "bad"))  # the same texts through KServe: another answer (a miss)
+    await dp.infer(SENT, texts("good film", "bad"))  # the same texts through KServe: another answer (a miss)
     assert (await stats(dp, "sentiment"))[:2] == (1, 2)
     (s,) = await dp.statistics(ModelRef("sentiment", 1))
     assert s.inference_count == 4  # the two misses' texts; the hit ran nothing
@@ -115,22 +111,22 @@ async def test_our_apis_classify_and_predict_are_kept_too_apart_from_kserves(mak
 async def test_one_principals_answers_never_reach_another(make_dp: MakeDP) -> None:
     dp = await make_dp(response_cache_bytes=MIB)
     set_principal("alice")
-    await dp.infer(SENT, text("good film"))
-    await dp.infer(SENT, text("good film"))
+    await dp.infer(SENT, texts("good film"))
+    await dp.infer(SENT, texts("good film"))
     set_principal("bob")
-    await dp.infer(SENT, text("good film"))  # a miss: bob cannot time alice's requests
+    await dp.infer(SENT, texts("good film"))  # a miss: bob cannot time alice's requests
     set_principal("")
     assert (await stats(dp, "sentiment"))[:2] == (1, 2)
 
 
 async def test_new_weights_answer_anew_and_an_unload_frees_the_answers(repo: Path, make_dp: MakeDP) -> None:
     dp = await make_dp(models=repo, response_cache_bytes=MIB)
-    before = await dp.infer(SENT, text("good film"))
+    before = await dp.infer(SENT, texts("good film"))
     cache = dp.responses
     assert len(cache) == 1 and cache.bytes > ENTRY_OVERHEAD
     scale_logits(repo / "sentiment" / "1", 2.0)  # logits doubled: other probabilities
     await dp.registry.sync()
-    after = await dp.infer(SENT, text("good film"))
+    after = await dp.infer(SENT, texts("good film"))
     assert not np.array_equal(np.asarray(after.outputs[1].array), np.asarray(before.outputs[1].array))
     assert (await stats(dp, "sentiment"))[:2] == (0, 1)  # the reloaded version's own statistics: a miss
     assert len(cache) == 1  # the old weights' answer went with them

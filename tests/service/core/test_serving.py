@@ -13,37 +13,26 @@ from typing import Any
 import pytest
 
 from service.api.kserve.convert import config_to_pb
-from service.core.dataplane import CoreDataPlane
-from service.core.types import ModelRef, Tensor
-from tests.service.core.conftest import RecordingMetrics, core_settings, recorded
+from service.core.types import ModelRef
+from tests.service.core.conftest import memory_dp, recorded, texts
 
 SENT = ModelRef("sentiment")
-
-
-def text(*texts: str) -> list[Tensor]:
-    return [Tensor("TEXT", "BYTES", (len(texts),), items=[t.encode() for t in texts])]
 
 
 def serve(repo: Path, model: str, settings: Any) -> None:
     (repo / model / "serving.json").write_text(settings if isinstance(settings, str) else json.dumps(settings))
 
 
-async def started(repo: Path, **settings: Any) -> CoreDataPlane:
-    dp = CoreDataPlane(core_settings(repo, session_store="memory", **settings), RecordingMetrics())
-    await dp.start()
-    return dp
-
-
 async def test_a_models_serving_json_sets_its_own_batching(repo: Path) -> None:
     serve(repo, "sentiment", {"max_batch_delay_ms": 50, "model_instances": 2, "max_batch_size": 4})
-    dp = await started(repo)
+    dp = await memory_dp(repo)
     try:
         sentiment, charlm = dp.registry.find(SENT), dp.registry.find(ModelRef("charlm"))
         assert sentiment.serving == {"max_batch_delay_ms": 50.0, "model_instances": 2, "max_batch_size": 4}
         assert (sentiment.batcher.delay, sentiment.batcher.instances, sentiment.batcher.max_rows) == (0.05, 2, 4)
         assert (charlm.batcher.delay, charlm.batcher.instances, charlm.batcher.max_rows) == (0.001, 1, 32)
         assert (sentiment.warmed, charlm.warmed) == ((1, 4), (1, 32))  # the warm-up's full batch is the model's
-        await asyncio.gather(*(dp.infer(SENT, text("good film")) for _ in range(10)))
+        await asyncio.gather(*(dp.infer(SENT, texts("good film")) for _ in range(10)))
         assert max(recorded(dp).batch_sizes("sentiment")) == 4  # never more rows than its own max_batch_size
         config = config_to_pb(await dp.model_metadata(SENT), dp.settings)
         assert config.instance_group[0].count == 2
@@ -69,7 +58,7 @@ async def test_a_serving_json_that_is_not_valid_makes_its_model_unavailable_sayi
     repo: Path, content: Any, words: str
 ) -> None:
     serve(repo, "sentiment", content)
-    dp = await started(repo)
+    dp = await memory_dp(repo)
     try:
         states = {(m.name, m.version): (m.ready, m.error) for m in await dp.models()}
         assert states[("sentiment", 1)][0] is False
@@ -81,7 +70,7 @@ async def test_a_serving_json_that_is_not_valid_makes_its_model_unavailable_sayi
 
 
 async def test_a_changed_serving_json_reloads_the_model_and_a_bad_one_keeps_the_old(repo: Path) -> None:
-    dp = await started(repo)
+    dp = await memory_dp(repo)
     try:
         first = dp.registry.find(SENT)
         assert (first.serving, first.batcher.instances) == ({}, 1)
@@ -93,7 +82,7 @@ async def test_a_changed_serving_json_reloads_the_model_and_a_bad_one_keeps_the_
         serve(repo, "sentiment", {"model_instances": 0})
         await dp.registry.sync()
         assert dp.registry.find(SENT) is second  # still serving, with the settings it had
-        assert (await dp.infer(SENT, text("good film"))).outputs
+        assert (await dp.infer(SENT, texts("good film"))).outputs
         (repo / "sentiment" / "serving.json").unlink()
         await dp.registry.sync()
         third = dp.registry.find(SENT)

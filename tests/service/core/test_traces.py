@@ -18,19 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.core import traces
-from service.core.dataplane import CoreDataPlane
 from service.core.traces import OFF, Tracer, summarize
-from service.core.types import ModelRef, SamplingParams, Tensor
+from service.core.types import ModelRef, SamplingParams
 from service.errors import InvalidInput
 from service.logs import CALL
-from tests.service.core.conftest import RecordingMetrics, core_settings, recorded
+from tests.service.core.conftest import core_settings, memory_dp, recorded, texts
 
 SENT = ModelRef("sentiment")
 RUN = ["COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END"]
-
-
-def text(*texts: str) -> list[Tensor]:
-    return [Tensor("TEXT", "BYTES", (len(texts),), items=[t.encode() for t in texts])]
 
 
 def written(path: Path) -> dict[int, dict[str, Any]]:
@@ -53,12 +48,6 @@ def traced(t: Tracer, n: int, model: str = "m") -> None:
         trace = t.start(model, 1)
         if trace is not None:
             t.finish(trace)
-
-
-async def started(tiny_models: Path, **settings: Any) -> CoreDataPlane:
-    dp = CoreDataPlane(core_settings(tiny_models, session_store="memory", **settings), RecordingMetrics())
-    await dp.start()
-    return dp
 
 
 # --- settings ---------------------------------------------------------------------------------------------------
@@ -176,9 +165,9 @@ def test_every_rate_th_request_is_traced_until_the_count_runs_out(tmp_path: Path
 
 
 async def test_off_by_default(tiny_models: Path) -> None:
-    dp = await started(tiny_models)
+    dp = await memory_dp(tiny_models)
     try:
-        await dp.infer(SENT, text("good film"))
+        await dp.infer(SENT, texts("good film"))
         assert not dp.tracer.active and dp.tracer.settings()["trace_level"] == ["OFF"]
         assert dp.tracer.start("sentiment", 1) is None
     finally:
@@ -188,10 +177,10 @@ async def test_off_by_default(tiny_models: Path) -> None:
 # --- traces of real requests ---------------------------------------------------------------------------------------
 async def test_a_traced_request_is_written_as_tritons_json(tiny_models: Path, tmp_path: Path) -> None:
     file = tmp_path / "trace.json"
-    dp = await started(tiny_models, trace_file=str(file), trace_level="TIMESTAMPS,TENSORS", trace_rate=1)
+    dp = await memory_dp(tiny_models, trace_file=str(file), trace_level="TIMESTAMPS,TENSORS", trace_rate=1)
     token = CALL.set(("req-1", "/inference.GRPCInferenceService/ModelInfer", ""))
     try:
-        result = await dp.infer(SENT, text("good film"))
+        result = await dp.infer(SENT, texts("good film"))
         (stats,) = await dp.statistics(ModelRef("sentiment", 1))
     finally:
         CALL.reset(token)
@@ -221,7 +210,9 @@ async def test_a_traced_request_is_written_as_tritons_json(tiny_models: Path, tm
 
 async def test_a_generation_has_one_run_per_step(tiny_models: Path, tmp_path: Path) -> None:
     file = tmp_path / "trace.json"
-    dp = await started(tiny_models, trace_file=str(file), trace_level="TIMESTAMPS", trace_rate=1, prefix_cache_bytes=0)
+    dp = await memory_dp(
+        tiny_models, trace_file=str(file), trace_level="TIMESTAMPS", trace_rate=1, prefix_cache_bytes=0
+    )
     try:
         params = SamplingParams(max_chars=6, temperature=0.0)
         chunks = [c async for c in dp.complete(ModelRef("charlm"), "to be", params)]
@@ -239,13 +230,13 @@ async def test_a_generation_has_one_run_per_step(tiny_models: Path, tmp_path: Pa
 
 async def test_requests_batched_together_share_their_runs_times(tiny_models: Path, tmp_path: Path) -> None:
     file = tmp_path / "trace.json"
-    dp = await started(
+    dp = await memory_dp(
         tiny_models, trace_file=str(file), trace_level="TIMESTAMPS,TENSORS", trace_rate=1, max_batch_delay_ms=200.0
     )
     try:
         # The first request alone teaches the batcher to wait for company; the next two then run together.
-        await dp.infer(SENT, text("good"))
-        await asyncio.gather(dp.infer(SENT, text("good film")), dp.infer(SENT, text("bad")))
+        await dp.infer(SENT, texts("good"))
+        await asyncio.gather(dp.infer(SENT, texts("good film")), dp.infer(SENT, texts("bad")))
         assert recorded(dp).batch_sizes("sentiment")[-1] == 2
     finally:
         await dp.stop()
@@ -308,10 +299,10 @@ async def test_seqserve_traces_sums_a_file_up_as_the_statistics_count(
     from service.cli import main
 
     file = tmp_path / "trace.json"
-    dp = await started(tiny_models, trace_file=str(file), trace_level="TIMESTAMPS", trace_rate=1)
+    dp = await memory_dp(tiny_models, trace_file=str(file), trace_level="TIMESTAMPS", trace_rate=1)
     try:
         for words in ("good film", "bad", "a dull film"):
-            await dp.infer(SENT, text(words))
+            await dp.infer(SENT, texts(words))
         (stats,) = await dp.statistics(ModelRef("sentiment", 1))
     finally:
         await dp.stop()
