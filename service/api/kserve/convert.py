@@ -72,9 +72,9 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
 LOADABLE = "dynamic_batching.max_queue_delay_microseconds and instance_group counts"
 
 
-def serving_from_config(text: str, current: pb.ModelConfig | None) -> dict[str, object]:
+def serving_from_config(text: str, current: pb.ModelConfig | None, name: str) -> dict[str, object]:
     """The per-model settings a load's ``config`` asks for (Triton's model configuration as JSON, e.g. ModelConfig's
-    answer with its batching delay or instance count changed), checked against the model's configuration now
+    answer with its batching delay or instance count changed), checked against model ``name``'s configuration now
     (``current``; None when it is not loaded: then only those two and its name may be given)."""
     from google.protobuf import json_format
 
@@ -90,13 +90,11 @@ def serving_from_config(text: str, current: pb.ModelConfig | None) -> dict[str, 
     if given.instance_group:
         out["model_instances"] = sum(g.count or 1 for g in given.instance_group)  # (Triton's count 0 means 1)
         given.ClearField("instance_group")
-    if current is None:
-        other = sorted(f.name for f, _ in given.ListFields() if f.name not in ("name", "dynamic_batching"))
-        other += ["dynamic_batching"] if given.dynamic_batching.ListFields() else []
-    else:
-        other = _differs(given, current)
+    now = "what ModelConfig answers" if current is not None else "nothing else (the model is not loaded)"
+    if current is None:  # nothing to compare with: its name, and a dynamic batching with nothing more in it
+        current = pb.ModelConfig(name=name, dynamic_batching=pb.ModelDynamicBatching())
+    other = _differs(given, current)
     if other:
-        now = "what ModelConfig answers" if current is not None else "nothing else (the model is not loaded)"
         raise InvalidInput(
             f"load parameter config changes {', '.join(other)}, which a load cannot change: it may change {LOADABLE}; "
             f"give {now} for the rest, or leave it out"

@@ -142,7 +142,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             config = request.parameters["config"]
             if config.WhichOneof("parameter_choice") != "string_param":
                 raise InvalidInput("load parameter config is a string: the model configuration in JSON")
-            serving = serving_from_config(config.string_param, await self._config_now(request.model_name))
+            now = await self._config_now(request.model_name)
+            serving = serving_from_config(config.string_param, now, request.model_name)
         await self._dataplane.load_model(request.model_name, serving)
         return pb.RepositoryModelLoadResponse()
 

@@ -68,6 +68,8 @@ def test_a_load_with_a_config_over_rest(tiny_models: Path, tmp_path: Path) -> No
         assert not c.is_model_ready("forecaster")
         status, message = refused(c, "forecaster", json.dumps({"name": "forecaster", "max_batch_size": 4}))
         assert status == "400" and "changes max_batch_size" in message and "the model is not loaded" in message
+        status, message = refused(c, "forecaster", json.dumps({"name": "sentiment"}))  # another model's config
+        assert status == "400" and "changes name" in message
         c.load_model("forecaster", config=json.dumps({"name": "forecaster", "instance_group": [{"count": 2}]}))
         assert c.get_model_config("forecaster")["instance_group"][0]["count"] == 2
 
