@@ -75,6 +75,9 @@ def read_weights(model: onnx.ModelProto) -> CharLMWeights:
     """The weights of a char LM export (Gather -> LSTM x L -> MatMul + Add), or ``StructureError`` saying why not."""
     init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     nodes = list(model.graph.node)
+    for n in nodes:  # weights stored in a smaller type (``charlm/2``: float16) and cast to float32 when loaded
+        if n.op_type == "Cast" and n.input[0] in init and _attr(n, "to") == onnx.TensorProto.FLOAT:
+            init[n.output[0]] = init[n.input[0]].astype(np.float32)
     gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] in init]
     lstms = [n for n in nodes if n.op_type == "LSTM"]
     heads = [n for n in nodes if n.op_type == "MatMul" and n.input[1] in init]

@@ -12,6 +12,7 @@ import pytest
 from onnx import helper
 
 from training.int8_lstm import WEIGHT_MAX, StructureError, build, check_structure, quantize_columns, read_weights
+from training.onnx_graph import halved
 
 CHARLM = Path(__file__).resolve().parents[2] / "models" / "charlm" / "1" / "model.onnx"
 
@@ -28,6 +29,25 @@ def test_the_committed_char_lm_is_read_and_rebuilt_exactly_in_float32(charlm: on
     q = build(charlm)
     assert [i.name for i in q.graph.input] == ["input_ids", "h0", "c0"]
     assert [o.name for o in q.graph.output] == ["logits", "hn", "cn"]
+
+
+def test_weights_stored_as_float16_are_read_through_their_casts(charlm: onnx.ModelProto) -> None:
+    """``charlm/2`` stores its weights as float16, each cast to float32 by a node (``--half``): the reader takes a
+    cast initializer for the weight it names, at the values the graph computes with."""
+    half = copy.deepcopy(charlm)
+    nodes, inits = halved(list(half.graph.node), list(half.graph.initializer))
+    del half.graph.node[:], half.graph.initializer[:]
+    half.graph.node.extend(nodes)
+    half.graph.initializer.extend(inits)
+    assert sum(n.op_type == "Cast" for n in half.graph.node) >= 7  # embedding, 2 x (W, R, B), head
+    full, read = read_weights(charlm), read_weights(half)
+    assert read.embedding.dtype == np.float32 and not np.array_equal(read.embedding, full.embedding)
+    np.testing.assert_array_equal(read.embedding, full.embedding.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(read.layers[1].r, full.layers[1].r.astype(np.float16).astype(np.float32))
+    assert check_structure(half) < 1e-4
+    committed = onnx.load(str(CHARLM.parents[1] / "2" / "model.onnx"))  # the 2x512 char LM, float16-stored
+    assert [layer.hidden for layer in read_weights(committed).layers] == [512, 512]
+    assert check_structure(committed) < 1e-4
 
 
 def test_a_graph_that_computes_something_else_is_refused_by_the_float32_rebuild(charlm: onnx.ModelProto) -> None:
