@@ -91,10 +91,13 @@ def test_skip_models_names_committed_versions_and_the_build_refuses_others(path:
     models = tmp_path / "models"
     for name in ("a/1", "a/2", "b/1"):
         (models / name).mkdir(parents=True)
-        (models / name / "model.onnx").write_bytes(b"x")
+        for file in ("model.onnx", "manifest.json", "metrics.json", "training_curve.png"):
+            (models / name / file).write_bytes(b"x")
     script = step.replace("/models", str(models))
     done = run(["sh", "-c", script], check=False, env={"SKIP_MODELS": "a/2 b/1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0 and sorted(p.name for p in models.glob("*/*")) == ["1"], done.stderr
+    # the training reports stay in the repository; the server reads the graph and the manifest
+    assert sorted(p.name for p in (models / "a" / "1").iterdir()) == ["manifest.json", "model.onnx"]
     refused = run(["sh", "-c", script], check=False, env={"SKIP_MODELS": "a/9", "PATH": "/usr/bin:/bin"})
     assert refused.returncode == 1 and "SKIP_MODELS: no model a/9 under models/" in refused.stderr
     assert (models / "a" / "1" / "model.onnx").is_file()  # a refused build removed nothing
