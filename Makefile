@@ -9,7 +9,7 @@ DATA ?= ../shared/data
 .PHONY: help venv sysdeps serve test lint deploy-lint image image-test proto proto-check bench train \
 	train-sentiment train-charlm train-charlm2 train-forecast train-v1 train-sentiment-glove train-forecast2 \
 	train-forecast3 train-forecast4 train-forecast-ettm1 train-forecast-ettm1-2 train-forecast-ettm1-3 \
-	train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static quantize-sentiment \
+	train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static quantize-charlm2-static quantize-sentiment \
 	fuse-sentiment quantize-sentiment-fused train-sentiment3 fuse-sentiment3 quantize-sentiment4 \
 	train-sentiment-ensemble train-sentiment-glove-pair clean
 
@@ -86,7 +86,8 @@ bench: $(STAMP)
 # forecaster-ettm1/2 are forecaster/2's and forecaster-ettm1/1's graphs with recalibrated intervals (seconds each):
 # `make train` retrains those point models first (serially: do not run it with -j). charlm-int8/1, charlm-int8/2 and
 # sentiment-int8/1 are int8 copies of charlm/1 and sentiment/1 (seconds each; refused if the metric gets worse by
-# more than 0.005): /1 by dynamic quantization, charlm-int8/2 by static (batch-invariant answers). sentiment/2 is
+# more than 0.005): /1 by dynamic quantization, charlm-int8/2 by static (batch-invariant answers); charlm-int8/3 is
+# the static int8 copy of charlm/2 (its committed float16 weights). sentiment/2 is
 # sentiment/1's weights in a fused graph (the same answers, refused otherwise) and sentiment-int8/2 its int8 copy;
 # sentiment/3 is trained adversarially (--adversarial), sentiment/4 is its fused graph and sentiment-int8/3 the
 # int8 copy of that; sentiment-ensemble/1 is sentiment/4 and two more adversarial runs (retrained into runs/, fused)
@@ -95,7 +96,7 @@ bench: $(STAMP)
 # is never rewritten in place), so each target removes its own output first.
 train: train-sentiment train-charlm train-forecast2 train-forecast3 train-forecast4 train-forecast-ettm1 \
 	train-forecast-ettm1-2 train-forecast-ettm1-3 \
-	train-forecast-air quantize-charlm quantize-charlm-static quantize-sentiment fuse-sentiment quantize-sentiment-fused \
+	train-forecast-air quantize-charlm quantize-charlm-static quantize-charlm2-static quantize-sentiment fuse-sentiment quantize-sentiment-fused \
 	train-sentiment3 fuse-sentiment3 quantize-sentiment4 train-sentiment-ensemble train-sentiment-glove-pair
 
 train-v1: train-sentiment train-charlm train-forecast
@@ -167,6 +168,11 @@ quantize-charlm-static: $(STAMP)
 	rm -rf models/charlm-int8/2
 	$(BIN)/seqserve-train quantize --model models/charlm/1 --data $(DATA)/tinyshakespeare/input.txt \
 		--out models/charlm-int8/2 --method static
+
+quantize-charlm2-static: $(STAMP)
+	rm -rf models/charlm-int8/3
+	$(BIN)/seqserve-train quantize --model models/charlm/2 --data $(DATA)/tinyshakespeare/input.txt \
+		--out models/charlm-int8/3 --method static
 
 quantize-sentiment: $(STAMP)
 	rm -rf models/sentiment-int8/1

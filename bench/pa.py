@@ -65,7 +65,8 @@ WORKLOADS = {
     # charlm (charlm/2, 2x512) does about four times its arithmetic per step
     "charlm1-stream": Workload("charlm1-stream", "charlm", streaming=True, sequences=True, version="1"),
     "charlm1-unary": Workload("charlm1-unary", "charlm", streaming=False, sequences=True, version="1"),
-    # the opt-in static int8 char LM (charlm-int8/2: batch-invariant answers), for comparison with charlm-stream
+    # the opt-in static int8 char LM (its newest, charlm-int8/3: charlm/2 with int8 weights, batch-invariant
+    # answers), for comparison with charlm-stream
     "int8-stream": Workload("int8-stream", "charlm-int8", streaming=True, sequences=True),
 }
 

@@ -72,6 +72,16 @@ CHARLM_LIMITS = [
     "65-character vocabulary: other characters are rejected.",
     "Generates plausible-looking but meaningless text; it knows only this corpus.",
 ]
+CHARLM2_COST = (
+    "A 2x512 LSTM: about four times charlm/1's arithmetic per character (twice its session state, 8 KiB), for 0.02 "
+    "nats/char less; pin charlm/1 where a keystroke's CPU matters more."
+)
+# What a limit of a float32 parent's card says instead on its int8 copy (``training/quantize.py``).
+INT8_LIMITS = {
+    CHARLM2_COST: "A 2x512 LSTM with int8 weights: in ONNX Runtime on a CPU a generation step costs about charlm/1's "
+    "(a quarter of charlm/2's weight bytes to read), with a loss 0.02 nats/char below charlm/1's; twice its session "
+    "state (8 KiB).",
+}
 
 # Shared by the sentiment cards (the released model's and those of every frozen-feature variant).
 SENTIMENT_USE = (
@@ -178,8 +188,7 @@ CARDS: dict[str, ModelCard] = {
         license="Weights: Apache-2.0 (this project).",
         limits=[
             *CHARLM_LIMITS,
-            "A 2x512 LSTM: about four times charlm/1's arithmetic per character (twice its session state, 8 KiB), "
-            "for 0.02 nats/char less; pin charlm/1 where a keystroke's CPU matters more.",
+            CHARLM2_COST,
             "Trained on a GPU, whose kernels are not bit-reproducible: rerunning the command lands near its "
             "validation loss, not on it.",
         ],

@@ -39,7 +39,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from service.core.arrays import softmax, zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, ModelCard
-from training.cards import card_for
+from training.cards import INT8_LIMITS, card_for
 from training.data import DataError
 from training.evaluate import RECOMPUTED, evaluate_model
 from training.int8_lstm import StructureError, build, check_structure
@@ -231,7 +231,7 @@ def _card(m: Manifest, tolerance: float, method: str) -> ModelCard:
     card = m.card or card_for(m.name, m.task, m.version)
     parent = f"{m.name}/{m.version}"
     limits = [
-        *card.limits,
+        *(INT8_LIMITS.get(limit, limit) for limit in card.limits),
         f"int8 weights quantized from {parent} (same training, same contract): its metrics are within "
         f"{tolerance} of the parent's, not identical.",
     ]
@@ -248,8 +248,9 @@ def _card(m: Manifest, tolerance: float, method: str) -> ModelCard:
         limits += [
             "Batch-invariant: a request's outputs are bit-identical alone or batched, fed one character at a time or "
             "as one sequence (training.quantization.batch_dependence and sequence_dependence are 0).",
-            "A long prompt is read by a Scan over time, about as fast as the float32 LSTM; built for CPU serving "
-            f"(not measured on a GPU: use {m.name} there).",
+            "A prompt is read by a Scan over time (small nodes per character): against the float32 LSTM's native "
+            "kernel it gains nothing where the float32 weights fit the CPU's cache and several times where they do "
+            f"not (make bench's runtime table); built for CPU serving (not measured on a GPU: use {m.name} there).",
         ]
     return card.model_copy(update={"limits": limits})
 

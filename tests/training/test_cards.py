@@ -11,6 +11,8 @@ import pytest
 from service.core.manifest import MANIFEST_FILE, Manifest
 from training.cards import (
     CARDS,
+    CHARLM2_COST,
+    INT8_LIMITS,
     MEAN_OF_MEMBERS,
     NOT_CALIBRATED,
     TARGETS,
@@ -100,6 +102,18 @@ def test_committed_char_lms_carry_their_version_card(version: int) -> None:
     assert m.card == card_for("charlm", "charlm", version)
     assert (m.card == CARDS["charlm/2"]) == (version == 2) and (m.card == CARDS["charlm"]) == (version == 1)
     assert m.architecture.hidden == {1: 256, 2: 512}[version]
+
+
+def test_the_int8_copy_of_charlm2_says_its_own_cost_not_its_parents() -> None:
+    """``charlm-int8/3``'s card is its parent's with the cost line reworded (``INT8_LIMITS``: int8 weights cost about
+    ``charlm/1``'s per step) and the quantization's own limits; nothing else of the parent's is lost."""
+    parent = Manifest.load(ROOT / "models" / "charlm" / "2" / MANIFEST_FILE)
+    m = Manifest.load(ROOT / "models" / "charlm-int8" / "3" / MANIFEST_FILE)
+    assert parent.card is not None and m.card is not None and CHARLM2_COST in parent.card.limits
+    assert CHARLM2_COST not in m.card.limits and INT8_LIMITS[CHARLM2_COST] in m.card.limits
+    assert m.card.limits[: len(parent.card.limits)] == [INT8_LIMITS.get(x, x) for x in parent.card.limits]
+    assert any(x.startswith("Batch-invariant") for x in m.card.limits)
+    assert m.card.intended_use == parent.card.intended_use and m.card.data == parent.card.data
 
 
 @pytest.mark.parametrize("frozen", [["glove"], ["vader"], ["glove", "vader"]])

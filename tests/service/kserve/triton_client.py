@@ -245,15 +245,20 @@ def trained(c: grpcclient.InferenceServerClient) -> Report:
     t = np.arange(2 * window, dtype=np.float32)[:, None]
     rows = (10 + 3 * np.sin(2 * np.pi * t / 24) + np.zeros((1, features), dtype=np.float32)).astype(np.float32)
     fc = c.infer("forecaster", [_history(rows)])
-    # charlm-int8/2 (static int8): the same pieces through a sequence give bit-identical probabilities.
-    exact = c.infer("charlm-int8", [_text([text], [1])], model_version="2")
-    for i in range(len(cut) - 1):
-        piece = [_text([text[cut[i] : cut[i + 1]]], [1])]
-        stepped = c.infer("charlm-int8", piece, model_version="2", sequence_id="int8", sequence_start=i == 0)
+    # charlm-int8/2 and /3 (static int8 of charlm/1 and /2): the same pieces through a sequence give bit-identical
+    # probabilities.
+    int8 = {}
+    for version in ("2", "3"):
+        exact = c.infer("charlm-int8", [_text([text], [1])], model_version=version)
+        for i in range(len(cut) - 1):
+            piece = [_text([text[cut[i] : cut[i + 1]]], [1])]
+            sid = f"int8-{version}"
+            stepped = c.infer("charlm-int8", piece, model_version=version, sequence_id=sid, sequence_start=i == 0)
+        int8[stepped.get_response().model_version] = {
+            "whole": exact.as_numpy("NEXT_CHAR_PROBS").tolist(), "seq": stepped.as_numpy("NEXT_CHAR_PROBS").tolist()
+        }  # fmt: skip
     return {
-        "int8_whole_probs": exact.as_numpy("NEXT_CHAR_PROBS").tolist(),
-        "int8_seq_probs": stepped.as_numpy("NEXT_CHAR_PROBS").tolist(),
-        "int8_version": stepped.get_response().model_version,
+        "int8": int8,
         "labels": [x.decode() for x in r.as_numpy("LABEL")],
         "whole_probs": whole.as_numpy("NEXT_CHAR_PROBS").tolist(),
         "seq_probs": last.as_numpy("NEXT_CHAR_PROBS").tolist(),
