@@ -1,4 +1,5 @@
-"""Typed, synchronous Python client for the seqserve.v1 API. Returns the data-plane dataclasses, not protobuf.
+"""Typed Python clients for the seqserve.v1 API: ``Client`` (blocking) and ``AsyncClient`` (asyncio, the same
+methods to ``await``). They return the data-plane dataclasses, not protobuf.
 
     with Client("127.0.0.1:50051") as c:
         print(c.classify(["a fine film"])[0].label)
@@ -7,17 +8,35 @@
         with c.session("charlm") as s:
             print(c.suggest_once(s.id, "To be or no").suggestions)
 
+    async with AsyncClient("127.0.0.1:50051") as c:   # e.g. in a web server relaying keystrokes
+        print((await c.classify(["a fine film"]))[0].label)
+        async for chunk in c.complete("ROMEO:", max_chars=100, seed=1):
+            print(chunk.text, end="")
+        async with c.session("charlm") as s:
+            print((await c.suggest_once(s.id, "To be or no")).suggestions)
+
 Every failed call raises ``ApiError`` with the status code, the server's message and its request id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
 import numpy as np
@@ -109,6 +128,20 @@ class SuggestEvent:
     backspace: int = 0  # characters to take back first (the server's UNDO_CHARS must be on)
 
 
+class CompleteOptions(TypedDict, total=False):
+    """``complete``'s options besides the prompt and the timeout (keyword arguments; any left out takes the
+    server's default)."""
+
+    model: str  # "" = the server's default char LM
+    version: int | None  # None = the newest
+    session_id: str | None  # a session to read the prompt into (its state advances), else none
+    max_chars: int | None
+    temperature: float | None
+    top_k: int
+    seed: int | None
+    stop: Sequence[str]
+
+
 def channel_credentials(
     tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None
 ) -> grpc.ChannelCredentials:
@@ -155,7 +188,9 @@ def _channel_options(
     return options
 
 
-class Client:
+class _Connection:
+    """What both clients share: the settings, the channel's options and credentials, the stubs."""
+
     def __init__(
         self,
         target: str,
@@ -176,7 +211,7 @@ class Client:
 
         ``reconnect_backoff``: (first, longest) wait in seconds between attempts to reconnect once the server is
         unreachable (grpc's defaults, 1 s growing to 120 s, left a long-lived client failing for up to ~20 s after
-        a restart). Each Client has its own connection: a new one never inherits another's backoff.
+        a restart). Each client has its own connection: a new one never inherits another's backoff.
 
         ``retries``: how many times a unary call is sent again when the server refused it before anything ran and
         said when to retry (``ApiError.retry_after``: a full queue, the rate quota, a model loading, a replica
@@ -200,15 +235,43 @@ class Client:
             raise ValueError("api_key: a key is printable ASCII (SEQSERVE_API_KEY, --api-key)")
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         options = _channel_options(reconnect_backoff, keepalive_seconds)
-        if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
-            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        secure = tls or tls_ca is not None or tls_cert is not None or tls_key is not None
+        self._channel = self._open(target, channel_credentials(tls_ca, tls_cert, tls_key) if secure else None, options)
         self._sentiment = sentiment_pb2_grpc.SentimentStub(self._channel)
         self._autocomplete = autocomplete_pb2_grpc.AutocompleteStub(self._channel)
         self._forecast = forecast_pb2_grpc.ForecastStub(self._channel)
         self._sessions = sessions_pb2_grpc.SessionsStub(self._channel)
+
+    def _open(self, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int]]) -> Any:
+        raise NotImplementedError
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        limit = self._timeout(timeout)
+        return None if limit is None else time.monotonic() + limit
+
+    def _retry_wait(self, error: ApiError, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before sending a refused call again, or None: raise ``error``."""
+        wait = error.retry_after
+        if (
+            wait is None
+            or wait > MAX_RETRY_WAIT
+            or attempt == self.retries
+            or (deadline is not None and time.monotonic() + wait >= deadline)
+        ):
+            return None
+        return wait
+
+
+class Client(_Connection):
+    """Blocking calls; streams are generators (see the module's docstring)."""
+
+    def _open(self, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int]]) -> Any:
+        if credentials is not None:
+            return grpc.secure_channel(target, credentials, options=options)
+        return grpc.insecure_channel(target, options=options)
 
     def close(self) -> None:
         self._channel.close()
@@ -220,8 +283,7 @@ class Client:
         self.close()
 
     def _unary(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
-        limit = self._timeout(timeout)
-        deadline = None if limit is None else time.monotonic() + limit
+        deadline = self._deadline(timeout)
         attempt = 0
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -229,19 +291,11 @@ class Client:
                 return method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as err:
                 error = ApiError.from_rpc_error(err)
-            wait = error.retry_after
-            if (
-                wait is None
-                or wait > MAX_RETRY_WAIT
-                or attempt == self.retries
-                or (deadline is not None and time.monotonic() + wait >= deadline)
-            ):
+            wait = self._retry_wait(error, attempt, deadline)
+            if wait is None:
                 raise error from None
             time.sleep(wait)
             attempt += 1
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
 
     # --- Sentiment ------------------------------------------------------------------------------------
 
@@ -249,37 +303,17 @@ class Client:
         self, texts: Sequence[str], model: str = "", version: int | None = None, timeout: float | None = None
     ) -> list[SentimentResult]:
         request = sentiment_pb2.ClassifyRequest(model=_selector(model, version), texts=_texts(texts))
-        response = self._unary(self._sentiment.Classify, request, timeout)
-        return [cv.sentiment_from_pb(r) for r in response.results]
+        return _sentiments(self._unary(self._sentiment.Classify, request, timeout))
 
     # --- Autocomplete ---------------------------------------------------------------------------------
 
     def complete(
-        self,
-        prompt: str,
-        *,
-        model: str = "",
-        version: int | None = None,
-        session_id: str | None = None,
-        max_chars: int | None = None,
-        temperature: float | None = None,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        timeout: float | None = None,
+        self, prompt: str, *, timeout: float | None = None, **options: Unpack[CompleteOptions]
     ) -> Generator[CompletionChunk, None, None]:
         """Yields chunks as the server streams them; leaving the loop early (or ``close()``) cancels the call on the
-        server."""
-        request = autocomplete_pb2.CompleteRequest(
-            model=_selector(model, version),
-            prompt=prompt,
-            session_id=session_id,
-            max_chars=max_chars,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
-            stop=list(stop),
-        )
+        server. ``options``: ``CompleteOptions`` (model, version, session_id, max_chars, temperature, top_k, seed,
+        stop)."""
+        request = _complete_request(prompt, options)
         call = self._autocomplete.Complete(request, timeout=self._timeout(timeout), metadata=self._metadata)
         return _stream(call, cv.chunk_from_pb)
 
@@ -293,16 +327,7 @@ class Client:
         def requests() -> Iterator[autocomplete_pb2.SuggestRequest]:
             try:
                 for e in events:
-                    ev = SuggestEvent(e) if isinstance(e, str) else e
-                    yield autocomplete_pb2.SuggestRequest(
-                        session_id=session_id,
-                        appended=ev.appended,
-                        reset=ev.reset,
-                        n=ev.n,
-                        max_chars=ev.max_chars,
-                        beam=ev.beam,
-                        backspace=ev.backspace,
-                    )
+                    yield _suggest_request(session_id, e)
             except Exception as exc:  # grpc's request thread would turn it into UNKNOWN "Exception iterating ..."
                 failed.append(exc)
                 raise
@@ -330,9 +355,7 @@ class Client:
         """``rows``: (time, features) history in original units, oldest first. ``columns``: the names of each
         row's values (a CSV's header); the server takes the model's columns by name, in any order, and ignores the
         rest. Without it the values must be in the model's column order."""
-        request = forecast_pb2.PredictRequest(
-            model=_selector(model, version), history=_rows(rows, "history"), columns=columns or ()
-        )
+        request = _forecast_request(rows, model, version, columns)
         return cv.forecast_from_pb(self._unary(self._forecast.Predict, request, timeout))
 
     def observe(
@@ -391,6 +414,194 @@ class Client:
                     raise
 
 
+class AsyncClient(_Connection):
+    """``Client``'s methods for asyncio (``grpc.aio``): the unary ones are awaited, the streaming ones are async
+    generators, ``session`` is an async context manager. Made in a running event loop, used in that loop only.
+
+    A stream left early is cancelled on the server when its generator is closed: at once with
+    ``contextlib.aclosing(client.complete(...))``, else when the loop finalizes the dropped generator."""
+
+    def _open(self, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, int]]) -> Any:
+        if credentials is not None:
+            return grpc.aio.secure_channel(target, credentials, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _unary(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                return await method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as err:
+                error = ApiError.from_rpc_error(err)
+            wait = self._retry_wait(error, attempt, deadline)
+            if wait is None:
+                raise error from None
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def classify(
+        self, texts: Sequence[str], model: str = "", version: int | None = None, timeout: float | None = None
+    ) -> list[SentimentResult]:
+        request = sentiment_pb2.ClassifyRequest(model=_selector(model, version), texts=_texts(texts))
+        return _sentiments(await self._unary(self._sentiment.Classify, request, timeout))
+
+    def complete(
+        self, prompt: str, *, timeout: float | None = None, **options: Unpack[CompleteOptions]
+    ) -> AsyncGenerator[CompletionChunk, None]:
+        """Yields chunks as the server streams them (``async for``); ``options`` as ``Client.complete``'s."""
+        request = _complete_request(prompt, options)
+        call = self._autocomplete.Complete(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        return _astream(call, cv.chunk_from_pb)
+
+    def suggest(
+        self,
+        session_id: str,
+        events: AsyncIterable[SuggestEvent | str] | Iterable[SuggestEvent | str],
+        timeout: float | None = None,
+    ) -> AsyncGenerator[SuggestResult, None]:
+        """One bidirectional stream: one result per event, in order. ``events`` may be an async iterable: a
+        relay hands each keystroke over as it comes (an ``asyncio.Queue`` read by an async generator) and reads
+        each answer while the stream stays open."""
+        failed: list[BaseException] = []
+
+        async def requests() -> AsyncIterator[autocomplete_pb2.SuggestRequest]:
+            try:
+                if isinstance(events, AsyncIterable):
+                    async for e in events:
+                        yield _suggest_request(session_id, e)
+                else:
+                    for e in events:
+                        yield _suggest_request(session_id, e)
+            except Exception as exc:  # grpc would end the call CANCELLED, naming nothing: raised as itself instead
+                failed.append(exc)
+                raise
+
+        call = self._autocomplete.Suggest(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
+        return _astream(call, cv.suggest_from_pb, failed)
+
+    async def suggest_once(
+        self, session_id: str, appended: str, timeout: float | None = None, **event: Any
+    ) -> SuggestResult:
+        """One event on a stream of its own, read to its end (see ``Client.suggest_once``)."""
+        results = [r async for r in self.suggest(session_id, [SuggestEvent(appended, **event)], timeout=timeout)]
+        (result,) = results
+        return result
+
+    async def forecast(
+        self,
+        rows: Table,
+        model: str = "",
+        version: int | None = None,
+        timeout: float | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> ForecastResult:
+        """As ``Client.forecast``."""
+        request = _forecast_request(rows, model, version, columns)
+        return cv.forecast_from_pb(await self._unary(self._forecast.Predict, request, timeout))
+
+    async def observe(
+        self, session_id: str, rows: Table, timeout: float | None = None, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
+        request = forecast_pb2.ObserveRequest(session_id=session_id, rows=_rows(rows, "rows"), columns=columns or ())
+        return cv.forecast_from_pb(await self._unary(self._forecast.Observe, request, timeout))
+
+    async def create_session(
+        self, model: str, version: int | None = None, ttl_seconds: float | None = None, timeout: float | None = None
+    ) -> SessionInfo:
+        request = sessions_pb2.CreateSessionRequest(model=_selector(model, version), ttl_seconds=ttl_seconds)
+        return cv.session_from_pb(await self._unary(self._sessions.Create, request, timeout))
+
+    async def get_session(self, session_id: str, timeout: float | None = None) -> SessionInfo:
+        request = sessions_pb2.GetSessionRequest(session_id=session_id)
+        return cv.session_from_pb(await self._unary(self._sessions.Get, request, timeout))
+
+    async def fork_session(
+        self, session_id: str, ttl_seconds: float | None = None, timeout: float | None = None
+    ) -> SessionInfo:
+        request = sessions_pb2.ForkSessionRequest(session_id=session_id, ttl_seconds=ttl_seconds)
+        return cv.session_from_pb(await self._unary(self._sessions.Fork, request, timeout))
+
+    async def delete_session(self, session_id: str, timeout: float | None = None) -> None:
+        await self._unary(self._sessions.Delete, sessions_pb2.DeleteSessionRequest(session_id=session_id), timeout)
+
+    async def export_session(self, session_id: str, timeout: float | None = None) -> bytes:
+        request = sessions_pb2.ExportSessionRequest(session_id=session_id)
+        return bytes((await self._unary(self._sessions.Export, request, timeout)).blob)
+
+    async def import_session(
+        self, blob: bytes, ttl_seconds: float | None = None, timeout: float | None = None
+    ) -> SessionInfo:
+        request = sessions_pb2.ImportSessionRequest(blob=blob, ttl_seconds=ttl_seconds)
+        return cv.session_from_pb(await self._unary(self._sessions.Import, request, timeout))
+
+    @asynccontextmanager
+    async def session(
+        self, model: str, version: int | None = None, ttl_seconds: float | None = None
+    ) -> AsyncIterator[SessionInfo]:
+        """A session that is deleted on exit (already-expired sessions are fine)."""
+        info = await self.create_session(model, version, ttl_seconds)
+        try:
+            yield info
+        finally:
+            try:
+                await self.delete_session(info.id)
+            except ApiError as err:
+                if err.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+
+
+def _sentiments(response: sentiment_pb2.ClassifyResponse) -> list[SentimentResult]:
+    return [cv.sentiment_from_pb(r) for r in response.results]
+
+
+def _complete_request(prompt: str, options: CompleteOptions) -> autocomplete_pb2.CompleteRequest:
+    unknown = sorted(set(options) - set(CompleteOptions.__annotations__))
+    if unknown:  # (a caller without a type checker gets what a parameter list would have said)
+        raise TypeError(f"complete() got an unexpected keyword argument {unknown[0]!r}")
+    return autocomplete_pb2.CompleteRequest(
+        model=_selector(options.get("model", ""), options.get("version")),
+        prompt=prompt,
+        session_id=options.get("session_id"),
+        max_chars=options.get("max_chars"),
+        temperature=options.get("temperature"),
+        top_k=options.get("top_k", 0),
+        seed=options.get("seed"),
+        stop=list(options.get("stop", ())),
+    )
+
+
+def _suggest_request(session_id: str, event: SuggestEvent | str) -> autocomplete_pb2.SuggestRequest:
+    ev = SuggestEvent(event) if isinstance(event, str) else event
+    return autocomplete_pb2.SuggestRequest(
+        session_id=session_id,
+        appended=ev.appended,
+        reset=ev.reset,
+        n=ev.n,
+        max_chars=ev.max_chars,
+        beam=ev.beam,
+        backspace=ev.backspace,
+    )
+
+
+def _forecast_request(
+    rows: Table, model: str, version: int | None, columns: Sequence[str] | None
+) -> forecast_pb2.PredictRequest:
+    return forecast_pb2.PredictRequest(
+        model=_selector(model, version), history=_rows(rows, "history"), columns=columns or ()
+    )
+
+
 def _texts(texts: Sequence[str]) -> list[str]:
     """Caller mistakes Python would otherwise turn into a confusing request (a str is a sequence of characters)
     or an obscure TypeError; what the server checks (empty, too many, too long) is left to the server."""
@@ -440,3 +651,23 @@ def _stream(
         raise ApiError.from_rpc_error(err) from None
     finally:
         call.cancel()  # no-op when the call already finished
+
+
+async def _astream(
+    call: Any, convert: Callable[[Any], T], failed: list[BaseException] | None = None
+) -> AsyncGenerator[T, None]:
+    """``_stream`` for a ``grpc.aio`` call. grpc.aio cancels a call whose request iterator raised, and reading it
+    then raises ``CancelledError``: with ``failed`` set that is the caller's error, raised as itself."""
+    try:
+        async for message in call:
+            yield convert(message)
+    except grpc.RpcError as err:
+        if failed:
+            raise failed[0]  # noqa: B904 (the caller's own error, with its own traceback)
+        raise ApiError.from_rpc_error(err) from None
+    except asyncio.CancelledError:
+        if failed:
+            raise failed[0]  # noqa: B904
+        raise
+    finally:
+        call.cancel()

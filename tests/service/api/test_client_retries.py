@@ -20,7 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service.api.gen.seqserve.v1 import sentiment_pb2, sentiment_pb2_grpc
-from service.client import ApiError, Client
+from service.client import ApiError, AsyncClient, Client
 
 SLOW = 0.3  # seconds each attempt takes before it is refused
 WAIT = 0.05  # the retry time the refusal names
@@ -61,11 +61,29 @@ def test_each_retry_gets_what_is_left_of_the_one_deadline(slow: tuple[str, SlowR
         with pytest.raises(ApiError) as info:
             client.classify(["a fine film"])
         took = time.monotonic() - started
+    within_the_deadline(info.value, took, servicer.remaining)
+
+
+async def test_the_async_client_retries_within_the_one_deadline_too(slow: tuple[str, SlowRefusals]) -> None:
+    target, servicer = slow
+    async with AsyncClient(target, retries=10, timeout=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(ApiError) as info:
+            await client.classify(["a fine film"])
+        took = time.monotonic() - started
+    within_the_deadline(info.value, took, servicer.remaining)
+    servicer.remaining.clear()
+    async with AsyncClient(target, retries=2, timeout=None) as client:
+        with pytest.raises(ApiError) as counted:
+            await client.classify(["a fine film"])
+    assert counted.value.retry_after == pytest.approx(WAIT) and servicer.remaining == [float("inf")] * 3
+
+
+def within_the_deadline(error: ApiError, took: float, seen: list[float]) -> None:
     # Attempts at ~0, ~0.35 and ~0.7 s; the third is cut by the deadline at 1 s (or refused, its successor's wait
     # then passing the deadline): never ten attempts of 0.3 s each.
-    assert info.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert error.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert took < 1.0 + SLOW, f"the call took {took:.2f} s with a 1 s timeout"
-    seen = servicer.remaining
     assert 2 <= len(seen) <= 4, seen
     # (gRPC may round the grpc-timeout header up, src/core/lib/transport/timeout_encoding.h: seen once at 1.009)
     assert seen[0] <= 1.05

@@ -1,0 +1,127 @@
+"""``AsyncClient``: the blocking client's calls on asyncio (``grpc.aio``), against a real server over the tiny
+models, checked against what ``Client`` gets for the same requests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
+
+import grpc
+import numpy as np
+import pytest
+
+from service.client import ApiError, AsyncClient, Client, SuggestEvent
+from tests.conftest import ServerHandle
+from tests.service.api.test_rpcs import FEATURES, TINY_HORIZON, TINY_WINDOW, history
+
+
+@pytest.fixture
+def target(serve: Callable[..., ServerHandle]) -> str:
+    return serve(session_signing_key="k" * 40).target
+
+
+@pytest.fixture
+def blocking(target: str) -> Iterator[Client]:
+    with Client(target, timeout=60) as c:
+        yield c
+
+
+async def test_unary_calls_answer_what_the_blocking_client_gets(target: str, blocking: Client) -> None:
+    texts = ["a good fun film", "this movie was terrible and boring"]
+    rows = history(40)
+    async with AsyncClient(target, timeout=60) as c:
+        assert await c.classify(texts) == blocking.classify(texts)
+        got, want = await c.forecast(rows), blocking.forecast(rows)
+        np.testing.assert_array_equal(got.point, want.point)
+        np.testing.assert_array_equal(got.quantiles, want.quantiles)
+        assert got.point.shape == (TINY_HORIZON, FEATURES) and got.rows_seen == 40
+
+
+async def test_a_completion_streams_the_same_chunks(target: str, blocking: Client) -> None:
+    options = {"max_chars": 30, "seed": 7, "top_k": 5}
+    want = list(blocking.complete("To be", **options))  # type: ignore[arg-type]
+    async with AsyncClient(target, timeout=60) as c:
+        got = [chunk async for chunk in c.complete("To be", **options)]  # type: ignore[arg-type]
+        assert got == want and got[-1].finish_reason == "length"
+        with pytest.raises(TypeError, match="unexpected keyword argument 'max_char'"):
+            c.complete("To be", max_char=3)  # type: ignore[call-arg]
+
+
+async def test_sessions_live_their_whole_life_through_the_async_client(target: str) -> None:
+    async with AsyncClient(target, timeout=60) as c:
+        async with c.session("charlm") as s:
+            text = "".join([x.text async for x in c.complete("Hello", session_id=s.id, max_chars=5, temperature=0)])
+            assert (await c.get_session(s.id)).steps == 5 + len(text)
+            fork = await c.fork_session(s.id)
+            blob = await c.export_session(s.id)
+            copy = await c.import_session(blob)
+            assert fork.steps == copy.steps == 5 + len(text) and len({s.id, fork.id, copy.id}) == 3
+            for sid in (fork.id, copy.id):
+                await c.delete_session(sid)
+        with pytest.raises(ApiError) as gone:  # the context manager deleted it on exit
+            await c.get_session(s.id)
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND and gone.value.request_id
+        rows = history(TINY_WINDOW + 6, seed=1)
+        async with c.session("forecaster") as f:
+            assert (await c.observe(f.id, rows[:10])).rows_seen == 10
+            last = await c.observe(f.id, rows[10:])
+            assert (await c.get_session(f.id)).steps == len(rows)
+        whole = await c.forecast(rows[-TINY_WINDOW:])
+        assert last.rows_seen == len(rows)
+        np.testing.assert_allclose(last.point, whole.point, rtol=1e-4, atol=1e-4)
+
+
+async def test_a_relay_sends_each_keystroke_as_it_comes_and_reads_each_answer(target: str, blocking: Client) -> None:
+    """What a web server relaying a browser's keystrokes does: one open Suggest stream, fed from a queue; each
+    answer is read before the next key is put, so the events cannot have been sent ahead in one batch."""
+    keys: list[SuggestEvent | str] = ["To", " be", SuggestEvent(" or", n=2, max_chars=4)]
+    with blocking.session("charlm") as ref:
+        want = list(blocking.suggest(ref.id, keys))
+    async with AsyncClient(target, timeout=60) as c, c.session("charlm") as s:
+        queue: asyncio.Queue[SuggestEvent | str | None] = asyncio.Queue()
+
+        async def typed() -> AsyncIterator[SuggestEvent | str]:
+            while (key := await queue.get()) is not None:
+                yield key
+
+        got = []
+        async with aclosing(c.suggest(s.id, typed())) as answers:
+            for key in keys:
+                await queue.put(key)
+                got.append(await anext(answers))
+                assert got[-1].steps == want[len(got) - 1].steps  # this key's answer, before the next key exists
+            await queue.put(None)  # the user is done: the stream ends
+            assert [r async for r in answers] == []
+        assert got == want
+        assert (await c.suggest_once(s.id, "!", n=1, max_chars=1)).steps == want[-1].steps + 1
+
+
+async def test_errors_are_api_errors_and_the_callers_own_errors_stay_its_own(target: str) -> None:
+    async with AsyncClient(target, timeout=60) as c:
+        with pytest.raises(ApiError) as unknown:
+            await c.classify(["fine"], model="no-such-model")
+        assert unknown.value.code == grpc.StatusCode.NOT_FOUND and unknown.value.reason == "MODEL_NOT_FOUND"
+        assert "no-such-model" in unknown.value.message and unknown.value.request_id
+        with pytest.raises(ApiError) as bad:
+            [x async for x in c.complete("ROMEO:", max_chars=-1)]
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_chars" in bad.value.message
+
+        async def broken() -> AsyncIterator[str]:
+            yield "To"
+            raise KeyError("the caller's bug")
+
+        async with c.session("charlm") as s:
+            with pytest.raises(KeyError, match="the caller's bug"):
+                [r async for r in c.suggest(s.id, broken())]
+            assert (await c.get_session(s.id)).steps in (0, 2)  # the stream was cancelled, the session is usable
+            assert (await c.suggest_once(s.id, "x")).steps >= 1
+
+
+async def test_a_stream_closed_early_is_cancelled_on_the_server(target: str) -> None:
+    async with AsyncClient(target, timeout=60) as c, c.session("charlm") as s:
+        async with aclosing(c.complete("a", session_id=s.id, max_chars=2000, temperature=0)) as stream:
+            first = await anext(stream)
+        # The generation released the session and did not run on to 2,000 characters.
+        after = await c.suggest_once(s.id, "b", n=1, max_chars=1)
+        assert first.text and after.steps < 1 + 2000 + 1
