@@ -10,9 +10,11 @@ transport types here, and a call outside any scope notes nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING
+
+from service.errors import PermissionDenied, echo
 
 if TYPE_CHECKING:
     from service.core.traces import Trace
@@ -47,6 +49,18 @@ def set_principal(name: str) -> None:
 
 def principal() -> str:
     return _PRINCIPAL.get()
+
+
+def check_admin(admins: Sequence[str], action: str) -> None:
+    """Model management and log and trace settings change what every caller sees: the anonymous principal (no
+    credentials configured) or one of ``admins`` (``ADMIN_PRINCIPALS``) only, else ``PermissionDenied``. The core
+    checks each such call; a frontend may check first too, before it reads the request's details."""
+    who = principal()
+    if who and who not in admins:
+        raise PermissionDenied(
+            f"principal {echo(who)} may not {action}; list it in admin_principals (SEQSERVE_ADMIN_PRINCIPALS) to "
+            "allow it"
+        )
 
 
 # --- priority level (Triton's schedule-policy extension) -------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 from service import logs
 from service.core import pinning
 from service.core.aio import cancel_and_wait
-from service.core.context import note_model, principal
+from service.core.context import check_admin, note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.responses import CLASSIFY, PREDICT, ResponseCache, kept_forecast, kept_sentiments
 from service.core.sequences import V2Inference
@@ -49,7 +49,7 @@ from service.core.types import (
     SuggestResult,
     Tensor,
 )
-from service.errors import InvalidInput, PermissionDenied, echo
+from service.errors import InvalidInput
 from service.logs import LogSettings
 from service.metrics import Metrics
 from service.settings import Settings
@@ -206,14 +206,7 @@ class CoreDataPlane:
         return [e.stats.snapshot(e.name, e.version) for e in entries]
 
     def _check_admin(self, action: str) -> None:
-        """Model management and log settings change what every caller sees: the anonymous principal (no
-        credentials configured) or a principal listed in ``admin_principals`` only."""
-        who = principal()
-        if who and who not in self.settings.admin_principals:
-            raise PermissionDenied(
-                f"principal {echo(who)} may not {action}; list it in admin_principals "
-                "(SEQSERVE_ADMIN_PRINCIPALS) to allow it"
-            )
+        check_admin(self.settings.admin_principals, action)
 
     async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
         self._check_admin("load models")

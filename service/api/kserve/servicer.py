@@ -38,7 +38,7 @@ from service.api.kserve.convert import (
 )
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_priority, parse_sequence, parse_timeout
 from service.api.kserve.tensors import encode_outputs, read_inputs, requested_outputs
-from service.core.context import reset_priority, set_priority
+from service.core.context import check_admin, reset_priority, set_priority
 from service.core.types import DataPlane
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
 from service.logs import CALL
@@ -139,6 +139,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         serving = None
         if "config" in request.parameters:
+            # Permission first, as for a load without a config (the core checks again): a caller who may not load
+            # models learns nothing from how its config would have been read.
+            check_admin(self._settings.admin_principals, "load models")
             config = request.parameters["config"]
             if config.WhichOneof("parameter_choice") != "string_param":
                 raise InvalidInput("load parameter config is a string: the model configuration in JSON")

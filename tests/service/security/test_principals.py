@@ -301,6 +301,17 @@ def test_only_admin_principals_load_and_unload_models(start_server: Callable[...
         assert not stub.ModelReady(ready, metadata=alice, timeout=30).ready
         stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="sentiment"), metadata=alice, timeout=60)
         assert stub.ModelReady(ready, metadata=alice, timeout=30).ready
+        # A load with a config is refused for its caller before the config is read: bob learns nothing from how
+        # his config would have been checked; alice, an admin, is told what is wrong with it.
+        bad = pb.RepositoryModelLoadRequest(model_name="sentiment")
+        bad.parameters["config"].string_param = "{not json"
+        for key, code, said in (
+            (BOB, Code.PERMISSION_DENIED, "may not load models"),
+            (ALICE, Code.INVALID_ARGUMENT, "config is not a model configuration in JSON"),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.RepositoryModelLoad(bad, metadata=(("authorization", f"Bearer {key}"),), timeout=60)
+            assert refused.value.code() == code and said in str(refused.value.details()), refused.value.details()
 
 
 def test_only_admin_principals_change_the_log_settings(
