@@ -23,7 +23,7 @@ from service.core import pinning
 from service.core.aio import cancel_and_wait
 from service.core.context import check_admin, note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
-from service.core.responses import CLASSIFY, PREDICT, ResponseCache, kept_forecast, kept_sentiments
+from service.core.responses import CLASSIFY, PREDICT, ResponseCache, kept_forecast, kept_sentiment
 from service.core.sequences import V2Inference
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
 from service.core.sessions.export import seal
@@ -288,10 +288,19 @@ class CoreDataPlane:
         with CountedRequest(entry, len(texts)) as req:
             if not self.responses.serves(entry):
                 return await _classifier(entry).classify(texts)
-            inputs = {"TEXT": bytes_tensor("TEXT", texts)}
-            return await self._cached(
-                entry, req, CLASSIFY, inputs, lambda: _classifier(entry).classify(texts), kept_sentiments
-            )
+            # Kept per text (a text's answer does not depend on the others in its request): a request answers from
+            # the cache whatever texts come with it, and runs only the texts not seen before.
+            who = principal()
+            keys = [
+                self.responses.key(entry.prefix_scope, who, {"TEXT": bytes_tensor("TEXT", [t])}, [CLASSIFY], {})
+                for t in texts
+            ]
+
+            async def run(indices: list[int]) -> list[SentimentResult]:
+                return await _classifier(entry).classify([texts[i] for i in indices])
+
+            answers, req.inferences = await self.responses.answer_each(entry, keys, run, kept_sentiment)
+            return answers
 
     # --- our API: char LM ---------------------------------------------------------------------------------
     async def _metered(

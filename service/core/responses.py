@@ -1,6 +1,8 @@
 """Response cache (Triton's ``response_cache``): whole answers of stateless requests to deterministic tasks
 (sentiment; forecasts without a session or sequence), through KServe (gRPC and REST) and our own API (``Classify``,
-``Predict``), so that a request seen before is answered without queueing or running the model.
+``Predict``), so that a request seen before is answered without queueing or running the model. ``Classify`` keeps
+one answer per text (``answer_each``): its texts are classified independently, so a request runs only the texts not
+seen before.
 
 A key is a 16-byte BLAKE2b digest of the request as the model's contract decoded it (every input's name,
 datatype, shape and data, the outputs asked for and their ``class_count``; our API's calls as the same inputs
@@ -20,7 +22,7 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from service.core.arrays import read_only_copy
 from service.core.lru import ByteLRU
@@ -40,6 +42,7 @@ DIGEST_BYTES = 16
 SENTIMENT_BYTES = 200  # one kept SentimentResult and its lists, beyond 32 bytes a probability (tracemalloc)
 ENTRY_OVERHEAD = 1024  # the key, the OrderedDict slot, the result and its tensor objects beyond their data (~880 B
 # for a sentiment answer, tracemalloc: tests/service/core/test_response_cache.py checks the budget holds)
+ITEM_OVERHEAD = 320  # one item's entry beyond its answer (``answer_each``): its key and slot (~245 B, tracemalloc)
 
 
 def _tensor(t: Tensor) -> tuple[Tensor, int]:
@@ -61,6 +64,12 @@ def kept_sentiments(rs: list[SentimentResult]) -> tuple[list[SentimentResult], i
     labels (the result, its two lists and their floats; the label strings are the task's own, shared)."""
     kept = [SentimentResult(r.label, list(r.labels), list(r.probabilities)) for r in rs]
     return kept, sum(SENTIMENT_BYTES + 32 * len(r.probabilities) for r in rs)
+
+
+def kept_sentiment(r: SentimentResult) -> tuple[SentimentResult, int]:
+    """One text's ``Classify`` answer as kept (``kept_sentiments`` of one)."""
+    (kept,), nbytes = kept_sentiments([r])
+    return kept, nbytes
 
 
 def kept_forecast(r: ForecastResult) -> tuple[ForecastResult, int]:
@@ -119,6 +128,43 @@ class ResponseCache(ByteLRU[Any]):
         entry.metrics.response_cache_usage(self.bytes, len(self), evicted)
         entry.stats.cache(False, (t1 - t0) + (time.perf_counter_ns() - t2))
         return answer, False
+
+    async def answer_each(
+        self,
+        entry: ModelEntry,
+        keys: Sequence[Key],
+        compute: Callable[[list[int]], Awaitable[list[T]]],
+        keep: Callable[[T], tuple[T, int]],
+    ) -> tuple[list[T], int]:
+        """``answer`` per item of a request whose items are answered independently (``Classify``'s texts): the kept
+        answers of the keys seen before, ``compute(indices)``'s for the others (one run for all of them, each
+        distinct key once), each kept for the next. Returns the answers in order and how many distinct items ran
+        (the inferences: a text twice in one request runs once). Prometheus
+        counts a lookup per item; the version's statistics one per request, as Triton does: a hit when every item
+        was kept, else a miss (the looking and keeping timed, not the computing)."""
+        t0 = time.perf_counter_ns()
+        found: list[T | None] = [self.get(k) for k in keys]
+        for f in found:
+            entry.metrics.response_cache_lookup(entry.name, f is not None)
+        todo: dict[Key, list[int]] = {}  # key -> the items that need it, in order
+        for i, (k, f) in enumerate(zip(keys, found, strict=True)):
+            if f is None:
+                todo.setdefault(k, []).append(i)
+        if not todo:
+            entry.stats.cache(True, time.perf_counter_ns() - t0)
+            return cast(list[T], found), 0
+        t1 = time.perf_counter_ns()
+        fresh = await compute([items[0] for items in todo.values()])
+        t2 = time.perf_counter_ns()
+        evicted = 0
+        for (k, items), answer in zip(todo.items(), fresh, strict=True):
+            kept, nbytes = keep(answer)
+            evicted += self.put(k, kept, nbytes + ITEM_OVERHEAD)
+            for i in items:
+                found[i] = answer
+        entry.metrics.response_cache_usage(self.bytes, len(self), evicted)
+        entry.stats.cache(False, (t1 - t0) + (time.perf_counter_ns() - t2))
+        return cast(list[T], found), len(todo)
 
     def forget(self, entry: ModelEntry, replaced: bool = False) -> None:
         """Drops the answers of a version that unloads (the registry's unload hook)."""

@@ -11,7 +11,14 @@ import numpy as np
 
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
-from service.core.responses import DIGEST_BYTES, ENTRY_OVERHEAD, ResponseCache, kept_result, kept_sentiments
+from service.core.responses import (
+    DIGEST_BYTES,
+    ENTRY_OVERHEAD,
+    ITEM_OVERHEAD,
+    ResponseCache,
+    kept_result,
+    kept_sentiment,
+)
 from service.core.types import InferResult, ModelRef, SentimentResult, SequenceRef, Tensor
 from tests.graphs import scale_logits
 from tests.service.core.conftest import MakeDP, recorded, texts
@@ -106,6 +113,34 @@ async def test_our_apis_classify_and_predict_are_kept_too_apart_from_kserves(mak
     np.testing.assert_allclose(named.point, forecast.point, rtol=1e-6)
     assert (await stats(dp, "forecaster"))[:2] == (1, 2)
     assert recorded(dp).batch_sizes("sentiment") == [2, 2]
+
+
+async def test_classify_keeps_each_text_so_a_request_runs_only_the_texts_not_seen_before(make_dp: MakeDP) -> None:
+    """A text's sentiment does not depend on the texts sent with it, so ``Classify`` keeps one answer per text: a
+    request answers what it can from the cache and runs the rest in one run (a text twice in it runs once)."""
+    dp, plain = await make_dp(response_cache_bytes=MIB), await make_dp()
+
+    def lookups(result: str) -> float:
+        value = dp.metrics.registry.get_sample_value(
+            "seqserve_response_cache_lookups_total", {"model": "sentiment", "result": result}
+        )
+        return value or 0.0
+
+    first = await dp.classify(SENT, ["good film", "bad"])
+    mixed = ["bad", "a new one", "good film", "a new one"]
+    again = await dp.classify(SENT, mixed)
+    assert again[0] == first[1] and again[2] == first[0] and again[1] == again[3]
+    fresh = await plain.classify(SENT, mixed)  # the same texts without the cache, in one run
+    for got, want in zip(again, fresh, strict=True):
+        assert got.label == want.label and np.allclose(got.probabilities, want.probabilities, atol=1e-5)
+    assert recorded(dp).batch_sizes("sentiment") == [2, 1]  # only "a new one" ran, once
+    (s,) = await dp.statistics(ModelRef("sentiment", 1))
+    assert s.inference_count == 3  # the texts that ran: 2, then 1
+    assert await stats(dp, "sentiment") == (0, 2, 2, 2, 2, 2)  # per request: both ran something
+    assert (lookups("hit"), lookups("miss")) == (2, 4)  # per text: bad and good film kept; a new one twice missed
+    assert await dp.classify(SENT, ["a new one", "good film"]) == [again[1], first[0]]
+    assert await stats(dp, "sentiment") == (1, 2, 3, 3, 2, 2)  # all kept: a hit, no run
+    assert recorded(dp).batch_sizes("sentiment") == [2, 1]
 
 
 async def test_one_principals_answers_never_reach_another(make_dp: MakeDP) -> None:
@@ -204,15 +239,15 @@ def test_the_budget_covers_what_the_answers_really_take() -> None:
         tracemalloc.stop()
     held = sum(s.size_diff for s in after.compare_to(before, "filename"))
     assert held <= cache.bytes, (held / len(answers), cache.bytes / len(answers))
-    # Classify's answers: Python objects, a few hundred bytes a text, counted per text.
+    # Classify's answers: Python objects, a few hundred bytes a text, kept one text an entry.
     texts = ResponseCache(1 << 30)
-    classified = [[SentimentResult("positive", ["positive", "negative"], [0.9, 0.1])] * 64 for _ in range(200)]
+    classified = [SentimentResult("positive", ["positive", "negative"], [0.9, 0.1]) for _ in range(5000)]
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
-        for i, rs in enumerate(classified):
-            kept, nbytes = kept_sentiments(rs)
-            texts.put((1, "", i.to_bytes(DIGEST_BYTES, "little")), kept, nbytes + ENTRY_OVERHEAD)
+        for i, r in enumerate(classified):
+            kept, nbytes = kept_sentiment(r)
+            texts.put((1, "a principal", i.to_bytes(DIGEST_BYTES, "little")), kept, nbytes + ITEM_OVERHEAD)
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
