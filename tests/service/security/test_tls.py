@@ -23,7 +23,7 @@ from service.api.gen.inference import grpc_service_pb2 as kserve_pb
 from service.api.gen.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.gen.seqserve.v1 import sessions_pb2, sessions_pb2_grpc
 from service.cli import main
-from service.client import ApiError, Client
+from service.client import ApiError, AsyncClient, Client
 from service.settings import Settings
 from tests.conftest import ServerHandle
 from tests.service.security.certs import Pki
@@ -109,6 +109,24 @@ def test_mtls_subject_is_the_principal(serve: Callable[..., ServerHandle], pki: 
         assert stub.Get(sessions_pb2.GetSessionRequest(session_id=s.id), timeout=10).session_id == s.id
     owner = handle.run(handle.server.dataplane.sessions.store.load(s.id))
     assert owner is not None and owner.owner == "O=seqserve-tests,CN=alice"
+
+
+async def test_the_async_client_speaks_mtls_with_its_certificate(serve: Callable[..., ServerHandle], pki: Pki) -> None:
+    """``AsyncClient`` builds its grpc.aio channel from the same files: alice's session is hers over it too."""
+    handle = serve(**tls_settings(pki, mtls=True))
+    async with (
+        AsyncClient(handle.target, tls_ca=pki.ca, tls_cert=pki.alice.cert, tls_key=pki.alice.key) as alice,
+        AsyncClient(handle.target, tls_ca=pki.ca, tls_cert=pki.bob.cert, tls_key=pki.bob.key) as bob,
+        AsyncClient(handle.target, tls_ca=pki.ca, timeout=10) as nobody,
+    ):
+        s = await alice.create_session("charlm")
+        assert (await alice.get_session(s.id)).id == s.id
+        with pytest.raises(ApiError) as other:
+            await bob.get_session(s.id)
+        assert other.value.code == Code.NOT_FOUND
+        with pytest.raises(ApiError) as anonymous:  # no client certificate: the handshake fails
+            await nobody.get_session(s.id)
+        assert anonymous.value.code in (Code.UNAVAILABLE, Code.UNAUTHENTICATED)
 
 
 def test_mtls_certificates_with_an_empty_subject_are_named_by_their_san(
