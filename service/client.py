@@ -490,6 +490,19 @@ class AsyncClient(_Connection):
         call = self._autocomplete.Suggest(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
         return _astream(call, cv.suggest_from_pb, failed)
 
+    @asynccontextmanager
+    async def suggest_stream(self, session_id: str, timeout: float | None = None) -> AsyncIterator[SuggestStream]:
+        """One open Suggest stream to send events on one at a time, each ``send`` returning that event's answer:
+        the shape of a relay that forwards a user's keystrokes as they come. Leaving the block ends the stream
+        (cancelled on the server if it left by an exception)."""
+        call = self._autocomplete.Suggest(timeout=self._timeout(timeout), metadata=self._metadata)
+        stream = SuggestStream(session_id, call)
+        try:
+            yield stream
+            await stream.finish()
+        finally:
+            call.cancel()  # (no-op when it finished)
+
     async def suggest_once(
         self, session_id: str, appended: str, timeout: float | None = None, **event: Any
     ) -> SuggestResult:
@@ -559,6 +572,44 @@ class AsyncClient(_Connection):
             except ApiError as err:
                 if err.code != grpc.StatusCode.NOT_FOUND:
                     raise
+
+
+class SuggestStream:
+    """An open Suggest stream of ``AsyncClient.suggest_stream``: ``await send(event)`` sends one event and returns
+    its answer. One event at a time: a second ``send`` waits for the first's answer (the server answers in order)."""
+
+    def __init__(self, session_id: str, call: Any) -> None:
+        self.session_id = session_id
+        self._call = call
+        self._turn = asyncio.Lock()
+        self._failed = False  # the stream ended with an error a send raised: finish() has nothing more to say
+
+    async def send(self, event: SuggestEvent | str) -> SuggestResult:
+        async with self._turn:
+            try:
+                await self._call.write(_suggest_request(self.session_id, event))
+                answer = await self._call.read()
+            except grpc.RpcError as err:
+                self._failed = True
+                raise ApiError.from_rpc_error(err) from None
+            if answer is grpc.aio.EOF:  # (a stream that ends with an error raises it in read())
+                raise ApiError(
+                    grpc.StatusCode.UNKNOWN, "the server ended the Suggest stream without answering", None, None
+                )
+            return cv.suggest_from_pb(answer)
+
+    async def finish(self) -> None:
+        """Ends the stream (no more events) and waits for the server to close it; raises ``ApiError`` when it
+        ended with an error that no ``send`` raised."""
+        async with self._turn:
+            if self._failed:
+                return
+            try:
+                await self._call.done_writing()
+                while await self._call.read() is not grpc.aio.EOF:
+                    pass  # (no event is left unanswered: each send read its answer)
+            except grpc.RpcError as err:
+                raise ApiError.from_rpc_error(err) from None
 
 
 def _sentiments(response: sentiment_pb2.ClassifyResponse) -> list[SentimentResult]:

@@ -97,6 +97,29 @@ async def test_a_relay_sends_each_keystroke_as_it_comes_and_reads_each_answer(ta
         assert (await c.suggest_once(s.id, "!", n=1, max_chars=1)).steps == want[-1].steps + 1
 
 
+async def test_a_suggest_stream_answers_each_send(target: str, blocking: Client) -> None:
+    """``suggest_stream``: one open stream, ``send`` per keystroke returning its answer; the same answers as a
+    whole list of events on the blocking client. Two sends at once wait their turn."""
+    keys: list[SuggestEvent | str] = ["To", " be", SuggestEvent(" or", n=2, max_chars=4), " not"]
+    with blocking.session("charlm") as ref:
+        want = list(blocking.suggest(ref.id, keys))
+    async with AsyncClient(target, timeout=60) as c, c.session("charlm") as s:
+        async with c.suggest_stream(s.id) as stream:
+            got = [await stream.send(k) for k in keys[:2]]
+            got += await asyncio.gather(stream.send(keys[2]), stream.send(keys[3]))  # in order, one at a time
+        assert got == want
+        assert (await c.get_session(s.id)).steps == want[-1].steps and not (await c.get_session(s.id)).in_use
+        async with c.suggest_stream("no-such-session") as lost:
+            with pytest.raises(ApiError) as unknown:
+                await lost.send("x")
+            assert unknown.value.code == grpc.StatusCode.NOT_FOUND and unknown.value.request_id
+        with pytest.raises(RuntimeError, match="relay gone"):  # leaving by an exception cancels the stream
+            async with c.suggest_stream(s.id) as stream:
+                await stream.send("!")
+                raise RuntimeError("relay gone")
+        assert (await c.get_session(s.id)).steps == want[-1].steps + 1
+
+
 async def test_errors_are_api_errors_and_the_callers_own_errors_stay_its_own(target: str) -> None:
     async with AsyncClient(target, timeout=60) as c:
         with pytest.raises(ApiError) as unknown:
