@@ -51,6 +51,10 @@ async def measure(models: Path, ref: ModelRef, concurrency: int, steps: int) -> 
             servicer_infer = servicer._infer  # the servicer's whole per-request path, transport excluded
             (await servicer_infer(pb.ModelInferRequest.FromString(first))).SerializeToString()
             for _ in range(n):
+                # Each step in a loop iteration of its own, as gRPC hands the server its requests: without this a
+                # lone inline step's end-of-iteration marker (Batcher.submit) was still queued when the next step
+                # came, so at c=1 every other step went through the batcher's queue, which a server's never does.
+                await asyncio.sleep(0)
                 (await servicer_infer(pb.ModelInferRequest.FromString(later))).SerializeToString()
 
         await asyncio.gather(*(sequence(i, per // 10) for i in range(concurrency)))  # warm-up
