@@ -59,17 +59,10 @@ def kept_result(r: InferResult) -> tuple[InferResult, int]:
     return dataclasses.replace(r, outputs=[t for t, _ in tensors], session_blob=None), sum(n for _, n in tensors)
 
 
-def kept_sentiments(rs: list[SentimentResult]) -> tuple[list[SentimentResult], int]:
-    """``Classify``'s answer as kept (its lists copied), and the bytes of its Python objects: ~250 a text for two
-    labels (the result, its two lists and their floats; the label strings are the task's own, shared)."""
-    kept = [SentimentResult(r.label, list(r.labels), list(r.probabilities)) for r in rs]
-    return kept, sum(SENTIMENT_BYTES + 32 * len(r.probabilities) for r in rs)
-
-
 def kept_sentiment(r: SentimentResult) -> tuple[SentimentResult, int]:
-    """One text's ``Classify`` answer as kept (``kept_sentiments`` of one)."""
-    (kept,), nbytes = kept_sentiments([r])
-    return kept, nbytes
+    """One text's ``Classify`` answer as kept (its lists copied), and the bytes of its Python objects: ~250 for two
+    labels (the result, its two lists and their floats; the label strings are the task's own, shared)."""
+    return SentimentResult(r.label, list(r.labels), list(r.probabilities)), SENTIMENT_BYTES + 32 * len(r.probabilities)
 
 
 def kept_forecast(r: ForecastResult) -> tuple[ForecastResult, int]:
@@ -111,23 +104,14 @@ class ResponseCache(ByteLRU[Any]):
         self, entry: ModelEntry, key: Key, compute: Callable[[], Awaitable[T]], keep: Callable[[T], tuple[T, int]]
     ) -> tuple[T, bool]:
         """The answer kept under ``key`` (a hit: no queue, no model run), else ``compute()``'s, kept for the next
-        (``keep`` makes the read-only copy and says its data's bytes); and whether it was a hit. Timed into the
-        version's ``cache_hit`` / ``cache_miss`` (a miss: looking and keeping, not computing) and counted in
-        Prometheus."""
-        t0 = time.perf_counter_ns()
-        found = self.get(key)
-        entry.metrics.response_cache_lookup(entry.name, found is not None)
-        if found is not None:
-            entry.stats.cache(True, time.perf_counter_ns() - t0)
-            return found, True
-        t1 = time.perf_counter_ns()
-        answer = await compute()
-        t2 = time.perf_counter_ns()
-        kept, nbytes = keep(answer)
-        evicted = self.put(key, kept, nbytes + ENTRY_OVERHEAD)
-        entry.metrics.response_cache_usage(self.bytes, len(self), evicted)
-        entry.stats.cache(False, (t1 - t0) + (time.perf_counter_ns() - t2))
-        return answer, False
+        (``keep`` makes the read-only copy and says its data's bytes); and whether it was a hit. ``answer_each`` of
+        one item, charged ``ENTRY_OVERHEAD``."""
+
+        async def one(_: list[int]) -> list[T]:
+            return [await compute()]
+
+        (answer,), ran = await self.answer_each(entry, [key], one, keep, ENTRY_OVERHEAD)
+        return answer, not ran
 
     async def answer_each(
         self,
@@ -135,13 +119,15 @@ class ResponseCache(ByteLRU[Any]):
         keys: Sequence[Key],
         compute: Callable[[list[int]], Awaitable[list[T]]],
         keep: Callable[[T], tuple[T, int]],
+        overhead: int = ITEM_OVERHEAD,
     ) -> tuple[list[T], int]:
-        """``answer`` per item of a request whose items are answered independently (``Classify``'s texts): the kept
-        answers of the keys seen before, ``compute(indices)``'s for the others (one run for all of them, each
-        distinct key once), each kept for the next. Returns the answers in order and how many distinct items ran
-        (the inferences: a text twice in one request runs once). Prometheus
-        counts a lookup per item; the version's statistics one per request, as Triton does: a hit when every item
-        was kept, else a miss (the looking and keeping timed, not the computing)."""
+        """Per item of a request whose items are answered independently (``Classify``'s texts): the kept answers of
+        the keys seen before (hits: no queue, no model run), ``compute(indices)``'s for the others (one run for all
+        of them, each distinct key once), each kept for the next (``keep`` makes the read-only copy and says its
+        data's bytes; the entry is charged those plus ``overhead``). Returns the answers in order and how many
+        distinct items ran (the inferences: a text twice in one request runs once). Prometheus counts a lookup per
+        item; the version's statistics one per request, as Triton does: a hit when every item was kept, else a
+        miss (the looking and keeping timed, not the computing)."""
         t0 = time.perf_counter_ns()
         found: list[T | None] = [self.get(k) for k in keys]
         for f in found:
@@ -159,7 +145,7 @@ class ResponseCache(ByteLRU[Any]):
         evicted = 0
         for (k, items), answer in zip(todo.items(), fresh, strict=True):
             kept, nbytes = keep(answer)
-            evicted += self.put(k, kept, nbytes + ITEM_OVERHEAD)
+            evicted += self.put(k, kept, nbytes + overhead)
             for i in items:
                 found[i] = answer
         entry.metrics.response_cache_usage(self.bytes, len(self), evicted)
