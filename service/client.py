@@ -507,8 +507,7 @@ class AsyncClient(_Connection):
         self, session_id: str, appended: str, timeout: float | None = None, **event: Any
     ) -> SuggestResult:
         """One event on a stream of its own, read to its end (see ``Client.suggest_once``)."""
-        results = [r async for r in self.suggest(session_id, [SuggestEvent(appended, **event)], timeout=timeout)]
-        (result,) = results
+        (result,) = [r async for r in self.suggest(session_id, [SuggestEvent(appended, **event)], timeout=timeout)]
         return result
 
     async def forecast(

@@ -122,7 +122,7 @@ class ModelEntry:
     warmed: tuple[int, ...] = ()  # the batch sizes its warm-up ran at load (none: off, or no input from the task)
     tracer: Tracer | None = None  # the trace extension's settings and traces (its requests may be traced)
     settings: Settings | None = None  # what it is served with: the server's, with its model's serving.json
-    serving: dict[str, object] = field(default_factory=dict)  # what its serving.json set
+    serving: dict[str, object] = field(default_factory=dict)  # what its serving.json set, and a load's config
     _inflight: int = 0
     _drained: asyncio.Event | None = None
 

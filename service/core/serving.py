@@ -62,9 +62,9 @@ def checked(values: dict[str, Any], where: str) -> dict[str, Any]:
 def model_settings(
     settings: Settings, folder: Path, loaded: dict[str, Any] | None = None
 ) -> tuple[Settings, dict[str, Any]]:
-    """The settings model ``folder`` is served with, and what its ``serving.json`` set (empty without one), with
-    ``loaded`` (a RepositoryModelLoad's config, checked) over it; ValueError saying what to fix for a file that is
-    not valid."""
+    """The settings model ``folder`` is served with, and what they change from the server's: its ``serving.json``
+    (none without one) with ``loaded`` (a RepositoryModelLoad's config, checked) over it; ValueError saying what to
+    fix for a file that is not valid."""
     own = _file(folder / SERVING_FILE) | (loaded or {})
     return (settings.model_copy(update=own) if own else settings), own
 
