@@ -6,6 +6,7 @@ Built once in ``service.cli`` (``seqserve serve``) and passed down through const
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,74 @@ MAX_SECONDS = 315_360_000.0  # ten years: any duration setting (a protobuf Times
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+", re.IGNORECASE)  # a web origin: scheme://host[:port]
 GRPC_MAX_SECONDS = (2**31 - 1) / 1000  # gRPC's time options are int32 milliseconds: about 24.8 days
 MAX_DELAY_MS = 60_000.0  # the batching and inline thresholds: a minute (a batch that waits for its last row)
+VERSION_POLICY_FORMS = 'all, latest, latest:N, specific:1,3, or Triton\'s JSON ({"latest": {"num_versions": 1}})'
+_MAX_VERSION = 999_999_999  # version folders are positive integers of at most 9 digits
+
+
+def version_policy(value: object) -> str:
+    """Triton's ``version_policy`` in its canonical text, ``all``, ``latest:N`` or ``specific:V,...`` (ascending),
+    from that text (``latest`` = ``latest:1``; case and spaces do not matter) or Triton's JSON object
+    (``{"all": {}}``, ``{"latest": {"num_versions": N}}``, ``{"specific": {"versions": [...]}}``); ValueError
+    saying what to write otherwise."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"version_policy is not JSON ({exc}); write {VERSION_POLICY_FORMS}") from None
+    if isinstance(value, Mapping):
+        kind, body = _one_choice(value)
+        if kind == "all":
+            return "all"
+        if kind == "latest":
+            return _latest(body.get("num_versions", 1) if isinstance(body, Mapping) else body)
+        versions = body.get("versions") if isinstance(body, Mapping) else body
+        if not isinstance(versions, list) or not versions:
+            raise ValueError(f"version_policy specific needs a non-empty list of versions, got {versions!r}")
+        return _specific(versions)
+    if not isinstance(value, str):
+        raise ValueError(f"version_policy must be {VERSION_POLICY_FORMS}; got {value!r}")
+    kind, _, arg = value.replace(" ", "").lower().partition(":")
+    if kind == "all" and not arg:
+        return "all"
+    if kind == "latest":
+        return _latest(arg or "1")
+    if kind == "specific" and arg:
+        return _specific(arg.split(","))
+    raise ValueError(f"version_policy must be {VERSION_POLICY_FORMS}; got {value!r}")
+
+
+def _one_choice(value: Mapping[Any, Any]) -> tuple[str, Any]:
+    if len(value) != 1 or next(iter(value)) not in ("all", "latest", "specific"):
+        raise ValueError(f"version_policy as JSON holds exactly one of all, latest and specific; got {dict(value)!r}")
+    kind = next(iter(value))
+    return kind, value[kind]
+
+
+def _count(value: object, what: str) -> int:
+    text = str(value)
+    if isinstance(value, bool) or not (isinstance(value, int) or text.isdigit()) or not 1 <= int(text) <= _MAX_VERSION:
+        raise ValueError(f"version_policy: {what} must be a whole number from 1 to {_MAX_VERSION}; got {value!r}")
+    return int(text)
+
+
+def _latest(n: object) -> str:
+    return f"latest:{_count(n, 'the count of latest versions')}"
+
+
+def _specific(versions: list[Any]) -> str:
+    return "specific:" + ",".join(str(v) for v in sorted({_count(v, "each specific version") for v in versions}))
+
+
+def chosen_versions(policy: str, versions: list[int]) -> list[int]:
+    """The versions of ``versions`` (a model's on disk) that ``policy`` (canonical, ``version_policy``) serves,
+    ascending."""
+    kind, _, arg = policy.partition(":")
+    if kind == "latest":
+        return sorted(versions)[-int(arg) :]
+    if kind == "specific":
+        wanted = {int(v) for v in arg.split(",")}
+        return sorted(v for v in versions if v in wanted)
+    return sorted(versions)
 
 
 class Settings(BaseSettings):
@@ -127,6 +196,13 @@ class Settings(BaseSettings):
     is READY (Triton's ``model_warmup``): a graph that loads but fails to run, or answers NaN, is UNAVAILABLE with
     the reason instead of READY and failing its callers, and ONNX Runtime's first runs (on CUDA, its library set-up)
     are not a caller's. Tasks that give no input for it (``Task.warmup_input``) are not run."""
+    version_policy: str = "all"
+    """Which versions of each model are served (Triton's ``version_policy``): ``all`` (the default: every version
+    folder, so a client that pins an older version keeps working), ``latest:N`` (the N newest; ``latest`` = 1,
+    Triton's own default) or ``specific:1,3``. A model may set its own (serving.json, also as Triton's JSON
+    ``{"latest": {"num_versions": 1}}``, or a load's config). Versions left out are not loaded, so their memory stays
+    free; a call naming one gets NOT_FOUND saying why. With ``latest:1`` and ``--watch-models`` a new version folder
+    loads, and the version before it unloads once the new one is ready (it serves on while the new one fails)."""
     load_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Load only these models at start (comma-separated; empty = every model in the repository), like Triton's
     ``--model-control-mode=explicit --load-model``: the others are listed by RepositoryIndex as UNAVAILABLE and
@@ -392,6 +468,11 @@ class Settings(BaseSettings):
                     "browser sends it (e.g. https://app.example.com or http://localhost:3000)"
                 )
         return [origin.lower() for origin in value]  # (browsers send scheme and host in lower case)
+
+    @field_validator("version_policy", mode="before")
+    @classmethod
+    def _version_policy(cls, value: Any) -> str:
+        return version_policy(value)
 
     @field_validator("plugins", "admin_principals", "load_models", "cors_origins", mode="before")
     @classmethod

@@ -193,6 +193,7 @@ class CoreDataPlane:
             response_cache=self.responses.serves(entry),
             batch_delay_ms=entry.served_with.max_batch_delay_ms,
             instances=entry.served_with.model_instances,
+            version_policy=entry.served_with.version_policy,
         )
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:

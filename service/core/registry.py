@@ -39,7 +39,7 @@ from service.core.traces import Tracer
 from service.core.types import ModelInfo, ModelRef
 from service.errors import RETRY_LATER, InvalidInput, ModelNotFound, ModelUnavailable, echo
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, chosen_versions
 
 log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
@@ -300,6 +300,8 @@ class ModelRegistry:
         self._served: set[tuple[str, int]] = set()  # every (name, version) this process has ever served
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
         self._loading: set[str] = set()  # names load_model() is loading now
+        self._outside: dict[str, tuple[str, list[int]]] = {}  # per model: its version_policy, the versions it leaves
+        self._kept: set[tuple[str, int]] = set()  # versions outside their policy kept serving (warned once)
         self._lock = asyncio.Lock()
         self.prefixes = PrefixCache(settings.prefix_cache_bytes)  # shared by every model version, one budget
         self._on_load: list[Hook] = []
@@ -397,6 +399,13 @@ class ModelRegistry:
         for e in mine:
             if e.version == ref.version:
                 return e
+        policy, outside = self._outside.get(ref.name, ("all", []))
+        if ref.version in outside:
+            raise ModelNotFound(
+                f"model {echo(ref.name)} version {ref.version} is in the repository but not served: the model's "
+                f"version_policy is {policy} (SEQSERVE_VERSION_POLICY, its serving.json or a load's config); served "
+                f"versions: {[e.version for e in mine]}"
+            )
         raise ModelNotFound(
             f"model {echo(ref.name)} has no version {ref.version}; available versions: {[e.version for e in mine]}"
         )
@@ -462,14 +471,58 @@ class ModelRegistry:
                 if wanted(key[0]) and key not in found and key[0] not in unreadable:
                     log.info("model %s removed from the repository; unloading", entry.label)
                     await self._unload(entry)
+            policies = await asyncio.to_thread(self._policies, {n for n, _ in found if wanted(n)})
+            outside = self._outside_policies(found, policies)
             # Newest first: the version a call naming none gets is loaded before the older ones.
             for (name, version), path in sorted(found.items(), key=lambda item: (item[0][0], -item[0][1])):
-                if not wanted(name):
+                if not wanted(name) or version in outside.get(name, ()):
                     continue
                 old = self._entries.get((name, version))
                 if old is not None and old.signature == _signature(path) and not force:
                     continue  # unchanged on disk
                 await self._load(name, version, path, old)
+            for name, versions in outside.items():
+                await self._leave_outside(name, versions, policies[name])
+
+    def _policies(self, names: set[str]) -> dict[str, str]:
+        """Each model's version_policy: its load's config's, its serving.json's or the server's. A serving.json that
+        is not valid counts as ``all`` here: every version then loads, and fails saying what is wrong with it."""
+        out = {}
+        for name in names:
+            try:
+                settings, _ = model_settings(self.settings, self.settings.models / name, self._loaded_with.get(name))
+            except ValueError:
+                settings = self.settings.model_copy(update={"version_policy": "all"})
+            out[name] = settings.version_policy
+        return out
+
+    def _outside_policies(self, found: dict[tuple[str, int], Path], policies: dict[str, str]) -> dict[str, list[int]]:
+        """Per model in ``policies``, the versions on disk its policy leaves out (remembered for ``find``)."""
+        outside: dict[str, list[int]] = {}
+        for name, policy in policies.items():
+            on_disk = [v for n, v in found if n == name]
+            chosen = set(chosen_versions(policy, on_disk))
+            outside[name] = sorted(v for v in on_disk if v not in chosen)
+            self._outside[name] = (policy, outside[name])
+        return outside
+
+    async def _leave_outside(self, name: str, versions: list[int], policy: str) -> None:
+        """Unloads the loaded versions of ``name`` that its policy leaves out, once a version it chooses is ready;
+        until then they serve on (a new version that fails to load does not take the model away)."""
+        loaded = [e for e in self._versions_of(name) if e.version in versions]
+        if not loaded:
+            return
+        if not any(e.ready for e in self._versions_of(name) if e.version not in versions):
+            for e in loaded:
+                if (e.name, e.version) not in self._kept:
+                    self._kept.add((e.name, e.version))
+                    log.warning("model %s is outside its version_policy %s but serves on: no version the policy "
+                                "chooses is ready", e.label, policy)  # fmt: skip
+            return
+        for e in loaded:
+            self._kept.discard((e.name, e.version))
+            log.info("model %s is outside its version_policy %s; unloading", e.label, policy)
+            await self._unload(e)
 
     async def _load(self, name: str, version: int, path: Path, old: ModelEntry | None) -> None:
         entry = ModelEntry(name, version, path, tracer=self.tracer)

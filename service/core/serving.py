@@ -5,7 +5,8 @@ It is a JSON object of some of the server's settings, by their names (``SEQSERVE
 prefix), with the same limits: those it names hold for this model instead of the server's, the rest stay the
 server's. For example ``{"max_batch_delay_ms": 5, "model_instances": 2}``. What a model may set (``PER_MODEL``) is
 what is per model anyway: its batcher's (size, delay, queue, instances, inline runs, padding groups), its ONNX
-Runtime session's threads, and its warm-up. A file that is not valid makes every version of the model UNAVAILABLE
+Runtime session's threads, its warm-up, and which of its versions are served (``version_policy``, also as Triton's
+JSON object). A file that is not valid makes every version of the model UNAVAILABLE
 with the reason (as a bad manifest does); a change reloads the model's versions (``--watch-models``,
 ``RepositoryModelLoad``), keeping the old ones serving when the new settings fail.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from pydantic import ConfigDict, ValidationError, create_model
 
-from service.settings import Settings
+from service.settings import Settings, version_policy
 
 SERVING_FILE = "serving.json"
 PER_MODEL = (
@@ -33,6 +34,7 @@ PER_MODEL = (
     "intra_op_threads",
     "inter_op_threads",
     "warmup",
+    "version_policy",
 )
 # The same fields as Settings has (types, limits, defaults), and nothing else.
 _Serving = create_model(  # type: ignore[call-overload]
@@ -48,6 +50,11 @@ def checked(values: dict[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         allowed = ", ".join(PER_MODEL)
         raise ValueError(f"{where}: {', '.join(unknown)} cannot be set per model; a model may set {allowed}")
+    if "version_policy" in values:  # (also as Triton's JSON object, which the field's type alone would refuse)
+        try:
+            values = {**values, "version_policy": version_policy(values["version_policy"])}
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     try:
         own: dict[str, Any] = _Serving.model_validate(values).model_dump(exclude_unset=True)
     except ValidationError as exc:

@@ -198,6 +198,7 @@ class ModelMetadata:
     response_cache: bool = False  # whether the response cache answers its stateless requests (RESPONSE_CACHE_BYTES)
     batch_delay_ms: float = 2.0  # its batcher's MAX_BATCH_DELAY_MS (the server's, or its serving.json's)
     instances: int = 1  # its MODEL_INSTANCES (likewise)
+    version_policy: str = "all"  # which of its versions are served (VERSION_POLICY, canonical: settings.version_policy)
 
 
 @dataclass(frozen=True)

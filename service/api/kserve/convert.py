@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,6 +53,7 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
         # One ONNX Runtime session per version, on the device its provider runs on, taking MODEL_INSTANCES batches
         # at once (Triton always fills this in).
         instance_group=[pb.ModelInstanceGroup(name=m.name, kind=KINDS[m.device], count=m.instances)],
+        version_policy=policy_to_pb(m.version_policy),
     )
     if m.response_cache:
         config.response_cache.enable = True
@@ -67,9 +69,19 @@ def config_to_pb(m: ModelMetadata, settings: Settings) -> pb.ModelConfig:
     return config
 
 
+def policy_to_pb(policy: str) -> pb.ModelVersionPolicy:
+    """A canonical ``version_policy`` (``all``, ``latest:N``, ``specific:V,...``) as Triton's message."""
+    kind, _, arg = policy.partition(":")
+    if kind == "latest":
+        return pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=int(arg)))
+    if kind == "specific":
+        return pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=[int(v) for v in arg.split(",")]))
+    return pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All())
+
+
 # What a load's config may change (RepositoryModelLoad's "config" parameter, Triton's model configuration in JSON):
 # the rest of a configuration must be what ModelConfig answers, or left out.
-LOADABLE = "dynamic_batching.max_queue_delay_microseconds and instance_group counts"
+LOADABLE = "dynamic_batching.max_queue_delay_microseconds, instance_group counts and version_policy"
 
 
 def serving_from_config(text: str, current: pb.ModelConfig | None, name: str) -> dict[str, object]:
@@ -90,6 +102,10 @@ def serving_from_config(text: str, current: pb.ModelConfig | None, name: str) ->
     if given.instance_group:
         out["model_instances"] = sum(g.count or 1 for g in given.instance_group)  # (Triton's count 0 means 1)
         given.ClearField("instance_group")
+    if given.HasField("version_policy"):  # as written (a parsed message would read a count of 0 as unset)
+        written = json.loads(text)
+        out["version_policy"] = written.get("version_policy", written.get("versionPolicy"))  # checked with the rest
+        given.ClearField("version_policy")
     now = "what ModelConfig answers" if current is not None else "nothing else (the model is not loaded)"
     if current is None:  # nothing to compare with: its name, and a dynamic batching with nothing more in it
         current = pb.ModelConfig(name=name, dynamic_batching=pb.ModelDynamicBatching())

@@ -15,6 +15,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerHandle, server_settings
+from tests.service.core.conftest import add_version
 
 
 def refused(c: triton.InferenceServerClient, model: str, config: str) -> tuple[str, str]:
@@ -80,5 +81,42 @@ def test_a_load_with_a_config_over_rest(tiny_models: Path, tmp_path: Path) -> No
             1000,
             3,
         )
+    finally:
+        handle.close()
+
+
+def test_a_loads_config_and_serving_json_choose_the_versions_served(tiny_models: Path, tmp_path: Path) -> None:
+    """Triton's ``version_policy`` through the stock ``tritonclient.http``: ModelConfig reports it, a load's config
+    changes it (the versions it leaves out unload, a call naming one gets 404 saying why), a count of 0 is refused
+    saying what to write, and a load without a config goes back to the files."""
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    add_version(repo, "sentiment", 1, 2)
+    handle = ServerHandle(server_settings(repo, http_port=0, load_models=["sentiment"]))
+    try:
+        c = triton.InferenceServerClient(f"127.0.0.1:{handle.server.http_port}")
+        assert c.get_model_config("sentiment")["version_policy"] == {"all": {}}
+        assert c.get_model_metadata("sentiment")["versions"] == ["1", "2"]
+        c.load_model("sentiment", config=json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+        assert c.get_model_config("sentiment")["version_policy"] == {"latest": {"num_versions": 1}}
+        assert c.get_model_metadata("sentiment")["versions"] == ["2"]
+        t = triton.InferInput("TEXT", [1], "BYTES")
+        t.set_data_from_numpy(np.array([b"a fine film"], dtype=object))
+        assert c.infer("sentiment", [t]).as_numpy("LABEL") is not None
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("sentiment", [t], model_version="1")
+        assert err.value.status() == "404"
+        assert "version 1 is in the repository but not served: the model's version_policy is latest:1" in (
+            err.value.message() or ""
+        )
+        status, message = refused(c, "sentiment", json.dumps({"version_policy": {"latest": {"num_versions": 0}}}))
+        assert (status, message) == (
+            "400",
+            "load parameter config: version_policy: the count of latest versions must be a whole number from 1 to "
+            "999999999; got 0",
+        )
+        assert c.get_model_metadata("sentiment")["versions"] == ["2"]  # the refused load changed nothing
+        c.load_model("sentiment")
+        assert c.get_model_metadata("sentiment")["versions"] == ["1", "2"]
     finally:
         handle.close()

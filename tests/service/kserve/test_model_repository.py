@@ -171,7 +171,7 @@ def test_load_parameters_and_long_versions_are_refused_saying_what_to_do(live: L
     assert err.value.details().startswith(
         "load parameters (file:5/model.onnx) are not supported: put the model's files in the repository "
         "folder (models/sentiment/VERSION/) and load it by name alone (a 'config' may change "
-        "dynamic_batching.max_queue_delay_microseconds and instance_group counts)"
+        "dynamic_batching.max_queue_delay_microseconds, instance_group counts and version_policy)"
     )
     assert live.versions()  # nothing changed; the server serves on
     with pytest.raises(grpc.RpcError) as err:
@@ -207,8 +207,8 @@ def test_a_loads_config_sets_the_batching_delay_and_instances_until_the_next_loa
     assert report["refused"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert report["refused"]["message"].startswith(
         "load parameter config changes max_batch_size, which a load cannot change: it may change "
-        "dynamic_batching.max_queue_delay_microseconds and instance_group counts; give what ModelConfig answers "
-        "for the rest, or leave it out"
+        "dynamic_batching.max_queue_delay_microseconds, instance_group counts and version_policy; give what "
+        "ModelConfig answers for the rest, or leave it out"
     )
     assert report["unchanged"] == after and report["again"] == before
 

@@ -1,0 +1,177 @@
+"""Triton's ``version_policy``: which versions of a model are served (``all``, ``latest:N``, ``specific:...``), from
+the server's setting, a model's serving.json (also as Triton's JSON) or a load's config; versions left out are not
+loaded and a call naming one gets NOT_FOUND saying why; a newer version replaces the one before only once it is
+ready; ModelConfig reports the policy."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.api.kserve.convert import config_to_pb
+from service.core.dataplane import CoreDataPlane
+from service.core.manifest import MODEL_FILE
+from service.core.types import ModelRef
+from service.errors import ModelNotFound
+from service.settings import Settings, chosen_versions, version_policy
+from tests.service.core.conftest import add_version, memory_dp, texts
+
+SENT = ModelRef("sentiment")
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        ("all", "all"),
+        ("latest", "latest:1"),
+        (" Latest : 2 ", "latest:2"),
+        ("specific:3,1,3", "specific:1,3"),
+        ({"all": {}}, "all"),
+        ({"latest": {"num_versions": 2}}, "latest:2"),
+        ({"latest": {}}, "latest:1"),
+        ({"specific": {"versions": ["3", 1]}}, "specific:1,3"),  # (protobuf's JSON writes int64 as strings)
+        ('{"latest": {"num_versions": 3}}', "latest:3"),  # Triton's JSON in an environment variable
+    ],
+)
+def test_a_policy_is_read_in_every_form_triton_users_write(given: Any, canonical: str) -> None:
+    assert version_policy(given) == canonical
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        ("newest", "version_policy must be all, latest, latest:N, specific:1,3, or Triton's JSON"),
+        ("all:2", "version_policy must be all, latest, latest:N, specific:1,3"),
+        ("specific:", "version_policy must be all, latest, latest:N, specific:1,3"),
+        ("latest:0", "the count of latest versions must be a whole number from 1 to 999999999; got '0'"),
+        ({"latest": {"num_versions": True}}, "the count of latest versions must be a whole number"),
+        ("specific:1,x", "each specific version must be a whole number from 1 to 999999999; got 'x'"),
+        ({"specific": {"versions": []}}, "version_policy specific needs a non-empty list of versions, got []"),
+        ({"latest": {}, "all": {}}, "version_policy as JSON holds exactly one of all, latest and specific"),
+        ("{latest", "version_policy is not JSON"),
+        (3, "version_policy must be all, latest"),
+    ],
+)
+def test_a_policy_that_is_not_one_says_what_to_write(given: Any, words: str) -> None:
+    with pytest.raises(ValueError) as err:
+        version_policy(given)
+    assert words in str(err.value)
+
+
+def test_the_setting_comes_from_the_environment_and_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().version_policy == "all"  # the default: every version folder is served
+    monkeypatch.setenv("SEQSERVE_VERSION_POLICY", "latest")
+    assert Settings().version_policy == "latest:1"
+    monkeypatch.setenv("SEQSERVE_VERSION_POLICY", "latest:zero")
+    with pytest.raises(ValueError, match="the count of latest versions must be a whole number"):
+        Settings()
+
+
+def test_chosen_versions() -> None:
+    assert chosen_versions("all", [3, 1, 2]) == [1, 2, 3]
+    assert chosen_versions("latest:2", [3, 1, 2]) == [2, 3]
+    assert chosen_versions("latest:5", [1, 2]) == [1, 2]
+    assert chosen_versions("specific:1,4", [1, 2, 3]) == [1]  # a version not on disk is simply not there
+
+
+def served(dp: CoreDataPlane, name: str) -> list[int]:
+    return [e.version for e in dp.registry.versions() if e.name == name]
+
+
+async def test_latest_serves_only_the_newest_and_names_why_an_older_one_is_not_found(repo: Path) -> None:
+    add_version(repo, "sentiment", 1, 2)
+    add_version(repo, "sentiment", 1, 3)
+    dp = await memory_dp(repo, version_policy="latest")
+    try:
+        assert served(dp, "sentiment") == [3]
+        assert served(dp, "charlm") == [1]  # one version: the newest
+        assert (await dp.classify(SENT, ["good film"]))[0].label
+        with pytest.raises(ModelNotFound) as err:
+            await dp.classify(ModelRef("sentiment", 1), ["good film"])
+        assert str(err.value) == (
+            "model 'sentiment' version 1 is in the repository but not served: the model's version_policy is latest:1 "
+            "(SEQSERVE_VERSION_POLICY, its serving.json or a load's config); served versions: [3]"
+        )
+        with pytest.raises(ModelNotFound, match="has no version 7; available versions: \\[3\\]"):
+            await dp.classify(ModelRef("sentiment", 7), ["good film"])  # not on disk at all: as before
+        config = config_to_pb(await dp.model_metadata(SENT), dp.settings)
+        assert config.version_policy.WhichOneof("policy_choice") == "latest"
+        assert config.version_policy.latest.num_versions == 1
+        assert (await dp.model_metadata(SENT)).versions == [3]
+    finally:
+        await dp.stop()
+
+
+async def test_a_models_serving_json_sets_its_own_policy_also_as_tritons_json(repo: Path) -> None:
+    add_version(repo, "sentiment", 1, 2)
+    add_version(repo, "sentiment", 1, 3)
+    add_version(repo, "charlm", 1, 2)
+    (repo / "sentiment" / "serving.json").write_text(json.dumps({"version_policy": {"specific": {"versions": [1, 3]}}}))
+    dp = await memory_dp(repo)  # the server's policy: all
+    try:
+        assert served(dp, "sentiment") == [1, 3]
+        assert served(dp, "charlm") == [1, 2]
+        config = config_to_pb(await dp.model_metadata(SENT), dp.settings)
+        assert list(config.version_policy.specific.versions) == [1, 3]
+        other = config_to_pb(await dp.model_metadata(ModelRef("charlm")), dp.settings)
+        assert other.version_policy.WhichOneof("policy_choice") == "all"
+
+        # A changed policy applies at the next look at the repository (--watch-models, a load).
+        (repo / "sentiment" / "serving.json").write_text('{"version_policy": "latest:2"}')
+        await dp.registry.sync()
+        assert served(dp, "sentiment") == [2, 3]
+    finally:
+        await dp.stop()
+
+
+async def test_a_policy_in_a_serving_json_that_is_not_valid_makes_the_model_unavailable_saying_why(
+    repo: Path,
+) -> None:
+    (repo / "sentiment" / "serving.json").write_text('{"version_policy": "latest:0"}')
+    dp = await memory_dp(repo)
+    try:
+        states = {(m.name, m.version): (m.ready, m.error) for m in await dp.models()}
+        ready, reason = states[("sentiment", 1)]
+        assert not ready and reason is not None
+        assert reason.startswith("sentiment/serving.json: version_policy: the count of latest versions"), reason
+        assert states[("charlm", 1)] == (True, None)
+    finally:
+        await dp.stop()
+
+
+async def test_a_new_version_replaces_the_old_once_it_is_ready_and_a_broken_one_does_not(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dp = await memory_dp(repo, version_policy="latest:1")
+    try:
+        assert served(dp, "sentiment") == [1]
+        add_version(repo, "sentiment", 1, 2)
+        await dp.registry.sync()  # what --watch-models does at its next poll
+        assert served(dp, "sentiment") == [2]
+        assert (await dp.model_info(SENT)).version == 2
+
+        broken = add_version(repo, "sentiment", 2, 3)
+        (broken / MODEL_FILE).write_bytes(b"not an onnx graph")
+        with caplog.at_level(logging.WARNING, logger="service.core.registry"):
+            await dp.registry.sync()
+            await dp.registry.sync()
+        assert served(dp, "sentiment") == [2, 3]  # 3 failed to load; 2 serves on
+        assert not dp.registry.find(ModelRef("sentiment", 3)).ready
+        assert (await dp.model_info(SENT)).version == 2  # a call naming no version gets the newest ready one
+        assert (await dp.classify(SENT, ["good film"]))[0].label
+        kept = [r.getMessage() for r in caplog.records if "outside its version_policy" in r.getMessage()]
+        assert kept == [
+            "model sentiment/2 is outside its version_policy latest:1 but serves on: no version the policy chooses "
+            "is ready"
+        ]  # once, not at every poll
+
+        (broken / MODEL_FILE).write_bytes((repo / "sentiment" / "1" / MODEL_FILE).read_bytes())
+        await dp.registry.sync()
+        assert served(dp, "sentiment") == [3]
+        assert (await dp.infer(SENT, texts("good film"))).outputs
+    finally:
+        await dp.stop()
