@@ -24,7 +24,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from service.core.types import ModelStats
 from service.tracing import sampled_trace_id
+from service.triton_metrics import TritonMetrics
 
 # Latency buckets: 50 µs .. 10 s, roughly 1-2.5-5 per decade, so a CPU RNN step (~100 µs) is resolved as well as
 # a long streamed completion. 18 buckets (+Inf) per label set keeps the series count modest.
@@ -440,6 +442,17 @@ class Metrics:
         with self._lock:
             self._queues[(model, version)] = length
         self._watch_label(self._model(model))
+
+    def queue_length(self, model: str, version: int) -> int:
+        """Requests waiting in the batch queue of ``model`` ``version`` now (0 when none is watched)."""
+        with self._lock:
+            length = self._queues.get((model, version))
+        return length() if length is not None else 0
+
+    def export_triton(self, stats: Callable[[], list[ModelStats]], cache: bool) -> None:
+        """Triton's metric names too (``SEQSERVE_TRITON_METRICS``; ``service.triton_metrics``), read at scrape time
+        from ``stats()``, every loaded version's statistics."""
+        self.registry.register(TritonMetrics(stats, self.queue_length, self._model, cache))
 
     def unwatch_queue(self, model: str, version: int, length: Callable[[], int]) -> None:
         """Stops reading ``length`` (its batcher stopped); a replacement registered since is kept (bound methods of

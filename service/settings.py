@@ -357,6 +357,12 @@ class Settings(BaseSettings):
     """Per process, the refused-request lines (``-> NOT_FOUND: ...``) logged per second, in bursts of up to five
     seconds' worth; the rest are counted and reported in one WARNING line once lines flow again (the RPC metrics
     count every one). INTERNAL errors are always logged. 0 = every line."""
+    triton_metrics: bool = False
+    """Also export Triton's metric names on /metrics (``nv_inference_request_success``, ``nv_inference_count``,
+    ``nv_inference_exec_count``, ``nv_inference_*_duration_us``, ``nv_inference_pending_request_count``,
+    ``nv_cache_*_per_model``, ``nv_cpu_*``; labels model and version; the numbers ModelStatistics reports), so
+    dashboards and alerts written for Triton work unchanged (``service/triton_metrics.py``). Off by default: they
+    repeat the ``seqserve_*`` series under names Prometheus' conventions flag (``_us``, ``_count`` on a gauge)."""
     metrics_idle_timeout_seconds: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
     """The metrics port closes a connection that sends nothing for this long (a half-sent request included)."""
     metrics_max_connections: int = Field(default=64, ge=1)

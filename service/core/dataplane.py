@@ -84,6 +84,10 @@ class CoreDataPlane:
         if self.responses.enabled:
             self.registry.subscribe(on_unload=self.responses.forget)
         self._v2 = V2Inference(settings, self.registry, self.sessions, self.responses)
+        if settings.triton_metrics:
+            metrics.export_triton(
+                lambda: [e.stats.snapshot(e.name, e.version) for e in self.registry.versions()], self.responses.enabled
+            )
         self.store_ok = True  # the session store answered the last check (health of the Sessions service)
         self._store_watch: asyncio.Task[None] | None = None
         self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []

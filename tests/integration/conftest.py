@@ -103,6 +103,8 @@ def seqserve(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     env.update(SEQSERVE_HTTP_PORT="0", SEQSERVE_HTTP_MAX_CONNECTIONS=str(http_slots))
     # The response cache on: the traffic's second round is answered from it (its panels and counters have series).
     env.update(SEQSERVE_RESPONSE_CACHE_BYTES=str(1 << 20))
+    # Triton's metric names too (from the engine: the server runs its default worker count).
+    env.update(SEQSERVE_TRITON_METRICS="true")
     cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     cmd += ["--models", str(model_repo), "--ready-file", str(ready_file)]
     with log.open("wb") as out:
