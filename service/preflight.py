@@ -132,6 +132,12 @@ async def _models(settings: Settings) -> list[Finding]:
                 found.append(Finding("model", entry.label, OK, detail))
             else:
                 found.append(Finding("model", entry.label, FAIL, info.error or "not ready"))
+        for name, (policy, versions) in sorted(registry.outside().items()):
+            for v in sorted(versions, reverse=True):
+                if registry.get(name, v) is None:  # (one kept serving while no chosen version is ready is above)
+                    found.append(
+                        Finding("model", f"{name}/{v}", OK, f"not served: outside its version_policy {policy}")
+                    )
         if not found:
             found.append(Finding("model", "-", FAIL, f"no model versions in {settings.models}: nothing to serve"))
     finally:

@@ -331,6 +331,10 @@ class ModelRegistry:
         skipped = self._on_disk - self._chosen if self._chosen is not None else set()
         return sorted((self._unloaded | skipped) - {name for name, _ in self._entries})
 
+    def outside(self) -> dict[str, tuple[str, list[int]]]:
+        """Per model whose version_policy leaves versions on disk out at the last sync: (policy, those versions)."""
+        return {name: (policy, list(versions)) for name, (policy, versions) in self._outside.items() if versions}
+
     def get(self, name: str, version: int) -> ModelEntry | None:
         return self._entries.get((name, version))
 

@@ -14,6 +14,7 @@ import pytest
 
 from service.cli import main
 from tests.graphs import answer_nan
+from tests.service.core.conftest import add_version
 from tests.service.security.certs import self_signed
 
 
@@ -59,6 +60,20 @@ def test_a_models_serving_json_is_checked_and_shown(
     state, detail = status(found, "model", "charlm/1")
     assert (state, detail) == ("fail", "charlm/serving.json: max_batch_delay_ms: input should be greater than or "
                                        "equal to 0, got -1")  # fmt: skip
+
+
+def test_versions_a_version_policy_leaves_out_are_listed_as_not_served(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    add_version(repo, "sentiment", 1, 2)
+    add_version(repo, "sentiment", 1, 3)
+    (repo / "sentiment" / "serving.json").write_text('{"version_policy": {"specific": {"versions": [1, 3]}}}')
+    rc, found = check(capsys, "--models", str(repo))
+    assert rc == 0
+    assert status(found, "model", "sentiment/3")[0] == status(found, "model", "sentiment/1")[0] == "ok"
+    assert status(found, "model", "sentiment/2") == ("ok", "not served: outside its version_policy specific:1,3")
 
 
 def test_a_corrupt_model_and_a_missing_one_fail_and_name_what_to_fix(
