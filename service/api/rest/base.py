@@ -1,0 +1,129 @@
+"""The gateway's handler, its half that forwards: the gRPC call with the caller's headers, and the answer (its
+headers, CORS, compression, the error body)."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import Message
+
+from service.api.completions import error_body
+from service.api.http import KeptAliveHandler
+from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN
+from service.api.rest.common import HEADER_LENGTH, HTTP_STATUS, Reply, error_json
+from service.tracing import TRACEPARENT
+
+if TYPE_CHECKING:
+    from service.api.rest.gateway import RestGateway
+
+log = logging.getLogger(__name__)
+
+COMPRESS_FROM = 1024  # bytes: smaller answers leave as they are, when the client accepts compression
+CORS_EXPOSED = ", ".join(("X-Request-Id", "Retry-After", "WWW-Authenticate", HEADER_LENGTH))  # a page may read them
+
+
+class GatewayHandler(KeptAliveHandler):
+    """A request's way to the gRPC port and back: ``_call`` forwards with the caller's headers (and, with mTLS, the
+    subject the gateway vouches for), ``_from_rpc`` turns a status into its HTTP answer, ``_send`` writes an
+    answer with its CORS headers and, when it pays, compressed."""
+
+    _request_id: str | None = None  # the gRPC call's, for the X-Request-Id header
+    _peer: tuple[str | None, str] | None = None  # mTLS: (the connection's principal or None, why none), once read
+
+    @property
+    def gateway(self) -> RestGateway:
+        return self.server.gateway  # type: ignore[attr-defined,no-any-return]
+
+    def _cors(self) -> dict[str, str]:
+        """The CORS headers of this request's answer: with an allowed ``Origin``, that it may be read (and which of
+        its headers); ``Vary: Origin`` whenever the answer depends on the origin (a list, not ``*``)."""
+        allowed = self.gateway.cors_origins
+        origin = self.headers.get("Origin")
+        if not allowed:
+            return {}
+        headers = {} if "*" in allowed else {"Vary": "Origin"}
+        if origin is not None and ("*" in allowed or origin.lower() in allowed):
+            headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+            headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+        return headers
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        sent = []
+        for header, key in (
+            ("Authorization", "authorization"),
+            ("X-Request-Id", "x-request-id"),
+            (TRACEPARENT, TRACEPARENT),
+        ):
+            value = self.headers.get(header)
+            if value is not None and value.isascii() and value.isprintable():
+                sent.append((key, value))
+        if self.gateway.token is not None and self._peer is not None and self._peer[0] is not None:
+            sent += [(GATEWAY_SUBJECT, self._peer[0]), (GATEWAY_TOKEN, self.gateway.token)]
+        return tuple(sent)
+
+    def _call(self, rpc: str, request: Message) -> Any:
+        method = getattr(self.gateway.stub, rpc)
+        response, call = method.with_call(request, metadata=self._metadata(), timeout=self.gateway.call_timeout)
+        self._note_request_id(call.trailing_metadata())
+        return response
+
+    def _note_request_id(self, metadata: Any) -> None:
+        for key, value in metadata or ():
+            if key == "x-request-id":
+                self._request_id = str(value)
+
+    def _from_rpc(self, err: grpc.RpcError) -> Reply:
+        from service.client import ApiError
+
+        self._note_request_id(err.trailing_metadata())
+        error = ApiError.from_rpc_error(err)
+        headers: dict[str, str] = {}
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+        if error.code == grpc.StatusCode.UNAUTHENTICATED:
+            headers["WWW-Authenticate"] = 'Bearer realm="seqserve"'
+        status = HTTP_STATUS.get(error.code, 500)
+        return status, self._error(status, error.message), headers
+
+    def _error(self, status: int, message: str, param: str | None = None) -> bytes:
+        """The error body: OpenAI's error object under /v1, else ``{"error": message}`` (KServe / Triton)."""
+        if self.path.startswith("/v1/"):
+            return error_body(status, message, param)
+        return error_json(message)
+
+    def _send(self, status: int, payload: bytes, headers: dict[str, str], head: bool) -> None:
+        self.send_response(status)
+        binary = HEADER_LENGTH in headers
+        self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
+        headers = self._cors() | headers
+        encoding = _compression(self.headers.get("Accept-Encoding", "")) if len(payload) >= COMPRESS_FROM else None
+        if encoding is not None:  # (the whole body: Inference-Header-Content-Length counts the JSON uncompressed)
+            payload = gzip.compress(payload, 1) if encoding == "gzip" else zlib.compress(payload, 1)
+            headers["Content-Encoding"] = encoding
+            headers["Vary"] = ", ".join(v for v in (headers.get("Vary"), "Accept-Encoding") if v)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if self._request_id is not None:
+            self.send_header("X-Request-Id", self._request_id)
+        self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(payload)
+
+
+def _compression(accepted: str) -> str | None:
+    """gzip or deflate when the client's ``Accept-Encoding`` takes it (tritonclient's
+    ``response_compression_algorithm``), else None."""
+    offered = set()
+    for part in accepted.lower().split(","):
+        name, _, quality = part.strip().partition(";")
+        if quality.strip().replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
+            offered.add(name.strip())
+    return next((e for e in ("gzip", "deflate") if e in offered), None)
