@@ -39,6 +39,12 @@ def pinned(registry: ModelRegistry, s: SessionState) -> ModelEntry:
             f"does not serve ({here}): retry, an updated replica serves it (a rolling update); if that version was "
             "withdrawn, create a new session (KServe: start a new sequence)"
         )
+    policy, outside = registry.outside().get(s.model, ("", []))
+    if entry is None and s.version in outside:
+        raise FailedPrecondition(
+            f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version}, which this server does not "
+            f"serve: the model's version_policy is {policy}; create a new session (KServe: start a new sequence)"
+        )
     if entry is None or not entry.ready:
         raise FailedPrecondition(
             f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "

@@ -16,7 +16,7 @@ from service.api.kserve.convert import config_to_pb
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MODEL_FILE
 from service.core.types import ModelRef
-from service.errors import ModelNotFound
+from service.errors import FailedPrecondition, ModelNotFound
 from service.settings import Settings, chosen_versions, version_policy
 from tests.service.core.conftest import add_version, memory_dp, texts
 
@@ -173,5 +173,26 @@ async def test_a_new_version_replaces_the_old_once_it_is_ready_and_a_broken_one_
         await dp.registry.sync()
         assert served(dp, "sentiment") == [3]
         assert (await dp.infer(SENT, texts("good film"))).outputs
+    finally:
+        await dp.stop()
+
+
+async def test_a_session_on_a_version_the_policy_leaves_out_is_refused_saying_why(repo: Path) -> None:
+    dp = await memory_dp(repo)
+    try:
+        lm = ModelRef("charlm")
+        s = await dp.create_session(lm)  # on charlm/1, the newest then
+        await dp.char_step(lm, "abc", session_id=s.id)
+        add_version(repo, "charlm", 1, 2)
+        (repo / "charlm" / "serving.json").write_text('{"version_policy": "latest"}')
+        await dp.registry.sync()
+        assert served(dp, "charlm") == [2]
+        with pytest.raises(FailedPrecondition) as err:
+            await dp.char_step(lm, "d", session_id=s.id)
+        assert str(err.value).endswith(
+            "is pinned to model charlm version 1, which this server does not serve: the model's version_policy is "
+            "latest:1; create a new session (KServe: start a new sequence)"
+        )
+        assert (await dp.char_step(lm, "d", session_id=(await dp.create_session(lm)).id)).steps == 1
     finally:
         await dp.stop()
