@@ -142,6 +142,12 @@ def importable(
             f"the session blob holds a session of model {x.model} version {x.version}, which this replica does "
             f"not serve ({here}): retry, an updated replica serves it (a rolling update), or load that version"
         )
+    policy, outside = registry.outside().get(x.model, ("", []))
+    if entry is None and x.version in outside:
+        raise FailedPrecondition(
+            f"the session blob holds a session of model {x.model} version {x.version}, which this server does not "
+            f"serve: the model's version_policy is {policy}; import it where that version is served"
+        )
     if entry is None or not entry.ready or entry.sha256 != x.model_sha256:
         raise FailedPrecondition(
             f"the session blob holds a session of model {x.model} version {x.version} with weights "

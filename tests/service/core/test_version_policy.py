@@ -177,12 +177,13 @@ async def test_a_new_version_replaces_the_old_once_it_is_ready_and_a_broken_one_
         await dp.stop()
 
 
-async def test_a_session_on_a_version_the_policy_leaves_out_is_refused_saying_why(repo: Path) -> None:
-    dp = await memory_dp(repo)
+async def test_a_session_or_blob_of_a_version_the_policy_leaves_out_is_refused_saying_why(repo: Path) -> None:
+    dp = await memory_dp(repo, session_signing_key="s" * 40)
     try:
         lm = ModelRef("charlm")
         s = await dp.create_session(lm)  # on charlm/1, the newest then
         await dp.char_step(lm, "abc", session_id=s.id)
+        blob, _ = await dp.export_session(s.id)
         add_version(repo, "charlm", 1, 2)
         (repo / "charlm" / "serving.json").write_text('{"version_policy": "latest"}')
         await dp.registry.sync()
@@ -194,5 +195,11 @@ async def test_a_session_on_a_version_the_policy_leaves_out_is_refused_saying_wh
             "latest:1; create a new session (KServe: start a new sequence)"
         )
         assert (await dp.char_step(lm, "d", session_id=(await dp.create_session(lm)).id)).steps == 1
+        with pytest.raises(FailedPrecondition) as err:
+            await dp.import_session(blob)  # exported from charlm/1 before the policy changed
+        assert str(err.value) == (
+            "the session blob holds a session of model charlm version 1, which this server does not serve: the "
+            "model's version_policy is latest:1; import it where that version is served"
+        )
     finally:
         await dp.stop()
