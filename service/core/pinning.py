@@ -39,8 +39,7 @@ def pinned(registry: ModelRegistry, s: SessionState) -> ModelEntry:
             f"does not serve ({here}): retry, an updated replica serves it (a rolling update); if that version was "
             "withdrawn, create a new session (KServe: start a new sequence)"
         )
-    policy, outside = registry.outside().get(s.model, ("", []))
-    if entry is None and s.version in outside:
+    if entry is None and (policy := registry.left_out(s.model, s.version)):
         raise FailedPrecondition(
             f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version}, which this server does not "
             f"serve: the model's version_policy is {policy}; create a new session (KServe: start a new sequence)"
@@ -142,8 +141,7 @@ def importable(
             f"the session blob holds a session of model {x.model} version {x.version}, which this replica does "
             f"not serve ({here}): retry, an updated replica serves it (a rolling update), or load that version"
         )
-    policy, outside = registry.outside().get(x.model, ("", []))
-    if entry is None and x.version in outside:
+    if entry is None and (policy := registry.left_out(x.model, x.version)):
         raise FailedPrecondition(
             f"the session blob holds a session of model {x.model} version {x.version}, which this server does not "
             f"serve: the model's version_policy is {policy}; import it where that version is served"

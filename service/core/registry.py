@@ -335,6 +335,11 @@ class ModelRegistry:
         """Per model whose version_policy leaves versions on disk out at the last sync: (policy, those versions)."""
         return {name: (policy, list(versions)) for name, (policy, versions) in self._outside.items() if versions}
 
+    def left_out(self, name: str, version: int) -> str:
+        """The version_policy of ``name`` when it leaves ``version`` (on disk at the last sync) out, else ""."""
+        policy, versions = self._outside.get(name, ("", []))
+        return policy if version in versions else ""
+
     def get(self, name: str, version: int) -> ModelEntry | None:
         return self._entries.get((name, version))
 
@@ -403,8 +408,7 @@ class ModelRegistry:
         for e in mine:
             if e.version == ref.version:
                 return e
-        policy, outside = self._outside.get(ref.name, ("all", []))
-        if ref.version in outside:
+        if policy := self.left_out(ref.name, ref.version):
             raise ModelNotFound(
                 f"model {echo(ref.name)} version {ref.version} is in the repository but not served: the model's "
                 f"version_policy is {policy} (SEQSERVE_VERSION_POLICY, its serving.json or a load's config); served "
