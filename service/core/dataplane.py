@@ -85,9 +85,7 @@ class CoreDataPlane:
             self.registry.subscribe(on_unload=self.responses.forget)
         self._v2 = V2Inference(settings, self.registry, self.sessions, self.responses)
         if settings.triton_metrics:
-            metrics.export_triton(
-                lambda: [e.stats.snapshot(e.name, e.version) for e in self.registry.versions()], self.responses.enabled
-            )
+            metrics.export_triton(lambda: _snapshots(self.registry.versions()), self.responses.enabled)
         self.store_ok = True  # the session store answered the last check (health of the Sessions service)
         self._store_watch: asyncio.Task[None] | None = None
         self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []
@@ -208,7 +206,7 @@ class CoreDataPlane:
         else:
             name = self.registry.find(model).name
             entries = [e for e in self.registry.versions() if e.name == name]
-        return [e.stats.snapshot(e.name, e.version) for e in entries]
+        return _snapshots(entries)
 
     def _check_admin(self, action: str) -> None:
         check_admin(self.settings.admin_principals, action)
@@ -465,3 +463,8 @@ def _forecaster(entry: ModelEntry) -> Forecaster:
 
 
 __all__ = ["CoreDataPlane", "unknown_session"]
+
+
+def _snapshots(entries: list[ModelEntry]) -> list[ModelStats]:
+    """The statistics of ``entries`` as they stand (ModelStatistics, and Triton's metric names)."""
+    return [e.stats.snapshot(e.name, e.version) for e in entries]

@@ -29,7 +29,7 @@ exists only inside this process.
 from __future__ import annotations
 
 from service.api.rest.common import route_of
-from service.api.rest.convert import infer_request, infer_response, message_json
+from service.api.rest.convert import message_json
 from service.api.rest.gateway import RestGateway
 
-__all__ = ["RestGateway", "infer_request", "infer_response", "message_json", "route_of"]
+__all__ = ["RestGateway", "message_json", "route_of"]
