@@ -114,6 +114,25 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def TraceSetting(self, request: Any, context: Any) -> pb.TraceSettingResponse:
         return pb.TraceSettingResponse()
 
+    # Shared memory: nothing registered, nothing to unregister (the floor answers from its canned responses only).
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> pb.SystemSharedMemoryStatusResponse:
+        return pb.SystemSharedMemoryStatusResponse()
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> pb.SystemSharedMemoryRegisterResponse:
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> pb.SystemSharedMemoryUnregisterResponse:
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> pb.CudaSharedMemoryStatusResponse:
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> pb.CudaSharedMemoryRegisterResponse:
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()
+
     def _respond(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse()
         response.CopyFrom(self.answers[(request.model_name, "infer")])

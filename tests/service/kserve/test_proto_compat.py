@@ -68,6 +68,6 @@ def test_messages_and_rpcs_match_tritonclient() -> None:
         if upstream["methods"].get(method) != spec:
             problems.append(f"{method}: ours {spec}, upstream {upstream['methods'].get(method)}")
     assert not problems, "\n".join(problems)
-    assert len(mine["methods"]) == 14
+    assert len(mine["methods"]) == 20
     service: ServiceDescriptor = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert service.full_name == "inference.GRPCInferenceService"
