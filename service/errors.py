@@ -78,6 +78,19 @@ class SessionNotFound(SeqServeError):
     """Unknown or expired session / sequence id (gRPC NOT_FOUND)."""
 
 
+class RegionNotFound(SeqServeError):
+    """A system shared-memory region, or the object its key names, that is not there (gRPC NOT_FOUND)."""
+
+
+class AlreadyExists(SeqServeError):
+    """A name that is taken, e.g. a shared-memory region registered already (gRPC ALREADY_EXISTS)."""
+
+
+class NotOffered(SeqServeError):
+    """An extension this server has but does not serve as configured (gRPC UNIMPLEMENTED); the message names
+    the setting that turns it on."""
+
+
 class FailedPrecondition(SeqServeError):
     """The request is well-formed but the system is not in a state to run it, e.g. a session used with
     another model, or a session whose model version was unloaded (gRPC FAILED_PRECONDITION)."""

@@ -313,6 +313,13 @@ class Settings(BaseSettings):
     state), kept in this many bytes (all models, least recently used first, per principal), so that a request seen
     before is answered without running the model. ``ModelStatistics`` reports its ``cache_hit`` and
     ``cache_miss``. 0 (default) = off, as a Triton model is without ``response_cache``."""
+    shared_memory: Literal["off", "system"] = "off"
+    """Triton's system shared-memory extension (``system``): a client on the server's host registers POSIX
+    shared-memory objects (tritonclient ``register_system_shared_memory``, perf_analyzer ``--shared-memory
+    system``) and its inputs and outputs name them instead of carrying their bytes (``service/core/shm.py``).
+    Registering needs an admin principal when credentials are configured. Off by default (Triton has it on): a
+    registration makes the server map a file of its host that the caller names, and only a caller on the same host
+    (in Docker, with the server's IPC namespace) can use it."""
 
     # --- per-principal quotas (0 = no limit) ------------------------------------------------------------
     quota_sessions: int = Field(default=0, ge=0)

@@ -63,6 +63,9 @@ STATUS_CODES: dict[type[errors.SeqServeError], grpc.StatusCode] = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.RegionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.NotOffered: grpc.StatusCode.UNIMPLEMENTED,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -497,23 +500,10 @@ def _model_label(request: Any) -> str:
     return request.model if isinstance(request, Undecoded) else model_label(request)
 
 
-# Triton methods of inference.GRPCInferenceService that seqserve does not offer, and what to do instead.
-_TRITON_ONLY = {
-    "SystemSharedMemory": "the system shared-memory extension is not offered: send the tensors in the request",
-    "CudaSharedMemory": "the CUDA shared-memory extension is not offered: send the tensors in the request",
-}
-
-
 async def _no_such_method(method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
     """Any method no service here has, whatever its shape: UNIMPLEMENTED with what to do instead. Outside the
     edge: it touches no model or session, so it needs no credentials, and it adds no metrics label per name."""
-    shown = repr(method[:200])
-    service, name = split_method(method)
-    hint = next((why for prefix, why in _TRITON_ONLY.items() if name.startswith(prefix)), None)
-    if service == "inference.GRPCInferenceService" and hint is not None:
-        message = f"{shown}: {hint}; ServerMetadata's extensions list what this server offers"
-    else:
-        message = f"no method {shown} on this server; gRPC reflection lists its services and their methods"
+    message = f"no method {method[:200]!r} on this server; gRPC reflection lists its services and their methods"
     request_id = request_id_of(context)  # like every other answer: to quote when asking the operators
     await context.abort_with_status(rich_status(grpc.StatusCode.UNIMPLEMENTED, message, "UNIMPLEMENTED", request_id))
 

@@ -27,6 +27,7 @@ from service.core.responses import CLASSIFY, PREDICT, ResponseCache, kept_foreca
 from service.core.sequences import V2Inference
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
 from service.core.sessions.export import seal
+from service.core.shm import Regions
 from service.core.stats import CountedRequest
 from service.core.tasks import load_plugins
 from service.core.tasks.base import Classifier, Forecaster, Generator, bytes_tensor, needs
@@ -46,6 +47,7 @@ from service.core.types import (
     SentimentResult,
     SequenceRef,
     SessionInfo,
+    SharedRegion,
     SuggestResult,
     Tensor,
 )
@@ -90,6 +92,8 @@ class CoreDataPlane:
         self._store_watch: asyncio.Task[None] | None = None
         self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._log_listeners: list[Callable[[LogSettings], Awaitable[None]]] = []
+        self.regions = Regions(settings.shared_memory == "system")
+        self._region_listeners: list[Callable[[list[SharedRegion]], Awaitable[None]]] = []
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -143,6 +147,7 @@ class CoreDataPlane:
         await self.sessions.stop()
         await self.registry.stop()
         await asyncio.to_thread(self.tracer.close)  # every trace collected is written
+        self.regions.close()
 
     def _loaded(self, entry: ModelEntry, replaced: bool) -> None:
         self.metrics.model_loaded(entry.name, entry.version, entry.runtime.provider, entry.load_seconds, True)
@@ -248,6 +253,33 @@ class CoreDataPlane:
                            principal() or "the anonymous principal",
                            ", ".join(f"{k}={','.join(now[k])}" for k in sorted(changes)))  # fmt: skip
         return now
+
+    async def register_region(self, region: SharedRegion) -> None:
+        """Triton's system shared-memory extension: maps ``region`` here, then (through ``on_regions_change``
+        listeners: the engine's frontends) in every other process, before answering. Registering and unregistering
+        are for admins: they make the server open files of its host."""
+        self.regions.check_on()  # off: UNIMPLEMENTED saying how to turn it on, before anything else
+        self._check_admin("register shared-memory regions")
+        self.regions.register(region)
+        who = principal() or "the anonymous principal"
+        logs.audit.warning("shared-memory region %r (key %r, offset %d, %d bytes) registered by %s", region.name,
+                           region.key, region.offset, region.byte_size, who)  # fmt: skip
+        await self._regions_changed()
+
+    async def unregister_region(self, name: str | None) -> None:
+        self.regions.check_on()
+        self._check_admin("unregister shared-memory regions")
+        self.regions.unregister(name)
+        await self._regions_changed()
+
+    async def _regions_changed(self) -> None:
+        table = self.regions.status()
+        for listener in self._region_listeners:
+            await listener(table)
+
+    def on_regions_change(self, listener: Callable[[list[SharedRegion]], Awaitable[None]]) -> None:
+        """``listener(table)`` runs after a region was registered or unregistered, before the call answers."""
+        self._region_listeners.append(listener)
 
     def on_log_change(self, listener: Callable[[LogSettings], Awaitable[None]]) -> None:
         """``listener(settings)`` runs after a change of the log settings, before the call answers."""

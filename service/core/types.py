@@ -9,10 +9,13 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from service.core.shm import Regions
 
 FloatArray = npt.NDArray[np.float32]
 FinishReason = Literal["length", "stop"]
@@ -35,6 +38,17 @@ class ModelInfo:
     provider: str  # e.g. "CPUExecutionProvider"
     error: str | None = None  # why it failed to load, when not ready
     load_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SharedRegion:
+    """A system shared-memory region (Triton's extension, ``core/shm.py``): ``byte_size`` bytes from ``offset`` of
+    the POSIX shared-memory object ``key``, registered as ``name``."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
 
 
 @dataclass(frozen=True)
@@ -308,6 +322,20 @@ class DataPlane(Protocol):
     ) -> dict[str, list[str]]:
         """The trace settings by Triton's names (trace extension), of ``model`` or (None) the server's; ``changes``
         (an empty value clears one) are checked, then applied (changing them needs an admin principal)."""
+        ...
+
+    @property
+    def regions(self) -> Regions:
+        """This process's system shared-memory regions, mapped (``core/shm.py``): the tensors of a request that
+        names one are read from and written into it here."""
+        ...
+
+    async def register_region(self, region: SharedRegion) -> None:
+        """Registers a system shared-memory region in every process of the server (needs an admin principal)."""
+        ...
+
+    async def unregister_region(self, name: str | None) -> None:
+        """Unregisters ``name`` (None: every region) in every process of the server (needs an admin principal)."""
         ...
 
     async def infer(

@@ -18,6 +18,7 @@ from typing import Any
 
 from service import logs
 from service.core.context import admitted, mark_admitted, note_model, principal, priority
+from service.core.shm import Regions
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -33,6 +34,7 @@ from service.core.types import (
     SentimentResult,
     SequenceRef,
     SessionInfo,
+    SharedRegion,
     SuggestResult,
 )
 from service.engine import wire
@@ -65,8 +67,11 @@ class _Link(asyncio.Protocol):
 
 
 class RemoteDataPlane:
-    def __init__(self, path: str, max_pending: int = 1024, control_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: str, max_pending: int = 1024, control_timeout: float = 10.0, shared_memory: bool = False
+    ) -> None:
         self.path = path
+        self.regions = Regions(shared_memory)  # the engine's table, mapped here (its REGIONS_CHANGED events)
         self.max_pending = max_pending  # calls waiting for the engine beyond which new ones fail at once
         self.control_timeout = control_timeout
         self._transport: asyncio.Transport | None = None
@@ -121,6 +126,8 @@ class RemoteDataPlane:
             queue.put_nowait((status, payload, model, was_admitted))
         elif status == wire.EVENT and payload[0] == wire.LOGS_CHANGED:
             self._logs_changed(payload[1], payload[2])
+        elif status == wire.EVENT and payload[0] == wire.REGIONS_CHANGED:
+            self._regions_changed(payload[1], payload[2])
         elif status == wire.EVENT:
             task = asyncio.ensure_future(self._run_hooks(payload[1]))
             self._hook_tasks.add(task)  # held until done (the loop keeps only weak references)
@@ -132,6 +139,13 @@ class RemoteDataPlane:
             logs.update(settings)
         except Exception:
             log.exception("could not apply the engine's log settings %r", settings)
+        if event:
+            self._send([wire.ACK, event, "", (), {}, None])
+
+    def _regions_changed(self, event: int, table: list[SharedRegion]) -> None:
+        """The engine's shared-memory regions changed: map the same ones here, then ACK (the call that changed
+        them answers once every frontend has)."""
+        self.regions.follow(table)
         if event:
             self._send([wire.ACK, event, "", (), {}, None])
 
@@ -254,6 +268,14 @@ class RemoteDataPlane:
     ) -> dict[str, list[str]]:
         """Read and changed in the engine, which traces the requests and writes the trace files."""
         return dict(await self._control("trace_settings", model, changes, context=True))
+
+    async def register_region(self, region: SharedRegion) -> None:
+        """Registered in the engine, which passes its table on to every frontend (each maps it) before it
+        answers."""
+        await self._control("register_region", region, context=True)
+
+    async def unregister_region(self, name: str | None) -> None:
+        await self._control("unregister_region", name, context=True)
 
     # --- DataPlane: asynchronous ------------------------------------------------------------------------
     async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:

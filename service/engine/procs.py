@@ -102,7 +102,9 @@ async def _frontend(
     parent = os.getppid()
     metrics, plane = (
         Metrics(runtime_collectors=False),
-        RemoteDataPlane(socket_path, max_pending=settings.max_queue_size),
+        RemoteDataPlane(
+            socket_path, max_pending=settings.max_queue_size, shared_memory=settings.shared_memory == "system"
+        ),
     )
     metrics.engine_calls_waiting.set_function(plane.waiting)  # read at each scrape: nothing per call
     server = Server(

@@ -19,6 +19,7 @@ from typing import Any, cast
 from service import logs
 from service.core.context import admitted, call_scope, mark_admitted, set_principal, set_priority
 from service.core.dataplane import CoreDataPlane
+from service.core.types import SharedRegion
 from service.engine import wire
 from service.engine.codec import error_payload, pack_replies, unpack
 from service.errors import SeqServeError
@@ -71,6 +72,9 @@ class _Connection(asyncio.Protocol):
         if kind == wire.HELLO:
             self.link = True
             self.send([0, wire.EVENT, [wire.LOGS_CHANGED, 0, logs.current()], None, False])  # (no ACK for 0)
+            if self.engine.dataplane.regions.enabled:  # the regions registered before it started
+                table = self.engine.dataplane.regions.status()
+                self.send([0, wire.EVENT, [wire.REGIONS_CHANGED, 0, table], None, False])
             return
         if kind == wire.ACK:
             fut = self.acks.pop(call_id, None)
@@ -122,6 +126,7 @@ class EngineServer:
         self.dataplane.registry.subscribe(on_load=self._changed, on_unload=self._changed)
         self.dataplane.on_store_change(self._store_changed)
         self.dataplane.on_log_change(self._logs_changed)
+        self.dataplane.on_regions_change(self._regions_changed)
 
     async def _store_changed(self, ok: bool) -> None:
         await self._changed(None, False)  # frontends re-read their health (the Sessions service follows the store)
@@ -132,6 +137,9 @@ class EngineServer:
 
     async def _logs_changed(self, settings: LogSettings) -> None:
         await self._tell("a change of the log settings", wire.LOGS_CHANGED, settings)
+
+    async def _regions_changed(self, table: list[SharedRegion]) -> None:
+        await self._tell("a change of the shared-memory regions", wire.REGIONS_CHANGED, table)
 
     async def _tell(self, what: str, kind: str, *payload: Any) -> None:
         """Sends an EVENT to every frontend; returns when each has acknowledged it, or after a timeout."""

@@ -5,11 +5,13 @@ on the tiny models; speed is the benchmark's business, not this test's."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +100,38 @@ def test_perf_analyzer_reads_the_response_cache_as_tritons(
     assert "Response Cache is disabled" not in out, out[-3000:]  # its warning when counts and config disagree
     breakdown = re.search(r"Avg request latency: \d+ usec \(overhead \d+ usec \+ queue \d+ usec \+ cache hit/miss", out)
     assert breakdown is not None, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def shm_targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A server with system shared memory on (gRPC and REST ports)."""
+    proc, ports = start_server(
+        tiny_models, tmp_path_factory.mktemp("perf-analyzer-shm"), SEQSERVE_HTTP_PORT="0",
+        SEQSERVE_SHARED_MEMORY="system",
+    )  # fmt: skip
+    try:
+        yield {"grpc": f"127.0.0.1:{ports['grpc_port']}", "http": f"127.0.0.1:{ports['http_port']}"}
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_sends_its_tensors_through_system_shared_memory(
+    shm_targets: dict[str, str], protocol: str, tmp_path: Path
+) -> None:
+    """``--shared-memory system``: perf_analyzer creates an object per input and output, registers them, sends
+    requests that name them, and unregisters every region (system and CUDA) at the end, with nothing it reports as
+    failed. (It refuses models with optional inputs itself, so the char LM cannot run this way.)"""
+    cmd = short_run(pa.WORKLOADS["sentiment"], shm_targets[protocol], protocol, tmp_path, 2)
+    cmd += ["--shared-memory", "system", "--output-shared-memory-size", "4096"]
+    done = subprocess.run(cmd, env=pa.environment(), capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    served = re.search(r"Server:\s+Inference count: (\d+)", out)
+    assert served is not None and int(served.group(1)) > 0, out[-3000:]
+    assert "Unable to" not in out, out[-3000:]
+    with urllib.request.urlopen(f"http://{shm_targets['http']}/v2/systemsharedmemory/status", timeout=10) as r:
+        assert json.loads(r.read()) == []  # it unregistered what it registered
 
 
 def _environment_in_child(env: dict[str, str], prelude: str = "") -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.core.types import Duration, ModelInfo, ModelMetadata, ModelStats
+from service.core.types import Duration, ModelInfo, ModelMetadata, ModelStats, SharedRegion
 from service.errors import InvalidInput, echo
 from service.settings import Settings
 
@@ -167,6 +167,17 @@ def stats_to_pb(s: ModelStats) -> pb.ModelStatistics:
             for b in s.batches
         ],
     )
+
+
+def regions_to_pb(regions: list[SharedRegion]) -> pb.SystemSharedMemoryStatusResponse:
+    out = pb.SystemSharedMemoryStatusResponse()
+    for r in regions:
+        out.regions[r.name].CopyFrom(
+            pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+            )
+        )
+    return out
 
 
 def index_to_pb(models: list[ModelInfo], unloaded: list[str], ready_only: bool) -> pb.RepositoryIndexResponse:

@@ -1,6 +1,6 @@
 """Open Inference Protocol (KServe v2) gRPC endpoint: ``inference.GRPCInferenceService``, with Triton's
-classification, sequence, statistics, model-configuration, model-repository (index, load, unload) and logging
-extensions.
+classification, sequence, statistics, model-configuration, model-repository (index, load, unload), logging,
+trace and system shared-memory extensions.
 Works with stock tritonclient.
 
 Thin: protobuf -> tensors (``tensors``) and parameters (``params``) -> one DataPlane call -> protobuf
@@ -31,16 +31,27 @@ from service.api.kserve.convert import (
     log_settings_from_pb,
     log_settings_to_pb,
     metadata_to_pb,
+    regions_to_pb,
     serving_from_config,
     stats_to_pb,
     trace_settings_from_pb,
     trace_settings_to_pb,
 )
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_priority, parse_sequence, parse_timeout
-from service.api.kserve.tensors import encode_outputs, read_inputs, requested_outputs
+from service.api.kserve.tensors import encode_outputs, output_regions, read_inputs, requested_outputs
 from service.core.context import check_admin, reset_priority, set_priority
-from service.core.types import DataPlane
-from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelUnavailable, SeqServeError, clip, short
+from service.core.types import DataPlane, SharedRegion
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    NotOffered,
+    RegionNotFound,
+    SeqServeError,
+    clip,
+    short,
+)
 from service.logs import CALL
 from service.metrics import Metrics
 from service.settings import Settings
@@ -58,6 +69,11 @@ EXTENSIONS = [
     "parameters",
     "schedule_policy",  # timeout and priority (PRIORITY_LEVELS)
 ]
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed when SHARED_MEMORY=system
+CUDA_HINT = (
+    "the CUDA shared-memory extension is not offered; send the tensors in the request, or use system shared memory "
+    "(SEQSERVE_SHARED_MEMORY=system)"
+)
 # Response parameter: characters (charlm) or rows (forecaster) consumed, a sequence's running total.
 STEPS_PARAMETER = "seqserve_steps"
 Context: TypeAlias = grpc.aio.ServicerContext  # grpc ships no type stubs: this is Any to mypy
@@ -90,6 +106,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._settings = settings
         self._budget = log_budget(settings)  # (the refusals inside streams: the edge's budget)
         self._count = metrics.stream_request if metrics is not None else _not_counted
+        self._regions = dataplane.regions
+        self._extensions = [*EXTENSIONS, SHARED_MEMORY_EXTENSION] if self._regions.enabled else EXTENSIONS
 
     # --- health and metadata --------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -107,7 +125,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=info.ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="seqserve", version=_server_version(), extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name="seqserve", version=_server_version(), extensions=self._extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         return metadata_to_pb(await self._dataplane.model_metadata(model_ref(request.name, request.version)))
@@ -165,6 +183,43 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput("model_name is empty: name the model to unload")
         await self._dataplane.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # --- system shared-memory extension ---------------------------------------------------------------
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        return regions_to_pb(self._regions.status(request.name or None))
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        region = SharedRegion(request.name, request.key, request.offset, request.byte_size)
+        await self._dataplane.register_region(region)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        await self._dataplane.unregister_region(request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    # --- CUDA shared memory: not offered, as on a Triton built without GPU support --------------------------------
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Context
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        if request.name:
+            raise RegionNotFound(f"no CUDA shared-memory region {short(request.name)} is registered: {CUDA_HINT}")
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise NotOffered(CUDA_HINT)
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()  # (none is ever registered: perf_analyzer unregisters all)
 
     # --- logging extension ----------------------------------------------------------------------------
     async def LogSettings(self, request: pb.LogSettingsRequest, context: Context) -> pb.LogSettingsResponse:
@@ -231,7 +286,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         timeout = parse_timeout(request.parameters)
         level = parse_priority(request.parameters, self._settings.priority_levels)
         outputs, classes = requested_outputs(request)
-        call = self._dataplane.infer(ref, read_inputs(request), outputs, sequence, classes)
+        placed = output_regions(request, self._regions) if outputs is not None else None
+        call = self._dataplane.infer(ref, read_inputs(request, self._regions), outputs, sequence, classes)
         token = set_priority(level)  # (read where its steps queue: the batcher, here or in the engine)
         try:
             result = await (call if timeout is None else _within(call, timeout))
@@ -239,7 +295,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             reset_priority(token)
         if response is None:
             response = pb.ModelInferResponse()
-        encode_outputs(response, result.model, result.version, result.outputs)
+        encode_outputs(response, result.model, result.version, result.outputs, placed, self._regions)
         response.id = request.id
         if result.steps is not None:
             response.parameters[STEPS_PARAMETER].int64_param = result.steps

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import struct
 from math import prod
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from service.api.gen.inference import grpc_service_pb2 as pb
+from service.core.shm import Regions
 from service.core.types import Tensor
 from service.errors import InvalidInput, echo, short
 
@@ -159,22 +160,92 @@ class WireInput:
         return cls(pb.ModelInferRequest.InferInputTensor.FromString(message), raw)
 
 
-def read_inputs(request: pb.ModelInferRequest) -> list[WireInput]:
-    """The request's inputs, headers only. Raw contents, when present, must cover every input, in order."""
+# Triton's system shared-memory extension: an input, or a requested output, that names a registered region
+# (``service/core/shm.py``) instead of carrying its bytes.
+SHM_REGION = "shared_memory_region"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+SHM_OFFSET = "shared_memory_offset"
+
+
+class RegionRef(NamedTuple):
+    region: str
+    offset: int
+    byte_size: int
+
+
+def _count_param(params: Any, key: str, what: str, required: bool) -> int:
+    if key not in params:
+        if required:
+            raise InvalidInput(f"{what}: {SHM_REGION} needs {key} (how many bytes of the region it uses)")
+        return 0
+    p = params[key]
+    which = p.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param") or getattr(p, which) < 0:
+        raise InvalidInput(f"{what}: parameter {key} must be an int64_param or uint64_param >= 0")
+    return int(getattr(p, which))
+
+
+def region_ref(params: Any, what: str) -> RegionRef | None:
+    """The shared-memory region a tensor's parameters name (None when they name none)."""
+    if SHM_REGION not in params:
+        if SHM_BYTE_SIZE in params or SHM_OFFSET in params:
+            raise InvalidInput(f"{what}: {SHM_BYTE_SIZE} and {SHM_OFFSET} go with {SHM_REGION}, which is missing")
+        return None
+    p = params[SHM_REGION]
+    if p.WhichOneof("parameter_choice") != "string_param" or not p.string_param:
+        raise InvalidInput(f"{what}: parameter {SHM_REGION} must be a non-empty string_param (a registered region)")
+    offset = _count_param(params, SHM_OFFSET, what, required=False)
+    return RegionRef(p.string_param, offset, _count_param(params, SHM_BYTE_SIZE, what, required=True))
+
+
+def read_inputs(request: pb.ModelInferRequest, regions: Regions | None = None) -> list[WireInput]:
+    """The request's inputs, headers only. Raw contents, when present, must cover every input that does not name
+    a shared-memory region (read from ``regions`` here: ``_read_shared``), in order."""
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    inputs = request.inputs
+    for t in inputs:
+        if t.parameters:  # (an input's own parameters: only shared memory's are read here)
+            return _read_shared(inputs, raw, regions)
+    if raw and len(raw) != len(inputs):
         raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries but the request has {len(request.inputs)} "
+            f"raw_input_contents has {len(raw)} entries but the request has {len(inputs)} "
             "inputs; send one raw entry per input or use typed contents for all"
         )
     if raw:
-        for t in request.inputs:
+        for t in inputs:
             if t.HasField("contents"):  # Triton refuses this too: which of the two would be the data?
                 raise InvalidInput(
                     f"input {short(t.name)}: contents must not be set when raw_input_contents is used; send every "
                     "input's data in raw_input_contents or every input's in contents"
                 )
-    return [WireInput(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)]
+    return [WireInput(t, raw[i] if raw else None) for i, t in enumerate(inputs)]
+
+
+def _read_shared(inputs: Any, raw: list[bytes], regions: Regions | None) -> list[WireInput]:
+    """``read_inputs`` when an input has parameters: those that name a region are read from it, the others take
+    the raw entries in order (as tritonclient sends them: no raw entry for an input in shared memory)."""
+    shared = [region_ref(t.parameters, f"input {short(t.name)}") for t in inputs]
+    carried = shared.count(None)
+    if raw and len(raw) != carried:
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries but the request has {carried} inputs that are not in "
+            "shared memory; send one raw entry per such input or use typed contents for all"
+        )
+    out: list[WireInput] = []
+    left = iter(raw)
+    for t, ref in zip(inputs, shared, strict=True):
+        if (raw or ref is not None) and t.HasField("contents"):  # Triton refuses this too: which is the data?
+            where = "the input names a shared-memory region" if ref is not None else "raw_input_contents is used"
+            raise InvalidInput(
+                f"input {short(t.name)}: contents must not be set when {where}; send every input's data in one place"
+            )
+        if ref is None:
+            out.append(WireInput(t, next(left, None)))
+        elif regions is None:
+            raise InvalidInput(f"input {short(t.name)}: shared memory is not read on this endpoint")
+        else:
+            out.append(WireInput(t, regions.read(*ref, what=f"input {short(t.name)}")))
+    return out
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str] | None, dict[str, int] | None]:
@@ -225,9 +296,52 @@ _HEADERS: dict[tuple[object, ...], bytes] = {}
 _HEADERS_MAX = 256
 
 
-def encode_outputs(response: pb.ModelInferResponse, model: str, version: int, tensors: list[Tensor]) -> None:
+def output_regions(request: pb.ModelInferRequest, regions: Regions) -> dict[str, RegionRef] | None:
+    """The requested outputs that name a shared-memory region to be written into, checked against the regions
+    before the model runs (None: none does)."""
+    placed: dict[str, RegionRef] | None = None
+    for o in request.outputs:
+        if o.parameters:
+            what = f"output {short(o.name)}"
+            ref = region_ref(o.parameters, what)
+            if ref is not None:
+                regions.check(*ref, what=what)
+                placed = placed or {}
+                placed[o.name] = ref
+    return placed
+
+
+def place_outputs(
+    response: pb.ModelInferResponse, tensors: list[Tensor], placed: dict[str, RegionRef], regions: Regions
+) -> None:
+    """``encode_outputs``'s data part when outputs go into shared memory: such an output's bytes are written into
+    its region, its ``raw_output_contents`` entry stays empty (every output keeps one, as in Triton) and its
+    parameters say where it is and how many bytes it took."""
+    for i, t in enumerate(tensors):
+        data = _raw(t)
+        ref = placed.get(t.name)
+        if ref is None:
+            response.raw_output_contents.append(data)
+            continue
+        regions.write(*ref, data, what=f"output {short(t.name)} (the model ran)")
+        response.raw_output_contents.append(b"")
+        params = response.outputs[i].parameters
+        params[SHM_REGION].string_param = ref.region
+        params[SHM_BYTE_SIZE].int64_param = len(data)
+        if ref.offset:
+            params[SHM_OFFSET].int64_param = ref.offset
+
+
+def encode_outputs(
+    response: pb.ModelInferResponse,
+    model: str,
+    version: int,
+    tensors: list[Tensor],
+    placed: dict[str, RegionRef] | None = None,
+    regions: Regions | None = None,
+) -> None:
     """Sets ``response``'s model name and version and appends ``tensors``: each one's header in ``outputs``, its
-    data in ``raw_output_contents`` (``_raw``)."""
+    data in ``raw_output_contents`` (``_raw``), or in the shared-memory region ``placed`` names for it."""
     key = (model, version, *[(t.name, t.datatype, t.shape) for t in tensors])
     header = _HEADERS.get(key)
     if header is None:
@@ -238,4 +352,7 @@ def encode_outputs(response: pb.ModelInferResponse, model: str, version: int, te
             _HEADERS.clear()
         header = _HEADERS[key] = m.SerializeToString()
     response.MergeFromString(header)
-    response.raw_output_contents.extend([_raw(t) for t in tensors])
+    if placed and regions is not None:
+        place_outputs(response, tensors, placed, regions)
+    else:
+        response.raw_output_contents.extend([_raw(t) for t in tensors])

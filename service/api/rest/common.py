@@ -39,6 +39,9 @@ MODEL_ACTIONS = {"ready", "config", "stats", "infer", "generate", "generate_stre
 MODEL_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z_]+))?")
 MODEL_TRACE_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)/trace/setting")
 REPOSITORY_MODEL_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
+SHM_PATH = re.compile(
+    r"/v2/(?P<kind>system|cuda)sharedmemory(?:/region/(?P<name>[^/]+))?/(?P<action>status|register|unregister)"
+)
 
 
 def route_of(path: str) -> str:
@@ -52,6 +55,8 @@ def route_of(path: str) -> str:
         return f"/v2/repository/models/{{model}}/{m['action']}"
     if MODEL_TRACE_PATH.fullmatch(path):
         return "/v2/models/{model}/trace/setting"
+    if m := SHM_PATH.fullmatch(path):
+        return f"/v2/{m['kind']}sharedmemory{'/region/{region}' if m['name'] else ''}/{m['action']}"
     if m := MODEL_PATH.fullmatch(path):
         action = m["action"]
         if action is None:

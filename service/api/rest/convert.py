@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.generate import json_kind
-from service.api.kserve.tensors import NUMERIC, deserialize_bytes, serialize_bytes
+from service.api.kserve.tensors import NUMERIC, SHM_REGION, deserialize_bytes, serialize_bytes
 from service.api.rest.common import HEADER_LENGTH, HttpError
 from service.argtypes import INT64_MAX
 from service.errors import echo
@@ -181,7 +181,10 @@ def infer_request(model: str, version: str, header: object, binary: bytes) -> tu
         own = item.get("parameters")
         fill_parameters(tensor.parameters, own, f"input {echo(name)}")
         size = own.get("binary_data_size") if isinstance(own, dict) else None
-        if size is not None:
+        if isinstance(own, dict) and SHM_REGION in own:  # read from the region by the gRPC call
+            if "data" in item or size is not None:
+                raise HttpError(400, f"input {echo(name)}: give data, binary_data_size or {SHM_REGION}, one of them")
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise HttpError(400, f"input {echo(name)}: binary_data_size must be a non-negative integer")
             if "data" in item:
@@ -198,7 +201,10 @@ def infer_request(model: str, version: str, header: object, binary: bytes) -> tu
             count = math.prod(shape)
             request.raw_input_contents.append(_json_elements(name, datatype, item["data"], count))
         else:
-            raise HttpError(400, f"input {echo(name)}: no data (give data, or binary_data_size with binary data)")
+            raise HttpError(
+                400,
+                f"input {echo(name)}: no data (give data, binary_data_size with binary data, or {SHM_REGION})",
+            )
     if offset != len(binary):
         raise HttpError(400, f"{len(binary) - offset} bytes of binary data after the inputs' binary_data_size")
     outputs = header.get("outputs", [])
@@ -251,7 +257,9 @@ def infer_response(response: pb.ModelInferResponse, header: dict[str, Any], bina
         out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
         params = {k: parameter_value(v) for k, v in t.parameters.items()}
         raw = _output_raw(response, i)
-        if _binary_wanted(header, t.name, binary_default):
+        if SHM_REGION in params:  # written into its region: as Triton's, neither data nor parameters (Triton's C++
+            params = {}  # client reads a binary_data_size from any output that has parameters)
+        elif _binary_wanted(header, t.name, binary_default):
             params["binary_data_size"] = len(raw)
             tail.append(raw)
         else:

@@ -31,6 +31,7 @@ from service.api.rest.common import (
     MODEL_PATH,
     MODEL_TRACE_PATH,
     REPOSITORY_MODEL_PATH,
+    SHM_PATH,
     HttpError,
     Reply,
     flag,
@@ -39,11 +40,25 @@ from service.api.rest.common import (
     read_json,
     triton_error,
 )
-from service.api.rest.convert import fill_parameters, infer_request, infer_response, message_json, parameter_value
+from service.api.rest.convert import (
+    UINT64_MAX,
+    fill_parameters,
+    infer_request,
+    infer_response,
+    message_json,
+    parameter_value,
+)
 from service.core.traces import NAMES as TRACE_SETTINGS
 from service.errors import echo
 
 log = logging.getLogger(__name__)
+
+
+# The shared-memory extensions' RPC prefix and request messages (status, unregister), by the route's kind.
+_SHARED_MEMORY: dict[str, tuple[str, Any, Any]] = {
+    "system": ("SystemSharedMemory", pb.SystemSharedMemoryStatusRequest, pb.SystemSharedMemoryUnregisterRequest),
+    "cuda": ("CudaSharedMemory", pb.CudaSharedMemoryStatusRequest, pb.CudaSharedMemoryUnregisterRequest),
+}
 
 
 class Endpoints(GatewayHandler):
@@ -79,6 +94,8 @@ class Endpoints(GatewayHandler):
                 raise HttpError(400, 'the body is {"ready": true|false} or empty')
             index = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready))
             return 200, json.dumps([message_json(m) for m in index.models]).encode(), {}
+        if m := SHM_PATH.fullmatch(path):
+            return self._shared_memory(method, m["kind"], unquote(m["name"] or ""), m["action"], body)
         if m := REPOSITORY_MODEL_PATH.fullmatch(path):
             if method != "POST":
                 raise HttpError(405, f"{path} takes POST", {"Allow": "POST"})
@@ -261,6 +278,36 @@ class Endpoints(GatewayHandler):
             load = pb.RepositoryModelLoadRequest(model_name=name)
             fill_parameters(load.parameters, options.get("parameters"), f"load {echo(name)}")
             self._call("RepositoryModelLoad", load)
+        return 200, b"", {}
+
+    def _shared_memory(self, method: str, kind: str, name: str, action: str, body: bytes) -> Reply:
+        """Triton's system shared-memory extension: GET .../status (a list of {name, key, offset, byte_size}), POST
+        .../region/NAME/register with {"key", "offset", "byte_size"}, POST .../unregister (every region, or NAME).
+        The CUDA one's routes answer as the gRPC calls do (none registered; registering is not offered)."""
+        rpc, status_request, unregister_request = _SHARED_MEMORY[kind]
+        if action == "status":
+            if method not in ("GET", "HEAD"):
+                raise HttpError(405, f"{kind}sharedmemory status takes GET", {"Allow": "GET, HEAD"})
+            status = self._call(f"{rpc}Status", status_request(name=name))
+            return 200, json.dumps([message_json(r) for r in status.regions.values()]).encode(), {}
+        if method != "POST":
+            raise HttpError(405, f"{kind}sharedmemory {action} takes POST", {"Allow": "POST"})
+        if action == "unregister":
+            self._call(f"{rpc}Unregister", unregister_request(name=name))
+            return 200, b"", {}
+        if kind == "cuda":
+            self._call("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(name=name))
+        if not name:
+            raise HttpError(404, "register a region at /v2/systemsharedmemory/region/NAME/register")
+        options = read_json(body)
+        if not isinstance(options, dict) or not isinstance(options.get("key"), str):
+            raise HttpError(400, 'the body is {"key": "/shm-key", "offset": 0, "byte_size": N}')
+        sizes = {k: options.get(k, 0) for k in ("offset", "byte_size")}
+        for key, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= UINT64_MAX:
+                raise HttpError(400, f"{key} must be an integer 0..2**64-1")
+        request = pb.SystemSharedMemoryRegisterRequest(name=name, key=options["key"], **sizes)
+        self._call("SystemSharedMemoryRegister", request)
         return 200, b"", {}
 
     def _logging(self, method: str, body: bytes) -> Reply:

@@ -205,19 +205,18 @@ def test_client_library_names_a_caller_mistake_before_sending(
     ("method", "words"),
     [
         (
-            "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
-            ["shared-memory extension is not offered: send the tensors in the request", "ServerMetadata"],
+            "/inference.GRPCInferenceService/ModelGenerate",
+            ["no method '/inference.GRPCInferenceService/ModelGenerate' on this server", "reflection"],
         ),
-        ("/inference.GRPCInferenceService/CudaSharedMemoryRegister", ["CUDA shared-memory extension is not offered"]),
         ("/seqserve.v1.Sentiment/Clasify", ["no method '/seqserve.v1.Sentiment/Clasify' on this server", "reflection"]),
     ],
 )
 def test_a_method_no_service_has_says_what_to_do_instead(
     start_server: Callable[..., ServerHandle], method: str, words: list[str]
 ) -> None:
-    """grpc's own answer is UNIMPLEMENTED 'Method not found!'. Triton's tritonclient calls these methods (e.g.
-    get_system_shared_memory_status); the answer names the extension and the alternative. Whatever the call's
-    shape, with or without credentials (nothing is served), and the server keeps serving."""
+    """grpc's own answer is UNIMPLEMENTED 'Method not found!'; ours names the method and where to find the ones
+    there are. Whatever the call's shape, with or without credentials (nothing is served), and the server keeps
+    serving."""
     handle = start_server(api_key="s3cret-0123456789ab")
     with grpc.insecure_channel(handle.target) as channel:
         unary = channel.unary_unary(method)

@@ -14,6 +14,8 @@ import shutil
 import struct
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
@@ -23,7 +25,9 @@ import pytest
 from service import errors, logs
 from service.api.interceptors import error_reason, status_code_for
 from service.core.context import mark_admitted, priority, set_priority
-from service.core.types import ModelRef, SamplingParams
+from service.core.dataplane import CoreDataPlane
+from service.core.shm import Regions
+from service.core.types import ModelRef, SamplingParams, SharedRegion
 from service.engine import wire
 from service.engine.client import RemoteDataPlane
 from service.engine.codec import EngineError, error_payload, pack, pack_replies, raise_error, unpack
@@ -378,11 +382,31 @@ async def test_the_engine_greets_each_frontend_with_the_log_settings_in_force(
     answers its HELLO with the settings now in force."""
     log_state("INFO")
     logs.update({"log_info": False, "log_verbose_level": 1})
-    conn = _Connection(EngineServer.__new__(EngineServer))
+    conn = _Connection(_greeter(Regions(False)))
     conn.dispatch(wire.HELLO, 0, "", (), {})
     assert conn.link
     assert conn.outbox == [[0, wire.EVENT, [wire.LOGS_CHANGED, 0, logs.current()], None, False]]
     assert conn.outbox[0][2][2]["log_info"] is False
+
+
+def _greeter(regions: Regions) -> EngineServer:
+    engine = EngineServer.__new__(EngineServer)
+    engine.dataplane = cast(CoreDataPlane, SimpleNamespace(regions=regions))
+    return engine
+
+
+async def test_the_engine_greets_each_frontend_with_the_shared_memory_regions(tmp_path: Path) -> None:
+    """With SHARED_MEMORY=system, a frontend that connects after a registration maps the regions registered
+    before it started: the HELLO's answer carries the engine's table too (event 0: no ACK)."""
+    (tmp_path / "obj").write_bytes(bytes(32))
+    regions = Regions(True, root=str(tmp_path))
+    region = SharedRegion("r", "/obj", 0, 32)
+    regions.register(region)
+    conn = _Connection(_greeter(regions))
+    conn.dispatch(wire.HELLO, 0, "", (), {})
+    assert conn.outbox[1] == [0, wire.EVENT, [wire.REGIONS_CHANGED, 0, [region]], None, False]
+    assert unpack(pack(conn.outbox[1][2][2])) == [region]  # (crosses the link as it is)
+    regions.close()
 
 
 def test_the_calls_priority_level_reaches_the_engines_task() -> None:

@@ -16,6 +16,7 @@ from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.params import parse_priority, parse_timeout
 from service.api.kserve.servicer import _within
 from service.api.kserve.tensors import serialize_bytes
+from service.core.shm import Regions
 from service.errors import DeadlineExceeded, InvalidInput
 from service.settings import Settings
 from tests.conftest import ServerHandle
@@ -147,6 +148,8 @@ async def test_the_servicer_gives_a_requests_steps_its_level_and_no_more() -> No
     seen: list[int | None] = []
 
     class Plane:
+        regions = Regions(False)
+
         async def infer(self, *args: object, **kwargs: object) -> InferResult:
             seen.append(priority())
             return InferResult(model="sentiment", version=1, outputs=[], inferences=1)

@@ -10,6 +10,7 @@ import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.kserve.servicer import KServeServicer
+from service.core.shm import Regions
 from service.core.types import InferResult, ModelRef
 from service.metrics import Metrics
 from service.settings import Settings
@@ -17,6 +18,8 @@ from service.settings import Settings
 
 class FailsOnce:
     """Stands in for the data plane's ``infer`` only: the first call raises what a bug would raise."""
+
+    regions = Regions(False)
 
     def __init__(self) -> None:
         self.calls = 0

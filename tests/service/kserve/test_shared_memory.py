@@ -1,0 +1,259 @@
+"""Triton's system shared-memory extension (``SEQSERVE_SHARED_MEMORY=system``): the stock tritonclient (gRPC and
+HTTP, and its libcshm helpers) registers regions through one frontend of ``--workers 2`` and infers through the
+other; the answers equal those of requests that carry their tensors; every refusal says what to fix. Off by
+default, where every call says how to turn it on. ``Regions`` itself is checked on files of a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.core.shm import Regions
+from service.core.types import SharedRegion
+from service.errors import AlreadyExists, InvalidInput, NotOffered, RegionNotFound
+from tests.conftest import ServerHandle
+from tests.service.kserve.procs import start_server, stop_server
+
+SCRIPT = Path(__file__).parent / "shm_client.py"
+K_ALICE, K_BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
+
+
+@pytest.fixture(scope="module")
+def workers(kserve_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    proc, info = start_server(
+        kserve_repo,
+        tmp_path_factory.mktemp("shm"),
+        SEQSERVE_WORKERS="2",
+        SEQSERVE_FRONTEND_PORTS="true",
+        SEQSERVE_HTTP_PORT="0",
+        SEQSERVE_SHARED_MEMORY="system",
+    )
+    try:
+        yield dict(info)
+    finally:
+        stop_server(proc)
+
+
+def _run(protocol: str, url: str, other: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--protocol", protocol, "--url", url, "--other", other],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_tritonclient_registers_through_one_frontend_and_infers_through_the_other(
+    workers: dict[str, Any], protocol: str
+) -> None:
+    if protocol == "grpc":
+        first, second = (f"127.0.0.1:{p}" for p in workers["frontend_ports"])
+    else:
+        first = second = f"127.0.0.1:{workers['http_port']}"  # (one REST port, either frontend behind it)
+    r = _run(protocol, first, second)
+    assert "system_shared_memory" in r["extensions"]
+    tag = f"seqserve_test_{protocol}_"
+    assert [row[0] for row in r["status"]] == ["in", "out"]
+    assert r["status"][0][1].startswith(f"/{tag}") and r["status"][0][2:] == [0, 4096]
+    assert r["status_out"][0][0] == "out" and r["status_out"][0][2:] == [1024, 2048]
+
+    s = r["sentiment"]
+    assert s["shape"] == [1, 2]
+    np.testing.assert_allclose(s["from_region"], s["expected"], rtol=0, atol=1e-6)
+    assert s["label"] == s["expected_label"]
+    assert r["forecast_max_diff"] <= 1e-6
+
+    refused = r["refusals"]
+    codes = {k: v["status"] for k, v in refused.items()}
+    if protocol == "grpc":
+        assert codes == {
+            "again": "StatusCode.ALREADY_EXISTS",
+            "no_object": "StatusCode.NOT_FOUND",
+            "bad_key": "StatusCode.INVALID_ARGUMENT",
+            "too_big": "StatusCode.INVALID_ARGUMENT",
+            "status_unknown": "StatusCode.NOT_FOUND",
+            "unknown_region": "StatusCode.NOT_FOUND",
+            "past_the_end": "StatusCode.INVALID_ARGUMENT",
+            "output_too_small": "StatusCode.INVALID_ARGUMENT",
+            "unregistered": "StatusCode.NOT_FOUND",
+        }
+    else:
+        assert set(codes.values()) <= {"400", "404", "409"} and codes["again"] == "409", codes
+        assert codes["unknown_region"] == "404" and codes["past_the_end"] == "400"
+    messages = {k: v["message"] for k, v in refused.items()}
+    assert "is registered already; unregister it first" in messages["again"]
+    assert "create it there (shm_open) before registering it" in messages["no_object"]
+    assert "is not a POSIX shared-memory name" in messages["bad_key"]
+    assert "offset 0 + byte_size 4097 passes the end of shared-memory object" in messages["too_big"]
+    assert "no shared-memory region 'nope' is registered" in messages["status_unknown"]
+    assert "input TEXT: no shared-memory region 'nope' is registered; register it first" in messages["unknown_region"]
+    assert (
+        "shared_memory_offset 1000 + shared_memory_byte_size 4000 pass the end of region 'in'"
+        in messages["past_the_end"]
+    )
+    assert (
+        "is 8 bytes, more than its shared_memory_byte_size 4: give the output a larger region"
+        in messages["output_too_small"]
+    )
+    assert [row[0] for row in r["after_unregister"]] == ["out"]
+    assert "no shared-memory region 'in' is registered" in messages["unregistered"]
+    assert r["after_unregister_all"] == [] and r["still_serving"] is True
+
+
+def test_off_by_default_every_call_says_how_to_turn_it_on(kserve_server: dict[str, int]) -> None:
+    """The shared KServe server runs with the default: the extension is not listed and each of its calls, and an
+    input naming a region, is UNIMPLEMENTED naming the setting."""
+    with grpc.insecure_channel(f"127.0.0.1:{kserve_server['grpc_port']}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert "system_shared_memory" not in stub.ServerMetadata(pb.ServerMetadataRequest()).extensions
+        request = pb.ModelInferRequest(model_name="sentiment")
+        t = request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+        t.parameters["shared_memory_region"].string_param = "in"
+        t.parameters["shared_memory_byte_size"].int64_param = 8
+        calls: list[Callable[[], object]] = [
+            lambda: stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()),
+            lambda: stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(name="a", key="/a")),
+            lambda: stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest()),
+            lambda: stub.ModelInfer(request),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "start the server with SEQSERVE_SHARED_MEMORY=system" in info.value.details()
+        assert stub.ServerLive(pb.ServerLiveRequest()).live
+
+
+def test_cuda_shared_memory_has_no_regions_and_registering_says_what_to_use_instead(
+    kserve_server: dict[str, int],
+) -> None:
+    """As a Triton built without GPU support answers: the status is empty and unregistering succeeds (perf_analyzer
+    unregisters CUDA regions too, at its start and end), registering is UNIMPLEMENTED naming the alternatives."""
+    with grpc.insecure_channel(f"127.0.0.1:{kserve_server['grpc_port']}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert not stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest()).regions
+        stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest())
+        stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest(name="r"))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(name="r"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name="r", byte_size=8))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "send the tensors in the request, or use system shared memory" in info.value.details()
+
+
+def test_registering_needs_an_admin_when_credentials_are_configured(
+    serve: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """Registering makes the server map a file of its host: with API keys, for ADMIN_PRINCIPALS only, as loading
+    models is. Anyone with credentials may read the table and use the regions."""
+    handle = serve(shared_memory="system", api_keys=f"alice:{K_ALICE},bob:{K_BOB}", admin_principals=["alice"])
+    key = f"seqserve_test_admin_{os.getpid()}"
+    path = Path("/dev/shm") / key
+    path.write_bytes(bytes(64))
+    try:
+        with grpc.insecure_channel(handle.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            alice, bob = ((("authorization", f"Bearer {k}"),) for k in (K_ALICE, K_BOB))
+            register = pb.SystemSharedMemoryRegisterRequest(name="r", key=f"/{key}", byte_size=64)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SystemSharedMemoryRegister(register, metadata=bob)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "principal 'bob' may not register shared-memory regions" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            stub.SystemSharedMemoryRegister(register, metadata=alice)
+            status = stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=bob)
+            assert list(status.regions) == ["r"] and status.regions["r"].byte_size == 64
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=bob)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=alice)
+            assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=bob).regions
+    finally:
+        path.unlink()
+
+
+# --- Regions, on a folder standing in for /dev/shm ---------------------------------------------------------------
+def _object(root: Path, name: str, size: int) -> Path:
+    path = root / name
+    path.write_bytes(bytes(size))
+    return path
+
+
+def test_regions_read_and_write_inside_their_bounds(tmp_path: Path) -> None:
+    obj = _object(tmp_path, "obj", 64)
+    regions = Regions(True, root=str(tmp_path))
+    regions.register(SharedRegion("r", "/obj", 16, 32))
+    regions.write("r", 4, 8, b"abcd", what="output 'X'")
+    assert obj.read_bytes()[20:24] == b"abcd"  # the region starts at 16 of the object
+    assert regions.read("r", 4, 4, what="input 'X'") == b"abcd"
+    with pytest.raises(InvalidInput, match="shared_memory_offset 30 \\+ shared_memory_byte_size 4 pass the end"):
+        regions.read("r", 30, 4, what="input 'X'")
+    with pytest.raises(InvalidInput, match="is 9 bytes, more than its shared_memory_byte_size 8"):
+        regions.write("r", 0, 8, b"x" * 9, what="output 'X'")
+    assert obj.read_bytes()[16:20] == bytes(4)  # a refused write writes nothing
+    with pytest.raises(AlreadyExists):
+        regions.register(SharedRegion("r", "obj", 0, 8))
+    for key in ("../obj", "/a/b", "..", ""):
+        with pytest.raises(InvalidInput, match="is not a POSIX shared-memory name"):
+            regions.register(SharedRegion("k", key, 0, 8))
+    with pytest.raises(RegionNotFound, match="no shared-memory object '/gone'"):
+        regions.register(SharedRegion("g", "/gone", 0, 8))
+    os.symlink(obj, tmp_path / "link")
+    with pytest.raises(InvalidInput, match="cannot be opened"):  # O_NOFOLLOW: a link is never followed
+        regions.register(SharedRegion("l", "link", 0, 8))
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(InvalidInput):
+        regions.register(SharedRegion("d", "dir", 0, 8))
+    with pytest.raises(InvalidInput, match="offset must be >= 0 and byte_size > 0"):
+        regions.register(SharedRegion("z", "obj", 0, 0))
+    assert [r.name for r in regions.status()] == ["r"]
+    regions.unregister("not-there")  # as in Triton: no error
+    regions.unregister(None)
+    assert regions.status() == []
+    with pytest.raises(RegionNotFound, match="register it first"):
+        regions.read("r", 0, 4, what="input 'X'")
+
+
+def test_a_frontend_follows_the_engines_table(tmp_path: Path) -> None:
+    _object(tmp_path, "a", 16)
+    _object(tmp_path, "b", 16)
+    regions = Regions(True, root=str(tmp_path))
+    a, b = SharedRegion("a", "a", 0, 16), SharedRegion("b", "/b", 0, 8)
+    regions.follow([a, b, SharedRegion("c", "/missing", 0, 8)])  # one that cannot be mapped is left out
+    assert regions.status() == [a, b]
+    moved = SharedRegion("b", "/b", 8, 8)  # re-registered with other bounds: mapped again
+    regions.follow([moved])
+    assert regions.status() == [moved]
+    regions.close()
+    assert regions.status() == []
+
+
+def test_off_regions_refuse_everything_naming_the_setting() -> None:
+    regions = Regions(False)
+    for call in (
+        lambda: regions.status(),
+        lambda: regions.register(SharedRegion("a", "/a", 0, 8)),
+        lambda: regions.unregister(None),
+        lambda: regions.read("a", 0, 8, what="input 'X'"),
+    ):
+        with pytest.raises(NotOffered, match="SEQSERVE_SHARED_MEMORY=system"):
+            call()
