@@ -318,7 +318,7 @@ class Settings(BaseSettings):
     shared-memory objects (tritonclient ``register_system_shared_memory``, perf_analyzer ``--shared-memory
     system``) and its inputs and outputs name them instead of carrying their bytes (``service/core/shm.py``).
     Registering needs an admin principal when credentials are configured. Off by default (Triton has it on): a
-    registration makes the server map a file of its host that the caller names, and only a caller on the same host
+    registration makes the server open a file of its host that the caller names, and only a caller on the same host
     (in Docker, with the server's IPC namespace) can use it."""
 
     # --- per-principal quotas (0 = no limit) ------------------------------------------------------------

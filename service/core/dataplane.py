@@ -255,7 +255,7 @@ class CoreDataPlane:
         return now
 
     async def register_region(self, region: SharedRegion) -> None:
-        """Triton's system shared-memory extension: maps ``region`` here, then (through ``on_regions_change``
+        """Triton's system shared-memory extension: opens ``region`` here, then (through ``on_regions_change``
         listeners: the engine's frontends) in every other process, before answering. Registering and unregistering
         are for admins: they make the server open files of its host."""
         self.regions.check_on()  # off: UNIMPLEMENTED saying how to turn it on, before anything else

@@ -2,13 +2,13 @@
 by name, so that an input is read from one, or an output written into one, instead of travelling in the request.
 
 A region is (name, key, offset, byte_size): ``key`` names an object under ``/dev/shm`` (``shm_open``'s name, with or
-without its leading slash), and the region is ``byte_size`` bytes of it from ``offset``. Registering maps the object
-(``mmap``, read and write); unregistering unmaps it. The client owns the object: the server never creates,
+without its leading slash), and the region is ``byte_size`` bytes of it from ``offset``. Registering opens the object
+(read and write); unregistering closes it. The client owns the object: the server never creates,
 resizes or unlinks one.
 
 With ``--workers N`` the engine's ``Regions`` is the one that registrations change (``CoreDataPlane``), and it
-sends its table to every frontend, which maps the same objects (``follow``): the frontends read and write the
-tensors, and a registration answers once every frontend has mapped the region.
+sends its table to every frontend, which opens the same objects (``follow``): the frontends read and write the
+tensors, and a registration answers once every frontend has opened the region.
 
 Off unless ``SEQSERVE_SHARED_MEMORY=system``: a registration makes the server open a file of its host that the
 caller names, which only a client on the same host can use, and which a remote caller should not be able to ask
@@ -18,14 +18,13 @@ for by default.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import re
 import stat
 from collections.abc import Iterable
 
 from service.core.types import SharedRegion
-from service.errors import AlreadyExists, InvalidInput, NotOffered, RegionNotFound, echo
+from service.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotOffered, RegionNotFound, echo
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +39,25 @@ OFF_MESSAGE = (
 )
 
 
-class _Mapped:
-    __slots__ = ("map", "region")
+class _Opened:
+    """A registered region and its object's descriptor. Tensors are copied with ``pread``/``pwrite``, not through a
+    mapping: touching a mapped page past the end of its file kills the process (SIGBUS), and the object's owner may
+    shrink it at any time; a read past the end only comes back short."""
 
-    def __init__(self, region: SharedRegion, mapped: mmap.mmap) -> None:
-        self.region, self.map = region, mapped
+    __slots__ = ("fd", "region")
+
+    def __init__(self, region: SharedRegion, fd: int) -> None:
+        self.region, self.fd = region, fd
 
 
 class Regions:
-    """The registered regions of one process, mapped. ``enabled`` False: every call says how to turn it on."""
+    """The registered regions of one process, opened. ``enabled`` False: every call says how to turn it on."""
 
     def __init__(self, enabled: bool, root: str = ROOT, limit: int = MAX_REGIONS) -> None:
         self.enabled = enabled
         self.root = root
         self.limit = limit
-        self._regions: dict[str, _Mapped] = {}
+        self._regions: dict[str, _Opened] = {}
 
     def check_on(self) -> None:
         """UNIMPLEMENTED, naming the setting, when the extension is off."""
@@ -63,7 +66,7 @@ class Regions:
 
     # --- registration -----------------------------------------------------------------------------------
     def register(self, region: SharedRegion) -> None:
-        """Maps ``region``; INVALID_ARGUMENT for a malformed one, NOT_FOUND when its key names no object,
+        """Opens ``region``'s object; INVALID_ARGUMENT for a malformed one, NOT_FOUND when its key names no object,
         ALREADY_EXISTS when the name is taken (unregister it first, as in Triton)."""
         self.check_on()
         if not region.name or len(region.name) > _NAME_CHARS:
@@ -75,9 +78,9 @@ class Regions:
             )
         if len(self._regions) >= self.limit:
             raise InvalidInput(f"{self.limit} shared-memory regions are registered; unregister one first")
-        self._regions[region.name] = _Mapped(region, self._map(region))
+        self._regions[region.name] = _Opened(region, self._open(region))
 
-    def _map(self, region: SharedRegion) -> mmap.mmap:
+    def _open(self, region: SharedRegion) -> int:
         m = _KEY.fullmatch(region.key)
         if m is None or m[1] in (".", ".."):
             raise InvalidInput(
@@ -113,31 +116,32 @@ class Regions:
                     f"region {echo(region.name)}: offset {region.offset} + byte_size {region.byte_size} passes the "
                     f"end of shared-memory object {echo(region.key)} ({info.st_size} bytes)"
                 )
-            return mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+            return fd
+        except BaseException:
             os.close(fd)
+            raise
 
     def unregister(self, name: str | None) -> None:
-        """Unmaps ``name`` (None or "": every region). A name not registered is no error, as in Triton."""
+        """Closes ``name`` (None or "": every region). A name not registered is no error, as in Triton."""
         self.check_on()
         for key in list(self._regions) if not name else [name]:
-            mapped = self._regions.pop(key, None)
-            if mapped is not None:
-                _close(mapped)
+            opened = self._regions.pop(key, None)
+            if opened is not None:
+                _close(opened)
 
     def status(self, name: str | None = None) -> list[SharedRegion]:
         """The regions (``name``'s alone when given; NOT_FOUND when it is not registered)."""
         self.check_on()
         if not name:
             return [m.region for m in self._regions.values()]
-        mapped = self._regions.get(name)
-        if mapped is None:
+        opened = self._regions.get(name)
+        if opened is None:
             raise RegionNotFound(f"no shared-memory region {echo(name)} is registered")
-        return [mapped.region]
+        return [opened.region]
 
     def follow(self, table: Iterable[SharedRegion]) -> None:
-        """Makes this process's mappings match ``table`` (the engine's): maps the new regions, unmaps the gone
-        ones, keeps the rest. A region that cannot be mapped here is logged and left out (its use then fails with
+        """Makes this process's regions match ``table`` (the engine's): opens the new regions, closes the gone
+        ones, keeps the rest. A region that cannot be opened here is logged and left out (its use then fails with
         NOT_FOUND, naming it)."""
         wanted = {r.name: r for r in table}
         for name in [n for n, m in self._regions.items() if wanted.get(n) != m.region]:
@@ -145,33 +149,36 @@ class Regions:
         for name, region in wanted.items():
             if name not in self._regions:
                 try:
-                    self._regions[name] = _Mapped(region, self._map(region))
+                    self._regions[name] = _Opened(region, self._open(region))
                 except Exception:
-                    log.exception("could not map shared-memory region %r that the engine registered", name)
+                    log.exception("could not open shared-memory region %r that the engine registered", name)
 
     def close(self) -> None:
-        for mapped in self._regions.values():
-            _close(mapped)
+        for opened in self._regions.values():
+            _close(opened)
         self._regions.clear()
 
     # --- tensors ----------------------------------------------------------------------------------------
-    def _find(self, name: str, offset: int, byte_size: int, what: str) -> _Mapped:
+    def _find(self, name: str, offset: int, byte_size: int, what: str) -> _Opened:
         self.check_on()
-        mapped = self._regions.get(name)
-        if mapped is None:
+        opened = self._regions.get(name)
+        if opened is None:
             raise RegionNotFound(f"{what}: no shared-memory region {echo(name)} is registered; register it first")
-        if offset < 0 or byte_size < 0 or offset + byte_size > mapped.region.byte_size:
+        if offset < 0 or byte_size < 0 or offset + byte_size > opened.region.byte_size:
             raise InvalidInput(
                 f"{what}: shared_memory_offset {offset} + shared_memory_byte_size {byte_size} pass the end of "
-                f"region {echo(name)} ({mapped.region.byte_size} bytes)"
+                f"region {echo(name)} ({opened.region.byte_size} bytes)"
             )
-        return mapped
+        return opened
 
     def read(self, name: str, offset: int, byte_size: int, what: str) -> bytes:
         """A copy of ``byte_size`` bytes of region ``name`` from ``offset`` (within the region)."""
-        mapped = self._find(name, offset, byte_size, what)
-        start = mapped.region.offset + offset
-        return mapped.map[start : start + byte_size]
+        opened = self._find(name, offset, byte_size, what)
+        start = opened.region.offset + offset
+        data = os.pread(opened.fd, byte_size, start)
+        if len(data) < byte_size:
+            _shrunk(opened, start + byte_size, what)
+        return data
 
     def check(self, name: str, offset: int, byte_size: int, what: str) -> None:
         """Raises what ``read`` or ``write`` would for these bounds, before anything runs."""
@@ -179,15 +186,26 @@ class Regions:
 
     def write(self, name: str, offset: int, byte_size: int, data: bytes, what: str) -> None:
         """Writes ``data`` into region ``name`` at ``offset``; it must fit in ``byte_size``."""
-        mapped = self._find(name, offset, byte_size, what)
+        opened = self._find(name, offset, byte_size, what)
         if len(data) > byte_size:
             raise InvalidInput(
                 f"{what} is {len(data)} bytes, more than its shared_memory_byte_size {byte_size}: give the output "
                 f"a larger region (nothing was written into {echo(name)})"
             )
-        start = mapped.region.offset + offset
-        mapped.map[start : start + len(data)] = data
+        start = opened.region.offset + offset
+        if os.fstat(opened.fd).st_size < start + len(data):  # (never grow the owner's object)
+            _shrunk(opened, start + len(data), what)
+        os.pwrite(opened.fd, data, start)
 
 
-def _close(mapped: _Mapped) -> None:
-    mapped.map.close()  # (reads copy out of the map and writes copy in: no view of it outlives a call)
+def _close(opened: _Opened) -> None:
+    os.close(opened.fd)
+
+
+def _shrunk(opened: _Opened, end: int, what: str) -> None:
+    size = os.fstat(opened.fd).st_size
+    raise FailedPrecondition(
+        f"{what}: shared-memory object {echo(opened.region.key)} is now {size} bytes, shorter than the {end} that "
+        f"region {echo(opened.region.name)} needs here: its owner shrank it; unregister the region and register it "
+        "again once the object has its size"
+    )

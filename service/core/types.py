@@ -326,7 +326,7 @@ class DataPlane(Protocol):
 
     @property
     def regions(self) -> Regions:
-        """This process's system shared-memory regions, mapped (``core/shm.py``): the tensors of a request that
+        """This process's system shared-memory regions, opened (``core/shm.py``): the tensors of a request that
         names one are read from and written into it here."""
         ...
 

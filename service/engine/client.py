@@ -71,7 +71,7 @@ class RemoteDataPlane:
         self, path: str, max_pending: int = 1024, control_timeout: float = 10.0, shared_memory: bool = False
     ) -> None:
         self.path = path
-        self.regions = Regions(shared_memory)  # the engine's table, mapped here (its REGIONS_CHANGED events)
+        self.regions = Regions(shared_memory)  # the engine's table, opened here (its REGIONS_CHANGED events)
         self.max_pending = max_pending  # calls waiting for the engine beyond which new ones fail at once
         self.control_timeout = control_timeout
         self._transport: asyncio.Transport | None = None
@@ -270,7 +270,7 @@ class RemoteDataPlane:
         return dict(await self._control("trace_settings", model, changes, context=True))
 
     async def register_region(self, region: SharedRegion) -> None:
-        """Registered in the engine, which passes its table on to every frontend (each maps it) before it
+        """Registered in the engine, which passes its table on to every frontend (each opens it) before it
         answers."""
         await self._control("register_region", region, context=True)
 

@@ -22,7 +22,7 @@ one frontend changed, every frontend reports. ["logs", event id, settings] does 
 settings (LogSettings); the engine also sends it, with event id 0 (no ACK), to each frontend that says HELLO,
 so that a frontend that started after a change writes what the others write. ["regions", event id, table] does
 the same for the system shared-memory regions (the engine's whole table, a list of ``SharedRegion``): each frontend
-maps what the table holds and unmaps the rest, so that a region registered through one frontend is usable, when
+opens what the table holds and closes the rest, so that a region registered through one frontend is usable, when
 the call answers, through every other.
 
 Why not ZeroMQ: measured on the 2-core box, a ping-pong between two asyncio processes costs 113-180 µs p50 and

@@ -21,7 +21,7 @@ from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.shm import Regions
 from service.core.types import SharedRegion
-from service.errors import AlreadyExists, InvalidInput, NotOffered, RegionNotFound
+from service.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotOffered, RegionNotFound
 from tests.conftest import ServerHandle
 from tests.service.kserve.procs import start_server, stop_server
 
@@ -161,7 +161,7 @@ def test_cuda_shared_memory_has_no_regions_and_registering_says_what_to_use_inst
 def test_registering_needs_an_admin_when_credentials_are_configured(
     serve: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
-    """Registering makes the server map a file of its host: with API keys, for ADMIN_PRINCIPALS only, as loading
+    """Registering makes the server open a file of its host: with API keys, for ADMIN_PRINCIPALS only, as loading
     models is. Anyone with credentials may read the table and use the regions."""
     handle = serve(shared_memory="system", api_keys=f"alice:{K_ALICE},bob:{K_BOB}", admin_principals=["alice"])
     key = f"seqserve_test_admin_{os.getpid()}"
@@ -226,6 +226,12 @@ def test_regions_read_and_write_inside_their_bounds(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="offset must be >= 0 and byte_size > 0"):
         regions.register(SharedRegion("z", "obj", 0, 0))
     assert [r.name for r in regions.status()] == ["r"]
+    with open(obj, "r+b") as f:  # its owner shrinks the object: what passes its new end is refused
+        f.truncate(24)
+    assert regions.read("r", 0, 8, what="input 'X'") == bytes(4) + b"abcd"  # (16..24: still there)
+    for call in (lambda: regions.read("r", 4, 8, what="input 'X'"), lambda: regions.write("r", 8, 4, b"zzzz", "o")):
+        with pytest.raises(FailedPrecondition, match="is now 24 bytes, shorter than the 28 that region 'r' needs"):
+            call()
     regions.unregister("not-there")  # as in Triton: no error
     regions.unregister(None)
     assert regions.status() == []
