@@ -21,14 +21,18 @@ from bench import pa
 from tests.service.kserve.procs import start_server, stop_server
 
 
-@pytest.fixture(scope="module")
-def targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """{"grpc": the gRPC port, "http": the KServe REST port} of one server (default workers)."""
-    proc, ports = start_server(tiny_models, tmp_path_factory.mktemp("perf-analyzer"), SEQSERVE_HTTP_PORT="0")
+def _server(models: Path, folder: Path, **env: str) -> Iterator[dict[str, str]]:
+    """{"grpc": the gRPC port, "http": the KServe REST port} of one server (default workers) with ``env``."""
+    proc, ports = start_server(models, folder, SEQSERVE_HTTP_PORT="0", **env)
     try:
         yield {"grpc": f"127.0.0.1:{ports['grpc_port']}", "http": f"127.0.0.1:{ports['http_port']}"}
     finally:
         stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    yield from _server(tiny_models, tmp_path_factory.mktemp("perf-analyzer"))
 
 
 def short_run(w: pa.Workload, target: str, protocol: str, folder: Path, concurrency: int) -> list[str]:
@@ -72,15 +76,9 @@ def test_perf_analyzer_without_version_flag(
 
 @pytest.fixture(scope="module")
 def cached_targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A server with the response cache on (gRPC and REST ports)."""
-    proc, ports = start_server(
-        tiny_models, tmp_path_factory.mktemp("perf-analyzer-cache"), SEQSERVE_HTTP_PORT="0",
-        SEQSERVE_RESPONSE_CACHE_BYTES=str(1 << 20),
-    )  # fmt: skip
-    try:
-        yield {"grpc": f"127.0.0.1:{ports['grpc_port']}", "http": f"127.0.0.1:{ports['http_port']}"}
-    finally:
-        stop_server(proc)
+    """A server with the response cache on."""
+    folder = tmp_path_factory.mktemp("perf-analyzer-cache")
+    yield from _server(tiny_models, folder, SEQSERVE_RESPONSE_CACHE_BYTES=str(1 << 20))
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -104,15 +102,8 @@ def test_perf_analyzer_reads_the_response_cache_as_tritons(
 
 @pytest.fixture(scope="module")
 def shm_targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A server with system shared memory on (gRPC and REST ports)."""
-    proc, ports = start_server(
-        tiny_models, tmp_path_factory.mktemp("perf-analyzer-shm"), SEQSERVE_HTTP_PORT="0",
-        SEQSERVE_SHARED_MEMORY="system",
-    )  # fmt: skip
-    try:
-        yield {"grpc": f"127.0.0.1:{ports['grpc_port']}", "http": f"127.0.0.1:{ports['http_port']}"}
-    finally:
-        stop_server(proc)
+    """A server with system shared memory on."""
+    yield from _server(tiny_models, tmp_path_factory.mktemp("perf-analyzer-shm"), SEQSERVE_SHARED_MEMORY="system")
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
