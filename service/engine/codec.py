@@ -1,12 +1,17 @@
 """The wire format between frontends and the engine: msgpack, with extension types for what the data plane
 passes around (never pickle: a frontend and the engine trust each other's code, not each other's bytes).
 
+Each value msgpack does not know travels as an array whose first element is a marker, an empty extension of its
+kind, packed in place by the frame's one ``packb`` and rebuilt by the unpacker's ``list_hook`` (an extension
+holding a nested ``packb`` per value cost ~3 µs each: the answer of one char-LM step, an InferResult of three
+tensors, took ~20 µs to pack and ~7 to unpack, against ~4 and ~3 now, on every step the engine answers):
+
 - ``service.core.types`` dataclasses (ModelRef, SequenceRef, Tensor, InferResult, CharStep, ModelStats, ...):
-  ext 1, ``[type name, *field values]``; tuple-typed fields come back as tuples.
-- numpy arrays: ext 2, ``[dtype, shape, raw bytes]`` (little-endian C order; decoded into an own, writable copy:
+  marker 1, ``[type name, *field values]``; tuple-typed fields come back as tuples.
+- numpy arrays: marker 2, ``[dtype, shape, raw bytes]`` (little-endian C order; decoded into an own, writable copy:
   the arrays here are a few hundred bytes, a copy costs less than the care a shared buffer would need).
-- sets: ext 3. KServe inputs (``WireInput``): ext 4, ``[InferInputTensor bytes, raw contents or None]``, so the
-  engine checks headers before it decodes data, exactly as in one process.
+- sets: marker 3. KServe inputs (``WireInput``): marker 4, ``[InferInputTensor bytes, raw contents or None]``, so
+  the engine checks headers before it decodes data, exactly as in one process.
 - errors: ``SeqServeError`` subclasses travel as (class name, message, nearest ``service.errors`` base) and are
   raised again on the other side.
 """
@@ -38,50 +43,72 @@ _TUPLES: dict[type, tuple[int, ...]] = {
     for cls in _DATACLASSES.values()
 }
 _DATACLASS, _ARRAY, _SET, _WIRE_INPUT = 1, 2, 3, 4
+_MARKS = {code: msgpack.ExtType(code, b"") for code in (_DATACLASS, _ARRAY, _SET, _WIRE_INPUT)}
 _ERRORS: dict[str, type[errors.SeqServeError]] = {
     name: obj for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, errors.SeqServeError)
 }
+
+
+class _Mark:
+    """A marker as the unpacker sees it (``_ext``), before ``_rebuild`` turns its array into the value."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+_SEEN = {code: _Mark(code) for code in _MARKS}
 
 
 def _default(obj: Any) -> Any:
     cls = type(obj)
     fields = _FIELDS.get(cls)
     if fields is not None:
-        return msgpack.ExtType(_DATACLASS, pack([cls.__name__, *(getattr(obj, f) for f in fields)]))
+        return [_MARKS[_DATACLASS], cls.__name__, *[getattr(obj, f) for f in fields]]
     if isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        return msgpack.ExtType(_ARRAY, pack([a.dtype.str, list(a.shape), a.tobytes()]))
+        return [_MARKS[_ARRAY], a.dtype.str, list(a.shape), a.tobytes()]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, set | frozenset):
-        return msgpack.ExtType(_SET, pack(sorted(obj)))
+        return [_MARKS[_SET], *sorted(obj)]
     from service.api.kserve.tensors import WireInput  # the frontends' KServe inputs (the engine imports it too)
 
     if isinstance(obj, WireInput):
-        return msgpack.ExtType(_WIRE_INPUT, pack(obj.to_wire()))
+        return [_MARKS[_WIRE_INPUT], *obj.to_wire()]
     raise TypeError(f"cannot send {cls.__name__} between frontend and engine")
 
 
 def _ext(code: int, data: bytes) -> Any:
+    mark = _SEEN.get(code)
+    if mark is None or data:
+        raise ValueError(f"unknown extension {code} in a frame")
+    return mark
+
+
+def _rebuild(values: list[Any]) -> Any:
+    """``list_hook``: an array that starts with a marker becomes its value; any other stays a list."""
+    if not values or type(values[0]) is not _Mark:
+        return values
+    code = values[0].code
     if code == _DATACLASS:
-        name, *values = unpack(data)
-        cls = _DATACLASSES[name]
+        cls = _DATACLASSES[values[1]]
+        fields = values[2:]
         for i in _TUPLES[cls]:
-            if isinstance(values[i], list):
-                values[i] = tuple(values[i])
-        return cls(*values)
+            if isinstance(fields[i], list):
+                fields[i] = tuple(fields[i])
+        return cls(*fields)
     if code == _ARRAY:
-        dtype, shape, raw = unpack(data)
+        _, dtype, shape, raw = values
         return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
     if code == _SET:
-        return set(unpack(data))
-    if code == _WIRE_INPUT:
-        from service.api.kserve.tensors import WireInput
+        return set(values[1:])
+    from service.api.kserve.tensors import WireInput
 
-        return WireInput.from_wire(*unpack(data))
-    return msgpack.ExtType(code, data)
+    return WireInput.from_wire(values[1], values[2])
 
 
 def pack(obj: Any) -> bytes:
@@ -90,7 +117,7 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes | memoryview) -> Any:
-    return msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=False)
+    return msgpack.unpackb(data, ext_hook=_ext, list_hook=_rebuild, raw=False, strict_map_key=False)
 
 
 def pack_replies(replies: list[list[Any]], failed: Callable[[int], None] | None = None) -> bytes:

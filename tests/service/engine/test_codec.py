@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
+import msgpack
 import numpy as np
 import pytest
 
@@ -27,7 +28,7 @@ from service.api.interceptors import error_reason, status_code_for
 from service.core.context import mark_admitted, priority, set_priority
 from service.core.dataplane import CoreDataPlane
 from service.core.shm import Regions
-from service.core.types import ModelRef, SamplingParams, SharedRegion
+from service.core.types import InferResult, ModelRef, SamplingParams, SharedRegion, Tensor
 from service.engine import wire
 from service.engine.client import RemoteDataPlane
 from service.engine.codec import EngineError, error_payload, pack, pack_replies, raise_error, unpack
@@ -140,6 +141,36 @@ async def test_a_stream_whose_answer_cannot_be_sent_is_stopped() -> None:
     replies = unpack(frame[4:])
     assert [r[:2] for r in replies] == [[5, wire.ITEM], [5, wire.ERROR], [6, wire.OK]]
     other.cancel()
+
+
+def test_every_kind_of_value_crosses_as_it_was() -> None:
+    """Dataclasses (nested, tuple fields back as tuples), arrays, sets and KServe inputs travel as marked arrays
+    inside the frame's one packb; plain lists, whatever they hold, stay lists; an unknown extension makes the frame
+    unreadable (the connection is closed, as for any bad frame)."""
+    from service.api.gen.inference import grpc_service_pb2 as pb
+    from service.api.kserve.tensors import WireInput
+
+    probs = np.arange(6, dtype=np.float32).reshape(2, 3)
+    result = InferResult(
+        model="charlm",
+        version=2,
+        outputs=[Tensor("P", "FP32", (2, 3), array=probs), Tensor("V", "BYTES", (2,), items=[b"a", b""])],
+        inferences=2,
+        steps=7,
+    )
+    t = pb.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
+    sent = [result, {"k", "j"}, [[], [1, [2]], "x"], SharedRegion("r", "/k", 0, 8), WireInput(t, b"raw"), None]
+    back = unpack(pack(sent))
+    got, kinds, plain, region, wired, none = back
+    assert (got.model, got.version, got.inferences, got.steps) == ("charlm", 2, 2, 7)
+    assert got.outputs[0].shape == (2, 3) and isinstance(got.outputs[0].shape, tuple)
+    np.testing.assert_array_equal(got.outputs[0].array, probs)
+    assert got.outputs[1].items == [b"a", b""] and got.outputs[1].array is None
+    assert kinds == {"j", "k"} and plain == [[], [1, [2]], "x"] and region == SharedRegion("r", "/k", 0, 8)
+    assert (wired.name, wired.shape, wired.to_wire()) == ("TEXT", (1,), (t.SerializeToString(), b"raw"))
+    assert none is None
+    with pytest.raises(ValueError, match="unknown extension 9"):
+        unpack(msgpack.packb([msgpack.ExtType(9, b"")]))
 
 
 def test_decoded_arrays_are_writable_copies() -> None:
