@@ -20,6 +20,8 @@ What it measures, and why:
 - ``streams``: concurrent generation streams; the dynamic batcher merges their one-character steps.
 - ``classify`` / ``forecast`` / ``observe``: request latency of the other APIs.
 - ``memory``: server RSS before and after opening many char-LM sessions (bytes per session).
+- ``codec``: what the frontend <-> engine link's encoding costs per char-LM step with ``--workers N``, each side
+  (``bench/codec.py``).
 - ``stores``: per-step cost of each session store (memory, Redis ``step``, Redis ``idle``) at c=1 and c=64, and
   Redis memory per session (``bench/stores.py``).
 - ``overload``: 256 closed-loop callers against the default server, then against a queue bound below them:
@@ -48,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import cli, core, layers, prefixes, runtime, where
+from bench import cli, codec, core, layers, prefixes, runtime, where
 from bench.floor import canned_method
 from bench.launch import rss_bytes, serve
 from bench.stores import print_stores, run_stores
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     results["padding"] = runtime.padding_effect(args.models, trials=3 if args.quick else 30)  # length groups
     results["threads"] = runtime.threads_effect(args.models, 30 if args.quick else 300)  # 1 vs 2 intra-op threads
     results["stores"] = run_stores(args.models, quick=args.quick)  # per-step cost of each session store
+    results["codec"] = codec.measure(2000 if args.quick else 20000, 3 if args.quick else 7)  # the engine link
     from bench import sessions  # session create rate at 1k/50k/250k live sessions (its own server; not --quick)
 
     if not args.quick:
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         results["runtime"], results["batch_dependence"], results["cache_effect"], results["padding"], results["threads"]
     )
     print_stores(results["stores"])
+    codec.print_table(results["codec"])
     if "sessions" in results:
         sessions.print_table(results["sessions"])
     if "perf" in results:

@@ -46,6 +46,9 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
         assert t["one_thread_us"] > 0 and t["two_threads_us"] > 0
         assert abs(t["speedup"] - t["one_thread_us"] / t["two_threads_us"]) < 1e-9
     assert r["memory"]["sessions"] == 50 and r["memory"]["rss_after_bytes"] > 0
+    codec = r["codec"]  # the engine link's encoding of one char-LM step, each direction
+    assert codec["reply_bytes"] > codec["call_bytes"] > 0
+    assert all(codec[k] > 0 for k in codec if k.endswith("_us"))
     stores = r["stores"]  # memory, Redis step, Redis idle at two concurrencies (redis-server: make sysdeps)
     assert [(row["store"], row["sessions"]) for row in stores["rows"]] == [
         (name, c) for name in ("memory", "redis step", "redis idle") for c in (1, 4)
