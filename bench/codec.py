@@ -1,7 +1,8 @@
 """What the frontend <-> engine codec (``service/engine/codec.py``) costs per char-LM step with ``--workers N``:
 the frontend packs a KServe ``infer`` call (one character, in a sequence) and the engine unpacks it; the engine packs
 its answer (an InferResult of the char LM's three outputs: 65 probabilities, the 65-character VOCAB, the completion)
-and the frontend unpacks it. µs per message, the best of ``--repeats`` timeit runs of ``--number`` each, one core.
+and the frontend unpacks it (and, in one more row, encodes the KServe response from it). µs per message, the best
+of ``--repeats`` timeit runs of ``--number`` each, one core.
 
     python -m bench.codec [--number 20000] [--repeats 7]
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from bench import cli
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.api.kserve.tensors import WireInput
+from service.api.kserve.tensors import WireInput, encode_outputs
 from service.core.types import InferResult, ModelRef, SequenceRef, Tensor
 from service.engine import wire
 from service.engine.codec import pack, pack_replies, unpack
@@ -46,7 +47,12 @@ def measure(number: int, repeats: int) -> dict[str, float]:
     def best(fn: Any) -> float:
         return round(min(timeit.repeat(fn, number=number, repeat=repeats)) / number * 1e6, 2)
 
+    def answer() -> None:  # what a frontend does with the reply: decode it, then encode the KServe response
+        result = unpack(sent_reply)[0][2]
+        encode_outputs(pb.ModelInferResponse(), result.model, result.version, result.outputs)
+
     return {
+        "reply_to_response_frontend_us": best(answer),
         "call_pack_frontend_us": best(lambda: pack(call)),
         "call_unpack_engine_us": best(lambda: unpack(sent_call)),
         "reply_pack_engine_us": best(lambda: pack_replies(reply)),
@@ -67,6 +73,8 @@ def print_table(row: dict[str, float]) -> None:
     ):
         print(f"  {name:>8}  {row[name + '_bytes']:>6}  {packed:>8.2f}  {unpacked:>9.2f}")
     print(f"  per step: the engine {engine:.1f} µs, a frontend {frontend:.1f} µs")
+    response_us = row["reply_to_response_frontend_us"]
+    print(f"  a frontend's reply unpacked and encoded as the KServe response: {response_us:.1f} µs")
 
 
 def main(argv: list[str] | None = None) -> int:

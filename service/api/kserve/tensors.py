@@ -74,7 +74,8 @@ _ENCODED_MAX = 64
 _ENCODED_MIN_ITEMS = 16
 
 
-def _serialize_cached(items: list[bytes]) -> bytes:
+def serialize_cached(items: list[bytes]) -> bytes:
+    """``serialize_bytes``, kept for a list handed out again and again (by identity; lists of 16 items or more)."""
     if len(items) < _ENCODED_MIN_ITEMS:
         return serialize_bytes(items)
     hit = _ENCODED.get(id(items))
@@ -280,7 +281,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
 def _raw(t: Tensor) -> bytes:
     """An output's raw contents: numeric arrays row-major little-endian, BYTES length-prefixed."""
     if t.datatype == "BYTES":
-        return _serialize_cached(t.items or [])
+        return serialize_cached(t.items or [])
     assert t.array is not None
     dtype, _ = NUMERIC[t.datatype]
     a = t.array
