@@ -135,7 +135,8 @@ def test_sigterm_while_a_bench_waits_for_its_server_to_start_stops_that_server(t
     pid = 0
     try:
         deadline = time.monotonic() + 60
-        while not child.exists() and time.monotonic() < deadline:
+        # (the file exists from the child's open() on, and is empty until its write: wait for the pid, not the file)
+        while not (child.exists() and child.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         pid = int(child.read_text())
         bench.send_signal(signal.SIGTERM)
