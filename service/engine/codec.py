@@ -13,8 +13,8 @@ at 15.3 and 12.6 µs.)
   the arrays here are a few hundred bytes, a copy costs less than the care a shared buffer would need).
 - sets: marker 3. KServe inputs (``WireInput``): marker 4, ``[InferInputTensor bytes, raw contents or None]``, so
   the engine checks headers before it decodes data, exactly as in one process.
-- the items of a BYTES ``Tensor`` of 16 elements or more: marker 5, ``[count, serialized contents]``, decoded into
-  the same list for the same contents (``_interned``).
+- the items of a BYTES ``Tensor`` of 16 elements or more, when the same list was sent before: marker 5, ``[count,
+  serialized contents]``, decoded into the same list for the same contents (``_interned``).
 - errors: ``SeqServeError`` subclasses travel as (class name, message, nearest ``service.errors`` base) and are
   raised again on the other side.
 """
@@ -47,15 +47,17 @@ _TUPLES: dict[type, tuple[int, ...]] = {
 }
 _DATACLASS, _ARRAY, _SET, _WIRE_INPUT, _ITEMS = 1, 2, 3, 4, 5
 _MARKS = {code: msgpack.ExtType(code, b"") for code in (_DATACLASS, _ARRAY, _SET, _WIRE_INPUT, _ITEMS)}
-# A BYTES tensor of at least this many elements (a char LM's VOCAB, answered at every step) crosses as its
-# serialized contents, one bin (the engine serializes a list it sends again and again once), and the frontend
-# gets back the same list object for the same contents (``_INTERNED``), whose serialized form its response
-# encoding keeps (``tensors.serialize_cached``): instead of 65 small bins packed, unpacked and serialized again
-# at every step.
+# The items of a BYTES tensor of at least this many elements that the engine sends again, the same list (a char
+# LM's VOCAB, in every answer), cross as their serialized contents, one bin, serialized once per list; the
+# frontend gets back the same list object for the same contents (``_INTERNED``), whose serialized form its
+# response encoding keeps (``tensors.serialize_cached``): instead of 65 small bins packed, unpacked and
+# serialized again at every step. A list sent once (``_SENT``: by identity, held so that ids stay unique) and
+# lists whose contents change with every answer travel as msgpack's own arrays.
 _ITEMS_MIN = 16
 _TENSOR_ITEMS = _FIELDS[types.Tensor].index("items")
+_SENT: dict[int, list[bytes]] = {}
 _INTERNED: dict[bytes, list[bytes]] = {}
-_INTERNED_MAX = 64
+_KEPT_MAX = 64
 _ERRORS: dict[str, type[errors.SeqServeError]] = {
     name: obj for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, errors.SeqServeError)
 }
@@ -78,10 +80,16 @@ def _default(obj: Any) -> Any:
     fields = _FIELDS.get(cls)
     if fields is not None:
         values = [getattr(obj, f) for f in fields]
-        if cls is types.Tensor and obj.items is not None and len(obj.items) >= _ITEMS_MIN:
-            from service.api.kserve.tensors import serialize_cached
+        items = obj.items if cls is types.Tensor else None
+        if items is not None and len(items) >= _ITEMS_MIN:
+            if id(items) in _SENT and _SENT[id(items)] is items:  # (held: its id is no other list's)
+                from service.api.kserve.tensors import serialize_cached
 
-            values[_TENSOR_ITEMS] = [_MARKS[_ITEMS], len(obj.items), serialize_cached(obj.items)]
+                values[_TENSOR_ITEMS] = [_MARKS[_ITEMS], len(items), serialize_cached(items)]
+            else:
+                if len(_SENT) >= _KEPT_MAX:
+                    _SENT.clear()
+                _SENT[id(items)] = items
         return [_MARKS[_DATACLASS], cls.__name__, *values]
     if isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj)
@@ -137,7 +145,7 @@ def _interned(count: int, serialized: bytes) -> list[bytes]:
         from service.api.kserve.tensors import deserialize_bytes
 
         items = deserialize_bytes("(engine answer)", serialized, count)
-        if len(_INTERNED) >= _INTERNED_MAX:
+        if len(_INTERNED) >= _KEPT_MAX:
             _INTERNED.clear()
         _INTERNED[serialized] = items
     return items
