@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MAX_SECONDS = 315_360_000.0  # ten years: any duration setting (a protobuf Timestamp, a Redis TTL in ms hold it)
@@ -75,6 +75,10 @@ def _latest(n: object) -> str:
 
 def _specific(versions: list[Any]) -> str:
     return "specific:" + ",".join(str(v) for v in sorted({_count(v, "each specific version") for v in versions}))
+
+
+# The setting's type: its text or Triton's JSON object, read into the canonical text (per model too: serving.py).
+VersionPolicy = Annotated[str, BeforeValidator(version_policy)]
 
 
 def chosen_versions(policy: str, versions: list[int]) -> list[int]:
@@ -196,7 +200,7 @@ class Settings(BaseSettings):
     is READY (Triton's ``model_warmup``): a graph that loads but fails to run, or answers NaN, is UNAVAILABLE with
     the reason instead of READY and failing its callers, and ONNX Runtime's first runs (on CUDA, its library set-up)
     are not a caller's. Tasks that give no input for it (``Task.warmup_input``) are not run."""
-    version_policy: str = "all"
+    version_policy: VersionPolicy = "all"
     """Which versions of each model are served (Triton's ``version_policy``): ``all`` (the default: every version
     folder, so a client that pins an older version keeps working), ``latest:N`` (the N newest; ``latest`` = 1,
     Triton's own default) or ``specific:1,3``. A model may set its own (serving.json, also as Triton's JSON
@@ -481,11 +485,6 @@ class Settings(BaseSettings):
                     "browser sends it (e.g. https://app.example.com or http://localhost:3000)"
                 )
         return [origin.lower() for origin in value]  # (browsers send scheme and host in lower case)
-
-    @field_validator("version_policy", mode="before")
-    @classmethod
-    def _version_policy(cls, value: Any) -> str:
-        return version_policy(value)
 
     @field_validator("plugins", "admin_principals", "load_models", "cors_origins", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ConfigDict, ValidationError, create_model
 
-from service.settings import Settings, version_policy
+from service.settings import Settings
 
 SERVING_FILE = "serving.json"
 PER_MODEL = (
@@ -36,7 +36,8 @@ PER_MODEL = (
     "warmup",
     "version_policy",
 )
-# The same fields as Settings has (types, limits, defaults), and nothing else.
+# The same fields as Settings has (types, limits, defaults, validators: version_policy's reads Triton's JSON too),
+# and nothing else.
 _Serving = create_model(  # type: ignore[call-overload]
     "Serving",
     __config__=ConfigDict(extra="forbid", strict=True),
@@ -50,20 +51,20 @@ def checked(values: dict[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         allowed = ", ".join(PER_MODEL)
         raise ValueError(f"{where}: {', '.join(unknown)} cannot be set per model; a model may set {allowed}")
-    if "version_policy" in values:  # (also as Triton's JSON object, which the field's type alone would refuse)
-        try:
-            values = {**values, "version_policy": version_policy(values["version_policy"])}
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
     try:
         own: dict[str, Any] = _Serving.model_validate(values).model_dump(exclude_unset=True)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].lower()}, got {json.dumps(e['input'])}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e) for e in exc.errors())
         raise ValueError(f"{where}: {problems}") from None
     return own
+
+
+def _problem(error: Any) -> str:
+    """One validation error as what to fix. A field's own validator (``version_policy``'s) already names the setting
+    and what it got; pydantic's checks of types and limits get both added."""
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg'].lower()}, got {json.dumps(error['input'])}"
 
 
 def model_settings(
