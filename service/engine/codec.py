@@ -30,6 +30,7 @@ import msgpack
 import numpy as np
 
 from service import errors
+from service.api.kserve.tensors import WireInput, deserialize_bytes, serialize_cached  # (the KServe inputs' form)
 from service.core import types
 from service.engine.wire import ERROR as ERROR_REPLY
 
@@ -83,8 +84,6 @@ def _default(obj: Any) -> Any:
         items = obj.items if cls is types.Tensor else None
         if items is not None and len(items) >= _ITEMS_MIN:
             if id(items) in _SENT and _SENT[id(items)] is items:  # (held: its id is no other list's)
-                from service.api.kserve.tensors import serialize_cached
-
                 values[_TENSOR_ITEMS] = [_MARKS[_ITEMS], len(items), serialize_cached(items)]
             else:
                 if len(_SENT) >= _KEPT_MAX:
@@ -100,8 +99,6 @@ def _default(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, set | frozenset):
         return [_MARKS[_SET], *sorted(obj)]
-    from service.api.kserve.tensors import WireInput  # the frontends' KServe inputs (the engine imports it too)
-
     if isinstance(obj, WireInput):
         return [_MARKS[_WIRE_INPUT], *obj.to_wire()]
     raise TypeError(f"cannot send {cls.__name__} between frontend and engine")
@@ -133,8 +130,6 @@ def _rebuild(values: list[Any]) -> Any:
         return set(values[1:])
     if code == _ITEMS:
         return _interned(values[1], values[2])
-    from service.api.kserve.tensors import WireInput
-
     return WireInput.from_wire(values[1], values[2])
 
 
@@ -142,8 +137,6 @@ def _interned(count: int, serialized: bytes) -> list[bytes]:
     """The items of a serialized BYTES tensor: the same list for the same contents, while they are kept."""
     items = _INTERNED.get(serialized)
     if items is None:
-        from service.api.kserve.tensors import deserialize_bytes
-
         items = deserialize_bytes("(engine answer)", serialized, count)
         if len(_INTERNED) >= _KEPT_MAX:
             _INTERNED.clear()
