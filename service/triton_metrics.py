@@ -88,8 +88,8 @@ class TritonMetrics(Collector):
         pending = GaugeMetricFamily(
             "nv_inference_pending_request_count", "Requests waiting in the batch queue.", labels=LABELS
         )
-        for s in rows:
-            pending.add_metric([self._label(s.name), str(s.version)], self._pending(s.name, s.version))
+        for key, total in self._summed(rows, lambda s: self._pending(s.name, s.version)).items():
+            pending.add_metric(list(key), total)
         yield pending
         yield from self._machine()
 
@@ -97,13 +97,18 @@ class TritonMetrics(Collector):
                   ) -> Iterator[Metric]:  # fmt: skip
         for name, doc, value in table:
             family = UnknownMetricFamily(name, doc, labels=LABELS)
-            sums: dict[tuple[str, str], float] = {}  # (two names the guard folds into one label add up)
-            for s in rows:
-                key = (self._label(s.name), str(s.version))
-                sums[key] = sums.get(key, 0.0) + value(s)
-            for key, total in sums.items():
+            for key, total in self._summed(rows, value).items():
                 family.add_metric(list(key), total)
             yield family
+
+    def _summed(self, rows: list[ModelStats], value: Callable[[ModelStats], float]) -> dict[tuple[str, str], float]:
+        """``value`` of each version by its labels: two model names the guard folds into one label add up (one
+        sample per label set, as the exposition format requires)."""
+        sums: dict[tuple[str, str], float] = {}
+        for s in rows:
+            key = (self._label(s.name), str(s.version))
+            sums[key] = sums.get(key, 0.0) + value(s)
+        return sums
 
     def _machine(self) -> Iterator[Metric]:
         """The CPU's utilization since the previous scrape and the machine's memory, when ``/proc`` has them."""

@@ -15,7 +15,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.core.types import ModelRef
+from service.core.types import Duration, ModelRef, ModelStats
 from service.errors import ModelNotFound
 from service.metrics import Metrics
 from service.triton_metrics import TritonMetrics
@@ -100,3 +100,24 @@ def test_pending_requests_and_the_cpu_share_since_the_last_scrape(tmp_path: Path
     assert second["nv_cpu_utilization"] == pytest.approx(0.6)
     assert (second["nv_cpu_memory_total_bytes"], second["nv_cpu_memory_used_bytes"]) == (1_024_000, 614_400)
     assert metrics.queue_length("m", 2) == 7 and metrics.queue_length("m", 3) == 0
+
+
+def test_two_models_the_label_guard_folds_into_one_label_add_up() -> None:
+    """Past the model label's cap ``Metrics`` reports other names as one value: their versions' numbers, the
+    pending requests included, add up into one sample per label set, as the exposition format requires."""
+    zero = Duration()
+
+    def stats(name: str, count: int) -> ModelStats:
+        return ModelStats(name, 1, 0, count, count, Duration(count, 1000 * count), zero, zero, zero, zero, zero, [])
+
+    waiting = {"a": 2, "b": 3}
+    collector = TritonMetrics(
+        lambda: [stats("a", 5), stats("b", 7)], lambda m, v: waiting[m], lambda m: "other", cache=False
+    )
+    registry = CollectorRegistry()
+    registry.register(collector)
+    got = samples(generate_latest(registry))
+    labels = (("model", "other"), ("version", "1"))
+    assert got[("nv_inference_count", labels)] == 12
+    assert got[("nv_inference_request_duration_us", labels)] == 12
+    assert got[("nv_inference_pending_request_count", labels)] == 5
