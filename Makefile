@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 
-.PHONY: help venv sysdeps serve test lint deploy-lint image image-test proto proto-check bench train \
+.PHONY: help venv sysdeps serve test lint deploy-lint image image-lock image-test proto proto-check bench train \
 	train-sentiment train-charlm train-charlm2 train-forecast train-v1 train-sentiment-glove train-forecast2 \
 	train-forecast3 train-forecast4 train-forecast-ettm1 train-forecast-ettm1-2 train-forecast-ettm1-3 \
 	train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static quantize-charlm2-static quantize-sentiment \
@@ -18,7 +18,7 @@ help:
 	@echo "make serve         create .venv if missing, install, serve ./models (SEQSERVE_* variables set the settings)"
 	@echo "make test          the whole suite (lint, protobuf check, tests, the Docker image test), as CI runs it"
 	@echo "make bench         the benchmark tables (bench/results/latest.json); python -m bench.run --help"
-	@echo "make lint | proto | proto-check | deploy-lint | image | image-test | sysdeps | venv | clean"
+	@echo "make lint | proto | proto-check | deploy-lint | image | image-lock | image-test | sysdeps | venv | clean"
 	@echo "make train         retrain the default models (make train-*: one model each; see docs/models.md)"
 
 # The venv is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
@@ -68,6 +68,11 @@ image-test: $(STAMP) sysdeps
 #   docker run --network host -e SEQSERVE_HOST=127.0.0.1 seqserve:0.1.0
 image:
 	docker build --network host -t seqserve:0.1.0 --build-arg REVISION=$$(git rev-parse HEAD) .
+
+# The exact versions the CPU image installs (deploy/docker/constraints.txt), from a fresh venv of $(PY) that installs
+# its requirements: run it to move the image to newer releases, then `make image-test`.
+image-lock:
+	$(PY) deploy/docker/requirements.py cpu uvloop --lock deploy/docker/constraints.txt
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py

@@ -3,6 +3,7 @@ image, read from the files; the HEALTHCHECK command run here against a real gRPC
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -17,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.deploy.conftest import ROOT, image_models, run, skip_models, tool
 from tests.integration.conftest import free_port
@@ -172,6 +174,46 @@ def test_cpu_image_installs_the_serving_dependencies_only() -> None:
     assert not {Requirement(line).name for line in lines} & {"torch", "onnxruntime-gpu", "pytest"}
 
 
+def locked() -> dict[str, str]:
+    """deploy/docker/constraints.txt as {canonical name: version}; every line pins one package with ``==``."""
+    pins: dict[str, str] = {}
+    for line in (ROOT / "deploy" / "docker" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==" and not req.extras and req.marker is None, line
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def test_cpu_image_installs_each_dependency_at_its_locked_version() -> None:
+    """The builder installs under constraints.txt, which pins every serving requirement (and hiredis, which
+    redis[hiredis] pulls) at a version pyproject.toml allows: `make image-lock` after a change of either."""
+    builder = stages((ROOT / "Dockerfile").read_text())[0]
+    assert "pip install --no-cache-dir --no-compile -c constraints.txt -r requirements.txt" in builder
+    assert "deploy/docker/constraints.txt" in instruction(builder, "COPY")[0].split()
+    pins = locked()
+    for line in builder_requirements("Dockerfile"):
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in deploy/docker/constraints.txt: run make image-lock"
+        assert req.specifier.contains(pins[name]), f"{req} does not allow the locked {pins[name]}: make image-lock"
+    assert "hiredis" in pins and "uvloop" in pins
+    assert not pins.keys() & {"torch", "onnxruntime-gpu", "pytest", "pip", "seqserve"}, sorted(pins)
+
+
+def test_the_lock_is_what_a_fresh_venv_holds() -> None:
+    """requirements.py --lock on no requirements: a fresh venv holds nothing pip's freeze lists, so the file is
+    the header alone (the install step is the same pip, with the requirements)."""
+    spec = importlib.util.spec_from_file_location("requirements", ROOT / "deploy" / "docker" / "requirements.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = script.lock([])
+    assert text.startswith("# The exact versions the CPU image") and f"Python {sys.version_info[0]}." in text
+    assert [line for line in text.splitlines() if not line.startswith("#")] == []
+
+
 def test_cuda_image_installs_an_onnxruntime_gpu_built_for_its_cuda() -> None:
     """The CUDA base's major version and the onnxruntime-gpu the builder installs agree, for the default build and
     for the CUDA 12 build the Dockerfile documents (a CUDA 13 wheel on a CUDA 12 base cannot load its provider)."""
@@ -197,7 +239,10 @@ def test_dockerignore_allows_exactly_what_the_images_copy() -> None:
         for copy in instruction("\n".join(stages((ROOT / path).read_text())), "COPY"):
             if not copy.startswith("--from"):
                 copied.update(copy.split()[:-1])
-    assert copied == allowed == {"pyproject.toml", "README.md", "deploy/docker/requirements.py", "service", "models"}
+    assert copied == allowed == {
+        "pyproject.toml", "README.md", "deploy/docker/requirements.py", "deploy/docker/constraints.txt", "service",
+        "models",
+    }  # fmt: skip
     assert all((ROOT / source).exists() for source in copied)
     assert "**/__pycache__" in lines and "models/**/*.pt" in lines
 
