@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 
-.PHONY: help venv sysdeps serve test lint deploy-lint image image-lock image-test proto proto-check bench train \
+.PHONY: help venv sysdeps serve test lint deploy-lint image lock image-test proto proto-check bench train \
 	train-sentiment train-charlm train-charlm2 train-forecast train-v1 train-sentiment-glove train-forecast2 \
 	train-forecast3 train-forecast4 train-forecast-ettm1 train-forecast-ettm1-2 train-forecast-ettm1-3 \
 	train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static quantize-charlm2-static quantize-sentiment \
@@ -18,14 +18,16 @@ help:
 	@echo "make serve         create .venv if missing, install, serve ./models (SEQSERVE_* variables set the settings)"
 	@echo "make test          the whole suite (lint, protobuf check, tests, the Docker image test), as CI runs it"
 	@echo "make bench         the benchmark tables (bench/results/latest.json); python -m bench.run --help"
-	@echo "make lint | proto | proto-check | deploy-lint | image | image-lock | image-test | sysdeps | venv | clean"
+	@echo "make lint | proto | proto-check | deploy-lint | image | lock | image-test | sysdeps | venv | clean"
 	@echo "make train         retrain the default models (make train-*: one model each; see docs/models.md)"
 
-# The venv is rebuilt only when pyproject.toml changes, so a second `make test` starts at once.
-$(STAMP): pyproject.toml
+# The venv is reinstalled only when pyproject.toml or its lock changes, so a second `make test` starts at once.
+# Every package at the version .ci/constraints.txt names (`make lock` moves them): a clean clone installs what the
+# suite passed with, whatever was released since.
+$(STAMP): pyproject.toml .ci/constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[cpu,train,dev]'
+	$(BIN)/python -m pip install -q -e '.[cpu,train,dev]' -c .ci/constraints.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -69,10 +71,11 @@ image-test: $(STAMP) sysdeps
 image:
 	docker build --network host -t seqserve:0.1.0 --build-arg REVISION=$$(git rev-parse HEAD) .
 
-# The exact versions the CPU image installs (deploy/docker/constraints.txt), from a fresh venv of $(PY) that installs
-# its requirements: run it to move the image to newer releases, then `make image-test`.
-image-lock:
+# The exact versions the CPU image (deploy/docker/constraints.txt) and `make venv` (.ci/constraints.txt, resolved
+# under the image's) install, each from a fresh venv of $(PY): run it to move to newer releases, then `make test`.
+lock:
 	$(PY) deploy/docker/requirements.py cpu uvloop --lock deploy/docker/constraints.txt
+	$(PY) deploy/docker/requirements.py cpu train dev --lock .ci/constraints.txt -c deploy/docker/constraints.txt
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py

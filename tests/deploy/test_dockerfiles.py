@@ -174,10 +174,13 @@ def test_cpu_image_installs_the_serving_dependencies_only() -> None:
     assert not {Requirement(line).name for line in lines} & {"torch", "onnxruntime-gpu", "pytest"}
 
 
-def locked() -> dict[str, str]:
-    """deploy/docker/constraints.txt as {canonical name: version}; every line pins one package with ``==``."""
+IMAGE_LOCK, DEV_LOCK = "deploy/docker/constraints.txt", ".ci/constraints.txt"
+
+
+def locked(path: str = IMAGE_LOCK) -> dict[str, str]:
+    """A lock (``make lock``) as {canonical name: version}; every line pins one package with ``==``."""
     pins: dict[str, str] = {}
-    for line in (ROOT / "deploy" / "docker" / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / path).read_text().splitlines():
         if line and not line.startswith("#"):
             req = Requirement(line)
             (spec,) = req.specifier
@@ -188,7 +191,7 @@ def locked() -> dict[str, str]:
 
 def test_cpu_image_installs_each_dependency_at_its_locked_version() -> None:
     """The builder installs under constraints.txt, which pins every serving requirement (and hiredis, which
-    redis[hiredis] pulls) at a version pyproject.toml allows: `make image-lock` after a change of either."""
+    redis[hiredis] pulls) at a version pyproject.toml allows: `make lock` after a change of either."""
     builder = stages((ROOT / "Dockerfile").read_text())[0]
     assert "pip install --no-cache-dir --no-compile -c constraints.txt -r requirements.txt" in builder
     assert "deploy/docker/constraints.txt" in instruction(builder, "COPY")[0].split()
@@ -196,8 +199,8 @@ def test_cpu_image_installs_each_dependency_at_its_locked_version() -> None:
     for line in builder_requirements("Dockerfile"):
         req = Requirement(line)
         name = canonicalize_name(req.name)
-        assert name in pins, f"{req.name} is not in deploy/docker/constraints.txt: run make image-lock"
-        assert req.specifier.contains(pins[name]), f"{req} does not allow the locked {pins[name]}: make image-lock"
+        assert name in pins, f"{req.name} is not in deploy/docker/constraints.txt: run make lock"
+        assert req.specifier.contains(pins[name]), f"{req} does not allow the locked {pins[name]}: make lock"
     assert "hiredis" in pins and "uvloop" in pins
     assert not pins.keys() & {"torch", "onnxruntime-gpu", "pytest", "pip", "seqserve"}, sorted(pins)
 
@@ -209,9 +212,33 @@ def test_the_lock_is_what_a_fresh_venv_holds() -> None:
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    text = script.lock([])
-    assert text.startswith("# The exact versions the CPU image") and f"Python {sys.version_info[0]}." in text
+    text = script.lock([], ["cpu"], [ROOT / IMAGE_LOCK])
+    assert text.startswith("# Exact versions for pip's -c, written by `make lock`")
+    assert f"extras cpu install in a fresh venv of Python {sys.version.split()[0]}." in text
+    assert f"# Resolved under {ROOT / IMAGE_LOCK}." in text
     assert [line for line in text.splitlines() if not line.startswith("#")] == []
+
+
+def test_make_venv_installs_the_dev_lock_which_agrees_with_the_image() -> None:
+    """`make venv` (so `make test` and CI) installs under .ci/constraints.txt; it pins every requirement of the
+    extras the venv installs at a version pyproject.toml allows (torch without its local +cpu label, which only
+    one index has), and every package both locks hold at the same version: the suite tests what the image ships."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/python -m pip install -q -e '.[cpu,train,dev]' -c .ci/constraints.txt" in makefile
+    assert re.search(r"^\$\(STAMP\): pyproject\.toml \.ci/constraints\.txt$", makefile, re.M)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    dev, image = locked(DEV_LOCK), locked(IMAGE_LOCK)
+    for line in project["dependencies"] + extras["cpu"] + extras["train"] + extras["dev"]:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        name = canonicalize_name(req.name)
+        assert name in dev, f"{req.name} is not in {DEV_LOCK}: run make lock"
+        assert req.specifier.contains(dev[name]), f"{req} does not allow the locked {dev[name]}: make lock"
+    assert dev["torch"] == "2.13.0"
+    assert {n: (v, dev.get(n)) for n, v in image.items() if dev.get(n, v) != v} == {}
+    assert image.keys() - dev.keys() <= {"uvloop"} and "uvloop" in dev  # dev installs uvloop too (tested)
 
 
 def test_cuda_image_installs_an_onnxruntime_gpu_built_for_its_cuda() -> None:
