@@ -189,12 +189,13 @@ def locked(path: str = IMAGE_LOCK) -> dict[str, str]:
     return pins
 
 
-def test_cpu_image_installs_each_dependency_at_its_locked_version() -> None:
-    """The builder installs under constraints.txt, which pins every serving requirement (and hiredis, which
+def test_images_install_each_dependency_at_its_locked_version() -> None:
+    """The builders install under constraints.txt, which pins every serving requirement (and hiredis, which
     redis[hiredis] pulls) at a version pyproject.toml allows: `make lock` after a change of either."""
-    builder = stages((ROOT / "Dockerfile").read_text())[0]
-    assert "pip install --no-cache-dir --no-compile -c constraints.txt -r requirements.txt" in builder
-    assert "deploy/docker/constraints.txt" in instruction(builder, "COPY")[0].split()
+    for path in SERVING_IMAGES:  # the CUDA image too: the same releases, but for its onnxruntime-gpu
+        builder = stages((ROOT / path).read_text())[0]
+        assert "pip install --no-cache-dir --no-compile -c constraints.txt -r requirements.txt" in builder, path
+        assert "deploy/docker/constraints.txt" in instruction(builder, "COPY")[0].split(), path
     pins = locked()
     for line in builder_requirements("Dockerfile"):
         req = Requirement(line)
