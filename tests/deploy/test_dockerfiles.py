@@ -223,7 +223,8 @@ def test_the_lock_is_what_a_fresh_venv_holds() -> None:
 def test_make_venv_installs_the_dev_lock_which_agrees_with_the_image() -> None:
     """`make venv` (so `make test` and CI) installs under .ci/constraints.txt; it pins every requirement of the
     extras the venv installs at a version pyproject.toml allows (torch without its local +cpu label, which only
-    one index has), and every package both locks hold at the same version: the suite tests what the image ships."""
+    one index has), and every package both locks hold at the same version: the suite tests what the image ships. The
+    build backend that pip fetches for building the package is pinned too."""
     makefile = (ROOT / "Makefile").read_text()
     assert "$(BIN)/python -m pip install -q -e '.[cpu,train,dev]' -c .ci/constraints.txt" in makefile
     assert re.search(r"^\$\(STAMP\): pyproject\.toml \.ci/constraints\.txt$", makefile, re.M)
@@ -238,6 +239,8 @@ def test_make_venv_installs_the_dev_lock_which_agrees_with_the_image() -> None:
         assert name in dev, f"{req.name} is not in {DEV_LOCK}: run make lock"
         assert req.specifier.contains(dev[name]), f"{req} does not allow the locked {dev[name]}: make lock"
     assert dev["torch"] == "2.13.0"
+    (backend,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert Requirement(backend).name == "setuptools" and str(Requirement(backend).specifier).startswith("==")
     assert {n: (v, dev.get(n)) for n, v in image.items() if dev.get(n, v) != v} == {}
     assert image.keys() - dev.keys() <= {"uvloop"} and "uvloop" in dev  # dev installs uvloop too (tested)
 
