@@ -273,7 +273,7 @@ class CoreDataPlane:
         await self._regions_changed()
 
     async def _regions_changed(self) -> None:
-        table = self.regions.status()
+        table = self.regions.table()
         for listener in self._region_listeners:
             await listener(table)
 

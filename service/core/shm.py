@@ -6,6 +6,11 @@ without its leading slash), and the region is ``byte_size`` bytes of it from ``o
 (read and write); unregistering closes it. The client owns the object: the server never creates,
 resizes or unlinks one.
 
+Regions are per principal, as sequences are: a region belongs to the principal that registered it, and its names
+are that principal's own. Another principal's status, unregistering and tensors see it as not registered (and may
+register the same name), so no caller reads what another's region holds through a model, or writes its answers
+into another's region. Without credentials every caller is the one anonymous principal, as on Triton.
+
 With ``--workers N`` the engine's ``Regions`` is the one that registrations change (``CoreDataPlane``), and it
 sends its table to every frontend, which opens the same objects (``follow``): the frontends read and write the
 tensors, and a registration answers once every frontend has opened the region.
@@ -17,12 +22,14 @@ for by default.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import stat
 from collections.abc import Iterable
 
+from service.core.context import principal
 from service.core.types import SharedRegion
 from service.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotOffered, RegionNotFound, echo
 
@@ -57,7 +64,7 @@ class Regions:
         self.enabled = enabled
         self.root = root
         self.limit = limit
-        self._regions: dict[str, _Opened] = {}
+        self._regions: dict[tuple[str, str], _Opened] = {}  # (owner, name): each principal's names are its own
 
     def check_on(self) -> None:
         """UNIMPLEMENTED, naming the setting, when the extension is off."""
@@ -66,19 +73,21 @@ class Regions:
 
     # --- registration -----------------------------------------------------------------------------------
     def register(self, region: SharedRegion) -> None:
-        """Opens ``region``'s object; INVALID_ARGUMENT for a malformed one, NOT_FOUND when its key names no object,
-        ALREADY_EXISTS when the name is taken (unregister it first, as in Triton)."""
+        """Opens ``region``'s object as the caller's region; INVALID_ARGUMENT for a malformed one, NOT_FOUND when
+        its key names no object, ALREADY_EXISTS when the caller has a region of that name (unregister it first, as
+        in Triton)."""
         self.check_on()
+        region = dataclasses.replace(region, owner=principal())
         if not region.name or len(region.name) > _NAME_CHARS:
             raise InvalidInput(f"a region's name is 1 to {_NAME_CHARS} characters, got {len(region.name)}")
-        if region.name in self._regions:
+        if (region.owner, region.name) in self._regions:
             raise AlreadyExists(
                 f"shared-memory region {echo(region.name)} is registered already; unregister it first or use "
                 "another name"
             )
         if len(self._regions) >= self.limit:
             raise InvalidInput(f"{self.limit} shared-memory regions are registered; unregister one first")
-        self._regions[region.name] = _Opened(region, self._open(region))
+        self._regions[region.owner, region.name] = _Opened(region, self._open(region))
 
     def _open(self, region: SharedRegion) -> int:
         m = _KEY.fullmatch(region.key)
@@ -122,36 +131,41 @@ class Regions:
             raise
 
     def unregister(self, name: str | None) -> None:
-        """Closes ``name`` (None or "": every region). A name not registered is no error, as in Triton."""
+        """Closes the caller's region ``name`` (None or "": every region of the caller). A name not registered is
+        no error, as in Triton."""
         self.check_on()
-        for key in list(self._regions) if not name else [name]:
-            opened = self._regions.pop(key, None)
-            if opened is not None:
-                _close(opened)
+        owner = principal()
+        for key in [k for k in self._regions if k[0] == owner and (not name or k[1] == name)]:
+            _close(self._regions.pop(key))
 
     def status(self, name: str | None = None) -> list[SharedRegion]:
-        """The regions (``name``'s alone when given; NOT_FOUND when it is not registered)."""
+        """The caller's regions (``name``'s alone when given; NOT_FOUND when the caller has none of that name)."""
         self.check_on()
+        owner = principal()
         if not name:
-            return [m.region for m in self._regions.values()]
-        opened = self._regions.get(name)
+            return [m.region for (who, _), m in self._regions.items() if who == owner]
+        opened = self._regions.get((owner, name))
         if opened is None:
             raise RegionNotFound(f"no shared-memory region {echo(name)} is registered")
         return [opened.region]
+
+    def table(self) -> list[SharedRegion]:
+        """Every principal's regions: what the engine sends its frontends (``follow``)."""
+        return [m.region for m in self._regions.values()]
 
     def follow(self, table: Iterable[SharedRegion]) -> None:
         """Makes this process's regions match ``table`` (the engine's): opens the new regions, closes the gone
         ones, keeps the rest. A region that cannot be opened here is logged and left out (its use then fails with
         NOT_FOUND, naming it)."""
-        wanted = {r.name: r for r in table}
-        for name in [n for n, m in self._regions.items() if wanted.get(n) != m.region]:
-            _close(self._regions.pop(name))
-        for name, region in wanted.items():
-            if name not in self._regions:
+        wanted = {(r.owner, r.name): r for r in table}
+        for key in [k for k, m in self._regions.items() if wanted.get(k) != m.region]:
+            _close(self._regions.pop(key))
+        for key, region in wanted.items():
+            if key not in self._regions:
                 try:
-                    self._regions[name] = _Opened(region, self._open(region))
+                    self._regions[key] = _Opened(region, self._open(region))
                 except Exception:
-                    log.exception("could not open shared-memory region %r that the engine registered", name)
+                    log.exception("could not open shared-memory region %r that the engine registered", region.name)
 
     def close(self) -> None:
         for opened in self._regions.values():
@@ -161,7 +175,7 @@ class Regions:
     # --- tensors ----------------------------------------------------------------------------------------
     def _find(self, name: str, offset: int, byte_size: int, what: str) -> _Opened:
         self.check_on()
-        opened = self._regions.get(name)
+        opened = self._regions.get((principal(), name))
         if opened is None:
             raise RegionNotFound(f"{what}: no shared-memory region {echo(name)} is registered; register it first")
         if offset < 0 or byte_size < 0 or offset + byte_size > opened.region.byte_size:

@@ -43,12 +43,14 @@ class ModelInfo:
 @dataclass(frozen=True)
 class SharedRegion:
     """A system shared-memory region (Triton's extension, ``core/shm.py``): ``byte_size`` bytes from ``offset`` of
-    the POSIX shared-memory object ``key``, registered as ``name``."""
+    the POSIX shared-memory object ``key``, registered as ``name`` by principal ``owner`` (whose region it is:
+    ``Regions.register`` sets it)."""
 
     name: str
     key: str
     offset: int
     byte_size: int
+    owner: str = ""
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class _Connection(asyncio.Protocol):
             self.link = True
             self.send([0, wire.EVENT, [wire.LOGS_CHANGED, 0, logs.current()], None, False])  # (no ACK for 0)
             if self.engine.dataplane.regions.enabled:  # the regions registered before it started
-                table = self.engine.dataplane.regions.status()
+                table = self.engine.dataplane.regions.table()
                 self.send([0, wire.EVENT, [wire.REGIONS_CHANGED, 0, table], None, False])
             return
         if kind == wire.ACK:

@@ -5,6 +5,8 @@ default, where every call says how to turn it on. ``Regions`` itself is checked 
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import os
 import subprocess
@@ -19,6 +21,7 @@ import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.core.context import set_principal
 from service.core.shm import Regions
 from service.core.types import SharedRegion
 from service.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotOffered, RegionNotFound
@@ -27,6 +30,7 @@ from tests.service.kserve.procs import start_server, stop_server
 
 SCRIPT = Path(__file__).parent / "shm_client.py"
 K_ALICE, K_BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
+K_CAROL = "carol-key-0123456789abcdefg"
 
 
 @pytest.fixture(scope="module")
@@ -158,19 +162,35 @@ def test_cuda_shared_memory_has_no_regions_and_registering_says_what_to_use_inst
         assert "send the tensors in the request, or use system shared memory" in info.value.details()
 
 
-def test_registering_needs_an_admin_when_credentials_are_configured(
+def _probabilities_into(region: str) -> pb.ModelInferRequest:
+    """A sentiment request whose PROBABILITIES go into ``region`` (8 bytes: two float32 classes)."""
+    request = pb.ModelInferRequest(model_name="sentiment")
+    text = request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"a fine film")
+    out = request.outputs.add(name="PROBABILITIES")
+    out.parameters["shared_memory_region"].string_param = region
+    out.parameters["shared_memory_byte_size"].int64_param = 8
+    return request
+
+
+def test_registering_needs_an_admin_and_regions_are_their_principals(
     serve: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
     """Registering makes the server open a file of its host: with API keys, for ADMIN_PRINCIPALS only, as loading
-    models is. Anyone with credentials may read the table and use the regions."""
-    handle = serve(shared_memory="system", api_keys=f"alice:{K_ALICE},bob:{K_BOB}", admin_principals=["alice"])
+    models is. A region is its registering principal's, as a sequence is: another principal's status, tensors and
+    unregistering see it as not registered, and may register the same name for a region of its own."""
+    handle = serve(
+        shared_memory="system",
+        api_keys=f"alice:{K_ALICE},bob:{K_BOB},carol:{K_CAROL}",
+        admin_principals=["alice", "carol"],
+    )
     key = f"seqserve_test_admin_{os.getpid()}"
     path = Path("/dev/shm") / key
     path.write_bytes(bytes(64))
     try:
         with grpc.insecure_channel(handle.target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            alice, bob = ((("authorization", f"Bearer {k}"),) for k in (K_ALICE, K_BOB))
+            alice, bob, carol = ((("authorization", f"Bearer {k}"),) for k in (K_ALICE, K_BOB, K_CAROL))
             register = pb.SystemSharedMemoryRegisterRequest(name="r", key=f"/{key}", byte_size=64)
             with pytest.raises(grpc.RpcError) as info:
                 stub.SystemSharedMemoryRegister(register, metadata=bob)
@@ -180,13 +200,41 @@ def test_registering_needs_an_admin_when_credentials_are_configured(
                 stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             stub.SystemSharedMemoryRegister(register, metadata=alice)
-            status = stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=bob)
+            status = stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=alice)
             assert list(status.regions) == ["r"] and status.regions["r"].byte_size == 64
+
+            # bob's view: no region "r", whatever he asks; alice's region keeps its bytes
+            assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=bob).regions
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(name="r"), metadata=bob)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(_probabilities_into("r"), metadata=bob)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "no shared-memory region 'r' is registered; register it first" in info.value.details()
+            assert path.read_bytes() == bytes(64)
             with pytest.raises(grpc.RpcError) as info:
                 stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=bob)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+            # carol, another admin: her own "r" beside alice's; unregistering all of hers leaves alice's
+            stub.SystemSharedMemoryRegister(
+                pb.SystemSharedMemoryRegisterRequest(name="r", key=f"/{key}", offset=32, byte_size=32), metadata=carol
+            )
+            assert (
+                stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=carol).regions["r"].offset
+                == 32
+            )
+            stub.ModelInfer(_probabilities_into("r"), metadata=carol)  # into bytes 32..40 of the object
+            written = path.read_bytes()
+            assert written[:32] == bytes(32) and written[32:40] != bytes(8)
+            stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=carol)
+            assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=carol).regions
+            answer = stub.ModelInfer(_probabilities_into("r"), metadata=alice)  # alice's region serves on
+            probs = np.frombuffer(path.read_bytes()[:8], dtype=np.float32)
+            assert np.isclose(probs.sum(), 1.0) and answer.outputs[0].name == "PROBABILITIES"
             stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=alice)
-            assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=bob).regions
+            assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=alice).regions
     finally:
         path.unlink()
 
@@ -251,6 +299,43 @@ def test_a_frontend_follows_the_engines_table(tmp_path: Path) -> None:
     assert regions.status() == [moved]
     regions.close()
     assert regions.status() == []
+
+
+def _as(who: str, call: Callable[[], Any]) -> Any:
+    """``call()`` with ``who`` as the caller's principal (in a copy of the context: nothing leaks to other tests)."""
+
+    def run() -> Any:
+        set_principal(who)
+        return call()
+
+    return contextvars.copy_context().run(run)
+
+
+def test_each_principal_has_its_own_regions_and_frontends_follow_them(tmp_path: Path) -> None:
+    obj = _object(tmp_path, "obj", 32)
+    engine, frontend = Regions(True, root=str(tmp_path)), Regions(True, root=str(tmp_path))
+    _as("alice", lambda: engine.register(SharedRegion("r", "obj", 0, 16)))
+    _as("carol", lambda: engine.register(SharedRegion("r", "obj", 16, 16)))  # the same name: hers
+    with pytest.raises(AlreadyExists):
+        _as("alice", lambda: engine.register(SharedRegion("r", "obj", 0, 8)))
+    assert [(r.owner, r.offset) for r in engine.table()] == [("alice", 0), ("carol", 16)]
+    frontend.follow(engine.table())
+    _as("carol", lambda: frontend.write("r", 0, 4, b"cccc", what="output 'X'"))
+    assert obj.read_bytes()[16:20] == b"cccc" and obj.read_bytes()[:4] == bytes(4)
+    assert _as("alice", lambda: frontend.read("r", 0, 4, what="input 'X'")) == bytes(4)
+    for view in (engine, frontend):
+        assert _as("bob", view.status) == []
+        with pytest.raises(RegionNotFound):
+            _as("bob", functools.partial(view.status, "r"))
+        with pytest.raises(RegionNotFound, match="no shared-memory region 'r' is registered; register it first"):
+            _as("bob", functools.partial(view.read, "r", 0, 4, what="input 'X'"))
+    _as("bob", lambda: engine.unregister(None))  # nothing of bob's: alice's and carol's stay
+    _as("carol", lambda: engine.unregister("r"))
+    assert [r.owner for r in engine.table()] == ["alice"]
+    frontend.follow(engine.table())
+    assert [r.owner for r in frontend.table()] == ["alice"] and _as("carol", frontend.status) == []
+    engine.close()
+    frontend.close()
 
 
 def test_off_regions_refuse_everything_naming_the_setting() -> None:
