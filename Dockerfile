@@ -21,8 +21,8 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 # Dependencies first, read from pyproject.toml by deploy/docker/requirements.py (serving only: no train extra, so
 # no torch; the cpu extra's ONNX Runtime; the uvloop extra, so SEQSERVE_EVENT_LOOP=uvloop works in the container):
-# this layer is reused until pyproject.toml or that script changes, whatever happens to the code. Each package at
-# the version deploy/docker/constraints.txt names (`make lock` moves them): the same image every build.
+# this layer is reused until pyproject.toml, that script or the lock changes, whatever happens to the code. Each
+# package at the version deploy/docker/constraints.txt names (`make lock` moves them): the same image every build.
 COPY pyproject.toml deploy/docker/requirements.py deploy/docker/constraints.txt ./
 RUN /opt/venv/bin/python requirements.py cpu uvloop > requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --no-compile -c constraints.txt -r requirements.txt

@@ -60,7 +60,8 @@ def _name(line: str) -> str:
 
 def lock(lines: list[str], extras: list[str], constraints: Sequence[Path] = ()) -> str:
     """The lock's text: ``name==version`` of everything a fresh venv of this Python holds once ``lines`` are
-    installed under ``constraints`` (pip's ``freeze``: not pip itself), after the header."""
+    installed under ``constraints`` (pip's ``freeze --all``, but the venv's own pip and setuptools only where a line
+    names them), after the header."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "venv", tmp], check=True)
         pip = [str(Path(tmp, "bin", "python")), "-m", "pip", "--disable-pip-version-check", "--quiet"]
