@@ -18,9 +18,10 @@ VENV_PY=.venv/bin/python
 [ -x "$VENV_PY" ] || { echo "kit.sh: run 'make venv' first (perf_analyzer comes with the dev extra)" >&2; exit 1; }
 rm -rf "$KIT"
 mkdir -p "$KIT/whl" "$KIT/bin" "$KIT/lib"
-# The serving dependencies the device lacks, and theirs, at the versions .venv runs (the ones the suite passed
-# with; the generated protobuf code needs its protobuf), as wheels for the device's Python on x86-64 Linux.
-pins=$("$VENV_PY" -m pip freeze 2>/dev/null | grep -i -E '^(pydantic|pydantic[-_]core|pydantic[-_]settings|grpcio|grpcio-health-checking|grpcio-reflection|grpcio-status|protobuf|googleapis-common-protos|redis|annotated-types|typing[-_]extensions|typing-inspection|python-dotenv)==')
+# The serving dependencies the device lacks, and theirs, at the versions the image's lock names (those the suite
+# passed with: make lock; the generated protobuf code needs its protobuf), as wheels for the device's Python on
+# x86-64 Linux.
+pins=$(grep -i -E '^(pydantic|pydantic[-_]core|pydantic[-_]settings|grpcio|grpcio-health-checking|grpcio-reflection|grpcio-status|protobuf|googleapis-common-protos|redis|annotated-types|typing[-_]extensions|typing-inspection|python-dotenv)==' deploy/docker/constraints.txt)
 # shellcheck disable=SC2086  # one pin a word
 "$VENV_PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
