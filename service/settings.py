@@ -321,9 +321,14 @@ class Settings(BaseSettings):
     """Triton's system shared-memory extension (``system``): a client on the server's host registers POSIX
     shared-memory objects (tritonclient ``register_system_shared_memory``, perf_analyzer ``--shared-memory
     system``) and its inputs and outputs name them instead of carrying their bytes (``service/core/shm.py``).
-    Registering needs an admin principal when credentials are configured. Off by default (Triton has it on): a
-    registration makes the server open a file of its host that the caller names, and only a caller on the same host
-    (in Docker, with the server's IPC namespace) can use it."""
+    Registering needs an admin principal (or one of ``shared_memory_principals``) when credentials are configured;
+    a region is its registering principal's alone. Off by default (Triton has it on): a registration makes the
+    server open a file of its host that the caller names, and only a caller on the same host (in Docker, with the
+    server's IPC namespace) can use it."""
+    shared_memory_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Principals allowed to register and unregister shared-memory regions besides ``admin_principals`` (which may
+    also load models and change settings): a same-host client that needs nothing more, separated as
+    ``admin_principals`` are. None by default."""
 
     # --- per-principal quotas (0 = no limit) ------------------------------------------------------------
     quota_sessions: int = Field(default=0, ge=0)
@@ -486,7 +491,9 @@ class Settings(BaseSettings):
                 )
         return [origin.lower() for origin in value]  # (browsers send scheme and host in lower case)
 
-    @field_validator("plugins", "admin_principals", "load_models", "cors_origins", mode="before")
+    @field_validator(
+        "plugins", "admin_principals", "shared_memory_principals", "load_models", "cors_origins", mode="before"
+    )
     @classmethod
     def _split_plugins(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -51,15 +51,17 @@ def principal() -> str:
     return _PRINCIPAL.get()
 
 
-def check_admin(admins: Sequence[str], action: str) -> None:
+def check_admin(admins: Sequence[str], action: str, also: str | None = None) -> None:
     """Model management and log and trace settings change what every caller sees: the anonymous principal (no
     credentials configured) or one of ``admins`` (``ADMIN_PRINCIPALS``) only, else ``PermissionDenied``. The core
-    checks each such call; a frontend may check first too, before it reads the request's details."""
+    checks each such call; a frontend may check first too, before it reads the request's details. ``also``: the
+    other setting whose principals ``admins`` holds too (named in the refusal)."""
     who = principal()
     if who and who not in admins:
+        other = f"{also} (SEQSERVE_{also.upper()}) or " if also else ""
         raise PermissionDenied(
-            f"principal {echo(who)} may not {action}; list it in admin_principals (SEQSERVE_ADMIN_PRINCIPALS) to "
-            "allow it"
+            f"principal {echo(who)} may not {action}; list it in {other}admin_principals (SEQSERVE_ADMIN_PRINCIPALS) "
+            "to allow it"
         )
 
 

@@ -216,6 +216,10 @@ class CoreDataPlane:
     def _check_admin(self, action: str) -> None:
         check_admin(self.settings.admin_principals, action)
 
+    def _check_regions(self, action: str) -> None:
+        s = self.settings
+        check_admin([*s.admin_principals, *s.shared_memory_principals], action, "shared_memory_principals")
+
     async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
         self._check_admin("load models")
         await self.registry.load_model(name, serving)
@@ -257,9 +261,9 @@ class CoreDataPlane:
     async def register_region(self, region: SharedRegion) -> None:
         """Triton's system shared-memory extension: opens ``region`` here, then (through ``on_regions_change``
         listeners: the engine's frontends) in every other process, before answering. Registering and unregistering
-        are for admins: they make the server open files of its host."""
+        are for admins and ``shared_memory_principals``: they make the server open files of its host."""
         self.regions.check_on()  # off: UNIMPLEMENTED saying how to turn it on, before anything else
-        self._check_admin("register shared-memory regions")
+        self._check_regions("register shared-memory regions")
         self.regions.register(region)
         who = principal() or "the anonymous principal"
         logs.audit.warning("shared-memory region %r (key %r, offset %d, %d bytes) registered by %s", region.name,
@@ -268,7 +272,7 @@ class CoreDataPlane:
 
     async def unregister_region(self, name: str | None) -> None:
         self.regions.check_on()
-        self._check_admin("unregister shared-memory regions")
+        self._check_regions("unregister shared-memory regions")
         self.regions.unregister(name)
         await self._regions_changed()
 

@@ -173,16 +173,18 @@ def _probabilities_into(region: str) -> pb.ModelInferRequest:
     return request
 
 
-def test_registering_needs_an_admin_and_regions_are_their_principals(
+def test_registering_needs_a_named_principal_and_regions_are_their_principals(
     serve: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
-    """Registering makes the server open a file of its host: with API keys, for ADMIN_PRINCIPALS only, as loading
-    models is. A region is its registering principal's, as a sequence is: another principal's status, tensors and
-    unregistering see it as not registered, and may register the same name for a region of its own."""
+    """Registering makes the server open a file of its host: with API keys, for ADMIN_PRINCIPALS (as loading models
+    is) and SHARED_MEMORY_PRINCIPALS (which may do nothing else of an admin's) only. A region is its registering
+    principal's, as a sequence is: another principal's status, tensors and unregistering see it as not registered,
+    and may register the same name for a region of its own."""
     handle = serve(
         shared_memory="system",
         api_keys=f"alice:{K_ALICE},bob:{K_BOB},carol:{K_CAROL}",
-        admin_principals=["alice", "carol"],
+        admin_principals=["alice"],
+        shared_memory_principals=["carol"],
     )
     key = f"seqserve_test_admin_{os.getpid()}"
     path = Path("/dev/shm") / key
@@ -195,7 +197,10 @@ def test_registering_needs_an_admin_and_regions_are_their_principals(
             with pytest.raises(grpc.RpcError) as info:
                 stub.SystemSharedMemoryRegister(register, metadata=bob)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert "principal 'bob' may not register shared-memory regions" in info.value.details()
+            assert info.value.details() == (
+                "principal 'bob' may not register shared-memory regions; list it in shared_memory_principals "
+                "(SEQSERVE_SHARED_MEMORY_PRINCIPALS) or admin_principals (SEQSERVE_ADMIN_PRINCIPALS) to allow it"
+            )
             with pytest.raises(grpc.RpcError) as info:
                 stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -217,7 +222,11 @@ def test_registering_needs_an_admin_and_regions_are_their_principals(
                 stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=bob)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
-            # carol, another admin: her own "r" beside alice's; unregistering all of hers leaves alice's
+            # carol, a shared-memory principal and no admin: her own "r" beside alice's; unregistering all of hers
+            # leaves alice's
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="sentiment"), metadata=carol)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
             stub.SystemSharedMemoryRegister(
                 pb.SystemSharedMemoryRegisterRequest(name="r", key=f"/{key}", offset=32, byte_size=32), metadata=carol
             )

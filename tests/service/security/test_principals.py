@@ -276,6 +276,8 @@ def test_admin_principals_from_the_environment_keep_mtls_subjects_whole() -> Non
     assert Settings(admin_principals=cast(Any, "alice, bob")).admin_principals == ["alice", "bob"]
     subjects = Settings(admin_principals=cast(Any, "O=seqserve-tests,CN=alice; san=spiffe://example.org/ops"))
     assert subjects.admin_principals == ["O=seqserve-tests,CN=alice", "san=spiffe://example.org/ops"]
+    shm = Settings(shared_memory_principals=cast(Any, "O=acme,CN=sidecar;carol"))  # separated as admins are
+    assert shm.shared_memory_principals == ["O=acme,CN=sidecar", "carol"]
 
 
 def test_only_admin_principals_load_and_unload_models(start_server: Callable[..., ServerHandle]) -> None:
