@@ -31,7 +31,15 @@ from collections.abc import Iterable
 
 from service.core.context import principal
 from service.core.types import SharedRegion
-from service.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotOffered, RegionNotFound, echo
+from service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidInput,
+    NotOffered,
+    Overloaded,
+    RegionNotFound,
+    echo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +93,11 @@ class Regions:
                 f"shared-memory region {echo(region.name)} is registered already; unregister it first or use "
                 "another name"
             )
-        if len(self._regions) >= self.limit:
-            raise InvalidInput(f"{self.limit} shared-memory regions are registered; unregister one first")
+        if len(self._regions) >= self.limit:  # (one descriptor each, all principals together)
+            raise Overloaded(
+                f"the server holds {self.limit} shared-memory regions, its most; unregister one first (regions "
+                "a client no longer uses stay registered until it unregisters them)"
+            )
         self._regions[region.owner, region.name] = _Opened(region, self._open(region))
 
     def _open(self, region: SharedRegion) -> int:

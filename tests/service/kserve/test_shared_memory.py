@@ -24,7 +24,7 @@ from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.context import set_principal
 from service.core.shm import Regions
 from service.core.types import SharedRegion
-from service.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotOffered, RegionNotFound
+from service.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotOffered, Overloaded, RegionNotFound
 from tests.conftest import ServerHandle
 from tests.service.kserve.procs import start_server, stop_server
 
@@ -345,6 +345,19 @@ def test_each_principal_has_its_own_regions_and_frontends_follow_them(tmp_path: 
     assert [r.owner for r in frontend.table()] == ["alice"] and _as("carol", frontend.status) == []
     engine.close()
     frontend.close()
+
+
+def test_a_full_region_table_is_resource_exhausted_until_one_is_unregistered(tmp_path: Path) -> None:
+    _object(tmp_path, "obj", 16)
+    regions = Regions(True, root=str(tmp_path), limit=2)
+    _as("alice", lambda: regions.register(SharedRegion("a", "obj", 0, 8)))
+    _as("carol", lambda: regions.register(SharedRegion("a", "obj", 8, 8)))
+    with pytest.raises(Overloaded, match="holds 2 shared-memory regions, its most; unregister one first"):
+        _as("alice", lambda: regions.register(SharedRegion("b", "obj", 0, 8)))
+    _as("carol", lambda: regions.unregister("a"))
+    _as("alice", lambda: regions.register(SharedRegion("b", "obj", 0, 8)))
+    assert [(r.owner, r.name) for r in regions.table()] == [("alice", "a"), ("alice", "b")]
+    regions.close()
 
 
 def test_off_regions_refuse_everything_naming_the_setting() -> None:
