@@ -189,6 +189,17 @@ def locked(path: str = IMAGE_LOCK) -> dict[str, str]:
     return pins
 
 
+def assert_pinned(lines: list[str], pins: dict[str, str], lock: str) -> None:
+    """Every requirement of ``lines`` (whose marker holds here) is in ``lock`` (``pins``) at a version it allows."""
+    for line in lines:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in {lock}: run make lock"
+        assert req.specifier.contains(pins[name]), f"{req} does not allow the locked {pins[name]}: make lock"
+
+
 def test_images_install_each_dependency_at_its_locked_version() -> None:
     """The builders install under constraints.txt, which pins every serving requirement (and hiredis, which
     redis[hiredis] pulls) at a version pyproject.toml allows: `make lock` after a change of either."""
@@ -197,11 +208,7 @@ def test_images_install_each_dependency_at_its_locked_version() -> None:
         assert "pip install --no-cache-dir --no-compile -c constraints.txt -r requirements.txt" in builder, path
         assert "deploy/docker/constraints.txt" in instruction(builder, "COPY")[0].split(), path
     pins = locked()
-    for line in builder_requirements("Dockerfile"):
-        req = Requirement(line)
-        name = canonicalize_name(req.name)
-        assert name in pins, f"{req.name} is not in deploy/docker/constraints.txt: run make lock"
-        assert req.specifier.contains(pins[name]), f"{req} does not allow the locked {pins[name]}: make lock"
+    assert_pinned(builder_requirements("Dockerfile"), pins, IMAGE_LOCK)
     assert "hiredis" in pins and "uvloop" in pins
     assert not pins.keys() & {"torch", "onnxruntime-gpu", "pytest", "pip", "seqserve"}, sorted(pins)
 
@@ -228,21 +235,16 @@ def test_make_venv_installs_the_dev_lock_which_agrees_with_the_image() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "$(BIN)/python -m pip install -q -e '.[cpu,train,dev]' -c .ci/constraints.txt" in makefile
     assert re.search(r"^\$\(STAMP\): pyproject\.toml \.ci/constraints\.txt$", makefile, re.M)
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
     extras = project["optional-dependencies"]
     dev, image = locked(DEV_LOCK), locked(IMAGE_LOCK)
-    for line in project["dependencies"] + extras["cpu"] + extras["train"] + extras["dev"]:
-        req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate():
-            continue
-        name = canonicalize_name(req.name)
-        assert name in dev, f"{req.name} is not in {DEV_LOCK}: run make lock"
-        assert req.specifier.contains(dev[name]), f"{req} does not allow the locked {dev[name]}: make lock"
+    assert_pinned(project["dependencies"] + extras["cpu"] + extras["train"] + extras["dev"], dev, DEV_LOCK)
     assert dev["torch"] == "2.13.0"
-    (backend,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    (backend,) = pyproject["build-system"]["requires"]
     assert Requirement(backend).name == "setuptools" and str(Requirement(backend).specifier).startswith("==")
     assert {n: (v, dev.get(n)) for n, v in image.items() if dev.get(n, v) != v} == {}
-    assert image.keys() - dev.keys() <= {"uvloop"} and "uvloop" in dev  # dev installs uvloop too (tested)
+    assert image.keys() <= dev.keys()  # (uvloop too: dev installs it, tested)
 
 
 def test_cuda_image_installs_an_onnxruntime_gpu_built_for_its_cuda() -> None:
