@@ -23,10 +23,12 @@ help:
 
 # The venv is reinstalled only when pyproject.toml or its lock changes, so a second `make test` starts at once.
 # Every package at the version .ci/constraints.txt names (`make lock` moves them): a clean clone installs what the
-# suite passed with, whatever was released since.
+# suite passed with, whatever was released since. pip itself too: the Python's bundled pip (23.2 in 3.11.7) is
+# replaced by this one, not by whatever is newest the day the venv is made.
+PIP_VERSION := 26.3
 $(STAMP): pyproject.toml .ci/constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check 'pip==$(PIP_VERSION)'
 	$(BIN)/python -m pip install -q -e '.[cpu,train,dev]' -c .ci/constraints.txt
 	@touch $(STAMP)
 

@@ -3,6 +3,7 @@ image, read from the files; the HEALTHCHECK command run here against a real gRPC
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -235,6 +236,11 @@ def test_make_venv_installs_the_dev_lock_which_agrees_with_the_image() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "$(BIN)/python -m pip install -q -e '.[cpu,train,dev]' -c .ci/constraints.txt" in makefile
     assert re.search(r"^\$\(STAMP\): pyproject\.toml \.ci/constraints\.txt$", makefile, re.M)
+    # pip itself at one version, the one this venv has (not `--upgrade pip`: whatever is newest that day).
+    (pip_version,) = re.findall(r"^PIP_VERSION := (\d+(?:\.\d+)+)$", makefile, re.M)
+    assert "$(BIN)/python -m pip install -q --disable-pip-version-check 'pip==$(PIP_VERSION)'" in makefile
+    assert "--upgrade pip" not in makefile
+    assert importlib.metadata.version("pip") == pip_version
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = pyproject["project"]
     extras = project["optional-dependencies"]
