@@ -98,6 +98,9 @@ class Result:
     wall_s: float
     server_queue_us: float | None = None  # perf_analyzer's server-side breakdown (from ModelStatistics)
     server_compute_us: float | None = None
+    # Of server_cpu_s, the engine's: a server of several processes (`--workers N`) lists the engine first, the
+    # process `seqserve serve` started; None for one process. One engine serves every frontend, on one event loop.
+    engine_cpu_s: float | None = None
 
     def cpu_per_1k(self) -> tuple[float, float]:
         n = max(self.requests, 1.0) / 1000
@@ -106,6 +109,8 @@ class Result:
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["server_cpu_s_per_1k"], d["client_cpu_s_per_1k"] = self.cpu_per_1k()
+        if self.engine_cpu_s is not None:
+            d["engine_cpu_s_per_1k"] = self.engine_cpu_s / (max(self.requests, 1.0) / 1000)
         return d
 
 
@@ -200,6 +205,7 @@ def run(
     report = folder / f"{workload.name}-c{concurrency}.csv"
     pids = server_pids()
     cpu0, usage0, t0 = cpu_seconds(*pids), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    engine0 = cpu_seconds(pids[0])
     for attempt in range(3):  # an unstable measurement (exit 2) is retried with a longer window
         done = subprocess.run(
             command(target, workload, concurrency, data, report, window_ms * 2**attempt),
@@ -213,6 +219,7 @@ def run(
     wall = time.perf_counter() - t0
     usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_cpu = cpu_seconds(*pids) - cpu0
+    engine_cpu = cpu_seconds(pids[0]) - engine0 if len(pids) > 1 else None
     if done.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
     with report.open(newline="") as f:
@@ -238,4 +245,5 @@ def run(
         wall_s=wall,
         server_queue_us=queue,
         server_compute_us=sum(v for v in compute if v is not None) if any(v is not None for v in compute) else None,
+        engine_cpu_s=engine_cpu,
     )

@@ -79,7 +79,8 @@ def measure(label: str, target: str, pids: list[int], w: pa.Workload, c: int, fo
     print(
         f"  {label:>14} {w.name:>14} c={c:<3} round {round_} {r.throughput:>9.0f}/s  p50 {r.p50_us / 1000:6.2f} ms  "
         f"p99 {r.p99_us / 1000:6.2f} ms  cpu/1k srv {row['server_cpu_s_per_1k']:.3f}s "
-        f"cli {row['client_cpu_s_per_1k']:.3f}s",
+        + (f"(engine {row['engine_cpu_s_per_1k']:.3f}s) " if "engine_cpu_s_per_1k" in row else "")
+        + f"cli {row['client_cpu_s_per_1k']:.3f}s",
         flush=True,
     )
     return row
@@ -179,6 +180,8 @@ def summary(rows: list[dict[str, Any]], reference: str = "floor") -> list[dict[s
         agg: dict[str, Any] = {"server": server, "workload": workload, "concurrency": c, "rounds": len(group)}
         for key in ("throughput", "p50_us", "p99_us", "server_cpu_s_per_1k", "client_cpu_s_per_1k"):
             agg[key] = statistics.median(row[key] for row in group)
+        if all("engine_cpu_s_per_1k" in row for row in group):
+            agg["engine_cpu_s_per_1k"] = statistics.median(row["engine_cpu_s_per_1k"] for row in group)
         paired = [
             row["throughput"] / reference_rounds[(workload, c, row["round"])]
             for row in group
@@ -195,19 +198,21 @@ def print_table(results: dict[str, Any], reference: str = "floor") -> None:
     rounds = results.get("rounds", 1)
     print(
         f"\nperf_analyzer (client on the same cores; medians of {rounds} interleaved rounds: throughput/s, p50 ms, "
-        f"ratio to the {reference} within a round (its range), CPU s per 1k req):"
+        f"ratio to the {reference} within a round (its range), CPU s per 1k req: server, of it the engine's "
+        "with several processes, client):"
     )
     if before and after:
         print(f"  load average before {before[0]:.2f}, after {after[0]:.2f} (1 min)")
     print(f"  {'server':>14} {'workload':>14} {'c':>3} {'thr/s':>8} {'p50':>6} {'p99':>6} {'x' + reference:>6} "
-          f"{'range':>9} {'srv cpu':>7} {'cli cpu':>7}")  # fmt: skip
+          f"{'range':>9} {'srv cpu':>7} {'eng cpu':>7} {'cli cpu':>7}")  # fmt: skip
     for r in results["summary"]:
         x = f"{r['ratio']:.2f}" if "ratio" in r else ""
         spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio" in r and r["rounds"] > 1 else ""
+        engine = f"{r['engine_cpu_s_per_1k']:.3f}" if "engine_cpu_s_per_1k" in r else ""
         print(
             f"  {r['server']:>14} {r['workload']:>14} {r['concurrency']:>3} {r['throughput']:>8.0f} "
             f"{r['p50_us'] / 1000:>6.2f} {r['p99_us'] / 1000:>6.2f} {x:>6} {spread:>9} "
-            f"{r['server_cpu_s_per_1k']:>7.3f} {r['client_cpu_s_per_1k']:>7.3f}"
+            f"{r['server_cpu_s_per_1k']:>7.3f} {engine:>7} {r['client_cpu_s_per_1k']:>7.3f}"
         )
 
 

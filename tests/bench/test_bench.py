@@ -64,6 +64,12 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     for row in perf["rows"]:
         assert row["throughput"] > 0 and row["p50_us"] > 0
         assert row["server_cpu_s_per_1k"] > 0 and row["client_cpu_s_per_1k"] > 0
+        # the engine's share of the server's CPU, for a server of several processes only (the engine and its
+        # frontends: each frontend spends CPU on every request it carries, so the engine has less than all)
+        if row["server"] in ("floor", "seqserve w=1"):
+            assert row["engine_cpu_s"] is None and "engine_cpu_s_per_1k" not in row
+        else:
+            assert 0 < row["engine_cpu_s_per_1k"] < row["server_cpu_s_per_1k"], row
     # every server measured back to back in each round, every other round in reverse order (ABC, CBA)
     order = [(row["round"], row["server"]) for row in perf["rows"]]
     first = [server for rnd, server in order if rnd == 0]
@@ -74,6 +80,11 @@ def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> 
     for agg in perf["summary"]:
         own = [row for row in perf["rows"] if row["server"] == agg["server"]]
         assert agg["rounds"] == 2 and min(r["throughput"] for r in own) <= agg["throughput"]
+        if agg["server"] in ("floor", "seqserve w=1"):
+            assert "engine_cpu_s_per_1k" not in agg
+        else:
+            median = sorted(row["engine_cpu_s_per_1k"] for row in own)
+            assert abs(agg["engine_cpu_s_per_1k"] - sum(median) / 2) < 1e-12
         if agg["server"] == "floor":
             assert "ratio" not in agg
             continue
