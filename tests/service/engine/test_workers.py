@@ -253,6 +253,40 @@ def test_metrics_sum_both_frontends(servers: tuple[dict[str, object], int]) -> N
     assert served() - before == 6
 
 
+def _stream_sequences(target: str, sequences: int, steps: int) -> None:
+    """``sequences`` KServe sequences of ``steps`` one-character steps, each on its own ModelStreamInfer stream,
+    all at once (as perf_analyzer's streaming workload sends them)."""
+
+    def one(seq: str) -> None:
+        requests = (_step("abcdefgh"[i % 8], seq, start=i == 0, end=i == steps - 1) for i in range(steps))
+        with grpc.insecure_channel(target) as channel:
+            answers = list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests, timeout=60))
+        assert len(answers) == steps and not any(a.error_message for a in answers)
+
+    threads = [threading.Thread(target=one, args=(f"gc-{i}",)) for i in range(sequences)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_the_engine_does_not_collect_garbage_per_batch(servers: tuple[dict[str, object], int]) -> None:
+    """The engine runs with a young-generation GC threshold of ENGINE_GC_THRESHOLD, not CPython's 700: its calls
+    in flight hold a few dozen container objects each, so 16 concurrent sequences set off a collection every ~18
+    steps at 700 (and with it, every ~4,000 steps, a full collection of everything it holds). 1,600 steps here
+    would be ~90 young collections; with the engine's threshold, none or one. (The engine's own
+    ``python_gc_collections_total``: its /metrics reports the engine process.)"""
+    info, _ = servers
+
+    def young() -> float:
+        return scrape(info["metrics_port"])["python_gc_collections_total"][(("generation", "0"),)]
+
+    _stream_sequences(_frontends(info)[0], 4, 20)  # warm: every batch size the run will see
+    before = young()
+    _stream_sequences(_frontends(info)[0], 16, 100)
+    assert young() - before <= 2
+
+
 def test_a_second_server_on_a_port_in_use_does_not_start(
     servers: tuple[dict[str, object], int], tiny_models: Path
 ) -> None:
