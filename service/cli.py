@@ -105,7 +105,7 @@ def _need_onnxruntime() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     _need_onnxruntime()
     with deferred_interrupt():  # (a Ctrl-C here is "interrupted" once the imports are done, never lost in one)
-        from service.core.aio import run
+        from service.core.aio import run, server_gc
         from service.engine.procs import serve, worker_count
         from service.logs import configure
 
@@ -113,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure(settings)
     for name, meant in misspelt(os.environ):
         log.warning("%s is not a setting and is ignored; did you mean %s?", name, meant)
+    server_gc()
     if worker_count(settings) > 1:  # N frontend processes + this one as the engine
         return run(serve(settings, args.ready_file), settings.event_loop)
     run(_serve(settings, args.ready_file), settings.event_loop)

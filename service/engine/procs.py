@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -40,19 +39,11 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from service.core.aio import run
+from service.core.aio import run, server_gc
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0
-# The engine's young-generation GC threshold (CPython's default is 700 net new container objects). Each call in
-# flight in the engine holds a few dozen (its unpacked message, coroutine, task, future, the batch's lists), so with
-# 16 calls in flight the default collected every ~18 char-LM steps, which promoted the calls' objects and so set
-# off a full collection of the engine's ~64,000 long-lived objects (~22 ms, the loop paused) every ~4,000 steps:
-# 10 µs of CPU per step, 7% of the engine's (docs/architecture.md, "The engine's garbage collector"). The engine
-# makes no cyclic garbage to speak of (none in a second of hostile traffic under gc.DEBUG_SAVEALL), so collecting
-# rarely frees nothing later; the frontends and a single process collect rarely as they are and keep the default.
-ENGINE_GC_THRESHOLD = 10_000
 
 
 @dataclass
@@ -98,6 +89,7 @@ def frontend_main(
 
     settings = Settings(**values)
     configure(settings)
+    server_gc()
     run(_frontend(settings, index, socket_path, token, conn, share), settings.event_loop)
 
 
@@ -168,7 +160,6 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     from service.metrics import Metrics
 
     load_keys(settings)  # the frontends read the keys; a bad entry stops start-up here, in one line, not in each
-    gc.set_threshold(ENGINE_GC_THRESHOLD, *gc.get_threshold()[1:])
     n = worker_count(settings)
     folder = Path(tempfile.mkdtemp(prefix="seqserve-engine-"))
     socket_path = str(folder / "engine.sock")
