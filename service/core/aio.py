@@ -17,10 +17,10 @@ T = TypeVar("T")
 # in flight holds a few dozen (its messages, coroutine, task, future, the batch's lists), so with tens of calls in
 # flight the default collected every batch or so, and the calls' objects it promoted set off full collections of
 # everything the process holds, its models' objects too: with 16 sequences in flight the engine collected 85 times
-# in 1,600 steps (the test). Those collections find no garbage to speak of (a call's objects are freed when it
-# ends, not by the collector), so collecting rarely loses nothing; what a failed large request leaves in reference
-# cycles is collected by the edge's trimmer (service/api/memory.py) a moment after it ends. docs/architecture.md,
-# "The garbage collector".
+# in 1,600 steps (the test). Those collections find next to nothing to free (python_gc_objects_collected_total: a
+# call's objects are freed when it ends, by reference counting), so collecting rarely loses nothing; what a failed
+# large request leaves in reference cycles is collected by the edge's trimmer (service/api/memory.py) a moment
+# after it ends. docs/architecture.md, "The garbage collector".
 SERVER_GC_THRESHOLD = 10_000
 
 
