@@ -580,7 +580,9 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path: Path, tiny_text: 
     out, run = tmp_path / "lm" / "1", tmp_path / "run"
     cmd = [sys.executable, "-m", "training.cli", "charlm", "--data", str(tiny_text), "--out", str(out)]
     cmd += ["--run-dir", str(run), *FAST, "--hidden", "8", "--embedding", "4", "--batch-size", "4", "--bptt", "16"]
-    cmd += ["--epochs", "100000", "--eval-every", "5", "--max-minutes", "5"]
+    # No early stop (patience 100,000): the run must still be training when the signal comes, however far it got
+    # while this process read its first lines (a loaded machine once let it stop on its own and exit 0 first).
+    cmd += ["--epochs", "100000", "--eval-every", "5", "--max-minutes", "5", "--patience", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     evaluations = 0
