@@ -102,15 +102,17 @@ class Result:
     # process `seqserve serve` started; None for one process. One engine serves every frontend, on one event loop.
     engine_cpu_s: float | None = None
 
+    def per_1k(self, seconds: float) -> float:
+        return seconds / (max(self.requests, 1.0) / 1000)
+
     def cpu_per_1k(self) -> tuple[float, float]:
-        n = max(self.requests, 1.0) / 1000
-        return self.server_cpu_s / n, self.client_cpu_s / n
+        return self.per_1k(self.server_cpu_s), self.per_1k(self.client_cpu_s)
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["server_cpu_s_per_1k"], d["client_cpu_s_per_1k"] = self.cpu_per_1k()
         if self.engine_cpu_s is not None:
-            d["engine_cpu_s_per_1k"] = self.engine_cpu_s / (max(self.requests, 1.0) / 1000)
+            d["engine_cpu_s_per_1k"] = self.per_1k(self.engine_cpu_s)
         return d
 
 
@@ -204,8 +206,7 @@ def run(
     data = input_data(workload, folder)
     report = folder / f"{workload.name}-c{concurrency}.csv"
     pids = server_pids()
-    cpu0, usage0, t0 = cpu_seconds(*pids), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    engine0 = cpu_seconds(pids[0])
+    cpu0, usage0, t0 = [cpu_seconds(p) for p in pids], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     for attempt in range(3):  # an unstable measurement (exit 2) is retried with a longer window
         done = subprocess.run(
             command(target, workload, concurrency, data, report, window_ms * 2**attempt),
@@ -218,8 +219,9 @@ def run(
             break
     wall = time.perf_counter() - t0
     usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_cpu = cpu_seconds(*pids) - cpu0
-    engine_cpu = cpu_seconds(pids[0]) - engine0 if len(pids) > 1 else None
+    cpu1 = [cpu_seconds(p) for p in pids]  # per process: the engine's is the first (one process: no engine)
+    server_cpu = sum(cpu1) - sum(cpu0)
+    engine_cpu = cpu1[0] - cpu0[0] if len(pids) > 1 else None
     if done.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
     with report.open(newline="") as f:
