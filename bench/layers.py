@@ -16,6 +16,12 @@ served request, beside gRPC's threads, the client and the other layers (in-proce
     batcher    + the batcher (queue, concatenate, split, softmax, statistics)       ONNX Runtime's ``run``
     seqserve   + ONNX Runtime (and what its runs do to the caches and threads)      nothing
 
+Beside them runs a reference, ``lean`` (``bench/lean.py``): the floor plus a real char-LM step and nothing else
+(the sequence's state in a dict, batched ONNX Runtime runs, the softmax; no edge, checks, session store,
+statistics or error handling). Its CPU over the floor's is what the step alone costs a Python server on this
+skeleton: the least any such server spends, however lean the rest of its Python. Each server's ``xfloor`` is its
+throughput over the floor's in the same round.
+
 A replay costs one dictionary lookup and a copy of the recorded answer (the answer is the first one the layer
 gave for that key: model and outputs for the servicer and the data plane, batch shape for the batcher and ONNX
 Runtime). A sequence's first recorded answer is computed as its start. Replayed answers are not counted in the
@@ -48,6 +54,7 @@ ADDS = {
     "core": "+ resolve, session lease/load/save, checks, the task",
     "batcher": "+ the batcher (queue, concatenate, split, softmax, stats)",
     "seqserve": "+ ONNX Runtime's runs",
+    "lean": "the floor + the step alone (bench/lean.py), nothing else",
 }
 
 
@@ -142,6 +149,7 @@ REPLAYS: dict[str, Callable[[], None]] = {  # the replay each cut installs, oute
 }
 CUTS = tuple(REPLAYS)  # seqserve servers with a replayed layer, outermost cut first
 ORDER = ("floor", *CUTS, "seqserve")  # each runs one more layer for real than the one before
+REFERENCE = "lean"  # beside the layers: the floor plus a real step and nothing else (set against the floor)
 
 
 def serve_cut(cut: str, serve_args: Sequence[str]) -> int:
@@ -163,6 +171,16 @@ def _cut_server(models: Path, cut: str, folder: Path) -> Any:
         yield target, pid
 
 
+@contextlib.contextmanager
+def _lean_server(models: Path, folder: Path) -> Any:
+    """``bench/lean.py`` on the floor's recorded answers (``folder / "canned"``, written by the first seqserve)."""
+    ready = folder / "lean.json"
+    cmd = [sys.executable, "-m", "bench.lean", "--canned", str(folder / "canned"), "--models", str(models),
+           "--ready-file", str(ready)]  # fmt: skip
+    with process(cmd, ready, server_env({})) as (info, pid):
+        yield f"127.0.0.1:{info['grpc_port']}", pid
+
+
 def run(models: Path, workloads: list[str], conc: list[int], rounds: int = 2, window_ms: int = 2000) -> dict[str, Any]:
     """Every server of ``ORDER`` started and left running, then measured back to back per workload and
     concurrency, ``rounds`` times in alternating order; ``rows`` per measurement, ``summary`` per workload."""
@@ -179,26 +197,37 @@ def run(models: Path, workloads: list[str], conc: list[int], rounds: int = 2, wi
             target, pid = running.enter_context(_cut_server(models, cut, folder))
             servers.append((cut, target, [pid]))
         servers.append(("seqserve", *real["seqserve"]))
+        target, pid = running.enter_context(_lean_server(models, folder))
+        servers.append((REFERENCE, target, [pid]))
         rows = perf.interleaved(servers, chosen, conc, rounds, folder, env, window_ms)
     return {"workloads": [w.name for w in chosen], "concurrency": conc, "rounds": rounds, "rows": rows,
             "summary": summary(rows)}  # fmt: skip
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per workload and concurrency: each server's median CPU µs per request and throughput, and the µs its
-    layer adds over the server before it in ``ORDER``."""
+    """Per workload and concurrency: each server's median CPU µs per request and throughput, the µs its layer
+    adds over the server before it in ``ORDER`` (the lean reference's: over the floor), and its throughput as a
+    ratio of the floor's in the same round (median over rounds; None without the floor)."""
     out = []
     for key in dict.fromkeys((r["workload"], r["concurrency"]) for r in rows):
         mine = [r for r in rows if (r["workload"], r["concurrency"]) == key]
-        layers, before = [], None
-        for label in ORDER:
+        floor = {r["round"]: r["throughput"] for r in mine if r["server"] == "floor"}
+        layers: list[dict[str, Any]] = []
+        before: float | None = None
+        floor_cpu: float | None = None
+        for label in (*ORDER, REFERENCE):
             runs = [r for r in mine if r["server"] == label]
             if not runs:
                 continue
             cpu = statistics.median(r["server_cpu_s_per_1k"] * 1000 for r in runs)
-            layers.append({"server": label, "cpu_us": cpu, "adds_us": None if before is None else cpu - before,
-                           "throughput": statistics.median(r["throughput"] for r in runs)})  # fmt: skip
+            base = floor_cpu if label == REFERENCE else before
+            ratios = [r["throughput"] / floor[r["round"]] for r in runs if floor.get(r["round"])]
+            layers.append({"server": label, "cpu_us": cpu, "adds_us": None if base is None else cpu - base,
+                           "throughput": statistics.median(r["throughput"] for r in runs),
+                           "xfloor": statistics.median(ratios) if ratios else None})  # fmt: skip
             before = cpu
+            if label == "floor":
+                floor_cpu = cpu
         out.append({"workload": key[0], "concurrency": key[1], "layers": layers})
     return out
 
@@ -210,12 +239,13 @@ def print_table(results: dict[str, Any]) -> None:
     )
     for s in results["summary"]:
         print(f"  {s['workload']} c={s['concurrency']}:")
-        print(f"    {'server':>9}  {'runs for real':<58} {'CPU µs/req':>10} {'layer µs':>9} {'thr/s':>7}")
+        print(f"    {'server':>9}  {'runs for real':<58} {'CPU µs/req':>10} {'layer µs':>9} {'thr/s':>7} {'xfloor':>6}")
         for layer in s["layers"]:
             adds = "" if layer["adds_us"] is None else f"{layer['adds_us']:+.1f}"
+            ratio = "" if layer["xfloor"] is None or layer["server"] == "floor" else f"{layer['xfloor']:.2f}"
             print(
                 f"    {layer['server']:>9}  {ADDS[layer['server']]:<58} {layer['cpu_us']:>10.1f} {adds:>9} "
-                f"{layer['throughput']:>7.0f}"
+                f"{layer['throughput']:>7.0f} {ratio:>6}"
             )
 
 

@@ -32,7 +32,8 @@ What it measures, and why:
   (``bench/where.py``): how much of the gap is Python bytecode, gRPC, the kernel or ONNX Runtime. Skipped, saying
   why, where ``perf`` cannot sample; not in ``--quick`` runs.
 - ``layers``: the same server CPU per request split by layer (``bench/layers.py``): servers that replay the layers
-  below a cut (the servicer, the data plane, the batcher, ONNX Runtime) against the floor and seqserve itself;
+  below a cut (the servicer, the data plane, the batcher, ONNX Runtime) against the floor and seqserve itself,
+  and beside them the lean reference (``bench/lean.py``: the floor plus a real char-LM step and nothing else);
   not in ``--quick`` runs.
 
     python -m bench.run [--models models] [--repeats 50] [--quick] [--no-perf]

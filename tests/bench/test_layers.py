@@ -9,10 +9,13 @@ import contextlib
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
-from bench import layers
+from bench import layers, lean
+from bench.floor import record
 from bench.launch import serve
+from bench.perf import canned_requests
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -39,6 +42,20 @@ def test_summary_takes_medians_and_each_layers_difference() -> None:
     assert by["edge"]["cpu_us"] == pytest.approx(140) and by["edge"]["adds_us"] == pytest.approx(30)
     assert by["seqserve"]["adds_us"] == pytest.approx(520 - 140)
     assert by["seqserve"]["throughput"] == 950
+    assert by["seqserve"]["xfloor"] == pytest.approx((1000 / 5000 + 900 / 4800) / 2)  # within each round
+    assert by["floor"]["xfloor"] == pytest.approx(1.0)
+
+
+def test_the_lean_reference_is_set_against_the_floor_not_the_layer_before() -> None:
+    rows = [_row("floor", 0, 100, 5000), _row("seqserve", 0, 500, 1000), _row("lean", 0, 160, 3000),
+            _row("floor", 1, 120, 4000), _row("seqserve", 1, 540, 900), _row("lean", 1, 180, 3000)]  # fmt: skip
+    (s,) = layers.summary(rows)
+    assert [layer["server"] for layer in s["layers"]] == ["floor", "seqserve", "lean"]  # after the layers
+    lean = s["layers"][-1]
+    assert lean["cpu_us"] == pytest.approx(170) and lean["adds_us"] == pytest.approx(170 - 110)
+    assert lean["xfloor"] == pytest.approx((3000 / 5000 + 3000 / 4000) / 2)
+    (no_floor,) = layers.summary([_row("lean", 0, 160, 3000)])
+    assert no_floor["layers"][0]["adds_us"] is None and no_floor["layers"][0]["xfloor"] is None
 
 
 def test_an_unknown_cut_and_an_unpinned_workload_are_refused(tiny_models: Path) -> None:
@@ -80,14 +97,36 @@ def test_every_cut_answers_as_seqserve_does(tiny_models: Path, tmp_path: Path) -
             assert all(len(a.raw_output_contents) == len(a.outputs) for a in got), cut
 
 
+def test_the_lean_server_answers_seqserves_probabilities(tiny_models: Path, tmp_path: Path) -> None:
+    """The lean reference does the step for real: its NEXT_CHAR_PROBS are seqserve's, later steps of a sequence
+    too (which depend on the state it kept), and every other output is the floor's recorded bytes."""
+    with serve(tiny_models, {"SEQSERVE_LOG_LEVEL": "WARNING"}, 1) as real:
+        want = _steps(real.target)
+        record(real.target, canned_requests(tiny_models), tmp_path / "canned")
+    with layers._lean_server(tiny_models, tmp_path) as (target, _):
+        got = _steps(target)
+    assert [a.id for a in got] == ["r0", "r1", "r2"]
+    assert [o.name for o in got[0].outputs] == [o.name for o in want[0].outputs]
+    k = [o.name for o in want[0].outputs].index(lean.PROBS)
+
+    def probs(a: pb.ModelInferResponse) -> np.ndarray:
+        return np.frombuffer(a.raw_output_contents[k], np.float32)
+
+    assert not np.allclose(probs(want[2]), probs(want[0]), atol=1e-4)  # "a" after "ab" is not "a" from nothing
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(probs(a), probs(b), rtol=1e-5, atol=1e-6)
+        assert len(a.raw_output_contents) == len(b.raw_output_contents)
+
+
 def test_a_real_run_measures_every_server(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
     r = layers.run(tiny_models, ["charlm1-stream"], [4], rounds=1, window_ms=300)  # (-x 1: the tiny charlm/1)
-    assert sorted(row["server"] for row in r["rows"]) == sorted(layers.ORDER)
+    everyone = [*layers.ORDER, layers.REFERENCE]
+    assert sorted(row["server"] for row in r["rows"]) == sorted(everyone)
     for row in r["rows"]:
         assert row["throughput"] > 0 and row["server_cpu_s_per_1k"] > 0, row["server"]
     (s,) = r["summary"]
-    assert [layer["server"] for layer in s["layers"]] == list(layers.ORDER)
+    assert [layer["server"] for layer in s["layers"]] == everyone
     layers.print_table(r)
     printed = capsys.readouterr().out
-    for label in layers.ORDER:
+    for label in everyone:
         assert layers.ADDS[label] in printed

@@ -1,0 +1,215 @@
+"""The lean server: the canned-response floor plus the least work a stateful char-LM step needs, nothing more.
+
+``bench.layers`` sets it beside the floor and seqserve: its CPU per step is what a Python server on this skeleton
+(``grpc.aio``, ONNX Runtime) spends on a real char-LM step when it does nothing a production server must do
+besides the step itself, so it says how far trimming seqserve's Python could ever go. For each KServe step of a
+char LM (``ModelInfer``, ``ModelStreamInfer``) it
+
+- reads the request (gRPC's protobuf parse, as the floor), its ``sequence_id`` / ``sequence_start`` /
+  ``sequence_end`` and its ``TEXT``, and maps the characters to ids;
+- takes the sequence's state from a dict (zeros at a start);
+- runs ONNX Runtime once (one thread) for the steps waiting, one row each (rows of one text length together),
+  as soon as as many are waiting as the largest of the last runs had (up to ``max_batch_size``), else
+  ``max_batch_delay_ms`` after the first (seqserve's defaults): the batcher's rule, without its queue bounds,
+  priorities, inline-or-thread choice or its wait for rows the loop is about to hand over;
+- keeps each row's new state and answers the softmax of its last logits in place of the canned response's
+  ``NEXT_CHAR_PROBS`` (the rest of the response is the floor's recorded bytes: the same sizes as seqserve's).
+
+What it leaves out is all the rest: the edge (authentication, rate limits, request size limits, metrics, logs),
+the checks of inputs and parameters, model versions and live reloads, the session store (leases, TTLs, quotas,
+eviction, export), deadlines, priorities, statistics, tracing, the batcher's queue bounds and its inline or
+threaded runs, and every error path (an unknown character or sequence is a plain gRPC error). Other models
+(sentiment) and every other method answer as the floor does.
+
+    python -m bench.lean --canned DIR --models DIR [--port 0] [--ready-file F] [--event-loop asyncio|uvloop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, get_args
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from bench.floor import FloorServicer
+from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.core.aio import run
+from service.core.batching import RECENT_BATCHES
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE
+from service.settings import Settings
+
+PROBS = "NEXT_CHAR_PROBS"
+DELAY = Settings.model_fields["max_batch_delay_ms"].default / 1000
+MAX_ROWS = Settings.model_fields["max_batch_size"].default
+
+Step = tuple[np.ndarray, list[np.ndarray], "asyncio.Future[tuple[np.ndarray, list[np.ndarray]]]"]
+
+
+class CharNet:
+    """One char-LM version: its ONNX Runtime session (one thread), vocabulary and state layout, and the steps
+    waiting for the next run."""
+
+    def __init__(self, folder: Path) -> None:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+        self.index = {ch: i for i, ch in enumerate(manifest["tokenizer"]["vocab"])}
+        states = manifest["states"]
+        self.state_in = [s["input"] for s in states]
+        self.state_out = [s["output"] for s in states]
+        self.initial = [np.zeros([1 if d == "batch" else d for d in s["shape"]], np.float32) for s in states]
+        self.outputs = ["logits", *self.state_out]
+        self.pending: list[Step] = []
+        self.timer: asyncio.Handle | None = None  # the run to come, once a row waits
+        self.soon = False  # ... at the loop's next turn (not at the delay)
+        self.recent: deque[int] = deque([1], maxlen=RECENT_BATCHES)  # rows of the last runs
+        self.expect = 1  # the most of them: a run starts once as many wait
+        self.rows = self.runs = 0  # (what the batching achieved: rows / runs)
+
+    def step(self, ids: np.ndarray, state: list[np.ndarray]) -> asyncio.Future[tuple[np.ndarray, list[np.ndarray]]]:
+        """Queues one row; the run starts when ``expect`` rows wait, or ``DELAY`` after the first."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[np.ndarray, list[np.ndarray]]] = loop.create_future()
+        self.pending.append((ids, state, fut))
+        if len(self.pending) >= self.expect and not self.soon:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.soon = loop.call_soon(self.flush), True
+        elif self.timer is None:
+            self.timer = loop.call_later(DELAY, self.flush)
+        return fut
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending[:MAX_ROWS], self.pending[MAX_ROWS:]
+        self.timer, self.soon = None, False
+        if self.pending:  # (more than a run takes: the rest at once after this one)
+            self.timer, self.soon = asyncio.get_running_loop().call_soon(self.flush), True
+        self.recent.append(len(pending))
+        self.expect = max(self.recent)
+        groups: dict[int, list[Step]] = {}
+        for item in pending:
+            groups.setdefault(item[0].shape[1], []).append(item)
+        for group in groups.values():
+            feeds = {"input_ids": np.concatenate([ids for ids, _, _ in group])}
+            for k, name in enumerate(self.state_in):
+                feeds[name] = np.concatenate([state[k] for _, state, _ in group], axis=1)
+            logits, *states = self.session.run(self.outputs, feeds)
+            last = logits[:, -1, :]
+            e = np.exp(last - last.max(axis=1, keepdims=True))
+            probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+            self.rows, self.runs = self.rows + len(group), self.runs + 1
+            for i, (_, _, fut) in enumerate(group):
+                if not fut.cancelled():
+                    fut.set_result((probs[i], [s[:, i : i + 1, :] for s in states]))
+
+
+def char_nets(models: Path, names: list[str]) -> dict[tuple[str, str], CharNet]:
+    """Every version of each of ``names`` that is a char LM, by (name, version); ``""`` names the newest."""
+    nets: dict[tuple[str, str], CharNet] = {}
+    for name in names:
+        versions = sorted((int(p.name) for p in (models / name).iterdir() if p.name.isdigit()), reverse=True)
+        for v in versions:
+            folder = models / name / str(v)
+            manifest = json.loads((folder / MANIFEST_FILE).read_text())
+            if manifest.get("tokenizer", {}).get("kind") != "char" or not manifest.get("stateful"):
+                break  # not a char LM: the floor's answers
+            nets[(name, str(v))] = CharNet(folder)
+            nets.setdefault((name, ""), nets[(name, str(v))])
+    return nets
+
+
+def _text(request: pb.ModelInferRequest) -> bytes:
+    if request.raw_input_contents:  # a BYTES tensor's raw form: 4-byte little-endian length, then the bytes
+        raw = request.raw_input_contents[0]
+        return raw[4 : 4 + int.from_bytes(raw[:4], "little")]
+    return request.inputs[0].contents.bytes_contents[0]
+
+
+class LeanServicer(FloorServicer):
+    def __init__(self, canned: Path, models: Path) -> None:
+        super().__init__(canned)
+        self.nets = char_nets(models, sorted({name for name, _ in self.answers}))
+        self.states: dict[tuple[str, str, int | str], list[np.ndarray]] = {}
+        self.slot: dict[str, int] = {}  # the canned response's NEXT_CHAR_PROBS index, per model
+        for (name, kind), answer in self.answers.items():
+            if kind == "infer":
+                self.slot[name] = next((i for i, o in enumerate(answer.outputs) if o.name == PROBS), 0)
+
+    async def _step(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        net = self.nets.get((request.model_name, request.model_version))
+        if net is None:
+            return self._respond(request)
+        params = request.parameters
+        seq = params["sequence_id"]
+        key = (request.model_name, request.model_version, seq.int64_param or seq.string_param)
+        start = params.get("sequence_start")
+        started = start is not None and start.bool_param
+        state = net.initial if started else self.states[key]  # (an unknown sequence: KeyError, a gRPC error)
+        ids = np.array([[net.index[ch] for ch in _text(request).decode()]], np.int64)
+        probs, self.states[key] = await net.step(ids, state)
+        end = params.get("sequence_end")
+        if end is not None and end.bool_param:
+            del self.states[key]
+        response = self._respond(request)
+        response.raw_output_contents[self.slot[request.model_name]] = probs.tobytes()
+        return response
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self._step(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in request_iterator:
+            yield pb.ModelStreamInferResponse(infer_response=await self._step(request))
+
+
+async def _serve(canned: Path, models: Path, port: int, ready: Path | None) -> None:
+    server = grpc.aio.server()
+    servicer = LeanServicer(canned, models)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    if ready is not None:
+        tmp = ready.with_name(ready.name + ".tmp")
+        tmp.write_text(json.dumps({"grpc_port": bound, "pid": os.getpid()}))
+        tmp.replace(ready)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+    for (name, version), net in servicer.nets.items():
+        if version and net.runs:  # the mean batch, for whoever reads the log
+            print(f"{name}/{version}: {net.rows} rows in {net.runs} runs ({net.rows / net.runs:.1f} per run)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--canned", type=Path, required=True)
+    ap.add_argument("--models", type=Path, required=True)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ready-file", type=Path)
+    loop = Settings.model_fields["event_loop"]
+    ap.add_argument(
+        "--event-loop", choices=get_args(loop.annotation), default=loop.default, help="as seqserve's event_loop setting"
+    )
+    args = ap.parse_args(argv)
+    run(_serve(args.canned, args.models, args.port, args.ready_file), args.event_loop)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
