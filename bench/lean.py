@@ -9,9 +9,9 @@ char LM (``ModelInfer``, ``ModelStreamInfer``) it
   ``sequence_end`` and its ``TEXT``, and maps the characters to ids;
 - takes the sequence's state from a dict (zeros at a start);
 - runs ONNX Runtime once (one thread) for the steps waiting, one row each (rows of one text length together),
-  as soon as as many are waiting as the largest of the last runs had (up to ``max_batch_size``), else
-  ``max_batch_delay_ms`` after the first (seqserve's defaults): the batcher's rule, without its queue bounds,
-  priorities, inline-or-thread choice or its wait for rows the loop is about to hand over;
+  once as many are waiting as the largest of the last runs had (up to ``max_batch_size``), else
+  ``max_batch_delay_ms`` after the first (seqserve's defaults), and then one more turn of the event loop at a
+  time while more arrive: the batcher's rule, without its queue bounds, priorities or inline-or-thread choice;
 - keeps each row's new state and answers the softmax of its last logits in place of the canned response's
   ``NEXT_CHAR_PROBS`` (the rest of the response is the floor's recorded bytes: the same sizes as seqserve's).
 
@@ -73,12 +73,14 @@ class CharNet:
         self.pending: list[Step] = []
         self.timer: asyncio.Handle | None = None  # the run to come, once a row waits
         self.soon = False  # ... at the loop's next turn (not at the delay)
+        self.seen = 0  # rows waiting at the last turn (growing: wait one more)
         self.recent: deque[int] = deque([1], maxlen=RECENT_BATCHES)  # rows of the last runs
         self.expect = 1  # the most of them: a run starts once as many wait
         self.rows = self.runs = 0  # (what the batching achieved: rows / runs)
 
     def step(self, ids: np.ndarray, state: list[np.ndarray]) -> asyncio.Future[tuple[np.ndarray, list[np.ndarray]]]:
-        """Queues one row; the run starts when ``expect`` rows wait, or ``DELAY`` after the first."""
+        """Queues one row; the run starts when ``expect`` rows wait, or ``DELAY`` after the first, and once no
+        more arrive in a turn of the loop (``flush``)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[np.ndarray, list[np.ndarray]]] = loop.create_future()
         self.pending.append((ids, state, fut))
@@ -91,10 +93,16 @@ class CharNet:
         return fut
 
     def flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.seen < len(self.pending) < MAX_ROWS:  # still growing: one more turn of the loop
+            self.seen = len(self.pending)
+            self.timer, self.soon = loop.call_soon(self.flush), True
+            return
+        self.seen = 0
         pending, self.pending = self.pending[:MAX_ROWS], self.pending[MAX_ROWS:]
         self.timer, self.soon = None, False
         if self.pending:  # (more than a run takes: the rest at once after this one)
-            self.timer, self.soon = asyncio.get_running_loop().call_soon(self.flush), True
+            self.timer, self.soon = loop.call_soon(self.flush), True
         self.recent.append(len(pending))
         self.expect = max(self.recent)
         groups: dict[int, list[Step]] = {}
