@@ -182,8 +182,9 @@ def _lean_server(models: Path, folder: Path) -> Any:
 
 
 def run(models: Path, workloads: list[str], conc: list[int], rounds: int = 2, window_ms: int = 2000) -> dict[str, Any]:
-    """Every server of ``ORDER`` started and left running, then measured back to back per workload and
-    concurrency, ``rounds`` times in alternating order; ``rows`` per measurement, ``summary`` per workload."""
+    """Every server of ``ORDER`` and the ``REFERENCE`` started and left running, then measured back to back per
+    workload and concurrency, ``rounds`` times in alternating order; ``rows`` per measurement, ``summary`` per
+    workload."""
     unpinned = [name for name in workloads if not pa.WORKLOADS[name].version]
     if unpinned:  # perf_analyzer would look for the version in statistics that replayed answers do not update
         raise ValueError(f"workloads {', '.join(unpinned)} name no model version; the layers need one (-x)")
