@@ -151,8 +151,14 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def _serve(canned: Path, port: int, ready: Path | None) -> None:
+    await serve_servicer(FloorServicer(canned), port, ready)
+
+
+async def serve_servicer(servicer: pb_grpc.GRPCInferenceServiceServicer, port: int, ready: Path | None) -> None:
+    """Serves ``servicer`` (this floor, ``bench/lean.py``'s) on 127.0.0.1:``port`` (SO_REUSEPORT) until SIGTERM or
+    SIGINT; ``ready``: the JSON file written once it listens (its port and pid)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(canned), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     if ready is not None:

@@ -29,20 +29,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, get_args
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 
-from bench.floor import FloorServicer
+from bench.floor import FloorServicer, serve_servicer
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.aio import run
 from service.core.batching import RECENT_BATCHES
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE
@@ -184,21 +180,8 @@ class LeanServicer(FloorServicer):
 
 
 async def _serve(canned: Path, models: Path, port: int, ready: Path | None) -> None:
-    server = grpc.aio.server()
     servicer = LeanServicer(canned, models)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    if ready is not None:
-        tmp = ready.with_name(ready.name + ".tmp")
-        tmp.write_text(json.dumps({"grpc_port": bound, "pid": os.getpid()}))
-        tmp.replace(ready)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0)
+    await serve_servicer(servicer, port, ready)
     for (name, version), net in servicer.nets.items():
         if version and net.runs:  # the mean batch, for whoever reads the log
             print(f"{name}/{version}: {net.rows} rows in {net.runs} runs ({net.rows / net.runs:.1f} per run)")
