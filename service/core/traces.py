@@ -269,10 +269,20 @@ class Tracer:
                 "trace_file can be set at start only (SEQSERVE_TRACE_FILE) on this server; to let callers name "
                 "files, start it with SEQSERVE_TRACE_DIR set to the folder they may write into"
             )
-        path = (self.folder / value).resolve()  # (an absolute name stays itself; symbolic links are followed)
-        if not path.is_relative_to(self.folder) or path == self.folder:
+        if "\0" in value:  # (no file name holds one; the OS refuses it)
+            raise InvalidInput(f"trace_file {echo(value)} contains a NUL character; name a file in {self.folder}")
+        try:
+            path = (self.folder / value).resolve()  # (an absolute name stays itself; symbolic links are followed)
+            inside = path.is_relative_to(self.folder) and path != self.folder
+            folder = inside and path.parent.is_dir()
+        except (OSError, RuntimeError) as exc:  # a name too long for the OS, a loop of symbolic links
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a loop of symbolic links"
+            raise InvalidInput(
+                f"trace_file {echo(value)} cannot be used ({why}); name a file in {self.folder}"
+            ) from None
+        if not inside:
             raise InvalidInput(f"trace_file {echo(value)} is outside TRACE_DIR ({self.folder}); name a file in it")
-        if not path.parent.is_dir():
+        if not folder:
             raise InvalidInput(f"trace_file {echo(value)}: its folder {echo(str(path.parent))} does not exist")
         return str(path)
 

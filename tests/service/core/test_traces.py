@@ -102,6 +102,8 @@ def test_clearing_sends_a_model_back_to_the_servers_and_the_servers_to_its_start
         ({"trace_file": ["../escape.json"]}, "outside TRACE_DIR"),
         ({"trace_file": ["missing/trace.json"]}, "does not exist"),
         ({"trace_file": [""]}, "trace_file is empty: name the file"),
+        ({"trace_file": ["\x00"]}, "contains a NUL character"),  # (the OS's ValueError before: found by the fuzzer)
+        ({"trace_file": ["a" * 5000 + "/t.json"]}, "does not exist|cannot be used"),  # a name too long for the OS
         ({"trace_rate": ["5"], "trace_level": ["LOUD"]}, "'LOUD' is not a level"),  # the valid one is not applied
     ],
 )
@@ -131,6 +133,9 @@ def test_a_trace_file_is_named_by_callers_only_inside_trace_dir(tmp_path: Path) 
     (tmp_path / "traces" / "out").symlink_to(tmp_path)  # a link inside that leads outside
     with pytest.raises(InvalidInput, match=r"'out/c\.json' is outside TRACE_DIR"):
         free.update(None, {"trace_file": ["out/c.json"]})
+    (tmp_path / "traces" / "loop").symlink_to(tmp_path / "traces" / "loop")  # a link to itself
+    with pytest.raises(InvalidInput, match=r"'loop/d\.json' (cannot be used|.*does not exist)"):
+        free.update(None, {"trace_file": ["loop/d.json"]})
 
 
 def test_a_level_on_needs_a_file(tmp_path: Path) -> None:
