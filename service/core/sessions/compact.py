@@ -5,6 +5,12 @@ A ``SessionState`` kept as it is costs about 1.7 KiB of Python objects on top of
 the array layout and the metadata interned (every session of a model version shares them), and costs ~0.6 KiB.
 ``unpack`` hands out read-only numpy views of that buffer: nothing is copied, and sessions' arrays are never
 changed in place anyway (a step replaces them).
+
+A record is a plain tuple of strings, numbers, bytes and tuples of them (numpy dtypes are not tracked either), not
+a class instance: CPython's garbage collector stops tracking such a tuple at its first young collection, so idle
+sessions add nothing to what every full collection walks. As instances they were one tracked object each (two
+with the store's bookkeeping), and a full collection of an engine holding 250,000 sessions stalled its event loop
+for ~300 ms (``bench.sessions``' p99 at that level).
 """
 
 from __future__ import annotations
@@ -30,27 +36,11 @@ def _intern(value: Any) -> Any:
     return found
 
 
-class Compact:
-    __slots__ = ("blob", "created_at", "id", "last_used_at", "layout", "metadata", "model", "model_sha256",
-                 "nbytes", "owner", "revision", "steps", "task", "ttl_seconds", "version")  # fmt: skip
-
-    def __init__(self, s: SessionState, layout: Layout, blob: bytes) -> None:
-        self.id, self.model, self.version, self.model_sha256, self.task = (
-            s.id,
-            s.model,
-            s.version,
-            s.model_sha256,
-            s.task,
-        )
-        self.steps, self.ttl_seconds, self.created_at, self.last_used_at = (
-            s.steps,
-            s.ttl_seconds,
-            s.created_at,
-            s.last_used_at,
-        )
-        self.nbytes, self.owner, self.revision = s.nbytes, s.owner, s.revision
-        self.metadata: tuple[tuple[str, str], ...] = _intern(tuple(s.metadata.items()))
-        self.layout, self.blob = layout, blob
+# (id, model, version, model_sha256, task, steps, ttl_seconds, created_at, last_used_at, nbytes, owner, revision,
+#  metadata items, layout, buffer)
+Compact = tuple[
+    str, str, int, str, str, int, float, float, float, int, str, int, tuple[tuple[str, str], ...], Layout, bytes
+]
 
 
 def pack(s: SessionState) -> Compact:
@@ -67,16 +57,33 @@ def pack(s: SessionState) -> Compact:
             spec.append((is_context, name, a.dtype, a.shape, offset))
             parts.append(a.tobytes())
             offset += a.nbytes
-    return Compact(s, _intern(tuple(spec)), b"".join(parts))
+    return (
+        s.id, s.model, s.version, s.model_sha256, s.task, s.steps, s.ttl_seconds, s.created_at, s.last_used_at,
+        s.nbytes, s.owner, s.revision, _intern(tuple(s.metadata.items())), _intern(tuple(spec)), b"".join(parts),
+    )  # fmt: skip
 
 
 def unpack(c: Compact) -> SessionState:
+    sid, model, version, sha, task, steps, ttl, created, used, nbytes, owner, revision, metadata, layout, blob = c
     state: dict[str, Any] = {}
     context: dict[str, Any] = {}
-    for is_context, name, dtype, shape, offset in c.layout:
-        a = np.ndarray(shape, dtype, buffer=c.blob, offset=offset)  # a read-only view of the buffer
+    for is_context, name, dtype, shape, offset in layout:
+        a = np.ndarray(shape, dtype, buffer=blob, offset=offset)  # a read-only view of the buffer
         (context if is_context else state)[name] = a
     return SessionState(
-        c.id, c.model, c.version, c.model_sha256, c.task, state, context, c.steps, c.ttl_seconds, c.created_at,
-        c.last_used_at, c.nbytes, dict(c.metadata), c.owner, c.revision,
-    )  # fmt: skip
+        sid,
+        model,
+        version,
+        sha,
+        task,
+        state,
+        context,
+        steps,
+        ttl,
+        created,
+        used,
+        nbytes,
+        dict(metadata),
+        owner,
+        revision,
+    )

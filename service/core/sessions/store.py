@@ -137,14 +137,11 @@ class _Holding:
         del self._leases[self._id]
 
 
-@dataclass(slots=True)
-class _Meta:
-    revision: int
-    expires_at: float
-    nbytes: int
-    model: str
-    owner: str
-    incarnation: int  # which add() created this session: tells stale heap entries apart
+# A session's bookkeeping: (revision, expires_at, nbytes, model, owner, incarnation), the incarnation being which
+# add() created it (it tells stale heap entries apart). A plain tuple of atomic values, replaced by each save: the
+# garbage collector stops tracking it, as it does the packed record (compact.py), so idle sessions add nothing to
+# a full collection.
+_Meta = tuple[int, float, int, str, str, int]
 
 
 R = TypeVar("R")
@@ -180,8 +177,8 @@ class InMemorySessionStore(Generic[R]):
         return compact.pack(s)  # type: ignore[return-value]
 
     def _unpack(self, record: R) -> SessionState:
-        assert isinstance(record, compact.Compact)
-        return compact.unpack(record)
+        assert type(record) is tuple
+        return compact.unpack(cast(compact.Compact, record))
 
     # --- protocol -------------------------------------------------------------------------------------
     async def load(self, session_id: str) -> SessionState | None:
@@ -196,14 +193,19 @@ class InMemorySessionStore(Generic[R]):
         incarnation = next(self._incarnations)
         session.revision = incarnation << 32  # a new incarnation: no working copy of an older one matches it
         self._records[session.id] = self._pack(session)
-        self._meta[session.id] = _Meta(
-            session.revision, session.expires_at, session.nbytes, session.model, session.owner, incarnation
+        self._meta[session.id] = (
+            session.revision,
+            session.expires_at,
+            session.nbytes,
+            session.model,
+            session.owner,
+            incarnation,
         )
         self._owners.setdefault(session.owner, OrderedDict())[session.id] = None
         self._owner_bytes[session.owner] = self._owner_bytes.get(session.owner, 0) + session.nbytes
         heapq.heappush(self._expiry, (session.expires_at, incarnation, session.id))
         if len(self._expiry) > 2 * len(self._meta) + 1024:  # mostly deleted sessions' entries: rebuild, O(n)
-            self._expiry = [(m.expires_at, m.incarnation, sid) for sid, m in self._meta.items()]
+            self._expiry = [(m[1], m[5], sid) for sid, m in self._meta.items()]  # (expires_at, incarnation, id)
             heapq.heapify(self._expiry)
         self._bytes += session.nbytes
         self._per_model[session.model] = self._per_model.get(session.model, 0) + 1
@@ -211,10 +213,11 @@ class InMemorySessionStore(Generic[R]):
 
     async def save(self, session: SessionState) -> None:
         meta = self._meta.get(session.id)
-        if meta is None or meta.revision != session.revision:
+        if meta is None or meta[0] != session.revision:
             raise StaleSession(session.id)
         session.revision += 1
-        meta.revision, meta.expires_at = session.revision, session.expires_at
+        _, _, nbytes, model, owner, incarnation = meta
+        self._meta[session.id] = (session.revision, session.expires_at, nbytes, model, owner, incarnation)
         self._records[session.id] = None
         self._records.move_to_end(session.id)
         hot = self._hot
@@ -223,7 +226,7 @@ class InMemorySessionStore(Generic[R]):
         while len(hot) > self._hot_limit:
             sid, cold = hot.popitem(last=False)
             self._records[sid] = self._pack(cold)  # (keeps its place in the recency order)
-        self._owners[meta.owner].move_to_end(session.id)
+        self._owners[owner].move_to_end(session.id)
 
     async def delete(self, session_id: str) -> SessionState | None:
         return self._remove(session_id)
@@ -247,10 +250,11 @@ class InMemorySessionStore(Generic[R]):
         while self._expiry and self._expiry[0][0] <= now and len(out) < limit:
             _, incarnation, sid = heapq.heappop(self._expiry)
             meta = self._meta.get(sid)
-            if meta is None or meta.incarnation != incarnation:
+            if meta is None or meta[5] != incarnation:
                 continue  # deleted or replaced since: a stale entry
-            if meta.expires_at > now or sid in self._leases:
-                later.append((max(meta.expires_at, now + 1.0), incarnation, sid))  # used since, or in use now
+            expires_at = meta[1]
+            if expires_at > now or sid in self._leases:
+                later.append((max(expires_at, now + 1.0), incarnation, sid))  # used since, or in use now
                 continue
             s = self._remove(sid)
             if s is not None:
@@ -280,16 +284,16 @@ class InMemorySessionStore(Generic[R]):
         record = self._records.pop(session_id, _ABSENT)
         if record is _ABSENT:
             return None
-        meta = self._meta.pop(session_id)
-        self._bytes -= meta.nbytes
-        self._per_model[meta.model] -= 1
-        if not self._per_model[meta.model]:
-            del self._per_model[meta.model]
-        mine = self._owners[meta.owner]
+        _, _, nbytes, model, owner, _ = self._meta.pop(session_id)
+        self._bytes -= nbytes
+        self._per_model[model] -= 1
+        if not self._per_model[model]:
+            del self._per_model[model]
+        mine = self._owners[owner]
         del mine[session_id]
-        self._owner_bytes[meta.owner] -= meta.nbytes
+        self._owner_bytes[owner] -= nbytes
         if not mine:
-            del self._owners[meta.owner], self._owner_bytes[meta.owner]
+            del self._owners[owner], self._owner_bytes[owner]
         hot = self._hot.pop(session_id, None)
         return hot if hot is not None else self._unpack(cast(R, record))  # (not _ABSENT, not None: packed)
 
