@@ -4,7 +4,9 @@ memory an idle char-LM session costs against its raw state.
 Fills a real server (its own process, sized for 300k sessions) through ``Sessions.Create`` from an asyncio
 client with many calls in flight; at each level it measures a window of creates (rate, p50/p99 latency), then
 keeps filling. "core only" repeats the fill through the data plane in this process, without gRPC: the part the
-session manager and store cost (the rest of an RPC is gRPC's own per-call work, shared with every method).
+session manager and store cost (the rest of an RPC is gRPC's own per-call work, shared with every method), and
+"full gc ms" is one full garbage collection of that process at each level (a server's event loop stops as long
+whenever one runs: idle sessions must not be objects the collector walks).
 Creating must not slow down as the store grows (O(1)/O(log n) store operations; issue 12 asks 3,000/s at
 250,000 live sessions), and the idle server must not walk its sessions (the reaper uses an expiry heap).
 "memory per idle session" fills a fresh engine (the data plane in a child process of its own, no gRPC) with 20,000
@@ -84,7 +86,8 @@ async def _engine(models: Path, sessions: int) -> AsyncIterator[CoreDataPlane]:
 
 async def core_rates(models: Path, levels: tuple[int, ...], window: int) -> list[dict[str, Any]]:
     """The same fill-and-measure through the data plane in this process, without gRPC: what the session
-    manager and store cost by themselves."""
+    manager and store cost by themselves, and how long one full garbage collection of this process takes with
+    that many sessions (every server process pauses its event loop for as long when one runs)."""
     rows, live, model = [], 0, ModelRef("charlm")
     async with _engine(models, max(levels) + 2 * window) as dp:
         for level in levels:
@@ -93,7 +96,12 @@ async def core_rates(models: Path, levels: tuple[int, ...], window: int) -> list
             started = time.perf_counter()
             for _ in range(window):
                 await dp.create_session(model)
-            rows.append({"live_sessions": level, "creates_per_s": window / (time.perf_counter() - started)})
+            rate = window / (time.perf_counter() - started)
+            gc.collect()  # (what a window left for the collector; then one full collection on its own, timed)
+            started = time.perf_counter()
+            gc.collect()
+            full_gc_ms = (time.perf_counter() - started) * 1e3
+            rows.append({"live_sessions": level, "creates_per_s": rate, "full_gc_ms": full_gc_ms})
             live = level + window
     return rows
 
@@ -215,11 +223,13 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"Session create rate ({r['in_flight']} calls in flight, Sessions.Create on charlm):")
     print(
         f"  {'live sessions':>13}  {'creates/s':>10}  {'p50 ms':>7}  {'p99 ms':>7}  {'RSS MiB':>8}  {'core only/s':>11}"
+        f"  {'full gc ms':>10}"
     )
     for row, core in zip(r["create"], r["core"], strict=True):
         print(
             f"  {row['live_sessions']:>13,}  {row['creates_per_s']:>10,.0f}  {row['p50_ms']:>7.2f}  "
-            f"{row['p99_ms']:>7.2f}  {row['rss_mib']:>8.0f}  {core['creates_per_s']:>11,.0f}"
+            f"{row['p99_ms']:>7.2f}  {row['rss_mib']:>8.0f}  {core['creates_per_s']:>11,.0f}  "
+            f"{core['full_gc_ms']:>10.1f}"
         )
     floor = r.get("floor_creates_per_s")
     if floor:

@@ -17,6 +17,7 @@ def test_quick_session_bench_writes_every_field(tiny_models: Path, tmp_path: Pat
     r = json.loads(out.read_text())
     assert [row["live_sessions"] for row in r["create"]] == [1000]
     assert [row["live_sessions"] for row in r["core"]] == [1000]
+    assert r["core"][0]["creates_per_s"] > 0 and r["core"][0]["full_gc_ms"] > 0
     row = r["create"][0]
     assert row["creates_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] and row["rss_mib"] > 0
     assert r["idle_live_sessions"] == 1500 and r["idle_cpu_percent"] >= 0
