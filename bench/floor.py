@@ -214,16 +214,22 @@ def _child(canned: Path, port: int, loop: str) -> None:
     run(_serve(canned, port, None), loop)
 
 
+def add_event_loop_option(ap: argparse.ArgumentParser) -> None:
+    """``--event-loop``, as seqserve's event_loop setting (its choices and default): a bench server runs on the
+    loop the server it is set against runs on."""
+    loop = Settings.model_fields["event_loop"]
+    ap.add_argument(
+        "--event-loop", choices=get_args(loop.annotation), default=loop.default, help="as seqserve's event_loop setting"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--canned", type=Path, required=True)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path)
     ap.add_argument("--workers", type=int, default=1, help="processes behind one port (SO_REUSEPORT)")
-    loop = Settings.model_fields["event_loop"]
-    ap.add_argument(
-        "--event-loop", choices=get_args(loop.annotation), default=loop.default, help="as seqserve's event_loop setting"
-    )
+    add_event_loop_option(ap)
     args = ap.parse_args(argv)
     if args.workers > 1 and args.port == 0:
         ap.error("--workers > 1 needs a fixed --port (processes share it with SO_REUSEPORT)")

@@ -28,20 +28,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from bench.floor import FloorServicer, serve_servicer
+from bench.floor import FloorServicer, add_event_loop_option, serve_servicer
 from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.kserve.tensors import deserialize_bytes
 from service.core.aio import run
+from service.core.arrays import softmax, zero_states
 from service.core.batching import RECENT_BATCHES
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from service.settings import Settings
 
 PROBS = "NEXT_CHAR_PROBS"
@@ -55,28 +56,28 @@ class CharNet:
     """One char-LM version: its ONNX Runtime session (one thread), vocabulary and state layout, and the steps
     waiting for the next run."""
 
-    def __init__(self, folder: Path) -> None:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        assert manifest.tokenizer is not None  # (char_nets keeps char LMs only)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
-        self.index = {ch: i for i, ch in enumerate(manifest["tokenizer"]["vocab"])}
-        states = manifest["states"]
-        self.state_in = [s["input"] for s in states]
-        self.state_out = [s["output"] for s in states]
-        self.initial = [np.zeros([1 if d == "batch" else d for d in s["shape"]], np.float32) for s in states]
+        self.index = {ch: i for i, ch in enumerate(manifest.tokenizer.vocab)}
+        self.state_in = [s.input for s in manifest.states]
+        self.state_out = [s.output for s in manifest.states]
+        zeros = zero_states(manifest.states, {"batch": 1})
+        self.initial = [zeros[name] for name in self.state_in]
         self.outputs = ["logits", *self.state_out]
         self.pending: list[Step] = []
         self.timer: asyncio.Handle | None = None  # the run to come, once a row waits
         self.soon = False  # ... at the loop's next turn (not at the delay)
         self.seen = 0  # rows waiting at the last turn (growing: wait one more)
         self.recent: deque[int] = deque([1], maxlen=RECENT_BATCHES)  # rows of the last runs
-        self.expect = 1  # the most of them: a run starts once as many wait
+        self.expect = 1  # the most of them, kept per run (not per step): a run starts once as many wait
         self.rows = self.runs = 0  # (what the batching achieved: rows / runs)
 
     def step(self, ids: np.ndarray, state: list[np.ndarray]) -> asyncio.Future[tuple[np.ndarray, list[np.ndarray]]]:
-        """Queues one row; the run starts when ``expect`` rows wait, or ``DELAY`` after the first, and once no
-        more arrive in a turn of the loop (``flush``)."""
+        """Queues one row; the run starts when as many rows wait as the most of the last runs had, or ``DELAY``
+        after the first, and once no more arrive in a turn of the loop (``flush``)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[np.ndarray, list[np.ndarray]]] = loop.create_future()
         self.pending.append((ids, state, fut))
@@ -109,9 +110,7 @@ class CharNet:
             for k, name in enumerate(self.state_in):
                 feeds[name] = np.concatenate([state[k] for _, state, _ in group], axis=1)
             logits, *states = self.session.run(self.outputs, feeds)
-            last = logits[:, -1, :]
-            e = np.exp(last - last.max(axis=1, keepdims=True))
-            probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+            probs = softmax(logits[:, -1, :]).astype(np.float32)  # (as seqserve: in float64, answered in float32)
             self.rows, self.runs = self.rows + len(group), self.runs + 1
             for i, (_, _, fut) in enumerate(group):
                 if not fut.cancelled():
@@ -125,18 +124,17 @@ def char_nets(models: Path, names: list[str]) -> dict[tuple[str, str], CharNet]:
         versions = sorted((int(p.name) for p in (models / name).iterdir() if p.name.isdigit()), reverse=True)
         for v in versions:
             folder = models / name / str(v)
-            manifest = json.loads((folder / MANIFEST_FILE).read_text())
-            if manifest.get("tokenizer", {}).get("kind") != "char" or not manifest.get("stateful"):
+            manifest = Manifest.load(folder / MANIFEST_FILE)
+            if manifest.tokenizer is None or manifest.tokenizer.kind != "char" or not manifest.stateful:
                 break  # not a char LM: the floor's answers
-            nets[(name, str(v))] = CharNet(folder)
+            nets[(name, str(v))] = CharNet(folder, manifest)
             nets.setdefault((name, ""), nets[(name, str(v))])
     return nets
 
 
 def _text(request: pb.ModelInferRequest) -> bytes:
-    if request.raw_input_contents:  # a BYTES tensor's raw form: 4-byte little-endian length, then the bytes
-        raw = request.raw_input_contents[0]
-        return raw[4 : 4 + int.from_bytes(raw[:4], "little")]
+    if request.raw_input_contents:
+        return deserialize_bytes("TEXT", request.raw_input_contents[0], 1)[0]
     return request.inputs[0].contents.bytes_contents[0]
 
 
@@ -193,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, required=True)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path)
-    loop = Settings.model_fields["event_loop"]
-    ap.add_argument(
-        "--event-loop", choices=get_args(loop.annotation), default=loop.default, help="as seqserve's event_loop setting"
-    )
+    add_event_loop_option(ap)
     args = ap.parse_args(argv)
     run(_serve(args.canned, args.models, args.port, args.ready_file), args.event_loop)
     return 0
