@@ -71,19 +71,6 @@ def unpack(c: Compact) -> SessionState:
         a = np.ndarray(shape, dtype, buffer=blob, offset=offset)  # a read-only view of the buffer
         (context if is_context else state)[name] = a
     return SessionState(
-        sid,
-        model,
-        version,
-        sha,
-        task,
-        state,
-        context,
-        steps,
-        ttl,
-        created,
-        used,
-        nbytes,
-        dict(metadata),
-        owner,
+        sid, model, version, sha, task, state, context, steps, ttl, created, used, nbytes, dict(metadata), owner,
         revision,
-    )
+    )  # fmt: skip

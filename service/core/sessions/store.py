@@ -193,19 +193,13 @@ class InMemorySessionStore(Generic[R]):
         incarnation = next(self._incarnations)
         session.revision = incarnation << 32  # a new incarnation: no working copy of an older one matches it
         self._records[session.id] = self._pack(session)
-        self._meta[session.id] = (
-            session.revision,
-            session.expires_at,
-            session.nbytes,
-            session.model,
-            session.owner,
-            incarnation,
-        )
+        meta = (session.revision, session.expires_at, session.nbytes, session.model, session.owner, incarnation)
+        self._meta[session.id] = meta
         self._owners.setdefault(session.owner, OrderedDict())[session.id] = None
         self._owner_bytes[session.owner] = self._owner_bytes.get(session.owner, 0) + session.nbytes
         heapq.heappush(self._expiry, (session.expires_at, incarnation, session.id))
         if len(self._expiry) > 2 * len(self._meta) + 1024:  # mostly deleted sessions' entries: rebuild, O(n)
-            self._expiry = [(m[1], m[5], sid) for sid, m in self._meta.items()]  # (expires_at, incarnation, id)
+            self._expiry = [(expires, inc, sid) for sid, (_, expires, _, _, _, inc) in self._meta.items()]
             heapq.heapify(self._expiry)
         self._bytes += session.nbytes
         self._per_model[session.model] = self._per_model.get(session.model, 0) + 1
@@ -213,10 +207,12 @@ class InMemorySessionStore(Generic[R]):
 
     async def save(self, session: SessionState) -> None:
         meta = self._meta.get(session.id)
-        if meta is None or meta[0] != session.revision:
+        if meta is None:
+            raise StaleSession(session.id)
+        revision, _, nbytes, model, owner, incarnation = meta
+        if revision != session.revision:
             raise StaleSession(session.id)
         session.revision += 1
-        _, _, nbytes, model, owner, incarnation = meta
         self._meta[session.id] = (session.revision, session.expires_at, nbytes, model, owner, incarnation)
         self._records[session.id] = None
         self._records.move_to_end(session.id)
@@ -250,9 +246,11 @@ class InMemorySessionStore(Generic[R]):
         while self._expiry and self._expiry[0][0] <= now and len(out) < limit:
             _, incarnation, sid = heapq.heappop(self._expiry)
             meta = self._meta.get(sid)
-            if meta is None or meta[5] != incarnation:
-                continue  # deleted or replaced since: a stale entry
-            expires_at = meta[1]
+            if meta is None:
+                continue  # deleted since: a stale entry
+            _, expires_at, _, _, _, current = meta
+            if current != incarnation:
+                continue  # replaced since: a stale entry
             if expires_at > now or sid in self._leases:
                 later.append((max(expires_at, now + 1.0), incarnation, sid))  # used since, or in use now
                 continue
