@@ -35,6 +35,9 @@ What it measures, and why:
   below a cut (the servicer, the data plane, the batcher, ONNX Runtime) against the floor and seqserve itself,
   and beside them the lean reference (``bench/lean.py``: the floor plus a real char-LM step and nothing else);
   not in ``--quick`` runs.
+- ``loops``: the event-loop turns and callbacks per request of the floor, the lean server and seqserve
+  (``bench/loops.py``): whether the gap is in more turns of the loop or in the Python each turn runs; not in
+  ``--quick`` runs.
 
     python -m bench.run [--models models] [--repeats 50] [--quick] [--no-perf]
 """
@@ -51,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import cli, codec, core, layers, prefixes, runtime, where
+from bench import cli, codec, core, layers, loops, prefixes, runtime, where
 from bench.floor import canned_method
 from bench.launch import rss_bytes, serve
 from bench.stores import print_stores, run_stores
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             results["perf"] = perf.run(args.models, list(pa.WORKLOADS), [1, 16, 64], sorted({1, default}))
             results["where"] = run_where(args.models)  # the perf rows' server CPU split by library (Linux perf)
             results["layers"] = layers.run(args.models, where.WORKLOADS, [16])  # ... by layer
+            results["loops"] = loops.run(args.models, where.WORKLOADS, [16])  # event-loop turns per request
     from bench import overload  # 256 callers against the default server, then against a small queue bound
 
     results["overload"] = overload.run(args.models, 96 if args.quick else 256, 1.0 if args.quick else 8.0)
@@ -273,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nServer CPU per request by library: skipped ({results['where']['skipped']})")
     if "layers" in results:
         layers.print_table(results["layers"])
+    if "loops" in results:
+        loops.print_table(results["loops"])
     overload.print_table(results["overload"])
     print(f"\nwritten: {args.out}")
     return 0
