@@ -1,0 +1,22 @@
+"""``python -m bench.hostile`` on a short campaign against a real server on the tiny models: every request
+answered, no UNKNOWN or INTERNAL on either side, the control session unchanged, and ServerLive timed by a probe
+process of its own. The full campaign (12,000 requests) is the bench's; this only keeps its code working."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import hostile
+from bench.launch import serve
+
+
+def test_a_short_campaign_passes_and_times_serverlive_from_its_own_process(tiny_models: Path) -> None:
+    env = {"SEQSERVE_API_KEYS": ",".join(f"{k}:{v}" for k, v in hostile.KEYS.items()),
+           "SEQSERVE_ADMIN_PRINCIPALS": "alice", "SEQSERVE_LOG_LEVEL": "WARNING"}  # fmt: skip
+    with serve(tiny_models, env, workers=1) as server:
+        r = hostile.run(server.target, server.metrics_port, server.pid, requests=300, threads=4, seed=1)
+    assert r["requests"] >= 300  # (plus the plan's fixed number of huge requests)
+    assert hostile.failed(r) == [], r["codes"]
+    assert "INVALID_ARGUMENT" in r["codes"] and "OK" in r["codes"]  # it did send bad and good requests
+    live = r["server_live_ms"]
+    assert live["n"] >= 1 and 0 < live["p50"] <= live["p99"] <= live["max"]
