@@ -348,24 +348,29 @@ def server_codes(metrics_port: int) -> collections.Counter[str]:
 
 
 def watch_live(target: str, stop: Any, out: Any) -> None:
-    """``ServerLive`` every 20 ms until ``stop`` (an event) is set, then every latency (seconds) on ``out`` (a
-    queue), once. It runs in a process of its own (``run`` spawns it): a thread of the campaign's process would time
-    that process too, whose eight threads building and parsing megabyte requests hold the GIL for hundreds of
-    milliseconds (seed 44, 2026-12-06: a probe thread in the campaign's process saw a worst of 515 ms where a
-    probe process beside it saw 21 ms)."""
+    """``ServerLive`` every 20 ms until ``stop`` (an event) is set, then on ``out`` (a queue), once, the latency
+    (seconds) of every probe answered and the status code of every probe refused. It runs in a process of its own
+    (``run`` spawns it): a thread of the campaign's process would time that process too, whose eight threads
+    building and parsing megabyte requests hold the GIL for hundreds of milliseconds (seed 44, 2026-12-06: a probe
+    thread in the campaign's process saw a worst of 515 ms where a probe process beside it saw 21 ms)."""
     latencies: list[float] = []
+    refused: collections.Counter[str] = collections.Counter()
     with grpc.insecure_channel(target) as channel:
         live = channel.unary_unary(KS + "ServerLive")
         while not stop.is_set():
             t0 = time.perf_counter()
-            live(
-                pb.ServerLiveRequest().SerializeToString(),
-                timeout=30,
-                metadata=(("authorization", f"Bearer {KEYS['bob']}"),),
-            )
-            latencies.append(time.perf_counter() - t0)
+            try:
+                live(
+                    pb.ServerLiveRequest().SerializeToString(),
+                    timeout=30,
+                    metadata=(("authorization", f"Bearer {KEYS['bob']}"),),
+                )
+            except grpc.RpcError as err:
+                refused[err.code().name] += 1
+            else:
+                latencies.append(time.perf_counter() - t0)
             time.sleep(0.02)
-    out.put(latencies)
+    out.put((latencies, dict(refused)))
 
 
 def run(target: str, metrics_port: int, pid: int, requests: int, threads: int, seed: int) -> dict[str, Any]:
@@ -394,7 +399,7 @@ def run(target: str, metrics_port: int, pid: int, requests: int, threads: int, s
     finally:
         stop.set()
     seconds = time.perf_counter() - started
-    live: list[float] = first_message(watcher, probes, timeout=60)
+    live, live_refused = first_message(watcher, probes, timeout=60)
     watcher.join(30)
     time.sleep(0.5)  # streams' last metrics
     return {
@@ -404,11 +409,12 @@ def run(target: str, metrics_port: int, pid: int, requests: int, threads: int, s
         "kinds": {k: dict(v.most_common()) for k, v in sorted(by_kind.items())},
         "server_codes": dict(server_codes(metrics_port).most_common()),
         "server_live_ms": {
-            "p50": round(statistics.median(live) * 1e3, 2),
-            "p99": round(sorted(live)[int(0.99 * (len(live) - 1))] * 1e3, 1),
-            "max": round(max(live) * 1e3, 1),
+            "p50": round(statistics.median(live) * 1e3, 2) if live else None,
+            "p99": round(sorted(live)[int(0.99 * (len(live) - 1))] * 1e3, 1) if live else None,
+            "max": round(max(live) * 1e3, 1) if live else None,
             "n": len(live),
         },
+        "server_live_refused": live_refused,
         "control_unchanged": campaign.look() == campaign.expected,
         "server_rss_mib": round(rss_mib(pid)),
     }
@@ -420,6 +426,8 @@ def failed(r: dict[str, Any]) -> list[str]:
         for code in ("UNKNOWN", "INTERNAL", "DEADLINE_EXCEEDED"):
             if r[side].get(code):
                 bad.append(f"{r[side][code]} {code} ({side})")
+    if r["server_live_refused"]:
+        bad.append("ServerLive refused: " + ", ".join(f"{n} {code}" for code, n in r["server_live_refused"].items()))
     if not r["control_unchanged"]:
         bad.append("the control session changed")
     return bad
@@ -443,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {code:<22}{n:>7}")
     print("server RPC metrics by code:", ", ".join(f"{k}={v}" for k, v in result["server_codes"].items()))
     lv = result["server_live_ms"]
+    refused = sum(result["server_live_refused"].values())
     print(f"ServerLive during the campaign (from a process of its own): p50 {lv['p50']} ms, p99 {lv['p99']} ms, "
-          f"max {lv['max']} ms ({lv['n']} probes)")  # fmt: skip
+          f"max {lv['max']} ms ({lv['n']} probes answered, {refused} refused)")  # fmt: skip
     print(f"control session unchanged: {result['control_unchanged']}; server RSS {result['server_rss_mib']} MiB")
     bad = failed(result)
     print("FAILED: " + "; ".join(bad) if bad else "OK: no UNKNOWN, no INTERNAL, no hang")

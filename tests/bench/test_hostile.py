@@ -20,3 +20,10 @@ def test_a_short_campaign_passes_and_times_serverlive_from_its_own_process(tiny_
     assert "INVALID_ARGUMENT" in r["codes"] and "OK" in r["codes"]  # it did send bad and good requests
     live = r["server_live_ms"]
     assert live["n"] >= 1 and 0 < live["p50"] <= live["p99"] <= live["max"]
+
+
+def test_a_refused_serverlive_probe_fails_the_campaign() -> None:
+    ok = {"codes": {"OK": 3}, "server_codes": {"OK": 3}, "control_unchanged": True, "server_live_refused": {}}
+    assert hostile.failed(ok) == []
+    refused = ok | {"server_live_refused": {"UNAVAILABLE": 2}}
+    assert hostile.failed(refused) == ["ServerLive refused: 2 UNAVAILABLE"]
