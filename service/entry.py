@@ -26,7 +26,10 @@ def deferred_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # Started with SIGINT ignored (a background job of a shell script inherits that), the process is stopped by
+        # it all the same inside this block and once the server runs (its event loop handles SIGINT): the moments
+        # between the two must not be the only ones where it is lost, so those get Python's KeyboardInterrupt too.
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is signal.SIG_IGN else previous)
     if interrupted:
         raise KeyboardInterrupt
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from service.cli import main
+from service.entry import deferred_interrupt
 
 SEQSERVE = Path(sys.executable).parent / "seqserve"
 COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
@@ -444,6 +445,25 @@ def test_ctrl_c_while_the_cli_loads_is_not_a_traceback(tiny_models: Path, tmp_pa
     assert (proc.returncode, lines[-1]) in {(130, "interrupted"), (1, "interrupted")} or (
         proc.returncode == 0 and lines[-1].endswith("seqserve stopped")
     ), text
+
+
+def test_after_the_imports_a_sigint_ignored_at_start_interrupts_as_it_does_before_and_once_serving() -> None:
+    """A server started with SIGINT ignored (a background job of a script: how CI's nohup run started the test
+    above, which then waited 60 s for a server that had ignored its Ctrl-C) stops on SIGINT during its imports
+    (``deferred_interrupt``) and once its loop handles signals, and so must it in between."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_interrupt():
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        custom = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        mine = signal.getsignal(signal.SIGINT)
+        with deferred_interrupt():
+            pass
+        assert signal.getsignal(signal.SIGINT) is mine  # any other handler comes back as it was
+        signal.signal(signal.SIGINT, custom)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_serve_flags_override_the_environment_and_a_bare_watch_models_polls_every_5_seconds(
