@@ -601,7 +601,12 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path: Path, tiny_text: 
         if evaluations == 2:
             break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a run that ignored its Ctrl-C: stopped, not left training after the test
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the training run did not stop within 120 s of SIGINT")
     assert proc.returncode == 130
     assert err == (
         f"seqserve-train: interrupted; {run / 'checkpoint.pt'} is kept: the same command with --resume continues "
