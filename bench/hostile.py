@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import multiprocessing as mp
 import random
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -400,6 +399,7 @@ def run(target: str, metrics_port: int, pid: int, requests: int, threads: int, s
         stop.set()
     seconds = time.perf_counter() - started
     live, live_refused = first_message(watcher, probes, timeout=60)
+    pc = cli.percentiles(live)
     watcher.join(30)
     time.sleep(0.5)  # streams' last metrics
     return {
@@ -409,9 +409,9 @@ def run(target: str, metrics_port: int, pid: int, requests: int, threads: int, s
         "kinds": {k: dict(v.most_common()) for k, v in sorted(by_kind.items())},
         "server_codes": dict(server_codes(metrics_port).most_common()),
         "server_live_ms": {
-            "p50": round(statistics.median(live) * 1e3, 2) if live else None,
-            "p99": round(sorted(live)[int(0.99 * (len(live) - 1))] * 1e3, 1) if live else None,
-            "max": round(max(live) * 1e3, 1) if live else None,
+            "p50": round(pc["p50_ms"], 2) if live else None,
+            "p99": round(pc["p99_ms"], 1) if live else None,
+            "max": round(pc["max_ms"], 1) if live else None,
             "n": len(live),
         },
         "server_live_refused": live_refused,

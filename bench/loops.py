@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 
 from bench import cli, pa
+from bench.floor import record
 from bench.launch import process, server_env
 from bench.perf import alternating, canned_requests, warm
 from service.api.gen.inference import grpc_service_pb2 as pb
@@ -141,8 +142,6 @@ def servers(running: contextlib.ExitStack, models: Path, folder: Path) -> list[C
            "--workers", "1", "--ready-file", str(folder / "seqserve.json")]  # fmt: skip
     ours = running.enter_context(counted("seqserve", seq, folder, env))
     warm(ours.target, models)
-    from bench.floor import record
-
     record(ours.target, canned_requests(models), folder / "canned")
     floor = ["bench.floor", "--canned", str(folder / "canned"), "--ready-file", str(folder / "floor.json")]
     lean = ["bench.lean", "--canned", str(folder / "canned"), "--models", str(models), "--ready-file",

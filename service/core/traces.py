@@ -274,7 +274,7 @@ class Tracer:
         try:
             path = (self.folder / value).resolve()  # (an absolute name stays itself; symbolic links are followed)
             inside = path.is_relative_to(self.folder) and path != self.folder
-            folder = inside and path.parent.is_dir()
+            parent_exists = inside and path.parent.is_dir()
         except (OSError, RuntimeError) as exc:  # a name too long for the OS, a loop of symbolic links
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a loop of symbolic links"
             raise InvalidInput(
@@ -282,7 +282,7 @@ class Tracer:
             ) from None
         if not inside:
             raise InvalidInput(f"trace_file {echo(value)} is outside TRACE_DIR ({self.folder}); name a file in it")
-        if not folder:
+        if not parent_exists:
             raise InvalidInput(f"trace_file {echo(value)}: its folder {echo(str(path.parent))} does not exist")
         return str(path)
 
