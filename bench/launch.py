@@ -87,6 +87,14 @@ def process(
         stop(proc)
 
 
+def serve_flags(models: Path, ready: Path, workers: int | None = None) -> list[str]:
+    """``seqserve serve``'s flags for a bench's server: any free ports (written to the JSON file ``ready``),
+    ``models``, the CPU; ``workers`` None = its default worker count."""
+    flags = ["--port", "0", "--metrics-port", "0", "--models", str(models), "--device", "cpu"]
+    flags += ["--ready-file", str(ready)]
+    return flags if workers is None else [*flags, "--workers", str(workers)]
+
+
 @contextmanager
 def serve(
     models: Path, env: dict[str, str] | None = None, workers: int | None = None, code: Path = ROOT
@@ -96,10 +104,7 @@ def serve(
     environ = server_env(env or {})
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready.json"
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0"]
-        cmd += ["--models", str(models), "--device", "cpu", "--ready-file", str(ready)]
-        if workers is not None:
-            cmd += ["--workers", str(workers)]
+        cmd = [sys.executable, "-m", "service.cli", "serve", *serve_flags(models, ready, workers)]
         with process(cmd, ready, environ, code) as (ports, pid):
             yield Served(f"127.0.0.1:{ports['grpc_port']}", pid, int(ports["metrics_port"]))
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cli, pa, perf, where
-from bench.launch import process, server_env
+from bench.launch import process, serve_flags, server_env
 from service.argtypes import count
 
 ADDS = {
@@ -163,8 +163,7 @@ def serve_cut(cut: str, serve_args: Sequence[str]) -> int:
 @contextlib.contextmanager
 def _cut_server(models: Path, cut: str, folder: Path) -> Any:
     ready = folder / f"cut-{cut}.json"
-    cmd = [sys.executable, "-m", "bench.layers", "serve", cut, "--port", "0", "--metrics-port", "0", "--models",
-           str(models), "--device", "cpu", "--ready-file", str(ready), "--workers", "1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "bench.layers", "serve", cut, *serve_flags(models, ready, workers=1)]
     with process(cmd, ready, server_env({"SEQSERVE_LOG_LEVEL": "WARNING"})) as (info, pid):
         target = f"127.0.0.1:{info['grpc_port']}"
         perf.warm(target, models)

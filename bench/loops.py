@@ -38,7 +38,7 @@ import grpc
 
 from bench import cli, pa
 from bench.floor import record
-from bench.launch import process, server_env
+from bench.launch import process, serve_flags, server_env
 from bench.perf import alternating, canned_requests, warm
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -138,8 +138,7 @@ def servers(running: contextlib.ExitStack, models: Path, folder: Path) -> list[C
     """The three servers, counted and left running on ``running``: seqserve first (the floor and the lean server
     answer with responses recorded from it)."""
     env = server_env({"SEQSERVE_LOG_LEVEL": "WARNING"})
-    seq = ["service.cli", "serve", "--port", "0", "--metrics-port", "0", "--models", str(models), "--device", "cpu",
-           "--workers", "1", "--ready-file", str(folder / "seqserve.json")]  # fmt: skip
+    seq = ["service.cli", "serve", *serve_flags(models, folder / "seqserve.json", workers=1)]
     ours = running.enter_context(counted("seqserve", seq, folder, env))
     warm(ours.target, models)
     record(ours.target, canned_requests(models), folder / "canned")
