@@ -1,7 +1,8 @@
 """A bounded fuzz suite over every RPC of both APIs (plus health and reflection): structured requests with
 hostile values, corrupt bytes, and concurrent calls racing on one session. Whatever comes in, the server answers
 with a status that is never UNKNOWN or INTERNAL, within the deadline, and a control session stays exactly as it
-was. Examples are derandomized (the same ones each run) and few: a few hundred in all, some tens of seconds."""
+was. Examples are few (a few hundred in all, some tens of seconds) and the same each run (tests/conftest.py's
+"repeatable" profile; HYPOTHESIS_PROFILE=explore draws new ones)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ RPCS = rpcs()
 FUZZ = settings(
     max_examples=10,
     deadline=None,
-    derandomize=True,
-    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
