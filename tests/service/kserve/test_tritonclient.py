@@ -113,6 +113,15 @@ def test_bad_requests_name_the_tensor(report: Report) -> None:
     assert "no-such-model" in s["unknown_model"]["message"]
 
 
+def test_compressed_requests_get_the_same_answer(report: Report) -> None:
+    """tritonclient's ``compression_algorithm`` (gRPC's gzip and deflate): the server reads the request as sent
+    uncompressed and answers the same probabilities."""
+    c = report["charlm"]
+    for algorithm in ("gzip", "deflate"):
+        assert isinstance(c[f"{algorithm}_probs"], list), c[f"{algorithm}_probs"]  # (else: the refusal)
+        assert c[f"{algorithm}_probs"] == c["whole_probs"], algorithm
+
+
 def test_charlm_sequences_match_whole_text(report: Report) -> None:
     c = report["charlm"]
     assert len(c["whole_probs"]) == len(c["vocab"])

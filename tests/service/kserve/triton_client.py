@@ -121,6 +121,12 @@ def charlm(c: grpcclient.InferenceServerClient) -> Report:
         "vocab": [v.decode() for v in whole.as_numpy("VOCAB")],
         "completion_default": [v.decode() for v in whole.as_numpy("COMPLETION")],
     }
+    for algorithm in ("gzip", "deflate"):  # requests compressed by gRPC, as tritonclient's compression_algorithm asks
+        try:
+            answer = _charlm(c, text, compression_algorithm=algorithm)
+            out[f"{algorithm}_probs"] = answer.as_numpy("NEXT_CHAR_PROBS").tolist()
+        except InferenceServerException as e:
+            out[f"{algorithm}_probs"] = {"status": str(e.status()), "message": str(e.message())}
     gen = c.infer("charlm", [_text([text], [1]), _int32("NUM_CHARS", 12)])
     out["completion_12"] = gen.as_numpy("COMPLETION")[0].decode()
     out["too_many_chars"] = _error(lambda: c.infer("charlm", [_text(["a"], [1]), _int32("NUM_CHARS", 10**6)]))
