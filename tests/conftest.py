@@ -30,8 +30,8 @@ T = TypeVar("T")
 
 # Property tests draw the same examples on every run ("repeatable"): a CI run must not fail on an example that no
 # earlier run drew, nor pass where the one before failed. HYPOTHESIS_PROFILE=explore draws new examples each run
-# (remembered in .hypothesis/ when they fail), for a search before a change lands: it found a NUL in trace_file
-# that the server answered as INTERNAL (tests/service/core/test_traces.py).
+# (remembered in .hypothesis/ when they fail), for a search before a change lands: a random run once drew a NUL in
+# trace_file that the server answered as INTERNAL (tests/service/core/test_traces.py now refuses it by name).
 hypothesis_settings.register_profile("repeatable", derandomize=True, database=None)
 hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
