@@ -134,6 +134,25 @@ def test_oversized_request_of_a_small_method_is_refused_before_parsing(handle: S
     assert sum(len(k) + len(v) for k, v in err.trailing_metadata() or ()) < 2048
 
 
+@pytest.mark.parametrize("algorithm", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+def test_a_compressed_request_is_limited_by_what_it_inflates_to(handle: ServerHandle, algorithm: object) -> None:
+    """Requests compressed by gRPC (tritonclient's ``compression_algorithm``) a few KiB on the wire: a 1 MiB session
+    id is refused by the method's own limit, naming it; one past MAX_MESSAGE_BYTES (16 MiB) by gRPC while it
+    inflates. The server serves on."""
+    small = sessions_pb2.GetSessionRequest(session_id="x" * (1 << 20)).SerializeToString()
+    huge = sessions_pb2.GetSessionRequest(session_id="x" * (17 << 20)).SerializeToString()
+    with grpc.insecure_channel(handle.target, options=[("grpc.max_send_message_length", -1)]) as channel:
+        get = channel.unary_unary("/seqserve.v1.Sessions/Get")
+        code, message = code_of(lambda: get(small, timeout=30, compression=algorithm))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_small_message_bytes" in message
+        code, message = code_of(lambda: get(huge, timeout=30, compression=algorithm))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message, message
+        live = pb.ServerLiveResponse.FromString(
+            channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=10)
+        )
+        assert live.live
+
+
 def test_concurrent_corrupt_streams_leave_the_server_serving(handle: ServerHandle) -> None:
     codes: list[grpc.StatusCode] = []
 
