@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -974,11 +975,13 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: 
     from tests.service.security.certs import make_pki
 
     pki = make_pki(tmp_path / "pki")
-    temp = Path(tempfile.gettempdir())
-    before = set(temp.glob("seqserve-*"))
+    # The server's temporary folder of its own (short: the sockets' paths must fit AF_UNIX's 108 bytes), so that
+    # what other servers on this machine leave in /tmp meanwhile (a parallel test run's) is none of this test's.
+    temp = Path(tempfile.mkdtemp(prefix="t-"))
     proc, info = start_server(
         tiny_models,
         tmp_path,
+        TMPDIR=str(temp),
         SEQSERVE_WORKERS="2",
         SEQSERVE_HTTP_PORT="0",
         SEQSERVE_TLS_CERT=str(pki.server.cert),
@@ -1000,8 +1003,8 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: 
             return e.code, json.loads(e.read())
 
     try:
-        (engine,) = set(temp.glob("seqserve-engine-*")) - before
-        assert not set(temp.glob("seqserve-rest-*")) - before
+        (engine,) = temp.glob("seqserve-engine-*")
+        assert not list(temp.glob("seqserve-rest-*"))
         assert len(list(engine.glob("seqserve-rest-*/grpc.sock"))) == 2  # one per frontend
         steps = []
         for i, piece in enumerate(TEXT * 2):
@@ -1019,4 +1022,5 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: 
         assert len(list(engine.glob("seqserve-rest-*/grpc.sock"))) == 3
     finally:
         stop_server(proc)
-    assert not set(temp.glob("seqserve-*")) - before
+    assert not list(temp.glob("seqserve-*"))
+    shutil.rmtree(temp)  # (libraries' own files, such as a .ses one)
