@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import queue
 import shutil
@@ -255,6 +256,24 @@ async def test_the_edge_wraps_handlers_at_registration_once_per_method() -> None
             assert metrics.registry.get_sample_value("seqserve_rpc_requests_total", labels) == 1.0
 
 
+def _free_elsewhere(listen: str, port: int) -> bool:
+    """Whether ``port`` is free on the loopback that is not ``listen`` (or that loopback does not exist)."""
+    import socket
+
+    family, other = (socket.AF_INET, "127.0.0.1") if ":" in listen else (socket.AF_INET6, "::1")
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        return True
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as check_free probes)
+        try:
+            probe.bind((other, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRNOTAVAIL  # no such loopback here: nothing can hold the port on it
+    return True
+
+
 @pytest.mark.parametrize(
     ("listen", "host"), [("::1", "localhost"), ("127.0.0.1", "localhost"), ("127.0.0.1", "127.0.0.1")]
 )
@@ -267,13 +286,20 @@ def test_a_port_taken_on_any_address_grpc_would_bind_is_found_before_starting(li
 
     family = socket.AF_INET6 if ":" in listen else socket.AF_INET
     taken: socket.socket | None = None
-    try:
-        taken = socket.socket(family, socket.SOCK_STREAM)
-        taken.bind((listen, 0))
-    except OSError as exc:  # a machine without IPv6 loopback
-        if taken is not None:
-            taken.close()
-        pytest.skip(f"cannot listen on {listen}: {exc}")
+    for _ in range(50):  # a port the other loopback does not use either (a client's connection may hold it there)
+        try:
+            taken = socket.socket(family, socket.SOCK_STREAM)
+            taken.bind((listen, 0))
+        except OSError as exc:  # a machine without IPv6 loopback
+            if taken is not None:
+                taken.close()
+            pytest.skip(f"cannot listen on {listen}: {exc}")
+        if _free_elsewhere(listen, taken.getsockname()[1]):
+            break
+        taken.close()
+    else:
+        pytest.fail("no port free on both loopbacks in 50 tries")
+    assert taken is not None
     with taken:
         taken.listen()
         port = taken.getsockname()[1]
