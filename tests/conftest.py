@@ -12,11 +12,12 @@ import copy
 import io
 import logging
 import os
+import subprocess
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, AnyStr, TypeVar
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -35,6 +36,18 @@ T = TypeVar("T")
 hypothesis_settings.register_profile("repeatable", derandomize=True, database=None)
 hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+def stopped_within(proc: subprocess.Popen[AnyStr], seconds: float, what: str) -> tuple[AnyStr, AnyStr]:
+    """``proc.communicate()`` once the signal a test sent has stopped it; one still running after ``seconds`` is
+    killed (never left behind by the test) and the test fails naming ``what``, with the end of its output."""
+    try:
+        return proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        parts = [p for p in proc.communicate() if p]
+        text = "".join(p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in parts)
+        pytest.fail(f"{what} did not stop within {seconds:g} s of SIGINT:\n{text[-2000:]}")
 
 
 @pytest.fixture(scope="session")

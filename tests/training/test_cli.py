@@ -12,6 +12,7 @@ import pytest
 
 from service.core.arrays import zero_states
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from tests.conftest import stopped_within
 from tests.training.conftest import write_csv
 from tests.training.fast import FAST, TINY_FORECAST, train_tiny_forecaster
 from training import learned_scale
@@ -601,12 +602,7 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path: Path, tiny_text: 
         if evaluations == 2:
             break
     proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # a run that ignored its Ctrl-C: stopped, not left training after the test
-        proc.kill()
-        proc.communicate()
-        pytest.fail("the training run did not stop within 120 s of SIGINT")
+    _, err = stopped_within(proc, 120, "the training run")
     assert proc.returncode == 130
     assert err == (
         f"seqserve-train: interrupted; {run / 'checkpoint.pt'} is kept: the same command with --resume continues "

@@ -18,6 +18,7 @@ import pytest
 
 from service.cli import main
 from service.entry import deferred_interrupt
+from tests.conftest import stopped_within
 
 SEQSERVE = Path(sys.executable).parent / "seqserve"
 COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
@@ -437,12 +438,7 @@ def test_ctrl_c_while_the_cli_loads_is_not_a_traceback(tiny_models: Path, tmp_pa
     proc = subprocess.Popen([*cmd, "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     time.sleep(after)
     proc.send_signal(signal.SIGINT)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # a server that ignored its Ctrl-C: stopped, not left behind by the test
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"the server did not stop within 60 s of SIGINT:\n{out.decode(errors='replace')[-2000:]}")
+    out, _ = stopped_within(proc, 60, "the server")
     text = out.decode(errors="replace")
     assert "Traceback" not in text, text
     # never lost: before, one landing in the import machinery was "Exception ignored" and the server started
@@ -461,12 +457,11 @@ def test_after_the_imports_a_sigint_ignored_at_start_interrupts_as_it_does_befor
         with deferred_interrupt():
             assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        custom = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
         mine = signal.getsignal(signal.SIGINT)
         with deferred_interrupt():
             pass
         assert signal.getsignal(signal.SIGINT) is mine  # any other handler comes back as it was
-        signal.signal(signal.SIGINT, custom)
     finally:
         signal.signal(signal.SIGINT, before)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import queue
 import shutil
@@ -257,20 +256,14 @@ async def test_the_edge_wraps_handlers_at_registration_once_per_method() -> None
 
 
 def _free_elsewhere(listen: str, port: int) -> bool:
-    """Whether ``port`` is free on the loopback that is not ``listen`` (or that loopback does not exist)."""
-    import socket
+    """Whether ``port`` is free on the loopback that is not ``listen`` (or that loopback does not exist), as the
+    server's own probe (``check_free``) finds it."""
+    from service.api.server import check_free
 
-    family, other = (socket.AF_INET, "127.0.0.1") if ":" in listen else (socket.AF_INET6, "::1")
     try:
-        probe = socket.socket(family, socket.SOCK_STREAM)
-    except OSError:
-        return True
-    with probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as check_free probes)
-        try:
-            probe.bind((other, port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRNOTAVAIL  # no such loopback here: nothing can hold the port on it
+        check_free("127.0.0.1" if ":" in listen else "::1", port, "")
+    except RuntimeError:
+        return False
     return True
 
 

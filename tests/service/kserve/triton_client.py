@@ -23,12 +23,16 @@ from tritonclient.utils import InferenceServerException
 Report = dict[str, Any]
 
 
+def _refusal(e: InferenceServerException) -> dict[str, str]:
+    return {"status": str(e.status()), "message": str(e.message())}
+
+
 def _error(fn: Callable[[], object]) -> dict[str, str]:
     """Runs ``fn`` expecting a server error; returns its status and message."""
     try:
         fn()
     except InferenceServerException as e:
-        return {"status": str(e.status()), "message": str(e.message())}
+        return _refusal(e)
     return {"status": "OK", "message": ""}
 
 
@@ -126,7 +130,7 @@ def charlm(c: grpcclient.InferenceServerClient) -> Report:
             answer = _charlm(c, text, compression_algorithm=algorithm)
             out[f"{algorithm}_probs"] = answer.as_numpy("NEXT_CHAR_PROBS").tolist()
         except InferenceServerException as e:
-            out[f"{algorithm}_probs"] = {"status": str(e.status()), "message": str(e.message())}
+            out[f"{algorithm}_probs"] = _refusal(e)
     gen = c.infer("charlm", [_text([text], [1]), _int32("NUM_CHARS", 12)])
     out["completion_12"] = gen.as_numpy("COMPLETION")[0].decode()
     out["too_many_chars"] = _error(lambda: c.infer("charlm", [_text(["a"], [1]), _int32("NUM_CHARS", 10**6)]))
@@ -207,7 +211,7 @@ def keepalive(url: str, pause: float) -> Report:
                 c.async_stream_infer("charlm", [_text([piece], [1])], sequence_id=31, sequence_start=i == 0)
             result, error = results.get(timeout=60)
             if error is not None:
-                report["answers"].append({"status": str(error.status()), "message": str(error.message())})
+                report["answers"].append(_refusal(error))
                 break
             report["answers"].append(result.get_response().parameters["seqserve_steps"].int64_param)
         c.stop_stream()
