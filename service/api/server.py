@@ -21,6 +21,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
@@ -339,9 +340,10 @@ def grpc_options(s: Settings) -> list[tuple[str, Any]]:
 
 
 def check_free(host: str, port: int, setting: str) -> None:
-    """RuntimeError naming ``setting`` when another socket listens on (host, port). A plain bind (no
-    SO_REUSEPORT) is refused by a listener even where gRPC's own bind would have shared the port with it. Every
-    address gRPC binds for ``host`` is probed: ``localhost`` is 127.0.0.1 and ::1, a name all it resolves to."""
+    """RuntimeError naming ``setting`` when another socket holds (host, port) (``_holder`` says which kind). A
+    plain bind (no SO_REUSEPORT) is refused by a listener even where gRPC's own bind would have shared the port with
+    it. Every address gRPC binds for ``host`` is probed: ``localhost`` is 127.0.0.1 and ::1, a name all it resolves
+    to."""
     for family, address in _bind_addresses(host, port):
         try:
             probe = socket.socket(family, socket.SOCK_STREAM)
@@ -354,9 +356,33 @@ def check_free(host: str, port: int, setting: str) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise RuntimeError(
-                        f"cannot bind {host}:{port}: another process listens there (on {address[0]}; another "
-                        f"seqserve?); stop it or choose another port ({setting})"
+                        f"cannot bind {host}:{port}: {_holder(family, address)} ({setting})"
                     ) from None  # (other errors, an address that is not this machine's: the real bind reports them)
+
+
+def _holder(family: socket.AddressFamily, address: tuple[Any, ...]) -> str:
+    """Who holds an address that a plain bind was refused, and what to do: a listener (it accepts a connection),
+    or else a socket that does not listen, most often a connection's local port, which the kernel draws from its
+    ephemeral range (gRPC's customary 50051 lies inside Linux's default one)."""
+    wildcard = address[0] in ("", "0.0.0.0", "::")
+    probed = ("::1" if family == socket.AF_INET6 else "127.0.0.1", *address[1:]) if wildcard else address
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        if probe.connect_ex(probed) == 0:
+            return f"another process listens there (on {address[0]}; another seqserve?); stop it or choose another port"
+    return (
+        f"a socket on this machine holds the port on {address[0]} but does not accept connections on {probed[0]}: "
+        f"most likely a connection's local port, which the kernel draws from its ephemeral range "
+        f"({_ephemeral_range()}); choose a port outside that range, or wait for that connection to close"
+    )
+
+
+def _ephemeral_range() -> str:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return "net.ipv4.ip_local_port_range"
+    return f"ports {low}-{high}, net.ipv4.ip_local_port_range"
 
 
 def _bind_addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:

@@ -299,3 +299,28 @@ def test_a_port_taken_on_any_address_grpc_would_bind_is_found_before_starting(li
         with pytest.raises(RuntimeError, match=f"cannot bind {host}:{port}: another process listens there"):
             check_free(host, port, "--port or SEQSERVE_PORT")
     check_free(host, port, "--port or SEQSERVE_PORT")  # free again: no error
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_port_held_by_a_connection_is_named_as_such(host: str) -> None:
+    """A port can be taken by a connection's local port, not a listener: the kernel hands clients ports from its
+    ephemeral range, which holds gRPC's customary 50051. The refusal says so instead of blaming a listener, and
+    says which range to stay out of; a listener on the same machine is still named as one."""
+    import socket
+
+    from service.api.server import check_free
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as client:
+            accepted, _ = listener.accept()
+            with accepted:
+                port = client.getsockname()[1]  # the connection's own, kernel-chosen local port
+                with pytest.raises(RuntimeError) as refused:
+                    check_free(host, port, "--port or SEQSERVE_PORT")
+                said = str(refused.value)
+                assert said.startswith(f"cannot bind {host}:{port}: a socket on this machine holds the port"), said
+                assert "most likely a connection's local port" in said and "ephemeral range (ports " in said, said
+                assert "listens there" not in said and said.endswith("(--port or SEQSERVE_PORT)"), said
+        listening = listener.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot bind {host}:{listening}: another process listens there"):
+            check_free(host, listening, "--port or SEQSERVE_PORT")
