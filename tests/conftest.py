@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
@@ -48,6 +49,14 @@ def stopped_within(proc: subprocess.Popen[AnyStr], seconds: float, what: str) ->
         parts = [p for p in proc.communicate() if p]
         text = "".join(p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in parts)
         pytest.fail(f"{what} did not stop within {seconds:g} s of SIGINT:\n{text[-2000:]}")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary folder with a short path (a Unix socket's path must fit AF_UNIX's 108 bytes; pytest's tmp_path
+    can be longer), removed after the test, also when it fails."""
+    with tempfile.TemporaryDirectory(prefix="t-") as folder:
+        yield Path(folder)
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,10 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -967,7 +965,9 @@ def test_the_timeout_parameter_ends_a_request_the_engine_does_not_answer_in_time
         stop_server(proc)
 
 
-def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: Path, tmp_path: Path) -> None:
+def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(
+    tiny_models: Path, tmp_path: Path, short_tmp: Path
+) -> None:
     """With TLS and a client CA, every frontend's REST gateway speaks TLS and reaches its own frontend over that
     frontend's private socket: alice's sequence, stepped over new connections (which the shared port spreads over
     the frontends), continues across them, also after a frontend is killed and replaced, and bob cannot step it.
@@ -977,7 +977,7 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: 
     pki = make_pki(tmp_path / "pki")
     # The server's temporary folder of its own (short: the sockets' paths must fit AF_UNIX's 108 bytes), so that
     # what other servers on this machine leave in /tmp meanwhile (a parallel test run's) is none of this test's.
-    temp = Path(tempfile.mkdtemp(prefix="t-"))
+    temp = short_tmp
     proc, info = start_server(
         tiny_models,
         tmp_path,
@@ -1023,4 +1023,3 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(tiny_models: 
     finally:
         stop_server(proc)
     assert not list(temp.glob("seqserve-*"))
-    shutil.rmtree(temp)  # (libraries' own files, such as a .ses one)
