@@ -249,7 +249,8 @@ class Settings(BaseSettings):
     thread hop for generation steps); bigger ones run in a worker thread. 0 = always a thread."""
     inline_batch_ms: float = Field(default=0.6, ge=0, le=MAX_DELAY_MS)
     """...and only when the model's last run of a batch that size took at most this long: a longer run goes to
-    the worker thread, where the event loop serves other calls meanwhile. 0.6 by measurement on 2 cores: every
+    the worker thread, where the event loop serves other calls meanwhile (a batch with nothing queued behind it
+    that is not full has none to serve: ``alone_inline_ms`` bounds it instead). 0.6 by measurement on 2 cores: every
     char-LM step batch (up to 32 rows, ~0.5 ms) stays inline, a sentiment batch of two sentences (~0.8 ms) does
     not (one worker, 64 calls in flight: 1,271 -> ~1,800 sentences/s)."""
     pad_split_tokens: int = Field(default=64, ge=0)
@@ -263,7 +264,9 @@ class Settings(BaseSettings):
     """A lone request (nothing queued or running, no recent company, nothing else ready on the event loop) runs
     ONNX Runtime inline, skipping the queue, when the model's last run of its size took at most this long; the
     worker thread's hop buys nothing when no other call is there to serve meanwhile. 2.0 by measurement on 2 cores:
-    one SST-2 sentence (~0.6 ms in ORT) at c=1, p50 1.71 -> 1.51 ms; 0 = lone requests follow inline_batch_ms."""
+    one SST-2 sentence (~0.6 ms in ORT) at c=1, p50 1.71 -> 1.51 ms. The same bound holds for a batch that took
+    every queued request and is not full (the requests of the next batch are not here yet): ``charlm/2``'s 16-row
+    steps (~1-1.6 ms) stay inline. 0 = lone requests and such batches follow inline_batch_ms."""
 
     # --- sessions --------------------------------------------------------------------------------------
     session_store: str = "memory://"

@@ -18,7 +18,9 @@ Small, quick batches (at most ``inline_batch_tokens`` rows x time steps, and the
 took at most ``inline_batch_ms``: every generation step) run ORT inline on the event loop: a one-thread ORT step
 costs less than the hop to a worker thread and back (~50-100 µs of Python and GIL hand-offs). Bigger or slower
 batches (long prompts, classify batches of several sentences) run in a worker thread so the loop serves other
-calls meanwhile.
+calls meanwhile. A batch that took every request queued and is not full has no such calls to serve (the requests
+of the next batch are not here yet): it stays inline up to ``alone_inline_ms``, as a lone request does
+(``Batcher._inline_limit``; a 16-row step of the 2x512 ``charlm/2`` takes ~1-1.6 ms).
 Waiting for company never creates a task or a timeout wrapper per batch: one ``call_later`` wakes the loop.
 
 Priority levels (Triton's schedule policy, ``PRIORITY_LEVELS`` > 0): the queue is ordered by level, then by age. A
@@ -316,6 +318,15 @@ class Batcher:
         small = tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.alone_seconds
         return tokens if small else 0
 
+    def _inline_limit(self, items: list[StepInput]) -> float:
+        """How long the last run of a batch this size may have taken for this one to run inline. A batch that took
+        every request queued and is not full: ``alone_seconds`` (the requests that would join the next batch are
+        not here yet, and a worker thread's hop costs more than it frees). Otherwise ``inline_seconds``: the loop
+        serves the queue while the batch runs in the thread."""
+        if self._pending or sum(it.rows for it in items) >= self.max_rows:
+            return self.inline_seconds
+        return self.alone_seconds
+
     def _run_now(self, item: StepInput, tokens: int) -> StepOutput:
         """A lone small request run at once, on the caller's coroutine: no Future, no wake-up of the flush task,
         no loop iteration spent waiting for company that cannot come (``_alone``). Same records as ``_run``."""
@@ -423,7 +434,7 @@ class Batcher:
         started = time.perf_counter()
         tokens = self._tokens(items)
         try:
-            if tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.inline_seconds:
+            if tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self._inline_limit(items):
                 results, runs = self._run_sync(items)
             else:
                 results, runs = await asyncio.to_thread(self._run_sync, items)

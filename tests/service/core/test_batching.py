@@ -232,6 +232,37 @@ async def test_alone_inline_ms_bounds_which_lone_runs_skip_the_thread(make_dp: M
     assert await queued_ns(alone_inline_ms=0) > 0
 
 
+async def test_a_batch_with_nobody_else_to_serve_runs_inline_up_to_alone_inline_ms(
+    make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that took every queued request and is not full runs on the loop while its size's last run took at
+    most alone_inline_ms (no other call to serve meanwhile: the thread's hop only adds its cost); a full batch, or
+    one with requests queued behind it, keeps the inline_batch_ms rule and runs in a worker thread."""
+
+    async def threads(alone_inline_ms: float, sizes: list[int]) -> list[bool]:
+        dp = await make_dp(inline_batch_ms=0, alone_inline_ms=alone_inline_ms, max_batch_size=3, max_batch_delay_ms=20)
+        batcher = dp.registry.resolve(LM).batcher
+        runtime, loop_thread, on_loop = batcher.runtime, threading.get_ident(), []
+        real = runtime.run
+
+        def run(feeds, rows):  # type: ignore[no-untyped-def]
+            on_loop.append(threading.get_ident() == loop_thread)
+            return real(feeds, rows)
+
+        monkeypatch.setattr(runtime, "run", run)
+        step = StepInput(inputs={"input_ids": np.array([[1, 2]], dtype=np.int64)}, rows=1, key=2)
+        for size in sizes:  # each a burst of `size` steps; a burst over max_batch_size is two batches
+            await asyncio.gather(*(batcher.submit(step) for _ in range(size)))
+        assert recorded(dp).batch_sizes("charlm") == [2, 2, 3, 3, 3, 2]
+        return on_loop
+
+    # The first run of each size is inline (no time known yet); after it, inline_batch_ms=0 sends every batch
+    # with company to the thread, except those with nobody else to serve.
+    assert await threads(1_000, [2, 2, 3, 3, 5]) == [True, True, True, False, False, True]
+    # alone_inline_ms=0 follows inline_batch_ms for these batches too.
+    assert await threads(0, [2, 2, 3, 3, 5]) == [True, False, True, False, False, False]
+
+
 async def test_derived_outputs_are_computed_only_for_batches_that_ask(dp: CoreDataPlane) -> None:
     batcher = dp.registry.resolve(LM).batcher
     derive, calls = batcher.derive, []
