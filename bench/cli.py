@@ -32,6 +32,14 @@ def parser(doc: str | None, out: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+def setting(text: str) -> tuple[str, str]:
+    """argparse type of ``--env KEY=VALUE``: a server setting as its environment variable (``SEQSERVE_*``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("SEQSERVE_"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a setting as SEQSERVE_NAME=VALUE (README, Configuration)")
+    return key, value
+
+
 # How long the cleanup after SIGTERM may take before the bench stops waiting for it: more than bench.launch.stop
 # gives one server to stop gracefully (60 s) before it kills it, so a slow stop is not mistaken for a hang.
 CLEANUP_S = 75.0

@@ -220,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, "perf.json")
     pa.add_options(ap, list(pa.WORKLOADS), [1, 16, 64], rounds=2)
     ap.add_argument("--workers", nargs="+", type=int, default=[1, available_workers()])
-    ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="extra SEQSERVE_* for the server")
+    ap.add_argument("--env", nargs="*", type=cli.setting, default=[], metavar="KEY=VALUE",
+                    help="extra SEQSERVE_* for the server")  # fmt: skip
     ap.add_argument("--no-floor", action="store_true", help="skip the floor server (tuning runs)")
     args = ap.parse_args(argv)
-    extra = dict(kv.split("=", 1) for kv in args.env)
+    extra = dict(args.env)
     workers = sorted(set(args.workers))
     results = run(args.models, args.workloads, args.concurrency, workers, extra, not args.no_floor, rounds=args.rounds)
     cli.write_json(args.out, results)

@@ -6,6 +6,7 @@ different machines.
 
     python -m bench.regress --base COMMIT [--version 1] [--workloads charlm-stream charlm-unary]
                             [--concurrency 1 16] [--rounds 3] [--workers 1] [--core]
+                            [--env SEQSERVE_NAME=VALUE ...] [--base-env SEQSERVE_NAME=VALUE ...]
 
 ``--version`` pins the model version on both sides (perf_analyzer's ``-x``): the newest version of a model may
 differ between the two commits (``charlm`` is ``charlm/2`` since 2026-12-04; its ``charlm/1`` is the same file
@@ -13,6 +14,10 @@ as before). It prints, per workload and concurrency, the median throughput and p
 this / base of each round (its median and range), and writes them as JSON. ``--core`` compares the core alone
 instead (``bench/core.py`` in each checkout, ``charlm/<--version or 1>``): CPU µs per step, steadier than
 throughput on a shared machine.
+
+``--env`` gives this checkout's side settings (``SEQSERVE_*``), ``--base-env`` the base's; neither side sees the
+caller's own ``SEQSERVE_*`` variables. With ``--base HEAD`` the two sides run the same code, so this compares
+settings the same way: ``--base HEAD --env SEQSERVE_ALONE_INLINE_MS=0.6`` asks what a default is worth.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cli, pa, perf
-from bench.launch import serve
+from bench.launch import serve, server_env
 from service.argtypes import count
 
 
@@ -55,21 +60,24 @@ def compare(
     rounds: int = 3,
     workers: int = 1,
     window_ms: int = 2000,
+    envs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """``sides``: {"base": (checkout, models), "this": (checkout, models)}. Both servers start first and stay up;
-    then they are measured as ``bench.perf`` measures its servers (``perf.interleaved``), and each round's "this"
-    throughput is divided by its "base" one (``perf.summary``)."""
+    """``sides``: {"base": (checkout, models), "this": (checkout, models)}; ``envs``: each side's settings
+    (``SEQSERVE_*``). Both servers start first and stay up; then they are measured as ``bench.perf`` measures its
+    servers (``perf.interleaved``), and each round's "this" throughput is divided by its "base" one
+    (``perf.summary``)."""
     env = pa.environment()
     chosen = [dataclasses.replace(pa.WORKLOADS[n], version=version or pa.WORKLOADS[n].version) for n in workloads]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         servers: list[perf.Server] = []
         for label in ("base", "this"):
             tree, models = sides[label]
-            s = running.enter_context(serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"}, workers, code=tree))
+            settings = {"SEQSERVE_LOG_LEVEL": "WARNING", **(envs or {}).get(label, {})}
+            s = running.enter_context(serve(models, settings, workers, code=tree))
             servers.append((label, s.target, cli.descendants(s.pid)))
         rows = perf.interleaved(servers, chosen, conc, rounds, Path(tmp), env, window_ms)
     return {"workloads": workloads, "concurrency": conc, "version": version, "rounds": rounds, "workers": workers,
-            "rows": rows, "summary": perf.summary(rows, reference="base")}  # fmt: skip
+            "env": envs or {}, "rows": rows, "summary": perf.summary(rows, reference="base")}  # fmt: skip
 
 
 CORE = (
@@ -81,12 +89,17 @@ CORE = (
 
 
 def core(
-    sides: dict[str, tuple[Path, Path]], version: int, conc: list[int], rounds: int = 5, steps: int = 4000
+    sides: dict[str, tuple[Path, Path]],
+    version: int,
+    conc: list[int],
+    rounds: int = 5,
+    steps: int = 4000,
+    envs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The core alone (``bench/core.py``: servicer, data plane, batcher, ONNX Runtime; no gRPC) of each checkout
-    on ``charlm/<version>``, each measurement a fresh process in that checkout, alternating as above: CPU µs per
-    step, steadier on a shared machine than throughput through perf_analyzer. Each side reads only that model
-    (a folder linking to it), not the whole repository."""
+    on ``charlm/<version>``, each measurement a fresh process in that checkout (with that side's ``envs``),
+    alternating as above: CPU µs per step, steadier on a shared machine than throughput through perf_analyzer. Each
+    side reads only that model (a folder linking to it), not the whole repository."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
@@ -98,6 +111,7 @@ def core(
             for r, label in perf.alternating(("base", "this"), rounds):
                 args = [str(folders[label]), str(version), str(c), str(steps)]
                 done = subprocess.run([sys.executable, "-c", CORE, *args], cwd=sides[label][0],
+                                      env=server_env((envs or {}).get(label, {})),
                                       capture_output=True, text=True, timeout=600)  # fmt: skip
                 if done.returncode:
                     raise RuntimeError(f"the core of {label} failed:\n{done.stderr[-3000:]}")
@@ -112,7 +126,8 @@ def core(
         for side in ("base", "this"):
             agg[f"{side}_cpu_us_per_step"] = statistics.median(per[(side, r)] for r in range(rounds))
         out.append(agg)
-    return {"version": version, "concurrency": conc, "rounds": rounds, "steps": steps, "rows": rows, "summary": out}
+    return {"version": version, "concurrency": conc, "rounds": rounds, "steps": steps, "env": envs or {}, "rows": rows,
+            "summary": out}  # fmt: skip
 
 
 def print_core(results: dict[str, Any], base: str) -> None:
@@ -132,15 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     pa.add_options(ap, ["charlm-stream", "charlm-unary"], [1, 16], rounds=3)
     ap.add_argument("--workers", type=count(1), default=1)
     ap.add_argument("--core", action="store_true", help="the core alone instead (bench/core.py, CPU µs per step)")
+    ap.add_argument("--env", nargs="*", type=cli.setting, default=[], metavar="KEY=VALUE",
+                    help="SEQSERVE_* settings of this checkout's side")  # fmt: skip
+    ap.add_argument("--base-env", nargs="*", type=cli.setting, default=[], metavar="KEY=VALUE",
+                    help="SEQSERVE_* settings of the base's side")  # fmt: skip
     args = ap.parse_args(argv)
+    envs = {"base": dict(args.base_env), "this": dict(args.env)}
     with worktree(args.base) as base:  # each side serves its own committed models
         sides = {"base": (base, base / "models"), "this": (cli.ROOT, cli.ROOT / "models")}
         if args.core:
-            results = core(sides, int(args.version or 1), args.concurrency, args.rounds)
+            results = core(sides, int(args.version or 1), args.concurrency, args.rounds, envs=envs)
         else:
-            results = compare(sides, args.workloads, args.concurrency, args.version, args.rounds, args.workers)
+            results = compare(
+                sides, args.workloads, args.concurrency, args.version, args.rounds, args.workers, envs=envs
+            )
     results["base"] = args.base
     cli.write_json(args.out, results)
+    for label, env in envs.items():
+        if env:
+            print(f"{label}: " + " ".join(f"{k}={v}" for k, v in env.items()))
     if args.core:
         print_core(results, args.base)
     else:

@@ -4,6 +4,7 @@ test's."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import textwrap
 from pathlib import Path
@@ -44,7 +45,9 @@ def test_this_checkout_against_head_measures_both_sides_round_by_round(tiny_mode
     with regress.worktree("HEAD") as base:
         assert (base / "service" / "cli.py").is_file() and str(base) in _worktrees()
         sides = {"base": (base, tiny_models), "this": (cli.ROOT, tiny_models)}
-        results = regress.compare(sides, ["charlm-stream"], [2], version="1", rounds=2, window_ms=300)
+        envs = {"base": {}, "this": {"SEQSERVE_MAX_BATCH_SIZE": "1"}}  # (settings reach the servers: the core's test)
+        results = regress.compare(sides, ["charlm-stream"], [2], version="1", rounds=2, window_ms=300, envs=envs)
+    assert results["env"] == envs
     assert not base.exists() and str(base) not in _worktrees()  # the worktree is gone with its folder
     rows = results["rows"]
     assert sorted((row["round"], row["server"]) for row in rows) == [(0, "base"), (0, "this"), (1, "base"), (1, "this")]
@@ -71,3 +74,48 @@ def test_the_core_of_each_checkout_is_measured_in_its_own_process(tiny_models: P
     ratios = [per_round[("this", r)] / per_round[("base", r)] for r in (0, 1)]
     assert agg["concurrency"] == 4 and agg["ratio_min"] == pytest.approx(min(ratios))
     assert agg["ratio_max"] == pytest.approx(max(ratios))
+
+
+FAKE_CORE = """
+import os
+
+async def measure(models, model, concurrency, steps):
+    return {"model": "charlm/1", "steps": steps, "cpu_us_per_step": float(os.environ["SEQSERVE_MAX_BATCH_SIZE"]),
+            "leaked": os.environ.get("SEQSERVE_LOG_FORMAT")}
+"""
+
+
+def _fake_core_checkout(folder: Path) -> Path:
+    """A checkout whose ``bench.core.measure`` reports a setting from its environment as its CPU per step."""
+    for package in ("bench", "service", "service/core"):
+        (folder / package).mkdir(parents=True)
+        (folder / package / "__init__.py").write_text("")
+    (folder / "bench" / "core.py").write_text(textwrap.dedent(FAKE_CORE))
+    (folder / "service" / "core" / "types.py").write_text("def ModelRef(name, version):\n    return (name, version)\n")
+    return folder
+
+
+def test_each_side_gets_its_own_settings_and_none_of_the_callers(
+    tmp_path: Path, tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--env`` and ``--base-env``: with the same code on both sides, a comparison of two settings. Each side's
+    process gets its own; a SEQSERVE_* variable of the caller reaches neither."""
+    monkeypatch.setenv("SEQSERVE_LOG_FORMAT", "json")
+    fake = _fake_core_checkout(tmp_path / "checkout")
+    sides = {"base": (fake, tiny_models), "this": (fake, tiny_models)}
+    envs = {"base": {"SEQSERVE_MAX_BATCH_SIZE": "4"}, "this": {"SEQSERVE_MAX_BATCH_SIZE": "6"}}
+    results = regress.core(sides, 1, [2], rounds=2, steps=10, envs=envs)
+    assert {(row["side"], row["cpu_us_per_step"], row["leaked"]) for row in results["rows"]} == {
+        ("base", 4.0, None),
+        ("this", 6.0, None),
+    }
+    (agg,) = results["summary"]
+    assert agg["ratio"] == pytest.approx(1.5) and results["env"] == envs
+
+
+@pytest.mark.parametrize("text", ["MAX_BATCH_SIZE=4", "SEQSERVE_MAX_BATCH_SIZE", "PATH=/tmp"])
+def test_a_setting_is_given_as_its_seqserve_variable(text: str) -> None:
+    assert cli.setting("SEQSERVE_MAX_BATCH_SIZE=4") == ("SEQSERVE_MAX_BATCH_SIZE", "4")
+    assert cli.setting("SEQSERVE_TRACE_FILE=a=b") == ("SEQSERVE_TRACE_FILE", "a=b")
+    with pytest.raises(argparse.ArgumentTypeError, match="SEQSERVE_NAME=VALUE"):
+        cli.setting(text)
