@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+PYTEST := SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 
@@ -56,8 +57,8 @@ SERIAL_TESTS := tests/bench tests/redis tests/integration tests/service/api/test
 test: $(STAMP) sysdeps
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
-	SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q -m "not docker" -n $(TEST_WORKERS) $(SERIAL_TESTS:%=--ignore=%)
-	SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q $(SERIAL_TESTS)
+	$(PYTEST) -m "not docker" -n $(TEST_WORKERS) $(SERIAL_TESTS:%=--ignore=%)
+	$(PYTEST) $(SERIAL_TESTS)
 	$(MAKE) --no-print-directory image-test
 
 lint: $(STAMP)
@@ -68,7 +69,7 @@ lint: $(STAMP)
 # Dockerfiles (hadolint), YAML (yamllint), compose (schema + compose config), Kubernetes (kustomize + strict
 # schema validation), the Grafana dashboard (SDK + promtool). Part of the suite; this runs just them.
 deploy-lint: $(STAMP) sysdeps
-	SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q -m "not docker" tests/deploy tests/service/metrics/test_deploy.py
+	$(PYTEST) -m "not docker" tests/deploy tests/service/metrics/test_deploy.py
 
 # Builds the image on a stand-in base, runs it, brings up the compose stack's seqserve + Redis part, and cleans up
 # (private dockerd if none is running; stand-in base cached in /var/cache/seqserve). See docs/deploy.md.

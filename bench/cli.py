@@ -40,6 +40,11 @@ def setting(text: str) -> tuple[str, str]:
     return key, value
 
 
+def add_settings(ap: argparse.ArgumentParser, flag: str, whose: str) -> None:
+    """``flag KEY=VALUE ...``: server settings (``setting``), parsed as a list of (key, value)."""
+    ap.add_argument(flag, nargs="*", type=setting, default=[], metavar="KEY=VALUE", help=f"SEQSERVE_* for {whose}")
+
+
 # How long the cleanup after SIGTERM may take before the bench stops waiting for it: more than bench.launch.stop
 # gives one server to stop gracefully (60 s) before it kills it, so a slow stop is not mistaken for a hang.
 CLEANUP_S = 75.0

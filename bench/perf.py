@@ -220,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, "perf.json")
     pa.add_options(ap, list(pa.WORKLOADS), [1, 16, 64], rounds=2)
     ap.add_argument("--workers", nargs="+", type=int, default=[1, available_workers()])
-    ap.add_argument("--env", nargs="*", type=cli.setting, default=[], metavar="KEY=VALUE",
-                    help="extra SEQSERVE_* for the server")  # fmt: skip
+    cli.add_settings(ap, "--env", "the servers")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor server (tuning runs)")
     args = ap.parse_args(argv)
     extra = dict(args.env)

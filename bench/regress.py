@@ -66,18 +66,19 @@ def compare(
     (``SEQSERVE_*``). Both servers start first and stay up; then they are measured as ``bench.perf`` measures its
     servers (``perf.interleaved``), and each round's "this" throughput is divided by its "base" one
     (``perf.summary``)."""
+    envs = envs or {}
     env = pa.environment()
     chosen = [dataclasses.replace(pa.WORKLOADS[n], version=version or pa.WORKLOADS[n].version) for n in workloads]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         servers: list[perf.Server] = []
         for label in ("base", "this"):
             tree, models = sides[label]
-            settings = {"SEQSERVE_LOG_LEVEL": "WARNING", **(envs or {}).get(label, {})}
+            settings = {"SEQSERVE_LOG_LEVEL": "WARNING", **envs.get(label, {})}
             s = running.enter_context(serve(models, settings, workers, code=tree))
             servers.append((label, s.target, cli.descendants(s.pid)))
         rows = perf.interleaved(servers, chosen, conc, rounds, Path(tmp), env, window_ms)
     return {"workloads": workloads, "concurrency": conc, "version": version, "rounds": rounds, "workers": workers,
-            "env": envs or {}, "rows": rows, "summary": perf.summary(rows, reference="base")}  # fmt: skip
+            "env": envs, "rows": rows, "summary": perf.summary(rows, reference="base")}  # fmt: skip
 
 
 CORE = (
@@ -100,6 +101,7 @@ def core(
     on ``charlm/<version>``, each measurement a fresh process in that checkout (with that side's ``envs``),
     alternating as above: CPU µs per step, steadier on a shared machine than throughput through perf_analyzer. Each
     side reads only that model (a folder linking to it), not the whole repository."""
+    envs = envs or {}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
@@ -111,7 +113,7 @@ def core(
             for r, label in perf.alternating(("base", "this"), rounds):
                 args = [str(folders[label]), str(version), str(c), str(steps)]
                 done = subprocess.run([sys.executable, "-c", CORE, *args], cwd=sides[label][0],
-                                      env=server_env((envs or {}).get(label, {})),
+                                      env=server_env(envs.get(label, {})),
                                       capture_output=True, text=True, timeout=600)  # fmt: skip
                 if done.returncode:
                     raise RuntimeError(f"the core of {label} failed:\n{done.stderr[-3000:]}")
@@ -126,7 +128,7 @@ def core(
         for side in ("base", "this"):
             agg[f"{side}_cpu_us_per_step"] = statistics.median(per[(side, r)] for r in range(rounds))
         out.append(agg)
-    return {"version": version, "concurrency": conc, "rounds": rounds, "steps": steps, "env": envs or {}, "rows": rows,
+    return {"version": version, "concurrency": conc, "rounds": rounds, "steps": steps, "env": envs, "rows": rows,
             "summary": out}  # fmt: skip
 
 
@@ -147,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     pa.add_options(ap, ["charlm-stream", "charlm-unary"], [1, 16], rounds=3)
     ap.add_argument("--workers", type=count(1), default=1)
     ap.add_argument("--core", action="store_true", help="the core alone instead (bench/core.py, CPU µs per step)")
-    ap.add_argument("--env", nargs="*", type=cli.setting, default=[], metavar="KEY=VALUE",
-                    help="SEQSERVE_* settings of this checkout's side")  # fmt: skip
-    ap.add_argument("--base-env", nargs="*", type=cli.setting, default=[], metavar="KEY=VALUE",
-                    help="SEQSERVE_* settings of the base's side")  # fmt: skip
+    cli.add_settings(ap, "--env", "this checkout's side")
+    cli.add_settings(ap, "--base-env", "the base's side")
     args = ap.parse_args(argv)
     envs = {"base": dict(args.base_env), "this": dict(args.env)}
     with worktree(args.base) as base:  # each side serves its own committed models

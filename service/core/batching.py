@@ -315,8 +315,12 @@ class Batcher:
         if ready is None or len(ready) > 0:
             return 0
         tokens = self._tokens([item])
-        small = tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self.alone_seconds
-        return tokens if small else 0
+        return tokens if self._inlinable(tokens, self.alone_seconds) else 0
+
+    def _inlinable(self, tokens: int, seconds: float) -> bool:
+        """Whether a run of ``tokens`` goes inline: small enough, and the last run that size took at most
+        ``seconds`` (a size not run yet: inline, and its time is known after)."""
+        return tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= seconds
 
     def _inline_limit(self, items: list[StepInput]) -> float:
         """How long the last run of a batch this size may have taken for this one to run inline. A batch that took
@@ -434,7 +438,7 @@ class Batcher:
         started = time.perf_counter()
         tokens = self._tokens(items)
         try:
-            if tokens <= self.inline_tokens and self._infer_seconds.get(tokens, 0.0) <= self._inline_limit(items):
+            if self._inlinable(tokens, self._inline_limit(items)):
                 results, runs = self._run_sync(items)
             else:
                 results, runs = await asyncio.to_thread(self._run_sync, items)

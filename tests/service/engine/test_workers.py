@@ -977,11 +977,10 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(
     pki = make_pki(tmp_path / "pki")
     # The server's temporary folder of its own (short: the sockets' paths must fit AF_UNIX's 108 bytes), so that
     # what other servers on this machine leave in /tmp meanwhile (a parallel test run's) is none of this test's.
-    temp = short_tmp
     proc, info = start_server(
         tiny_models,
         tmp_path,
-        TMPDIR=str(temp),
+        TMPDIR=str(short_tmp),
         SEQSERVE_WORKERS="2",
         SEQSERVE_HTTP_PORT="0",
         SEQSERVE_TLS_CERT=str(pki.server.cert),
@@ -1003,8 +1002,8 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(
             return e.code, json.loads(e.read())
 
     try:
-        (engine,) = temp.glob("seqserve-engine-*")
-        assert not list(temp.glob("seqserve-rest-*"))
+        (engine,) = short_tmp.glob("seqserve-engine-*")
+        assert not list(short_tmp.glob("seqserve-rest-*"))
         assert len(list(engine.glob("seqserve-rest-*/grpc.sock"))) == 2  # one per frontend
         steps = []
         for i, piece in enumerate(TEXT * 2):
@@ -1022,4 +1021,4 @@ def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(
         assert len(list(engine.glob("seqserve-rest-*/grpc.sock"))) == 3
     finally:
         stop_server(proc)
-    assert not list(temp.glob("seqserve-*"))
+    assert not list(short_tmp.glob("seqserve-*"))
