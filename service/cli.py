@@ -1,7 +1,8 @@
 """``seqserve``: run the server, or call it.
 
     seqserve serve [--host H] [--port P] [--metrics-port M] [--http-port R] [--models DIR] [--device auto|cpu|cuda]
-                   [--workers N] [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE] [--ready-file F]
+                   [--workers N] [--engines K] [--watch-models [SECONDS]] [--load-model NAME ...] [--plugin MODULE]
+                   [--ready-file F]
     seqserve check [the same settings flags] [--json]    (settings, keys, TLS, models, session store; no serving)
     seqserve classify "a fine film" "a dull one"          (or - : one text per line from stdin)
     seqserve complete "ROMEO:" --max-chars 200 [--temperature 0.8] [--top-k 5] [--seed 1]
@@ -48,7 +49,8 @@ log = logging.getLogger("seqserve")
 # The settings `serve` takes as flags (the rest come from SEQSERVE_* variables only).
 SERVE_FLAGS = {
     "host": "--host", "port": "--port", "metrics_port": "--metrics-port", "models": "--models", "device": "--device",
-    "watch_models_seconds": "--watch-models", "workers": "--workers", "plugins": "--plugin",
+    "watch_models_seconds": "--watch-models", "workers": "--workers", "engines": "--engines",
+    "plugins": "--plugin",
     "load_models": "--load-model", "http_port": "--http-port",
 }  # fmt: skip
 ORT_MISSING = (
@@ -116,6 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_gc()
     if worker_count(settings) > 1:  # N frontend processes + this one as the engine
         return run(serve(settings, args.ready_file), settings.event_loop)
+    if settings.engines > 1:
+        log.warning("engines=%d is ignored: one worker (one available core) serves everything in one process",
+                    settings.engines)  # fmt: skip
     run(_serve(settings, args.ready_file), settings.event_loop)
     return 0
 
@@ -300,6 +305,13 @@ def _add_serve_flags(s: argparse.ArgumentParser) -> None:
         metavar="N",
         help="gRPC frontend processes sharing the port, plus one engine process (env SEQSERVE_WORKERS; "
         "0 = one per core; 1 = everything in this one process)",
+    )
+    s.add_argument(
+        "--engines",
+        type=int,
+        metavar="K",
+        help="with --workers N > 1: engine processes, each owning a share of the sessions and sequences and running "
+        "its own batches (env SEQSERVE_ENGINES; default 1)",
     )
     s.add_argument(
         "--plugin",

@@ -134,6 +134,7 @@ class Metrics:
         self._model_info: dict[tuple[str, str], str] = {}  # (model, version) -> provider currently exported
         # (model, version) -> its batch queue's length, read at scrape time (``watch_queue``): nothing per request
         self._queues: dict[tuple[str, int], Callable[[], int]] = {}
+        self.triton: TritonMetrics | None = None  # Triton's names (export_triton)
 
         # --- API layer --------------------------------------------------------------------------------
         rpc = ("service", "method", "model", "code")
@@ -452,7 +453,8 @@ class Metrics:
     def export_triton(self, stats: Callable[[], list[ModelStats]], cache: bool) -> None:
         """Triton's metric names too (``SEQSERVE_TRITON_METRICS``; ``service.triton_metrics``), read at scrape time
         from ``stats()``, every loaded version's statistics."""
-        self.registry.register(TritonMetrics(stats, self.queue_length, self._model, cache))
+        self.triton = TritonMetrics(stats, self.queue_length, self._model, cache)
+        self.registry.register(self.triton)
 
     def unwatch_queue(self, model: str, version: int, length: Callable[[], int]) -> None:
         """Stops reading ``length`` (its batcher stopped); a replacement registered since is kept (bound methods of

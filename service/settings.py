@@ -177,6 +177,12 @@ class Settings(BaseSettings):
     """gRPC frontend processes sharing ``port`` (SO_REUSEPORT), plus one engine process that owns the models,
     sessions and batchers. 0 (default) = one per available core (affinity and cgroup quota); 1 = everything in
     one process, no engine."""
+    engines: int = Field(default=1, ge=1, le=64)
+    """With workers > 1: engine processes, each owning a share of the sessions and KServe sequences (by a hash of
+    their id) and running its own batches on its own event loop; frontends send each call to the engine that owns
+    what it names, and calls that name no session to their own engine. 1 (default) = one engine for the whole
+    server. With the in-memory session store, ``max_sessions`` and ``max_session_bytes`` are split evenly among
+    the engines (per-principal session quotas need a shared store then: each engine would count only its own)."""
     frontend_ports: bool = False
     """With workers > 1: each frontend also listens on a free port of its own, listed in the ready file (tests
     and debugging reach one frontend by it)."""
@@ -464,6 +470,22 @@ class Settings(BaseSettings):
             return list(parse_level(value.split(",") if isinstance(value, str) else value))
         except Exception as exc:
             raise ValueError(f"trace_level: {getattr(exc, 'message', exc)}") from None
+
+    @model_validator(mode="after")
+    def _engines(self) -> Settings:
+        if self.engines > 1 and self.workers == 1:
+            raise ValueError(
+                f"engines={self.engines} needs frontend processes: set workers to 2 or more (or 0, one per core); "
+                "workers=1 serves everything in one process"
+            )
+        quotas = self.quota_sessions or self.quota_session_bytes
+        if self.engines > 1 and quotas and self.session_store.startswith("memory:"):
+            raise ValueError(
+                "per-principal session quotas (quota_sessions, quota_session_bytes) with several engines need a shared "
+                "session store: with memory:// each engine would count only its own sessions; set session_store to "
+                "a redis:// URL, or engines=1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _trace_file(self) -> Settings:

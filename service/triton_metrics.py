@@ -77,21 +77,32 @@ class TritonMetrics(Collector):
         label: Callable[[str], str],
         cache: bool,
         proc: Path = Path("/proc"),
+        models: bool = True,
+        machine: bool = True,
     ) -> None:
+        """``models`` / ``machine``: export the per-version families / the machine's (with several engines, the
+        first engine sums the first over every engine and exports the second once)."""
         self._stats, self._pending, self._label, self._cache, self._proc = stats, pending, label, cache, proc
+        self.models, self.machine = models, machine
         self._lock = threading.Lock()
         self._cpu: tuple[int, int] | None = None  # (busy, total) jiffies at the previous scrape
 
+    def part(self, models: bool, machine: bool) -> TritonMetrics:
+        """The same collector exporting only these families."""
+        return TritonMetrics(self._stats, self._pending, self._label, self._cache, self._proc, models, machine)
+
     def collect(self) -> Iterator[Metric]:
-        rows = self._stats()
-        yield from self._families(_COUNTS + (_CACHE if self._cache else ()), rows)
-        pending = GaugeMetricFamily(
-            "nv_inference_pending_request_count", "Requests waiting in the batch queue.", labels=LABELS
-        )
-        for key, total in self._summed(rows, lambda s: self._pending(s.name, s.version)).items():
-            pending.add_metric(list(key), total)
-        yield pending
-        yield from self._machine()
+        if self.models:
+            rows = self._stats()
+            yield from self._families(_COUNTS + (_CACHE if self._cache else ()), rows)
+            pending = GaugeMetricFamily(
+                "nv_inference_pending_request_count", "Requests waiting in the batch queue.", labels=LABELS
+            )
+            for key, total in self._summed(rows, lambda s: self._pending(s.name, s.version)).items():
+                pending.add_metric(list(key), total)
+            yield pending
+        if self.machine:
+            yield from self._machine()
 
     def _families(self, table: tuple[tuple[str, str, Callable[[ModelStats], float]], ...], rows: list[ModelStats]
                   ) -> Iterator[Metric]:  # fmt: skip

@@ -51,6 +51,8 @@ class RemotePlane(DataPlane, Protocol):
 
     def on_models_changed(self, hook: Callable[[], Awaitable[None]]) -> None: ...
 
+    def waiting(self) -> int: ...
+
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING

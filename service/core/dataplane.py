@@ -71,15 +71,17 @@ class CoreDataPlane:
         metrics: Metrics,
         store: SessionStore | None = None,
         clock: Callable[[], float] = time.time,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        """``shard``: (this engine, of how many) when several share the server (``service/engine/shards.py``)."""
         self.settings = settings
         self.metrics = metrics
         load_plugins(settings.plugins)  # tasks and stores from outside this package register themselves
-        self.tracer = Tracer.from_settings(settings)
+        self.tracer = Tracer.from_settings(settings, *shard)
         self.registry = ModelRegistry(settings, metrics, self.tracer)
         self.registry.subscribe(on_load=self._loaded, on_unload=self._unloaded)
         store = store if store is not None else open_store(settings.session_store, settings)
-        self.sessions = SessionManager(settings, metrics, store, clock)
+        self.sessions = SessionManager(settings, metrics, store, clock, shard)
         self._started = False
         self._watcher: asyncio.Task[None] | None = None
         self.responses = ResponseCache(settings.response_cache_bytes)  # (off at 0 bytes)

@@ -168,7 +168,12 @@ class Tracer:
         trace_count: int = -1,
         log_frequency: int = 0,
         trace_dir: str = "",
+        engine: int = 0,
+        engines: int = 1,
     ) -> None:
+        """``engine`` of ``engines`` (several engines share the server): engine 1 (index 0) writes the trace files
+        it is told, engine N writes ``<file>.engineN`` (``<file>.engineN.<i>`` with ``log_frequency``); trace ids
+        are unique across the engines."""
         self.folder = Path(trace_dir).resolve() if trace_dir else None
         self._initial: dict[str, Any] = {
             "trace_file": trace_file,
@@ -180,13 +185,14 @@ class Tracer:
         self._server: dict[str, Any] = dict(self._initial)
         self._models: dict[str, dict[str, Any]] = {}  # a model's own settings (only those it set)
         self._seen: dict[str | None, int] = {}  # requests since the last trace, per settings (a model's, or None)
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(engine + 1, engines)
+        self._suffix = f".engine{engine + 1}" if engine else ""
         self._sinks: dict[str, _Sink] = {}
         self._writer: ThreadPoolExecutor | None = None
         self.active = self._any_on()  # read per request: nothing more is done while every level is OFF
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Tracer:
+    def from_settings(cls, settings: Settings, engine: int = 0, engines: int = 1) -> Tracer:
         """The server's start-up trace settings (``TRACE_*``)."""
         return cls(
             settings.trace_file,
@@ -195,6 +201,8 @@ class Tracer:
             settings.trace_count,
             settings.trace_log_frequency,
             settings.trace_dir,
+            engine,
+            engines,
         )
 
     # --- settings -------------------------------------------------------------------------------------------
@@ -237,7 +245,7 @@ class Tracer:
         if "trace_rate" in parsed:
             self._seen.pop(model, None)
         for gone in before - self._files():  # a file no settings name any more: what it collected is written now
-            self._flush(gone)
+            self._flush(gone + self._suffix)
         self.active = self._any_on()
         return self.settings(model)
 
@@ -319,7 +327,7 @@ class Tracer:
             model,
             version,
             request_id,
-            settings["trace_file"],
+            settings["trace_file"] + self._suffix,
             settings["log_frequency"],
             "TIMESTAMPS" in level,
             "TENSORS" in level,
@@ -351,7 +359,7 @@ class Tracer:
 
     def _flush(self, file: str) -> None:
         """Writes what ``file`` collected (its numbered file, or the whole array) and forgets it (a file set again
-        numbers from 0, as in Triton)."""
+        numbers from 0, as in Triton). ``file``: as this engine writes it (with its suffix)."""
         sink = self._sinks.pop(file, None)
         if sink is None:
             return

@@ -40,6 +40,34 @@ def _rpc_families(metrics: Metrics) -> dict[str, object]:
             "seqserve_http_connections_closed": metrics.http_closed}  # fmt: skip
 
 
+def _engine_families(metrics: Metrics, store_per_engine: bool) -> dict[str, object]:
+    """With several engines: the families each engine keeps for its own models, batches and sessions, which the
+    first engine sums over all of them. ``store_per_engine``: each engine has a store of its own (memory://), so
+    the store's gauges add up too; a shared store's are the same in every engine and are the first engine's."""
+    m = metrics
+    families: dict[str, object] = {
+        "seqserve_inference_queue_seconds": m.inference_queue,
+        "seqserve_inference_compute_seconds": m.inference_compute,
+        "seqserve_inference_seconds": m.inference_total, "seqserve_inference_batch_size": m.batch_size,
+        "seqserve_queue_depth": m.queue, "seqserve_sessions_active": m.sessions,
+        "seqserve_session_events": m.session_events, "seqserve_generated_chars": m.chars,
+        "seqserve_time_to_first_chunk_seconds": m.first_chunk, "seqserve_prefix_cache_lookups": m.prefix_lookups,
+        "seqserve_prefix_cache_reused_chars": m.prefix_reused, "seqserve_prefix_cache_bytes": m.prefix_bytes,
+        "seqserve_prefix_cache_entries": m.prefix_entries, "seqserve_prefix_cache_evictions": m.prefix_evictions,
+        "seqserve_response_cache_lookups": m.response_lookups, "seqserve_response_cache_bytes": m.response_bytes,
+        "seqserve_response_cache_entries": m.response_entries,
+        "seqserve_response_cache_evictions": m.response_evictions,
+        "seqserve_forecast_observed_targets": m.forecast_targets,
+        "seqserve_forecast_targets_below": m.forecast_below,
+    }  # fmt: skip
+    if store_per_engine:
+        families |= {"seqserve_session_store_sessions": m.store_sessions,
+                     "seqserve_session_store_capacity_sessions": m.store_capacity,
+                     "seqserve_session_store_bytes": m.store_bytes,
+                     "seqserve_session_store_capacity_bytes": m.store_capacity_bytes}  # fmt: skip
+    return families
+
+
 class FrontendRpcCollector(Collector):
     def __init__(
         self,
@@ -47,15 +75,19 @@ class FrontendRpcCollector(Collector):
         timeout: float = 2.0,
         token: str | None = None,
         local: tuple[Collector, ...] = (),
+        template: tuple[Collector, ...] | None = None,
     ) -> None:
-        """``local``: the engine's own metrics of summed families (its metrics port's closed connections), added
-        in."""
+        """Sums the families ``template`` collects (empty: only their names and kinds count) over the processes on
+        ``ports``: the frontends' RPC families by default; with several engines, a second one sums the engines'
+        own. ``local``: this process's own metrics of summed families (its metrics port's closed connections, or
+        the first engine's families), added in."""
         self.ports = ports
         self.local = local
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
-        template = _rpc_families(Metrics(runtime_collectors=False))
-        self._kinds = {f.name: (f.documentation, f.type) for m in template.values() for f in m.collect()}  # type: ignore[attr-defined]
+        if template is None:
+            template = tuple(_rpc_families(Metrics(runtime_collectors=False)).values())  # type: ignore[arg-type]
+        self._kinds = {f.name: (f.documentation, f.type) for m in template for f in m.collect()}
         self._names = set(self._kinds)
         self._last: dict[int, list[tuple[str, Key, float]]] = {}  # port -> its last good samples
         self._exemplars: dict[Key, Exemplar] = {}  # a bucket's newest exemplar, from whichever frontend
@@ -138,5 +170,26 @@ def serve_frontend_rpc_metrics(
     for family in _rpc_families(metrics).values():
         metrics.registry.unregister(family)  # type: ignore[arg-type]
     collector = FrontendRpcCollector(ports, token=token, local=(metrics.http_closed,))
+    metrics.registry.register(collector)
+    return collector
+
+
+def serve_engine_metrics(
+    metrics: Metrics, ports: Callable[[], list[int]], token: str, store_per_engine: bool
+) -> FrontendRpcCollector:
+    """With several engines, on the first engine's registry: its own families of models, batches and sessions
+    replaced by their sums over every engine (the others' read from their private ports at each scrape, as the
+    frontends' are)."""
+    own: list[Collector] = list(_engine_families(metrics, store_per_engine).values())  # type: ignore[arg-type]
+    for family in own:
+        metrics.registry.unregister(family)
+    template: list[Collector] = list(_engine_families(Metrics(runtime_collectors=False), store_per_engine).values())  # type: ignore[arg-type]
+    if metrics.triton is not None:  # Triton's names: the per-version families summed, the machine's once
+        per_version = metrics.triton.part(models=True, machine=False)
+        own.append(per_version)
+        template.append(per_version)  # (only the names and kinds of what it collects)
+        metrics.registry.unregister(metrics.triton)
+        metrics.registry.register(metrics.triton.part(models=False, machine=True))
+    collector = FrontendRpcCollector(ports, token=token, local=tuple(own), template=tuple(template))
     metrics.registry.register(collector)
     return collector

@@ -32,6 +32,7 @@ import secrets
 import shutil
 import signal
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
@@ -83,30 +84,32 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
 
 # --- a frontend process --------------------------------------------------------------------------------------
 def frontend_main(
-    values: dict[str, Any], index: int, socket_path: str, token: str, conn: Connection, share: bool = False
+    values: dict[str, Any], index: int, sockets: list[str], token: str, share: bool, conn: Connection
 ) -> None:
     from service.logs import configure
 
     settings = Settings(**values)
     configure(settings)
     server_gc()
-    run(_frontend(settings, index, socket_path, token, conn, share), settings.event_loop)
+    run(_frontend(settings, index, sockets, token, conn, share), settings.event_loop)
 
 
 async def _frontend(
-    settings: Settings, index: int, socket_path: str, token: str, conn: Connection, share: bool = False
+    settings: Settings, index: int, sockets: list[str], token: str, conn: Connection, share: bool = False
 ) -> None:
-    from service.api.server import Server
+    """``sockets``: one per engine, the first engine's first (``service/engine/shards.py`` routes among them)."""
+    from service.api.server import RemotePlane, Server
     from service.engine.client import RemoteDataPlane
+    from service.engine.shards import ShardedDataPlane
     from service.metrics import Metrics
 
     parent = os.getppid()
-    metrics, plane = (
-        Metrics(runtime_collectors=False),
-        RemoteDataPlane(
-            socket_path, max_pending=settings.max_queue_size, shared_memory=settings.shared_memory == "system"
-        ),
-    )
+    metrics = Metrics(runtime_collectors=False)
+    links = [
+        RemoteDataPlane(path, max_pending=settings.max_queue_size, shared_memory=settings.shared_memory == "system")
+        for path in sockets
+    ]
+    plane: RemotePlane = links[0] if len(links) == 1 else ShardedDataPlane(links, home=index)
     metrics.engine_calls_waiting.set_function(plane.waiting)  # read at each scrape: nothing per call
     server = Server(
         settings,
@@ -115,7 +118,7 @@ async def _frontend(
         own_port=settings.frontend_ports,
         metrics_token=token,
         share_port=index > 0 or share,  # the first frontend's port, by design (a replacement's too)
-        private_dir=os.path.dirname(socket_path),  # the engine's folder: removed at stop, whatever became of us
+        private_dir=os.path.dirname(sockets[0]),  # the engine's folder: removed at stop, whatever became of us
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,6 +145,76 @@ async def _frontend(
     await server.stop(settings.grace_seconds)
 
 
+# --- another engine's process (SEQSERVE_ENGINES > 1) -----------------------------------------------------------
+def engine_main(
+    values: dict[str, Any], index: int, engines: int, socket_path: str, token: str, conn: Connection
+) -> None:
+    from service.logs import configure
+
+    settings = Settings(**values)
+    configure(settings)
+    server_gc()
+    run(_engine(settings, index, engines, socket_path, token, conn), settings.event_loop)
+
+
+async def _engine(settings: Settings, index: int, engines: int, socket_path: str, token: str, conn: Connection) -> None:
+    """Engine ``index`` (> 0) of ``engines``: its own models, batchers and share of the sessions, served to every
+    frontend on its socket; its metrics on a private port that answers the first engine only (``token``), which
+    sums them. Stops on SIGTERM, or when the first engine is gone."""
+    from service.api.http import MetricsHttpServer
+    from service.core.dataplane import CoreDataPlane
+    from service.engine.server import EngineServer
+    from service.metrics import Metrics
+
+    parent = os.getppid()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    metrics = Metrics(runtime_collectors=False)
+    dataplane = CoreDataPlane(settings, metrics, shard=(index, engines))
+    engine = EngineServer(dataplane, socket_path)
+    http = MetricsHttpServer("127.0.0.1", 0, metrics, lambda: dataplane.is_ready, token=token)
+    try:
+        await engine.start()
+        await dataplane.start()
+        conn.send({"metrics_port": http.start()})
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if os.getppid() != parent:
+                log.error("the first engine is gone; stopping")
+                break
+    finally:
+        http.stop()
+        await engine.stop()
+        await dataplane.stop()
+
+
+@dataclass
+class Engine:
+    index: int  # 1.. (the first engine is the serve process itself)
+    process: Any  # multiprocessing.process.BaseProcess
+    socket: str
+    metrics_port: int = 0
+
+
+async def _spawn_engine(settings: Settings, index: int, engines: int, socket_path: str, token: str) -> Engine:
+    process, parent = _start(
+        engine_main, (settings.model_dump(), index, engines, socket_path, token), f"seqserve-engine-{index + 1}"
+    )
+    report = await _report(process, parent, f"engine {index + 1}")
+    return Engine(index, process, socket_path, report["metrics_port"])
+
+
+def engine_settings(settings: Settings) -> Settings:
+    """What each engine serves with: with several engines and the in-memory store, each holds its share of
+    ``max_sessions`` and ``max_session_bytes`` (a shared store counts them across every process itself)."""
+    k = settings.engines
+    if k == 1 or not settings.session_store.startswith("memory:"):
+        return settings
+    share = {"max_sessions": -(-settings.max_sessions // k), "max_session_bytes": -(-settings.max_session_bytes // k)}
+    return settings.model_copy(update=share)
+
+
 # --- the engine process ----------------------------------------------------------------------------------------
 async def serve(settings: Settings, ready_file: Path | None) -> int:
     """Runs the engine and its frontends until SIGTERM/SIGINT; returns the exit code."""
@@ -154,24 +227,32 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     from service.api.principals import load_keys
     from service.api.server import check_free
     from service.core.dataplane import CoreDataPlane
-    from service.engine.metrics import serve_frontend_rpc_metrics
+    from service.engine.metrics import serve_engine_metrics, serve_frontend_rpc_metrics
     from service.engine.server import EngineServer
     from service.logs import summary
     from service.metrics import Metrics
 
     load_keys(settings)  # the frontends read the keys; a bad entry stops start-up here, in one line, not in each
-    n = worker_count(settings)
+    n, k = worker_count(settings), settings.engines
     folder = Path(tempfile.mkdtemp(prefix="seqserve-engine-"))
-    socket_path = str(folder / "engine.sock")
+    sockets = [str(folder / "engine.sock"), *(str(folder / f"engine-{i + 1}.sock") for i in range(1, k))]
     metrics = Metrics()
-    dataplane = CoreDataPlane(settings, metrics)
-    engine = EngineServer(dataplane, socket_path)
+    dataplane = CoreDataPlane(engine_settings(settings), metrics, shard=(0, k))
+    engine = EngineServer(dataplane, sockets[0])
     frontends: list[Frontend] = []
+    engines: list[Engine] = []
+    token = secrets.token_urlsafe(32)  # the frontends' and other engines' private /metrics answer this one only
     http: MetricsHttpServer | None = None
     code = 0
     try:
         await engine.start()
-        await dataplane.start()
+        others = asyncio.gather(
+            *(_spawn_engine(engine_settings(settings), i, k, sockets[i], token) for i in range(1, k))
+        )  # (they load their models while this one loads its own)
+        try:
+            await dataplane.start()
+        finally:
+            engines += await others
         # The metrics port first: one that is taken stops start-up before any frontend listens.
 
         def ready() -> bool:
@@ -179,7 +260,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             # connections are refused and new ones go to the others), so a frontend being replaced does not take
             # the whole server out of its load balancer for that second.
             up = len(frontends) == n and any(f.process.is_alive() for f in frontends)
-            return up and not stop.is_set() and dataplane.is_ready
+            return up and not stop.is_set() and dataplane.is_ready and all(e.process.is_alive() for e in engines)
 
         tls_files = tls.files(settings, metrics.tls_loaded)  # the engine's own, for its metrics port
         http = MetricsHttpServer(
@@ -196,25 +277,31 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
             check_free(settings.host, settings.port, "--port or SEQSERVE_PORT")
         if settings.http_port:
             check_free(settings.host, settings.http_port, "--http-port or SEQSERVE_HTTP_PORT")
-        token = secrets.token_urlsafe(32)  # the frontends' private /metrics answer the engine only
-        first = await _spawn(settings, 0, settings.port, socket_path, token)
+        first = await _spawn(settings, 0, settings.port, sockets, token)
         frontends.append(first)
         if first.http_port is not None:  # KServe REST: every frontend serves it, on the port the first one bound
             settings = settings.model_copy(update={"http_port": first.http_port})
-        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, socket_path, token) for i in range(1, n)))
+        frontends += await asyncio.gather(*(_spawn(settings, i, first.port, sockets, token) for i in range(1, n)))
         collector = serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
+        if engines:
+            memory = settings.session_store.startswith("memory:")
+            serve_engine_metrics(metrics, lambda: [e.metrics_port for e in engines], token, store_per_engine=memory)
         metrics.processes.processes = lambda: [
             ("engine", os.getpid()),
+            *((f"engine-{e.index + 1}", int(e.process.pid or 0)) for e in engines),
             *((f"frontend-{i}", int(f.process.pid or 0)) for i, f in enumerate(frontends, 1)),
         ]
 
         log.info("%s", summary(settings, n))
-        log.info("serving gRPC on %s:%d with %d frontends, metrics on %d", settings.host, first.port, n, metrics_port)
+        log.info("serving gRPC on %s:%d with %d frontends and %d engines, metrics on %d", settings.host, first.port,
+                 n, k, metrics_port)  # fmt: skip
         info: dict[str, Any] = {
             "grpc_port": first.port,
             "metrics_port": metrics_port,
             "workers": n,
+            "engines": k,
             "engine_pid": os.getpid(),
+            "engine_pids": [os.getpid(), *(e.process.pid for e in engines)],
         }
         if first.http_port is not None:
             info["http_port"] = first.http_port
@@ -232,6 +319,13 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         while not stop.is_set() and not code:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
+            lost = next((e for e in engines if not e.process.is_alive()), None)
+            if lost is not None and not stop.is_set():
+                # Its sessions and sequences are gone and no other engine may serve their ids: stop, for the
+                # orchestrator to restart the whole server (as a lost single process would be).
+                log.error("engine %d exited (code %s); stopping the server", lost.index + 1, lost.process.exitcode)
+                code = 1
+                break
             for i, gone in enumerate(frontends):
                 if gone.process.is_alive() or stop.is_set():
                     continue
@@ -249,7 +343,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
                 metrics.frontend_restarts.inc()
                 collector.retire(gone.metrics_port)  # its counts so far stay in the sums
                 try:
-                    frontends[i] = await _spawn(settings, gone.index, first.port, socket_path, token, share=True)
+                    frontends[i] = await _spawn(settings, gone.index, first.port, sockets, token, share=True)
                 except RuntimeError as exc:
                     log.error("%s; stopping the server", exc)
                     code = 1
@@ -257,7 +351,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
                 write_ready()
         log.info("draining %d frontends (grace %.1fs)", len(frontends), settings.grace_seconds)
     finally:
-        await _stop_frontends(frontends, settings.grace_seconds + 10)
+        await _stop_all(frontends, settings.grace_seconds + 10)  # (the engines still answer their drain)
+        await _stop_all(engines, 30)
         if http is not None:
             http.stop()
         await engine.stop()
@@ -267,33 +362,42 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     return code
 
 
-async def _spawn(
-    settings: Settings, index: int, port: int, socket_path: str, token: str, share: bool = False
-) -> Frontend:
-    """Frontend ``index`` on ``port``; ``share``: a port the other frontends listen on (a replacement's)."""
+def _start(target: Any, args: tuple[Any, ...], name: str) -> tuple[BaseProcess, Connection]:
+    """A spawned process running ``target(*args, conn)``; returns it and the end of the pipe it reports on."""
     ctx = mp.get_context("spawn")  # a fresh interpreter: no gRPC state crosses a fork
     parent, child = ctx.Pipe(duplex=False)
-    values = settings.model_dump() | {"port": port}
-    process = ctx.Process(
-        target=frontend_main,
-        args=(values, index, socket_path, token, child, share),
-        name=f"seqserve-frontend-{index + 1}",  # frontend-1..N, as in the metrics and the logs
-        daemon=False,
-    )
+    process = ctx.Process(target=target, args=(*args, child), name=name, daemon=False)
     start_without_sigint(process)
     child.close()
-    frontend = Frontend(index, process, parent)
+    return process, parent
+
+
+async def _report(process: BaseProcess, parent: Connection, what: str) -> dict[str, Any]:
+    """What a started process reports once it serves; RuntimeError when it does not start."""
     ok = await asyncio.to_thread(parent.poll, START_TIMEOUT)
     if not ok:
         process.kill()
-        why = f"did not start within {START_TIMEOUT:g}s (exit code {process.exitcode})"
-        raise RuntimeError(f"frontend {index + 1} {why}")
+        raise RuntimeError(f"{what} did not start within {START_TIMEOUT:g}s (exit code {process.exitcode})")
     try:
-        report = parent.recv()
+        report: dict[str, Any] = parent.recv()
     except EOFError:
         process.join(5)
-        why = f"failed to start (exit code {process.exitcode}); see its log"
-        raise RuntimeError(f"frontend {index + 1} {why}") from None
+        raise RuntimeError(f"{what} failed to start (exit code {process.exitcode}); see its log") from None
+    return report
+
+
+async def _spawn(
+    settings: Settings, index: int, port: int, sockets: list[str], token: str, share: bool = False
+) -> Frontend:
+    """Frontend ``index`` on ``port``; ``share``: a port the other frontends listen on (a replacement's)."""
+    values = settings.model_dump() | {"port": port}
+    process, parent = _start(
+        frontend_main,
+        (values, index, sockets, token, share),
+        f"seqserve-frontend-{index + 1}",  # frontend-1..N, as in the metrics and the logs
+    )
+    frontend = Frontend(index, process, parent)
+    report = await _report(process, parent, f"frontend {index + 1}")
     frontend.port, frontend.own_port, frontend.metrics_port = report["port"], report["own_port"], report["metrics_port"]
     frontend.http_port = report["http_port"]
     return frontend
@@ -315,13 +419,14 @@ def start_without_sigint(process: BaseProcess) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-async def _stop_frontends(frontends: list[Frontend], timeout: float) -> None:
-    for f in frontends:
+async def _stop_all(processes: Sequence[Frontend | Engine], timeout: float) -> None:
+    for f in processes:
         if f.process.is_alive():
-            f.process.terminate()  # SIGTERM: NOT_SERVING, drain, exit
-    for f in frontends:
+            f.process.terminate()  # SIGTERM: a frontend turns NOT_SERVING, drains, exits; an engine stops
+    for f in processes:
         await asyncio.to_thread(f.process.join, timeout)
         if f.process.is_alive():
-            log.warning("frontend %d did not stop in %.0fs; killing it", f.index + 1, timeout)
+            what = "engine" if isinstance(f, Engine) else "frontend"
+            log.warning("%s %d did not stop in %.0fs; killing it", what, f.index + 1, timeout)
             f.process.kill()
             await asyncio.to_thread(f.process.join, 5)

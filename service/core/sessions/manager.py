@@ -32,6 +32,7 @@ from service.core.aio import cancel_and_wait
 from service.core.context import CommitScope, principal
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
+from service.core.shards import shard_of
 from service.errors import (
     RETRY_LATER,
     InvalidInput,
@@ -73,12 +74,18 @@ def _who(owner: str) -> str:
 
 class SessionManager:
     def __init__(
-        self, settings: Settings, metrics: Metrics, store: SessionStore, clock: Callable[[], float] = time.time
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        store: SessionStore,
+        clock: Callable[[], float] = time.time,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.store = store
         self.clock = clock
+        self._shard = shard  # (this engine, of how many): the ids it draws route back to it (core/shards.py)
         self._reaper: asyncio.Task[None] | None = None
         self._models: set[str] = set()  # models whose active-sessions gauge we have set
         self._evicted: OrderedDict[str, Eviction] = OrderedDict()  # oldest first, at most EVICTED_MEMORY
@@ -99,7 +106,10 @@ class SessionManager:
 
     def new_id(self, session_id: str | None = None) -> str:
         if session_id is None:
-            return secrets.token_urlsafe(24)  # 192 random bits
+            while True:  # with several engines, one of this engine's own (1 try in N on average): routed back here
+                drawn = secrets.token_urlsafe(24)  # 192 random bits
+                if shard_of(drawn, self._shard[1]) == self._shard[0]:
+                    return drawn
         if not session_id or len(session_id) > MAX_SESSION_ID_CHARS:
             raise InvalidInput(f"session_id must have 1 to {MAX_SESSION_ID_CHARS} characters; got {len(session_id)}")
         return session_id

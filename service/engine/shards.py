@@ -1,0 +1,256 @@
+"""Several engines (``SEQSERVE_ENGINES`` > 1): each owns a share of the sessions and sequences, and a frontend
+sends each call to the engine that owns what it names.
+
+    frontend ── ShardedDataPlane ─┬─ RemoteDataPlane ── engine 1 (the ``seqserve serve`` process: metrics, start-up)
+                                  ├─ RemoteDataPlane ── engine 2
+                                  └─ ...
+
+An id's engine is ``shard_of(id)`` (``service/core/shards.py``). Sessions: an engine draws the ids it creates (a
+create, a fork, an import) until one is its own (``SessionManager.new_id``), so a session id routes to the engine
+that made it. KServe sequences: the client's ``sequence_id`` names it, so the frontend routes by its text. Calls
+that name neither (stateless inference, metadata) go to the frontend's own engine (``home``), so one frontend's
+stateless steps batch together; new sessions go to each engine in turn. Model loads and unloads, log and trace
+settings and shared-memory regions apply in every engine; statistics add up over them. Every engine loads every
+model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from service.core.shards import shard_of
+from service.core.shm import Regions
+from service.core.types import (
+    BatchStats,
+    CharStep,
+    CompletionChunk,
+    Duration,
+    FloatArray,
+    ForecastResult,
+    InferResult,
+    InputTensor,
+    ModelInfo,
+    ModelMetadata,
+    ModelRef,
+    ModelStats,
+    SamplingParams,
+    SentimentResult,
+    SequenceRef,
+    SessionInfo,
+    SharedRegion,
+    SuggestResult,
+)
+from service.engine.client import RemoteDataPlane
+from service.logs import LogSettings
+
+T = TypeVar("T")
+
+
+def _add(a: Duration, b: Duration) -> Duration:
+    return Duration(a.count + b.count, a.ns + b.ns)
+
+
+def summed(tables: Sequence[list[ModelStats]]) -> list[ModelStats]:
+    """The statistics of several engines as one server's: per model version, counts and times add up, each batch
+    size's too; the last inference is the latest. In the first engine's order (every engine loads the same
+    versions)."""
+    out: dict[tuple[str, int], ModelStats] = {}
+    for table in tables:
+        for s in table:
+            key = (s.name, s.version)
+            was = out.get(key)
+            if was is None:
+                out[key] = s
+                continue
+            batches = {b.batch_size: b for b in was.batches}
+            for b in s.batches:
+                a = batches.get(b.batch_size)
+                batches[b.batch_size] = (
+                    b
+                    if a is None
+                    else BatchStats(
+                        b.batch_size,
+                        _add(a.compute_input, b.compute_input),
+                        _add(a.compute_infer, b.compute_infer),
+                        _add(a.compute_output, b.compute_output),
+                    )
+                )
+            out[key] = replace(
+                was,
+                last_inference_ms=max(was.last_inference_ms, s.last_inference_ms),
+                inference_count=was.inference_count + s.inference_count,
+                execution_count=was.execution_count + s.execution_count,
+                success=_add(was.success, s.success),
+                fail=_add(was.fail, s.fail),
+                queue=_add(was.queue, s.queue),
+                compute_input=_add(was.compute_input, s.compute_input),
+                compute_infer=_add(was.compute_infer, s.compute_infer),
+                compute_output=_add(was.compute_output, s.compute_output),
+                batches=[batches[k] for k in sorted(batches)],
+                cache_hit=_add(was.cache_hit, s.cache_hit),
+                cache_miss=_add(was.cache_miss, s.cache_miss),
+            )
+    return list(out.values())
+
+
+class ShardedDataPlane:
+    """``service.core.types.DataPlane`` over one ``RemoteDataPlane`` per engine (see the module's docstring)."""
+
+    def __init__(self, planes: list[RemoteDataPlane], home: int) -> None:
+        self.planes = planes
+        self.home = planes[home % len(planes)]
+        self._turn = itertools.cycle(planes)  # where the next new session goes
+
+    def _of(self, key: str) -> RemoteDataPlane:
+        return self.planes[shard_of(key, len(self.planes))]
+
+    async def _every(self, call: Callable[[RemoteDataPlane], Awaitable[T]]) -> list[T]:
+        """``call`` on every engine at once; the first failure is raised once all have answered (a change that
+        one engine refuses, for a reason of its request, every engine refuses alike)."""
+        results = await asyncio.gather(*(call(p) for p in self.planes), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    # --- the frontend's link ---------------------------------------------------------------------------
+    @property
+    def regions(self) -> Regions:
+        return self.home.regions  # every engine holds the same table (registered in each), so every link too
+
+    def waiting(self) -> int:
+        return sum(p.waiting() for p in self.planes)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(p.start() for p in self.planes))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(p.stop() for p in self.planes))
+
+    def on_models_changed(self, hook: Callable[[], Awaitable[None]]) -> None:
+        for p in self.planes:
+            p.on_models_changed(hook)
+
+    # --- control --------------------------------------------------------------------------------------
+    async def ready(self) -> bool:
+        return all(await asyncio.gather(*(p.ready() for p in self.planes)))
+
+    async def store_up(self) -> bool:
+        return all(await asyncio.gather(*(p.store_up() for p in self.planes)))
+
+    async def capabilities(self) -> set[str]:
+        return await self.home.capabilities()
+
+    async def models(self) -> list[ModelInfo]:
+        return await self.home.models()
+
+    async def unloaded(self) -> list[str]:
+        return await self.home.unloaded()
+
+    async def model_info(self, model: ModelRef) -> ModelInfo:
+        return await self.home.model_info(model)
+
+    async def model_metadata(self, model: ModelRef) -> ModelMetadata:
+        return await self.home.model_metadata(model)
+
+    async def statistics(self, model: ModelRef | None) -> list[ModelStats]:
+        return summed(await self._every(lambda p: p.statistics(model)))
+
+    async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
+        await self._every(lambda p: p.load_model(name, serving))
+
+    async def unload_model(self, name: str) -> None:
+        await self._every(lambda p: p.unload_model(name))
+
+    async def log_settings(self, changes: dict[str, Any] | None = None) -> LogSettings:
+        if not changes:
+            return await self.home.log_settings(changes)
+        return (await self._every(lambda p: p.log_settings(changes)))[0]
+
+    async def trace_settings(
+        self, model: str | None = None, changes: dict[str, list[str] | None] | None = None
+    ) -> dict[str, list[str]]:
+        if not changes:
+            return await self.home.trace_settings(model, changes)
+        return (await self._every(lambda p: p.trace_settings(model, changes)))[0]
+
+    async def register_region(self, region: SharedRegion) -> None:
+        await self._every(lambda p: p.register_region(region))
+
+    async def unregister_region(self, name: str | None) -> None:
+        await self._every(lambda p: p.unregister_region(name))
+
+    # --- inference ------------------------------------------------------------------------------------
+    async def infer(
+        self,
+        model: ModelRef,
+        inputs: Sequence[InputTensor],
+        outputs: list[str] | None = None,
+        sequence: SequenceRef | None = None,
+        classes: dict[str, int] | None = None,
+    ) -> InferResult:
+        plane = self.home if sequence is None else self._of(str(sequence.id))
+        return await plane.infer(model, inputs, outputs, sequence, classes)
+
+    async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:
+        return await self.home.classify(model, texts)
+
+    def complete(
+        self, model: ModelRef, prompt: str, params: SamplingParams, session_id: str | None = None
+    ) -> AsyncGenerator[CompletionChunk, None]:
+        plane = self.home if session_id is None else self._of(session_id)
+        return plane.complete(model, prompt, params, session_id)
+
+    async def suggest(
+        self,
+        session_id: str,
+        appended: str,
+        *,
+        reset: bool = False,
+        n: int = 3,
+        max_chars: int = 10,
+        beam: bool = True,
+        backspace: int = 0,
+    ) -> SuggestResult:
+        return await self._of(session_id).suggest(
+            session_id, appended, reset=reset, n=n, max_chars=max_chars, beam=beam, backspace=backspace
+        )
+
+    async def char_step(
+        self, model: ModelRef, text: str, *, session_id: str | None = None, num_chars: int = 0
+    ) -> CharStep:
+        plane = self.home if session_id is None else self._of(session_id)
+        return await plane.char_step(model, text, session_id=session_id, num_chars=num_chars)
+
+    async def forecast(
+        self, model: ModelRef, history: FloatArray, *, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
+        return await self.home.forecast(model, history, columns=columns)
+
+    async def observe(
+        self, session_id: str, rows: FloatArray, *, columns: Sequence[str] | None = None
+    ) -> ForecastResult:
+        return await self._of(session_id).observe(session_id, rows, columns=columns)
+
+    # --- sessions -------------------------------------------------------------------------------------
+    async def create_session(self, model: ModelRef, ttl_seconds: float | None = None) -> SessionInfo:
+        return await next(self._turn).create_session(model, ttl_seconds)
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        return await self._of(session_id).get_session(session_id)
+
+    async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo:
+        return await self._of(session_id).fork_session(session_id, ttl_seconds)  # its engine draws the twin's id
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._of(session_id).delete_session(session_id)
+
+    async def export_session(self, session_id: str) -> tuple[bytes, SessionInfo]:
+        return await self._of(session_id).export_session(session_id)
+
+    async def import_session(self, blob: bytes, ttl_seconds: float | None = None) -> SessionInfo:
+        return await next(self._turn).import_session(blob, ttl_seconds)

@@ -1,0 +1,90 @@
+"""Several engines, in one process: the shard of an id, the ids an engine draws, statistics summed over engines,
+the settings that need a shared store, each engine's share of the in-memory store's limits, trace files and ids
+per engine. (The processes: ``test_engines.py``.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.core.sessions import SessionManager
+from service.core.sessions.store import InMemorySessionStore
+from service.core.shards import shard_of
+from service.core.traces import Tracer
+from service.core.types import BatchStats, Duration, ModelStats
+from service.engine.procs import engine_settings
+from service.engine.shards import summed
+from service.metrics import Metrics
+from service.settings import Settings
+from tests.service.core.test_traces import traced, written
+
+
+def test_an_ids_shard_is_the_same_in_every_process_and_spreads() -> None:
+    assert shard_of("abc", 4) == 0x352441C2 % 4  # CRC-32 of the text: no per-process hash seed
+    assert shard_of("anything", 1) == 0
+    counts = [0, 0, 0]
+    for i in range(3000):
+        counts[shard_of(f"seq-{i}", 3)] += 1
+    assert min(counts) > 900
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_an_engine_draws_only_ids_of_its_own(index: int) -> None:
+    settings = Settings()
+    manager = SessionManager(settings, Metrics(runtime_collectors=False), InMemorySessionStore(), shard=(index, 3))
+    assert {shard_of(manager.new_id(), 3) for _ in range(50)} == {index}
+    assert manager.new_id("chosen") == "chosen"  # a caller's id (a KServe sequence's) is routed by the frontend
+
+
+def _stats(version: int, n: int, batches: dict[int, int], last: int) -> ModelStats:
+    d = Duration(n, 10 * n)
+    return ModelStats(
+        "m", version, last, n, len(batches), d, Duration(), d, d, d, d,
+        [BatchStats(size, Duration(c, c), Duration(c, 2 * c), Duration(c, 3 * c)) for size, c in batches.items()],
+    )  # fmt: skip
+
+
+def test_statistics_add_up_over_engines() -> None:
+    a = [_stats(1, 3, {1: 1, 2: 1}, 100), _stats(2, 1, {1: 1}, 50)]
+    b = [_stats(1, 5, {2: 2, 4: 1}, 70)]
+    one, two = summed([a, b])
+    assert (one.version, one.inference_count, one.execution_count, one.last_inference_ms) == (1, 8, 4, 100)
+    assert one.success == Duration(8, 80) and one.queue == Duration(8, 80)
+    assert [(x.batch_size, x.compute_infer) for x in one.batches] == [
+        (1, Duration(1, 2)),
+        (2, Duration(3, 6)),
+        (4, Duration(1, 2)),
+    ]
+    assert two == a[1]
+
+
+def test_quotas_with_several_engines_need_a_shared_store() -> None:
+    with pytest.raises(ValidationError, match="need a shared session store"):
+        Settings(workers=2, engines=2, quota_sessions=5)
+    Settings(workers=2, engines=2, quota_sessions=5, session_store="redis://127.0.0.1:6379/0")  # counted in Redis
+    with pytest.raises(ValidationError, match="needs frontend processes"):
+        Settings(workers=1, engines=2)
+
+
+def test_each_engine_holds_its_share_of_the_in_memory_stores_limits() -> None:
+    s = Settings(workers=2, engines=3, max_sessions=10, max_session_bytes=1000)
+    assert (engine_settings(s).max_sessions, engine_settings(s).max_session_bytes) == (4, 334)
+    shared = s.model_copy(update={"session_store": "redis://127.0.0.1:6379/0"})
+    assert engine_settings(shared) is shared  # Redis counts across every process itself
+    assert engine_settings(Settings(workers=2)).max_sessions == 10000
+
+
+def test_each_engine_writes_its_own_trace_file_with_ids_unique_across_engines(tmp_path: Path) -> None:
+    file = tmp_path / "t.json"
+    for engine in (0, 1):
+        t = Tracer(str(file), ["TIMESTAMPS"], 1, -1, 0, engine=engine, engines=2)
+        traced(t, 3)
+        t.close()
+    assert sorted(written(file)) == [1, 3, 5]
+    assert sorted(written(tmp_path / "t.json.engine2")) == [2, 4, 6]
+    numbered = Tracer(str(tmp_path / "n.json"), ["TIMESTAMPS"], 1, -1, 2, engine=1, engines=2)  # log_frequency 2
+    traced(numbered, 3)
+    numbered.close()
+    assert [sorted(written(tmp_path / f"n.json.engine2.{i}")) for i in range(2)] == [[2, 4], [6]]
