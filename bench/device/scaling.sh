@@ -2,8 +2,9 @@
 # On a machine with many cores and no network (after bench/device/kit.sh, .devkit carried): installs the kit's
 # wheels beside the machine's python3, then measures `--workers 8` against one worker with perf_analyzer (the
 # issue's target: >= 5x on >= 8 cores), with SEQSERVE_MODEL_INSTANCES 1, 2 and 4 (batches of one model in flight
-# at once) and 2 with two ONNX Runtime threads. Each bench.perf run prints its table and writes JSON to $OUT
-# (default bench/results). WORKERS, CONCURRENCY and WORKLOADS override the defaults below.
+# at once) and 2 with two ONNX Runtime threads, then `--workers 8` with SEQSERVE_ENGINES 2 and 4 (engines that
+# each own a share of the sessions and run their own batches). Each bench.perf run prints its table and writes
+# JSON to $OUT (default bench/results). WORKERS, CONCURRENCY and WORKLOADS override the defaults below.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIT=${DEVKIT:-$PWD/.devkit}  # DEVKIT: a kit elsewhere
@@ -31,3 +32,9 @@ run instances1
 run instances2 --env SEQSERVE_MODEL_INSTANCES=2
 run instances4 --env SEQSERVE_MODEL_INSTANCES=4
 run instances2-threads2 --env SEQSERVE_MODEL_INSTANCES=2 SEQSERVE_INTRA_OP_THREADS=2
+# Several engines need several frontends (ENGINES > 1 with one worker is refused): the one-worker row is above.
+MANY=${WORKERS##* }
+if [ "$MANY" -gt 1 ]; then
+  WORKERS=$MANY run engines2 --env SEQSERVE_ENGINES=2
+  WORKERS=$MANY run engines4 --env SEQSERVE_ENGINES=4 SEQSERVE_MODEL_INSTANCES=2
+fi
