@@ -61,7 +61,8 @@ class _CallFilter(logging.Filter):
             record.method = method
         if trace and not hasattr(record, "trace_id"):
             record.trace_id, record.span_id = trace_and_span(trace)
-        # Which process wrote it, with --workers N: "frontend-1"; the engine, or a single process: nothing.
+        # Which process wrote it, with --workers N: "frontend-1" (with --engines K: "engine-2" .. too); the first
+        # engine, or a single process: nothing.
         name = record.processName or "MainProcess"
         record.process_tag = "" if name == "MainProcess" else name.removeprefix("seqserve-")
         return True
@@ -202,7 +203,8 @@ def summary(settings: Settings, workers: int) -> str:
         auth = "API keys" + (" + client certificates" if settings.tls_client_ca else "")
     else:
         auth = "client certificates (mTLS)" if settings.tls_client_ca else "none (every caller is one principal)"
-    layout = "one process" if workers == 1 else f"{workers} frontends + the engine"
+    engines = "the engine" if settings.engines == 1 else f"{settings.engines} engines"
+    layout = "one process" if workers == 1 else f"{workers} frontends + {engines}"
     return (
         f"seqserve {release}: {layout}, models {settings.models}, device {settings.device}, session store "
         f"{redact(settings.session_store)}, auth {auth}, TLS {'on' if settings.tls_cert else 'off'}"

@@ -81,8 +81,9 @@ def _observe_many(child: Histogram, value: float, n: int) -> None:
 
 class ServerProcesses(Collector):
     """CPU seconds and resident memory of every process of the server, labelled ``process``: ``server`` for one
-    process; ``engine`` and ``frontend-1`` .. ``frontend-N`` with ``--workers N`` (the engine's ``/metrics`` is
-    the only endpoint, so its ``process_*`` series describe the engine alone; sum these for the whole server).
+    process; ``engine`` and ``frontend-1`` .. ``frontend-N`` with ``--workers N``, and ``engine-2`` .. ``engine-K``
+    with ``--engines K`` (the first engine's ``/metrics`` is the only endpoint, so its ``process_*`` series
+    describe it alone; sum these for the whole server).
     Read from ``/proc`` by prometheus_client's process collector, one process at a time."""
 
     def __init__(self) -> None:

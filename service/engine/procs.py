@@ -17,6 +17,11 @@ than ``frontend_restarts`` exits within ``frontend_restart_window_seconds``) sto
 that the orchestrator restarts it; frontends exit by themselves when the engine process is gone. The engine's
 ``/readyz`` stays ready while any frontend serves, so a replacement does not take the server out of its load
 balancer.
+
+With ``--engines K`` (> 1) this process is engine 1 of K: it spawns engines 2..K first (each loads the models and
+serves its share of the sessions on a socket of its own; ``service/engine/shards.py``), hands every frontend all
+K sockets, sums the other engines' metrics into its ``/metrics``, stops them after the frontends, and stops the
+whole server (exit 1) when one of them is lost.
 """
 
 from __future__ import annotations

@@ -180,6 +180,7 @@ def test_a_lost_engine_stops_the_server_with_exit_code_1(tiny_models: Path, tmp_
             time.sleep(0.2)
         assert proc.returncode == 1
         log = (tmp_path / "server.log").read_text()
+        assert "2 frontends + 2 engines" in log  # the start-up summary
         assert "engine 2 exited" in log and "stopping the server" in log
     finally:
         if proc.poll() is None:
