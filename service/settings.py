@@ -180,9 +180,10 @@ class Settings(BaseSettings):
     engines: int = Field(default=1, ge=1, le=64)
     """With workers > 1: engine processes, each owning a share of the sessions and KServe sequences (by a hash of
     their id) and running its own batches on its own event loop; frontends send each call to the engine that owns
-    what it names, and calls that name no session to their own engine. 1 (default) = one engine for the whole
-    server. With the in-memory session store, ``max_sessions`` and ``max_session_bytes`` are split evenly among
-    the engines (per-principal session quotas need a shared store then: each engine would count only its own)."""
+    what it names, and calls that name no session to their own engine (frontend i to engine i mod K: more engines
+    than frontends serve only sessions). 1 (default) = one engine for the whole server. With the in-memory
+    session store, ``max_sessions`` and ``max_session_bytes`` are split evenly among the engines (per-principal
+    session quotas need a shared store then: each engine would count only its own)."""
     frontend_ports: bool = False
     """With workers > 1: each frontend also listens on a free port of its own, listed in the ready file (tests
     and debugging reach one frontend by it)."""

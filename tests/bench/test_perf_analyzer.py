@@ -56,6 +56,26 @@ def test_perf_analyzer_without_version_flag(
 ) -> None:
     cmd = short_run(pa.WORKLOADS[workload], targets[protocol], protocol, tmp_path, 4)
     assert "-x" not in cmd
+    _passes(cmd)
+
+
+@pytest.fixture(scope="module")
+def engine_targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Two frontends and two engines (``--engines 2``)."""
+    yield from _server(tiny_models, tmp_path_factory.mktemp("perf-engines"), SEQSERVE_WORKERS="2", SEQSERVE_ENGINES="2")
+
+
+@pytest.mark.parametrize("workload", ["charlm-stream", "charlm-unary"])
+def test_perf_analyzer_reads_the_statistics_of_several_engines_as_one_servers(
+    engine_targets: dict[str, str], workload: str, tmp_path: Path
+) -> None:
+    """Sequences spread over both engines: the summed statistics find the version and give a consistent
+    breakdown."""
+    _passes(short_run(pa.WORKLOADS[workload], engine_targets["grpc"], "grpc", tmp_path, 4))
+
+
+def _passes(cmd: list[str]) -> None:
+    """perf_analyzer ``cmd`` succeeds, finds the version and prints the server's breakdown with ORT time in it."""
     done = subprocess.run(cmd, env=pa.environment(), capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]

@@ -33,12 +33,17 @@ K_ALICE, K_BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
 K_CAROL = "carol-key-0123456789abcdefg"
 
 
-@pytest.fixture(scope="module")
-def workers(kserve_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one-engine", "two-engines"])
+def workers(
+    kserve_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[dict[str, Any]]:
+    """Two frontends, and one engine or two (a region is registered in every engine; each frontend's calls go to
+    its own)."""
     proc, info = start_server(
         kserve_repo,
         tmp_path_factory.mktemp("shm"),
         SEQSERVE_WORKERS="2",
+        SEQSERVE_ENGINES=request.param,
         SEQSERVE_FRONTEND_PORTS="true",
         SEQSERVE_HTTP_PORT="0",
         SEQSERVE_SHARED_MEMORY="system",
