@@ -4,6 +4,10 @@ racing requests over every RPC of both APIs, from several threads and two princi
 or in the server's own RPC metrics), a hang, or a control session that changed.
 
     python -m bench.hostile [--models models] [--requests 12000] [--threads 8] [--seed 0]
+                            [--env SEQSERVE_NAME=VALUE ...]
+
+``--env`` sets the server's settings over the campaign's own (e.g. ``SEQSERVE_ENGINES=2`` with a Redis
+``SEQSERVE_SESSION_STORE``: the campaign's session quota needs a shared store with several engines).
 
 What it sends (each kind many times, shuffled): raw corrupt bytes and invalid UTF-8 to every method; model
 versions like "²" and "١"; NaN, infinite and extreme sampling values; v2 shapes of 2**62 and 70 dimensions,
@@ -438,11 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=12_000)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    cli.add_settings(ap, "--env", "the server (over the campaign's own)")
     args = ap.parse_args(argv)
     env = {"SEQSERVE_API_KEYS": ",".join(f"{k}:{v}" for k, v in KEYS.items()), "SEQSERVE_LOG_LEVEL": "WARNING",
            "SEQSERVE_MAX_SESSIONS": "5000", "SEQSERVE_QUOTA_SESSIONS": "2000",
            "SEQSERVE_ADMIN_PRINCIPALS": "alice"}  # fmt: skip
-    with serve(args.models, env) as server:
+    with serve(args.models, env | dict(args.env)) as server:
         result = run(server.target, server.metrics_port, server.pid, args.requests, args.threads, args.seed)
     cli.write_json(args.out, result)
     print(f"hostile campaign: {result['requests']} requests in {result['seconds']}s, {args.threads} threads")

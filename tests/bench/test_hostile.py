@@ -6,14 +6,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench import hostile
 from bench.launch import serve
 
 
-def test_a_short_campaign_passes_and_times_serverlive_from_its_own_process(tiny_models: Path) -> None:
+@pytest.mark.parametrize(
+    ("workers", "engines"), [(1, 1), (2, 2)], ids=["one-process", "two-frontends-two-engines"]
+)  # (the second: bad input through the routing to several engines)
+def test_a_short_campaign_passes_and_times_serverlive_from_its_own_process(
+    tiny_models: Path, workers: int, engines: int
+) -> None:
     env = {"SEQSERVE_API_KEYS": ",".join(f"{k}:{v}" for k, v in hostile.KEYS.items()),
-           "SEQSERVE_ADMIN_PRINCIPALS": "alice", "SEQSERVE_LOG_LEVEL": "WARNING"}  # fmt: skip
-    with serve(tiny_models, env, workers=1) as server:
+           "SEQSERVE_ADMIN_PRINCIPALS": "alice", "SEQSERVE_LOG_LEVEL": "WARNING",
+           "SEQSERVE_ENGINES": str(engines)}  # fmt: skip
+    with serve(tiny_models, env, workers=workers) as server:
         r = hostile.run(server.target, server.metrics_port, server.pid, requests=300, threads=4, seed=1)
     assert r["requests"] >= 300  # (plus the plan's fixed number of huge requests)
     assert hostile.failed(r) == [], r["codes"]
