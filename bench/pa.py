@@ -99,7 +99,8 @@ class Result:
     server_queue_us: float | None = None  # perf_analyzer's server-side breakdown (from ModelStatistics)
     server_compute_us: float | None = None
     # Of server_cpu_s, the engine's: a server of several processes (`--workers N`) lists the engine first, the
-    # process `seqserve serve` started; None for one process. One engine serves every frontend, on one event loop.
+    # process `seqserve serve` started; None for one process. One engine serves every frontend, on one event loop;
+    # with `--engines K`, this is the first engine's, which serves about 1/K of the steps.
     engine_cpu_s: float | None = None
 
     def per_1k(self, seconds: float) -> float:

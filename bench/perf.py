@@ -198,8 +198,8 @@ def print_table(results: dict[str, Any], reference: str = "floor") -> None:
     rounds = results.get("rounds", 1)
     print(
         f"\nperf_analyzer (client on the same cores; medians of {rounds} interleaved rounds: throughput/s, p50 ms, "
-        f"ratio to the {reference} within a round (its range), CPU s per 1k req: server, of it the engine's "
-        "with several processes, client):"
+        f"ratio to the {reference} within a round (its range), CPU s per 1k req: server, of it the (first) "
+        "engine's with several processes, client):"
     )
     if before and after:
         print(f"  load average before {before[0]:.2f}, after {after[0]:.2f} (1 min)")
