@@ -4,7 +4,7 @@
 # issue's target: >= 5x on >= 8 cores), with SEQSERVE_MODEL_INSTANCES 1, 2 and 4 (batches of one model in flight
 # at once) and 2 with two ONNX Runtime threads, then `--workers 8` with SEQSERVE_ENGINES 2 and 4 (engines that
 # each own a share of the sessions and run their own batches). Each bench.perf run prints its table and writes
-# JSON to $OUT (default bench/results). WORKERS, CONCURRENCY and WORKLOADS override the defaults below.
+# JSON to $OUT (default bench/results). WORKERS, CONCURRENCY, WORKLOADS and RUNS override the defaults below.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIT=${DEVKIT:-$PWD/.devkit}  # DEVKIT: a kit elsewhere
@@ -28,13 +28,19 @@ run() {  # run NAME [--env KEY=VALUE ...]
   python3 -m bench.perf --workloads $WORKLOADS --concurrency $CONCURRENCY --workers $WORKERS --rounds 1 \
     --no-floor --out "$OUT/scaling-$name.json" "$@"
 }
-run instances1
-run instances2 --env SEQSERVE_MODEL_INSTANCES=2
-run instances4 --env SEQSERVE_MODEL_INSTANCES=4
-run instances2-threads2 --env SEQSERVE_MODEL_INSTANCES=2 SEQSERVE_INTRA_OP_THREADS=2
-# Several engines need several frontends (ENGINES > 1 with one worker is refused): the one-worker row is above.
+# Several engines need several frontends (ENGINES > 1 with one worker is refused): their runs take the largest
+# worker count only, set against the one-worker row of instances1. RUNS picks and orders the runs (the first ones
+# matter most when device time is short).
 MANY=${WORKERS##* }
-if [ "$MANY" -gt 1 ]; then
-  WORKERS=$MANY run engines2 --env SEQSERVE_ENGINES=2
-  WORKERS=$MANY run engines4 --env SEQSERVE_ENGINES=4 SEQSERVE_MODEL_INSTANCES=2
-fi
+RUNS=${RUNS:-instances1 engines4 engines2 instances2 instances4 instances2-threads2}
+for name in $RUNS; do
+  case $name in
+    instances1) run instances1 ;;
+    instances2) run instances2 --env SEQSERVE_MODEL_INSTANCES=2 ;;
+    instances4) run instances4 --env SEQSERVE_MODEL_INSTANCES=4 ;;
+    instances2-threads2) run instances2-threads2 --env SEQSERVE_MODEL_INSTANCES=2 SEQSERVE_INTRA_OP_THREADS=2 ;;
+    engines2) WORKERS=$MANY run engines2 --env SEQSERVE_ENGINES=2 ;;
+    engines4) WORKERS=$MANY run engines4 --env SEQSERVE_ENGINES=4 ;;
+    *) echo "scaling.sh: unknown run $name (RUNS)" >&2; exit 1 ;;
+  esac
+done
