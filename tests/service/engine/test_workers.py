@@ -783,9 +783,11 @@ def test_a_frontend_that_keeps_dying_stops_the_server_with_exit_code_1(
             stop_server(proc)
 
 
-def test_frontends_exit_when_their_engine_is_gone(tiny_models: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engines", ["1", "2"])
+def test_frontends_exit_when_their_engine_is_gone(tiny_models: Path, tmp_path: Path, engines: str) -> None:
     """The engine process is killed (SIGKILL, OOM): its frontends notice within seconds and exit, instead of
-    holding the gRPC port and answering UNAVAILABLE forever (a restarted server could not bind it)."""
+    holding the gRPC port and answering UNAVAILABLE forever (a restarted server could not bind it); with
+    ``--engines 2`` the second engine exits too."""
     import contextlib
 
     def alive(pid: int) -> bool:
@@ -794,8 +796,9 @@ def test_frontends_exit_when_their_engine_is_gone(tiny_models: Path, tmp_path: P
         except FileNotFoundError:
             return False
 
-    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2")
-    pids = [int(p) for p in info["frontend_pids"]]
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_ENGINES=engines)
+    pids = [int(p) for p in [*info["frontend_pids"], *info["engine_pids"][1:]]]
+    assert len(pids) == 1 + int(engines)
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
