@@ -13,6 +13,7 @@ retries, as a client with backoff would. Two runs:
   counts as an error, and one more call after the run must be answered (the server is still up).
 
     python -m bench.overload [--models models] [--callers 256] [--seconds 8] [--out bench/results/overload.json]
+                             [--env SEQSERVE_NAME=VALUE ...]   (settings of both runs' servers)
 """
 
 from __future__ import annotations
@@ -121,12 +122,18 @@ async def drive(
 
 
 def run(
-    models: Path, callers: int = 256, seconds: float = 8.0, warmup_s: float = 1.0, backoff_ms: float = 10.0
+    models: Path,
+    callers: int = 256,
+    seconds: float = 8.0,
+    warmup_s: float = 1.0,
+    backoff_ms: float = 10.0,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The two runs (default settings, then ``MAX_QUEUE_SIZE`` = 32), each on a fresh server."""
+    """The two runs (default settings, then ``MAX_QUEUE_SIZE`` = 32), each on a fresh server; ``env``: settings
+    of both."""
     out: dict[str, Any] = {"model": "sentiment", "workers": perf.available_workers(), "rows": []}
     for label, extra in (("default", {}), ("bounded", {"SEQSERVE_MAX_QUEUE_SIZE": str(BOUNDED_QUEUE)})):
-        with serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | extra) as server:
+        with serve(models, {"SEQSERVE_LOG_LEVEL": "WARNING"} | (env or {}) | extra) as server:
             row = asyncio.run(drive(server.target, "sentiment", callers, warmup_s, seconds, backoff_ms))
             row["server"] = server_side(server.metrics_port)
         queue = int(extra.get("SEQSERVE_MAX_QUEUE_SIZE", Settings.model_fields["max_queue_size"].default))
@@ -161,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, "overload.json")
     ap.add_argument("--callers", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=8.0)
+    cli.add_settings(ap, "--env", "both runs' servers")
     args = ap.parse_args(argv)
-    results = run(args.models, args.callers, args.seconds)
+    results = run(args.models, args.callers, args.seconds, env=dict(args.env))
     cli.write_json(args.out, results)
     print_table(results)
     return 0
