@@ -239,6 +239,9 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
 
     load_keys(settings)  # the frontends read the keys; a bad entry stops start-up here, in one line, not in each
     n, k = worker_count(settings), settings.engines
+    if k > n:
+        log.warning("%d engines for %d frontends: engines %d..%d serve sessions and sequences only (a frontend sends "
+                    "stateless calls to its own engine, frontend i to engine i)", k, n, n + 1, k)  # fmt: skip
     folder = Path(tempfile.mkdtemp(prefix="seqserve-engine-"))
     sockets = [str(folder / "engine.sock"), *(str(folder / f"engine-{i + 1}.sock") for i in range(1, k))]
     metrics = Metrics()

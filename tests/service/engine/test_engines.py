@@ -170,18 +170,20 @@ def test_a_model_load_reaches_every_engine(servers: tuple[dict[str, object], int
 
 
 def test_a_lost_engine_stops_the_server_with_exit_code_1(tiny_models: Path, tmp_path: Path) -> None:
-    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_ENGINES="2")
+    """(Three engines for two frontends: the start-up log says which engines serve sessions only.)"""
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_ENGINES="3")
     try:
         pids = info["engine_pids"]
-        assert isinstance(pids, list)
-        os.kill(int(pids[1]), signal.SIGKILL)
+        assert isinstance(pids, list) and len(set(pids)) == 3
+        os.kill(int(pids[2]), signal.SIGKILL)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.returncode == 1
         log = (tmp_path / "server.log").read_text()
-        assert "2 frontends + 2 engines" in log  # the start-up summary
-        assert "engine 2 exited" in log and "stopping the server" in log
+        assert "2 frontends + 3 engines" in log  # the start-up summary
+        assert "3 engines for 2 frontends: engines 3..3 serve sessions and sequences only" in log
+        assert "engine 3 exited" in log and "stopping the server" in log
     finally:
         if proc.poll() is None:
             stop_server(proc)
