@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -77,6 +77,13 @@ def _last_resort(signum: int, after_s: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     os._exit(128 + signum)
+
+
+def server_processes(pid: int, engines: Sequence[int]) -> list[int]:
+    """A server's processes for CPU accounting: its ``engines`` first (the first one is ``pid``), then the rest of
+    ``pid``'s descendants (frontends, ...)."""
+    first = list(engines) or [pid]
+    return first + [p for p in descendants(pid) if p not in first]
 
 
 def descendants(pid: int) -> list[int]:

@@ -28,6 +28,7 @@ class Served:
     target: str  # 127.0.0.1:<grpc port>
     pid: int
     metrics_port: int
+    engine_pids: tuple[int, ...] = ()  # a server of several processes: its engines, the first one's pid first
 
 
 def server_env(extra: dict[str, str]) -> dict[str, str]:
@@ -106,7 +107,8 @@ def serve(
         ready = Path(tmp) / "ready.json"
         cmd = [sys.executable, "-m", "service.cli", "serve", *serve_flags(models, ready, workers)]
         with process(cmd, ready, environ, code) as (ports, pid):
-            yield Served(f"127.0.0.1:{ports['grpc_port']}", pid, int(ports["metrics_port"]))
+            engines = tuple(int(p) for p in ports.get("engine_pids", ()))
+            yield Served(f"127.0.0.1:{ports['grpc_port']}", pid, int(ports["metrics_port"]), engines)
 
 
 def rss_bytes(pid: int) -> int:

@@ -191,14 +191,14 @@ def run(models: Path, workloads: list[str], conc: list[int], rounds: int = 2, wi
     chosen = [pa.WORKLOADS[name] for name in workloads if pa.WORKLOADS[name].committed(models)]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         folder = Path(tmp)
-        real = {label.split()[0]: (target, pids) for label, target, pids in perf.started(running, models, folder, [1])}
-        servers: list[perf.Server] = [("floor", *real["floor"])]
+        real = {s.label.split()[0]: s for s in perf.started(running, models, folder, [1])}
+        servers: list[perf.Server] = [real["floor"]._replace(label="floor")]
         for cut in CUTS:
             target, pid = running.enter_context(_cut_server(models, cut, folder))
-            servers.append((cut, target, [pid]))
-        servers.append(("seqserve", *real["seqserve"]))
+            servers.append(perf.Server(cut, target, [pid]))
+        servers.append(real["seqserve"]._replace(label="seqserve"))
         target, pid = running.enter_context(_lean_server(models, folder))
-        servers.append((REFERENCE, target, [pid]))
+        servers.append(perf.Server(REFERENCE, target, [pid]))
         rows = perf.interleaved(servers, chosen, conc, rounds, folder, env, window_ms)
     return {"workloads": [w.name for w in chosen], "concurrency": conc, "rounds": rounds, "rows": rows,
             "summary": summary(rows)}  # fmt: skip

@@ -98,9 +98,9 @@ class Result:
     wall_s: float
     server_queue_us: float | None = None  # perf_analyzer's server-side breakdown (from ModelStatistics)
     server_compute_us: float | None = None
-    # Of server_cpu_s, the engine's: a server of several processes (`--workers N`) lists the engine first, the
-    # process `seqserve serve` started; None for one process. One engine serves every frontend, on one event loop;
-    # with `--engines K`, this is the first engine's, which serves about 1/K of the steps.
+    # Of server_cpu_s, the engine's: a server of several processes (`--workers N`) lists its engines first, the
+    # process `seqserve serve` started first of them; None for one process. One engine serves every frontend, on
+    # one event loop; with `--engines K`, the busiest engine's (each serves about 1/K of the steps).
     engine_cpu_s: float | None = None
 
     def per_1k(self, seconds: float) -> float:
@@ -201,9 +201,11 @@ def run(
     server_pids: Callable[[], list[int]],
     window_ms: int = 2000,
     timeout: float = 180.0,
+    engines: int = 1,
 ) -> Result:
     """One perf_analyzer run (no ``-x`` unless the workload pins a version: it finds the newest through
-    ModelStatistics)."""
+    ModelStatistics). ``engines``: how many of ``server_pids()``, first, are engines (the busiest one's CPU is
+    reported)."""
     data = input_data(workload, folder)
     report = folder / f"{workload.name}-c{concurrency}.csv"
     pids = server_pids()
@@ -222,7 +224,7 @@ def run(
     usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1 = [cpu_seconds(p) for p in pids]  # per process: the engine's is the first (one process: no engine)
     server_cpu = sum(cpu1) - sum(cpu0)
-    engine_cpu = cpu1[0] - cpu0[0] if len(pids) > 1 else None
+    engine_cpu = max(cpu1[i] - cpu0[i] for i in range(max(1, engines))) if len(pids) > 1 else None
     if done.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
     with report.open(newline="") as f:

@@ -19,10 +19,10 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from bench import cli, pa
-from bench.launch import process, serve
+from bench.launch import Served, process, serve
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -69,12 +69,21 @@ def warm(target: str, models: Path) -> None:
             stub.ModelInfer(request)
 
 
-Server = tuple[str, str, list[int]]  # (label, target, pids)
+class Server(NamedTuple):
+    label: str
+    target: str
+    pids: list[int]  # its processes, engines first (cli.server_processes)
+    engines: int = 1  # how many of pids, first, are engines (the busiest one's CPU is reported)
+
+    @classmethod
+    def of(cls, label: str, served: Served) -> Server:
+        return cls(label, served.target, cli.server_processes(served.pid, served.engine_pids), len(served.engine_pids))
 
 
-def measure(label: str, target: str, pids: list[int], w: pa.Workload, c: int, folder: Path, env: dict[str, str],
-            window_ms: int, round_: int) -> dict[str, Any]:  # fmt: skip
-    r = pa.run(target, w, c, folder, env, lambda: pids, window_ms=window_ms)
+def measure(s: Server, w: pa.Workload, c: int, folder: Path, env: dict[str, str], window_ms: int, round_: int
+            ) -> dict[str, Any]:  # fmt: skip
+    label = s.label
+    r = pa.run(s.target, w, c, folder, env, lambda: s.pids, window_ms=window_ms, engines=s.engines)
     row = {"server": label, "round": round_, **r.as_dict()}
     print(
         f"  {label:>14} {w.name:>14} c={c:<3} round {round_} {r.throughput:>9.0f}/s  p50 {r.p50_us / 1000:6.2f} ms  "
@@ -99,10 +108,10 @@ def interleaved(servers: list[Server], workloads: list[pa.Workload], conc: list[
     """For each workload and concurrency, every server measured back to back, ``rounds`` times (``alternating``):
     one row per measurement."""
     return [
-        measure(label, target, pids, w, c, folder, env, window_ms, r)
+        measure(s, w, c, folder, env, window_ms, r)
         for w in workloads
         for c in conc
-        for r, (label, target, pids) in alternating(servers, rounds)
+        for r, s in alternating(servers, rounds)
     ]
 
 
@@ -125,11 +134,11 @@ def started(
             from bench.floor import record
 
             record(server.target, canned_requests(models), folder / "canned")
-        servers.append((f"seqserve w={w}", server.target, cli.descendants(server.pid)))
+        servers.append(Server.of(f"seqserve w={w}", server))
     if with_floor:  # on the server's event loop (the event_loop setting's default unless --env names one)
         loop = (extra or {}).get("SEQSERVE_EVENT_LOOP", Settings.model_fields["event_loop"].default)
         info, pid = running.enter_context(floor(folder / "canned", folder, loop))
-        servers.append(("floor", f"127.0.0.1:{info['grpc_port']}", [pid]))
+        servers.append(Server("floor", f"127.0.0.1:{info['grpc_port']}", [pid]))
     return servers
 
 
@@ -198,7 +207,7 @@ def print_table(results: dict[str, Any], reference: str = "floor") -> None:
     rounds = results.get("rounds", 1)
     print(
         f"\nperf_analyzer (client on the same cores; medians of {rounds} interleaved rounds: throughput/s, p50 ms, "
-        f"ratio to the {reference} within a round (its range), CPU s per 1k req: server, of it the (first) "
+        f"ratio to the {reference} within a round (its range), CPU s per 1k req: server, of it the (busiest) "
         "engine's with several processes, client):"
     )
     if before and after:

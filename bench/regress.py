@@ -75,7 +75,7 @@ def compare(
             tree, models = sides[label]
             settings = {"SEQSERVE_LOG_LEVEL": "WARNING", **envs.get(label, {})}
             s = running.enter_context(serve(models, settings, workers, code=tree))
-            servers.append((label, s.target, cli.descendants(s.pid)))
+            servers.append(perf.Server.of(label, s))
         rows = perf.interleaved(servers, chosen, conc, rounds, Path(tmp), env, window_ms)
     return {"workloads": workloads, "concurrency": conc, "version": version, "rounds": rounds, "workers": workers,
             "env": envs, "rows": rows, "summary": perf.summary(rows, reference="base")}  # fmt: skip

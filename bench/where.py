@@ -166,7 +166,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         folder = Path(tmp)
         # one worker: a single process to sample (bench.perf's labels "seqserve w=1" and "floor")
-        sides = [(label.split()[0], target, pids[0]) for label, target, pids in started(running, models, folder, [1])]
+        sides = [(s.label.split()[0], s.target, s.pids[0]) for s in started(running, models, folder, [1])]
         for w in chosen:
             for c in conc:
                 for r, (label, target, pid) in alternating(sides, rounds):

@@ -212,3 +212,17 @@ def test_a_pinned_workload_measures_its_version_and_not_the_newest(tiny_models: 
         assert counts.get("1", 0) >= 100 and counts.get("2", 0) == 0, counts
     finally:
         stop_server(proc)
+
+
+def test_the_bench_reports_the_busiest_engines_cpu(tiny_models: Path, tmp_path: Path) -> None:
+    """A server of two frontends and two engines, measured as bench.perf measures it: its processes are listed
+    engines first (from the ready file), and the engine CPU it reports is one engine's, within the server's."""
+    from bench import perf
+    from bench.launch import serve
+
+    with serve(tiny_models, {"SEQSERVE_ENGINES": "2", "SEQSERVE_LOG_LEVEL": "WARNING"}, workers=2) as served:
+        server = perf.Server.of("two engines", served)
+        assert server.engines == 2 and server.pids[:2] == list(served.engine_pids) and len(server.pids) >= 4
+        r = pa.run(served.target, pa.WORKLOADS["charlm-stream"], 4, tmp_path, pa.environment(), lambda: server.pids,
+                   window_ms=500, engines=server.engines)  # fmt: skip
+    assert r.engine_cpu_s is not None and 0 < r.engine_cpu_s < r.server_cpu_s
