@@ -9,6 +9,9 @@ so a latency bucket's exemplar (the trace id of a sampled call) comes along: the
 frontend that does not answer in
 time is logged and counted with the values it reported last: leaving it out would shrink the sums, which
 Prometheus reads as a counter reset (every rate and increase over that scrape would count the whole history again).
+
+With several engines (``--engines K``) the first engine sums the others' families of models, batches and
+sessions the same way (``serve_engine_metrics``): one ``SummedFamilies`` per kind of process.
 """
 
 from __future__ import annotations
@@ -29,64 +32,41 @@ log = logging.getLogger(__name__)
 Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
 
 
-def _rpc_families(metrics: Metrics) -> dict[str, object]:
+def _rpc_families(m: Metrics) -> tuple[Collector, ...]:
     """The families the frontends keep (the RPCs, the REST port they serve) and the engine sums."""
-    return {"seqserve_rpc_requests": metrics.rpc_requests, "seqserve_rpc_duration_seconds": metrics.rpc_duration,
-            "seqserve_rpc_in_flight": metrics.rpc_in_flight,
-            "seqserve_rpc_stream_requests": metrics.rpc_stream_requests,
-            "seqserve_frontend_engine_calls_waiting": metrics.engine_calls_waiting,
-            "seqserve_http_requests": metrics.http_requests,
-            "seqserve_http_request_duration_seconds": metrics.http_duration,
-            "seqserve_http_connections_closed": metrics.http_closed}  # fmt: skip
+    return (m.rpc_requests, m.rpc_duration, m.rpc_in_flight, m.rpc_stream_requests, m.engine_calls_waiting,
+            m.http_requests, m.http_duration, m.http_closed)  # fmt: skip
 
 
-def _engine_families(metrics: Metrics, store_per_engine: bool) -> dict[str, object]:
+def _engine_families(m: Metrics, store_per_engine: bool) -> tuple[Collector, ...]:
     """With several engines: the families each engine keeps for its own models, batches and sessions, which the
     first engine sums over all of them. ``store_per_engine``: each engine has a store of its own (memory://), so
     the store's gauges add up too; a shared store's are the same in every engine and are the first engine's."""
-    m = metrics
-    families: dict[str, object] = {
-        "seqserve_inference_queue_seconds": m.inference_queue,
-        "seqserve_inference_compute_seconds": m.inference_compute,
-        "seqserve_inference_seconds": m.inference_total, "seqserve_inference_batch_size": m.batch_size,
-        "seqserve_queue_depth": m.queue, "seqserve_sessions_active": m.sessions,
-        "seqserve_session_events": m.session_events, "seqserve_generated_chars": m.chars,
-        "seqserve_time_to_first_chunk_seconds": m.first_chunk, "seqserve_prefix_cache_lookups": m.prefix_lookups,
-        "seqserve_prefix_cache_reused_chars": m.prefix_reused, "seqserve_prefix_cache_bytes": m.prefix_bytes,
-        "seqserve_prefix_cache_entries": m.prefix_entries, "seqserve_prefix_cache_evictions": m.prefix_evictions,
-        "seqserve_response_cache_lookups": m.response_lookups, "seqserve_response_cache_bytes": m.response_bytes,
-        "seqserve_response_cache_entries": m.response_entries,
-        "seqserve_response_cache_evictions": m.response_evictions,
-        "seqserve_forecast_observed_targets": m.forecast_targets,
-        "seqserve_forecast_targets_below": m.forecast_below,
-    }  # fmt: skip
-    if store_per_engine:
-        families |= {"seqserve_session_store_sessions": m.store_sessions,
-                     "seqserve_session_store_capacity_sessions": m.store_capacity,
-                     "seqserve_session_store_bytes": m.store_bytes,
-                     "seqserve_session_store_capacity_bytes": m.store_capacity_bytes}  # fmt: skip
-    return families
+    families = (m.inference_queue, m.inference_compute, m.inference_total, m.batch_size, m.queue, m.sessions,
+                m.session_events, m.chars, m.first_chunk, m.prefix_lookups, m.prefix_reused, m.prefix_bytes,
+                m.prefix_entries, m.prefix_evictions, m.response_lookups, m.response_bytes, m.response_entries,
+                m.response_evictions, m.forecast_targets, m.forecast_below)  # fmt: skip
+    store = (m.store_sessions, m.store_capacity, m.store_bytes, m.store_capacity_bytes)
+    return families + store if store_per_engine else families
 
 
-class FrontendRpcCollector(Collector):
+class SummedFamilies(Collector):
     def __init__(
         self,
         ports: Callable[[], list[int]],
+        template: tuple[Collector, ...],
         timeout: float = 2.0,
         token: str | None = None,
         local: tuple[Collector, ...] = (),
-        template: tuple[Collector, ...] | None = None,
     ) -> None:
-        """Sums the families ``template`` collects (empty: only their names and kinds count) over the processes on
-        ``ports``: the frontends' RPC families by default; with several engines, a second one sums the engines'
-        own. ``local``: this process's own metrics of summed families (its metrics port's closed connections, or
-        the first engine's families), added in."""
+        """Sums the families ``template`` collects (only their names and kinds count) over the processes on
+        ``ports``: the frontends' RPC families; with several engines, in a second one, the engines' own.
+        ``local``: this process's own metrics of summed families (its metrics port's closed connections, or the
+        first engine's families), added in."""
         self.ports = ports
         self.local = local
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
-        if template is None:
-            template = tuple(_rpc_families(Metrics(runtime_collectors=False)).values())  # type: ignore[arg-type]
         self._kinds = {f.name: (f.documentation, f.type) for m in template for f in m.collect()}
         self._names = set(self._kinds)
         self._last: dict[int, list[tuple[str, Key, float]]] = {}  # port -> its last good samples
@@ -102,14 +82,15 @@ class FrontendRpcCollector(Collector):
                 table[key] = table.get(key, 0.0) + value
 
     def _read(self, port: int) -> list[tuple[str, Key, float]]:
-        """One frontend's RPC samples; its last good reading when it does not answer."""
+        """The summed families' samples of one process (a frontend, or another engine); its last good reading
+        when it does not answer."""
         try:
             headers = {**self._headers, "Accept": OPENMETRICS}
             request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
             with urllib.request.urlopen(request, timeout=self.timeout) as r:
                 text = r.read().decode()
         except OSError as exc:
-            log.warning("frontend metrics on port %d not read (its last reading is used): %s", port, exc)
+            log.warning("metrics on port %d (a frontend or engine) not read (its last reading is used): %s", port, exc)
             return self._last.get(port, [])
         samples = []
         for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
@@ -162,34 +143,43 @@ def _exposition_order(item: tuple[Key, float]) -> tuple[object, ...]:
     return series, rank, float(le) if le is not None else 0.0, sample
 
 
-def serve_frontend_rpc_metrics(
-    metrics: Metrics, ports: Callable[[], list[int]], token: str | None = None
-) -> FrontendRpcCollector:
-    """Replaces the engine's (empty) RPC families on its registry with the frontends' sums; ``token``: what their
-    private ports ask for."""
-    for family in _rpc_families(metrics).values():
-        metrics.registry.unregister(family)  # type: ignore[arg-type]
-    collector = FrontendRpcCollector(ports, token=token, local=(metrics.http_closed,))
+def _replace_by_sums(
+    metrics: Metrics,
+    own: tuple[Collector, ...],
+    template: tuple[Collector, ...],
+    local: tuple[Collector, ...],
+    ports: Callable[[], list[int]],
+    token: str | None,
+) -> SummedFamilies:
+    """``own`` (on ``metrics``' registry) replaced by their sums over the processes on ``ports`` plus ``local``."""
+    for family in own:
+        metrics.registry.unregister(family)
+    collector = SummedFamilies(ports, template, token=token, local=local)
     metrics.registry.register(collector)
     return collector
 
 
+def serve_frontend_rpc_metrics(
+    metrics: Metrics, ports: Callable[[], list[int]], token: str | None = None
+) -> SummedFamilies:
+    """Replaces the engine's (empty) RPC families on its registry with the frontends' sums; ``token``: what their
+    private ports ask for."""
+    template = _rpc_families(Metrics(runtime_collectors=False))
+    return _replace_by_sums(metrics, _rpc_families(metrics), template, (metrics.http_closed,), ports, token)
+
+
 def serve_engine_metrics(
     metrics: Metrics, ports: Callable[[], list[int]], token: str, store_per_engine: bool
-) -> FrontendRpcCollector:
+) -> SummedFamilies:
     """With several engines, on the first engine's registry: its own families of models, batches and sessions
     replaced by their sums over every engine (the others' read from their private ports at each scrape, as the
-    frontends' are)."""
-    own: list[Collector] = list(_engine_families(metrics, store_per_engine).values())  # type: ignore[arg-type]
-    for family in own:
-        metrics.registry.unregister(family)
-    template: list[Collector] = list(_engine_families(Metrics(runtime_collectors=False), store_per_engine).values())  # type: ignore[arg-type]
-    if metrics.triton is not None:  # Triton's names: the per-version families summed, the machine's once
-        per_version = metrics.triton.part(models=True, machine=False)
-        own.append(per_version)
-        template.append(per_version)  # (only the names and kinds of what it collects)
-        metrics.registry.unregister(metrics.triton)
-        metrics.registry.register(metrics.triton.part(models=False, machine=True))
-    collector = FrontendRpcCollector(ports, token=token, local=tuple(own), template=tuple(template))
-    metrics.registry.register(collector)
+    frontends' are). Triton's names: the per-version families summed, the machine's exported once."""
+    own = _engine_families(metrics, store_per_engine)
+    template = _engine_families(Metrics(runtime_collectors=False), store_per_engine)
+    triton = metrics.triton
+    if triton is None:
+        return _replace_by_sums(metrics, own, template, own, ports, token)
+    per_version = triton.part(models=True, machine=False)  # (also the template of its names and kinds)
+    collector = _replace_by_sums(metrics, (*own, triton), (*template, per_version), (*own, per_version), ports, token)
+    metrics.registry.register(triton.part(models=False, machine=True))
     return collector
