@@ -472,6 +472,12 @@ class Settings(BaseSettings):
         except Exception as exc:
             raise ValueError(f"trace_level: {getattr(exc, 'message', exc)}") from None
 
+    @property
+    def sessions_in_process(self) -> bool:
+        """The session store lives in each server process (``memory://``), not shared between processes (Redis):
+        with several engines, each has its own."""
+        return self.session_store.startswith("memory:")
+
     @model_validator(mode="after")
     def _engines(self) -> Settings:
         if self.engines > 1 and self.workers == 1:
@@ -480,7 +486,7 @@ class Settings(BaseSettings):
                 "workers=1 serves everything in one process"
             )
         quotas = self.quota_sessions or self.quota_session_bytes
-        if self.engines > 1 and quotas and self.session_store.startswith("memory:"):
+        if self.engines > 1 and quotas and self.sessions_in_process:
             raise ValueError(
                 "per-principal session quotas (quota_sessions, quota_session_bytes) with several engines need a shared "
                 "session store: with memory:// each engine would count only its own sessions; set session_store to "

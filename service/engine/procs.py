@@ -87,15 +87,40 @@ def write_ready_file(path: Path, info: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-# --- a frontend process --------------------------------------------------------------------------------------
-def frontend_main(
-    values: dict[str, Any], index: int, sockets: list[str], token: str, share: bool, conn: Connection
-) -> None:
+# --- a spawned process: a frontend, or another engine ---------------------------------------------------------
+def _child_settings(values: dict[str, Any]) -> Settings:
+    """A spawned process's settings, with its logging and garbage collection set up as the serve process's."""
     from service.logs import configure
 
     settings = Settings(**values)
     configure(settings)
     server_gc()
+    return settings
+
+
+def _on_sigterm() -> asyncio.Event:
+    """An event SIGTERM sets (installed before the process starts serving: a SIGTERM meanwhile is not lost)."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    return stop
+
+
+async def _until_stopped(stop: asyncio.Event, parent: int, gone: str) -> None:
+    """Returns once ``stop`` is set, or once the process that started this one (``parent``) is gone: this one was
+    re-parented, and logs that ``gone`` is gone."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        if os.getppid() != parent:
+            log.error("%s is gone; stopping", gone)
+            break
+
+
+# --- a frontend process --------------------------------------------------------------------------------------
+def frontend_main(
+    values: dict[str, Any], index: int, sockets: list[str], token: str, share: bool, conn: Connection
+) -> None:
+    settings = _child_settings(values)
     run(_frontend(settings, index, sockets, token, conn, share), settings.event_loop)
 
 
@@ -125,9 +150,7 @@ async def _frontend(
         share_port=index > 0 or share,  # the first frontend's port, by design (a replacement's too)
         private_dir=os.path.dirname(sockets[0]),  # the engine's folder: removed at stop, whatever became of us
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    stop = _on_sigterm()
     try:
         await server.start()
     except BaseException:
@@ -141,12 +164,7 @@ async def _frontend(
             "http_port": server.http_port,
         }
     )
-    while not stop.is_set():  # also stop when the engine is gone (this process was re-parented)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
-        if os.getppid() != parent:
-            log.error("the engine process is gone; stopping")
-            break
+    await _until_stopped(stop, parent, "the engine process")
     await server.stop(settings.grace_seconds)
 
 
@@ -154,11 +172,7 @@ async def _frontend(
 def engine_main(
     values: dict[str, Any], index: int, engines: int, socket_path: str, token: str, conn: Connection
 ) -> None:
-    from service.logs import configure
-
-    settings = Settings(**values)
-    configure(settings)
-    server_gc()
+    settings = _child_settings(values)
     run(_engine(settings, index, engines, socket_path, token, conn), settings.event_loop)
 
 
@@ -172,8 +186,7 @@ async def _engine(settings: Settings, index: int, engines: int, socket_path: str
     from service.metrics import Metrics
 
     parent = os.getppid()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    stop = _on_sigterm()
     metrics = Metrics(runtime_collectors=False)
     dataplane = CoreDataPlane(settings, metrics, shard=(index, engines))
     engine = EngineServer(dataplane, socket_path)
@@ -182,12 +195,7 @@ async def _engine(settings: Settings, index: int, engines: int, socket_path: str
         await engine.start()
         await dataplane.start()
         conn.send({"metrics_port": http.start()})
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-            if os.getppid() != parent:
-                log.error("the first engine is gone; stopping")
-                break
+        await _until_stopped(stop, parent, "the first engine")
     finally:
         http.stop()
         await engine.stop()
@@ -198,7 +206,6 @@ async def _engine(settings: Settings, index: int, engines: int, socket_path: str
 class Engine:
     index: int  # 1.. (the first engine is the serve process itself)
     process: Any  # multiprocessing.process.BaseProcess
-    socket: str
     metrics_port: int = 0
 
 
@@ -207,14 +214,14 @@ async def _spawn_engine(settings: Settings, index: int, engines: int, socket_pat
         engine_main, (settings.model_dump(), index, engines, socket_path, token), f"seqserve-engine-{index + 1}"
     )
     report = await _report(process, parent, f"engine {index + 1}")
-    return Engine(index, process, socket_path, report["metrics_port"])
+    return Engine(index, process, report["metrics_port"])
 
 
 def engine_settings(settings: Settings) -> Settings:
     """What each engine serves with: with several engines and the in-memory store, each holds its share of
     ``max_sessions`` and ``max_session_bytes`` (a shared store counts them across every process itself)."""
     k = settings.engines
-    if k == 1 or not settings.session_store.startswith("memory:"):
+    if k == 1 or not settings.sessions_in_process:
         return settings
     share = {"max_sessions": -(-settings.max_sessions // k), "max_session_bytes": -(-settings.max_session_bytes // k)}
     return settings.model_copy(update=share)
@@ -245,7 +252,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="seqserve-engine-"))
     sockets = [str(folder / "engine.sock"), *(str(folder / f"engine-{i + 1}.sock") for i in range(1, k))]
     metrics = Metrics()
-    dataplane = CoreDataPlane(engine_settings(settings), metrics, shard=(0, k))
+    each = engine_settings(settings)  # (every engine's, this one's too)
+    dataplane = CoreDataPlane(each, metrics, shard=(0, k))
     engine = EngineServer(dataplane, sockets[0])
     frontends: list[Frontend] = []
     engines: list[Engine] = []
@@ -255,7 +263,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     try:
         await engine.start()
         others = asyncio.gather(
-            *(_spawn_engine(engine_settings(settings), i, k, sockets[i], token) for i in range(1, k))
+            *(_spawn_engine(each, i, k, sockets[i], token) for i in range(1, k))
         )  # (they load their models while this one loads its own)
         try:
             await dataplane.start()
@@ -292,8 +300,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         frontends += await asyncio.gather(*(_spawn(settings, i, first.port, sockets, token) for i in range(1, n)))
         collector = serve_frontend_rpc_metrics(metrics, lambda: [f.metrics_port for f in frontends], token)
         if engines:
-            memory = settings.session_store.startswith("memory:")
-            serve_engine_metrics(metrics, lambda: [e.metrics_port for e in engines], token, store_per_engine=memory)
+            per_engine = settings.sessions_in_process  # a store per engine: its gauges add up too
+            serve_engine_metrics(metrics, lambda: [e.metrics_port for e in engines], token, per_engine)
         metrics.processes.processes = lambda: [
             ("engine", os.getpid()),
             *((f"engine-{e.index + 1}", int(e.process.pid or 0)) for e in engines),
