@@ -246,6 +246,9 @@ class Duration:
     count: int = 0
     ns: int = 0
 
+    def __add__(self, other: Duration) -> Duration:
+        return Duration(self.count + other.count, self.ns + other.ns)
+
 
 @dataclass(frozen=True)
 class BatchStats:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, TypeVar
 
 from service.core.shards import shard_of
@@ -50,50 +50,41 @@ from service.logs import LogSettings
 T = TypeVar("T")
 
 
-def _add(a: Duration, b: Duration) -> Duration:
-    return Duration(a.count + b.count, a.ns + b.ns)
+def _batches(a: list[BatchStats], b: list[BatchStats]) -> list[BatchStats]:
+    """Two engines' batch statistics as one's: per batch size, the times add up."""
+    by_size = {x.batch_size: x for x in a}
+    for y in b:
+        x = by_size.get(y.batch_size)
+        by_size[y.batch_size] = y if x is None else BatchStats(
+            y.batch_size, x.compute_input + y.compute_input, x.compute_infer + y.compute_infer,
+            x.compute_output + y.compute_output,
+        )  # fmt: skip
+    return [by_size[k] for k in sorted(by_size)]
+
+
+def _plus(a: ModelStats, b: ModelStats) -> ModelStats:
+    """One version's statistics of two engines as one's: counts and times (every ``Duration`` field) add up, each
+    batch size's too; the last inference is the later one."""
+    durations = [f.name for f in fields(a) if isinstance(getattr(a, f.name), Duration)]
+    added = {name: getattr(a, name) + getattr(b, name) for name in durations}
+    return replace(
+        a,
+        last_inference_ms=max(a.last_inference_ms, b.last_inference_ms),
+        inference_count=a.inference_count + b.inference_count,
+        execution_count=a.execution_count + b.execution_count,
+        batches=_batches(a.batches, b.batches),
+        **added,
+    )
 
 
 def summed(tables: Sequence[list[ModelStats]]) -> list[ModelStats]:
-    """The statistics of several engines as one server's: per model version, counts and times add up, each batch
-    size's too; the last inference is the latest. In the first engine's order (every engine loads the same
-    versions)."""
+    """The statistics of several engines as one server's, per model version (``_plus``). In the first engine's
+    order (every engine loads the same versions)."""
     out: dict[tuple[str, int], ModelStats] = {}
     for table in tables:
         for s in table:
             key = (s.name, s.version)
-            was = out.get(key)
-            if was is None:
-                out[key] = s
-                continue
-            batches = {b.batch_size: b for b in was.batches}
-            for b in s.batches:
-                a = batches.get(b.batch_size)
-                batches[b.batch_size] = (
-                    b
-                    if a is None
-                    else BatchStats(
-                        b.batch_size,
-                        _add(a.compute_input, b.compute_input),
-                        _add(a.compute_infer, b.compute_infer),
-                        _add(a.compute_output, b.compute_output),
-                    )
-                )
-            out[key] = replace(
-                was,
-                last_inference_ms=max(was.last_inference_ms, s.last_inference_ms),
-                inference_count=was.inference_count + s.inference_count,
-                execution_count=was.execution_count + s.execution_count,
-                success=_add(was.success, s.success),
-                fail=_add(was.fail, s.fail),
-                queue=_add(was.queue, s.queue),
-                compute_input=_add(was.compute_input, s.compute_input),
-                compute_infer=_add(was.compute_infer, s.compute_infer),
-                compute_output=_add(was.compute_output, s.compute_output),
-                batches=[batches[k] for k in sorted(batches)],
-                cache_hit=_add(was.cache_hit, s.cache_hit),
-                cache_miss=_add(was.cache_miss, s.cache_miss),
-            )
+            out[key] = s if key not in out else _plus(out[key], s)
     return list(out.values())
 
 
@@ -137,10 +128,10 @@ class ShardedDataPlane:
 
     # --- control --------------------------------------------------------------------------------------
     async def ready(self) -> bool:
-        return all(await asyncio.gather(*(p.ready() for p in self.planes)))
+        return all(await self._every(lambda p: p.ready()))
 
     async def store_up(self) -> bool:
-        return all(await asyncio.gather(*(p.store_up() for p in self.planes)))
+        return all(await self._every(lambda p: p.store_up()))
 
     async def capabilities(self) -> set[str]:
         return await self.home.capabilities()
