@@ -144,11 +144,7 @@ def test_a_model_load_reaches_every_engine(servers: tuple[dict[str, object], int
     """An unload through one frontend stops the model in both engines (a sequence of either engine is refused),
     and a load brings it back in both."""
     info, _ = servers
-    a, b = (
-        (i for i in (f"load-{n}" for n in range(20)) if shard_of(i, 2) == 0),
-        (i for i in (f"load-{n}" for n in range(20)) if shard_of(i, 2) == 1),
-    )
-    ids = [next(a), next(b)]
+    ids = [next(i for i in (f"load-{n}" for n in range(20)) if shard_of(i, 2) == k) for k in (0, 1)]  # one each
     with grpc.insecure_channel(_frontends(info)[0]) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="sentiment"), timeout=60)
