@@ -54,12 +54,12 @@ class SummedFamilies(Collector):
     def __init__(
         self,
         ports: Callable[[], list[int]],
-        template: tuple[Collector, ...],
+        families: tuple[Collector, ...],
         timeout: float = 2.0,
         token: str | None = None,
         local: tuple[Collector, ...] = (),
     ) -> None:
-        """Sums the families ``template`` collects (only their names and kinds count) over the processes on
+        """Sums the families ``families`` collect (their names and kinds: this process's own) over the processes on
         ``ports``: the frontends' RPC families; with several engines, in a second one, the engines' own.
         ``local``: this process's own metrics of summed families (its metrics port's closed connections, or the
         first engine's families), added in."""
@@ -67,7 +67,7 @@ class SummedFamilies(Collector):
         self.local = local
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
-        self._kinds = {f.name: (f.documentation, f.type) for m in template for f in m.collect()}
+        self._kinds = {f.name: (f.documentation, f.type) for m in families for f in m.collect()}
         self._names = set(self._kinds)
         self._last: dict[int, list[tuple[str, Key, float]]] = {}  # port -> its last good samples
         self._exemplars: dict[Key, Exemplar] = {}  # a bucket's newest exemplar, from whichever frontend
@@ -146,15 +146,16 @@ def _exposition_order(item: tuple[Key, float]) -> tuple[object, ...]:
 def _replace_by_sums(
     metrics: Metrics,
     own: tuple[Collector, ...],
-    template: tuple[Collector, ...],
+    families: tuple[Collector, ...],
     local: tuple[Collector, ...],
     ports: Callable[[], list[int]],
     token: str | None,
 ) -> SummedFamilies:
-    """``own`` (on ``metrics``' registry) replaced by their sums over the processes on ``ports`` plus ``local``."""
+    """``own`` (on ``metrics``' registry) replaced by the sums of ``families`` over the processes on ``ports``
+    plus ``local``."""
     for family in own:
         metrics.registry.unregister(family)
-    collector = SummedFamilies(ports, template, token=token, local=local)
+    collector = SummedFamilies(ports, families, token=token, local=local)
     metrics.registry.register(collector)
     return collector
 
@@ -164,8 +165,8 @@ def serve_frontend_rpc_metrics(
 ) -> SummedFamilies:
     """Replaces the engine's (empty) RPC families on its registry with the frontends' sums; ``token``: what their
     private ports ask for."""
-    template = _rpc_families(Metrics(runtime_collectors=False))
-    return _replace_by_sums(metrics, _rpc_families(metrics), template, (metrics.http_closed,), ports, token)
+    own = _rpc_families(metrics)
+    return _replace_by_sums(metrics, own, own, (metrics.http_closed,), ports, token)
 
 
 def serve_engine_metrics(
@@ -175,11 +176,10 @@ def serve_engine_metrics(
     replaced by their sums over every engine (the others' read from their private ports at each scrape, as the
     frontends' are). Triton's names: the per-version families summed, the machine's exported once."""
     own = _engine_families(metrics, store_per_engine)
-    template = _engine_families(Metrics(runtime_collectors=False), store_per_engine)
     triton = metrics.triton
     if triton is None:
-        return _replace_by_sums(metrics, own, template, own, ports, token)
-    per_version = triton.part(models=True, machine=False)  # (also the template of its names and kinds)
-    collector = _replace_by_sums(metrics, (*own, triton), (*template, per_version), (*own, per_version), ports, token)
+        return _replace_by_sums(metrics, own, own, own, ports, token)
+    summed = (*own, triton.part(models=True, machine=False))
+    collector = _replace_by_sums(metrics, (*own, triton), summed, summed, ports, token)
     metrics.registry.register(triton.part(models=False, machine=True))
     return collector
