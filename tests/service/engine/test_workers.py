@@ -643,7 +643,7 @@ def test_session_calls_are_labelled_with_the_sessions_model(servers: tuple[dict[
     info, _ = servers
 
     def counts() -> dict[tuple[str, str], float]:  # (method, model) -> Get/Delete calls answered OK so far
-        rpcs = scrape(info["metrics_port"])["seqserve_rpc_requests_total"]
+        rpcs = scrape(info["metrics_port"]).get("seqserve_rpc_requests_total", {})  # none before a first call
         return {
             (labels["method"], labels["model"]): value
             for labels, value in ((dict(k), v) for k, v in rpcs.items())
