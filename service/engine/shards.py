@@ -11,13 +11,15 @@ that made it. KServe sequences: the client's ``sequence_id`` names it, so the fr
 that name neither (stateless inference, metadata) go to the frontend's own engine (``home``), so one frontend's
 stateless steps batch together; new sessions go to each engine in turn. Model loads and unloads, log and trace
 settings and shared-memory regions apply in every engine; statistics add up over them. Every engine loads every
-model.
+model, and a model version is ready only where it is ready in every engine: one that failed, or is missing, in one
+engine is reported not ready, with that engine's reason (``merged``), since the calls routed there fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import fields, replace
 from typing import Any, TypeVar
@@ -45,6 +47,7 @@ from service.core.types import (
     SuggestResult,
 )
 from service.engine.client import RemoteDataPlane
+from service.errors import SeqServeError
 from service.logs import LogSettings
 
 T = TypeVar("T")
@@ -85,6 +88,31 @@ def summed(tables: Sequence[list[ModelStats]]) -> list[ModelStats]:
         for s in table:
             key = (s.name, s.version)
             out[key] = s if key not in out else _plus(out[key], s)
+    return list(out.values())
+
+
+def _in_engine(info: ModelInfo, k: int, engines: int, why: str | None = None) -> ModelInfo:
+    """``info`` as the server's: not ready, saying which engine it is not ready in and why."""
+    why = why or info.error or "not ready"
+    return replace(info, ready=False, error=f"in engine {k + 1} of {engines}: {why}")
+
+
+def merged(tables: Sequence[list[ModelInfo]]) -> list[ModelInfo]:
+    """Several engines' model versions as one server's, in the first engine's order: a version is ready where every
+    engine has it ready. Else it is the first engine's entry that is not ready (its reason naming that engine), or,
+    where an engine lacks the version, not ready saying which."""
+    out: dict[tuple[str, int], ModelInfo] = {}
+    holders: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for k, table in enumerate(tables):
+        for m in table:
+            key = (m.name, m.version)
+            holders[key].add(k)
+            if key not in out or (out[key].ready and not m.ready):
+                out[key] = m if m.ready else _in_engine(m, k, len(tables))
+    for key, m in out.items():
+        missing = [k for k in range(len(tables)) if k not in holders[key]]
+        if m.ready and missing:
+            out[key] = _in_engine(m, missing[0], len(tables), "not loaded there")
     return list(out.values())
 
 
@@ -137,13 +165,25 @@ class ShardedDataPlane:
         return await self.home.capabilities()
 
     async def models(self) -> list[ModelInfo]:
-        return await self.home.models()
+        return merged(await self._every(lambda p: p.models()))
 
     async def unloaded(self) -> list[str]:
         return await self.home.unloaded()
 
     async def model_info(self, model: ModelRef) -> ModelInfo:
-        return await self.home.model_info(model)
+        """The version's state in every engine as one (``merged``): an engine that does not have it, or has it
+        failed, makes it not ready; not found only where no engine has it."""
+        answers = await asyncio.gather(*(p.model_info(model) for p in self.planes), return_exceptions=True)
+        found = [a for a in answers if isinstance(a, ModelInfo)]
+        for a in answers:
+            if isinstance(a, BaseException) and (not found or not isinstance(a, SeqServeError)):
+                raise a
+        for k, a in enumerate(answers):
+            if not isinstance(a, ModelInfo):
+                return _in_engine(found[0], k, len(answers), str(a))
+            if not a.ready:
+                return _in_engine(a, k, len(answers))
+        return found[0]
 
     async def model_metadata(self, model: ModelRef) -> ModelMetadata:
         return await self.home.model_metadata(model)

@@ -1,21 +1,28 @@
 """Several engines, in one process: the shard of an id, the ids an engine draws, statistics summed over engines,
 the settings that need a shared store, each engine's share of the in-memory store's limits, trace files and ids
-per engine. (The processes: ``test_engines.py``.)"""
+per engine, a model's state over engines that disagree. (The processes: ``test_engines.py``.)"""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import cast
 
 import pytest
 from pydantic import ValidationError
 
+from service.core.dataplane import CoreDataPlane
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
 from service.core.sessions import SessionManager
 from service.core.sessions.store import InMemorySessionStore
 from service.core.shards import shard_of
 from service.core.traces import Tracer
-from service.core.types import BatchStats, Duration, ModelStats
+from service.core.types import BatchStats, Duration, ModelInfo, ModelRef, ModelStats
+from service.engine.client import RemoteDataPlane
 from service.engine.procs import engine_settings
-from service.engine.shards import summed
+from service.engine.shards import ShardedDataPlane, merged, summed
+from service.errors import ModelNotFound
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service.core.test_traces import traced, written
@@ -88,3 +95,58 @@ def test_each_engine_writes_its_own_trace_file_with_ids_unique_across_engines(tm
     traced(numbered, 3)
     numbered.close()
     assert [sorted(written(tmp_path / f"n.json.engine2.{i}")) for i in range(2)] == [[2, 4], [6]]
+
+
+def _info(name: str, version: int, ready: bool = True, error: str | None = None) -> ModelInfo:
+    return ModelInfo(name, version, "charlm", ready, "CPUExecutionProvider", error)
+
+
+def test_a_version_is_ready_only_where_every_engine_has_it_ready() -> None:
+    first = [_info("a", 1), _info("a", 2), _info("b", 1), _info("c", 1)]
+    second = [_info("a", 1), _info("a", 2, False, "onnxruntime could not load model.onnx"), _info("b", 1)]
+    third = [_info("a", 1), _info("a", 2, False, "out of memory"), _info("b", 1), _info("c", 1)]
+    by = {(m.name, m.version): m for m in merged([first, second, third])}
+    assert list(by) == [("a", 1), ("a", 2), ("b", 1), ("c", 1)]  # the first engine's order
+    assert by["a", 1] == _info("a", 1) and by["b", 1] == _info("b", 1)
+    assert not by["a", 2].ready and by["a", 2].error == "in engine 2 of 3: onnxruntime could not load model.onnx"
+    assert not by["c", 1].ready and by["c", 1].error == "in engine 2 of 3: not loaded there"
+    # one that only a later engine has (its load failed to reach the first) is not ready either
+    late = {(m.name, m.version): m for m in merged([[_info("a", 1)], [_info("a", 1), _info("d", 1)]])}
+    assert not late["d", 1].ready and late["d", 1].error == "in engine 1 of 2: not loaded there"
+
+
+async def test_a_model_that_failed_in_one_engine_is_not_ready_for_the_server(tiny_models: Path, tmp_path: Path) -> None:
+    """Two real data planes as two engines, the second with a broken ``sentiment/1`` and without
+    ``forecaster``: the server reports both not ready, naming the engine and its reason, as the calls routed there
+    fail; ``charlm``, ready in both, is ready; a model neither has is not found."""
+    broken = tmp_path / "models"
+    shutil.copytree(tiny_models, broken)
+    shutil.rmtree(broken / "forecaster")
+    vdir = broken / "sentiment" / "1"
+    (vdir / MODEL_FILE).write_bytes(b"this is not an onnx graph")
+    manifest = json.loads((vdir / MANIFEST_FILE).read_text())
+    manifest["sha256"] = sha256_file(vdir / MODEL_FILE)
+    (vdir / MANIFEST_FILE).write_text(json.dumps(manifest))
+    planes = [
+        CoreDataPlane(Settings(models=models, device="cpu"), Metrics(runtime_collectors=False))
+        for models in (tiny_models, broken)
+    ]
+    for p in planes:
+        await p.start()
+    try:
+        assert not (await planes[1].model_info(ModelRef("sentiment"))).ready
+        server = ShardedDataPlane(cast(list[RemoteDataPlane], planes), home=0)  # the DataPlane methods alike
+        sentiment = await server.model_info(ModelRef("sentiment"))
+        assert not sentiment.ready and sentiment.error is not None
+        assert sentiment.error.startswith("in engine 2 of 2: ") and "onnxruntime could not load" in sentiment.error
+        forecaster = await server.model_info(ModelRef("forecaster"))
+        assert not forecaster.ready and forecaster.error is not None and forecaster.error.startswith("in engine 2 of 2")
+        assert (await server.model_info(ModelRef("charlm"))).ready
+        with pytest.raises(ModelNotFound):
+            await server.model_info(ModelRef("nothing"))
+        listed = {m.name: m for m in await server.models()}
+        assert listed["charlm"].ready and not listed["sentiment"].ready and not listed["forecaster"].ready
+        assert listed["forecaster"].error == "in engine 2 of 2: not loaded there"
+    finally:
+        for p in planes:
+            await p.stop()
