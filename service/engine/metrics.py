@@ -16,6 +16,7 @@ sessions the same way (``serve_engine_metrics``): one ``SummedFamilies`` per kin
 
 from __future__ import annotations
 
+import itertools
 import logging
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -40,12 +41,13 @@ def _rpc_families(m: Metrics) -> tuple[Collector, ...]:
 
 def _engine_families(m: Metrics, store_per_engine: bool) -> tuple[Collector, ...]:
     """With several engines: the families each engine keeps for its own models, batches and sessions, which the
-    first engine sums over all of them. ``store_per_engine``: each engine has a store of its own (memory://), so
-    the store's gauges add up too; a shared store's are the same in every engine and are the first engine's."""
-    families = (m.inference_queue, m.inference_compute, m.inference_total, m.batch_size, m.queue, m.sessions,
-                m.session_events, m.chars, m.first_chunk, m.prefix_lookups, m.prefix_reused, m.prefix_bytes,
-                m.prefix_entries, m.prefix_evictions, m.response_lookups, m.response_bytes, m.response_entries,
-                m.response_evictions, m.forecast_targets, m.forecast_below)  # fmt: skip
+    first engine sums over all of them (``seqserve_model_ready``: the least, ``serve_engine_metrics``).
+    ``store_per_engine``: each engine has a store of its own (memory://), so the store's gauges add up too; a shared
+    store's are the same in every engine and are the first engine's."""
+    families = (m.model_ready, m.inference_queue, m.inference_compute, m.inference_total, m.batch_size, m.queue,
+                m.sessions, m.session_events, m.chars, m.first_chunk, m.prefix_lookups, m.prefix_reused,
+                m.prefix_bytes, m.prefix_entries, m.prefix_evictions, m.response_lookups, m.response_bytes,
+                m.response_entries, m.response_evictions, m.forecast_targets, m.forecast_below)  # fmt: skip
     store = (m.store_sessions, m.store_capacity, m.store_bytes, m.store_capacity_bytes)
     return families + store if store_per_engine else families
 
@@ -58,13 +60,16 @@ class SummedFamilies(Collector):
         timeout: float = 2.0,
         token: str | None = None,
         local: tuple[Collector, ...] = (),
+        least: frozenset[str] = frozenset(),
     ) -> None:
         """Sums the families ``families`` collect (their names and kinds: this process's own) over the processes on
         ``ports``: the frontends' RPC families; with several engines, in a second one, the engines' own.
         ``local``: this process's own metrics of summed families (its metrics port's closed connections, or the
-        first engine's families), added in."""
+        first engine's families), added in. ``least``: gauges of those that are the least over the processes
+        instead, 0 where one lacks the series (a model version is ready where every engine has it ready)."""
         self.ports = ports
         self.local = local
+        self.least = least
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
         self._kinds = {f.name: (f.documentation, f.type) for m in families for f in m.collect()}
@@ -117,11 +122,19 @@ class SummedFamilies(Collector):
             for s in family.samples
             if family.name in self._names and not s.name.endswith("_created")
         ]
-        for port in self.ports():
-            samples += self._read(port)
-        for name, key, value in samples:
+        sources = [samples] if self.local else []
+        sources += [self._read(port) for port in self.ports()]
+        held: dict[tuple[str, Key], int] = {}  # a ``least`` series: how many processes have it
+        for name, key, value in itertools.chain.from_iterable(sources):
             table = sums[name]
-            table[key] = table.get(key, 0.0) + value
+            if name in self.least:
+                table[key] = min(table.get(key, value), value)
+                held[name, key] = held.get((name, key), 0) + 1
+            else:
+                table[key] = table.get(key, 0.0) + value
+        for (name, key), n in held.items():
+            if n < len(sources):
+                sums[name][key] = 0.0
         for name in sorted(self._names):
             doc, kind = self._kinds[name]
             metric = Metric(name, doc, kind)
@@ -150,12 +163,13 @@ def _replace_by_sums(
     local: tuple[Collector, ...],
     ports: Callable[[], list[int]],
     token: str | None,
+    least: frozenset[str] = frozenset(),
 ) -> SummedFamilies:
     """``own`` (on ``metrics``' registry) replaced by the sums of ``families`` over the processes on ``ports``
-    plus ``local``."""
+    plus ``local`` (``least``: those gauges' least instead)."""
     for family in own:
         metrics.registry.unregister(family)
-    collector = SummedFamilies(ports, families, token=token, local=local)
+    collector = SummedFamilies(ports, families, token=token, local=local, least=least)
     metrics.registry.register(collector)
     return collector
 
@@ -174,12 +188,15 @@ def serve_engine_metrics(
 ) -> SummedFamilies:
     """With several engines, on the first engine's registry: its own families of models, batches and sessions
     replaced by their sums over every engine (the others' read from their private ports at each scrape, as the
-    frontends' are). Triton's names: the per-version families summed, the machine's exported once."""
+    frontends' are). Triton's names: the per-version families summed, the machine's exported once. A version's
+    ``seqserve_model_ready`` is the least over the engines: 1 where every engine has it ready, as ``ModelReady``
+    answers (``shards.merged``), so an alert on 0 sees a version that failed in one engine."""
     own = _engine_families(metrics, store_per_engine)
+    least = frozenset(f.name for f in metrics.model_ready.collect())
     triton = metrics.triton
     if triton is None:
-        return _replace_by_sums(metrics, own, own, own, ports, token)
+        return _replace_by_sums(metrics, own, own, own, ports, token, least)
     summed = (*own, triton.part(models=True, machine=False))
-    collector = _replace_by_sums(metrics, (*own, triton), summed, summed, ports, token)
+    collector = _replace_by_sums(metrics, (*own, triton), summed, summed, ports, token, least)
     metrics.registry.register(triton.part(models=False, machine=True))
     return collector

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from prometheus_client import start_http_server
 from pydantic import ValidationError
 
 from service.core.dataplane import CoreDataPlane
@@ -20,6 +21,7 @@ from service.core.shards import shard_of
 from service.core.traces import Tracer
 from service.core.types import BatchStats, Duration, ModelInfo, ModelRef, ModelStats
 from service.engine.client import RemoteDataPlane
+from service.engine.metrics import serve_engine_metrics
 from service.engine.procs import engine_settings
 from service.engine.shards import ShardedDataPlane, merged, summed
 from service.errors import ModelNotFound
@@ -150,3 +152,27 @@ async def test_a_model_that_failed_in_one_engine_is_not_ready_for_the_server(tin
     finally:
         for p in planes:
             await p.stop()
+
+
+def test_the_first_engines_metrics_show_a_version_ready_only_where_every_engine_has_it_ready() -> None:
+    """Engine 1's /metrics: ``seqserve_model_ready`` is the least over the engines (0 for a version that failed
+    in engine 2 or that engine 2 lacks), where the other engine families add up (live sessions)."""
+    first, second = Metrics(runtime_collectors=False), Metrics(runtime_collectors=False)
+    for name in ("charlm", "sentiment", "forecaster"):
+        first.model_loaded(name, 1, "CPUExecutionProvider", 0.1, True)
+    second.model_loaded("charlm", 1, "CPUExecutionProvider", 0.1, True)
+    second.model_loaded("sentiment", 1, "CPUExecutionProvider", 0.1, False)
+    first.sessions_active("charlm", 3)
+    second.sessions_active("charlm", 4)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=second.registry)  # engine 2's private port
+    try:
+        serve_engine_metrics(first, lambda: [server.server_port], token="t", store_per_engine=True)
+
+        def ready(model: str) -> float | None:
+            return first.registry.get_sample_value("seqserve_model_ready", {"model": model, "version": "1"})
+
+        assert (ready("charlm"), ready("sentiment"), ready("forecaster")) == (1.0, 0.0, 0.0)
+        assert first.registry.get_sample_value("seqserve_sessions_active", {"model": "charlm"}) == 7.0
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
