@@ -50,8 +50,9 @@ serve: $(STAMP)
 # missing deploy tool (hadolint, kubectl, promtool, ...) or Docker fails its tests instead of skipping them.
 # The bulk runs on TEST_WORKERS pytest processes (pytest-xdist); SERIAL_TESTS run after it, one at a time, on a
 # machine to themselves: the benchmarks' real runs (perf_analyzer waits for stable measurements), Redis TTLs and
-# failovers, gRPC keepalive ping timing and the Prometheus server's scrapes and alerts. On 2 cores: 250 + 373 s
-# against 790-840 s serially (make test, 2026-12-06). `pytest` alone still runs everything, serially.
+# failovers, gRPC keepalive ping timing and the Prometheus server's scrapes and alerts. On 2 cores: 269 + 408 s
+# (make test, 2026-12-07 00:05 UTC), where the suite serially took 790-840 s (2026-12-06, 250 + 373 s parallel).
+# `pytest` alone still runs everything, serially.
 TEST_WORKERS ?= 2
 SERIAL_TESTS := tests/bench tests/redis tests/integration tests/service/api/test_keepalive.py
 test: $(STAMP) sysdeps

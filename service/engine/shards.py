@@ -171,8 +171,8 @@ class ShardedDataPlane:
         return await self.home.unloaded()
 
     async def model_info(self, model: ModelRef) -> ModelInfo:
-        """The version's state in every engine as one (``merged``): an engine that does not have it, or has it
-        failed, makes it not ready; not found only where no engine has it."""
+        """The version's state in every engine as one, by ``merged``'s rule: an engine that does not have it, or has
+        it failed, makes it not ready; not found only where no engine has it."""
         answers = await asyncio.gather(*(p.model_info(model) for p in self.planes), return_exceptions=True)
         found = [a for a in answers if isinstance(a, ModelInfo)]
         for a in answers:
