@@ -140,6 +140,22 @@ def test_statistics_and_metrics_add_up_over_both_engines(servers: tuple[dict[str
     assert list(scraped["nv_cpu_memory_total_bytes"].values()) == [total]  # the machine's, once (not summed)
 
 
+def test_every_model_is_ready_through_both_engines(servers: tuple[dict[str, object], int]) -> None:
+    """Readiness is asked of both engines (``shards.merged``) and the first engine's ``seqserve_model_ready`` is
+    the least of both engines' gauges: with every model loaded in both, all of them say ready, and the same
+    versions."""
+    info, _ = servers
+    with grpc.insecure_channel(_frontends(info)[1]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30).models
+        assert index and all(m.state == "READY" for m in index), index
+        for m in index:
+            assert stub.ModelReady(pb.ModelReadyRequest(name=m.name, version=m.version), timeout=30).ready
+    gauge = scrape(info["metrics_port"])["seqserve_model_ready"]
+    assert {(dict(k)["model"], dict(k)["version"]) for k in gauge} == {(m.name, m.version) for m in index}
+    assert set(gauge.values()) == {1.0}
+
+
 def test_a_model_load_reaches_every_engine(servers: tuple[dict[str, object], int]) -> None:
     """An unload through one frontend stops the model in both engines (a sequence of either engine is refused),
     and a load brings it back in both."""
