@@ -37,7 +37,7 @@ from service.core.tasks import Task, task_class
 from service.core.tasks.base import capabilities_of
 from service.core.traces import Tracer
 from service.core.types import ModelInfo, ModelRef
-from service.errors import RETRY_LATER, InvalidInput, ModelNotFound, ModelUnavailable, echo
+from service.errors import RETRY_LATER, FailedPrecondition, InvalidInput, ModelNotFound, ModelUnavailable, echo
 from service.metrics import Metrics
 from service.settings import Settings, chosen_versions
 
@@ -108,6 +108,7 @@ class ModelEntry:
     sha256: str = ""
     signature: tuple[tuple[int, int], ...] = ()
     error: str | None = None
+    failed_again: str | None = None  # ready, but its files changed since into ones that failed to load (why)
     load_seconds: float = 0.0
     state: State = "UNAVAILABLE"
     stats: StatsBook = field(default_factory=StatsBook)
@@ -463,9 +464,14 @@ class ModelRegistry:
                 f"{self.settings.models} does not have; its models are {sorted(self._on_disk)}"
             )
 
-    async def sync(self, names: set[str] | None = None, force: bool = False) -> None:
+    async def sync(
+        self, names: set[str] | None = None, force: bool = False, retry: bool = False
+    ) -> dict[tuple[str, int], str]:
         """Brings the table in line with the disk, for ``names`` (None = every model not unloaded on request);
-        ``force``: reload them even when nothing changed on disk (their settings did)."""
+        ``force``: reload them even when nothing changed on disk (their settings did); ``retry``: load again the
+        versions whose files failed to load, changed or not (an explicit load). Returns the versions that failed
+        to load in this sync, with why."""
+        failures: dict[tuple[str, int], str] = {}
         select_providers(self.settings.device)  # fail fast on an impossible device setting
         async with self._lock:
             found, unreadable = await asyncio.to_thread(self._discover)
@@ -486,11 +492,15 @@ class ModelRegistry:
                 if not wanted(name) or version in outside.get(name, ()):
                     continue
                 old = self._entries.get((name, version))
-                if old is not None and old.signature == _signature(path) and not force:
+                failed = old is not None and (old.error is not None or old.failed_again is not None)
+                if old is not None and old.signature == _signature(path) and not force and not (retry and failed):
                     continue  # unchanged on disk
-                await self._load(name, version, path, old)
+                why = await self._load(name, version, path, old)
+                if why is not None:
+                    failures[(name, version)] = why
             for name, versions in outside.items():
                 await self._leave_outside(name, versions, policies[name])
+        return failures
 
     def _policies(self, names: set[str]) -> dict[str, str]:
         """Each model's version_policy: its load's config's, its serving.json's or the server's. A serving.json that
@@ -532,13 +542,16 @@ class ModelRegistry:
             log.info("model %s is outside its version_policy %s; unloading", e.label, policy)
             await self._unload(e)
 
-    async def _load(self, name: str, version: int, path: Path, old: ModelEntry | None) -> None:
+    async def _load(self, name: str, version: int, path: Path, old: ModelEntry | None) -> str | None:
+        """Loads one version's files (replacing ``old``, its entry, once the new one is ready); the reason when
+        they failed to load (``old``, when ready, then serves on)."""
         entry = ModelEntry(name, version, path, tracer=self.tracer)
         await asyncio.to_thread(entry.load_files, self.settings, self._loaded_with.get(name))
         same = old is not None and (entry.sha256, entry.serving) == (old.sha256, old.serving)
         if old is not None and old.ready and entry.error is None and same:
             old.signature = entry.signature  # touched, same weights and settings: keep serving the loaded one
-            return
+            old.failed_again = None
+            return None
         if entry.error is None:
             try:
                 entry.start(entry.served_with, self.metrics, self.prefixes)
@@ -548,14 +561,15 @@ class ModelRegistry:
                 entry.state, entry.error = "UNAVAILABLE", f"its task could not start ({type(exc).__name__}: {exc})"
         if entry.error is not None:
             if old is not None and old.ready:
-                old.signature = entry.signature  # retry only when the files change again
+                old.signature = entry.signature  # retry only when the files change again (or on an explicit load)
+                old.failed_again = entry.error
                 log.error("model %s changed on disk but failed to load; still serving the old one: %s", old.label,
                           entry.error)  # fmt: skip
-                return
+                return f"{entry.error} (the weights it loaded before serve on)"
             self._put(entry)
             log.error("model %s failed to load: %s", entry.label, entry.error)
             self.metrics.model_loaded(name, version, "", entry.load_seconds, False)
-            return
+            return entry.error
         self._put(entry)
         replaced = old is not None and old.ready
         log.info(
@@ -568,6 +582,7 @@ class ModelRegistry:
             await self._fire(self._on_unload, old, True)
         else:
             await self._fire(self._on_load, entry, False)
+        return None
 
     async def _unload(self, entry: ModelEntry) -> None:
         self._drop(entry)
@@ -579,7 +594,9 @@ class ModelRegistry:
         """Triton's load_model: (re)loads every version of ``name`` found on disk. Until its newest version is
         loaded, calls that name no version get UNAVAILABLE saying it is loading (never an older version).
         ``serving``: per-model settings over its serving.json (a load's config, as Triton's ``config`` parameter),
-        kept until the next load, which without one goes back to the files."""
+        kept until the next load, which without one goes back to the files. As Triton's, the load fails
+        (FAILED_PRECONDITION, saying why) when a version's files fail to load, tried again here even when unchanged;
+        the versions that did load serve, and a version that was serving before serves on with its old weights."""
         try:
             loaded = checked(serving, "load parameter config") if serving else None
         except ValueError as exc:
@@ -597,9 +614,12 @@ class ModelRegistry:
                 self._loaded_with[name] = loaded
             else:
                 self._loaded_with.pop(name, None)
-            await self.sync({name}, force=changed)
+            failures = await self.sync({name}, force=changed, retry=True)
         finally:
             self._loading.discard(name)
+        if failures:
+            why = "; ".join(f"version {v} failed to load: {failures[n, v]}" for n, v in sorted(failures))
+            raise FailedPrecondition(f"model {echo(name)}: {why}; load it again once its files are fixed")
 
     async def unload_model(self, name: str) -> None:
         """Triton's unload_model: every version stops taking requests, drains, and is freed."""

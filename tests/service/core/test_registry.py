@@ -463,6 +463,56 @@ async def test_a_changed_model_that_fails_to_load_leaves_the_old_one_serving(rep
     np.testing.assert_array_equal((await dp.char_step(lm, "abc")).probabilities, before.probabilities)
 
 
+async def test_a_load_whose_files_fail_says_so_and_leaves_what_serves(repo: Path, make_dp: MakeDP) -> None:
+    """Triton's load_model answers whether the load succeeded: a version whose files fail to load makes the load
+    FAILED_PRECONDITION naming the version and why (the other versions load and serve). A version that was serving
+    serves on with its old weights, and the load says that too."""
+    dp = await make_dp(models=repo)
+    lm = ModelRef("charlm")
+    before = await dp.char_step(lm, "abc")
+    broken = add_version(repo, "charlm", 1, 2)
+    (broken / MODEL_FILE).write_bytes(b"half a copy")
+    with pytest.raises(FailedPrecondition) as e:
+        await dp.load_model("charlm")
+    assert str(e.value).startswith("model 'charlm': version 2 failed to load: sha256 of charlm/2/model.onnx")
+    assert str(e.value).endswith("; load it again once its files are fixed") and "serve on" not in str(e.value)
+    assert not (await dp.model_info(ModelRef("charlm", 2))).ready
+    assert (await dp.model_info(lm)).version == 1  # the newest version that loaded serves
+    good = (repo / "charlm" / "1" / MODEL_FILE).read_bytes()
+    (repo / "charlm" / "1" / MODEL_FILE).write_bytes(good + b"\0")  # the serving version's files go bad too
+    with pytest.raises(FailedPrecondition, match=r"version 1 failed to load: sha256 .* \(the weights it loaded "
+                       r"before serve on\); version 2 failed to load"):  # fmt: skip
+        await dp.load_model("charlm")
+    np.testing.assert_array_equal((await dp.char_step(lm, "abc")).probabilities, before.probabilities)
+    shutil.rmtree(broken)
+    (repo / "charlm" / "1" / MODEL_FILE).write_bytes(good)
+    await dp.load_model("charlm")  # fixed: the load succeeds, and a failure it reported is not kept
+    assert [m.version for m in await dp.models() if m.name == "charlm"] == [1]
+    assert (await dp.model_info(lm)).ready
+
+
+async def test_an_explicit_load_retries_a_version_that_failed_even_if_its_files_did_not_change(
+    repo: Path, make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that may pass (ONNX Runtime out of memory at start-up): --watch-models leaves a failed version
+    alone until its files change, but RepositoryModelLoad tries it again, as an operator who asks for a load
+    expects."""
+    from service.core.runtime import load_runtime
+
+    def out_of_memory(*args: object, **kwargs: object) -> object:
+        raise OSError("onnxruntime could not allocate the session's arena")
+
+    monkeypatch.setattr("service.core.registry.load_runtime", out_of_memory)
+    dp = await make_dp(models=repo)
+    assert "could not allocate" in ((await dp.model_info(ModelRef("sentiment"))).error or "")
+    monkeypatch.setattr("service.core.registry.load_runtime", load_runtime)
+    await dp.registry.sync()  # a --watch-models poll: the files did not change
+    assert not (await dp.model_info(ModelRef("sentiment"))).ready
+    await dp.load_model("sentiment")
+    assert (await dp.model_info(ModelRef("sentiment"))).ready
+    assert len(await dp.classify(ModelRef("sentiment"), ["a fine film"])) == 1
+
+
 async def test_a_model_loaded_again_after_an_unload_follows_the_repository_again(repo: Path, make_dp: MakeDP) -> None:
     """RepositoryModelUnload then RepositoryModelLoad: the model is back under --watch-models, so a new version
     folder is picked up by the next poll (it stayed frozen at the versions of the explicit load)."""

@@ -123,6 +123,29 @@ def test_unload_and_load_with_tritonclient(live: Live) -> None:
     assert missing["error"]["status"] == "StatusCode.NOT_FOUND"  # type: ignore[index]
 
 
+def test_a_load_whose_version_fails_answers_failed_precondition_and_the_rest_serves(live: Live) -> None:
+    """tritonclient's load_model on a model with a version whose files do not load (here a half-copied
+    model.onnx): the load fails as Triton's does, FAILED_PRECONDITION naming the version and what is wrong, through
+    a frontend and the engine; the version that loads serves, and the index says why the other is unavailable."""
+    broken = live.repo / "sentiment" / "2"
+    shutil.copytree(live.repo / "sentiment" / "1", broken)
+    manifest = json.loads((broken / MANIFEST_FILE).read_text())
+    (broken / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 2}))
+    (broken / MODEL_FILE).write_bytes((broken / MODEL_FILE).read_bytes()[:1000])
+    out = live.tritonclient("load", "sentiment")
+    error = out["error"]
+    assert isinstance(error, dict) and error["status"] == "StatusCode.FAILED_PRECONDITION", error
+    assert error["message"].startswith("model 'sentiment': version 2 failed to load: sha256 of sentiment/2/model.onnx")
+    assert error["message"].endswith("; load it again once its files are fixed")
+    assert out["ready"] is True and out["infer"] == {"status": "OK", "message": ""}
+    index = {(m["name"], m.get("version", "")): m for m in out["index"]["models"]}  # type: ignore[index]
+    assert index[("sentiment", "1")]["state"] == "READY"
+    assert index[("sentiment", "2")]["state"] == "UNAVAILABLE" and "sha256" in index[("sentiment", "2")]["reason"]
+    shutil.rmtree(broken)
+    back = live.tritonclient("load", "sentiment")
+    assert back["error"] == {"status": "OK", "message": ""} and back["ready"] is True
+
+
 def test_watch_new_version_changed_weights_and_removed_folder(live: Live, tmp_path: Path) -> None:
     assert live.versions() == ["1"]
     assert live.step("ab", sequence_id="old", sequence_start=True).model_version == "1"
