@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import struct
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -127,6 +129,29 @@ def test_tritonclient_http_reads_health_metadata_config_and_statistics(rest: Ser
     with pytest.raises(InferenceServerException) as info:
         c.get_model_metadata("no-such-model")
     assert info.value.status() == "404" and "no-such-model" in info.value.message()
+
+
+def test_a_load_that_fails_is_a_400_naming_the_version(
+    serve: Callable[..., ServerHandle], tiny_models: Path, tmp_path: Path
+) -> None:
+    """POST /v2/repository/models/{m}/load through the stock tritonclient: a version whose files fail to load (a
+    folder copied without its manifest's version changed) makes the load fail, as Triton's does (400 with what is
+    wrong), while the model's other version serves."""
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    handle = serve(models=repo, http_port=0)
+    broken = repo / "sentiment" / "2"
+    shutil.copytree(repo / "sentiment" / "1", broken)
+    c = triton.InferenceServerClient(url(handle))
+    with pytest.raises(InferenceServerException) as info:
+        c.load_model("sentiment")
+    assert info.value.status() == "400"
+    assert info.value.message().startswith(
+        "model 'sentiment': version 2 failed to load: sentiment/2/manifest.json says sentiment/1 but lives in "
+        "sentiment/2"
+    )
+    assert c.is_model_ready("sentiment") and c.is_model_ready("sentiment", "1")
+    assert not c.is_model_ready("sentiment", "2")
 
 
 def test_tritonclient_http_sees_the_response_cache(serve: Callable[..., ServerHandle]) -> None:
