@@ -503,16 +503,18 @@ class ModelRegistry:
         return failures
 
     def _policies(self, names: set[str]) -> dict[str, str]:
-        """Each model's version_policy: its load's config's, its serving.json's or the server's. A serving.json that
-        is not valid counts as ``all`` here: every version then loads, and fails saying what is wrong with it."""
-        out = {}
-        for name in names:
-            try:
-                settings, _ = model_settings(self.settings, self.settings.models / name, self._loaded_with.get(name))
-            except ValueError:
-                settings = self.settings.model_copy(update={"version_policy": "all"})
-            out[name] = settings.version_policy
-        return out
+        """Each model's version_policy (``_policy``, with the config of its last load)."""
+        return {name: self._policy(name, self._loaded_with.get(name)) for name in names}
+
+    def _policy(self, name: str, loaded: dict[str, object] | None) -> str:
+        """``name``'s version_policy: ``loaded``'s (a load's config), its serving.json's or the server's. A
+        serving.json that is not valid counts as ``all`` here: every version then loads, and fails saying what is
+        wrong with it."""
+        try:
+            settings, _ = model_settings(self.settings, self.settings.models / name, loaded)
+        except ValueError:
+            return "all"
+        return settings.version_policy
 
     def _outside_policies(self, found: dict[tuple[str, int], Path], policies: dict[str, str]) -> dict[str, list[int]]:
         """Per model in ``policies``, the versions on disk its policy leaves out (remembered for ``find``)."""
@@ -604,8 +606,10 @@ class ModelRegistry:
         self._loading.add(name)
         try:
             found, _ = await asyncio.to_thread(self._discover)
-            if not any(n == name for n, _v in found):
+            on_disk = sorted(v for n, v in found if n == name)
+            if not on_disk:
                 raise ModelNotFound(f"model {echo(name)} is not in the repository {self.settings.models}")
+            await self._check_policy(name, loaded, on_disk)
             self._unloaded.discard(name)
             if self._chosen is not None:
                 self._chosen.add(name)  # followed by --watch-models from now on
@@ -620,6 +624,25 @@ class ModelRegistry:
         if failures:
             why = "; ".join(f"version {v} failed to load: {failures[n, v]}" for n, v in sorted(failures))
             raise FailedPrecondition(f"model {echo(name)}: {why}; load it again once its files are fixed")
+
+    async def _check_policy(self, name: str, loaded: dict[str, object] | None, on_disk: list[int]) -> None:
+        """Refuses a load, before it changes anything, whose version_policy chooses none of the versions on disk
+        (Triton: "at least one version must be available under the version policy"): INVALID_ARGUMENT when the
+        load's config set the policy, else FAILED_PRECONDITION (its serving.json's, or the server's)."""
+        policy = await asyncio.to_thread(self._policy, name, loaded)
+        if chosen_versions(policy, on_disk):
+            return
+        has = ", ".join(map(str, on_disk))
+        if loaded and "version_policy" in loaded:
+            raise InvalidInput(
+                f"load parameter config: version_policy {policy} chooses none of the versions of model {echo(name)} "
+                f"in the repository ({has}); at least one version must be available under the version policy"
+            )
+        raise FailedPrecondition(
+            f"model {echo(name)}: its version_policy {policy} (its serving.json's, or the server's VERSION_POLICY) "
+            f"chooses none of its versions in the repository ({has}); at least one version must be available under "
+            "the version policy: change the policy, or add the version it names"
+        )
 
     async def unload_model(self, name: str) -> None:
         """Triton's unload_model: every version stops taking requests, drains, and is freed."""

@@ -16,7 +16,7 @@ from service.api.kserve.convert import config_to_pb
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MODEL_FILE
 from service.core.types import ModelRef
-from service.errors import FailedPrecondition, ModelNotFound
+from service.errors import FailedPrecondition, InvalidInput, ModelNotFound
 from service.settings import Settings, chosen_versions, version_policy
 from tests.service.core.conftest import add_version, memory_dp, texts
 
@@ -173,6 +173,36 @@ async def test_a_new_version_replaces_the_old_once_it_is_ready_and_a_broken_one_
         await dp.registry.sync()
         assert served(dp, "sentiment") == [3]
         assert (await dp.infer(SENT, texts("good film"))).outputs
+    finally:
+        await dp.stop()
+
+
+async def test_a_load_whose_policy_chooses_no_version_on_disk_is_refused_and_changes_nothing(repo: Path) -> None:
+    """Triton refuses a load when no version is available under the model's version policy. A load's config that
+    names only versions the repository lacks is INVALID_ARGUMENT and leaves the model as it was (its config too);
+    a policy from the model's serving.json is FAILED_PRECONDITION. A policy that chooses some version loads it."""
+    add_version(repo, "sentiment", 1, 2)
+    dp = await memory_dp(repo)
+    try:
+        with pytest.raises(InvalidInput) as err:
+            await dp.load_model("sentiment", {"version_policy": "specific:7,9"})
+        assert str(err.value) == (
+            "load parameter config: version_policy specific:7,9 chooses none of the versions of model 'sentiment' in "
+            "the repository (1, 2); at least one version must be available under the version policy"
+        )
+        assert served(dp, "sentiment") == [1, 2]
+        config = config_to_pb(await dp.model_metadata(SENT), dp.settings)
+        assert config.version_policy.WhichOneof("policy_choice") == "all"  # the refused config was not kept
+
+        await dp.load_model("sentiment", {"version_policy": "specific:2,9"})  # 2 is there: it loads, alone
+        assert served(dp, "sentiment") == [2]
+
+        (repo / "sentiment" / "serving.json").write_text('{"version_policy": "specific:5"}')
+        with pytest.raises(FailedPrecondition, match=r"^model 'sentiment': its version_policy specific:5 \(its "
+                           r"serving.json's, or the server's VERSION_POLICY\) chooses none of its versions in the "
+                           r"repository \(1, 2\)"):  # fmt: skip
+            await dp.load_model("sentiment")
+        assert served(dp, "sentiment") == [2]  # as the load before left it
     finally:
         await dp.stop()
 
