@@ -192,7 +192,20 @@ class ShardedDataPlane:
         return summed(await self._every(lambda p: p.statistics(model)))
 
     async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
-        await self._every(lambda p: p.load_model(name, serving))
+        """The load in every engine. One that fails in some engines only (a nondeterministic failure: memory, files
+        changed during the load) says in which, and that the others loaded it."""
+        results = await asyncio.gather(*(p.load_model(name, serving) for p in self.planes), return_exceptions=True)
+        failed = [(k, r) for k, r in enumerate(results) if isinstance(r, BaseException)]
+        if not failed:
+            return
+        k, first = failed[0]
+        if len(failed) == len(results) or not isinstance(first, SeqServeError):
+            raise first
+        loaded = [str(j + 1) for j, r in enumerate(results) if not isinstance(r, BaseException)]
+        which = f"engine {loaded[0]}" if len(loaded) == 1 else f"engines {', '.join(loaded)}"
+        raise type(first)(
+            f"in engine {k + 1} of {len(results)} ({which} loaded it): {first.message}", first.retry_after
+        ) from None
 
     async def unload_model(self, name: str) -> None:
         await self._every(lambda p: p.unload_model(name))

@@ -24,7 +24,7 @@ from service.engine.client import RemoteDataPlane
 from service.engine.metrics import serve_engine_metrics
 from service.engine.procs import engine_settings
 from service.engine.shards import ShardedDataPlane, merged, summed
-from service.errors import ModelNotFound
+from service.errors import FailedPrecondition, ModelNotFound
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service.core.test_traces import traced, written
@@ -149,6 +149,11 @@ async def test_a_model_that_failed_in_one_engine_is_not_ready_for_the_server(tin
         listed = {m.name: m for m in await server.models()}
         assert listed["charlm"].ready and not listed["sentiment"].ready and not listed["forecaster"].ready
         assert listed["forecaster"].error == "in engine 2 of 2: not loaded there"
+        with pytest.raises(FailedPrecondition) as err:  # loads in engine 1, fails in engine 2: the load says so
+            await server.load_model("sentiment")
+        assert str(err.value).startswith("in engine 2 of 2 (engine 1 loaded it): model 'sentiment': version 1 failed")
+        with pytest.raises(ModelNotFound, match=r"^model 'nothing' is not in the repository"):  # alike in both
+            await server.load_model("nothing")
     finally:
         for p in planes:
             await p.stop()
