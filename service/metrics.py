@@ -232,6 +232,13 @@ class Metrics:
         self.model_load = Gauge(
             "seqserve_model_load_seconds", "Seconds it took to load the model version.", mv, registry=r
         )
+        self.model_reload_failed = Gauge(
+            "seqserve_model_reload_failed",
+            "1 while the model version serves the weights it loaded before because the files that replaced them on "
+            "disk failed to load (the log and a RepositoryModelLoad's answer say why), else 0.",
+            mv,
+            registry=r,
+        )
 
         # --- core: sessions ---------------------------------------------------------------------------
         self.sessions = Gauge("seqserve_sessions_active", "Live streaming sessions per model.", ("model",), registry=r)
@@ -489,19 +496,25 @@ class Metrics:
         self.model_info.labels(model, v, provider).set(1)
         self.model_ready.labels(model, v).set(1 if ready else 0)
         self.model_load.labels(model, v).set(max(load_seconds, 0.0))
+        self.model_reload_failed.labels(model, v).set(0)  # what it serves now is what its files hold
         for event in sorted(SESSION_EVENTS):
             self.session_events.labels(model, event)
         self._watch_label(model)  # (its batcher's queue was counted under OTHER_MODEL until now)
         self.sessions.labels(model)
         self.chars.labels(model)
 
+    def model_reload_failed_now(self, model: str, version: int, failed: bool) -> None:
+        """Whether a serving version's files on disk failed to load since it loaded (it serves its old weights)."""
+        self.model_reload_failed.labels(model, str(version)).set(1 if failed else 0)
+
     def model_unloaded(self, model: str, version: int) -> None:
-        """A version left the server: its info, ready and load-time series go away (dashboards stop showing it)."""
+        """A version left the server: its info, ready, load-time and reload series go away (dashboards stop showing
+        it)."""
         v = str(version)
         with self._lock:
             provider = self._model_info.pop((model, v), None)
         for gauge, labels in ((self.model_info, (model, v, provider)), (self.model_ready, (model, v)),
-                              (self.model_load, (model, v))):  # fmt: skip
+                              (self.model_load, (model, v)), (self.model_reload_failed, (model, v))):  # fmt: skip
             if None not in labels:
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)

@@ -552,7 +552,9 @@ class ModelRegistry:
         same = old is not None and (entry.sha256, entry.serving) == (old.sha256, old.serving)
         if old is not None and old.ready and entry.error is None and same:
             old.signature = entry.signature  # touched, same weights and settings: keep serving the loaded one
-            old.failed_again = None
+            if old.failed_again is not None:
+                old.failed_again = None
+                self.metrics.model_reload_failed_now(name, version, False)
             return None
         if entry.error is None:
             try:
@@ -565,6 +567,7 @@ class ModelRegistry:
             if old is not None and old.ready:
                 old.signature = entry.signature  # retry only when the files change again (or on an explicit load)
                 old.failed_again = entry.error
+                self.metrics.model_reload_failed_now(name, version, True)
                 log.error("model %s changed on disk but failed to load; still serving the old one: %s", old.label,
                           entry.error)  # fmt: skip
                 return f"{entry.error} (the weights it loaded before serve on)"

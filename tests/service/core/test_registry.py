@@ -484,11 +484,14 @@ async def test_a_load_whose_files_fail_says_so_and_leaves_what_serves(repo: Path
                        r"before serve on\); version 2 failed to load"):  # fmt: skip
         await dp.load_model("charlm")
     np.testing.assert_array_equal((await dp.char_step(lm, "abc")).probabilities, before.probabilities)
+    reload_failed = {"model": "charlm", "version": "1"}
+    assert dp.metrics.registry.get_sample_value("seqserve_model_reload_failed", reload_failed) == 1.0
     shutil.rmtree(broken)
     (repo / "charlm" / "1" / MODEL_FILE).write_bytes(good)
     await dp.load_model("charlm")  # fixed: the load succeeds, and a failure it reported is not kept
     assert [m.version for m in await dp.models() if m.name == "charlm"] == [1]
     assert (await dp.model_info(lm)).ready
+    assert dp.metrics.registry.get_sample_value("seqserve_model_reload_failed", reload_failed) == 0.0
 
 
 async def test_an_explicit_load_retries_a_version_that_failed_even_if_its_files_did_not_change(

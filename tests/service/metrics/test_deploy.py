@@ -39,7 +39,7 @@ def test_promtool_check_config() -> None:
 
 def test_promtool_check_rules() -> None:
     out = promtool("check", "rules", "alerts.yml")
-    assert "SUCCESS: 14 rules found" in out
+    assert "SUCCESS: 15 rules found" in out
 
 
 def test_promtool_alert_unit_tests() -> None:
@@ -65,6 +65,7 @@ def test_alerts_cover_the_required_conditions() -> None:
     assert "seqserve_session_store_capacity" in rules["SeqServeSessionStoreNearCapacity"]["expr"]
     assert "seqserve_queue_depth" in rules["SeqServeSustainedQueueing"]["expr"]
     assert "seqserve_session_store_up == 0" in rules["SeqServeSessionStoreDown"]["expr"]
+    assert rules["SeqServeModelReloadFailed"]["expr"] == "seqserve_model_reload_failed > 0"
     assert 'seqserve_http_connections_closed_total{reason="busy"}' in rules["SeqServeHttpConnectionsRefused"]["expr"]
     assert "seqserve_tls_certificate_expiry_timestamp_seconds" in rules["SeqServeCertificateExpiresSoon"]["expr"]
     for rule in rules.values():

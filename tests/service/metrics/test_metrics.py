@@ -167,6 +167,16 @@ def test_model_info_ready_and_load_time(m: Metrics) -> None:
     assert value(m, "seqserve_model_ready", model="charlm", version="1") == 0.0
 
 
+def test_a_failed_reload_shows_until_the_version_loads_again(m: Metrics) -> None:
+    """seqserve_model_reload_failed drives SeqServeModelReloadFailed: 0 once loaded, 1 while the version serves its
+    old weights after its new files failed to load, and 0 again once a load of it succeeds."""
+    assert value(m, "seqserve_model_reload_failed", model="charlm", version="1") == 0.0
+    m.model_reload_failed_now("charlm", 1, True)
+    assert value(m, "seqserve_model_reload_failed", model="charlm", version="1") == 1.0
+    m.model_loaded("charlm", 1, "CPUExecutionProvider", 0.3, ready=True)
+    assert value(m, "seqserve_model_reload_failed", model="charlm", version="1") == 0.0
+
+
 def test_build_info(m: Metrics) -> None:
     (family,) = (f for f in m.registry.collect() if f.name == "seqserve_build_info")
     (sample,) = family.samples
@@ -222,6 +232,7 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_model_info",
         "seqserve_model_ready",
         "seqserve_model_load_seconds",
+        "seqserve_model_reload_failed",
         "seqserve_sessions_active",
         "seqserve_session_events",
         "seqserve_session_store_sessions",
@@ -332,7 +343,7 @@ def test_an_unloaded_version_leaves_no_info_ready_or_load_time_series(m: Metrics
     """Dashboards and alerts (min(seqserve_model_ready)) must stop seeing a version once it left the server."""
     m.model_unloaded("charlm", 1)
     for name, labels in (("seqserve_model_info", {"provider": "CPUExecutionProvider"}), ("seqserve_model_ready", {}),
-                         ("seqserve_model_load_seconds", {})):  # fmt: skip
+                         ("seqserve_model_load_seconds", {}), ("seqserve_model_reload_failed", {})):  # fmt: skip
         assert value(m, name, model="charlm", version="1", **labels) is None, name
     m.model_unloaded("charlm", 1)  # twice (or never loaded): no error
 
