@@ -98,6 +98,17 @@ def _shape(t: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
     return shape
 
 
+def _other_field(t: pb.ModelInferRequest.InferInputTensor, field: str) -> None:
+    """InvalidInput when ``t``'s typed contents are in another field than its datatype's ``field`` (e.g. INT32
+    values sent for a BYTES input): the mistake to name, rather than a count of 0."""
+    others = [d.name for d, _ in t.contents.ListFields() if d.name != field]
+    if others:
+        raise InvalidInput(
+            f"input {short(t.name)}: its values are in contents.{others[0]}, but {echo(t.datatype, 16)} values go in "
+            f"contents.{field}"
+        )
+
+
 def _decode_one(
     t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: tuple[int, ...] | None = None
 ) -> Tensor:
@@ -108,6 +119,7 @@ def _decode_one(
             items = deserialize_bytes(t.name, raw, count)
         else:
             if len(t.contents.bytes_contents) != count:  # counted before anything is copied
+                _other_field(t, "bytes_contents")
                 raise InvalidInput(
                     f"input {short(t.name)}: contents.bytes_contents has {len(t.contents.bytes_contents)} elements, "
                     f"shape {list(shape)} needs {count}"
@@ -130,6 +142,7 @@ def _decode_one(
     else:
         values = getattr(t.contents, field)
         if len(values) != count:
+            _other_field(t, field)
             raise InvalidInput(
                 f"input {short(t.name)}: contents.{field} has {len(values)} values, shape {list(shape)} needs {count}"
             )

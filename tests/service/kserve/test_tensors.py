@@ -61,6 +61,20 @@ def test_raw_and_typed_decode_alike() -> None:
             ),
             "input X appears twice",
         ),
+        (  # values in the field of another datatype: named, not counted as none
+            pb.ModelInferRequest(
+                inputs=[Input(name="X", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(int_contents=[7]))]
+            ),
+            "^input X: its values are in contents.int_contents, but 'BYTES' values go in contents.bytes_contents$",
+        ),
+        (
+            pb.ModelInferRequest(
+                inputs=[
+                    Input(name="X", datatype="FP32", shape=[2], contents=pb.InferTensorContents(fp64_contents=[1, 2]))
+                ]
+            ),
+            "^input X: its values are in contents.fp64_contents, but 'FP32' values go in contents.fp32_contents$",
+        ),
     ],
 )
 def test_decode_errors(request_: pb.ModelInferRequest, needle: str) -> None:
