@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 5 if args.quick else args.repeats
     lengths = [16, 256] if args.quick else [16, 256, 1024, 4000]
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "python_speed_us_start": cli.python_speed_us(),
+        },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "repeats": repeats,
     }
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import overload  # 256 callers against the default server, then against a small queue bound
 
     results["overload"] = overload.run(args.models, 96 if args.quick else 256, 1.0 if args.quick else 8.0)
+    results["machine"]["python_speed_us_end"] = cli.python_speed_us()
     cli.write_json(args.out, results)
     print_table(results)
     prefixes.print_table(results["prefixes"])
@@ -295,7 +301,14 @@ def run_where(models: Path) -> dict[str, Any]:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    print(f"seqserve bench  ({r['machine']['cpus']} CPUs, {r['repeats']} repeats, CPU execution provider)\n")
+    m = r["machine"]
+    print(f"seqserve bench  ({m['cpus']} CPUs, {r['repeats']} repeats, CPU execution provider)")
+    if "python_speed_us_end" in m:
+        print(
+            f"machine speed: sum(range(1000)) took {m['python_speed_us_start']:.1f} µs at the start and "
+            f"{m['python_speed_us_end']:.1f} at the end (python -m timeit; lower is faster)"
+        )
+    print()
     print("One keystroke on the char LM (p50 / p99 ms):")
     print(f"  {'model':>13}  {'prefix chars':>12}  {'session step':>20}  {'recompute prefix':>20}  {'speed-up':>8}")
     for row in r["keystroke"]:

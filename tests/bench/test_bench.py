@@ -12,11 +12,19 @@ import pytest
 from bench.run import main
 
 
-def test_quick_bench_writes_every_section(tiny_models: Path, tmp_path: Path) -> None:
+def test_quick_bench_writes_every_section(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "bench.json"
     assert main(["--models", str(tiny_models), "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert [row["prefix_chars"] for row in r["keystroke"]] == [16, 256]
+    # the machine's speed at its start and end (this shared machine drifts: the run says which kind of hour it had)
+    assert r["machine"]["python_speed_us_start"] > 0 and r["machine"]["python_speed_us_end"] > 0
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("seqserve bench  ("))
+    assert lines[header + 1].startswith("machine speed: sum(range(1000)) took ")
     for row in r["keystroke"]:
         for side in ("session_step", "recompute"):
             assert row[side]["n"] == r["repeats"] and row[side]["p50_ms"] > 0
