@@ -51,7 +51,7 @@ SERVE_FLAGS = {
     "host": "--host", "port": "--port", "metrics_port": "--metrics-port", "models": "--models", "device": "--device",
     "watch_models_seconds": "--watch-models", "workers": "--workers", "engines": "--engines",
     "plugins": "--plugin",
-    "load_models": "--load-model", "http_port": "--http-port",
+    "load_models": "--load-model", "http_port": "--http-port", "exit_on_error": "--exit-on-error",
 }  # fmt: skip
 ORT_MISSING = (
     "ONNX Runtime is not installed: pip install 'seqserve[cpu]', or 'seqserve[cuda]' on an NVIDIA GPU host (one of "
@@ -298,6 +298,13 @@ def _add_serve_flags(s: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="load only this model at start (repeat for more; the others load on request, RepositoryModelLoad; "
         "env SEQSERVE_LOAD_MODELS, comma-separated; default: every model)",
+    )
+    s.add_argument(
+        "--exit-on-error",
+        action="store_const",
+        const=True,
+        help="exit 1 at start when a model version fails to load, naming it (Triton's --exit-on-error; env "
+        "SEQSERVE_EXIT_ON_ERROR; default: serve the others)",
     )
     s.add_argument(
         "--workers",

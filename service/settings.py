@@ -219,6 +219,12 @@ class Settings(BaseSettings):
     ``--model-control-mode=explicit --load-model``: the others are listed by RepositoryIndex as UNAVAILABLE and
     load on request (RepositoryModelLoad); ``--watch-models`` follows the loaded ones only (``seqserve serve
     --load-model``). A name that is not in the repository stops the server at start."""
+    exit_on_error: bool = False
+    """Stop the server at start (exit 1, naming each version and why) when a model version fails to load, as Triton's
+    ``--exit-on-error`` does (``seqserve serve --exit-on-error``): a deployment with a bad model then fails instead
+    of serving the rest. Off by default, unlike Triton's: one model's bad files should not take the others down
+    (the failed version is UNAVAILABLE, ServerReady false and ``SeqServeModelNotReady`` fires). Loads after the
+    start answer for themselves (RepositoryModelLoad's error)."""
     plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Python modules imported at start-up that register extra tasks or session stores (comma-separated in the
     environment: ``SEQSERVE_PLUGINS=mypkg.tasks``)."""

@@ -456,12 +456,18 @@ class ModelRegistry:
     async def start(self) -> None:
         """The first sync. With ``load_models``, every name in it must be in the repository: a name misspelt
         would otherwise leave a server up that serves nothing it was meant to."""
-        await self.sync()
+        failures = await self.sync()
         missing = sorted(self._chosen - self._on_disk) if self._chosen is not None else []
         if missing:
             raise RuntimeError(
                 f"load_models (SEQSERVE_LOAD_MODELS, --load-model) names {missing}, which the model repository "
                 f"{self.settings.models} does not have; its models are {sorted(self._on_disk)}"
+            )
+        if failures and self.settings.exit_on_error:
+            why = "; ".join(f"{n}/{v}: {failures[n, v]}" for n, v in sorted(failures))
+            raise RuntimeError(
+                f"exit_on_error (SEQSERVE_EXIT_ON_ERROR, --exit-on-error) is set and {len(failures)} model version(s) "
+                f"failed to load: {why}"
             )
 
     async def sync(

@@ -366,6 +366,9 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
                     break
                 write_ready()
         log.info("draining %d frontends (grace %.1fs)", len(frontends), settings.grace_seconds)
+    except BaseException:
+        code = 1  # a start that failed (the error follows, from the command): the log must not read "exit code 0"
+        raise
     finally:
         await _stop_all(frontends, settings.grace_seconds + 10)  # (the engines still answer their drain)
         await _stop_all(engines, 30)

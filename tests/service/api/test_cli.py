@@ -494,6 +494,17 @@ def test_load_model_flags_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _settings(flags).load_models == ["forecaster", "charlm"]
 
 
+def test_exit_on_error_flag_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--exit-on-error`` (Triton's flag) sets EXIT_ON_ERROR; without it the variable decides (off by default)."""
+    from service.cli import _settings, build_parser
+
+    parser = build_parser()
+    assert _settings(parser.parse_args(["serve"])).exit_on_error is False
+    assert _settings(parser.parse_args(["serve", "--exit-on-error"])).exit_on_error is True
+    monkeypatch.setenv("SEQSERVE_EXIT_ON_ERROR", "true")
+    assert _settings(parser.parse_args(["serve"])).exit_on_error is True
+
+
 def test_workers_1_serves_everything_in_one_process(tiny_models: Path, tmp_path: Path) -> None:
     """--workers 1 is the documented single-process layout: no engine/frontend split (no child processes, no
     engine link in between), said so in the start-up line and in the ready file."""

@@ -295,6 +295,27 @@ def test_load_models_serves_a_subset_and_loads_the_rest_on_request(kserve_repo: 
         stop_server(proc)
 
 
+def test_exit_on_error_stops_the_start_naming_the_version_that_failed(kserve_repo: Path, tmp_path: Path) -> None:
+    """Triton's --exit-on-error: a version that fails to load stops a server that asked for it (exit 1, the log
+    names the version and why); without it the same repository serves the rest."""
+    repo = tmp_path / "models"
+    shutil.copytree(kserve_repo, repo)
+    (repo / "sentiment" / "1" / MODEL_FILE).write_bytes(b"half a copy")
+    for run in ("strict", "lenient"):
+        (tmp_path / run).mkdir()
+    with pytest.raises(RuntimeError) as info:
+        start_server(repo, tmp_path / "strict", SEQSERVE_EXIT_ON_ERROR="true", SEQSERVE_WORKERS="2")
+    assert "did not start" in str(info.value)
+    log = (tmp_path / "strict" / "server.log").read_text()
+    assert (
+        "exit_on_error (SEQSERVE_EXIT_ON_ERROR, --exit-on-error) is set and 1 model version(s) failed to load: "
+        "sentiment/1: sha256 of sentiment/1/model.onnx is "
+    ) in log
+    assert "seqserve stopped (exit code 1)" in log  # (the engine's own line, before the error: not "code 0")
+    proc, _ = start_server(repo, tmp_path / "lenient")  # the default: the others serve
+    stop_server(proc)
+
+
 def test_load_models_naming_a_model_the_repository_lacks_stops_the_start(kserve_repo: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError) as info:
         start_server(kserve_repo, tmp_path, SEQSERVE_LOAD_MODELS="charlm,sentimnet")
