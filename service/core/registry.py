@@ -617,7 +617,7 @@ class ModelRegistry:
             found, _ = await asyncio.to_thread(self._discover)
             on_disk = sorted(v for n, v in found if n == name)
             if not on_disk:
-                raise ModelNotFound(f"model {echo(name)} is not in the repository {self.settings.models}")
+                raise ModelNotFound(await asyncio.to_thread(self._not_found, name))
             await self._check_policy(name, loaded, on_disk)
             self._unloaded.discard(name)
             if self._chosen is not None:
@@ -633,6 +633,21 @@ class ModelRegistry:
         if failures:
             why = "; ".join(f"version {v} failed to load: {failures[n, v]}" for n, v in sorted(failures))
             raise FailedPrecondition(f"model {echo(name)}: {why}; load it again once its files are fixed")
+
+    def _not_found(self, name: str) -> str:
+        """Why a load of ``name`` finds nothing to load: no folder of that name in the repository, or one without a
+        version folder. (Only the repository's own listing is consulted, never a path built from ``name``; the
+        server's paths are not told.)"""
+        try:
+            folders = {p.name for p in self.settings.models.iterdir() if p.is_dir()}
+        except OSError:
+            folders = set()
+        if name in folders:
+            return (
+                f"model {echo(name)} has no version to load: its folder in the repository holds no version folder "
+                f"named by a positive integer ({name}/1/, {name}/2/, ...); add one, then load it"
+            )
+        return f"model {echo(name)} is not in the repository; its models are {sorted(self._on_disk)}"
 
     async def _check_policy(self, name: str, loaded: dict[str, object] | None, on_disk: list[int]) -> None:
         """Refuses a load, before it changes anything, whose version_policy chooses none of the versions on disk

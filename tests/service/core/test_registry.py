@@ -494,6 +494,27 @@ async def test_a_load_whose_files_fail_says_so_and_leaves_what_serves(repo: Path
     assert dp.metrics.registry.get_sample_value("seqserve_model_reload_failed", reload_failed) == 0.0
 
 
+async def test_a_load_that_finds_nothing_says_whether_the_folder_or_its_versions_are_missing(
+    repo: Path, make_dp: MakeDP
+) -> None:
+    """NOT_FOUND either way, saying which: no folder of that name (listing the repository's models), or a folder
+    without a version folder (one named "v1" does not count). The server's own paths are not told."""
+    dp = await make_dp(models=repo)
+    (repo / "staged" / "v1").mkdir(parents=True)  # a model being copied in, its version folder misnamed
+    with pytest.raises(ModelNotFound) as err:
+        await dp.load_model("staged")
+    assert str(err.value) == (
+        "model 'staged' has no version to load: its folder in the repository holds no version folder named by a "
+        "positive integer (staged/1/, staged/2/, ...); add one, then load it"
+    )
+    with pytest.raises(ModelNotFound) as err:
+        await dp.load_model("../models")  # a path, not a name: never looked up outside the repository's listing
+    assert str(err.value) == (
+        "model '../models' is not in the repository; its models are ['charlm', 'forecaster', 'sentiment']"
+    )
+    assert str(repo) not in str(err.value)
+
+
 async def test_an_explicit_load_retries_a_version_that_failed_even_if_its_files_did_not_change(
     repo: Path, make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
