@@ -505,6 +505,9 @@ class ModelRegistry:
                 if why is not None:
                     failures[(name, version)] = why
             for name, versions in outside.items():
+                on_disk = sorted(v for n, v in found if n == name)
+                if versions == on_disk and (why := self._none_chosen(name, policies[name], on_disk, found)):
+                    failures[(name, on_disk[-1])] = why
                 await self._leave_outside(name, versions, policies[name])
         return failures
 
@@ -532,6 +535,33 @@ class ModelRegistry:
             self._outside[name] = (policy, outside[name])
         return outside
 
+    def _none_chosen(
+        self, name: str, policy: str, on_disk: list[int], found: dict[tuple[str, int], Path]
+    ) -> str | None:
+        """A model whose version_policy chooses none of its versions on disk, and that serves none: it failed to
+        load, as Triton's does ("at least one version must be available under the version policy"). Its newest
+        version is entered as failed with that reason, so the index, ModelReady, ServerReady, the metrics and the
+        calls say so, instead of the model vanishing. Returns the reason when newly entered. (A model that still
+        serves versions loaded before keeps serving them: ``_leave_outside``.)"""
+        if any(e.ready for e in self._versions_of(name)):
+            return None
+        has = ", ".join(map(str, on_disk))
+        why = (
+            f"its version_policy {policy} chooses none of the model's versions in the repository ({has}); at least "
+            "one version must be available under the version policy: change the policy (its serving.json, a "
+            "load's config or SEQSERVE_VERSION_POLICY) or add the version it names"
+        )
+        newest = on_disk[-1]
+        old = self._entries.get((name, newest))
+        if old is not None and old.error == why:
+            return None  # (entered at an earlier sync)
+        entry = ModelEntry(name, newest, found[(name, newest)], tracer=self.tracer)
+        entry.error = why
+        self._put(entry)
+        log.error("model %s failed to load: %s", entry.label, why)
+        self.metrics.model_loaded(name, newest, "", 0.0, False)
+        return why
+
     async def _leave_outside(self, name: str, versions: list[int], policy: str) -> None:
         """Unloads the loaded versions of ``name`` that its policy leaves out, once a version it chooses is ready;
         until then they serve on (a new version that fails to load does not take the model away)."""
@@ -540,7 +570,7 @@ class ModelRegistry:
             return
         if not any(e.ready for e in self._versions_of(name) if e.version not in versions):
             for e in loaded:
-                if (e.name, e.version) not in self._kept:
+                if e.ready and (e.name, e.version) not in self._kept:
                     self._kept.add((e.name, e.version))
                     log.warning("model %s is outside its version_policy %s but serves on: no version the policy "
                                 "chooses is ready", e.label, policy)  # fmt: skip

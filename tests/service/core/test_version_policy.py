@@ -16,7 +16,7 @@ from service.api.kserve.convert import config_to_pb
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MODEL_FILE
 from service.core.types import ModelRef
-from service.errors import FailedPrecondition, InvalidInput, ModelNotFound
+from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, ModelUnavailable
 from service.settings import Settings, chosen_versions, version_policy
 from tests.service.core.conftest import add_version, memory_dp, texts
 
@@ -173,6 +173,46 @@ async def test_a_new_version_replaces_the_old_once_it_is_ready_and_a_broken_one_
         await dp.registry.sync()
         assert served(dp, "sentiment") == [3]
         assert (await dp.infer(SENT, texts("good film"))).outputs
+    finally:
+        await dp.stop()
+
+
+async def test_a_model_whose_policy_chooses_none_of_its_versions_failed_to_load_saying_why(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A serving.json policy that names only versions the repository lacks: the model does not vanish (it is in the
+    repository) but failed to load, as Triton's does: its newest version is UNAVAILABLE with the reason (the index,
+    ModelReady, calls, seqserve_model_ready 0), once, not at every poll; a fixed policy loads it. A model that
+    serves versions when its policy turns so keeps serving them (a warning), as before."""
+    add_version(repo, "sentiment", 1, 2)
+    (repo / "sentiment" / "serving.json").write_text('{"version_policy": "specific:7"}')
+    with caplog.at_level(logging.ERROR, logger="service.core.registry"):
+        dp = await memory_dp(repo)
+    try:
+        why = (
+            "its version_policy specific:7 chooses none of the model's versions in the repository (1, 2); at least "
+            "one version must be available under the version policy: change the policy (its serving.json, a load's "
+            "config or SEQSERVE_VERSION_POLICY) or add the version it names"
+        )
+        info = await dp.model_info(SENT)
+        assert (info.version, info.ready, info.error) == (2, False, why)
+        with pytest.raises(ModelUnavailable, match=r"^model sentiment/2 failed to load: its version_policy specific:7"):
+            await dp.classify(SENT, ["good film"])
+        assert dp.metrics.registry.get_sample_value("seqserve_model_ready", {"model": "sentiment", "version": "2"}) == 0
+        assert (await dp.model_info(ModelRef("charlm"))).ready  # the others serve
+        await dp.registry.sync()  # a --watch-models poll: nothing new to say
+        assert [r.getMessage() for r in caplog.records if "specific:7" in r.getMessage()] == [
+            f"model sentiment/2 failed to load: {why}"
+        ]
+
+        (repo / "sentiment" / "serving.json").write_text('{"version_policy": "specific:1"}')
+        await dp.registry.sync()
+        assert served(dp, "sentiment") == [1] and (await dp.model_info(SENT)).version == 1
+        assert (await dp.model_info(SENT)).ready
+
+        (repo / "sentiment" / "serving.json").write_text('{"version_policy": "specific:8"}')
+        await dp.registry.sync()  # version 1 serves on: no version the policy chooses is ready
+        assert served(dp, "sentiment") == [1] and (await dp.model_info(SENT)).ready
     finally:
         await dp.stop()
 
