@@ -96,6 +96,21 @@ def test_a_corrupt_model_and_a_missing_one_fail_and_name_what_to_fix(
     assert rc == 1 and status(found, "model")[0] == "fail" and "nothing to serve" in status(found, "model")[1]
 
 
+def test_a_policy_that_chooses_none_of_a_models_versions_fails_the_check(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A serving.json whose version_policy names no version on disk: the model would serve nothing, so the check
+    fails on it (it said "ready to serve" before)."""
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    (repo / "sentiment" / "serving.json").write_text('{"version_policy": "specific:3"}')
+    rc, found = check(capsys, "--models", str(repo))
+    assert rc == 1
+    state, detail = status(found, "model", "sentiment/1")
+    assert state == "fail" and detail.startswith("its version_policy specific:3 chooses none of the model's versions")
+    assert status(found, "model", "charlm/1")[0] == "ok"
+
+
 def test_a_graph_that_loads_but_answers_nan_fails_the_check(
     tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
