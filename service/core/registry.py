@@ -301,6 +301,7 @@ class ModelRegistry:
         self._served: set[tuple[str, int]] = set()  # every (name, version) this process has ever served
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
         self._loading: set[str] = set()  # names load_model() is loading now
+        self._missing: dict[str, tuple[str, tuple[int, ...]] | None] = {}  # per model: missing versions warned of
         self._outside: dict[str, tuple[str, list[int]]] = {}  # per model: its version_policy, the versions it leaves
         self._kept: set[tuple[str, int]] = set()  # versions outside their policy kept serving (warned once)
         self._lock = asyncio.Lock()
@@ -533,7 +534,19 @@ class ModelRegistry:
             chosen = set(chosen_versions(policy, on_disk))
             outside[name] = sorted(v for v in on_disk if v not in chosen)
             self._outside[name] = (policy, outside[name])
+            self._warn_missing(name, policy, on_disk, chosen)
         return outside
+
+    def _warn_missing(self, name: str, policy: str, on_disk: list[int], chosen: set[int]) -> None:
+        """Logs, once per policy and repository, the versions a ``specific`` policy names that are not on disk while
+        it chooses others (as Triton logs them); a policy that chooses none fails the model (``_none_chosen``)."""
+        kind, _, listed = policy.partition(":")
+        missing = sorted({int(v) for v in listed.split(",")} - set(on_disk)) if kind == "specific" else []
+        said = (policy, tuple(missing)) if missing and chosen else None
+        if said is not None and self._missing.get(name) != said:
+            log.warning("model %s: its version_policy %s names version(s) %s, which the repository does not have; "
+                        "serving %s", name, policy, missing, sorted(chosen))  # fmt: skip
+        self._missing[name] = said
 
     def _none_chosen(
         self, name: str, policy: str, on_disk: list[int], found: dict[tuple[str, int], Path]

@@ -247,6 +247,31 @@ async def test_a_load_whose_policy_chooses_no_version_on_disk_is_refused_and_cha
         await dp.stop()
 
 
+async def test_versions_a_specific_policy_names_but_the_repository_lacks_are_logged_once(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``specific:1,9`` with no version 9: version 1 serves, and the log says 9 is missing (as Triton logs it), once
+    per policy, not at every --watch-models poll; again once the policy changes."""
+    (repo / "sentiment" / "serving.json").write_text('{"version_policy": "specific:1,9"}')
+    with caplog.at_level(logging.WARNING, logger="service.core.registry"):
+        dp = await memory_dp(repo)
+        try:
+            assert served(dp, "sentiment") == [1]
+            await dp.registry.sync()
+            (repo / "sentiment" / "serving.json").write_text('{"version_policy": "specific:1,8,9"}')
+            await dp.registry.sync()
+            await dp.registry.sync()
+        finally:
+            await dp.stop()
+    said = [r.getMessage() for r in caplog.records if "does not have" in r.getMessage()]
+    assert said == [
+        "model sentiment: its version_policy specific:1,9 names version(s) [9], which the repository does not have; "
+        "serving [1]",
+        "model sentiment: its version_policy specific:1,8,9 names version(s) [8, 9], which the repository does not "
+        "have; serving [1]",
+    ]
+
+
 async def test_a_session_or_blob_of_a_version_the_policy_leaves_out_is_refused_saying_why(repo: Path) -> None:
     dp = await memory_dp(repo, session_signing_key="s" * 40)
     try:
