@@ -188,7 +188,9 @@ class CoreDataPlane:
         return ModelMetadata(
             name=entry.name,
             version=entry.version,
-            versions=sorted(e.version for e in self.registry.versions() if e.name == entry.name),
+            # The versions a call may name and be served, as Triton's ModelMetadata lists its ready versions (one
+            # that failed to load answers UNAVAILABLE when named, and shows in the repository index).
+            versions=sorted(e.version for e in self.registry.versions() if e.name == entry.name and e.ready),
             task=entry.task.name,
             platform=PLATFORM,
             contract=entry.task.contract(),

@@ -478,6 +478,7 @@ async def test_a_load_whose_files_fail_says_so_and_leaves_what_serves(repo: Path
     assert str(e.value).endswith("; load it again once its files are fixed") and "serve on" not in str(e.value)
     assert not (await dp.model_info(ModelRef("charlm", 2))).ready
     assert (await dp.model_info(lm)).version == 1  # the newest version that loaded serves
+    assert (await dp.model_metadata(lm)).versions == [1]  # the versions a call may name and be served (Triton's)
     good = (repo / "charlm" / "1" / MODEL_FILE).read_bytes()
     (repo / "charlm" / "1" / MODEL_FILE).write_bytes(good + b"\0")  # the serving version's files go bad too
     with pytest.raises(FailedPrecondition, match=r"version 1 failed to load: sha256 .* \(the weights it loaded "
