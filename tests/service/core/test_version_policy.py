@@ -18,7 +18,7 @@ from service.core.manifest import MODEL_FILE
 from service.core.types import ModelRef
 from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, ModelUnavailable
 from service.settings import Settings, chosen_versions, version_policy
-from tests.service.core.conftest import add_version, memory_dp, texts
+from tests.service.core.conftest import RecordingMetrics, add_version, core_settings, memory_dp, texts
 
 SENT = ModelRef("sentiment")
 
@@ -245,6 +245,21 @@ async def test_a_load_whose_policy_chooses_no_version_on_disk_is_refused_and_cha
         assert served(dp, "sentiment") == [2]  # as the load before left it
     finally:
         await dp.stop()
+
+
+async def test_exit_on_error_counts_a_model_whose_policy_chooses_none_of_its_versions(repo: Path) -> None:
+    """--exit-on-error stops the start on a model that would serve nothing, as on a version that failed to load."""
+    (repo / "sentiment" / "serving.json").write_text('{"version_policy": "specific:4"}')
+    dp = CoreDataPlane(core_settings(repo, session_store="memory", exit_on_error=True), RecordingMetrics())
+    try:
+        with pytest.raises(RuntimeError) as err:
+            await dp.start()
+    finally:
+        await dp.stop()  # what the start loaded before it stopped
+    assert str(err.value).startswith(
+        "exit_on_error (SEQSERVE_EXIT_ON_ERROR, --exit-on-error) is set and 1 model version(s) failed to load: "
+        "sentiment/1: its version_policy specific:4 chooses none of the model's versions in the repository (1)"
+    )
 
 
 async def test_versions_a_specific_policy_names_but_the_repository_lacks_are_logged_once(
