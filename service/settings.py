@@ -81,16 +81,21 @@ def _specific(versions: list[Any]) -> str:
 VersionPolicy = Annotated[str, BeforeValidator(version_policy)]
 
 
+def named_versions(policy: str) -> set[int] | None:
+    """The versions a ``specific`` policy (canonical, ``version_policy``) names, whether on disk or not; None for
+    the other kinds."""
+    kind, _, arg = policy.partition(":")
+    return {int(v) for v in arg.split(",")} if kind == "specific" else None
+
+
 def chosen_versions(policy: str, versions: list[int]) -> list[int]:
     """The versions of ``versions`` (a model's on disk) that ``policy`` (canonical, ``version_policy``) serves,
     ascending."""
     kind, _, arg = policy.partition(":")
     if kind == "latest":
         return sorted(versions)[-int(arg) :]
-    if kind == "specific":
-        wanted = {int(v) for v in arg.split(",")}
-        return sorted(v for v in versions if v in wanted)
-    return sorted(versions)
+    wanted = named_versions(policy)
+    return sorted(v for v in versions if wanted is None or v in wanted)
 
 
 class Settings(BaseSettings):

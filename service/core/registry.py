@@ -39,7 +39,7 @@ from service.core.traces import Tracer
 from service.core.types import ModelInfo, ModelRef
 from service.errors import RETRY_LATER, FailedPrecondition, InvalidInput, ModelNotFound, ModelUnavailable, echo
 from service.metrics import Metrics
-from service.settings import Settings, chosen_versions
+from service.settings import Settings, chosen_versions, named_versions
 
 log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
@@ -540,8 +540,7 @@ class ModelRegistry:
     def _warn_missing(self, name: str, policy: str, on_disk: list[int], chosen: set[int]) -> None:
         """Logs, once per policy and repository, the versions a ``specific`` policy names that are not on disk while
         it chooses others (as Triton logs them); a policy that chooses none fails the model (``_none_chosen``)."""
-        kind, _, listed = policy.partition(":")
-        missing = sorted({int(v) for v in listed.split(",")} - set(on_disk)) if kind == "specific" else []
+        missing = sorted((named_versions(policy) or set()) - set(on_disk))
         said = (policy, tuple(missing)) if missing and chosen else None
         if said is not None and self._missing.get(name) != said:
             log.warning("model %s: its version_policy %s names version(s) %s, which the repository does not have; "
