@@ -298,6 +298,7 @@ class ModelRegistry:
         # load_models: the names loaded at start and by load_model(), the only ones sync() follows (None = all)
         self._chosen: set[str] | None = set(settings.load_models) if settings.load_models else None
         self._on_disk: set[str] = set()  # model names found at the last look at the repository
+        self._folders: set[str] = set()  # every folder the repository held then, with versions or not
         self._served: set[tuple[str, int]] = set()  # every (name, version) this process has ever served
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
         self._loading: set[str] = set()  # names load_model() is loading now
@@ -434,10 +435,13 @@ class ModelRegistry:
         if not root.is_dir():
             problem = "is not a directory" if root.exists() else "does not exist"
             log.warning("model repository %s %s; no models will be served", root, problem)
+            self._folders = set()
             return {}, set()
         found: dict[tuple[str, int], Path] = {}
         unreadable: set[str] = set()
-        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        folders = [p for p in root.iterdir() if p.is_dir()]
+        self._folders = {p.name for p in folders}
+        for model_dir in sorted(p for p in folders if not p.name.startswith(".")):
             try:
                 versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
             except OSError as exc:  # e.g. ext4's lost+found, or a folder being replaced
@@ -659,7 +663,7 @@ class ModelRegistry:
             found, _ = await asyncio.to_thread(self._discover)
             on_disk = sorted(v for n, v in found if n == name)
             if not on_disk:
-                raise ModelNotFound(await asyncio.to_thread(self._not_found, name))
+                raise ModelNotFound(self._not_found(name))
             await self._check_policy(name, loaded, on_disk)
             self._unloaded.discard(name)
             if self._chosen is not None:
@@ -678,13 +682,9 @@ class ModelRegistry:
 
     def _not_found(self, name: str) -> str:
         """Why a load of ``name`` finds nothing to load: no folder of that name in the repository, or one without a
-        version folder. (Only the repository's own listing is consulted, never a path built from ``name``; the
-        server's paths are not told.)"""
-        try:
-            folders = {p.name for p in self.settings.models.iterdir() if p.is_dir()}
-        except OSError:
-            folders = set()
-        if name in folders:
+        version folder. (Only the repository's own listing, as ``_discover`` just read it, is consulted, never a
+        path built from ``name``; the server's paths are not told.)"""
+        if name in self._folders:
             return (
                 f"model {echo(name)} has no version to load: its folder in the repository holds no version folder "
                 f"named by a positive integer ({name}/1/, {name}/2/, ...); add one, then load it"
