@@ -497,7 +497,7 @@ class ModelRegistry:
                     log.info("model %s removed from the repository; unloading", entry.label)
                     await self._unload(entry)
             policies = await asyncio.to_thread(self._policies, {n for n, _ in found if wanted(n)})
-            outside = self._outside_policies(found, policies)
+            outside = self._outside_policies(found, policies, failures)
             # Newest first: the version a call naming none gets is loaded before the older ones.
             for (name, version), path in sorted(found.items(), key=lambda item: (item[0][0], -item[0][1])):
                 if not wanted(name) or version in outside.get(name, ()):
@@ -510,9 +510,6 @@ class ModelRegistry:
                 if why is not None:
                     failures[(name, version)] = why
             for name, versions in outside.items():
-                on_disk = sorted(v for n, v in found if n == name)
-                if versions == on_disk and (why := self._none_chosen(name, policies[name], on_disk, found)):
-                    failures[(name, on_disk[-1])] = why
                 await self._leave_outside(name, versions, policies[name])
         return failures
 
@@ -530,15 +527,21 @@ class ModelRegistry:
             return "all"
         return settings.version_policy
 
-    def _outside_policies(self, found: dict[tuple[str, int], Path], policies: dict[str, str]) -> dict[str, list[int]]:
-        """Per model in ``policies``, the versions on disk its policy leaves out (remembered for ``find``)."""
+    def _outside_policies(
+        self, found: dict[tuple[str, int], Path], policies: dict[str, str], failures: dict[tuple[str, int], str]
+    ) -> dict[str, list[int]]:
+        """Per model in ``policies``, the versions on disk its policy leaves out (remembered for ``find``). A model
+        whose policy chooses none of them failed to load (``_none_chosen``, into ``failures``); no version of it
+        loads in this sync, so whether it serves one is known here already."""
         outside: dict[str, list[int]] = {}
         for name, policy in policies.items():
-            on_disk = [v for n, v in found if n == name]
+            on_disk = sorted(v for n, v in found if n == name)
             chosen = set(chosen_versions(policy, on_disk))
-            outside[name] = sorted(v for v in on_disk if v not in chosen)
+            outside[name] = [v for v in on_disk if v not in chosen]
             self._outside[name] = (policy, outside[name])
             self._warn_missing(name, policy, on_disk, chosen)
+            if not chosen and (why := self._none_chosen(name, policy, on_disk, found)):
+                failures[(name, on_disk[-1])] = why
         return outside
 
     def _warn_missing(self, name: str, policy: str, on_disk: list[int], chosen: set[int]) -> None:
