@@ -68,6 +68,7 @@ EXTENSIONS = [
     "trace",
     "parameters",
     "schedule_policy",  # timeout and priority (PRIORITY_LEVELS)
+    "binary_tensor_data",  # REST: tensors as raw bytes after the JSON header (Triton lists it for both protocols)
 ]
 SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed when SHARED_MEMORY=system
 CUDA_HINT = (

@@ -101,7 +101,8 @@ def test_tritonclient_http_reads_health_metadata_config_and_statistics(rest: Ser
     assert c.is_server_live() and c.is_server_ready()
     assert c.is_model_ready("sentiment") and not c.is_model_ready("no-such-model")
     meta = c.get_server_metadata()
-    assert meta["name"] == "seqserve" and {"sequence", "logging", "statistics"} <= set(meta["extensions"])
+    assert meta["name"] == "seqserve"
+    assert {"sequence", "logging", "statistics", "binary_tensor_data"} <= set(meta["extensions"])
     grpc_meta = grpc_stub(rest).ModelMetadata(pb.ModelMetadataRequest(name="forecaster"), timeout=30)
     assert c.get_model_metadata("forecaster") == {
         "name": "forecaster",
