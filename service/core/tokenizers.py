@@ -49,6 +49,21 @@ def fold_char(c: str, known: dict[str, int]) -> int | None:
     return None
 
 
+def _unseen(c: str) -> tuple[str, str]:
+    """For a character that its quoted form does not show (a combining mark, a control or format character, a
+    separator other than the space): its code point and name, and what to do about it. ('', '') for the others."""
+    kind = unicodedata.category(c)[0]
+    if kind not in "MCZ":
+        return "", ""
+    name = unicodedata.name(c, "")
+    code = f" (U+{ord(c):04X}{' ' + name if name else ''})"
+    if kind == "M":
+        return code, (
+            "; it is a combining mark: send the text composed (Unicode NFC), where an accented letter is one character"
+        )
+    return code, "; it is an invisible character, often pasted with the text"
+
+
 def split_words(text: str, lowercase: bool = True) -> list[str]:
     if lowercase:
         text = text.lower()
@@ -85,9 +100,10 @@ class Encoder:
             if i is None and self._folded is not None:
                 i = self._fold(self._folded, tok)
             if i is None:
+                code, hint = _unseen(tok)
                 raise InvalidInput(
-                    f"{field}: character {tok!r} is not in the model's vocabulary of {len(self.vocab)} "
-                    f"characters; remove or replace it"
+                    f"{field}: character {tok!r}{code} is not in the model's vocabulary of {len(self.vocab)} "
+                    f"characters; remove or replace it{hint}"
                 )
             ids.append(i)
         return np.asarray(ids, dtype=np.int64)

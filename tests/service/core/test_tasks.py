@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +148,29 @@ async def test_a_typed_character_the_vocabulary_lacks_reads_as_the_one_it_stands
         with pytest.raises(InvalidInput, match=re.escape(f"character {bad!r} is not in the model's vocabulary")):
             await dp.char_step(LM, f"ok {bad}")
     strict = await make_dp(fold_chars=False)
-    for c in ("\u2019", "\u00e9", "\u00a0"):
+    for c in ("\u2019", "\u00e9"):
         with pytest.raises(InvalidInput, match=re.escape(f"character {c!r} is not in the model's vocabulary")):
             await strict.char_step(LM, f"a{c}b")
+    with pytest.raises(InvalidInput, match=re.escape("character '\\xa0' (U+00A0 NO-BREAK SPACE) is not in the")):
+        await strict.char_step(LM, "a\u00a0b")
+
+
+async def test_a_character_its_quotes_do_not_show_is_named_with_its_code_point(make_dp: MakeDP) -> None:
+    """A decomposed accent (macOS text, some keyboards) or a zero-width space pasted with the text reads as ''
+    or nothing in the message: it names the code point, and for a combining mark says to send the text composed."""
+    dp = await make_dp()
+    with pytest.raises(InvalidInput) as e:
+        await dp.char_step(LM, "cafe\u0301")
+    assert str(e.value) == (
+        "text: character '\u0301' (U+0301 COMBINING ACUTE ACCENT) is not in the model's vocabulary of 96 characters; "
+        "remove or replace it; it is a combining mark: send the text composed (Unicode NFC), where an accented letter "
+        "is one character"
+    )
+    await dp.char_step(LM, unicodedata.normalize("NFC", "cafe\u0301"))  # composed, its accent folds away
+    with pytest.raises(InvalidInput, match=re.escape("(U+200B ZERO WIDTH SPACE) is not in the model's vocabulary")):
+        await dp.char_step(LM, "a\u200bb")
+    with pytest.raises(InvalidInput, match=r"an invisible character, often pasted with the text$"):
+        await dp.char_step(LM, "a\u200bb")
 
 
 async def test_the_sentiment_model_reads_typed_apostrophes_as_its_training_text_has_them(make_dp: MakeDP) -> None:
