@@ -172,6 +172,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             try:
                 results = c.classify(batch, model=args.model)
             except ApiError as err:
+                if start == 0 and _unreachable(err, args):
+                    raise  # main says what to check
                 where = f"texts {start + 1}-{start + len(batch)} of {len(texts)}" if len(texts) > len(batch) else ""
                 print(f"error: {where}{': ' if where else ''}{err.code.name}: {err.message}", file=sys.stderr)
                 return 1
@@ -469,12 +471,22 @@ def _settings_problems(err: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def _unreachable(err: ApiError, args: argparse.Namespace | None) -> str:
+    """What to check when a client command found no server at its target (gRPC's own UNAVAILABLE, not a server's
+    answer such as a model that is loading)."""
+    target = getattr(args, "target", None)
+    if err.code.name != "UNAVAILABLE" or not target or "failed to connect" not in err.message.lower():
+        return ""
+    return f"\nno server answers at {target}: start one (seqserve serve) or point --target (env SEQSERVE_TARGET) at it"
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except ApiError as err:
-        print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+        print(f"error: {err.code.name}: {err.message}{_unreachable(err, args)}", file=sys.stderr)
     except ValidationError as err:  # a setting out of range, from a flag or its SEQSERVE_* variable
         print(f"error: {_settings_problems(err)}", file=sys.stderr)
     except BrokenPipeError:  # the reader stopped early (`| head`): quiet, as other Unix tools end on SIGPIPE

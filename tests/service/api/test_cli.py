@@ -287,9 +287,16 @@ def test_errors_print_one_line_and_exit_non_zero(serve: ServeProcess, capsys: py
     assert "/nonexistent.csv" in capsys.readouterr().err
 
 
-def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["classify", "--target", "127.0.0.1:1", "--timeout", "5", "x"]) == 1
-    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+@pytest.mark.parametrize("argv", [["classify", "x"], ["complete", "x"], ["suggest"]])
+def test_unreachable_server_says_what_to_check(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """gRPC's own text ("failed to connect to all addresses") is followed by the target it tried and the two ways
+    to fix it."""
+    assert main([*argv, "--target", "127.0.0.1:1", "--timeout", "5"]) == 1
+    first, hint = capsys.readouterr().err.strip().split("\n")
+    assert first.startswith("error: UNAVAILABLE: ") and "failed to connect" in first
+    assert hint == (
+        "no server answers at 127.0.0.1:1: start one (seqserve serve) or point --target (env SEQSERVE_TARGET) at it"
+    )
 
 
 def test_console_script_with_api_key(tiny_models: Path, tmp_path: Path) -> None:
