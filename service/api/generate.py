@@ -78,6 +78,26 @@ def complete_request(name: str, version: str, document: object, *, stream: bool)
     return request
 
 
+def caller_keys(document: dict[str, Any], options: dict[str, str], named: dict[str, str]) -> dict[str, str]:
+    """``CompleteRequest`` field -> the request key that set it (``max_chars`` -> ``max_tokens``), for a checked
+    request (``document``, its keys beside and in ``parameters``; ``options``: key -> field), over ``named``
+    (those the request always has: ``prompt`` -> ``text_input``)."""
+    keys = dict(named)
+    for where in (document, document.get("parameters")):
+        if isinstance(where, dict):
+            keys |= {options[key]: key for key in where if key in options}
+    return keys
+
+
+def spelled_as(message: str, keys: dict[str, str]) -> tuple[str, str | None]:
+    """The server's refusal of a field (``max_chars must be between 1 and 2000 ...``, ``prompt: character ...``)
+    in the words of the request the caller sent (``max_tokens must be ...``), and that key; else as it was."""
+    for field, key in keys.items():
+        if message.startswith(field) and message[len(field) : len(field) + 1] in (" ", ":", "["):
+            return key + message[len(field) :], key
+    return message, None
+
+
 def set_option(request: autocomplete_pb2.CompleteRequest, field: str, key: str, value: object) -> None:
     """One sampling option of a JSON request into ``request.<field>`` (max_chars, temperature, top_k, seed, stop
     or session_id), checked as JSON types go; ``key`` is how the caller spelt it (``max_tokens``). The ranges the

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 import grpc
 from google.protobuf.message import Message
 
+from service.api.completions import OPTIONS as COMPLETION_OPTIONS
 from service.api.completions import (
     completion,
     completion_request,
@@ -22,7 +23,7 @@ from service.api.completions import (
     usage,
 )
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.api.generate import RequestError, answer, complete_request, event
+from service.api.generate import OPTIONS, RequestError, answer, caller_keys, complete_request, event, spelled_as
 from service.api.interceptors import REQUEST_ID_FORM
 from service.api.kserve.convert import fill_log_settings
 from service.api.rest.base import GatewayHandler
@@ -156,10 +157,11 @@ class Endpoints(GatewayHandler):
         Server-Sent Events while they come (``_stream``). Refusals before the first chunk are plain JSON errors with
         their HTTP status; one after it is a last event ``{"error": ...}`` (as Triton's)."""
         try:
-            request = complete_request(name, version, read_json(body), stream=stream)
+            document = read_json(body)
+            request = complete_request(name, version, document, stream=stream)
         except RequestError as err:
             raise HttpError(400, str(err)) from None
-        call, first = self._complete(request)
+        call, first = self._complete(request, caller_keys(document, OPTIONS, {"prompt": "text_input"}))
         session, version_used = request.HasField("session_id"), first.model_version
         if stream:
             self._stream(call, first, lambda c: answer(name, version_used, c.text, c, session), triton_error)
@@ -176,7 +178,9 @@ class Endpoints(GatewayHandler):
             request, stream, with_usage = completion_request(document)
         except RequestError as err:
             raise HttpError(400, str(err), param=err.param) from None
-        call, first = self._complete(request)
+        call, first = self._complete(
+            request, caller_keys(document, COMPLETION_OPTIONS, {"prompt": "prompt", "model": "model"})
+        )
         model, version_used, created = document["model"], first.model_version, int(time.time())
         ident = f"cmpl-{self._request_id}"
         if stream:
@@ -212,15 +216,22 @@ class Endpoints(GatewayHandler):
             raise HttpError(404, f"The model {echo(name)} does not exist; served models: {names}", param="model")
         return ok(model_object(name))
 
-    def _complete(self, request: Message) -> tuple[Any, Any]:
-        """An ``Autocomplete.Complete`` call and its first chunk (a refusal raises here: an ordinary error answer).
+    def _complete(self, request: Message, keys: dict[str, str]) -> tuple[Any, Any]:
+        """An ``Autocomplete.Complete`` call and its first chunk (a refusal raises here: an ordinary error answer,
+        naming a field as the caller's request did: ``keys``, field -> its key there).
         The request id must be known before a stream's headers leave: the caller's when the server takes it as
         one, else one made here and sent along (the server uses it, so its logs say the same)."""
         sent = self.headers.get("X-Request-Id")
         self._request_id = sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()
         metadata = (*(m for m in self._metadata() if m[0] != "x-request-id"), ("x-request-id", self._request_id))
         call = self.gateway.autocomplete.Complete(request, metadata=metadata, timeout=self.gateway.call_timeout)
-        return call, next(call)
+        try:
+            return call, next(call)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            message, key = spelled_as(err.details() or "", keys)
+            raise HttpError(400, message, param=key) from None
 
     def _stream(
         self,

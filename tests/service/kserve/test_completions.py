@@ -124,12 +124,18 @@ def test_a_session_goes_on_through_completions(rest: ServerHandle) -> None:
         ({"model": "charlm/x"}, openai.BadRequestError, "after '/' comes a version number", "model"),
         ({"model": "charlm/7"}, openai.NotFoundError, "model 'charlm' has no version 7", None),
         ({"model": "gpt-4"}, openai.NotFoundError, "model 'gpt-4' is not in the repository", None),
-        ({"model": "sentiment"}, openai.BadRequestError, "this call needs a character language model", None),
-        ({"temperature": -1}, openai.BadRequestError, "temperature must be a finite number between 0 and", None),
-        ({"extra_body": {"top_k": 999}}, openai.BadRequestError, "top_k must be between 0 and", None),
+        ({"model": "sentiment"}, openai.BadRequestError, "this call needs a character language model", "model"),
+        (
+            {"temperature": -1},
+            openai.BadRequestError,
+            "temperature must be a finite number between 0 and",
+            "temperature",
+        ),
+        ({"max_tokens": 10**9}, openai.BadRequestError, "max_tokens must be between 1 and", "max_tokens"),
+        ({"extra_body": {"top_k": 999}}, openai.BadRequestError, "top_k must be between 0 and", "top_k"),
         ({"extra_body": {"temprature": 1}}, openai.BadRequestError, "argument supplied: 'temprature'", "temprature"),
         ({"extra_body": {"session_id": "gone"}}, openai.NotFoundError, "is unknown, expired", None),
-        ({"prompt": "a\u4e2d"}, openai.BadRequestError, "is not in the model's vocabulary", None),
+        ({"prompt": "a\u4e2d"}, openai.BadRequestError, "is not in the model's vocabulary", "prompt"),
     ],
 )
 def test_refusals_in_openais_shape(

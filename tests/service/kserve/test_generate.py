@@ -176,8 +176,11 @@ def test_an_error_after_the_first_event_is_the_streams_last_event(tiny_models: A
         ({"text_input": "a", "stream": "yes"}, 400, "stream must be true or false"),
         ({"text_input": "a", "session_id": 12}, 400, "session_id must be a string"),
         ({"text_input": "a", "session_id": "gone"}, 404, "is unknown, expired or was lost in a restart"),
-        ({"text_input": "", "max_tokens": 3}, 400, "prompt is empty"),
-        ({"text_input": "a\u4e2d"}, 400, "is not in the model's vocabulary"),
+        ({"text_input": "", "max_tokens": 3}, 400, "text_input is empty"),
+        ({"text_input": "a\u4e2d"}, 400, "text_input: character '\u4e2d' is not in the model's vocabulary"),
+        # the server's checks name the key the request used (the call's field is max_chars)
+        ({"text_input": "a", "max_tokens": 10**9}, 400, "max_tokens must be between 1 and"),
+        ({"text_input": "a", "parameters": {"max_chars": 10**9}}, 400, "max_chars must be between 1 and"),
     ],
 )
 def test_generate_refusals_say_what_to_fix(rest: ServerHandle, document: object, status: int, says: str) -> None:
