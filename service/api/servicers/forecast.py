@@ -24,7 +24,7 @@ class ForecastServicer(forecast_pb2_grpc.ForecastServicer):
     async def Predict(
         self, request: forecast_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> forecast_pb2.ForecastResponse:
-        history = cv.rows_to_array(request.history, "history", self.max_rows)  # (rows, features)
+        history = await cv.rows_array(request.history, "history", self.max_rows)  # (rows, features)
         model = cv.model_ref(request.model, DEFAULT_MODEL)
         result = await self.dataplane.forecast(model, history, columns=list(request.columns) or None)
         return cv.forecast_to_pb(result)
@@ -33,7 +33,7 @@ class ForecastServicer(forecast_pb2_grpc.ForecastServicer):
         self, request: forecast_pb2.ObserveRequest, context: grpc.aio.ServicerContext
     ) -> forecast_pb2.ForecastResponse:
         session_id = cv.require_id(request.session_id, "session_id")
-        rows = cv.rows_to_array(request.rows, "rows", self.max_rows)
+        rows = await cv.rows_array(request.rows, "rows", self.max_rows)
         result = await self.dataplane.observe(session_id, rows, columns=list(request.columns) or None)
         return cv.forecast_to_pb(result)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import wrappers_pb2
 
@@ -84,6 +85,29 @@ def test_row_count_is_checked_before_any_row_is_read() -> None:
     assert _Counted.reads == 0
     with pytest.raises(InvalidInput, match="at most 4096"):
         cv.rows_to_array([common_pb2.Row(values=[1.0] * 5000)], "rows", 10)
+
+
+async def test_a_large_table_is_read_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a protobuf table costs Python per row (10,000 rows took tens of milliseconds of the loop that serves
+    every other call): one of more than ``ROWS_OFF_LOOP`` rows is read in a worker thread, to the same array, and
+    its refusals are the same; a small one stays on the loop."""
+    loop_thread, threads = threading.get_ident(), []
+    read = cv.rows_to_array
+
+    def recorded(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return read(*args)
+
+    monkeypatch.setattr(cv, "rows_to_array", recorded)
+    big = [common_pb2.Row(values=[float(i), i + 0.5, -i]) for i in range(cv.ROWS_OFF_LOOP + 1)]
+    got = await cv.rows_array(big, "history", 10_000)
+    assert got.dtype == np.float32 and got.tolist() == [[float(i), i + 0.5, -i] for i in range(len(big))]
+    assert threads[-1] != loop_thread
+    with pytest.raises(InvalidInput, match=r"^rows\[7\] has 2 values but rows\[0\] has 3: every row needs"):
+        await cv.rows_array([*big[:7], common_pb2.Row(values=[1, 2]), *big[8:]], "rows", 10_000)
+    small = await cv.rows_array(big[:3], "history", 10_000)
+    assert small.tolist() == got[:3].tolist() and threads[-1] == loop_thread
+    assert cv.rows_from_pb([], 3).shape == (0, 3)  # (a warming-up session's empty forecast keeps its width)
 
 
 def test_a_huge_rejected_request_does_not_stall_other_clients(plain: ServerHandle) -> None:
