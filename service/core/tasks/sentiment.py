@@ -8,6 +8,8 @@ v2 contract: TEXT BYTES [-1] -> LABEL BYTES [-1], PROBABILITIES FP32 [-1, labels
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from service.core.arrays import I64, right_pad, softmax
@@ -28,6 +30,10 @@ from service.core.tokenizers import Encoder
 from service.core.types import SentimentResult, Tensor, TensorContract, TensorDef
 from service.errors import InvalidInput
 from service.settings import Settings
+
+# Texts of more characters than this in all are checked and split into words in a worker thread: a request at the
+# limits (256 texts, max_words_per_request) is tens of milliseconds of Python that would hold the event loop.
+ENCODE_OFF_LOOP_CHARS = 16_384
 
 
 @register_task
@@ -123,7 +129,11 @@ class SentimentTask(Task):
         return ids
 
     async def _classify(self, texts: list[str], field: str) -> list[SentimentResult]:
-        batch, lengths = right_pad(self.encode(texts, field), self.pad)  # (batch, time), (batch,)
+        if sum(map(len, texts)) > ENCODE_OFF_LOOP_CHARS:
+            ids = await asyncio.to_thread(self.encode, texts, field)
+        else:
+            ids = self.encode(texts, field)
+        batch, lengths = right_pad(ids, self.pad)  # (batch, time), (batch,)
         inputs = {"input_ids": batch}
         if self.with_lengths:
             inputs["lengths"] = lengths

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,34 @@ async def test_classify_validation(make_dp: MakeDP) -> None:
         with pytest.raises(InvalidInput, match=message):
             await dp.classify(SENT, texts)
     assert len(await dp.classify(SENT, ["good " * 70, "bad " * 30])) == 2  # (100 words: at the limit)
+
+
+async def test_texts_of_many_characters_are_split_into_words_off_the_event_loop(
+    dp: CoreDataPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request at the limits is tens of milliseconds of tokenizing: over ``ENCODE_OFF_LOOP_CHARS`` characters
+    in all, the texts are checked and split in a worker thread, to the same answers and the same refusals."""
+    from service.core.tasks import sentiment
+
+    task = dp.registry.resolve(SENT).task
+    loop_thread, threads = threading.get_ident(), []
+    encode = task.encode  # type: ignore[attr-defined]
+
+    def recorded(texts: list[str], field: str) -> Any:
+        threads.append(threading.get_ident())
+        return encode(texts, field)
+
+    monkeypatch.setattr(task, "encode", recorded)
+    long = ["a good film , " * 20] * (sentiment.ENCODE_OFF_LOOP_CHARS // 280 + 1)  # (280 characters each)
+    assert sum(map(len, long)) > sentiment.ENCODE_OFF_LOOP_CHARS
+    results = await dp.classify(SENT, long)
+    assert threads[-1] != loop_thread
+    (alone,) = await dp.classify(SENT, long[:1])
+    assert threads[-1] == loop_thread  # (the same answer, to ONNX Runtime's rounding in a batch of another size)
+    assert all(np.allclose(r.probabilities, alone.probabilities, atol=1e-5) for r in results)
+    with pytest.raises(InvalidInput, match=r"^texts\[3\] is empty"):
+        await dp.classify(SENT, [*long[:3], "   ", *long[3:]])
+    assert threads[-1] != loop_thread
 
 
 async def test_a_text_longer_than_the_training_window_is_read_whole(dp: CoreDataPlane) -> None:
