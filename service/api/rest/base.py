@@ -88,7 +88,10 @@ class GatewayHandler(KeptAliveHandler):
         if error.code == grpc.StatusCode.UNAUTHENTICATED:
             headers["WWW-Authenticate"] = 'Bearer realm="seqserve"'
         status = HTTP_STATUS.get(error.code, 500)
-        return status, self._error(status, error.message), headers
+        message = error.message
+        if error.code == grpc.StatusCode.UNAUTHENTICATED:  # (the gateway sent the caller's header as this metadata)
+            message = message.replace("metadata 'authorization", "header 'Authorization")
+        return status, self._error(status, message), headers
 
     def _error(self, status: int, message: str, param: str | None = None) -> bytes:
         """The error body: OpenAI's error object under /v1, else ``{"error": message}`` (KServe / Triton)."""

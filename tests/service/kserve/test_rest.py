@@ -463,7 +463,11 @@ def test_api_keys_quotas_and_retry_after(start_server: Callable[..., ServerHandl
     body = infer_body(["a fine film"], [1])
     status, headers, answer = http(handle, "/v2/models/sentiment/infer", body)
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
-    assert "authorization" in json.loads(answer)["error"].lower()
+    assert json.loads(answer)["error"] == (  # an HTTP caller sends a header, not gRPC metadata
+        "missing credentials: this server needs header 'Authorization: Bearer <api key>'"
+    )
+    status, _, answer = http(handle, "/v2/models/sentiment/infer", body, Authorization="Bearer wrong-0123456789abcd")
+    assert json.loads(answer)["error"] == "wrong API key in header 'Authorization' (expected 'Bearer <api key>')"
     assert http(handle, "/v2/models/sentiment/infer", body, Authorization=f"Bearer {KEY}")[0] == 200
     status, headers, answer = http(handle, "/v2/models/sentiment/infer", body, Authorization=f"Bearer {KEY}")
     assert status == 429 and int(headers["Retry-After"]) == 1, answer  # the bucket's wait, rounded up
