@@ -207,6 +207,20 @@ class _Handler(KeptAliveHandler):
     def do_HEAD(self) -> None:
         self._respond(head=True)
 
+    def _not_allowed(self) -> None:
+        """Any other method: 405 naming the two this port takes (not the standard library's 501 HTML page)."""
+        self.send_response(405)
+        self.send_header("Allow", "GET, HEAD")
+        body = f"{self.command} is not served here: /metrics, /healthz and /readyz take GET (or HEAD)\n".encode()
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")  # (its body, if any, is left unread)
+        self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
     def _respond(self, head: bool) -> None:
         path = self.path.split("?", 1)[0]
         token = self.server.token

@@ -112,6 +112,20 @@ def test_health_readiness_and_404(server: tuple[str, Ready]) -> None:
     assert b"/metrics" in body
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_another_method_is_405_naming_the_ones_served(server: tuple[str, Ready], method: str) -> None:
+    base, _ = server
+    request = urllib.request.Request(base + "/metrics", data=b"x" if method in ("POST", "PUT") else None, method=method)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 405 and info.value.headers["Allow"] == "GET, HEAD"
+    assert (
+        info.value.read()
+        == f"{method} is not served here: /metrics, /healthz and /readyz take GET (or HEAD)\n".encode()
+    )
+    assert get(base + "/healthz")[0] == 200  # (and the port serves on)
+
+
 def test_readiness_callback_error_means_not_ready(metrics: Metrics) -> None:
     def broken() -> bool:
         raise RuntimeError("boom")
