@@ -339,3 +339,18 @@ def test_the_undo_bench_times_a_correction_three_ways(tiny_models: Path, tmp_pat
     assert r["undo_chars"] == 32 and [row["prefix_chars"] for row in r["rows"]] == [40]
     for kind in ("keystroke", "backspace", "reset"):  # (each row also checks the session's steps at its end)
         assert r["rows"][0][kind]["n"] == 3 and r["rows"][0][kind]["p50_ms"] > 0
+
+
+def test_the_stalls_bench_probes_beside_each_kind_of_large_request(tiny_models: Path, tmp_path: Path) -> None:
+    from bench.stalls import main as stalls_main
+
+    out = tmp_path / "stalls.json"
+    sizes = ["--rows", "200", "--texts", "4", "--words", "40"]
+    assert stalls_main(["--models", str(tiny_models), "--seconds", "0.5", *sizes, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert list(r["phases"]) == ["idle", "forecast", "classify"] and (r["rows"], r["texts"]) == (200, 4)
+    assert r["phases"]["idle"]["requests"] == {"n": 0}
+    for phase in r["phases"].values():
+        assert phase["probe"]["n"] > 0 and 0 < phase["probe"]["p50_ms"] <= phase["probe"]["max_ms"]
+    for phase in ("forecast", "classify"):  # (each answered: a refusal would have raised)
+        assert r["phases"][phase]["requests"]["n"] >= 1 and r["phases"][phase]["requests"]["p50_ms"] > 0
