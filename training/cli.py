@@ -1,4 +1,6 @@
-"""``seqserve-train {sentiment,charlm,forecast,calibrate,adapt,quantize,fuse,ensemble,evaluate,heldout,compare,
+"""``seqserve-train``: train the served models, derive new versions from them and evaluate them (docs/models.md).
+
+``seqserve-train {sentiment,charlm,forecast,calibrate,adapt,quantize,fuse,ensemble,evaluate,heldout,compare,
 sample}``.
 
 Defaults are the settings that produced the committed models (see docs/models.md). Data problems print ONE line

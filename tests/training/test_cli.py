@@ -770,3 +770,10 @@ def test_sentiment_evaluate_matches_an_independent_recomputation(tmp_path: Path)
     want = sum((bins == b).mean() * abs((pred == labels)[bins == b].mean() - conf[bins == b].mean())
                for b in range(15) if (bins == b).any())  # fmt: skip
     assert ev["dev_ece"] == pytest.approx(want, abs=1e-6)
+
+
+def test_help_opens_with_what_the_command_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse reflows the description: it was the docstring's first line, half a list of subcommands."""
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "``seqserve-train``: train the served models, derive new versions from them and evaluate them" in out
