@@ -307,7 +307,9 @@ def test_other_commands_refuse_bad_numbers(
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["forecast", "--help"]) == 0
-    assert "--window" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--window" in out
+    assert "\ntrain a forecaster on any time-series CSV" in out  # (what the parent's list says of it, first)
 
 
 def test_a_text_too_short_for_one_step_says_what_to_lower(

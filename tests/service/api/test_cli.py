@@ -560,3 +560,11 @@ def test_sigterm_lets_a_running_stream_finish_in_one_process(tiny_models: Path, 
         assert len(got) == 2000 and got[-1].finish_reason == "length"
     finally:
         assert p.terminate() == 0
+
+
+def test_a_commands_help_opens_with_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command's --help says first what ``seqserve --help`` lists for it (argparse leaves it out by default)."""
+    with pytest.raises(SystemExit) as e:
+        main(["forecast", "--help"])
+    assert e.value.code == 0
+    assert "\nforecast from the last rows of a CSV\n" in capsys.readouterr().out
