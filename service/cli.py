@@ -104,6 +104,18 @@ def _need_onnxruntime() -> None:
         raise RuntimeError(ORT_MISSING)
 
 
+def _need_device(settings: Settings) -> None:
+    """``device=cuda`` where ONNX Runtime has no CUDA: one line saying what to install or set, before any process
+    starts (the registry's start would raise it from the middle of the start-up, in every engine)."""
+    from service.core.runtime import select_providers
+    from service.errors import SeqServeError
+
+    try:
+        select_providers(settings.device)
+    except SeqServeError as exc:
+        raise RuntimeError(exc.message) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _need_onnxruntime()
     with deferred_interrupt():  # (a Ctrl-C here is "interrupted" once the imports are done, never lost in one)
@@ -112,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from service.logs import configure
 
     settings = _settings(args)
+    _need_device(settings)
     configure(settings)
     for name, meant in misspelt(os.environ):
         log.warning("%s is not a setting and is ignored; did you mean %s?", name, meant)
@@ -371,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser(
         "check",
-        help="check what serve would set up (settings, API keys, TLS, plugins, every model, the session store) "
-        "without serving; exit 1 if any part fails",
+        help="check what serve would set up (settings, API keys, TLS, plugins, device, every model, the session "
+        "store) without serving; exit 1 if any part fails",
     )
     _add_serve_flags(k)
     k.add_argument("--json", action="store_true", help="one JSON object per check instead of the table")

@@ -9,6 +9,8 @@ code ``serve`` runs at start, with the same settings (flags and ``SEQSERVE_*``),
 - **auth**: the API keys load (``api_keys`` file or pairs, ``api_key``), as principals;
 - **tls**: the certificate, key and client CA load as a server context, and how long the certificate has left;
 - **plugins**: each ``--plugin`` module imports;
+- **device**: ONNX Runtime offers the device's providers (``device=cuda`` needs a CUDA build of it); the models are
+  not loaded when it does not;
 - **model**: each version in the repository (or in ``load_models``) loads as the registry loads it: manifest,
   sha256, ONNX Runtime session on the chosen device, the task's own checks and start;
 - **sessions**: the session store answers (Redis: a PING through the configured client).
@@ -24,6 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+from service.errors import SeqServeError
 from service.settings import Settings, misspelt
 
 EXPIRY_WARNING_DAYS = 14  # as the SeqServeCertificateExpiresSoon alert
@@ -34,7 +37,7 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 
 @dataclass(frozen=True)
 class Finding:
-    part: str  # settings, auth, tls, plugins, model, sessions
+    part: str  # settings, auth, tls, plugins, device, model, sessions
     name: str  # what was checked: a model's name/version, a variable, a file
     status: str  # OK, WARN or FAIL
     detail: str
@@ -55,7 +58,8 @@ async def check(settings: Settings) -> list[Finding]:
     found.append(_auth(settings))
     found.append(_tls(settings))
     found += _plugins(settings)
-    if all(f.ok for f in found if f.part == "plugins"):  # (a plugin may register the task a model needs)
+    found.append(_device(settings))
+    if all(f.ok for f in found if f.part in ("plugins", "device")):  # (a plugin may register a model's task)
         found += await _models(settings)
     found.append(await _sessions(settings))
     return found
@@ -108,6 +112,17 @@ def _plugins(settings: Settings) -> list[Finding]:
         else:
             found.append(Finding("plugins", module, OK, "imported"))
     return found
+
+
+def _device(settings: Settings) -> Finding:
+    """The execution device: ONNX Runtime's providers for it (``device=cuda`` without a CUDA build fails)."""
+    from service.core.runtime import select_providers
+
+    try:
+        providers = select_providers(settings.device)
+    except SeqServeError as exc:
+        return Finding("device", settings.device, FAIL, exc.message)
+    return Finding("device", settings.device, OK, f"ONNX Runtime providers {', '.join(providers)}")
 
 
 async def _models(settings: Settings) -> list[Finding]:

@@ -10,12 +10,15 @@ import shutil
 import socket
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
 from service.cli import main
 from tests.graphs import answer_nan
 from tests.service.core.conftest import add_version
 from tests.service.security.certs import self_signed
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.fixture(autouse=True)
@@ -37,12 +40,28 @@ def status(found: list[dict[str, str]], part: str, name: str | None = None) -> t
 def test_a_good_repository_is_ready_to_serve(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--models", str(tiny_models)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "ready to serve (6 checks, 0 warnings)", lines
+    assert lines[-1] == "ready to serve (7 checks, 0 warnings)", lines
+    assert "ONNX Runtime providers CPUExecutionProvider" in next(x for x in lines if " device " in x)
     for name, task in (("charlm/1", "charlm"), ("sentiment/1", "sentiment"), ("forecaster/1", "forecast")):
         (line,) = [x for x in lines if f" {name} " in x]
         assert line.startswith("ok") and f"{task} on CPUExecutionProvider, loaded in" in line
         assert line.endswith("ran on samples of 1 and 32 row(s)"), line  # the warm-up: the graph runs
     assert any(x.startswith("ok") and "memory://" in x and "answers" in x for x in lines)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA")
+def test_cuda_without_a_cuda_build_fails_the_device_and_loads_no_model(
+    tiny_models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to end ``check`` (and ``serve``) in a traceback from the registry's start."""
+    rc, found = check(capsys, "--models", str(tiny_models), "--device", "cuda")
+    assert rc == 1
+    state, detail = status(found, "device", "cuda")
+    assert state == "fail" and detail.startswith("device='cuda' was requested but onnxruntime offers only [")
+    assert "install onnxruntime-gpu" in detail and not [f for f in found if f["part"] == "model"]
+    assert main(["serve", "--models", str(tiny_models), "--device", "cuda", "--port", "0", "--metrics-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: device='cuda' was requested but onnxruntime offers only [") and err.count("\n") == 1
 
 
 def test_a_models_serving_json_is_checked_and_shown(
