@@ -318,8 +318,8 @@ def _add_serve_flags(s: argparse.ArgumentParser) -> None:
         "--exit-on-error",
         action="store_const",
         const=True,
-        help="exit 1 at start when a model version fails to load, naming it (Triton's --exit-on-error; env "
-        "SEQSERVE_EXIT_ON_ERROR; default: serve the others)",
+        help="exit 1 at start when a model version fails to load (or --models is no folder), naming it (Triton's "
+        "--exit-on-error; env SEQSERVE_EXIT_ON_ERROR; default: serve the others)",
     )
     s.add_argument(
         "--workers",

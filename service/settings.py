@@ -225,7 +225,8 @@ class Settings(BaseSettings):
     load on request (RepositoryModelLoad); ``--watch-models`` follows the loaded ones only (``seqserve serve
     --load-model``). A name that is not in the repository stops the server at start."""
     exit_on_error: bool = False
-    """Stop the server at start (exit 1, naming each version and why) when a model version fails to load, as Triton's
+    """Stop the server at start (exit 1, naming each version and why) when a model version fails to load (or the
+    repository is not a folder: without this, a warning and a server that serves nothing), as Triton's
     ``--exit-on-error`` does (``seqserve serve --exit-on-error``): a deployment with a bad model then fails instead
     of serving the rest. Off by default, unlike Triton's: one model's bad files should not take the others down
     (the failed version is UNAVAILABLE, ServerReady false and ``SeqServeModelNotReady`` fires). Loads after the

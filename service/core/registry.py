@@ -61,6 +61,13 @@ def _signature(path: Path) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _not_a_folder(root: Path) -> str | None:
+    """Why ``root`` cannot be a model repository ("does not exist", "is not a directory"), or None."""
+    if root.is_dir():
+        return None
+    return "is not a directory" if root.exists() else "does not exist"
+
+
 def _within_repository(message: str, root: Path) -> str:
     """``message`` with the repository's own path cut from the paths it names ("charlm/2/manifest.json says ..."):
     load errors reach callers (UNAVAILABLE, the repository index), who need the model's folder, not the server's
@@ -432,8 +439,8 @@ class ModelRegistry:
         """The version folders on disk, and the names of model folders that could not be read (their loaded
         versions stay as they are: an unreadable folder is not a removed one)."""
         root = self.settings.models
-        if not root.is_dir():
-            problem = "is not a directory" if root.exists() else "does not exist"
+        problem = _not_a_folder(root)
+        if problem is not None:
             log.warning("model repository %s %s; no models will be served", root, problem)
             self._folders = set()
             return {}, set()
@@ -461,6 +468,12 @@ class ModelRegistry:
     async def start(self) -> None:
         """The first sync. With ``load_models``, every name in it must be in the repository: a name misspelt
         would otherwise leave a server up that serves nothing it was meant to."""
+        problem = _not_a_folder(self.settings.models)
+        if problem is not None and self.settings.exit_on_error:
+            raise RuntimeError(
+                f"exit_on_error (SEQSERVE_EXIT_ON_ERROR, --exit-on-error) is set and the model repository "
+                f"{self.settings.models} {problem}: point --models (SEQSERVE_MODELS) at the folder of model folders"
+            )
         failures = await self.sync()
         missing = sorted(self._chosen - self._on_disk) if self._chosen is not None else []
         if missing:

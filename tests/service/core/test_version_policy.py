@@ -262,6 +262,31 @@ async def test_exit_on_error_counts_a_model_whose_policy_chooses_none_of_its_ver
     )
 
 
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+async def test_exit_on_error_stops_the_start_on_a_repository_that_is_no_folder(tmp_path: Path, kind: str) -> None:
+    """Without --exit-on-error such a server starts serving nothing (a warning; health NOT_SERVING): a repository
+    mounted later, with --watch-models. With it, the start stops at once, saying what to point where."""
+    root = tmp_path / "models"
+    if kind == "a file":
+        root.write_text("not a repository")
+    for strict in (False, True):
+        dp = CoreDataPlane(core_settings(root, session_store="memory", exit_on_error=strict), RecordingMetrics())
+        try:
+            if not strict:
+                await dp.start()
+                assert not dp.registry.versions()
+                continue
+            with pytest.raises(RuntimeError) as err:
+                await dp.start()
+        finally:
+            await dp.stop()
+    problem = "does not exist" if kind == "missing" else "is not a directory"
+    assert str(err.value) == (
+        f"exit_on_error (SEQSERVE_EXIT_ON_ERROR, --exit-on-error) is set and the model repository {root} {problem}: "
+        "point --models (SEQSERVE_MODELS) at the folder of model folders"
+    )
+
+
 async def test_versions_a_specific_policy_names_but_the_repository_lacks_are_logged_once(
     repo: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
