@@ -37,11 +37,16 @@ def register_store(scheme: str, factory: StoreFactory) -> None:
 
 def open_store(url: str, settings: Settings) -> SessionStore:
     """The store ``url`` names (``memory://``, ``redis://host:port/db``, ``bytes://`` in tests, ...);
-    ValueError for an unknown scheme."""
+    ValueError for an unknown scheme, or a URL its store cannot read (a port out of range, a cluster URL without a
+    node), naming the setting (the client library's own message alone names nothing)."""
     scheme = url.split("://", 1)[0] if "://" in url else url
     if scheme not in STORES:
         raise ValueError(f"session_store {redact(url)!r}: unknown scheme {scheme!r}; known: {sorted(STORES)}")
-    return STORES[scheme](url, settings)
+    try:
+        return STORES[scheme](url, settings)
+    except Exception as exc:  # (the store's constructor reads the URL; it connects later)
+        why = str(exc).splitlines()[0].replace(url, redact(url)) if str(exc) else type(exc).__name__
+        raise ValueError(f"session_store {redact(url)!r}: {why}") from exc
 
 
 def redact(url: str) -> str:
