@@ -119,12 +119,14 @@ def _need_device(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     _need_onnxruntime()
     with deferred_interrupt():  # (a Ctrl-C here is "interrupted" once the imports are done, never lost in one)
+        from service.api.server import check_host
         from service.core.aio import run, server_gc
         from service.engine.procs import serve, worker_count
         from service.logs import configure
 
     settings = _settings(args)
     _need_device(settings)
+    check_host(settings.host)
     configure(settings)
     for name, meant in misspelt(os.environ):
         log.warning("%s is not a setting and is ignored; did you mean %s?", name, meant)

@@ -15,6 +15,7 @@ handshake runs on the connection's own thread, under the same limits; when it ch
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hmac
 import logging
@@ -291,14 +292,21 @@ class HttpPort:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
+    def _fix(self, exc: OSError) -> str:
+        """What to change after a failed bind: the host when it is no address of this machine, else the port."""
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            return f"{self.host!r} is not an address of this machine: set --host (SEQSERVE_HOST) to one it has"
+        if exc.errno == errno.EACCES:
+            return f"a port below 1024 needs privileges: choose another port: {self._setting}"
+        return f"another process listens there? choose another port: {self._setting}"
+
     def start(self) -> int:
         if self._server is None:
             try:
                 self._server = self._build((self.host, self.port))
             except OSError as exc:
                 raise RuntimeError(
-                    f"cannot bind the {self._what} {self.host}:{self.port}: {exc.strerror or exc} (another process "
-                    f"listens there? choose another port: {self._setting})"
+                    f"cannot bind the {self._what} {self.host}:{self.port}: {exc.strerror or exc} ({self._fix(exc)})"
                 ) from None
             self._thread = threading.Thread(target=self._server.serve_forever, name=self._thread_name, daemon=True)
             self._thread.start()

@@ -13,6 +13,7 @@ frontends (SO_REUSEPORT); ``own_port`` also binds a free port of its own (tests 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import secrets
@@ -339,6 +340,24 @@ def grpc_options(s: Settings) -> list[tuple[str, Any]]:
     if s.grpc_max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams))
     return options
+
+
+def check_host(host: str) -> None:
+    """RuntimeError, saying what to set, when ``host`` is nothing this machine can listen on: a name that does not
+    resolve, or another machine's address (gRPC's own bind says only "Failed to bind to address", and the hints
+    after it are about the port)."""
+    if host in ("", "0.0.0.0", "::", "localhost"):
+        return
+    fix = "set --host (SEQSERVE_HOST) to an address of this machine (127.0.0.1 for this machine only, 0.0.0.0 for all)"
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise RuntimeError(f"host {host!r} does not resolve ({exc.strerror}): {fix}") from None
+    for family, _, _, _, address in found:
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+            return
+    raise RuntimeError(f"host {host!r} is not an address of this machine: {fix}")
 
 
 def check_free(host: str, port: int, setting: str) -> None:

@@ -568,3 +568,20 @@ def test_a_commands_help_opens_with_what_it_does(capsys: pytest.CaptureFixture[s
         main(["forecast", "--help"])
     assert e.value.code == 0
     assert "\nforecast from the last rows of a CSV\n" in capsys.readouterr().out
+
+
+def test_serve_on_a_host_that_is_not_this_machine_says_to_set_the_host(
+    tiny_models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """192.0.2.1 (RFC 5737, documentation only) is no address of this machine: gRPC's bind said "Failed to bind to
+    address" and the hint after it was "port in use? set SEQSERVE_PORT"."""
+    from service.api.server import check_host
+
+    check_host("127.0.0.1")  # (this machine's: no error)
+    check_host("localhost")
+    args = ["serve", "--models", str(tiny_models), "--host", "192.0.2.1", "--port", "0", "--metrics-port", "0"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (
+        "error: host '192.0.2.1' is not an address of this machine: set --host (SEQSERVE_HOST) to an address of this "
+        "machine (127.0.0.1 for this machine only, 0.0.0.0 for all)\n"
+    )

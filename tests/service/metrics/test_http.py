@@ -218,3 +218,21 @@ def test_a_broken_collector_answers_500_and_the_endpoint_lives_on(metrics: Metri
         assert get(base + "/metrics")[0] == 200
     finally:
         srv.stop()
+
+
+def test_a_failed_bind_says_whether_to_change_the_host_or_the_port(metrics: Metrics) -> None:
+    """192.0.2.1 (RFC 5737) is no address of this machine: the hint was "another process listens there?"."""
+    with pytest.raises(RuntimeError) as err:
+        MetricsHttpServer("192.0.2.1", 0, metrics, Ready()).start()
+    assert str(err.value).endswith(
+        "('192.0.2.1' is not an address of this machine: set --host (SEQSERVE_HOST) to one it has)"
+    )
+    taken = MetricsHttpServer("127.0.0.1", 0, metrics, Ready())
+    try:
+        with pytest.raises(RuntimeError) as err:
+            MetricsHttpServer("127.0.0.1", taken.start(), metrics, Ready()).start()
+        assert "another process listens there? choose another port: --metrics-port or SEQSERVE_METRICS_PORT" in str(
+            err.value
+        )
+    finally:
+        taken.stop()
