@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser(
         "check",
-        help="check what serve would set up (settings, API keys, TLS, plugins, device, every model, the session "
+        help="check what serve would set up (settings, host, API keys, TLS, plugins, device, every model, the session "
         "store) without serving; exit 1 if any part fails",
     )
     _add_serve_flags(k)

@@ -6,6 +6,7 @@ to hear about a bad model folder before the rollout, not from a readiness probe 
 code ``serve`` runs at start, with the same settings (flags and ``SEQSERVE_*``), and reports each part:
 
 - **settings**: every ``SEQSERVE_*`` variable that is not a setting (a typo ``serve`` only warns about);
+- **host**: the address to listen on is this machine's (a name that resolves to one of its addresses);
 - **auth**: the API keys load (``api_keys`` file or pairs, ``api_key``), as principals;
 - **tls**: the certificate, key and client CA load as a server context, and how long the certificate has left;
 - **plugins**: each ``--plugin`` module imports;
@@ -37,7 +38,7 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 
 @dataclass(frozen=True)
 class Finding:
-    part: str  # settings, auth, tls, plugins, device, model, sessions
+    part: str  # settings, host, auth, tls, plugins, device, model, sessions
     name: str  # what was checked: a model's name/version, a variable, a file
     status: str  # OK, WARN or FAIL
     detail: str
@@ -55,6 +56,7 @@ async def check(settings: Settings) -> list[Finding]:
     """Every part ``serve`` sets up at start, checked in the order it does."""
     found = [Finding("settings", name, WARN, f"not a setting, ignored; did you mean {meant}?") for name, meant in
              misspelt(os.environ)]  # fmt: skip
+    found.append(_host(settings))
     found.append(_auth(settings))
     found.append(_tls(settings))
     found += _plugins(settings)
@@ -63,6 +65,17 @@ async def check(settings: Settings) -> list[Finding]:
         found += await _models(settings)
     found.append(await _sessions(settings))
     return found
+
+
+def _host(settings: Settings) -> Finding:
+    """The address serve listens on is this machine's (its ports are not tried: serve may be running)."""
+    from service.api.server import check_host
+
+    try:
+        check_host(settings.host)
+    except RuntimeError as exc:
+        return Finding("host", settings.host, FAIL, str(exc))
+    return Finding("host", settings.host, OK, "an address of this machine")
 
 
 def _auth(settings: Settings) -> Finding:

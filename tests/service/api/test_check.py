@@ -40,7 +40,9 @@ def status(found: list[dict[str, str]], part: str, name: str | None = None) -> t
 def test_a_good_repository_is_ready_to_serve(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--models", str(tiny_models)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "ready to serve (7 checks, 0 warnings)", lines
+    assert lines[-1] == "ready to serve (8 checks, 0 warnings)", lines
+    (host,) = [" ".join(x.split()) for x in lines if " host " in x]
+    assert host == "ok host 127.0.0.1 an address of this machine"
     assert "ONNX Runtime providers CPUExecutionProvider" in next(x for x in lines if " device " in x)
     for name, task in (("charlm/1", "charlm"), ("sentiment/1", "sentiment"), ("forecaster/1", "forecast")):
         (line,) = [x for x in lines if f" {name} " in x]
@@ -62,6 +64,14 @@ def test_cuda_without_a_cuda_build_fails_the_device_and_loads_no_model(
     assert main(["serve", "--models", str(tiny_models), "--device", "cuda", "--port", "0", "--metrics-port", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: device='cuda' was requested but onnxruntime offers only [") and err.count("\n") == 1
+
+
+def test_a_host_that_is_not_this_machines_fails(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, found = check(capsys, "--models", str(tiny_models), "--host", "192.0.2.1")
+    assert rc == 1
+    assert status(found, "host") == ("fail", "host '192.0.2.1' is not an address of this machine: set --host "
+                                     "(SEQSERVE_HOST) to an address of this machine (127.0.0.1 for this machine "
+                                     "only, 0.0.0.0 for all)")  # fmt: skip
 
 
 def test_a_models_serving_json_is_checked_and_shown(
