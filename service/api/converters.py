@@ -6,7 +6,6 @@ Shape checks that only make sense on the wire (ragged rows, a missing required i
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from service.api.gen.seqserve.v1 import (
     sentiment_pb2,
     sessions_pb2,
 )
+from service.core.aio import inline_unless
 from service.core.types import (
     CompletionChunk,
     FinishReason,
@@ -93,9 +93,7 @@ async def rows_array(rows: Sequence[common_pb2.Row], field: str, max_rows: int) 
     """``rows_to_array``, off the event loop for a table of more than ``ROWS_OFF_LOOP`` rows: the loop then takes
     its turns between the reader's slices of the GIL, so the calls it serves meanwhile (a keystroke, a health
     check) wait a few milliseconds, not the whole read."""
-    if len(rows) <= ROWS_OFF_LOOP:
-        return rows_to_array(rows, field, max_rows)
-    return await asyncio.to_thread(rows_to_array, rows, field, max_rows)
+    return await inline_unless(len(rows) > ROWS_OFF_LOOP, rows_to_array, rows, field, max_rows)
 
 
 def rows_to_array(rows: Sequence[common_pb2.Row], field: str, max_rows: int) -> FloatArray:

@@ -1,5 +1,5 @@
-"""Small asyncio helpers: the event loop a server process runs on (and its garbage collector's threshold), and
-stopping background tasks."""
+"""Small asyncio helpers: the event loop a server process runs on (and its garbage collector's threshold), work
+too large for the loop, and stopping background tasks."""
 
 from __future__ import annotations
 
@@ -73,3 +73,13 @@ async def cancel_and_wait(task: asyncio.Task[object] | None, timeout: float = 5.
     if not task.cancelled() and task.exception() is not None:
         log.warning("background task %s ended with %r", task.get_name(), task.exception())
     return True
+
+
+async def inline_unless(large: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the event loop, or, when ``large``, in a worker thread: milliseconds of Python (decoding a
+    large input, reading a long table, tokenizing many texts) would hold every other call of the process, where in
+    a thread the loop takes its turns at the GIL meanwhile. (The arguments are passed, not closed over, so a failure
+    pins nothing of them.)"""
+    if not large:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)

@@ -16,7 +16,6 @@ by ``implementation`` the same way). A task:
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncGenerator, Container, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from service.core.aio import inline_unless
 from service.core.manifest import Manifest
 from service.core.types import (
     CharStep,
@@ -224,9 +224,8 @@ DECODE_INLINE_ELEMENTS = 1 << 16  # inputs with more elements than this are deco
 async def check_and_decode(model: str, contract: TensorContract, inputs: Sequence[InputTensor]) -> dict[str, Tensor]:
     """``check_inputs`` with the decoding of large inputs moved off the event loop."""
     checked = check_header(model, contract, inputs)
-    if sum(math.prod(t.shape) for t in checked.values()) <= DECODE_INLINE_ELEMENTS:
-        return _decode_all(checked)
-    return await asyncio.to_thread(_decode_all, checked)  # no closure: a failed decode must not pin the inputs
+    elements = sum(math.prod(t.shape) for t in checked.values())
+    return await inline_unless(elements > DECODE_INLINE_ELEMENTS, _decode_all, checked)
 
 
 def _decode_all(checked: dict[str, InputTensor]) -> dict[str, Tensor]:

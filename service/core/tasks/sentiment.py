@@ -8,10 +8,9 @@ v2 contract: TEXT BYTES [-1] -> LABEL BYTES [-1], PROBABILITIES FP32 [-1, labels
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 
+from service.core.aio import inline_unless
 from service.core.arrays import I64, right_pad, softmax
 from service.core.batching import StepInput
 from service.core.manifest import Manifest
@@ -129,10 +128,7 @@ class SentimentTask(Task):
         return ids
 
     async def _classify(self, texts: list[str], field: str) -> list[SentimentResult]:
-        if sum(map(len, texts)) > ENCODE_OFF_LOOP_CHARS:
-            ids = await asyncio.to_thread(self.encode, texts, field)
-        else:
-            ids = self.encode(texts, field)
+        ids = await inline_unless(sum(map(len, texts)) > ENCODE_OFF_LOOP_CHARS, self.encode, texts, field)
         batch, lengths = right_pad(ids, self.pad)  # (batch, time), (batch,)
         inputs = {"input_ids": batch}
         if self.with_lengths:
