@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import Message
 
 from service.api.completions import error_body
+from service.api.generate import spelled_as
 from service.api.http import KeptAliveHandler
 from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN
 from service.api.rest.common import HEADER_LENGTH, HTTP_STATUS, Reply, error_json
@@ -34,6 +35,9 @@ class GatewayHandler(KeptAliveHandler):
 
     _request_id: str | None = None  # the gRPC call's, for the X-Request-Id header
     _peer: tuple[str | None, str] | None = None  # mTLS: (the connection's principal or None, why none), once read
+    # The gRPC call's fields -> the keys this request spelt them as (generate's text_input for prompt), which its
+    # refusals name instead (``_from_rpc``); set by the endpoint that made the call, reset per request.
+    _keys: dict[str, str] | None = None
 
     @property
     def gateway(self) -> RestGateway:
@@ -88,10 +92,12 @@ class GatewayHandler(KeptAliveHandler):
         if error.code == grpc.StatusCode.UNAUTHENTICATED:
             headers["WWW-Authenticate"] = 'Bearer realm="seqserve"'
         status = HTTP_STATUS.get(error.code, 500)
-        message = error.message
+        message, param = error.message, None
         if error.code == grpc.StatusCode.UNAUTHENTICATED:  # (the gateway sent the caller's header as this metadata)
             message = message.replace("metadata 'authorization", "header 'Authorization")
-        return status, self._error(status, message), headers
+        elif error.code == grpc.StatusCode.INVALID_ARGUMENT:
+            message, param = spelled_as(message, self._keys or {})
+        return status, self._error(status, message, param), headers
 
     def _error(self, status: int, message: str, param: str | None = None) -> bytes:
         """The error body: OpenAI's error object under /v1, else ``{"error": message}`` (KServe / Triton)."""

@@ -23,7 +23,7 @@ from service.api.completions import (
     usage,
 )
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.api.generate import OPTIONS, RequestError, answer, caller_keys, complete_request, event, spelled_as
+from service.api.generate import OPTIONS, RequestError, answer, caller_keys, complete_request, event
 from service.api.interceptors import REQUEST_ID_FORM
 from service.api.kserve.convert import fill_log_settings
 from service.api.rest.base import GatewayHandler
@@ -224,14 +224,9 @@ class Endpoints(GatewayHandler):
         sent = self.headers.get("X-Request-Id")
         self._request_id = sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()
         metadata = (*(m for m in self._metadata() if m[0] != "x-request-id"), ("x-request-id", self._request_id))
+        self._keys = keys
         call = self.gateway.autocomplete.Complete(request, metadata=metadata, timeout=self.gateway.call_timeout)
-        try:
-            return call, next(call)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            message, key = spelled_as(err.details() or "", keys)
-            raise HttpError(400, message, param=key) from None
+        return call, next(call)
 
     def _stream(
         self,

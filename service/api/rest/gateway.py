@@ -220,7 +220,7 @@ class _RestHandler(Endpoints):
         self._send(*self._refusal(refused), head=False)
 
     def _serve(self, method: str) -> None:
-        self._request_id = None
+        self._request_id, self._keys = None, None
         try:
             body = self._body()
             reply = self._uncertified() or self._route(method, self.path.split("?", 1)[0], body)
