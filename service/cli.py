@@ -104,29 +104,16 @@ def _need_onnxruntime() -> None:
         raise RuntimeError(ORT_MISSING)
 
 
-def _need_device(settings: Settings) -> None:
-    """``device=cuda`` where ONNX Runtime has no CUDA: one line saying what to install or set, before any process
-    starts (the registry's start would raise it from the middle of the start-up, in every engine)."""
-    from service.core.runtime import select_providers
-    from service.errors import SeqServeError
-
-    try:
-        select_providers(settings.device)
-    except SeqServeError as exc:
-        raise RuntimeError(exc.message) from None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     _need_onnxruntime()
     with deferred_interrupt():  # (a Ctrl-C here is "interrupted" once the imports are done, never lost in one)
-        from service.api.server import check_host
         from service.core.aio import run, server_gc
         from service.engine.procs import serve, worker_count
         from service.logs import configure
+        from service.preflight import refuse_unservable
 
     settings = _settings(args)
-    _need_device(settings)
-    check_host(settings.host)
+    refuse_unservable(settings)  # (a bad host or device: one line, before any process starts)
     configure(settings)
     for name, meant in misspelt(os.environ):
         log.warning("%s is not a setting and is ignored; did you mean %s?", name, meant)

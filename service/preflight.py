@@ -67,6 +67,14 @@ async def check(settings: Settings) -> list[Finding]:
     return found
 
 
+def refuse_unservable(settings: Settings) -> None:
+    """What ``serve`` checks before any process starts, as ``check`` reports it: the host and the device.
+    RuntimeError with the first part that fails (its finding's text)."""
+    for finding in (_host(settings), _device(settings)):
+        if not finding.ok:
+            raise RuntimeError(finding.detail)
+
+
 def _host(settings: Settings) -> Finding:
     """The address serve listens on is this machine's (its ports are not tried: serve may be running)."""
     from service.api.server import check_host
