@@ -20,7 +20,6 @@ from an admin and from a non-admin; and valid traffic in between.
 from __future__ import annotations
 
 import collections
-import multiprocessing as mp
 import random
 import threading
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import grpc
 
 from bench import cli
-from bench.launch import first_message, metric_families, rss_mib, serve
+from bench.launch import LiveWatcher, metric_families, rss_mib, serve
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.seqserve.v1 import (
     autocomplete_pb2,
@@ -350,32 +349,6 @@ def server_codes(metrics_port: int) -> collections.Counter[str]:
     return counts
 
 
-def watch_live(target: str, stop: Any, out: Any) -> None:
-    """``ServerLive`` every 20 ms until ``stop`` (an event) is set, then on ``out`` (a queue), once, the latency
-    (seconds) of every probe answered and the status code of every probe refused. It runs in a process of its own
-    (``run`` spawns it): a thread of the campaign's process would time that process too, whose eight threads
-    building and parsing megabyte requests hold the GIL for hundreds of milliseconds (seed 44, 2026-12-06: a probe
-    thread in the campaign's process saw a worst of 515 ms where a probe process beside it saw 21 ms)."""
-    latencies: list[float] = []
-    refused: collections.Counter[str] = collections.Counter()
-    with grpc.insecure_channel(target) as channel:
-        live = channel.unary_unary(KS + "ServerLive")
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                live(
-                    pb.ServerLiveRequest().SerializeToString(),
-                    timeout=30,
-                    metadata=(("authorization", f"Bearer {KEYS['bob']}"),),
-                )
-            except grpc.RpcError as err:
-                refused[err.code().name] += 1
-            else:
-                latencies.append(time.perf_counter() - t0)
-            time.sleep(0.02)
-    out.put((latencies, dict(refused)))
-
-
 def run(target: str, metrics_port: int, pid: int, requests: int, threads: int, seed: int) -> dict[str, Any]:
     """Runs the campaign against a server; the summary as a dict."""
     campaign = Campaign(target, seed)
@@ -383,10 +356,7 @@ def run(target: str, metrics_port: int, pid: int, requests: int, threads: int, s
     by_code: collections.Counter[str] = collections.Counter()
     by_kind: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     lock = threading.Lock()
-    ctx = mp.get_context("spawn")  # (a fork would copy this process's gRPC threads' state)
-    stop, probes = ctx.Event(), ctx.Queue()
-    watcher = ctx.Process(target=watch_live, args=(target, stop, probes), daemon=True, name="ServerLive watcher")
-    watcher.start()
+    watcher = LiveWatcher(target, 0.02, (("authorization", f"Bearer {KEYS['bob']}"),))
     started = time.perf_counter()
 
     def one(item: tuple[str, Call]) -> None:
@@ -400,11 +370,11 @@ def run(target: str, metrics_port: int, pid: int, requests: int, threads: int, s
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, work))
     finally:
-        stop.set()
+        watcher.stop()
     seconds = time.perf_counter() - started
-    live, live_refused = first_message(watcher, probes, timeout=60)
+    seen, live_refused = watcher.results()
+    live = [took for _, took in seen]
     pc = cli.percentiles(live)
-    watcher.join(30)
     time.sleep(0.5)  # streams' last metrics
     return {
         "requests": sum(by_code.values()),

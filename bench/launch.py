@@ -153,3 +153,55 @@ def first_message(proc: mp.process.BaseProcess, messages: mp.Queue[Any], timeout
                 raise RuntimeError(f"child process {proc.name} exited with {proc.exitcode} before answering") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"child process {proc.name} did not answer within {timeout:g}s") from None
+
+
+def watch_live(target: str, stop: Any, out: Any, every: float, metadata: tuple[tuple[str, str], ...]) -> None:
+    """KServe ``ServerLive`` every ``every`` seconds until ``stop`` (an event) is set; on ``out`` (a queue): "ready"
+    once its channel is up, then, once, the (start time, seconds) of every probe answered and the count of every
+    status code refused. It runs in a process of its own (``LiveWatcher``): a thread of the bench's process would
+    time that process too, whose threads building and parsing megabyte requests hold the GIL for hundreds of
+    milliseconds (bench.hostile, seed 44, 2026-12-06: a probe thread in the campaign's process saw a worst of
+    515 ms where a probe process beside it saw 21 ms)."""
+    import grpc
+
+    from service.api.gen.inference import grpc_service_pb2 as pb
+
+    seen: list[tuple[float, float]] = []
+    refused: dict[str, int] = {}
+    with grpc.insecure_channel(target) as channel:
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+        request = pb.ServerLiveRequest().SerializeToString()
+        grpc.channel_ready_future(channel).result(timeout=30)
+        out.put("ready")
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                live(request, timeout=30, metadata=metadata)
+            except grpc.RpcError as err:
+                refused[err.code().name] = refused.get(err.code().name, 0) + 1
+            else:
+                seen.append((t0, time.perf_counter() - t0))
+            time.sleep(every)
+    out.put((seen, refused))
+
+
+class LiveWatcher:
+    """``watch_live`` in a process of its own, started (and its channel up) on construction; ``stop`` ends the
+    probing, ``results`` collects it: (start time, seconds) of each probe answered, refusals by status code."""
+
+    def __init__(self, target: str, every: float, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        ctx = mp.get_context("spawn")  # (a fork would copy this process's gRPC threads' state)
+        self._stop, self._out = ctx.Event(), ctx.Queue()
+        args = (target, self._stop, self._out, every, metadata)
+        self._process = ctx.Process(target=watch_live, args=args, daemon=True, name="ServerLive watcher")
+        self._process.start()
+        first_message(self._process, self._out, timeout=60)  # "ready"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def results(self) -> tuple[list[tuple[float, float]], dict[str, int]]:
+        self.stop()
+        seen, refused = first_message(self._process, self._out, timeout=60)
+        self._process.join(30)
+        return seen, refused

@@ -22,7 +22,6 @@ to compare.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 import time
 from pathlib import Path
@@ -32,29 +31,12 @@ import grpc
 import numpy as np
 
 from bench import cli
-from bench.launch import first_message, serve
-from service.api.gen.inference import grpc_service_pb2 as pb
+from bench.launch import LiveWatcher, serve
 from service.api.gen.seqserve.v1 import common_pb2, forecast_pb2, sentiment_pb2
 from service.core.manifest import MANIFEST_FILE, Manifest
 
 KS = "/inference.GRPCInferenceService/"
 WORDS = "a the film movie is was not good bad great dull fun story acting plot , . and but it 's n't very too"
-
-
-def probe(target: str, stop: Any, out: Any) -> None:
-    """``ServerLive`` every 2 ms until ``stop`` is set; then on ``out``, once, (start time, seconds) of each."""
-    seen: list[tuple[float, float]] = []
-    with grpc.insecure_channel(target) as channel:
-        live = channel.unary_unary(KS + "ServerLive")
-        request = pb.ServerLiveRequest().SerializeToString()
-        live(request, timeout=30)
-        out.put("ready")
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            live(request, timeout=30)
-            seen.append((t0, time.perf_counter() - t0))
-            time.sleep(0.002)
-    out.put(seen)
 
 
 def forecast_request(models: Path, rows: int) -> forecast_pb2.PredictRequest:
@@ -83,13 +65,9 @@ def classify_request(texts: int, words: int) -> sentiment_pb2.ClassifyRequest:
 def run(target: str, seconds: float, phases: dict[str, tuple[str, bytes] | None]) -> dict[str, Any]:
     """Each phase's requests (method, serialized request; None: none) for ``seconds``, with the probe process
     beside them: per phase, the requests' latency and the probes within it."""
-    ctx = mp.get_context("spawn")  # (a fork would copy this process's gRPC threads' state)
-    stop, messages = ctx.Event(), ctx.Queue()
-    watcher = ctx.Process(target=probe, args=(target, stop, messages), daemon=True, name="ServerLive probe")
-    watcher.start()
+    watcher = LiveWatcher(target, 0.002)
     windows: dict[str, tuple[float, float, list[float]]] = {}
     try:
-        first_message(watcher, messages, timeout=60)  # ("ready": its channel is up)
         time.sleep(0.2)
         with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) as channel:
             for phase, call in phases.items():
@@ -105,9 +83,8 @@ def run(target: str, seconds: float, phases: dict[str, tuple[str, bytes] | None]
                         took.append(time.perf_counter() - t0)
                 windows[phase] = (start, time.perf_counter(), took)
     finally:
-        stop.set()
-    seen: list[tuple[float, float]] = first_message(watcher, messages, timeout=60)
-    watcher.join(30)
+        watcher.stop()
+    seen, _ = watcher.results()
     result = {}
     for phase, (start, end, took) in windows.items():
         probes = [s for t0, s in seen if start <= t0 < end]
