@@ -109,12 +109,17 @@ class _Server(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """``ThreadingMixIn``'s, with the connection's slot freed before its socket closes: a client that saw its
+        connection end and connects again at once found the slot still held, and was refused as busy."""
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             with self._lock:
                 self._deadlines.pop(request, None)
             self._slots.release()
+            self.shutdown_request(request)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self.idle_timeout)
