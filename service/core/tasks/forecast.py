@@ -54,6 +54,11 @@ ADVANCE_INLINE_ROWS = 32  # an Observe with more rows moves its adaptive width i
 MAX_Z = 1e6  # standard deviations from the training mean beyond which an input value is refused
 
 
+# The field that names the columns of a field that carries rows, as the caller spelled it: KServe's input COLUMNS
+# beside input HISTORY; the API's ``columns`` beside ``history`` or ``rows``.
+_COLUMNS_FIELD = {"input HISTORY": "input COLUMNS"}
+
+
 @register_task
 class ForecastTask(Task):
     name = "forecast"
@@ -257,18 +262,19 @@ class ForecastTask(Task):
     def by_name(self, x: npt.NDArray[Any], field: str, columns: Sequence[str]) -> npt.NDArray[Any]:
         """The model's columns of ``x`` (rows, len(columns)), in the model's order, found by name in ``columns``;
         the others dropped. INVALID_ARGUMENT for a width that is not the names' count, a repeated name, or a
-        model column that is not there."""
-        names = list(columns)
+        model column that is not there, naming the field that named them as the caller spelled it (the API's
+        ``columns``, KServe's input ``COLUMNS``)."""
+        names, named_by = list(columns), _COLUMNS_FIELD.get(field, "columns")
         if x.shape[1] != len(names):
-            raise InvalidInput(f"{field} has {x.shape[1]} values per row but columns names {len(names)}")
+            raise InvalidInput(f"{field} has {x.shape[1]} values per row but {named_by} names {len(names)}")
         counts = Counter(names)
         twice = sorted(n for n, k in counts.items() if k > 1)
         if twice:
-            raise InvalidInput(f"columns names {echo(twice[0])} more than once; name each column once")
+            raise InvalidInput(f"{named_by} names {echo(twice[0])} more than once; name each column once")
         missing = [c for c in self.columns if c not in counts]
         if missing:
             raise InvalidInput(
-                f"columns lacks {', '.join(map(repr, missing))}: model {self.model.label} reads {self.columns} "
+                f"{named_by} lacks {', '.join(map(repr, missing))}: model {self.model.label} reads {self.columns} "
                 "(other columns are ignored)"
             )
         return x[:, [names.index(c) for c in self.columns]]

@@ -507,8 +507,14 @@ def test_a_forecaster_takes_history_columns_by_name(stub: pb_grpc.GRPCInferenceS
     got = _outputs(stub.ModelInfer(request(shuffled, [names[i] for i in order]), timeout=60))
     np.testing.assert_array_equal(got["FORECAST"], want["FORECAST"])
     np.testing.assert_array_equal(got["QUANTILES"], want["QUANTILES"])
-    code, details = _status(stub, request(shuffled, [*[names[i] for i in order][:-1], "humidity"]))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "columns lacks 'LULL'" in details
+    # Refusals name the input as the KServe request did (input COLUMNS), not as the Forecast API's field.
+    named = [names[i] for i in order]
+    for cols, message in [
+        ([*named[:-1], "humidity"], "input COLUMNS lacks 'LULL': model forecaster/"),
+        ([*named[:-1], named[0]], f"input COLUMNS names '{named[0]}' more than once"),
+    ]:
+        code, details = _status(stub, request(shuffled, cols))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details, details
 
 
 def test_the_response_cache_answers_a_repeated_request_and_triton_counts_it(
