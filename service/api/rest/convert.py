@@ -136,10 +136,21 @@ def _json_elements(name: str, datatype: str, data: Any, count: int) -> bytes:
     if not ok:
         wanted = {"BOOL": "true or false"}.get(datatype, "numbers" if dtype.kind == "f" else "integers")
         raise HttpError(400, f"input {echo(name)}: {datatype} data are JSON {wanted}")
+    span = ""
+    if dtype.kind == "f":
+        span = f" {np.finfo(dtype).min:.8g}..{np.finfo(dtype).max:.8g}"
+    elif dtype.kind in "iu":
+        span = f" {np.iinfo(dtype).min}..{np.iinfo(dtype).max}"
     try:
-        array = np.array(flat, dtype=dtype)
+        if dtype.kind == "f":  # a number past the type's largest would become inf: refused like an integer's
+            wide = np.array(flat, dtype=np.float64)
+            with np.errstate(over="ignore"):
+                array = wide.astype(dtype)
+            if (np.isinf(array) & np.isfinite(wide)).any():  # (NaN and Infinity, where the JSON has them, pass)
+                raise OverflowError
+        else:
+            array = np.array(flat, dtype=dtype)
     except (OverflowError, ValueError):
-        span = f" {np.iinfo(dtype).min}..{np.iinfo(dtype).max}" if dtype.kind in "iu" else ""
         raise HttpError(400, f"input {echo(name)}: a value is outside {datatype}'s range{span}") from None
     return array.tobytes()
 

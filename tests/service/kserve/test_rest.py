@@ -270,6 +270,12 @@ def infer_body(data: object, shape: Sequence[object], datatype: str = "BYTES", n
         ("/v2/models/sentiment/infer", b"{}", 400, "inputs must be a non-empty array"),
         ("/v2/models/sentiment/infer", b"[" * 100_000 + b"]" * 100_000, 400, "nest too deeply"),
         ("/v2/models/forecaster/infer", infer_body([10**400], [1], "FP32", "HISTORY"), 400, "outside FP32's range"),
+        (  # a JSON number within float64's range but past float32's is refused, not read as inf
+            "/v2/models/forecaster/infer",
+            infer_body([1.0] * 13 + [1e39], [2, 7], "FP32", "HISTORY"),
+            400,
+            "input 'HISTORY': a value is outside FP32's range -3.4028235e+38..3.4028235e+38",
+        ),
         (
             "/v2/models/sentiment/infer",
             infer_body(["a", "b"], [3]),
