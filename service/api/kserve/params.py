@@ -42,12 +42,32 @@ def model_ref(name: str, version: str) -> ModelRef:
     return ModelRef(name, int(version))
 
 
+_KINDS = {
+    "bool_param": "a bool",
+    "int64_param": "an int64",
+    "uint64_param": "a uint64",
+    "double_param": "a double",
+    "string_param": "a string",
+}
+
+
+def _got(p: pb.InferParameter) -> str:
+    """What a parameter holds, in words that read the same over gRPC (its field) and REST (a JSON value): ``a
+    double (1.5)``, ``a string ('yes')``."""
+    kind = p.WhichOneof("parameter_choice")
+    if kind is None:
+        return "no value"
+    value = getattr(p, kind)
+    shown = echo(value, 40) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+    return f"{_KINDS.get(kind, kind)} ({shown})"
+
+
 def _bool(params: Mapping[str, pb.InferParameter], key: str) -> bool:
     if key not in params:
         return False
     p = params[key]
     if p.WhichOneof("parameter_choice") != "bool_param":
-        raise InvalidInput(f"parameter {key} must be a bool, got {p.WhichOneof('parameter_choice')}")
+        raise InvalidInput(f"parameter {key} must be a bool, got {_got(p)}")
     return p.bool_param
 
 
@@ -71,7 +91,7 @@ def parse_sequence(params: Mapping[str, pb.InferParameter]) -> SequenceRef | Non
                     f"parameter sequence_id is {len(seq_id)} characters, at most {MAX_SEQUENCE_ID_CHARS}"
                 )
         else:
-            raise InvalidInput(f"parameter sequence_id must be an integer or a string, got {kind}")
+            raise InvalidInput(f"parameter sequence_id must be an integer or a string, got {_got(p)}")
     export = _bool(params, EXPORT)
     blob = _blob(params)
     if not seq_id:
@@ -92,7 +112,7 @@ def _integer(params: Mapping[str, pb.InferParameter], name: str, what: str) -> i
         return int(p.int64_param)
     if kind == "uint64_param":
         return int(p.uint64_param)
-    raise InvalidInput(f"parameter {name} must be {what}, got {kind}")
+    raise InvalidInput(f"parameter {name} must be {what}, got {_got(p)}")
 
 
 def parse_timeout(params: Mapping[str, pb.InferParameter]) -> float | None:
@@ -126,7 +146,7 @@ def _blob(params: Mapping[str, pb.InferParameter]) -> bytes | None:
         return None
     p = params[IMPORT]
     if p.WhichOneof("parameter_choice") != "string_param":
-        raise InvalidInput(f"parameter {IMPORT} must be a string (base64 of a session blob)")
+        raise InvalidInput(f"parameter {IMPORT} must be a string (base64 of a session blob), got {_got(p)}")
     try:
         return base64.b64decode(p.string_param, validate=True)
     except (binascii.Error, ValueError):

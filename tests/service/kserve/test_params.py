@@ -48,8 +48,8 @@ def test_the_timeout_is_microseconds(values: dict[str, object], seconds: float |
     ("values", "message"),
     [
         ({"int64_param": -1}, "parameter timeout must be >= 0 microseconds (0: no limit), got -1"),
-        ({"string_param": "5s"}, "parameter timeout must be an integer number of microseconds, got string_param"),
-        ({"bool_param": True}, "got bool_param"),
+        ({"string_param": "5s"}, "parameter timeout must be an integer number of microseconds, got a string ('5s')"),
+        ({"bool_param": True}, "got a bool (true)"),
     ],
 )
 def test_a_bad_timeout_says_what_to_send(values: dict[str, object], message: str) -> None:
@@ -103,8 +103,9 @@ def test_the_priority_is_a_level(values: dict[str, object], levels: int, level: 
         ({"int64_param": 4}, "parameter priority must be between 1 (the highest level) and 3 (PRIORITY_LEVELS), "
          "or 0 for the default level, got 4"),
         ({"int64_param": -1}, "got -1"),
-        ({"string_param": "high"}, "parameter priority must be an integer (1 = the highest level), got string_param"),
-        ({"double_param": 1.0}, "got double_param"),
+        ({"string_param": "high"},
+         "parameter priority must be an integer (1 = the highest level), got a string ('high')"),
+        ({"double_param": 1.5}, "got a double (1.5)"),
     ],
 )  # fmt: skip
 def test_a_bad_priority_says_what_to_send(values: dict[str, object], message: str) -> None:

@@ -122,5 +122,9 @@ def test_sequence_parameters() -> None:
     seq = parse_sequence(request.parameters)
     assert seq is not None and seq.id == "abc" and seq.start and not seq.end
     request.parameters["sequence_end"].string_param = "yes"
-    with pytest.raises(InvalidInput, match="sequence_end must be a bool"):
+    with pytest.raises(InvalidInput, match=r"sequence_end must be a bool, got a string \('yes'\)"):
+        parse_sequence(request.parameters)
+    request.parameters["sequence_end"].bool_param = False
+    request.parameters["sequence_id"].double_param = 1.5  # (what a REST client's JSON 1.5 becomes)
+    with pytest.raises(InvalidInput, match=r"sequence_id must be an integer or a string, got a double \(1\.5\)"):
         parse_sequence(request.parameters)
