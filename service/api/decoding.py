@@ -63,9 +63,12 @@ SMALL_METHODS: frozenset[str] = frozenset(
     + ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
     + [f"/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo" for v in ("v1alpha", "v1")]
 )
-# Methods that need no principal: they are never rate-limited.
+# Methods that need no principal: they are never rate-limited. KServe's server liveness and readiness are health, as
+# in Triton (its "health" endpoints need no key unless restricted), so probes written for Triton need no key here;
+# ModelReady needs one (its answer tells which models exist).
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                   "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
+                   "/grpc.reflection.v1.ServerReflection/", "/inference.GRPCInferenceService/ServerLive",
+                   "/inference.GRPCInferenceService/ServerReady")  # fmt: skip
 
 
 CLASSIFY = "/seqserve.v1.Sentiment/Classify"

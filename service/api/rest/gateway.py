@@ -258,12 +258,13 @@ class _RestHandler(Endpoints):
     def _unauthenticated(self) -> Reply | None:
         """With API keys, the server's refusal of a caller without a valid one (401), so that the gateway's own
         refusals (a malformed body, an unknown path, a body over the limit) answer only callers the gRPC port would
-        answer: asked with the caller's headers over loopback (``ServerLive``), as every forwarded call is."""
+        answer: asked with the caller's headers over loopback (``ServerMetadata``, the smallest call that needs a
+        key: liveness and readiness need none), as every forwarded call is."""
         if not self.gateway.keyed:
             return None
         request_id = self._request_id
         try:
-            self._call("ServerLive", pb.ServerLiveRequest())
+            self._call("ServerMetadata", pb.ServerMetadataRequest())
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 return self._from_rpc(err)

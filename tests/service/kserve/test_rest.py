@@ -508,6 +508,33 @@ def test_with_api_keys_the_gateways_own_refusals_answer_keyed_callers_only(
     assert got == status and message in answer.decode(), answer
 
 
+def test_with_api_keys_liveness_and_readiness_need_no_key_as_in_triton(keyed: ServerHandle) -> None:
+    """Probes written for Triton (REST /v2/health/live and /ready, KServe ServerLive and ServerReady over gRPC) need
+    no key, as Triton's health endpoints need none; ModelReady and everything else still do, and the gateway's own
+    refusals still answer keyed callers only (``test_with_api_keys_the_gateways_own_refusals_...``)."""
+    assert http(keyed, "/v2/health/live")[:1] == http(keyed, "/v2/health/ready")[:1] == (200,)
+    c = triton.InferenceServerClient(url(keyed))
+    assert c.is_server_live() and c.is_server_ready()
+    status, headers, answer = http(keyed, "/v2/models/sentiment/ready")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), answer
+    assert http(keyed, "/v2/models/sentiment/ready", Authorization=f"Bearer {KEY}")[0] == 200
+    with grpc.insecure_channel(keyed.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+        for call, request in [
+            (stub.ModelReady, pb.ModelReadyRequest(name="sentiment")),
+            (stub.ServerMetadata, pb.ServerMetadataRequest()),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        keyed_call = stub.ModelReady(
+            pb.ModelReadyRequest(name="sentiment"), metadata=[("authorization", f"Bearer {KEY}")], timeout=30
+        )
+        assert keyed_call.ready
+
+
 def test_the_rest_port_is_off_by_default(rest: ServerHandle, start_server: Callable[..., ServerHandle]) -> None:
     assert Settings().http_port is None
     handle = start_server()
