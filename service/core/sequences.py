@@ -158,8 +158,9 @@ class V2Inference:
         for name in classes or ():
             if name in defs and defs[name].datatype == "BYTES":
                 raise InvalidInput(
-                    f"output {name} of model {entry.name} holds BYTES: the classification extension (class_count) "
-                    "ranks numeric outputs only; request it without class_count"
+                    f"output {name} of model {entry.name} holds BYTES: the classification extension (parameter "
+                    "classification, tritonclient's class_count) ranks numeric outputs only; request it without "
+                    "classification"
                 )
         if seq is not None and not contract.sequences:
             raise InvalidInput(

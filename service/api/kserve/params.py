@@ -51,7 +51,7 @@ _KINDS = {
 }
 
 
-def _got(p: pb.InferParameter) -> str:
+def held(p: pb.InferParameter) -> str:
     """What a parameter holds, in words that read the same over gRPC (its field) and REST (a JSON value): ``a
     double (1.5)``, ``a string ('yes')``."""
     kind = p.WhichOneof("parameter_choice")
@@ -67,7 +67,7 @@ def _bool(params: Mapping[str, pb.InferParameter], key: str) -> bool:
         return False
     p = params[key]
     if p.WhichOneof("parameter_choice") != "bool_param":
-        raise InvalidInput(f"parameter {key} must be a bool, got {_got(p)}")
+        raise InvalidInput(f"parameter {key} must be a bool, got {held(p)}")
     return p.bool_param
 
 
@@ -91,7 +91,7 @@ def parse_sequence(params: Mapping[str, pb.InferParameter]) -> SequenceRef | Non
                     f"parameter sequence_id is {len(seq_id)} characters, at most {MAX_SEQUENCE_ID_CHARS}"
                 )
         else:
-            raise InvalidInput(f"parameter sequence_id must be an integer or a string, got {_got(p)}")
+            raise InvalidInput(f"parameter sequence_id must be an integer or a string, got {held(p)}")
     export = _bool(params, EXPORT)
     blob = _blob(params)
     if not seq_id:
@@ -112,7 +112,7 @@ def _integer(params: Mapping[str, pb.InferParameter], name: str, what: str) -> i
         return int(p.int64_param)
     if kind == "uint64_param":
         return int(p.uint64_param)
-    raise InvalidInput(f"parameter {name} must be {what}, got {_got(p)}")
+    raise InvalidInput(f"parameter {name} must be {what}, got {held(p)}")
 
 
 def parse_timeout(params: Mapping[str, pb.InferParameter]) -> float | None:
@@ -146,7 +146,7 @@ def _blob(params: Mapping[str, pb.InferParameter]) -> bytes | None:
         return None
     p = params[IMPORT]
     if p.WhichOneof("parameter_choice") != "string_param":
-        raise InvalidInput(f"parameter {IMPORT} must be a string (base64 of a session blob), got {_got(p)}")
+        raise InvalidInput(f"parameter {IMPORT} must be a string (base64 of a session blob), got {held(p)}")
     try:
         return base64.b64decode(p.string_param, validate=True)
     except (binascii.Error, ValueError):

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.kserve.params import held
 from service.core.shm import Regions
 from service.core.types import Tensor
 from service.errors import InvalidInput, echo, short
@@ -270,13 +271,15 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str] | None, 
     for o in request.outputs:
         if "classification" in o.parameters:
             p = o.parameters["classification"]
-            if p.WhichOneof("parameter_choice") != "int64_param" or p.int64_param < 1:
+            kind = p.WhichOneof("parameter_choice")
+            count = getattr(p, kind) if kind in ("int64_param", "uint64_param") else 0
+            if count < 1:
                 raise InvalidInput(
-                    f"output {short(o.name)}: parameter classification must be an int64_param >= 1 (how many "
-                    "classes to return, tritonclient's class_count)"
+                    f"output {short(o.name)}: parameter classification must be an integer >= 1 (how many "
+                    f"classes to return, tritonclient's class_count), got {held(p)}"
                 )
             classes = classes or {}
-            classes[o.name] = p.int64_param
+            classes[o.name] = count
         names.append(o.name)
     return names or None, classes
 

@@ -194,11 +194,16 @@ def test_uint64_sequence_matches_whole_text(stub: pb_grpc.GRPCInferenceServiceSt
            raw_input_contents=[serialize_bytes([b"good"])], outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(
                name=name, parameters={"classification": param})]), grpc.StatusCode.INVALID_ARGUMENT, needle)
           for name, param, needle in [
-              ("PROBABILITIES", pb.InferParameter(int64_param=0), "int64_param >= 1"),
-              ("PROBABILITIES", pb.InferParameter(int64_param=-2), "int64_param >= 1"),
-              ("PROBABILITIES", pb.InferParameter(bool_param=True), "int64_param >= 1"),
-              ("PROBABILITIES", pb.InferParameter(string_param="2"), "int64_param >= 1"),
-              ("LABEL", pb.InferParameter(int64_param=1), "holds BYTES")]],
+              ("PROBABILITIES", pb.InferParameter(int64_param=0), "must be an integer >= 1 (how many classes to "
+               "return, tritonclient's class_count), got an int64 (0)"),
+              ("PROBABILITIES", pb.InferParameter(int64_param=-2), "got an int64 (-2)"),
+              ("PROBABILITIES", pb.InferParameter(bool_param=True), "integer >= 1 (how many classes to return, "
+               "tritonclient's class_count), got a bool (true)"),
+              ("PROBABILITIES", pb.InferParameter(string_param="2"), "got a string ('2')"),
+              ("PROBABILITIES", pb.InferParameter(double_param=2.0), "got a double (2.0)"),
+              ("LABEL", pb.InferParameter(int64_param=1), "holds BYTES: the classification extension (parameter "
+               "classification, tritonclient's class_count) ranks numeric outputs only; request it without "
+               "classification")]],
     ],
 )  # fmt: skip
 def test_bad_requests(
@@ -207,6 +212,18 @@ def test_bad_requests(
     got, details = _status(stub, request_)
     assert got == code, details
     assert needle in details
+
+
+def test_a_class_count_may_come_as_uint64(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """The classification count is an integer: int64 (tritonclient, a REST client's JSON number) or uint64."""
+    answers = []
+    for param in (pb.InferParameter(int64_param=2), pb.InferParameter(uint64_param=2)):
+        request = pb.ModelInferRequest(model_name="sentiment", raw_input_contents=[serialize_bytes([b"good"])])
+        request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+        request.outputs.add(name="PROBABILITIES", parameters={"classification": param})
+        out = stub.ModelInfer(request, timeout=60).outputs[0]
+        answers.append((out.datatype, list(out.shape)))
+    assert answers == [("BYTES", [1, 2])] * 2
 
 
 def test_bad_sequence_parameters(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
