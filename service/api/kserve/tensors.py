@@ -196,7 +196,7 @@ def _count_param(params: Any, key: str, what: str, required: bool) -> int:
     p = params[key]
     which = p.WhichOneof("parameter_choice")
     if which not in ("int64_param", "uint64_param") or getattr(p, which) < 0:
-        raise InvalidInput(f"{what}: parameter {key} must be an int64_param or uint64_param >= 0")
+        raise InvalidInput(f"{what}: parameter {key} must be an integer >= 0, got {held(p)}")
     return int(getattr(p, which))
 
 
@@ -208,7 +208,9 @@ def region_ref(params: Any, what: str) -> RegionRef | None:
         return None
     p = params[SHM_REGION]
     if p.WhichOneof("parameter_choice") != "string_param" or not p.string_param:
-        raise InvalidInput(f"{what}: parameter {SHM_REGION} must be a non-empty string_param (a registered region)")
+        raise InvalidInput(
+            f"{what}: parameter {SHM_REGION} must be a non-empty string (a registered region's name), got {held(p)}"
+        )
     offset = _count_param(params, SHM_OFFSET, what, required=False)
     return RegionRef(p.string_param, offset, _count_param(params, SHM_BYTE_SIZE, what, required=True))
 

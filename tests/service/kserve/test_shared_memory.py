@@ -21,6 +21,7 @@ import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.kserve.tensors import region_ref
 from service.core.context import set_principal
 from service.core.shm import Regions
 from service.core.types import SharedRegion
@@ -258,6 +259,37 @@ def _object(root: Path, name: str, size: int) -> Path:
     path = root / name
     path.write_bytes(bytes(size))
     return path
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"shared_memory_region": pb.InferParameter(int64_param=3)},
+         "input X: parameter shared_memory_region must be a non-empty string (a registered region's name), got an "
+         "int64 (3)"),
+        ({"shared_memory_region": pb.InferParameter(string_param="r")},
+         "input X: shared_memory_region needs shared_memory_byte_size"),
+        ({"shared_memory_region": pb.InferParameter(string_param="r"),
+          "shared_memory_byte_size": pb.InferParameter(string_param="8")},
+         "input X: parameter shared_memory_byte_size must be an integer >= 0, got a string ('8')"),
+        ({"shared_memory_region": pb.InferParameter(string_param="r"),
+          "shared_memory_byte_size": pb.InferParameter(int64_param=8),
+          "shared_memory_offset": pb.InferParameter(int64_param=-1)},
+         "input X: parameter shared_memory_offset must be an integer >= 0, got an int64 (-1)"),
+    ],
+)  # fmt: skip
+def test_a_region_reference_of_the_wrong_kind_says_what_it_got(values: dict[str, Any], message: str) -> None:
+    """In words a REST client's JSON reads too (they said string_param, int64_param or uint64_param)."""
+    request = pb.ModelInferRequest()
+    for key, value in values.items():
+        request.parameters[key].CopyFrom(value)
+    with pytest.raises(InvalidInput) as info:
+        region_ref(request.parameters, "input X")
+    assert message in info.value.message
+    request.parameters["shared_memory_byte_size"].CopyFrom(pb.InferParameter(uint64_param=8))
+    request.parameters["shared_memory_offset"].CopyFrom(pb.InferParameter(int64_param=0))
+    request.parameters["shared_memory_region"].CopyFrom(pb.InferParameter(string_param="r"))
+    assert tuple(region_ref(request.parameters, "input X") or ()) == ("r", 0, 8)
 
 
 def test_regions_read_and_write_inside_their_bounds(tmp_path: Path) -> None:
