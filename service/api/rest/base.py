@@ -84,11 +84,19 @@ class GatewayHandler(KeptAliveHandler):
     def _from_rpc(self, err: grpc.RpcError) -> Reply:
         from service.client import ApiError
 
+        answered = any(key == "x-request-id" for key, _ in err.trailing_metadata() or ())
         self._note_request_id(err.trailing_metadata())
         error = ApiError.from_rpc_error(err)
         headers: dict[str, str] = {}
         if error.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+        if error.code == grpc.StatusCode.UNAVAILABLE and not answered:
+            # No answer of the server's (every answer carries its request id): the gateway could not reach it.
+            message = (
+                "the server behind this REST port does not answer (it is shutting down, or its gRPC port is not "
+                "up yet); retry, on another replica if it is shutting down"
+            )
+            return 503, self._error(503, message), {"Retry-After": "1"}
         if error.code == grpc.StatusCode.UNAUTHENTICATED:
             headers["WWW-Authenticate"] = 'Bearer realm="seqserve"'
         status = HTTP_STATUS.get(error.code, 500)

@@ -535,6 +535,29 @@ def test_with_api_keys_liveness_and_readiness_need_no_key_as_in_triton(keyed: Se
         assert keyed_call.ready
 
 
+def test_a_grpc_port_that_does_not_answer_is_a_503_that_says_so() -> None:
+    """The gateway's forwarded call finds nothing listening (the server is stopping, or its gRPC port is not up):
+    503 with Retry-After and a sentence about the server, not gRPC's connection error."""
+    import socket
+
+    from service.api.server import start_rest
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    gateway = start_rest(Settings(host="127.0.0.1", http_port=0), closed)
+    try:
+        for path in ("/v2/health/ready", "/v2/models/sentiment"):
+            request = urllib.request.Request(f"http://127.0.0.1:{gateway.bound_port}{path}")
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=30)
+            assert (info.value.code, info.value.headers["Retry-After"]) == (503, "1")
+            message = json.loads(info.value.read())["error"]
+            assert message.startswith("the server behind this REST port does not answer (it is shutting down"), message
+    finally:
+        gateway.stop()
+
+
 def test_the_rest_port_is_off_by_default(rest: ServerHandle, start_server: Callable[..., ServerHandle]) -> None:
     assert Settings().http_port is None
     handle = start_server()
