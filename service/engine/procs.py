@@ -309,8 +309,8 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         ]
 
         log.info("%s", summary(settings, n))
-        log.info("serving gRPC on %s:%d with %d frontends and %d engines, metrics on %d", settings.host, first.port,
-                 n, k, metrics_port)  # fmt: skip
+        log.info("serving gRPC on %s:%d with %d frontends and %s, metrics on %d", settings.host, first.port, n,
+                 "the engine" if k == 1 else f"{k} engines", metrics_port)  # fmt: skip
         info: dict[str, Any] = {
             "grpc_port": first.port,
             "metrics_port": metrics_port,
