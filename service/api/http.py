@@ -24,11 +24,13 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
 
 from service.metrics import Metrics
 
@@ -57,6 +59,22 @@ def linger(connection: socket.socket) -> None:
             if not chunk:
                 break
             drained += len(chunk)
+
+
+class _Only:
+    """A registry's samples whose names are in ``names`` (``/metrics?name[]=...``), every collector's: those that do
+    not say their names up front (the process collector) too, which ``restricted_registry`` would leave out."""
+
+    def __init__(self, registry: Any, names: list[str]) -> None:
+        self.registry, self.names = registry, set(names)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            samples = [s for s in family.samples if s.name in self.names]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept
 
 
 class _Server(ThreadingHTTPServer):
@@ -238,8 +256,12 @@ class _Handler(KeptAliveHandler):
         elif path == "/metrics":
             # text/plain 0.0.4 by default; OpenMetrics when the scraper asks for it (Accept header).
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            registry: Any = self.server.metrics.registry  # type: ignore[union-attr]  # (set for this handler)
+            names = parse_qs(self.path.partition("?")[2]).get("name[]")
+            if names:  # only these samples, as prometheus_client's own handler answers ?name[]=...
+                registry = _Only(registry, names)
             try:
-                body = encoder(self.server.metrics.registry)  # type: ignore[union-attr]  # (set for this handler)
+                body = encoder(registry)
             except Exception:  # a broken collector must not kill the endpoint; say so and log the cause
                 log.exception("collecting metrics failed")
                 self._send(500, b"collecting metrics failed\n", "text/plain; charset=utf-8", head)

@@ -193,6 +193,17 @@ def test_a_query_string_does_not_change_the_path(server: tuple[str, Ready]) -> N
     assert get(base + "/readyz?verbose")[0] == 200
 
 
+def test_name_parameters_choose_the_families(server: tuple[str, Ready]) -> None:
+    """``?name[]=...`` (prometheus_client's own handler's filter; a debugging scrape, a federation-like pull):
+    only those families, by their sample names; an unknown name gives an empty page, not an error."""
+    base, _ = server
+    query = "name[]=seqserve_rpc_requests_total&name[]=process_cpu_seconds_total&name[]=nope"
+    status, _, body = get(f"{base}/metrics?{query}")
+    families = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert status == 200 and families == {"seqserve_rpc_requests", "process_cpu_seconds"}
+    assert get(f"{base}/metrics?name[]=nope")[:1] == (200,) and get(f"{base}/metrics?name[]=nope")[2] == b""
+
+
 def test_a_broken_collector_answers_500_and_the_endpoint_lives_on(metrics: Metrics) -> None:
     """A collector that raises (a plugin's, a /proc read) makes that scrape a 500 saying so (Prometheus marks the
     target down for it), never a dropped connection; health and the next scrapes still answer."""
