@@ -193,7 +193,7 @@ async def test_a_failing_lone_step_fails_only_its_caller(make_dp: MakeDP) -> Non
 async def test_a_lone_generation_never_holds_the_loop(make_dp: MakeDP) -> None:
     dp = await make_dp()
     await asyncio.sleep(0.01)
-    ticks, done = 0, False
+    ticks, turns, done = 0, 0, False
 
     async def ticker() -> None:  # a timer, not a ready callback: it never stops a step from running alone
         nonlocal ticks
@@ -201,23 +201,34 @@ async def test_a_lone_generation_never_holds_the_loop(make_dp: MakeDP) -> None:
             await asyncio.sleep(0.0001)
             ticks += 1
 
-    loop = asyncio.get_running_loop()
-    turns, run_once = 0, loop._run_once  # type: ignore[attr-defined]
+    async def turner() -> None:  # uvloop: a ready callback wakes once a turn (there steps never run alone anyway)
+        nonlocal turns
+        while not done:
+            await asyncio.sleep(0)
+            turns += 1
 
-    def counted() -> None:  # the loop's turns, counted without a callback of its own (one would stop steps alone)
+    loop = asyncio.get_running_loop()
+    run_once = getattr(loop, "_run_once", None)  # asyncio's: counted without a callback of its own
+
+    def counted() -> None:
         nonlocal turns
         turns += 1
+        assert run_once is not None
         run_once()
 
-    task = asyncio.create_task(ticker())
+    tasks = [asyncio.create_task(ticker())]
     await asyncio.sleep(0.001)
-    loop._run_once = counted  # type: ignore[attr-defined]
+    if run_once is not None:
+        loop._run_once = counted  # type: ignore[attr-defined]
+    else:
+        tasks.append(asyncio.create_task(turner()))
     try:
         out = [c.text async for c in dp.complete(LM, "abc", SamplingParams(max_chars=200, temperature=0.0))]
     finally:
-        del loop._run_once  # type: ignore[attr-defined]
-    done = True
-    await task
+        done = True
+        if run_once is not None:
+            del loop._run_once  # type: ignore[attr-defined]
+    await asyncio.gather(*tasks)
     assert len(out) == 200
     # Steps that skip the queue run on the generation's own coroutine; the loop still turns at least every other
     # step, so timers (and every other request) keep being served while one stream generates. A loop that turned
