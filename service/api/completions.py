@@ -9,6 +9,8 @@ so ``max_tokens`` and ``usage`` count characters. Options a char LM with one con
 (``n`` > 1, ``logprobs``, ``echo``, ``suffix``, ``top_p`` < 1, penalties, ``logit_bias``) are refused naming the
 value that would be accepted, rather than ignored; so is any key OpenAI's API does not have, as OpenAI does.
 Extensions, sent through the SDKs' ``extra_body``: ``top_k`` and ``session_id`` (continue a session).
+As in OpenAI's API, the text leaves out the ``stop`` string that ended it (``Complete`` includes it): a stream holds
+back the characters that may still become one (``StopCut``).
 """
 
 from __future__ import annotations
@@ -112,6 +114,32 @@ def completion(
         "system_fingerprint": f"seqserve-{model.partition('/')[0]}-{version}",
         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
     }
+
+
+class StopCut:
+    """A completion's text without the stop string that ended it, as OpenAI answers (``Complete`` includes it).
+    Streamed, ``feed`` returns what may be sent so far: all but the last characters that could still begin a stop
+    string; the chunk that ends the generation gives the rest, its stop string cut off."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = sorted({s for s in stops if s}, key=len, reverse=True)  # longest first: the earliest match
+        self.hold = max(len(self.stops[0]) - 1, 0) if self.stops else 0
+        self.pending = ""
+
+    def feed(self, text: str, chunk: autocomplete_pb2.CompleteChunk) -> str:
+        """What of ``text`` (and of the text held back) may be sent now; ``chunk``: the chunk that brought it (the
+        last one of the call, for the whole text), whose finish reason says whether the generation ended, and how."""
+        self.pending += text
+        finish = finish_reason_from_pb(chunk.finish_reason)
+        if finish is None:
+            keep = min(self.hold, len(self.pending))
+            out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+            return out
+        out, self.pending = self.pending, ""
+        if finish == "stop":
+            matched = next((s for s in self.stops if out.endswith(s)), "")
+            out = out[: len(out) - len(matched)]
+        return out
 
 
 def usage(prompt: str, generated: int) -> dict[str, int]:

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 
 from service.api.completions import OPTIONS as COMPLETION_OPTIONS
 from service.api.completions import (
+    StopCut,
     completion,
     completion_request,
     model_object,
@@ -183,12 +184,13 @@ class Endpoints(GatewayHandler):
         )
         model, version_used, created = document["model"], first.model_version, int(time.time())
         ident = f"cmpl-{self._request_id}"
+        cut = StopCut(list(request.stop))
         if stream:
             generated = [0]
 
             def render(chunk: Any) -> dict[str, Any]:
                 generated[0] += len(chunk.text)
-                return completion(ident, created, model, version_used, chunk.text, chunk)
+                return completion(ident, created, model, version_used, cut.feed(chunk.text, chunk), chunk)
 
             def closing() -> list[dict[str, Any]]:
                 if not with_usage:
@@ -200,7 +202,7 @@ class Endpoints(GatewayHandler):
             return None
         chunks = [first, *call]
         text = "".join(chunk.text for chunk in chunks)
-        document = completion(ident, created, model, version_used, text, chunks[-1])
+        document = completion(ident, created, model, version_used, cut.feed(text, chunks[-1]), chunks[-1])
         return ok({**document, "usage": usage(request.prompt, len(text))})
 
     def _models(self, method: str, name: str | None) -> Reply:

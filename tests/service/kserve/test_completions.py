@@ -63,10 +63,35 @@ def test_a_completion_is_the_grpc_completion(rest: ServerHandle) -> None:
     assert greedy.choices[0].text == grpc_text(rest, "ab", max_chars=20, temperature=0)
 
 
-def test_a_stop_string_ends_the_completion(rest: ServerHandle) -> None:
-    greedy = grpc_text(rest, "ab", max_chars=30, temperature=0)
-    got = sdk(rest).completions.create(model="charlm", prompt="ab", max_tokens=30, temperature=0, stop=greedy[4:6])
-    assert got.choices[0].finish_reason == "stop" and got.choices[0].text == greedy[: greedy.index(greedy[4:6]) + 2]
+def test_a_stop_string_ends_the_completion_and_is_left_out_of_it(rest: ServerHandle) -> None:
+    """As OpenAI answers: the text stops before the stop string (the gRPC ``Complete`` includes it), streamed or
+    not; a stream holds back what may still become a stop string, and says nothing it would take back."""
+    sampled = {"max_chars": 30, "temperature": 0.8, "seed": 3}
+    text = grpc_text(rest, "To be, or ", **sampled)
+    stop = next(text[i : i + 3] for i in range(5, 28) if text.index(text[i : i + 3]) == i)  # first seen at i >= 5
+
+    def create(stops: str | list[str], max_tokens: int = 30, stream: bool = False) -> Any:
+        return sdk(rest).completions.create(
+            model="charlm", prompt="To be, or ", max_tokens=max_tokens, temperature=0.8, seed=3, stop=stops,
+            stream=stream,
+        )  # fmt: skip
+
+    for stops in ([stop], ["never", stop, stop[-2:]]):  # several: the text ends where the first one ended it
+        full = grpc_text(rest, "To be, or ", **sampled, stop=stops)  # (gRPC: the stop string included)
+        matched = max((s for s in stops if full.endswith(s)), key=len)
+        before = full[: len(full) - len(matched)]
+        if stops == [stop]:
+            assert (full, before) == (text[: text.index(stop) + 3], text[: text.index(stop)]) and before
+        got = create(stops)
+        assert (got.choices[0].finish_reason, got.choices[0].text) == ("stop", before), stops
+        assert got.usage.completion_tokens == len(full)  # (what was generated)
+        pieces = list(create(stops, stream=True))  # an event per generated character; a stop string's never sent
+        assert "".join(c.choices[0].text for c in pieces) == before and len(pieces) == len(full)
+        assert [c.choices[0].finish_reason for c in pieces][-1] == "stop"
+    unstopped = create("zzzz", max_tokens=8)
+    assert (unstopped.choices[0].finish_reason, unstopped.choices[0].text) == ("length", text[:8])
+    streamed = create("zzzz", max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text[:8]  # (what was held back comes at the end)
 
 
 def test_a_stream_ends_as_the_sdk_expects(rest: ServerHandle) -> None:
