@@ -208,13 +208,12 @@ class CoreDataPlane:
         )
 
     async def statistics(self, model: ModelRef | None) -> list[ModelStats]:
-        if model is None:
-            entries = self.registry.versions()
-        elif model.version is not None:
-            entries = [self.registry.find(model)]
-        else:
-            name = self.registry.find(model).name
-            entries = [e for e in self.registry.versions() if e.name == name]
+        """Per version: of every model, or of one, the versions that serve (as Triton lists the available ones: a
+        version that failed to load has no statistics to show); a version named explicitly, whatever its state."""
+        if model is not None and model.version is not None:
+            return _snapshots([self.registry.find(model)])
+        name = None if model is None else self.registry.find(model).name
+        entries = [e for e in self.registry.versions() if name in (None, e.name) and e.state != "UNAVAILABLE"]
         return _snapshots(entries)
 
     def _check_admin(self, action: str) -> None:

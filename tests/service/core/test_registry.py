@@ -91,6 +91,10 @@ async def test_broken_onnx_is_reported_and_others_still_load(repo: Path, make_dp
     with pytest.raises(ModelUnavailable, match="failed to load"):
         await dp.classify(ModelRef("sentiment"), ["good film"])
     assert (await dp.model_info(ModelRef("charlm"))).ready
+    # Statistics list the versions that serve, as Triton lists the available ones; named, a failed one answers too.
+    assert [(s.name, s.version) for s in await dp.statistics(None)] == [("charlm", 1), ("forecaster", 1)]
+    assert await dp.statistics(ModelRef("sentiment")) == []
+    assert [s.version for s in await dp.statistics(ModelRef("sentiment", 1))] == [1]
 
 
 async def test_a_manifest_that_trips_a_tasks_check_is_reported_and_the_rest_keeps_syncing(
