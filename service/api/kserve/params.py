@@ -101,24 +101,26 @@ def parse_sequence(params: Mapping[str, pb.InferParameter]) -> SequenceRef | Non
     return SequenceRef(seq_id, start, end, blob, export)
 
 
-def _integer(params: Mapping[str, pb.InferParameter], name: str, what: str) -> int | None:
+def integer(
+    params: Mapping[str, pb.InferParameter], name: str, what: str, where: str = "", minimum: int | None = None
+) -> int | None:
     """Parameter ``name`` as an integer (int64_param or uint64_param, as tritonclient sends either), None when
-    absent; InvalidInput saying it must be ``what`` when it is another kind."""
+    absent; InvalidInput saying it must be ``what`` (after ``where``: "output X: ") when it is another kind or
+    below ``minimum``."""
     if name not in params:
         return None
     p = params[name]
     kind = p.WhichOneof("parameter_choice")
-    if kind == "int64_param":
-        return int(p.int64_param)
-    if kind == "uint64_param":
-        return int(p.uint64_param)
-    raise InvalidInput(f"parameter {name} must be {what}, got {held(p)}")
+    value = int(getattr(p, kind)) if kind in ("int64_param", "uint64_param") else None
+    if value is None or (minimum is not None and value < minimum):
+        raise InvalidInput(f"{where}parameter {name} must be {what}, got {held(p)}")
+    return value
 
 
 def parse_timeout(params: Mapping[str, pb.InferParameter]) -> float | None:
     """Seconds the request may take to be answered: Triton's ``timeout`` parameter (int64 microseconds, what
     tritonclient's ``infer(timeout=...)`` sends; 0 = no limit), or None."""
-    us = _integer(params, TIMEOUT, "an integer number of microseconds")
+    us = integer(params, TIMEOUT, "an integer number of microseconds")
     if us is None:
         return None
     if us < 0:
@@ -130,7 +132,7 @@ def parse_priority(params: Mapping[str, pb.InferParameter], levels: int) -> int 
     """The request's priority level: Triton's ``priority`` parameter (1 = highest .. ``levels``; 0 = the default
     level), or None for the default. With one level (``levels`` 0) any priority is accepted and has no effect, as
     on a Triton model without priority levels."""
-    level = _integer(params, PRIORITY, "an integer (1 = the highest level)")
+    level = integer(params, PRIORITY, "an integer (1 = the highest level)")
     if level is None or not levels:
         return None
     if not 0 <= level <= levels:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.api.gen.inference import grpc_service_pb2 as pb
-from service.api.kserve.params import held
+from service.api.kserve.params import held, integer
 from service.core.shm import Regions
 from service.core.types import Tensor
 from service.errors import InvalidInput, echo, short
@@ -193,11 +193,7 @@ def _count_param(params: Any, key: str, what: str, required: bool) -> int:
         if required:
             raise InvalidInput(f"{what}: {SHM_REGION} needs {key} (how many bytes of the region it uses)")
         return 0
-    p = params[key]
-    which = p.WhichOneof("parameter_choice")
-    if which not in ("int64_param", "uint64_param") or getattr(p, which) < 0:
-        raise InvalidInput(f"{what}: parameter {key} must be an integer >= 0, got {held(p)}")
-    return int(getattr(p, which))
+    return integer(params, key, "an integer >= 0", f"{what}: ", minimum=0) or 0
 
 
 def region_ref(params: Any, what: str) -> RegionRef | None:
@@ -265,23 +261,19 @@ def _read_shared(inputs: Any, raw: list[bytes], regions: Regions | None) -> list
     return out
 
 
+CLASS_COUNT = "an integer >= 1 (how many classes to return, tritonclient's class_count)"
+
+
 def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str] | None, dict[str, int] | None]:
     """The outputs a request names (None: every output), and the class count of those that ask for Triton's
-    classification extension (tritonclient's ``class_count``: parameter ``classification``, an int64 >= 1)."""
+    classification extension (tritonclient's ``class_count``: parameter ``classification``, an integer >= 1)."""
     names = []
     classes: dict[str, int] | None = None
     for o in request.outputs:
-        if "classification" in o.parameters:
-            p = o.parameters["classification"]
-            kind = p.WhichOneof("parameter_choice")
-            count = getattr(p, kind) if kind in ("int64_param", "uint64_param") else 0
-            if count < 1:
-                raise InvalidInput(
-                    f"output {short(o.name)}: parameter classification must be an integer >= 1 (how many "
-                    f"classes to return, tritonclient's class_count), got {held(p)}"
-                )
+        if "classification" in o.parameters:  # (the message's prefix is built only then)
+            count = integer(o.parameters, "classification", CLASS_COUNT, f"output {short(o.name)}: ", minimum=1)
             classes = classes or {}
-            classes[o.name] = count
+            classes[o.name] = count or 0  # (present: an int >= 1)
         names.append(o.name)
     return names or None, classes
 
