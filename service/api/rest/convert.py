@@ -136,23 +136,20 @@ def _json_elements(name: str, datatype: str, data: Any, count: int) -> bytes:
     if not ok:
         wanted = {"BOOL": "true or false"}.get(datatype, "numbers" if dtype.kind == "f" else "integers")
         raise HttpError(400, f"input {echo(name)}: {datatype} data are JSON {wanted}")
-    span = ""
-    if dtype.kind == "f":
-        span = f" {np.finfo(dtype).min:.8g}..{np.finfo(dtype).max:.8g}"
-    elif dtype.kind in "iu":
-        span = f" {np.iinfo(dtype).min}..{np.iinfo(dtype).max}"
     try:
-        if dtype.kind == "f":  # a number past the type's largest would become inf: refused like an integer's
-            wide = np.array(flat, dtype=np.float64)
-            with np.errstate(over="ignore"):
-                array = wide.astype(dtype)
-            if (np.isinf(array) & np.isfinite(wide)).any():  # (NaN and Infinity, where the JSON has them, pass)
-                raise OverflowError
-        else:
-            array = np.array(flat, dtype=dtype)
-    except (OverflowError, ValueError):
-        raise HttpError(400, f"input {echo(name)}: a value is outside {datatype}'s range{span}") from None
+        with np.errstate(over="raise"):  # a number past a float type's largest would become inf: refused the same
+            array = np.array(flat, dtype=dtype)  # (NaN and Infinity, where the JSON has them, pass)
+    except (OverflowError, ValueError, FloatingPointError):
+        raise HttpError(400, f"input {echo(name)}: a value is outside {datatype}'s range{_span(dtype)}") from None
     return array.tobytes()
+
+
+def _span(dtype: np.dtype[Any]) -> str:
+    if dtype.kind == "f":
+        return f" {np.finfo(dtype).min:.8g}..{np.finfo(dtype).max:.8g}"
+    if dtype.kind in "iu":
+        return f" {np.iinfo(dtype).min}..{np.iinfo(dtype).max}"
+    return ""
 
 
 def _shape(name: str, shape: object) -> list[int]:
