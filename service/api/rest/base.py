@@ -76,22 +76,25 @@ class GatewayHandler(KeptAliveHandler):
         self._note_request_id(call.trailing_metadata())
         return response
 
-    def _note_request_id(self, metadata: Any) -> None:
+    def _note_request_id(self, metadata: Any) -> bool:
+        """Takes the server's request id from a call's trailing metadata; whether it had one (every answer of the
+        server's does: a call without one never reached it)."""
         for key, value in metadata or ():
             if key == "x-request-id":
                 self._request_id = str(value)
+                return True
+        return False
 
     def _from_rpc(self, err: grpc.RpcError) -> Reply:
         from service.client import ApiError
 
-        answered = any(key == "x-request-id" for key, _ in err.trailing_metadata() or ())
-        self._note_request_id(err.trailing_metadata())
+        answered = self._note_request_id(err.trailing_metadata())
         error = ApiError.from_rpc_error(err)
         headers: dict[str, str] = {}
         if error.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
         if error.code == grpc.StatusCode.UNAVAILABLE and not answered:
-            # No answer of the server's (every answer carries its request id): the gateway could not reach it.
+            # No answer of the server's: the gateway could not reach it.
             message = (
                 "the server behind this REST port does not answer (it is shutting down, or its gRPC port is not "
                 "up yet); retry, on another replica if it is shutting down"
