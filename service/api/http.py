@@ -233,15 +233,10 @@ class _Handler(KeptAliveHandler):
 
     def _not_allowed(self) -> None:
         """Any other method: 405 naming the two this port takes (not the standard library's 501 HTML page)."""
-        self.send_response(405)
-        self.send_header("Allow", "GET, HEAD")
         body = f"{self.command} is not served here: /metrics, /healthz and /readyz take GET (or HEAD)\n".encode()
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")  # (its body, if any, is left unread)
-        self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
+        self.close_connection = True  # (its body, if any, is left unread)
+        headers = {"Allow": "GET, HEAD", "Connection": "close"}
+        self._send(405, body, "text/plain; charset=utf-8", head=False, headers=headers)
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
@@ -291,11 +286,21 @@ class _Handler(KeptAliveHandler):
             return True
         return isinstance(self.connection, ssl.SSLSocket) and bool(self.connection.getpeercert())
 
-    def _send(self, status: int, body: bytes, content_type: str, head: bool, gzipped: bool = False) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        head: bool,
+        gzipped: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         if gzipped:
             self.send_header("Content-Encoding", "gzip")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
