@@ -236,12 +236,24 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_by_csv(err: ApiError, args: argparse.Namespace) -> ApiError:
+    """A refusal of the columns this command sent (the API's ``columns``), said of where the user wrote them: the
+    CSV's header, or ``--columns``."""
+    if err.code.name != "INVALID_ARGUMENT" or not err.message.startswith("columns "):
+        return err
+    source = "--columns" if args.columns else f"the header of {args.csv}"
+    return ApiError(err.code, source + err.message[len("columns") :], err.reason, err.request_id, err.retry_after)
+
+
 def cmd_forecast(args: argparse.Namespace) -> int:
     plot = None if args.plot is None else plot_path(args.plot)  # a bad name fails before the call
     sent = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
     columns, history = sent.columns, sent.rows
     with _client(args) as c:
-        result = c.forecast(history, model=args.model, columns=columns)  # by name: the CSV's order may differ
+        try:
+            result = c.forecast(history, model=args.model, columns=columns)  # by name: the CSV's order may differ
+        except ApiError as err:
+            raise _named_by_csv(err, args) from None
     horizon = len(result.point)
     head, steps = "step", [str(h) for h in range(1, horizon + 1)]
     try:  # each row's time when the file's last rows step evenly (their time column continued)

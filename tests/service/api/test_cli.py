@@ -174,7 +174,8 @@ def test_forecast_reads_a_csv_by_its_header(
 ) -> None:
     """A CSV whose columns are in another order than the model's, with one more column, forecasts exactly as the
     model's own order (the columns go by name); before, its values went in the CSV's order, a wrong forecast
-    without a word. One that lacks a model column is refused, naming it."""
+    without a word. One that lacks a model column is refused, naming it and where it is missing (the CSV's header,
+    or --columns)."""
     rng = np.random.default_rng(1)
     values = 10 + rng.normal(0, 1, (30, 7))
     order, extra = [6, 0, 3, 1, 5, 2, 4], rng.normal(0, 1, 30)
@@ -195,7 +196,10 @@ def test_forecast_reads_a_csv_by_its_header(
     assert main(["forecast", "--target", serve.target, "--csv", shuffled, "--rows", "24"]) == 0
     assert capsys.readouterr().out == want
     assert main(["forecast", "--target", serve.target, "--csv", lacking, "--rows", "24"]) == 1
-    assert "INVALID_ARGUMENT: columns lacks 'LUFL'" in capsys.readouterr().err
+    assert f"INVALID_ARGUMENT: the header of {lacking} lacks 'LUFL': model forecaster" in capsys.readouterr().err
+    # Picked with --columns, the refusal names the flag (the API's own word, "columns", is neither).
+    assert main(["forecast", "--target", serve.target, "--csv", shuffled, "--columns", "OT,HUFL"]) == 1
+    assert "INVALID_ARGUMENT: --columns lacks 'HULL', 'MUFL'" in capsys.readouterr().err
 
 
 def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
