@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from google.protobuf.message import Message
 from service.api.completions import error_body
 from service.api.generate import spelled_as
 from service.api.http import KeptAliveHandler
+from service.api.interceptors import REQUEST_ID_FORM
 from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN
 from service.api.rest.common import HEADER_LENGTH, HTTP_STATUS, Reply, error_json
 from service.tracing import TRACEPARENT
@@ -69,6 +71,12 @@ class GatewayHandler(KeptAliveHandler):
         if self.gateway.token is not None and self._peer is not None and self._peer[0] is not None:
             sent += [(GATEWAY_SUBJECT, self._peer[0]), (GATEWAY_TOKEN, self.gateway.token)]
         return tuple(sent)
+
+    def _own_request_id(self) -> str:
+        """A request id for an answer no server call gave one to (the gateway's own refusals; a stream's, set before
+        its call): the caller's ``X-Request-Id`` when the server would take it as one, else a fresh one."""
+        sent = self.headers.get("X-Request-Id")
+        return sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()
 
     def _call(self, rpc: str, request: Message) -> Any:
         method = getattr(self.gateway.stub, rpc)
@@ -128,8 +136,7 @@ class GatewayHandler(KeptAliveHandler):
             headers["Vary"] = ", ".join(v for v in (headers.get("Vary"), "Accept-Encoding") if v)
         for key, value in headers.items():
             self.send_header(key, value)
-        if self._request_id is not None:
-            self.send_header("X-Request-Id", self._request_id)
+        self.send_header("X-Request-Id", self._request_id or self._own_request_id())
         self.send_header("Content-Length", str(len(payload)))
         if self.close_connection:
             self.send_header("Connection", "close")

@@ -82,14 +82,17 @@ class HttpError(Exception):
 
 
 # JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no Unicode text, so no protobuf string and
-# no UTF-8 either. Only such an escape can put one in a string (raw UTF-8 bytes cannot encode one).
+# no UTF-8 either. Only such an escape can put one in a string: the body is decoded as strict UTF-8 first, which
+# refuses a surrogate's raw bytes (ED A0 80; ``json.loads`` of bytes would let them through, "surrogatepass").
 _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
 
 
 def read_json(body: bytes) -> Any:
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        document = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise HttpError(400, f"the body is not UTF-8 (at byte {exc.start}); send JSON as UTF-8 text") from None
+    except ValueError as exc:
         raise HttpError(400, f"the body is not JSON: {echo(str(exc), 200)}") from None
     except RecursionError:
         raise HttpError(400, "the body is not JSON we read: its arrays or objects nest too deeply") from None

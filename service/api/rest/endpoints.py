@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,6 @@ from service.api.completions import (
 )
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.generate import OPTIONS, RequestError, answer, caller_keys, complete_request, event
-from service.api.interceptors import REQUEST_ID_FORM
 from service.api.kserve.convert import fill_log_settings
 from service.api.rest.base import GatewayHandler
 from service.api.rest.common import (
@@ -54,6 +52,7 @@ from service.core.traces import NAMES as TRACE_SETTINGS
 from service.errors import echo
 
 log = logging.getLogger(__name__)
+_GET_ROUTES = frozenset({"/v2", "/v2/", "/v2/health/live", "/v2/health/ready", "/v2/models/stats"})  # (GET and HEAD)
 
 
 # The shared-memory extensions' RPC prefix and request messages (status, unregister), by the route's kind.
@@ -76,6 +75,8 @@ class Endpoints(GatewayHandler):
             return flag(self._call("ServerReady", pb.ServerReadyRequest()).ready)
         if path == "/v2/models/stats" and get:
             return ok(message_json(self._call("ModelStatistics", pb.ModelStatisticsRequest())))
+        if path in _GET_ROUTES and not get:
+            raise HttpError(405, f"{path} takes GET", {"Allow": "GET, HEAD"})
         if path == "/v2/logging":
             return self._logging(method, body)
         if path == "/v2/trace/setting":
@@ -89,7 +90,9 @@ class Endpoints(GatewayHandler):
         if path in ("/v1/models", "/v1/models/") or path.startswith("/v1/models/"):
             rest = path[len("/v1/models/") :].strip("/") if path.startswith("/v1/models/") else ""
             return self._models(method, unquote(rest) if rest else None)
-        if path == "/v2/repository/index" and method == "POST":
+        if path == "/v2/repository/index" and method != "POST":
+            raise HttpError(405, f"{path} takes POST", {"Allow": "POST"})
+        if path == "/v2/repository/index":
             options = read_json(body) if body else {}
             ready = options.get("ready", False) if isinstance(options, dict) else None
             if not isinstance(ready, bool):
@@ -140,7 +143,7 @@ class Endpoints(GatewayHandler):
         length = self.headers.get(HEADER_LENGTH)
         if length is None:
             split = len(body)
-        elif length.isdigit() and int(length) <= len(body):
+        elif length.isascii() and length.isdigit() and int(length) <= len(body):
             split = int(length)
         else:
             raise HttpError(
@@ -223,8 +226,7 @@ class Endpoints(GatewayHandler):
         naming a field as the caller's request did: ``keys``, field -> its key there).
         The request id must be known before a stream's headers leave: the caller's when the server takes it as
         one, else one made here and sent along (the server uses it, so its logs say the same)."""
-        sent = self.headers.get("X-Request-Id")
-        self._request_id = sent if sent is not None and REQUEST_ID_FORM.fullmatch(sent) else os.urandom(16).hex()
+        self._request_id = self._own_request_id()
         metadata = (*(m for m in self._metadata() if m[0] != "x-request-id"), ("x-request-id", self._request_id))
         self._keys = keys
         call = self.gateway.autocomplete.Complete(request, metadata=metadata, timeout=self.gateway.call_timeout)
@@ -241,11 +243,16 @@ class Endpoints(GatewayHandler):
     ) -> None:
         """``call``'s chunks as Server-Sent Events (``render``: a chunk's event) in a chunked HTTP body, then the
         ``closing`` events and ``done``; an error after the first event is the last event (``error``). A client
-        that goes away cancels the call: the server stops generating."""
+        that goes away cancels the call: the server stops generating. To an HTTP/1.0 client, which knows no
+        chunks, the events go unframed and the connection's close ends the body (RFC 9112, 6.1 and 6.3)."""
+        chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
         self.send_header("X-Request-Id", str(self._request_id))
         for key, value in self._cors().items():
             self.send_header(key, value)
@@ -254,7 +261,7 @@ class Endpoints(GatewayHandler):
         self.end_headers()
 
         def send(data: bytes) -> None:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
 
         try:
             send(event(render(first)))
@@ -269,7 +276,8 @@ class Endpoints(GatewayHandler):
                 from service.client import ApiError
 
                 send(event(error(ApiError.from_rpc_error(err).message)))
-            self.wfile.write(b"0\r\n\r\n")
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
         except OSError as exc:  # the client went away (or the request ran out of time): stop the generation
             call.cancel()
             self.close_connection = True

@@ -186,6 +186,7 @@ class _RestHandler(Endpoints):
         self.send_response(204)
         for key, value in headers.items():
             self.send_header(key, value)
+        self.send_header("X-Request-Id", self._own_request_id())
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -207,6 +208,8 @@ class _RestHandler(Endpoints):
         self.send_response(code, reason)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
+        if getattr(self, "headers", None) is not None:  # (none when the request line itself was refused)
+            self.send_header("X-Request-Id", self._own_request_id())
         self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD" and code >= 200 and code not in (204, 304):
@@ -231,9 +234,10 @@ class _RestHandler(Endpoints):
             status, payload, headers = self._refusal(err)
         except grpc.RpcError as err:
             status, payload, headers = self._from_rpc(err)
-        except Exception:  # a bug here must not take the gateway down: say so, keep serving
+        except Exception:  # a bug here must not take the gateway down: say so (to callers the server answers)
             log.exception("REST %s %s failed", method, echo(self.path, 200))
-            status, payload, headers = 500, self._error(500, "internal error in the REST gateway (logged)"), {}
+            internal: Reply = 500, self._error(500, "internal error in the REST gateway (logged)"), {}
+            status, payload, headers = self._uncertified() or self._unauthenticated() or internal
         self._send(status, payload, headers, head=method == "HEAD")
 
     def _refusal(self, err: HttpError) -> Reply:
@@ -275,16 +279,19 @@ class _RestHandler(Endpoints):
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
             self.unread_body()  # (the chunks)
             raise HttpError(411, "send the body with a Content-Length (chunked transfer is not accepted)")
-        text = self.headers.get("Content-Length", "0") or "0"
-        if not text.isdigit():
-            raise HttpError(400, f"Content-Length {echo(text, 40)} is not a number")
-        size, limit = int(text), self.gateway.max_body_bytes
+        size, limit = self._content_length(), self.gateway.max_body_bytes
         if size > limit:
             self.unread_body()
             raise HttpError(
                 413, f"the request body has {size} bytes, the limit is {limit} (SEQSERVE_MAX_MESSAGE_BYTES)"
             )
-        body = self.rfile.read(size) if size else b""
+        try:
+            body = self.rfile.read(size) if size else b""
+        except TimeoutError:  # (the connection's idle timeout: it stopped sending)
+            self.close_connection = True
+            raise HttpError(
+                408, f"the request body stopped arriving before its {size} bytes (Content-Length) were in"
+            ) from None
         if len(body) != size:
             self.close_connection = True
             raise HttpError(400, f"the body ended after {len(body)} of its {size} bytes")
@@ -293,17 +300,46 @@ class _RestHandler(Endpoints):
             return body
         if encoding not in ("gzip", "deflate"):
             raise HttpError(415, f"Content-Encoding {echo(encoding, 40)} is not accepted: send gzip, deflate or none")
-        inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            data = inflate.decompress(body, limit + 1)
-        except zlib.error as exc:
-            raise HttpError(400, f"the {encoding} body does not decompress: {exc}") from None
-        if len(data) > limit:
-            raise HttpError(413, f"the request body decompresses past the limit of {limit} bytes")
-        return data
+        return _inflate(body, encoding, limit)
+
+    def _content_length(self) -> int:
+        """The body's size. A Content-Length that is not one number (digits; one value, or the same one repeated)
+        leaves where this request ends unknown: 400, and the connection closes, so that nothing after it is read
+        as a next request (RFC 9112, 6.3)."""
+        values = self.headers.get_all("Content-Length") or ["0"]
+        text = values[0].strip() or "0"
+        if not (text.isascii() and text.isdigit()) or any(v.strip() != values[0].strip() for v in values[1:]):
+            self.unread_body()
+            shown = ", ".join(echo(v, 40) for v in values[:2])
+            raise HttpError(400, f"Content-Length {shown} is not one number; send the body's size in bytes, once")
+        return int(text)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("rest %s - " + format, self.address_string(), *args)
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip (RFC 1952: one member or several, as ``cat a.gz b.gz`` makes) or zlib (``deflate``) body, whole:
+    each member checked to its end (its CRC and size), nothing after it, at most ``limit`` bytes in all."""
+    out: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            data = inflate.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise HttpError(400, f"the {encoding} body does not decompress: {exc}") from None
+        size += len(data)
+        if size > limit:
+            raise HttpError(413, f"the request body decompresses past the limit of {limit} bytes")
+        out.append(data)
+        if not inflate.eof:
+            raise HttpError(400, f"the {encoding} body is cut short: it ends before its compressed data does")
+        rest = inflate.unused_data
+        if not rest:
+            return b"".join(out)
+        if encoding != "gzip":
+            raise HttpError(400, f"the {encoding} body has {len(rest)} bytes after its compressed data")
 
 
 def _principal(connection: Any) -> tuple[str | None, str]:

@@ -464,6 +464,115 @@ def test_bodies_over_the_limit_compressed_or_chunked(rest: ServerHandle) -> None
     assert info.value.code == 411 and "Content-Length" in json.loads(info.value.read())["error"]
 
 
+def raw_exchange(handle: ServerHandle, request: bytes, timeout: float = 20) -> bytes:
+    """What the REST port answers ``request`` on one connection, until it closes it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", handle.server.http_port), timeout=timeout) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    "length",
+    [b"abc", b"-5", "\u00b2".encode(), b"46\r\nContent-Length: 2", b"5, 5"],
+    ids=["letters", "negative", "superscript-two", "two-values", "a-list"],
+)
+def test_a_content_length_that_is_not_one_number_ends_the_connection(rest: ServerHandle, length: bytes) -> None:
+    """Where such a request ends is unknown, so nothing after it may be read as a next request (RFC 9112, 6.3): its
+    body, a GET here, was answered as one (request smuggling behind a proxy that reads the length otherwise), and
+    '\u00b2', a digit to str.isdigit(), failed as a 500."""
+    smuggled = b"GET /v2/models/sentiment HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = b"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n"
+    answer = raw_exchange(rest, head + smuggled)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"Connection: close" in answer and b"is not one number" in answer, answer
+
+
+def test_a_repeated_content_length_of_one_value_is_one_length(rest: ServerHandle) -> None:
+    body = infer_body(["a fine film"], [1])
+    head = b"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head += b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (len(body), len(body))
+    assert raw_exchange(rest, head + body).startswith(b"HTTP/1.1 200 ")
+
+
+def test_raw_surrogate_bytes_are_no_utf8_and_get_a_400(rest: ServerHandle) -> None:
+    """The UTF-8-like bytes of a surrogate (ED A0 80) passed ``json.loads`` (which decodes bytes with
+    "surrogatepass") and failed as a 500 where the gateway made a protobuf string of them."""
+    for path, body in [
+        ("/v2/models/charlm/generate", b'{"text_input": "RO\xed\xa0\x80", "max_tokens": 3}'),
+        ("/v2/models/sentiment/infer", b'{"id": "\xed\xa0\x80", ' + TEXT_INPUT.encode() + b"}"),
+        ("/v1/completions", b'{"model": "charlm", "prompt": "a\xed\xb0\x80"}'),
+    ]:
+        status, _, answer = http(rest, path, body, "POST")
+        error = json.loads(answer)["error"]
+        message = error["message"] if isinstance(error, dict) else error  # (OpenAI's error object under /v1)
+        at = body.index(b"\xed")
+        assert (status, message) == (400, f"the body is not UTF-8 (at byte {at}); send JSON as UTF-8 text")
+
+
+def test_compressed_bodies_are_read_whole(rest: ServerHandle) -> None:
+    """A gzip body cut before its CRC and size, or with bytes after it, was read as if whole; one of several gzip
+    members (RFC 1952, what ``cat a.gz b.gz`` makes) was refused as broken JSON."""
+    body = infer_body(["a fine film"], [1])
+    packed = gzip.compress(body)
+    cut = error_of(http(rest, "/v2/models/sentiment/infer", packed[:-8], Content_Encoding="gzip"))
+    assert cut == (400, "the gzip body is cut short: it ends before its compressed data does")
+    tail = error_of(http(rest, "/v2/models/sentiment/infer", packed + b"garbage", Content_Encoding="gzip"))
+    assert tail[0] == 400 and tail[1].startswith("the gzip body does not decompress: "), tail
+    extra = error_of(http(rest, "/v2/models/sentiment/infer", zlib.compress(body) + b"x", Content_Encoding="deflate"))
+    assert extra == (400, "the deflate body has 1 bytes after its compressed data")
+    members = gzip.compress(body[:20]) + gzip.compress(body[20:])
+    status, _, answer = http(rest, "/v2/models/sentiment/infer", members, Content_Encoding="gzip")
+    assert status == 200 and json.loads(answer)["outputs"][0]["name"] == "LABEL"
+
+
+def test_a_body_that_stops_arriving_is_a_408(start_server: Callable[..., ServerHandle]) -> None:
+    """It failed as a 500 (the read's TimeoutError) once the connection's idle timeout passed."""
+    handle = start_server(http_port=0, http_idle_timeout_seconds=0.5)
+    head = b"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    answer = raw_exchange(handle, head + b'{"inputs"')
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer, answer
+    assert b"the request body stopped arriving before its 100 bytes (Content-Length) were in" in answer
+
+
+def test_a_stream_to_an_http_1_0_client_is_not_chunked(rest: ServerHandle) -> None:
+    """HTTP/1.0 has no chunked coding (RFC 9112, 6.1): such a client read the chunk sizes as part of the events."""
+    body = b'{"text_input": "a", "max_tokens": 3, "temperature": 0}'
+    request = b"POST /v2/models/charlm/generate_stream HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head, _, events = raw_exchange(rest, request + body).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding" not in head, head
+    lines = [line for line in events.split(b"\n") if line]
+    assert len(lines) == 3 and all(line.startswith(b"data: {") for line in lines), events
+
+
+def test_the_gateways_own_refusals_carry_a_request_id(rest: ServerHandle) -> None:
+    """Its refusals before any call (a body that is no JSON, an unknown path, a wrong method) came without one."""
+    status, headers, _ = http(rest, "/v2/models/sentiment/infer", b"{bad", X_Request_Id="abc-123")
+    assert (status, headers["X-Request-Id"]) == (400, "abc-123")
+    for path, body, method in [("/v2/nothing", None, None), ("/v2/models/sentiment/infer", b"{}", "DELETE")]:
+        status, headers, _ = http(rest, path, body, method)
+        assert status in (404, 405) and len(headers["X-Request-Id"]) == 32, headers
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "allow"),
+    [
+        ("/v2/health/live", "POST", "GET, HEAD"),
+        ("/v2/health/ready", "POST", "GET, HEAD"),
+        ("/v2", "POST", "GET, HEAD"),
+        ("/v2/repository/index", "GET", "POST"),
+    ],
+)
+def test_a_wrong_method_on_a_fixed_route_is_a_405(rest: ServerHandle, path: str, method: str, allow: str) -> None:
+    """These answered 404 "no such endpoint", as if the path did not exist."""
+    status, headers, body = http(rest, path, b"{}" if method == "POST" else None, method)
+    assert (status, headers["Allow"], json.loads(body)["error"]) == (405, allow, f"{path} takes {allow.split(',')[0]}")
+
+
 def test_api_keys_quotas_and_retry_after(start_server: Callable[..., ServerHandle]) -> None:
     handle = start_server(http_port=0, api_key=KEY, quota_requests_per_second=1, quota_request_burst=1)
     body = infer_body(["a fine film"], [1])
