@@ -581,16 +581,27 @@ class SuggestStream:
         self.session_id = session_id
         self._call = call
         self._turn = asyncio.Lock()
-        self._failed = False  # the stream ended with an error a send raised: finish() has nothing more to say
+        self._failed: ApiError | None = None  # the error that ended the stream, which a send raised
 
     async def send(self, event: SuggestEvent | str) -> SuggestResult:
+        """Raises ``ApiError``: the event's refusal, which ends the stream (the session keeps what earlier events
+        did), or, for a send after that, the same code saying the stream has ended."""
         async with self._turn:
+            if self._failed is not None:
+                e = self._failed
+                raise ApiError(
+                    e.code,
+                    f"this Suggest stream has ended ({e.code.name}: {e.message}); open a new one (suggest_stream) "
+                    "to send more events",
+                    e.reason,
+                    e.request_id,
+                )
             try:
                 await self._call.write(_suggest_request(self.session_id, event))
                 answer = await self._call.read()
             except grpc.RpcError as err:
-                self._failed = True
-                raise ApiError.from_rpc_error(err) from None
+                self._failed = ApiError.from_rpc_error(err)
+                raise self._failed from None
             if answer is grpc.aio.EOF:  # (a stream that ends with an error raises it in read())
                 raise ApiError(
                     grpc.StatusCode.UNKNOWN, "the server ended the Suggest stream without answering", None, None
@@ -601,7 +612,7 @@ class SuggestStream:
         """Ends the stream (no more events) and waits for the server to close it; raises ``ApiError`` when it
         ended with an error that no ``send`` raised."""
         async with self._turn:
-            if self._failed:
+            if self._failed is not None:
                 return
             try:
                 await self._call.done_writing()

@@ -120,6 +120,27 @@ async def test_a_suggest_stream_answers_each_send(target: str, blocking: Client)
         assert (await c.get_session(s.id)).steps == want[-1].steps + 1
 
 
+async def test_a_refused_event_ends_the_suggest_stream_and_later_sends_say_so(target: str) -> None:
+    """A send after the refusal raised asyncio's InvalidStateError ("RPC already finished"), not an ApiError; the
+    session keeps the earlier events, and a new stream goes on from there."""
+    async with AsyncClient(target, timeout=60) as c, c.session("charlm") as s:
+        async with c.suggest_stream(s.id) as stream:
+            assert (await stream.send("To be")).steps == 5
+            with pytest.raises(ApiError) as refused:
+                await stream.send("\u4e2d")  # no character of the model's
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(ApiError) as ended:
+                await stream.send("x")
+            assert ended.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert ended.value.message == (
+                f"this Suggest stream has ended (INVALID_ARGUMENT: {refused.value.message}); open a new one "
+                "(suggest_stream) to send more events"
+            )
+            assert ended.value.request_id == refused.value.request_id
+        async with c.suggest_stream(s.id) as again:
+            assert (await again.send(" or")).steps == 8
+
+
 async def test_errors_are_api_errors_and_the_callers_own_errors_stay_its_own(target: str) -> None:
     async with AsyncClient(target, timeout=60) as c:
         with pytest.raises(ApiError) as unknown:

@@ -59,7 +59,8 @@ class AutocompleteServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Suggest(self, request_iterator, context):
-        """For each typing event the client sends, the N most likely continuations of the session's text.
+        """For each typing event the client sends, the N most likely continuations of the session's text. A refused
+        event ends the stream with its status; the session keeps what the earlier events did (open a new stream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
