@@ -39,7 +39,7 @@ from service.core.tasks.base import (
     register_task,
     utf8_items,
 )
-from service.core.tokenizers import Encoder
+from service.core.tokenizers import Encoder, fold_char
 from service.core.types import (
     CharStep,
     CompletionChunk,
@@ -319,9 +319,23 @@ class CharLMTask(Task):
             check_int(p.seed, "seed", 0, MAX_SEED)
         if len(p.stop) > MAX_STOP_STRINGS:
             raise InvalidInput(f"stop has {len(p.stop)} strings; the limit is {MAX_STOP_STRINGS}")
+        known = self.encoder.index
         for i, s in enumerate(p.stop):
             if not 1 <= len(s) <= MAX_STOP_CHARS:
                 raise InvalidInput(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters; got {len(s)}")
+            unknown = next((c for c in s if c not in known), None)
+            if unknown is not None:  # the model never writes it: the stop string could never match
+                raise InvalidInput(f"stop[{i}]: {self._unwritten(unknown)}")
+
+    def _unwritten(self, c: str) -> str:
+        """Why a stop string cannot hold ``c``, a character outside the vocabulary, and what to write instead."""
+        stand_in = fold_char(c, self.encoder.index) if self.settings.fold_chars else None
+        hint = (
+            f"; write {self.vocab[stand_in]!r}, which the model reads for it in a prompt"
+            if stand_in is not None
+            else ", so a stop string holding it could never match; remove it"
+        )
+        return f"character {c!r} is not in the model's vocabulary of {len(self.vocab)} characters{hint}"
 
     # --- Generator capability ---------------------------------------------------------------------------
     async def complete(

@@ -148,6 +148,19 @@ async def test_sampling_validation(make_dp: MakeDP) -> None:
         ("a", {"top_k": -1}, r"top_k must be between 0 and 96"),
         ("a", {"stop": ("x",) * 9}, r"stop has 9 strings; the limit is 8"),
         ("a", {"stop": ("ok", "")}, r"stop\[1\] must have 1 to 64 characters; got 0"),
+        # Characters the model never writes made stop strings that could never match, accepted without a word.
+        (
+            "a",
+            {"stop": ("ok", "\u4e2d.")},
+            r"^stop\[1\]: character '中' is not in the model's vocabulary of 96 "
+            r"characters, so a stop string holding it could never match; remove it$",
+        ),
+        (
+            "a",
+            {"stop": ("a\u00a0b",)},
+            r"^stop\[0\]: character '\\xa0' is not in the model's vocabulary of 96 "
+            r"characters; write ' ', which the model reads for it in a prompt$",
+        ),
         ("a" * 101, {}, r"prompt has 101 characters; the limit is 100 \(max_chars_per_text\)"),
         ("caf\u4e2d", {}, r"prompt: character '中' is not in the model's vocabulary of 96"),
         ("", {}, r"prompt is empty and there is no text to continue"),

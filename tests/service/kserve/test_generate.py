@@ -85,8 +85,8 @@ def test_generate_answers_what_the_grpc_completion_answers(rest: ServerHandle) -
 
 def test_a_stop_string_ends_the_generation(rest: ServerHandle) -> None:
     greedy = generate(rest, {"text_input": "ab", "max_tokens": 30, "temperature": 0})["text_output"]
-    stop = greedy[3:5]
-    answer = generate(rest, {"text_input": "ab", "max_tokens": 30, "temperature": 0, "stop": [stop, "\x00"]})
+    stop, never = greedy[3:5], next(s for s in ("@#@#", "~~~~", "}{}{") if s not in greedy)
+    answer = generate(rest, {"text_input": "ab", "max_tokens": 30, "temperature": 0, "stop": [stop, never]})
     assert answer["finish_reason"] == "stop"
     assert greedy.startswith(answer["text_output"]) and answer["text_output"].endswith(stop)
     one = generate(rest, {"text_input": "ab", "parameters": {"max_tokens": 30, "temperature": 0, "stop": stop}})

@@ -80,7 +80,9 @@ class CompleteRequest(_message.Message):
 
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Generation stops after any of these strings has been produced (the stop string is included)."""
+        """Generation stops after any of these strings has been produced (the stop string is included). At most 8, of
+        1 to 64 characters the model writes (one outside its vocabulary could never match: INVALID_ARGUMENT).
+        """
 
     def __init__(
         self,
