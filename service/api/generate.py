@@ -106,10 +106,17 @@ def set_option(request: autocomplete_pb2.CompleteRequest, field: str, key: str, 
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise RequestError(f"temperature must be a number (0 = greedy), got {json_kind(value)}", key)
         request.temperature = value
-    elif field in ("max_chars", "top_k", "seed"):
-        top = INT64_MAX if field == "seed" else INT32_MAX
-        if not isinstance(value, int) or isinstance(value, bool) or not -top - 1 <= value <= top:
-            raise RequestError(f"{key} must be an integer that fits in {64 if top == INT64_MAX else 32} bits", key)
+    elif field == "seed":
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT64_MAX:
+            shown = (
+                value if isinstance(value, int) and not isinstance(value, bool) and -(2**64) < value < 2**64 else None
+            )
+            got = json_kind(value) if shown is None else shown
+            raise RequestError(f"{key} must be an integer between 0 and {INT64_MAX}, got {got}", key)
+        request.seed = value
+    elif field in ("max_chars", "top_k"):
+        if not isinstance(value, int) or isinstance(value, bool) or not -INT32_MAX - 1 <= value <= INT32_MAX:
+            raise RequestError(f"{key} must be an integer that fits in 32 bits", key)
         if field == "max_chars" and value < 1:
             raise RequestError(f"{key} must be at least 1 (the characters to generate), got {value}", key)
         setattr(request, field, value)

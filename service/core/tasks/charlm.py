@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 100.0
-MAX_SEED = 2**64 - 1
+MAX_SEED = 2**63 - 1  # what the API's int64 seed carries
 
 
 @dataclass

@@ -567,10 +567,13 @@ async def test_a_failed_first_step_keeps_the_prompt_in_the_session(
 
 async def test_sampling_limits_are_inclusive(dp: CoreDataPlane) -> None:
     """The documented limits are the largest values accepted: 8 stop strings of 64 characters each, and any seed
-    up to 2**64 - 1 (the proto's uint64); one more is refused naming the field."""
+    up to 2**63 - 1 (the proto's int64: it was 2**64 - 1, which no call could send); one more is refused naming the
+    field."""
     out = await chunks(dp, "Hello", max_chars=3, temperature=0.0, stop=tuple(f"{i}" * 64 for i in range(8)))
     assert out[-1].finish_reason == "length"
-    assert len(await text(dp, "Hello", max_chars=3, seed=2**64 - 1)) == 3
+    assert len(await text(dp, "Hello", max_chars=3, seed=2**63 - 1)) == 3
+    with pytest.raises(InvalidInput, match=r"^seed must be between 0 and 9223372036854775807; got 9223372036854775808"):
+        await chunks(dp, "Hello", max_chars=3, seed=2**63)
     with pytest.raises(InvalidInput, match=r"stop\[0\] must have 1 to 64 characters; got 65"):
         await chunks(dp, "Hello", max_chars=3, stop=("x" * 65,))
     with pytest.raises(InvalidInput, match="seed"):

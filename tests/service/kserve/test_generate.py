@@ -167,7 +167,18 @@ def test_an_error_after_the_first_event_is_the_streams_last_event(tiny_models: A
         ({"text_input": "a", "max_tokens": 0}, 400, "max_tokens must be at least 1"),
         ({"text_input": "a", "max_tokens": 2**40}, 400, "max_tokens must be an integer that fits in 32 bits"),
         ({"text_input": "a", "max_tokens": "5"}, 400, "max_tokens must be an integer"),
-        ({"text_input": "a", "seed": 1.5}, 400, "seed must be an integer"),
+        (
+            {"text_input": "a", "seed": 1.5},
+            400,
+            "seed must be an integer between 0 and 9223372036854775807, got a number",
+        ),
+        # what the API's int64 carries: 2**63 was "must be an integer that fits in 64 bits", which it does
+        (
+            {"text_input": "a", "seed": 2**63},
+            400,
+            "seed must be an integer between 0 and 9223372036854775807, got 92233",
+        ),
+        ({"text_input": "a", "seed": -1}, 400, "seed must be an integer between 0 and 9223372036854775807, got -1"),
         ({"text_input": "a", "temperature": "hot"}, 400, "temperature must be a number"),
         ({"text_input": "a", "temperature": -1}, 400, "temperature must be a finite number between 0 and"),
         ({"text_input": "a", "top_k": 1000}, 400, "top_k must be between 0 and"),

@@ -71,7 +71,7 @@ class CompleteRequest(_message.Message):
     top_k: _builtins.int
     """Sample only among the k most likely characters; 0 = no cut."""
     seed: _builtins.int
-    """Random seed; the same seed and inputs give the same text. Unset = random."""
+    """Random seed, 0 to 2^63-1; the same seed and inputs give the same text. Unset = random."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelSelector:
         """Model to use (default name "charlm", newest version). With a session: leave unset to use the
