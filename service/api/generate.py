@@ -134,10 +134,10 @@ def set_option(request: autocomplete_pb2.CompleteRequest, field: str, key: str, 
 
 
 def model_selector(name: str, version: str, refusal: str) -> common_pb2.ModelSelector:
-    """``name`` at ``version`` (a decimal, 1 or more; empty = the newest); ``refusal``: the message otherwise."""
+    """``name`` at ``version`` (ASCII digits, 1 or more; empty = the newest); ``refusal``: the message otherwise."""
     if not version:
         return common_pb2.ModelSelector(name=name)
-    if not version.isdecimal() or not 1 <= int(version) <= INT64_MAX:
+    if not (version.isascii() and version.isdecimal()) or not 1 <= int(version) <= INT64_MAX:  # (not "١")
         raise RequestError(refusal, "model")
     return common_pb2.ModelSelector(name=name, version=int(version))
 
