@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 METHODS = ("GET", "HEAD", "POST")  # and OPTIONS (what the server takes, and CORS preflights)
 CORS_MAX_AGE = 600  # seconds a browser may reuse a preflight's answer
 CORS_MAX_HEADERS = 64  # request headers a preflight may ask for (a browser asks for a few; each is echoed back)
+GZIP_MEMBERS = 16  # members a gzip request body may have (RFC 1952 allows several; each is a decompressor)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")  # a header name (RFC 9110's token)
 
 
@@ -320,10 +321,11 @@ class _RestHandler(Endpoints):
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     """A gzip (RFC 1952: one member or several, as ``cat a.gz b.gz`` makes) or zlib (``deflate``) body, whole:
-    each member checked to its end (its CRC and size), nothing after it, at most ``limit`` bytes in all."""
+    each member checked to its end (its CRC and size), nothing after it, at most ``limit`` bytes in all and at most
+    ``GZIP_MEMBERS`` members (each costs a decompressor: a body of empty members must not cost one per 20 bytes)."""
     out: list[bytes] = []
     size, rest = 0, body
-    while True:
+    for _ in range(GZIP_MEMBERS):
         inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
         try:
             data = inflate.decompress(rest, limit + 1 - size)
@@ -340,6 +342,7 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
             return b"".join(out)
         if encoding != "gzip":
             raise HttpError(400, f"the {encoding} body has {len(rest)} bytes after its compressed data")
+    raise HttpError(400, f"the gzip body has more than {GZIP_MEMBERS} members; compress it as one")
 
 
 def _principal(connection: Any) -> tuple[str | None, str]:

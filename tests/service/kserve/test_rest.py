@@ -528,6 +528,9 @@ def test_compressed_bodies_are_read_whole(rest: ServerHandle) -> None:
     members = gzip.compress(body[:20]) + gzip.compress(body[20:])
     status, _, answer = http(rest, "/v2/models/sentiment/infer", members, Content_Encoding="gzip")
     assert status == 200 and json.loads(answer)["outputs"][0]["name"] == "LABEL"
+    empty = gzip.compress(b"")  # 20 bytes a decompressor each: a bounded count
+    many = error_of(http(rest, "/v2/models/sentiment/infer", gzip.compress(body) + empty * 16, Content_Encoding="gzip"))
+    assert many == (400, "the gzip body has more than 16 members; compress it as one")
 
 
 def test_a_body_that_stops_arriving_is_a_408(start_server: Callable[..., ServerHandle]) -> None:
