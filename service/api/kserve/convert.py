@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from service.api.gen.inference import grpc_service_pb2 as pb
+from service.api.generate import json_kind
 from service.core.types import Duration, ModelInfo, ModelMetadata, ModelStats, SharedRegion
 from service.errors import InvalidInput, echo
 from service.settings import Settings
@@ -92,24 +93,33 @@ def serving_from_config(text: str, current: pb.ModelConfig | None, name: str) ->
 
     given = pb.ModelConfig()
     try:
+        written = json.loads(text)
+        if not isinstance(written, dict):  # (the parser below would read a list as no fields, a string as names)
+            raise InvalidInput(
+                f"load parameter config is {json_kind(written)}, not a model configuration: send a JSON object"
+            )
         json_format.Parse(text, given)
-    except json_format.ParseError as exc:
+    except (json_format.ParseError, ValueError) as exc:
         raise InvalidInput(f"load parameter config is not a model configuration in JSON ({exc})") from None
     out: dict[str, object] = {}
     if given.HasField("dynamic_batching"):
         out["max_batch_delay_ms"] = given.dynamic_batching.max_queue_delay_microseconds / 1000
         given.dynamic_batching.ClearField("max_queue_delay_microseconds")
-    if given.instance_group:
-        out["model_instances"] = sum(g.count or 1 for g in given.instance_group)  # (Triton's count 0 means 1)
-        given.ClearField("instance_group")
-    if given.HasField("version_policy"):  # as written (a parsed message would read a count of 0 as unset)
-        written = json.loads(text)
-        out["version_policy"] = written.get("version_policy", written.get("versionPolicy"))  # checked with the rest
-        given.ClearField("version_policy")
     now = "what ModelConfig answers" if current is not None else "nothing else (the model is not loaded)"
     if current is None:  # nothing to compare with: its name, and a dynamic batching with nothing more in it
         current = pb.ModelConfig(name=name, dynamic_batching=pb.ModelDynamicBatching())
-    other = _differs(given, current)
+    other: list[str] = []
+    if given.instance_group:
+        out["model_instances"] = sum(g.count or 1 for g in given.instance_group)  # (Triton's count 0 means 1)
+        group = current.instance_group[0] if current.instance_group else pb.ModelInstanceGroup()
+        for g in given.instance_group:  # only the count may change (a KIND_GPU group must not load on the CPU)
+            g.ClearField("count")
+            other += [f for f in _differs(g, group, "instance_group.") if f not in other]
+        given.ClearField("instance_group")
+    if given.HasField("version_policy"):  # as written (a parsed message would read a count of 0 as unset)
+        out["version_policy"] = written.get("version_policy", written.get("versionPolicy"))  # checked with the rest
+        given.ClearField("version_policy")
+    other += _differs(given, current)
     if other:
         raise InvalidInput(
             f"load parameter config changes {', '.join(other)}, which a load cannot change: it may change {LOADABLE}; "

@@ -51,8 +51,21 @@ def test_a_load_with_a_config_over_rest(tiny_models: Path, tmp_path: Path) -> No
         # Refusals: 400 saying what to fix; the model serves on as it was.
         assert refused(c, "sentiment", "{not json") == (
             "400",
-            "load parameter config is not a model configuration in JSON (Failed to load JSON: Expecting property "
-            "name enclosed in double quotes: line 1 column 2 (char 1).)",
+            "load parameter config is not a model configuration in JSON (Expecting property name enclosed in double "
+            "quotes: line 1 column 2 (char 1))",
+        )
+        # JSON that is no object: "[]" loaded as an empty config (dropping an earlier load's settings), 123 and
+        # null failed inside the parser ("'int' object is not iterable"), a string was read field by field.
+        for text, kind in (("[]", "an array"), ("123", "a number"), ("null", "null"), ('"abc"', "a string")):
+            assert refused(c, "sentiment", text) == (
+                "400",
+                f"load parameter config is {kind}, not a model configuration: send a JSON object",
+            )
+        # An instance group's kind and name were dropped without a word: KIND_GPU loaded on the CPU.
+        gpu = {"instance_group": [{"count": 1, "kind": "KIND_GPU", "name": "foo"}]}
+        status, message = refused(c, "sentiment", json.dumps(gpu))
+        assert status == "400" and message.startswith(
+            "load parameter config changes instance_group.name, instance_group.kind, which a load cannot change"
         )
         status, message = refused(c, "sentiment", json.dumps({"instance_group": [{"count": 65}]}))
         assert status == "400" and message == (
