@@ -25,7 +25,7 @@ from service.core.sessions.export import Exported, seal
 from service.core.stats import CountedRequest
 from service.core.tasks.base import TaskResult, check_and_decode
 from service.core.types import InferResult, InputTensor, ModelRef, SequenceRef, Tensor, TensorContract
-from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound, echo
+from service.errors import FailedPrecondition, InvalidInput, SeqServeError, SessionEvicted, SessionNotFound, echo
 from service.settings import Settings
 
 
@@ -201,9 +201,19 @@ class V2Inference:
         except SessionNotFound as exc:
             raise self._unknown_sequence(name, seq, exc) from None
         finally:
+            if req is None and not ok:  # refused before its version was known (an unknown sequence, a version gone)
+                req = self._refused(name)
             if req is not None:
                 req.finish(ok)
         return self._result(entry, result, wanted, classes, blob)
+
+    def _refused(self, name: str) -> CountedRequest | None:
+        """A request for model ``name`` refused before it had a version: counted (a failure) on the version a new
+        sequence would start on, as a request that named that version is; None when none serves."""
+        try:
+            return CountedRequest(self.registry.resolve(ModelRef(name)))
+        except SeqServeError:
+            return None
 
     async def _infer_sequence(
         self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef, imported: Exported | None

@@ -14,7 +14,7 @@ from service.api.kserve.convert import index_to_pb, stats_to_pb
 from service.api.kserve.params import parse_sequence
 from service.core.sequences import top_classes
 from service.core.types import Duration, ModelRef, SequenceRef, Tensor
-from service.errors import FailedPrecondition, InvalidInput, SessionEvicted
+from service.errors import FailedPrecondition, InvalidInput, SessionEvicted, SessionNotFound
 from tests.service.core.conftest import recorded
 from tests.service.core.test_sessions import text
 from tests.service.security.conftest import infer_request
@@ -41,6 +41,19 @@ async def test_a_refused_step_of_a_running_sequence_counts_as_a_failure(make_dp)
         await dp.infer(LM, [Tensor("NOPE", "BYTES", (1,), items=[b"x"])], sequence=SequenceRef("s"))
     after = (await dp.statistics(LM))[0]
     assert (after.success.count, after.fail.count) == (before.success.count, before.fail.count + 1)
+
+
+async def test_a_step_of_an_unknown_sequence_counts_as_a_failure_with_or_without_a_version(make_dp) -> None:  # type: ignore[no-untyped-def]
+    """Triton counts every failed request in ``fail``: an unknown (or expired) sequence's step was counted only when
+    it named its version (without one the version was unknown, and nothing was counted)."""
+    dp = await make_dp()
+    first = await dp.infer(LM, text("ab"), sequence=SequenceRef("s", start=True))
+    for model in (LM, ModelRef("charlm", first.version)):
+        before = (await dp.statistics(LM))[0]
+        with pytest.raises(SessionNotFound, match="sequence 'never-started' of model charlm is unknown"):
+            await dp.infer(model, text("c"), sequence=SequenceRef("never-started"))
+        after = (await dp.statistics(LM))[0]
+        assert (after.success.count, after.fail.count) == (before.success.count, before.fail.count + 1)
 
 
 async def test_a_sequence_naming_its_version_still_checks_its_weights(make_dp) -> None:  # type: ignore[no-untyped-def]
