@@ -60,6 +60,38 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _Health(health_aio.HealthServicer):  # type: ignore[misc]  # (grpcio ships no types)
+    """grpcio's health servicer, whose Watch streams end (OK) once the server drains, after telling NOT_SERVING:
+    an open Watch (Envoy's, a client-side balancer's) was a call in flight that held every shutdown for its whole
+    grace. The loop is grpcio's own (1.x ``grpc_health.v1._async``), with that one exit."""
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        condition = self._server_watchers[request.service]
+        self._watcher_count_by_service[request.service] += 1
+        last = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != last:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[request.service] -= 1
+            if self._watcher_count_by_service[request.service] == 0:
+                del self._server_watchers[request.service]
+                del self._watcher_count_by_service[request.service]
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        for condition in list(self._server_watchers.values()):  # (a watcher of a service with no status too)
+            async with condition:
+                condition.notify_all()
+
+
 class Server:
     def __init__(
         self,
@@ -92,7 +124,7 @@ class Server:
         self._own_port = own_port
         self.own_port: int | None = None  # this process's private port, when own_port
         self._grpc: grpc.aio.Server | None = None
-        self._health = health_aio.HealthServicer()
+        self._health = _Health()
         self._http: Any = None
         self._tls: tls.TlsFiles | None = None
         self._gateway_dir: str | None = None  # with TLS and REST: the private folder of the gateway's socket

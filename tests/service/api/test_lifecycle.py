@@ -92,6 +92,23 @@ def test_graceful_shutdown_finishes_in_flight_calls(start_server: Callable[..., 
         stopping.result(60)
 
 
+def test_health_watches_end_when_the_server_drains(start_server: Callable[..., ServerHandle]) -> None:
+    """A watcher hears NOT_SERVING and its stream then ends OK: an open Watch (a load balancer's) was a call in flight
+    that held every shutdown for its whole grace, then ended UNAVAILABLE. Watches of a service the server does not
+    know (SERVICE_UNKNOWN, never notified of a change) end too."""
+    handle = start_server()
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watches = {name: stub.Watch(health_pb2.HealthCheckRequest(service=name), timeout=120) for name in ("", "x.Y")}
+        assert next(watches[""]).status == SERVING
+        assert next(watches["x.Y"]).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        stopping = handle.begin_stop(grace=120)
+        assert [r.status for r in watches[""]] == [NOT_SERVING]
+        assert list(watches["x.Y"]) == []
+        assert (watches[""].code(), watches["x.Y"].code()) == (grpc.StatusCode.OK, grpc.StatusCode.OK)
+        stopping.result(60)  # the drain waited for no watcher: well inside its 120 s grace
+
+
 def test_reflection_lists_and_describes_every_service(server: ServerHandle) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
