@@ -98,3 +98,35 @@ def test_panels_query_the_provisioned_datasource(dashboard: Dashboard) -> None:
     )["datasources"][0]
     for p in panels(dashboard):
         assert p.datasource is not None and p.datasource.uid == datasource["uid"], p.title
+
+
+def streaming_methods() -> set[str]:
+    """Every method of the server's services whose answer is a stream (it lasts as long as the stream)."""
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from service.api.gen.inference import grpc_service_pb2
+    from service.api.gen.seqserve.v1 import autocomplete_pb2, forecast_pb2, sentiment_pb2, sessions_pb2
+
+    ours = [grpc_service_pb2, autocomplete_pb2, forecast_pb2, sentiment_pb2, sessions_pb2]
+    modules: list[Any] = [*ours, health_pb2, reflection_pb2]
+    return {
+        m.name
+        for module in modules
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for m in service.methods
+        if m.server_streaming
+    }
+
+
+def test_unary_latency_panels_leave_out_every_streaming_method(dashboard: Dashboard) -> None:
+    """A health Watch (a load balancer's, open for minutes) counted in the "unary" latency panels as model="",
+    which the dashboard's All matches."""
+    streams = streaming_methods()
+    assert {"Complete", "Suggest", "ModelStreamInfer", "Watch", "ServerReflectionInfo"} <= streams
+    checked = 0
+    for expr in expressions(dashboard):
+        for excluded in re.findall(r'seqserve_rpc_duration_seconds_bucket\{[^}]*method!~"([^"]+)"', expr):
+            assert set(excluded.split("|")) >= streams, expr
+            checked += 1
+    assert checked >= 3
