@@ -147,7 +147,7 @@ def _device(settings: Settings) -> Finding:
 
 
 async def _models(settings: Settings) -> list[Finding]:
-    from service.core.registry import ModelRegistry
+    from service.core.registry import ModelRegistry, not_a_folder
     from service.metrics import Metrics
 
     registry = ModelRegistry(settings, Metrics(runtime_collectors=False))
@@ -175,7 +175,14 @@ async def _models(settings: Settings) -> list[Finding]:
                         Finding("model", f"{name}/{v}", OK, f"not served: outside its version_policy {policy}")
                     )
         if not found:
-            found.append(Finding("model", "-", FAIL, f"no model versions in {settings.models}: nothing to serve"))
+            problem = not_a_folder(settings.models)
+            why = (
+                f"no model versions in {settings.models}: nothing to serve"
+                if problem is None
+                else f"the model repository {settings.models} {problem}: point --models (SEQSERVE_MODELS) at the "
+                "folder of model folders"
+            )
+            found.append(Finding("model", "-", FAIL, why))
     finally:
         await registry.stop()
     return found

@@ -61,7 +61,7 @@ def _signature(path: Path) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _not_a_folder(root: Path) -> str | None:
+def not_a_folder(root: Path) -> str | None:
     """Why ``root`` cannot be a model repository ("does not exist", "is not a directory"), or None."""
     if root.is_dir():
         return None
@@ -439,7 +439,7 @@ class ModelRegistry:
         """The version folders on disk, and the names of model folders that could not be read (their loaded
         versions stay as they are: an unreadable folder is not a removed one)."""
         root = self.settings.models
-        problem = _not_a_folder(root)
+        problem = not_a_folder(root)
         if problem is not None:
             log.warning("model repository %s %s; no models will be served", root, problem)
             self._folders = set()
@@ -468,7 +468,7 @@ class ModelRegistry:
     async def start(self) -> None:
         """The first sync. With ``load_models``, every name in it must be in the repository: a name misspelt
         would otherwise leave a server up that serves nothing it was meant to."""
-        problem = _not_a_folder(self.settings.models)
+        problem = not_a_folder(self.settings.models)
         if problem is not None and self.settings.exit_on_error:
             raise RuntimeError(
                 f"exit_on_error (SEQSERVE_EXIT_ON_ERROR, --exit-on-error) is set and the model repository "

@@ -121,8 +121,17 @@ def test_a_corrupt_model_and_a_missing_one_fail_and_name_what_to_fix(
     assert rc == 1
     state, detail = status(found, "model", "-")
     assert state == "fail" and "['nosuch']" in detail and "does not have" in detail
+    (tmp_path / "empty").mkdir()
     rc, found = check(capsys, "--models", str(tmp_path / "empty"))
     assert rc == 1 and status(found, "model")[0] == "fail" and "nothing to serve" in status(found, "model")[1]
+    # No folder there (or a file): it said "no model versions in ...", as for an empty one; serve says why.
+    (tmp_path / "a-file").write_text("")
+    for path, why in ((tmp_path / "nope", "does not exist"), (tmp_path / "a-file", "is not a directory")):
+        rc, found = check(capsys, "--models", str(path))
+        assert rc == 1 and status(found, "model") == (
+            "fail",
+            f"the model repository {path} {why}: point --models (SEQSERVE_MODELS) at the folder of model folders",
+        )
 
 
 def test_a_policy_that_chooses_none_of_a_models_versions_fails_the_check(
