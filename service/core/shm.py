@@ -205,13 +205,24 @@ class Regions:
             _shrunk(opened, start + byte_size, what)
         return data
 
-    def check(self, name: str, offset: int, byte_size: int, what: str) -> None:
-        """Raises what ``read`` or ``write`` would for these bounds, before anything runs."""
-        self._find(name, offset, byte_size, what)
+    def check(self, name: str, offset: int, byte_size: int, what: str) -> SharedRegion:
+        """Raises what ``read`` or ``write`` would for these bounds, before anything runs; the registration checked
+        (for ``write``'s ``checked``)."""
+        return self._find(name, offset, byte_size, what).region
 
-    def write(self, name: str, offset: int, byte_size: int, data: bytes, what: str) -> None:
-        """Writes ``data`` into region ``name`` at ``offset``; it must fit in ``byte_size``."""
+    def write(
+        self, name: str, offset: int, byte_size: int, data: bytes, what: str, checked: SharedRegion | None = None
+    ) -> None:
+        """Writes ``data`` into region ``name`` at ``offset``; it must fit in ``byte_size``. ``checked``: the
+        registration the request was checked against (``check``): one unregistered or registered anew since (another
+        object, offset or size under the name) is not written into."""
         opened = self._find(name, offset, byte_size, what)
+        if checked is not None and opened.region != checked:
+            raise FailedPrecondition(
+                f"{what}: region {echo(name)} was unregistered and registered again while the request ran, so its "
+                "output was not written (it would have gone into another registration); keep an output's region "
+                "registered until its request is answered"
+            )
         if len(data) > byte_size:
             raise InvalidInput(
                 f"{what} is {len(data)} bytes, more than its shared_memory_byte_size {byte_size}: give the output "

@@ -15,7 +15,7 @@ import numpy as np
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.kserve.params import held, integer
 from service.core.shm import Regions
-from service.core.types import Tensor
+from service.core.types import SharedRegion, Tensor
 from service.errors import InvalidInput, echo, short
 
 # Numeric datatypes: numpy dtype (little-endian) and the typed-contents field that carries them.
@@ -186,6 +186,7 @@ class RegionRef(NamedTuple):
     region: str
     offset: int
     byte_size: int
+    checked: SharedRegion | None = None  # an output's: the registration it was checked against, before the run
 
 
 def _count_param(params: Any, key: str, what: str, required: bool) -> int:
@@ -257,7 +258,7 @@ def _read_shared(inputs: Any, raw: list[bytes], regions: Regions | None) -> list
         elif regions is None:
             raise InvalidInput(f"input {short(t.name)}: shared memory is not read on this endpoint")
         else:
-            out.append(WireInput(t, regions.read(*ref, what=f"input {short(t.name)}")))
+            out.append(WireInput(t, regions.read(ref.region, ref.offset, ref.byte_size, what=f"input {short(t.name)}")))
     return out
 
 
@@ -316,9 +317,9 @@ def output_regions(request: pb.ModelInferRequest, regions: Regions) -> dict[str,
             what = f"output {short(o.name)}"
             ref = region_ref(o.parameters, what)
             if ref is not None:
-                regions.check(*ref, what=what)
+                checked = regions.check(ref.region, ref.offset, ref.byte_size, what=what)
                 placed = placed or {}
-                placed[o.name] = ref
+                placed[o.name] = ref._replace(checked=checked)
     return placed
 
 
@@ -334,7 +335,8 @@ def place_outputs(
         if ref is None:
             response.raw_output_contents.append(data)
             continue
-        regions.write(*ref, data, what=f"output {short(t.name)} (the model ran)")
+        what = f"output {short(t.name)} (the model ran)"
+        regions.write(ref.region, ref.offset, ref.byte_size, data, what=what, checked=ref.checked)
         response.raw_output_contents.append(b"")
         params = response.outputs[i].parameters
         params[SHM_REGION].string_param = ref.region

@@ -21,7 +21,7 @@ import pytest
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.kserve.tensors import region_ref
+from service.api.kserve.tensors import RegionRef, region_ref
 from service.core.context import set_principal
 from service.core.shm import Regions
 from service.core.types import SharedRegion
@@ -289,7 +289,7 @@ def test_a_region_reference_of_the_wrong_kind_says_what_it_got(values: dict[str,
     request.parameters["shared_memory_byte_size"].CopyFrom(pb.InferParameter(uint64_param=8))
     request.parameters["shared_memory_offset"].CopyFrom(pb.InferParameter(int64_param=0))
     request.parameters["shared_memory_region"].CopyFrom(pb.InferParameter(string_param="r"))
-    assert tuple(region_ref(request.parameters, "input X") or ()) == ("r", 0, 8)
+    assert region_ref(request.parameters, "input X") == RegionRef("r", 0, 8)
 
 
 def test_regions_read_and_write_inside_their_bounds(tmp_path: Path) -> None:
@@ -331,6 +331,25 @@ def test_regions_read_and_write_inside_their_bounds(tmp_path: Path) -> None:
     assert regions.status() == []
     with pytest.raises(RegionNotFound, match="register it first"):
         regions.read("r", 0, 4, what="input 'X'")
+
+
+def test_an_output_goes_only_into_the_registration_it_was_checked_against(tmp_path: Path) -> None:
+    """An output's region unregistered and registered again (another object under its name) while its request ran
+    got the output, written into the new object while the request was checked against the old one; the same
+    registration again is the same place and is written into."""
+    a, b = _object(tmp_path, "a", 16), _object(tmp_path, "b", 16)
+    regions = Regions(True, root=str(tmp_path))
+    regions.register(SharedRegion("out", "/a", 0, 16))
+    checked = regions.check("out", 0, 8, what="output 'X'")  # when the request is read
+    regions.unregister("out")
+    regions.register(SharedRegion("out", "/b", 0, 16))
+    with pytest.raises(FailedPrecondition, match="region 'out' was unregistered and registered again while the"):
+        regions.write("out", 0, 8, b"abcd", what="output 'X' (the model ran)", checked=checked)
+    assert a.read_bytes()[:4] == b.read_bytes()[:4] == bytes(4)
+    regions.unregister("out")
+    regions.register(SharedRegion("out", "/a", 0, 16))  # the same registration as checked
+    regions.write("out", 0, 8, b"abcd", what="output 'X' (the model ran)", checked=checked)
+    assert a.read_bytes()[:4] == b"abcd"
 
 
 def test_a_frontend_follows_the_engines_table(tmp_path: Path) -> None:
