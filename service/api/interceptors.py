@@ -14,6 +14,7 @@ per unary call here (docs/architecture.md, "the edge at registration").
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime
 import functools
 import hmac
@@ -193,9 +194,10 @@ class LogBudget:
             self.dropped += 1
             return False
         self.tokens -= 1
-        if self.dropped:
-            log.warning(
-                "%d refused-request lines were not logged in the last %.1f s (log_errors_per_second=%g); the RPC "
+        if self.dropped:  # (in a context of its own: the line is no request's, not the one whose line follows)
+            contextvars.Context().run(
+                log.warning,
+                "%d refused-request lines were not logged in the last %.3g s (log_errors_per_second=%g); the RPC "
                 "metrics count every refusal",
                 self.dropped, now - self.since, self.rate,
             )  # fmt: skip

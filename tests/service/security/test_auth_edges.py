@@ -70,6 +70,36 @@ def test_the_log_budget_warning_counts_from_the_first_dropped_line(caplog: pytes
         assert warning in caplog.text
 
 
+def test_the_log_budget_warning_is_no_requests_line() -> None:
+    """It was written in the context of the request whose line came next, so a JSON log gave it that request's id
+    and method."""
+    from service.logs import CALL
+
+    seen: list[tuple[str, str, str]] = []
+
+    class Probe(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(CALL.get())  # what the log's call filter would stamp on the record
+
+    now = [0.0]
+    budget = LogBudget(1.0, clock=lambda: now[0])
+    while budget.allow():
+        pass
+    logger = logging.getLogger("service.api.interceptors")
+    probe, level = Probe(), logger.level
+    logger.addHandler(probe)
+    logger.setLevel(logging.WARNING)
+    token = CALL.set(("req-next", "/seqserve.v1.Sentiment/Classify", ""))
+    try:
+        now[0] = 2.0
+        assert budget.allow()
+    finally:
+        CALL.reset(token)
+        logger.removeHandler(probe)
+        logger.setLevel(level)
+    assert seen == [("-", "", "")]
+
+
 def test_a_refused_bidi_stream_is_counted_with_its_code(start_server) -> None:  # type: ignore[no-untyped-def]
     """ModelStreamInfer (stream-stream) refused for credentials is UNAUTHENTICATED in the RPC metrics."""
     handle = start_server(api_keys=f"alice:{K1}")
