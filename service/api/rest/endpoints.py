@@ -210,14 +210,15 @@ class Endpoints(GatewayHandler):
 
     def _models(self, method: str, name: str | None) -> Reply:
         """OpenAI's ``GET /v1/models`` (the ready models of the repository, one entry per name) and
-        ``GET /v1/models/{name}``."""
+        ``GET /v1/models/{name}``, also ``{name}/{version}`` (a ``model`` that completions take)."""
         if method not in ("GET", "HEAD"):
             raise HttpError(405, "/v1/models takes GET", {"Allow": "GET, HEAD"})
         index = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=True))
-        names = sorted({m.name for m in index.models if m.state == "READY"})
+        ready = {(m.name, m.version) for m in index.models if m.state == "READY"}
+        names = sorted({n for n, _ in ready})
         if name is None:
             return ok(models_list(names))
-        if name not in names:
+        if name not in names and tuple(name.rsplit("/", 1)) not in ready:
             raise HttpError(404, f"The model {echo(name)} does not exist; served models: {names}", param="model")
         return ok(model_object(name))
 

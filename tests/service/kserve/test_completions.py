@@ -42,6 +42,10 @@ def test_the_sdk_lists_and_retrieves_models(rest: ServerHandle) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("gpt-4")
     assert "'gpt-4' does not exist; served models: ['charlm', 'forecaster', 'sentiment']" in err.value.message
+    # A name with its version, as completions take it (model="charlm/1"), was "does not exist".
+    assert client.models.retrieve("charlm/1").id == "charlm/1"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("charlm/9")
 
 
 def test_a_completion_is_the_grpc_completion(rest: ServerHandle) -> None:
