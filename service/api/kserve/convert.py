@@ -94,12 +94,17 @@ def serving_from_config(text: str, current: pb.ModelConfig | None, name: str) ->
     given = pb.ModelConfig()
     try:
         written = json.loads(text)
-        if not isinstance(written, dict):  # (the parser below would read a list as no fields, a string as names)
-            raise InvalidInput(
-                f"load parameter config is {json_kind(written)}, not a model configuration: send a JSON object"
-            )
+    except ValueError as exc:
+        raise InvalidInput(f"load parameter config is not a model configuration in JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidInput("load parameter config is not JSON we read: its arrays or objects nest too deeply") from None
+    if not isinstance(written, dict):  # (the parser below would read a list as no fields, a string as names)
+        raise InvalidInput(
+            f"load parameter config is {json_kind(written)}, not a model configuration: send a JSON object"
+        )
+    try:
         json_format.Parse(text, given)
-    except (json_format.ParseError, ValueError) as exc:
+    except json_format.ParseError as exc:
         raise InvalidInput(f"load parameter config is not a model configuration in JSON ({exc})") from None
     out: dict[str, object] = {}
     if given.HasField("dynamic_batching"):

@@ -61,6 +61,10 @@ def test_a_load_with_a_config_over_rest(tiny_models: Path, tmp_path: Path) -> No
                 "400",
                 f"load parameter config is {kind}, not a model configuration: send a JSON object",
             )
+        assert refused(c, "sentiment", "[" * 5_000) == (  # (the check above must not fail inside the parser)
+            "400",
+            "load parameter config is not JSON we read: its arrays or objects nest too deeply",
+        )
         # An instance group's kind and name were dropped without a word: KIND_GPU loaded on the CPU.
         gpu = {"instance_group": [{"count": 1, "kind": "KIND_GPU", "name": "foo"}]}
         status, message = refused(c, "sentiment", json.dumps(gpu))
