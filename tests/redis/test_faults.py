@@ -230,3 +230,20 @@ def test_a_redis_password_never_shows_in_logs_or_messages(
     assert "password=***" in logged
     for secret in ("Pw-in-the-query", "0123"):
         assert secret not in info.value.message and secret not in logged
+
+
+def test_a_wrong_redis_password_says_to_fix_the_setting_not_to_retry(
+    private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
+) -> None:
+    """redis-py's AuthenticationError is a ConnectionError: a wrong or missing password read as an outage,
+    "retry when it is back", which no retry fixes."""
+    r = private_redis()
+    r.client().config_set("requirepass", "the-right-one-0123")
+    for url in (r.url.replace("redis://", "redis://:wrong-guess-4567@", 1), r.url):
+        server = start_replica(url, session_store_timeout_seconds=0.5)
+        with pytest.raises(ApiError) as info:
+            Client(server.target, timeout=10).create_session("charlm")
+        message = info.value.message
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "refuses this server's credentials" in message
+        assert "set the password (and user) Redis expects in session_store (SEQSERVE_SESSION_STORE" in message
+        assert "retry" not in message and "wrong-guess" not in message and "the-right-one" not in message

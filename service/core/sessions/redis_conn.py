@@ -88,6 +88,13 @@ class RedisConn:
             yield
         except rex.OutOfMemoryError as e:
             raise Overloaded(f"session store {self.name} is out of memory (maxmemory): {e}") from None
+        except rex.AuthenticationError as e:  # (a ConnectionError to redis-py, but a setting to fix, not an outage)
+            self._mark(False, e)
+            raise StoreUnavailable(
+                f"session store {self.name} refuses this server's credentials ({type(e).__name__}: {e}); calls that "
+                "need no session still work; set the password (and user) Redis expects in session_store "
+                "(SEQSERVE_SESSION_STORE: redis://USER:PASSWORD@HOST:PORT/DB)"
+            ) from None
         except UNAVAILABLE as e:
             self._mark(False, e)
             raise StoreUnavailable(
