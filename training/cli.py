@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(default runs/NAME-VERSION), or train without --resume"
             )
         pipelines.require_new_folder(args.out, "train into a new version folder, or remove it first")
+        pipelines.name_version(args.out)  # (a version folder the server would not load: refused before any work)
         _check_folders(args, job.train.run_dir)
 
         if args.download:

@@ -72,7 +72,10 @@ def load_chars(path: Path, val_fraction: float = 0.1) -> tuple[Tokenizer, IntArr
     text = read_text(path)
     if len(text) < 1000:
         raise DataError(f"{path}: only {len(text)} characters; need at least 1000 for a train/val split")
-    tok = Tokenizer(kind="char", vocab=sorted(set(text)))
+    vocab = sorted(set(text))
+    if len(vocab) < 2:  # (one character: nothing to predict, and the export's example input cannot be drawn)
+        raise DataError(f"{path}: holds only the character {vocab[0]!r}; a language model needs at least two")
+    tok = Tokenizer(kind="char", vocab=vocab)
     ids = Encoder(tok).encode(text)
     cut = int(len(ids) * (1 - val_fraction))
     return tok, ids[:cut], ids[cut:]

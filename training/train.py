@@ -118,7 +118,13 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
     best_state = copy.deepcopy(net.state_dict())
     best: dict[str, float] = {}
     if cfg.resume and ckpt.exists():
-        st = torch.load(ckpt, map_location=cfg.device, weights_only=False)
+        try:
+            st = torch.load(ckpt, map_location=cfg.device, weights_only=False)
+        except Exception as e:  # (torch raises what the damage makes: OSError, RuntimeError, UnpicklingError, ...)
+            raise DataError(
+                f"--resume: {ckpt} is not a readable checkpoint ({type(e).__name__}); resume from an intact run's "
+                "--run-dir, or train with another --run-dir"
+            ) from None
         try:
             net.load_state_dict(st["net"])
             opt.load_state_dict(st["opt"])

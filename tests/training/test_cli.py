@@ -537,6 +537,37 @@ def test_resume_needs_a_checkpoint(tmp_path: Path, tiny_text: Path, capsys: pyte
     assert not out.exists()
 
 
+def test_a_damaged_checkpoint_is_named_not_a_traceback(
+    tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cut checkpoint.pt was torch.load's traceback (OSError); a text file an unnamed "invalid literal for int()"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for damaged in (b"PK\x03\x04" + b"\x00" * 200, b"garbage\n"):
+        (run / "checkpoint.pt").write_bytes(damaged)
+        out = tmp_path / "lm" / "1"
+        args = ["charlm", "--data", str(tiny_text), "--out", str(out), "--run-dir", str(run), *FAST, "--resume"]
+        args += ["--hidden", "8", "--embedding", "4", "--batch-size", "4", "--bptt", "16"]
+        _one_line(capsys, main(args), f"--resume: {run / 'checkpoint.pt'} is not a readable checkpoint (")
+        assert not out.exists()
+
+
+def test_a_text_of_one_character_and_unservable_versions_are_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One distinct character trained, then failed at the ONNX export with a traceback; an --out version the server
+    never loads (0, 01, ten digits) trained, then failed in the manifest (0) or wrote a folder no server serves."""
+    same = tmp_path / "a.txt"
+    same.write_text("a" * 5000)
+    args = ["charlm", "--data", str(same), "--out", str(tmp_path / "lm" / "1"), "--run-dir", str(tmp_path / "r"), *FAST]
+    _one_line(capsys, main(args), f"{same}: holds only the character 'a'; a language model needs at least two")
+    for version in ("0", "01", "1234567890"):
+        out = tmp_path / "lm" / version
+        args = ["charlm", "--data", str(same), "--out", str(out), "--run-dir", str(tmp_path / "r"), *FAST]
+        _one_line(capsys, main(args), f"{out}: --out's last folder is the version, 1 to 999999999 without leading")
+    assert not (tmp_path / "lm").exists() and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
