@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from service.core import arrays
 from service.core.arrays import right_pad, zero_states
 from service.core.intervals import WidthRule, empty_ring
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, sha256_file
 from service.core.tasks import task_class
 from service.core.tokenizers import Encoder
 from training.calibrate import interval_scores, quantile_scores
@@ -64,6 +64,12 @@ def read_manifest(model_dir: Path) -> Manifest:
     if not model.is_file() or model.stat().st_size == 0:
         why = "empty" if model.is_file() else "file not found"
         raise DataError(f"{model}: {why} (a model folder holds its ONNX graph beside its manifest)")
+    digest = sha256_file(model)
+    if digest != m.sha256:  # (as the server refuses it: a number from another graph would pass for this model's)
+        raise DataError(
+            f"{model}: its sha256 is {digest} but manifest.json says {m.sha256}; the file is corrupt or from another "
+            "export: re-export or copy both files together"
+        )
     return m
 
 

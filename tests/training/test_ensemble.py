@@ -189,6 +189,8 @@ def test_ensemble_refuses_members_that_cannot_share_a_contract(
     graph = onnx.load(str(older / MODEL_FILE))
     graph.opset_import[0].version = 16
     onnx.save(graph, str(older / MODEL_FILE))
+    marked = json.loads((older / MANIFEST_FILE).read_text())  # (as its export would have written it)
+    (older / MANIFEST_FILE).write_text(json.dumps(marked | {"sha256": sha256_file(older / MODEL_FILE)}))
 
     def no_unk(raw: dict[str, object]) -> None:
         raw["tokenizer"]["unk_token"] = None  # type: ignore[index]
