@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, Metric, ModelCard, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, VERSION_FOLDER, Manifest, Metric, ModelCard, sha256_file
 from training.data import DataError, load_chars
 from training.evaluate import evaluate_model, read_manifest
 from training.export import write_model
@@ -22,14 +21,12 @@ from training.nets import NetConfig, build_net, count_parameters
 from training.runners import CharLMRunner
 from training.train import FitResult, TrainConfig, fit, write_report
 
-_VERSION = re.compile(r"[1-9][0-9]{0,8}")  # a version folder the server loads (service/core/registry.py)
-
 
 def name_version(out: Path) -> tuple[str, int]:
     """models/NAME/N -> (NAME, N); a folder not named by a number is version 1 of its own name. A number the
     server would not load as a version (0, 01, ten digits or more) is refused."""
     if out.name.isascii() and out.name.isdigit():
-        if not _VERSION.fullmatch(out.name):
+        if not VERSION_FOLDER.fullmatch(out.name):
             raise DataError(
                 f"{out}: --out's last folder is the version, 1 to 999999999 without leading zeros (the server loads "
                 "only such folders)"

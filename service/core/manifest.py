@@ -11,6 +11,7 @@ labels, normalization...) is checked by the task itself at load (``service/core/
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
+# A version folder (models/NAME/N) the registry loads, and the training CLI writes: 1 to 999999999, no leading zero.
+VERSION_FOLDER = re.compile(r"[1-9][0-9]{0,8}")
 
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 DType = Literal["float32", "int64", "int32", "bool"]

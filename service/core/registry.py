@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from service.core.batching import Batcher
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, VERSION_FOLDER, Manifest, sha256_file
 from service.core.prefixes import PrefixCache
 from service.core.runtime import Runtime, load_runtime, select_providers
 from service.core.serving import SERVING_FILE, checked, model_settings
@@ -42,7 +42,6 @@ from service.metrics import Metrics
 from service.settings import Settings, chosen_versions, named_versions
 
 log = logging.getLogger(__name__)
-_VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")
 Hook = Callable[["ModelEntry", bool], Awaitable[None] | None]  # (entry, replaced by a reload)
 State = Literal["READY", "UNAVAILABLE", "UNLOADING"]
 _SCOPES = itertools.count(1)  # one per started model version: the first part of its prefix cache keys
@@ -457,7 +456,7 @@ class ModelRegistry:
                     log.warning("ignoring %s: %s", model_dir, exc)
                 continue
             for vdir in versions:
-                if not _VERSION_DIR.fullmatch(vdir.name):
+                if not VERSION_FOLDER.fullmatch(vdir.name):
                     log.warning("ignoring %s: version directories must be positive integers", vdir)
                     continue
                 found[(model_dir.name, int(vdir.name))] = vdir
