@@ -229,7 +229,7 @@ def release(src: Path, data: Path, out: Path, command: str, gamma: float | None 
         verdict = _verdict(parent, ev, f.quantiles)
         if not verdict["released"]:
             raise DataError(f"{name}/{version} not released: {verdict['why']}")
-        card = card_for(name, "forecast", version)
+        card = card_for(name, "forecast", version, data)
         new.model_copy(update={"metrics": forecast_metrics(name, out, data, s, ev), "card": card}).dump(
             out / MANIFEST_FILE
         )

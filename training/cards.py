@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from service.core.manifest import MANIFEST_FILE, Manifest, ModelCard
+from training.data import public_data
 
 SST2 = (
     "GLUE SST-2 (Socher et al. 2013; Wang et al. 2019): 67,349 train phrases, 872 dev sentences of English movie "
@@ -288,16 +289,42 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 
-def card_for(name: str, task: str, version: int = 1) -> ModelCard:
-    """The card of ``name/version`` (or ``name``), else a generic one for a model trained on other data."""
+def card_for(name: str, task: str, version: int = 1, data: Path | None = None) -> ModelCard:
+    """The card of ``name/version`` (or ``name``), else a generic one for a model trained on other data. Given the
+    training ``data``, a listed card is used only when that file is the public data set the card describes
+    (``training.data.public_data``): a run named like a released model but trained on the user's own file gets the
+    generic card, which does not claim a data set, a license or a measured limit that are not its own."""
     card = CARDS.get(f"{name}/{version}") or CARDS.get(name)
-    if card is not None:
+    if card is not None and (data is None or describes(card, data)):
         return card
+    return generic_card(task)
+
+
+def describes(card: ModelCard, data: Path) -> bool:
+    """Whether ``data`` is the public data set ``card`` was written for (the card's data line names it)."""
+    known = public_data(data)
+    return known is not None and known in card.data
+
+
+def generic_card(task: str, frozen: tuple[str, ...] = ()) -> ModelCard:
+    """The card of a model trained on the user's own data; a sentiment card carries a calibration line (for
+    ``calibrated``) and the provenance and license of any pretrained word features folded in (``frozen``)."""
+    data = "The file named in training.data; its provenance and license are those of its owner."
+    license = "Weights: as the owner of the training data allows."
+    limits = ["Evaluated only on the split recorded in the manifest."]
+    if task == "sentiment":
+        limits.append(NOT_CALIBRATED)
+    for source, text, terms in (
+        ("glove", GLOVE, "folded GloVe vectors: PDDL-1.0"),
+        ("vader", VADER, "folded lexicon ratings: MIT (VADER)"),
+    ):
+        if source in frozen:
+            data, license = data + text, f"{license[:-1]}; {terms}."
     return ModelCard(
         intended_use=f"A {task} model trained with seqserve-train on the user's own data; see the manifest metrics.",
-        data="The file named in training.data; its provenance and license are those of its owner.",
-        license="Weights: as the owner of the training data allows.",
-        limits=["Evaluated only on the split recorded in the manifest."],
+        data=data,
+        license=license,
+        limits=limits,
     )
 
 

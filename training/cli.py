@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("forecast", "calibrate"):
             from training.forecasting import scale_candidates
 
-            scale_candidates(args.interval_scale)  # a bad value fails now, not after training
+            scale_candidates(args.interval_scale, getattr(args, "window", None))  # fails now, not after training
         if args.command == "calibrate":
             from training.recalibrate import recalibrate
 

@@ -48,6 +48,41 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
+# The public data sets of the committed models, by the sha256 of their files as published (the copies in
+# ../shared/data, whose PROVENANCE.md gives the same sums): a manifest and its card name one of these data sets only
+# when the training file's bytes are that set's, and otherwise the file itself.
+PUBLIC_DATA = {
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed": "Tiny Shakespeare",  # input.txt
+    "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1": "SST-2",  # train.tsv (with SST2_DEV)
+    "f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066": "ETTh1.csv",
+    "6ce1759b1a18e3328421d5d75fadcb316c449fcd7cec32820c8dafda71986c9e": "ETTm1.csv",
+    "8cb51be753a718d9be5d76d7e238cc224792754676adc21faa59e954b0201621": "AirPassengers",  # airline-passengers.csv
+}
+SST2_DEV = "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"  # dev.tsv
+
+
+def data_sha256(path: Path) -> str:
+    """The sha256 of a data file; of a folder (SST-2's), of its train.tsv and dev.tsv sums joined by a newline."""
+    if path.is_dir():
+        return hashlib.sha256("\n".join(data_sha256(path / f) for f in ("train.tsv", "dev.tsv")).encode()).hexdigest()
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def public_data(path: Path) -> str | None:
+    """The public data set ``path`` holds (``PUBLIC_DATA``'s name: a file, or SST-2's folder whose train.tsv and
+    dev.tsv are both the published ones), else None: the user's own data."""
+    try:
+        if path.is_dir():
+            train, dev = (hashlib.sha256((path / f).read_bytes()).hexdigest() for f in ("train.tsv", "dev.tsv"))
+            return PUBLIC_DATA.get(train) if dev == SST2_DEV else None
+        return PUBLIC_DATA.get(hashlib.sha256(path.read_bytes()).hexdigest())
+    except OSError:
+        return None
+
+
 def read_text(path: Path) -> str:
     if not path.exists():
         raise DataError(f"{path}: file not found")

@@ -360,7 +360,7 @@ def _publish(
         for x in recomputed(first.metrics, "sentiment", ev, evaluate)
     ]  # fmt: skip
     known = version[0] in CARDS or f"{version[0]}/{version[1]}" in CARDS  # else the members' card, if any
-    card = card_for(version[0], "sentiment", version[1]) if known or first.card is None else first.card
+    card = card_for(version[0], "sentiment", version[1], data) if known or first.card is None else first.card
     limits = [
         *card.limits,
         f"Runs {len(paths)} models per request: about {len(paths)}x the compute and latency of one of them.",

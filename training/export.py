@@ -43,6 +43,11 @@ NATIVE_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"
 DEFAULT_NAMES = {"sentiment": "sentiment", "charlm": "charlm", "forecast": "forecaster"}
 
 
+def cell_name(cell: str) -> str:
+    """A recurrent cell as a description names it: LSTM, GRU, RNN (tanh), RNN (ReLU)."""
+    return {"rnn_tanh": "RNN (tanh)", "rnn_relu": "RNN (ReLU)"}.get(cell, NATIVE_OPS.get(cell, cell))
+
+
 @dataclass
 class GraphIO:
     inputs: list[TensorSpec]

@@ -57,15 +57,21 @@ def options(extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def scale_candidates(text: str) -> tuple[tuple[str, ...], list[int] | None]:
-    """``--interval-scale``: "auto" (constant or any volatility, chosen), "none", or KIND[:K] (e.g. "mad:24")."""
+def scale_candidates(text: str, window: int | None = None) -> tuple[tuple[str, ...], list[int] | None]:
+    """``--interval-scale``: "auto" (constant or any volatility, chosen), "none", or KIND[:K] (e.g. "mad:24"); K
+    counts row-to-row changes of the history, so 1 <= K < ``window`` (checked when the window is known)."""
     if text == "auto":
         return ("none", *SCALE_KINDS), None
     if text == "none":
         return ("none",), None
     kind, _, k = text.partition(":")
-    if kind not in SCALE_KINDS or (k and not k.isdigit()):
+    if kind not in SCALE_KINDS or (k and not (k.isascii() and k.isdigit())):
         raise ValueError(f"--interval-scale: expected auto, none or KIND[:K] with KIND in {SCALE_KINDS}, got {text!r}")
+    if k and not 1 <= int(k) < (window or int(k) + 1):
+        below = f" and below --window {window} (a window of {window} rows has {window - 1} changes)" if window else ""
+        raise ValueError(
+            f"--interval-scale {text}: K counts the last K row-to-row changes: it must be at least 1{below}"
+        )
     return (kind,), ([int(k)] if k else None)
 
 
@@ -159,7 +165,7 @@ def train_forecast(job: Job) -> None:
     if iv.floor is not None:
         add_scale_output(job.out, iv.choice.kind, iv.choice.k, iv.floor)
     ev = evaluate_model(job.out, job.data)
-    card = card_for(job.name, "forecast", job.version)
+    card = card_for(job.name, "forecast", job.version, job.data)
     metrics = forecast_metrics(job.name, job.out, job.data, s, ev)
     finish(job, res, metrics, ev, {"task": "forecast", "intervals": iv.info}, card)
 

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from service.core import arrays
 from service.core.manifest import Manifest
-from training.data import DataError, heldout_split, load_sst2
+from training.data import DataError, data_sha256, heldout_split, load_sst2
 from training.evaluate import open_model, sentiment_logits
 
 Rows = list[tuple[str, int]]  # (text, label)
@@ -62,6 +62,15 @@ def heldout_rows(models: list[Path], manifests: list[Manifest], data: Path) -> t
         )
     kind, fraction, seed = splits[models[0]]
     train_rows, _ = load_sst2(data)
+    recorded_sums = {path: m.training.get("data_sha256") for path, m in zip(models, manifests, strict=True)}
+    if any(recorded_sums.values()):  # (older manifests, the committed ones among them, do not record it)
+        got = data_sha256(data)
+        other = [f"{p} ({s})" for p, s in recorded_sums.items() if s and s != got]
+        if other:
+            raise DataError(
+                f"{data}: not the data {', '.join(other)} trained on (that run recorded the sha256 in "
+                f"parentheses; this folder's is {got}); give the folder the model was trained on"
+            )
     _, held = heldout_split(train_rows, kind, fraction, np.random.default_rng(seed))
     if not held:
         raise DataError(

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, VERSION_FOLDER, Manifest, Metric, ModelCard, sha256_file
-from training.data import DataError, load_chars
+from training.cards import card_for
+from training.data import DataError, data_sha256, load_chars, public_data
 from training.evaluate import evaluate_model, read_manifest
-from training.export import write_model
+from training.export import cell_name, write_model
 from training.nets import NetConfig, build_net, count_parameters
 from training.runners import CharLMRunner
 from training.train import FitResult, TrainConfig, fit, write_report
@@ -177,6 +178,7 @@ def training_info(job: Job, res: FitResult) -> dict[str, Any]:
     return {
         "command": job.command,
         "data": str(job.data),
+        "data_sha256": data_sha256(job.data),  # what heldout checks its --data against
         "config": job.train.to_dict(),
         **job.extra,
         "steps": res.steps,
@@ -197,13 +199,15 @@ def train_charlm(job: Job) -> None:
             f"x --bptt {bptt} characters needs {need:,}: lower --batch-size or --bptt, or give more text"
         )
     job.net.vocab = len(tok.vocab)
+    known = public_data(job.data)  # "Tiny Shakespeare", or None: the user's own text, named as itself
     net = build_net(job.net, job.train.seed)
     print(f"charlm: {len(train)} train / {len(val)} val chars, vocab {len(tok.vocab)}, {count_parameters(net)} params")
     res = fit(CharLMRunner(net, train, val, job.extra["bptt"], job.train.device), job.train)
     half = bool(job.extra.get("half"))
     write_model(
         net.cpu(), job.net, job.out, name=job.name, version=job.version,
-        description="Character-level LSTM language model trained on Tiny Shakespeare (first 90% of the text).",
+        description=f"Character-level {cell_name(job.net.cell)} language model trained on {known or job.data.name} "
+        "(first 90% of the text).",
         tokenizer=tok, training=training_info(job, res), half=half,
         notes="unidirectional; state (h, c) carries the whole prefix, so a session advances in O(new chars)"
         + ("; weights stored as float16, computed in float32" if half else ""),
@@ -211,7 +215,7 @@ def train_charlm(job: Job) -> None:
     ev = evaluate_model(job.out, job.data)
     metric = Metric(
         name="val_loss_nats_per_char", value=ev["val_loss_nats_per_char"], higher_is_better=False, target=1.50,
-        dataset="tinyshakespeare/input.txt", split="last 10% of characters (validation)",
+        dataset="tinyshakespeare/input.txt" if known else job.data.name, split="last 10% of characters (validation)",
         command=f"seqserve-train evaluate --model {job.out} --data {job.data}",
     )  # fmt: skip
-    finish(job, res, [metric], ev, {"task": "charlm"})
+    finish(job, res, [metric], ev, {"task": "charlm"}, card_for(job.name, "charlm", job.version, job.data))

@@ -60,7 +60,7 @@ def _write(
         add_scale_output(out, iv.choice.kind, iv.choice.k, iv.floor)
     ev = evaluate_model(out, data)
     final = Manifest.load(out / MANIFEST_FILE)
-    card = card_for(name, "forecast", version)
+    card = card_for(name, "forecast", version, data)
     final.model_copy(update={"metrics": forecast_metrics(name, out, data, s, ev), "card": card}).dump(
         out / MANIFEST_FILE
     )

@@ -7,6 +7,7 @@ temperature (folded into the heads' weights) minimizes the ensemble's NLL on tha
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -14,10 +15,10 @@ import torch
 
 from service.core.manifest import Metric, ModelCard
 from service.core.tokenizers import Encoder
-from training.cards import CARDS, calibrated, card_for
-from training.data import DataError, heldout_split, load_sst2, ngram_table, word_tokenizer
+from training.cards import CARDS, calibrated, card_for, describes, generic_card
+from training.data import DataError, heldout_split, load_sst2, ngram_table, public_data, word_tokenizer
 from training.evaluate import evaluate_model
-from training.export import write_model
+from training.export import cell_name, write_model
 from training.glove import Glove, extend_vocab, glove_table, load_glove
 from training.lexicon import load_vader
 from training.nets import SentimentNet, build_net
@@ -29,6 +30,7 @@ from training.train import fit
 
 def train_sentiment(job: Job) -> None:
     train_rows, dev_rows = load_sst2(job.data)
+    public = public_data(job.data) == "SST-2"  # else the user's own folder: named as itself, not as SST-2
     rng = np.random.default_rng(job.train.seed)
     kind = job.extra.get("heldout") or "rows"
     fraction = job.extra["heldout_fraction"]
@@ -89,9 +91,9 @@ def train_sentiment(job: Job) -> None:
     net.bake(half=job.extra["half_table"])
     write_model(
         net.cpu(), job.net, job.out, name=job.name, version=job.version,
-        description="SST-2 binary sentiment: word embeddings"
+        description=f"{'SST-2' if public else job.data.name} binary sentiment: word embeddings"
         + "".join(f" + frozen {f.description}" for f in frozen.values())
-        + " + BiLSTM ensemble, masked mean+max pooling.",
+        + f" + {'Bi' if job.net.bidirectional else ''}{cell_name(job.net.cell)} ensemble, masked mean+max pooling.",
         tokenizer=tok, labels=["negative", "positive"],
         training={**training_info(job, res), **recipe, "temperature": temperature},
         notes=f"{job.net.ensemble} member(s) averaged over one shared embedding (state rows = members x layers x "
@@ -103,8 +105,10 @@ def train_sentiment(job: Job) -> None:
     ev = evaluate_model(job.out, job.data)
     command = f"seqserve-train evaluate --model {job.out} --data {job.data}"
     metric = Metric(
-        name="accuracy", value=ev["dev_accuracy"], target=0.86 if frozen else 0.85, dataset="GLUE SST-2",
-        split="dev (872 sentences); checkpoint and temperature chosen on a held-out slice of train", command=command,
+        name="accuracy", value=ev["dev_accuracy"], target=(0.86 if frozen else 0.85) if public else None,
+        dataset="GLUE SST-2" if public else f"{job.data.name} (dev.tsv)",
+        split=f"dev ({len(dev_rows):,} sentences); checkpoint and temperature chosen on a held-out slice of train",
+        command=command,
     )  # fmt: skip
     held = metric.model_copy(
         update={"name": "heldout_accuracy", "value": res.best["heldout_accuracy"], "target": None,
@@ -112,7 +116,7 @@ def train_sentiment(job: Job) -> None:
                 "command": job.command}
     )  # fmt: skip
     ece = metric.model_copy(update={"name": "ece", "value": ev["dev_ece"], "target": None, "higher_is_better": False})
-    card = frozen_card(list(frozen)) if frozen else card_for(job.name, "sentiment", job.version)
+    card = frozen_card(list(frozen), job.data) if frozen else card_for(job.name, "sentiment", job.version, job.data)
     card = calibrated(card, job.extra["calibrate"])
     finish(job, res, [metric, held, ece], ev, {"task": "sentiment", "temperature": temperature}, card)
 
@@ -125,10 +129,12 @@ class Frozen(NamedTuple):
     description: str  # for the manifest's description
 
 
-def frozen_card(frozen: list[str]) -> ModelCard:
+def frozen_card(frozen: list[str], data: Path | None = None) -> ModelCard:
     """The card of a run with these frozen features, whatever its --out: CARDS' NAME/VERSION keys belong to released
-    models (``sentiment-glove/1`` is an ensemble with one such run), not to every run named like them."""
-    return CARDS[f"sentiment-{'-'.join(frozen)}"]
+    models (``sentiment-glove/1`` is an ensemble with one such run), not to every run named like them. Trained on
+    other ``data`` than SST-2: the generic card, with the features' provenance and license."""
+    card = CARDS[f"sentiment-{'-'.join(frozen)}"]
+    return card if data is None or describes(card, data) else generic_card("sentiment", tuple(frozen))
 
 
 def frozen_sources(job: Job) -> dict[str, Frozen]:

@@ -12,6 +12,7 @@ from service.core.manifest import MANIFEST_FILE, Manifest
 from training.cards import (
     CARDS,
     CHARLM2_COST,
+    GLOVE,
     INT8_LIMITS,
     MEAN_OF_MEMBERS,
     NOT_CALIBRATED,
@@ -22,6 +23,7 @@ from training.cards import (
     stamp,
     temperature_fitted,
 )
+from training.data import PUBLIC_DATA, data_sha256, public_data
 from training.sentiment import frozen_card
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,3 +126,38 @@ def test_a_frozen_feature_run_gets_its_kind_of_card_whatever_its_folder(frozen: 
     assert MEAN_OF_MEMBERS not in card.limits and TEMPERATURE_SCALED in card.limits
     assert ("GloVe" in card.data) == ("glove" in frozen) and ("VADER" in card.data) == ("vader" in frozen)
     assert card_for("sentiment-glove", "sentiment", 1) != frozen_card(["glove"])  # the trap it avoids
+
+
+def test_a_card_names_a_public_data_set_only_when_trained_on_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run named like a released model (``sentiment``, ``charlm``, ``forecaster``) but trained on the user's own
+    file got the released model's card: "GLUE SST-2" or "Tiny Shakespeare" as its data, their licenses and measured
+    limits. Now the card follows the data's bytes (``PUBLIC_DATA``, by sha256)."""
+    text = tmp_path / "input.txt"
+    text.write_text("To be, or not to be\n" * 60, encoding="utf-8")
+    assert public_data(text) is None
+    assert card_for("charlm", "charlm", 1, text).data.startswith("The file named in training.data")
+    assert card_for("charlm", "charlm", 1) == CARDS["charlm"]  # without data (stamping a committed model): by name
+    monkeypatch.setitem(PUBLIC_DATA, data_sha256(text), "Tiny Shakespeare")  # as if these were the published bytes
+    assert public_data(text) == "Tiny Shakespeare" and card_for("charlm", "charlm", 1, text) == CARDS["charlm"]
+    assert card_for("forecaster", "forecast", 1, text).data.startswith("The file named")  # not ETTh1's bytes
+    sst2 = tmp_path / "sst2"
+    sst2.mkdir()
+    for f in ("train.tsv", "dev.tsv"):
+        (sst2 / f).write_text("sentence\tlabel\ngood\t1\n", encoding="utf-8")
+    own = card_for("sentiment", "sentiment", 1, sst2)
+    assert own.data.startswith("The file named") and NOT_CALIBRATED in own.limits  # calibrated() can say which
+    assert TEMPERATURE_SCALED in calibrated(own, True).limits
+    monkeypatch.setitem(PUBLIC_DATA, data_sha256(sst2 / "train.tsv"), "SST-2")
+    assert public_data(sst2) is None  # a published train.tsv beside another dev.tsv is not SST-2
+    glove = frozen_card(["glove"], sst2)
+    assert glove.data.startswith("The file named") and GLOVE in glove.data and "PDDL-1.0" in glove.license
+    assert "SST" not in glove.model_dump_json() and frozen_card(["glove"]) == CARDS["sentiment-glove"]
+
+
+def test_every_listed_card_names_the_public_data_set_it_describes() -> None:
+    """``describes`` finds a card's data set by the name ``PUBLIC_DATA`` gives it in the card's data line: every
+    card must name exactly one, or no training run could ever get it."""
+    for key, card in CARDS.items():
+        assert sum(name in card.data for name in set(PUBLIC_DATA.values())) == 1, key

@@ -18,6 +18,7 @@ from tests.training.fast import FAST, TINY_FORECAST, train_tiny_forecaster
 from training import learned_scale
 from training.cards import NOT_CALIBRATED, TEMPERATURE_SCALED
 from training.cli import main
+from training.data import data_sha256, load_sst2
 
 
 def _evaluate(capsys: pytest.CaptureFixture[str], model: Path, data: Path) -> dict[str, float]:
@@ -48,6 +49,8 @@ def test_charlm_train_evaluate_resume_sample(
     assert main([*args, "--epochs", "2", "--eval-every", "10"]) == 0
     m = _check_outputs(out)
     assert (m.name, m.version, m.task, m.stateful) == ("lm", 2, "charlm", True)
+    assert m.description.startswith(f"Character-level LSTM language model trained on {tiny_text.name} (first 90%")
+    assert m.card is not None and m.card.data.startswith("The file named in training.data")
     metric = m.metrics[0]
     assert metric.name == "val_loss_nats_per_char" and metric.value < np.log(len(m.tokenizer.vocab))  # type: ignore[union-attr]
     assert _evaluate(capsys, out, tiny_text)["val_loss_nats_per_char"] == pytest.approx(metric.value, abs=1e-4)
@@ -110,6 +113,13 @@ def test_sentiment_train_and_evaluate(tmp_path: Path, tiny_sst2: Path, capsys: p
     assert [x.name for x in m.metrics] == ["accuracy", "heldout_accuracy", "ece"]
     # a temperature was fitted (--calibrate, the default), and the card says so
     assert m.card is not None and TEMPERATURE_SCALED in m.card.limits and NOT_CALIBRATED not in m.card.limits
+    # trained on a folder of its own (not SST-2's published files), and named "sentiment": nothing claims SST-2
+    assert m.card.data.startswith("The file named in training.data") and "SST" not in m.card.model_dump_json()
+    assert m.description.startswith(f"{tiny_sst2.name} binary sentiment") and "BiLSTM ensemble" in m.description
+    accuracy = m.metrics[0]
+    assert accuracy.dataset == f"{tiny_sst2.name} (dev.tsv)" and accuracy.target is None
+    assert accuracy.split.startswith(f"dev ({len(load_sst2(tiny_sst2)[1])} sentences)")
+    assert m.training["data_sha256"] == data_sha256(tiny_sst2)
     acc = _evaluate(capsys, out, tiny_sst2)["dev_accuracy"]
     assert acc == pytest.approx(m.metrics[0].value) and acc > 0.9  # the toy task is separable
 
@@ -657,6 +667,13 @@ def test_a_bad_interval_scale_is_refused_before_the_data_is_read(
     err = capsys.readouterr().err
     assert err.startswith("seqserve-train: error: --interval-scale: expected auto, none or KIND[:K]")
     assert err.count("\n") == 1 and not out.exists()
+    for scale in ("mad:0", "std:96"):
+        argv[argv.index("--interval-scale") + 1] = scale  # was accepted, then failed after training
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"seqserve-train: error: --interval-scale {scale}: K counts the last K row-to-row")
+        assert "it must be at least 1 and below --window 96 (a window of 96 rows has 95 changes)" in err
+        assert err.count("\n") == 1 and not out.exists()
 
 
 def test_download_needs_a_checksum(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

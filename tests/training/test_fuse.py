@@ -73,6 +73,8 @@ def test_fusing_keeps_every_answer(
     assert (m.name, m.version, m.task) == ("sentiment", 2, "sentiment") and m.sha256 == sha256_file(v2 / MODEL_FILE)
     for field in ("inputs", "outputs", "states", "tokenizer", "labels", "stateful"):
         assert getattr(m, field) == getattr(parent, field), field
+    cells = {"lstm": "LSTM", "gru": "GRU", "rnn_relu": "RNN (ReLU)"}
+    assert f" + Bi{cells[cell]} ensemble" in parent.description  # the cell trained, not always "LSTM"
     record = m.training["fusion"]
     assert m.training["fused_from"] == "sentiment/1" and record["max_logit_gap"] <= 1e-4
     assert record["nodes"]["fused"] < record["nodes"]["parent"]

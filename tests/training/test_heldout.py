@@ -4,6 +4,7 @@ as the mean of several models' probabilities; models that held out different row
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from service.core import arrays
 from service.core.manifest import MANIFEST_FILE, Manifest
 from tests.training import fast
 from training.cli import main
-from training.data import heldout_split, load_sst2
+from training.data import data_sha256, heldout_split, load_sst2
 from training.evaluate import open_model, sentiment_logits
 
 FAST = [*fast.FAST, "--epochs", "1", "--batch-size", "32"]
@@ -98,3 +99,20 @@ def test_heldout_split_matches_what_training_used() -> None:
     order = np.random.default_rng(3).permutation(100)
     assert held == [rows[i] for i in order[:10]] and fit == [rows[i] for i in order[10:]]
     assert sorted(fit + held) == sorted(rows)
+
+
+@pytest.mark.slow
+def test_heldout_refuses_other_data_than_the_training_run_recorded(
+    tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """heldout rebuilds training's slice from --data: another train.tsv gave a slice of other rows, scored as if it
+    were the one that chose the checkpoint. Training records its data's sha256; heldout checks it."""
+    a = train(tmp_path, tiny_sst2, "a", "--heldout-fraction", "0.2")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sst2, other)
+    with (other / "train.tsv").open("a", encoding="utf-8") as f:
+        f.write("an added sentence\t1\n")
+    rc, err = heldout(capsys, other, a)
+    assert rc == 2 and err.startswith(f"seqserve-train: error: {other}: not the data {a} (")
+    assert data_sha256(other) in err and "give the folder the model was trained on" in err
+    assert heldout(capsys, tiny_sst2, a)[0] == 0

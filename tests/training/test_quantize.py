@@ -224,6 +224,7 @@ def test_static_quantization_refuses_what_it_cannot_rebuild(
     args = ["charlm", "--data", str(text), "--out", str(gru), "--run-dir", str(tmp_path / "run"), *FAST]
     args += ["--cell", "gru", "--hidden", "16", "--layers", "1", "--embedding", "8", "--epochs", "1"]
     assert main([*args, "--batch-size", "4", "--bptt", "16"]) == 0  # the defaults' 128 x 128 need more text
+    assert Manifest.load(gru / MANIFEST_FILE).description.startswith("Character-level GRU language model")
     out = tmp_path / "gru-int8" / "1"
     for model, what in ((gru, "charlm with 1 x gru"), (ROOT / "models" / "sentiment" / "1", "sentiment with 2 x lstm")):
         capsys.readouterr()
