@@ -247,3 +247,18 @@ def test_a_wrong_redis_password_says_to_fix_the_setting_not_to_retry(
         assert info.value.code == grpc.StatusCode.UNAVAILABLE and "refuses this server's credentials" in message
         assert "set the password (and user) Redis expects in session_store (SEQSERVE_SESSION_STORE" in message
         assert "retry" not in message and "wrong-guess" not in message and "the-right-one" not in message
+
+
+def test_tls_to_a_plain_redis_says_the_url_asks_for_tls(
+    private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
+) -> None:
+    """rediss:// to a Redis that serves no TLS: the handshake gets no answer, and redis-py's TimeoutError read as an
+    outage ("retry when it is back"), which no retry fixes. The message now says what the URL asked for."""
+    r = private_redis()
+    server = start_replica(r.url.replace("redis://", "rediss://", 1), session_store_timeout_seconds=0.5)
+    with pytest.raises(ApiError) as info:
+        Client(server.target, timeout=10).create_session("charlm")
+    message = info.value.message
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and "TimeoutError" in message
+    assert "The URL asks for TLS (rediss://): a Redis that does not serve TLS on that port" in message
+    assert "if it serves plain connections, use redis://" in message

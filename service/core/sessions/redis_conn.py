@@ -68,6 +68,7 @@ class RedisConn:
     def __init__(self, url: str, name: str, timeout: float) -> None:
         self.name = name  # the URL without a password, for messages
         client_url, self.cluster = _client_url(url)
+        self.tls = client_url.startswith("rediss://")
         options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         # One immediate retry on a broken connection (a pooled connection to a Redis that restarted since);
         # none on a timeout, so a Redis that does not answer costs one timeout, not several.
@@ -99,7 +100,7 @@ class RedisConn:
             self._mark(False, e)
             raise StoreUnavailable(
                 f"session store {self.name} is unavailable ({type(e).__name__}: {e}); calls that need no session "
-                "still work; retry when it is back"
+                f"still work; retry when it is back{self._tls_hint(e)}"
             ) from None
         except rex.ResponseError as e:
             if not refuses_writes(e):
@@ -110,6 +111,16 @@ class RedisConn:
                 "when its operator has fixed it"
             ) from None
         self._mark(True)
+
+    def _tls_hint(self, e: BaseException) -> str:
+        """What a timeout may mean when the URL asks for TLS: a Redis that does not serve TLS on that port never
+        answers the client's handshake, which looks exactly like an outage (redis-py says only TimeoutError)."""
+        if not self.tls or not isinstance(e, rex.TimeoutError | asyncio.TimeoutError):
+            return ""
+        return (
+            ". The URL asks for TLS (rediss://): a Redis that does not serve TLS on that port never answers the "
+            "handshake and times out just like this; if it serves plain connections, use redis://"
+        )
 
     def _mark(self, up: bool, error: BaseException | None = None) -> None:
         if up != self.up:
