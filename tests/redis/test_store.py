@@ -148,6 +148,29 @@ async def test_eviction_takes_the_oldest_session_nobody_holds(make_store: MakeSt
     assert await b.evict_lru(owner="nobody") is None
 
 
+async def test_two_replicas_evicting_at_once_count_one_eviction(make_store: MakeStore) -> None:
+    """Replica a deletes the oldest session's value; before a's index removal, replica b evicts too: b found the
+    value gone, won the index removal and reported an expiry, while a reported the eviction (one session, counted
+    twice). a now keeps the lease until its index removal: b skips the session."""
+    a, b = await make_store(), await make_store()
+    await a.add(state("old", ttl=30))
+    await b.add(state("young", ttl=60))
+    a.cache.pop("old")
+    await a.conn.script("lease", a.keys("old")[1:], [a.replica, 0])  # as after a's lease ran out
+    seen: list[SessionState | None] = []
+    remove = a.index.remove
+
+    async def b_evicts_first(sid: str) -> Any:
+        seen.append(await b.evict_lru(keep="young"))
+        return await remove(sid)
+
+    a.index.remove = b_evicts_first  # type: ignore[method-assign,assignment]
+    victim = await a.evict_lru(keep="young")
+    assert victim is not None and victim.id == "old" and victim.expires_at == 31.0  # its state: evicted, by a
+    assert seen == [None]  # b: nothing to evict, nothing counted
+    assert (await a.usage()).count == 1 and await b.conn.command("EXISTS", *a.keys("old")) == 0  # lease handed back
+
+
 async def test_eviction_reports_a_session_whose_value_expired_as_expired(
     make_store: MakeStore, redis_server: RedisServer
 ) -> None:

@@ -71,13 +71,20 @@ if old then return {1, old} end
 return {1}
 """
 
-# KEYS: value, lease. ARGV: replica. Deletes the session unless another replica holds its lease.
+# KEYS: value, lease. ARGV: replica[, hold ms]. Deletes the session unless another replica holds its lease; with
+# a hold, the lease stays this replica's for that long (an eviction keeps it until the index forgot the session, so
+# another replica evicting at once skips it instead of counting it a second time, as an expiry).
 # -> {1[, old value]} removed; {0, holder} another replica holds the lease.
 DELETE = """
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return {0, holder} end
 local old = redis.call('GET', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2])
+if ARGV[2] and ARGV[2] ~= '0' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
 if old then return {1, old} end
 return {1}
 """

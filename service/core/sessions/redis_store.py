@@ -142,11 +142,18 @@ class RedisSessionStore:
         for _, sid in await self.index.oldest(8, owner or None):
             if sid == keep or self.cache.in_use(sid):
                 continue
-            r = await self.conn.script("delete", self.keys(sid), [self.replica])
+            keys = self.keys(sid)
+            # The lease stays ours until the index forgot the session: another replica evicting at once meets it
+            # held and moves on, where it found the value gone, won the index removal and counted an expiry too.
+            r = await self.conn.script("delete", keys, [self.replica, EVICTION_HOLD_MS])
             if int(r[0]) == 0:
                 continue  # another replica holds it
             self.cache.pop(sid)
-            gone = await self.index.remove(sid)
+            try:
+                gone = await self.index.remove(sid)
+            finally:
+                with contextlib.suppress(StoreUnavailable):  # (else it lapses after EVICTION_HOLD_MS)
+                    await self.conn.script("lease", keys[1:], [self.replica, 0])
             if len(r) > 1:
                 try:
                     return self.leases.decode(sid, r[1])[0]
@@ -225,6 +232,7 @@ class RedisSessionStore:
         await self.conn.close()
 
 
+EVICTION_HOLD_MS = 10_000  # the longest an evicting replica that died keeps the evicted id's lease
 GONE_BATCH = 32  # index entries a refusing quota or full store checks at a time (one pipelined EXISTS each)
 
 
