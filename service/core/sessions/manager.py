@@ -47,6 +47,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+MIN_TTL_SECONDS = 1.0  # the shortest idle TTL a client may ask for (Create, Fork, Import)
 MAX_SESSION_ID_CHARS = 320  # room for a KServe sequence key: "kserve:" + principal tag + model + 200-char id
 REAP_BATCH = 1000  # sessions expired per reaper step before it yields the event loop
 EVICTED_MEMORY = 10_000  # evicted session ids remembered to tell their owner (oldest forgotten first)
@@ -96,12 +97,17 @@ class SessionManager:
 
     # --- limits -----------------------------------------------------------------------------------------
     def ttl(self, ttl_seconds: float | None) -> float:
-        """The TTL to use: the default when None; InvalidInput outside (0, session_max_ttl_seconds]."""
+        """The TTL to use: the default when None; InvalidInput outside [MIN_TTL_SECONDS, session_max_ttl_seconds]
+        (a TTL of 1e-9 s made a session that was gone before the client's next call could reach it)."""
         if ttl_seconds is None:
             return min(self.settings.session_ttl_seconds, self.settings.session_max_ttl_seconds)
         limit = self.settings.session_max_ttl_seconds
-        if not math.isfinite(ttl_seconds) or ttl_seconds <= 0 or ttl_seconds > limit:
-            raise InvalidInput(f"ttl_seconds must be > 0 and <= {limit:g} (session_max_ttl_seconds); got {ttl_seconds}")
+        least = min(MIN_TTL_SECONDS, limit)
+        if not math.isfinite(ttl_seconds) or ttl_seconds < least or ttl_seconds > limit:
+            raise InvalidInput(
+                f"ttl_seconds must be >= {least:g} and <= {limit:g} (session_max_ttl_seconds); got {ttl_seconds:g}"
+                + (": a session idle that long is gone before the next call" if 0 < ttl_seconds < least else "")
+            )
         return float(ttl_seconds)
 
     def new_id(self, session_id: str | None = None) -> str:

@@ -260,9 +260,12 @@ async def test_wrong_task_model_or_id(dp: CoreDataPlane) -> None:
 
 
 async def test_ttl_limits(dp: CoreDataPlane) -> None:
-    for bad in (0.0, -1.0, float("inf"), float("nan"), 86400.5):
-        with pytest.raises(InvalidInput, match=r"ttl_seconds must be > 0 and <= 86400"):
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 86400.5, 1e-9, 0.999):
+        with pytest.raises(InvalidInput, match=r"ttl_seconds must be >= 1 and <= 86400 \(session_max_ttl_seconds\)"):
             await dp.create_session(LM, ttl_seconds=bad)
+    with pytest.raises(InvalidInput, match=r"got 1e-09: a session idle that long is gone before the next call"):
+        await dp.create_session(LM, ttl_seconds=1e-9)  # was a session dead on arrival
+    assert (await dp.create_session(LM, ttl_seconds=1)).ttl_seconds == 1
     s = await dp.create_session(LM)
     assert s.ttl_seconds == 600 and s.expires_at == pytest.approx(s.last_used_at + 600)
     with pytest.raises(InvalidInput, match="ttl_seconds"):

@@ -27,7 +27,7 @@ class CreateSessionRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     ttl_seconds: _builtins.float
-    """Idle time-to-live in seconds; unset = the server default; at most the server's maximum."""
+    """Idle time-to-live in seconds; unset = the server default; at least 1, at most the server's maximum."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelSelector:
         """Model the session belongs to (name required; version unset = newest)."""
@@ -77,7 +77,7 @@ class ForkSessionRequest(_message.Message):
     session_id: _builtins.str
     """Session to copy."""
     ttl_seconds: _builtins.float
-    """Idle TTL of the copy in seconds; unset = the server default."""
+    """Idle TTL of the copy in seconds; unset = the server default; at least 1, at most the server's maximum."""
     def __init__(
         self,
         *,
@@ -184,7 +184,7 @@ class ImportSessionRequest(_message.Message):
     blob: _builtins.bytes
     """A blob from Export."""
     ttl_seconds: _builtins.float
-    """Idle TTL of the new session in seconds; unset = the server default."""
+    """Idle TTL of the new session in seconds; unset = the server default; at least 1, at most the server's maximum."""
     def __init__(
         self,
         *,
