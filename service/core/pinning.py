@@ -157,6 +157,12 @@ def importable(
     want = {k: (v.shape, v.dtype) for k, v in entry.task.initial_state().items()}
     if want != {k: (v.shape, v.dtype) for k, v in x.session.state.items()}:
         raise FailedPrecondition(f"the session blob's state does not fit model {entry.label}")
+    for name, value in x.session.state.items():  # (a NaN state answered NaN probabilities, then failed INTERNAL)
+        if not np.isfinite(value).all():
+            raise FailedPrecondition(
+                f"the session blob's state {echo(name)} holds NaN or infinite values: model {entry.label} cannot "
+                "continue from it; start a new session (or export it again from a server that serves it)"
+            )
     problem = _context_problem(entry.task.context_shapes(), x.session.context, x.session.steps)
     problem = problem or entry.task.context_problem(x.session.context, x.session.steps)
     if problem:
@@ -201,5 +207,5 @@ def adopted(
         created_at=now,
         last_used_at=now,
         nbytes=entry.task.session_nbytes(),
-        metadata=dict(src.metadata),
+        metadata={"task": entry.task.name},  # the server's own annotations (new_session's), not the blob's
     )

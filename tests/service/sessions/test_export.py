@@ -121,6 +121,24 @@ def test_a_signed_blob_whose_context_does_not_fit_is_a_failed_precondition(pair:
     moved = b.import_session(blobs["forecaster"])
     assert b.observe(moved.id, rows[:4]).rows_seen == 104
 
+    # The recurrent state itself: NaN or inf was imported, then answered NaN probabilities (OK) and failed INTERNAL.
+    def filled(value: float) -> Callable[[Any], None]:
+        def change(s: Any) -> None:
+            for array in s.state.values():
+                array.fill(value)
+
+        return change
+
+    for fill in (np.nan, np.inf):
+        blob = edited("charlm", filled(fill))
+        with pytest.raises(ApiError) as err:
+            b.import_session(blob)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "holds NaN or infinite values: model charlm/" in err.value.message
+    # Metadata is the server's own: a signed blob carrying 100 KB of it imported it verbatim (and Get showed it).
+    stuffed = edited("charlm", lambda s: s.metadata.update({"x" * 100: "y" * 100_000}))
+    assert b.import_session(stuffed).metadata == {"task": "charlm"}
+
 
 def test_a_blob_from_a_newer_release_says_import_it_on_an_updated_server(pair: tuple[Client, Client]) -> None:
     """A blob whose format, or whose state's must-understand flags, this release does not know: UNAVAILABLE
