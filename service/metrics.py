@@ -262,6 +262,14 @@ class Metrics:
         self.store_up = Gauge(
             "seqserve_session_store_up", "1 when the session store answers (Redis reachable), else 0.", registry=r
         )
+        self.store_info = Gauge(
+            "seqserve_session_store_info",
+            "The session store this server uses (=1): store is the Redis URL (password hidden), the same in every "
+            "replica sharing it, or memory://HOST/PID, this process's own. Sum the store-wide session gauges over "
+            "distinct stores: sum(max by (store) (gauge * on(job, instance) group_left(store) this)).",
+            ("store",),
+            registry=r,
+        )
 
         # --- core: streaming --------------------------------------------------------------------------
         self.chars = Counter(
@@ -536,6 +544,11 @@ class Metrics:
         self.store_capacity.set(capacity)
         self.store_bytes.set(bytes_used)
         self.store_capacity_bytes.set(bytes_capacity)
+
+    def session_store_info(self, store: str) -> None:
+        """Names the session store (``store_label``), so dashboards count a shared store once."""
+        self.store_info.clear()
+        self.store_info.labels(store).set(1)
 
     def session_store_up(self, up: bool) -> None:
         """Whether the session store answered its last health check."""

@@ -25,7 +25,7 @@ from service.core.context import check_admin, note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.responses import CLASSIFY, PREDICT, ResponseCache, kept_forecast, kept_sentiment
 from service.core.sequences import V2Inference
-from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, unknown_session
+from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, store_label, unknown_session
 from service.core.sessions.export import seal
 from service.core.shm import Regions
 from service.core.stats import CountedRequest
@@ -105,6 +105,7 @@ class CoreDataPlane:
         self.sessions.start()
         if self.settings.watch_models_seconds:
             self._watcher = asyncio.create_task(self._watch(self.settings.watch_models_seconds), name="model-watch")
+        self.metrics.session_store_info(store_label(self.settings.session_store))
         await self._check_store()
         self._store_watch = asyncio.create_task(self._watch_store(), name="store-watch")
         self._started = True

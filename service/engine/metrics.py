@@ -45,11 +45,12 @@ def _engine_families(m: Metrics, store_per_engine: bool) -> tuple[Collector, ...
     ``store_per_engine``: each engine has a store of its own (memory://), so the store's gauges add up too; a shared
     store's are the same in every engine and are the first engine's."""
     families = (m.model_ready, m.model_reload_failed, m.inference_queue, m.inference_compute, m.inference_total,
-                m.batch_size, m.queue, m.sessions, m.session_events, m.chars, m.first_chunk, m.prefix_lookups,
+                m.batch_size, m.queue, m.session_events, m.chars, m.first_chunk, m.prefix_lookups,
                 m.prefix_reused, m.prefix_bytes, m.prefix_entries, m.prefix_evictions, m.response_lookups,
                 m.response_bytes, m.response_entries, m.response_evictions, m.forecast_targets,
                 m.forecast_below)  # fmt: skip
-    store = (m.store_sessions, m.store_capacity, m.store_bytes, m.store_capacity_bytes)
+    # (live sessions per model too: every engine on a shared store counts all of its sessions, so a sum was K x)
+    store = (m.sessions, m.store_sessions, m.store_capacity, m.store_bytes, m.store_capacity_bytes)
     return families + store if store_per_engine else families
 
 

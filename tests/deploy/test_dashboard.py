@@ -130,3 +130,40 @@ def test_unary_latency_panels_leave_out_every_streaming_method(dashboard: Dashbo
             assert set(excluded.split("|")) >= streams, expr
             checked += 1
     assert checked >= 3
+
+
+def test_active_sessions_count_a_shared_store_once(dashboard: Dashboard, tmp_path: Path) -> None:
+    """Replicas on one Redis each report the whole store's sessions: the panels summed them, two replicas showing
+    2x. promtool evaluates the panels' queries on two replicas sharing a store (5 sessions of charlm, 1 of
+    forecaster) and a third on its own memory store (3 of charlm): 9 in all, 8 and 1 by model, not 15, 13 and 2."""
+    series = []
+    for instance, store, charlm, forecaster in (
+        ("a:8002", "redis://redis:6379/0", 5, 1),
+        ("b:8002", "redis://redis:6379/0", 5, 1),
+        ("c:8002", "memory://c/1", 3, 0),
+    ):
+        at = f'job="seqserve", instance="{instance}"'
+        series += [
+            {"series": f'seqserve_session_store_info{{{at}, store="{store}"}}', "values": "1x5"},
+            {"series": f'seqserve_sessions_active{{{at}, model="charlm"}}', "values": f"{charlm}x5"},
+            {"series": f'seqserve_sessions_active{{{at}, model="forecaster"}}', "values": f"{forecaster}x5"},
+        ]
+    (total,) = [str(t.expr) for p in panels(dashboard) if p.title == "Active sessions" for t in p.targets or []]  # type: ignore[attr-defined]
+    (by_model,) = [
+        str(t.expr).replace("$model", ".*")  # type: ignore[attr-defined]
+        for p in panels(dashboard)
+        if p.title == "Active sessions by model"
+        for t in p.targets or []
+    ]
+    tests = [
+        {"expr": total, "eval_time": "2m", "exp_samples": [{"labels": "{}", "value": 9}]},
+        {
+            "expr": by_model,
+            "eval_time": "2m",
+            "exp_samples": [{"labels": '{model="charlm"}', "value": 8}, {"labels": '{model="forecaster"}', "value": 1}],
+        },
+    ]
+    path = tmp_path / "sessions_test.yml"
+    path.write_text(yaml.safe_dump({"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}]}))
+    out = run([tool("promtool"), "test", "rules", path]).stdout
+    assert "SUCCESS" in out

@@ -126,6 +126,11 @@ def test_every_replica_reports_the_shared_store(
     while gauges() != [1.0] * 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gauges() == [1.0] * 4
+    # ... so each names the store, the same in both, for a dashboard to count its sessions once
+    for h in handles:
+        assert (
+            h.server.metrics.registry.get_sample_value("seqserve_session_store_info", {"store": redis_server.url}) == 1
+        )
 
 
 def test_idle_write_back_for_cache_room_never_loses_an_acknowledged_step(

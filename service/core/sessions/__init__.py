@@ -8,7 +8,9 @@ scheme (tests add a bytes-only store this way).
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 
 from service.core.sessions.manager import SessionManager, unknown_session
 from service.core.sessions.state import SessionDecodeError, SessionState
@@ -49,6 +51,14 @@ def open_store(url: str, settings: Settings) -> SessionStore:
         raise ValueError(f"session_store {redact(url)!r}: {why}") from exc
 
 
+def store_label(url: str) -> str:
+    """The store as ``seqserve_session_store_info`` names it: a network store's URL without its password (the same
+    in every replica sharing it), ``memory://HOST/PID`` for a process's own (no two replicas share one)."""
+    if url.split("://", 1)[0] == "memory":
+        return f"memory://{socket.gethostname()}/{os.getpid()}"
+    return redact(url)
+
+
 def redact(url: str) -> str:
     """``url`` without its password, in every form redis-py reads one: ``redis://:secret@host`` (also with ``@``
     inside the password) -> ``redis://:***@host``, and ``?password=secret`` -> ``?password=***``: fit for logs
@@ -76,5 +86,6 @@ __all__ = [
     "open_store",
     "redact",
     "register_store",
+    "store_label",
     "unknown_session",
 ]

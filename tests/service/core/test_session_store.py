@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import struct
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from service.core.dataplane import CoreDataPlane
-from service.core.sessions import InMemorySessionStore, SessionDecodeError, SessionState, StaleSession
+from service.core.sessions import InMemorySessionStore, SessionDecodeError, SessionState, StaleSession, store_label
 from service.core.types import ModelRef
 from service.errors import Overloaded, SessionNotFound
 from tests.stores import BytesSessionStore
@@ -357,3 +359,9 @@ def test_a_store_url_is_redacted_whatever_its_password_holds() -> None:
     assert {url: redact(url) for url in cases} == cases
     for url in cases:
         assert not any(secret in redact(url) for secret in ("p4ss", "se@", "cr/et", "se?cr", "a@b", "@b", "q@r"))
+
+
+def test_the_store_label_is_shared_by_replicas_of_one_redis_and_never_by_two_memory_stores() -> None:
+    """``seqserve_session_store_info``'s label: dashboards count a shared store once and add distinct ones."""
+    assert store_label("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"  # no password in a label
+    assert store_label("memory://") == f"memory://{socket.gethostname()}/{os.getpid()}"

@@ -181,3 +181,21 @@ def test_the_first_engines_metrics_show_a_version_ready_only_where_every_engine_
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+def test_on_a_shared_store_the_first_engines_live_sessions_are_its_own_count() -> None:
+    """On Redis every engine's gauge counts the whole store: summed over two engines, 5 sessions read 10."""
+    first, second = Metrics(runtime_collectors=False), Metrics(runtime_collectors=False)
+    for m in (first, second):
+        m.model_loaded("charlm", 1, "CPUExecutionProvider", 0.1, True)
+        m.sessions_active("charlm", 5)
+        m.session_event("charlm", "created")
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=second.registry)
+    try:
+        serve_engine_metrics(first, lambda: [server.server_port], token="t", store_per_engine=False)
+        assert first.registry.get_sample_value("seqserve_sessions_active", {"model": "charlm"}) == 5.0
+        labels = {"model": "charlm", "event": "created"}
+        assert first.registry.get_sample_value("seqserve_session_events_total", labels) == 2.0  # events still add
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)

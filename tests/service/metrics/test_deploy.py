@@ -100,8 +100,16 @@ def test_dashboard_covers_the_required_panels() -> None:
         assert needle in exprs, needle
     # The server error ratio counts the requests inside KServe streams too (a stream is one RPC).
     (ratio,) = [p for p in dash["panels"] if p["title"] == "Server error ratio"]
-    counters = [t["expr"].split("{")[0].removeprefix("sum(rate(") for t in ratio["targets"]]
+    counters = [t["expr"].split("{")[0].removeprefix("(sum(rate(") for t in ratio["targets"]]
     assert counters == ["seqserve_rpc_requests_total", "seqserve_rpc_stream_requests_total"]
+    # ... as 0 while no request failed (no error series exists then: the panel said "No data")
+    assert all("[$__rate_interval])) or vector(0)) / sum(rate(" in t["expr"] for t in ratio["targets"])
+    # Replicas sharing a store each report its whole count: sessions are counted once per store.
+    for title in ("Active sessions", "Active sessions by model"):
+        (panel,) = [p for p in dash["panels"] if p["title"] == title]
+        (expr,) = [t["expr"] for t in panel["targets"]]
+        assert expr.startswith(("sum(max by (store, model) (seqserve_sessions_active", "sum by (model) (max by (store"))
+        assert expr.endswith(" * on(job, instance) group_left(store) seqserve_session_store_info))")
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     cells: dict[tuple[int, int], str] = {}  # panels tile the 24-column grid without overlapping
