@@ -59,12 +59,14 @@ class GatewayHandler(KeptAliveHandler):
         return headers
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        sent = []
-        for header, key in (
-            ("Authorization", "authorization"),
-            ("X-Request-Id", "x-request-id"),
-            (TRACEPARENT, TRACEPARENT),
-        ):
+        # Every Authorization header goes on, so the server refuses two as it refuses two over gRPC (the first
+        # alone authenticated the call, whatever the second held: a proxy's key in front of the client's won);
+        # one it cannot carry (not printable ASCII) goes as a key no principal has, never dropped.
+        sent = [
+            ("authorization", v if v.isascii() and v.isprintable() else "(not printable ASCII)")
+            for v in self.headers.get_all("Authorization") or ()
+        ]
+        for header, key in (("X-Request-Id", "x-request-id"), (TRACEPARENT, TRACEPARENT)):
             value = self.headers.get(header)
             if value is not None and value.isascii() and value.isprintable():
                 sent.append((key, value))

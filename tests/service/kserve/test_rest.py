@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -618,6 +619,26 @@ def test_with_api_keys_the_gateways_own_refusals_answer_keyed_callers_only(
         assert message not in answer.decode()
     got, _, answer = http(keyed, path, body, method, Authorization=f"Bearer {KEY}")
     assert got == status and message in answer.decode(), answer
+
+
+def test_two_authorization_headers_are_refused_as_over_grpc(keyed: ServerHandle) -> None:
+    """docs/security.md: two authorization headers are UNAUTHENTICATED whatever they hold. Over REST the first one
+    alone decided (a proxy's key put in front of the client's won); one that is not ASCII was dropped, so the other
+    authenticated the call."""
+    host, port = url(keyed).rsplit(":", 1)
+    for first, second in ((KEY, KEY), (KEY, "wrong-key-0123456789abcdef"), ("caf\u00e9-key", KEY)):
+        conn = HTTPConnection(host, int(port), timeout=30)
+        conn.putrequest("GET", "/v2/models/sentiment/ready")
+        for key in (first, second):
+            conn.putheader("Authorization", f"Bearer {key}".encode("latin-1"))
+        conn.endheaders()
+        answer = conn.getresponse()
+        body = answer.read().decode()
+        conn.close()
+        assert answer.status == 401, (first, second, body)
+        if first.isascii():
+            assert "header 'Authorization' appears 2 times: send one API key" in body
+    assert http(keyed, "/v2/models/sentiment/ready", Authorization=f"Bearer {KEY}")[0] == 200
 
 
 def test_with_api_keys_liveness_and_readiness_need_no_key_as_in_triton(keyed: ServerHandle) -> None:
