@@ -307,6 +307,7 @@ class ModelRegistry:
         self._folders: set[str] = set()  # every folder the repository held then, with versions or not
         self._served: set[tuple[str, int]] = set()  # every (name, version) this process has ever served
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
+        self._strays: set[Path] = set()  # folders not named as a version at the last sync (warned once)
         self._loading: set[str] = set()  # names load_model() is loading now
         self._missing: dict[str, tuple[str, tuple[int, ...]] | None] = {}  # per model: missing versions warned of
         self._outside: dict[str, tuple[str, list[int]]] = {}  # per model: its version_policy, the versions it leaves
@@ -445,6 +446,7 @@ class ModelRegistry:
             return {}, set()
         found: dict[tuple[str, int], Path] = {}
         unreadable: set[str] = set()
+        strays: set[Path] = set()
         folders = [p for p in root.iterdir() if p.is_dir()]
         self._folders = {p.name for p in folders}
         for model_dir in sorted(p for p in folders if not p.name.startswith(".")):
@@ -457,10 +459,12 @@ class ModelRegistry:
                 continue
             for vdir in versions:
                 if not VERSION_FOLDER.fullmatch(vdir.name):
-                    log.warning("ignoring %s: version directories must be positive integers", vdir)
+                    strays.add(vdir)
+                    if vdir not in self._strays:  # (--watch-models: once, not at every poll)
+                        log.warning("ignoring %s: version directories must be positive integers", vdir)
                     continue
                 found[(model_dir.name, int(vdir.name))] = vdir
-        self._unreadable = unreadable
+        self._unreadable, self._strays = unreadable, strays
         self._on_disk = {name for name, _ in found} | unreadable
         return found, unreadable
 

@@ -571,3 +571,22 @@ async def test_hidden_folders_of_the_repository_are_not_models(repo: Path, make_
     dp = await make_dp(models=repo)
     assert not [m.name for m in await dp.models() if m.name.startswith(".")]
     assert await dp.ready()
+
+
+async def test_a_stray_folder_is_named_once_not_at_every_poll(
+    repo: Path, make_dp: MakeDP, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--watch-models: a folder that is no version (a backup, "0", "007") was warned about at every poll, forever
+    (three strays at one poll a second: three lines a second); now once, and again if it comes back."""
+    stray = repo / "sentiment" / "backup"
+    stray.mkdir()
+    dp = await make_dp(models=repo)
+    for _ in range(3):
+        await dp.registry.sync()
+    said = [r for r in caplog.records if "version directories must be positive integers" in r.getMessage()]
+    assert len(said) == 1 and str(stray) in said[0].getMessage()
+    stray.rmdir()
+    await dp.registry.sync()
+    stray.mkdir()
+    await dp.registry.sync()
+    assert sum("must be positive integers" in r.getMessage() for r in caplog.records) == 2
