@@ -489,8 +489,21 @@ def _unreachable(err: ApiError, args: argparse.Namespace | None) -> str:
     """What to check when a client command found no server at its target (gRPC's own UNAVAILABLE, not a server's
     answer such as a model that is loading)."""
     target = getattr(args, "target", None)
-    if err.code.name != "UNAVAILABLE" or not target or "failed to connect" not in err.message.lower():
+    text = err.message.lower()
+    if err.code.name != "UNAVAILABLE" or not target or "failed to connect" not in text:
         return ""
+    if any(word in text for word in ("socket closed", "handshake", "ssl", "tls")):
+        # A server answered and closed the connection: a plaintext client at a TLS port, a TLS client at a
+        # plaintext one, or a client without the certificate an mTLS server asks for (not a missing server).
+        tls = any(getattr(args, flag, None) for flag in ("tls", "tls_ca", "tls_cert"))
+        fix = (
+            "if it serves plaintext, leave out --tls/--tls-ca; if it asks for a client certificate (mTLS), pass "
+            "--tls-cert and --tls-key; if its certificate is signed by another CA, pass that CA as --tls-ca"
+            if tls
+            else "if it serves TLS, pass --tls-ca CA (and --tls-cert/--tls-key where it asks for client "
+            "certificates: mTLS), or env SEQSERVE_TLS_CA"
+        )
+        return f"\na server at {target} closed the connection during the TLS handshake or before it: {fix}"
     return f"\nno server answers at {target}: start one (seqserve serve) or point --target (env SEQSERVE_TARGET) at it"
 
 

@@ -276,3 +276,26 @@ def test_failed_handshakes_write_nothing_past_the_log_settings(tiny_models: Path
         stop_server(proc)
     lines = [line for line in (tmp_path / "server.log").read_text().splitlines() if line.strip()]
     assert lines and all(line.startswith("{") for line in lines), [x for x in lines if not x.startswith("{")][:3]
+
+
+def test_the_cli_says_tls_not_a_missing_server_when_a_handshake_fails(
+    serve: Callable[..., ServerHandle], pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plaintext client at a TLS port, or a client without the certificate an mTLS server asks for, was told
+    "no server answers ...: start one": the server was up and the fix is a TLS flag."""
+    handle = serve(**tls_settings(pki, mtls=True))
+    for flags, says in (
+        ([], "if it serves TLS, pass --tls-ca CA (and --tls-cert/--tls-key where it asks for client certificates"),
+        (["--tls-ca", str(pki.ca)], "if it asks for a client certificate (mTLS), pass --tls-cert and --tls-key"),
+    ):
+        assert main(["classify", "--target", handle.target, "--timeout", "10", *flags, "a fine film"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: UNAVAILABLE: ") and "no server answers" not in err, err
+        assert f"a server at {handle.target} closed the connection during the TLS handshake" in err and says in err
+    cert, key = str(pki.alice.cert), str(pki.alice.key)
+    assert (
+        main(
+            ["classify", "--target", handle.target, "--tls-ca", str(pki.ca), "--tls-cert", cert, "--tls-key", key, "x"]
+        )
+        == 0
+    )
