@@ -111,8 +111,44 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _json_elements(name: str, datatype: str, data: Any, count: int) -> bytes:
-    """An input's JSON ``data`` (flat or nested, row-major) as raw tensor bytes, every element checked."""
+def _nesting_problem(data: Any, shape: list[int]) -> str:
+    """Why nested ``data`` does not follow ``shape`` ("" when it does, or when it is flat). The element count alone
+    let a transposed table ([7][96] for shape [96, 7]) or ragged rows (6 values, then 8) through, answered from
+    values in the wrong places. Nested data must nest as the shape does, level by level, down to its values."""
+    if not isinstance(data, list) or not any(isinstance(x, list) for x in data):
+        return ""
+    level, depth = [data], 0
+    while True:
+        if depth == len(shape):
+            return f"it nests deeper than its {len(shape)} dimensions"
+        for items in level:
+            if len(items) != shape[depth]:
+                return f"a list at depth {depth + 1} holds {len(items)} items where dimension {depth} is {shape[depth]}"
+        children = [x for items in level for x in items]
+        nested = {isinstance(x, list) for x in children}
+        if not children:  # (a dimension of 0)
+            return ""
+        if nested == {True}:
+            level, depth = children, depth + 1
+        elif nested == {True, False}:
+            return f"a list at depth {depth + 1} mixes lists and values"
+        elif depth + 1 < len(shape):
+            return f"its lists stop at depth {depth + 1} of {len(shape)}"
+        else:
+            return ""
+
+
+def _json_elements(name: str, datatype: str, data: Any, shape: list[int]) -> bytes:
+    """An input's JSON ``data`` (flat, or nested as its ``shape``, row-major) as raw tensor bytes, every element
+    checked."""
+    problem = _nesting_problem(data, shape)
+    if problem:
+        raise HttpError(
+            400,
+            f"input {echo(name)}: nested data must follow its shape {shape} (row-major): {problem}; or send the "
+            "values flat",
+        )
+    count = math.prod(shape)
     flat = _flatten(data)
     if len(flat) != count:
         raise HttpError(400, f"input {echo(name)}: data has {len(flat)} elements, its shape holds {count}")
@@ -206,8 +242,7 @@ def infer_request(model: str, version: str, header: object, binary: bytes) -> tu
             request.raw_input_contents.append(binary[offset : offset + size])
             offset += size
         elif "data" in item:
-            count = math.prod(shape)
-            request.raw_input_contents.append(_json_elements(name, datatype, item["data"], count))
+            request.raw_input_contents.append(_json_elements(name, datatype, item["data"], list(shape)))
         else:
             raise HttpError(
                 400,

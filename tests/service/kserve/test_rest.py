@@ -187,6 +187,16 @@ def test_tritonclient_http_infer_answers_what_grpc_answers(rest: ServerHandle, b
     assert sent == [binary, binary]
 
 
+def test_nested_data_that_follows_its_shape_answers_as_flat_data(rest: ServerHandle) -> None:
+    rows = np.random.default_rng(0).normal(size=(24, 7)).astype(np.float32)
+    answers = []
+    for data in (rows.tolist(), rows.ravel().tolist()):
+        status, _, body = http(rest, "/v2/models/forecaster/infer", infer_body(data, [24, 7], "FP32", "HISTORY"))
+        assert status == 200, body
+        answers.append(json.loads(body)["outputs"])
+    assert answers[0] == answers[1]
+
+
 def test_tritonclient_http_classification_and_forecast(rest: ServerHandle) -> None:
     c = triton.InferenceServerClient(url(rest))
     ranked = c.infer(
@@ -284,6 +294,35 @@ def infer_body(data: object, shape: Sequence[object], datatype: str = "BYTES", n
             "input 'TEXT': data has 2 elements, its shape holds 3",
         ),
         ("/v2/models/sentiment/infer", infer_body([1, 2], [2]), 400, "input 'TEXT': BYTES data are JSON strings"),
+        # Nested data that does not nest as its shape: the element count alone let these through, answered from
+        # values in the wrong places (a table sent column by column; rows of 6 and 8 values).
+        (
+            "/v2/models/forecaster/infer",
+            infer_body([[0.5] * 4] * 7, [4, 7], "FP32", "HISTORY"),
+            400,
+            "input 'HISTORY': nested data must follow its shape [4, 7] (row-major): a list at depth 1 holds 7 items "
+            "where dimension 0 is 4; or send the values flat",
+        ),
+        (
+            "/v2/models/forecaster/infer",
+            infer_body([[0.5] * 7, [0.5] * 6, [0.5] * 8], [3, 7], "FP32", "HISTORY"),
+            400,
+            "a list at depth 2 holds 6 items where dimension 1 is 7",
+        ),
+        (
+            "/v2/models/forecaster/infer",
+            infer_body([[0.5] * 7, [0.5] * 6 + [[0.5]]], [2, 7], "FP32", "HISTORY"),
+            400,
+            "a list at depth 2 mixes lists and values",
+        ),
+        (
+            "/v2/models/forecaster/infer",
+            infer_body([[[0.5]] * 7] * 2, [2, 7], "FP32", "HISTORY"),
+            400,
+            "it nests deeper than its 2 dimensions",
+        ),
+        ("/v2/models/sentiment/infer", infer_body([["a"], "b"], [2]), 400, "a list at depth 1 mixes lists and values"),
+        ("/v2/models/sentiment/infer", infer_body([["a"], ["b"]], [2]), 400, "it nests deeper than its 1 dimensions"),
         (
             "/v2/models/sentiment/infer",
             infer_body(["a"], ["1"]),
