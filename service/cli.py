@@ -187,7 +187,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _stdin_lines() -> list[str]:
-    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    """The non-blank lines of standard input, read as UTF-8: a line that is not is named before anything is sent
+    (it failed as "'utf-8' codec can't encode character '\\udce9'", after the lines before it were read)."""
+    lines = []
+    source = getattr(sys.stdin, "buffer", sys.stdin)  # (the bytes under a text stream; a StringIO is text already)
+    for n, raw in enumerate(source, start=1):
+        try:
+            text = raw if isinstance(raw, str) else raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            line = text.rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"standard input, line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); convert it "
+                "first, e.g. iconv -f latin1 -t utf-8"
+            ) from None
+        if line.strip():
+            lines.append(line)
+    return lines
 
 
 def cmd_complete(args: argparse.Namespace) -> int:

@@ -362,7 +362,9 @@ class Client(_Connection):
         self, session_id: str, rows: Table, timeout: float | None = None, columns: Sequence[str] | None = None
     ) -> ForecastResult:
         """Appends ``rows`` to a forecasting session; ``columns`` as for ``forecast``."""
-        request = forecast_pb2.ObserveRequest(session_id=session_id, rows=_rows(rows, "rows"), columns=columns or ())
+        request = forecast_pb2.ObserveRequest(
+            session_id=session_id, rows=_rows(rows, "rows"), columns=_columns(columns)
+        )
         return cv.forecast_from_pb(self._unary(self._forecast.Observe, request, timeout))
 
     # --- Sessions -------------------------------------------------------------------------------------
@@ -525,7 +527,9 @@ class AsyncClient(_Connection):
     async def observe(
         self, session_id: str, rows: Table, timeout: float | None = None, columns: Sequence[str] | None = None
     ) -> ForecastResult:
-        request = forecast_pb2.ObserveRequest(session_id=session_id, rows=_rows(rows, "rows"), columns=columns or ())
+        request = forecast_pb2.ObserveRequest(
+            session_id=session_id, rows=_rows(rows, "rows"), columns=_columns(columns)
+        )
         return cv.forecast_from_pb(await self._unary(self._forecast.Observe, request, timeout))
 
     async def create_session(
@@ -659,19 +663,43 @@ def _forecast_request(
     rows: Table, model: str, version: int | None, columns: Sequence[str] | None
 ) -> forecast_pb2.PredictRequest:
     return forecast_pb2.PredictRequest(
-        model=_selector(model, version), history=_rows(rows, "history"), columns=columns or ()
+        model=_selector(model, version), history=_rows(rows, "history"), columns=_columns(columns)
     )
 
 
 def _texts(texts: Sequence[str]) -> list[str]:
     """Caller mistakes Python would otherwise turn into a confusing request (a str is a sequence of characters)
-    or an obscure TypeError; what the server checks (empty, too many, too long) is left to the server."""
+    or an obscure TypeError; what the server checks (empty, too many, too long) is left to the server. Bytes are
+    decoded as UTF-8 here, so a text that is not UTF-8 is named (protobuf's own error named no text)."""
     if isinstance(texts, str | bytes):
         raise TypeError("texts is a list of texts, got one string: pass [text]")
     out = list(texts)
     for i, t in enumerate(out):
         if not isinstance(t, str | bytes):
             raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        try:
+            out[i] = t.decode("utf-8") if isinstance(t, bytes) else t
+            out[i].encode("utf-8")  # (a lone surrogate, as from errors="surrogateescape", cannot be sent)
+        except (UnicodeDecodeError, UnicodeEncodeError) as e:
+            at = f"byte {e.start}" if isinstance(t, bytes) else f"character {e.start}"
+            raise ValueError(
+                f"texts[{i}] is not valid UTF-8 text ({e.reason} at {at}): decode it with the encoding it was "
+                "written in, or pass a str"
+            ) from None
+    return out
+
+
+def _columns(columns: Sequence[str] | None) -> list[str]:
+    """Column names as a list: any sequence of str (a list, a tuple, numpy's array or pandas' ``df.columns``,
+    whose truth value raised in ``columns or ()``); one str is refused (it is a sequence of characters)."""
+    if columns is None:
+        return []
+    if isinstance(columns, str | bytes):
+        raise TypeError("columns is a list of names, got one string: pass [name] or the header's list")
+    out = list(columns)
+    for i, c in enumerate(out):
+        if not isinstance(c, str):
+            raise TypeError(f"columns[{i}] must be a str (a column's name), got {type(c).__name__}")
     return out
 
 

@@ -129,6 +129,20 @@ def test_classify_reads_texts_from_stdin_in_batches(
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n \n"))
     assert main(["classify", "--target", serve.target, "-"]) == 1
     assert capsys.readouterr().err == "error: no texts: stdin held only blank lines\n"
+    # Bytes as a pipe gives them: UTF-8 (a byte-order mark first is no text), and a Latin-1 line named before any
+    # call (it failed as "'utf-8' codec can't encode character '\\udce9'", naming no line).
+    piped = "\ufeff" + "\n".join(texts[:2]) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped.encode()), errors="surrogateescape"))
+    assert main(["classify", "--target", serve.target, "-"]) == 0
+    assert capsys.readouterr().out.splitlines() == batched[:2]
+    latin = b"great movie\n\nbad \xe9 latin1\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(latin), errors="surrogateescape"))
+    assert main(["classify", "--target", serve.target, "-"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "error: standard input, line 3: not UTF-8 text (invalid continuation byte at byte 4 of the line); convert "
+        "it first, e.g. iconv -f latin1 -t utf-8\n"
+    )
 
 
 def test_suggest_types_stdin_lines_into_one_session(

@@ -188,6 +188,24 @@ def test_auth_missing_wrong_and_right(start_server: Callable[..., ServerHandle])
         (lambda c: c.forecast([1.0, 2.0]), TypeError, "history[0] must be a row of numbers"),
         (lambda c: c.observe("s", [[1.0, "x"]]), TypeError, "rows must hold numbers only: could not convert"),
         (lambda c: c.observe("s", iter([[1.0], 2.0])), TypeError, "rows[1] must be a row of numbers"),
+        # bytes that are not UTF-8 raised protobuf's UnicodeDecodeError, naming no text
+        (
+            lambda c: c.classify(["good", b"\xff\xfe bad"]),
+            ValueError,
+            "texts[1] is not valid UTF-8 text (invalid start byte at byte 0): decode it with the encoding",
+        ),
+        (
+            lambda c: c.classify(["bad \udce9 x"]),
+            ValueError,
+            "texts[0] is not valid UTF-8 text (surrogates not allowed at character 4)",
+        ),
+        # df.columns (pandas) or numpy's array raised "truth value ... is ambiguous"; a str was split in characters
+        (
+            lambda c: c.forecast(np.zeros((96, 2), np.float32), columns="HUFL,OT"),
+            TypeError,
+            "columns is a list of names, got one string: pass [name] or the header's list",
+        ),
+        (lambda c: c.observe("s", np.zeros((1, 2)), columns=[1, 2]), TypeError, "columns[0] must be a str"),
     ],
 )
 def test_client_library_names_a_caller_mistake_before_sending(

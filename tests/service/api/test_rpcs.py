@@ -138,6 +138,16 @@ def test_forecast_predict_shapes_and_quantile_order(client: Client) -> None:
     assert result.rows_seen == TINY_WINDOW
 
 
+def test_forecast_takes_columns_as_any_sequence_of_names(client: Client) -> None:
+    """A data scientist passes ``df.columns`` or ``df.columns.values``: numpy's array raised "truth value ...
+    ambiguous" in the client (``columns or ()``). Any sequence of names answers as the list does."""
+    names = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    rows = history(TINY_WINDOW)[:, ::-1]
+    want = client.forecast(rows, columns=names[::-1]).point
+    for columns in (np.array(names[::-1]), tuple(names[::-1])):
+        np.testing.assert_array_equal(client.forecast(rows, columns=columns).point, want)  # type: ignore[arg-type]
+
+
 def test_forecast_observe_in_pieces_equals_predict(client: Client) -> None:
     rows = history(TINY_WINDOW + 6, seed=1)
     with client.session("forecaster") as s:
