@@ -287,8 +287,10 @@ class ForecastTask(Task):
         x = np.asarray(rows)
         if x.ndim != 2:
             raise InvalidInput(f"{field} must be 2-D (rows, features); got shape {list(x.shape)}")
+        sent = list(range(x.shape[1]))  # the caller's index of each column checked below (the model's order)
         if columns:
             x = self.by_name(x, field, columns)
+            sent = [list(columns).index(c) for c in self.columns]
         if x.shape[1] != self.spec.features:
             raise InvalidInput(
                 f"{field} has {x.shape[1]} features per row; model {self.model.label} expects {self.spec.features} "
@@ -302,14 +304,14 @@ class ForecastTask(Task):
         if len(bad):
             r, c = (int(v) for v in bad[0])
             raise InvalidInput(
-                f"{field}[{r}][{c}] (column {self.columns[c]!r}) is {x[r, c]}; every value must be a finite number "
-                f"({len(bad)} values are not)"
+                f"{field}[{r}][{sent[c]}] (column {self.columns[c]!r}) is {x[r, c]}; every value must be a finite "
+                f"number ({len(bad)} values are not)"
             )
         far = np.argwhere(np.abs((out.astype(np.float64) - self.mean) / self.std) >= MAX_Z)
         if len(far):  # the graph's sums would overflow float32 (a forecast of NaN and inf)
             r, c = (int(v) for v in far[0])
             raise InvalidInput(
-                f"{field}[{r}][{c}] (column {self.columns[c]!r}) is {x[r, c]}: {MAX_Z:g} standard deviations or "
+                f"{field}[{r}][{sent[c]}] (column {self.columns[c]!r}) is {x[r, c]}: {MAX_Z:g} standard deviations or "
                 f"more from the training data's mean ({self.mean[c]:g} +- {self.std[c]:g}); the model cannot "
                 f"forecast from it ({len(far)} values are that far)"
             )

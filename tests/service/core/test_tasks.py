@@ -458,6 +458,15 @@ async def test_columns_by_name_in_any_order(dp: CoreDataPlane) -> None:
             await dp.forecast(FC, shuffled, columns=cols)
     with pytest.raises(InvalidInput, match="columns lacks"):
         await dp.observe(s.id, shuffled, columns=cases[0][0])
+    # A bad value is named where the caller sent it (its row and column of ``shuffled``), not at its index in
+    # the model's order: OT is the caller's column 0, the model's 6.
+    bad = shuffled.copy()
+    bad[5, 0] = np.nan
+    with pytest.raises(InvalidInput, match=r"^history\[5\]\[0\] \(column 'OT'\) is nan"):
+        await dp.forecast(FC, bad, columns=names)
+    bad[5, 0], bad[3, 2] = 1.0, 1e30
+    with pytest.raises(InvalidInput, match=rf"^history\[3\]\[2\] \(column '{model_cols[0]}'\) is 1.*e\+30: "):
+        await dp.forecast(FC, bad, columns=names)
     assert (await dp.get_session(s.id)).steps == 30
 
 
