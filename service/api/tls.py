@@ -56,6 +56,21 @@ class TlsFiles:
         self._refused: tuple[bytes, ...] | None = None  # the contents last refused (logged once)
         self.expires_at, self.subject = _described(cert)
         self.on_load: list[Callable[[TlsFiles], None]] = []  # run after a reload (the metrics)
+        self._warn_if_expired()
+
+    def _warn_if_expired(self) -> None:
+        """An expired certificate serves (a renewal is picked up without a restart), but every client's handshake
+        fails, and gRPC logs nothing for that by default: said once per load. (It started without a word, where
+        ``seqserve check`` fails the same file.)"""
+        if self.expires_at is not None and self.expires_at <= time.time():
+            days = (time.time() - self.expires_at) / 86400
+            log.warning(
+                "TLS certificate %s (%s) expired %.1f days ago: every client's handshake fails until it is renewed "
+                "(new files are loaded without a restart)",
+                self.cert,
+                self.subject or "subject not readable",
+                days,
+            )
 
     def _read_all(self) -> tuple[bytes, ...]:
         contents: tuple[bytes, ...] = (_read(self.cert, "SEQSERVE_TLS_CERT"), _read(self.key, "SEQSERVE_TLS_KEY"))
@@ -112,6 +127,7 @@ class TlsFiles:
             self.generation += 1
             self.expires_at, self.subject = _described(self.cert)
         log.info("TLS certificate reloaded from %s (new connections get it)", self.cert)
+        self._warn_if_expired()
         for hook in self.on_load:
             hook(self)
 

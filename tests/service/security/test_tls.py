@@ -299,3 +299,20 @@ def test_the_cli_says_tls_not_a_missing_server_when_a_handshake_fails(
         )
         == 0
     )
+
+
+def test_a_server_that_loads_an_expired_certificate_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It served without a word (every client's handshake then failed, and gRPC logs nothing for those), where
+    ``seqserve check`` fails the same file."""
+    from service.api.tls import TlsFiles
+    from tests.service.security.certs import self_signed
+
+    expired, fresh = (
+        self_signed(tmp_path, stem, "seqserve.example", days) for stem, days in (("old", -2), ("new", 90))
+    )
+    with caplog.at_level("WARNING", logger="service.api.tls"):
+        TlsFiles(fresh.cert, fresh.key, None)
+        assert not caplog.records
+        TlsFiles(expired.cert, expired.key, None)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"TLS certificate {expired.cert} (CN=seqserve.example) expired 2.0 days ago: every client")
