@@ -13,6 +13,13 @@ def echo(value: str, limit: int = ECHO_CHARS) -> str:
     return shown if len(value) <= limit else f"{shown[:-1]}...{shown[-1]} ({len(value)} characters)"
 
 
+def principal_ref(who: str) -> str:
+    """A principal as a message names it: "principal 'NAME'", NAME exactly as SEQSERVE_ADMIN_PRINCIPALS and the
+    quota settings spell it (an mTLS subject such as ``CN=ev,O=acme\\, inc`` keeps its one backslash, which
+    ``echo``'s repr doubled, so the copied value did not match); ``echo`` for one that is not printable."""
+    return f"principal '{who}'" if who.isprintable() and len(who) <= 256 else f"principal {echo(who)}"
+
+
 def short(value: str, limit: int = ECHO_CHARS) -> str:
     """Like ``echo`` without the quotes, for names inside a message ("input TEXT: ..."); an empty name is shown as
     ``''`` (a message never reads "input : ...")."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from service.errors import QuotaExceeded, echo
+from service.errors import QuotaExceeded, echo, principal_ref
 from service.settings import Settings
 
 DEFAULT_PRINCIPAL = "default"  # the principal of the single SEQSERVE_API_KEY
@@ -224,7 +224,7 @@ class RateLimiter:
         """One request now, or ``QuotaExceeded`` naming the quota."""
         wait = self.wait_time(principal)
         if wait > 0:
-            who = f"principal {principal!r}" if principal else "this server's callers"
+            who = principal_ref(principal) if principal else "this server's callers"
             raise QuotaExceeded(
                 f"request rate quota exceeded: {who} may send {self.rate:g} requests per second "
                 f"(quota_requests_per_second, burst {self.burst:g}); retry in {wait:.2f}s",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING
 
-from service.errors import PermissionDenied, echo
+from service.errors import PermissionDenied, principal_ref
 
 if TYPE_CHECKING:
     from service.core.traces import Trace
@@ -60,7 +60,7 @@ def check_admin(admins: Sequence[str], action: str, also: str | None = None) -> 
     if who and who not in admins:
         other = f"{also} (SEQSERVE_{also.upper()}) or " if also else ""
         raise PermissionDenied(
-            f"principal {echo(who)} may not {action}; list it in {other}admin_principals (SEQSERVE_ADMIN_PRINCIPALS) "
+            f"{principal_ref(who)} may not {action}; list it in {other}admin_principals (SEQSERVE_ADMIN_PRINCIPALS) "
             "to allow it"
         )
 

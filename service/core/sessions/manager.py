@@ -41,6 +41,7 @@ from service.errors import (
     SessionEvicted,
     SessionNotFound,
     StoreUnavailable,
+    principal_ref,
     session_ref,
 )
 from service.metrics import Metrics
@@ -70,7 +71,7 @@ class Eviction:
 
 
 def _who(owner: str) -> str:
-    return f"principal {owner!r}" if owner else "the anonymous principal"
+    return principal_ref(owner) if owner else "the anonymous principal"
 
 
 class SessionManager:

@@ -385,3 +385,24 @@ def test_a_request_the_model_cannot_run_is_internal_and_the_server_goes_on(
         err = fails(Code.INTERNAL, "internal error (request id")(lambda: c.classify(["zzzunseen film"]))
         assert "onnxruntime" not in err.message.lower() and err.reason == "INTERNAL"
         assert c.classify(["good film"])[0].label in {"positive", "negative"}
+
+
+def test_a_principal_is_named_as_the_settings_spell_it() -> None:
+    """An mTLS subject with an escaped comma: the refusal said 'CN=ev,O=acme\\\\, inc' (repr's doubled backslash),
+    which does not match when copied into SEQSERVE_ADMIN_PRINCIPALS; the one that does has one backslash."""
+    import contextvars
+
+    from service.core.context import check_admin, set_principal
+    from service.errors import PermissionDenied
+
+    subject = "CN=ev,O=acme\\, inc"
+
+    def refused() -> str:
+        set_principal(subject)
+        with pytest.raises(PermissionDenied) as info:
+            check_admin(["CN=admin"], "unload models")
+        check_admin([subject], "unload models")  # the spelling the message shows is the one that works
+        return str(info.value)
+
+    message = contextvars.copy_context().run(refused)
+    assert message.startswith("principal 'CN=ev,O=acme\\, inc' may not unload models; list it in admin_principals")
