@@ -107,6 +107,13 @@ def serving_from_config(text: str, current: pb.ModelConfig | None, name: str) ->
     except json_format.ParseError as exc:
         raise InvalidInput(f"load parameter config is not a model configuration in JSON ({exc})") from None
     out: dict[str, object] = {}
+    if given.HasField("dynamic_batching") and current is not None and current.HasField("sequence_batching"):
+        raise InvalidInput(
+            f"load parameter config sets dynamic_batching, but model {name} is configured with sequence_batching "
+            "(as its ModelConfig answers), which a load cannot change; leave dynamic_batching out (a load may "
+            "change its instance_group counts and version_policy) and set its batching delay as max_batch_delay_ms "
+            "in the model's serving.json or the server's MAX_BATCH_DELAY_MS"
+        )
     if given.HasField("dynamic_batching"):
         out["max_batch_delay_ms"] = given.dynamic_batching.max_queue_delay_microseconds / 1000
         given.dynamic_batching.ClearField("max_queue_delay_microseconds")

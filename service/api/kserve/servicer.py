@@ -163,7 +163,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             check_admin(self._settings.admin_principals, "load models")
             config = request.parameters["config"]
             if config.WhichOneof("parameter_choice") != "string_param":
-                raise InvalidInput("load parameter config is a string: the model configuration in JSON")
+                raise InvalidInput(
+                    "load parameter config must be a string parameter holding the model configuration in JSON "
+                    '(tritonclient: config=json.dumps({...}); REST: "config": "{...}")'
+                )
             now = await self._config_now(request.model_name)
             serving = serving_from_config(config.string_param, now, request.model_name)
         await self._dataplane.load_model(request.model_name, serving)

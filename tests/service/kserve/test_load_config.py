@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +77,26 @@ def test_a_load_with_a_config_over_rest(tiny_models: Path, tmp_path: Path) -> No
         assert status == "400" and message == (
             "load parameter config: model_instances: input should be less than or equal to 64, got 65"
         )
+        # A delay for a sequence-batched model said it "changes dynamic_batching ... it may change
+        # dynamic_batching.max_queue_delay_microseconds": a contradiction that never said why.
+        delay = json.dumps({"dynamic_batching": {"max_queue_delay_microseconds": 500}})
+        status, message = refused(c, "charlm", delay)
+        assert status == "400" and message.startswith(
+            "load parameter config sets dynamic_batching, but model charlm is configured with sequence_batching"
+        )
+        assert "set its batching delay as max_batch_delay_ms in the model's serving.json" in message
         changed = {**config, "platform": "tensorrt_plan", "input": [{**config["input"][0], "dims": [7]}]}
         status, message = refused(c, "sentiment", json.dumps(changed))
         assert status == "400" and message.startswith("load parameter config changes platform, input, which a load")
-        status, message = refused(c, "charlm", json.dumps({"dynamic_batching": {"max_queue_delay_microseconds": 5}}))
-        assert status == "400" and "changes dynamic_batching" in message  # a stateful model: sequence batching
         assert c.get_model_config("sentiment") == now
+        # A config that is no string parameter: the message read as a statement ("config is a string: ...").
+        body = json.dumps({"parameters": {"config": 123}}).encode()
+        url = f"http://127.0.0.1:{handle.server.http_port}/v2/repository/models/sentiment/load"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=30)
+        assert err.value.code == 400 and json.loads(err.value.read())["error"].startswith(
+            "load parameter config must be a string parameter holding the model configuration in JSON"
+        )
 
         # A model not loaded yet: its name and the two settings only (nothing to compare the rest with).
         assert not c.is_model_ready("forecaster")
