@@ -513,6 +513,21 @@ class Settings(BaseSettings):
                 f"trace_level is {','.join(self.trace_level)} but trace_file is empty: set SEQSERVE_TRACE_FILE to "
                 "where the traces go"
             )
+        folder = Path(self.trace_file).parent
+        if self.trace_level != ["OFF"] and not folder.is_dir():  # (the traces were lost at stop, with a traceback)
+            raise ValueError(
+                f"trace_file {self.trace_file!r}: its folder {str(folder)!r} does not exist; create it or set "
+                "SEQSERVE_TRACE_FILE to a file in an existing folder"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ttls(self) -> Settings:
+        if self.session_ttl_seconds > self.session_max_ttl_seconds:  # (it was used as the maximum without a word)
+            raise ValueError(
+                f"session_ttl_seconds {self.session_ttl_seconds:g} is above session_max_ttl_seconds "
+                f"{self.session_max_ttl_seconds:g}: lower the default or raise the maximum"
+            )
         return self
 
     @field_validator("session_signing_key")

@@ -51,7 +51,7 @@ from service.core.types import (
     SuggestResult,
     Tensor,
 )
-from service.errors import InvalidInput
+from service.errors import InvalidInput, echo
 from service.logs import LogSettings
 from service.metrics import Metrics
 from service.settings import Settings
@@ -226,11 +226,18 @@ class CoreDataPlane:
 
     async def load_model(self, name: str, serving: dict[str, object] | None = None) -> None:
         self._check_admin("load models")
-        await self.registry.load_model(name, serving)
+        given = f" with {', '.join(f'{k}={v}' for k, v in sorted(serving.items()))}" if serving else ""
+        try:
+            await self.registry.load_model(name, serving)
+        except Exception as exc:  # (audited too: who tried what; the caller gets the error itself)
+            logs.audit.warning("model %s load%s by %s failed: %s", echo(name), given, _who(), exc)
+            raise
+        logs.audit.warning("model %s loaded%s by %s", echo(name), given, _who())
 
     async def unload_model(self, name: str) -> None:
         self._check_admin("unload models")
         await self.registry.unload_model(name)
+        logs.audit.warning("model %s unloaded by %s", echo(name), _who())
 
     async def log_settings(self, changes: dict[str, Any] | None = None) -> LogSettings:
         """The log settings (Triton's logging extension); with ``changes``, checked and applied first, in this
@@ -508,3 +515,8 @@ __all__ = ["CoreDataPlane", "unknown_session"]
 def _snapshots(entries: list[ModelEntry]) -> list[ModelStats]:
     """The statistics of ``entries`` as they stand (ModelStatistics, and Triton's metric names)."""
     return [e.stats.snapshot(e.name, e.version) for e in entries]
+
+
+def _who() -> str:
+    """The caller as audit lines name it."""
+    return principal() or "the anonymous principal"

@@ -590,3 +590,18 @@ async def test_a_stray_folder_is_named_once_not_at_every_poll(
     stray.mkdir()
     await dp.registry.sync()
     assert sum("must be positive integers" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_loads_and_unloads_are_audited_with_who_asked(make_dp: MakeDP, caplog: pytest.LogCaptureFixture) -> None:
+    """Model management changes what every caller sees: like log and trace settings, it is written to the
+    ``seqserve.audit`` logger, naming the principal (it was logged with a request id only)."""
+    dp = await make_dp()
+    with caplog.at_level("WARNING", logger="seqserve.audit"):
+        await dp.unload_model("sentiment")
+        await dp.load_model("sentiment", {"max_batch_delay_ms": 3.0})
+        with pytest.raises(ModelNotFound):
+            await dp.load_model("nothing")
+    said = [r.getMessage() for r in caplog.records if r.name == "seqserve.audit"]
+    assert said[0] == "model 'sentiment' unloaded by the anonymous principal"
+    assert said[1] == "model 'sentiment' loaded with max_batch_delay_ms=3.0 by the anonymous principal"
+    assert said[2].startswith("model 'nothing' load by the anonymous principal failed: model 'nothing' is not in")
