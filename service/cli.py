@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ from service.client import ApiError, Client
 from service.entry import deferred_interrupt
 from service.plots import plot_forecast, plot_path
 from service.settings import Settings, misspelt
-from service.tables import TableError, next_times, read_history
+from service.tables import History, TableError, next_times, read_history
 
 log = logging.getLogger("seqserve")
 
@@ -251,13 +252,42 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named_by_csv(err: ApiError, args: argparse.Namespace) -> ApiError:
-    """A refusal of the columns this command sent (the API's ``columns``), said of where the user wrote them: the
-    CSV's header, or ``--columns``."""
-    if err.code.name != "INVALID_ARGUMENT" or not err.message.startswith("columns "):
+_CELL = re.compile(r"history\[(\d+)\]\[(\d+)\]")
+_TOO_MANY = re.compile(r"history has (\d+) rows; send 1 to (\d+) rows \(max_forecast_rows\)")
+_TOO_FEW = re.compile(r"history has (\d+) rows; model (\S+) needs at least window=(\d+) rows")
+
+
+def _named_by_csv(err: ApiError, args: argparse.Namespace, sent: History) -> ApiError:
+    """A refusal of what this command sent, said of where the user wrote it: the API's ``columns`` as the CSV's
+    header or ``--columns``; a value at ``history[r][c]`` as its file line and column; a row count as ``--rows``."""
+    if err.code.name != "INVALID_ARGUMENT":
         return err
-    source = "--columns" if args.columns else f"the header of {args.csv}"
-    return ApiError(err.code, source + err.message[len("columns") :], err.reason, err.request_id, err.retry_after)
+    message = err.message
+    if message.startswith("columns "):
+        source = "--columns" if args.columns else f"the header of {args.csv}"
+        message = source + message[len("columns") :]
+    elif (cell := _CELL.match(message)) and int(cell.group(2)) < len(sent.columns):
+        row, name = int(cell.group(1)), sent.columns[int(cell.group(2))]  # (c: the index in the columns sent)
+        rest = message[cell.end() :].removeprefix(f" (column {name!r})")
+        message = f"{args.csv}: line {sent.first_line + row}, column {name!r}{rest}"  # (the header is line 1)
+    elif many := _TOO_MANY.fullmatch(message):
+        limit = int(many.group(2))
+        message = (
+            f"{_rows_sent(args, sent)}; the server takes at most {limit} (max_forecast_rows): pass --rows {limit} "
+            "or fewer"
+        )
+    elif few := _TOO_FEW.fullmatch(message):
+        model, window = few.group(2), int(few.group(3))
+        fix = f"pass --rows {window} or more" if len(sent.rows) == args.rows else f"use a file of {window} rows or more"
+        message = f"{_rows_sent(args, sent)}; model {model} needs at least window={window} rows: {fix}"
+    else:
+        return err
+    return ApiError(err.code, message, err.reason, err.request_id, err.retry_after)
+
+
+def _rows_sent(args: argparse.Namespace, sent: History) -> str:
+    n = len(sent.rows)
+    return f"--rows {args.rows} sends {n} rows of {args.csv}" + ("" if n == args.rows else " (all the file has)")
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
@@ -268,7 +298,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         try:
             result = c.forecast(history, model=args.model, columns=columns)  # by name: the CSV's order may differ
         except ApiError as err:
-            raise _named_by_csv(err, args) from None
+            raise _named_by_csv(err, args, sent) from None
     horizon = len(result.point)
     head, steps = "step", [str(h) for h in range(1, horizon + 1)]
     try:  # each row's time when the file's last rows step evenly (their time column continued)

@@ -216,6 +216,53 @@ def test_forecast_reads_a_csv_by_its_header(
     assert "INVALID_ARGUMENT: --columns lacks 'HULL', 'MUFL'" in capsys.readouterr().err
 
 
+def _ett_csv(path: Path, rows: int, seed: int = 0) -> list[str]:
+    """An hourly ETTh1-like CSV of ``rows`` data rows from 2016-07-01 00:00; returns its lines (header first)."""
+    rng = np.random.default_rng(seed)
+    start = dt.datetime(2016, 7, 1)
+    lines = ["date," + ",".join(COLUMNS)] + [
+        f"{start + dt.timedelta(hours=t)}," + ",".join(f"{v:.3f}" for v in 10 + rng.normal(0, 1, 7))
+        for t in range(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def test_a_value_or_row_count_the_server_refuses_names_its_file_line_or_rows(
+    serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server names a value it refuses by its place in what was sent (history[r][c]) and a row count as
+    such: said of the file's line and column, and of --rows (they named neither, the user had to count)."""
+    path = tmp_path / "far.csv"
+    lines = _ett_csv(path, 40)
+    lines[30] = lines[30].rsplit(",", 1)[0] + ",1e30"  # line 31 of the file, OT: far outside the training data
+    path.write_text("\n".join(lines) + "\n")
+    for extra in ([], ["--columns", "OT,HUFL,HULL,MUFL,MULL,LUFL,LULL"]):  # (OT first: sent as column 0)
+        assert main(["forecast", "--target", serve.target, "--csv", str(path), "--rows", "24", *extra]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1
+        assert err.startswith(f"error: INVALID_ARGUMENT: {path}: line 31, column 'OT' is 1.0000000150474662e+30: ")
+    short = tmp_path / "short.csv"
+    _ett_csv(short, 20)
+    assert main(["forecast", "--target", serve.target, "--csv", str(short), "--rows", "10"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: INVALID_ARGUMENT: --rows 10 sends 10 rows of {short}; model forecaster/1 needs at least window=24 "
+        "rows: pass --rows 24 or more\n"
+    )
+    assert main(["forecast", "--target", serve.target, "--csv", str(short), "--rows", "50"]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"--rows 50 sends 20 rows of {short} (all the file has); model forecaster/1 needs at least window=24 rows: "
+        "use a file of 24 rows or more\n"
+    )
+    long = tmp_path / "long.csv"
+    _ett_csv(long, 10_001)
+    assert main(["forecast", "--target", serve.target, "--csv", str(long), "--rows", "20000"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: INVALID_ARGUMENT: --rows 20000 sends 10001 rows of {long} (all the file has); the server takes at "
+        "most 10000 (max_forecast_rows): pass --rows 10000 or fewer\n"
+    )
+
+
 def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv_path, png = tmp_path / "ett.csv", tmp_path / "forecast.png"
     rng = np.random.default_rng(0)
