@@ -321,36 +321,78 @@ def read_history(path: Path, rows: int, columns: Sequence[str] | None = None) ->
 
 def next_times(history: History, horizon: int) -> tuple[str, list[str]] | None:
     """The time column's name and the ``horizon`` timestamps after ``history``'s last row, stepping as its rows
-    step, written as the file writes them (``1961-01``, ``2018-06-27``, ``2018-06-26 20:00:00``): the times a
-    forecast from those rows is for. None when the file has no time column; TableError saying why when those rows
-    do not step evenly (the forecast itself does not need them to)."""
+    step, written as the file writes its last one (``1961-01``, ``2018-06-27``, ``2018-06-26 20:00:00``,
+    ``2018-06-26T20:00``, ``2018-06-26T20:00:00+02:00``): the times a forecast from those rows is for. Rows with
+    UTC offsets continue at the last one's offset (a daylight-saving change after it is not known), by their local
+    wall clock where it steps evenly (days, months at local midnight), else by UTC (hours through such a change).
+    None when the file has no time column; TableError saying why when those rows do not step evenly (the forecast
+    itself does not need them to)."""
     path, column, texts = history.path, history.time_column, history.times
     if column is None or texts is None:
         return None
-    if any(_OFFSET.search(t) for t in texts):
-        raise TableError(f"{path}: column {column!r}: timestamps with UTC offsets are not continued")
-    times = [_time(path, history.first_line + i, column, t) for i, t in enumerate(texts)]
+    times = [_time(path, history.first_line + i, column, t) for i, t in enumerate(texts)]  # (UTC when offset)
     if len(times) < 2:
         raise TableError(f"{path}: one row has no step to continue")
-    steps = {_step(a, b) for a, b in itertools.pairwise(times)}
-    if len(steps) != 1 or not _seconds(next(iter(steps))) > 0:
+    offset = [bool(_OFFSET.search(t)) for t in texts]
+    if any(offset) and not all(offset):
+        i, line = offset.index(not offset[0]), history.first_line
+        has, other = ("no", "has one") if offset[0] else ("a", "has none")
+        raise TableError(
+            f"{path}: column {column!r}: {texts[i]} on line {line + i} has {has} UTC offset, {texts[0]} on line {line} "
+            f"{other}; write every timestamp with one, or none"
+        )
+    wall = [_wall_clock(t) for t in texts] if offset[0] else times
+    future = _continued(wall, horizon)  # local wall clock (the same as UTC without offsets)
+    if future is None and offset[0]:
+        utc = _continued(times, horizon)
+        future = None if utc is None else [t + (wall[-1] - times[-1]) for t in utc]  # at the last row's offset
+    if future is None:
         raise TableError(f"{path}: column {column!r}: the last {len(times)} rows do not step by one constant step")
-    step, last = steps.pop(), times[-1]
-    if isinstance(step, int):  # calendar months: the same day of the month, or the month's last day
-        month_end = _month_end(last)
-        future = []
-        for k in range(1, horizon + 1):
-            year, month = divmod(last.year * 12 + last.month - 1 + k * step, 12)
-            first = last.replace(year=year, month=month + 1, day=1)
-            end = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1) - dt.timedelta(days=1)
-            future.append(end if month_end or last.day > end.day else first.replace(day=last.day))
-    else:
-        future = [last + k * step for k in range(1, horizon + 1)]
     written = texts[-1]
     if _YEAR_MONTH.match(written):
-        out = [f"{t.year:04d}-{t.month:02d}" for t in future]
-    elif len(written) == 10:  # a date
-        out = [t.date().isoformat() for t in future]
-    else:
-        out = [t.isoformat(sep="T" if "T" in written else " ") for t in future]
-    return column, out
+        return column, [f"{t.year:04d}-{t.month:02d}" for t in future]
+    form = _ISO_FORM.fullmatch(written)
+    if form is None:  # another ISO form (20160701, ...): ISO 8601 as Python writes it
+        sep = "T" if "T" in written else " "
+        return column, [t.date().isoformat() if len(written) == 10 else t.isoformat(sep=sep) for t in future]
+    return column, [_written_as(t, form) for t in future]
+
+
+# An ISO date or date-time's parts: date, separator, hours, minutes, seconds, fraction, UTC offset.
+_ISO_FORM = re.compile(
+    r"(\d{4}-\d{2}-\d{2})(?:([T ])(\d{2}):(\d{2})(?::(\d{2})(?:([.,])(\d+))?)?(Z|[+-]\d{2}:?\d{2})?)?"
+)
+
+
+def _written_as(t: dt.datetime, form: re.Match[str]) -> str:
+    """``t`` (wall clock) in the form of the timestamp ``form`` matched: its separator, its precision (more where
+    ``t`` needs it: a time on a date-only file, seconds on one written to the minute) and its UTC offset as written."""
+    _, sep, _, _, seconds, point, fraction, offset = form.groups()
+    if sep is None and t.time() == dt.time():
+        return t.date().isoformat()
+    text = f"{t.date().isoformat()}{sep or ' '}{t.hour:02d}:{t.minute:02d}"
+    if seconds is not None or t.second or t.microsecond:
+        text += f":{t.second:02d}"
+    if fraction is not None or t.microsecond:
+        digits = f"{t.microsecond:06d}"
+        text += (point or ".") + digits[: max(len(fraction or ""), len(digits.rstrip("0")))]
+    return text + (offset or "")
+
+
+def _continued(times: list[dt.datetime], horizon: int) -> list[dt.datetime] | None:
+    """The ``horizon`` times after ``times``, at their one constant step (calendar months: the same day of the
+    month, or the month's last day); None when they do not step by one constant, positive step."""
+    steps = {_step(a, b) for a, b in itertools.pairwise(times)}
+    if len(steps) != 1 or not _seconds(next(iter(steps))) > 0:
+        return None
+    step, last = steps.pop(), times[-1]
+    if not isinstance(step, int):
+        return [last + k * step for k in range(1, horizon + 1)]
+    month_end = _month_end(last)
+    future = []
+    for k in range(1, horizon + 1):
+        year, month = divmod(last.year * 12 + last.month - 1 + k * step, 12)
+        first = last.replace(year=year, month=month + 1, day=1)
+        end = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1) - dt.timedelta(days=1)
+        future.append(end if month_end or last.day > end.day else first.replace(day=last.day))
+    return future

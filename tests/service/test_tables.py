@@ -214,6 +214,50 @@ def test_next_times_continue_the_last_rows_as_the_file_writes_them(tmp_path: Pat
     assert next_times(read_history(gap, 3), 1) == ("date", ["2016-01-08"])
 
 
+@pytest.mark.parametrize(
+    ("stamps", "want"),
+    [
+        (["2018-06-26T18:00", "2018-06-26T19:00"], ["2018-06-26T20:00", "2018-06-26T21:00"]),  # no seconds
+        (["2018-06-26 18:00", "2018-06-26 19:00"], ["2018-06-26 20:00", "2018-06-26 21:00"]),
+        (["2018-06-26T18:00:00", "2018-06-26T19:00:00"], ["2018-06-26T20:00:00", "2018-06-26T21:00:00"]),
+        (
+            ["2018-06-26 18:00:00.000", "2018-06-26 18:00:00.250"],
+            ["2018-06-26 18:00:00.500", "2018-06-26 18:00:00.750"],
+        ),
+        (
+            ["2018-06-26 18:00:00+02:00", "2018-06-26 19:00:00+02:00"],
+            ["2018-06-26 20:00:00+02:00", "2018-06-26 21:00:00+02:00"],
+        ),
+        (["2018-06-26T18:00Z", "2018-06-26T19:00Z"], ["2018-06-26T20:00Z", "2018-06-26T21:00Z"]),
+        (["2018-06-26T18:00-0500", "2018-06-26T19:00-0500"], ["2018-06-26T20:00-0500", "2018-06-26T21:00-0500"]),
+        (
+            ["2018-06-26T18:00", "2018-06-26T18:00:30"],
+            ["2018-06-26T18:01:00", "2018-06-26T18:01:30"],
+        ),  # the last's form
+        (["2018-06-25", "2018-06-26"], ["2018-06-27", "2018-06-28"]),
+    ],
+)
+def test_next_times_are_written_in_the_files_own_form(tmp_path: Path, stamps: list[str], want: list[str]) -> None:
+    """The README's "written as the file writes it": a file writing 2018-06-26T19:00 (no seconds), or with a UTC
+    offset, got 2018-06-26T20:00:00 (seconds added) or no times at all ("UTC offsets are not continued")."""
+    path = _write(tmp_path, "date,A\n" + "".join(f"{s},{i}\n" for i, s in enumerate(stamps)))
+    assert next_times(read_history(path, 2), 2) == ("date", want)
+
+
+def test_next_times_with_utc_offsets_continue_the_wall_clock_or_utc_at_the_last_offset(tmp_path: Path) -> None:
+    """Days at local midnight step by one day on the wall clock through a daylight-saving change (23 h in UTC),
+    hours by one hour in UTC (two on the wall clock); both continue at the last row's offset."""
+    import zoneinfo
+
+    paris = zoneinfo.ZoneInfo("Europe/Paris")
+    days = [dt.datetime(2021, 3, 27, tzinfo=paris) + dt.timedelta(days=i) for i in range(3)]  # DST on 03-28
+    path = _write(tmp_path, "date,A\n" + "".join(f"{d.isoformat()},{i}\n" for i, d in enumerate(days)), "d.csv")
+    assert next_times(read_history(path, 3), 2) == ("date", ["2021-03-30T00:00:00+02:00", "2021-03-31T00:00:00+02:00"])
+    hours = [(dt.datetime(2021, 3, 28, tzinfo=dt.UTC) + dt.timedelta(hours=i)).astimezone(paris) for i in range(3)]
+    path = _write(tmp_path, "date,A\n" + "".join(f"{h.isoformat(sep=' ')},{i}\n" for i, h in enumerate(hours)), "h.csv")
+    assert next_times(read_history(path, 3), 2) == ("date", ["2021-03-28 05:00:00+02:00", "2021-03-28 06:00:00+02:00"])
+
+
 def test_next_times_say_why_they_cannot_continue(tmp_path: Path) -> None:
     assert (
         next_times(read_history(_write(tmp_path, "A,B\n1,2\n3,4\n"), 2), 3) is None
@@ -223,7 +267,10 @@ def test_next_times_say_why_they_cannot_continue(tmp_path: Path) -> None:
         "date,A\n2016-01-02,0\n2016-01-01,1\n": "the last 2 rows do not step by one constant step",
         "date,A\n2016-01-01,0\n2016-01-01,1\n": "the last 2 rows do not step by one constant step",
         "date,A\n2016-01-01,0\n": "one row has no step to continue",
-        "date,A\n2016-01-01T00:00:00+01:00,0\n2016-01-02T00:00:00+01:00,1\n": "UTC offsets are not continued",
+        "date,A\n2016-01-01T00:00:00+01:00,0\n2016-01-02T00:00:00,1\n": (
+            "2016-01-02T00:00:00 on line 3 has no UTC offset, 2016-01-01T00:00:00+01:00 on line 2 has one; write every "
+            "timestamp with one, or none"
+        ),
         "date,A\n2016-01-01,0\n2016-13-01,1\n": "line 3, column 'date': cannot read '2016-13-01' as a timestamp",
     }
     for i, (text, says) in enumerate(cases.items()):
