@@ -311,12 +311,31 @@ class History:
 def read_history(path: Path, rows: int, columns: Sequence[str] | None = None) -> History:
     """The client's view: ``columns`` (default: every column but a detected time column) and the last ``rows``
     rows, with training's checks on the numbers (timestamps are not checked: the server forecasts from the rows
-    as sent)."""
+    as sent; only rows newest first are refused, whose last rows are the oldest)."""
     table = read_table(path, columns=columns, check_time=False)
     kept = table.values[-rows:]
     times = None if table.time_texts is None else table.time_texts[-rows:]
     first_line = table.rows - len(kept) + 2
+    if table.time_column is not None and table.time_texts is not None:
+        _oldest_first(path, table.time_column, table.time_texts[-max(rows, 2) :], table.rows - max(rows, 2) + 2)
     return History(path, table.columns, kept.astype(np.float32), table.time_column, times, first_line)
+
+
+def _oldest_first(path: Path, column: str, texts: list[str], first_line: int) -> None:
+    """Refuses rows whose times fall from each one to the next (a file written newest first, as many exports are):
+    the rows sent, the file's last ones, would be its oldest, in reverse. Other disorder, gaps and times that do
+    not read are left to ``next_times`` (the forecast does not need them)."""
+    try:
+        times = [parse_time(t) for t in texts]
+    except ValueError:
+        return
+    if len(times) >= 2 and all(a > b for a, b in itertools.pairwise(times)):
+        first_line = max(first_line, 2)
+        raise TableError(
+            f"{path}: the rows run newest first (column {column!r}: {texts[0]} on line {first_line}, {texts[-1]} on "
+            f"line {first_line + len(texts) - 1}); the forecast continues from the last rows: sort the file by "
+            f"{column!r}, oldest first"
+        )
 
 
 def next_times(history: History, horizon: int) -> tuple[str, list[str]] | None:

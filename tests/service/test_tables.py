@@ -258,13 +258,34 @@ def test_next_times_with_utc_offsets_continue_the_wall_clock_or_utc_at_the_last_
     assert next_times(read_history(path, 3), 2) == ("date", ["2021-03-28 05:00:00+02:00", "2021-03-28 06:00:00+02:00"])
 
 
+def test_rows_newest_first_are_refused_saying_to_sort_them(tmp_path: Path) -> None:
+    """A file written newest first (a common export) was forecast from its oldest rows, in reverse, with a note
+    that they "do not step by one constant step". Rows out of order otherwise are still read (their times are not
+    continued)."""
+    newest_first = "date,A\n" + "".join(f"2016-01-{d:02d},{d}\n" for d in range(9, 0, -1))
+    path = _write(tmp_path, newest_first, "desc.csv")
+    for rows in (4, 1, 20):  # (one row: the last two lines tell)
+        with pytest.raises(TableError) as e:
+            read_history(path, rows)
+        first = max(2, 11 - max(rows, 2))
+        assert str(e.value) == (
+            f"{path}: the rows run newest first (column 'date': 2016-01-{11 - first:02d} on line {first}, 2016-01-01 "
+            "on line 10); the forecast continues from the last rows: sort the file by 'date', oldest first"
+        )
+    shuffled = _write(tmp_path, "date,A\n2016-01-03,0\n2016-01-01,1\n2016-01-02,2\n", "mixed.csv")
+    assert read_history(shuffled, 3).rows.tolist() == [[0], [1], [2]]
+    months = _write(tmp_path, "Month,A\n1949-03,0\n1949-02,1\n1949-01,2\n", "m.csv")
+    with pytest.raises(TableError, match=r"newest first .* sort the file by 'Month', oldest first"):
+        read_history(months, 3)
+
+
 def test_next_times_say_why_they_cannot_continue(tmp_path: Path) -> None:
     assert (
         next_times(read_history(_write(tmp_path, "A,B\n1,2\n3,4\n"), 2), 3) is None
     )  # no time column: steps are numbered
     cases = {
         "date,A\n2016-01-01,0\n2016-01-05,1\n2016-01-06,2\n": "the last 3 rows do not step by one constant step",
-        "date,A\n2016-01-02,0\n2016-01-01,1\n": "the last 2 rows do not step by one constant step",
+        "date,A\n2016-01-02,0\n2016-01-03,1\n2016-01-01,2\n": "the last 3 rows do not step by one constant step",
         "date,A\n2016-01-01,0\n2016-01-01,1\n": "the last 2 rows do not step by one constant step",
         "date,A\n2016-01-01,0\n": "one row has no step to continue",
         "date,A\n2016-01-01T00:00:00+01:00,0\n2016-01-02T00:00:00,1\n": (

@@ -263,6 +263,22 @@ def test_a_value_or_row_count_the_server_refuses_names_its_file_line_or_rows(
     )
 
 
+def test_a_csv_newest_first_is_refused_before_the_call(
+    serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows newest first were forecast from the file's oldest rows, reversed, exit 0 and a note that they "do not
+    step by one constant step"; they are refused, saying to sort the file."""
+    path = tmp_path / "desc.csv"
+    lines = _ett_csv(path, 30)
+    path.write_text("\n".join([lines[0], *lines[:0:-1]]) + "\n")
+    assert main(["forecast", "--target", serve.target, "--csv", str(path), "--rows", "24"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"error: {path}: the rows run newest first (column 'date': 2016-07-01 23:00:00 on line 8, 2016-07-01 "
+        "00:00:00 on line 31); the forecast continues from the last rows: sort the file by 'date', oldest first\n"
+    )
+
+
 def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv_path, png = tmp_path / "ett.csv", tmp_path / "forecast.png"
     rng = np.random.default_rng(0)
