@@ -266,6 +266,13 @@ def _named_by_csv(err: ApiError, args: argparse.Namespace, sent: History) -> Api
     if message.startswith("columns "):
         source = "--columns" if args.columns else f"the header of {args.csv}"
         message = source + message[len("columns") :]
+        lacked = message.partition(" lacks ")[2].partition(": model ")[0]  # 'A', 'B'
+        text = [c for c in sent.left_out if repr(c) in lacked.split(", ")]
+        if text:  # (a column the file has, left out as text)
+            one = len(text) == 1
+            which = ("column " if one else "columns ") + ", ".join(map(repr, text))
+            holds = "holds text, not numbers, and was" if one else "hold text, not numbers, and were"
+            message += f"; {which} of {args.csv} {holds} left out"
     elif (cell := _CELL.match(message)) and int(cell.group(2)) < len(sent.columns):
         row, name = int(cell.group(1)), sent.columns[int(cell.group(2))]  # (c: the index in the columns sent)
         rest = message[cell.end() :].removeprefix(f" (column {name!r})")
@@ -294,6 +301,8 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     plot = None if args.plot is None else plot_path(args.plot)  # a bad name fails before the call
     sent = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
     columns, history = sent.columns, sent.rows
+    if sent.left_out:
+        print(f"(columns of text, not numbers, left out: {', '.join(map(repr, sent.left_out))})", file=sys.stderr)
     with _client(args) as c:
         try:
             result = c.forecast(history, model=args.model, columns=columns)  # by name: the CSV's order may differ
@@ -494,7 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_suggest)
 
     c = client_parser("forecast", "forecast from the last rows of a CSV")
-    c.add_argument("--csv", type=Path, required=True, help="CSV with a header; numeric columns are the features")
+    c.add_argument(
+        "--csv",
+        type=Path,
+        required=True,
+        help="CSV with a header; its columns of numbers are the features (a time column "
+        "and columns of text are left out)",
+    )
     c.add_argument(
         "--columns",
         type=names,

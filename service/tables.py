@@ -17,7 +17,7 @@ import io
 import itertools
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,7 @@ class Table:
     times: list[dt.datetime] | None = None
     frequency: str | None = None  # e.g. "15min", "1h", "MS" (calendar months); None without timestamps
     time_texts: list[str] | None = None  # the time column's cells as written (also when not checked)
+    left_out: tuple[str, ...] = ()  # columns of text, not read (``skip_text``)
 
     @property
     def rows(self) -> int:
@@ -186,10 +187,13 @@ def read_table(
     columns: Sequence[str] | None = None,
     frequency: str | None = "auto",
     check_time: bool = True,
+    skip_text: bool = False,
 ) -> Table:
     """Reads ``path``. ``time_column``: a name, ``"auto"`` (detect) or None (no timestamps); ``columns``: the
     numeric columns to read (default: every column but the time column); ``frequency``: the step the timestamps
-    must follow, ``"auto"`` = the most common step; ``check_time=False`` only sets the time column aside."""
+    must follow, ``"auto"`` = the most common step; ``check_time=False`` only sets the time column aside;
+    ``skip_text``: without ``columns``, leave out a column none of whose cells reads as a number (a station's
+    name, a category; ``Table.left_out``), where a column of numbers with a cell that is not one is still refused."""
     table = _read_rows(path)
     header, body = table[0], table[1:]
     if time_column == "auto":
@@ -202,6 +206,12 @@ def read_table(
         raise TableError(f"{path}: no column {missing[0]!r}; the header has {header}")
     if time_column is not None and time_column in names:
         raise TableError(f"{path}: column {time_column!r} is the time column; it cannot also be a numeric column")
+    left_out: tuple[str, ...] = ()
+    if skip_text and columns is None:
+        left_out = tuple(c for c in names if _text_column(row[header.index(c)] for row in body))
+        names = [c for c in names if c not in left_out]
+        if not names and left_out:
+            raise TableError(f"{path}: no numeric columns ({', '.join(map(repr, left_out))}: text, not numbers)")
     if not names:
         raise TableError(f"{path}: no numeric columns (the header has only {header})")
     if len(set(names)) != len(names):
@@ -218,7 +228,24 @@ def read_table(
         if check_time:
             times = [_time(path, r + 2, time_column, s) for r, s in enumerate(texts)]
             freq = check_times(path, times, texts, frequency)
-    return Table(path, names, values, time_column, times, freq, texts)
+    return Table(path, names, values, time_column, times, freq, texts, left_out)
+
+
+def _text_column(cells: Iterable[str]) -> bool:
+    """Some cell holds text and none reads as a number, not even one written with a currency sign, a percent sign
+    or separators (``$1,200``, ``12%``, ``1,5``: a column of numbers written so is refused naming the cell)."""
+    seen = False
+    for cell in cells:
+        text = cell.strip()
+        if not text:
+            continue
+        seen = True
+        if _is_number(text) or _is_number(_DECORATION.sub("", text)):
+            return False
+    return seen
+
+
+_DECORATION = re.compile(r"[\s$€£¥%',_]")
 
 
 def _read_rows(path: Path) -> list[list[str]]:
@@ -298,7 +325,7 @@ def _time(path: Path, line: int, column: str, text: str) -> dt.datetime:
 class History:
     """What a client sends from a CSV: the last rows of its numeric ``columns`` as float32 ``(rows, features)``,
     and the time column's name and cells of those rows (``times``, as written; None without one), the first of
-    them on file line ``first_line``."""
+    them on file line ``first_line``; ``left_out``: columns of text, not sent (only without ``columns``)."""
 
     path: Path
     columns: list[str]
@@ -306,19 +333,20 @@ class History:
     time_column: str | None
     times: list[str] | None
     first_line: int
+    left_out: tuple[str, ...] = ()
 
 
 def read_history(path: Path, rows: int, columns: Sequence[str] | None = None) -> History:
-    """The client's view: ``columns`` (default: every column but a detected time column) and the last ``rows``
-    rows, with training's checks on the numbers (timestamps are not checked: the server forecasts from the rows
-    as sent; only rows newest first are refused, whose last rows are the oldest)."""
-    table = read_table(path, columns=columns, check_time=False)
+    """The client's view: ``columns`` (default: every column but a detected time column and columns of text) and
+    the last ``rows`` rows, with training's checks on the numbers (timestamps are not checked: the server forecasts
+    from the rows as sent; only rows newest first are refused, whose last rows are the oldest)."""
+    table = read_table(path, columns=columns, check_time=False, skip_text=True)
     kept = table.values[-rows:]
     times = None if table.time_texts is None else table.time_texts[-rows:]
     first_line = table.rows - len(kept) + 2
     if table.time_column is not None and table.time_texts is not None:
         _oldest_first(path, table.time_column, table.time_texts[-max(rows, 2) :], table.rows - max(rows, 2) + 2)
-    return History(path, table.columns, kept.astype(np.float32), table.time_column, times, first_line)
+    return History(path, table.columns, kept.astype(np.float32), table.time_column, times, first_line, table.left_out)
 
 
 def _oldest_first(path: Path, column: str, texts: list[str], first_line: int) -> None:

@@ -279,6 +279,34 @@ def test_rows_newest_first_are_refused_saying_to_sort_them(tmp_path: Path) -> No
         read_history(months, 3)
 
 
+def test_the_client_leaves_out_columns_of_text_and_still_refuses_a_bad_cell_in_a_column_of_numbers(
+    tmp_path: Path,
+) -> None:
+    """``seqserve forecast --csv`` takes "numeric columns" as the features: a column of text (a station's name)
+    stopped it ("'A' is not a number"). It is left out, and named; a column of numbers with a cell that is not
+    one, or numbers written with a comma or a currency sign, are still refused at their line. Training still
+    reads every column."""
+    p = _write(tmp_path, "date,A,station,B\n2016-07-01,1,north,2\n2016-07-02,3,,4\n2016-07-03,5,south,6\n")
+    history = read_history(p, 2)
+    assert (
+        history.columns == ["A", "B"] and history.left_out == ("station",) and history.rows.tolist() == [[3, 4], [5, 6]]
+    )
+    assert _error(p) == "line 2, column 'station': 'north' is not a number"  # (training: every column)
+    with pytest.raises(TableError, match=re.escape("line 2, column 'station': 'north' is not a number")):
+        read_history(p, 2, ["A", "station"])  # asked for by name: read
+    cases = {
+        "date,A,B\n2016-07-01,1,x\n2016-07-02,2,3\n": "line 2, column 'B': 'x' is not a number",
+        'date,A,B\n2016-07-01,1,"1,5"\n2016-07-02,2,"2,5"\n': "line 2, column 'B': '1,5' is not a number (a comma",
+        "date,A,B\n2016-07-01,1,$1200\n2016-07-02,2,$900\n": "line 2, column 'B': '$1200' is not a number",
+        "date,A,B\n2016-07-01,1,12%\n2016-07-02,2,13%\n": "line 2, column 'B': '12%' is not a number",
+        "date,A,B\n2016-07-01,1,\n2016-07-02,2,\n": "line 2, column 'B': empty cell",  # (empty: not text)
+        "date,A,B\n2016-07-01,x,y\n2016-07-02,z,w\n": "no numeric columns ('A', 'B': text, not numbers)",
+    }
+    for i, (text, says) in enumerate(cases.items()):
+        with pytest.raises(TableError, match=re.escape(says)):
+            read_history(_write(tmp_path, text, f"c{i}.csv"), 2)
+
+
 def test_next_times_say_why_they_cannot_continue(tmp_path: Path) -> None:
     assert (
         next_times(read_history(_write(tmp_path, "A,B\n1,2\n3,4\n"), 2), 3) is None

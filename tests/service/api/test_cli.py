@@ -279,6 +279,30 @@ def test_a_csv_newest_first_is_refused_before_the_call(
     )
 
 
+def test_a_column_of_text_is_left_out_with_a_note(
+    serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ "numeric columns are the features": a column of text stopped the command ("line 2, column 'station': 'A' is
+    not a number"); it is left out, named on stderr, and the forecast is the file's without it. A model column
+    of text is refused saying why it is missing."""
+    plain, text = tmp_path / "plain.csv", tmp_path / "station.csv"
+    lines = _ett_csv(plain, 30)
+    text.write_text("\n".join([lines[0] + ",station", *(line + ",A" for line in lines[1:])]) + "\n")
+    assert main(["forecast", "--target", serve.target, "--csv", str(plain), "--rows", "24"]) == 0
+    want = capsys.readouterr().out
+    assert main(["forecast", "--target", serve.target, "--csv", str(text), "--rows", "24"]) == 0
+    out, err = capsys.readouterr()
+    assert out == want and err == "(columns of text, not numbers, left out: 'station')\n"
+    ot = tmp_path / "ot.csv"
+    ot.write_text("\n".join([lines[0], *(line.rsplit(",", 1)[0] + ",hot" for line in lines[1:])]) + "\n")
+    assert main(["forecast", "--target", serve.target, "--csv", str(ot), "--rows", "24"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"(columns of text, not numbers, left out: 'OT')\nerror: INVALID_ARGUMENT: the header of {ot} "
+    )
+    assert err.endswith(f"; column 'OT' of {ot} holds text, not numbers, and was left out\n") and err.count("\n") == 2
+
+
 def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv_path, png = tmp_path / "ett.csv", tmp_path / "forecast.png"
     rng = np.random.default_rng(0)
