@@ -298,7 +298,7 @@ def _rows_sent(args: argparse.Namespace, sent: History) -> str:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    plot = None if args.plot is None else plot_path(args.plot)  # a bad name fails before the call
+    plot = None if args.plot is None else plot_path(args.plot)  # a bad format or folder fails before the call
     sent = read_history(args.csv, args.rows, args.columns.split(",") if args.columns else None)
     columns, history = sent.columns, sent.rows
     if sent.left_out:

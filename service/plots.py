@@ -3,6 +3,7 @@ forecast column (matplotlib, imported only when a plot is asked for)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,23 @@ def _pyplot() -> Any:
 
 def plot_path(path: Path) -> Path:
     """Where ``--plot PATH`` writes: PATH, with ``.png`` added when it names no format (matplotlib would add it,
-    and the message would name a file that does not exist). A format matplotlib cannot write is refused before
-    anything is asked of the server."""
-    if not path.suffix:
-        return path.with_name(path.name + ".png")
+    and the message would name a file that does not exist). A format matplotlib cannot write, a folder that does
+    not exist or cannot be written and a name that is a folder are refused before anything is asked of the server
+    (a missing folder failed with a bare "[Errno 2] No such file or directory" after the forecast was printed)."""
+    target = path if path.suffix else path.with_name(path.name + ".png")
+    folder = target.parent
+    if target.is_dir():
+        raise RuntimeError(f"--plot {path}: {target} is a folder; name an image file, e.g. {target / 'forecast.png'}")
+    if folder.exists() and not folder.is_dir():
+        raise RuntimeError(f"--plot {path}: {folder} is a file, not a folder; name a file in a folder")
+    if not folder.is_dir():
+        raise RuntimeError(f"--plot {path}: folder {folder} does not exist; create it, or name a file in a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RuntimeError(f"--plot {path}: folder {folder} is not writable; name a file in a folder you can write")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise RuntimeError(f"--plot {path}: {target} is not writable; name another file, or make it writable")
+    if target is not path:
+        return target
     _pyplot()  # (matplotlib is there)
     from matplotlib.backend_bases import FigureCanvasBase
 

@@ -342,6 +342,29 @@ def test_forecast_from_csv_with_plot(serve: ServeProcess, tmp_path: Path, capsys
     assert out == "" and "'.xyz' is not an image format; use one of" in err and err.count("\n") == 1
 
 
+def test_a_plot_that_cannot_be_written_there_is_refused_before_the_forecast(
+    serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--plot in a folder that does not exist failed after the forecast was printed, with a bare "[Errno 2] No such
+    file or directory"; it is refused first, in one line naming --plot and what to do."""
+    csv_path = tmp_path / "ett.csv"
+    _ett_csv(csv_path, 30)
+    cases = {
+        tmp_path / "nosuch" / "f.png": f"folder {tmp_path / 'nosuch'} does not exist; create it, or name a file in a",
+        csv_path / "f.png": f"{csv_path} is a file, not a folder; name a file in a folder",
+        tmp_path / "figs.png": f"{tmp_path / 'figs.png'} is a folder; name an image file, e.g. ",
+    }
+    (tmp_path / "figs.png").mkdir()
+    if os.geteuid() != 0:  # (root writes anywhere)
+        (tmp_path / "ro").mkdir(mode=0o555)
+        cases[tmp_path / "ro" / "f.png"] = f"folder {tmp_path / 'ro'} is not writable; name a file in a folder you"
+    for plot, says in cases.items():
+        argv = ["forecast", "--target", serve.target, "--csv", str(csv_path), "--rows", "24", "--plot", str(plot)]
+        assert main(argv) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"error: --plot {plot}: {says}") and err.count("\n") == 1
+
+
 def test_forecast_prints_quantiles_and_numbers_steps_it_cannot_date(
     serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
