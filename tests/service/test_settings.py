@@ -21,6 +21,6 @@ def test_a_trace_file_in_a_folder_that_does_not_exist_is_refused(tmp_path: Path)
     """The traces were collected all along, then lost at stop when the file could not be written."""
     missing = tmp_path / "no-such-folder" / "trace.json"
     with pytest.raises(ValidationError, match=f"its folder '{missing.parent}' does not exist"):
-        Settings(trace_level="TIMESTAMPS", trace_file=str(missing))
-    assert Settings(trace_level="TIMESTAMPS", trace_file=str(tmp_path / "trace.json")).trace_file
+        Settings(trace_level=["TIMESTAMPS"], trace_file=str(missing))
+    assert Settings(trace_level=["TIMESTAMPS"], trace_file=str(tmp_path / "trace.json")).trace_file
     assert Settings(trace_file=str(missing)).trace_level == ["OFF"]  # (nothing is written with tracing off)
