@@ -79,6 +79,7 @@ class SummedFamilies(Collector):
         self._last: dict[int, list[tuple[str, Key, float]]] = {}  # port -> its last good samples
         self._exemplars: dict[Key, Exemplar] = {}  # a bucket's newest exemplar, from whichever frontend
         self._retired: dict[str, dict[Key, float]] = {n: {} for n in self._names}  # frontends gone: their counts
+        self._unread: set[int] = set()  # ports whose last read failed (warned once)
 
     def retire(self, port: int) -> None:
         """The frontend on ``port`` is gone and another takes its place: its counters and histograms keep their
@@ -97,8 +98,16 @@ class SummedFamilies(Collector):
             with urllib.request.urlopen(request, timeout=self.timeout) as r:
                 text = r.read().decode()
         except OSError as exc:
-            log.warning("metrics on port %d (a frontend or engine) not read (its last reading is used): %s", port, exc)
+            if port not in self._unread:  # once until it answers again (a drain stopped frontends: once a scrape)
+                self._unread.add(port)
+                log.warning(
+                    "metrics on port %d (a frontend or engine) not read (its last reading is used until it answers): "
+                    "%s",
+                    port,
+                    exc,
+                )
             return self._last.get(port, [])
+        self._unread.discard(port)
         samples = []
         for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
             if family.name not in self._names:

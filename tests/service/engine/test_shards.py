@@ -199,3 +199,24 @@ def test_on_a_shared_store_the_first_engines_live_sessions_are_its_own_count() -
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+def test_a_process_whose_metrics_do_not_answer_is_named_once_until_it_answers_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A drain stops the frontends one by one: every scrape logged a warning per stopped frontend (one a second
+    at a 1 s scrape interval, for the whole grace)."""
+    first, second = Metrics(runtime_collectors=False), Metrics(runtime_collectors=False)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=second.registry)
+    port = server.server_port
+    ports = [port]
+    serve_engine_metrics(first, lambda: ports, token="t", store_per_engine=True)
+    with caplog.at_level("WARNING", logger="service.engine.metrics"):
+        list(first.registry.collect())  # read: answers
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        for _ in range(3):
+            list(first.registry.collect())
+    said = [r.getMessage() for r in caplog.records if f"metrics on port {port}" in r.getMessage()]
+    assert len(said) == 1 and "not read (its last reading is used until it answers)" in said[0]
