@@ -522,6 +522,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _ports(self) -> Settings:
+        named = [("port", self.port), ("metrics_port", self.metrics_port), ("http_port", self.http_port)]
+        given = [(name, p) for name, p in named if p]  # (0: a free port each; None: no REST port)
+        for i, (name, p) in enumerate(given):
+            other = next((o for o, q in given[i + 1 :] if q == p), None)
+            if other is not None:  # (it failed to bind, blaming "another process" that was this one)
+                raise ValueError(f"{name} and {other} are both {p}: each port needs its own number")
+        return self
+
+    @model_validator(mode="after")
     def _ttls(self) -> Settings:
         if self.session_ttl_seconds > self.session_max_ttl_seconds:  # (it was used as the maximum without a word)
             raise ValueError(

@@ -24,3 +24,12 @@ def test_a_trace_file_in_a_folder_that_does_not_exist_is_refused(tmp_path: Path)
         Settings(trace_level=["TIMESTAMPS"], trace_file=str(missing))
     assert Settings(trace_level=["TIMESTAMPS"], trace_file=str(tmp_path / "trace.json")).trace_file
     assert Settings(trace_file=str(missing)).trace_level == ["OFF"]  # (nothing is written with tracing off)
+
+
+def test_two_ports_of_one_number_are_refused() -> None:
+    """gRPC and metrics on one port failed to bind, saying another process listened there: it was this one."""
+    with pytest.raises(ValidationError, match="port and metrics_port are both 9000: each port needs its own number"):
+        Settings(port=9000, metrics_port=9000)
+    with pytest.raises(ValidationError, match="metrics_port and http_port are both 8002"):
+        Settings(http_port=8002)
+    assert Settings(port=0, metrics_port=0, http_port=0).http_port == 0  # free ports, each its own
