@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import types
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,6 +21,7 @@ from service.core.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_fi
 from service.core.runtime import CPU, CUDA, select_providers
 from service.core.types import DataPlane, ModelRef, SamplingParams
 from service.errors import FailedPrecondition, InvalidInput, ModelNotFound, ModelUnavailable
+from service.settings import Settings
 from tests.service.core.conftest import MakeDP, add_version, core_settings, recorded
 
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -605,3 +608,40 @@ async def test_loads_and_unloads_are_audited_with_who_asked(make_dp: MakeDP, cap
     assert said[0] == "model 'sentiment' unloaded by the anonymous principal"
     assert said[1] == "model 'sentiment' loaded with max_batch_delay_ms=3.0 by the anonymous principal"
     assert said[2].startswith("model 'nothing' load by the anonymous principal failed: model 'nothing' is not in")
+
+
+def test_a_large_runs_arena_growth_is_handed_back_once_large_runs_stop(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime's arena keeps the peak of the largest run for good: one 256-text x 128-word Classify grew the
+    engine by ~380 MiB per version (the committed sentiment/4), never given back. Large runs in a row keep it
+    (shrinking after each cost them 30-55%); the first run SHRINK_IDLE_SECONDS after the last large one runs with
+    arena shrinkage on, once."""
+    from service.core import runtime as rt
+
+    vdir = tiny_models / "sentiment" / "1"
+    r = rt.load_runtime(Manifest.load(vdir / MANIFEST_FILE), vdir / MODEL_FILE, Settings(models=tiny_models), {})
+    passed: list[object] = []
+    run = r.session.run
+
+    def spy(names: list[str], feeds: dict[str, Any], options: object = None) -> Any:
+        passed.append(options)
+        return run(names, feeds, options)
+
+    now = [1000.0]
+    monkeypatch.setattr(r.session, "run", spy)
+    monkeypatch.setattr("service.core.runtime.time", types.SimpleNamespace(monotonic=lambda: now[0]))
+
+    def step(texts: int, words: int, wait: float = 0.0) -> None:
+        now[0] += wait
+        ids = np.ones((texts, words), np.int64)
+        r.run({"input_ids": ids, "lengths": np.full(texts, words, np.int64)}, texts)
+
+    step(1, 3)  # small (3 token ids), nothing grown
+    step(64, 128)  # large: 8,192 ids
+    step(1, 3, wait=1)  # soon after: the growth is kept (more large runs may come)
+    step(64, 128, wait=1)
+    step(1, 3, wait=rt.SHRINK_IDLE_SECONDS)  # quiet since: handed back, once
+    step(1, 3, wait=rt.SHRINK_IDLE_SECONDS)
+    assert r._shrink.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert [o is r._shrink for o in passed] == [False, False, False, False, True, False]
