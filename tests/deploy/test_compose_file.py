@@ -5,6 +5,7 @@ wiring the docs describe (two replicas, Redis with AOF, Prometheus scraping both
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -63,6 +64,9 @@ def test_replicas_are_hardened_and_drain_before_sigkill(model: dict[str, Any]) -
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert "test" not in svc["healthcheck"]  # the image's gRPC HEALTHCHECK, with compose's timing
         assert svc["restart"] == "unless-stopped"
+        # No CPU limit here: unset (0, one frontend per core) a replica would start one ~91 MiB frontend per host core.
+        assert int(env.get("SEQSERVE_WORKERS", "0")) >= 1, f"{name}: SEQSERVE_WORKERS not pinned"
+        assert "cpus" not in svc or int(env["SEQSERVE_WORKERS"]) == math.ceil(float(svc["cpus"]))
     published = [(p["host_ip"], p["published"]) for name in REPLICAS for p in model["services"][name]["ports"]]
     assert published == [
         ("127.0.0.1", "50051"),

@@ -4,6 +4,7 @@ wiring between the objects (labels, ports, probes, grace periods, settings) chec
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 import urllib.request
@@ -224,6 +225,52 @@ def test_config_names_real_settings_and_moves_long_lived_clients(
     assert settings.grpc_max_connection_age_seconds > 0
     assert settings.grpc_max_connection_age_grace_seconds == 0  # open streams finish on their connection
     assert settings.session_store.startswith("redis://")
+
+
+# Measured RSS of a server started with --workers 2 on the committed models (docs/capacity.md, "Memory of one
+# replica", 2026-12-07): the engine, each frontend, multiprocessing's resource tracker; and what ONNX Runtime keeps
+# after the largest Classify the server accepts, on the default sentiment version.
+ENGINE_MIB, FRONTEND_MIB, TRACKER_MIB, LARGEST_REQUEST_MIB = 418.2, 91.0, 12.8, 710.1
+MIB = 1024 * 1024
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity (``2``, ``500m``, ``1Gi``, ``512Mi``) as a number (cores, bytes)."""
+    units = {"m": 1e-3, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "k": 1e3, "M": 1e6, "G": 1e9}
+    text = str(value)
+    for suffix, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.endswith(suffix):
+            return float(text.removesuffix(suffix)) * factor
+    return float(text)
+
+
+def test_workers_pinned_to_the_cpu_limit_and_memory_covers_them(
+    rendered: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SEQSERVE_WORKERS unset (0) means one frontend per core, and the server counts only a cgroup v2 CPU quota: on
+    a cgroup v1 node a replica would start one frontend (~91 MiB) per host core, past its memory limit. So the
+    config pins it to the container's CPU limit, and the memory request holds that many frontends, the engine and
+    the caches the settings allow filled (plus the memory-backed /tmp); the limit also what ONNX Runtime keeps
+    after the largest requests (docs/capacity.md)."""
+    objs = objects(rendered[1])
+    c, env = container(objs), config(objs)
+    assert "SEQSERVE_WORKERS" in env, "SEQSERVE_WORKERS unset: one frontend per core the server sees"
+    workers = int(env["SEQSERVE_WORKERS"])
+    assert workers == math.ceil(quantity(c["resources"]["limits"]["cpu"])) >= 2  # >= 2: frontends + an engine
+    for name in [n for n in os.environ if n.startswith("SEQSERVE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.workers == workers and settings.engines == 1  # (the measured layout: one engine)
+    (tmp,) = [v for v in objs["Deployment/seqserve"]["spec"]["template"]["spec"]["volumes"] if v["name"] == "tmp"]
+    assert tmp["emptyDir"]["medium"] == "Memory"  # tmpfs: counts against the container's memory
+    idle = (ENGINE_MIB + workers * FRONTEND_MIB + TRACKER_MIB) * MIB
+    caches = settings.session_cache_bytes + settings.prefix_cache_bytes + settings.response_cache_bytes
+    full = idle + caches + quantity(tmp["emptyDir"]["sizeLimit"])
+    request, limit = (quantity(c["resources"][k]["memory"]) for k in ("requests", "limits"))
+    assert request >= full, f"memory request {request / MIB:.0f} MiB < {full / MIB:.0f} MiB (idle + caches + /tmp)"
+    assert limit >= full + LARGEST_REQUEST_MIB * MIB, f"limit {limit / MIB:.0f} MiB"
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image() -> None:
