@@ -54,6 +54,7 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 SESSION_EVENTS: frozenset[str] = frozenset({"created", "expired", "evicted", "deleted", "forked", "imported"})
 PREFIX_RESULTS: tuple[str, ...] = ("hit", "partial", "miss")
+HTTP_CLOSE_REASONS: tuple[str, ...] = ("busy", "timeout")  # why an HTTP port closed a connection on its own
 OTHER_MODEL = "_other"  # label value for model names that are not loaded (typos, probes): bounds cardinality
 NO_MODEL = ""  # RPCs that name no model (health, ListModels): the label is empty, i.e. absent in PromQL
 
@@ -424,6 +425,12 @@ class Metrics:
         """One answer of the REST port (``route``: a path template, so the label stays small)."""
         self._child(self.http_requests, (method, route, str(status))).inc()
         self._child(self.http_duration, (route,)).observe(max(seconds, 0.0))
+
+    def http_port_serving(self, port: str) -> None:
+        """An HTTP port (``rest``, ``metrics``) listens: its closed-connection series exist at 0 from now, so
+        ``rate()`` and ``increase()`` (the alert SeqServeHttpConnectionsRefused) see the first burst of closes."""
+        for reason in HTTP_CLOSE_REASONS:
+            self._child(self.http_closed, (port, reason))
 
     def http_connection_closed(self, port: str, reason: str) -> None:
         self._child(self.http_closed, (port, reason)).inc()

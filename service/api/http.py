@@ -109,6 +109,8 @@ class _Server(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._watchdog_stop = threading.Event()
         super().__init__(address, handler or _Handler)
+        if metrics is not None:  # (bound: this port serves) its closed-connection counts start at 0
+            metrics.http_port_serving(port_name)
         self._watchdog = threading.Thread(target=self._watch, name="metrics-http-watchdog", daemon=True)
         self._watchdog.start()
 

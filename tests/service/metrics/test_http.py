@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import http.client
 import shutil
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -247,3 +251,44 @@ def test_a_failed_bind_says_whether_to_change_the_host_or_the_port(metrics: Metr
         )
     finally:
         taken.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("rest", [False, True])
+def test_closed_connection_series_exist_at_zero_for_the_ports_served(
+    tiny_models: Path, tmp_path: Path, workers: str, rest: bool
+) -> None:
+    """``seqserve_http_connections_closed_total`` has its port x reason series at 0 from the start, for the ports the
+    server serves only (``rest`` with an HTTP port): a series born at its first close loses that burst to
+    ``rate()`` and ``increase()`` (SeqServeHttpConnectionsRefused, the dashboard's panel). With ``--workers 2`` the
+    engine's /metrics sums the frontends' (REST) with its own (the metrics port). A real server, scraped; then a
+    connection refused for want of a slot counts 1 on the series that was there."""
+    from tests.service.kserve.procs import scrape, start_server, stop_server
+
+    env = {"SEQSERVE_WORKERS": workers, "SEQSERVE_METRICS_MAX_CONNECTIONS": "1"}
+    if rest:
+        env["SEQSERVE_HTTP_PORT"] = "0"
+    proc, info = start_server(tiny_models, tmp_path, **env)
+    try:
+        assert ("http_port" in info) is rest
+        ports = ["metrics", "rest"] if rest else ["metrics"]
+        want = {(("port", p), ("reason", r)): 0.0 for p in ports for r in ("busy", "timeout")}
+        assert scrape(info["metrics_port"])["seqserve_http_connections_closed_total"] == want
+        with socket.create_connection(("127.0.0.1", int(info["metrics_port"]))) as holder:
+            holder.sendall(b"GET /metrics HTTP/1.1\r\n")  # half-sent: holds the metrics port's one slot
+            time.sleep(0.2)
+            with socket.create_connection(("127.0.0.1", int(info["metrics_port"]))) as refused:
+                refused.settimeout(10)
+                assert refused.recv(1) == b""  # closed at once, no slot
+        deadline = time.monotonic() + 10
+        while True:  # (a scrape may find the slot still held a moment, be refused too and count: busy >= 1)
+            try:
+                got = scrape(info["metrics_port"])["seqserve_http_connections_closed_total"]
+                break
+            except (OSError, http.client.HTTPException):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        busy = (("port", "metrics"), ("reason", "busy"))
+        assert got[busy] >= 1 and {k: v for k, v in got.items() if k != busy} == {k: 0.0 for k in want if k != busy}
+    finally:
+        stop_server(proc)
