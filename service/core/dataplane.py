@@ -24,12 +24,13 @@ from service.core.aio import cancel_and_wait
 from service.core.context import check_admin, note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.responses import CLASSIFY, PREDICT, ResponseCache, kept_forecast, kept_sentiment
+from service.core.runtime import SHRINK_IDLE_SECONDS
 from service.core.sequences import V2Inference
 from service.core.sessions import SessionManager, SessionState, SessionStore, open_store, store_label, unknown_session
 from service.core.sessions.export import seal
 from service.core.shm import Regions
 from service.core.stats import CountedRequest
-from service.core.tasks import load_plugins
+from service.core.tasks import load_plugins, task_class
 from service.core.tasks.base import Classifier, Forecaster, Generator, bytes_tensor, needs
 from service.core.traces import Tracer
 from service.core.types import (
@@ -92,6 +93,7 @@ class CoreDataPlane:
             metrics.export_triton(lambda: _snapshots(self.registry.versions()), self.responses.enabled)
         self.store_ok = True  # the session store answered the last check (health of the Sessions service)
         self._store_watch: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self._store_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._log_listeners: list[Callable[[LogSettings], Awaitable[None]]] = []
         self.regions = Regions(settings.shared_memory == "system")
@@ -108,6 +110,7 @@ class CoreDataPlane:
         self.metrics.session_store_info(store_label(self.settings.session_store))
         await self._check_store()
         self._store_watch = asyncio.create_task(self._watch_store(), name="store-watch")
+        self._trimmer = asyncio.create_task(self._trim_arenas(), name="arena-trim")
         self._started = True
 
     def on_store_change(self, listener: Callable[[bool], Awaitable[None]]) -> None:
@@ -135,6 +138,21 @@ class CoreDataPlane:
             except Exception:  # the watch must survive anything
                 log.exception("session store check failed")
 
+    async def _trim_arenas(self) -> None:
+        """Hands back a large run's arena growth in versions no run has come to since (``Runtime.trim_due``): a
+        one-row warm-up run, in a worker thread, runs with arena shrinkage on."""
+        while True:
+            await asyncio.sleep(SHRINK_IDLE_SECONDS)
+            for entry in self.registry.versions():
+                try:
+                    if entry.state != "READY" or not entry.runtime.trim_due:
+                        continue
+                    feeds = task_class(entry.manifest.task).warmup_input(entry.manifest, 1)
+                    if feeds is not None:
+                        await asyncio.to_thread(entry.runtime.run, feeds, 1)
+                except Exception:  # the trim must survive anything (a version unloading meanwhile)
+                    log.exception("%s: handing back ONNX Runtime's memory failed", entry.label)
+
     async def _watch(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -145,7 +163,7 @@ class CoreDataPlane:
 
     async def stop(self) -> None:
         self._started = False
-        for task in (self._watcher, self._store_watch):
+        for task in (self._watcher, self._store_watch, self._trimmer):
             await cancel_and_wait(task)
         await self.sessions.stop()
         await self.registry.stop()

@@ -148,17 +148,23 @@ class Runtime:
         outputs = self.session.run(self.output_names, feeds, self._arena_options(feeds))
         return dict(zip(self.output_names, outputs, strict=True))
 
+    @property
+    def trim_due(self) -> bool:
+        """A large run's arena growth is waiting to be handed back (no run has come since to do it)."""
+        return self._grown_at is not None and time.monotonic() - self._grown_at >= SHRINK_IDLE_SECONDS
+
     def _arena_options(self, feeds: dict[str, Array]) -> Any:
         """A large run grows ONNX Runtime's memory arena to its peak, which the arena keeps for good (one 256-text
         x 128-word Classify: +380 MiB per sentiment version). The first run ``SHRINK_IDLE_SECONDS`` after the last
-        large one hands that growth back (freeing it costs that run ~25 ms, once); large runs in a row keep it
-        (shrinking after each cost them 30-55%: their pages faulted in again)."""
+        large one hands that growth back (freeing it costs that run ~25 ms, once), or the data plane's trim when
+        no run comes (``trim_due``); large runs in a row keep it (shrinking after each cost them 30-55%: their
+        pages faulted in again)."""
         now = time.monotonic()
+        if self._grown_at is not None and now - self._grown_at >= SHRINK_IDLE_SECONDS:
+            self._grown_at = None  # (this run's own growth, large or not, goes with it)
+            return self._shrink
         if sum(v.size for k, v in feeds.items() if k not in self._state_inputs) >= SHRINK_AFTER_ELEMENTS:
             self._grown_at = now
-        elif self._grown_at is not None and now - self._grown_at >= SHRINK_IDLE_SECONDS:
-            self._grown_at = None
-            return self._shrink
         return None
 
 

@@ -643,5 +643,34 @@ def test_a_large_runs_arena_growth_is_handed_back_once_large_runs_stop(
     step(64, 128, wait=1)
     step(1, 3, wait=rt.SHRINK_IDLE_SECONDS)  # quiet since: handed back, once
     step(1, 3, wait=rt.SHRINK_IDLE_SECONDS)
+    step(64, 128, wait=1)
+    step(64, 128, wait=rt.SHRINK_IDLE_SECONDS)  # a large run after a quiet spell hands back too (its own growth)
     assert r._shrink.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
-    assert [o is r._shrink for o in passed] == [False, False, False, False, True, False]
+    assert [o is r._shrink for o in passed] == [False, False, False, False, True, False, False, True]
+    assert not r.trim_due
+
+
+async def test_a_version_no_run_comes_to_is_trimmed_by_the_data_plane(
+    make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version sent one large request and nothing since kept the growth: the data plane's trim runs its one-row
+    warm-up with arena shrinkage on."""
+    import time
+
+    monkeypatch.setattr("service.core.dataplane.SHRINK_IDLE_SECONDS", 0.05)
+    dp = await make_dp()
+    r = dp.registry.resolve(ModelRef("sentiment")).runtime
+    passed: list[object] = []
+    run = r.session.run
+
+    def spy(names: list[str], feeds: dict[str, Any], options: object = None) -> Any:
+        passed.append(options)
+        return run(names, feeds, options)
+
+    monkeypatch.setattr(r.session, "run", spy)
+    r._grown_at = time.monotonic() - 100  # as after a large run long ago
+    for _ in range(100):
+        if passed:
+            break
+        await asyncio.sleep(0.05)
+    assert passed and passed[0] is r._shrink and not r.trim_due
