@@ -97,7 +97,9 @@ def parse_frequency(text: str) -> dt.timedelta | int:
     """``15min`` -> timedelta(minutes=15); ``MS`` / ``3MS`` -> 1 / 3 calendar months."""
     m = _FREQ.match(text.strip())
     if not m or (m.group(1) and int(m.group(1)) < 1):
-        raise TableError(f"--freq: {text!r} is not a frequency; use e.g. 15min, 1h, 1D, MS (calendar months) or auto")
+        raise TableError(
+            f"--freq: {text!r} is not a frequency; use e.g. 15min, 1h, 1D, MS (calendar months), auto or irregular"
+        )
     n, unit = int(m.group(1) or 1), m.group(2)
     if unit == "MS":
         return n
@@ -114,9 +116,13 @@ def _expected(steps: list[dt.timedelta | int], frequency: str | None) -> dt.time
     return parse_frequency(frequency) if frequency not in (None, "auto") else Counter(steps).most_common(1)[0][0]
 
 
+IRREGULAR = "irregular"  # --freq: timestamps that increase by steps of any size (business days, event times)
+
+
 def check_times(path: Path, times: list[dt.datetime], texts: list[str], frequency: str | None) -> str | None:
     """Timestamps must increase by one constant step (given, or the most common one): no duplicates, no
-    disorder, no gaps. Returns the step's name."""
+    disorder, no gaps. Returns the step's name. ``frequency`` ``irregular``: increasing is enough (data with
+    weekend gaps could not be read at all)."""
     first: dict[dt.datetime, int] = {}
     for i, t in enumerate(times):
         if t in first:
@@ -127,6 +133,8 @@ def check_times(path: Path, times: list[dt.datetime], texts: list[str], frequenc
                 f"{path}: line {i + 2}: timestamp {texts[i]} is earlier than the one before it ({texts[i - 1]}); "
                 "sort the rows by time"
             )
+    if frequency == IRREGULAR:
+        return IRREGULAR
     if len(times) < 2:
         return None
     steps = [_step(a, b) for a, b in itertools.pairwise(times)]

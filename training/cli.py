@@ -121,7 +121,11 @@ def _train_parser(sub: argparse._SubParsersAction[Parser], task: str, help_: str
             "--targets", type=names, help="comma-separated columns to forecast (default: all; the rest are covariates)"
         )
         p.add_argument("--split", help="TRAIN,VAL,TEST as fractions (0.7,0.1,0.2, the default) or row counts")
-        p.add_argument("--freq", help="row interval the timestamps must follow: auto (default), 15min, 1h, 1D, MS")
+        p.add_argument(
+            "--freq",
+            help="row interval the timestamps must follow: auto (default), 15min, 1h, 1D, MS; irregular: any "
+            "increasing steps (business days, event times; seasonal scores are then left out)",
+        )
         p.add_argument("--window", type=count(1), default=96, help="history rows per forecast (L)")
         p.add_argument("--horizon", type=count(1), default=96, help="rows forecast (H)")
         p.add_argument("--segment", type=count(1), default=12, help="rows per recurrent step (divides --window)")

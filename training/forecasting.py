@@ -16,6 +16,7 @@ import numpy.typing as npt
 import torch
 
 from service.core.manifest import MANIFEST_FILE, ForecastSpec, Manifest, Metric, Normalization
+from service.tables import IRREGULAR
 from training.calibrate import (
     SCALE_KINDS,
     IntervalChoice,
@@ -153,8 +154,9 @@ def train_forecast(job: Job) -> None:
     covariates = [c for c in s.columns if c not in s.targets]
     write_model(
         net, cfg, job.out, name=job.name, version=job.version,
-        description=f"{s.path.name}: forecasts {', '.join(s.targets)} ({cfg.horizon} rows ahead, every "
-        f"{s.frequency or 'row'}) from the last {cfg.window} rows"
+        description=f"{s.path.name}: forecasts {', '.join(s.targets)} ({cfg.horizon} rows ahead, "
+        + ("at irregular steps" if s.frequency == IRREGULAR else f"every {s.frequency or 'row'}")
+        + f") from the last {cfg.window} rows"
         + (f" of {len(s.columns)} columns (covariates: {', '.join(covariates)})" if covariates else "")
         + "; channel-independent segment RNN, conformal p10/p50/p90 from the validation split.",
         normalization=norm, forecast=spec,

@@ -132,7 +132,9 @@ def load_series(
     try:
         table = read_table(path, time_column=time_column, columns=columns, frequency=frequency)
     except TableError as e:
-        raise DataError(str(e)) from None
+        uneven = "the rows step by" in str(e)  # (a gap or an irregular step)
+        hint = "; or, where the rows step unevenly by nature (business days), pass --freq irregular" if uneven else ""
+        raise DataError(f"{e}{hint}") from None
     targets = list(targets or table.columns)
     unknown = [t for t in targets if t not in table.columns]
     if unknown:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -383,6 +384,33 @@ def test_training_never_writes_into_a_folder_that_holds_a_model(
     err = capsys.readouterr().err
     assert err.startswith(f"seqserve-train: error: {out}: already exists and is not empty") and err.count("\n") == 1
     assert (out / "model.onnx").read_bytes() == b"a model already served" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_business_days_train_with_freq_irregular(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Daily rows without weekends could not be read at all ("gap of 3 days ..., the rows step by 1D"), and no
+    option let them through. --freq irregular keeps the checks for duplicates and order, not the constant step."""
+    data = write_csv(tmp_path / "hourly.csv")
+    lines = data.read_text().splitlines()
+    days = [dt.date(2021, 1, 4) + dt.timedelta(days=i) for i in range(700)]
+    weekdays = [d for d in days if d.weekday() < 5][: len(lines) - 1]
+    rows = [f"{d},{row.split(',', 1)[1]}" for d, row in zip(weekdays, lines[1:], strict=True)]
+    data.write_text("\n".join([lines[0], *rows]) + "\n")
+    out = tmp_path / "bd" / "1"
+    args = ["forecast", "--data", str(data), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    args += [*TINY_FORECAST, "--epochs", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "line 7: gap of 3D between 2021-01-08 and 2021-01-11; the rows step by 1D (fill or interpolate" in err
+    assert err.endswith("; or, where the rows step unevenly by nature (business days), pass --freq irregular\n")
+    assert main([*args, "--freq", "irregular"]) == 0
+    m = Manifest.load(out / MANIFEST_FILE)
+    assert m.forecast is not None and m.forecast.frequency == "irregular" and "at irregular steps" in m.description
+    ev = _evaluate(capsys, out, data)  # the data re-read as the manifest records it
+    assert np.isfinite(ev["test_mse"]) and "test_mase" not in ev  # no season at irregular steps
+    data.write_text(data.read_text().replace(str(weekdays[5]), str(weekdays[3]), 1))  # a duplicate still fails
+    assert main([*args, "--freq", "irregular", "--out", str(tmp_path / "bd" / "2")]) == 2
+    assert "duplicate timestamp" in capsys.readouterr().err
 
 
 def test_seasonal_scores_left_out_where_undefined_and_the_model_still_loads(
