@@ -346,6 +346,15 @@ def stamp(model_dir: Path) -> ModelCard:
     return card
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m training.cards", description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="+", type=Path, metavar="models/NAME/N", help="model folders to stamp")
+    for folder in ap.parse_args(argv).folders:
+        print(f"{folder}: {stamp(folder).intended_use[:60]}...")
+    return 0
+
+
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(f"{arg}: {stamp(Path(arg)).intended_use[:60]}...")
+    sys.exit(main())

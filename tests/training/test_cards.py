@@ -161,3 +161,12 @@ def test_every_listed_card_names_the_public_data_set_it_describes() -> None:
     card must name exactly one, or no training run could ever get it."""
     for key, card in CARDS.items():
         assert sum(name in card.data for name in set(PUBLIC_DATA.values())) == 1, key
+
+
+def test_the_stamping_command_has_a_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m training.cards --help`` read "--help" as a model folder (FileNotFoundError)."""
+    from training.cards import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "models/NAME/N" in capsys.readouterr().out
