@@ -72,6 +72,15 @@ def _next_iteration() -> None:
     """The no-op a queue-skipping run leaves on the loop (``Batcher.submit``)."""
 
 
+def _detached(exc: BaseException) -> BaseException:
+    """A run's exception as its callers get it: without the traceback of the flush task's frames (logged here
+    already). The callers' edge clears the frames of a failed call's traceback (``traceback.clear_frames``, to free
+    a large request at once), and clearing a frame of a coroutine that is still suspended closes it: the flush
+    task's own frames were in that traceback, so one failed batch closed the flush task ("cannot reuse already
+    awaited coroutine") and every later request of the model waited forever."""
+    return exc.with_traceback(None)
+
+
 @dataclass
 class StepInput:
     """One request's rows. ``inputs``: model inputs with batch axis 0 (``rows`` long). ``states``: by graph
@@ -413,6 +422,8 @@ class Batcher:
                     self._running = 1
                     try:
                         await self._run(batch)
+                    except Exception as exc:  # (never expected: a failure here left every later request waiting)
+                        self._broken(batch, exc)
                     finally:
                         self._running = 0
                     continue
@@ -425,9 +436,19 @@ class Batcher:
                     self._slot.clear()
                     await self._slot.wait()
 
+    def _broken(self, batch: list[_Pending], exc: Exception) -> None:
+        """A failure in the batcher's own handling of a batch (not a run's, which its requests get): logged, and
+        every request of the batch still waiting gets it, so none waits forever and the queue goes on."""
+        log.exception("model %s version %d: handling a batch of %d failed", self.name, self.version, len(batch))
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(_detached(exc))
+
     async def _run_instance(self, batch: list[_Pending]) -> None:
         try:
             await self._run(batch)
+        except Exception as exc:
+            self._broken(batch, exc)
         finally:
             self._running -= 1
             self._runs.pop(cast(asyncio.Task[None], asyncio.current_task()), None)
@@ -448,15 +469,20 @@ class Batcher:
             self._fail(batch, "stopped")
             raise
         except Exception as exc:
-            if len(batch) > 1:
-                log.warning(
-                    "batch of %d requests failed on model %s version %d (%s: %s); running each alone",
-                    len(batch), self.name, self.version, type(exc).__name__, exc,
-                )  # fmt: skip
-                await self._run_each(batch)
+            if len(batch) == 1:
+                log.exception("request failed on model %s version %d", self.name, self.version)
+                if not batch[0].future.done():  # (cancelled meanwhile: set_exception would raise)
+                    batch[0].future.set_exception(_detached(exc))
                 return
-            log.exception("request failed on model %s version %d", self.name, self.version)
-            batch[0].future.set_exception(exc)
+            log.warning(
+                "batch of %d requests failed on model %s version %d (%s: %s); running each alone",
+                len(batch), self.name, self.version, type(exc).__name__, exc,
+            )  # fmt: skip
+            failed = True
+        else:
+            failed = False
+        if failed:
+            await self._run_each(batch)
             return
         for group, times in runs:  # one execution per ORT run
             waited = sum(started - batch[i].enqueued for i in group)
@@ -480,11 +506,13 @@ class Batcher:
                 raise
             except Exception as exc:
                 log.exception("request failed alone on model %s version %d", self.name, self.version)
-                p.future.set_exception(exc)
+                if not p.future.done():  # (its caller may have gone while it ran: set_exception would raise)
+                    p.future.set_exception(_detached(exc))
                 continue
             for _, times in runs:
                 self._record(1, p.item.rows, started - p.enqueued, started, times)
-            p.future.set_result(results[0])
+            if not p.future.done():
+                p.future.set_result(results[0])
 
     @staticmethod
     def _tokens(items: list[StepInput]) -> int:

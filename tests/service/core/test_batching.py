@@ -550,3 +550,31 @@ async def test_model_config_reports_the_instances(make_dp: MakeDP) -> None:
         dp = await make_dp(model_instances=instances)
         config = config_to_pb(await dp.model_metadata(SENT), dp.settings)
         assert [(g.count, g.name) for g in config.instance_group] == [(instances, "sentiment")]
+
+
+async def test_a_failed_batch_whose_callers_clear_their_tracebacks_leaves_the_queue_working(
+    make_dp: MakeDP,
+) -> None:
+    """The gRPC edge clears the frames of a failed call's traceback (``traceback.clear_frames``, to free a large
+    request at once). The callers got the run's own exception, whose traceback held the flush task's frames:
+    clearing a suspended coroutine's frame closes it, so one failed batch closed the flush task ("cannot reuse
+    already awaited coroutine") and every later request of the model waited forever, while it stayed ready."""
+    import traceback
+
+    dp = await make_dp(max_batch_size=3, max_batch_delay_ms=60_000)
+    batcher = dp.registry.resolve(LM).batcher
+    good = StepInput(inputs={"input_ids": np.array([[1, 2]], dtype=np.int64)}, rows=1, key=2)
+    bad = StepInput(inputs={"input_ids": np.array([[1.5, 2.5]], dtype=np.float32)}, rows=1, key=2)  # wrong dtype
+
+    async def as_the_edge(item: StepInput) -> object:
+        try:
+            return await batcher.submit(item)
+        except Exception as exc:
+            traceback.clear_frames(exc.__traceback__)
+            return exc
+
+    for _ in range(3):  # a batch of 3 fails, each runs alone; the culprit's caller clears its traceback
+        results = await asyncio.wait_for(asyncio.gather(*(as_the_edge(x) for x in (good, bad, good))), 30)
+        assert [isinstance(r, StepOutput) for r in results] == [True, False, True]
+    outs = await asyncio.wait_for(asyncio.gather(*(batcher.submit(good) for _ in range(3))), 30)
+    assert [o.outputs["logits"].shape for o in outs] == [(1, 2, 96)] * 3
