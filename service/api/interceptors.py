@@ -304,7 +304,7 @@ class Edge:
             await context.abort_with_status(status)
         elif isinstance(exc, grpc.aio.AbortError):
             raise exc  # the servicer already chose a status
-        elif isinstance(exc, NotImplementedError):  # a generated servicer base for a method this server lacks
+        elif isinstance(exc, NotImplementedError) and _from_generated_base(exc):  # a method this server lacks
             if self.budget.allow():
                 log.info("%s -> UNIMPLEMENTED (request id %s)", method, request_id, extra={"code": "UNIMPLEMENTED"})
             status = rich_status(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server",
@@ -556,3 +556,12 @@ class _UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         return grpc.stream_stream_rpc_method_handler(functools.partial(_no_such_method, details.method))
+
+
+def _from_generated_base(exc: BaseException) -> bool:
+    """Whether ``exc`` came from a generated servicer base (``*_pb2_grpc.py``: a method this server lacks), not
+    from code that raised NotImplementedError for a reason of its own (a plugin's task: INTERNAL, logged)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("_pb2_grpc.py")

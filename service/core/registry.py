@@ -240,6 +240,12 @@ class ModelEntry:
                     "the directory names are authoritative, fix one of them"
                 )
             cls = task_class(manifest.task)
+            missing = [m for m in ("contract", "infer") if getattr(cls, m) is getattr(Task, m)]
+            if missing:  # (a plugin's task: every call failed, as "not implemented by this server")
+                raise ValueError(
+                    f"task {manifest.task!r} ({cls.__module__}.{cls.__qualname__}) does not define "
+                    f"{' or '.join(f'{m}()' for m in missing)}: a task class must (docs/architecture.md)"
+                )
             cls.check(manifest)
             self.sha256 = sha256_file(model_path)
             if self.sha256 != manifest.sha256:
@@ -255,12 +261,27 @@ class ModelEntry:
             self.error = _within_repository(str(exc), settings.models)
         except Exception as exc:  # a schema-valid but odd manifest can trip a task's or plugin's check anywhere
             log.exception("model %s: unexpected error while loading", self.label)
+            plugin = self._plugin_task()
+            advice = (
+                f"a fault in the code of task {self.loaded_manifest.task!r} ({plugin}), not in the export"
+                if plugin and self.loaded_manifest is not None
+                else "re-export it with this version of seqserve-train"
+            )
             self.error = _within_repository(
-                f"its manifest or graph could not be checked ({type(exc).__name__}: {exc}); re-export it with this "
-                "version of seqserve-train",
+                f"its manifest or graph could not be checked ({type(exc).__name__}: {exc}); {advice}",
                 settings.models,
             )
         self.load_seconds = time.perf_counter() - t0
+
+    def _plugin_task(self) -> str | None:
+        """The module of this version's task when a plugin registered it (not seqserve's own), else None."""
+        if self.loaded_manifest is None:
+            return None
+        try:
+            module = task_class(self.loaded_manifest.task).__module__
+        except Exception:  # (an unknown task: said by its own error)
+            return None
+        return None if module.startswith("service.") else module
 
     def start(self, settings: Settings, metrics: Metrics, prefixes: PrefixCache | None = None) -> None:
         """On the event loop, after ``load_files`` succeeded: the batcher and the task instance."""

@@ -128,11 +128,11 @@ class Task:
 
     # --- v2 inference ---------------------------------------------------------------------------------
     def contract(self) -> TensorContract:
-        raise NotImplementedError
+        raise TypeError(f"task {self.name!r} ({type(self).__qualname__}) does not define contract()")
 
     async def infer(self, inputs: dict[str, Tensor], session: SessionState | None) -> TaskResult:
         """Runs one checked request; with ``session``, advances it in place (the caller saves it)."""
-        raise NotImplementedError
+        raise TypeError(f"task {self.name!r} ({type(self).__qualname__}) does not define infer()")
 
     # --- sessions -----------------------------------------------------------------------------------------
     def session_nbytes(self) -> int:

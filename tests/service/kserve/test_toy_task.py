@@ -80,3 +80,66 @@ def test_a_plugin_task_is_served_over_kserve_v2(toy_stub: tuple[pb_grpc.GRPCInfe
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not in the model's vocabulary" in str(
         e.value.details()
     )
+
+
+BROKEN_TASKS = """
+from service.core.tasks import register_task
+from tests.toy_task import TaggerTask
+
+
+@register_task
+class NoInfer(TaggerTask):
+    name = "toy-no-infer"
+    infer = TaggerTask.__mro__[1].infer  # the base's: not defined by this task
+
+
+@register_task
+class CheckCrashes(TaggerTask):
+    name = "toy-check-crashes"
+
+    @classmethod
+    def check(cls, manifest):
+        return {}["foo"]
+
+
+@register_task
+class NotImplementedInside(TaggerTask):
+    name = "toy-not-implemented"
+
+    async def infer(self, inputs, session):
+        raise NotImplementedError("a plugin's own TODO")
+"""
+
+
+def test_a_plugin_task_that_is_incomplete_or_broken_is_named_as_such(
+    tmp_path: Path, start_server: Callable[..., ServerHandle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task class without infer() loaded and answered every call UNIMPLEMENTED ("not implemented by this server",
+    no traceback); a plugin's own NotImplementedError did too; a plugin's check() that crashed was blamed on the
+    export ("re-export it")."""
+    import json
+    import sys
+
+    (tmp_path / "broken_tasks.py").write_text(BROKEN_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, task in (("noinfer", "toy-no-infer"), ("crashes", "toy-check-crashes"), ("todo", "toy-not-implemented")):
+        manifest = export_toy(tmp_path / "models", name=name) / "manifest.json"
+        raw = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({**raw, "task": task}))
+    handle = start_server(models=tmp_path / "models", plugins=["tests.toy_task", "broken_tasks"])
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30).models}
+        assert index["noinfer"].state == "UNAVAILABLE" and index["noinfer"].reason.startswith(
+            "task 'toy-no-infer' (broken_tasks.NoInfer) does not define infer(): a task class must"
+        )
+        assert index["crashes"].reason.endswith(
+            "could not be checked (KeyError: 'foo'); a fault in the code of task 'toy-check-crashes' (broken_tasks), "
+            "not in the export"
+        )
+        request = pb.ModelInferRequest(model_name="todo", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])])
+        request.raw_input_contents.append(serialize_bytes([b"ab"]))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INTERNAL  # the plugin's bug, logged with its traceback
+    sys.modules.pop("broken_tasks", None)
