@@ -20,6 +20,11 @@ def load_plugins(modules: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             raise ValueError(f"plugin module {name!r} could not be imported: {exc}") from exc
+        except Exception as exc:  # (a SyntaxError printed a traceback; an error raised at import named no module)
+            where = f" ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
+            raise ValueError(
+                f"plugin module {name!r} failed while it was imported: {type(exc).__name__}: {exc}{where}"
+            ) from exc
 
 
 BUILTIN = (charlm.CharLMTask, forecast.ForecastTask, sentiment.SentimentTask)

@@ -143,3 +143,21 @@ def test_a_plugin_task_that_is_incomplete_or_broken_is_named_as_such(
             stub.ModelInfer(request, timeout=30)
         assert info.value.code() == grpc.StatusCode.INTERNAL  # the plugin's bug, logged with its traceback
     sys.modules.pop("broken_tasks", None)
+
+
+def test_a_plugin_that_fails_at_import_is_named_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A syntax error printed a whole traceback at start; an error raised at import said only "plugin raised at
+    import", naming no module. Both now say which module and what (the server then exits 1 with that line)."""
+    from service.core.tasks import load_plugins
+
+    (tmp_path / "plugin_syntax.py").write_text("def broken(:\n")
+    (tmp_path / "plugin_raises.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        load_plugins(["plugin_raises"])
+    assert str(info.value) == ("plugin module 'plugin_raises' failed while it was imported: RuntimeError: no GPU here")
+    with pytest.raises(ValueError) as info:
+        load_plugins(["plugin_syntax"])
+    message = str(info.value)
+    assert message.startswith("plugin module 'plugin_syntax' failed while it was imported: SyntaxError: ")
+    assert message.endswith(f"({tmp_path / 'plugin_syntax.py'}, line 1)") and "\n" not in message
