@@ -129,6 +129,12 @@ class V2Inference:
         blob: bytes | None,
     ) -> InferResult:
         """The answer: the wanted outputs, those named in ``classes`` as their top classes."""
+        missing = [n for n in wanted if n not in result.outputs]
+        if missing:  # (a plugin task's bug: a bare KeyError in the log before)
+            raise RuntimeError(
+                f"task {entry.task.name!r} of model {entry.label} returned no output {', '.join(missing)} (it "
+                f"returned {sorted(result.outputs)}; its contract declares {self._contract(entry).output_names})"
+            )
         tensors = [result.outputs[n] for n in wanted]
         if classes:
             defs = self._contract(entry).outputs_by_name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -161,3 +162,38 @@ def test_a_plugin_that_fails_at_import_is_named_in_one_line(tmp_path: Path, monk
     message = str(info.value)
     assert message.startswith("plugin module 'plugin_syntax' failed while it was imported: SyntaxError: ")
     assert message.endswith(f"({tmp_path / 'plugin_syntax.py'}, line 1)") and "\n" not in message
+
+
+def test_a_plugin_task_that_returns_no_declared_output_is_named_in_the_log(
+    tmp_path: Path, start_server: Callable[..., ServerHandle], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bare KeyError: 'SCORES' in the log before; the caller still gets INTERNAL (the task's bug, not theirs)."""
+    from service.core.tasks.base import TASKS
+    from tests.toy_task import TaggerTask
+
+    class Forgetful(TaggerTask):
+        name = "toy-forgetful"
+
+        async def infer(self, inputs: dict[str, Any], session: Any) -> Any:
+            result = await super().infer(inputs, session)
+            result.outputs.pop("SCORES")
+            return result
+
+    TASKS[Forgetful.name] = Forgetful
+    try:
+        manifest = export_toy(tmp_path / "models", name="forgetful") / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"toy-tagger"', '"toy-forgetful"'))
+        handle = start_server(models=tmp_path / "models", plugins=["tests.toy_task"])
+        with grpc.insecure_channel(handle.target) as channel, caplog.at_level("ERROR"):
+            request = pb.ModelInferRequest(
+                model_name="forgetful", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])]
+            )
+            request.raw_input_contents.append(serialize_bytes([b"ab"]))
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert (
+            "task 'toy-forgetful' of model forgetful/1 returned no output SCORES (it returned ['TAGS']" in caplog.text
+        )
+    finally:
+        TASKS.pop(Forgetful.name, None)
