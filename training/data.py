@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from service.core.manifest import Tokenizer
+from service.core.manifest import Tokenizer, sha256_file
 from service.core.tokenizers import Encoder, split_words
 
 PAD, UNK = "<pad>", "<unk>"
@@ -66,7 +66,7 @@ def data_sha256(path: Path) -> str:
     if path.is_dir():
         return hashlib.sha256("\n".join(data_sha256(path / f) for f in ("train.tsv", "dev.tsv")).encode()).hexdigest()
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
 
@@ -76,10 +76,11 @@ def public_data(path: Path) -> str | None:
     dev.tsv are both the published ones), else None: the user's own data."""
     try:
         if path.is_dir():
-            train, dev = (hashlib.sha256((path / f).read_bytes()).hexdigest() for f in ("train.tsv", "dev.tsv"))
-            return PUBLIC_DATA.get(train) if dev == SST2_DEV else None
-        return PUBLIC_DATA.get(hashlib.sha256(path.read_bytes()).hexdigest())
-    except OSError:
+            if data_sha256(path / "dev.tsv") != SST2_DEV:
+                return None
+            path = path / "train.tsv"
+        return PUBLIC_DATA.get(data_sha256(path))
+    except DataError:
         return None
 
 

@@ -469,20 +469,16 @@ class Batcher:
             self._fail(batch, "stopped")
             raise
         except Exception as exc:
-            if len(batch) == 1:
-                log.exception("request failed on model %s version %d", self.name, self.version)
-                if not batch[0].future.done():  # (cancelled meanwhile: set_exception would raise)
-                    batch[0].future.set_exception(_detached(exc))
+            if len(batch) > 1:
+                log.warning(
+                    "batch of %d requests failed on model %s version %d (%s: %s); running each alone",
+                    len(batch), self.name, self.version, type(exc).__name__, exc,
+                )  # fmt: skip
+                await self._run_each(batch)
                 return
-            log.warning(
-                "batch of %d requests failed on model %s version %d (%s: %s); running each alone",
-                len(batch), self.name, self.version, type(exc).__name__, exc,
-            )  # fmt: skip
-            failed = True
-        else:
-            failed = False
-        if failed:
-            await self._run_each(batch)
+            log.exception("request failed on model %s version %d", self.name, self.version)
+            if not batch[0].future.done():  # (cancelled meanwhile: set_exception would raise)
+                batch[0].future.set_exception(_detached(exc))
             return
         for group, times in runs:  # one execution per ORT run
             waited = sum(started - batch[i].enqueued for i in group)

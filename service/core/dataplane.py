@@ -264,7 +264,7 @@ class CoreDataPlane:
             return logs.current()
         self._check_admin("change the log settings")
         now = logs.update(changes)  # (checks every change first)
-        logs.audit.warning("log settings changed by %s: %s", principal() or "the anonymous principal",
+        logs.audit.warning("log settings changed by %s: %s", _who(),
                            ", ".join(f"{k}={now[k]}" for k in sorted(changes)))  # fmt: skip
         for listener in self._log_listeners:
             await listener(now)
@@ -283,7 +283,7 @@ class CoreDataPlane:
         self._check_admin("change the trace settings")
         now = self.tracer.update(model, changes)
         logs.audit.warning("trace settings of %s changed by %s: %s", model or "the server",
-                           principal() or "the anonymous principal",
+                           _who(),
                            ", ".join(f"{k}={','.join(now[k])}" for k in sorted(changes)))  # fmt: skip
         return now
 
@@ -294,7 +294,7 @@ class CoreDataPlane:
         self.regions.check_on()  # off: UNIMPLEMENTED saying how to turn it on, before anything else
         self._check_regions("register shared-memory regions")
         self.regions.register(region)
-        who = principal() or "the anonymous principal"
+        who = _who()
         logs.audit.warning("shared-memory region %r (key %r, offset %d, %d bytes) registered by %s", region.name,
                            region.key, region.offset, region.byte_size, who)  # fmt: skip
         await self._regions_changed()

@@ -159,12 +159,11 @@ class Runtime:
         large one hands that growth back (freeing it costs that run ~25 ms, once), or the data plane's trim when
         no run comes (``trim_due``); large runs in a row keep it (shrinking after each cost them 30-55%: their
         pages faulted in again)."""
-        now = time.monotonic()
-        if self._grown_at is not None and now - self._grown_at >= SHRINK_IDLE_SECONDS:
+        if self.trim_due:
             self._grown_at = None  # (this run's own growth, large or not, goes with it)
             return self._shrink
         if sum(v.size for k, v in feeds.items() if k not in self._state_inputs) >= SHRINK_AFTER_ELEMENTS:
-            self._grown_at = now
+            self._grown_at = time.monotonic()
         return None
 
 

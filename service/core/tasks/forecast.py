@@ -259,10 +259,10 @@ class ForecastTask(Task):
     ) -> ForecastResult:
         return await self._observe(session, rows, "rows", columns)
 
-    def by_name(self, x: npt.NDArray[Any], field: str, columns: Sequence[str]) -> npt.NDArray[Any]:
-        """The model's columns of ``x`` (rows, len(columns)), in the model's order, found by name in ``columns``;
-        the others dropped. INVALID_ARGUMENT for a width that is not the names' count, a repeated name, or a
-        model column that is not there, naming the field that named them as the caller spelled it (the API's
+    def column_order(self, x: npt.NDArray[Any], field: str, columns: Sequence[str]) -> list[int]:
+        """Where the model's columns are in ``x`` (rows, len(columns)), in the model's order, found by name in
+        ``columns`` (the others are dropped). INVALID_ARGUMENT for a width that is not the names' count, a repeated
+        name, or a model column that is not there, naming the field that named them as the caller spelled it (the API's
         ``columns``, KServe's input ``COLUMNS``)."""
         names, named_by = list(columns), _COLUMNS_FIELD.get(field, "columns")
         if x.shape[1] != len(names):
@@ -277,7 +277,7 @@ class ForecastTask(Task):
                 f"{named_by} lacks {', '.join(map(repr, missing))}: model {self.model.label} reads {self.columns} "
                 "(other columns are ignored)"
             )
-        return x[:, [names.index(c) for c in self.columns]]
+        return [names.index(c) for c in self.columns]
 
     def check_rows(
         self, rows: npt.NDArray[np.floating] | FloatArray, field: str, columns: Sequence[str] | None = None
@@ -289,8 +289,8 @@ class ForecastTask(Task):
             raise InvalidInput(f"{field} must be 2-D (rows, features); got shape {list(x.shape)}")
         sent = list(range(x.shape[1]))  # the caller's index of each column checked below (the model's order)
         if columns:
-            x = self.by_name(x, field, columns)
-            sent = [list(columns).index(c) for c in self.columns]
+            sent = self.column_order(x, field, columns)
+            x = x[:, sent]
         if x.shape[1] != self.spec.features:
             raise InvalidInput(
                 f"{field} has {x.shape[1]} features per row; model {self.model.label} expects {self.spec.features} "
