@@ -72,11 +72,17 @@ class _Health(health_aio.HealthServicer):  # type: ignore[misc]  # (grpcio ships
         try:
             async with condition:
                 while True:
+                    # The drain as it stood before this turn's write: one that began during the write is heard at
+                    # the next turn. (Read after it, the watcher ended without NOT_SERVING: enter_graceful_shutdown
+                    # sets it under this condition's lock, which a watcher holds except in wait().)
+                    draining = self._gracefully_shutting_down
                     status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if draining and request.service in self._server_status:
+                        status = NOT_SERVING  # (what enter_graceful_shutdown sets, perhaps still waiting for the lock)
                     if status != last:
                         await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status
-                    if self._gracefully_shutting_down:
+                    if draining:
                         return
                     await condition.wait()
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue
@@ -341,3 +342,29 @@ def test_a_port_held_by_a_connection_is_named_as_such(host: str) -> None:
         listening = listener.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"cannot bind {host}:{listening}: another process listens there"):
             check_free(host, listening, "--port or SEQSERVE_PORT")
+
+
+async def test_a_watcher_mid_write_when_the_drain_begins_still_hears_not_serving() -> None:
+    """enter_graceful_shutdown sets NOT_SERVING under each watched service's condition, whose lock a watcher holds
+    except while it waits: a watcher still in its first write when the drain began resumed, saw the drain and ended
+    without NOT_SERVING (the status not set yet). Under load the drain test above saw its Watch end empty."""
+    from service.api.server import _Health
+
+    health = _Health()
+    written: list[int] = []
+    gate = asyncio.Event()
+
+    class Context:
+        async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+            written.append(response.status)
+            await gate.wait()  # the first write is still on its way when the drain begins
+
+    watch = asyncio.create_task(health.Watch(health_pb2.HealthCheckRequest(service=""), Context()))
+    while not written:
+        await asyncio.sleep(0)
+    drain = asyncio.create_task(health.enter_graceful_shutdown())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(watch, drain), 10)
+    assert written == [SERVING, NOT_SERVING]
