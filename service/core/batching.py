@@ -56,10 +56,9 @@ from typing import cast
 import numpy as np
 
 from service.core.aio import cancel_and_wait
-from service.core.context import note_run, priority
+from service.core.context import Runs, note_run, priority
 from service.core.runtime import Array, Runtime
 from service.core.stats import StatsBook
-from service.core.traces import Trace
 from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
 from service.metrics import Metrics
 from service.settings import Settings
@@ -94,7 +93,7 @@ class StepInput:
     pad: dict[str, int | float] = field(default_factory=dict)
     admitted: bool = False  # a later step of an admitted stream: never refused for a full queue
     derive: bool = False  # wants the batcher's derived outputs (``Batcher.derive``); a batch computes them only then
-    trace: Trace | None = None  # the request is traced (the trace extension): its runs are stamped
+    runs: Runs | None = None  # the request's counter (statistics: its runs' times; its trace, stamped per run)
 
 
 @dataclass
@@ -274,9 +273,9 @@ class Batcher:
                 f"{self.max_queue}; retry with backoff",
                 retry_after=RETRY_SOON,
             )
-        trace = note_run()  # (the request counts once in queue and compute statistics)
+        runs = item.runs = note_run()  # (the request counts once in queue and compute statistics)
+        trace = runs.trace if runs is not None else None
         if trace is not None:
-            item.trace = trace
             trace.stamp("QUEUE_START")
             if trace.tensors:
                 trace.tensor("TENSOR_QUEUE_INPUT", {**item.inputs, **(item.states or {})})
@@ -351,7 +350,7 @@ class Batcher:
             raise
         self._infer_seconds[tokens] = times[1] / 1e9
         self._note_rows(item.key, item.rows)
-        self._record(1, item.rows, 0.0, started, times)
+        self._record([item], 0.0, started, times)
         return result
 
     def _note_rows(self, key: Hashable, rows: int) -> None:
@@ -361,10 +360,19 @@ class Batcher:
             recent = self._last_rows[key] = deque(maxlen=RECENT_BATCHES)
         recent.append(rows)
 
-    def _record(self, requests: int, rows: int, waited: float, started: float, times: tuple[int, int, int]) -> None:
-        """Metrics and statistics of one run: ``waited`` = seconds the requests queued, summed over them."""
-        self.metrics.inference(self.name, self.version, waited / requests, time.perf_counter() - started, rows)
-        self.stats.batch(requests, rows, int(waited * 1e9), *times)
+    def _record(self, items: list[StepInput], waited: float, started: float, times: tuple[int, int, int]) -> None:
+        """Metrics and statistics of one run of ``items``: ``waited`` = seconds they queued, summed over them. Each
+        request is charged the run's (input, infer, output) nanoseconds, as Triton charges a batch's requests."""
+        rows = 0
+        for it in items:
+            rows += it.rows
+            runs = it.runs
+            if runs is not None:
+                runs.input_ns += times[0]
+                runs.infer_ns += times[1]
+                runs.output_ns += times[2]
+        self.metrics.inference(self.name, self.version, waited / len(items), time.perf_counter() - started, rows)
+        self.stats.batch(rows, *times)
 
     def _take(self) -> list[_Pending]:
         """The oldest request plus queued ones with the same key, up to ``max_rows`` rows (never splits one)."""
@@ -481,8 +489,14 @@ class Batcher:
                 batch[0].future.set_exception(_detached(exc))
             return
         for group, times in runs:  # one execution per ORT run
-            waited = sum(started - batch[i].enqueued for i in group)
-            self._record(len(group), sum(items[i].rows for i in group), waited, started, times)
+            waited = 0.0
+            for i in group:
+                wait = started - batch[i].enqueued
+                waited += wait
+                counted = items[i].runs
+                if counted is not None:
+                    counted.queue_ns += int(wait * 1e9)
+            self._record([items[i] for i in group], waited, started, times)
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
@@ -505,8 +519,11 @@ class Batcher:
                 if not p.future.done():  # (its caller may have gone while it ran: set_exception would raise)
                     p.future.set_exception(_detached(exc))
                 continue
+            counted = p.item.runs
+            if counted is not None:
+                counted.queue_ns += int((started - p.enqueued) * 1e9)
             for _, times in runs:
-                self._record(1, p.item.rows, started - p.enqueued, started, times)
+                self._record([p.item], started - p.enqueued, started, times)
             if not p.future.done():
                 p.future.set_result(results[0])
 
@@ -549,9 +566,10 @@ class Batcher:
         results = split(outputs, items, self.runtime)
         t3 = time.perf_counter_ns()
         for it, r in zip(items, results, strict=True):
-            if it.trace is not None:
-                it.trace.run((t0, t1, t2, t3))
-                if it.trace.tensors:
+            trace = it.runs.trace if it.runs is not None else None
+            if trace is not None:
+                trace.run((t0, t1, t2, t3))
+                if trace.tensors:
                     states = {self._state_outputs.get(k, k): v for k, v in r.states.items()}
-                    it.trace.tensor("TENSOR_BACKEND_OUTPUT", {**r.outputs, **states})
+                    trace.tensor("TENSOR_BACKEND_OUTPUT", {**r.outputs, **states})
         return results, (t1 - t0, t2 - t1, t3 - t2)

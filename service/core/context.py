@@ -135,13 +135,15 @@ class CommitScope:
 
 # --- model runs of the request being counted -----------------------------------------------------------------
 # A request (``stats.CountedRequest``) counts in queue and compute statistics once if any of its steps went to a
-# batcher: the time of its runs is added there, whatever its outcome. Shared by tasks it spawns. It also carries
-# the request's trace (``traces.Trace``), when it is traced, for the batcher to stamp its runs.
+# batcher, with the time its runs added here, and only when it succeeds (as Triton's statistics: a failed request
+# counts in ``fail`` alone). Shared by tasks it spawns. It also carries the request's trace (``traces.Trace``),
+# when it is traced, for the batcher to stamp its runs.
 class Runs:
-    __slots__ = ("count", "trace")
+    __slots__ = ("count", "infer_ns", "input_ns", "output_ns", "queue_ns", "trace")
 
     def __init__(self, trace: Trace | None = None) -> None:
         self.count = 0
+        self.queue_ns = self.input_ns = self.infer_ns = self.output_ns = 0
         self.trace = trace
 
 
@@ -160,10 +162,10 @@ def end_runs(token: Token[Runs | None]) -> None:
         _RUNS.reset(token)
 
 
-def note_run() -> Trace | None:
-    """A step of the current request was queued for a model run (``Batcher.submit``); returns its trace, if any."""
+def note_run() -> Runs | None:
+    """A step of the current request was queued for a model run (``Batcher.submit``): the request's counter, to
+    which the batcher adds the run's times (None outside a counted request: a warm-up)."""
     runs = _RUNS.get()
-    if runs is None:
-        return None
-    runs.count += 1
-    return runs.trace
+    if runs is not None:
+        runs.count += 1
+    return runs

@@ -3,10 +3,11 @@
 Request level (``inference_stats``): success and fail (count, ns of the whole request), queue (time in the
 batch queue), compute_input (building the batch's feeds), compute_infer (the ONNX Runtime run) and
 compute_output (splitting the results): each request of a batch is charged the batch's compute time, as
-Triton does. Batch level (``batch_stats``): per batch size, how many batches ran and their compute times.
-Queue and compute count each request that ran the model once (failed or cancelled ones too: their runs' time
-is in there), with the durations of all its model runs added up (a generation of 200 characters: one count, 200
-runs' time), so that duration / count, which perf_analyzer prints, is a request's own time, as with Triton.
+Triton does. Batch level (``batch_stats``): per batch size, how many batches ran and their compute times (every
+run, whatever its requests' outcome). Queue and compute count each successful request that ran the model once,
+with the durations of all its model runs added up (a generation of 200 characters: one count, 200 runs' time), so
+that duration / count, which perf_analyzer prints, is a request's own time, as with Triton; a failed or cancelled
+request counts in ``fail`` alone, as Triton's (its runs are in ``batch_stats`` and ``execution_count``).
 ``cache_hit`` / ``cache_miss`` count the response cache's lookups (``RESPONSE_CACHE_BYTES``), as Triton's: a hit's
 time to find the answer, a miss's to look and to keep the new answer; a request answered from the cache counts in
 success and queue (no time), not in compute. They stay empty while the cache is off (perf_analyzer flags them as
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from service.core.context import count_runs, end_runs
+from service.core.context import Runs, count_runs, end_runs
 from service.core.types import BatchStats, Duration, ModelStats
 
 if TYPE_CHECKING:
@@ -61,18 +62,21 @@ class StatsBook:
         self.cache_hit, self.cache_miss = _Acc(), _Acc()
         self._batches: dict[int, _Batch] = {}
 
-    def request(self, ok: bool, ns: int, inferences: int, ran: bool = True) -> None:
-        """One finished request (any API): its outcome, duration, the inferences it counted, and whether any of
-        its steps ran the model (then it counts once in queue and compute, whose time ``batch`` added)."""
+    def request(self, ok: bool, ns: int, inferences: int, runs: Runs | None = None) -> None:
+        """One finished request (any API): its outcome, duration, the inferences it counted, and its model runs
+        (``runs``: the batcher added their times). A successful request that ran the model counts once in queue
+        and compute, with those times; a failed one in ``fail`` alone, as Triton's."""
         with self._lock:
             if ok:
                 self.success.add(ns)
                 self.inference_count += inferences
+                if runs is not None and runs.count:
+                    self.queue.add(runs.queue_ns)
+                    self.compute_input.add(runs.input_ns)
+                    self.compute_infer.add(runs.infer_ns)
+                    self.compute_output.add(runs.output_ns)
             else:
                 self.fail.add(ns)
-            if ran:
-                for acc in (self.queue, self.compute_input, self.compute_infer, self.compute_output):
-                    acc.count += 1
             self.last_inference_ms = int(time.time() * 1000)
 
     def cache(self, hit: bool, ns: int) -> None:
@@ -86,15 +90,11 @@ class StatsBook:
             else:
                 self.cache_miss.add(ns)
 
-    def batch(self, requests: int, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """One model run over ``requests`` requests (``rows`` batch rows); ``queue_ns`` summed over them. Only
-        time here: each request that ran is counted once, when it finishes (``request``)."""
+    def batch(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One model run of ``rows`` batch rows. Its requests' shares of the time are theirs (``Runs``), counted
+        when they finish (``request``)."""
         with self._lock:
             self.execution_count += 1
-            self.queue.ns += queue_ns
-            self.compute_input.ns += input_ns * requests
-            self.compute_infer.ns += infer_ns * requests
-            self.compute_output.ns += output_ns * requests
             b = self._batches.get(rows)
             if b is None:
                 b = self._batches[rows] = _Batch()
@@ -141,7 +141,7 @@ class CountedRequest:
 
     def finish(self, ok: bool) -> None:
         try:
-            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences, self.runs.count > 0)
+            self.entry.stats.request(ok, time.perf_counter_ns() - self.t0, self.inferences, self.runs)
         finally:
             end_runs(self.token)
             self.entry.leave()

@@ -459,21 +459,29 @@ async def test_stop_during_a_threaded_run_fails_its_waiters(make_dp: MakeDP, mon
 
 def test_statistics_charge_each_request_of_a_batch_the_batchs_time() -> None:
     """Triton's accounting (service/core/stats.py): every request of a batch is charged the batch's compute
-    times, queue time is summed over the requests, batch_stats are keyed by the batch's rows and count runs, and
-    requests count in queue/compute once, when they finish, only if they ran."""
+    times (the batcher adds them to its ``Runs``), batch_stats are keyed by the batch's rows and count runs, and
+    requests count in queue/compute once, when they finish, only if they ran and succeeded."""
+    from service.core.context import Runs
     from service.core.stats import StatsBook
     from service.core.types import Duration
 
+    def ran(queue: int, infer: int) -> Runs:
+        r = Runs()
+        r.count, r.queue_ns, r.input_ns, r.infer_ns, r.output_ns = 1, queue, 10, infer, 1
+        return r
+
     book = StatsBook()
-    book.batch(requests=3, rows=5, queue_ns=30, input_ns=10, infer_ns=100, output_ns=1)
-    book.batch(requests=1, rows=2, queue_ns=7, input_ns=4, infer_ns=40, output_ns=2)
-    for _ in range(4):
-        book.request(True, 1_000, inferences=2)
-    book.request(False, 500, inferences=2, ran=False)
+    book.batch(rows=5, input_ns=10, infer_ns=100, output_ns=1)
+    book.batch(rows=2, input_ns=4, infer_ns=40, output_ns=2)
+    for q in (10, 20, 30):
+        book.request(True, 1_000, inferences=2, runs=ran(q, 100))
+    book.request(True, 1_000, inferences=2, runs=Runs())  # answered without a run (a cached answer's path)
+    book.request(False, 500, inferences=2, runs=ran(7, 40))  # ran, then failed: fail alone
+    book.request(False, 500, inferences=2)
     s = book.snapshot("m", 1)
-    assert (s.compute_input.ns, s.compute_infer.ns, s.compute_output.ns) == (3 * 10 + 4, 3 * 100 + 40, 3 * 1 + 2)
-    assert s.queue == Duration(4, 37) and s.compute_infer.count == 4
-    assert (s.success, s.fail) == (Duration(4, 4_000), Duration(1, 500))
+    assert (s.compute_input.ns, s.compute_infer.ns, s.compute_output.ns) == (30, 300, 3)
+    assert s.queue == Duration(3, 60) and s.compute_infer.count == 3
+    assert (s.success, s.fail) == (Duration(4, 4_000), Duration(2, 1_000))
     assert (s.execution_count, s.inference_count) == (2, 8) and s.last_inference_ms > 0
     assert [(b.batch_size, b.compute_infer.count, b.compute_infer.ns) for b in s.batches] == [(2, 1, 40), (5, 1, 100)]
 

@@ -3,6 +3,7 @@ strings), suggestions (beam / greedy, log-probabilities), and forecasting (norma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -598,6 +599,28 @@ async def test_a_request_refused_before_any_model_run_counts_as_failed_only(dp: 
     (after,) = await dp.statistics(LM)
     assert after.fail.count == before.fail.count + 1
     assert (after.queue.count, after.compute_infer.count) == (before.queue.count, before.compute_infer.count)
+
+
+async def test_a_request_that_ran_the_model_and_failed_counts_in_fail_alone(dp: CoreDataPlane) -> None:
+    """Triton's statistics: queue and compute hold successful requests only (its UpdateFailure adds to fail and
+    nothing else); a failed request's runs still count as executions and in batch_stats. Before, a generation
+    whose client went away after its first character added its runs' time to queue and compute, and a deadline
+    that passed during a sentiment batch made compute_infer exceed the requests' own time."""
+    (before,) = await dp.statistics(LM)
+    stream = dp.complete(LM, "Hello", SamplingParams(max_chars=20, temperature=0.0))
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            break  # the client went away after the first character: the request failed after running the model
+    (after,) = await dp.statistics(LM)
+    assert (after.fail.count, after.success.count) == (before.fail.count + 1, before.success.count)
+    assert after.execution_count > before.execution_count
+    assert sum(b.compute_infer.count for b in after.batches) > sum(b.compute_infer.count for b in before.batches)
+    for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert getattr(after, part) == getattr(before, part), part
+    assert len(await text(dp, "Hello", max_chars=3)) == 3  # a successful one: counted once, with its runs' time
+    (done,) = await dp.statistics(LM)
+    assert (done.queue.count, done.compute_infer.count) == (after.queue.count + 1, after.compute_infer.count + 1)
+    assert done.compute_infer.ns > after.compute_infer.ns and done.queue.ns >= after.queue.ns
 
 
 async def test_rows_seen_counts_every_observed_row_while_warming_up(dp: CoreDataPlane) -> None:

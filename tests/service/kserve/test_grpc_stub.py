@@ -335,8 +335,9 @@ def test_a_generation_counts_once_in_queue_and_compute(
     infer_ns = after.inference_stats.compute_infer.ns - before.inference_stats.compute_infer.ns
     success_ns = after.inference_stats.success.ns - before.inference_stats.success.ns
     assert 0 < infer_ns < success_ns  # its runs' time: part of the request's, never more
-    # A request that ran and then failed (here: cancelled mid-generation) counts once too: its runs' time is in
-    # queue and compute, so only counting successes made the average per request larger than a request.
+    # A request that ran and then failed (here: cancelled mid-generation) counts in fail alone, as Triton's: its
+    # runs are executions (batch_stats), not queue or compute time of a request (which once made compute_infer
+    # larger than the requests' own time).
     with Client(f"127.0.0.1:{kserve_server['grpc_port']}") as c:
         for _ in range(2):
             for i, _chunk in enumerate(c.complete("To be", model="charlm", version=1, max_chars=2000, seed=1)):
@@ -346,12 +347,9 @@ def test_a_generation_counts_once_in_queue_and_compute(
     assert eventually(lambda: stats().inference_stats.fail.count - after.inference_stats.fail.count >= 2)
     final = stats()
     for name in ("queue", "compute_input", "compute_infer", "compute_output"):
-        ran = getattr(final.inference_stats, name).count - getattr(after.inference_stats, name).count
-        assert ran == 2, name
-    ended = final.inference_stats.fail.count - after.inference_stats.fail.count
-    took = final.inference_stats.fail.ns - after.inference_stats.fail.ns
-    infer = final.inference_stats.compute_infer.ns - after.inference_stats.compute_infer.ns
-    assert ended == 2 and 0 < infer < took
+        assert getattr(final.inference_stats, name) == getattr(after.inference_stats, name), name
+    assert final.inference_stats.fail.count - after.inference_stats.fail.count == 2
+    assert final.execution_count - after.execution_count >= 2 * 300
 
 
 def test_concurrent_requests_of_one_sequence_are_serialized(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
