@@ -104,15 +104,23 @@ class Trace:
     traceparent: str = ""  # the caller's W3C trace context, when it sent one (joins its distributed trace)
     stamps: list[tuple[str, int]] = field(default_factory=list)
     activities: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    ended: bool = False  # REQUEST_END is stamped: a run that ends later (its request's deadline passed) is not its
 
     def stamp(self, name: str, ns: int | None = None) -> None:
-        if self.timestamps:
+        if self.timestamps and not self.ended:
             self.stamps.append((name, time.perf_counter_ns() if ns is None else ns))
+
+    def end(self) -> None:
+        """The request ended (answered, failed or cancelled): REQUEST_END, and nothing after it. A batch that held a
+        request whose deadline passed meanwhile ends after it, in another thread; Triton writes no run after
+        REQUEST_END, and ``summarize`` would read one as a negative rest."""
+        self.stamp("REQUEST_END")
+        self.ended = True
 
     def run(self, times: tuple[int, int, int, int]) -> None:
         """One model run of this request (its QUEUE_START was stamped when it queued): compute start, input end,
         output start, end."""
-        if self.timestamps:
+        if self.timestamps and not self.ended:
             start, input_end, output_start, end = times
             self.stamps += [
                 ("COMPUTE_START", start),
@@ -122,7 +130,7 @@ class Trace:
             ]
 
     def tensor(self, activity: str, arrays: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        if self.tensors:
+        if self.tensors and not self.ended:
             self.activities += [(activity, tensor_entry(name, a)) for name, a in arrays.items()]
 
     def size(self) -> int:
@@ -338,7 +346,7 @@ class Tracer:
 
     def finish(self, trace: Trace) -> None:
         """A traced request ended: its trace joins its file's, which is written every ``log_frequency`` traces."""
-        trace.stamp("REQUEST_END")
+        trace.end()
         sink = self._sinks.get(trace.file)
         if sink is None:
             sink = self._sinks[trace.file] = _Sink()
@@ -398,7 +406,8 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per model version, the mean of its traced requests (``seqserve traces``): microseconds of the whole request,
     of its queueing and of its runs' input, infer and output parts (summed over its runs), and what is left
     (``other``: the core's own work around the runs); and the median and 99th percentile of the whole request.
-    Entries of one trace may come from several files."""
+    Entries of one trace may come from several files. A step still queued when its request ended (a deadline, a
+    client gone) queued until that end; a run that ended after it (in a file of an earlier release) is left out."""
     traces: dict[int, dict[str, Any]] = {}
     for entry in entries:
         trace = traces.setdefault(int(entry["id"]), {"head": None, "stamps": {}})
@@ -414,10 +423,10 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue  # (TENSORS only, or a file missing)
         sums = models.setdefault(trace["head"], dict.fromkeys(_PARTS, 0.0))
         sums["traces"] += 1
-        requests.setdefault(trace["head"], []).append(_span(stamps, "REQUEST_START", "REQUEST_END") / 1000)
-        sums["runs"] += len(stamps.get("COMPUTE_START", ()))
-        for part, (start, end) in _SPANS.items():
-            sums[part] += _span(stamps, start, end) / 1000
+        parts = _parts(stamps)
+        requests.setdefault(trace["head"], []).append(parts["request_us"])
+        for part, value in parts.items():
+            sums[part] += value
     out = []
     for (name, version), sums in sorted(models.items()):
         n = sums["traces"]
@@ -431,16 +440,26 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 _PARTS = ("traces", "runs", "request_us", "queue_us", "input_us", "infer_us", "output_us")
-_SPANS = {
-    "request_us": ("REQUEST_START", "REQUEST_END"),
-    "queue_us": ("QUEUE_START", "COMPUTE_START"),
-    "input_us": ("COMPUTE_START", "COMPUTE_INPUT_END"),
-    "infer_us": ("COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START"),
-    "output_us": ("COMPUTE_OUTPUT_START", "COMPUTE_END"),
-}
+_RUN = ("COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END")
 
 
-def _span(stamps: Mapping[str, list[int]], start: str, end: str) -> int:
-    """Nanoseconds from each ``start`` to its ``end``, summed (a sum needs no pairing of a run's QUEUE_START with
-    its COMPUTE_START)."""
-    return sum(stamps.get(end, ())) - sum(stamps.get(start, ()))
+def _parts(stamps: Mapping[str, list[int]]) -> dict[str, float]:
+    """One trace's runs (a count) and microseconds of the request, its queueing and its runs' parts. A run's four
+    stamps are written together, so the n-th of each name are one run's; each run's QUEUE_START is the earliest
+    one not yet taken (steps of one request queue in order). A QUEUE_START left over queued until REQUEST_END."""
+    start, end = min(stamps["REQUEST_START"]), max(stamps["REQUEST_END"])
+    runs = [r for r in zip(*(sorted(stamps.get(name, ())) for name in _RUN), strict=False) if r[3] <= end]
+    queued = sorted(q for q in stamps.get("QUEUE_START", ()) if q <= end)
+    queue = 0
+    for run in runs:  # (a run that queued for nothing, as a warm-up's, has no QUEUE_START: then none is taken)
+        if queued and queued[0] <= run[0]:
+            queue += run[0] - queued.pop(0)
+    queue += sum(end - q for q in queued)
+    return {
+        "runs": len(runs),
+        "request_us": (end - start) / 1000,
+        "queue_us": queue / 1000,
+        "input_us": sum(r[1] - r[0] for r in runs) / 1000,
+        "infer_us": sum(r[2] - r[1] for r in runs) / 1000,
+        "output_us": sum(r[3] - r[2] for r in runs) / 1000,
+    }

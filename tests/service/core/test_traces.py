@@ -334,6 +334,71 @@ async def test_seqserve_traces_sums_a_file_up_as_the_statistics_count(
     assert "not a trace file" in capsys.readouterr().err
 
 
+async def test_a_request_whose_deadline_passed_in_its_run_ends_its_trace_there(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled while its batch ran in the worker thread: its trace ends at REQUEST_END, and the run
+    that finished later is not written into it (it was, after REQUEST_END, and ``seqserve traces`` read the
+    sentiment model's rest as negative)."""
+    import threading
+
+    file = tmp_path / "trace.json"
+    dp = await memory_dp(tiny_models, trace_file=str(file), trace_level="TIMESTAMPS", trace_rate=1,
+                         inline_batch_tokens=0)  # fmt: skip
+    try:
+        runtime = dp.registry.resolve(SENT).runtime
+        entered, release = threading.Event(), threading.Event()
+        run = runtime.run
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            release.wait(10)
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(runtime, "run", held)
+        call = asyncio.ensure_future(dp.infer(SENT, texts("good film")))
+        assert await asyncio.to_thread(entered.wait, 10)
+        call.cancel()  # (as the edge does when the call's deadline passes)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        release.set()
+        monkeypatch.setattr(runtime, "run", run)
+        await dp.infer(SENT, texts("bad"))  # the held batch is done before this one runs
+    finally:
+        await dp.stop()
+    cancelled, answered = written(file).values()
+    names = [n for n, _ in cancelled["stamps"]]
+    assert names == ["REQUEST_START", "QUEUE_START", "REQUEST_END"]
+    assert [n for n, _ in answered["stamps"]] == ["REQUEST_START", "QUEUE_START", *RUN, "REQUEST_END"]
+    (row,) = summarize(json.loads(file.read_text()))
+    assert row["traces"] == 2 and row["runs"] == 0.5
+    assert min(row[p] for p in ("request_us", "queue_us", "input_us", "infer_us", "output_us", "other_us")) >= 0
+
+
+def test_seqserve_traces_reads_a_step_left_in_the_queue_and_leaves_out_a_run_after_the_end() -> None:
+    """The summary of a trace whose step was still queued when the request ended (its deadline passed there), and
+    of one (as an earlier release wrote it) with a run after REQUEST_END: queued until the end, no negative part.
+    A missing COMPUTE_START read as 0 made the queue time minus the clock."""
+
+    def trace(i: int, stamps: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        head = {"id": i, "model_name": "m", "model_version": 1, "request_id": ""}
+        return [head, *({"id": i, "timestamps": [{"name": n, "ns": ns}]} for n, ns in stamps)]
+
+    base = 10**15  # (the monotonic clock of a machine up for days, in ns)
+    queued = trace(1, [("REQUEST_START", base), ("QUEUE_START", base + 1_000), ("REQUEST_END", base + 5_000)])
+    late = trace(2, [("REQUEST_START", base), ("QUEUE_START", base + 1_000), ("REQUEST_END", base + 4_000),
+                     *zip(RUN, (base + 6_000, base + 7_000, base + 9_000, base + 10_000), strict=True)])  # fmt: skip
+    ran = trace(3, [("REQUEST_START", base), ("QUEUE_START", base + 1_000),
+                    *zip(RUN, (base + 2_000, base + 3_000, base + 5_000, base + 6_000), strict=True),
+                    ("QUEUE_START", base + 7_000), ("REQUEST_END", base + 9_000)])  # fmt: skip
+    (row,) = summarize(queued + late + ran)
+    assert row["traces"] == 3 and row["runs"] == pytest.approx(1 / 3, abs=0.05)
+    assert row["request_us"] == pytest.approx((5 + 4 + 9) / 3, abs=0.05)
+    assert row["queue_us"] == pytest.approx((4 + 3 + (1 + 2)) / 3, abs=0.05)  # each until its run, or the end
+    assert (row["input_us"], row["infer_us"], row["output_us"]) == pytest.approx((1 / 3, 2 / 3, 1 / 3), abs=0.05)
+    assert row["other_us"] >= 0
+
+
 _VALUES = st.lists(
     st.sampled_from(["OFF", "TIMESTAMPS", "TENSORS", "timestamps", "0", "1", "-1", "-2", "7", "x.json", "", " 3 "])
     | st.text(max_size=8),
