@@ -54,6 +54,11 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 SESSION_EVENTS: frozenset[str] = frozenset({"created", "expired", "evicted", "deleted", "forked", "imported"})
 PREFIX_RESULTS: tuple[str, ...] = ("hit", "partial", "miss")
+# Server-side status codes (deploy/prometheus/alerts.yml, SeqServeHighErrorRatio): each (service, method, model) that
+# finishes a call has these series at 0 from then on, so the first burst of a code is not lost to rate().
+SERVER_ERROR_CODES: tuple[str, ...] = (
+    "INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "DATA_LOSS"
+)  # fmt: skip
 HTTP_CLOSE_REASONS: tuple[str, ...] = ("busy", "timeout")  # why an HTTP port closed a connection on its own
 OTHER_MODEL = "_other"  # label value for model names that are not loaded (typos, probes): bounds cardinality
 NO_MODEL = ""  # RPCs that name no model (health, ListModels): the label is empty, i.e. absent in PromQL
@@ -413,7 +418,12 @@ class Metrics:
         (OpenMetrics: Grafana links the latency panel to the trace)."""
         self._child(self.rpc_in_flight, (service, method)).dec()
         labels = (service, method, self._model(model), code)
-        self._child(self.rpc_requests, labels).inc()
+        counter = self._children.get((id(self.rpc_requests), labels))
+        if counter is None:
+            counter = self._child(self.rpc_requests, labels)
+            for other in SERVER_ERROR_CODES:  # (a series born at its first error loses that error to rate())
+                self._child(self.rpc_requests, (*labels[:3], other))
+        counter.inc()
         child = self._child(self.rpc_duration, labels)
         trace_id = sampled_trace_id(traceparent)
         if trace_id:
@@ -437,7 +447,13 @@ class Metrics:
 
     def stream_request(self, service: str, method: str, model: str, code: str) -> None:
         """One request answered inside a stream, OK or refused inline (labels: service, method, model, code)."""
-        self._child(self.rpc_stream_requests, (service, method, self._model(model), code)).inc()
+        labels = (service, method, self._model(model), code)
+        counter = self._children.get((id(self.rpc_stream_requests), labels))
+        if counter is None:
+            counter = self._child(self.rpc_stream_requests, labels)
+            for other in SERVER_ERROR_CODES:  # (as rpc_finished: SeqServeHighStreamErrorRatio sees the first one)
+                self._child(self.rpc_stream_requests, (*labels[:3], other))
+        counter.inc()
 
     # --- core: inference -----------------------------------------------------------------------------
     def inference(

@@ -6,6 +6,7 @@ and the image and compose stack run for real by `make image-test`)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from service.metrics import SERVER_ERROR_CODES
 from tests.deploy.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -60,6 +62,9 @@ def test_alerts_cover_the_required_conditions() -> None:
     assert "up{" in rules["SeqServeDown"]["expr"]
     assert "seqserve_rpc_requests_total" in rules["SeqServeHighErrorRatio"]["expr"]
     assert "seqserve_rpc_stream_requests_total" in rules["SeqServeHighStreamErrorRatio"]["expr"]
+    for alert in ("SeqServeHighErrorRatio", "SeqServeHighStreamErrorRatio"):  # the codes the server keeps at 0
+        (codes,) = re.findall(r'code=~"([^"]+)"', rules[alert]["expr"])
+        assert sorted(codes.split("|")) == sorted(SERVER_ERROR_CODES), alert
     assert "histogram_quantile(0.99" in rules["SeqServeHighLatencyP99"]["expr"]
     assert "by (job, model, le)" in rules["SeqServeHighLatencyP99"]["expr"]
     assert "seqserve_session_store_capacity" in rules["SeqServeSessionStoreNearCapacity"]["expr"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.metrics import LATENCY_BUCKETS, OTHER_MODEL, PREFIX_RESULTS, SESSION_EVENTS, Metrics
+from service.metrics import LATENCY_BUCKETS, OTHER_MODEL, PREFIX_RESULTS, SERVER_ERROR_CODES, SESSION_EVENTS, Metrics
 
 SVC = "seqserve.v1.Inference"
 
@@ -54,6 +54,26 @@ def test_rpc_counter_histogram_and_in_flight(m: Metrics) -> None:
     assert value(m, "seqserve_rpc_duration_seconds_bucket", **ok, le="0.0005") == 1.0
     bad = {**ok, "code": "INVALID_ARGUMENT"}
     assert value(m, "seqserve_rpc_requests_total", **bad) == 1.0
+
+
+def test_server_side_error_series_exist_at_zero_from_a_methods_first_call(m: Metrics) -> None:
+    """Each (service, method, model) that finished a call (or answered a stream's request) has the server-side codes
+    the error-ratio alerts count at 0 from then on: a series born at its first INTERNAL lost that burst to
+    ``rate()`` and ``increase()``, and so to SeqServeHighErrorRatio and the dashboard's errors panel."""
+    m.rpc_finished(SVC, "Complete", "charlm", "OK", 0.001)
+    m.stream_request("inference.GRPCInferenceService", "ModelStreamInfer", "charlm", "OK")
+    for code in SERVER_ERROR_CODES:
+        labels = {"service": SVC, "method": "Complete", "model": "charlm", "code": code}
+        assert value(m, "seqserve_rpc_requests_total", **labels) == 0.0
+        stream = {**labels, "service": "inference.GRPCInferenceService", "method": "ModelStreamInfer"}
+        assert value(m, "seqserve_rpc_stream_requests_total", **stream) == 0.0
+    assert value(m, "seqserve_rpc_duration_seconds_count", service=SVC, method="Complete", model="charlm",
+                 code="INTERNAL") is None  # (counters only: no empty histograms)  # fmt: skip
+    m.rpc_finished(SVC, "Complete", "charlm", "INTERNAL", 0.001)
+    assert value(m, "seqserve_rpc_requests_total", service=SVC, method="Complete", model="charlm", code="INTERNAL") == 1
+    assert (
+        value(m, "seqserve_rpc_requests_total", service=SVC, method="Classify", model="charlm", code="INTERNAL") is None
+    )
 
 
 def test_unknown_model_names_collapse_to_one_label(m: Metrics) -> None:
