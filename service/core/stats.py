@@ -4,10 +4,12 @@ Request level (``inference_stats``): success and fail (count, ns of the whole re
 batch queue), compute_input (building the batch's feeds), compute_infer (the ONNX Runtime run) and
 compute_output (splitting the results): each request of a batch is charged the batch's compute time, as
 Triton does. Batch level (``batch_stats``): per batch size, how many batches ran and their compute times (every
-run, whatever its requests' outcome). Queue and compute count each successful request that ran the model once,
-with the durations of all its model runs added up (a generation of 200 characters: one count, 200 runs' time), so
-that duration / count, which perf_analyzer prints, is a request's own time, as with Triton; a failed or cancelled
-request counts in ``fail`` alone, as Triton's (its runs are in ``batch_stats`` and ``execution_count``).
+run, whatever its requests' outcome). Queue counts each successful request once (as Triton's; one answered
+without a run, from a cache or a forecast window still filling: with no time), compute each successful request
+that ran the model once, both with the durations of all its model runs added up (a generation of 200
+characters: one count, 200 runs' time), so that duration / count, which perf_analyzer prints, is a request's own
+time, as with Triton; a failed or cancelled request counts in ``fail`` alone, as Triton's (its runs are in
+``batch_stats`` and ``execution_count``).
 ``cache_hit`` / ``cache_miss`` count the response cache's lookups (``RESPONSE_CACHE_BYTES``), as Triton's: a hit's
 time to find the answer, a miss's to look and to keep the new answer; a request answered from the cache counts in
 success and queue (no time), not in compute. They stay empty while the cache is off (perf_analyzer flags them as
@@ -64,14 +66,16 @@ class StatsBook:
 
     def request(self, ok: bool, ns: int, inferences: int, runs: Runs | None = None) -> None:
         """One finished request (any API): its outcome, duration, the inferences it counted, and its model runs
-        (``runs``: the batcher added their times). A successful request that ran the model counts once in queue
-        and compute, with those times; a failed one in ``fail`` alone, as Triton's."""
+        (``runs``: the batcher added their times). A successful request counts once in queue (one answered
+        without a model run, from a cache or a forecast window still filling, with no time: perf_analyzer finds
+        the version it measures by the queue count that grew) and, when it ran the model, once in compute, with
+        its runs' times; a failed one in ``fail`` alone, as Triton's."""
         with self._lock:
             if ok:
                 self.success.add(ns)
                 self.inference_count += inferences
+                self.queue.add(runs.queue_ns if runs is not None else 0)
                 if runs is not None and runs.count:
-                    self.queue.add(runs.queue_ns)
                     self.compute_input.add(runs.input_ns)
                     self.compute_infer.add(runs.infer_ns)
                     self.compute_output.add(runs.output_ns)
@@ -80,13 +84,11 @@ class StatsBook:
             self.last_inference_ms = int(time.time() * 1000)
 
     def cache(self, hit: bool, ns: int) -> None:
-        """One response cache lookup (a miss: and the store of the answer that followed). A hit also counts in queue
-        (with no time: it waited for nothing), as Triton reports queue for every successful request and compute
-        only for those that ran; perf_analyzer finds the version it measures by the queue count that grew."""
+        """One response cache lookup (a miss: and the store of the answer that followed). A hit counts in queue as
+        every successful request (``request``), in compute not: it ran nothing."""
         with self._lock:
             if hit:
                 self.cache_hit.add(ns)
-                self.queue.count += 1
             else:
                 self.cache_miss.add(ns)
 

@@ -460,7 +460,8 @@ async def test_stop_during_a_threaded_run_fails_its_waiters(make_dp: MakeDP, mon
 def test_statistics_charge_each_request_of_a_batch_the_batchs_time() -> None:
     """Triton's accounting (service/core/stats.py): every request of a batch is charged the batch's compute
     times (the batcher adds them to its ``Runs``), batch_stats are keyed by the batch's rows and count runs, and
-    requests count in queue/compute once, when they finish, only if they ran and succeeded."""
+    requests count when they finish: a successful one once in queue (with no time when it ran nothing) and, if it
+    ran, once in compute; a failed one in fail alone."""
     from service.core.context import Runs
     from service.core.stats import StatsBook
     from service.core.types import Duration
@@ -480,7 +481,7 @@ def test_statistics_charge_each_request_of_a_batch_the_batchs_time() -> None:
     book.request(False, 500, inferences=2)
     s = book.snapshot("m", 1)
     assert (s.compute_input.ns, s.compute_infer.ns, s.compute_output.ns) == (30, 300, 3)
-    assert s.queue == Duration(3, 60) and s.compute_infer.count == 3
+    assert s.queue == Duration(4, 60) and s.compute_infer.count == 3
     assert (s.success, s.fail) == (Duration(4, 4_000), Duration(2, 1_000))
     assert (s.execution_count, s.inference_count) == (2, 8) and s.last_inference_ms > 0
     assert [(b.batch_size, b.compute_infer.count, b.compute_infer.ns) for b in s.batches] == [(2, 1, 40), (5, 1, 100)]

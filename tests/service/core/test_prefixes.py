@@ -17,7 +17,7 @@ from service.core.batching import StepInput, StepOutput
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
 from service.core.prefixes import ENTRY_OVERHEAD, PrefixCache
-from service.core.types import ModelRef, SamplingParams
+from service.core.types import Duration, ModelRef, SamplingParams
 from tests.service.core.conftest import RecordingMetrics, core_settings
 
 LM = ModelRef("charlm")
@@ -218,6 +218,25 @@ async def test_a_growing_text_feeds_only_what_it_added_and_answers_the_same(
     assert counter(on, "seqserve_prefix_cache_entries") == len(on.registry.prefixes) == 2 + 6
     assert counter(on, "seqserve_prefix_cache_bytes") == on.registry.prefixes.bytes > 0
     assert sum(counter(off, "seqserve_prefix_cache_lookups_total", model="charlm", result=r) for r in RESULTS) == 0
+
+
+async def test_an_answer_from_the_cache_counts_in_queue_not_in_compute(
+    planes: tuple[CoreDataPlane, CoreDataPlane],
+) -> None:
+    """A step answered whole from the prefix cache runs no model: it counted in success alone, and Triton counts every
+    successful request in queue, which is how perf_analyzer finds the version it measures (`perf_analyzer -m charlm
+    --sequence-length 1` on one text failed: "failed to find the requested model version"). Now in queue with no
+    time, as a response-cache hit, and not in compute."""
+    on, _ = planes
+    await on.char_step(LM, TEXT[:40])
+    (before,) = await on.statistics(LM)
+    fed = fed_lengths(on)
+    assert (await on.char_step(LM, TEXT[:40])).steps == 40
+    assert fed == []  # (from the cache)
+    (after,) = await on.statistics(LM)
+    assert after.success.count == before.success.count + 1
+    assert after.queue == Duration(before.queue.count + 1, before.queue.ns)
+    assert (after.compute_infer, after.execution_count) == (before.compute_infer, before.execution_count)
 
 
 async def test_a_shared_beginning_is_found_at_its_checkpoint(planes: tuple[CoreDataPlane, CoreDataPlane]) -> None:

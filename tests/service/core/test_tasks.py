@@ -17,7 +17,7 @@ import pytest
 
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE
-from service.core.types import CompletionChunk, ModelRef, SamplingParams
+from service.core.types import CompletionChunk, Duration, ModelRef, SamplingParams
 from service.errors import FailedPrecondition, InvalidInput
 from tests.service.core.conftest import MakeDP
 
@@ -631,6 +631,20 @@ async def test_rows_seen_counts_every_observed_row_while_warming_up(dp: CoreData
     assert (await dp.observe(s.id, history[:5])).rows_seen == 5
     second = await dp.observe(s.id, history[5:12])
     assert second.point.shape == (0, FEATURES) and second.rows_seen == 12
+
+
+async def test_a_step_that_runs_no_model_counts_in_queue_as_every_success(dp: CoreDataPlane) -> None:
+    """Triton counts every successful request in queue (perf_analyzer finds the version it measures by the queue
+    count that grew, and compares it with the success count): a forecast step still filling its window runs no
+    model and counted in success alone, so perf_analyzer's breakdown of such a sequence did not add up. Now in
+    queue with no time, and not in compute."""
+    (before,) = await dp.statistics(FC)
+    s = await dp.create_session(FC)
+    assert (await dp.observe(s.id, series(5, seed=3))).point.shape == (0, FEATURES)  # the window is not full
+    (after,) = await dp.statistics(FC)
+    assert after.success.count - before.success.count == 1
+    assert after.queue == Duration(before.queue.count + 1, before.queue.ns)
+    assert (after.compute_infer, after.execution_count) == (before.compute_infer, before.execution_count)
 
 
 async def test_a_near_zero_temperature_samples_the_greedy_text(dp: CoreDataPlane) -> None:
