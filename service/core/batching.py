@@ -226,7 +226,8 @@ class Batcher:
         self._slot = asyncio.Event()  # a run ended: the flush task may start another
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # Rows of the last few batches per key: how much company to expect (the largest of them).
+        # Rows of the last few batches per key that several requests shared (1 for a request alone, whatever its
+        # rows): how much company to expect (the largest of them).
         self._last_rows: dict[Hashable, deque[int]] = {}
         # Outputs the task derives from every batch's outputs at once (batch axis 0), split per request like the
         # model's own: a char LM's next-character probabilities are one softmax per batch, not one per request.
@@ -349,16 +350,18 @@ class Batcher:
             log.exception("batch of 1 request failed on model %s version %d", self.name, self.version)
             raise
         self._infer_seconds[tokens] = times[1] / 1e9
-        self._note_rows(item.key, item.rows)
+        self._note_rows(item.key, item.rows, 1)
         self._record([item], 0.0, started, times)
         return result
 
-    def _note_rows(self, key: Hashable, rows: int) -> None:
-        """Remembers a batch's rows: the company the next batches of ``key`` wait for."""
+    def _note_rows(self, key: Hashable, rows: int, requests: int) -> None:
+        """Remembers a batch's rows: the company the next batches of ``key`` wait for. A request alone counts 1
+        whatever its rows (one client's request of several texts is no company: the next request of that client
+        waited the whole batch delay, and skipped the queue again only eight batches later)."""
         recent = self._last_rows.get(key)
         if recent is None:
             recent = self._last_rows[key] = deque(maxlen=RECENT_BATCHES)
-        recent.append(rows)
+        recent.append(rows if requests > 1 else 1)
 
     def _record(self, items: list[StepInput], waited: float, started: float, times: tuple[int, int, int]) -> None:
         """Metrics and statistics of one run of ``items``: ``waited`` = seconds they queued, summed over them. Each
@@ -425,7 +428,7 @@ class Batcher:
                 rows = more
             batch = [p for p in self._take() if not p.future.done()]
             if batch:  # (its key may differ from ``head``'s: a request of a higher level came first meanwhile)
-                self._note_rows(batch[0].item.key, sum(p.item.rows for p in batch))
+                self._note_rows(batch[0].item.key, sum(p.item.rows for p in batch), len(batch))
                 if self.instances == 1:
                     self._running = 1
                     try:

@@ -17,7 +17,7 @@ from service.core.batching import Batcher, StepInput, StepOutput
 from service.core.context import set_priority
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE
-from service.core.types import ModelRef, SamplingParams
+from service.core.types import Duration, ModelRef, SamplingParams
 from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
 from tests.service.core.conftest import MakeDP, recorded
 
@@ -175,6 +175,19 @@ async def test_a_lone_step_skips_the_queue_and_company_still_batches(make_dp: Ma
     # text than the first: "abc" again would come whole from the prefix cache, with no model run at all.)
     await dp.char_step(LM, "abd")
     assert recorded(dp).batch_sizes("charlm") == [1, 3, 1] and (await _queue(dp))[1] - waited >= 0.045e9
+
+
+async def test_a_lone_clients_request_of_several_texts_is_no_company(make_dp: MakeDP) -> None:
+    """The README's MAX_BATCH_DELAY_MS: a lone request (no recent company) skips the queue. One client's request of
+    two texts counted as company for the next eight batches: each of its later one-text requests waited the
+    whole batch delay (here it would be a minute)."""
+    dp = await make_dp(max_batch_size=8, max_batch_delay_ms=60_000)
+    await asyncio.sleep(0.01)  # the data plane's background tasks have started and wait
+    for words in (["good film", "bad"], ["fine"], ["a dull film"], ["good", "bad", "fine"], ["dull"]):
+        await asyncio.wait_for(dp.classify(SENT, words), 30)
+    (stats,) = await dp.statistics(ModelRef("sentiment", 1))
+    assert stats.queue == Duration(5, 0)  # each ran at once, on its caller
+    assert recorded(dp).batch_sizes("sentiment") == [2, 1, 1, 3, 1]
 
 
 async def test_a_failing_lone_step_fails_only_its_caller(make_dp: MakeDP) -> None:
