@@ -198,6 +198,12 @@ class Settings(BaseSettings):
     orchestrator to restart it. 0 = the first frontend exit stops the server."""
     frontend_restart_window_seconds: float = Field(default=60.0, gt=0)
     """The window ``frontend_restarts`` counts frontend exits in."""
+    engine_silent_seconds: float = Field(default=5.0, ge=0.5, le=300)
+    """With workers > 1: each frontend asks its engine every second whether it answers; an engine that has not
+    answered for this long (stopped, wedged) turns the frontend's health NOT_SERVING (readiness: the whole server
+    and every service; ServerReady, /v2/health/ready at once), and for six times as long its liveness
+    (``grpc.health.v1.Health``) too, for the orchestrator to restart it. Health follows the engine again once it
+    answers."""
 
     # --- models ----------------------------------------------------------------------------------------
     models: Path = Path("models")

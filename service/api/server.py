@@ -54,7 +54,11 @@ class RemotePlane(DataPlane, Protocol):
 
     def waiting(self) -> int: ...
 
+    async def answers(self, within: float) -> bool: ...
 
+
+ENGINE_PING_SECONDS = 1.0  # how often a frontend asks its engine whether it answers (``Server._watch_engine``)
+LIVENESS_SILENT_FACTOR = 6  # an engine silent this many times ENGINE_SILENT_SECONDS fails the liveness service too
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -137,6 +141,9 @@ class Server:
         self.gateway_target: str | None = None  # ... and the socket (``unix:...``)
         self._serving = False
         self._stopping = False
+        self._silent_since: float | None = None  # the engine stopped answering the watchdog then (monotonic)
+        self._unlive = False  # ... and for so long that liveness says NOT_SERVING too
+        self._watchdog: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -215,6 +222,7 @@ class Server:
         if self._remote is not None:
             await self._remote.start()
             self._remote.on_models_changed(self._engine_changed)  # models or the session store (from the engine)
+            self._watchdog = asyncio.create_task(self._watch_engine(self._remote))
         else:
             await self.dataplane.start()
             # Health follows every later load, reload and unload (RepositoryModelLoad/Unload, --watch-models).
@@ -234,10 +242,46 @@ class Server:
         if not self._stopping:
             await self.refresh_health()
 
+    async def _watch_engine(self, remote: RemotePlane) -> None:
+        """Asks the engine every ``ENGINE_PING_SECONDS`` whether it answers. A stopped or wedged engine keeps its
+        connection open and sends no event, so health, which follows its events, stayed SERVING while every call
+        hung. Silent ``engine_silent_seconds``: NOT_SERVING (the whole server and every service); silent
+        ``LIVENESS_SILENT_FACTOR`` times as long: the liveness service too. Health follows the engine again once it
+        answers."""
+        limit = self.settings.engine_silent_seconds
+        while not self._stopping:
+            started = time.monotonic()
+            if await remote.answers(limit):
+                if self._silent_since is not None and not self._stopping:
+                    log.warning("the engine answers again after %.1f s; health follows it again",
+                                time.monotonic() - self._silent_since)  # fmt: skip
+                    self._silent_since, self._unlive = None, False
+                    await self.refresh_health()
+            elif not self._stopping:
+                now = time.monotonic()
+                if self._silent_since is None:
+                    self._silent_since = started  # (the call it did not answer was sent then)
+                    log.error("the engine has not answered for %.1f s (stopped or wedged): health NOT_SERVING until "
+                              "it does", now - started)  # fmt: skip
+                    self._serving = False
+                    await self._set_all(NOT_SERVING)
+                if now - self._silent_since >= limit * LIVENESS_SILENT_FACTOR and not self._unlive:
+                    self._unlive = True
+                    log.error(
+                        "the engine has not answered for %.0f s: liveness (%s) NOT_SERVING, for the "
+                        "orchestrator to restart the server",
+                        now - self._silent_since,
+                        HEALTH_SERVICE,
+                    )
+                    await self._health.set(HEALTH_SERVICE, NOT_SERVING)
+            await asyncio.sleep(max(0.0, ENGINE_PING_SECONDS - (time.monotonic() - started)))
+
     async def refresh_health(self) -> None:
         """SERVING for the whole server when the data plane is ready; per service when some ready model offers
         the capability the service needs."""
         plane = self._remote if self._remote is not None else self.dataplane
+        if self._silent_since is not None:  # (the watchdog says the engine is silent: it sets health itself)
+            return
         ready = await plane.ready()
         # "sessions": the session store answers (the Sessions service; stateless calls never need it)
         capabilities = await plane.capabilities() | ({"sessions"} if await plane.store_up() else set())
@@ -288,6 +332,8 @@ class Server:
         ``grace`` seconds (default settings.grace_seconds) to finish, then the data plane and HTTP stop."""
         grace = self.settings.grace_seconds if grace is None else grace
         self._serving, self._stopping = False, True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             log.info("shutting down: in-flight calls get %.1fs", grace)

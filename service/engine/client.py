@@ -74,6 +74,7 @@ class RemoteDataPlane:
         self.regions = Regions(shared_memory)  # the engine's table, opened here (its REGIONS_CHANGED events)
         self.max_pending = max_pending  # calls waiting for the engine beyond which new ones fail at once
         self.control_timeout = control_timeout
+        self.silent = False  # the engine did not answer the watchdog's last call in time (``answers``)
         self._transport: asyncio.Transport | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
@@ -234,10 +235,22 @@ class RemoteDataPlane:
             return False
 
     async def ready(self) -> bool:
+        if self.silent:  # (the watchdog found the engine silent: not ready, at once, until it answers again)
+            return False
         try:
             return bool(await self._control("ready"))
         except ModelUnavailable:
             return False
+
+    async def answers(self, within: float) -> bool:
+        """Whether the engine answers a control call within ``within`` seconds (the frontend's watchdog: a stopped
+        or wedged engine keeps its connection open, and health that only follows its events stayed SERVING)."""
+        try:
+            await asyncio.wait_for(self._control("ready"), within)
+            self.silent = False
+        except (TimeoutError, ModelUnavailable):
+            self.silent = True
+        return not self.silent
 
     async def capabilities(self) -> set[str]:
         return set(await self._control("capabilities"))

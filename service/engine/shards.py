@@ -161,6 +161,10 @@ class ShardedDataPlane:
     async def store_up(self) -> bool:
         return all(await self._every(lambda p: p.store_up()))
 
+    async def answers(self, within: float) -> bool:
+        """Whether every engine answers within ``within`` seconds (a call routed to a silent one would hang)."""
+        return all(await asyncio.gather(*(p.answers(within) for p in self.planes)))
+
     async def capabilities(self) -> set[str]:
         return await self.home.capabilities()
 

@@ -115,8 +115,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        models = await self._dataplane.models()
-        return pb.ServerReadyResponse(ready=await self._dataplane.ready() and all(m.ready for m in models))
+        if not await self._dataplane.ready():  # (first: a frontend whose engine is silent answers at once)
+            return pb.ServerReadyResponse(ready=False)
+        return pb.ServerReadyResponse(ready=all(m.ready for m in await self._dataplane.models()))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:

@@ -607,6 +607,47 @@ def test_a_stalled_engine_never_blocks_a_frontends_loop(tiny_models: Path, tmp_p
         stop_server(proc)
 
 
+def test_a_silent_engine_turns_every_frontends_health_not_serving(tiny_models: Path, tmp_path: Path) -> None:
+    """Health followed the engine's events only: a stopped or wedged engine sends none and keeps its connection, so
+    the probes (gRPC health "" for readiness, grpc.health.v1.Health for liveness, as deploy/k8s and the image's
+    HEALTHCHECK ask) said SERVING while every call hung. Each frontend's watchdog now turns readiness NOT_SERVING
+    once the engine is silent ENGINE_SILENT_SECONDS (ServerReady answers false at once), liveness after six times
+    as long, and both SERVING again once it answers."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.service.security.conftest import eventually
+
+    live, serving, not_serving = "grpc.health.v1.Health", health_pb2.HealthCheckResponse.SERVING, 2
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_FRONTEND_PORTS="true",
+                              SEQSERVE_ENGINE_SILENT_SECONDS="0.5")  # fmt: skip
+    targets = _frontends(dict(info))
+
+    def statuses(service: str) -> set[int]:
+        got = set()
+        for target in targets:
+            with grpc.insecure_channel(target) as channel:
+                request = health_pb2.HealthCheckRequest(service=service)
+                got.add(health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status)
+        return got
+
+    try:
+        assert statuses("") == statuses(live) == {serving}
+        os.kill(proc.pid, signal.SIGSTOP)  # the engine (the parent process) stops answering
+        try:
+            assert eventually(lambda: statuses("") == {not_serving}, timeout=15)
+            with grpc.insecure_channel(targets[0]) as channel:
+                started = time.monotonic()
+                ready = pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=5)
+                assert not ready.ready and time.monotonic() - started < 2.0  # (it waited 10 s for the engine)
+            assert eventually(lambda: statuses(live) == {not_serving}, timeout=20)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert eventually(lambda: statuses("") == statuses(live) == {serving}, timeout=20)
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0
+
+
 @pytest.mark.parametrize(("mark", "after"), [("metrics/health HTTP on", 0.3), ("gRPC listening", 0.0)])
 def test_ctrl_c_while_frontends_start_stops_cleanly(tiny_models: Path, tmp_path: Path, mark: str, after: float) -> None:
     """A terminal's Ctrl-C reaches the whole process group: a frontend still starting (importing, or serving
