@@ -27,6 +27,7 @@ at a caller's word: callers may name one only inside ``TRACE_DIR`` (unset: the f
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -400,6 +401,8 @@ def _write_file(path: str, traces: list[Trace]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         log.error("could not write the trace file %s (%s); %d traces lost", path, exc, len(traces))
+        with contextlib.suppress(OSError):  # (a part written to a full disk kept it full)
+            os.unlink(tmp)
 
 
 def summarize(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,26 @@ def test_a_file_that_cannot_be_written_is_logged_not_raised(tmp_path: Path, capl
     with caplog.at_level(logging.ERROR, logger="service.core.traces"):
         t.close()
     assert [r.message for r in caplog.records if "could not write the trace file" in r.message]
+
+
+def test_a_write_that_fails_midway_leaves_no_part_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trace file written to a full disk failed after its temporary file was partly written, and the part stayed
+    (one per flush: on a full disk the server's own leftovers kept it full)."""
+    real = os.replace
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    t = Tracer(str(tmp_path / "t.json"), ["TIMESTAMPS"], 1, -1, 2)
+    monkeypatch.setattr(traces.os, "replace", full)
+    with caplog.at_level(logging.ERROR, logger="service.core.traces"):
+        traced(t, 4)
+        t.close()
+    monkeypatch.setattr(traces.os, "replace", real)
+    assert len([r for r in caplog.records if "No space left" in r.message]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 async def test_seqserve_traces_sums_a_file_up_as_the_statistics_count(
