@@ -579,17 +579,22 @@ class AsyncClient(_Connection):
 
 class SuggestStream:
     """An open Suggest stream of ``AsyncClient.suggest_stream``: ``await send(event)`` sends one event and returns
-    its answer. One event at a time: a second ``send`` waits for the first's answer (the server answers in order)."""
+    its answer. One event at a time: a second ``send`` waits for the first's answer (the server answers in order).
+
+    A ``send`` cancelled before its answer came (``asyncio.wait_for`` timing out, its task cancelled) cancels the
+    whole gRPC call, as grpc.aio does: the stream has ended, and the session keeps the events the server applied
+    (the cancelled one, or not: ``get_session(...).steps`` says how far it went)."""
 
     def __init__(self, session_id: str, call: Any) -> None:
         self.session_id = session_id
         self._call = call
         self._turn = asyncio.Lock()
-        self._failed: ApiError | None = None  # the error that ended the stream, which a send raised
+        self._failed: ApiError | None = None  # why the stream ended: a send's refusal, or a cancelled send
 
     async def send(self, event: SuggestEvent | str) -> SuggestResult:
         """Raises ``ApiError``: the event's refusal, which ends the stream (the session keeps what earlier events
-        did), or, for a send after that, the same code saying the stream has ended."""
+        did), or, for a send after the stream ended (a refusal, a cancelled send), an error saying so, with the
+        code of what ended it."""
         async with self._turn:
             if self._failed is not None:
                 e = self._failed
@@ -606,6 +611,17 @@ class SuggestStream:
             except grpc.RpcError as err:
                 self._failed = ApiError.from_rpc_error(err)
                 raise self._failed from None
+            except asyncio.CancelledError:  # (grpc.aio cancelled the call with it)
+                if not _cancelling():
+                    raise self._lost() from None
+                self._failed = ApiError(
+                    grpc.StatusCode.CANCELLED,
+                    "a send was cancelled before its answer came, which cancels the gRPC call; the session keeps "
+                    "the events the server applied",
+                    None,
+                    None,
+                )
+                raise  # the caller's own cancellation, as itself
             if answer is grpc.aio.EOF:  # (a stream that ends with an error raises it in read())
                 raise ApiError(
                     grpc.StatusCode.UNKNOWN, "the server ended the Suggest stream without answering", None, None
@@ -614,7 +630,7 @@ class SuggestStream:
 
     async def finish(self) -> None:
         """Ends the stream (no more events) and waits for the server to close it; raises ``ApiError`` when it
-        ended with an error that no ``send`` raised."""
+        ended with an error that no ``send`` raised. A cancellation raised here is the caller's own."""
         async with self._turn:
             if self._failed is not None:
                 return
@@ -624,6 +640,28 @@ class SuggestStream:
                     pass  # (no event is left unanswered: each send read its answer)
             except grpc.RpcError as err:
                 raise ApiError.from_rpc_error(err) from None
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                raise self._lost() from None
+
+    def _lost(self) -> ApiError:
+        """The error for a call cancelled on this side by no cancellation of the caller's task (the channel
+        closed, say): grpc.aio raises ``CancelledError`` for it, which would read as the caller's own."""
+        self._failed = ApiError(
+            grpc.StatusCode.CANCELLED,
+            "the Suggest call was cancelled on this side (the client's channel closed?); the session keeps the "
+            "events the server applied",
+            None,
+            None,
+        )
+        return self._failed
+
+
+def _cancelling() -> bool:
+    """Whether the running task has been asked to stop (its own cancellation, not a grpc call's)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _sentiments(response: sentiment_pb2.ClassifyResponse) -> list[SentimentResult]:

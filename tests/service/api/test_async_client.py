@@ -169,3 +169,41 @@ async def test_a_stream_closed_early_is_cancelled_on_the_server(target: str) -> 
         # The generation released the session and did not run on to 2,000 characters.
         after = await c.suggest_once(s.id, "b", n=1, max_chars=1)
         assert first.text and after.steps < 1 + 2000 + 1
+
+
+async def test_a_cancelled_send_ends_the_suggest_stream_and_later_sends_say_so(target: str) -> None:
+    """A send cancelled while it waited for its answer (``asyncio.wait_for`` timing out) cancels the gRPC call with
+    it: the next send raised asyncio's InvalidStateError ("RPC already finished"), and leaving the block raised
+    CancelledError out of ``finish()`` in a task nobody cancelled. Now the next send raises an ApiError that says
+    why the stream ended, leaving the block is quiet, and a new stream goes on from what the session kept."""
+    async with AsyncClient(target, timeout=60) as c, c.session("charlm") as s:
+        async with c.suggest_stream(s.id) as stream:
+            assert (await stream.send("To be")).steps == 5
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(stream.send(SuggestEvent(" O", n=10, max_chars=1500)), 0.01)
+            with pytest.raises(ApiError) as ended:
+                await stream.send("x")
+            assert ended.value.code == grpc.StatusCode.CANCELLED
+            assert "has ended" in ended.value.message and "a send was cancelled" in ended.value.message
+            assert "the session keeps the events the server applied" in ended.value.message
+        async with c.suggest_stream(s.id) as left:  # left without another send: finish() is quiet
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(left.send(SuggestEvent(" O", n=10, max_chars=1500)), 0.01)
+        info = await c.get_session(s.id)
+        assert info.steps in (5, 7, 9) and not info.in_use  # each cancelled event was applied, or not
+        async with c.suggest_stream(s.id) as again:
+            assert (await again.send("!")).steps == info.steps + 1
+
+
+async def test_a_send_whose_channel_closed_raises_an_api_error(target: str) -> None:
+    """The client closed under a send: grpc.aio raised CancelledError in a task nobody cancelled."""
+    c = AsyncClient(target, timeout=60)
+    s = await c.create_session("charlm")
+    async with c.suggest_stream(s.id) as stream:
+        await stream.send("To")
+        pending = asyncio.ensure_future(stream.send(SuggestEvent(" O", n=10, max_chars=1500)))
+        await asyncio.sleep(0.05)
+        await c.close()
+        with pytest.raises(ApiError) as lost:
+            await pending
+        assert lost.value.code == grpc.StatusCode.CANCELLED and "channel closed" in lost.value.message
