@@ -33,7 +33,10 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_STOP: _FinishReason.ValueType  # 2
     """A stop string was generated."""
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 3
-    """Generation was cancelled."""
+    """Reserved: never sent. A completion that ends early sends no last chunk; the call ends with a status instead:
+    CANCELLED when the client cancelled it, DEADLINE_EXCEEDED when its deadline passed (with a session, the last
+    chunk's steps and Sessions.Get's say how much of the text the session holds).
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a completion ended."""
@@ -45,7 +48,10 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 1
 FINISH_REASON_STOP: FinishReason.ValueType  # 2
 """A stop string was generated."""
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
-"""Generation was cancelled."""
+"""Reserved: never sent. A completion that ends early sends no last chunk; the call ends with a status instead:
+CANCELLED when the client cancelled it, DEADLINE_EXCEEDED when its deadline passed (with a session, the last
+chunk's steps and Sessions.Get's say how much of the text the session holds).
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
