@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_complete)
 
     c = client_parser("suggest", "type into a char-LM session from stdin, line by line: continuations per line")
-    c.add_argument("-n", type=count(1), default=3, help="continuations per line (default 3)")
+    c.add_argument("-n", type=count(1), default=3, help="continuations per line, the beam's width (default 3)")
     c.add_argument("--max-chars", type=count(1, INT32_MAX), default=10, help="characters per continuation")
     c.add_argument("--greedy", action="store_true", help="the n likeliest next characters, each continued greedily")
     c.add_argument("--newline", action="store_true", help="each line is typed with its line break")

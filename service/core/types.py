@@ -378,8 +378,8 @@ class DataPlane(Protocol):
         backspace: int = 0,
     ) -> SuggestResult:
         """Advances the session by ``appended`` only (O(appended)), after taking ``backspace`` characters back,
-        then returns the ``n`` most likely continuations of up to ``max_chars`` characters. Suggestions do not
-        advance the session."""
+        then returns ``n`` continuations of up to ``max_chars`` characters, likeliest first (a beam search of width
+        ``n``: approximate, so the first can change with ``n``). Suggestions do not advance the session."""
         ...
 
     async def char_step(

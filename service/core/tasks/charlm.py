@@ -434,7 +434,7 @@ class CharLMTask(Task):
         return CharStep(probabilities=probs, vocab=list(self.vocab), completion=completion, steps=cur.steps)
 
     async def _suggest(self, cur: Cursor, n: int, max_chars: int, beam: bool, field: str) -> list[Suggestion]:
-        """The ``n`` most likely continuations of ``max_chars`` characters, without advancing ``cur``.
+        """``n`` continuations of ``max_chars`` characters, likeliest first, without advancing ``cur``.
 
         beam=True: beam search of width ``n`` (n=1 is greedy). beam=False: the ``n`` most likely next characters,
         each continued greedily. All candidates advance together as one batch of ``n`` rows per character.

@@ -183,11 +183,14 @@ class SuggestRequest(_message.Message):
     reset: _builtins.bool
     """Reset the session to its initial state before appending."""
     n: _builtins.int
-    """Continuations to return; 0 = 3; at most the server's max_suggestions."""
+    """Continuations to return, which is also the beam's width; 0 = 3; at most the server's max_suggestions. To show
+    one suggestion, n = 3's first is usually likelier than n = 1's (greedy), for about twice the time (charlm/2, 10
+    characters after 100 Shakespeare texts: likelier in 78, as likely in 18, less likely in 4).
+    """
     max_chars: _builtins.int
     """Characters per continuation at most; 0 = 10."""
     beam: _builtins.bool
-    """Beam search (true, default) or the n most likely next characters, each continued greedily (false)."""
+    """Beam search of width n (true, default) or the n most likely next characters, each continued greedily (false)."""
     backspace: _builtins.int
     """Characters to take back from the end of the session's text before appending (a user's backspace): a
     correction costs the characters kept since a checkpoint, never the whole text. Needs the server's

@@ -59,8 +59,10 @@ class AutocompleteServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Suggest(self, request_iterator, context):
-        """For each typing event the client sends, the N most likely continuations of the session's text. A refused
-        event ends the stream with its status; the session keeps what the earlier events did (open a new stream).
+        """For each typing event the client sends, n continuations of the session's text, likeliest first, found by a
+        beam search of width n: an approximate search, so the first continuation can change with n (a wider beam
+        usually finds a likelier one; n = 1 is greedy). A refused event ends the stream with its status; the session
+        keeps what the earlier events did (open a new stream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,8 +36,10 @@ class AutocompleteStub:
     Complete: _grpc.UnaryStreamMultiCallable[_autocomplete_pb2.CompleteRequest, _autocomplete_pb2.CompleteChunk]
     """Streams generated text as it is produced; the last chunk carries the finish reason."""
     Suggest: _grpc.StreamStreamMultiCallable[_autocomplete_pb2.SuggestRequest, _autocomplete_pb2.SuggestResponse]
-    """For each typing event the client sends, the N most likely continuations of the session's text. A refused
-    event ends the stream with its status; the session keeps what the earlier events did (open a new stream).
+    """For each typing event the client sends, n continuations of the session's text, likeliest first, found by a
+    beam search of width n: an approximate search, so the first continuation can change with n (a wider beam
+    usually finds a likelier one; n = 1 is greedy). A refused event ends the stream with its status; the session
+    keeps what the earlier events did (open a new stream).
     """
 
 @_typing.type_check_only
@@ -48,8 +50,10 @@ class AutocompleteAsyncStub(AutocompleteStub):
     Complete: _aio.UnaryStreamMultiCallable[_autocomplete_pb2.CompleteRequest, _autocomplete_pb2.CompleteChunk]  # type: ignore[assignment]
     """Streams generated text as it is produced; the last chunk carries the finish reason."""
     Suggest: _aio.StreamStreamMultiCallable[_autocomplete_pb2.SuggestRequest, _autocomplete_pb2.SuggestResponse]  # type: ignore[assignment]
-    """For each typing event the client sends, the N most likely continuations of the session's text. A refused
-    event ends the stream with its status; the session keeps what the earlier events did (open a new stream).
+    """For each typing event the client sends, n continuations of the session's text, likeliest first, found by a
+    beam search of width n: an approximate search, so the first continuation can change with n (a wider beam
+    usually finds a likelier one; n = 1 is greedy). A refused event ends the stream with its status; the session
+    keeps what the earlier events did (open a new stream).
     """
 
 class AutocompleteServicer(metaclass=_abc_1.ABCMeta):
@@ -69,8 +73,10 @@ class AutocompleteServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_autocomplete_pb2.SuggestRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_autocomplete_pb2.SuggestResponse], _abc.AsyncIterator[_autocomplete_pb2.SuggestResponse]]:
-        """For each typing event the client sends, the N most likely continuations of the session's text. A refused
-        event ends the stream with its status; the session keeps what the earlier events did (open a new stream).
+        """For each typing event the client sends, n continuations of the session's text, likeliest first, found by a
+        beam search of width n: an approximate search, so the first continuation can change with n (a wider beam
+        usually finds a likelier one; n = 1 is greedy). A refused event ends the stream with its status; the session
+        keeps what the earlier events did (open a new stream).
         """
 
 def add_AutocompleteServicer_to_server(servicer: AutocompleteServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
