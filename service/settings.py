@@ -386,9 +386,10 @@ class Settings(BaseSettings):
     this many characters; 0 (default) = off, nothing kept."""
     fold_chars: bool = True
     """A char model reads a character outside its vocabulary as the one it stands for, one for one (curly quotes
-    and dashes as ASCII, full-width and accented letters as plain ones, any space as a space); false = refuse the
-    text (INVALID_ARGUMENT) as for a character nothing stands for. A word model (sentiment) reads curly quotes and
-    long dashes as ASCII, as its training text has them; false = as they are (mostly unknown words)."""
+    and dashes as ASCII, full-width and accented letters as plain ones, a line break as LF, any other space as a
+    space), and a CRLF as one LF (a session's steps count it once); false = refuse the text (INVALID_ARGUMENT) as
+    for a character nothing stands for. A word model (sentiment) reads curly quotes and long dashes as ASCII, as
+    its training text has them; false = as they are (mostly unknown words)."""
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -32,15 +32,20 @@ _WORD_PUNCTUATION = str.maketrans(
     {k: v for k, v in _TYPOGRAPHIC.items() if k != "`"} | dict.fromkeys("\u2014\u2015", "--")
 )
 MAX_FOLDED = 4096  # distinct unknown characters whose folding an encoder remembers
+# Line breaks other than LF (Unicode's mandatory breaks, UAX #14: CR, VT, FF, NEL, LINE and PARAGRAPH SEPARATOR): a
+# model whose text breaks lines with LF reads each as one, and a CRLF (Windows, an HTML form) as the one LF it is.
+LINE_BREAKS = "\r\x0b\x0c\x85\u2028\u2029"
 
 
 def fold_char(c: str, known: dict[str, int]) -> int | None:
     """The id of the one known character that ``c``, outside the vocabulary, stands for, or None: a typographic
     quote or dash as its ASCII form, a compatibility form as its plain one (NFKC: full-width letters, ligature-free
-    single characters), an accented letter without its accents (NFKD), any whitespace as a space. Only one
-    character for one, so a text keeps its length (a session's steps count the characters sent)."""
+    single characters), an accented letter without its accents (NFKD), a line break (``LINE_BREAKS``) as LF, any
+    other whitespace as a space. Only one character for one (``Encoder.tokens`` reads a CRLF as one LF first)."""
     candidates = [_TYPOGRAPHIC.get(c, ""), unicodedata.normalize("NFKC", c)]
     candidates.append("".join(x for x in unicodedata.normalize("NFKD", c) if not unicodedata.combining(x)))
+    if c in LINE_BREAKS:
+        candidates.append("\n")
     if c.isspace():
         candidates.append(" ")
     for candidate in candidates:
@@ -73,8 +78,9 @@ def split_words(text: str, lowercase: bool = True) -> list[str]:
 class Encoder:
     """token <-> id for one manifest tokenizer. ``encode`` returns int64 ids, shape (time,). ``fold``: a char
     model reads a character outside its vocabulary as the one it stands for (``fold_char``) instead of refusing
-    the text; a word model reads typographic quotes and dashes as ASCII before it splits words (so "don’t" is
-    "do" "n't", as in its training text, not "don" "’" "t")."""
+    the text, and a CRLF as one LF when CR is not in its vocabulary (so a session's steps count the characters
+    sent, less one for each CRLF: the characters the model read); a word model reads typographic quotes and dashes
+    as ASCII before it splits words (so "don’t" is "do" "n't", as in its training text, not "don" "’" "t")."""
 
     def __init__(self, spec: Tokenizer, fold: bool = False) -> None:
         self.spec = spec
@@ -84,10 +90,13 @@ class Encoder:
         self.vocab = list(spec.vocab)
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
         self.unk_id = self.index.get(spec.unk_token) if spec.unk_token is not None else None
+        self._crlf = self._folded is not None and "\r" not in self.index and self.unk_id is None
         self.pad_id = self.index.get(spec.pad_token) if spec.pad_token is not None else None
 
     def tokens(self, text: str) -> list[str]:
         if self.spec.kind == "char":
+            if self._crlf:  # (one line break: read as " \n", CR folded alone, it changed the answer)
+                text = text.replace("\r\n", "\n")
             return list(text.lower() if self.spec.lowercase else text)
         return split_words(text.translate(_WORD_PUNCTUATION) if self._fold_words else text, self.spec.lowercase)
 

@@ -198,6 +198,31 @@ async def test_a_typed_character_the_vocabulary_lacks_reads_as_the_one_it_stands
         await strict.char_step(LM, "a\u00a0b")
 
 
+async def test_a_line_break_of_another_kind_reads_as_the_newline_it_stands_for(make_dp: MakeDP) -> None:
+    """Windows and HTML forms break lines with CRLF: its CR was read as a space ("bright!\\r\\n" as "bright! \\n"),
+    and so were CR, VT, FF, NEL and the line and paragraph separators alone, so such text completed as another. Each
+    now reads as the model's LF, a CRLF as the one LF it is, and a session's steps count the characters read (those
+    sent, less one for each CRLF). A model that knows CR reads it as itself."""
+    dp = await make_dp()
+    plain = "To be,\nor not\n\nto be\n"
+    typed = ["To be,\r\nor not\r\n\r\nto be\r\n", "To be,\ror not\u2028\u2029to be\x85"]
+    typed.append("To be,\x0bor not\x0c\r\nto be\n")
+    want = await dp.char_step(LM, plain, num_chars=5)
+    for text in typed:
+        got = await dp.char_step(LM, text, num_chars=5)
+        assert np.array_equal(got.probabilities, want.probabilities) and got.completion == want.completion
+        s = await dp.create_session(LM)
+        await dp.char_step(LM, text, session_id=s.id)
+        assert (await dp.get_session(s.id)).steps == len(plain)
+    strict = await make_dp(fold_chars=False)
+    with pytest.raises(InvalidInput, match=re.escape("character '\\r' (U+000D) is not in the model's vocabulary")):
+        await strict.char_step(LM, "a\r\nb")
+    from service.core.manifest import Tokenizer
+    from service.core.tokenizers import Encoder
+
+    assert Encoder(Tokenizer(kind="char", vocab=list("ab\r\n")), fold=True).encode("a\r\nb").tolist() == [0, 2, 3, 1]
+
+
 async def test_a_character_its_quotes_do_not_show_is_named_with_its_code_point(make_dp: MakeDP) -> None:
     """A decomposed accent (macOS text, some keyboards) or a zero-width space pasted with the text reads as ''
     or nothing in the message: it names the code point, and for a combining mark says to send the text composed."""
