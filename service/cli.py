@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -232,24 +233,53 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     """A typing session from the shell: each stdin line is text typed since the previous one (``--newline``: with
     its line break), appended to one server-side session (only the new text runs); each answer is printed as it
     comes: the characters the session holds, then the continuations, JSON-quoted, with their log-probabilities.
-    A line the model cannot read is reported and skipped (the session is as it was). The session is deleted at the
-    end (Ctrl-C too)."""
+    A line the model cannot read (a character outside its vocabulary, a line that is not UTF-8, one over the
+    server's max_chars_per_text) is reported and skipped (the session is as it was), and the run goes on, then
+    exits 1 saying how many were skipped; a refusal of the options (``-n`` or ``--max-chars`` past the server's
+    limits) stops it at the first line. The session is deleted at the end (Ctrl-C too)."""
+    skipped = 0
     with _client(args) as c, c.session(args.model or "charlm") as s:
         print(f"(session {s.id} on {s.model}/{s.version}; deleted at the end)", file=sys.stderr)
-        for line in sys.stdin:
+        for number, line in enumerate(_typed_lines(), start=1):
+            if isinstance(line, UnicodeDecodeError):
+                e = line
+                print(
+                    f"error: standard input, line {number}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                    "line); convert it first, e.g. iconv -f latin1 -t utf-8 (line skipped)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                skipped += 1
+                continue
             typed = line if args.newline else line.rstrip("\r\n")
             if not typed:
                 continue
             try:
                 result = c.suggest_once(s.id, typed, n=args.n, max_chars=args.max_chars, beam=not args.greedy)
             except ApiError as err:
-                if err.code.name != "INVALID_ARGUMENT":
-                    raise
+                if err.code.name != "INVALID_ARGUMENT" or not err.message.startswith("appended"):
+                    raise  # (not this line's fault: every line would be refused the same)
                 print(f"error: {err.code.name}: {err.message} (line skipped)", file=sys.stderr, flush=True)
+                skipped += 1
                 continue
             shown = "\t".join(f"{json.dumps(x.text, ensure_ascii=False)} {x.logprob:.2f}" for x in result.suggestions)
             print(f"{result.steps}\t{shown}", flush=True)
+    if skipped:
+        print(f"error: {skipped} line{'s' if skipped > 1 else ''} skipped (above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _typed_lines() -> Iterator[str | UnicodeDecodeError]:
+    """Standard input's lines as they come, read as UTF-8 (a BOM before the first is dropped); a line that is not
+    UTF-8 comes as its decoding error (read as text, it failed the whole run on its first call: "'utf-8' codec
+    can't encode character '\\udcff'", after the lines before it)."""
+    source = getattr(sys.stdin, "buffer", sys.stdin)  # (the bytes under a text stream; a StringIO is text already)
+    for number, raw in enumerate(source, start=1):
+        try:
+            yield raw if isinstance(raw, str) else raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            yield e
 
 
 _CELL = re.compile(r"history\[(\d+)\]\[(\d+)\]")

@@ -149,14 +149,14 @@ def test_suggest_types_stdin_lines_into_one_session(
     serve: ServeProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``seqserve suggest``: each line is appended to one session and answered as the same calls through the
-    client answer them; a line the model cannot read is reported and skipped, the session as it was; the session
-    is gone afterwards."""
+    client answer them; a line the model cannot read is reported and skipped, the session as it was, and the run
+    exits 1 saying so; the session is gone afterwards."""
     import io
 
     from service.client import ApiError, Client
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("To be\n\n, or n\n\u4e2d\not\n"))
-    assert main(["suggest", "--target", serve.target, "-n", "2", "--max-chars", "4"]) == 0
+    assert main(["suggest", "--target", serve.target, "-n", "2", "--max-chars", "4"]) == 1
     out, err = capsys.readouterr()
     rows = [line.split("\t") for line in out.splitlines()]
     assert [r[0] for r in rows] == ["5", "11", "13"]  # characters the session holds after each line
@@ -169,9 +169,38 @@ def test_suggest_types_stdin_lines_into_one_session(
     assert lines[1].startswith("error: INVALID_ARGUMENT: appended: character '中'") and lines[1].endswith(
         "(line skipped)"
     )
+    assert lines[2:] == ["error: 1 line skipped (above)"]
     with Client(serve.target) as c, pytest.raises(ApiError) as gone:
         c.get_session(lines[0].split()[1])
     assert gone.value.code.name == "NOT_FOUND"
+
+
+def test_suggest_skips_a_line_that_is_not_utf8_and_stops_at_options_the_server_refuses(
+    serve: ServeProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stdin line that is not UTF-8 stopped the run ("'utf-8' codec can't encode character '\\udcff'...", exit 1,
+    the later lines dropped): it is skipped as a line the model cannot read is. ``-n 11`` (past the server's
+    max_suggestions) was refused for every line, each "skipped", and the run exited 0: it stops at the first."""
+    import io
+
+    piped = b"To be\n\xff or\n" + "\U0001f600\n, or n\n".encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped), errors="surrogateescape"))
+    assert main(["suggest", "--target", serve.target, "-n", "1", "--max-chars", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == ["5", "11"]
+    assert err.splitlines()[1:] == [
+        "error: standard input, line 2: not UTF-8 text (invalid start byte at byte 0 of the line); convert it "
+        "first, e.g. iconv -f latin1 -t utf-8 (line skipped)",
+        "error: INVALID_ARGUMENT: appended: character '\U0001f600' is not in the model's vocabulary of 96 "
+        "characters; remove or replace it (line skipped)",
+        "error: 2 lines skipped (above)",
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("To be\n, or n\n"))
+    assert main(["suggest", "--target", serve.target, "-n", "11"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[1:] == [
+        "error: INVALID_ARGUMENT: n must be between 1 and 10 (max_suggestions); got 11"
+    ]
 
 
 def test_a_refused_completion_prints_only_its_error(serve: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
