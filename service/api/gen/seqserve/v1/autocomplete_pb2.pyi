@@ -67,7 +67,9 @@ class CompleteRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
-    """Text to condition on (may be empty when a session already holds context)."""
+    """Text to condition on (may be empty when a session already holds context); at most the server's
+    max_chars_per_text characters (4,096 by default).
+    """
     session_id: _builtins.str
     """Session to continue; the prompt and the generated text are appended to it. Unset = stateless."""
     max_chars: _builtins.int
@@ -179,7 +181,9 @@ class SuggestRequest(_message.Message):
     session_id: _builtins.str
     """Session (of a char LM) that holds the text typed so far; create it with Sessions.Create."""
     appended: _builtins.str
-    """Text typed since the previous event; only this is fed to the model."""
+    """Text typed since the previous event; only this is fed to the model. At most the server's max_chars_per_text
+    characters (4,096 by default).
+    """
     reset: _builtins.bool
     """Reset the session to its initial state before appending."""
     n: _builtins.int
@@ -188,7 +192,7 @@ class SuggestRequest(_message.Message):
     characters after 100 Shakespeare texts: likelier in 78, as likely in 18, less likely in 4).
     """
     max_chars: _builtins.int
-    """Characters per continuation at most; 0 = 10."""
+    """Characters per continuation at most; 0 = 10; at most the server's max_generate_chars."""
     beam: _builtins.bool
     """Beam search of width n (true, default) or the n most likely next characters, each continued greedily (false)."""
     backspace: _builtins.int

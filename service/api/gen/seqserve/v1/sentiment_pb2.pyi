@@ -31,7 +31,9 @@ class ClassifyRequest(_message.Message):
 
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Texts to classify; at least one, at most the server's max_texts_per_request."""
+        """Texts to classify; at least one, at most the server's max_texts_per_request, each of at most its
+        max_chars_per_text characters (4,096 by default), all together of at most its max_words_per_request words.
+        """
 
     def __init__(
         self,
