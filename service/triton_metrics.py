@@ -61,8 +61,9 @@ _CACHE = (
 )  # fmt: skip
 
 
-def _us(d: Duration) -> float:
-    return d.ns / 1000
+def _us(d: Duration) -> int:
+    """Whole microseconds, as Triton exports them."""
+    return d.ns // 1000
 
 
 class TritonMetrics(Collector):

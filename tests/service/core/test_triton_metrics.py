@@ -59,14 +59,14 @@ async def test_tritons_names_carry_what_model_statistics_reports(repo: Path) -> 
         assert got["nv_inference_request_failure", sent] == s.fail.count == 0
         assert got["nv_inference_count", sent] == s.inference_count
         assert got["nv_inference_exec_count", sent] == s.execution_count >= 1
-        assert got["nv_inference_request_duration_us", sent] == s.success.ns / 1000 > 0
-        assert got["nv_inference_queue_duration_us", sent] == s.queue.ns / 1000
-        assert got["nv_inference_compute_infer_duration_us", sent] == s.compute_infer.ns / 1000 > 0
-        assert got["nv_inference_compute_input_duration_us", sent] == s.compute_input.ns / 1000
-        assert got["nv_inference_compute_output_duration_us", sent] == s.compute_output.ns / 1000
+        assert got["nv_inference_request_duration_us", sent] == s.success.ns // 1000 > 0
+        assert got["nv_inference_queue_duration_us", sent] == s.queue.ns // 1000
+        assert got["nv_inference_compute_infer_duration_us", sent] == s.compute_infer.ns // 1000 > 0
+        assert got["nv_inference_compute_input_duration_us", sent] == s.compute_input.ns // 1000
+        assert got["nv_inference_compute_output_duration_us", sent] == s.compute_output.ns // 1000
         assert got["nv_cache_num_hits_per_model", sent] == 1
         assert got["nv_cache_num_misses_per_model", sent] == s.cache_miss.count == 2  # (per request, as Triton)
-        assert got["nv_cache_hit_duration_per_model", sent] == s.cache_hit.ns / 1000 > 0
+        assert got["nv_cache_hit_duration_per_model", sent] == s.cache_hit.ns // 1000 > 0
         assert got["nv_inference_pending_request_count", sent] == 0
         charlm = (("model", "charlm"), ("version", "1"))
         assert got["nv_inference_request_success", charlm] == 0  # every loaded version has its series
