@@ -187,8 +187,9 @@ class Settings(BaseSettings):
     their id) and running its own batches on its own event loop; frontends send each call to the engine that owns
     what it names, and calls that name no session to their own engine (frontend i to engine i mod K: more engines
     than frontends serve only sessions). 1 (default) = one engine for the whole server. With the in-memory
-    session store, ``max_sessions`` and ``max_session_bytes`` are split evenly among the engines (per-principal
-    session quotas need a shared store then: each engine would count only its own)."""
+    session store, ``max_sessions`` and ``max_session_bytes`` are split exactly among the engines: the shares add up
+    to the settings, and a limit below ``engines`` is refused (per-principal session quotas need a shared store
+    then: each engine would count only its own)."""
     frontend_ports: bool = False
     """With workers > 1: each frontend also listens on a free port of its own, listed in the ready file (tests
     and debugging reach one frontend by it)."""
@@ -504,6 +505,14 @@ class Settings(BaseSettings):
                 f"engines={self.engines} needs frontend processes: set workers to 2 or more (or 0, one per core); "
                 "workers=1 serves everything in one process"
             )
+        for name in ("max_sessions", "max_session_bytes"):
+            value = getattr(self, name)
+            if self.engines > 1 and self.sessions_in_process and value < self.engines:
+                raise ValueError(
+                    f"{name}={value} is too small for engines={self.engines}: with the in-memory session store each "
+                    f"engine holds its share of {name}, and {value} leaves some engine none; raise {name} to at least "
+                    f"{self.engines}, lower engines, or use a shared session store (redis://)"
+                )
         quotas = self.quota_sessions or self.quota_session_bytes
         if self.engines > 1 and quotas and self.sessions_in_process:
             raise ValueError(

@@ -217,16 +217,6 @@ async def _spawn_engine(settings: Settings, index: int, engines: int, socket_pat
     return Engine(index, process, report["metrics_port"])
 
 
-def engine_settings(settings: Settings) -> Settings:
-    """What each engine serves with: with several engines and the in-memory store, each holds its share of
-    ``max_sessions`` and ``max_session_bytes`` (a shared store counts them across every process itself)."""
-    k = settings.engines
-    if k == 1 or not settings.sessions_in_process:
-        return settings
-    share = {"max_sessions": -(-settings.max_sessions // k), "max_session_bytes": -(-settings.max_session_bytes // k)}
-    return settings.model_copy(update=share)
-
-
 # --- the engine process ----------------------------------------------------------------------------------------
 async def serve(settings: Settings, ready_file: Path | None) -> int:
     """Runs the engine and its frontends until SIGTERM/SIGINT; returns the exit code."""
@@ -252,8 +242,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="seqserve-engine-"))
     sockets = [str(folder / "engine.sock"), *(str(folder / f"engine-{i + 1}.sock") for i in range(1, k))]
     metrics = Metrics()
-    each = engine_settings(settings)  # (every engine's, this one's too)
-    dataplane = CoreDataPlane(each, metrics, shard=(0, k))
+    dataplane = CoreDataPlane(settings, metrics, shard=(0, k))  # (its store holds its share: sessions/manager.py)
     engine = EngineServer(dataplane, sockets[0])
     frontends: list[Frontend] = []
     engines: list[Engine] = []
@@ -263,7 +252,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     try:
         await engine.start()
         others = asyncio.gather(
-            *(_spawn_engine(each, i, k, sockets[i], token) for i in range(1, k))
+            *(_spawn_engine(settings, i, k, sockets[i], token) for i in range(1, k))
         )  # (they load their models while this one loads its own)
         try:
             await dataplane.start()

@@ -74,6 +74,31 @@ def _who(owner: str) -> str:
     return principal_ref(owner) if owner else "the anonymous principal"
 
 
+def engine_share(total: int, shard: tuple[int, int]) -> int:
+    """Engine ``shard[0]``'s share of a limit split exactly among ``shard[1]`` engines: the shares add up to
+    ``total`` (the first ``total % engines`` engines hold one more)."""
+    index, engines = shard
+    return total // engines + int(index < total % engines)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimit:
+    """One store limit as this engine enforces it: the setting's name, its configured value, and this engine's
+    share of it (the whole value with one engine, or a store shared by every process)."""
+
+    name: str
+    configured: int
+    engines: int
+    share: int
+
+    def __str__(self) -> str:
+        if self.engines == 1:
+            return f"{self.name}={self.configured}"
+        return (
+            f"{self.name}={self.configured} across {self.engines} engines: this engine holds its share of {self.share}"
+        )
+
+
 class SessionManager:
     def __init__(
         self,
@@ -88,6 +113,15 @@ class SessionManager:
         self.store = store
         self.clock = clock
         self._shard = shard  # (this engine, of how many): the ids it draws route back to it (core/shards.py)
+        # With several engines and the in-memory store, each engine holds its exact share of the store's limits
+        # (they add up to the settings); a shared store (Redis) counts across every process itself.
+        split = shard if settings.sessions_in_process else (0, 1)
+        self.max_sessions = StoreLimit(
+            "max_sessions", settings.max_sessions, split[1], engine_share(settings.max_sessions, split)
+        )
+        self.max_session_bytes = StoreLimit(
+            "max_session_bytes", settings.max_session_bytes, split[1], engine_share(settings.max_session_bytes, split)
+        )
         self._reaper: asyncio.Task[None] | None = None
         self._models: set[str] = set()  # models whose active-sessions gauge we have set
         self._evicted: OrderedDict[str, Eviction] = OrderedDict()  # oldest first, at most EVICTED_MEMORY
@@ -171,9 +205,9 @@ class SessionManager:
     async def _make_room(self, owner: str, nbytes: int, keep: str | None) -> None:
         """Evicts least recently used idle sessions (or refuses) until one more session of ``nbytes`` fits:
         the owner's own first, another principal's only when the owner has none to give."""
-        max_n, max_b = self.settings.max_sessions, self.settings.max_session_bytes
+        max_n, max_b = self.max_sessions.share, self.max_session_bytes.share
         if nbytes > max_b:
-            raise Overloaded(f"a session of this model needs {nbytes} bytes, more than max_session_bytes={max_b}")
+            raise Overloaded(f"a session of this model needs {nbytes} bytes, more than {self.max_session_bytes}")
         await self._check_quota_swept(owner, nbytes)
         usage = await self.store.usage()
         swept = False
@@ -185,7 +219,7 @@ class SessionManager:
                     usage = await self.store.usage()
                     continue
             full = "max_sessions" if usage.count + 1 > max_n else "max_session_bytes"
-            what = f"{usage.count} sessions (max_sessions={max_n}), {usage.bytes} bytes (max_session_bytes={max_b})"
+            what = f"{usage.count} sessions ({self.max_sessions}), {usage.bytes} bytes ({self.max_session_bytes})"
             if self.settings.session_full_policy == "reject":
                 raise Overloaded(f"session store is full: {what}; delete sessions you no longer need or retry later")
             victim = await self.store.evict_lru(keep, owner=owner)
@@ -230,8 +264,9 @@ class SessionManager:
         for model in self._models | set(usage.per_model):
             self.metrics.sessions_active(model, usage.per_model.get(model, 0))
         self._models |= set(usage.per_model)
-        s = self.settings
-        self.metrics.session_store_usage(usage.count, s.max_sessions, usage.bytes, s.max_session_bytes)
+        self.metrics.session_store_usage(
+            usage.count, self.max_sessions.share, usage.bytes, self.max_session_bytes.share
+        )
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def add(self, session: SessionState, keep: str | None = None, event: str = "created") -> SessionState:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from prometheus_client import start_http_server
@@ -15,16 +16,15 @@ from pydantic import ValidationError
 
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
-from service.core.sessions import SessionManager
+from service.core.sessions import SessionManager, SessionState
 from service.core.sessions.store import InMemorySessionStore
 from service.core.shards import shard_of
 from service.core.traces import Tracer
 from service.core.types import BatchStats, Duration, ModelInfo, ModelRef, ModelStats
 from service.engine.client import RemoteDataPlane
 from service.engine.metrics import serve_engine_metrics
-from service.engine.procs import engine_settings
 from service.engine.shards import ShardedDataPlane, merged, summed
-from service.errors import FailedPrecondition, ModelNotFound
+from service.errors import FailedPrecondition, ModelNotFound, Overloaded
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service.core.test_traces import traced, written
@@ -77,12 +77,53 @@ def test_quotas_with_several_engines_need_a_shared_store() -> None:
         Settings(workers=1, engines=2)
 
 
-def test_each_engine_holds_its_share_of_the_in_memory_stores_limits() -> None:
-    s = Settings(workers=2, engines=3, max_sessions=10, max_session_bytes=1000)
-    assert (engine_settings(s).max_sessions, engine_settings(s).max_session_bytes) == (4, 334)
-    shared = s.model_copy(update={"session_store": "redis://127.0.0.1:6379/0"})
-    assert engine_settings(shared) is shared  # Redis counts across every process itself
-    assert engine_settings(Settings(workers=2)).max_sessions == 10000
+async def _fill(settings: Settings, engines: int, nbytes: int) -> tuple[int, int, list[str]]:
+    """Sessions of ``nbytes`` created in each of ``engines`` managers (one per engine, each its own in-memory store)
+    until every one refuses: (sessions held in all, bytes held in all, the refusals' messages)."""
+    held, held_bytes, refusals = 0, 0, []
+    for index in range(engines):
+        manager = SessionManager(
+            settings, Metrics(runtime_collectors=False), InMemorySessionStore(), shard=(index, engines)
+        )
+        for n in range(20):
+            try:
+                await manager.add(_session(f"e{index}-{n}", nbytes))
+            except Overloaded as exc:
+                refusals.append(str(exc))
+                break
+            held, held_bytes = held + 1, held_bytes + nbytes
+    return held, held_bytes, refusals
+
+
+def _session(sid: str, nbytes: int) -> SessionState:
+    return SessionState(
+        id=sid, model="charlm", version=1, model_sha256="ab" * 32, task="charlm", state={}, context={}, steps=0,
+        ttl_seconds=60.0, created_at=time.time(), last_used_at=time.time(), nbytes=nbytes,
+    )  # fmt: skip
+
+
+async def test_the_engines_together_hold_no_more_than_the_in_memory_stores_limits() -> None:
+    """Split exactly (3 sessions over 2 engines held 4: each engine had ceil(3/2)), and a refusal names the
+    setting as configured and the engine's share of it, not a share as if it were the setting."""
+    reject: dict[str, Any] = {"workers": 2, "session_full_policy": "reject"}
+    s = Settings(engines=2, max_sessions=3, **reject)
+    held, _, refusals = await _fill(s, 2, 10)
+    assert held == 3
+    assert "1 sessions (max_sessions=3 across 2 engines: this engine holds its share of 1)" in refusals[1]
+    s = Settings(engines=3, max_sessions=10, **reject)
+    assert (await _fill(s, 3, 10))[0] == 10
+    s = Settings(engines=3, max_session_bytes=1000, **reject)
+    _, held_bytes, refusals = await _fill(s, 3, 100)
+    assert held_bytes == 900  # 334 + 333 + 333: three sessions of 100 bytes each
+    assert "(max_session_bytes=1000 across 3 engines: this engine holds its share of 334)" in refusals[0]
+    with pytest.raises(ValidationError, match="max_sessions=1 is too small for engines=2"):
+        Settings(engines=2, max_sessions=1, **reject)
+    with pytest.raises(ValidationError, match="max_session_bytes=2 is too small for engines=3"):
+        Settings(engines=3, max_session_bytes=2, **reject)
+    shared = Settings(engines=2, max_sessions=3, session_store="redis://127.0.0.1:6379/0", **reject)
+    one = SessionManager(shared, Metrics(runtime_collectors=False), InMemorySessionStore(), shard=(1, 2))
+    assert one.max_sessions.share == 3  # Redis counts across every process itself
+    Settings(engines=2, max_sessions=1, session_store="redis://127.0.0.1:6379/0", **reject)  # so nothing to split
 
 
 def test_each_engine_writes_its_own_trace_file_with_ids_unique_across_engines(tmp_path: Path) -> None:
