@@ -51,8 +51,9 @@ class ByteBudget:
         n = min(nbytes, self.capacity)  # one request larger than the budget runs alone
         if (self._waiters or self.used + n > self.capacity) and self.waiting + n > self.capacity:
             raise Overloaded(
-                f"{self.used + self.waiting} bytes of large requests are in flight or waiting, the limit is "
-                f"{self.capacity} (max_large_bytes_in_flight); retry with backoff",
+                f"large requests are over their memory budget: {self.used} bytes in flight (at most {self.capacity}, "
+                f"max_large_bytes_in_flight) and {self.waiting} bytes waiting (at most as much again); this one "
+                f"({nbytes} bytes) would wait past that; retry with backoff",
                 retry_after=RETRY_SOON,
             )
         await self._acquire(n)

@@ -257,6 +257,32 @@ def test_byte_budget_bounds_what_runs_and_waits() -> None:
     assert order[-1] == "idle"
 
 
+def test_a_byte_budget_refusal_names_what_runs_and_what_waits_each_against_its_bound() -> None:
+    """(It said "150 bytes ... in flight or waiting, the limit is 100": more than the limit it named, since what
+    may wait is as much again.)"""
+
+    async def scenario() -> str:
+        budget, gate = ByteBudget(100), asyncio.Event()
+
+        async def hold(n: int) -> None:
+            async with budget.hold(n):
+                await gate.wait()
+
+        tasks = [asyncio.create_task(hold(n)) for n in (60, 60, 30)]  # 60 in flight, 90 waiting
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            async with budget.hold(30):
+                pass
+        gate.set()
+        await asyncio.gather(*tasks)
+        return refused.value.message
+
+    assert run(scenario) == (
+        "large requests are over their memory budget: 60 bytes in flight (at most 100, max_large_bytes_in_flight) "
+        "and 90 bytes waiting (at most as much again); this one (30 bytes) would wait past that; retry with backoff"
+    )
+
+
 def test_byte_budget_gives_back_what_a_cancelled_waiter_held() -> None:
     async def scenario() -> int:
         budget = ByteBudget(100)
