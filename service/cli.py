@@ -39,7 +39,7 @@ from service.argtypes import INT32_MAX, INT64_MAX, Parser, count, names, real
 from service.client import ApiError, Client
 from service.entry import deferred_interrupt
 from service.plots import plot_forecast, plot_path
-from service.settings import Settings, misspelt
+from service.settings import SECRET_SETTINGS, Settings, misspelt
 from service.tables import History, TableError, next_times, read_history
 
 log = logging.getLogger("seqserve")
@@ -59,7 +59,6 @@ ORT_MISSING = (
     "ONNX Runtime is not installed: pip install 'seqserve[cpu]', or 'seqserve[cuda]' on an NVIDIA GPU host (one of "
     "the two, never both)"
 )
-SECRET_WORDS = ("key", "secret", "password", "token")  # a setting named so never has its value printed
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -570,9 +569,22 @@ def _settings_problems(err: ValidationError) -> str:
             problems.append(msg)
             continue
         source = f"{SERVE_FLAGS[name]} or " if name in SERVE_FLAGS else ""
-        shown = "(not shown: a secret)" if any(w in name for w in SECRET_WORDS) else repr(e.get("input"))
-        problems.append(f"setting {name} ({source}SEQSERVE_{name.upper()}): {msg}, got {shown}")
+        problems.append(f"setting {name} ({source}SEQSERVE_{name.upper()}): {msg}{_got(name, msg, e.get('input'))}")
     return "; ".join(problems)
+
+
+def _got(name: str, msg: str, value: object) -> str:
+    """What a setting's error adds about the value given: nothing when the message says it already, never a
+    secret's value (API keys, the signing key), and the session store's URL without its password."""
+    if name in SECRET_SETTINGS:
+        return ", got (not shown: a secret)"
+    if re.search(r"\bgot\b", msg):  # (the setting's own check named it: "...; got 'newest', got 'newest'")
+        return ""
+    if name == "session_store" and isinstance(value, str):
+        from service.core.sessions import redact
+
+        value = redact(value)
+    return f", got {value!r}"
 
 
 def _unreachable(err: ApiError, args: argparse.Namespace | None) -> str:

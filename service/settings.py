@@ -590,16 +590,42 @@ class Settings(BaseSettings):
 CLIENT_VARIABLES = {"SEQSERVE_TARGET", "SEQSERVE_TLS_CA", "SEQSERVE_TLS_CLIENT_CERT", "SEQSERVE_TLS_CLIENT_KEY"}
 
 
+SECRET_SETTINGS = frozenset(
+    {"api_key", "api_keys"} | {name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)}
+)  # settings whose value is never printed (session_store is printed with its password hidden: sessions.redact)
+_K8S_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)  # SEQSERVE_X_PORT=tcp://10.0.0.7:6379
+
+
 def misspelt(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     """(variable, the setting it was probably meant to be) for each ``SEQSERVE_*`` variable that is no setting but
-    nearly spells one (``SEQSERVE_WOKERS``): pydantic-settings ignores unknown names, so such a typo would leave
-    its setting at the default without a word. Names that resemble none (Kubernetes' service links inject
-    ``SEQSERVE_SERVICE_HOST`` and the like) are left alone."""
+    nearly spells one (``SEQSERVE_WOKERS``), or names one with a word too many or too few, every word a settings'
+    word (``SEQSERVE_MAX_WORKERS``, ``SEQSERVE_SESSION_CACHE``): pydantic-settings ignores unknown names, so such a
+    typo would leave its setting at the default without a word. Names that resemble none (Kubernetes' service
+    links inject ``SEQSERVE_SERVICE_HOST``, ``SEQSERVE_REDIS_PORT=tcp://...`` and the like) are left alone."""
     known = sorted(name.upper() for name in Settings.model_fields)
     out = []
     for name in sorted(environ):
         if name.startswith("SEQSERVE_") and name[9:] not in known and name not in CLIENT_VARIABLES:
-            close = difflib.get_close_matches(name[9:], known, n=1, cutoff=0.85)
+            close = _near(name[9:], known) if not _K8S_SERVICE_LINK.match(environ[name]) else None
             if close:
-                out.append((name, f"SEQSERVE_{close[0]}"))
+                out.append((name, f"SEQSERVE_{close}"))
     return out
+
+
+def _near(name: str, known: list[str]) -> str | None:
+    """The setting ``name`` (upper case, no prefix) nearly spells, or is one word off from; None if none or
+    several are."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+    if close:
+        return close[0]
+    words = name.split("_")
+    vocabulary = {word for setting in known for word in setting.split("_")}
+    if not all(words) or not set(words) <= vocabulary:  # (a word of no setting: another program's variable)
+        return None
+    fewer = {"_".join(words[:i] + words[i + 1 :]) for i in range(len(words))}  # a word too many
+    candidates = {k for k in known if k in fewer or _one_word_less(k.split("_"), words)}
+    return candidates.pop() if len(candidates) == 1 else None
+
+
+def _one_word_less(setting: list[str], words: list[str]) -> bool:
+    return len(setting) == len(words) + 1 and any(setting[:i] + setting[i + 1 :] == words for i in range(len(setting)))

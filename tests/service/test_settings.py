@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, misspelt
 
 
 def test_a_default_ttl_above_the_maximum_is_refused() -> None:
@@ -33,3 +33,30 @@ def test_two_ports_of_one_number_are_refused() -> None:
     with pytest.raises(ValidationError, match="metrics_port and http_port are both 8002"):
         Settings(http_port=8002)
     assert Settings(port=0, metrics_port=0, http_port=0).http_port == 0  # free ports, each its own
+
+
+def test_a_variable_a_word_off_a_setting_gets_a_hint_and_kubernetes_service_links_get_none() -> None:
+    """SEQSERVE_MAX_WORKERS=2 (for SEQSERVE_WORKERS) was ignored without a hint: too short for a close spelling."""
+    environ = {
+        "SEQSERVE_MAX_WORKERS": "2",  # a word too many
+        "SEQSERVE_SESSION_CACHE": "1000",  # a word too few (SESSION_CACHE_BYTES)
+        "SEQSERVE_WOKERS": "2",  # a close spelling, as before
+        "SEQSERVE_SESSIONS": "5",  # a word too few of two settings (MAX_SESSIONS, QUOTA_SESSIONS): no guess
+        # what Kubernetes injects for Services named seqserve, seqserve-redis and seqserve-grpc
+        "SEQSERVE_SERVICE_HOST": "10.0.0.7",
+        "SEQSERVE_SERVICE_PORT": "50051",
+        "SEQSERVE_SERVICE_PORT_METRICS": "9090",
+        "SEQSERVE_PORT_50051_TCP": "tcp://10.0.0.7:50051",
+        "SEQSERVE_PORT_50051_TCP_ADDR": "10.0.0.7",
+        "SEQSERVE_PORT_50051_TCP_PORT": "50051",
+        "SEQSERVE_PORT_50051_TCP_PROTO": "tcp",
+        "SEQSERVE_REDIS_PORT": "tcp://10.0.0.8:6379",
+        "SEQSERVE_GRPC_PORT": "tcp://10.0.0.9:50051",
+        "SEQSERVE_GRPC_SERVICE_HOST": "10.0.0.9",
+        "SEQSERVE_TARGET": "127.0.0.1:50051",  # a client command's
+    }
+    assert misspelt(environ) == [
+        ("SEQSERVE_MAX_WORKERS", "SEQSERVE_WORKERS"),
+        ("SEQSERVE_SESSION_CACHE", "SEQSERVE_SESSION_CACHE_BYTES"),
+        ("SEQSERVE_WOKERS", "SEQSERVE_WORKERS"),
+    ]

@@ -548,6 +548,32 @@ def test_a_check_across_settings_and_a_secret_setting_print_no_values(
     monkeypatch.delenv("SEQSERVE_SESSION_SIGNING_KEY")
 
 
+@pytest.mark.parametrize(
+    ("env", "printed"),
+    [
+        ({"SEQSERVE_INLINE_BATCH_TOKENS": "-1"}, "Input should be greater than or equal to 0, got '-1'"),
+        ({"SEQSERVE_PAD_SPLIT_TOKENS": "-1"}, "Input should be greater than or equal to 0, got '-1'"),
+        ({"SEQSERVE_VERSION_POLICY": "newest"}, '({"latest": {"num_versions": 1}}); got \'newest\''),
+    ],
+)
+def test_a_settings_error_shows_the_value_once_and_only_a_secrets_value_is_hidden(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str], printed: str
+) -> None:
+    """(A numeric setting named with "tokens" printed "got (not shown: a secret)"; a setting whose own check names
+    the value printed it twice: "got 'newest', got 'newest'".)"""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err.endswith(f"{printed}\n")
+
+
+def test_a_settings_error_on_the_session_store_hides_its_password() -> None:
+    from service.cli import _got
+
+    assert _got("session_store", "bad", "redis://app:hunter2@h:6379/0") == ", got 'redis://app:***@h:6379/0'"
+    assert _got("api_keys", "bad", "alice:0123456789abcdef") == ", got (not shown: a secret)"
+
+
 def test_a_smaller_message_limit_takes_the_large_request_threshold_down_with_it() -> None:
     from service.settings import Settings
 
