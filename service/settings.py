@@ -475,6 +475,15 @@ class Settings(BaseSettings):
                 f"({self.max_message_bytes}): no request would count against max_large_bytes_in_flight; to allow "
                 "more large requests at once, raise max_large_bytes_in_flight instead"
             )
+        small = self.max_small_message_bytes
+        if small > self.max_message_bytes and "max_small_message_bytes" not in self.model_fields_set:
+            self.max_small_message_bytes = small = self.max_message_bytes  # the default follows a smaller limit
+        if small > self.max_message_bytes:
+            raise ValueError(
+                f"max_small_message_bytes ({small}) is above max_message_bytes ({self.max_message_bytes}): no "
+                "request may be larger than max_message_bytes, so the small methods' limit would be that one; "
+                "lower max_small_message_bytes or raise max_message_bytes"
+            )
         if self.quota_request_burst and not self.quota_requests_per_second:
             raise ValueError(
                 "quota_request_burst is set but quota_requests_per_second is 0 (no rate quota): set the rate too, "

@@ -60,3 +60,13 @@ def test_a_variable_a_word_off_a_setting_gets_a_hint_and_kubernetes_service_link
         ("SEQSERVE_SESSION_CACHE", "SEQSERVE_SESSION_CACHE_BYTES"),
         ("SEQSERVE_WOKERS", "SEQSERVE_WORKERS"),
     ]
+
+
+def test_a_small_message_limit_above_the_message_limit_is_refused() -> None:
+    """MAX_SMALL_MESSAGE_BYTES=20000000 started, and the small methods took 16 MiB (the message limit) without a
+    word; a message limit below the small one's default takes that default down with it."""
+    with pytest.raises(ValidationError, match=r"max_small_message_bytes \(20000000\) is above max_message_bytes"):
+        Settings(max_small_message_bytes=20_000_000)
+    with pytest.raises(ValidationError, match=r"max_small_message_bytes \(8192\) is above max_message_bytes \(4096\)"):
+        Settings(max_message_bytes=4096, max_small_message_bytes=8192)
+    assert Settings(max_message_bytes=4096).max_small_message_bytes == 4096
