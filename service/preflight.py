@@ -14,11 +14,14 @@ code ``serve`` runs at start, with the same settings (flags and ``SEQSERVE_*``),
   not loaded when it does not;
 - **model**: each version in the repository (or in ``load_models``) loads as the registry loads it: manifest,
   sha256, ONNX Runtime session on the chosen device, the task's own checks and start;
-- **sessions**: the session store answers (Redis: a PING through the configured client).
+- **sessions**: the session store answers (Redis: a PING through the configured client); a warning for each
+  model version none of whose sessions fits in ``max_session_bytes`` (every create refused) or, with Redis, in
+  ``session_cache_bytes`` (each read from Redis again at every step after an idle moment).
 
 Nothing listens on a port, so it runs beside the server it checks for (an init container, a CI job over a new
 model version, a shell before a restart). Each part is ``ok``, ``warn`` (serves, but look: a misspelt variable, a
-certificate with fewer than 14 days left) or ``FAIL``; the exit status is 1 when any part fails, else 0.
+certificate with fewer than 14 days left, a store too small for one session) or ``FAIL``; the exit status is 1
+when any part fails, else 0.
 """
 
 from __future__ import annotations
@@ -148,6 +151,7 @@ def _device(settings: Settings) -> Finding:
 
 async def _models(settings: Settings) -> list[Finding]:
     from service.core.registry import ModelRegistry, not_a_folder
+    from service.core.sessions.manager import unfit_sessions
     from service.metrics import Metrics
 
     registry = ModelRegistry(settings, Metrics(runtime_collectors=False))
@@ -166,6 +170,10 @@ async def _models(settings: Settings) -> list[Finding]:
                 if entry.serving:  # its model's serving.json
                     detail += ", serving.json: " + ", ".join(f"{k}={v}" for k, v in entry.serving.items())
                 found.append(Finding("model", entry.label, OK, detail))
+                if entry.task.stateful:  # the engine with the smallest share of the store's limits
+                    shard = (settings.engines - 1, settings.engines)
+                    for unfit in unfit_sessions(settings, shard, entry.label, entry.task.session_nbytes()):
+                        found.append(Finding("sessions", entry.label, WARN, unfit))
             else:
                 found.append(Finding("model", entry.label, FAIL, info.error or "not ready"))
         for name, (policy, versions) in sorted(registry.outside().items()):

@@ -172,6 +172,8 @@ class CoreDataPlane:
 
     def _loaded(self, entry: ModelEntry, replaced: bool) -> None:
         self.metrics.model_loaded(entry.name, entry.version, entry.runtime.provider, entry.load_seconds, True)
+        if entry.task.stateful:  # (settings that leave no room for one of its sessions: a warning naming them)
+            self.sessions.check_fits(entry.label, entry.task.session_nbytes())
         if self.responses.serves(entry):
             self.metrics.response_cache_model(entry.name)
 

@@ -99,6 +99,36 @@ class StoreLimit:
         )
 
 
+def store_limit(settings: Settings, shard: tuple[int, int], name: str) -> StoreLimit:
+    """The store limit ``name`` (``max_sessions``, ``max_session_bytes``) as engine ``shard`` enforces it: with
+    several engines and the in-memory store, its exact share; a shared store (Redis) counts across every process
+    itself."""
+    split = shard if settings.sessions_in_process else (0, 1)
+    total = getattr(settings, name)
+    return StoreLimit(name, total, split[1], engine_share(total, split))
+
+
+def unfit_sessions(settings: Settings, shard: tuple[int, int], label: str, nbytes: int) -> list[str]:
+    """Why sessions of model version ``label`` (``nbytes`` each) cannot work as the settings stand, one line per
+    setting: none fits in ``max_session_bytes`` (this engine's share of it), so every create is refused; or, with a
+    Redis store, none fits in the hot cache (``session_cache_bytes``), so each is handed back to Redis once idle
+    and read from it again at its next step. Empty when they fit."""
+    limit = store_limit(settings, shard, "max_session_bytes")
+    out = []
+    if nbytes > limit.share:
+        out.append(
+            f"no session of {label} fits: one needs {nbytes} bytes, more than {limit}; every create of one is "
+            "refused: raise SEQSERVE_MAX_SESSION_BYTES"
+        )
+    if settings.session_store.startswith("redis") and nbytes > settings.session_cache_bytes:
+        out.append(
+            f"no session of {label} fits in the hot cache: one needs {nbytes} bytes, more than "
+            f"session_cache_bytes={settings.session_cache_bytes}; one is handed back to Redis within a second of "
+            "its last step and read from Redis again at its next: raise SEQSERVE_SESSION_CACHE_BYTES"
+        )
+    return out
+
+
 class SessionManager:
     def __init__(
         self,
@@ -114,14 +144,9 @@ class SessionManager:
         self.clock = clock
         self._shard = shard  # (this engine, of how many): the ids it draws route back to it (core/shards.py)
         # With several engines and the in-memory store, each engine holds its exact share of the store's limits
-        # (they add up to the settings); a shared store (Redis) counts across every process itself.
-        split = shard if settings.sessions_in_process else (0, 1)
-        self.max_sessions = StoreLimit(
-            "max_sessions", settings.max_sessions, split[1], engine_share(settings.max_sessions, split)
-        )
-        self.max_session_bytes = StoreLimit(
-            "max_session_bytes", settings.max_session_bytes, split[1], engine_share(settings.max_session_bytes, split)
-        )
+        # (they add up to the settings)
+        self.max_sessions = store_limit(settings, shard, "max_sessions")
+        self.max_session_bytes = store_limit(settings, shard, "max_session_bytes")
         self._reaper: asyncio.Task[None] | None = None
         self._models: set[str] = set()  # models whose active-sessions gauge we have set
         self._evicted: OrderedDict[str, Eviction] = OrderedDict()  # oldest first, at most EVICTED_MEMORY
@@ -131,6 +156,12 @@ class SessionManager:
         self._adding = asyncio.Lock()
 
     # --- limits -----------------------------------------------------------------------------------------
+    def check_fits(self, label: str, nbytes: int) -> None:
+        """Logs a warning for each setting that leaves no room for one session of ``label`` (a model version
+        just loaded; ``unfit_sessions``)."""
+        for problem in unfit_sessions(self.settings, self._shard, label, nbytes):
+            log.warning("%s", problem)
+
     def ttl(self, ttl_seconds: float | None) -> float:
         """The TTL to use: the default when None; InvalidInput outside [MIN_TTL_SECONDS, session_max_ttl_seconds]
         (a TTL of 1e-9 s made a session that was gone before the client's next call could reach it)."""

@@ -197,6 +197,29 @@ def _certificate(folder: Path, days_left: float) -> tuple[Path, Path]:
     return pair.cert, pair.key
 
 
+def test_settings_that_leave_no_room_for_one_session_are_warned_of(
+    tiny_models: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_SESSION_BYTES below one session (every create refused) and, with Redis, SESSION_CACHE_BYTES below one
+    (each read from Redis again): check said "ready to serve", no warning."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # (nobody listens: the store fails, the warnings are the settings' own)
+    monkeypatch.setenv("SEQSERVE_MAX_SESSION_BYTES", "100")
+    monkeypatch.setenv("SEQSERVE_SESSION_CACHE_BYTES", "0")
+    monkeypatch.setenv("SEQSERVE_SESSION_STORE", f"redis://127.0.0.1:{port}/0")
+    _, found = check(capsys, "--models", str(tiny_models))
+    warned = [(f["name"], f["detail"]) for f in found if f["status"] == "warn" and f["part"] == "sessions"]
+    assert sorted(name for name, _ in warned) == ["charlm/1", "charlm/1", "forecaster/1", "forecaster/1"]
+    for name, detail in warned:
+        assert detail.startswith(f"no session of {name} fits"), detail
+        assert ("more than max_session_bytes=100;" in detail) != ("more than session_cache_bytes=0;" in detail)
+    monkeypatch.setenv("SEQSERVE_SESSION_STORE", "memory://")  # (no hot cache)
+    monkeypatch.setenv("SEQSERVE_MAX_SESSION_BYTES", str(2**20))
+    rc, found = check(capsys, "--models", str(tiny_models))
+    assert rc == 0 and not [f for f in found if f["status"] == "warn"]
+
+
 @pytest.mark.parametrize(("days_left", "want"), [(90, "ok"), (5, "warn"), (-1, "fail")])
 def test_the_certificate_loads_and_its_time_left_is_judged(
     tiny_models: Path,

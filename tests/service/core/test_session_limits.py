@@ -14,7 +14,7 @@ import pytest
 
 from service.core.sessions import InMemorySessionStore, SessionManager, SessionState, SessionStore
 from service.errors import RETRY_LATER, InvalidInput, ModelUnavailable, Overloaded, SessionEvicted, SessionNotFound
-from tests.service.core.conftest import RecordingMetrics, core_settings
+from tests.service.core.conftest import RecordingMetrics, core_settings, memory_dp
 
 
 def state(sid: str, nbytes: int = 1000, ttl: float = 10.0, last_used: float = 100.0, owner: str = "") -> SessionState:
@@ -193,3 +193,17 @@ async def test_a_model_still_loading_says_when_to_come_back(tmp_path: Path) -> N
     with pytest.raises(ModelUnavailable, match="is loading") as loading:
         registry.find(ModelRef("late"))
     assert loading.value.retry_after == RETRY_LATER
+
+
+async def test_a_model_none_of_whose_sessions_fits_is_named_in_a_warning_when_it_loads(
+    tiny_models: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(It loaded without a word, and every Create of its sessions was refused.)"""
+    dp = await memory_dp(tiny_models, max_session_bytes=100)
+    try:
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "no session of" in r.message]
+        needs = dp.registry.get("charlm", 1).task.session_nbytes()  # type: ignore[union-attr]
+        assert f"no session of charlm/1 fits: one needs {needs} bytes, more than max_session_bytes=100; " in warned[0]
+        assert sorted(m.split()[3] for m in warned) == ["charlm/1", "forecaster/1"]
+    finally:
+        await dp.stop()
