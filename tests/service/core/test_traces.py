@@ -304,17 +304,15 @@ def test_a_write_that_fails_midway_leaves_no_part_behind(
 ) -> None:
     """A trace file written to a full disk failed after its temporary file was partly written, and the part stayed
     (one per flush: on a full disk the server's own leftovers kept it full)."""
-    real = os.replace
-
     def full(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
     t = Tracer(str(tmp_path / "t.json"), ["TIMESTAMPS"], 1, -1, 2)
-    monkeypatch.setattr(traces.os, "replace", full)
+    monkeypatch.setattr(os, "replace", full)
     with caplog.at_level(logging.ERROR, logger="service.core.traces"):
         traced(t, 4)
         t.close()
-    monkeypatch.setattr(traces.os, "replace", real)
+    monkeypatch.undo()
     assert len([r for r in caplog.records if "No space left" in r.message]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
