@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -82,13 +83,22 @@ class RedisConn:
             self.client = aioredis.Redis(connection_pool=pool)
         self._scripts = {name: self.client.register_script(lua) for name, lua in SCRIPTS.items()}
         self.up = True  # the last command got an answer; flips are logged once
+        self._oom_logged = -60.0  # when an out-of-memory answer was last logged (time.monotonic)
 
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
         try:
             yield
         except rex.OutOfMemoryError as e:
-            raise Overloaded(f"session store {self.name} is out of memory (maxmemory): {e}") from None
+            now = time.monotonic()
+            if now - self._oom_logged >= 60:  # (Redis' own words, once a minute while it is full)
+                self._oom_logged = now
+                log.warning("session store %s is out of memory (maxmemory): %s", self.name, e)
+            raise Overloaded(
+                f"session store {self.name} is out of memory (its maxmemory is reached and it evicts nothing): new "
+                "sessions and steps are refused until it has room; retry later (operators: raise maxmemory, or "
+                "lower MAX_SESSIONS or SEQUENCE_IDLE_SECONDS)"
+            ) from None
         except rex.AuthenticationError as e:  # (a ConnectionError to redis-py, but a setting to fix, not an outage)
             self._mark(False, e)
             raise StoreUnavailable(
