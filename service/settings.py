@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -431,7 +432,8 @@ class Settings(BaseSettings):
     was fed and gave back (TENSORS). Changed while the server runs, for all models or one, through the trace
     extension (tritonclient's ``update_trace_settings``, ``POST /v2[/models/<name>]/trace/setting``)."""
     trace_file: str = ""
-    """Where traces are written (needed with a level other than OFF): with ``trace_log_frequency`` 0, the whole
+    """Where traces are written (needed with a level other than OFF; its folder must exist and take a new file,
+    checked at start): with ``trace_log_frequency`` 0, the whole
     JSON array when the server stops (or the file setting changes); else ``<trace_file>.0``, ``.1``, ... each
     time that many traces are collected."""
     trace_rate: int = Field(default=1000, ge=1)
@@ -544,6 +546,15 @@ class Settings(BaseSettings):
                 f"trace_file {self.trace_file!r}: its folder {str(folder)!r} does not exist; create it or set "
                 "SEQSERVE_TRACE_FILE to a file in an existing folder"
             )
+        if self.trace_level != ["OFF"]:  # (a read-only folder lost every trace at stop, after a start that said ok)
+            try:
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".seqserve-write-check-"):
+                    pass
+            except OSError as exc:
+                raise ValueError(
+                    f"trace_file {self.trace_file!r}: the server cannot write into its folder {str(folder)!r} "
+                    f"({exc.strerror or exc}); set SEQSERVE_TRACE_FILE to a file in a writable folder"
+                ) from None
         return self
 
     @model_validator(mode="after")

@@ -26,6 +26,16 @@ def test_a_trace_file_in_a_folder_that_does_not_exist_is_refused(tmp_path: Path)
     assert Settings(trace_file=str(missing)).trace_level == ["OFF"]  # (nothing is written with tracing off)
 
 
+def test_a_trace_file_in_a_folder_the_server_cannot_write_is_refused(tmp_path: Path) -> None:
+    """A read-only folder (a read-only mount) passed the check, seqserve check said ready, and every trace was kept
+    in memory and lost at stop. /proc takes no new file, whoever asks (root included). The check leaves nothing
+    behind where it can write."""
+    with pytest.raises(ValidationError, match="the server cannot write into its folder '/proc'"):
+        Settings(trace_level=["TIMESTAMPS"], trace_file="/proc/seqserve-trace.json")
+    assert Settings(trace_level=["TIMESTAMPS"], trace_file=str(tmp_path / "trace.json")).trace_file
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_ports_of_one_number_are_refused() -> None:
     """gRPC and metrics on one port failed to bind, saying another process listened there: it was this one."""
     with pytest.raises(ValidationError, match="port and metrics_port are both 9000: each port needs its own number"):

@@ -304,6 +304,7 @@ def test_a_write_that_fails_midway_leaves_no_part_behind(
 ) -> None:
     """A trace file written to a full disk failed after its temporary file was partly written, and the part stayed
     (one per flush: on a full disk the server's own leftovers kept it full)."""
+
     def full(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
