@@ -6,7 +6,8 @@ newest *ready* version serves requests that name no version.
 
 Live management: ``load_model(name)`` (re)loads every version of a model from disk, ``unload_model(name)``
 drains and frees it, ``sync()`` polls the whole repository (``--watch-models``): a new version folder is
-loaded and becomes the default, a removed folder is unloaded, a changed ``model.onnx`` (sha256) is reloaded.
+loaded and becomes the default, a removed folder is unloaded, a changed ``model.onnx`` (sha256) or manifest is
+reloaded (a manifest alone keeps the weights, and so the sessions pinned to them).
 Unloading stops new requests at once, lets in-flight ones finish (``grace_seconds`` at most), then frees the
 model. Batching lives in the entry; metrics and health subscribe to the load/unload hooks.
 """
@@ -58,6 +59,16 @@ def _signature(path: Path) -> tuple[tuple[int, int], ...]:
         except OSError:
             out.append((0, -1))
     return tuple(out)
+
+
+def _what_changed(old: ModelEntry | None, new: ModelEntry) -> str:
+    """What a reload found changed, for its log line ("; manifest.json changed, same weights"); "" for new weights
+    (the sha256 the line gives says so)."""
+    if old is None or old.sha256 != new.sha256:
+        return ""
+    changed = [MANIFEST_FILE] if old.loaded_manifest != new.loaded_manifest else []
+    changed += ["its settings"] if old.serving != new.serving else []
+    return f"; {' and '.join(changed)} changed, same weights" if changed else ""
 
 
 def not_a_folder(root: Path) -> str | None:
@@ -641,9 +652,13 @@ class ModelRegistry:
         they failed to load (``old``, when ready, then serves on)."""
         entry = ModelEntry(name, version, path, tracer=self.tracer)
         await asyncio.to_thread(entry.load_files, self.settings, self._loaded_with.get(name))
-        same = old is not None and (entry.sha256, entry.serving) == (old.sha256, old.serving)
+        same = old is not None and (entry.sha256, entry.serving, entry.loaded_manifest) == (
+            old.sha256,
+            old.serving,
+            old.loaded_manifest,
+        )
         if old is not None and old.ready and entry.error is None and same:
-            old.signature = entry.signature  # touched, same weights and settings: keep serving the loaded one
+            old.signature = entry.signature  # touched, same files and settings: keep serving the loaded one
             if old.failed_again is not None:
                 old.failed_again = None
                 self.metrics.model_reload_failed_now(name, version, False)
@@ -670,8 +685,8 @@ class ModelRegistry:
         self._put(entry)
         replaced = old is not None and old.ready
         log.info(
-            "%s model %s on %s in %.2fs (sha256 %s)", "reloaded" if replaced else "loaded", entry.label,
-            entry.info().provider, entry.load_seconds, entry.sha256[:12],
+            "%s model %s on %s in %.2fs (sha256 %s%s)", "reloaded" if replaced else "loaded", entry.label,
+            entry.info().provider, entry.load_seconds, entry.sha256[:12], _what_changed(old, entry) if replaced else "",
         )  # fmt: skip
         if old is not None and old.ready:
             await self._fire(self._on_load, entry, True)

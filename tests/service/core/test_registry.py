@@ -674,3 +674,36 @@ async def test_a_version_no_run_comes_to_is_trimmed_by_the_data_plane(
             break
         await asyncio.sleep(0.05)
     assert passed and passed[0] is r._shrink and not r.trim_due
+
+
+async def test_a_changed_manifest_with_the_same_weights_reloads_and_its_sessions_go_on(
+    repo: Path, make_dp: MakeDP, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A change to manifest.json alone (labels reversed, model.onnx as it was) is a change of the version: the sync
+    (--watch-models) and an explicit load reload it, saying so, and calls get the new labels (a restart would). The
+    sessions of a version are pinned to its weights, which did not change: they go on."""
+    dp = await make_dp(models=repo)
+    assert (await dp.classify(ModelRef("sentiment"), ["good film"]))[0].labels == ["negative", "positive"]
+    lm = ModelRef("charlm")
+    s = await dp.create_session(lm)
+    await dp.char_step(lm, "abc", session_id=s.id)
+    for name in ("sentiment", "charlm"):
+        path = repo / name / "1" / MANIFEST_FILE
+        manifest = json.loads(path.read_text())
+        if name == "sentiment":
+            manifest["labels"] = manifest["labels"][::-1]
+        else:
+            manifest["description"] = "Re-described."
+        path.write_text(json.dumps(manifest))
+    with caplog.at_level("INFO", logger="service.core.registry"):
+        await dp.registry.sync()
+    assert (await dp.classify(ModelRef("sentiment"), ["good film"]))[0].labels == ["positive", "negative"]
+    assert "reloaded model sentiment/1" in caplog.text and "manifest.json changed, same weights" in caplog.text
+    assert (await dp.char_step(lm, "d", session_id=s.id)).steps == 4  # same weights: the session goes on
+    assert dp.registry.resolve(lm).manifest.description == "Re-described."
+    path = repo / "sentiment" / "1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["labels"] = manifest["labels"][::-1]  # back
+    path.write_text(json.dumps(manifest))
+    await dp.load_model("sentiment")  # RepositoryModelLoad, without --watch-models
+    assert (await dp.classify(ModelRef("sentiment"), ["good film"]))[0].labels == ["negative", "positive"]
