@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,7 +341,7 @@ class ModelRegistry:
         self._served: set[tuple[str, int]] = set()  # every (name, version) this process has ever served
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
         self._strays: set[Path] = set()  # folders not named as a version at the last sync (warned once)
-        self._loading: set[str] = set()  # names load_model() is loading now
+        self._loading: Counter[str] = Counter()  # names load_model() is loading now: how many loads of each
         self._missing: dict[str, tuple[str, tuple[int, ...]] | None] = {}  # per model: missing versions warned of
         self._outside: dict[str, tuple[str, list[int]]] = {}  # per model: its version_policy, the versions it leaves
         self._kept: set[tuple[str, int]] = set()  # versions outside their policy kept serving (warned once)
@@ -530,35 +531,39 @@ class ModelRegistry:
         ``force``: reload them even when nothing changed on disk (their settings did); ``retry``: load again the
         versions whose files failed to load, changed or not (an explicit load). Returns the versions that failed
         to load in this sync, with why."""
-        failures: dict[tuple[str, int], str] = {}
         select_providers(self.settings.device)  # fail fast on an impossible device setting
         async with self._lock:
-            found, unreadable = await asyncio.to_thread(self._discover)
+            return await self._sync(names, force, retry)
 
-            def wanted(name: str) -> bool:
-                if names is not None:
-                    return name in names
-                return name not in self._unloaded and (self._chosen is None or name in self._chosen)
+    async def _sync(self, names: set[str] | None, force: bool, retry: bool) -> dict[tuple[str, int], str]:
+        """``sync``, with the lock held."""
+        failures: dict[tuple[str, int], str] = {}
+        found, unreadable = await asyncio.to_thread(self._discover)
 
-            for key, entry in list(self._entries.items()):
-                if wanted(key[0]) and key not in found and key[0] not in unreadable:
-                    log.info("model %s removed from the repository; unloading", entry.label)
-                    await self._unload(entry)
-            policies = await asyncio.to_thread(self._policies, {n for n, _ in found if wanted(n)})
-            outside = self._outside_policies(found, policies, failures)
-            # Newest first: the version a call naming none gets is loaded before the older ones.
-            for (name, version), path in sorted(found.items(), key=lambda item: (item[0][0], -item[0][1])):
-                if not wanted(name) or version in outside.get(name, ()):
-                    continue
-                old = self._entries.get((name, version))
-                failed = old is not None and (old.error is not None or old.failed_again is not None)
-                if old is not None and old.signature == _signature(path) and not force and not (retry and failed):
-                    continue  # unchanged on disk
-                why = await self._load(name, version, path, old)
-                if why is not None:
-                    failures[(name, version)] = why
-            for name, versions in outside.items():
-                await self._leave_outside(name, versions, policies[name])
+        def wanted(name: str) -> bool:
+            if names is not None:
+                return name in names
+            return name not in self._unloaded and (self._chosen is None or name in self._chosen)
+
+        for key, entry in list(self._entries.items()):
+            if wanted(key[0]) and key not in found and key[0] not in unreadable:
+                log.info("model %s removed from the repository; unloading", entry.label)
+                await self._unload(entry)
+        policies = await asyncio.to_thread(self._policies, {n for n, _ in found if wanted(n)})
+        outside = self._outside_policies(found, policies, failures)
+        # Newest first: the version a call naming none gets is loaded before the older ones.
+        for (name, version), path in sorted(found.items(), key=lambda item: (item[0][0], -item[0][1])):
+            if not wanted(name) or version in outside.get(name, ()):
+                continue
+            old = self._entries.get((name, version))
+            failed = old is not None and (old.error is not None or old.failed_again is not None)
+            if old is not None and old.signature == _signature(path) and not force and not (retry and failed):
+                continue  # unchanged on disk
+            why = await self._load(name, version, path, old)
+            if why is not None:
+                failures[(name, version)] = why
+        for name, versions in outside.items():
+            await self._leave_outside(name, versions, policies[name])
         return failures
 
     def _policies(self, names: set[str]) -> dict[str, str]:
@@ -713,24 +718,28 @@ class ModelRegistry:
             loaded = checked(serving, "load parameter config") if serving else None
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
-        self._loading.add(name)
+        self._loading[name] += 1  # (counted: a load that ends while another of the model runs leaves it loading)
         try:
             found, _ = await asyncio.to_thread(self._discover)
             on_disk = sorted(v for n, v in found if n == name)
             if not on_disk:
                 raise ModelNotFound(self._not_found(name))
             await self._check_policy(name, loaded, on_disk)
-            self._unloaded.discard(name)
-            if self._chosen is not None:
-                self._chosen.add(name)  # followed by --watch-models from now on
-            changed = self._loaded_with.get(name) != loaded
-            if loaded:
-                self._loaded_with[name] = loaded
-            else:
-                self._loaded_with.pop(name, None)
-            failures = await self.sync({name}, force=changed, retry=True)
+            select_providers(self.settings.device)
+            async with self._lock:  # (an unload of the model either ends before these changes or begins after it)
+                self._unloaded.discard(name)
+                if self._chosen is not None:
+                    self._chosen.add(name)  # followed by --watch-models from now on
+                changed = self._loaded_with.get(name) != loaded
+                if loaded:
+                    self._loaded_with[name] = loaded
+                else:
+                    self._loaded_with.pop(name, None)
+                failures = await self._sync({name}, force=changed, retry=True)
         finally:
-            self._loading.discard(name)
+            self._loading[name] -= 1
+            if not self._loading[name]:
+                del self._loading[name]
         if failures:
             why = "; ".join(f"version {v} failed to load: {failures[n, v]}" for n, v in sorted(failures))
             raise FailedPrecondition(f"model {echo(name)}: {why}; load it again once its files are fixed")

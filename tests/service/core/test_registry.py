@@ -707,3 +707,43 @@ async def test_a_changed_manifest_with_the_same_weights_reloads_and_its_sessions
     path.write_text(json.dumps(manifest))
     await dp.load_model("sentiment")  # RepositoryModelLoad, without --watch-models
     assert (await dp.classify(ModelRef("sentiment"), ["good film"]))[0].labels == ["negative", "positive"]
+
+
+async def test_a_load_ending_during_another_leaves_the_model_loading_not_missing(
+    repo: Path, make_dp: MakeDP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two loads and an unload of one model, overlapping (tritonclient's load_model/unload_model from several
+    clients): while the second load is still under way the model is "loading" (UNAVAILABLE, retry), never NOT_FOUND
+    "not in the repository" (false, and it tells clients not to retry). The first load to end cleared the mark the
+    second one had set; the unload between them had dropped every version."""
+    import threading
+
+    dp = await make_dp(models=repo)
+    registry = dp.registry
+    discover, gate, held = registry._discover, threading.Event(), threading.Event()
+
+    def slow_discover() -> Any:
+        if not held.is_set():  # the first load's look at the repository waits for the gate
+            held.set()
+            gate.wait(10)
+        return discover()
+
+    monkeypatch.setattr(registry, "_discover", slow_discover)
+    second = asyncio.create_task(dp.load_model("sentiment"))
+    while not held.is_set():
+        await asyncio.sleep(0.001)
+    await dp.load_model("sentiment")  # the other load, start to end
+    await dp.unload_model("sentiment")
+    gate.set()
+    seen: set[str] = set()
+    while not second.done():
+        try:
+            seen.add(f"version {registry.resolve(ModelRef('sentiment')).version}")
+        except ModelUnavailable as exc:
+            seen.add("loading" if "is loading" in str(exc) else str(exc))
+        except ModelNotFound as exc:
+            seen.add(f"NOT_FOUND: {exc}")
+        await asyncio.sleep(0)
+    await second
+    assert seen <= {"loading", "version 1"} and "loading" in seen, seen
+    assert registry.resolve(ModelRef("sentiment")).version == 1

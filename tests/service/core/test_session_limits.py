@@ -189,7 +189,7 @@ async def test_a_model_still_loading_says_when_to_come_back(tmp_path: Path) -> N
     from service.settings import Settings
 
     registry = ModelRegistry(Settings(models=tmp_path), Metrics(runtime_collectors=False))
-    registry._loading.add("late")  # what load_model() holds while it loads "late"
+    registry._loading["late"] += 1  # what load_model() holds while it loads "late"
     with pytest.raises(ModelUnavailable, match="is loading") as loading:
         registry.find(ModelRef("late"))
     assert loading.value.retry_after == RETRY_LATER
