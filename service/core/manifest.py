@@ -21,6 +21,7 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 # A version folder (models/NAME/N) the registry loads, and the training CLI writes: 1 to 999999999, no leading zero.
 VERSION_FOLDER = re.compile(r"[1-9][0-9]{0,8}")
+VERSION_RULE = "a whole number from 1 to 999999999, at most 9 digits without a leading zero"  # VERSION_FOLDER, said
 
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 DType = Literal["float32", "int64", "int32", "bool"]

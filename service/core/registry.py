@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from service.core.batching import Batcher
-from service.core.manifest import MANIFEST_FILE, MODEL_FILE, VERSION_FOLDER, Manifest, sha256_file
+from service.core.manifest import MANIFEST_FILE, MODEL_FILE, VERSION_FOLDER, VERSION_RULE, Manifest, sha256_file
 from service.core.prefixes import PrefixCache
 from service.core.runtime import Runtime, load_runtime, select_providers
 from service.core.serving import SERVING_FILE, checked, model_settings
@@ -494,7 +494,7 @@ class ModelRegistry:
                 if not VERSION_FOLDER.fullmatch(vdir.name):
                     strays.add(vdir)
                     if vdir not in self._strays:  # (--watch-models: once, not at every poll)
-                        log.warning("ignoring %s: version directories must be positive integers", vdir)
+                        log.warning("ignoring %s: a version folder's name must be %s", vdir, VERSION_RULE)
                     continue
                 found[(model_dir.name, int(vdir.name))] = vdir
         self._unreadable, self._strays = unreadable, strays
@@ -751,7 +751,7 @@ class ModelRegistry:
         if name in self._folders:
             return (
                 f"model {echo(name)} has no version to load: its folder in the repository holds no version folder "
-                f"named by a positive integer ({name}/1/, {name}/2/, ...); add one, then load it"
+                f"({name}/1/, {name}/2/, ...: its name must be {VERSION_RULE}); add one, then load it"
             )
         return f"model {echo(name)} is not in the repository; its models are {sorted(self._on_disk)}"
 

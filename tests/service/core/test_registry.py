@@ -412,18 +412,24 @@ def test_cuda_requested_but_placed_on_cpu_is_refused(tiny_models: Path, monkeypa
             rt.load_runtime(manifest, vdir / MODEL_FILE, Settings(device="cuda", models=tiny_models), {})
 
 
-@pytest.mark.parametrize("folder", ["0", "007"])
+@pytest.mark.parametrize("folder", ["0", "007", "1234567890"])
 async def test_version_folders_must_be_positive_integers_without_leading_zeros(
-    repo: Path, make_dp: MakeDP, folder: str
+    repo: Path, make_dp: MakeDP, folder: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Triton's layout: a version folder is a positive integer. "0" and a zero-padded "007" are ignored (with a
-    warning), never served as version 0 or 7."""
+    """Triton's layout: a version folder is a positive integer, here of at most 9 digits. "0", a zero-padded "007"
+    and a 10-digit "1234567890" (a TF-Serving timestamp) are ignored with a warning that says the rule (it said
+    "must be positive integers", which 1234567890 is), never served as version 0 or 7."""
     out = add_version(repo, "charlm", 1, int(folder))
     out.rename(out.with_name(folder))
     dp = await make_dp(models=repo)
     assert [m.version for m in await dp.models() if m.name == "charlm"] == [1]
     with pytest.raises(ModelNotFound, match="has no version"):
         await dp.model_info(ModelRef("charlm", int(folder)))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignoring")]
+    assert said == [
+        f"ignoring {out.with_name(folder)}: a version folder's name must be a whole number from 1 to 999999999, at "
+        "most 9 digits without a leading zero"
+    ]
 
 
 async def test_with_no_version_ready_a_call_naming_none_reports_the_newest(repo: Path, make_dp: MakeDP) -> None:
@@ -512,8 +518,9 @@ async def test_a_load_that_finds_nothing_says_whether_the_folder_or_its_versions
     with pytest.raises(ModelNotFound) as err:
         await dp.load_model("staged")
     assert str(err.value) == (
-        "model 'staged' has no version to load: its folder in the repository holds no version folder named by a "
-        "positive integer (staged/1/, staged/2/, ...); add one, then load it"
+        "model 'staged' has no version to load: its folder in the repository holds no version folder (staged/1/, "
+        "staged/2/, ...: its name must be a whole number from 1 to 999999999, at most 9 digits without a leading "
+        "zero); add one, then load it"
     )
     with pytest.raises(ModelNotFound) as err:
         await dp.load_model("../models")  # a path, not a name: never looked up outside the repository's listing
@@ -586,13 +593,13 @@ async def test_a_stray_folder_is_named_once_not_at_every_poll(
     dp = await make_dp(models=repo)
     for _ in range(3):
         await dp.registry.sync()
-    said = [r for r in caplog.records if "version directories must be positive integers" in r.getMessage()]
+    said = [r for r in caplog.records if "a version folder's name must be a whole number" in r.getMessage()]
     assert len(said) == 1 and str(stray) in said[0].getMessage()
     stray.rmdir()
     await dp.registry.sync()
     stray.mkdir()
     await dp.registry.sync()
-    assert sum("must be positive integers" in r.getMessage() for r in caplog.records) == 2
+    assert sum("a version folder's name must be" in r.getMessage() for r in caplog.records) == 2
 
 
 async def test_loads_and_unloads_are_audited_with_who_asked(make_dp: MakeDP, caplog: pytest.LogCaptureFixture) -> None:
