@@ -11,11 +11,12 @@ labels, normalization...) is checked by the task itself at load (``service/core/
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -209,6 +210,26 @@ class Manifest(_Strict):
     def load(cls, path: Path) -> Manifest:
         return cls.model_validate_json(path.read_text(encoding="utf-8"))
 
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        """``load``, for a server: ValueError saying in one line what is wrong with the file (not JSON, not an
+        object, the fields missing, each field that is not valid and what it held) instead of pydantic's report of
+        a few lines per field."""
+        text = path.read_text(encoding="utf-8")
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError("not JSON we read: its arrays or objects nest too deeply") from None
+        if not isinstance(raw, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(raw), "a number")
+            raise ValueError(f"a manifest is a JSON object, not {kind}")
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise ValueError(problems(exc)) from None
+
     def dump(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
@@ -219,3 +240,26 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def problems(exc: ValidationError, most: int = 5) -> str:
+    """A manifest's validation errors in one line: the fields missing, named together, then each other one as
+    ``where: what, got value`` (values cut at 40 characters), ``most`` of them, then how many more."""
+    missing = [_where(e["loc"]) for e in exc.errors() if e["type"] == "missing"]
+    said = [f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"] if missing else []
+    for e in exc.errors():
+        if e["type"] == "missing":
+            continue
+        where = f"{_where(e['loc'])}: " if e["loc"] else ""
+        if e["type"] == "value_error":  # a validator's own message ("normalization std must be positive")
+            said.append(f"{where}{e['ctx']['error']}")
+            continue
+        got = json.dumps(e["input"], default=str)
+        said.append(f"{where}{e['msg'][:1].lower()}{e['msg'][1:]}, got {got if len(got) <= 40 else got[:37] + '...'}")
+    more = f"; and {len(said) - most} more" if len(said) > most else ""
+    return "; ".join(said[:most]) + more
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A field's place: ``inputs[0].dtype``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")

@@ -242,9 +242,9 @@ class ModelEntry:
             if not manifest_path.is_file() or not model_path.is_file():
                 raise ValueError(f"{self.path} must contain {MODEL_FILE} and {MANIFEST_FILE}")
             try:
-                manifest = Manifest.load(manifest_path)
-            except ValueError as exc:  # pydantic.ValidationError and JSON errors are ValueErrors
-                raise ValueError(f"{manifest_path} is not a valid manifest: {exc}") from exc
+                manifest = Manifest.read(manifest_path)
+            except ValueError as exc:  # (read says what is wrong in one line; a UnicodeDecodeError is one too)
+                raise ValueError(f"{manifest_path} is not a valid manifest: {exc}") from None
             self.loaded_manifest = manifest
             if (manifest.name, manifest.version) != (self.name, self.version):
                 raise ValueError(

@@ -754,3 +754,36 @@ async def test_a_load_ending_during_another_leaves_the_model_loading_not_missing
     await second
     assert seen <= {"loading", "version 1"} and "loading" in seen, seen
     assert registry.resolve(ModelRef("sentiment")).version == 1
+
+
+async def test_a_manifest_that_is_not_valid_is_said_in_one_line(repo: Path, make_dp: MakeDP) -> None:
+    """What is wrong with a manifest, as serving.json's errors are said: one line naming the fields missing, each
+    field that is not valid and what it held; not JSON says so. (Pydantic's report was 2,000 characters over 30
+    lines for a manifest of a name and a version, with a link per field, in the index, every UNAVAILABLE and the
+    load's FAILED_PRECONDITION.)"""
+    (repo / "sentiment" / "1" / MANIFEST_FILE).write_text('{"name": "sentiment", "version": 1}')
+    (repo / "forecaster" / "1" / MANIFEST_FILE).write_text("{not json")
+    path = repo / "charlm" / "1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["inputs"][0]["dtype"] = "float64"
+    manifest["opset"] = 11
+    path.write_text(json.dumps(manifest))
+    dp = await make_dp(models=repo)
+    errors = {m.name: m.error for m in await dp.models()}
+    assert errors == {
+        "sentiment": "sentiment/1/manifest.json is not a valid manifest: missing fields task, architecture, inputs, "
+        "outputs, states, stateful, sha256, opset, torch_version, onnx_version, created_at",
+        "forecaster": "forecaster/1/manifest.json is not a valid manifest: not JSON (Expecting property name enclosed "
+        "in double quotes: line 1 column 2 (char 1))",
+        "charlm": "charlm/1/manifest.json is not a valid manifest: inputs[0].dtype: input should be 'float32', "
+        "'int64', 'int32' or 'bool', got \"float64\"; opset: input should be greater than or equal to 17, got 11",
+    }
+    with pytest.raises(FailedPrecondition) as failed:
+        await dp.load_model("sentiment")
+    assert "\n" not in str(failed.value) and len(str(failed.value)) < 300, str(failed.value)
+    (repo / "sentiment" / "1" / MANIFEST_FILE).write_text("[]")
+    with pytest.raises(FailedPrecondition, match="not a valid manifest: a manifest is a JSON object, not an array;"):
+        await dp.load_model("sentiment")
+    (repo / "sentiment" / "1" / MANIFEST_FILE).write_text("[" * 100_000)
+    with pytest.raises(FailedPrecondition, match="not a valid manifest: not JSON we read: its arrays or objects nest"):
+        await dp.load_model("sentiment")
