@@ -72,6 +72,18 @@ def _what_changed(old: ModelEntry | None, new: ModelEntry) -> str:
     return f"; {' and '.join(changed)} changed, same weights" if changed else ""
 
 
+def _broken_link(file: Path, root: Path) -> str | None:
+    """Where ``file``, a symbolic link whose target is missing (or no file), points, and what is wrong there
+    ("forecaster/3/model.onnx, which does not exist"); None when ``file`` is no such link. A target outside the
+    repository is not named (load errors reach callers)."""
+    if not file.is_symlink() or file.is_file():
+        return None
+    target = Path(os.path.normpath(file.parent / os.readlink(file)))
+    inside = any(target.is_relative_to(r) for r in (root, root.absolute(), root.resolve()))
+    where = str(target) if inside else "a file outside the model repository"
+    return f"{where}, which {'is not a file' if target.exists() else 'does not exist'}"
+
+
 def not_a_folder(root: Path) -> str | None:
     """Why ``root`` cannot be a model repository ("does not exist", "is not a directory"), or None."""
     if root.is_dir():
@@ -239,6 +251,12 @@ class ModelEntry:
             settings, self.serving = model_settings(settings, self.path.parent, loaded)
             self.settings = settings
             manifest_path, model_path = self.path / MANIFEST_FILE, self.path / MODEL_FILE
+            for file in (model_path, manifest_path):
+                if (link := _broken_link(file, settings.models)) is not None:
+                    raise ValueError(
+                        f"{file} is a link to {link}: a version whose files are links depends on the folder they "
+                        f"link into; restore that file, or copy it into {self.label} in place of the link"
+                    )
             if not manifest_path.is_file() or not model_path.is_file():
                 raise ValueError(f"{self.path} must contain {MODEL_FILE} and {MANIFEST_FILE}")
             try:

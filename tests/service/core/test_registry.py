@@ -787,3 +787,35 @@ async def test_a_manifest_that_is_not_valid_is_said_in_one_line(repo: Path, make
     (repo / "sentiment" / "1" / MANIFEST_FILE).write_text("[" * 100_000)
     with pytest.raises(FailedPrecondition, match="not a valid manifest: not JSON we read: its arrays or objects nest"):
         await dp.load_model("sentiment")
+
+
+async def test_a_version_whose_weights_link_to_a_removed_version_says_so(repo: Path, make_dp: MakeDP) -> None:
+    """charlm/2/model.onnx is a link to ../1/model.onnx (as forecaster/4's is to forecaster/3's). Once charlm/1 is
+    removed, charlm/2 serves on from memory, and a load says its file is a link to a missing file, naming it (it
+    said "must contain model.onnx and manifest.json", which it did)."""
+    import os
+
+    v2 = add_version(repo, "charlm", 1, 2)
+    (v2 / MODEL_FILE).unlink()
+    os.symlink(Path("..") / "1" / MODEL_FILE, v2 / MODEL_FILE)
+    dp = await make_dp(models=repo)
+    assert (await dp.model_info(ModelRef("charlm", 2))).ready
+    shutil.rmtree(repo / "charlm" / "1")
+    await dp.registry.sync()
+    assert (await dp.model_info(ModelRef("charlm", 2))).ready  # (the weights it loaded serve on)
+    with pytest.raises(FailedPrecondition) as failed:
+        await dp.load_model("charlm")
+    assert str(failed.value) == (
+        "model 'charlm': version 2 failed to load: charlm/2/model.onnx is a link to charlm/1/model.onnx, which does "
+        "not exist: a version whose files are links depends on the folder they link into; restore that file, or copy "
+        "it into charlm/2 in place of the link (the weights it loaded before serve on); load it again once its files "
+        "are fixed"
+    )
+    outside = repo / "charlm" / "3"
+    outside.mkdir()
+    shutil.copy(v2 / MANIFEST_FILE, outside / MANIFEST_FILE)
+    os.symlink(repo.parent / "elsewhere" / MODEL_FILE, outside / MODEL_FILE)
+    await dp.registry.sync()
+    error = (await dp.model_info(ModelRef("charlm", 3))).error or ""
+    assert "charlm/3/model.onnx is a link to a file outside the model repository, which does not exist" in error
+    assert str(repo.parent) not in error
