@@ -42,12 +42,15 @@ def pinned(registry: ModelRegistry, s: SessionState) -> ModelEntry:
     if entry is None and (policy := registry.left_out(s.model, s.version)):
         raise FailedPrecondition(
             f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version}, which this server does not "
-            f"serve: the model's version_policy is {policy}; create a new session (KServe: start a new sequence)"
+            f"serve now: the model's version_policy is {policy}; the session keeps its state until it expires, and "
+            "goes on once a version_policy that chooses its version is back; to go on now, create a new session "
+            "(KServe: start a new sequence)"
         )
     if entry is None or not entry.ready:
         raise FailedPrecondition(
             f"session {session_ref(s.id)} is pinned to model {s.model} version {s.version}, which is no longer loaded; "
-            "create a new session (KServe: start a new sequence)"
+            "the session keeps its state until it expires, and goes on if that version is loaded again with the same "
+            "weights; to go on now, create a new session (KServe: start a new sequence)"
         )
     if entry.sha256 != s.model_sha256:
         raise FailedPrecondition(

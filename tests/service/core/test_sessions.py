@@ -231,14 +231,18 @@ async def test_session_keeps_its_version_and_fails_when_it_is_removed(repo: Path
     assert step.steps == 4 and (await dp.get_session(old.id)).version == 1
     with pytest.raises(FailedPrecondition, match="names 'charlm' version 2"):
         await dp.char_step(ModelRef("charlm", 2), "e", session_id=old.id)
-    shutil.rmtree(repo / "charlm" / "1")
+    shutil.move(repo / "charlm" / "1", repo.parent / "charlm-1")
     await dp.registry.sync()
     with pytest.raises(FailedPrecondition, match="pinned to model charlm version 1, which is no longer loaded") as gone:
         await dp.suggest(old.id, "e")
     assert session_ref(old.id) in gone.value.message and old.id not in gone.value.message
     assert gone.value.retry_after is None  # the version is gone: waiting does not bring it back
+    assert "keeps its state until it expires, and goes on if that version is loaded again" in gone.value.message
     with pytest.raises(ModelNotFound):
         await dp.char_step(ModelRef("charlm", 1), "e")
+    shutil.move(repo.parent / "charlm-1", repo / "charlm" / "1")  # back, with the same weights: the session goes on
+    await dp.registry.sync()
+    assert (await dp.char_step(LM, "e", session_id=old.id)).steps == 5
 
 
 async def test_wrong_task_model_or_id(dp: CoreDataPlane) -> None:

@@ -326,8 +326,9 @@ async def test_a_session_or_blob_of_a_version_the_policy_leaves_out_is_refused_s
         with pytest.raises(FailedPrecondition) as err:
             await dp.char_step(lm, "d", session_id=s.id)
         assert str(err.value).endswith(
-            "is pinned to model charlm version 1, which this server does not serve: the model's version_policy is "
-            "latest:1; create a new session (KServe: start a new sequence)"
+            "is pinned to model charlm version 1, which this server does not serve now: the model's version_policy is "
+            "latest:1; the session keeps its state until it expires, and goes on once a version_policy that chooses "
+            "its version is back; to go on now, create a new session (KServe: start a new sequence)"
         )
         assert (await dp.char_step(lm, "d", session_id=(await dp.create_session(lm)).id)).steps == 1
         with pytest.raises(FailedPrecondition) as err:
@@ -336,5 +337,8 @@ async def test_a_session_or_blob_of_a_version_the_policy_leaves_out_is_refused_s
             "the session blob holds a session of model charlm version 1, which this server does not serve: the "
             "model's version_policy is latest:1; import it where that version is served"
         )
+        (repo / "charlm" / "serving.json").unlink()  # the policy chooses version 1 again: the session goes on
+        await dp.registry.sync()
+        assert (await dp.char_step(lm, "d", session_id=s.id)).steps == 4
     finally:
         await dp.stop()
