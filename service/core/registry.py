@@ -356,6 +356,7 @@ class ModelRegistry:
         self._chosen: set[str] | None = set(settings.load_models) if settings.load_models else None
         self._on_disk: set[str] = set()  # model names found at the last look at the repository
         self._folders: set[str] = set()  # every folder the repository held then, with versions or not
+        self._root_problem: str | None = None  # why the repository itself could not be read at the last sync
         self._served: set[tuple[str, int]] = set()  # every (name, version) this process has ever served
         self._unreadable: set[str] = set()  # model folders that could not be listed at the last sync (warned once)
         self._strays: set[Path] = set()  # folders not named as a version at the last sync (warned once)
@@ -492,9 +493,21 @@ class ModelRegistry:
         root = self.settings.models
         problem = not_a_folder(root)
         if problem is not None:
-            log.warning("model repository %s %s; no models will be served", root, problem)
-            self._folders = set()
-            return {}, set()
+            # A repository gone as a whole (an unmount, a folder replaced by a deploy) is not every model removed:
+            # the versions loaded from it keep serving until it is back (an empty folder still unloads them all).
+            kept = {name for name, _ in self._entries}
+            if problem != self._root_problem:  # (once per change, not at every poll)
+                if kept:
+                    log.warning("model repository %s %s; the models loaded from it keep serving (%s) until it is "
+                                "back", root, problem, ", ".join(sorted(kept)))  # fmt: skip
+                else:
+                    log.warning("model repository %s %s; no models will be served", root, problem)
+            self._root_problem, self._folders = problem, set()
+            self._unreadable, self._on_disk = kept, set(kept)
+            return {}, kept
+        if self._root_problem is not None:
+            log.info("model repository %s is back", root)
+            self._root_problem = None
         found: dict[tuple[str, int], Path] = {}
         unreadable: set[str] = set()
         strays: set[Path] = set()

@@ -67,6 +67,31 @@ async def test_a_repository_path_that_is_missing_or_a_file_says_which(
         assert f"model repository {path} {problem}; no models will be served" in caplog.text
 
 
+async def test_a_repository_gone_as_a_whole_keeps_its_models_serving_until_it_is_back(
+    repo: Path, make_dp: MakeDP, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--watch-models: the repository folder itself gone (an unmount, a deploy that replaces it) unloaded every
+    model within one poll (health NOT_SERVING, every session told its version was gone) and warned at every
+    poll. Now the loaded versions keep serving until it is back, said once; an empty repository still unloads."""
+    dp = await make_dp(models=repo)
+    before = sorted((m.name, m.version) for m in await dp.models())
+    away = repo.with_name("models.away")
+    repo.rename(away)
+    caplog.clear()
+    for _ in range(2):
+        await dp.registry.sync()
+    assert sorted((m.name, m.version) for m in await dp.models()) == before and await dp.ready()
+    assert len(await dp.classify(ModelRef("sentiment"), ["good film"])) == 1
+    assert caplog.text.count("keep serving (charlm, forecaster, sentiment) until it is back") == 1
+    away.rename(repo)
+    await dp.registry.sync()
+    assert sorted((m.name, m.version) for m in await dp.models()) == before and "is back" in caplog.text
+    for model in list(repo.iterdir()):
+        shutil.rmtree(model)
+    await dp.registry.sync()
+    assert await dp.models() == [] and not await dp.ready()
+
+
 async def test_sha256_mismatch_is_reported_and_others_still_load(repo: Path, make_dp: MakeDP) -> None:
     with (repo / "charlm" / "1" / MODEL_FILE).open("ab") as f:
         f.write(b"\0")
