@@ -94,6 +94,23 @@ def _passes(cmd: list[str]) -> None:
     assert "cache hit/miss" not in out, out[-3000:]
 
 
+def test_perf_analyzer_finds_a_version_whose_answers_come_from_the_prefix_cache(
+    targets: dict[str, str], tmp_path: Path
+) -> None:
+    """Sequences of one step: each request starts a sequence on one character, which the char LM's prefix cache
+    answers after its first time, with no model run. Such answers counted in success alone, and perf_analyzer,
+    which finds the version it measures by the queue count that grew (Triton counts every success there), failed:
+    "failed to find the requested model version"."""
+    cmd = short_run(pa.WORKLOADS["charlm-unary"], targets["grpc"], "grpc", tmp_path, 1)
+    cmd[cmd.index("--sequence-length") + 1] = "1"
+    assert "-x" not in cmd
+    done = subprocess.run(cmd, env=pa.environment(), capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "failed to find the requested model version" not in out, out[-3000:]
+    served = re.search(r"Server:\s+Inference count: (\d+)", out)
+    assert served is not None and int(served.group(1)) > 0, out[-3000:]
+
+
 @pytest.fixture(scope="module")
 def cached_targets(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A server with the response cache on."""
