@@ -119,7 +119,8 @@ def completion(
 class StopCut:
     """A completion's text without the stop string that ended it, as OpenAI answers (``Complete`` includes it).
     Streamed, ``feed`` returns what may be sent so far: all but the last characters that could still begin a stop
-    string; the chunk that ends the generation gives the rest, its stop string cut off."""
+    string (the longest end of the text that begins one); the chunk that ends the generation gives the rest, its
+    stop string cut off."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = sorted({s for s in stops if s}, key=len, reverse=True)  # longest first: the earliest match
@@ -132,7 +133,7 @@ class StopCut:
         self.pending += text
         finish = finish_reason_from_pb(chunk.finish_reason)
         if finish is None:
-            keep = min(self.hold, len(self.pending))
+            keep = self._beginning()
             out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
             return out
         out, self.pending = self.pending, ""
@@ -140,6 +141,15 @@ class StopCut:
             matched = next((s for s in self.stops if out.endswith(s)), "")
             out = out[: len(out) - len(matched)]
         return out
+
+    def _beginning(self) -> int:
+        """How many of the last characters held could still begin a stop string (a "\n" that begins none is sent
+        at once: holding ``hold`` characters always delayed every character by them)."""
+        for k in range(min(self.hold, len(self.pending)), 0, -1):
+            tail = self.pending[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
 
 
 def usage(prompt: str, generated: int) -> dict[str, int]:

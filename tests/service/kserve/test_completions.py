@@ -96,6 +96,11 @@ def test_a_stop_string_ends_the_completion_and_is_left_out_of_it(rest: ServerHan
     assert (unstopped.choices[0].finish_reason, unstopped.choices[0].text) == ("length", text[:8])
     streamed = create("zzzz", max_tokens=8, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text[:8]  # (what was held back comes at the end)
+    # A character that cannot begin a stop string is sent at once: the stream held the last len(stop) - 1
+    # characters whatever they were, so each event came three characters late (the first three empty).
+    absent = next(c for c in "QXZqxz" if c not in text[:8])
+    at_once = create(absent * 4, max_tokens=8, stream=True)
+    assert [c.choices[0].text for c in at_once] == list(text[:8])
 
 
 def test_a_stream_ends_as_the_sdk_expects(rest: ServerHandle) -> None:
