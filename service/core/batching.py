@@ -351,7 +351,7 @@ class Batcher:
             raise
         self._infer_seconds[tokens] = times[1] / 1e9
         self._note_rows(item.key, item.rows, 1)
-        self._record([item], 0.0, started, times)
+        self._record([item], [0.0], started, times)
         return result
 
     def _note_rows(self, key: Hashable, rows: int, requests: int) -> None:
@@ -363,18 +363,19 @@ class Batcher:
             recent = self._last_rows[key] = deque(maxlen=RECENT_BATCHES)
         recent.append(rows if requests > 1 else 1)
 
-    def _record(self, items: list[StepInput], waited: float, started: float, times: tuple[int, int, int]) -> None:
-        """Metrics and statistics of one run of ``items``: ``waited`` = seconds they queued, summed over them. Each
-        request is charged the run's (input, infer, output) nanoseconds, as Triton charges a batch's requests."""
+    def _record(self, items: list[StepInput], waits: list[float], started: float, times: tuple[int, int, int]) -> None:
+        """Metrics and statistics of one run of ``items``, which queued ``waits`` seconds each. Each request is
+        charged its wait and the run's (input, infer, output) nanoseconds, as Triton charges a batch's requests."""
         rows = 0
-        for it in items:
+        for it, wait in zip(items, waits, strict=True):
             rows += it.rows
             runs = it.runs
             if runs is not None:
+                runs.queue_ns += int(wait * 1e9)
                 runs.input_ns += times[0]
                 runs.infer_ns += times[1]
                 runs.output_ns += times[2]
-        self.metrics.inference(self.name, self.version, waited / len(items), time.perf_counter() - started, rows)
+        self.metrics.inference(self.name, self.version, sum(waits) / len(items), time.perf_counter() - started, rows)
         self.stats.batch(rows, *times)
 
     def _take(self) -> list[_Pending]:
@@ -492,14 +493,7 @@ class Batcher:
                 batch[0].future.set_exception(_detached(exc))
             return
         for group, times in runs:  # one execution per ORT run
-            waited = 0.0
-            for i in group:
-                wait = started - batch[i].enqueued
-                waited += wait
-                counted = items[i].runs
-                if counted is not None:
-                    counted.queue_ns += int(wait * 1e9)
-            self._record([items[i] for i in group], waited, started, times)
+            self._record([items[i] for i in group], [started - batch[i].enqueued for i in group], started, times)
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
@@ -522,11 +516,8 @@ class Batcher:
                 if not p.future.done():  # (its caller may have gone while it ran: set_exception would raise)
                     p.future.set_exception(_detached(exc))
                 continue
-            counted = p.item.runs
-            if counted is not None:
-                counted.queue_ns += int((started - p.enqueued) * 1e9)
             for _, times in runs:
-                self._record([p.item], started - p.enqueued, started, times)
+                self._record([p.item], [started - p.enqueued], started, times)
             if not p.future.done():
                 p.future.set_result(results[0])
 
