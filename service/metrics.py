@@ -405,6 +405,17 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def _coded(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """``_child`` of a counter labelled (..., code): the first time its other labels are seen, the series of the
+        server-side codes (``SERVER_ERROR_CODES``) are made at 0 beside it (a series born at its first error loses
+        that error to ``rate()``, and so to the error-ratio alerts)."""
+        child = self._children.get((id(metric), labels))
+        if child is None:
+            child = self._child(metric, labels)
+            for other in SERVER_ERROR_CODES:
+                self._child(metric, (*labels[:-1], other))
+        return child
+
     # --- API layer (the edge) ----------------------------------------------------------------------
     def rpc_started(self, service: str, method: str) -> None:
         """In-flight gauge +1."""
@@ -418,12 +429,7 @@ class Metrics:
         (OpenMetrics: Grafana links the latency panel to the trace)."""
         self._child(self.rpc_in_flight, (service, method)).dec()
         labels = (service, method, self._model(model), code)
-        counter = self._children.get((id(self.rpc_requests), labels))
-        if counter is None:
-            counter = self._child(self.rpc_requests, labels)
-            for other in SERVER_ERROR_CODES:  # (a series born at its first error loses that error to rate())
-                self._child(self.rpc_requests, (*labels[:3], other))
-        counter.inc()
+        self._coded(self.rpc_requests, labels).inc()
         child = self._child(self.rpc_duration, labels)
         trace_id = sampled_trace_id(traceparent)
         if trace_id:
@@ -447,13 +453,7 @@ class Metrics:
 
     def stream_request(self, service: str, method: str, model: str, code: str) -> None:
         """One request answered inside a stream, OK or refused inline (labels: service, method, model, code)."""
-        labels = (service, method, self._model(model), code)
-        counter = self._children.get((id(self.rpc_stream_requests), labels))
-        if counter is None:
-            counter = self._child(self.rpc_stream_requests, labels)
-            for other in SERVER_ERROR_CODES:  # (as rpc_finished: SeqServeHighStreamErrorRatio sees the first one)
-                self._child(self.rpc_stream_requests, (*labels[:3], other))
-        counter.inc()
+        self._coded(self.rpc_stream_requests, (service, method, self._model(model), code)).inc()
 
     # --- core: inference -----------------------------------------------------------------------------
     def inference(
