@@ -209,16 +209,18 @@ class RemoteDataPlane:
             raise_error(*payload)
         return payload
 
-    async def _control(self, method: str, *args: Any, context: bool = False) -> Any:
-        """A control call: not bounded by ``max_pending`` (health must answer under load), bounded in time.
-        With ``context``, the engine knows the caller (its principal), as for a call."""
+    async def _control(self, method: str, *args: Any, context: bool = False, timeout: float | None = None) -> Any:
+        """A control call: not bounded by ``max_pending`` (health must answer under load), bounded in time
+        (``timeout``, default ``control_timeout``). With ``context``, the engine knows the caller (its principal),
+        as for a call."""
         self._check_link()
+        limit = self.control_timeout if timeout is None else timeout
         call_id, fut = self._open(wire.CONTROL, method, args, {}, _context() if context else None)
         try:
-            status, payload, _, _ = await asyncio.wait_for(fut, self.control_timeout)
+            status, payload, _, _ = await asyncio.wait_for(fut, limit)
         except TimeoutError:
             self._abandon(call_id)
-            raise ModelUnavailable(f"the engine did not answer {method} within {self.control_timeout:g} s") from None
+            raise ModelUnavailable(f"the engine did not answer {method} within {limit:g} s") from None
         except asyncio.CancelledError:
             self._abandon(call_id)
             raise
@@ -246,9 +248,9 @@ class RemoteDataPlane:
         """Whether the engine answers a control call within ``within`` seconds (the frontend's watchdog: a stopped
         or wedged engine keeps its connection open, and health that only follows its events stayed SERVING)."""
         try:
-            await asyncio.wait_for(self._control("ready"), within)
+            await self._control("ready", timeout=within)
             self.silent = False
-        except (TimeoutError, ModelUnavailable):
+        except ModelUnavailable:
             self.silent = True
         return not self.silent
 
