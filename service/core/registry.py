@@ -562,12 +562,12 @@ class ModelRegistry:
         ``force``: reload them even when nothing changed on disk (their settings did); ``retry``: load again the
         versions whose files failed to load, changed or not (an explicit load). Returns the versions that failed
         to load in this sync, with why."""
-        select_providers(self.settings.device)  # fail fast on an impossible device setting
         async with self._lock:
             return await self._sync(names, force, retry)
 
     async def _sync(self, names: set[str] | None, force: bool, retry: bool) -> dict[tuple[str, int], str]:
         """``sync``, with the lock held."""
+        select_providers(self.settings.device)  # fail fast on an impossible device setting
         failures: dict[tuple[str, int], str] = {}
         found, unreadable = await asyncio.to_thread(self._discover)
 
@@ -756,7 +756,6 @@ class ModelRegistry:
             if not on_disk:
                 raise ModelNotFound(self._not_found(name))
             await self._check_policy(name, loaded, on_disk)
-            select_providers(self.settings.device)
             async with self._lock:  # (an unload of the model either ends before these changes or begins after it)
                 self._unloaded.discard(name)
                 if self._chosen is not None:
