@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import shutil
@@ -253,6 +254,30 @@ def test_a_failed_bind_says_whether_to_change_the_host_or_the_port(metrics: Metr
         taken.stop()
 
 
+@contextlib.contextmanager
+def _slot_holder(port: int) -> Iterator[socket.socket]:
+    """A connection that holds a port's one slot (METRICS_MAX_CONNECTIONS=1) with a half-sent request. The slot of
+    a scrape just answered may not be free yet: a connection refused for it (closed at once) is tried again (a
+    later connection took the slot freed meanwhile, and waited for a request instead of being refused)."""
+    deadline = time.monotonic() + 10
+    while True:
+        holder = socket.create_connection(("127.0.0.1", port))
+        holder.sendall(b"GET /metrics HTTP/1.1\r\n")  # half-sent
+        holder.settimeout(0.3)
+        try:
+            closed = holder.recv(1) == b""  # refused: closed at once
+        except TimeoutError:
+            closed = False  # held: the server waits for the rest of the request
+        if not closed:
+            break
+        holder.close()
+        assert time.monotonic() < deadline, "the port's slot never came free"
+    try:
+        yield holder
+    finally:
+        holder.close()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("rest", [False, True])
 def test_closed_connection_series_exist_at_zero_for_the_ports_served(
@@ -274,12 +299,10 @@ def test_closed_connection_series_exist_at_zero_for_the_ports_served(
         ports = ["metrics", "rest"] if rest else ["metrics"]
         want = {(("port", p), ("reason", r)): 0.0 for p in ports for r in ("busy", "timeout")}
         assert scrape(info["metrics_port"])["seqserve_http_connections_closed_total"] == want
-        with socket.create_connection(("127.0.0.1", int(info["metrics_port"]))) as holder:
-            holder.sendall(b"GET /metrics HTTP/1.1\r\n")  # half-sent: holds the metrics port's one slot
-            time.sleep(0.2)
-            with socket.create_connection(("127.0.0.1", int(info["metrics_port"]))) as refused:
-                refused.settimeout(10)
-                assert refused.recv(1) == b""  # closed at once, no slot
+        port = int(info["metrics_port"])
+        with _slot_holder(port), socket.create_connection(("127.0.0.1", port)) as refused:
+            refused.settimeout(10)
+            assert refused.recv(1) == b""  # closed at once, no slot
         deadline = time.monotonic() + 10
         while True:  # (a scrape may find the slot still held a moment, be refused too and count: busy >= 1)
             try:
