@@ -237,7 +237,10 @@ class Batcher:
     def _queue_length(self) -> int:  # also read by the queue depth gauge at scrape time (another thread)
         return len(self._pending)
 
-    pending = property(_queue_length, doc="Requests waiting in the queue now.")
+    @property
+    def pending(self) -> int:
+        """Requests waiting in the queue now."""
+        return len(self._pending)
 
     def start(self) -> None:
         if self._task is None:

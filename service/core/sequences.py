@@ -191,13 +191,14 @@ class V2Inference:
         untouched (not even its idle time)."""
         sid = self._sequence_id(name, seq)
         use = self.sessions.use(sid, save=False, end=seq.end)
-        req: CountedRequest | None = None
+        counted: list[CountedRequest] = []  # (a list: mypyc mistypes an Optional narrowed in the try, in finally)
         ok = False
         try:
             async with use as s:
                 entry = pinning.pinned(self.registry, s)
                 note_model(entry.name)
                 req = CountedRequest(entry)
+                counted.append(req)
                 tensors, wanted = await self._checked(entry, inputs, outputs, seq, classes)
                 use.save = True  # from here on the session is saved (or ended) whatever the task does
                 result = await entry.task.infer(tensors, s)
@@ -207,10 +208,11 @@ class V2Inference:
         except SessionNotFound as exc:
             raise self._unknown_sequence(name, seq, exc) from None
         finally:
-            if req is None and not ok:  # refused before its version was known (an unknown sequence, a version gone)
-                req = self._refused(name)
-            if req is not None:
-                req.finish(ok)
+            if not counted and not ok:  # refused before its version was known (an unknown sequence, a version gone)
+                refused = self._refused(name)
+                counted += [refused] if refused is not None else []
+            for r in counted:
+                r.finish(ok)
         return self._result(entry, result, wanted, classes, blob)
 
     def _refused(self, name: str) -> CountedRequest | None:

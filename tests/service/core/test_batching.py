@@ -8,7 +8,9 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE
 from service.core.types import Duration, ModelRef, SamplingParams
 from service.errors import RETRY_SOON, ModelUnavailable, Overloaded
+from tests.hooks import hook_runs
 from tests.service.core.conftest import MakeDP, recorded
 
 LM = ModelRef("charlm")
@@ -280,14 +283,13 @@ async def test_a_batch_with_nobody_else_to_serve_runs_inline_up_to_alone_inline_
     async def threads(alone_inline_ms: float, sizes: list[int]) -> list[bool]:
         dp = await make_dp(inline_batch_ms=0, alone_inline_ms=alone_inline_ms, max_batch_size=3, max_batch_delay_ms=20)
         batcher = dp.registry.resolve(LM).batcher
-        runtime, loop_thread, on_loop = batcher.runtime, threading.get_ident(), []
-        real = runtime.run
+        loop_thread, on_loop = threading.get_ident(), []
 
-        def run(feeds, rows):  # type: ignore[no-untyped-def]
+        def run(real: Callable[[], Any], feeds: dict[str, Any]) -> Any:
             on_loop.append(threading.get_ident() == loop_thread)
-            return real(feeds, rows)
+            return real()
 
-        monkeypatch.setattr(runtime, "run", run)
+        hook_runs(monkeypatch, batcher.runtime, run)
         step = StepInput(inputs={"input_ids": np.array([[1, 2]], dtype=np.int64)}, rows=1, key=2)
         for size in sizes:  # each a burst of `size` steps; a burst over max_batch_size is two batches
             await asyncio.gather(*(batcher.submit(step) for _ in range(size)))
@@ -435,10 +437,8 @@ def _overlap_counter(
     seen at once]."""
     seen = [0, 0]
     lock = threading.Lock()
-    runtime = batcher.runtime
-    real = runtime.run
 
-    def slow(feeds, rows):  # type: ignore[no-untyped-def]
+    def slow(real: Callable[[], Any], feeds: dict[str, Any]) -> Any:
         with lock:
             seen[0] += 1
             seen[1] = max(seen[1], seen[0])
@@ -447,12 +447,12 @@ def _overlap_counter(
                 time.sleep(0.05)
             else:
                 hold.wait(10)
-            return real(feeds, rows)
+            return real()
         finally:
             with lock:
                 seen[0] -= 1
 
-    monkeypatch.setattr(runtime, "run", slow)
+    hook_runs(monkeypatch, batcher.runtime, slow)
     return seen
 
 

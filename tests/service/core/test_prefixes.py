@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.core.batching import StepInput, StepOutput
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
 from service.core.prefixes import ENTRY_OVERHEAD, PrefixCache
 from service.core.types import Duration, ModelRef, SamplingParams
+from tests.hooks import HookedSession
 from tests.service.core.conftest import RecordingMetrics, core_settings
 
 LM = ModelRef("charlm")
@@ -175,16 +175,16 @@ async def planes(tiny_models: Path) -> AsyncIterator[tuple[CoreDataPlane, CoreDa
 
 
 def fed_lengths(dp: CoreDataPlane) -> list[int]:
-    """Spies on the char LM's batcher: the time length of every step submitted from now on."""
-    entry = dp.registry.resolve(LM)
-    real = entry.batcher.submit
+    """Spies on the char LM's runs: the time length of every step run from now on (one request at a time here,
+    so each run is one step)."""
+    runtime = dp.registry.resolve(LM).runtime
     seen: list[int] = []
 
-    async def submit(item: StepInput) -> StepOutput:
-        seen.append(int(item.inputs["input_ids"].shape[1]))
-        return await real(item)
+    def run(real: Any, feeds: dict[str, Any]) -> Any:
+        seen.append(int(feeds["input_ids"].shape[1]))
+        return real()
 
-    entry.batcher.submit = submit  # type: ignore[method-assign]
+    runtime.session = HookedSession(runtime.session, run)
     return seen
 
 

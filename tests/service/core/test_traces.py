@@ -23,6 +23,7 @@ from service.core.traces import OFF, Tracer, summarize
 from service.core.types import ModelRef, SamplingParams
 from service.errors import InvalidInput
 from service.logs import CALL
+from tests.hooks import hook_runs
 from tests.service.core.conftest import core_settings, memory_dp, recorded, texts
 
 SENT = ModelRef("sentiment")
@@ -368,21 +369,19 @@ async def test_a_request_whose_deadline_passed_in_its_run_ends_its_trace_there(
     try:
         runtime = dp.registry.resolve(SENT).runtime
         entered, release = threading.Event(), threading.Event()
-        run = runtime.run
 
-        def held(*args: Any, **kwargs: Any) -> Any:
+        def held(run: Any, feeds: Any) -> Any:  # (once released, every run goes through at once)
             entered.set()
             release.wait(10)
-            return run(*args, **kwargs)
+            return run()
 
-        monkeypatch.setattr(runtime, "run", held)
+        hook_runs(monkeypatch, runtime, held)
         call = asyncio.ensure_future(dp.infer(SENT, texts("good film")))
         assert await asyncio.to_thread(entered.wait, 10)
         call.cancel()  # (as the edge does when the call's deadline passes)
         with pytest.raises(asyncio.CancelledError):
             await call
         release.set()
-        monkeypatch.setattr(runtime, "run", run)
         await dp.infer(SENT, texts("bad"))  # the held batch is done before this one runs
     finally:
         await dp.stop()
