@@ -7,7 +7,7 @@ PYTEST := SEQSERVE_STRICT_DEPLOY=1 $(BIN)/python -m pytest -q
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 
-.PHONY: help venv sysdeps serve test lint deploy-lint image lock image-test proto proto-check bench train \
+.PHONY: help venv sysdeps compiled serve test lint deploy-lint image lock image-test proto proto-check bench train \
 	train-sentiment train-charlm train-charlm2 train-forecast train-v1 train-sentiment-glove train-forecast2 \
 	train-forecast3 train-forecast4 train-forecast-ettm1 train-forecast-ettm1-2 train-forecast-ettm1-3 \
 	train-forecast-air train-forecast-air-scaled quantize-charlm quantize-charlm-static quantize-charlm2-static quantize-sentiment \
@@ -19,6 +19,7 @@ help:
 	@echo "make serve         create .venv if missing, install, serve ./models (SEQSERVE_* variables set the settings)"
 	@echo "make test          the whole suite (lint, protobuf check, tests, the Docker image test), as CI runs it"
 	@echo "make bench         the benchmark tables (bench/results/latest.json); python -m bench.run --help"
+	@echo "make compiled      compile the hot path with mypyc (make serve and make test do; SEQSERVE_COMPILED=false: off)"
 	@echo "make lint | proto | proto-check | deploy-lint | image | lock | image-test | sysdeps | venv | clean"
 	@echo "make train         retrain the default models (make train-*: one model each; see docs/models.md)"
 
@@ -40,10 +41,17 @@ venv: $(STAMP)
 sysdeps:
 	@bash .ci/install-sysdeps
 
+# The hot path compiled with mypyc, next to its sources (service/compiled.py): built when missing or when a compiled
+# module's source changed (about a minute on 2 cores); where it cannot be (no C compiler), the same code runs
+# interpreted. `make test` then fails its check that the compiled modules are in use (tests/service/test_compiled.py).
+compiled: $(STAMP)
+	@$(BIN)/python -m service.compile build --if-stale \
+		|| echo "seqserve: the hot path could not be compiled; its Python source runs (python -m service.compile build)"
+
 # Settings come from SEQSERVE_* variables (SEQSERVE_PORT=50052 make serve); the defaults serve ./models on
 # 127.0.0.1:50051, metrics on :8002.
 # KServe REST on 8000 as in the images (Triton's HTTP port); SEQSERVE_HTTP_PORT picks another.
-serve: $(STAMP)
+serve: $(STAMP) compiled
 	SEQSERVE_HTTP_PORT=$${SEQSERVE_HTTP_PORT:-8000} $(BIN)/seqserve serve
 
 # The suite without Docker, then the image built and run for real (make image-test). SEQSERVE_STRICT_DEPLOY=1: a
@@ -55,7 +63,7 @@ serve: $(STAMP)
 # `pytest` alone still runs everything, serially.
 TEST_WORKERS ?= 2
 SERIAL_TESTS := tests/bench tests/redis tests/integration tests/service/api/test_keepalive.py
-test: $(STAMP) sysdeps
+test: $(STAMP) sysdeps compiled
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory proto-check
 	$(PYTEST) -m "not docker" -n $(TEST_WORKERS) $(SERIAL_TESTS:%=--ignore=%)
@@ -74,7 +82,7 @@ deploy-lint: $(STAMP) sysdeps
 
 # Builds the image on a stand-in base, runs it, brings up the compose stack's seqserve + Redis part, and cleans up
 # (private dockerd if none is running; stand-in base cached in /var/cache/seqserve). See docs/deploy.md.
-image-test: $(STAMP) sysdeps
+image-test: $(STAMP) sysdeps compiled
 	PY=$(BIN)/python bash deploy/docker/image-test.sh
 
 # The image for users (needs Docker Hub for python:3.11-slim). Run it on the host network, bound to loopback:
@@ -96,7 +104,7 @@ proto-check: $(STAMP)
 	$(BIN)/python proto/generate.py --check
 	$(BIN)/python proto/compat.py
 
-bench: $(STAMP)
+bench: $(STAMP) compiled
 	$(BIN)/python -m bench.run
 
 # The exact commands recorded in each model's metrics.json (see docs/models.md). `make train` retrains the models
@@ -259,4 +267,5 @@ train-forecast-air-scaled: $(STAMP)
 		--data $(DATA)/airpassengers/airline-passengers.csv --out runs/forecaster-air/2
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache service/compiled.digest
+	find service -name "*.so" -delete

@@ -193,6 +193,7 @@ def summary(settings: Settings, workers: int) -> str:
     """One start-up line: what this server is and how it is set up (no secret: the store's password hidden)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from service import compiled
     from service.core.sessions import redact
 
     try:
@@ -207,7 +208,8 @@ def summary(settings: Settings, workers: int) -> str:
     layout = "one process" if workers == 1 else f"{workers} frontends + {engines}"
     return (
         f"seqserve {release}: {layout}, models {settings.models}, device {settings.device}, session store "
-        f"{redact(settings.session_store)}, auth {auth}, TLS {'on' if settings.tls_cert else 'off'}"
+        f"{redact(settings.session_store)}, auth {auth}, TLS {'on' if settings.tls_cert else 'off'}, hot path "
+        f"{'compiled' if compiled.active() else 'interpreted (' + compiled.state()[1] + ')'}"
     )
 
 

@@ -1,0 +1,65 @@
+"""``python -m service.compile build [--if-stale] | status | clean``: compiles the hot path with mypyc
+(``service/compiled.py`` says what and why), says whether it is in use, or removes it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from service.compiled import DIGEST, GROUP, MODULES, ROOT, built, current, digest, source, state
+
+
+def build(mypy_args: list[str] | None = None, jobs: int = os.cpu_count() or 1) -> None:
+    """Compiles ``MODULES`` in place (mypyc, then the C compiler) and records the sources' digest. ``mypy_args``:
+    mypy options for the type check mypyc starts with (the image's builder names its config file and the Python
+    whose packages it checks against)."""
+    from mypyc.build import mypycify  # mypy's compiler: a dev and build dependency, not a runtime one
+    from setuptools import setup  # type: ignore[import-untyped]
+
+    clean()
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="seqserve-compile-") as tmp:
+        os.chdir(ROOT)  # mypyc names the modules by their paths (and reads pyproject.toml's mypy settings if any)
+        try:
+            paths = [str(source(m).relative_to(ROOT)) for m in MODULES]
+            extensions = mypycify(
+                [*(mypy_args or []), *paths], opt_level="3", debug_level="0", group_name=GROUP, target_dir=tmp
+            )
+            setup(
+                name="seqserve-compiled",
+                ext_modules=extensions,
+                script_args=["-q", "build_ext", "--inplace", "--build-temp", tmp, "--parallel", str(jobs)],
+            )
+        finally:
+            os.chdir(cwd)
+    DIGEST.write_text(digest() + "\n")
+
+
+def clean() -> None:
+    for path in [*built(), DIGEST]:
+        path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m service.compile", description=__doc__)
+    ap.add_argument("command", choices=["build", "status", "clean"])
+    ap.add_argument("--if-stale", action="store_true", help="build only when not built or built from other sources")
+    ap.add_argument("--require", action="store_true", help="exit 1 unless the compiled modules are in use")
+    ap.add_argument("--mypy-config", help="mypy's configuration (default: the pyproject.toml beside the package)")
+    ap.add_argument("--python-executable", help="check against this Python's packages (default: this one's)")
+    args = ap.parse_args(argv)
+    mypy_args = [f"--config-file={args.mypy_config}"] if args.mypy_config else []
+    mypy_args += [f"--python-executable={args.python_executable}"] if args.python_executable else []
+    if args.command == "build" and not (args.if_stale and current()):
+        build(mypy_args)
+    elif args.command == "clean":
+        clean()
+    use, why = state()
+    print(f"compiled hot path: {'in use' if use else 'not in use'} ({why})")
+    return 1 if args.require and not use else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

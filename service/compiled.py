@@ -1,0 +1,123 @@
+"""The hot path compiled to C with mypyc, beside its Python source, and the import rule that keeps the two in step.
+
+``python -m service.compile build`` compiles ``MODULES`` (the per-step path: the batcher, the sequence core, session
+state, statistics, the KServe tensors and parameters...) with mypyc, the compiler that ships with mypy, into C
+extension modules next to their ``.py`` files, plus one shared library (``service/compiled__mypyc*.so``) and
+``service/compiled.digest``: the sha256 of the sources it compiled. Python imports an extension module before a
+source file of the same name, so a built tree runs the compiled modules, the same code without the interpreter's
+per-bytecode cost (``python -m bench.regress --base HEAD --env SEQSERVE_COMPILED=true --base-env
+SEQSERVE_COMPILED=false``: README, *The compiled hot path*).
+
+The compiled modules are one group: they call each other's functions natively, so they are used all together or
+not at all. ``install()`` (run by ``service/__init__.py``, before any of them is imported) makes Python import
+every one of them from its ``.py`` instead when the sources no longer match the digest (a module edited since the
+build: its compiled copy is stale) or when ``SEQSERVE_COMPILED`` is false. A tree never built, or a machine without
+a C compiler, runs the same code interpreted: nothing else changes. ``make serve``, ``make test`` and the image
+build it (``make compiled``); ``python -m service.compile status`` says which is in use and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+# The per-step path of a served step, by profile (bench.core; tests/service/test_compiled.py checks each is compiled).
+# Left out: modules with async generators (mypyc cannot compile them: the data plane, the servicers), the session
+# store (the tests subclass it), the registry (its entries are weak-referenced), the runtime (the tests replace its
+# module's functions) and the session manager (compiled, an exception raised through an ``await`` in a ``finally``
+# of its lease's ``__aexit__`` came back out of the next ``async with``: tests/service/core/test_session_store.py).
+MODULES = (
+    "service.api.kserve.params",
+    "service.api.kserve.tensors",
+    "service.core.arrays",
+    "service.core.batching",
+    "service.core.context",
+    "service.core.pinning",
+    "service.core.sequences",
+    "service.core.sessions.state",
+    "service.core.stats",
+    "service.core.tokenizers",
+)
+GROUP = "service.compiled"  # the shared library's module: service/compiled__mypyc.<abi>.so
+ROOT = Path(__file__).resolve().parent.parent  # the folder holding the ``service`` package
+DIGEST = Path(__file__).with_name("compiled.digest")
+_FALSE = {"0", "false", "no", "off", "n", "f"}  # pydantic's false strings (SEQSERVE_COMPILED is a Settings bool)
+
+
+def source(module: str) -> Path:
+    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def digest() -> str:
+    """sha256 over the compiled modules' names and sources, and this Python's version (the ABI they were built
+    for)."""
+    h = hashlib.sha256(sys.version.encode())
+    for module in MODULES:
+        h.update(module.encode() + b"\0" + source(module).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def built() -> list[Path]:
+    """The compiled files of this tree (the modules' extensions and the group's library)."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    names = [source(m).with_suffix("") for m in MODULES] + [ROOT / "service" / "compiled__mypyc"]
+    return [p for stem in names for p in stem.parent.glob(stem.name + ".*") if p.name.endswith(suffixes)]
+
+
+def _built_from() -> str | None:
+    """Why the compiled files cannot stand for the sources as they are now; None when they can."""
+    if not built():
+        return "not built (python -m service.compile build; needs a C compiler and Python's headers)"
+    try:
+        recorded = DIGEST.read_text().strip()
+    except OSError:
+        return f"no {DIGEST.name}: the build did not finish (python -m service.compile build)"
+    if recorded != digest():
+        return "stale: a compiled module's source changed since the build (python -m service.compile build)"
+    return None
+
+
+def current() -> bool:
+    """Whether the compiled files are built from the sources as they are now."""
+    return _built_from() is None
+
+
+def state() -> tuple[bool, str]:
+    """(whether the compiled modules are to be used, why)."""
+    if os.environ.get("SEQSERVE_COMPILED", "true").strip().lower() in _FALSE:
+        return False, "SEQSERVE_COMPILED is false"
+    why = _built_from()
+    return (False, why) if why else (True, f"{len(MODULES)} modules compiled with mypyc")
+
+
+class _SourceFirst(importlib.abc.MetaPathFinder):
+    """Imports the compiled modules from their ``.py`` files (the extension modules beside them are skipped)."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MODULES:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source(fullname))
+
+
+def install() -> None:
+    """Run before any compiled module is imported: the sources stand in for the compiled modules unless they are
+    built, current and wanted."""
+    use, _ = state()
+    if not use and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFirst())
+
+
+def active() -> bool:
+    """Whether the compiled modules are the ones imported in this process."""
+    return (
+        all(not (sys.modules[m].__file__ or "").endswith(".py") for m in MODULES if m in sys.modules) and (state()[0])
+    )
