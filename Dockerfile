@@ -13,12 +13,21 @@ LABEL io.seqserve.stage=builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# binutils for `strip` (below), in the builder only: the runtime stage never sees it. Any 2.x strips the same
-# (Debian bookworm has 2.40, trixie 2.44).
+# binutils for `strip` (below), a C compiler and Python's headers (libpython3-dev, where the base has none: the
+# official image has them) to compile the hot path with mypyc (service/compiled.py), in the builder only: the
+# runtime stage never sees them. Any 2.x strips the same (Debian bookworm has 2.40, trixie 2.44).
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends 'binutils=2.*' \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends 'binutils=2.*' 'gcc=4:*' 'libc6-dev=2.*' \
+    && if ! python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(sysconfig.get_paths()["include"] + "/Python.h"))'; then \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends 'libpython3-dev=3.*'; fi \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
+# mypyc (mypy's compiler) in a venv of its own, at the version the suite passed with (.ci/constraints.txt): it
+# builds the compiled modules below, type-checking against the serving venv's packages (plus the protobuf stubs,
+# installed there for the build only), and stays in the builder.
+COPY .ci/constraints.txt ci-constraints.txt
+RUN python3 -m venv /opt/mypyc \
+    && /opt/mypyc/bin/pip install --no-cache-dir -q -c ci-constraints.txt mypy setuptools
 # Dependencies first, read from pyproject.toml by deploy/docker/requirements.py (serving only: no train extra, so
 # no torch; the cpu extra's ONNX Runtime; the uvloop extra, so SEQSERVE_EVENT_LOOP=uvloop works in the container):
 # this layer is reused until pyproject.toml, that script or the lock changes, whatever happens to the code. Each
@@ -35,11 +44,17 @@ COPY service ./service
 # modules (uvloop's ships 13 MB of them, 1.6 MB stripped; the auditwheel-bundled libraries in *.libs are left as
 # they are, since strip can break the headers patchelf rewrote there), none of numpy's build tools (f2py,
 # distutils) nor its SIMD test module (_core/_simd, 1.4 MB stripped: only numpy's own tests import it), no type
-# stubs, C headers or C/Cython sources (nothing imports them at run time), and every module compiled once here.
+# stubs, C headers or C/Cython sources (nothing imports them at run time), the hot path compiled with mypyc (the
+# build fails if the server would not use it), and every module byte-compiled once here.
 # `unchecked-hash` .pyc files are used as they are, whatever the files' timestamps, so the server starts fast and
 # never needs to write one (the container runs with a read-only root filesystem).
 RUN /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps . \
     && /opt/venv/bin/pip check \
+    && /opt/venv/bin/pip install --no-cache-dir -q -c ci-constraints.txt types-protobuf \
+    && PYTHONPATH="$(echo /opt/venv/lib/python3*/site-packages)" /opt/mypyc/bin/python -m service.compile build \
+        --mypy-config /src/pyproject.toml --python-executable /opt/venv/bin/python \
+    && /opt/venv/bin/pip uninstall --yes types-protobuf \
+    && /opt/venv/bin/python -m service.compile status --require \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
     && rm -rf /opt/venv/lib/python3*/site-packages/onnxruntime/transformers \

@@ -16,7 +16,7 @@ def build(mypy_args: list[str] | None = None, jobs: int = os.cpu_count() or 1) -
     mypy options for the type check mypyc starts with (the image's builder names its config file and the Python
     whose packages it checks against)."""
     from mypyc.build import mypycify  # mypy's compiler: a dev and build dependency, not a runtime one
-    from setuptools import setup  # type: ignore[import-untyped]
+    from setuptools import Distribution  # type: ignore[import-untyped]
 
     clean()
     cwd = os.getcwd()
@@ -27,11 +27,12 @@ def build(mypy_args: list[str] | None = None, jobs: int = os.cpu_count() or 1) -
             extensions = mypycify(
                 [*(mypy_args or []), *paths], opt_level="3", debug_level="0", group_name=GROUP, target_dir=tmp
             )
-            setup(
-                name="seqserve-compiled",
-                ext_modules=extensions,
-                script_args=["-q", "build_ext", "--inplace", "--build-temp", tmp, "--parallel", str(jobs)],
-            )
+            # A bare Distribution: setup() would read a pyproject.toml in the folder (the image builds in
+            # site-packages, where a dependency left one that setuptools refuses).
+            dist = Distribution({"name": "seqserve-compiled", "ext_modules": extensions})
+            command = dist.get_command_obj("build_ext")
+            command.inplace, command.build_temp, command.parallel = True, tmp, jobs
+            dist.run_command("build_ext")
         finally:
             os.chdir(cwd)
     DIGEST.write_text(digest() + "\n")

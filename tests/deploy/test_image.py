@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import compiled
 from service.client import Client
 from tests.deploy.conftest import Docker, image_models, run
 from tests.integration.conftest import free_port, http_get, wait_for
@@ -37,7 +38,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # Run inside the image: what it holds (modules, tools, models, compiled bytecode), as JSON.
 INSPECT = """
 import importlib.util, json, os, pathlib, shutil, sys
-import numpy, service.cli
+import numpy, service.cli, service.compiled, service.core.batching
 MODULES = ("onnxruntime", "grpc", "uvloop", "torch", "pip", "training")
 models = pathlib.Path("/app/models")
 site = pathlib.Path(service.cli.__file__).parents[1]
@@ -65,6 +66,7 @@ print(json.dumps({
     "numpy": float(numpy.ones(3).sum()) == 3.0,
     "models": sorted(str(p.parent.relative_to(models)) for p in models.glob("*/*/model.onnx")),
     "compiled": pathlib.Path(service.cli.__cached__).exists(),
+    "hot_path": [service.compiled.state(), service.core.batching.__file__.endswith(".so")],
     "python": sys.version_info[:2],
 }))
 """
@@ -144,6 +146,8 @@ def test_image_is_small_and_serving_only(docker: Docker, image: str, report: dic
     # every committed model version but those the Dockerfile's SKIP_MODELS default leaves out, none hard-coded
     assert out["models"] == image_models() and len(image_models()) >= 3
     assert out["compiled"] is True and out["python"] == [3, 11]
+    # the hot path compiled with mypyc in the builder (service/compiled.py), and in use
+    assert out["hot_path"] == [[True, f"{len(compiled.MODULES)} modules compiled with mypyc"], True], out["hot_path"]
 
 
 def test_image_metadata(docker: Docker, image: str) -> None:
