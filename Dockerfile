@@ -23,8 +23,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 # mypyc (mypy's compiler) in a venv of its own, at the version the suite passed with (.ci/constraints.txt): it
-# builds the compiled modules below, type-checking against the serving venv's packages (plus the protobuf stubs,
-# installed there for the build only), and stays in the builder.
+# builds the compiled modules below in /src (type-checking against the serving venv's packages, plus the protobuf
+# stubs installed there for the build only), copies them into the installed package, and stays in the builder.
 COPY .ci/constraints.txt ci-constraints.txt
 RUN python3 -m venv /opt/mypyc \
     && /opt/mypyc/bin/pip install --no-cache-dir -q -c ci-constraints.txt mypy setuptools
@@ -43,7 +43,9 @@ COPY service ./service
 # 35 MB: the Python binding has the runtime linked in and never loads it), no symbol tables in the extension
 # modules (uvloop's ships 13 MB of them, 1.6 MB stripped; the auditwheel-bundled libraries in *.libs are left as
 # they are, since strip can break the headers patchelf rewrote there), none of numpy's build tools (f2py,
-# distutils) nor its SIMD test module (_core/_simd, 1.4 MB stripped: only numpy's own tests import it), no type
+# distutils) nor its SIMD test module (_core/_simd, 1.4 MB stripped: only numpy's own tests import it) nor its
+# masked arrays and polynomial packages (numpy.ma, numpy.polynomial: imported only when named, by nothing here;
+# they make room for the compiled hot path in the 350 MB budget), no type
 # stubs, C headers or C/Cython sources (nothing imports them at run time), the hot path compiled with mypyc (the
 # build fails if the server would not use it), and every module byte-compiled once here.
 # `unchecked-hash` .pyc files are used as they are, whatever the files' timestamps, so the server starts fast and
@@ -51,16 +53,17 @@ COPY service ./service
 RUN /opt/venv/bin/pip install --no-cache-dir --no-compile --no-deps . \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/pip install --no-cache-dir -q -c ci-constraints.txt types-protobuf \
-    && PYTHONPATH="$(echo /opt/venv/lib/python3*/site-packages)" /opt/mypyc/bin/python -m service.compile build \
-        --mypy-config /src/pyproject.toml --python-executable /opt/venv/bin/python \
+    && /opt/mypyc/bin/python -m service.compile build --python-executable /opt/venv/bin/python \
+    && /opt/mypyc/bin/python -m service.compile copy --into "$(echo /opt/venv/lib/python3*/site-packages)" \
     && /opt/venv/bin/pip uninstall --yes types-protobuf \
-    && /opt/venv/bin/python -m service.compile status --require \
+    && /opt/venv/bin/python -P -m service.compile status --require \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
     && rm -rf /opt/venv/lib/python3*/site-packages/onnxruntime/transformers \
         /opt/venv/lib/python3*/site-packages/onnxruntime/quantization /opt/venv/lib/python3*/site-packages/onnxruntime/tools \
         /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* \
         /opt/venv/lib/python3*/site-packages/numpy/f2py /opt/venv/lib/python3*/site-packages/numpy/distutils \
+        /opt/venv/lib/python3*/site-packages/numpy/ma /opt/venv/lib/python3*/site-packages/numpy/polynomial \
         /opt/venv/lib/python3*/site-packages/numpy/_core/_simd.* \
     && find /opt/venv/lib \( -name '*.pyi' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' \
         -o -name '*.c' -o -name '*.cpp' \) -path '*/site-packages/*' -delete \

@@ -61,7 +61,7 @@ print(json.dumps({
     "pip_cache": os.path.exists("/root/.cache/pip") or os.path.exists("/tmp/.cache/pip"),
     "build_leftovers": sorted({p.suffix or p.name for p in site.rglob("*")
                                if p.suffix in (".pyi", ".pyx", ".pxd", ".pxi", ".h", ".c", ".cpp")
-                               or p.name in ("f2py", "distutils") and p.parent.name == "numpy"
+                               or p.name in ("f2py", "distutils", "ma", "polynomial") and p.parent == site / "numpy"
                                or p.name.startswith("_simd.") and p.parent.name == "_core"}),
     "numpy": float(numpy.ones(3).sum()) == 3.0,
     "models": sorted(str(p.parent.relative_to(models)) for p in models.glob("*/*/model.onnx")),
@@ -139,8 +139,8 @@ def test_image_is_small_and_serving_only(docker: Docker, image: str, report: dic
     }  # fmt: skip
     assert out["ort_c_library"] == []  # ONNX Runtime's C API library: 35 MB the Python binding never loads
     assert out["tools"] == [] and out["pip_cache"] is False
-    # numpy's f2py, distutils and SIMD test module, type stubs, C headers and sources: dropped in the builder, numpy
-    # still works
+    # numpy's f2py, distutils, SIMD test module, masked arrays and polynomials, type stubs, C headers and sources:
+    # dropped in the builder, numpy still works
     assert out["build_leftovers"] == [] and out["numpy"] is True
     assert out["symbol_tables"] == []  # extension modules stripped in the builder (uvloop's symbols were 11.7 MB)
     # every committed model version but those the Dockerfile's SKIP_MODELS default leaves out, none hard-coded

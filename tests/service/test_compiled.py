@@ -86,3 +86,17 @@ def test_each_compiled_module_is_a_module_of_the_package() -> None:
     """The list names real modules (a renamed one would silently drop out of the build)."""
     assert len(set(compiled.MODULES)) == len(compiled.MODULES)
     assert all(compiled.source(m).is_file() for m in compiled.MODULES), compiled.MODULES
+
+
+@built
+def test_copy_brings_the_compiled_modules_to_another_copy_of_the_package(tmp_path: Path) -> None:
+    """The image compiles in its source tree and copies into the installed package (``service.compile copy``)."""
+    unbuilt = shutil.ignore_patterns("__pycache__", "*.so", "*.digest")
+    shutil.copytree(compiled.ROOT / "service", tmp_path / "service", ignore=unbuilt)
+    assert probe(tmp_path)[1][0] is False
+    subprocess.run(
+        [sys.executable, "-m", "service.compile", "copy", "--into", str(tmp_path)],
+        cwd=compiled.ROOT, capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    files, (use, why) = probe(tmp_path)
+    assert kinds(files) == {"compiled"} and use, (files, why)
