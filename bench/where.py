@@ -36,6 +36,8 @@ from bench.perf import alternating, started
 LIBRARIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("Python interpreter", re.compile(r"^(libpython3|python3)")),
     ("gRPC (cygrpc)", re.compile(r"^cygrpc\.")),
+    # the hot path compiled with mypyc (service/compiled.py): its code is in the group's library, not the shims
+    ("seqserve compiled", re.compile(r"^compiled__mypyc\.")),
     ("kernel", re.compile(r"^\[kernel")),
     ("C library", re.compile(r"^(libc\.so|libm\.so|libstdc\+\+|ld-linux|libpthread|libgcc_s|\[vdso\])")),
     ("ONNX Runtime", re.compile(r"^(onnxruntime|libonnxruntime)")),

@@ -31,6 +31,7 @@ def test_the_report_is_grouped_by_library() -> None:
     assert samples == {
         "Python interpreter": 4723,
         "gRPC (cygrpc)": 1275,
+        "seqserve compiled": 0,
         "kernel": 1624,
         "C library": 703 + 39,
         "ONNX Runtime": 860,
@@ -39,6 +40,7 @@ def test_the_report_is_grouped_by_library() -> None:
         "other": 74,
     }
     assert where.library("python3.11") == "Python interpreter"  # a statically linked interpreter
+    assert where.library("compiled__mypyc.cpython-311-x86_64-linux-gnu.so") == "seqserve compiled"
     assert where.library("libonnxruntime.so.1.20.0") == "ONNX Runtime"
     assert where.library("[vdso]") == "C library"
     assert where.library("msgpack/_cmsgpack.so") == "other"
