@@ -30,9 +30,10 @@ from types import ModuleType
 
 # The per-step path of a served step, by profile (bench.core; tests/service/test_compiled.py checks each is compiled).
 # Left out: modules with async generators (mypyc cannot compile them: the data plane, the servicers), the session
-# store (the tests subclass it), the registry (its entries are weak-referenced), the runtime (the tests replace its
-# module's functions) and the session manager (compiled, an exception raised through an ``await`` in a ``finally``
-# of its lease's ``__aexit__`` came back out of the next ``async with``: tests/service/core/test_session_store.py).
+# store (plugins and the tests subclass it), the registry (its entries are weak-referenced) and the runtime (the
+# tests replace its module's functions). Compiled code must not ``await`` in a ``finally`` that an exception passes
+# through: mypyc let such an exception come back out of a later ``async with`` (the session manager's
+# ``__aexit__`` had one: tests/service/core/test_session_store.py).
 MODULES = (
     "service.api.kserve.params",
     "service.api.kserve.tensors",
@@ -41,6 +42,7 @@ MODULES = (
     "service.core.context",
     "service.core.pinning",
     "service.core.sequences",
+    "service.core.sessions.manager",
     "service.core.sessions.state",
     "service.core.stats",
     "service.core.tokenizers",
