@@ -22,12 +22,6 @@ RUN apt-get update \
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends 'libpython3-dev=3.*'; fi \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
-# mypyc (mypy's compiler) in a venv of its own, at the version the suite passed with (.ci/constraints.txt): it
-# builds the compiled modules below in /src (type-checking against the serving venv's packages, plus the protobuf
-# stubs installed there for the build only), copies them into the installed package, and stays in the builder.
-COPY .ci/constraints.txt ci-constraints.txt
-RUN python3 -m venv /opt/mypyc \
-    && /opt/mypyc/bin/pip install --no-cache-dir -q -c ci-constraints.txt mypy setuptools
 # Dependencies first, read from pyproject.toml by deploy/docker/requirements.py (serving only: no train extra, so
 # no torch; the cpu extra's ONNX Runtime; the uvloop extra, so SEQSERVE_EVENT_LOOP=uvloop works in the container):
 # this layer is reused until pyproject.toml, that script or the lock changes, whatever happens to the code. Each
@@ -35,6 +29,12 @@ RUN python3 -m venv /opt/mypyc \
 COPY pyproject.toml deploy/docker/requirements.py deploy/docker/constraints.txt ./
 RUN /opt/venv/bin/python requirements.py cpu uvloop > requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --no-compile -c constraints.txt -r requirements.txt
+# mypyc (mypy's compiler) in a venv of its own, at the version the suite passed with (.ci/constraints.txt): it
+# builds the compiled modules below in /src (type-checking against the serving venv's packages, plus the protobuf
+# stubs installed there for the build only), copies them into the installed package, and stays in the builder.
+COPY .ci/constraints.txt ci-constraints.txt
+RUN python3 -m venv /opt/mypyc \
+    && /opt/mypyc/bin/pip install --no-cache-dir -q -c ci-constraints.txt mypy setuptools
 # Only `service` is copied: pyproject's package discovery then finds no `training`.
 COPY README.md ./
 COPY service ./service
