@@ -41,4 +41,12 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return cli()
+    try:
+        return cli()
+    except ImportError as error:
+        # A Ctrl-C while a command imports a module of its own (serve's preflight imports ONNX Runtime), which
+        # the module turned into an ImportError ("initialization failed", from the KeyboardInterrupt).
+        if isinstance(error.__cause__, KeyboardInterrupt) or isinstance(error.__context__, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
