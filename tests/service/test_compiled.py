@@ -100,3 +100,21 @@ def test_copy_brings_the_compiled_modules_to_another_copy_of_the_package(tmp_pat
     )  # fmt: skip
     files, (use, why) = probe(tmp_path)
     assert kinds(files) == {"compiled"} and use, (files, why)
+
+
+@built
+def test_a_compiled_file_left_for_a_module_no_longer_listed_runs_every_module_from_source(tmp_path: Path) -> None:
+    """A module taken off the list keeps its compiled file until the next build, and Python would import that file
+    before its source (it did: the group's library no longer held that module, and the server failed to start)."""
+    shutil.copytree(compiled.ROOT / "service", tmp_path / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    shim = next(p for p in compiled.built() if p.name.startswith("stats."))
+    left = tmp_path / "service" / "core" / shim.name.replace("stats.", "lru.", 1)  # an unlisted module's
+    shutil.copy2(shim, left)
+    lru = "import service.core.lru as lru\nfiles['service.core.lru'] = lru.__file__\n"
+    probe_lru = PROBE.replace("print(", lru + "print(")
+    environ = {k: v for k, v in os.environ.items() if k != "SEQSERVE_COMPILED"} | {"PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", probe_lru], cwd=tmp_path, env=environ, capture_output=True,
+                         text=True, timeout=120, check=True)  # fmt: skip
+    got = json.loads(out.stdout)
+    assert kinds(got["files"]) == {"source"}, got
+    assert got["state"] == [False, "stale: built for another list of modules (python -m service.compile build)"]
