@@ -450,40 +450,30 @@ class SessionUse:
         return s
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        # The lease is given back after the save, whatever happened; an error of the save is raised after that.
-        # (Not with a finally that awaits: compiled with mypyc, an error raised through one came back out of a
-        # later call: service/compiled.py.)
-        committed, failed = False, None
+        committed = False
         try:
-            committed = await self._save(exc_type)
-        except BaseException as error:
-            failed = error
-        self._scope.close(committed)
-        self._session = None
-        await self._lease.__aexit__(None, None, None)
-        if failed is not None:
-            raise failed
-
-    async def _save(self, exc_type: type[BaseException] | None) -> bool:
-        """Saves (or with ``end`` deletes) the session the call used; whether it did."""
-        s = self._session
-        if not self.save or s is None:
-            return False
-        state, context, steps = self._before
-        if exc_type is not None and s.state is state and s.context is context and s.steps == steps:
-            return False  # refused or failed before the task changed anything: not even its idle time moves
-        m = self._manager
-        if self._end:
-            await m._remove(s)
-            return True
-        s.last_used_at = m.clock()
-        try:
-            await m.store.save(s)
-        except StaleSession:
-            raise SessionNotFound(
-                f"session {session_ref(self._id)} was deleted or replaced while this call used it"
-            ) from None
-        return True
+            s = self._session
+            if self.save and s is not None:
+                state, context, steps = self._before
+                if exc_type is not None and s.state is state and s.context is context and s.steps == steps:
+                    return  # refused or failed before the task changed anything: not even its idle time moves
+                m = self._manager
+                if self._end:
+                    await m._remove(s)
+                    committed = True
+                    return
+                s.last_used_at = m.clock()
+                try:
+                    await m.store.save(s)
+                except StaleSession:
+                    raise SessionNotFound(
+                        f"session {session_ref(self._id)} was deleted or replaced while this call used it"
+                    ) from None
+                committed = True
+        finally:
+            self._scope.close(committed)
+            self._session = None
+            await self._lease.__aexit__(None, None, None)
 
 
 class SessionStart:
@@ -508,29 +498,22 @@ class SessionStart:
         return self._session
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        # refused or failed: nothing stored, the running session (if any) untouched. The lease is given back after
-        # the store, whatever happened (not with a finally that awaits: see SessionUse.__aexit__).
-        committed, failed = False, None
-        if exc_type is None:
-            try:
-                await self._store()
-                committed = True
-            except BaseException as error:
-                failed = error
-        self._scope.close(committed)
-        await self._lease.__aexit__(None, None, None)
-        if failed is not None:
-            raise failed
-
-    async def _store(self) -> None:
-        m, s = self._manager, self._session
-        if self._end:  # a one-request sequence: it began and ended here (counted so), nothing is stored
-            old = await m.store.delete(s.id)
-            if old is not None:
-                m.metrics.session_event(old.model, "deleted")
-            m._count_created(s.model, self._event)
-            m.metrics.session_event(s.model, "deleted")
-            await m._report()
-        else:
-            s.last_used_at = m.clock()
-            await m.add(s, event=self._event)
+        committed = False
+        try:
+            if exc_type is not None:
+                return  # refused or failed: nothing stored, the running session (if any) untouched
+            m, s = self._manager, self._session
+            if self._end:  # a one-request sequence: it began and ended here (counted so), nothing is stored
+                old = await m.store.delete(s.id)
+                if old is not None:
+                    m.metrics.session_event(old.model, "deleted")
+                m._count_created(s.model, self._event)
+                m.metrics.session_event(s.model, "deleted")
+                await m._report()
+            else:
+                s.last_used_at = m.clock()
+                await m.add(s, event=self._event)
+            committed = True
+        finally:
+            self._scope.close(committed)
+            await self._lease.__aexit__(None, None, None)
