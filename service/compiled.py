@@ -32,9 +32,9 @@ from types import ModuleType
 # Left out: modules with async generators (mypyc cannot compile them: the data plane, the servicers), the session
 # store (plugins and the tests subclass it), the registry (its entries are weak-referenced), the runtime (the
 # tests replace its module's functions) and the session manager: compiled, it took the core's CPU per step from
-# 0.87x to 0.85x of the source's, and its async paths are where mypyc differed: an exception raised through an
-# ``await`` in a ``finally`` of its leases' ``__aexit__`` came back out of a later ``async with``
-# (tests/service/core/test_session_store.py; the leases no longer do that). Compiled code must not.
+# 0.87x to 0.85x of the source's, and its async paths are where mypyc differs: an exception raised through an
+# ``await`` in a ``finally`` (its leases' ``__aexit__`` have one) came back out of a later ``async with``
+# (tests/service/core/test_session_store.py, compiled). Compiled code must not have one.
 MODULES = (
     "service.api.kserve.params",
     "service.api.kserve.tensors",
@@ -122,16 +122,19 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
         self.modules = {*MODULES, *(_module(p) for p in built())} - {f"{GROUP}__mypyc"}
 
 
+_decided: tuple[bool, str] | None = None  # install()'s state(): what this process imports
+
+
 def install() -> None:
     """Run before any compiled module is imported: the sources stand in for the compiled modules unless they are
     built, current and wanted."""
-    use, _ = state()
-    if not use and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+    global _decided
+    _decided = state()
+    if not _decided[0] and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
         sys.meta_path.insert(0, _SourceFirst())
 
 
-def active() -> bool:
-    """Whether the compiled modules are the ones imported in this process."""
-    return (
-        all(not (sys.modules[m].__file__ or "").endswith(".py") for m in MODULES if m in sys.modules) and (state()[0])
-    )
+def in_use() -> tuple[bool, str]:
+    """Whether this process runs the compiled modules, and why: decided once, when the package was imported (the
+    files are not read again)."""
+    return _decided if _decided is not None else state()

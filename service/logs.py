@@ -206,10 +206,11 @@ def summary(settings: Settings, workers: int) -> str:
         auth = "client certificates (mTLS)" if settings.tls_client_ca else "none (every caller is one principal)"
     engines = "the engine" if settings.engines == 1 else f"{settings.engines} engines"
     layout = "one process" if workers == 1 else f"{workers} frontends + {engines}"
+    use, why = compiled.in_use()
     return (
         f"seqserve {release}: {layout}, models {settings.models}, device {settings.device}, session store "
         f"{redact(settings.session_store)}, auth {auth}, TLS {'on' if settings.tls_cert else 'off'}, hot path "
-        f"{'compiled' if compiled.active() else 'interpreted (' + compiled.state()[1] + ')'}"
+        f"{'compiled' if use else f'interpreted ({why})'}"
     )
 
 
