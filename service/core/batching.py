@@ -240,7 +240,7 @@ class Batcher:
     @property
     def pending(self) -> int:
         """Requests waiting in the queue now."""
-        return len(self._pending)
+        return self._queue_length()
 
     def start(self) -> None:
         if self._task is None:

@@ -210,7 +210,8 @@ class V2Inference:
         finally:
             if not counted and not ok:  # refused before its version was known (an unknown sequence, a version gone)
                 refused = self._refused(name)
-                counted += [refused] if refused is not None else []
+                if refused is not None:
+                    counted.append(refused)
             for r in counted:
                 r.finish(ok)
         return self._result(entry, result, wanted, classes, blob)
