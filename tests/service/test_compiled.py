@@ -19,18 +19,20 @@ import pytest
 from service import compiled
 
 PROBE = (
-    "import importlib, json, service.compiled as c\n"
-    "files = {m: importlib.import_module(m).__file__ for m in c.MODULES}\n"
+    "import importlib, json, sys, service.compiled as c\n"
+    "files = {m: importlib.import_module(m).__file__ for m in (*c.MODULES, *sys.argv[1:])}\n"
     "print(json.dumps({'files': files, 'state': c.state()}))"
 )
 
 
-def probe(root: Path, **env: str) -> tuple[dict[str, str], tuple[bool, str]]:
-    """Which file each compiled module came from, and ``state()``, in a new Python importing ``root``'s package."""
+def probe(root: Path, *also: str, **env: str) -> tuple[dict[str, str], tuple[bool, str]]:
+    """Which file each compiled module (and each module named in ``also``) came from, and ``state()``, in a new
+    Python importing ``root``'s package."""
     environ = {k: v for k, v in os.environ.items() if k != "SEQSERVE_COMPILED"} | {"PYTHONPATH": str(root), **env}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=root, env=environ, capture_output=True, text=True, timeout=120, check=True
-    )
+        [sys.executable, "-c", PROBE, *also], cwd=root, env=environ, capture_output=True, text=True, timeout=120,
+        check=True,
+    )  # fmt: skip
     got = json.loads(out.stdout)
     use, why = got["state"]
     return got["files"], (use, why)
@@ -110,11 +112,6 @@ def test_a_compiled_file_left_for_a_module_no_longer_listed_runs_every_module_fr
     shim = next(p for p in compiled.built() if p.name.startswith("stats."))
     left = tmp_path / "service" / "core" / shim.name.replace("stats.", "lru.", 1)  # an unlisted module's
     shutil.copy2(shim, left)
-    lru = "import service.core.lru as lru\nfiles['service.core.lru'] = lru.__file__\n"
-    probe_lru = PROBE.replace("print(", lru + "print(")
-    environ = {k: v for k, v in os.environ.items() if k != "SEQSERVE_COMPILED"} | {"PYTHONPATH": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", probe_lru], cwd=tmp_path, env=environ, capture_output=True,
-                         text=True, timeout=120, check=True)  # fmt: skip
-    got = json.loads(out.stdout)
-    assert kinds(got["files"]) == {"source"}, got
-    assert got["state"] == [False, "stale: built for another list of modules (python -m service.compile build)"]
+    files, state = probe(tmp_path, "service.core.lru")
+    assert kinds(files) == {"source"} and "service.core.lru" in files, files
+    assert state == (False, "stale: built for another list of modules (python -m service.compile build)")
