@@ -338,6 +338,7 @@ class Server:
         if self._grpc is not None:
             log.info("shutting down: in-flight calls get %.1fs", grace)
             await self._grpc.stop(grace)
+            await _cut_calls_ended()
         if self._remote is not None:
             await self._remote.stop()
         elif self._dataplane is not None:
@@ -357,6 +358,21 @@ class Server:
     async def wait(self) -> None:
         """Returns once ``stop()`` has finished."""
         await self._stopped.wait()
+
+
+# The names grpc.aio gives its own tasks for a call: the handler's and the one that watches the call's end.
+_CALL_TASKS = ("HandleExceptions[", "rpc_task")
+
+
+async def _cut_calls_ended(timeout: float = 1.0) -> None:
+    """Waits, at most ``timeout`` seconds, for grpc's own tasks of the calls its ``stop`` cut at the end of the
+    grace (a stream a client kept open): they end a turn or two of the event loop later. A process whose loop
+    closed first (a frontend of ``--workers N``, which has nothing left to do) had asyncio cancel them, and grpc
+    logged each as an ERROR with a CancelledError traceback ("Exception not handled by _handle_exceptions")."""
+    me = asyncio.current_task()
+    calls = [t for t in asyncio.all_tasks() if t is not me and t.get_name().startswith(_CALL_TASKS)]
+    if calls:
+        await asyncio.wait(calls, timeout=timeout)
 
 
 def start_rest(

@@ -513,6 +513,33 @@ def test_shared_port_serves_and_sigterm_exits_zero(tiny_models: Path, tmp_path: 
     assert not [pid for pid in frontends if Path(f"/proc/{pid}").exists()]  # the frontends exited too
 
 
+def test_a_stream_cut_at_the_end_of_the_drain_logs_no_traceback(tiny_models: Path, tmp_path: Path) -> None:
+    """A ModelStreamInfer that its client keeps open past the drain's grace is cut (UNAVAILABLE), and the frontend
+    that held it exits without an ERROR: it used to close its event loop before grpc's own tasks of the cut call
+    had ended, and asyncio's cancelling them was logged as a CancelledError traceback."""
+    proc, info = start_server(tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_GRACE_SECONDS="1")
+    requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+    channel = grpc.insecure_channel(f"127.0.0.1:{info['grpc_port']}")
+    try:
+        responses = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests.get, None), timeout=60)
+        requests.put(_step("To be", "kept-open", start=True))
+        first = next(responses)
+        assert first.error_message == "" and first.infer_response.parameters["seqserve_steps"].int64_param == 5
+        proc.terminate()  # the stream stays open: the drain waits its grace for it, then cuts it
+        with pytest.raises(grpc.RpcError) as cut:
+            next(responses)
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(timeout=60) == 0
+    finally:
+        requests.put(None)
+        channel.close()
+        if proc.poll() is None:
+            stop_server(proc)
+    log = (tmp_path / "server.log").read_text()
+    assert "stopped (exit code 0)" in log
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
+
 def test_principals_cross_frontends(tiny_models: Path, tmp_path: Path) -> None:
     """The engine owns sessions per principal: what alice starts on one frontend, she continues on the other, and
     bob (same sequence id, other frontend) never reaches it."""
