@@ -15,6 +15,10 @@ this / base of each round (its median and range), and writes them as JSON. ``--c
 instead (``bench/core.py`` in each checkout, ``charlm/<--version or 1>``): CPU µs per step, steadier than
 throughput on a shared machine.
 
+When this checkout runs its compiled hot path (``python -m service.compile status``), the base's worktree is
+compiled too (``python -m service.compile build`` in it, where that commit has one), so that the two sides differ
+by their code and not by one being compiled; ``--base-source`` leaves the base's source to run.
+
 ``--env`` gives this checkout's side settings (``SEQSERVE_*``), ``--base-env`` the base's; neither side sees the
 caller's own ``SEQSERVE_*`` variables. With ``--base HEAD`` the two sides run the same code, so this compares
 settings the same way: ``--base HEAD --env SEQSERVE_ALONE_INLINE_MS=0.6`` asks what a default is worth.
@@ -36,6 +40,7 @@ from typing import Any
 
 from bench import cli, pa, perf
 from bench.launch import serve, server_env
+from service import compiled
 from service.argtypes import count
 
 
@@ -50,6 +55,19 @@ def worktree(commit: str) -> Iterator[Path]:
             yield path
         finally:
             subprocess.run([*git, "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
+def build_base(base: Path) -> str:
+    """Compiles the base worktree's hot path (its own ``service.compile``), as this checkout's is: what the base
+    runs, said in a line."""
+    if not (base / "service" / "compile.py").is_file():
+        return "the base has no compiled hot path (before service/compile.py): it runs from source"
+    done = subprocess.run([sys.executable, "-m", "service.compile", "build"], cwd=base, env=server_env({}),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"compiling the base's hot path failed (--base-source runs it from source):\n"
+                           f"{(done.stdout + done.stderr)[-3000:]}")  # fmt: skip
+    return "the base's hot path compiled, as this checkout's"
 
 
 def compare(
@@ -149,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     pa.add_options(ap, ["charlm-stream", "charlm-unary"], [1, 16], rounds=3)
     ap.add_argument("--workers", type=count(1), default=1)
     ap.add_argument("--core", action="store_true", help="the core alone instead (bench/core.py, CPU µs per step)")
+    ap.add_argument("--base-source", action="store_true", help="never compile the base's hot path")
     cli.add_settings(ap, "--env", "this checkout's side")
     cli.add_settings(ap, "--base-env", "the base's side")
     args = ap.parse_args(argv)
     envs = {"base": dict(args.base_env), "this": dict(args.env)}
     with worktree(args.base) as base:  # each side serves its own committed models
         sides = {"base": (base, base / "models"), "this": (cli.ROOT, cli.ROOT / "models")}
+        built = not args.base_source and compiled.in_use()
+        print(build_base(base) if built else "the base runs from source", flush=True)
         if args.core:
             results = core(sides, int(args.version or 1), args.concurrency, args.rounds, envs=envs)
         else:

@@ -119,3 +119,29 @@ def test_a_setting_is_given_as_its_seqserve_variable(text: str) -> None:
     assert cli.setting("SEQSERVE_TRACE_FILE=a=b") == ("SEQSERVE_TRACE_FILE", "a=b")
     with pytest.raises(argparse.ArgumentTypeError, match="SEQSERVE_NAME=VALUE"):
         cli.setting(text)
+
+
+FAKE_COMPILE = """
+import sys
+from pathlib import Path
+
+Path("built").write_text(" ".join(sys.argv[1:]))
+if sys.argv[1:] != ["build"]:
+    sys.exit(3)
+print("compiled the fake")
+"""
+
+
+def test_the_base_is_compiled_with_its_own_compiler(tmp_path: Path) -> None:
+    """With this checkout's hot path compiled, the base's is compiled too, by the base's own ``service.compile``
+    (run in its folder), so the two sides differ by their code only; a failed build stops the comparison."""
+    base = tmp_path / "base"
+    (base / "service").mkdir(parents=True)
+    assert "runs from source" in regress.build_base(base)  # (a commit from before the compiled path)
+    assert not (base / "built").exists()
+    (base / "service" / "__init__.py").write_text("")
+    (base / "service" / "compile.py").write_text(textwrap.dedent(FAKE_COMPILE))
+    assert "compiled" in regress.build_base(base) and (base / "built").read_text() == "build"
+    (base / "service" / "compile.py").write_text("import sys\nprint('no C compiler here')\nsys.exit(1)\n")
+    with pytest.raises(RuntimeError, match="no C compiler here"):
+        regress.build_base(base)
