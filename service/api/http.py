@@ -18,6 +18,7 @@ import contextlib
 import errno
 import gzip
 import hmac
+import json
 import logging
 import socket
 import ssl
@@ -75,6 +76,29 @@ class _Only:
                 kept = Metric(family.name, family.documentation, family.type, family.unit)
                 kept.samples = samples
                 yield kept
+
+
+# What a private metrics port (one with a token: a frontend's, another engine's) answers its engine when asked for
+# it (Accept): the samples as JSON, not as OpenMetrics text (``samples_document``).
+SAMPLES_TYPE = "application/vnd.seqserve.samples+json"
+
+
+def samples_document(registry: Any) -> bytes:
+    """A registry's samples for the engine that sums them (``service.engine.metrics.SummedFamilies``):
+    ``[[family, [[sample, labels, value, exemplar or null], ...]], ...]``, an exemplar as ``[labels, value,
+    timestamp]``, ``_created`` samples left out (they do not add up). The same samples as the OpenMetrics text,
+    without the text: the engine parsed that in Python at every scrape, ~25 µs a sample (1,700 samples of a
+    frontend's RPC histograms: 42 ms; two frontends after a long benchmark run: ~150 ms of the engine's CPU),
+    where ``json.loads`` reads these in C."""
+    families = []
+    for family in registry.collect():
+        samples = [
+            [s.name, s.labels, s.value, None if s.exemplar is None else list(s.exemplar)]
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
+        families.append([family.name, samples])
+    return json.dumps(families, separators=(",", ":")).encode()
 
 
 class _Server(ThreadingHTTPServer):
@@ -251,8 +275,12 @@ class _Handler(KeptAliveHandler):
         elif path == "/metrics" and not self._certified():
             self._send(403, b"client certificate required for /metrics (mTLS)\n", "text/plain; charset=utf-8", head)
         elif path == "/metrics":
-            # text/plain 0.0.4 by default; OpenMetrics when the scraper asks for it (Accept header).
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            # text/plain 0.0.4 by default; OpenMetrics when the scraper asks for it (Accept header); on a private
+            # port, the samples as JSON when its engine asks for them.
+            accept = self.headers.get("Accept", "")
+            encoder, content_type = choose_encoder(accept)
+            if token is not None and SAMPLES_TYPE in (kind.split(";")[0].strip() for kind in accept.split(",")):
+                encoder, content_type = samples_document, SAMPLES_TYPE
             registry: Any = self.server.metrics.registry  # type: ignore[union-attr]  # (set for this handler)
             names = parse_qs(self.path.partition("?")[2]).get("name[]")
             if names:  # only these samples, as prometheus_client's own handler answers ?name[]=...

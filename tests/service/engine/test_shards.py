@@ -12,8 +12,11 @@ from typing import Any, cast
 
 import pytest
 from prometheus_client import start_http_server
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+from service.api.http import MetricsHttpServer
 from service.core.dataplane import CoreDataPlane
 from service.core.manifest import MANIFEST_FILE, MODEL_FILE, sha256_file
 from service.core.sessions import SessionManager, SessionState
@@ -22,7 +25,7 @@ from service.core.shards import shard_of
 from service.core.traces import Tracer
 from service.core.types import BatchStats, Duration, ModelInfo, ModelRef, ModelStats
 from service.engine.client import RemoteDataPlane
-from service.engine.metrics import serve_engine_metrics
+from service.engine.metrics import serve_engine_metrics, serve_frontend_rpc_metrics
 from service.engine.shards import ShardedDataPlane, merged, summed
 from service.errors import FailedPrecondition, ModelNotFound, Overloaded
 from service.metrics import Metrics
@@ -261,3 +264,42 @@ def test_a_process_whose_metrics_do_not_answer_is_named_once_until_it_answers_ag
             list(first.registry.collect())
     said = [r.getMessage() for r in caplog.records if f"metrics on port {port}" in r.getMessage()]
     assert len(said) == 1 and "not read (its last reading is used until it answers)" in said[0]
+
+
+def test_frontends_read_as_json_sum_as_their_openmetrics_text_does() -> None:
+    """The engine reads our private ports' samples as JSON and any other endpoint's OpenMetrics text: the same
+    frontend read either way gives the same sums, its latency bucket's exemplar (a sampled call's trace id) too."""
+    frontend = Metrics(runtime_collectors=False)
+    frontend.rpc_started("inference.GRPCInferenceService", "ModelInfer")
+    frontend.rpc_finished(
+        "inference.GRPCInferenceService", "ModelInfer", "charlm", "OK", 0.002, f"00-{'a' * 32}-{'b' * 16}-01"
+    )
+    frontend.rpc_finished("inference.GRPCInferenceService", "ModelInfer", "charlm", "NOT_FOUND", 0.0001)
+    ours = MetricsHttpServer("127.0.0.1", 0, frontend, lambda: True, token="t")
+    theirs, thread = start_http_server(0, addr="127.0.0.1", registry=frontend.registry)
+    try:
+        sums = []
+        for port in (ours.start(), theirs.server_port):
+            engine = Metrics(runtime_collectors=False)
+            serve_frontend_rpc_metrics(engine, lambda port=port: [port], token="t")  # type: ignore[misc]
+            text = openmetrics.generate_latest(engine.registry).decode()  # type: ignore[no-untyped-call]
+            sums.append(
+                {
+                    (s.name, tuple(sorted(s.labels.items()))): (s.value, s.exemplar)
+                    for family in text_string_to_metric_families(text)  # type: ignore[no-untyped-call]
+                    for s in family.samples
+                    if s.name.startswith("seqserve_rpc_") and not s.name.endswith("_created")
+                }
+            )
+        json_read, text_read = sums
+        assert json_read == text_read
+        counts = {
+            dict(labels)["code"]: v for (name, labels), (v, _) in json_read.items() if name.endswith("_total") and v
+        }
+        assert counts == {"OK": 1.0, "NOT_FOUND": 1.0}
+        exemplars = [e.labels for _, e in json_read.values() if e is not None]
+        assert exemplars == [{"trace_id": "a" * 32}]  # (the sampled call's bucket's)
+    finally:
+        ours.stop()
+        theirs.shutdown()
+        thread.join(timeout=10)

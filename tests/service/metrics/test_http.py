@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import http.client
+import json
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.api.http import MetricsHttpServer
+from service.api.http import SAMPLES_TYPE, MetricsHttpServer
 from service.metrics import SESSION_EVENTS, Metrics
 from tests.deploy.conftest import unavailable
 
@@ -315,3 +316,40 @@ def test_closed_connection_series_exist_at_zero_for_the_ports_served(
         assert got[busy] >= 1 and {k: v for k, v in got.items() if k != busy} == {k: 0.0 for k in want if k != busy}
     finally:
         stop_server(proc)
+
+
+def _samples(port: int, accept: str) -> tuple[str, bytes]:
+    headers = {"Accept": accept, "Authorization": "Bearer t"}
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)) as r:
+        return r.headers.get_content_type(), r.read()
+
+
+def test_a_private_port_answers_its_engine_the_samples_as_json(metrics: Metrics) -> None:
+    """A private port (one with a token: a frontend's) answers its engine, which asks for them, the samples as JSON:
+    the same samples as its text (``_created`` left out), read without parsing text. A public port answers text,
+    whatever a scraper asks."""
+    private = MetricsHttpServer("127.0.0.1", 0, metrics, Ready(), token="t")
+    public = MetricsHttpServer("127.0.0.1", 0, metrics, Ready())
+    try:
+        kind, body = _samples(private.start(), f"{SAMPLES_TYPE}, application/openmetrics-text")
+        assert kind == SAMPLES_TYPE
+        sent = {
+            (name, tuple(sorted(labels.items()))): value
+            for _, samples in json.loads(body)
+            for name, labels, value, _ in samples
+            if name.startswith("seqserve_rpc_")  # (not the process's CPU and memory: they move between two reads)
+        }
+        kind, text = _samples(public.start(), SAMPLES_TYPE)
+        assert kind == "text/plain"
+        written = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode())
+            for s in family.samples
+            if s.name.startswith("seqserve_rpc_") and not s.name.endswith("_created")
+        }
+        assert sent == written and len(sent) > 40
+        labels = {"service": "seqserve.v1.Inference", "method": "Complete", "model": "charlm", "code": "OK"}
+        assert sent["seqserve_rpc_requests_total", tuple(sorted(labels.items()))] == 1.0
+    finally:
+        private.stop()
+        public.stop()
