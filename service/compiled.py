@@ -34,7 +34,11 @@ from types import ModuleType
 # tests replace its module's functions) and the session manager: compiled, it took the core's CPU per step from
 # 0.87x to 0.85x of the source's, and its async paths are where mypyc differs: an exception raised through an
 # ``await`` in a ``finally`` (its leases' ``__aexit__`` have one) came back out of a later ``async with``
-# (tests/service/core/test_session_store.py, compiled). Compiled code must not have one.
+# (tests/service/core/test_session_store.py, compiled). Compiled code must not have one. Also tried and left out:
+# the engine's codec and framing (``service/engine/codec.py``, ``wire.py``; msgpack's C does their work: with
+# ``--workers 2``, perf_analyzer's charlm-stream and charlm-unary at c=16 and 64 measured 0.90-1.08x, three rounds,
+# ``bench.regress --base e6f6b34 --workers 2``), ``service/metrics.py`` (the tests subclass ``Metrics``), the edge's
+# decoding and the char-LM task (async generators), the task base class (plugins subclass it).
 MODULES = (
     "service.api.kserve.params",
     "service.api.kserve.tensors",
