@@ -153,8 +153,10 @@ class StopCut:
 
 
 def usage(prompt: str, generated: int) -> dict[str, int]:
-    """A char LM's tokens are characters: the prompt's and the generated ones."""
-    return {"prompt_tokens": len(prompt), "completion_tokens": generated, "total_tokens": len(prompt) + generated}
+    """A char LM's tokens are characters: the prompt's and the generated ones. A CRLF is one token: the char
+    models read it as the one LF it is (``service.core.tokenizers.Encoder``, as a session's steps count it)."""
+    read = len(prompt) - prompt.count("\r\n")
+    return {"prompt_tokens": read, "completion_tokens": generated, "total_tokens": read + generated}
 
 
 def models_list(names: list[str]) -> dict[str, Any]:

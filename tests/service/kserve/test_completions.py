@@ -67,6 +67,18 @@ def test_a_completion_is_the_grpc_completion(rest: ServerHandle) -> None:
     assert greedy.choices[0].text == grpc_text(rest, "ab", max_chars=20, temperature=0)
 
 
+def test_prompt_tokens_are_the_characters_the_model_reads(rest: ServerHandle) -> None:
+    """A CRLF is one line break to a char model, which reads it as one LF: the usage counts it once, as the steps
+    of a session given the same prompt do (it used to count 2)."""
+    prompt = "To be,\r\nor not"
+    got = sdk(rest).completions.create(model="charlm", prompt=prompt, max_tokens=4, temperature=0)
+    with Client(rest.target) as c:
+        session = c.create_session("charlm")
+        *_, last = c.complete(prompt, session_id=session.id, max_chars=4, temperature=0)
+    assert got.usage is not None and last.steps == len(prompt) - 1 + 4
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(prompt) - 1, 4)
+
+
 def test_a_stop_string_ends_the_completion_and_is_left_out_of_it(rest: ServerHandle) -> None:
     """As OpenAI answers: the text stops before the stop string (the gRPC ``Complete`` includes it), streamed or
     not; a stream holds back what may still become a stop string, and says nothing it would take back."""
