@@ -4,10 +4,11 @@ With ``--workers N`` the engine answers ``/metrics`` for the whole server: at ea
 RPC metrics (their private ports) and sums them (``service/engine/metrics.py``), so its cost grows with the series
 the frontends hold (service x method x model x status code, each latency histogram a few dozen samples) and comes
 out of the process that batches every model's steps. This starts ``seqserve serve --workers N`` on ``--models``,
-gives its frontends many series (every KServe model call of the ``--rounds`` kinds below, on every model of the
-repository and on unknown ones, over several connections so that every frontend serves some), then scrapes the
-engine's ``/metrics`` ``--scrapes`` times and prints the answer's size and, per scrape, the engine's CPU time (from
-/proc) and the scrape's wall time.
+gives its frontends many series (five KServe model calls: ModelInfer without inputs, refused, ModelMetadata,
+ModelConfig, ModelReady and ModelStatistics, on every model of the repository and on unknown names, over several
+connections so that every frontend serves some), then scrapes the
+engine's ``/metrics`` ``--scrapes`` times and prints the answer's size and, per scrape, the CPU time (from /proc) of
+the engine and of all the server's processes (the frontends answer the engine's reads), and the scrape's wall time.
 
     python -m bench.scrape [--models models] [--workers 2] [--scrapes 10] [--code DIR] [--out bench/results/scrape.json]
 
@@ -61,18 +62,25 @@ def populate(target: str, names: list[str]) -> int:
     return calls
 
 
+def processes(pid: int) -> list[int]:
+    """``pid`` and its children (the server's engine and frontends)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(int(c) for c in children)]
+
+
 def measure(models: Path, workers: int, scrapes: int, code: Path = cli.ROOT) -> dict[str, Any]:
     with serve(models, workers=workers, code=code) as served:
         calls = populate(served.target, model_names(models))
-        engine = served.engine_pids[0]
+        engine, everyone = served.engine_pids[0], processes(served.pid)
         rows = []
         for _ in range(scrapes + 1):  # (the first one not counted: the engine's first read of each frontend)
-            cpu, wall = cpu_seconds(engine), time.perf_counter()
+            before, wall = {p: cpu_seconds(p) for p in everyone}, time.perf_counter()
             with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=60) as r:
                 size = len(r.read())
-            rows.append({"bytes": size, "wall_ms": 1e3 * (time.perf_counter() - wall),
-                         "engine_cpu_ms": 1e3 * (cpu_seconds(engine) - cpu)})  # fmt: skip
-            time.sleep(0.2)  # (the engine's own work between scrapes stays out of the next one's CPU time)
+            wall, spent = time.perf_counter() - wall, {p: cpu_seconds(p) - before[p] for p in everyone}
+            rows.append({"bytes": size, "wall_ms": 1e3 * wall, "engine_cpu_ms": 1e3 * spent[engine],
+                         "server_cpu_ms": 1e3 * sum(spent.values())})  # fmt: skip
+            time.sleep(0.2)  # (the processes' own work between scrapes stays out of the next one's CPU time)
     kept = rows[1:]
     return {
         "workers": workers,
@@ -80,7 +88,9 @@ def measure(models: Path, workers: int, scrapes: int, code: Path = cli.ROOT) -> 
         "calls": calls,
         "scrapes": scrapes,
         "bytes": kept[-1]["bytes"],
+        "processes": len(everyone),
         "engine_cpu_ms_mean": statistics.fmean(r["engine_cpu_ms"] for r in kept),
+        "server_cpu_ms_mean": statistics.fmean(r["server_cpu_ms"] for r in kept),
         "wall_ms_median": statistics.median(r["wall_ms"] for r in kept),
         "rows": rows,
     }
@@ -97,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"/metrics of a --workers {result['workers']} server ({result['code']}) after {result['calls']} calls: "
         f"{result['bytes']:,} bytes; per scrape ({result['scrapes']}), the engine's CPU "
-        f"{result['engine_cpu_ms_mean']:.1f} ms (mean; /proc ticks of 10 ms), wall {result['wall_ms_median']:.1f} ms "
+        f"{result['engine_cpu_ms_mean']:.1f} ms and all {result['processes']} processes' "
+        f"{result['server_cpu_ms_mean']:.1f} ms (means; /proc ticks of 10 ms), wall {result['wall_ms_median']:.1f} ms "
         "(median)"
     )
     return 0

@@ -87,8 +87,8 @@ def samples_document(registry: Any) -> bytes:
     """A registry's samples for the engine that sums them (``service.engine.metrics.SummedFamilies``):
     ``[[family, [[sample, labels, value, exemplar or null], ...]], ...]``, an exemplar as ``[labels, value,
     timestamp]``, ``_created`` samples left out (they do not add up). The same samples as the OpenMetrics text,
-    without the text, which the engine parsed in Python at every scrape (``python -m bench.scrape``: 125 ms of the
-    engine's CPU per scrape then, 26 ms since); ``json.loads`` reads these in C."""
+    without the text, which the engine parsed in Python at every scrape (``python -m bench.scrape``: a fifth of
+    the engine's CPU per scrape since, docs/architecture.md); ``json.loads`` reads these in C."""
     families = []
     for family in registry.collect():
         samples = [

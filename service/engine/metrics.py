@@ -5,11 +5,12 @@ the engine reads every frontend's private ``/metrics`` (127.0.0.1, a free port e
 families sample by sample (counters, histograms and the in-flight gauge all add up across processes), exposed in
 a single process's order (each label set's samples together, buckets by increasing ``le``), so the OpenMetrics
 format stays valid. ``_created`` timestamps do not add up and are left out. Frontends answer their samples as JSON
-(``service.api.http.samples_document``: the engine parsed their OpenMetrics text in Python, 125 ms of its CPU per
-scrape in ``python -m bench.scrape``, 26 ms since; any other endpoint is read as OpenMetrics), with each latency
-bucket's exemplar (the trace id of a sampled call): the newest of the frontends' wins. A frontend that does not
-answer in time is logged and counted with the values it reported last: leaving it out would shrink the sums, which
-Prometheus reads as a counter reset (every rate and increase over that scrape would count the whole history again).
+(``service.api.http.samples_document``: the engine parsed their OpenMetrics text in Python, five times the CPU
+per scrape in ``python -m bench.scrape``, docs/architecture.md; any other endpoint is read as OpenMetrics), with
+each latency bucket's exemplar (the trace id of a sampled call): the newest of the frontends' wins. A frontend
+that does not answer in time is logged and counted with the values it reported last: leaving it out would shrink
+the sums, which Prometheus reads as a counter reset (every rate and increase over that scrape would count the whole
+history again).
 
 With several engines (``--engines K``) the first engine sums the others' families of models, batches and
 sessions the same way (``serve_engine_metrics``): one ``SummedFamilies`` per kind of process.
