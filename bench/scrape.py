@@ -6,9 +6,9 @@ the frontends hold (service x method x model x status code, each latency histogr
 out of the process that batches every model's steps. This starts ``seqserve serve --workers N`` on ``--models``,
 gives its frontends many series (five KServe model calls: ModelInfer without inputs, refused, ModelMetadata,
 ModelConfig, ModelReady and ModelStatistics, on every model of the repository and on unknown names, over several
-connections so that every frontend serves some), then scrapes the
-engine's ``/metrics`` ``--scrapes`` times and prints the answer's size and, per scrape, the CPU time (from /proc) of
-the engine and of all the server's processes (the frontends answer the engine's reads), and the scrape's wall time.
+connections so that every frontend serves some), then scrapes the engine's ``/metrics`` ``--scrapes`` times and
+prints the answer's size and, per scrape, the CPU time (from /proc) of the engine and of all the server's
+processes (the frontends answer the engine's reads), and the scrape's wall time.
 
     python -m bench.scrape [--models models] [--workers 2] [--scrapes 10] [--code DIR] [--out bench/results/scrape.json]
 
@@ -63,7 +63,8 @@ def populate(target: str, names: list[str]) -> int:
 
 
 def processes(pid: int) -> list[int]:
-    """``pid`` and its children (the server's engine and frontends)."""
+    """``pid`` and its children (a multi-process server: the engine, its frontends and multiprocessing's resource
+    tracker)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [pid, *(int(c) for c in children)]
 

@@ -19,7 +19,7 @@ def test_the_engine_is_scraped_after_the_frontends_served_every_model(tiny_model
     result = json.loads(out.read_text())
     assert result["workers"] == 2 and result["calls"] == scrape.CONNECTIONS * 5 * (len(names) + len(scrape.UNKNOWN))
     assert len(result["rows"]) == 3 and result["bytes"] == result["rows"][-1]["bytes"] > 10_000
-    assert result["processes"] == 4  # (the parent, the engine, two frontends)
+    assert result["processes"] == 4  # (the engine, two frontends, multiprocessing's resource tracker)
     assert all(r["wall_ms"] > 0 and r["server_cpu_ms"] >= r["engine_cpu_ms"] >= 0 for r in result["rows"])
 
 
