@@ -82,9 +82,8 @@ def _module(path: Path) -> str:
     return ".".join(path.relative_to(ROOT).with_name(path.name.split(".", 1)[0]).parts)
 
 
-def _built_from() -> str | None:
-    """Why the compiled files cannot stand for the sources as they are now; None when they can."""
-    files = built()
+def _built_from(files: list[Path]) -> str | None:
+    """Why the compiled ``files`` (``built()``) cannot stand for the sources as they are now; None when they can."""
     if not files:
         return "not built (python -m service.compile build; needs a C compiler and Python's headers)"
     try:
@@ -100,14 +99,14 @@ def _built_from() -> str | None:
 
 def current() -> bool:
     """Whether the compiled files are built from the sources as they are now."""
-    return _built_from() is None
+    return _built_from(built()) is None
 
 
-def state() -> tuple[bool, str]:
-    """(whether the compiled modules are to be used, why)."""
+def state(files: list[Path] | None = None) -> tuple[bool, str]:
+    """(whether the compiled modules are to be used, why); ``files``: ``built()``, when the caller has it."""
     if os.environ.get("SEQSERVE_COMPILED", "true").strip().lower() in _FALSE:
         return False, "SEQSERVE_COMPILED is false"
-    why = _built_from()
+    why = _built_from(built() if files is None else files)
     return (False, why) if why else (True, f"{len(MODULES)} modules compiled with mypyc")
 
 
@@ -121,9 +120,9 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
             return None
         return importlib.util.spec_from_file_location(fullname, source(fullname))
 
-    def __init__(self) -> None:
-        # the listed modules, and any other module a compiled file is left for
-        self.modules = {*MODULES, *(_module(p) for p in built())} - {f"{GROUP}__mypyc"}
+    def __init__(self, files: list[Path]) -> None:
+        # the listed modules, and any other module a compiled file (of ``built()``) is left for
+        self.modules = {*MODULES, *(_module(p) for p in files)} - {f"{GROUP}__mypyc"}
 
 
 _decided: tuple[bool, str] | None = None  # install()'s state(): what this process imports
@@ -133,9 +132,10 @@ def install() -> None:
     """Run before any compiled module is imported: the sources stand in for the compiled modules unless they are
     built, current and wanted."""
     global _decided
-    _decided = state()
+    files = built()  # (one walk of the package for both)
+    _decided = state(files)
     if not _decided[0] and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SourceFirst())
+        sys.meta_path.insert(0, _SourceFirst(files))
 
 
 def in_use() -> tuple[bool, str]:
