@@ -25,7 +25,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -83,21 +83,29 @@ class _Only:
 SAMPLES_TYPE = "application/vnd.seqserve.samples+json"
 
 
-def samples_document(registry: Any) -> bytes:
-    """A registry's samples for the engine that sums them (``service.engine.metrics.SummedFamilies``):
-    ``[[family, [[sample, labels, value, exemplar or null], ...]], ...]``, an exemplar as ``[labels, value,
-    timestamp]``, ``_created`` samples left out (they do not add up). The same samples as the OpenMetrics text,
-    without the text, which the engine parsed in Python at every scrape (``python -m bench.scrape``: a fifth of
-    the engine's CPU per scrape since, docs/architecture.md); ``json.loads`` reads these in C."""
-    families = []
-    for family in registry.collect():
-        samples = [
-            [s.name, s.labels, s.value, None if s.exemplar is None else list(s.exemplar)]
-            for s in family.samples
-            if not s.name.endswith("_created")
+def sample_rows(families: Iterable[Metric]) -> list[list[Any]]:
+    """Metric families' samples as ``samples_document`` lays them out: ``[[family, [[sample, labels, value, exemplar
+    or null], ...]], ...]``, an exemplar as ``[labels, value, timestamp]``, ``_created`` samples left out (they do
+    not add up). The engine reads any other endpoint's parsed OpenMetrics through it too."""
+    return [
+        [
+            family.name,
+            [
+                [s.name, s.labels, s.value, None if s.exemplar is None else list(s.exemplar)]
+                for s in family.samples
+                if not s.name.endswith("_created")
+            ],
         ]
-        families.append([family.name, samples])
-    return json.dumps(families, separators=(",", ":")).encode()
+        for family in families
+    ]
+
+
+def samples_document(registry: Any) -> bytes:
+    """A registry's samples for the engine that sums them (``service.engine.metrics.SummedFamilies``), as
+    ``sample_rows``: the same samples as the OpenMetrics text, without the text, which the engine parsed in Python at
+    every scrape (``python -m bench.scrape``: a fifth of the engine's CPU per scrape since, docs/architecture.md);
+    ``json.loads`` reads these in C."""
+    return json.dumps(sample_rows(registry.collect()), separators=(",", ":")).encode()
 
 
 class _Server(ThreadingHTTPServer):

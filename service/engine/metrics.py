@@ -23,7 +23,6 @@ import json
 import logging
 import urllib.request
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
@@ -31,7 +30,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
-from service.api.http import SAMPLES_TYPE
+from service.api.http import SAMPLES_TYPE, sample_rows
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -61,14 +60,6 @@ def _engine_families(m: Metrics, store_per_engine: bool) -> tuple[Collector, ...
 
 # Our private ports answer the samples as JSON; any other Prometheus endpoint, OpenMetrics (its exemplars too).
 _ACCEPT = {"Accept": f"{SAMPLES_TYPE}, {OPENMETRICS}"}
-
-
-def _from_text(text: str) -> list[list[Any]]:
-    """OpenMetrics text as ``samples_document`` lays its samples out."""
-    return [
-        [family.name, [[s.name, s.labels, s.value, s.exemplar and list(s.exemplar)] for s in family.samples]]
-        for family in text_string_to_metric_families(text)  # type: ignore[no-untyped-call]
-    ]
 
 
 class SummedFamilies(Collector):
@@ -113,7 +104,10 @@ class SummedFamilies(Collector):
             request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={**self._headers, **_ACCEPT})
             with urllib.request.urlopen(request, timeout=self.timeout) as r:
                 body, kind = r.read(), r.headers.get_content_type()
-            families = json.loads(body) if kind == SAMPLES_TYPE else _from_text(body.decode())
+            if kind == SAMPLES_TYPE:
+                families = json.loads(body)
+            else:
+                families = sample_rows(text_string_to_metric_families(body.decode()))  # type: ignore[no-untyped-call]
         except (OSError, ValueError) as exc:
             if port not in self._unread:  # once until it answers again (a drain stopped frontends: once a scrape)
                 self._unread.add(port)
@@ -130,8 +124,6 @@ class SummedFamilies(Collector):
             if family not in self._names:
                 continue
             for name, labels, value, exemplar in values:
-                if name.endswith("_created"):
-                    continue
                 key = (name, tuple(sorted(labels.items())))
                 samples.append((family, key, float(value)))
                 if exemplar is not None:
