@@ -62,17 +62,10 @@ def populate(target: str, names: list[str]) -> int:
     return calls
 
 
-def processes(pid: int) -> list[int]:
-    """``pid`` and its children (a multi-process server: the engine, its frontends and multiprocessing's resource
-    tracker)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *(int(c) for c in children)]
-
-
 def measure(models: Path, workers: int, scrapes: int, code: Path = cli.ROOT) -> dict[str, Any]:
     with serve(models, workers=workers, code=code) as served:
         calls = populate(served.target, model_names(models))
-        engine, everyone = served.engine_pids[0], processes(served.pid)
+        engine, everyone = served.engine_pids[0], cli.server_processes(served.pid, served.engine_pids)
         rows = []
         for _ in range(scrapes + 1):  # (the first one not counted: the engine's first read of each frontend)
             before, wall = {p: cpu_seconds(p) for p in everyone}, time.perf_counter()
