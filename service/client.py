@@ -611,6 +611,9 @@ class SuggestStream:
             except grpc.RpcError as err:
                 self._failed = ApiError.from_rpc_error(err)
                 raise self._failed from None
+            except asyncio.InvalidStateError:  # the call ended while no send waited (its deadline, the server)
+                self._failed = await self._ended()
+                raise self._failed from None
             except asyncio.CancelledError:  # (grpc.aio cancelled the call with it)
                 if not _cancelling():
                     raise self._lost() from None
@@ -644,6 +647,15 @@ class SuggestStream:
                 if _cancelling():
                     raise
                 raise self._lost() from None
+
+    async def _ended(self) -> ApiError:
+        """Why a call that ended while no send waited ended: grpc.aio's ``write()`` says only "RPC already
+        finished" (asyncio's InvalidStateError); a ``read()`` of the ended call raises its status."""
+        try:
+            await self._call.read()
+        except grpc.RpcError as err:
+            return ApiError.from_rpc_error(err)
+        return ApiError(grpc.StatusCode.UNKNOWN, "the server ended the Suggest stream without answering", None, None)
 
     def _lost(self) -> ApiError:
         """The error for a call cancelled on this side by no cancellation of the caller's task (the channel

@@ -195,6 +195,22 @@ async def test_a_cancelled_send_ends_the_suggest_stream_and_later_sends_say_so(t
             assert (await again.send("!")).steps == info.steps + 1
 
 
+async def test_a_send_after_the_streams_deadline_raises_an_api_error(target: str) -> None:
+    """A user who goes quiet past the stream's deadline: the next send raised asyncio's InvalidStateError ("RPC
+    already finished") out of grpc.aio's write(), which a relay catching ApiError does not catch."""
+    async with AsyncClient(target, timeout=60) as c, c.session("charlm") as s:
+        async with c.suggest_stream(s.id, timeout=0.5) as stream:
+            assert (await stream.send("To be")).steps == 5
+            await asyncio.sleep(1.0)
+            with pytest.raises(ApiError) as late:
+                await stream.send(" or")
+            assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            with pytest.raises(ApiError) as ended:
+                await stream.send(" not")
+            assert ended.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "has ended" in ended.value.message
+        assert (await c.get_session(s.id)).steps == 5
+
+
 async def test_a_send_whose_channel_closed_raises_an_api_error(target: str) -> None:
     """The client closed under a send: grpc.aio raised CancelledError in a task nobody cancelled."""
     c = AsyncClient(target, timeout=60)
