@@ -207,6 +207,13 @@ def _stdin_lines() -> list[str]:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # (bytes the shell passed that are not UTF-8 reach argv as lone surrogates)
+        at = len(args.prompt[: e.start].encode("utf-8", "surrogateescape"))
+        raise ValueError(
+            f"the prompt is not UTF-8 text (byte {at} is not); convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
     with _client(args) as c:
         chunks = c.complete(
             args.prompt,

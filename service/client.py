@@ -686,13 +686,13 @@ def _complete_request(prompt: str, options: CompleteOptions) -> autocomplete_pb2
         raise TypeError(f"complete() got an unexpected keyword argument {unknown[0]!r}")
     return autocomplete_pb2.CompleteRequest(
         model=_selector(options.get("model", ""), options.get("version")),
-        prompt=prompt,
+        prompt=_utf8(prompt, "prompt"),
         session_id=options.get("session_id"),
         max_chars=options.get("max_chars"),
         temperature=options.get("temperature"),
         top_k=options.get("top_k", 0),
         seed=options.get("seed"),
-        stop=list(options.get("stop", ())),
+        stop=[_utf8(t, f"stop[{i}]") for i, t in enumerate(options.get("stop", ()))],
     )
 
 
@@ -700,7 +700,7 @@ def _suggest_request(session_id: str, event: SuggestEvent | str) -> autocomplete
     ev = SuggestEvent(event) if isinstance(event, str) else event
     return autocomplete_pb2.SuggestRequest(
         session_id=session_id,
-        appended=ev.appended,
+        appended=_utf8(ev.appended, "appended"),
         reset=ev.reset,
         n=ev.n,
         max_chars=ev.max_chars,
@@ -727,15 +727,22 @@ def _texts(texts: Sequence[str]) -> list[str]:
     for i, t in enumerate(out):
         if not isinstance(t, str | bytes):
             raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
-        try:
-            out[i] = t.decode("utf-8") if isinstance(t, bytes) else t
-            out[i].encode("utf-8")  # (a lone surrogate, as from errors="surrogateescape", cannot be sent)
-        except (UnicodeDecodeError, UnicodeEncodeError) as e:
-            at = f"byte {e.start}" if isinstance(t, bytes) else f"character {e.start}"
-            raise ValueError(
-                f"texts[{i}] is not valid UTF-8 text ({e.reason} at {at}): decode it with the encoding it was "
-                "written in, or pass a str"
-            ) from None
+        out[i] = _utf8(t, f"texts[{i}]")
+    return out
+
+
+def _utf8(t: str | bytes, name: str) -> str:
+    """``t`` as a str that can be sent (bytes decoded as UTF-8), or a ValueError naming ``name``: protobuf's own
+    error for a lone surrogate (as ``errors="surrogateescape"`` and the shell's argv make) named no field."""
+    try:
+        out = t.decode("utf-8") if isinstance(t, bytes) else t
+        out.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError) as e:
+        at = f"byte {e.start}" if isinstance(t, bytes) else f"character {e.start}"
+        raise ValueError(
+            f"{name} is not valid UTF-8 text ({e.reason} at {at}): decode it with the encoding it was written in, "
+            "or pass a str"
+        ) from None
     return out
 
 

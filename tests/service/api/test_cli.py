@@ -212,6 +212,19 @@ def test_a_refused_completion_prints_only_its_error(serve: ServeProcess, capsys:
     )
 
 
+def test_a_prompt_that_is_not_utf8_is_named_before_the_call(
+    serve: ServeProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bytes that are not UTF-8 reach argv as lone surrogates; protobuf's "'utf-8' codec can't encode character
+    '\\udcff' in position 6: surrogates not allowed" was printed as the error."""
+    prompt = b"ROMEO:\xff".decode("utf-8", "surrogateescape")  # what Python makes of such an argument
+    assert main(["complete", prompt, "--target", serve.target]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "error: the prompt is not UTF-8 text (byte 6 is not); convert it first, e.g. iconv -f latin1 -t utf-8\n"
+    )
+
+
 def test_forecast_reads_a_csv_by_its_header(
     serve: ServeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

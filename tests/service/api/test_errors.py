@@ -199,6 +199,17 @@ def test_auth_missing_wrong_and_right(start_server: Callable[..., ServerHandle])
             ValueError,
             "texts[0] is not valid UTF-8 text (surrogates not allowed at character 4)",
         ),
+        # a prompt or stop string with a lone surrogate raised protobuf's bare UnicodeEncodeError
+        (
+            lambda c: c.complete("ROMEO:\ud800"),
+            ValueError,
+            "prompt is not valid UTF-8 text (surrogates not allowed at character 6)",
+        ),
+        (
+            lambda c: c.complete("ROMEO:", stop=["\n", "x\udce9"]),
+            ValueError,
+            "stop[1] is not valid UTF-8 text (surrogates not allowed at character 1)",
+        ),
         # df.columns (pandas) or numpy's array raised "truth value ... is ambiguous"; a str was split in characters
         (
             lambda c: c.forecast(np.zeros((96, 2), np.float32), columns="HUFL,OT"),
