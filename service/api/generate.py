@@ -55,13 +55,17 @@ def complete_request(name: str, version: str, document: object, *, stream: bool)
         raise RequestError(f"parameters must be a JSON object: {USAGE}")
     beside = {key: value for key, value in document.items() if key not in ("text_input", "parameters")}
     chosen: dict[str, tuple[str, Any]] = {}  # field -> (the key that set it, its value)
-    for key, value in [*params.items(), *beside.items()]:
+    places = [(key, value, "in parameters") for key, value in params.items()]
+    places += [(key, value, "beside text_input") for key, value in beside.items()]
+    where: dict[str, str] = {}  # field -> where its key stood
+    for key, value, place in places:
         field = OPTIONS.get(key)
         if field is None:
             raise RequestError(f"unknown option {echo(key)}: generate takes text_input and {', '.join(OPTIONS)}")
         if field in chosen:
-            raise RequestError(f"{key} is given twice (as {chosen[field][0]} too); give it once")
-        chosen[field] = (key, value)
+            first = f"{chosen[field][0]} {where[field]}"
+            raise RequestError(f"{key} is given twice ({first}, {key} {place}); give it once")
+        chosen[field], where[field] = (key, value), place
     request = autocomplete_pb2.CompleteRequest(
         prompt=text,
         model=model_selector(name, version, f"model version {echo(version, 40)} is not a version number (1, 2, ...)"),

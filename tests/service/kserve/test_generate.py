@@ -163,7 +163,17 @@ def test_an_error_after_the_first_event_is_the_streams_last_event(tiny_models: A
         ({"text_input": 5}, 400, "text_input must be a string"),
         ({"text_input": "a", "parameters": [1]}, 400, "parameters must be a JSON object"),
         ({"text_input": "a", "temprature": 0.5}, 400, "unknown option 'temprature'"),
-        ({"text_input": "a", "max_tokens": 3, "parameters": {"max_chars": 4}}, 400, "given twice"),
+        (
+            {"text_input": "a", "max_tokens": 3, "parameters": {"max_chars": 4}},
+            400,
+            "max_tokens is given twice (max_chars in parameters, max_tokens beside text_input); give it once",
+        ),
+        # the same key in both places said "max_tokens is given twice (as max_tokens too)": where were the two?
+        (
+            {"text_input": "a", "max_tokens": 3, "parameters": {"max_tokens": 4}},
+            400,
+            "max_tokens is given twice (max_tokens in parameters, max_tokens beside text_input); give it once",
+        ),
         ({"text_input": "a", "max_tokens": 0}, 400, "max_tokens must be at least 1"),
         ({"text_input": "a", "max_tokens": 2**40}, 400, "max_tokens must be an integer that fits in 32 bits"),
         ({"text_input": "a", "max_tokens": "5"}, 400, "max_tokens must be an integer"),
