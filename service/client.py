@@ -361,7 +361,8 @@ class Client(_Connection):
     def observe(
         self, session_id: str, rows: Table, timeout: float | None = None, columns: Sequence[str] | None = None
     ) -> ForecastResult:
-        """Appends ``rows`` to a forecasting session; ``columns`` as for ``forecast``."""
+        """Appends ``rows`` to a forecasting session; ``columns`` as for ``forecast``. Until the session holds the
+        model's window of rows the result has no rows (``point`` of shape (0, features)): no forecast yet."""
         request = forecast_pb2.ObserveRequest(
             session_id=session_id, rows=_rows(rows, "rows"), columns=_columns(columns)
         )

@@ -132,7 +132,7 @@ class ForecastResponse(_message.Message):
 
     @_builtins.property
     def point(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Row]:
-        """Point forecast: `horizon` rows in original units."""
+        """Point forecast: `horizon` rows in original units (none from an Observe before the window is full)."""
 
     @_builtins.property
     def quantiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuantileForecast]:

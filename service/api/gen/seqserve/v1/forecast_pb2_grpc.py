@@ -59,7 +59,9 @@ class ForecastServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Observe(self, request, context):
-        """Appends rows to a forecasting session and forecasts from its newest row.
+        """Appends rows to a forecasting session and forecasts from its newest row. Until the session holds the model's
+        window of rows (96 for the shipped forecasters; Predict's refusal of a shorter history names it), the answer
+        is OK with no rows (`point` and every band empty; `rows_seen` says how many it holds).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,7 +36,10 @@ class ForecastStub:
     Predict: _grpc.UnaryUnaryMultiCallable[_forecast_pb2.PredictRequest, _forecast_pb2.ForecastResponse]
     """Stateless: forecasts from the given history."""
     Observe: _grpc.UnaryUnaryMultiCallable[_forecast_pb2.ObserveRequest, _forecast_pb2.ForecastResponse]
-    """Appends rows to a forecasting session and forecasts from its newest row."""
+    """Appends rows to a forecasting session and forecasts from its newest row. Until the session holds the model's
+    window of rows (96 for the shipped forecasters; Predict's refusal of a shorter history names it), the answer
+    is OK with no rows (`point` and every band empty; `rows_seen` says how many it holds).
+    """
 
 @_typing.type_check_only
 class ForecastAsyncStub(ForecastStub):
@@ -46,7 +49,10 @@ class ForecastAsyncStub(ForecastStub):
     Predict: _aio.UnaryUnaryMultiCallable[_forecast_pb2.PredictRequest, _forecast_pb2.ForecastResponse]  # type: ignore[assignment]
     """Stateless: forecasts from the given history."""
     Observe: _aio.UnaryUnaryMultiCallable[_forecast_pb2.ObserveRequest, _forecast_pb2.ForecastResponse]  # type: ignore[assignment]
-    """Appends rows to a forecasting session and forecasts from its newest row."""
+    """Appends rows to a forecasting session and forecasts from its newest row. Until the session holds the model's
+    window of rows (96 for the shipped forecasters; Predict's refusal of a shorter history names it), the answer
+    is OK with no rows (`point` and every band empty; `rows_seen` says how many it holds).
+    """
 
 class ForecastServicer(metaclass=_abc_1.ABCMeta):
     """Forecasts the next `horizon` rows of a multivariate series, with quantile bands."""
@@ -65,6 +71,9 @@ class ForecastServicer(metaclass=_abc_1.ABCMeta):
         request: _forecast_pb2.ObserveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_forecast_pb2.ForecastResponse, _abc.Awaitable[_forecast_pb2.ForecastResponse]]:
-        """Appends rows to a forecasting session and forecasts from its newest row."""
+        """Appends rows to a forecasting session and forecasts from its newest row. Until the session holds the model's
+        window of rows (96 for the shipped forecasters; Predict's refusal of a shorter history names it), the answer
+        is OK with no rows (`point` and every band empty; `rows_seen` says how many it holds).
+        """
 
 def add_ForecastServicer_to_server(servicer: ForecastServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
