@@ -21,6 +21,7 @@ Every failed call raises ``ApiError`` with the status code, the server's message
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -774,9 +775,17 @@ def _rows(rows: Table, name: str) -> list[common_pb2.Row]:
                     f"{name}[{i}] must be a row of numbers (a 2-D table, oldest row first), got {row!r:.40}"
                 )
     try:
-        return cv.rows_to_pb(rows)
+        out = cv.rows_to_pb(rows)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must hold numbers only: {e}") from None
+    for i, row in enumerate(out):  # protobuf's float32 makes a finite value beyond its range inf, which the server
+        for j, v in enumerate(row.values):  # then refused as "is inf"
+            if math.isinf(v) and math.isfinite(given := float(rows[i][j])):
+                raise ValueError(
+                    f"{name}[{i}][{j}] is {given:g}, beyond float32's range (about ±3.4e38), which the API carries; "
+                    "scale the series"
+                )
+    return out
 
 
 def _selector(name: str, version: int | None) -> common_pb2.ModelSelector:

@@ -186,6 +186,13 @@ def test_auth_missing_wrong_and_right(start_server: Callable[..., ServerHandle])
             "history must be a 2-D table (time, features), got an array of shape (1, 96, 7)",
         ),
         (lambda c: c.forecast([1.0, 2.0]), TypeError, "history[0] must be a row of numbers"),
+        # protobuf's float32 made it inf, and the server said "history[0][0] (column 'HUFL') is inf"
+        (
+            lambda c: c.forecast(np.full((96, 7), 1e300)),
+            ValueError,
+            "history[0][0] is 1e+300, beyond float32's range (about ±3.4e38), which the API carries; scale the series",
+        ),
+        (lambda c: c.observe("s", [[1.0, 2.0], [3.0, -4e38]]), ValueError, "rows[1][1] is -4e+38, beyond float32's"),
         (lambda c: c.observe("s", [[1.0, "x"]]), TypeError, "rows must hold numbers only: could not convert"),
         (lambda c: c.observe("s", iter([[1.0], 2.0])), TypeError, "rows[1] must be a row of numbers"),
         # bytes that are not UTF-8 raised protobuf's UnicodeDecodeError, naming no text
