@@ -250,6 +250,23 @@ def test_a_wrong_redis_password_says_to_fix_the_setting_not_to_retry(
         assert "retry" not in message and "wrong-guess" not in message and "the-right-one" not in message
 
 
+def test_a_database_redis_does_not_have_says_to_fix_the_setting(
+    private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
+) -> None:
+    """redis://host:port/16 on a Redis of 16 databases: redis-py's ResponseError ("DB index is out of range") went
+    out of the store as a traceback, and the server stopped at start."""
+    r = private_redis()
+    server = start_replica(r.url.removesuffix("/0") + "/16", session_store_timeout_seconds=0.5)
+    c = Client(server.target, timeout=10)
+    with pytest.raises(ApiError) as info:
+        c.create_session("charlm")
+    message = info.value.message
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "has no such database (DB index is out of range" in message
+    assert "name one it has in session_store (SEQSERVE_SESSION_STORE: redis://HOST:PORT/DB)" in message
+    assert c.classify(["still serves what needs no session"])[0].label
+
+
 def test_tls_to_a_plain_redis_says_the_url_asks_for_tls(
     private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
 ) -> None:

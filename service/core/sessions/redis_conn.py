@@ -12,10 +12,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -65,10 +67,34 @@ def _client_url(url: str) -> tuple[str, bool]:
     return url, False
 
 
+def _check_url(client_url: str, cluster: bool) -> None:
+    """What redis-py would misread or echo: a password holding an unencoded '/', '?', '#' (the rest reads as the
+    port or the database, and redis-py's "Port could not be cast to integer value as ..." quoted a piece of the
+    password), or a database that is not a number (``redis://host:6379/x``: redis-py uses database 0 without a
+    word)."""
+    parsed = urlparse(client_url)
+    encode = "write '/' as %2F, '?' as %3F, '#' as %23 and '@' as %40 in the password"
+    try:
+        parsed.port  # noqa: B018 (urllib reads the port when asked)
+    except ValueError as e:
+        if "@" not in client_url or "out of range" in str(e):
+            raise  # (no piece of a password in it: urllib's own message, naming the port)
+        raise ValueError(f"the port after the host is not a number, or the password is not encoded: {encode}") from None
+    path = unquote(parsed.path).replace("/", "")
+    if cluster or not path or "db" in parse_url(client_url):
+        return
+    if "@" in path:  # (not echoed: it holds part of the password)
+        raise ValueError(f"the database after the host is not a number, or the password is not encoded: {encode}")
+    raise ValueError(
+        f"the database after the host must be a number (redis://HOST:PORT/DB, 0 if left out), got {path!r}"
+    )
+
+
 class RedisConn:
     def __init__(self, url: str, name: str, timeout: float) -> None:
         self.name = name  # the URL without a password, for messages
         client_url, self.cluster = _client_url(url)
+        _check_url(client_url, self.cluster)
         self.tls = client_url.startswith("rediss://")
         options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         # One immediate retry on a broken connection (a pooled connection to a Redis that restarted since);
@@ -113,6 +139,13 @@ class RedisConn:
                 f"still work; retry when it is back{self._tls_hint(e)}"
             ) from None
         except rex.ResponseError as e:
+            if "DB index is out of range" in str(e):  # (SELECT, as a connection opens: a setting to fix)
+                self._mark(False, e)
+                raise StoreUnavailable(
+                    f"session store {self.name} has no such database ({e}: a Redis has 16, 0-15, unless its "
+                    "`databases` setting says more); calls that need no session still work; name one it has in "
+                    "session_store (SEQSERVE_SESSION_STORE: redis://HOST:PORT/DB)"
+                ) from None
             if not refuses_writes(e):
                 raise
             self._mark(False, e)
