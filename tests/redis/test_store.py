@@ -76,6 +76,27 @@ async def test_replicas_take_turns_and_hand_over(make_store: MakeStore) -> None:
     np.testing.assert_array_equal(final.state["h0"], state().state["h0"] + 26)
 
 
+async def test_a_replica_that_handed_a_session_over_lets_the_asker_have_it_first(
+    make_store: MakeStore, redis_server: RedisServer
+) -> None:
+    """The replica that handed a session over at another's request took the free lease straight back for its own
+    next call, while the asker was still between two polls, and kept it for as long as it had calls queued: with
+    two callers on each of two replicas stepping one session, runs of 168-600 steps, the other replica's calls
+    waiting seconds (a hand-over is "after its current call", docs/sessions.md). Now its next call leaves the lease
+    to the asker for a moment, then asks for it back at once."""
+    a, b = await make_store(), await make_store()
+    await a.add(state())
+    async with a.lease("s1"):
+        a.leases.asked("s1")  # (as B's request over pub/sub: B wants the session, after this call)
+    assert redis_server.client().get(a.keys("s1")[1]) is None  # handed over: the lease is free
+    a_next = asyncio.ensure_future(step(a, "s1"))
+    await asyncio.sleep(0.01)
+    assert redis_server.client().get(a.keys("s1")[1]) is None and not a_next.done()  # left free for the asker
+    assert (await step(b, "s1")).steps == 1  # the asker's call first
+    assert (await a_next).steps == 2  # then A's, which asked B for it back
+    assert a.counts["handoff"] >= 1
+
+
 @pytest.mark.parametrize(
     ("b_does", "refusal"),
     [("steps", SessionConflict), ("steps and lets go", SessionConflict), ("replaces", StaleSession)],
@@ -106,6 +127,43 @@ async def test_a_late_save_after_a_takeover_is_refused(
         assert refusal is StaleSession or "taken over by another replica" in str(refused.value)
     got = await b.load("s1")
     assert got is not None and got.steps == 10  # B's step stands, A's was not applied
+
+
+async def test_a_call_whose_renewal_found_the_lease_taken_is_told_it_was_taken_over(
+    make_store: MakeStore, redis_server: RedisServer
+) -> None:
+    """A replica paused past its lease under a long call (SIGSTOP, a stall); another takes the session over and
+    steps it. The paused one's renewal finds the other's lease and drops its copy, so the call's save found nothing
+    and said "deleted or replaced" (NOT_FOUND): the client would create a new session and leave the live one. It is
+    a conflict (ABORTED: retry), as when the copy is still there."""
+    a, b = await make_store(), await make_store()
+    await a.add(state())
+    async with a.lease("s1"):
+        s = await a.load("s1")
+        assert s is not None
+        redis_server.client().delete(a.keys("s1")[1])  # A's lease ran out (the pause)
+        a.cache.get("s1").owned_until = 0.0  # type: ignore[union-attr]
+        await step(b, "s1", 10)  # B takes it over
+        entry = a.cache.get("s1")
+        assert entry is not None
+        await a.leases.renew("s1", entry)  # A's maintenance, when it runs again: B holds the lease
+        assert a.cache.get("s1") is None
+        s.steps += 1
+        with pytest.raises(SessionConflict, match="taken over by another replica while this call used it"):
+            await a.save(s)
+    got = await b.load("s1")
+    assert got is not None and got.steps == 10
+    await b.delete("s1")
+    await a.add(state())  # a session deleted meanwhile is still NOT_FOUND (stale) for a late save
+    async with a.lease("s1"):
+        s = await a.load("s1")
+        assert s is not None
+        redis_server.client().delete(*a.keys("s1"))
+        entry = a.cache.get("s1")
+        assert entry is not None
+        await a.leases.renew("s1", entry)
+        with pytest.raises(StaleSession):
+            await a.save(s)
 
 
 async def test_a_stale_copy_is_refused_and_delete_wins(make_store: MakeStore) -> None:

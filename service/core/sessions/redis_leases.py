@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 OWNED = 0.8  # of the lease's TTL this replica counts as its own (the rest absorbs round trips and clock drift)
 POLL_MAX = 0.05  # seconds between two tries for a lease another replica holds (doubling from 2 ms)
 ASK_EVERY = 0.25  # seconds between two hand-over requests to the holder
+# After handing a session over to a replica that asked, this replica's own next call on it waits this long before
+# it tries for the lease: long enough for the asker's poll (at most POLL_MAX apart) to take it first. Without it
+# the next call queued here took the lease straight back, and a replica with calls queued kept the session for as
+# long as it had any, the asker's calls waiting seconds.
+HANDOVER_GRACE = 2 * POLL_MAX
+TAKEN_KEPT = 3600.0  # seconds a lease another replica took under a call here is remembered, for that call's save
 
 
 def incarnation() -> int:
@@ -53,6 +59,13 @@ def stepped_elsewhere(expected: str, stored: bytes) -> bool:
         return 0 < int(stored, 16) - int(expected, 16) < 2**32
     except ValueError:
         return False
+
+
+def taken_over(session_id: str) -> SessionConflict:
+    return SessionConflict(
+        f"session {session_ref(session_id)} was taken over by another replica while this call used it; nothing was "
+        "saved: retry the call"
+    )
 
 
 def session_keys(session_id: str) -> list[str]:
@@ -77,6 +90,8 @@ class Leases:
         self.counts: dict[str, int] = dict.fromkeys(("acquire", "read", "write", "handoff", "flush"), 0)
         self.tasks: list[asyncio.Task[None]] = []
         self._handing: set[str] = set()
+        self._given: dict[str, float] = {}  # session -> when this replica handed it to a replica that asked
+        self.taken: dict[str, float] = {}  # session -> when a renewal found another replica holding its lease
         self._stopping = False
 
     # --- keys -----------------------------------------------------------------------------------------
@@ -130,6 +145,9 @@ class Leases:
         e = self.cache.get(session_id)
         if e is not None and e.owned_until > time.monotonic():
             return True
+        given = self._given.pop(session_id, None)
+        if given is not None:
+            await self._after_handover(session_id, given + HANDOVER_GRACE)
         delay, asked = 0.002, -1e9
         while True:
             e = self.cache.get(session_id)
@@ -148,6 +166,7 @@ class Leases:
                     self.counts["read"] += 1
                     e = self.cache.put(session_id, s, revision, deadline)
                 e.owned_until = t0 + OWNED * self.lease_s
+                self.taken.pop(session_id, None)
                 return True
             if kind in (2, 3):
                 self.forget(session_id)
@@ -159,6 +178,15 @@ class Leases:
                 asked = time.monotonic()
             await asyncio.sleep(delay)
             delay = min(2 * delay, POLL_MAX)
+
+    async def _after_handover(self, session_id: str, until: float) -> None:
+        """Leaves the lease of a session just handed over free for the replica that asked, until it takes it (then
+        this call asks for it back at once) or ``until``."""
+        lease = self.keys(session_id)[1]
+        while time.monotonic() < until:
+            if await self.conn.command("GET", lease) not in (None, self.replica.encode()):
+                return
+            await asyncio.sleep(min(0.005, max(0.0, until - time.monotonic())))
 
     def disown(self, session_id: str) -> None:
         """Redis says another replica holds the lease: stop believing this one does."""
@@ -188,10 +216,7 @@ class Leases:
         if got != 1:
             self.forget(session_id)
             if got == -1 or stepped_elsewhere(e.stored, got[1]):  # held by another, or stepped by one since
-                raise SessionConflict(
-                    f"session {session_ref(session_id)} was taken over by another replica while this call used it; "
-                    "nothing was saved: retry the call"
-                )
+                raise taken_over(session_id)
             raise StaleSession(session_id)
         e.stored, e.deadline_ms = f"{s.revision:016x}", deadline
         e.owned_until = 0.0 if release else t0 + OWNED * self.lease_s
@@ -217,6 +242,8 @@ class Leases:
                 await self.conn.script("lease", self.keys(session_id)[1:], [self.replica, 0])
                 e.owned_until = 0.0
         if release:
+            if e.wanted:
+                self._given[session_id] = time.monotonic()
             e.wanted = False
 
     # --- background: hand-over requests, lease renewal, write-back ----------------------------------------
@@ -303,6 +330,9 @@ class Leases:
 
     async def maintain_once(self) -> None:
         now = time.monotonic()
+        for kept, age in ((self._given, HANDOVER_GRACE), (self.taken, TAKEN_KEPT)):
+            for sid in [sid for sid, t in kept.items() if now - t > age]:
+                del kept[sid]
         jobs = []
         for sid, e in self.cache.items():
             if e.dirty_since is not None and (now - e.used >= self.idle_s or now - e.dirty_since >= self.flush_s):
@@ -331,6 +361,8 @@ class Leases:
             e.owned_until = t0 + OWNED * self.lease_s
         else:
             self.forget(session_id)
+            if int(ok) == 0:  # another replica holds the lease (this one paused past it): the call's save is told so
+                self.taken[session_id] = time.monotonic()
 
     async def stop(self) -> None:
         """Stops the background tasks, writes back what this replica kept and hands every lease back."""

@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from service.core.sessions.redis_conn import Arg, RedisConn
 from service.core.sessions.redis_index import Indexed, SessionIndex
-from service.core.sessions.redis_leases import OWNED, Leases, incarnation, session_keys
+from service.core.sessions.redis_leases import OWNED, Leases, incarnation, session_keys, taken_over
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import StaleSession, StoreUsage
 from service.errors import FailedPrecondition, StoreUnavailable
@@ -84,6 +84,8 @@ class RedisSessionStore:
 
     async def save(self, session: SessionState) -> None:
         e = self.cache.get(session.id)
+        if e is None and self.leases.taken.pop(session.id, None) is not None:
+            raise taken_over(session.id)  # (its renewal found another replica's lease and dropped the entry)
         if e is None or e.state.revision != session.revision:
             raise StaleSession(session.id)
         new = session.copy()
