@@ -166,6 +166,28 @@ async def test_a_call_whose_renewal_found_the_lease_taken_is_told_it_was_taken_o
             await a.save(s)
 
 
+async def test_a_read_beside_a_hand_over_waits_for_the_lease_in_idle_mode(
+    make_store: MakeStore, redis_server: RedisServer
+) -> None:
+    """idle mode: A holds steps in memory and pauses past its lease; B takes the session over and steps it. When A
+    runs again, B's hand-over request has A write back (refused: B holds the lease) under the session's turn, and a
+    Sessions.Get on A meanwhile saw the session "in use" and answered from A's cached copy without the lease: 3
+    steps that were lost, and in_use true with no call running. A read beside a hand-over now takes the lease."""
+    a, b = await make_store(session_durability="idle"), await make_store(session_durability="idle")
+    await a.add(state())
+    for _ in range(3):
+        await step(a, "s1")
+    redis_server.client().delete(a.keys("s1")[1])  # A's pause: its lease ran out
+    a.cache.get("s1").owned_until = 0.0  # type: ignore[union-attr]
+    assert (await step(b, "s1", 10)).steps == 10  # B read what Redis had (A never wrote its steps back)
+    a.leases.asked("s1")  # B's hand-over request, which A reads when it runs again
+    await asyncio.sleep(0)
+    assert a.cache.in_use("s1") and not a.in_use("s1")  # A's hand-over holds the turn; no call does
+    async with a.lease("s1"):
+        s = await a.load("s1")
+    assert s is not None and s.steps == 10  # B's, handed back over
+
+
 async def test_a_stale_copy_is_refused_and_delete_wins(make_store: MakeStore) -> None:
     a = await make_store()
     await a.add(state())

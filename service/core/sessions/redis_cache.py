@@ -32,11 +32,12 @@ class Entry:
 
 
 class _Turns:
-    __slots__ = ("lock", "users")
+    __slots__ = ("calls", "lock", "users")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()  # FIFO: asyncio wakes waiters in arrival order
-        self.users = 0
+        self.users = 0  # holding or waiting for the turn
+        self.calls = 0  # of them, the server's calls (not this store's own hand-overs)
 
 
 class HotCache:
@@ -75,22 +76,31 @@ class HotCache:
         return len(self._entries)
 
     @asynccontextmanager
-    async def turn(self, session_id: str) -> AsyncIterator[None]:
-        """This process's exclusive use of one session; waiters are served in arrival order."""
+    async def turn(self, session_id: str, call: bool = True) -> AsyncIterator[None]:
+        """This process's exclusive use of one session; waiters are served in arrival order. ``call``: for one of
+        the server's calls (or reads), not the store's own work (a hand-over)."""
         t = self._turns.get(session_id)
         if t is None:
             t = self._turns[session_id] = _Turns()
         t.users += 1
+        t.calls += call
         try:
             async with t.lock:
                 yield
         finally:
             t.users -= 1
+            t.calls -= call
             if t.users == 0:
                 del self._turns[session_id]
 
     def in_use(self, session_id: str) -> bool:
+        """Held or awaited, by a call or by the store's own work."""
         return session_id in self._turns
+
+    def serving(self, session_id: str) -> bool:
+        """Held or awaited by one of the server's calls."""
+        t = self._turns.get(session_id)
+        return t is not None and t.calls > 0
 
     def over_budget(self) -> list[str]:
         """Least recently used sessions not in use whose removal brings the cache under its byte budget."""

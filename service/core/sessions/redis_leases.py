@@ -308,7 +308,7 @@ class Leases:
 
         async def hand_over() -> None:
             try:
-                async with self.cache.turn(session_id):
+                async with self.cache.turn(session_id, call=False):
                     now = self.cache.get(session_id)
                     if now is None or now.wanted or not only_if_wanted:
                         await self.flush(session_id, release=True)

@@ -123,7 +123,9 @@ class RedisSessionStore:
         return self._lease(session_id)
 
     def in_use(self, session_id: str) -> bool:
-        return self.cache.in_use(session_id)
+        # A call's, not a hand-over's: a read beside a hand-over waits for its lease (its cached copy may be one
+        # another replica has taken over since: a replica paused past its lease answered steps it had lost).
+        return self.cache.serving(session_id)
 
     @asynccontextmanager
     async def _lease(self, session_id: str) -> AsyncIterator[None]:
