@@ -204,10 +204,14 @@ async def _sessions(settings: Settings) -> Finding:
         store = open_store(settings.session_store, settings)
     except ValueError as exc:
         return Finding("sessions", name, FAIL, str(exc))
+    advice = getattr(store, "advice", None)  # (an optional method of a store: the Redis store's)
     try:
         problem = await store.check()
+        warning = await advice() if problem is None and advice is not None else None
     finally:
         await store.close()
+    if warning:
+        return Finding("sessions", name, WARN, f"answers, but {warning}")
     return Finding("sessions", name, OK if problem is None else FAIL, "answers" if problem is None else problem)
 
 

@@ -109,6 +109,9 @@ class CoreDataPlane:
             self._watcher = asyncio.create_task(self._watch(self.settings.watch_models_seconds), name="model-watch")
         self.metrics.session_store_info(store_label(self.settings.session_store))
         await self._check_store()
+        advice = getattr(self.sessions.store, "advice", None)  # (an optional method of a store: the Redis store's)
+        if advice is not None and (warning := await advice()):
+            log.warning("session store: %s", warning)
         self._store_watch = asyncio.create_task(self._watch_store(), name="store-watch")
         self._trimmer = asyncio.create_task(self._trim_arenas(), name="arena-trim")
         self._started = True

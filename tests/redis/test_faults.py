@@ -5,16 +5,20 @@ server serves the sessions again, and no acknowledged step was lost."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service import preflight
 from service.client import ApiError, Client
+from service.settings import Settings
 from tests.conftest import ServerHandle
 from tests.redis.servers import RedisServer, execute
 from tests.redis.test_replicas import suggestions
@@ -265,6 +269,31 @@ def test_a_database_redis_does_not_have_says_to_fix_the_setting(
     assert "has no such database (DB index is out of range" in message
     assert "name one it has in session_store (SEQSERVE_SESSION_STORE: redis://HOST:PORT/DB)" in message
     assert c.classify(["still serves what needs no session"])[0].label
+
+
+def test_a_redis_that_evicts_keys_when_full_is_warned_of(
+    private_redis: Callable[..., RedisServer],
+    start_replica: Callable[..., ServerHandle],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A maxmemory-policy that evicts (allkeys-lru, volatile-lru...) drops sessions and the index keys that count
+    them once Redis is full: their clients got "unknown session" and the session gauges kept counting them, and
+    nothing said why. `seqserve check` warns, and so does the server at start; noeviction is quiet."""
+    r = private_redis()
+    r.client().config_set("maxmemory", "64mb")
+    for policy, warned in (("allkeys-lru", True), ("noeviction", False)):
+        r.client().config_set("maxmemory-policy", policy)
+        finding = asyncio.run(preflight.check(Settings(session_store=r.url, models=Path("/nonexistent"))))[-1]
+        assert finding.part == "sessions" and (finding.status, finding.detail.startswith("answers")) == (
+            ("warn", True) if warned else ("ok", True)
+        ), finding
+        caplog.clear()
+        start_replica(r.url)
+        logged = [m.getMessage() for m in caplog.records if "maxmemory-policy" in m.getMessage()]
+        assert len(logged) == warned
+        for text in (finding.detail, *logged):
+            assert ("has maxmemory-policy allkeys-lru: once full it evicts keys" in text) == warned
+            assert ("set maxmemory-policy noeviction" in text) == warned
 
 
 def test_tls_to_a_plain_redis_says_the_url_asks_for_tls(

@@ -229,6 +229,27 @@ class RedisSessionStore:
     async def check(self) -> str | None:
         return await self.conn.ping(f"ss:probe:{self.replica}")
 
+    async def advice(self) -> str | None:
+        """A warning when this Redis evicts keys once full (a ``maxmemory`` with a ``maxmemory-policy`` other than
+        ``noeviction``): it drops sessions and the index keys that count them, without a word to anyone. None when
+        it does not, or does not say (``CONFIG`` refused: an ACL, a managed Redis; Redis unreachable)."""
+        try:
+            got = await self.conn.command("CONFIG", "GET", "maxmemory*")
+        except Exception:
+            return None
+        if not isinstance(got, dict):
+            return None
+        values = {_text(k): _text(v) for k, v in got.items()}
+        policy, limit = values.get("maxmemory-policy", "noeviction"), values.get("maxmemory", "0")
+        if policy == "noeviction" or limit == "0":
+            return None
+        return (
+            f"Redis at {self.name} has maxmemory-policy {policy}: once full it evicts keys, sessions and the index "
+            "that counts them included, and their clients get 'unknown session' while the counts still hold them; "
+            "set maxmemory-policy noeviction (a full Redis then refuses new sessions and steps with "
+            "RESOURCE_EXHAUSTED, and MAX_SESSIONS evicts the least recently used session, telling its owner)"
+        )
+
     async def close(self) -> None:
         """Writes back what this replica kept (idle mode) and hands every lease back, so other replicas take
         its sessions over at once; then stops."""
@@ -244,3 +265,7 @@ def _stub(g: Indexed) -> SessionState:
     """What is left of a session the index forgot (its state expired with it): enough for metrics, and expired
     (``expires_at`` 0), so an ``evict_lru`` that finds one reports an expiry, not an eviction."""
     return SessionState(g.id, g.model, 0, "", "", {}, {}, 0, 0.0, 0.0, 0.0, g.nbytes, owner=g.owner)
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
