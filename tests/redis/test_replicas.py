@@ -100,6 +100,28 @@ def test_limits_hold_across_replicas(redis_server: RedisServer, start_replica: C
     assert b.create_session("charlm").steps == 0
 
 
+def test_the_owner_of_a_session_evicted_by_another_replica_is_told_so_by_any_replica(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    """The record of an eviction lived in the evicting process: the owner's next call on another replica (or after
+    a restart) got "unknown, expired or was lost in a restart" (SESSION_NOT_FOUND), not SESSION_EVICTED as README's
+    Errors and docs/security.md say. A session created again under the id is not told so."""
+    a, b = (Client(start_replica(redis_server.url, max_sessions=2).target) for _ in range(2))
+    old = a.create_session("charlm").id
+    kept = a.create_session("charlm").id
+    time.sleep(1.3)  # a's leases lapse (1 s): the sessions can be evicted by another replica
+    a.suggest_once(kept, "x", n=1, max_chars=1)  # now the more recently used
+    b.create_session("charlm")  # evicts the least recently used: a's first
+    for c in (a, b, Client(start_replica(redis_server.url, max_sessions=2).target)):  # also one started since
+        with pytest.raises(ApiError) as gone:
+            c.suggest_once(old, "x", n=1, max_chars=1)
+        assert (gone.value.code, gone.value.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_EVICTED")
+        assert "was evicted to make room: the session store was full (max_sessions) and it was the least" in (
+            gone.value.message
+        )
+    assert a.get_session(kept).steps == 1
+
+
 def test_every_replica_reports_the_shared_store(
     redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
 ) -> None:

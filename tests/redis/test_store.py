@@ -188,6 +188,17 @@ async def test_a_read_beside_a_hand_over_waits_for_the_lease_in_idle_mode(
     assert s is not None and s.steps == 10  # B's, handed back over
 
 
+async def test_an_eviction_record_is_shared_and_a_new_session_under_the_id_clears_it(make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()
+    await a.note_eviction("s1", "alice", "max_sessions", 60)
+    assert await b.eviction("s1") == ("alice", "max_sessions") and await b.eviction("s2") is None
+    await b.add(state("s1"))  # a KServe sequence started again under the id
+    assert await a.eviction("s1") is None
+    await a.note_eviction("s3", "", "why", 0.05)  # kept until the session would have expired
+    await asyncio.sleep(0.1)
+    assert await a.eviction("s3") is None
+
+
 async def test_a_stale_copy_is_refused_and_delete_wins(make_store: MakeStore) -> None:
     a = await make_store()
     await a.add(state())

@@ -20,6 +20,7 @@ remembered, bounded, until the session would have expired anyway).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -263,27 +264,38 @@ class SessionManager:
             if victim.expires_at <= self.clock():  # it had expired (a network store found its value gone)
                 self.metrics.session_event(victim.model, "expired")
             else:
-                self._remember_eviction(victim, full)
+                await self._remember_eviction(victim, full)
                 self.metrics.session_event(victim.model, "evicted")
                 log.info(
                     "evicted a session of %s (least recently used, %s) to make room", victim.model, _who(victim.owner)
                 )
             usage = await self.store.usage()
 
-    def _remember_eviction(self, victim: SessionState, full: str) -> None:
+    async def _remember_eviction(self, victim: SessionState, full: str) -> None:
         self._evicted.pop(victim.id, None)
         self._evicted[victim.id] = Eviction(victim.owner, victim.model, victim.expires_at, full)
         while len(self._evicted) > EVICTED_MEMORY:
             self._evicted.popitem(last=False)
+        note = getattr(self.store, "note_eviction", None)  # (a shared store's: every replica tells the owner)
+        if note is not None:
+            with contextlib.suppress(StoreUnavailable):  # (this replica still tells it)
+                await note(victim.id, victim.owner, full, victim.expires_at - self.clock())
 
-    def _not_found(self, session_id: str) -> SessionNotFound:
+    async def _not_found(self, session_id: str) -> SessionNotFound:
         """Unknown, expired, another principal's, or evicted (told only to its owner, until it would have
-        expired anyway)."""
+        expired anyway: by any replica, when the store keeps a record of it)."""
         gone = self._evicted.get(session_id)
-        if gone is not None and gone.owner == principal() and gone.until > self.clock():
+        why = gone.why if gone is not None and gone.owner == principal() and gone.until > self.clock() else None
+        lookup = getattr(self.store, "eviction", None)
+        if why is None and lookup is not None:
+            with contextlib.suppress(StoreUnavailable):
+                record = await lookup(session_id)
+                if record is not None and record[0] == principal():
+                    why = record[1]
+        if why is not None:
             return SessionEvicted(
-                f"session {session_ref(session_id)} was evicted to make room: the session store was full ({gone.why}) "
-                "and it was the least recently used; create a new one"
+                f"session {session_ref(session_id)} was evicted to make room: the session store was full ({why}) and "
+                "it was the least recently used; create a new one"
             )
         return unknown_session(session_id)
 
@@ -332,7 +344,7 @@ class SessionManager:
             await self._report()
             s = None
         if s is None:
-            raise self._not_found(session_id)
+            raise await self._not_found(session_id)
         return s
 
     async def get(self, session_id: str) -> SessionState:

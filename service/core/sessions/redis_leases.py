@@ -74,6 +74,11 @@ def session_keys(session_id: str) -> list[str]:
     return [f"ss:{{{t}}}:v", f"ss:{{{t}}}:l"]
 
 
+def eviction_key(session_id: str) -> str:
+    """The record that the session was evicted (whose it was, why), in its slot, until it would have expired."""
+    return f"ss:{{{tag(session_id)}}}:x"
+
+
 class Leases:
     def __init__(self, conn: RedisConn, index: SessionIndex, settings: Settings) -> None:
         self.conn = conn

@@ -59,7 +59,8 @@ end
 return 1
 """
 
-# KEYS: value, lease. ARGV: replica, new value, value ms, lease ms. Creates or replaces the session (and owns it).
+# KEYS: value, lease[, eviction record]. ARGV: replica, new value, value ms, lease ms. Creates or replaces the
+# session (and owns it); a record that an earlier session of the id was evicted goes.
 # -> {1[, old value]}; {0, holder} another replica owns the id.
 ADD = """
 local holder = redis.call('GET', KEYS[2])
@@ -67,6 +68,7 @@ if holder and holder ~= ARGV[1] then return {0, holder} end
 local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
 if old then return {1, old} end
 return {1}
 """

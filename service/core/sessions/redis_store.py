@@ -17,13 +17,21 @@ resumed session stands.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from service.core.sessions.redis_conn import Arg, RedisConn
 from service.core.sessions.redis_index import Indexed, SessionIndex
-from service.core.sessions.redis_leases import OWNED, Leases, incarnation, session_keys, taken_over
+from service.core.sessions.redis_leases import (
+    OWNED,
+    Leases,
+    eviction_key,
+    incarnation,
+    session_keys,
+    taken_over,
+)
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import StaleSession, StoreUsage
 from service.errors import FailedPrecondition, StoreUnavailable
@@ -71,7 +79,7 @@ class RedisSessionStore:
         ]
         while True:
             t0 = time.monotonic()
-            r = await self.conn.script("add", self.keys(sid), args)
+            r = await self.conn.script("add", [*self.keys(sid), eviction_key(sid)], args)
             if int(r[0]) == 1:
                 break
             self.leases.disown(sid)
@@ -218,6 +226,23 @@ class RedisSessionStore:
                 self.cache.pop(g.id)
             expired.append(_stub(g))
         return expired
+
+    async def note_eviction(self, session_id: str, owner: str, why: str, seconds: float) -> None:
+        """Records, for every replica, that ``session_id`` was evicted, for ``seconds`` (until it would have
+        expired): its owner's next call is told so wherever it lands (``eviction``), also after a restart."""
+        record = json.dumps({"owner": owner, "why": why})
+        await self.conn.command("SET", eviction_key(session_id), record, "PX", max(1, int(seconds * 1000)))
+
+    async def eviction(self, session_id: str) -> tuple[str, str] | None:
+        """(owner, why) of ``session_id``'s eviction record, or None."""
+        raw = await self.conn.command("GET", eviction_key(session_id))
+        if raw is None:
+            return None
+        try:
+            got = json.loads(raw)
+            return str(got["owner"]), str(got["why"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     async def usage(self) -> StoreUsage:
         return await self.index.usage()
