@@ -107,6 +107,22 @@ def test_rediss_tls(private_redis: Callable[..., RedisServer], start_replica: Ca
     assert r.client().dbsize() > 0
 
 
+def test_a_redis_certificate_that_does_not_verify_says_to_fix_the_setting(
+    private_redis: Callable[..., RedisServer], start_replica: Callable[..., ServerHandle]
+) -> None:
+    """rediss:// without the CA of a self-signed certificate, or with a host name the certificate is not for: the
+    refusal read as an outage ("retry when it is back"), which no retry fixes."""
+    r = private_redis(tls=True)
+    for url in (r.url.partition("?")[0], r.url.replace("127.0.0.1", "localhost")):
+        server = start_replica(url, session_store_timeout_seconds=0.5)
+        with pytest.raises(ApiError) as info:
+            Client(server.target, timeout=10).create_session("charlm")
+        message = info.value.message
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in message
+        assert "presents a TLS certificate this server does not trust" in message and "retry" not in message
+        assert "ssl_ca_certs=/path/ca.pem) and name the host its certificate is for" in message
+
+
 def _writes_refused(c: Client, sid: str, store: str) -> None:
     """A step and a create both fail UNAVAILABLE saying the store (its URL contains ``store``) refuses writes."""
     for call in (lambda: c.suggest_once(sid, ", or", n=1, max_chars=1), lambda: c.create_session("charlm")):

@@ -134,6 +134,12 @@ class RedisConn:
             ) from None
         except UNAVAILABLE as e:
             self._mark(False, e)
+            if "CERTIFICATE_VERIFY_FAILED" in str(e):  # (a setting to fix too, not an outage)
+                raise StoreUnavailable(
+                    f"session store {self.name} presents a TLS certificate this server does not trust ({e}); calls "
+                    "that need no session still work; give its CA in session_store (rediss://HOST:PORT/DB?"
+                    "ssl_ca_certs=/path/ca.pem) and name the host its certificate is for"
+                ) from None
             raise StoreUnavailable(
                 f"session store {self.name} is unavailable ({type(e).__name__}: {e}); calls that need no session "
                 f"still work; retry when it is back{self._tls_hint(e)}"
