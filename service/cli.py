@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,10 +76,10 @@ def _write_ready_file(path: Path, grpc_port: int, metrics_port: int | None, http
 
 
 async def _serve(settings: Settings, ready_file: Path | None) -> None:
+    from service.core.aio import stop_on_signals
+
     stop = asyncio.Event()  # first: a signal from here on stops the server once it has started, never mid-start
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop, settings.grace_seconds)
     from service.api.server import Server
     from service.logs import summary
 

@@ -778,8 +778,8 @@ def _rows(rows: Table, name: str) -> list[common_pb2.Row]:
         out = cv.rows_to_pb(rows)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must hold numbers only: {e}") from None
-    for i, row in enumerate(out):  # protobuf's float32 makes a finite value beyond its range inf, which the server
-        for j, v in enumerate(row.values):  # then refused as "is inf"
+    for i, sent in enumerate(out):  # protobuf's float32 makes a finite value beyond its range inf, which the server
+        for j, v in enumerate(sent.values):  # then refused as "is inf"
             if math.isinf(v) and math.isfinite(given := float(rows[i][j])):
                 raise ValueError(
                     f"{name}[{i}][{j}] is {given:g}, beyond float32's range (about ±3.4e38), which the API carries; "

@@ -57,15 +57,15 @@ def complete_request(name: str, version: str, document: object, *, stream: bool)
     chosen: dict[str, tuple[str, Any]] = {}  # field -> (the key that set it, its value)
     places = [(key, value, "in parameters") for key, value in params.items()]
     places += [(key, value, "beside text_input") for key, value in beside.items()]
-    where: dict[str, str] = {}  # field -> where its key stood
+    stood: dict[str, str] = {}  # field -> where its key stood
     for key, value, place in places:
         field = OPTIONS.get(key)
         if field is None:
             raise RequestError(f"unknown option {echo(key)}: generate takes text_input and {', '.join(OPTIONS)}")
         if field in chosen:
-            first = f"{chosen[field][0]} {where[field]}"
+            first = f"{chosen[field][0]} {stood[field]}"
             raise RequestError(f"{key} is given twice ({first}, {key} {place}); give it once")
-        chosen[field], where[field] = (key, value), place
+        chosen[field], stood[field] = (key, value), place
     request = autocomplete_pb2.CompleteRequest(
         prompt=text,
         model=model_selector(name, version, f"model version {echo(version, 40)} is not a version number (1, 2, ...)"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -23,6 +24,25 @@ T = TypeVar("T")
 # after it ends. 10,000 measured the same on these workloads, but the worst ServerLive probe under bench.hostile
 # took 92-203 ms (38-101 at 700, 41-54 at 3,000). docs/architecture.md, "The garbage collector".
 SERVER_GC_THRESHOLD = 3_000
+
+
+def stop_on_signals(stop: asyncio.Event, grace_seconds: float) -> None:
+    """SIGTERM or SIGINT sets ``stop`` (the drain); another one while it drains says so in the log (it was silent,
+    and an operator's second Ctrl-C seemed to do nothing): the drain goes on, SIGKILL ends it at once."""
+    loop = asyncio.get_running_loop()
+
+    def signalled(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning(
+                "%s received again: still draining (calls in flight get up to %gs, GRACE_SECONDS); SIGKILL stops "
+                "the server at once",
+                sig.name,
+                grace_seconds,
+            )
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled, sig)
 
 
 def server_gc() -> None:

@@ -45,7 +45,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from service.core.aio import run, server_gc
+from service.core.aio import run, server_gc, stop_on_signals
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,8 @@ async def _spawn_engine(settings: Settings, index: int, engines: int, socket_pat
 async def serve(settings: Settings, ready_file: Path | None) -> int:
     """Runs the engine and its frontends until SIGTERM/SIGINT; returns the exit code."""
     stop = asyncio.Event()  # first: a signal from here on stops the server once it has started, never mid-start
+    stop_on_signals(stop, settings.grace_seconds)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     from service.api import tls
     from service.api.http import MetricsHttpServer
     from service.api.principals import load_keys

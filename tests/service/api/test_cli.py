@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -755,6 +756,43 @@ def test_sigterm_lets_a_running_stream_finish_in_one_process(tiny_models: Path, 
             got += list(chunks)
         assert len(got) == 2000 and got[-1].finish_reason == "length"
     finally:
+        assert p.terminate() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_signal_while_draining_says_so(tiny_models: Path, tmp_path: Path, workers: str) -> None:
+    """A second SIGTERM or Ctrl-C while the server drained did nothing visible: the drain goes on (in-flight calls
+    keep their grace), and the log says so and how to stop at once."""
+    from service.client import Client
+
+    p = ServeProcess(tiny_models, tmp_path, "--workers", workers, SEQSERVE_GRACE_SECONDS="20")
+    release = threading.Event()
+
+    def events() -> Iterator[str]:
+        yield "To be"
+        release.wait(30)  # the stream stays open: it holds the drain
+
+    def logged(text: str) -> bool:
+        deadline = time.monotonic() + 15
+        while text not in p.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    try:
+        with Client(p.target, timeout=60) as c:
+            results = c.suggest(c.create_session("charlm").id, events())
+            assert next(results).steps == 5
+            p.proc.send_signal(signal.SIGTERM)
+            assert logged("draining")
+            p.proc.send_signal(signal.SIGINT)
+            assert logged("SIGINT received again: still draining (calls in flight get up to 20s, GRACE_SECONDS); "
+                          "SIGKILL stops the server at once")  # fmt: skip
+            release.set()
+            assert list(results) == []  # the stream ended normally
+    finally:
+        release.set()
         assert p.terminate() == 0
 
 
