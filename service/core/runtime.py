@@ -113,7 +113,8 @@ class Runtime:
             for axis, (want, got) in enumerate(zip(shape, arg.shape, strict=True)):
                 size = self._fixed(want)
                 if size is not None and isinstance(got, int) and got > 0 and got != size:
-                    problems.append(f"{name} axis {axis} is {got} in the graph, {want} = {size} in the manifest")
+                    named = f"{want} = {size}" if isinstance(want, str) else str(size)  # (128 = 128 read as a slip)
+                    problems.append(f"{name} axis {axis} is {got} in the graph, {named} in the manifest")
         if problems:
             raise ValueError(
                 f"model.onnx does not match manifest.json: {'; '.join(problems)}; it is from another export: copy "
