@@ -499,6 +499,16 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> Any:
+        """Any case, and Python's and Triton's other names of the two levels (debug, WARN, CRITICAL as ERROR)."""
+        if not isinstance(value, str):
+            return value
+        word = value.strip().upper()
+        word = {"WARN": "WARNING", "CRITICAL": "ERROR", "FATAL": "ERROR"}.get(word, word)
+        return word if word in ("DEBUG", "INFO", "WARNING", "ERROR") else value  # (a refusal quotes it as given)
+
     @field_validator("trace_level", mode="before")
     @classmethod
     def _trace_level(cls, value: Any) -> Any:

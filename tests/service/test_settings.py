@@ -80,3 +80,20 @@ def test_a_small_message_limit_above_the_message_limit_is_refused() -> None:
     with pytest.raises(ValidationError, match=r"max_small_message_bytes \(8192\) is above max_message_bytes \(4096\)"):
         Settings(max_message_bytes=4096, max_small_message_bytes=8192)
     assert Settings(max_message_bytes=4096).max_small_message_bytes == 4096
+
+
+@pytest.mark.parametrize(
+    ("given", "level"),
+    [("debug", "DEBUG"), ("Info", "INFO"), ("warn", "WARNING"), ("WARNING", "WARNING"), ("critical", "ERROR")],
+)
+def test_log_levels_in_any_case_and_their_usual_other_names(
+    given: str, level: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SEQSERVE_LOG_LEVEL=debug (and WARN, CRITICAL) was refused: "Input should be 'DEBUG', 'INFO', ...\""""
+    monkeypatch.setenv("SEQSERVE_LOG_LEVEL", given)
+    assert Settings().log_level == level
+
+
+def test_a_log_level_that_is_none_is_refused_as_given() -> None:
+    with pytest.raises(ValidationError, match="input_value='verbose'"):
+        Settings(log_level="verbose")
