@@ -542,6 +542,13 @@ class ModelRegistry:
                 f"{self.settings.models} {problem}: point --models (SEQSERVE_MODELS) at the folder of model folders"
             )
         failures = await self.sync()
+        if problem is None and not self._entries and not self._on_disk:  # (a missing folder was said by the sync)
+            log.warning(
+                "model repository %s holds no model versions (MODEL/VERSION/ folders, e.g. charlm/1/ with "
+                "model.onnx and manifest.json): nothing is served, and readiness stays NOT_SERVING until some "
+                "appear (--watch-models polls for them; RepositoryModelLoad loads one added)",
+                self.settings.models,
+            )
         missing = sorted(self._chosen - self._on_disk) if self._chosen is not None else []
         if missing:
             raise RuntimeError(

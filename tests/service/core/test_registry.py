@@ -65,6 +65,20 @@ async def test_a_repository_path_that_is_missing_or_a_file_says_which(
         dp = await make_dp(models=path)
         assert (await dp.models()) == [] and not (await dp.ready())
         assert f"model repository {path} {problem}; no models will be served" in caplog.text
+        assert "holds no model versions" not in caplog.text  # (said once, not twice)
+
+
+async def test_an_empty_repository_or_one_of_strays_is_warned_of(
+    make_dp: MakeDP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder that exists but holds no version folder started a server that never became ready, without a word
+    in its log (``seqserve check`` said "nothing to serve")."""
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "latest").mkdir()  # not a version folder
+    (tmp_path / "README.txt").write_text("models go here")
+    dp = await make_dp(models=tmp_path)
+    assert (await dp.models()) == [] and not (await dp.ready())
+    assert f"model repository {tmp_path} holds no model versions (MODEL/VERSION/ folders" in caplog.text
 
 
 async def test_a_repository_gone_as_a_whole_keeps_its_models_serving_until_it_is_back(
