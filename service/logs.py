@@ -81,6 +81,7 @@ FORMATS = ("text", "json", "iso8601")
 # Triton's names: its default format (tools that reset settings send it), and its ISO 8601 one
 FORMAT_ALIASES = {"default": "text", "ISO8601": "iso8601"}
 MAX_VERBOSE_LEVEL = 2**32 - 1  # a uint32 on the wire
+OWN_LOGGERS = frozenset({"service", "seqserve", "training", "bench", "__main__"})  # (a logger name's first part)
 LogSettings = dict[str, bool | int | str]
 _PARAMS = {bool: "a bool (bool_param)", int: "an unsigned integer (uint32_param)", str: "a string (string_param)"}
 
@@ -122,7 +123,9 @@ class _Switches(logging.Filter):
             return self.warning
         if level >= logging.INFO:
             return self.info
-        return self.verbose > 0
+        # Level 1: this server's own debug records; 2 and up: the libraries' too (gRPC's logged a line per call,
+        # "Loaded running loop", which buried ours).
+        return self.verbose >= (1 if record.name.partition(".")[0] in OWN_LOGGERS else 2)
 
 
 _SWITCHES = _Switches()

@@ -57,6 +57,23 @@ def test_each_severity_is_switched_on_its_own(log_state: Callable[[str], io.Stri
     assert logging.getLogger().level == logging.INFO  # records nobody would write are not even built
 
 
+def test_verbose_level_1_is_this_servers_debug_records_and_2_the_libraries_too(
+    log_state: Callable[[str], io.StringIO],
+) -> None:
+    """Level 1 let every library's DEBUG records through: gRPC's wrote a line per call ("Loaded running loop"),
+    burying the server's own."""
+    out = log_state("INFO")
+    for level in (1, 2):
+        logs.update({"log_verbose_level": level})
+        for name in ("service.core.batching", "seqserve.access", "grpc._cython.cygrpc", "asyncio", "redis"):
+            logging.getLogger(name).debug("at %d", level)
+    assert _lines(out) == [
+        "service.core.batching: at 1", "seqserve.access: at 1",
+        "service.core.batching: at 2", "seqserve.access: at 2", "grpc._cython.cygrpc: at 2", "asyncio: at 2",
+        "redis: at 2",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("level", "expected"),
     [
