@@ -96,4 +96,4 @@ def test_log_levels_in_any_case_and_their_usual_other_names(
 
 def test_a_log_level_that_is_none_is_refused_as_given() -> None:
     with pytest.raises(ValidationError, match="input_value='verbose'"):
-        Settings(log_level="verbose")
+        Settings(log_level="verbose")  # type: ignore[arg-type]
