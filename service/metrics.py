@@ -14,7 +14,7 @@ import contextlib
 import importlib.metadata
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -268,6 +268,16 @@ class Metrics:
         self.store_up = Gauge(
             "seqserve_session_store_up", "1 when the session store answers (Redis reachable), else 0.", registry=r
         )
+        self.store_operations = Counter(
+            "seqserve_session_store_operations",
+            "What a shared session store (Redis) did for this server: acquire (lease tries), read (states read), "
+            "write (states written), handoff (hand-over requests sent to another replica), flush (idle-mode "
+            "write-backs), conflict (saves refused: another replica took the session over), lost (idle-mode "
+            "sessions whose unwritten steps were dropped: taken over).",
+            ("op",),
+            registry=r,
+        )
+        self._store_ops_seen: dict[str, int] = {}
         self.store_info = Gauge(
             "seqserve_session_store_info",
             "The session store this server uses (=1): store is the Redis URL (password hidden), the same in every "
@@ -572,6 +582,12 @@ class Metrics:
         """Names the session store (``store_label``), so dashboards count a shared store once."""
         self.store_info.clear()
         self.store_info.labels(store).set(1)
+
+    def session_store_operations(self, counts: Mapping[str, int]) -> None:
+        """The store's running counts (``Leases.counts``), added as they grew since the last call."""
+        for op, n in counts.items():
+            self.store_operations.labels(op).inc(max(0, n - self._store_ops_seen.get(op, 0)))
+            self._store_ops_seen[op] = n
 
     def session_store_up(self, up: bool) -> None:
         """Whether the session store answered its last health check."""

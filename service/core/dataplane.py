@@ -124,6 +124,9 @@ class CoreDataPlane:
         problem = await self.sessions.store.check()
         ok = problem is None
         self.metrics.session_store_up(ok)
+        counts = getattr(self.sessions.store, "counts", None)  # (a shared store's operations: the Redis store's)
+        if isinstance(counts, dict):
+            self.metrics.session_store_operations(counts)
         if ok != self.store_ok:
             self.store_ok = ok
             if ok:

@@ -155,6 +155,33 @@ def test_every_replica_reports_the_shared_store(
         )
 
 
+def test_each_replica_reports_what_the_store_did_for_it(
+    redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
+) -> None:
+    """Hand-overs between replicas (a client moving between them) and takeovers were only in the store's own
+    counts and the log; seqserve_session_store_operations_total{op} exports them."""
+    handles = [start_replica(redis_server.url) for _ in range(2)]
+    a, b = (Client(h.target) for h in handles)
+    sid = a.create_session("charlm").id
+    for i in range(4):
+        (a if i % 2 else b).suggest_once(sid, "ab", n=1, max_chars=1)  # each call moves the session
+
+    def ops(h: ServerHandle) -> dict[str, float]:
+        registry = h.server.metrics.registry
+        return {
+            op: registry.get_sample_value("seqserve_session_store_operations_total", {"op": op}) or 0.0
+            for op in ("acquire", "read", "write", "handoff", "conflict", "lost")
+        }
+
+    deadline = time.monotonic() + 10
+    while min(ops(h)["handoff"] for h in handles) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for h in handles:
+        got = ops(h)
+        assert got["handoff"] >= 1 and got["write"] >= 2 and got["read"] >= 1 and got["acquire"] >= 2, got
+        assert got["conflict"] == got["lost"] == 0, got
+
+
 def test_idle_write_back_for_cache_room_never_loses_an_acknowledged_step(
     redis_server: RedisServer, start_replica: Callable[..., ServerHandle]
 ) -> None:

@@ -151,6 +151,7 @@ async def test_a_call_whose_renewal_found_the_lease_taken_is_told_it_was_taken_o
         s.steps += 1
         with pytest.raises(SessionConflict, match="taken over by another replica while this call used it"):
             await a.save(s)
+    assert a.counts["conflict"] == 1  # (seqserve_session_store_operations_total{op="conflict"})
     got = await b.load("s1")
     assert got is not None and got.steps == 10
     await b.delete("s1")
@@ -186,6 +187,7 @@ async def test_a_read_beside_a_hand_over_waits_for_the_lease_in_idle_mode(
     async with a.lease("s1"):
         s = await a.load("s1")
     assert s is not None and s.steps == 10  # B's, handed back over
+    assert a.counts["lost"] == 1  # A's 3 unwritten steps (seqserve_session_store_operations_total{op="lost"})
 
 
 async def test_an_eviction_record_is_shared_and_a_new_session_under_the_id_clears_it(make_store: MakeStore) -> None:

@@ -42,6 +42,10 @@ ASK_EVERY = 0.25  # seconds between two hand-over requests to the holder
 # the next call queued here took the lease straight back, and a replica with calls queued kept the session for as
 # long as it had any, the asker's calls waiting seconds.
 HANDOVER_GRACE = 2 * POLL_MAX
+# acquire: lease tries; read: states read; write: states written; handoff: hand-over requests sent; flush: idle-mode
+# write-backs; conflict: saves refused (another replica took the session over); lost: idle-mode sessions whose
+# unwritten steps were dropped (taken over)
+OPERATIONS = ("acquire", "read", "write", "handoff", "flush", "conflict", "lost")
 TAKEN_KEPT = 3600.0  # seconds a lease another replica took under a call here is remembered, for that call's save
 
 
@@ -92,7 +96,8 @@ class Leases:
         # Redis keeps a value this much past its TTL in idle mode: the state in the cache may be newer.
         self.slack_s = self.flush_s + self.idle_s + self.lease_s if self.idle_mode else 0.0
         self.cache = HotCache(settings.session_cache_bytes)
-        self.counts: dict[str, int] = dict.fromkeys(("acquire", "read", "write", "handoff", "flush"), 0)
+        # What this replica asked of Redis, and what it lost to another (seqserve_session_store_operations_total).
+        self.counts: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
         self.tasks: list[asyncio.Task[None]] = []
         self._handing: set[str] = set()
         self._given: dict[str, float] = {}  # session -> when this replica handed it to a replica that asked
@@ -166,6 +171,7 @@ class Leases:
                     if len(r) <= 2:
                         continue  # dropped meanwhile: ask again, for the value this time
                     if e is not None and e.dirty_since is not None:
+                        self.counts["lost"] += 1
                         log.warning("session %s: steps kept in memory were lost (taken over)", session_ref(session_id))
                     s, revision, deadline = self.decode(session_id, r[2])
                     self.counts["read"] += 1
@@ -202,6 +208,7 @@ class Leases:
     def forget(self, session_id: str) -> None:
         e = self.cache.pop(session_id)
         if e is not None and e.dirty_since is not None:
+            self.counts["lost"] += 1
             log.warning("session %s: steps kept in memory were dropped", session_ref(session_id))
 
     async def write(self, session_id: str, e: Entry, s: SessionState, release: bool) -> None:
@@ -221,6 +228,7 @@ class Leases:
         if got != 1:
             self.forget(session_id)
             if got == -1 or stepped_elsewhere(e.stored, got[1]):  # held by another, or stepped by one since
+                self.counts["conflict"] += 1
                 raise taken_over(session_id)
             raise StaleSession(session_id)
         e.stored, e.deadline_ms = f"{s.revision:016x}", deadline
@@ -241,7 +249,7 @@ class Leases:
                 self.counts["flush"] += 1
                 try:
                     await self.write(session_id, e, e.state, release)
-                except (SessionConflict, StaleSession):
+                except (SessionConflict, StaleSession):  # (counted by forget)
                     log.warning("session %s: steps kept in memory were lost (taken over)", session_ref(session_id))
             elif release:
                 await self.conn.script("lease", self.keys(session_id)[1:], [self.replica, 0])

@@ -93,6 +93,7 @@ class RedisSessionStore:
     async def save(self, session: SessionState) -> None:
         e = self.cache.get(session.id)
         if e is None and self.leases.taken.pop(session.id, None) is not None:
+            self.counts["conflict"] += 1
             raise taken_over(session.id)  # (its renewal found another replica's lease and dropped the entry)
         if e is None or e.state.revision != session.revision:
             raise StaleSession(session.id)
