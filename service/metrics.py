@@ -28,6 +28,12 @@ from service.core.types import ModelStats
 from service.tracing import sampled_trace_id
 from service.triton_metrics import TritonMetrics
 
+# What the Redis store counts (``Leases.counts``), exported as seqserve_session_store_operations_total{op}: acquire:
+# lease tries; read: states read; write: states written; handoff: hand-over requests sent; flush: idle-mode
+# write-backs; conflict: saves refused (another replica took the session over); lost: idle-mode sessions whose
+# unwritten steps were dropped (taken over).
+STORE_OPERATIONS = ("acquire", "read", "write", "handoff", "flush", "conflict", "lost")
+
 # Latency buckets: 50 µs .. 10 s, roughly 1-2.5-5 per decade, so a CPU RNN step (~100 µs) is resolved as well as
 # a long streamed completion. 18 buckets (+Inf) per label set keeps the series count modest.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -278,6 +284,8 @@ class Metrics:
             registry=r,
         )
         self._store_ops_seen: dict[str, int] = {}
+        for op in STORE_OPERATIONS:  # (at 0 from the start, also on a store that has none: memory://)
+            self.store_operations.labels(op)
         self.store_info = Gauge(
             "seqserve_session_store_info",
             "The session store this server uses (=1): store is the Redis URL (password hidden), the same in every "

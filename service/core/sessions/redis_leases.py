@@ -31,6 +31,7 @@ from service.core.sessions.redis_scripts import HEAD_CHARS, head, parse_head
 from service.core.sessions.state import NewerSessionFormat, SessionState
 from service.core.sessions.store import StaleSession
 from service.errors import FailedPrecondition, ReplicaBehind, SessionConflict, StoreUnavailable, session_ref
+from service.metrics import STORE_OPERATIONS
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ ASK_EVERY = 0.25  # seconds between two hand-over requests to the holder
 # the next call queued here took the lease straight back, and a replica with calls queued kept the session for as
 # long as it had any, the asker's calls waiting seconds.
 HANDOVER_GRACE = 2 * POLL_MAX
-# acquire: lease tries; read: states read; write: states written; handoff: hand-over requests sent; flush: idle-mode
-# write-backs; conflict: saves refused (another replica took the session over); lost: idle-mode sessions whose
-# unwritten steps were dropped (taken over)
-OPERATIONS = ("acquire", "read", "write", "handoff", "flush", "conflict", "lost")
 TAKEN_KEPT = 3600.0  # seconds a lease another replica took under a call here is remembered, for that call's save
 
 
@@ -97,7 +94,7 @@ class Leases:
         self.slack_s = self.flush_s + self.idle_s + self.lease_s if self.idle_mode else 0.0
         self.cache = HotCache(settings.session_cache_bytes)
         # What this replica asked of Redis, and what it lost to another (seqserve_session_store_operations_total).
-        self.counts: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
+        self.counts: dict[str, int] = dict.fromkeys(STORE_OPERATIONS, 0)
         self.tasks: list[asyncio.Task[None]] = []
         self._handing: set[str] = set()
         self._given: dict[str, float] = {}  # session -> when this replica handed it to a replica that asked

@@ -78,8 +78,16 @@ def test_alerts_cover_the_required_conditions() -> None:
         assert rule["annotations"]["summary"]
 
 
+def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    assert not twice, f"a JSON object has {twice} twice (the last one wins: an empty description hid the written one)"
+    return dict(pairs)
+
+
 def test_dashboard_covers_the_required_panels() -> None:
-    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "seqserve.json").read_text())
+    text = (DEPLOY / "grafana" / "dashboards" / "seqserve.json").read_text()
+    dash = json.loads(text, object_pairs_hook=_no_key_twice)
     assert dash["uid"] == "seqserve"
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
     for needle in (
@@ -101,6 +109,7 @@ def test_dashboard_covers_the_required_panels() -> None:
         "seqserve_http_requests_total",  # the REST port's answers, its own refusals included
         "seqserve_http_connections_closed_total",  # connections an HTTP port closed for want of a slot
         "seqserve_frontend_restarts_total",  # frontends that died and were replaced
+        "seqserve_session_store_operations_total",  # hand-overs and takeovers between replicas (Redis)
     ):
         assert needle in exprs, needle
     # The server error ratio counts the requests inside KServe streams too (a stream is one RPC).

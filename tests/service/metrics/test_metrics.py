@@ -261,6 +261,7 @@ def test_names_follow_conventions(m: Metrics) -> None:
         "seqserve_session_store_capacity_bytes",
         "seqserve_session_store_up",
         "seqserve_session_store_info",
+        "seqserve_session_store_operations",
         "seqserve_generated_chars",
         "seqserve_time_to_first_chunk_seconds",
         "seqserve_prefix_cache_lookups",
