@@ -778,8 +778,12 @@ def _rows(rows: Table, name: str) -> list[common_pb2.Row]:
         out = cv.rows_to_pb(rows)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must hold numbers only: {e}") from None
-    for i, sent in enumerate(out):  # protobuf's float32 makes a finite value beyond its range inf, which the server
-        for j, v in enumerate(sent.values):  # then refused as "is inf"
+    # protobuf's float32 makes a finite value beyond its range inf, which the server then refused as "is inf"; a row
+    # with an inf in it (rare: map and max loop in C) is looked at value by value
+    for i, sent in enumerate(out):
+        if not sent.values or not math.isinf(max(map(abs, sent.values))):
+            continue
+        for j, v in enumerate(sent.values):
             if math.isinf(v) and math.isfinite(given := float(rows[i][j])):
                 raise ValueError(
                     f"{name}[{i}][{j}] is {given:g}, beyond float32's range (about ±3.4e38), which the API carries; "
