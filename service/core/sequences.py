@@ -91,10 +91,17 @@ class V2Inference:
                     f"the session blob holds model {entry.name} version {entry.version}, but the request names "
                     f"version {model.version}; leave the version empty"
                 )
-        elif sequence is not None and not sequence.start and model.version is None:
+        elif (
+            sequence is not None
+            and not sequence.start
+            and model.version is None
+            and self._contract(found := self.registry.find(model)).sequences
+        ):
             # A running sequence stays on the version (and weights) it started with, even when a newer one loaded
-            # since; FAILED_PRECONDITION when that version is gone or its weights changed.
-            return await self._continue(self.registry.find(model).name, inputs, outputs, sequence, classes)
+            # since; FAILED_PRECONDITION when that version is gone or its weights changed. (A stateless model's
+            # request goes on below, to be refused as such: it was told its sequence was unknown, "send
+            # sequence_start=true", which it then refused as stateless.)
+            return await self._continue(found.name, inputs, outputs, sequence, classes)
         else:
             entry = self.registry.resolve(model)
         note_model(entry.name)

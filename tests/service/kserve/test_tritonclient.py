@@ -101,6 +101,8 @@ def test_bad_requests_name_the_tensor(report: Report) -> None:
         "unknown_input": (s, "NUM_CHARS"),
         "unknown_output": (s, "NOPE"),
         "with_sequence": (s, "stateless"),
+        "with_sequence_step": (s, "model sentiment is stateless: it does not take sequence_id"),
+        "with_sequence_end": (s, "model sentiment is stateless: it does not take sequence_id"),
         "bad_shape": (c, "TEXT"),
         "missing_input": (c, "missing input TEXT"),
         "too_many_chars": (c, "NUM_CHARS"),

@@ -94,6 +94,9 @@ def sentiment(c: grpcclient.InferenceServerClient) -> Report:
             lambda: c.infer("sentiment", [_text(["x"])], outputs=[grpcclient.InferRequestedOutput("NOPE")])
         ),
         "with_sequence": _error(lambda: c.infer("sentiment", [_text(["x"])], sequence_id=5, sequence_start=True)),
+        # a step (and an end) of a sequence on the stateless model: NOT_FOUND "send sequence_start=true" before
+        "with_sequence_step": _error(lambda: c.infer("sentiment", [_text(["x"])], sequence_id=5)),
+        "with_sequence_end": _error(lambda: c.infer("sentiment", [_text(["x"])], sequence_id=5, sequence_end=True)),
     }
     after = c.get_inference_statistics("sentiment", as_json=True)
     response = r.get_response(as_json=True)
