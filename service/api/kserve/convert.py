@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,6 +106,14 @@ def serving_from_config(text: str, current: pb.ModelConfig | None, name: str) ->
     try:
         json_format.Parse(text, given)
     except json_format.ParseError as exc:
+        unknown = re.search(r'has no field named "([^"]+)" at "([^"]+)"', str(exc))
+        if unknown is not None:  # (a field of Triton's configuration this server has not: it is a configuration)
+            field, where = unknown[1], unknown[2].removeprefix("ModelConfig").lstrip(".")
+            raise InvalidInput(
+                f"load parameter config has {(where + '.' if where else '') + field}, a field of Triton's model "
+                f"configuration this server does not have; leave it out (a load may change {LOADABLE}; the rest "
+                "must be what ModelConfig answers, or left out)"
+            ) from None
         raise InvalidInput(f"load parameter config is not a model configuration in JSON ({exc})") from None
     out: dict[str, object] = {}
     if given.HasField("dynamic_batching") and current is not None and current.HasField("sequence_batching"):

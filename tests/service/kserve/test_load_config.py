@@ -16,6 +16,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from service.api.kserve.convert import LOADABLE
 from tests.conftest import ServerHandle, server_settings
 from tests.service.core.conftest import add_version
 
@@ -67,6 +68,18 @@ def test_a_load_with_a_config_over_rest(tiny_models: Path, tmp_path: Path) -> No
             "400",
             "load parameter config is not JSON we read: its arrays or objects nest too deeply",
         )
+        # A field of Triton's configuration this server has not (a Triton user's own config.pbtxt as JSON) was "not a
+        # model configuration in JSON (Message type ... has no field named ...)".
+        for text, field in (
+            ('{"optimization": {}}', "optimization"),
+            ('{"input": [{"name": "TEXT", "is_shape_tensor": false}]}', "input[0].is_shape_tensor"),
+        ):
+            assert refused(c, "sentiment", text) == (
+                "400",
+                f"load parameter config has {field}, a field of Triton's model configuration this server does not "
+                f"have; leave it out (a load may change {LOADABLE}; the rest must be what ModelConfig answers, or "
+                "left out)",
+            )
         # An instance group's kind and name were dropped without a word: KIND_GPU loaded on the CPU.
         gpu = {"instance_group": [{"count": 1, "kind": "KIND_GPU", "name": "foo"}]}
         status, message = refused(c, "sentiment", json.dumps(gpu))
