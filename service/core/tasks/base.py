@@ -257,7 +257,8 @@ def check_header(model: str, contract: TensorContract, inputs: Sequence[InputTen
             raise InvalidInput(f"model {model}: missing input {d.describe()}")
         t = found
         if t.datatype != d.datatype and t.datatype not in d.also_accepts:
-            raise InvalidInput(f"input {d.name}: datatype must be {d.datatype}, got {short(t.datatype, 16)}")
+            allowed = " or ".join((d.datatype, *d.also_accepts))
+            raise InvalidInput(f"input {d.name}: datatype must be {allowed}, got {short(t.datatype, 16)}")
         ok = len(t.shape) == len(d.shape) and all(w in (-1, s) for w, s in zip(d.shape, t.shape, strict=True))
         if not ok:
             raise InvalidInput(f"input {d.name}: shape must be {list(d.shape)} (-1 = any), got {list(t.shape)[:8]}")

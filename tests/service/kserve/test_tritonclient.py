@@ -105,6 +105,8 @@ def test_bad_requests_name_the_tensor(report: Report) -> None:
         "with_sequence_end": (s, "model sentiment is stateless: it does not take sequence_id"),
         "bad_shape": (c, "TEXT"),
         "missing_input": (c, "missing input TEXT"),
+        # it said "must be INT32", though INT64 is taken too
+        "unsigned_chars": (c, "input NUM_CHARS: datatype must be INT32 or INT64, got UINT64"),
         "too_many_chars": (c, "NUM_CHARS"),
         "bad_features": (f, "HISTORY"),
     }

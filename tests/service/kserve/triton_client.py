@@ -139,6 +139,9 @@ def charlm(c: grpcclient.InferenceServerClient) -> Report:
     out["too_many_chars"] = _error(lambda: c.infer("charlm", [_text(["a"], [1]), _int32("NUM_CHARS", 10**6)]))
     out["bad_shape"] = _error(lambda: c.infer("charlm", [_text(["a", "b"])]))
     out["missing_input"] = _error(lambda: c.infer("charlm", [_int32("NUM_CHARS", 3)]))
+    unsigned = grpcclient.InferInput("NUM_CHARS", [1], "UINT64")
+    unsigned.set_data_from_numpy(np.array([3], dtype=np.uint64))
+    out["unsigned_chars"] = _error(lambda: c.infer("charlm", [_text(["a"], [1]), unsigned]))
     for key, seq_id in (("int", 42), ("string", "user-7:chat")):
         last = None
         for i, piece in enumerate(pieces):
