@@ -8,8 +8,9 @@ resizes or unlinks one.
 
 Regions are per principal, as sequences are: a region belongs to the principal that registered it, and its names
 are that principal's own. Another principal's status, unregistering and tensors see it as not registered (and may
-register the same name), so no caller reads what another's region holds through a model, or writes its answers
-into another's region. Without credentials every caller is the one anonymous principal, as on Triton.
+register the same name), and may not register the same object (PERMISSION_DENIED while any region of it is
+registered), so no caller reads what another's region holds through a model, or writes its answers into another's
+region. Without credentials every caller is the one anonymous principal, as on Triton.
 
 With ``--workers N`` the engine's ``Regions`` is the one that registrations change (``CoreDataPlane``), and it
 sends its table to every frontend, which opens the same objects (``follow``): the frontends read and write the
@@ -37,6 +38,7 @@ from service.errors import (
     InvalidInput,
     NotOffered,
     Overloaded,
+    PermissionDenied,
     RegionNotFound,
     echo,
 )
@@ -98,7 +100,29 @@ class Regions:
                 f"the server holds {self.limit} shared-memory regions, its most; unregister one first (regions "
                 "a client no longer uses stay registered until it unregisters them)"
             )
-        self._regions[region.owner, region.name] = _Opened(region, self._open(region))
+        fd = self._open(region)
+        try:
+            self._check_object_is_the_callers(region, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._regions[region.owner, region.name] = _Opened(region, fd)
+
+    def _check_object_is_the_callers(self, region: SharedRegion, fd: int) -> None:
+        """PERMISSION_DENIED when another principal has a region of the same object (by file identity: a key with
+        or without its slash, a link): region names alone kept principals apart, so a caller who knew another's key
+        registered it under a name of its own, read its input through a model's answer and wrote its answers
+        over it."""
+        info = os.fstat(fd)
+        for (owner, _), opened in self._regions.items():
+            if owner == region.owner:
+                continue
+            other = os.fstat(opened.fd)
+            if (other.st_dev, other.st_ino) == (info.st_dev, info.st_ino):
+                raise PermissionDenied(
+                    f"shared-memory object {echo(region.key)} is registered by another caller; create one of your "
+                    "own (shm_open, a name no other client uses) and register that"
+                )
 
     def _open(self, region: SharedRegion) -> int:
         m = _KEY.fullmatch(region.key)

@@ -25,7 +25,15 @@ from service.api.kserve.tensors import RegionRef, region_ref
 from service.core.context import set_principal
 from service.core.shm import Regions
 from service.core.types import SharedRegion
-from service.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotOffered, Overloaded, RegionNotFound
+from service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidInput,
+    NotOffered,
+    Overloaded,
+    PermissionDenied,
+    RegionNotFound,
+)
 from tests.conftest import ServerHandle
 from tests.service.kserve.procs import start_server, stop_server
 
@@ -192,9 +200,10 @@ def test_registering_needs_a_named_principal_and_regions_are_their_principals(
         admin_principals=["alice"],
         shared_memory_principals=["carol"],
     )
-    key = f"seqserve_test_admin_{os.getpid()}"
-    path = Path("/dev/shm") / key
+    key, hers = f"seqserve_test_admin_{os.getpid()}", f"seqserve_test_carol_{os.getpid()}"
+    path, carols = Path("/dev/shm") / key, Path("/dev/shm") / hers
     path.write_bytes(bytes(64))
+    carols.write_bytes(bytes(64))
     try:
         with grpc.insecure_channel(handle.target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -228,21 +237,30 @@ def test_registering_needs_a_named_principal_and_regions_are_their_principals(
                 stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=bob)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
-            # carol, a shared-memory principal and no admin: her own "r" beside alice's; unregistering all of hers
-            # leaves alice's
+            # carol, a shared-memory principal and no admin: not alice's object (its memory is alice's, under any
+            # name), but her own "r" of her own object beside alice's; unregistering all of hers leaves alice's
             with pytest.raises(grpc.RpcError) as info:
                 stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="sentiment"), metadata=carol)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SystemSharedMemoryRegister(
+                    pb.SystemSharedMemoryRegisterRequest(name="c", key=key, offset=32, byte_size=32), metadata=carol
+                )
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert info.value.details() == (
+                f"shared-memory object '{key}' is registered by another caller; create one of your own (shm_open, a "
+                "name no other client uses) and register that"
+            )
             stub.SystemSharedMemoryRegister(
-                pb.SystemSharedMemoryRegisterRequest(name="r", key=f"/{key}", offset=32, byte_size=32), metadata=carol
+                pb.SystemSharedMemoryRegisterRequest(name="r", key=f"/{hers}", offset=32, byte_size=32), metadata=carol
             )
             assert (
                 stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=carol).regions["r"].offset
                 == 32
             )
-            stub.ModelInfer(_probabilities_into("r"), metadata=carol)  # into bytes 32..40 of the object
-            written = path.read_bytes()
-            assert written[:32] == bytes(32) and written[32:40] != bytes(8)
+            stub.ModelInfer(_probabilities_into("r"), metadata=carol)  # into bytes 32..40 of her object
+            written = carols.read_bytes()
+            assert written[:32] == bytes(32) and written[32:40] != bytes(8) and path.read_bytes() == bytes(64)
             stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=carol)
             assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=carol).regions
             answer = stub.ModelInfer(_probabilities_into("r"), metadata=alice)  # alice's region serves on
@@ -252,6 +270,7 @@ def test_registering_needs_a_named_principal_and_regions_are_their_principals(
             assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=alice).regions
     finally:
         path.unlink()
+        carols.unlink()
 
 
 # --- Regions, on a folder standing in for /dev/shm ---------------------------------------------------------------
@@ -377,16 +396,16 @@ def _as(who: str, call: Callable[[], Any]) -> Any:
 
 
 def test_each_principal_has_its_own_regions_and_frontends_follow_them(tmp_path: Path) -> None:
-    obj = _object(tmp_path, "obj", 32)
+    obj, theirs = _object(tmp_path, "obj", 32), _object(tmp_path, "obj2", 32)
     engine, frontend = Regions(True, root=str(tmp_path)), Regions(True, root=str(tmp_path))
     _as("alice", lambda: engine.register(SharedRegion("r", "obj", 0, 16)))
-    _as("carol", lambda: engine.register(SharedRegion("r", "obj", 16, 16)))  # the same name: hers
+    _as("carol", lambda: engine.register(SharedRegion("r", "obj2", 16, 16)))  # the same name: hers
     with pytest.raises(AlreadyExists):
         _as("alice", lambda: engine.register(SharedRegion("r", "obj", 0, 8)))
     assert [(r.owner, r.offset) for r in engine.table()] == [("alice", 0), ("carol", 16)]
     frontend.follow(engine.table())
     _as("carol", lambda: frontend.write("r", 0, 4, b"cccc", what="output 'X'"))
-    assert obj.read_bytes()[16:20] == b"cccc" and obj.read_bytes()[:4] == bytes(4)
+    assert theirs.read_bytes()[16:20] == b"cccc" and obj.read_bytes() == bytes(32)
     assert _as("alice", lambda: frontend.read("r", 0, 4, what="input 'X'")) == bytes(4)
     for view in (engine, frontend):
         assert _as("bob", view.status) == []
@@ -403,11 +422,29 @@ def test_each_principal_has_its_own_regions_and_frontends_follow_them(tmp_path: 
     frontend.close()
 
 
+def test_another_principals_object_cannot_be_registered(tmp_path: Path) -> None:
+    """Region names were each principal's own, but the memory was not: bob registered alice's object (its key
+    guessed, or tritonclient's examples' /input_simple) under a name of his, read her input through a model's answer
+    and wrote his answers over it."""
+    _object(tmp_path, "alices", 64)
+    regions = Regions(True, root=str(tmp_path))
+    _as("alice", lambda: regions.register(SharedRegion("in", "/alices", 0, 32)))
+    _as("alice", lambda: regions.register(SharedRegion("out", "alices", 32, 32)))  # her own object again: fine
+    for key in ("/alices", "alices"):
+        with pytest.raises(PermissionDenied, match=f"shared-memory object '{key}' is registered by another caller"):
+            _as("bob", lambda key=key: regions.register(SharedRegion("bobs", key, 0, 64)))  # type: ignore[misc]
+    assert [(r.owner, r.name) for r in regions.table()] == [("alice", "in"), ("alice", "out")]
+    _as("alice", lambda: regions.unregister(None))
+    _as("bob", lambda: regions.register(SharedRegion("bobs", "alices", 0, 64)))  # free again: his to register
+    regions.close()
+
+
 def test_a_full_region_table_is_resource_exhausted_until_one_is_unregistered(tmp_path: Path) -> None:
     _object(tmp_path, "obj", 16)
+    _object(tmp_path, "obj2", 16)
     regions = Regions(True, root=str(tmp_path), limit=2)
     _as("alice", lambda: regions.register(SharedRegion("a", "obj", 0, 8)))
-    _as("carol", lambda: regions.register(SharedRegion("a", "obj", 8, 8)))
+    _as("carol", lambda: regions.register(SharedRegion("a", "obj2", 8, 8)))
     with pytest.raises(Overloaded, match="holds 2 shared-memory regions, its most; unregister one first"):
         _as("alice", lambda: regions.register(SharedRegion("b", "obj", 0, 8)))
     _as("carol", lambda: regions.unregister("a"))
