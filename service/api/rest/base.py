@@ -19,7 +19,7 @@ from service.api.http import KeptAliveHandler
 from service.api.interceptors import REQUEST_ID_FORM
 from service.api.principals import GATEWAY_SUBJECT, GATEWAY_TOKEN
 from service.api.rest.common import HEADER_LENGTH, HTTP_STATUS, Reply, error_json
-from service.tracing import TRACEPARENT
+from service.tracing import TRACEPARENT, parse_traceparent
 
 if TYPE_CHECKING:
     from service.api.rest.gateway import RestGateway
@@ -62,14 +62,16 @@ class GatewayHandler(KeptAliveHandler):
         # Every Authorization header goes on, so the server refuses two as it refuses two over gRPC (the first
         # alone authenticated the call, whatever the second held: a proxy's key in front of the client's won);
         # one it cannot carry (not printable ASCII) goes as a key no principal has, never dropped.
-        sent = [
-            ("authorization", v if v.isascii() and v.isprintable() else "(not printable ASCII)")
-            for v in self.headers.get_all("Authorization") or ()
-        ]
-        for header, key in (("X-Request-Id", "x-request-id"), (TRACEPARENT, TRACEPARENT)):
-            value = self.headers.get(header)
-            if value is not None and value.isascii() and value.isprintable():
-                sent.append((key, value))
+        # (two at most: enough for the server to refuse two, whatever they hold)
+        sent = [("authorization", _credential(v)) for v in (self.headers.get_all("Authorization") or [])[:2]]
+        # Only what the server would read: a longer X-Request-Id is not an id to it, nor a traceparent that does not
+        # parse; sent on, a long one went over gRPC's metadata limit, which answered 429 (RESOURCE_EXHAUSTED), even
+        # on a health probe.
+        request_id, traceparent = self.headers.get("X-Request-Id"), self.headers.get(TRACEPARENT)
+        if request_id is not None and REQUEST_ID_FORM.fullmatch(request_id):
+            sent.append(("x-request-id", request_id))
+        if traceparent is not None and parse_traceparent(traceparent):
+            sent.append((TRACEPARENT, traceparent.strip(" \t")))
         if self.gateway.token is not None and self._peer is not None and self._peer[0] is not None:
             sent += [(GATEWAY_SUBJECT, self._peer[0]), (GATEWAY_TOKEN, self.gateway.token)]
         return tuple(sent)
@@ -156,3 +158,14 @@ def _compression(accepted: str) -> str | None:
         if quality.strip().replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
             offered.add(name.strip())
     return next((e for e in ("gzip", "deflate") if e in offered), None)
+
+
+MAX_CREDENTIAL_CHARS = 4096  # far above any key ("Bearer " + a key), far below gRPC's 16 KiB metadata limit
+
+
+def _credential(value: str) -> str:
+    """An Authorization header as sent on: one the server cannot carry or no key can be (not printable ASCII,
+    longer than any key) goes as a key no principal has, never dropped (the server then answers 401 for it)."""
+    if not (value.isascii() and value.isprintable()):
+        return "(not printable ASCII)"
+    return value if len(value) <= MAX_CREDENTIAL_CHARS else "(too long to be a key)"

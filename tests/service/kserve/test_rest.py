@@ -680,6 +680,21 @@ def test_two_authorization_headers_are_refused_as_over_grpc(keyed: ServerHandle)
     assert http(keyed, "/v2/models/sentiment/ready", Authorization=f"Bearer {KEY}")[0] == 200
 
 
+def test_headers_too_long_for_grpc_are_what_the_server_would_make_of_them(keyed: ServerHandle) -> None:
+    """A 20,000-character X-Request-Id or traceparent, or Authorization, went on to gRPC, whose metadata limit (16 KiB)
+    answered RESOURCE_EXHAUSTED: 429 Too Many Requests, which tells a client to retry what never succeeds, even on
+    a health probe that needs no key. The server reads no such id or traceparent, and no key is that long."""
+    long = "r" * 20_000
+    for header in ("X_Request_Id", "traceparent"):
+        status, headers, _ = http(keyed, "/v2/health/live", **{header: long})
+        assert status == 200 and headers["X-Request-Id"] != long
+        status, _, body = http(keyed, "/v2/models/sentiment", Authorization=f"Bearer {KEY}", **{header: long})
+        assert status == 200, body
+    status, headers, body = http(keyed, "/v2/models/sentiment", Authorization="Bearer " + long)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), body
+    assert http(keyed, "/v2/health/live", Authorization="Bearer " + long * 2)[0] == 200
+
+
 def test_with_api_keys_liveness_and_readiness_need_no_key_as_in_triton(keyed: ServerHandle) -> None:
     """Probes written for Triton (REST /v2/health/live and /ready, KServe ServerLive and ServerReady over gRPC) need
     no key, as Triton's health endpoints need none; ModelReady and everything else still do, and the gateway's own
