@@ -124,9 +124,11 @@ class _Server(ThreadingHTTPServer):
         handler: type[BaseHTTPRequestHandler] | None = None,
         port_name: str = "metrics",
         reuse_port: bool = False,
+        per_client: int | None = None,
     ) -> None:
         """``handler``: the request handler class (default: /metrics, /healthz, /readyz; the REST gateway
-        brings its own). ``metrics`` counts the connections the port closes on its own (label ``port_name``)."""
+        brings its own). ``metrics`` counts the connections the port closes on its own (label ``port_name``).
+        ``per_client``: the most connections one client address may hold at once (None: no limit of its own)."""
         self.token = token
         self.port_name = port_name
         self.allow_reuse_port = reuse_port  # (read by server_bind: frontends share the REST port, SO_REUSEPORT)
@@ -136,6 +138,8 @@ class _Server(ThreadingHTTPServer):
         self.tls = tls
         self.idle_timeout = idle_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.per_client = per_client
+        self._held: dict[str, int] = {}  # client address -> connections it holds (with per_client)
         self._deadlines: dict[socket.socket, float] = {}  # live connection -> when its current request must end
         self._lock = threading.Lock()
         self._watchdog_stop = threading.Event()
@@ -147,8 +151,7 @@ class _Server(ThreadingHTTPServer):
 
     # --- connection limits ----------------------------------------------------------------------------
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.debug("%s http: %s refused, all connection slots are busy", self.port_name, client_address)
+        if not self._take_slot(client_address):
             if self.metrics is not None:
                 self.metrics.http_connection_closed(self.port_name, "busy")
             self.shutdown_request(request)
@@ -156,8 +159,35 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)  # starts the connection's thread
         except BaseException:
-            self._slots.release()
+            self._free_slot(client_address)
             raise
+
+    def _take_slot(self, client_address: Any) -> bool:
+        """A connection slot for the client, unless every slot is taken or (``per_client``) the client's address
+        holds its most: one client that opened connection after connection and dripped a byte into each held every
+        slot, and probes of /healthz failed (a liveness probe there restarts the pod)."""
+        host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        with self._lock:
+            if self.per_client is not None and self._held.get(host, 0) >= self.per_client:
+                log.debug("%s http: %s refused, it holds %d connections", self.port_name, host, self.per_client)
+                return False
+            if not self._slots.acquire(blocking=False):
+                log.debug("%s http: %s refused, all connection slots are busy", self.port_name, client_address)
+                return False
+            if self.per_client is not None:
+                self._held[host] = self._held.get(host, 0) + 1
+            return True
+
+    def _free_slot(self, client_address: Any) -> None:
+        host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        with self._lock:
+            if self.per_client is not None:
+                left = self._held.get(host, 1) - 1
+                if left > 0:
+                    self._held[host] = left
+                else:
+                    self._held.pop(host, None)
+            self._slots.release()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """``ThreadingMixIn``'s, with the connection's slot freed before its socket closes: a client that saw its
@@ -169,7 +199,7 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self._lock:
                 self._deadlines.pop(request, None)
-            self._slots.release()
+            self._free_slot(client_address)
             self.shutdown_request(request)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -417,7 +447,10 @@ class MetricsHttpServer(HttpPort):
         self.token = token
 
         def build(address: tuple[str, int]) -> _Server:
-            return _Server(address, metrics, is_ready, tls, idle_timeout, max_connections, token)
+            # One client address holds a quarter of the slots at most: Prometheus and the probes each need one or
+            # two, and none of them can be crowded out by one client.
+            per_client = max(1, max_connections // 4)
+            return _Server(address, metrics, is_ready, tls, idle_timeout, max_connections, token, per_client=per_client)
 
         super().__init__(host, port, build, "metrics port", "--metrics-port or SEQSERVE_METRICS_PORT", "metrics-http")
 

@@ -353,3 +353,37 @@ def test_a_private_port_answers_its_engine_the_samples_as_json(metrics: Metrics)
     finally:
         private.stop()
         public.stop()
+
+
+def test_one_client_address_cannot_hold_every_slot_of_the_metrics_port() -> None:
+    """One client that opened connection after connection and dripped a byte into each held all 64 slots, and
+    /healthz probes from anywhere failed (a liveness probe there restarts the pod). One address now holds a quarter of
+    the slots at most; another address (Prometheus, the kubelet) still gets in."""
+    metrics = Metrics(runtime_collectors=False)
+    srv = MetricsHttpServer("127.0.0.1", 0, metrics, lambda: True, max_connections=8)
+    port = srv.start()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(2):  # 8 // 4: this address's most
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")  # half a request: the connection is held
+            held.append(s)
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port)) as third:
+            third.settimeout(10)
+            assert third.recv(1) == b""  # closed at once
+        with socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)) as other:
+            other.settimeout(10)
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := other.recv(4096):
+                answer += chunk
+            assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"200", answer[:80]
+        busy = metrics.registry.get_sample_value(
+            "seqserve_http_connections_closed_total", {"port": "metrics", "reason": "busy"}
+        )
+        assert busy == 1
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
