@@ -31,6 +31,7 @@ them). The held-out accuracy and the dev metrics are then recomputed from the wr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from training.data import DataError
 from training.evaluate import evaluate_model, open_model, recomputed, sentiment_logits
 from training.heldout import heldout_rows, recorded
 from training.onnx_graph import HALF_TOLERANCE, cpu_session, halved, probe_batches
-from training.pipelines import derived_manifest, derived_source, new_model_folder, write_derived_report
+from training.pipelines import derived_manifest, derived_source, new_model_folder
 
 TOLERANCE = 1e-4  # largest logit difference from the members' mean on the probe batches
 SAME_WEIGHTS = 1e-3  # two members closer than this on every probe logit hold the same weights (a fused copy: 2e-6)
@@ -372,7 +373,12 @@ def _publish(
         update={"metrics": metrics, "card": card.model_copy(update={"limits": limits}), "training": training}
     )
     new.dump(out / MANIFEST_FILE)
-    fields = {"model": f"{version[0]}/{version[1]}", "command": command, "members": record["members"],
-              "onnx_metrics": ev, "ensemble": record}  # fmt: skip
-    write_derived_report(paths[0], out, fields, "member_command")
+    # Its own report, as its manifest: the first member's (its evaluate command, parameters, temperature, training
+    # run and curve) described that member, not the ensemble, which is not trained.
+    report = {
+        "task": "sentiment", "model": f"{version[0]}/{version[1]}", "command": command, "evaluate_command": evaluate,
+        "onnx_metrics": ev, "parameters": new.architecture.parameters, "members": record["members"],
+        "member_commands": training["member_commands"], "ensemble": record,
+    }  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return record

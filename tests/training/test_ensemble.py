@@ -63,6 +63,14 @@ def test_the_graph_answers_with_the_mean_of_its_members(
     assert metrics["heldout_accuracy"] == pytest.approx(mean) == pytest.approx(record["evaluation"]["heldout_accuracy"])
     assert metrics["accuracy"] == record["evaluation"]["dev_accuracy"]
     assert m.card is not None and any("Runs 2 models per request" in limit for limit in m.card.limits)
+    # its report is its own: it was the first member's (that member's evaluate command, parameters, temperature,
+    # training run and curve), with the ensemble's command on top
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["evaluate_command"] == f"seqserve-train evaluate --model {out} --data {tiny_sst2}"
+    assert report["parameters"] == m.architecture.parameters and report["members"] == [str(p) for p in MEMBERS]
+    assert report["onnx_metrics"].items() <= record["evaluation"].items() and "dev_accuracy" in report["onnx_metrics"]
+    assert not {"temperature", "train_config", "best_step", "evaluations", "parent"} & set(report)
+    assert not (out / "training_curve.png").exists()
 
 
 def _with_words(src: Path, dst: Path, words: list[str], seed: int) -> Path:
