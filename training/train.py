@@ -99,6 +99,11 @@ def _better(a: float, b: float | None, higher: bool) -> bool:
     return b is None or (a > b if higher else a < b)
 
 
+# A weight larger than this is a run that blew up, even when its loss stayed finite (a learning rate of 1e4 on the
+# sentiment or char model): the committed models' largest trained weight is 13.
+MAX_WEIGHT = 1e3
+
+
 def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
     """Train ``runner.net`` in place; on return it holds the best weights seen on validation."""
     rng = seed_everything(cfg.seed)
@@ -218,6 +223,9 @@ def fit(runner: Runner, cfg: TrainConfig) -> FitResult:
         validate(cfg.epochs - 1)
     bar.close()
     net.load_state_dict(best_state)
+    largest = max((float(p.detach().abs().max()) for p in net.parameters() if p.numel()), default=0.0)
+    if not largest <= MAX_WEIGHT:  # (its loss may stay finite: its export then failed ORT's parity, a traceback)
+        raise diverged(f"a weight of the best checkpoint is {largest:.3g} (trained ones stay below {MAX_WEIGHT:g})")
     best_step = int(best.get("step", step))
     return FitResult(best, best_step, step, time.monotonic() - t0, stopped, hist, evals)
 

@@ -569,6 +569,20 @@ def test_a_diverging_run_says_so_and_leaves_nothing(
     assert not (tmp_path / "lm").exists()
 
 
+def test_a_run_whose_weights_blew_up_with_a_finite_loss_says_so(
+    tmp_path: Path, tiny_sst2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--lr 1e9 on the sentiment model: its held-out accuracy and a finite validation loss (1e31) ran to the end,
+    and the export's ORT-vs-PyTorch check failed with a traceback ("max abs diff 3.02e+23 exceeds 1e-4"); the
+    same with the char model at 1e4 on real data (on the tiny text here its loss turns inf first: the test above)."""
+    out = tmp_path / "m" / "1"
+    args = ["sentiment", "--data", str(tiny_sst2), "--out", str(out), "--run-dir", str(tmp_path / "run"), *FAST]
+    args += ["--lr", "1e9", "--hidden", "8", "--embedding", "8", "--epochs", "1", "--subword-buckets", "0"]
+    args += ["--ensemble", "1"]
+    _one_line(capsys, main(args), "training diverged: a weight of the best checkpoint is ")
+    assert not (tmp_path / "m").exists()
+
+
 def test_resume_needs_a_checkpoint(tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A typo in --run-dir silently restarted a long run from scratch."""
     out, run = tmp_path / "lm" / "1", tmp_path / "typo"
