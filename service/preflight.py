@@ -150,6 +150,7 @@ def _device(settings: Settings) -> Finding:
 
 
 async def _models(settings: Settings) -> list[Finding]:
+    from service.core.manifest import VERSION_RULE
     from service.core.registry import ModelRegistry, not_a_folder
     from service.core.sessions.manager import unfit_sessions
     from service.metrics import Metrics
@@ -191,6 +192,9 @@ async def _models(settings: Settings) -> list[Finding]:
                 "folder of model folders"
             )
             found.append(Finding("model", "-", FAIL, why))
+        for stray in registry.strays():  # (serve warns of each: so does the check)
+            name = f"{stray.parent.name}/{stray.name}"
+            found.append(Finding("model", name, WARN, f"ignored: a version folder's name must be {VERSION_RULE}"))
     finally:
         await registry.stop()
     return found

@@ -379,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         pipelines.require_new_folder(args.out, "train into a new version folder, or remove it first")
         pipelines.name_version(args.out)  # (a version folder the server would not load: refused before any work)
+        if not args.out.name.isdigit():  # (a run's folder, which ensemble, fuse and quantize take as --model)
+            print(
+                f"note: {args.out} is not a version folder (MODEL/VERSION, the version a number): a server reading "
+                f"its parent folder ignores it; --out {args.out}/1 writes one it loads",
+                file=sys.stderr,
+            )
         _check_folders(args, job.train.run_dir)
 
         if args.download:

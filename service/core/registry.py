@@ -532,6 +532,10 @@ class ModelRegistry:
         self._on_disk = {name for name, _ in found} | unreadable
         return found, unreadable
 
+    def strays(self) -> list[Path]:
+        """Folders inside model folders that are not named as a version (ignored, warned of once at the sync)."""
+        return sorted(self._strays)
+
     async def start(self) -> None:
         """The first sync. With ``load_models``, every name in it must be in the repository: a name misspelt
         would otherwise leave a server up that serves nothing it was meant to."""

@@ -622,6 +622,20 @@ def test_a_text_of_one_character_and_unservable_versions_are_refused_before_trai
     assert not (tmp_path / "lm").exists() and not (tmp_path / "r").exists()
 
 
+def test_an_out_folder_that_is_no_version_folder_is_noted(
+    tmp_path: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out models/NAME/latest trained and wrote a model no server loads (it ignores folders not named by a
+    number), without a word; such a folder is a run's (ensemble, fuse and quantize take it), so it is noted."""
+    out = tmp_path / "models" / "lm" / "latest"
+    args = ["charlm", "--data", str(tiny_text), "--out", str(out), "--run-dir", str(tmp_path / "r"), *FAST]
+    assert main([*args, "--hidden", "8", "--embedding", "4", "--bptt", "16"]) == 0
+    assert f"note: {out} is not a version folder (MODEL/VERSION, the version a number): a server reading its " in (
+        capsys.readouterr().err
+    )
+    assert (out / "model.onnx").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [

@@ -52,6 +52,22 @@ def test_a_good_repository_is_ready_to_serve(tiny_models: Path, capsys: pytest.C
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA")
+def test_a_folder_not_named_as_a_version_is_warned_of_as_serve_does(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve logs "ignoring .../latest: a version folder's name must be ..."; check said "ready to serve" with no
+    word of it (a model trained into --out models/NAME/latest, which no server loads)."""
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models, repo)
+    shutil.copytree(repo / "sentiment" / "1", repo / "sentiment" / "latest")
+    rc, found = check(capsys, "--models", str(repo))
+    assert rc == 0 and status(found, "model", "sentiment/latest") == (
+        "warn",
+        "ignored: a version folder's name must be a whole number from 1 to 999999999, at most 9 digits without a "
+        "leading zero",
+    )
+
+
 def test_cuda_without_a_cuda_build_fails_the_device_and_loads_no_model(
     tiny_models: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
