@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from service import errors
 from service.api.gen.seqserve.v1 import autocomplete_pb2
-from service.api.interceptors import EdgedServer, build_edge
+from service.api.interceptors import EdgedServer, _EdgeMethod, build_edge
 from service.client import ApiError, Client
 from service.metrics import Metrics
 from tests.conftest import ServerHandle
@@ -368,3 +368,22 @@ async def test_a_watcher_mid_write_when_the_drain_begins_still_hears_not_serving
     gate.set()
     await asyncio.wait_for(asyncio.gather(watch, drain), 10)
     assert written == [SERVING, NOT_SERVING]
+
+
+class _Remaining:
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    def time_remaining(self) -> float | None:
+        return self.seconds
+
+
+@pytest.mark.parametrize(
+    ("remaining", "code"),
+    [(0.0, "DEADLINE_EXCEEDED"), (0.007, "DEADLINE_EXCEEDED"), (2.0, "CANCELLED"), (None, "CANCELLED")],
+)
+def test_a_cancel_at_the_clients_deadline_counts_as_its_deadline(remaining: float | None, code: str) -> None:
+    """The client cancels at its deadline, counted from before it sent the call; the server's, counted from the
+    headers' arrival, is a few ms later: with --workers 2 and the engine stalled, 7 of 8 calls whose 1 s deadline
+    passed were counted CANCELLED (the error-ratio alerts leave those out) with 7 ms left here."""
+    assert _EdgeMethod.ended(_Remaining(remaining), asyncio.CancelledError()) == code  # type: ignore[arg-type]
