@@ -182,8 +182,9 @@ def call_ids(context: grpc.aio.ServicerContext) -> tuple[str, str]:
 class LogBudget:
     """How many refused-request lines a process logs: ``rate`` per second, in bursts of up to five seconds'
     worth (a token bucket); 0 = all. Lines over it are counted, and the next line it allows is preceded by one
-    WARNING saying how many were not logged, so a caller sending bad requests as fast as it can (with no key,
-    or past its quota) cannot fill the disk or drown the server's real errors."""
+    WARNING saying how many were not logged (the two take two of the rate: it held lines to the rate, and a
+    sustained flood got a WARNING before each, twice the rate in all), so a caller sending bad requests as fast as
+    it can (with no key, or past its quota) cannot fill the disk or drown the server's real errors."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.burst, self.clock = rate, max(1.0, 5 * rate), clock
@@ -195,12 +196,13 @@ class LogBudget:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
-        if self.tokens < 1:
+        cost = 2 if self.dropped else 1  # (the WARNING counts too: lines and warnings together keep to the rate)
+        if self.tokens < cost:
             if not self.dropped:
                 self.since = now
             self.dropped += 1
             return False
-        self.tokens -= 1
+        self.tokens -= cost
         if self.dropped:  # (in a context of its own: the line is no request's, not the one whose line follows)
             contextvars.Context().run(
                 log.warning,

@@ -175,8 +175,12 @@ def test_refused_requests_are_logged_within_a_budget(
     now = [0.0]
     budget = LogBudget(2.0, clock=lambda: now[0])
     assert sum(budget.allow() for _ in range(50)) == 10  # the burst
-    now[0] += 1.0
-    assert [budget.allow(), budget.allow(), budget.allow()] == [True, True, False]
+    now[0] += 1.0  # two tokens: one line and the WARNING before it (it logged two lines and a WARNING: 3 for 2)
+    assert [budget.allow(), budget.allow(), budget.allow()] == [True, False, False]
+    now[0] += 1.0  # nothing dropped since the last WARNING... but these two were: again a line and its WARNING
+    assert [budget.allow(), budget.allow()] == [True, False]
+    now[0] += 10.0  # the burst again, after a WARNING and its line
+    assert sum(budget.allow() for _ in range(50)) == 9
     assert all(LogBudget(0.0).allow() for _ in range(1000))
     from service.api.interceptors import log_budget
 
@@ -195,7 +199,7 @@ def test_refused_requests_are_logged_within_a_budget(
         assert 5 <= logged <= 5 + took + 1, out.getvalue()  # five seconds' burst, then one per second
         # The status reaches the client a moment before the server's interceptor has counted the call.
         assert eventually(lambda: rpc_count(handle, "seqserve.v1.Sentiment", "Classify", "UNAUTHENTICATED") == 40)
-        time.sleep(1.2)  # a token again
+        time.sleep(2.2)  # two tokens again: the line and the WARNING before it
         with pytest.raises(ApiError):
             c.classify(["x"])
     text = out.getvalue()
