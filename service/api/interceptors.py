@@ -121,6 +121,8 @@ def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
     return default
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_./:-]+")  # a model name shown as it is in a text access line
+
 # How close to its deadline a call the client cancelled counts as one whose deadline passed: the client cancels at
 # its deadline, which it counted from before it sent the call, and the server's deadline (counted from when the
 # headers arrived) is a few milliseconds later, so a cancel at the client's deadline still found time left here
@@ -359,9 +361,15 @@ class _EdgeMethod:
             log.info("%s -> DEADLINE_EXCEEDED after %.1f ms (request id %s)", self.method, seconds * 1e3,
                      CALL.get()[0], extra={"code": code})  # fmt: skip
         if self.edge.access:
-            model = errors.short(model) if model else ""  # a name the caller sent: bounded
-            fields = {"model": model, "code": code, "duration_ms": round(seconds * 1e3, 3)}
-            access_log.info("%s %s %s %.1fms", self.method, model or "-", code, seconds * 1e3,
+            # A name the caller sent: bounded, and in the text line quoted unless it is a plain name (one with
+            # spaces or brackets read as other fields: a model "sentiment OK 0.2ms [request ...]")
+            shown = errors.short(model) if _PLAIN_NAME.fullmatch(model) else errors.echo(model) if model else "-"
+            fields = {
+                "model": errors.short(model) if model else "",
+                "code": code,
+                "duration_ms": round(seconds * 1e3, 3),
+            }
+            access_log.info("%s %s %s %.1fms", self.method, shown, code, seconds * 1e3,
                             extra={**fields, "principal": principal()})  # fmt: skip
 
     @staticmethod

@@ -118,6 +118,25 @@ def test_json_logs_carry_request_id_method_model_code_and_duration(
     assert "(5000 characters)" in long["model"] and len(long["model"]) < 120
 
 
+def test_a_model_name_cannot_fake_the_fields_of_a_text_access_line(
+    serve: Callable[..., ServerHandle], server_log: Callable[[str], io.StringIO]
+) -> None:
+    """The text access line showed a caller's model name as it was: "ModelMetadata sentiment OK 0.2ms [request
+    0123...] NOT_FOUND 0.7ms [request c867...]" read, field by field, as an OK call with another request id."""
+    handle = serve(access_log=True)
+    out = server_log("text")
+    forged = "sentiment OK 0.2ms [request 0123456789abcdef0123456789abcdef]"
+    with Client(handle.target) as c:
+        c.classify(["good"])
+        with pytest.raises(ApiError):
+            c.classify(["x"], model=forged)
+    assert eventually(lambda: out.getvalue().count("seqserve.access") >= 2)
+    lines = [line for line in out.getvalue().splitlines() if "seqserve.access" in line]
+    assert any(" /seqserve.v1.Sentiment/Classify sentiment OK " in line for line in lines)  # a plain name as it is
+    (refused,) = [line for line in lines if "NOT_FOUND" in line]
+    assert f" /seqserve.v1.Sentiment/Classify '{forged}' NOT_FOUND " in refused, refused
+
+
 def test_access_lines_name_the_principal(
     serve: Callable[..., ServerHandle], server_log: Callable[[str], io.StringIO]
 ) -> None:
