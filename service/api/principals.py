@@ -51,6 +51,12 @@ def parse_keys(spec: str) -> dict[str, str]:
             raise ValueError(f"api key entry {n}: expected 'name:key' with a name of 1-64 of A-Za-z0-9._@-")
         if any(c.isspace() for c in key):
             raise ValueError(f"api key {name!r}: a key has no spaces (a comment starts with ' #')")
+        if not (key.isascii() and key.isprintable()):  # (no client can send it: gRPC metadata is printable ASCII)
+            raise ValueError(f"api key {name!r}: a key is printable ASCII, which an Authorization header carries")
+        if re.search(r";\s*[A-Za-z0-9._@-]{1,64}:", key):  # ("alice:K1;bob:K2" read as one key of alice's)
+            raise ValueError(
+                f"api key {name!r} holds ';' and what reads as another entry: separate entries with ',' or new lines"
+            )
         if len(key) < MIN_KEY_CHARS:
             raise ValueError(f"api key {name!r}: at least {MIN_KEY_CHARS} characters (got {len(key)})")
         if name in keys:
@@ -85,6 +91,8 @@ def load_keys(settings: Settings) -> dict[str, str]:
             raise ValueError(f"api_key: at least {MIN_KEY_CHARS} characters (got {len(settings.api_key)})")
         if any(c.isspace() for c in settings.api_key.strip()):  # (as in api_keys: one token after "Bearer ")
             raise ValueError("api_key: a key has no spaces")
+        if not (settings.api_key.isascii() and settings.api_key.isprintable()):
+            raise ValueError("api_key: a key is printable ASCII, which an Authorization header carries")
         if DEFAULT_PRINCIPAL in keys:
             raise ValueError(f"api_key and an api_keys entry both name principal {DEFAULT_PRINCIPAL!r}")
         if settings.api_key in keys.values():

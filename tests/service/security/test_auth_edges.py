@@ -124,6 +124,14 @@ def test_key_config_edges() -> None:
         load_keys(Settings(api_key=K1, api_keys=f"default:{K2}"))
     with pytest.raises(ValueError, match="also given to a named principal"):
         load_keys(Settings(api_key=K1, api_keys=f"alice:{K1}"))
+    # keys no client can send, and a list separated by ';', started a server none of whose callers could be them
+    with pytest.raises(ValueError, match="api key 'alice': a key is printable ASCII"):
+        parse_keys("alice:SECRETSECRETSECRET1\u00e9")
+    with pytest.raises(ValueError, match="api_key: a key is printable ASCII"):
+        load_keys(Settings(api_key="SECRETSECRETSECRET1\u00e9"))
+    with pytest.raises(ValueError, match="api key 'alice' holds ';' and what reads as another entry"):
+        parse_keys(f"alice:{K1};bob:{K2}")
+    assert parse_keys(f"alice:{K1};x") == {"alice": f"{K1};x"}  # a ';' alone is a key's own
 
 
 def test_rate_limiter_burst_cap_default_burst_and_bounded_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
