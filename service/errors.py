@@ -40,7 +40,8 @@ def session_ref(session_id: str) -> str:
     if session_id.startswith(SEQUENCE_KEY_PREFIX):
         return echo(session_id)
     shown = min(6, len(session_id) // 4)
-    return f"{session_id[:shown] + '...'!r} ({len(session_id)} characters)"
+    count = f"{len(session_id)} character{'' if len(session_id) == 1 else 's'}"
+    return f"{session_id[:shown] + '...'!r} ({count})"
 
 
 MAX_MESSAGE_CHARS = 1024  # the edge's last resort: no status message is longer, whatever the core wrote

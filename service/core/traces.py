@@ -288,6 +288,13 @@ class Tracer:
             )
         if "\0" in value:  # (no file name holds one; the OS refuses it)
             raise InvalidInput(f"trace_file {echo(value)} contains a NUL character; name a file in {self.folder}")
+        if not value.isprintable():  # (a new line or an escape in a file name: allowed by the OS, a trap for its users)
+            raise InvalidInput(f"trace_file {echo(value)} contains a control character; name a file in {self.folder}")
+        if any(len(part.encode()) > 255 for part in Path(value).parts):  # (the OS refuses it at the first write)
+            raise InvalidInput(
+                f"trace_file {echo(value)}: a file or folder name is longer than 255 bytes; name a file in "
+                f"{self.folder}"
+            )
         try:
             path = (self.folder / value).resolve()  # (an absolute name stays itself; symbolic links are followed)
             inside = path.is_relative_to(self.folder) and path != self.folder

@@ -105,7 +105,10 @@ def test_clearing_sends_a_model_back_to_the_servers_and_the_servers_to_its_start
         ({"trace_file": ["missing/trace.json"]}, "does not exist"),
         ({"trace_file": [""]}, "trace_file is empty: name the file"),
         ({"trace_file": ["\x00"]}, "contains a NUL character"),  # (the OS's ValueError before: found by the fuzzer)
-        ({"trace_file": ["a" * 5000 + "/t.json"]}, "does not exist|cannot be used"),  # a name too long for the OS
+        ({"trace_file": ["a" * 5000 + "/t.json"]}, "longer than 255 bytes"),  # a name too long for the OS
+        # taken, then a file named with a new line was made, or "File name too long" lost the traces at a flush
+        ({"trace_file": ["t\n8.json"]}, "contains a control character"),
+        ({"trace_file": ["t" * 300 + ".json"]}, "a file or folder name is longer than 255 bytes"),
         ({"trace_rate": ["5"], "trace_level": ["LOUD"]}, "'LOUD' is not a level"),  # the valid one is not applied
     ],
 )
