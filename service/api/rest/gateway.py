@@ -154,8 +154,11 @@ class _RestHandler(Endpoints):
         if origin is None or method is None:
             self._no_content({"Allow": ", ".join((*METHODS, "OPTIONS"))})
             return
-        asked = [h.strip() for h in self.headers.get("Access-Control-Request-Headers", "").split(",") if h.strip()]
+        listed = self.headers.get("Access-Control-Request-Headers", "")
+        asked = [h.strip() for h in listed.split(",") if h.strip()]
         refusal = self._preflight_refusal(origin, method, asked)
+        if refusal is None and listed.strip() and not asked:  # (",,,": a list, of no header)
+            refusal = 400, f"Access-Control-Request-Headers {echo(listed, 40)} names no header"
         if refusal is not None:
             status, message = refusal
             self._send(status, self._error(status, message), {"Vary": "Origin"}, head=False)

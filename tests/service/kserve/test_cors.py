@@ -111,6 +111,7 @@ def test_a_preflight_keeps_the_connection_for_the_request_it_announces(page_serv
         (PAGE, "DELETE", None, 405, "method 'DELETE' is not served"),
         (PAGE, "POST", "content-type, x debug", 400, "names 'x debug', which is no header name"),
         (PAGE, "POST", ",".join(f"x-h{i}" for i in range(65)), 400, "names 65 headers; at most 64"),
+        (PAGE, "POST", ",,,", 400, "Access-Control-Request-Headers ',,,' names no header"),  # was 204
     ],
 )
 def test_a_refused_preflight_says_why(
