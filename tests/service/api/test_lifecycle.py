@@ -386,4 +386,4 @@ def test_a_cancel_at_the_clients_deadline_counts_as_its_deadline(remaining: floa
     """The client cancels at its deadline, counted from before it sent the call; the server's, counted from the
     headers' arrival, is a few ms later: with --workers 2 and the engine stalled, 7 of 8 calls whose 1 s deadline
     passed were counted CANCELLED (the error-ratio alerts leave those out) with 7 ms left here."""
-    assert _EdgeMethod.ended(_Remaining(remaining), asyncio.CancelledError()) == code  # type: ignore[arg-type]
+    assert _EdgeMethod.ended(_Remaining(remaining), asyncio.CancelledError()) == code

@@ -686,9 +686,10 @@ def test_headers_too_long_for_grpc_are_what_the_server_would_make_of_them(keyed:
     a health probe that needs no key. The server reads no such id or traceparent, and no key is that long."""
     long = "r" * 20_000
     for header in ("X_Request_Id", "traceparent"):
-        status, headers, _ = http(keyed, "/v2/health/live", **{header: long})
+        given: dict[str, str] = {header: long}
+        status, headers, _ = http(keyed, "/v2/health/live", None, None, **given)
         assert status == 200 and headers["X-Request-Id"] != long
-        status, _, body = http(keyed, "/v2/models/sentiment", Authorization=f"Bearer {KEY}", **{header: long})
+        status, _, body = http(keyed, "/v2/models/sentiment", None, None, Authorization=f"Bearer {KEY}", **given)
         assert status == 200, body
     status, headers, body = http(keyed, "/v2/models/sentiment", Authorization="Bearer " + long)
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), body
