@@ -447,9 +447,9 @@ class MetricsHttpServer(HttpPort):
         self.token = token
 
         def build(address: tuple[str, int]) -> _Server:
-            # One client address holds a quarter of the slots at most: Prometheus and the probes each need one or
-            # two, and none of them can be crowded out by one client.
-            per_client = max(1, max_connections // 4)
+            # One client address holds a quarter of the slots at most (two at least): Prometheus and the probes each
+            # need one or two, and none of them can be crowded out by one client.
+            per_client = max(2, max_connections // 4)
             return _Server(address, metrics, is_ready, tls, idle_timeout, max_connections, token, per_client=per_client)
 
         super().__init__(host, port, build, "metrics port", "--metrics-port or SEQSERVE_METRICS_PORT", "metrics-http")
