@@ -49,10 +49,7 @@ def parse_keys(spec: str) -> dict[str, str]:
         name, key = name.strip(), key.strip()
         if not sep or not NAME.fullmatch(name):
             raise ValueError(f"api key entry {n}: expected 'name:key' with a name of 1-64 of A-Za-z0-9._@-")
-        if any(c.isspace() for c in key):
-            raise ValueError(f"api key {name!r}: a key has no spaces (a comment starts with ' #')")
-        if not (key.isascii() and key.isprintable()):  # (no client can send it: gRPC metadata is printable ASCII)
-            raise ValueError(f"api key {name!r}: a key is printable ASCII, which an Authorization header carries")
+        _check_key_chars(key, f"api key {name!r}", " (a comment starts with ' #')")
         if re.search(r";\s*[A-Za-z0-9._@-]{1,64}:", key):  # ("alice:K1;bob:K2" read as one key of alice's)
             raise ValueError(
                 f"api key {name!r} holds ';' and what reads as another entry: separate entries with ',' or new lines"
@@ -65,6 +62,15 @@ def parse_keys(spec: str) -> dict[str, str]:
             raise ValueError(f"api key {name!r}: the same key is given to another name")
         keys[name] = key
     return keys
+
+
+def _check_key_chars(key: str, label: str, hint: str = "") -> None:
+    """ValueError naming ``label`` for a key no client can send as one token after "Bearer ": with a space, or not
+    printable ASCII (gRPC metadata is printable ASCII)."""
+    if any(c.isspace() for c in key):
+        raise ValueError(f"{label}: a key has no spaces{hint}")
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError(f"{label}: a key is printable ASCII, which an Authorization header carries")
 
 
 def load_keys(settings: Settings) -> dict[str, str]:
@@ -89,10 +95,7 @@ def load_keys(settings: Settings) -> dict[str, str]:
     if settings.api_key:
         if len(settings.api_key) < MIN_KEY_CHARS:
             raise ValueError(f"api_key: at least {MIN_KEY_CHARS} characters (got {len(settings.api_key)})")
-        if any(c.isspace() for c in settings.api_key.strip()):  # (as in api_keys: one token after "Bearer ")
-            raise ValueError("api_key: a key has no spaces")
-        if not (settings.api_key.isascii() and settings.api_key.isprintable()):
-            raise ValueError("api_key: a key is printable ASCII, which an Authorization header carries")
+        _check_key_chars(settings.api_key.strip(), "api_key")  # (as in api_keys: one token after "Bearer ")
         if DEFAULT_PRINCIPAL in keys:
             raise ValueError(f"api_key and an api_keys entry both name principal {DEFAULT_PRINCIPAL!r}")
         if settings.api_key in keys.values():
