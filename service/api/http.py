@@ -108,6 +108,11 @@ def samples_document(registry: Any) -> bytes:
     return json.dumps(sample_rows(registry.collect()), separators=(",", ":")).encode()
 
 
+def _host(client_address: Any) -> str:
+    """A connection's client address without its port (an AF_INET or AF_INET6 address is a tuple)."""
+    return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck scrape never blocks shutdown
     request_queue_size = 128  # listen backlog: a burst of connections is accepted (and refused) fast, not dropped
@@ -166,7 +171,7 @@ class _Server(ThreadingHTTPServer):
         """A connection slot for the client, unless every slot is taken or (``per_client``) the client's address
         holds its most: one client that opened connection after connection and dripped a byte into each held every
         slot, and probes of /healthz failed (a liveness probe there restarts the pod)."""
-        host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        host = _host(client_address)
         with self._lock:
             if self.per_client is not None and self._held.get(host, 0) >= self.per_client:
                 log.debug("%s http: %s refused, it holds %d connections", self.port_name, host, self.per_client)
@@ -179,7 +184,7 @@ class _Server(ThreadingHTTPServer):
             return True
 
     def _free_slot(self, client_address: Any) -> None:
-        host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        host = _host(client_address)
         with self._lock:
             if self.per_client is not None:
                 left = self._held.get(host, 1) - 1
