@@ -363,12 +363,9 @@ class _EdgeMethod:
         if self.edge.access:
             # A name the caller sent: bounded, and in the text line quoted unless it is a plain name (one with
             # spaces or brackets read as other fields: a model "sentiment OK 0.2ms [request ...]")
-            shown = errors.short(model) if _PLAIN_NAME.fullmatch(model) else errors.echo(model) if model else "-"
-            fields = {
-                "model": errors.short(model) if model else "",
-                "code": code,
-                "duration_ms": round(seconds * 1e3, 3),
-            }
+            bounded = errors.short(model) if model else ""
+            shown = bounded if _PLAIN_NAME.fullmatch(model) else errors.echo(model) if model else "-"
+            fields = {"model": bounded, "code": code, "duration_ms": round(seconds * 1e3, 3)}
             access_log.info("%s %s %s %.1fms", self.method, shown, code, seconds * 1e3,
                             extra={**fields, "principal": principal()})  # fmt: skip
 
