@@ -42,6 +42,7 @@ from service.settings import SECRET_SETTINGS, Settings, misspelt
 from service.tables import History, TableError, next_times, read_history
 
 log = logging.getLogger("seqserve")
+CONVERT = "convert it first, e.g. iconv -f latin1 -t utf-8"  # (what to do with text that is not UTF-8)
 
 
 # --- serve -------------------------------------------------------------------------------------------------
@@ -197,8 +198,7 @@ def _stdin_lines() -> list[str]:
             line = text.rstrip("\r\n")
         except UnicodeDecodeError as e:
             raise ValueError(
-                f"standard input, line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); convert it "
-                "first, e.g. iconv -f latin1 -t utf-8"
+                f"standard input, line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); {CONVERT}"
             ) from None
         if line.strip():
             lines.append(line)
@@ -210,9 +210,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # (bytes the shell passed that are not UTF-8 reach argv as lone surrogates)
         at = len(args.prompt[: e.start].encode("utf-8", "surrogateescape"))
-        raise ValueError(
-            f"the prompt is not UTF-8 text (byte {at} is not); convert it first, e.g. iconv -f latin1 -t utf-8"
-        ) from None
+        raise ValueError(f"the prompt is not UTF-8 text (byte {at} is not); {CONVERT}") from None
     with _client(args) as c:
         chunks = c.complete(
             args.prompt,
@@ -250,7 +248,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
                 e = line
                 print(
                     f"error: standard input, line {number}: not UTF-8 text ({e.reason} at byte {e.start} of the "
-                    "line); convert it first, e.g. iconv -f latin1 -t utf-8 (line skipped)",
+                    f"line); {CONVERT} (line skipped)",
                     file=sys.stderr,
                     flush=True,
                 )
