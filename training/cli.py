@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="seqserve-train", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="command", required=True)
     _train_parser(sub, "sentiment", "train the SST-2 sentiment classifier")
-    _train_parser(sub, "charlm", "train the Tiny Shakespeare char LM")
+    _train_parser(sub, "charlm", "train a character LM (Tiny Shakespeare by default, or any text)")
     _train_parser(sub, "forecast", "train a forecaster on any time-series CSV (--preset ett-h: the ETTh1 protocol)")
     ev = sub.add_parser("evaluate", help="recompute a model's metric from its exported ONNX")
     ev.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")

@@ -209,7 +209,8 @@ def train_charlm(job: Job) -> None:
         description=f"Character-level {cell_name(job.net.cell)} language model trained on {known or job.data.name} "
         "(first 90% of the text).",
         tokenizer=tok, training=training_info(job, res), half=half,
-        notes="unidirectional; state (h, c) carries the whole prefix, so a session advances in O(new chars)"
+        notes=f"unidirectional; state {'(h, c)' if job.net.cell == 'lstm' else 'h'} carries the whole prefix, so a "
+        "session advances in O(new chars)"
         + ("; weights stored as float16, computed in float32" if half else ""),
     )  # fmt: skip
     ev = evaluate_model(job.out, job.data)

@@ -80,6 +80,18 @@ class Tokenizer(_Strict):
         "graph reads any length: serving does not cut or refuse longer texts.",
     )
 
+    @model_validator(mode="after")
+    def _unique(self) -> Tokenizer:
+        seen: dict[str, int] = {}
+        for i, token in enumerate(self.vocab):
+            first = seen.setdefault(token, i)
+            if first != i:  # (text maps to one of the two indices, and the other's answers are never read)
+                raise ValueError(
+                    f"tokenizer vocab lists {token!r} twice (entries {first} and {i}): each token needs one index; "
+                    "copy the manifest from the model's own export"
+                )
+        return self
+
 
 class Normalization(_Strict):
     """Per-feature z-score statistics from the training split: ``x_norm = (x - mean) / std``."""

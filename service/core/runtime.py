@@ -91,6 +91,14 @@ class Runtime:
                 f"model.onnx lacks tensors declared in manifest.json: {missing} "
                 f"(graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)}); re-export the model"
             )
+        known = {t.name for t in self.manifest.inputs} | {st.input for st in self.manifest.states}
+        undeclared = sorted(graph_in - known)
+        if undeclared:  # (found by the warm-up run before, whose advice was to re-export: the manifest is at fault)
+            raise ValueError(
+                f"model.onnx takes inputs that manifest.json does not declare: {undeclared}; declare each in the "
+                "manifest (an input, or a state with its input and output), or copy the manifest from the same "
+                "export as the graph"
+            )
         # Dtypes, ranks and the sizes the manifest fixes (numbers, and symbols such as features or vocab) must be
         # the graph's too: a graph from another export under this manifest would load, then fail every request.
         args = {a.name: a for a in (*self.session.get_inputs(), *self.session.get_outputs())}

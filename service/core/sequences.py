@@ -24,7 +24,15 @@ from service.core.sessions import SessionManager, SessionState
 from service.core.sessions.export import Exported, seal
 from service.core.stats import CountedRequest
 from service.core.tasks.base import TaskResult, check_and_decode
-from service.core.types import InferResult, InputTensor, ModelRef, SequenceRef, Tensor, TensorContract
+from service.core.types import (
+    InferResult,
+    InputTensor,
+    ModelRef,
+    SequenceRef,
+    Tensor,
+    TensorContract,
+    TensorDef,
+)
 from service.errors import FailedPrecondition, InvalidInput, SeqServeError, SessionEvicted, SessionNotFound, echo
 from service.settings import Settings
 
@@ -116,7 +124,7 @@ class V2Inference:
                 return answer
             blob = None
             if sequence is None:
-                result = await entry.task.infer(tensors, None)
+                result = _returned(entry, await entry.task.infer(tensors, None))
             else:
                 result, blob = await self._infer_sequence(entry, tensors, sequence, imported)
             req.inferences = result.inferences
@@ -125,7 +133,7 @@ class V2Inference:
     async def _stateless(
         self, entry: ModelEntry, tensors: dict[str, Tensor], wanted: list[str], classes: dict[str, int] | None
     ) -> InferResult:
-        return self._result(entry, await entry.task.infer(tensors, None), wanted, classes, None)
+        return self._result(entry, _returned(entry, await entry.task.infer(tensors, None)), wanted, classes, None)
 
     def _result(
         self,
@@ -143,8 +151,16 @@ class V2Inference:
                 f"returned {sorted(result.outputs)}; its contract declares {self._contract(entry).output_names})"
             )
         tensors = [result.outputs[n] for n in wanted]
+        defs = self._contract(entry).outputs_by_name
+        for name, t in zip(wanted, tensors, strict=True):  # (a plugin's bug, or a manifest that lies about its
+            wrong = misfit(name, t, defs[name])  # graph: not sent as a success)
+            if wrong is not None:
+                raise RuntimeError(
+                    f"task {entry.task.name!r} of model {entry.label} returned output {name} with {wrong}; its "
+                    f"contract declares {defs[name].describe()} (its model's metadata says so): fix the task's "
+                    "infer() or the model's manifest"
+                )
         if classes:
-            defs = self._contract(entry).outputs_by_name
             tensors = [
                 top_classes(t, classes[t.name], defs[t.name].labels) if t.name in classes else t for t in tensors
             ]
@@ -208,7 +224,7 @@ class V2Inference:
                 counted.append(req)
                 tensors, wanted = await self._checked(entry, inputs, outputs, seq, classes)
                 use.save = True  # from here on the session is saved (or ended) whatever the task does
-                result = await entry.task.infer(tensors, s)
+                result = _returned(entry, await entry.task.infer(tensors, s))
                 req.inferences = result.inferences
                 blob = self._seal(seq, s)
             ok = True
@@ -247,7 +263,7 @@ class V2Inference:
             else:
                 fresh, event = pinning.new_session(self.sessions, entry, ttl, sid), "created"
             async with self.sessions.begin(fresh, event, end=seq.end) as s:
-                result = await entry.task.infer(tensors, s)
+                result = _returned(entry, await entry.task.infer(tensors, s))
                 blob = self._seal(seq, s)
             return result, blob
         use = self.sessions.use(sid, save=False, end=seq.end)
@@ -262,11 +278,43 @@ class V2Inference:
                     )
                 pinning.fits(self.registry, s, None, None)
                 use.save = True  # checked: from here on the session is saved (or ended) whatever the task does
-                result = await entry.task.infer(tensors, s)
+                result = _returned(entry, await entry.task.infer(tensors, s))
                 blob = self._seal(seq, s)
             return result, blob
         except SessionNotFound as exc:
             raise self._unknown_sequence(entry.name, seq, exc) from None
+
+
+def _returned(entry: ModelEntry, result: object) -> TaskResult:
+    """``result`` when it is what a task's ``infer`` must return; else RuntimeError naming the task."""
+    if not isinstance(result, TaskResult):
+        raise RuntimeError(
+            f"task {entry.task.name!r} of model {entry.label} returned {type(result).__name__} from infer(), not "
+            "a TaskResult (docs/architecture.md, Writing one)"
+        )
+    return result
+
+
+def misfit(name: str, t: Tensor, d: TensorDef) -> str | None:
+    """What is wrong with output ``t``, returned as ``name``, against its declaration ``d`` (name, datatype, rank,
+    fixed sizes, and data that fills its shape), or None: a response must say what ModelMetadata promised, as
+    Triton checks its outputs against the model's config."""
+    if t.name != name:
+        return f"the tensor named {t.name!r}"
+    if t.datatype != d.datatype:
+        return f"datatype {t.datatype}"
+    shape = tuple(t.shape)
+    # (0 fits any size: no rows yet, as a forecaster sequence's answer while its window fills, docs/kserve.md)
+    if len(shape) != len(d.shape) or any(
+        want not in (-1, got) and got for want, got in zip(d.shape, shape, strict=True)
+    ):
+        return f"shape {list(shape)}"
+    if t.array is not None:
+        if t.array.shape != shape:
+            return f"shape {list(shape)} but an array of shape {list(t.array.shape)}"
+    elif t.items is None or len(t.items) != math.prod(shape):
+        return f"shape {list(shape)} but {0 if t.items is None else len(t.items)} items"
+    return None
 
 
 def top_classes(t: Tensor, count: int, labels: tuple[str, ...]) -> Tensor:

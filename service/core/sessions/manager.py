@@ -28,6 +28,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from service.core.aio import cancel_and_wait
 from service.core.context import CommitScope, principal
@@ -49,6 +53,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+Array = npt.NDArray[Any]
 MIN_TTL_SECONDS = 1.0  # the shortest idle TTL a client may ask for (Create, Fork, Import)
 MAX_SESSION_ID_CHARS = 320  # room for a KServe sequence key: "kserve:" + principal tag + model + 200-char id
 REAP_BATCH = 1000  # sessions expired per reaper step before it yields the event loop
@@ -439,6 +444,29 @@ class SessionManager:
         await self.store.close()
 
 
+def _check_state(s: SessionState, before: dict[str, Array], context: dict[str, Array], steps: int) -> None:
+    """RuntimeError, with the session put back as it was (``before``, ``context``, ``steps``), when the call's
+    task left it a state that is not its model's: other names, shapes or dtypes than the state it had. Saved, such
+    a state failed every later step of the session in ONNX Runtime, with an error that named no task."""
+    new = s.state
+    wrong = None
+    if not isinstance(new, dict) or new.keys() != before.keys():
+        wrong = f"the states {sorted(new) if isinstance(new, dict) else type(new).__name__} (not {sorted(before)})"
+    else:
+        for name, a in new.items():
+            b = before[name]
+            if not isinstance(a, np.ndarray) or a.shape != b.shape or a.dtype != b.dtype:
+                got = f"{a.dtype} {list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+                wrong = f"state {name} as {got} (not {b.dtype} {list(b.shape)})"
+                break
+    if wrong is not None:
+        s.state, s.context, s.steps = before, context, steps
+        raise RuntimeError(
+            f"task {s.task!r} of model {s.model}/{s.version} left session {session_ref(s.id)} {wrong}; the session "
+            "is kept as it was before this call: fix the task's infer()"
+        )
+
+
 class SessionUse:
     """``async with manager.use(id) as s``: lease, load, and save back on the way out (see ``SessionManager.use``).
     A plain class rather than a generator context manager: every session call enters one."""
@@ -474,6 +502,8 @@ class SessionUse:
                     await m._remove(s)
                     committed = True
                     return
+                if s.state is not state:
+                    _check_state(s, state, context, steps)
                 s.last_used_at = m.clock()
                 try:
                     await m.store.save(s)
@@ -491,10 +521,11 @@ class SessionUse:
 class SessionStart:
     """``async with manager.begin(session) as s`` (see ``SessionManager.begin``)."""
 
-    __slots__ = ("_end", "_event", "_lease", "_manager", "_scope", "_session")
+    __slots__ = ("_end", "_event", "_lease", "_manager", "_scope", "_session", "_state")
 
     def __init__(self, manager: SessionManager, session: SessionState, event: str, end: bool) -> None:
         self._manager, self._session, self._event, self._end = manager, session, event, end
+        self._state = session.state  # the model's initial state: a first step's state must have its shapes
         self._lease = manager.store.lease(session.id)
 
     async def __aenter__(self) -> SessionState:
@@ -523,6 +554,8 @@ class SessionStart:
                 m.metrics.session_event(s.model, "deleted")
                 await m._report()
             else:
+                if s.state is not self._state:
+                    _check_state(s, self._state, s.context, s.steps)
                 s.last_used_at = m.clock()
                 await m.add(s, event=self._event)
             committed = True

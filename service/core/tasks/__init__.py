@@ -19,7 +19,14 @@ def load_plugins(modules: list[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise ValueError(f"plugin module {name!r} could not be imported: {exc}") from exc
+            hint = ""
+            missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+            if missing is not None and f"{name}.".startswith(f"{missing}."):
+                hint = (  # the plugin itself is not found (not a module it imports): where Python looks for it
+                    "; a plugin is imported by its module name: install its package into this Python, or put the "
+                    "folder holding it on PYTHONPATH (the current folder is not searched)"
+                )
+            raise ValueError(f"plugin module {name!r} could not be imported: {exc}{hint}") from exc
         except Exception as exc:  # (a SyntaxError printed a traceback; an error raised at import named no module)
             where = f" ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
             raise ValueError(

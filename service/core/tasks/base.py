@@ -16,6 +16,7 @@ by ``implementation`` the same way). A task:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncGenerator, Container, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -304,12 +305,20 @@ def check_text(text: str, field: str, max_chars: int, allow_empty: bool = False)
 
 # --- the table: manifest.task -> Task class ----------------------------------------------------------------
 TASKS: dict[str, type[Task]] = {}
+log = logging.getLogger(__name__)
 
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: makes ``cls`` serve manifests whose ``task`` is ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} needs a non-empty name")
+    old = TASKS.get(cls.name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        log.warning(  # (a module imported again registers its own class again: not worth a word)
+            "task %r: %s.%s replaces %s.%s, registered before under that name: every model whose manifest says "
+            "task %r is now served by it; give the new task another name unless it is meant to replace the old",
+            cls.name, cls.__module__, cls.__qualname__, old.__module__, old.__qualname__, cls.name,
+        )  # fmt: skip
     TASKS[cls.name] = cls
     return cls
 

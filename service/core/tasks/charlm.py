@@ -86,6 +86,10 @@ class Cursor:
             s.context |= self.undo.context(self.steps)
 
 
+# The largest change in a next-character probability that feeding a probe text in two runs may make (``inspect``):
+# rounding does far less (``charlm-int8/1``, activations quantized per run: 0.002), a manifest whose states wire
+# each graph output to the other's input far more (0.32-0.61 on the committed char LMs).
+BROKEN_STATE_GAP = 0.05
 PROBS = "next_char_probs"  # derived per batch (Batcher.derive) when a step asks: softmax of the last logits, float32
 
 
@@ -165,6 +169,19 @@ class CharLMTask(Task):
         pairs = {"logits": (whole["logits"][:, -1], rest["logits"][:, -1])}
         pairs |= {s.output: (whole[s.output], rest[s.output]) for s in runtime.states}
         gaps = {name: float(np.max(np.abs(a - b))) for name, (a, b) in pairs.items()}
+        # The state check: the last character alone on the state of the 47 before it (the state's effect is
+        # largest right after the cut), against the whole text.
+        head = runtime.run({"input_ids": ids[:, :47]}, 1)
+        last = runtime.run({"input_ids": ids[:, 47:], **{s.input: head[s.output] for s in runtime.states}}, 1)
+        moved = float(np.max(np.abs(softmax(whole["logits"][:, -1]) - softmax(last["logits"][:, -1]))))
+        if moved > BROKEN_STATE_GAP:
+            raise ValueError(
+                f"its next-character probabilities after a text fed in two runs, the first run's state outputs fed "
+                f"back as state inputs, differ from the whole text's by up to {moved:.3f}: its state does not carry "
+                "the text (rounding differs by under 0.01), so every sequence step would answer wrongly; "
+                "check that the manifest's states wire each graph state output to its own input (states[].input "
+                "and .output) and re-export if the graph is at fault"
+            )
         if any(gaps.values()):
             log.info(
                 "%s/%d: no prefix cache: its answer after a text depends on how the text is cut (largest change %s)",

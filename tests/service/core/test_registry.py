@@ -214,6 +214,44 @@ async def test_a_graph_from_another_export_is_refused_at_load(tmp_path: Path, ma
     assert (await dp.model_info(ModelRef("forecaster-air"))).version == 1  # the default stays the one that works
 
 
+async def test_a_manifest_that_wires_the_states_wrongly_or_hides_a_graph_input_is_refused_at_load(
+    tmp_path: Path, make_dp: MakeDP
+) -> None:
+    """The committed char LM with its states' outputs swapped (h fed back as c and c as h) loaded READY, logging at
+    INFO only that it would not be prefix-cached, and every sequence step answered wrongly (0.27 off in a
+    probability). A manifest that leaves out a graph input (the c state) failed in the warm-up run, whose advice
+    was to re-export the graph. A tokenizer vocab listing one character twice loaded without a word."""
+    committed = Path(__file__).resolve().parents[3] / "models"
+    for version in (1, 2, 3, 4):
+        shutil.copytree(committed / "charlm" / "1", tmp_path / "charlm" / str(version))
+        path = tmp_path / "charlm" / str(version) / MANIFEST_FILE
+        manifest = json.loads(path.read_text())
+        manifest["version"] = version
+        states = manifest["states"]
+        if version == 2:
+            states[0]["output"], states[1]["output"] = states[1]["output"], states[0]["output"]
+        elif version == 3:
+            dropped = states.pop()
+            manifest["inputs"] = [t for t in manifest["inputs"] if t["name"] != dropped["input"]]
+            manifest["outputs"] = [t for t in manifest["outputs"] if t["name"] != dropped["output"]]
+        elif version == 4:
+            manifest["tokenizer"]["vocab"][-1] = manifest["tokenizer"]["vocab"][0]
+        path.write_text(json.dumps(manifest))
+    dp = await make_dp(models=tmp_path)
+    assert (await dp.model_info(ModelRef("charlm", 1))).ready  # the committed manifest as it is
+    swapped = await dp.model_info(ModelRef("charlm", 2))
+    assert not swapped.ready and "its state does not carry the text" in (swapped.error or ""), swapped.error
+    assert "check that the manifest's states wire each graph state output to its own input" in (swapped.error or "")
+    hidden = await dp.model_info(ModelRef("charlm", 3))
+    assert not hidden.ready and "model.onnx takes inputs that manifest.json does not declare: ['c0']" in (
+        hidden.error or ""
+    ), hidden.error
+    twice = await dp.model_info(ModelRef("charlm", 4))
+    assert not twice.ready and "tokenizer vocab lists '\\n' twice (entries 0 and 64)" in (twice.error or ""), (
+        twice.error
+    )
+
+
 def test_load_errors_name_folders_within_the_repository(tmp_path: Path) -> None:
     from service.core.registry import _within_repository
 

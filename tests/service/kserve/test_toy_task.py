@@ -197,3 +197,135 @@ def test_a_plugin_task_that_returns_no_declared_output_is_named_in_the_log(
         )
     finally:
         TASKS.pop(Forgetful.name, None)
+
+
+def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_session_kept(
+    tmp_path: Path, start_server: Callable[..., ServerHandle], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task's output of another datatype, rank or fixed size than ModelMetadata declared went out as a success;
+    a task that returned None failed on an AttributeError naming nothing; a task that left a session a state of
+    other shapes was saved, and every later step of the sequence failed in ONNX Runtime with an INTERNAL that named
+    no task. Now each is INTERNAL naming the task, and the session is kept as it was before the call."""
+    from service.core.tasks.base import TASKS, bytes_tensor, fp32_tensor
+    from tests.toy_task import TaggerTask
+
+    class Liar(TaggerTask):
+        name = "toy-liar"
+
+        async def infer(self, inputs: dict[str, Any], session: Any) -> Any:
+            result = await super().infer(inputs, session)
+            (text,) = [t.decode() for t in inputs["TEXT"].items]
+            scores = result.outputs["SCORES"].array
+            if text == "wide":  # a column more than the labels ModelMetadata declares
+                result.outputs["SCORES"] = fp32_tensor("SCORES", np.zeros((4, len(TAGS) + 1), np.float32))
+            elif text == "flat":  # another rank
+                result.outputs["SCORES"] = fp32_tensor("SCORES", scores.reshape(-1))
+            elif text == "text":  # another datatype
+                result.outputs["SCORES"] = bytes_tensor("SCORES", ["x"] * 4)
+            elif text == "name":  # another output under this one's name
+                result.outputs["SCORES"] = result.outputs["TAGS"]
+            elif text == "none":
+                return None
+            elif text == "state" and session is not None:
+                session.state = {k: np.zeros((1, 1, 5), np.float32) for k in session.state}
+            return result
+
+    TASKS[Liar.name] = Liar
+    try:
+        manifest = export_toy(tmp_path / "models", name="liar") / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"toy-tagger"', '"toy-liar"'))
+        model_dir = export_toy(tmp_path / "models")
+        handle = start_server(models=tmp_path / "models", plugins=["tests.toy_task"])
+        with grpc.insecure_channel(handle.target) as channel, caplog.at_level("ERROR"):
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            def call(text: str, **seq: object) -> pb.ModelInferResponse:
+                request = pb.ModelInferRequest(
+                    model_name="liar", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])]
+                )
+                request.raw_input_contents.append(serialize_bytes([text.encode()]))
+                for key, value in seq.items():
+                    if isinstance(value, bool):
+                        request.parameters[key].bool_param = value
+                    else:
+                        request.parameters[key].string_param = str(value)
+                return stub.ModelInfer(request, timeout=30)
+
+            for text, wrong in (
+                ("wide", f"shape [4, {len(TAGS) + 1}]"),
+                ("flat", "shape [12]"),
+                ("text", "datatype BYTES"),
+                ("name", "the tensor named 'TAGS'"),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(text)
+                assert info.value.code() == grpc.StatusCode.INTERNAL
+                assert (
+                    f"task 'toy-liar' of model liar/1 returned output SCORES with {wrong}; its contract declares "
+                    f"SCORES (FP32 [-1, {len(TAGS)}])" in caplog.text
+                )
+            with pytest.raises(grpc.RpcError) as info:
+                call("none")
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "task 'toy-liar' of model liar/1 returned NoneType from infer(), not a TaskResult" in caplog.text
+
+            assert call("abc", sequence_id="s", sequence_start=True).parameters["seqserve_steps"].int64_param == 3
+            with pytest.raises(grpc.RpcError) as info:
+                call("state", sequence_id="s")
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "task 'toy-liar' of model liar/1 left session" in caplog.text
+            assert "state h0 as float32 [1, 1, 5] (not float32 [1, 1, 8])" in caplog.text
+            # The sequence goes on from where it was before the refused call: "abc" then "de" tags as "abcde".
+            answer = call("de", sequence_id="s")
+            assert answer.parameters["seqserve_steps"].int64_param == 5
+            scores = np.frombuffer(answer.raw_output_contents[1], "<f4").reshape(2, len(TAGS))
+            whole = np.frombuffer(call("abcde").raw_output_contents[1], "<f4").reshape(5, len(TAGS))
+            np.testing.assert_allclose(scores, whole[3:], atol=1e-5)
+            # Other models and the server are unaffected.
+            assert tag(stub, "hello")[0] == reference_tags(model_dir, "hello")
+    finally:
+        TASKS.pop(Liar.name, None)
+
+
+def test_a_plugin_not_on_the_path_or_replacing_a_task_is_told_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--plugin mytasks`` run from the plugin's own folder said only "No module named 'mytasks'"; a plugin that
+    registered a task under a built-in's name took over every model of that task without a word."""
+    from service.core.tasks import load_plugins
+    from service.core.tasks.base import TASKS, register_task
+    from tests.toy_task import TaggerTask
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plugin_here.py").write_text("")
+    (tmp_path / "plugin_needs.py").write_text("import no_such_dependency_here\n")
+    with pytest.raises(ValueError) as info:
+        load_plugins(["plugin_here"])
+    assert str(info.value) == (
+        "plugin module 'plugin_here' could not be imported: No module named 'plugin_here'; a plugin is imported by "
+        "its module name: install its package into this Python, or put the folder holding it on PYTHONPATH (the "
+        "current folder is not searched)"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError) as info:  # a module the plugin imports is missing: no advice about the plugin
+        load_plugins(["plugin_needs"])
+    assert str(info.value) == (
+        "plugin module 'plugin_needs' could not be imported: No module named 'no_such_dependency_here'"
+    )
+
+    class Hijack(TaggerTask):
+        name = "charlm"
+
+    original = TASKS["charlm"]
+    try:
+        with caplog.at_level("WARNING"):
+            register_task(original)  # the same class again (a module imported twice): nothing to say
+            assert "replaces" not in caplog.text
+            register_task(Hijack)
+        assert TASKS["charlm"] is Hijack
+        assert (
+            f"task 'charlm': {__name__}.test_a_plugin_not_on_the_path_or_replacing_a_task_is_told_so.<locals>.Hijack "
+            "replaces service.core.tasks.charlm.CharLMTask, registered before under that name" in caplog.text
+        )
+    finally:
+        TASKS["charlm"] = original
