@@ -284,6 +284,36 @@ class KeptAliveHandler(BaseHTTPRequestHandler):
         if self.lingers:
             linger(self.connection)
 
+    def parse_request(self) -> bool:
+        """The standard library's parse, and two refusals it lacks (400, the connection closes: where the request
+        ends is unknown, so nothing after it may be read as a next request): a header line that is no header (no
+        colon, or whitespace before it: RFC 9112 5.1), at which the library stopped reading headers, dropping
+        ``Content-Length`` and those after it, so the body was read as the next request (request smuggling); and a
+        ``Transfer-Encoding`` whose last coding is not chunked (RFC 9112 6.1), which it ignored for the
+        ``Content-Length`` beside it."""
+        if not super().parse_request():
+            return False
+        if self.headers.defects:
+            self.send_error(
+                400, "Bad request header", "a header line is not 'Name: value' (no colon, or space before the "
+                "colon); fix the client or the proxy that sends it",
+            )  # fmt: skip
+            return False
+        codings = ",".join(self.headers.get_all("Transfer-Encoding") or ())
+        last = codings.rsplit(",", 1)[-1].strip().lower()
+        if codings and last != "chunked":
+            self.send_error(
+                400, "Bad Transfer-Encoding", f"Transfer-Encoding {codings[:40]!r} does not end in chunked, so where "
+                "the body ends is unknown; send the body with a Content-Length alone",
+            )  # fmt: skip
+            return False
+        return True
+
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        if self.request_version == "HTTP/0.9":  # (a request line the library refused: its answer had no status line,
+            self.request_version = self.protocol_version  # no headers, only the body; HTTP/0.9 is not served)
+        super().send_response_only(code, message)
+
     def handle(self) -> None:
         self.close_connection = True
         self.handle_one_request()

@@ -532,6 +532,48 @@ def test_a_content_length_that_is_not_one_number_ends_the_connection(rest: Serve
     assert b"Connection: close" in answer and b"is not one number" in answer, answer
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"X-Foo : bar",
+        b"X-Foo\t: bar",
+        b"NoColonHere",
+        b"Transfer-Encoding: identity",
+        b"Transfer-Encoding: chunked, gzip",
+    ],
+    ids=["space-before-colon", "tab-before-colon", "no-colon", "identity-coding", "chunked-not-last"],
+)
+def test_a_header_line_that_is_no_header_ends_the_connection(rest: ServerHandle, header: bytes) -> None:
+    """The standard library stopped reading headers at such a line, dropping the Content-Length after it: the
+    request was answered as having no body (400 "not JSON") and its body, a POST /v2/logging here, was then run as a
+    next request (request smuggling). A Transfer-Encoding that does not end in chunked was ignored for the
+    Content-Length beside it (RFC 9112 6.1: 400, and close)."""
+    smuggled = b'POST /v2/logging HTTP/1.1\r\nHost: x\r\nContent-Length: 18\r\n\r\n{"log_info":false}'
+    head = b"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(smuggled)
+    answer = raw_exchange(rest, head + smuggled)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"Connection: close" in answer and (
+        b"is not 'Name: value'" in answer or b"does not end in chunked" in answer
+    )
+    assert b'"log_info":false' not in answer
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [(b"HELLO", b"400"), (b"PRI * HTTP/2.0", b"505"), (b"GET / HTTP/x", b"400")],
+    ids=["one-word", "http2-preface", "bad-version"],
+)
+def test_a_malformed_request_line_gets_a_status_line_and_headers(
+    rest: ServerHandle, line: bytes, status: bytes
+) -> None:
+    """Such a request was answered as HTTP/0.9: the JSON error alone, with no status line or headers (curl: "empty
+    reply from server")."""
+    answer = raw_exchange(rest, line + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
+    assert b"Content-Type: application/json" in answer and b"Connection: close" in answer, answer
+
+
 def test_a_repeated_content_length_of_one_value_is_one_length(rest: ServerHandle) -> None:
     body = infer_body(["a fine film"], [1])
     head = b"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"

@@ -189,6 +189,27 @@ def test_head_answers_headers_without_a_body(server: tuple[str, Ready]) -> None:
         assert length > 0 and body == b"", (path, body[:80])
 
 
+def test_a_header_line_that_is_no_header_or_a_bad_request_line_gets_a_400_and_the_connection_closes(
+    server: tuple[str, Ready],
+) -> None:
+    """A header line without a colon stopped the standard library's header parse: the request was answered and the
+    bytes after it read as a next request; a malformed request line was answered with no status line at all."""
+    import socket
+
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    for request in (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HELLO\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1, data[:200]
+
+
 def test_a_query_string_does_not_change_the_path(server: tuple[str, Ready]) -> None:
     """Prometheus' ``params`` (and many probes) add a query string: /metrics?x=1 is still /metrics."""
     base, ready = server
