@@ -472,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser(
         "check",
-        help="check what serve would set up (settings, host, API keys, TLS, plugins, device, every model, the session "
-        "store) without serving; exit 1 if any part fails",
+        help="check what serve would set up (settings, host, ports, API keys, TLS, plugins, device, every model, the "
+        "session store) without serving; exit 1 if any part fails",
     )
     _add_serve_flags(k)
     k.add_argument("--json", action="store_true", help="one JSON object per check instead of the table")

@@ -7,6 +7,8 @@ code ``serve`` runs at start, with the same settings (flags and ``SEQSERVE_*``),
 
 - **settings**: every ``SEQSERVE_*`` variable that is not a setting (a typo ``serve`` only warns about);
 - **host**: the address to listen on is this machine's (a name that resolves to one of its addresses);
+- **ports**: each port is free now (a warning when not: ``serve`` would fail to start, unless what holds it, maybe
+  the server being checked, stops first);
 - **auth**: the API keys load (``api_keys`` file or pairs, ``api_key``), as principals;
 - **tls**: the certificate, key and client CA load as a server context, and how long the certificate has left;
 - **plugins**: each ``--plugin`` module imports;
@@ -41,7 +43,7 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 
 @dataclass(frozen=True)
 class Finding:
-    part: str  # settings, host, auth, tls, plugins, device, model, sessions
+    part: str  # settings, host, ports, auth, tls, plugins, device, model, sessions
     name: str  # what was checked: a model's name/version, a variable, a file
     status: str  # OK, WARN or FAIL
     detail: str
@@ -60,6 +62,8 @@ async def check(settings: Settings) -> list[Finding]:
     found = [Finding("settings", name, WARN, f"not a setting, ignored; did you mean {meant}?") for name, meant in
              misspelt(os.environ)]  # fmt: skip
     found.append(_host(settings))
+    if all(f.ok for f in found if f.part == "host"):
+        found += _ports(settings)
     found.append(_auth(settings))
     found.append(_tls(settings))
     found += _plugins(settings)
@@ -97,8 +101,34 @@ def _auth(settings: Settings) -> Finding:
     except (ValueError, OSError) as exc:
         return Finding("auth", "api keys", FAIL, str(exc))
     if not keys:
+        if settings.admin_principals and settings.tls_client_ca is None:
+            return Finding(
+                "auth", "admin principals", WARN, f"admin_principals ({', '.join(settings.admin_principals)}) has no "
+                "effect: without API keys (SEQSERVE_API_KEYS) or client certificates (SEQSERVE_TLS_CLIENT_CA) every "
+                "caller is the one anonymous principal, which may do what any caller may",
+            )  # fmt: skip
         return Finding("auth", "api keys", OK, "none: every caller is one principal")
     return Finding("auth", "api keys", OK, f"{len(keys)} principals: {', '.join(sorted(keys))}")
+
+
+def _ports(settings: Settings) -> list[Finding]:
+    """Each port serve would listen on, free now or not (a warning: serve may be running, and stop first)."""
+    from service.api.server import check_free
+
+    found = []
+    named = [("port", settings.port, "--port or SEQSERVE_PORT"), ("metrics_port", settings.metrics_port,
+             "--metrics-port or SEQSERVE_METRICS_PORT"), ("http_port", settings.http_port,
+             "--http-port or SEQSERVE_HTTP_PORT")]  # fmt: skip
+    for name, port, setting in named:
+        if not port:
+            continue  # (0: a free port at start; None: no REST port)
+        try:
+            check_free(settings.host, port, setting)
+        except RuntimeError as exc:
+            found.append(Finding("ports", f"{name} {port}", WARN, f"in use now: serve would fail to start ({exc})"))
+        else:
+            found.append(Finding("ports", f"{name} {port}", OK, "free"))
+    return found
 
 
 def _tls(settings: Settings) -> Finding:

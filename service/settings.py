@@ -19,6 +19,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 MAX_SECONDS = 315_360_000.0  # ten years: any duration setting (a protobuf Timestamp, a Redis TTL in ms hold it)
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+", re.IGNORECASE)  # a web origin: scheme://host[:port]
 GRPC_MAX_SECONDS = (2**31 - 1) / 1000  # gRPC's time options are int32 milliseconds: about 24.8 days
+GRPC_MAX_INT = 2**31 - 1  # gRPC's integer options (message sizes, ping strikes) are int32
+# Rows of one ONNX Runtime run: each version's warm-up runs a sample this large before it is READY, which at 4,096
+# rows took the committed models 373 s and 16.6 GB (and 65,536 the machine's memory); Triton's configs stay far
+# below it.
+MAX_BATCH_ROWS = 1024
+MAX_THREADS = 256  # ONNX Runtime threads per session (each version has its own pools)
 MAX_DELAY_MS = 60_000.0  # the batching and inline thresholds: a minute (a batch that waits for its last row)
 VERSION_POLICY_FORMS = 'all, latest, latest:N, specific:1,3, or Triton\'s JSON ({"latest": {"num_versions": 1}})'
 _MAX_VERSION = 999_999_999  # version folders are positive integers of at most 9 digits
@@ -148,7 +154,7 @@ class Settings(BaseSettings):
     fails every call on it, open streams included. 10 s accepts the keepalive most clients allow (gRPC's Go and
     Java clients raise anything shorter to 10 s); under gRPC's and Triton's default, 300 s, a client's stream
     fails a few of its ping intervals into a quiet spell."""
-    grpc_max_ping_strikes: int = Field(default=2, ge=0)
+    grpc_max_ping_strikes: int = Field(default=2, ge=0, le=GRPC_MAX_INT)
     """Pings too close together that the server tolerates before closing the connection; 0 = any number."""
     grpc_max_connection_age_seconds: float = Field(default=0.0, ge=0, le=GRPC_MAX_SECONDS)
     """0 (default) = connections live as long as their clients keep them. Otherwise a connection older than this
@@ -167,7 +173,7 @@ class Settings(BaseSettings):
     """Calls (unary or streams) one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): a
     client past it waits, in its own library, for one of its calls to end; other connections are not held up.
     0 (default) = gRPC's own: no limit."""
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=GRPC_MAX_INT)
     """Largest gRPC message accepted or sent (by the methods that carry bulk data: Classify, Predict, Observe,
     ModelInfer, ModelStreamInfer, and methods this server does not list as small)."""
     max_small_message_bytes: int = Field(default=64 * 1024, ge=1024)
@@ -253,14 +259,14 @@ class Settings(BaseSettings):
     their sources; false runs their Python source. Read when the ``service`` package is imported, before the
     settings are: set it in the environment. Compiled, the core spends 9-14% less CPU per char-LM step and one
     worker streams up to 20% more steps at c=16 (the README's *The compiled hot path*)."""
-    intra_op_threads: int = Field(default=1, ge=0)
+    intra_op_threads: int = Field(default=1, ge=0, le=MAX_THREADS)
     """ONNX Runtime threads per session (0 = ORT's default: one per core, spinning). 1 by measurement: spinning pool
     threads take the cores the event loops need, and a second thread speeds up only big sentiment batches in ORT
     alone (``make bench``'s threads table), not the served throughput, which the event loop limits."""
-    inter_op_threads: int = Field(default=1, ge=0)
+    inter_op_threads: int = Field(default=1, ge=0, le=MAX_THREADS)
 
     # --- batching --------------------------------------------------------------------------------------
-    max_batch_size: int = Field(default=32, ge=1)
+    max_batch_size: int = Field(default=32, ge=1, le=MAX_BATCH_ROWS)
     """Requests (or sessions' steps) merged into one ORT run."""
     max_batch_delay_ms: float = Field(default=2.0, ge=0, le=MAX_DELAY_MS)
     """How long the first request of a batch waits for others."""
@@ -285,7 +291,7 @@ class Settings(BaseSettings):
     the worker thread, where the event loop serves other calls meanwhile (a batch with nothing queued behind it
     that is not full has none to serve: ``alone_inline_ms`` bounds it instead). 0.6 by measurement on 2 cores: every
     char-LM step batch (up to 32 rows, ~0.5 ms) stays inline, a sentiment batch of two sentences (~0.8 ms) does
-    not (one worker, 64 calls in flight: 1,271 -> ~1,800 sentences/s)."""
+    not (one worker, 64 calls in flight: 1,271 -> ~1,850 sentences/s, the README's settings table)."""
     pad_split_tokens: int = Field(default=64, ge=0)
     """A batch of right-padded requests (sentiment texts) is padded to its longest, and ONNX Runtime's recurrent
     kernels compute every padded step. The batcher sorts such a batch by length and splits it into runs of similar
@@ -498,6 +504,22 @@ class Settings(BaseSettings):
                 "or leave the burst unset"
             )
         return self
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value.strip():  # (gRPC read "" as every interface: an unset variable in a compose file exposed the
+            raise ValueError(  # server on all of them)
+                "is empty: set 127.0.0.1 to listen on this machine only, or 0.0.0.0 for every interface"
+            )
+        return value
+
+    @field_validator("trace_dir")
+    @classmethod
+    def _trace_dir(cls, value: str) -> str:
+        if value and not Path(value).is_dir():  # (every trace_file a caller named there was refused)
+            raise ValueError("is not an existing folder: create it, or leave TRACE_DIR empty")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -97,3 +97,26 @@ def test_log_levels_in_any_case_and_their_usual_other_names(
 def test_a_log_level_that_is_none_is_refused_as_given() -> None:
     with pytest.raises(ValidationError, match="input_value='verbose'"):
         Settings(log_level="verbose")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_message_bytes", 2**31, "less than or equal to 2147483647"),
+        ("grpc_max_ping_strikes", 3_000_000_000, "less than or equal to 2147483647"),
+        ("max_batch_size", 4096, "less than or equal to 1024"),
+        ("intra_op_threads", 100_000, "less than or equal to 256"),
+        ("inter_op_threads", 100_000, "less than or equal to 256"),
+        ("host", "", "is empty: set 127.0.0.1 to listen on this machine only, or 0.0.0.0 for every interface"),
+        ("host", " ", "is empty"),
+        ("trace_dir", "/no-such-folder", "is not an existing folder: create it, or leave TRACE_DIR empty"),
+    ],
+)
+def test_values_serve_cannot_use_are_refused_by_name(field: str, value: object, message: str) -> None:
+    """A message limit or ping strikes past gRPC's int32 passed check and crashed serve with an OverflowError
+    naming no setting; a batch of 65,536 rows or 100,000 ORT threads ran the machine out of memory in the
+    warm-up; an empty host listened on every interface; a TRACE_DIR that does not exist refused every trace file
+    named in it, after a start that said ok."""
+    with pytest.raises(ValidationError) as info:
+        Settings(**{field: value})
+    assert field in str(info.value) and message in str(info.value), str(info.value)

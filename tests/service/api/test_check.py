@@ -37,10 +37,21 @@ def status(found: list[dict[str, str]], part: str, name: str | None = None) -> t
     return row["status"], row["detail"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_a_good_repository_is_ready_to_serve(tiny_models: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--models", str(tiny_models)]) == 0
+    ports = ["--port", str(_free_port()), "--metrics-port", str(_free_port())]
+    assert main(["check", "--models", str(tiny_models), *ports]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "ready to serve (8 checks, 0 warnings)", lines
+    assert lines[-1] == "ready to serve (10 checks, 0 warnings)", lines
+    assert [" ".join(x.split()) for x in lines if " ports " in x] == [
+        f"ok ports port {ports[1]} free",
+        f"ok ports metrics_port {ports[3]} free",
+    ]
     (host,) = [" ".join(x.split()) for x in lines if " host " in x]
     assert host == "ok host 127.0.0.1 an address of this machine"
     assert "ONNX Runtime providers CPUExecutionProvider" in next(x for x in lines if " device " in x)
@@ -265,3 +276,27 @@ def test_a_key_that_does_not_match_the_certificate_fails(
     rc, found = check(capsys, "--models", str(tiny_models))
     state, detail = status(found, "tls")
     assert rc == 1 and state == "fail" and "SEQSERVE_TLS" in detail, detail
+
+
+def test_a_port_in_use_and_admin_principals_without_credentials_are_warned_of(
+    tiny_models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check said "ready to serve" where serve then failed to bind a port another process held, and said nothing of
+    ADMIN_PRINCIPALS where no caller can be anyone but the anonymous principal."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {"SEQSERVE_ADMIN_PRINCIPALS": "bob"}
+        os.environ.update(env)
+        try:
+            rc, found = check(capsys, "--models", str(tiny_models), "--port", str(port), "--metrics-port", "0")
+        finally:
+            for name in env:
+                os.environ.pop(name)
+    assert rc == 0  # (warnings: serve may be the process that holds it, and stop first)
+    state, detail = status(found, "ports", f"port {port}")
+    assert state == "warn" and detail.startswith(f"in use now: serve would fail to start (cannot bind 127.0.0.1:{port}")
+    assert [f for f in found if f["part"] == "ports"] == [f for f in found if f["name"] == f"port {port}"]
+    state, detail = status(found, "auth")
+    assert state == "warn" and detail.startswith("admin_principals (bob) has no effect: without API keys")
