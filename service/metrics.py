@@ -475,20 +475,29 @@ class Metrics:
 
     # --- core: inference -----------------------------------------------------------------------------
     def inference(
-        self, model: str, version: int, queue_seconds: float, compute_seconds: float, batch_size: int
+        self,
+        model: str,
+        version: int,
+        queue_seconds: float,
+        compute_seconds: float,
+        batch_size: int,
+        requests: int | None = None,
     ) -> None:
-        """One executed batch: queue wait, compute and total time per request; batch size histogram.
+        """One executed batch of ``batch_size`` rows from ``requests`` requests (default: a row each): queue wait,
+        compute and total time per request; batch size (rows) histogram.
 
-        The batcher calls this once per batch; the per-request histograms get ``batch_size`` observations (every
-        request of the batch saw the same compute time; ``queue_seconds`` is the batch's mean wait).
+        The batcher calls this once per batch; the per-request histograms get ``requests`` observations (every
+        request of the batch saw the same compute time; ``queue_seconds`` is the batch's mean wait). A request of
+        64 texts is one observation, not 64: counted per row, its compute time went in 64 times.
         """
         if batch_size < 1:  # nothing ran; never let a metrics call fail the batch
             return
+        n = batch_size if requests is None else max(requests, 1)
         labels = (self._model(model), str(version))
         q, c = max(queue_seconds, 0.0), max(compute_seconds, 0.0)
-        _observe_many(self._child(self.inference_queue, labels), q, batch_size)
-        _observe_many(self._child(self.inference_compute, labels), c, batch_size)
-        _observe_many(self._child(self.inference_total, labels), q + c, batch_size)
+        _observe_many(self._child(self.inference_queue, labels), q, n)
+        _observe_many(self._child(self.inference_compute, labels), c, n)
+        _observe_many(self._child(self.inference_total, labels), q + c, n)
         self._child(self.batch_size, labels).observe(batch_size)
 
     def watch_queue(self, model: str, version: int, length: Callable[[], int]) -> None:

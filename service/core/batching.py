@@ -155,9 +155,18 @@ def padding_groups(items: list[StepInput], min_saving: int) -> list[list[int]]:
     and a quarter of its group's; anything else is one run in arrival order."""
     if min_saving <= 0 or len(items) < 2 or not all(it.pad for it in items):
         return [list(range(len(items)))]
-    order = sorted(range(len(items)), key=lambda i: _padded_length(items[i]))
-    lengths = [_padded_length(items[i]) for i in order]
-    rows = [items[i].rows for i in order]
+    return length_groups([_padded_length(it) for it in items], [it.rows for it in items], min_saving)
+
+
+def length_groups(sizes: list[int], weights: list[int], min_saving: int) -> list[list[int]]:
+    """``padding_groups``' rule on lengths: indices of ``sizes`` (each ``weights`` rows of that length) per run,
+    sorted by length and split where that saves the most padded rows x steps (``min_saving`` and a quarter of the
+    group's at least); one group in the given order when no split does."""
+    if min_saving <= 0 or len(sizes) < 2:
+        return [list(range(len(sizes)))]
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    lengths = [sizes[i] for i in order]
+    rows = [weights[i] for i in order]
 
     def split_at(lo: int, hi: int) -> list[tuple[int, int]]:
         """[lo, hi) of the sorted order as runs."""
@@ -175,7 +184,7 @@ def padding_groups(items: list[StepInput], min_saving: int) -> list[list[int]]:
         return split_at(lo, best_k) + split_at(best_k, hi)
 
     runs = split_at(0, len(order))
-    return [list(range(len(items)))] if len(runs) == 1 else [order[lo:hi] for lo, hi in runs]
+    return [list(range(len(sizes)))] if len(runs) == 1 else [order[lo:hi] for lo, hi in runs]
 
 
 def split(outputs: dict[str, Array], items: list[StepInput], runtime: Runtime) -> list[StepOutput]:
@@ -378,7 +387,9 @@ class Batcher:
                 runs.input_ns += times[0]
                 runs.infer_ns += times[1]
                 runs.output_ns += times[2]
-        self.metrics.inference(self.name, self.version, sum(waits) / len(items), time.perf_counter() - started, rows)
+        self.metrics.inference(
+            self.name, self.version, sum(waits) / len(items), time.perf_counter() - started, rows, len(items)
+        )
         self.stats.batch(rows, *times)
 
     def _take(self) -> list[_Pending]:

@@ -31,6 +31,9 @@ _TYPOGRAPHIC |= dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-")
 _WORD_PUNCTUATION = str.maketrans(
     {k: v for k, v in _TYPOGRAPHIC.items() if k != "`"} | dict.fromkeys("\u2014\u2015", "--")
 )
+# ...and its double quotes as SST's: `` opens, '' closes, for a vocabulary that has no " (SST's has none: a curly
+# quote read as " was an unknown word).
+_SST_QUOTES = str.maketrans(dict.fromkeys("\u201c\u201e\u201f\u00ab", "``") | dict.fromkeys("\u201d\u2033\u00bb", "''"))
 MAX_FOLDED = 4096  # distinct unknown characters whose folding an encoder remembers
 # Line breaks other than LF (Unicode's mandatory breaks, UAX #14: CR, VT, FF, NEL, LINE and PARAGRAPH SEPARATOR): a
 # model whose text breaks lines with LF reads each as one, and a CRLF (Windows, an HTML form) as the one LF it is.
@@ -69,6 +72,19 @@ def _unseen(c: str) -> tuple[str, str]:
     return code, "; it is an invisible character, often pasted with the text"
 
 
+_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F])  # (controls that are no whitespace)
+
+
+def _visible(text: str) -> str:
+    """A word model's text composed (Unicode NFC: an accented letter typed as a letter and a combining mark is the
+    one letter it stands for) and without invisible characters (format and control characters: a zero-width space,
+    a byte order mark, a soft hyphen), each of which was read as an unknown word."""
+    if text.isascii():
+        return text.translate(_CONTROLS)
+    text = unicodedata.normalize("NFC", text)
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cc") or c.isspace())
+
+
 def split_words(text: str, lowercase: bool = True) -> list[str]:
     if lowercase:
         text = text.lower()
@@ -92,13 +108,18 @@ class Encoder:
         self.unk_id = self.index.get(spec.unk_token) if spec.unk_token is not None else None
         self._crlf = self._folded is not None and "\r" not in self.index and self.unk_id is None
         self.pad_id = self.index.get(spec.pad_token) if spec.pad_token is not None else None
+        self._punctuation = _WORD_PUNCTUATION
+        if self._fold_words and '"' not in self.index and "`" in self.index:
+            self._punctuation = {**_WORD_PUNCTUATION, **_SST_QUOTES}
 
     def tokens(self, text: str) -> list[str]:
         if self.spec.kind == "char":
             if self._crlf:  # (one line break: read as " \n", CR folded alone, it changed the answer)
                 text = text.replace("\r\n", "\n")
             return list(text.lower() if self.spec.lowercase else text)
-        return split_words(text.translate(_WORD_PUNCTUATION) if self._fold_words else text, self.spec.lowercase)
+        if self._fold_words:
+            text = _visible(text).translate(self._punctuation)
+        return split_words(text, self.spec.lowercase)
 
     def encode(self, text: str, field: str = "text") -> npt.NDArray[np.int64]:
         """Unknown tokens map to ``unk``; a char model without ``unk`` folds (``fold``) or rejects characters

@@ -32,9 +32,15 @@ class RecordingMetrics(Metrics):
         self.generated = 0
 
     def inference(
-        self, model: str, version: int, queue_seconds: float, compute_seconds: float, batch_size: int
+        self,
+        model: str,
+        version: int,
+        queue_seconds: float,
+        compute_seconds: float,
+        batch_size: int,
+        requests: int | None = None,
     ) -> None:
-        super().inference(model, version, queue_seconds, compute_seconds, batch_size)
+        super().inference(model, version, queue_seconds, compute_seconds, batch_size, requests)
         self.batches.append((model, batch_size))
 
     def session_event(self, model: str, event: str) -> None:

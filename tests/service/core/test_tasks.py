@@ -254,6 +254,24 @@ async def test_the_sentiment_model_reads_typed_apostrophes_as_its_training_text_
     assert plain_strict.probabilities == want.probabilities and raw.probabilities != want.probabilities
 
 
+def test_typed_double_quotes_read_as_the_training_texts_quotes() -> None:
+    """SST writes double quotes as `` and '' and its vocabulary has no ": a phone's “superb” was read as " superb ",
+    the quotes two unknown words. A vocabulary with " keeps reading them as "."""
+    from service.core.manifest import Tokenizer
+    from service.core.tokenizers import Encoder
+
+    sst = Encoder(Tokenizer(kind="word", vocab=["<unk>", "`", "'", "superb"], unk_token="<unk>"), fold=True)
+    assert sst.tokens("\u201csuperb\u201d") == sst.tokens("``superb''") == ["`", "`", "superb", "'", "'"]
+    assert sst.tokens("\u00absuperb\u00bb") == ["`", "`", "superb", "'", "'"]
+    assert Encoder(sst.spec, fold=False).tokens("\u201csuperb\u201d") == ["\u201c", "superb", "\u201d"]
+    plain = Encoder(Tokenizer(kind="word", vocab=["<unk>", '"', "superb"], unk_token="<unk>"), fold=True)
+    assert plain.tokens("\u201csuperb\u201d") == ['"', "superb", '"']
+    # An accent typed as a combining mark is the accented letter (it was "cafe" and an unknown mark), and invisible
+    # characters are no words (a zero-width space alone got a label; a byte order mark was an unknown word).
+    assert sst.tokens("cafe\u0301") == sst.tokens("caf\u00e9") == ["caf\u00e9"]
+    assert sst.tokens("\ufeffsuperb\u200b \x01") == ["superb"] and sst.tokens("\u200b") == []
+
+
 async def test_a_contraction_typed_as_one_word_keeps_its_negation(dp: CoreDataPlane) -> None:
     """SST (the training text) is tokenized as the Penn Treebank does: "does n't", "ca n't", "it 's", "can not". A
     client types "doesn't": it was split "doesn" "'t", two words the model never saw, and the negation was lost (on

@@ -102,6 +102,13 @@ def test_inference_observes_per_request_and_batch_size(m: Metrics) -> None:
     assert value(m, "seqserve_inference_batch_size_bucket", **mv, le="4.0") == 2.0
     m.inference("charlm", 1, 0.0, 0.0, 0)  # an empty batch records nothing and never raises into the batcher
     assert value(m, "seqserve_inference_batch_size_count", **mv) == 2.0
+    # A batch of 64 rows from two requests (one of 63 texts): two observations per request histogram, 64 rows.
+    m.model_loaded("sentiment", 1, "CPUExecutionProvider", 0.1, True)
+    m.inference("sentiment", 1, queue_seconds=0.0, compute_seconds=0.03, batch_size=64, requests=2)
+    sv = {"model": "sentiment", "version": "1"}
+    assert value(m, "seqserve_inference_compute_seconds_count", **sv) == 2.0
+    assert value(m, "seqserve_inference_compute_seconds_sum", **sv) == pytest.approx(0.06)
+    assert value(m, "seqserve_inference_batch_size_sum", **sv) == 64.0
 
 
 def test_batched_observations_match_one_by_one_observations() -> None:
