@@ -448,6 +448,10 @@ class AsyncClient(_Connection):
                 return await method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as err:
                 error = ApiError.from_rpc_error(err)
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                raise _channel_closed() from None  # (grpc.aio cancels the calls of a channel closed under them)
             wait = self._retry_wait(error, attempt, deadline)
             if wait is None:
                 raise error from None
@@ -498,8 +502,13 @@ class AsyncClient(_Connection):
     async def suggest_stream(self, session_id: str, timeout: float | None = None) -> AsyncIterator[SuggestStream]:
         """One open Suggest stream to send events on one at a time, each ``send`` returning that event's answer:
         the shape of a relay that forwards a user's keystrokes as they come. Leaving the block ends the stream
-        (cancelled on the server if it left by an exception)."""
-        call = self._autocomplete.Suggest(timeout=self._timeout(timeout), metadata=self._metadata)
+        (cancelled on the server if it left by an exception).
+
+        ``timeout``: a deadline in seconds for the whole stream; none by default (not the client's per-call
+        ``timeout``: a user typing for more than 30 s lost the stream to it). Bound each answer's wait with
+        ``asyncio.wait_for(stream.send(...), ...)`` instead, and keep a quiet stream's connection with the client's
+        ``keepalive_seconds``."""
+        call = self._autocomplete.Suggest(timeout=timeout, metadata=self._metadata)
         stream = SuggestStream(session_id, call)
         try:
             yield stream
@@ -657,6 +666,10 @@ class SuggestStream:
             await self._call.read()
         except grpc.RpcError as err:
             return ApiError.from_rpc_error(err)
+        except asyncio.CancelledError:  # (the channel closed under it)
+            if _cancelling():
+                raise
+            return self._lost()
         return ApiError(grpc.StatusCode.UNKNOWN, "the server ended the Suggest stream without answering", None, None)
 
     def _lost(self) -> ApiError:
@@ -670,6 +683,17 @@ class SuggestStream:
             None,
         )
         return self._failed
+
+
+def _channel_closed() -> ApiError:
+    """A call of an ``AsyncClient`` closed while it ran: grpc.aio raises ``CancelledError`` for it, which asyncio
+    (and ``except Exception``) reads as the caller's own task being cancelled."""
+    return ApiError(
+        grpc.StatusCode.CANCELLED,
+        "the call was cancelled on this side: the client was closed while it ran (the server may have done its work)",
+        None,
+        None,
+    )
 
 
 def _cancelling() -> bool:
@@ -828,6 +852,8 @@ async def _astream(
     except asyncio.CancelledError:
         if failed:
             raise failed[0]  # noqa: B904
-        raise
+        if _cancelling():
+            raise
+        raise _channel_closed() from None  # (not the caller's task: the client closed under the call)
     finally:
         call.cancel()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Container
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -402,6 +402,8 @@ class CharLMTask(Task):
         check_int(n, "n", 1, self.settings.max_suggestions, " (max_suggestions)")
         check_int(max_chars, "max_chars", 1, self.settings.max_generate_chars, " (max_generate_chars)")
         check_text(appended, "appended", self.settings.max_chars_per_text, allow_empty=True)
+        if backspace and not self.settings.undo_chars:  # (before the range check: on an empty session that said
+            self._no_undo()  # "between 0 and 0", naming no setting)
         check_int(backspace, "backspace", 0, session.steps, " (the characters the session holds)")
         if reset and not appended:
             raise InvalidInput("appended is empty while reset is set: after a reset there is no text to continue")
@@ -413,14 +415,18 @@ class CharLMTask(Task):
         cur.commit(session)
         return SuggestResult(suggestions=await self._suggest(cur, n, max_chars, beam, "appended"), steps=cur.steps)
 
+    @staticmethod
+    def _no_undo() -> NoReturn:
+        raise FailedPrecondition(
+            "backspace needs this server to keep characters for it (SEQSERVE_UNDO_CHARS > 0, off here); reset "
+            "the session with the text instead"
+        )
+
     async def _taken_back(self, session: SessionState, back: int, field: str) -> Cursor:
         """The cursor ``back`` characters before the session's end: from the newest checkpoint at or before that
         point, fed the kept characters up to it (``undo.Undo.rewind``); the session itself is not changed."""
         if not self.settings.undo_chars:
-            raise FailedPrecondition(
-                "backspace needs this server to keep characters for it (SEQSERVE_UNDO_CHARS > 0, off here); reset "
-                "the session with the text instead"
-            )
+            self._no_undo()
         cur = Cursor.of(session, self.settings.undo_chars)
         assert cur.undo is not None
         base, refeed = cur.undo.rewind(cur.steps, back, field)

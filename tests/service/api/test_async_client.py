@@ -223,3 +223,41 @@ async def test_a_send_whose_channel_closed_raises_an_api_error(target: str) -> N
         with pytest.raises(ApiError) as lost:
             await pending
         assert lost.value.code == grpc.StatusCode.CANCELLED and "channel closed" in lost.value.message
+
+
+async def test_calls_of_a_closed_client_raise_api_errors_and_a_suggest_stream_outlives_the_call_timeout(
+    target: str,
+) -> None:
+    """A send after the client closed, between sends, and a completion or a unary call under way when it closed
+    raised a bare CancelledError (which asyncio reads as the task's own cancellation). A suggest_stream took the
+    client's per-call timeout as its deadline: the README's relay lost its stream after 30 s of typing."""
+    c = AsyncClient(target, timeout=1.0)
+    s = await c.create_session("charlm")
+    async with c.suggest_stream(s.id) as stream:
+        assert (await stream.send("To be")).steps == 5
+        await asyncio.sleep(1.5)  # past the client's timeout: the stream has none of its own
+        assert (await stream.send(" or")).steps == 8
+        await c.close()
+        with pytest.raises(ApiError) as idle:
+            await stream.send(" not")
+        assert idle.value.code == grpc.StatusCode.CANCELLED, idle.value
+
+    async def chunks(client: AsyncClient) -> int:
+        n = 0
+        async for _ in client.complete("To be", max_chars=2000, seed=1):
+            n += 1
+            if n == 2:
+                await client.close()
+        return n
+
+    with pytest.raises(ApiError) as streaming:
+        await chunks(AsyncClient(target, timeout=60))
+    assert streaming.value.code == grpc.StatusCode.CANCELLED and "the client was closed" in streaming.value.message
+
+    other = AsyncClient(target, timeout=60)
+    pending = asyncio.ensure_future(other.classify(["a fine film"] * 256))
+    await asyncio.sleep(0)
+    await other.close()
+    with pytest.raises(ApiError) as unary:
+        await pending
+    assert unary.value.code == grpc.StatusCode.CANCELLED and "the client was closed" in unary.value.message

@@ -147,6 +147,10 @@ async def test_off_by_default_it_keeps_nothing_and_says_how_to_turn_it_on(make_d
     with pytest.raises(FailedPrecondition) as err:
         await dp.suggest(s.id, "", backspace=1, n=1, max_chars=1)
     assert "SEQSERVE_UNDO_CHARS" in err.value.message
+    empty = await dp.create_session(LM)  # (it said INVALID_ARGUMENT "between 0 and 0", naming no setting)
+    with pytest.raises(FailedPrecondition) as err:
+        await dp.suggest(empty.id, "abc", backspace=1, n=1, max_chars=1)
+    assert "SEQSERVE_UNDO_CHARS" in err.value.message
     stored = await dp.sessions.get(s.id)
     assert set(stored.context) == {"logits"}
     on = await make_dp(undo_chars=U)
