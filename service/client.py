@@ -311,9 +311,10 @@ class Client(_Connection):
     def complete(
         self, prompt: str, *, timeout: float | None = None, **options: Unpack[CompleteOptions]
     ) -> Generator[CompletionChunk, None, None]:
-        """Yields chunks as the server streams them; leaving the loop early (or ``close()``) cancels the call on the
-        server. ``options``: ``CompleteOptions`` (model, version, session_id, max_chars, temperature, top_k, seed,
-        stop)."""
+        """Yields chunks as the server streams them; leaving the loop early cancels the call on the server once
+        the generator is closed: at once when the loop held the call (``for chunk in client.complete(...)``), or
+        ``close()`` on a generator you kept. ``options``: ``CompleteOptions`` (model, version, session_id, max_chars,
+        temperature, top_k, seed, stop)."""
         request = _complete_request(prompt, options)
         call = self._autocomplete.Complete(request, timeout=self._timeout(timeout), metadata=self._metadata)
         return _stream(call, cv.chunk_from_pb)
