@@ -87,12 +87,31 @@ class HttpError(Exception):
 _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
 
 
+class _TwiceError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refusing a name given twice: Python's parser keeps the last and Triton's the
+    first, so a proxy and this server could read one request two ways."""
+    document = dict(pairs)
+    if len(document) < len(pairs):
+        keys = [k for k, _ in pairs]
+        twice = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise _TwiceError(f"the body is not JSON we read: an object names {echo(twice, 60)} twice; name it once")
+    return document
+
+
 def read_json(body: bytes) -> Any:
     try:
-        document = json.loads(body.decode("utf-8"))
+        document = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as exc:
         raise HttpError(400, f"the body is not UTF-8 (at byte {exc.start}); send JSON as UTF-8 text") from None
+    except _TwiceError as exc:
+        raise HttpError(400, str(exc)) from None
     except ValueError as exc:
+        if "int_max_str_digits" in str(exc):  # (its message advises a Python call to the client)
+            raise HttpError(400, "the body is not JSON we read: a number has more than 4,300 digits") from None
         raise HttpError(400, f"the body is not JSON: {echo(str(exc), 200)}") from None
     except RecursionError:
         raise HttpError(400, "the body is not JSON we read: its arrays or objects nest too deeply") from None
