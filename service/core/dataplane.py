@@ -52,7 +52,7 @@ from service.core.types import (
     SuggestResult,
     Tensor,
 )
-from service.errors import InvalidInput, echo
+from service.errors import FailedPrecondition, InvalidInput, echo
 from service.logs import LogSettings
 from service.metrics import Metrics
 from service.settings import Settings
@@ -492,6 +492,11 @@ class CoreDataPlane:
         ttl = self.sessions.ttl(ttl_seconds)
         entry = self.registry.resolve(model)
         note_model(entry.name)
+        if entry.task.stateful and not entry.capabilities & {"generate", "forecast"}:  # (a plugin's stateful task)
+            raise FailedPrecondition(
+                f"model {entry.label} ({entry.task.name!r}) keeps state only through KServe v2 sequences "
+                "(sequence_id, sequence_start): no call of this API advances a session of it, so none is created"
+            )
         return (await self.sessions.add(pinning.new_session(self.sessions, entry, ttl, None))).info()
 
     async def get_session(self, session_id: str) -> SessionInfo:

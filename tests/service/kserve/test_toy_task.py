@@ -283,6 +283,13 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
             np.testing.assert_allclose(scores, whole[3:], atol=1e-5)
             # Other models and the server are unaffected.
             assert tag(stub, "hello")[0] == reference_tags(model_dir, "hello")
+        # Our Sessions API on a stateful plugin model: it made a session no call of the API could advance.
+        from service.client import ApiError, Client
+
+        with Client(handle.target) as client, pytest.raises(ApiError) as refused:
+            client.create_session("tagger")
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "keeps state only through KServe v2 sequences" in refused.value.message
     finally:
         TASKS.pop(Liar.name, None)
 
