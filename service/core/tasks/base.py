@@ -296,6 +296,14 @@ def check_float(value: float, field: str, lo: float, hi: float) -> None:
         raise InvalidInput(f"{field} must be a finite number between {lo:g} and {hi:g}; got {value}")
 
 
+def check_text_count(texts: Sequence[str], field: str, limit: int) -> None:
+    """A request's number of texts: at least one, at most ``limit`` (``max_texts_per_request``)."""
+    if not texts:
+        raise InvalidInput(f"{field} is empty; send between 1 and {limit} texts")
+    if len(texts) > limit:
+        raise InvalidInput(f"{field} has {len(texts)} texts; the limit is {limit} (max_texts_per_request)")
+
+
 def check_text(text: str, field: str, max_chars: int, allow_empty: bool = False) -> None:
     if len(text) > max_chars:
         raise InvalidInput(f"{field} has {len(text)} characters; the limit is {max_chars} (max_chars_per_text)")

@@ -221,6 +221,8 @@ class CharLMTask(Task):
         if back and session is None:
             raise InvalidInput("input BACKSPACE takes characters back from a sequence: send it with a sequence_id")
         step = await self._char_step(session, text, num_chars, "input TEXT", "input NUM_CHARS", back)
+        if step.completion:  # (our API's calls are counted by the data plane; a KServe completion here)
+            self.model.metrics.chars_generated(self.model.name, len(step.completion))
         outputs = {
             "NEXT_CHAR_PROBS": fp32_tensor("NEXT_CHAR_PROBS", step.probabilities),  # (vocab,)
             "VOCAB": self._vocab_tensor,

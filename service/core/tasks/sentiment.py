@@ -23,6 +23,7 @@ from service.core.tasks.base import (
     TaskResult,
     bytes_tensor,
     check_text,
+    check_text_count,
     fp32_tensor,
     register_task,
     utf8_items,
@@ -115,11 +116,7 @@ class SentimentTask(Task):
 
     def encode(self, texts: list[str], field: str) -> list[I64]:
         """Validates every text and returns its word ids (int64, (time,))."""
-        limit = self.settings.max_texts_per_request
-        if not texts:
-            raise InvalidInput(f"{field} is empty; send between 1 and {limit} texts")
-        if len(texts) > limit:
-            raise InvalidInput(f"{field} has {len(texts)} texts; the limit is {limit} (max_texts_per_request)")
+        check_text_count(texts, field, self.settings.max_texts_per_request)
         ids: list[I64] = []
         words, word_limit = 0, self.settings.max_words_per_request
         for i, text in enumerate(texts):

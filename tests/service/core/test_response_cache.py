@@ -8,6 +8,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service.core.context import set_principal
 from service.core.dataplane import CoreDataPlane
@@ -20,6 +21,7 @@ from service.core.responses import (
     kept_sentiment,
 )
 from service.core.types import InferResult, ModelRef, SentimentResult, SequenceRef, Tensor
+from service.errors import InvalidInput
 from tests.graphs import scale_logits
 from tests.service.core.conftest import MakeDP, recorded, texts
 
@@ -141,6 +143,20 @@ async def test_classify_keeps_each_text_so_a_request_runs_only_the_texts_not_see
     assert await dp.classify(SENT, ["a new one", "good film"]) == [again[1], first[0]]
     assert await stats(dp, "sentiment") == (1, 2, 3, 3, 2, 2)  # all kept: a hit, no run
     assert recorded(dp).batch_sizes("sentiment") == [2, 1]
+
+
+async def test_a_classify_request_of_no_texts_or_too_many_is_refused_as_without_the_cache(make_dp: MakeDP) -> None:
+    """With the cache on, an empty request answered OK (a "hit" of nothing), and one over max_texts_per_request
+    whose texts were all kept answered OK too."""
+    dp = await make_dp(response_cache_bytes=MIB, max_texts_per_request=4)
+    model = ModelRef("sentiment")
+    await dp.classify(model, ["fine", "bad"])
+    with pytest.raises(InvalidInput, match="texts is empty; send between 1 and 4 texts"):
+        await dp.classify(model, [])
+    with pytest.raises(InvalidInput, match="texts has 5 texts; the limit is 4"):
+        await dp.classify(model, ["fine", "bad", "fine", "bad", "fine"])
+    (stats,) = await dp.statistics(ModelRef("sentiment", 1))
+    assert stats.cache_hit.count == 0
 
 
 async def test_one_principals_answers_never_reach_another(make_dp: MakeDP) -> None:

@@ -318,7 +318,15 @@ def test_a_generation_counts_once_in_queue_and_compute(
         (one,) = response.model_stats
         return one
 
-    before = stats()
+    def generated() -> float:  # (KServe completions were not counted in it: our API's calls were)
+        import urllib.request
+
+        url = f"http://127.0.0.1:{kserve_server['metrics_port']}/metrics"
+        text = urllib.request.urlopen(url, timeout=30).read().decode()
+        line = 'seqserve_generated_chars_total{model="charlm"} '
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+    before, chars = stats(), generated()
     for i in range(3):  # three texts: the same one again would take its prompt from the prefix cache (19 runs)
         request = _charlm_raw(f"Counting runs {i}")
         request.model_version = "1"
@@ -326,6 +334,7 @@ def test_a_generation_counts_once_in_queue_and_compute(
         request.raw_input_contents.append(np.array([20], dtype=np.int32).tobytes())
         stub.ModelInfer(request, timeout=60)
     after = stats()
+    assert generated() - chars == 3 * 20
     counts = {
         name: getattr(after.inference_stats, name).count - getattr(before.inference_stats, name).count
         for name in ("success", "queue", "compute_input", "compute_infer", "compute_output")
