@@ -118,5 +118,5 @@ def test_values_serve_cannot_use_are_refused_by_name(field: str, value: object, 
     warm-up; an empty host listened on every interface; a TRACE_DIR that does not exist refused every trace file
     named in it, after a start that said ok."""
     with pytest.raises(ValidationError) as info:
-        Settings(**{field: value})
+        Settings.model_validate({field: value})
     assert field in str(info.value) and message in str(info.value), str(info.value)

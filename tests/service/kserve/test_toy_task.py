@@ -216,6 +216,7 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
             result = await super().infer(inputs, session)
             (text,) = [t.decode() for t in inputs["TEXT"].items]
             scores = result.outputs["SCORES"].array
+            assert scores is not None
             if text == "wide":  # a column more than the labels ModelMetadata declares
                 result.outputs["SCORES"] = fp32_tensor("SCORES", np.zeros((4, len(TAGS) + 1), np.float32))
             elif text == "flat":  # another rank
@@ -249,7 +250,8 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
                         request.parameters[key].bool_param = value
                     else:
                         request.parameters[key].string_param = str(value)
-                return stub.ModelInfer(request, timeout=30)
+                answer: pb.ModelInferResponse = stub.ModelInfer(request, timeout=30)
+                return answer
 
             for text, wrong in (
                 ("wide", f"shape [4, {len(TAGS) + 1}]"),
