@@ -57,6 +57,7 @@ def scalar(prom: Prometheus, expr: str) -> float:
 class Traffic:
     calls: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, code) -> RPCs sent
     texts: int = 0  # sentiment texts the model classified (Classify + KServe ModelInfer; not those from the cache)
+    runs: int = 0  # sentiment requests that ran the model (each of its texts' length groups: one here)
     cached: Counter[str] = field(default_factory=Counter)  # response cache lookups: "hit" / "miss"
     completes: int = 0
     completion_chars: int = 0
@@ -123,6 +124,7 @@ def one_round(
     # (Classify looks up each of its two texts)
     t.cached.update({"miss": 5} if first_round else {"hit": 4, "miss": 1})
     t.texts += ran * len(c.classify(["a fine film", "a dull one"], model="sentiment"))
+    t.runs += ran
     t.calls["Classify", "OK"] += 1
     with pytest.raises(ApiError) as err:
         c.classify(["x"], model="no-such-model")
@@ -161,6 +163,7 @@ def one_round(
     answers = list(kserve.ModelStreamInfer(iter([classify, start]), timeout=30))
     assert answers[0].error_message == "" and "session store is full" in answers[1].error_message
     t.texts += 1
+    t.runs += 1
     t.streamed.update({("sentiment", "OK"): 1, ("charlm", "RESOURCE_EXHAUSTED"): 1})
     t.calls["ModelStreamInfer", "OK"] += 1
     for s in (s1, s2, s3):
@@ -177,6 +180,7 @@ def one_round(
     assert [o.name for o in response.outputs] == ["LABEL", "PROBABILITIES"]
     assert len(response.raw_output_contents) == 2
     t.texts += 2 * ran
+    t.runs += ran
     t.calls.update({("ServerLive", "OK"): 1, ("ModelInfer", "OK"): 1})
 
     # The REST port: a forwarded call (ModelMetadata, also an RPC), a refusal of the gateway's own (no RPC), and a
@@ -301,7 +305,8 @@ def test_a_sampled_calls_trace_is_the_exemplar_of_its_latency(prometheus: Promet
 
 def test_core_metrics_match_the_traffic(prometheus: Prometheus, traffic: Traffic) -> None:
     # Per request (text), not per batch: the inference histograms count every classified text once.
-    assert scalar(prometheus, 'sum(seqserve_inference_seconds_count{model="sentiment"})') == traffic.texts
+    # (per request that ran the model, not per text: a request of two texts once)
+    assert scalar(prometheus, 'sum(seqserve_inference_seconds_count{model="sentiment"})') == traffic.runs
     assert scalar(prometheus, 'sum(seqserve_inference_batch_size_sum{model="sentiment"})') == traffic.texts
     events = {
         (r["metric"]["model"], r["metric"]["event"]): float(r["value"][1])
@@ -410,7 +415,7 @@ def test_tritons_metric_names_count_the_traffic(prometheus: Prometheus, traffic:
     what the seqserve_* series count."""
     assert scalar(prometheus, 'sum(nv_inference_count{model="sentiment"})') == traffic.texts
     assert scalar(prometheus, 'sum(nv_inference_count{model="sentiment"})') == scalar(
-        prometheus, 'sum(seqserve_inference_seconds_count{model="sentiment"})'
+        prometheus, 'sum(seqserve_inference_batch_size_sum{model="sentiment"})'
     )
     assert scalar(prometheus, 'nv_inference_request_success{model="charlm",version="1"}') > 0
     assert scalar(prometheus, 'nv_inference_compute_infer_duration_us{model="forecaster",version="1"}') > 0
