@@ -298,21 +298,26 @@ def _returned(entry: ModelEntry, result: object) -> TaskResult:
 def misfit(name: str, t: Tensor, d: TensorDef) -> str | None:
     """What is wrong with output ``t``, returned as ``name``, against its declaration ``d`` (name, datatype, rank,
     fixed sizes, and data that fills its shape), or None: a response must say what ModelMetadata promised, as
-    Triton checks its outputs against the model's config."""
+    Triton checks its outputs against the model's config. (Plain loops: it runs for every output of every step.)"""
     if t.name != name:
         return f"the tensor named {t.name!r}"
     if t.datatype != d.datatype:
         return f"datatype {t.datatype}"
-    shape = tuple(t.shape)
-    # (0 fits any size: no rows yet, as a forecaster sequence's answer while its window fills, docs/kserve.md)
-    if len(shape) != len(d.shape) or any(
-        want not in (-1, got) and got for want, got in zip(d.shape, shape, strict=True)
-    ):
+    shape, want = t.shape, d.shape
+    if len(shape) != len(want):
         return f"shape {list(shape)}"
-    if t.array is not None:
-        if t.array.shape != shape:
-            return f"shape {list(shape)} but an array of shape {list(t.array.shape)}"
-    elif t.items is None or len(t.items) != math.prod(shape):
+    size = 1
+    for i in range(len(want)):
+        got = shape[i]
+        # (0 fits any size: no rows yet, as a forecaster sequence's answer while its window fills, docs/kserve.md)
+        if got != want[i] and want[i] != -1 and got != 0:
+            return f"shape {list(shape)}"
+        size *= got
+    a = t.array
+    if a is not None:
+        if a.shape != shape and a.shape != tuple(shape):
+            return f"shape {list(shape)} but an array of shape {list(a.shape)}"
+    elif t.items is None or len(t.items) != size:
         return f"shape {list(shape)} but {0 if t.items is None else len(t.items)} items"
     return None
 
