@@ -23,7 +23,7 @@ from service.core.responses import ResponseCache, kept_result
 from service.core.sessions import SessionManager, SessionState
 from service.core.sessions.export import Exported, seal
 from service.core.stats import CountedRequest
-from service.core.tasks.base import TaskResult, check_and_decode
+from service.core.tasks.base import BUILTIN_MODULES, TaskResult, check_and_decode
 from service.core.types import (
     InferResult,
     InputTensor,
@@ -35,8 +35,6 @@ from service.core.types import (
 )
 from service.errors import FailedPrecondition, InvalidInput, SeqServeError, SessionEvicted, SessionNotFound, echo
 from service.settings import Settings
-
-BUILTIN_MODULES = frozenset(f"service.core.tasks.{m}" for m in ("charlm", "forecast", "sentiment"))
 
 
 class V2Inference:
@@ -153,10 +151,10 @@ class V2Inference:
                 f"returned {sorted(result.outputs)}; its contract declares {self._contract(entry).output_names})"
             )
         tensors = [result.outputs[n] for n in wanted]
-        defs = self._contract(entry).outputs_by_name
         # A plugin's outputs are checked against its contract (its bug was sent as a success); seqserve's own tasks
         # build theirs from the contract, and their load checks hold the graph to the manifest: not on every step.
         if type(entry.task).__module__ not in BUILTIN_MODULES:
+            defs = self._contract(entry).outputs_by_name
             for name, t in zip(wanted, tensors, strict=True):
                 wrong = misfit(name, t, defs[name])
                 if wrong is not None:
@@ -166,6 +164,7 @@ class V2Inference:
                         "infer() or the model's manifest"
                     )
         if classes:
+            defs = self._contract(entry).outputs_by_name
             tensors = [
                 top_classes(t, classes[t.name], defs[t.name].labels) if t.name in classes else t for t in tensors
             ]

@@ -38,6 +38,7 @@ from service.core.context import CommitScope, principal
 from service.core.sessions.state import SessionState
 from service.core.sessions.store import SessionStore, StaleSession, StoreUsage
 from service.core.shards import shard_of
+from service.core.tasks.base import builtin_task
 from service.errors import (
     RETRY_LATER,
     InvalidInput,
@@ -447,7 +448,8 @@ class SessionManager:
 def _check_state(s: SessionState, before: dict[str, Array], context: dict[str, Array], steps: int) -> None:
     """RuntimeError, with the session put back as it was (``before``, ``context``, ``steps``), when the call's
     task left it a state that is not its model's: other names, shapes or dtypes than the state it had. Saved, such
-    a state failed every later step of the session in ONNX Runtime, with an error that named no task."""
+    a state failed every later step of the session in ONNX Runtime, with an error that named no task. (For plugins'
+    tasks: seqserve's own take their states from the graph's runs, ``builtin_task``.)"""
     new = s.state
     wrong = None
     if not isinstance(new, dict) or new.keys() != before.keys():
@@ -502,7 +504,7 @@ class SessionUse:
                     await m._remove(s)
                     committed = True
                     return
-                if s.state is not state:
+                if s.state is not state and not builtin_task(s.task):
                     _check_state(s, state, context, steps)
                 s.last_used_at = m.clock()
                 try:
@@ -554,7 +556,7 @@ class SessionStart:
                 m.metrics.session_event(s.model, "deleted")
                 await m._report()
             else:
-                if s.state is not self._state:
+                if s.state is not self._state and not builtin_task(s.task):
                     _check_state(s, self._state, s.context, s.steps)
                 s.last_used_at = m.clock()
                 await m.add(s, event=self._event)

@@ -331,6 +331,15 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+BUILTIN_MODULES = frozenset(f"service.core.tasks.{m}" for m in ("charlm", "forecast", "sentiment"))
+
+
+def builtin_task(name: str) -> bool:
+    """Whether the task registered as ``name`` is one of seqserve's own (not a plugin's, nor one replacing it)."""
+    cls = TASKS.get(name)
+    return cls is not None and cls.__module__ in BUILTIN_MODULES
+
+
 def task_class(name: str) -> type[Task]:
     try:
         return TASKS[name]
