@@ -113,13 +113,11 @@ def _auth(settings: Settings) -> Finding:
 
 def _ports(settings: Settings) -> list[Finding]:
     """Each port serve would listen on, free now or not (a warning: serve may be running, and stop first)."""
-    from service.api.server import check_free
+    from service.api.server import PORT_SETTINGS, check_free
 
     found = []
-    named = [("port", settings.port, "--port or SEQSERVE_PORT"), ("metrics_port", settings.metrics_port,
-             "--metrics-port or SEQSERVE_METRICS_PORT"), ("http_port", settings.http_port,
-             "--http-port or SEQSERVE_HTTP_PORT")]  # fmt: skip
-    for name, port, setting in named:
+    for name, setting in PORT_SETTINGS.items():
+        port = getattr(settings, name)
         if not port:
             continue  # (0: a free port at start; None: no REST port)
         try:

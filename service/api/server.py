@@ -186,11 +186,11 @@ class Server:
         self._tls = tls.files(s, self.metrics.tls_loaded)  # read and checked now: bad files stop the start
         credentials = None if self._tls is None else self._tls.grpc_credentials()  # None: plaintext
         if s.port and not self._share_port:
-            check_free(s.host, s.port, "--port or SEQSERVE_PORT")
+            check_free(s.host, s.port, PORT_SETTINGS["port"])
         if s.metrics_port and self._remote is None:  # (before the gRPC port listens: fail before serving anything)
-            check_free(s.host, s.metrics_port, "--metrics-port or SEQSERVE_METRICS_PORT")
+            check_free(s.host, s.metrics_port, PORT_SETTINGS["metrics_port"])
         if s.http_port and self._remote is None:
-            check_free(s.host, s.http_port, "--http-port or SEQSERVE_HTTP_PORT")
+            check_free(s.host, s.http_port, PORT_SETTINGS["http_port"])
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(address)
@@ -458,6 +458,14 @@ def check_host(host: str) -> None:
             probe.bind(address)
             return
     raise RuntimeError(f"host {host!r} is not an address of this machine: {fix}")
+
+
+# The listening ports' settings, as a refusal names them (flag and variable).
+PORT_SETTINGS = {
+    "port": "--port or SEQSERVE_PORT",
+    "metrics_port": "--metrics-port or SEQSERVE_METRICS_PORT",
+    "http_port": "--http-port or SEQSERVE_HTTP_PORT",
+}
 
 
 def check_free(host: str, port: int, setting: str) -> None:

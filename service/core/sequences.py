@@ -23,7 +23,7 @@ from service.core.responses import ResponseCache, kept_result
 from service.core.sessions import SessionManager, SessionState
 from service.core.sessions.export import Exported, seal
 from service.core.stats import CountedRequest
-from service.core.tasks.base import BUILTIN_MODULES, TaskResult, check_and_decode
+from service.core.tasks.base import TaskResult, check_and_decode, is_builtin
 from service.core.types import (
     InferResult,
     InputTensor,
@@ -153,7 +153,7 @@ class V2Inference:
         tensors = [result.outputs[n] for n in wanted]
         # A plugin's outputs are checked against its contract (its bug was sent as a success); seqserve's own tasks
         # build theirs from the contract, and their load checks hold the graph to the manifest: not on every step.
-        if type(entry.task).__module__ not in BUILTIN_MODULES:
+        if not is_builtin(type(entry.task)):
             defs = self._contract(entry).outputs_by_name
             for name, t in zip(wanted, tensors, strict=True):
                 wrong = misfit(name, t, defs[name])

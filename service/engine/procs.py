@@ -226,7 +226,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
     from service.api import tls
     from service.api.http import MetricsHttpServer
     from service.api.principals import load_keys
-    from service.api.server import check_free
+    from service.api.server import PORT_SETTINGS, check_free
     from service.core.dataplane import CoreDataPlane
     from service.engine.metrics import serve_engine_metrics, serve_frontend_rpc_metrics
     from service.engine.server import EngineServer
@@ -278,9 +278,9 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         )
         metrics_port = http.start()
         if settings.port:  # (the first frontend would only say so in its log)
-            check_free(settings.host, settings.port, "--port or SEQSERVE_PORT")
+            check_free(settings.host, settings.port, PORT_SETTINGS["port"])
         if settings.http_port:
-            check_free(settings.host, settings.http_port, "--http-port or SEQSERVE_HTTP_PORT")
+            check_free(settings.host, settings.http_port, PORT_SETTINGS["http_port"])
         first = await _spawn(settings, 0, settings.port, sockets, token)
         frontends.append(first)
         if first.http_port is not None:  # KServe REST: every frontend serves it, on the port the first one bound

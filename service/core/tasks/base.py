@@ -331,13 +331,18 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-BUILTIN_MODULES = frozenset(f"service.core.tasks.{m}" for m in ("charlm", "forecast", "sentiment"))
+_OWN = __name__.rpartition(".")[0] + "."  # "service.core.tasks.": seqserve's own tasks' package
+
+
+def is_builtin(cls: type) -> bool:
+    """Whether a task class is one of seqserve's own (defined in this package), not a plugin's."""
+    return cls.__module__.startswith(_OWN)
 
 
 def builtin_task(name: str) -> bool:
     """Whether the task registered as ``name`` is one of seqserve's own (not a plugin's, nor one replacing it)."""
     cls = TASKS.get(name)
-    return cls is not None and cls.__module__ in BUILTIN_MODULES
+    return cls is not None and is_builtin(cls)
 
 
 def task_class(name: str) -> type[Task]:

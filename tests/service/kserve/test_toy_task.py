@@ -30,8 +30,9 @@ def toy_stub(
         yield pb_grpc.GRPCInferenceServiceStub(channel), model_dir
 
 
-def tag(stub: pb_grpc.GRPCInferenceServiceStub, text: str, **seq: object) -> tuple[list[str], np.ndarray, int]:
-    request = pb.ModelInferRequest(model_name="tagger", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])])
+def text_request(model: str, text: str, **seq: object) -> pb.ModelInferRequest:
+    """A v2 request of one TEXT, with sequence parameters (booleans, or strings: a sequence id)."""
+    request = pb.ModelInferRequest(model_name=model, inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])])
     request.raw_input_contents.append(serialize_bytes([text.encode()]))
     for key, value in seq.items():
         if isinstance(value, bool):
@@ -39,7 +40,11 @@ def tag(stub: pb_grpc.GRPCInferenceServiceStub, text: str, **seq: object) -> tup
         else:
             assert isinstance(value, str)
             request.parameters[key].string_param = value
-    response = stub.ModelInfer(request, timeout=30)
+    return request
+
+
+def tag(stub: pb_grpc.GRPCInferenceServiceStub, text: str, **seq: object) -> tuple[list[str], np.ndarray, int]:
+    response = stub.ModelInfer(text_request("tagger", text, **seq), timeout=30)
     (tags_meta, scores_meta) = response.outputs
     tags = [t.decode() for t in deserialize_bytes("TAGS", response.raw_output_contents[0], tags_meta.shape[0])]
     scores = np.frombuffer(response.raw_output_contents[1], "<f4").reshape(tuple(scores_meta.shape))
@@ -241,16 +246,7 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
 
             def call(text: str, **seq: object) -> pb.ModelInferResponse:
-                request = pb.ModelInferRequest(
-                    model_name="liar", inputs=[Input(name="TEXT", datatype="BYTES", shape=[1])]
-                )
-                request.raw_input_contents.append(serialize_bytes([text.encode()]))
-                for key, value in seq.items():
-                    if isinstance(value, bool):
-                        request.parameters[key].bool_param = value
-                    else:
-                        request.parameters[key].string_param = str(value)
-                answer: pb.ModelInferResponse = stub.ModelInfer(request, timeout=30)
+                answer: pb.ModelInferResponse = stub.ModelInfer(text_request("liar", text, **seq), timeout=30)
                 return answer
 
             for text, wrong in (
