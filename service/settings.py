@@ -24,6 +24,7 @@ GRPC_MAX_INT = 2**31 - 1  # gRPC's integer options (message sizes, ping strikes)
 # rows took the committed models 373 s and 16.6 GB (and 65,536 the machine's memory); Triton's configs stay far
 # below it.
 MAX_BATCH_ROWS = 1024
+MIN_FRONTEND_SILENT_SECONDS = 3.0  # a frontend says a word a second (its engine watchdog): a hung one says none
 MAX_THREADS = 256  # ONNX Runtime threads per session (each version has its own pools)
 MAX_DELAY_MS = 60_000.0  # the batching and inline thresholds: a minute (a batch that waits for its last row)
 VERSION_POLICY_FORMS = 'all, latest, latest:N, specific:1,3, or Triton\'s JSON ({"latest": {"num_versions": 1}})'
@@ -212,6 +213,13 @@ class Settings(BaseSettings):
     and every service; ServerReady, /v2/health/ready at once), and for six times as long its liveness
     (``grpc.health.v1.Health``) too, for the orchestrator to restart it. Health follows the engine again once it
     answers."""
+
+    frontend_silent_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """With workers > 1: a frontend that has sent its engine nothing for this long (it asks every second whether
+    the engine answers) is stopped or wedged: the engine kills it (SIGKILL) and starts a new one on the same port,
+    as for a frontend that dies (it counts against ``frontend_restarts``). Its calls in flight fail; its share of
+    new connections, which the kernel kept sending it, goes to the others meanwhile. 0 = never (a frontend under a
+    debugger); else at least 3."""
 
     # --- models ----------------------------------------------------------------------------------------
     models: Path = Path("models")
@@ -511,6 +519,17 @@ class Settings(BaseSettings):
         if not value.strip():  # (gRPC read "" as every interface: an unset variable in a compose file exposed the
             raise ValueError(  # server on all of them)
                 "is empty: set 127.0.0.1 to listen on this machine only, or 0.0.0.0 for every interface"
+            )
+        return value
+
+    @field_validator("frontend_silent_seconds")
+    @classmethod
+    def _frontend_silent(cls, value: float) -> float:
+        if 0 < value < MIN_FRONTEND_SILENT_SECONDS:  # (a frontend's watchdog says a word a second, when it can)
+            raise ValueError(
+                f"is {value:g}: a frontend asks its engine every second, and waits up to engine_silent_seconds for "
+                f"the answer; set at least {MIN_FRONTEND_SILENT_SECONDS:g} (seconds without a word that mean it "
+                "hangs), or 0 never to replace a silent frontend"
             )
         return value
 

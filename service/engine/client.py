@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -92,7 +93,7 @@ class RemoteDataPlane:
     async def start(self) -> None:
         transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self), self.path)
         self._transport = transport  # (no isinstance check: uvloop's transports do not subclass asyncio's)
-        self._send([wire.HELLO, 0, "", (), {}, None])
+        self._send([wire.HELLO, 0, "", (os.getpid(),), {}, None])  # (the engine knows who falls silent)
 
     async def stop(self) -> None:
         self._closing = True

@@ -37,8 +37,9 @@ import secrets
 import shutil
 import signal
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -50,6 +51,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0
+SUPERVISOR_STALL_SECONDS = 2.0  # a round of the supervisor this late: the engine's own loop stalled (see _hung)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Frontend:
     own_port: int | None = None
     metrics_port: int = 0
     http_port: int | None = None  # the REST port (shared by all), when served
+    started: float = field(default_factory=time.monotonic)  # when it reported serving (``_spawn`` sets it)
 
 
 def available_cpus() -> int:
@@ -320,6 +323,7 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         write_ready()
         respawns, window = settings.frontend_restarts, settings.frontend_restart_window_seconds
         deaths: list[float] = []  # when frontends died, within the last `window` seconds
+        last_round = time.monotonic()
         while not stop.is_set() and not code:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -330,6 +334,18 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
                 log.error("engine %d exited (code %s); stopping the server", lost.index + 1, lost.process.exitcode)
                 code = 1
                 break
+            now = time.monotonic()
+            if settings.frontend_silent_seconds and now - last_round < SUPERVISOR_STALL_SECONDS:
+                heard = engine.heard()
+                for hung in _hung(frontends, heard, now, settings.frontend_silent_seconds):
+                    log.error(
+                        "frontend %d (pid %s) has sent nothing for %.0f s (stopped or wedged; FRONTEND_SILENT_SECONDS "
+                        "%g): killing it", hung.index + 1, hung.process.pid, now - _last_word(hung, heard),
+                        settings.frontend_silent_seconds,
+                    )  # fmt: skip
+                    hung.process.kill()  # (SIGKILL ends a stopped process too) replaced below once it is gone
+                    await asyncio.to_thread(hung.process.join, 5)
+            last_round = now
             for i, gone in enumerate(frontends):
                 if gone.process.is_alive() or stop.is_set():
                     continue
@@ -367,6 +383,20 @@ async def serve(settings: Settings, ready_file: Path | None) -> int:
         shutil.rmtree(folder, ignore_errors=True)  # (with what frontends that died left in it)
         log.info("seqserve stopped (exit code %d)", code)
     return code
+
+
+def _last_word(frontend: Frontend, heard: Mapping[int, float]) -> float:
+    """When ``frontend`` last sent its engine anything (``time.monotonic``): the time it started serving if never,
+    or if its connection is gone (a frontend without one fails every call)."""
+    return max(heard.get(int(frontend.process.pid or 0), frontend.started), frontend.started)
+
+
+def _hung(frontends: Sequence[Frontend], heard: Mapping[int, float], now: float, limit: float) -> list[Frontend]:
+    """The live frontends that have sent nothing for ``limit`` seconds. Each one's watchdog asks the engine every
+    second whether it answers, so only a frontend whose event loop does not run (SIGSTOP, a wedge, a call that
+    never returns control) is silent that long. The caller skips a round that comes late (its own loop stalled:
+    its frontends' words then wait unread, and every one would look silent)."""
+    return [f for f in frontends if now - _last_word(f, heard) >= limit and f.process.is_alive()]
 
 
 def _start(target: Any, args: tuple[Any, ...], name: str) -> tuple[BaseProcess, Connection]:
@@ -407,6 +437,7 @@ async def _spawn(
     report = await _report(process, parent, f"frontend {index + 1}")
     frontend.port, frontend.own_port, frontend.metrics_port = report["port"], report["own_port"], report["metrics_port"]
     frontend.http_port = report["http_port"]
+    frontend.started = time.monotonic()  # (its silence counts from here: starting took what it took)
     return frontend
 
 

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from typing import Any, cast
 
 from service import logs
@@ -38,6 +39,8 @@ class _Connection(asyncio.Protocol):
         self.outbox: list[list[Any]] = []
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.link = False  # a frontend's main connection (said HELLO): gets events
+        self.pid = 0  # the frontend's process id, from its HELLO
+        self.heard = time.monotonic()  # when it last sent anything (its watchdog asks every second)
         self.acks: dict[int, asyncio.Future[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -54,6 +57,7 @@ class _Connection(asyncio.Protocol):
             task.cancel()
 
     def data_received(self, data: bytes) -> None:
+        self.heard = time.monotonic()
         try:
             for payload in self.framer.feed(data):
                 for message in unpack(payload):
@@ -71,6 +75,7 @@ class _Connection(asyncio.Protocol):
             return
         if kind == wire.HELLO:
             self.link = True
+            self.pid = int(args[0]) if args else 0
             self.send([0, wire.EVENT, [wire.LOGS_CHANGED, 0, logs.current()], None, False])  # (no ACK for 0)
             if self.engine.dataplane.regions.enabled:  # the regions registered before it started
                 table = self.engine.dataplane.regions.table()
@@ -127,6 +132,10 @@ class EngineServer:
         self.dataplane.on_store_change(self._store_changed)
         self.dataplane.on_log_change(self._logs_changed)
         self.dataplane.on_regions_change(self._regions_changed)
+
+    def heard(self) -> dict[int, float]:
+        """When each connected frontend (by process id) last sent anything (``time.monotonic``)."""
+        return {c.pid: c.heard for c in self.connections if c.link and c.pid}
 
     async def _store_changed(self, ok: bool) -> None:
         await self._changed(None, False)  # frontends re-read their health (the Sessions service follows the store)

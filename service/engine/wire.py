@@ -15,7 +15,8 @@ on its first request stays admitted on the frontend.
 CONTROL calls (model table, metadata, health, statistics) travel on the same connection as a CALL but are never
 refused for a full queue: a frontend's health and metadata answers must not depend on its inference load. Like every
 call they are awaited, never blocking the frontend's event loop, and fail UNAVAILABLE after a timeout when the
-engine does not answer. A frontend's connection starts with HELLO. EVENT (call id 0, payload
+engine does not answer. A frontend's connection starts with HELLO (args: its process id, by which the engine
+tells a silent frontend: ``procs._hung``). EVENT (call id 0, payload
 ["models", event id]) tells every frontend that a model was loaded, reloaded or unloaded; each answers ACK (call
 id = event id) once its health follows, and the load/unload call returns only then (at most 5 s), so that what
 one frontend changed, every frontend reports. ["logs", event id, settings] does the same for a change of the log

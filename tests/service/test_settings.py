@@ -110,6 +110,8 @@ def test_a_log_level_that_is_none_is_refused_as_given() -> None:
         ("host", "", "is empty: set 127.0.0.1 to listen on this machine only, or 0.0.0.0 for every interface"),
         ("host", " ", "is empty"),
         ("trace_dir", "/no-such-folder", "is not an existing folder: create it, or leave TRACE_DIR empty"),
+        ("frontend_silent_seconds", 1.5, "a frontend asks its engine every second"),
+        ("frontend_silent_seconds", -1, "greater than or equal to 0"),
     ],
 )
 def test_values_serve_cannot_use_are_refused_by_name(field: str, value: object, message: str) -> None:
@@ -120,3 +122,10 @@ def test_values_serve_cannot_use_are_refused_by_name(field: str, value: object, 
     with pytest.raises(ValidationError) as info:
         Settings.model_validate({field: value})
     assert field in str(info.value) and message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("value", [0, 3, 30])
+def test_a_silent_frontend_limit_of_zero_or_at_least_three_seconds_is_taken(value: float) -> None:
+    """0 never replaces a silent frontend (one under a debugger); a limit is at least 3 s (a frontend speaks once
+    a second: below that, a busy second would read as a hang)."""
+    assert Settings(frontend_silent_seconds=value).frontend_silent_seconds == value

@@ -800,6 +800,49 @@ def test_a_frontend_that_dies_is_replaced_and_sessions_live_on(tiny_models: Path
     assert proc.returncode == 0  # and it still stops cleanly
 
 
+@pytest.mark.parametrize("engines", ["1", "2"])
+def test_a_frontend_that_hangs_is_killed_and_replaced(tiny_models: Path, tmp_path: Path, engines: str) -> None:
+    """A frontend that stops without dying (SIGSTOP here; an event loop that never gets control back alike) kept
+    its share of new connections, which the kernel sends it from the shared port, and answered none of them.
+    Silent FRONTEND_SILENT_SECONDS (its watchdog asks the engine every second), the engine kills it and starts a
+    new one on the same port; the other frontend, idle but speaking, is kept; sessions live on."""
+    proc, info = start_server(
+        tiny_models,
+        tmp_path,
+        SEQSERVE_WORKERS="2",
+        SEQSERVE_ENGINES=engines,
+        SEQSERVE_FRONTEND_PORTS="true",
+        SEQSERVE_FRONTEND_SILENT_SECONDS="3",
+    )
+    try:
+        target = f"127.0.0.1:{info['grpc_port']}"
+        with Client(f"127.0.0.1:{info['frontend_ports'][1]}", timeout=30) as c:
+            session = c.create_session("charlm")
+            first = c.suggest_once(session.id, "To be, or not", n=1, max_chars=2)
+        time.sleep(4)  # idle frontends are not silent: each one's watchdog speaks every second
+        old = [int(p) for p in _ready(tmp_path)["frontend_pids"]]  # type: ignore[attr-defined]
+        assert old == [int(p) for p in info["frontend_pids"]]
+        os.kill(old[0], signal.SIGSTOP)
+        stopped = time.monotonic()
+        new = _replaced(tmp_path, old, timeout=30)
+        assert time.monotonic() - stopped >= 2.5  # (not before its silence reached the limit)
+        assert new[1] == old[1] and new[0] != old[0]
+        assert not Path(f"/proc/{old[0]}").exists()  # killed, and reaped
+        for _ in range(8):  # new connections: none goes to the stopped one any more
+            with grpc.insecure_channel(target) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+        with Client(target, timeout=30) as c:
+            assert c.get_session(session.id).steps == first.steps
+        assert scrape(info["metrics_port"])["seqserve_frontend_restarts_total"][()] == 1
+        log = (tmp_path / "server.log").read_text()
+        assert f"frontend 1 (pid {old[0]}) has sent nothing for 3 s" in log, log[-3000:]
+        assert "frontend 2 (pid" not in log
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0
+
+
 def test_reads_from_another_frontend_do_not_wait_behind_a_long_complete(tiny_models: Path, tmp_path: Path) -> None:
     """The engine owns the sessions, so a Get or Export on frontend 2 answers at once while frontend 1 streams a
     Complete on the same session (``in_use`` crosses the engine's wire); and a Suggest backspace from either."""
