@@ -96,9 +96,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     first, so a proxy and this server could read one request two ways."""
     document = dict(pairs)
     if len(document) < len(pairs):
-        keys = [k for k, _ in pairs]
-        twice = next(k for i, k in enumerate(keys) if k in keys[:i])
-        raise _TwiceError(f"the body is not JSON we read: an object names {echo(twice, 60)} twice; name it once")
+        seen: set[str] = set()  # the first name met again, in one pass (a scan per member took a 430 KB body 9 s)
+        for key, _ in pairs:
+            if key in seen:
+                raise _TwiceError(
+                    f"the body is not JSON we read: an object names {echo(key, 60)} twice; name it once"
+                )
+            seen.add(key)
     return document
 
 
