@@ -183,13 +183,13 @@ def call_ids(context: grpc.aio.ServicerContext) -> tuple[str, str]:
 
 class LogBudget:
     """How many refused-request lines a process logs: ``rate`` per second, in bursts of up to five seconds'
-    worth (a token bucket); 0 = all. Lines over it are counted, and the next line it allows is preceded by one
+    worth, two lines at least (a token bucket); 0 = all. Lines over it are counted, and the next line it allows is preceded by one
     WARNING saying how many were not logged (the two take two of the rate: it held lines to the rate, and a
     sustained flood got a WARNING before each, twice the rate in all), so a caller sending bad requests as fast as
     it can (with no key, or past its quota) cannot fill the disk or drown the server's real errors."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.clock = rate, max(1.0, 5 * rate), clock
+        self.rate, self.burst, self.clock = rate, max(2.0, 5 * rate), clock  # (2: a line after drops costs two)
         self.tokens, self.at, self.dropped, self.since = self.burst, clock(), 0, 0.0
 
     def allow(self) -> bool:

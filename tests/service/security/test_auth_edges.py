@@ -71,6 +71,20 @@ def test_the_log_budget_warning_counts_from_the_first_dropped_line(caplog: pytes
         assert warning in caplog.text
 
 
+def test_a_log_budget_under_one_line_in_two_seconds_still_logs_after_dropping() -> None:
+    """Below 0.4 lines a second its bucket held less than the two tokens a line after dropped ones costs (its
+    own and the WARNING's): after the first drop nothing was ever logged again, the WARNING included."""
+    now = [0.0]
+    budget = LogBudget(0.2, clock=lambda: now[0])
+    allowed = []
+    for second in range(600):  # one refusal a second for ten minutes
+        now[0] = float(second)
+        allowed.append(budget.allow())
+    # the burst (2 tokens), then a line and its WARNING every 10 s (2 tokens at 0.2 a second)
+    assert 55 <= sum(allowed) <= 62, sum(allowed)
+    assert allowed[-20:].count(True) == 2
+
+
 def test_the_log_budget_warning_is_no_requests_line() -> None:
     """It was written in the context of the request whose line came next, so a JSON log gave it that request's id
     and method."""
