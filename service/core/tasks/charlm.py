@@ -404,8 +404,8 @@ class CharLMTask(Task):
         check_int(n, "n", 1, self.settings.max_suggestions, " (max_suggestions)")
         check_int(max_chars, "max_chars", 1, self.settings.max_generate_chars, " (max_generate_chars)")
         check_text(appended, "appended", self.settings.max_chars_per_text, allow_empty=True)
-        if backspace and not self.settings.undo_chars:  # (before the range check: on an empty session that said
-            self._no_undo()  # "between 0 and 0", naming no setting)
+        if backspace > 0 and not self.settings.undo_chars:  # (before the range check: on an empty session that
+            self._no_undo("backspace")  # said "between 0 and 0", naming no setting; a negative one is the range's)
         check_int(backspace, "backspace", 0, session.steps, " (the characters the session holds)")
         if reset and not appended:
             raise InvalidInput("appended is empty while reset is set: after a reset there is no text to continue")
@@ -418,9 +418,9 @@ class CharLMTask(Task):
         return SuggestResult(suggestions=await self._suggest(cur, n, max_chars, beam, "appended"), steps=cur.steps)
 
     @staticmethod
-    def _no_undo() -> NoReturn:
+    def _no_undo(field: str) -> NoReturn:
         raise FailedPrecondition(
-            "backspace needs this server to keep characters for it (SEQSERVE_UNDO_CHARS > 0, off here); reset "
+            f"{field} needs this server to keep characters for it (SEQSERVE_UNDO_CHARS > 0, off here); reset "
             "the session with the text instead"
         )
 
@@ -428,7 +428,7 @@ class CharLMTask(Task):
         """The cursor ``back`` characters before the session's end: from the newest checkpoint at or before that
         point, fed the kept characters up to it (``undo.Undo.rewind``); the session itself is not changed."""
         if not self.settings.undo_chars:
-            self._no_undo()
+            self._no_undo(field)
         cur = Cursor.of(session, self.settings.undo_chars)
         assert cur.undo is not None
         base, refeed = cur.undo.rewind(cur.steps, back, field)
@@ -448,6 +448,8 @@ class CharLMTask(Task):
         check_int(num_chars, num_field, 0, self.settings.max_generate_chars, " (max_generate_chars)")
         check_text(text, text_field, self.settings.max_chars_per_text, allow_empty=True)
         ids = self.encoder.encode(text, field=text_field)
+        if back > 0 and not self.settings.undo_chars:  # (as Suggest's backspace: not "between 0 and 0")
+            self._no_undo("input BACKSPACE")
         if back and session is not None:
             check_int(back, "input BACKSPACE", 0, session.steps, " (the characters the sequence holds)")
         cur = await self._start(session, ids, probs=True, back=back, back_field="input BACKSPACE")

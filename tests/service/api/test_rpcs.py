@@ -211,6 +211,22 @@ def test_suggest_backspace_takes_characters_back(start_server: Callable[..., Ser
         assert c.get_session(s.id).steps == 20  # both refusals changed nothing
 
 
+def test_input_backspace_without_undo_names_the_setting(start_server: Callable[..., ServerHandle]) -> None:
+    """With SEQSERVE_UNDO_CHARS off (the default), a Triton client's BACKSPACE on a new sequence was told "between
+    0 and 0 (the characters the sequence holds)", naming no setting (Suggest's backspace said what to turn on)."""
+    from service.api.gen.inference import grpc_service_pb2 as pb
+    from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
+    from tests.service.sessions.v2 import charlm_request
+
+    server = start_server()
+    request = charlm_request("To be", "no-undo", sequence_start=True)
+    request.inputs.add(name="BACKSPACE", datatype="INT32", shape=[1], contents=pb.InferTensorContents(int_contents=[1]))
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "input BACKSPACE" in err.value.details() and "SEQSERVE_UNDO_CHARS" in err.value.details()
+
+
 def test_a_kserve_sequence_takes_characters_back_with_input_backspace(
     start_server: Callable[..., ServerHandle],
 ) -> None:

@@ -151,6 +151,9 @@ async def test_off_by_default_it_keeps_nothing_and_says_how_to_turn_it_on(make_d
     with pytest.raises(FailedPrecondition) as err:
         await dp.suggest(empty.id, "abc", backspace=1, n=1, max_chars=1)
     assert "SEQSERVE_UNDO_CHARS" in err.value.message
+    with pytest.raises(InvalidInput) as bad:  # a negative count is the request's own mistake, undo or not
+        await dp.suggest(s.id, "", backspace=-1, n=1, max_chars=1)
+    assert "backspace" in bad.value.message and "between 0" in bad.value.message
     stored = await dp.sessions.get(s.id)
     assert set(stored.context) == {"logits"}
     on = await make_dp(undo_chars=U)
