@@ -31,7 +31,7 @@ from service.core.sessions.export import seal
 from service.core.shm import Regions
 from service.core.stats import CountedRequest
 from service.core.tasks import load_plugins, task_class
-from service.core.tasks.base import Classifier, Forecaster, Generator, bytes_tensor, check_text_count, needs
+from service.core.tasks.base import Classifier, Forecaster, Generator, bytes_tensor, needs
 from service.core.traces import Tracer
 from service.core.types import (
     CharStep,
@@ -365,9 +365,10 @@ class CoreDataPlane:
             if not self.responses.serves(entry):
                 return await _classifier(entry).classify(texts)
             # Kept per text (a text's answer does not depend on the others in its request): a request answers from
-            # the cache whatever texts come with it, and runs only the texts not seen before. Its count is checked
-            # first, as without the cache (an empty request was an OK "hit"; one over the limit, all kept, an OK).
-            check_text_count(texts, "texts", entry.served_with.max_texts_per_request)
+            # the cache whatever texts come with it, and runs only the texts not seen before. It is checked first,
+            # as without the cache (an empty request was an OK "hit"; one over the limits, all kept, an OK: its
+            # count, and its words in all, max_words_per_request).
+            await entry.task.check_texts(texts, "texts")
             who = principal()
             keys = [
                 self.responses.key(entry.prefix_scope, who, {"TEXT": bytes_tensor("TEXT", [t])}, [CLASSIFY], {})

@@ -135,6 +135,12 @@ class Task:
         """Runs one checked request; with ``session``, advances it in place (the caller saves it)."""
         raise TypeError(f"task {self.name!r} ({type(self).__qualname__}) does not define infer()")
 
+    async def check_texts(self, texts: list[str], field: str) -> None:
+        """Refuses a text request this task would refuse (InvalidInput), without running it: the response cache
+        answers a classify request's kept texts without the task, and must refuse what the task would (the
+        count here; a task with more limits checks them too)."""
+        check_text_count(texts, field, self.settings.max_texts_per_request)
+
     # --- sessions -----------------------------------------------------------------------------------------
     def session_nbytes(self) -> int:
         """Bytes a session of this model reserves: its state plus the largest context it can hold."""

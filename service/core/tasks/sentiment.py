@@ -136,8 +136,15 @@ class SentimentTask(Task):
             ids.append(x)
         return ids
 
+    async def check_texts(self, texts: list[str], field: str) -> None:
+        """Every limit ``encode`` checks (count, characters, words in all, words the tokenizer knows)."""
+        await self._encoded(texts, field)
+
+    async def _encoded(self, texts: list[str], field: str) -> list[I64]:
+        return await inline_unless(sum(map(len, texts)) > ENCODE_OFF_LOOP_CHARS, self.encode, texts, field)
+
     async def _classify(self, texts: list[str], field: str) -> list[SentimentResult]:
-        ids = await inline_unless(sum(map(len, texts)) > ENCODE_OFF_LOOP_CHARS, self.encode, texts, field)
+        ids = await self._encoded(texts, field)
         # One request's texts of very different lengths go as several length groups, as concurrent requests do
         # (``padding_groups``): padded to its longest text, 255 one-word texts and one of 4,000 words held the model
         # for 29 s, though far under max_words_per_request.

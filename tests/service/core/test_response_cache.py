@@ -159,6 +159,20 @@ async def test_a_classify_request_of_no_texts_or_too_many_is_refused_as_without_
     assert stats.cache_hit.count == 0
 
 
+async def test_a_classify_request_over_the_word_limit_is_refused_though_its_texts_are_kept(make_dp: MakeDP) -> None:
+    """Three five-word texts, each kept by an earlier request, answered OK together: 15 words, over a
+    max_words_per_request of 8 that refuses the same request without the cache."""
+    dp = await make_dp(response_cache_bytes=MIB, max_words_per_request=8)
+    model = ModelRef("sentiment")
+    kept = ["a good film , really", "a bad film , really", "not a good film ."]
+    for text in kept:
+        await dp.classify(model, [text])
+    with pytest.raises(InvalidInput, match="texts has more than 8 words in all"):
+        await dp.classify(model, kept)
+    (stats,) = await dp.statistics(ModelRef("sentiment", 1))
+    assert stats.cache_hit.count == 0  # refused before the cache was asked
+
+
 async def test_one_principals_answers_never_reach_another(make_dp: MakeDP) -> None:
     dp = await make_dp(response_cache_bytes=MIB)
     set_principal("alice")
