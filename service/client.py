@@ -249,6 +249,14 @@ class _Connection:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    def _events_timeout(self, events: object, timeout: float | None) -> float | None:
+        """A Suggest stream's deadline: the client's per-call ``timeout`` for events given up front (a list, a
+        tuple); none by default for events that come as they are typed (a generator, an async iterable: a relay),
+        which a per-call deadline cut off after 30 s of typing."""
+        if timeout is not None:
+            return timeout
+        return self.timeout if isinstance(events, Sequence) else None
+
     def _deadline(self, timeout: float | None) -> float | None:
         limit = self._timeout(timeout)
         return None if limit is None else time.monotonic() + limit
@@ -322,7 +330,9 @@ class Client(_Connection):
     def suggest(
         self, session_id: str, events: Iterable[SuggestEvent | str], timeout: float | None = None
     ) -> Generator[SuggestResult, None, None]:
-        """One bidirectional stream: one result per event, in order (a ``str`` event = ``SuggestEvent(str)``)."""
+        """One bidirectional stream: one result per event, in order (a ``str`` event = ``SuggestEvent(str)``).
+        ``timeout``: the whole stream's deadline; by default the client's per-call one when ``events`` is a list or
+        a tuple, none when it is a generator (events as they come: see ``_events_timeout``)."""
 
         failed: list[BaseException] = []  # an error of the caller's events, raised to the caller as itself
 
@@ -334,7 +344,9 @@ class Client(_Connection):
                 failed.append(exc)
                 raise
 
-        call = self._autocomplete.Suggest(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
+        call = self._autocomplete.Suggest(
+            requests(), timeout=self._events_timeout(events, timeout), metadata=self._metadata
+        )
         return _stream(call, cv.suggest_from_pb, failed)
 
     def suggest_once(self, session_id: str, appended: str, timeout: float | None = None, **event: Any) -> SuggestResult:
@@ -481,7 +493,8 @@ class AsyncClient(_Connection):
     ) -> AsyncGenerator[SuggestResult, None]:
         """One bidirectional stream: one result per event, in order. ``events`` may be an async iterable: a
         relay hands each keystroke over as it comes (an ``asyncio.Queue`` read by an async generator) and reads
-        each answer while the stream stays open."""
+        each answer while the stream stays open. ``timeout``: as ``Client.suggest`` (none by default for events
+        that come as they are typed)."""
         failed: list[BaseException] = []
 
         async def requests() -> AsyncIterator[autocomplete_pb2.SuggestRequest]:
@@ -496,7 +509,9 @@ class AsyncClient(_Connection):
                 failed.append(exc)
                 raise
 
-        call = self._autocomplete.Suggest(requests(), timeout=self._timeout(timeout), metadata=self._metadata)
+        call = self._autocomplete.Suggest(
+            requests(), timeout=self._events_timeout(events, timeout), metadata=self._metadata
+        )
         return _astream(call, cv.suggest_from_pb, failed)
 
     @asynccontextmanager

@@ -4,6 +4,7 @@ models, checked against what ``Client`` gets for the same requests."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 
@@ -261,3 +262,27 @@ async def test_calls_of_a_closed_client_raise_api_errors_and_a_suggest_stream_ou
     with pytest.raises(ApiError) as unary:
         await pending
     assert unary.value.code == grpc.StatusCode.CANCELLED and "the client was closed" in unary.value.message
+
+
+async def test_suggest_relaying_events_as_they_come_outlives_the_call_timeout(target: str) -> None:
+    """``suggest`` fed by an async generator (the relay its docstring shows) or, in the blocking client, by a
+    generator took the client's per-call timeout as the whole stream's deadline: a user who paused past it lost the
+    stream (DEADLINE_EXCEEDED). Events given as a list keep that deadline (they are all there at once)."""
+
+    async def typed() -> AsyncIterator[str]:
+        yield "To be"
+        await asyncio.sleep(1.5)  # past the client's timeout
+        yield " or"
+
+    async with AsyncClient(target, timeout=1.0) as c, c.session("charlm") as s:
+        async with aclosing(c.suggest(s.id, typed())) as results:
+            assert [r.steps async for r in results] == [5, 8]
+        assert c._events_timeout(["a"], None) == 1.0 and c._events_timeout(typed(), 3.0) == 3.0
+
+    def typed_blocking() -> Iterator[str]:
+        yield "To be"
+        time.sleep(1.5)
+        yield " or"
+
+    with Client(target, timeout=1.0) as c, c.session("charlm") as s:
+        assert [r.steps for r in c.suggest(s.id, typed_blocking())] == [5, 8]
