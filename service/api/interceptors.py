@@ -134,9 +134,10 @@ DEADLINE_SLACK_SHARE = 0.25
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext, start: float) -> bool:
-    remaining = context.time_remaining()
-    if remaining is None:
+    left = context.time_remaining()
+    if left is None:
         return False
+    remaining = float(left)
     whole = remaining + (time.perf_counter() - start)  # (the deadline as the server counts it, from the call's start)
     return remaining <= min(DEADLINE_SLACK_SECONDS, DEADLINE_SLACK_SHARE * whole)
 

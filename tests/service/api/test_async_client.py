@@ -284,5 +284,5 @@ async def test_suggest_relaying_events_as_they_come_outlives_the_call_timeout(ta
         time.sleep(1.5)
         yield " or"
 
-    with Client(target, timeout=1.0) as c, c.session("charlm") as s:
-        assert [r.steps for r in c.suggest(s.id, typed_blocking())] == [5, 8]
+    with Client(target, timeout=1.0) as blocking, blocking.session("charlm") as session:
+        assert [r.steps for r in blocking.suggest(session.id, typed_blocking())] == [5, 8]
