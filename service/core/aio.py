@@ -7,8 +7,10 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
+
+from service.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +105,22 @@ async def inline_unless(large: bool, fn: Callable[..., T], *args: Any) -> T:
     if not large:
         return fn(*args)
     return await asyncio.to_thread(fn, *args)
+
+
+async def within_timeout(call: Awaitable[T], seconds: float, named: float | None = None) -> T:
+    """``call``'s answer, or DeadlineExceeded once ``seconds`` (a KServe request's ``timeout`` parameter) have
+    passed: the call is cancelled then, as by a gRPC deadline (a sequence step may or may not have been applied:
+    the next answer's ``seqserve_steps`` says), and its model's statistics count a failure. ``named``: the limit
+    the message names, when ``seconds`` is a backstop beyond it."""
+    limit = asyncio.timeout(seconds)
+    try:
+        async with limit:
+            return await call
+    except TimeoutError:
+        if not limit.expired():
+            raise  # the call's own TimeoutError, not this limit's
+        micros = (named or seconds) * 1e6
+        raise DeadlineExceeded(
+            f"not answered within the request's timeout parameter ({micros:.0f} microseconds); the server is busy "
+            "or the limit is too short for this request: retry later or with a longer timeout"
+        ) from None

@@ -20,7 +20,7 @@ import numpy as np
 
 from service import logs
 from service.core import pinning
-from service.core.aio import cancel_and_wait
+from service.core.aio import cancel_and_wait, within_timeout
 from service.core.context import check_admin, note_model, principal
 from service.core.registry import ModelEntry, ModelRegistry
 from service.core.responses import CLASSIFY, PREDICT, ResponseCache, kept_forecast, kept_sentiment
@@ -355,8 +355,10 @@ class CoreDataPlane:
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
         classes: dict[str, int] | None = None,
+        timeout: float | None = None,
     ) -> InferResult:
-        return await self._v2.infer(model, inputs, outputs, sequence, classes)
+        call = self._v2.infer(model, inputs, outputs, sequence, classes)
+        return await (call if timeout is None else within_timeout(call, timeout))
 
     # --- our API: sentiment -------------------------------------------------------------------------------
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:

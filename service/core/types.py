@@ -350,11 +350,13 @@ class DataPlane(Protocol):
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
         classes: dict[str, int] | None = None,
+        timeout: float | None = None,
     ) -> InferResult:
         """The v2 inference: inputs checked against the task's contract (then decoded), ``outputs`` (None = all,
         in the contract's order). With ``sequence`` the model's state lives on between calls (Triton's sequence
         extension). ``classes`` (output name -> count): those outputs come back as their top classes (Triton's
-        classification extension)."""
+        classification extension). ``timeout`` (seconds; Triton's request parameter): not answered within it, the
+        request's work is cancelled and it fails DeadlineExceeded (counted a failure, as for a gRPC deadline)."""
         ...
 
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]: ...

@@ -307,8 +307,11 @@ class RemoteDataPlane:
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
         classes: dict[str, int] | None = None,
+        timeout: float | None = None,
     ) -> InferResult:
-        result: InferResult = await self._call("infer", model, list(inputs), outputs, sequence, classes)
+        # The engine keeps the time limit (where the work runs, and the statistics count it: a frontend that gave
+        # up first counted its request's success, or nothing, when the engine had started it or not).
+        result: InferResult = await self._call("infer", model, list(inputs), outputs, sequence, classes, timeout)
         return result
 
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:

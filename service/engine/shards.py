@@ -240,9 +240,10 @@ class ShardedDataPlane:
         outputs: list[str] | None = None,
         sequence: SequenceRef | None = None,
         classes: dict[str, int] | None = None,
+        timeout: float | None = None,
     ) -> InferResult:
         plane = self.home if sequence is None else self._of(str(sequence.id))
-        return await plane.infer(model, inputs, outputs, sequence, classes)
+        return await plane.infer(model, inputs, outputs, sequence, classes, timeout)
 
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:
         return await self.home.classify(model, texts)

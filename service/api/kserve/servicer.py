@@ -11,11 +11,10 @@ open, as Triton does.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import TypeAlias, TypeVar
 
@@ -39,10 +38,10 @@ from service.api.kserve.convert import (
 )
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_priority, parse_sequence, parse_timeout
 from service.api.kserve.tensors import encode_outputs, output_regions, read_inputs, requested_outputs
+from service.core.aio import within_timeout
 from service.core.context import check_admin, reset_priority, set_priority
 from service.core.types import DataPlane, SharedRegion
 from service.errors import (
-    DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
     ModelUnavailable,
@@ -79,6 +78,10 @@ CUDA_HINT = (
 STEPS_PARAMETER = "seqserve_steps"
 Context: TypeAlias = grpc.aio.ServicerContext  # grpc ships no type stubs: this is Any to mypy
 T = TypeVar("T")
+# How much longer than a request's timeout parameter a frontend waits for its engine, which keeps the limit: the
+# engine's own DeadlineExceeded (or its answer in time) comes back within the hop; an engine that does not answer
+# at all (stopped, wedged) is given up on this much later.
+TIMEOUT_BACKSTOP_SECONDS = 0.25
 
 
 def _server_version() -> str:
@@ -292,10 +295,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         level = parse_priority(request.parameters, self._settings.priority_levels)
         outputs, classes = requested_outputs(request)
         placed = output_regions(request, self._regions) if outputs is not None else None
-        call = self._dataplane.infer(ref, read_inputs(request, self._regions), outputs, sequence, classes)
+        call = self._dataplane.infer(ref, read_inputs(request, self._regions), outputs, sequence, classes, timeout)
         token = set_priority(level)  # (read where its steps queue: the batcher, here or in the engine)
         try:
-            result = await (call if timeout is None else _within(call, timeout))
+            # The data plane keeps the limit (the engine, with --workers N: where the work runs and is counted);
+            # this one, a moment later, only bounds the wait for an engine that does not answer (stopped, wedged).
+            result = await (
+                call if timeout is None else within_timeout(call, timeout + TIMEOUT_BACKSTOP_SECONDS, timeout)
+            )
         finally:
             reset_priority(token)
         if response is None:
@@ -307,20 +314,3 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if result.session_blob is not None:
             response.parameters[SESSION_PARAMETER].string_param = base64.b64encode(result.session_blob).decode()
         return response
-
-
-async def _within(call: Awaitable[T], seconds: float) -> T:
-    """``call``'s answer, or DeadlineExceeded once ``seconds`` (the request's ``timeout``) have passed: the call is
-    cancelled then, as by a gRPC deadline (a sequence step may or may not have been applied: the next answer's
-    ``seqserve_steps`` says)."""
-    limit = asyncio.timeout(seconds)
-    try:
-        async with limit:
-            return await call
-    except TimeoutError:
-        if not limit.expired():
-            raise  # the call's own TimeoutError, not this limit's
-        raise DeadlineExceeded(
-            f"not answered within the request's timeout parameter ({seconds * 1e6:.0f} microseconds); the server "
-            "is busy or the limit is too short for this request: retry later or with a longer timeout"
-        ) from None

@@ -1079,6 +1079,35 @@ def test_the_timeout_parameter_ends_a_request_the_engine_does_not_answer_in_time
         stop_server(proc)
 
 
+def test_requests_over_their_timeout_parameter_count_as_failures_in_the_engine(
+    servers: tuple[dict[str, object], int],
+) -> None:
+    """The frontend kept the limit and cancelled the engine's call when it passed: a request the engine had already
+    run was counted a success in ModelStatistics though its client got DEADLINE_EXCEEDED, and one cancelled before
+    the engine started it was not counted at all (20 such requests: success +8, fail +3). The engine keeps it now,
+    where the work runs and is counted, as in one process."""
+    info, _ = servers
+
+    def stats(stub: pb_grpc.GRPCInferenceServiceStub) -> tuple[int, int]:
+        (m,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="sentiment"), timeout=30).model_stats
+        return m.inference_stats.success.count, m.inference_stats.fail.count
+
+    for target in _frontends(info):
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            before = stats(stub)
+            for i in range(10):
+                r = pb.ModelInferRequest(model_name="sentiment", id=f"late-{i}")
+                r.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+                r.raw_input_contents.append(serialize_bytes([f"a fine film, take {i}".encode()]))
+                r.parameters["timeout"].int64_param = 1  # one microsecond
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ModelInfer(r, timeout=30)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            after = stats(stub)
+            assert (after[0] - before[0], after[1] - before[1]) == (0, 10)
+
+
 def test_rest_over_mtls_serves_a_callers_sequence_across_frontends(
     tiny_models: Path, tmp_path: Path, short_tmp: Path
 ) -> None:

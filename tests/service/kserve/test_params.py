@@ -1,5 +1,5 @@
 """Triton's ``timeout`` and ``priority`` request parameters, parsed (``params``), the timeout applied
-(``servicer._within``), in this process: the subprocess tests (``tests/service/engine/test_workers.py``) drive
+(``service.core.aio.within_timeout``, in the data plane), in this process: the subprocess tests (``tests/service/engine/test_workers.py``) drive
 them end to end."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.kserve.params import parse_priority, parse_timeout
-from service.api.kserve.servicer import _within
 from service.api.kserve.tensors import serialize_bytes
+from service.core.aio import within_timeout
 from service.core.shm import Regions
 from service.errors import DeadlineExceeded, InvalidInput
 from service.settings import Settings
@@ -62,11 +62,13 @@ async def test_within_answers_in_time_or_ends_the_call_at_its_limit() -> None:
         await asyncio.sleep(after)
         return "done"
 
-    assert await _within(answer(0.0), 5.0) == "done"
+    assert await within_timeout(answer(0.0), 5.0) == "done"
     started = asyncio.get_running_loop().time()
     with pytest.raises(DeadlineExceeded, match=r"timeout parameter \(50000 microseconds\)"):
-        await _within(answer(30.0), 0.05)
+        await within_timeout(answer(30.0), 0.05)
     assert asyncio.get_running_loop().time() - started < 5.0
+    with pytest.raises(DeadlineExceeded, match=r"timeout parameter \(40000 microseconds\)"):
+        await within_timeout(answer(30.0), 0.05, 0.04)  # a backstop past the limit names the limit
 
 
 async def test_a_timeout_error_of_the_call_itself_is_not_the_requests_limit() -> None:
@@ -74,7 +76,7 @@ async def test_a_timeout_error_of_the_call_itself_is_not_the_requests_limit() ->
         raise TimeoutError("the store did not answer")
 
     with pytest.raises(TimeoutError, match="the store did not answer"):
-        await _within(fails(), 5.0)
+        await within_timeout(fails(), 5.0)
 
 
 def _priority(**values: object) -> pb.ModelInferRequest:
