@@ -1,6 +1,6 @@
 """Triton's ``timeout`` and ``priority`` request parameters, parsed (``params``), the timeout applied
-(``service.core.aio.within_timeout``, in the data plane), in this process: the subprocess tests (``tests/service/engine/test_workers.py``) drive
-them end to end."""
+(``service.core.aio.within_timeout``, in the data plane), in this process: the subprocess tests
+(``tests/service/engine/test_workers.py``) drive them end to end."""
 
 from __future__ import annotations
 
