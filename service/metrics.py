@@ -488,16 +488,18 @@ class Metrics:
 
         The batcher calls this once per batch; the per-request histograms get ``requests`` observations (every
         request of the batch saw the same compute time; ``queue_seconds`` is the batch's mean wait). A request of
-        64 texts is one observation, not 64: counted per row, its compute time went in 64 times.
+        64 texts is one observation, not 64: counted per row, its compute time went in 64 times. A request sent as
+        several items (a Classify request's length groups) is one too: its first item's batch observes it.
         """
         if batch_size < 1:  # nothing ran; never let a metrics call fail the batch
             return
-        n = batch_size if requests is None else max(requests, 1)
+        n = batch_size if requests is None else requests  # (0: a batch of the later parts of split requests)
         labels = (self._model(model), str(version))
         q, c = max(queue_seconds, 0.0), max(compute_seconds, 0.0)
-        _observe_many(self._child(self.inference_queue, labels), q, n)
-        _observe_many(self._child(self.inference_compute, labels), c, n)
-        _observe_many(self._child(self.inference_total, labels), q + c, n)
+        if n > 0:
+            _observe_many(self._child(self.inference_queue, labels), q, n)
+            _observe_many(self._child(self.inference_compute, labels), c, n)
+            _observe_many(self._child(self.inference_total, labels), q + c, n)
         self._child(self.batch_size, labels).observe(batch_size)
 
     def watch_queue(self, model: str, version: int, length: Callable[[], int]) -> None:

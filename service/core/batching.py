@@ -94,6 +94,7 @@ class StepInput:
     admitted: bool = False  # a later step of an admitted stream: never refused for a full queue
     derive: bool = False  # wants the batcher's derived outputs (``Batcher.derive``); a batch computes them only then
     runs: Runs | None = None  # the request's counter (statistics: its runs' times; its trace, stamped per run)
+    request: bool = True  # counts as a request in the metrics (a request sent as several items counts once)
 
 
 @dataclass
@@ -387,8 +388,9 @@ class Batcher:
                 runs.input_ns += times[0]
                 runs.infer_ns += times[1]
                 runs.output_ns += times[2]
+        requests = sum(1 for it in items if it.request)
         self.metrics.inference(
-            self.name, self.version, sum(waits) / len(items), time.perf_counter() - started, rows, len(items)
+            self.name, self.version, sum(waits) / len(items), time.perf_counter() - started, rows, requests
         )
         self.stats.batch(rows, *times)
 

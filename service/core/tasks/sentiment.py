@@ -104,14 +104,16 @@ class SentimentTask(Task):
     async def classify(self, texts: list[str]) -> list[SentimentResult]:
         return await self._classify(texts, "texts")
 
-    async def _run(self, ids: list[I64]) -> F64:
-        """The label probabilities of these texts' ids, (texts, labels): one item for the batcher."""
+    async def _run(self, ids: list[I64], request: bool = True) -> F64:
+        """The label probabilities of these texts' ids, (texts, labels): one item for the batcher (``request``:
+        it counts as the request in the metrics; the later length groups of one request do not)."""
         batch, lengths = right_pad(ids, self.pad)  # (batch, time), (batch,)
         inputs = {"input_ids": batch}
         if self.with_lengths:
             inputs["lengths"] = lengths
         # Every classify request merges with every other (key None); the batcher pads input_ids to the longest.
-        out = await self.model.batcher.submit(StepInput(inputs=inputs, rows=len(ids), pad={"input_ids": self.pad}))
+        step = StepInput(inputs=inputs, rows=len(ids), pad={"input_ids": self.pad}, request=request)
+        out = await self.model.batcher.submit(step)
         return softmax(out.outputs["logits"])  # (batch, labels)
 
     def encode(self, texts: list[str], field: str) -> list[I64]:
@@ -152,7 +154,7 @@ class SentimentTask(Task):
         if len(groups) == 1:
             probs = await self._run(ids)
         else:
-            parts = await asyncio.gather(*(self._run([ids[i] for i in g]) for g in groups))
+            parts = await asyncio.gather(*(self._run([ids[i] for i in g], k == 0) for k, g in enumerate(groups)))
             probs = np.empty((len(ids), parts[0].shape[1]), dtype=parts[0].dtype)
             for g, part in zip(groups, parts, strict=True):
                 probs[g] = part

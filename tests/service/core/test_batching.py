@@ -393,6 +393,10 @@ async def test_one_requests_texts_of_very_different_lengths_run_as_length_groups
     assert sorted(sizes) == [1, 31], sizes
     (stats,) = await dp.statistics(ModelRef("sentiment", 1))
     assert stats.execution_count == 2 and stats.inference_count == len(texts) and stats.success.count == 1
+    # one request in the per-request histograms, whatever its groups (it went in once per group)
+    labels = {"model": "sentiment", "version": "1"}
+    assert dp.metrics.registry.get_sample_value("seqserve_inference_seconds_count", labels) == 1
+    assert dp.metrics.registry.get_sample_value("seqserve_inference_queue_seconds_count", labels) == 1
     whole = await make_dp(pad_split_tokens=0)
     one_run = await whole.classify(ModelRef("sentiment"), texts)
     assert recorded(whole).batch_sizes("sentiment") == [len(texts)]
