@@ -20,6 +20,7 @@ from service.argtypes import INT64_MAX
 from service.errors import echo
 
 REST_ONLY = ("binary_data", "binary_data_size", "binary_data_output")  # parameters the gRPC call does not carry
+BINARY_FLAGS = ("binary_data", "binary_data_output")  # JSON booleans, as Triton reads them
 UINT64_MAX = 2**64 - 1
 
 
@@ -72,6 +73,8 @@ def fill_parameters(target: Any, params: object, where: str, skip: tuple[str, ..
     if not isinstance(params, dict):
         raise HttpError(400, f"{where}: parameters must be a JSON object, got {json_kind(params)}")
     for key, value in params.items():
+        if key in BINARY_FLAGS and not isinstance(value, bool):  # ("yes" or "true" was read as false, unsaid)
+            raise HttpError(400, f"{where}: parameter {key} must be true or false, got {json_kind(value)}")
         if key in skip:
             continue
         slot = target[key]

@@ -287,6 +287,20 @@ def infer_body(data: object, shape: Sequence[object], datatype: str = "BYTES", n
         ),
         ("/v2/models/forecaster/infer", b'{"x": ' + b"1" * 5000 + b"}", 400, "a number has more than 4,300 digits"),
         ("/v2/models/sentiment/infer", b"[]", 400, "the inference request must be a JSON object, got an array"),
+        (  # binary output flags are JSON booleans, as Triton reads them: "yes" was read as false, unsaid
+            "/v2/models/sentiment/infer",
+            b'{"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["fine"]}], '
+            b'"parameters": {"binary_data_output": "yes"}}',
+            400,
+            "the request: parameter binary_data_output must be true or false, got a string",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            b'{"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["fine"]}], '
+            b'"outputs": [{"name": "PROBABILITIES", "parameters": {"binary_data": "true"}}]}',
+            400,
+            "output 'PROBABILITIES': parameter binary_data must be true or false, got a string",
+        ),
         ("/v2/models/sentiment/infer", b"{}", 400, "inputs must be a non-empty array"),
         ("/v2/models/sentiment/infer", b"[" * 100_000 + b"]" * 100_000, 400, "nest too deeply"),
         ("/v2/models/forecaster/infer", infer_body([10**400], [1], "FP32", "HISTORY"), 400, "outside FP32's range"),
