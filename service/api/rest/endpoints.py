@@ -149,7 +149,16 @@ class Endpoints(GatewayHandler):
             raise HttpError(
                 400, f"{HEADER_LENGTH} {echo(length, 40)} must be a number up to the body's {len(body)} bytes"
             )
-        header = read_json(body[:split])
+        try:
+            header = read_json(body[:split])
+        except HttpError as err:
+            if length is None or not err.message.startswith("the body is not JSON"):
+                raise
+            raise HttpError(  # (a header length too short or too long cut the JSON, and the message said not why)
+                400,
+                f"the JSON header (the body's first {split} bytes, {HEADER_LENGTH}) is not JSON we read: check "
+                f"that the header names the JSON part's length; {err.message}",
+            ) from None
         request, binary_default = infer_request(name, version, header, body[split:])
         response = self._call("ModelInfer", request)
         payload, head = infer_response(response, header, binary_default)

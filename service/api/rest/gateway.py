@@ -328,18 +328,23 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     ``GZIP_MEMBERS`` members (each costs a decompressor: a body of empty members must not cost one per 20 bytes)."""
     out: list[bytes] = []
     size, rest = 0, body
-    for _ in range(GZIP_MEMBERS):
+    for member in range(GZIP_MEMBERS):
         inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
         try:
             data = inflate.decompress(rest, limit + 1 - size)
         except zlib.error as exc:
-            raise HttpError(400, f"the {encoding} body does not decompress: {exc}") from None
+            if member:  # (zlib's "incorrect header check" named no place)
+                raise HttpError(
+                    400, f"the gzip body has {len(rest)} bytes after its compressed data that are no gzip member"
+                ) from None
+            why = str(exc).split(": ", 1)[-1]  # ("Error -3 while decompressing data: invalid ..."
+            raise HttpError(400, f"the {encoding} body is not {encoding} data ({why}); compress it again") from None
         size += len(data)
         if size > limit:
             raise HttpError(413, f"the request body decompresses past the limit of {limit} bytes")
         out.append(data)
         if not inflate.eof:
-            raise HttpError(400, f"the {encoding} body is cut short: it ends before its compressed data does")
+            raise HttpError(400, f"the {encoding} body ends before its compressed data does (cut short, or corrupt)")
         rest = inflate.unused_data
         if not rest:
             return b"".join(out)

@@ -494,6 +494,11 @@ def test_binary_data_must_add_up(rest: ServerHandle) -> None:
     assert error_of(extra) == (400, "2 bytes of binary data after the inputs' binary_data_size")
     bad = http(rest, "/v2/models/sentiment/infer", head + raw, Inference_Header_Content_Length="99999")
     assert error_of(bad)[0] == 400 and "must be a number up to the body's" in error_of(bad)[1]
+    cut = http(rest, "/v2/models/sentiment/infer", head + raw, Inference_Header_Content_Length=str(len(head) - 5))
+    assert error_of(cut)[0] == 400  # a header length that cuts the JSON: said, not only "Expecting value"
+    assert error_of(cut)[1].startswith(
+        f"the JSON header (the body's first {len(head) - 5} bytes, Inference-Header-Content-Length) is not JSON"
+    ), error_of(cut)
     torn = struct.pack("<I", 50) + b"short"
     header["inputs"][0]["parameters"] = {"binary_data_size": len(torn)}
     head = json.dumps(header).encode()
@@ -625,9 +630,11 @@ def test_compressed_bodies_are_read_whole(rest: ServerHandle) -> None:
     body = infer_body(["a fine film"], [1])
     packed = gzip.compress(body)
     cut = error_of(http(rest, "/v2/models/sentiment/infer", packed[:-8], Content_Encoding="gzip"))
-    assert cut == (400, "the gzip body is cut short: it ends before its compressed data does")
+    assert cut == (400, "the gzip body ends before its compressed data does (cut short, or corrupt)")
     tail = error_of(http(rest, "/v2/models/sentiment/infer", packed + b"garbage", Content_Encoding="gzip"))
-    assert tail[0] == 400 and tail[1].startswith("the gzip body does not decompress: "), tail
+    assert tail == (400, "the gzip body has 7 bytes after its compressed data that are no gzip member"), tail
+    junk = error_of(http(rest, "/v2/models/sentiment/infer", b"not gzip at all", Content_Encoding="gzip"))
+    assert junk[0] == 400 and junk[1].startswith("the gzip body is not gzip data (incorrect header check)"), junk
     extra = error_of(http(rest, "/v2/models/sentiment/infer", zlib.compress(body) + b"x", Content_Encoding="deflate"))
     assert extra == (400, "the deflate body has 1 bytes after its compressed data")
     members = gzip.compress(body[:20]) + gzip.compress(body[20:])
