@@ -86,6 +86,14 @@ LogSettings = dict[str, bool | int | str]
 _PARAMS = {bool: "a bool (bool_param)", int: "an unsigned integer (uint32_param)", str: "a string (string_param)"}
 
 
+# grpc.aio logs this, at ERROR with a traceback, when a handler's answer finds its call already ended by the C core:
+# the client's deadline passed (or it hung up) while the answer was on its way. The edge has counted and logged the
+# call (DEADLINE_EXCEEDED, CANCELLED; within LOG_ERRORS_PER_SECOND), so any client could write tracebacks at will
+# with short deadlines (29 in 30 s of 1-30 ms deadlines, --workers 2): a library debug line here (verbose 2).
+GRPC_CYTHON_LOGGER = "grpc._cython.cygrpc"
+DEAD_CALL_SEND = "ExecuteBatchError raised in core by servicer method"
+
+
 class _Switches(logging.Filter):
     """Which records the handler writes: INFO, WARNING and ERROR (with CRITICAL) each on or off, DEBUG records
     when the verbose level is 1 or more. Python's single threshold cannot say "errors but not warnings"."""
@@ -116,6 +124,8 @@ class _Switches(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == AUDIT_LOGGER:
             return True
+        if record.name == GRPC_CYTHON_LOGGER and record.getMessage().startswith(DEAD_CALL_SEND):
+            return self.verbose >= 2  # (a library's debug line: see DEAD_CALL_SEND)
         level = record.levelno
         if level >= logging.ERROR:
             return self.error

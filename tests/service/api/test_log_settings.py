@@ -74,6 +74,27 @@ def test_verbose_level_1_is_this_servers_debug_records_and_2_the_libraries_too(
     ]  # fmt: skip
 
 
+def test_grpcs_traceback_for_an_answer_to_an_ended_call_is_a_library_debug_line(
+    log_state: Callable[[str], io.StringIO],
+) -> None:
+    """grpc.aio logs "ExecuteBatchError raised in core by servicer method" at ERROR, with a traceback, when an
+    answer finds its call ended by the client's deadline: short deadlines wrote tracebacks at will (29 in 30 s).
+    The edge counts and logs such calls; this line shows at verbose level 2 only. Other gRPC errors still show."""
+    out = log_state("INFO")
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    try:
+        raise RuntimeError("Failed execute_batch")
+    except RuntimeError:
+        cygrpc.exception("ExecuteBatchError raised in core by servicer method [%s]", "/seqserve.v1.Sessions/Get")
+    cygrpc.error("something else went wrong")
+    logs.update({"log_verbose_level": 2})
+    cygrpc.error("ExecuteBatchError raised in core by servicer method [%s]", "/x")
+    assert _lines(out) == [
+        "grpc._cython.cygrpc: something else went wrong",
+        "grpc._cython.cygrpc: ExecuteBatchError raised in core by servicer method [/x]",
+    ]
+
+
 @pytest.mark.parametrize(
     ("level", "expected"),
     [
