@@ -23,6 +23,11 @@ from service.core.types import ModelRef
 from service.errors import FailedPrecondition, ModelUnavailable, ReplicaBehind, echo, session_ref
 from service.settings import Settings
 
+# A session's step count, at most (a signed blob's too): 2^53 - 1, an integer every JSON reader holds exactly. No
+# session steps that far (a million steps a second for 285 years); an imported 2^63 - 1 made its next step's count
+# overflow the API's int64, failing every later call of that session.
+MAX_IMPORTED_STEPS = 2**53 - 1
+
 
 def pinned(registry: ModelRegistry, s: SessionState) -> ModelEntry:
     """The loaded model a session belongs to: the same version and the same weights, else a clear error."""
@@ -176,8 +181,8 @@ def importable(
 def _context_problem(shapes: dict[str, tuple[Container[int], ...]], context: dict[str, Any], steps: int) -> str:
     """Why a blob's context (signed, but possibly by another build sharing the key) cannot continue on this
     model; "" when it fits. Without this check the import succeeds and every later call fails INTERNAL."""
-    if steps < 0:
-        return f"steps is {steps}"
+    if not 0 <= steps <= MAX_IMPORTED_STEPS:  # (2^63 - 1 imported, then every call failed INTERNAL: no int64 after it)
+        return f"steps is {steps} (0 to {MAX_IMPORTED_STEPS:,})"
     for name, value in context.items():
         axes = shapes.get(name)
         if axes is None:

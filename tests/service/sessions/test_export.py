@@ -100,6 +100,14 @@ def test_a_signed_blob_whose_context_does_not_fit_is_a_failed_precondition(pair:
         "logits has shape [1, ": edited("charlm", lambda s: s.context.update(logits=s.context["logits"][None])),
         "logits holds NaN": edited("charlm", lambda s: s.context["logits"].fill(np.nan)),
         "steps is -5": edited("charlm", lambda s: setattr(s, "steps", -5)),
+        # 2^63 - 1 was imported, then its next step's count overflowed the API's int64: every later call INTERNAL
+        "steps is 9223372036854775807 (0 to 9,007,199,254,740,991)": edited(
+            "charlm", lambda s: setattr(s, "steps", 2**63 - 1)
+        ),
+        # a row far out was imported, then answered inf forecasts as OK (an Observe refuses such a value)
+        "a row holds a value 1e+06 standard deviations or more": edited(
+            "forecaster", lambda s: s.context["rows"].__setitem__((10, 3), -3e38)
+        ),
         "'extra', which this model's sessions never keep": edited(
             "charlm", lambda s: s.context.update(extra=np.zeros(250_000, np.float32))
         ),
