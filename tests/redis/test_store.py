@@ -97,6 +97,29 @@ async def test_a_replica_that_handed_a_session_over_lets_the_asker_have_it_first
     assert a.counts["handoff"] >= 1
 
 
+async def test_a_replacement_keeps_the_ids_lease_between_its_delete_and_add(
+    make_store: MakeStore, redis_server: RedisServer
+) -> None:
+    """A sequence_start on a running sequence replaces its session: deleted, then added, under the call's lease.
+    The delete released the lease, so another replica's step on the id took it in between and found no session:
+    NOT_FOUND, "unknown or expired", for a sequence that existed before and after (4 of ~900 concurrent steps,
+    two replicas). The delete of a replacement keeps the lease: the other replica's step waits, then steps the
+    new session."""
+    a, b = await make_store(), await make_store()
+    await a.add(state())
+    waiting: asyncio.Future[SessionState] | None = None
+    async with a.lease("s1"):
+        await a.delete("s1", hold=True)
+        assert redis_server.client().get(a.keys("s1")[1]) == a.replica.encode()  # still this replica's
+        waiting = asyncio.ensure_future(step(b, "s1"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # B waits for the lease instead of finding no session
+        fresh = state()
+        fresh.steps = 100
+        await a.add(fresh)
+    assert (await asyncio.wait_for(waiting, 10)).steps == 101  # B stepped the replacement
+
+
 @pytest.mark.parametrize(
     ("b_does", "refusal"),
     [("steps", SessionConflict), ("steps and lets go", SessionConflict), ("replaces", StaleSession)],

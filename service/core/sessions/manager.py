@@ -323,7 +323,9 @@ class SessionManager:
         session; a caller that chooses ids uses ``begin`` instead, which does this under the id's lease."""
         session.owner = principal()
         async with self._adding:  # counted and added as one step: concurrent creates cannot all pass the limits
-            old = await self.store.delete(session.id)
+            # (hold: between this delete and the add below, another replica's call on the id took its lease and
+            # found no session: told NOT_FOUND, a sequence "unknown", while a sequence_start replaced it)
+            old = await self.store.delete(session.id, hold=True)
             try:
                 await self._make_room(session.owner, session.nbytes, keep)
             except BaseException:

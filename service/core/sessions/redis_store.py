@@ -109,10 +109,11 @@ class RedisSessionStore:
         e.used = time.monotonic()
         session.revision = new.revision
 
-    async def delete(self, session_id: str) -> SessionState | None:
+    async def delete(self, session_id: str, hold: bool = False) -> SessionState | None:
         self.leases.start()
+        args: list[Arg] = [self.replica, self.leases.lease_ms] if hold else [self.replica]
         while True:
-            r = await self.conn.script("delete", self.keys(session_id), [self.replica])
+            r = await self.conn.script("delete", self.keys(session_id), args)
             if int(r[0]) == 1:
                 break
             self.leases.disown(session_id)

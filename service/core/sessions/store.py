@@ -51,7 +51,11 @@ class SessionStore(Protocol):
         not the one it was loaded with."""
         ...
 
-    async def delete(self, session_id: str) -> SessionState | None: ...
+    async def delete(self, session_id: str, hold: bool = False) -> SessionState | None:
+        """Removes the session and returns it (None when there was none). ``hold``: a session about to be stored
+        again under the same id (a replacement, under this call's lease): a shared store keeps the id's lease
+        meanwhile, so another replica's call cannot take it and find no session in between."""
+        ...
 
     def lease(self, session_id: str) -> AbstractAsyncContextManager[None]:
         """Exclusive use of one session; waiters are served in arrival order."""
@@ -224,8 +228,8 @@ class InMemorySessionStore(Generic[R]):
             self._records[sid] = self._pack(cold)  # (keeps its place in the recency order)
         self._owners[owner].move_to_end(session.id)
 
-    async def delete(self, session_id: str) -> SessionState | None:
-        return self._remove(session_id)
+    async def delete(self, session_id: str, hold: bool = False) -> SessionState | None:
+        return self._remove(session_id)  # (leases are this process's: a delete never releases one)
 
     def lease(self, session_id: str) -> AbstractAsyncContextManager[None]:
         return _Holding(self._leases, session_id)
