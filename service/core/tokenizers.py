@@ -34,6 +34,9 @@ _WORD_PUNCTUATION = str.maketrans(
 # ...and its double quotes as SST's: `` opens, '' closes, for a vocabulary that has no " (SST's has none: a curly
 # quote read as " was an unknown word).
 _SST_QUOTES = str.maketrans(dict.fromkeys("\u201c\u201e\u201f\u00ab", "``") | dict.fromkeys("\u201d\u2033\u00bb", "''"))
+# ...and a straight " as the Penn Treebank tokenizer reads it (SST's own): opening (`` ) at the start or after a
+# space or an opening bracket, closing ('') elsewhere; it was an unknown word, where the curly pair was known.
+_OPENING_QUOTE = re.compile(r'(^|[\s(\[{<])"')
 MAX_FOLDED = 4096  # distinct unknown characters whose folding an encoder remembers
 # Line breaks other than LF (Unicode's mandatory breaks, UAX #14: CR, VT, FF, NEL, LINE and PARAGRAPH SEPARATOR): a
 # model whose text breaks lines with LF reads each as one, and a CRLF (Windows, an HTML form) as the one LF it is.
@@ -72,17 +75,25 @@ def _unseen(c: str) -> tuple[str, str]:
     return code, "; it is an invisible character, often pasted with the text"
 
 
-_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F])  # (controls that are no whitespace)
+# Controls that are no whitespace: each separates the words beside it, as a space ("a\x01b" is "a" and "b", not
+# the one unknown word "ab").
+_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F], " ")
+_BREAKS = "\u200b"  # a zero-width space: a break between words, where the other format characters join or mark
 
 
 def _visible(text: str) -> str:
     """A word model's text composed (Unicode NFC: an accented letter typed as a letter and a combining mark is the
-    one letter it stands for) and without invisible characters (format and control characters: a zero-width space,
-    a byte order mark, a soft hyphen), each of which was read as an unknown word."""
+    one letter it stands for) and without invisible characters, each of which was read as an unknown word: format
+    characters (a byte order mark, a soft hyphen, a zero-width joiner) dropped, controls and the zero-width space
+    read as a space."""
     if text.isascii():
         return text.translate(_CONTROLS)
     text = unicodedata.normalize("NFC", text)
-    return "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cc") or c.isspace())
+    return "".join(
+        " " if c in _BREAKS or (unicodedata.category(c) == "Cc" and not c.isspace()) else c
+        for c in text
+        if unicodedata.category(c) != "Cf" or c in _BREAKS
+    )
 
 
 def split_words(text: str, lowercase: bool = True) -> list[str]:
@@ -109,7 +120,8 @@ class Encoder:
         self._crlf = self._folded is not None and "\r" not in self.index and self.unk_id is None
         self.pad_id = self.index.get(spec.pad_token) if spec.pad_token is not None else None
         self._punctuation = _WORD_PUNCTUATION
-        if self._fold_words and '"' not in self.index and "`" in self.index:
+        self._sst_quotes = self._fold_words and '"' not in self.index and "`" in self.index
+        if self._sst_quotes:
             self._punctuation = {**_WORD_PUNCTUATION, **_SST_QUOTES}
 
     def tokens(self, text: str) -> list[str]:
@@ -119,6 +131,8 @@ class Encoder:
             return list(text.lower() if self.spec.lowercase else text)
         if self._fold_words:
             text = _visible(text).translate(self._punctuation)
+            if self._sst_quotes and '"' in text:
+                text = _OPENING_QUOTE.sub(r"\1``", text).replace('"', "''")
         return split_words(text, self.spec.lowercase)
 
     def encode(self, text: str, field: str = "text") -> npt.NDArray[np.int64]:

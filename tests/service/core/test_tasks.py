@@ -270,6 +270,14 @@ def test_typed_double_quotes_read_as_the_training_texts_quotes() -> None:
     # characters are no words (a zero-width space alone got a label; a byte order mark was an unknown word).
     assert sst.tokens("cafe\u0301") == sst.tokens("caf\u00e9") == ["caf\u00e9"]
     assert sst.tokens("\ufeffsuperb\u200b \x01") == ["superb"] and sst.tokens("\u200b") == []
+    # A straight " as SST's tokenizer reads it, opening or closing by its place (it was an unknown word, where the
+    # curly pair was known); a control character or a zero-width space between words keeps them apart (they were
+    # one unknown word, "ab"), while a soft hyphen or a joiner inside one word keeps it whole.
+    assert sst.tokens('"superb"') == sst.tokens("\u201csuperb\u201d")
+    assert sst.tokens('it is ("superb").') == ["it", "is", "(", "`", "`", "superb", "'", "'", ")", "."]
+    assert plain.tokens('"superb"') == ['"', "superb", '"']  # a vocabulary with " keeps it
+    assert sst.tokens("a\x01b") == sst.tokens("a\u200bb") == ["a", "b"]
+    assert sst.tokens("su\u00adperb") == sst.tokens("su\u200dperb") == ["superb"]
 
 
 async def test_a_contraction_typed_as_one_word_keeps_its_negation(dp: CoreDataPlane) -> None:
