@@ -497,11 +497,7 @@ class CoreDataPlane:
         ttl = self.sessions.ttl(ttl_seconds)
         entry = self.registry.resolve(model)
         note_model(entry.name)
-        if entry.task.stateful and not entry.capabilities & {"generate", "forecast"}:  # (a plugin's stateful task)
-            raise FailedPrecondition(
-                f"model {entry.label} ({entry.task.name!r}) keeps state only through KServe v2 sequences "
-                "(sequence_id, sequence_start): no call of this API advances a session of it, so none is created"
-            )
+        _steppable(entry)
         return (await self.sessions.add(pinning.new_session(self.sessions, entry, ttl, None))).info()
 
     async def get_session(self, session_id: str) -> SessionInfo:
@@ -510,6 +506,11 @@ class CoreDataPlane:
         return s.info(in_use)
 
     async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo:
+        src, _ = await self.sessions.read(session_id)
+        note_model(src.model)
+        entry = self.registry.get(src.model, src.version)
+        if entry is not None:  # (a plugin's sequence: its twin's id no call could reach)
+            _steppable(entry)
         twin = await self.sessions.fork(session_id, ttl_seconds)
         note_model(twin.model)
         return twin.info()
@@ -528,8 +529,20 @@ class CoreDataPlane:
         ttl = self.sessions.ttl(ttl_seconds)
         imported, entry = pinning.importable(self.registry, blob, pinning.signing_key(self.settings))
         note_model(entry.name)
+        _steppable(entry)  # (a plugin's sequence imports as a sequence: seqserve_import with sequence_start)
         adopted = pinning.adopted(self.sessions, imported, entry, ttl, None)
         return (await self.sessions.add(adopted, event="imported")).info()
+
+
+def _steppable(entry: ModelEntry) -> None:
+    """FailedPrecondition for a model whose sessions no call of our API advances (a plugin's stateful task: KServe
+    sequences only), before a session of it is made by Create, Fork or Import: it would live, unreachable, until
+    its TTL."""
+    if entry.task.stateful and not entry.capabilities & {"generate", "forecast"}:
+        raise FailedPrecondition(
+            f"model {entry.label} ({entry.task.name!r}) keeps state only through KServe v2 sequences "
+            "(sequence_id, sequence_start): no call of this API advances a session of it, so none is created"
+        )
 
 
 # The capability was checked by _serve/_session (entry.capabilities, computed once at load): no isinstance here.

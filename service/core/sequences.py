@@ -124,7 +124,7 @@ class V2Inference:
                 return answer
             blob = None
             if sequence is None:
-                result = _returned(entry, await entry.task.infer(tensors, None))
+                result = self._returned(entry, await entry.task.infer(tensors, None))
             else:
                 result, blob = await self._infer_sequence(entry, tensors, sequence, imported)
             req.inferences = result.inferences
@@ -133,7 +133,30 @@ class V2Inference:
     async def _stateless(
         self, entry: ModelEntry, tensors: dict[str, Tensor], wanted: list[str], classes: dict[str, int] | None
     ) -> InferResult:
-        return self._result(entry, _returned(entry, await entry.task.infer(tensors, None)), wanted, classes, None)
+        return self._result(entry, self._returned(entry, await entry.task.infer(tensors, None)), wanted, classes, None)
+
+    def _returned(self, entry: ModelEntry, result: object) -> TaskResult:
+        """``result`` when it is what a task's ``infer`` must return; else RuntimeError naming the task. A plugin's
+        outputs are checked against its contract here, before its session is saved (its bug was sent as a success;
+        checked after the save, its sequence had advanced when the request failed). seqserve's own tasks build
+        theirs from the contract, and their load checks hold the graph to the manifest: not on every step."""
+        if not isinstance(result, TaskResult):
+            raise RuntimeError(
+                f"task {entry.task.name!r} of model {entry.label} returned {type(result).__name__} from infer(), "
+                "not a TaskResult (docs/architecture.md, Writing one)"
+            )
+        if not is_builtin(type(entry.task)):
+            defs = self._contract(entry).outputs_by_name
+            for name, t in result.outputs.items():
+                d = defs.get(name)
+                wrong = None if d is None else misfit(name, t, d)
+                if d is not None and wrong is not None:
+                    raise RuntimeError(
+                        f"task {entry.task.name!r} of model {entry.label} returned output {name} with {wrong}; its "
+                        f"contract declares {d.describe()} (its model's metadata says so): fix the task's infer() or "
+                        "the model's manifest"
+                    )
+        return result
 
     def _result(
         self,
@@ -151,18 +174,6 @@ class V2Inference:
                 f"returned {sorted(result.outputs)}; its contract declares {self._contract(entry).output_names})"
             )
         tensors = [result.outputs[n] for n in wanted]
-        # A plugin's outputs are checked against its contract (its bug was sent as a success); seqserve's own tasks
-        # build theirs from the contract, and their load checks hold the graph to the manifest: not on every step.
-        if not is_builtin(type(entry.task)):
-            defs = self._contract(entry).outputs_by_name
-            for name, t in zip(wanted, tensors, strict=True):
-                wrong = misfit(name, t, defs[name])
-                if wrong is not None:
-                    raise RuntimeError(
-                        f"task {entry.task.name!r} of model {entry.label} returned output {name} with {wrong}; its "
-                        f"contract declares {defs[name].describe()} (its model's metadata says so): fix the task's "
-                        "infer() or the model's manifest"
-                    )
         if classes:
             defs = self._contract(entry).outputs_by_name
             tensors = [
@@ -228,7 +239,7 @@ class V2Inference:
                 counted.append(req)
                 tensors, wanted = await self._checked(entry, inputs, outputs, seq, classes)
                 use.save = True  # from here on the session is saved (or ended) whatever the task does
-                result = _returned(entry, await entry.task.infer(tensors, s))
+                result = self._returned(entry, await entry.task.infer(tensors, s))
                 req.inferences = result.inferences
                 blob = self._seal(seq, s)
             ok = True
@@ -267,7 +278,7 @@ class V2Inference:
             else:
                 fresh, event = pinning.new_session(self.sessions, entry, ttl, sid), "created"
             async with self.sessions.begin(fresh, event, end=seq.end) as s:
-                result = _returned(entry, await entry.task.infer(tensors, s))
+                result = self._returned(entry, await entry.task.infer(tensors, s))
                 blob = self._seal(seq, s)
             return result, blob
         use = self.sessions.use(sid, save=False, end=seq.end)
@@ -282,21 +293,11 @@ class V2Inference:
                     )
                 pinning.fits(self.registry, s, None, None)
                 use.save = True  # checked: from here on the session is saved (or ended) whatever the task does
-                result = _returned(entry, await entry.task.infer(tensors, s))
+                result = self._returned(entry, await entry.task.infer(tensors, s))
                 blob = self._seal(seq, s)
             return result, blob
         except SessionNotFound as exc:
             raise self._unknown_sequence(entry.name, seq, exc) from None
-
-
-def _returned(entry: ModelEntry, result: object) -> TaskResult:
-    """``result`` when it is what a task's ``infer`` must return; else RuntimeError naming the task."""
-    if not isinstance(result, TaskResult):
-        raise RuntimeError(
-            f"task {entry.task.name!r} of model {entry.label} returned {type(result).__name__} from infer(), not "
-            "a TaskResult (docs/architecture.md, Writing one)"
-        )
-    return result
 
 
 def misfit(name: str, t: Tensor, d: TensorDef) -> str | None:

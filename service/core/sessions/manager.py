@@ -475,7 +475,7 @@ class SessionUse:
     """``async with manager.use(id) as s``: lease, load, and save back on the way out (see ``SessionManager.use``).
     A plain class rather than a generator context manager: every session call enters one."""
 
-    __slots__ = ("_before", "_end", "_id", "_lease", "_manager", "_scope", "_session", "save")
+    __slots__ = ("_before", "_end", "_id", "_kept", "_lease", "_manager", "_scope", "_session", "save")
 
     def __init__(self, manager: SessionManager, session_id: str, save: bool, end: bool) -> None:
         self._manager, self._id, self.save, self._end = manager, session_id, save, end
@@ -490,6 +490,9 @@ class SessionUse:
             await self._lease.__aexit__(None, None, None)
             raise
         self._before = (s.state, s.context, s.steps)  # a task replaces these when it commits a step
+        # A plugin's task: its state's arrays as they were, kept apart from the dict it may change in place
+        # (``s.state["h"] = ...`` left ``s.state is state``, and a wrong state was saved unchecked).
+        self._kept = None if builtin_task(s.task) else dict(s.state)
         self._scope = CommitScope()
         return s
 
@@ -501,13 +504,16 @@ class SessionUse:
                 state, context, steps = self._before
                 if exc_type is not None and s.state is state and s.context is context and s.steps == steps:
                     return  # refused or failed before the task changed anything: not even its idle time moves
+                if exc_type is not None and self._kept is not None:  # a plugin's task failed (or broke its
+                    s.state, s.context, s.steps = self._kept, context, steps  # contract): the session stays as it was
+                    return
                 m = self._manager
                 if self._end:
                     await m._remove(s)
                     committed = True
                     return
-                if s.state is not state and not builtin_task(s.task):
-                    _check_state(s, state, context, steps)
+                if self._kept is not None:
+                    _check_state(s, self._kept, context, steps)
                 s.last_used_at = m.clock()
                 try:
                     await m.store.save(s)

@@ -234,6 +234,10 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
                 return None
             elif text == "state" and session is not None:
                 session.state = {k: np.zeros((1, 1, 5), np.float32) for k in session.state}
+            elif text == "inplace" and session is not None:  # the same, into the dict it was given
+                session.state["h0"] = np.zeros((1, 1, 5), np.float32)
+            elif text == "boom":  # fails after it advanced the session
+                raise ValueError("the task's own bug")
             return result
 
     TASKS[Liar.name] = Liar
@@ -273,6 +277,13 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
             assert info.value.code() == grpc.StatusCode.INTERNAL
             assert "task 'toy-liar' of model liar/1 left session" in caplog.text
             assert "state h0 as float32 [1, 1, 5] (not float32 [1, 1, 8])" in caplog.text
+            # A state changed in the dict itself was saved unchecked; an output off its contract, or a failure
+            # after the task advanced the session, failed the request after the sequence had advanced. Now each is
+            # INTERNAL with the sequence as it was.
+            for bad in ("inplace", "wide", "boom"):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(bad, sequence_id="s")
+                assert info.value.code() == grpc.StatusCode.INTERNAL, bad
             # The sequence goes on from where it was before the refused call: "abc" then "de" tags as "abcde".
             answer = call("de", sequence_id="s")
             assert answer.parameters["seqserve_steps"].int64_param == 5
@@ -288,6 +299,10 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
             client.create_session("tagger")
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "keeps state only through KServe v2 sequences" in refused.value.message
+        # ...nor a twin of such a sequence by Fork (it made one under an id no call could reach)
+        with Client(handle.target) as client, pytest.raises(ApiError) as refused:
+            client.fork_session("kserve:liar:s")
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         TASKS.pop(Liar.name, None)
 
