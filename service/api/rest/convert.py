@@ -163,7 +163,8 @@ def _json_elements(name: str, datatype: str, data: Any, shape: list[int]) -> byt
         raise HttpError(
             400,
             f"input {echo(name)}: datatype {echo(datatype, 16)} has no JSON form here; use one of "
-            f"{', '.join([*NUMERIC, 'BYTES'])}",
+            f"{', '.join([*NUMERIC, 'BYTES'])} (the model's metadata, GET /v2/models/<model>, names the one each "
+            "input takes)",
         )
     dtype = NUMERIC[datatype][0]
     if datatype == "BOOL":
