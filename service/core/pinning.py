@@ -163,8 +163,9 @@ def importable(
         raise FailedPrecondition(f"model {entry.label} is stateless: it cannot hold an imported session")
     entry.task.check_session()
     want = {k: (v.shape, v.dtype) for k, v in entry.task.initial_state().items()}
-    if want != {k: (v.shape, v.dtype) for k, v in x.session.state.items()}:
-        raise FailedPrecondition(f"the session blob's state does not fit model {entry.label}")
+    got = {k: (v.shape, v.dtype) for k, v in x.session.state.items()}
+    if want != got:
+        raise FailedPrecondition(f"the session blob's state does not fit model {entry.label}: {_misfit(want, got)}")
     for name, value in x.session.state.items():  # (a NaN state answered NaN probabilities, then failed INTERNAL)
         if not np.isfinite(value).all():
             raise FailedPrecondition(
@@ -176,6 +177,19 @@ def importable(
     if problem:
         raise FailedPrecondition(f"the session blob's context does not fit model {entry.label}: {problem}")
     return x, entry
+
+
+def _misfit(want: dict[str, tuple[Any, Any]], got: dict[str, tuple[Any, Any]]) -> str:
+    """How a blob's state arrays (name -> shape, dtype) differ from the model's (it said only "does not fit")."""
+    if want.keys() != got.keys():
+        extra, missing = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
+        return "; ".join(
+            [*(["it holds " + ", ".join(map(echo, extra)) + ", which the model's state has not"] if extra else []),
+             *(["it lacks " + ", ".join(missing)] if missing else [])]
+        )  # fmt: skip
+    name = next(k for k in want if want[k] != got[k])
+    (ws, wd), (gs, gd) = want[name], got[name]
+    return f"state {name} is {gd} {list(gs)}, the model's is {wd} {list(ws)}"
 
 
 def _context_problem(shapes: dict[str, tuple[Container[int], ...]], context: dict[str, Any], steps: int) -> str:

@@ -143,6 +143,20 @@ def test_a_signed_blob_whose_context_does_not_fit_is_a_failed_precondition(pair:
             b.import_session(blob)
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "holds NaN or infinite values: model charlm/" in err.value.message
+    # A state of other arrays was refused saying only that it "does not fit": the message names what differs.
+    first = sorted(unseal(blobs["charlm"], key).session.state)[0]
+    cases = {
+        "it holds 'extra', which the model's state has not": edited(
+            "charlm", lambda s: s.state.update(extra=np.zeros(3, np.float32))
+        ),
+        f"it lacks {first}": edited("charlm", lambda s: s.state.pop(first)),
+        f"state {first} is float64": edited("charlm", lambda s: s.state.update({first: s.state[first].astype("f8")})),
+    }
+    for problem, blob in cases.items():
+        with pytest.raises(ApiError) as err:
+            b.import_session(blob)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "state does not fit model charlm/" in err.value.message and problem in err.value.message, err.value
     # Metadata is the server's own: a signed blob carrying 100 KB of it imported it verbatim (and Get showed it).
     stuffed = edited("charlm", lambda s: s.metadata.update({"x" * 100: "y" * 100_000}))
     assert b.import_session(stuffed).metadata == {"task": "charlm"}
