@@ -53,6 +53,7 @@ NAMES = ("trace_file", "trace_level", "trace_rate", "trace_count", "log_frequenc
 LEVELS = ("TIMESTAMPS", "TENSORS")
 OFF = ("OFF",)
 _INTEGERS = {"trace_rate": 1, "trace_count": -1, "log_frequency": 0}  # setting -> least value
+MAX_TRACE_INTEGER = 2**31 - 1
 _KINDS = {"f": "FP", "i": "INT", "u": "UINT"}
 KEPT_BYTES = 64 * 1024 * 1024  # what one file keeps for the end (log_frequency 0); later traces are dropped, warned
 
@@ -273,6 +274,8 @@ class Tracer:
             raise InvalidInput(f"{name} {echo(value)} is not a whole number") from None
         if number < least:
             raise InvalidInput(f"{name} is {number}; it must be at least {least}")
+        if number > MAX_TRACE_INTEGER:  # (Triton reads them as 32-bit integers; a 23-digit rate was taken)
+            raise InvalidInput(f"{name} is {number}; it must be at most {MAX_TRACE_INTEGER}")
         return number
 
     def _file(self, value: str) -> str:

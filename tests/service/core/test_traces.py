@@ -97,6 +97,7 @@ def test_clearing_sends_a_model_back_to_the_servers_and_the_servers_to_its_start
         ({"trace_level": ["VERBOSE"]}, "'VERBOSE' is not a level"),
         ({"trace_level": ["OFF", "TIMESTAMPS"]}, "OFF goes alone"),
         ({"trace_rate": ["0"]}, "trace_rate is 0; it must be at least 1"),
+        ({"trace_rate": ["99999999999999999999999"]}, "it must be at most 2147483647"),
         ({"trace_rate": ["ten"]}, "'ten' is not a whole number"),
         ({"trace_count": ["-2"]}, "at least -1"),
         ({"log_frequency": ["1", "2"]}, "log_frequency takes one value, not 2"),
