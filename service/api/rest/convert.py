@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from service.api.gen.inference import grpc_service_pb2 as pb
 from service.api.generate import json_kind
-from service.api.kserve.tensors import NUMERIC, SHM_REGION, deserialize_bytes, serialize_bytes
+from service.api.kserve.tensors import MAX_DIM, NUMERIC, SHM_REGION, deserialize_bytes, serialize_bytes
 from service.api.rest.common import HEADER_LENGTH, HttpError
 from service.argtypes import INT64_MAX
 from service.errors import echo
@@ -195,8 +195,8 @@ def _span(dtype: np.dtype[Any]) -> str:
 def _shape(name: str, shape: object) -> list[int]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise HttpError(400, f"input {echo(name)}: shape must be an array of integers")
-    if any(not 0 <= d <= INT64_MAX for d in shape):
-        raise HttpError(400, f"input {echo(name)}: shape {shape[:8]} has a negative or too large dimension")
+    if any(not 0 <= d <= MAX_DIM for d in shape):  # (as the gRPC call says it; a 2^62 dimension read as a count)
+        raise HttpError(400, f"input {echo(name)}: shape {shape[:8]} has a dimension outside 0..{MAX_DIM}")
     return shape
 
 

@@ -352,7 +352,9 @@ def infer_body(data: object, shape: Sequence[object], datatype: str = "BYTES", n
             400,
             "input 'TEXT': shape must be an array of integers",
         ),
-        ("/v2/models/sentiment/infer", infer_body(["a"], [-1]), 400, "has a negative or too large dimension"),
+        ("/v2/models/sentiment/infer", infer_body(["a"], [-1]), 400, "has a dimension outside 0..2147483647"),
+        # as the gRPC call says it (it said "data has 1 elements, its shape holds 4611686018427387904")
+        ("/v2/models/sentiment/infer", infer_body(["a"], [2**62]), 400, "has a dimension outside 0..2147483647"),
         ("/v2/models/charlm/infer", infer_body([2**40], [1], "INT32", "NUM_CHARS"), 400, "outside INT32's range"),
         ("/v2/models/charlm/infer", infer_body([1.5], [1], "INT32", "NUM_CHARS"), 400, "INT32 data are JSON integers"),
         ("/v2/models/charlm/infer", infer_body([1], [1], "FP16", "NUM_CHARS"), 400, "datatype 'FP16' has no JSON form"),
