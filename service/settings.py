@@ -215,11 +215,11 @@ class Settings(BaseSettings):
     answers."""
 
     frontend_silent_seconds: float = Field(default=30.0, ge=0, le=3600)
-    """With workers > 1: a frontend that has sent its engine nothing for this long (it asks every second whether
-    the engine answers) is stopped or wedged: the engine kills it (SIGKILL) and starts a new one on the same port,
-    as for a frontend that dies (it counts against ``frontend_restarts``). Its calls in flight fail; its share of
-    new connections, which the kernel kept sending it, goes to the others meanwhile. 0 = never (a frontend under a
-    debugger); else at least 3."""
+    """With workers > 1: a frontend that has sent its engine nothing for this long (its event loop sends every
+    engine a heartbeat each second) is stopped or wedged: the engine kills it (SIGKILL) and starts a new one on the
+    same port, as for a frontend that dies (it counts against ``frontend_restarts``). Its calls in flight fail; its
+    share of new connections, which the kernel kept sending it, goes to the others meanwhile. 0 = never (a
+    frontend under a debugger); else at least 3."""
 
     # --- models ----------------------------------------------------------------------------------------
     models: Path = Path("models")
@@ -527,8 +527,8 @@ class Settings(BaseSettings):
     def _frontend_silent(cls, value: float) -> float:
         if 0 < value < MIN_FRONTEND_SILENT_SECONDS:  # (a frontend's watchdog says a word a second, when it can)
             raise ValueError(
-                f"is {value:g}: a frontend asks its engine every second, and waits up to engine_silent_seconds for "
-                f"the answer; set at least {MIN_FRONTEND_SILENT_SECONDS:g} (seconds without a word that mean it "
+                f"is {value:g}: a frontend sends its engines a heartbeat every second; set at least "
+                f"{MIN_FRONTEND_SILENT_SECONDS:g} (seconds without a word that mean it "
                 "hangs), or 0 never to replace a silent frontend"
             )
         return value

@@ -95,6 +95,11 @@ class RemoteDataPlane:
         self._transport = transport  # (no isinstance check: uvloop's transports do not subclass asyncio's)
         self._send([wire.HELLO, 0, "", (os.getpid(),), {}, None])  # (the engine knows who falls silent)
 
+    def beat(self) -> None:
+        """Tells the engine this frontend's event loop runs (``wire.BEAT``: no answer)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._send([wire.BEAT, 0, "", (), {}, None])
+
     async def stop(self) -> None:
         self._closing = True
         if self._transport is not None:

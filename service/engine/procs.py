@@ -167,8 +167,24 @@ async def _frontend(
             "http_port": server.http_port,
         }
     )
-    await _until_stopped(stop, parent, "the engine process")
+    beats = asyncio.create_task(_beat(links))
+    try:
+        await _until_stopped(stop, parent, "the engine process")
+    finally:
+        beats.cancel()
     await server.stop(settings.grace_seconds)
+
+
+async def _beat(links: Sequence[Any]) -> None:
+    """A heartbeat to every engine each ``wire.BEAT_SECONDS``, from this frontend's event loop and from nothing
+    else: the watchdog's own calls wait for the engines' answers (up to ENGINE_SILENT_SECONDS, all engines at once),
+    so a frontend waiting on a stalled engine 2 said nothing to engine 1, which took it for hung and killed it."""
+    from service.engine import wire
+
+    while True:
+        for link in links:
+            link.beat()
+        await asyncio.sleep(wire.BEAT_SECONDS)
 
 
 # --- another engine's process (SEQSERVE_ENGINES > 1) -----------------------------------------------------------
@@ -392,10 +408,10 @@ def _last_word(frontend: Frontend, heard: Mapping[int, float]) -> float:
 
 
 def _hung(frontends: Sequence[Frontend], heard: Mapping[int, float], now: float, limit: float) -> list[Frontend]:
-    """The live frontends that have sent nothing for ``limit`` seconds. Each one's watchdog asks the engine every
-    second whether it answers, so only a frontend whose event loop does not run (SIGSTOP, a wedge, a call that
-    never returns control) is silent that long. The caller skips a round that comes late (its own loop stalled:
-    its frontends' words then wait unread, and every one would look silent)."""
+    """The live frontends that have sent nothing for ``limit`` seconds. Each one's event loop sends a heartbeat
+    every second (``_beat``, whatever its calls wait for), so only a frontend whose event loop does not run
+    (SIGSTOP, a wedge, a call that never returns control) is silent that long. The caller skips a round that comes
+    late (its own loop stalled: its frontends' words then wait unread, and every one would look silent)."""
     return [f for f in frontends if now - _last_word(f, heard) >= limit and f.process.is_alive()]
 
 

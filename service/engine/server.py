@@ -68,6 +68,8 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
     def dispatch(self, kind: int, call_id: int, method: str, args: Any, kwargs: Any, context: Any = None) -> None:
+        if kind == wire.BEAT:
+            return  # (heard: data_received noted the time)
         if kind == wire.CANCEL:
             task = self.tasks.pop(call_id, None)
             if task is not None:

@@ -15,8 +15,9 @@ on its first request stays admitted on the frontend.
 CONTROL calls (model table, metadata, health, statistics) travel on the same connection as a CALL but are never
 refused for a full queue: a frontend's health and metadata answers must not depend on its inference load. Like every
 call they are awaited, never blocking the frontend's event loop, and fail UNAVAILABLE after a timeout when the
-engine does not answer. A frontend's connection starts with HELLO (args: its process id, by which the engine
-tells a silent frontend: ``procs._hung``). EVENT (call id 0, payload
+engine does not answer. A frontend's connection starts with HELLO (args: its process id), and it sends BEAT
+(nothing else, no answer) every ``BEAT_SECONDS`` from its event loop: the first engine tells a hung frontend by
+its silence (``procs._hung``). EVENT (call id 0, payload
 ["models", event id]) tells every frontend that a model was loaded, reloaded or unloaded; each answers ACK (call
 id = event id) once its health follows, and the load/unload call returns only then (at most 5 s), so that what
 one frontend changed, every frontend reports. ["logs", event id, settings] does the same for a change of the log
@@ -36,7 +37,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-CALL, STREAM, CANCEL, CONTROL, HELLO, ACK = 0, 1, 2, 3, 4, 5
+CALL, STREAM, CANCEL, CONTROL, HELLO, ACK, BEAT = 0, 1, 2, 3, 4, 5, 6
+BEAT_SECONDS = 1.0  # a frontend's heartbeat to each engine: its event loop runs (``procs._hung``)
 OK, ITEM, END, ERROR, EVENT = 0, 1, 2, 3, 4
 MODELS_CHANGED = "models"
 LOGS_CHANGED = "logs"

@@ -110,7 +110,7 @@ def test_a_log_level_that_is_none_is_refused_as_given() -> None:
         ("host", "", "is empty: set 127.0.0.1 to listen on this machine only, or 0.0.0.0 for every interface"),
         ("host", " ", "is empty"),
         ("trace_dir", "/no-such-folder", "is not an existing folder: create it, or leave TRACE_DIR empty"),
-        ("frontend_silent_seconds", 1.5, "a frontend asks its engine every second"),
+        ("frontend_silent_seconds", 1.5, "a frontend sends its engines a heartbeat every second"),
         ("frontend_silent_seconds", -1, "greater than or equal to 0"),
     ],
 )

@@ -804,7 +804,7 @@ def test_a_frontend_that_dies_is_replaced_and_sessions_live_on(tiny_models: Path
 def test_a_frontend_that_hangs_is_killed_and_replaced(tiny_models: Path, tmp_path: Path, engines: str) -> None:
     """A frontend that stops without dying (SIGSTOP here; an event loop that never gets control back alike) kept
     its share of new connections, which the kernel sends it from the shared port, and answered none of them.
-    Silent FRONTEND_SILENT_SECONDS (its watchdog asks the engine every second), the engine kills it and starts a
+    Silent FRONTEND_SILENT_SECONDS (its event loop sends a heartbeat every second), the engine kills it and starts a
     new one on the same port; the other frontend, idle but speaking, is kept; sessions live on."""
     proc, info = start_server(
         tiny_models,
@@ -819,7 +819,7 @@ def test_a_frontend_that_hangs_is_killed_and_replaced(tiny_models: Path, tmp_pat
         with Client(f"127.0.0.1:{info['frontend_ports'][1]}", timeout=30) as c:
             session = c.create_session("charlm")
             first = c.suggest_once(session.id, "To be, or not", n=1, max_chars=2)
-        time.sleep(4)  # idle frontends are not silent: each one's watchdog speaks every second
+        time.sleep(4)  # idle frontends are not silent: each one's heartbeat speaks every second
         old = [int(p) for p in _ready(tmp_path)["frontend_pids"]]  # type: ignore[attr-defined]
         assert old == [int(p) for p in info["frontend_pids"]]
         os.kill(old[0], signal.SIGSTOP)
@@ -838,6 +838,27 @@ def test_a_frontend_that_hangs_is_killed_and_replaced(tiny_models: Path, tmp_pat
         log = (tmp_path / "server.log").read_text()
         assert f"frontend 1 (pid {old[0]}) has sent nothing for 3 s" in log, log[-3000:]
         assert "frontend 2 (pid" not in log
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0
+
+
+def test_frontends_waiting_on_a_stalled_second_engine_are_not_taken_for_hung(tiny_models: Path, tmp_path: Path) -> None:
+    """Each frontend's watchdog waits for every engine's answer at once (up to ENGINE_SILENT_SECONDS), so with
+    engine 2 stopped an idle frontend said nothing to engine 1 for seconds, and engine 1 killed every frontend as
+    hung. The heartbeat comes from the frontend's event loop apart from those waits."""
+    proc, info = start_server(
+        tiny_models, tmp_path, SEQSERVE_WORKERS="2", SEQSERVE_ENGINES="2", SEQSERVE_FRONTEND_SILENT_SECONDS="3"
+    )
+    try:
+        second = int(info["engine_pids"][1])
+        os.kill(second, signal.SIGSTOP)
+        try:
+            time.sleep(8)
+        finally:
+            os.kill(second, signal.SIGCONT)
+        assert [int(p) for p in _ready(tmp_path)["frontend_pids"]] == [int(p) for p in info["frontend_pids"]]  # type: ignore[attr-defined]
+        assert "has sent nothing for" not in (tmp_path / "server.log").read_text()
     finally:
         stop_server(proc)
     assert proc.returncode == 0
