@@ -124,26 +124,35 @@ class V2Inference:
                 return answer
             blob = None
             if sequence is None:
-                result = self._returned(entry, await entry.task.infer(tensors, None))
+                result = self._returned(entry, await entry.task.infer(tensors, None), wanted)
             else:
-                result, blob = await self._infer_sequence(entry, tensors, sequence, imported)
+                result, blob = await self._infer_sequence(entry, tensors, wanted, sequence, imported)
             req.inferences = result.inferences
         return self._result(entry, result, wanted, classes, blob)
 
     async def _stateless(
         self, entry: ModelEntry, tensors: dict[str, Tensor], wanted: list[str], classes: dict[str, int] | None
     ) -> InferResult:
-        return self._result(entry, self._returned(entry, await entry.task.infer(tensors, None)), wanted, classes, None)
+        return self._result(
+            entry, self._returned(entry, await entry.task.infer(tensors, None), wanted), wanted, classes, None
+        )
 
-    def _returned(self, entry: ModelEntry, result: object) -> TaskResult:
-        """``result`` when it is what a task's ``infer`` must return; else RuntimeError naming the task. A plugin's
-        outputs are checked against its contract here, before its session is saved (its bug was sent as a success;
-        checked after the save, its sequence had advanced when the request failed). seqserve's own tasks build
-        theirs from the contract, and their load checks hold the graph to the manifest: not on every step."""
+    def _returned(self, entry: ModelEntry, result: object, wanted: list[str]) -> TaskResult:
+        """``result`` when it is what a task's ``infer`` must return, with every ``wanted`` output; else
+        RuntimeError naming the task. Checked here, before the session is saved (checked after the save, a
+        sequence had advanced when its request failed). A plugin's outputs are checked against its contract too
+        (its bug was sent as a success); seqserve's own tasks build theirs from the contract, and their load checks
+        hold the graph to the manifest: not on every step."""
         if not isinstance(result, TaskResult):
             raise RuntimeError(
                 f"task {entry.task.name!r} of model {entry.label} returned {type(result).__name__} from infer(), "
                 "not a TaskResult (docs/architecture.md, Writing one)"
+            )
+        missing = [n for n in wanted if n not in result.outputs]
+        if missing:  # (a plugin task's bug: a bare KeyError in the log before)
+            raise RuntimeError(
+                f"task {entry.task.name!r} of model {entry.label} returned no output {', '.join(missing)} (it "
+                f"returned {sorted(result.outputs)}; its contract declares {self._contract(entry).output_names})"
             )
         if not is_builtin(type(entry.task)):
             defs = self._contract(entry).outputs_by_name
@@ -166,13 +175,8 @@ class V2Inference:
         classes: dict[str, int] | None,
         blob: bytes | None,
     ) -> InferResult:
-        """The answer: the wanted outputs, those named in ``classes`` as their top classes."""
-        missing = [n for n in wanted if n not in result.outputs]
-        if missing:  # (a plugin task's bug: a bare KeyError in the log before)
-            raise RuntimeError(
-                f"task {entry.task.name!r} of model {entry.label} returned no output {', '.join(missing)} (it "
-                f"returned {sorted(result.outputs)}; its contract declares {self._contract(entry).output_names})"
-            )
+        """The answer: the wanted outputs (``_returned`` checked that they are there), those named in ``classes``
+        as their top classes."""
         tensors = [result.outputs[n] for n in wanted]
         if classes:
             defs = self._contract(entry).outputs_by_name
@@ -239,7 +243,7 @@ class V2Inference:
                 counted.append(req)
                 tensors, wanted = await self._checked(entry, inputs, outputs, seq, classes)
                 use.save = True  # from here on the session is saved (or ended) whatever the task does
-                result = self._returned(entry, await entry.task.infer(tensors, s))
+                result = self._returned(entry, await entry.task.infer(tensors, s), wanted)
                 req.inferences = result.inferences
                 blob = self._seal(seq, s)
             ok = True
@@ -263,7 +267,12 @@ class V2Inference:
             return None
 
     async def _infer_sequence(
-        self, entry: ModelEntry, tensors: dict[str, Tensor], seq: SequenceRef, imported: Exported | None
+        self,
+        entry: ModelEntry,
+        tensors: dict[str, Tensor],
+        wanted: list[str],
+        seq: SequenceRef,
+        imported: Exported | None,
     ) -> tuple[TaskResult, bytes | None]:
         """One step of a sequence; with ``seq.export`` also the signed blob of the state after it.
 
@@ -278,7 +287,7 @@ class V2Inference:
             else:
                 fresh, event = pinning.new_session(self.sessions, entry, ttl, sid), "created"
             async with self.sessions.begin(fresh, event, end=seq.end) as s:
-                result = self._returned(entry, await entry.task.infer(tensors, s))
+                result = self._returned(entry, await entry.task.infer(tensors, s), wanted)
                 blob = self._seal(seq, s)
             return result, blob
         use = self.sessions.use(sid, save=False, end=seq.end)
@@ -293,7 +302,7 @@ class V2Inference:
                     )
                 pinning.fits(self.registry, s, None, None)
                 use.save = True  # checked: from here on the session is saved (or ended) whatever the task does
-                result = self._returned(entry, await entry.task.infer(tensors, s))
+                result = self._returned(entry, await entry.task.infer(tensors, s), wanted)
                 blob = self._seal(seq, s)
             return result, blob
         except SessionNotFound as exc:

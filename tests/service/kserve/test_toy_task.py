@@ -238,6 +238,8 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
                 session.state["h0"] = np.zeros((1, 1, 5), np.float32)
             elif text == "boom":  # fails after it advanced the session
                 raise ValueError("the task's own bug")
+            elif text == "forget":  # an output its contract declares, left out
+                del result.outputs["SCORES"]
             return result
 
     TASKS[Liar.name] = Liar
@@ -280,7 +282,7 @@ def test_a_plugin_task_whose_answer_breaks_its_contract_is_internal_and_its_sess
             # A state changed in the dict itself was saved unchecked; an output off its contract, or a failure
             # after the task advanced the session, failed the request after the sequence had advanced. Now each is
             # INTERNAL with the sequence as it was.
-            for bad in ("inplace", "wide", "boom"):
+            for bad in ("inplace", "wide", "boom", "forget"):
                 with pytest.raises(grpc.RpcError) as info:
                     call(bad, sequence_id="s")
                 assert info.value.code() == grpc.StatusCode.INTERNAL, bad
