@@ -489,7 +489,7 @@ class Metrics:
         The batcher calls this once per batch; the per-request histograms get ``requests`` observations (every
         request of the batch saw the same compute time; ``queue_seconds`` is the batch's mean wait). A request of
         64 texts is one observation, not 64: counted per row, its compute time went in 64 times. A request sent as
-        several items (a Classify request's length groups) is one too: its first item's batch observes it.
+        several items (a Classify request's length groups) is one too: its longest texts' batch observes it.
         """
         if batch_size < 1:  # nothing ran; never let a metrics call fail the batch
             return

@@ -30,6 +30,7 @@ class RecordingMetrics(Metrics):
         self.events: list[tuple[str, str]] = []
         self.loaded: list[tuple[str, int, str, bool]] = []
         self.generated = 0
+        self.requests: list[tuple[int, int | None]] = []  # (rows, requests observed) per batch
 
     def inference(
         self,
@@ -42,6 +43,7 @@ class RecordingMetrics(Metrics):
     ) -> None:
         super().inference(model, version, queue_seconds, compute_seconds, batch_size, requests)
         self.batches.append((model, batch_size))
+        self.requests.append((batch_size, requests))
 
     def session_event(self, model: str, event: str) -> None:
         super().session_event(model, event)

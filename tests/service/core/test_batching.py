@@ -397,6 +397,8 @@ async def test_one_requests_texts_of_very_different_lengths_run_as_length_groups
     labels = {"model": "sentiment", "version": "1"}
     assert dp.metrics.registry.get_sample_value("seqserve_inference_seconds_count", labels) == 1
     assert dp.metrics.registry.get_sample_value("seqserve_inference_queue_seconds_count", labels) == 1
+    # ...observed with the run of its longest texts (the 120-word one, alone), not its cheapest
+    assert sorted(recorded(dp).requests) == [(1, 1), (31, 0)]
     whole = await make_dp(pad_split_tokens=0)
     one_run = await whole.classify(ModelRef("sentiment"), texts)
     assert recorded(whole).batch_sizes("sentiment") == [len(texts)]
