@@ -126,11 +126,11 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_./:-]+")  # a model name shown as it is in
 # How close to its deadline a call the client cancelled counts as one whose deadline passed: the client cancels at
 # its deadline, which it counted from before it sent the call, and the server's deadline (counted from when the
 # headers arrived) is a few milliseconds later, so a cancel at the client's deadline still found time left here
-# (7 ms, --workers 2, the engine stalled): counted CANCELLED, which the error-ratio alerts leave out. At most a
-# quarter of the call's whole deadline: a client that cancelled 10 ms into an 80 ms deadline, 70 ms before it,
-# was counted DEADLINE_EXCEEDED.
+# (7 ms, --workers 2, the engine stalled): counted CANCELLED, which the error-ratio alerts leave out. At most half
+# the call's whole deadline (less time left than passed): a client that cancelled 10 ms into an 80 ms deadline,
+# 70 ms before it, was counted DEADLINE_EXCEEDED; a 20 ms deadline that passed with 7 ms left here still counts.
 DEADLINE_SLACK_SECONDS = 0.1
-DEADLINE_SLACK_SHARE = 0.25
+DEADLINE_SLACK_SHARE = 0.5
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext, start: float) -> bool:
