@@ -206,7 +206,8 @@ class _Connection:
         retries: int = 0,
         keepalive_seconds: float | None = None,
     ) -> None:
-        """``timeout``: default deadline in seconds per call (for streams: the whole stream); None = none.
+        """``timeout``: default deadline in seconds per call (for streams: the whole stream; not for a Suggest
+        stream fed by a generator or an async iterable, events that come as they are typed); None = none.
         TLS when ``tls`` or any ``tls_*`` file is given: ``tls_ca`` verifies the server (default: the system's
         roots), ``tls_cert``/``tls_key`` are the client certificate (mTLS).
 
