@@ -139,8 +139,15 @@ class SentimentTask(Task):
         return ids
 
     async def check_texts(self, texts: list[str], field: str) -> None:
-        """Every limit ``encode`` checks (count, characters, words in all, words the tokenizer knows)."""
-        await self._encoded(texts, field)
+        """Every limit ``encode`` checks (count, characters, words in all, words the tokenizer knows). A request of
+        no more characters than max_words_per_request cannot hold more words (a word has one at least): its texts
+        are not split into words for it (the response cache's hits then cost no tokenizing)."""
+        check_text_count(texts, field, self.settings.max_texts_per_request)
+        if sum(map(len, texts)) > self.settings.max_words_per_request:
+            await self._encoded(texts, field)
+            return
+        for i, text in enumerate(texts):
+            check_text(text, f"{field}[{i}]", self.settings.max_chars_per_text)
 
     async def _encoded(self, texts: list[str], field: str) -> list[I64]:
         return await inline_unless(sum(map(len, texts)) > ENCODE_OFF_LOOP_CHARS, self.encode, texts, field)
