@@ -318,19 +318,25 @@ class SessionManager:
         )
 
     # --- lifecycle ----------------------------------------------------------------------------------------
-    async def add(self, session: SessionState, keep: str | None = None, event: str = "created") -> SessionState:
+    async def add(
+        self, session: SessionState, keep: str | None = None, event: str = "created", replacing: bool = False
+    ) -> SessionState:
         """Stores a new session, owned by the calling principal. A caller-chosen id that exists replaces the old
-        session; a caller that chooses ids uses ``begin`` instead, which does this under the id's lease."""
+        session; a caller that chooses ids uses ``begin`` instead, which does this under the id's lease
+        (``replacing``)."""
         session.owner = principal()
         async with self._adding:  # counted and added as one step: concurrent creates cannot all pass the limits
             # (hold: between this delete and the add below, another replica's call on the id took its lease and
             # found no session: told NOT_FOUND, a sequence "unknown", while a sequence_start replaced it)
-            old = await self.store.delete(session.id, hold=True)
+            old = await self.store.delete(session.id, hold=replacing)
             try:
                 await self._make_room(session.owner, session.nbytes, keep)
             except BaseException:
                 if old is not None:  # a refused replacement leaves the session it would have replaced
                     await self.store.add(old)
+                elif replacing:  # (nothing to put back: let the held lease go, or a retry waits it out)
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.store.delete(session.id)
                 raise
             if old is not None:
                 self.metrics.session_event(old.model, "deleted")
@@ -567,7 +573,7 @@ class SessionStart:
                 if s.state is not self._state and not builtin_task(s.task):
                     _check_state(s, self._state, s.context, s.steps)
                 s.last_used_at = m.clock()
-                await m.add(s, event=self._event)
+                await m.add(s, event=self._event, replacing=True)
             committed = True
         finally:
             self._scope.close(committed)
