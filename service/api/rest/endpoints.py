@@ -152,7 +152,7 @@ class Endpoints(GatewayHandler):
         try:
             header = read_json(body[:split])
         except HttpError as err:
-            if length is None or not err.message.startswith("the body is not JSON"):
+            if length is None or not err.message.startswith("the body is not JSON: "):  # (its syntax only)
                 raise
             raise HttpError(  # (a header length too short or too long cut the JSON, and the message said not why)
                 400,

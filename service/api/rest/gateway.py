@@ -333,12 +333,13 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
         try:
             data = inflate.decompress(rest, limit + 1 - size)
         except zlib.error as exc:
-            if member:  # (zlib's "incorrect header check" named no place)
+            if member and not rest.startswith(b"\x1f\x8b"):  # (zlib's "incorrect header check" named no place)
                 raise HttpError(
                     400, f"the gzip body has {len(rest)} bytes after its compressed data that are no gzip member"
                 ) from None
             why = str(exc).split(": ", 1)[-1]  # ("Error -3 while decompressing data: invalid ..."
-            raise HttpError(400, f"the {encoding} body is not {encoding} data ({why}); compress it again") from None
+            which = f"member {member + 1} of the gzip body" if member else f"the {encoding} body"
+            raise HttpError(400, f"{which} is not {encoding} data ({why}); compress it again") from None
         size += len(data)
         if size > limit:
             raise HttpError(413, f"the request body decompresses past the limit of {limit} bytes")

@@ -180,15 +180,12 @@ class ForecastTask(Task):
 
     def context_problem(self, context: dict[str, Array], steps: int) -> str:
         """Its rows within ``MAX_Z`` standard deviations of the training mean, as an Observe's must be (a blob's
-        -3e38 answered inf forecasts as OK), and its z-scored arrays within ``MAX_Z``. With an adaptive width: the
-        ring's arrays come together and hold one entry per forecast, the session has seen enough rows for them, and
-        every width is positive."""
+        -3e38 answered inf forecasts as OK; the model's own forecasts it keeps are only checked to be finite). With
+        an adaptive width: the ring's arrays come together and hold one entry per forecast, the session has seen
+        enough rows for them, and every width is positive."""
         kept = context.get("rows")
         if kept is not None and (np.abs((kept.astype(np.float64) - self.mean) / self.std) >= MAX_Z).any():
             return f"a row holds a value {MAX_Z:g} standard deviations or more from the training data's mean"
-        for name, value in context.items():
-            if name != "rows" and (np.abs(value) >= MAX_Z).any():
-                return f"{name} holds a value of {MAX_Z:g} or more (z-scored)"
         if self.rule is None:
             return ""
         need = {"ring_z", "ring_width"} | ({"ring_scale"} if self.scale_name is not None else set())

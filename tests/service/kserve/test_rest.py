@@ -635,6 +635,9 @@ def test_compressed_bodies_are_read_whole(rest: ServerHandle) -> None:
     assert cut == (400, "the gzip body ends before its compressed data does (cut short, or corrupt)")
     tail = error_of(http(rest, "/v2/models/sentiment/infer", packed + b"garbage", Content_Encoding="gzip"))
     assert tail == (400, "the gzip body has 7 bytes after its compressed data that are no gzip member"), tail
+    broken = packed[:10] + b"\xff" * 20 + packed[30:]  # a second member whose data is corrupt
+    second = error_of(http(rest, "/v2/models/sentiment/infer", packed + broken, Content_Encoding="gzip"))
+    assert second[0] == 400 and second[1].startswith("member 2 of the gzip body is not gzip data ("), second
     junk = error_of(http(rest, "/v2/models/sentiment/infer", b"not gzip at all", Content_Encoding="gzip"))
     assert junk[0] == 400 and junk[1].startswith("the gzip body is not gzip data (incorrect header check)"), junk
     extra = error_of(http(rest, "/v2/models/sentiment/infer", zlib.compress(body) + b"x", Content_Encoding="deflate"))
