@@ -98,12 +98,12 @@ def _replay_dataplane() -> None:
     answers: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     async def infer(self: CoreDataPlane, model: Any, inputs: Any, outputs: Any = None, sequence: Any = None,
-                    classes: Any = None) -> Any:  # fmt: skip
+                    classes: Any = None, timeout: Any = None) -> Any:  # fmt: skip
         key = (model, tuple(outputs or ()))
         answer = answers.get(key)
         if answer is None:
             start = None if sequence is None else SequenceRef(sequence.id, start=True)
-            answer = answers[key] = await real(self, model, inputs, outputs, start, classes)
+            answer = answers[key] = await real(self, model, inputs, outputs, start, classes, timeout)
         return answer
 
     CoreDataPlane.infer = infer  # type: ignore[method-assign]
