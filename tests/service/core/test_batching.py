@@ -168,7 +168,8 @@ async def test_a_lone_step_skips_the_queue_and_company_still_batches(make_dp: Ma
     await asyncio.sleep(0.01)  # the data plane's background tasks have started and wait
     # Nothing else ready to run and no recent company: the step runs at once on the caller (no queue wait at all).
     await dp.char_step(LM, "abc")
-    assert await _queue(dp) == (1, 0) and recorded(dp).batch_sizes("charlm") == [1]
+    count, alone = await _queue(dp)  # (one loop turn at most: when a background timer happened to be ready then)
+    assert count == 1 and alone < 0.01e9 and recorded(dp).batch_sizes("charlm") == [1]
     # Requests that arrive together still meet in one run, through the queue.
     await asyncio.gather(*(dp.char_step(LM, t) for t in ("xyz", "Hel", "q q")))
     assert recorded(dp).batch_sizes("charlm") == [1, 3]
@@ -189,7 +190,9 @@ async def test_a_lone_clients_request_of_several_texts_is_no_company(make_dp: Ma
     for words in (["good film", "bad"], ["fine"], ["a dull film"], ["good", "bad", "fine"], ["dull"]):
         await asyncio.wait_for(dp.classify(SENT, words), 30)
     (stats,) = await dp.statistics(ModelRef("sentiment", 1))
-    assert stats.queue == Duration(5, 0)  # each ran at once, on its caller
+    # None waited for company (a minute each): each ran at once on its caller, or, when a background timer of the
+    # data plane happened to be ready in that loop turn, queued for that one turn (CI once saw 43 µs in all).
+    assert stats.queue.count == 5 and stats.queue.ns < 1e9, stats.queue
     assert recorded(dp).batch_sizes("sentiment") == [2, 1, 1, 3, 1]
 
 
@@ -502,7 +505,6 @@ def test_statistics_charge_each_request_of_a_batch_the_batchs_time() -> None:
     ran, once in compute; a failed one in fail alone."""
     from service.core.context import Runs
     from service.core.stats import StatsBook
-    from service.core.types import Duration
 
     def ran(queue: int, infer: int) -> Runs:
         r = Runs()
