@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 from service import logs
+from service.core.aio import within_timeout
 from service.core.context import admitted, mark_admitted, note_model, principal, priority
 from service.core.shm import Regions
 from service.core.types import (
@@ -65,6 +66,11 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.plane._lost()
+
+
+# How much longer than a request's timeout parameter a frontend waits for its engine, which keeps the limit: the
+# engine's own DeadlineExceeded (or its answer in time) comes back within the hop.
+TIMEOUT_BACKSTOP_SECONDS = 0.25
 
 
 class RemoteDataPlane:
@@ -315,8 +321,11 @@ class RemoteDataPlane:
         timeout: float | None = None,
     ) -> InferResult:
         # The engine keeps the time limit (where the work runs, and the statistics count it: a frontend that gave
-        # up first counted its request's success, or nothing, when the engine had started it or not).
-        result: InferResult = await self._call("infer", model, list(inputs), outputs, sequence, classes, timeout)
+        # up first counted its request's success, or nothing, when the engine had started it or not). This wait, a
+        # moment longer, only bounds one for an engine that does not answer at all (stopped, wedged).
+        call = self._call("infer", model, list(inputs), outputs, sequence, classes, timeout)
+        backstop = None if timeout is None else timeout + TIMEOUT_BACKSTOP_SECONDS
+        result: InferResult = await (call if backstop is None else within_timeout(call, backstop, timeout))
         return result
 
     async def classify(self, model: ModelRef, texts: list[str]) -> list[SentimentResult]:

@@ -16,7 +16,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
-from typing import TypeAlias, TypeVar
+from typing import TypeAlias
 
 import grpc
 
@@ -38,7 +38,6 @@ from service.api.kserve.convert import (
 )
 from service.api.kserve.params import SESSION_PARAMETER, model_ref, parse_priority, parse_sequence, parse_timeout
 from service.api.kserve.tensors import encode_outputs, output_regions, read_inputs, requested_outputs
-from service.core.aio import within_timeout
 from service.core.context import check_admin, reset_priority, set_priority
 from service.core.types import DataPlane, SharedRegion
 from service.errors import (
@@ -77,11 +76,6 @@ CUDA_HINT = (
 # Response parameter: characters (charlm) or rows (forecaster) consumed, a sequence's running total.
 STEPS_PARAMETER = "seqserve_steps"
 Context: TypeAlias = grpc.aio.ServicerContext  # grpc ships no type stubs: this is Any to mypy
-T = TypeVar("T")
-# How much longer than a request's timeout parameter a frontend waits for its engine, which keeps the limit: the
-# engine's own DeadlineExceeded (or its answer in time) comes back within the hop; an engine that does not answer
-# at all (stopped, wedged) is given up on this much later.
-TIMEOUT_BACKSTOP_SECONDS = 0.25
 
 
 def _server_version() -> str:
@@ -298,11 +292,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         call = self._dataplane.infer(ref, read_inputs(request, self._regions), outputs, sequence, classes, timeout)
         token = set_priority(level)  # (read where its steps queue: the batcher, here or in the engine)
         try:
-            # The data plane keeps the limit (the engine, with --workers N: where the work runs and is counted);
-            # this one, a moment later, only bounds the wait for an engine that does not answer (stopped, wedged).
-            result = await (
-                call if timeout is None else within_timeout(call, timeout + TIMEOUT_BACKSTOP_SECONDS, timeout)
-            )
+            result = await call  # (the data plane keeps the limit: the engine, with --workers N)
         finally:
             reset_priority(token)
         if response is None:
