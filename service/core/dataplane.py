@@ -506,12 +506,13 @@ class CoreDataPlane:
         return s.info(in_use)
 
     async def fork_session(self, session_id: str, ttl_seconds: float | None = None) -> SessionInfo:
-        src, _ = await self.sessions.read(session_id)
-        note_model(src.model)
-        entry = self.registry.get(src.model, src.version)
-        if entry is not None:  # (a plugin's sequence: its twin's id no call could reach)
-            _steppable(entry)
-        twin = await self.sessions.fork(session_id, ttl_seconds)
+        def forkable(src: SessionState) -> None:  # (a plugin's sequence: its twin's id no call could reach)
+            note_model(src.model)
+            entry = self.registry.get(src.model, src.version)
+            if entry is not None:
+                _steppable(entry)
+
+        twin = await self.sessions.fork(session_id, ttl_seconds, forkable)
         note_model(twin.model)
         return twin.info()
 

@@ -39,7 +39,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -63,7 +63,7 @@ class Frontend:
     own_port: int | None = None
     metrics_port: int = 0
     http_port: int | None = None  # the REST port (shared by all), when served
-    started: float = field(default_factory=time.monotonic)  # when it reported serving (``_spawn`` sets it)
+    started: float = 0.0  # when it reported serving (``time.monotonic``, set by ``_spawn``)
 
 
 def available_cpus() -> int:

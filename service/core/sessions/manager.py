@@ -395,9 +395,15 @@ class SessionManager:
         between."""
         return SessionUse(self, session_id, save, end)
 
-    async def fork(self, session_id: str, ttl_seconds: float | None) -> SessionState:
+    async def fork(
+        self, session_id: str, ttl_seconds: float | None, check: Callable[[SessionState], None] | None = None
+    ) -> SessionState:
+        """A twin of the session under a new id. ``check``: raises when the source may not be forked (read under
+        the same lease, no second load)."""
         ttl = self.ttl(ttl_seconds)
         async with self.use(session_id) as src:
+            if check is not None:
+                check(src)
             twin = src.clone(self.new_id(), ttl, self.clock())
         return await self.add(twin, keep=src.id, event="forked")  # making room never evicts the source
 
